@@ -1,0 +1,191 @@
+"""Pass infrastructure shared by every graph pass of qcompile.
+
+One IR flows between passes: a ``torch.fx.GraphModule``. A pass is a small class with one job:
+
+    result = MyPass(option=...)(gm)      # -> PassResult(gm, modified)
+
+``modified`` must be the truth: a pass that found nothing to do returns ``modified=False``, and the
+``PassManager`` relies on it to reach a fixed point. ``Pipeline`` runs passes in order, optionally repeating
+the whole list until no pass modifies the graph (bounded by ``steps``), verifies the graph after every pass
+when asked, records per-pass wall time, and re-raises failures as ``PassError`` naming the failing pass and
+the passes that ran before it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from qcompile.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class PassResult:
+    """What a pass returns: the (possibly new) graph module and whether it changed anything."""
+
+    gm: torch.fx.GraphModule
+    modified: bool
+
+
+class PassError(RuntimeError):
+    """A pass failed, or the graph failed verification after it."""
+
+    def __init__(self, pass_name: str, before: Sequence[str], cause: BaseException | str):
+        self.pass_name = pass_name
+        self.before = list(before)
+        self.cause = cause
+        ran = ", ".join(self.before) if self.before else "none"
+        super().__init__(f"pass {pass_name} failed: {cause} (passes run before it: {ran})")
+
+
+class VerificationError(RuntimeError):
+    """The graph is not well formed."""
+
+
+class Pass:
+    """Base class of a graph pass.
+
+    Subclasses implement :meth:`call`. Options are constructor arguments; a pass keeps no state between calls
+    other than a human-readable ``report`` (list of strings) describing what the last call did.
+    """
+
+    #: Passes listed here must have run before this one (checked by the pipeline).
+    requires: tuple[type["Pass"], ...] = ()
+
+    def __init__(self) -> None:
+        self.report: list[str] = []
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.report = []
+        result = self.call(gm)
+        if not isinstance(result, PassResult):
+            raise TypeError(f"{self.name}.call must return PassResult, got {type(result).__name__}")
+        return result
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def verify(gm: torch.fx.GraphModule) -> None:
+    """Check that ``gm`` is a well-formed graph module.
+
+    - ``Graph.lint()``: topological order, every used value defined, targets exist;
+    - every ``call_module`` target resolves to a submodule and every ``get_attr`` to an attribute;
+    - exactly one output node;
+    - quantization metadata, where present, has the declared type.
+    """
+    from qcompile.ir import QParams, LayerConfig  # local import: ir imports nothing from passes
+
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # lint raises RuntimeError with a precise message
+        raise VerificationError(f"graph lint failed: {exc}") from exc
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    if len(outputs) != 1:
+        raise VerificationError(f"graph must have exactly one output node, found {len(outputs)}")
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            try:
+                gm.get_submodule(node.target)
+            except AttributeError as exc:
+                raise VerificationError(f"node {node.name}: no submodule {node.target!r}") from exc
+        elif node.op == "get_attr":
+            obj = gm
+            for part in str(node.target).split("."):
+                if not hasattr(obj, part):
+                    raise VerificationError(f"node {node.name}: no attribute {node.target!r}")
+                obj = getattr(obj, part)
+        qp = node.meta.get("qparams")
+        if qp is not None and not isinstance(qp, QParams):
+            raise VerificationError(f"node {node.name}: meta['qparams'] must be QParams, got {type(qp).__name__}")
+        cfg = node.meta.get("qconfig")
+        if cfg is not None and not isinstance(cfg, LayerConfig):
+            raise VerificationError(f"node {node.name}: meta['qconfig'] must be LayerConfig, got {type(cfg).__name__}")
+
+
+@dataclasses.dataclass
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+    report: list[str]
+
+
+class Pipeline:
+    """Run a readable list of passes.
+
+    Args:
+        passes: the passes, in order.
+        steps: how many times the whole list may run; the loop stops early at the first round in which no pass
+            modified the graph. ``steps=1`` (default) runs each pass once.
+        check: run :func:`verify` before the first pass and after every pass.
+        callback: called after each pass with its ``PassTiming`` (the CLI prints progress with it).
+    """
+
+    def __init__(
+        self,
+        passes: Iterable[Pass],
+        steps: int = 1,
+        check: bool = False,
+        callback: Callable[[PassTiming], None] | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        self.steps = steps
+        self.check = check
+        self.callback = callback
+        self.timings: list[PassTiming] = []
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        ran: list[str] = []
+        any_modified = False
+        if self.check:
+            try:
+                verify(gm)
+            except VerificationError as exc:
+                raise PassError("<input>", ran, exc) from exc
+        for _round in range(self.steps):
+            round_modified = False
+            for p in self.passes:
+                missing = [r.__name__ for r in p.requires if r.__name__ not in ran]
+                if missing:
+                    raise PassError(p.name, ran, f"requires {', '.join(missing)} to run first")
+                t0 = time.perf_counter()
+                try:
+                    result = p(gm)
+                except (PassError, UserError):
+                    raise  # already names the pass / is a one-line user message
+                except Exception as exc:
+                    raise PassError(p.name, ran, f"{type(exc).__name__}: {exc}") from exc
+                gm = result.gm
+                if result.modified:
+                    gm.recompile()
+                if self.check:
+                    try:
+                        verify(gm)
+                    except VerificationError as exc:
+                        raise PassError(p.name, ran, exc) from exc
+                timing = PassTiming(p.name, time.perf_counter() - t0, result.modified, list(p.report))
+                self.timings.append(timing)
+                if self.callback is not None:
+                    self.callback(timing)
+                ran.append(p.name)
+                round_modified |= result.modified
+            any_modified |= round_modified
+            if not round_modified:
+                break
+        return PassResult(gm, any_modified)
+
+
+PassManager = Pipeline

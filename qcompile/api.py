@@ -1,0 +1,143 @@
+"""The Python API: ``qcompile.compile`` mirrors the ``qcompile`` command line."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+from qcompile.passes.base import PassTiming, Pipeline
+from qcompile.runtime.validation import ValidationReport, validate as validate_file
+
+from . import export as export_mod
+from .errors import UserError
+from .frontend import load_model, trace
+from .options import CompileOptions
+from .pipeline import build_passes
+
+
+@dataclasses.dataclass
+class CompileResult:
+    model: torch.fx.GraphModule          #: the simulation GraphModule (fake-quantized; float for fp32)
+    onnx_path: Optional[str]              #: where the ONNX file was written (None when output=None)
+    onnx_model: onnx.ModelProto           #: the emitted ONNX model
+    report: Optional[ValidationReport]    #: validation of the ONNX file against ``model``
+    options: CompileOptions
+    timings: list[PassTiming]
+    seconds: float
+    summary: dict = dataclasses.field(default_factory=dict)
+
+
+def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, np.ndarray):
+        return (torch.from_numpy(np.ascontiguousarray(example_inputs)).float(),)
+    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise UserError("example_inputs must be a tensor or a tuple of tensors")
+
+
+def calib_tensor(calib) -> Optional[torch.Tensor]:
+    """Stack a calibration source (tensor, array, or iterable of batches / (x, y) pairs) into one tensor."""
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor):
+        return calib.float()
+    if isinstance(calib, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(calib)).float()
+    parts = []
+    for item in calib:
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        parts.append(torch.as_tensor(item).float())
+    if not parts:
+        raise UserError("the calibration data is empty; give at least one batch")
+    return torch.cat(parts)
+
+
+def default_thresholds(opts: CompileOptions) -> dict:
+    if not opts.quantized:
+        # relative error <= 1e-4  <=>  SQNR >= 80 dB
+        return {"min_sqnr": 80.0}
+    return {"min_top1": None}
+
+
+def compile(
+    model,
+    example_inputs=None,
+    scheme: str = "apot",
+    bits: int = 4,
+    calib=None,
+    output: Optional[str] = None,
+    validate: bool = True,
+    validation_inputs=None,
+    callback: Optional[Callable[[PassTiming], None]] = None,
+    thresholds: Optional[dict] = None,
+    **options,
+) -> CompileResult:
+    """Compile ``model`` to ONNX.
+
+    Args:
+        model: an ``nn.Module``, or a path / ``package.module:factory`` spec as on the command line
+            (then ``arch=`` and ``trust_pickle=`` may be passed).
+        example_inputs: a tensor or tuple of tensors; defaults to the first calibration sample.
+        scheme, bits: the quantization scheme (``fp32``, ``apot``, ``pot``, ``uniform``, ...) and bit-width.
+        calib: calibration data: a tensor/array (N, ...) or an iterable of batches or (x, y) pairs.
+        output: where to write the ONNX file (atomically); ``None`` keeps it in memory only.
+        validate: run the ONNX file in onnxruntime and compare it with the simulation.
+        **options: the fields of :class:`CompileOptions` (``wbits``, ``abits``, ``emit``, ``check``, ...).
+    """
+    t0 = time.perf_counter()
+    arch = options.pop("arch", None)
+    trust_pickle = options.pop("trust_pickle", False)
+    opts = CompileOptions(scheme=scheme, bits=bits, **options)
+    if output is not None:
+        export_mod.check_output_path(output)
+    if isinstance(model, str):
+        model = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
+    calib_x = calib_tensor(calib)
+    if example_inputs is None:
+        if calib_x is None:
+            raise UserError("give example_inputs (or --input-shape) or calibration data, so the model can be traced")
+        example_inputs = calib_x[:1]
+    example_inputs = as_input_tuple(example_inputs)
+
+    float_model = copy.deepcopy(model).eval()
+    gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
+    pipeline = Pipeline(build_passes(opts, calib_x), check=opts.check, callback=callback)
+    gm = pipeline(gm).gm
+    gm.eval()
+
+    onnx_model = export_mod.export_onnx(gm, example_inputs)
+    if opts.quantized:
+        from .emit import emit  # ONNX-level emission of the quantizers (standard / custom / shift-add)
+
+        onnx_model = emit(onnx_model, gm, opts)
+    onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts)))
+    export_mod.check_model(onnx_model)
+    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
+
+    report = None
+    if validate:
+        inputs = validation_inputs
+        if inputs is None:
+            inputs = calib_x if calib_x is not None else example_inputs
+        th = default_thresholds(opts)
+        th.update(thresholds or {})
+        if opts.quantized:
+            from qcompile.runtime.validation import validate_quantized
+
+            report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
+        else:
+            report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)
+    return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
+                         timings=pipeline.timings, seconds=time.perf_counter() - t0)

@@ -1,0 +1,277 @@
+"""The ``qcompile`` command line.
+
+    qcompile MODEL [options] -o OUT.onnx          compile a model
+    qcompile validate OUT.onnx --against MODEL     validate an emitted file against its PyTorch reference
+    qcompile demo [--scheme S --bits N]            compile the bundled digits model and print accuracy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import traceback
+
+import numpy as np
+
+from .errors import UserError, ValidationFailed
+
+MAIN_DESCRIPTION = """Quantize a PyTorch model with APoT, PoT or uniform levels and emit an ONNX file that onnxruntime runs,
+validated against the PyTorch simulation of the same quantized model.
+
+MODEL is one of:
+  weights.pt --arch pkg.mod:factory   a state dict (torch.save(model.state_dict())), loaded with weights_only=True
+  model.pt --trust-pickle             a full pickle (torch.save(model)); refused without the flag (it runs code)
+  pkg.mod:factory                     a factory that returns the model (fresh weights)
+
+other commands:  qcompile validate FILE.onnx --against MODEL ...  |  qcompile demo"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", metavar="PKG.MOD:FACTORY", help="factory that builds the architecture of a state-dict file")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a full pickle (torch.save(model)); it runs code from the file")
+    p.add_argument("--input-shape", metavar="N,C,H,W", help="shape of the example input (float32), e.g. 1,3,224,224")
+    p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
+                   help="keep a submodule (qualified name or class name) opaque when tracing; repeatable")
+
+
+def _compile_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile", description=MAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="model file or package.module:factory spec")
+    _add_model_args(p)
+    p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits + .onnx)")
+    q = p.add_argument_group("quantization")
+    q.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
+    q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
+    q.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
+    q.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array)")
+    q.add_argument("--calib-method", default="mse",
+                   help="activation clipping observer: mse (default), minmax, ema, percentile, kl, laplace, sdq")
+    g = p.add_argument_group("graph passes")
+    g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding Conv/Linear")
+    g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization")
+    g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
+    g.add_argument("--keep-first-last", default="int8", metavar="int8|fp32|quant",
+                   help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
+    g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")
+    g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep layers whose module name matches GLOB in float; repeatable")
+    g.add_argument("--config", metavar="FILE", help="per-layer overrides, TOML or YAML: 'layer4.*': {scheme: uniform, bits: 8}")
+    e = p.add_argument_group("emission and checks")
+    e.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
+                   help="standard ONNX ops (default), compact qcompile-domain nodes with function bodies, "
+                        "or multiplier-free shift-add lowering of APoT/PoT layers")
+    e.add_argument("--check", action="store_true", help="verify the graph after every pass")
+    e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
+    e.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
+    e.add_argument("--min-top1", type=float, metavar="FRACTION", help="fail (exit 1) if top-1 agreement is below FRACTION")
+    e.add_argument("--json", metavar="FILE", help="also write the compile summary as JSON")
+    return p
+
+
+def _validate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile validate", description="Run an emitted ONNX file in onnxruntime and compare it with its "
+                "PyTorch reference: the simulation of the quantized model (rebuilt with the options recorded in the "
+                "file), or the float model for fp32 files.")
+    p.add_argument("onnx", metavar="FILE.onnx")
+    p.add_argument("--against", required=True, metavar="MODEL", help="the model the file was compiled from")
+    _add_model_args(p)
+    p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz); also the calibration data "
+                   "used to rebuild the simulation of a quantized file")
+    p.add_argument("--samples", type=int, default=16, help="random inputs when no --data is given (default 16)")
+    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
+    p.add_argument("--max-abs", type=float, help="fail (exit 1) if max abs error exceeds this")
+    p.add_argument("--min-top1", type=float, metavar="FRACTION", help="fail (exit 1) if top-1 agreement is below FRACTION")
+    return p
+
+
+def _demo_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile demo", description="Compile the bundled digits CNN (trained on scikit-learn's real "
+                "handwritten digits), run it in onnxruntime and print test accuracy before and after.")
+    p.add_argument("--scheme", default="apot")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--emit", default="standard")
+    p.add_argument("-o", "--output", default="digits_demo.onnx", metavar="OUT.onnx")
+    return p
+
+
+def load_array_file(path: str, what: str = "--calib") -> np.ndarray:
+    if not os.path.exists(path):
+        raise UserError(f"{what} file {path!r} does not exist; give a .npy or .npz file of inputs")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                keys = list(data.keys())
+                if "x" in keys:
+                    arr = data["x"]
+                elif len(keys) == 1:
+                    arr = data[keys[0]]
+                else:
+                    raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'")
+        else:
+            arr = np.load(path, allow_pickle=False)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with numpy.save") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub" or arr.ndim < 1 or arr.shape[0] == 0:
+        raise UserError(f"{what} file {path!r} must hold a non-empty numeric array (N, ...) of inputs")
+    return arr.astype(np.float32)
+
+
+def _default_output(model: str, scheme: str, bits: int) -> str:
+    stem = os.path.splitext(os.path.basename(model))[0] if os.path.exists(model) else model.split(":")[-1]
+    suffix = "fp32" if scheme == "fp32" else f"{scheme}{bits}"
+    return f"{stem}_{suffix}.onnx"
+
+
+def _example_inputs(args, calib):
+    import torch
+    from .frontend import parse_input_shape
+
+    if args.input_shape:
+        shape = parse_input_shape(args.input_shape)
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(shape, generator=gen)
+    if calib is not None:
+        return torch.from_numpy(calib[:1])
+    raise UserError("no example input: pass --input-shape N,C,H,W (or --calib FILE)")
+
+
+def _print_timing(t) -> None:
+    flag = "changed" if t.modified else "no change"
+    extra = f"  [{'; '.join(t.report)}]" if t.report else ""
+    print(f"  {t.name:<22} {1000 * t.seconds:8.1f} ms  {flag}{extra}")
+
+
+def cmd_compile(argv) -> int:
+    args = _compile_parser().parse_args(argv)
+    from .api import compile as qcompile_compile
+    from .frontend import load_model
+
+    bits = args.bits
+    output = args.output or _default_output(args.model, args.scheme, bits)
+    from .export import check_output_path
+    from .options import CompileOptions
+
+    CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, emit=args.emit,
+                   keep_first_last=args.keep_first_last)  # fail on bad options before loading anything
+    check_output_path(output)
+    calib = load_array_file(args.calib) if args.calib else None
+    example = _example_inputs(args, calib)
+    model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
+    validation_inputs = None
+    if calib is None:
+        import torch
+        gen = torch.Generator().manual_seed(1)
+        validation_inputs = torch.randn((16,) + tuple(example.shape[1:]), generator=gen)
+    print(f"qcompile: {args.model} -> {output} ({args.scheme if args.scheme == 'fp32' else f'{args.scheme} W{args.wbits or bits}A{args.abits or bits}'})")
+    thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
+    result = qcompile_compile(
+        model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
+        validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing,
+        thresholds=thresholds, wbits=args.wbits, abits=args.abits, per_channel=not args.per_tensor,
+        calib_method=args.calib_method, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
+        bias_correction=not args.no_bias_correction, keep_first_last=args.keep_first_last,
+        float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
+        emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
+    )
+    _print_summary(result)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary_dict(result), fh, indent=2)
+    if result.report is not None and not result.report.passed:
+        raise ValidationFailed(result.report.summary())
+    return 0
+
+
+def summary_dict(result) -> dict:
+    return {
+        "onnx_path": result.onnx_path,
+        "options": {k: v for k, v in vars(result.options).items()},
+        "seconds": result.seconds,
+        "file_bytes": os.path.getsize(result.onnx_path) if result.onnx_path else None,
+        "passes": [{"name": t.name, "ms": 1000 * t.seconds, "modified": t.modified, "report": t.report}
+                   for t in result.timings],
+        "validation": result.report.to_dict() if result.report else None,
+        **result.summary,
+    }
+
+
+def _print_summary(result) -> None:
+    from .summary import layer_lines
+
+    for line in layer_lines(result.model):
+        print(line)
+    for line in result.summary.get("lines", []):
+        print(line)
+    if result.onnx_path:
+        size = os.path.getsize(result.onnx_path)
+        print(f"wrote {result.onnx_path} ({size / 1024:.1f} KiB) in {result.seconds:.2f} s")
+    if result.report is not None:
+        print(result.report.summary())
+
+
+def cmd_validate(argv) -> int:
+    args = _validate_parser().parse_args(argv)
+    from .validate_cli import validate_against
+
+    report = validate_against(args)
+    print(report.summary())
+    if not report.passed:
+        raise ValidationFailed(report.summary())
+    return 0
+
+
+def cmd_demo(argv) -> int:
+    args = _demo_parser().parse_args(argv)
+    from .demo import run_demo
+
+    return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"validate": cmd_validate, "demo": cmd_demo}
+    debug = os.environ.get("QCOMPILE_DEBUG") == "1"
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
+        if not argv:
+            _compile_parser().print_help()
+            return 2
+        return cmd_compile(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except UserError as exc:
+        print(f"qcompile: error: {exc}", file=sys.stderr)
+        return UserError.exit_code
+    except ValidationFailed as exc:
+        print(f"qcompile: validation failed: {exc}", file=sys.stderr)
+        return ValidationFailed.exit_code
+    except KeyboardInterrupt:
+        print("qcompile: interrupted; no output written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
+        if debug:
+            traceback.print_exc()
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(f"qcompile: internal error: {type(exc).__name__}: {first} (set QCOMPILE_DEBUG=1 for the traceback "
+                  "and report it)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

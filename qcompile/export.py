@@ -1,0 +1,84 @@
+"""Export a (possibly quantized) fx graph to ONNX, and write files atomically.
+
+The graph is exported with ``torch.onnx.export`` (TorchScript-based exporter: fast, and quantizer modules
+emit their own ONNX through ``symbolic``), batch dimension dynamic. ONNX-level passes (quantization emission,
+shift-add lowering) then run on the ``onnx.ModelProto``; the file is checked with
+``onnx.checker.check_model(full_check=True)`` and written to a temporary file that is renamed into place, so an
+interrupted run never leaves a half-written ``.onnx``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from typing import Sequence
+
+import onnx
+import torch
+
+from .errors import UserError
+
+DEFAULT_OPSET = 18
+
+
+def check_output_path(path: str) -> str:
+    """Fail early, before any work, when ``path`` cannot be written."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    if os.path.isdir(path):
+        raise UserError(f"output path {path!r} is a directory; give a file name such as model.onnx")
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder {folder!r} does not exist; create it or choose another -o path")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder {folder!r} is not writable; choose another -o path")
+    return path
+
+
+def input_names_for(n: int) -> list[str]:
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+
+
+def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], opset: int = DEFAULT_OPSET,
+                dynamic_batch: bool = True) -> onnx.ModelProto:
+    """Export ``gm`` to an in-memory ONNX model (nothing is written to disk)."""
+    example_inputs = tuple(example_inputs)
+    in_names = input_names_for(len(example_inputs))
+    with torch.no_grad():
+        out = gm(*example_inputs)
+    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in in_names + out_names}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
+            dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False,
+        )
+    return onnx.load_from_string(buf.getvalue())
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` with the full check (shape inference included)."""
+    onnx.checker.check_model(model, full_check=True)
+
+
+def save_atomic(model: onnx.ModelProto, path: str) -> str:
+    """Serialize ``model`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = check_output_path(path)
+    folder = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".qcompile-", suffix=".onnx.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(model.SerializeToString())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

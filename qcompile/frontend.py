@@ -1,0 +1,242 @@
+"""Frontend: load a PyTorch model from a file or a ``package.module:factory`` spec, and trace it with torch.fx.
+
+Loading paths (``load_model``):
+
+- ``weights.pt`` + ``arch="pkg.mod:factory"``: a ``state_dict`` loaded with ``torch.load(weights_only=True)``
+  into the module the factory returns;
+- ``model.pt`` saved with ``torch.save(model)``: a full pickle, which runs code from the file when loaded, so it
+  is refused unless ``trust_pickle=True``;
+- ``pkg.mod:factory`` alone: the factory's module with its fresh weights.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import traceback
+import zipfile
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UserError
+
+
+def _is_spec(text: str) -> bool:
+    mod, sep, attr = text.partition(":")
+    return bool(sep) and bool(mod) and bool(attr) and not os.path.exists(text) and "/" not in mod
+
+
+def resolve_factory(spec: str):
+    """Import ``package.module:factory`` and return the callable."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise UserError(f"invalid factory spec {spec!r}: use the form package.module:factory")
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as `python` itself does, so a user's local module is importable
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import module {mod_name!r} from {spec!r} ({exc}); check the spelling or install it") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"module {mod_name!r} has no attribute {attr!r}; check the factory name in {spec!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"{spec!r} is not callable; it must name a function or class that returns an nn.Module")
+    return obj
+
+
+def _call_factory(spec: str) -> nn.Module:
+    factory = resolve_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:
+        raise UserError(f"factory {spec!r} raised {type(exc).__name__}: {exc}; it must build the model with no arguments") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _extract_state_dict(obj):
+    """Accept a plain state dict, or the usual checkpoint wrappers {'state_dict': ...} / {'model': ...}."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+    return None
+
+
+def load_model(source: str, arch: str | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Load the model named by ``source`` (a file path or a factory spec). Returns it in eval mode."""
+    if not os.path.exists(source):
+        if _is_spec(source):
+            if arch:
+                raise UserError(f"{source!r} is a factory spec, so --arch is not needed; pass a weights file to use --arch")
+            # Seeded, so that the same spec gives the same weights in `qcompile` and `qcompile validate`.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return _call_factory(source).eval()
+        raise UserError(f"model file {source!r} does not exist; give a .pt path or a package.module:factory spec")
+    if os.path.isdir(source):
+        raise UserError(f"{source!r} is a directory; give the .pt file inside it")
+
+    try:
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+        safe_error = None
+    except pickle.UnpicklingError as exc:
+        obj, safe_error = None, exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as exc:
+        raise UserError(f"{source!r} is not a PyTorch checkpoint ({_first_line(exc)}); save one with torch.save") from None
+
+    if safe_error is not None:
+        # weights_only refused a global: the file is a full pickle (torch.save(model)) or some other pickle.
+        if not trust_pickle:
+            raise UserError(
+                f"{source!r} is a full pickle (torch.save(model)); loading it runs code from the file, so it is refused. "
+                "Re-save with torch.save(model.state_dict()) and pass --arch, or pass --trust-pickle if you trust the file"
+            )
+        cwd = os.getcwd()
+        if cwd not in sys.path:
+            sys.path.insert(0, cwd)
+        try:
+            obj = torch.load(source, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise UserError(f"cannot unpickle {source!r} ({type(exc).__name__}: {_first_line(exc)}); "
+                            "make the module that defines the model importable from the current directory") from None
+        if isinstance(obj, nn.Module):
+            if arch:
+                raise UserError("--arch is for state-dict files; this file holds a whole model, drop --arch")
+            return obj.eval()
+
+    if isinstance(obj, nn.Module):  # possible with weights_only for some trusted types
+        return obj.eval()
+    state = _extract_state_dict(obj)
+    if state is None:
+        raise UserError(f"{source!r} holds a {type(obj).__name__}, not a state dict or model; save model.state_dict() with torch.save")
+    if not arch:
+        raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
+    model = _call_factory(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        missing, unexpected = _key_mismatch(model.state_dict(), state)
+        detail = "; ".join(x for x in (
+            f"missing {missing}" if missing else "",
+            f"unexpected {unexpected}" if unexpected else "",
+        ) if x) or _first_line(exc)
+        raise UserError(f"state dict in {source!r} does not fit --arch {arch} ({detail}); pass the factory that built it") from None
+    return model.eval()
+
+
+def _key_mismatch(expected: dict, got: dict, limit: int = 3):
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shape = [k for k in expected if k in got and tuple(expected[k].shape) != tuple(got[k].shape)]
+
+    def fmt(keys):
+        return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+    m = fmt(missing) if missing else ""
+    u = fmt(unexpected) if unexpected else ""
+    if shape and not missing and not unexpected:
+        m = "shape mismatch in " + fmt(shape)
+    return m, u
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """Parse ``1,3,224,224`` (also ``1x3x224x224``) into a shape tuple of positive ints."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UserError(f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
+    return shape
+
+
+class _Tracer(torch.fx.Tracer):
+    """A tracer that keeps chosen modules opaque and remembers which module it was in when tracing failed."""
+
+    def __init__(self, leaf_modules: Sequence[str] = ()):
+        super().__init__()
+        self.leaf_names = set(leaf_modules)
+        self._qc_stack: list[str] = []  # modules being traced, innermost last
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        qualname = self.path_of_module(m)
+        self._qc_stack.append(qualname)
+        out = super().call_module(m, forward, args, kwargs)
+        self._qc_stack.pop()
+        return out
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+          leaf_modules: Iterable[str] = ()) -> torch.fx.GraphModule:
+    """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
+
+    Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
+    """
+    leaf_modules = list(leaf_modules)
+    if isinstance(model, torch.fx.GraphModule) and not leaf_modules:
+        gm = model
+    else:
+        known = {name for name, _ in model.named_modules()} | {type(m).__name__ for m in model.modules()}
+        unknown = [n for n in leaf_modules if n not in known]
+        if unknown:
+            raise UserError(f"--leaf-module {unknown[0]!r} names no submodule or module class of the model; "
+                            "use a qualified name such as layer1.0 or a class name such as Bottleneck")
+        tracer = _Tracer(leaf_modules)
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:
+            where = tracer._qc_stack[-1] if tracer._qc_stack else ""
+            line = _user_frame(exc)
+            place = f"in module {where!r}" if where else "in the model's forward"
+            hint = (f"keep it opaque with --leaf-module {where}" if where
+                    else "make forward traceable, or wrap the data-dependent part in a submodule and pass --leaf-module NAME")
+            raise UserError(f"cannot trace the model with torch.fx {place}{line}: {_first_line(exc)}; {hint}") from None
+        name = type(model).__name__
+        gm = torch.fx.GraphModule(tracer.root, graph, name)
+    gm.eval()
+    if example_inputs is not None:
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*example_inputs)
+        except Exception as exc:
+            raise UserError(f"the model does not run on inputs of shape "
+                            f"{[tuple(t.shape) for t in example_inputs]} ({_first_line(exc)}); fix --input-shape") from None
+    return gm
+
+
+def _user_frame(exc: BaseException) -> str:
+    """' (file.py:LINE)' for the innermost frame outside torch, if any."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__)
+    here = os.path.dirname(__file__)
+    for fr in reversed(frames):
+        if not fr.filename.startswith(torch_dir) and not fr.filename.startswith(here):
+            return f" ({os.path.basename(fr.filename)}:{fr.lineno})"
+    return ""

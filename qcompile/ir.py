@@ -1,0 +1,63 @@
+"""Typed quantization metadata carried on ``torch.fx`` nodes.
+
+The user's configuration is turned into metadata by one early pass (layer selection); later passes read only
+the metadata. Two keys are used:
+
+- ``node.meta["qconfig"]``: a :class:`LayerConfig` on each Conv/Linear node, the decision for that layer;
+- ``node.meta["qparams"]``: a :class:`QParams` on each quantizer node once calibration has fixed its
+  clipping values.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+
+SCHEMES = ("fp32", "apot", "pot", "uniform", "log2", "ternary", "binary")
+QUANT_SCHEMES = tuple(s for s in SCHEMES if s != "fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """How one layer is quantized.
+
+    ``action`` is ``"quant"`` (weights and input activation quantized as below) or ``"float"`` (left in float).
+    ``reason`` says which rule decided it (default, first/last layer, ``--exclude`` pattern, config file).
+    """
+
+    action: str = "quant"
+    wscheme: str = "apot"
+    wbits: int = 4
+    ascheme: str = "apot"
+    abits: int = 4
+    per_channel: bool = True
+    reason: str = "default"
+
+    def describe(self) -> str:
+        if self.action != "quant":
+            return f"float ({self.reason})"
+        return f"W{self.wbits} {self.wscheme} / A{self.abits} {self.ascheme} ({self.reason})"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QParams:
+    """Parameters of one quantizer, fixed after calibration.
+
+    ``alpha`` is the clipping value (scalar for per-tensor, 1-D along ``axis`` for per-channel); the level set is
+    ``qcompile.quant.level_set(scheme, bits, signed)``. ``zero_point`` is used only by asymmetric uniform levels.
+    """
+
+    scheme: str
+    bits: int
+    signed: bool
+    alpha: torch.Tensor
+    axis: Optional[int] = None
+    zero_point: int = 0
+    role: str = "activation"  # or "weight"
+    observer: str = ""
+
+    def levelset(self):
+        from qcompile.quant import level_set
+
+        return level_set(self.scheme, self.bits, self.signed)

@@ -1,0 +1,1 @@
+"""Small models bundled with qcompile (trained on data that ships with scikit-learn)."""

@@ -1,0 +1,60 @@
+"""Compile options: one frozen dataclass shared by the CLI and the Python API."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .errors import UserError
+from .ir import SCHEMES
+
+EMIT_FORMS = ("standard", "custom", "shift-add")
+FIRST_LAST = ("int8", "fp32", "quant")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    scheme: str = "apot"
+    bits: int = 4
+    wbits: Optional[int] = None
+    abits: Optional[int] = None
+    per_channel: bool = True
+    calib_method: str = "mse"
+    fold_bn: bool = True
+    equalize: bool = True
+    bias_correction: bool = True
+    keep_first_last: str = "int8"
+    float_downsample: bool = False
+    exclude: tuple = ()
+    config: Optional[str] = None
+    emit: str = "standard"
+    check: bool = False
+    leaf_modules: tuple = ()
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise UserError(f"unknown --scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        for name in ("bits", "wbits", "abits"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 2 <= value <= 8):
+                raise UserError(f"--{name} {value} is outside 2..8; choose a bit-width from 2 to 8")
+        if self.emit not in EMIT_FORMS:
+            raise UserError(f"unknown --emit {self.emit!r}; choose one of {', '.join(EMIT_FORMS)}")
+        if self.keep_first_last not in FIRST_LAST:
+            raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
+
+    @property
+    def weight_bits(self) -> int:
+        return self.wbits if self.wbits is not None else self.bits
+
+    @property
+    def act_bits(self) -> int:
+        return self.abits if self.abits is not None else self.bits
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "fp32"
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return "fp32"
+        return f"{self.scheme} W{self.weight_bits}A{self.act_bits}"

@@ -1,0 +1,23 @@
+"""The pass pipeline, as a list you can read.
+
+    fp32:       RemoveIdentity → EliminateDeadCode
+    quantized:  RemoveIdentity → EliminateDeadCode → FoldBatchNorm → EqualizeWeights → SelectLayers
+                → InsertQuantizers → Calibrate → BiasCorrection → EliminateDeadCode
+
+Each step is switched by ``CompileOptions``; nothing else runs in the driver.
+"""
+from __future__ import annotations
+
+from qcompile.passes.base import Pass
+from qcompile.passes.cleanup import EliminateDeadCode, RemoveIdentity
+
+from .options import CompileOptions
+
+
+def build_passes(opts: CompileOptions, calib=None) -> list[Pass]:
+    passes: list[Pass] = [RemoveIdentity(), EliminateDeadCode()]
+    if not opts.quantized:
+        return passes
+    from .quantize_pipeline import quantization_passes  # the quantization passes hang from here
+
+    return passes + quantization_passes(opts, calib)

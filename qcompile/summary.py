@@ -1,0 +1,20 @@
+"""Human-readable compile summary lines."""
+from __future__ import annotations
+
+import torch
+
+
+def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
+    """One line per Conv/Linear layer with the quantization decision recorded on its node, if any."""
+    rows = []
+    for node in gm.graph.nodes:
+        cfg = node.meta.get("qconfig")
+        if cfg is None:
+            continue
+        kind = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
+        rows.append((str(node.target), kind, cfg.describe()))
+    if not rows:
+        return []
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    return ["layers:"] + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]

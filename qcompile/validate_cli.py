@@ -1,0 +1,61 @@
+"""``qcompile validate FILE.onnx --against MODEL``: rebuild the reference and compare."""
+from __future__ import annotations
+
+import json
+import os
+
+import onnx
+import torch
+
+from .errors import UserError
+from .frontend import load_model, parse_input_shape
+
+
+def _file_options(model: onnx.ModelProto) -> dict | None:
+    for prop in model.metadata_props:
+        if prop.key == "qcompile.options":
+            return json.loads(prop.value)
+    return None
+
+
+def _input_shape_from_onnx(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    return tuple(shape) if shape else None
+
+
+def validate_against(args):
+    from qcompile.runtime import validation as rv
+
+    from .cli import load_array_file
+
+    if not os.path.exists(args.onnx):
+        raise UserError(f"ONNX file {args.onnx!r} does not exist; give the file qcompile wrote")
+    try:
+        onnx_model = onnx.load(args.onnx)
+    except Exception:
+        raise UserError(f"{args.onnx!r} is not an ONNX file; give the .onnx file qcompile wrote") from None
+    model = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    data = load_array_file(args.data, "--data") if args.data else None
+    if data is not None:
+        inputs = torch.from_numpy(data)
+    else:
+        shape = parse_input_shape(args.input_shape) if args.input_shape else _input_shape_from_onnx(onnx_model)
+        if shape is None:
+            raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
+        gen = torch.Generator().manual_seed(1)
+        inputs = torch.randn((args.samples,) + tuple(shape[1:]), generator=gen)
+    opts = _file_options(onnx_model)
+    thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
+    if not opts or opts.get("scheme") == "fp32":
+        return rv.validate(args.onnx, model.eval(), inputs, **thresholds)
+    # A quantized file: rebuild its simulation with the options recorded in the file.
+    from .api import compile as qcompile_compile
+
+    opts = dict(opts)
+    scheme, bits = opts.pop("scheme"), opts.pop("bits")
+    opts["exclude"] = tuple(opts.get("exclude") or ())
+    opts["leaf_modules"] = tuple(opts.get("leaf_modules") or ())
+    sim = qcompile_compile(model, inputs[:1], scheme=scheme, bits=bits, calib=inputs if data is not None else None,
+                           output=None, validate=False, **opts)
+    return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)

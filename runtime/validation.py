@@ -1,0 +1,129 @@
+"""Validate an emitted ONNX file against its PyTorch reference.
+
+The file runs in onnxruntime on the given inputs; the reference (the float model for ``--scheme fp32``, the
+fake-quantized simulation ``GraphModule`` otherwise) runs in PyTorch on the same inputs. Reported:
+
+- ``max_abs``: max |onnx − reference| over all outputs;
+- ``sqnr_db``: 10·log10(Σ ref² / Σ (onnx − ref)²) (``inf`` when identical);
+- ``top1``: fraction of samples whose arg-max over the last axis agrees (classification outputs only).
+
+A report ``passed`` when every threshold the caller chose is met.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .session import run, session
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    samples: int
+    max_abs: float
+    sqnr_db: float
+    top1: float | None
+    thresholds: dict = dataclasses.field(default_factory=dict)
+    failures: list = dataclasses.field(default_factory=list)
+    #: per-layer details filled in by quantized validation (codes that differ, SQNR vs float)
+    layers: list = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        top1 = "n/a" if self.top1 is None else f"{100 * self.top1:.2f}%"
+        sq = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f} dB"
+        status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
+        return f"validation on {self.samples} inputs: max abs err {self.max_abs:.3g}, SQNR {sq}, top-1 agreement {top1} -> {status}"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["passed"] = self.passed
+        if math.isinf(d["sqnr_db"]):
+            d["sqnr_db"] = "inf"
+        return d
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    ref = reference.astype(np.float64)
+    noise = float(np.sum((ref - test.astype(np.float64)) ** 2))
+    signal = float(np.sum(ref ** 2))
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray], min_sqnr: float | None = None,
+                    max_abs: float | None = None, min_top1: float | None = None) -> ValidationReport:
+    """Compare two lists of output arrays (same shapes) and apply thresholds."""
+    if len(reference) != len(test):
+        raise ValueError(f"reference has {len(reference)} outputs, test has {len(test)}")
+    errs, ref_all, test_all = [], [], []
+    for r, t in zip(reference, test):
+        if r.shape != t.shape:
+            raise ValueError(f"output shape mismatch: reference {r.shape} vs onnx {t.shape}")
+        errs.append(float(np.max(np.abs(r.astype(np.float64) - t.astype(np.float64)))) if r.size else 0.0)
+        ref_all.append(r.ravel())
+        test_all.append(t.ravel())
+    first = reference[0]
+    top1 = None
+    if first.ndim == 2 and first.shape[1] > 1:
+        top1 = float(np.mean(np.argmax(first, axis=1) == np.argmax(test[0], axis=1)))
+    report = ValidationReport(
+        samples=int(first.shape[0]) if first.ndim else 1,
+        max_abs=max(errs) if errs else 0.0,
+        sqnr_db=sqnr_db(np.concatenate(ref_all), np.concatenate(test_all)),
+        top1=top1,
+        thresholds={"min_sqnr": min_sqnr, "max_abs": max_abs, "min_top1": min_top1},
+    )
+    if min_sqnr is not None and report.sqnr_db < min_sqnr:
+        report.failures.append(f"SQNR {report.sqnr_db:.1f} dB < {min_sqnr} dB")
+    if max_abs is not None and report.max_abs > max_abs:
+        report.failures.append(f"max abs err {report.max_abs:.3g} > {max_abs}")
+    if min_top1 is not None and top1 is not None and top1 < min_top1:
+        report.failures.append(f"top-1 agreement {100 * top1:.2f}% < {100 * min_top1:.2f}%")
+    return report
+
+
+def batches(inputs, batch_size: int) -> Iterable[tuple[torch.Tensor, ...]]:
+    """Split a tensor (or tuple of tensors, batch-first) into batches."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    n = inputs[0].shape[0]
+    for i in range(0, n, batch_size):
+        yield tuple(x[i:i + batch_size] for x in inputs)
+
+
+def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.ndarray]:
+    outs: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for batch in batches(inputs, batch_size):
+            y = reference(*batch)
+            ys = list(y) if isinstance(y, (tuple, list)) else [y]
+            outs.append([t.detach().float().numpy() for t in ys])
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+def run_onnx(path_or_sess, inputs, batch_size: int = 64) -> list[np.ndarray]:
+    sess = session(path_or_sess) if isinstance(path_or_sess, (str, bytes)) else path_or_sess
+    outs: list[list[np.ndarray]] = []
+    for batch in batches(inputs, batch_size):
+        outs.append(run(sess, [b.numpy() for b in batch]))
+    return [np.concatenate(parts) for parts in zip(*outs)]
+
+
+def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_sqnr: float | None = None,
+             max_abs: float | None = None, min_top1: float | None = None) -> ValidationReport:
+    """Run ``onnx_path`` in onnxruntime and ``reference`` in PyTorch on ``inputs`` and compare."""
+    ref = run_reference(reference, inputs, batch_size)
+    got = run_onnx(onnx_path, inputs, batch_size)
+    return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
