@@ -13,6 +13,7 @@ the passes that ran before it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Callable, Iterable, Sequence
 
@@ -128,7 +129,8 @@ class Pipeline:
         passes: the passes, in order.
         steps: how many times the whole list may run; the loop stops early at the first round in which no pass
             modified the graph. ``steps=1`` (default) runs each pass once.
-        check: run :func:`verify` before the first pass and after every pass.
+        check: run :func:`verify` before the first pass and after every pass. ``None`` (default) follows the
+            environment variable ``QCOMPILE_CHECK=1``, which the test suite sets for every test.
         callback: called after each pass with its ``PassTiming`` (the CLI prints progress with it).
     """
 
@@ -136,14 +138,14 @@ class Pipeline:
         self,
         passes: Iterable[Pass],
         steps: int = 1,
-        check: bool = False,
+        check: bool | None = None,
         callback: Callable[[PassTiming], None] | None = None,
     ) -> None:
         self.passes = list(passes)
         if steps < 1:
             raise ValueError("steps must be >= 1")
         self.steps = steps
-        self.check = check
+        self.check = check if check is not None else os.environ.get("QCOMPILE_CHECK") == "1"
         self.callback = callback
         self.timings: list[PassTiming] = []
 

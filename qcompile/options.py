@@ -27,7 +27,7 @@ class CompileOptions:
     exclude: tuple = ()
     config: Optional[str] = None
     emit: str = "standard"
-    check: bool = False
+    check: Optional[bool] = None  # None: follow QCOMPILE_CHECK=1 (set by the test suite)
     leaf_modules: tuple = ()
 
     def __post_init__(self):

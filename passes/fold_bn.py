@@ -1,0 +1,225 @@
+"""FoldBatchNorm: fold inference-mode BatchNorm into the Conv/Linear layer before it.
+
+An eval-mode BatchNorm is a per-channel affine map of the layer output ``y = W x + b``:
+
+    BN(y)_j = gamma_j * (y_j - mu_j) / sigma_j + beta_j,      sigma_j = sqrt(var_j + eps)
+
+so with ``k_j = gamma_j / sigma_j`` the pair is one layer with
+
+    W'_j = k_j * W_j            (output channel j: row j of a Linear, filter j of a Conv, any ``groups``)
+    b'_j = k_j * (b_j - mu_j) + beta_j     (b = 0 when the layer had no bias; it gets one)
+
+Before: ``y = conv(x); z = bn(y); f(z)``   After: ``y = conv'(x); f(y)``  (the BN node and module are gone).
+
+Matches ``call_module`` Conv1d/2d/3d or Linear followed by ``call_module`` BatchNorm1d/2d/3d in eval mode, and
+``F.batch_norm(..., training=False)`` whose statistics are ``get_attr`` nodes. The arithmetic is done in float64
+and cast back. A BN is left alone, with a report line saying why, when its input is not such a layer, when the
+layer's output has other users as well, when the layer's module is called from more than one place (folding
+would change the other call), when it is in training mode or has no running statistics, or when a Linear's
+output is not 2-D (BatchNorm1d would normalise another axis).
+
+The folded layer node gets ``node.meta["output_stats"] = ChannelStats(mean=beta, std=|gamma|)``: the per-channel
+distribution BN imposed on the layer output. Data-free passes (high-bias absorption, analytic bias correction)
+read it; passes that rescale output channels must rescale it too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Pass, PassResult
+
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelStats:
+    """Per-output-channel mean and standard deviation of a layer's output, inferred from a folded BatchNorm."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    source: str = ""
+
+    def scaled(self, factor: torch.Tensor) -> "ChannelStats":
+        """The stats of ``y_j * factor_j`` (``factor > 0``)."""
+        factor = factor.to(self.mean.dtype)
+        return ChannelStats(self.mean * factor, self.std * factor, self.source)
+
+
+@dataclasses.dataclass
+class _BNParams:
+    name: str
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    eps: float
+
+
+def _module_call_counts(gm: torch.fx.GraphModule) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] = counts.get(node.target, 0) + 1
+    return counts
+
+
+def _get_attr_tensor(gm: torch.fx.GraphModule, arg) -> Optional[torch.Tensor]:
+    if arg is None:
+        return None
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        obj = gm
+        for part in str(arg.target).split("."):
+            obj = getattr(obj, part)
+        return obj if isinstance(obj, torch.Tensor) else None
+    raise ValueError("statistics are computed in the graph, not get_attr constants")
+
+
+def _functional_bn_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[Optional[_BNParams], str]:
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    defaults = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+    values = dict(defaults)
+    values.update(zip(names, node.args))
+    values.update(node.kwargs)
+    if values["training"] is not False:
+        return None, "F.batch_norm is called with training=True (or a traced flag)"
+    try:
+        mean = _get_attr_tensor(gm, values["running_mean"])
+        var = _get_attr_tensor(gm, values["running_var"])
+        weight = _get_attr_tensor(gm, values["weight"])
+        bias = _get_attr_tensor(gm, values["bias"])
+    except ValueError as exc:
+        return None, str(exc)
+    if mean is None or var is None:
+        return None, "it has no running statistics"
+    return _BNParams(node.name, mean, var, weight, bias, float(values["eps"])), ""
+
+
+def _module_bn_params(bn: nn.Module, name: str) -> tuple[Optional[_BNParams], str]:
+    if bn.training:
+        return None, "it is in training mode (call model.eval())"
+    if bn.running_mean is None or bn.running_var is None:
+        return None, "it has no running statistics (track_running_stats=False)"
+    weight = bn.weight if bn.affine else None
+    bias = bn.bias if bn.affine else None
+    return _BNParams(name, bn.running_mean, bn.running_var, weight, bias, float(bn.eps)), ""
+
+
+def _is_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), BATCHNORMS)
+    return node.op == "call_function" and node.target is F.batch_norm
+
+
+def _describe(node) -> str:
+    if isinstance(node, torch.fx.Node):
+        return node.target if node.op == "call_module" else node.name
+    return repr(node)
+
+
+class FoldBatchNorm(Pass):
+    """Fold eval-mode BatchNorm into the preceding Conv/Linear (see the module docstring)."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        counts = _module_call_counts(gm)
+        matches: list[tuple[torch.fx.Node, torch.fx.Node, _BNParams]] = []
+        for node in gm.graph.nodes:
+            if not _is_batchnorm(gm, node):
+                continue
+            bn_name = _describe(node)
+            if node.op == "call_module":
+                params, why = _module_bn_params(gm.get_submodule(node.target), bn_name)
+            else:
+                params, why = _functional_bn_params(gm, node)
+            if params is None:
+                self.report.append(f"left {bn_name} alone: {why}")
+                continue
+            why = self._why_not_foldable(gm, node, counts)
+            if why:
+                self.report.append(f"left {bn_name} alone: {why}")
+                continue
+            matches.append((node.args[0], node, params))
+
+        for layer_node, bn_node, params in matches:
+            layer = gm.get_submodule(layer_node.target)
+            self._fold(layer, params)
+            bn_node.replace_all_uses_with(layer_node)
+            gm.graph.erase_node(bn_node)
+            if "tensor_meta" in bn_node.meta:
+                layer_node.meta["tensor_meta"] = bn_node.meta["tensor_meta"]
+            gamma = params.weight if params.weight is not None else torch.ones_like(params.mean)
+            beta = params.bias if params.bias is not None else torch.zeros_like(params.mean)
+            layer_node.meta["output_stats"] = ChannelStats(
+                mean=beta.detach().clone().float(), std=gamma.detach().abs().clone().float(), source=f"batchnorm {params.name}")
+            self.report.append(f"folded {params.name} into {layer_node.target}")
+            if bn_node.op == "call_module":
+                self._drop_module_if_unused(gm, bn_node.target)
+            else:
+                for arg in bn_node.all_input_nodes:
+                    if arg.op == "get_attr" and not arg.users:
+                        gm.graph.erase_node(arg)
+        return PassResult(gm, bool(matches))
+
+    @staticmethod
+    def _why_not_foldable(gm: torch.fx.GraphModule, bn_node: torch.fx.Node, counts: dict[str, int]) -> str:
+        src = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
+        if not isinstance(src, torch.fx.Node):
+            return "its input is not a graph value"
+        if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), FOLDABLE_LAYERS):
+            kind = src.op if src.op != "call_module" else type(gm.get_submodule(src.target)).__name__
+            return f"its input {src.name} ({kind}) is not a Conv1d/2d/3d or Linear module"
+        layer = gm.get_submodule(src.target)
+        if len(src.users) != 1:
+            others = ", ".join(u.name for u in src.users if u is not bn_node)
+            return f"the output of {src.target} also feeds {others}"
+        if counts.get(src.target, 0) != 1:
+            return f"{src.target} is called from {counts[src.target]} places; folding would change the others"
+        meta = src.meta.get("tensor_meta")
+        if isinstance(layer, nn.Linear):
+            shape = getattr(meta, "shape", None)
+            if shape is not None and len(shape) != 2:
+                return f"{src.target} output has shape {tuple(shape)}; BatchNorm1d normalises axis 1, not the features"
+        if bn_node.op == "call_module":
+            num = gm.get_submodule(bn_node.target).num_features
+        else:
+            num = None
+        out_channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+        if num is not None and num != out_channels:
+            return f"it has {num} channels but {src.target} has {out_channels} outputs"
+        return ""
+
+    @staticmethod
+    def _fold(layer: nn.Module, p: _BNParams) -> None:
+        with torch.no_grad():
+            w = layer.weight.detach().double()
+            dtype = layer.weight.dtype
+            mean = p.mean.detach().double()
+            inv_std = torch.rsqrt(p.var.detach().double() + p.eps)
+            gamma = p.weight.detach().double() if p.weight is not None else torch.ones_like(mean)
+            beta = p.bias.detach().double() if p.bias is not None else torch.zeros_like(mean)
+            k = gamma * inv_std
+            b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
+            new_w = w * k.reshape((-1,) + (1,) * (w.dim() - 1))
+            new_b = k * (b - mean) + beta
+            layer.weight.copy_(new_w.to(dtype))
+            if layer.bias is None:
+                layer.bias = nn.Parameter(new_b.to(dtype), requires_grad=layer.weight.requires_grad)
+            else:
+                layer.bias.copy_(new_b.to(layer.bias.dtype))
+
+    @staticmethod
+    def _drop_module_if_unused(gm: torch.fx.GraphModule, target: str) -> None:
+        if any(n.op == "call_module" and n.target == target for n in gm.graph.nodes):
+            return  # the same BN module is also called elsewhere
+        gm.delete_submodule(target)
+
+
+__all__ = ["FoldBatchNorm", "ChannelStats", "FOLDABLE_LAYERS", "BATCHNORMS"]
+_ = operator  # kept for symmetry with the other passes' imports
