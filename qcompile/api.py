@@ -117,11 +117,13 @@ def compile(
     gm = pipeline(gm).gm
     gm.eval()
 
-    onnx_model = export_mod.export_onnx(gm, example_inputs)
     if opts.quantized:
-        from .emit import emit  # ONNX-level emission of the quantizers (standard / custom / shift-add)
+        from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
-        onnx_model = emit(onnx_model, gm, opts)
+        table = quantizers_by_id(gm)  # ids the exporter's markers carry
+        onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
+    else:
+        onnx_model = export_mod.export_onnx(gm, example_inputs)
     onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts)))
     export_mod.check_model(onnx_model)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None

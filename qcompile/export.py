@@ -19,7 +19,7 @@ import torch
 
 from .errors import UserError
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 20  # the TorchScript exporter's newest; emission raises quantized files to 21 (INT4/UINT4)
 
 
 def check_output_path(path: str) -> str:
@@ -56,7 +56,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         warnings.simplefilter("ignore")
         torch.onnx.export(
             gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
-            dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False,
+            dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False, custom_opsets={"qcompile": 1},
         )
     return onnx.load_from_string(buf.getvalue())
 
@@ -82,3 +82,11 @@ def save_atomic(model: onnx.ModelProto, path: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def set_opset(model: onnx.ModelProto, version: int) -> None:
+    """Raise the default-domain opset (the ops the exporter emits keep their semantics from 20 to 21; 21 adds
+    the 4-bit types to QuantizeLinear/DequantizeLinear)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = max(imp.version, version)

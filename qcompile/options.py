@@ -39,6 +39,10 @@ class CompileOptions:
                 raise UserError(f"--{name} {value} is outside 2..8; choose a bit-width from 2 to 8")
         if self.emit not in EMIT_FORMS:
             raise UserError(f"unknown --emit {self.emit!r}; choose one of {', '.join(EMIT_FORMS)}")
+        from qcompile.quant import OBSERVERS
+
+        if self.calib_method not in OBSERVERS:
+            raise UserError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(OBSERVERS)}")
         if self.keep_first_last not in FIRST_LAST:
             raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
 

@@ -11,8 +11,12 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
         cfg = node.meta.get("qconfig")
         if cfg is None:
             continue
-        kind = type(gm.get_submodule(node.target)).__name__ if node.op == "call_module" else str(node.target)
-        rows.append((str(node.target), kind, cfg.describe()))
+        name = node.meta.get("layer", str(node.target))  # quantized layers are F.conv2d/F.linear calls
+        try:
+            kind = type(gm.get_submodule(name)).__name__
+        except AttributeError:
+            kind = getattr(node.target, "__name__", str(node.target))
+        rows.append((name, kind, cfg.describe()))
     if not rows:
         return []
     w0 = max(len(r[0]) for r in rows)

@@ -127,3 +127,94 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     ref = run_reference(reference, inputs, batch_size)
     got = run_onnx(onnx_path, inputs, batch_size)
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
+
+
+def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
+    import onnx
+
+    model = onnx.load_from_string(model_bytes)
+    have = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in have:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model.SerializeToString()
+
+
+def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = None, batch_size: int = 64,
+                       min_sqnr: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
+                       max_code_mismatch: float | None = 1e-3) -> ValidationReport:
+    """Validate a quantized ONNX file against its simulation ``sim`` (a GraphModule with FakeQuantize modules).
+
+    Beyond the output comparison, for every activation quantizer: the fraction of integer codes that differ between
+    onnxruntime and the simulation (the validation fails beyond ``max_code_mismatch``), and the SQNR of the
+    quantized activation against the same graph run in float (quantizers passed through) — where error grows.
+    """
+    import json
+
+    import onnx
+
+    from qcompile.qmodules import FakeQuantize, disabled_quantizers
+
+    model_bytes = onnx_file if isinstance(onnx_file, bytes) else open(onnx_file, "rb").read()
+    meta = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
+    act_map = json.loads(meta.get("qcompile.activations", "[]"))
+    ref = run_reference(sim, inputs, batch_size)
+    got = run_onnx(model_bytes, inputs, batch_size)
+    report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
+
+    modules = dict(sim.named_modules())
+    acts = [a for a in act_map if isinstance(modules.get(a["module"]), FakeQuantize)]
+    if acts:
+        probe = session(_onnx_with_outputs(model_bytes, [a["tensor"] for a in acts]))
+        out_names = [o.name for o in probe.get_outputs()]
+        stats = {a["module"]: {"codes": 0, "differ": 0, "sig": 0.0, "noise": 0.0} for a in acts}
+        captured: dict[str, list] = {}
+        hooks = []
+        for a in acts:
+            fq = modules[a["module"]]
+
+            def hook(mod, inp, out, name=a["module"]):
+                captured[name] = [inp[0].detach(), out.detach()]
+            hooks.append(fq.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                for batch in batches(inputs, batch_size):
+                    with disabled_quantizers(sim):
+                        sim(*batch)
+                    floats = {k: v[1].clone() for k, v in captured.items()}  # float activations at each point
+                    sim(*batch)
+                    onnx_out = dict(zip(out_names, run(probe, [b.numpy() for b in batch])))
+                    for a in acts:
+                        fq = modules[a["module"]]
+                        x_in, q_out = captured[a["module"]]
+                        sim_codes = fq.quantize(x_in)
+                        unit = fq.levelset.denom and (fq.alpha.float() / float(fq.levelset.denom))
+                        onnx_vals = torch.from_numpy(onnx_out[a["tensor"]])
+                        onnx_codes = torch.round(onnx_vals / unit).to(torch.int32) + fq.zero_point.to(torch.int32)
+                        s = stats[a["module"]]
+                        s["codes"] += sim_codes.numel()
+                        s["differ"] += int((onnx_codes != sim_codes).sum())
+                        f = floats[a["module"]].double()
+                        s["sig"] += float((f ** 2).sum())
+                        s["noise"] += float(((q_out.double() - f) ** 2).sum())
+        finally:
+            for h in hooks:
+                h.remove()
+        total = sum(s["codes"] for s in stats.values())
+        differ = sum(s["differ"] for s in stats.values())
+        for name, s in stats.items():
+            sq = math.inf if s["noise"] == 0 else 10 * math.log10(max(s["sig"], 1e-300) / s["noise"])
+            report.layers.append({"quantizer": name, "codes": s["codes"], "codes_differ": s["differ"],
+                                  "sqnr_vs_float_db": sq})
+        frac = differ / total if total else 0.0
+        report.extra["codes_total"] = total
+        report.extra["codes_differ"] = differ
+        report.extra["code_mismatch"] = frac
+        if max_code_mismatch is not None and frac > max_code_mismatch:
+            report.failures.append(f"{100 * frac:.3f}% of activation codes differ (> {100 * max_code_mismatch:.2f}%)")
+    if float_model is not None:
+        fl = run_reference(float_model, inputs, batch_size)
+        report.extra["sqnr_vs_float_db"] = sqnr_db(fl[0], got[0])
+        if fl[0].ndim == 2 and fl[0].shape[1] > 1:
+            report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[0], 1) == np.argmax(got[0], 1)))
+    return report

@@ -1,0 +1,152 @@
+"""BiasCorrection: absorb the mean output error that weight quantization causes into the bias (Nagel et al. 2019).
+
+With ε = Q(W) − W, a quantized layer computes y_q = Q(W)·x + b = y + ε·x, so E[y_q − y] = ε·E[x] per output
+channel (the lecture's "Quantization Bias Correction"). Subtracting it from the bias removes the bias of the
+error:  b' = b − ε·E[x].
+
+- empirical (calibration data given): E[x] is the per-input-channel mean of the layer's (quantized) input over
+  the data (and over spatial positions); for a convolution ε·E[x] is ``conv(E[x] broadcast, ε)`` computed on a
+  constant input, which equals Σ_{c,k} ε_{o,c,k}·E[x_c] away from the zero-padded border.
+- analytic, data-free: E[x] from the BatchNorm that precedes the input's ReLU (FoldBatchNorm records
+  ``output_stats`` = (β, |γ|)): for x = ReLU(z), z ~ N(β, γ²), E[x] = γ·φ(β/γ) + β·Φ(β/γ).
+
+Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph, ``b`` replaced by ``b − ε·E[x]``
+(a zero bias is created when the layer had none). Layers whose E[x] cannot be known are left alone (reported).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult
+
+_CONV = {F.conv1d: 1, F.conv2d: 2}
+
+
+def _relu_expectation(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    std = std.clamp_min(1e-12)
+    t = mean / std
+    pdf = torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(t / math.sqrt(2)))
+    return std * pdf + mean * cdf
+
+
+class BiasCorrection(Pass):
+    def __init__(self, data: Optional[torch.Tensor] = None, batch_size: int = 32):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+
+    def _layers(self, gm):
+        out = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or (node.target not in _CONV and node.target is not F.linear):
+                continue
+            wq = node.args[1]
+            if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"
+                    and isinstance(gm.get_submodule(wq.target), FakeQuantize)):
+                continue
+            if node.meta.get("bias_corrected"):
+                continue
+            out.append(node)
+        return out
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        layers = self._layers(gm)
+        if not layers:
+            return PassResult(gm, False)
+        means = self._input_means(gm, layers) if self.data is not None else self._analytic_means(gm, layers)
+        changed = False
+        for node in layers:
+            ex = means.get(node)
+            name = node.meta.get("layer", node.name)
+            if ex is None:
+                self.report.append(f"{name}: no E[x] (needs calibration data), left alone")
+                continue
+            owner = gm.get_submodule(name) if isinstance(name, str) else None
+            wfq = gm.get_submodule(node.args[1].target)
+            w = _attr(gm, node.args[1].args[0]).detach()
+            eps = (wfq.simulate(w) - w).double()
+            shift = self._shift(node, eps, ex.double())
+            if owner is None:
+                continue
+            if owner.bias is None:
+                owner.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
+                with gm.graph.inserting_before(node):
+                    bnode = gm.graph.get_attr(f"{name}.bias")
+                args = list(node.args)
+                args[2] = bnode
+                node.args = tuple(args)
+            with torch.no_grad():
+                owner.bias -= shift.to(owner.bias.dtype)
+            node.meta["bias_corrected"] = True
+            self.report.append(f"{name}: |Δb| max {float(shift.abs().max()):.3g}")
+            changed = True
+        return PassResult(gm, changed)
+
+    @staticmethod
+    def _shift(node, eps: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
+        if node.target is F.linear:
+            return eps @ ex
+        groups = node.args[6] if len(node.args) > 6 else 1
+        o, cin_g = eps.shape[0], eps.shape[1]
+        ex_g = ex.view(groups, cin_g)  # E[x] per input channel, grouped
+        per_group_out = o // groups
+        summed = eps.flatten(2).sum(-1)  # (O, Cin/groups)
+        idx = torch.arange(o) // per_group_out
+        return (summed * ex_g[idx]).sum(1)
+
+    def _input_means(self, gm, layers) -> dict:
+        sums: dict = {}
+        counts: dict = {}
+        inputs = {node.args[0]: node for node in layers}
+        hooks = []
+        targets = {}
+        for xq, layer in inputs.items():
+            if xq.op == "call_module":
+                targets.setdefault(xq.target, []).append(layer)
+        for target, layer_list in targets.items():
+            mod = gm.get_submodule(target)
+
+            def hook(_m, _inp, out, layer_list=layer_list):
+                for layer in layer_list:
+                    channel = out.dim() - 1 if layer.target is F.linear else 1  # Linear: features last
+                    dims = [d for d in range(out.dim()) if d != channel]
+                    m = out.detach().double().mean(dim=dims)
+                    sums[layer] = sums.get(layer, 0) + m * out.shape[0]
+                    counts[layer] = counts.get(layer, 0) + out.shape[0]
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            with torch.no_grad():
+                for i in range(0, self.data.shape[0], self.batch_size):
+                    gm(self.data[i:i + self.batch_size])
+        finally:
+            for h in hooks:
+                h.remove()
+        return {layer: sums[layer] / counts[layer] for layer in sums}
+
+    def _analytic_means(self, gm, layers) -> dict:
+        from .calibrate import _bn_stats_through_relu
+
+        out = {}
+        for node in layers:
+            xq = node.args[0]
+            src = xq.args[0] if xq.op == "call_module" else xq
+            stats = _bn_stats_through_relu(gm, src) if isinstance(src, torch.fx.Node) else None
+            if stats is not None:
+                out[node] = _relu_expectation(stats[0].double(), stats[1].double())
+        return out
+
+
+def _attr(gm, node):
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,142 @@
+"""Calibrate: fix the clipping value α (and zero point) of every uncalibrated fake-quantizer.
+
+- Weights: an observer of ``qcompile.quant`` over the weight tensor (per output channel where the quantizer is
+  per-channel); by default the MSE-optimal α for the quantizer's own level set,
+  α* = argmin_α ‖W − Q_α(W)‖², which works for APoT and PoT levels as well as uniform ones.
+- Activations, with calibration data: every activation quantizer observes the tensors that reach it while the
+  model runs on the data (weights already quantized), then the chosen observer (``--calib-method``) gives α.
+  Asymmetric uniform levels get S = (r_max − r_min)/(q_max − q_min), Z = round(q_min − r_min/S).
+- Activations, data-free: where a quantizer's input is ReLU(BN(...)) (recorded by FoldBatchNorm as
+  ``meta["output_stats"]``), α = max_c(β_c + k·|γ_c|) (k = 6, the lecture's table); otherwise calibration data is needed.
+
+Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``node.meta["qparams"]`` = QParams.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.fx
+
+from qcompile import quant
+from qcompile.errors import UserError
+from qcompile.ir import QParams
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult
+
+
+class Calibrate(Pass):
+    """Fix α of every uncalibrated ``FakeQuantize`` from weights, calibration data or BatchNorm statistics."""
+
+    def __init__(self, data: Optional[torch.Tensor] = None, method: str = "mse", weight_method: str = "mse",
+                 batch_size: int = 32, bn_k: float = 6.0, progress: Optional[Callable[[int, int], None]] = None):
+        super().__init__()
+        self.data = data
+        self.method = method
+        self.weight_method = weight_method
+        self.batch_size = batch_size
+        self.bn_k = bn_k
+        self.progress = progress
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        todo = [n for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(n.target), FakeQuantize)
+                and not gm.get_submodule(n.target).calibrated]
+        if not todo:
+            return PassResult(gm, False)
+        weights = [n for n in todo if gm.get_submodule(n.target).role == "weight"]
+        acts = [n for n in todo if gm.get_submodule(n.target).role != "weight"]
+        for node in weights:
+            fq = gm.get_submodule(node.target)
+            w = _attr_value(gm, node.args[0])
+            obs = quant.make_observer(self.weight_method, axis=fq.axis)
+            obs.update(w.detach())
+            params = obs.compute_qparams(fq.levelset)
+            fq.set_params(params.alpha, params.zero_point)
+            node.meta["qparams"] = _qparams(fq, self.weight_method)
+        if acts:
+            if self.data is not None:
+                self._calibrate_with_data(gm, acts)
+            else:
+                self._calibrate_data_free(gm, acts)
+        return PassResult(gm, True)
+
+    def _calibrate_with_data(self, gm, acts) -> None:
+        observers = {}
+        for node in acts:
+            fq = gm.get_submodule(node.target)
+            method = self.method
+            observers[node] = (quant.make_observer(method), method)
+            fq.start_observing(observers[node][0])
+        try:
+            n = self.data.shape[0]
+            with torch.no_grad():
+                for i in range(0, n, self.batch_size):
+                    gm(self.data[i:i + self.batch_size])
+                    if self.progress is not None:
+                        self.progress(min(i + self.batch_size, n), n)
+        finally:
+            for node in acts:
+                gm.get_submodule(node.target).stop_observing()
+        for node in acts:
+            fq = gm.get_submodule(node.target)
+            obs, method = observers[node]
+            params = obs.compute_qparams(fq.levelset)
+            fq.set_params(params.alpha, params.zero_point)
+            node.meta["qparams"] = _qparams(fq, method)
+
+    def _calibrate_data_free(self, gm, acts) -> None:
+        for node in acts:
+            fq = gm.get_submodule(node.target)
+            stats = _bn_stats_through_relu(gm, node.args[0])
+            if stats is None:
+                raise UserError(
+                    f"cannot calibrate the input of {_consumer_names(node)} without data (it does not come from "
+                    "ReLU(BatchNorm)); pass calibration inputs with --calib FILE.npy")
+            beta, gamma = stats
+            # after the ReLU the range is [0, max_c(β_c + k·|γ_c|)]
+            hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
+            params = quant.clip_params_from_range(torch.zeros((), dtype=torch.float64), hi, fq.levelset)
+            fq.set_params(params.alpha, params.zero_point)
+            node.meta["qparams"] = _qparams(fq, f"bn(k={self.bn_k:g})")
+        self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics")
+
+
+def _attr_value(gm, node) -> torch.Tensor:
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _qparams(fq: FakeQuantize, observer: str) -> QParams:
+    return QParams(scheme=fq.scheme, bits=fq.bits, signed=fq.signed, alpha=fq.alpha.clone(), axis=fq.axis,
+                   zero_point=int(fq.zero_point), role=fq.role, observer=observer)
+
+
+_RELU_LIKE = {"relu", "relu6"}
+
+
+def _bn_stats_through_relu(gm, node):
+    """(β, γ) of the BatchNorm folded into the layer that feeds ``node`` through a ReLU, else None."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    is_relu = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6))) or \
+              (node.op == "call_function" and node.target in (F.relu, torch.relu, F.relu6)) or \
+              (node.op == "call_method" and node.target in _RELU_LIKE)
+    if not is_relu:
+        return None
+    src = node.args[0]
+    if not isinstance(src, torch.fx.Node):
+        return None
+    stats = src.meta.get("output_stats")  # ChannelStats(mean=β, std=|γ|), set by FoldBatchNorm
+    if stats is None:
+        return None
+    return stats.mean, stats.std
+
+
+def _consumer_names(node) -> str:
+    names = [u.meta.get("layer", u.name) for u in node.users]
+    return ", ".join(sorted(set(names))) or node.name

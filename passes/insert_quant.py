@@ -1,0 +1,169 @@
+"""InsertQuantizers: put fake-quantizers on the weights and input activations of the selected layers.
+
+For every Conv1d/Conv2d/Linear node whose ``meta["qconfig"]`` says ``action="quant"``:
+
+    Before:  y = conv(x)
+    After:   xq = act_fq(x);  wq = conv.weight_fq(conv.weight);  y = F.conv2d(xq, wq, conv.bias, ...)
+
+Weights get signed levels of the layer's weight scheme, per output channel (axis 0) unless ``per_channel`` is off.
+Input activations get one per-tensor quantizer per (tensor, scheme, bits), shared by every layer that reads the
+same tensor with the same configuration. Their levels are unsigned where the tensor is provably non-negative
+(produced by ReLU-like ops, possibly through pooling, reshapes, concatenation or sums of non-negative tensors),
+signed otherwise; uniform activations that may be negative use asymmetric levels r = S(q − Z) (the lecture).
+The quantizers are uncalibrated: ``Calibrate`` fixes their clipping values.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult
+
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
+_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
+_PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                       nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Upsample)
+_PRESERVING_FUNCTIONS = {torch.flatten, F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                         torch.cat, operator.add, torch.add, operator.mul, torch.mul, F.dropout, F.interpolate,
+                         operator.getitem, torch.reshape}
+_PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
+                       "mean", "sum", "max", "relu", "clamp"}
+
+
+def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
+    """True when the value of ``node`` is non-negative for every input (a conservative static proof)."""
+    memo = {} if _memo is None else _memo
+    if not isinstance(node, torch.fx.Node):
+        return isinstance(node, (int, float)) and node >= 0
+    if node in memo:
+        return memo[node]
+    memo[node] = False  # cycles cannot happen in fx graphs, but stay safe
+    result = False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _NONNEG_MODULES):
+            result = True
+        elif isinstance(mod, FakeQuantize):
+            result = (not mod.signed and not mod.asymmetric) or is_nonnegative(gm, node.args[0], memo)
+        elif isinstance(mod, nn.Hardtanh):
+            result = mod.min_val >= 0
+        elif isinstance(mod, _PRESERVING_MODULES):
+            result = is_nonnegative(gm, node.args[0], memo)
+    elif node.op == "call_function":
+        if node.target in _NONNEG_FUNCTIONS:
+            result = True
+        elif node.target is F.hardtanh:
+            result = (node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)) >= 0
+        elif node.target in (torch.clamp, torch.clip):
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            result = lo is not None and not isinstance(lo, torch.fx.Node) and lo >= 0
+        elif node.target in _PRESERVING_FUNCTIONS:
+            tensors = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node)]
+            if node.target is operator.getitem:
+                tensors = tensors[:1]
+            result = bool(tensors) and all(is_nonnegative(gm, a, memo) for a in tensors)
+    elif node.op == "call_method":
+        if node.target == "relu":
+            result = True
+        elif node.target == "clamp":
+            lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            result = lo is not None and not isinstance(lo, torch.fx.Node) and lo >= 0
+        elif node.target in _PRESERVING_METHODS:
+            result = is_nonnegative(gm, node.args[0], memo)
+    memo[node] = result
+    return result
+
+
+def _flat_args(node):
+    out = []
+    for a in list(node.args) + list(node.kwargs.values()):
+        if isinstance(a, (list, tuple)):
+            out.extend(a)
+        else:
+            out.append(a)
+    return out
+
+
+def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(node.target)
+    if isinstance(mod, nn.Linear):
+        return mod
+    if type(mod) in _CONV_FN and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+        return mod
+    return None
+
+
+class InsertQuantizers(Pass):
+    """Insert weight and input-activation fake-quantizers for layers whose qconfig says ``quant``."""
+
+    def __init__(self, observer: str = "mse"):
+        super().__init__()
+        self.observer = observer
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        layers = [n for n in graph.nodes
+                  if n.meta.get("qconfig") is not None and n.meta["qconfig"].action == "quant"]
+        skipped = [n for n in layers if quantizable_module(gm, n) is None]
+        layers = [n for n in layers if quantizable_module(gm, n) is not None]
+        for n in skipped:
+            if n.op == "call_module":
+                self.report.append(f"left {n.target} in float: unsupported layer form")
+        if not layers:
+            return PassResult(gm, False)
+
+        act_quant: dict[tuple, torch.fx.Node] = {}
+        counter = sum(1 for name, _ in gm.named_children() if name.startswith("act_fq"))
+        for node in layers:
+            cfg = node.meta["qconfig"]
+            mod = quantizable_module(gm, node)
+            x = node.args[0]
+            key = (x, cfg.ascheme, cfg.abits)
+            if key not in act_quant:
+                nonneg = is_nonnegative(gm, x)
+                asym = cfg.ascheme == "uniform" and not nonneg
+                fq = FakeQuantize("uniform_asym" if asym else cfg.ascheme, cfg.abits, signed=not nonneg and not asym,
+                                  axis=None, role="activation", observer=self.observer)
+                name = f"act_fq{counter}"
+                counter += 1
+                gm.add_submodule(name, fq)
+                with graph.inserting_before(node):
+                    act_quant[key] = graph.call_module(name, (x,))
+                act_quant[key].meta["tensor_meta"] = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+            xq = act_quant[key]
+
+            wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
+                               role="weight", observer="mse")
+            mod.add_module("weight_fq", wfq)
+            with graph.inserting_before(node):
+                w = graph.get_attr(f"{node.target}.weight")
+                wq = graph.call_module(f"{node.target}.weight_fq", (w,))
+                b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                if isinstance(mod, nn.Linear):
+                    new = graph.call_function(F.linear, (xq, wq, b))
+                else:
+                    new = graph.call_function(_CONV_FN[type(mod)], (xq, wq, b, mod.stride, mod.padding,
+                                                                   mod.dilation, mod.groups))
+            new.meta.update(node.meta)
+            new.meta["layer"] = str(node.target)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            self.report.append(f"{node.target}: {cfg.describe()}")
+        # act quantizers were inserted before their first consumer; keep topological order valid
+        graph.lint()
+        return PassResult(gm, True)
+
+
+def layer_of(gm: torch.fx.GraphModule, node) -> str | None:
+    """The layer name of a quantized conv/linear call_function node (set by InsertQuantizers)."""
+    return node.meta.get("layer")

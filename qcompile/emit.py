@@ -1,0 +1,227 @@
+"""Emission: replace the exporter's ``qcompile::FakeQuant`` markers with real ONNX.
+
+``--emit standard`` (default) uses only standard operators, so any onnxruntime runs the file:
+
+- **weights** become integer initializers packed at their bit-width with ``DequantizeLinear`` (scale = the
+  fine-grid unit α/denom, per output channel on axis 0):
+  uniform levels store the codes directly (INT4 for ≤ 4 bits, INT8 otherwise);
+  APoT/PoT/log2 levels store the *level index* (UINT4 up to 16 levels, UINT8 otherwise) and a small lookup table
+  of grid integers, ``DequantizeLinear(Gather(lut, Cast(index)))``. onnxruntime folds the lookup at load time into
+  an int8 constant, so an APoT layer whose grid fits int8 runs on its int8 kernels (QLinearConv / QGemm) when
+  its output is re-quantized, and the file stays at ``bits`` per weight.
+- **uniform activations**: ``QuantizeLinear → DequantizeLinear`` (uint8/int8, zero point for asymmetric
+  levels), with a ``Clip`` in front where the level range is narrower than the storage type (restricted or
+  < 8-bit ranges). The simulation uses the same float32 division and round-half-to-even, so codes agree.
+- **APoT/PoT/log2 activations**: nearest level by a branchless binary search over the decision thresholds
+  (``Gather`` + ``Greater`` + ``Where``, log2(levels) steps) against the very float32 thresholds the simulation
+  compares with (ties resolved by nudging the "tie goes up" thresholds one ulp down), then
+  ``DequantizeLinear(Gather(grid, index), unit)``: bit-for-bit the simulation's values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompile import quant
+from qcompile.qmodules import MARKER_DOMAIN, MARKER_OP, FakeQuantize
+
+
+def quantizers_by_id(gm: torch.nn.Module) -> dict[int, FakeQuantize]:
+    """Give every FakeQuantize of ``gm`` a stable id (its order in ``named_modules``) and return the map."""
+    table = {}
+    for i, (name, mod) in enumerate((n, m) for n, m in gm.named_modules() if isinstance(m, FakeQuantize)):
+        mod.prepare_export(i, name)
+        table[i] = mod
+    return table
+
+
+class _Builder:
+    """Collects new nodes and initializers with unique names."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def name(self, what: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{what}_{self._n}"
+
+    def const(self, array: np.ndarray, what: str) -> str:
+        name = self.name(what)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def packed(self, values: np.ndarray, dtype: int, what: str) -> str:
+        name = self.name(what)
+        self.inits.append(helper.make_tensor(name, dtype, values.shape, values.astype(np.int64).ravel().tolist()))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        out = output or self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
+        return out
+
+
+def _int_type(lo: int, hi: int) -> tuple[int, np.dtype]:
+    if lo >= -128 and hi <= 127:
+        return TensorProto.INT8, np.int8
+    if lo >= 0 and hi <= 255:
+        return TensorProto.UINT8, np.uint8
+    if lo >= -32768 and hi <= 32767:
+        return TensorProto.INT16, np.int16
+    return TensorProto.INT32, np.int32
+
+
+def _unit(fq: FakeQuantize) -> np.ndarray:
+    return quant.unit_from_alpha(fq.alpha, fq.levelset).detach().numpy().astype(np.float32)
+
+
+def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str) -> None:
+    ls = fq.levelset
+    codes = fq.quantize(torch.from_numpy(w)).numpy().astype(np.int64)
+    unit = _unit(fq)
+    axis = {"axis": fq.axis} if fq.axis is not None else {}
+    grid = np.asarray(ls.grid, dtype=np.int64)
+    if ls.is_uniform:
+        lo, hi = int(grid.min()), int(grid.max())
+        if lo >= -8 and hi <= 7:
+            q = b.packed(codes, TensorProto.INT4, "w_int4")
+        else:
+            t, np_t = _int_type(lo, hi)
+            q = b.const(codes.astype(np_t), "w_int")
+    else:
+        index = np.searchsorted(grid, codes)
+        assert np.array_equal(grid[index], codes), "weight codes must lie on the level grid"
+        itype = TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
+        idx = b.packed(index, itype, "w_index")
+        _, lut_t = _int_type(int(grid.min()), int(grid.max()))
+        lut = b.const(grid.astype(lut_t), "w_lut")
+        idx32 = b.node("Cast", [idx], to=TensorProto.INT32)
+        q = b.node("Gather", [lut, idx32], axis=0)
+    b.node("DequantizeLinear", [q, b.const(unit, "w_scale")], output, **axis)
+
+
+def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
+    ls = fq.levelset
+    unit = _unit(fq).reshape(())
+    grid = np.asarray(ls.grid, dtype=np.int64)
+    if ls.is_uniform:
+        zp = int(fq.zero_point)
+        lo, hi = ls.code_min, ls.code_max  # stored code range; real value = (code - zp) * unit
+        if lo >= 0:
+            tq, np_t, tmin, tmax = TensorProto.UINT8, np.uint8, 0, 255
+        else:
+            tq, np_t, tmin, tmax = TensorProto.INT8, np.int8, -128, 127
+        if lo < tmin or hi > tmax:
+            raise ValueError(f"activation codes {lo}..{hi} do not fit 8 bits")
+        src = x
+        if lo > tmin or hi < tmax:
+            # QuantizeLinear saturates to the type's range only: clip to the level range first (exact, see module doc)
+            clip_lo = np.float32(np.float32(lo - zp) * unit)
+            clip_hi = np.float32(np.float32(hi - zp) * unit)
+            src = b.node("Clip", [x, b.const(np.array(clip_lo, np.float32), "lo"), b.const(np.array(clip_hi, np.float32), "hi")])
+        scale = b.const(unit, "a_scale")
+        zpt = b.const(np.array(zp, np_t), "a_zp")
+        q = b.node("QuantizeLinear", [src, scale, zpt])
+        b.node("DequantizeLinear", [q, scale, zpt], output)
+        return
+    thr, tie_up = quant.decision_thresholds(ls, torch.as_tensor(unit))
+    thr = thr.detach().numpy().astype(np.float32).ravel()
+    tie_up = tie_up.detach().numpy().astype(bool).ravel()
+    # x >= t  <=>  x > nextafter(t, -inf) for float32 x: every decision becomes a strict Greater
+    strict = np.where(tie_up, np.nextafter(thr, np.float32(-np.inf)), thr).astype(np.float32)
+    steps = max(1, math.ceil(math.log2(len(grid))))
+    padded = np.full(2 ** steps - 1, np.inf, dtype=np.float32)
+    padded[: len(strict)] = strict
+    table = b.const(padded, "thresholds")
+    pos = b.const(np.array(0, np.int64), "pos0")
+    for k in reversed(range(steps)):
+        step = 2 ** k
+        probe = b.node("Add", [pos, b.const(np.array(step - 1, np.int64), "off")])
+        t = b.node("Gather", [table, probe], axis=0)
+        cond = b.node("Greater", [x, t])
+        moved = b.node("Add", [pos, b.const(np.array(step, np.int64), "step")])
+        pos = b.node("Where", [cond, moved, pos])
+    g_t, g_np = _int_type(int(grid.min()), int(grid.max()))
+    codes = b.node("Gather", [b.const(grid.astype(g_np), "grid"), pos], axis=0)
+    b.node("DequantizeLinear", [codes, b.const(unit, "a_scale")], output)
+
+
+def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.ModelProto:
+    """Replace every FakeQuant marker of ``model`` (ids from :func:`quantizers_by_id`) according to ``opts.emit``."""
+    if opts.emit == "custom":
+        from .emit_custom import emit_custom
+
+        return emit_custom(model, table)
+    model = emit_standard(model, table)
+    if opts.emit == "shift-add":
+        from .lowering import lower_shift_add
+
+        model = lower_shift_add(model)
+    return model
+
+
+def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onnx.ModelProto:
+    from .export import set_opset
+
+    set_opset(model, 21)
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    used_weights: set[str] = set()
+    activations: list[dict] = []
+    for node in graph.node:
+        if not (node.domain == MARKER_DOMAIN and node.op_type == MARKER_OP):
+            new_nodes.append(node)
+            continue
+        qid = next(a.i for a in node.attribute if a.name == "qid")
+        fq = table[qid]
+        src, out = node.input[0], node.output[0]
+        b = _Builder(f"q{qid}")
+        if src in inits:
+            emit_weight(b, fq, numpy_helper.to_array(inits[src]).astype(np.float32), out)
+            used_weights.add(src)
+        else:
+            emit_activation(b, fq, src, out)
+            activations.append({"qid": qid, "module": fq.qname, "tensor": out})
+        new_nodes.extend(b.nodes)
+        new_inits.extend(b.inits)
+    still_used = {i for n in new_nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in still_used or t.name not in used_weights]
+    kept = [t for t in kept if t.name in still_used]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    _drop_marker_domain(model)
+    set_activation_map(model, activations)
+    return model
+
+
+ACTIVATIONS_KEY = "qcompile.activations"
+
+
+def set_activation_map(model: onnx.ModelProto, activations: list[dict]) -> None:
+    """Record which ONNX tensor holds the output of which activation quantizer (read by the validator)."""
+    import json
+
+    for prop in list(model.metadata_props):
+        if prop.key == ACTIVATIONS_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=ACTIVATIONS_KEY, value=json.dumps(activations))
+
+
+def _drop_marker_domain(model: onnx.ModelProto) -> None:
+    used = {n.domain for n in model.graph.node} | {n.domain for f in model.functions for n in f.node}
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    del model.graph.value_info[:]  # stale after the rewrite; the checker infers shapes again

@@ -1,0 +1,142 @@
+"""The fake-quantizer module that quantization passes insert into the fx graph.
+
+``FakeQuantize`` simulates one quantizer in PyTorch with the exact numerics of ``qcompile.quant`` (level set,
+clipping value ``alpha``, zero point, tie rule). It has three modes:
+
+- calibrating: observe the tensors that flow through (an observer of ``qcompile.quant``) and pass them on;
+- simulating (default): return ``fake_quantize(x)``;
+- exporting (inside ``torch.onnx.export``): the same values, but the ONNX graph gets a marker node
+  ``qcompile::FakeQuant(x)`` with the quantizer's id, which the emission pass (``qcompile.emit``) replaces with
+  standard ONNX operators, compact custom nodes, or a shift-add lowering.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from qcompile import quant
+
+MARKER_DOMAIN = "qcompile"
+MARKER_OP = "FakeQuant"
+
+
+# Quantizers by id while an export runs: the marker's forward computes the simulated value without the
+# exporter tracing (and trying to export) the fake-quantization arithmetic itself.
+_EXPORTING: dict[int, "FakeQuantize"] = {}
+
+
+class _ExportMarker(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module_id: int):
+        fq = _EXPORTING[module_id]
+        # Fresh copies of the parameters: a module buffer used in here would be taken for a traced value.
+        alpha_list, zp_list = fq.frozen_params
+        alpha = torch.tensor(alpha_list, dtype=torch.float32)
+        zp = torch.tensor(zp_list, dtype=torch.int32)
+        # dequantize(quantize(x)) is fake_quantize bit for bit, without nesting another autograd.Function
+        codes = quant.quantize(x, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
+        return quant.dequantize(codes, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
+
+    @staticmethod
+    def symbolic(g, x, module_id):
+        out = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, qid_i=int(module_id))
+        out.setType(x.type())
+        return out
+
+
+class FakeQuantize(nn.Module):
+    """One quantizer: ``scheme``/``bits``/``signed`` levels, per-tensor or per-channel along ``axis``."""
+
+    def __init__(self, scheme: str, bits: int, signed: bool, axis: int | None = None, role: str = "activation",
+                 observer: str = "mse"):
+        super().__init__()
+        self.scheme = scheme
+        self.bits = int(bits)
+        self.signed = bool(signed)
+        self.axis = axis
+        self.role = role
+        self.observer_name = observer
+        self.register_buffer("alpha", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.calibrated = False
+        self.enabled = True  # False: pass values through (float reference runs of the same graph)
+        self.observer = None
+        self.qid = -1
+        self.qname = ""
+
+    @property
+    def asymmetric(self) -> bool:
+        """Asymmetric uniform levels r = S(q − Z) (activations that may be negative)."""
+        return self.scheme == "uniform_asym"
+
+    @property
+    def levelset(self):
+        return quant.level_set(self.scheme, self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        kind = "per-channel axis=%d" % self.axis if self.axis is not None else "per-tensor"
+        sign = "signed" if self.signed else "unsigned"
+        asym = ", asymmetric" if self.asymmetric else ""
+        return f"{self.role}: {self.scheme} {self.bits}-bit {sign}{asym}, {kind}"
+
+    # -- calibration -------------------------------------------------------------------------------------------
+    def start_observing(self, observer) -> None:
+        self.observer = observer
+
+    def stop_observing(self) -> None:
+        self.observer = None
+
+    def set_params(self, alpha: torch.Tensor, zero_point: int | torch.Tensor = 0) -> None:
+        self.alpha = torch.as_tensor(alpha, dtype=torch.float32).detach().clone()
+        zp = torch.as_tensor(zero_point, dtype=torch.int32).detach().clone()
+        if not self.asymmetric:
+            zp = torch.zeros((), dtype=torch.int32)  # symmetric / APoT / PoT levels: real 0 is code 0
+        self.zero_point = zp
+        self.calibrated = True
+
+    def prepare_export(self, qid: int, qname: str) -> None:
+        """Give the quantizer its marker id and freeze its parameters as plain numbers (outside any trace)."""
+        self.qid = qid
+        self.qname = qname
+        self.frozen_params = (self.alpha.tolist(), self.zero_point.tolist())
+
+    # -- numerics ----------------------------------------------------------------------------------------------
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes of ``x`` (grid integers, zero point included for asymmetric levels)."""
+        return quant.quantize(x, self.alpha, self.levelset, axis=self.axis, zero_point=self.zero_point)
+
+    def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        return quant.fake_quantize(x, self.alpha, self.levelset, axis=self.axis, zero_point=self.zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.update(x.detach())
+            return x
+        if not self.enabled:
+            return x
+        if not self.calibrated:
+            raise RuntimeError(f"quantizer ({self.extra_repr()}) used before calibration")
+        if torch.onnx.is_in_onnx_export():
+            if self.qid < 0 or not hasattr(self, "frozen_params"):
+                raise RuntimeError("FakeQuantize needs prepare_export() before torch.onnx.export")
+            _EXPORTING[self.qid] = self
+            return _ExportMarker.apply(x, self.qid)
+        return self.simulate(x)
+
+
+class disabled_quantizers:
+    """Context manager: run ``gm`` with every FakeQuantize passing values through (the float reference)."""
+
+    def __init__(self, gm: nn.Module):
+        self.mods = [m for m in gm.modules() if isinstance(m, FakeQuantize)]
+
+    def __enter__(self):
+        self.saved = [m.enabled for m in self.mods]
+        for m in self.mods:
+            m.enabled = False
+        return self
+
+    def __exit__(self, *exc):
+        for m, e in zip(self.mods, self.saved):
+            m.enabled = e
+        return False

@@ -1,0 +1,40 @@
+"""The quantization half of the pipeline, built from ``CompileOptions`` (see ``qcompile.pipeline``)."""
+from __future__ import annotations
+
+from qcompile.ir import LayerConfig
+from qcompile.passes.base import Pass
+from qcompile.passes.bias_correction import BiasCorrection
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.cleanup import EliminateDeadCode
+from qcompile.passes.equalize import EqualizeWeights
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
+
+from .options import CompileOptions
+
+
+def default_layer_config(opts: CompileOptions) -> LayerConfig:
+    return LayerConfig(action="quant", wscheme=opts.scheme, wbits=opts.weight_bits, ascheme=opts.scheme,
+                       abits=opts.act_bits, per_channel=opts.per_channel, reason="default")
+
+
+def quantization_passes(opts: CompileOptions, calib=None) -> list[Pass]:
+    overrides = list(parse_exclude(opts.exclude))
+    if opts.config:
+        overrides += load_overrides(opts.config)
+    passes: list[Pass] = []
+    if opts.fold_bn:
+        passes.append(FoldBatchNorm())
+    if opts.equalize:
+        passes.append(EqualizeWeights())
+    passes += [
+        SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
+                     float_downsample=opts.float_downsample, overrides=overrides),
+        InsertQuantizers(observer=opts.calib_method),
+        Calibrate(calib, method=opts.calib_method),
+    ]
+    if opts.bias_correction:
+        passes.append(BiasCorrection(calib))
+    passes.append(EliminateDeadCode())
+    return passes
