@@ -25,7 +25,6 @@ read it; passes that rescale output channels must rescale it too.
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Optional
 
 import torch
@@ -150,6 +149,7 @@ class FoldBatchNorm(Pass):
         for layer_node, bn_node, params in matches:
             layer = gm.get_submodule(layer_node.target)
             self._fold(layer, params)
+            inputs = bn_node.all_input_nodes
             bn_node.replace_all_uses_with(layer_node)
             gm.graph.erase_node(bn_node)
             if "tensor_meta" in bn_node.meta:
@@ -162,7 +162,7 @@ class FoldBatchNorm(Pass):
             if bn_node.op == "call_module":
                 self._drop_module_if_unused(gm, bn_node.target)
             else:
-                for arg in bn_node.all_input_nodes:
+                for arg in inputs:
                     if arg.op == "get_attr" and not arg.users:
                         gm.graph.erase_node(arg)
         return PassResult(gm, bool(matches))
@@ -222,4 +222,3 @@ class FoldBatchNorm(Pass):
 
 
 __all__ = ["FoldBatchNorm", "ChannelStats", "FOLDABLE_LAYERS", "BATCHNORMS"]
-_ = operator  # kept for symmetry with the other passes' imports

@@ -1,0 +1,494 @@
+"""EqualizeWeights: data-free cross-layer weight equalization (Nagel et al., ICCV 2019; the lecture's
+"weight equalization").
+
+For a layer pair ``y = f(W1 x + b1)``, ``z = W2 y + b2`` with ``f`` positively homogeneous per channel
+(``f(s*v) = s*f(v)`` for ``s > 0``: ReLU, LeakyReLU, PReLU, identity, max/avg pooling, flatten), scaling output
+channel ``j`` of layer 1 down by ``s_j`` and input channel ``j`` of layer 2 up by ``s_j`` leaves ``z`` unchanged:
+
+    W1'[j] = W1[j] / s_j,   b1'[j] = b1[j] / s_j,   W2'[:, j] = W2[:, j] * s_j
+
+With ``r1_j`` the weight range (max |w|) of output channel ``j`` of layer 1 and ``r2_j`` that of input channel ``j``
+of layer 2 (per group for grouped and depthwise consumers, over the ``K`` flattened features of channel ``j`` for
+conv → flatten → Linear), the choice
+
+    s_j = sqrt(r1_j * r2_j) / r2_j      gives      r1'_j = r2'_j = sqrt(r1_j * r2_j),
+
+which makes the per-channel ranges of both tensors as even as possible, so one per-tensor scale fits all channels.
+Chains ``conv1x1 → dw3x3 → conv1x1`` (inverted residual blocks) share the middle layer, so pairs are equalized one
+after the other, sweeping over all pairs (forward, then backward, so that scales travel both ways along a chain)
+until every ``|s_j - 1| <= tol`` (default 1e-3) or ``max_iters`` sweeps (default 20). A pair whose scales are already within ``tol`` of 1 is not touched, so a second run reports
+``modified=False``.
+
+Before: ``conv1 → relu → conv2`` with channel ranges spread 300×.   After: the same graph, weights rescaled,
+outputs equal to float rounding, channel ranges spread a few ×.
+
+Chains are ``producer → [pass-through ops] → consumer`` where producer and consumer are ``call_module``
+Conv1d/2d/3d or Linear, each called from one place only, and every value on the way has exactly one user, so a
+residual add ends the chain. Conv → Linear needs a ``flatten(start_dim=1)`` (or a rank-2 value) before the Linear.
+The pass expects BatchNorm to be folded first (``FoldBatchNorm``): a BN between the layers ends the chain.
+
+Clipping activations (ReLU6, Hardtanh, clamp) are not positively homogeneous. They end the chain, with a report
+line, unless ``allow_clipping=True``: then the node is replaced by ``torch.clamp(x, min=lo/s, max=hi/s)`` with
+per-channel bound buffers, which is exact (``clamp(v/s, lo/s, hi/s) = clamp(v, lo, hi)/s``) but turns a scalar
+clip into a per-channel one.
+
+High-bias absorption (``absorb_bias=True``, same paper): for producer → ReLU → consumer where the producer's output
+statistics are known from a folded BatchNorm (``node.meta["output_stats"]``, mean ``beta``, std ``gamma``), move
+``c = max(0, beta - 3*gamma)`` out of the producer bias into the consumer bias:
+``b1' = b1 - c``, ``b2' = b2 + W2 c``. It is exact while ``h >= c`` (about 99.9% of a Gaussian) and is applied
+only where the consumer is a Linear or an unpadded conv, where ``W2 c`` is a per-channel constant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import Pass, PassResult
+
+LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+# Element-wise, positively homogeneous per channel: f(s*v) = s*f(v) for s > 0.
+_ACT_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.leaky_relu, F.dropout}
+_ACT_METHODS = {"relu", "relu_"}
+# Per-channel pooling: positively homogeneous per channel, channel axis kept.
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                   F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
+_RELU_TARGETS = {F.relu, torch.relu}
+_CLIP_PREFIX = "equalize_clip_"   # names of the per-channel clip bound buffers this pass registers
+
+
+def _owns_bounds(node: torch.fx.Node) -> bool:
+    bounds = (_arg(node, 1, "min"), _arg(node, 2, "max"))
+    return all(isinstance(b, torch.fx.Node) and b.op == "get_attr" and str(b.target).startswith(_CLIP_PREFIX)
+               for b in bounds)
+
+
+@dataclasses.dataclass
+class _Chain:
+    producer: torch.fx.Node
+    consumer: torch.fx.Node
+    between: list[torch.fx.Node]
+    kinds: list[str]                  # "act", "pool", "flatten", "mean", "clip" for each node in ``between``
+    features_per_channel: int = 1     # K: consumer input features per producer channel (after flatten)
+
+    @property
+    def label(self) -> str:
+        via = "".join(f" → {_short(n)}" for n in self.between)
+        return f"{self.producer.target}{via} → {self.consumer.target}"
+
+
+def _short(node: torch.fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def _first_arg(node: torch.fx.Node):
+    if node.args:
+        return node.args[0]
+    return next(iter(node.kwargs.values()), None)
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _spread(r: torch.Tensor) -> float:
+    """max/min of the per-channel ranges, over channels whose range is nonzero."""
+    nz = r[r > 0]
+    if nz.numel() == 0:
+        return 1.0
+    return float(nz.max() / nz.min())
+
+
+def _out_ranges(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight.detach().double()
+    return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+
+
+def _in_ranges(layer: nn.Module, channels: int, k: int) -> torch.Tensor:
+    w = layer.weight.detach().double().abs()
+    if isinstance(layer, nn.Linear):
+        return w.amax(dim=0).reshape(channels, k).amax(dim=1)
+    groups = layer.groups
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    per_in = w.reshape(out_ch, in_per_group, -1).amax(dim=2)            # [O, I/g]
+    per_in = per_in.reshape(groups, out_ch // groups, in_per_group).amax(dim=1)  # [g, I/g]
+    return per_in.reshape(channels)
+
+
+def _scale_in(layer: nn.Module, s: torch.Tensor, k: int) -> None:
+    w = layer.weight
+    if isinstance(layer, nn.Linear):
+        factor = s.repeat_interleave(k).reshape(1, -1)
+        w.copy_((w.double() * factor).to(w.dtype))
+        return
+    groups = layer.groups
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    spatial = w.shape[2:]
+    view = w.double().reshape(groups, out_ch // groups, in_per_group, *spatial)
+    factor = s.reshape(groups, 1, in_per_group, *([1] * len(spatial)))
+    w.copy_((view * factor).reshape(w.shape).to(w.dtype))
+
+
+def _scale_out(layer: nn.Module, inv_s: torch.Tensor) -> None:
+    w = layer.weight
+    w.copy_((w.double() * inv_s.reshape((-1,) + (1,) * (w.dim() - 1))).to(w.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_((layer.bias.double() * inv_s).to(layer.bias.dtype))
+
+
+class EqualizeWeights(Pass):
+    """Cross-layer weight equalization (see the module docstring).
+
+    Args:
+        max_iters: bound on the sweeps over all pairs.
+        tol: a pair is rescaled only while some ``|s_j - 1| > tol``; the sweep loop stops when none is.
+        allow_clipping: rescale through ReLU6/Hardtanh/clamp by turning them into per-channel clamps.
+        absorb_bias: after equalizing, absorb high biases through ReLU using folded-BN statistics.
+    """
+
+    def __init__(self, max_iters: int = 20, tol: float = 1e-3, allow_clipping: bool = False,
+                 absorb_bias: bool = False) -> None:
+        super().__init__()
+        if max_iters < 1:
+            raise ValueError("max_iters must be >= 1")
+        if not tol > 0:
+            raise ValueError("tol must be > 0")
+        self.max_iters = max_iters
+        self.tol = tol
+        self.allow_clipping = allow_clipping
+        self.absorb_bias = absorb_bias
+
+    # -- matching -------------------------------------------------------------------------------------------
+
+    def _classify(self, gm: torch.fx.GraphModule, node: torch.fx.Node, prev: torch.fx.Node) -> str:
+        """Kind of a pass-through node, or "" if the chain cannot go through it."""
+        if _first_arg(node) is not prev:
+            return ""
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.PReLU):
+                return "act"
+            if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)):
+                return "act" if not mod.training else ""
+            if isinstance(mod, _ACT_MODULES):
+                return "act"
+            if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)) and mod.return_indices:
+                return ""
+            if isinstance(mod, _POOL_MODULES):
+                return "pool"
+            if isinstance(mod, nn.Flatten):
+                return "flatten" if mod.start_dim == 1 and mod.end_dim == -1 else ""
+            if isinstance(mod, (nn.ReLU6, nn.Hardtanh)):
+                return "clip"
+            return ""
+        if node.op == "call_function":
+            if node.target in _ACT_FUNCTIONS:
+                if node.target is F.dropout and _arg(node, 2, "training", True) is not False:
+                    return ""
+                return "act"
+            if node.target in _POOL_FUNCTIONS:
+                return "" if node.kwargs.get("return_indices") else "pool"
+            if node.target is torch.flatten:
+                return "flatten" if _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1 else ""
+            if node.target is torch.mean:
+                return "mean" if self._mean_ok(_arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)) else ""
+            if node.target in (F.relu6, F.hardtanh):
+                return "clip"
+            if node.target is torch.clamp:
+                return "clip" if self._clamp_bounds_ok(node) else ""
+            return ""
+        if node.op == "call_method":
+            if node.target in _ACT_METHODS:
+                return "act"
+            if node.target == "flatten":
+                return "flatten" if _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1 else ""
+            if node.target == "mean":
+                return "mean" if self._mean_ok(_arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)) else ""
+        return ""
+
+    @staticmethod
+    def _mean_ok(dim, keepdim) -> bool:
+        dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+        return bool(dims) and all(isinstance(d, int) and d >= 2 for d in dims)
+
+    @staticmethod
+    def _clamp_bounds_ok(node: torch.fx.Node) -> bool:
+        """Scalar bounds, or the per-channel bound buffers this pass created."""
+        bounds = (_arg(node, 1, "min"), _arg(node, 2, "max"))
+        if all(b is None or isinstance(b, (int, float)) for b in bounds):
+            return True
+        return _owns_bounds(node)
+
+    def _find_chains(self, gm: torch.fx.GraphModule) -> list[_Chain]:
+        calls: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_module":
+                calls[node.target] = calls.get(node.target, 0) + 1
+
+        def is_layer(node) -> bool:
+            return node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYERS)
+
+        chains: list[_Chain] = []
+        for node in gm.graph.nodes:
+            if not is_layer(node):
+                continue
+            producer = gm.get_submodule(node.target)
+            between: list[torch.fx.Node] = []
+            kinds: list[str] = []
+            cur = node
+            consumer = None
+            while len(cur.users) == 1:
+                nxt = next(iter(cur.users))
+                if is_layer(nxt):
+                    if _first_arg(nxt) is cur:
+                        consumer = nxt
+                    break
+                kind = self._classify(gm, nxt, cur)
+                if not kind:
+                    break
+                between.append(nxt)
+                kinds.append(kind)
+                cur = nxt
+            if consumer is None:
+                continue
+            chain = _Chain(node, consumer, between, kinds)
+            why = self._why_not(gm, chain, producer, calls)
+            if why:
+                self.report.append(f"skipped {chain.label}: {why}")
+                continue
+            chains.append(chain)
+        return chains
+
+    def _why_not(self, gm, chain: _Chain, producer: nn.Module, calls: dict[str, int]) -> str:
+        consumer = gm.get_submodule(chain.consumer.target)
+        for n in (chain.producer, chain.consumer):
+            if calls[n.target] != 1:
+                return f"{n.target} is called from {calls[n.target]} places"
+        if "clip" in chain.kinds:
+            if not self.allow_clipping:
+                return "clipping activation (ReLU6/Hardtanh/clamp) is not scale-equivariant; " \
+                       "allow_clipping=True rescales its bound per channel"
+            if chain.kinds.count("clip") > 1 or any(k in ("flatten", "mean", "pool") for k in
+                                                    chain.kinds[:chain.kinds.index("clip")]):
+                return "clip bound can be rescaled only right after the layer's activations"
+        channels = producer.weight.shape[0]
+        if isinstance(producer, nn.Linear):
+            if any(k != "act" and k != "clip" for k in chain.kinds):
+                return "only element-wise ops may follow a Linear producer"
+            if not isinstance(consumer, nn.Linear):
+                return "Linear → Conv changes the channel axis"
+            k = 1
+        else:
+            if isinstance(consumer, nn.Linear):
+                if "flatten" in chain.kinds:
+                    if any(x != "act" for x in chain.kinds[chain.kinds.index("flatten") + 1:]):
+                        return "only element-wise ops may follow the flatten"
+                else:
+                    last = chain.between[-1] if chain.between else chain.producer
+                    shape = getattr(last.meta.get("tensor_meta"), "shape", None)
+                    if shape is None or len(shape) != 2:
+                        return "conv → Linear needs flatten(start_dim=1) or a known rank-2 value before the Linear"
+                in_features = consumer.in_features
+                if in_features % channels:
+                    return f"{in_features} input features are not a multiple of {channels} channels"
+                k = in_features // channels
+            else:
+                if any(kind in ("flatten",) for kind in chain.kinds):
+                    return "flatten before a conv"
+                if "mean" in chain.kinds:
+                    return "channel axis reduced before a conv"
+                if consumer.in_channels != channels:
+                    return f"{channels} output channels but the consumer takes {consumer.in_channels}"
+                k = 1
+        chain.features_per_channel = k
+        return ""
+
+    # -- rewriting ------------------------------------------------------------------------------------------
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        chains = self._find_chains(gm)
+        if not chains:
+            self.report.append("no equalizable layer pairs")
+            return PassResult(gm, False)
+
+        mods = {c.producer.target: gm.get_submodule(c.producer.target) for c in chains}
+        mods.update({c.consumer.target: gm.get_submodule(c.consumer.target) for c in chains})
+
+        def ranges(c: _Chain):
+            prod, cons = mods[c.producer.target], mods[c.consumer.target]
+            channels = prod.weight.shape[0]
+            return _out_ranges(prod), _in_ranges(cons, channels, c.features_per_channel)
+
+        before = {id(c): tuple(map(_spread, ranges(c))) for c in chains}
+        rescaled: set[int] = set()
+        modified = False
+        sweeps, worst = 0, 0.0
+        with torch.no_grad():
+            for sweeps in range(1, self.max_iters + 1):
+                worst = 0.0
+                # symmetric sweep (forward then backward): a chain's scales propagate both ways in one sweep
+                for c in chains + chains[-2::-1]:
+                    r1, r2 = ranges(c)
+                    s = torch.ones_like(r1)
+                    ok = (r1 > 0) & (r2 > 0)
+                    s[ok] = torch.sqrt(r1[ok] / r2[ok])
+                    change = float((s - 1).abs().max())
+                    if change <= self.tol:
+                        continue
+                    worst = max(worst, change)
+                    self._apply(gm, c, s, mods)
+                    rescaled.add(id(c))
+                    modified = True
+                if worst == 0.0:
+                    break
+        for c in chains:
+            b_out, b_in = before[id(c)]
+            a_out, a_in = map(_spread, ranges(c))
+            if id(c) in rescaled:
+                self.report.append(f"equalized {c.label}: out-channel range ratio {b_out:.1f} → {a_out:.1f}, "
+                                   f"in-channel range ratio {b_in:.1f} → {a_in:.1f}")
+        if modified:
+            if worst == 0.0:
+                self.report.append(f"converged after {sweeps} sweep(s) (all |s-1| <= {self.tol:g})")
+            else:
+                self.report.append(f"stopped after max_iters={self.max_iters} sweeps, largest |s-1| = {worst:.2e}")
+        else:
+            self.report.append("all pairs already equalized")
+        if self.absorb_bias:
+            modified |= self._absorb_high_bias(gm, chains, mods)
+        return PassResult(gm, modified)
+
+    def _apply(self, gm, c: _Chain, s: torch.Tensor, mods) -> None:
+        prod, cons = mods[c.producer.target], mods[c.consumer.target]
+        inv_s = 1.0 / s
+        _scale_out(prod, inv_s)
+        _scale_in(cons, s, c.features_per_channel)
+        stats = c.producer.meta.get("output_stats")
+        if stats is not None and hasattr(stats, "scaled"):
+            c.producer.meta["output_stats"] = stats.scaled(inv_s)
+        for node, kind in zip(list(c.between), list(c.kinds)):
+            if kind == "clip":
+                new = self._rescale_clip(gm, c, node, inv_s)
+                c.between[c.between.index(node)] = new
+
+    def _rescale_clip(self, gm, c: _Chain, node: torch.fx.Node, inv_s: torch.Tensor) -> torch.fx.Node:
+        """Divide the clip bounds of channel j by s_j; the first time, turn the node into a per-channel clamp."""
+        if node.op == "call_function" and node.target is torch.clamp and _owns_bounds(node):
+            for b in (_arg(node, 1, "min"), _arg(node, 2, "max")):
+                buf = gm.get_buffer(b.target)
+                buf.copy_((buf.double() * inv_s.reshape(buf.shape)).to(buf.dtype))
+            return node
+        prod = gm.get_submodule(c.producer.target)
+        shape = (-1,) if isinstance(prod, nn.Linear) else (-1,) + (1,) * (prod.weight.dim() - 2)
+        channels = prod.weight.shape[0]
+        lo, hi = self._clip_bounds(gm, node)
+        lo_t = torch.full((channels,), lo, dtype=torch.float64) * inv_s
+        hi_t = torch.full((channels,), hi, dtype=torch.float64) * inv_s
+        base = f"{_CLIP_PREFIX}{node.name}"
+        gm.register_buffer(f"{base}_min", lo_t.reshape(shape).to(prod.weight.dtype))
+        gm.register_buffer(f"{base}_max", hi_t.reshape(shape).to(prod.weight.dtype))
+        graph = gm.graph
+        with graph.inserting_before(node):
+            lo_node = graph.get_attr(f"{base}_min")
+            hi_node = graph.get_attr(f"{base}_max")
+            new = graph.call_function(torch.clamp, (_first_arg(node),), {"min": lo_node, "max": hi_node})
+        if "tensor_meta" in node.meta:
+            new.meta["tensor_meta"] = node.meta["tensor_meta"]
+        node.replace_all_uses_with(new)
+        old_target = node.target if node.op == "call_module" else None
+        graph.erase_node(node)
+        if old_target is not None and not any(n.op == "call_module" and n.target == old_target for n in graph.nodes):
+            gm.delete_submodule(old_target)
+        self.report.append(f"replaced {_short(node)} by a per-channel clamp to rescale its bound ({c.label})")
+        return new
+
+    @staticmethod
+    def _clip_bounds(gm, node: torch.fx.Node) -> tuple[float, float]:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            return float(mod.min_val), float(mod.max_val)  # ReLU6 is a Hardtanh(0, 6)
+        if node.target is F.relu6:
+            return 0.0, 6.0
+        if node.target is F.hardtanh:
+            return float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0))
+        lo, hi = _arg(node, 1, "min"), _arg(node, 2, "max")
+        return (-math.inf if lo is None else float(lo)), (math.inf if hi is None else float(hi))
+
+    # -- high-bias absorption --------------------------------------------------------------------------------
+
+    def _absorb_high_bias(self, gm, chains: list[_Chain], mods) -> bool:
+        changed = False
+        with torch.no_grad():
+            for c in chains:
+                stats = c.producer.meta.get("output_stats")
+                prod, cons = mods[c.producer.target], mods[c.consumer.target]
+                relu_only = len(c.between) == 1 and self._is_relu(gm, c.between[0])
+                if stats is None or not relu_only or prod.bias is None:
+                    continue
+                mean, std = stats.mean.double(), stats.std.double()
+                absorb = torch.clamp(mean - 3.0 * std, min=0.0)
+                absorb[absorb <= self.tol * std] = 0.0  # rounding leftovers of an earlier absorption
+                if float(absorb.max()) <= 0.0:
+                    continue
+                if not isinstance(cons, nn.Linear) and any(p != 0 for p in _padding(cons)):
+                    self.report.append(f"no bias absorption for {c.label}: the consumer is a padded conv, "
+                                       "where W2 c is not constant at the borders")
+                    continue
+                shift = _constant_response(cons, absorb)
+                prod.bias.copy_((prod.bias.double() - absorb).to(prod.bias.dtype))
+                if cons.bias is None:
+                    cons.bias = nn.Parameter(shift.to(cons.weight.dtype), requires_grad=cons.weight.requires_grad)
+                else:
+                    cons.bias.copy_((cons.bias.double() + shift).to(cons.bias.dtype))
+                c.producer.meta["output_stats"] = type(stats)(
+                    mean=(stats.mean.double() - absorb).to(stats.mean.dtype), std=stats.std, source=stats.source)
+                self.report.append(f"absorbed high bias of {c.producer.target} into {c.consumer.target} "
+                                   f"({int((absorb > 0).sum())} channel(s), max {float(absorb.max()):.3g})")
+                changed = True
+        return changed
+
+    @staticmethod
+    def _is_relu(gm, node: torch.fx.Node) -> bool:
+        if node.op == "call_module":
+            return type(gm.get_submodule(node.target)) is nn.ReLU
+        if node.op == "call_function":
+            return node.target in _RELU_TARGETS
+        return node.op == "call_method" and node.target in _ACT_METHODS
+
+
+def _padding(conv: nn.Module) -> tuple:
+    pad = conv.padding
+    if isinstance(pad, str):
+        return (0,) if pad == "valid" else (1,)
+    return tuple(pad)
+
+
+def _constant_response(layer: nn.Module, c: torch.Tensor) -> torch.Tensor:
+    """The layer's output (without bias) for an input that is the constant ``c_j`` on channel ``j``."""
+    w = layer.weight.detach().double()
+    if isinstance(layer, nn.Linear):
+        return w @ c
+    groups = layer.groups
+    out_ch, in_per_group = w.shape[0], w.shape[1]
+    wsum = w.reshape(out_ch, in_per_group, -1).sum(dim=2).reshape(groups, out_ch // groups, in_per_group)
+    cg = c.reshape(groups, in_per_group, 1)
+    return torch.bmm(wsum, cg).reshape(out_ch)
+
+
+__all__ = ["EqualizeWeights"]

@@ -1,0 +1,434 @@
+"""SelectLayers: decide which layers are quantized and how, and record it on the nodes.
+
+Every Conv1d/2d/3d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear`` ``call_function``) node gets
+``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata. The rules, in order, later
+ones winning:
+
+1. ``default``: the requested scheme, for every layer;
+2. first and last layers (``first_last``): ``"int8"`` = 8-bit uniform weights and activations (default; the
+   lecture: first/last layers are "more sensitive ... quantizing these layers to 8-bit does not reduce
+   accuracy", and the APoT code keeps first/last weights at 8 bits), ``"fp32"`` = kept in float,
+   ``"quant"`` = like the rest. *First* = the layers reached from a graph input without passing another layer;
+   *last* = the layers from which the graph output is reached without passing another layer;
+3. ``float_downsample=True``: 1×1 downsample shortcuts are kept in float (N2UQ appendix, Table A). A shortcut is
+   a 1×1 conv whose output goes (possibly through a BatchNorm) into an add whose other operand is computed from
+   the same block input along another path;
+4. ``overrides``: :class:`Override` objects matched against the module's qualified name (glob or regex) or its
+   class name (``type``), in order.
+
+Before: ``conv1 -> ... -> fc`` without metadata.   After: the same graph, each layer node carrying a LayerConfig,
+e.g. ``conv1: W8 uniform / A8 uniform (first layer)``. ``modified`` is whether any node's LayerConfig changed.
+
+Configuration file (``load_overrides``), TOML or YAML, maps pattern to changes (optionally under a ``layers``
+table); ``re:`` marks a regex (whole name must match), ``type:`` a module class name, anything else is a glob::
+
+    "layer4.*" = { scheme = "uniform", bits = 8 }
+    "re:.*downsample.*" = "float"
+    "type:Linear" = { wbits = 8 }
+
+Change keys: ``scheme`` (weights and activations; ``float``/``fp32`` means keep the layer in float), ``wscheme``,
+``ascheme``, ``bits`` (both), ``wbits``, ``abits``, ``per_channel``, ``action`` (``quant``/``float``). Setting a
+quantized scheme on a layer that an earlier rule put in float quantizes it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import operator
+import os
+import re
+from collections import deque
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.errors import UserError
+from qcompile.ir import QUANT_SCHEMES, LayerConfig
+
+from .base import Pass, PassResult
+
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYER_FUNCTIONS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
+FIRST_LAST_MODES = ("int8", "fp32", "quant")
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FLOAT_WORDS = ("float", "fp32")
+_CHANGE_KEYS = ("scheme", "wscheme", "ascheme", "bits", "wbits", "abits", "per_channel", "action")
+_KINDS = ("glob", "regex", "type")
+
+
+def int8_config(reason: str) -> LayerConfig:
+    """8-bit uniform weights and activations: the default for the first and last layers."""
+    return LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8, reason=reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+    """A per-layer rule: layers whose name (``glob``/``regex``) or class name (``type``) match get ``config_changes``.
+
+    ``source`` names where the rule came from (a file, ``--exclude``) and goes into the layer's ``reason``.
+    """
+
+    pattern: str
+    kind: str = "glob"
+    config_changes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise UserError(f"override kind {self.kind!r} for {self.pattern!r} must be one of {', '.join(_KINDS)}")
+        if not self.pattern:
+            raise UserError("an override pattern is empty; give a module name glob, re:REGEX or type:CLASS")
+        if self.kind == "regex":
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise UserError(f"invalid regex {self.pattern!r} in {self.where}: {exc}") from None
+        object.__setattr__(self, "config_changes", _validate_changes(dict(self.config_changes), self))
+
+    @property
+    def where(self) -> str:
+        return self.source or "overrides"
+
+    @property
+    def label(self) -> str:
+        prefix = {"glob": "", "regex": "re:", "type": "type:"}[self.kind]
+        return f"{prefix}{self.pattern}"
+
+    def matches(self, name: str, type_name: str) -> bool:
+        if self.kind == "glob":
+            return fnmatch.fnmatchcase(name, self.pattern)
+        if self.kind == "regex":
+            return re.fullmatch(self.pattern, name) is not None
+        wanted = self.pattern.rsplit(".", 1)[-1]  # accept "Conv2d", "nn.Conv2d", "torch.nn.Conv2d"
+        return type_name == wanted
+
+    def apply(self, cfg: LayerConfig) -> LayerConfig:
+        ch = self.config_changes
+        upd: dict[str, Any] = {}
+        for key in ("wscheme", "ascheme", "wbits", "abits", "per_channel", "action"):
+            if key in ch:
+                upd[key] = ch[key]
+        return dataclasses.replace(cfg, **upd, reason=f"{self.where} '{self.label}'")
+
+
+def _validate_changes(raw: dict, ov: "Override") -> dict:
+    """Normalise user keys to LayerConfig fields; raise UserError naming the rule on a bad key or value."""
+    where = f"{ov.where} '{ov.label}'"
+    unknown = [k for k in raw if k not in _CHANGE_KEYS]
+    if unknown:
+        raise UserError(f"unknown key {unknown[0]!r} in {where}; allowed: {', '.join(_CHANGE_KEYS)}")
+    out: dict[str, Any] = {}
+
+    def scheme_value(key: str) -> str | None:
+        value = raw[key]
+        if not isinstance(value, str):
+            raise UserError(f"{key} in {where} must be a string, got {value!r}")
+        value = value.lower()
+        if value in _FLOAT_WORDS:
+            return None
+        if value not in QUANT_SCHEMES:
+            raise UserError(f"unknown scheme {value!r} in {where}; use one of {', '.join(QUANT_SCHEMES)} or float")
+        return value
+
+    quantized_scheme = False
+    for key, fields in (("scheme", ("wscheme", "ascheme")), ("wscheme", ("wscheme",)), ("ascheme", ("ascheme",))):
+        if key in raw:
+            value = scheme_value(key)
+            if value is None:
+                out["action"] = "float"
+            else:
+                quantized_scheme = True
+                for f in fields:
+                    out[f] = value
+    for key, fields in (("bits", ("wbits", "abits")), ("wbits", ("wbits",)), ("abits", ("abits",))):
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+                raise UserError(f"{key} in {where} must be an integer from 2 to 8, got {value!r}")
+            for f in fields:
+                out[f] = value
+    if "per_channel" in raw:
+        if not isinstance(raw["per_channel"], bool):
+            raise UserError(f"per_channel in {where} must be true or false, got {raw['per_channel']!r}")
+        out["per_channel"] = raw["per_channel"]
+    if "action" in raw:
+        action = raw["action"]
+        if action not in ("quant", "float"):
+            raise UserError(f"action in {where} must be 'quant' or 'float', got {action!r}")
+        out["action"] = action
+    elif quantized_scheme and "action" not in out:
+        out["action"] = "quant"  # naming a quantized scheme asks for the layer to be quantized
+    return out
+
+
+def parse_pattern(key: str) -> tuple[str, str]:
+    """``re:X`` -> (X, "regex"), ``type:X`` -> (X, "type"), anything else -> (key, "glob")."""
+    if key.startswith("re:"):
+        return key[3:], "regex"
+    if key.startswith("type:"):
+        return key[5:], "type"
+    return key, "glob"
+
+
+def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
+    """``--exclude`` values (repeatable, or comma-separated) -> overrides that keep matching layers in float."""
+    if globs is None:
+        return []
+    if isinstance(globs, str):
+        globs = [globs]
+    out = []
+    for item in globs:
+        for part in str(item).split(","):
+            part = part.strip()
+            if part:
+                pattern, kind = parse_pattern(part)
+                out.append(Override(pattern, kind, {"action": "float"}, source="--exclude"))
+    return out
+
+
+def load_overrides(path: str | os.PathLike) -> list[Override]:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file mapping pattern -> changes, in file order."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        elif ext in (".yaml", ".yml"):
+            import yaml
+
+            with open(path, "r", encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        else:
+            raise UserError(f"config file {path!r} must end in .toml, .yaml or .yml")
+    except UserError:
+        raise
+    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot parse config file {path!r}: {first}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path!r} must map layer patterns to settings, e.g. 'layer4.*: {{bits: 8}}'")
+    if isinstance(data.get("layers"), dict):
+        data = data["layers"]
+    source = os.path.basename(path)
+    out = []
+    for key, changes in data.items():
+        pattern, kind = parse_pattern(str(key))
+        if isinstance(changes, str):
+            changes = {"scheme": changes}
+        if not isinstance(changes, dict):
+            raise UserError(f"{source}: pattern {key!r} must map to a table of settings or a scheme name, got {changes!r}")
+        out.append(Override(pattern, kind, changes, source=source))
+    return out
+
+
+def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str]:
+    if node.op == "call_module":
+        return str(node.target), type(gm.get_submodule(node.target)).__name__
+    # a functional layer: the module it came from (meta["layer"], set when a pass rewrites a module call), else the
+    # owner of its weight attribute, else the node name
+    name = node.meta.get("layer")
+    if not isinstance(name, str):
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        name = node.name
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            name = str(weight.target).rsplit(".", 1)[0] if "." in str(weight.target) else str(weight.target)
+    try:
+        return name, type(gm.get_submodule(name)).__name__
+    except AttributeError:
+        return name, LAYER_FUNCTIONS[node.target]
+
+
+def layer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The Conv/Linear nodes that get a LayerConfig, in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_MODULES):
+            out.append(node)
+        elif node.op == "call_function" and node.target in LAYER_FUNCTIONS:
+            out.append(node)
+    return out
+
+
+def _first_layers(gm: torch.fx.GraphModule, layers: set) -> list[torch.fx.Node]:
+    found, seen = [], set()
+    queue = deque(n for n in gm.graph.nodes if n.op == "placeholder")
+    while queue:
+        node = queue.popleft()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user in layers:
+                found.append(user)
+            else:
+                queue.append(user)
+    return found
+
+
+def _last_layers(gm: torch.fx.GraphModule, layers: set) -> list[torch.fx.Node]:
+    found, seen = [], set()
+    queue = deque(n for n in gm.graph.nodes if n.op == "output")
+    while queue:
+        node = queue.popleft()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg in layers:
+                found.append(arg)
+            else:
+                queue.append(arg)
+    return found
+
+
+def _ancestors(node: torch.fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _is_bn(gm, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _BATCHNORMS)
+    return node.op == "call_function" and node.target is F.batch_norm
+
+
+def _is_downsample_shortcut(gm: torch.fx.GraphModule, node: torch.fx.Node, layers: set) -> bool:
+    """A 1×1 conv whose output goes (maybe via a BN) into an add whose other operand comes from the same block
+    input along another path."""
+    if node.op != "call_module":
+        return False
+    conv = gm.get_submodule(node.target)
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or any(k != 1 for k in conv.kernel_size):
+        return False
+    out = node
+    if len(out.users) == 1 and _is_bn(gm, next(iter(out.users))):
+        out = next(iter(out.users))
+    if len(out.users) != 1:
+        return False
+    add = next(iter(out.users))
+    if not _is_add(add):
+        return False
+    others = [a for a in add.all_input_nodes if a is not out]
+    if len(others) != 1:
+        return False
+    other = others[0]
+    other_ancestors = _ancestors(other)
+    if node in other_ancestors:
+        return False  # the other operand is computed from this conv: not a parallel path
+    # Walk back from the conv's input to the nearest layer or graph input: the shortcut's source (the block
+    # input, possibly pooled, as in ResNet-D). The other operand must be computed from it through a layer.
+    src = node.args[0] if node.args else None
+    while isinstance(src, torch.fx.Node):
+        if src in other_ancestors:
+            return any(a in layers for a in other_ancestors - _ancestors(src) - {src}) or other in layers
+        if src in layers or src.op == "placeholder" or not src.all_input_nodes:
+            return False
+        src = src.all_input_nodes[0]
+    return False
+
+
+class SelectLayers(Pass):
+    """Annotate every Conv/Linear node with its LayerConfig (see the module docstring).
+
+    Args:
+        default: the configuration of every layer no other rule decides.
+        first_last: ``"int8"`` (8-bit uniform), ``"fp32"`` (float) or ``"quant"`` (like the rest).
+        float_downsample: keep 1×1 downsample shortcuts in float.
+        overrides: per-layer rules, applied in order after the others (later ones win).
+    """
+
+    def __init__(self, default: LayerConfig = LayerConfig(), first_last: str = "int8", float_downsample: bool = False,
+                 overrides: Sequence[Override] = ()) -> None:
+        super().__init__()
+        if not isinstance(default, LayerConfig):
+            raise TypeError(f"default must be a LayerConfig, got {type(default).__name__}")
+        if first_last not in FIRST_LAST_MODES:
+            raise UserError(f"--keep-first-last {first_last!r} must be one of {', '.join(FIRST_LAST_MODES)}")
+        self.default = default
+        self.first_last = first_last
+        self.float_downsample = float_downsample
+        self.overrides = tuple(overrides)
+
+    def decide(self, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, LayerConfig]:
+        """The LayerConfig of every layer node, without touching the graph."""
+        nodes = layer_nodes(gm)
+        layers = set(nodes)
+        decision = {n: self.default for n in nodes}
+        if self.first_last != "quant":
+            first = set(_first_layers(gm, layers))
+            last = set(_last_layers(gm, layers))
+            for n in nodes:
+                if n in first or n in last:
+                    reason = "first and last layer" if n in first and n in last else (
+                        "first layer" if n in first else "last layer")
+                    decision[n] = int8_config(reason) if self.first_last == "int8" else dataclasses.replace(
+                        self.default, action="float", reason=reason)
+        if self.float_downsample:
+            for n in nodes:
+                if _is_downsample_shortcut(gm, n, layers):
+                    decision[n] = dataclasses.replace(decision[n], action="float", reason="1x1 downsample shortcut")
+        matched = {id(ov): 0 for ov in self.overrides}
+        for ov in self.overrides:
+            for n in nodes:
+                name, type_name = _layer_name_and_type(gm, n)
+                if ov.matches(name, type_name):
+                    decision[n] = ov.apply(decision[n])
+                    matched[id(ov)] += 1
+        for ov in self.overrides:
+            if not matched[id(ov)]:
+                self.report.append(f"{ov.where} '{ov.label}' matched no layer")
+        return decision
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        decision = self.decide(gm)
+        changed = 0
+        for node, cfg in decision.items():
+            if node.meta.get("qconfig") != cfg:
+                node.meta["qconfig"] = cfg
+                changed += 1
+        counts: dict[str, int] = {}
+        for node, cfg in decision.items():
+            key = cfg.describe()
+            counts[key] = counts.get(key, 0) + 1
+        for key, count in counts.items():
+            self.report.append(f"{count} layer(s): {key}")
+        if changed:
+            self.report.append(f"set the configuration of {changed} of {len(decision)} layer(s)")
+        return PassResult(gm, bool(changed))
+
+
+def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
+    """(name, type, decision) for every layer node carrying a LayerConfig, in graph order: the compile summary."""
+    rows = []
+    for node in layer_nodes(gm):
+        cfg = node.meta.get("qconfig")
+        if isinstance(cfg, LayerConfig):
+            name, type_name = _layer_name_and_type(gm, node)
+            rows.append((name, type_name, cfg.describe()))
+    return rows
+
+
+__all__ = ["SelectLayers", "Override", "load_overrides", "parse_exclude", "parse_pattern", "layer_table",
+           "layer_nodes", "int8_config", "FIRST_LAST_MODES"]

@@ -1,0 +1,237 @@
+"""SelectLayers: first/last rules, downsample shortcuts, overrides from code, --exclude and config files."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.errors import UserError
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig
+from qcompile.models.digits import DigitsCNN
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.select import (Override, SelectLayers, int8_config, layer_table, load_overrides,
+                                    parse_exclude)
+from tests.models import MLP, DepthwiseSeparableNet, MobileNetLike, ResidualCNN, example_input
+
+DEFAULT = LayerConfig(action="quant", wscheme="apot", wbits=4, ascheme="apot", abits=4)
+
+
+def select(model_or_gm, **options):
+    gm = model_or_gm if isinstance(model_or_gm, torch.fx.GraphModule) else trace(
+        model_or_gm, example_input(model_or_gm))
+    p = SelectLayers(**options)
+    result = p(gm)
+    verify(result.gm)
+    return result, p, {name: cfg for name, _, cfg in layer_table(result.gm)}
+
+
+def configs(gm) -> dict[str, LayerConfig]:
+    return {str(n.target): n.meta["qconfig"] for n in gm.graph.nodes if "qconfig" in n.meta}
+
+
+def test_default_first_last_int8():
+    result, p, table = select(ResidualCNN(), default=DEFAULT)
+    assert result.modified
+    cfg = configs(result.gm)
+    assert set(cfg) == {"conv1", "layer1.conv1", "layer1.conv2", "layer1.downsample.0", "fc"}
+    assert all(isinstance(c, LayerConfig) for c in cfg.values())
+    assert cfg["conv1"] == int8_config("first layer")
+    assert cfg["fc"] == int8_config("last layer")
+    assert cfg["layer1.conv1"] == DEFAULT and cfg["layer1.downsample.0"] == DEFAULT
+    assert table["conv1"] == "W8 uniform / A8 uniform (first layer)"
+    assert table["layer1.conv2"] == "W4 apot / A4 apot (default)"
+    assert layer_table(result.gm)[0] == ("conv1", "Conv2d", "W8 uniform / A8 uniform (first layer)")
+
+
+def test_first_last_fp32_and_quant():
+    _, _, fp32 = select(MLP(), default=DEFAULT, first_last="fp32")
+    assert fp32 == {"fc1": "float (first layer)", "fc2": "W4 apot / A4 apot (default)", "fc3": "float (last layer)"}
+    _, _, quant = select(MLP(), default=DEFAULT, first_last="quant")
+    assert set(quant.values()) == {"W4 apot / A4 apot (default)"}
+    with pytest.raises(UserError):
+        SelectLayers(first_last="int4")
+
+
+def test_first_and_last_over_branches_and_a_single_layer():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.mid = nn.Linear(4, 4)
+            self.head1, self.head2 = nn.Linear(4, 2), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.mid(F.relu(self.a(x)) + torch.sigmoid(self.b(x)))
+            return self.head1(h), self.head2(h)
+
+    _, _, table = select(trace(TwoHeads(), torch.zeros(1, 4)), default=DEFAULT)
+    assert table == {"a": "W8 uniform / A8 uniform (first layer)", "b": "W8 uniform / A8 uniform (first layer)",
+                     "mid": "W4 apot / A4 apot (default)",
+                     "head1": "W8 uniform / A8 uniform (last layer)", "head2": "W8 uniform / A8 uniform (last layer)"}
+    _, _, single = select(trace(nn.Sequential(nn.Linear(3, 2)), torch.zeros(1, 3)), first_last="fp32")
+    assert single == {"0": "float (first and last layer)"}
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_float_downsample_shortcut(fold):
+    model = ResidualCNN()
+    gm = trace(model, example_input(model))
+    if fold:
+        gm = FoldBatchNorm()(gm).gm
+    _, _, table = select(gm, default=DEFAULT, float_downsample=True)
+    assert table["layer1.downsample.0"] == "float (1x1 downsample shortcut)"
+    assert sum(v.startswith("float") for v in table.values()) == 1
+
+
+def test_downsample_in_the_bundled_digits_model():
+    model = DigitsCNN().eval()
+    _, _, table = select(trace(model, torch.zeros(1, 1, 8, 8)), default=DEFAULT, float_downsample=True)
+    assert table["down"] == "float (1x1 downsample shortcut)"
+    assert table["conv3"] == "W4 apot / A4 apot (default)"
+
+
+def test_projection_of_an_inverted_residual_is_not_a_downsample():
+    # block1.project (1×1) → bn → add(x, ·): the other operand is the block input, not a parallel path
+    _, _, table = select(MobileNetLike(), default=DEFAULT, float_downsample=True, first_last="quant")
+    assert not any(v.startswith("float") for v in table.values())
+
+
+def test_overrides_in_order_glob_regex_type():
+    overrides = [
+        Override("layer1.*", "glob", {"scheme": "uniform", "bits": 8}, source="cfg"),
+        Override(r"layer1\.conv2", "regex", {"wbits": 3, "per_channel": False}, source="cfg"),
+        Override("Linear", "type", {"scheme": "float"}, source="cfg"),
+        Override("nothing.*", "glob", {"bits": 2}, source="cfg"),
+    ]
+    result, p, table = select(ResidualCNN(), default=DEFAULT, overrides=overrides)
+    cfg = configs(result.gm)
+    assert cfg["layer1.conv1"] == LayerConfig("quant", "uniform", 8, "uniform", 8, True, "cfg 'layer1.*'")
+    assert cfg["layer1.conv2"] == LayerConfig("quant", "uniform", 3, "uniform", 8, False, r"cfg 're:layer1\.conv2'")
+    assert table["fc"] == "float (cfg 'type:Linear')"
+    assert table["conv1"] == "W8 uniform / A8 uniform (first layer)"
+    assert "cfg 'nothing.*' matched no layer" in p.report
+
+
+def test_quantized_scheme_override_requantizes_a_float_layer():
+    overrides = [Override("fc1", "glob", {"scheme": "pot", "bits": 5}, source="cfg"),
+                 Override("fc3", "glob", {"bits": 5}, source="cfg")]
+    _, _, table = select(MLP(), default=DEFAULT, first_last="fp32", overrides=overrides)
+    assert table["fc1"] == "W5 pot / A5 pot (cfg 'fc1')"
+    assert table["fc3"] == "float (cfg 'fc3')"  # bits alone do not quantize a float layer
+
+
+def test_parse_exclude():
+    ovs = parse_exclude(["fc*,layer1.conv1", "re:.*downsample.*", "type:Conv2d"])
+    assert [(o.pattern, o.kind) for o in ovs] == [("fc*", "glob"), ("layer1.conv1", "glob"),
+                                                  (".*downsample.*", "regex"), ("Conv2d", "type")]
+    assert all(o.config_changes == {"action": "float"} for o in ovs)
+    _, _, table = select(ResidualCNN(), default=DEFAULT, overrides=parse_exclude(["fc"]))
+    assert table["fc"] == "float (--exclude 'fc')"
+    assert parse_exclude(None) == []
+
+
+def test_override_validation():
+    with pytest.raises(UserError, match="unknown key 'bitz'"):
+        Override("x", "glob", {"bitz": 4})
+    with pytest.raises(UserError, match="unknown scheme 'int3'"):
+        Override("x", "glob", {"scheme": "int3"})
+    with pytest.raises(UserError, match="integer from 2 to 8"):
+        Override("x", "glob", {"bits": 0})
+    with pytest.raises(UserError, match="invalid regex"):
+        Override("(", "regex", {"bits": 4})
+    with pytest.raises(UserError, match="kind"):
+        Override("x", "name", {"bits": 4})
+
+
+TOML = '''
+"layer1.*" = { scheme = "uniform", bits = 8 }
+"re:layer1\\\\.conv2" = { wbits = 3 }
+"type:Linear" = "float"
+'''
+
+YAML = '''
+layers:
+  layer1.*: {scheme: uniform, bits: 8}
+  re:layer1\\.conv2: {wbits: 3}
+  type:Linear: float
+'''
+
+
+@pytest.mark.parametrize("suffix,text", [(".toml", TOML), (".yaml", YAML)])
+def test_load_overrides(tmp_path, suffix, text):
+    path = tmp_path / f"layers{suffix}"
+    path.write_text(text)
+    ovs = load_overrides(path)
+    assert [(o.pattern, o.kind) for o in ovs] == [("layer1.*", "glob"), (r"layer1\.conv2", "regex"),
+                                                  ("Linear", "type")]
+    _, _, table = select(ResidualCNN(), default=DEFAULT, overrides=ovs)
+    assert table["layer1.conv1"] == f"W8 uniform / A8 uniform (layers{suffix} 'layer1.*')"
+    assert table["layer1.conv2"] == f"W3 uniform / A8 uniform (layers{suffix} 're:layer1\\.conv2')"
+    assert table["fc"] == f"float (layers{suffix} 'type:Linear')"
+
+
+def test_load_overrides_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_overrides(tmp_path / "missing.toml")
+    bad_ext = tmp_path / "layers.json"
+    bad_ext.write_text("{}")
+    with pytest.raises(UserError, match=r"\.toml, \.yaml or \.yml"):
+        load_overrides(bad_ext)
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text("layer4.* = 3")
+    with pytest.raises(UserError, match="cannot parse"):
+        load_overrides(bad_toml)
+    bad_value = tmp_path / "bad.yaml"
+    bad_value.write_text("fc: 8\n")
+    with pytest.raises(UserError, match="must map to a table"):
+        load_overrides(bad_value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_overrides(empty) == []
+
+
+def test_unchanged_and_idempotent():
+    model = DepthwiseSeparableNet()
+    gm = trace(model, example_input(model))
+    first = SelectLayers(default=DEFAULT)
+    assert first(gm).modified is True
+    code = gm.code
+    before = configs(gm)
+    again = SelectLayers(default=DEFAULT)
+    assert again(gm).modified is False
+    assert configs(gm) == before and gm.code == code
+    assert SelectLayers(default=DEFAULT, first_last="fp32")(gm).modified is True
+
+
+def test_graph_without_layers_is_unchanged():
+    gm = trace(nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1)), torch.zeros(1, 2, 4, 4))
+    result, p, table = select(gm)
+    assert result.modified is False and table == {}
+
+
+def test_functional_layers_are_annotated():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.zeros(4, 3, 3, 3))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = F.conv2d(x, self.w1, padding=1)
+            return self.head(x.mean((2, 3)))
+
+    _, _, table = select(trace(Functional(), torch.zeros(1, 3, 5, 5)), default=DEFAULT, first_last="fp32")
+    rows = layer_table(trace(Functional()))
+    assert rows == []  # nothing annotated on a fresh trace
+    assert table == {"w1": "float (first layer)", "head": "float (last layer)"}
+
+
+def test_in_a_checked_pipeline_with_fold():
+    model = ResidualCNN()
+    gm = trace(model, example_input(model))
+    result = Pipeline([FoldBatchNorm(), SelectLayers(default=DEFAULT, float_downsample=True)], check=True)(gm)
+    assert result.modified
+    assert dict((n, d) for n, _, d in layer_table(result.gm))["layer1.downsample.0"].startswith("float")
