@@ -1,6 +1,15 @@
 """Graph passes on ``torch.fx.GraphModule`` (installed as ``qcompile.passes``)."""
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
+from .bias_correction import BiasCorrection
+from .calibrate import Calibrate
 from .cleanup import EliminateDeadCode, RemoveIdentity
+from .equalize import EqualizeWeights
+from .fold_bn import ChannelStats, FoldBatchNorm
+from .insert_quant import InsertQuantizers
+from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
+from .select import Override, SelectLayers, load_overrides, parse_exclude
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
-           "EliminateDeadCode", "RemoveIdentity"]
+           "EliminateDeadCode", "RemoveIdentity", "FoldBatchNorm", "ChannelStats", "EqualizeWeights",
+           "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
+           "Calibrate", "BiasCorrection", "BindIntegerLayers"]

@@ -54,6 +54,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
     q.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
     q.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
+    q.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme apot --ascheme uniform")
+    q.add_argument("--ascheme", help="activation scheme (overrides --scheme)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array)")
     q.add_argument("--calib-method", default="mse",
@@ -62,6 +64,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding Conv/Linear")
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
+    g.add_argument("--no-int8-outputs", action="store_true",
+                   help="do not re-quantize the outputs of 8-bit layers (they then run on float kernels)")
     g.add_argument("--keep-first-last", default="int8", metavar="int8|fp32|quant",
                    help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
     g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")
@@ -140,7 +144,7 @@ def _example_inputs(args, calib):
     import torch
     from .frontend import parse_input_shape
 
-    if args.input_shape:
+    if args.input_shape is not None:
         shape = parse_input_shape(args.input_shape)
         gen = torch.Generator().manual_seed(0)
         return torch.randn(shape, generator=gen)
@@ -165,8 +169,9 @@ def cmd_compile(argv) -> int:
     from .export import check_output_path
     from .options import CompileOptions
 
-    CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, emit=args.emit,
-                   keep_first_last=args.keep_first_last)  # fail on bad options before loading anything
+    opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
+                          ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
+                          calib_method=args.calib_method)  # fail on bad options before loading anything
     check_output_path(output)
     calib = load_array_file(args.calib) if args.calib else None
     example = _example_inputs(args, calib)
@@ -176,14 +181,14 @@ def cmd_compile(argv) -> int:
         import torch
         gen = torch.Generator().manual_seed(1)
         validation_inputs = torch.randn((16,) + tuple(example.shape[1:]), generator=gen)
-    print(f"qcompile: {args.model} -> {output} ({args.scheme if args.scheme == 'fp32' else f'{args.scheme} W{args.wbits or bits}A{args.abits or bits}'})")
+    print(f"qcompile: {args.model} -> {output} ({opts.describe()})")
     thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
     result = qcompile_compile(
         model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
         validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing,
-        thresholds=thresholds, wbits=args.wbits, abits=args.abits, per_channel=not args.per_tensor,
+        thresholds=thresholds, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, per_channel=not args.per_tensor,
         calib_method=args.calib_method, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
-        bias_correction=not args.no_bias_correction, keep_first_last=args.keep_first_last,
+        bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,
         float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
         emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
     )

@@ -83,11 +83,16 @@ def _unit(fq: FakeQuantize) -> np.ndarray:
     return quant.unit_from_alpha(fq.alpha, fq.levelset).detach().numpy().astype(np.float32)
 
 
-def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str) -> None:
+def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, transpose: bool = False) -> None:
+    """Packed weight codes + DequantizeLinear producing ``output``; ``transpose`` stores W^T (2-D, for MatMul)."""
     ls = fq.levelset
     codes = fq.quantize(torch.from_numpy(w)).numpy().astype(np.int64)
     unit = _unit(fq)
-    axis = {"axis": fq.axis} if fq.axis is not None else {}
+    axis_value = fq.axis
+    if transpose:
+        codes = np.ascontiguousarray(codes.T)
+        axis_value = None if fq.axis is None else 1 - fq.axis
+    axis = {"axis": axis_value} if axis_value is not None else {}
     grid = np.asarray(ls.grid, dtype=np.int64)
     if ls.is_uniform:
         lo, hi = int(grid.min()), int(grid.max())
@@ -178,7 +183,14 @@ def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onn
     new_inits: list[onnx.TensorProto] = []
     used_weights: set[str] = set()
     activations: list[dict] = []
+    consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    absorbed: set[int] = set()  # Transpose nodes folded into the stored weights
+    for node in graph.node:
+        if id(node) in absorbed:
+            continue
         if not (node.domain == MARKER_DOMAIN and node.op_type == MARKER_OP):
             new_nodes.append(node)
             continue
@@ -187,7 +199,14 @@ def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onn
         src, out = node.input[0], node.output[0]
         b = _Builder(f"q{qid}")
         if src in inits:
-            emit_weight(b, fq, numpy_helper.to_array(inits[src]).astype(np.float32), out)
+            w = numpy_helper.to_array(inits[src]).astype(np.float32)
+            users = consumers.get(out, [])
+            transpose = (w.ndim == 2 and len(users) == 1 and users[0].op_type == "Transpose"
+                         and list(next((a.ints for a in users[0].attribute if a.name == "perm"), [1, 0])) == [1, 0])
+            if transpose:  # Linear exported as MatMul(x, Transpose(W)): store W^T, per-channel axis 1
+                absorbed.add(id(users[0]))
+                out = users[0].output[0]
+            emit_weight(b, fq, w, out, transpose=transpose)
             used_weights.add(src)
         else:
             emit_activation(b, fq, src, out)

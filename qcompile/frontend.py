@@ -10,12 +10,14 @@ Loading paths (``load_model``):
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 import pickle
 import sys
 import traceback
-import zipfile
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -90,13 +92,22 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
     if os.path.isdir(source):
         raise UserError(f"{source!r} is a directory; give the .pt file inside it")
 
+    not_checkpoint = f"{source!r} is not a PyTorch checkpoint ({{}}); save one with torch.save"
     try:
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise before a one-line error
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(source, map_location="cpu", weights_only=True)
         safe_error = None
     except pickle.UnpicklingError as exc:
+        # weights_only refuses a class it does not allow ("Unsupported global") for a full pickle; any other
+        # unpickling failure (random bytes, a non-torch pickle) means the file is not a checkpoint at all.
+        if "Unsupported global" not in str(exc):
+            raise UserError(not_checkpoint.format("unreadable pickle data")) from None
         obj, safe_error = None, exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as exc:
-        raise UserError(f"{source!r} is not a PyTorch checkpoint ({_first_line(exc)}); save one with torch.save") from None
+    except (RuntimeError, OSError) as exc:  # e.g. a damaged zip archive: torch's message says what is wrong
+        raise UserError(not_checkpoint.format(_first_line(exc))) from None
+    except Exception:  # text files raise KeyError from the pickle memo, empty ones EOFError, ...
+        raise UserError(not_checkpoint.format("unreadable data")) from None
 
     if safe_error is not None:
         # weights_only refused a global: the file is a full pickle (torch.save(model)) or some other pickle.
@@ -222,13 +233,30 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if example_inputs is not None:
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
+        prop = _ShapeProp(gm)
         try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*example_inputs)
+            # ShapeProp prints the whole traceback to stderr before re-raising: keep it to the one-line error.
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                prop.propagate(*example_inputs)
         except Exception as exc:
-            raise UserError(f"the model does not run on inputs of shape "
-                            f"{[tuple(t.shape) for t in example_inputs]} ({_first_line(exc)}); fix --input-shape") from None
+            node = prop.current
+            where = ""
+            if node is not None:
+                where = f"at {node.target if node.op == 'call_module' else node.name}: "
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise UserError(f"the model does not run on inputs of shape {[tuple(t.shape) for t in example_inputs]} "
+                            f"({where}{_first_line(cause)}); fix --input-shape") from None
     return gm
+
+
+class _ShapeProp(ShapeProp):
+    """ShapeProp that remembers the node it is running, to name it when the model fails on the inputs."""
+
+    current: torch.fx.Node | None = None
+
+    def run_node(self, n):
+        self.current = n
+        return super().run_node(n)
 
 
 def _user_frame(exc: BaseException) -> str:

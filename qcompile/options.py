@@ -17,11 +17,14 @@ class CompileOptions:
     bits: int = 4
     wbits: Optional[int] = None
     abits: Optional[int] = None
+    wscheme: Optional[str] = None  # weight scheme, default: scheme
+    ascheme: Optional[str] = None  # activation scheme, default: scheme
     per_channel: bool = True
     calib_method: str = "mse"
     fold_bn: bool = True
     equalize: bool = True
     bias_correction: bool = True
+    int8_outputs: bool = True  # re-quantize outputs of 8-bit layers so onnxruntime runs int8 kernels
     keep_first_last: str = "int8"
     float_downsample: bool = False
     exclude: tuple = ()
@@ -33,6 +36,10 @@ class CompileOptions:
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise UserError(f"unknown --scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        for name in ("wscheme", "ascheme"):
+            value = getattr(self, name)
+            if value is not None and (value not in SCHEMES or value == "fp32"):
+                raise UserError(f"unknown --{name} {value!r}; choose one of {', '.join(s for s in SCHEMES if s != 'fp32')}")
         for name in ("bits", "wbits", "abits"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 2 <= value <= 8):
@@ -55,10 +62,20 @@ class CompileOptions:
         return self.abits if self.abits is not None else self.bits
 
     @property
+    def weight_scheme(self) -> str:
+        return self.wscheme or self.scheme
+
+    @property
+    def act_scheme(self) -> str:
+        return self.ascheme or self.scheme
+
+    @property
     def quantized(self) -> bool:
         return self.scheme != "fp32"
 
     def describe(self) -> str:
         if not self.quantized:
             return "fp32"
-        return f"{self.scheme} W{self.weight_bits}A{self.act_bits}"
+        if self.weight_scheme == self.act_scheme:
+            return f"{self.scheme} W{self.weight_bits}A{self.act_bits}"
+        return f"W{self.weight_bits} {self.weight_scheme} / A{self.act_bits} {self.act_scheme}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qcompile import quant
 
@@ -63,6 +64,9 @@ class FakeQuantize(nn.Module):
         self.observer = None
         self.qid = -1
         self.qname = ""
+        # Set by BindIntegerLayers when this quantizer re-quantizes the int32 accumulator of an int8 layer:
+        # (acc_scale float64 per channel = float32(S_x·S_w), multiplier float32 = S_x·S_w/S_y, channel axis)
+        self.requant = None
 
     @property
     def asymmetric(self) -> bool:
@@ -103,12 +107,29 @@ class FakeQuantize(nn.Module):
     # -- numerics ----------------------------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes of ``x`` (grid integers, zero point included for asymmetric levels)."""
+        if self.requant is not None:
+            return self._requantize(x)
         return quant.quantize(x, self.alpha, self.levelset, axis=self.axis, zero_point=self.zero_point)
 
+    def _requantize(self, y: torch.Tensor) -> torch.Tensor:
+        """Codes of an int8 layer's output exactly as an integer kernel computes them (onnxruntime's
+        QLinearConv/QLinearMatMul): acc = y / (S_x·S_w) (an integer: y is the float64 layer output on integer
+        codes), code = clamp(round_half_even(float32(acc) · float32(S_x·S_w/S_y)) + Z_y)."""
+        acc_scale, multiplier, axis = self.requant
+        shape = [1] * y.dim()
+        shape[axis % y.dim()] = -1
+        acc = torch.round(y.double() / acc_scale.reshape(shape))
+        q = torch.round(acc.float() * multiplier.reshape(shape)) + self.zero_point.float()
+        return q.clamp_(self.levelset.code_min, self.levelset.code_max).to(torch.int32)
+
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
+        if self.requant is not None:
+            return quant.dequantize(self._requantize(x), self.alpha, self.levelset, zero_point=self.zero_point)
         return quant.fake_quantize(x, self.alpha, self.levelset, axis=self.axis, zero_point=self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64 and (self.observer is not None or not self.enabled):
+            x = x.float()  # the float64 output of an int8 layer (see int8_conv2d) leaves as float32
         if self.observer is not None:
             self.observer.update(x.detach())
             return x
@@ -122,6 +143,30 @@ class FakeQuantize(nn.Module):
             _EXPORTING[self.qid] = self
             return _ExportMarker.apply(x, self.qid)
         return self.simulate(x)
+
+
+def _int8_layer(fn, x, w, *args):
+    # Simulation: float64, so the integer accumulator sum((q_x - Z_x)·q_w)·S_x·S_w (+ bias on the same grid)
+    # is recovered exactly by the re-quantizing FakeQuantize that follows. Export: the plain float32 op.
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return fn(x, w, *args)
+    args = tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
+    return fn(x.double(), w.double(), *args)
+
+
+def int8_conv1d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv1d`` of an int8 layer (see ``BindIntegerLayers``)."""
+    return _int8_layer(F.conv1d, x, w, b, stride, padding, dilation, groups)
+
+
+def int8_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` of an int8 layer (see ``BindIntegerLayers``)."""
+    return _int8_layer(F.conv2d, x, w, b, stride, padding, dilation, groups)
+
+
+def int8_linear(x, w, b=None):
+    """``F.linear`` of an int8 layer (see ``BindIntegerLayers``)."""
+    return _int8_layer(F.linear, x, w, b)
 
 
 class disabled_quantizers:

@@ -9,13 +9,14 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
 
 from .options import CompileOptions
 
 
 def default_layer_config(opts: CompileOptions) -> LayerConfig:
-    return LayerConfig(action="quant", wscheme=opts.scheme, wbits=opts.weight_bits, ascheme=opts.scheme,
+    return LayerConfig(action="quant", wscheme=opts.weight_scheme, wbits=opts.weight_bits, ascheme=opts.act_scheme,
                        abits=opts.act_bits, per_channel=opts.per_channel, reason="default")
 
 
@@ -32,9 +33,14 @@ def quantization_passes(opts: CompileOptions, calib=None) -> list[Pass]:
         SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
                      float_downsample=opts.float_downsample, overrides=overrides),
         InsertQuantizers(observer=opts.calib_method),
+    ]
+    if opts.int8_outputs:
+        passes.append(QuantizeOutputs())
+    passes += [
         Calibrate(calib, method=opts.calib_method),
     ]
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
+    passes.append(BindIntegerLayers())
     passes.append(EliminateDeadCode())
     return passes

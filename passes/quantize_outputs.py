@@ -1,0 +1,181 @@
+"""QuantizeOutputs: re-quantize the outputs of int8-ready layers so onnxruntime can run them on int8 kernels.
+
+onnxruntime fuses ``DequantizeLinear → Conv/MatMul → [Relu] → QuantizeLinear`` into ``QLinearConv`` /
+``QLinearMatMul`` only when the layer's output is quantized. A layer whose inputs are 8-bit uniform codes and
+whose weights fit int8 (uniform, or APoT/PoT on an int8 grid) gets an 8-bit output quantizer unless its output
+(or the output of its single ReLU) already flows only into 8-bit activation quantizers. This is the integer
+layer of the lecture, q_Y = S_W S_X / S_Y · (q_W q_X + q_bias) + Z_Y, simulated exactly by the same fake-quantizer.
+
+Linear layers are split so the bias is added after the re-quantization (``MatMul → Q → DQ → Add``), the form
+onnxruntime fuses (it does not fuse a quantized ``Gemm`` with bias on the CPU).
+
+Before: ``y = F.conv2d(xq, wq, b, ...); z = relu(y); u = y + v``
+After:  ``y = F.conv2d(xq, wq, b, ...); yq = out_fq(y); z = relu(yq); u = yq + v``
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult
+from .insert_quant import is_nonnegative
+
+_LAYER_FNS = (F.conv1d, F.conv2d, F.linear)
+
+
+def _fq(gm, node) -> FakeQuantize | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize):
+            return mod
+    return None
+
+
+def _is_int8_act(fq: FakeQuantize | None) -> bool:
+    return fq is not None and fq.role == "activation" and fq.bits == 8 and fq.scheme in ("uniform", "uniform_asym")
+
+
+def _is_relu(gm, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.ReLU)
+    return (node.op == "call_function" and node.target in (F.relu, torch.relu)) or \
+        (node.op == "call_method" and node.target == "relu")
+
+
+class QuantizeOutputs(Pass):
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits = bits
+
+    def _candidates(self, gm):
+        out = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
+                continue
+            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            if not _is_int8_act(xfq) or wfq is None:
+                continue
+            grid = wfq.levelset.grid
+            if min(grid) < -128 or max(grid) > 127:
+                continue
+            out.append(node)
+        return out
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        graph = gm.graph
+        changed = False
+        count = sum(1 for name, _ in gm.named_children() if name.startswith("out_fq"))
+        for node in self._candidates(gm):
+            node.meta["output_quantized"] = True
+            users = list(node.users)
+            tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+            if tail.users and all(_is_int8_act(_fq(gm, u)) for u in tail.users):
+                continue  # already Conv → [Relu] → Q
+            if node.target is F.linear and len(node.args) > 2 and node.args[2] is not None:
+                # y = x W^T + b  ->  y = Q(x W^T) + b
+                bias = node.args[2]
+                node.args = (node.args[0], node.args[1], None)
+                with graph.inserting_after(node):
+                    add = graph.call_function(torch.add, (node, bias))
+                node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
+                add.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
+                anchor, tail = node, add
+                if len(users) == 1 and _is_relu(gm, users[0]):
+                    tail = add  # the bias add sits between the matmul and its relu; quantize the matmul output
+            else:
+                anchor = tail if tail is not node else node
+            nonneg = is_nonnegative(gm, anchor)
+            fq = FakeQuantize("uniform" if nonneg else "uniform_asym", self.bits, signed=False, role="activation",
+                              observer="minmax")
+            name = f"out_fq{count}"
+            count += 1
+            gm.add_submodule(name, fq)
+            with graph.inserting_after(anchor):
+                qnode = graph.call_module(name, (anchor,))
+            anchor.replace_all_uses_with(qnode, delete_user_cb=lambda u: u is not qnode)
+            qnode.meta["tensor_meta"] = anchor.meta.get("tensor_meta")
+            self.report.append(f"{node.meta.get('layer', node.name)}: 8-bit output")
+            changed = True
+        return PassResult(gm, changed)
+
+
+def _int8_fns():
+    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_linear
+
+    return {F.conv1d: int8_conv1d, F.conv2d: int8_conv2d, F.linear: int8_linear}
+
+
+class BindIntegerLayers(Pass):
+    """Make the simulation of each int8 layer compute what an integer kernel computes, bit for bit.
+
+    An int8 layer: 8-bit uniform input codes, weights on an int8 grid, and an output that flows (directly or
+    through one ReLU) only into 8-bit uniform quantizers. For it:
+
+    - the bias is rounded to the accumulator grid S_x·S_w (the lecture's q_bias = round(b / (S_x S_w)));
+    - the layer runs in float64 (``int8_conv2d``/``int8_linear``), so its output divided by S_x·S_w is the exact
+      int32 accumulator;
+    - the quantizers that read it re-quantize like onnxruntime's QLinearConv/QLinearMatMul:
+      code = clamp(round_half_even(float32(acc) · float32(float32(S_x·S_w) / S_y)) + Z_y).
+
+    Runs last, after calibration and bias correction (it reads final α and biases). Export is unchanged.
+    """
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        fns = _int8_fns()
+        changed = False
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in fns:
+                continue
+            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            if not _is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
+                continue
+            grid = wfq.levelset.grid
+            if min(grid) < -128 or max(grid) > 127:
+                continue
+            users = list(node.users)
+            tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+            outs = [_fq(gm, u) for u in tail.users]
+            if not outs or not all(_is_int8_act(o) and o.calibrated for o in outs):
+                continue
+            acc_scale = self._acc_scale(xfq, wfq)  # float32 values, per output channel
+            for out in outs:
+                # S_y = alpha_y / denom_y in float32, then (S_x·S_w) / S_y in float32, as onnxruntime does
+                s_y = quant_unit(out)
+                multiplier = (acc_scale / s_y).float()
+                axis = -1 if node.target is F.linear else 1
+                out.requant = (acc_scale.double(), multiplier, axis)
+            self._round_bias(gm, node, acc_scale)
+            node.target = fns[node.target]
+            self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
+            changed = True
+        return PassResult(gm, changed)
+
+    @staticmethod
+    def _acc_scale(xfq, wfq) -> torch.Tensor:
+        s_x = quant_unit(xfq)
+        s_w = quant_unit(wfq)
+        return (s_x * s_w).float().reshape(-1)  # float32 product, as X_scale * W_scale[i]
+
+    @staticmethod
+    def _round_bias(gm, node, acc_scale: torch.Tensor) -> None:
+        if len(node.args) < 3 or node.args[2] is None:
+            return
+        bnode = node.args[2]
+        if bnode.op != "get_attr":
+            return
+        owner_name, _, attr = str(bnode.target).rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        b = getattr(owner, attr)
+        with torch.no_grad():
+            q = torch.round(b.float() / acc_scale)
+            b.copy_(q * acc_scale)
+
+
+def quant_unit(fq) -> torch.Tensor:
+    from qcompile import quant
+
+    return quant.unit_from_alpha(fq.alpha, fq.levelset).float()
