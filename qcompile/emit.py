@@ -174,6 +174,13 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
 
 
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onnx.ModelProto:
+    """Standard ONNX operators only."""
+    return replace_markers(model, table, emit_weight, emit_activation)
+
+
+def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weight_fn, activation_fn) -> onnx.ModelProto:
+    """Replace each marker with the nodes ``weight_fn(builder, fq, w, out, transpose)`` or
+    ``activation_fn(builder, fq, x, out)`` produce; drop the float weights they replace."""
     from .export import set_opset
 
     set_opset(model, 21)
@@ -206,10 +213,10 @@ def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onn
             if transpose:  # Linear exported as MatMul(x, Transpose(W)): store W^T, per-channel axis 1
                 absorbed.add(id(users[0]))
                 out = users[0].output[0]
-            emit_weight(b, fq, w, out, transpose=transpose)
+            weight_fn(b, fq, w, out, transpose=transpose)
             used_weights.add(src)
         else:
-            emit_activation(b, fq, src, out)
+            activation_fn(b, fq, src, out)
             activations.append({"qid": qid, "module": fq.qname, "tensor": out})
         new_nodes.extend(b.nodes)
         new_inits.extend(b.inits)

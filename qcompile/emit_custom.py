@@ -1,0 +1,114 @@
+"""``--emit custom``: compact quantizer nodes in the ``qcompile`` domain (version 1), each op shipped as a
+model-local ONNX function, so stock onnxruntime runs the file (it inlines the function bodies) and a runtime
+that knows the domain can execute the nodes with kernels of its own. The ops are documented in
+``runtime/OPS.md``.
+
+- ``qcompile.DequantizeLevels(index, lut, scale) -> y``  (weights)
+  ``y = DequantizeLinear(Gather(lut, Cast(index, int32)), scale, axis)``: level indices (packed UINT4/UINT8), the
+  grid integers of the level set, the fine-grid unit per channel.
+- ``qcompile.QuantizeLevels(x, thresholds, grid, scale) -> y``  (non-uniform activations)
+  ``idx = ReduceSum(Cast(Greater(Unsqueeze(x, -1), thresholds), int64), -1)``; ``y = DequantizeLinear(Gather(grid,
+  idx), scale)``. ``thresholds`` are the simulation's float32 decision thresholds with the "tie goes up" ones
+  nudged one ulp down, so every decision is a strict ``Greater``.
+- ``qcompile.QuantizeUniform(x, scale, zero_point, lo, hi) -> y``  (uniform activations)
+  ``y = DequantizeLinear(QuantizeLinear(Clip(x, lo, hi), scale, zero_point), scale, zero_point)``.
+
+Each node carries the attributes ``scheme`` (string), ``bits``, ``signed`` (int) and, for weights, ``axis``; they
+describe the quantizer and are the information a native kernel needs beyond the inputs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from qcompile import quant
+from qcompile.qmodules import FakeQuantize
+
+from .emit import _Builder, _int_type, _unit, replace_markers
+
+DOMAIN = "qcompile"
+VERSION = 1
+_OPSET = [helper.make_opsetid("", 21)]
+
+
+def _attrs(fq: FakeQuantize) -> dict:
+    return {"scheme": fq.scheme, "bits": int(fq.bits), "signed": int(fq.signed)}
+
+
+def function_protos() -> list[onnx.FunctionProto]:
+    axis_ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
+    dq = helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])
+    dq.attribute.append(axis_ref)
+    dequantize_levels = helper.make_function(
+        DOMAIN, "DequantizeLevels", ["index", "lut", "scale"], ["y"],
+        [helper.make_node("Cast", ["index"], ["index32"], to=TensorProto.INT32),
+         helper.make_node("Gather", ["lut", "index32"], ["q"], axis=0),
+         dq],
+        _OPSET, attributes=["scheme", "bits", "signed", "axis"])
+    quantize_levels = helper.make_function(
+        DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale"], ["y"],
+        [helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m1", TensorProto.INT64, [1], [-1])),
+         helper.make_node("Unsqueeze", ["x", "minus_one"], ["xu"]),
+         helper.make_node("Greater", ["xu", "thresholds"], ["above"]),
+         helper.make_node("Cast", ["above"], ["above64"], to=TensorProto.INT64),
+         helper.make_node("ReduceSum", ["above64", "minus_one"], ["idx"], keepdims=0),
+         helper.make_node("Gather", ["grid", "idx"], ["q"], axis=0),
+         helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])],
+        _OPSET, attributes=["scheme", "bits", "signed"])
+    quantize_uniform = helper.make_function(
+        DOMAIN, "QuantizeUniform", ["x", "scale", "zero_point", "lo", "hi"], ["y"],
+        [helper.make_node("Clip", ["x", "lo", "hi"], ["xc"]),
+         helper.make_node("QuantizeLinear", ["xc", "scale", "zero_point"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])],
+        _OPSET, attributes=["scheme", "bits", "signed"])
+    return [dequantize_levels, quantize_levels, quantize_uniform]
+
+
+def _custom_node(b: _Builder, op: str, inputs: list[str], output: str, **attrs) -> None:
+    b.nodes.append(helper.make_node(op, inputs, [output], name=b.name(op), domain=DOMAIN, **attrs))
+
+
+def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, transpose: bool = False) -> None:
+    ls = fq.levelset
+    codes = fq.quantize(torch.from_numpy(w)).numpy().astype(np.int64)
+    axis = fq.axis
+    if transpose:
+        codes = np.ascontiguousarray(codes.T)
+        axis = None if axis is None else 1 - axis
+    grid = np.asarray(ls.grid, dtype=np.int64)
+    index = np.searchsorted(grid, codes)
+    itype = TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
+    _, lut_t = _int_type(int(grid.min()), int(grid.max()))
+    inputs = [b.packed(index, itype, "w_index"), b.const(grid.astype(lut_t), "w_lut"), b.const(_unit(fq), "w_scale")]
+    _custom_node(b, "DequantizeLevels", inputs, output, axis=int(axis if axis is not None else 0), **_attrs(fq))
+
+
+def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
+    ls = fq.levelset
+    unit = _unit(fq).reshape(())
+    if ls.is_uniform:
+        zp = int(fq.zero_point)
+        unsigned = ls.code_min >= 0
+        np_t = np.uint8 if unsigned else np.int8
+        lo = np.float32(np.float32(ls.code_min - zp) * unit)
+        hi = np.float32(np.float32(ls.code_max - zp) * unit)
+        inputs = [x, b.const(unit, "a_scale"), b.const(np.array(zp, np_t), "a_zp"),
+                  b.const(np.array(lo, np.float32), "lo"), b.const(np.array(hi, np.float32), "hi")]
+        _custom_node(b, "QuantizeUniform", inputs, output, **_attrs(fq))
+        return
+    thr, tie_up = quant.decision_thresholds(ls, torch.as_tensor(unit))
+    thr = thr.numpy().astype(np.float32).ravel()
+    strict = np.where(tie_up.numpy(), np.nextafter(thr, np.float32(-np.inf)), thr).astype(np.float32)
+    grid = np.asarray(ls.grid, dtype=np.int64)
+    _, g_np = _int_type(int(grid.min()), int(grid.max()))
+    inputs = [x, b.const(strict, "thresholds"), b.const(grid.astype(g_np), "grid"), b.const(unit, "a_scale")]
+    _custom_node(b, "QuantizeLevels", inputs, output, **_attrs(fq))
+
+
+def emit_custom(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onnx.ModelProto:
+    model = replace_markers(model, table, custom_weight, custom_activation)
+    model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    model.functions.extend(function_protos())
+    return model
