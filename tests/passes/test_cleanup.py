@@ -1,0 +1,208 @@
+"""RemoveIdentity and EliminateDeadCode: numeric equivalence, what they remove, what they must keep, and a second
+run that reports ``modified=False``."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.frontend import trace
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.cleanup import EliminateDeadCode, RemoveIdentity
+from tests.models import MLP, ResidualCNN, example_input
+
+ATOL = 0.0  # removing identities and dead code changes no arithmetic: outputs must be bit-identical
+
+IDENTITY_TYPES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
+class WithIdentities(nn.Module):
+    """Identity, Dropout, Dropout2d, AlphaDropout modules and functional dropout with training=False."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.skip = nn.Identity()
+        self.drop = nn.Dropout(0.5)
+        self.drop2d = nn.Dropout2d(0.3)
+        self.alpha = nn.AlphaDropout(0.2)
+        self.fc = nn.Linear(4 * 6 * 6, 5)
+        self.last = nn.Identity()
+
+    def forward(self, x):
+        y = self.drop2d(torch.relu(self.conv(self.skip(x))))
+        y = F.dropout(y, 0.5, False)
+        y = F.dropout(y, p=0.1, training=self.training)
+        y = self.alpha(self.drop(torch.flatten(y, 1)))
+        return self.last(self.fc(y))
+
+
+class WithDeadCode(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.unused_branch = nn.Linear(6, 3)
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x, unused_input):
+        dead = torch.sigmoid(self.unused_branch(x)) * 2.0  # noqa: F841 - traced, then nobody reads it
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def seeded(factory):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return factory().eval()
+
+
+def module_nodes(gm, types) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), types)]
+
+
+def dropout_calls(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.dropout]
+
+
+# --- RemoveIdentity -----------------------------------------------------------------------------------------
+
+
+def test_remove_identity_removes_identity_and_eval_dropout():
+    model = seeded(WithIdentities)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    assert len(module_nodes(gm, IDENTITY_TYPES)) == 5 and len(dropout_calls(gm)) == 2
+    p = RemoveIdentity()
+    result = p(gm)
+    assert result.modified is True
+    assert module_nodes(result.gm, IDENTITY_TYPES) == [] and dropout_calls(result.gm) == []
+    assert p.report == ["removed 7 identity/dropout node(s)"]
+    for name in ("skip", "drop", "drop2d", "alpha", "last"):
+        assert not hasattr(result.gm, name), name  # their submodules are gone too
+    verify(result.gm)
+    result.gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), model(x), rtol=0, atol=ATOL)
+
+
+def test_remove_identity_second_run_reports_no_change():
+    gm = trace(seeded(WithIdentities), torch.zeros(1, 3, 6, 6))
+    RemoveIdentity()(gm)
+    again = RemoveIdentity()(gm)
+    assert again.modified is False
+
+
+def test_training_mode_dropout_is_kept():
+    model = seeded(WithIdentities).train()
+    gm = torch.fx.symbolic_trace(model)  # trace() would switch to eval; this graph is traced in training mode
+    result = RemoveIdentity()(gm)
+    assert result.modified is True  # F.dropout(x, 0.5, False) is still the identity
+    kept = {n.target for n in module_nodes(result.gm, IDENTITY_TYPES)}
+    assert {"alpha", "drop", "drop2d"} <= kept
+    assert len(dropout_calls(result.gm)) == 1  # F.dropout(training=self.training) traced as training=True
+
+
+def test_functional_dropout_with_default_training_is_kept():
+    class DefaultDropout(nn.Module):
+        def forward(self, x):
+            return F.dropout(x, 0.5) + 1.0  # training defaults to True: it is not the identity
+
+    gm = torch.fx.symbolic_trace(DefaultDropout())
+    code_before = gm.code
+    result = RemoveIdentity()(gm)
+    assert result.modified is False and result.gm.code == code_before
+
+
+def test_remove_identity_leaves_a_model_without_identities_unchanged():
+    model = ResidualCNN(seed=2)
+    gm = trace(model, example_input(model))
+    code_before = gm.code
+    result = RemoveIdentity()(gm)
+    assert result.modified is False and result.gm.code == code_before
+
+
+def test_identity_feeding_the_output_directly():
+    gm = trace(nn.Sequential(nn.Linear(3, 3), nn.Identity()).eval(), torch.zeros(1, 3))
+    result = RemoveIdentity()(gm)
+    output = next(n for n in result.gm.graph.nodes if n.op == "output")
+    assert output.args[0].target == "0"
+
+
+# --- EliminateDeadCode --------------------------------------------------------------------------------------
+
+
+def test_eliminate_dead_code_removes_unused_nodes_and_their_submodules():
+    model = seeded(WithDeadCode)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    gm = torch.fx.symbolic_trace(model)
+    assert "unused_branch" in {n.target for n in gm.graph.nodes}
+    p = EliminateDeadCode()
+    result = p(gm)
+    assert result.modified is True
+    targets = {n.target for n in result.gm.graph.nodes}
+    assert "unused_branch" not in targets and torch.sigmoid not in targets
+    assert not hasattr(result.gm, "unused_branch")
+    assert p.report == ["removed 3 dead node(s)", "dropped 1 unused submodule(s)"]
+    result.gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x, None), model(x, None), rtol=0, atol=ATOL)
+
+
+def test_eliminate_dead_code_keeps_unused_inputs():
+    gm = torch.fx.symbolic_trace(seeded(WithDeadCode))
+    EliminateDeadCode()(gm)
+    placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    assert placeholders == ["x", "unused_input"]  # the signature is not the pass's to change
+
+
+def test_eliminate_dead_code_drops_a_submodule_no_node_calls():
+    gm = trace(MLP(), example_input(MLP))
+    gm.add_submodule("spare", nn.Linear(2, 2))
+    p = EliminateDeadCode()
+    result = p(gm)
+    assert result.modified is True and not hasattr(result.gm, "spare")
+    assert p.report == ["dropped 1 unused submodule(s)"]
+
+
+def test_eliminate_dead_code_keeps_side_effects():
+    class InPlace(nn.Module):
+        def forward(self, x):
+            y = x.clone()
+            torch.ops.aten.add_.Tensor(y, 1.0)  # result unused, but the in-place op has an effect on y
+            return y * 2.0
+
+    gm = torch.fx.symbolic_trace(InPlace())
+    x = torch.arange(4.0)
+    expected = gm(x)
+    result = EliminateDeadCode()(gm)
+    assert result.modified is False
+    result.gm.recompile()
+    torch.testing.assert_close(result.gm(x), expected, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("factory", [ResidualCNN, MLP])
+def test_eliminate_dead_code_leaves_live_graphs_unchanged(factory):
+    model = factory(seed=1)
+    gm = trace(model, example_input(model))
+    code_before = gm.code
+    result = EliminateDeadCode()(gm)
+    assert result.modified is False and result.gm.code == code_before
+
+
+# --- both, as the fp32 pipeline runs them ---------------------------------------------------------------------
+
+
+def test_cleanup_pipeline_reaches_a_fixed_point():
+    model = seeded(WithIdentities)
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    gm = trace(model, x)
+    pipe = Pipeline([RemoveIdentity(), EliminateDeadCode()], steps=3, check=True)
+    result = pipe(gm)
+    assert result.modified is True
+    assert [(t.name, t.modified) for t in pipe.timings] == [
+        ("RemoveIdentity", True), ("EliminateDeadCode", False),
+        ("RemoveIdentity", False), ("EliminateDeadCode", False),
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), model(x), rtol=0, atol=ATOL)

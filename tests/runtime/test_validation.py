@@ -1,0 +1,178 @@
+"""Validation math on hand-made arrays (SQNR, max abs error, top-1 agreement), thresholds, and ``validate`` on a
+small exported model."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from qcompile.export import export_onnx
+from qcompile.frontend import trace
+from qcompile.runtime.session import session
+from qcompile.runtime.validation import ValidationReport, batches, compare_outputs, run_onnx, sqnr_db, validate
+
+TOL = 1e-9  # the hand-made cases below have exact answers; only float64 round-off separates them
+
+
+def a(*rows) -> np.ndarray:
+    return np.array(rows, dtype=np.float32)
+
+
+# --- SQNR -------------------------------------------------------------------------------------------------
+
+
+def test_sqnr_of_a_known_noise():
+    ref = a(3.0, 4.0)  # signal power 25
+    test = a(3.5, 4.0)  # noise power 0.25 -> 10*log10(100) = 20 dB
+    assert sqnr_db(ref, test) == pytest.approx(20.0, abs=TOL)
+
+
+def test_sqnr_scales_by_20_db_per_decade_of_noise_amplitude():
+    ref = np.linspace(-1, 1, 101).astype(np.float32)
+    noise = np.cos(np.arange(101)).astype(np.float64)
+    s1 = sqnr_db(ref, ref + 1e-2 * noise)
+    s2 = sqnr_db(ref, ref + 1e-3 * noise)
+    assert s2 - s1 == pytest.approx(20.0, abs=1e-3)  # float32 test arrays: round-off at the 1e-4 dB level
+
+
+def test_sqnr_identical_is_inf_and_zero_signal_is_minus_inf():
+    assert sqnr_db(a(1.0, -2.0), a(1.0, -2.0)) == math.inf
+    assert sqnr_db(a(0.0, 0.0), a(0.0, 0.1)) == -math.inf
+
+
+def test_sqnr_is_computed_in_float64():
+    ref = np.full(1000, 1e4, dtype=np.float32)
+    test = ref + np.float32(1.0)  # per-element error 1: 10*log10(1e8 / 1) = 80 dB
+    assert sqnr_db(ref, test) == pytest.approx(80.0, abs=1e-6)
+
+
+# --- compare_outputs --------------------------------------------------------------------------------------
+
+
+def test_max_abs_is_over_all_outputs():
+    ref = [a([0.0, 1.0], [2.0, 3.0]), a(5.0, 6.0)]
+    test = [a([0.0, 1.5], [2.0, 3.0]), a(5.0, 3.5)]
+    report = compare_outputs(ref, test)
+    assert report.max_abs == pytest.approx(2.5, abs=TOL)
+    # SQNR over every output together: signal 0+1+4+9+25+36 = 75, noise 0.25 + 6.25 = 6.5
+    assert report.sqnr_db == pytest.approx(10 * math.log10(75 / 6.5), abs=1e-6)
+    assert report.passed and report.failures == []
+
+
+def test_top1_agreement_on_hand_made_logits():
+    ref = a([0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1])
+    test = a([0.8, 0.1, 0.1], [0.2, 0.6, 0.2], [0.1, 0.2, 0.7], [0.3, 0.6, 0.1])  # last sample flips
+    report = compare_outputs([ref], [test])
+    assert report.top1 == pytest.approx(0.75, abs=TOL)
+    assert report.samples == 4
+
+
+@pytest.mark.parametrize("shape", [(6,), (4, 1), (2, 3, 4)], ids=["1d", "one-column", "3d"])
+def test_top1_only_for_classification_outputs(shape):
+    ref = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    assert compare_outputs([ref], [ref]).top1 is None
+
+
+def test_identical_outputs():
+    ref = a([1.0, 2.0], [3.0, -4.0])
+    report = compare_outputs([ref], [ref.copy()])
+    assert report.max_abs == 0.0 and report.sqnr_db == math.inf and report.top1 == 1.0
+    assert report.passed
+
+
+REF = a([0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7])
+NOISY = a([0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7])  # one flipped sample, max abs err 0.2
+
+
+@pytest.mark.parametrize("thresholds, failure", [
+    ({"min_sqnr": 30.0}, "SQNR"),
+    ({"max_abs": 0.1}, "max abs err 0.2 > 0.1"),
+    ({"min_top1": 0.9}, "top-1 agreement 75.00% < 90.00%"),
+])
+def test_a_missed_threshold_fails(thresholds, failure):
+    report = compare_outputs([REF], [NOISY], **thresholds)
+    assert not report.passed
+    assert len(report.failures) == 1 and failure in report.failures[0]
+    assert "FAIL" in report.summary() and failure in report.summary()
+
+
+def test_thresholds_met_pass_and_every_miss_is_listed():
+    signal, noise = float(np.sum(REF.astype(np.float64) ** 2)), 2 * 0.2 ** 2
+    exact = 10 * math.log10(signal / noise)
+    ok = compare_outputs([REF], [NOISY], min_sqnr=exact - 0.01, max_abs=0.2 + 1e-6, min_top1=0.75)
+    assert ok.passed and "PASS" in ok.summary()
+    bad = compare_outputs([REF], [NOISY], min_sqnr=exact + 0.01, max_abs=0.1, min_top1=1.0)
+    assert len(bad.failures) == 3
+
+
+def test_report_summary_and_dict():
+    report = compare_outputs([REF], [REF.copy()], min_sqnr=80.0)
+    assert report.summary() == ("validation on 4 inputs: max abs err 0, SQNR inf, top-1 agreement 100.00% "
+                                "-> PASS")
+    d = report.to_dict()
+    assert d["sqnr_db"] == "inf" and d["passed"] is True and d["thresholds"]["min_sqnr"] == 80.0
+    assert isinstance(report, ValidationReport)
+
+
+def test_mismatched_outputs_are_an_error():
+    with pytest.raises(ValueError, match="outputs"):
+        compare_outputs([REF], [REF, REF])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        compare_outputs([REF], [REF[:2]])
+
+
+def test_batches_split_every_input():
+    x, y = torch.arange(7.0), torch.arange(7.0) * 10
+    parts = list(batches((x, y), 3))
+    assert [tuple(p[0].tolist()) for p in parts] == [(0, 1, 2), (3, 4, 5), (6,)]
+    assert parts[2][1].tolist() == [60.0]
+
+
+# --- validate on an exported model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(1))
+    return model, export_onnx(trace(model, x), (x,)).SerializeToString()
+
+
+def inputs(n: int = 13) -> torch.Tensor:
+    return torch.randn(n, 8, generator=torch.Generator().manual_seed(2))
+
+
+def test_validate_against_the_same_model_passes(exported, tmp_path):
+    model, blob = exported
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    report = validate(str(path), model, inputs(), batch_size=4, min_sqnr=80.0, max_abs=1e-4, min_top1=1.0)
+    assert report.passed, report.summary()
+    assert report.samples == 13 and report.top1 == 1.0
+
+
+def test_validate_against_another_model_fails(exported):
+    _, blob = exported
+    with torch.random.fork_rng():
+        torch.manual_seed(99)
+        other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    report = validate(blob, other, inputs(), min_sqnr=80.0, min_top1=0.99)
+    assert not report.passed
+    assert report.sqnr_db < 20.0
+    assert any("SQNR" in f for f in report.failures)
+
+
+def test_run_onnx_accepts_a_path_bytes_or_a_session(exported, tmp_path):
+    _, blob = exported
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    x = inputs(5)
+    outs = [run_onnx(src, x, batch_size=2)[0] for src in (str(path), blob, session(blob, threads=1))]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(out, outs[0])
+    assert outs[0].shape == (5, 5)

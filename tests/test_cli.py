@@ -1,0 +1,357 @@
+"""The ``qcompile`` command line: the three ways to name a model, ``--leaf-module``, ``validate``, ``demo``,
+``--help``, and every bad input (one line on stderr starting ``qcompile: error:``, exit code 2, no traceback,
+no output file).
+
+Most cases run in-process through ``qcompile.cli.main``; two run the installed console script."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qcompile.cli import main
+
+MODULE = "qc_cli_models"
+SPEC = f"{MODULE}:tiny_cnn"
+SHAPE = "1,3,8,8"
+MIN_SQNR_FP32 = 80.0  # relative error <= 1e-4
+FP32_OUT = ("--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+
+MODULE_SOURCE = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+
+    class TinyCNN(nn.Module):
+        def __init__(self, classes=4):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.bn = nn.BatchNorm2d(6)
+            self.pool = nn.AdaptiveAvgPool2d(2)
+            self.fc = nn.Linear(24, classes)
+
+        def forward(self, x):
+            x = self.pool(torch.relu(self.bn(self.conv(x))))
+            return self.fc(torch.flatten(x, 1))
+
+
+    class Gate(nn.Module):
+        def forward(self, x):
+            if x.abs().sum() > 0:  # data-dependent: torch.fx cannot trace it
+                return x * 2.0
+            return x
+
+
+    class GatedNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 6)
+            self.gate = Gate()
+            self.fc2 = nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc2(self.gate(self.fc1(x)))
+
+
+    def tiny_cnn():
+        return TinyCNN()
+
+
+    def gated_net():
+        return GatedNet()
+''')
+
+
+@pytest.fixture
+def work(tmp_path, monkeypatch):
+    """tmp_path as the current directory, with a model module and the model files the tests name."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the CLI puts the current directory on sys.path
+    (tmp_path / f"{MODULE}.py").write_text(MODULE_SOURCE)
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    sys.modules.pop(MODULE, None)
+    models = importlib.import_module(MODULE)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        trained = models.TinyCNN().eval()
+        torch.save(trained.state_dict(), "weights.pt")
+        torch.save(trained, "full.pt")
+        torch.save(models.GatedNet().state_dict(), "wrong_keys.pt")
+        torch.save(models.TinyCNN(classes=7).state_dict(), "wrong_shapes.pt")
+    (tmp_path / "notes.txt").write_text("these are not weights\n")
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
+    np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
+    yield tmp_path
+    sys.modules.pop(MODULE, None)
+
+
+def cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_user_error(rc, err, needle):
+    assert rc == 2, err
+    assert err.startswith("qcompile: error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err  # one line
+    assert "Traceback" not in err
+    assert needle in err, err
+
+
+def onnx_files(folder) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith((".onnx", ".tmp")))
+
+
+# --- the three ways to name a model -------------------------------------------------------------------------
+
+
+def test_state_dict_with_arch(work, capsys):
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--input-shape", SHAPE, "--scheme", "fp32",
+                       "-o", "out.onnx")
+    assert rc == 0, err
+    assert "wrote" in out and "PASS" in out
+    sqnr = float(re.search(r"SQNR ([0-9.]+) dB", out).group(1))
+    assert sqnr >= MIN_SQNR_FP32
+    onnx.checker.check_model(str(work / "out.onnx"), full_check=True)
+    assert onnx_files(work) == ["out.onnx"]
+
+
+def test_factory_spec_and_default_output_name(work, capsys):
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32")
+    assert rc == 0, err
+    assert onnx_files(work) == ["tiny_cnn_fp32.onnx"]
+
+
+def test_full_pickle_with_trust_pickle(work, capsys):
+    rc, out, err = cli(capsys, "full.pt", "--trust-pickle", *FP32_OUT)
+    assert rc == 0, err
+    assert (work / "out.onnx").is_file()
+
+
+def test_calib_file_gives_the_example_input_and_json_summary(work, capsys):
+    rc, out, err = cli(capsys, SPEC, "--calib", "calib.npy", "--scheme", "fp32", "-o", "out.onnx",
+                       "--json", "summary.json", "--check")
+    assert rc == 0, err
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 6
+    assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "EliminateDeadCode"]
+
+
+def test_leaf_module_way_out(work, capsys):
+    args = [f"{MODULE}:gated_net", "--input-shape", "2,6", "--scheme", "fp32", "-o", "out.onnx"]
+    rc, out, err = cli(capsys, *args)
+    assert_user_error(rc, err, "in module 'gate'")
+    assert "--leaf-module gate" in err and f"{MODULE}.py:" in err
+    assert onnx_files(work) == []
+    rc, out, err = cli(capsys, *args, "--leaf-module", "gate")
+    assert rc == 0, err
+    assert "PASS" in out and (work / "out.onnx").is_file()
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "missing-file": (["missing.pt", "--arch", SPEC], "does not exist"),
+    "text-file": (["notes.txt", "--arch", SPEC], "not a PyTorch checkpoint"),
+    "random-bytes": (["random.bin", "--arch", SPEC], "not a PyTorch checkpoint"),
+    "wrong-keys": (["wrong_keys.pt", "--arch", SPEC], "does not fit --arch"),
+    "wrong-shapes": (["wrong_shapes.pt", "--arch", SPEC], "shape mismatch in fc.weight"),
+    "state-dict-without-arch": (["weights.pt"], "--arch package.module:factory"),
+    "pickle-without-trust": (["full.pt"], "--trust-pickle"),
+    "unknown-module": (["qc_no_such_module:f"], "cannot import module"),
+    "shape-letters": ([SPEC, "--input-shape", "1,a,3"], "invalid --input-shape '1,a,3'"),
+    "shape-zero": ([SPEC, "--input-shape", "0,3"], "invalid --input-shape '0,3'"),
+    "shape-empty": ([SPEC, "--input-shape", ""], "invalid --input-shape ''"),
+    "shape-does-not-fit": ([SPEC, "--input-shape", "1,5,8,8"], "fix --input-shape"),
+    "no-example-input": ([SPEC, "--input-shape", None], "no example input"),
+    "missing-calib": ([SPEC, "--input-shape", None, "--calib", "nope.npy"], "--calib file 'nope.npy' does not exist"),
+    "unknown-scheme": ([SPEC, "--scheme", "fp16"], "unknown --scheme 'fp16'"),
+    "bits-1": ([SPEC, "--bits", "1"], "--bits 1 is outside 2..8"),
+    "bits-9": ([SPEC, "--bits", "9"], "--bits 9 is outside 2..8"),
+    "wbits-9": ([SPEC, "--wbits", "9"], "--wbits 9 is outside 2..8"),
+    "bits-not-int": ([SPEC, "--bits", "four"], "invalid int value"),
+    "output-missing-folder": ([SPEC, "-o", "no_such_dir/out.onnx"], "does not exist"),
+    "unknown-leaf": ([SPEC, "--leaf-module", "nope"], "names no submodule"),
+    "unknown-option": ([SPEC, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+}
+
+
+def _with_defaults(args: list) -> list:
+    """Add --input-shape, --scheme fp32 and -o out.onnx unless the case sets (or, with None, drops) them."""
+    args = list(args)
+    if "--input-shape" in args:
+        i = args.index("--input-shape")
+        if args[i + 1] is None:
+            del args[i:i + 2]
+    else:
+        args += ["--input-shape", SHAPE]
+    if "--scheme" not in args:
+        args += ["--scheme", "fp32"]
+    if "-o" not in args:
+        args += ["-o", "out.onnx"]
+    return args
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_no_file(work, capsys, case):
+    args, needle = BAD_INPUTS[case]
+    rc, out, err = cli(capsys, *_with_defaults(args))
+    assert_user_error(rc, err, needle)
+    assert onnx_files(work) == []
+    assert not (work / "no_such_dir").exists()
+
+
+def test_read_only_output_folder(work, capsys, monkeypatch):
+    folder = work / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):  # root ignores the mode bits: make the check see a read-only folder
+            real_access = os.access
+
+            def access(path, mode, *args, **kwargs):
+                if os.path.abspath(path) == str(folder) and mode & os.W_OK:
+                    return False
+                return real_access(path, mode, *args, **kwargs)
+
+            monkeypatch.setattr(os, "access", access)
+        rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", folder / "out.onnx")
+        assert_user_error(rc, err, "is not writable")
+        assert os.listdir(folder) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_output_path_that_is_a_directory(work, capsys):
+    (work / "adir").mkdir()
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "adir")
+    assert_user_error(rc, err, "is a directory")
+
+
+def test_interrupted_write_leaves_no_file(work, capsys, monkeypatch):
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+    assert rc == 130
+    assert err == "qcompile: interrupted; no output written\n"
+    assert onnx_files(work) == [] and not any(f.startswith(".qcompile-") for f in os.listdir(work))
+
+
+def test_internal_error_is_one_line_without_traceback(work, capsys, monkeypatch):
+    import qcompile.export
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nsecond line")
+
+    monkeypatch.delenv("QCOMPILE_DEBUG", raising=False)
+    monkeypatch.setattr(qcompile.export, "export_onnx", broken_export)
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+    assert rc == 3
+    assert err.startswith("qcompile: internal error: RuntimeError: exporter exploded (set QCOMPILE_DEBUG=1")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert onnx_files(work) == []
+
+
+# --- validate -----------------------------------------------------------------------------------------------
+
+
+def test_validate_reports_and_passes(work, capsys):
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC,
+                       "--min-sqnr", MIN_SQNR_FP32, "--max-abs", "1e-4", "--min-top1", "1.0")
+    assert rc == 0, err
+    for needle in ("validation on 16 inputs", "max abs err", "SQNR", "top-1 agreement 100.00%", "PASS"):
+        assert needle in out
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "full.pt", "--trust-pickle", "--data", "calib.npy")
+    assert rc == 0, err
+    assert "validation on 6 inputs" in out
+
+
+def test_validate_exits_1_when_a_threshold_is_missed(work, capsys):
+    # Compiled from trained weights, validated against the factory's fresh weights: the outputs differ.
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--min-sqnr", "40")
+    assert rc == 1
+    assert err.startswith("qcompile: validation failed: ") and "SQNR" in err and "< 40.0 dB" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC)  # no threshold: report only
+    assert rc == 0 and "PASS" in out
+
+
+@pytest.mark.parametrize("what, needle", [("missing", "does not exist"), ("text", "is not an ONNX file")])
+def test_validate_bad_file(work, capsys, what, needle):
+    path = "missing.onnx" if what == "missing" else "notes.txt"
+    rc, out, err = cli(capsys, "validate", path, "--against", SPEC)
+    assert_user_error(rc, err, needle)
+
+
+def test_validate_needs_against(work, capsys):
+    rc, out, err = cli(capsys, "validate", "out.onnx")
+    assert_user_error(rc, err, "--against")
+
+
+# --- help and demo ------------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_options(capsys):
+    rc, out, err = cli(capsys, "--help")
+    assert rc == 0 and err == ""
+    for option in ("MODEL", "--arch", "--trust-pickle", "--input-shape", "--leaf-module", "-o", "--scheme",
+                   "--bits", "--calib", "--check", "--min-sqnr", "--min-top1", "--json", "qcompile validate"):
+        assert option in out, option
+    rc, out, err = cli(capsys, "validate", "--help")
+    assert rc == 0
+    for option in ("--against", "--data", "--min-sqnr", "--max-abs", "--min-top1"):
+        assert option in out, option
+
+
+def test_no_arguments_prints_help_and_exits_2(capsys):
+    rc, out, err = cli(capsys)
+    assert rc == 2 and "usage: qcompile" in out
+
+
+def test_demo_fp32_prints_accuracy(tmp_path, capsys):
+    rc, out, err = cli(capsys, "demo", "--scheme", "fp32", "-o", tmp_path / "digits.onnx")
+    assert rc == 0, err
+    m = re.search(r"float \(PyTorch\): ([0-9.]+)%.*ONNX \(onnxruntime\): ([0-9.]+)%", out)
+    assert m, out
+    acc_float, acc_onnx = float(m.group(1)), float(m.group(2))
+    assert acc_float >= 90.0 and abs(acc_onnx - acc_float) <= 0.2 + 1e-9  # at most one of 500 images differs
+    assert "PASS" in out and (tmp_path / "digits.onnx").is_file()
+
+
+# --- the installed console script ----------------------------------------------------------------------------
+
+
+def run_console(work, *args):
+    env = {k: v for k, v in os.environ.items() if k != "QCOMPILE_DEBUG"}
+    return subprocess.run(["qcompile", *args], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_console_script_refuses_a_pickle_with_exit_2(work):
+    proc = run_console(work, "full.pt", "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("qcompile: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--trust-pickle" in proc.stderr and "Traceback" not in proc.stderr
+    assert onnx_files(work) == []
+
+
+def test_console_script_compiles_a_trusted_pickle_from_the_current_directory(work):
+    # The pickled class lives in qc_cli_models.py in the working directory, which is on no sys.path but the CLI's.
+    proc = run_console(work, "full.pt", "--trust-pickle", "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "PASS" in proc.stdout
+    onnx.checker.check_model(str(work / "out.onnx"), full_check=True)

@@ -1,0 +1,210 @@
+"""fp32 export: onnx.checker (full check), onnxruntime parity with PyTorch, dynamic batch, atomic writes, and the
+Python API ``qcompile.compile(..., scheme="fp32")``."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import qcompile
+from qcompile.errors import UserError
+from qcompile.export import check_model, check_output_path, export_onnx, save_atomic
+from qcompile.frontend import trace
+from qcompile.runtime.session import run, session
+from tests.models import MLP, DepthwiseSeparableNet, ResidualCNN, example_input
+
+RTOL = 1e-4  # the issue's bound for fp32: max |onnx - torch| / max |torch| on seeded inputs
+
+MODELS = [ResidualCNN, DepthwiseSeparableNet, MLP]
+
+
+def rel_err(got: np.ndarray, ref: torch.Tensor) -> float:
+    ref = ref.detach().numpy().astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def exported(factory):
+    model = factory(seed=1)
+    x = example_input(model, seed=2)
+    gm = trace(model, x)
+    return model, x, export_onnx(gm, (x,))
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture(scope="module")
+def exports():
+    """Export each model once (the slow part); the tests below only run the files."""
+    return {f.__name__: exported(f) for f in MODELS}
+
+
+@pytest.mark.parametrize("factory", MODELS, ids=lambda f: f.__name__)
+def test_fp32_export_passes_the_full_checker(exports, factory):
+    _, _, onnx_model = exports[factory.__name__]
+    check_model(onnx_model)
+    onnx.checker.check_model(onnx_model, full_check=True)
+    assert [i.name for i in onnx_model.graph.input] == ["input"]
+    assert [o.name for o in onnx_model.graph.output] == ["output"]
+
+
+@pytest.mark.parametrize("factory", MODELS, ids=lambda f: f.__name__)
+def test_fp32_onnxruntime_matches_pytorch(exports, factory):
+    model, x, onnx_model = exports[factory.__name__]
+    sess = session(onnx_model.SerializeToString())
+    (got,) = run(sess, [x.numpy()])
+    with torch.no_grad():
+        ref = model(x)
+    assert got.shape == tuple(ref.shape)
+    assert rel_err(got, ref) <= RTOL
+
+
+@pytest.mark.parametrize("factory", MODELS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dynamic_batch(exports, factory, batch):
+    model, _, onnx_model = exports[factory.__name__]
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert onnx_model.graph.output[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = example_input(model, seed=10 + batch, batch=batch)
+    (got,) = run(session(onnx_model.SerializeToString()), [x.numpy()])
+    with torch.no_grad():
+        ref = model(x)
+    assert got.shape[0] == batch
+    assert rel_err(got, ref) <= RTOL
+
+
+def test_static_batch_when_asked():
+    model = MLP(seed=0)
+    x = example_input(model)
+    onnx_model = export_onnx(trace(model, x), (x,), dynamic_batch=False)
+    assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == x.shape[0]
+
+
+def test_two_inputs_and_two_outputs_are_named():
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+        def forward(self, a, b):
+            y = self.fc(a) + b
+            return y, y * 2.0
+
+    model = TwoInTwoOut().eval()
+    a, b = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.ones(2, 3)
+    onnx_model = export_onnx(trace(model, (a, b)), (a, b))
+    assert [i.name for i in onnx_model.graph.input] == ["input_0", "input_1"]
+    assert [o.name for o in onnx_model.graph.output] == ["output_0", "output_1"]
+    got = run(session(onnx_model.SerializeToString()), [a.numpy(), b.numpy()])
+    with torch.no_grad():
+        ref = model(a, b)
+    for g, r in zip(got, ref):
+        assert rel_err(g, r) <= RTOL
+
+
+# --- atomic writes ------------------------------------------------------------------------------------------
+
+
+def small_onnx() -> onnx.ModelProto:
+    model = MLP(seed=0)
+    x = example_input(model)
+    return export_onnx(trace(model, x), (x,))
+
+
+def test_save_atomic_writes_a_loadable_file_and_no_temp(tmp_path):
+    proto = small_onnx()
+    path = save_atomic(proto, str(tmp_path / "m.onnx"))
+    assert path == str(tmp_path / "m.onnx")
+    assert leftovers(tmp_path) == ["m.onnx"]
+    assert onnx.load(path).SerializeToString() == proto.SerializeToString()
+
+
+class _FailingModel:
+    """Stands in for a ModelProto whose serialization fails part-way."""
+
+    def SerializeToString(self):
+        raise MemoryError("serialization failed")
+
+
+def test_failed_serialization_leaves_no_file(tmp_path):
+    with pytest.raises(MemoryError):
+        save_atomic(_FailingModel(), str(tmp_path / "m.onnx"))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
+def test_interrupted_rename_leaves_no_file_and_no_temp(tmp_path, monkeypatch, error):
+    def failing_replace(src, dst):
+        raise error
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(type(error)):
+        save_atomic(small_onnx(), str(tmp_path / "m.onnx"))
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"previous contents")
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic(small_onnx(), str(target))
+    assert target.read_bytes() == b"previous contents"
+    assert leftovers(tmp_path) == ["m.onnx"]
+
+
+def test_check_output_path(tmp_path):
+    assert check_output_path(str(tmp_path / "a.onnx")) == str(tmp_path / "a.onnx")
+    with pytest.raises(UserError, match="does not exist"):
+        check_output_path(str(tmp_path / "missing" / "a.onnx"))
+    with pytest.raises(UserError, match="is a directory"):
+        check_output_path(str(tmp_path))
+
+
+# --- the Python API -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [ResidualCNN, MLP], ids=lambda f: f.__name__)
+def test_compile_api_fp32(tmp_path, factory):
+    model = factory(seed=3)
+    x = example_input(model, seed=4)
+    out = tmp_path / "model.onnx"
+    seen = []
+    result = qcompile.compile(model, x, scheme="fp32", output=str(out), callback=seen.append)
+    assert isinstance(result.model, torch.fx.GraphModule)
+    assert result.onnx_path == str(out) and out.is_file()
+    assert result.report is not None and result.report.passed
+    assert result.report.sqnr_db >= 80.0  # relative error <= 1e-4
+    assert [t.name for t in result.timings] == ["RemoveIdentity", "EliminateDeadCode"] == [t.name for t in seen]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-6)
+    onnx.checker.check_model(str(out), full_check=True)
+    (got,) = run(session(str(out)), [x.numpy()])
+    with torch.no_grad():
+        assert rel_err(got, model(x)) <= RTOL
+
+
+def test_compile_api_in_memory_and_from_a_spec():
+    result = qcompile.compile("tests.models:MLP", torch.zeros(2, 16), scheme="fp32", output=None,
+                              validation_inputs=example_input(MLP, seed=5, batch=7))
+    assert result.onnx_path is None
+    assert result.report.samples == 7 and result.report.passed
+
+
+def test_compile_api_rejects_bad_options_before_writing(tmp_path):
+    out = tmp_path / "model.onnx"
+    with pytest.raises(UserError, match="unknown --scheme"):
+        qcompile.compile(MLP(), example_input(MLP), scheme="fp16", output=str(out))
+    with pytest.raises(UserError, match="outside 2..8"):
+        qcompile.compile(MLP(), example_input(MLP), scheme="fp32", bits=9, output=str(out))
+    with pytest.raises(UserError, match="give example_inputs"):
+        qcompile.compile(MLP(), None, scheme="fp32", output=str(out))
+    assert leftovers(tmp_path) == []

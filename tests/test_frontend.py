@@ -1,0 +1,393 @@
+"""Frontend: the three loading paths (state dict + arch, full pickle, factory spec), bad model files, input shapes,
+and tracing with torch.fx (shape propagation, data-dependent control flow and ``leaf_modules``)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.fx
+import torch.nn as nn
+
+from qcompile.errors import UserError
+from qcompile.frontend import load_model, parse_input_shape, resolve_factory, trace
+from tests.models import MLP, DepthwiseSeparableNet, ResidualCNN, example_input
+
+ATOL = 1e-6  # tracing and loading reorder no arithmetic: outputs agree to float32 round-off
+
+USER_MODULE = textwrap.dedent('''
+    import torch
+    import torch.nn as nn
+
+
+    class UserNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(6, 5)
+            self.fc2 = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+
+    def user_net():
+        return UserNet()
+
+
+    def not_a_module():
+        return 42
+
+
+    def broken_factory():
+        raise RuntimeError("needs a config")
+
+
+    CONSTANT = 3
+''')
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch):
+    """load_model puts the current directory on sys.path (as `python` does); undo it after each test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A model module written to tmp_path, which becomes the current directory."""
+    name = f"qc_user_models_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(tmp_path))  # so the test can build the model; restored by _restore_sys_path
+    importlib.invalidate_caches()
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _build_user_net(name: str, seed: int = 0) -> nn.Module:
+    module = importlib.import_module(name)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return module.UserNet().eval()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=0, atol=ATOL)
+
+
+def _assert_one_line(err: pytest.ExceptionInfo, *needles: str) -> None:
+    text = str(err.value)
+    assert "\n" not in text, text
+    for needle in needles:
+        assert needle in text, text
+
+
+# --- loading: state dict + --arch -------------------------------------------------------------------------
+
+
+def test_state_dict_with_arch_loads_the_saved_weights(tmp_path):
+    saved = ResidualCNN(seed=3)
+    path = tmp_path / "weights.pt"
+    torch.save(saved.state_dict(), path)
+    loaded = load_model(str(path), arch="tests.models:ResidualCNN")  # the factory builds seed-0 weights
+    assert isinstance(loaded, ResidualCNN) and not loaded.training
+    x = example_input(saved, seed=1)
+    with torch.no_grad():
+        _close(loaded(x), saved(x))
+
+
+@pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict", "model"])
+def test_state_dict_inside_a_checkpoint_wrapper(tmp_path, wrapper):
+    saved = MLP(seed=4)
+    path = tmp_path / "ckpt.pt"
+    torch.save({wrapper: saved.state_dict(), "epoch": 7}, path)
+    loaded = load_model(str(path), arch="tests.models:MLP")
+    x = example_input(saved, seed=2)
+    with torch.no_grad():
+        _close(loaded(x), saved(x))
+
+
+def test_state_dict_without_arch_names_the_flag(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(MLP().state_dict(), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path))
+    _assert_one_line(err, "state dict", "--arch")
+
+
+def test_state_dict_with_wrong_keys_is_refused(tmp_path):
+    path = tmp_path / "mlp.pt"
+    torch.save(MLP().state_dict(), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:ResidualCNN")
+    _assert_one_line(err, "does not fit --arch", "missing", "unexpected fc1.weight")
+
+
+def test_state_dict_with_wrong_shapes_is_refused(tmp_path):
+    path = tmp_path / "five_classes.pt"
+    torch.save(ResidualCNN(num_classes=5).state_dict(), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:ResidualCNN")
+    _assert_one_line(err, "does not fit --arch", "shape mismatch in fc.weight")
+
+
+def test_tensor_file_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP")
+    _assert_one_line(err, "not a state dict")
+
+
+# --- loading: full pickle ---------------------------------------------------------------------------------
+
+
+def test_full_pickle_is_refused_without_trust_pickle(tmp_path, user_module):
+    path = tmp_path / "model.pt"
+    torch.save(_build_user_net(user_module), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path))
+    _assert_one_line(err, "full pickle", "--trust-pickle")
+
+
+def test_full_pickle_loads_with_trust_pickle_from_the_current_directory(tmp_path, user_module):
+    reference = _build_user_net(user_module, seed=5)
+    path = tmp_path / "model.pt"
+    torch.save(reference, path)
+    # Forget the module and drop tmp_path from sys.path: unpickling must find it through the current directory.
+    sys.modules.pop(user_module, None)
+    sys.path[:] = [p for p in sys.path if p not in ("", ".", str(tmp_path))]
+    loaded = load_model(str(path), trust_pickle=True)
+    assert type(loaded).__name__ == "UserNet" and not loaded.training
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _close(loaded(x), reference(x))
+
+
+def test_full_pickle_with_arch_says_to_drop_it(tmp_path, user_module):
+    path = tmp_path / "model.pt"
+    torch.save(_build_user_net(user_module), path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch=f"{user_module}:user_net", trust_pickle=True)
+    _assert_one_line(err, "drop --arch")
+
+
+def test_full_pickle_whose_class_is_gone_names_the_fix(tmp_path, user_module):
+    path = tmp_path / "model.pt"
+    torch.save(_build_user_net(user_module), path)
+    os.remove(tmp_path / f"{user_module}.py")
+    sys.modules.pop(user_module, None)
+    importlib.invalidate_caches()
+    with pytest.raises(UserError) as err:
+        load_model(str(path), trust_pickle=True)
+    _assert_one_line(err, "cannot unpickle", "importable")
+
+
+# --- loading: factory spec --------------------------------------------------------------------------------
+
+
+def test_spec_builds_the_model_with_seeded_weights():
+    first = load_model("tests.models:MLP")
+    second = load_model("tests.models:MLP")
+    assert isinstance(first, MLP) and not first.training
+    x = example_input(first, seed=3)
+    with torch.no_grad():
+        _close(first(x), second(x))
+
+
+def test_spec_from_a_module_in_the_current_directory(user_module):
+    model = load_model(f"{user_module}:user_net")
+    assert type(model).__name__ == "UserNet"
+
+
+def test_spec_with_arch_is_refused():
+    with pytest.raises(UserError) as err:
+        load_model("tests.models:MLP", arch="tests.models:MLP")
+    _assert_one_line(err, "--arch is not needed")
+
+
+@pytest.mark.parametrize("suffix, needle", [
+    ("no_such_module_qc:f", "cannot import module"),
+    ("{mod}:missing", "has no attribute"),
+    ("{mod}:CONSTANT", "is not callable"),
+    ("{mod}:not_a_module", "not a torch.nn.Module"),
+    ("{mod}:broken_factory", "raised RuntimeError: needs a config"),
+])
+def test_bad_factory_specs(user_module, suffix, needle):
+    with pytest.raises(UserError) as err:
+        load_model(suffix.format(mod=user_module))
+    _assert_one_line(err, needle)
+
+
+def test_resolve_factory_needs_module_and_name():
+    with pytest.raises(UserError) as err:
+        resolve_factory("tests.models")
+    _assert_one_line(err, "package.module:factory")
+
+
+# --- loading: files that are not checkpoints ----------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "nope.pt"), arch="tests.models:MLP")
+    _assert_one_line(err, "does not exist")
+
+
+def test_directory_instead_of_file(tmp_path):
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path))
+    _assert_one_line(err, "is a directory")
+
+
+@pytest.mark.parametrize("content", [
+    b"just some words in a text file\nline two\n",
+    bytes(torch.randint(0, 256, (1024,), generator=torch.Generator().manual_seed(7), dtype=torch.uint8).tolist()),
+    b"",
+    b"PK\x03\x04 a truncated zip archive",
+], ids=["text", "random-bytes", "empty", "truncated-zip"])
+@pytest.mark.parametrize("trust_pickle", [False, True])
+def test_file_that_is_not_a_checkpoint(tmp_path, content, trust_pickle):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP", trust_pickle=trust_pickle)
+    _assert_one_line(err, "not a PyTorch checkpoint")
+
+
+# --- input shapes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, shape", [("1,3,224,224", (1, 3, 224, 224)), ("1x3x8x8", (1, 3, 8, 8)),
+                                         (" 2, 16 ", (2, 16))])
+def test_parse_input_shape(text, shape):
+    assert parse_input_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["1,a,3", "0,3", "", ",", "-1,3", "1.5,3"])
+def test_invalid_input_shape(text):
+    with pytest.raises(UserError) as err:
+        parse_input_shape(text)
+    _assert_one_line(err, "invalid --input-shape")
+
+
+# --- tracing ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [ResidualCNN, DepthwiseSeparableNet, MLP])
+def test_trace_matches_eager_and_records_shapes(factory):
+    model = factory(seed=1)
+    x = example_input(model, seed=2)
+    gm = trace(model, x)
+    assert isinstance(gm, torch.fx.GraphModule) and not gm.training
+    with torch.no_grad():
+        _close(gm(x), model(x))
+    nodes = list(gm.graph.nodes)
+    # Shape propagation ran: every value has tensor metadata with the eager shape.
+    for node in nodes:
+        assert "tensor_meta" in node.meta, node.name
+    assert tuple(nodes[0].meta["tensor_meta"].shape) == tuple(x.shape)
+    assert tuple(nodes[-1].meta["tensor_meta"].shape) == (x.shape[0], 10)
+    # Standard layers stay whole modules (no tracing into Conv/Linear/BN).
+    leaf_types = {type(gm.get_submodule(n.target)) for n in nodes if n.op == "call_module"}
+    assert leaf_types <= {nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d, nn.ReLU, nn.Linear, nn.AdaptiveAvgPool2d}
+
+
+def test_trace_residual_keeps_the_add():
+    gm = trace(ResidualCNN(), example_input(ResidualCNN))
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert len(adds) == 1
+    assert "layer1.downsample.0" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+def test_trace_depthwise_conv_shapes():
+    model = DepthwiseSeparableNet()
+    gm = trace(model, example_input(model))
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    assert gm.get_submodule("dw2").groups == 32
+    assert tuple(by_target["dw2"].meta["tensor_meta"].shape) == (4, 32, 8, 8)
+
+
+def test_trace_without_inputs_skips_shape_propagation():
+    gm = trace(MLP())
+    assert all("tensor_meta" not in n.meta for n in gm.graph.nodes)
+
+
+def test_trace_with_inputs_of_the_wrong_shape():
+    with pytest.raises(UserError) as err:
+        trace(ResidualCNN(), torch.zeros(2, 5, 16, 16))
+    _assert_one_line(err, "does not run on inputs of shape", "[(2, 5, 16, 16)]", "fix --input-shape")
+
+
+class SignGate(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace through this."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2.0
+        return -x
+
+
+class GatedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = SignGate()
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+
+class GatedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = GatedBlock()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.block(x))
+
+
+class TopLevelBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.mean() > 0:
+            return y
+        return y * 0.5
+
+
+def test_data_dependent_control_flow_names_the_module_and_the_way_out():
+    with pytest.raises(UserError) as err:
+        trace(GatedNet().eval(), torch.randn(2, 4))
+    _assert_one_line(err, "cannot trace", "'block.gate'", "test_frontend.py:", "--leaf-module block.gate")
+
+
+@pytest.mark.parametrize("leaf, opaque", [("block.gate", "block.gate"), ("SignGate", "block.gate"), ("block", "block")])
+def test_leaf_module_makes_it_traceable(leaf, opaque):
+    model = GatedNet().eval()
+    gm = trace(model, torch.randn(2, 4), leaf_modules=[leaf])
+    assert opaque in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    # The leaf runs as the real module, so both branches still work in the GraphModule.
+    for sign in (1.0, -1.0):
+        x = sign * torch.rand(3, 4, generator=torch.Generator().manual_seed(1)) + sign
+        with torch.no_grad():
+            _close(gm(x), model(x))
+
+
+def test_control_flow_in_the_top_forward_points_at_the_line():
+    with pytest.raises(UserError) as err:
+        trace(TopLevelBranch().eval(), torch.randn(2, 4))
+    _assert_one_line(err, "in the model's forward", "test_frontend.py:", "--leaf-module NAME")
+
+
+def test_unknown_leaf_module_is_refused():
+    with pytest.raises(UserError) as err:
+        trace(GatedNet(), torch.randn(2, 4), leaf_modules=["block.nope"])
+    _assert_one_line(err, "'block.nope'", "names no submodule")
