@@ -115,7 +115,7 @@ class BindIntegerLayers(Pass):
     An int8 layer: 8-bit uniform input codes, weights on an int8 grid, and an output that flows (directly or
     through one ReLU) only into 8-bit uniform quantizers. For it:
 
-    - the bias is rounded to the accumulator grid S_x·S_w (the lecture's q_bias = round(b / (S_x S_w)));
+    - (the bias is already on the accumulator grid S_x·S_w: ``QuantizeBias`` runs before);
     - the layer runs in float64 (``int8_conv2d``/``int8_linear``), so its output divided by S_x·S_w is the exact
       int32 accumulator;
     - the quantizers that read it re-quantize like onnxruntime's QLinearConv/QLinearMatMul:
@@ -148,7 +148,6 @@ class BindIntegerLayers(Pass):
                 multiplier = (acc_scale / s_y).float()
                 axis = -1 if node.target is F.linear else 1
                 out.requant = (acc_scale.double(), multiplier, axis)
-            self._round_bias(gm, node, acc_scale)
             node.target = fns[node.target]
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
@@ -156,23 +155,9 @@ class BindIntegerLayers(Pass):
 
     @staticmethod
     def _acc_scale(xfq, wfq) -> torch.Tensor:
-        s_x = quant_unit(xfq)
-        s_w = quant_unit(wfq)
-        return (s_x * s_w).float().reshape(-1)  # float32 product, as X_scale * W_scale[i]
+        from .quantize_bias import accumulator_scale
 
-    @staticmethod
-    def _round_bias(gm, node, acc_scale: torch.Tensor) -> None:
-        if len(node.args) < 3 or node.args[2] is None:
-            return
-        bnode = node.args[2]
-        if bnode.op != "get_attr":
-            return
-        owner_name, _, attr = str(bnode.target).rpartition(".")
-        owner = gm.get_submodule(owner_name) if owner_name else gm
-        b = getattr(owner, attr)
-        with torch.no_grad():
-            q = torch.round(b.float() / acc_scale)
-            b.copy_(q * acc_scale)
+        return accumulator_scale(xfq, wfq)
 
 
 def quant_unit(fq) -> torch.Tensor:

@@ -21,28 +21,38 @@ MARKER_DOMAIN = "qcompile"
 MARKER_OP = "FakeQuant"
 
 
-# Quantizers by id while an export runs: the marker's forward computes the simulated value without the
-# exporter tracing (and trying to export) the fake-quantization arithmetic itself.
+# Quantizers by id while an export runs: the marker op looks its quantizer up here, so the exporter sees one
+# opaque op instead of tracing (and trying to export) the fake-quantization arithmetic itself.
 _EXPORTING: dict[int, "FakeQuantize"] = {}
 
+# The marker is a torch.library op rather than an autograd.Function: the TorchScript exporter fails
+# ("unordered_map::at") when a Python autograd.Function consumes the output of max_pool2d.
+_LIB = torch.library.Library(MARKER_DOMAIN, "DEF")
+_LIB.define("fake_quant_marker(Tensor x, int qid) -> Tensor")
 
-class _ExportMarker(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, module_id: int):
-        fq = _EXPORTING[module_id]
-        # Fresh copies of the parameters: a module buffer used in here would be taken for a traced value.
-        alpha_list, zp_list = fq.frozen_params
-        alpha = torch.tensor(alpha_list, dtype=torch.float32)
-        zp = torch.tensor(zp_list, dtype=torch.int32)
-        # dequantize(quantize(x)) is fake_quantize bit for bit, without nesting another autograd.Function
-        codes = quant.quantize(x, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
-        return quant.dequantize(codes, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
 
-    @staticmethod
-    def symbolic(g, x, module_id):
-        out = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, qid_i=int(module_id))
-        out.setType(x.type())
-        return out
+def _marker_impl(x: torch.Tensor, qid: int) -> torch.Tensor:
+    fq = _EXPORTING[qid]
+    # Fresh tensors from plain numbers: a module buffer used in here would be taken for a traced value.
+    alpha_list, zp_list = fq.frozen_params
+    alpha = torch.tensor(alpha_list, dtype=torch.float32)
+    zp = torch.tensor(zp_list, dtype=torch.int32)
+    codes = quant.quantize(x, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
+    return quant.dequantize(codes, alpha, fq.levelset, axis=fq.axis, zero_point=zp)
+
+
+_LIB.impl("fake_quant_marker", _marker_impl, "CompositeExplicitAutograd")
+
+
+def _marker_symbolic(g, x, qid):
+    from torch.onnx import symbolic_helper
+
+    out = g.op(f"{MARKER_DOMAIN}::{MARKER_OP}", x, qid_i=symbolic_helper._get_const(qid, "i", "qid"))
+    out.setType(x.type())
+    return out
+
+
+torch.onnx.register_custom_op_symbolic(f"{MARKER_DOMAIN}::fake_quant_marker", _marker_symbolic, 1)
 
 
 class FakeQuantize(nn.Module):
@@ -141,7 +151,7 @@ class FakeQuantize(nn.Module):
             if self.qid < 0 or not hasattr(self, "frozen_params"):
                 raise RuntimeError("FakeQuantize needs prepare_export() before torch.onnx.export")
             _EXPORTING[self.qid] = self
-            return _ExportMarker.apply(x, self.qid)
+            return torch.ops.qcompile.fake_quant_marker(x, self.qid)
         return self.simulate(x)
 
 

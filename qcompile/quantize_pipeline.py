@@ -9,6 +9,7 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
 
@@ -41,6 +42,6 @@ def quantization_passes(opts: CompileOptions, calib=None) -> list[Pass]:
     ]
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
-    passes.append(BindIntegerLayers())
+    passes += [QuantizeBias(), BindIntegerLayers()]
     passes.append(EliminateDeadCode())
     return passes

@@ -1,0 +1,63 @@
+"""QuantizeBias: put the bias of every quantized layer on its accumulator grid, S_b = S_x·S_w.
+
+The lecture's integer layer keeps the bias as a 32-bit integer, q_bias = round(b / (S_x S_w)), and onnxruntime
+does the same to any float bias of a Conv/Gemm whose inputs come from DequantizeLinear (at load time, even when
+the layer then runs on float kernels). The simulation must therefore see the rounded bias too:
+
+    b  ->  round(b / (S_x · S_w)) · (S_x · S_w)        (float32 arithmetic, per output channel)
+
+Before: ``F.conv2d(xq, wq, b)`` with any float ``b``.  After: the same graph, ``b`` on the S_x·S_w grid.
+Runs after calibration and bias correction (it needs the final scales and biases). Idempotent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from qcompile import quant
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult
+
+_LAYERS = (F.conv1d, F.conv2d, F.linear)
+
+
+def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:
+    """float32(S_x) · float32(S_w) per output channel, computed in float32 as onnxruntime does."""
+    s_x = quant.unit_from_alpha(xfq.alpha, xfq.levelset).float()
+    s_w = quant.unit_from_alpha(wfq.alpha, wfq.levelset).float()
+    return (s_x * s_w).float().reshape(-1)
+
+
+def _fq(gm, node):
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize):
+            return mod
+    return None
+
+
+class QuantizeBias(Pass):
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYERS:
+                continue
+            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
+                continue
+            if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
+                continue
+            owner_name, _, attr = str(bnode.target).rpartition(".")
+            owner = gm.get_submodule(owner_name) if owner_name else gm
+            b = getattr(owner, attr)
+            scale = accumulator_scale(xfq, wfq)
+            with torch.no_grad():
+                rounded = torch.round(b.float() / scale) * scale
+                if not torch.equal(rounded, b.float()):
+                    b.copy_(rounded.to(b.dtype))
+                    changed = True
+                    self.report.append(f"{node.meta.get('layer', node.name)}: bias on the S_x*S_w grid")
+        return PassResult(gm, changed)
