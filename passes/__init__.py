@@ -6,10 +6,11 @@ from .cleanup import EliminateDeadCode, RemoveIdentity
 from .equalize import EqualizeWeights
 from .fold_bn import ChannelStats, FoldBatchNorm
 from .insert_quant import InsertQuantizers
+from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from .select import Override, SelectLayers, load_overrides, parse_exclude
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
            "EliminateDeadCode", "RemoveIdentity", "FoldBatchNorm", "ChannelStats", "EqualizeWeights",
            "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
-           "Calibrate", "BiasCorrection", "BindIntegerLayers"]
+           "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers"]

@@ -106,11 +106,11 @@ class BiasCorrection(Pass):
     def _input_means(self, gm, layers) -> dict:
         sums: dict = {}
         counts: dict = {}
-        inputs = {node.args[0]: node for node in layers}
         hooks = []
-        targets = {}
-        for xq, layer in inputs.items():
-            if xq.op == "call_module":
+        targets: dict[str, list] = {}  # quantizer -> the layers reading it (a shared input feeds several)
+        for layer in layers:
+            xq = layer.args[0]
+            if isinstance(xq, torch.fx.Node) and xq.op == "call_module":
                 targets.setdefault(xq.target, []).append(layer)
         for target, layer_list in targets.items():
             mod = gm.get_submodule(target)

@@ -80,6 +80,7 @@ def compile(
     validation_inputs=None,
     callback: Optional[Callable[[PassTiming], None]] = None,
     thresholds: Optional[dict] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
     **options,
 ) -> CompileResult:
     """Compile ``model`` to ONNX.
@@ -92,6 +93,7 @@ def compile(
         calib: calibration data: a tensor/array (N, ...) or an iterable of batches or (x, y) pairs.
         output: where to write the ONNX file (atomically); ``None`` keeps it in memory only.
         validate: run the ONNX file in onnxruntime and compare it with the simulation.
+        progress: called as ``progress(done, total)`` while calibration runs over the data.
         **options: the fields of :class:`CompileOptions` (``wbits``, ``abits``, ``emit``, ``check``, ...).
     """
     t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def compile(
 
     float_model = copy.deepcopy(model).eval()
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
-    pipeline = Pipeline(build_passes(opts, calib_x), check=opts.check, callback=callback)
+    pipeline = Pipeline(build_passes(opts, calib_x, progress), check=opts.check, callback=callback)
     gm = pipeline(gm).gm
     gm.eval()
 

@@ -153,6 +153,17 @@ def _example_inputs(args, calib):
     raise UserError("no example input: pass --input-shape N,C,H,W (or --calib FILE)")
 
 
+def _progress(done: int, total: int) -> None:
+    """A calibration progress bar on stderr (redrawn in place on a terminal, one final line otherwise)."""
+    width = 30
+    filled = int(width * done / max(total, 1))
+    line = f"  calibrating [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+    if sys.stderr.isatty():
+        print("\r" + line, end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    elif done >= total:
+        print(line, file=sys.stderr)
+
+
 def _print_timing(t) -> None:
     flag = "changed" if t.modified else "no change"
     extra = f"  [{'; '.join(t.report)}]" if t.report else ""
@@ -185,7 +196,7 @@ def cmd_compile(argv) -> int:
     thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
     result = qcompile_compile(
         model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
-        validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing,
+        validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing, progress=_progress,
         thresholds=thresholds, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, per_channel=not args.per_tensor,
         calib_method=args.calib_method, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
         bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,

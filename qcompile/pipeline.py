@@ -2,7 +2,8 @@
 
     fp32:       RemoveIdentity → EliminateDeadCode
     quantized:  RemoveIdentity → EliminateDeadCode → FoldBatchNorm → EqualizeWeights → SelectLayers
-                → InsertQuantizers → Calibrate → BiasCorrection → EliminateDeadCode
+                → InsertQuantizers → QuantizeOutputs → Calibrate → BiasCorrection → QuantizeBias
+                → BindIntegerLayers → EliminateDeadCode
 
 Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 """
@@ -14,10 +15,10 @@ from qcompile.passes.cleanup import EliminateDeadCode, RemoveIdentity
 from .options import CompileOptions
 
 
-def build_passes(opts: CompileOptions, calib=None) -> list[Pass]:
+def build_passes(opts: CompileOptions, calib=None, progress=None) -> list[Pass]:
     passes: list[Pass] = [RemoveIdentity(), EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here
 
-    return passes + quantization_passes(opts, calib)
+    return passes + quantization_passes(opts, calib, progress)

@@ -21,7 +21,7 @@ def default_layer_config(opts: CompileOptions) -> LayerConfig:
                        abits=opts.act_bits, per_channel=opts.per_channel, reason="default")
 
 
-def quantization_passes(opts: CompileOptions, calib=None) -> list[Pass]:
+def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list[Pass]:
     overrides = list(parse_exclude(opts.exclude))
     if opts.config:
         overrides += load_overrides(opts.config)
@@ -38,7 +38,7 @@ def quantization_passes(opts: CompileOptions, calib=None) -> list[Pass]:
     if opts.int8_outputs:
         passes.append(QuantizeOutputs())
     passes += [
-        Calibrate(calib, method=opts.calib_method),
+        Calibrate(calib, method=opts.calib_method, progress=progress),
     ]
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
