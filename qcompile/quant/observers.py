@@ -1,0 +1,609 @@
+"""Calibration observers: a stream of tensors -> clipping parameters for a level set and bit-width.
+
+Every observer has ``update(x)`` (call once per batch; memory stays bounded: running statistics or a
+fixed-size histogram) and ``compute_alpha(levelset)`` / ``compute_qparams(levelset)``. Per-channel
+observation is chosen when the observer is made (``axis=``); ``compute_*`` take an optional ``axis`` only to
+check it (``None`` means the observer's own axis).
+Each observer first finds a real clipping range ``[lo, hi]`` per tensor or channel; :func:`clip_params_from_range`
+turns it into ``alpha`` (symmetric: ``max(|lo|, |hi|)``; unsigned: ``hi``) or, for ``uniform_asym``, into the
+range width ``alpha`` and the lecture's zero point ``Z``.
+
+=============  ============================================================================================
+name           clipping range
+=============  ============================================================================================
+``minmax``     observed min / max.
+``ema``        exponential moving average of per-batch min / max (lecture):
+               ``r_hat(t) = c r(t) + (1 - c) r_hat(t-1)``, ``c = momentum`` (0.01); the first batch sets it.
+``percentile`` the ``p``-th percentile (99.99) of ``|x|`` (signed sets), of ``x`` (unsigned), or the
+               ``100 - p`` / ``p`` percentiles (``uniform_asym``), from the histogram.
+``mse``        ``argmin_alpha E[(x - Q_alpha(x))^2]`` for *any* level set (APoT and PoT included): a 100-point
+               grid over ``(0, alpha_max]`` refined three times around the best point. The error of each
+               candidate is integrated exactly over the histogram, assuming values spread uniformly inside
+               each bin. ``uniform_asym`` searches a common shrink factor of ``[min(lo, 0), max(hi, 0)]``.
+``kl``         TensorRT entropy calibration (Migacz 2017, lecture): for each candidate clip bin ``i`` the
+               reference ``P`` = histogram of ``|x|`` (``x > 0`` for unsigned sets) cut at ``i`` with the outliers
+               added to the last bin, ``Q`` = the bins merged per level of the level set (any level set, not
+               only 128 uniform levels) and spread back over the non-empty bins; pick the ``i`` of least
+               ``KL(P || Q)`` (empty bins smoothed with ``1e-4`` counts). Not defined for ``uniform_asym``.
+``laplace``    Banner et al. 2019 (lecture): fit ``b = E|x - median|`` and clip at ``t(M) b``, where ``t`` solves
+               the approximate Laplace error ``2 b^2 e^(-alpha/b) + alpha^2 / (3 * 4^M)``:
+               ``t e^t = 3 * 4^M`` -> 2.83, 3.90, 5.03 for M = 2, 3, 4 bits (the lecture's 2.83b, 3.89b,
+               5.03b). Unsigned sets use the one-sided variant: ``b = E[x | x > 0]`` and ``t e^t = 12 * 4^M``
+               (clip error ``b^2 e^(-alpha/b)``, step ``alpha / 2^M``). ``M`` is ``levelset.bits``.
+               The formula is Banner's for uniform levels; for APoT/PoT it is a heuristic, use ``mse``.
+``sdq``        SDQ eq. 1-2: clip at ``k * sigma`` (``k`` is SDQ's alpha, default 3). ``sigma`` is the standard
+               deviation of the data, or -- for non-negative data or unsigned sets -- of the mirrored positive
+               part (``sqrt(E[x^2 | x > 0])``), as SDQ prescribes for post-ReLU activations. Pooled over the
+               stream (SDQ's EMA of sigma with momentum 0.001, eq. 3, is a training-time device).
+=============  ============================================================================================
+
+Data-free: :func:`bn_range` gives ``beta +- k |gamma|`` (``k = 6``, the lecture's "mean +- 6 std from
+BatchNorm"), :func:`bn_qparams` the quantizer parameters from it.
+
+Histograms (``percentile``, ``mse``, ``kl``, ``laplace``) have ``bins`` bins on each side of 0 over
+``[-R, R]`` with ``R`` a power of two; when data exceeds ``R`` it doubles and bins merge in pairs, which is exact,
+so a stream gives the same histogram as one batch of all the data. Memory: ``channels x 2 bins`` float64.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .levels import LevelSet
+from .ops import MIN_ALPHA, ClipParams, clip_params_from_range
+
+class Observer:
+    """Base class: tracks count, min and max per tensor or per channel; subclasses add their statistics."""
+
+    name = "observer"
+
+    def __init__(self, axis: Optional[int] = None):
+        self.axis = axis
+        self.channels: Optional[int] = None
+        self.ndim: Optional[int] = None
+        self.count = None  # float64 per channel
+        self.min_val = None
+        self.max_val = None
+
+    # -- streaming ---------------------------------------------------------------------------------------
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32 rows ``(channels, n)``: one row per channel, or a single row per tensor."""
+        x = torch.as_tensor(x).detach()
+        if not torch.is_floating_point(x):
+            x = x.to(torch.float32)
+        x = x.to(torch.float32)
+        self.ndim = max(x.dim(), 1)
+        if self.axis is None:
+            rows = x.reshape(1, -1)
+        else:
+            if x.dim() == 0:
+                raise ValueError("per-channel observer got a 0-d tensor")
+            axis = self.axis % x.dim()
+            rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
+        if self.channels is None:
+            self.channels = rows.shape[0]
+        elif rows.shape[0] != self.channels:
+            raise ValueError(f"{self.name} observer saw {self.channels} channels before, now {rows.shape[0]}")
+        if rows.shape[1] == 0:
+            raise ValueError(f"{self.name} observer got an empty tensor")
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError(f"{self.name} observer got NaN or inf values")
+        return rows
+
+    def update(self, x: torch.Tensor) -> "Observer":
+        """Observe one tensor (one batch); returns ``self``."""
+        rows = self._rows(x)
+        bmin = rows.amin(dim=1).to(torch.float64)
+        bmax = rows.amax(dim=1).to(torch.float64)
+        n = torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64)
+        if self.count is None:
+            self.count, self.min_val, self.max_val = n, bmin, bmax
+        else:
+            self.count = self.count + n
+            self.min_val = torch.minimum(self.min_val, bmin)
+            self.max_val = torch.maximum(self.max_val, bmax)
+        self._observe(rows, bmin, bmax)
+        return self
+
+    def _observe(self, rows: torch.Tensor, bmin: torch.Tensor, bmax: torch.Tensor) -> None:
+        pass
+
+    # -- results -----------------------------------------------------------------------------------------
+    def _range(self, levelset: LevelSet):
+        """Per-channel ``(lo, hi)`` float64 clipping range for ``levelset``."""
+        raise NotImplementedError
+
+    def _check(self, axis: Optional[int]) -> None:
+        if self.count is None:
+            raise ValueError(f"{self.name} observer has seen no data; call update() first")
+        if axis is not None and (self.axis is None or axis % self.ndim != self.axis % self.ndim):
+            raise ValueError(f"{self.name} observer was made with axis={self.axis}, asked for axis={axis}; "
+                             f"choose per-channel observation when making it: make_observer(name, axis={axis})")
+
+    def compute_qparams(self, levelset: LevelSet, axis: Optional[int] = None) -> ClipParams:
+        """``ClipParams(alpha, zero_point, scale)``: scalars per tensor, 1-D per channel. ``axis`` (optional)
+        must be the axis the observer was made with; ``None`` means that axis."""
+        self._check(axis)
+        lo, hi = self._range(levelset)
+        params = clip_params_from_range(lo, hi, levelset)
+        if self.axis is None:
+            return ClipParams(*(t.reshape(()) for t in params))
+        return params
+
+    def compute_alpha(self, levelset: LevelSet, axis: Optional[int] = None) -> torch.Tensor:
+        """The clipping value ``alpha`` (float32; for ``uniform_asym`` the range width, see ``compute_qparams``)."""
+        return self.compute_qparams(levelset, axis).alpha
+
+
+class MinMaxObserver(Observer):
+    """Observed minimum and maximum."""
+
+    name = "minmax"
+
+    def _range(self, levelset):
+        return self.min_val, self.max_val
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of per-batch min/max (lecture, "Type 1: during training")."""
+
+    name = "ema"
+
+    def __init__(self, axis: Optional[int] = None, momentum: float = 0.01):
+        super().__init__(axis)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum = momentum
+        self.ema_min = None
+        self.ema_max = None
+
+    def _observe(self, rows, bmin, bmax):
+        if self.ema_min is None:
+            self.ema_min, self.ema_max = bmin, bmax
+        else:
+            c = self.momentum
+            self.ema_min = c * bmin + (1.0 - c) * self.ema_min
+            self.ema_max = c * bmax + (1.0 - c) * self.ema_max
+
+    def _range(self, levelset):
+        return self.ema_min, self.ema_max
+
+
+# -- histogram ----------------------------------------------------------------------------------------------
+def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= v (float64), at least 2**-40."""
+    v = torch.clamp(v, min=2.0 ** -40)
+    mant, exp = torch.frexp(v)  # v = mant * 2**exp, mant in [0.5, 1)
+    return torch.where(mant == 0.5, v, torch.ldexp(torch.ones_like(v), exp))
+
+
+class HistogramObserver(Observer):
+    """Streaming histogram over ``[-R, R]``, ``bins`` bins per side, ``R`` a power of two per channel."""
+
+    name = "histogram"
+
+    def __init__(self, axis: Optional[int] = None, bins: int = 2048):
+        super().__init__(axis)
+        if bins < 8 or bins & (bins - 1):
+            raise ValueError(f"bins must be a power of two >= 8, got {bins}")
+        self.bins = bins
+        self.hist = None  # (C, 2 * bins) float64
+        self.radius = None  # (C,) float64
+        self.n_pos = None  # count of x > 0 (bins cannot tell 0 from small positives)
+        self.sum_pos = None
+
+    def _observe(self, rows, bmin, bmax):
+        nb = self.bins
+        need = _pow2_ceil(torch.maximum(bmin.abs(), bmax.abs()))
+        if self.hist is None:
+            self.radius = need
+            self.hist = torch.zeros(rows.shape[0], 2 * nb, dtype=torch.float64)
+            self.n_pos = torch.zeros(rows.shape[0], dtype=torch.float64)
+            self.sum_pos = torch.zeros(rows.shape[0], dtype=torch.float64)
+        elif bool((need > self.radius).any()):
+            self._grow(torch.maximum(need, self.radius))
+        width = (self.radius / nb).to(torch.float32)  # a power of two: x / width is exact
+        idx = torch.floor(rows / width[:, None]).add_(nb).clamp_(0, 2 * nb - 1).to(torch.int64)
+        idx += (torch.arange(rows.shape[0], dtype=torch.int64) * (2 * nb))[:, None]
+        counts = torch.bincount(idx.reshape(-1), minlength=rows.shape[0] * 2 * nb)
+        self.hist += counts.reshape(rows.shape[0], 2 * nb).to(torch.float64)
+        pos = rows > 0
+        self.n_pos += pos.sum(dim=1).to(torch.float64)
+        self.sum_pos += torch.where(pos, rows, 0.0).sum(dim=1, dtype=torch.float64)
+
+    def _grow(self, new_radius: torch.Tensor) -> None:
+        """Double the range until it covers ``new_radius``: old bin ``i`` -> ``(i + (f - 1) B) // f``."""
+        nb = self.bins
+        k = torch.round(torch.log2(new_radius / self.radius)).to(torch.int64).clamp(0, 40)
+        factor = (2 ** k)[:, None]
+        i = torch.arange(2 * nb, dtype=torch.int64)[None, :]
+        new_idx = (i + (factor - 1) * nb) // factor
+        self.hist = torch.zeros_like(self.hist).scatter_add_(1, new_idx, self.hist)
+        self.radius = self.radius * (2.0 ** k).to(torch.float64)
+
+    # -- histogram views (numpy, float64) ----------------------------------------------------------------
+    def signed_hist(self, c: int):
+        """``(edges, counts)`` of channel ``c`` over ``[-R, R]``."""
+        r = float(self.radius[c])
+        edges = np.linspace(-r, r, 2 * self.bins + 1)
+        return edges, self.hist[c].numpy()
+
+    def abs_hist(self, c: int):
+        """``(edges, counts)`` of ``|x|`` over ``[0, R]`` (fold at 0, exact: 0 is a bin edge)."""
+        h = self.hist[c].numpy()
+        nb = self.bins
+        counts = h[nb:] + h[:nb][::-1]
+        return np.linspace(0.0, float(self.radius[c]), nb + 1), counts
+
+    def pos_hist(self, c: int):
+        """``(edges, counts)`` of ``x >= 0`` over ``[0, R]``."""
+        nb = self.bins
+        return np.linspace(0.0, float(self.radius[c]), nb + 1), self.hist[c].numpy()[nb:].copy()
+
+
+def _quantile(edges: np.ndarray, counts: np.ndarray, q: float) -> float:
+    """The ``q``-quantile (0..1) of a histogram, linear inside the bin."""
+    total = counts.sum()
+    if total <= 0:
+        return 0.0
+    cum = np.cumsum(counts)
+    target = q * total
+    j = int(np.searchsorted(cum, target, side="left"))
+    j = min(j, len(counts) - 1)
+    before = cum[j] - counts[j]
+    frac = 0.0 if counts[j] == 0 else (target - before) / counts[j]
+    return float(edges[j] + np.clip(frac, 0.0, 1.0) * (edges[j + 1] - edges[j]))
+
+
+class PercentileObserver(HistogramObserver):
+    """The ``percentile``-th percentile of ``|x|`` (signed), ``x`` (unsigned) or both tails (asymmetric)."""
+
+    name = "percentile"
+
+    def __init__(self, axis: Optional[int] = None, percentile: float = 99.99, bins: int = 2048):
+        super().__init__(axis, bins)
+        if not 0.0 < percentile <= 100.0:
+            raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+        self.percentile = percentile
+
+    def _range(self, levelset):
+        p = self.percentile / 100.0
+        lo, hi = [], []
+        for c in range(self.channels):
+            if levelset.scheme == "uniform_asym" or not levelset.signed:
+                edges, counts = self.signed_hist(c)
+                lo.append(_quantile(edges, counts, 1.0 - p))
+                hi.append(_quantile(edges, counts, p))
+            else:
+                edges, counts = self.abs_hist(c)
+                a = _quantile(edges, counts, p)
+                lo.append(-a)
+                hi.append(a)
+        lo = torch.maximum(torch.tensor(lo, dtype=torch.float64), self.min_val)
+        hi = torch.minimum(torch.tensor(hi, dtype=torch.float64), self.max_val)
+        return lo, hi
+
+
+# -- MSE ----------------------------------------------------------------------------------------------------
+def histogram_quant_error(edges: np.ndarray, counts: np.ndarray, level_sets: np.ndarray) -> np.ndarray:
+    """Sum of ``(x - Q(x))^2`` over a histogram for each row of ``level_sets`` (``(A, K)`` sorted real levels),
+    ``Q`` = nearest level, values spread uniformly inside each bin.
+
+    Exact under that assumption and ``O(A K)`` after prefix sums: with ``M_m(t)`` the ``m``-th moment of the data
+    below ``t`` (prefix sums over whole bins plus the closed-form part of the bin holding ``t``), the cell of
+    level ``q`` between thresholds ``t0 < t1`` contributes ``S2 - 2 q S1 + q^2 S0``, ``S_m = M_m(t1) - M_m(t0)``.
+    """
+    levels_ = np.asarray(level_sets, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.float64)
+    counts = np.asarray(counts, dtype=np.float64)
+    left, right = edges[:-1], edges[1:]
+    width = right - left
+    centre = (left + right) / 2.0
+    # prefix moments over whole bins; a bin's uniform spread adds width^2 / 12 to its second moment
+    zero = np.zeros(1)
+    p0 = np.concatenate([zero, np.cumsum(counts)])
+    p1 = np.concatenate([zero, np.cumsum(counts * centre)])
+    p2 = np.concatenate([zero, np.cumsum(counts * (centre ** 2 + width ** 2 / 12.0))])
+
+    def moments_below(t):
+        t = np.clip(t, edges[0], edges[-1])
+        j = np.clip(np.searchsorted(edges, t, side="right") - 1, 0, len(counts) - 1)
+        a, n = left[j], counts[j]
+        frac = n * (t - a) / width[j]
+        return (p0[j] + frac, p1[j] + frac * (a + t) / 2.0, p2[j] + frac * (t * t + t * a + a * a) / 3.0)
+
+    thr = (levels_[:, 1:] + levels_[:, :-1]) / 2.0  # (A, K-1)
+    inner = moments_below(thr)
+    n_rows = levels_.shape[0]
+    cum = [np.concatenate([np.zeros((n_rows, 1)), m, np.full((n_rows, 1), total)], axis=1)
+           for m, total in zip(inner, (p0[-1], p1[-1], p2[-1]))]
+    s0, s1, s2 = (np.diff(c, axis=1) for c in cum)  # per cell: (A, K)
+    return np.sum(s2 - 2.0 * levels_ * s1 + levels_ ** 2 * s0, axis=1)
+
+
+def _symmetric_bins_error(radius: np.ndarray, counts: np.ndarray, levels_: np.ndarray) -> np.ndarray:
+    """:func:`histogram_quant_error` for many histograms at once, each with ``N`` equal bins over
+    ``[-R_c, R_c]``: ``radius`` ``(C,)``, ``counts`` ``(C, N)``, ``levels_`` ``(C, A, K)`` -> errors ``(C, A)``.
+    The bin holding a threshold is found arithmetically, so everything is vectorised over channels."""
+    n_ch, n_bins = counts.shape
+    width = (2.0 * radius / n_bins)[:, None]
+    r = radius[:, None]
+    centre = -r + (np.arange(n_bins)[None, :] + 0.5) * width
+    zero = np.zeros((n_ch, 1))
+    p0 = np.concatenate([zero, np.cumsum(counts, axis=1)], axis=1)
+    p1 = np.concatenate([zero, np.cumsum(counts * centre, axis=1)], axis=1)
+    p2 = np.concatenate([zero, np.cumsum(counts * (centre ** 2 + width ** 2 / 12.0), axis=1)], axis=1)
+    n_alpha, n_levels = levels_.shape[1], levels_.shape[2]
+    thr = ((levels_[:, :, 1:] + levels_[:, :, :-1]) / 2.0).reshape(n_ch, -1)  # (C, A * (K-1))
+    t = np.clip(thr, -r, r)
+    j = np.clip(np.floor((t + r) / width), 0, n_bins - 1).astype(np.int64)
+    a = -r + j * width
+    frac = np.take_along_axis(counts, j, axis=1) * (t - a) / width
+    m0 = np.take_along_axis(p0, j, axis=1) + frac
+    m1 = np.take_along_axis(p1, j, axis=1) + frac * (a + t) / 2.0
+    m2 = np.take_along_axis(p2, j, axis=1) + frac * (t * t + t * a + a * a) / 3.0
+    error = np.zeros((n_ch, n_alpha))
+    for m, p, power in ((m0, p0, 2), (m1, p1, 1), (m2, p2, 0)):
+        below = m.reshape(n_ch, n_alpha, n_levels - 1)
+        cum = np.concatenate([np.zeros((n_ch, n_alpha, 1)), below,
+                              np.broadcast_to(p[:, -1][:, None, None], (n_ch, n_alpha, 1))], axis=2)
+        cell = np.diff(cum, axis=2)  # S_m per cell, (C, A, K)
+        coeff = {2: levels_ ** 2, 1: -2.0 * levels_, 0: 1.0}[power]
+        error += np.sum(coeff * cell, axis=2)
+    return error
+
+
+def _batched_mse_search(radius, counts, base, alpha_max, points=100, refine=3, refine_points=21):
+    """Per channel, ``argmin_alpha`` of the error of levels ``alpha * base[c]`` over ``(0, alpha_max[c]]``
+    a ``points`` grid, then
+    ``refine`` rounds of ``refine_points`` between the neighbours of the best point, all channels at once."""
+    top = np.maximum(alpha_max, MIN_ALPHA)[:, None]
+    alphas = top * (np.arange(1, points + 1) / points)[None, :]
+    rows = np.arange(len(top))
+    for round_ in range(refine + 1):
+        err = _symmetric_bins_error(radius, counts, alphas[:, :, None] * base[:, None, :])
+        best = np.argmin(err, axis=1)
+        if round_ == refine:
+            break
+        lo = np.where(best > 0, alphas[rows, np.maximum(best - 1, 0)], alphas[:, 0] / 2.0)
+        hi = alphas[rows, np.minimum(best + 1, alphas.shape[1] - 1)]
+        alphas = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, refine_points)[None, :]
+    return np.where(alpha_max > MIN_ALPHA, alphas[rows, best], MIN_ALPHA)
+
+
+class MSEObserver(HistogramObserver):
+    """Clipping value of least mean squared quantization error, for any level set."""
+
+    name = "mse"
+    _CHANNELS_PER_STEP = 64  # bounds the (channels x candidates x levels) temporaries
+
+    def _range(self, levelset):
+        radius = self.radius.numpy()
+        cmin, cmax = self.min_val.numpy(), self.max_val.numpy()
+        if levelset.scheme == "uniform_asym":
+            rlo, rhi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
+            full = clip_params_from_range(torch.from_numpy(rlo), torch.from_numpy(rhi), levelset)
+            codes = np.arange(levelset.code_min, levelset.code_max + 1)[None, :]
+            base = (codes - full.zero_point.numpy().reshape(-1, 1)) / levelset.denom
+            alpha_max = rhi - rlo
+        else:
+            base = np.broadcast_to(levelset.values[None, :], (len(radius), levelset.num_levels))
+            alpha_max = np.maximum(np.abs(cmin), np.abs(cmax)) if levelset.signed else np.maximum(cmax, 0.0)
+        alpha = np.empty(len(radius))
+        step = max(1, self._CHANNELS_PER_STEP * 16 // levelset.num_levels)
+        for c0 in range(0, len(radius), step):
+            sl = slice(c0, c0 + step)
+            alpha[sl] = _batched_mse_search(radius[sl], self.hist[sl].numpy(), base[sl], alpha_max[sl])
+        if levelset.scheme == "uniform_asym":
+            shrink = alpha / np.maximum(alpha_max, MIN_ALPHA)
+            lo, hi = rlo * shrink, rhi * shrink
+        else:
+            lo, hi = (-alpha if levelset.signed else np.zeros_like(alpha)), alpha
+        return torch.from_numpy(np.asarray(lo, dtype=np.float64)), torch.from_numpy(np.asarray(hi, dtype=np.float64))
+
+
+# -- KL -----------------------------------------------------------------------------------------------------
+def _kl_divergence(counts: np.ndarray, mags: np.ndarray, width: float, i: int, eps: float = 1e-4) -> float:
+    """``KL(P || Q)`` for clip bin ``i`` (TensorRT, as in MXNet's ``_get_optimal_threshold``): ``P`` = bins
+    ``[0, i)`` with the outliers added to bin ``i - 1``; ``Q`` = the raw bins merged per nearest level of
+    ``mags * i * width`` and spread back evenly over the bins where ``P`` is non-zero. Empty bins of either get
+    ``eps`` counts before normalising, so the divergence stays finite."""
+    ref = counts[:i].astype(np.float64)
+    ref[i - 1] += counts[i:].sum()
+    raw = counts[:i]
+    centers = (np.arange(i) + 0.5) * width
+    mids = (mags[1:] + mags[:-1]) / 2.0 * (i * width)
+    group = np.searchsorted(mids, centers, side="left")
+    nonzero = ref != 0
+    mass = np.bincount(group, weights=raw, minlength=len(mags))
+    occupied = np.bincount(group, weights=nonzero.astype(np.float64), minlength=len(mags))
+    expand = np.where(nonzero, mass[group] / np.maximum(occupied[group], 1.0), 0.0)
+    p = np.where(ref == 0, eps, ref)
+    q = np.where(expand == 0, eps, expand)
+    p /= p.sum()
+    q /= q.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def kl_threshold(edges: np.ndarray, counts: np.ndarray, magnitudes: np.ndarray, stride_target: int = 256) -> float:
+    """TensorRT entropy calibration on a non-negative histogram, generalised to any level set.
+
+    ``magnitudes``: the non-negative normalised levels (``0`` included where the set has it). Candidate clip
+    bins run from ``len(magnitudes)`` (TensorRT: 128 for int8) to the last non-empty bin; they are scanned with a
+    stride that keeps about ``stride_target`` evaluations, then every bin around the best one. Returns the clip
+    value (an upper bin edge)."""
+    nz = np.nonzero(counts)[0]
+    if len(nz) == 0:
+        return MIN_ALPHA
+    last = int(nz[-1]) + 1
+    width = float(edges[1] - edges[0])
+    mags = np.asarray(magnitudes, dtype=np.float64)
+    start = max(2, len(mags))
+    if last <= start:
+        return float(last * width)
+    stride = max(1, (last - start) // stride_target)
+    coarse = list(range(start, last + 1, stride))
+    if coarse[-1] != last:
+        coarse.append(last)
+    kls = [_kl_divergence(counts, mags, width, i) for i in coarse]
+    best = coarse[int(np.argmin(kls))]
+    fine = range(max(start, best - stride + 1), min(last, best + stride - 1) + 1)
+    candidates = {i: kl for i, kl in zip(coarse, kls)}
+    for i in fine:
+        if i not in candidates:
+            candidates[i] = _kl_divergence(counts, mags, width, i)
+    best = min(candidates, key=lambda i: (candidates[i], i))
+    return float(best * width)
+
+
+class KLObserver(HistogramObserver):
+    """TensorRT entropy (KL-divergence) calibration; symmetric and unsigned level sets."""
+
+    name = "kl"
+
+    def _range(self, levelset):
+        if levelset.scheme == "uniform_asym":
+            raise ValueError("kl calibration is defined for symmetric and unsigned level sets, not uniform_asym; "
+                             "use minmax, percentile or mse")
+        mags = levelset.values[levelset.values >= 0]
+        lo, hi = [], []
+        for c in range(self.channels):
+            edges, counts = self.abs_hist(c) if levelset.signed else self.pos_hist(c)
+            alpha = kl_threshold(edges, counts, mags)
+            lo.append(-alpha if levelset.signed else 0.0)
+            hi.append(alpha)
+        return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
+
+
+# -- Laplace (Banner) ---------------------------------------------------------------------------------------
+def banner_laplace_ratio(bits: int, signed: bool = True) -> float:
+    """``alpha / b`` minimising Banner's approximate Laplace(0, b) error for ``bits``-bit uniform levels:
+    the root of ``t e^t = 3 * 4^bits`` (two-sided) or ``t e^t = 12 * 4^bits`` (one-sided, unsigned)."""
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    rhs = (3.0 if signed else 12.0) * 4.0 ** bits
+    t = math.log(rhs)  # Newton on g(t) = t + ln t - ln(rhs), increasing and concave
+    for _ in range(60):
+        step = (t + math.log(t) - math.log(rhs)) / (1.0 + 1.0 / t)
+        t -= step
+        if abs(step) < 1e-14:
+            break
+    return t
+
+
+class LaplaceObserver(HistogramObserver):
+    """Banner et al.'s analytic clipping for Laplace-distributed data (lecture: 2.83b, 3.89b, 5.03b)."""
+
+    name = "laplace"
+
+    def laplace_b(self, c: int, signed: bool = True) -> float:
+        """The Laplace scale: ``E|x - median|`` (two-sided) or ``E[x | x > 0]`` (one-sided)."""
+        if not signed:
+            n = float(self.n_pos[c])
+            return float(self.sum_pos[c]) / n if n > 0 else 0.0
+        edges, counts = self.signed_hist(c)
+        med = _quantile(edges, counts, 0.5)
+        a, b = edges[:-1], edges[1:]
+        centre = (a + b) / 2.0
+        dev = np.abs(centre - med)
+        inside = (a < med) & (med < b)  # the bin holding the median: exact mean of |u - med| for uniform u
+        dev = np.where(inside, ((b - med) ** 2 + (med - a) ** 2) / (2.0 * (b - a)), dev)
+        total = counts.sum()
+        return float((counts * dev).sum() / total) if total > 0 else 0.0
+
+    def _range(self, levelset):
+        two_sided = levelset.signed or levelset.scheme == "uniform_asym"
+        ratio = banner_laplace_ratio(levelset.bits, signed=two_sided)
+        lo, hi = [], []
+        for c in range(self.channels):
+            b = self.laplace_b(c, two_sided)
+            if levelset.scheme == "uniform_asym":
+                edges, counts = self.signed_hist(c)
+                med = _quantile(edges, counts, 0.5)
+                lo.append(max(med - ratio * b, float(self.min_val[c])))
+                hi.append(min(med + ratio * b, float(self.max_val[c])))
+            else:
+                lo.append(-ratio * b if levelset.signed else 0.0)
+                hi.append(ratio * b)
+        return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
+
+
+# -- SDQ ----------------------------------------------------------------------------------------------------
+class SDQObserver(Observer):
+    """SDQ's ``k * sigma`` clipping (eq. 1-2), ``sigma`` of the mirrored positive part for non-negative data."""
+
+    name = "sdq"
+
+    def __init__(self, axis: Optional[int] = None, k: float = 3.0):
+        super().__init__(axis)
+        if k <= 0:
+            raise ValueError(f"k must be > 0, got {k}")
+        self.k = k
+        self.s1 = self.s2 = self.n_pos = self.s2_pos = None
+
+    def _observe(self, rows, bmin, bmax):
+        square = rows * rows
+        pos = rows > 0
+        stats = (rows.sum(1, dtype=torch.float64), square.sum(1, dtype=torch.float64),
+                 pos.sum(1).to(torch.float64), torch.where(pos, square, 0.0).sum(1, dtype=torch.float64))
+        if self.s1 is None:
+            self.s1, self.s2, self.n_pos, self.s2_pos = stats
+        else:
+            self.s1, self.s2, self.n_pos, self.s2_pos = (a + b for a, b in
+                                                         zip((self.s1, self.s2, self.n_pos, self.s2_pos), stats))
+
+    def sigma(self, mirrored: bool) -> torch.Tensor:
+        if mirrored:
+            return torch.sqrt(self.s2_pos / self.n_pos.clamp(min=1.0))
+        mean = self.s1 / self.count
+        return torch.sqrt(torch.clamp(self.s2 / self.count - mean * mean, min=0.0))
+
+    def _range(self, levelset):
+        non_negative = bool((self.min_val >= 0).all())
+        mirrored = non_negative or (not levelset.signed and levelset.scheme != "uniform_asym")
+        clip = self.k * self.sigma(mirrored)
+        if levelset.scheme == "uniform_asym":
+            mean = self.s1 / self.count
+            centre = torch.zeros_like(mean) if mirrored else mean
+            return torch.maximum(centre - clip, self.min_val), torch.minimum(centre + clip, self.max_val)
+        return (-clip if levelset.signed else torch.zeros_like(clip)), clip
+
+
+# -- data-free ----------------------------------------------------------------------------------------------
+def bn_range(beta: torch.Tensor, gamma: torch.Tensor, k: float = 6.0):
+    """Per-channel range ``(beta - k |gamma|, beta + k |gamma|)`` of a BatchNorm output (lecture, k = 6)."""
+    beta = torch.as_tensor(beta, dtype=torch.float64)
+    gamma = torch.as_tensor(gamma, dtype=torch.float64).abs()
+    return beta - k * gamma, beta + k * gamma
+
+
+def bn_qparams(beta: torch.Tensor, gamma: torch.Tensor, levelset: LevelSet, k: float = 6.0,
+               per_channel: bool = False) -> ClipParams:
+    """Quantizer parameters from :func:`bn_range` (per tensor: the union of the channel ranges)."""
+    lo, hi = bn_range(beta, gamma, k)
+    if not per_channel:
+        lo, hi = lo.min(), hi.max()
+    return clip_params_from_range(lo, hi, levelset)
+
+
+OBSERVERS = {
+    "minmax": MinMaxObserver,
+    "ema": MovingAverageMinMaxObserver,
+    "percentile": PercentileObserver,
+    "mse": MSEObserver,
+    "kl": KLObserver,
+    "laplace": LaplaceObserver,
+    "sdq": SDQObserver,
+}
+
+
+def make_observer(name: str, **kwargs) -> Observer:
+    """A new observer by name: ``minmax``, ``ema``, ``percentile``, ``mse``, ``kl``, ``laplace``, ``sdq``."""
+    try:
+        cls = OBSERVERS[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown calibration method {name!r}; choose one of {', '.join(OBSERVERS)}") from None
+    return cls(**kwargs)
