@@ -21,6 +21,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qcompile.errors import UserError
 from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult
@@ -141,9 +142,11 @@ class InsertQuantizers(Pass):
                     act_quant[key] = graph.call_module(name, (x,))
                 act_quant[key].meta["tensor_meta"] = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
             xq = act_quant[key]
+            _check_levels(gm.get_submodule(xq.target), node.target)
 
             wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
                                role="weight", observer="mse")
+            _check_levels(wfq, node.target)
             mod.add_module("weight_fq", wfq)
             with graph.inserting_before(node):
                 w = graph.get_attr(f"{node.target}.weight")
@@ -162,6 +165,17 @@ class InsertQuantizers(Pass):
         # act quantizers were inserted before their first consumer; keep topological order valid
         graph.lint()
         return PassResult(gm, True)
+
+
+def _check_levels(fq: FakeQuantize, layer: str) -> None:
+    """A level set the quantizer library does not define (ternary/binary on a non-negative activation, PoT
+    beyond its bit limit) is a user error (one line, exit 2), not a failure inside a later pass."""
+    try:
+        fq.levelset
+    except ValueError as exc:
+        what = "--wscheme/--wbits" if fq.role == "weight" else "--ascheme/--abits"
+        raise UserError(f"{layer}: cannot quantize its {fq.role} with {fq.scheme} {fq.bits}-bit levels ({exc}); "
+                        f"choose another {what} or keep the layer in float (--exclude)") from None
 
 
 def layer_of(gm: torch.fx.GraphModule, node) -> str | None:

@@ -73,7 +73,9 @@ class QuantizeOutputs(Pass):
             node.meta["output_quantized"] = True
             users = list(node.users)
             tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
-            if tail.users and all(_is_int8_act(_fq(gm, u)) for u in tail.users):
+            # a Linear with bias still needs the split below: onnxruntime fuses MatMul → Q, not Gemm(+b) → [Relu] → Q
+            has_bias = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None
+            if not has_bias and tail.users and all(_is_int8_act(_fq(gm, u)) for u in tail.users):
                 continue  # already Conv → [Relu] → Q
             if node.target is F.linear and len(node.args) > 2 and node.args[2] is not None:
                 # y = x W^T + b  ->  y = Q(x W^T) + b

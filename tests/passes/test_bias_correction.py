@@ -1,0 +1,162 @@
+"""BiasCorrection: with calibration data the mean output error ε·E[x] that weight quantization causes is absorbed
+into the bias (measured per output channel on the calibration data, it must shrink; for Linear and 1×1 layers it
+vanishes); data-free, E[x] comes from the BatchNorm before the ReLU (E[ReLU(z)], z ~ N(β, γ²)); a second run
+changes nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.bias_correction import BiasCorrection
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.select import SelectLayers
+from tests.models import MLP, ResidualCNN, example_input
+
+# 3-bit APoT weights: a visible mean error to correct; 8-bit inputs keep the comparison about the weights
+W3 = LayerConfig(action="quant", wscheme="apot", wbits=3, ascheme="uniform", abits=8, reason="test")
+EXACT_RATIO = 1e-4  # Linear / 1×1: the correction is exact up to float32 storage of the bias
+ANALYTIC_TOL = 1e-5  # the analytic shift recomputed here in float64 from the BN statistics
+
+
+def prepared(model, calib, cfg=W3, first_last="quant"):
+    gm = trace(model, calib[:2])
+    passes = [FoldBatchNorm(), SelectLayers(cfg, first_last=first_last), InsertQuantizers(),
+              Calibrate(calib, method="minmax")]
+    return Pipeline(passes, check=True)(gm).gm
+
+
+def layer_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "layer" in n.meta]
+
+
+def capture_inputs(gm, layers, data) -> dict:
+    """The quantized input of every layer over ``data`` (float64)."""
+    seen: dict = {}
+    hooks = [gm.get_submodule(n.args[0].target).register_forward_hook(
+        lambda m, i, o, n=n: seen.setdefault(n, []).append(o.detach())) for n in layers]
+    try:
+        with torch.no_grad():
+            gm(data)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v).double() for n, v in seen.items()}
+
+
+def run_layer(gm, node, x, quantized: bool, bias=None):
+    owner = gm.get_submodule(node.meta["layer"])
+    w = owner.weight.detach()
+    if quantized:
+        w = gm.get_submodule(node.args[1].target).simulate(w)
+    return node.target(x, w.double(), bias, *node.args[3:])
+
+
+def mean_error_per_channel(node, y_q, y) -> torch.Tensor:
+    channel = y.dim() - 1 if node.target is F.linear else 1
+    dims = [d for d in range(y.dim()) if d != channel]
+    return (y_q - y).mean(dim=dims).abs()
+
+
+def current_bias(gm, node):
+    b = gm.get_submodule(node.meta["layer"]).bias
+    return None if b is None else b.detach().double().clone()
+
+
+@pytest.mark.parametrize("factory", [ResidualCNN, MLP], ids=["residual_cnn", "mlp"])
+def test_empirical_correction_shrinks_the_mean_output_error(factory):
+    model = factory(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    gm = prepared(model, calib)
+    layers = layer_nodes(gm)
+    inputs = capture_inputs(gm, layers, calib)
+    bias_before = {n: current_bias(gm, n) for n in layers}
+    reference = {n: run_layer(gm, n, inputs[n], False, bias_before[n]) for n in layers}  # float weights
+    before = {n: mean_error_per_channel(n, run_layer(gm, n, inputs[n], True, bias_before[n]), reference[n])
+              for n in layers}
+
+    p = BiasCorrection(calib)
+    result = p(gm)
+    result.gm.recompile()
+    verify(result.gm)
+    assert result.modified
+    corrected = {line.split(":")[0] for line in p.report if "|Δb|" in line}
+    assert corrected == {n.meta["layer"] for n in layers}  # layers sharing one input quantizer included
+    for n in layers:
+        after = mean_error_per_channel(n, run_layer(gm, n, inputs[n], True, current_bias(gm, n)), reference[n])
+        name = n.meta["layer"]
+        assert float(after.mean()) < float(before[n].mean()), name
+        pointwise = n.target is not F.linear and tuple(gm.get_submodule(name).weight.shape[2:]) == (1, 1) \
+            and tuple(n.args[3]) == (1, 1)
+        if n.target is F.linear or pointwise:
+            # every input position is read once, no zero-padded border: ε·E[x] is the whole mean error
+            assert float(after.max()) <= EXACT_RATIO * float(before[n].max()), name
+
+
+def expected_relu_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """E[ReLU(z)] for z ~ N(mean, std²)."""
+    normal = torch.distributions.Normal(torch.zeros_like(mean), torch.ones_like(mean))
+    t = mean / std
+    return std * normal.log_prob(t).exp() + mean * normal.cdf(t)
+
+
+def test_analytic_correction_from_batchnorm_statistics():
+    model = ResidualCNN(seed=0)
+    bn_out = {"stem": (model.bn1.bias.detach().double(), model.bn1.weight.detach().double().abs()),
+              "block": (model.layer1.bn1.bias.detach().double(), model.layer1.bn1.weight.detach().double().abs())}
+    x = example_input(model)
+    gm = trace(model, x)
+    cfg = LayerConfig(action="quant", wscheme="apot", wbits=3, ascheme="apot", abits=4, reason="test")
+    gm = Pipeline([FoldBatchNorm(), SelectLayers(cfg, first_last="fp32"), InsertQuantizers(), Calibrate(None)],
+                  check=True)(gm).gm
+    layers = {n.meta["layer"]: n for n in layer_nodes(gm)}
+    assert sorted(layers) == ["layer1.conv1", "layer1.conv2", "layer1.downsample.0"]
+    source = {"layer1.conv1": "stem", "layer1.downsample.0": "stem", "layer1.conv2": "block"}
+    before = {name: current_bias(gm, n) for name, n in layers.items()}
+
+    result = BiasCorrection(None)(gm)
+    result.gm.recompile()
+    verify(result.gm)
+    assert result.modified
+    for name, node in layers.items():
+        owner = gm.get_submodule(name)
+        w = owner.weight.detach()
+        eps = (gm.get_submodule(node.args[1].target).simulate(w) - w).double()
+        ex = expected_relu_mean(*bn_out[source[name]])
+        # ε·E[x] = the layer applied to a constant image E[x], read away from the zero-padded border
+        k = eps.shape[-1]
+        const = ex.reshape(1, -1, 1, 1).expand(1, -1, 2 * k + 1, 2 * k + 1)
+        shift = F.conv2d(const, eps, None, 1, 0)[0, :, 0, 0]
+        delta = current_bias(gm, node) - before[name]
+        assert not torch.equal(delta, torch.zeros_like(delta)), name
+        assert torch.allclose(delta, -shift, rtol=ANALYTIC_TOL, atol=ANALYTIC_TOL), name
+
+
+def test_second_run_reports_unmodified():
+    model = MLP(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    gm = prepared(model, calib)
+    assert BiasCorrection(calib)(gm).modified
+    biases = {n: current_bias(gm, n) for n in layer_nodes(gm)}
+    code = gm.code
+    again = BiasCorrection(calib)(gm)
+    assert again.modified is False and again.gm.code == code
+    for n in layer_nodes(gm):
+        assert torch.equal(current_bias(gm, n), biases[n])
+
+
+def test_graph_without_quantized_layers_is_unchanged():
+    model = MLP(seed=0)
+    calib = example_input(model, seed=1, batch=16)
+    gm = trace(model, calib[:2])
+    code = gm.code
+    weights = {k: v.clone() for k, v in gm.state_dict().items()}
+    result = BiasCorrection(calib)(gm)
+    assert result.modified is False and result.gm.code == code
+    for k, v in gm.state_dict().items():
+        assert torch.equal(v, weights[k]), k

@@ -1,0 +1,194 @@
+"""Calibrate: with data, every quantizer gets α (and a zero point for asymmetric levels) and ``node.meta["qparams"]``;
+without data, activation ranges come from the BatchNorm statistics recorded by FoldBatchNorm, or a UserError asks
+for ``--calib``; a second run changes nothing."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from qcompile import quant
+from qcompile.api import calib_tensor
+from qcompile.errors import UserError
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig, QParams
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.select import SelectLayers
+from qcompile.qmodules import FakeQuantize
+from tests.models import ResidualCNN, example_input
+
+APOT4 = LayerConfig(action="quant", wscheme="apot", wbits=4, ascheme="apot", abits=4, reason="test")
+BN_REL_TOL = 1e-6  # data-free α recomputed here in float32 from the BN parameters; only round-off may differ
+
+
+def uncalibrated(model: nn.Module, x: torch.Tensor, first_last: str = "int8"):
+    gm = trace(model, x)
+    return Pipeline([FoldBatchNorm(), SelectLayers(APOT4, first_last=first_last), InsertQuantizers()],
+                    check=True)(gm).gm
+
+
+def quantizer_nodes(gm) -> dict[str, tuple[torch.fx.Node, FakeQuantize]]:
+    return {n.target: (n, gm.get_submodule(n.target)) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)}
+
+
+def calibrate(gm, data, **kw):
+    result = Calibrate(data, **kw)(gm)
+    result.gm.recompile()
+    verify(result.gm)
+    return result
+
+
+@pytest.fixture
+def residual():
+    model = ResidualCNN(seed=0)
+    return model, example_input(model, seed=1, batch=64)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    """(PassResult of the default MSE calibration, calibration data), shared by tests that only read it."""
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    return calibrate(uncalibrated(model, calib[:2]), calib), calib
+
+
+# --- with data ------------------------------------------------------------------------------------------------
+
+
+def test_data_calibration_sets_alpha_zero_point_and_qparams_on_every_quantizer(calibrated):
+    result, _ = calibrated
+    gm = result.gm
+    assert result.modified
+    nodes = quantizer_nodes(result.gm)
+    assert len(nodes) == 9  # 5 weights + 4 inputs
+    kinds = set()
+    for name, (node, fq) in nodes.items():
+        assert fq.calibrated, name
+        assert bool(torch.all(torch.isfinite(fq.alpha) & (fq.alpha > 0))), name
+        qp = node.meta.get("qparams")
+        assert isinstance(qp, QParams), name
+        assert (qp.scheme, qp.bits, qp.signed, qp.axis, qp.role) == (fq.scheme, fq.bits, fq.signed, fq.axis, fq.role)
+        assert torch.equal(qp.alpha, fq.alpha) and qp.zero_point == int(fq.zero_point)
+        assert qp.levelset() == fq.levelset
+        if fq.role == "weight":
+            weight = gm.get_submodule(name.rsplit(".", 1)[0]).weight
+            assert fq.alpha.shape == (weight.shape[0],), name  # one α per output channel
+        else:
+            assert fq.alpha.shape == (), name
+        kinds.add(fq.scheme)
+        if fq.asymmetric:  # conv1 reads the signed graph input with 8-bit asymmetric levels
+            assert fq.levelset.code_min < int(fq.zero_point) < fq.levelset.code_max, name
+        else:
+            assert int(fq.zero_point) == 0, name
+    assert {"apot", "uniform", "uniform_asym"} <= kinds  # first/last layers are int8 by default
+
+
+def test_minmax_activation_alpha_is_the_observed_range(residual):
+    model, calib = residual
+    gm = calibrate(uncalibrated(model, calib[:2]), calib, method="minmax").gm
+    acts = {name: fq for name, (_, fq) in quantizer_nodes(gm).items() if fq.role == "activation"}
+    # replay calibration: weights quantized, activations passed through, record what reaches each quantizer
+    seen: dict[str, list] = {name: [] for name in acts}
+    hooks = [fq.register_forward_pre_hook(lambda m, inp, name=name: seen[name].append(inp[0].detach()))
+             for name, fq in acts.items()]
+    for fq in acts.values():
+        fq.enabled = False
+    try:
+        with torch.no_grad():
+            gm(calib)
+    finally:
+        for h in hooks:
+            h.remove()
+        for fq in acts.values():
+            fq.enabled = True
+    for name, fq in acts.items():
+        x = torch.cat(seen[name]).double()
+        expected = quant.clip_params_from_range(x.min(), x.max(), fq.levelset)
+        assert torch.equal(fq.alpha, expected.alpha.reshape(())), name
+        assert int(fq.zero_point) == int(expected.zero_point), name
+
+
+def test_weight_alpha_is_the_per_channel_mse_optimum(calibrated):
+    gm = calibrated[0].gm
+    for name, (node, fq) in quantizer_nodes(gm).items():
+        if fq.role != "weight":
+            continue
+        weight = gm.get_submodule(name.rsplit(".", 1)[0]).weight.detach()
+        obs = quant.make_observer("mse", axis=0)
+        obs.update(weight)
+        assert torch.equal(fq.alpha, obs.compute_qparams(fq.levelset).alpha), name
+        assert node.meta["qparams"].observer == "mse"
+
+
+def test_calibration_sources_from_python_are_stacked():
+    a, b = torch.randn(3, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    labels = torch.zeros(3, dtype=torch.long)
+    assert torch.equal(calib_tensor([a, b]), torch.cat([a, b]))
+    assert torch.equal(calib_tensor([(a, labels), (b, labels[:2])]), torch.cat([a, b]))  # (x, y) pairs
+    assert torch.equal(calib_tensor(a.numpy()), a)
+    with pytest.raises(UserError, match="empty"):
+        calib_tensor([])
+
+
+# --- data-free --------------------------------------------------------------------------------------------------
+
+
+def test_data_free_ranges_come_from_batchnorm_statistics():
+    model = ResidualCNN(seed=0)
+    # after ReLU(BN(z)) the range is [0, max_c(β_c + 6 |γ_c|)]; taken before FoldBatchNorm consumes the BNs
+    hi = {bn: torch.clamp(m.bias + 6.0 * m.weight.abs(), min=0).max().item()
+          for bn, m in [("bn1", model.bn1), ("layer1.bn1", model.layer1.bn1)]}
+    gm = uncalibrated(model, example_input(model), first_last="fp32")  # conv1 and fc float: no input quantizer
+    pass_ = Calibrate(None)
+    result = pass_(gm)
+    assert result.modified
+    assert any("data-free" in line for line in pass_.report)
+    layer_of_input = {}
+    for node in result.gm.graph.nodes:
+        if node.op == "call_function" and "layer" in node.meta:
+            layer_of_input.setdefault(node.args[0].target, []).append(node.meta["layer"])
+    acts = {name: fq for name, (_, fq) in quantizer_nodes(result.gm).items() if fq.role == "activation"}
+    assert len(acts) == 2
+    for name, fq in acts.items():
+        assert fq.calibrated and not fq.signed
+        readers = sorted(layer_of_input[name])
+        source = "bn1" if readers == ["layer1.conv1", "layer1.downsample.0"] else "layer1.bn1"
+        if source == "layer1.bn1":
+            assert readers == ["layer1.conv2"]
+        expected = quant.clip_params_from_range(0.0, hi[source], fq.levelset).alpha
+        assert float(fq.alpha) == pytest.approx(float(expected), rel=BN_REL_TOL), name
+        assert result.gm.get_submodule(name) is fq
+
+
+def test_data_free_without_a_batchnorm_path_asks_for_calibration_data():
+    model = ResidualCNN(seed=0)
+    gm = uncalibrated(model, example_input(model), first_last="quant")  # conv1 reads the graph input
+    with pytest.raises(UserError, match="--calib") as err:
+        Calibrate(None)(gm)
+    assert "conv1" in str(err.value) and "\n" not in str(err.value)
+
+
+# --- idempotence / nothing to do ----------------------------------------------------------------------------------
+
+
+def test_second_run_reports_unmodified(calibrated):
+    result, calib = calibrated
+    gm = result.gm
+    alphas = {name: fq.alpha.clone() for name, (_, fq) in quantizer_nodes(gm).items()}
+    code = gm.code
+    again = Calibrate(calib)(gm)
+    assert again.modified is False and again.gm.code == code
+    for name, (_, fq) in quantizer_nodes(gm).items():
+        assert torch.equal(fq.alpha, alphas[name]), name
+
+
+def test_graph_without_quantizers_is_unchanged(residual):
+    model, calib = residual
+    gm = trace(model, calib[:2])
+    code = gm.code
+    result = Calibrate(calib)(gm)
+    assert result.modified is False and result.gm.code == code

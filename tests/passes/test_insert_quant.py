@@ -1,0 +1,208 @@
+"""InsertQuantizers: every selected Conv/Linear becomes ``F.conv*``/``F.linear`` on FakeQuantize outputs (weights per
+output channel, axis 0; one per-tensor activation quantizer per input tensor, shared by its readers; unsigned after
+ReLU, signed or asymmetric otherwise), float layers are left alone, a second run changes nothing, and 8-bit uniform
+quantization with calibration stays close to the float model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.errors import UserError
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers, is_nonnegative
+from qcompile.passes.select import Override, SelectLayers
+from qcompile.qmodules import FakeQuantize
+from tests.models import MLP, ResidualCNN, example_input
+
+MIN_SQNR_W8A8_DB = 30.0  # 8-bit uniform weights and activations, calibrated: output SQNR vs float
+
+RESIDUAL_LAYERS = ["conv1", "layer1.conv1", "layer1.conv2", "layer1.downsample.0", "fc"]
+
+
+def config(scheme: str, bits: int, per_channel: bool = True) -> LayerConfig:
+    return LayerConfig(action="quant", wscheme=scheme, wbits=bits, ascheme=scheme, abits=bits,
+                       per_channel=per_channel, reason="test")
+
+
+def selected(model: nn.Module, x: torch.Tensor, cfg: LayerConfig, first_last: str = "quant", overrides=()):
+    """Traced, BN-folded graph whose layer nodes carry their LayerConfig (the input of InsertQuantizers)."""
+    gm = trace(model, x)
+    return Pipeline([FoldBatchNorm(), SelectLayers(cfg, first_last=first_last, overrides=list(overrides))],
+                    check=True)(gm).gm
+
+
+def insert(gm):
+    result = InsertQuantizers()(gm)
+    result.gm.recompile()
+    verify(result.gm)
+    return result
+
+
+def fq_of(gm, node) -> FakeQuantize | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize):
+            return mod
+    return None
+
+
+def quantized_layers(gm) -> dict[str, torch.fx.Node]:
+    return {n.meta["layer"]: n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in (F.conv1d, F.conv2d, F.linear) and "layer" in n.meta}
+
+
+def count_modules(gm, kind) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), kind))
+
+
+# --- structure ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("pot", 3), ("uniform", 8), ("log2", 3)])
+def test_every_selected_layer_reads_fake_quantized_weight_and_input(scheme, bits):
+    model = ResidualCNN(seed=0)
+    gm = selected(model, example_input(model), config(scheme, bits))
+    result = insert(gm)
+    gm = result.gm
+    assert result.modified
+    assert count_modules(gm, (nn.Conv2d, nn.Linear)) == 0  # every layer was rewritten
+    layers = quantized_layers(gm)
+    assert sorted(layers) == sorted(RESIDUAL_LAYERS)
+    assert sum(n.target is F.conv2d for n in layers.values()) == 4
+    assert sum(n.target is F.linear for n in layers.values()) == 1
+    for name, node in layers.items():
+        xfq, wfq = fq_of(gm, node.args[0]), fq_of(gm, node.args[1])
+        assert xfq is not None and wfq is not None, name
+        # weight quantizer: the layer's own weight, signed levels of the weight scheme, per output channel
+        assert wfq is gm.get_submodule(name).weight_fq
+        assert node.args[1].args[0].op == "get_attr" and node.args[1].args[0].target == f"{name}.weight"
+        assert (wfq.role, wfq.scheme, wfq.bits, wfq.signed, wfq.axis) == ("weight", scheme, bits, True, 0)
+        assert xfq.role == "activation" and xfq.axis is None and xfq.bits == bits
+        assert not xfq.calibrated and not wfq.calibrated  # Calibrate fixes them
+    # 5 weight quantizers, 4 activation quantizers (layer1.conv1 and the downsample share one)
+    assert count_modules(gm, FakeQuantize) == 9
+
+
+def test_layers_reading_one_tensor_share_its_quantizer():
+    model = ResidualCNN(seed=0)
+    gm = insert(selected(model, example_input(model), config("apot", 4))).gm
+    layers = quantized_layers(gm)
+    assert layers["layer1.conv1"].args[0] is layers["layer1.downsample.0"].args[0]
+    assert len({layers[n].args[0] for n in RESIDUAL_LAYERS}) == 4
+
+
+def test_readers_with_different_activation_bits_get_their_own_quantizer():
+    model = ResidualCNN(seed=0)
+    eight_bit_shortcut = Override("layer1.downsample.0", "glob", {"abits": 8})
+    gm = insert(selected(model, example_input(model), config("apot", 4), overrides=[eight_bit_shortcut])).gm
+    layers = quantized_layers(gm)
+    a, b = layers["layer1.conv1"].args[0], layers["layer1.downsample.0"].args[0]
+    assert a is not b and a.args[0] is b.args[0]  # same tensor, two quantizers
+    assert (fq_of(gm, a).bits, fq_of(gm, b).bits) == (4, 8)
+
+
+@pytest.mark.parametrize("scheme", ["apot", "pot", "uniform"])
+def test_unsigned_after_relu_signed_or_asymmetric_otherwise(scheme):
+    bits = 3 if scheme == "pot" else 4
+    model = ResidualCNN(seed=0)
+    gm = insert(selected(model, example_input(model), config(scheme, bits))).gm
+    layers = quantized_layers(gm)
+    signed_scheme = "uniform_asym" if scheme == "uniform" else scheme
+    # conv1 reads the graph input (any sign)
+    first = fq_of(gm, layers["conv1"].args[0])
+    assert first.scheme == signed_scheme
+    assert first.signed == (scheme != "uniform") and first.asymmetric == (scheme == "uniform")
+    # the others read ReLU outputs, directly or through avgpool + flatten
+    for name in ["layer1.conv1", "layer1.conv2", "fc"]:
+        fq = fq_of(gm, layers[name].args[0])
+        assert (fq.scheme, fq.signed, fq.asymmetric) == (scheme, False, False), name
+
+
+def test_leaky_relu_output_is_not_treated_as_non_negative():
+    model = MLP(seed=3)
+    gm = insert(selected(model, example_input(model), config("uniform", 8))).gm
+    layers = quantized_layers(gm)
+    assert fq_of(gm, layers["fc2"].args[0]).scheme == "uniform"  # relu(bn(fc1)): unsigned
+    assert fq_of(gm, layers["fc3"].args[0]).scheme == "uniform_asym"  # leaky_relu: may be negative
+    assert is_nonnegative(gm, layers["fc2"].args[0].args[0])
+    assert not is_nonnegative(gm, layers["fc3"].args[0].args[0])
+
+
+def test_float_layers_are_left_untouched():
+    model = ResidualCNN(seed=0)
+    x = example_input(model)
+    gm = selected(model, x, config("apot", 4), first_last="fp32")
+    conv1, fc = gm.get_submodule("conv1"), gm.get_submodule("fc")
+    w_conv1, w_fc = conv1.weight.detach().clone(), fc.weight.detach().clone()
+    gm = insert(gm).gm
+    assert sorted(quantized_layers(gm)) == ["layer1.conv1", "layer1.conv2", "layer1.downsample.0"]
+    float_calls = {n.target for n in gm.graph.nodes if n.op == "call_module"
+                   and isinstance(gm.get_submodule(n.target), (nn.Conv2d, nn.Linear))}
+    assert float_calls == {"conv1", "fc"}
+    assert gm.get_submodule("conv1") is conv1 and gm.get_submodule("fc") is fc
+    assert not hasattr(conv1, "weight_fq") and not hasattr(fc, "weight_fq")
+    assert torch.equal(conv1.weight, w_conv1) and torch.equal(fc.weight, w_fc)
+    assert count_modules(gm, FakeQuantize) == 3 + 2  # three weights, two inputs (one shared)
+
+
+def test_per_tensor_weights_when_per_channel_is_off():
+    model = ResidualCNN(seed=0)
+    gm = insert(selected(model, example_input(model), config("apot", 4, per_channel=False))).gm
+    for name, node in quantized_layers(gm).items():
+        assert fq_of(gm, node.args[1]).axis is None, name
+
+
+def test_second_run_reports_unmodified_and_keeps_the_graph():
+    model = ResidualCNN(seed=0)
+    gm = insert(selected(model, example_input(model), config("apot", 4))).gm
+    code = gm.code
+    again = InsertQuantizers()(gm)
+    assert again.modified is False
+    assert again.gm.code == code
+
+
+def test_graph_without_selected_layers_is_unchanged():
+    model = ResidualCNN(seed=0)
+    everything_float = Override("*", "glob", {"action": "float"})
+    gm = selected(model, example_input(model), config("apot", 4), overrides=[everything_float])
+    code = gm.code
+    result = InsertQuantizers()(gm)
+    assert result.modified is False and result.gm.code == code
+    assert count_modules(result.gm, FakeQuantize) == 0
+
+
+def test_unsupported_activation_levels_are_a_user_error():
+    model = ResidualCNN(seed=0)
+    gm = selected(model, example_input(model), config("ternary", 2))  # ternary cannot be unsigned (after ReLU)
+    with pytest.raises(UserError, match="--ascheme"):
+        InsertQuantizers()(gm)
+
+
+# --- numerics -------------------------------------------------------------------------------------------------
+
+
+def sqnr_db(ref: torch.Tensor, test: torch.Tensor) -> float:
+    noise = float(((ref.double() - test.double()) ** 2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(float((ref.double() ** 2).sum()) / noise)
+
+
+def test_w8a8_uniform_simulation_is_close_to_float():
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    x = example_input(model, seed=2, batch=32)
+    with torch.no_grad():
+        ref = model(x)
+    gm = insert(selected(model, calib[:2], config("uniform", 8))).gm
+    gm = Calibrate(calib)(gm).gm
+    with torch.no_grad():
+        out = gm(x)
+    assert sqnr_db(ref, out) >= MIN_SQNR_W8A8_DB
+    assert sqnr_db(ref, out) < math.inf  # the quantizers do act

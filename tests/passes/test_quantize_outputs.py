@@ -1,0 +1,192 @@
+"""QuantizeOutputs and BindIntegerLayers.
+
+QuantizeOutputs adds an 8-bit output quantizer to the layers that can run on int8 kernels (8-bit uniform input,
+weights on an int8 grid) unless their output (or its single ReLU) already goes only into 8-bit uniform
+quantizers. BindIntegerLayers then makes the simulation compute what onnxruntime's QLinearConv / QLinearMatMul
+compute: for uniform W8A8 the ONNX file equals the simulation bit for bit (max abs error 0, no differing code).
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig
+from qcompile.models import digits
+from qcompile.passes.base import Pipeline, verify
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs, _is_relu
+from qcompile.passes.select import SelectLayers
+from qcompile.qmodules import FakeQuantize, int8_conv2d, int8_linear
+from qcompile.runtime.session import session
+from tests.models import MLP, ResidualCNN, example_input
+
+
+def cfg(wscheme, wbits, ascheme, abits) -> LayerConfig:
+    return LayerConfig(action="quant", wscheme=wscheme, wbits=wbits, ascheme=ascheme, abits=abits, reason="test")
+
+
+def with_quantizers(config: LayerConfig, first_last: str, factory=ResidualCNN):
+    model = factory(seed=0)
+    gm = trace(model, example_input(model))
+    return Pipeline([FoldBatchNorm(), SelectLayers(config, first_last=first_last), InsertQuantizers()],
+                    check=True)(gm).gm
+
+
+def output_quantizers(gm) -> dict[str, FakeQuantize]:
+    return {n.target: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.startswith("out_fq")}
+
+
+def layer_of_output_quantizer(gm, qname: str) -> str:
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == qname)
+    src = node.args[0]
+    while "layer" not in src.meta:  # through the ReLU the quantizer may sit behind
+        src = src.args[0]
+    return src.meta["layer"]
+
+
+def run_pass(p, gm):
+    result = p(gm)
+    result.gm.recompile()
+    verify(result.gm)
+    return result
+
+
+# --- QuantizeOutputs: where --------------------------------------------------------------------------------------
+
+
+def test_w8a8_outputs_are_quantized_only_where_no_8bit_quantizer_follows():
+    gm = with_quantizers(cfg("uniform", 8, "uniform", 8), first_last="quant")
+    result = run_pass(QuantizeOutputs(), gm)
+    assert result.modified
+    outs = output_quantizers(gm)
+    by_layer = {layer_of_output_quantizer(gm, q): fq for q, fq in outs.items()}
+    # conv1 and layer1.conv1 feed ReLU -> 8-bit input quantizer already; the two convs before the add and fc do not
+    assert sorted(by_layer) == ["fc", "layer1.conv2", "layer1.downsample.0"]
+    for name, fq in by_layer.items():
+        assert (fq.bits, fq.role, fq.scheme) == (8, "activation", "uniform_asym"), name  # may be negative
+    # the Linear is split so the bias is added after the re-quantization: MatMul -> Q -> (+ b)
+    fc = next(n for n in gm.graph.nodes if n.meta.get("layer") == "fc" and n.target is F.linear)
+    assert len(fc.args) < 3 or fc.args[2] is None
+    (q,) = fc.users
+    (add,) = q.users
+    assert q.target in outs and add.target is torch.add and add.args[1].op == "get_attr"
+
+
+def test_linear_with_bias_before_relu_and_8bit_quantizer_is_still_split():
+    # fc1 -> (folded BN) -> ReLU -> 8-bit input of fc2: onnxruntime fuses DQ -> MatMul -> Q, not a Gemm with bias,
+    # so the bias moves behind an output quantizer as for any other int8 Linear
+    gm = with_quantizers(cfg("uniform", 8, "uniform", 8), first_last="quant", factory=MLP)
+    run_pass(QuantizeOutputs(), gm)
+    by_layer = {layer_of_output_quantizer(gm, q) for q in output_quantizers(gm)}
+    assert by_layer == {"fc1", "fc2", "fc3"}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.linear:
+            assert len(node.args) < 3 or node.args[2] is None, node.meta["layer"]
+            (q,) = node.users
+            assert q.target in output_quantizers(gm)
+
+
+def test_int8_first_and_last_layers_around_apot_layers():
+    gm = with_quantizers(cfg("apot", 4, "apot", 4), first_last="int8")
+    run_pass(QuantizeOutputs(), gm)
+    by_layer = {layer_of_output_quantizer(gm, q): fq for q, fq in output_quantizers(gm).items()}
+    assert sorted(by_layer) == ["conv1", "fc"]  # the 4-bit APoT middle has no 8-bit input
+    assert (by_layer["conv1"].scheme, by_layer["conv1"].signed) == ("uniform", False)  # after its ReLU
+    conv1_q = next(n for n in gm.graph.nodes if n.op == "call_module"
+                   and gm.get_submodule(n.target) is by_layer["conv1"])
+    assert _is_relu(gm, conv1_q.args[0])  # Conv -> ReLU -> Q, the form QLinearConv absorbs
+
+
+def test_weights_off_the_int8_grid_get_no_output_quantizer():
+    # 8-bit APoT weights have grid integers up to 904: no int8 kernel, nothing to do
+    gm = with_quantizers(cfg("apot", 8, "uniform", 8), first_last="quant")
+    code = gm.code
+    result = QuantizeOutputs()(gm)
+    assert result.modified is False and result.gm.code == code
+    assert not output_quantizers(gm)
+
+
+def test_second_run_reports_unmodified():
+    gm = with_quantizers(cfg("uniform", 8, "uniform", 8), first_last="quant")
+    run_pass(QuantizeOutputs(), gm)
+    code = gm.code
+    again = QuantizeOutputs()(gm)
+    assert again.modified is False and again.gm.code == code
+
+
+# --- BindIntegerLayers: bit-exact int8 layers -----------------------------------------------------------------------
+
+
+def optimized_op_counts(onnx_model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    path = str(tmp_path / "optimized.onnx")
+    session(onnx_model.SerializeToString(), optimized_model_path=path)
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+@pytest.fixture(scope="module")
+def residual_w8a8():
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    x = example_input(model, seed=2, batch=64)
+    return qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
+                            calib_method="minmax")
+
+
+@pytest.fixture(scope="module")
+def digits_w8a8():
+    x_train, _, x_test, y_test = digits.load_split()
+    result = qcompile.compile(digits.pretrained(), calib=x_train[:32], validation_inputs=x_test,
+                              scheme="uniform", bits=8)
+    return result, x_test, y_test
+
+
+def assert_bit_exact(report):
+    assert report.passed, report.summary()
+    assert report.max_abs == 0.0
+    assert report.extra["codes_total"] > 0 and report.extra["codes_differ"] == 0
+    assert all(layer["codes_differ"] == 0 for layer in report.layers), report.layers
+
+
+def test_residual_w8a8_onnx_equals_simulation_bit_for_bit(residual_w8a8, tmp_path):
+    assert_bit_exact(residual_w8a8.report)
+    ops = optimized_op_counts(residual_w8a8.onnx_model, tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["QLinearMatMul"] == 1, ops
+    assert ops["Conv"] == 0 and ops["MatMul"] == 0 and ops["Gemm"] == 0, ops  # no layer left on float kernels
+
+
+def test_digits_w8a8_onnx_equals_simulation_bit_for_bit(digits_w8a8, tmp_path):
+    result, x_test, y_test = digits_w8a8
+    assert result.report.samples == 500
+    assert_bit_exact(result.report)
+    ops = optimized_op_counts(result.onnx_model, tmp_path)
+    assert ops["QLinearConv"] == 4 and ops["QLinearMatMul"] == 2, ops
+    assert ops["Conv"] == 0 and ops["MatMul"] == 0 and ops["Gemm"] == 0, ops  # every layer on int8 kernels
+    # same predictions, hence the same accuracy
+    sess = session(result.onnx_model.SerializeToString())
+    logits = sess.run(None, {"input": x_test.numpy()})[0]
+    with torch.no_grad():
+        sim = result.model(x_test).numpy()
+    assert np.array_equal(logits, sim)
+    assert digits.accuracy(logits, y_test) == digits.accuracy(sim, y_test)
+
+
+def test_int8_layers_are_bound_and_a_second_run_changes_nothing(residual_w8a8):
+    gm = residual_w8a8.model
+    int8_fns = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_function"
+                                   and n.target in (int8_conv2d, int8_linear))
+    assert int8_fns == {int8_conv2d: 4, int8_linear: 1}
+    assert not any(n.target in (F.conv2d, F.linear) for n in gm.graph.nodes if n.op == "call_function")
+    requantizing = [m for m in gm.modules() if isinstance(m, FakeQuantize) and m.requant is not None]
+    assert len(requantizing) == 5  # one quantizer reads each int8 layer's accumulator
+    code = gm.code
+    again = BindIntegerLayers()(gm)
+    assert again.modified is False and again.gm.code == code

@@ -1,0 +1,119 @@
+"""``validate_quantized``: the report's fields on a genuine file, and doctored files (one weight code changed, the
+decision thresholds of one APoT activation quantizer moved) that the validation must reject."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, numpy_helper
+
+import qcompile
+from qcompile.qmodules import FakeQuantize
+from qcompile.runtime.validation import validate_quantized
+from tests.models import ResidualCNN, example_input
+
+MAX_CODE_MISMATCH = 1e-3  # the default bound: 0.1% of activation codes
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    x = example_input(model, seed=2, batch=48)
+    result = qcompile.compile(model, calib=calib, validate=False, scheme="apot", bits=4, calib_method="minmax")
+    return result, model, x
+
+
+def activation_map(model: onnx.ModelProto) -> list[dict]:
+    return json.loads({p.key: p.value for p in model.metadata_props}["qcompile.activations"])
+
+
+def test_report_fields_of_a_genuine_file(compiled):
+    result, float_model, x = compiled
+    onnx_model = result.onnx_model
+    report = validate_quantized(onnx_model.SerializeToString(), result.model, x, float_model=float_model)
+    assert report.passed and report.failures == []
+    assert report.samples == 48
+    assert report.max_abs == 0.0 and math.isinf(report.sqnr_db)  # bit-exact file
+    assert report.top1 == 1.0
+    assert report.thresholds == {"min_sqnr": None, "max_abs": None, "min_top1": None}
+    assert "PASS" in report.summary() and report.to_dict()["passed"] is True
+
+    # one entry per activation quantizer of the file, with as many codes as the tensor has elements
+    sizes: dict[str, int] = {}
+    modules = dict(result.model.named_modules())
+    hooks = [modules[a["module"]].register_forward_hook(
+        lambda m, i, o, name=a["module"]: sizes.__setitem__(name, sizes.get(name, 0) + o.numel()))
+        for a in activation_map(onnx_model)]
+    try:
+        with torch.no_grad():
+            result.model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    by_name = {layer["quantizer"]: layer for layer in report.layers}
+    assert set(by_name) == set(sizes)
+    assert all(isinstance(modules[name], FakeQuantize) and modules[name].role == "activation" for name in by_name)
+    for name, layer in by_name.items():
+        assert set(layer) == {"quantizer", "codes", "codes_differ", "sqnr_vs_float_db"}
+        assert layer["codes"] == sizes[name] and layer["codes_differ"] == 0, name
+        assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
+    assert report.extra["codes_total"] == sum(sizes.values())
+    assert report.extra["codes_differ"] == 0 and report.extra["code_mismatch"] == 0.0
+    assert 0.0 < report.extra["sqnr_vs_float_db"] < math.inf
+    assert 0.0 <= report.extra["top1_vs_float"] <= 1.0
+
+
+def test_strict_thresholds_pass_on_the_genuine_file(compiled):
+    result, _, x = compiled
+    report = validate_quantized(result.onnx_model.SerializeToString(), result.model, x, max_abs=0.0,
+                                min_sqnr=100.0, min_top1=1.0, max_code_mismatch=0.0)
+    assert report.passed, report.summary()
+
+
+def doctored(model: onnx.ModelProto, name: str, change) -> bytes:
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # a copy
+    init = next(t for t in model.graph.initializer if t.name == name)
+    array = change(numpy_helper.to_array(init).copy())
+    init.CopyFrom(numpy_helper.from_array(array, name))
+    return model.SerializeToString()
+
+
+def test_a_changed_weight_code_fails_validation(compiled):
+    result, _, x = compiled
+    # conv1 is 8-bit uniform (first layer): its weight codes are a plain INT8 initializer
+    ints = [t for t in result.onnx_model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4]
+    assert ints, "no INT8 conv weight codes in the file"
+    target = ints[0]
+
+    def change(codes):
+        flat = codes.reshape(-1)
+        flat[0] = -127 if flat[0] > 0 else 127  # one code, to the other end of the range
+        return codes
+
+    data = doctored(result.onnx_model, target.name, change)
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)  # still a valid file
+    report = validate_quantized(data, result.model, x)
+    assert not report.passed
+    assert report.extra["codes_differ"] > 0
+    assert any("activation codes differ" in f for f in report.failures), report.failures
+    assert report.max_abs > 0.0
+    # an explicit output threshold catches it as well
+    strict = validate_quantized(data, result.model, x, max_abs=0.0, max_code_mismatch=None)
+    assert not strict.passed and any("max abs err" in f for f in strict.failures)
+
+
+def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
+    result, _, x = compiled
+    names = [t.name for t in result.onnx_model.graph.initializer if "/thresholds" in t.name]
+    assert names, "no APoT threshold table in the file"
+    data = doctored(result.onnx_model, names[0], lambda thr: (thr * np.float32(0.8)).astype(np.float32))
+    report = validate_quantized(data, result.model, x)
+    assert not report.passed
+    assert report.extra["code_mismatch"] > MAX_CODE_MISMATCH
+    assert any("activation codes differ" in f for f in report.failures), report.failures
+    assert any(layer["codes_differ"] > 0 for layer in report.layers)

@@ -1,0 +1,165 @@
+"""The quantizing command line end to end on the digits CNN (a state dict saved to a temporary folder, loaded with
+``--arch qcompile.models.digits:digits_cnn``, calibrated on 32 training images): ``.npy`` and ``.npz`` calibration
+files, bad calibration inputs (exit 2, one line), ``--emit custom``, mixed weight/activation schemes, the graph
+switches reaching the pipeline, and ``qcompile validate`` rebuilding the simulation of a quantized file."""
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qcompile.cli import main
+from qcompile.models import digits
+
+ARCH = ("--arch", digits.SPEC)
+LAYERS = ("conv1", "conv2", "conv3", "down", "fc1", "fc2")
+
+
+def cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def layer_table(stdout: str) -> dict[str, str]:
+    """``{layer: decision}`` from the ``layers:`` block of the summary."""
+    lines = stdout.splitlines()
+    start = lines.index("layers:") + 1
+    table = {}
+    for line in lines[start:]:
+        parts = line.split(None, 2)
+        if not line.startswith("  ") or len(parts) < 3 or parts[0] not in LAYERS:
+            break
+        table[parts[0]] = parts[2]
+    return table
+
+
+def assert_one_line_error(rc: int, out: str, err: str, *words: str) -> None:
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("qcompile: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_quant")
+    torch.save(digits.pretrained().state_dict(), folder / "digits.pt")
+    calib = digits.load_split()[0][:32].numpy()
+    np.save(folder / "calib.npy", calib)
+    return folder, calib
+
+
+@pytest.fixture(scope="module")
+def apot4(work):
+    folder, _ = work
+    out = folder / "apot4.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--scheme", "apot", "--bits", "4",
+                             "--calib", folder / "calib.npy", "-o", out)
+    return rc, stdout, stderr, out
+
+
+def test_compile_apot4_end_to_end(apot4):
+    rc, stdout, stderr, out = apot4
+    assert rc == 0, stderr
+    assert out.exists()
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    table = layer_table(stdout)
+    assert set(table) == set(LAYERS)
+    assert table["conv1"].startswith("W8 uniform / A8 uniform") and table["fc2"].startswith("W8 uniform / A8 uniform")
+    for name in ("conv2", "conv3", "down", "fc1"):
+        assert table[name].startswith("W4 apot / A4 apot"), table
+    summary = stdout.strip().splitlines()[-1]
+    assert summary.startswith("validation on 32 inputs") and summary.endswith("PASS"), summary
+
+
+def test_npz_with_x_key_and_custom_emission(work):
+    folder, calib = work
+    npz = folder / "calib_x.npz"
+    np.savez(npz, x=calib, y=np.zeros(len(calib), dtype=np.int64))  # labels beside the inputs are ignored
+    out = folder / "custom.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", npz, "--emit", "custom", "-o", out)
+    assert rc == 0, stderr
+    model = onnx.load(str(out))
+    assert any(n.domain == "qcompile" for n in model.graph.node)
+    assert {f.domain for f in model.functions} == {"qcompile"}
+    assert stdout.strip().endswith("PASS")
+
+
+def test_npz_with_two_arrays_and_no_x_is_a_one_line_error(work):
+    folder, calib = work
+    npz = folder / "ambiguous.npz"
+    np.savez(npz, inputs=calib, labels=np.zeros(len(calib)))
+    out = folder / "never.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", npz, "-o", out)
+    assert_one_line_error(rc, stdout, stderr, "'x'", "ambiguous.npz")
+    assert not out.exists()
+
+
+def test_unknown_calib_method_is_a_one_line_error(work):
+    folder, _ = work
+    out = folder / "never.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", folder / "calib.npy",
+                             "--calib-method", "median", "-o", out)
+    assert_one_line_error(rc, stdout, stderr, "--calib-method", "median", "mse")
+    assert not out.exists()
+
+
+def test_unsupported_activation_levels_are_a_one_line_error(work):
+    folder, _ = work
+    out = folder / "never.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", folder / "calib.npy", "--scheme", "ternary",
+                             "-o", out)
+    assert_one_line_error(rc, stdout, stderr, "ternary", "--ascheme")
+    assert not out.exists()
+
+
+def test_mixed_weight_and_activation_schemes(work):
+    folder, _ = work
+    out = folder / "w4a8.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", folder / "calib.npy", "--wscheme", "apot",
+                             "--ascheme", "uniform", "--wbits", "4", "--abits", "8", "-o", out)
+    assert rc == 0, stderr
+    assert "W4 apot / A8 uniform" in stdout.splitlines()[0]
+    table = layer_table(stdout)
+    for name in ("conv2", "conv3", "down", "fc1"):
+        assert table[name].startswith("W4 apot / A8 uniform"), table
+    assert stdout.strip().endswith("PASS")
+
+
+def test_graph_switches_reach_the_pipeline(work):
+    folder, _ = work
+    out = folder / "switches.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", folder / "calib.npy", "--no-fold-bn",
+                             "--no-equalize", "--keep-first-last", "fp32", "--exclude", "conv2*", "-o", out)
+    assert rc == 0, stderr
+    assert "FoldBatchNorm" not in stdout and "EqualizeWeights" not in stdout  # the passes did not run
+    table = layer_table(stdout)
+    assert table["conv1"] == "float (first layer)"
+    assert table["fc2"] == "float (last layer)"
+    assert table["conv2"] == "float (--exclude 'conv2*')"
+    for name in ("conv3", "down", "fc1"):
+        assert table[name].startswith("W4 apot / A4 apot"), table
+    # BatchNorms were not folded: they are still in the file, the float layers stay float Conv/Gemm
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert "BatchNormalization" in ops
+    assert stdout.strip().endswith("PASS")
+
+
+def test_validate_rebuilds_the_simulation_of_a_quantized_file(work, apot4):
+    folder, _ = work
+    rc, _, stderr, out = apot4
+    assert rc == 0, stderr
+    rc, stdout, stderr = cli("validate", out, "--against", folder / "digits.pt", *ARCH,
+                             "--data", folder / "calib.npy")
+    assert rc == 0, stderr
+    line = stdout.strip().splitlines()[-1]
+    assert line.startswith("validation on 32 inputs") and line.endswith("PASS"), line
+    assert "max abs err 0," in line  # the rebuilt simulation is the one the file was made from
