@@ -87,7 +87,7 @@ class BiasCorrection(Pass):
             with torch.no_grad():
                 owner.bias -= shift.to(owner.bias.dtype)
             node.meta["bias_corrected"] = True
-            self.report.append(f"{name}: |Δb| max {float(shift.abs().max()):.3g}")
+            self.report.append(f"{name}: |Δb| max {float(shift.detach().abs().max()):.3g}")
             changed = True
         return PassResult(gm, changed)
 

@@ -106,6 +106,10 @@ def compile(
         model = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
+    from qcompile.qat import config_of, convert  # here: qcompile.qat imports this module
+
+    if config_of(model) is not None:  # a model from qcompile.qat.prepare: export its learned quantizers
+        model = convert(model)
     calib_x = calib_tensor(calib)
     if example_inputs is None:
         if calib_x is None:
@@ -126,6 +130,12 @@ def compile(
         onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
     else:
         onnx_model = export_mod.export_onnx(gm, example_inputs)
+    summary = {}
+    if opts.quantized and opts.emit == "shift-add":
+        from .cost import cost_report, format_cost_report
+
+        cost = cost_report(onnx_model)
+        summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
     onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts)))
     export_mod.check_model(onnx_model)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
@@ -144,4 +154,4 @@ def compile(
         else:
             report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
-                         timings=pipeline.timings, seconds=time.perf_counter() - t0)
+                         timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

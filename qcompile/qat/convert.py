@@ -1,0 +1,155 @@
+"""``convert`` / ``export``: a trained QAT model → the plain quantized GraphModule → ONNX.
+
+Each trainable quantizer becomes a plain, calibrated :class:`qcompile.qmodules.FakeQuantize` whose ``alpha`` is
+the effective clipping value the trained model used (``alpha`` for PACT, ``sigma * alpha`` for APoT with weight
+normalisation, ``alpha * sigma`` for SDQ). Nothing is recalibrated.
+
+Weight normalisation folds away exactly: the trained layer computes ``conv(x, Q(w))`` with
+``Q(w) = fake_quantize(w - mu, sigma * alpha)`` (per output channel), i.e. ``sigma * alpha * Pi(w_n / alpha)``
+with ``w_n = (w - mu) / sigma``. ``convert`` stores ``w - mu`` as the layer weight and ``sigma * alpha`` as the
+quantizer's ``alpha`` -- the same float32 operations as the trained forward, so the converted model computes the
+trained model's values bit for bit and the graph is unchanged (``F.conv2d(act_fq(x), weight_fq(weight), b)``).
+The scale ``sigma`` plays the part of the BatchNorm that follows the normalised conv in the authors' ResNets
+(BN is folded before training here); the mean ``mu`` is dropped, as in the paper.
+
+Before: ``weight_fq = LearnableFakeQuantize(weight_norm)``, weight ``w``, bias ``layer.bias_fq(b)``.
+The biases were trained on their accumulator grid (``BiasQuantize``); its nodes are removed and the pipeline's
+``QuantizeBias`` stores the rounded values.
+
+After:  ``weight_fq = FakeQuantize(alpha = sigma * alpha)``, weight ``w - mu``; layers marked
+``meta["bias_corrected"]`` so a later ``qcompile.compile`` leaves the trained biases alone. Then the compile
+pipeline's passes after calibration run (``qat.prepare.split_pipeline``), as at the end of a compile: biases are
+rounded to the accumulator grid ``S_x * S_w`` (as in training) and the int8 layers' output re-quantization
+becomes integer-exact, so the converted model differs from the trained one by that integer re-quantization only.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.errors import UserError
+from qcompile.ir import QParams
+from qcompile.passes.base import Pipeline
+from qcompile.qmodules import FakeQuantize
+
+from .modules import BiasQuantize, LearnableFakeQuantize
+from .prepare import META_KEY, _attr, _set_submodule, config_of, split_pipeline
+
+CONVERTED_KEY = "qat_converted"  # gm.meta[CONVERTED_KEY]: the QATConfig the converted model was trained with
+_LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+
+
+def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.GraphModule:
+    """The trained model with plain ``FakeQuantize`` modules holding the learned clipping values (eval mode).
+
+    ``inplace=False`` (default) leaves ``model`` trainable and untouched.
+    """
+    if not isinstance(model, torch.fx.GraphModule):
+        raise UserError("convert takes the GraphModule that qcompile.qat.prepare returned")
+    cfg = config_of(model)
+    gm = model if inplace else copy.deepcopy(model)
+    gm.eval()
+    nodes = [n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LearnableFakeQuantize)]
+    if not nodes:
+        raise UserError("the model has no trainable quantizers; give the module that qcompile.qat.prepare returned")
+    method = cfg.method if cfg is not None else "qat"
+    _fold_bias_quantizers(gm)
+    with torch.no_grad():
+        for node in nodes:
+            fq = gm.get_submodule(node.target)
+            if fq.role == "weight":
+                source = node.args[0]
+                if not (isinstance(source, torch.fx.Node) and source.op == "get_attr"):
+                    raise UserError(f"weight quantizer {node.target} does not read a parameter; cannot fold it")
+                weight = _attr(gm, source.target)
+                x_in, alpha = fq.effective(weight)
+                if fq.weight_norm:
+                    weight.copy_(x_in)  # w - mu: the tensor the trained levels quantized
+            else:
+                _, alpha = fq.effective(torch.zeros(()))  # eval mode: no running statistic moves
+            plain = FakeQuantize(fq.scheme, fq.bits, fq.signed, axis=fq.axis, role=fq.role,
+                                 observer=fq.observer_name)
+            plain.set_params(alpha.detach().clone(), fq.zero_point)
+            _set_submodule(gm, node.target, plain)
+            node.meta["qparams"] = QParams(scheme=plain.scheme, bits=plain.bits, signed=plain.signed,
+                                           alpha=plain.alpha.clone(), axis=plain.axis,
+                                           zero_point=int(plain.zero_point) if plain.zero_point.numel() == 1 else 0,
+                                           role=plain.role, observer=f"qat:{method}")
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _LAYER_FUNCTIONS and len(node.args) > 1:
+            wq = node.args[1]
+            if isinstance(wq, torch.fx.Node) and wq.op == "call_module" and \
+                    isinstance(gm.get_submodule(wq.target), FakeQuantize):
+                node.meta["bias_corrected"] = True  # the biases were trained with the quantizers in the loop
+    gm.meta.pop(META_KEY, None)
+    if cfg is not None:
+        gm.meta[CONVERTED_KEY] = cfg
+    if cfg is not None:
+        gm = Pipeline(split_pipeline(cfg.options)[1], check=cfg.options.check)(gm).gm
+    return gm
+
+
+def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = None, *, validate: bool = True,
+           validation_inputs=None, emit: str = "standard", thresholds: Optional[dict] = None,
+           float_model: Optional[nn.Module] = None):
+    """Convert a trained QAT model and export it like ``qcompile.compile`` does: ONNX export, emission,
+    ``onnx.checker``, atomic write to ``output`` (if given), and validation in onnxruntime against the converted
+    simulation (``validation_inputs``, default the example inputs). Returns a :class:`qcompile.api.CompileResult`.
+    """
+    from qcompile import export as export_mod
+    from qcompile.api import CompileResult, as_input_tuple, calib_tensor
+    from qcompile.emit import emit as emit_onnx, quantizers_by_id
+    from qcompile.options import CompileOptions
+    from qcompile.runtime.validation import validate_quantized
+
+    t0 = time.perf_counter()
+    if output is not None:
+        export_mod.check_output_path(output)
+    cfg = config_of(model)
+    gm = convert(model) if cfg is not None or _has_learnable(model) else model
+    cfg = cfg or gm.meta.get(CONVERTED_KEY)
+    opts = cfg.options if cfg is not None else CompileOptions()
+    opts = dataclasses.replace(opts, emit=emit)
+    example_inputs = as_input_tuple(example_inputs)
+    table = quantizers_by_id(gm)
+    onnx_model = emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts)
+    onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts), default=str))
+    if cfg is not None:
+        onnx_model.metadata_props.add(key="qcompile.qat", value=cfg.describe())
+    export_mod.check_model(onnx_model)
+    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
+    report = None
+    if validate:
+        inputs = calib_tensor(validation_inputs) if validation_inputs is not None else example_inputs
+        report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
+                                    **(thresholds or {}))
+    return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts, timings=[],
+                         seconds=time.perf_counter() - t0)
+
+
+def _fold_bias_quantizers(gm: torch.fx.GraphModule) -> None:
+    """Take the BiasQuantize nodes out of the graph: the pipeline's ``QuantizeBias`` (run by convert) puts the
+    biases on the same grid with the final clipping values, as the trained forward did."""
+    nodes = [n for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), BiasQuantize)]
+    with torch.no_grad():
+        for node in nodes:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            parent, _, name = str(node.target).rpartition(".")
+            delattr(gm.get_submodule(parent) if parent else gm, name)
+    if nodes:
+        gm.recompile()
+
+
+def _has_learnable(model: nn.Module) -> bool:
+    return any(isinstance(m, LearnableFakeQuantize) for m in model.modules())

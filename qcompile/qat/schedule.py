@@ -1,0 +1,88 @@
+"""Training schedules of SDQ (sec. 4): progressive training with re-scaling, and two-phase training.
+
+Progressive training with re-scaling (eq. 11): a ``b``-bit model starts from a trained ``(b+n)``-bit one with
+
+    alpha_b = alpha_{b+n} * L_b / L_{b+n}
+
+so the step ``alpha / L`` -- the quantization interval, and with it the pruning area ``|y| < alpha / (2L)`` --
+is the same after the switch (without it the pruning area of a 3 -> 2 bit switch grows 3x, SDQ Fig. 3). ``L`` is
+the level set's grid denominator: SDQ's ``L_P`` (``2**(b-1) - 1`` signed, ``2**b - 1`` unsigned) for uniform
+levels, ``L_p2 = 2**(2**(b-1) - 2)`` for base-2 logarithmic ones (the smallest non-zero level is ``alpha / L``
+for both).
+
+Two-phase training (sec. 4.2): after the first phase, α and σ are frozen (:func:`freeze_quantizers`) and the
+weights alone are trained again.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from qcompile import quant
+from qcompile.errors import UserError
+
+from .modules import LearnableFakeQuantize, SDQFakeQuantize, learnable_quantizers
+from .prepare import META_KEY, _learns, config_of
+
+
+def rescale_alpha(alpha: torch.Tensor, levels_from: quant.LevelSet, levels_to: quant.LevelSet) -> torch.Tensor:
+    """Eq. 11: ``alpha_to = alpha_from * L_to / L_from`` (the grid step ``alpha / L`` is kept)."""
+    return torch.as_tensor(alpha) * (float(levels_to.denom) / float(levels_from.denom))
+
+
+def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[int] = None,
+                rescale: bool = True) -> int:
+    """Switch a prepared model's quantizers at the trained precision to ``wbits`` / ``abits`` (in place).
+
+    With ``rescale`` (default) their learned α is re-scaled by eq. 11. Fixed quantizers (first/last layers,
+    8-bit outputs) are untouched. Returns the number of quantizers changed.
+    """
+    cfg = config_of(model)
+    if cfg is None:
+        raise UserError("change_bits takes a model from qcompile.qat.prepare")
+    changed = 0
+    for fq in learnable_quantizers(model):
+        if not _learns(fq, cfg):
+            continue
+        new_bits = wbits if fq.role == "weight" else abits
+        if new_bits is None or new_bits == fq.bits:
+            continue
+        if fq.scheme == "uniform_asym" and rescale:
+            raise UserError("eq. 11 re-scaling is defined for symmetric and unsigned levels, not uniform_asym")
+        old = fq.levelset
+        new = quant.level_set(fq.scheme, new_bits, fq.signed)
+        with torch.no_grad():
+            if rescale:
+                fq.learned_alpha.copy_(rescale_alpha(fq.learned_alpha, old, new))
+                fq.alpha = rescale_alpha(fq.alpha, old, new).to(torch.float32)
+        fq.bits = int(new_bits)
+        changed += 1
+    opts = cfg.options
+    updates = {}
+    if wbits is not None:
+        updates["wbits"] = int(wbits)
+    if abits is not None:
+        updates["abits"] = int(abits)
+    opts = dataclasses.replace(opts, **{k: v for k, v in updates.items()})
+    model.meta[META_KEY] = dataclasses.replace(cfg, wbits=opts.weight_bits, abits=opts.act_bits, options=opts)
+    return changed
+
+
+def freeze_quantizers(model: nn.Module) -> int:
+    """Start the second training phase: freeze every learned α (and SDQ's σ). Returns how many were frozen.
+
+    A frozen α gets no gradient (``requires_grad=False``, its ``.grad`` cleared), so an optimizer built before
+    the switch leaves it alone as well.
+    """
+    count = 0
+    for fq in learnable_quantizers(model):
+        if isinstance(fq, SDQFakeQuantize):
+            fq.freeze()
+        elif isinstance(fq, LearnableFakeQuantize):
+            fq.learned_alpha.requires_grad_(False)
+        fq.learned_alpha.grad = None
+        count += 1
+    return count

@@ -1,0 +1,331 @@
+"""qcompile.qat: the gradients of the trainable quantizers against their formulas (closed forms and finite
+differences), SDQ's running sigma, eq. 11 re-scaling, two-phase freezing, weight-normalisation folding, and the
+export of a QAT-trained model to ONNX, validated in onnxruntime."""
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile import qat, quant
+from qcompile.errors import UserError
+from qcompile.models.digits import load_split, pretrained
+from qcompile.qat.modules import BiasQuantize, LearnableFakeQuantize, SDQFakeQuantize, channel_stats
+from qcompile.qmodules import FakeQuantize
+from qcompile.runtime.session import run, session
+
+GRAD_RTOL = 1e-4  # autograd (float32) against the float64 closed form / finite differences
+
+
+def nearest_level(u: np.ndarray, levelset) -> np.ndarray:
+    """Pi(u): the nearest normalised level, written independently of qcompile.quant (no ties in the data)."""
+    values = np.asarray(levelset.values)
+    return values[np.abs(u[..., None] - values).argmin(-1)]
+
+
+def rcf_local(u: np.ndarray, levelset) -> np.ndarray:
+    """d(alpha * Pi(x / alpha)) / d alpha of the RCF: sign(u) where clipped, Pi(u) - u inside (APoT slides)."""
+    lo = -1.0 if levelset.signed else 0.0
+    clipped = np.clip(u, lo, 1.0)
+    inside = (u > lo) & (u < 1.0)
+    return np.where(inside, nearest_level(clipped, levelset) - u, np.where(u >= 1.0, 1.0, -1.0 if lo < 0 else 0.0))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_split()
+
+
+# -- RCF (APoT) ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme,signed", [("apot", True), ("apot", False), ("pot", True), ("uniform", False)])
+def test_rcf_alpha_gradient_closed_form(scheme, signed):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, generator=gen) * 1.5
+    g = torch.randn(4000, generator=gen)
+    fq = LearnableFakeQuantize(scheme, 4, signed, role="weight" if signed else "activation",
+                               init_alpha=torch.tensor(2.0), grad="rcf")
+    (fq(x) * g).sum().backward()
+    ls = fq.levelset
+    want = float((g.double().numpy() * rcf_local(x.double().numpy() / 2.0, ls)).sum())
+    assert fq.learned_alpha.grad.item() == pytest.approx(want, rel=GRAD_RTOL)
+    # PACT / STE gradient of the same quantizer: only the clipped values count (the lecture's dQ/dalpha)
+    pact = LearnableFakeQuantize(scheme, 4, signed, role=fq.role, init_alpha=torch.tensor(2.0), grad="ste")
+    (pact(x) * g).sum().backward()
+    u = x.double().numpy() / 2.0
+    clipped = np.where(u >= 1.0, 1.0, np.where(signed & (u <= -1.0), -1.0, 0.0))
+    assert pact.learned_alpha.grad.item() == pytest.approx(float((g.double().numpy() * clipped).sum()), rel=GRAD_RTOL)
+
+
+def _surrogate(w: torch.Tensor, alpha: torch.Tensor, fq: LearnableFakeQuantize, w0, a0) -> torch.Tensor:
+    """The STE surrogate at (w0, a0) of ``sigma * alpha * Pi((w - mu) / (sigma * alpha))``, smooth in (w, alpha):
+    inside the clip range Pi(u) -> Pi(u0) + (u - u0), outside -> sign(u0). Its exact derivative is what RCF with
+    STE and weight normalisation claim to compute."""
+    mu0, s0 = channel_stats(w0, fq.axis)
+    u0 = ((w0 - mu0) / (s0 * a0)).double()
+    p0 = torch.from_numpy(nearest_level(u0.clamp(-1, 1).numpy(), fq.levelset))
+    mu, sigma = channel_stats(w, fq.axis)
+    u = (w - mu) / (sigma * alpha)
+    inside = u0.abs() < 1
+    return sigma * alpha * torch.where(inside, p0 + (u - u0), torch.sign(u0))
+
+
+def test_rcf_with_weight_norm_matches_finite_differences():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(6, 3, 3, 3, generator=gen) * 0.2 + 0.03
+    g = torch.randn(w.shape, generator=gen)
+    alpha0 = torch.tensor(1.7)
+    fq = LearnableFakeQuantize("apot", 4, True, axis=0, role="weight", init_alpha=alpha0, grad="rcf",
+                               weight_norm=True)
+    wp = w.clone().requires_grad_(True)
+    (fq(wp) * g).sum().backward()
+
+    w64, a64, g64 = w.double(), alpha0.double(), g.double()
+
+    def loss(wv, av):
+        return float((_surrogate(wv, av, fq, w64, a64) * g64).sum())
+
+    eps = 1e-6
+    fd_alpha = (loss(w64, a64 + eps) - loss(w64, a64 - eps)) / (2 * eps)
+    assert fq.learned_alpha.grad.item() == pytest.approx(fd_alpha, rel=GRAD_RTOL)
+    # closed form: sum over channels of sigma_c * RCF(u), u = (w - mu_c) / (sigma_c alpha)
+    mu, sigma = channel_stats(w64, 0)
+    u = ((w64 - mu) / (sigma * a64)).numpy()
+    closed = float((g64.numpy() * sigma.numpy() * rcf_local(u, fq.levelset)).sum())
+    assert fq.learned_alpha.grad.item() == pytest.approx(closed, rel=GRAD_RTOL)
+    # weights: the gradient flows through the normalisation (mean and std), slides "BACKWARD i."
+    flat = w64.reshape(-1)
+    for i in (0, 17, 40, 101, 150):
+        step = torch.zeros_like(flat)
+        step[i] = eps
+        fd = (loss((flat + step).reshape(w.shape), a64) - loss((flat - step).reshape(w.shape), a64)) / (2 * eps)
+        assert wp.grad.reshape(-1)[i].item() == pytest.approx(fd, rel=1e-3, abs=1e-5)
+
+
+# -- SDQ --------------------------------------------------------------------------------------------------------
+def test_sdq_activation_gradient_eq6_eq8():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=gen) * 2
+    g = torch.randn(5000, generator=gen)
+    sigma, alpha, s = torch.tensor(1.3), torch.tensor(2.0), 0.1
+    fq = SDQFakeQuantize("uniform", 3, False, init_alpha=alpha, sigma=sigma, grad_scale=s).eval()
+    xp = x.clone().requires_grad_(True)
+    y = fq(xp)
+    (y * g).sum().backward()
+    clip = float(alpha * sigma)
+    above = x >= clip
+    # eq. 8 (without the lambda*alpha term, which the optimizer's weight decay adds): s * sigma * sum g, x >= a*s
+    assert fq.learned_alpha.grad.item() == pytest.approx(s * float(sigma) * float(g[above].sum()), rel=GRAD_RTOL)
+    # eq. 7: the input gradient passes for 0 < x < alpha * sigma only
+    inside = (x > 0) & (x < clip)
+    assert torch.equal(xp.grad, torch.where(inside, g, torch.zeros_like(g)))
+    # finite differences where eq. 6 is exact: a clipped output is alpha * sigma
+    eps = 1e-3
+    hi = SDQFakeQuantize("uniform", 3, False, init_alpha=alpha + eps, sigma=sigma).eval()(x)
+    lo = SDQFakeQuantize("uniform", 3, False, init_alpha=alpha - eps, sigma=sigma).eval()(x)
+    fd = ((hi - lo) / (2 * eps))[above]
+    assert torch.allclose(fd, torch.full_like(fd, float(sigma)), rtol=1e-3)
+    # the lambda * alpha term: weight decay on the alpha group (param_groups) adds it once per step
+    lam, lr = 0.5, 0.01
+    opt = torch.optim.SGD([{"params": [fq.learned_alpha], "weight_decay": lam}], lr=lr)
+    before, grad = fq.learned_alpha.item(), fq.learned_alpha.grad.item()
+    opt.step()
+    assert fq.learned_alpha.item() == pytest.approx(before - lr * (grad + lam * before), rel=1e-6)
+
+
+def test_sdq_log2_weight_gradient_and_levels():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(8, 16, generator=gen) * torch.linspace(0.1, 1.0, 8)[:, None]
+    g = torch.randn(w.shape, generator=gen)
+    _, sigma = channel_stats(w, 0)
+    sigma = sigma.reshape(-1)
+    fq = SDQFakeQuantize("log2", 3, True, axis=0, role="weight", init_alpha=torch.tensor(2.5),
+                         sigma=sigma, grad_scale=0.01)
+    wp = w.clone().requires_grad_(True)
+    y = fq(wp)
+    (y * g).sum().backward()
+    clip = 2.5 * sigma[:, None]
+    outside = w.abs() >= clip
+    want = 0.01 * float((sigma[:, None] * torch.sign(w) * g)[outside].sum())
+    assert fq.learned_alpha.grad.item() == pytest.approx(want, rel=GRAD_RTOL)
+    # eq. 9-10 levels: {0, +-2^k} * alpha * sigma / L_p2 with L_p2 = 4 at 3 bits
+    levels = torch.unique(torch.round(y.detach() / (clip / 4) * 1e4) / 1e4)
+    assert set(levels.tolist()) <= {-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0}
+
+
+def test_sdq_running_sigma_of_mirrored_positive_part():
+    x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 2.0, 2.0])
+    sigma_t = float(np.sqrt((1 + 4 + 4) / 3))  # sqrt(E[x^2 | x > 0])
+    assert SDQFakeQuantize.batch_sigma(x, "activation", None).item() == pytest.approx(sigma_t)
+    fq = SDQFakeQuantize("uniform", 4, False, init_alpha=torch.tensor(3.0), sigma=torch.tensor(1.0))
+    fq.train()
+    with torch.enable_grad():
+        fq(x)
+    assert fq.sigma.item() == pytest.approx(0.999 * 1.0 + 0.001 * sigma_t, rel=1e-6)  # eq. 3, momentum 0.001
+    fq.eval()
+    fq(x)
+    assert fq.sigma.item() == pytest.approx(0.999 * 1.0 + 0.001 * sigma_t, rel=1e-6)  # eval: no update
+
+
+# -- eq. 11 re-scaling --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["uniform", "log2"])
+def test_rescaling_keeps_the_quantization_intervals(scheme):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(2000, generator=gen)
+    high, low = quant.level_set(scheme, 3, True), quant.level_set(scheme, 2, True)
+    alpha3 = torch.tensor(2.2)
+    alpha2 = qat.rescale_alpha(alpha3, high, low)
+    assert float(alpha2) == pytest.approx(float(alpha3) * low.denom / high.denom)
+    # the step alpha / L is kept, so every 2-bit level is a 3-bit level and the pruning area is unchanged
+    assert float(quant.unit_from_alpha(alpha2, low)) == pytest.approx(float(quant.unit_from_alpha(alpha3, high)))
+    lv3 = set(np.round(high.values * float(alpha3), 6))
+    assert set(np.round(low.values * float(alpha2), 6)) <= lv3
+    pruned = lambda a, ls: int((quant.quantize(w, a, ls) == 0).sum())  # noqa: E731
+    assert pruned(alpha2, low) == pruned(alpha3, high)
+    assert pruned(alpha3, low) > pruned(alpha3, high)  # without re-scaling the pruning area grows (SDQ Fig. 3)
+
+
+def test_change_bits_rescales_a_prepared_model(digits):
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="uniform", bits=3, method="sdq", calib=x_tr[:64])
+    before = {n: (m.bits, m.learned_alpha.detach().clone(), m.levelset)
+              for n, m in gm.named_modules() if isinstance(m, LearnableFakeQuantize)}
+    changed = qat.change_bits(gm, wbits=2, abits=2)
+    assert changed == sum(1 for b, _, _ in before.values() if b == 3)
+    for name, mod in gm.named_modules():
+        if not isinstance(mod, LearnableFakeQuantize):
+            continue
+        bits, alpha, ls = before[name]
+        if bits == 8:
+            assert mod.bits == 8 and torch.equal(mod.learned_alpha, alpha)  # fixed first/last/output quantizers
+        else:
+            assert mod.bits == 2
+            assert torch.allclose(mod.learned_alpha, alpha * mod.levelset.denom / ls.denom)
+    cfg = qat.config_of(gm)
+    assert (cfg.wbits, cfg.abits) == (2, 2)
+
+
+# -- two-phase training -----------------------------------------------------------------------------------------
+def _train(gm, x, y, opt, steps):
+    gm.train()
+    for i in range(steps):
+        sl = slice(32 * i, 32 * (i + 1))
+        loss = F.cross_entropy(gm(x[sl]), y[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_phase_two_freezes_alpha_and_sigma(digits):
+    x_tr, y_tr, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="log2", bits=3, method="sdq", calib=x_tr[:64], momentum=0.1)
+    opt = torch.optim.AdamW(qat.param_groups(gm, lr_alpha=0.05, wd_alpha=1e-3), lr=1e-3, weight_decay=1e-4)
+    quantizers = [m for m in qat.learnable_quantizers(gm) if m.learnable]
+    start = [(m.learned_alpha.detach().clone(), m.sigma.clone()) for m in quantizers]
+    _train(gm, x_tr, y_tr, opt, 3)
+    assert any(not torch.equal(m.learned_alpha, a) for m, (a, _) in zip(quantizers, start))  # phase one learns
+    assert any(not torch.equal(m.sigma, s) for m, (_, s) in zip(quantizers, start) if m.role != "weight")
+    assert qat.freeze_quantizers(gm) == len(qat.learnable_quantizers(gm))
+    frozen = [(m.learned_alpha.detach().clone(), m.sigma.clone()) for m in quantizers]
+    weights = gm.conv2.weight.detach().clone()
+    _train(gm, x_tr[96:], y_tr[96:], opt, 3)  # the same optimizer: its momentum and weight decay must not leak
+    for m, (a, s) in zip(quantizers, frozen):
+        assert torch.equal(m.learned_alpha, a) and torch.equal(m.sigma, s)
+    assert not torch.equal(gm.conv2.weight, weights)  # the weights still train
+    assert all(not g["params"] for g in qat.param_groups(gm)[1:])
+
+
+# -- prepare / param groups -------------------------------------------------------------------------------------
+def test_prepare_quantizers_and_param_groups(digits):
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, method="apot", calib=x_tr[:64])
+    assert gm.training and qat.config_of(gm).weight_norm and qat.config_of(gm).grad == "rcf"
+    fqs = dict((n, m) for n, m in gm.named_modules() if isinstance(m, FakeQuantize))
+    assert fqs and all(isinstance(m, LearnableFakeQuantize) for m in fqs.values())
+    for m in fqs.values():  # 4-bit quantizers learn alpha; 8-bit first/last/output ones keep the PTQ value
+        assert m.learned_alpha.requires_grad == (m.bits == 4)
+        assert m.weight_norm == (m.role == "weight" and m.bits == 4)
+    assert fqs["conv1.weight_fq"].bits == 8 and fqs["conv2.weight_fq"].bits == 4
+    weights, alphas = qat.param_groups(gm, lr_alpha=0.01, wd_alpha=1e-4, weight_decay=0.0)
+    assert alphas["lr"] == 0.01 and alphas["weight_decay"] == 1e-4 and weights["weight_decay"] == 0.0
+    ids = [id(p) for p in weights["params"]] + [id(p) for p in alphas["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in gm.parameters() if p.requires_grad}
+    ablation = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, weight_norm=False, rcf=False,
+                           calib=x_tr[:64])
+    assert {m.grad for m in qat.learnable_quantizers(ablation) if m.learnable} == {"ste"}
+    assert not any(m.weight_norm for m in qat.learnable_quantizers(ablation))
+    with pytest.raises(UserError, match="unknown QAT method"):
+        qat.prepare(pretrained(), x_te[:1], method="lsq")
+    with pytest.raises(UserError, match="bias correction"):
+        qat.prepare(pretrained(), x_te[:1], bias_correction=True)
+
+
+def test_convert_folds_weight_norm_exactly(digits):
+    x_tr, y_tr, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, calib=x_tr[:64])
+    _train(gm, x_tr, y_tr, torch.optim.AdamW(qat.param_groups(gm, lr_alpha=0.01), lr=1e-3), 2)
+    gm.eval()
+    with torch.no_grad():
+        trained = gm(x_te[:100])
+        trained_w = {name: gm.get_submodule(name).weight_fq(gm.get_submodule(name).weight)
+                     for name in ("conv2", "conv3", "down", "fc1")}
+    w = gm.conv2.weight.detach().clone()
+    mu, sigma = channel_stats(w, 0)
+    alpha = gm.conv2.weight_fq.learned_alpha.detach()
+    conv = qat.convert(gm)
+    with torch.no_grad():
+        for name, want in trained_w.items():  # the quantized weights are the trained ones, bit for bit
+            assert torch.equal(conv.get_submodule(name).weight_fq(conv.get_submodule(name).weight), want)
+        # and so is the model: biases were trained on the accumulator grid and the int8 layers' integer
+        # re-quantization computes the same codes
+        assert torch.equal(conv(x_te[:100]), trained)
+    assert type(conv.conv2.weight_fq) is FakeQuantize and conv.conv2.weight_fq.calibrated
+    assert torch.equal(conv.conv2.weight, w - mu)  # the normalisation's mean folded into the stored weight
+    assert torch.equal(conv.conv2.weight_fq.alpha, sigma.reshape(-1) * alpha)  # and its scale into alpha
+    # the same graph without the training-time bias quantizers (int8 first/last layers bound to integers)
+    assert [n.name for n in conv.graph.nodes] == [n.name for n in gm.graph.nodes if "bias_fq" not in n.name]
+    assert not any(isinstance(m, BiasQuantize) for m in conv.modules())
+    assert isinstance(gm.conv2.weight_fq, LearnableFakeQuantize)  # the trained model is left as it was
+    assert not any(isinstance(m, LearnableFakeQuantize) for m in conv.modules())
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme,method", [("apot", "apot"), ("log2", "sdq")])
+def test_qat_model_exports_and_matches_in_onnxruntime(digits, tmp_path, scheme, method):
+    x_tr, y_tr, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme=scheme, bits=3, method=method, calib=x_tr[:64])
+    _train(gm, x_tr, y_tr, torch.optim.AdamW(qat.param_groups(gm, lr_alpha=0.01), lr=1e-3), 4)
+    gm.eval()
+    with torch.no_grad():
+        trained = gm(x_te[:200]).numpy()
+    path = str(tmp_path / "qat.onnx")
+    result = qat.export(gm, x_te[:1], output=path, validation_inputs=x_te[:200])
+    assert result.report.passed, result.report.summary()
+    assert result.report.top1 >= 0.99
+    got = run(session(path), [x_te[:200].numpy()])[0]
+    with torch.no_grad():
+        sim = result.model(x_te[:200]).numpy()
+    # the converted simulation is the trained module bit for bit; onnxruntime agrees with it
+    assert np.array_equal(sim, trained)
+    assert np.mean(got.argmax(1) == trained.argmax(1)) >= 0.99
+    err = np.linalg.norm(got - trained) / np.linalg.norm(trained)
+    assert err < 1e-2, err
+
+
+@pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")  # BiasCorrection on α params
+def test_compile_takes_the_trainable_and_the_converted_model(digits):
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="uniform", bits=4, method="pact", calib=x_tr[:64])
+    direct = qcompile.compile(gm, x_te[:1], scheme="uniform", bits=4, calib=x_tr[:64], validation_inputs=x_te[:100])
+    assert direct.report.passed, direct.report.summary()  # compile() converts a prepared model itself
+    conv = qat.convert(gm)
+    alphas = {n: m.alpha.clone() for n, m in conv.named_modules() if isinstance(m, FakeQuantize)}
+    result = qcompile.compile(conv, x_te[:1], scheme="uniform", bits=4, calib=x_tr[:64],
+                              validation_inputs=x_te[:100])
+    assert result.report.passed, result.report.summary()
+    for name, mod in result.model.named_modules():  # no recalibration: the learned values are exported
+        if name in alphas:
+            assert torch.equal(mod.alpha, alphas[name])
