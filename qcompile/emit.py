@@ -169,7 +169,7 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
     if opts.emit == "shift-add":
         from .lowering import lower_shift_add
 
-        model = lower_shift_add(model)
+        model = lower_shift_add(model, check=opts.check)
     return model
 
 

@@ -1,0 +1,180 @@
+"""Operation counts of the shift-add lowering against the uniform integer form, per input sample.
+
+In the spirit of the APoT paper's FixOPs comparison (Table 3), counted on the integer arithmetic a multiplier-free
+accelerator performs, not on the ONNX operators that emulate it (those compute 0/1-mask products densely):
+
+- **uniform integer form** of a layer: ``mults = MACs = P * O * K`` and ``adds = P * O * (K - 1)``
+  (P output positions per sample, O output channels, K fan-in; dense, as uniform hardware runs it);
+- **shift-add form** (as lowered: terms grouped by (exponent, sign) per output): no multiplications;
+  ``adds = P * sum_o (T_o - 1)`` where T_o is the number of nonzero signed power-of-two terms in output o's
+  weights (zero weights cost nothing); ``shifts = P * sum_o #{groups of o with exponent > 0}``;
+  ``shifts_per_product`` = one shift per term with exponent > 0 (a shift-add multiplier per MAC, ungrouped).
+
+Layers that are not lowered (uniform 8-bit first/last layers, float layers) keep their MACs as multiplications in
+both columns. :func:`cost_report` works on a lowered file (records in ``metadata_props``) and on a standard-form
+file (what the lowering would produce). :func:`format_cost_report` gives the summary lines.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+
+
+def layer_cost(codes: np.ndarray, positions: Optional[int], decomposition: str = "naf") -> dict:
+    """Counts for one layer with integer weight ``codes`` ``[O, ...]`` (see the module docstring)."""
+    from .lowering import level_histogram
+
+    codes = np.asarray(codes, dtype=np.int64)
+    levels, index = np.unique(codes, return_inverse=True)
+    return cost_from_histogram(level_histogram(index.reshape(codes.shape), len(levels)), levels, positions,
+                               decomposition)
+
+
+def cost_from_histogram(hist: np.ndarray, levels: np.ndarray, positions: Optional[int],
+                        decomposition: str = "naf") -> dict:
+    """:func:`layer_cost` from ``hist[o, l]`` (weights of output ``o`` at level ``levels[l]``)."""
+    from .lowering import signed_digits
+
+    digits = signed_digits(levels, decomposition)                  # [L, E]
+    n_out, fan_in = hist.shape[0], int(hist[0].sum())
+    terms = hist @ np.count_nonzero(digits, axis=1)                # T_o
+    group_shifts = sum(int(((hist @ (digits[:, e] == s).astype(np.int64)) > 0).sum())
+                       for e in range(1, digits.shape[1]) for s in (1, -1))
+    shifted_terms = int((hist @ np.count_nonzero(digits[:, 1:], axis=1)).sum())
+    present = hist.sum(axis=0) > 0
+    p = positions if positions is not None else 1
+    return {
+        "positions": positions,
+        "out_channels": int(n_out),
+        "fan_in": fan_in,
+        "weight_count": int(hist.sum()),
+        "nonzero_weights": int(hist[:, np.asarray(levels) != 0].sum()),
+        "terms": int(terms.sum()),
+        "max_terms_per_weight": int(np.count_nonzero(digits[present], axis=1).max()) if present.any() else 0,
+        "uniform": {"mults": p * n_out * fan_in, "adds": p * n_out * (fan_in - 1)},
+        "shift_add": {"mults": 0, "shifts": p * group_shifts, "adds": p * int(np.maximum(terms - 1, 0).sum()),
+                      "shifts_per_product": p * shifted_terms},
+    }
+
+
+def _shapes(model: onnx.ModelProto) -> dict:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    for t in inferred.graph.initializer:
+        shapes[t.name] = list(t.dims)
+    return shapes
+
+
+def _dense_macs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
+    """MACs per sample of a Conv/Gemm/MatMul left as it is (batch dimension excluded)."""
+    out = shapes.get(node.output[0])
+    if node.op_type == "Conv":
+        w = shapes.get(node.input[1])
+        if out is None or w is None or any(d is None for d in out[1:] + w):
+            return None
+        return int(np.prod(out[1:], dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
+    x = shapes.get(node.input[0])
+    if out is None or x is None or any(d is None for d in out[1:]) or x[-1] is None:
+        return None
+    return int(np.prod(out[1:], dtype=np.int64) * x[-1])
+
+
+def _producer_name(model: onnx.ModelProto, tensor: str) -> str:
+    return next((n.name for n in model.graph.node if tensor in n.output), "")
+
+
+def _module_of(model: onnx.ModelProto, node_name: str) -> str:
+    """Best-effort module name: the prefix of a ``<module>.bias`` initializer the layer (or its bias Add) reads."""
+    node = next((n for n in model.graph.node if n.name == node_name), None)
+    if node is None:
+        return ""
+    candidates = list(node.input)
+    candidates += [i for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input for i in n.input]
+    return next((c[: -len(".bias")] for c in candidates if c.endswith(".bias")), "")
+
+
+def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
+    """Per-layer and total counts per input sample (a dict ready for JSON); see the module docstring."""
+    from .lowering import _initializers, lowered_layers, match_layers, plan_layer
+
+    records = lowered_layers(model)
+    lowered_form = bool(records)
+    layers = []
+    if lowered_form:
+        for rec in records:
+            layers.append({"layer": rec["layer"], "module": rec.get("module", ""), "op": rec["op"],
+                           "weight_levels": rec["weight_levels"], "lowered": True,
+                           "accumulator_dtype": rec["accumulator_dtype"], **rec["cost"]})
+    else:
+        import onnx_graphsurgeon as gs
+
+        inferred = onnx.shape_inference.infer_shapes(model)
+        matches, _ = match_layers(gs.import_onnx(inferred), _initializers(inferred))
+        for m in matches:
+            plan = plan_layer(m, decomposition)
+            layers.append({"layer": m.node.name, "module": _module_of(model, m.node.name), "op": m.node.op, "weight_levels": m.weight.label,
+                           "lowered": True, "accumulator_dtype": f"int{plan.width}", **plan.cost})
+    done = {row["layer"] for row in layers}
+    shapes = _shapes(model)
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name in done:
+            continue
+        macs = _dense_macs(node, shapes)
+        layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,
+                       "macs": macs, "uniform": {"mults": macs, "adds": macs},
+                       "shift_add": {"mults": macs, "shifts": 0, "adds": macs, "shifts_per_product": 0}})
+
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    order.update({rec["layer"]: order.get(_producer_name(model, rec["accumulator"]), 0) for rec in records})
+    layers.sort(key=lambda row: order.get(row["layer"], 0))
+
+    def total(key: str, field: str, only_lowered: bool = False) -> Optional[int]:
+        vals = [row[key][field] for row in layers if row["lowered"] or not only_lowered]
+        return None if any(v is None for v in vals) else int(sum(vals))
+
+    totals = {
+        "uniform": {"mults": total("uniform", "mults"), "adds": total("uniform", "adds")},
+        "shift_add": {f: total("shift_add", f) for f in ("mults", "shifts", "adds", "shifts_per_product")},
+        "lowered_layers": {
+            "uniform": {f: total("uniform", f, True) for f in ("mults", "adds")},
+            "shift_add": {f: total("shift_add", f, True) for f in ("shifts", "adds", "shifts_per_product")},
+        },
+    }
+    return {"form": "shift-add" if lowered_form else "standard (lowering planned)", "per": "input sample",
+            "decomposition": decomposition, "layers": layers, "totals": totals}
+
+
+def _si(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_cost_report(report: dict) -> list[str]:
+    """Summary lines of :func:`cost_report`: one row per layer, then the model totals."""
+    rows = [("layer", "weights", "uniform mult", "uniform add", "shifts", "adds", "terms/w")]
+    for row in report["layers"]:
+        name = row["module"] or row["layer"]
+        if row["lowered"]:
+            per_w = row["terms"] / row["nonzero_weights"] if row["nonzero_weights"] else 0.0
+            rows.append((name, row["weight_levels"], _si(row["uniform"]["mults"]), _si(row["uniform"]["adds"]),
+                         _si(row["shift_add"]["shifts"]), _si(row["shift_add"]["adds"]), f"{per_w:.2f}"))
+        else:
+            rows.append((name, "not lowered", _si(row["uniform"]["mults"]), _si(row["uniform"]["adds"]),
+                         "-", "(mults kept)", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"shift-add cost per input sample ({report['form']}):"]
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    t = report["totals"]
+    lines.append(f"  total, uniform integer form: {_si(t['uniform']['mults'])} mults + {_si(t['uniform']['adds'])} adds; "
+                 f"shift-add form: {_si(t['shift_add']['mults'])} mults (layers not lowered) + "
+                 f"{_si(t['shift_add']['shifts'])} shifts + {_si(t['shift_add']['adds'])} adds")
+    return lines

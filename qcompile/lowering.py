@@ -1,0 +1,795 @@
+"""Shift-add lowering: APoT/PoT layers of a standard-form file as integer shifts and additions (``--emit shift-add``).
+
+Every APoT/PoT weight is a grid integer ``g`` (``qcompile.quant``), a sum of signed powers of two. With its digits
+``g = sum_e d_e(g) 2**e``, ``d_e in {-1, 0, 1}`` (non-adjacent form by default: the fewest nonzero digits; or
+``"binary"``, the APoT paper's own additive terms), a layer on integer activation codes ``x`` is::
+
+    acc[o] = sum_{c,k} g[o,c,k] x[c,k] = sum_{(e,s)} s * ( sum_{c,k} mask_{e,s}[o,c,k] x[c,k] ) << e
+    y[o]   = float(acc[o]) * (s_w[o] s_x)  (+ bias[o])          (the lecture's integer layer, one rescale)
+
+with ``mask_{e,s} = [d_e(g) == s]`` in {0, 1}: a 0/1-mask convolution or matmul only selects and sums
+activations, and ``<< e`` multiplies by a power of two. Before → After, for each matched layer::
+
+    Conv(DQ(codes_x, s_x), DQ(Gather(lut, idx), s_w), b)
+    →  Mul(Cast<float>(acc), s_w s_x) + b,   acc = region(codes_x) in integers only
+
+The region (node names recorded in ``model.metadata_props["qcompile.shift_add"]``) is, in standard ONNX:
+
+1. activation planes: ``x = Cast<int32>(codes) - Z``; split into non-negative parts (``x+ = Max(x, 0)``,
+   ``x- = Max(-x, 0)``, only where x can be negative) and bytes (``BitShift`` right + ``BitwiseAnd 255``, only
+   where |x| > 255), each a uint8 plane; the planes are stacked on the batch axis (``Concat``);
+2. one ``ConvInteger`` / ``MatMulInteger`` (uint8 x uint8 -> int32) against all masks stacked on the output axis
+   (the masks are ``Gather(table, idx)``: the stored 4-bit level indices look up a 0/1 table, so the file keeps
+   ``bits`` per weight; ``pack_masks=False`` stores uint8 masks instead);
+3. ``Reshape`` to expose (plane, group); ``Cast<uintW>``; ``BitShift`` left by ``e + 8 * byte`` (``BitShift`` is
+   defined on unsigned integers: every shifted value is a sum of non-negative terms); ``Cast<intW>``;
+4. ``ReduceSum`` over the positive and the negative groups, ``Sub``; the same over positive / negative planes;
+   ``Reshape`` back to the layer's output shape: ``acc``.
+
+Widths: the mask products are int32 (each is at most ``255 * fan_in``; checked). Every later intermediate is
+bounded by ``B = (sum over planes of max plane * 2**(8 byte)) * max_o sum_{c,k} sum_terms 2**e`` (>= max|acc|);
+``W = 32`` (uint32 shifts, int32 sums) when ``B < 2**31``, else ``W = 64``; refused beyond ``2**63``.
+
+Bias: kept in float and added after the rescale (so the lowered and the standard outputs agree to float
+rounding); the lecture's integer ``q_bias = round(b / (s_w s_x))`` would move outputs by up to half a unit.
+
+Not lowered (left as in the standard form, reason recorded): layers with uniform weights (the 8-bit first/last
+layers: integer multiplications are the point there), float activations or weights, a weight zero point, a
+per-channel scale on an axis other than the output, Gemm with ``transA``/``alpha``/``beta`` != defaults.
+
+:func:`verify_shift_add` states the claim as a check (see its docstring).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+REGION_KEY = "qcompile.shift_add"
+ACTIVATIONS_KEY = "qcompile.activations"
+PREFIX = "shift_add"
+DECOMPOSITIONS = ("naf", "binary")
+
+
+class ShiftAddVerificationError(RuntimeError):
+    """A lowered region breaks the shift-add claim (see :func:`verify_shift_add`)."""
+
+
+# -- signed power-of-two digits ------------------------------------------------------------------------------
+def signed_digits(values, decomposition: str = "naf") -> np.ndarray:
+    """Digits ``d[..., e]`` in {-1, 0, 1} with ``values == sum_e d[..., e] * 2**e`` (int64 array).
+
+    ``"naf"``: non-adjacent form (no two adjacent nonzero digits), the minimal number of signed power-of-two
+    terms of each integer. ``"binary"``: the bits of ``|v|`` with the sign of ``v``; for APoT grid integers these
+    are exactly the paper's additive terms (their exponents are distinct by construction).
+    """
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+    v = np.asarray(values, dtype=np.int64)
+    mag, sign = np.abs(v), np.sign(v)
+    width = int(mag.max()).bit_length() + 1 if mag.size else 1
+    digits = np.zeros(v.shape + (width,), dtype=np.int64)
+    if decomposition == "binary":
+        for e in range(width):
+            digits[..., e] = (mag >> e) & 1
+    else:
+        n = mag.copy()
+        for e in range(width):
+            d = np.where((n & 1) == 1, 2 - (n & 3), 0)  # n = 1 (mod 4) -> +1, n = 3 (mod 4) -> -1
+            digits[..., e] = d
+            n = (n - d) >> 1
+        assert not n.any(), "NAF did not terminate"
+    digits *= sign[..., None]
+    return digits
+
+
+# -- pattern matching on the standard form -------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Activation:
+    codes: object             # gs.Variable: integer codes entering the region
+    zero_point: int
+    lo: int                   # range of codes - zero_point
+    hi: int
+    scale: float              # float32 value of the activation's DequantizeLinear scale
+    kind: str                 # "levels" (Gather of a level grid), "uniform" (QuantizeLinear) or "codes"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    index: object             # gs.Constant: stored level indices
+    index_values: np.ndarray  # int64, stored layout
+    lut: np.ndarray           # int64 grid integers, lut[index] = weight code
+    out_axis: int             # stored axis of the output channels
+    scale: np.ndarray         # float32 [O]
+
+    @property
+    def canonical_index(self) -> np.ndarray:
+        """Level indices as [O, fan-in dims...]."""
+        return self.index_values if self.out_axis == 0 else self.index_values.T
+
+    @property
+    def codes(self) -> np.ndarray:
+        return self.lut[self.canonical_index]
+
+    @property
+    def label(self) -> str:
+        """``apot<b>``/``pot<b>``: PoT when every nonzero level is a power of two; b from the level count."""
+        mags = np.unique(np.abs(self.lut[self.lut != 0]))
+        kind = "pot" if all(int(m) & (int(m) - 1) == 0 for m in mags) else "apot"
+        return f"{kind}{int(len(self.lut)).bit_length()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Match:
+    node: object              # gs.Node: the Conv / Gemm / MatMul
+    kind: str                 # "conv" | "matmul"
+    act: _Activation
+    weight: _Weight
+    bias: object              # gs.Tensor or None
+    positions: Optional[int]  # output positions per sample (spatial size, or rows of a MatMul); None if unknown
+
+
+def _initializers(model: onnx.ModelProto) -> dict:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _const_array(tensor, inits: dict) -> Optional[np.ndarray]:
+    """Value of a constant gs tensor, read from the ModelProto (gs would unpack 4-bit tensors and break export)."""
+    import onnx_graphsurgeon as gs
+
+    if not isinstance(tensor, gs.Constant):
+        return None
+    if tensor.name in inits:
+        return numpy_helper.to_array(inits[tensor.name])
+    return np.asarray(tensor.values)
+
+
+def _producer(tensor):
+    return tensor.inputs[0] if len(tensor.inputs) == 1 else None
+
+
+_INT_RANGES = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+               for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
+
+
+def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
+    dq = _producer(x)
+    if dq is None or dq.op != "DequantizeLinear":
+        return None, "activation is not quantized (no DequantizeLinear)"
+    scale = _const_array(dq.inputs[1], inits)
+    if scale is None or scale.size != 1:
+        return None, "activation scale is not a per-tensor constant"
+    zp = 0
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
+        z = _const_array(dq.inputs[2], inits)
+        if z is None or z.size != 1:
+            return None, "activation zero point is not a scalar constant"
+        zp = int(z.reshape(()))
+    codes = dq.inputs[0]
+    src = _producer(codes)
+    rng, kind = None, "codes"
+    if src is not None and src.op == "Gather":
+        kind = "levels"
+        table = _const_array(src.inputs[0], inits)
+        if table is not None and table.dtype.kind in "iu":
+            rng = (int(table.min()), int(table.max()))
+    elif src is not None and src.op == "QuantizeLinear":
+        kind = "uniform"
+        if len(src.inputs) > 2 and src.inputs[2] is not None and src.inputs[2].name:
+            z = _const_array(src.inputs[2], inits)
+            rng = _INT_RANGES.get(z.dtype) if z is not None else None
+        else:
+            rng = _INT_RANGES[np.dtype(np.uint8)]
+    if rng is None and codes.dtype is not None and np.dtype(codes.dtype) in _INT_RANGES:
+        rng = _INT_RANGES[np.dtype(codes.dtype)]
+    if rng is None:
+        return None, "activation codes are not an integer tensor of known range"
+    return _Activation(codes, zp, rng[0] - zp, rng[1] - zp, float(np.float32(scale.reshape(()))), kind), ""
+
+
+def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight], str]:
+    src = _producer(w)
+    if kind == "matmul" and src is not None and src.op == "Transpose":
+        perm = list(src.attrs.get("perm", [1, 0]))
+        if perm != [1, 0]:
+            return None, f"weight Transpose perm {perm} is not [1, 0]"
+        out_axis = 1 - out_axis
+        src = _producer(src.inputs[0])
+    if src is None or src.op != "DequantizeLinear":
+        return None, "weight is not quantized (no DequantizeLinear)"
+    dq = src
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
+        z = _const_array(dq.inputs[2], inits)
+        if z is None or np.any(z != 0):
+            return None, "weight has a zero point"
+    q = _producer(dq.inputs[0])
+    if q is None or q.op != "Gather":
+        if _const_array(dq.inputs[0], inits) is not None:
+            return None, "uniform weights (integer multiplications kept)"
+        return None, "weight codes are not a level-table lookup"
+    lut = _const_array(q.inputs[0], inits)
+    idx_t = q.inputs[1]
+    cast = _producer(idx_t)
+    if cast is not None and cast.op == "Cast":
+        idx_t = cast.inputs[0]
+    idx = _const_array(idx_t, inits)
+    if lut is None or idx is None or lut.ndim != 1 or int(q.attrs.get("axis", 0)) != 0:
+        return None, "weight level table or indices are not constants"
+    idx = idx.astype(np.int64)
+    scale = _const_array(dq.inputs[1], inits)
+    if scale is None:
+        return None, "weight scale is not a constant"
+    n_out = idx.shape[out_axis]
+    if scale.size == 1:
+        scale = np.full(n_out, scale.reshape(()), dtype=np.float32)
+    else:
+        axis = int(dq.attrs.get("axis", 1)) % idx.ndim
+        if axis != out_axis or scale.ndim != 1:
+            return None, f"per-channel weight scale on axis {axis}, not the output axis {out_axis}"
+    if idx.ndim != 2 and out_axis != 0:
+        return None, "weight layout not supported"
+    return _Weight(idx_t, idx, lut.astype(np.int64), out_axis, scale.astype(np.float32)), ""
+
+
+def _positions(node, kind: str) -> Optional[int]:
+    shape = node.outputs[0].shape
+    if shape is None:
+        return None
+    rest = shape[2:] if kind == "conv" else shape[1:-1]
+    if not all(isinstance(d, int) for d in rest):
+        return None
+    return int(np.prod(rest, dtype=np.int64)) if rest else 1
+
+
+def match_layers(graph, inits: dict) -> tuple[list[_Match], list[dict]]:
+    """Find the lowerable layers of a gs graph. Returns ``(matches, skipped)``; ``skipped`` rows name a reason."""
+    matches, skipped = [], []
+    for node in graph.nodes:
+        if node.op not in ("Conv", "Gemm", "MatMul"):
+            continue
+        kind = "conv" if node.op == "Conv" else "matmul"
+        out_axis = 0
+        if node.op == "Gemm":
+            if int(node.attrs.get("transA", 0)) != 0 or float(node.attrs.get("alpha", 1.0)) != 1.0 \
+                    or float(node.attrs.get("beta", 1.0)) != 1.0:
+                skipped.append({"layer": node.name, "op": node.op, "reason": "Gemm with transA/alpha/beta"})
+                continue
+            out_axis = 0 if int(node.attrs.get("transB", 0)) == 1 else 1
+        elif node.op == "MatMul":
+            out_axis = 1  # B is [C, O]
+        weight, why = _match_weight(node.inputs[1], kind, out_axis, inits)
+        act, why_act = (None, "") if weight is None else _match_activation(node.inputs[0], inits)
+        if weight is None or act is None:
+            skipped.append({"layer": node.name, "op": node.op, "reason": why or why_act})
+            continue
+        if not np.any(weight.codes):
+            skipped.append({"layer": node.name, "op": node.op, "reason": "all weights are zero"})
+            continue
+        bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name else None
+        matches.append(_Match(node, kind, act, weight, bias, _positions(node, kind)))
+    return matches, skipped
+
+
+# -- layer plan: groups, planes, widths, costs ---------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    groups: tuple             # ((exponent, sign), ...), positive groups first
+    n_pos_groups: int
+    level_table: np.ndarray   # uint8 [levels, G]: 1 where the level's digit at e_t equals s_t
+    planes: tuple             # ((sign, byte, max value), ...), positive planes first
+    width: int                # 32 | 64
+    bound: int
+    cost: dict
+
+
+def _planes(act: _Activation) -> tuple:
+    planes = []
+    for sign, mag in ((1, max(act.hi, 0)), (-1, max(-act.lo, 0))):
+        if mag == 0:
+            continue
+        nbytes = max(1, math.ceil(mag.bit_length() / 8))
+        planes += [(sign, b, min(255, mag >> (8 * b))) for b in range(nbytes)]
+    if not planes:  # a constant-zero activation: one plane of zeros keeps the graph uniform
+        planes = [(1, 0, 0)]
+    return tuple(planes)
+
+
+def level_histogram(index: np.ndarray, n_levels: int) -> np.ndarray:
+    """``hist[o, l]``: how many weights of output row ``o`` (axis 0 of ``index``) have level index ``l``."""
+    rows = index.reshape(index.shape[0], -1).astype(np.int64)
+    flat = (np.arange(rows.shape[0], dtype=np.int64)[:, None] * n_levels + rows).ravel()
+    return np.bincount(flat, minlength=rows.shape[0] * n_levels).reshape(rows.shape[0], n_levels)
+
+
+def plan_layer(m: _Match, decomposition: str = "naf") -> _Plan:
+    """Groups, planes, widths and costs of one layer, from per-row level histograms (no per-weight arrays)."""
+    from .cost import cost_from_histogram
+
+    w = m.weight
+    level_digits = signed_digits(w.lut, decomposition)                   # [L, E]
+    hist = level_histogram(w.canonical_index, len(w.lut))                 # [O, L]
+    present = hist.sum(axis=0) > 0
+    used = [(e, s) for s in (1, -1) for e in range(level_digits.shape[1]) if np.any(level_digits[present, e] == s)]
+    table = np.stack([(level_digits[:, e] == s) for e, s in used], axis=1).astype(np.uint8)   # [L, G]
+    planes = _planes(m.act)
+    # bounds (see module docstring)
+    counts = hist @ table.astype(np.int64)                                # [O, G] mask entries per row and group
+    max_plane = max(p[2] for p in planes)
+    if max_plane * int(counts.max()) > 2 ** 31 - 1:
+        raise ValueError(f"{m.node.name}: a 0/1-mask product can exceed int32 (fan-in {int(hist[0].sum())})")
+    level_weight = (np.abs(level_digits) * (2 ** np.arange(level_digits.shape[1]))).sum(axis=1)  # sum_terms 2**e
+    term_weight = hist @ level_weight                                     # [O]
+    x_sum = sum(p[2] << (8 * p[1]) for p in planes)
+    bound = int(x_sum) * int(term_weight.max())
+    if bound < 2 ** 31:
+        width = 32
+    elif bound < 2 ** 63:
+        width = 64
+    else:
+        raise ValueError(f"{m.node.name}: accumulator bound {bound} exceeds int64")
+    if max(e + 8 * p[1] for e, _ in used for p in planes) >= width:
+        width = 64
+    cost = cost_from_histogram(hist, w.lut, m.positions, decomposition)
+    # what the ONNX emulation computes: each 0/1-mask product densely, for every plane and group
+    cost.update(onnx_planes=len(planes), groups=len(used),
+                onnx_mask_macs=len(planes) * len(used) * cost["uniform"]["mults"])
+    n_pos = sum(1 for _, s in used if s > 0)
+    return _Plan(tuple(used), n_pos, table, planes, width, bound, cost)
+
+
+# -- graph construction --------------------------------------------------------------------------------------
+class _Emitter:
+    """Adds named nodes to a gs graph and remembers the names (the region)."""
+
+    def __init__(self, graph, prefix: str, shared: Optional[dict] = None):
+        self.graph = graph
+        self.prefix = prefix
+        self.names: list[str] = []
+        self._n = 0
+        self._shared = shared if shared is not None else {}  # small constants shared across the graph
+
+    def _next(self, what: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{what}_{self._n}"
+
+    def const(self, array: np.ndarray, what: str):
+        import onnx_graphsurgeon as gs
+
+        array = np.ascontiguousarray(array)
+        if array.size > 16:
+            return gs.Constant(self._next(what), array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._shared:
+            tag = self._shared.setdefault("tag", "")
+            self._shared[key] = gs.Constant(f"{PREFIX}/const{tag}/{what}_{len(self._shared)}", array)
+        return self._shared[key]
+
+    def op(self, op: str, inputs: list, dtype, output=None, **attrs):
+        import onnx_graphsurgeon as gs
+
+        out = output if output is not None else gs.Variable(self._next(op.lower() + "_out"), dtype=dtype)
+        node = gs.Node(op=op, name=self._next(op), attrs=attrs, inputs=list(inputs), outputs=[out])
+        self.graph.nodes.append(node)
+        self.names.append(node.name)
+        return out
+
+    def i64(self, values, what: str = "shape"):
+        return self.const(np.asarray(values, dtype=np.int64), what)
+
+
+def _activation_planes(em: _Emitter, act: _Activation, planes: tuple):
+    """uint8 planes of ``codes - Z`` stacked on axis 0 (see module docstring, step 1)."""
+    codes = act.codes
+    single = len(planes) == 1 and planes[0][0] == 1 and planes[0][1] == 0
+    if single and act.zero_point == 0 and act.lo >= 0 and act.hi <= 255:
+        if codes.dtype is not None and np.dtype(codes.dtype) == np.uint8:
+            return codes
+        return em.op("Cast", [codes], np.uint8, to=TensorProto.UINT8)
+    x = em.op("Cast", [codes], np.int32, to=TensorProto.INT32)
+    if act.zero_point != 0:
+        x = em.op("Sub", [x, em.const(np.array(act.zero_point, np.int32), "zero_point")], np.int32)
+    zero = em.const(np.array(0, np.int32), "zero")
+    parts = {}
+    if any(s == 1 for s, _, _ in planes):
+        parts[1] = x if act.lo >= 0 else em.op("Max", [x, zero], np.int32)
+    if any(s == -1 for s, _, _ in planes):
+        neg = em.op("Sub", [zero, x], np.int32)
+        parts[-1] = neg if act.hi <= 0 else em.op("Max", [neg, zero], np.int32)
+    out = []
+    for sign, byte, _ in planes:
+        part = parts[sign]
+        if sum(1 for s, _, _ in planes if s == sign) == 1:
+            out.append(em.op("Cast", [part], np.uint8, to=TensorProto.UINT8))
+            continue
+        u = em.op("Cast", [part], np.uint32, to=TensorProto.UINT32)
+        if byte:
+            u = em.op("BitShift", [u, em.const(np.array(8 * byte, np.uint32), "byte_shift")], np.uint32,
+                      direction="RIGHT")
+        u = em.op("BitwiseAnd", [u, em.const(np.array(255, np.uint32), "byte_mask")], np.uint32)
+        out.append(em.op("Cast", [u], np.uint8, to=TensorProto.UINT8))
+    if len(out) == 1:
+        return out[0]
+    return em.op("Concat", out, np.uint8, axis=0)
+
+
+def _masks(em: _Emitter, m: _Match, plan: _Plan, pack: bool):
+    """The stacked 0/1 masks: conv [g*G*Og, Cg, k...] (group-major, then term group), matmul [C, G*O]."""
+    w = m.weight
+    n_groups = len(plan.groups)
+    if m.kind == "conv":
+        g = int(m.node.attrs.get("group", 1))
+        shape = w.index_values.shape  # [O, Cg, k...]
+        o, rest = shape[0], list(shape[1:])
+        d = len(rest)
+        stacked_shape = [g * n_groups * (o // g)] + rest
+        perm = [0, d + 2] + list(range(1, d + 2))  # [g, Og, Cg, k.., G] -> [g, G, Og, Cg, k..]
+        if not pack:
+            masks = plan.level_table[w.index_values]  # [O, Cg, k.., G]
+            masks = masks.reshape([g, o // g] + rest + [n_groups]).transpose(perm).reshape(stacked_shape)
+            return em.const(masks.astype(np.uint8), "masks")
+        idx = em.op("Cast", [w.index], np.int32, to=TensorProto.INT32)
+        table = em.const(plan.level_table, "mask_table")
+        gathered = em.op("Gather", [table, idx], np.uint8, axis=0)
+        split = em.op("Reshape", [gathered, em.i64([g, o // g] + rest + [n_groups])], np.uint8)
+        moved = em.op("Transpose", [split], np.uint8, perm=perm)
+        return em.op("Reshape", [moved, em.i64(stacked_shape)], np.uint8)
+    o, c = w.canonical_index.shape
+    if not pack:
+        masks = plan.level_table[w.canonical_index]  # [O, C, G]
+        return em.const(masks.transpose(1, 2, 0).reshape(c, n_groups * o).astype(np.uint8), "masks")
+    idx = em.op("Cast", [w.index], np.int32, to=TensorProto.INT32)
+    gathered = em.op("Gather", [em.const(plan.level_table, "mask_table"), idx], np.uint8, axis=0)
+    perm = [1, 2, 0] if w.out_axis == 0 else [0, 2, 1]  # stored [O, C] or [C, O] (+G) -> [C, G, O]
+    moved = em.op("Transpose", [gathered], np.uint8, perm=perm)
+    return em.op("Reshape", [moved, em.i64([c, n_groups * o])], np.uint8)
+
+
+def _signed_sum(em: _Emitter, t, axis: int, n_pos: int, n_total: int, itype, np_t):
+    """sum over ``axis`` of the first ``n_pos`` entries minus the sum of the rest (keepdims=0)."""
+    axes = em.i64([axis], "axes")
+    if n_pos == n_total:
+        return em.op("ReduceSum", [t, axes], np_t, keepdims=0)
+
+    def part(lo, hi):
+        sl = em.op("Slice", [t, em.i64([lo], "starts"), em.i64([hi], "ends"), em.i64([axis], "axes")], np_t)
+        return em.op("ReduceSum", [sl, axes], np_t, keepdims=0)
+
+    neg = part(n_pos, n_total)
+    if n_pos == 0:
+        return em.op("Sub", [em.const(np.array(0, np_t), "zero"), neg], np_t)
+    return em.op("Sub", [part(0, n_pos), neg], np_t)
+
+
+def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, index: int, inits: dict,
+               shared: dict) -> dict:
+    import onnx_graphsurgeon as gs
+
+    layer = m.node
+    em = _Emitter(graph, f"{PREFIX}/{index}", shared)
+    key = (m.act.codes.name, m.act.zero_point)
+    if key not in planes_cache:
+        act_em = _Emitter(graph, f"{PREFIX}/act{shared.get('tag', '')}_{len(planes_cache)}", shared)
+        planes_cache[key] = (_activation_planes(act_em, m.act, plan.planes), act_em.names)
+    x, act_nodes = planes_cache[key]
+    u_t, np_u = (TensorProto.UINT32, np.uint32) if plan.width == 32 else (TensorProto.UINT64, np.uint64)
+    i_t, np_i = (TensorProto.INT32, np.int32) if plan.width == 32 else (TensorProto.INT64, np.int64)
+    n_planes, n_groups = len(plan.planes), len(plan.groups)
+    n_pos_planes = sum(1 for p in plan.planes if p[0] > 0)
+    masks = _masks(em, m, plan, pack)
+    shift_values = np.array([[e + 8 * byte for e, _ in plan.groups] for _, byte, _ in plan.planes], dtype=np_u)
+    if m.kind == "conv":
+        attrs = {k: v for k, v in layer.attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape",
+                                                                  "pads", "strides")}
+        g = int(layer.attrs.get("group", 1))
+        n_out = m.weight.index_values.shape[0]
+        d = m.weight.index_values.ndim - 2
+        y = em.op("ConvInteger", [x, masks], np.int32, **attrs)
+        tail = em.op("Shape", [y], np.int64, start=2)
+        target = em.op("Concat", [em.i64([n_planes, -1, g, n_groups, n_out // g]), tail], np.int64, axis=0)
+        y = em.op("Reshape", [y, target], np.int32)                                    # [P, N, g, G, Og, S..]
+        shifts = shift_values.reshape([n_planes, 1, 1, n_groups, 1] + [1] * d)
+        group_axis = 3
+    else:
+        n_out = m.weight.canonical_index.shape[0]
+        y = em.op("MatMulInteger", [x, masks], np.int32)
+        y = em.op("Reshape", [y, em.i64([n_planes, -1, n_groups, n_out])], np.int32)  # [P, M, G, O]
+        shifts = shift_values.reshape([n_planes, 1, n_groups, 1])
+        group_axis = 2
+    u = em.op("Cast", [y], np_u, to=u_t)
+    u = em.op("BitShift", [u, em.const(shifts, "shifts")], np_u, direction="LEFT")
+    s = em.op("Cast", [u], np_i, to=i_t)
+    s = _signed_sum(em, s, group_axis, plan.n_pos_groups, n_groups, i_t, np_i)      # groups
+    s = _signed_sum(em, s, 0, n_pos_planes, n_planes, i_t, np_i)                    # planes
+    acc = gs.Variable(f"{PREFIX}/{index}/accumulator", dtype=np_i)
+    if m.kind == "conv":
+        head = em.op("Shape", [s], np.int64, end=1)
+        spatial = em.op("Shape", [s], np.int64, start=3)
+        target = em.op("Concat", [head, em.i64([n_out]), spatial], np.int64, axis=0)
+        em.op("Reshape", [s, target], np_i, output=acc)
+    else:
+        lead = em.op("Shape", [m.act.codes], np.int64, end=-1)
+        target = em.op("Concat", [lead, em.i64([n_out])], np.int64, axis=0)
+        em.op("Reshape", [s, target], np_i, output=acc)
+    region = act_nodes + em.names
+
+    # the one rescale (outside the region): float(acc) * (s_w[o] * s_x) (+ float bias)
+    out = layer.outputs[0]
+    layer.outputs.clear()
+    rescale = _Emitter(graph, f"{PREFIX}_rescale/{index}", shared)
+    scale = (m.weight.scale.astype(np.float64) * np.float64(m.act.scale)).astype(np.float32)
+    bshape = [1, n_out] + [1] * (m.weight.index_values.ndim - 2) if m.kind == "conv" else [n_out]
+    f = rescale.op("Cast", [acc], np.float32, to=TensorProto.FLOAT)
+    if m.bias is None:
+        rescale.op("Mul", [f, rescale.const(scale.reshape(bshape), "scale")], np.float32, output=out)
+    else:
+        f = rescale.op("Mul", [f, rescale.const(scale.reshape(bshape), "scale")], np.float32)
+        bias = m.bias
+        if m.kind == "conv":
+            b = _const_array(bias, inits)
+            if b is not None:
+                bias = rescale.const(b.astype(np.float32).reshape(bshape), "bias")
+            else:
+                bias = rescale.op("Unsqueeze", [bias, rescale.i64([0] + list(range(2, len(bshape))), "axes")],
+                                  np.float32)
+        rescale.op("Add", [f, bias], np.float32, output=out)
+    return {
+        "layer": layer.name,
+        "op": layer.op,
+        "module": _module_name(m),
+        "weight_levels": m.weight.label,
+        "activation": {"kind": m.act.kind, "codes": m.act.codes.name, "zero_point": m.act.zero_point,
+                       "range": [m.act.lo, m.act.hi]},
+        "entries": [m.act.codes.name],
+        "accumulator": acc.name,
+        "accumulator_dtype": f"int{plan.width}",
+        "bound": plan.bound,
+        "planes": [list(p) for p in plan.planes],
+        "groups": [list(gr) for gr in plan.groups],
+        "nodes": region,
+        "rescale_nodes": rescale.names,
+        "cost": plan.cost,
+    }
+
+
+def _module_name(m: _Match) -> str:
+    """Best-effort module name: the prefix of the bias initializer (``conv2.bias`` -> ``conv2``)."""
+    if m.bias is not None and m.bias.name.endswith(".bias"):
+        return m.bias.name[: -len(".bias")]
+    return ""
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LoweringResult:
+    model: onnx.ModelProto
+    modified: bool
+    layers: list             # one record per lowered layer (also in metadata_props[REGION_KEY])
+    skipped: list            # {"layer", "op", "reason"} for Conv/Gemm/MatMul left as they were
+
+
+class LowerShiftAdd:
+    """ONNX pass: lower APoT/PoT Conv/Gemm/MatMul layers of a standard-form model to shift-add integer regions.
+
+    ``LowerShiftAdd(decomposition="naf", pack_masks=True, check=None)(model) -> LoweringResult``; the input
+    model is not changed. ``check`` (``None``: follow ``QCOMPILE_CHECK=1``) runs :func:`check_shift_add` and
+    ``onnx.checker`` (full) on the result.
+    """
+
+    def __init__(self, decomposition: str = "naf", pack_masks: bool = True, check: Optional[bool] = None):
+        if decomposition not in DECOMPOSITIONS:
+            raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+        self.decomposition = decomposition
+        self.pack_masks = pack_masks
+        self.check = check if check is not None else os.environ.get("QCOMPILE_CHECK") == "1"
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def __call__(self, model: onnx.ModelProto) -> LoweringResult:
+        import onnx_graphsurgeon as gs
+
+        inferred = onnx.shape_inference.infer_shapes(model)
+        inits = _initializers(inferred)
+        graph = gs.import_onnx(inferred)
+        matches, skipped = match_layers(graph, inits)  # collect first, then rewrite
+        previous = _read_records(model)
+        if not matches:
+            return LoweringResult(model, False, previous, skipped)
+        plans = [plan_layer(m, self.decomposition) for m in matches]
+        planes_cache: dict = {}
+        shared: dict = {"tag": str(len(previous)) if previous else ""}  # unique names when lowering twice
+        records = [_lower_one(graph, m, p, planes_cache, self.pack_masks, len(previous) + i, inits, shared)
+                   for i, (m, p) in enumerate(zip(matches, plans))]
+        _cleanup_keeping(graph, _activation_tensors(model))
+        out = gs.export_onnx(graph)
+        _copy_model_fields(model, out)
+        del out.graph.value_info[:]  # stale after the rewrite; checker and runtime infer shapes again
+        _write_records(out, previous + records)
+        if self.check:
+            onnx.checker.check_model(out, full_check=True)
+            check_shift_add(out)
+        return LoweringResult(out, True, previous + records, skipped)
+
+
+def lower_shift_add(model: onnx.ModelProto, decomposition: str = "naf", pack_masks: bool = True,
+                    check: Optional[bool] = None) -> onnx.ModelProto:
+    """Lower every APoT/PoT Conv/Gemm/MatMul of a standard-form ``model`` (see the module docstring)."""
+    return LowerShiftAdd(decomposition, pack_masks, check)(model).model
+
+
+def _activation_tensors(model: onnx.ModelProto) -> list[str]:
+    meta = {p.key: p.value for p in model.metadata_props}
+    return [a["tensor"] for a in json.loads(meta.get(ACTIVATIONS_KEY, "[]"))]
+
+
+def _cleanup_keeping(graph, names: list[str]) -> None:
+    """Drop dead nodes, but keep the tensors of the activation map (``qcompile.activations``): the validator
+    reads the dequantized activations from them even where only lowered layers consumed them."""
+    tensors = graph.tensors()
+    keep = [tensors[n] for n in names if n in tensors and n not in {o.name for o in graph.outputs}]
+    outputs = list(graph.outputs)
+    graph.outputs = outputs + keep
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.outputs = outputs
+
+
+def _copy_model_fields(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    dst.ir_version = src.ir_version
+    dst.producer_name, dst.producer_version = src.producer_name, src.producer_version
+    del dst.opset_import[:]
+    dst.opset_import.extend(src.opset_import)
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+
+
+def _read_records(model: onnx.ModelProto) -> list:
+    meta = {p.key: p.value for p in model.metadata_props}
+    return json.loads(meta[REGION_KEY])["layers"] if REGION_KEY in meta else []
+
+
+def _write_records(model: onnx.ModelProto, records: list) -> None:
+    for prop in list(model.metadata_props):
+        if prop.key == REGION_KEY:
+            model.metadata_props.remove(prop)
+    model.metadata_props.add(key=REGION_KEY, value=json.dumps({"version": 1, "layers": records}))
+
+
+def lowered_layers(model: onnx.ModelProto) -> list:
+    """The per-layer records of a lowered model (empty for a model that was not lowered)."""
+    return _read_records(model)
+
+
+# -- verifier ------------------------------------------------------------------------------------------------
+_INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
+                  TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.INT4, TensorProto.UINT4}
+#: ops allowed inside a region; none of them multiplies (the 0/1-mask products and BitShift are checked further)
+_ALLOWED_OPS = {"Cast", "Sub", "Add", "Max", "ReduceSum", "BitShift", "BitwiseAnd", "ConvInteger", "MatMulInteger",
+                "Concat", "Reshape", "Shape", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+#: ops through which a set of constant values passes unchanged (the mask tables to the mask operand)
+_VALUE_PRESERVING = {"Gather": 0, "Reshape": 0, "Transpose": 0, "Identity": 0, "Squeeze": 0, "Unsqueeze": 0,
+                     "Cast": 0}
+
+
+def verify_shift_add(model: onnx.ModelProto) -> list[str]:
+    """Check the shift-add claim on every lowered region; return the violations (empty: the claim holds).
+
+    For every region recorded in ``metadata_props["qcompile.shift_add"]``:
+
+    1. its nodes exist, and every tensor a region node reads or writes has an integer element type (initializer
+       type, or ONNX type inference): no float value inside a region;
+    2. every region node is one of ``Cast`` (to an integer type), ``Add``, ``Sub``, ``Max``, ``ReduceSum``,
+       ``BitShift``, ``BitwiseAnd``, ``ConvInteger``, ``MatMulInteger``, ``Concat``, ``Reshape``, ``Shape``,
+       ``Slice``, ``Gather``, ``Transpose``, ``Squeeze``, ``Unsqueeze``, ``Identity`` -- so no ``Mul``, ``Div``,
+       ``MatMul``, ``Conv``, ``Gemm``, ``Pow``, ``Einsum`` or ``QLinear*``;
+    3. every ``BitShift`` shifts by a constant (``x << k`` is ``x * 2**k``, ``x >> k`` a floor division by
+       ``2**k``), and every ``ConvInteger`` / ``MatMulInteger`` has no zero-point inputs and a constant weight
+       operand whose values all lie in {0, 1} (followed through ``Gather``/``Reshape``/``Transpose``/``Cast``
+       back to initializers): a product with a 0/1 value selects, so these ops only add. Together: no
+       multiplication by anything but a power of two;
+    4. it is closed: each input of a region node comes from a region node, an initializer, or a declared entry
+       tensor (the integer activation codes);
+    5. the accumulator is produced inside the region, and outside it is only read by one ``Cast`` to float
+       followed by one ``Mul`` by a constant (the single rescale), or by graph outputs.
+    """
+    records = _read_records(model)
+    problems: list[str] = []
+    if not records:
+        return problems
+    inferred = onnx.shape_inference.infer_shapes(model)
+    g = inferred.graph
+    inits = {t.name: t for t in g.initializer}
+    types = {t.name: t.data_type for t in g.initializer}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.type.HasField("tensor_type"):
+            types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    nodes_by_name = {n.name: n for n in g.node}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+
+    def is_const(name: str, depth: int = 0) -> bool:
+        """Computed from initializers only (through any ops)."""
+        if name in inits:
+            return True
+        node = producer.get(name)
+        return node is not None and depth < 32 and all(is_const(i, depth + 1) for i in node.input if i)
+
+    def const_values(name: str, depth: int = 0) -> Optional[set]:
+        """The set of values a constant tensor can hold, following value-preserving ops; None if unknown."""
+        if name in inits:
+            return set(np.unique(numpy_helper.to_array(inits[name]).astype(np.int64)).tolist())
+        node = producer.get(name)
+        if node is None or node.op_type not in _VALUE_PRESERVING or depth > 16:
+            return None
+        if not all(is_const(i) for i in node.input if i):
+            return None
+        return const_values(node.input[_VALUE_PRESERVING[node.op_type]], depth + 1)
+
+    for rec in records:
+        where = f"region of {rec['layer']}"
+        region = set(rec["nodes"])
+        missing = [n for n in rec["nodes"] if n not in nodes_by_name]
+        if missing:
+            problems.append(f"{where}: nodes missing from the graph: {missing[:3]}")
+            continue
+        produced = {o for name in region for o in nodes_by_name[name].output}
+        entries = set(rec["entries"])
+        for e in entries:
+            if types.get(e) not in _INTEGER_TYPES:
+                problems.append(f"{where}: entry tensor {e} is not an integer tensor")
+        for name in rec["nodes"]:
+            node = nodes_by_name[name]
+            if node.op_type not in _ALLOWED_OPS:
+                problems.append(f"{where}: {node.op_type} node {name} is not an addition/shift/data-movement op")
+            for t in list(node.input) + list(node.output):
+                if t and types.get(t) not in _INTEGER_TYPES:
+                    problems.append(f"{where}: tensor {t} of {node.op_type} {name} is not an integer tensor "
+                                    f"(type {types.get(t)})")
+            for t in node.input:
+                if t and t not in produced and t not in inits and t not in entries:
+                    problems.append(f"{where}: {name} reads {t}, which is neither in the region, an "
+                                    f"initializer nor a declared entry")
+            if node.op_type == "BitShift" and (len(node.input) < 2 or not is_const(node.input[1])):
+                problems.append(f"{where}: BitShift {name} shifts by a non-constant amount")
+            if node.op_type in ("ConvInteger", "MatMulInteger"):
+                if any(i for i in node.input[2:]):
+                    problems.append(f"{where}: {node.op_type} {name} has zero-point inputs")
+                vals = const_values(node.input[1])
+                if vals is None:
+                    problems.append(f"{where}: {node.op_type} {name} has a non-constant weight operand")
+                elif not vals <= {0, 1}:
+                    problems.append(f"{where}: {node.op_type} {name} multiplies by {sorted(vals - {0, 1})[:5]}, "
+                                    f"not a 0/1 mask")
+        acc = rec["accumulator"]
+        if acc not in produced:
+            problems.append(f"{where}: accumulator {acc} is not produced in the region")
+            continue
+        outside = [n for n in consumers.get(acc, []) if n.name not in region]
+        ok = len(outside) == 1 and outside[0].op_type == "Cast" and \
+            next(a.i for a in outside[0].attribute if a.name == "to") == TensorProto.FLOAT
+        if ok:
+            users = consumers.get(outside[0].output[0], [])
+            ok = len(users) == 1 and users[0].op_type == "Mul" and \
+                any(i in inits for i in users[0].input if i != outside[0].output[0])
+        if not ok and not (not outside and acc in graph_outputs):
+            problems.append(f"{where}: the accumulator is not read by exactly one Cast-to-float and Mul-by-constant "
+                            f"rescale")
+    return problems
+
+
+def check_shift_add(model: onnx.ModelProto) -> None:
+    """Raise :class:`ShiftAddVerificationError` listing the violations of :func:`verify_shift_add`."""
+    problems = verify_shift_add(model)
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ShiftAddVerificationError("shift-add verification failed: " + "; ".join(problems[:5]) + more)
