@@ -27,7 +27,7 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
         acc_sim = digits.accuracy(result.model(x_te), y_te)
     from .summary import layer_lines
 
-    for line in layer_lines(result.model):
+    for line in layer_lines(result.model) + result.summary.get("lines", []):
         print(line)
     print(f"wrote {result.onnx_path}")
     print(f"accuracy  float (PyTorch): {100 * acc_float:.2f}%   simulation (PyTorch): {100 * acc_sim:.2f}%   "
