@@ -106,11 +106,12 @@ class Calibrate(Pass):
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics")
 
 
-def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int = 32, refine: int = 16) -> torch.Tensor:
+def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None, refine: int = 16) -> torch.Tensor:
     """α* = argmin_α ‖W − Q_α(W)‖² per channel (or per tensor), on the weights themselves, for any level set.
 
-    All channels are searched at once: ``points`` ratios of max|w| in (0, 1], then ``refine`` ratios between the
-    neighbours of each channel's best. Exact errors (the real quantizer, not a histogram), vectorised over the
+    All channels are searched at once: ``points`` ratios of max|w| in (0, 1] (by default more for small tensors,
+    whose error curve is jagged: 32 to 512, about 2^22 quantized elements per sweep), then ``refine`` ratios between
+    the neighbours of each channel's best. Exact errors (the real quantizer, not a histogram), vectorised over the
     whole tensor, so a ResNet-18 takes seconds rather than the per-channel histogram search's minutes.
     """
     w = w.float()
@@ -118,6 +119,8 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int = 32, refine: 
         rows = w.reshape(1, -1)
     else:
         rows = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    if points is None:
+        points = int(min(512, max(32, 2 ** 22 // max(rows.numel(), 1))))
     top = rows.abs().amax(dim=1).clamp_min(quant.MIN_ALPHA)
     if not levelset.signed:
         top = rows.amax(dim=1).clamp_min(quant.MIN_ALPHA)
