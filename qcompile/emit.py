@@ -59,8 +59,17 @@ class _Builder:
         return name
 
     def packed(self, values: np.ndarray, dtype: int, what: str) -> str:
+        """A 4-bit (INT4/UINT4) initializer stored as raw bytes, two values per byte, low nibble first."""
         name = self.name(what)
-        self.inits.append(helper.make_tensor(name, dtype, values.shape, values.astype(np.int64).ravel().tolist()))
+        flat = values.astype(np.int64).ravel()
+        if dtype in (TensorProto.INT4, TensorProto.UINT4):
+            nibbles = (flat & 0xF).astype(np.uint8)
+            if nibbles.size % 2:
+                nibbles = np.append(nibbles, np.uint8(0))
+            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+            self.inits.append(helper.make_tensor(name, dtype, values.shape, raw, raw=True))
+        else:
+            self.inits.append(helper.make_tensor(name, dtype, values.shape, flat.tolist()))
         return name
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
