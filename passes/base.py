@@ -191,3 +191,22 @@ class Pipeline:
 
 
 PassManager = Pipeline
+
+
+def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """The tensor a ``get_attr`` node refers to."""
+    obj = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def fake_quantizer(gm: torch.fx.GraphModule, node):
+    """The FakeQuantize a ``call_module`` node calls, or None."""
+    from qcompile.qmodules import FakeQuantize
+
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, FakeQuantize):
+            return mod
+    return None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, attr_value
 
 _CONV = {F.conv1d: 1, F.conv2d: 2}
 
@@ -72,7 +72,7 @@ class BiasCorrection(Pass):
                 continue
             owner = gm.get_submodule(name) if isinstance(name, str) else None
             wfq = gm.get_submodule(node.args[1].target)
-            w = _attr(gm, node.args[1].args[0]).detach()
+            w = attr_value(gm, node.args[1].args[0]).detach()
             eps = (wfq.simulate(w) - w).double()
             shift = self._shift(node, eps, ex.double())
             if owner is None:
@@ -143,10 +143,3 @@ class BiasCorrection(Pass):
             if stats is not None:
                 out[node] = _relu_expectation(stats[0].double(), stats[1].double())
         return out
-
-
-def _attr(gm, node):
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj

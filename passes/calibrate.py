@@ -23,7 +23,7 @@ from qcompile.errors import UserError
 from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, attr_value
 
 
 class Calibrate(Pass):
@@ -49,7 +49,7 @@ class Calibrate(Pass):
         acts = [n for n in todo if gm.get_submodule(n.target).role != "weight"]
         for node in weights:
             fq = gm.get_submodule(node.target)
-            w = _attr_value(gm, node.args[0]).detach()
+            w = attr_value(gm, node.args[0]).detach()
             if self.weight_method == "mse" and not fq.asymmetric:
                 fq.set_params(weight_mse_alpha(w, fq.levelset, fq.axis))
             else:
@@ -142,13 +142,6 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     choice = fine.gather(1, errors(fine).argmin(dim=1)[:, None]).squeeze(1)
     alpha = (top * choice).clamp_min(quant.MIN_ALPHA)
     return alpha.reshape(()) if axis is None else alpha
-
-
-def _attr_value(gm, node) -> torch.Tensor:
-    obj = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _qparams(fq: FakeQuantize, observer: str) -> QParams:

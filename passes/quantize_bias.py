@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, fake_quantizer
 
 _LAYERS = (F.conv1d, F.conv2d, F.linear)
 
@@ -30,21 +30,13 @@ def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:
     return (s_x * s_w).float().reshape(-1)
 
 
-def _fq(gm, node):
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, FakeQuantize):
-            return mod
-    return None
-
-
 class QuantizeBias(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS:
                 continue
-            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue

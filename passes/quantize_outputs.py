@@ -21,18 +21,10 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, fake_quantizer
 from .insert_quant import is_nonnegative
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.linear)
-
-
-def _fq(gm, node) -> FakeQuantize | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, FakeQuantize):
-            return mod
-    return None
 
 
 def _is_int8_act(fq: FakeQuantize | None) -> bool:
@@ -56,7 +48,7 @@ class QuantizeOutputs(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
                 continue
-            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             if not _is_int8_act(xfq) or wfq is None:
                 continue
             grid = wfq.levelset.grid
@@ -75,7 +67,7 @@ class QuantizeOutputs(Pass):
             tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
             # a Linear with bias still needs the split below: onnxruntime fuses MatMul → Q, not Gemm(+b) → [Relu] → Q
             has_bias = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None
-            if not has_bias and tail.users and all(_is_int8_act(_fq(gm, u)) for u in tail.users):
+            if not has_bias and tail.users and all(_is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
                 continue  # already Conv → [Relu] → Q
             if node.target is F.linear and len(node.args) > 2 and node.args[2] is not None:
                 # y = x W^T + b  ->  y = Q(x W^T) + b
@@ -132,7 +124,7 @@ class BindIntegerLayers(Pass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in fns:
                 continue
-            xfq, wfq = _fq(gm, node.args[0]), _fq(gm, node.args[1])
+            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             if not _is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue
             grid = wfq.levelset.grid
@@ -140,7 +132,7 @@ class BindIntegerLayers(Pass):
                 continue
             users = list(node.users)
             tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
-            outs = [_fq(gm, u) for u in tail.users]
+            outs = [fake_quantizer(gm, u) for u in tail.users]
             if not outs or not all(_is_int8_act(o) and o.calibrated for o in outs):
                 continue
             acc_scale = self._acc_scale(xfq, wfq)  # float32 values, per output channel
