@@ -68,8 +68,9 @@ class _Builder:
                 nibbles = np.append(nibbles, np.uint8(0))
             raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
             self.inits.append(helper.make_tensor(name, dtype, values.shape, raw, raw=True))
-        else:
-            self.inits.append(helper.make_tensor(name, dtype, values.shape, flat.tolist()))
+        else:  # 8-bit and wider: raw bytes too (an int list would be written as int32 varints)
+            np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+            self.inits.append(numpy_helper.from_array(flat.astype(np_type).reshape(values.shape), name))
         return name
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
