@@ -22,7 +22,6 @@ class EliminateDeadCode(Pass):
         before = len(gm.graph.nodes)
         gm.graph.eliminate_dead_code()
         removed = before - len(gm.graph.nodes)
-        used = {n.target for n in gm.graph.nodes if n.op == "call_module"}
         # delete_all_unused_submodules keeps parents of used modules; only count real removals.
         names_before = {name for name, _ in gm.named_modules()}
         gm.delete_all_unused_submodules()
@@ -32,7 +31,6 @@ class EliminateDeadCode(Pass):
             self.report.append(f"removed {removed} dead node(s)")
         if dropped:
             self.report.append(f"dropped {len(dropped)} unused submodule(s)")
-        del used
         return PassResult(gm, bool(removed or dropped))
 
 

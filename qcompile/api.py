@@ -5,7 +5,7 @@ import copy
 import dataclasses
 import json
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import onnx

@@ -1,7 +1,6 @@
 """``qcompile demo``: compile the bundled digits CNN and show test accuracy before and after, in onnxruntime."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from qcompile.models import digits

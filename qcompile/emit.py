@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -131,9 +130,9 @@ def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
         zp = int(fq.zero_point)
         lo, hi = ls.code_min, ls.code_max  # stored code range; real value = (code - zp) * unit
         if lo >= 0:
-            tq, np_t, tmin, tmax = TensorProto.UINT8, np.uint8, 0, 255
+            np_t, tmin, tmax = np.uint8, 0, 255
         else:
-            tq, np_t, tmin, tmax = TensorProto.INT8, np.int8, -128, 127
+            np_t, tmin, tmax = np.int8, -128, 127
         if lo < tmin or hi > tmax:
             raise ValueError(f"activation codes {lo}..{hi} do not fit 8 bits")
         src = x
