@@ -3,7 +3,8 @@
 onnxruntime fuses ``DequantizeLinear → Conv/MatMul → [Relu] → QuantizeLinear`` into ``QLinearConv`` /
 ``QLinearMatMul`` only when the layer's output is quantized. A layer whose inputs are 8-bit uniform codes and
 whose weights fit int8 (uniform, or APoT/PoT on an int8 grid) gets an 8-bit output quantizer unless its output
-(or the output of its single ReLU) already flows only into 8-bit activation quantizers. This is the integer
+(or the output of its single ReLU, ReLU6 or clip to [0, H]) already flows only into 8-bit activation
+quantizers. This is the integer
 layer of the lecture, q_Y = S_W S_X / S_Y · (q_W q_X + q_bias) + Z_Y, simulated exactly by the same fake-quantizer.
 
 Linear layers are split so the bias is added after the re-quantization (``MatMul → Q → DQ → Add``), the form
@@ -16,26 +17,15 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-import torch.nn as nn
 import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer
 from .insert_quant import is_nonnegative
+from .int8_region import clip_bounds, is_int8_act, is_rectifier
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.linear)
-
-
-def _is_int8_act(fq: FakeQuantize | None) -> bool:
-    return fq is not None and fq.role == "activation" and fq.bits == 8 and fq.scheme in ("uniform", "uniform_asym")
-
-
-def _is_relu(gm, node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), nn.ReLU)
-    return (node.op == "call_function" and node.target in (F.relu, torch.relu)) or \
-        (node.op == "call_method" and node.target == "relu")
 
 
 class QuantizeOutputs(Pass):
@@ -49,7 +39,7 @@ class QuantizeOutputs(Pass):
             if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
                 continue
             xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            if not _is_int8_act(xfq) or wfq is None:
+            if not is_int8_act(xfq) or wfq is None:
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -64,10 +54,10 @@ class QuantizeOutputs(Pass):
         for node in self._candidates(gm):
             node.meta["output_quantized"] = True
             users = list(node.users)
-            tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+            tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             # a Linear with bias still needs the split below: onnxruntime fuses MatMul → Q, not Gemm(+b) → [Relu] → Q
             has_bias = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None
-            if not has_bias and tail.users and all(_is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
+            if not has_bias and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
                 continue  # already Conv → [Relu] → Q
             if node.target is F.linear and len(node.args) > 2 and node.args[2] is not None:
                 # y = x W^T + b  ->  y = Q(x W^T) + b
@@ -78,7 +68,7 @@ class QuantizeOutputs(Pass):
                 node.replace_all_uses_with(add, delete_user_cb=lambda u: u is not add)
                 add.meta.update({k: v for k, v in node.meta.items() if k == "tensor_meta"})
                 anchor, tail = node, add
-                if len(users) == 1 and _is_relu(gm, users[0]):
+                if len(users) == 1 and is_rectifier(gm, users[0]):
                     tail = add  # the bias add sits between the matmul and its relu; quantize the matmul output
             else:
                 anchor = tail if tail is not node else node
@@ -125,16 +115,18 @@ class BindIntegerLayers(Pass):
             if node.op != "call_function" or node.target not in fns:
                 continue
             xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            if not _is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
+            if not is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
                 continue
             users = list(node.users)
-            tail = users[0] if len(users) == 1 and _is_relu(gm, users[0]) else node
+            tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             outs = [fake_quantizer(gm, u) for u in tail.users]
-            if not outs or not all(_is_int8_act(o) and o.calibrated for o in outs):
+            if not outs or not all(is_int8_act(o) and o.calibrated for o in outs):
                 continue
+            if tail is not node and not all(_implies(o, clip_bounds(gm, tail)) for o in outs):
+                continue  # the re-quantization would not reproduce the ReLU/clip: keep the layer in float
             acc_scale = self._acc_scale(xfq, wfq)  # float32 values, per output channel
             for out in outs:
                 # S_y = alpha_y / denom_y in float32, then (S_x·S_w) / S_y in float32, as onnxruntime does
@@ -152,6 +144,13 @@ class BindIntegerLayers(Pass):
         from .quantize_bias import accumulator_scale
 
         return accumulator_scale(xfq, wfq)
+
+
+def _implies(fq, bounds) -> bool:
+    """True when quantizing with ``fq`` already applies the clip ``bounds`` = (0, H): real 0 is code 0 and the
+    top level is at most H."""
+    lo, hi = bounds
+    return lo == 0.0 and not fq.asymmetric and not fq.signed and float(fq.alpha.max()) <= hi
 
 
 def quant_unit(fq) -> torch.Tensor:

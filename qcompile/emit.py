@@ -54,7 +54,9 @@ class _Builder:
 
     def const(self, array: np.ndarray, what: str) -> str:
         name = self.name(what)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.require, not np.ascontiguousarray: that turns a 0-d array into shape (1,), and onnxruntime fuses
+        # DequantizeLinear → Add → QuantizeLinear into QLinearAdd only when scales and zero points are scalars
+        self.inits.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
         return name
 
     def packed(self, values: np.ndarray, dtype: int, what: str) -> str:

@@ -2,8 +2,9 @@
 
     fp32:       RemoveIdentity → EliminateDeadCode
     quantized:  RemoveIdentity → EliminateDeadCode → FoldBatchNorm → EqualizeWeights → SelectLayers
-                → InsertQuantizers → QuantizeOutputs → Calibrate → BiasCorrection → QuantizeBias
-                → BindIntegerLayers → EliminateDeadCode
+                → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → Calibrate → ShareInt8Params
+                → BiasCorrection → QuantizeBias
+                → BindIntegerLayers → BindIntegerAdds → EliminateDeadCode
 
 Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 """

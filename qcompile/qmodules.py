@@ -195,3 +195,44 @@ class disabled_quantizers:
         for m, e in zip(self.mods, self.saved):
             m.enabled = e
         return False
+
+
+class Int8Add(nn.Module):
+    """``a + b`` of two 8-bit code tensors, re-quantized by ``out`` exactly as onnxruntime's ``QLinearAdd`` does
+    (MLAS, x86 AVX2 kernel): with r_a = f32(S_a/S_c), r_b = f32(S_b/S_c) and
+    k = f32(Z_c − fma(r_a, Z_a, f32(r_b·Z_b))), code = sat(round_half_even(fma(r_a, q_a, fma(r_b, q_b, k)))).
+
+    The quantizers are held, not registered (they live in the graph already). The value returned is the
+    dequantized code, so ``out`` that follows leaves it unchanged. Export, calibration and float reference runs
+    see a plain ``a + b``.
+    """
+
+    def __init__(self, a: FakeQuantize, b: FakeQuantize, out: FakeQuantize):
+        super().__init__()
+        self._fqs = [a, b, out]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb, fc = self._fqs
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or not fc.enabled or fc.observer is not None:
+            return a + b
+        return quant.dequantize(self.codes(a, b), fc.alpha, fc.levelset, zero_point=fc.zero_point)
+
+    def codes(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb, fc = self._fqs
+        f32 = torch.float32
+
+        def unit(fq):
+            return quant.unit_from_alpha(fq.alpha, fq.levelset).to(f32).reshape(())
+
+        qa = quant.quantize(a.float(), fa.alpha, fa.levelset, zero_point=fa.zero_point).to(torch.float64)
+        qb = quant.quantize(b.float(), fb.alpha, fb.levelset, zero_point=fb.zero_point).to(torch.float64)
+        sc = unit(fc)
+        ra, rb = unit(fa) / sc, unit(fb) / sc
+        za, zb, zc = (fq.zero_point.to(f32).reshape(()) for fq in (fa, fb, fc))
+        # fma(x, y, z) = f32(x·y + z) rounded once: the float64 product of a float32 and an 8-bit integer is exact,
+        # and so is its float64 sum with a float32 of similar magnitude. The compiler contracts r_a·Z_a + (r_b·Z_b)
+        # into an fma too (checked against onnxruntime: 0 of 1.2 M random codes differ, 5 without it).
+        fixed = zc - (ra.double() * za.double() + (rb * zb).double()).to(f32)
+        t = (rb.double() * qb + fixed.double()).to(f32)
+        c = (ra.double() * qa + t.double()).to(f32)
+        return torch.round(c).clamp_(fc.levelset.code_min, fc.levelset.code_max).to(torch.int32)

@@ -9,6 +9,7 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.int8_region import BindIntegerAdds, QuantizeResiduals, ShareInt8Params
 from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
@@ -36,12 +37,14 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
         InsertQuantizers(observer=opts.calib_method),
     ]
     if opts.int8_outputs:
-        passes.append(QuantizeOutputs())
-    passes += [
-        Calibrate(calib, method=opts.calib_method, progress=progress),
-    ]
+        passes += [QuantizeOutputs(), QuantizeResiduals(observer=opts.calib_method)]
+    passes.append(Calibrate(calib, method=opts.calib_method, progress=progress))
+    if opts.int8_outputs:
+        passes.append(ShareInt8Params())
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
     passes += [QuantizeBias(), BindIntegerLayers()]
+    if opts.int8_outputs:
+        passes.append(BindIntegerAdds())
     passes.append(EliminateDeadCode())
     return passes

@@ -22,7 +22,8 @@ from qcompile.models import digits
 from qcompile.passes.base import Pipeline, verify
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
-from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs, _is_relu
+from qcompile.passes.int8_region import is_rectifier
+from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers
 from qcompile.qmodules import FakeQuantize, int8_conv2d, int8_linear
 from qcompile.runtime.session import session
@@ -103,7 +104,7 @@ def test_int8_first_and_last_layers_around_apot_layers():
     assert (by_layer["conv1"].scheme, by_layer["conv1"].signed) == ("uniform", False)  # after its ReLU
     conv1_q = next(n for n in gm.graph.nodes if n.op == "call_module"
                    and gm.get_submodule(n.target) is by_layer["conv1"])
-    assert _is_relu(gm, conv1_q.args[0])  # Conv -> ReLU -> Q, the form QLinearConv absorbs
+    assert is_rectifier(gm, conv1_q.args[0])  # Conv -> ReLU -> Q, the form QLinearConv absorbs
 
 
 def test_weights_off_the_int8_grid_get_no_output_quantizer():

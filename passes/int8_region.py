@@ -1,0 +1,275 @@
+"""Close the int8 region: quantize what sits between int8 layers, so onnxruntime runs the whole chain in int8.
+
+Between two int8 layers a ResNet or MobileNet has residual adds, pooling and reshapes. Left in float, each of them
+costs a ``DequantizeLinear``/``QuantizeLinear`` pair (and layout transposes) in onnxruntime. Quantized the way its
+QDQ fusions expect, onnxruntime runs them as ``QLinearAdd``, ``QLinearGlobalAveragePool`` and uint8 ``MaxPool``,
+and removes a ``Relu``/``Clip`` whose range the following quantizer already implies.
+
+``QuantizeResiduals`` (structure, before calibration): every residual add (and average pool) whose inputs are
+8-bit uniform codes gets an 8-bit output quantizer, after its single ReLU where there is one; a skip connection
+that read the float tensor reads that tensor's 8-bit codes instead.
+
+    Before: ``h = relu(a);  c = conv(act_fq(h));  s = add(out_fq(conv2(...)), h)``
+    After:  ``h = relu(a);  hq = act_fq(h);  c = conv(hq);  s = res_fq(relu(add(out_fq(conv2(...)), hq)))``
+
+This is the quantized model of the lecture's integer residual block: both addends are codes, the sum is
+re-quantized, ``q_s = round((S_a(q_a − Z_a) + S_b(q_b − Z_b)) / S_s) + Z_s``.
+
+``ShareInt8Params`` (parameters, after calibration): a quantizer that re-quantizes codes another 8-bit quantizer
+produced, directly or through max-pooling and reshapes, takes that quantizer's parameters (so the re-quantization
+is the identity and onnxruntime drops it); and a quantizer right after ``Clip(0, H)``/ReLU6 keeps its range within
+``[0, H]`` (so the clip is implied and onnxruntime removes it).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult, fake_quantizer
+from .insert_quant import is_nonnegative
+
+_ADD_FNS = {operator.add, torch.add, operator.iadd}
+_AVGPOOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_AVGPOOL_FNS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
+# ops that move or select values without changing them: Q(op(codes)) is op(codes) when Q has the codes' parameters
+_TRANSPARENT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_TRANSPARENT_FNS = {F.max_pool1d, F.max_pool2d, torch.flatten, torch.reshape, F.dropout}
+_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+
+
+def is_int8_act(fq: FakeQuantize | None) -> bool:
+    """An 8-bit uniform activation quantizer: its codes are onnxruntime's uint8 tensors."""
+    return fq is not None and fq.role == "activation" and fq.bits == 8 and fq.scheme in ("uniform", "uniform_asym")
+
+
+def clip_bounds(gm: torch.fx.GraphModule, node) -> tuple[float, float] | None:
+    """(lo, hi) of a ReLU / ReLU6 / hardtanh / clamp node with constant bounds, else None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.ReLU):
+            return 0.0, float("inf")
+        if isinstance(mod, nn.Hardtanh):  # ReLU6 is a Hardtanh(0, 6)
+            return float(mod.min_val), float(mod.max_val)
+        return None
+    if node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return 0.0, float("inf")
+    if node.op == "call_method" and node.target == "relu":
+        return 0.0, float("inf")
+    if node.op == "call_function" and node.target is F.relu6:
+        return 0.0, 6.0
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return (float(lo), float(hi)) if not isinstance(lo, torch.fx.Node) and not isinstance(hi, torch.fx.Node) \
+            else None
+    if (node.op == "call_function" and node.target in (torch.clamp, torch.clip)) or \
+            (node.op == "call_method" and node.target in ("clamp", "clip")):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
+            return None
+        return (float("-inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
+    return None
+
+
+def is_rectifier(gm: torch.fx.GraphModule, node) -> bool:
+    """ReLU, ReLU6, or a clip to [0, H]: an activation an unsigned quantizer after it implies (range within [0, H])."""
+    bounds = clip_bounds(gm, node)
+    return bounds is not None and bounds[0] == 0.0
+
+
+def _is_add(node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FNS:
+        pass
+    elif not (node.op == "call_method" and node.target in ("add", "add_")):
+        return False
+    tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+    return len(tensors) == 2 and "alpha" not in node.kwargs  # two activations: not a bias or constant add
+
+
+def _is_avgpool(gm, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _AVGPOOL_MODULES)
+    return node.op == "call_function" and node.target in _AVGPOOL_FNS
+
+
+def _is_transparent(gm, node) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, _TRANSPARENT_MODULES) and not getattr(mod, "return_indices", False)
+    if node.op == "call_function":
+        return node.target in _TRANSPARENT_FNS and not node.kwargs.get("return_indices", False)
+    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
+
+
+def int8_source(gm: torch.fx.GraphModule, node) -> FakeQuantize | None:
+    """The 8-bit uniform quantizer whose codes ``node`` carries (itself, or through max-pooling and reshapes)."""
+    while isinstance(node, torch.fx.Node):
+        fq = fake_quantizer(gm, node)
+        if fq is not None:
+            return fq if is_int8_act(fq) else None
+        if not _is_transparent(gm, node) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _int8_user(gm, node):
+    """A user of ``node`` that is an 8-bit uniform activation quantizer, else None."""
+    for user in node.users:
+        if is_int8_act(fake_quantizer(gm, user)):
+            return user
+    return None
+
+
+class QuantizeResiduals(Pass):
+    """Give residual adds and average pools on 8-bit codes an 8-bit output quantizer (see the module docstring)."""
+
+    def __init__(self, observer: str = "mse"):
+        super().__init__()
+        self.observer = observer
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self._changed = False
+        self._count = sum(1 for name, _ in gm.named_children() if name.startswith("res_fq"))
+        for node in list(gm.graph.nodes):  # graph order: an add's inputs are settled before the add
+            if _is_add(node):
+                for arg in node.args[:2]:
+                    q = self._codes_of(gm, arg)
+                    if q is not None and q is not arg:
+                        node.replace_input_with(arg, q)  # the skip connection reads the codes
+                        self._changed = True
+                if not all(is_int8_act(fake_quantizer(gm, a)) for a in node.args[:2]):
+                    continue
+            elif not (_is_avgpool(gm, node) and int8_source(gm, node.args[0]) is not None):
+                continue
+            users = list(node.users)
+            tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
+            q = _int8_user(gm, tail) or self._insert(gm, tail)
+            for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
+                if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user)):
+                    user.replace_input_with(tail, q)
+                    self._changed = True
+        if self._changed:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, self._changed)
+
+    def _codes_of(self, gm, arg):
+        """The node holding the 8-bit codes of ``arg`` (``arg`` itself, its quantizer, or a new re-quantizer of
+        codes that came through max-pooling or reshapes, which ``ShareInt8Params`` makes an identity), or None."""
+        if not isinstance(arg, torch.fx.Node):
+            return None
+        if is_int8_act(fake_quantizer(gm, arg)):
+            return arg
+        q = _int8_user(gm, arg)
+        if q is None and int8_source(gm, arg) is not None:
+            q = self._insert(gm, arg)
+        return q
+
+    def _insert(self, gm, tail):
+        fq = FakeQuantize("uniform" if is_nonnegative(gm, tail) else "uniform_asym", 8, signed=False,
+                          role="activation", observer=self.observer)
+        name = f"res_fq{self._count}"
+        self._count += 1
+        gm.add_submodule(name, fq)
+        with gm.graph.inserting_after(tail):
+            q = gm.graph.call_module(name, (tail,))
+        q.meta["tensor_meta"] = tail.meta.get("tensor_meta")
+        self.report.append(f"{tail.name}: 8-bit codes")
+        self._changed = True
+        return q
+
+
+class ShareInt8Params(Pass):
+    """After calibration: re-quantizations of 8-bit codes become identities, and clips become implied."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        for node in gm.graph.nodes:
+            fq = fake_quantizer(gm, node)
+            if not is_int8_act(fq) or not fq.calibrated or fq.requant is not None:
+                continue
+            src = int8_source(gm, node.args[0])
+            if src is not None and src is not fq and src.calibrated:
+                if not _same_params(fq, src):
+                    fq.scheme, fq.signed = src.scheme, src.signed
+                    fq.set_params(src.alpha, src.zero_point)
+                    _record(node, fq, "shared")
+                    self.report.append(f"{node.target}: parameters of the codes it reads")
+                    changed = True
+                continue
+            bounds = clip_bounds(gm, node.args[0])
+            if bounds is not None and bounds[0] == 0.0 and not fq.asymmetric and float(fq.alpha) > bounds[1]:
+                fq.set_params(torch.tensor(bounds[1]))
+                _record(node, fq, "clip")
+                self.report.append(f"{node.target}: range clipped to [0, {bounds[1]:g}]")
+                changed = True
+        return PassResult(gm, changed)
+
+
+def _same_params(a: FakeQuantize, b: FakeQuantize) -> bool:
+    return (a.scheme, a.signed, a.bits) == (b.scheme, b.signed, b.bits) and torch.equal(a.alpha, b.alpha) \
+        and torch.equal(a.zero_point, b.zero_point)
+
+
+def _record(node, fq: FakeQuantize, how: str) -> None:
+    from qcompile.ir import QParams
+
+    old = node.meta.get("qparams")
+    observer = f"{old.observer}+{how}" if old is not None else how
+    node.meta["qparams"] = QParams(scheme=fq.scheme, bits=fq.bits, signed=fq.signed, alpha=fq.alpha.clone(),
+                                   axis=fq.axis, zero_point=int(fq.zero_point), role=fq.role, observer=observer)
+
+
+class BindIntegerAdds(Pass):
+    """Make the simulation of each int8 residual add compute what onnxruntime's ``QLinearAdd`` computes, bit for bit.
+
+    An int8 add: both addends are 8-bit codes, and its output (directly or through one ReLU whose clip the output
+    quantizer implies) flows only into 8-bit quantizers with one set of parameters. The add becomes a
+    ``qcompile.qmodules.Int8Add`` holding the three quantizers; it exports as the same ``Add``. Runs last, after
+    calibration (it reads final parameters).
+    """
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from qcompile.qmodules import Int8Add
+
+        from .quantize_outputs import _implies
+
+        changed = False
+        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_add"))
+        for node in list(gm.graph.nodes):
+            if not _is_add(node):
+                continue
+            fa, fb = (fake_quantizer(gm, a) for a in node.args[:2])
+            if not (is_int8_act(fa) and is_int8_act(fb) and fa.calibrated and fb.calibrated):
+                continue
+            users = list(node.users)
+            tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
+            outs = [fake_quantizer(gm, u) for u in tail.users]
+            if not outs or not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
+                continue
+            if tail is not node and not _implies(outs[0], clip_bounds(gm, tail)):
+                continue
+            name = f"int8_add{count}"
+            count += 1
+            gm.add_submodule(name, Int8Add(fa, fb, outs[0]))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, tuple(node.args[:2]))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.report.append(f"{node.name}: int8 add")
+            changed = True
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, changed)

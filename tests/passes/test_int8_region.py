@@ -1,0 +1,213 @@
+"""QuantizeResiduals, ShareInt8Params, BindIntegerAdds (passes/int8_region.py) and the Int8Add simulation."""
+from __future__ import annotations
+
+import collections
+import operator
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompile
+from qcompile.frontend import trace
+from qcompile.ir import LayerConfig
+from qcompile.passes.base import Pipeline, fake_quantizer, verify
+from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.int8_region import (QuantizeResiduals, ShareInt8Params, int8_source, is_int8_act,
+                                         is_rectifier)
+from qcompile.passes.quantize_outputs import QuantizeOutputs
+from qcompile.passes.select import SelectLayers
+from qcompile.qmodules import FakeQuantize, Int8Add
+from qcompile.runtime.session import session
+from tests.models import MobileNetLike, ResidualCNN, example_input
+
+
+def cfg(scheme: str, bits: int) -> LayerConfig:
+    return LayerConfig(action="quant", wscheme=scheme, wbits=bits, ascheme=scheme, abits=bits, reason="test")
+
+
+def structured(model, config: LayerConfig):
+    gm = trace(model, example_input(model))
+    passes = [FoldBatchNorm(), SelectLayers(config, first_last="quant"), InsertQuantizers(), QuantizeOutputs()]
+    return Pipeline(passes, check=True)(gm).gm
+
+
+def adds(gm):
+    """Adds of two activations (not the classifier's bias add)."""
+    return [n for n in gm.graph.nodes if ((n.op == "call_function" and n.target in (operator.add, torch.add))
+            or (n.op == "call_module" and isinstance(gm.get_submodule(n.target), Int8Add)))
+            and all(a.op != "get_attr" for a in n.args[:2])]
+
+
+def optimized_ops(onnx_model: onnx.ModelProto, tmp_path) -> collections.Counter:
+    path = str(tmp_path / "optimized.onnx")
+    session(onnx_model.SerializeToString(), optimized_model_path=path)
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+# --- structure ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [ResidualCNN, lambda seed: MobileNetLike(seed=seed, act="relu6")])
+def test_every_residual_add_reads_and_produces_8bit_codes(factory):
+    gm = structured(factory(seed=0), cfg("uniform", 8))
+    result = QuantizeResiduals()(gm)
+    assert result.modified
+    verify(result.gm)
+    found = adds(result.gm)
+    assert found
+    for add in found:
+        assert all(is_int8_act(fake_quantizer(gm, a)) for a in add.args[:2]), add.args  # both addends are codes
+        tail = next(iter(add.users))
+        if is_rectifier(gm, tail):
+            add = tail
+        assert all(is_int8_act(fake_quantizer(gm, u)) for u in add.users), list(add.users)
+    again = QuantizeResiduals()(result.gm)
+    assert again.modified is False
+
+
+def test_the_skip_connection_reads_the_quantized_tensor():
+    gm = structured(ResidualCNN(seed=0), cfg("uniform", 8))
+    # before: the block input reaches the downsample conv through its quantizer, the add does not see it at all
+    gm = QuantizeResiduals()(gm).gm
+    pool = next(n for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(n.target), nn.AdaptiveAvgPool2d))
+    assert int8_source(gm, pool.args[0]) is not None  # the pooled tensor is codes, and so is the pool's output:
+    assert is_int8_act(fake_quantizer(gm, next(iter(pool.users))))
+
+
+def test_nothing_to_do_below_8_bits():
+    gm = structured(ResidualCNN(seed=0), cfg("apot", 4))
+    code = gm.code
+    result = QuantizeResiduals()(gm)
+    assert result.modified is False and result.gm.code == code
+
+
+# --- parameters ---------------------------------------------------------------------------------------------------
+
+
+class PoolThenConv(nn.Module):
+    """conv → ReLU6 → maxpool → conv: the max-pooled codes need no re-quantization, the clip none either."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU6()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        with torch.no_grad():
+            self.conv1.weight.mul_(8.0)  # so that ReLU6 clips
+
+    def forward(self, x):
+        return self.conv2(self.pool(self.act(self.conv1(x))))
+
+
+def test_requantization_after_maxpool_shares_parameters_and_clip_is_respected(tmp_path):
+    model = PoolThenConv().eval()
+    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant",
+                              calib_method="minmax")
+    gm = result.model
+    qnodes = {n.target: n for n in gm.graph.nodes if is_int8_act(fake_quantizer(gm, n))}
+    after_pool = next(n for n in qnodes.values() if n.args[0].op == "call_module"
+                      and isinstance(gm.get_submodule(n.args[0].target), nn.MaxPool2d))
+    before_pool = gm.get_submodule(after_pool.args[0].args[0].target)
+    shared = gm.get_submodule(after_pool.target)
+    assert torch.equal(shared.alpha, before_pool.alpha) and torch.equal(shared.zero_point, before_pool.zero_point)
+    assert float(before_pool.alpha) <= 6.0  # inside ReLU6's range: onnxruntime drops the Clip
+    assert result.report.passed and result.report.max_abs == 0.0, result.report.summary()
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["Clip"] == 0 and ops["MaxPool"] + ops["NhwcMaxPool"] == 1, ops
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops  # one at each end of the graph
+
+
+def test_share_params_second_run_is_unmodified():
+    model = PoolThenConv().eval()
+    calib = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant",
+                          validate=False).model
+    assert ShareInt8Params()(gm).modified is False
+
+
+# --- whole models in onnxruntime ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory,n_adds", [(ResidualCNN, 1), (lambda seed: MobileNetLike(seed=seed, act="relu6"), 1)])
+def test_int8_region_runs_on_integer_kernels_bit_exact(factory, n_adds, tmp_path):
+    model = factory(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    x = example_input(model, seed=2, batch=64)
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
+                              keep_first_last="quant")
+    report = result.report
+    assert report.passed and report.max_abs == 0.0, report.summary()
+    assert report.extra["codes_differ"] == 0 and report.extra["codes_total"] > 0
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert ops["QLinearConv"] == n_convs and ops["QLinearAdd"] == n_adds, ops
+    assert ops["QLinearGlobalAveragePool"] == 1, ops
+    assert ops["Clip"] == 0 and ops["Relu"] == 0 and ops["Conv"] == 0, ops
+    # float ops left: the classifier's bias Add only; one Q at the input, one DQ before it
+    assert ops["Add"] == 1 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
+
+
+def test_no_int8_outputs_keeps_the_residual_path_float(tmp_path):
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=32)
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant",
+                              int8_outputs=False)
+    assert not any(isinstance(m, Int8Add) for m in result.model.modules())
+    assert optimized_ops(result.onnx_model, tmp_path)["QLinearAdd"] == 0
+
+
+# --- Int8Add against onnxruntime's QLinearAdd ---------------------------------------------------------------------
+
+
+def qdq_add_model(params, n: int) -> bytes:
+    names = ["sa", "za", "sb", "zb", "sc", "zc"]
+    inits = [numpy_helper.from_array(np.array(v, np.float32 if nm.startswith("s") else np.uint8), nm)
+             for v, nm in zip(params, names)]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             helper.make_node("Add", ["fa", "fb"], ["s"]),
+             helper.make_node("QuantizeLinear", ["s", "sc", "zc"], ["c"])]
+    io = [helper.make_tensor_value_info(nm, TensorProto.UINT8, [n]) for nm in ("a", "b", "c")]
+    graph = helper.make_graph(nodes, "qladd", io[:2], io[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def asym(scale: float, zp: int) -> FakeQuantize:
+    fq = FakeQuantize("uniform_asym", 8, signed=False)
+    fq.set_params(torch.tensor(scale * 255, dtype=torch.float32), zp)
+    return fq
+
+
+def test_int8_add_equals_onnxruntime_qlinearadd_code_for_code(tmp_path):
+    rng = np.random.default_rng(0)
+    n, differ, total = 4096, 0, 0
+    for _ in range(60):
+        scales = rng.uniform(0.001, 0.1, 3)
+        zps = rng.integers(0, 256, 3)
+        fa, fb, fc = (asym(float(s), int(z)) for s, z in zip(scales, zps))
+        # the scales the file stores are the quantizers' own float32 units
+        units = [float(qcompile.quant.unit_from_alpha(f.alpha, f.levelset)) for f in (fa, fb, fc)]
+        sess = session(qdq_add_model([units[0], zps[0], units[1], zps[1], units[2], zps[2]], n),
+                       optimized_model_path=str(tmp_path / "opt.onnx"))
+        assert [node.op_type for node in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["QLinearAdd"]
+        qa, qb = rng.integers(0, 256, n).astype(np.uint8), rng.integers(0, 256, n).astype(np.uint8)
+        want = sess.run(None, {"a": qa, "b": qb})[0]
+        a = qcompile.quant.dequantize(torch.from_numpy(qa.astype(np.int32)), fa.alpha, fa.levelset,
+                                      zero_point=fa.zero_point)
+        b = qcompile.quant.dequantize(torch.from_numpy(qb.astype(np.int32)), fb.alpha, fb.levelset,
+                                      zero_point=fb.zero_point)
+        got = Int8Add(fa, fb, fc).codes(a, b).numpy()
+        differ += int((got != want).sum())
+        total += n
+    assert differ == 0, f"{differ} of {total} codes differ"
