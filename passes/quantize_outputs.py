@@ -7,8 +7,9 @@ whose weights fit int8 (uniform, or APoT/PoT on an int8 grid) gets an 8-bit outp
 quantizers. This is the integer
 layer of the lecture, q_Y = S_W S_X / S_Y · (q_W q_X + q_bias) + Z_Y, simulated exactly by the same fake-quantizer.
 
-Linear layers are split so the bias is added after the re-quantization (``MatMul → Q → DQ → Add``), the form
-onnxruntime fuses (it does not fuse a quantized ``Gemm`` with bias on the CPU).
+A 2-D Linear keeps its bias (it exports as ``Gemm``, which onnxruntime runs as ``QGemm`` with the bias on the
+int32 accumulator, like a convolution). Other Linear layers with bias export as ``MatMul`` + ``Add``; they are
+split so the bias is added after the re-quantization (``MatMul → Q → DQ → Add``), the form onnxruntime fuses.
 
 Before: ``y = F.conv2d(xq, wq, b, ...); z = relu(y); u = y + v``
 After:  ``y = F.conv2d(xq, wq, b, ...); yq = out_fq(y); z = relu(yq); u = yq + v``
@@ -55,11 +56,14 @@ class QuantizeOutputs(Pass):
             node.meta["output_quantized"] = True
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
-            # a Linear with bias still needs the split below: onnxruntime fuses MatMul → Q, not Gemm(+b) → [Relu] → Q
-            has_bias = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None
-            if not has_bias and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
-                continue  # already Conv → [Relu] → Q
-            if node.target is F.linear and len(node.args) > 2 and node.args[2] is not None:
+            # A 2-D Linear exports as Gemm(x, W, b), which onnxruntime runs as QGemm (bias on the accumulator) when
+            # its output is quantized. Any other Linear with bias exports as MatMul + Add: split the bias off so
+            # that MatMul → Q fuses into QLinearMatMul.
+            split = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None \
+                and _rank(node.args[0]) != 2
+            if not split and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
+                continue  # already Conv/Gemm → [Relu] → Q
+            if split:
                 # y = x W^T + b  ->  y = Q(x W^T) + b
                 bias = node.args[2]
                 node.args = (node.args[0], node.args[1], None)
@@ -85,6 +89,11 @@ class QuantizeOutputs(Pass):
             self.report.append(f"{node.meta.get('layer', node.name)}: 8-bit output")
             changed = True
         return PassResult(gm, changed)
+
+
+def _rank(node) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _int8_fns():

@@ -186,7 +186,70 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
 
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onnx.ModelProto:
     """Standard ONNX operators only."""
-    return replace_markers(model, table, emit_weight, emit_activation)
+    return quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation))
+
+
+def _stored_type(name: str, inits: dict, producer: dict) -> int | None:
+    """Element type of an integer weight tensor: an initializer, or a Gather from an initializer lookup table."""
+    if name in inits:
+        return inits[name].data_type
+    node = producer.get(name)
+    if node is not None and node.op_type == "Gather" and node.input[0] in inits:
+        return inits[node.input[0]].data_type
+    return None
+
+
+def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Gemm(DQ(x), DQ(W), b)`` with a float bias: store ``b`` as int32 codes on the accumulator grid S_x·S_w
+    behind a ``DequantizeLinear``, and give the weight's ``DequantizeLinear`` an explicit zero point: the form
+    onnxruntime fuses into ``QGemm`` (bias added to the int32 accumulator, as in ``QLinearConv``).
+
+    The values do not change: ``QuantizeBias`` already put ``b`` on that grid; a bias that is not on it (the layer
+    is not an int8 layer) is left as it is.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def dq_scale(name):
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits:
+            return None
+        return numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        plain = all(attrs[k].f == 1.0 for k in ("alpha", "beta") if k in attrs) and \
+            ("transA" not in attrs or attrs["transA"].i == 0)
+        if node.op_type == "Gemm" and len(node.input) == 3 and node.input[2] in inits and plain:
+            s_x, s_w = dq_scale(node.input[0]), dq_scale(node.input[1])
+            bias = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(-1)
+            if s_x is not None and s_w is not None and s_x.size == 1 and s_w.size in (1, bias.size):
+                acc = np.broadcast_to((s_x.reshape(()) * s_w).astype(np.float32).reshape(-1), bias.shape)
+                codes = np.rint(bias.astype(np.float64) / acc.astype(np.float64))
+                if np.array_equal((codes.astype(np.float32) * acc).astype(np.float32), bias) and \
+                        np.abs(codes).max(initial=0) < 2 ** 31:
+                    b = _Builder(node.name or "gemm")
+                    q = b.const(codes.astype(np.int32), "bias_int32")
+                    node.input[2] = b.node("DequantizeLinear", [q, b.const(np.ascontiguousarray(acc), "bias_scale"),
+                                                                b.const(np.zeros(bias.size, np.int32), "bias_zp")],
+                                           axis=0)
+                    w_dq = producer[node.input[1]]
+                    w_type = _stored_type(w_dq.input[0], inits, producer)
+                    if len(w_dq.input) == 2 and w_type is not None:  # QGemm is fused only with explicit zero points
+                        zp_shape = numpy_helper.to_array(inits[w_dq.input[1]]).shape
+                        w_dq.input.append(b.const(np.zeros(zp_shape, helper.tensor_dtype_to_np_dtype(w_type)), "w_zp"))
+                    nodes.extend(b.nodes)
+                    graph.initializer.extend(b.inits)
+        nodes.append(node)
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
 
 
 def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weight_fn, activation_fn) -> onnx.ModelProto:

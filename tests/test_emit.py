@@ -145,7 +145,7 @@ def test_standard_form_runs_on_int8_kernels(emitted, config, tmp_path):
     path = str(tmp_path / "optimized.onnx")
     session(emitted[config].files["standard"].SerializeToString(), optimized_model_path=path)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
-    assert ops["QLinearConv"] == 4 and ops["QLinearMatMul"] == 2, ops
+    assert ops["QLinearConv"] == 4 and ops["QGemm"] == 2, ops
     assert ops["Conv"] == 0 and ops["MatMul"] == 0 and ops["Gemm"] == 0, ops
 
 

@@ -114,7 +114,8 @@ def _session(model: onnx.ModelProto, extra_outputs=(), optimize: bool = True) ->
     if extra_outputs:
         types = {v.name: v.type.tensor_type.elem_type
                  for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
-        for name in extra_outputs:
+        outputs = {o.name for o in model.graph.output}
+        for name in (n for n in extra_outputs if n not in outputs):  # a quantizer's output may be the graph's
             model.graph.output.append(helper.make_tensor_value_info(name, types[name], None))
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

@@ -152,8 +152,8 @@ def test_int8_region_runs_on_integer_kernels_bit_exact(factory, n_adds, tmp_path
     assert ops["QLinearConv"] == n_convs and ops["QLinearAdd"] == n_adds, ops
     assert ops["QLinearGlobalAveragePool"] == 1, ops
     assert ops["Clip"] == 0 and ops["Relu"] == 0 and ops["Conv"] == 0, ops
-    # float ops left: the classifier's bias Add only; one Q at the input, one DQ before it
-    assert ops["Add"] == 1 and ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops
+    assert ops["QGemm"] == 1 and ops["Add"] == 0 and ops["Gemm"] == 0, ops  # the classifier, bias included
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 1, ops  # at the input and the output only
 
 
 def test_no_int8_outputs_keeps_the_residual_path_float(tmp_path):

@@ -2,7 +2,7 @@
 
 QuantizeOutputs adds an 8-bit output quantizer to the layers that can run on int8 kernels (8-bit uniform input,
 weights on an int8 grid) unless their output (or its single ReLU) already goes only into 8-bit uniform
-quantizers. BindIntegerLayers then makes the simulation compute what onnxruntime's QLinearConv / QLinearMatMul
+quantizers. BindIntegerLayers then makes the simulation compute what onnxruntime's QLinearConv / QGemm / QLinearMatMul
 compute: for uniform W8A8 the ONNX file equals the simulation bit for bit (max abs error 0, no differing code).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import qcompile
@@ -74,26 +75,52 @@ def test_w8a8_outputs_are_quantized_only_where_no_8bit_quantizer_follows():
     assert sorted(by_layer) == ["fc", "layer1.conv2", "layer1.downsample.0"]
     for name, fq in by_layer.items():
         assert (fq.bits, fq.role, fq.scheme) == (8, "activation", "uniform_asym"), name  # may be negative
-    # the Linear is split so the bias is added after the re-quantization: MatMul -> Q -> (+ b)
+    # a 2-D Linear keeps its bias (exported as Gemm, run as QGemm with the bias on the accumulator)
     fc = next(n for n in gm.graph.nodes if n.meta.get("layer") == "fc" and n.target is F.linear)
-    assert len(fc.args) < 3 or fc.args[2] is None
+    assert fc.args[2] is not None and fc.args[2].op == "get_attr"
     (q,) = fc.users
-    (add,) = q.users
-    assert q.target in outs and add.target is torch.add and add.args[1].op == "get_attr"
+    assert q.target in outs
 
 
-def test_linear_with_bias_before_relu_and_8bit_quantizer_is_still_split():
-    # fc1 -> (folded BN) -> ReLU -> 8-bit input of fc2: onnxruntime fuses DQ -> MatMul -> Q, not a Gemm with bias,
-    # so the bias moves behind an output quantizer as for any other int8 Linear
+class SequenceLinear(nn.Module):
+    """Linear layers on (batch, tokens, features): exported as MatMul + Add, not Gemm."""
+
+    INPUT_SHAPE = (2, 5, 16)
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def test_2d_linear_keeps_its_bias_and_other_linears_are_split():
     gm = with_quantizers(cfg("uniform", 8, "uniform", 8), first_last="quant", factory=MLP)
     run_pass(QuantizeOutputs(), gm)
-    by_layer = {layer_of_output_quantizer(gm, q) for q in output_quantizers(gm)}
-    assert by_layer == {"fc1", "fc2", "fc3"}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.linear:
+            assert node.args[2] is not None, node.meta["layer"]
+    # on 3-D inputs onnxruntime fuses DQ -> MatMul -> Q, not MatMul + Add: the bias moves behind the quantizer
+    gm = with_quantizers(cfg("uniform", 8, "uniform", 8), first_last="quant", factory=SequenceLinear)
+    run_pass(QuantizeOutputs(), gm)
+    assert {layer_of_output_quantizer(gm, q) for q in output_quantizers(gm)} == {"fc1", "fc2"}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is F.linear:
             assert len(node.args) < 3 or node.args[2] is None, node.meta["layer"]
             (q,) = node.users
             assert q.target in output_quantizers(gm)
+
+
+def test_sequence_linear_w8a8_runs_on_qlinearmatmul_bit_exact(tmp_path):
+    model = SequenceLinear().eval()
+    calib = torch.randn(32, 5, 16, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
+    assert_bit_exact(result.report)
+    ops = optimized_op_counts(result.onnx_model, tmp_path)
+    assert ops["QLinearMatMul"] == 2 and ops["MatMul"] == 0, ops
 
 
 def test_int8_first_and_last_layers_around_apot_layers():
@@ -160,7 +187,7 @@ def assert_bit_exact(report):
 def test_residual_w8a8_onnx_equals_simulation_bit_for_bit(residual_w8a8, tmp_path):
     assert_bit_exact(residual_w8a8.report)
     ops = optimized_op_counts(residual_w8a8.onnx_model, tmp_path)
-    assert ops["QLinearConv"] == 4 and ops["QLinearMatMul"] == 1, ops
+    assert ops["QLinearConv"] == 4 and ops["QGemm"] == 1, ops
     assert ops["Conv"] == 0 and ops["MatMul"] == 0 and ops["Gemm"] == 0, ops  # no layer left on float kernels
 
 
@@ -169,7 +196,7 @@ def test_digits_w8a8_onnx_equals_simulation_bit_for_bit(digits_w8a8, tmp_path):
     assert result.report.samples == 500
     assert_bit_exact(result.report)
     ops = optimized_op_counts(result.onnx_model, tmp_path)
-    assert ops["QLinearConv"] == 4 and ops["QLinearMatMul"] == 2, ops
+    assert ops["QLinearConv"] == 4 and ops["QGemm"] == 2, ops
     assert ops["Conv"] == 0 and ops["MatMul"] == 0 and ops["Gemm"] == 0, ops  # every layer on int8 kernels
     # same predictions, hence the same accuracy
     sess = session(result.onnx_model.SerializeToString())
