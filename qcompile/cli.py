@@ -64,7 +64,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
     g.add_argument("--no-int8-outputs", action="store_true",
-                   help="do not re-quantize the outputs of 8-bit layers (they then run on float kernels)")
+                   help="do not re-quantize the outputs of 8-bit layers, residual adds and pools (they then run on "
+                        "float kernels, and skip connections stay float)")
     g.add_argument("--keep-first-last", default="int8", metavar="int8|fp32|quant",
                    help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
     g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")

@@ -24,7 +24,7 @@ class CompileOptions:
     fold_bn: bool = True
     equalize: bool = True
     bias_correction: bool = True
-    int8_outputs: bool = True  # re-quantize outputs of 8-bit layers so onnxruntime runs int8 kernels
+    int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
     keep_first_last: str = "int8"
     float_downsample: bool = False
     exclude: tuple = ()
