@@ -63,6 +63,8 @@ class QuantizeOutputs(Pass):
                 and _rank(node.args[0]) != 2
             if not split and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
                 continue  # already Conv/Gemm → [Relu] → Q
+            if is_float_output_gemm(node):
+                continue  # QGemm writes the graph output in float straight from its accumulator: no 8-bit logits
             if split:
                 # y = x W^T + b  ->  y = Q(x W^T) + b
                 bias = node.args[2]
@@ -91,6 +93,12 @@ class QuantizeOutputs(Pass):
         return PassResult(gm, changed)
 
 
+def is_float_output_gemm(node) -> bool:
+    """A 2-D Linear (exported as Gemm) whose output is a graph output and nothing else."""
+    return node.target in (F.linear, _int8_fns()[F.linear]) and _rank(node.args[0]) == 2 and bool(node.users) \
+        and all(u.op == "output" for u in node.users)
+
+
 def _rank(node) -> int | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
@@ -114,8 +122,15 @@ class BindIntegerLayers(Pass):
     - the quantizers that read it re-quantize like onnxruntime's QLinearConv/QLinearMatMul:
       code = clamp(round_half_even(float32(acc) · float32(float32(S_x·S_w) / S_y)) + Z_y).
 
+    A 2-D Linear whose output is the graph's runs as ``QGemm`` with a float output: its output is
+    float32(acc) · float32(S_x·S_w) (``IntegerOutput``), not re-quantized.
+
     Runs last, after calibration and bias correction (it reads final α and biases). Export is unchanged.
     """
+
+    def __init__(self, float_outputs: bool = True):
+        super().__init__()
+        self.float_outputs = float_outputs  # False: a final Linear keeps its float32 output (QAT's trained one)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         fns = _int8_fns()
@@ -128,6 +143,14 @@ class BindIntegerLayers(Pass):
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
+                continue
+            if is_float_output_gemm(node):
+                if not self.float_outputs:
+                    continue
+                self._bind_float_output(gm, node, xfq, wfq)
+                node.target = fns[node.target]
+                self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, float output")
+                changed = True
                 continue
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
@@ -147,6 +170,18 @@ class BindIntegerLayers(Pass):
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
         return PassResult(gm, changed)
+
+    def _bind_float_output(self, gm, node, xfq, wfq) -> None:
+        """y = float32(acc) · float32(S_x·S_w): what onnxruntime's QGemm writes when its output is not quantized."""
+        from qcompile.qmodules import IntegerOutput
+
+        count = sum(1 for name, _ in gm.named_children() if name.startswith("int_out"))
+        name = f"int_out{count}"
+        gm.add_submodule(name, IntegerOutput(xfq, self._acc_scale(xfq, wfq)))
+        with gm.graph.inserting_after(node):
+            out = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        out.meta["tensor_meta"] = node.meta.get("tensor_meta")
 
     @staticmethod
     def _acc_scale(xfq, wfq) -> torch.Tensor:

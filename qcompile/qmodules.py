@@ -236,3 +236,22 @@ class Int8Add(nn.Module):
         t = (rb.double() * qb + fixed.double()).to(f32)
         c = (ra.double() * qa + t.double()).to(f32)
         return torch.round(c).clamp_(fc.levelset.code_min, fc.levelset.code_max).to(torch.int32)
+
+
+class IntegerOutput(nn.Module):
+    """The float output of an int8 layer that is not re-quantized, as onnxruntime's ``QGemm`` writes it:
+    y = float32(acc) · float32(S_x·S_w), where acc is the exact int32 accumulator (bias included) that the float64
+    layer before it carries. Export, and float reference runs (input quantizer disabled), pass ``y`` through."""
+
+    def __init__(self, input_fq: FakeQuantize, acc_scale: torch.Tensor):
+        super().__init__()
+        self._fqs = [input_fq]
+        self.register_buffer("acc_scale", acc_scale.float().reshape(-1).clone())
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return y
+        if not self._fqs[0].enabled:
+            return y.float()
+        acc = torch.round(y.double() / self.acc_scale.double())
+        return acc.float() * self.acc_scale

@@ -94,11 +94,19 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
     """The compile pipeline cut after ``Calibrate``: the passes up to calibration build the trainable graph;
     the ones after it fix biases and integer layers to the final clipping values, so they run after training
     (in :func:`qcompile.qat.convert`). Bias correction is a PTQ device and is left out."""
+    from qcompile.passes.int8_region import ShareInt8Params
+    from qcompile.passes.quantize_outputs import BindIntegerLayers
+
     passes = build_passes(opts, calib)
     cut = next((i for i, p in enumerate(passes) if isinstance(p, Calibrate)), None)
     if cut is None:
         raise UserError("the compile pipeline has no calibration step to start QAT from")
-    return passes[:cut + 1], [p for p in passes[cut + 1:] if not isinstance(p, BiasCorrection)]
+    if cut + 1 < len(passes) and isinstance(passes[cut + 1], ShareInt8Params):
+        cut += 1  # shared 8-bit parameters are a property of the graph that is trained, not a change after it
+    # the trained logits of a final Linear are its float32 output: keep them (no QGemm accumulator rounding)
+    after = [BindIntegerLayers(float_outputs=False) if isinstance(p, BindIntegerLayers) else p
+             for p in passes[cut + 1:] if not isinstance(p, BiasCorrection)]
+    return passes[:cut + 1], after
 
 
 def config_of(model: nn.Module) -> Optional[QATConfig]:
