@@ -125,12 +125,30 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     if not levelset.signed:
         top = rows.amax(dim=1).clamp_min(quant.MIN_ALPHA)
 
+    uniform = levelset.is_uniform and levelset.zero_point == 0 and bool(torch.isfinite(rows).all())
+    buf = torch.empty_like(rows) if uniform else None
+
+    # Small tensors: several ratios per sweep (rows repeated, about 2^22 elements), not one Python step each.
+    per_sweep = max(1, 2 ** 22 // max(rows.numel(), 1))
+    wide, wide_buf = {}, {}
+
     def errors(ratios):  # ratios: (C, K) -> (C, K) squared errors
         out = torch.empty_like(ratios)
-        for k in range(ratios.shape[1]):
-            alpha = (top * ratios[:, k]).clamp_min(quant.MIN_ALPHA)
-            q = quant.dequantize(quant.quantize(rows, alpha, levelset, axis=0), alpha, levelset, axis=0)
-            out[:, k] = ((q - rows) ** 2).sum(dim=1)
+        c = rows.shape[0]
+        for k0 in range(0, ratios.shape[1], per_sweep):
+            kc = min(per_sweep, ratios.shape[1] - k0)
+            alpha = (top[:, None] * ratios[:, k0:k0 + kc]).clamp_min(quant.MIN_ALPHA).reshape(-1)
+            if kc not in wide:  # row r·kc + j is channel r at ratio j
+                wide[kc] = rows.repeat_interleave(kc, dim=0) if kc > 1 else rows
+            x = wide[kc]
+            if uniform:
+                if kc not in wide_buf:
+                    wide_buf[kc] = torch.empty_like(x) if kc > 1 else buf
+                err = _uniform_sq_error(x, alpha, levelset, wide_buf[kc])
+            else:
+                q = quant.dequantize(quant.quantize(x, alpha, levelset, axis=0), alpha, levelset, axis=0)
+                err = ((q - x) ** 2).sum(dim=1)
+            out[:, k0:k0 + kc] = err.reshape(c, kc)
         return out
 
     coarse = torch.linspace(1.0 / points, 1.0, points).expand(rows.shape[0], points).contiguous()
@@ -142,6 +160,16 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     choice = fine.gather(1, errors(fine).argmin(dim=1)[:, None]).squeeze(1)
     alpha = (top * choice).clamp_min(quant.MIN_ALPHA)
     return alpha.reshape(()) if axis is None else alpha
+
+
+def _uniform_sq_error(rows: torch.Tensor, alpha: torch.Tensor, levelset, buf: torch.Tensor) -> torch.Tensor:
+    """Per row, ``sum((dequantize(quantize(rows)) - rows)^2)`` for a uniform level set with zero point 0 and
+    finite ``rows``: the float32 operations of ``quant.quantize``/``quant.dequantize`` in the same order
+    (``clamp(round(x / unit)) * unit``), fused in place into ``buf``, so the errors are identical bit for bit."""
+    unit = quant.unit_from_alpha(alpha, levelset)[:, None]
+    torch.div(rows, unit, out=buf)
+    buf.round_().clamp_(levelset.code_min, levelset.code_max).mul_(unit).sub_(rows)
+    return buf.mul_(buf).sum(dim=1)
 
 
 def _qparams(fq: FakeQuantize, observer: str) -> QParams:

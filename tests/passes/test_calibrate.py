@@ -13,7 +13,7 @@ from qcompile.errors import UserError
 from qcompile.frontend import trace
 from qcompile.ir import LayerConfig, QParams
 from qcompile.passes.base import Pipeline, verify
-from qcompile.passes.calibrate import Calibrate
+from qcompile.passes.calibrate import Calibrate, weight_mse_alpha
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.select import SelectLayers
@@ -127,6 +127,38 @@ def test_weight_alpha_is_the_per_channel_mse_optimum(calibrated):
         brute = torch.stack([err(top * r) for r in torch.linspace(0.0005, 1.0, 2000)]).amin(0)
         assert torch.all(err(fq.alpha) <= brute * 1.005 + 1e-12), name
         assert node.meta["qparams"].observer == "mse"
+
+
+def _generic_weight_mse_alpha(w, levelset, axis, points, refine=16):
+    # the search of weight_mse_alpha with the general quantize/dequantize error, for comparison with its fused path
+    rows = w.reshape(1, -1) if axis is None else w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    top = rows.abs().amax(dim=1).clamp_min(quant.MIN_ALPHA)
+
+    def errors(ratios):
+        out = torch.empty_like(ratios)
+        for k in range(ratios.shape[1]):
+            alpha = (top * ratios[:, k]).clamp_min(quant.MIN_ALPHA)
+            q = quant.dequantize(quant.quantize(rows, alpha, levelset, axis=0), alpha, levelset, axis=0)
+            out[:, k] = ((q - rows) ** 2).sum(dim=1)
+        return out
+
+    coarse = torch.linspace(1.0 / points, 1.0, points).expand(rows.shape[0], points).contiguous()
+    best = errors(coarse).argmin(dim=1)
+    lo = coarse.gather(1, (best - 1).clamp_min(0)[:, None])
+    hi = coarse.gather(1, (best + 1).clamp_max(points - 1)[:, None])
+    fine = torch.cat([lo + (hi - lo) * torch.linspace(0.0, 1.0, refine)[None, :], coarse.gather(1, best[:, None])], 1)
+    alpha = (top * fine.gather(1, errors(fine).argmin(dim=1)[:, None]).squeeze(1)).clamp_min(quant.MIN_ALPHA)
+    return alpha.reshape(()) if axis is None else alpha
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("axis", [0, None])
+def test_fused_uniform_weight_search_is_bit_identical_to_the_generic_one(bits, axis):
+    # uniform levels take a fused in-place error; same float32 operations, so the same α to the last bit
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(5)) * torch.logspace(-3, 1, 16)[:, None, None, None]
+    levelset = quant.level_set("uniform", bits, True)
+    got = weight_mse_alpha(w, levelset, axis, points=64)
+    assert torch.equal(got, _generic_weight_mse_alpha(w, levelset, axis, points=64))
 
 
 def test_calibration_sources_from_python_are_stacked():

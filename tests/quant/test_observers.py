@@ -82,6 +82,30 @@ def test_streaming_histogram_equals_one_batch():
     assert torch.equal(streamed.hist, once.hist)
 
 
+@pytest.mark.parametrize("shape, axis", [((3, 7, 50_000), None), ((3, 7, 50_000), 1), ((2, 5), None)])
+def test_chunked_binning_equals_floor_and_bincount(shape, axis):
+    # reference: the direct formula bin = clamp(floor(x / width) + B, 0, 2B - 1) over the whole tensor; the
+    # observer bins in column chunks (here several, _CHUNK = 2**18) and must count every value in the same bin
+    x = torch.randn(shape, generator=_gen(11)) * 3.0
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 4.0, -4.0, 2.0 ** -30, -(2.0 ** -30)])  # edges and tiny values
+    obs = HistogramObserver(axis=axis, bins=256).update(x)
+    rows = x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    width = (obs.radius / 256).to(torch.float32)[:, None]
+    idx = torch.floor(rows / width).add(256).clamp(0, 511).to(torch.int64)
+    expected = torch.stack([torch.bincount(r, minlength=512) for r in idx]).to(torch.float64)
+    assert torch.equal(obs.hist, expected)
+    assert obs.hist.sum() == x.numel()
+
+
+def test_non_finite_values_are_refused_per_tensor_and_per_channel():
+    for axis in (None, 0):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            x = torch.ones(3, 4)
+            x[1, 2] = bad
+            with pytest.raises(ValueError, match="NaN or inf"):
+                make_observer("mse", axis=axis).update(x)
+
+
 def test_percentile():
     x = torch.linspace(-1, 1, 200_001)
     obs = make_observer("percentile", percentile=99.0).update(x)
