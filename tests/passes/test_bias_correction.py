@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from qcompile.frontend import trace
 from qcompile.ir import LayerConfig
 from qcompile.passes.base import Pipeline, verify
-from qcompile.passes.bias_correction import BiasCorrection
+from qcompile.passes.bias_correction import BiasCorrection, _channel_means
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
@@ -160,3 +160,12 @@ def test_graph_without_quantized_layers_is_unchanged():
     assert result.modified is False and result.gm.code == code
     for k, v in gm.state_dict().items():
         assert torch.equal(v, weights[k]), k
+
+
+@pytest.mark.parametrize("shape, channel", [((4, 6, 9, 11), 1), ((5, 7), 1), ((3, 4, 10), 2), ((2, 3, 50), 1)])
+def test_channel_means_match_a_float64_mean(shape, channel):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3)) * 5.0 + 1.0
+    dims = [d for d in range(x.dim()) if d != channel]
+    expected = x.double().mean(dim=dims)
+    # float32 partial sums over the trailing dims: relative error of float32 rounding only
+    torch.testing.assert_close(_channel_means(x, channel), expected, rtol=1e-6, atol=0.0)
