@@ -140,6 +140,37 @@ def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
     return model.SerializeToString()
 
 
+def _sum_squares(t: torch.Tensor) -> float:
+    """Σ t² of a float32 tensor: float32 squares and row sums (round-off ~1e-7 relative, noise for an SQNR), then
+    float64 across rows; no float64 copy of a large activation."""
+    sq = t * t
+    if sq.dim() >= 2:
+        sq = sq.flatten(1).sum(dim=1)
+    return float(sq.double().sum())
+
+
+def _float_layers(sim):
+    """``sim`` with its int8 layers (``int8_conv2d``, ...: float64, for exact accumulators) back on the float32
+    functions. It shares ``sim``'s modules, so hooks and ``disabled_quantizers(sim)`` apply to it."""
+    import copy
+
+    import torch.fx
+    import torch.nn.functional as F
+
+    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_linear
+
+    if not isinstance(sim, torch.fx.GraphModule):
+        return sim
+    back = {int8_conv1d: F.conv1d, int8_conv2d: F.conv2d, int8_linear: F.linear}
+    if not any(n.op == "call_function" and n.target in back for n in sim.graph.nodes):
+        return sim
+    graph = copy.deepcopy(sim.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in back:
+            node.target = back[node.target]
+    return torch.fx.GraphModule(sim, graph)
+
+
 def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = None, batch_size: int = 64,
                        min_sqnr: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
                        max_code_mismatch: float | None = 1e-3) -> ValidationReport:
@@ -158,48 +189,60 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     model_bytes = onnx_file if isinstance(onnx_file, bytes) else open(onnx_file, "rb").read()
     meta = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
     act_map = json.loads(meta.get("qcompile.activations", "[]"))
-    ref = run_reference(sim, inputs, batch_size)
     got = run_onnx(model_bytes, inputs, batch_size)
-    report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
 
     modules = dict(sim.named_modules())
     acts = [a for a in act_map if isinstance(modules.get(a["module"]), FakeQuantize)]
-    if acts:
+    if not acts:
+        report = compare_outputs(run_reference(sim, inputs, batch_size), got, min_sqnr=min_sqnr, max_abs=max_abs,
+                                 min_top1=min_top1)
+    else:
+        # One simulation run per batch gives both the reference outputs and the codes; the float run of the
+        # same graph uses float32 layers (the float64 of int8 layers only serves exact accumulators).
+        float_graph = _float_layers(sim)
+        ref_parts: list[list[np.ndarray]] = []
         probe = session(_onnx_with_outputs(model_bytes, [a["tensor"] for a in acts]))
         out_names = [o.name for o in probe.get_outputs()]
         stats = {a["module"]: {"codes": 0, "differ": 0, "sig": 0.0, "noise": 0.0} for a in acts}
-        captured: dict[str, list] = {}
+        captured: dict[str, torch.Tensor] = {}  # each quantizer's output in the last run
         hooks = []
         for a in acts:
             fq = modules[a["module"]]
 
             def hook(mod, inp, out, name=a["module"]):
-                captured[name] = [inp[0].detach(), out.detach()]
+                captured[name] = out.detach()
             hooks.append(fq.register_forward_hook(hook))
         try:
             with torch.no_grad():
                 for batch in batches(inputs, batch_size):
                     with disabled_quantizers(sim):
-                        sim(*batch)
-                    floats = {k: v[1].clone() for k, v in captured.items()}  # float activations at each point
-                    sim(*batch)
+                        float_graph(*batch)
+                    floats = dict(captured)  # float activations at each point
+                    y = sim(*batch)
+                    ys = list(y) if isinstance(y, (tuple, list)) else [y]
+                    ref_parts.append([t.detach().float().numpy() for t in ys])
                     onnx_out = dict(zip(out_names, run(probe, [b.numpy() for b in batch])))
                     for a in acts:
                         fq = modules[a["module"]]
-                        x_in, q_out = captured[a["module"]]
-                        sim_codes = fq.quantize(x_in)
+                        q_out = captured[a["module"]]
                         unit = fq.levelset.denom and (fq.alpha.float() / float(fq.levelset.denom))
+                        zero = fq.zero_point.to(torch.int32)
+                        # the simulation's output is float32(code − Z)·unit with |code − Z| < 2**16, so dividing by
+                        # the unit gives its codes back exactly, as for onnxruntime's values (no second quantization)
+                        sim_codes = torch.round(q_out.float() / unit).to(torch.int32) + zero
                         onnx_vals = torch.from_numpy(onnx_out[a["tensor"]])
-                        onnx_codes = torch.round(onnx_vals / unit).to(torch.int32) + fq.zero_point.to(torch.int32)
+                        onnx_codes = torch.round(onnx_vals / unit).to(torch.int32) + zero
                         s = stats[a["module"]]
                         s["codes"] += sim_codes.numel()
                         s["differ"] += int((onnx_codes != sim_codes).sum())
-                        f = floats[a["module"]].double()
-                        s["sig"] += float((f ** 2).sum())
-                        s["noise"] += float(((q_out.double() - f) ** 2).sum())
+                        f = floats[a["module"]].float()
+                        s["sig"] += _sum_squares(f)
+                        s["noise"] += _sum_squares(q_out.float() - f)
         finally:
             for h in hooks:
                 h.remove()
+        ref = [np.concatenate(parts) for parts in zip(*ref_parts)]
+        report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
         total = sum(s["codes"] for s in stats.values())
         differ = sum(s["differ"] for s in stats.values())
         for name, s in stats.items():

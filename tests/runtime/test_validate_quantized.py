@@ -117,3 +117,22 @@ def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     assert report.extra["code_mismatch"] > MAX_CODE_MISMATCH
     assert any("activation codes differ" in f for f in report.failures), report.failures
     assert any(layer["codes_differ"] > 0 for layer in report.layers)
+
+
+def test_float_reference_runs_int8_layers_in_float32_and_shares_the_quantizers():
+    from qcompile.qmodules import disabled_quantizers, int8_conv2d
+    from qcompile.runtime.validation import _float_layers
+
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=16)
+    sim = qcompile.compile(model, calib=calib, validate=False, scheme="uniform", bits=8).model
+    assert any(n.target is int8_conv2d for n in sim.graph.nodes)  # the case this helper exists for
+    fl = _float_layers(sim)
+    assert not any(n.target is int8_conv2d for n in fl.graph.nodes)
+    quantizers = {name: m for name, m in sim.named_modules() if isinstance(m, FakeQuantize)}
+    assert quantizers and all(fl.get_submodule(name) is m for name, m in quantizers.items())
+    x = example_input(model, seed=2, batch=8)
+    with torch.no_grad(), disabled_quantizers(sim):
+        expected, got = sim(x), fl(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)  # float32 vs float64 layers: round-off
