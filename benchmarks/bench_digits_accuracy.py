@@ -77,6 +77,7 @@ def measure(config: dict, model, x_cal, x_test, y_test, float_acc: float, folder
         "sim_onnx_same_predictions": bool(np.array_equal(sim_pred, ort_pred)),
         "sim_onnx_prediction_differ": int(np.sum(sim_pred != ort_pred)),
         "code_mismatch": extra.get("code_mismatch"),
+        "code_mismatch_local": extra.get("code_mismatch_local"),
         "sqnr_vs_float_db": common.json_float(extra.get("sqnr_vs_float_db")),
         "sim_vs_onnx_sqnr_db": common.json_float(result.report.sqnr_db),
         "validation_passed": result.report.passed,

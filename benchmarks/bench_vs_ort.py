@@ -122,6 +122,7 @@ def compile_ours(case: Case, weights: str, options: dict, path: str) -> dict:
             "pass_seconds": {t.name: round(t.seconds, 2) for t in result.timings},
             "validation": {"passed": report.passed, "failures": report.failures,
                            "code_mismatch": report.extra.get("code_mismatch"),
+                           "code_mismatch_local": report.extra.get("code_mismatch_local"),
                            "sim_vs_onnx_sqnr_db": common.json_float(report.sqnr_db)}}
 
 

@@ -59,11 +59,13 @@ def test_report_fields_of_a_genuine_file(compiled):
     assert set(by_name) == set(sizes)
     assert all(isinstance(modules[name], FakeQuantize) and modules[name].role == "activation" for name in by_name)
     for name, layer in by_name.items():
-        assert set(layer) == {"quantizer", "codes", "codes_differ", "sqnr_vs_float_db"}
-        assert layer["codes"] == sizes[name] and layer["codes_differ"] == 0, name
+        assert set(layer) == {"quantizer", "codes", "codes_differ", "codes_differ_local", "sqnr_vs_float_db"}
+        assert layer["codes"] == sizes[name] and layer["codes_differ"] == layer["codes_differ_local"] == 0, name
         assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
     assert report.extra["codes_total"] == sum(sizes.values())
     assert report.extra["codes_differ"] == 0 and report.extra["code_mismatch"] == 0.0
+    assert report.extra["codes_differ_local"] == 0 and report.extra["code_mismatch_local"] == 0.0
+    assert f"codes differ 0 of {sum(sizes.values())} -> PASS" in report.summary()
     assert 0.0 < report.extra["sqnr_vs_float_db"] < math.inf
     assert 0.0 <= report.extra["top1_vs_float"] <= 1.0
 
@@ -117,6 +119,31 @@ def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     assert report.extra["code_mismatch"] > MAX_CODE_MISMATCH
     assert any("activation codes differ" in f for f in report.failures), report.failures
     assert any(layer["codes_differ"] > 0 for layer in report.layers)
+
+
+def test_drift_from_float_rounding_is_told_apart_from_a_wrong_quantizer(compiled):
+    """A float Conv whose output moves a little (as another accumulation order would move it, only more): codes
+    near its quantizer's thresholds flip, and every flip changes the layers after it. Side by side, many codes
+    differ downstream; teacher-forced (each quantizer reading onnxruntime's upstream codes) only the quantizer
+    right after the moved Conv sees differing codes, and the file passes."""
+    result, _, x = compiled
+    producer = {o: n for n in result.onnx_model.graph.node for o in n.output}
+    inits = {t.name: t for t in result.onnx_model.graph.initializer}
+    float_convs = [n for n in result.onnx_model.graph.node if n.op_type == "Conv" and len(n.input) > 2
+                   and n.input[2] in inits and producer[n.input[0]].op_type == "DequantizeLinear"
+                   and producer[producer[n.input[0]].input[0]].op_type == "Gather"]  # an APoT-input float Conv
+    assert float_convs, "no float Conv on APoT activations in the file"
+    bias = float_convs[0].input[2]
+    data = doctored(result.onnx_model, bias, lambda b: (b + np.float32(1e-4) * np.abs(b).max()).astype(np.float32))
+    report = validate_quantized(data, result.model, x)
+    by_name = {layer["quantizer"]: layer for layer in report.layers}
+    moved = [name for name, layer in by_name.items() if layer["codes_differ_local"] > 0]
+    downstream = [name for name, layer in by_name.items() if layer["codes_differ"] > 0 and name not in moved]
+    assert len(moved) == 1, by_name  # only the quantizer right after the moved Conv
+    assert downstream, by_name       # its flips propagate when the two run side by side
+    assert report.extra["codes_differ"] > report.extra["codes_differ_local"] > 0
+    assert report.extra["code_mismatch_local"] <= MAX_CODE_MISMATCH and report.passed, report.summary()
+    assert "on identical inputs" in report.summary()
 
 
 def test_float_reference_runs_int8_layers_in_float32_and_shares_the_quantizers():
