@@ -117,8 +117,8 @@ class BindIntegerLayers(Pass):
     through one ReLU) only into 8-bit uniform quantizers. For it:
 
     - (the bias is already on the accumulator grid S_x·S_w: ``QuantizeBias`` runs before);
-    - the layer runs in float64 (``int8_conv2d``/``int8_linear``), so its output divided by S_x·S_w is the exact
-      int32 accumulator;
+    - the layer (``int8_conv2d``/``int8_linear``) recovers the integer codes of its input and weights from their
+      units and accumulates them exactly; its float64 output divided by S_x·S_w is the int32 accumulator;
     - the quantizers that read it re-quantize like onnxruntime's QLinearConv/QLinearMatMul:
       code = clamp(round_half_even(float32(acc) · float32(float32(S_x·S_w) / S_y)) + Z_y).
 
@@ -148,7 +148,7 @@ class BindIntegerLayers(Pass):
                 if not self.float_outputs:
                     continue
                 self._bind_float_output(gm, node, xfq, wfq)
-                node.target = fns[node.target]
+                self._bind(node, fns, xfq, wfq)
                 self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, float output")
                 changed = True
                 continue
@@ -166,10 +166,21 @@ class BindIntegerLayers(Pass):
                 multiplier = (acc_scale / s_y).float()
                 axis = -1 if node.target is F.linear else 1
                 out.requant = (acc_scale.double(), multiplier, axis)
-            node.target = fns[node.target]
+            self._bind(node, fns, xfq, wfq)
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
         return PassResult(gm, changed)
+
+    def _bind(self, node, fns, xfq, wfq) -> None:
+        """The integer layer, given its units as plain floats (float32 values, exact in a Python float):
+        S_x, S_w per output channel and float32(S_x·S_w), so it recovers the integer codes of its input and
+        weights and accumulates them exactly (``qcompile.qmodules.int8_accumulator``)."""
+        from qcompile import quant
+
+        s_w = quant.unit_from_alpha(wfq.alpha, wfq.levelset).float().reshape(-1)
+        units = (float(quant_unit(xfq)), tuple(s_w.tolist()), tuple(self._acc_scale(xfq, wfq).tolist()))
+        node.target = fns[node.target]
+        node.kwargs = {**node.kwargs, "units": units}
 
     def _bind_float_output(self, gm, node, xfq, wfq) -> None:
         """y = float32(acc) · float32(S_x·S_w): what onnxruntime's QGemm writes when its output is not quantized."""

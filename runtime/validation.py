@@ -174,6 +174,7 @@ def _float_layers(sim):
     for node in graph.nodes:
         if node.op == "call_function" and node.target in back:
             node.target = back[node.target]
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "units"}
     return torch.fx.GraphModule(sim, graph)
 
 
