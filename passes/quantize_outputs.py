@@ -148,7 +148,7 @@ class BindIntegerLayers(Pass):
                 if not self.float_outputs:
                     continue
                 self._bind_float_output(gm, node, xfq, wfq)
-                self._bind(node, fns, xfq, wfq)
+                self._bind(gm, node, fns, xfq, wfq)
                 self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, float output")
                 changed = True
                 continue
@@ -166,21 +166,31 @@ class BindIntegerLayers(Pass):
                 multiplier = (acc_scale / s_y).float()
                 axis = -1 if node.target is F.linear else 1
                 out.requant = (acc_scale.double(), multiplier, axis)
-            self._bind(node, fns, xfq, wfq)
+            self._bind(gm, node, fns, xfq, wfq)
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
         return PassResult(gm, changed)
 
-    def _bind(self, node, fns, xfq, wfq) -> None:
-        """The integer layer, given its units as plain floats (float32 values, exact in a Python float):
-        S_x, S_w per output channel and float32(S_x·S_w), so it recovers the integer codes of its input and
-        weights and accumulates them exactly (``qcompile.qmodules.int8_accumulator``)."""
+    def _bind(self, gm, node, fns, xfq, wfq) -> None:
+        """The integer layer, given its units (float32 buffers of ``gm.int8_units``): S_x, S_w per output channel
+        and float32(S_x·S_w), so it recovers the integer codes of its input and weights and accumulates them
+        exactly (``qcompile.qmodules.int8_accumulator``)."""
         from qcompile import quant
 
-        s_w = quant.unit_from_alpha(wfq.alpha, wfq.levelset).float().reshape(-1)
-        units = (float(quant_unit(xfq)), tuple(s_w.tolist()), tuple(self._acc_scale(xfq, wfq).tolist()))
+        if not hasattr(gm, "int8_units"):
+            gm.add_submodule("int8_units", torch.nn.Module())
+        holder = gm.get_submodule("int8_units")
+        key = f"u{len(list(holder.buffers())) // 3}"
+        units = {"x": quant_unit(xfq).reshape(()),
+                 "w": quant.unit_from_alpha(wfq.alpha, wfq.levelset).float().reshape(-1),
+                 "acc": self._acc_scale(xfq, wfq)}
+        refs = []
+        with gm.graph.inserting_before(node):
+            for what, value in units.items():
+                holder.register_buffer(f"{key}_{what}", value.detach().clone())
+                refs.append(gm.graph.get_attr(f"int8_units.{key}_{what}"))
         node.target = fns[node.target]
-        node.kwargs = {**node.kwargs, "units": units}
+        node.kwargs = {**node.kwargs, "units": tuple(refs)}
 
     def _bind_float_output(self, gm, node, xfq, wfq) -> None:
         """y = float32(acc) · float32(S_x·S_w): what onnxruntime's QGemm writes when its output is not quantized."""
