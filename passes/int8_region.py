@@ -130,6 +130,27 @@ def _int8_user(gm, node):
     return None
 
 
+def _has_codes(gm, node) -> bool:
+    """``node`` is 8-bit codes, is quantized to 8 bits for some consumer, or carries codes through max-pooling or
+    reshapes."""
+    return isinstance(node, torch.fx.Node) and (int8_source(gm, node) is not None or _int8_user(gm, node) is not None)
+
+
+def _feeds_int8(gm, node) -> bool:
+    """Some consumer of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer, an add or a pool."""
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if is_int8_act(fake_quantizer(gm, user)) or _is_add(user) or _is_avgpool(gm, user):
+            return True
+        if _is_transparent(gm, user):
+            todo.extend(user.users)
+    return False
+
+
 class QuantizeResiduals(Pass):
     """Give residual adds and average pools on 8-bit codes an 8-bit output quantizer (see the module docstring)."""
 
@@ -142,18 +163,22 @@ class QuantizeResiduals(Pass):
         self._count = sum(1 for name, _ in gm.named_children() if name.startswith("res_fq"))
         for node in list(gm.graph.nodes):  # graph order: an add's inputs are settled before the add
             if _is_add(node):
+                if not all(_has_codes(gm, a) for a in node.args[:2]):
+                    continue  # an add with a float operand stays float, and reads what it read
                 for arg in node.args[:2]:
                     q = self._codes_of(gm, arg)
-                    if q is not None and q is not arg:
+                    if q is not arg:
                         node.replace_input_with(arg, q)  # the skip connection reads the codes
                         self._changed = True
-                if not all(is_int8_act(fake_quantizer(gm, a)) for a in node.args[:2]):
-                    continue
             elif not (_is_avgpool(gm, node) and int8_source(gm, node.args[0]) is not None):
                 continue
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
-            q = _int8_user(gm, tail) or self._insert(gm, tail)
+            q = _int8_user(gm, tail)
+            if q is None:
+                if not _feeds_int8(gm, tail):
+                    continue  # e.g. the graph's output: no integer kernel reads it, keep it float
+                q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
                 if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user)):
                     user.replace_input_with(tail, q)
@@ -164,16 +189,12 @@ class QuantizeResiduals(Pass):
         return PassResult(gm, self._changed)
 
     def _codes_of(self, gm, arg):
-        """The node holding the 8-bit codes of ``arg`` (``arg`` itself, its quantizer, or a new re-quantizer of
-        codes that came through max-pooling or reshapes, which ``ShareInt8Params`` makes an identity), or None."""
-        if not isinstance(arg, torch.fx.Node):
-            return None
+        """The node holding the 8-bit codes of ``arg`` (``_has_codes``): ``arg`` itself, its quantizer, or a new
+        re-quantizer of codes that came through max-pooling or reshapes, which ``ShareInt8Params`` makes an
+        identity."""
         if is_int8_act(fake_quantizer(gm, arg)):
             return arg
-        q = _int8_user(gm, arg)
-        if q is None and int8_source(gm, arg) is not None:
-            q = self._insert(gm, arg)
-        return q
+        return _int8_user(gm, arg) or self._insert(gm, arg)
 
     def _insert(self, gm, tail):
         fq = FakeQuantize("uniform" if is_nonnegative(gm, tail) else "uniform_asym", 8, signed=False,

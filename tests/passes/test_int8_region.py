@@ -212,3 +212,49 @@ def test_int8_add_equals_onnxruntime_qlinearadd_code_for_code(tmp_path):
         differ += int((got != want).sum())
         total += n
     assert differ == 0, f"{differ} of {total} codes differ"
+
+
+class ResidualOutput(nn.Module):
+    """conv → ReLU → conv, plus the block input: the graph's output is a residual add."""
+
+    INPUT_SHAPE = (2, 4, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+class HalfFloatAdd(nn.Module):
+    """An add of an int8 layer's output and a float tensor (the input through a float op nothing quantizes)."""
+
+    INPUT_SHAPE = (2, 4, 8, 8)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x) + torch.sigmoid(x))
+
+
+def test_a_residual_add_that_is_the_graph_output_stays_float():
+    gm = structured(ResidualOutput().eval(), cfg("uniform", 8))
+    QuantizeResiduals()(gm)
+    (add,) = adds(gm)
+    assert all(is_int8_act(fake_quantizer(gm, a)) for a in add.args[:2])  # QLinearAdd-ready inputs...
+    assert [u.op for u in add.users] == ["output"]  # ...but no 8-bit logits: nothing integer reads the sum
+
+
+def test_an_add_with_a_float_operand_is_left_as_it_was():
+    gm = structured(HalfFloatAdd().eval(), cfg("uniform", 8))
+    (add,) = adds(gm)
+    before = tuple(add.args)
+    result = QuantizeResiduals()(gm)
+    assert result.modified is False and tuple(add.args) == before
