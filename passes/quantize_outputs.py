@@ -3,9 +3,9 @@
 onnxruntime fuses ``DequantizeLinear → Conv/MatMul → [Relu] → QuantizeLinear`` into ``QLinearConv`` /
 ``QLinearMatMul`` only when the layer's output is quantized. A layer whose inputs are 8-bit uniform codes and
 whose weights fit int8 (uniform, or APoT/PoT on an int8 grid) gets an 8-bit output quantizer unless its output
-(or the output of its single ReLU, ReLU6 or clip to [0, H]) already flows only into 8-bit activation
-quantizers. This is the integer
-layer of the lecture, q_Y = S_W S_X / S_Y · (q_W q_X + q_bias) + Z_Y, simulated exactly by the same fake-quantizer.
+(or the output of its single ReLU, ReLU6 or clip to [0, H]) already flows only into 8-bit activation quantizers,
+or is the graph's output from a 2-D Linear (``QGemm`` then writes it in float). This is the integer layer of the
+lecture, q_Y = S_W S_X / S_Y · (q_W q_X + q_bias) + Z_Y, simulated exactly by the same fake-quantizer.
 
 A 2-D Linear keeps its bias (it exports as ``Gemm``, which onnxruntime runs as ``QGemm`` with the bias on the
 int32 accumulator, like a convolution). Other Linear layers with bias export as ``MatMul`` + ``Add``; they are

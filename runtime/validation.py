@@ -156,8 +156,8 @@ def _sum_squares(t: torch.Tensor) -> float:
 
 
 def _float_layers(sim):
-    """``sim`` with its int8 layers (``int8_conv2d``, ...: float64, for exact accumulators) back on the float32
-    functions. It shares ``sim``'s modules, so hooks and ``disabled_quantizers(sim)`` apply to it."""
+    """``sim`` with its int8 layers (``int8_conv2d``, ...: exact integer accumulators, in float64) back on the
+    float32 functions. It shares ``sim``'s modules, so hooks and ``disabled_quantizers(sim)`` apply to it."""
     import copy
 
     import torch.fx
