@@ -6,7 +6,7 @@ from .cleanup import EliminateDeadCode, RemoveIdentity
 from .equalize import EqualizeWeights
 from .fold_bn import ChannelStats, FoldBatchNorm
 from .insert_quant import InsertQuantizers
-from .int8_region import BindIntegerAdds, QuantizeResiduals, ShareInt8Params
+from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from .select import Override, SelectLayers, load_overrides, parse_exclude
@@ -15,4 +15,5 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "EliminateDeadCode", "RemoveIdentity", "FoldBatchNorm", "ChannelStats", "EqualizeWeights",
            "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
-           "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds"]
+           "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
+           "BindIntegerPools"]

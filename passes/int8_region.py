@@ -294,3 +294,48 @@ class BindIntegerAdds(Pass):
             gm.graph.lint()
             gm.recompile()
         return PassResult(gm, changed)
+
+
+def _is_global_avgpool(gm, node) -> bool:
+    """An adaptive average pool of a 4-D tensor to 1×1 (module or function): ONNX ``GlobalAveragePool``."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.AdaptiveAvgPool2d):
+        size = gm.get_submodule(node.target).output_size
+    elif node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+    else:
+        return False
+    return tuple(size) == (1, 1) if isinstance(size, (tuple, list)) else size == 1
+
+
+class BindIntegerPools(Pass):
+    """Make the simulation of each int8 global average pool compute what onnxruntime's ``QLinearGlobalAveragePool``
+    computes, bit for bit: a pool to 1×1 (exported as ``GlobalAveragePool``) on 8-bit codes whose output goes
+    only into 8-bit quantizers with one set of parameters becomes a ``qcompile.qmodules.Int8GlobalAvgPool``."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from qcompile.qmodules import Int8GlobalAvgPool
+
+        changed = False
+        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_gap"))
+        for node in list(gm.graph.nodes):
+            if not _is_global_avgpool(gm, node):
+                continue
+            fin = fake_quantizer(gm, node.args[0])
+            outs = [fake_quantizer(gm, u) for u in node.users]
+            if not (is_int8_act(fin) and fin.calibrated) or not outs or \
+                    not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
+                continue
+            name = f"int8_gap{count}"
+            count += 1
+            gm.add_submodule(name, Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, outs[0]))
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_module(name, (node.args[0],))
+            new.meta.update(node.meta)
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            self.report.append(f"{node.name}: int8 global average pool")
+            changed = True
+        if changed:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, changed)

@@ -4,7 +4,8 @@
     quantized:  RemoveIdentity → EliminateDeadCode → FoldBatchNorm → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → Calibrate → ShareInt8Params
                 → BiasCorrection → QuantizeBias
-                → BindIntegerLayers → BindIntegerAdds → EliminateDeadCode
+                → BindIntegerLayers → BindIntegerAdds → BindIntegerPools
+                → EliminateDeadCode
 
 Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 """

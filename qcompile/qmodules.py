@@ -297,3 +297,32 @@ class IntegerOutput(nn.Module):
             return y.float()
         acc = torch.round(y.double() / self.acc_scale.double())
         return acc.float() * self.acc_scale
+
+
+class Int8GlobalAvgPool(nn.Module):
+    """Global average pooling of 8-bit codes, re-quantized by ``out`` exactly as onnxruntime's
+    ``QLinearGlobalAveragePool`` does (MLAS): with N = H·W and s = f32(S_x / f32(S_y · N)),
+    code = sat(round_half_even(f32(Σ q_x − Z_x·N) · s) + Z_y). Export, calibration and float reference runs see
+    the plain average pool."""
+
+    def __init__(self, pool: nn.Module, inp: FakeQuantize, out: FakeQuantize):
+        super().__init__()
+        self.pool = pool
+        self._fqs = [inp, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fi, fo = self._fqs
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or not fo.enabled or fo.observer is not None:
+            return self.pool(x)
+        f32 = torch.float32
+        n = x.shape[2:].numel()
+        q = quant.quantize(x.float(), fi.alpha, fi.levelset, zero_point=fi.zero_point).to(torch.int64)
+        total = q.flatten(2).sum(dim=2) - int(fi.zero_point) * n
+        s_x = quant.unit_from_alpha(fi.alpha, fi.levelset).to(f32).reshape(())
+        s_y = quant.unit_from_alpha(fo.alpha, fo.levelset).to(f32).reshape(())
+        scale = s_x / (s_y * torch.tensor(float(n), dtype=f32))
+        zp = fo.zero_point.to(f32).reshape(())
+        lo, hi = fo.levelset.code_min, fo.levelset.code_max
+        codes = torch.round(total.to(f32) * scale).clamp_(lo - zp, hi - zp) + zp
+        codes = codes.to(torch.int32).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
+        return quant.dequantize(codes, fo.alpha, fo.levelset, zero_point=fo.zero_point)

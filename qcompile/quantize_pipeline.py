@@ -9,7 +9,7 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
-from qcompile.passes.int8_region import BindIntegerAdds, QuantizeResiduals, ShareInt8Params
+from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
@@ -45,6 +45,6 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
         passes.append(BiasCorrection(calib))
     passes += [QuantizeBias(), BindIntegerLayers()]
     if opts.int8_outputs:
-        passes.append(BindIntegerAdds())
+        passes += [BindIntegerAdds(), BindIntegerPools()]
     passes.append(EliminateDeadCode())
     return passes

@@ -258,3 +258,43 @@ def test_an_add_with_a_float_operand_is_left_as_it_was():
     before = tuple(add.args)
     result = QuantizeResiduals()(gm)
     assert result.modified is False and tuple(add.args) == before
+
+
+def qdq_gap_model(params, shape) -> bytes:
+    names = ["sx", "zx", "sy", "zy"]
+    inits = [numpy_helper.from_array(np.array(v, np.float32 if nm.startswith("s") else np.uint8), nm)
+             for v, nm in zip(params, names)]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["fx"]),
+             helper.make_node("GlobalAveragePool", ["fx"], ["p"]),
+             helper.make_node("QuantizeLinear", ["p", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "qlgap", [helper.make_tensor_value_info("x", TensorProto.UINT8, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [shape[0], shape[1], 1, 1])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def test_int8_global_avg_pool_equals_onnxruntime_code_for_code(tmp_path):
+    from qcompile.qmodules import Int8GlobalAvgPool
+
+    rng = np.random.default_rng(1)
+    differ, total = 0, 0
+    for trial in range(40):
+        shape = (2, 64, int(rng.integers(1, 15)), int(rng.integers(1, 15)))
+        fx, fy = asym(float(rng.uniform(0.001, 0.1)), int(rng.integers(0, 256))), \
+            asym(float(rng.uniform(0.0005, 0.05)), int(rng.integers(0, 256)))
+        ux, uy = (float(qcompile.quant.unit_from_alpha(f.alpha, f.levelset)) for f in (fx, fy))
+        sess = session(qdq_gap_model([ux, int(fx.zero_point), uy, int(fy.zero_point)], shape),
+                       optimized_model_path=str(tmp_path / "opt.onnx"))
+        ops = [node.op_type for node in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+        assert "QLinearGlobalAveragePool" in ops, ops
+        qx = rng.integers(0, 256, shape).astype(np.uint8)
+        want = sess.run(None, {"x": qx})[0]
+        x = qcompile.quant.dequantize(torch.from_numpy(qx.astype(np.int32)), fx.alpha, fx.levelset,
+                                      zero_point=fx.zero_point)
+        y = Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fx, fy)(x)
+        got = fy.quantize(y).numpy()
+        differ += int((got != want).sum())
+        total += want.size
+    assert differ == 0, f"{differ} of {total} codes differ"
