@@ -251,6 +251,16 @@ def _record(node, fq: FakeQuantize, how: str) -> None:
                                    axis=fq.axis, zero_point=int(fq.zero_point), role=fq.role, observer=observer)
 
 
+def _replace_with_module(gm, node, name: str, module: nn.Module, args: tuple) -> None:
+    """Swap ``node`` for a call of ``module``, registered on ``gm`` as ``name``, on ``args``."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
 class BindIntegerAdds(Pass):
     """Make the simulation of each int8 residual add compute what onnxruntime's ``QLinearAdd`` computes, bit for bit.
 
@@ -280,14 +290,8 @@ class BindIntegerAdds(Pass):
                 continue
             if tail is not node and not _implies(outs[0], clip_bounds(gm, tail)):
                 continue
-            name = f"int8_add{count}"
+            _replace_with_module(gm, node, f"int8_add{count}", Int8Add(fa, fb, outs[0]), tuple(node.args[:2]))
             count += 1
-            gm.add_submodule(name, Int8Add(fa, fb, outs[0]))
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, tuple(node.args[:2]))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
             self.report.append(f"{node.name}: int8 add")
             changed = True
         if changed:
@@ -325,14 +329,9 @@ class BindIntegerPools(Pass):
             if not (is_int8_act(fin) and fin.calibrated) or not outs or \
                     not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
                 continue
-            name = f"int8_gap{count}"
+            module = Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, outs[0])
+            _replace_with_module(gm, node, f"int8_gap{count}", module, (node.args[0],))
             count += 1
-            gm.add_submodule(name, Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, outs[0]))
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(name, (node.args[0],))
-            new.meta.update(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
             self.report.append(f"{node.name}: int8 global average pool")
             changed = True
         if changed:
