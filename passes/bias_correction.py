@@ -4,9 +4,13 @@ With ε = Q(W) − W, a quantized layer computes y_q = Q(W)·x + b = y + ε·x, 
 channel (the lecture's "Quantization Bias Correction"). Subtracting it from the bias removes the bias of the
 error:  b' = b − ε·E[x].
 
-- empirical (calibration data given): E[x] is the per-input-channel mean of the layer's (quantized) input over
-  the data (and over spatial positions); for a convolution ε·E[x] is ``conv(E[x] broadcast, ε)`` computed on a
-  constant input, which equals Σ_{c,k} ε_{o,c,k}·E[x_c] away from the zero-padded border.
+- empirical (calibration data given): E[x] is the per-input-channel mean of the layer's input over the data (and
+  over spatial positions); for a convolution ε·E[x] is ``conv(E[x] broadcast, ε)`` computed on a constant input,
+  which equals Σ_{c,k} ε_{o,c,k}·E[x_c] away from the zero-padded border. In the pipeline, ``Calibrate`` records
+  E[x] during its own pass over the data (``meta["input_mean"]``: weights quantized, activations not yet), so no
+  second pass is needed; with quantized activations E[x] would differ by the activation rounding's mean, a
+  second-order term in ε·E[x] (measured: ≤ 0.07 dB of output SQNR on ResNet-18, MobileNetV2 and the digits
+  model at 8, 4 and 3 bits). Run alone, the pass measures E[x] itself, with the quantizers active.
 - analytic, data-free: E[x] from the BatchNorm that precedes the input's ReLU (FoldBatchNorm records
   ``output_stats`` = (β, |γ|)): for x = ReLU(z), z ~ N(β, γ²), E[x] = γ·φ(β/γ) + β·Φ(β/γ).
 
@@ -50,28 +54,70 @@ def _channel_means(x: torch.Tensor, channel: int) -> torch.Tensor:
     return x.reshape(-1, n_channels).double().sum(dim=0) / per_channel
 
 
+def correctable_layers(gm) -> list:
+    """Conv/Linear nodes with a weight quantizer whose bias has not been corrected yet."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or (node.target not in _CONV and node.target is not F.linear):
+            continue
+        wq = node.args[1]
+        if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"
+                and isinstance(gm.get_submodule(wq.target), FakeQuantize)):
+            continue
+        if node.meta.get("bias_corrected"):
+            continue
+        out.append(node)
+    return out
+
+
+INPUT_MEAN = "input_mean"  # node.meta key: E[x] per input channel (float64), recorded over the calibration data
+
+
+class recording_input_means:
+    """Context manager: while the model runs on data inside it, accumulate E[x] per input channel of ``layers``
+    (the output of the quantizer each reads); on exit, store it as ``layer.meta["input_mean"]``."""
+
+    def __init__(self, gm, layers):
+        self.sums: dict = {}
+        self.counts: dict = {}
+        self.hooks = []
+        self.targets: dict[str, list] = {}  # quantizer -> the layers reading it (a shared input feeds several)
+        for layer in layers:
+            xq = layer.args[0]
+            if isinstance(xq, torch.fx.Node) and xq.op == "call_module":
+                self.targets.setdefault(xq.target, []).append(layer)
+        self.gm = gm
+
+    def __enter__(self):
+        for target, layer_list in self.targets.items():
+            def hook(_m, _inp, out, layer_list=layer_list):
+                means = {}  # channel axis -> per-channel mean of this batch (layers sharing the input share it)
+                for layer in layer_list:
+                    channel = out.dim() - 1 if layer.target is F.linear else 1  # Linear: features last
+                    if channel not in means:
+                        means[channel] = _channel_means(out.detach(), channel)
+                    self.sums[layer] = self.sums.get(layer, 0) + means[channel] * out.shape[0]
+                    self.counts[layer] = self.counts.get(layer, 0) + out.shape[0]
+            self.hooks.append(self.gm.get_submodule(target).register_forward_hook(hook))
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        for h in self.hooks:
+            h.remove()
+        if exc_type is None:
+            for layer, total in self.sums.items():
+                layer.meta[INPUT_MEAN] = total / self.counts[layer]
+        return False
+
+
 class BiasCorrection(Pass):
     def __init__(self, data: Optional[torch.Tensor] = None, batch_size: int = 32):
         super().__init__()
         self.data = data
         self.batch_size = batch_size
 
-    def _layers(self, gm):
-        out = []
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or (node.target not in _CONV and node.target is not F.linear):
-                continue
-            wq = node.args[1]
-            if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"
-                    and isinstance(gm.get_submodule(wq.target), FakeQuantize)):
-                continue
-            if node.meta.get("bias_corrected"):
-                continue
-            out.append(node)
-        return out
-
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        layers = self._layers(gm)
+        layers = correctable_layers(gm)
         if not layers:
             return PassResult(gm, False)
         means = self._input_means(gm, layers) if self.data is not None else self._analytic_means(gm, layers)
@@ -116,34 +162,12 @@ class BiasCorrection(Pass):
         return (summed * ex_g[idx]).sum(1)
 
     def _input_means(self, gm, layers) -> dict:
-        sums: dict = {}
-        counts: dict = {}
-        hooks = []
-        targets: dict[str, list] = {}  # quantizer -> the layers reading it (a shared input feeds several)
-        for layer in layers:
-            xq = layer.args[0]
-            if isinstance(xq, torch.fx.Node) and xq.op == "call_module":
-                targets.setdefault(xq.target, []).append(layer)
-        for target, layer_list in targets.items():
-            mod = gm.get_submodule(target)
-
-            def hook(_m, _inp, out, layer_list=layer_list):
-                means = {}  # channel axis -> per-channel mean of this batch (layers sharing the input share it)
-                for layer in layer_list:
-                    channel = out.dim() - 1 if layer.target is F.linear else 1  # Linear: features last
-                    if channel not in means:
-                        means[channel] = _channel_means(out.detach(), channel)
-                    sums[layer] = sums.get(layer, 0) + means[channel] * out.shape[0]
-                    counts[layer] = counts.get(layer, 0) + out.shape[0]
-            hooks.append(mod.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
+        missing = [layer for layer in layers if INPUT_MEAN not in layer.meta]
+        if missing:  # not recorded by Calibrate's pass over the same data: one pass of our own
+            with recording_input_means(gm, missing), torch.no_grad():
                 for i in range(0, self.data.shape[0], self.batch_size):
                     gm(self.data[i:i + self.batch_size])
-        finally:
-            for h in hooks:
-                h.remove()
-        return {layer: sums[layer] / counts[layer] for layer in sums}
+        return {layer: layer.meta[INPUT_MEAN] for layer in layers if INPUT_MEAN in layer.meta}
 
     def _analytic_means(self, gm, layers) -> dict:
         from .calibrate import _bn_stats_through_relu

@@ -24,14 +24,18 @@ from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, attr_value
+from .bias_correction import correctable_layers, recording_input_means
 
 
 class Calibrate(Pass):
     """Fix α of every uncalibrated ``FakeQuantize`` from weights, calibration data or BatchNorm statistics."""
 
     def __init__(self, data: Optional[torch.Tensor] = None, method: str = "mse", weight_method: str = "mse",
-                 batch_size: int = 32, bn_k: float = 6.0, progress: Optional[Callable[[int, int], None]] = None):
+                 batch_size: int = 32, bn_k: float = 6.0, progress: Optional[Callable[[int, int], None]] = None,
+                 record_input_means: bool = False):
         super().__init__()
+        # also record E[x] of every quantized layer's input during the pass (BiasCorrection reads it)
+        self.record_input_means = record_input_means
         self.data = data
         self.method = method
         self.weight_method = weight_method
@@ -72,9 +76,10 @@ class Calibrate(Pass):
             method = self.method
             observers[node] = (quant.make_observer(method), method)
             fq.start_observing(observers[node][0])
+        recorder = recording_input_means(gm, correctable_layers(gm) if self.record_input_means else [])
         try:
             n = self.data.shape[0]
-            with torch.no_grad():
+            with torch.no_grad(), recorder:
                 for i in range(0, n, self.batch_size):
                     gm(self.data[i:i + self.batch_size])
                     if self.progress is not None:

@@ -38,7 +38,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
     ]
     if opts.int8_outputs:
         passes += [QuantizeOutputs(), QuantizeResiduals(observer=opts.calib_method)]
-    passes.append(Calibrate(calib, method=opts.calib_method, progress=progress))
+    passes.append(Calibrate(calib, method=opts.calib_method, progress=progress,
+                            record_input_means=opts.bias_correction))  # BiasCorrection's E[x], same pass
     if opts.int8_outputs:
         passes.append(ShareInt8Params())
     if opts.bias_correction:

@@ -169,3 +169,38 @@ def test_channel_means_match_a_float64_mean(shape, channel):
     expected = x.double().mean(dim=dims)
     # float32 partial sums over the trailing dims: relative error of float32 rounding only
     torch.testing.assert_close(_channel_means(x, channel), expected, rtol=1e-6, atol=0.0)
+
+
+def test_means_recorded_by_calibration_save_a_pass_and_match_the_float_inputs():
+    from qcompile.passes.bias_correction import INPUT_MEAN
+    from qcompile.qmodules import FakeQuantize
+
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=32)
+    gm = trace(model, calib[:2])
+    passes = [FoldBatchNorm(), SelectLayers(W3, first_last="quant"), InsertQuantizers(),
+              Calibrate(calib, method="minmax", record_input_means=True)]
+    gm = Pipeline(passes, check=True)(gm).gm
+    layers = layer_nodes(gm)
+    assert layers and all(INPUT_MEAN in n.meta for n in layers)
+    # what was recorded: E[x] of each layer input with the weights quantized and the activations not yet
+    acts = [m for m in gm.modules() if isinstance(m, FakeQuantize) and m.role == "activation"]
+    for m in acts:
+        m.enabled = False
+    try:
+        inputs = capture_inputs(gm, layers, calib)
+    finally:
+        for m in acts:
+            m.enabled = True
+    for node in layers:
+        channel = inputs[node].dim() - 1 if node.target is F.linear else 1
+        want = inputs[node].movedim(channel, -1).reshape(-1, inputs[node].shape[channel]).mean(dim=0)
+        torch.testing.assert_close(node.meta[INPUT_MEAN], want, rtol=1e-6, atol=1e-9)
+    # BiasCorrection uses them and runs no forward pass of its own
+    calls = []
+    handle = gm.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        result = BiasCorrection(calib)(gm)
+    finally:
+        handle.remove()
+    assert result.modified and not calls
