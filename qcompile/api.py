@@ -18,7 +18,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 from . import export as export_mod
 from .errors import UserError
 from .frontend import load_model, trace
-from .options import CompileOptions
+from .options import CompileOptions, resolve_int8_weights
 from .pipeline import build_passes
 
 
@@ -126,6 +126,7 @@ def compile(
     if opts.quantized:
         from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
+        opts = resolve_int8_weights(opts)
         table = quantizers_by_id(gm)  # ids the exporter's markers carry
         onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
     else:

@@ -76,6 +76,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     e.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
                    help="standard ONNX ops (default), compact qcompile-domain nodes with function bodies, "
                         "or multiplier-free shift-add lowering of APoT/PoT layers")
+    e.add_argument("--int8-weights", default="auto", metavar="auto|s8|u8",
+                   help="8-bit weight storage: s8 (int8, U8S8 kernels; x86 CPUs without VNNI saturate them), u8 (uint8 "
+                        "with zero point 128, exact everywhere), auto (s8 where this machine runs U8S8 exactly, else u8)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
     e.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
@@ -182,7 +185,7 @@ def cmd_compile(argv) -> int:
 
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
-                          calib_method=args.calib_method)  # fail on bad options before loading anything
+                          calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
     check_output_path(output)
     calib = load_array_file(args.calib) if args.calib else None
     example = _example_inputs(args, calib)
@@ -201,7 +204,7 @@ def cmd_compile(argv) -> int:
         calib_method=args.calib_method, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
         bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,
         float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
-        emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
+        emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module), int8_weights=args.int8_weights,
     )
     _print_summary(result)
     if args.json:

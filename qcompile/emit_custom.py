@@ -3,9 +3,10 @@ model-local ONNX function, so stock onnxruntime runs the file (it inlines the fu
 that knows the domain can execute the nodes with kernels of its own. The ops are documented in
 ``runtime/OPS.md``.
 
-- ``qcompile.DequantizeLevels(index, lut, scale) -> y``  (weights)
-  ``y = DequantizeLinear(Gather(lut, Cast(index, int32)), scale, axis)``: level indices (packed UINT4/UINT8), the
-  grid integers of the level set, the fine-grid unit per channel.
+- ``qcompile.DequantizeLevels(index, lut, scale[, zero_point]) -> y``  (weights)
+  ``y = DequantizeLinear(Gather(lut, Cast(index, int32)), scale, zero_point, axis)``: level indices (packed
+  UINT4/UINT8), the grid integers of the level set (int8, or uint8 = grid + 128 with ``zero_point`` 128 where the
+  grid exceeds ±64 and ``--int8-weights u8``), the fine-grid unit per channel.
 - ``qcompile.QuantizeLevels(x, thresholds, grid, scale) -> y``  (non-uniform activations)
   ``idx = ReduceSum(Cast(Greater(Unsqueeze(x, -1), thresholds), int64), -1)``; ``y = DequantizeLinear(Gather(grid,
   idx), scale)``. ``thresholds`` are the simulation's float32 decision thresholds with the "tie goes up" ones
@@ -26,7 +27,7 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import _Builder, _int_type, _unit, replace_markers
+from .emit import _Builder, _int_type, _unit, replace_markers, u8_storage
 
 DOMAIN = "qcompile"
 VERSION = 1
@@ -39,10 +40,10 @@ def _attrs(fq: FakeQuantize) -> dict:
 
 def function_protos() -> list[onnx.FunctionProto]:
     axis_ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
-    dq = helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])
+    dq = helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])  # zero_point: optional
     dq.attribute.append(axis_ref)
     dequantize_levels = helper.make_function(
-        DOMAIN, "DequantizeLevels", ["index", "lut", "scale"], ["y"],
+        DOMAIN, "DequantizeLevels", ["index", "lut", "scale", "zero_point"], ["y"],
         [helper.make_node("Cast", ["index"], ["index32"], to=TensorProto.INT32),
          helper.make_node("Gather", ["lut", "index32"], ["q"], axis=0),
          dq],
@@ -80,8 +81,13 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
     grid = np.asarray(ls.grid, dtype=np.int64)
     index = np.searchsorted(grid, codes)
     itype = TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
-    _, lut_t = _int_type(int(grid.min()), int(grid.max()))
-    inputs = [b.packed(index, itype, "w_index"), b.const(grid.astype(lut_t), "w_lut"), b.const(_unit(fq), "w_scale")]
+    u8 = u8_storage(b, grid)  # lut = grid + 128 as uint8 with zero point 128: exact U8U8 kernels (see emit.py)
+    offset = 128 if u8 else 0
+    lut_t = np.uint8 if u8 else _int_type(int(grid.min()), int(grid.max()))[1]
+    unit = _unit(fq)
+    inputs = [b.packed(index, itype, "w_index"), b.const((grid + offset).astype(lut_t), "w_lut"), b.const(unit, "w_scale")]
+    if u8:
+        inputs.append(b.const(np.full(unit.shape, offset, np.uint8), "w_zp"))
     _custom_node(b, "DequantizeLevels", inputs, output, axis=int(axis if axis is not None else 0), **_attrs(fq))
 
 
@@ -107,8 +113,8 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     _custom_node(b, "QuantizeLevels", inputs, output, **_attrs(fq))
 
 
-def emit_custom(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> onnx.ModelProto:
-    model = replace_markers(model, table, custom_weight, custom_activation)
+def emit_custom(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
+    model = replace_markers(model, table, custom_weight, custom_activation, u8_weights=u8_weights)
     model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
     model.functions.extend(function_protos())
     return model

@@ -204,10 +204,12 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
     if src is None or src.op != "DequantizeLinear":
         return None, "weight is not quantized (no DequantizeLinear)"
     dq = src
+    zero = 0
     if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
         z = _const_array(dq.inputs[2], inits)
-        if z is None or np.any(z != 0):
-            return None, "weight has a zero point"
+        if z is None or z.size == 0 or np.any(z != z.reshape(-1)[0]):
+            return None, "weight zero points differ between channels"
+        zero = int(z.reshape(-1)[0])  # uint8 storage (--int8-weights u8): lut - 128 are the grid integers
     q = _producer(dq.inputs[0])
     if q is None or q.op != "Gather":
         if _const_array(dq.inputs[0], inits) is not None:
@@ -234,7 +236,7 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
             return None, f"per-channel weight scale on axis {axis}, not the output axis {out_axis}"
     if idx.ndim != 2 and out_axis != 0:
         return None, "weight layout not supported"
-    return _Weight(idx_t, idx, lut.astype(np.int64), out_axis, scale.astype(np.float32)), ""
+    return _Weight(idx_t, idx, lut.astype(np.int64) - zero, out_axis, scale.astype(np.float32)), ""
 
 
 def _positions(node, kind: str) -> Optional[int]:

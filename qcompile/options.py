@@ -9,6 +9,7 @@ from .ir import SCHEMES
 
 EMIT_FORMS = ("standard", "custom", "shift-add")
 FIRST_LAST = ("int8", "fp32", "quant")
+INT8_WEIGHTS = ("auto", "s8", "u8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,10 @@ class CompileOptions:
     exclude: tuple = ()
     config: Optional[str] = None
     emit: str = "standard"
+    # storage of 8-bit weight codes beyond ±64: "s8" (int8, onnxruntime's U8S8 kernels: fastest, but saturating on
+    # x86 without VNNI), "u8" (uint8 with zero point 128: U8U8 kernels, exact everywhere), "auto" (s8 where this
+    # machine's onnxruntime computes U8S8 exactly, else u8; compile() records the choice)
+    int8_weights: str = "auto"
     check: Optional[bool] = None  # None: follow QCOMPILE_CHECK=1 (set by the test suite)
     leaf_modules: tuple = ()
 
@@ -50,6 +55,8 @@ class CompileOptions:
 
         if self.calib_method not in OBSERVERS:
             raise UserError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise UserError(f"unknown --int8-weights {self.int8_weights!r}; choose one of {', '.join(INT8_WEIGHTS)}")
         if self.keep_first_last not in FIRST_LAST:
             raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
 
@@ -79,3 +86,17 @@ class CompileOptions:
         if self.weight_scheme == self.act_scheme:
             return f"{self.scheme} W{self.weight_bits}A{self.act_bits}"
         return f"W{self.weight_bits} {self.weight_scheme} / A{self.act_bits} {self.act_scheme}"
+
+
+def resolve_int8_weights(opts: CompileOptions) -> CompileOptions:
+    """``opts`` with ``int8_weights="auto"`` decided for this machine: ``u8`` where its onnxruntime's uint8 × int8
+    kernels saturate (x86 without VNNI), else ``s8``. Done at emission, so the file's recorded options say what
+    it stores."""
+    if opts.int8_weights != "auto":
+        return opts
+    import dataclasses
+
+    from qcompile.runtime.session import u8s8_saturates
+
+    return dataclasses.replace(opts, int8_weights="u8" if u8s8_saturates() else "s8")
+

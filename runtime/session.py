@@ -36,3 +36,54 @@ def run(sess: ort.InferenceSession, inputs: Sequence[np.ndarray]) -> list[np.nda
     """Run ``sess`` on positional inputs (numpy arrays) and return all outputs."""
     feeds = {meta.name: np.ascontiguousarray(x) for meta, x in zip(sess.get_inputs(), inputs)}
     return sess.run(None, feeds)
+
+
+def u8s8_saturates() -> bool:
+    """Whether this machine's onnxruntime computes uint8 × int8 products inexactly.
+
+    On x86 CPUs without VNNI (AVX2 or older), MLAS multiplies uint8 activations by int8 weights with
+    ``pmaddubsw``, which adds each pair of products in a saturating int16: 255·127 + 255·127 = 64770 becomes
+    32767, so an int8 layer whose codes reach both ends is not the integer convolution it describes (seen here:
+    up to 36 output codes off on the digits model). uint8 × uint8 (weights stored with zero point 128) widens to
+    int16 first and is exact everywhere; so is uint8 × int8 on VNNI and ARM. The probe runs the worst case once
+    per process through both kernels onnxruntime fuses a quantized layer into (QLinearConv, MatMulInteger)."""
+    return _u8s8_saturates()
+
+
+def _u8s8_saturates_uncached() -> bool:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = 64, 16
+    a = np.full((4, k), 255, np.uint8)
+    w = np.full((k, n), 127, np.int8)
+    zero_u8, zero_i8 = np.array(0, np.uint8), np.zeros(n, np.int8)
+    wc = np.ascontiguousarray(w.T.reshape(n, k, 1, 1))
+    f32, one = np.float32, np.array(1.0, np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(wc, "wc"),
+             numpy_helper.from_array(zero_u8, "za"), numpy_helper.from_array(zero_i8, "zw"),
+             numpy_helper.from_array(one, "s1"), numpy_helper.from_array(np.full(n, 1.0, f32), "sw"),
+             numpy_helper.from_array(np.array(float(255 * 127 * k) / 200.0, f32), "sy"),
+             numpy_helper.from_array(zero_u8, "zy")]
+    nodes = [helper.make_node("MatMulInteger", ["a", "w", "za", "zw"], ["mm"]),
+             helper.make_node("QLinearConv", ["a4", "s1", "za", "wc", "sw", "zw", "sy", "zy"], ["conv"])]
+    graph = helper.make_graph(
+        nodes, "u8s8_probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k]),
+         helper.make_tensor_value_info("a4", TensorProto.UINT8, [1, k, 2, 2])],
+        [helper.make_tensor_value_info("mm", TensorProto.INT32, None),
+         helper.make_tensor_value_info("conv", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    sess = session(model.SerializeToString(), threads=1)
+    mm, conv = sess.run(None, {"a": a, "a4": np.full((1, k, 2, 2), 255, np.uint8)})
+    exact = 255 * 127 * k
+    return bool(np.any(mm != exact) or np.any(conv != 200))
+
+
+_PROBE: list = []
+
+
+def _u8s8_saturates() -> bool:
+    if not _PROBE:
+        _PROBE.append(_u8s8_saturates_uncached())
+    return _PROBE[0]

@@ -132,6 +132,8 @@ def test_weights_are_packed_integer_initializers(emitted, config, form):
     model = e.files[form]
     types = collections.Counter(t.data_type for t in model.graph.initializer)
     present, absent = EXPECTED_TYPES[(config, form)]
+    if e.result.options.int8_weights == "u8" and (config, form) == ("uniform8", "standard"):
+        present = {TensorProto.UINT8}  # 8-bit codes stored as code + 128 (this machine saturates U8S8)
     assert present <= set(types), types
     assert not absent & set(types), types
     quantized = weight_shapes(e.result.model)

@@ -87,14 +87,17 @@ def doctored(model: onnx.ModelProto, name: str, change) -> bytes:
 
 def test_a_changed_weight_code_fails_validation(compiled):
     result, _, x = compiled
-    # conv1 is 8-bit uniform (first layer): its weight codes are a plain INT8 initializer
-    ints = [t for t in result.onnx_model.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 4]
-    assert ints, "no INT8 conv weight codes in the file"
+    # conv1 is 8-bit uniform (first layer): its weight codes are a plain INT8 initializer (UINT8 = code + 128 where
+    # this machine's U8S8 kernels saturate, see --int8-weights)
+    ints = [t for t in result.onnx_model.graph.initializer
+            if t.data_type in (TensorProto.INT8, TensorProto.UINT8) and len(t.dims) == 4]
+    assert ints, "no 8-bit conv weight codes in the file"
     target = ints[0]
+    offset = 128 if target.data_type == TensorProto.UINT8 else 0
 
     def change(codes):
         flat = codes.reshape(-1)
-        flat[0] = -127 if flat[0] > 0 else 127  # one code, to the other end of the range
+        flat[0] = (-127 if int(flat[0]) - offset > 0 else 127) + offset  # one code, to the other end of the range
         return codes
 
     data = doctored(result.onnx_model, target.name, change)
@@ -111,7 +114,10 @@ def test_a_changed_weight_code_fails_validation(compiled):
 
 def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     result, _, x = compiled
-    names = [t.name for t in result.onnx_model.graph.initializer if "/thresholds" in t.name]
+    graph = result.onnx_model.graph
+    floats = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 1}
+    # the binary search's tables: float32 vectors read by Gather
+    names = sorted({n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in floats})
     assert names, "no APoT threshold table in the file"
     data = doctored(result.onnx_model, names[0], lambda thr: (thr * np.float32(0.8)).astype(np.float32))
     report = validate_quantized(data, result.model, x)
