@@ -471,21 +471,33 @@ def kl_threshold(edges: np.ndarray, counts: np.ndarray, magnitudes: np.ndarray, 
 
 
 class KLObserver(HistogramObserver):
-    """TensorRT entropy (KL-divergence) calibration; symmetric and unsigned level sets."""
+    """TensorRT entropy (KL-divergence) calibration.
+
+    Symmetric and unsigned level sets: the threshold of |x| (or of x >= 0) against the set's own levels.
+    Asymmetric uniform levels (a signed model input, say): the threshold T of |x| against the symmetric levels of
+    the same bit-width, and the range the data actually covers inside [-T, T] (a skewed tensor keeps its short
+    side, as with min/max)."""
 
     name = "kl"
 
     def _range(self, levelset):
-        if levelset.scheme == "uniform_asym":
-            raise ValueError("kl calibration is defined for symmetric and unsigned level sets, not uniform_asym; "
-                             "use minmax, percentile or mse")
-        mags = levelset.values[levelset.values >= 0]
+        asym = levelset.scheme == "uniform_asym"
+        ref = levelset
+        if asym:
+            from .levels import level_set
+
+            ref = level_set("uniform", levelset.bits, True)
+        mags = ref.values[ref.values >= 0]
         lo, hi = [], []
         for c in range(self.channels):
-            edges, counts = self.abs_hist(c) if levelset.signed else self.pos_hist(c)
+            edges, counts = self.abs_hist(c) if ref.signed else self.pos_hist(c)
             alpha = kl_threshold(edges, counts, mags)
-            lo.append(-alpha if levelset.signed else 0.0)
-            hi.append(alpha)
+            if asym:
+                lo.append(max(float(self.min_val[c]), -alpha))
+                hi.append(min(float(self.max_val[c]), alpha))
+            else:
+                lo.append(-alpha if levelset.signed else 0.0)
+                hi.append(alpha)
         return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
 

@@ -57,8 +57,6 @@ def test_observer_errors():
         obs.compute_alpha(ls, axis=1)
     with pytest.raises(ValueError, match="unknown calibration method"):
         make_observer("entropy")
-    with pytest.raises(ValueError, match="uniform_asym"):
-        make_observer("kl").update(torch.randn(100)).compute_alpha(level_set("uniform_asym", 8, False))
 
 
 def test_registry_names():
@@ -181,6 +179,17 @@ def test_mse_per_channel_weights():
 
 
 # -- KL ---------------------------------------------------------------------------------------------------------
+def test_kl_on_asymmetric_levels_clips_to_the_entropy_threshold_inside_the_data():
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(3))
+    asym = make_observer("kl").update(x).compute_qparams(level_set("uniform_asym", 8, False))
+    sym = make_observer("kl").update(x).compute_alpha(level_set("uniform", 8, True)).item()
+    lo = -float(asym.zero_point) * float(asym.alpha) / 255  # S (q - Z) at q = 0: the lower end of the range
+    assert abs(lo + sym) < 0.02 * sym and abs(float(asym.alpha) - 2 * sym) < 0.04 * sym
+    assert sym < float(x.abs().max())  # clipped: the entropy threshold, not the max
+    skewed = make_observer("kl").update(x.clamp(min=-0.5)).compute_qparams(level_set("uniform_asym", 8, False))
+    assert float(skewed.alpha) < 0.5 + sym  # the short side stays at the data's -0.5
+
+
 def test_kl_clips_inside_the_range_and_tracks_bits():
     x = torch.randn(200_000, generator=_gen(5))
     obs = make_observer("kl").update(x)
