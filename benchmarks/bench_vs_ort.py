@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import onnxruntime
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,6 +160,39 @@ def compile_theirs(case: Case, weights: str, folder: str) -> dict:
             "quantize_static_seconds": seconds - t_export - t_pre, "path": q_path, "float_path": float_path}
 
 
+# -- what the activations alone allow ------------------------------------------------------------------------------
+def activation_ceiling(case: Case, float_out: np.ndarray) -> dict:
+    """Output SQNR vs float of our W8A8 pipeline with the weight quantizers switched off: the noise of the 8-bit
+    per-tensor activation quantizers alone (placed as in the int8 file: layer inputs, re-quantized layer outputs,
+    residual adds and pools), which no choice of weights, weight rounding or bias correction removes. Calibrated
+    with our default (MSE) and with MinMax (what ``quantize_static`` uses). Built from the pass API; the passes
+    that bind integer kernels (which read the quantized weights) are left out."""
+    import copy
+
+    from qcompile.frontend import trace
+    from qcompile.options import CompileOptions
+    from qcompile.passes.base import Pipeline
+    from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools
+    from qcompile.passes.quantize_bias import QuantizeBias
+    from qcompile.passes.quantize_outputs import BindIntegerLayers
+    from qcompile.pipeline import build_passes
+    from qcompile.qmodules import FakeQuantize
+
+    integer = (QuantizeBias, BindIntegerLayers, BindIntegerAdds, BindIntegerPools)
+    out = {}
+    for method in ("mse", "minmax"):
+        opts = CompileOptions(scheme="uniform", bits=8, calib_method=method, bias_correction=False)
+        passes = [p for p in build_passes(opts, case.calib) if not isinstance(p, integer)]
+        gm = Pipeline(passes)(trace(copy.deepcopy(case.model).eval(), (case.calib[:1],))).gm
+        for m in gm.modules():
+            if isinstance(m, FakeQuantize) and m.role == "weight":
+                m.enabled = False
+        with torch.no_grad():
+            q = np.concatenate([gm(case.inputs[i:i + 16]).numpy() for i in range(0, len(case.inputs), 16)])
+        out[f"activations_only_{method}_db"] = round(common.sqnr_db(float_out, q), 2)
+    return out
+
+
 # -- one model ----------------------------------------------------------------------------------------------------
 def run_case(case: Case, folder: str, configs: dict, log) -> dict:
     weights = os.path.join(folder, f"{case.name}.pt")
@@ -198,6 +232,10 @@ def run_case(case: Case, folder: str, configs: dict, log) -> dict:
         }
         if case.labels is not None:
             row["accuracy"] = float(np.mean(common.top1(out) == case.labels.numpy()))
+        if name == THEIRS:  # the file's own arithmetic, on onnxruntime's reference (unfused, float) kernels
+            ref = common.run_batched(common.session(info["path"], level=onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                     case.inputs.numpy(), batch=16)
+            row["sqnr_vs_float_db_unfused"] = common.json_float(round(common.sqnr_db(float_out, ref), 2))
         for key in ("seconds", "validate_seconds", "export_seconds", "pre_process_seconds", "quantize_static_seconds"):
             if key in info:
                 row["compile_" + key if key == "seconds" else key] = round(info[key], 2)
@@ -218,6 +256,8 @@ def run_case(case: Case, folder: str, configs: dict, log) -> dict:
     if case.labels is not None:
         result["float_accuracy"] = float(np.mean(float_pred == case.labels.numpy()))
     result["targets"] = targets(rows)
+    result["w8a8_sqnr_ceiling"] = activation_ceiling(case, float_out)
+    log(f"  {case.name}: activations alone (float weights): {result['w8a8_sqnr_ceiling']}")
     return result
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from qcompile.qmodules import FakeQuantize
-from qcompile.runtime.session import session as qc_session
+from qcompile.runtime.session import session as qc_session, u8s8_saturates
 
 THREADS = 2
 
@@ -77,9 +77,9 @@ def float_size(model: nn.Module) -> int:
 
 
 # -- onnxruntime -------------------------------------------------------------------------------------------------
-def session(path: str, threads: int = THREADS, optimized_model_path: str | None = None):
+def session(path: str, threads: int = THREADS, optimized_model_path: str | None = None, **kwargs):
     """qcompile's CPU session: ``threads`` intra-op threads, ``session.intra_op.allow_spinning = 0``."""
-    return qc_session(path, threads=threads, spinning=False, optimized_model_path=optimized_model_path)
+    return qc_session(path, threads=threads, spinning=False, optimized_model_path=optimized_model_path, **kwargs)
 
 
 def run_batched(sess, x: np.ndarray, batch: int = 32) -> np.ndarray:
@@ -144,7 +144,20 @@ def environment() -> dict:
         revision = None
     return {"git": revision, "python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "cpu_count": os.cpu_count(), "machine": platform.machine(),
-            "loadavg_at_start": load, "threads": THREADS}
+            "loadavg_at_start": load, "threads": THREADS, "cpu": _cpu_model(),
+            "u8s8_saturates": u8s8_saturates()}  # onnxruntime's uint8 x int8 kernels here (see --int8-weights)
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            info = fh.read()
+    except OSError:
+        return platform.processor() or None
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no avx2'})"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
