@@ -135,6 +135,31 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
 
 
+def _saturation_hint(model_bytes: bytes) -> str:
+    """Why codes may differ on this machine: int8 weight codes beyond ±64 on a CPU whose onnxruntime saturates
+    uint8 × int8 products (x86 without VNNI; see ``--int8-weights``)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    from .session import u8s8_saturates
+
+    if not u8s8_saturates():
+        return ""
+    model = onnx.load_from_string(model_bytes)
+    inits = {t.name: t for t in model.graph.initializer}
+    wide = False
+    for node in model.graph.node:
+        src = inits.get(node.input[0]) if node.op_type in ("DequantizeLinear", "Gather") else None
+        if src is not None and src.data_type == TensorProto.INT8 and src.dims:
+            if int(np.abs(numpy_helper.to_array(src).astype(np.int16)).max(initial=0)) > 64:
+                wide = True
+                break
+    if not wide:
+        return ""
+    return ("; this CPU's onnxruntime saturates uint8 x int8 products (no VNNI) and the file stores int8 weight "
+            "codes beyond +-64: compile it with --int8-weights u8 (or auto) for a file that is exact here")
+
+
 def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
     import onnx
 
@@ -292,7 +317,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         report.extra["code_mismatch_local"] = frac_local
         if max_code_mismatch is not None and frac_local > max_code_mismatch:
             report.failures.append(f"{100 * frac_local:.3f}% of activation codes differ on identical inputs "
-                                   f"(> {100 * max_code_mismatch:.2f}%)")
+                                   f"(> {100 * max_code_mismatch:.2f}%)" + _saturation_hint(model_bytes))
     if float_model is not None:
         fl = run_reference(float_model, inputs, batch_size)
         report.extra["sqnr_vs_float_db"] = sqnr_db(fl[0], got[0])

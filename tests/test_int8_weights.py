@@ -80,6 +80,7 @@ def test_s8_storage_is_exact_exactly_where_the_probe_says(data):
                           validation_inputs=x)
     if u8s8_saturates():  # x86 without VNNI: pmaddubsw saturates on the first layer's full-range products
         assert not s8.report.passed and s8.report.max_abs > 0.5, s8.report.summary()
+        assert any("--int8-weights u8" in f for f in s8.report.failures), s8.report.failures  # says why and the fix
     else:
         assert s8.report.passed and s8.report.max_abs == 0.0, s8.report.summary()
 
