@@ -110,6 +110,9 @@ def compile(
 
     if config_of(model) is not None:  # a model from qcompile.qat.prepare: export its learned quantizers
         model = convert(model)
+    from qcompile.qat.convert import CONVERTED_KEY
+
+    trained = isinstance(getattr(model, "meta", None), dict) and CONVERTED_KEY in model.meta
     calib_x = calib_tensor(calib)
     if example_inputs is None:
         if calib_x is None:
@@ -117,6 +120,8 @@ def compile(
         example_inputs = calib_x[:1]
     example_inputs = as_input_tuple(example_inputs)
 
+    if opts.quantized:
+        opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
     float_model = copy.deepcopy(model).eval()
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
     pipeline = Pipeline(build_passes(opts, calib_x, progress), check=opts.check, callback=callback)
@@ -126,7 +131,6 @@ def compile(
     if opts.quantized:
         from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
-        opts = resolve_int8_weights(opts)
         table = quantizers_by_id(gm)  # ids the exporter's markers carry
         onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
     else:

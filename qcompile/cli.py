@@ -76,9 +76,11 @@ def _compile_parser() -> argparse.ArgumentParser:
     e.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
                    help="standard ONNX ops (default), compact qcompile-domain nodes with function bodies, "
                         "or multiplier-free shift-add lowering of APoT/PoT layers")
-    e.add_argument("--int8-weights", default="auto", metavar="auto|s8|u8",
-                   help="8-bit weight storage: s8 (int8, U8S8 kernels; x86 CPUs without VNNI saturate them), u8 (uint8 "
-                        "with zero point 128, exact everywhere), auto (s8 where this machine runs U8S8 exactly, else u8)")
+    e.add_argument("--int8-weights", default="auto", metavar="auto|s8|s8-safe|u8",
+                   help="8-bit weights: s8 (int8, U8S8 kernels; x86 CPUs without VNNI saturate them), s8-safe (int8 "
+                        "with no pair past int16: U8S8 speed, exact on every CPU, ~0.5 bit less weight precision), u8 "
+                        "(uint8 with zero point 128: exact everywhere, slower U8U8 kernels on x86), auto (s8 where this "
+                        "machine runs U8S8 exactly, else s8-safe)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
     e.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")

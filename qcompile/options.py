@@ -9,7 +9,7 @@ from .ir import SCHEMES
 
 EMIT_FORMS = ("standard", "custom", "shift-add")
 FIRST_LAST = ("int8", "fp32", "quant")
-INT8_WEIGHTS = ("auto", "s8", "u8")
+INT8_WEIGHTS = ("auto", "s8", "u8", "s8-safe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +31,11 @@ class CompileOptions:
     exclude: tuple = ()
     config: Optional[str] = None
     emit: str = "standard"
-    # storage of 8-bit weight codes beyond ±64: "s8" (int8, onnxruntime's U8S8 kernels: fastest, but saturating on
-    # x86 without VNNI), "u8" (uint8 with zero point 128: U8U8 kernels, exact everywhere), "auto" (s8 where this
-    # machine's onnxruntime computes U8S8 exactly, else u8; compile() records the choice)
+    # 8-bit weight codes beyond ±64: "s8" (int8, onnxruntime's U8S8 kernels: fastest, but saturating on x86
+    # without VNNI), "s8-safe" (int8 with no kernel pair past int16, passes/int8_pairs.py: U8S8 speed, exact on
+    # every CPU, ~7.5-bit weight precision), "u8" (uint8 with zero point 128: U8U8 kernels, full precision, exact
+    # everywhere, slower on x86), "auto" (s8 where this machine's onnxruntime computes U8S8 exactly, else s8-safe;
+    # compile() records the choice)
     int8_weights: str = "auto"
     check: Optional[bool] = None  # None: follow QCOMPILE_CHECK=1 (set by the test suite)
     leaf_modules: tuple = ()
@@ -88,15 +90,18 @@ class CompileOptions:
         return f"W{self.weight_bits} {self.weight_scheme} / A{self.act_bits} {self.act_scheme}"
 
 
-def resolve_int8_weights(opts: CompileOptions) -> CompileOptions:
-    """``opts`` with ``int8_weights="auto"`` decided for this machine: ``u8`` where its onnxruntime's uint8 × int8
-    kernels saturate (x86 without VNNI), else ``s8``. Done at emission, so the file's recorded options say what
-    it stores."""
+def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> CompileOptions:
+    """``opts`` with ``int8_weights="auto"`` decided for this machine: ``s8-safe`` where its onnxruntime's uint8 ×
+    int8 kernels saturate (x86 without VNNI), else ``s8``. Done before the passes (``s8-safe`` adds one), so the file's recorded
+    options say what it stores. ``keep_weights`` (QAT export: the trained weights are final) resolves to ``u8``
+    instead of ``s8-safe``, which would move some of them."""
     if opts.int8_weights != "auto":
         return opts
     import dataclasses
 
     from qcompile.runtime.session import u8s8_saturates
 
-    return dataclasses.replace(opts, int8_weights="u8" if u8s8_saturates() else "s8")
+    if not u8s8_saturates():
+        return dataclasses.replace(opts, int8_weights="s8")
+    return dataclasses.replace(opts, int8_weights="u8" if keep_weights else "s8-safe")
 

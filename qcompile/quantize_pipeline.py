@@ -9,12 +9,13 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
+from qcompile.passes.int8_pairs import PairSafeInt8Weights
 from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
 
-from .options import CompileOptions
+from .options import CompileOptions, resolve_int8_weights
 
 
 def default_layer_config(opts: CompileOptions) -> LayerConfig:
@@ -42,6 +43,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
                             record_input_means=opts.bias_correction))  # BiasCorrection's E[x], same pass
     if opts.int8_outputs:
         passes.append(ShareInt8Params())
+    if opts.quantized and resolve_int8_weights(opts).int8_weights == "s8-safe":
+        passes.append(PairSafeInt8Weights())  # before BiasCorrection, which absorbs the mean of its change
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
     passes += [QuantizeBias(), BindIntegerLayers()]

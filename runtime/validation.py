@@ -46,6 +46,9 @@ class ValidationReport:
             codes = f", codes differ {self.extra['codes_differ']} of {self.extra['codes_total']}"
             if self.extra["codes_differ"]:
                 codes += f" ({self.extra['codes_differ_local']} on identical inputs)"
+        if self.extra.get("saturating_pairs"):
+            codes += (f", {self.extra['saturating_pairs']} int8 weight pairs past int16 on x86 without VNNI "
+                      "(--int8-weights s8-safe avoids them)")
         return (f"validation on {self.samples} inputs: max abs err {self.max_abs:.3g}, SQNR {sq}, "
                 f"top-1 agreement {top1}{codes} -> {status}")
 
@@ -135,29 +138,76 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
 
 
-def _saturation_hint(model_bytes: bytes) -> str:
-    """Why codes may differ on this machine: int8 weight codes beyond ±64 on a CPU whose onnxruntime saturates
-    uint8 × int8 products (x86 without VNNI; see ``--int8-weights``)."""
+def saturating_pairs(model) -> int:
+    """Pairs of int8 weight codes in ``model`` (an ONNX ModelProto or bytes) that a uint8 × int8 kernel without
+    VNNI adds past int16: same-sign neighbours of the kernel's reduction order with |a| + |b| > 128, in layers
+    fed by uint8 activations (see ``qcompile.passes.int8_pairs``; depthwise convolutions and int8 activations
+    run on exact kernels). 0 means the file computes the same on every onnxruntime CPU."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
+    if isinstance(model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model))
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {out: n for n in model.graph.node for out in n.output}
+
+    def int8_weight(name):
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return None
+        src = inits.get(node.input[0])
+        if src is not None:
+            return numpy_helper.to_array(src).astype(np.int64) if src.data_type == TensorProto.INT8 else None
+        gather = producer.get(node.input[0])  # non-uniform grid: Gather(int8 lut, Cast(packed indices))
+        if gather is None or gather.op_type != "Gather" or gather.input[0] not in inits:
+            return None
+        lut = inits[gather.input[0]]
+        cast = producer.get(gather.input[1])
+        idx = inits.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        if lut.data_type != TensorProto.INT8 or idx is None:
+            return None
+        return numpy_helper.to_array(lut).astype(np.int64)[numpy_helper.to_array(idx).astype(np.int64)]
+
+    def uint8_input(name):
+        node = producer.get(name)
+        if node is not None and node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
+            return inits[node.input[2]].data_type != TensorProto.INT8
+        return True  # unknown: assume the worst
+
+    total = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        w = int8_weight(node.input[1])
+        if w is None or not uint8_input(node.input[0]):
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            if w.shape[1] == 1 and attrs.get("group", 1) > 1:
+                continue  # depthwise kernel: exact
+            rows = w.reshape(w.shape[0], w.shape[1], -1).transpose(0, 2, 1).reshape(w.shape[0], -1)
+        elif node.op_type == "Gemm" and attrs.get("transB", 0):
+            rows = w.reshape(w.shape[0], -1)
+        else:
+            rows = w.reshape(w.shape[0], -1).T  # MatMul / Gemm B is [K, N]
+        if rows.shape[1] % 2:
+            rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], 1)
+        total += int((np.abs(rows[:, 0::2] + rows[:, 1::2]) > 128).sum())
+    return total
+
+
+def _saturation_hint(model_bytes: bytes) -> str:
+    """Why codes may differ on this machine: int8 weight pairs past int16 on a CPU whose onnxruntime saturates
+    uint8 × int8 products (x86 without VNNI; see ``--int8-weights``)."""
     from .session import u8s8_saturates
 
     if not u8s8_saturates():
         return ""
-    model = onnx.load_from_string(model_bytes)
-    inits = {t.name: t for t in model.graph.initializer}
-    wide = False
-    for node in model.graph.node:
-        src = inits.get(node.input[0]) if node.op_type in ("DequantizeLinear", "Gather") else None
-        if src is not None and src.data_type == TensorProto.INT8 and src.dims:
-            if int(np.abs(numpy_helper.to_array(src).astype(np.int16)).max(initial=0)) > 64:
-                wide = True
-                break
-    if not wide:
+    n = saturating_pairs(model_bytes)
+    if not n:
         return ""
-    return ("; this CPU's onnxruntime saturates uint8 x int8 products (no VNNI) and the file stores int8 weight "
-            "codes beyond +-64: compile it with --int8-weights u8 (or auto) for a file that is exact here")
+    return (f"; this CPU's onnxruntime saturates uint8 x int8 products (no VNNI) and the file has {n} int8 weight "
+            "pairs past int16: compile it with --int8-weights s8-safe (int8 speed) or u8 for a file exact here")
 
 
 def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
@@ -315,6 +365,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         report.extra["code_mismatch"] = frac
         report.extra["codes_differ_local"] = local
         report.extra["code_mismatch_local"] = frac_local
+        report.extra["saturating_pairs"] = saturating_pairs(model_bytes)  # 0: exact on every onnxruntime CPU
         if max_code_mismatch is not None and frac_local > max_code_mismatch:
             report.failures.append(f"{100 * frac_local:.3f}% of activation codes differ on identical inputs "
                                    f"(> {100 * max_code_mismatch:.2f}%)" + _saturation_hint(model_bytes))

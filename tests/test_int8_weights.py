@@ -1,4 +1,5 @@
-"""8-bit weight storage (``--int8-weights``): int8 codes, or uint8 = code + 128 with zero point 128.
+"""8-bit weight storage (``--int8-weights``): int8 codes, or uint8 = code + 128 with zero point 128 (the
+pair-safe int8 form, ``s8-safe``, is tested in ``test_int8_pairs.py``).
 
 onnxruntime's uint8 × int8 kernels saturate on x86 CPUs without VNNI; the uint8 form runs on its uint8 × uint8
 kernels, exact everywhere. These tests run on whatever machine the suite runs on, and say which it is.
@@ -47,7 +48,7 @@ def test_probe_answers_and_auto_records_its_choice(data):
     saturates = u8s8_saturates()
     assert isinstance(saturates, bool)
     result = qcompile.compile(digits.pretrained(), calib=calib, scheme="uniform", bits=8, validate=False)
-    assert result.options.int8_weights == ("u8" if saturates else "s8")
+    assert result.options.int8_weights == ("s8-safe" if saturates else "s8")
     meta = {p.key: p.value for p in result.onnx_model.metadata_props}
     assert '"int8_weights": "%s"' % result.options.int8_weights in meta["qcompile.options"]
 
@@ -80,9 +81,11 @@ def test_s8_storage_is_exact_exactly_where_the_probe_says(data):
                           validation_inputs=x)
     if u8s8_saturates():  # x86 without VNNI: pmaddubsw saturates on the first layer's full-range products
         assert not s8.report.passed and s8.report.max_abs > 0.5, s8.report.summary()
-        assert any("--int8-weights u8" in f for f in s8.report.failures), s8.report.failures  # says why and the fix
+        assert any("--int8-weights s8-safe" in f for f in s8.report.failures), s8.report.failures  # why, the fix
+        assert s8.report.extra["saturating_pairs"] > 0
     else:
         assert s8.report.passed and s8.report.max_abs == 0.0, s8.report.summary()
+    assert s8.report.extra["saturating_pairs"] > 0  # a property of the file, whatever this CPU does
 
 
 def test_narrow_grids_stay_int8(data):

@@ -118,7 +118,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     gm = convert(model) if cfg is not None or _has_learnable(model) else model
     cfg = cfg or gm.meta.get(CONVERTED_KEY)
     opts = cfg.options if cfg is not None else CompileOptions()
-    opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit))
+    opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit), keep_weights=True)
     example_inputs = as_input_tuple(example_inputs)
     table = quantizers_by_id(gm)
     onnx_model = emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts)

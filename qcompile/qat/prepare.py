@@ -94,6 +94,7 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
     """The compile pipeline cut after ``Calibrate``: the passes up to calibration build the trainable graph;
     the ones after it fix biases and integer layers to the final clipping values, so they run after training
     (in :func:`qcompile.qat.convert`). Bias correction is a PTQ device and is left out."""
+    from qcompile.passes.int8_pairs import PairSafeInt8Weights
     from qcompile.passes.int8_region import ShareInt8Params
     from qcompile.passes.quantize_outputs import BindIntegerLayers
 
@@ -104,8 +105,10 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
     if cut + 1 < len(passes) and isinstance(passes[cut + 1], ShareInt8Params):
         cut += 1  # shared 8-bit parameters are a property of the graph that is trained, not a change after it
     # the trained logits of a final Linear are its float32 output: keep them (no QGemm accumulator rounding)
+    # auto keeps the trained weights (export resolves it to u8 where s8 saturates); s8-safe asked for moves them
     after = [BindIntegerLayers(float_outputs=False) if isinstance(p, BindIntegerLayers) else p
-             for p in passes[cut + 1:] if not isinstance(p, BiasCorrection)]
+             for p in passes[cut + 1:] if not isinstance(p, BiasCorrection)
+             and not (isinstance(p, PairSafeInt8Weights) and opts.int8_weights == "auto")]
     return passes[:cut + 1], after
 
 

@@ -1,0 +1,400 @@
+"""PairSafeInt8Weights: 8-bit weight codes that no uint8 × int8 kernel can saturate, at int8 speed.
+
+On x86 CPUs without VNNI (AVX2 and older), onnxruntime's uint8 × int8 GEMM (MLAS, behind QLinearConv, QGemm
+and MatMulInteger) multiplies with ``pmaddubsw``: each pair of products a_2j·w_2j + a_2j+1·w_2j+1 is summed in a
+*saturating int16* before the int32 accumulation. With uint8 activation codes up to A, the pair is exact for every
+input iff
+
+    |w_2j| + |w_2j+1| <= L = floor(32767 / A)      (L = 128 for 8-bit activations)
+
+for pairs of the same sign (opposite signs cannot leave int16). The pairs are consecutive elements of the
+reduction axis in the kernel's order, measured on onnxruntime 1.32 (``tests/test_int8_pairs.py`` checks it on
+the installed onnxruntime): Linear/Gemm/MatMul: (in_2j, in_2j+1); Conv: the axis (kernel position, input channel
+of the group) flattened channel-fastest, i.e. the weight [O, C/g, *k] read as [O, *k, C/g]. Depthwise convolutions
+(one input channel per group) run on a separate kernel that widens to int32 and never saturates; int8 activations
+run on int8 × int8 kernels that are exact (both measured).
+
+The pass moves every violating pair onto the constraint with the least squared change of the two weights: the
+magnitudes (m_a, m_b) become the pair of grid magnitudes with g_a + g_b <= L closest to them (for uniform grids:
+the projection onto g_a + g_b = L, rounded). It changes only those weights (about 1% of an 8-bit per-channel
+layer's pairs, where both weights sit near the channel's largest); the float weight is rewritten to the new code ×
+unit, so the simulation, the ONNX codes and every kernel agree. ``BiasCorrection`` after it absorbs the mean of
+the change. Layers whose grid fits ±L/2 (APoT/PoT/uniform up to 7 bits: ±64) are untouched.
+
+Before: ``F.conv2d(xq, weight_fq(W), b)``.  After: the same graph, W with the few violating pairs moved.
+Runs after calibration (it needs the weight scales) and before bias correction. Idempotent.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from qcompile import quant
+from qcompile.qmodules import FakeQuantize
+
+from .base import Pass, PassResult, attr_value, fake_quantizer
+from .int8_region import _is_transparent
+
+_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+INT16_MAX = 32767
+
+
+def pair_limit(xfq: FakeQuantize) -> Optional[int]:
+    """Largest |w_a| + |w_b| a uint8 × int8 kernel adds exactly for inputs from this quantizer, or None where no
+    uint8 × int8 kernel runs (int8-stored activations run int8 × int8, exact)."""
+    ls = xfq.levelset
+    if ls.code_min < 0 or ls.code_max > 255:
+        return None  # int8 activations, or codes that are no uint8 tensor (no integer kernel at all)
+    return INT16_MAX // max(1, ls.code_max)  # >= 128 >= any int8 weight magnitude
+
+
+def _input_quantizer(gm: torch.fx.GraphModule, node) -> Optional[FakeQuantize]:
+    """The activation quantizer whose codes reach a layer (directly, or through max-pooling and reshapes)."""
+    while isinstance(node, torch.fx.Node):
+        fq = fake_quantizer(gm, node)
+        if fq is not None:
+            return fq if fq.role == "activation" else None
+        if not _is_transparent(gm, node) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def kernel_order(w: torch.Tensor) -> torch.Tensor:
+    """View of the weight [O, C/g, *k] as [O, K] in the kernel's reduction order (kernel position major, input
+    channel minor); Linear [O, I] is already in it."""
+    if w.dim() <= 2:
+        return w.reshape(w.shape[0], -1)
+    o, c = w.shape[:2]
+    return w.reshape(o, c, -1).transpose(1, 2).reshape(o, -1)
+
+
+def from_kernel_order(flat: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if len(shape) <= 2:
+        return flat.reshape(shape)
+    o, c = shape[:2]
+    k = flat.shape[1] // c
+    return flat.reshape(o, k, c).transpose(1, 2).reshape(shape)
+
+
+def split_pairs(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, second) elements of the kernel's pairs, each [O, P]. With an even channel count a pair is channels
+    (2j, 2j+1) at one kernel position, so no transpose is needed; otherwise the kernel order is built and padded."""
+    o, c = t.shape[0], t.shape[1]
+    if c % 2 == 0:
+        t3 = t.reshape(o, c // 2, 2, -1)
+        return t3[:, :, 0].reshape(o, -1), t3[:, :, 1].reshape(o, -1)
+    flat = kernel_order(t)
+    flat = torch.cat([flat, flat.new_zeros(o, 1)], 1) if flat.shape[1] % 2 else flat
+    return flat[:, 0::2], flat[:, 1::2]
+
+
+def merge_pairs(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``split_pairs``."""
+    o, c = shape[0], shape[1]
+    if c % 2 == 0:
+        return torch.stack([a.reshape(o, c // 2, -1), b.reshape(o, c // 2, -1)], 2).reshape(shape)
+    flat = torch.stack([a, b], 2).reshape(o, -1)
+    k = 1
+    for d in shape[1:]:
+        k *= d
+    return from_kernel_order(flat[:, :k], shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _magnitudes(grid: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted grid magnitudes available to positive and to negative weights."""
+    g = torch.tensor(grid, dtype=torch.float64)
+    return g[g >= 0].sort().values, (-g[g <= 0]).sort().values
+
+
+@functools.lru_cache(maxsize=64)
+def _is_uniform(grid: tuple) -> bool:
+    return all(b - a == 1 for a, b in zip(grid, grid[1:]))
+
+
+def _project_uniform(ma: torch.Tensor, mb: torch.Tensor, top: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer magnitudes (a, b), a + b <= limit, 0 <= a, b <= top, nearest to (ma, mb) (closed form: the
+    projection onto a + b = limit, rounded both ways)."""
+    lo, hi = max(0, limit - top), min(top, limit)
+    centre = ((ma - mb + limit) / 2).clamp(lo, hi)
+    best_a = best_b = best_err = None
+    for a in (centre.floor(), centre.ceil()):
+        a = a.clamp(lo, hi)
+        b = limit - a
+        err = (ma - a) ** 2 + (mb - b) ** 2
+        if best_err is None:
+            best_a, best_b, best_err = a, b, err
+        else:
+            better = err < best_err
+            best_a, best_b, best_err = torch.where(better, a, best_a), torch.where(better, b, best_b), \
+                torch.minimum(err, best_err)
+    return best_a, best_b
+
+
+def _project_grid(ma: torch.Tensor, mb: torch.Tensor, mags: torch.Tensor, limit: int,
+                  chunk: int = 1 << 14) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``_project_uniform`` for any grid: every grid magnitude for a, the largest that fits for b."""
+    cand = mags[mags <= limit]
+    idx = torch.searchsorted(mags, limit - cand, right=True) - 1
+    partner = mags[idx.clamp_min(0)]
+    out_a, out_b = torch.empty_like(ma), torch.empty_like(mb)
+    for i in range(0, len(ma), chunk):
+        sa, sb = ma[i:i + chunk, None], mb[i:i + chunk, None]
+        best = ((sa - cand) ** 2 + (sb - partner) ** 2).argmin(dim=1)
+        out_a[i:i + chunk], out_b[i:i + chunk] = cand[best], partner[best]
+    return out_a, out_b
+
+
+def _violations(a: torch.Tensor, b: torch.Tensor, limit: int) -> torch.Tensor:
+    """Mask of the pairs whose same-sign codes add past ``limit`` in magnitude (codes of opposite signs add to at
+    most max(|a|, |b|) <= limit, so |a + b| alone decides)."""
+    return (a + b).abs() > limit
+
+
+def fix_pairs(a: torch.Tensor, b: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, grid: tuple,
+              limit: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Pair codes (a, b) with every violating pair replaced by the grid pair nearest (squared change) to the float
+    codes (va, vb) that keeps it within ``limit``. Returns the new codes and the number of pairs moved."""
+    bad = _violations(a, b, limit)
+    n_bad = int(bad.sum())
+    if n_bad == 0:
+        return a, b, 0
+    xa, xb = va[bad].double(), vb[bad].double()
+    sign = torch.sign(a[bad]).double()
+    new_a, new_b = torch.empty_like(xa), torch.empty_like(xb)
+    uniform = _is_uniform(grid)
+    for s, mags in zip((1.0, -1.0), _magnitudes(grid)):
+        sel = sign == s
+        if not bool(sel.any()):
+            continue
+        ma, mb = (xa[sel] * s).clamp_min(0), (xb[sel] * s).clamp_min(0)
+        pa, pb = _project_uniform(ma, mb, int(mags.max()), limit) if uniform else _project_grid(ma, mb, mags, limit)
+        new_a[sel], new_b[sel] = s * pa, s * pb
+    a, b = a.clone(), b.clone()
+    a[bad], b[bad] = new_a.to(a.dtype), new_b.to(b.dtype)
+    return a, b, n_bad
+
+
+# Scale candidates: alpha x f widens the step so fewer pairs reach the limit. f = top / (limit / 2) makes the grid's
+# used range ±limit/2, where no pair can violate (the 7-bit grid of onnxruntime's reduce_range, for 8-bit weights).
+SCALE_STEPS = 16
+
+
+def _scale_factors(top: int, limit: int) -> list[float]:
+    safe = top / (limit / 2)
+    return [1.0 + (safe - 1.0) * i / SCALE_STEPS for i in range(SCALE_STEPS + 1)]
+
+
+def pair_positions(rows: torch.Tensor, cols: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices into the weight (``shape``) of the two elements of pairs (rows, cols) of ``split_pairs``;
+    -1 for the zero padding of an odd reduction length."""
+    o, c = shape[0], shape[1]
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    spatial = per_row // c
+    base = rows * per_row
+    if c % 2 == 0:
+        j, pos = cols // spatial, cols % spatial
+        first = base + 2 * j * spatial + pos
+        return first, first + spatial
+    out = []
+    for q in (2 * cols, 2 * cols + 1):
+        idx = base + (q % c) * spatial + q // c
+        out.append(torch.where(q < per_row, idx, torch.full_like(idx, -1)))
+    return out[0], out[1]
+
+
+def _gather(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return torch.where(index >= 0, flat[index.clamp_min(0)], torch.zeros((), dtype=flat.dtype))
+
+
+def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, clip_rows: torch.Tensor,
+                      clip_vals: torch.Tensor, n_rows: int, k: int, top: int, limit: int, factors: list[float],
+                      values: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[len(factors), n_rows]: per output channel (row), the squared error, in units of the f = 1 step, of
+    uniform codes at step f after the pair projection. With ``values`` (the float codes at f = 1, [rows, K]) the
+    rounding and clipping errors are summed exactly; without, rounding contributes f²/12 per element (a uniform
+    grid's MSE for any smooth weight distribution, good for long rows) and the clipped elements (magnitudes
+    ``clip_vals`` in ``clip_rows``) are counted exactly. The same-sign pairs that may reach the limit
+    (magnitudes pa, pb in ``rows``) are projected exactly. Every candidate is evaluated at once."""
+    f = torch.tensor(factors, dtype=torch.float64)[:, None]  # [F, 1]
+    f2 = f * f
+
+    def rounding(x):  # squared error of codes at every step, [F, n]
+        y = x[None] / f
+        return (y - torch.round(y).clamp(-top, top)) ** 2 * f2
+
+    if values is not None:
+        out = torch.zeros(len(factors), n_rows, dtype=torch.float64)
+        step = max(1, (1 << 22) // max(1, values.shape[1] * len(factors)))
+        for i in range(0, n_rows, step):
+            out[:, i:i + step] = rounding(values[i:i + step].double().reshape(-1)).reshape(
+                len(factors), -1, values.shape[1]).sum(-1)
+    else:
+        out = (k * f2 / 12.0).expand(len(factors), n_rows).contiguous()
+        if len(clip_vals):
+            over = clip_vals[None] > top * f
+            out.index_add_(1, clip_rows, torch.where(over, (clip_vals[None] - top * f) ** 2 - f2 / 12.0, 0.0))
+    if len(rows):
+        xa, xb = pa[None] / f, pb[None] / f
+        bad = torch.round(xa).clamp(max=top) + torch.round(xb).clamp(max=top) > limit
+        qa, qb = _project_uniform(xa, xb, top, limit)
+        counted = rounding(pa) + rounding(pb) if values is not None else 2 * f2 / 12.0
+        extra = ((xa - qa) ** 2 + (xb - qb) ** 2) * f2 - counted
+        out.index_add_(1, rows, torch.where(bad, extra, 0.0))
+    return out
+
+
+EXACT_ROW = 256  # rows shorter than this sum their rounding errors exactly (the f²/12 estimate needs long rows)
+
+
+def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
+    """``safe_weights`` for a large layer on a uniform grid, per output channel. Only pairs whose float codes at
+    the calibrated scale add to more than limit - 1 can reach the limit at any wider step (rounding adds at most
+    1), so after one pass over the weights to find them everything works on those few pairs."""
+    ls = wfq.levelset
+    grid = tuple(ls.grid)
+    top = max(-ls.code_min, ls.code_max)
+    alpha0 = wfq.alpha.detach().float()
+    wd = w.detach().float()
+    flat = wd.reshape(-1)
+    n_rows, k = wd.shape[0], wd[0].numel()
+    unit0 = quant.unit_from_alpha(alpha0, ls).float()
+    va, vb = split_pairs(wd / unit0.reshape([-1] + [1] * (w.dim() - 1)))
+    rows, cols = ((va + vb).abs() > limit - 1).nonzero(as_tuple=True)
+    ia, ib = pair_positions(rows, cols, wd.shape)
+    wa, wb = _gather(flat, ia), _gather(flat, ib)
+
+    def codes_at(alpha):
+        return quant.quantize(wa, alpha[rows], ls, axis=0).long(), quant.quantize(wb, alpha[rows], ls, axis=0).long()
+
+    if not bool(_violations(*codes_at(alpha0), limit).any()):
+        return None
+    xa, xb = va[rows, cols], vb[rows, cols]
+    same = xa * xb > 0
+    clip_rows, clip_vals = [], []
+    for v in (va, vb):
+        r, c = (v.abs() > top).nonzero(as_tuple=True)
+        clip_rows.append(r)
+        clip_vals.append(v[r, c].abs().double())
+    factors = _scale_factors(top, limit)
+    values = (wd / unit0.reshape([-1] + [1] * (w.dim() - 1))).reshape(n_rows, -1) if k < EXACT_ROW else None
+    est = _estimated_errors(xa[same].abs().double(), xb[same].abs().double(), rows[same], torch.cat(clip_rows),
+                            torch.cat(clip_vals), n_rows, k, top, limit, factors, values)
+    best = est.argmin(dim=0)
+    alpha = alpha0 * torch.tensor(factors, dtype=torch.float32)[best]
+    ca, cb = codes_at(alpha)
+    unit = quant.unit_from_alpha(alpha, ls).float()[rows]
+    na, nb, _ = fix_pairs(ca, cb, wa / unit, wb / unit, grid, limit)
+    w_new = flat.clone()
+    n_moved = 0
+    for idx, old, new in ((ia, ca, na), (ib, cb, nb)):
+        moved = (new != old) & (idx >= 0)
+        value = new[moved].float() * unit[moved]
+        if not torch.equal(quant.quantize(value, alpha[rows[moved]], ls, axis=0).long(), new[moved]):
+            raise AssertionError("moved weights do not quantize to their pair-safe codes")
+        w_new[idx[moved]] = value
+        n_moved += int(moved.sum())
+    unit0_sq = (unit0.double() ** 2)
+    err = float((est.gather(0, best[None])[0] * unit0_sq).sum())
+    return w_new.reshape(wd.shape).to(w.dtype), alpha, n_moved, err
+
+
+def safe_weights(w: torch.Tensor, wfq: FakeQuantize, limit: int) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float]]:
+    """(new float weight, new alpha, weights moved, squared quantization error) for one layer, or None if its
+    codes are safe already: per output channel, the scale alpha x f (f from ``_scale_factors``) whose pair-safe
+    codes are nearest to ``w``, then those codes (the error is estimated for large layers, see
+    ``_estimated_errors``)."""
+    ls = wfq.levelset
+    grid = tuple(ls.grid)
+    top = max(-ls.code_min, ls.code_max)
+    per_channel = wfq.axis == 0 and wfq.alpha.dim() == 1
+    factors = _scale_factors(top, limit)
+    if per_channel and _is_uniform(grid):
+        return _safe_weights_fast(w, wfq, limit)
+    axis = 0 if per_channel else None
+    alpha0 = wfq.alpha.detach().float()
+    wd = w.detach().float()
+    shape = [-1] + [1] * (w.dim() - 1)
+
+    def safe_codes(alpha):
+        """(unit, pair codes before, pair codes after) at ``alpha``."""
+        unit = quant.unit_from_alpha(alpha, ls).float()
+        unit_b = unit.reshape(shape) if per_channel else unit
+        a, b = split_pairs(quant.quantize(wd, alpha, ls, axis=axis))
+        va, vb = split_pairs(wd / unit_b)
+        na, nb, _ = fix_pairs(a, b, va, vb, grid, limit)
+        return unit_b, (a, b), (na, nb)
+
+    a, b = split_pairs(quant.quantize(wd, alpha0, ls, axis=axis))
+    if not bool(_violations(a, b, limit).any()):
+        return None
+    errs = []  # every scale measured on the real codes
+    ea, eb = split_pairs(wd)
+    for f in factors:
+        unit_b, _, (na, nb) = safe_codes(alpha0 * f)
+        ua, ub = split_pairs(unit_b.expand_as(wd)) if per_channel else (unit_b, unit_b)
+        e = (na.float() * ua - ea) ** 2 + (nb.float() * ub - eb) ** 2
+        errs.append(e.sum(1, dtype=torch.float64) if per_channel else e.sum(dtype=torch.float64).reshape(1))
+    errs = torch.stack(errs)
+    choice = errs.argmin(dim=0) if per_channel else errs[:, 0].argmin()
+    alpha = alpha0 * torch.tensor(factors, dtype=torch.float32)[choice]
+    unit_b, (a, b), (na, nb) = safe_codes(alpha)
+    if bool(_violations(na, nb, limit).any()):
+        raise AssertionError("pair projection left a pair past the int16 limit")
+    codes, safe = merge_pairs(a, b, wd.shape), merge_pairs(na, nb, wd.shape)
+    moved = safe != codes
+    w_new = torch.where(moved, safe.float() * unit_b, wd)
+    err = float(((safe.float() * unit_b - wd) ** 2).sum(dtype=torch.float64))
+    return w_new.to(w.dtype), alpha, int(moved.sum()), err
+
+
+class PairSafeInt8Weights(Pass):
+    """Keep every 8-bit weight pair of a uint8 × int8 layer within int16 (see module doc)."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        changed = False
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
+                continue
+            wnode = node.args[1]
+            wfq = fake_quantizer(gm, wnode)
+            if wfq is None or not wfq.calibrated or wfq.asymmetric or wfq.requant is not None:
+                continue
+            if not (isinstance(wnode.args[0], torch.fx.Node) and wnode.args[0].op == "get_attr"):
+                continue
+            xfq = _input_quantizer(gm, node.args[0])
+            if xfq is None:
+                continue  # a float input: the layer runs on float kernels
+            limit = pair_limit(xfq)
+            ls = wfq.levelset
+            if limit is None or ls.code_min < -128 or ls.code_max > 127:
+                continue  # int8 x int8, or weights not stored in 8 bits
+            if max(-ls.code_min, ls.code_max) * 2 <= limit:
+                continue
+            w = attr_value(gm, wnode.args[0])
+            groups = 1
+            if node.target is not F.linear:
+                groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+                if w.shape[1] == 1 and groups > 1:
+                    continue  # depthwise: int32 kernel, exact
+            with torch.no_grad():
+                result = safe_weights(w, wfq, limit)
+                if result is None:
+                    continue  # already safe (this pass ran, or no pair reaches the limit)
+                w_new, alpha, n_moved, err = result
+                wfq.set_params(alpha, wfq.zero_point)
+                w.copy_(w_new)
+            changed = True
+            signal = float((w.detach().double() ** 2).sum())
+            layer = node.meta.get("layer", node.name)
+            self.report.append(f"{layer}: weights within int16 pairs (|a|+|b| <= {limit}): {n_moved} moved, "
+                               f"weight SQNR {10 * math.log10(signal / max(err, 1e-30)):.1f} dB")
+        return PassResult(gm, changed)
