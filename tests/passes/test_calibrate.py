@@ -3,6 +3,8 @@ without data, activation ranges come from the BatchNorm statistics recorded by F
 for ``--calib``; a second run changes nothing."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -142,10 +144,14 @@ def _generic_weight_mse_alpha(w, levelset, axis, points, refine=16):
             out[:, k] = ((q - rows) ** 2).sum(dim=1)
         return out
 
-    coarse = torch.linspace(1.0 / points, 1.0, points).expand(rows.shape[0], points).contiguous()
+    at_one = errors(torch.ones(rows.shape[0], 1))[:, 0]
+    r_min = (1.0 - at_one.clamp_min(0).sqrt() / top).clamp(0.0, 1.0)
+    span = 1.0 - r_min
+    n = int(min(points, max(4, math.ceil(points * float(span.max())))))
+    coarse = (r_min[:, None] + span[:, None] * torch.linspace(1.0 / n, 1.0, n)[None, :]).clamp_min(1.0 / points)
     best = errors(coarse).argmin(dim=1)
-    lo = coarse.gather(1, (best - 1).clamp_min(0)[:, None])
-    hi = coarse.gather(1, (best + 1).clamp_max(points - 1)[:, None])
+    lo = torch.where(best[:, None] > 0, coarse.gather(1, (best - 1).clamp_min(0)[:, None]), r_min[:, None])
+    hi = coarse.gather(1, (best + 1).clamp_max(n - 1)[:, None])
     fine = torch.cat([lo + (hi - lo) * torch.linspace(0.0, 1.0, refine)[None, :], coarse.gather(1, best[:, None])], 1)
     alpha = (top * fine.gather(1, errors(fine).argmin(dim=1)[:, None]).squeeze(1)).clamp_min(quant.MIN_ALPHA)
     return alpha.reshape(()) if axis is None else alpha
@@ -159,6 +165,26 @@ def test_fused_uniform_weight_search_is_bit_identical_to_the_generic_one(bits, a
     levelset = quant.level_set("uniform", bits, True)
     got = weight_mse_alpha(w, levelset, axis, points=64)
     assert torch.equal(got, _generic_weight_mse_alpha(w, levelset, axis, points=64))
+
+
+@pytest.mark.parametrize("bits", [8, 5, 3])
+def test_weight_search_is_never_worse_than_the_whole_range_grid(bits):
+    # the search skips ratios r < 1 - sqrt(E(1))/max (provably worse than r = 1) and spends its points on the rest,
+    # so it beats every point of a uniform grid over (0, 1]
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 64, generator=gen) * torch.rand(24, 1, generator=gen) ** 3
+    w[3, 5] = 40.0  # an outlier channel
+    levelset = quant.level_set("uniform", bits, True)
+    alpha = weight_mse_alpha(w, levelset, 0)
+
+    def err(a):
+        q = quant.dequantize(quant.quantize(w, a, levelset, axis=0), a, levelset, axis=0)
+        return ((q - w) ** 2).sum(dim=1)
+
+    best = err(alpha)
+    top = w.abs().amax(dim=1)
+    for r in torch.linspace(1 / 64, 1.0, 64):
+        assert torch.all(best <= err(top * r) * (1 + 1e-6))
 
 
 def test_calibration_sources_from_python_are_stacked():
