@@ -122,7 +122,6 @@ def compile(
 
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
-    float_model = copy.deepcopy(model).eval()
     gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
     pipeline = Pipeline(build_passes(opts, calib_x, progress), check=opts.check, callback=callback)
     gm = pipeline(gm).gm
@@ -155,6 +154,7 @@ def compile(
         if opts.quantized:
             from qcompile.runtime.validation import validate_quantized
 
+            float_model = copy.deepcopy(model).eval()  # the passes worked on a copy: model is still the float one
             report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
         else:
             report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)
