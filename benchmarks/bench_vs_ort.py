@@ -7,7 +7,8 @@ the float model (output SQNR, top-1 agreement). Both tools calibrate on the same
 
 - **ours**: from a saved ``state_dict`` (``model.pt``): ``qcompile.load_model`` + ``qcompile.compile(validate=False)``
   through the written ONNX file, timed; validation (``validate_quantized`` on the 32 calibration inputs, what
-  ``validate=True`` runs) timed separately. Configurations: fp32, uniform W8A8 (default int8 weights; also s8 and u8), W4 APoT / A8 uniform, APoT W4A4.
+  ``validate=True`` runs) timed separately. Configurations: fp32, uniform W8A8 (default int8 weights; also s8 and
+  u8), W4 APoT / A8 uniform, APoT W4A4.
 - **theirs**: ``torch.onnx.export`` (float, opset 17) + ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel,
   QUInt8 activations, QInt8 weights, MinMax), timed from the same ``model.pt``.
 - **latency**: onnxruntime, 2 intra-op threads, spinning off, every session in this process, interleaved round-robin

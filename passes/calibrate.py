@@ -14,7 +14,6 @@ Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``no
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Optional
 
 import torch

@@ -14,14 +14,18 @@ of the group) flattened channel-fastest, i.e. the weight [O, C/g, *k] read as [O
 (one input channel per group) run on a separate kernel that widens to int32 and never saturates; int8 activations
 run on int8 × int8 kernels that are exact (both measured).
 
-The pass moves every violating pair onto the constraint with the least squared change of the two weights: the
-magnitudes (m_a, m_b) become the pair of grid magnitudes with g_a + g_b <= L closest to them (for uniform grids:
-the projection onto g_a + g_b = L, rounded). It changes only those weights (about 1% of an 8-bit per-channel
-layer's pairs, where both weights sit near the channel's largest); the float weight is rewritten to the new code ×
-unit, so the simulation, the ONNX codes and every kernel agree. ``BiasCorrection`` after it absorbs the mean of
-the change. Layers whose grid fits ±L/2 (APoT/PoT/uniform up to 7 bits: ±64) are untouched.
+Two ways to get there, mixed per output channel: widen the step (alpha x f, f from 1 to top / (L/2), where no pair
+can exceed L: onnxruntime's ``reduce_range``, a 7-bit grid for 8-bit weights), and move the pairs that still exceed
+L onto the constraint with the least squared change (the grid pair with g_a + g_b <= L nearest to the two weights;
+for uniform grids the projection onto g_a + g_b = L, rounded). The pass tries 17 values of f and keeps, per
+channel, the one with the least squared weight error after the projection (exact sums for short rows and non-uniform
+grids; for rows of 256 or more weights, rounding counted as f²/12 per weight and the clipped weights and projected
+pairs exactly, touching only the pairs that can reach L). Measured on ResNet-18, MobileNetV2 and the digits model:
+about 3 dB of weight SQNR below the full grid, 3 dB above 7 bits. The moved weights are rewritten to code × unit,
+so the simulation, the ONNX codes and every kernel agree; ``BiasCorrection`` after it absorbs the mean change.
+Layers whose grid fits ±L/2 (APoT/PoT/uniform up to 7 bits: ±64) are untouched.
 
-Before: ``F.conv2d(xq, weight_fq(W), b)``.  After: the same graph, W with the few violating pairs moved.
+Before: ``F.conv2d(xq, weight_fq(W), b)``.  After: the same graph, W and the weight quantizer's alpha changed.
 Runs after calibration (it needs the weight scales) and before bias correction. Idempotent.
 """
 from __future__ import annotations
@@ -307,7 +311,8 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
     return w_new.reshape(wd.shape).to(w.dtype), alpha, n_moved, err
 
 
-def safe_weights(w: torch.Tensor, wfq: FakeQuantize, limit: int) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float]]:
+def safe_weights(w: torch.Tensor, wfq: FakeQuantize,
+                 limit: int) -> Optional[tuple[torch.Tensor, torch.Tensor, int, float]]:
     """(new float weight, new alpha, weights moved, squared quantization error) for one layer, or None if its
     codes are safe already: per output channel, the scale alpha x f (f from ``_scale_factors``) whose pair-safe
     codes are nearest to ``w``, then those codes (the error is estimated for large layers, see

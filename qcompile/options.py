@@ -92,9 +92,9 @@ class CompileOptions:
 
 def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> CompileOptions:
     """``opts`` with ``int8_weights="auto"`` decided for this machine: ``s8-safe`` where its onnxruntime's uint8 ×
-    int8 kernels saturate (x86 without VNNI), else ``s8``. Done before the passes (``s8-safe`` adds one), so the file's recorded
-    options say what it stores. ``keep_weights`` (QAT export: the trained weights are final) resolves to ``u8``
-    instead of ``s8-safe``, which would move some of them."""
+    int8 kernels saturate (x86 without VNNI), else ``s8``. Done before the passes (``s8-safe`` adds one), so the
+    file's recorded options say what it stores. ``keep_weights`` (QAT export: the trained weights are final)
+    resolves to ``u8`` instead of ``s8-safe``, which would move some of them."""
     if opts.int8_weights != "auto":
         return opts
     import dataclasses

@@ -34,13 +34,12 @@ def _conv_pair_outputs(cin: int, k: tuple, group: int = 1) -> tuple[np.ndarray, 
     for o, (p, q) in enumerate(pairs):
         flat[o, p] = flat[o, q] = 127
     w = from_order(flat, (cout, cpg) + k)
-    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "s1"), numpy_helper.from_array(np.array(0, np.uint8), "za"),
-             numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.ones(cout, np.float32), "sw"),
-             numpy_helper.from_array(np.zeros(cout, np.int8), "zw"), numpy_helper.from_array(np.array(256.0, np.float32), "sy"),
-             numpy_helper.from_array(np.array(0, np.uint8), "zy")]
+    consts = {"s1": np.array(1.0, np.float32), "za": np.array(0, np.uint8), "w": w, "sw": np.ones(cout, np.float32),
+              "zw": np.zeros(cout, np.int8), "sy": np.array(256.0, np.float32), "zy": np.array(0, np.uint8)}
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
     shape = [1, cin, *k]
-    g = helper.make_graph([helper.make_node("QLinearConv", ["x", "s1", "za", "w", "sw", "zw", "sy", "zy"], ["y"], group=group)],
-                          "pairs", [helper.make_tensor_value_info("x", TensorProto.UINT8, shape)],
+    node = helper.make_node("QLinearConv", ["x", "s1", "za", "w", "sw", "zw", "sy", "zy"], ["y"], group=group)
+    g = helper.make_graph([node], "pairs", [helper.make_tensor_value_info("x", TensorProto.UINT8, shape)],
                           [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
     y = run(session(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString(), threads=1),
             [np.full(shape, 255, np.uint8)])[0]
@@ -55,7 +54,7 @@ def from_order(flat: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cin,k,group", [(3, (3, 3), 1), (16, (3, 3), 1), (5, (1, 1), 1), (64, (1, 1), 1),
-                                         (8, (3, 3), 2), (32, (3,), 1)])
+                                         (8, (3, 3), 2), (32, (3,), 1), (3, (2, 2, 2), 1)])
 def test_onnxruntime_adds_kernel_order_neighbours_in_int16_where_the_probe_says(cin, k, group):
     out, pairs = _conv_pair_outputs(cin, k, group)
     saturated = {p for (p, _), v in zip(pairs, out) if v != 253}
@@ -88,7 +87,8 @@ def test_split_merge_and_positions_follow_the_kernel_order(shape):
     assert torch.equal(flat[ia], a.reshape(-1))
     real = ib >= 0
     assert torch.equal(flat[ib[real]], b.reshape(-1)[real])
-    assert torch.all(b.reshape(-1)[~real] == 0) and int((~real).sum()) == (a.shape[0] if order.shape[1] != kernel_order(t).shape[1] else 0)
+    padded = order.shape[1] != kernel_order(t).shape[1]
+    assert torch.all(b.reshape(-1)[~real] == 0) and int((~real).sum()) == (a.shape[0] if padded else 0)
 
 
 def test_fix_pairs_moves_only_violations_to_the_nearest_safe_grid_pair():
@@ -125,7 +125,8 @@ class Net(nn.Module):
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():  # heavy-tailed, correlated neighbours: many pairs near the channel maximum
             for m in (self.c1, self.c2, self.dw, self.c3, self.fc):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen).sign() * torch.rand(m.weight.shape, generator=gen) ** 0.3)
+                sign = torch.randn(m.weight.shape, generator=gen).sign()
+                m.weight.copy_(sign * torch.rand(m.weight.shape, generator=gen) ** 0.3)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
@@ -223,7 +224,8 @@ def test_cli_takes_s8_safe(tmp_path):
     x_tr, _, _, _ = digits.load_split()
     np.save(tmp_path / "calib.npy", x_tr[:32].numpy())
     out = tmp_path / "m.onnx"
-    assert main([digits.SPEC, "--calib", str(tmp_path / "calib.npy"), "--scheme", "uniform", "--bits", "8", "--int8-weights", "s8-safe", "-o", str(out)]) == 0
+    assert main([digits.SPEC, "--calib", str(tmp_path / "calib.npy"), "--scheme", "uniform", "--bits", "8",
+                 "--int8-weights", "s8-safe", "-o", str(out)]) == 0
     model = onnx.load(str(out))
     assert saturating_pairs(model) == 0
     meta = {p.key: p.value for p in model.metadata_props}
