@@ -231,16 +231,18 @@ def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, cl
     f = torch.tensor(factors, dtype=torch.float64)[:, None]  # [F, 1]
     f2 = f * f
 
-    def rounding(x):  # squared error of codes at every step, [F, n]
-        y = x[None] / f
-        return (y - torch.round(y).clamp(-top, top)) ** 2 * f2
+    f32, f2_32 = f.float(), f2.float()
+
+    def rounding(x):  # squared error of codes at every step, [F, n] (float32: these only rank the candidates)
+        y = x.float()[None] / f32
+        return (y - torch.round(y).clamp(-top, top)) ** 2 * f2_32
 
     if values is not None:
         out = torch.zeros(len(factors), n_rows, dtype=torch.float64)
         step = max(1, (1 << 22) // max(1, values.shape[1] * len(factors)))
         for i in range(0, n_rows, step):
-            out[:, i:i + step] = rounding(values[i:i + step].double().reshape(-1)).reshape(
-                len(factors), -1, values.shape[1]).sum(-1)
+            out[:, i:i + step] = rounding(values[i:i + step].reshape(-1)).reshape(
+                len(factors), -1, values.shape[1]).sum(-1, dtype=torch.float64)
     else:
         out = (k * f2 / 12.0).expand(len(factors), n_rows).contiguous()
         if len(clip_vals):
@@ -250,7 +252,7 @@ def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, cl
         xa, xb = pa[None] / f, pb[None] / f
         bad = torch.round(xa).clamp(max=top) + torch.round(xb).clamp(max=top) > limit
         qa, qb = _project_uniform(xa, xb, top, limit)
-        counted = rounding(pa) + rounding(pb) if values is not None else 2 * f2 / 12.0
+        counted = (rounding(pa) + rounding(pb)).double() if values is not None else 2 * f2 / 12.0
         extra = ((xa - qa) ** 2 + (xb - qb) ** 2) * f2 - counted
         out.index_add_(1, rows, torch.where(bad, extra, 0.0))
     return out
@@ -260,9 +262,10 @@ EXACT_ROW = 256  # rows shorter than this sum their rounding errors exactly (the
 
 
 def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
-    """``safe_weights`` for a large layer on a uniform grid, per output channel. Only pairs whose float codes at
-    the calibrated scale add to more than limit - 1 can reach the limit at any wider step (rounding adds at most
-    1), so after one pass over the weights to find them everything works on those few pairs."""
+    """``safe_weights`` for a layer on a uniform grid, per output channel. A wider step never raises a code's
+    magnitude, so only the pairs that exceed the limit at the calibrated scale can exceed it at any candidate: after
+    one pass over the weights to find them (pairs whose float codes add to more than limit - 1, then their codes),
+    everything works on those few pairs."""
     ls = wfq.levelset
     grid = tuple(ls.grid)
     top = max(-ls.code_min, ls.code_max)
@@ -279,10 +282,13 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
     def codes_at(alpha):
         return quant.quantize(wa, alpha[rows], ls, axis=0).long(), quant.quantize(wb, alpha[rows], ls, axis=0).long()
 
-    if not bool(_violations(*codes_at(alpha0), limit).any()):
+    # a wider step never raises a magnitude code, so a pair safe at alpha0 is safe at every candidate: keep only
+    # the pairs that violate at alpha0 (all of the same sign)
+    keep = _violations(*codes_at(alpha0), limit)
+    if not bool(keep.any()):
         return None
+    rows, cols, ia, ib, wa, wb = rows[keep], cols[keep], ia[keep], ib[keep], wa[keep], wb[keep]
     xa, xb = va[rows, cols], vb[rows, cols]
-    same = xa * xb > 0
     clip_rows, clip_vals = [], []
     for v in (va, vb):
         r, c = (v.abs() > top).nonzero(as_tuple=True)
@@ -290,8 +296,8 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
         clip_vals.append(v[r, c].abs().double())
     factors = _scale_factors(top, limit)
     values = (wd / unit0.reshape([-1] + [1] * (w.dim() - 1))).reshape(n_rows, -1) if k < EXACT_ROW else None
-    est = _estimated_errors(xa[same].abs().double(), xb[same].abs().double(), rows[same], torch.cat(clip_rows),
-                            torch.cat(clip_vals), n_rows, k, top, limit, factors, values)
+    est = _estimated_errors(xa.abs().double(), xb.abs().double(), rows, torch.cat(clip_rows), torch.cat(clip_vals),
+                            n_rows, k, top, limit, factors, values)
     best = est.argmin(dim=0)
     alpha = alpha0 * torch.tensor(factors, dtype=torch.float32)[best]
     ca, cb = codes_at(alpha)
