@@ -6,9 +6,11 @@ code at 255) on this machine, whichever kind of CPU it is.
 """
 from __future__ import annotations
 
+import collections
 import itertools
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
@@ -142,7 +144,7 @@ def _hostile_inputs(n=16):
     return torch.rand(n, 3, 8, 8, generator=gen) * 4
 
 
-def test_s8_safe_is_exact_on_this_machine_even_at_full_scale_activations():
+def test_s8_safe_is_exact_on_this_machine_even_at_full_scale_activations(tmp_path):
     model = Net().eval()
     calib = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     hostile = _hostile_inputs()
@@ -160,6 +162,10 @@ def test_s8_safe_is_exact_on_this_machine_even_at_full_scale_activations():
     # int8 codes throughout, and onnxruntime still fuses every layer onto its integer kernels
     inits = {t.name: t for t in safe.onnx_model.graph.initializer}
     assert not any(t.data_type == TensorProto.UINT8 and len(t.dims) >= 2 for t in inits.values())
+    opt = str(tmp_path / "opt.onnx")
+    session(safe.onnx_model.SerializeToString(), optimized_model_path=opt)
+    ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    assert ops["QLinearConv"] == 4 and ops["QGemm"] == 1 and not ops["Conv"] and not ops["DequantizeLinear"], ops
     if u8s8_saturates():
         assert not s8.report.passed  # and without the pass, this CPU gets these inputs wrong
 
@@ -217,8 +223,6 @@ def test_wide_apot_grid_is_made_safe_too():
 
 
 def test_cli_takes_s8_safe(tmp_path):
-    import onnx
-
     from qcompile.cli import main
 
     x_tr, _, _, _ = digits.load_split()
