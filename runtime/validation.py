@@ -301,7 +301,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
             fq = modules[a["module"]]
 
             def hook(mod, inp, out, name=a["module"]):
-                captured[name] = out.detach()
+                # a copy: an in-place op downstream (Hardswish(inplace=True), SiLU, ReLU) rewrites `out` later
+                captured[name] = out.detach().clone()
                 return forced.get(name)  # None keeps the simulation's own output
             hooks.append(fq.register_forward_hook(hook))
 
