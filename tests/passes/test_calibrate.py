@@ -255,3 +255,42 @@ def test_graph_without_quantizers_is_unchanged(residual):
     code = gm.code
     result = Calibrate(calib)(gm)
     assert result.modified is False and result.gm.code == code
+
+
+@pytest.mark.parametrize("scheme,bits,signed", [("apot", 4, True), ("apot", 3, False), ("pot", 4, True),
+                                                ("log2", 4, True), ("ternary", 2, True), ("apot", 8, True)])
+def test_sorted_row_errors_equal_the_quantizers_own(scheme, bits, signed):
+    # non-uniform level sets rank candidates by errors from sorted rows and prefix sums; they must be the errors of
+    # quant.quantize itself, values placed exactly on decision thresholds (where the tie rule decides) included
+    from qcompile.passes.calibrate import _SortedRows
+
+    gen = torch.Generator().manual_seed(11)
+    levelset = quant.level_set(scheme, bits, signed)
+    rows = torch.randn(23, 400, generator=gen) * torch.rand(23, 1, generator=gen)
+    alpha = rows.abs().amax(1)[:, None] * (0.1 + 0.9 * torch.rand(23, 7, generator=gen))
+    thr, _ = quant.ops.decision_thresholds(levelset, quant.unit_from_alpha(alpha[:, 3], levelset))
+    rows[:, :thr.shape[1]] = thr[:, :400]
+    rows[:, -5:] = 0.0
+    got = _SortedRows(rows, levelset).errors(alpha)
+    for k in range(alpha.shape[1]):
+        a = alpha[:, k]
+        q = quant.dequantize(quant.quantize(rows, a, levelset, axis=0), a, levelset, axis=0)
+        want = ((q.double() - rows.double()) ** 2).sum(1)
+        torch.testing.assert_close(got[:, k], want, rtol=1e-9, atol=1e-12)
+
+
+def test_apot_weight_search_matches_the_direct_search():
+    # the sorted-row errors pick the same clipping as the direct (lookup over every weight) search, up to candidates
+    # whose errors tie within float32 round-off
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(40, 16, 3, 3, generator=gen) * torch.rand(40, 1, 1, 1, generator=gen)
+    levelset = quant.level_set("apot", 4, True)
+    got = weight_mse_alpha(w, levelset, 0)
+    want = _generic_weight_mse_alpha(w, levelset, 0, points=int(min(512, max(32, 2 ** 22 // w.numel()))))
+    rows = w.reshape(40, -1)
+
+    def err(a):
+        q = quant.dequantize(quant.quantize(rows, a, levelset, axis=0), a, levelset, axis=0)
+        return ((q.double() - rows.double()) ** 2).sum(1)
+
+    torch.testing.assert_close(err(got), err(want), rtol=1e-6, atol=0)
