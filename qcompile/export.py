@@ -8,8 +8,10 @@ interrupted run never leaves a half-written ``.onnx``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import sys
 import tempfile
 import warnings
 from typing import Sequence
@@ -52,13 +54,69 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     if dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in in_names + out_names}
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
-            dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False, custom_opsets={"qcompile": 1},
-        )
+    # the qcompile domain only where quantizers export their markers (else torch warns that it is unused)
+    opsets = {"qcompile": 1} if any(hasattr(m, "prepare_export") for m in gm.modules()) else None
+    try:
+        with warnings.catch_warnings(), _output_unless_failed():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
+                dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False, custom_opsets=opsets,
+            )
+    except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
+        raise UserError(_export_error_message(e)) from e
     return onnx.load_from_string(buf.getvalue())
+
+
+@contextlib.contextmanager
+def _output_unless_failed():
+    """Hold what is written to file descriptors 1 and 2 inside the block; pass it on unless the block raises.
+
+    When an operator fails, the TorchScript exporter prints its whole graph from C++ to stdout (its log switch is
+    always on: torch tests the function object, not its value); the one-line error made from the exception says
+    what matters. Whatever a successful export prints still comes out."""
+    held = []
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                fd = stream.fileno()
+            except (AttributeError, OSError, ValueError):  # not a real file (captured): nothing to hold
+                continue
+            stream.flush()
+            tmp = tempfile.TemporaryFile()
+            held.append((stream, fd, os.dup(fd), tmp))
+            os.dup2(tmp.fileno(), fd)
+    except OSError:
+        pass
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for stream, fd, saved, tmp in held:
+            stream.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            if not failed:
+                tmp.seek(0)
+                text = tmp.read()
+                if text:
+                    os.write(fd, text)
+            tmp.close()
+
+
+def _export_error_message(e: Exception) -> str:
+    """One line for an operator torch.onnx cannot export: what it said (first sentence) and what to change."""
+    text = " ".join(str(e).split())
+    what = text.split(" Please feel free")[0].split(" [Caused by")[0].rstrip(". ")
+    if "adaptive" in what and "factor of input size" in what:
+        hint = ("choose an input size whose spatial dimensions are multiples of the adaptive pool's output size "
+                "(--input-shape, e.g. 1,3,224,224 for a 7x7 pool)")
+    else:
+        hint = "replace that operation in the model, or give an input shape for which it is exportable (--input-shape)"
+    return f"torch.onnx cannot export this model: {what}; {hint}"
 
 
 def check_model(model: onnx.ModelProto) -> None:

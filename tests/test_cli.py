@@ -355,3 +355,21 @@ def test_console_script_compiles_a_trusted_pickle_from_the_current_directory(wor
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and "PASS" in proc.stdout
     onnx.checker.check_model(str(work / "out.onnx"), full_check=True)
+
+
+def test_console_script_names_an_operator_torch_onnx_cannot_export(work):
+    # AdaptiveAvgPool2d to 7x7 on a 5x5 map is not exportable: one line naming the operator and the fix, exit 2, no
+    # file, and not the TorchScript graph the exporter prints on its way out
+    (work / "qc_pool_model.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((7, 7)),\n"
+        "                         nn.Flatten(), nn.Linear(4 * 49, 3))\n")
+    proc = run_console(work, "qc_pool_model:make", "--input-shape", "1,3,5,5", "--scheme", "fp32", "-o", "out.onnx")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("qcompile: error: torch.onnx cannot export this model: ")
+    assert proc.stderr.count("\n") == 1 and "adaptive_avg_pool2d" in proc.stderr and "--input-shape" in proc.stderr
+    assert "Torch IR graph" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert onnx_files(work) == []
+    ok = run_console(work, "qc_pool_model:make", "--input-shape", "1,3,14,14", "--scheme", "fp32", "-o", "out.onnx")
+    assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stderr
