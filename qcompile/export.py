@@ -18,6 +18,8 @@ from typing import Sequence
 
 import onnx
 import torch
+import torch.fx
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import UserError
 
@@ -46,9 +48,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     """Export ``gm`` to an in-memory ONNX model (nothing is written to disk)."""
     example_inputs = tuple(example_inputs)
     in_names = input_names_for(len(example_inputs))
-    with torch.no_grad():
-        out = gm(*example_inputs)
-    n_out = len(out) if isinstance(out, (tuple, list)) else 1
+    n_out = _output_count(gm, example_inputs)
     out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     dynamic_axes = None
     if dynamic_batch:
@@ -66,6 +66,22 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
         raise UserError(_export_error_message(e)) from e
     return onnx.load_from_string(buf.getvalue())
+
+
+def _output_count(gm: torch.nn.Module, example_inputs: tuple) -> int:
+    """How many outputs ``gm`` returns: from its fx graph where that says (a tuple of nodes, or one node that
+    ShapeProp saw return one tensor), else by running it once (for a quantized ResNet-18 the exact int8 simulation
+    at batch 1 costs 0.2 s of a 3.5 s compile)."""
+    graph = getattr(gm, "graph", None)
+    if isinstance(graph, torch.fx.Graph):
+        out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+        if isinstance(out, (tuple, list)):
+            return len(out)
+        if isinstance(out, torch.fx.Node) and isinstance(out.meta.get("tensor_meta"), TensorMetadata):
+            return 1
+    with torch.no_grad():
+        out = gm(*example_inputs)
+    return len(out) if isinstance(out, (tuple, list)) else 1
 
 
 @contextlib.contextmanager
