@@ -115,20 +115,22 @@ def _spread(r: torch.Tensor) -> float:
     return float(nz.max() / nz.min())
 
 
+# |w| and max are exact in the weights' own dtype: the float64 result is the same as computing in float64, without
+# a float64 copy of every weight on every sweep
 def _out_ranges(layer: nn.Module) -> torch.Tensor:
-    w = layer.weight.detach().double()
-    return w.abs().reshape(w.shape[0], -1).amax(dim=1)
+    w = layer.weight.detach()
+    return w.abs().reshape(w.shape[0], -1).amax(dim=1).double()
 
 
 def _in_ranges(layer: nn.Module, channels: int, k: int) -> torch.Tensor:
-    w = layer.weight.detach().double().abs()
+    w = layer.weight.detach().abs()
     if isinstance(layer, nn.Linear):
-        return w.amax(dim=0).reshape(channels, k).amax(dim=1)
+        return w.amax(dim=0).reshape(channels, k).amax(dim=1).double()
     groups = layer.groups
     out_ch, in_per_group = w.shape[0], w.shape[1]
     per_in = w.reshape(out_ch, in_per_group, -1).amax(dim=2)            # [O, I/g]
     per_in = per_in.reshape(groups, out_ch // groups, in_per_group).amax(dim=1)  # [g, I/g]
-    return per_in.reshape(channels)
+    return per_in.reshape(channels).double()
 
 
 def _scale_in(layer: nn.Module, s: torch.Tensor, k: int) -> None:

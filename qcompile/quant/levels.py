@@ -148,7 +148,7 @@ class LevelSet:
     def num_levels(self) -> int:
         return len(self.grid)
 
-    @property
+    @functools.cached_property
     def is_uniform(self) -> bool:
         """Consecutive integers: quantize by ``round(x / unit)`` (ONNX ``QuantizeLinear``)."""
         return all(b - a == 1 for a, b in zip(self.grid, self.grid[1:]))
