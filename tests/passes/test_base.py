@@ -345,3 +345,29 @@ def test_requires_is_satisfied_when_the_pass_ran_before():
 
 def test_pass_name_and_repr():
     assert ReluToClamp().name == "ReluToClamp" and repr(NoOp()) == "NoOp"
+
+
+class ScaleWeights(Pass):
+    """A value-only pass: changes a parameter, not the graph."""
+
+    def call(self, gm):
+        with torch.no_grad():
+            gm.lin.weight.mul_(2.0)
+        return PassResult(gm, True)
+
+
+def test_code_is_regenerated_after_graph_changes_and_not_after_value_only_passes(monkeypatch):
+    calls = []
+    original = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: (calls.append(1), original(self))[1])
+    gm = traced()
+    x = seeded_input()
+    w, b = gm.lin.weight.detach().clone(), gm.lin.bias.detach().clone()
+    calls.clear()  # building the GraphModule generated its code once
+    out = Pipeline([ScaleWeights(), RemoveOneDoubleNeg(), ScaleWeights(), RemoveOneDoubleNeg(), ScaleWeights()],
+                   steps=1)(gm).gm
+    # the first modifying pass always regenerates (the input's code is not trusted), then only the two rewrites do
+    assert len(calls) == 3
+    assert count(out, operator.neg) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), torch.relu(x @ (8.0 * w).T + b) + 1.0)  # runs the current graph and weights
