@@ -34,29 +34,39 @@ class CompileResult:
     summary: dict = dataclasses.field(default_factory=dict)
 
 
+def model_input(t) -> torch.Tensor:
+    """A tensor or array as a model input: floating point as float32; integers (token ids, indices) and booleans
+    keep their type, so an ``nn.Embedding`` still gets integers."""
+    t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else torch.as_tensor(t)
+    if t.is_floating_point():
+        return t.float()
+    if t.is_complex():
+        raise UserError(f"complex inputs are not supported (got {t.dtype}); give real tensors")
+    return t
+
+
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, np.ndarray):
-        return (torch.from_numpy(np.ascontiguousarray(example_inputs)).float(),)
+        return (model_input(example_inputs),)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
     raise UserError("example_inputs must be a tensor or a tuple of tensors")
 
 
 def calib_tensor(calib) -> Optional[torch.Tensor]:
-    """Stack a calibration source (tensor, array, or iterable of batches / (x, y) pairs) into one tensor."""
+    """Stack a calibration source (tensor, array, or iterable of batches / (x, y) pairs) into one tensor
+    (float32, or the integer type of integer inputs such as token ids)."""
     if calib is None:
         return None
-    if isinstance(calib, torch.Tensor):
-        return calib.float()
-    if isinstance(calib, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(calib)).float()
+    if isinstance(calib, (torch.Tensor, np.ndarray)):
+        return model_input(calib)
     parts = []
     for item in calib:
         if isinstance(item, (tuple, list)):
             item = item[0]
-        parts.append(torch.as_tensor(item).float())
+        parts.append(model_input(item))
     if not parts:
         raise UserError("the calibration data is empty; give at least one batch")
     return torch.cat(parts)

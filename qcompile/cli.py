@@ -136,7 +136,8 @@ def load_array_file(path: str, what: str = "--calib") -> np.ndarray:
         raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with numpy.save") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub" or arr.ndim < 1 or arr.shape[0] == 0:
         raise UserError(f"{what} file {path!r} must hold a non-empty numeric array (N, ...) of inputs")
-    return arr.astype(np.float32)
+    # floating point as float32; integer inputs (token ids) stay integers for the model's Embedding
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64) if arr.dtype.kind in "iu" else arr
 
 
 def _default_output(model: str, scheme: str, bits: int) -> str:

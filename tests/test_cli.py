@@ -18,6 +18,7 @@ import onnx
 import pytest
 import torch
 
+import qcompile
 from qcompile.cli import main
 
 MODULE = "qc_cli_models"
@@ -373,3 +374,38 @@ def test_console_script_names_an_operator_torch_onnx_cannot_export(work):
     assert onnx_files(work) == []
     ok = run_console(work, "qc_pool_model:make", "--input-shape", "1,3,14,14", "--scheme", "fp32", "-o", "out.onnx")
     assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stderr
+
+
+TEXT_MODEL = (
+    "import torch\n"
+    "import torch.nn as nn\n"
+    "class TextCNN(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        torch.manual_seed(0)\n"
+    "        self.emb = nn.Embedding(50, 8)\n"
+    "        self.conv = nn.Conv1d(8, 16, 3, padding=1)\n"
+    "        self.fc = nn.Linear(16, 3)\n"
+    "    def forward(self, ids):\n"
+    "        return self.fc(torch.relu(self.conv(self.emb(ids).transpose(1, 2))).mean(-1))\n"
+    "def make():\n"
+    "    return TextCNN()\n")
+
+
+def test_integer_inputs_stay_integers_from_python_and_from_a_calibration_file(work, capsys):
+    # token ids for an nn.Embedding: calibration, tracing and the ONNX input keep the integer type
+    (work / "qc_text_model.py").write_text(TEXT_MODEL)
+    import qc_text_model
+
+    ids = torch.randint(0, 50, (12, 7), generator=torch.Generator().manual_seed(3))
+    result = qcompile.compile(qc_text_model.make().eval(), calib=ids, scheme="apot", bits=4)
+    assert result.report.passed and result.report.max_abs == 0.0, result.report.summary()
+    (inp,) = result.onnx_model.graph.input
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.INT64
+
+    np.save(work / "ids.npy", ids.numpy().astype(np.int32))
+    rc, out, err = cli(capsys, "qc_text_model:make", "--calib", "ids.npy", "--scheme", "uniform", "--bits", "8",
+                       "-o", "text.onnx")
+    assert rc == 0, err
+    assert "PASS" in out
+    onnx.checker.check_model(str(work / "text.onnx"), full_check=True)
