@@ -223,6 +223,20 @@ def _graph_key(graph: torch.fx.Graph):
     return tuple(key)
 
 
+def data_batches(data, batch_size: int):
+    """Batches of calibration data for ``gm(*batch)``: ``data`` is one tensor (one model input) or a tuple of
+    tensors (one per model input), all batch-first with the same number of samples."""
+    parts = data if isinstance(data, (tuple, list)) else (data,)
+    n = parts[0].shape[0]
+    for i in range(0, n, batch_size):
+        yield tuple(t[i:i + batch_size] for t in parts)
+
+
+def data_length(data) -> int:
+    """Number of samples of calibration data (a tensor or a tuple of tensors)."""
+    return (data[0] if isinstance(data, (tuple, list)) else data).shape[0]
+
+
 def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """The tensor a ``get_attr`` node refers to."""
     obj = gm

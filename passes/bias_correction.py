@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value
+from .base import Pass, PassResult, attr_value, data_batches
 
 _CONV = {F.conv1d: 1, F.conv2d: 2}
 
@@ -165,8 +165,8 @@ class BiasCorrection(Pass):
         missing = [layer for layer in layers if INPUT_MEAN not in layer.meta]
         if missing:  # not recorded by Calibrate's pass over the same data: one pass of our own
             with recording_input_means(gm, missing), torch.no_grad():
-                for i in range(0, self.data.shape[0], self.batch_size):
-                    gm(self.data[i:i + self.batch_size])
+                for batch in data_batches(self.data, self.batch_size):
+                    gm(*batch)
         return {layer: layer.meta[INPUT_MEAN] for layer in layers if INPUT_MEAN in layer.meta}
 
     def _analytic_means(self, gm, layers) -> dict:

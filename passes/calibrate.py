@@ -24,7 +24,7 @@ from qcompile.errors import UserError
 from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value
+from .base import Pass, PassResult, attr_value, data_batches, data_length
 from .bias_correction import correctable_layers, recording_input_means
 
 
@@ -79,12 +79,13 @@ class Calibrate(Pass):
             fq.start_observing(observers[node][0])
         recorder = recording_input_means(gm, correctable_layers(gm) if self.record_input_means else [])
         try:
-            n = self.data.shape[0]
+            n, done = data_length(self.data), 0
             with torch.no_grad(), recorder:
-                for i in range(0, n, self.batch_size):
-                    gm(self.data[i:i + self.batch_size])
+                for batch in data_batches(self.data, self.batch_size):
+                    gm(*batch)
+                    done += batch[0].shape[0]
                     if self.progress is not None:
-                        self.progress(min(i + self.batch_size, n), n)
+                        self.progress(done, n)
         finally:
             for node in acts:
                 gm.get_submodule(node.target).stop_observing()

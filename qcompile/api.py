@@ -72,6 +72,47 @@ def calib_tensor(calib) -> Optional[torch.Tensor]:
     return torch.cat(parts)
 
 
+def model_input_count(model: nn.Module) -> int:
+    """Positional inputs ``model.forward`` requires (parameters without defaults; at least 1)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.default is p.empty]
+    return max(1, len(required))
+
+
+def calib_data(calib, n_inputs: int = 1):
+    """Calibration data as the passes take it: one tensor for a one-input model (see :func:`calib_tensor`), a tuple
+    of ``n_inputs`` tensors (each ``(N, ...)``) for a model with several inputs. For several inputs ``calib`` is a
+    tuple of ``n_inputs`` tensors/arrays, or an iterable of batches, each a tuple whose first ``n_inputs`` items
+    are the inputs (more items, such as labels, are ignored)."""
+    if calib is None or n_inputs <= 1:
+        return calib_tensor(calib)
+    if isinstance(calib, tuple) and len(calib) == n_inputs and \
+            all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):
+        parts = [model_input(t) for t in calib]
+    else:
+        columns: list[list[torch.Tensor]] = [[] for _ in range(n_inputs)]
+        for item in calib:
+            if not isinstance(item, (tuple, list)) or len(item) < n_inputs:
+                raise UserError(f"the model takes {n_inputs} inputs: give calibration batches as tuples of "
+                                f"{n_inputs} tensors (or calib=(x1, x2, ...) with one tensor per input)")
+            for column, t in zip(columns, item[:n_inputs]):
+                column.append(model_input(t))
+        if not columns[0]:
+            raise UserError("the calibration data is empty; give at least one batch")
+        parts = [torch.cat(column) for column in columns]
+    sizes = {t.shape[0] if t.dim() else 0 for t in parts}
+    if len(sizes) != 1 or 0 in sizes:
+        raise UserError(f"calibration inputs must be batch-first with the same number of samples, got first "
+                        f"dimensions {[tuple(t.shape[:1]) for t in parts]}")
+    return tuple(parts)
+
+
 def default_thresholds(opts: CompileOptions) -> dict:
     if not opts.quantized:
         # relative error <= 1e-4  <=>  SQNR >= 80 dB
@@ -100,7 +141,8 @@ def compile(
             (then ``arch=`` and ``trust_pickle=`` may be passed).
         example_inputs: a tensor or tuple of tensors; defaults to the first calibration sample.
         scheme, bits: the quantization scheme (``fp32``, ``apot``, ``pot``, ``uniform``, ...) and bit-width.
-        calib: calibration data: a tensor/array (N, ...) or an iterable of batches or (x, y) pairs.
+        calib: calibration data: a tensor/array (N, ...) or an iterable of batches or (x, y) pairs; for a model
+            with several inputs a tuple with one tensor per input, or batches that are such tuples.
         output: where to write the ONNX file (atomically); ``None`` keeps it in memory only.
         validate: run the ONNX file in onnxruntime and compare it with the simulation.
         progress: called as ``progress(done, total)`` while calibration runs over the data.
@@ -123,11 +165,12 @@ def compile(
     from qcompile.qat.convert import CONVERTED_KEY
 
     trained = isinstance(getattr(model, "meta", None), dict) and CONVERTED_KEY in model.meta
-    calib_x = calib_tensor(calib)
+    n_inputs = len(as_input_tuple(example_inputs)) if example_inputs is not None else model_input_count(model)
+    calib_x = calib_data(calib, n_inputs)
     if example_inputs is None:
         if calib_x is None:
             raise UserError("give example_inputs (or --input-shape) or calibration data, so the model can be traced")
-        example_inputs = calib_x[:1]
+        example_inputs = tuple(t[:1] for t in calib_x) if isinstance(calib_x, tuple) else calib_x[:1]
     example_inputs = as_input_tuple(example_inputs)
 
     if opts.quantized:

@@ -294,3 +294,40 @@ def test_apot_weight_search_matches_the_direct_search():
         return ((q.double() - rows.double()) ** 2).sum(1)
 
     torch.testing.assert_close(err(got), err(want), rtol=1e-6, atol=0)
+
+
+class _TwoInputs(nn.Module):
+    """Features and a side input merged by an add: both inputs reach quantized layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x, side):
+        return self.out(torch.relu(self.a(x) + self.b(side)))
+
+
+def test_models_with_several_inputs_calibrate_from_a_tuple_or_from_batches_of_tuples():
+    import qcompile
+    from qcompile.api import calib_data
+
+    gen = torch.Generator().manual_seed(9)
+    x, side, labels = torch.randn(20, 6, generator=gen), torch.randn(20, 3, generator=gen), torch.zeros(20)
+    model = _TwoInputs().eval()
+    # one tensor per input (the input count comes from forward's signature), or batches of (x, side, label)
+    direct = qcompile.compile(model, calib=(x, side), scheme="uniform", bits=8)
+    batched = qcompile.compile(model, calib=[(x[:12], side[:12], labels[:12]), (x[12:], side[12:], labels[12:])],
+                               scheme="uniform", bits=8)
+    for result in (direct, batched):
+        assert result.report.passed and result.report.max_abs == 0.0, result.report.summary()
+        assert len(result.onnx_model.graph.input) == 2
+    # the same data either way, so the same calibration
+    alphas = [{n: m.alpha.clone() for n, m in r.model.named_modules() if isinstance(m, FakeQuantize)}
+              for r in (direct, batched)]
+    assert alphas[0].keys() == alphas[1].keys() and all(torch.equal(alphas[0][k], alphas[1][k]) for k in alphas[0])
+    assert all(torch.equal(a, b) for a, b in zip(calib_data([(x, side)], 2), (x, side)))
+    with pytest.raises(UserError, match="2 inputs"):
+        calib_data([x, x], 2)
+    with pytest.raises(UserError, match="same number of samples"):
+        calib_data((x, side[:5]), 2)
