@@ -38,7 +38,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", metavar="PKG.MOD:FACTORY", help="factory that builds the architecture of a state-dict file")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a full pickle (torch.save(model)); it runs code from the file")
-    p.add_argument("--input-shape", metavar="N,C,H,W", help="shape of the example input (float32), e.g. 1,3,224,224")
+    p.add_argument("--input-shape", metavar="N,C,H,W", action="append",
+                   help="shape of the example input (float32), e.g. 1,3,224,224; once per input of a model with several")
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="keep a submodule (qualified name or class name) opaque when tracing; repeatable")
 
@@ -56,7 +57,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     q.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme apot --ascheme uniform")
     q.add_argument("--ascheme", help="activation scheme (overrides --scheme)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
-    q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array)")
+    q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array; "
+                   "a model with several inputs: .npz with x0, x1, ...)")
     q.add_argument("--calib-method", default="mse",
                    help="activation clipping observer: mse (default), minmax, ema, percentile, kl, laplace, sdq")
     g = p.add_argument_group("graph passes")
@@ -115,29 +117,42 @@ def _demo_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_array_file(path: str, what: str = "--calib") -> np.ndarray:
+def load_array_file(path: str, what: str = "--calib", several: bool = False):
+    """The inputs in a .npy/.npz file: one array, or (``several``) a tuple of arrays stored as x0, x1, ... in a .npz
+    for a model with several inputs."""
     if not os.path.exists(path):
         raise UserError(f"{what} file {path!r} does not exist; give a .npy or .npz file of inputs")
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
                 keys = list(data.keys())
+                numbered = [f"x{i}" for i in range(len(keys)) if f"x{i}" in keys]
                 if "x" in keys:
                     arr = data["x"]
                 elif len(keys) == 1:
                     arr = data[keys[0]]
+                elif several and len(numbered) >= 2 and numbered == [f"x{i}" for i in range(len(numbered))]:
+                    arr = tuple(data[k] for k in numbered)
                 else:
-                    raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'")
+                    more = " (a model with several inputs: x0, x1, ...)" if several else ""
+                    raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'{more}")
         else:
             arr = np.load(path, allow_pickle=False)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with numpy.save") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiub" or arr.ndim < 1 or arr.shape[0] == 0:
-        raise UserError(f"{what} file {path!r} must hold a non-empty numeric array (N, ...) of inputs")
+    arrays = arr if isinstance(arr, tuple) else (arr,)
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiub" or a.ndim < 1 or a.shape[0] == 0:
+            raise UserError(f"{what} file {path!r} must hold a non-empty numeric array (N, ...) of inputs")
+    if len({a.shape[0] for a in arrays}) != 1:
+        raise UserError(f"{what} file {path!r}: the inputs x0, x1, ... must have the same number of samples, got "
+                        f"{[a.shape[0] for a in arrays]}")
     # floating point as float32; integer inputs (token ids) stay integers for the model's Embedding
-    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr.astype(np.int64) if arr.dtype.kind in "iu" else arr
+    out = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iu" else a
+                for a in arrays)
+    return out if isinstance(arr, tuple) else out[0]
 
 
 def _default_output(model: str, scheme: str, bits: int) -> str:
@@ -150,11 +165,13 @@ def _example_inputs(args, calib):
     import torch
     from .frontend import parse_input_shape
 
-    if args.input_shape is not None:
-        shape = parse_input_shape(args.input_shape)
+    if args.input_shape:
         gen = torch.Generator().manual_seed(0)
-        return torch.randn(shape, generator=gen)
+        tensors = tuple(torch.randn(parse_input_shape(text), generator=gen) for text in args.input_shape)
+        return tensors[0] if len(tensors) == 1 else tensors
     if calib is not None:
+        if isinstance(calib, tuple):
+            return tuple(torch.from_numpy(a[:1]) for a in calib)
         return torch.from_numpy(calib[:1])
     raise UserError("no example input: pass --input-shape N,C,H,W (or --calib FILE)")
 
@@ -190,14 +207,20 @@ def cmd_compile(argv) -> int:
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
     check_output_path(output)
-    calib = load_array_file(args.calib) if args.calib else None
+    calib = load_array_file(args.calib, several=True) if args.calib else None
     example = _example_inputs(args, calib)
+    if args.input_shape and calib is not None and \
+            len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
+        raise UserError(f"{len(args.input_shape)} --input-shape for "
+                        f"{len(calib) if isinstance(calib, tuple) else 1} input(s) in --calib; give one per input")
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     validation_inputs = None
     if calib is None:
         import torch
         gen = torch.Generator().manual_seed(1)
-        validation_inputs = torch.randn((16,) + tuple(example.shape[1:]), generator=gen)
+        examples = example if isinstance(example, tuple) else (example,)
+        validation_inputs = tuple(torch.randn((16,) + tuple(t.shape[1:]), generator=gen) for t in examples)
+        validation_inputs = validation_inputs[0] if len(validation_inputs) == 1 else validation_inputs
     print(f"qcompile: {args.model} -> {output} ({opts.describe()})")
     thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
     result = qcompile_compile(

@@ -40,7 +40,10 @@ def validate_against(args):
     if data is not None:
         inputs = torch.from_numpy(data)
     else:
-        shape = parse_input_shape(args.input_shape) if args.input_shape else _input_shape_from_onnx(onnx_model)
+        if args.input_shape and len(args.input_shape) > 1:
+            raise UserError("qcompile validate takes one input; for a model with several, validate from Python "
+                            "(qcompile.runtime.validation.validate_quantized)")
+        shape = parse_input_shape(args.input_shape[0]) if args.input_shape else _input_shape_from_onnx(onnx_model)
         if shape is None:
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
         gen = torch.Generator().manual_seed(1)

@@ -409,3 +409,40 @@ def test_integer_inputs_stay_integers_from_python_and_from_a_calibration_file(wo
     assert rc == 0, err
     assert "PASS" in out
     onnx.checker.check_model(str(work / "text.onnx"), full_check=True)
+
+
+TWO_INPUT_MODEL = (
+    "import torch\n"
+    "import torch.nn as nn\n"
+    "class TwoInputs(nn.Module):\n"
+    "    def __init__(self):\n"
+    "        super().__init__()\n"
+    "        torch.manual_seed(0)\n"
+    "        self.a, self.b, self.out = nn.Linear(6, 8), nn.Linear(3, 8), nn.Linear(8, 2)\n"
+    "    def forward(self, x, side):\n"
+    "        return self.out(torch.relu(self.a(x) + self.b(side)))\n"
+    "def make():\n"
+    "    return TwoInputs()\n")
+
+
+def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
+    (work / "qc_two_inputs.py").write_text(TWO_INPUT_MODEL)
+    rng = np.random.default_rng(5)
+    np.savez(work / "two.npz", x0=rng.standard_normal((10, 6)).astype(np.float32),
+             x1=rng.standard_normal((10, 3)).astype(np.float32))
+    rc, out, err = cli(capsys, "qc_two_inputs:make", "--calib", "two.npz", "--scheme", "apot", "--bits", "4",
+                       "-o", "two.onnx")
+    assert rc == 0, err
+    assert "PASS" in out
+    model = onnx.load(str(work / "two.onnx"))
+    assert len(model.graph.input) == 2
+    # fp32 from two example shapes; a count that does not match the file's inputs is one clear line
+    rc, out, err = cli(capsys, "qc_two_inputs:make", "--input-shape", "1,6", "--input-shape", "1,3", "--scheme",
+                       "fp32", "-o", "two_fp32.onnx")
+    assert rc == 0 and "PASS" in out, err
+    rc, out, err = cli(capsys, "qc_two_inputs:make", "--calib", "two.npz", "--input-shape", "1,6", "-o", "x.onnx")
+    assert rc == 2 and "one per input" in err and err.count("\n") == 1
+    np.savez(work / "bad.npz", x0=np.zeros((4, 6), np.float32), x1=np.zeros((5, 3), np.float32))
+    rc, out, err = cli(capsys, "qc_two_inputs:make", "--calib", "bad.npz", "-o", "y.onnx")
+    assert rc == 2 and "same number of samples" in err
+    assert not (work / "x.onnx").exists() and not (work / "y.onnx").exists()
