@@ -77,7 +77,7 @@ class Observer:
         x = x.to(torch.float32)
         self.ndim = max(x.dim(), 1)
         if self.axis is None:
-            rows = x.reshape(1, -1)
+            rows = _flat_in_memory_order(x).reshape(1, -1)
         else:
             if x.dim() == 0:
                 raise ValueError("per-channel observer got a 0-d tensor")
@@ -140,6 +140,14 @@ class Observer:
     def compute_alpha(self, levelset: LevelSet, axis: Optional[int] = None) -> torch.Tensor:
         """The clipping value ``alpha`` (float32; for ``uniform_asym`` the range width, see ``compute_qparams``)."""
         return self.compute_qparams(levelset, axis).alpha
+
+
+def _flat_in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a view whose order is its memory order (a per-tensor observer does not care about element order):
+    a channels-last activation is not copied to NCHW first."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)
+    return x
 
 
 class MinMaxObserver(Observer):

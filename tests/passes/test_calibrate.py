@@ -15,7 +15,7 @@ from qcompile.errors import UserError
 from qcompile.frontend import trace
 from qcompile.ir import LayerConfig, QParams
 from qcompile.passes.base import Pipeline, verify
-from qcompile.passes.calibrate import Calibrate, weight_mse_alpha
+from qcompile.passes.calibrate import Calibrate, _channels_last, weight_mse_alpha
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.select import SelectLayers
@@ -93,7 +93,8 @@ def test_minmax_activation_alpha_is_the_observed_range(residual):
     model, calib = residual
     gm = calibrate(uncalibrated(model, calib[:2]), calib, method="minmax").gm
     acts = {name: fq for name, (_, fq) in quantizer_nodes(gm).items() if fq.role == "activation"}
-    # replay calibration: weights quantized, activations passed through, record what reaches each quantizer
+    # replay calibration: weights quantized, activations passed through, the batch in the memory order Calibrate
+    # gives it (channels-last: float32 rounding of the convolutions depends on it), record what reaches each quantizer
     seen: dict[str, list] = {name: [] for name in acts}
     hooks = [fq.register_forward_pre_hook(lambda m, inp, name=name: seen[name].append(inp[0].detach()))
              for name, fq in acts.items()]
@@ -101,7 +102,7 @@ def test_minmax_activation_alpha_is_the_observed_range(residual):
         fq.enabled = False
     try:
         with torch.no_grad():
-            gm(calib)
+            gm(_channels_last(calib))
     finally:
         for h in hooks:
             h.remove()
