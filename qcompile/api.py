@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from typing import Callable, Optional
 
@@ -18,7 +17,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 from . import export as export_mod
 from .errors import UserError
 from .frontend import load_model, trace
-from .options import CompileOptions, resolve_int8_weights
+from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 
 
@@ -187,13 +186,14 @@ def compile(
         onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
     else:
         onnx_model = export_mod.export_onnx(gm, example_inputs)
+    export_mod.strip_default_attributes(onnx_model)
     summary = {}
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report
 
         cost = cost_report(onnx_model)
         summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
-    onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts)))
+    onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
     export_mod.check_model(onnx_model)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
 

@@ -68,7 +68,7 @@ def function_protos() -> list[onnx.FunctionProto]:
 
 
 def _custom_node(b: _Builder, op: str, inputs: list[str], output: str, **attrs) -> None:
-    b.nodes.append(helper.make_node(op, inputs, [output], name=b.name(op), domain=DOMAIN, **attrs))
+    b.nodes.append(helper.make_node(op, inputs, [output], name=b.node_name(), domain=DOMAIN, **attrs))
 
 
 def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, transpose: bool = False) -> None:

@@ -164,3 +164,56 @@ def set_opset(model: onnx.ModelProto, version: int) -> None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = max(imp.version, version)
+
+
+# Attributes whose documented meaning when absent is "1 along each spatial axis" / "0 padding", but which carry no
+# default in the operator schema (their length depends on the input rank).
+_UNIT_WHEN_ABSENT = {"dilations", "strides"}
+_SPATIAL_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv"}
+
+
+def strip_default_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove, from the main graph's standard-domain nodes, attributes that equal their default (the schema's
+    ``default_value``; all-ones ``dilations``/``strides`` and all-zero ``pads`` of convolutions and pools without
+    ``auto_pad``). The exporter writes every attribute out; on a small model they were about 1% of the file.
+    Nodes of other domains and subgraphs are left as they are."""
+    opsets = {(o.domain or ""): o.version for o in model.opset_import}
+    opsets.setdefault("", opsets.get("ai.onnx", 0))
+    version = opsets[""]
+    schemas: dict[str, object] = {}
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type not in schemas:
+            try:
+                schemas[node.op_type] = onnx.defs.get_schema(node.op_type, version, "")
+            except Exception:  # not a known operator at this opset: leave the node alone
+                schemas[node.op_type] = None
+        schema = schemas[node.op_type]
+        if schema is None:
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        auto_pad = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        keep = []
+        for a in node.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                keep.append(a)
+                continue
+            value = onnx.helper.get_attribute_value(a)
+            spec = schema.attributes.get(a.name)
+            default = spec.default_value if spec is not None else None
+            drop = (default is not None and default.type == a.type and default.name != "" and
+                    onnx.helper.get_attribute_value(default) == value)
+            if node.op_type in _SPATIAL_OPS:
+                if a.name in _UNIT_WHEN_ABSENT and all(v == 1 for v in value):
+                    drop = True
+                elif a.name == "pads" and auto_pad == "NOTSET" and all(v == 0 for v in value):
+                    drop = True
+                elif a.name == "auto_pad" and auto_pad == "NOTSET":
+                    drop = True
+            if not drop:
+                keep.append(a)
+        if len(keep) != len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return model

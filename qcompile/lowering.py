@@ -52,7 +52,6 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 REGION_KEY = "qcompile.shift_add"
-ACTIVATIONS_KEY = "qcompile.activations"
 PREFIX = "shift_add"
 DECOMPOSITIONS = ("naf", "binary")
 
@@ -627,8 +626,9 @@ def lower_shift_add(model: onnx.ModelProto, decomposition: str = "naf", pack_mas
 
 
 def _activation_tensors(model: onnx.ModelProto) -> list[str]:
-    meta = {p.key: p.value for p in model.metadata_props}
-    return [a["tensor"] for a in json.loads(meta.get(ACTIVATIONS_KEY, "[]"))]
+    from .emit import activation_map
+
+    return [a["tensor"] for a in activation_map(model)]
 
 
 def _cleanup_keeping(graph, names: list[str]) -> None:

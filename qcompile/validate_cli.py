@@ -9,12 +9,13 @@ import torch
 
 from .errors import UserError
 from .frontend import load_model, parse_input_shape
+from .options import OPTIONS_KEY, from_metadata
 
 
 def _file_options(model: onnx.ModelProto) -> dict | None:
     for prop in model.metadata_props:
-        if prop.key == "qcompile.options":
-            return json.loads(prop.value)
+        if prop.key == OPTIONS_KEY:
+            return from_metadata(prop.value)
     return None
 
 
@@ -56,9 +57,7 @@ def validate_against(args):
     from .api import compile as qcompile_compile
 
     opts = dict(opts)
-    scheme, bits = opts.pop("scheme"), opts.pop("bits")
-    opts["exclude"] = tuple(opts.get("exclude") or ())
-    opts["leaf_modules"] = tuple(opts.get("leaf_modules") or ())
+    scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
     sim = qcompile_compile(model, inputs[:1], scheme=scheme, bits=bits, calib=inputs if data is not None else None,
                            output=None, validate=False, **opts)
     return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)

@@ -270,15 +270,13 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     - the SQNR of the quantized activation against the same graph run in float (quantizers passed through), the
       per-layer view of where the error grows.
     """
-    import json
-
     import onnx
 
+    from qcompile.emit import activation_map
     from qcompile.qmodules import FakeQuantize, disabled_quantizers
 
     model_bytes = onnx_file if isinstance(onnx_file, bytes) else open(onnx_file, "rb").read()
-    meta = {p.key: p.value for p in onnx.load_from_string(model_bytes).metadata_props}
-    act_map = json.loads(meta.get("qcompile.activations", "[]"))
+    act_map = activation_map(onnx.load_from_string(model_bytes))
     got = run_onnx(model_bytes, inputs, batch_size)
 
     modules = dict(sim.named_modules())

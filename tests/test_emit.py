@@ -269,3 +269,43 @@ def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, 
     codes_sim = fq.quantize(x).numpy().astype(np.int64)
     assert np.array_equal(codes_onnx, codes_sim)
     assert np.array_equal(got, expected)  # bit for bit
+
+
+# --- what the bytes of a file are spent on ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["uniform8", "apot4_u8"])
+def test_standard_form_spends_no_bytes_on_defaults(emitted, config):
+    """No all-zero int32 bias zero points (0 is the default; QGemm still fuses, see the int8-kernel test), no
+    attribute equal to its default, node names without the op type, compact metadata."""
+    from onnx import numpy_helper
+
+    model = emitted[config].files["standard"]
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and inits.get(node.input[0]) is not None and \
+                inits[node.input[0]].data_type == TensorProto.INT32:
+            assert len(node.input) == 2, node.name
+        if node.op_type == "Conv":
+            assert {a.name for a in node.attribute} <= {"kernel_shape", "pads"}, node.name
+        if node.op_type == "Gemm":
+            assert {a.name for a in node.attribute} == {"transB"}, node.name
+        assert node.op_type not in node.name or node.name.startswith("/"), node.name  # exporter names stay
+    meta = {p.key: p.value for p in model.metadata_props}
+    recorded = json.loads(meta["qcompile.options"])
+    assert recorded["qcompile"] == qcompile.__version__ and "per_channel" not in recorded  # a default: not written
+    acts = json.loads(meta["qcompile.activations"])
+    assert isinstance(acts, dict) and all(k.startswith(("act_fq", "out_fq", "res_fq")) for k in acts)
+
+
+def test_recorded_options_round_trip():
+    from qcompile.options import CompileOptions, from_metadata, to_metadata
+
+    opts = CompileOptions(scheme="apot", bits=4, abits=8, ascheme="uniform", exclude=("fc2",), int8_weights="s8",
+                          leaf_modules=("blk",))
+    record = json.loads(to_metadata(opts))
+    assert record == {"qcompile": qcompile.__version__, "scheme": "apot", "bits": 4, "abits": 8,
+                      "ascheme": "uniform", "exclude": ["fc2"], "int8_weights": "s8", "leaf_modules": ["blk"]}
+    assert CompileOptions(**from_metadata(to_metadata(opts))) == opts
+    full = json.dumps(dataclasses.asdict(opts))  # the full record of earlier files reads the same
+    assert CompileOptions(**from_metadata(full)) == opts

@@ -208,3 +208,39 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     with pytest.raises(UserError, match="give example_inputs"):
         qcompile.compile(MLP(), None, scheme="fp32", output=str(out))
     assert leftovers(tmp_path) == []
+
+
+def test_default_attributes_are_stripped_and_outputs_unchanged():
+    """Attributes equal to their default (schema defaults; unit strides/dilations and zero pads of convolutions and
+    pools) go; the rest stay; onnxruntime computes the same before and after."""
+    import torch.nn as nn
+
+    from qcompile.export import strip_default_attributes
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, stride=2, groups=2, dilation=2, padding=2)
+            self.pool = nn.MaxPool2d(2)
+            self.fc = nn.Linear(8 * 4 * 4, 5)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.b(torch.relu(self.a(x)))), 1))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    before = export_onnx(trace(model, (x,)), (x,))
+    after = strip_default_attributes(onnx.ModelProto.FromString(before.SerializeToString()))
+    check_model(after)
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in after.graph.node}
+    convs = [n.name for n in after.graph.node if n.op_type == "Conv"]
+    assert set(attrs[convs[0]]) == {"kernel_shape", "pads"}  # strides/dilations 1, group 1: gone
+    assert attrs[convs[1]] == {"kernel_shape": [3, 3], "pads": [2, 2, 2, 2], "strides": [2, 2], "dilations": [2, 2],
+                               "group": 2}
+    gemm = next(n.name for n in after.graph.node if n.op_type == "Gemm")
+    assert attrs[gemm] == {"transB": 1}  # alpha = beta = 1.0: gone
+    assert len(after.SerializeToString()) < len(before.SerializeToString())
+    xs = x.numpy()
+    np.testing.assert_array_equal(run(session(after.SerializeToString()), [xs])[0],
+                                  run(session(before.SerializeToString()), [xs])[0])

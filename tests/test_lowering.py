@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qcompile
 from qcompile import quant
 from qcompile.cost import cost_report, format_cost_report, layer_cost
+from qcompile.emit import activation_map
 from qcompile.lowering import (REGION_KEY, LowerShiftAdd, ShiftAddVerificationError, check_shift_add,
                                lower_shift_add, lowered_layers, signed_digits, verify_shift_add)
 from qcompile.models import digits
@@ -229,7 +230,7 @@ def test_outputs_equal_standard_form_to_float_rounding(compiled, name):
     """Against the standard file executed as written (float DQ → Conv/Gemm; onnxruntime's graph optimizations off:
     with them, onnxruntime swaps in int8 QLinear kernels whose requantization is not the file's float semantics)."""
     standard, lowered, x = compiled(name)
-    acts = [a["tensor"] for a in json.loads({p.key: p.value for p in standard.metadata_props}["qcompile.activations"])]
+    acts = [a["tensor"] for a in activation_map(standard)]
     ref = _run(standard, x, acts, optimize=False)
     got = _run(lowered, x, acts)
     flips = [(ref[a] != got[a]).reshape(x.shape[0], -1).any(axis=1) for a in acts]

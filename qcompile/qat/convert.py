@@ -108,7 +108,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     from qcompile import export as export_mod
     from qcompile.api import CompileResult, as_input_tuple, calib_tensor
     from qcompile.emit import emit as emit_onnx, quantizers_by_id
-    from qcompile.options import CompileOptions, resolve_int8_weights
+    from qcompile.options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata
     from qcompile.runtime.validation import validate_quantized
 
     t0 = time.perf_counter()
@@ -121,8 +121,8 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit), keep_weights=True)
     example_inputs = as_input_tuple(example_inputs)
     table = quantizers_by_id(gm)
-    onnx_model = emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts)
-    onnx_model.metadata_props.add(key="qcompile.options", value=json.dumps(dataclasses.asdict(opts), default=str))
+    onnx_model = export_mod.strip_default_attributes(emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts))
+    onnx_model.metadata_props.add(key=OPTIONS_KEY, value=to_metadata(opts))
     if cfg is not None:
         onnx_model.metadata_props.add(key="qcompile.qat", value=cfg.describe())
     export_mod.check_model(onnx_model)

@@ -2,7 +2,6 @@
 decision thresholds of one APoT activation quantizer moved) that the validation must reject."""
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -29,7 +28,9 @@ def compiled():
 
 
 def activation_map(model: onnx.ModelProto) -> list[dict]:
-    return json.loads({p.key: p.value for p in model.metadata_props}["qcompile.activations"])
+    from qcompile.emit import activation_map as read
+
+    return read(model)
 
 
 def test_report_fields_of_a_genuine_file(compiled):
