@@ -7,9 +7,9 @@ record pass/fail, compile seconds, output SQNR of the file against the simulatio
 the activation codes that differ side by side and on identical inputs (teacher-forced).
 
 Random-weight networks make the simulation-vs-file comparison harsh: a code that flips near a threshold (float
-accumulation order in a float layer such as LayerNorm or Softmax) propagates through every later layer, and some
-heads are zero-initialised (ViT) so top-1 says little; the local ("on identical inputs") count is the one the
-validation bounds.
+accumulation order in a float layer such as LayerNorm or Softmax) propagates through every later layer; the local
+("on identical inputs") count is the one the validation bounds. Linear layers that torchvision initialises to zero
+(ViT's head) get seeded N(0, 0.02²) weights, else the output is all zeros and its SQNR and top-1 say nothing.
 
 Run: ``python benchmarks/bench_architectures.py [--archs a,b,...] [--size 64]`` from the repository root. Needs
 torchvision; re-executes itself with ``$QCOMPILE_VISION_PYTHON`` (default ``/tmp/venv-vision/bin/python``) when
@@ -53,6 +53,10 @@ def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
         kwargs["init_weights"] = True  # today's default, said explicitly (else torchvision warns)
     model = getattr(torchvision.models, arch)(weights=None, **kwargs)
     gen = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # zero-initialised head
+                mod.weight.normal_(0.0, 0.02, generator=gen)
     model.train()
     with torch.no_grad():  # BatchNorm running statistics of real activations, not the (0, 1) defaults
         for _ in range(3):
