@@ -37,7 +37,6 @@ import fnmatch
 import operator
 import os
 import re
-from collections import deque
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -261,35 +260,20 @@ def layer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
 
 
 def _first_layers(gm: torch.fx.GraphModule, layers: set) -> list[torch.fx.Node]:
-    found, seen = [], set()
-    queue = deque(n for n in gm.graph.nodes if n.op == "placeholder")
-    while queue:
-        node = queue.popleft()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if user in layers:
-                found.append(user)
-            else:
-                queue.append(user)
-    return found
+    """Layers with no layer among their ancestors: the ones that read the model's inputs directly. (Not "reachable
+    from an input without crossing a layer": a transformer's residual stream reaches every block that way.)"""
+    behind: dict[torch.fx.Node, bool] = {}  # node -> some layer among its ancestors
+    for node in gm.graph.nodes:
+        behind[node] = any(behind[a] or a in layers for a in node.all_input_nodes)
+    return [n for n in gm.graph.nodes if n in layers and not behind[n]]
 
 
 def _last_layers(gm: torch.fx.GraphModule, layers: set) -> list[torch.fx.Node]:
-    found, seen = [], set()
-    queue = deque(n for n in gm.graph.nodes if n.op == "output")
-    while queue:
-        node = queue.popleft()
-        for arg in node.all_input_nodes:
-            if arg in seen:
-                continue
-            seen.add(arg)
-            if arg in layers:
-                found.append(arg)
-            else:
-                queue.append(arg)
-    return found
+    """Layers with no layer among their descendants (the classifier; every head of a multi-output model)."""
+    ahead: dict[torch.fx.Node, bool] = {}  # node -> some layer among its descendants
+    for node in reversed(gm.graph.nodes):
+        ahead[node] = any(ahead[u] or u in layers for u in node.users)
+    return [n for n in gm.graph.nodes if n in layers and not ahead[n]]
 
 
 def _ancestors(node: torch.fx.Node) -> set:
@@ -414,21 +398,54 @@ class SelectLayers(Pass):
             counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.report.append(f"{count} layer(s): {key}")
+        for name, type_name, inside in opaque_layers(gm):
+            self.report.append(f"{name} ({type_name}) is opaque to torch.fx: its {inside} stay float")
         if changed:
             self.report.append(f"set the configuration of {changed} of {len(decision)} layer(s)")
         return PassResult(gm, bool(changed))
 
 
+def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
+    """(name, type, what) for every module the graph calls as a whole (a torch.fx leaf that is not itself a layer:
+    ``nn.LSTM``, an ``nn.MultiheadAttention`` with a mask, a --leaf-module) that holds weights the quantizer cannot
+    reach, e.g. ``"2 Linear layer(s) and the packed in_proj weight"``: these stay float, and the summary says so."""
+    rows = []
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, LAYER_MODULES) or type(mod).__module__.startswith("qcompile."):
+            continue
+        layers = sum(isinstance(m, LAYER_MODULES) for m in mod.modules())
+        recurrent = sum(isinstance(m, nn.RNNBase) for m in mod.modules())
+        packed = sum(isinstance(m, nn.MultiheadAttention) for m in mod.modules())
+        parts = []
+        if layers:
+            parts.append(f"{layers} Conv/Linear layer(s)")
+        if recurrent:
+            parts.append(f"{recurrent} recurrent layer(s)")
+        if packed:
+            parts.append(f"{packed} attention in_proj weight(s)")
+        if parts:
+            rows.append((str(node.target), type(mod).__name__, " and ".join(parts)))
+    return rows
+
+
 def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
-    """(name, type, decision) for every layer node carrying a LayerConfig, in graph order: the compile summary."""
+    """(name, type, decision) for every layer node carrying a LayerConfig, in graph order, then the opaque modules
+    whose layers stay float (:func:`opaque_layers`): the compile summary."""
     rows = []
     for node in layer_nodes(gm):
         cfg = node.meta.get("qconfig")
         if isinstance(cfg, LayerConfig):
             name, type_name = _layer_name_and_type(gm, node)
             rows.append((name, type_name, cfg.describe()))
+    for name, type_name, inside in opaque_layers(gm):
+        rows.append((name, type_name, f"float: opaque to torch.fx ({inside})"))
     return rows
 
 
 __all__ = ["SelectLayers", "Override", "load_overrides", "parse_exclude", "parse_pattern", "layer_table",
-           "layer_nodes", "int8_config", "FIRST_LAST_MODES"]
+           "opaque_layers", "layer_nodes", "int8_config", "FIRST_LAST_MODES"]

@@ -312,6 +312,9 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    # The exporter stores bit-identical parameters once and feeds the others through Identity (layers cloned from
+    # one another and not yet trained apart, tied weights): such a marker still quantizes a weight.
+    identity_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
     absorbed: set[int] = set()  # Transpose nodes folded into the stored weights
     shared: dict = {}  # constants stored once per model (see _Builder.shared_const)
     for node in graph.node:
@@ -324,6 +327,8 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
         fq = table[qid]
         src, out = node.input[0], node.output[0]
         b = _Builder(f"q{qid}", shared, u8_weights)
+        if src not in inits and src in identity_of:
+            src = identity_of[src]
         if src in inits:
             w = numpy_helper.to_array(inits[src]).astype(np.float32)
             users = consumers.get(out, [])
@@ -339,6 +344,9 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
             activations.append({"module": fq.qname, "tensor": out})
         new_nodes.extend(b.nodes)
         new_inits.extend(b.inits)
+    read = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
+    new_nodes = [n for n in new_nodes if not (n.op_type == "Identity" and n.output[0] in identity_of
+                                              and n.output[0] not in read)]  # now dead
     still_used = {i for n in new_nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name in still_used or t.name not in used_weights]
     kept = [t for t in kept if t.name in still_used]

@@ -11,6 +11,7 @@ Loading paths (``load_model``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import os
@@ -26,6 +27,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UserError
+from .traceable import TRACEABLE_FORWARDS, needs_rewrite, rewrite_attention
 
 
 def _is_spec(text: str) -> bool:
@@ -184,19 +186,25 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 class _Tracer(torch.fx.Tracer):
     """A tracer that keeps chosen modules opaque and remembers which module it was in when tracing failed."""
 
-    def __init__(self, leaf_modules: Sequence[str] = ()):
+    def __init__(self, leaf_modules: Sequence[str] = (), transformers: bool = False):
         super().__init__()
         self.leaf_names = set(leaf_modules)
+        self.transformers = transformers  # trace into torch.nn's transformer containers (qcompile.traceable)
         self._qc_stack: list[str] = []  # modules being traced, innermost last
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
+        if self.transformers and type(m) in TRACEABLE_FORWARDS:
+            return False
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self._qc_stack.append(qualname)
+        if self.transformers and TRACEABLE_FORWARDS.get(type(m)) is not None and \
+                not self.is_leaf_module(m, qualname):
+            forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
         out = super().call_module(m, forward, args, kwargs)
         self._qc_stack.pop()
         return out
@@ -209,6 +217,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
     leaf_modules = list(leaf_modules)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    gm = None
     if isinstance(model, torch.fx.GraphModule) and not leaf_modules:
         gm = model
     else:
@@ -217,6 +228,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         if unknown:
             raise UserError(f"--leaf-module {unknown[0]!r} names no submodule or module class of the model; "
                             "use a qualified name such as layer1.0 or a class name such as Bottleneck")
+        if needs_rewrite(model):
+            gm = _trace_transformers(model, example_inputs, leaf_modules)
+    if gm is None:
         tracer = _Tracer(leaf_modules)
         try:
             graph = tracer.trace(model)
@@ -231,8 +245,6 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         gm = torch.fx.GraphModule(tracer.root, graph, name)
     gm.eval()
     if example_inputs is not None:
-        if isinstance(example_inputs, torch.Tensor):
-            example_inputs = (example_inputs,)
         prop = _ShapeProp(gm)
         try:
             # ShapeProp prints the whole traceback to stderr before re-raising: keep it to the one-line error.
@@ -247,6 +259,37 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             raise UserError(f"the model does not run on inputs of shape {[tuple(t.shape) for t in example_inputs]} "
                             f"({where}{_first_line(cause)}); fix --input-shape") from None
     return gm
+
+
+def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch.fx.GraphModule | None:
+    """Trace ``model`` with its ``nn.MultiheadAttention`` as four Linear projections and through the transformer
+    containers (``qcompile.traceable``), so their projections are quantized too. ``None`` where that does not trace
+    (a mask, an unusual module) or, on the example inputs, computes something else than ``model``: the caller then
+    traces the model as it is, those modules opaque."""
+    from torch.utils._pytree import tree_leaves
+
+    tracer = _Tracer(leaf_modules, transformers=True)
+    try:
+        candidate = rewrite_attention(model)
+        graph = tracer.trace(candidate)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        if example_inputs is not None:  # compared in eval mode (no dropout), each module's mode restored after
+            modes = [(m, m.training) for m in list(model.modules()) + list(gm.modules())]
+            try:
+                with torch.no_grad():
+                    want = [t for t in tree_leaves(model.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
+                    got = [t for t in tree_leaves(gm.eval()(*example_inputs)) if isinstance(t, torch.Tensor)]
+            finally:
+                for m, training in modes:
+                    m.training = training
+            if len(want) != len(got) or any(
+                    w.shape != g.shape or not torch.allclose(g.double(), w.double(), rtol=1e-3,
+                                                             atol=1e-4 * float(w.abs().max().clamp_min(1e-6)))
+                    for w, g in zip(want, got)):
+                return None
+        return gm
+    except Exception:  # NotTraceable, a TraceError, a shape the stand-in does not cover: trace as before
+        return None
 
 
 class _ShapeProp(ShapeProp):

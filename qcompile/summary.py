@@ -17,6 +17,9 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
         except AttributeError:
             kind = getattr(node.target, "__name__", str(node.target))
         rows.append((name, kind, cfg.describe()))
+    from qcompile.passes.select import opaque_layers
+
+    rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]
     if not rows:
         return []
     w0 = max(len(r[0]) for r in rows)

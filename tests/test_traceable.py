@@ -1,0 +1,164 @@
+"""Transformer modules of torch.nn traced into, so their Linear projections are quantized (qcompile.traceable)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.frontend import trace
+from qcompile.qmodules import FakeQuantize
+from qcompile.traceable import MultiheadAttention
+
+
+class Encoder(nn.Module):
+    """Token ids -> embedding -> nn.TransformerEncoder -> mean -> Linear."""
+
+    def __init__(self, batch_first=True, norm_first=False, activation="relu", final_norm=False):
+        super().__init__()
+        self.batch_first = batch_first
+        self.emb = nn.Embedding(40, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first, norm_first=norm_first,
+                                           activation=activation)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32) if final_norm else None,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, tok):
+        x = self.emb(tok)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        y = self.enc(x)
+        return self.head(y.mean(1 if self.batch_first else 0))
+
+
+class MaskedEncoder(Encoder):
+    """Pads (token 0) masked out: a key-padding mask the traceable stand-ins do not reproduce."""
+
+    def forward(self, tok):
+        return self.head(self.enc(self.emb(tok), src_key_padding_mask=tok == 0).mean(1))
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tgt, memory):
+        return self.head(self.dec(tgt, memory))
+
+
+def tokens(n=12, seed=0):
+    return torch.randint(1, 40, (n, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def linear_targets(gm) -> set[str]:
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                            nn.Linear)}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(batch_first=False), dict(norm_first=True, activation="gelu"),
+                                dict(final_norm=True)], ids=["post-norm", "seq-first", "pre-norm-gelu", "final-norm"])
+def test_encoder_is_traced_through_with_the_same_outputs(kw):
+    torch.manual_seed(0)
+    model = Encoder(**kw).eval()
+    x = tokens()
+    gm = trace(model, (x[:1],))
+    expected = {f"enc.layers.{i}.{p}" for i in range(2)
+                for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                          "linear1", "linear2")} | {"head"}
+    assert linear_targets(gm) == expected
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_call_falls_back_to_the_opaque_module():
+    torch.manual_seed(0)
+    model = MaskedEncoder().eval()
+    x = tokens()
+    x[:, -3:] = 0
+    gm = trace(model, (x[:1],))
+    assert linear_targets(gm) == {"head"}  # the encoder stays one opaque module, as before
+    assert any(n.op == "call_module" and n.target == "enc" for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+def test_decoder_is_traced_through():
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    tgt, mem = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
+    gm = trace(model, (tgt, mem))
+    assert {"dec.layers.1.multihead_attn.q_proj", "dec.layers.1.linear2"} <= linear_targets(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(tgt, mem), model(tgt, mem), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(batch_first=True), dict(batch_first=False), dict(bias=False, batch_first=True),
+                                dict(kdim=6, vdim=10, batch_first=True)], ids=["bf", "seq-first", "no-bias", "kdim"])
+@pytest.mark.parametrize("average", [True, False])
+def test_stand_in_equals_multihead_attention(kw, average):
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, **kw).eval()
+    ours = MultiheadAttention(mha).eval()
+    g = torch.Generator().manual_seed(2)
+    n, lq, lk = 3, 5, 7
+    shape = (lambda length, e: (n, length, e)) if mha.batch_first else (lambda length, e: (length, n, e))
+    q = torch.randn(shape(lq, 16), generator=g)
+    k = torch.randn(shape(lk, kw.get("kdim", 16)), generator=g)
+    v = torch.randn(shape(lk, kw.get("vdim", 16)), generator=g)
+    with torch.no_grad():
+        want = mha(q, k, v, need_weights=True, average_attn_weights=average)
+        got = ours(q, k, v, need_weights=True, average_attn_weights=average)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        assert ours(q, k, v, need_weights=False)[1] is None
+
+
+def test_transformer_compiles_with_quantized_projections_and_validates():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    calib = tokens(32, seed=3)
+    result = qcompile.compile(model, calib=calib, scheme="apot", bits=4)
+    weight_fq = {n.rsplit(".weight_fq", 1)[0] for n, m in result.model.named_modules()
+                 if isinstance(m, FakeQuantize) and n.endswith(".weight_fq")}
+    assert {"enc.layers.0.self_attn.q_proj", "enc.layers.1.linear2", "enc.layers.1.self_attn.out_proj"} <= weight_fq
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["sqnr_vs_float_db"] > 10.0  # quantized, not broken
+
+
+def test_first_and_last_layers_of_a_transformer():
+    """The residual stream reaches every block without crossing a layer; the first layers are still only the
+    projections that read the embedding, and the last layer the head."""
+    from qcompile.passes.select import SelectLayers, layer_table
+
+    torch.manual_seed(0)
+    gm = trace(Encoder().eval(), (tokens()[:1],))
+    rows = {name: decision for name, _, decision in layer_table(SelectLayers()(gm).gm)}
+    kept = {name for name, decision in rows.items() if "first" in decision or "last" in decision}
+    assert kept == {"enc.layers.0.self_attn.q_proj", "enc.layers.0.self_attn.k_proj",
+                    "enc.layers.0.self_attn.v_proj", "head"}
+    assert rows["head"].endswith("(last layer)")
+
+
+def test_layers_inside_opaque_modules_are_listed_as_float():
+    """An LSTM (and masked attention) stays one opaque module: the layer table says its layers stay float."""
+    from qcompile.passes.select import layer_table
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    rows = {name: decision for name, _, decision in layer_table(trace(Recurrent().eval(), (torch.randn(2, 5, 8),)))}
+    assert rows["lstm"] == "float: opaque to torch.fx (1 recurrent layer(s))"
+    x = tokens()
+    x[:, -3:] = 0
+    rows = {name: decision for name, _, decision in layer_table(trace(MaskedEncoder().eval(), (x[:1],)))}
+    assert rows["enc"] == "float: opaque to torch.fx (6 Conv/Linear layer(s) and 2 attention in_proj weight(s))"
