@@ -30,6 +30,19 @@ from .errors import UserError
 from .traceable import TRACEABLE_FORWARDS, needs_rewrite, rewrite_attention
 
 
+def _torchscript_weights(source: str, arch) -> dict:
+    """The state dict of a TorchScript archive (torch.jit.save): torch.fx traces Python modules, not TorchScript,
+    so the weights go into the architecture named by --arch."""
+    if not arch:
+        raise UserError(f"{source!r} is a TorchScript archive, which torch.fx cannot trace; pass --arch "
+                        "package.module:factory (the Python model) and qcompile loads the archive's weights into it")
+    try:
+        return dict(torch.jit.load(source, map_location="cpu").state_dict())
+    except Exception as exc:
+        raise UserError(f"cannot read the TorchScript archive {source!r} ({_first_line(exc)}); "
+                        "save the model's state_dict with torch.save instead") from None
+
+
 def _is_spec(text: str) -> bool:
     mod, sep, attr = text.partition(":")
     return bool(sep) and bool(mod) and bool(attr) and not os.path.exists(text) and "/" not in mod
@@ -107,7 +120,10 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
             raise UserError(not_checkpoint.format("unreadable pickle data")) from None
         obj, safe_error = None, exc
     except (RuntimeError, OSError) as exc:  # e.g. a damaged zip archive: torch's message says what is wrong
-        raise UserError(not_checkpoint.format(_first_line(exc))) from None
+        if "TorchScript" in str(exc):
+            obj, safe_error = _torchscript_weights(source, arch), None
+        else:
+            raise UserError(not_checkpoint.format(_first_line(exc))) from None
     except Exception:  # text files raise KeyError from the pickle memo, empty ones EOFError, ...
         raise UserError(not_checkpoint.format("unreadable data")) from None
 

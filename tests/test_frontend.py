@@ -99,6 +99,19 @@ def test_state_dict_with_arch_loads_the_saved_weights(tmp_path):
         _close(loaded(x), saved(x))
 
 
+def test_torchscript_archive_loads_its_weights_into_arch(tmp_path):
+    model = ResidualCNN(seed=3).eval()
+    x = example_input(model, seed=1)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.trace(model, x), str(path))
+    with pytest.raises(UserError, match="TorchScript archive, which torch.fx cannot trace; pass --arch"):
+        load_model(str(path))
+    loaded = load_model(str(path), arch="tests.models:ResidualCNN")  # the factory's own weights are replaced
+    assert isinstance(loaded, ResidualCNN)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 @pytest.mark.parametrize("wrapper", ["state_dict", "model_state_dict", "model"])
 def test_state_dict_inside_a_checkpoint_wrapper(tmp_path, wrapper):
     saved = MLP(seed=4)
