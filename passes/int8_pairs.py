@@ -249,12 +249,23 @@ def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, cl
             over = clip_vals[None] > top * f
             out.index_add_(1, clip_rows, torch.where(over, (clip_vals[None] - top * f) ** 2 - f2 / 12.0, 0.0))
     if len(rows):
-        xa, xb = pa[None] / f, pb[None] / f
+        # Only the (candidate, pair) entries whose rounded codes still pass the limit change; project just those,
+        # in float32 (this ranks candidates; the codes themselves come from fix_pairs). Random-init layers can
+        # have a quarter of their pairs here, so the dense [F, pairs] float64 form took seconds per layer.
+        xa, xb = pa.float()[None] / f32, pb.float()[None] / f32
         bad = torch.round(xa).clamp(max=top) + torch.round(xb).clamp(max=top) > limit
-        qa, qb = _project_uniform(xa, xb, top, limit)
-        counted = (rounding(pa) + rounding(pb)).double() if values is not None else 2 * f2 / 12.0
-        extra = ((xa - qa) ** 2 + (xb - qb) ** 2) * f2 - counted
-        out.index_add_(1, rows, torch.where(bad, extra, 0.0))
+        fi, pi = bad.nonzero(as_tuple=True)
+        if len(fi):
+            sa, sb, step, step2 = xa[fi, pi], xb[fi, pi], f32[fi, 0], f2_32[fi, 0]
+            qa, qb = _project_uniform(sa, sb, top, limit)
+            if values is not None:
+                ya, yb = pa.float()[pi] / step, pb.float()[pi] / step
+                counted = ((ya - torch.round(ya).clamp(-top, top)) ** 2 +
+                           (yb - torch.round(yb).clamp(-top, top)) ** 2) * step2
+            else:
+                counted = 2 * step2 / 12.0
+            extra = ((sa - qa) ** 2 + (sb - qb) ** 2) * step2 - counted
+            out.index_put_((fi, rows[pi]), extra.double(), accumulate=True)
     return out
 
 

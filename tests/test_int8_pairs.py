@@ -235,3 +235,25 @@ def test_cli_takes_s8_safe(tmp_path):
     assert saturating_pairs(model) == 0
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["qcompile.options"])["int8_weights"] == "s8-safe"
+
+
+@pytest.mark.parametrize("k", [64, 1024], ids=["short-rows-exact", "long-rows-estimated"])
+def test_fast_search_error_is_the_error_of_the_codes_it_returns(k):
+    """Flat (xavier-uniform) weights put many same-sign pairs past the limit. The fast search's error for the scales
+    it picks is the squared error of the pair-safe codes it returns: exactly for short rows, and within a few
+    percent where it estimates rounding as step²/12 (long rows)."""
+    from qcompile import quant
+    from qcompile.passes.int8_pairs import safe_weights
+    from qcompile.qmodules import FakeQuantize
+
+    w = torch.empty(48, k)
+    nn.init.xavier_uniform_(w, generator=torch.Generator().manual_seed(0))
+    fq = FakeQuantize("uniform", 8, signed=True, axis=0, role="weight")
+    fq.set_params(w.abs().amax(dim=1))
+    w_new, alpha, moved, err = safe_weights(w, fq, 128)
+    assert moved > 0
+    codes = quant.quantize(w_new, alpha, fq.levelset, axis=0)
+    a, b = split_pairs(codes)
+    assert int(((a + b).abs() > 128).sum()) == 0  # pair-safe
+    real = float(((quant.dequantize(codes, alpha, fq.levelset, axis=0) - w) ** 2).sum(dtype=torch.float64))
+    assert err == pytest.approx(real, rel=1e-4 if k < 256 else 0.05)
