@@ -112,12 +112,19 @@ def batches(inputs, batch_size: int) -> Iterable[tuple[torch.Tensor, ...]]:
         yield tuple(x[i:i + batch_size] for x in inputs)
 
 
+def output_tensors(y) -> list[torch.Tensor]:
+    """A model's outputs as the flat list of tensors the ONNX file has: tuples, lists and dicts (values in their
+    order, as torch.onnx flattens them) of tensors."""
+    from torch.utils._pytree import tree_leaves
+
+    return [t for t in tree_leaves(y) if isinstance(t, torch.Tensor)]
+
+
 def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.ndarray]:
     outs: list[list[np.ndarray]] = []
     with torch.no_grad():
         for batch in batches(inputs, batch_size):
-            y = reference(*batch)
-            ys = list(y) if isinstance(y, (tuple, list)) else [y]
+            ys = output_tensors(reference(*batch))
             outs.append([t.detach().float().numpy() for t in ys])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
@@ -315,8 +322,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                     with disabled_quantizers(sim):
                         float_graph(*batch)
                     floats = dict(captured)  # float activations at each point
-                    y = sim(*batch)
-                    ys = list(y) if isinstance(y, (tuple, list)) else [y]
+                    ys = output_tensors(sim(*batch))
                     ref_parts.append([t.detach().float().numpy() for t in ys])
                     onnx_out = dict(zip(out_names, run(probe, [b.numpy() for b in batch])))
                     onnx_codes = {a["module"]: codes(modules[a["module"]], torch.from_numpy(onnx_out[a["tensor"]]))

@@ -208,3 +208,31 @@ def test_in_place_activations_after_a_quantizer_do_not_change_the_codes_compared
     # per-layer SQNR against float: of the quantizer's own output, i.e. 8-bit noise (~40-50 dB), not the
     # difference between a tensor before and after Hardswish
     assert all(layer["sqnr_vs_float_db"] > 30 for layer in report.layers), report.layers
+
+
+def test_model_with_dict_outputs_compiles_and_validates():
+    """A model returning a dict (segmentation/detection heads do): the file's outputs are the dict's values in
+    order, and the validation compares each with the simulation's."""
+    import torch.nn as nn
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.seg = nn.Conv2d(8, 4, 1)
+            self.cls = nn.Linear(8, 3)
+
+        def forward(self, x):
+            f = self.stem(x)
+            return {"seg": self.seg(f), "cls": self.cls(f.mean((2, 3)))}
+
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=x, scheme="apot", bits=4)
+    assert [o.name for o in result.onnx_model.graph.output] and len(result.onnx_model.graph.output) == 2
+    assert result.report.passed, result.report.failures
+    from qcompile.runtime.validation import run_onnx
+
+    seg, cls = run_onnx(result.onnx_model.SerializeToString(), x)
+    assert seg.shape == (16, 4, 12, 12) and cls.shape == (16, 3)
