@@ -408,7 +408,8 @@ class SelectLayers(Pass):
 def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
     """(name, type, what) for every module the graph calls as a whole (a torch.fx leaf that is not itself a layer:
     ``nn.LSTM``, an ``nn.MultiheadAttention`` with a mask, a --leaf-module) that holds weights the quantizer cannot
-    reach, e.g. ``"2 Linear layer(s) and the packed in_proj weight"``: these stay float, and the summary says so."""
+    reach, e.g. ``"6 Conv/Linear layer(s) and 2 attention in_proj weight(s)"``: these stay float, and the summary
+    says so."""
     rows = []
     seen: set[str] = set()
     for node in gm.graph.nodes:
