@@ -244,14 +244,15 @@ def threshold_inputs(fq: FakeQuantize) -> torch.Tensor:
     levels = torch.tensor(fq.levelset.grid, dtype=torch.float32) * unit
     hi = float(levels.abs().max())
     parts = [thr, torch.nextafter(thr, inf), torch.nextafter(thr, -inf), levels, (levels[1:] + levels[:-1]) / 2,
-             torch.tensor([0.0, -0.0, 3 * hi, -3 * hi, hi, -hi]),
+             torch.tensor([0.0, -0.0, 3 * hi, -3 * hi, hi, -hi, float("nan"), float("inf"), -float("inf")]),
              torch.linspace(-1.5 * hi, 1.5 * hi, 997)]
     return torch.cat(parts).float().reshape(1, -1)
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("scheme,bits,signed", [("apot", 4, False), ("apot", 4, True), ("pot", 3, False),
-                                                ("pot", 3, True), ("log2", 3, False), ("apot", 2, False)])
+                                                ("pot", 3, True), ("log2", 3, False), ("apot", 2, False),
+                                                ("apot", 6, False), ("pot", 4, False), ("pot", 5, True)])
 def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, bits, signed, form):
     fq = FakeQuantize(scheme, bits, signed=signed, role="activation")
     fq.set_params(torch.tensor(1.2345678))  # an α whose unit is not a power of two
@@ -269,6 +270,10 @@ def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, 
     codes_sim = fq.quantize(x).numpy().astype(np.int64)
     assert np.array_equal(codes_onnx, codes_sim)
     assert np.array_equal(got, expected)  # bit for bit
+    if form == "standard":  # the cell table where the grid spans <= 127 integers, else the binary search
+        ops = {n.op_type for n in model.graph.node}
+        narrow = fq.levelset.grid[-1] - fq.levelset.grid[0] <= 127
+        assert ("Greater" not in ops) == narrow and ("Sub" in ops) == narrow, sorted(ops)
 
 
 # --- what the bytes of a file are spent on ------------------------------------------------------------------------

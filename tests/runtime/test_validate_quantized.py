@@ -116,11 +116,15 @@ def test_a_changed_weight_code_fails_validation(compiled):
 def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     result, _, x = compiled
     graph = result.onnx_model.graph
-    floats = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 1}
-    # the binary search's tables: float32 vectors read by Gather
-    names = sorted({n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in floats})
-    assert names, "no APoT threshold table in the file"
-    data = doctored(result.onnx_model, names[0], lambda thr: (thr * np.float32(0.8)).astype(np.float32))
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    # the cell tables (emit_cell_lookup): Gather(table, Cast(QuantizeLinear(3c + side))), three entries per cell
+    names = sorted({n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+                    and producer[n.input[1]].op_type == "Cast"
+                    and getattr(producer.get(producer[n.input[1]].input[0]), "op_type", "") == "QuantizeLinear"})
+    assert names, "no APoT cell table in the file"
+    # every cell takes its left neighbour's decisions: the thresholds move up by half a unit
+    data = doctored(result.onnx_model, names[0], lambda table: np.concatenate([table[:3], table[:-3]]))
     report = validate_quantized(data, result.model, x)
     assert not report.passed
     assert report.extra["code_mismatch"] > MAX_CODE_MISMATCH
