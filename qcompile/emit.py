@@ -297,7 +297,8 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
     if opts.emit == "custom":
         from .emit_custom import emit_custom
 
-        return compact_tensor_names(emit_custom(model, table, u8_weights=opts.int8_weights == "u8"))
+        return compact_tensor_names(shield_float_layers(emit_custom(model, table,
+                                                                   u8_weights=opts.int8_weights == "u8")))
     u8 = opts.int8_weights == "u8"
     model = compact_tensor_names(emit_standard(model, table, u8_weights=u8))
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
@@ -309,7 +310,99 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
 
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
-    return quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
+    model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
+    return shield_float_layers(model)
+
+
+_WEIGHT_BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep float layers float in onnxruntime: feed a ``Conv``/``ConvTranspose``/``Gemm`` whose weight is not
+    quantized (an excluded layer, a layer type qcompile does not quantize) from ``Mul(Cast(q) - zp, scale)``
+    instead of ``DequantizeLinear(q, scale, zp)`` of a per-tensor quantized input.
+
+    onnxruntime's ``WeightBiasQuantization`` graph transformer (on by default) quantizes the float weight of such
+    a layer to symmetric per-tensor int8, and its bias to int32, whenever input 0 comes from a per-tensor
+    ``DequantizeLinear``: the layer the user kept in float (``--exclude``) then ran with 8-bit weights, and about
+    3% of the next quantizer's codes differed from the simulation. The replacement computes the same float32
+    values (``(q - zp)`` is an exact small integer, then one rounding of the product, as in
+    ``DequantizeLinear``); the ``DequantizeLinear`` stays for its other readers. In the custom form the
+    ``DequantizeLinear`` is the end of a ``qcompile.QuantizeUniform``/``QuantizeLevels`` function body: the codes
+    are recovered from its output with a ``QuantizeLinear`` at the same scale (exact: the values are on the
+    grid)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+
+    def scalar(name: str) -> bool:
+        t = inits.get(name)
+        return t is not None and int(np.prod(t.dims)) == 1
+
+    def codes_of(node: onnx.NodeProto):
+        """``(codes, scale, zero point or '', nodes to add)`` of a per-tensor dequantizing producer, else None."""
+        if node is None:
+            return None
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            zp = node.input[2] if len(node.input) > 2 else ""
+            if scalar(node.input[1]) and (not zp or zp in inits):
+                return node.input[0], node.input[1], zp, []
+            return None
+        if node.domain == "qcompile" and node.op_type in ("QuantizeUniform", "QuantizeLevels"):
+            scale = node.input[1] if node.op_type == "QuantizeUniform" else node.input[3]
+            if not scalar(scale):
+                return None
+            if node.op_type == "QuantizeUniform":
+                zp = node.input[2]
+            else:  # grid integers: a zero point of their type puts the codes back in it
+                grid_type = numpy_helper.to_array(inits[node.input[2]]).dtype
+                zp = f"{node.output[0]}/float/codes_zp"
+                inits[zp] = numpy_helper.from_array(np.array(0, grid_type), zp)
+                new_inits.append(inits[zp])
+            codes = f"{node.output[0]}/float/codes"
+            requantize = helper.make_node("QuantizeLinear", [node.output[0], scale, zp], [codes],
+                                          name=f"{node.output[0]}/float/q")
+            return codes, scale, zp, [requantize]
+        return None
+
+    shielded: dict[str, str] = {}
+    nodes: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    for node in graph.node:
+        if node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1:
+            src, w = node.input[0], producer.get(node.input[1])
+            found = None
+            if w is None or w.op_type != "DequantizeLinear":  # a float weight: onnxruntime would quantize it
+                found = shielded.get(src) or codes_of(producer.get(src))
+            if found is not None:
+                if src not in shielded:
+                    codes, scale, zp, first = found
+                    stem = f"{src}/float"
+                    nodes.extend(first)
+                    value = helper.make_node("Cast", [codes], [f"{stem}/cast"], name=f"{stem}/0", to=TensorProto.FLOAT)
+                    nodes.append(value)
+                    zero = float(numpy_helper.to_array(inits[zp]).reshape(-1)[0]) if zp else 0.0
+                    if zero != 0.0:
+                        new_inits.append(numpy_helper.from_array(np.array(zero, np.float32), f"{stem}/zp"))
+                        nodes.append(helper.make_node("Sub", [value.output[0], f"{stem}/zp"], [f"{stem}/sub"],
+                                                      name=f"{stem}/1"))
+                    nodes.append(helper.make_node("Mul", [nodes[-1].output[0], scale], [f"{stem}/value"],
+                                                  name=f"{stem}/2"))
+                    shielded[src] = nodes[-1].output[0]
+                node.input[0] = shielded[src]
+        nodes.append(node)
+    if not shielded:
+        return model
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(new_inits)
+    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    mapped = {a["tensor"] for a in activation_map(model)}
+    dead = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in shielded
+            and n.output[0] not in still_read and n.output[0] not in mapped]
+    for n in dead:  # its only readers were shielded layers, and the validator does not read it
+        graph.node.remove(n)
+    return model
 
 
 def _stored_type(name: str, inits: dict, producer: dict) -> int | None:

@@ -314,3 +314,48 @@ def test_recorded_options_round_trip():
     assert CompileOptions(**from_metadata(to_metadata(opts))) == opts
     full = json.dumps(dataclasses.asdict(opts))  # the full record of earlier files reads the same
     assert CompileOptions(**from_metadata(full)) == opts
+
+
+# --- float layers stay float in onnxruntime --------------------------------------------------------------------------
+
+
+class FloatInTheMiddle(nn.Module):
+    """Quantized conv -> a float layer on its re-quantized output -> quantized conv."""
+
+    def __init__(self, transpose: bool):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.mid = nn.ConvTranspose2d(8, 8, 2, stride=2) if transpose else nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.mid(x))
+        x = torch.relu(self.c3(x))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("transpose,exclude", [(False, ["mid"]), (True, [])], ids=["excluded-conv", "conv-transpose"])
+@pytest.mark.parametrize("form", FORMS)
+def test_a_float_layer_after_int8_codes_keeps_float_weights_in_onnxruntime(transpose, exclude, form, tmp_path):
+    """onnxruntime's WeightBiasQuantization would quantize the float weight of a Conv/ConvTranspose/Gemm fed by a
+    per-tensor DequantizeLinear to int8 (and ~3% of the next quantizer's codes differed): the emitted file feeds
+    such layers from Cast/Mul, so the optimized session still holds the float weight and the codes agree."""
+    model = FloatInTheMiddle(transpose).eval()
+    x = torch.randn(32, 3, 10, 10, generator=torch.Generator().manual_seed(4))
+    result = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x, exclude=exclude, emit=form)
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["code_mismatch"] <= 1e-4, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    optimized = onnx.load(path)
+    inits = {t.name: t for t in optimized.graph.initializer}
+    layers = [n for n in optimized.graph.node if "Conv" in n.op_type and "QLinear" not in n.op_type]
+    float_weights = [n for n in layers if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    assert len(float_weights) == 1, [(n.op_type, list(n.input)) for n in layers]  # Conv, FusedConv, ConvTranspose
+    assert not [name for name in inits if "_weight_q" in name]  # what WeightBiasQuantization would have added
