@@ -254,3 +254,23 @@ def fake_quantizer(gm: torch.fx.GraphModule, node):
         if isinstance(mod, FakeQuantize):
             return mod
     return None
+
+
+def input_quantizer(gm: torch.fx.GraphModule, node):
+    """The activation FakeQuantize whose codes a layer reads as ``node``: the quantizer's own output, or that
+    output through the ``F.pad`` that ``InsertQuantizers`` puts before a conv with reflect/replicate or asymmetric
+    ``"same"`` padding (copied codes, or zeros: real 0 is a code of every level set), which the emitted file pads
+    as codes before its int8 kernels. Circular padding exports as Slice/Concat, which onnxruntime runs on floats
+    before a float conv: not looked through (the layer is simulated as that float conv). None otherwise."""
+    import torch.nn.functional as F
+
+    fq = fake_quantizer(gm, node)
+    if fq is None and isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is F.pad \
+            and node.args:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if mode in ("reflect", "replicate") or (mode == "constant" and not value):
+            fq = fake_quantizer(gm, node.args[0])
+            if fq is not None and fq.role != "activation":
+                fq = None
+    return fq

@@ -99,9 +99,25 @@ def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
     mod = gm.get_submodule(node.target)
     if isinstance(mod, nn.Linear):
         return mod
-    if type(mod) in _CONV_FN and mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+    if type(mod) in _CONV_FN:
         return mod
     return None
+
+
+def conv_padding(mod: nn.Module) -> tuple[list | None, str, tuple]:
+    """How a conv module pads, as ``(pad, mode, conv_padding)``: an explicit ``F.pad(x, pad, mode)`` before the
+    convolution (``None`` where the convolution's own symmetric zero padding does it) and the padding argument of
+    the functional convolution. ``padding="same"`` with an odd total pads one more on the right, as PyTorch does;
+    ``reflect``/``replicate``/``circular`` padding copies input values, so it commutes with the input quantizer and
+    runs on the quantized tensor (ONNX ``Pad``)."""
+    if mod.padding_mode == "zeros" and not isinstance(mod.padding, str):
+        return None, "constant", tuple(mod.padding)
+    pad = [int(p) for p in mod._reversed_padding_repeated_twice]  # (last dim left, right, previous dim ...)
+    symmetric = all(pad[2 * i] == pad[2 * i + 1] for i in range(len(pad) // 2))
+    if mod.padding_mode == "zeros" and symmetric:
+        return None, "constant", tuple(reversed(pad[0::2]))
+    mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+    return pad, mode, (0,) * (len(pad) // 2)
 
 
 class InsertQuantizers(Pass):
@@ -155,7 +171,9 @@ class InsertQuantizers(Pass):
                 if isinstance(mod, nn.Linear):
                     new = graph.call_function(F.linear, (xq, wq, b))
                 else:
-                    new = graph.call_function(_CONV_FN[type(mod)], (xq, wq, b, mod.stride, mod.padding,
+                    pad, mode, padding = conv_padding(mod)
+                    source = xq if pad is None else graph.call_function(F.pad, (xq, pad, mode))
+                    new = graph.call_function(_CONV_FN[type(mod)], (source, wq, b, mod.stride, padding,
                                                                    mod.dilation, mod.groups))
             new.meta.update(node.meta)
             new.meta["layer"] = str(node.target)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value, fake_quantizer
+from .base import Pass, PassResult, attr_value, fake_quantizer, input_quantizer
 from .int8_region import _is_transparent
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
@@ -60,7 +60,7 @@ def pair_limit(xfq: FakeQuantize) -> Optional[int]:
 def _input_quantizer(gm: torch.fx.GraphModule, node) -> Optional[FakeQuantize]:
     """The activation quantizer whose codes reach a layer (directly, or through max-pooling and reshapes)."""
     while isinstance(node, torch.fx.Node):
-        fq = fake_quantizer(gm, node)
+        fq = input_quantizer(gm, node)
         if fq is not None:
             return fq if fq.role == "activation" else None
         if not _is_transparent(gm, node) or not node.args:

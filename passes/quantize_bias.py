@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer
+from .base import Pass, PassResult, fake_quantizer, input_quantizer
 
 _LAYERS = (F.conv1d, F.conv2d, F.linear)
 
@@ -36,7 +36,7 @@ class QuantizeBias(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS:
                 continue
-            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
+            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer
+from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
 from .int8_region import clip_bounds, is_int8_act, is_rectifier
 
@@ -39,7 +39,7 @@ class QuantizeOutputs(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
                 continue
-            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
+            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             if not is_int8_act(xfq) or wfq is None:
                 continue
             grid = wfq.levelset.grid
@@ -138,7 +138,7 @@ class BindIntegerLayers(Pass):
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in fns:
                 continue
-            xfq, wfq = fake_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
+            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             if not is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue
             grid = wfq.levelset.grid

@@ -311,7 +311,44 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
     model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
-    return shield_float_layers(model)
+    return shield_float_layers(pad_codes(model))
+
+
+def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Pad(DequantizeLinear(q))`` -> ``DequantizeLinear(Pad(q))`` for a per-tensor quantized input: reflect, edge
+    and wrap padding copy codes, zero padding adds the zero point's code (real 0), so the values are the same; the
+    convolution after it then reads a ``DequantizeLinear`` again and onnxruntime fuses it into its int8 kernels
+    (a ``reflect``/``replicate``/``circular`` or asymmetric ``"same"`` conv). The first ``DequantizeLinear`` stays
+    for its other readers (and the validator's activation map)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    nodes: list[onnx.NodeProto] = []
+    changed = False
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.op_type == "Pad" and node.domain in ("", "ai.onnx") else None
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        fill = node.input[2] if len(node.input) > 2 else ""
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx") \
+                and dq.input[1] in inits and int(np.prod(inits[dq.input[1]].dims)) == 1 \
+                and (len(dq.input) < 3 or not dq.input[2] or dq.input[2] in inits) \
+                and (mode != "constant" or not fill or (fill in inits and not numpy_helper.to_array(inits[fill]).any())):
+            zp = dq.input[2] if len(dq.input) > 2 else ""
+            codes = f"{node.output[0]}/codes"
+            inputs = [dq.input[0], node.input[1], zp if mode == "constant" else ""] + list(node.input[3:])
+            while inputs and not inputs[-1]:
+                inputs.pop()
+            nodes.append(helper.make_node("Pad", inputs, [codes], name=f"{node.name or codes}/codes",
+                                          mode=mode))
+            nodes.append(helper.make_node("DequantizeLinear", [codes] + list(dq.input[1:]), list(node.output),
+                                          name=f"{node.name or codes}/dq"))
+            changed = True
+            continue
+        nodes.append(node)
+    if changed:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
 
 
 _WEIGHT_BIAS_OPS = ("Conv", "ConvTranspose", "Gemm")

@@ -359,3 +359,45 @@ def test_a_float_layer_after_int8_codes_keeps_float_weights_in_onnxruntime(trans
     float_weights = [n for n in layers if n.input[1] in inits and inits[n.input[1]].data_type == TensorProto.FLOAT]
     assert len(float_weights) == 1, [(n.op_type, list(n.input)) for n in layers]  # Conv, FusedConv, ConvTranspose
     assert not [name for name in inits if "_weight_q" in name]  # what WeightBiasQuantization would have added
+
+
+class PaddedConvs(nn.Module):
+    """Convs whose padding is not the symmetric zero padding of ONNX Conv."""
+
+    def __init__(self, **middle):
+        super().__init__()
+        gen = torch.Generator().manual_seed(5)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, **middle)
+        self.c = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head(torch.relu(self.c(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("middle,int8", [
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), True),
+    (dict(kernel_size=3, padding=2, dilation=2, padding_mode="replicate"), True),
+    (dict(kernel_size=4, padding="same"), True),
+    (dict(kernel_size=3, padding=1, stride=2, padding_mode="circular"), False),  # Slice/Concat: a float conv
+], ids=["reflect", "replicate", "same-even-kernel", "circular"])
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("apot", 4)])
+def test_convs_with_other_paddings_are_quantized_and_exact(middle, int8, scheme, bits, tmp_path):
+    """Reflect/replicate/circular and asymmetric "same" padding used to leave the conv in float ("unsupported
+    layer form"). Now the padding runs on the quantized input (F.pad, ONNX Pad on the codes), the layer is
+    quantized, its codes agree with the simulation, and at 8 bits reflect/replicate/"same" reach QLinearConv."""
+    model = PaddedConvs(**middle).eval()
+    x = torch.randn(32, 3, 11, 12, generator=torch.Generator().manual_seed(6))
+    result = qcompile.compile(model, x[:1], scheme=scheme, bits=bits, calib=x)
+    assert "self.b(" not in result.model.code  # quantized, not the float module
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    if scheme == "uniform":
+        assert ops["QLinearConv"] == (3 if int8 else 2), ops

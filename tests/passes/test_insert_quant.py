@@ -206,3 +206,22 @@ def test_w8a8_uniform_simulation_is_close_to_float():
         out = gm(x)
     assert sqnr_db(ref, out) >= MIN_SQNR_W8A8_DB
     assert sqnr_db(ref, out) < math.inf  # the quantizers do act
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    (dict(padding=1), (None, "constant", (1, 1))),
+    (dict(padding="valid"), (None, "constant", (0, 0))),
+    (dict(padding="same"), (None, "constant", (1, 1))),                # k=3: symmetric, the conv pads itself
+    (dict(kernel_size=4, padding="same"), ([1, 2, 1, 2], "constant", (0, 0))),  # one more on the right
+    (dict(padding=1, padding_mode="reflect"), ([1, 1, 1, 1], "reflect", (0, 0))),
+    (dict(padding=(1, 2), padding_mode="replicate"), ([2, 2, 1, 1], "replicate", (0, 0))),
+])
+def test_conv_padding_is_explicit_where_the_conv_cannot_pad_itself(kwargs, expected):
+    from qcompile.passes.insert_quant import conv_padding
+
+    conv = nn.Conv2d(2, 2, **{"kernel_size": 3, **kwargs})
+    assert conv_padding(conv) == expected
+    x = torch.randn(1, 2, 7, 8)
+    pad, mode, padding = expected
+    xp = x if pad is None else torch.nn.functional.pad(x, pad, mode)
+    assert torch.equal(conv(x), torch.nn.functional.conv2d(xp, conv.weight, conv.bias, conv.stride, padding))
