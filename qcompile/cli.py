@@ -208,12 +208,12 @@ def cmd_compile(argv) -> int:
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
     check_output_path(output)
     calib = load_array_file(args.calib, several=True) if args.calib else None
+    model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
     example = _example_inputs(args, calib)
     if args.input_shape and calib is not None and \
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
         raise UserError(f"{len(args.input_shape)} --input-shape for "
                         f"{len(calib) if isinstance(calib, tuple) else 1} input(s) in --calib; give one per input")
-    model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)
     validation_inputs = None
     if calib is None:
         import torch

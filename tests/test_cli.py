@@ -164,6 +164,7 @@ def test_leaf_module_way_out(work, capsys):
 
 BAD_INPUTS = {
     "missing-file": (["missing.pt", "--arch", SPEC], "does not exist"),
+    "missing-file-no-shape": (["missing.pt", "--input-shape", None], "model file 'missing.pt' does not exist"),
     "text-file": (["notes.txt", "--arch", SPEC], "not a PyTorch checkpoint"),
     "random-bytes": (["random.bin", "--arch", SPEC], "not a PyTorch checkpoint"),
     "wrong-keys": (["wrong_keys.pt", "--arch", SPEC], "does not fit --arch"),
