@@ -318,8 +318,8 @@ def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
     """``Pad(DequantizeLinear(q))`` -> ``DequantizeLinear(Pad(q))`` for a per-tensor quantized input: reflect, edge
     and wrap padding copy codes, zero padding adds the zero point's code (real 0), so the values are the same; the
     convolution after it then reads a ``DequantizeLinear`` again and onnxruntime fuses it into its int8 kernels
-    (a ``reflect``/``replicate``/``circular`` or asymmetric ``"same"`` conv). The first ``DequantizeLinear`` stays
-    for its other readers (and the validator's activation map)."""
+    (a ``reflect``/``replicate`` or asymmetric ``"same"`` conv; circular padding exports as Slice/Concat and is left
+    alone). The first ``DequantizeLinear`` stays for its other readers (and the validator's activation map)."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
