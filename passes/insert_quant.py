@@ -1,11 +1,14 @@
 """InsertQuantizers: put fake-quantizers on the weights and input activations of the selected layers.
 
-For every Conv1d/Conv2d/Linear node whose ``meta["qconfig"]`` says ``action="quant"``:
+For every Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/Linear node whose ``meta["qconfig"]`` says
+``action="quant"``:
 
     Before:  y = conv(x)
     After:   xq = act_fq(x);  wq = conv.weight_fq(conv.weight);  y = F.conv2d(xq, wq, conv.bias, ...)
 
-Weights get signed levels of the layer's weight scheme, per output channel (axis 0) unless ``per_channel`` is off.
+Weights get signed levels of the layer's weight scheme, per output channel (axis 0; axis 1 of a transposed conv's
+weight) unless ``per_channel`` is off. Padding a conv cannot do itself (reflect/replicate/circular, asymmetric
+``"same"``) becomes an ``F.pad`` of the quantized input.
 Input activations get one per-tensor quantizer per (tensor, scheme, bits), shared by every layer that reads the
 same tensor with the same configuration. Their levels are unsigned where the tensor is provably non-negative
 (produced by ReLU-like ops, possibly through pooling, reshapes, concatenation or sums of non-negative tensors),
@@ -27,6 +30,7 @@ from qcompile.qmodules import FakeQuantize
 from .base import Pass, PassResult
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+_CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d}
 
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
 _NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
@@ -101,7 +105,15 @@ def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
         return mod
     if type(mod) in _CONV_FN:
         return mod
+    if type(mod) in _CONV_T_FN and len(node.args) == 1 and not node.kwargs:  # not forward(x, output_size)
+        return mod
     return None
+
+
+def weight_axis(mod: nn.Module) -> int:
+    """The output-channel axis of a layer's weight: 0 ([out, in, k...], Linear [out, in]), or 1 for a transposed
+    conv ([in, out / groups, k...]; with groups > 1 one scale serves the same position in every group)."""
+    return 1 if type(mod) in _CONV_T_FN else 0
 
 
 def conv_padding(mod: nn.Module) -> tuple[list | None, str, tuple]:
@@ -160,7 +172,7 @@ class InsertQuantizers(Pass):
             xq = act_quant[key]
             _check_levels(gm.get_submodule(xq.target), node.target)
 
-            wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
+            wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=weight_axis(mod) if cfg.per_channel else None,
                                role="weight", observer="mse")
             _check_levels(wfq, node.target)
             mod.add_module("weight_fq", wfq)
@@ -170,6 +182,9 @@ class InsertQuantizers(Pass):
                 b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
                 if isinstance(mod, nn.Linear):
                     new = graph.call_function(F.linear, (xq, wq, b))
+                elif type(mod) in _CONV_T_FN:
+                    new = graph.call_function(_CONV_T_FN[type(mod)], (xq, wq, b, mod.stride, mod.padding,
+                                                                     mod.output_padding, mod.groups, mod.dilation))
                 else:
                     pad, mode, padding = conv_padding(mod)
                     source = xq if pad is None else graph.call_function(F.pad, (xq, pad, mode))

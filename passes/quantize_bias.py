@@ -20,7 +20,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer
 
-_LAYERS = (F.conv1d, F.conv2d, F.linear)
+_LAYERS = (F.conv1d, F.conv2d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
 
 
 def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:
@@ -46,6 +46,8 @@ class QuantizeBias(Pass):
             owner = gm.get_submodule(owner_name) if owner_name else gm
             b = getattr(owner, attr)
             scale = accumulator_scale(xfq, wfq)
+            if scale.numel() not in (1, b.numel()):
+                continue  # a grouped transposed conv: its weight scales repeat per group; onnxruntime leaves b too
             with torch.no_grad():
                 rounded = torch.round(b.float() / scale) * scale
                 if not torch.equal(rounded, b.float()):

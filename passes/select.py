@@ -1,7 +1,7 @@
 """SelectLayers: decide which layers are quantized and how, and record it on the nodes.
 
-Every Conv1d/2d/3d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear`` ``call_function``) node gets
-``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata. The rules, in order, later
+Every Conv1d/2d/3d, ConvTranspose1d/2d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear``
+``call_function``) node gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata. The rules, in order, later
 ones winning:
 
 1. ``default``: the requested scheme, for every layer;
@@ -49,7 +49,7 @@ from qcompile.ir import QUANT_SCHEMES, LayerConfig
 
 from .base import Pass, PassResult
 
-LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 LAYER_FUNCTIONS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
 FIRST_LAST_MODES = ("int8", "fp32", "quant")
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
