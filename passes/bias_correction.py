@@ -31,7 +31,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, attr_value, data_batches
 
-_CONV = {F.conv1d: 1, F.conv2d: 2}
+_CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
 
 def _relu_expectation(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

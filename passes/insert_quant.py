@@ -1,6 +1,6 @@
 """InsertQuantizers: put fake-quantizers on the weights and input activations of the selected layers.
 
-For every Conv1d/Conv2d/ConvTranspose1d/ConvTranspose2d/Linear node whose ``meta["qconfig"]`` says
+For every Conv1d/2d/3d, ConvTranspose1d/2d and Linear node whose ``meta["qconfig"]`` says
 ``action="quant"``:
 
     Before:  y = conv(x)
@@ -29,7 +29,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult
 
-_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d}
 
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)

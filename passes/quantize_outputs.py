@@ -26,7 +26,7 @@ from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
 from .int8_region import clip_bounds, is_int8_act, is_rectifier
 
-_LAYER_FNS = (F.conv1d, F.conv2d, F.linear)
+_LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 class QuantizeOutputs(Pass):
@@ -105,9 +105,9 @@ def _rank(node) -> int | None:
 
 
 def _int8_fns():
-    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_linear
+    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_conv3d, int8_linear
 
-    return {F.conv1d: int8_conv1d, F.conv2d: int8_conv2d, F.linear: int8_linear}
+    return {F.conv1d: int8_conv1d, F.conv2d: int8_conv2d, F.conv3d: int8_conv3d, F.linear: int8_linear}
 
 
 class BindIntegerLayers(Pass):

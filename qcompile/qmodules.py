@@ -214,6 +214,11 @@ def int8_conv2d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, units=N
     return _int8_layer(F.conv2d, x, w, b, stride, padding, dilation, groups, units=units)
 
 
+def int8_conv3d(x, w, b=None, stride=1, padding=0, dilation=1, groups=1, units=None):
+    """``F.conv3d`` of an int8 layer (see ``BindIntegerLayers``; ``units`` see ``_int8_layer``)."""
+    return _int8_layer(F.conv3d, x, w, b, stride, padding, dilation, groups, units=units)
+
+
 def int8_linear(x, w, b=None, units=None):
     """``F.linear`` of an int8 layer (see ``BindIntegerLayers``; ``units`` see ``_int8_layer``)."""
     return _int8_layer(F.linear, x, w, b, units=units)

@@ -245,11 +245,11 @@ def _float_layers(sim):
     import torch.fx
     import torch.nn.functional as F
 
-    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_linear
+    from qcompile.qmodules import int8_conv1d, int8_conv2d, int8_conv3d, int8_linear
 
     if not isinstance(sim, torch.fx.GraphModule):
         return sim
-    back = {int8_conv1d: F.conv1d, int8_conv2d: F.conv2d, int8_linear: F.linear}
+    back = {int8_conv1d: F.conv1d, int8_conv2d: F.conv2d, int8_conv3d: F.conv3d, int8_linear: F.linear}
     if not any(n.op == "call_function" and n.target in back for n in sim.graph.nodes):
         return sim
     graph = copy.deepcopy(sim.graph)

@@ -437,3 +437,36 @@ def test_transposed_convs_are_quantized_and_exact(groups, form, scheme, bits):
     assert "self.up(" not in code and "self.skip(" not in code and "conv_transpose2d" in code
     assert result.model.up.weight_fq.axis == 1
     assert result.report.passed and result.report.extra["code_mismatch"] <= 1e-5, result.report.extra
+
+
+class Video(nn.Module):
+    """Conv3d layers (grouped, strided, a residual add) and a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(9)
+        self.a = nn.Conv3d(3, 8, 3, padding=1)
+        self.b = nn.Conv3d(8, 16, 3, stride=(1, 2, 2), padding=1)
+        self.c = nn.Conv3d(16, 16, (1, 3, 3), padding=(0, 1, 1), groups=4)
+        self.head = nn.Linear(16, 5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+    def forward(self, x):
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        y = y + torch.relu(self.c(y))
+        return self.head(y.mean((2, 3, 4)))
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("apot", 4)])
+def test_conv3d_layers_are_quantized_and_run_on_int8_kernels(scheme, bits, tmp_path):
+    model = Video().eval()
+    x = torch.randn(16, 3, 4, 10, 10, generator=torch.Generator().manual_seed(10))
+    result = qcompile.compile(model, x[:1], scheme=scheme, bits=bits, calib=x)
+    assert "self.b(" not in result.model.code and "conv3d" in result.model.code
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    assert ops["QLinearConv"] == (3 if scheme == "uniform" else 1), ops  # APoT W4A4: first layer only (8-bit)

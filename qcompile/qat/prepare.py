@@ -291,7 +291,7 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
         gm(calib_x[:1])
 
 
-_LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.linear)
+_LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
 BIAS_QUANTIZER = "bias_fq"  # child name of a layer's BiasQuantize
 
 
@@ -306,14 +306,19 @@ def _quantizer(gm, node) -> Optional[FakeQuantize]:
 def _insert_bias_quantizers(gm: torch.fx.GraphModule) -> None:
     """``F.conv2d(xq, wq, b)`` → ``F.conv2d(xq, wq, layer.bias_fq(b))`` for every quantized layer with a bias
     parameter (the layers ``QuantizeBias`` rounds at compile time)."""
+    from qcompile.passes.base import input_quantizer  # the input's quantizer, also through a conv's F.pad
+
     layers = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _LAYER_FUNCTIONS
               and len(n.args) > 2 and isinstance(n.args[2], torch.fx.Node) and n.args[2].op == "get_attr"
-              and _quantizer(gm, n.args[0]) is not None and _quantizer(gm, n.args[1]) is not None]
+              and input_quantizer(gm, n.args[0]) is not None and _quantizer(gm, n.args[1]) is not None]
     for node in layers:
         bias = node.args[2]
         owner_name = str(bias.target).rpartition(".")[0]
         owner = gm.get_submodule(owner_name) if owner_name else gm
-        owner.add_module(BIAS_QUANTIZER, BiasQuantize(_quantizer(gm, node.args[0]), _quantizer(gm, node.args[1])))
+        wfq = _quantizer(gm, node.args[1])
+        if wfq.alpha.numel() not in (1, _attr(gm, str(bias.target)).numel()):
+            continue  # a grouped transposed conv: QuantizeBias and onnxruntime leave its bias float too
+        owner.add_module(BIAS_QUANTIZER, BiasQuantize(input_quantizer(gm, node.args[0]), wfq))
         target = f"{owner_name}.{BIAS_QUANTIZER}" if owner_name else BIAS_QUANTIZER
         with gm.graph.inserting_before(node):
             bq = gm.graph.call_module(target, (bias,))
