@@ -1,7 +1,7 @@
 """Architecture coverage: compile torchvision models with qcompile and validate each file in onnxruntime.
 
 For each architecture (fresh seeded weights, BatchNorm statistics from a few training-mode batches, nothing
-downloaded) and each configuration (uniform W8A8, APoT W4A4): compile from the nn.Module with 8 calibration images,
+downloaded; the video model r3d_18 takes clips of 4 frames) and each configuration (uniform W8A8, APoT W4A4): compile from the nn.Module with 8 calibration images,
 run the default validation (onnxruntime against the PyTorch simulation, codes of every activation quantizer), and
 record pass/fail, compile seconds, output SQNR of the file against the simulation and against the float model, and
 the activation codes that differ side by side and on identical inputs (teacher-forced).
@@ -38,7 +38,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "architectures.json")
 VISION_PYTHON = os.environ.get("QCOMPILE_VISION_PYTHON", "/tmp/venv-vision/bin/python")
 ARCHS = ("squeezenet1_0", "shufflenet_v2_x0_5", "mobilenet_v3_small", "efficientnet_b0", "mnasnet0_5",
          "regnet_x_400mf", "regnet_y_400mf", "googlenet", "densenet121", "resnext50_32x4d", "convnext_tiny",
-         "swin_t", "vit_b_16")
+         "swin_t", "vit_b_16", "r3d_18")
+VIDEO = ("r3d_18", "mc3_18", "r2plus1d_18")  # torchvision.models.video: clips of FRAMES frames (Conv3d)
+FRAMES = 4
 CONFIGS = {"uniform W8A8": {"scheme": "uniform", "bits": 8}, "apot W4A4": {"scheme": "apot", "bits": 4}}
 CALIB = 8
 SEED = 0
@@ -51,7 +53,9 @@ def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     kwargs = {"image_size": size} if arch.startswith("vit") else {}
     if arch in ("googlenet", "inception_v3"):
         kwargs["init_weights"] = True  # today's default, said explicitly (else torchvision warns)
-    model = getattr(torchvision.models, arch)(weights=None, **kwargs)
+    family = torchvision.models.video if arch in VIDEO else torchvision.models
+    model = getattr(family, arch)(weights=None, **kwargs)
+    shape = (3, FRAMES, size, size) if arch in VIDEO else (3, size, size)
     gen = torch.Generator().manual_seed(SEED + 1)
     with torch.no_grad():
         for mod in model.modules():
@@ -60,9 +64,9 @@ def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     model.train()
     with torch.no_grad():  # BatchNorm running statistics of real activations, not the (0, 1) defaults
         for _ in range(3):
-            model(torch.randn(4, 3, size, size, generator=gen))
+            model(torch.randn(4, *shape, generator=gen))
     model.eval()
-    return model, torch.randn(CALIB, 3, size, size, generator=torch.Generator().manual_seed(SEED + 2))
+    return model, torch.randn(CALIB, *shape, generator=torch.Generator().manual_seed(SEED + 2))
 
 
 def run_one(arch: str, config: dict, size: int) -> dict:
