@@ -319,19 +319,25 @@ def test_recorded_options_round_trip():
 # --- float layers stay float in onnxruntime --------------------------------------------------------------------------
 
 
+def seeded(model: nn.Module, seed: int, std: float) -> nn.Module:
+    """Every parameter of ``model`` drawn from N(0, std²) with a private generator (the global RNG untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
 class FloatInTheMiddle(nn.Module):
     """Quantized conv -> a float (excluded) layer on its re-quantized output -> quantized conv."""
 
     def __init__(self, transpose: bool):
         super().__init__()
-        gen = torch.Generator().manual_seed(3)
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
         self.mid = nn.ConvTranspose2d(8, 8, 2, stride=2) if transpose else nn.Conv2d(8, 8, 3, padding=1)
         self.c3 = nn.Conv2d(8, 8, 3, padding=1)
         self.head = nn.Linear(8, 4)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        seeded(self, 3, 0.3)
 
     def forward(self, x):
         x = torch.relu(self.c1(x))
@@ -366,14 +372,11 @@ class PaddedConvs(nn.Module):
 
     def __init__(self, **middle):
         super().__init__()
-        gen = torch.Generator().manual_seed(5)
         self.a = nn.Conv2d(3, 8, 3, padding=1)
         self.b = nn.Conv2d(8, 8, **middle)
         self.c = nn.Conv2d(8, 4, 3, padding=1)
         self.head = nn.Linear(4, 2)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        seeded(self, 5, 0.3)
 
     def forward(self, x):
         x = torch.relu(self.b(torch.relu(self.a(x))))
@@ -444,14 +447,11 @@ class Video(nn.Module):
 
     def __init__(self):
         super().__init__()
-        gen = torch.Generator().manual_seed(9)
         self.a = nn.Conv3d(3, 8, 3, padding=1)
         self.b = nn.Conv3d(8, 16, 3, stride=(1, 2, 2), padding=1)
         self.c = nn.Conv3d(16, 16, (1, 3, 3), padding=(0, 1, 1), groups=4)
         self.head = nn.Linear(16, 5)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        seeded(self, 9, 0.2)
 
     def forward(self, x):
         y = torch.relu(self.b(torch.relu(self.a(x))))
