@@ -32,6 +32,12 @@ from .base import Pass, PassResult
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d}
 
+
+def _layer_fn(table: dict, mod: nn.Module):
+    """The functional form of ``mod`` from ``table``: by its class, or by the torch.nn class it derives from (the
+    tracer keeps such subclasses whole only when they inherit the forward, see ``frontend._Tracer``)."""
+    return next((fn for cls, fn in table.items() if isinstance(mod, cls)), None)
+
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
 _NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.softmax, torch.softmax, F.hardsigmoid}
 _PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
@@ -103,9 +109,9 @@ def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
     mod = gm.get_submodule(node.target)
     if isinstance(mod, nn.Linear):
         return mod
-    if type(mod) in _CONV_FN:
+    if _layer_fn(_CONV_FN, mod) is not None:
         return mod
-    if type(mod) in _CONV_T_FN and len(node.args) == 1 and not node.kwargs:  # not forward(x, output_size)
+    if _layer_fn(_CONV_T_FN, mod) is not None and len(node.args) == 1 and not node.kwargs:  # not (x, output_size)
         return mod
     return None
 
@@ -113,7 +119,7 @@ def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
 def weight_axis(mod: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 0 ([out, in, k...], Linear [out, in]), or 1 for a transposed
     conv ([in, out / groups, k...]; with groups > 1 one scale serves the same position in every group)."""
-    return 1 if type(mod) in _CONV_T_FN else 0
+    return 1 if _layer_fn(_CONV_T_FN, mod) is not None else 0
 
 
 def conv_padding(mod: nn.Module) -> tuple[list | None, str, tuple]:
@@ -182,13 +188,13 @@ class InsertQuantizers(Pass):
                 b = graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
                 if isinstance(mod, nn.Linear):
                     new = graph.call_function(F.linear, (xq, wq, b))
-                elif type(mod) in _CONV_T_FN:
-                    new = graph.call_function(_CONV_T_FN[type(mod)], (xq, wq, b, mod.stride, mod.padding,
+                elif _layer_fn(_CONV_T_FN, mod) is not None:
+                    new = graph.call_function(_layer_fn(_CONV_T_FN, mod), (xq, wq, b, mod.stride, mod.padding,
                                                                      mod.output_padding, mod.groups, mod.dilation))
                 else:
                     pad, mode, padding = conv_padding(mod)
                     source = xq if pad is None else graph.call_function(F.pad, (xq, pad, mode))
-                    new = graph.call_function(_CONV_FN[type(mod)], (source, wq, b, mod.stride, padding,
+                    new = graph.call_function(_layer_fn(_CONV_FN, mod), (source, wq, b, mod.stride, padding,
                                                                    mod.dilation, mod.groups))
             new.meta.update(node.meta)
             new.meta["layer"] = str(node.target)

@@ -199,6 +199,21 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+_LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
+                nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def inherits_layer_forward(m: nn.Module) -> bool:
+    """A subclass of a torch.nn conv/linear/BatchNorm defined elsewhere (torchvision's ``Conv3DSimple``, a library's
+    ``MyConv2d(nn.Conv2d)``) that computes exactly what its base does: it overrides neither ``forward`` nor
+    ``_conv_forward``. torch.fx would trace into it (only torch.nn's own modules are leaves) and leave a bare
+    ``F.conv3d`` that no pass quantizes or folds; kept whole, it is the layer it is."""
+    for base in _LAYER_BASES:
+        if isinstance(m, base) and type(m) is not base:
+            return all(getattr(type(m), attr, None) is getattr(base, attr, None) for attr in ("forward", "_conv_forward"))
+    return False
+
+
 class _Tracer(torch.fx.Tracer):
     """A tracer that keeps chosen modules opaque and remembers which module it was in when tracing failed."""
 
@@ -213,6 +228,8 @@ class _Tracer(torch.fx.Tracer):
             return True
         if self.transformers and type(m) in TRACEABLE_FORWARDS:
             return False
+        if inherits_layer_forward(m):
+            return True
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):

@@ -4,19 +4,52 @@ from __future__ import annotations
 import torch
 
 
+def _weight_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Whether the layer ``node`` reads its weight through a weight FakeQuantize (what InsertQuantizers makes)."""
+    from qcompile.passes.base import fake_quantizer
+
+    if node.op != "call_function":
+        return False
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    fq = fake_quantizer(gm, weight)
+    return fq is not None and fq.role == "weight"
+
+
+def _layer_name(node: torch.fx.Node) -> str:
+    """The module a layer node belongs to: recorded by InsertQuantizers, the call_module target, else the innermost
+    module torch.fx was tracing through (a functional conv inside a custom module), else the node's name."""
+    name = node.meta.get("layer")
+    if isinstance(name, str):
+        return name
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else node.name
+
+
 def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
-    """One line per Conv/Linear layer with the quantization decision recorded on its node, if any."""
+    """One line per Conv/Linear layer with the quantization decision recorded on its node, if any. A layer selected
+    for quantization that no pass could quantize says why it stayed float."""
     rows = []
     for node in gm.graph.nodes:
         cfg = node.meta.get("qconfig")
         if cfg is None:
             continue
-        name = node.meta.get("layer", str(node.target))  # quantized layers are F.conv2d/F.linear calls
+        name = _layer_name(node)
+        stack = node.meta.get("nn_module_stack") or {}
+        traced_into = node.op == "call_function" and "layer" not in node.meta and stack
         try:
             kind = type(gm.get_submodule(name)).__name__
         except AttributeError:
             kind = getattr(node.target, "__name__", str(node.target))
-        rows.append((name, kind, cfg.describe()))
+        if traced_into:  # the fx copy of a traced-through module is a plain Module: name its original class
+            kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
+        decision = cfg.describe()
+        if cfg.action == "quant" and not _weight_quantized(gm, node):
+            why = "its weight is computed in forward, not a parameter" if node.op == "call_function" \
+                else "unsupported layer form"
+            decision = f"float: {why}"
+        rows.append((name, kind, decision))
     from qcompile.passes.select import opaque_layers
 
     rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]

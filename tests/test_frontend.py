@@ -12,6 +12,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+import qcompile
 from qcompile.errors import UserError
 from qcompile.frontend import load_model, parse_input_shape, resolve_factory, trace
 from tests.models import MLP, DepthwiseSeparableNet, ResidualCNN, example_input
@@ -404,3 +405,47 @@ def test_unknown_leaf_module_is_refused():
     with pytest.raises(UserError) as err:
         trace(GatedNet(), torch.randn(2, 4), leaf_modules=["block.nope"])
     _assert_one_line(err, "'block.nope'", "names no submodule")
+
+
+class _InheritsConv(nn.Conv2d):
+    """A library's conv subclass that computes exactly nn.Conv2d (torchvision's Conv3DSimple is one)."""
+
+
+class _StandardizedConv(nn.Conv2d):
+    """Overrides forward: its effective weight is computed when it runs."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _Subclassed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = _InheritsConv(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.b = _StandardizedConv(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.bn(self.a(x))))).mean((2, 3)))
+
+
+def test_layer_subclasses_that_inherit_forward_stay_whole_and_are_quantized():
+    """torch.fx only keeps torch.nn's own modules whole; a subclass defined elsewhere was traced into a bare F.conv2d
+    that no pass quantized or folded (R3D-18's Conv3DSimple layers all stayed float)."""
+    from qcompile.summary import layer_lines
+
+    model = _Subclassed().eval()
+    gm = trace(model, (torch.randn(1, 3, 8, 8),))
+    modules = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert "a" in modules and "b" not in modules  # b overrides forward: traced through
+    x = torch.randn(16, 3, 8, 8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="apot", bits=4, keep_first_last="quant")
+    assert "self.bn" not in result.model.code  # folded into a
+    assert result.model.a.weight_fq.calibrated
+    lines = "\n".join(layer_lines(result.model))
+    assert "_InheritsConv" in lines and "_StandardizedConv" in lines
+    assert any(line.split()[0] == "b" and "float: its weight is computed in forward" in line
+               for line in lines.splitlines()[1:]), lines
+    assert result.report.passed
