@@ -128,26 +128,53 @@ class BiasCorrection(Pass):
             if ex is None:
                 self.report.append(f"{name}: no E[x] (needs calibration data), left alone")
                 continue
-            owner = gm.get_submodule(name) if isinstance(name, str) else None
             wfq = gm.get_submodule(node.args[1].target)
             w = attr_value(gm, node.args[1].args[0]).detach()
             eps = (wfq.simulate(w) - w).double()
             shift = self._shift(node, eps, ex.double())
-            if owner is None:
+            found = self._bias_of(gm, node, w)
+            if found is None:
                 continue
-            if owner.bias is None:
-                owner.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
-                with gm.graph.inserting_before(node):
-                    bnode = gm.graph.get_attr(f"{name}.bias")
-                args = list(node.args)
-                args[2] = bnode
-                node.args = tuple(args)
+            holder, attr = found
             with torch.no_grad():
-                owner.bias -= shift.to(owner.bias.dtype)
+                getattr(holder, attr).sub_(shift.to(getattr(holder, attr).dtype))
             node.meta["bias_corrected"] = True
             self.report.append(f"{name}: |Δb| max {float(shift.detach().abs().max()):.3g}")
             changed = True
         return PassResult(gm, changed)
+
+    @staticmethod
+    def _bias_of(gm: torch.fx.GraphModule, node, w: torch.Tensor):
+        """``(module, attribute)`` of the layer's bias parameter; a layer without one gets a zero bias (``bias`` of
+        the module that owns the weight, or ``<weight>_bias`` where that name is taken) wired into the call."""
+        layer = node.meta.get("layer")
+        try:
+            module = gm.get_submodule(layer) if isinstance(layer, str) else None
+        except AttributeError:
+            module = None
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is not None:
+            return module, "bias"  # also where QuantizeOutputs moved the bias behind the output quantizer
+        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(bnode, torch.fx.Node):
+            if bnode.op != "get_attr":
+                return None  # a bias computed in forward
+            path, _, attr = str(bnode.target).rpartition(".")
+            return (gm.get_submodule(path) if path else gm), attr
+        path, _, wattr = str(node.args[1].args[0].target).rpartition(".")
+        holder = gm.get_submodule(path) if path else gm
+        attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
+        if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
+            delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
+        holder.register_parameter(attr, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype)))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.get_attr(f"{path}.{attr}" if path else attr)
+        if "bias" in node.kwargs:
+            node.kwargs = {**node.kwargs, "bias": new}
+        else:
+            args = list(node.args) + [None] * max(0, 3 - len(node.args))
+            args[2] = new
+            node.args = tuple(args)
+        return holder, attr
 
     @staticmethod
     def _shift(node, eps: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:

@@ -116,6 +116,25 @@ def quantizable_module(gm: torch.fx.GraphModule, node) -> nn.Module | None:
     return None
 
 
+_FUNCTIONAL_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+
+
+def functional_weight(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
+    """The ``get_attr`` weight of a functional layer, ``F.conv2d(x, self.weight, ...)`` / ``F.linear(x, self.w, b)``
+    written in a module's forward (a parameter, not a weight computed there), or None. String padding
+    (``"same"``) is left to the module form."""
+    if node.op != "call_function" or node.target not in _FUNCTIONAL_LAYERS or len(node.args) < 2 \
+            or "weight" in node.kwargs or "input" in node.kwargs:
+        return None
+    weight = node.args[1]
+    if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        return None
+    padding = node.args[4] if len(node.args) > 4 else node.kwargs.get("padding")
+    if node.target is not F.linear and isinstance(padding, str):
+        return None
+    return weight
+
+
 def weight_axis(mod: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 0 ([out, in, k...], Linear [out, in]), or 1 for a transposed
     conv ([in, out / groups, k...]; with groups > 1 one scale serves the same position in every group)."""
@@ -149,8 +168,8 @@ class InsertQuantizers(Pass):
         graph = gm.graph
         layers = [n for n in graph.nodes
                   if n.meta.get("qconfig") is not None and n.meta["qconfig"].action == "quant"]
-        skipped = [n for n in layers if quantizable_module(gm, n) is None]
-        layers = [n for n in layers if quantizable_module(gm, n) is not None]
+        skipped = [n for n in layers if quantizable_module(gm, n) is None and functional_weight(gm, n) is None]
+        layers = [n for n in layers if n not in skipped]
         for n in skipped:
             if n.op == "call_module":
                 self.report.append(f"left {n.target} in float: unsupported layer form")
@@ -178,6 +197,9 @@ class InsertQuantizers(Pass):
             xq = act_quant[key]
             _check_levels(gm.get_submodule(xq.target), node.target)
 
+            if mod is None:  # a functional layer on a parameter: quantize its weight where it is read
+                self._quantize_functional(gm, node, xq, cfg)
+                continue
             wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=weight_axis(mod) if cfg.per_channel else None,
                                role="weight", observer="mse")
             _check_levels(wfq, node.target)
@@ -204,6 +226,26 @@ class InsertQuantizers(Pass):
         # act quantizers were inserted before their first consumer; keep topological order valid
         graph.lint()
         return PassResult(gm, True)
+
+    def _quantize_functional(self, gm: torch.fx.GraphModule, node, xq, cfg) -> None:
+        """``F.conv2d(x, self.weight, ...)`` -> ``F.conv2d(act_fq(x), self.weight_fq(self.weight), ...)``: the
+        quantizer is a child of the module that owns the parameter (``<attr>_fq``)."""
+        weight = functional_weight(gm, node)
+        owner_path, _, attr = str(weight.target).rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
+                           role="weight", observer="mse")
+        layer = owner_path or node.name
+        _check_levels(wfq, layer)
+        fq_name = f"{attr}_fq"
+        if hasattr(owner, fq_name):  # the same parameter read by another layer: one quantizer per use
+            fq_name = f"{attr}_fq_{node.name}"
+        owner.add_module(fq_name, wfq)
+        with gm.graph.inserting_before(node):
+            wq = gm.graph.call_module(f"{owner_path}.{fq_name}" if owner_path else fq_name, (weight,))
+        node.args = (xq, wq) + tuple(node.args[2:])
+        node.meta["layer"] = layer
+        self.report.append(f"{layer}: {cfg.describe()} (functional {node.target.__name__})")
 
 
 def _check_levels(fq: FakeQuantize, layer: str) -> None:

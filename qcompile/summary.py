@@ -37,12 +37,13 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
             continue
         name = _layer_name(node)
         stack = node.meta.get("nn_module_stack") or {}
-        traced_into = node.op == "call_function" and "layer" not in node.meta and stack
+        traced_into = node.op == "call_function" and stack
         try:
             kind = type(gm.get_submodule(name)).__name__
         except AttributeError:
             kind = getattr(node.target, "__name__", str(node.target))
-        if traced_into:  # the fx copy of a traced-through module is a plain Module: name its original class
+        if traced_into and kind in ("Module", getattr(node.target, "__name__", "")):
+            # the fx copy of a traced-through module is a plain Module: name its original class
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
         decision = cfg.describe()
         if cfg.action == "quant" and not _weight_quantized(gm, node):

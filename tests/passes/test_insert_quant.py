@@ -225,3 +225,58 @@ def test_conv_padding_is_explicit_where_the_conv_cannot_pad_itself(kwargs, expec
     pad, mode, padding = expected
     xp = x if pad is None else torch.nn.functional.pad(x, pad, mode)
     assert torch.equal(conv(x), torch.nn.functional.conv2d(xp, conv.weight, conv.bias, conv.stride, padding))
+
+
+class _PaddedFunctionalConv(nn.Module):
+    """timm's Conv2dSame pattern: F.pad, then F.conv2d on the module's own parameters."""
+
+    def __init__(self, cin: int, cout: int, gen: torch.Generator):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, 3, 3, generator=gen) * 0.2)
+        self.bias = nn.Parameter(torch.randn(cout, generator=gen) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, 1, 0)
+
+
+class _BiaslessFunctionalLinear(nn.Module):
+    def __init__(self, n: int, gen: torch.Generator):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, n, generator=gen) * 0.2)
+
+    def forward(self, x):
+        return F.linear(x, self.w)
+
+
+class _FunctionalNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(11)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = _PaddedFunctionalConv(8, 8, gen)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.p = _BiaslessFunctionalLinear(8, gen)
+        self.h = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = F.relu(self.c(F.relu(self.b(F.relu(self.a(x))))))
+        return self.h(F.relu(self.p(x.mean((2, 3)))))
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("apot", 4)])
+def test_functional_layers_on_parameters_are_quantized(scheme, bits):
+    """F.conv2d/F.linear on a module's own parameters (written in forward) get an input and a weight quantizer (a
+    child of the module that owns the parameter); bias correction gives the bias-less one a bias; the file agrees
+    with the simulation. They used to stay float while the layer table called them quantized."""
+    import qcompile
+    from qcompile.summary import layer_lines
+
+    model = _FunctionalNet().eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(12))
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=bits, keep_first_last="quant")
+    gm = result.model
+    assert gm.b.weight_fq.calibrated and gm.p.w_fq.calibrated
+    assert isinstance(gm.p.bias, nn.Parameter) and gm.p.bias.abs().sum() > 0  # added by bias correction
+    lines = "\n".join(layer_lines(gm))
+    assert "_PaddedFunctionalConv" in lines and "float:" not in lines, lines
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
