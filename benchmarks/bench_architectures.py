@@ -1,8 +1,8 @@
 """Architecture coverage: compile torchvision models with qcompile and validate each file in onnxruntime.
 
 For each architecture (fresh seeded weights, BatchNorm statistics from a few training-mode batches, nothing
-downloaded; the video model r3d_18 takes clips of 4 frames) and each configuration (uniform W8A8, APoT W4A4): compile from the nn.Module with 8 calibration images,
-run the default validation (onnxruntime against the PyTorch simulation, codes of every activation quantizer), and
+downloaded; the video model r3d_18 takes clips of 4 frames) and each configuration (uniform W8A8, APoT W4A4):
+compile from the nn.Module with 8 calibration images, run the default validation (onnxruntime against the PyTorch simulation, codes of every activation quantizer), and
 record pass/fail, compile seconds, output SQNR of the file against the simulation and against the float model, and
 the activation codes that differ side by side and on identical inputs (teacher-forced).
 

@@ -195,7 +195,8 @@ class InsertQuantizers(Pass):
                     act_quant[key] = graph.call_module(name, (x,))
                 act_quant[key].meta["tensor_meta"] = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
             xq = act_quant[key]
-            _check_levels(gm.get_submodule(xq.target), node.target)
+            where = str(node.target) if mod is not None else str(functional_weight(gm, node).target).rpartition(".")[0]
+            _check_levels(gm.get_submodule(xq.target), where or node.name)
 
             if mod is None:  # a functional layer on a parameter: quantize its weight where it is read
                 self._quantize_functional(gm, node, xq, cfg)

@@ -1,8 +1,8 @@
 """SelectLayers: decide which layers are quantized and how, and record it on the nodes.
 
 Every Conv1d/2d/3d, ConvTranspose1d/2d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear``
-``call_function``) node gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata. The rules, in order, later
-ones winning:
+``call_function``) node gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata.
+The rules, in order, later ones winning:
 
 1. ``default``: the requested scheme, for every layer;
 2. first and last layers (``first_last``): ``"int8"`` = 8-bit uniform weights and activations (default; the

@@ -47,8 +47,8 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
         decision = cfg.describe()
         if cfg.action == "quant" and not _weight_quantized(gm, node):
-            why = "its weight is computed in forward, not a parameter" if node.op == "call_function" \
-                else "unsupported layer form"
+            why = "a functional call on a weight computed in forward (or with string padding)" \
+                if node.op == "call_function" else "unsupported layer form"
             decision = f"float: {why}"
         rows.append((name, kind, decision))
     from qcompile.passes.select import opaque_layers
