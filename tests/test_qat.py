@@ -331,3 +331,45 @@ def test_compile_takes_the_trainable_and_the_converted_model(digits):
     for name, mod in result.model.named_modules():  # no recalibration: the learned values are exported
         if name in alphas:
             assert torch.equal(mod.alpha, alphas[name])
+
+
+class _OtherLayers(torch.nn.Module):
+    """A reflect-padded conv, a transposed conv and a 3-D conv: layers whose bias QuantizeBias rounds."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(13)
+        self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.b = torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+        self.up = torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.v = torch.nn.Conv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+        self.head = torch.nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        y = F.relu(self.up(F.relu(self.b(F.relu(self.a(x))))))
+        y = F.relu(self.v(y.unsqueeze(2))).squeeze(2)
+        return self.head(y)
+
+
+def test_padded_transposed_and_3d_layers_train_their_bias_on_the_accumulator_grid():
+    """Their bias is trained through BiasQuantize (as for plain convs), so convert, which rounds every bias to the
+    S_x·S_w grid, still computes the trained model's outputs."""
+    model = _OtherLayers().eval()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(14))
+    gm = qat.prepare(model, x[:1], scheme="apot", bits=4, method="apot", calib=x, keep_first_last="quant")
+    for name in ("b", "up", "v"):
+        assert isinstance(getattr(gm.get_submodule(name), "bias_fq", None), BiasQuantize), name
+    opt = torch.optim.SGD(qat.param_groups(gm, lr_alpha=1e-3), lr=1e-2)
+    for _ in range(3):
+        loss = gm(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gm.eval()
+    with torch.no_grad():
+        trained = gm(x)
+        converted = qat.convert(gm)(x)
+    assert torch.equal(trained.float(), converted.float())
