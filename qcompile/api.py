@@ -16,7 +16,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 
 from . import export as export_mod
 from .errors import UserError
-from .frontend import load_model, trace
+from .frontend import load_model, plain_copy, trace
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 
@@ -174,7 +174,7 @@ def compile(
 
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
-    gm = trace(copy.deepcopy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
+    gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
     pipeline = Pipeline(build_passes(opts, calib_x, progress), check=opts.check, callback=callback)
     gm = pipeline(gm).gm
     gm.eval()
@@ -207,7 +207,7 @@ def compile(
         if opts.quantized:
             from qcompile.runtime.validation import validate_quantized
 
-            float_model = copy.deepcopy(model).eval()  # the passes worked on a copy: model is still the float one
+            float_model = plain_copy(model).eval()  # the passes worked on a copy: model is still the float one
             report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
         else:
             report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)

@@ -11,6 +11,7 @@ Loading paths (``load_model``):
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import importlib
 import io
@@ -197,6 +198,51 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d <= 0 for d in shape):
         raise UserError(f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
     return shape
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose weights are plain parameters: ``torch.nn.utils.parametrizations``
+    (``weight_norm``, ``spectral_norm``, ...) and the older ``weight_norm``/``spectral_norm`` hooks are baked into the
+    weight they compute now (eval mode: spectral norm's stored vectors, no power iteration), as for inference. The
+    model itself is left as it is. (A parametrized layer has no ``weight`` parameter to quantize, and the old hooks'
+    computed weight cannot even be deep-copied.)"""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooked = [(m, h.name) for m in model.modules() for h in m._forward_pre_hooks.values()
+              if isinstance(h, (WeightNorm, SpectralNorm)) and isinstance(getattr(m, h.name, None), torch.Tensor)]
+    saved = [(m, name, getattr(m, name)) for m, name in hooked]
+    try:
+        for m, name, value in saved:  # the computed weight is a non-leaf tensor: copy a detached stand-in
+            setattr(m, name, value.detach())
+        copied = copy.deepcopy(model)
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)
+    was_training = copied.training
+    copied.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old hooks' removal functions are deprecated, not gone
+        for m in list(copied.modules()):
+            for h in list(m._forward_pre_hooks.values()):
+                if isinstance(h, WeightNorm):
+                    torch.nn.utils.remove_weight_norm(m, h.name)  # weight = g * v / |v| as a parameter
+                elif isinstance(h, SpectralNorm):
+                    torch.nn.utils.remove_spectral_norm(m, h.name)  # weight / sigma from the stored u, v
+            if parametrize.is_parametrized(m):
+                # the copy shares its parametrized class (and the class's properties) with the original: removing
+                # a parametrization deletes the property from the class, so give the copy a class of its own
+                cls = type(m)
+                m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+                for name in list(m.parametrizations.keys()):
+                    parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+                    value = getattr(m, name)
+                    if not isinstance(value, nn.Parameter):  # weight_norm's two originals leave a plain tensor
+                        delattr(m, name)
+                        m.register_parameter(name, nn.Parameter(value.detach().clone()))
+    copied.train(was_training)
+    return copied
 
 
 _LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,

@@ -449,3 +449,35 @@ def test_layer_subclasses_that_inherit_forward_stay_whole_and_are_quantized():
     assert any(line.split()[0] == "b" and "float: a functional call on a weight computed in forward" in line
                for line in lines.splitlines()[1:]), lines
     assert result.report.passed
+
+
+def _normed_model(kind: str) -> nn.Module:
+    from torch.nn.utils import parametrizations
+
+    wrap = {"weight_norm": parametrizations.weight_norm, "spectral_norm": parametrizations.spectral_norm,
+            "old_weight_norm": torch.nn.utils.weight_norm, "old_spectral_norm": torch.nn.utils.spectral_norm}[kind]
+    torch.manual_seed(15)
+    return nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.LeakyReLU(), wrap(nn.Conv1d(8, 8, 3, padding=1)),
+                         nn.LeakyReLU(), wrap(nn.ConvTranspose1d(8, 4, 4, stride=2, padding=1)), nn.LeakyReLU(),
+                         nn.Conv1d(4, 1, 1)).eval()
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "old_weight_norm", "old_spectral_norm"])
+def test_weight_and_spectral_norm_layers_compile_as_their_baked_weights(kind):
+    """Vocoder-style layers wrapped in weight/spectral norm (the parametrizations API or the older hooks): the
+    compile failed (no ``weight`` parameter; the old hooks' weight cannot be deep-copied). The compiled copy bakes the
+    weight the wrapper computes now and quantizes it; the user's model is left as it was."""
+    from qcompile.frontend import plain_copy
+
+    model = _normed_model(kind)
+    x = torch.randn(16, 2, 32, generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        before = model(x)
+        baked = plain_copy(model)
+        assert isinstance(baked[2].weight, nn.Parameter) and not baked[2]._forward_pre_hooks
+        assert torch.allclose(baked(x), before, atol=1e-6)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="apot", bits=4)
+    assert result.model.get_submodule("2").weight_fq.calibrated and result.model.get_submodule("4").weight_fq.calibrated
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # still the user's float model, parametrized as before
