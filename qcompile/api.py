@@ -157,6 +157,9 @@ def compile(
         model = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError("a TorchScript module cannot be traced with torch.fx; pass the nn.Module itself, or compile the "
+                        "saved archive with arch='package.module:factory' (--arch) to load its weights into that model")
     from qcompile.qat import config_of, convert  # here: qcompile.qat imports this module
 
     if config_of(model) is not None:  # a model from qcompile.qat.prepare: export its learned quantizers

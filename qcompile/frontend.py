@@ -156,6 +156,7 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
     if not arch:
         raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
     model = _call_factory(arch)
+    state = _strip_wrapper_prefix(state, model.state_dict())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -166,6 +167,23 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         ) if x) or _first_line(exc)
         raise UserError(f"state dict in {source!r} does not fit --arch {arch} ({detail}); pass the factory that built it") from None
     return model.eval()
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning-style wrappers
+
+
+def _strip_wrapper_prefix(state: dict, expected: dict) -> dict:
+    """The state dict with a wrapper's key prefix removed where every key carries it and the stripped keys are the
+    model's (``nn.DataParallel``/DDP save ``module.conv.weight``, a ``torch.compile``d model ``_orig_mod.``)."""
+    stripped = state
+    for _ in range(3):  # nested wrappers, e.g. module._orig_mod.
+        if set(stripped) <= set(expected):
+            break
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in stripped)), None)
+        if prefix is None:
+            break
+        stripped = {k[len(prefix):]: v for k, v in stripped.items()}
+    return stripped if set(stripped) <= set(expected) else state
 
 
 def _key_mismatch(expected: dict, got: dict, limit: int = 3):
@@ -203,7 +221,8 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose weights are plain parameters: ``torch.nn.utils.parametrizations``
     (``weight_norm``, ``spectral_norm``, ...) and the older ``weight_norm``/``spectral_norm`` hooks are baked into the
-    weight they compute now (eval mode: spectral norm's stored vectors, no power iteration), as for inference. The
+    weight they compute now (eval mode: spectral norm's stored vectors, no power iteration), as for inference, and
+    a half/bfloat16/float64 model becomes float32 (the precision the quantizers and the ONNX file start from). The
     model itself is left as it is. (A parametrized layer has no ``weight`` parameter to quantize, and the old hooks'
     computed weight cannot even be deep-copied.)"""
     from torch.nn.utils import parametrize
@@ -220,6 +239,9 @@ def plain_copy(model: nn.Module) -> nn.Module:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
+    tensors = list(copied.parameters()) + list(copied.buffers())
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
+        copied.float()  # a half/bfloat16/float64 model: quantized from (and validated against) its float32 values
     was_training = copied.training
     copied.eval()
     with torch.no_grad(), warnings.catch_warnings():

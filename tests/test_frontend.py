@@ -481,3 +481,30 @@ def test_weight_and_spectral_norm_layers_compile_as_their_baked_weights(kind):
     assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
     with torch.no_grad():
         assert torch.equal(model(x), before)  # still the user's float model, parametrized as before
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_state_dict_of_a_wrapped_model_loads_into_arch(tmp_path, prefix):
+    """DataParallel/DDP and torch.compile save every key behind a prefix; --arch used to refuse such a checkpoint
+    ("missing a.weight ...; unexpected module.a.weight ...")."""
+    source = ResidualCNN(seed=3)
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {prefix + k: v for k, v in source.state_dict().items()}}, path)
+    loaded = load_model(str(path), arch="tests.models:ResidualCNN")
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_a_model_in_another_float_precision_compiles_from_its_float32_values(dtype):
+    """It stopped with "does not run on inputs ... fix --input-shape" (float32 inputs, half weights)."""
+    model = ResidualCNN(seed=4).to(dtype)
+    x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(5))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
+    assert next(model.parameters()).dtype == dtype  # the user's model is left as it was
+
+
+def test_a_torchscript_module_is_refused_with_what_to_pass_instead():
+    with pytest.raises(UserError, match="TorchScript module cannot be traced"):
+        qcompile.compile(torch.jit.script(MLP(seed=0)), torch.randn(2, *MLP.INPUT_SHAPE[1:]), scheme="uniform", bits=8)
