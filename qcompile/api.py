@@ -16,7 +16,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 
 from . import export as export_mod
 from .errors import UserError
-from .frontend import load_model, plain_copy, trace
+from .frontend import load_model, plain_copy, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 
@@ -157,6 +157,7 @@ def compile(
         model = load_model(model, arch=arch, trust_pickle=trust_pickle)
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
+    model = unwrap(model)  # torch.compile / DataParallel wrappers: the model inside
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError("a TorchScript module cannot be traced with torch.fx; pass the nn.Module itself, or compile the "
                         "saved archive with arch='package.module:factory' (--arch) to load its weights into that model")

@@ -218,6 +218,20 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``) and ``nn.DataParallel``/DDP
+    (``.module``) wrappers, which torch.fx cannot trace; any other module as it is."""
+    for _ in range(4):  # nested, e.g. DataParallel(torch.compile(model))
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            break
+    return model
+
+
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose weights are plain parameters: ``torch.nn.utils.parametrizations``
     (``weight_norm``, ``spectral_norm``, ...) and the older ``weight_norm``/``spectral_norm`` hooks are baked into the

@@ -508,3 +508,15 @@ def test_a_model_in_another_float_precision_compiles_from_its_float32_values(dty
 def test_a_torchscript_module_is_refused_with_what_to_pass_instead():
     with pytest.raises(UserError, match="TorchScript module cannot be traced"):
         qcompile.compile(torch.jit.script(MLP(seed=0)), torch.randn(2, *MLP.INPUT_SHAPE[1:]), scheme="uniform", bits=8)
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_wrapped_models_compile_as_the_model_inside(wrap):
+    """torch.compile's OptimizedModule and nn.DataParallel cannot be traced by torch.fx ("missing the required
+    forward", "Proxy object cannot be iterated"): compile takes the model inside."""
+    inner = ResidualCNN(seed=6)
+    model = {"compile": lambda m: torch.compile(m), "data_parallel": nn.DataParallel,
+             "both": lambda m: nn.DataParallel(torch.compile(m))}[wrap](inner)
+    x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(7))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.api import as_input_tuple, calib_tensor
 from qcompile.errors import UserError
-from qcompile.frontend import plain_copy, trace
+from qcompile.frontend import plain_copy, trace, unwrap
 from qcompile.options import CompileOptions
 from qcompile.passes.base import Pipeline
 from qcompile.passes.base import Pass, verify
@@ -179,7 +179,7 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
 
     import copy
 
-    gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
+    gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules)
     before, _ = split_pipeline(opts, calib_x)
     # Weights are re-initialised below (one MSE search per layer), so their calibration can be the cheap one.
     before[-1] = Calibrate(calib_x, method=opts.calib_method, weight_method="minmax")
