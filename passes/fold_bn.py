@@ -11,7 +11,8 @@ so with ``k_j = gamma_j / sigma_j`` the pair is one layer with
 
 Before: ``y = conv(x); z = bn(y); f(z)``   After: ``y = conv'(x); f(y)``  (the BN node and module are gone).
 
-Matches ``call_module`` Conv1d/2d/3d or Linear followed by ``call_module`` BatchNorm1d/2d/3d in eval mode, and
+Matches ``call_module`` Conv1d/2d/3d, ConvTranspose1d/2d/3d (the output channels are axis 1 of their weight, per
+group) or Linear followed by ``call_module`` BatchNorm1d/2d/3d in eval mode, and
 ``F.batch_norm(..., training=False)`` whose statistics are ``get_attr`` nodes. The arithmetic is done in float64
 and cast back. A BN is left alone, with a report line saying why, when its input is not such a layer, when the
 layer's output has other users as well, when the layer's module is called from more than one place (folding
@@ -34,7 +35,9 @@ import torch.nn.functional as F
 
 from .base import Pass, PassResult
 
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+                   nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -174,7 +177,7 @@ class FoldBatchNorm(Pass):
             return "its input is not a graph value"
         if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), FOLDABLE_LAYERS):
             kind = src.op if src.op != "call_module" else type(gm.get_submodule(src.target)).__name__
-            return f"its input {src.name} ({kind}) is not a Conv1d/2d/3d or Linear module"
+            return f"its input {src.name} ({kind}) is not a Conv1d/2d/3d, ConvTranspose or Linear module"
         layer = gm.get_submodule(src.target)
         if len(src.users) != 1:
             others = ", ".join(u.name for u in src.users if u is not bn_node)
@@ -206,7 +209,13 @@ class FoldBatchNorm(Pass):
             beta = p.bias.detach().double() if p.bias is not None else torch.zeros_like(mean)
             k = gamma * inv_std
             b = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
-            new_w = w * k.reshape((-1,) + (1,) * (w.dim() - 1))
+            if isinstance(layer, _TRANSPOSED):  # [in, out / groups, k...]: output channel g * (out / groups) + j
+                groups = layer.groups
+                shape = (groups, w.shape[0] // groups, w.shape[1]) + tuple(w.shape[2:])
+                scale = k.reshape((groups, 1, w.shape[1]) + (1,) * (w.dim() - 2))
+                new_w = (w.reshape(shape) * scale).reshape(w.shape)
+            else:
+                new_w = w * k.reshape((-1,) + (1,) * (w.dim() - 1))
             new_b = k * (b - mean) + beta
             layer.weight.copy_(new_w.to(dtype))
             if layer.bias is None:

@@ -1,6 +1,8 @@
 """FoldBatchNorm: numeric equivalence, structure, BNs that must stay, unchanged graphs, idempotence."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -196,3 +198,25 @@ def test_in_a_checked_pipeline():
     assert result.modified and len(pipe.timings) == 2  # second round finds nothing and stops
     with torch.no_grad():
         assert rel_err(result.gm(x), ref) <= RTOL
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_conv_and_batchnorm_fold_per_output_channel(groups):
+    """A decoder's ConvTranspose -> BatchNorm: the output channels are axis 1 of the weight, per group."""
+    gen = torch.Generator().manual_seed(17)
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=groups),
+                          nn.BatchNorm2d(6), nn.ReLU()).eval()
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.copy_(torch.randn(6, generator=gen))
+        bn.running_var.copy_(torch.rand(6, generator=gen) + 0.5)
+        bn.weight.copy_(torch.randn(6, generator=gen))
+        bn.bias.copy_(torch.randn(6, generator=gen))
+    x = torch.randn(2, 4, 5, 5, generator=gen)
+    with torch.no_grad():
+        expected = model(x)
+    result = Pipeline([FoldBatchNorm()])(trace(copy.deepcopy(model), (x,)))
+    assert result.modified
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in result.gm.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), expected, rtol=1e-5, atol=1e-5)
