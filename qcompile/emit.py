@@ -297,14 +297,53 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
     if opts.emit == "custom":
         from .emit_custom import emit_custom
 
-        return compact_tensor_names(shield_float_layers(emit_custom(model, table,
-                                                                   u8_weights=opts.int8_weights == "u8")))
+        return detach_probes(compact_tensor_names(shield_float_layers(
+            emit_custom(model, table, u8_weights=opts.int8_weights == "u8"))))
     u8 = opts.int8_weights == "u8"
     model = compact_tensor_names(emit_standard(model, table, u8_weights=u8))
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
         from .lowering import lower_shift_add
 
         model = lower_shift_add(model, check=opts.check)
+    return detach_probes(model)
+
+
+PROBES_KEY = "qcompile.probes"
+
+
+def detach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Take out of the graph the ``DequantizeLinear`` nodes that only the validator reads: activation-map tensors
+    whose readers were rewired (a padded conv reads the padded codes, a float layer reads ``Cast``/``Mul``, a lowered
+    layer reads the codes). onnxruntime computed them on every run. They are kept in the metadata
+    (``qcompile.probes``: output, inputs, axis) for :func:`attach_probes`, which the validator calls."""
+    import json
+
+    graph = model.graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    mapped = {a["tensor"] for a in activation_map(model)}
+    probes = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")
+              and n.output[0] in mapped and n.output[0] not in read]
+    if not probes:
+        return model
+    records = []
+    for n in probes:
+        axis = next((a.i for a in n.attribute if a.name == "axis"), None)
+        records.append({"output": n.output[0], "inputs": list(n.input), **({"axis": axis} if axis is not None else {})})
+        graph.node.remove(n)
+    model.metadata_props.add(key=PROBES_KEY, value=json.dumps(records, separators=(",", ":")))
+    return model
+
+
+def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put back the ``DequantizeLinear`` nodes :func:`detach_probes` took out (for reading activations)."""
+    import json
+
+    for prop in model.metadata_props:
+        if prop.key == PROBES_KEY:
+            for r in json.loads(prop.value):
+                attrs = {"axis": r["axis"]} if "axis" in r else {}
+                model.graph.node.append(helper.make_node("DequantizeLinear", r["inputs"], [r["output"]],
+                                                         name=f"{r['output']}/probe", **attrs))
     return model
 
 

@@ -220,7 +220,9 @@ def _saturation_hint(model_bytes: bytes) -> str:
 def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
     import onnx
 
-    model = onnx.load_from_string(model_bytes)
+    from qcompile.emit import attach_probes
+
+    model = attach_probes(onnx.load_from_string(model_bytes))  # activations the deployed graph does not compute
     have = {o.name for o in model.graph.output}
     for name in names:
         if name not in have:
