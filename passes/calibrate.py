@@ -71,6 +71,24 @@ class Calibrate(Pass):
         return PassResult(gm, True)
 
     def _calibrate_with_data(self, gm, acts) -> None:
+        try:
+            observers = self._observe(gm, acts, _channels_last)
+        except RuntimeError:
+            if not any(_channels_last(t) is not t for t in next(data_batches(self.data, self.batch_size))):
+                raise  # the batches were not converted: the model's own error
+            # Model code that needs NCHW-contiguous activations (``x.view(x.size(0), -1)`` after a conv or a pool)
+            # fails on channels-last batches: observe again, from scratch, in the layout the model was written for.
+            observers = self._observe(gm, acts, lambda t: t)
+        for node in acts:
+            fq = gm.get_submodule(node.target)
+            obs, method = observers[node]
+            params = obs.compute_qparams(fq.levelset)
+            fq.set_params(params.alpha, params.zero_point)
+            node.meta["qparams"] = _qparams(fq, method)
+
+    def _observe(self, gm, acts, layout) -> dict:
+        """Run the data through ``gm`` (batches converted by ``layout``) with a fresh observer on every activation
+        quantizer and the input-mean recorder of bias correction; the observers, by node."""
         observers = {}
         for node in acts:
             fq = gm.get_submodule(node.target)
@@ -82,19 +100,14 @@ class Calibrate(Pass):
             n, done = data_length(self.data), 0
             with torch.no_grad(), recorder:
                 for batch in data_batches(self.data, self.batch_size):
-                    gm(*(_channels_last(t) for t in batch))
+                    gm(*(layout(t) for t in batch))
                     done += batch[0].shape[0]
                     if self.progress is not None:
                         self.progress(done, n)
         finally:
             for node in acts:
                 gm.get_submodule(node.target).stop_observing()
-        for node in acts:
-            fq = gm.get_submodule(node.target)
-            obs, method = observers[node]
-            params = obs.compute_qparams(fq.levelset)
-            fq.set_params(params.alpha, params.zero_point)
-            node.meta["qparams"] = _qparams(fq, method)
+        return observers
 
     def _calibrate_data_free(self, gm, acts) -> None:
         for node in acts:

@@ -332,3 +332,63 @@ def test_models_with_several_inputs_calibrate_from_a_tuple_or_from_batches_of_tu
         calib_data([x, x], 2)
     with pytest.raises(UserError, match="same number of samples"):
         calib_data((x, side[:5]), 2)
+
+
+class _FlattenByView(nn.Module):
+    """The classic LeNet flatten, ``x.view(x.size(0), -1)``: valid on the NCHW-contiguous tensors the model was
+    written for, an error on the channels-last ones Calibrate runs for speed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.fc = nn.Linear(6 * 6 * 6, 4)
+
+    def forward(self, x):
+        y = torch.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(y.view(y.size(0), -1))
+
+
+def test_models_that_view_nchw_activations_calibrate_in_their_own_layout():
+    import qcompile
+
+    torch.manual_seed(0)
+    model = _FlattenByView().eval()
+    calib = torch.randn(16, 3, 14, 14)
+    with pytest.raises(RuntimeError, match="view size"):  # what the channels-last pass alone does
+        model(_channels_last(calib))
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="uniform", bits=8, calib_method="minmax",
+                              equalize=False)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0
+    # the same ranges (up to float32 summation order) as the model written with reshape, which calibrates
+    # channels-last
+    same = _FlattenByReshape().eval()
+    same.load_state_dict(model.state_dict())
+    other = qcompile.compile(same, calib[:1], calib=calib, scheme="uniform", bits=8, calib_method="minmax",
+                             equalize=False, validate=False)
+    alphas = [fq.alpha for _, (_, fq) in quantizer_nodes(result.model).items() if fq.role == "activation"]
+    others = [fq.alpha for _, (_, fq) in quantizer_nodes(other.model).items() if fq.role == "activation"]
+    assert len(alphas) == len(others) == 3
+    for a, b in zip(alphas, others):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+class _FlattenByReshape(_FlattenByView):
+    def forward(self, x):
+        y = torch.max_pool2d(torch.relu(self.conv(x)), 2)
+        return self.fc(y.reshape(y.size(0), -1))
+
+
+def test_an_error_of_the_model_itself_is_not_retried_away():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x).view(3, -1)  # fails for any batch but 3 samples, in any layout
+
+    import qcompile
+
+    calib = torch.randn(8, 8)
+    with pytest.raises(Exception, match="view|shape"):
+        qcompile.compile(Broken().eval(), calib[:3], calib=calib, scheme="uniform", bits=8)
