@@ -142,6 +142,27 @@ def resnet18_seeded():
     return model.eval(), torch.randn(2, 3, 224, 224, generator=gen)
 
 
+def _git_revision() -> str | None:
+    """The commit measured (``-dirty`` when the tree had changes)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _codes(model: onnx.ModelProto, sim, x: torch.Tensor) -> dict:
+    from qcompile.runtime.validation import validate_quantized
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.onnx")
+        onnx.save(model, path)
+        report = validate_quantized(path, sim, x)
+    return {"passed": report.passed, "max_abs_vs_simulation": report.max_abs,
+            "codes_total": report.extra.get("codes_total"), "codes_differ": report.extra.get("codes_differ"),
+            "codes_differ_local": report.extra.get("codes_differ_local")}
+
+
 def bench_resnet18_here() -> dict:
     import torchvision
 
@@ -167,6 +188,11 @@ def bench_resnet18_here() -> dict:
             a = _session(result.onnx_model).run(None, {"input": x})[0]
             b = _session(lowered).run(None, {"input": x})[0]
             row["max_abs_output_difference"] = float(np.abs(a - b).max())
+            # Where that difference comes from: each file against the simulation, side by side (flips cascade
+            # through the following layers) and on identical inputs (only threshold ties of the file's own
+            # accumulation order), on the same image.
+            row["validation_batch1"] = {kind: _codes(m, result.model, calib[:1])
+                                        for kind, m in (("standard", result.onnx_model), ("shift_add", lowered))}
         out[name] = row
         t = report["totals"]
         print(f"resnet18 {name}: uniform {t['uniform']['mults'] / 1e9:.3f}G mults + {t['uniform']['adds'] / 1e9:.3f}G "
@@ -210,7 +236,8 @@ def main() -> None:
     results = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average_before": os.getloadavg(), "onnxruntime": ort.__version__, "torch": torch.__version__,
-                    "latency": "onnxruntime CPU, 1 intra-op thread, median wall time of sess.run"},
+                    "latency": "onnxruntime CPU, 1 intra-op thread, median wall time of sess.run",
+                    "git": _git_revision()},
         "digits": bench_digits(),
     }
     if not args.quick:
