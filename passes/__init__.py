@@ -5,6 +5,7 @@ from .calibrate import Calibrate
 from .cleanup import EliminateDeadCode, RemoveIdentity
 from .equalize import EqualizeWeights
 from .fold_bn import ChannelStats, FoldBatchNorm
+from .fold_constants import FoldConstants
 from .insert_quant import InsertQuantizers
 from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from .quantize_bias import QuantizeBias
@@ -12,7 +13,7 @@ from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from .select import Override, SelectLayers, load_overrides, parse_exclude
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
-           "EliminateDeadCode", "RemoveIdentity", "FoldBatchNorm", "ChannelStats", "EqualizeWeights",
+           "EliminateDeadCode", "RemoveIdentity", "FoldConstants", "FoldBatchNorm", "ChannelStats", "EqualizeWeights",
            "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",

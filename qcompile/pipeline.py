@@ -1,7 +1,7 @@
 """The pass pipeline, as a list you can read.
 
     fp32:       RemoveIdentity → EliminateDeadCode
-    quantized:  RemoveIdentity → EliminateDeadCode → FoldBatchNorm → EqualizeWeights → SelectLayers
+    quantized:  RemoveIdentity → EliminateDeadCode → FoldConstants → FoldBatchNorm → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → Calibrate → ShareInt8Params
                 → BiasCorrection → QuantizeBias
                 → BindIntegerLayers → BindIntegerAdds → BindIntegerPools

@@ -8,6 +8,7 @@ from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.int8_pairs import PairSafeInt8Weights
 from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
@@ -27,7 +28,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
     overrides = list(parse_exclude(opts.exclude))
     if opts.config:
         overrides += load_overrides(opts.config)
-    passes: list[Pass] = []
+    passes: list[Pass] = [FoldConstants()]  # weights computed in forward become weights the passes see
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:

@@ -419,16 +419,25 @@ class _StandardizedConv(nn.Conv2d):
         return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+class _DynamicConv(nn.Conv2d):
+    """Its weight depends on the input (a dynamic convolution): no constant weight to quantize."""
+
+    def forward(self, x):
+        w = self.weight * torch.sigmoid(x.mean())
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
 class _Subclassed(nn.Module):
     def __init__(self):
         super().__init__()
         self.a = _InheritsConv(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.b = _StandardizedConv(4, 4, 3, padding=1)
+        self.c = _DynamicConv(4, 4, 3, padding=1)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(torch.relu(self.b(torch.relu(self.bn(self.a(x))))).mean((2, 3)))
+        return self.head(torch.relu(self.c(torch.relu(self.b(torch.relu(self.bn(self.a(x))))))).mean((2, 3)))
 
 
 def test_layer_subclasses_that_inherit_forward_stay_whole_and_are_quantized():
@@ -446,7 +455,9 @@ def test_layer_subclasses_that_inherit_forward_stay_whole_and_are_quantized():
     assert result.model.a.weight_fq.calibrated
     lines = "\n".join(layer_lines(result.model))
     assert "_InheritsConv" in lines and "_StandardizedConv" in lines
-    assert any(line.split()[0] == "b" and "float: a functional call on a weight computed in forward" in line
+    # b computes its weight from its parameters alone: FoldConstants makes it a weight, and it is quantized
+    assert any(line.split()[0] == "b" and "W4 apot" in line for line in lines.splitlines()[1:]), lines
+    assert any(line.split()[0] == "c" and "float: a functional call on a weight computed in forward" in line
                for line in lines.splitlines()[1:]), lines
     assert result.report.passed
 
