@@ -60,7 +60,7 @@ def cost_from_histogram(hist: np.ndarray, levels: np.ndarray, positions: Optiona
 
 
 def _shapes(model: onnx.ModelProto) -> dict:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
@@ -113,7 +113,7 @@ def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
     else:
         import onnx_graphsurgeon as gs
 
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         matches, _ = match_layers(gs.import_onnx(inferred), _initializers(inferred))
         for m in matches:
             plan = plan_layer(m, decomposition)

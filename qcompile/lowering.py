@@ -172,8 +172,12 @@ def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
         zp = int(z.reshape(()))
     codes = dq.inputs[0]
     src = _producer(codes)
+    if src is not None and src.op == "Reshape":  # emit's lookup: Reshape(GatherElements(table, flat index))
+        inner = _producer(src.inputs[0])
+        if inner is not None and inner.op == "GatherElements":
+            src = inner
     rng, kind = None, "codes"
-    if src is not None and src.op == "Gather":
+    if src is not None and src.op in ("Gather", "GatherElements"):
         kind = "levels"
         table = _const_array(src.inputs[0], inits)
         if table is not None and table.dtype.kind in "iu":
@@ -596,7 +600,7 @@ class LowerShiftAdd:
     def __call__(self, model: onnx.ModelProto) -> LoweringResult:
         import onnx_graphsurgeon as gs
 
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         inits = _initializers(inferred)
         graph = gs.import_onnx(inferred)
         matches, skipped = match_layers(graph, inits)  # collect first, then rewrite
@@ -704,7 +708,7 @@ def verify_shift_add(model: onnx.ModelProto) -> list[str]:
     problems: list[str] = []
     if not records:
         return problems
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     g = inferred.graph
     inits = {t.name: t for t in g.initializer}
     types = {t.name: t.data_type for t in g.initializer}

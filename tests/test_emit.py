@@ -274,6 +274,40 @@ def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, 
         ops = {n.op_type for n in model.graph.node}
         narrow = fq.levelset.grid[-1] - fq.levelset.grid[0] <= 127
         assert ("Greater" not in ops) == narrow and ("Sub" in ops) == narrow, sorted(ops)
+        # activation-sized lookups are GatherElements (onnxruntime's Gather copies a block per index, ~3x slower);
+        # a Gather is left only for the search's first, scalar probe
+        gathers = [n for n in model.graph.node if n.op_type == "Gather"]
+        assert "GatherElements" in ops and len(gathers) == (0 if narrow else 1), sorted(ops)
+        # the shape is restored from constants where the exporter knew it: shapes stay inferable
+        assert "Shape" not in ops
+        inferred = onnx.shape_inference.infer_shapes(model)
+        dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in inferred.graph.value_info}
+        assert all(dims[n.output[0]] == list(x.shape) for n in model.graph.node
+                   if n.op_type == "Reshape" and n.output[0] in dims and len(dims[n.output[0]]) > 1)
+
+
+@pytest.mark.parametrize("dims", [None, ["batch", 3, "n"], [5]])
+def test_table_lookup_of_any_shape_is_elementwise(dims):
+    """The builder's lookup: ``table[index]`` for an index tensor whose shape is known (restored from constants),
+    partly symbolic or unknown (restored from ``Shape`` at run time), or 1-D (no reshape)."""
+    from onnx import helper, numpy_helper
+
+    from qcompile.emit import _Builder
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(-100, 100, 37).astype(np.int8)
+    index = rng.integers(0, 37, (5,) if dims == [5] else (2, 3, 4)).astype(np.int32)
+    b = _Builder("t")
+    b.shape = dims
+    b.lookup(b.const(table, "table"), "index", "y")
+    shape = [f"d{i}" for i in range(index.ndim)]
+    graph = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("index", TensorProto.INT32, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, shape)], b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model, full_check=True)
+    (got,) = run(session(model.SerializeToString()), [index])
+    assert got.dtype == np.int8 and np.array_equal(got, table[index])
+    assert ("Shape" in {n.op_type for n in model.graph.node}) == (dims != [5])  # "n" is symbolic: run time
 
 
 # --- what the bytes of a file are spent on ------------------------------------------------------------------------

@@ -118,10 +118,15 @@ def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     graph = result.onnx_model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name for t in graph.initializer}
-    # the cell tables (emit_cell_lookup): Gather(table, Cast(QuantizeLinear(3c + side))), three entries per cell
-    names = sorted({n.input[0] for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
-                    and producer[n.input[1]].op_type == "Cast"
-                    and getattr(producer.get(producer[n.input[1]].input[0]), "op_type", "") == "QuantizeLinear"})
+    # the cell tables (emit_cell_lookup): table[Cast(QuantizeLinear(3c + side))] by GatherElements on the flattened
+    # index, three entries per cell
+    def index_source(n):
+        flat = producer[n.input[1]]  # Reshape(index, [-1])
+        return producer.get(flat.input[0]) if flat.op_type == "Reshape" else None
+
+    names = sorted({n.input[0] for n in graph.node if n.op_type == "GatherElements" and n.input[0] in inits
+                    and getattr(index_source(n), "op_type", "") == "Cast"
+                    and getattr(producer.get(index_source(n).input[0]), "op_type", "") == "QuantizeLinear"})
     assert names, "no APoT cell table in the file"
     # every cell takes its left neighbour's decisions: the thresholds move up by half a unit
     data = doctored(result.onnx_model, names[0], lambda table: np.concatenate([table[:3], table[:-3]]))
@@ -142,7 +147,7 @@ def test_drift_from_float_rounding_is_told_apart_from_a_wrong_quantizer(compiled
     inits = {t.name: t for t in result.onnx_model.graph.initializer}
     float_convs = [n for n in result.onnx_model.graph.node if n.op_type == "Conv" and len(n.input) > 2
                    and n.input[2] in inits and producer[n.input[0]].op_type == "DequantizeLinear"
-                   and producer[producer[n.input[0]].input[0]].op_type == "Gather"]  # an APoT-input float Conv
+                   and producer[producer[n.input[0]].input[0]].op_type == "Reshape"]  # APoT codes: a lookup
     assert float_convs, "no float Conv on APoT activations in the file"
     bias = float_convs[0].input[2]
     data = doctored(result.onnx_model, bias, lambda b: (b + np.float32(1e-4) * np.abs(b).max()).astype(np.float32))
