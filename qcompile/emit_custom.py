@@ -8,9 +8,9 @@ that knows the domain can execute the nodes with kernels of its own. The ops are
   UINT4/UINT8), the grid integers of the level set (int8, or uint8 = grid + 128 with ``zero_point`` 128 where the
   grid exceeds ±64 and ``--int8-weights u8``), the fine-grid unit per channel.
 - ``qcompile.QuantizeLevels(x, thresholds, grid, scale) -> y``  (non-uniform activations)
-  ``idx = ReduceSum(Cast(Greater(Unsqueeze(x, -1), thresholds), int64), -1)``; ``y = DequantizeLinear(Gather(grid,
-  idx), scale)``. ``thresholds`` are the simulation's float32 decision thresholds with the "tie goes up" ones
-  nudged one ulp down, so every decision is a strict ``Greater``.
+  ``idx = Σ_j [x > thresholds_j]``; ``y = DequantizeLinear(grid[idx], scale)``, found by a binary search in the
+  function body (:func:`_quantize_levels_body`). ``thresholds`` are the simulation's float32 decision thresholds
+  with the "tie goes up" ones nudged one ulp down, so every decision is a strict ``Greater``.
 - ``qcompile.QuantizeUniform(x, scale, zero_point, lo, hi) -> y``  (uniform activations)
   ``y = DequantizeLinear(QuantizeLinear(Clip(x, lo, hi), scale, zero_point), scale, zero_point)``.
 
@@ -38,6 +38,65 @@ def _attrs(fq: FakeQuantize) -> dict:
     return {"scheme": fq.scheme, "bits": int(fq.bits), "signed": int(fq.signed)}
 
 
+SEARCH_STEPS = (4, 8)  # thresholds padded to 15 entries (up to 16 levels) or to 255 (up to 256 levels: 8 bits)
+
+
+def _search(steps: int, tag: str) -> list[onnx.NodeProto]:
+    """Nodes of a branchless binary search of ``steps`` steps over ``thresholds`` padded with +inf to
+    ``2^steps - 1`` entries, for the flattened ``xf``: its output is ``pos_{tag}`` (int32 level indices)."""
+    def const(name, value, dtype=TensorProto.INT32):
+        dims = [len(value)] if isinstance(value, list) else []
+        values = value if isinstance(value, list) else [value]
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", dtype, dims, values))
+
+    nodes = [const(f"len_{tag}", [2 ** steps - 1], TensorProto.INT64), const(f"zero1_{tag}", [0], TensorProto.INT64),
+             const(f"inf_{tag}", float("inf"), TensorProto.FLOAT),
+             helper.make_node("Sub", [f"len_{tag}", "n_thr"], [f"pad_len_{tag}"]),
+             helper.make_node("Concat", [f"zero1_{tag}", f"pad_len_{tag}"], [f"pads_{tag}"], axis=0),
+             helper.make_node("Pad", ["thresholds", f"pads_{tag}", f"inf_{tag}"], [f"table_{tag}"]),
+             helper.make_node("ConstantOfShape", ["n_x"], [f"pos_init_{tag}"],
+                              value=helper.make_tensor("zero_i32", TensorProto.INT32, [1], [0]))]
+    pos = f"pos_init_{tag}"
+    for k in reversed(range(steps)):
+        step, name = 2 ** k, f"{tag}{k}"
+        nodes += [const(f"s{name}", step), const(f"p{name}", step - 1),
+                  helper.make_node("Add", [pos, f"p{name}"], [f"probe{name}"]),
+                  helper.make_node("GatherElements", [f"table_{tag}", f"probe{name}"], [f"t{name}"], axis=0),
+                  helper.make_node("Greater", ["xf", f"t{name}"], [f"above{name}"]),
+                  helper.make_node("Add", [pos, f"s{name}"], [f"up{name}"]),
+                  helper.make_node("Where", [f"above{name}", f"up{name}", pos], [f"pos{name}"])]
+        pos = f"pos{name}"
+    nodes.append(helper.make_node("Identity", [pos], [f"pos_{tag}"]))
+    return nodes
+
+
+def _quantize_levels_body() -> list[onnx.NodeProto]:
+    """``QuantizeLevels`` as standard operators: a branchless binary search over the thresholds padded with +inf
+    (``pos += step if x > thresholds[pos + step - 1]``) on the flattened ``x``, 4 steps where there are at most 16
+    levels and 8 otherwise (an ``If`` on the number of thresholds), then ``grid[pos] * scale`` reshaped back.
+    Memory and time are O(size of x) at any bit-width. (The body of earlier files compared ``x`` with every
+    threshold at once, an int64 tensor ``levels - 1`` times the size of ``x``: 10x slower than the standard form
+    at 8 bits on ResNet-18.) NaN compares false everywhere and gets ``grid[0]``, as in the simulation."""
+    small, large = SEARCH_STEPS
+
+    def branch(steps, tag):
+        return helper.make_graph(_search(steps, tag), f"search_{tag}", [],
+                                 [helper.make_tensor_value_info(f"pos_{tag}", TensorProto.INT32, None)])
+
+    return [helper.make_node("Constant", [], ["flat"], value=helper.make_tensor("flat_v", TensorProto.INT64, [1], [-1])),
+            helper.make_node("Constant", [], ["small_len"],
+                             value=helper.make_tensor("small_v", TensorProto.INT64, [1], [2 ** small - 1])),
+            helper.make_node("Shape", ["x"], ["x_shape"]),
+            helper.make_node("Reshape", ["x", "flat"], ["xf"]),
+            helper.make_node("Shape", ["xf"], ["n_x"]),
+            helper.make_node("Shape", ["thresholds"], ["n_thr"]),
+            helper.make_node("LessOrEqual", ["n_thr", "small_len"], ["few1"]),
+            helper.make_node("Squeeze", ["few1"], ["few"]),
+            helper.make_node("If", ["few"], ["pos"], then_branch=branch(small, "a"), else_branch=branch(large, "b")),
+            helper.make_node("GatherElements", ["grid", "pos"], ["q"], axis=0),
+            helper.make_node("DequantizeLinear", ["q", "scale"], ["yf"]),
+            helper.make_node("Reshape", ["yf", "x_shape"], ["y"])]
+
 def function_protos() -> list[onnx.FunctionProto]:
     axis_ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
     dq = helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])  # zero_point: optional
@@ -49,14 +108,7 @@ def function_protos() -> list[onnx.FunctionProto]:
          dq],
         _OPSET, attributes=["scheme", "bits", "signed", "axis"])
     quantize_levels = helper.make_function(
-        DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale"], ["y"],
-        [helper.make_node("Constant", [], ["minus_one"], value=helper.make_tensor("m1", TensorProto.INT64, [1], [-1])),
-         helper.make_node("Unsqueeze", ["x", "minus_one"], ["xu"]),
-         helper.make_node("Greater", ["xu", "thresholds"], ["above"]),
-         helper.make_node("Cast", ["above"], ["above64"], to=TensorProto.INT64),
-         helper.make_node("ReduceSum", ["above64", "minus_one"], ["idx"], keepdims=0),
-         helper.make_node("Gather", ["grid", "idx"], ["q"], axis=0),
-         helper.make_node("DequantizeLinear", ["q", "scale"], ["y"])],
+        DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale"], ["y"], _quantize_levels_body(),
         _OPSET, attributes=["scheme", "bits", "signed"])
     quantize_uniform = helper.make_function(
         DOMAIN, "QuantizeUniform", ["x", "scale", "zero_point", "lo", "hi"], ["y"],
