@@ -126,6 +126,19 @@ def test_custom_form_uses_the_qcompile_domain_with_local_functions(emitted, conf
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "qcompile"}
 
 
+def test_quantize_levels_body_is_a_search_whose_memory_is_the_size_of_x():
+    """The function body stock onnxruntime runs for QuantizeLevels: a binary search (4 steps up to 16 levels, 8 up
+    to 256), never a comparison of x with every threshold at once (an int64 tensor levels - 1 times x)."""
+    from qcompile.emit_custom import function_protos
+
+    body = next(f for f in function_protos() if f.name == "QuantizeLevels")
+    ops = collections.Counter(n.op_type for n in body.node)
+    assert ops["If"] == 1 and not {"Unsqueeze", "ReduceSum"} & set(ops)
+    branch = next(n for n in body.node if n.op_type == "If")
+    steps = {a.name: collections.Counter(n.op_type for n in a.g.node)["Greater"] for a in branch.attribute}
+    assert steps == {"then_branch": 4, "else_branch": 8}
+
+
 @pytest.mark.parametrize("config,form", CASES, ids=CASE_IDS)
 def test_weights_are_packed_integer_initializers(emitted, config, form):
     e = emitted[config]
