@@ -13,10 +13,11 @@ weight like any other, and the quantization passes quantize it (before, such a l
 
 A node is constant when it is a ``get_attr`` of a tensor or number, or a ``call_function``/``call_method``
 whose node inputs are all constant, that is pure, not random and not in place. Each constant tensor that a
-non-constant node reads is evaluated (float64 is not used: the model's own arithmetic, in its dtype, under
-``torch.no_grad``) and stored next to the parameter it comes from (``<owner>.<name>_folded``, after the largest
-parameter of that module; on the root module as ``_folded_<i>`` when it comes from several modules), as an ``nn.Parameter`` that trains in QAT when one of its
-sources did, else as a buffer. The user's model is not touched (the pipeline works on a traced copy).
+non-constant node reads is evaluated (the model's own arithmetic, in its dtype, under ``torch.no_grad``) and stored
+next to the parameters it comes from (``<owner>.<name>_folded``, named after the largest parameter of that module;
+on the root module as ``_folded_<i>`` when it comes from several modules), as an ``nn.Parameter`` that trains in
+QAT when one of its sources did, else as a buffer. The user's model is not touched (the pipeline works on a traced
+copy).
 """
 from __future__ import annotations
 
