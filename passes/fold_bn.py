@@ -12,7 +12,8 @@ so with ``k_j = gamma_j / sigma_j`` the pair is one layer with
 Before: ``y = conv(x); z = bn(y); f(z)``   After: ``y = conv'(x); f(y)``  (the BN node and module are gone).
 
 Matches ``call_module`` Conv1d/2d/3d, ConvTranspose1d/2d/3d (the output channels are axis 1 of their weight, per
-group) or Linear followed by ``call_module`` BatchNorm1d/2d/3d in eval mode, and
+group) or Linear, and ``F.conv1d/2d/3d``/``F.linear`` on ``get_attr`` parameters that no other node reads (a conv
+subclass with its own forward, e.g. "same" padding), followed by ``call_module`` BatchNorm1d/2d/3d in eval mode, and
 ``F.batch_norm(..., training=False)`` whose statistics are ``get_attr`` nodes. The arithmetic is done in float64
 and cast back. A BN is left alone, with a report line saying why, when its input is not such a layer, when the
 layer's output has other users as well, when the layer's module is called from more than one place (folding
@@ -114,6 +115,26 @@ def _module_bn_params(bn: nn.Module, name: str) -> tuple[Optional[_BNParams], st
     return _BNParams(name, bn.running_mean, bn.running_var, weight, bias, float(bn.eps)), ""
 
 
+_FUNCTIONAL_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
+
+
+def _functional_weight_bias(node: torch.fx.Node):
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return weight, bias
+
+
+def _folded(w: torch.Tensor, b: Optional[torch.Tensor], p: _BNParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k·W, k·(b − μ) + β)`` in float64, ``k = γ / sqrt(var + eps)`` per output channel (axis 0 of W)."""
+    with torch.no_grad():
+        mean = p.mean.detach().double()
+        k = (p.weight.detach().double() if p.weight is not None else torch.ones_like(mean)) * \
+            torch.rsqrt(p.var.detach().double() + p.eps)
+        beta = p.bias.detach().double() if p.bias is not None else torch.zeros_like(mean)
+        bias = b.detach().double() if b is not None else torch.zeros_like(mean)
+        return w.detach().double() * k.reshape((-1,) + (1,) * (w.dim() - 1)), k * (bias - mean) + beta
+
+
 def _is_batchnorm(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), BATCHNORMS)
@@ -150,8 +171,10 @@ class FoldBatchNorm(Pass):
             matches.append((node.args[0], node, params))
 
         for layer_node, bn_node, params in matches:
-            layer = gm.get_submodule(layer_node.target)
-            self._fold(layer, params)
+            if layer_node.op == "call_function":
+                self._fold_functional(gm, layer_node, params)
+            else:
+                self._fold(gm.get_submodule(layer_node.target), params)
             inputs = bn_node.all_input_nodes
             bn_node.replace_all_uses_with(layer_node)
             gm.graph.erase_node(bn_node)
@@ -161,7 +184,7 @@ class FoldBatchNorm(Pass):
             beta = params.bias if params.bias is not None else torch.zeros_like(params.mean)
             layer_node.meta["output_stats"] = ChannelStats(
                 mean=beta.detach().clone().float(), std=gamma.detach().abs().clone().float(), source=f"batchnorm {params.name}")
-            self.report.append(f"folded {params.name} into {layer_node.target}")
+            self.report.append(f"folded {params.name} into {_describe(layer_node)}")
             if bn_node.op == "call_module":
                 self._drop_module_if_unused(gm, bn_node.target)
             else:
@@ -175,6 +198,8 @@ class FoldBatchNorm(Pass):
         src = bn_node.args[0] if bn_node.args else bn_node.kwargs.get("input")
         if not isinstance(src, torch.fx.Node):
             return "its input is not a graph value"
+        if src.op == "call_function" and src.target in _FUNCTIONAL_LAYERS:
+            return FoldBatchNorm._why_not_functional(gm, bn_node, src)
         if src.op != "call_module" or not isinstance(gm.get_submodule(src.target), FOLDABLE_LAYERS):
             kind = src.op if src.op != "call_module" else type(gm.get_submodule(src.target)).__name__
             return f"its input {src.name} ({kind}) is not a Conv1d/2d/3d, ConvTranspose or Linear module"
@@ -197,6 +222,64 @@ class FoldBatchNorm(Pass):
         if num is not None and num != out_channels:
             return f"it has {num} channels but {src.target} has {out_channels} outputs"
         return ""
+
+    @staticmethod
+    def _why_not_functional(gm: torch.fx.GraphModule, bn_node: torch.fx.Node, src: torch.fx.Node) -> str:
+        """Why ``F.conv1d/2d/3d`` or ``F.linear`` on parameters cannot take the BN in (empty: it can). Its weight
+        and bias are folded in place, so each must be a ``get_attr`` read by this layer alone."""
+        weight, bias = _functional_weight_bias(src)
+        for what, arg in (("weight", weight), ("bias", bias)):
+            if arg is None and what == "bias":
+                continue
+            if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+                return f"the {what} of {src.name} is computed in forward, not a parameter"
+            readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == arg.target]
+            if len(readers) != 1 or len(arg.users) != 1:
+                return f"the {what} of {src.name} ({arg.target}) is also used elsewhere; folding would change it there"
+            owner = str(arg.target).rpartition(".")[0]
+            if owner and any(n.op == "call_module" and n.target == owner for n in gm.graph.nodes):
+                return f"the {what} of {src.name} belongs to {owner}, which is also called as a module"
+        if len(src.users) != 1:
+            others = ", ".join(u.name for u in src.users if u is not bn_node)
+            return f"the output of {src.name} also feeds {others}"
+        w = _get_attr_tensor(gm, weight)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            return f"the weight of {src.name} is not a float tensor"
+        shape = getattr(src.meta.get("tensor_meta"), "shape", None)
+        if src.target is F.linear and shape is not None and len(shape) != 2:
+            return f"{src.name} output has shape {tuple(shape)}; BatchNorm1d normalises axis 1, not the features"
+        num = gm.get_submodule(bn_node.target).num_features if bn_node.op == "call_module" else None
+        if num is not None and num != w.shape[0]:
+            return f"it has {num} channels but {src.name} has {w.shape[0]} outputs"
+        return ""
+
+    @staticmethod
+    def _fold_functional(gm: torch.fx.GraphModule, node: torch.fx.Node, p: _BNParams) -> None:
+        """``F.conv*/F.linear(x, W, b)`` then BN: W and b (a new zero bias wired into the call where there was
+        none) become the folded ones, in place."""
+        weight, bias = _functional_weight_bias(node)
+        w = _get_attr_tensor(gm, weight)
+        if bias is None:
+            path, _, wattr = str(weight.target).rpartition(".")
+            holder = gm.get_submodule(path) if path else gm
+            attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
+            if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
+                delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
+            holder.register_parameter(attr, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype),
+                                                         requires_grad=w.requires_grad))
+            with gm.graph.inserting_before(node):
+                bias = gm.graph.get_attr(f"{path}.{attr}" if path else attr)
+            if "bias" in node.kwargs:
+                node.kwargs = {**node.kwargs, "bias": bias}
+            else:
+                args = list(node.args) + [None] * max(0, 3 - len(node.args))
+                args[2] = bias
+                node.args = tuple(args)
+        b = _get_attr_tensor(gm, bias)
+        new_w, new_b = _folded(w, b, p)
+        with torch.no_grad():
+            w.copy_(new_w.to(w.dtype))
+            b.copy_(new_b.to(b.dtype))
 
     @staticmethod
     def _fold(layer: nn.Module, p: _BNParams) -> None:

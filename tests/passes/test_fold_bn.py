@@ -220,3 +220,56 @@ def test_transposed_conv_and_batchnorm_fold_per_output_channel(groups):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in result.gm.modules())
     with torch.no_grad():
         torch.testing.assert_close(result.gm(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SameConv(nn.Conv2d):
+    """A conv subclass with its own forward (TF "same" padding, as timm's Conv2dSame): traced into F.pad +
+    F.conv2d on the module's parameters."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, [0, 1, 0, 1]), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _SameConvBN(nn.Module):
+    INPUT_SHAPE = (2, 3, 9, 9)
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.conv = _SameConv(3, 6, 3, stride=2, bias=bias)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4, bias=False)
+        self.bn1d = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.bn1d(F.linear(y, self.fc.weight))  # a functional Linear on a module's weight, then BN
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm_after_functional_layers_on_parameters_is_folded(bias):
+    model = seeded(lambda: _SameConvBN(bias)).eval()
+    randomize_batchnorm(model, seed=4)
+    gm, result, p, ref, out = fold(model, example_input(_SameConvBN.INPUT_SHAPE, seed=5))
+    assert result.modified and bn_nodes(gm) == [], p.report
+    assert rel_err(out, ref) <= RTOL
+    conv = next(n for n in gm.graph.nodes if n.target is F.conv2d)
+    assert conv.args[2] is not None and conv.args[2].op == "get_attr"  # a bias now, folded
+    assert "output_stats" in conv.meta
+
+
+def test_functional_layer_whose_weight_is_shared_keeps_its_batchnorm():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 3, 3, 3))
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(F.conv2d(x, self.weight)) + F.conv2d(x.flip(-1), self.weight)  # two readers
+
+    model = seeded(Shared).eval()
+    randomize_batchnorm(model, seed=6)
+    gm, result, p, ref, out = fold(model, example_input((2, 3, 6, 6), seed=7))
+    assert not result.modified and len(bn_nodes(gm)) == 1
+    assert any("also used elsewhere" in line for line in p.report), p.report
+    assert torch.equal(out, ref)
