@@ -245,6 +245,31 @@ def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return obj
 
 
+def add_functional_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str, n_out: int,
+                        like: torch.Tensor) -> tuple:
+    """Give the bias-less ``F.conv*/F.linear`` call ``node`` a zero bias parameter of ``n_out`` entries, wired into
+    the call: ``bias`` of the module that owns the weight (``weight_target``), or ``<weight>_bias`` where that name
+    is taken. Returns ``(holder module, attribute name)``."""
+    import torch.nn as nn
+
+    path, _, wattr = weight_target.rpartition(".")
+    holder = gm.get_submodule(path) if path else gm
+    attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
+    if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
+        delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
+    zero = torch.zeros(n_out, dtype=like.dtype)
+    holder.register_parameter(attr, nn.Parameter(zero, requires_grad=like.requires_grad))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.get_attr(f"{path}.{attr}" if path else attr)
+    if "bias" in node.kwargs:
+        node.kwargs = {**node.kwargs, "bias": new}
+    else:
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        args[2] = new
+        node.args = tuple(args)
+    return holder, attr
+
+
 def fake_quantizer(gm: torch.fx.GraphModule, node):
     """The FakeQuantize a ``call_module`` node calls, or None."""
     from qcompile.qmodules import FakeQuantize

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value, data_batches
+from .base import Pass, PassResult, add_functional_bias, attr_value, data_batches
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -160,21 +160,8 @@ class BiasCorrection(Pass):
                 return None  # a bias computed in forward
             path, _, attr = str(bnode.target).rpartition(".")
             return (gm.get_submodule(path) if path else gm), attr
-        path, _, wattr = str(node.args[1].args[0].target).rpartition(".")
-        holder = gm.get_submodule(path) if path else gm
-        attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
-        if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
-            delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
-        holder.register_parameter(attr, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype)))
-        with gm.graph.inserting_before(node):
-            new = gm.graph.get_attr(f"{path}.{attr}" if path else attr)
-        if "bias" in node.kwargs:
-            node.kwargs = {**node.kwargs, "bias": new}
-        else:
-            args = list(node.args) + [None] * max(0, 3 - len(node.args))
-            args[2] = new
-            node.args = tuple(args)
-        return holder, attr
+        return add_functional_bias(gm, node, str(node.args[1].args[0].target), w.shape[0],
+                                   torch.zeros((), dtype=w.dtype, requires_grad=True))
 
     @staticmethod
     def _shift(node, eps: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, add_functional_bias
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -260,21 +260,8 @@ class FoldBatchNorm(Pass):
         weight, bias = _functional_weight_bias(node)
         w = _get_attr_tensor(gm, weight)
         if bias is None:
-            path, _, wattr = str(weight.target).rpartition(".")
-            holder = gm.get_submodule(path) if path else gm
-            attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
-            if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
-                delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
-            holder.register_parameter(attr, nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype),
-                                                         requires_grad=w.requires_grad))
-            with gm.graph.inserting_before(node):
-                bias = gm.graph.get_attr(f"{path}.{attr}" if path else attr)
-            if "bias" in node.kwargs:
-                node.kwargs = {**node.kwargs, "bias": bias}
-            else:
-                args = list(node.args) + [None] * max(0, 3 - len(node.args))
-                args[2] = bias
-                node.args = tuple(args)
+            add_functional_bias(gm, node, str(weight.target), w.shape[0], w)
+            _, bias = _functional_weight_bias(node)
         b = _get_attr_tensor(gm, bias)
         new_w, new_b = _folded(w, b, p)
         with torch.no_grad():
