@@ -193,12 +193,17 @@ _MAX_EXACT_TERMS = 8192
 
 def int8_accumulator(fn, x_codes: torch.Tensor, w_codes: torch.Tensor, *args) -> torch.Tensor:
     """``fn(x_codes, w_codes, None, *args)`` exactly (float64): Σ (q_x − Z_x)·q_w of a conv/linear ``fn`` on integer
-    codes (``|x_codes| ≤ 255``, ``|w_codes| ≤ 128``, integer-valued float tensors), from two float32 runs of
-    ``fn`` instead of one float64 run (several times faster on a CPU). ``args`` follow the bias (stride, ...).
+    codes (``|x_codes| ≤ 255``, ``|w_codes| ≤ 128``, integer-valued float tensors), from one float32 run of ``fn``
+    where no partial sum can reach 2**24, else two (the halves of the split codes), instead of one float64 run
+    (several times faster on a CPU). ``args`` follow the bias (stride, ...).
     Layers with more than 8192 terms per output fall back to float64, exact there too (|Σ| < 2**53)."""
     if w_codes[0].numel() > _MAX_EXACT_TERMS:
         return fn(x_codes.double(), w_codes.double(), None, *args)
     x32, w32 = x_codes.float(), w_codes.float()
+    # Where no output can reach 2**24 (Σ_k |q_w| · max |q_x| per output channel bounds every partial sum), one
+    # float32 run is exact already: most layers, whose weights are far from ±128 everywhere.
+    if float(w32.abs().flatten(1).sum(1).max()) * float(x32.abs().max()) < 2.0 ** 24:
+        return fn(x32, w32, None, *args).double()
     hi = torch.floor(x32 / _SPLIT)  # exact: division by a power of two of an integer below 2**24
     lo = x32 - _SPLIT * hi
     return fn(hi, w32, None, *args).double().mul_(_SPLIT).add_(fn(lo, w32, None, *args).double())

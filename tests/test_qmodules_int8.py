@@ -1,5 +1,5 @@
-"""``int8_accumulator`` (qcompile/qmodules.py): the int32 accumulator of an int8 layer from two float32 runs of the
-layer, bit-identical to the float64 run on the same integer codes (exact there: every sum stays below 2**53),
+"""``int8_accumulator`` (qcompile/qmodules.py): the int32 accumulator of an int8 layer from one or two float32 runs of
+the layer, bit-identical to the float64 run on the same integer codes (exact there: every sum stays below 2**53),
 at the worst-case magnitudes of 8-bit codes: |q_x − Z_x| = 255, |q_w| = 128, 4608 and 8192 terms per output."""
 from __future__ import annotations
 
@@ -39,6 +39,28 @@ def test_largest_partial_sums_reach_two_to_the_24_and_stay_exact():
     expected = F.linear(x.double(), w.double(), None)
     got = int8_accumulator(F.linear, x, w)
     assert torch.equal(got, expected) and float(got[0, 0]) == -255.0 * 128 * 8192
+
+
+def test_one_float32_run_where_no_partial_sum_reaches_two_to_the_24(monkeypatch):
+    # Σ|q_w|·max|q_x| = 4096·16·255 = 16 711 680 < 2**24: one float32 run, exact; one more unit of weight and the
+    # bound passes 2**24: the split into two runs
+    calls = []
+
+    def counted(*a):
+        calls.append(a[0].dtype)
+        return F.linear(*a)
+
+    x = torch.full((2, 4096), 255.0)
+    for w_value, runs in ((16.0, 1), (17.0, 2)):
+        calls.clear()
+        w = torch.full((3, 4096), w_value)
+        got = int8_accumulator(counted, x, w)
+        assert torch.equal(got, F.linear(x.double(), w.double())) and len(calls) == runs
+        assert float(got[0, 0]) == 255.0 * w_value * 4096
+    # random codes of the usual magnitudes: one run, bit-identical to float64
+    x = _codes((4, 3000), [-200.0, -3.0, 0.0, 7.0, 255.0], seed=9)
+    w = _codes((6, 3000), [-20.0, -1.0, 0.0, 2.0, 19.0], seed=10)
+    assert torch.equal(int8_accumulator(F.linear, x, w), F.linear(x.double(), w.double()))
 
 
 def test_linear_random_codes_and_the_float64_fallback_beyond_8192_terms():
