@@ -245,6 +245,21 @@ def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return obj
 
 
+def stock_layer(mod) -> bool:
+    """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that computes exactly what its torch.nn class does:
+    neither ``forward`` nor ``_conv_forward`` overridden. A subclass with its own forward (TF "same" padding, weight
+    standardization) kept whole by ``--leaf-module`` is not one: rewriting its call as the plain layer op, folding
+    a BatchNorm into its weight or rescaling it would change what it computes."""
+    import torch.nn as nn
+
+    for base in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear):
+        if isinstance(mod, base):
+            return all(getattr(type(mod), attr, None) is getattr(base, attr, None)
+                       for attr in ("forward", "_conv_forward"))
+    return False
+
+
 def add_functional_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_target: str, n_out: int,
                         like: torch.Tensor) -> tuple:
     """Give the bias-less ``F.conv*/F.linear`` call ``node`` a zero bias parameter of ``n_out`` entries, wired into

@@ -48,7 +48,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, stock_layer
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -244,7 +244,8 @@ class EqualizeWeights(Pass):
                 calls[node.target] = calls.get(node.target, 0) + 1
 
         def is_layer(node) -> bool:
-            return node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYERS)
+            return node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYERS) \
+                and stock_layer(gm.get_submodule(node.target))
 
         chains: list[_Chain] = []
         for node in gm.graph.nodes:

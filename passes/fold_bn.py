@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult, add_functional_bias
+from .base import Pass, PassResult, add_functional_bias, stock_layer
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -204,6 +204,8 @@ class FoldBatchNorm(Pass):
             kind = src.op if src.op != "call_module" else type(gm.get_submodule(src.target)).__name__
             return f"its input {src.name} ({kind}) is not a Conv1d/2d/3d, ConvTranspose or Linear module"
         layer = gm.get_submodule(src.target)
+        if not stock_layer(layer):
+            return f"{src.target} ({type(layer).__name__}) has its own forward, which its weight may not pass through"
         if len(src.users) != 1:
             others = ", ".join(u.name for u in src.users if u is not bn_node)
             return f"the output of {src.target} also feeds {others}"

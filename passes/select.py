@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from qcompile.errors import UserError
 from qcompile.ir import QUANT_SCHEMES, LayerConfig
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, stock_layer
 
 LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
 LAYER_FUNCTIONS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
@@ -252,7 +252,8 @@ def layer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The Conv/Linear nodes that get a LayerConfig, in graph order."""
     out = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_MODULES):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_MODULES) \
+                and stock_layer(gm.get_submodule(node.target)):
             out.append(node)
         elif node.op == "call_function" and node.target in LAYER_FUNCTIONS:
             out.append(node)
@@ -417,13 +418,15 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             continue
         seen.add(node.target)
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, LAYER_MODULES) or type(mod).__module__.startswith("qcompile."):
+        if (isinstance(mod, LAYER_MODULES) and stock_layer(mod)) or type(mod).__module__.startswith("qcompile."):
             continue
         layers = sum(isinstance(m, LAYER_MODULES) for m in mod.modules())
         recurrent = sum(isinstance(m, nn.RNNBase) for m in mod.modules())
         packed = sum(isinstance(m, nn.MultiheadAttention) for m in mod.modules())
         parts = []
-        if layers:
+        if isinstance(mod, LAYER_MODULES):  # a kept-whole subclass: quantizing it as the plain layer would be wrong
+            parts.append(f"a {type(mod).__mro__[1].__name__} with its own forward")
+        elif layers:
             parts.append(f"{layers} Conv/Linear layer(s)")
         if recurrent:
             parts.append(f"{recurrent} recurrent layer(s)")

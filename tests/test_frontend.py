@@ -531,3 +531,53 @@ def test_wrapped_models_compile_as_the_model_inside(wrap):
     x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(7))
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
+
+
+class _DynamicSameConv(nn.Conv2d):
+    """timm's Conv2dSame: "same" padding computed from the input size with math.ceil, which torch.fx cannot trace
+    (so it must be kept whole with --leaf-module)."""
+
+    def forward(self, x):
+        import math
+
+        ih, iw = x.shape[-2:]
+        kh, kw = self.weight.shape[-2:]
+        ph = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pw = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        x = torch.nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_a_kept_whole_layer_with_its_own_forward_stays_float_and_its_batchnorm_stays():
+    """Kept whole, such a layer used to be rewritten as a plain conv with its module's padding (0): the file and the
+    simulation agreed with each other, and both computed another function (17x17 maps became 16x16; 28 dB from
+    float at W8A8)."""
+    from qcompile.summary import layer_lines
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = _DynamicSameConv(3, 16, 3, stride=2, bias=False)
+            self.b1 = nn.BatchNorm2d(16)
+            self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.b1(self.c1(x)))).mean((2, 3))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(16, 3, 33, 33)
+    with pytest.raises(qcompile.UserError, match="--leaf-module c1"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["c1"])
+    lines = "\n".join(layer_lines(result.model))
+    assert any(line.split()[0] == "c1" and "float" in line and "own forward" in line
+               for line in lines.splitlines()[1:]), lines
+    assert "c2" in lines and "W8 uniform" in lines
+    with torch.no_grad():
+        ref, sim = model(x), result.model(x)
+    sqnr = float(10 * torch.log10(ref.pow(2).sum() / (sim - ref).pow(2).sum()))
+    assert sqnr > 40.0, sqnr
+    assert result.report.passed
+    # its BatchNorm is not folded into a weight that the layer's own forward may transform
+    assert any(n.op == "call_module" and n.target == "b1" for n in result.model.graph.nodes)
