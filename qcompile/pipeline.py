@@ -1,8 +1,9 @@
 """The pass pipeline, as a list you can read.
 
     fp32:       RemoveIdentity → EliminateDeadCode
-    quantized:  RemoveIdentity → EliminateDeadCode → FoldConstants → FoldBatchNorm → EqualizeWeights → SelectLayers
-                → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → Calibrate → ShareInt8Params
+    quantized:  RemoveIdentity → EliminateDeadCode → RecordFloatOutputs → FoldConstants → FoldBatchNorm
+                → EqualizeWeights → SelectLayers → InsertQuantizers → QuantizeOutputs → QuantizeResiduals
+                → CheckFloatOutputs → Calibrate → ShareInt8Params
                 → BiasCorrection → QuantizeBias
                 → BindIntegerLayers → BindIntegerAdds → BindIntegerPools
                 → EliminateDeadCode

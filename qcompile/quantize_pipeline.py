@@ -9,6 +9,7 @@ from qcompile.passes.cleanup import EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.fold_constants import FoldConstants
+from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.int8_pairs import PairSafeInt8Weights
 from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
@@ -28,7 +29,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
     overrides = list(parse_exclude(opts.exclude))
     if opts.config:
         overrides += load_overrides(opts.config)
-    passes: list[Pass] = [FoldConstants()]  # weights computed in forward become weights the passes see
+    record = RecordFloatOutputs(calib)  # the traced model's outputs on two calibration samples
+    passes: list[Pass] = [record, FoldConstants()]  # weights computed in forward become weights
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:
@@ -40,6 +42,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list
     ]
     if opts.int8_outputs:
         passes += [QuantizeOutputs(), QuantizeResiduals(observer=opts.calib_method)]
+    passes.append(CheckFloatOutputs(record))  # the passes so far kept the model's function
     passes.append(Calibrate(calib, method=opts.calib_method, progress=progress,
                             record_input_means=opts.bias_correction))  # BiasCorrection's E[x], same pass
     if opts.int8_outputs:

@@ -581,3 +581,27 @@ def test_a_kept_whole_layer_with_its_own_forward_stays_float_and_its_batchnorm_s
     assert result.report.passed
     # its BatchNorm is not folded into a weight that the layer's own forward may transform
     assert any(n.op == "call_module" and n.target == "b1" for n in result.model.graph.nodes)
+
+
+def test_a_pass_that_changes_the_function_stops_the_compile(monkeypatch):
+    """CheckFloatOutputs: with the guard above removed (a kept-whole layer with its own forward rewritten as a plain
+    conv again), the prepared graph no longer computes the model's outputs and the compile stops with one line,
+    instead of writing a file that only agrees with its own simulation."""
+    import qcompile.passes.select as select
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = _DynamicSameConv(3, 8, 3, stride=2)
+            self.c2 = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.c1(x)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(8, 3, 33, 33)
+    assert qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["c1"]).report.passed
+    monkeypatch.setattr(select, "stock_layer", lambda mod: True)
+    with pytest.raises(qcompile.UserError, match="changed what the model computes.*changed shape"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["c1"])

@@ -1,0 +1,78 @@
+"""RecordFloatOutputs / CheckFloatOutputs: the passes before calibration must not change what the model computes.
+
+Folding BatchNorm and constants, equalizing channels, choosing layers and inserting (not yet calibrated) quantizers
+keep the model's function up to float rounding: with every quantizer passing values through, the graph that reaches
+``Calibrate`` computes the traced model's outputs. A rewrite that breaks this (a layer whose own forward is lost,
+a fold into a weight its forward transforms) would give a file that matches its own simulation, so validation
+passes, yet computes another function. ``RecordFloatOutputs`` (first in the quantization pipeline) runs the traced
+graph on a couple of calibration samples; ``CheckFloatOutputs`` (just before ``Calibrate``) runs the prepared graph
+on them, both with the quantizers passing values through and the same random seed, and stops the compile with one
+line when an output moved by more than ``rtol`` of its largest magnitude. Neither changes the graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from .base import Pass, PassResult, data_batches
+
+
+def _outputs(gm: torch.fx.GraphModule, sample: tuple) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_leaves
+
+    from qcompile.qmodules import disabled_quantizers
+
+    with torch.no_grad(), torch.random.fork_rng(), disabled_quantizers(gm):
+        torch.manual_seed(0)  # a model that draws noise in forward draws the same noise in both runs
+        return [t.detach().double() for t in tree_leaves(gm(*sample)) if isinstance(t, torch.Tensor)]
+
+
+class RecordFloatOutputs(Pass):
+    def __init__(self, data, samples: int = 2):
+        super().__init__()
+        self.sample = next(data_batches(data, samples)) if data is not None else None
+        self.outputs: list[torch.Tensor] | None = None
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        if self.sample is not None:
+            self.outputs = _outputs(gm, self.sample)
+        return PassResult(gm, False)
+
+
+class CheckFloatOutputs(Pass):
+    def __init__(self, record: RecordFloatOutputs, rtol: float = 1e-3):
+        super().__init__()
+        self.record = record
+        self.rtol = rtol
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from qcompile.errors import UserError
+
+        ref = self.record.outputs
+        if ref is None:
+            return PassResult(gm, False)
+        got = _outputs(gm, self.record.sample)
+        problem = ""
+        if len(got) != len(ref):
+            problem = f"{len(ref)} outputs became {len(got)}"
+        for i, (a, b) in enumerate(zip(ref, got)):
+            if problem:
+                break
+            if a.shape != b.shape:
+                problem = f"output {i} changed shape {tuple(a.shape)} -> {tuple(b.shape)}"
+                break
+            finite = torch.isfinite(a) & torch.isfinite(b)
+            if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+                problem = f"output {i} has non-finite values in other places"
+                break
+            scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
+            err = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
+            if err > self.rtol * scale + 1e-6:
+                problem = f"output {i} moved by {err:.3g} (its largest magnitude is {scale:.3g})"
+        if problem:
+            raise UserError(
+                f"qcompile's graph passes changed what the model computes before quantization ({problem}); this is a "
+                "qcompile bug, please report it; keeping the layer involved float (--exclude NAME or --leaf-module "
+                "NAME) or --no-fold-bn / --no-equalize may avoid it")
+        self.report.append(f"outputs of the prepared graph equal the model's (rtol {self.rtol:g})")
+        return PassResult(gm, False)
