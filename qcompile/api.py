@@ -179,7 +179,8 @@ def compile(
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
     gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
-    pipeline = Pipeline(build_passes(opts, calib_x, progress), check=opts.check, callback=callback)
+    pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
+                        callback=callback)
     gm = pipeline(gm).gm
     gm.eval()
 

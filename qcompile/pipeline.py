@@ -18,10 +18,12 @@ from qcompile.passes.cleanup import EliminateDeadCode, RemoveIdentity
 from .options import CompileOptions
 
 
-def build_passes(opts: CompileOptions, calib=None, progress=None) -> list[Pass]:
+def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
+    """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
+    where there is no calibration data."""
     passes: list[Pass] = [RemoveIdentity(), EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here
 
-    return passes + quantization_passes(opts, calib, progress)
+    return passes + quantization_passes(opts, calib, progress, example=example)

@@ -25,11 +25,11 @@ def default_layer_config(opts: CompileOptions) -> LayerConfig:
                        abits=opts.act_bits, per_channel=opts.per_channel, reason="default")
 
 
-def quantization_passes(opts: CompileOptions, calib=None, progress=None) -> list[Pass]:
+def quantization_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     overrides = list(parse_exclude(opts.exclude))
     if opts.config:
         overrides += load_overrides(opts.config)
-    record = RecordFloatOutputs(calib)  # the traced model's outputs on two calibration samples
+    record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
     passes: list[Pass] = [record, FoldConstants()]  # weights computed in forward become weights
     if opts.fold_bn:
         passes.append(FoldBatchNorm())

@@ -605,3 +605,15 @@ def test_a_pass_that_changes_the_function_stops_the_compile(monkeypatch):
     monkeypatch.setattr(select, "stock_layer", lambda mod: True)
     with pytest.raises(qcompile.UserError, match="changed what the model computes.*changed shape"):
         qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["c1"])
+
+
+def test_the_float_check_also_runs_without_calibration_data():
+    """Data-free compiles (ranges from BatchNorm statistics) check the prepared graph on the example input."""
+    from tests.models import ResidualCNN, example_input
+
+    model = ResidualCNN(seed=0).eval()
+    result = qcompile.compile(model, example_input(model, seed=1, batch=1), scheme="uniform", bits=8,
+                              keep_first_last="fp32", int8_outputs=False, validate=False)
+    reports = {t.name: t.report for t in result.timings}
+    assert any("data-free" in line for line in reports["Calibrate"])
+    assert any("equal the model's" in line for line in reports["CheckFloatOutputs"])
