@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer
+from .base import Pass, PassResult, fake_quantizer, recompile_lazily
 from .insert_quant import is_nonnegative
 
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
@@ -185,7 +185,7 @@ class QuantizeResiduals(Pass):
                     self._changed = True
         if self._changed:
             gm.graph.lint()
-            gm.recompile()
+            recompile_lazily(gm)
         return PassResult(gm, self._changed)
 
     def _codes_of(self, gm, arg):
@@ -296,7 +296,7 @@ class BindIntegerAdds(Pass):
             changed = True
         if changed:
             gm.graph.lint()
-            gm.recompile()
+            recompile_lazily(gm)
         return PassResult(gm, changed)
 
 
@@ -336,5 +336,5 @@ class BindIntegerPools(Pass):
             changed = True
         if changed:
             gm.graph.lint()
-            gm.recompile()
+            recompile_lazily(gm)
         return PassResult(gm, changed)

@@ -366,8 +366,52 @@ def test_code_is_regenerated_after_graph_changes_and_not_after_value_only_passes
     calls.clear()  # building the GraphModule generated its code once
     out = Pipeline([ScaleWeights(), RemoveOneDoubleNeg(), ScaleWeights(), RemoveOneDoubleNeg(), ScaleWeights()],
                    steps=1)(gm).gm
-    # the first modifying pass always regenerates (the input's code is not trusted), then only the two rewrites do
-    assert len(calls) == 3
+    # no pass runs the module: the code is regenerated once, at the end (the input's code is not trusted)
+    assert len(calls) == 1
     assert count(out, operator.neg) == 0
+    assert "neg" not in out.code
     with torch.no_grad():
         torch.testing.assert_close(out(x), torch.relu(x @ (8.0 * w).T + b) + 1.0)  # runs the current graph and weights
+
+
+class DoubleOutput(Pass):
+    """A rewrite that changes the function: the output times two."""
+
+    def call(self, gm):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            twice = gm.graph.call_function(operator.mul, (out.args[0], 2.0))
+        out.args = (twice,)
+        return PassResult(gm, True)
+
+
+class RecordsOutput(Pass):
+    """A pass that runs the module (as calibration does)."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x, self.seen = x, []
+
+    def call(self, gm):
+        with torch.no_grad():
+            self.seen.append(gm(self.x))
+        return PassResult(gm, False)
+
+
+def test_a_pass_that_runs_the_module_after_rewrites_runs_the_rewritten_graph(monkeypatch):
+    calls = []
+    original = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile", lambda self: (calls.append(1), original(self))[1])
+    gm = traced()
+    x = seeded_input()
+    with torch.no_grad():
+        before = gm(x)
+    calls.clear()
+    first, second = RecordsOutput(x), RecordsOutput(x)
+    out = Pipeline([DoubleOutput(), RemoveOneDoubleNeg(), first, DoubleOutput(), second])(gm).gm
+    torch.testing.assert_close(first.seen[0], 2.0 * before)   # both rewrites before it, one regeneration
+    torch.testing.assert_close(second.seen[0], 4.0 * before)
+    assert len(calls) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), 4.0 * before)
+    assert len(calls) == 2  # regenerated already: no code generation per call
