@@ -346,7 +346,11 @@ def histogram_quant_error(edges: np.ndarray, counts: np.ndarray, level_sets: np.
 def _symmetric_bins_error(radius: np.ndarray, counts: np.ndarray, levels_: np.ndarray) -> np.ndarray:
     """:func:`histogram_quant_error` for many histograms at once, each with ``N`` equal bins over
     ``[-R_c, R_c]``: ``radius`` ``(C,)``, ``counts`` ``(C, N)``, ``levels_`` ``(C, A, K)`` -> errors ``(C, A)``.
-    The bin holding a threshold is found arithmetically, so everything is vectorised over channels."""
+    The bin holding a threshold is found arithmetically, so everything is vectorised over channels.
+
+    Summed by parts over the cells: with ``t_k`` the thresholds and ``M_m`` the moments below them,
+    ``Σ_k q_k (M(t_k) - M(t_{k-1})) = q_{K-1} M(∞) - Σ_{k<K-1} (q_{k+1} - q_k) M(t_k)``, so the error is
+    ``M_2(∞) - 2 Σ q S_1 + Σ q² S_0`` from the moments at the thresholds alone (the second moment only in total)."""
     n_ch, n_bins = counts.shape
     width = (2.0 * radius / n_bins)[:, None]
     r = radius[:, None]
@@ -354,25 +358,20 @@ def _symmetric_bins_error(radius: np.ndarray, counts: np.ndarray, levels_: np.nd
     zero = np.zeros((n_ch, 1))
     p0 = np.concatenate([zero, np.cumsum(counts, axis=1)], axis=1)
     p1 = np.concatenate([zero, np.cumsum(counts * centre, axis=1)], axis=1)
-    p2 = np.concatenate([zero, np.cumsum(counts * (centre ** 2 + width ** 2 / 12.0), axis=1)], axis=1)
+    total2 = np.sum(counts * (centre ** 2 + width ** 2 / 12.0), axis=1)
     n_alpha, n_levels = levels_.shape[1], levels_.shape[2]
     thr = ((levels_[:, :, 1:] + levels_[:, :, :-1]) / 2.0).reshape(n_ch, -1)  # (C, A * (K-1))
     t = np.clip(thr, -r, r)
     j = np.clip(np.floor((t + r) / width), 0, n_bins - 1).astype(np.int64)
     a = -r + j * width
-    frac = np.take_along_axis(counts, j, axis=1) * (t - a) / width
-    m0 = np.take_along_axis(p0, j, axis=1) + frac
-    m1 = np.take_along_axis(p1, j, axis=1) + frac * (a + t) / 2.0
-    m2 = np.take_along_axis(p2, j, axis=1) + frac * (t * t + t * a + a * a) / 3.0
-    error = np.zeros((n_ch, n_alpha))
-    for m, p, power in ((m0, p0, 2), (m1, p1, 1), (m2, p2, 0)):
-        below = m.reshape(n_ch, n_alpha, n_levels - 1)
-        cum = np.concatenate([np.zeros((n_ch, n_alpha, 1)), below,
-                              np.broadcast_to(p[:, -1][:, None, None], (n_ch, n_alpha, 1))], axis=2)
-        cell = np.diff(cum, axis=2)  # S_m per cell, (C, A, K)
-        coeff = {2: levels_ ** 2, 1: -2.0 * levels_, 0: 1.0}[power]
-        error += np.sum(coeff * cell, axis=2)
-    return error
+    rows = np.arange(n_ch)[:, None]
+    frac = counts[rows, j] * (t - a) / width
+    m0 = (p0[rows, j] + frac).reshape(n_ch, n_alpha, n_levels - 1)
+    m1 = (p1[rows, j] + frac * (a + t) / 2.0).reshape(n_ch, n_alpha, n_levels - 1)
+    top = levels_[:, :, -1]
+    s1 = top * p1[:, -1:] - np.einsum("cak,cak->ca", np.diff(levels_, axis=2), m1)
+    s0 = top * top * p0[:, -1:] - np.einsum("cak,cak->ca", np.diff(levels_ * levels_, axis=2), m0)
+    return total2[:, None] - 2.0 * s1 + s0
 
 
 def _batched_mse_search(radius, counts, base, alpha_max, points=100, refine=3, refine_points=21):
