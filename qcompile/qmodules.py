@@ -202,7 +202,7 @@ def int8_accumulator(fn, x_codes: torch.Tensor, w_codes: torch.Tensor, *args) ->
     x32, w32 = x_codes.float(), w_codes.float()
     # Where no output can reach 2**24 (Σ_k |q_w| · max |q_x| per output channel bounds every partial sum), one
     # float32 run is exact already: most layers, whose weights are far from ±128 everywhere.
-    if float(w32.abs().flatten(1).sum(1).max()) * float(x32.abs().max()) < 2.0 ** 24:
+    if float(w32.detach().abs().flatten(1).sum(1).max()) * float(x32.detach().abs().max()) < 2.0 ** 24:
         return fn(x32, w32, None, *args).double()
     hi = torch.floor(x32 / _SPLIT)  # exact: division by a power of two of an integer below 2**24
     lo = x32 - _SPLIT * hi
