@@ -206,3 +206,67 @@ def test_cleanup_pipeline_reaches_a_fixed_point():
     ]
     with torch.no_grad():
         torch.testing.assert_close(result.gm(x), model(x), rtol=0, atol=ATOL)
+
+
+# --- DecomposeRMSNorm ---------------------------------------------------------------------------------------
+class RMSNormNet(nn.Module):
+    """RMSNorm as a module (affine, eps None), as a module without weight (eps given), and as F.rms_norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm1 = nn.RMSNorm(32)
+        self.norm2 = nn.RMSNorm([4, 8], eps=1e-3, elementwise_affine=False)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, 32))
+        self.fc2 = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = self.norm1(self.fc1(x))
+        h = self.norm2(h.view(-1, 4, 8)).flatten(1)
+        h = F.rms_norm(h, (32,), self.gain, 1e-5)
+        return self.fc2(torch.relu(h))
+
+
+def test_decompose_rms_norm_keeps_the_function_and_makes_it_exportable():
+    from qcompile.export import export_onnx
+    from qcompile.passes.cleanup import DecomposeRMSNorm
+
+    torch.manual_seed(0)
+    model = RMSNormNet().eval()
+    with torch.no_grad():
+        model.norm1.weight.uniform_(0.5, 2.0)
+    x = torch.randn(6, 16)
+    gm = trace(model, (x,))
+    with pytest.raises(Exception, match="rms_norm"):  # what the pass is for
+        export_onnx(gm, (x,))
+    result = Pipeline([DecomposeRMSNorm()], check=True)(gm)
+    assert result.modified
+    out = result.gm
+    assert not any(n.op == "call_module" and isinstance(out.get_submodule(n.target), nn.RMSNorm)
+                   for n in out.graph.nodes)
+    assert not any(n.op == "call_function" and n.target is F.rms_norm for n in out.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-6)
+    assert not DecomposeRMSNorm()(out).modified
+
+    import onnxruntime as ort
+    onnx_model = export_onnx(out, (x,))
+    sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_with_rms_norm_compiles_quantized_and_validates(tmp_path):
+    import qcompile
+
+    torch.manual_seed(1)
+    model = RMSNormNet().eval()
+    calib = torch.randn(32, 16)
+    result = qcompile.compile(model, calib[:1], calib=calib, output=str(tmp_path / "m.onnx"), scheme="apot", bits=4)
+    assert result.report.passed, result.report.failures
+    from qcompile.qmodules import FakeQuantize
+
+    weights = [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "weight"]
+    assert len(weights) == 2  # both Linear layers, around the decomposed norms
+    assert result.report.extra["sqnr_vs_float_db"] > 10
+    assert (tmp_path / "m.onnx").exists()
