@@ -405,8 +405,9 @@ class PairSafeInt8Weights(Pass):
             groups = 1
             if node.target is not F.linear:
                 groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-                if w.shape[1] == 1 and groups > 1:
-                    continue  # depthwise: int32 kernel, exact
+                if w.shape[1] == 1 and groups == w.shape[0] > 1:
+                    continue  # depthwise, one output per input channel: onnxruntime's int32 kernel, exact (a
+                    # channel multiplier of 2 or more runs on the grouped uint8 x int8 GEMM, which saturates)
             with torch.no_grad():
                 result = safe_weights(w, wfq, limit)
                 if result is None:

@@ -190,8 +190,8 @@ def saturating_pairs(model) -> int:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Conv":
-            if w.shape[1] == 1 and attrs.get("group", 1) > 1:
-                continue  # depthwise kernel: exact
+            if w.shape[1] == 1 and attrs.get("group", 1) == w.shape[0] > 1:
+                continue  # depthwise kernel (one output per input channel): exact
             rows = w.reshape(w.shape[0], w.shape[1], -1).transpose(0, 2, 1).reshape(w.shape[0], -1)
         elif node.op_type == "Gemm" and attrs.get("transB", 0):
             rows = w.reshape(w.shape[0], -1)

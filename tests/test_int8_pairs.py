@@ -57,7 +57,8 @@ def from_order(flat: np.ndarray, shape: tuple) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cin,k,group", [(3, (3, 3), 1), (16, (3, 3), 1), (5, (1, 1), 1), (64, (1, 1), 1),
-                                         (8, (3, 3), 2), (32, (3,), 1), (3, (2, 2, 2), 1)])
+                                         (8, (3, 3), 2), (32, (3,), 1), (3, (2, 2, 2), 1),
+                                         (4, (3, 3), 4)])  # one input channel per group, 2 outputs each
 def test_onnxruntime_adds_kernel_order_neighbours_in_int16_where_the_probe_says(cin, k, group):
     out, pairs = _conv_pair_outputs(cin, k, group)
     saturated = {p for (p, _), v in zip(pairs, out) if v != 253}
@@ -169,6 +170,38 @@ def test_s8_safe_is_exact_on_this_machine_even_at_full_scale_activations(tmp_pat
     assert ops["QLinearConv"] == 4 and ops["QGemm"] == 1 and not ops["Conv"] and not ops["DequantizeLinear"], ops
     if u8s8_saturates():
         assert not s8.report.passed  # and without the pass, this CPU gets these inputs wrong
+
+
+class ChannelMultiplier(nn.Module):
+    """A grouped conv with one input channel per group and two outputs each (MobileNet's depthwise with a channel
+    multiplier): not onnxruntime's depthwise kernel, so its weight pairs saturate like any other."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw2 = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8 * 8 * 8, 3)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(4)
+            self.dw2.weight.copy_(torch.rand(self.dw2.weight.shape, generator=gen) ** 0.3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.dw2(x)).flatten(1))
+
+
+def test_channel_multiplier_convolutions_are_made_pair_safe_and_counted():
+    model = ChannelMultiplier().eval()
+    calib = torch.rand(32, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    hostile = torch.rand(16, 4, 8, 8, generator=torch.Generator().manual_seed(6)) * 4
+    s8 = qcompile.compile(model, calib[:1], calib=calib, scheme="uniform", bits=8, int8_weights="s8",
+                          validation_inputs=hostile)
+    safe = qcompile.compile(model, calib[:1], calib=calib, scheme="uniform", bits=8, int8_weights="s8-safe",
+                            validation_inputs=hostile)
+    assert saturating_pairs(s8.onnx_model) > 0
+    assert saturating_pairs(safe.onnx_model) == 0
+    assert any(line.startswith("dw2:") for t in safe.timings if t.name == "PairSafeInt8Weights" for line in t.report)
+    assert safe.report.passed and safe.report.extra["codes_differ"] == 0, safe.report.summary()
+    if u8s8_saturates():
+        assert not s8.report.passed
 
 
 def test_s8_safe_costs_little_accuracy_on_the_digits_model():
