@@ -308,7 +308,7 @@ def add_functional_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_ta
 
     path, _, wattr = weight_target.rpartition(".")
     holder = gm.get_submodule(path) if path else gm
-    attr = "bias" if getattr(holder, "bias", None) is None else f"{wattr}_bias"
+    attr = "bias" if getattr(holder, "bias", None) is None else _free_name(holder, f"{wattr}_bias")
     if hasattr(holder, attr) and not isinstance(getattr(holder, attr), nn.Parameter):
         delattr(holder, attr)  # nn.Conv2d(bias=False) registers bias = None
     zero = torch.zeros(n_out, dtype=like.dtype)
@@ -322,6 +322,45 @@ def add_functional_bias(gm: torch.fx.GraphModule, node: torch.fx.Node, weight_ta
         args[2] = new
         node.args = tuple(args)
     return holder, attr
+
+
+def _free_name(holder: torch.nn.Module, name: str) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... : the first that ``holder`` has no attribute of."""
+    candidate, i = name, 0
+    while getattr(holder, candidate, None) is not None:
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def private_bias(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """Give the layer call ``node`` a bias parameter of its own where its bias (a ``get_attr``) is also read by
+    another node: a module called from several places (a shared conv) shares its weight, but bias correction and
+    the bias grid (S_x·S_w, S_x that of each call's input) differ per call. The copy is registered beside the
+    original (``bias_1``, ...) and wired into ``node`` alone. Returns whether it copied."""
+    import torch.nn as nn
+
+    in_kwargs = "bias" in node.kwargs
+    bnode = node.kwargs["bias"] if in_kwargs else (node.args[2] if len(node.args) > 2 else None)
+    if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
+        return False
+    readers = {u for n in gm.graph.nodes if n.op == "get_attr" and n.target == bnode.target for u in n.users}
+    if readers <= {node}:
+        return False
+    path, _, attr = str(bnode.target).rpartition(".")
+    holder = gm.get_submodule(path) if path else gm
+    value = getattr(holder, attr)
+    new_attr = _free_name(holder, attr)
+    holder.register_parameter(new_attr, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+    with gm.graph.inserting_before(node):
+        new = gm.graph.get_attr(f"{path}.{new_attr}" if path else new_attr)
+    if in_kwargs:
+        node.kwargs = {**node.kwargs, "bias": new}
+    else:
+        args = list(node.args)
+        args[2] = new
+        node.args = tuple(args)
+    return True
 
 
 def fake_quantizer(gm: torch.fx.GraphModule, node):

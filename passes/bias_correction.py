@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, add_functional_bias, attr_value, data_batches
+from .base import Pass, PassResult, add_functional_bias, attr_value, data_batches, private_bias
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -147,19 +147,25 @@ class BiasCorrection(Pass):
     def _bias_of(gm: torch.fx.GraphModule, node, w: torch.Tensor):
         """``(module, attribute)`` of the layer's bias parameter; a layer without one gets a zero bias (``bias`` of
         the module that owns the weight, or ``<weight>_bias`` where that name is taken) wired into the call."""
+        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if isinstance(bnode, torch.fx.Node):
+            if bnode.op != "get_attr":
+                return None  # a bias computed in forward
+            if private_bias(gm, node):  # a module called from several places: each call is corrected apart
+                bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            path, _, attr = str(bnode.target).rpartition(".")
+            return (gm.get_submodule(path) if path else gm), attr
         layer = node.meta.get("layer")
         try:
             module = gm.get_submodule(layer) if isinstance(layer, str) else None
         except AttributeError:
             module = None
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and module.bias is not None:
-            return module, "bias"  # also where QuantizeOutputs moved the bias behind the output quantizer
-        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if isinstance(bnode, torch.fx.Node):
-            if bnode.op != "get_attr":
-                return None  # a bias computed in forward
-            path, _, attr = str(bnode.target).rpartition(".")
-            return (gm.get_submodule(path) if path else gm), attr
+            # where QuantizeOutputs moved the bias behind the output quantizer; a module called from several
+            # places adds that bias after each call: a correction of this call goes into a bias of its own
+            calls = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("layer") == layer)
+            if calls == 1:
+                return module, "bias"
         return add_functional_bias(gm, node, str(node.args[1].args[0].target), w.shape[0],
                                    torch.zeros((), dtype=w.dtype, requires_grad=True))
 

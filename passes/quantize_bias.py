@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, input_quantizer
+from .base import Pass, PassResult, fake_quantizer, input_quantizer, private_bias
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
 
@@ -42,6 +42,9 @@ class QuantizeBias(Pass):
                 continue
             if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
                 continue
+            if private_bias(gm, node):  # a shared module: each call's bias on its own grid
+                bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                changed = True
             owner_name, _, attr = str(bnode.target).rpartition(".")
             owner = gm.get_submodule(owner_name) if owner_name else gm
             b = getattr(owner, attr)
