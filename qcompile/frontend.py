@@ -347,8 +347,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             gm = _trace_transformers(model, example_inputs, leaf_modules)
     if gm is None:
         tracer = _Tracer(leaf_modules)
+        n_given = len(example_inputs) if example_inputs is not None else None
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
+            _drop_default_placeholders(graph)
         except Exception as exc:
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
@@ -386,7 +388,9 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
     tracer = _Tracer(leaf_modules, transformers=True)
     try:
         candidate = rewrite_attention(model)
-        graph = tracer.trace(candidate)
+        n_given = len(example_inputs) if example_inputs is not None else None
+        graph = tracer.trace(candidate, concrete_args=_defaults_beyond(candidate, n_given))
+        _drop_default_placeholders(graph)
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         if example_inputs is not None:  # compared in eval mode (no dropout), each module's mode restored after
             modes = [(m, m.training) for m in list(model.modules()) + list(gm.modules())]
@@ -405,6 +409,57 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
         return gm
     except Exception:  # NotTraceable, a TraceError, a shape the stand-in does not cover: trace as before
         return None
+
+
+def _defaults_beyond(model: nn.Module, n_given: int | None) -> dict | None:
+    """The forward parameters with defaults that the traced call does not pass (those after the ``n_given``
+    inputs; all of them when the count is unknown), with their defaults: ``forward(self, x, mask=None,
+    return_features=False)`` is traced as ``model(x)`` is called, its ``if mask is not None`` and
+    ``if return_features`` branches decided by the defaults instead of failing on (or taking) a traced value."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if n_given is None:
+        n_given = sum(1 for p in params if p.kind in positional and p.default is p.empty)
+    out, index = {}, 0
+    for p in params:
+        if p.kind in positional:
+            index += 1
+            if index <= n_given:
+                continue
+        elif p.kind != inspect.Parameter.KEYWORD_ONLY:
+            continue  # *args / **kwargs
+        if p.default is not p.empty:
+            out[p.name] = p.default
+    return out or None
+
+
+def _drop_default_placeholders(graph: torch.fx.Graph) -> None:
+    """Remove what tracing with defaults leaves behind: the checks that a parameter has its default
+    (``_assert_is_none(p)``, ``torch._assert(p == value)``) and the placeholders of those parameters, now unused, so
+    the module takes the model's inputs alone."""
+    import operator
+
+    from torch.fx._symbolic_trace import _assert_is_none
+
+    for ph in [n for n in graph.nodes if n.op == "placeholder" and n.args]:  # n.args: (default,)
+        for user in list(ph.users):
+            if user.op != "call_function":
+                continue
+            if user.target is _assert_is_none and not user.users:
+                graph.erase_node(user)
+            elif user.target is operator.eq:
+                for check in list(user.users):
+                    if check.op == "call_function" and check.target is torch._assert and not check.users:
+                        graph.erase_node(check)
+                if not user.users:
+                    graph.erase_node(user)
+        if not ph.users:
+            graph.erase_node(ph)
 
 
 class _ShapeProp(ShapeProp):

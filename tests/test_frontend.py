@@ -617,3 +617,48 @@ def test_the_float_check_also_runs_without_calibration_data():
     reports = {t.name: t.report for t in result.timings}
     assert any("data-free" in line for line in reports["Calibrate"])
     assert any("equal the model's" in line for line in reports["CheckFloatOutputs"])
+
+
+class WithDefaults(nn.Module):
+    """Optional forward parameters that change the control flow: a mask that defaults to None, a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None, return_features=False, *, scale=1.0):
+        h = torch.relu(self.conv(x))
+        if mask is not None:
+            h = h * mask
+        feats = h.mean((2, 3)) * scale
+        out = self.fc(feats)
+        return (out, feats) if return_features else out
+
+
+def test_optional_forward_parameters_are_traced_at_their_defaults(tmp_path):
+    """``model(x)`` is what is compiled: ``if mask is not None`` and ``if return_features`` follow the defaults
+    (tracing them as inputs failed: 'symbolically traced variables cannot be used as inputs to control flow')."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = WithDefaults().eval()
+    x = torch.randn(4, 3, 8, 8)
+    gm = trace(model, (x,))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    assert not any(n.op == "call_function" and n.target is torch._assert for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+    result = qcompile.compile(model, x[:1], calib=x, output=str(tmp_path / "m.onnx"), scheme="apot", bits=4)
+    assert result.report.passed, result.report.summary()
+    assert len(result.onnx_model.graph.input) == 1
+
+
+def test_a_second_input_with_a_default_is_traced_when_given():
+    torch.manual_seed(0)
+    model = WithDefaults().eval()
+    x, mask = torch.randn(2, 3, 8, 8), (torch.rand(2, 8, 8, 8) > 0.5).float()
+    gm = trace(model, (x, mask))
+    assert [n.target for n in gm.graph.nodes if n.op == "placeholder"] == ["x", "mask"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, mask), model(x, mask))
