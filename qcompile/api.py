@@ -192,6 +192,7 @@ def compile(
     else:
         onnx_model = export_mod.export_onnx(gm, example_inputs)
     export_mod.strip_default_attributes(onnx_model)
+    export_mod.share_identical_initializers(onnx_model)
     summary = {}
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report

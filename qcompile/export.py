@@ -223,3 +223,51 @@ def strip_default_attributes(model: onnx.ModelProto) -> onnx.ModelProto:
             del node.attribute[:]
             node.attribute.extend(keep)
     return model
+
+
+SHARE_MAX_BYTES = 1024  # constants up to this size are shared: tables, scales, zero points, shapes; not weights
+
+
+def share_identical_initializers(model: onnx.ModelProto, max_bytes: int = SHARE_MAX_BYTES) -> int:
+    """Keep one copy of each small initializer (``max_bytes`` or less) that the main graph holds several times
+    with the same type, shape and contents (the level table of every APoT layer, zero points, the cell tables
+    of APoT activations that share a level set), and point every reader at it, subgraphs included. Graph inputs
+    and outputs are never merged. Returns how many initializers were removed."""
+    graph = model.graph
+    io_names = {v.name for v in list(graph.input) + list(graph.output)}
+    keep: dict[bytes, str] = {}
+    rename: dict[str, str] = {}
+    for t in graph.initializer:
+        if t.name in io_names or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        body = onnx.TensorProto()
+        body.CopyFrom(t)
+        body.ClearField("name")
+        body.ClearField("doc_string")
+        key = body.SerializeToString(deterministic=True)
+        if len(key) > max_bytes:
+            continue
+        if key in keep:
+            rename[t.name] = keep[key]
+        else:
+            keep[key] = t.name
+    if not rename:
+        return 0
+    kept = [t for t in graph.initializer if t.name not in rename]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    _rename_inputs(graph, rename)
+    return len(rename)
+
+
+def _rename_inputs(graph: onnx.GraphProto, rename: dict) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _rename_inputs(a.g, rename)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    _rename_inputs(g, rename)

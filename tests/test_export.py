@@ -244,3 +244,77 @@ def test_default_attributes_are_stripped_and_outputs_unchanged():
     xs = x.numpy()
     np.testing.assert_array_equal(run(session(after.SerializeToString()), [xs])[0],
                                   run(session(before.SerializeToString()), [xs])[0])
+
+
+def test_identical_small_initializers_are_stored_once_and_the_file_computes_the_same():
+    """Every APoT layer's level table, the zero points, the cell tables of APoT activations with one level set: one
+    copy each (readers in subgraphs renamed too); weights are never merged."""
+    from onnx import helper, numpy_helper
+
+    from qcompile.export import share_identical_initializers
+    from qcompile.models import digits
+
+    x_tr, _, x_te, _ = digits.load_split()
+    result = qcompile.compile(digits.pretrained(), x_tr[:1], calib=x_tr[:32], scheme="apot", bits=4,
+                              validation_inputs=x_te[:64])
+    assert result.report.passed and result.report.extra["codes_differ"] == 0
+    seen = {}
+    for t in result.onnx_model.graph.initializer:
+        body = onnx.TensorProto()
+        body.CopyFrom(t)
+        body.ClearField("name")
+        key = body.SerializeToString(deterministic=True)
+        if len(key) <= 1024:
+            assert key not in seen, f"{t.name} repeats {seen[key]}"
+            seen[key] = t.name
+    # unit: the duplicate goes, its readers (a subgraph's too) read the kept copy, weights above the size stay apart
+    a, b = np.arange(4, dtype=np.float32), np.arange(4, dtype=np.float32)
+    big = np.ones(600, np.float32)
+    inner = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y_then"])], "then", [],
+                              [helper.make_tensor_value_info("y_then", onnx.TensorProto.FLOAT, [4])])
+    other = helper.make_graph([helper.make_node("Add", ["x", "a"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", onnx.TensorProto.FLOAT, [4])])
+    nodes = [helper.make_node("Add", ["x", "a"], ["s"]), helper.make_node("Add", ["s", "b"], ["t"]),
+             helper.make_node("ReduceSum", ["big1"], ["r1"], keepdims=0),
+             helper.make_node("ReduceSum", ["big2"], ["r2"], keepdims=0),
+             helper.make_node("Add", ["r1", "r2"], ["r"]),
+             helper.make_node("Greater", ["r", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["u"], then_branch=inner, else_branch=other),
+             helper.make_node("Add", ["t", "u"], ["y"])]
+    inits = [numpy_helper.from_array(v, n) for n, v in
+             (("a", a), ("b", b), ("big1", big), ("big2", big.copy()), ("zero", np.zeros((), np.float32)))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    x = np.linspace(-1, 1, 4, dtype=np.float32)
+    before = run(session(model.SerializeToString()), [x])[0]
+    assert share_identical_initializers(model) == 1
+    assert sorted(t.name for t in model.graph.initializer) == ["a", "big1", "big2", "zero"]
+    onnx.checker.check_model(model, full_check=True)
+    np.testing.assert_array_equal(run(session(model.SerializeToString()), [x])[0], before)
+
+
+def test_gemm_bias_scale_is_computed_from_the_scales_in_the_file():
+    """The int32 bias of an int8 Gemm is dequantized with Mul(S_x, S_w) of the scales the file holds, not a stored
+    copy of their product; onnxruntime still fuses QGemm."""
+    import collections
+    import tempfile
+
+    from qcompile.models import digits
+
+    x_tr, _, _, _ = digits.load_split()
+    result = qcompile.compile(digits.pretrained(), x_tr[:1], calib=x_tr[:32], scheme="uniform", bits=8)
+    graph = result.onnx_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert gemms
+    for gemm in gemms:
+        bias_dq = producer[gemm.input[2]]
+        scale = producer[bias_dq.input[1]]
+        assert scale.op_type == "Mul"
+        assert set(scale.input) == {producer[gemm.input[0]].input[1], producer[gemm.input[1]].input[1]}
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = os.path.join(tmp, "opt.onnx")
+        session(result.onnx_model.SerializeToString(), optimized_model_path=opt)
+        ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    assert ops["QGemm"] == len(gemms) and not ops["Gemm"], ops
