@@ -542,8 +542,11 @@ def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
                     b = _Builder(node.name or "gemm")
                     q = b.const(codes.astype(np.int32), "bias_int32")
                     # no zero point: int32 codes with zero point 0 (the default), which QGemm fuses as well
-                    node.input[2] = b.node("DequantizeLinear", [q, b.const(np.ascontiguousarray(acc), "bias_scale")],
-                                           axis=0)
+                    # the scale S_x·S_w as a Mul of the two scales the file holds already (float32, as computed
+                    # above): onnxruntime folds it to a constant before its QDQ fusion, and a 64-channel layer's
+                    # scale is not stored twice
+                    x_scale, w_scale = producer[node.input[0]].input[1], producer[node.input[1]].input[1]
+                    node.input[2] = b.node("DequantizeLinear", [q, b.node("Mul", [x_scale, w_scale])], axis=0)
                     w_dq = producer[node.input[1]]
                     w_type = _stored_type(w_dq.input[0], inits, producer)
                     if len(w_dq.input) == 2 and w_type is not None:  # QGemm is fused only with explicit zero points
