@@ -84,6 +84,22 @@ def model_input_count(model: nn.Module) -> int:
     return max(1, len(required))
 
 
+def check_calibration_data(calib_x, example_inputs: tuple) -> None:
+    """Calibration inputs must be finite and have, sample for sample, the shape of the example inputs the model is
+    traced (and the file exported) with: one-line errors here instead of a failing pass later."""
+    parts = calib_x if isinstance(calib_x, tuple) else (calib_x,)
+    for i, (c, e) in enumerate(zip(parts, example_inputs)):
+        which = f"input {i} of the " if len(parts) > 1 else ""
+        if c.is_floating_point():
+            bad = int((~torch.isfinite(c)).sum())
+            if bad:
+                raise UserError(f"{which}calibration data holds {bad} NaN or inf value(s); give finite inputs (--calib)")
+        if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
+            raise UserError(f"{which}calibration data has samples of shape {tuple(c.shape[1:])} but the example input "
+                            f"is {tuple(e.shape[1:])} per sample; make --calib and --input-shape agree (or drop "
+                            "--input-shape)")
+
+
 def calib_data(calib, n_inputs: int = 1):
     """Calibration data as the passes take it: one tensor for a one-input model (see :func:`calib_tensor`), a tuple
     of ``n_inputs`` tensors (each ``(N, ...)``) for a model with several inputs. For several inputs ``calib`` is a
@@ -175,6 +191,8 @@ def compile(
             raise UserError("give example_inputs (or --input-shape) or calibration data, so the model can be traced")
         example_inputs = tuple(t[:1] for t in calib_x) if isinstance(calib_x, tuple) else calib_x[:1]
     example_inputs = as_input_tuple(example_inputs)
+    if calib_x is not None:
+        check_calibration_data(calib_x, example_inputs)
 
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one

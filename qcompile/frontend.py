@@ -373,8 +373,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             if node is not None:
                 where = f"at {node.target if node.op == 'call_module' else node.name}: "
             cause = exc.__cause__ if exc.__cause__ is not None else exc
-            raise UserError(f"the model does not run on inputs of shape {[tuple(t.shape) for t in example_inputs]} "
-                            f"({where}{_first_line(cause)}); fix --input-shape") from None
+            shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                               else repr(t) for t in example_inputs)
+            raise UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); "
+                            "fix --input-shape, or the shape and type of the --calib inputs") from None
     return gm
 
 

@@ -447,3 +447,26 @@ def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
     rc, out, err = cli(capsys, "qc_two_inputs:make", "--calib", "bad.npz", "-o", "y.onnx")
     assert rc == 2 and "same number of samples" in err
     assert not (work / "x.onnx").exists() and not (work / "y.onnx").exists()
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("nan", "calibration data holds 2 NaN or inf value(s)"),
+    ("shape", "calibration data has samples of shape (3, 4, 4) but the example input is (3, 8, 8) per sample"),
+    ("channels", "the model does not run on inputs of shape [(1, 5, 8, 8) float32]"),
+])
+def test_bad_calibration_data_is_a_one_line_error_and_writes_nothing(work, capsys, case, needle):
+    """NaN in the data, samples of another shape than --input-shape, data the model cannot take: one line, exit 2,
+    no file (these were an internal error from a pass, or told to fix --input-shape when --calib was at fault)."""
+    data = np.random.default_rng(2).standard_normal({"nan": (6, 3, 8, 8), "shape": (6, 3, 4, 4),
+                                                     "channels": (6, 5, 8, 8)}[case]).astype(np.float32)
+    if case == "nan":
+        data[0, 0, 0, :2] = np.nan
+    np.save(work / "bad.npy", data)
+    args = ["weights.pt", "--arch", SPEC, "--calib", "bad.npy", "--scheme", "uniform", "--bits", "8", "-o", "q.onnx"]
+    if case == "shape":
+        args += ["--input-shape", SHAPE]
+    rc, out, err = cli(capsys, *args)
+    assert_user_error(rc, err, needle)
+    if case == "channels":
+        assert "--calib" in err
+    assert onnx_files(work) == []

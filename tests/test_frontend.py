@@ -333,7 +333,7 @@ def test_trace_without_inputs_skips_shape_propagation():
 def test_trace_with_inputs_of_the_wrong_shape():
     with pytest.raises(UserError) as err:
         trace(ResidualCNN(), torch.zeros(2, 5, 16, 16))
-    _assert_one_line(err, "does not run on inputs of shape", "[(2, 5, 16, 16)]", "fix --input-shape")
+    _assert_one_line(err, "does not run on inputs of shape", "[(2, 5, 16, 16) float32]", "fix --input-shape")
 
 
 class SignGate(nn.Module):
