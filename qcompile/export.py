@@ -257,7 +257,23 @@ def share_identical_initializers(model: onnx.ModelProto, max_bytes: int = SHARE_
     del graph.initializer[:]
     graph.initializer.extend(kept)
     _rename_inputs(graph, rename)
+    _rename_probe_inputs(model, rename)
     return len(rename)
+
+
+def _rename_probe_inputs(model: onnx.ModelProto, rename: dict) -> None:
+    """The detached ``DequantizeLinear`` probes (``qcompile.emit.detach_probes``) name their scale and zero point
+    initializers in the model's metadata: rename them there too."""
+    import json
+
+    from .emit import PROBES_KEY
+
+    for prop in model.metadata_props:
+        if prop.key == PROBES_KEY:
+            probes = json.loads(prop.value)
+            for r in probes:
+                r["inputs"] = [rename.get(name, name) for name in r["inputs"]]
+            prop.value = json.dumps(probes, separators=(",", ":"))
 
 
 def _rename_inputs(graph: onnx.GraphProto, rename: dict) -> None:

@@ -381,3 +381,40 @@ def test_cost_report_on_lowered_and_standard_forms(compiled):
     assert conv2["uniform"]["mults"] == 64 * 32 * 16 * 9 and conv2["shift_add"]["mults"] == 0
     lines = format_cost_report(lo)
     assert lines[0].startswith("shift-add cost") and "total" in lines[-1] and any("conv2" in s for s in lines)
+
+
+class PreActivation(nn.Module):
+    """A pre-activation residual block (BN -> ReLU -> conv, twice, plus the skip): activations the lowered file
+    does not compute keep detached probes, whose scale/zero-point initializers may equal other constants."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1, self.c1 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1)
+        self.bn2, self.c2 = nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1)
+        self.bn, self.fc = nn.BatchNorm2d(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        h = self.c2(F.relu(self.bn2(self.c1(F.relu(self.bn1(x))))))
+        return self.fc(F.relu(self.bn(x + h)).mean((2, 3)))
+
+
+def test_lowered_file_with_probes_validates_after_constants_are_shared():
+    """Merging identical small initializers must rename the probes' inputs in the metadata too (the validator's
+    probe model named a removed initializer and onnxruntime refused it)."""
+    torch.manual_seed(0)
+    model = PreActivation()
+    model.train()
+    with torch.no_grad():
+        for _ in range(5):
+            model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    calib = torch.randn(16, 3, 16, 16)
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="apot", wbits=4, abits=8, ascheme="uniform",
+                              emit="shift-add")
+    assert result.report.passed, result.report.summary()
+    probes = [p for p in result.onnx_model.metadata_props if p.key == "qcompile.probes"]
+    assert probes
+    inits = {t.name for t in result.onnx_model.graph.initializer}
+    assert all(name in inits for r in json.loads(probes[0].value) for name in r["inputs"][1:] if name)
