@@ -4,10 +4,14 @@
   (``Graph.eliminate_dead_code``), then drop submodules no node refers to.
 - ``RemoveIdentity``: ``nn.Identity`` and eval-mode ``nn.Dropout*`` calls are the identity: x -> x.
   Before: ``y = dropout(x); z = f(y)``  After: ``z = f(x)``.
+- ``DecomposeAdaptivePool``: adaptive average/max pools whose output size does not divide the input size (VGG's
+  7x7 pool on a 160x160 image), which torch.onnx cannot export, as the mean/max of each of their fixed bins.
 - ``DecomposeRMSNorm``: ``nn.RMSNorm`` / ``F.rms_norm``, which torch.onnx cannot export (``aten::rms_norm`` has no
   symbolic up to opset 20), as the ops of its definition: ``x * rsqrt(mean(x², dims) + eps) * weight``.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx
@@ -97,4 +101,74 @@ class DecomposeRMSNorm(Pass):
         if count:
             gm.delete_all_unused_submodules()
             self.report.append(f"decomposed {count} RMSNorm(s)")
+        return PassResult(gm, bool(count))
+
+
+_ADAPTIVE_MODULES = {nn.AdaptiveAvgPool1d: ("mean", 1), nn.AdaptiveAvgPool2d: ("mean", 2),
+                     nn.AdaptiveMaxPool1d: ("amax", 1), nn.AdaptiveMaxPool2d: ("amax", 2)}
+_ADAPTIVE_FUNCTIONS = {F.adaptive_avg_pool1d: ("mean", 1), F.adaptive_avg_pool2d: ("mean", 2),
+                       F.adaptive_max_pool1d: ("amax", 1), F.adaptive_max_pool2d: ("amax", 2)}
+
+
+def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive pooling bins: ``[floor(i·size/out), ceil((i+1)·size/out))`` for each output index."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+class DecomposeAdaptivePool(Pass):
+    """Adaptive average/max pools (1-D and 2-D) whose output size does not divide the input size, as one
+    ``mean``/``amax`` per bin of PyTorch's adaptive bins, joined with ``cat``: torch.onnx exports adaptive pools
+    only where every bin has the same size. Needs the input's shape (``tensor_meta``, recorded by ``trace`` with
+    example inputs); pools that export as they are, and pools of unknown input size, are left alone. Max pools that
+    also return indices are left alone."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        for node in list(gm.graph.nodes):
+            kind = None
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                kind = _ADAPTIVE_MODULES.get(type(mod))
+                out_size = getattr(mod, "output_size", None)
+                if getattr(mod, "return_indices", False):
+                    continue
+            elif node.op == "call_function" and node.target in _ADAPTIVE_FUNCTIONS:
+                kind = _ADAPTIVE_FUNCTIONS[node.target]
+                out_size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+                if (node.args[2] if len(node.args) > 2 else node.kwargs.get("return_indices", False)) is not False:
+                    continue
+            if kind is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            reduce, dims = kind
+            meta = node.args[0].meta.get("tensor_meta")
+            shape = getattr(meta, "shape", None)
+            if shape is None or len(shape) < dims:
+                continue
+            sizes = [int(v) for v in shape[-dims:]]
+            outs = list(out_size) if isinstance(out_size, (tuple, list)) else [out_size] * dims
+            outs = [sz if o is None else int(o) for o, sz in zip(outs, sizes)]
+            if all(sz % o == 0 for sz, o in zip(sizes, outs)):
+                continue  # equal bins: torch.onnx exports it as a pool
+            x, g = node.args[0], gm.graph
+            with g.inserting_before(node):
+                if dims == 1:
+                    cells = [g.call_method(reduce, (g.call_function(operator.getitem, (x, (Ellipsis, slice(a, b)))),
+                                                    -1), {"keepdim": True}) for a, b in _adaptive_bins(sizes[0], outs[0])]
+                    out = g.call_function(torch.cat, (cells, -1))
+                else:
+                    rows = []
+                    for h0, h1 in _adaptive_bins(sizes[0], outs[0]):
+                        band = g.call_function(operator.getitem, (x, (Ellipsis, slice(h0, h1), slice(None))))
+                        cells = [g.call_method(reduce, (g.call_function(operator.getitem, (
+                            band, (Ellipsis, slice(w0, w1)))), (-2, -1)), {"keepdim": True})
+                            for w0, w1 in _adaptive_bins(sizes[1], outs[1])]
+                        rows.append(g.call_function(torch.cat, (cells, -1)))
+                    out = g.call_function(torch.cat, (rows, -2))
+            out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
+            count += 1
+        if count:
+            gm.delete_all_unused_submodules()
+            self.report.append(f"decomposed {count} adaptive pool(s) with unequal bins")
         return PassResult(gm, bool(count))

@@ -1,9 +1,10 @@
 """The pass pipeline, as a list you can read.
 
-    fp32:       RemoveIdentity → DecomposeRMSNorm → EliminateDeadCode
-    quantized:  RemoveIdentity → DecomposeRMSNorm → EliminateDeadCode → RecordFloatOutputs → FoldConstants
-                → FoldBatchNorm → EqualizeWeights → SelectLayers → InsertQuantizers → QuantizeOutputs
-                → QuantizeResiduals → CheckFloatOutputs → Calibrate → ShareInt8Params → PairSafeInt8Weights
+    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → EliminateDeadCode
+    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → EliminateDeadCode
+                → RecordFloatOutputs → FoldConstants → FoldBatchNorm → EqualizeWeights → SelectLayers
+                → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
+                → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias
                 → BindIntegerLayers → BindIntegerAdds → BindIntegerPools
                 → EliminateDeadCode
@@ -13,7 +14,7 @@ Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 from __future__ import annotations
 
 from qcompile.passes.base import Pass
-from qcompile.passes.cleanup import DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity
+from qcompile.passes.cleanup import DecomposeAdaptivePool, DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity
 
 from .options import CompileOptions
 
@@ -21,7 +22,7 @@ from .options import CompileOptions
 def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
-    passes: list[Pass] = [RemoveIdentity(), DecomposeRMSNorm(), EliminateDeadCode()]
+    passes: list[Pass] = [RemoveIdentity(), DecomposeRMSNorm(), DecomposeAdaptivePool(), EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here

@@ -146,7 +146,7 @@ def test_calib_file_gives_the_example_input_and_json_summary(work, capsys):
     assert rc == 0, err
     summary = json.loads((work / "summary.json").read_text())
     assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 6
-    assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "DecomposeRMSNorm", "EliminateDeadCode"]
+    assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "DecomposeRMSNorm", "DecomposeAdaptivePool", "EliminateDeadCode"]
 
 
 def test_leaf_module_way_out(work, capsys):
@@ -360,21 +360,37 @@ def test_console_script_compiles_a_trusted_pickle_from_the_current_directory(wor
 
 
 def test_console_script_names_an_operator_torch_onnx_cannot_export(work):
-    # AdaptiveAvgPool2d to 7x7 on a 5x5 map is not exportable: one line naming the operator and the fix, exit 2, no
-    # file, and not the TorchScript graph the exporter prints on its way out
+    # torch.cummax has no ONNX export: one line naming the operator and the fix, exit 2, no file, and not the
+    # TorchScript graph the exporter prints on its way out
+    (work / "qc_cummax_model.py").write_text(
+        "import torch\n"
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(6, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(torch.cummax(x, -1)[0])\n"
+        "def make():\n"
+        "    return Net()\n")
+    proc = run_console(work, "qc_cummax_model:make", "--input-shape", "1,6", "--scheme", "fp32", "-o", "out.onnx")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("qcompile: error: torch.onnx cannot export this model: ")
+    assert proc.stderr.count("\n") == 1 and "cummax" in proc.stderr and "--input-shape" in proc.stderr
+    assert "Torch IR graph" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert onnx_files(work) == []
+
+
+def test_console_script_compiles_an_adaptive_pool_with_unequal_bins(work):
+    # AdaptiveAvgPool2d to 7x7 on a 5x5 map, which torch.onnx cannot export as a pool, is decomposed into its bins
     (work / "qc_pool_model.py").write_text(
         "import torch.nn as nn\n"
         "def make():\n"
         "    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d((7, 7)),\n"
         "                         nn.Flatten(), nn.Linear(4 * 49, 3))\n")
-    proc = run_console(work, "qc_pool_model:make", "--input-shape", "1,3,5,5", "--scheme", "fp32", "-o", "out.onnx")
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.startswith("qcompile: error: torch.onnx cannot export this model: ")
-    assert proc.stderr.count("\n") == 1 and "adaptive_avg_pool2d" in proc.stderr and "--input-shape" in proc.stderr
-    assert "Torch IR graph" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
-    assert onnx_files(work) == []
-    ok = run_console(work, "qc_pool_model:make", "--input-shape", "1,3,14,14", "--scheme", "fp32", "-o", "out.onnx")
-    assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stderr
+    for shape in ("1,3,5,5", "1,3,14,14"):
+        ok = run_console(work, "qc_pool_model:make", "--input-shape", shape, "--scheme", "fp32", "-o", "out.onnx")
+        assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stderr
 
 
 TEXT_MODEL = (

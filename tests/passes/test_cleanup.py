@@ -270,3 +270,52 @@ def test_a_model_with_rms_norm_compiles_quantized_and_validates(tmp_path):
     assert len(weights) == 2  # both Linear layers, around the decomposed norms
     assert result.report.extra["sqnr_vs_float_db"] > 10
     assert (tmp_path / "m.onnx").exists()
+
+
+# --- DecomposeAdaptivePool ----------------------------------------------------------------------------------
+class UnequalBins(nn.Module):
+    """VGG's head on a small image: a 7x7 adaptive average pool of a 5x5 map (bins overlap), a 3x2 adaptive max
+    pool of a 5x5 map, a 1-D adaptive pool of 10 -> 4, and one that divides (left as a pool)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.avg = nn.AdaptiveAvgPool2d((7, 7))
+        self.fc = nn.Linear(4 * 49 + 4 * 6 + 4 * 4 + 4, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))                              # (N, 4, 5, 5)
+        a = self.avg(h).flatten(1)
+        m = F.adaptive_max_pool2d(h, (3, 2)).flatten(1)
+        s = F.adaptive_avg_pool1d(h.flatten(2)[..., :10], 4).flatten(1)
+        g = F.adaptive_avg_pool2d(h, 1).flatten(1)                # divides: stays a pool
+        return self.fc(torch.cat([a, m, s, g], 1))
+
+
+def test_adaptive_pools_with_unequal_bins_are_decomposed_exactly_and_export(tmp_path):
+    import onnxruntime as ort
+
+    import qcompile
+    from qcompile.export import export_onnx
+    from qcompile.passes.cleanup import DecomposeAdaptivePool
+
+    torch.manual_seed(0)
+    model = UnequalBins().eval()
+    x = torch.randn(3, 3, 10, 10)
+    gm = trace(model, (x,))
+    with pytest.raises(Exception, match="not factor of input size"):
+        export_onnx(gm, (x,))
+    out = Pipeline([DecomposeAdaptivePool()], check=True)(gm).gm
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=0, atol=1e-6)
+    pools = [n for n in out.graph.nodes if n.op == "call_function" and n.target is F.adaptive_avg_pool2d]
+    assert len(pools) == 1 and pools[0].args[1] == 1
+    assert not any(n.op == "call_module" and isinstance(out.get_submodule(n.target), nn.AdaptiveAvgPool2d)
+                   for n in out.graph.nodes)
+    assert not DecomposeAdaptivePool()(out).modified
+    sess = ort.InferenceSession(export_onnx(out, (x,)).SerializeToString(), providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]), model(x).detach(),
+                               rtol=1e-5, atol=1e-5)
+    result = qcompile.compile(model, x[:1], calib=torch.randn(16, 3, 10, 10), output=str(tmp_path / "m.onnx"),
+                              scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
