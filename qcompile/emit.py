@@ -602,7 +602,10 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
         b.shape = shapes.get(out, shapes.get(src))
         if src not in inits and src in identity_of:
             src = identity_of[src]
-        if src in inits:
+        # a weight quantizer reads a stored weight; an activation quantizer whose input is a constant (a buffer such
+        # as Swin-V2's relative-coordinates table) stays an activation: its zero point and per-tensor scale are an
+        # activation's, and the validator reads its codes like any other
+        if src in inits and fq.role == "weight":
             w = numpy_helper.to_array(inits[src]).astype(np.float32)
             users = consumers.get(out, [])
             transpose = (w.ndim == 2 and len(users) == 1 and users[0].op_type == "Transpose"

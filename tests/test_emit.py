@@ -523,3 +523,34 @@ def test_conv3d_layers_are_quantized_and_run_on_int8_kernels(scheme, bits, tmp_p
     session(result.onnx_model.SerializeToString(), optimized_model_path=path)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     assert ops["QLinearConv"] == (3 if scheme == "uniform" else 1), ops  # APoT W4A4: first layer only (8-bit)
+
+
+class ConstantThroughLeaf(nn.Module):
+    """A signed constant table reaches a quantized Linear through a module kept whole (not folded): the Linear's
+    input quantizer reads a constant, asymmetric levels with a zero point."""
+
+    class Shift(nn.Module):
+        def forward(self, t):
+            return t * 2.0 - 0.5
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(6, 8))
+        self.shift = self.Shift()
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) + self.proj(self.shift(self.table)).sum(0)
+
+
+def test_an_activation_quantizer_on_a_constant_keeps_its_zero_point():
+    """The exporter folds the constant into an initializer; the quantizer reading it is still an activation
+    quantizer (zero point, per-tensor scale), not a weight (the zero point was dropped: every code differed)."""
+    torch.manual_seed(0)
+    model = ConstantThroughLeaf().eval()
+    x = torch.randn(16, 8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["shift"])
+    zps = [int(m.zero_point) for m in result.model.modules() if isinstance(m, FakeQuantize) and m.asymmetric]
+    assert any(zps), "the case needs an activation quantizer with a nonzero zero point"
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
