@@ -12,7 +12,10 @@ weight like any other, and the quantization passes quantize it (before, such a l
     After:  ``w2 = get_attr(conv.weight_folded); y = conv2d(x, w2, b)``  (the chain is gone)
 
 A node is constant when it is a ``get_attr`` of a tensor or number, or a ``call_function``/``call_method``
-whose node inputs are all constant, that is pure, not random and not in place. Each constant tensor that a
+whose node inputs are all constant, that is pure, not random and not in place, or a call of a stateless
+``torch.nn`` module in eval mode (Linear, Conv, activations, norms: ``_PURE_MODULES``) on constant inputs (Swin-V2
+computes its relative position bias with such an MLP on a coordinates table: the MLP's layers are folded into the
+table it produces, not quantized as if they read activations). Each constant tensor that a
 non-constant node reads is evaluated (the model's own arithmetic, in its dtype, under ``torch.no_grad``) and stored
 next to the parameters it comes from (``<owner>.<name>_folded``, named after the largest parameter of that module;
 on the root module as ``_folded_<i>`` when it comes from several modules), as an ``nn.Parameter`` that trains in
@@ -49,6 +52,26 @@ def _foldable_op(node: torch.fx.Node) -> bool:
     return True
 
 
+# torch.nn modules whose eval-mode forward is a pure function of its input and parameters: a chain of them applied to
+# constants (Swin-V2's continuous position bias MLP on its coordinates table) is a constant too
+_PURE_MODULES = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+                 nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus,
+                 nn.Softmax, nn.LogSoftmax, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d,
+                 nn.BatchNorm3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Embedding)
+
+
+def _foldable_module(gm: torch.nn.Module, node: torch.fx.Node):
+    """The module a ``call_module`` node calls, where it is one of ``_PURE_MODULES`` itself (not a subclass with
+    another forward) in eval mode; else None."""
+    if node.op != "call_module":
+        return None
+    mod = gm.get_submodule(str(node.target))
+    if type(mod) not in _PURE_MODULES or mod.training:
+        return None
+    return mod
+
+
 def _attr(gm: torch.nn.Module, target: str):
     obj = gm
     for part in target.split("."):
@@ -68,12 +91,16 @@ class FoldConstants(Pass):
                     const.add(node)
                     sources[node] = {str(node.target)}
                 continue
-            if not _foldable_op(node):
+            mod = _foldable_module(gm, node)
+            if mod is None and not _foldable_op(node):
                 continue
             inputs = node.all_input_nodes
             if inputs and all(i in const for i in inputs):
                 const.add(node)
                 sources[node] = set().union(*(sources[i] for i in inputs))
+                if mod is not None:  # the module's own parameters and buffers are sources too
+                    sources[node] |= {f"{node.target}.{name}" for name, _ in
+                                      list(mod.named_parameters()) + list(mod.named_buffers())}
         # the constant tensors a non-constant node reads, computed once
         boundary = [n for n in graph.nodes if n in const and n.op != "get_attr"
                     and any(u not in const for u in n.users)]
@@ -91,6 +118,8 @@ class FoldConstants(Pass):
                 kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: values[n])
                 if node.op == "call_function":
                     values[node] = node.target(*args, **kwargs)
+                elif node.op == "call_module":
+                    values[node] = gm.get_submodule(str(node.target))(*args, **kwargs)
                 else:
                     self_obj, *rest = args
                     values[node] = getattr(self_obj, node.target)(*rest, **kwargs)

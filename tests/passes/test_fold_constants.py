@@ -131,3 +131,39 @@ def test_random_draws_and_sizes_are_not_folded():
     a = gm(torch.ones(2, 8))
     assert not torch.equal(gm(torch.ones(2, 8)), a)  # still a fresh draw on every call
     assert isinstance(gm.weight_folded, nn.Parameter)  # weight (trainable) times a buffer, stored on the root
+
+
+class PositionBiasMLP(nn.Module):
+    """Swin-V2's continuous position bias: an MLP (Linear, ReLU, Linear) on a constant coordinates table, added to
+    what the model computes from its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("coords", torch.randn(1, 7, 7, 2))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 4, bias=False))
+        self.fc = nn.Linear(16, 4 * 49)
+
+    def forward(self, x):
+        bias = 16 * torch.sigmoid(self.cpb_mlp(self.coords)).reshape(1, -1)
+        return self.fc(x) + bias
+
+
+def test_module_chains_on_constants_are_folded_not_quantized():
+    """The MLP's layers read no model input: they are computed once into the bias they produce, and only ``fc``
+    is quantized. Quantized as layers, their activation quantizer on a constant lost its zero point in the file
+    (4% of the codes differed) and onnxruntime ran them on other kernels."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = PositionBiasMLP().eval()
+    x = torch.randn(16, 16)
+    gm = trace(model, (x,))
+    result = FoldConstants()(gm)
+    assert result.modified
+    assert not any(n.op == "call_module" and n.target.startswith("cpb_mlp") for n in result.gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), model(x), rtol=0, atol=0)
+    compiled = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    quantized = [line for t in compiled.timings if t.name == "InsertQuantizers" for line in t.report]
+    assert len(quantized) == 1 and quantized[0].startswith("fc:"), quantized
+    assert compiled.report.passed and compiled.report.extra["codes_differ"] == 0, compiled.report.summary()
