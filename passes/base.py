@@ -205,7 +205,7 @@ _STALE = "_qcompile_code_stale"
 def recompile_lazily(gm: torch.nn.Module) -> None:
     """Mark ``gm``'s generated code stale after a graph rewrite: it is regenerated the next time ``gm`` is called
     (or by :func:`ensure_compiled`), not now. Several passes that only rewrite the graph then pay for one code
-    generation instead of one each (30 ms of a 0.16 s compile of the digits model).
+    generation instead of one each (the digits model's quantization pipeline: 9 code generations -> 3).
 
     Every ``GraphModule`` has a class of its own, whose ``forward`` becomes a stub that regenerates the code and
     runs it; anything that calls the module (a pass, a hook, ``torch.jit.trace``) sees the current graph. Other
