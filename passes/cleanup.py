@@ -94,14 +94,23 @@ class DecomposeRMSNorm(Pass):
                     weight = g.get_attr(weight)
                 if weight is not None:
                     out = g.call_function(torch.mul, (out, weight))
-            out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            _replace(node, out)
             count += 1
-        if count:
-            gm.delete_all_unused_submodules()
-            self.report.append(f"decomposed {count} RMSNorm(s)")
-        return PassResult(gm, bool(count))
+        return _finish(self, gm, count, "RMSNorm(s)")
+
+
+def _replace(node: torch.fx.Node, out: torch.fx.Node) -> None:
+    """``out`` (the last node of a decomposition) takes ``node``'s place, shape metadata included."""
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+
+
+def _finish(p: Pass, gm: torch.fx.GraphModule, count: int, what: str) -> PassResult:
+    if count:
+        gm.delete_all_unused_submodules()
+        p.report.append(f"decomposed {count} {what}")
+    return PassResult(gm, bool(count))
 
 
 _ADAPTIVE_MODULES = {nn.AdaptiveAvgPool1d: ("mean", 1), nn.AdaptiveAvgPool2d: ("mean", 2),
@@ -164,11 +173,6 @@ class DecomposeAdaptivePool(Pass):
                             for w0, w1 in _adaptive_bins(sizes[1], outs[1])]
                         rows.append(g.call_function(torch.cat, (cells, -1)))
                     out = g.call_function(torch.cat, (rows, -2))
-            out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
-            node.replace_all_uses_with(out)
-            g.erase_node(node)
+            _replace(node, out)
             count += 1
-        if count:
-            gm.delete_all_unused_submodules()
-            self.report.append(f"decomposed {count} adaptive pool(s) with unequal bins")
-        return PassResult(gm, bool(count))
+        return _finish(self, gm, count, "adaptive pool(s) with unequal bins")
