@@ -434,6 +434,26 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             parts.append(f"{packed} attention in_proj weight(s)")
         if parts:
             rows.append((str(node.target), type(mod).__name__, " and ".join(parts)))
+    # a layer module's weight handed to another function (torchvision's fx.wrap'ed ``shifted_window_attention(x,
+    # qkv.weight, proj.weight, ...)`` in Swin): the function computes with it in float
+    from qcompile import qmodules
+
+    layer_fns = set(LAYER_FUNCTIONS) | {getattr(qmodules, n) for n in dir(qmodules) if n.startswith("int8_")}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        path, _, attr = str(node.target).rpartition(".")
+        if attr != "weight" or not path or path in seen:
+            continue
+        try:
+            weight = getattr(gm.get_submodule(path), attr)
+        except AttributeError:
+            continue
+        readers = sorted({getattr(u.target, "__name__", str(u.target)) for u in node.users
+                          if u.op == "call_function" and u.target not in layer_fns and u.target is not F.embedding})
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and readers:
+            seen.add(path)
+            rows.append((path, "weight", f"read by {', '.join(readers)}"))
     return rows
 
 

@@ -235,3 +235,31 @@ def test_in_a_checked_pipeline_with_fold():
     result = Pipeline([FoldBatchNorm(), SelectLayers(default=DEFAULT, float_downsample=True)], check=True)(gm)
     assert result.modified
     assert dict((n, d) for n, _, d in layer_table(result.gm))["layer1.downsample.0"].startswith("float")
+
+
+@torch.fx.wrap
+def _attention_with(x, weight, bias):
+    return torch.softmax(F.linear(x, weight, bias), -1)
+
+
+class WeightToWrappedFunction(torch.nn.Module):
+    """Swin's pattern: a Linear module whose weight is passed to an fx-wrapped function (computed in float)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 8)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(_attention_with(x, self.qkv.weight, self.qkv.bias))
+
+
+def test_a_layer_whose_weight_goes_to_another_function_is_listed_as_float():
+    import qcompile
+    from qcompile.summary import layer_lines
+
+    x = torch.randn(16, 8)
+    result = qcompile.compile(WeightToWrappedFunction().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    lines = {line.split()[0]: line for line in layer_lines(result.model)[1:]}
+    assert "float" in lines["qkv"] and "read by _attention_with" in lines["qkv"], lines
+    assert "float" not in lines["fc"], lines
