@@ -15,8 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from qcompile.quant import (apot_terms, banner_laplace_ratio, integer_table, level_set,  # noqa: E402
-                            make_observer)
+from qcompile.quant import (apot_terms, asymmetric_offsets, banner_laplace_ratio, fake_quantize,  # noqa: E402
+                            integer_table, level_set, make_observer)
 
 WIDTH = 97  # characters of the number line
 
@@ -100,6 +100,34 @@ def laplace_vs_mse(samples: int = 1_000_000) -> list:
     return out
 
 
+def asymmetric_block(samples: int = 200_000) -> list:
+    """4-bit APoT: the symmetric signed set and a few asymmetric ones on one axis, then the MSE-calibrated error of
+    each on SiLU outputs (SiLU(3 z), z ~ N(0, 1): minimum -0.28, a long positive tail)."""
+    lo, hi = -1.0, 1.0
+    out = ["```"]
+    rows = [("signed", level_set("apot", 4, True))] + [(f"o = {o}", level_set("apot", 4, True, o)) for o in (1, 3, 6)]
+    for name, ls in rows:
+        out.append(f"{name:>8} {number_line(ls.values, lo, hi)}")
+    out.append(f"{'':>8} {axis_labels(lo, hi)}")
+    out.append("```")
+    out.append("")
+    z = torch.randn(samples, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.silu(3.0 * z)
+    out.append("| 4-bit level set | levels | grid | MSE-calibrated alpha | error (MSE) |")
+    out.append("|---|---|---|---|---|")
+    sets = [("apot signed (symmetric)", level_set("apot", 4, True), None),
+            ("uniform_asym", level_set("uniform_asym", 4, False), "asym")]
+    sets += [(f"apot, offset {o}", level_set("apot", 4, True, o), None) for o in asymmetric_offsets("apot", 4)[:6]]
+    for name, ls, _ in sets:
+        obs = make_observer("mse")
+        obs.update(x)
+        p = obs.compute_qparams(ls)
+        err = float(((fake_quantize(x, p.alpha, ls, zero_point=p.zero_point) - x) ** 2).mean())
+        grid = f"{ls.grid[0]}..{ls.grid[-1]}" if ls.is_uniform else ", ".join(map(str, ls.grid[:6])) + ", ..."
+        out.append(f"| {name} | {ls.num_levels} | {grid} | {float(p.alpha):.3f} | {err:.2e} |")
+    return out
+
+
 def render() -> str:
     lines = [
         "# Level sets",
@@ -145,6 +173,17 @@ def render() -> str:
         "double with every level, so they are refused where the grid would exceed 16 bits.",
         "",
         *storage_table(),
+        "",
+        "## Asymmetric APoT / PoT (activations that can be negative)",
+        "",
+        "A signed APoT set is symmetric; on a tensor that is mostly positive but reaches a little below 0 (SiLU,",
+        "GELU, Hardswish) its negative half is nearly unused. `level_set(scheme, bits, offset=o)` is the unsigned",
+        "set shifted down by one of its own grid integers `o` (`0 < o <= denom/2`): 0 stays a level, the dense",
+        "levels sit around it, `o` grid steps lie below it. Calibration (`mse`/`percentile` observers) picks the",
+        "symmetric set or the offset with the least squared error on the observed histogram, per activation.",
+        "Normalised so the largest level is 1:",
+        "",
+        *asymmetric_block(),
         "",
         "## Decision rule",
         "",

@@ -5,7 +5,10 @@
   α* = argmin_α ‖W − Q_α(W)‖², which works for APoT and PoT levels as well as uniform ones.
 - Activations, with calibration data: every activation quantizer observes the tensors that reach it while the
   model runs on the data (weights already quantized), then the chosen observer (``--calib-method``) gives α.
-  Asymmetric uniform levels get S = (r_max − r_min)/(q_max − q_min), Z = round(q_min − r_min/S).
+  Asymmetric uniform levels get S = (r_max − r_min)/(q_max − q_min), Z = round(q_min − r_min/S). APoT/PoT
+  activations that may be negative (``search_offset``) take the symmetric signed set or an asymmetric one (the
+  unsigned set shifted by an offset), whichever the observed histogram says quantizes with less squared error
+  (histogram observers: mse, percentile; the others keep the symmetric set).
 - Activations, data-free: where a quantizer's input is ReLU(BN(...)) (recorded by FoldBatchNorm as
   ``meta["output_stats"]``), α = max_c(β_c + k·|γ_c|) (k = 6, the lecture's table); otherwise calibration data is needed.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -79,12 +83,18 @@ class Calibrate(Pass):
             # Model code that needs NCHW-contiguous activations (``x.view(x.size(0), -1)`` after a conv or a pool)
             # fails on channels-last batches: observe again, from scratch, in the layout the model was written for.
             observers = self._observe(gm, acts, lambda t: t)
+        shifted = 0
         for node in acts:
             fq = gm.get_submodule(node.target)
             obs, method = observers[node]
+            if fq.search_offset:
+                fq.level_offset = least_error_offset(obs, fq)
+                shifted += fq.level_offset > 0
             params = obs.compute_qparams(fq.levelset)
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, method)
+        if shifted:
+            self.report.append(f"{shifted} activation quantizer(s) on asymmetric (offset) levels")
 
     def _observe(self, gm, acts, layout) -> dict:
         """Run the data through ``gm`` (batches converted by ``layout``) with a fresh observer on every activation
@@ -124,6 +134,28 @@ class Calibrate(Pass):
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn(k={self.bn_k:g})")
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics")
+
+
+MAX_OFFSETS = 16  # offsets tried per quantizer (evenly spread over the candidates where there are more)
+
+
+def least_error_offset(obs, fq: FakeQuantize) -> int:
+    """The level offset (0: the symmetric signed set) whose calibrated levels quantize the observed histogram with
+    the least squared error; 0 where the observer keeps no histogram or does not handle offset sets."""
+    if not isinstance(obs, quant.HistogramObserver) or not obs.asymmetric_levels or obs.axis is not None:
+        return 0
+    offsets = quant.asymmetric_offsets(fq.scheme, fq.bits)
+    if len(offsets) > MAX_OFFSETS:
+        offsets = tuple(offsets[round(i)] for i in np.linspace(0, len(offsets) - 1, MAX_OFFSETS))
+    edges, counts = obs.signed_hist(0)
+    best, best_err = 0, math.inf
+    for offset in (0,) + tuple(offsets):
+        ls = quant.level_set(fq.scheme, fq.bits, fq.signed, offset=offset)
+        alpha = float(obs.compute_qparams(ls).alpha)
+        err = float(quant.histogram_quant_error(edges, counts, (alpha * ls.values)[None, :])[0])
+        if err < best_err * (1.0 - 1e-9):  # ties keep the symmetric set (or the smaller offset)
+            best, best_err = offset, err
+    return best
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -270,7 +302,7 @@ def _uniform_sq_error(rows: torch.Tensor, alpha: torch.Tensor, levelset, buf: to
 
 def _qparams(fq: FakeQuantize, observer: str) -> QParams:
     return QParams(scheme=fq.scheme, bits=fq.bits, signed=fq.signed, alpha=fq.alpha.clone(), axis=fq.axis,
-                   zero_point=int(fq.zero_point), role=fq.role, observer=observer)
+                   zero_point=int(fq.zero_point), role=fq.role, observer=observer, level_offset=fq.level_offset)
 
 
 _RELU_LIKE = {"relu", "relu6"}

@@ -12,8 +12,10 @@ weight) unless ``per_channel`` is off. Padding a conv cannot do itself (reflect/
 Input activations get one per-tensor quantizer per (tensor, scheme, bits), shared by every layer that reads the
 same tensor with the same configuration. Their levels are unsigned where the tensor is provably non-negative
 (produced by ReLU-like ops, possibly through pooling, reshapes, concatenation or sums of non-negative tensors),
-signed otherwise; uniform activations that may be negative use asymmetric levels r = S(q − Z) (the lecture).
-The quantizers are uncalibrated: ``Calibrate`` fixes their clipping values.
+signed otherwise; uniform activations that may be negative use asymmetric levels r = S(q − Z) (the lecture), and
+APoT/PoT ones are marked ``search_offset``: ``Calibrate`` chooses between the symmetric signed set and the unsigned
+set shifted by an offset (``quant.level_set(..., offset=o)``), whichever quantizes the observed tensor with the
+least squared error. The quantizers are uncalibrated: ``Calibrate`` fixes their clipping values.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qcompile import quant
 from qcompile.errors import UserError
 from qcompile.qmodules import FakeQuantize
 
@@ -188,6 +191,8 @@ class InsertQuantizers(Pass):
                 asym = cfg.ascheme == "uniform" and not nonneg
                 fq = FakeQuantize("uniform_asym" if asym else cfg.ascheme, cfg.abits, signed=not nonneg and not asym,
                                   axis=None, role="activation", observer=self.observer)
+                # APoT/PoT on a tensor that may be negative: Calibrate may shift the unsigned levels instead
+                fq.search_offset = fq.signed and bool(quant.asymmetric_offsets(fq.scheme, fq.bits))
                 name = f"act_fq{counter}"
                 counter += 1
                 gm.add_submodule(name, fq)

@@ -14,8 +14,9 @@ that knows the domain can execute the nodes with kernels of its own. The ops are
 - ``qcompile.QuantizeUniform(x, scale, zero_point, lo, hi) -> y``  (uniform activations)
   ``y = DequantizeLinear(QuantizeLinear(Clip(x, lo, hi), scale, zero_point), scale, zero_point)``.
 
-Each node carries the attributes ``scheme`` (string), ``bits``, ``signed`` (int) and, for weights, ``axis``; they
-describe the quantizer and are the information a native kernel needs beyond the inputs.
+Each node carries the attributes ``scheme`` (string), ``bits``, ``signed`` (int), ``offset`` (int, asymmetric
+APoT/PoT activations only) and, for weights, ``axis``; they describe the quantizer and are the information a
+native kernel needs beyond the inputs.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ _OPSET = [helper.make_opsetid("", 21)]
 
 
 def _attrs(fq: FakeQuantize) -> dict:
-    return {"scheme": fq.scheme, "bits": int(fq.bits), "signed": int(fq.signed)}
+    attrs = {"scheme": fq.scheme, "bits": int(fq.bits), "signed": int(fq.signed)}
+    if fq.level_offset:
+        attrs["offset"] = int(fq.level_offset)  # asymmetric APoT/PoT: the unsigned levels minus this grid integer
+    return attrs
 
 
 SEARCH_STEPS = (4, 8)  # thresholds padded to 15 entries (up to 16 levels) or to 255 (up to 256 levels: 8 bits)
@@ -109,7 +113,7 @@ def function_protos() -> list[onnx.FunctionProto]:
         _OPSET, attributes=["scheme", "bits", "signed", "axis"])
     quantize_levels = helper.make_function(
         DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale"], ["y"], _quantize_levels_body(),
-        _OPSET, attributes=["scheme", "bits", "signed"])
+        _OPSET, attributes=["scheme", "bits", "signed", "offset"])
     quantize_uniform = helper.make_function(
         DOMAIN, "QuantizeUniform", ["x", "scale", "zero_point", "lo", "hi"], ["y"],
         [helper.make_node("Clip", ["x", "lo", "hi"], ["xc"]),

@@ -45,7 +45,7 @@ class QParams:
     """Parameters of one quantizer, fixed after calibration.
 
     ``alpha`` is the clipping value (scalar for per-tensor, 1-D along ``axis`` for per-channel); the level set is
-    ``qcompile.quant.level_set(scheme, bits, signed)``. ``zero_point`` is used only by asymmetric uniform levels.
+    ``qcompile.quant.level_set(scheme, bits, signed, offset=level_offset)``. ``zero_point`` is used only by asymmetric uniform levels.
     """
 
     scheme: str
@@ -56,8 +56,9 @@ class QParams:
     zero_point: int = 0
     role: str = "activation"  # or "weight"
     observer: str = ""
+    level_offset: int = 0  # asymmetric APoT/PoT levels (qcompile.quant.level_set's offset)
 
     def levelset(self):
         from qcompile.quant import level_set
 
-        return level_set(self.scheme, self.bits, self.signed)
+        return level_set(self.scheme, self.bits, self.signed, offset=self.level_offset)

@@ -69,6 +69,10 @@ class FakeQuantize(nn.Module):
         self.observer_name = observer
         self.register_buffer("alpha", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        # > 0: asymmetric APoT/PoT levels, the unsigned set shifted down by this grid integer (quant.level_set);
+        # chosen by Calibrate where ``search_offset`` (signed non-uniform activations) and the observer allows it
+        self.level_offset = 0
+        self.search_offset = False
         self.calibrated = False
         self.enabled = True  # False: pass values through (float reference runs of the same graph)
         self.observer = None
@@ -85,12 +89,14 @@ class FakeQuantize(nn.Module):
 
     @property
     def levelset(self):
-        return quant.level_set(self.scheme, self.bits, self.signed)
+        return quant.level_set(self.scheme, self.bits, self.signed, offset=self.level_offset)
 
     def extra_repr(self) -> str:
         kind = "per-channel axis=%d" % self.axis if self.axis is not None else "per-tensor"
         sign = "signed" if self.signed else "unsigned"
         asym = ", asymmetric" if self.asymmetric else ""
+        if self.level_offset:
+            sign, asym = "asymmetric", f" (unsigned levels - {self.level_offset})"
         return f"{self.role}: {self.scheme} {self.bits}-bit {sign}{asym}, {kind}"
 
     # -- calibration -------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto
 
 import qcompile
@@ -263,11 +264,14 @@ def threshold_inputs(fq: FakeQuantize) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("scheme,bits,signed", [("apot", 4, False), ("apot", 4, True), ("pot", 3, False),
-                                                ("pot", 3, True), ("log2", 3, False), ("apot", 2, False),
-                                                ("apot", 6, False), ("pot", 4, False), ("pot", 5, True)])
-def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, bits, signed, form):
+@pytest.mark.parametrize("scheme,bits,signed,offset", [
+    ("apot", 4, False, 0), ("apot", 4, True, 0), ("pot", 3, False, 0), ("pot", 3, True, 0), ("log2", 3, False, 0),
+    ("apot", 2, False, 0), ("apot", 6, False, 0), ("pot", 4, False, 0), ("pot", 5, True, 0),
+    # asymmetric levels (the unsigned set minus an offset): negative codes, a grid that is not mirrored
+    ("apot", 4, True, 3), ("apot", 3, True, 1), ("pot", 3, True, 4), ("apot", 8, True, 112)])
+def test_nonuniform_activation_codes_equal_the_simulation_on_thresholds(scheme, bits, signed, offset, form):
     fq = FakeQuantize(scheme, bits, signed=signed, role="activation")
+    fq.level_offset = offset
     fq.set_params(torch.tensor(1.2345678))  # an α whose unit is not a power of two
     module = OneQuantizer(fq).eval()
     x = threshold_inputs(fq)
@@ -554,3 +558,45 @@ def test_an_activation_quantizer_on_a_constant_keeps_its_zero_point():
     zps = [int(m.zero_point) for m in result.model.modules() if isinstance(m, FakeQuantize) and m.asymmetric]
     assert any(zps), "the case needs an activation quantizer with a nonzero zero point"
     assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+
+
+class _SiLUNet(nn.Module):
+    """SiLU and Hardswish outputs (mostly positive, down to -0.28 / -0.375) read by APoT layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.c3, self.c4 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.c2(F.silu(self.c1(x) * 2))
+        x = self.c4(F.hardswish(self.c3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["standard", "custom", "shift-add"])
+def test_asymmetric_apot_activations_validate_in_every_form(form, tmp_path):
+    """APoT activations on the unsigned set shifted by an offset: the file computes the simulation's codes exactly
+    (no code differs, side by side), in the standard, custom and shift-add forms, and the custom nodes say so."""
+    gen = torch.Generator().manual_seed(2)
+    calib, val = torch.randn(32, 1, 8, 8, generator=gen), torch.randn(64, 1, 8, 8, generator=gen)
+    path = str(tmp_path / "m.onnx")
+    result = qcompile.compile(_SiLUNet().eval(), calib[:1], scheme="apot", bits=4, calib=calib, output=path,
+                              emit=form, validation_inputs=val)
+    offsets = {n: fq.level_offset for n, fq in result.model.named_modules()
+               if isinstance(fq, FakeQuantize) and fq.level_offset}
+    assert len(offsets) >= 2, offsets  # the SiLU and the Hardswish outputs at least
+    report = result.report
+    assert report.passed and report.extra["codes_differ"] == 0, report.summary()
+    got = run(session(path), [val.numpy()])[0]
+    with torch.no_grad():
+        sim = result.model(val).numpy()
+    np.testing.assert_allclose(got, sim, rtol=1e-4, atol=1e-4 * float(np.abs(sim).max()))
+    model = onnx.load(path)
+    onnx.checker.check_model(model, full_check=True)
+    if form == "custom":
+        attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node
+                 if n.op_type == "QuantizeLevels"]
+        assert sorted(a["offset"] for a in attrs if "offset" in a) == sorted(offsets.values())

@@ -373,3 +373,35 @@ def test_padded_transposed_and_3d_layers_train_their_bias_on_the_accumulator_gri
         trained = gm(x)
         converted = qat.convert(gm)(x)
     assert torch.equal(trained.float(), converted.float())
+
+
+def test_asymmetric_apot_activations_survive_training_and_export(tmp_path):
+    """Calibration's asymmetric APoT levels (SiLU/Hardswish inputs) are the levels QAT trains and exports."""
+    from tests.test_emit import _SiLUNet
+
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(128, 1, 8, 8, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    gm = qat.prepare(_SiLUNet().eval(), x[:1], scheme="apot", bits=4, calib=x[:64])
+    offsets = {n: m.level_offset for n, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.level_offset}
+    assert len(offsets) >= 2 and all(isinstance(gm.get_submodule(n), LearnableFakeQuantize) for n in offsets)
+    _train(gm, x, y, torch.optim.AdamW(qat.param_groups(gm, lr_alpha=0.01), lr=1e-3), 2)
+    gm.eval()
+    result = qat.export(gm, x[:1], output=str(tmp_path / "q.onnx"), validation_inputs=x)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    assert {n: m.level_offset for n, m in result.model.named_modules()
+            if isinstance(m, FakeQuantize) and m.level_offset} == offsets
+
+
+def test_change_bits_keeps_the_negative_reach_of_asymmetric_levels():
+    from tests.test_emit import _SiLUNet
+
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    gm = qat.prepare(_SiLUNet().eval(), x[:1], scheme="apot", bits=4, calib=x)
+    before = {n: m.levelset for n, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.level_offset}
+    qat.change_bits(gm, wbits=3, abits=3)
+    for name, old in before.items():
+        new = gm.get_submodule(name).levelset
+        assert new.bits == 3 and new.offset in quant.asymmetric_offsets("apot", 3)
+        # the 3-bit offset whose reach below 0 (offset / denom) is nearest the 4-bit one
+        reach = [abs(o / (10 - o) - old.offset / old.denom) for o in quant.asymmetric_offsets("apot", 3)]
+        assert abs(new.offset / new.denom - old.offset / old.denom) == pytest.approx(min(reach))

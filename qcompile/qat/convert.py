@@ -78,12 +78,14 @@ def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.Grap
                 _, alpha = fq.effective(torch.zeros(()))  # eval mode: no running statistic moves
             plain = FakeQuantize(fq.scheme, fq.bits, fq.signed, axis=fq.axis, role=fq.role,
                                  observer=fq.observer_name)
+            plain.level_offset = fq.level_offset
             plain.set_params(alpha.detach().clone(), fq.zero_point)
             _set_submodule(gm, node.target, plain)
             node.meta["qparams"] = QParams(scheme=plain.scheme, bits=plain.bits, signed=plain.signed,
                                            alpha=plain.alpha.clone(), axis=plain.axis,
                                            zero_point=int(plain.zero_point) if plain.zero_point.numel() == 1 else 0,
-                                           role=plain.role, observer=f"qat:{method}")
+                                           role=plain.role, observer=f"qat:{method}",
+                                           level_offset=plain.level_offset)
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _LAYER_FUNCTIONS and len(node.args) > 1:
             wq = node.args[1]

@@ -284,6 +284,7 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
                                   momentum=cfg.momentum)
         else:
             new = LearnableFakeQuantize(**common, init_alpha=fq.alpha, grad=cfg.grad)
+        new.level_offset = fq.level_offset  # asymmetric APoT/PoT levels chosen by calibration
         _set_submodule(gm, node.target, new)
     # one forward in eval mode gives every quantizer its effective alpha (FakeQuantize.alpha)
     gm.eval()

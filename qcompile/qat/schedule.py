@@ -53,12 +53,14 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
         if fq.scheme == "uniform_asym" and rescale:
             raise UserError("eq. 11 re-scaling is defined for symmetric and unsigned levels, not uniform_asym")
         old = fq.levelset
-        new = quant.level_set(fq.scheme, new_bits, fq.signed)
+        offset = _matching_offset(old, fq.scheme, new_bits)
+        new = quant.level_set(fq.scheme, new_bits, fq.signed, offset=offset)
         with torch.no_grad():
             if rescale:
                 fq.learned_alpha.copy_(rescale_alpha(fq.learned_alpha, old, new))
                 fq.alpha = rescale_alpha(fq.alpha, old, new).to(torch.float32)
         fq.bits = int(new_bits)
+        fq.level_offset = offset
         changed += 1
     opts = cfg.options
     updates = {}
@@ -86,3 +88,13 @@ def freeze_quantizers(model: nn.Module) -> int:
         fq.learned_alpha.grad = None
         count += 1
     return count
+
+
+def _matching_offset(old, scheme: str, bits: int) -> int:
+    """The offset of the asymmetric ``bits``-bit set whose negative reach ``offset / denom`` is nearest that of
+    ``old`` (0 where ``old`` is not asymmetric)."""
+    if not old.offset:
+        return 0
+    reach = old.offset / old.denom
+    top = quant.level_set(scheme, bits, False).denom
+    return min(quant.asymmetric_offsets(scheme, bits), key=lambda o: abs(o / (top - o) - reach))

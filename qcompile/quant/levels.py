@@ -68,6 +68,20 @@ Schemes
     ``Delta = 0.7 E|w|`` and scale ``r_t``), 2-bit storage whatever ``bits`` says; signed only.
 ``binary`` -- ``{-1, +1}`` (BinaryConnect / XNOR-Net, ``sign(w) * E|w|``), ``bits`` is recorded as 1; signed only.
 
+Asymmetric APoT / PoT / log2 (``level_set(scheme, bits, offset=o)``)
+-------------------------------------------------------------------
+The signed sets above are symmetric: on a tensor that is mostly positive but can be negative (SiLU, GELU,
+Hardswish outputs: minimum -0.28 / -0.17 / -0.375) half of their levels cover a side that holds almost nothing.
+Uniform levels answer that with a zero point (``uniform_asym``); the non-uniform schemes get the same idea in
+integers: the unsigned ``bits``-bit set shifted down by one of its own grid integers ``o`` (``0 < o <= denom / 2``,
+:func:`asymmetric_offsets`): ``grid = unsigned grid - o``, ``denom = unsigned denom - o``. Real 0 stays a level
+(the grid integer 0), the dense small levels sit around it, ``o`` grid steps lie below it, and every level count,
+tie rule and emission form is the one of any other grid (4-bit APoT, ``o = 3``: ``{-3, -2, -1, 0, 1, 3, 5, 6, 9,
+13, 15, 21, 29, 30, 33, 45} / 45``, 16 levels against the symmetric set's 15). ``alpha`` is the largest level; the
+lowest is ``-alpha * o / denom``. Calibration picks ``o`` (or the symmetric set) per activation by the least
+squared error on the observed histogram (``passes/calibrate.py``). The shifted positive levels are no longer sums
+of powers of two; only weights need that (the shift-add lowering multiplies integer activation codes by them).
+
 Decision rule (shared by the simulation, the ONNX export and the integer lowering)
 ---------------------------------------------------------------------------------
 Nearest level. At an exact tie between neighbouring grid integers ``lo < hi`` (the threshold is the midpoint
@@ -129,6 +143,7 @@ class LevelSet:
     grid: tuple  # sorted distinct ints
     denom: int
     zero_point: int = 0
+    offset: int = 0  # > 0: the unsigned set shifted down by this grid integer (asymmetric APoT/PoT, see below)
 
     def __post_init__(self):
         if list(self.grid) != sorted(set(self.grid)) or len(self.grid) < 2:
@@ -152,6 +167,11 @@ class LevelSet:
     def is_uniform(self) -> bool:
         """Consecutive integers: quantize by ``round(x / unit)`` (ONNX ``QuantizeLinear``)."""
         return all(b - a == 1 for a, b in zip(self.grid, self.grid[1:]))
+
+    @functools.cached_property
+    def symmetric(self) -> bool:
+        """Levels mirror around 0 (``grid[0] == -grid[-1]``): a signed set whose range is ``[-alpha, alpha]``."""
+        return self.grid[0] == -self.grid[-1]
 
     @property
     def qmin(self) -> int:
@@ -204,6 +224,8 @@ class LevelSet:
 
     def describe(self) -> str:
         sign = "signed" if self.signed else "unsigned"
+        if self.offset:
+            sign = f"asymmetric (unsigned - {self.offset})"
         return (f"{self.scheme} {self.bits}-bit {sign}: {self.num_levels} levels, grid/{self.denom}, "
                 f"{self.storage_dtype}")
 
@@ -313,10 +335,38 @@ def _build(scheme: str, bits: int, signed: bool) -> LevelSet:
     raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
 
 
-def level_set(scheme: str, bits: Optional[int] = None, signed: bool = True) -> LevelSet:
+@functools.lru_cache(maxsize=None)
+def _build_shifted(scheme: str, bits: int, offset: int) -> LevelSet:
+    base = _build(scheme, bits, False)
+    if offset not in base.grid or not 0 < offset <= base.denom // 2:
+        choices = ", ".join(str(g) for g in asymmetric_offsets(scheme, bits))
+        raise ValueError(f"offset {offset} of {scheme} {bits}-bit asymmetric levels must be a level of the unsigned "
+                         f"grid in 1..{base.denom // 2}: one of {choices}")
+    grid = tuple(g - offset for g in base.grid)
+    return LevelSet(scheme, bits, True, grid, grid[-1], offset=offset)
+
+
+def asymmetric_offsets(scheme: str, bits: int) -> tuple:
+    """The offsets ``o`` of the asymmetric sets of a non-uniform ``scheme``: its unsigned grid integers in
+    ``1 .. denom / 2`` (the shifted set keeps its largest magnitude on the positive side)."""
+    if scheme not in _ASYMMETRIC_SCHEMES or not supported(scheme, bits, False):
+        return ()
+    base = level_set(scheme, bits, False)
+    return tuple(g for g in base.grid if 0 < g <= base.denom // 2)
+
+
+_ASYMMETRIC_SCHEMES = ("apot", "pot", "log2")
+
+
+def level_set(scheme: str, bits: Optional[int] = None, signed: bool = True, offset: int = 0) -> LevelSet:
     """The (cached) level set of ``scheme`` at ``bits`` (2..8), signed (weights) or unsigned (activations).
 
     ``ternary`` and ``binary`` ignore ``bits`` (their sets are fixed; ``LevelSet.bits`` is 2 and 1).
+    ``offset > 0`` (``apot``, ``pot``, ``log2``): the *asymmetric* set, the unsigned levels shifted down by the grid
+    integer ``offset`` (one of :func:`asymmetric_offsets`), ``grid = unsigned grid - offset`` over
+    ``denom = unsigned denom - offset``: real 0 stays a level, the dense small levels sit around 0, and
+    ``offset`` levels lie below it -- for activations that are mostly positive but can be negative (SiLU,
+    GELU, Hardswish), as uniform's zero point does. ``signed`` is ignored there (the set is signed).
     Raises ``ValueError`` with a one-line hint for unknown schemes and unsupported combinations.
     """
     if not isinstance(scheme, str):
@@ -330,6 +380,11 @@ def level_set(scheme: str, bits: Optional[int] = None, signed: bool = True) -> L
         if bits is None:
             raise ValueError(f"{scheme} needs bits (2..8)")
         bits = _check_bits(scheme, bits)
+    if offset:
+        if scheme not in _ASYMMETRIC_SCHEMES:
+            raise ValueError(f"offset levels are defined for {', '.join(_ASYMMETRIC_SCHEMES)}, not {scheme!r} "
+                             f"(uniform levels take a zero point: scheme 'uniform_asym')")
+        return _build_shifted(scheme, bits, int(offset))
     return _build(scheme, bits, bool(signed))
 
 

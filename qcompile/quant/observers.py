@@ -59,6 +59,7 @@ class Observer:
     """Base class: tracks count, min and max per tensor or per channel; subclasses add their statistics."""
 
     name = "observer"
+    asymmetric_levels = True  # whether _range handles asymmetric APoT/PoT sets (LevelSet.offset)
 
     def __init__(self, axis: Optional[int] = None):
         self.axis = axis
@@ -131,6 +132,9 @@ class Observer:
         """``ClipParams(alpha, zero_point, scale)``: scalars per tensor, 1-D per channel. ``axis`` (optional)
         must be the axis the observer was made with; ``None`` means that axis."""
         self._check(axis)
+        if levelset.offset and not self.asymmetric_levels:
+            raise ValueError(f"the {self.name} observer does not calibrate asymmetric {levelset.scheme} levels; "
+                             f"use minmax, percentile or mse")
         lo, hi = self._range(levelset)
         params = clip_params_from_range(lo, hi, levelset)
         if self.axis is None:
@@ -292,7 +296,7 @@ class PercentileObserver(HistogramObserver):
         p = self.percentile / 100.0
         lo, hi = [], []
         for c in range(self.channels):
-            if levelset.scheme == "uniform_asym" or not levelset.signed:
+            if not levelset.symmetric:  # unsigned, uniform_asym, asymmetric APoT/PoT: both tails
                 edges, counts = self.signed_hist(c)
                 lo.append(_quantile(edges, counts, 1.0 - p))
                 hi.append(_quantile(edges, counts, p))
@@ -409,7 +413,10 @@ class MSEObserver(HistogramObserver):
             alpha_max = rhi - rlo
         else:
             base = np.broadcast_to(levelset.values[None, :], (len(radius), levelset.num_levels))
-            alpha_max = np.maximum(np.abs(cmin), np.abs(cmax)) if levelset.signed else np.maximum(cmax, 0.0)
+            if levelset.signed and not levelset.symmetric:  # asymmetric APoT/PoT: alpha * [v[0], 1]
+                alpha_max = np.maximum(np.maximum(cmax, 0.0), np.minimum(cmin, 0.0) / levelset.values[0])
+            else:
+                alpha_max = np.maximum(np.abs(cmin), np.abs(cmax)) if levelset.signed else np.maximum(cmax, 0.0)
         alpha = np.empty(len(radius))
         step = max(1, self._CHANNELS_PER_STEP * 16 // levelset.num_levels)
         for c0 in range(0, len(radius), step):
@@ -419,7 +426,7 @@ class MSEObserver(HistogramObserver):
             shrink = alpha / np.maximum(alpha_max, MIN_ALPHA)
             lo, hi = rlo * shrink, rhi * shrink
         else:
-            lo, hi = (-alpha if levelset.signed else np.zeros_like(alpha)), alpha
+            lo, hi = alpha * levelset.values[0], alpha  # -alpha (symmetric), 0 (unsigned) or alpha * v[0]
         return torch.from_numpy(np.asarray(lo, dtype=np.float64)), torch.from_numpy(np.asarray(hi, dtype=np.float64))
 
 
@@ -486,6 +493,7 @@ class KLObserver(HistogramObserver):
     side, as with min/max)."""
 
     name = "kl"
+    asymmetric_levels = False
 
     def _range(self, levelset):
         asym = levelset.scheme == "uniform_asym"
@@ -528,6 +536,7 @@ class LaplaceObserver(HistogramObserver):
     """Banner et al.'s analytic clipping for Laplace-distributed data (lecture: 2.83b, 3.89b, 5.03b)."""
 
     name = "laplace"
+    asymmetric_levels = False
 
     def __init__(self, axis: Optional[int] = None, bins: int = 2048):
         super().__init__(axis, bins)
@@ -580,6 +589,7 @@ class SDQObserver(Observer):
     """SDQ's ``k * sigma`` clipping (eq. 1-2), ``sigma`` of the mirrored positive part for non-negative data."""
 
     name = "sdq"
+    asymmetric_levels = False
 
     def __init__(self, axis: Optional[int] = None, k: float = 3.0):
         super().__init__(axis)

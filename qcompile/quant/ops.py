@@ -445,7 +445,8 @@ def fake_quantize(x: torch.Tensor, alpha: TensorLike, levelset: LevelSet, axis: 
 def clip_params_from_range(lo: TensorLike, hi: TensorLike, levelset: LevelSet) -> ClipParams:
     """Quantizer parameters covering the real range ``[lo, hi]`` (per tensor or per channel).
 
-    Symmetric signed sets: ``alpha = max(|lo|, |hi|)``; unsigned sets: ``alpha = max(hi, 0)`` (negative values
+    Symmetric signed sets: ``alpha = max(|lo|, |hi|)``; asymmetric APoT/PoT sets (levels ``alpha * v``,
+    ``v[0] < 0``): ``alpha = max(hi, lo / v[0])``; unsigned sets: ``alpha = max(hi, 0)`` (negative values
     clip to 0); ``uniform_asym``: the range is widened to contain 0, ``alpha = hi - lo`` (the width) and
     ``Z = round(q_min - lo / S)`` with ``S = unit``, clamped to the code range (lecture). ``alpha`` is at least
     :data:`MIN_ALPHA`.
@@ -460,7 +461,10 @@ def clip_params_from_range(lo: TensorLike, hi: TensorLike, levelset: LevelSet) -
         z = torch.round(levelset.code_min - lo / scale.to(torch.float64))
         z = z.clamp(levelset.code_min, levelset.code_max).to(torch.int32)
         return ClipParams(alpha, z, scale)
-    if levelset.signed:
+    if levelset.signed and not levelset.symmetric:
+        # asymmetric APoT/PoT: levels alpha * [values[0], 1] with values[0] < 0
+        alpha = torch.maximum(torch.clamp(hi, min=0.0), torch.clamp(lo, max=0.0) / float(levelset.values[0]))
+    elif levelset.signed:
         alpha = torch.maximum(lo.abs(), hi.abs())
     else:
         alpha = torch.clamp(hi, min=0.0)

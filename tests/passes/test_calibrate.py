@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qcompile import quant
 from qcompile.api import calib_tensor
@@ -392,3 +393,61 @@ def test_an_error_of_the_model_itself_is_not_retried_away():
     calib = torch.randn(8, 8)
     with pytest.raises(Exception, match="view|shape"):
         qcompile.compile(Broken().eval(), calib[:3], calib=calib, scheme="uniform", bits=8)
+
+
+# --- asymmetric APoT/PoT activations ---------------------------------------------------------------------------
+
+
+class SiLUNet(nn.Module):
+    """conv -> SiLU -> conv (input mostly positive, down to -0.28) -> conv on a plain conv output (symmetric) -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.c4 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.c2(F.silu(self.c1(x) * 3))
+        return self.fc(self.c4(self.c3(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("apot", 3), ("pot", 3)])
+def test_signed_apot_activations_take_the_asymmetric_set_where_it_quantizes_better(scheme, bits):
+    cfg = LayerConfig(action="quant", wscheme=scheme, wbits=bits, ascheme=scheme, abits=bits, reason="test")
+    model = SiLUNet().eval()
+    calib = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = Pipeline([SelectLayers(cfg, first_last="int8"), InsertQuantizers()], check=True)(trace(model, calib[:2])).gm
+    searched = {t: fq for t, (_, fq) in quantizer_nodes(gm).items() if fq.search_offset}
+    assert len(searched) == 3  # the signed inputs of c2 (SiLU), c3 and c4; c1 and fc are the int8 first/last
+    p = Calibrate(calib)
+    p(gm).gm.recompile()
+    silu_fq = gm.get_submodule(next(n.target for n in gm.graph.nodes if n.op == "call_module"
+                                    and n.args[0].op == "call_function" and n.args[0].target is F.silu))
+    # the SiLU output is not provably non-negative: it gets the search, and takes an offset
+    assert silu_fq.search_offset and silu_fq.level_offset > 0, silu_fq
+    assert any("asymmetric (offset) levels" in line for line in p.report), p.report
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is silu_fq)
+    assert node.meta["qparams"].level_offset == silu_fq.level_offset
+    assert node.meta["qparams"].levelset() == silu_fq.levelset
+    # on the calibration activations, the chosen set quantizes with less error than the MSE-calibrated symmetric one
+    with torch.no_grad():
+        act = F.silu(model.c1(calib) * 3)
+    sym_ls = quant.level_set(scheme, bits, True)
+    obs = quant.make_observer("mse")
+    obs.update(act)
+    sym_alpha = obs.compute_qparams(sym_ls).alpha
+    err_sym = float(((quant.fake_quantize(act, sym_alpha, sym_ls) - act) ** 2).mean())
+    err_asym = float(((silu_fq.simulate(act) - act) ** 2).mean())
+    assert err_asym < 0.8 * err_sym, (err_asym, err_sym)
+    assert float(silu_fq.simulate(torch.zeros(3)).abs().max()) == 0.0  # real 0 is a level
+
+
+def test_observers_without_a_histogram_keep_the_symmetric_set():
+    cfg = LayerConfig(action="quant", wscheme="apot", wbits=4, ascheme="apot", abits=4, reason="test")
+    model = SiLUNet().eval()
+    calib = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    gm = Pipeline([SelectLayers(cfg, first_last="int8"), InsertQuantizers()], check=True)(trace(model, calib[:2])).gm
+    calibrate(gm, calib, method="minmax")
+    assert all(fq.level_offset == 0 for _, fq in quantizer_nodes(gm).values())

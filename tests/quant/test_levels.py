@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from qcompile.quant import apot_terms, integer_table, level_set, levels, sdq_log2_reference, supported
+from qcompile.quant import (apot_terms, asymmetric_offsets, integer_table, level_set, levels, sdq_log2_reference,
+                            supported)
 
 FLOAT32_RTOL = 1e-6  # the authors' sets are float32 tensors; ours are exact rationals
 
@@ -203,5 +204,29 @@ def test_tie_rule_is_half_even_on_uniform_grids():
     (("apot", None, True), "bits"),
 ])
 def test_bad_arguments_raise_value_error(args, match):
+    with pytest.raises(ValueError, match=match):
+        level_set(*args)
+
+
+def test_asymmetric_sets_are_the_unsigned_grid_shifted_by_an_offset():
+    unsigned = level_set("apot", 4, False)
+    assert asymmetric_offsets("apot", 4) == (1, 2, 3, 4, 6, 8, 9, 12, 16, 18, 24)  # levels in 1 .. 48 / 2
+    ls = level_set("apot", 4, True, offset=3)
+    assert ls.grid == tuple(g - 3 for g in unsigned.grid) and ls.denom == 45 and ls.offset == 3
+    assert ls.grid[:5] == (-3, -2, -1, 0, 1) and 0 in ls.grid  # real 0 stays a level; dense levels around it
+    assert ls.signed and not ls.symmetric and ls.num_levels == 16 and ls.storage_dtype == "int8"
+    assert level_set("apot", 4, True).symmetric and not unsigned.symmetric
+    # the tie rule applies to the shifted integers (both neighbours of threshold -2.5 are ... -3 | -2: even wins)
+    assert list(ls.tie_up[:3]) == [True, False, True]
+    assert asymmetric_offsets("pot", 3) == (1, 2, 4, 8, 16, 32)
+    assert asymmetric_offsets("uniform", 4) == () and asymmetric_offsets("pot", 5) == ()  # no unsigned 5-bit PoT
+
+
+@pytest.mark.parametrize("args,match", [
+    (("apot", 4, True, 5), "must be a level of the unsigned grid"),   # 5 is not an APoT level
+    (("apot", 4, True, 32), "must be a level of the unsigned grid"),  # beyond denom / 2
+    (("uniform", 4, True, 3), "uniform_asym"),
+])
+def test_bad_offsets_raise_value_error(args, match):
     with pytest.raises(ValueError, match=match):
         level_set(*args)

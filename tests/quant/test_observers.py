@@ -116,7 +116,8 @@ def test_percentile():
 # -- MSE --------------------------------------------------------------------------------------------------------
 MSE_SETS = [("apot", 3, True), ("apot", 4, True), ("apot", 4, False), ("pot", 4, True), ("pot", 3, False),
             ("uniform", 4, True), ("uniform", 8, True), ("uniform", 3, False), ("log2", 3, True),
-            ("apot", 6, True), ("uniform_asym", 4, False)]
+            ("apot", 6, True), ("uniform_asym", 4, False), ("apot", 4, True, 3), ("apot", 3, True, 1),
+            ("pot", 3, True, 4)]
 
 
 def _data(kind, n, seed):
@@ -147,6 +148,8 @@ def test_mse_search_is_within_half_percent_of_brute_force(spec, kind, seed, scal
     # brute force: exact sample error on a 400-point grid of clipping values
     if ls.scheme == "uniform_asym":  # the range width, with the zero point of the full range
         top, zp = (x.max().clamp(min=0) - x.min().clamp(max=0)).item(), params.zero_point
+    elif not ls.symmetric and ls.signed:  # asymmetric APoT/PoT: levels alpha * [v0, 1], v0 < 0
+        top, zp = max(x.max().item(), x.min().item() / float(ls.values[0]), 1e-8), None
     else:
         top, zp = (x.abs().max() if ls.signed else x.max().clamp(min=1e-8)).item(), None
     grid = torch.arange(1, 401, dtype=torch.float64) / 400 * top
@@ -251,3 +254,28 @@ def test_bn_range_and_qparams():
     per_channel = bn_qparams(beta, gamma, level_set("uniform_asym", 8, False), k=6.0, per_channel=True)
     assert per_channel.alpha.shape == (2,) and per_channel.zero_point.tolist() == [
         round(0.1 / (1.2 / 255)), round(2.2 / (2.4 / 255))]
+
+
+@pytest.mark.parametrize("name", ["minmax", "percentile", "mse"])
+def test_asymmetric_levels_cover_the_observed_range(name):
+    """The level set alpha * [v0, 1] of an asymmetric APoT set reaches the negative side without wasting the positive
+    one: min/max gives alpha = max(hi, lo / v0) exactly; every observer keeps both ends inside the data's range."""
+    ls = level_set("apot", 4, True, 3)  # grid -3..45 over 45: v0 = -1/15
+    g = _gen(4)
+    x = torch.nn.functional.silu(torch.randn(20000, generator=g) * 3)  # SiLU: min -0.278, a long positive tail
+    obs = make_observer(name)
+    obs.update(x)
+    alpha = float(obs.compute_qparams(ls).alpha)
+    lo, hi = float(x.min()), float(x.max())
+    if name == "minmax":
+        assert alpha == pytest.approx(max(hi, lo / float(ls.values[0])), rel=1e-6)
+    assert 0 < alpha <= max(hi, lo / float(ls.values[0])) * (1 + 1e-6)
+    assert ls.values[0] * alpha < 0  # negative levels remain
+
+
+@pytest.mark.parametrize("name", ["kl", "laplace", "sdq"])
+def test_observers_without_asymmetric_apot_say_so(name):
+    obs = make_observer(name)
+    obs.update(torch.randn(1000, generator=_gen(5)))
+    with pytest.raises(ValueError, match="asymmetric apot"):
+        obs.compute_qparams(level_set("apot", 4, True, 3))
