@@ -163,9 +163,10 @@ def conv_padding(mod: nn.Module) -> tuple[list | None, str, tuple]:
 class InsertQuantizers(Pass):
     """Insert weight and input-activation fake-quantizers for layers whose qconfig says ``quant``."""
 
-    def __init__(self, observer: str = "mse"):
+    def __init__(self, observer: str = "mse", asym_levels: bool = True):
         super().__init__()
         self.observer = observer
+        self.asym_levels = asym_levels  # False: signed APoT/PoT activations keep the symmetric set
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -192,7 +193,8 @@ class InsertQuantizers(Pass):
                 fq = FakeQuantize("uniform_asym" if asym else cfg.ascheme, cfg.abits, signed=not nonneg and not asym,
                                   axis=None, role="activation", observer=self.observer)
                 # APoT/PoT on a tensor that may be negative: Calibrate may shift the unsigned levels instead
-                fq.search_offset = fq.signed and bool(quant.asymmetric_offsets(fq.scheme, fq.bits))
+                fq.search_offset = self.asym_levels and fq.signed and bool(quant.asymmetric_offsets(fq.scheme,
+                                                                                                     fq.bits))
                 name = f"act_fq{counter}"
                 counter += 1
                 gm.add_submodule(name, fq)

@@ -61,6 +61,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    "a model with several inputs: .npz with x0, x1, ...)")
     q.add_argument("--calib-method", default="mse",
                    help="activation clipping observer: mse (default), minmax, ema, percentile, kl, laplace, sdq")
+    q.add_argument("--symmetric-levels", action="store_true",
+                   help="APoT/PoT activations that can be negative keep the symmetric signed levels (default: "
+                        "calibration may shift the unsigned levels instead, where that quantizes with less error)")
     g = p.add_argument_group("graph passes")
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding Conv/Linear")
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization")
@@ -227,7 +230,7 @@ def cmd_compile(argv) -> int:
         model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
         validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing, progress=_progress,
         thresholds=thresholds, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, per_channel=not args.per_tensor,
-        calib_method=args.calib_method, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
+        calib_method=args.calib_method, asym_levels=not args.symmetric_levels, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
         bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,
         float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
         emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module), int8_weights=args.int8_weights,

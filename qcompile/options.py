@@ -22,6 +22,9 @@ class CompileOptions:
     ascheme: Optional[str] = None  # activation scheme, default: scheme
     per_channel: bool = True
     calib_method: str = "mse"
+    # APoT/PoT activations that can be negative: let calibration shift the unsigned levels (quant.level_set offset)
+    # where that quantizes with less error than the symmetric signed set
+    asym_levels: bool = True
     fold_bn: bool = True
     equalize: bool = True
     bias_correction: bool = True

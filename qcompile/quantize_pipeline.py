@@ -38,7 +38,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     passes += [
         SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
                      float_downsample=opts.float_downsample, overrides=overrides),
-        InsertQuantizers(observer=opts.calib_method),
+        InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels),
     ]
     if opts.int8_outputs:
         passes += [QuantizeOutputs(), QuantizeResiduals(observer=opts.calib_method)]

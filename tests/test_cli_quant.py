@@ -163,3 +163,32 @@ def test_validate_rebuilds_the_simulation_of_a_quantized_file(work, apot4):
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("validation on 32 inputs") and line.endswith("PASS"), line
     assert "max abs err 0," in line  # the rebuilt simulation is the one the file was made from
+
+
+def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_path):
+    """SiLU/Hardswish outputs: by default calibration may shift APoT activations onto asymmetric levels;
+    ``--symmetric-levels`` keeps the symmetric set, and the file records the choice."""
+    from tests.test_emit import _SiLUNet
+
+    torch.save(_SiLUNet().state_dict(), tmp_path / "silu.pt")
+    np.save(tmp_path / "calib.npy", torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(2)).numpy())
+    files = {}
+    for name, extra in (("asym", ()), ("sym", ("--symmetric-levels",))):
+        files[name] = tmp_path / f"{name}.onnx"
+        rc, stdout, stderr = cli(tmp_path / "silu.pt", "--arch", "tests.test_emit:_SiLUNet", "--input-shape", "1,1,8,8",
+                                 "--calib", tmp_path / "calib.npy", "-o", files[name], *extra)
+        assert rc == 0, stderr
+        assert stdout.strip().endswith("PASS"), stdout
+    meta = {name: {p.key: p.value for p in onnx.load(str(path)).metadata_props} for name, path in files.items()}
+    assert '"asym_levels":false' in meta["sym"]["qcompile.options"]
+    assert "asym_levels" not in meta["asym"]["qcompile.options"]
+
+    def level_tables(path):  # the activation cell tables (int8 grid integers) of the APoT quantizers
+        model = onnx.load(str(path))
+        return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 1 and i.dims[0] > 20]
+
+    # symmetric 4-bit APoT: grid -10..10 in every table; asymmetric: some table reaches far above 10
+    sym_tables = level_tables(files["sym"])
+    assert sym_tables and all(t.min() == -10 and t.max() == 10 for t in sym_tables)
+    assert any(t.max() > 10 and t.min() > -10 for t in level_tables(files["asym"]))
