@@ -37,6 +37,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import qcompile  # noqa: E402
+from benchmarks import common  # noqa: E402
 from qcompile.models import digits  # noqa: E402
 from qcompile.qmodules import FakeQuantize  # noqa: E402
 from qcompile.runtime.session import run, session  # noqa: E402
@@ -149,7 +150,8 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     x_tr, y_tr, x_te, y_te = digits.load_split()
     x_cal = x_tr[:CALIB].clone()
-    results = {"calibration_images": CALIB, "test_images": len(x_te), "models": []}
+    results = {"environment": common.environment(), "calibration_images": CALIB, "test_images": len(x_te),
+               "models": []}
     with tempfile.TemporaryDirectory() as folder:
         for name, (cls, epochs, lr) in MODELS.items():
             torch.manual_seed(0)
