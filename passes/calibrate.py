@@ -27,6 +27,7 @@ from qcompile import quant
 from qcompile.errors import UserError
 from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
+from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
 from .base import Pass, PassResult, attr_value, data_batches, data_length
 from .bias_correction import correctable_layers, recording_input_means
@@ -136,7 +137,7 @@ class Calibrate(Pass):
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics")
 
 
-MAX_OFFSETS = 16  # offsets tried per quantizer (evenly spread over the candidates where there are more)
+MAX_OFFSETS = 16  # offsets tried per quantizer (spread geometrically where there are more)
 
 
 def least_error_offset(obs, fq: FakeQuantize) -> int:
@@ -145,17 +146,30 @@ def least_error_offset(obs, fq: FakeQuantize) -> int:
     if not isinstance(obs, quant.HistogramObserver) or not obs.asymmetric_levels or obs.axis is not None:
         return 0
     offsets = quant.asymmetric_offsets(fq.scheme, fq.bits)
-    if len(offsets) > MAX_OFFSETS:
-        offsets = tuple(offsets[round(i)] for i in np.linspace(0, len(offsets) - 1, MAX_OFFSETS))
-    edges, counts = obs.signed_hist(0)
-    best, best_err = 0, math.inf
-    for offset in (0,) + tuple(offsets):
-        ls = quant.level_set(fq.scheme, fq.bits, fq.signed, offset=offset)
-        alpha = float(obs.compute_qparams(ls).alpha)
-        err = float(quant.histogram_quant_error(edges, counts, (alpha * ls.values)[None, :])[0])
-        if err < best_err * (1.0 - 1e-9):  # ties keep the symmetric set (or the smaller offset)
-            best, best_err = offset, err
-    return best
+    if len(offsets) > MAX_OFFSETS:  # those nearest a geometric sequence: the negative reach o / denom matters
+        targets = np.geomspace(offsets[0], offsets[-1], MAX_OFFSETS)
+        offsets = tuple(sorted({min(offsets, key=lambda o: abs(math.log(o / t))) for t in targets}))
+    candidates = (0,) + tuple(offsets)
+    sets = [quant.level_set(fq.scheme, fq.bits, fq.signed, offset=o) for o in candidates]
+    width = max(ls.num_levels for ls in sets)
+    # normalised levels, one row per candidate; shorter rows repeat their top level (an empty cell: no error term)
+    base = np.stack([np.concatenate([ls.values, np.full(width - ls.num_levels, ls.values[-1])]) for ls in sets])
+    if isinstance(obs, quant.MSEObserver):  # every candidate's MSE search at once, as rows of one batch
+        lo, hi = float(obs.min_val[0]), float(obs.max_val[0])
+        # the MSEObserver's search range: max |x| (symmetric), max(hi, lo / v0) for levels alpha * [v0, 1]
+        alpha_max = np.array([max(abs(lo), abs(hi)) if ls.symmetric else max(hi, lo / ls.values[0], 0.0)
+                              for ls in sets])
+        rows = len(sets)
+        radius = np.repeat(obs.radius.numpy()[:1], rows)
+        counts = np.repeat(obs.hist.numpy()[:1], rows, axis=0)
+        alpha = _batched_mse_search(radius, counts, base, alpha_max)
+    else:
+        radius = np.repeat(obs.radius.numpy()[:1], len(sets))
+        counts = np.repeat(obs.hist.numpy()[:1], len(sets), axis=0)
+        alpha = np.array([float(obs.compute_qparams(ls).alpha) for ls in sets])
+    err = _symmetric_bins_error(radius, counts, (alpha[:, None] * base)[:, None, :])[:, 0]
+    best = int(np.argmin(err))  # first minimum: ties keep the symmetric set (or the smaller offset)
+    return candidates[best]
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -451,3 +451,34 @@ def test_observers_without_a_histogram_keep_the_symmetric_set():
     gm = Pipeline([SelectLayers(cfg, first_last="int8"), InsertQuantizers()], check=True)(trace(model, calib[:2])).gm
     calibrate(gm, calib, method="minmax")
     assert all(fq.level_offset == 0 for _, fq in quantizer_nodes(gm).values())
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 3), ("apot", 4), ("apot", 6), ("pot", 3)])
+@pytest.mark.parametrize("shape", ["silu", "gelu", "normal", "skewed-negative"])
+def test_batched_offset_choice_is_the_observers_own_least_error(scheme, bits, shape):
+    """``least_error_offset`` searches every candidate's clipping value in one batch; it must pick what calibrating
+    each candidate with the MSE observer and comparing their histogram errors picks (within 0.5% of that error)."""
+    from qcompile.passes.calibrate import least_error_offset
+
+    z = torch.randn(50_000, generator=torch.Generator().manual_seed(bits))
+    x = {"silu": F.silu(3 * z), "gelu": F.gelu(2 * z), "normal": z, "skewed-negative": -F.silu(3 * z)}[shape]
+    obs = quant.make_observer("mse")
+    obs.update(x)
+    fq = FakeQuantize(scheme, bits, signed=True)
+    chosen = least_error_offset(obs, fq)
+    edges, counts = obs.signed_hist(0)
+
+    def error(offset):
+        ls = quant.level_set(scheme, bits, True, offset=offset)
+        alpha = float(obs.compute_qparams(ls).alpha)
+        return float(quant.histogram_quant_error(edges, counts, (alpha * ls.values)[None, :])[0])
+
+    offsets = quant.asymmetric_offsets(scheme, bits)
+    errors = {o: error(o) for o in (0,) + offsets}
+    # all offsets are tried up to 16 of them; beyond (6-bit APoT: 47), 16 spread geometrically: within 2%
+    tolerance = 1.005 if len(offsets) <= 16 else 1.02
+    assert errors[chosen] <= min(errors.values()) * tolerance, (chosen, errors)
+    if shape == "normal":  # nothing to gain from shifted levels: the symmetric set
+        assert chosen == 0
+    elif shape != "skewed-negative":  # (there an offset near denom / 2 adds one level below 0, and may win)
+        assert chosen > 0 and errors[chosen] < (0.7 if scheme == "apot" else 0.9) * errors[0], (chosen, errors)
