@@ -138,6 +138,18 @@ def to_metadata(opts: CompileOptions) -> str:
     return json.dumps(record, separators=(",", ":"))
 
 
+# (option, the default before, the version whose default differs): compact records leave defaults out
+_NEW_DEFAULTS = (("asym_levels", False, (0, 2)),)
+
+
+def _version(text: str) -> tuple:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def from_metadata(text: str) -> dict:
     """Keyword arguments of :class:`CompileOptions` from :func:`to_metadata`'s JSON (or the full records older
     files carry): unknown keys dropped, lists back to tuples."""
@@ -146,6 +158,9 @@ def from_metadata(text: str) -> dict:
     record = json.loads(text)
     names = {f.name for f in dataclasses.fields(CompileOptions)} - set(_NOT_RECORDED)
     out = {k: v for k, v in record.items() if k in names}
+    for name, value, since in _NEW_DEFAULTS:  # a file from before a default changed records the old default
+        if name not in record and _version(record.get("qcompile", "0")) < since:
+            out[name] = value
     for name in ("exclude", "leaf_modules"):
         if name in out:
             out[name] = tuple(out[name] or ())

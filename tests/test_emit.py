@@ -365,6 +365,11 @@ def test_recorded_options_round_trip():
     assert CompileOptions(**from_metadata(to_metadata(opts))) == opts
     full = json.dumps(dataclasses.asdict(opts))  # the full record of earlier files reads the same
     assert CompileOptions(**from_metadata(full)) == opts
+    # a 0.1 file left out asym_levels because its default was then False (symmetric APoT activations): the
+    # simulation that validates it is rebuilt with that old default
+    old = from_metadata('{"qcompile":"0.1.0","scheme":"apot","bits":4}')
+    assert old == {"scheme": "apot", "bits": 4, "asym_levels": False}
+    assert "asym_levels" not in from_metadata(to_metadata(CompileOptions()))
 
 
 # --- float layers stay float in onnxruntime --------------------------------------------------------------------------
