@@ -11,6 +11,7 @@ from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, S
 from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from .select import Override, SelectLayers, load_overrides, parse_exclude
+from .window_attention import DecomposeWindowAttention
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
            "EliminateDeadCode", "RemoveIdentity", "FoldConstants", "FoldBatchNorm", "ChannelStats",
@@ -18,4 +19,4 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
-           "BindIntegerPools"]
+           "BindIntegerPools", "DecomposeWindowAttention"]

@@ -16,6 +16,7 @@ from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, Quant
 from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
+from qcompile.passes.window_attention import DecomposeWindowAttention
 
 from .options import CompileOptions, resolve_int8_weights
 
@@ -30,7 +31,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     if opts.config:
         overrides += load_overrides(opts.config)
     record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
-    passes: list[Pass] = [record, FoldConstants()]  # weights computed in forward become weights
+    # Swin's window attention with its projections as Linear layers; FoldConstants then folds what they read
+    passes: list[Pass] = [record, DecomposeWindowAttention(), FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:

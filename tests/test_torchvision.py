@@ -25,3 +25,22 @@ def test_torchvision_fp32(tmp_path, capsys, arch):
     assert sqnr and float(sqnr.group(1)) >= MIN_SQNR_FP32, stdout
     assert "top-1 agreement 100.00%" in stdout and "PASS" in stdout
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_swin_window_attention_projections_are_quantized():
+    """torchvision's Swin passes its qkv/proj weights to the fx-wrapped ``shifted_window_attention``: decomposed,
+    all 24 attention projections of Swin-T are quantized (53 weight layers in all) and the file validates."""
+    import torch
+    import torchvision
+
+    import qcompile
+    from qcompile.qmodules import FakeQuantize
+
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t().eval()
+    x = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x)
+    weights = [n for n, m in result.model.named_modules() if isinstance(m, FakeQuantize) and m.role == "weight"]
+    assert sum(".attn.qkv" in n for n in weights) == 12 and sum(".attn.proj" in n for n in weights) == 12
+    assert len(weights) == 53
+    assert result.report.passed, result.report.summary()
