@@ -131,16 +131,22 @@ class FakeQuantize(nn.Module):
         """Codes of an int8 layer's output exactly as an integer kernel computes them (onnxruntime's
         QLinearConv/QLinearMatMul): acc = y / (S_x·S_w) (an integer: y is the float64 layer output on integer
         codes), code = clamp(round_half_even(float32(acc) · float32(S_x·S_w/S_y)) + Z_y)."""
+        return self._requantized_codes(y).to(torch.int32)
+
+    def _requantized_codes(self, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`_requantize` as integer-valued float32 (in place after the first two temporaries)."""
         acc_scale, multiplier, axis = self.requant
         shape = [1] * y.dim()
         shape[axis % y.dim()] = -1
-        acc = torch.round(y.double() / acc_scale.reshape(shape))
-        q = torch.round(acc.float() * multiplier.reshape(shape)) + self.zero_point.float()
-        return q.clamp_(self.levelset.code_min, self.levelset.code_max).to(torch.int32)
+        acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
+        q = acc.float().mul_(multiplier.reshape(shape)).round_().add_(self.zero_point.float())
+        return q.clamp_(self.levelset.code_min, self.levelset.code_max)
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         if self.requant is not None:
-            return quant.dequantize(self._requantize(x), self.alpha, self.levelset, zero_point=self.zero_point)
+            # quant.dequantize's float32(code - Z) * unit, on the float codes: the same values bit for bit
+            unit = quant.unit_from_alpha(self.alpha, self.levelset)
+            return self._requantized_codes(x).sub_(self.zero_point.float()).mul_(unit)
         return quant.fake_quantize(x, self.alpha, self.levelset, axis=self.axis, zero_point=self.zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -221,3 +221,21 @@ def test_int8_layers_are_bound_and_a_second_run_changes_nothing(residual_w8a8):
     code = gm.code
     again = BindIntegerLayers()(gm)
     assert again.modified is False and again.gm.code == code
+
+
+def test_requantizing_simulation_is_dequantize_of_its_codes_bit_for_bit(residual_w8a8):
+    """The simulation of a re-quantizer works on float codes in place; it must equal ``dequantize(quantize(y))``
+    exactly, clamped ends included, for every int8 layer output."""
+    from qcompile import quant
+
+    gen = torch.Generator().manual_seed(5)
+    for fq in (m for m in residual_w8a8.model.modules() if isinstance(m, FakeQuantize) and m.requant is not None):
+        acc_scale, multiplier, _ = fq.requant
+        channels = acc_scale.numel()
+        reach = int(2 * 256 / float(multiplier.min()))  # past both ends of the code range
+        acc = torch.randint(-reach, reach, (3, channels, 5, 5), generator=gen).double()
+        y = acc * acc_scale.double().reshape(1, -1, 1, 1)  # integer accumulators on the S_x·S_w grid
+        expected = quant.dequantize(fq.quantize(y), fq.alpha, fq.levelset, zero_point=fq.zero_point)
+        codes = fq.quantize(y)
+        assert int(codes.min()) == fq.levelset.code_min and int(codes.max()) == fq.levelset.code_max  # both clamps
+        assert torch.equal(fq.simulate(y), expected)
