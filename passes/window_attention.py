@@ -132,6 +132,10 @@ def _name_layer(layer: torch.fx.Node, weight, call: torch.fx.Node) -> None:
         layer.meta["nn_module_stack"] = stack
 
 
+_KNOWN_ARGUMENTS = {"input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads",
+                    "shift_size", "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale", "training"}
+
+
 def _is_window_attention(node: torch.fx.Node) -> bool:
     target = node.target
     return node.op == "call_function" and getattr(target, "__name__", "") == "shifted_window_attention" \
@@ -153,6 +157,8 @@ class DecomposeWindowAttention(Pass):
                 continue
             bound.apply_defaults()
             a = bound.arguments
+            if set(a) != _KNOWN_ARGUMENTS:
+                continue  # another torchvision's signature: what the stand-in computes is not known to match
             if a["training"] is not False and (a["attention_dropout"] or a["dropout"]):
                 continue  # dropout in training mode: not what the stand-in computes
             window, shift = list(a["window_size"]), list(a["shift_size"])

@@ -138,3 +138,20 @@ def test_window_attention_projections_are_quantized_and_validate(v2, tmp_path):
                             exclude=("*.qkv",))
     kept_weights = {n for n, m in kept.model.named_modules() if isinstance(m, FakeQuantize) and m.role == "weight"}
     assert not any(".qkv" in w for w in kept_weights) and any("attn1.proj" in w for w in kept_weights)
+
+
+def test_a_window_attention_with_another_signature_is_left_alone():
+    """A torchvision whose function takes arguments the stand-in does not know keeps the call whole (float,
+    listed by the layer table) rather than computing something else."""
+    def shifted_window_attention(input, qkv_weight, proj_weight, relative_position_bias, window_size, num_heads,
+                                 shift_size, attention_dropout=0.0, dropout=0.0, qkv_bias=None, proj_bias=None,
+                                 logit_scale=None, training=True, new_option=None):
+        return input
+
+    shifted_window_attention.__module__ = "torchvision.models.swin_transformer"
+    graph = torch.fx.Graph()
+    x, w1, w2, b = (graph.placeholder(n) for n in ("x", "w1", "w2", "b"))
+    out = graph.call_function(shifted_window_attention, (x, w1, w2, b, [4, 4], 2, [0, 0]))
+    graph.output(out)
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    assert DecomposeWindowAttention()(gm).modified is False
