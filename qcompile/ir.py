@@ -45,7 +45,8 @@ class QParams:
     """Parameters of one quantizer, fixed after calibration.
 
     ``alpha`` is the clipping value (scalar for per-tensor, 1-D along ``axis`` for per-channel); the level set is
-    ``qcompile.quant.level_set(scheme, bits, signed, offset=level_offset)``. ``zero_point`` is used only by asymmetric uniform levels.
+    ``qcompile.quant.level_set(scheme, bits, signed, offset=level_offset)``. ``zero_point`` is used only by
+    asymmetric uniform levels.
     """
 
     scheme: str

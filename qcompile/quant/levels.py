@@ -75,7 +75,8 @@ Hardswish outputs: minimum -0.28 / -0.17 / -0.375) half of their levels cover a 
 Uniform levels answer that with a zero point (``uniform_asym``); the non-uniform schemes get the same idea in
 integers: the unsigned ``bits``-bit set shifted down by one of its own grid integers ``o`` (``0 < o <= denom / 2``,
 :func:`asymmetric_offsets`): ``grid = unsigned grid - o``, ``denom = unsigned denom - o``. Real 0 stays a level
-(the grid integer 0), the dense small levels sit around it, ``o`` grid steps lie below it, and every level count,
+(the grid integer 0), the dense small levels sit around it, the unsigned levels below ``o`` become the negative
+ones (down to ``-o``), and every level count,
 tie rule and emission form is the one of any other grid (4-bit APoT, ``o = 3``: ``{-3, -2, -1, 0, 1, 3, 5, 6, 9,
 13, 15, 21, 29, 30, 33, 45} / 45``, 16 levels against the symmetric set's 15). ``alpha`` is the largest level; the
 lowest is ``-alpha * o / denom``. Calibration picks ``o`` (or the symmetric set) per activation by the least
@@ -364,8 +365,8 @@ def level_set(scheme: str, bits: Optional[int] = None, signed: bool = True, offs
     ``ternary`` and ``binary`` ignore ``bits`` (their sets are fixed; ``LevelSet.bits`` is 2 and 1).
     ``offset > 0`` (``apot``, ``pot``, ``log2``): the *asymmetric* set, the unsigned levels shifted down by the grid
     integer ``offset`` (one of :func:`asymmetric_offsets`), ``grid = unsigned grid - offset`` over
-    ``denom = unsigned denom - offset``: real 0 stays a level, the dense small levels sit around 0, and
-    ``offset`` levels lie below it -- for activations that are mostly positive but can be negative (SiLU,
+    ``denom = unsigned denom - offset``: real 0 stays a level, the dense small levels sit around 0, and the
+    unsigned levels below ``offset`` become the negative ones, down to ``-offset`` -- for activations that are mostly positive but can be negative (SiLU,
     GELU, Hardswish), as uniform's zero point does. ``signed`` is ignored there (the set is signed).
     Raises ``ValueError`` with a one-line hint for unknown schemes and unsupported combinations.
     """
