@@ -46,6 +46,13 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
             # the fx copy of a traced-through module is a plain Module: name its original class
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
         decision = cfg.describe()
+        if cfg.action == "quant" and node.args:
+            from qcompile.passes.base import input_quantizer
+
+            fq = input_quantizer(gm, node.args[0])
+            if fq is not None and fq.level_offset:  # calibration chose asymmetric APoT/PoT input levels
+                ls = fq.levelset
+                decision += f", A asymmetric (offset {ls.offset}: levels {ls.grid[0]}..{ls.grid[-1]} / {ls.denom})"
         if cfg.action == "quant" and not _weight_quantized(gm, node):
             why = "a functional call on a weight computed in forward (or with string padding)" \
                 if node.op == "call_function" else "unsupported layer form"

@@ -593,6 +593,10 @@ def test_asymmetric_apot_activations_validate_in_every_form(form, tmp_path):
     offsets = {n: fq.level_offset for n, fq in result.model.named_modules()
                if isinstance(fq, FakeQuantize) and fq.level_offset}
     assert len(offsets) >= 2, offsets  # the SiLU and the Hardswish outputs at least
+    from qcompile.summary import layer_lines
+
+    table = "\n".join(layer_lines(result.model))  # the layer table says which inputs are asymmetric
+    assert table.count("A asymmetric (offset ") == len(offsets), table
     report = result.report
     assert report.passed and report.extra["codes_differ"] == 0, report.summary()
     got = run(session(path), [val.numpy()])[0]
