@@ -3,7 +3,7 @@
 torchvision's Swin (V1 and V2) computes each block's attention in ``shifted_window_attention(x, qkv.weight,
 proj.weight, ...)``, a function it marks ``torch.fx.wrap``: the trace keeps it as one opaque call, and the ``qkv``
 and ``proj`` Linear layers it computes with stay float (``qcompile.summary`` lists them as "read by
-shifted_window_attention"). In a Swin-T that is 24 of its 50 weight layers.
+shifted_window_attention"). In a Swin-T that is 24 of its 53 weight layers.
 
 Before:  y = shifted_window_attention(x, qkv_weight, proj_weight, bias_table, window, heads, shift, ...,
                                       qkv_bias=b_qkv, proj_bias=b_proj, logit_scale=s, training=False)
@@ -13,8 +13,9 @@ After:   w = window_partition(x, window, shift)                        # pad, cy
          p = F.linear(a, proj_weight, b_proj)
          y = window_reverse(p, x, window, shift)                        # windows back, shift back, unpad
 
-The three functions are torchvision's code split at the two projections, operation for operation, so the float
-result is the same bit for bit (``CheckFloatOutputs`` checks it on the calibration samples). They are marked
+The three functions are torchvision's computation split at the two projections, operation for operation, so the
+float result is the same (the tests compare it with an independent per-window implementation; ``CheckFloatOutputs``
+checks every compile on its calibration samples). They are marked
 ``torch.fx.wrap`` too: a second trace keeps them whole. Calls in training mode (dropout) are left alone.
 """
 from __future__ import annotations
