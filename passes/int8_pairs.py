@@ -52,6 +52,9 @@ def pair_limit(xfq: FakeQuantize) -> Optional[int]:
     """Largest |w_a| + |w_b| a uint8 × int8 kernel adds exactly for inputs from this quantizer, or None where no
     uint8 × int8 kernel runs (int8-stored activations run int8 × int8, exact)."""
     ls = xfq.levelset
+    if not ls.is_uniform and ls.code_min < 0 and ls.code_max - ls.code_min <= 255:
+        # APoT/PoT/log2 levels below 0: stored as uint8 grid - grid[0] (qcompile.emit.act_storage)
+        return INT16_MAX // max(1, ls.code_max - ls.code_min)
     if ls.code_min < 0 or ls.code_max > 255:
         return None  # int8 activations, or codes that are no uint8 tensor (no integer kernel at all)
     return INT16_MAX // max(1, ls.code_max)  # >= 128 >= any int8 weight magnitude

@@ -16,6 +16,7 @@ After:  ``y = F.conv2d(xq, wq, b, ...); yq = out_fq(y); z = relu(yq); u = yq + v
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -24,15 +25,16 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
-from .int8_region import clip_bounds, is_int8_act, is_rectifier
+from .int8_region import _is_transparent, clip_bounds, is_int8_act, is_rectifier
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 class QuantizeOutputs(Pass):
-    def __init__(self, bits: int = 8):
+    def __init__(self, bits: int = 8, cells: bool = True):
         super().__init__()
         self.bits = bits
+        self.cells = cells  # layers whose APoT/PoT levels BindIntegerLayers decides on cells need no 8-bit output
 
     def _candidates(self, gm):
         out = []
@@ -63,6 +65,9 @@ class QuantizeOutputs(Pass):
                 and _rank(node.args[0]) != 2
             if not split and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
                 continue  # already Conv/Gemm → [Relu] → Q
+            if self.cells and not split and (node.target is not F.linear or _rank(node.args[0]) == 2) \
+                    and cell_output(gm, node) is not None:
+                continue  # its APoT/PoT levels are decided on the accumulator (BindIntegerLayers._bind_cells)
             if is_float_output_gemm(node):
                 continue  # QGemm writes the graph output in float straight from its accumulator: no 8-bit logits
             if split:
@@ -128,9 +133,46 @@ class BindIntegerLayers(Pass):
     Runs last, after calibration and bias correction (it reads final α and biases). Export is unchanged.
     """
 
-    def __init__(self, float_outputs: bool = True):
+    def __init__(self, float_outputs: bool = True, cells: bool = True):
         super().__init__()
         self.float_outputs = float_outputs  # False: a final Linear keeps its float32 output (QAT's trained one)
+        self.cells = cells  # False: layers whose output goes to APoT/PoT/log2 levels stay float (exact decisions)
+
+    def _bind_cells(self, gm, node, rect, xfq, wfq, out) -> bool:
+        """An int8 layer whose output flows (see :func:`cell_output`) into one APoT/PoT/log2 activation quantizer:
+        decide its level from the integer accumulator (``FakeQuantize.cells``). In onnxruntime the layer then runs
+        as ``QLinearConv``/``QGemm`` writing uint8 cells (max-pooling and reshapes move onto the cells: the cell
+        of a maximum is the maximum of the cells), and one table lookup gives the level codes
+        (``qcompile.emit.emit_cell_requant``).
+
+        Only layers that keep a bias input in ONNX (convolutions, 2-D Linear = ``Gemm``): the quarter-unit shift
+        of the cells is added to that bias."""
+        if not out.calibrated or out.requant is not None:
+            return False
+        cells = out.levelset.requant_cells
+        if cells is None or (node.target is F.linear and _rank(node.args[0]) != 2):
+            return False
+        z, table = cells
+        if rect is not None:
+            lo, hi = clip_bounds(gm, rect)
+            if lo != 0.0 or z != 0 or out.levelset.qmin != 0 or float(out.alpha.max()) > hi:
+                return False  # the cells would not reproduce the ReLU/clip
+        acc_scale = self._acc_scale(xfq, wfq)
+        s_cell = quant_unit(out) / 2  # exact halving in float32
+        shift = -torch.round((quant_unit(out).double() / 4) / acc_scale.double())
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        q_bias = torch.zeros_like(shift)
+        if bias is not None:
+            from .base import attr_value
+
+            if not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
+                return False
+            q_bias = torch.round(attr_value(gm, bias).detach().double().reshape(-1) / acc_scale.double())
+        if float((q_bias + shift).abs().max()) >= 2 ** 22:
+            return False  # the shifted bias would not survive float32 in the file
+        out.requant = (acc_scale.double(), (acc_scale / s_cell).float(), -1 if node.target is F.linear else 1)
+        out.cells = (shift, z, torch.tensor(np.array(table), dtype=torch.int64))
+        return True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         fns = _int8_fns()
@@ -139,7 +181,7 @@ class BindIntegerLayers(Pass):
             if node.op != "call_function" or node.target not in fns:
                 continue
             xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            if not is_int8_act(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
+            if not uint8_codes(xfq) or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -150,6 +192,12 @@ class BindIntegerLayers(Pass):
                 self._bind_float_output(gm, node, xfq, wfq)
                 self._bind(gm, node, fns, xfq, wfq)
                 self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, float output")
+                changed = True
+                continue
+            found = cell_output(gm, node) if self.cells else None
+            if found is not None and self._bind_cells(gm, node, found[1], xfq, wfq, found[0]):
+                self._bind(gm, node, fns, xfq, wfq)
+                self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, {found[0].scheme} output cells")
                 changed = True
                 continue
             users = list(node.users)
@@ -209,6 +257,52 @@ class BindIntegerLayers(Pass):
         from .quantize_bias import accumulator_scale
 
         return accumulator_scale(xfq, wfq)
+
+
+def cell_output(gm: torch.fx.GraphModule, node):
+    """``(quantizer, rectifier node or None)`` where the output of layer ``node`` flows, one user after another,
+    through max-pooling / identities and at most one ReLU / clip to [0, H], into one activation quantizer whose
+    levels an int8 kernel can decide on cells (``LevelSet.requant_cells``); else None."""
+    cur, rect = node, None
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        fq = fake_quantizer(gm, user)
+        if fq is not None:
+            ok = fq.role == "activation" and fq.levelset.requant_cells is not None
+            return (fq, rect) if ok else None
+        if rect is None and is_rectifier(gm, user):
+            rect = user
+        elif not _keeps_channels(gm, user):
+            return None
+        cur = user
+    return None
+
+
+def _keeps_channels(gm: torch.fx.GraphModule, node) -> bool:
+    """Max-pooling, identity or dropout: the cell of each output element is a cell of the same channel (the
+    per-channel re-quantization still applies; a reshape would move the channels)."""
+    if not _is_transparent(gm, node):
+        return False
+    if node.op == "call_module":
+        return not isinstance(gm.get_submodule(node.target), torch.nn.Flatten)
+    if node.op == "call_function":
+        return node.target in (F.max_pool1d, F.max_pool2d, F.dropout)
+    return node.target == "contiguous"
+
+
+def uint8_codes(fq) -> bool:
+    """An activation quantizer whose codes the file stores as uint8 (8-bit uniform, including asymmetric with a
+    zero point; unsigned uniform levels up to 255; APoT, PoT and log2 levels spanning at most 255 grid integers,
+    with a zero point where they reach below 0): the input onnxruntime's uint8 x int8 kernels take (it fuses no
+    int8-activation convolution on x86)."""
+    if fq is None or fq.role != "activation":
+        return False
+    if is_int8_act(fq):
+        return True
+    ls = fq.levelset
+    if not ls.is_uniform:  # stored as uint8 grid - grid[0] where that fits (qcompile.emit.act_storage)
+        return ls.code_max - min(ls.code_min, 0) <= 255
+    return ls.code_min >= 0 and ls.code_max <= 255
 
 
 def _implies(fq, bounds) -> bool:

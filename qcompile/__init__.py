@@ -14,7 +14,7 @@ from .export import export_onnx, save_atomic
 from .frontend import load_model, trace
 from .options import CompileOptions
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["compile", "CompileResult", "CompileOptions", "trace", "load_model", "export_onnx", "save_atomic",
            "UserError", "ValidationFailed", "__version__"]

@@ -71,6 +71,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-int8-outputs", action="store_true",
                    help="do not re-quantize the outputs of 8-bit layers, residual adds and pools (they then run on "
                         "float kernels, and skip connections stay float)")
+    g.add_argument("--float-levels", action="store_true",
+                   help="layers whose output goes to APoT/PoT levels run on float kernels and take the exact nearest "
+                        "level of their float output (default: int8 kernels, the level decided on the integer "
+                        "accumulator, thresholds within one accumulator unit)")
     g.add_argument("--keep-first-last", default="int8", metavar="int8|fp32|quant",
                    help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
     g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")
@@ -230,7 +234,7 @@ def cmd_compile(argv) -> int:
         model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
         validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing, progress=_progress,
         thresholds=thresholds, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, per_channel=not args.per_tensor,
-        calib_method=args.calib_method, asym_levels=not args.symmetric_levels, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
+        calib_method=args.calib_method, asym_levels=not args.symmetric_levels, int8_levels=not args.float_levels, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
         bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,
         float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
         emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module), int8_weights=args.int8_weights,

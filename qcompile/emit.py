@@ -60,6 +60,11 @@ class _Builder:
         self.shared = shared if shared is not None else {}
         self.shape: list | None = None  # the quantized tensor's dims (int, or str when symbolic), where known
         self._n = 0
+        self.post: list = []  # fn(model) to run once every marker is replaced (see after)
+
+    def after(self, fn) -> None:
+        """Run ``fn(model)`` after all markers of the model are replaced (edits outside this quantizer's nodes)."""
+        self.post.append(fn)
 
     def name(self, what: str) -> str:
         self._n += 1
@@ -122,6 +127,33 @@ class _Builder:
         else:  # more than the batch dimension unknown: the index's own shape, at run time
             back = self.node("Shape", [index])
         return self.node("Reshape", [values, back], output)
+
+
+def act_code_type(lo: int, hi: int) -> tuple[int, np.dtype]:
+    """Storage of activation codes: uint8 wherever they fit (onnxruntime fuses only uint8 activations into its
+    int8 convolutions on x86), else the smallest signed type."""
+    if lo >= 0 and hi <= 255:
+        return TensorProto.UINT8, np.uint8
+    return _int_type(lo, hi)
+
+
+def act_storage(grid: np.ndarray) -> tuple[np.dtype, int]:
+    """``(dtype, zero point)`` of APoT/PoT/log2 activation codes: the grid integers as uint8, shifted up by
+    ``-grid[0]`` (the ``DequantizeLinear`` zero point) where the set reaches below 0 and spans at most 255 (the
+    uint8 activations onnxruntime's int8 convolutions take); else the grid integers in the smallest type."""
+    lo, hi = int(grid.min()), int(grid.max())
+    if lo < 0 and hi - lo <= 255:
+        return np.uint8, -lo
+    return act_code_type(lo, hi)[1], 0
+
+
+def _dequantize_codes(b: "_Builder", codes: str, unit: np.ndarray, zp: int, g_np, output: str) -> None:
+    """``DequantizeLinear(codes, unit, zp)``; the zero point is explicit for 8-bit codes even where it is 0:
+    onnxruntime fuses ``DequantizeLinear → Gemm → QuantizeLinear`` into ``QGemm`` only with explicit zero points."""
+    inputs = [codes, b.const(unit, "a_scale")]
+    if zp or np.dtype(g_np).itemsize == 1:
+        inputs.append(b.shared_const(np.array(zp, g_np), "a_zp"))
+    b.node("DequantizeLinear", inputs, output)
 
 
 def _int_type(lo: int, hi: int) -> tuple[int, np.dtype]:
@@ -208,6 +240,9 @@ def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
         q = b.node("QuantizeLinear", [src, scale, zpt])
         b.node("DequantizeLinear", [q, scale, zpt], output)
         return
+    if fq.cells is not None:
+        emit_cell_requant(b, fq, x, output)
+        return
     if cell_table(ls, unit) is not None:
         emit_cell_lookup(b, fq, x, output)
         return
@@ -234,9 +269,9 @@ def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
             pos = b.node("Where", [cond, scalar(step), scalar(0)])
         else:
             pos = b.node("Where", [cond, b.node("Add", [pos, scalar(step)]), pos])
-    g_t, g_np = _int_type(int(grid.min()), int(grid.max()))
-    codes = b.lookup(b.const(grid.astype(g_np), "grid"), pos)
-    b.node("DequantizeLinear", [codes, b.const(unit, "a_scale")], output)
+    g_np, zp = act_storage(grid)
+    codes = b.lookup(b.const((grid + zp).astype(g_np), "grid"), pos)
+    _dequantize_codes(b, codes, unit, zp, g_np, output)
 
 
 _MIN_CELL_UNIT = 2.0 ** -90  # below it a nonzero x - t could underflow the three-way sign (see emit_cell_lookup)
@@ -304,9 +339,106 @@ def emit_cell_lookup(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None
     base = b.node("DequantizeLinear", [cell, b.shared_const(np.array(3.0, np.float32), "three")])
     index = b.node("QuantizeLinear", [b.node("Add", [base, side]), b.shared_const(np.array(1.0, np.float32), "one"),
                                       b.shared_const(np.array(0, np.uint16), "u16_zero")])
-    _, g_np = _int_type(int(grid.min()), int(grid.max()))
-    codes = b.lookup(b.const(table.astype(g_np), "cells"), b.node("Cast", [index], to=TensorProto.INT32))
-    b.node("DequantizeLinear", [codes, b.const(unit, "a_scale")], output)
+    g_np, zp = act_storage(grid)
+    codes = b.lookup(b.const((table + zp).astype(g_np), "cells"), b.node("Cast", [index], to=TensorProto.INT32))
+    _dequantize_codes(b, codes, unit, zp, g_np, output)
+
+
+def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
+    """Levels of an int8 layer's output decided on its integer accumulator (``FakeQuantize.cells``, set by
+    ``BindIntegerLayers``)::
+
+        c = QuantizeLinear(x, unit / 2, z)                      # uint8 cells; the layer's bias carries the shift
+        y = DequantizeLinear(table[Cast(c, int32)], unit)       # GatherElements on the flattened c
+
+    onnxruntime fuses ``DequantizeLinear → Conv/Gemm → QuantizeLinear`` into ``QLinearConv``/``QGemm``, so ``c`` is
+    ``clamp(round(float32(acc) · float32(S_x·S_w / (unit/2))) + z)`` as the simulation computes it. After all
+    markers are replaced, :func:`_shift_cell_bias` adds the quarter-unit shift to the layer's bias and takes out a
+    ReLU / clip the cells imply (onnxruntime removes a ReLU before a zero-point-0 quantizer itself, not a clip whose
+    top is below the cells' range)."""
+    ls = fq.levelset
+    unit = _unit(fq).reshape(())
+    shift, z, table = fq.cells
+    grid = np.asarray(ls.grid, dtype=np.int64)
+    g_np, zp = act_storage(grid)
+    cell = b.node("QuantizeLinear", [x, b.const(np.array(unit / np.float32(2), np.float32), "half_unit"),
+                                     b.shared_const(np.array(z, np.uint8), "cell_zp")])
+    lut = b.shared_const((np.asarray(table, dtype=np.int64) + zp).astype(g_np), "cell_levels")
+    codes = b.lookup(lut, b.node("Cast", [cell], to=TensorProto.INT32))
+    _dequantize_codes(b, codes, unit, zp, g_np, output)
+    b.after(lambda model: _shift_cell_bias(model, x, cell, fq))
+
+
+def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize) -> None:
+    """Make the integer layer before quantizer ``fq`` write its cells, as ``BindIntegerLayers._bind_cells``
+    simulates it: ``Conv/Gemm → [Relu|Clip] → [MaxPool, Reshape, ...] → QuantizeLinear(cells)`` becomes
+    ``Conv/Gemm → QuantizeLinear(cells) → [MaxPool, Reshape, ...]`` (the cell of a maximum is the maximum of the
+    cells; the ReLU / clip is implied by the cells), and the Conv/Gemm bias gets ``fq.cells``' shift (accumulator
+    units)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    q = next(n for n in graph.node if n.output and n.output[0] == cell)
+    chain, rect, src = [], None, x
+    while True:
+        node = producer.get(src)
+        if node is None or readers.get(src, 0) != 1:
+            break
+        if node.op_type in _CELL_TRANSPARENT:
+            chain.append(node)
+        elif node.op_type in ("Relu", "Clip") and rect is None:
+            rect = node
+        else:
+            break
+        src = node.input[0]
+    layer = producer.get(src)
+    if layer is None or layer.op_type not in ("Conv", "Gemm") or readers.get(src, 0) != 1:
+        raise RuntimeError(f"internal: the integer layer before quantizer {fq.qname} is not a lone Conv/Gemm")
+    if rect is not None:
+        graph.node.remove(rect)
+        for n in chain:  # the op that read the ReLU / clip reads the layer's output
+            if n.input[0] == rect.output[0]:
+                n.input[0] = rect.input[0]
+    if chain:  # chain[0] is next to the quantizer: the ops now pass the cells on, and the lookup reads x
+        for n in graph.node:
+            if n is not q and cell in n.input:
+                n.input[list(n.input).index(cell)] = x
+        first = chain[-1]
+        first.input[0] = cell
+        q.input[0] = src
+        moved = onnx.NodeProto()
+        moved.CopyFrom(q)
+        graph.node.remove(q)
+        graph.node.insert(list(graph.node).index(first), moved)  # protobuf inserts a copy
+    elif rect is not None:
+        q.input[0] = src
+    inits = {t.name: t for t in graph.initializer}
+    acc_scale = fq.requant[0].detach().numpy().astype(np.float32).reshape(-1)
+    shift = fq.cells[0].detach().numpy().reshape(-1)
+    n_out = max(acc_scale.size, shift.size)
+    if len(layer.input) > 2 and layer.input[2]:
+        bias = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float32).reshape(-1)
+    else:
+        bias = np.zeros(n_out, np.float32)
+    n_out = max(n_out, bias.size)
+    acc = np.broadcast_to(acc_scale, (n_out,)).astype(np.float64)
+    codes = np.rint(np.broadcast_to(bias, (n_out,)).astype(np.float64) / acc) + np.broadcast_to(shift, (n_out,))
+    value = (codes * acc).astype(np.float32)
+    old = layer.input[2] if len(layer.input) > 2 else ""
+    if old and readers.get(old, 0) == 1:  # the layer's own bias: new values, same name (cost reports read it)
+        inits[old].CopyFrom(numpy_helper.from_array(value, old))
+        return
+    name = f"{old}/cells" if old else f"{layer.output[0]}/cell_bias"
+    graph.initializer.append(numpy_helper.from_array(value, name))
+    while len(layer.input) < 3:
+        layer.input.append("")
+    layer.input[2] = name
+
+
+_CELL_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 
 
 def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.ModelProto:
@@ -586,6 +718,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     identity_of = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
     absorbed: set[int] = set()  # Transpose nodes folded into the stored weights
     shared: dict = {}  # constants stored once per model (see _Builder.shared_const)
+    post: list = []
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                        for d in v.type.tensor_type.shape.dim]
               for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.HasField("shape")}
@@ -620,6 +753,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
             activations.append({"module": fq.qname, "tensor": out})
         new_nodes.extend(b.nodes)
         new_inits.extend(b.inits)
+        post.extend(b.post)
     read = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
     new_nodes = [n for n in new_nodes if not (n.op_type == "Identity" and n.output[0] in identity_of
                                               and n.output[0] not in read)]  # now dead
@@ -630,6 +764,13 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     graph.node.extend(new_nodes)
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+    if post:
+        for fn in post:
+            fn(model)
+        read = {i for n in graph.node for i in n.input}
+        unread = [t for t in graph.initializer if t.name not in read]
+        for t in unread:  # biases a shifted copy replaced
+            graph.initializer.remove(t)
     _drop_marker_domain(model)
     set_activation_map(model, activations)
     return model

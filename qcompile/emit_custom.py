@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import _Builder, _int_type, _unit, replace_markers, u8_storage
+from .emit import _Builder, _int_type, _unit, act_code_type, emit_cell_requant, replace_markers, u8_storage
 
 DOMAIN = "qcompile"
 VERSION = 1
@@ -160,11 +160,14 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
                   b.const(np.array(lo, np.float32), "lo"), b.const(np.array(hi, np.float32), "hi")]
         _custom_node(b, "QuantizeUniform", inputs, output, **_attrs(fq))
         return
+    if fq.cells is not None:  # an int8 layer's output: standard nodes, so onnxruntime fuses the layer (see emit)
+        emit_cell_requant(b, fq, x, output)
+        return
     thr, tie_up = quant.decision_thresholds(ls, torch.as_tensor(unit))
     thr = thr.numpy().astype(np.float32).ravel()
     strict = np.where(tie_up.numpy(), np.nextafter(thr, np.float32(-np.inf)), thr).astype(np.float32)
     grid = np.asarray(ls.grid, dtype=np.int64)
-    _, g_np = _int_type(int(grid.min()), int(grid.max()))
+    _, g_np = act_code_type(int(grid.min()), int(grid.max()))
     inputs = [x, b.const(strict, "thresholds"), b.const(grid.astype(g_np), "grid"), b.const(unit, "a_scale")]
     _custom_node(b, "QuantizeLevels", inputs, output, **_attrs(fq))
 

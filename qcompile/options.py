@@ -29,6 +29,10 @@ class CompileOptions:
     equalize: bool = True
     bias_correction: bool = True
     int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
+    # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels decides the level on
+    # its integer accumulator (uint8 cells, BindIntegerLayers): onnxruntime runs it on int8 kernels; False: the layer
+    # runs in float and the level is the exact nearest one of its float output
+    int8_levels: bool = True
     keep_first_last: str = "int8"
     float_downsample: bool = False
     exclude: tuple = ()
@@ -139,7 +143,7 @@ def to_metadata(opts: CompileOptions) -> str:
 
 
 # (option, the default before, the version whose default differs): compact records leave defaults out
-_NEW_DEFAULTS = (("asym_levels", False, (0, 2)),)
+_NEW_DEFAULTS = (("asym_levels", False, (0, 2)), ("int8_levels", False, (0, 3)))
 
 
 def _version(text: str) -> tuple:

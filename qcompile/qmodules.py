@@ -81,6 +81,10 @@ class FakeQuantize(nn.Module):
         # Set by BindIntegerLayers when this quantizer re-quantizes the int32 accumulator of an int8 layer:
         # (acc_scale float64 per channel = float32(S_x·S_w), multiplier float32 = S_x·S_w/S_y, channel axis)
         self.requant = None
+        # Set with ``requant`` for APoT/PoT/log2 levels (``LevelSet.requant_cells``): (shift per channel, integer
+        # float64 = -round((unit/4) / (S_x·S_w)), added to the accumulator; cell zero point z; the 256-entry
+        # cell -> grid integer table)
+        self.cells = None
 
     @property
     def asymmetric(self) -> bool:
@@ -134,11 +138,20 @@ class FakeQuantize(nn.Module):
         return self._requantized_codes(y).to(torch.int32)
 
     def _requantized_codes(self, y: torch.Tensor) -> torch.Tensor:
-        """:meth:`_requantize` as integer-valued float32 (in place after the first two temporaries)."""
+        """:meth:`_requantize` as integer-valued float32 (in place after the first two temporaries).
+
+        Non-uniform levels (``cells``): the accumulator, shifted down by a quarter unit (``shift``, an integer on
+        the accumulator grid; the file adds it to the layer's int32 bias), is re-quantized onto uint8 cells of half
+        a unit, ``c = clamp(round_half_even(float32(acc + shift) · float32(S_x·S_w / (unit/2))) + z, 0, 255)``,
+        whose boundaries are the decision thresholds (``LevelSet.requant_cells``); the level is ``table[c]``."""
         acc_scale, multiplier, axis = self.requant
         shape = [1] * y.dim()
         shape[axis % y.dim()] = -1
         acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
+        if self.cells is not None:
+            shift, z, table = self.cells
+            c = acc.add_(shift.reshape(shape)).float().mul_(multiplier.reshape(shape)).round_().add_(float(z))
+            return table.to(torch.float32)[c.clamp_(0, 255).long()]
         q = acc.float().mul_(multiplier.reshape(shape)).round_().add_(self.zero_point.float())
         return q.clamp_(self.levelset.code_min, self.levelset.code_max)
 

@@ -43,7 +43,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels),
     ]
     if opts.int8_outputs:
-        passes += [QuantizeOutputs(), QuantizeResiduals(observer=opts.calib_method)]
+        passes += [QuantizeOutputs(cells=opts.int8_levels), QuantizeResiduals(observer=opts.calib_method)]
     passes.append(CheckFloatOutputs(record))  # the passes so far kept the model's function
     passes.append(Calibrate(calib, method=opts.calib_method, progress=progress,
                             record_input_means=opts.bias_correction))  # BiasCorrection's E[x], same pass
@@ -53,7 +53,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         passes.append(PairSafeInt8Weights())  # before BiasCorrection, which absorbs the mean of its change
     if opts.bias_correction:
         passes.append(BiasCorrection(calib))
-    passes += [QuantizeBias(), BindIntegerLayers()]
+    passes += [QuantizeBias(), BindIntegerLayers(cells=opts.int8_levels)]
     if opts.int8_outputs:
         passes += [BindIntegerAdds(), BindIntegerPools()]
     passes.append(EliminateDeadCode())

@@ -145,10 +145,13 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
 
 
+INT16_MAX = 32767
+
+
 def saturating_pairs(model) -> int:
     """Pairs of int8 weight codes in ``model`` (an ONNX ModelProto or bytes) that a uint8 × int8 kernel without
-    VNNI adds past int16: same-sign neighbours of the kernel's reduction order with |a| + |b| > 128, in layers
-    fed by uint8 activations (see ``qcompile.passes.int8_pairs``; depthwise convolutions and int8 activations
+    VNNI adds past int16: same-sign neighbours of the kernel's reduction order with |a| + |b| > 32767 // A, in
+    layers fed by uint8 activations of largest code A (255, or a level table's largest entry) (see ``qcompile.passes.int8_pairs``; depthwise convolutions and int8 activations
     run on exact kernels). 0 means the file computes the same on every onnxruntime CPU."""
     import onnx
     from onnx import TensorProto, numpy_helper
@@ -179,7 +182,24 @@ def saturating_pairs(model) -> int:
         node = producer.get(name)
         if node is not None and node.op_type == "DequantizeLinear" and len(node.input) > 2 and node.input[2] in inits:
             return inits[node.input[2]].data_type != TensorProto.INT8
+        if node is not None and node.op_type == "DequantizeLinear":
+            return _looked_up(node.input[0]) is None or _looked_up(node.input[0]).dtype != np.int8
         return True  # unknown: assume the worst
+
+    def _looked_up(codes):
+        """The table of a Gather/GatherElements lookup (through Reshapes) that produces ``codes``, else None."""
+        node = producer.get(codes)
+        while node is not None and node.op_type == "Reshape":
+            node = producer.get(node.input[0])
+        if node is not None and node.op_type in ("Gather", "GatherElements") and node.input[0] in inits:
+            return numpy_helper.to_array(inits[node.input[0]])
+        return None
+
+    def max_code(name):
+        """Largest uint8 code the input can hold: a level table's largest entry (APoT/PoT activations), else 255."""
+        node = producer.get(name)
+        table = _looked_up(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
+        return max(1, int(table.max())) if table is not None and table.size else 255
 
     total = 0
     for node in model.graph.node:
@@ -199,7 +219,7 @@ def saturating_pairs(model) -> int:
             rows = w.reshape(w.shape[0], -1).T  # MatMul / Gemm B is [K, N]
         if rows.shape[1] % 2:
             rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], 1)
-        total += int((np.abs(rows[:, 0::2] + rows[:, 1::2]) > 128).sum())
+        total += int((np.abs(rows[:, 0::2] + rows[:, 1::2]) > INT16_MAX // max_code(node.input[0])).sum())
     return total
 
 

@@ -183,10 +183,24 @@ def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_pat
     assert '"asym_levels":false' in meta["sym"]["qcompile.options"]
     assert "asym_levels" not in meta["asym"]["qcompile.options"]
 
-    def level_tables(path):  # the activation cell tables (int8 grid integers) of the APoT quantizers
+    def level_tables(path):  # the activation lookup tables of the APoT quantizers, as grid integers
         model = onnx.load(str(path))
-        return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer
-                if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 1 and i.dims[0] > 20]
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        readers = {}
+        for n in model.graph.node:
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        tables = []
+        for n in model.graph.node:
+            if n.op_type != "GatherElements" or n.input[0] not in inits:
+                continue
+            out = n.output[0]
+            while readers[out][0].op_type == "Reshape":
+                out = readers[out][0].output[0]
+            dq = readers[out][0]  # DequantizeLinear(codes, unit[, zero point]): codes = grid + zero point
+            zp = int(inits[dq.input[2]]) if len(dq.input) > 2 else 0
+            tables.append(inits[n.input[0]].astype(np.int64) - zp)
+        return tables
 
     # symmetric 4-bit APoT: grid -10..10 in every table; asymmetric: some table reaches far above 10
     sym_tables = level_tables(files["sym"])

@@ -106,7 +106,9 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
         cut += 1  # shared 8-bit parameters are a property of the graph that is trained, not a change after it
     # the trained logits of a final Linear are its float32 output: keep them (no QGemm accumulator rounding)
     # auto keeps the trained weights (export resolves it to u8 where s8 saturates); s8-safe asked for moves them
-    after = [BindIntegerLayers(float_outputs=False) if isinstance(p, BindIntegerLayers) else p
+    # and levels decided on cells of the accumulator move thresholds by up to an accumulator unit: keep the trained
+    # decisions (those layers stay float in onnxruntime)
+    after = [BindIntegerLayers(float_outputs=False, cells=False) if isinstance(p, BindIntegerLayers) else p
              for p in passes[cut + 1:] if not isinstance(p, BiasCorrection)
              and not (isinstance(p, PairSafeInt8Weights) and opts.int8_weights == "auto")]
     return passes[:cut + 1], after

@@ -223,6 +223,29 @@ class LevelSet:
         out.flags.writeable = False
         return out
 
+    @functools.cached_property
+    def requant_cells(self) -> tuple[int, np.ndarray] | None:
+        """``(z, table)`` for deciding the nearest level from an integer accumulator (``BindIntegerLayers``), or
+        ``None`` where the thresholds span more than 254 half-units (or the set is uniform).
+
+        In half-units ``k = x / (unit / 2)`` every threshold is an integer ``k_j = g_j + g_j+1``. The uint8 cell
+        ``c = clamp(round_half_even(k - 1/2) + z, 0, 255)`` holds the values between half-units ``c - z`` and
+        ``c - z + 1``, so each threshold is a boundary between two cells, never inside one; ``z = 1 - k_0`` puts the
+        values below the first threshold in cell 0. ``table[c]`` (256 grid integers) is the level of cell ``c``:
+        ``grid[#{j : k_j <= c - z}]``. A value exactly on a threshold goes to the cell ``round_half_even`` picks
+        (the integer kernel's rounding, not the tie rule)."""
+        if self.is_uniform:
+            return None
+        g = np.asarray(self.grid, dtype=np.int64)
+        k = g[:-1] + g[1:]
+        z = int(1 - k[0])
+        if not 0 <= z <= 255 or int(k[-1] - k[0]) + 1 > 255:
+            return None
+        cells = np.arange(256, dtype=np.int64) - z
+        table = g[np.searchsorted(k, cells, side="right")]
+        table.flags.writeable = False
+        return z, table
+
     def describe(self) -> str:
         sign = "signed" if self.signed else "unsigned"
         if self.offset:

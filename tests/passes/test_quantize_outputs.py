@@ -24,7 +24,7 @@ from qcompile.passes.base import Pipeline, verify
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.int8_region import is_rectifier
-from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
+from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs, cell_output
 from qcompile.passes.select import SelectLayers
 from qcompile.qmodules import FakeQuantize, IntegerOutput, int8_conv2d, int8_linear
 from qcompile.runtime.session import session
@@ -126,13 +126,13 @@ def test_sequence_linear_w8a8_runs_on_qlinearmatmul_bit_exact(tmp_path):
 def test_int8_first_and_last_layers_around_apot_layers():
     gm = with_quantizers(cfg("apot", 4, "apot", 4), first_last="int8")
     run_pass(QuantizeOutputs(), gm)
-    by_layer = {layer_of_output_quantizer(gm, q): fq for q, fq in output_quantizers(gm).items()}
-    # the 4-bit APoT middle has no 8-bit input; fc gives the graph output (QGemm writes it in float)
-    assert sorted(by_layer) == ["conv1"]
-    assert (by_layer["conv1"].scheme, by_layer["conv1"].signed) == ("uniform", False)  # after its ReLU
-    conv1_q = next(n for n in gm.graph.nodes if n.op == "call_module"
-                   and gm.get_submodule(n.target) is by_layer["conv1"])
-    assert is_rectifier(gm, conv1_q.args[0])  # Conv -> ReLU -> Q, the form QLinearConv absorbs
+    # the 4-bit APoT middle has no 8-bit input; fc gives the graph output (QGemm writes it in float); conv1's
+    # output goes through its ReLU to the APoT quantizer of conv2, which decides on cells of conv1's accumulator
+    # (BindIntegerLayers): no 8-bit re-quantization in between
+    assert not output_quantizers(gm)
+    conv1 = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("layer") == "conv1")
+    fq, rect = cell_output(gm, conv1)
+    assert fq.scheme == "apot" and fq.bits == 4 and is_rectifier(gm, rect)
 
 
 def test_weights_off_the_int8_grid_get_no_output_quantizer():

@@ -66,7 +66,9 @@ def test_report_fields_of_a_genuine_file(compiled):
     assert report.extra["codes_total"] == sum(sizes.values())
     assert report.extra["codes_differ"] == 0 and report.extra["code_mismatch"] == 0.0
     assert report.extra["codes_differ_local"] == 0 and report.extra["code_mismatch_local"] == 0.0
-    assert f"codes differ 0 of {sum(sizes.values())} -> PASS" in report.summary()
+    # (where this machine's onnxruntime adds uint8 x int8 pairs exactly, the summary also counts the int8 weight
+    # pairs that would saturate on x86 without VNNI)
+    assert f"codes differ 0 of {sum(sizes.values())}" in report.summary() and report.summary().endswith("PASS")
     assert 0.0 < report.extra["sqnr_vs_float_db"] < math.inf
     assert 0.0 <= report.extra["top1_vs_float"] <= 1.0
 
@@ -142,12 +144,17 @@ def test_drift_from_float_rounding_is_told_apart_from_a_wrong_quantizer(compiled
     near its quantizer's thresholds flip, and every flip changes the layers after it. Side by side, many codes
     differ downstream; teacher-forced (each quantizer reading onnxruntime's upstream codes) only the quantizer
     right after the moved Conv sees differing codes, and the file passes."""
-    result, _, x = compiled
+    _, model, x = compiled
+    # float layers between APoT quantizers (by default those layers decide on cells of an int8 accumulator)
+    result = qcompile.compile(model, calib=example_input(model, seed=1, batch=64), validate=False, scheme="apot",
+                              bits=4, calib_method="minmax", int8_levels=False)
     producer = {o: n for n in result.onnx_model.graph.node for o in n.output}
     inits = {t.name: t for t in result.onnx_model.graph.initializer}
+    read_by_q = {i for n in result.onnx_model.graph.node if n.op_type == "QuantizeLinear" for i in n.input}
     float_convs = [n for n in result.onnx_model.graph.node if n.op_type == "Conv" and len(n.input) > 2
                    and n.input[2] in inits and producer[n.input[0]].op_type == "DequantizeLinear"
-                   and producer[producer[n.input[0]].input[0]].op_type == "Reshape"]  # APoT codes: a lookup
+                   and producer[producer[n.input[0]].input[0]].op_type == "Reshape"  # APoT codes: a lookup
+                   and n.output[0] not in read_by_q]
     assert float_convs, "no float Conv on APoT activations in the file"
     bias = float_convs[0].input[2]
     data = doctored(result.onnx_model, bias, lambda b: (b + np.float32(1e-4) * np.abs(b).max()).astype(np.float32))

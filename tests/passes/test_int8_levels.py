@@ -1,0 +1,180 @@
+"""APoT/PoT levels decided on the integer accumulator of an int8 layer (``BindIntegerLayers._bind_cells``).
+
+A layer with uint8 input codes and int8 weights whose output goes (through a ReLU/ReLU6, max-pooling, reshapes)
+to an APoT/PoT activation quantizer re-quantizes its accumulator onto uint8 cells of half a unit whose boundaries
+are the decision thresholds; one table lookup gives the level. onnxruntime runs such a layer as ``QLinearConv`` /
+``QGemm``; the simulation computes the same cells, so the file matches it code for code.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import qcompile
+from qcompile import quant
+from qcompile.qmodules import FakeQuantize
+from qcompile.runtime.session import session
+from tests.models import MobileNetLike, ResidualCNN, _init_, example_input, randomize_batchnorm
+
+SETS = [("apot", b, s) for b in (2, 3, 4, 5) for s in (False, True)] + \
+       [("pot", 2, False), ("pot", 3, False), ("pot", 3, True), ("pot", 4, True), ("log2", 3, True)]
+
+
+def nearest(grid: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return grid[np.abs(v[:, None] - grid[None, :]).argmin(1)]
+
+
+@pytest.mark.parametrize("scheme,bits,signed", SETS)
+def test_cells_give_the_nearest_level_away_from_the_thresholds(scheme, bits, signed):
+    sets = [quant.level_set(scheme, bits, signed)]
+    if not signed:  # asymmetric sets: the unsigned grid shifted down
+        unsigned = quant.level_set(scheme, bits, False)
+        sets += [quant.level_set(scheme, bits, True, offset=o) for o in unsigned.grid[1:3]
+                 if o <= unsigned.denom // 2]
+    for ls in (s for s in sets if not s.is_uniform):  # ternary APoT: QuantizeLinear itself
+        assert ls.requant_cells is not None, ls.describe()
+        z, table = ls.requant_cells
+        grid = np.asarray(ls.grid, dtype=np.int64)
+        assert table.shape == (256,) and table.min() == grid[0] and table.max() == grid[-1]
+        # k in half-units, never on a half-unit integer (where the thresholds are)
+        k = np.random.default_rng(0).uniform(2 * grid[0] - 9, 2 * grid[-1] + 9, 20000)
+        k = k[np.abs(k - np.round(k)) > 1e-6]
+        cell = np.clip(np.round(k - 0.5) + z, 0, 255).astype(np.int64)
+        np.testing.assert_array_equal(table[cell], nearest(grid, k / 2))
+
+
+def test_sets_whose_thresholds_span_more_than_the_cells_have_none():
+    assert quant.level_set("apot", 6, False).requant_cells is None  # thresholds over 896 half-units
+    assert quant.level_set("uniform", 4, False).requant_cells is None  # uniform levels: QuantizeLinear itself
+
+
+class PoolNet(nn.Module):
+    """conv → BN → ReLU6 → max-pool → conv → BN → ReLU → flatten → fc: the cells pass a clip and a pool (not the
+    flatten, which moves the channels of conv2's per-channel accumulator scales: conv2 stays float)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+        _init_(self, seed)
+        randomize_batchnorm(self, seed + 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu6(self.bn1(self.conv1(x))), 2)
+        x = torch.flatten(F.relu(self.bn2(self.conv2(x))), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def compile_w4a4(model, shape, **options):
+    calib = torch.randn(64, *shape, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(48, *shape, generator=torch.Generator().manual_seed(2))
+    return qcompile.compile(model.eval(), calib=calib, validation_inputs=x, scheme="apot", bits=4, **options)
+
+
+def optimized_ops(result, tmp_path) -> collections.Counter:
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def cell_quantizers(result) -> list[FakeQuantize]:
+    return [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.cells is not None]
+
+
+def test_clip_and_maxpool_move_onto_the_cells_and_the_file_matches_the_simulation(tmp_path):
+    result = compile_w4a4(PoolNet(), (3, 8, 8))
+    report = result.report
+    assert report.passed and report.max_abs == 0.0 and report.extra["codes_differ"] == 0, report.summary()
+    # conv1 (8-bit first layer) → ReLU6 → pool → APoT (cells); conv2 → ReLU → flatten → APoT (float conv2);
+    # fc1 → ReLU → 8-bit input of fc2 (an 8-bit re-quantization)
+    assert len(cell_quantizers(result)) == 1
+    graph = result.onnx_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    # the ReLU6 is implied by the cells: no Clip reads a Conv
+    assert not any(n.op_type == "Clip" and producer[n.input[0]].op_type == "Conv" for n in graph.node)
+    pool = next(n for n in graph.node if n.op_type == "MaxPool")
+    cells = producer[pool.input[0]]  # the pool takes the maximum of uint8 cells
+    assert cells.op_type == "QuantizeLinear" and producer[cells.input[0]].op_type == "Conv"
+    ops = optimized_ops(result, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    assert ops["QGemm"] == 2, ops
+
+
+def test_float_levels_option_keeps_those_layers_float(tmp_path):
+    result = compile_w4a4(PoolNet(), (3, 8, 8), int8_levels=False)
+    assert result.report.passed and not cell_quantizers(result)
+    ops = optimized_ops(result, tmp_path)
+    assert ops["QLinearConv"] == 1, ops  # conv1: 8-bit input, an 8-bit output quantizer before the APoT one
+    assert result.options.int8_levels is False
+    meta = {p.key: p.value for p in result.onnx_model.metadata_props}
+    assert '"int8_levels":false' in meta["qcompile.options"]
+
+
+def test_signed_apot_codes_are_uint8_with_a_zero_point_and_feed_int8_layers(tmp_path):
+    """MobileNetV2's projections have no ReLU: their APoT levels are signed (or asymmetric). Stored as uint8 with
+    a zero point, they feed the next 1x1 convolution's uint8 x int8 kernel."""
+    model = MobileNetLike(seed=0, act="relu6")
+    result = compile_w4a4(model, MobileNetLike.INPUT_SHAPE[1:])
+    report = result.report
+    assert report.passed and report.extra["code_mismatch_local"] <= 1e-3, report.summary()
+    signed = [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "activation"
+              and m.scheme == "apot" and m.levelset.qmin < 0]
+    assert signed, "no signed APoT activation in the model"
+    inits = {t.name: t for t in result.onnx_model.graph.initializer}
+    dq_zero_points = [inits[n.input[2]] for n in result.onnx_model.graph.node
+                      if n.op_type == "DequantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert any(t.data_type == onnx.TensorProto.UINT8 and int(onnx.numpy_helper.to_array(t)) > 0
+               for t in dq_zero_points)
+    ops = optimized_ops(result, tmp_path)
+    # int8 kernels everywhere except where a float residual add reads the output (the stem, block1's projection);
+    # block2's expand and the head read signed / asymmetric APoT codes
+    assert ops["QLinearConv"] == 6 and ops["Conv"] + ops["FusedConv"] == 2, ops
+
+
+def test_cell_decisions_differ_from_the_exact_ones_only_within_an_accumulator_unit():
+    """The cells move each threshold onto the accumulator grid (the quarter-unit shift is rounded to it) and the
+    requantization multiplier is float32: a decision may differ from the exact nearest level of the layer's real
+    output only where that output is within about one accumulator unit of a threshold."""
+    result = compile_w4a4(ResidualCNN(seed=0), ResidualCNN.INPUT_SHAPE[1:], calib_method="minmax")
+    gm = result.model
+    seen = {}
+    hooks = []
+    for name, fq in gm.named_modules():
+        if isinstance(fq, FakeQuantize) and fq.cells is not None:
+            hooks.append(fq.register_forward_hook(
+                lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0].detach(), o.detach()))))
+    try:
+        with torch.no_grad():
+            gm(example_input(ResidualCNN(), seed=3, batch=32))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen
+    total = differ = 0
+    for name, runs in seen.items():
+        fq = gm.get_submodule(name)
+        unit = float(quant.unit_from_alpha(fq.alpha, fq.levelset))
+        acc_unit = float(fq.requant[0].max())
+        grid = np.asarray(fq.levelset.grid, dtype=np.float64)
+        thresholds = np.asarray(fq.levelset.thresholds)
+        for y, out in runs:
+            v = y.double().numpy().ravel() / unit  # the layer's real output in grid units
+            exact = nearest(grid, v)
+            got = np.rint(out.double().numpy().ravel() / unit)
+            wrong = exact != got
+            total += v.size
+            differ += int(wrong.sum())
+            if wrong.any():
+                gap = np.abs(v[wrong][:, None] - thresholds[None, :]).min(1) * unit
+                assert gap.max() <= 1.01 * acc_unit, (name, gap.max(), acc_unit)
+    assert total > 10000 and differ / total < 1e-3
