@@ -98,7 +98,11 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
     from qcompile.passes.int8_region import ShareInt8Params
     from qcompile.passes.quantize_outputs import BindIntegerLayers
 
-    passes = build_passes(opts, calib)
+    from qcompile.passes.quantize_outputs import QuantizeOutputs
+
+    # QAT keeps its trained level decisions (see ``after``): layers before APoT/PoT levels get no cells, so an 8-bit
+    # layer keeps the 8-bit output quantizer that lets it run on int8 kernels
+    passes = [QuantizeOutputs(cells=False) if isinstance(p, QuantizeOutputs) else p for p in build_passes(opts, calib)]
     cut = next((i for i, p in enumerate(passes) if isinstance(p, Calibrate)), None)
     if cut is None:
         raise UserError("the compile pipeline has no calibration step to start QAT from")
