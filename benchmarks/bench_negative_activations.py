@@ -11,8 +11,9 @@ digits; nothing downloaded): a MobileNetV3-like CNN (Hardswish, SiLU, squeeze-ex
 conv, BatchNorm) and a ViT-like transformer (rows of the image as 8 tokens, 2 pre-norm encoder layers with GELU).
 Each is compiled with APoT, PoT and uniform at 4 and 3 bits (default options: first/last layer 8-bit uniform; 32
 calibration images), APoT/PoT once with the default (asymmetric levels allowed) and once with
-``asym_levels=False`` (``--symmetric-levels``: the symmetric set, what qcompile did before); uniform W8A8 as the
-reference. Reported per row: accuracy on the 500 held-out images in onnxruntime and in the simulation, whether
+``asym_levels=False`` (``--symmetric-levels``: the symmetric set, what qcompile did before) and once with
+``int8_levels=False`` (``--float-levels``: the layers before APoT/PoT activations in float with exact nearest levels,
+instead of int8 layers deciding the level on their accumulator); uniform W8A8 as the reference. Reported per row: accuracy on the 500 held-out images in onnxruntime and in the simulation, whether
 they predict the same class everywhere, the validation verdict and code mismatches, and how many activation
 quantizers took an offset.
 
@@ -118,6 +119,9 @@ def configurations() -> list[dict]:
             if scheme != "uniform":
                 configs.append({"name": f"{scheme} W{bits}A{bits} symmetric", "scheme": scheme, "bits": bits,
                                 "asym_levels": False})
+                # layers before the APoT/PoT activations in float, exact nearest levels (qcompile <= 0.2)
+                configs.append({"name": f"{scheme} W{bits}A{bits} float levels", "scheme": scheme, "bits": bits,
+                                "int8_levels": False})
     return configs
 
 
