@@ -286,7 +286,7 @@ def _keeps_channels(gm: torch.fx.GraphModule, node) -> bool:
     if node.op == "call_module":
         return not isinstance(gm.get_submodule(node.target), torch.nn.Flatten)
     if node.op == "call_function":
-        return node.target in (F.max_pool1d, F.max_pool2d, F.dropout)
+        return node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout)
     return node.target == "contiguous"
 
 

@@ -136,6 +136,30 @@ def test_leaky_relu_output_is_not_treated_as_non_negative():
     assert not is_nonnegative(gm, layers["fc3"].args[0].args[0])
 
 
+class _Pools1d3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv1d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv1d(4, 4, 1)
+        self.c4 = nn.Conv1d(4, 4, 1)
+
+    def forward(self, x):
+        a = F.max_pool1d(F.relu(self.c1(x)), 2)                    # 1-D functional pool of a ReLU
+        b = nn.functional.adaptive_avg_pool1d(F.relu(self.c2(a)), 4)
+        c = F.softplus(self.c3(b))                                 # softplus: positive
+        return self.c4(c)
+
+
+def test_one_and_three_d_pools_and_softplus_keep_values_non_negative():
+    model = _Pools1d3d().eval()
+    gm = insert(selected(model, torch.randn(2, 3, 16), config("apot", 4))).gm
+    layers = quantized_layers(gm)
+    for name in ("c2", "c3", "c4"):
+        fq = fq_of(gm, layers[name].args[0])
+        assert (fq.signed, fq.asymmetric) == (False, False), name  # the unsigned set: all levels >= 0
+
+
 def test_float_layers_are_left_untouched():
     model = ResidualCNN(seed=0)
     x = example_input(model)
