@@ -53,6 +53,13 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
             if fq is not None and fq.level_offset:  # calibration chose asymmetric APoT/PoT input levels
                 ls = fq.levelset
                 decision += f", A asymmetric (offset {ls.offset}: levels {ls.grid[0]}..{ls.grid[-1]} / {ls.denom})"
+        if node.op == "call_function" and getattr(node.target, "__module__", "") == "qcompile.qmodules" \
+                and getattr(node.target, "__name__", "").startswith("int8_"):  # bound by BindIntegerLayers
+            from qcompile.passes.quantize_outputs import cell_output
+
+            found = cell_output(gm, node)
+            cells = found is not None and found[0].cells is not None
+            decision += "; int8 kernel" + (", output levels from accumulator cells" if cells else "")
         if cfg.action == "quant" and not _weight_quantized(gm, node):
             why = "a functional call on a weight computed in forward (or with string padding)" \
                 if node.op == "call_function" else "unsupported layer form"

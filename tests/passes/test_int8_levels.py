@@ -108,6 +108,11 @@ def test_clip_and_maxpool_move_onto_the_cells_and_the_file_matches_the_simulatio
     ops = optimized_ops(result, tmp_path)
     assert ops["QLinearConv"] == 1 and ops["Conv"] + ops["FusedConv"] == 1, ops
     assert ops["QGemm"] == 2, ops
+    from qcompile.summary import layer_lines
+
+    table = {line.split()[0]: line for line in layer_lines(result.model)[1:]}  # the layer table says which is which
+    assert table["conv1"].endswith("; int8 kernel, output levels from accumulator cells")
+    assert "int8 kernel" not in table["conv2"] and table["fc1"].endswith("; int8 kernel")
 
 
 def test_float_levels_option_keeps_those_layers_float(tmp_path):
