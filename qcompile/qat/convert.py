@@ -120,7 +120,8 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     gm = convert(model) if cfg is not None or _has_learnable(model) else model
     cfg = cfg or gm.meta.get(CONVERTED_KEY)
     opts = cfg.options if cfg is not None else CompileOptions()
-    opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit), keep_weights=True)
+    # QAT keeps its trained level decisions: no accumulator cells (qat.prepare.split_pipeline), and the file says so
+    opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit, int8_levels=False), keep_weights=True)
     example_inputs = as_input_tuple(example_inputs)
     table = quantizers_by_id(gm)
     onnx_model = export_mod.strip_default_attributes(emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts))
