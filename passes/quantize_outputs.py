@@ -138,7 +138,7 @@ class BindIntegerLayers(Pass):
         self.float_outputs = float_outputs  # False: a final Linear keeps its float32 output (QAT's trained one)
         self.cells = cells  # False: layers whose output goes to APoT/PoT/log2 levels stay float (exact decisions)
 
-    def _bind_cells(self, gm, node, rect, xfq, wfq, out) -> bool:
+    def _bind_cells(self, gm, node, rect, xfq, wfq, out, repeat: int = 1) -> bool:
         """An int8 layer whose output flows (see :func:`cell_output`) into one APoT/PoT/log2 activation quantizer:
         decide its level from the integer accumulator (``FakeQuantize.cells``). In onnxruntime the layer then runs
         as ``QLinearConv``/``QGemm`` writing uint8 cells (max-pooling and reshapes move onto the cells: the cell
@@ -171,7 +171,7 @@ class BindIntegerLayers(Pass):
         if float((q_bias + shift).abs().max()) >= 2 ** 22:
             return False  # the shifted bias would not survive float32 in the file
         out.requant = (acc_scale.double(), (acc_scale / s_cell).float(), -1 if node.target is F.linear else 1)
-        out.cells = (shift, z, torch.tensor(np.array(table), dtype=torch.int64))
+        out.cells = (shift, z, torch.tensor(np.array(table), dtype=torch.int64), int(repeat))
         return True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -195,7 +195,7 @@ class BindIntegerLayers(Pass):
                 changed = True
                 continue
             found = cell_output(gm, node) if self.cells else None
-            if found is not None and self._bind_cells(gm, node, found[1], xfq, wfq, found[0]):
+            if found is not None and self._bind_cells(gm, node, found[1], xfq, wfq, found[0], found[2]):
                 self._bind(gm, node, fns, xfq, wfq)
                 self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer, {found[0].scheme} output cells")
                 changed = True
@@ -260,22 +260,49 @@ class BindIntegerLayers(Pass):
 
 
 def cell_output(gm: torch.fx.GraphModule, node):
-    """``(quantizer, rectifier node or None)`` where the output of layer ``node`` flows, one user after another,
-    through max-pooling / identities and at most one ReLU / clip to [0, H], into one activation quantizer whose
-    levels an int8 kernel can decide on cells (``LevelSet.requant_cells``); else None."""
-    cur, rect = node, None
+    """``(quantizer, rectifier node or None, repeat)`` where the output of layer ``node`` flows, one user after
+    another, through max-pooling / identities, at most one ReLU / clip to [0, H] and at most one flatten from the
+    channel axis on, into one activation quantizer whose levels an int8 kernel can decide on cells
+    (``LevelSet.requant_cells``); else None. ``repeat``: after such a flatten each channel is a run of ``repeat``
+    consecutive elements (the product of the spatial dims), else 1."""
+    cur, rect, repeat = node, None, 1
     while len(cur.users) == 1:
         user = next(iter(cur.users))
         fq = fake_quantizer(gm, user)
         if fq is not None:
             ok = fq.role == "activation" and fq.levelset.requant_cells is not None
-            return (fq, rect) if ok else None
+            return (fq, rect, repeat) if ok else None
         if rect is None and is_rectifier(gm, user):
             rect = user
+        elif repeat == 1 and _channel_flatten(gm, user, node) is not None:
+            repeat = _channel_flatten(gm, user, node)
         elif not _keeps_channels(gm, user):
             return None
         cur = user
     return None
+
+
+def _channel_flatten(gm: torch.fx.GraphModule, node, layer) -> int | None:
+    """For a flatten of dims 1.. (``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``) of a convolution's
+    output with known shape: the number of elements per channel after it; else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        ok = isinstance(mod, torch.nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1
+    elif (node.op == "call_function" and node.target is torch.flatten) or \
+            (node.op == "call_method" and node.target == "flatten"):
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        ok = start == 1 and end == -1
+    else:
+        return None
+    meta = layer.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if not ok or layer.target is F.linear or shape is None or len(shape) < 3:
+        return None
+    repeat = 1
+    for d in shape[2:]:
+        repeat *= int(d)
+    return repeat
 
 
 def _keeps_channels(gm: torch.fx.GraphModule, node) -> bool:

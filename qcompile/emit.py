@@ -358,7 +358,7 @@ def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     top is below the cells' range)."""
     ls = fq.levelset
     unit = _unit(fq).reshape(())
-    shift, z, table = fq.cells
+    shift, z, table, _ = fq.cells
     grid = np.asarray(ls.grid, dtype=np.int64)
     g_np, zp = act_storage(grid)
     cell = b.node("QuantizeLinear", [x, b.const(np.array(unit / np.float32(2), np.float32), "half_unit"),

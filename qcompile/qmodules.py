@@ -83,7 +83,7 @@ class FakeQuantize(nn.Module):
         self.requant = None
         # Set with ``requant`` for APoT/PoT/log2 levels (``LevelSet.requant_cells``): (shift per channel, integer
         # float64 = -round((unit/4) / (S_x·S_w)), added to the accumulator; cell zero point z; the 256-entry
-        # cell -> grid integer table)
+        # cell -> grid integer table; repeat: elements per channel after a flatten of a conv output, else 1)
         self.cells = None
 
     @property
@@ -147,9 +147,14 @@ class FakeQuantize(nn.Module):
         acc_scale, multiplier, axis = self.requant
         shape = [1] * y.dim()
         shape[axis % y.dim()] = -1
-        acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
+        shift = None
         if self.cells is not None:
-            shift, z, table = self.cells
+            shift, z, table, repeat = self.cells
+            if repeat > 1:  # a flattened convolution output: each channel is a run of `repeat` elements
+                acc_scale, multiplier, shift = (t.reshape(-1).repeat_interleave(repeat)
+                                                for t in (acc_scale, multiplier, shift))
+        acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
+        if shift is not None:
             c = acc.add_(shift.reshape(shape)).float().mul_(multiplier.reshape(shape)).round_().add_(float(z))
             return table.to(torch.float32)[c.clamp_(0, 255).long()]
         q = acc.float().mul_(multiplier.reshape(shape)).round_().add_(self.zero_point.float())

@@ -55,8 +55,8 @@ def test_sets_whose_thresholds_span_more_than_the_cells_have_none():
 
 
 class PoolNet(nn.Module):
-    """conv → BN → ReLU6 → max-pool → conv → BN → ReLU → flatten → fc: the cells pass a clip and a pool (not the
-    flatten, which moves the channels of conv2's per-channel accumulator scales: conv2 stays float)."""
+    """conv → BN → ReLU6 → max-pool → conv → BN → ReLU → flatten → fc: the cells pass a clip, a pool and a flatten
+    (after which each of conv2's channels, with its own accumulator scale, is a run of 16 elements)."""
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -95,9 +95,9 @@ def test_clip_and_maxpool_move_onto_the_cells_and_the_file_matches_the_simulatio
     result = compile_w4a4(PoolNet(), (3, 8, 8))
     report = result.report
     assert report.passed and report.max_abs == 0.0 and report.extra["codes_differ"] == 0, report.summary()
-    # conv1 (8-bit first layer) → ReLU6 → pool → APoT (cells); conv2 → ReLU → flatten → APoT (float conv2);
+    # conv1 (8-bit first layer) → ReLU6 → pool → APoT, conv2 → ReLU → flatten → APoT (both on cells);
     # fc1 → ReLU → 8-bit input of fc2 (an 8-bit re-quantization)
-    assert len(cell_quantizers(result)) == 1
+    assert [fq.cells[3] for fq in cell_quantizers(result)] == [1, 16]
     graph = result.onnx_model.graph
     producer = {o: n for n in graph.node for o in n.output}
     # the ReLU6 is implied by the cells: no Clip reads a Conv
@@ -106,13 +106,14 @@ def test_clip_and_maxpool_move_onto_the_cells_and_the_file_matches_the_simulatio
     cells = producer[pool.input[0]]  # the pool takes the maximum of uint8 cells
     assert cells.op_type == "QuantizeLinear" and producer[cells.input[0]].op_type == "Conv"
     ops = optimized_ops(result, tmp_path)
-    assert ops["QLinearConv"] == 1 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    assert ops["QLinearConv"] == 2 and ops["Conv"] + ops["FusedConv"] == 0, ops
     assert ops["QGemm"] == 2, ops
     from qcompile.summary import layer_lines
 
     table = {line.split()[0]: line for line in layer_lines(result.model)[1:]}  # the layer table says which is which
     assert table["conv1"].endswith("; int8 kernel, output levels from accumulator cells")
-    assert "int8 kernel" not in table["conv2"] and table["fc1"].endswith("; int8 kernel")
+    assert table["conv2"].endswith("; int8 kernel, output levels from accumulator cells")
+    assert table["fc1"].endswith("; int8 kernel")
 
 
 def test_float_levels_option_keeps_those_layers_float(tmp_path):

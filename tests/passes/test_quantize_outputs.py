@@ -131,7 +131,7 @@ def test_int8_first_and_last_layers_around_apot_layers():
     # (BindIntegerLayers): no 8-bit re-quantization in between
     assert not output_quantizers(gm)
     conv1 = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("layer") == "conv1")
-    fq, rect = cell_output(gm, conv1)
+    fq, rect, repeat = cell_output(gm, conv1)
     assert fq.scheme == "apot" and fq.bits == 4 and is_rectifier(gm, rect)
 
 
