@@ -5,6 +5,7 @@ switches reaching the pipeline, and ``qcompile validate`` rebuilding the simulat
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 
 import numpy as np
@@ -163,6 +164,29 @@ def test_validate_rebuilds_the_simulation_of_a_quantized_file(work, apot4):
     line = stdout.strip().splitlines()[-1]
     assert line.startswith("validation on 32 inputs") and line.endswith("PASS"), line
     assert "max abs err 0," in line  # the rebuilt simulation is the one the file was made from
+
+
+def test_a_file_from_qcompile_0_2_is_validated_with_float_level_decisions(work, tmp_path):
+    """qcompile 0.2 decided APoT levels in float everywhere, and its files do not record ``int8_levels``: validate
+    rebuilds that simulation for them. The same file claiming to be 0.3 (levels decided on int8 accumulators) would
+    fail, so the recorded version is what decides."""
+    folder, _ = work
+    path = tmp_path / "old.onnx"
+    rc, _, stderr = cli(folder / "digits.pt", *ARCH, "--calib", folder / "calib.npy", "--scheme", "apot", "--bits", "4",
+                        "--float-levels", "--no-validate", "-o", path)
+    assert rc == 0, stderr
+    model = onnx.load(str(path))
+    for version, expect in (("0.2.0", 0), ("0.3.0", 1)):
+        for prop in model.metadata_props:
+            if prop.key == "qcompile.options":
+                record = json.loads(prop.value)
+                record.pop("int8_levels", None)
+                record["qcompile"] = version
+                prop.value = json.dumps(record, separators=(",", ":"))
+        onnx.save(model, str(tmp_path / f"as_{version}.onnx"))
+        rc, stdout, stderr = cli("validate", tmp_path / f"as_{version}.onnx", "--against", folder / "digits.pt", *ARCH,
+                                 "--data", folder / "calib.npy")
+        assert rc == expect, (version, stdout, stderr)
 
 
 def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_path):
