@@ -63,7 +63,8 @@ class QuantizeOutputs(Pass):
             # that MatMul → Q fuses into QLinearMatMul.
             split = node.target is F.linear and len(node.args) > 2 and node.args[2] is not None \
                 and _rank(node.args[0]) != 2
-            if not split and tail.users and all(is_int8_act(fake_quantizer(gm, u)) for u in tail.users):
+            requant = uniform_uint8 if self.cells else is_int8_act
+            if not split and tail.users and all(requant(fake_quantizer(gm, u)) for u in tail.users):
                 continue  # already Conv/Gemm → [Relu] → Q
             if self.cells and not split and (node.target is not F.linear or _rank(node.args[0]) == 2) \
                     and cell_output(gm, node) is not None:
@@ -203,7 +204,8 @@ class BindIntegerLayers(Pass):
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             outs = [fake_quantizer(gm, u) for u in tail.users]
-            if not outs or not all(is_int8_act(o) and o.calibrated for o in outs):
+            requant = uniform_uint8 if self.cells else is_int8_act  # sub-8-bit uniform levels with the cells
+            if not outs or not all(requant(o) and o.calibrated for o in outs):
                 continue
             if tail is not node and not all(_implies(o, clip_bounds(gm, tail)) for o in outs):
                 continue  # the re-quantization would not reproduce the ReLU/clip: keep the layer in float
@@ -315,6 +317,15 @@ def _keeps_channels(gm: torch.fx.GraphModule, node) -> bool:
     if node.op == "call_function":
         return node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout)
     return node.target == "contiguous"
+
+
+def uniform_uint8(fq) -> bool:
+    """An activation quantizer with uniform levels whose codes are uint8 (8-bit, or fewer bits clipped to their
+    range): an integer kernel re-quantizes onto it, ``clamp(round(acc · M) + Z, code_min, code_max)``."""
+    if fq is None or fq.role != "activation" or fq.scheme not in ("uniform", "uniform_asym"):
+        return False
+    ls = fq.levelset
+    return ls.code_min >= 0 and ls.code_max <= 255
 
 
 def uint8_codes(fq) -> bool:

@@ -195,7 +195,9 @@ def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, trans
     if ls.is_uniform:
         lo, hi = int(grid.min()), int(grid.max())
         if lo >= -8 and hi <= 7:
-            q = b.packed(codes, TensorProto.INT4, "w_int4")
+            # INT4 storage, widened by a Cast that onnxruntime folds at load time: its QDQ fusion takes int8
+            # weights only, so without it a 2-4-bit uniform layer never reaches the int8 kernels
+            q = b.node("Cast", [b.packed(codes, TensorProto.INT4, "w_int4")], to=TensorProto.INT8)
         elif u8:
             q = b.const((codes + offset).astype(np.uint8), "w_u8")
         else:
@@ -230,13 +232,22 @@ def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
         if lo < tmin or hi > tmax:
             raise ValueError(f"activation codes {lo}..{hi} do not fit 8 bits")
         src = x
+        scale = b.const(unit, "a_scale")
+        zpt = b.const(np.array(zp, np_t), "a_zp")
+        if (lo > tmin or hi < tmax) and fq.requant is not None:
+            # the re-quantized output of an int8 layer (BindIntegerLayers): QuantizeLinear right after the layer, so
+            # onnxruntime fuses them into QLinearConv/QGemm, then the level range as an integer Clip (the same codes)
+            q = b.node("QuantizeLinear", [x, scale, zpt])
+            clipped = b.node("Clip", [q, b.shared_const(np.array(lo, np_t), "code_lo"),
+                                      b.shared_const(np.array(hi, np_t), "code_hi")])
+            b.node("DequantizeLinear", [clipped, scale, zpt], output)
+            b.after(lambda model: _bypass_implied_clip(model, x, q))
+            return
         if lo > tmin or hi < tmax:
             # QuantizeLinear saturates to the type's range only: clip to the level range first (exact, see module doc)
             clip_lo = np.float32(np.float32(lo - zp) * unit)
             clip_hi = np.float32(np.float32(hi - zp) * unit)
             src = b.node("Clip", [x, b.const(np.array(clip_lo, np.float32), "lo"), b.const(np.array(clip_hi, np.float32), "hi")])
-        scale = b.const(unit, "a_scale")
-        zpt = b.const(np.array(zp, np_t), "a_zp")
         q = b.node("QuantizeLinear", [src, scale, zpt])
         b.node("DequantizeLinear", [q, scale, zpt], output)
         return
@@ -438,6 +449,22 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
     layer.input[2] = name
 
 
+def _bypass_implied_clip(model: onnx.ModelProto, x: str, q: str) -> None:
+    """``Conv/Gemm → Clip(0, H) → QuantizeLinear`` where the quantizer's own code range implies the clip
+    (``BindIntegerLayers`` checked it): the quantizer reads the layer, so onnxruntime fuses the two (it removes a
+    ReLU before a zero-point-0 quantizer itself, not a clip narrower than the uint8 range)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers = sum(1 for n in graph.node for i in n.input if i == x) + sum(1 for o in graph.output if o.name == x)
+    clip = producer.get(x)
+    if clip is None or clip.op_type != "Clip" or readers != 1 or producer.get(clip.input[0]) is None \
+            or producer[clip.input[0]].op_type not in ("Conv", "Gemm"):
+        return
+    node = next(n for n in graph.node if n.output and n.output[0] == q)
+    node.input[0] = clip.input[0]
+    graph.node.remove(clip)
+
+
 _CELL_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 
 
@@ -637,6 +664,8 @@ def _stored_type(name: str, inits: dict, producer: dict) -> int | None:
     node = producer.get(name)
     if node is not None and node.op_type == "Gather" and node.input[0] in inits:
         return inits[node.input[0]].data_type
+    if node is not None and node.op_type == "Cast" and node.input[0] in inits:  # INT4 codes widened to INT8
+        return next(a.i for a in node.attribute if a.name == "to")
     return None
 
 

@@ -182,6 +182,11 @@ def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
         table = _const_array(src.inputs[0], inits)
         if table is not None and table.dtype.kind in "iu":
             rng = (int(table.min()), int(table.max()))
+    elif src is not None and src.op == "Clip" and len(src.inputs) == 3:
+        # the re-quantized output of an int8 layer on fewer than 8 bits: QuantizeLinear, then Clip to the levels
+        lo, hi = (_const_array(t, inits) if t is not None else None for t in src.inputs[1:3])
+        if lo is not None and hi is not None and lo.dtype.kind in "iu" and hi.dtype.kind in "iu":
+            kind, rng = "uniform", (int(lo.reshape(())), int(hi.reshape(())))
     elif src is not None and src.op == "QuantizeLinear":
         kind = "uniform"
         if len(src.inputs) > 2 and src.inputs[2] is not None and src.inputs[2].name:

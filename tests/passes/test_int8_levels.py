@@ -184,3 +184,26 @@ def test_cell_decisions_differ_from_the_exact_ones_only_within_an_accumulator_un
                 gap = np.abs(v[wrong][:, None] - thresholds[None, :]).min(1) * unit
                 assert gap.max() <= 1.01 * acc_unit, (name, gap.max(), acc_unit)
     assert total > 10000 and differ / total < 1e-3
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_uniform_low_bit_layers_run_on_int8_kernels_bit_exact(bits, tmp_path):
+    """Uniform 3-4-bit activations and weights: the codes fit uint8/int8, so a layer between two such quantizers is
+    an integer layer too: QuantizeLinear right after it, then the level range as an integer Clip; the INT4 weights
+    reach the int8 kernels through a Cast that onnxruntime folds at load time."""
+    model = MobileNetLike(seed=0, act="relu6")
+    calib = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model.eval(), calib=calib, validation_inputs=x, scheme="uniform", bits=bits)
+    report = result.report
+    assert report.passed and report.extra["codes_differ"] == 0, report.summary()
+    graph = result.onnx_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    int_clips = [n for n in graph.node if n.op_type == "Clip" and producer[n.input[0]].op_type == "QuantizeLinear"]
+    assert int_clips and all(producer[producer[n.input[0]].input[0]].op_type == "Conv" for n in int_clips)
+    assert any(n.op_type == "Cast" and producer.get(n.input[0]) is None for n in graph.node)  # Cast(INT4 initializer)
+    ops = optimized_ops(result, tmp_path)
+    assert ops["QLinearConv"] == 6 and ops["Conv"] + ops["FusedConv"] == 2, ops  # as the APoT file above
+    float_levels = qcompile.compile(model.eval(), calib=calib, validation_inputs=x, scheme="uniform", bits=bits,
+                                    int8_levels=False)
+    assert optimized_ops(float_levels, tmp_path)["QLinearConv"] == 1  # the 8-bit stem only
