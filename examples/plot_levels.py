@@ -197,7 +197,7 @@ def render() -> str:
         "codes and int8 weights is decided on that layer's int32 accumulator (`LevelSet.requant_cells`, default;",
         "`--float-levels` keeps the rule above). Its thresholds then sit on the accumulator grid, within about one",
         "accumulator unit of the midpoints, and a value exactly on one goes where round-half-to-even puts it",
-        "(`runtime/OPS.md`, \"APoT/PoT layers on int8 kernels\").",
+        "(`runtime/OPS.md`, \"Low-bit layers on int8 kernels\").",
         "",
         "## Laplace clipping vs the MSE search",
         "",

@@ -72,9 +72,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="do not re-quantize the outputs of 8-bit layers, residual adds and pools (they then run on "
                         "float kernels, and skip connections stay float)")
     g.add_argument("--float-levels", action="store_true",
-                   help="layers whose output goes to APoT/PoT levels run on float kernels and take the exact nearest "
-                        "level of their float output (default: int8 kernels, the level decided on the integer "
-                        "accumulator, thresholds within one accumulator unit)")
+                   help="layers whose output goes to APoT/PoT (or sub-8-bit uniform) levels run on float kernels and "
+                        "take the exact nearest level of their float output (default: int8 kernels, the level "
+                        "decided on the integer accumulator, thresholds within one accumulator unit)")
     g.add_argument("--keep-first-last", default="int8", metavar="int8|fp32|quant",
                    help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
     g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")

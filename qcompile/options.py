@@ -29,9 +29,10 @@ class CompileOptions:
     equalize: bool = True
     bias_correction: bool = True
     int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
-    # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels decides the level on
-    # its integer accumulator (uint8 cells, BindIntegerLayers): onnxruntime runs it on int8 kernels; False: the layer
-    # runs in float and the level is the exact nearest one of its float output
+    # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels (or uniform levels
+    # of fewer than 8 bits) decides the level on its integer accumulator (uint8 cells / a clamped requantization,
+    # BindIntegerLayers): onnxruntime runs it on int8 kernels; False: the layer runs in float and the level is the
+    # exact nearest one of its float output
     int8_levels: bool = True
     keep_first_last: str = "int8"
     float_downsample: bool = False
