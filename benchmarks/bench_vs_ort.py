@@ -59,6 +59,7 @@ OURS = {  # name -> qcompile.compile options
     "ours apot W4A4": {"scheme": "apot", "bits": 4},
     # the same with --float-levels: layers before APoT activations in float, exact nearest levels (qcompile <= 0.2)
     "ours apot W4A4 float levels": {"scheme": "apot", "bits": 4, "int8_levels": False},
+    "ours uniform W4A4": {"scheme": "uniform", "bits": 4},
     # the other 8-bit weight forms (the default, auto, is s8 where onnxruntime's uint8 x int8 kernels are exact,
     # else s8-safe): full-range int8 codes (saturating on x86 without VNNI, like quantize_static's file there), and
     # uint8 codes with zero point 128 (full precision, exact everywhere, the slower uint8 x uint8 kernels)
