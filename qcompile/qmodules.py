@@ -151,7 +151,7 @@ class FakeQuantize(nn.Module):
         if self.cells is not None:
             shift, z, table, repeat = self.cells
             if repeat > 1:  # a flattened convolution output: each channel is a run of `repeat` elements
-                acc_scale, multiplier, shift = (t.reshape(-1).repeat_interleave(repeat)
+                acc_scale, multiplier, shift = (t.reshape(-1).repeat_interleave(repeat) if t.numel() > 1 else t
                                                 for t in (acc_scale, multiplier, shift))
         acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
         if shift is not None:
