@@ -375,7 +375,18 @@ def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     cell = b.node("QuantizeLinear", [x, b.const(np.array(unit / np.float32(2), np.float32), "half_unit"),
                                      b.shared_const(np.array(z, np.uint8), "cell_zp")])
     lut = b.shared_const((np.asarray(table, dtype=np.int64) + zp).astype(g_np), "cell_levels")
-    codes = b.lookup(lut, b.node("Cast", [cell], to=TensorProto.INT32))
+    dims = b.shape
+    if dims is not None and len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        # the lookup is elementwise: do it channels-last, between two Transposes that cancel against the ones
+        # onnxruntime puts around its NHWC QLinearConv (measured: 0.89 -> 0.72 ms for a 96x56x56 lookup between two
+        # 1x1 QLinearConvs; without them onnxruntime transposes to NCHW and back around every lookup)
+        nhwc = b.node("Transpose", [cell], perm=[0, 2, 3, 1])
+        b.shape = [dims[0], dims[2], dims[3], dims[1]]
+        codes = b.lookup(lut, b.node("Cast", [nhwc], to=TensorProto.INT32))
+        b.shape = dims
+        codes = b.node("Transpose", [codes], perm=[0, 3, 1, 2])
+    else:
+        codes = b.lookup(lut, b.node("Cast", [cell], to=TensorProto.INT32))
     _dequantize_codes(b, codes, unit, zp, g_np, output)
     b.after(lambda model: _shift_cell_bias(model, x, cell, fq))
 
