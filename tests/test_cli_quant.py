@@ -219,7 +219,7 @@ def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_pat
             if n.op_type != "GatherElements" or n.input[0] not in inits:
                 continue
             out = n.output[0]
-            while readers[out][0].op_type == "Reshape":
+            while readers[out][0].op_type in ("Reshape", "Transpose"):
                 out = readers[out][0].output[0]
             dq = readers[out][0]  # DequantizeLinear(codes, unit[, zero point]): codes = grid + zero point
             zp = int(inits[dq.input[2]]) if len(dq.input) > 2 else 0

@@ -120,15 +120,21 @@ def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
     graph = result.onnx_model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name for t in graph.initializer}
-    # the cell tables (emit_cell_lookup): table[Cast(QuantizeLinear(3c + side))] by GatherElements on the flattened
-    # index, three entries per cell
+    # the level tables of APoT activations: table[Cast(QuantizeLinear(...))] by GatherElements on the flattened
+    # index (emit_cell_lookup: three entries per cell; emit_cell_requant: one per cell of the accumulator, the
+    # index channels-last behind a Transpose)
     def index_source(n):
         flat = producer[n.input[1]]  # Reshape(index, [-1])
         return producer.get(flat.input[0]) if flat.op_type == "Reshape" else None
 
+    def quantized(cast):
+        src = producer.get(cast.input[0])
+        if getattr(src, "op_type", "") == "Transpose":
+            src = producer.get(src.input[0])
+        return getattr(src, "op_type", "") == "QuantizeLinear"
+
     names = sorted({n.input[0] for n in graph.node if n.op_type == "GatherElements" and n.input[0] in inits
-                    and getattr(index_source(n), "op_type", "") == "Cast"
-                    and getattr(producer.get(index_source(n).input[0]), "op_type", "") == "QuantizeLinear"})
+                    and getattr(index_source(n), "op_type", "") == "Cast" and quantized(index_source(n))})
     assert names, "no APoT cell table in the file"
     # every cell takes its left neighbour's decisions: the thresholds move up by half a unit
     data = doctored(result.onnx_model, names[0], lambda table: np.concatenate([table[:3], table[:-3]]))
