@@ -29,7 +29,7 @@ from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
-from .base import Pass, PassResult, attr_value, data_batches, data_length
+from .base import Pass, PassResult, attr_value, data_batches, data_length, fake_quantizer, input_quantizer
 from .bias_correction import correctable_layers, recording_input_means
 
 
@@ -73,7 +73,49 @@ class Calibrate(Pass):
                 self._calibrate_with_data(gm, acts)
             else:
                 self._calibrate_data_free(gm, acts)
+            self._fit_biases(gm)
         return PassResult(gm, True)
+
+    def _fit_biases(self, gm) -> None:
+        """Widen an activation range whose unit is so small that a layer reading it would need a bias of more than
+        30 bits on its accumulator grid S_x·S_w (``QuantizeBias``; onnxruntime converts the bias to int32 when it
+        fuses the layer, and a value past int32 does not survive that). Inputs of magnitude ~1e-7 do it: a bias of
+        0.1 is then ~4e10 accumulator units. The widened unit keeps the largest |bias| at 2^29 units, leaving
+        headroom for bias correction and for the products Σ q_x·q_w; the x·w term it quantizes more coarsely is
+        then below 2^-29·K·255·127 of that bias (K the fan-in), so the layer's output barely changes."""
+        from .quantize_bias import _LAYERS, accumulator_scale
+
+        need: dict[str, float] = {}  # quantizer target -> factor its unit must grow by
+        readers: dict[str, list[str]] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
+                continue
+            xnode = node.args[0]
+            xfq, wfq = input_quantizer(gm, xnode), fake_quantizer(gm, node.args[1])
+            bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
+                continue
+            if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
+                continue
+            b = attr_value(gm, bnode).detach().double().reshape(-1)
+            scale = accumulator_scale(xfq, wfq).double()
+            if scale.numel() not in (1, b.numel()):
+                continue
+            factor = float((b.abs() / scale).max()) / _BIAS_UNITS
+            if factor > 1.0:
+                target = next(t for t, m in gm.named_modules() if m is xfq)
+                need[target] = max(need.get(target, 1.0), factor)
+                readers.setdefault(target, []).append(str(node.meta.get("layer", node.name)))
+        for target, factor in need.items():
+            fq = gm.get_submodule(target)
+            old = float(fq.alpha.max())
+            fq.set_params(fq.alpha.detach().double() * (factor * 1.01), fq.zero_point)
+            for qnode in gm.graph.nodes:  # ShareInt8Params keeps a widened range (observer "...+bias fit")
+                if qnode.op == "call_module" and qnode.target == target:
+                    old_qp = qnode.meta.get("qparams")
+                    qnode.meta["qparams"] = _qparams(fq, f"{old_qp.observer if old_qp else 'calibrated'}+{BIAS_FIT}")
+            self.report.append(f"{target}: range {old:.3g} -> {float(fq.alpha.max()):.3g}, so that the bias of "
+                               f"layer(s) {', '.join(readers[target])} fits the int32 accumulator")
 
     def _calibrate_with_data(self, gm, acts) -> None:
         try:
@@ -88,6 +130,17 @@ class Calibrate(Pass):
         for node in acts:
             fq = gm.get_submodule(node.target)
             obs, method = observers[node]
+            if _saw_only_zeros(obs):
+                # Nothing to fit (a ReLU that no calibration input switched on, a branch the data never reaches): the
+                # observers' range would be ~0, and a layer reading these codes would need a bias of more than 32
+                # bits on its accumulator grid S_x·S_w. The unit range [0, 1] (symmetric sets: [-1, 1]) instead,
+                # as onnxruntime's quantizer takes scale 1 for an empty range: zeros stay exact.
+                params = quant.clip_params_from_range(torch.zeros((), dtype=torch.float64),
+                                                      torch.ones((), dtype=torch.float64), fq.levelset)
+                fq.set_params(params.alpha, params.zero_point)
+                node.meta["qparams"] = _qparams(fq, "zero data: unit range")
+                self.report.append(f"{node.target}: every calibration value was 0; unit range")
+                continue
             if fq.search_offset:
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0
@@ -135,6 +188,16 @@ class Calibrate(Pass):
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn(k={self.bn_k:g})")
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics")
+
+
+BIAS_FIT = "bias fit"  # the observer suffix of a range Calibrate widened for a layer's bias
+_BIAS_UNITS = float(2 ** 29)  # the largest |bias| on a layer's accumulator grid (int32 with headroom)
+
+
+def _saw_only_zeros(obs) -> bool:
+    """Whether a per-tensor observer saw values, all of them 0."""
+    lo, hi = getattr(obs, "min_val", None), getattr(obs, "max_val", None)
+    return lo is not None and hi is not None and lo.numel() == 1 and float(lo) == 0.0 and float(hi) == 0.0
 
 
 MAX_OFFSETS = 16  # offsets tried per quantizer (spread geometrically where there are more)

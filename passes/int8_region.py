@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, recompile_lazily
+from .calibrate import BIAS_FIT
 from .insert_quant import is_nonnegative
 
 _ADD_FNS = {operator.add, torch.add, operator.iadd}
@@ -220,6 +221,9 @@ class ShareInt8Params(Pass):
             if not is_int8_act(fq) or not fq.calibrated or fq.requant is not None:
                 continue
             src = int8_source(gm, node.args[0])
+            qp = node.meta.get("qparams")
+            if qp is not None and str(qp.observer).endswith(BIAS_FIT):
+                continue  # widened for a reader's bias: re-quantizes the codes it reads onto its own coarser grid
             if src is not None and src is not fq and src.calibrated:
                 if not _same_params(fq, src):
                     fq.scheme, fq.signed = src.scheme, src.signed

@@ -482,3 +482,64 @@ def test_batched_offset_choice_is_the_observers_own_least_error(scheme, bits, sh
         assert chosen == 0
     elif shape != "skewed-negative":  # (there an offset near denom / 2 adds one level below 0, and may win)
         assert chosen > 0 and errors[chosen] < (0.7 if scheme == "apot" else 0.9) * errors[0], (chosen, errors)
+
+
+class _ThreeConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = (nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                     nn.Conv2d(8, 8, 3, padding=1))
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.c2(h))
+        h = torch.relu(self.c3(h))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("apot", 4)])
+def test_an_activation_that_is_zero_on_all_calibration_data_gets_the_unit_range(scheme, bits):
+    """A ReLU no calibration input switches on: the observers' range would be ~0 and the next layer's bias would
+    need ~2^40 accumulator units, which onnxruntime's int32 bias does not hold (the W8A8 file then disagreed with
+    the simulation on 6% of codes). The unit range keeps the zeros exact and the file equal to the simulation."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = _ThreeConvs().eval()
+    with torch.no_grad():
+        model.c2.bias.fill_(-100.0)
+    x = torch.randn(32, 1, 8, 8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=bits)
+    assert result.report.passed, result.report.summary()
+    assert result.report.extra["code_mismatch"] == 0
+    reports = [line for t in result.timings if t.name == "Calibrate" for line in t.report]
+    assert any("every calibration value was 0; unit range" in line for line in reports)
+    dead = [m for n, m in result.model.named_modules() if isinstance(m, FakeQuantize) and m.role == "activation"
+            and float(m.alpha) == pytest.approx(1.0)]
+    assert dead
+
+
+def test_a_range_too_small_for_the_next_bias_is_widened_to_fit_int32():
+    """Inputs of magnitude 1e-7: a bias of 0.1 is ~4e10 units of S_x·S_w. Calibrate widens the input range until
+    the largest bias is 2^29 units; the file equals the simulation and the output stays close to float."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(512, 10)).eval()
+    x = torch.randn(64, 1, 8, 8) * 1e-7
+    result = qcompile.compile(model, x[:1], calib=x[:32], scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    assert result.report.extra["code_mismatch"] == 0
+    reports = [line for t in result.timings if t.name == "Calibrate" for line in t.report]
+    assert any(line.startswith("act_fq0: range") and "int32 accumulator" in line for line in reports)
+    from qcompile.passes.quantize_bias import accumulator_scale
+
+    layer = result.model.get_submodule("0")
+    units = (layer.bias.detach().double().abs() / accumulator_scale(result.model.act_fq0, layer.weight_fq).double())
+    assert float(units.max()) <= 2 ** 29
+    with torch.no_grad():
+        ref, out = model(x[32:]), result.model(x[32:])
+    sqnr = 10 * math.log10(float((ref ** 2).sum() / ((ref - out) ** 2).sum()))
+    assert sqnr > 30.0
