@@ -537,7 +537,76 @@ def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
     model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
-    return shield_float_layers(pad_codes(model))
+    return shield_float_matmuls(shield_float_layers(pad_codes(model)))
+
+
+_EIGHT_BIT = (TensorProto.UINT8, TensorProto.INT8)
+
+
+def shield_float_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Keep a float ``MatMul`` with quantized weights float in onnxruntime: read the weight through
+    ``Unsqueeze(DequantizeLinear(W), 0)`` (shape ``[1, K, N]``, the same products and sums) where the input is not
+    8-bit codes, so that no int8 fusion takes the layer.
+
+    A Linear on 3-D inputs exports as ``MatMul(x, DequantizeLinear(W))``. With 8-bit input codes onnxruntime fuses
+    it into ``QLinearMatMul``/``MatMulIntegerToFloat`` (exact). With any other input (APoT/PoT codes wider than 8 bits
+    behind a 16-bit ``DequantizeLinear``, float values) onnxruntime 1.32's ``DQMatMulToMatMulNBits`` fusion (on by
+    default) made it ``com.microsoft.MatMulNBits`` with ``accuracy_level=4``, which quantizes the float input to
+    int8 on the fly: a transformer with APoT 4-bit weights and APoT 8-bit activations then disagreed with the
+    simulation on 12% of the codes (3 of 500 predictions). The fusion takes 2-D weights only. A 2-D input (whose
+    product with ``[1, K, N]`` would be 3-D) is widened too and the product squeezed back."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    candidates = {id(n) for n in graph.node if n.op_type == "MatMul" and n.domain in ("", "ai.onnx")
+                  and len(n.input) == 2 and getattr(producer.get(n.input[1]), "op_type", None) == "DequantizeLinear"}
+    if not candidates:
+        return model
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+             + list(inferred.graph.output)}
+    types.update({t.name: onnx.TypeProto.Tensor(elem_type=t.data_type) for t in graph.initializer})
+
+    def rank(name: str):
+        t = types.get(name)
+        return len(t.shape.dim) if t is not None and t.HasField("shape") else None
+
+    def eight_bit_codes(name: str) -> bool:
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return False
+        t = types.get(dq.input[0])
+        return t is not None and t.elem_type in _EIGHT_BIT
+
+    axes = None
+    out_nodes = []
+    for node in graph.node:
+        if id(node) in candidates and not eight_bit_codes(node.input[0]) and rank(node.input[1]) == 2 \
+                and rank(node.input[0]) is not None:
+            if axes is None:
+                axes = f"{node.input[1]}/float/axes0"
+                graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
+            wide = f"{node.input[1]}/float/w3d"
+            out_nodes.append(helper.make_node("Unsqueeze", [node.input[1], axes], [wide],
+                                              name=f"{node.name or wide}/float/unsqueeze"))
+            squeeze = rank(node.input[0]) < 3
+            x = node.input[0]
+            if squeeze:
+                x = f"{node.input[0]}/float/x3d"
+                out_nodes.append(helper.make_node("Unsqueeze", [node.input[0], axes], [x],
+                                                  name=f"{node.name or x}/float/unsqueeze_x"))
+            out = node.output[0]
+            node.input[:] = [x, wide]
+            if squeeze:
+                node.output[0] = f"{out}/float/y3d"
+            out_nodes.append(node)
+            if squeeze:
+                out_nodes.append(helper.make_node("Squeeze", [node.output[0], axes], [out],
+                                                  name=f"{node.name or out}/float/squeeze"))
+            continue
+        out_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(out_nodes)
+    return model
 
 
 def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -429,6 +429,40 @@ def test_a_float_layer_after_int8_codes_keeps_float_weights_in_onnxruntime(trans
     assert not [name for name in inits if "_weight_q" in name]  # what WeightBiasQuantization would have added
 
 
+class TokenMLP(nn.Module):
+    """Linear layers on 3-D inputs (tokens): exported as ``MatMul`` with the weight behind a DequantizeLinear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):  # x: (N, 8 tokens, 8 features)
+        h = torch.relu(self.embed(x))
+        h = torch.relu(self.up(h))
+        h = torch.relu(self.down(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("scheme,options", [("apot", {"wbits": 4, "abits": 8}), ("apot", {"bits": 6}),
+                                            ("pot", {"wbits": 4, "abits": 4})], ids=["apot-w4a8", "apot6", "pot4"])
+def test_a_float_matmul_with_quantized_weights_stays_float_in_onnxruntime(scheme, options, tmp_path):
+    """APoT/PoT activations wider than 8-bit codes keep these layers on float kernels. onnxruntime's
+    DQMatMulToMatMulNBits fusion made each MatMul a MatMulNBits that rounds its float input to int8 on the fly
+    (12% of codes differed from the simulation on a small transformer); the emitted file reads the weight as
+    [1, K, N], which that fusion does not take, and computes the same products."""
+    model = seeded(TokenMLP(), 3, 0.3).eval()
+    x = torch.randn(48, 8, 8, generator=torch.Generator().manual_seed(5))
+    result = qcompile.compile(model, x[:1], scheme=scheme, calib=x, **options)
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["code_mismatch"] <= 1e-3, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "MatMulNBits" not in ops
+    assert "MatMul" in ops  # the float layers are there, as float MatMuls
+
+
 class PaddedConvs(nn.Module):
     """Convs whose padding is not the symmetric zero padding of ONNX Conv."""
 
