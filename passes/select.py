@@ -181,8 +181,10 @@ def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
         globs = [globs]
     out = []
     for item in globs:
-        for part in str(item).split(","):
-            part = part.strip()
+        parts = [p.strip() for p in str(item).split(",")]
+        if not any(parts):
+            raise UserError("--exclude needs a layer name or glob, e.g. --exclude 'layer4.*' (got an empty value)")
+        for part in parts:
             if part:
                 pattern, kind = parse_pattern(part)
                 out.append(Override(pattern, kind, {"action": "float"}, source="--exclude"))
@@ -192,8 +194,11 @@ def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
 def load_overrides(path: str | os.PathLike) -> list[Override]:
     """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file mapping pattern -> changes, in file order."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"config file {path!r} is a directory; give the .toml or .yaml file inside it")
     if not os.path.isfile(path):
-        raise UserError(f"config file {path!r} does not exist")
+        raise UserError(f"config file {path!r} does not exist; give the path of a .toml or .yaml file of per-layer "
+                        "settings")
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".toml":
@@ -212,7 +217,10 @@ def load_overrides(path: str | os.PathLike) -> list[Override]:
         raise
     except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot parse config file {path!r}: {first}") from None
+        mark = getattr(exc, "problem_mark", None)  # yaml: where the parser stopped (tomllib says it in its message)
+        if mark is not None:
+            first = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or first}"
+        raise UserError(f"cannot parse config file {path!r}: {first}; fix the syntax there") from None
     if data is None:
         return []
     if not isinstance(data, dict):
@@ -381,8 +389,12 @@ class SelectLayers(Pass):
                 if ov.matches(name, type_name):
                     decision[n] = ov.apply(decision[n])
                     matched[id(ov)] += 1
+        names = [_layer_name_and_type(gm, n)[0] for n in nodes]
         for ov in self.overrides:
             if not matched[id(ov)]:
+                if ov.source == "--exclude":  # named on the command line for this model: a typo, most likely
+                    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+                    raise UserError(f"--exclude '{ov.label}' matched no layer; the layers are {shown or 'none'}")
                 self.report.append(f"{ov.where} '{ov.label}' matched no layer")
         return decision
 

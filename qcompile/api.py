@@ -84,6 +84,28 @@ def model_input_count(model: nn.Module) -> int:
     return max(1, len(required))
 
 
+def model_input_names(model: nn.Module) -> Optional[list[str]]:
+    """The names of the positional inputs ``model.forward`` accepts (with or without defaults); None when it takes
+    ``*args`` or its signature cannot be read."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def check_input_count(model: nn.Module, given: int, source: str) -> None:
+    """More inputs than ``forward`` takes: one line naming them (instead of a TypeError from tracing)."""
+    names = model_input_names(model)
+    if names is not None and given > len(names):
+        raise UserError(f"the model's forward takes {len(names)} input(s) ({', '.join(names) or 'none'}) but {given} "
+                        f"were given ({source}); give one array (or --input-shape) per input")
+
+
 def check_calibration_data(calib_x, example_inputs: tuple) -> None:
     """Calibration inputs must be finite and have, sample for sample, the shape of the example inputs the model is
     traced (and the file exported) with: one-line errors here instead of a failing pass later."""
@@ -94,6 +116,9 @@ def check_calibration_data(calib_x, example_inputs: tuple) -> None:
             bad = int((~torch.isfinite(c)).sum())
             if bad:
                 raise UserError(f"{which}calibration data holds {bad} NaN or inf value(s); give finite inputs (--calib)")
+            if c.numel() > 1 and bool(c.min() == c.max()):
+                raise UserError(f"{which}calibration data is constant (every value is {float(c.min()):g}); activation "
+                                "ranges are set from it: give real model inputs (--calib)")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
             raise UserError(f"{which}calibration data has samples of shape {tuple(c.shape[1:])} but the example input "
                             f"is {tuple(e.shape[1:])} per sample; make --calib and --input-shape agree (or drop "
@@ -184,6 +209,10 @@ def compile(
     from qcompile.qat.convert import CONVERTED_KEY
 
     trained = isinstance(getattr(model, "meta", None), dict) and CONVERTED_KEY in model.meta
+    if example_inputs is not None:
+        check_input_count(model, len(as_input_tuple(example_inputs)), "example inputs: --input-shape or --calib arrays")
+    elif isinstance(calib, tuple) and calib and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):
+        check_input_count(model, len(calib), "calibration arrays")
     n_inputs = len(as_input_tuple(example_inputs)) if example_inputs is not None else model_input_count(model)
     calib_x = calib_data(calib, n_inputs)
     if example_inputs is None:

@@ -34,6 +34,41 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message}; see {self.prog} --help")
 
 
+def _finite(text: str) -> float:
+    """A float option value that must be a number (not nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value:
+        raise argparse.ArgumentTypeError("nan is not a threshold; give a number")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _finite(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a fraction; give a value in [0, 1], e.g. 0.99")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative; give a value >= 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive count; give 1 or more")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", metavar="PKG.MOD:FACTORY", help="factory that builds the architecture of a state-dict file")
     p.add_argument("--trust-pickle", action="store_true",
@@ -92,8 +127,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "machine runs U8S8 exactly, else s8-safe)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
-    e.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
-    e.add_argument("--min-top1", type=float, metavar="FRACTION", help="fail (exit 1) if top-1 agreement is below FRACTION")
+    e.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
+    e.add_argument("--min-top1", type=_fraction, metavar="FRACTION",
+                   help="fail (exit 1) if top-1 agreement is below FRACTION (0..1)")
     e.add_argument("--json", metavar="FILE", help="also write the compile summary as JSON")
     return p
 
@@ -107,20 +143,25 @@ def _validate_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz); also the calibration data "
                    "used to rebuild the simulation of a quantized file")
-    p.add_argument("--samples", type=int, default=16, help="random inputs when no --data is given (default 16)")
-    p.add_argument("--min-sqnr", type=float, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
-    p.add_argument("--max-abs", type=float, help="fail (exit 1) if max abs error exceeds this")
-    p.add_argument("--min-top1", type=float, metavar="FRACTION", help="fail (exit 1) if top-1 agreement is below FRACTION")
+    p.add_argument("--samples", type=_positive_int, default=16,
+                   help="random inputs when no --data is given (default 16); a quantized file needs --data, the "
+                        "calibration inputs it was compiled with, to rebuild its simulation")
+    p.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
+    p.add_argument("--max-abs", type=_non_negative, help="fail (exit 1) if max abs error exceeds this")
+    p.add_argument("--min-top1", type=_fraction, metavar="FRACTION",
+                   help="fail (exit 1) if top-1 agreement is below FRACTION (0..1)")
     return p
 
 
 def _demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile demo", description="Compile the bundled digits CNN (trained on scikit-learn's real "
                 "handwritten digits), run it in onnxruntime and print test accuracy before and after.")
-    p.add_argument("--scheme", default="apot")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--emit", default="standard")
-    p.add_argument("-o", "--output", default="digits_demo.onnx", metavar="OUT.onnx")
+    p.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
+    p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
+    p.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
+                   help="ONNX form, as for qcompile MODEL (default standard)")
+    p.add_argument("-o", "--output", default="digits_demo.onnx", metavar="OUT.onnx",
+                   help="output file (default digits_demo.onnx)")
     return p
 
 
@@ -206,14 +247,31 @@ def cmd_compile(argv) -> int:
     from .frontend import load_model
 
     bits = args.bits
+    if args.output is not None and not args.output.strip():
+        raise UserError("-o is empty; give a file name such as model.onnx (or leave -o out for the default name)")
     output = args.output or _default_output(args.model, args.scheme, bits)
     from .export import check_output_path
     from .options import CompileOptions
 
+
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
+    if args.scheme == "fp32":
+        given = [flag for flag, value in (("--wbits", args.wbits), ("--abits", args.abits), ("--wscheme", args.wscheme),
+                                          ("--ascheme", args.ascheme)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)} cannot apply to --scheme fp32 (nothing is quantized); drop "
+                            f"{'them' if len(given) > 1 else 'it'} or choose a quantized --scheme")
     check_output_path(output)
+    _check_not_an_input(args, output, "-o")
+    if args.json is not None:
+        if not args.json.strip():
+            raise UserError("--json is empty; give a file name such as summary.json")
+        check_output_path(args.json, what="--json", example="summary.json")
+        _check_not_an_input(args, args.json, "--json")
+        if _same_file(args.json, output):
+            raise UserError(f"--json and -o name the same file {output!r}; give the summary another name")
     calib = load_array_file(args.calib, several=True) if args.calib else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
     example = _example_inputs(args, calib)
@@ -241,11 +299,30 @@ def cmd_compile(argv) -> int:
     )
     _print_summary(result)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(summary_dict(result), fh, indent=2)
+        from .export import write_text_atomic
+
+        write_text_atomic(json.dumps(summary_dict(result), indent=2), args.json)
     if result.report is not None and not result.report.passed:
         raise ValidationFailed(result.report.summary())
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def _check_not_an_input(args, path: str, flag: str) -> None:
+    """Refuse an output path that names one of the run's input files (it would be overwritten)."""
+    inputs = [("the model file", args.model), ("the --calib file", args.calib), ("the --config file", args.config)]
+    for what, given in inputs:
+        if given and os.path.exists(given) and _same_file(path, given):
+            raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")
 
 
 def summary_dict(result) -> dict:
@@ -316,13 +393,29 @@ def main(argv=None) -> int:
         print("qcompile: interrupted; no output written", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
-        if debug:
-            traceback.print_exc()
-        else:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            print(f"qcompile: internal error: {type(exc).__name__}: {first} (set QCOMPILE_DEBUG=1 for the traceback "
-                  "and report it)", file=sys.stderr)
-        return 3
+        if _out_of_memory(exc):
+            print("qcompile: error: out of memory; use a smaller --input-shape, fewer --calib samples or a smaller "
+                  "model (no output written)", file=sys.stderr)
+            return UserError.exit_code
+        return _internal_error(exc, debug)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A MemoryError, or torch's allocation failure (a RuntimeError, possibly wrapped by a pass)."""
+    if isinstance(exc, MemoryError) or isinstance(getattr(exc, "__cause__", None), MemoryError):
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "not enough memory" in text or "DefaultCPUAllocator" in text
+
+
+def _internal_error(exc: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"qcompile: internal error: {type(exc).__name__}: {first} (set QCOMPILE_DEBUG=1 for the traceback "
+              "and report it)", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

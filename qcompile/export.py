@@ -26,16 +26,22 @@ from .errors import UserError
 DEFAULT_OPSET = 20  # the TorchScript exporter's newest; emission raises quantized files to 21 (INT4/UINT4)
 
 
-def check_output_path(path: str) -> str:
+def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") -> str:
     """Fail early, before any work, when ``path`` cannot be written."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
-        raise UserError(f"output path {path!r} is a directory; give a file name such as model.onnx")
+        raise UserError(f"output path {path!r} is a directory; give a file name such as {example}")
     if not os.path.isdir(folder):
-        raise UserError(f"output folder {folder!r} does not exist; create it or choose another -o path")
+        raise UserError(f"output folder {folder!r} does not exist; create it or choose another {what} path")
     if not os.access(folder, os.W_OK):
-        raise UserError(f"output folder {folder!r} is not writable; choose another -o path")
+        raise UserError(f"output folder {folder!r} is not writable; choose another {what} path")
+    try:  # access() can say yes where creating a file fails (/proc, a read-only mount seen by root)
+        fd, probe = tempfile.mkstemp(prefix=".qcompile-", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder!r} ({exc.strerror or exc}); choose another {what} path") from None
     return path
 
 
@@ -148,20 +154,43 @@ def check_model(model: onnx.ModelProto) -> None:
 
 def save_atomic(model: onnx.ModelProto, path: str) -> str:
     """Serialize ``model`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = check_output_path(path)
+    return _write_atomic(model.SerializeToString(), path, ".onnx.tmp", "-o")
+
+
+def write_text_atomic(text: str, path: str, what: str = "--json") -> str:
+    """Write ``text`` (UTF-8) to ``path`` the same way: whole or not at all."""
+    return _write_atomic(text.encode("utf-8"), path, ".tmp", what)
+
+
+def _write_atomic(data: bytes, path: str, suffix: str, what: str) -> str:
+    path = check_output_path(path, what)
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".qcompile-", suffix=".onnx.tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qcompile-", suffix=suffix, dir=folder)
+    except OSError as exc:  # e.g. a folder that says writable but is not (/proc, a read-only mount)
+        raise UserError(f"cannot write in {folder!r} ({exc.strerror or exc}); choose another {what} path") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(model.SerializeToString())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the permissions of a plain open(): mkstemp's are 0600
         os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UserError(f"cannot write {path!r} ({exc.strerror or exc}); choose another {what} path") from None
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def set_opset(model: onnx.ModelProto, version: int) -> None:

@@ -78,7 +78,8 @@ def _call_factory(spec: str) -> nn.Module:
     except Exception as exc:
         raise UserError(f"factory {spec!r} raised {type(exc).__name__}: {exc}; it must build the model with no arguments") from None
     if not isinstance(model, nn.Module):
-        raise UserError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise UserError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; make it return "
+                        "the model (an nn.Module instance)")
     return model
 
 
@@ -160,10 +161,11 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        missing, unexpected = _key_mismatch(model.state_dict(), state)
+        missing, unexpected, shapes = _key_mismatch(model.state_dict(), state)
         detail = "; ".join(x for x in (
             f"missing {missing}" if missing else "",
             f"unexpected {unexpected}" if unexpected else "",
+            f"other shapes: {shapes} (file vs --arch)" if shapes else "",
         ) if x) or _first_line(exc)
         raise UserError(f"state dict in {source!r} does not fit --arch {arch} ({detail}); pass the factory that built it") from None
     return model.eval()
@@ -197,8 +199,8 @@ def _key_mismatch(expected: dict, got: dict, limit: int = 3):
     m = fmt(missing) if missing else ""
     u = fmt(unexpected) if unexpected else ""
     if shape and not missing and not unexpected:
-        m = "shape mismatch in " + fmt(shape)
-    return m, u
+        return "", "", fmt([f"{k} {tuple(got[k].shape)} vs {tuple(expected[k].shape)}" for k in shape])
+    return m, u, ""
 
 
 def _first_line(exc: BaseException) -> str:

@@ -25,6 +25,25 @@ def _input_shape_from_onnx(model: onnx.ModelProto) -> tuple[int, ...] | None:
     return tuple(shape) if shape else None
 
 
+def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: torch.Tensor, path: str, given: str) -> None:
+    """The inputs must have the rank and every fixed dimension of the file's (one) graph input: a one-line error
+    naming both shapes, not onnxruntime's INVALID_ARGUMENT from deep inside validation."""
+    init = {t.name for t in onnx_model.graph.initializer}
+    graph_inputs = [i for i in onnx_model.graph.input if i.name not in init]
+    if len(graph_inputs) != 1:
+        raise UserError(f"{path!r} has {len(graph_inputs)} inputs; qcompile validate runs files with one (validate a "
+                        "model with several from Python: qcompile.runtime.validation)")
+    dims = graph_inputs[0].type.tensor_type.shape.dim
+    want = tuple(d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims)
+    got = tuple(inputs.shape)
+    fits = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
+    if not fits:
+        shown = "(" + ", ".join(str(w) for w in want) + ")"
+        raise UserError(f"{given} has shape {got} but {path!r} takes input {graph_inputs[0].name!r} of shape {shown}; "
+                        "give inputs of that shape (for a quantized file, the calibration inputs it was compiled "
+                        "with)")
+
+
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
@@ -49,6 +68,7 @@ def validate_against(args):
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
         gen = torch.Generator().manual_seed(1)
         inputs = torch.randn((args.samples,) + tuple(shape[1:]), generator=gen)
+    _check_inputs_fit(onnx_model, inputs, args.onnx, "--data" if data is not None else "the random inputs")
     opts = _file_options(onnx_model)
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
     if not opts or opts.get("scheme") == "fp32":

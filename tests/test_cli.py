@@ -168,7 +168,7 @@ BAD_INPUTS = {
     "text-file": (["notes.txt", "--arch", SPEC], "not a PyTorch checkpoint"),
     "random-bytes": (["random.bin", "--arch", SPEC], "not a PyTorch checkpoint"),
     "wrong-keys": (["wrong_keys.pt", "--arch", SPEC], "does not fit --arch"),
-    "wrong-shapes": (["wrong_shapes.pt", "--arch", SPEC], "shape mismatch in fc.weight"),
+    "wrong-shapes": (["wrong_shapes.pt", "--arch", SPEC], "other shapes: fc.weight (7, 24) vs (4, 24)"),
     "state-dict-without-arch": (["weights.pt"], "--arch package.module:factory"),
     "pickle-without-trust": (["full.pt"], "--trust-pickle"),
     "unknown-module": (["qc_no_such_module:f"], "cannot import module"),
@@ -186,6 +186,19 @@ BAD_INPUTS = {
     "output-missing-folder": ([SPEC, "-o", "no_such_dir/out.onnx"], "does not exist"),
     "unknown-leaf": ([SPEC, "--leaf-module", "nope"], "names no submodule"),
     "unknown-option": ([SPEC, "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # paths that would overwrite an input or cannot be written; options that cannot apply; thresholds out of range
+    "output-is-the-model": (["weights.pt", "--arch", SPEC, "-o", "weights.pt"], "is the model file"),
+    "output-empty": ([SPEC, "-o", ""], "-o is empty"),
+    "json-is-the-output": ([SPEC, "--json", "out.onnx"], "--json and -o name the same file"),
+    "json-missing-folder": ([SPEC, "--json", "no_such_dir/s.json"], "choose another --json path"),
+    "fp32-with-wbits": ([SPEC, "--wbits", "4"], "--wbits cannot apply to --scheme fp32"),
+    "min-top1-above-1": ([SPEC, "--min-top1", "2"], "2 is not a fraction"),
+    "min-sqnr-nan": ([SPEC, "--min-sqnr", "nan"], "nan is not a threshold"),
+    "two-shapes-for-one-input": ([SPEC, "--input-shape", SHAPE, "--input-shape", SHAPE],
+                                 "the model's forward takes 1 input(s) (x) but 2 were given"),
+    "exclude-matches-nothing": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", "nosuch"],
+                                "--exclude 'nosuch' matched no layer; the layers are conv, fc"),
+    "exclude-empty": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", ""], "--exclude needs a layer name"),
 }
 
 
@@ -469,14 +482,18 @@ def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
     ("nan", "calibration data holds 2 NaN or inf value(s)"),
     ("shape", "calibration data has samples of shape (3, 4, 4) but the example input is (3, 8, 8) per sample"),
     ("channels", "the model does not run on inputs of shape [(1, 5, 8, 8) float32]"),
+    ("constant", "calibration data is constant (every value is 0)"),
 ])
 def test_bad_calibration_data_is_a_one_line_error_and_writes_nothing(work, capsys, case, needle):
     """NaN in the data, samples of another shape than --input-shape, data the model cannot take: one line, exit 2,
     no file (these were an internal error from a pass, or told to fix --input-shape when --calib was at fault)."""
     data = np.random.default_rng(2).standard_normal({"nan": (6, 3, 8, 8), "shape": (6, 3, 4, 4),
-                                                     "channels": (6, 5, 8, 8)}[case]).astype(np.float32)
+                                                     "channels": (6, 5, 8, 8), "constant": (6, 3, 8, 8)}[case]
+                                                    ).astype(np.float32)
     if case == "nan":
         data[0, 0, 0, :2] = np.nan
+    if case == "constant":  # e.g. an all-black image set: no range to calibrate from
+        data[:] = 0.0
     np.save(work / "bad.npy", data)
     args = ["weights.pt", "--arch", SPEC, "--calib", "bad.npy", "--scheme", "uniform", "--bits", "8", "-o", "q.onnx"]
     if case == "shape":
@@ -486,3 +503,36 @@ def test_bad_calibration_data_is_a_one_line_error_and_writes_nothing(work, capsy
     if case == "channels":
         assert "--calib" in err
     assert onnx_files(work) == []
+
+
+def test_the_model_and_calibration_files_are_never_overwritten(work, capsys):
+    """-o or --json naming an input file: refused before any work, the input unchanged."""
+    np.save(work / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    before = {name: (work / name).read_bytes() for name in ("weights.pt", "calib.npy")}
+    for args in (["-o", "calib.npy"], ["-o", "q.onnx", "--json", "calib.npy"], ["-o", "q.onnx", "--json", "weights.pt"]):
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", "uniform",
+                           "--bits", "8", *args)
+        assert_user_error(rc, err, "writing there would overwrite it")
+    assert {name: (work / name).read_bytes() for name in before} == before
+    assert onnx_files(work) == []
+
+
+def test_json_summary_is_written_whole_next_to_the_file(work, capsys):
+    rc, out, err = cli(capsys, SPEC, *FP32_OUT, "--json", "summary.json")
+    assert rc == 0, err
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["onnx_path"].endswith("out.onnx") and summary["validation"]["passed"]
+    assert not [f for f in os.listdir(work) if f.endswith(".tmp")]
+
+
+def test_validate_checks_its_arguments_and_the_data_shape(work, capsys):
+    rc, out, err = cli(capsys, SPEC, *FP32_OUT)
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--samples", "0")
+    assert_user_error(rc, err, "0 is not a positive count")
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--max-abs", "-1")
+    assert_user_error(rc, err, "-1 is negative")
+    np.save(work / "wide.npy", np.zeros((4, 3, 9, 9), np.float32))
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "wide.npy")
+    assert_user_error(rc, err, "--data has shape (4, 3, 9, 9) but 'out.onnx' takes input 'input' of shape "
+                               "(batch, 3, 8, 8)")

@@ -136,15 +136,31 @@ def test_failed_serialization_leaves_no_file(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()], ids=["oserror", "interrupt"])
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()],
+                         ids=["oserror", "interrupt"])
 def test_interrupted_rename_leaves_no_file_and_no_temp(tmp_path, monkeypatch, error):
+    """An OS error while writing becomes a one-line UserError naming the path and the fix; an interrupt stays
+    itself. Either way nothing is left behind."""
     def failing_replace(src, dst):
         raise error
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(type(error)):
+    expected = UserError if isinstance(error, OSError) else type(error)
+    with pytest.raises(expected) as err:
         save_atomic(small_onnx(), str(tmp_path / "m.onnx"))
+    if expected is UserError:
+        assert "No space left on device" in str(err.value) and "choose another -o path" in str(err.value)
     assert leftovers(tmp_path) == []
+
+
+def test_saved_files_get_the_permissions_of_a_plain_open(tmp_path):
+    """mkstemp's temporary file is 0600; the written file gets 0666 minus the umask, as open() would give it."""
+    mask = os.umask(0o022)
+    try:
+        path = save_atomic(small_onnx(), str(tmp_path / "m.onnx"))
+    finally:
+        os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -191,6 +191,22 @@ def test_load_overrides_errors(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_overrides(empty) == []
+    bad_yaml = tmp_path / "flow.yaml"
+    bad_yaml.write_text("fc: {bits: 8}\nconv*: [bits: 4, scheme: apot\n")
+    with pytest.raises(UserError, match=r"cannot parse config file .* line 3, column 1: .*fix the syntax there"):
+        load_overrides(bad_yaml)
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(UserError, match="is a directory; give the .toml or .yaml file inside it"):
+        load_overrides(tmp_path / "configs")
+
+
+def test_an_exclude_that_matches_no_layer_is_an_error_naming_the_layers():
+    """A typo in --exclude used to compile the layer quantized with only a report line; a config file's pattern
+    (often shared between models) still only reports."""
+    with pytest.raises(UserError, match=r"--exclude 'layer9\*' matched no layer; the layers are conv1, "):
+        select(ResidualCNN(), default=DEFAULT, overrides=parse_exclude(["layer9*"]))
+    with pytest.raises(UserError, match="--exclude needs a layer name or glob"):
+        parse_exclude([" , "])
 
 
 def test_unchanged_and_idempotent():
