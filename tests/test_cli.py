@@ -536,3 +536,16 @@ def test_validate_checks_its_arguments_and_the_data_shape(work, capsys):
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "wide.npy")
     assert_user_error(rc, err, "--data has shape (4, 3, 9, 9) but 'out.onnx' takes input 'input' of shape "
                                "(batch, 3, 8, 8)")
+
+
+@pytest.mark.parametrize("argv0,torch_first,expected", [
+    ("/usr/local/bin/qcompile", False, "PASSIVE"),   # the command: waiting OpenMP threads sleep
+    ("/usr/local/bin/qcompile", True, None),         # torch already loaded its OpenMP runtime: left alone
+    ("train.py", False, None),                       # a program importing qcompile keeps its own policy
+], ids=["command", "torch-first", "library"])
+def test_the_command_makes_waiting_openmp_threads_sleep(argv0, torch_first, expected):
+    code = (f"import sys; sys.argv = [{argv0!r}]\n" + ("import torch\n" if torch_first else "")
+            + "import os, qcompile; print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == str(expected)
