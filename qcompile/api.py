@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from typing import Callable, Optional
 
@@ -69,6 +70,22 @@ def calib_tensor(calib) -> Optional[torch.Tensor]:
     if not parts:
         raise UserError("the calibration data is empty; give at least one batch")
     return torch.cat(parts)
+
+
+CALIBRATION_KEY = "qcompile.calibration"
+
+
+def calibration_fingerprint(calib_x) -> str:
+    """SHA-256 (first 16 hex digits) of the calibration inputs as the passes saw them: dtype, shape and bytes of
+    each part. ``qcompile validate`` rebuilds the simulation by calibrating on its ``--data``, so it compares."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in calib_x if isinstance(calib_x, tuple) else (calib_x,):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def model_input_count(model: nn.Module) -> int:
@@ -247,6 +264,10 @@ def compile(
         cost = cost_report(onnx_model)
         summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
+    if opts.quantized and calib_x is not None:
+        first = calib_x[0] if isinstance(calib_x, tuple) else calib_x
+        onnx_model.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(
+            {"samples": int(first.shape[0]), "sha256": calibration_fingerprint(calib_x)}, separators=(",", ":")))
     export_mod.check_model(onnx_model)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
 

@@ -19,6 +19,18 @@ def _file_options(model: onnx.ModelProto) -> dict | None:
     return None
 
 
+def _calibration_record(model: onnx.ModelProto) -> dict | None:
+    from .api import CALIBRATION_KEY
+
+    for prop in model.metadata_props:
+        if prop.key == CALIBRATION_KEY:
+            try:
+                return json.loads(prop.value)
+            except ValueError:
+                return None
+    return None
+
+
 def _input_shape_from_onnx(model: onnx.ModelProto) -> tuple[int, ...] | None:
     dims = model.graph.input[0].type.tensor_type.shape.dim
     shape = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
@@ -75,6 +87,15 @@ def validate_against(args):
         return rv.validate(args.onnx, model.eval(), inputs, **thresholds)
     # A quantized file: rebuild its simulation with the options recorded in the file.
     from .api import compile as qcompile_compile
+
+    recorded = _calibration_record(onnx_model)
+    if data is not None and recorded is not None:
+        from .api import calibration_fingerprint
+
+        if calibration_fingerprint(inputs.float() if inputs.is_floating_point() else inputs) != recorded.get("sha256"):
+            raise UserError(f"--data is not the calibration data {args.onnx!r} was compiled with ({recorded.get('samples')} "
+                            "samples); validate rebuilds the simulation by calibrating on --data, so pass those "
+                            "inputs (the --calib file of the compile)")
 
     opts = dict(opts)
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)

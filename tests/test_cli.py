@@ -549,3 +549,20 @@ def test_the_command_makes_waiting_openmp_threads_sleep(argv0, torch_first, expe
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == str(expected)
+
+
+def test_validate_of_a_quantized_file_needs_its_calibration_data(work, capsys):
+    """validate rebuilds the simulation by calibrating on --data: other inputs (held-out images) made a wrong
+    reference and a FAIL on thousands of codes. The file records a fingerprint of its calibration data."""
+    rng = np.random.default_rng(3)
+    np.save(work / "calib8.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    np.save(work / "heldout.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "uniform",
+                       "--bits", "8", "-o", "q.onnx")
+    assert rc == 0, err
+    record = {p.key: p.value for p in onnx.load(work / "q.onnx").metadata_props}["qcompile.calibration"]
+    assert json.loads(record)["samples"] == 8
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib8.npy")
+    assert rc == 0 and "PASS" in out, err
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "heldout.npy")
+    assert_user_error(rc, err, "--data is not the calibration data 'q.onnx' was compiled with (8 samples)")
