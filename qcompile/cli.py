@@ -253,7 +253,6 @@ def cmd_compile(argv) -> int:
     from .export import check_output_path
     from .options import CompileOptions
 
-
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
@@ -395,7 +394,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
         if _out_of_memory(exc):
             print("qcompile: error: out of memory; use a smaller --input-shape, fewer --calib samples or a smaller "
-                  "model (no output written)", file=sys.stderr)
+                  "model", file=sys.stderr)
             return UserError.exit_code
         return _internal_error(exc, debug)
 
