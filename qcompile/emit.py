@@ -487,11 +487,14 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         return detach_probes(compact_tensor_names(shield_float_layers(
             emit_custom(model, table, u8_weights=opts.int8_weights == "u8"))))
     u8 = opts.int8_weights == "u8"
-    model = compact_tensor_names(emit_standard(model, table, u8_weights=u8))
+    model = emit_standard(model, table, u8_weights=u8)
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
         from .lowering import lower_shift_add
 
-        model = lower_shift_add(model, check=opts.check)
+        # the float MatMuls it leaves (layers it does not lower) shielded after it: it reads the plain form
+        model = shield_float_matmuls(lower_shift_add(compact_tensor_names(model), check=opts.check))
+    else:
+        model = compact_tensor_names(shield_float_matmuls(model))
     return detach_probes(model)
 
 
@@ -537,7 +540,7 @@ def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
     model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
-    return shield_float_matmuls(shield_float_layers(pad_codes(model)))
+    return shield_float_layers(pad_codes(model))  # emit() then applies shield_float_matmuls
 
 
 _EIGHT_BIT = (TensorProto.UINT8, TensorProto.INT8)

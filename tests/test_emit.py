@@ -463,6 +463,20 @@ def test_a_float_matmul_with_quantized_weights_stays_float_in_onnxruntime(scheme
     assert "MatMul" in ops  # the float layers are there, as float MatMuls
 
 
+def test_the_matmul_shield_leaves_the_shift_add_lowering_its_layers(tmp_path):
+    """The shift-add lowering reads the plain DequantizeLinear -> MatMul form: the shield runs after it, on the
+    float MatMuls it leaves, so the APoT layers are still lowered to integer matmuls and shifts."""
+    model = seeded(TokenMLP(), 3, 0.3).eval()
+    x = torch.randn(48, 8, 8, generator=torch.Generator().manual_seed(5))
+    result = qcompile.compile(model, x[:1], scheme="apot", wbits=4, abits=8, calib=x, emit="shift-add")
+    assert result.report.passed, result.report.failures
+    ops = [n.op_type for n in result.onnx_model.graph.node]
+    assert ops.count("MatMulInteger") >= 2 and "BitShift" in ops
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    assert "MatMulNBits" not in [n.op_type for n in onnx.load(path).graph.node]
+
+
 class PaddedConvs(nn.Module):
     """Convs whose padding is not the symmetric zero padding of ONNX Conv."""
 
