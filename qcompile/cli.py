@@ -241,6 +241,12 @@ def _print_timing(t) -> None:
     print(f"  {t.name:<22} {1000 * t.seconds:8.1f} ms  {flag}{extra}")
 
 
+# options that change nothing in an fp32 file (nothing is quantized); --bits has a default, so it is not listed
+_QUANT_ONLY = ("--wbits", "--abits", "--wscheme", "--ascheme", "--per-tensor", "--calib-method", "--symmetric-levels",
+               "--float-levels", "--no-bias-correction", "--no-int8-outputs", "--keep-first-last",
+               "--float-downsample", "--exclude", "--config", "--int8-weights")
+
+
 def cmd_compile(argv) -> int:
     args = _compile_parser().parse_args(argv)
     from .api import compile as qcompile_compile
@@ -257,8 +263,9 @@ def cmd_compile(argv) -> int:
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
     if args.scheme == "fp32":
-        given = [flag for flag, value in (("--wbits", args.wbits), ("--abits", args.abits), ("--wscheme", args.wscheme),
-                                          ("--ascheme", args.ascheme)) if value is not None]
+        given = [flag for flag in _QUANT_ONLY if any(a == flag or a.startswith(flag + "=") for a in argv)]
+        if args.emit != "standard":
+            given.append(f"--emit {args.emit}")
         if given:
             raise UserError(f"{', '.join(given)} cannot apply to --scheme fp32 (nothing is quantized); drop "
                             f"{'them' if len(given) > 1 else 'it'} or choose a quantized --scheme")
@@ -389,7 +396,7 @@ def main(argv=None) -> int:
         print(f"qcompile: validation failed: {exc}", file=sys.stderr)
         return ValidationFailed.exit_code
     except KeyboardInterrupt:
-        print("qcompile: interrupted; no output written", file=sys.stderr)
+        print("qcompile: interrupted (files are written whole or not at all)", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
         if _out_of_memory(exc):

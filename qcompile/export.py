@@ -29,9 +29,16 @@ DEFAULT_OPSET = 20  # the TorchScript exporter's newest; emission raises quantiz
 def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") -> str:
     """Fail early, before any work, when ``path`` cannot be written."""
     path = os.path.abspath(path)
+    if os.path.islink(path):  # write the file the link names (the rename would replace the link itself)
+        path = os.path.realpath(path)
     folder = os.path.dirname(path)
     if os.path.isdir(path):
         raise UserError(f"output path {path!r} is a directory; give a file name such as {example}")
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a device, a fifo, a socket: the atomic rename would put a regular file in its place (as root, -o /dev/null
+        # replaced /dev/null)
+        raise UserError(f"output path {path!r} is a device, fifo or socket, not a regular file; give a file name such "
+                        f"as {example}")
     if not os.path.isdir(folder):
         raise UserError(f"output folder {folder!r} does not exist; create it or choose another {what} path")
     if not os.access(folder, os.W_OK):

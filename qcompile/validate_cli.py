@@ -51,9 +51,11 @@ def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: torch.Tensor, path: s
     fits = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
     if not fits:
         shown = "(" + ", ".join(str(w) for w in want) + ")"
-        raise UserError(f"{given} has shape {got} but {path!r} takes input {graph_inputs[0].name!r} of shape {shown}; "
-                        "give inputs of that shape (for a quantized file, the calibration inputs it was compiled "
-                        "with)")
+        fix = ("pass --samples with its batch size, or --data" if given.startswith("--samples") and len(want) == len(got)
+               and all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:])) else
+               "give inputs of that shape (for a quantized file, the calibration inputs it was compiled with)")
+        raise UserError(f"{given} gives shape {got} but {path!r} takes input {graph_inputs[0].name!r} of shape {shown}; "
+                        f"{fix}")
 
 
 def validate_against(args):
@@ -80,7 +82,7 @@ def validate_against(args):
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
         gen = torch.Generator().manual_seed(1)
         inputs = torch.randn((args.samples,) + tuple(shape[1:]), generator=gen)
-    _check_inputs_fit(onnx_model, inputs, args.onnx, "--data" if data is not None else "the random inputs")
+    _check_inputs_fit(onnx_model, inputs, args.onnx, "--data" if data is not None else f"--samples {args.samples}")
     opts = _file_options(onnx_model)
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
     if not opts or opts.get("scheme") == "fp32":

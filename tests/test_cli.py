@@ -261,7 +261,7 @@ def test_interrupted_write_leaves_no_file(work, capsys, monkeypatch):
     monkeypatch.setattr(os, "replace", interrupted)
     rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
     assert rc == 130
-    assert err == "qcompile: interrupted; no output written\n"
+    assert err == "qcompile: interrupted (files are written whole or not at all)\n"
     assert onnx_files(work) == [] and not any(f.startswith(".qcompile-") for f in os.listdir(work))
 
 
@@ -534,7 +534,7 @@ def test_validate_checks_its_arguments_and_the_data_shape(work, capsys):
     assert_user_error(rc, err, "-1 is negative")
     np.save(work / "wide.npy", np.zeros((4, 3, 9, 9), np.float32))
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "wide.npy")
-    assert_user_error(rc, err, "--data has shape (4, 3, 9, 9) but 'out.onnx' takes input 'input' of shape "
+    assert_user_error(rc, err, "--data gives shape (4, 3, 9, 9) but 'out.onnx' takes input 'input' of shape "
                                "(batch, 3, 8, 8)")
 
 
@@ -566,3 +566,24 @@ def test_validate_of_a_quantized_file_needs_its_calibration_data(work, capsys):
     assert rc == 0 and "PASS" in out, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "heldout.npy")
     assert_user_error(rc, err, "--data is not the calibration data 'q.onnx' was compiled with (8 samples)")
+
+
+def test_special_files_and_symlinks_as_output(work, capsys):
+    """A fifo (or a device) as -o/--json is refused: the atomic rename would replace it with a regular file (as root,
+    -o /dev/null replaced /dev/null). A symlink is written through: the file it names gets the model."""
+    os.mkfifo(work / "pipe")
+    for args in (["-o", "pipe"], ["-o", "out.onnx", "--json", "pipe"]):
+        rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", *args)
+        assert_user_error(rc, err, "is a device, fifo or socket, not a regular file")
+    assert (work / "pipe").is_fifo() and onnx_files(work) == []
+    (work / "models").mkdir()
+    os.symlink(work / "models" / "real.onnx", work / "link.onnx")  # dangling until written
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "link.onnx")
+    assert rc == 0, err
+    assert (work / "link.onnx").is_symlink() and onnx.load(work / "models" / "real.onnx").graph.node
+
+
+def test_quantization_options_with_fp32_are_refused(work, capsys):
+    for args in (["--emit", "custom"], ["--calib-method", "kl"], ["--keep-first-last", "quant"], ["--exclude", "fc"]):
+        rc, out, err = cli(capsys, SPEC, *FP32_OUT, *args)
+        assert_user_error(rc, err, "cannot apply to --scheme fp32")
