@@ -582,21 +582,24 @@ def shield_float_matmuls(model: onnx.ModelProto) -> onnx.ModelProto:
 
     axes = None
     out_nodes = []
+    widened: dict[str, str] = {}  # tensor -> its [1, ...] form, made once (tied weights, one input read twice)
+
+    def unsqueezed(name: str, suffix: str) -> str:
+        if name not in widened:
+            widened[name] = f"{name}/float/{suffix}"
+            out_nodes.append(helper.make_node("Unsqueeze", [name, axes], [widened[name]],
+                                              name=f"{widened[name]}/unsqueeze"))
+        return widened[name]
+
     for node in graph.node:
         if id(node) in candidates and not eight_bit_codes(node.input[0]) and rank(node.input[1]) == 2 \
                 and rank(node.input[0]) is not None:
             if axes is None:
                 axes = f"{node.input[1]}/float/axes0"
                 graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), axes))
-            wide = f"{node.input[1]}/float/w3d"
-            out_nodes.append(helper.make_node("Unsqueeze", [node.input[1], axes], [wide],
-                                              name=f"{node.name or wide}/float/unsqueeze"))
+            wide = unsqueezed(node.input[1], "w3d")
             squeeze = rank(node.input[0]) < 3
-            x = node.input[0]
-            if squeeze:
-                x = f"{node.input[0]}/float/x3d"
-                out_nodes.append(helper.make_node("Unsqueeze", [node.input[0], axes], [x],
-                                                  name=f"{node.name or x}/float/unsqueeze_x"))
+            x = unsqueezed(node.input[0], "x3d") if squeeze else node.input[0]
             out = node.output[0]
             node.input[:] = [x, wide]
             if squeeze:

@@ -463,6 +463,45 @@ def test_a_float_matmul_with_quantized_weights_stays_float_in_onnxruntime(scheme
     assert "MatMul" in ops  # the float layers are there, as float MatMuls
 
 
+def test_the_matmul_shield_widens_each_tensor_once_and_keeps_the_products(tmp_path):
+    """One DequantizeLinear weight read by two MatMuls (tied layers) and one 2-D input read by two: each is widened
+    once (one producer per tensor), the 2-D products squeezed back, and onnxruntime's optimized session computes
+    x @ W in float (no MatMulNBits)."""
+    from onnx import helper as oh
+    from onnx import numpy_helper
+
+    from qcompile.emit import shield_float_matmuls
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (16, 8)).astype(np.int8)
+    scale = (rng.random(8) * 0.01 + 0.001).astype(np.float32)
+    nodes = [oh.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=1),
+             oh.make_node("MatMul", ["x3", "wf"], ["y3a"]), oh.make_node("MatMul", ["x3", "wf"], ["y3b"]),
+             oh.make_node("MatMul", ["x2", "wf"], ["y2a"]), oh.make_node("MatMul", ["x2", "wf"], ["y2b"])]
+    graph = oh.make_graph(
+        nodes, "g",
+        [oh.make_tensor_value_info("x3", TensorProto.FLOAT, ["n", 4, 16]),
+         oh.make_tensor_value_info("x2", TensorProto.FLOAT, ["m", 16])],
+        [oh.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in
+         (("y3a", ["n", 4, 8]), ("y3b", ["n", 4, 8]), ("y2a", ["m", 8]), ("y2b", ["m", 8]))],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(scale, "s")])
+    model = shield_float_matmuls(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)]))
+    onnx.checker.check_model(model, full_check=True)
+    outputs = [o for n in model.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))
+    assert [n.op_type for n in model.graph.node].count("Unsqueeze") == 2  # the weight once, x2 once
+    path = str(tmp_path / "optimized.onnx")
+    sess = session(model.SerializeToString(), optimized_model_path=path)
+    assert "MatMulNBits" not in [n.op_type for n in onnx.load(path).graph.node]
+    x3 = rng.standard_normal((2, 4, 16)).astype(np.float32)
+    x2 = rng.standard_normal((3, 16)).astype(np.float32)
+    y3a, y3b, y2a, y2b = sess.run(None, {"x3": x3, "x2": x2})
+    wf = w.astype(np.float32) * scale
+    np.testing.assert_allclose(y3a, x3 @ wf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y2a, x2 @ wf, rtol=1e-5, atol=1e-6)
+    assert y2a.shape == (3, 8) and np.array_equal(y3a, y3b) and np.array_equal(y2a, y2b)
+
+
 def test_the_matmul_shield_leaves_the_shift_add_lowering_its_layers(tmp_path):
     """The shift-add lowering reads the plain DequantizeLinear -> MatMul form: the shield runs after it, on the
     float MatMuls it leaves, so the APoT layers are still lowered to integer matmuls and shifts."""
