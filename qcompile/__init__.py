@@ -25,13 +25,34 @@ if _running_the_command() and "torch" not in _sys.modules:
     # Only for the command: a program that imports qcompile keeps its own policy; a value the user set is kept.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .api import CompileResult, compile  # noqa: E402
 from .errors import UserError, ValidationFailed  # noqa: E402
-from .export import export_onnx, save_atomic  # noqa: E402
-from .frontend import load_model, trace  # noqa: E402
-from .options import CompileOptions  # noqa: E402
 
 __version__ = "0.3.0"
+
+# The rest loads torch, so it is imported on first use (PEP 562): `qcompile --help` answers without torch, and a
+# Ctrl-C while torch loads reaches the command's handler (one line) instead of printing an import traceback.
+_LAZY = {"compile": "api", "CompileResult": "api", "export_onnx": "export", "save_atomic": "export",
+         "load_model": "frontend", "trace": "frontend", "CompileOptions": "options"}
+_SUBMODULES = {"api", "cli", "cost", "demo", "emit", "emit_custom", "export", "frontend", "ir", "lowering", "models",
+               "pipeline", "quantize_pipeline",
+               "options", "qat", "qmodules", "quant", "summary", "traceable", "validate_cli", "passes", "runtime"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 __all__ = ["compile", "CompileResult", "CompileOptions", "trace", "load_model", "export_onnx", "save_atomic",
            "UserError", "ValidationFailed", "__version__"]

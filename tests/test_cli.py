@@ -587,3 +587,14 @@ def test_quantization_options_with_fp32_are_refused(work, capsys):
     for args in (["--emit", "custom"], ["--calib-method", "kl"], ["--keep-first-last", "quant"], ["--exclude", "fc"]):
         rc, out, err = cli(capsys, SPEC, *FP32_OUT, *args)
         assert_user_error(rc, err, "cannot apply to --scheme fp32")
+
+
+def test_help_answers_without_loading_torch():
+    """qcompile's package imports torch on first use: --help is fast, and a Ctrl-C while torch loads reaches the
+    command's one-line handler. The public names still import as before."""
+    code = ("import sys\nfrom qcompile.cli import main\nrc = main(['--help'])\nprint(rc, 'torch' in sys.modules)\n"
+            "import qcompile\nfrom qcompile import compile, CompileOptions, load_model\n"
+            "print(callable(compile), qcompile.runtime.session.__name__, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[-2] == "0 False" and lines[-1] == "True session True"
