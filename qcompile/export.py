@@ -61,6 +61,11 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     """Export ``gm`` to an in-memory ONNX model (nothing is written to disk). ``example_inputs``: one tensor per
     model input (a single tensor is the one input, not a sequence of its rows)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    from .fx_onnx import export_fx
+
+    fast = export_fx(gm, example_inputs, opset, dynamic_batch)  # common layers only; None: use torch.onnx.export
+    if fast is not None:
+        return fast
     in_names = input_names_for(len(example_inputs))
     n_out = _output_count(gm, example_inputs)
     out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]

@@ -1,0 +1,445 @@
+"""Direct fx -> ONNX export for graphs made only of common layers: the fast path of ``export.export_onnx``.
+
+``torch.onnx.export`` (TorchScript) re-traces the GraphModule through the JIT and runs its graph optimizer: about
+26 ms for the bundled digits CNN, a third of that model's whole compile. For a graph whose every node is one of
+the layers below, this module writes the ONNX graph the TorchScript exporter writes for it (same operators, same
+attributes, same initializer values, the ``qcompile::FakeQuant`` marker for every enabled quantizer, inputs and
+outputs named and batch-dynamic the same way) straight from the fx nodes, in about a millisecond. Any other node,
+or anything it cannot prove about a node (a shape it cannot derive, a dtype other than float32, a hook), makes
+:func:`export_fx` return ``None`` and the caller uses ``torch.onnx.export``: the fast path only narrows what runs,
+never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the same file.
+
+Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with numeric padding; Linear on 2-D
+inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip); MaxPool1d/2d/3d; adaptive average pooling to 1
+(GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor; ``a + b`` of two tensors of one shape; Identity,
+eval-mode Dropout; qcompile's FakeQuantize (marker or pass-through), Int8Add, IntegerOutput, Int8GlobalAvgPool.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from .qmodules import MARKER_DOMAIN, MARKER_OP, FakeQuantize, Int8Add, Int8GlobalAvgPool, IntegerOutput
+from . import qmodules
+
+ENV_SWITCH = "QCOMPILE_EXPORTER"  # "torchscript": always use torch.onnx.export (debugging, equivalence tests)
+IR_VERSION = 9  # what the TorchScript exporter of torch 2.13 writes at opset 20
+
+
+class Unsupported(Exception):
+    """A node the fast path does not write: the caller falls back to ``torch.onnx.export``."""
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "").strip().lower() not in ("torchscript", "jit")
+
+
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3,
+               qmodules.int8_conv1d: 1, qmodules.int8_conv2d: 2, qmodules.int8_conv3d: 3}
+_LINEAR_FUNCS = (F.linear, qmodules.int8_linear)
+_RELU_FUNCS = (F.relu, torch.relu)
+_ADD_FUNCS = (operator.add, torch.add)
+_FLATTEN_FUNCS = (torch.flatten,)
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_MAXPOOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_GAP_MODULES = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+
+
+def _tuple(v, n: int, what: str) -> list[int]:
+    if isinstance(v, int):
+        return [v] * n
+    if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+        return list(v)
+    raise Unsupported(f"{what} {v!r}")
+
+
+class _Value:
+    """An ONNX tensor name with its static shape (``None`` for the batch dimension)."""
+
+    __slots__ = ("name", "shape", "param")
+
+    def __init__(self, name: str, shape: list, param: str = ""):
+        self.name, self.shape = name, shape
+        self.param = param  # the parameter it is (or quantizes): names the layer that reads it
+
+
+class _Exporter:
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: tuple, opset: int, dynamic_batch: bool):
+        self.gm, self.example_inputs, self.opset, self.dynamic_batch = gm, example_inputs, opset, dynamic_batch
+        self.modules = dict(gm.named_modules())
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.values: dict[torch.fx.Node, object] = {}  # _Value, or a torch.Tensor for get_attr
+        self.used_names: dict[str, int] = {}
+        self.value_info: list[onnx.ValueInfoProto] = []
+        self.computed: dict[tuple, str] = {}  # (op, inputs, attributes) -> output, for common subexpressions
+
+    # -- naming: /<module>/Op (a module's qualified name, or the one that owns a functional layer's weight), then
+    # /<module>/Op_1, ... as the TorchScript exporter numbers repeats; output tensors <node name>_output_0
+    def _node_name(self, scope: str, op: str) -> str:
+        base = f"/{scope}/{op}" if scope else f"/{op}"
+        n = self.used_names.get(base, 0)
+        self.used_names[base] = n + 1
+        return base if n == 0 else f"{base}_{n}"
+
+    def _emit(self, op: str, inputs: list[str], shape: list, scope: str, domain: str = "", **attrs) -> _Value:
+        node = helper.make_node(op, inputs, [], domain=domain or None, **attrs)
+        # the same operator on the same inputs twice is computed once, as the TorchScript exporter's common
+        # subexpression elimination does (not the Constant nodes it writes after that pass, nor the markers)
+        key = None
+        if not domain and op != "Constant":
+            key = (op, tuple(inputs), tuple(a.SerializeToString() for a in node.attribute))
+            if key in self.computed:
+                return _Value(self.computed[key], shape)
+        node.name = self._node_name(scope, op)
+        node.output.append(f"{node.name}_output_0")
+        self.nodes.append(node)
+        if key is not None:
+            self.computed[key] = node.output[0]
+        return _Value(node.output[0], shape)
+
+    # -- operands ----------------------------------------------------------------------------------------------
+    def _tensor(self, arg) -> _Value:
+        if not isinstance(arg, torch.fx.Node) or arg not in self.values:
+            raise Unsupported(f"operand {arg!r}")
+        v = self.values[arg]
+        if isinstance(v, torch.Tensor):  # a parameter or buffer read by get_attr: an initializer
+            return self._initializer(arg.target, v)
+        return v
+
+    def _initializer(self, name: str, t: torch.Tensor) -> _Value:
+        if t.dtype != torch.float32:
+            raise Unsupported(f"{name}: {t.dtype}")
+        if name not in self.initializers:
+            self.initializers[name] = numpy_helper.from_array(t.detach().cpu().numpy(), name)
+        return _Value(name, [int(d) for d in t.shape], param=name)
+
+    # -- the graph ---------------------------------------------------------------------------------------------
+    def run(self) -> onnx.ModelProto:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(self.example_inputs):
+            raise Unsupported("inputs")
+        from .export import input_names_for
+
+        in_names = input_names_for(len(placeholders))
+        graph_inputs = []
+        for node, name, x in zip(placeholders, in_names, self.example_inputs):
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 1:
+                raise Unsupported("input dtype")
+            shape = [None if (i == 0 and self.dynamic_batch) else int(d) for i, d in enumerate(x.shape)]
+            self.values[node] = _Value(name, shape)
+            graph_inputs.append(_value_info(name, shape))
+        out_node = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                out_node = node
+                continue
+            if node.op == "get_attr":
+                self.values[node] = _attr(self.gm, node.target)
+                continue
+            handler = {"call_module": self._call_module, "call_function": self._call_function,
+                       "call_method": self._call_method}.get(node.op)
+            if handler is None:
+                raise Unsupported(node.op)
+            result = handler(node)
+            self._check_shape(node, result)
+            self.values[node] = result
+        return self._finish(out_node, graph_inputs)
+
+    def _check_shape(self, node: torch.fx.Node, v: _Value) -> None:
+        # where a shape propagation recorded the shape, it must be the one derived here (a cheap second opinion)
+        meta = node.meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if shape is not None and len(shape) == len(v.shape):
+            if any(a is not None and a != int(b) for a, b in zip(v.shape, shape)):
+                raise Unsupported(f"{node.name}: shape {v.shape} vs {list(shape)}")
+        elif shape is not None:
+            raise Unsupported(f"{node.name}: rank")
+
+    def _finish(self, out_node, graph_inputs) -> onnx.ModelProto:
+        out = out_node.args[0] if out_node is not None else None
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if not outs or not all(isinstance(n, torch.fx.Node) for n in outs) or len(set(outs)) != len(outs):
+            raise Unsupported("outputs")
+        out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+        producers = {o: n for n in self.nodes for o in n.output}
+        graph_outputs, seen = [], set()
+        for node, name in zip(outs, out_names):
+            v = self.values.get(node)
+            if not isinstance(v, _Value) or v.name not in producers or v.name in seen:
+                raise Unsupported("an output is an input, a constant or another output")  # TorchScript adds Identity
+            seen.add(v.name)
+            self._rename(v.name, name)
+            graph_outputs.append(_value_info(name, v.shape))
+        graph = helper.make_graph(self.nodes, "main_graph", graph_inputs, graph_outputs,
+                                  initializer=list(self.initializers.values()), value_info=self.value_info)
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(hasattr(m, "prepare_export") for m in self.gm.modules()):
+            opsets.append(helper.make_opsetid(MARKER_DOMAIN, 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="pytorch",
+                                  producer_version=torch.__version__.split("+")[0])
+        model.ir_version = IR_VERSION
+        return model
+
+    def _rename(self, old: str, new: str) -> None:
+        for n in self.nodes:
+            for i, o in enumerate(n.output):
+                if o == old:
+                    n.output[i] = new
+            for i, x in enumerate(n.input):
+                if x == old:
+                    n.input[i] = new
+        for v in self.value_info:
+            if v.name == old:
+                v.name = new
+
+    # -- call_module -------------------------------------------------------------------------------------------
+    def _call_module(self, node: torch.fx.Node) -> _Value:
+        mod = self.modules.get(node.target)
+        if mod is None or mod._forward_hooks or mod._forward_pre_hooks or node.kwargs:
+            raise Unsupported(f"module {node.target}")
+        scope = node.target
+        kind = type(mod)
+        if kind is FakeQuantize:
+            x = self._tensor(node.args[0])
+            if not mod.enabled:
+                return x
+            if mod.observer is not None or not mod.calibrated or mod.qid < 0 or not hasattr(mod, "frozen_params"):
+                raise Unsupported("quantizer not ready for export")
+            # the TorchScript exporter records the type of a custom op's output (shape inference cannot)
+            out = self._emit(MARKER_OP, [x.name], x.shape, scope, domain=MARKER_DOMAIN, qid=int(mod.qid))
+            self.value_info.append(_value_info(out.name, out.shape))
+            out.param = x.param
+            return out
+        if kind is IntegerOutput:
+            return self._tensor(node.args[0])
+        if kind is Int8Add:
+            return self._add(node.args[0], node.args[1], scope)
+        if kind is Int8GlobalAvgPool:
+            return self._global_pool(mod.pool, node.args[0], f"{scope}.pool")
+        if kind in (nn.Identity,) or (kind is nn.Dropout and not mod.training):
+            return self._tensor(node.args[0])
+        if kind is nn.ReLU:
+            x = self._tensor(node.args[0])
+            return self._emit("Relu", [x.name], x.shape, scope)
+        if kind is nn.LeakyReLU:
+            return self._leaky_relu(node.args[0], mod.negative_slope, scope)
+        if kind in (nn.ReLU6, nn.Hardtanh):
+            return self._clip(node.args[0], float(mod.min_val), float(mod.max_val), scope)
+        if kind in _CONV_MODULES:
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                raise Unsupported("conv padding")
+            w = self._initializer(f"{scope}.weight", mod.weight)
+            b = self._initializer(f"{scope}.bias", mod.bias) if mod.bias is not None else None
+            return self._conv(node.args[0], w, b, mod.stride, mod.padding, mod.dilation, mod.groups,
+                              _CONV_MODULES[kind], scope)
+        if kind is nn.Linear:
+            if mod.bias is None:
+                raise Unsupported("linear without bias")
+            return self._linear(node.args[0], self._initializer(f"{scope}.weight", mod.weight),
+                                self._initializer(f"{scope}.bias", mod.bias), scope)
+        if kind in _MAXPOOL_MODULES:
+            if mod.return_indices:
+                raise Unsupported("max pool indices")
+            return self._max_pool(node.args[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                  mod.ceil_mode, _MAXPOOL_MODULES[kind], scope)
+        if kind in _GAP_MODULES:
+            return self._global_pool(mod, node.args[0], scope)
+        if kind is nn.Flatten:
+            return self._flatten(node.args[0], mod.start_dim, mod.end_dim, scope)
+        raise Unsupported(f"module {kind.__name__}")
+
+    # -- call_function / call_method ---------------------------------------------------------------------------
+    def _call_function(self, node: torch.fx.Node) -> _Value:
+        fn, args, kwargs = node.target, node.args, dict(node.kwargs)
+        if fn in _CONV_FUNCS:
+            kwargs.pop("units", None)
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            a = dict(zip(names, args))
+            for k, v in kwargs.items():
+                if k not in names or k in a:
+                    raise Unsupported(f"conv argument {k}")
+                a[k] = v
+            w = self._tensor(a["weight"])
+            b = self._tensor(a["bias"]) if a.get("bias") is not None else None
+            n = _CONV_FUNCS[fn]
+            return self._conv(a["input"], w, b, a.get("stride", 1), a.get("padding", 0), a.get("dilation", 1),
+                              a.get("groups", 1), n, "")
+        if fn in _LINEAR_FUNCS:
+            kwargs.pop("units", None)
+            if kwargs or len(args) != 3 or args[2] is None:
+                raise Unsupported("linear arguments")
+            return self._linear(args[0], self._tensor(args[1]), self._tensor(args[2]), "")
+        if fn in _RELU_FUNCS:
+            kwargs.pop("inplace", None)
+            if kwargs or len(args) != 1:
+                raise Unsupported("relu arguments")
+            x = self._tensor(args[0])
+            return self._emit("Relu", [x.name], x.shape, "")
+        if fn is F.leaky_relu:
+            kwargs.pop("inplace", None)
+            slope = args[1] if len(args) > 1 else kwargs.pop("negative_slope", 0.01)
+            if kwargs or len(args) > 3 or not isinstance(slope, (int, float)):
+                raise Unsupported("leaky_relu arguments")
+            return self._leaky_relu(args[0], slope, "")
+        if fn is F.relu6:
+            kwargs.pop("inplace", None)
+            if kwargs or len(args) != 1:
+                raise Unsupported("relu6 arguments")
+            return self._clip(args[0], 0.0, 6.0, "")
+        if fn in _ADD_FUNCS:
+            if kwargs or len(args) != 2:
+                raise Unsupported("add arguments")
+            return self._add(args[0], args[1], "")
+        if fn in _FLATTEN_FUNCS:
+            start = args[1] if len(args) > 1 else kwargs.pop("start_dim", 0)
+            end = args[2] if len(args) > 2 else kwargs.pop("end_dim", -1)
+            if kwargs or len(args) > 3:
+                raise Unsupported("flatten arguments")
+            return self._flatten(args[0], start, end, "")
+        if fn is F.adaptive_avg_pool2d:
+            if kwargs or len(args) != 2:
+                raise Unsupported("adaptive pool arguments")
+            return self._gap(args[0], args[1], 2, "")
+        raise Unsupported(f"function {getattr(fn, '__name__', fn)}")
+
+    def _call_method(self, node: torch.fx.Node) -> _Value:
+        if node.target == "flatten":
+            args, kwargs = list(node.args), dict(node.kwargs)
+            start = args[1] if len(args) > 1 else kwargs.pop("start_dim", 0)
+            end = args[2] if len(args) > 2 else kwargs.pop("end_dim", -1)
+            if kwargs or len(args) > 3:
+                raise Unsupported("flatten arguments")
+            return self._flatten(args[0], start, end, "")
+        if node.target == "relu" and len(node.args) == 1 and not node.kwargs:
+            x = self._tensor(node.args[0])
+            return self._emit("Relu", [x.name], x.shape, "")
+        raise Unsupported(f"method {node.target}")
+
+    # -- the operators -----------------------------------------------------------------------------------------
+    def _conv(self, x_arg, w: _Value, b: Optional[_Value], stride, padding, dilation, groups, n: int,
+              scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        if isinstance(padding, str) or not isinstance(groups, int):
+            raise Unsupported("conv padding")
+        s, p, d = (_tuple(v, n, what) for v, what in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+        if len(x.shape) != n + 2 or len(w.shape) != n + 2 or any(v is None for v in x.shape[1:]):
+            raise Unsupported("conv rank")
+        k = w.shape[2:]
+        if x.shape[1] != w.shape[1] * groups or (b is not None and b.shape != [w.shape[0]]):
+            raise Unsupported("conv channels")
+        spatial = [(i + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for i, pp, dd, kk, ss in zip(x.shape[2:], p, d, k, s)]
+        if any(v <= 0 for v in spatial):
+            raise Unsupported("conv output size")
+        if not scope:  # a functional conv: named after the module that owns its weight (layer1.0.conv1 -> /.../Conv)
+            scope = _owner(w.param)
+        inputs = [x.name, w.name] + ([b.name] if b is not None else [])
+        return self._emit("Conv", inputs, [x.shape[0], w.shape[0]] + spatial, scope,
+                          dilations=d, group=groups, kernel_shape=list(k), pads=p + p, strides=s)
+
+    def _linear(self, x_arg, w: _Value, b: _Value, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        if len(x.shape) != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[1] or b.shape != [w.shape[0]]:
+            raise Unsupported("linear shapes")  # 3-D inputs export as MatMul + Add
+        if not scope:
+            scope = _owner(w.param)
+        return self._emit("Gemm", [x.name, w.name, b.name], [x.shape[0], w.shape[0]], scope,
+                          alpha=1.0, beta=1.0, transB=1)
+
+    def _leaky_relu(self, x_arg, slope: float, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        return self._emit("LeakyRelu", [x.name], x.shape, scope, alpha=float(slope))
+
+    def _clip(self, x_arg, lo: float, hi: float, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        consts = []
+        for v in (lo, hi):  # the TorchScript exporter writes the bounds as two Constant nodes
+            consts.append(self._emit("Constant", [], [], scope,
+                                     value=numpy_helper.from_array(np.array(v, dtype=np.float32), "")).name)
+        return self._emit("Clip", [x.name] + consts, x.shape, scope)
+
+    def _add(self, a_arg, b_arg, scope: str) -> _Value:
+        a, b = self._tensor(a_arg), self._tensor(b_arg)
+        if a.shape != b.shape:
+            raise Unsupported("add shapes")
+        return self._emit("Add", [a.name, b.name], a.shape, scope)
+
+    def _max_pool(self, x_arg, kernel, stride, padding, dilation, ceil_mode, n: int, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        if len(x.shape) != n + 2 or any(v is None for v in x.shape[1:]):
+            raise Unsupported("pool rank")
+        k = _tuple(kernel, n, "kernel")
+        s = _tuple(stride if stride not in (None, ()) else kernel, n, "stride")
+        p, d = _tuple(padding, n, "padding"), _tuple(dilation, n, "dilation")
+        spatial = []
+        for i, kk, ss, pp, dd in zip(x.shape[2:], k, s, p, d):
+            span = i + 2 * pp - dd * (kk - 1) - 1
+            o = (math.ceil(span / ss) if ceil_mode else span // ss) + 1
+            if ceil_mode and (o - 1) * ss >= i + pp:  # PyTorch: the last window must start inside the input
+                o -= 1
+            spatial.append(o)
+        if any(v <= 0 for v in spatial):
+            raise Unsupported("pool output size")
+        return self._emit("MaxPool", [x.name], x.shape[:2] + spatial, scope,
+                          ceil_mode=int(bool(ceil_mode)), dilations=d, kernel_shape=k, pads=p + p, strides=s)
+
+    def _global_pool(self, mod: nn.Module, x_arg, scope: str) -> _Value:
+        n = _GAP_MODULES.get(type(mod))
+        if n is None or mod._forward_hooks or mod._forward_pre_hooks:
+            raise Unsupported("pool module")
+        return self._gap(x_arg, mod.output_size, n, scope)
+
+    def _gap(self, x_arg, output_size, n: int, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        if _tuple(output_size, n, "output size") != [1] * n or len(x.shape) != n + 2:
+            raise Unsupported("adaptive pool")
+        return self._emit("GlobalAveragePool", [x.name], x.shape[:2] + [1] * n, scope)
+
+    def _flatten(self, x_arg, start, end, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        rank = len(x.shape)
+        if start != 1 or end not in (-1, rank - 1) or rank < 3 or any(v is None for v in x.shape[1:]):
+            raise Unsupported("flatten")
+        return self._emit("Flatten", [x.name], [x.shape[0], int(np.prod(x.shape[1:]))], scope, axis=1)
+
+
+def _owner(param_name: str) -> str:
+    return param_name.rsplit(".", 1)[0] if "." in param_name else ""
+
+
+def _attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if not isinstance(obj, torch.Tensor):
+        raise Unsupported(f"attribute {target}")
+    return obj
+
+
+def _value_info(name: str, shape: list) -> onnx.ValueInfoProto:
+    dims = ["batch" if d is None else d for d in shape]
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
+
+
+def export_fx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], opset: int,
+              dynamic_batch: bool = True) -> Optional[onnx.ModelProto]:
+    """The ONNX model of ``gm`` written from its fx graph, or ``None`` where a node is not one the fast path
+    handles (then ``torch.onnx.export`` exports it). ``example_inputs``: one tensor per model input."""
+    if not enabled() or not isinstance(getattr(gm, "graph", None), torch.fx.Graph) or gm.training:
+        return None
+    try:
+        return _Exporter(gm, tuple(example_inputs), opset, dynamic_batch).run()
+    except Unsupported:
+        return None

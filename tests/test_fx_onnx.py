@@ -1,0 +1,213 @@
+"""The direct fx -> ONNX fast path (``qcompile.fx_onnx``) against ``torch.onnx.export``: for every model it takes,
+the compiled file is the one the TorchScript path gives (same nodes, attributes, initializers, metadata, inputs
+and outputs; node names may differ), in every emission form; a node it does not handle falls back."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+import qcompile
+from qcompile import fx_onnx
+from qcompile.models import digits
+from tests.models import MLP, DepthwiseSeparableNet, MobileNetLike, ResidualCNN, example_input, randomize_batchnorm
+
+
+class PoolsAndClips(nn.Module):
+    """The layer forms the fast path handles beyond the test models: strided, dilated, grouped and bias-free
+    convolutions, ReLU6 and Hardtanh (Clip), ceil-mode and padded max pooling, Conv1d, global pooling by module
+    and by function, x.flatten(1), eval-mode Dropout, Identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6()
+        self.dw = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.clip = nn.Hardtanh(-1.5, 2.0)
+        self.pool = nn.MaxPool2d(3, 2, 1, ceil_mode=True)
+        self.gap = nn.AdaptiveAvgPool2d((1, 1))
+        self.drop = nn.Dropout(0.3)
+        self.skip = nn.Identity()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.c1(x)))
+        y = y + F.relu(self.dw(y))
+        y = self.pool(self.clip(y))
+        a = self.gap(y).flatten(1)
+        b = torch.flatten(F.adaptive_avg_pool2d(self.skip(y), 1), 1)
+        return self.fc(self.drop(torch.add(a, b)))
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 5, stride=2, padding=2)
+        self.c2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(8 * 8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        y = self.pool(F.relu(self.c2(y)) + y)
+        return self.fc(torch.flatten(y, 1))
+
+
+class ViewHead(nn.Module):
+    """``x.view(x.size(0), -1)``: not a fast-path node (it exports as Shape/Gather/Reshape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.fc(y.view(y.size(0), -1))
+
+
+def _canonical(model: onnx.ModelProto):
+    """Everything of the file but node names and the shift-add records (which name nodes)."""
+    nodes = [(n.op_type, n.domain, tuple(n.input), tuple(n.output),
+              tuple(sorted((a.name, a.SerializeToString()) for a in n.attribute))) for n in model.graph.node]
+    inits = {t.name: (t.data_type, numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer}
+    meta = {p.key: p.value for p in model.metadata_props if p.key != "qcompile.shift_add"}
+    io = [v.SerializeToString() for v in list(model.graph.input) + list(model.graph.output)]
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
+    return nodes, inits, meta, io, opsets, model.ir_version
+
+
+def _compile_both(monkeypatch, model, x, **options):
+    """Compile with the fast path and with torch.onnx.export; also whether the fast path wrote the first."""
+    taken = []
+    real = fx_onnx.export_fx
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fx_onnx, "export_fx", spy)
+    monkeypatch.delenv(fx_onnx.ENV_SWITCH, raising=False)
+    fast = qcompile.compile(model, x[:1], calib=x, validate=False, **options)
+    monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
+    slow = qcompile.compile(model, x[:1], calib=x, validate=False, **options)
+    monkeypatch.delenv(fx_onnx.ENV_SWITCH)
+    return fast, slow, taken[0]
+
+
+def _run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    from qcompile.runtime.session import session
+
+    sess = session(model.SerializeToString())
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+CONFIGS = {
+    "uniform8": {"scheme": "uniform", "bits": 8},
+    "apot4": {"scheme": "apot", "bits": 4},
+    "apot4w-a8": {"scheme": "apot", "bits": 4, "wscheme": "apot", "wbits": 4, "ascheme": "uniform", "abits": 8},
+    "pot4-custom": {"scheme": "pot", "bits": 4, "emit": "custom"},
+    "apot4-shift-add": {"scheme": "apot", "bits": 4, "emit": "shift-add"},
+    "uniform3-float-levels": {"scheme": "uniform", "bits": 3, "int8_levels": False},
+}
+
+
+def _digits():
+    return digits.pretrained(), digits.calibration_inputs()[:16]
+
+
+def _model(factory, shape=None):
+    def build():
+        model = randomize_batchnorm(factory(), seed=3).eval() if shape is not None else factory(seed=1).eval()
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)) if shape is not None else \
+            example_input(model, seed=2, batch=8)
+        return model, x
+    return build
+
+
+MODELS = {
+    "digits": _digits,
+    "residual": _model(ResidualCNN),
+    "mobilenet-like": _model(MobileNetLike),
+    "depthwise": _model(DepthwiseSeparableNet),
+    "mlp": _model(MLP),
+    "pools-and-clips": _model(PoolsAndClips, (8, 3, 16, 16)),
+    "conv1d": _model(Conv1dNet, (8, 4, 32)),
+}
+
+
+# every configuration on two models, the two main ones on the others
+CASES = [(name, config) for name in MODELS for config in CONFIGS
+         if name in ("digits", "pools-and-clips") or config in ("uniform8", "apot4")]
+
+
+@pytest.mark.parametrize("name,config", CASES)
+def test_fast_path_writes_the_file_torch_onnx_export_gives(monkeypatch, name, config):
+    model, x = MODELS[name]()
+    fast, slow, taken = _compile_both(monkeypatch, model, x, **CONFIGS[config])
+    assert taken, "the fast path fell back"
+    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
+    np.testing.assert_array_equal(_run(fast.onnx_model, x), _run(slow.onnx_model, x))
+
+
+def test_fast_path_file_validates_against_the_simulation():
+    model, x = _digits()
+    result = qcompile.compile(model, x[:1], calib=x, scheme="apot", bits=4)
+    assert result.report.passed, result.report.failures
+    onnx.checker.check_model(result.onnx_model, full_check=True)
+
+
+def test_functional_layers_are_named_after_the_module_that_owns_the_weight():
+    model, x = _digits()
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False)
+    names = {n.name for n in result.onnx_model.graph.node}
+    # torch.onnx.export names these /Conv, /Conv_1, ..., /Gemm_1 (the int8 layers are functions in the graph)
+    assert {"/conv1/Conv", "/conv2/Conv", "/down/Conv", "/fc1/Gemm", "/fc2/Gemm"} <= names, sorted(names)
+
+
+@pytest.mark.parametrize("factory,shape", [(ViewHead, (4, 3, 8, 8))])
+def test_other_nodes_fall_back_to_torch_onnx_export(monkeypatch, factory, shape):
+    model, x = _model(factory, shape)()
+    fast, slow, taken = _compile_both(monkeypatch, model, x, scheme="uniform", bits=8)
+    assert not taken
+    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
+
+
+def test_fp32_with_batchnorm_falls_back_and_the_environment_switch_forces_torchscript(monkeypatch):
+    model, x = _digits()
+    gm = qcompile.frontend.trace(model, x[:1])
+    assert fx_onnx.export_fx(gm, (x[:1],), 20) is None  # BatchNorm is left to the TorchScript exporter's folding
+    mlp = nn.Sequential(nn.Linear(6, 4), nn.LeakyReLU(0.2), nn.Linear(4, 2)).eval()
+    y = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    gm = qcompile.frontend.trace(mlp, y[:1])
+    assert fx_onnx.export_fx(gm, (y[:1],), 20) is not None
+    monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
+    assert fx_onnx.export_fx(gm, (y[:1],), 20) is None
+
+
+def test_two_outputs_and_a_static_batch(monkeypatch):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = F.relu(x)
+            return self.a(h), self.b(h)
+
+    model = TwoHeads().eval()
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    gm = qcompile.frontend.trace(model, x)
+    fast = fx_onnx.export_fx(gm, (x,), 20, dynamic_batch=False)
+    assert [o.name for o in fast.graph.output] == ["output_0", "output_1"]
+    assert [d.dim_value for d in fast.graph.input[0].type.tensor_type.shape.dim] == [3, 6]
+    monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
+    slow = qcompile.export.export_onnx(gm, (x,), dynamic_batch=False)
+    assert [v.SerializeToString() for v in fast.graph.output] == [v.SerializeToString() for v in slow.graph.output]
+    np.testing.assert_array_equal(_run(fast, x), _run(slow, x))
