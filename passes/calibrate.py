@@ -127,6 +127,7 @@ class Calibrate(Pass):
             # fails on channels-last batches: observe again, from scratch, in the layout the model was written for.
             observers = self._observe(gm, acts, lambda t: t)
         shifted = 0
+        solved: dict = {}  # observer state -> its parameters (a flatten's quantizer sees its input's values)
         for node in acts:
             fq = gm.get_submodule(node.target)
             obs, method = observers[node]
@@ -144,7 +145,12 @@ class Calibrate(Pass):
             if fq.search_offset:
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0
-            params = obs.compute_qparams(fq.levelset)
+            key = None if fq.search_offset else _state_key(obs, fq.levelset)
+            params = solved.get(key) if key is not None else None
+            if params is None:
+                params = obs.compute_qparams(fq.levelset)
+                if key is not None:
+                    solved[key] = params
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, method)
         if shifted:
@@ -375,6 +381,25 @@ def _uniform_sq_error(rows: torch.Tensor, alpha: torch.Tensor, levelset, buf: to
     torch.div(rows, unit, out=buf)
     buf.round_().clamp_(levelset.code_min, levelset.code_max).mul_(unit).sub_(rows)
     return buf.mul_(buf).sum(dim=1)
+
+
+def _state_key(obs, levelset):
+    """A key equal for two histogram observers of one kind that saw the same values (same bins, same range), with
+    the same (cached, so identical) level set: their parameters are the same, and the search runs once. ``None``
+    for other observers (cheap to solve, or with state that is not plain tensors and numbers)."""
+    if not isinstance(obs, quant.observers.HistogramObserver) or obs.hist is None:
+        return None
+    parts = []
+    for name, value in sorted(vars(obs).items()):
+        if name == "ndim" and obs.axis is None:
+            continue  # the rank of what it saw: only checked against a per-channel axis
+        if isinstance(value, torch.Tensor):
+            parts.append((name, str(value.dtype), tuple(value.shape), value.detach().cpu().numpy().tobytes()))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            parts.append((name, value))
+        else:
+            return None
+    return type(obs), id(levelset), tuple(parts)
 
 
 def _qparams(fq: FakeQuantize, observer: str) -> QParams:

@@ -543,3 +543,36 @@ def test_a_range_too_small_for_the_next_bias_is_widened_to_fit_int32():
         ref, out = model(x[32:]), result.model(x[32:])
     sqnr = 10 * math.log10(float((ref ** 2).sum() / ((ref - out) ** 2).sum()))
     assert sqnr > 30.0
+
+
+def test_observers_that_saw_the_same_values_are_solved_once(monkeypatch):
+    """A quantizer after ``flatten`` of a quantized tensor sees that tensor's values: its histogram, and so its
+    MSE search, is the other quantizer's. The search runs once per distinct histogram and both get its result."""
+    import qcompile
+    from qcompile.models import digits
+    from qcompile.passes.calibrate import _state_key
+
+    ls = quant.level_set("uniform", 8, signed=False)
+    x = torch.rand(4, 100, generator=torch.Generator().manual_seed(0))
+    a, b, c = (quant.make_observer("mse") for _ in range(3))
+    a.update(x)
+    b.update(x.clone().reshape(-1))
+    c.update(x * 1.01)
+    assert _state_key(a, ls) == _state_key(b, ls)
+    assert _state_key(a, ls) != _state_key(c, ls)
+    assert _state_key(a, quant.level_set("apot", 4, signed=False)) != _state_key(a, ls)
+    assert _state_key(quant.make_observer("minmax"), ls) is None
+
+    searches = []
+    real = quant.observers.MSEObserver._range
+
+    def counting(self, levelset):
+        searches.append(self)
+        return real(self, levelset)
+
+    monkeypatch.setattr(quant.observers.MSEObserver, "_range", counting)
+    result = qcompile.compile(digits.pretrained(), calib=digits.calibration_inputs(), scheme="uniform", bits=8,
+                              validate=False)
+    quantizers = {n: m for n, m in result.model.named_modules() if isinstance(m, FakeQuantize) and m.role != "weight"}
+    assert len(quantizers) == 9 and len(searches) == 8  # act_fq3 reads flatten(res_fq0): one search for both
+    assert torch.equal(quantizers["act_fq3"].alpha, quantizers["res_fq0"].alpha)
