@@ -1,7 +1,9 @@
 """Export a (possibly quantized) fx graph to ONNX, and write files atomically.
 
-The graph is exported with ``torch.onnx.export`` (TorchScript-based exporter: fast, and quantizer modules
-emit their own ONNX through ``symbolic``), batch dimension dynamic. ONNX-level passes (quantization emission,
+A graph made only of common layers is written straight from its fx nodes (``qcompile.fx_onnx``: the file the
+TorchScript exporter gives, in a millisecond); any other graph is exported with ``torch.onnx.export``
+(TorchScript-based exporter, where quantizer modules emit their own ONNX through ``symbolic``); batch dimension
+dynamic either way. ONNX-level passes (quantization emission,
 shift-add lowering) then run on the ``onnx.ModelProto``; the file is checked with
 ``onnx.checker.check_model(full_check=True)`` and written to a temporary file that is renamed into place, so an
 interrupted run never leaves a half-written ``.onnx``.
