@@ -79,6 +79,8 @@ class _Exporter:
         self.modules = dict(gm.named_modules())
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
+        self.by_content: dict[tuple, list] = {}  # (shape, sum) -> [(initializer, values)] with those
+        self.same_as: dict[str, str] = {}  # parameter name -> the initializer with the same values
         self.values: dict[torch.fx.Node, object] = {}  # _Value, or a torch.Tensor for get_attr
         self.used_names: dict[str, int] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
@@ -120,9 +122,20 @@ class _Exporter:
     def _initializer(self, name: str, t: torch.Tensor) -> _Value:
         if t.dtype != torch.float32:
             raise Unsupported(f"{name}: {t.dtype}")
-        if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(t.detach().cpu().numpy(), name)
-        return _Value(name, [int(d) for d in t.shape], param=name)
+        shape = [int(d) for d in t.shape]
+        if name not in self.initializers and name not in self.same_as:
+            array = t.detach().cpu().numpy()
+            # bit-identical parameters (layers cloned and not trained apart) are stored once, as the TorchScript
+            # exporter does; readers of the copy read the first
+            key = (tuple(shape), float(array.sum(dtype=np.float64)) if array.size else 0.0)  # a cheap first filter
+            twins = self.by_content.setdefault(key, [])
+            first = next((other for other, values in twins if np.array_equal(values, array)), None)
+            if first is not None:
+                self.same_as[name] = first
+            else:
+                twins.append((name, array))
+                self.initializers[name] = numpy_helper.from_array(array, name)
+        return _Value(self.same_as.get(name, name), shape, param=name)
 
     # -- the graph ---------------------------------------------------------------------------------------------
     def run(self) -> onnx.ModelProto:

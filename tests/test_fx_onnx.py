@@ -211,3 +211,29 @@ def test_two_outputs_and_a_static_batch(monkeypatch):
     slow = qcompile.export.export_onnx(gm, (x,), dynamic_batch=False)
     assert [v.SerializeToString() for v in fast.graph.output] == [v.SerializeToString() for v in slow.graph.output]
     np.testing.assert_array_equal(_run(fast, x), _run(slow, x))
+
+
+def test_bit_identical_parameters_are_stored_once(monkeypatch):
+    """Layers cloned and not trained apart: the TorchScript exporter stores their weights once (the copy through an
+    Identity); the fast path reads the first initializer directly. Same outputs, no larger file."""
+    import copy
+
+    class Cloned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.b = copy.deepcopy(self.a)
+            self.c = nn.Linear(64, 3)
+
+        def forward(self, x):
+            return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+    model = Cloned().eval()
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    for options in ({"scheme": "fp32"}, {"scheme": "uniform", "bits": 8}):
+        fast, slow, taken = _compile_both(monkeypatch, model, x, **options)
+        assert taken
+        assert len(fast.onnx_model.SerializeToString()) <= len(slow.onnx_model.SerializeToString()) + 16
+        np.testing.assert_array_equal(_run(fast.onnx_model, x), _run(slow.onnx_model, x))
+    fp32 = qcompile.compile(model, x[:1], scheme="fp32", validate=False).onnx_model
+    assert sorted(t.name for t in fp32.graph.initializer) == ["a.bias", "a.weight", "c.bias", "c.weight"]
