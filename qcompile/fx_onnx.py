@@ -4,7 +4,11 @@
 26 ms for the bundled digits CNN, a third of that model's whole compile. For a graph whose every node is one of
 the layers below, this module writes the ONNX graph the TorchScript exporter writes for it (same operators, same
 attributes, same initializer values, the ``qcompile::FakeQuant`` marker for every enabled quantizer, inputs and
-outputs named and batch-dynamic the same way) straight from the fx nodes, in about a millisecond. Any other node,
+outputs named and batch-dynamic the same way, the same merging of repeated computations and the same dropping of
+an unused input) straight from the fx nodes, in about a millisecond. Two differences, by design: functional
+layers are named after the module that owns their weight (``/layer1.0.conv1/Conv``, where TorchScript writes
+``/Conv_7``), and a parameter bit-identical to an earlier one is read from that one's initializer (TorchScript
+feeds it through an ``Identity`` node): same values, one node less. Any other node,
 or anything it cannot prove about a node (a shape it cannot derive, a dtype other than float32, a hook), makes
 :func:`export_fx` return ``None`` and the caller uses ``torch.onnx.export``: the fast path only narrows what runs,
 never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the same file.
@@ -77,17 +81,35 @@ class _Exporter:
     def __init__(self, gm: torch.fx.GraphModule, example_inputs: tuple, opset: int, dynamic_batch: bool):
         self.gm, self.example_inputs, self.opset, self.dynamic_batch = gm, example_inputs, opset, dynamic_batch
         self.modules = dict(gm.named_modules())
+        self.first_name: dict[int, str] = {}
+        for name, mod in self.modules.items():
+            self.first_name.setdefault(id(mod), name)
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
         self.by_content: dict[tuple, list] = {}  # (shape, sum) -> [(initializer, values)] with those
         self.same_as: dict[str, str] = {}  # parameter name -> the initializer with the same values
         self.values: dict[torch.fx.Node, object] = {}  # _Value, or a torch.Tensor for get_attr
         self.used_names: dict[str, int] = {}
+        self.scope_calls: dict[str, int] = {}
         self.value_info: list[onnx.ValueInfoProto] = []
+        self.typed: set[str] = set()
         self.computed: dict[tuple, str] = {}  # (op, inputs, attributes) -> output, for common subexpressions
 
-    # -- naming: /<module>/Op (a module's qualified name, or the one that owns a functional layer's weight), then
-    # /<module>/Op_1, ... as the TorchScript exporter numbers repeats; output tensors <node name>_output_0
+    # -- naming as the TorchScript exporter does: a module call's scope is its attribute name, numbered per call
+    # (blocks.0.conv -> /conv, blocks.1.conv or a second call -> /conv_1, blocks.0.0 -> /blocks.0.0); ops in it
+    # /conv/Conv, /conv/Constant_1;
+    # output tensors <node name>_output_0. Functional layers (qcompile's int8 convs and linears) are named after the
+    # module owning their weight (/layer1.0.conv1/Conv), where the TorchScript exporter writes /Conv_7.
+    def _scope(self, target: str) -> str:
+        # a module's first qualified name, from its last atom that is not a number (layer1.0.conv1 -> conv1,
+        # features.0.2 -> features.0.2), as torch.onnx's _unqualified_variable_name
+        atoms = self.first_name.get(id(self.modules.get(target)), target).split(".")
+        i = max((k for k, a in enumerate(atoms) if not a.isnumeric()), default=0)
+        last = ".".join(atoms[i:])
+        n = self.scope_calls.get(last, 0)
+        self.scope_calls[last] = n + 1
+        return last if n == 0 else f"{last}_{n}"
+
     def _node_name(self, scope: str, op: str) -> str:
         base = f"/{scope}/{op}" if scope else f"/{op}"
         n = self.used_names.get(base, 0)
@@ -97,10 +119,11 @@ class _Exporter:
     def _emit(self, op: str, inputs: list[str], shape: list, scope: str, domain: str = "", **attrs) -> _Value:
         node = helper.make_node(op, inputs, [], domain=domain or None, **attrs)
         # the same operator on the same inputs twice is computed once, as the TorchScript exporter's common
-        # subexpression elimination does (not the Constant nodes it writes after that pass, nor the markers)
+        # subexpression elimination does (a module called twice on one tensor, its weight's quantizer marker on
+        # every call); not the Constant nodes it writes after that pass (see _clip)
         key = None
-        if not domain and op != "Constant":
-            key = (op, tuple(inputs), tuple(a.SerializeToString() for a in node.attribute))
+        if op != "Constant":
+            key = (domain, op, tuple(inputs), tuple(a.SerializeToString() for a in node.attribute))
             if key in self.computed:
                 return _Value(self.computed[key], shape)
         node.name = self._node_name(scope, op)
@@ -196,6 +219,8 @@ class _Exporter:
             seen.add(v.name)
             self._rename(v.name, name)
             graph_outputs.append(_value_info(name, v.shape))
+        read = {i for n in self.nodes for i in n.input}
+        graph_inputs = [v for v in graph_inputs if v.name in read]  # an unused input is dropped, as TorchScript does
         graph = helper.make_graph(self.nodes, "main_graph", graph_inputs, graph_outputs,
                                   initializer=list(self.initializers.values()), value_info=self.value_info)
         opsets = [helper.make_opsetid("", self.opset)]
@@ -223,7 +248,7 @@ class _Exporter:
         mod = self.modules.get(node.target)
         if mod is None or mod._forward_hooks or mod._forward_pre_hooks or node.kwargs:
             raise Unsupported(f"module {node.target}")
-        scope = node.target
+        scope = self._scope(node.target)
         kind = type(mod)
         if kind is FakeQuantize:
             x = self._tensor(node.args[0])
@@ -233,7 +258,9 @@ class _Exporter:
                 raise Unsupported("quantizer not ready for export")
             # the TorchScript exporter records the type of a custom op's output (shape inference cannot)
             out = self._emit(MARKER_OP, [x.name], x.shape, scope, domain=MARKER_DOMAIN, qid=int(mod.qid))
-            self.value_info.append(_value_info(out.name, out.shape))
+            if out.name not in self.typed:  # not a second call merged into the first
+                self.typed.add(out.name)
+                self.value_info.append(_value_info(out.name, out.shape))
             out.param = x.param
             return out
         if kind is IntegerOutput:
@@ -241,7 +268,7 @@ class _Exporter:
         if kind is Int8Add:
             return self._add(node.args[0], node.args[1], scope)
         if kind is Int8GlobalAvgPool:
-            return self._global_pool(mod.pool, node.args[0], f"{scope}.pool")
+            return self._global_pool(mod.pool, node.args[0], f"{scope}/pool")
         if kind in (nn.Identity,) or (kind is nn.Dropout and not mod.training):
             return self._tensor(node.args[0])
         if kind is nn.ReLU:
@@ -254,15 +281,15 @@ class _Exporter:
         if kind in _CONV_MODULES:
             if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
                 raise Unsupported("conv padding")
-            w = self._initializer(f"{scope}.weight", mod.weight)
-            b = self._initializer(f"{scope}.bias", mod.bias) if mod.bias is not None else None
+            w = self._initializer(f"{node.target}.weight", mod.weight)
+            b = self._initializer(f"{node.target}.bias", mod.bias) if mod.bias is not None else None
             return self._conv(node.args[0], w, b, mod.stride, mod.padding, mod.dilation, mod.groups,
                               _CONV_MODULES[kind], scope)
         if kind is nn.Linear:
             if mod.bias is None:
                 raise Unsupported("linear without bias")
-            return self._linear(node.args[0], self._initializer(f"{scope}.weight", mod.weight),
-                                self._initializer(f"{scope}.bias", mod.bias), scope)
+            return self._linear(node.args[0], self._initializer(f"{node.target}.weight", mod.weight),
+                                self._initializer(f"{node.target}.bias", mod.bias), scope)
         if kind in _MAXPOOL_MODULES:
             if mod.return_indices:
                 raise Unsupported("max pool indices")
@@ -377,11 +404,16 @@ class _Exporter:
 
     def _clip(self, x_arg, lo: float, hi: float, scope: str) -> _Value:
         x = self._tensor(x_arg)
+        key = ("clip", x.name, lo, hi)  # merged on the bounds' values: their Constant nodes are new each time
+        if key in self.computed:
+            return _Value(self.computed[key], x.shape)
         consts = []
         for v in (lo, hi):  # the TorchScript exporter writes the bounds as two Constant nodes
             consts.append(self._emit("Constant", [], [], scope,
                                      value=numpy_helper.from_array(np.array(v, dtype=np.float32), "")).name)
-        return self._emit("Clip", [x.name] + consts, x.shape, scope)
+        out = self._emit("Clip", [x.name] + consts, x.shape, scope)
+        self.computed[key] = out.name
+        return out
 
     def _add(self, a_arg, b_arg, scope: str) -> _Value:
         a, b = self._tensor(a_arg), self._tensor(b_arg)

@@ -1,6 +1,8 @@
 """The direct fx -> ONNX fast path (``qcompile.fx_onnx``) against ``torch.onnx.export``: for every model it takes,
 the compiled file is the one the TorchScript path gives (same nodes, attributes, initializers, metadata, inputs
-and outputs; node names may differ), in every emission form; a node it does not handle falls back."""
+and outputs; node names may differ), in every emission form; a node it does not handle falls back. The one
+structural difference, bit-identical parameters read from one initializer instead of through Identity nodes, has
+its own test."""
 from __future__ import annotations
 
 import numpy as np
@@ -237,3 +239,59 @@ def test_bit_identical_parameters_are_stored_once(monkeypatch):
         np.testing.assert_array_equal(_run(fast.onnx_model, x), _run(slow.onnx_model, x))
     fp32 = qcompile.compile(model, x[:1], scheme="fp32", validate=False).onnx_model
     assert sorted(t.name for t in fp32.graph.initializer) == ["a.bias", "a.weight", "c.bias", "c.weight"]
+
+
+class Reused(nn.Module):
+    """One conv module called twice (its weight quantizer too), one ReLU6 module shared by two layers, the same
+    F.relu6 twice on one tensor (merged into one Clip), and nested blocks whose modules share attribute names."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU6()
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()),
+                                    nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.act(self.c(x))
+        y = self.act(self.c(y))
+        y = F.relu6(y) + F.relu6(y)
+        y = self.blocks(y)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class UnusedInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, unused):
+        return self.fc(F.relu(x))
+
+
+@pytest.mark.parametrize("options", [{"scheme": "fp32"}, {"scheme": "uniform", "bits": 8}, {"scheme": "apot", "bits": 4},
+                                     {"scheme": "apot", "bits": 4, "emit": "shift-add"}],
+                         ids=["fp32", "uniform8", "apot4", "apot4-shift-add"])
+def test_reused_modules_and_merged_calls_give_the_torchscript_file(monkeypatch, options):
+    model = Reused().eval()
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    fast, slow, taken = _compile_both(monkeypatch, model, x, **options)
+    assert taken
+    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)  # fp32: tensor names included
+    if options["scheme"] == "fp32":
+        assert [n.op_type for n in fast.onnx_model.graph.node].count("Clip") == 3  # act twice, F.relu6 pair once
+    else:
+        assert fast.report is None and slow.report is None  # validate=False in _compile_both
+        result = qcompile.compile(model, x[:1], calib=x, **options)
+        assert result.report.passed, result.report.failures
+
+
+def test_an_unused_input_is_dropped_as_torchscript_does(monkeypatch):
+    model = UnusedInput().eval()
+    x = (torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), torch.randn(4, 2))
+    gm = qcompile.frontend.trace(model, tuple(t[:1] for t in x))
+    fast = fx_onnx.export_fx(gm, tuple(t[:1] for t in x), 20)
+    monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
+    slow = qcompile.export.export_onnx(gm, tuple(t[:1] for t in x))
+    assert [i.name for i in fast.graph.input] == [i.name for i in slow.graph.input] == ["input_0"]
