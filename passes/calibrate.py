@@ -276,8 +276,10 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     # a lookup over every weight per candidate (APoT-4 weights of ConvNeXt-T: 14.7 -> 3.2 s).
     table = _SortedRows(rows, levelset) if not uniform and levelset.zero_point == 0 and finite else None
 
-    # Small tensors: several ratios per sweep (rows repeated, about 2^22 elements), not one Python step each.
-    per_sweep = max(1, 2 ** 22 // max(rows.numel(), 1))
+    # Small tensors: several ratios per sweep (rows repeated, about 2^20 elements), not one Python step each. 2^20,
+    # not 2^22: the sweep's temporaries then stay in cache (uniform 4-bit 256x2304 weights: 41.8 -> 11.5 ms, 8-bit
+    # 30.5 -> 5.7 ms; the digits model's layers unchanged; the same errors, value for value).
+    per_sweep = max(1, 2 ** 20 // max(rows.numel(), 1))
     wide, wide_buf = {}, {}
 
     def errors(ratios):  # ratios: (C, K) -> (C, K) squared errors
