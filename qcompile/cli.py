@@ -376,8 +376,31 @@ def cmd_demo(argv) -> int:
     return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit)
 
 
+_NUMBER_OPTIONS = ("--min-sqnr", "--max-abs", "--min-top1")
+
+
+def _glue_negative_values(argv: list[str]) -> list[str]:
+    """``--min-sqnr -inf`` as ``--min-sqnr=-inf``: argparse takes a value starting with ``-`` that is not a plain
+    negative number (``-inf``, ``-1e3``) for an option and stops with "expected one argument"."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _NUMBER_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                float(argv[i + 1])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     commands = {"validate": cmd_validate, "demo": cmd_demo}
     debug = os.environ.get("QCOMPILE_DEBUG") == "1"
     try:

@@ -295,6 +295,20 @@ def test_validate_reports_and_passes(work, capsys):
     assert "validation on 6 inputs" in out
 
 
+def test_negative_thresholds_need_no_equals_sign(work, capsys):
+    """``--min-sqnr -inf`` (argparse alone takes ``-inf`` for an option and wants ``--min-sqnr=-inf``)."""
+    from qcompile.cli import _glue_negative_values
+
+    assert _glue_negative_values(["m.pt", "--min-sqnr", "-inf", "--max-abs", "-1e3", "-o", "x.onnx"]) == \
+        ["m.pt", "--min-sqnr=-inf", "--max-abs=-1e3", "-o", "x.onnx"]
+    assert _glue_negative_values(["--min-sqnr", "-o", "x.onnx"]) == ["--min-sqnr", "-o", "x.onnx"]
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--min-sqnr", "-inf")
+    assert rc == 0 and "PASS" in out, err
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--max-abs", "-1")
+    assert rc == 2 and "--max-abs" in err and "Traceback" not in err
+
+
 def test_validate_exits_1_when_a_threshold_is_missed(work, capsys):
     # Compiled from trained weights, validated against the factory's fresh weights: the outputs differ.
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
