@@ -97,9 +97,8 @@ class _Exporter:
 
     # -- naming as the TorchScript exporter does: a module call's scope is its attribute name, numbered per call
     # (blocks.0.conv -> /conv, blocks.1.conv or a second call -> /conv_1, blocks.0.0 -> /blocks.0.0); ops in it
-    # /conv/Conv, /conv/Constant_1;
-    # output tensors <node name>_output_0. Functional layers (qcompile's int8 convs and linears) are named after the
-    # module owning their weight (/layer1.0.conv1/Conv), where the TorchScript exporter writes /Conv_7.
+    # /conv/Conv, /conv/Constant_1; output tensors <node name>_output_0. Functional layers (qcompile's int8 convs
+    # and linears) are named after the module owning their weight (/layer1.0.conv1/Conv; TorchScript: /Conv_7).
     def _scope(self, target: str) -> str:
         # a module's first qualified name, from its last atom that is not a number (layer1.0.conv1 -> conv1,
         # features.0.2 -> features.0.2), as torch.onnx's _unqualified_variable_name
@@ -148,8 +147,8 @@ class _Exporter:
         shape = [int(d) for d in t.shape]
         if name not in self.initializers and name not in self.same_as:
             array = t.detach().cpu().numpy()
-            # bit-identical parameters (layers cloned and not trained apart) are stored once, as the TorchScript
-            # exporter does; readers of the copy read the first
+            # bit-identical parameters (layers cloned and not trained apart) are stored once (the TorchScript
+            # exporter feeds the copy through an Identity node); readers of the copy read the first
             key = (tuple(shape), float(array.sum(dtype=np.float64)) if array.size else 0.0)  # a cheap first filter
             twins = self.by_content.setdefault(key, [])
             first = next((other for other, values in twins if np.array_equal(values, array)), None)
