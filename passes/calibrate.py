@@ -127,7 +127,7 @@ class Calibrate(Pass):
             # fails on channels-last batches: observe again, from scratch, in the layout the model was written for.
             observers = self._observe(gm, acts, lambda t: t)
         shifted = 0
-        solved: dict = {}  # observer state -> its parameters (a flatten's quantizer sees its input's values)
+        todo = []  # (node, key, observer, method): quantizers whose parameters come from their observer
         for node in acts:
             fq = gm.get_submodule(node.target)
             obs, method = observers[node]
@@ -145,12 +145,21 @@ class Calibrate(Pass):
             if fq.search_offset:
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0
-            key = None if fq.search_offset else _state_key(obs, fq.levelset)
-            params = solved.get(key) if key is not None else None
-            if params is None:
-                params = obs.compute_qparams(fq.levelset)
-                if key is not None:
-                    solved[key] = params
+            todo.append((node, None if fq.search_offset else _state_key(obs, fq.levelset), obs, method))
+        # one search per distinct observer state (a flatten's quantizer sees its input's values), all at once
+        jobs, job_index, by_key = [], [], {}
+        for node, key, obs, _method in todo:
+            if key is not None and key in by_key:
+                job_index.append(by_key[key])
+                continue
+            if key is not None:
+                by_key[key] = len(jobs)
+            job_index.append(len(jobs))
+            jobs.append((obs, gm.get_submodule(node.target).levelset))
+        solved = quant.compute_qparams_many(jobs)
+        for (node, _key, _obs, method), j in zip(todo, job_index):
+            fq = gm.get_submodule(node.target)
+            params = solved[j]
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, method)
         if shifted:

@@ -9,8 +9,8 @@ from .levels import (SCHEMES, LevelSet, apot_terms, asymmetric_offsets, integer_
                      supported)
 from .observers import (OBSERVERS, HistogramObserver, KLObserver, LaplaceObserver, MinMaxObserver,
                         MovingAverageMinMaxObserver, MSEObserver, Observer, PercentileObserver, SDQObserver,
-                        banner_laplace_ratio, bn_qparams, bn_range, histogram_quant_error, kl_threshold,
-                        make_observer)
+                        banner_laplace_ratio, bn_qparams, bn_range, compute_qparams_many, histogram_quant_error,
+                        kl_threshold, make_observer)
 from .ops import (MIN_ALPHA, ClipParams, asymmetric_qparams, binarize, clip_params_from_range, clip_range,
                   decision_thresholds, dequantize, fake_quantize, quantize, twn_ternarize, unit_from_alpha)
 
@@ -19,6 +19,6 @@ __all__ = [
     "MIN_ALPHA", "ClipParams", "unit_from_alpha", "decision_thresholds", "quantize", "dequantize", "fake_quantize",
     "clip_range", "clip_params_from_range", "asymmetric_qparams", "twn_ternarize", "binarize",
     "Observer", "MinMaxObserver", "MovingAverageMinMaxObserver", "HistogramObserver", "PercentileObserver",
-    "MSEObserver", "KLObserver", "LaplaceObserver", "SDQObserver", "OBSERVERS", "make_observer",
+    "MSEObserver", "KLObserver", "LaplaceObserver", "SDQObserver", "OBSERVERS", "compute_qparams_many", "make_observer",
     "bn_range", "bn_qparams", "banner_laplace_ratio", "histogram_quant_error", "kl_threshold",
 ]

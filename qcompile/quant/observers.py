@@ -409,20 +409,74 @@ def _symmetric_bins_error(radius: np.ndarray, counts: np.ndarray, levels_: np.nd
     return total2[:, None] - 2.0 * s1 + s0
 
 
+def _first_useful_point(radius, counts, base, alphas, prefix) -> int:
+    """The first column of the candidate grid ``alphas`` ``(C, P)`` (ascending, last column ``alpha_max``) that can
+    have the least error in some row: every column before it is provably worse, in every row, than the last.
+
+    Levels ``alpha * base[c]`` map everything beyond their ends onto the end levels, so the error of a candidate is
+    at least that of the values it clips, and the whole bins beyond its ends give a lower bound from suffix (and
+    prefix) sums alone: for ``t = alpha * base[c, -1]``, ``Σ_{a_j >= t} n_j (a_j - t)^2`` (``a_j`` the left edges),
+    the same below ``alpha * base[c, 0]`` with the right edges. A candidate whose bound exceeds the error of
+    ``alpha_max`` (plus a margin of 1e-9 of the data's second moment, far above the rounding of these sums) cannot
+    be the argmin, nor tie with it; so ``argmin`` over the remaining columns picks the same candidate as over all.
+    At 8 bits the bound rules out the lower 70-85% of the grid, where clipping alone costs more than rounding."""
+    width, r, p0, p1, total2 = prefix
+    ref = _symmetric_bins_error(radius, counts, alphas[:, -1:, None] * base[:, None, :], prefix)[:, 0]
+    # on bins merged 16 to 1 (a merged bin's left edge is at most, its right edge at least, those of the bins in
+    # it: still a lower bound, a little weaker), which makes the bound cheap next to the candidates it removes
+    n_ch = counts.shape[0]
+    merge = 16 if counts.shape[1] % 16 == 0 else 1
+    counts = counts.reshape(n_ch, -1, merge).sum(axis=2)
+    width = width * merge
+    n_bins = counts.shape[1]
+    left = -r + np.arange(n_bins)[None, :] * width  # (C, N) left edges; right edges are left + width
+    zero = np.zeros((n_ch, 1))
+    # suffix sums over bins j.. of n, n·a, n·a² (left edges); prefix sums over bins ..j-1 of n, n·b, n·b² (right)
+    s0 = np.concatenate([np.cumsum(counts[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
+    s1 = np.concatenate([np.cumsum((counts * left)[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
+    s2 = np.concatenate([np.cumsum((counts * left * left)[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
+    right = left + width
+    q0 = np.concatenate([zero, np.cumsum(counts, axis=1)], axis=1)
+    q1 = np.concatenate([zero, np.cumsum(counts * right, axis=1)], axis=1)
+    q2 = np.concatenate([zero, np.cumsum(counts * right * right, axis=1)], axis=1)
+    rows = np.arange(n_ch)[:, None]
+    t_hi = alphas * base[:, -1:]
+    j = np.clip(np.ceil((t_hi + r) / width), 0, n_bins).astype(np.int64)  # first bin with a_j >= t_hi
+    bound = s2[rows, j] - 2.0 * t_hi * s1[rows, j] + t_hi * t_hi * s0[rows, j]
+    t_lo = alphas * base[:, :1]
+    j = np.clip(np.floor((t_lo + r) / width), 0, n_bins).astype(np.int64)  # bins before j have b_j <= t_lo
+    bound += q2[rows, j] - 2.0 * t_lo * q1[rows, j] + t_lo * t_lo * q0[rows, j]
+    margin = 1e-9 * (total2[:, None] + (t_hi * t_hi + t_lo * t_lo) * q0[:, -1:])
+    useful = bound <= ref[:, None] + margin
+    useful[:, -1] = True
+    return int(np.argmax(useful, axis=1).min())
+
+
+_PRUNE_LEVELS = 128  # level sets this large (7-8 bits) skip the grid points that clip too much (_first_useful_point)
+
+
 def _batched_mse_search(radius, counts, base, alpha_max, points=100, refine=3, refine_points=21):
     """Per channel, ``argmin_alpha`` of the error of levels ``alpha * base[c]`` over ``(0, alpha_max[c]]``
     a ``points`` grid, then
-    ``refine`` rounds of ``refine_points`` between the neighbours of the best point, all channels at once."""
+    ``refine`` rounds of ``refine_points`` between the neighbours of the best point, all channels at once.
+    The grid points that clip too much to win (:func:`_first_useful_point`) are not evaluated: the same result."""
     top = np.maximum(alpha_max, MIN_ALPHA)[:, None]
-    alphas = top * (np.arange(1, points + 1) / points)[None, :]
+    grid = top * (np.arange(1, points + 1) / points)[None, :]
     rows = np.arange(len(top))
     prefix = _bins_prefix(radius, counts)
+    # the bound costs about two candidates' worth of level sets of 8 bits, and pays off only there (1.5 -> 0.7 ms)
+    first = _first_useful_point(radius, counts, base, grid, prefix) if base.shape[1] >= _PRUNE_LEVELS else 0
+    alphas = grid[:, first:]
     for round_ in range(refine + 1):
         err = _symmetric_bins_error(radius, counts, alphas[:, :, None] * base[:, None, :], prefix)
         best = np.argmin(err, axis=1)
         if round_ == refine:
             break
-        lo = np.where(best > 0, alphas[rows, np.maximum(best - 1, 0)], alphas[:, 0] / 2.0)
+        if round_ == 0:  # the neighbours on the full grid
+            g = best + first
+            lo = np.where(g > 0, grid[rows, np.maximum(g - 1, 0)], grid[:, 0] / 2.0)
+        else:
+            lo = np.where(best > 0, alphas[rows, np.maximum(best - 1, 0)], alphas[:, 0] / 2.0)
         hi = alphas[rows, np.minimum(best + 1, alphas.shape[1] - 1)]
         alphas = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, refine_points)[None, :]
     return np.where(alpha_max > MIN_ALPHA, alphas[rows, best], MIN_ALPHA)
@@ -434,32 +488,72 @@ class MSEObserver(HistogramObserver):
     name = "mse"
     _CHANNELS_PER_STEP = 64  # bounds the (channels x candidates x levels) temporaries
 
-    def _range(self, levelset):
+    def _search_inputs(self, levelset):
+        """``(radius, counts, base, alpha_max, extra)`` of :func:`_batched_mse_search` for ``levelset``, one row per
+        channel; ``extra`` is what :meth:`_range_from_alpha` needs besides the searched ``alpha``."""
         radius = self.radius.numpy()
         cmin, cmax = self.min_val.numpy(), self.max_val.numpy()
+        extra = None
         if levelset.scheme == "uniform_asym":
             rlo, rhi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
             full = clip_params_from_range(torch.from_numpy(rlo), torch.from_numpy(rhi), levelset)
             codes = np.arange(levelset.code_min, levelset.code_max + 1)[None, :]
             base = (codes - full.zero_point.numpy().reshape(-1, 1)) / levelset.denom
             alpha_max = rhi - rlo
+            extra = (rlo, rhi, alpha_max)
         else:
             base = np.broadcast_to(levelset.values[None, :], (len(radius), levelset.num_levels))
             if levelset.signed and not levelset.symmetric:  # asymmetric APoT/PoT: alpha * [v[0], 1]
                 alpha_max = np.maximum(np.maximum(cmax, 0.0), np.minimum(cmin, 0.0) / levelset.values[0])
             else:
                 alpha_max = np.maximum(np.abs(cmin), np.abs(cmax)) if levelset.signed else np.maximum(cmax, 0.0)
-        alpha = np.empty(len(radius))
-        step = max(1, self._CHANNELS_PER_STEP * 16 // levelset.num_levels)
-        for c0 in range(0, len(radius), step):
-            sl = slice(c0, c0 + step)
-            alpha[sl] = _batched_mse_search(radius[sl], self.hist[sl].numpy(), base[sl], alpha_max[sl])
+        return radius, self.hist.numpy(), base, alpha_max, extra
+
+    @staticmethod
+    def _range_from_alpha(levelset, alpha, extra):
         if levelset.scheme == "uniform_asym":
+            rlo, rhi, alpha_max = extra
             shrink = alpha / np.maximum(alpha_max, MIN_ALPHA)
             lo, hi = rlo * shrink, rhi * shrink
         else:
             lo, hi = alpha * levelset.values[0], alpha  # -alpha (symmetric), 0 (unsigned) or alpha * v[0]
         return torch.from_numpy(np.asarray(lo, dtype=np.float64)), torch.from_numpy(np.asarray(hi, dtype=np.float64))
+
+    def _range(self, levelset):
+        radius, counts, base, alpha_max, extra = self._search_inputs(levelset)
+        alpha = np.empty(len(radius))
+        step = max(1, self._CHANNELS_PER_STEP * 16 // levelset.num_levels)
+        for c0 in range(0, len(radius), step):
+            sl = slice(c0, c0 + step)
+            alpha[sl] = _batched_mse_search(radius[sl], counts[sl], base[sl], alpha_max[sl])
+        return self._range_from_alpha(levelset, alpha, extra)
+
+
+def compute_qparams_many(jobs) -> list:
+    """``[obs.compute_qparams(levelset) for obs, levelset in jobs]``, the same parameters, faster: the searches of
+    per-tensor :class:`MSEObserver` jobs with the same level set and bin count run as the rows of one
+    :func:`_batched_mse_search` (a row's result does not depend on the others), since a single 8-bit search is
+    mostly the fixed cost of its numpy calls (the digits model's 8 activation searches: 5.2 -> 1.9 ms)."""
+    results: list = [None] * len(jobs)
+    groups: dict = {}
+    for i, (obs, levelset) in enumerate(jobs):
+        if type(obs) is MSEObserver and obs.axis is None and obs.hist is not None and not levelset.offset:
+            obs._check(None)
+            groups.setdefault((id(levelset), obs.hist.shape[1]), []).append((i, obs._search_inputs(levelset)))
+        else:
+            results[i] = obs.compute_qparams(levelset)
+    for members in groups.values():
+        levelset = jobs[members[0][0]][1]
+        step = max(1, MSEObserver._CHANNELS_PER_STEP * 32 // levelset.num_levels)
+        for m0 in range(0, len(members), step):
+            part = members[m0:m0 + step]
+            radius, counts, base, alpha_max = (np.concatenate([inp[k] for _, inp in part]) for k in range(4))
+            alpha = _batched_mse_search(radius, counts, base, alpha_max)
+            for row, (i, inp) in enumerate(part):
+                lo, hi = MSEObserver._range_from_alpha(levelset, alpha[row:row + 1], inp[4])
+                params = clip_params_from_range(lo, hi, levelset)
+                results[i] = ClipParams(*(t.reshape(()) for t in params))
+    return results
 
 
 # -- KL -----------------------------------------------------------------------------------------------------

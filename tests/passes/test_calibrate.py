@@ -564,13 +564,13 @@ def test_observers_that_saw_the_same_values_are_solved_once(monkeypatch):
     assert _state_key(quant.make_observer("minmax"), ls) is None
 
     searches = []
-    real = quant.observers.MSEObserver._range
+    real = quant.observers.MSEObserver._search_inputs
 
     def counting(self, levelset):
         searches.append(self)
         return real(self, levelset)
 
-    monkeypatch.setattr(quant.observers.MSEObserver, "_range", counting)
+    monkeypatch.setattr(quant.observers.MSEObserver, "_search_inputs", counting)
     result = qcompile.compile(digits.pretrained(), calib=digits.calibration_inputs(), scheme="uniform", bits=8,
                               validate=False)
     quantizers = {n: m for n, m in result.model.named_modules() if isinstance(m, FakeQuantize) and m.role != "weight"}

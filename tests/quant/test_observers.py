@@ -279,3 +279,77 @@ def test_observers_without_asymmetric_apot_say_so(name):
     obs.update(torch.randn(1000, generator=_gen(5)))
     with pytest.raises(ValueError, match="asymmetric apot"):
         obs.compute_qparams(level_set("apot", 4, True, 3))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.sampled_from(MSE_SETS + [("uniform", 8, False), ("uniform", 8, True), ("uniform_asym", 8, False),
+                                   ("apot", 8, False)]),
+       st.sampled_from(["normal", "laplace", "uniform", "relu", "mix"]), st.integers(0, 10_000),
+       st.floats(1e-3, 100.0), st.integers(1, 4))
+def test_mse_search_skips_only_candidates_that_cannot_win(spec, kind, seed, scale, channels):
+    """The search's lower bound (the error of what a candidate clips) drops grid points, never the result: with the
+    bound applied at every bit-width, the parameters equal those of the search over the whole grid, bit for bit."""
+    from unittest import mock
+
+    from qcompile.quant import observers
+
+    ls = level_set(*spec)
+    x = torch.stack([_data(kind, 4000, seed + c) * scale * (c + 1) for c in range(channels)])
+    obs = make_observer("mse", axis=0 if channels > 1 else None)
+    obs.update(x if channels > 1 else x[0])
+    firsts = []
+    real = observers._first_useful_point
+
+    def spy(*args):
+        firsts.append(real(*args))
+        return firsts[-1]
+
+    with mock.patch.object(observers, "_first_useful_point", spy):
+        with mock.patch.object(observers, "_PRUNE_LEVELS", 10 ** 9):  # the whole grid
+            full = obs.compute_qparams(ls)
+        assert not firsts
+        with mock.patch.object(observers, "_PRUNE_LEVELS", 1):  # the bound at every bit-width
+            pruned = obs.compute_qparams(ls)
+        assert firsts
+    assert torch.equal(full.alpha, pruned.alpha) and torch.equal(full.zero_point, pruned.zero_point)
+
+
+def test_mse_search_bound_skips_most_of_the_grid_at_8_bits():
+    from qcompile.quant import observers
+
+    x = _data("relu", 32768, 3)
+    obs = make_observer("mse")
+    obs.update(x)
+    ls = level_set("uniform", 8, False)
+    radius, counts = obs.radius.numpy(), obs.hist.numpy()
+    top = np.array([[float(x.max())]])
+    grid = top * (np.arange(1, 101) / 100)[None, :]
+    first = observers._first_useful_point(radius, counts, ls.values[None, :], grid,
+                                          observers._bins_prefix(radius, counts))
+    assert 50 <= first < 100  # the optimum clips little at 8 bits: over half the grid cannot win
+
+
+def test_compute_qparams_many_equals_one_at_a_time():
+    """Per-tensor MSE searches batched as rows of one search give each observer its own parameters, bit for bit;
+    other observers (per-channel, other methods, offset level sets) go through ``compute_qparams`` unchanged."""
+    from qcompile.quant import compute_qparams_many
+
+    jobs = []
+    for i, (kind, spec) in enumerate([("relu", ("uniform", 8, False)), ("normal", ("uniform", 8, True)),
+                                      ("relu", ("uniform", 8, False)), ("laplace", ("uniform_asym", 8, False)),
+                                      ("mix", ("apot", 4, True)), ("relu", ("uniform", 8, False)),
+                                      ("normal", ("apot", 4, True, 3)), ("uniform", ("uniform", 4, True))]):
+        obs = make_observer("mse")
+        obs.update(_data(kind, 5000 + 100 * i, i) * (i + 1))
+        jobs.append((obs, level_set(*spec)))
+    per_channel = make_observer("mse", axis=0)
+    per_channel.update(torch.randn(3, 400, generator=_gen(9)))
+    jobs.append((per_channel, level_set("uniform", 8, True)))
+    minmax = make_observer("minmax")
+    minmax.update(torch.randn(300, generator=_gen(10)))
+    jobs.append((minmax, level_set("uniform", 8, False)))
+    together = compute_qparams_many(jobs)
+    for (obs, ls), params in zip(jobs, together):
+        alone = obs.compute_qparams(ls)
+        assert torch.equal(alone.alpha, params.alpha) and torch.equal(alone.zero_point, params.zero_point)
+        assert alone.alpha.shape == params.alpha.shape
