@@ -619,6 +619,36 @@ def test_the_float_check_also_runs_without_calibration_data():
     assert any("equal the model's" in line for line in reports["CheckFloatOutputs"])
 
 
+def test_the_float_check_gives_a_model_that_draws_noise_the_same_noise_and_keeps_the_callers_generator():
+    """A forward that draws random numbers draws the same ones in the recorded and the checked run (the CPU
+    generator seeded with 0 for each), and the caller's generator state is as it was."""
+    from qcompile.passes.base import Pipeline
+    from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
+    from qcompile.passes.fold_bn import FoldBatchNorm
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            return y + torch.randn_like(y)
+
+    torch.manual_seed(0)
+    model = Noisy().eval()
+    x = torch.randn(2, 3, 8, 8)
+    record = RecordFloatOutputs(x)
+    check = CheckFloatOutputs(record, rtol=1e-5)
+    gm = trace(model, (x[:1],))
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    Pipeline([record, FoldBatchNorm(), check])(gm)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert any("equal the model's" in line for line in check.report)
+
+
 class WithDefaults(nn.Module):
     """Optional forward parameters that change the control flow: a mask that defaults to None, a flag."""
 
