@@ -289,7 +289,7 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     # not 2^22: the sweep's temporaries then stay in cache (uniform 4-bit 256x2304 weights: 41.8 -> 11.5 ms, 8-bit
     # 30.5 -> 5.7 ms; the digits model's layers unchanged; the same errors, value for value).
     per_sweep = max(1, 2 ** 20 // max(rows.numel(), 1))
-    wide, wide_buf = {}, {}
+    wide, bufs = {}, {}
 
     def errors(ratios):  # ratios: (C, K) -> (C, K) squared errors
         if table is not None:
@@ -298,18 +298,18 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
         c = rows.shape[0]
         for k0 in range(0, ratios.shape[1], per_sweep):
             kc = min(per_sweep, ratios.shape[1] - k0)
-            alpha = (top[:, None] * ratios[:, k0:k0 + kc]).clamp_min(quant.MIN_ALPHA).reshape(-1)
+            alpha = (top[:, None] * ratios[:, k0:k0 + kc]).clamp_min(quant.MIN_ALPHA)
+            if uniform:  # rows broadcast against the kc ratios: no repeated copy of the weights
+                if kc not in bufs:
+                    bufs[kc] = torch.empty(c, kc, rows.shape[1]) if kc > 1 else buf.unsqueeze(1)
+                out[:, k0:k0 + kc] = _uniform_sq_error(rows.unsqueeze(1), alpha.unsqueeze(2), levelset, bufs[kc])
+                continue
             if kc not in wide:  # row r·kc + j is channel r at ratio j
                 wide[kc] = rows.repeat_interleave(kc, dim=0) if kc > 1 else rows
             x = wide[kc]
-            if uniform:
-                if kc not in wide_buf:
-                    wide_buf[kc] = torch.empty_like(x) if kc > 1 else buf
-                err = _uniform_sq_error(x, alpha, levelset, wide_buf[kc])
-            else:
-                q = quant.dequantize(quant.quantize(x, alpha, levelset, axis=0), alpha, levelset, axis=0)
-                err = ((q - x) ** 2).sum(dim=1)
-            out[:, k0:k0 + kc] = err.reshape(c, kc)
+            q = quant.dequantize(quant.quantize(x, alpha.reshape(-1), levelset, axis=0), alpha.reshape(-1), levelset,
+                                 axis=0)
+            out[:, k0:k0 + kc] = ((q - x) ** 2).sum(dim=1).reshape(c, kc)
         return out
 
     # Clipping at α = r·max costs at least ((1 − r)·max)² on the largest weight alone, so no r below
@@ -387,11 +387,12 @@ class _SortedRows:
 def _uniform_sq_error(rows: torch.Tensor, alpha: torch.Tensor, levelset, buf: torch.Tensor) -> torch.Tensor:
     """Per row, ``sum((dequantize(quantize(rows)) - rows)^2)`` for a uniform level set with zero point 0 and
     finite ``rows``: the float32 operations of ``quant.quantize``/``quant.dequantize`` in the same order
-    (``clamp(round(x / unit)) * unit``), fused in place into ``buf``, so the errors are identical bit for bit."""
-    unit = quant.unit_from_alpha(alpha, levelset)[:, None]
+    (``clamp(round(x / unit)) * unit``), fused in place into ``buf``, so the errors are identical bit for bit.
+    ``rows`` ``(C, 1, n)`` and ``alpha`` ``(C, K, 1)`` broadcast into ``buf`` ``(C, K, n)``; errors ``(C, K)``."""
+    unit = quant.unit_from_alpha(alpha, levelset)
     torch.div(rows, unit, out=buf)
     buf.round_().clamp_(levelset.code_min, levelset.code_max).mul_(unit).sub_(rows)
-    return buf.mul_(buf).sum(dim=1)
+    return buf.mul_(buf).sum(dim=-1)
 
 
 def _state_key(obs, levelset):
