@@ -505,7 +505,9 @@ def detach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Take out of the graph the ``DequantizeLinear`` nodes that only the validator reads: activation-map tensors
     whose readers were rewired (a padded conv reads the padded codes, a float layer reads ``Cast``/``Mul``, a lowered
     layer reads the codes). onnxruntime computed them on every run. They are kept in the metadata
-    (``qcompile.probes``: output, inputs, axis) for :func:`attach_probes`, which the validator calls."""
+    (``qcompile.probes``: output, inputs, axis) for :func:`attach_probes`, which the validator calls. A scale or
+    zero point that only those nodes read leaves the graph too (onnxruntime warns about an initializer no node
+    uses): its values go into the record (``constants``: name -> data type, dims, values)."""
     import json
 
     graph = model.graph
@@ -515,24 +517,46 @@ def detach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
               and n.output[0] in mapped and n.output[0] not in read]
     if not probes:
         return model
+    for n in probes:
+        graph.node.remove(n)
+    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    orphans = {t.name: t for t in graph.initializer if t.name not in still_read
+               and any(t.name in n.input for n in probes)}
     records = []
     for n in probes:
         axis = next((a.i for a in n.attribute if a.name == "axis"), None)
-        records.append({"output": n.output[0], "inputs": list(n.input), **({"axis": axis} if axis is not None else {})})
-        graph.node.remove(n)
+        record = {"output": n.output[0], "inputs": list(n.input), **({"axis": axis} if axis is not None else {})}
+        constants = {name: {"type": orphans[name].data_type, "dims": list(orphans[name].dims),
+                            "values": numpy_helper.to_array(orphans[name]).reshape(-1).tolist()}
+                     for name in n.input if name in orphans}
+        if constants:  # float32 -> float -> JSON (shortest repr) -> float32 is exact, as are integers
+            record["constants"] = constants
+        records.append(record)
+    if orphans:
+        kept = [t for t in graph.initializer if t.name not in orphans]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
     model.metadata_props.add(key=PROBES_KEY, value=json.dumps(records, separators=(",", ":")))
     return model
 
 
 def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Put back the ``DequantizeLinear`` nodes :func:`detach_probes` took out (for reading activations)."""
+    """Put back the ``DequantizeLinear`` nodes :func:`detach_probes` took out (for reading activations), with the
+    constants that only they read as initializers of their own (``<output>/probe/<name>``)."""
     import json
 
     for prop in model.metadata_props:
         if prop.key == PROBES_KEY:
             for r in json.loads(prop.value):
                 attrs = {"axis": r["axis"]} if "axis" in r else {}
-                model.graph.node.append(helper.make_node("DequantizeLinear", r["inputs"], [r["output"]],
+                inputs = list(r["inputs"])
+                for name, c in r.get("constants", {}).items():
+                    fresh = f"{r['output']}/probe/{name}"
+                    dtype = helper.tensor_dtype_to_np_dtype(c["type"])
+                    value = np.asarray(c["values"], dtype=dtype).reshape(c["dims"])
+                    model.graph.initializer.append(numpy_helper.from_array(value, fresh))
+                    inputs = [fresh if i == name else i for i in inputs]
+                model.graph.node.append(helper.make_node("DequantizeLinear", inputs, [r["output"]],
                                                          name=f"{r['output']}/probe", **attrs))
     return model
 

@@ -417,4 +417,24 @@ def test_lowered_file_with_probes_validates_after_constants_are_shared():
     probes = [p for p in result.onnx_model.metadata_props if p.key == "qcompile.probes"]
     assert probes
     inits = {t.name for t in result.onnx_model.graph.initializer}
-    assert all(name in inits for r in json.loads(probes[0].value) for name in r["inputs"][1:] if name)
+    assert all(name in inits or name in r.get("constants", {})
+               for r in json.loads(probes[0].value) for name in r["inputs"][1:] if name)
+
+
+def test_lowered_file_has_no_initializer_that_no_node_reads(tmp_path):
+    """The scale a lowered layer's input no longer needs (it reads the codes) is read only by the validator's
+    detached probe: it travels in the probe record, not as an initializer onnxruntime warns about and drops. The
+    validator still checks that quantizer's codes."""
+    from qcompile.emit import activation_map
+    from qcompile.models import digits
+
+    path = str(tmp_path / "sa.onnx")
+    result = qcompile.compile(digits.pretrained(), calib=digits.calibration_inputs(), scheme="apot", bits=4,
+                              emit="shift-add", output=path)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0, result.report.extra
+    model = onnx.load(path)
+    read = {i for n in model.graph.node for i in n.input}
+    assert [t.name for t in model.graph.initializer if t.name not in read] == []
+    records = json.loads(next(p.value for p in model.metadata_props if p.key == "qcompile.probes"))
+    assert any("constants" in r for r in records)
+    assert len(result.report.layers) == len(activation_map(model))
