@@ -1,7 +1,6 @@
 """The Python API: ``qcompile.compile`` mirrors the ``qcompile`` command line."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time

@@ -926,7 +926,6 @@ def compact_tensor_names(model: onnx.ModelProto) -> onnx.ModelProto:
     (about 3% of the digits model at 8 bits). Kept: node names (profilers and error messages show them) and the
     model's own parameter names (``conv2.bias``: reports attribute layers to modules by them). Graphs with
     subgraph attributes (If/Loop/Scan bodies may name outer tensors) are left as they are."""
-    import json
     import re
 
     graph = model.graph

@@ -51,7 +51,6 @@ def u8s8_saturates() -> bool:
 
 
 def _u8s8_saturates_uncached() -> bool:
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k, n = 64, 16

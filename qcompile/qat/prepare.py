@@ -183,8 +183,6 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     if calib_x is None:
         calib_x = example_inputs[0]
 
-    import copy
-
     gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules)
     before, _ = split_pipeline(opts, calib_x)
     # Weights are re-initialised below (one MSE search per layer), so their calibration can be the cheap one.
