@@ -86,7 +86,41 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
             )
     except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
         raise UserError(_export_error_message(e)) from e
-    return onnx.load_from_string(buf.getvalue())
+    return explicit_same_pads(onnx.load_from_string(buf.getvalue()))
+
+
+def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``auto_pad = SAME_UPPER/SAME_LOWER`` of stride-1 ``Conv`` nodes (what ``torch.onnx.export`` writes
+    for ``padding="same"``) by the explicit ``pads`` they mean: onnxruntime refuses ``SAME_*`` with a dilation
+    above 1 ("Dilation not supported for AutoPadType::SAME_UPPER") at run time. With stride 1 the padding does not
+    depend on the input size: ``d*(k-1)`` in all, the odd one at the end for ``SAME_UPPER`` (PyTorch's rule) and
+    at the beginning for ``SAME_LOWER``. ``VALID`` (no padding) loses its ``auto_pad`` too, so that both export
+    paths write the same file. Other nodes are left as they are."""
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode == "VALID":  # no padding: the default, written as the fast path writes it
+            keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            continue
+        if mode not in ("SAME_UPPER", "SAME_LOWER") or "kernel_shape" not in attrs:
+            continue
+        k = list(attrs["kernel_shape"].ints)
+        d = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * len(k)
+        s = list(attrs["strides"].ints) if "strides" in attrs else [1] * len(k)
+        if any(v != 1 for v in s) or len(d) != len(k):
+            continue
+        total = [dd * (kk - 1) for dd, kk in zip(d, k)]
+        small = [t // 2 for t in total]
+        big = [t - h for t, h in zip(total, small)]
+        pads = small + big if mode == "SAME_UPPER" else big + small
+        keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep + [onnx.helper.make_attribute("pads", pads)])
+    return model
 
 
 def _output_count(gm: torch.nn.Module, example_inputs: tuple) -> int:

@@ -13,7 +13,7 @@ or anything it cannot prove about a node (a shape it cannot derive, a dtype othe
 :func:`export_fx` return ``None`` and the caller uses ``torch.onnx.export``: the fast path only narrows what runs,
 never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the same file.
 
-Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with numeric padding; Linear on 2-D
+Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric, ``"same"``, ``"valid"``); Linear on 2-D
 inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip); MaxPool1d/2d/3d; adaptive average pooling to 1
 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor; ``a + b`` of two tensors of one shape; Identity,
 eval-mode Dropout; qcompile's FakeQuantize (marker or pass-through), Int8Add, IntegerOutput, Int8GlobalAvgPool.
@@ -278,7 +278,7 @@ class _Exporter:
         if kind in (nn.ReLU6, nn.Hardtanh):
             return self._clip(node.args[0], float(mod.min_val), float(mod.max_val), scope)
         if kind in _CONV_MODULES:
-            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+            if mod.padding_mode != "zeros":
                 raise Unsupported("conv padding")
             w = self._initializer(f"{node.target}.weight", mod.weight)
             b = self._initializer(f"{node.target}.bias", mod.bias) if mod.bias is not None else None
@@ -371,22 +371,34 @@ class _Exporter:
     def _conv(self, x_arg, w: _Value, b: Optional[_Value], stride, padding, dilation, groups, n: int,
               scope: str) -> _Value:
         x = self._tensor(x_arg)
-        if isinstance(padding, str) or not isinstance(groups, int):
-            raise Unsupported("conv padding")
-        s, p, d = (_tuple(v, n, what) for v, what in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+        if not isinstance(groups, int):
+            raise Unsupported("conv groups")
+        s, d = _tuple(stride, n, "stride"), _tuple(dilation, n, "dilation")
         if len(x.shape) != n + 2 or len(w.shape) != n + 2 or any(v is None for v in x.shape[1:]):
             raise Unsupported("conv rank")
         k = w.shape[2:]
+        if padding == "valid":
+            begin, end = [0] * n, [0] * n
+        elif padding == "same":  # PyTorch's rule (stride 1 only): the odd one of d*(k-1) goes on the right
+            if any(v != 1 for v in s):
+                raise Unsupported("conv padding")
+            begin = [dd * (kk - 1) // 2 for dd, kk in zip(d, k)]
+            end = [dd * (kk - 1) - b for dd, kk, b in zip(d, k, begin)]
+        elif isinstance(padding, str):
+            raise Unsupported("conv padding")
+        else:
+            begin = end = _tuple(padding, n, "padding")
         if x.shape[1] != w.shape[1] * groups or (b is not None and b.shape != [w.shape[0]]):
             raise Unsupported("conv channels")
-        spatial = [(i + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for i, pp, dd, kk, ss in zip(x.shape[2:], p, d, k, s)]
+        spatial = [(i + pb + pe - dd * (kk - 1) - 1) // ss + 1
+                   for i, pb, pe, dd, kk, ss in zip(x.shape[2:], begin, end, d, k, s)]
         if any(v <= 0 for v in spatial):
             raise Unsupported("conv output size")
         if not scope:  # a functional conv: named after the module that owns its weight (layer1.0.conv1 -> /.../Conv)
             scope = _owner(w.param)
         inputs = [x.name, w.name] + ([b.name] if b is not None else [])
         return self._emit("Conv", inputs, [x.shape[0], w.shape[0]] + spatial, scope,
-                          dilations=d, group=groups, kernel_shape=list(k), pads=p + p, strides=s)
+                          dilations=d, group=groups, kernel_shape=list(k), pads=begin + end, strides=s)
 
     def _linear(self, x_arg, w: _Value, b: _Value, scope: str) -> _Value:
         x = self._tensor(x_arg)

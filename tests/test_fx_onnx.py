@@ -295,3 +295,69 @@ def test_an_unused_input_is_dropped_as_torchscript_does(monkeypatch):
     monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
     slow = qcompile.export.export_onnx(gm, tuple(t[:1] for t in x))
     assert [i.name for i in fast.graph.input] == [i.name for i in slow.graph.input] == ["input_0"]
+
+
+class SamePadding(nn.Module):
+    """``padding="same"`` (dilated, even kernel: the odd pad on the right) and ``"valid"``, which onnxruntime
+    refused at run time when written as ``auto_pad = SAME_UPPER`` with a dilation ("Dilation not supported")."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding="same", dilation=2)
+        self.b = nn.Conv2d(6, 6, 4, padding="same")
+        self.c = nn.Conv2d(6, 4, (3, 2), padding="same", dilation=(1, 3), bias=False)
+        self.d = nn.Conv2d(4, 4, 3, padding="valid")
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        y = F.relu(self.a(x))
+        y = F.relu(self.b(y)) + y
+        y = self.d(F.relu(self.c(y)))
+        return self.fc(torch.flatten(y, 1))
+
+
+class SamePadding1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv1d(2, 4, 3, padding="same", dilation=2)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("factory,shape", [(SamePadding, (4, 3, 8, 8)), (SamePadding1d, (4, 2, 16))])
+@pytest.mark.parametrize("options", [{"scheme": "fp32"}, {"scheme": "uniform", "bits": 8}],
+                         ids=["fp32", "uniform8"])
+def test_same_padding_is_written_as_explicit_pads_on_both_paths(monkeypatch, factory, shape, options):
+    model, x = _model(factory, shape)()
+    fast, slow, taken = _compile_both(monkeypatch, model, x, **options)
+    # quantized, "same" becomes an F.pad of the quantized input (insert_quant), which falls back
+    assert taken or options["scheme"] != "fp32", "the fast path fell back"
+    for result in (fast, slow):
+        for node in result.onnx_model.graph.node:
+            assert all(a.name != "auto_pad" for a in node.attribute), node
+        onnx.checker.check_model(result.onnx_model, full_check=True)
+    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
+    got = _run(fast.onnx_model, x)  # onnxruntime raised "Dilation not supported for AutoPadType::SAME_UPPER"
+    if options["scheme"] == "fp32":
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got, _run(slow.onnx_model, x))
+
+
+def test_torchscript_same_pads_are_made_explicit():
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], auto_pad="SAME_UPPER", kernel_shape=[4, 3],
+                                 dilations=[1, 2])
+    lower = onnx.helper.make_node("Conv", ["x", "w"], ["z"], auto_pad="SAME_LOWER", kernel_shape=[4, 3])
+    strided = onnx.helper.make_node("Conv", ["x", "w"], ["s"], auto_pad="SAME_UPPER", kernel_shape=[3, 3],
+                                    strides=[2, 2])
+    valid = onnx.helper.make_node("Conv", ["x", "w"], ["v"], auto_pad="VALID", kernel_shape=[3, 3])
+    graph = onnx.helper.make_graph([conv, lower, strided, valid], "g", [], [])
+    from qcompile.export import explicit_same_pads
+
+    nodes = explicit_same_pads(onnx.helper.make_model(graph)).graph.node
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert "auto_pad" not in attrs[0] and attrs[0]["pads"] == [1, 2, 2, 2]  # d*(k-1) = 3, 4: odd one at the end
+    assert "auto_pad" not in attrs[1] and attrs[1]["pads"] == [2, 1, 1, 1]  # SAME_LOWER: at the beginning
+    assert attrs[2]["auto_pad"] == b"SAME_UPPER"  # strided: depends on the input size, left alone
+    assert attrs[3] == {"kernel_shape": [3, 3]}
