@@ -644,19 +644,30 @@ def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
     and wrap padding copy codes, zero padding adds the zero point's code (real 0), so the values are the same; the
     convolution after it then reads a ``DequantizeLinear`` again and onnxruntime fuses it into its int8 kernels
     (a ``reflect``/``replicate`` or asymmetric ``"same"`` conv; circular padding exports as Slice/Concat and is left
-    alone). The first ``DequantizeLinear`` stays for its other readers (and the validator's activation map)."""
+    alone). The first ``DequantizeLinear`` stays for its other readers (and the validator's activation map). Only
+    8-bit codes move: onnxruntime has no int16 Pad, and only 8-bit codes feed its int8 kernels."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
     nodes: list[onnx.NodeProto] = []
     changed = False
+
+    def eight_bit_codes(dq: onnx.NodeProto) -> bool:
+        """Codes of 8 bits: what onnxruntime's Pad runs (not the int16 codes of APoT-8 or PoT-4 activations,
+        "Could not find an implementation for Pad(21)") and what its int8 kernels read."""
+        zp = dq.input[2] if len(dq.input) > 2 else ""
+        if zp:
+            return inits[zp].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+        q = producer.get(dq.input[0])  # QuantizeLinear without a zero point gives uint8
+        return q is not None and q.op_type == "QuantizeLinear" and (len(q.input) < 3 or not q.input[2])
+
     for node in graph.node:
         dq = producer.get(node.input[0]) if node.op_type == "Pad" and node.domain in ("", "ai.onnx") else None
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
         fill = node.input[2] if len(node.input) > 2 else ""
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx") \
                 and dq.input[1] in inits and int(np.prod(inits[dq.input[1]].dims)) == 1 \
-                and (len(dq.input) < 3 or not dq.input[2] or dq.input[2] in inits) \
+                and (len(dq.input) < 3 or not dq.input[2] or dq.input[2] in inits) and eight_bit_codes(dq) \
                 and (mode != "constant" or not fill or (fill in inits and not numpy_helper.to_array(inits[fill]).any())):
             zp = dq.input[2] if len(dq.input) > 2 else ""
             codes = f"{node.output[0]}/codes"
