@@ -77,31 +77,42 @@ class Calibrate(Pass):
         return PassResult(gm, True)
 
     def _fit_biases(self, gm) -> None:
-        """Widen an activation range whose unit is so small that a layer reading it would need a bias of more than
-        30 bits on its accumulator grid S_x·S_w (``QuantizeBias``; onnxruntime converts the bias to int32 when it
-        fuses the layer, and a value past int32 does not survive that). Inputs of magnitude ~1e-7 do it: a bias of
-        0.1 is then ~4e10 accumulator units. The widened unit keeps the largest |bias| at 2^29 units, leaving
-        headroom for bias correction and for the products Σ q_x·q_w; the x·w term it quantizes more coarsely is
-        then below 2^-29·K·255·127 of that bias (K the fan-in), so the layer's output barely changes."""
+        """Widen ranges whose units are so small that a layer would need a bias of more than 30 bits on its
+        accumulator grid S_x·S_w (``QuantizeBias``; onnxruntime converts the bias to int32 when it fuses the
+        layer, and a value past int32 does not survive that). The widened units keep the largest |bias| at 2^29
+        units, leaving headroom for bias correction and for the products Σ q_x·q_w; the x·w term quantized more
+        coarsely is then below 2^-29·K·255·127 of that bias (K the fan-in), so the layer's output barely changes.
+
+        What every channel needs is the input's doing (inputs of magnitude ~1e-7: a bias of 0.1 is then ~4e10
+        units), and the input range grows by it. What single channels need beyond that is theirs (a pruned
+        channel, a folded BatchNorm with gamma ~ 0: tiny weights and a bias), and with per-channel weights only
+        those channels' weight ranges grow; widening the shared input range for one such channel coarsened every
+        channel of every layer reading it (one pruned channel took a model from 61 to 11 dB)."""
         from .quantize_bias import _LAYERS, accumulator_scale
 
-        need: dict[str, float] = {}  # quantizer target -> factor its unit must grow by
-        readers: dict[str, list[str]] = {}
+        layers = []
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
                 continue
-            xnode = node.args[0]
-            xfq, wfq = input_quantizer(gm, xnode), fake_quantizer(gm, node.args[1])
+            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
             if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
                 continue
             if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
                 continue
             b = attr_value(gm, bnode).detach().double().reshape(-1)
-            scale = accumulator_scale(xfq, wfq).double()
-            if scale.numel() not in (1, b.numel()):
-                continue
-            factor = float((b.abs() / scale).max()) / _BIAS_UNITS
+            if accumulator_scale(xfq, wfq).numel() in (1, b.numel()):
+                layers.append((node, xfq, wfq, b))
+
+        def ratios(xfq, wfq, b):  # |bias| in units of 2^29 accumulator steps, per channel
+            return (b.abs() / accumulator_scale(xfq, wfq).double()) / _BIAS_UNITS
+
+        need: dict[str, float] = {}  # input quantizer target -> factor its unit must grow by
+        readers: dict[str, list[str]] = {}
+        for node, xfq, wfq, b in layers:
+            ratio = ratios(xfq, wfq, b)
+            per_channel = wfq.alpha.numel() == b.numel() > 1
+            factor = float(ratio.min() if per_channel else ratio.max())
             if factor > 1.0:
                 target = next(t for t, m in gm.named_modules() if m is xfq)
                 need[target] = max(need.get(target, 1.0), factor)
@@ -116,6 +127,28 @@ class Calibrate(Pass):
                     qnode.meta["qparams"] = _qparams(fq, f"{old_qp.observer if old_qp else 'calibrated'}+{BIAS_FIT}")
             self.report.append(f"{target}: range {old:.3g} -> {float(fq.alpha.max()):.3g}, so that the bias of "
                                f"layer(s) {', '.join(readers[target])} fits the int32 accumulator")
+        for node, xfq, wfq, b in layers:  # what single channels need beyond what their input now gives
+            ratio = ratios(xfq, wfq, b)
+            if wfq.alpha.numel() == b.numel() > 1 and bool((ratio > 1.0).any()):
+                self._widen_weight_channels(node, wfq, ratio)
+
+    def _widen_weight_channels(self, node: torch.fx.Node, wfq, ratio: torch.Tensor) -> None:
+        """Grow the weight range of each output channel whose bias needs more than ``_BIAS_UNITS`` accumulator
+        units, by that excess (×1.01). Such a channel's weights are tiny next to its bias: the x·w term it now
+        quantizes more coarsely is below 2^-29·K·255·127 of the bias (K the fan-in), and an all-zero channel
+        keeps its codes (0) exactly. Widening the shared input range instead coarsened every channel of every
+        layer reading it: one pruned channel with a bias took a model from 61 to 11 dB."""
+        grow = torch.where(ratio > 1.0, ratio * 1.01, torch.ones_like(ratio))
+        alpha = wfq.alpha.detach().double()
+        wfq.set_params((alpha.reshape(-1) * grow).reshape(alpha.shape), wfq.zero_point)
+        wnode = node.args[1]
+        old_qp = wnode.meta.get("qparams") if isinstance(wnode, torch.fx.Node) else None
+        if old_qp is not None:
+            wnode.meta["qparams"] = _qparams(wfq, f"{old_qp.observer}+{BIAS_FIT}")
+        channels = [int(c) for c in torch.nonzero(ratio > 1.0).reshape(-1)]
+        shown = ", ".join(map(str, channels[:8])) + (", ..." if len(channels) > 8 else "")
+        self.report.append(f"{node.meta.get('layer', node.name)}: weight range of channel(s) {shown} widened "
+                           f"(up to {float(grow.max()):.3g}x), so that their bias fits the int32 accumulator")
 
     def _calibrate_with_data(self, gm, acts) -> None:
         try:

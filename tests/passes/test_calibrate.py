@@ -576,3 +576,37 @@ def test_observers_that_saw_the_same_values_are_solved_once(monkeypatch):
     quantizers = {n: m for n, m in result.model.named_modules() if isinstance(m, FakeQuantize) and m.role != "weight"}
     assert len(quantizers) == 9 and len(searches) == 8  # act_fq3 reads flatten(res_fq0): one search for both
     assert torch.equal(quantizers["act_fq3"].alpha, quantizers["res_fq0"].alpha)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1e-6], ids=["pruned", "near-zero"])
+@pytest.mark.parametrize("scheme,bits,floor_db", [("uniform", 8, 50.0), ("apot", 4, 35.0)])
+def test_a_pruned_channel_with_a_bias_widens_its_own_weight_range_not_the_input(gamma, scheme, bits, floor_db):
+    """Network slimming leaves BatchNorm channels with gamma 0 (or ~0) and a beta: folded, an (almost) all-zero
+    weight channel with a bias, whose per-channel weight unit is tiny, so its bias needs far more than int32
+    accumulator units. Widening the shared input range for it coarsened every channel (16.7 dB at W8A8); only
+    that channel's weight range grows now, and the model stays close to float."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[3].weight[2] = gamma
+        model[3].bias[2] = 0.5
+    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x[:32], scheme=scheme, bits=bits)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0, result.report.summary()
+    reports = [line for t in result.timings if t.name == "Calibrate" for line in t.report]
+    assert not any(": range" in line for line in reports), reports  # no input range was widened
+    assert any(line.startswith("2: weight range of channel(s) 2 widened") for line in reports), reports
+    from qcompile.passes.quantize_bias import accumulator_scale
+
+    layer = result.model.get_submodule("2")
+    units = layer.bias.detach().double().abs() / accumulator_scale(result.model.act_fq1, layer.weight_fq).double()
+    assert float(units.max()) <= 2 ** 29
+    with torch.no_grad():
+        ref, out = model(x[32:]), result.model(x[32:])
+    sqnr = 10 * math.log10(float((ref ** 2).sum() / ((ref - out) ** 2).sum()))
+    assert sqnr > floor_db
