@@ -36,7 +36,7 @@ class CompileResult:
 def model_input(t) -> torch.Tensor:
     """A tensor or array as a model input: floating point as float32; integers (token ids, indices) and booleans
     keep their type, so an ``nn.Embedding`` still gets integers."""
-    t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else torch.as_tensor(t)
+    t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else torch.as_tensor(t).detach()
     if t.is_floating_point():
         return t.float()
     if t.is_complex():
@@ -68,7 +68,18 @@ def calib_tensor(calib) -> Optional[torch.Tensor]:
         parts.append(model_input(item))
     if not parts:
         raise UserError("the calibration data is empty; give at least one batch")
+    _check_batches_agree(parts)
     return torch.cat(parts)
+
+
+def _check_batches_agree(parts: list[torch.Tensor], which: str = "") -> None:
+    """Calibration batches must share the sample shape and type, so that they stack into one (N, ...) tensor."""
+    first = parts[0]
+    for i, t in enumerate(parts[1:], 1):
+        if t.dim() == 0 or first.dim() == 0 or tuple(t.shape[1:]) != tuple(first.shape[1:]) or t.dtype != first.dtype:
+            raise UserError(f"{which}calibration batch {i} has samples of shape {tuple(t.shape[1:])} ({t.dtype}) but "
+                            f"batch 0 has {tuple(first.shape[1:])} ({first.dtype}); give batches of one sample shape "
+                            "and type")
 
 
 CALIBRATION_KEY = "qcompile.calibration"
@@ -122,23 +133,32 @@ def check_input_count(model: nn.Module, given: int, source: str) -> None:
                         f"were given ({source}); give one array (or --input-shape) per input")
 
 
-def check_calibration_data(calib_x, example_inputs: tuple) -> None:
-    """Calibration inputs must be finite and have, sample for sample, the shape of the example inputs the model is
-    traced (and the file exported) with: one-line errors here instead of a failing pass later."""
+def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibration data",
+                           option: str = "--calib") -> None:
+    """Calibration (or validation) inputs must be finite and have, sample for sample, the shape and kind of type
+    of the example inputs the model is traced (and the file exported) with: one-line errors here instead of a
+    failing pass, or a failing onnxruntime run after the file is written."""
     parts = calib_x if isinstance(calib_x, tuple) else (calib_x,)
+    if len(parts) != len(example_inputs):
+        raise UserError(f"{what} has {len(parts)} input(s) but the model is traced with {len(example_inputs)}; give "
+                        f"one array per model input ({option})")
     for i, (c, e) in enumerate(zip(parts, example_inputs)):
         which = f"input {i} of the " if len(parts) > 1 else ""
         if c.is_floating_point():
             bad = int((~torch.isfinite(c)).sum())
             if bad:
-                raise UserError(f"{which}calibration data holds {bad} NaN or inf value(s); give finite inputs (--calib)")
-            if c.numel() > 1 and bool(c.min() == c.max()):
-                raise UserError(f"{which}calibration data is constant (every value is {float(c.min()):g}); activation "
+                raise UserError(f"{which}{what} holds {bad} NaN or inf value(s); give finite inputs ({option})")
+            if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib":
+                raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
-            raise UserError(f"{which}calibration data has samples of shape {tuple(c.shape[1:])} but the example input "
-                            f"is {tuple(e.shape[1:])} per sample; make --calib and --input-shape agree (or drop "
+            raise UserError(f"{which}{what} has samples of shape {tuple(c.shape[1:])} but the example input "
+                            f"is {tuple(e.shape[1:])} per sample; make {option} and --input-shape agree (or drop "
                             "--input-shape)")
+        if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
+            raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "
+                            "the model takes (floating point for images and features, integers for token ids; "
+                            "--input-shape makes float inputs)")
 
 
 def calib_data(calib, n_inputs: int = 1):
@@ -161,6 +181,8 @@ def calib_data(calib, n_inputs: int = 1):
                 column.append(model_input(t))
         if not columns[0]:
             raise UserError("the calibration data is empty; give at least one batch")
+        for i, column in enumerate(columns):
+            _check_batches_agree(column, f"input {i}: ")
         parts = [torch.cat(column) for column in columns]
     sizes = {t.shape[0] if t.dim() else 0 for t in parts}
     if len(sizes) != 1 or 0 in sizes:
@@ -174,6 +196,9 @@ def default_thresholds(opts: CompileOptions) -> dict:
         # relative error <= 1e-4  <=>  SQNR >= 80 dB
         return {"min_sqnr": 80.0}
     return {"min_top1": None}
+
+
+VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch"}  # compile(thresholds=...) keys
 
 
 def compile(
@@ -238,6 +263,16 @@ def compile(
     example_inputs = as_input_tuple(example_inputs)
     if calib_x is not None:
         check_calibration_data(calib_x, example_inputs)
+    valid_x = None
+    if validate and validation_inputs is not None:
+        valid_x = calib_data(validation_inputs, len(example_inputs))
+        check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
+    if validate and thresholds:
+        known = VALIDATION_THRESHOLDS if opts.quantized else VALIDATION_THRESHOLDS - {"max_code_mismatch"}
+        unknown = sorted(map(str, set(thresholds) - known))
+        if unknown:
+            raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
+                            f"{', '.join(sorted(known))}")
 
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
@@ -268,11 +303,10 @@ def compile(
         onnx_model.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(
             {"samples": int(first.shape[0]), "sha256": calibration_fingerprint(calib_x)}, separators=(",", ":")))
     export_mod.check_model(onnx_model)
-    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
 
-    report = None
+    report = None  # validated before it is written: nothing is left behind when validation cannot run
     if validate:
-        inputs = validation_inputs
+        inputs = valid_x
         if inputs is None:
             inputs = calib_x if calib_x is not None else example_inputs
         th = default_thresholds(opts)
@@ -284,5 +318,6 @@ def compile(
             report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
         else:
             report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)
+    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

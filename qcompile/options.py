@@ -57,7 +57,10 @@ class CompileOptions:
                 raise UserError(f"unknown --{name} {value!r}; choose one of {', '.join(s for s in SCHEMES if s != 'fp32')}")
         for name in ("bits", "wbits", "abits"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 2 <= value <= 8):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise UserError(f"--{name} must be an integer bit-width from 2 to 8, got {value!r} "
+                                f"({type(value).__name__})")
+            if value is not None and not 2 <= value <= 8:
                 raise UserError(f"--{name} {value} is outside 2..8; choose a bit-width from 2 to 8")
         if self.emit not in EMIT_FORMS:
             raise UserError(f"unknown --emit {self.emit!r}; choose one of {', '.join(EMIT_FORMS)}")

@@ -226,6 +226,30 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_compile_api_refuses_bad_data_before_writing(tmp_path):
+    """Mistakes in the data given from Python: one-line UserErrors, and no file (the file is written after its
+    validation, so a validation that cannot run leaves nothing behind either)."""
+    out = tmp_path / "model.onnx"
+    x = example_input(MLP, batch=8)
+    cases = [
+        (dict(calib=x.long()), "calibration data is torch.int64 but the example input is torch.float32"),
+        (dict(calib=[x[:4], torch.randn(4, x.shape[1] + 1)]), "calibration batch 1 has samples of shape"),
+        (dict(calib=x, validation_inputs=torch.randn(4, x.shape[1] + 1)), "validation data has samples of shape"),
+        (dict(calib=x, thresholds={"min_snr": 10}), "unknown validation threshold(s) 'min_snr'"),
+        (dict(calib=x, bits="4"), "--bits must be an integer bit-width from 2 to 8, got '4'"),
+    ]
+    for kwargs, needle in cases:
+        kwargs = {"scheme": "uniform", "bits": 8, **kwargs}
+        with pytest.raises(UserError) as info:
+            qcompile.compile(MLP(), x[:1], output=str(out), **kwargs)
+        assert needle in str(info.value)
+        assert leftovers(tmp_path) == []
+    # calibration inputs that require grad (the output of a preprocessing module) are data, not a graph
+    pre = torch.nn.Linear(x.shape[1], x.shape[1])
+    result = qcompile.compile(MLP(), x[:1], scheme="uniform", bits=8, calib=pre(x), output=str(out))
+    assert result.report.passed and out.exists()
+
+
 def test_default_attributes_are_stripped_and_outputs_unchanged():
     """Attributes equal to their default (schema defaults; unit strides/dilations and zero pads of convolutions and
     pools) go; the rest stay; onnxruntime computes the same before and after."""
