@@ -58,6 +58,25 @@ def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: torch.Tensor, path: s
                         f"{fix}")
 
 
+def _weight_shapes(model: onnx.ModelProto):
+    """The shapes of a file's weight tensors (initializers of rank 2 and more: convolution and matrix weights):
+    what a model gives whatever the options and qcompile version (which change tables, scales and nodes)."""
+    from collections import Counter
+
+    return Counter(tuple(t.dims) for t in model.graph.initializer if len(t.dims) >= 2)
+
+
+def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, args) -> None:
+    """The simulation rebuilt from ``--against`` must be the one the file was compiled from: another model gives
+    other layers, and comparing their quantizers failed deep inside with an internal error."""
+    mine, theirs = _weight_shapes(onnx_model), _weight_shapes(rebuilt)
+    if mine == theirs:
+        return
+    raise UserError(f"{args.onnx!r} was not compiled from {args.against!r} (its weights have other shapes: "
+                    f"{sum(mine.values())} weight tensors against {sum(theirs.values())}); pass the model (and --arch) "
+                    "the file was compiled from")
+
+
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
@@ -103,4 +122,5 @@ def validate_against(args):
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
     sim = qcompile_compile(model, inputs[:1], scheme=scheme, bits=bits, calib=inputs if data is not None else None,
                            output=None, validate=False, **opts)
+    _check_same_graph(onnx_model, sim.onnx_model, args)
     return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)

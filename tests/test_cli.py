@@ -63,8 +63,24 @@ MODULE_SOURCE = textwrap.dedent('''
             return self.fc2(self.gate(self.fc1(x)))
 
 
+    class WideCNN(nn.Module):  # the input of TinyCNN, other layers
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            x = torch.relu(self.b(torch.relu(self.a(x))))
+            return self.fc(x.mean((2, 3)))
+
+
     def tiny_cnn():
         return TinyCNN()
+
+
+    def wide_cnn():
+        return WideCNN()
 
 
     def gated_net():
@@ -580,6 +596,17 @@ def test_validate_of_a_quantized_file_needs_its_calibration_data(work, capsys):
     assert rc == 0 and "PASS" in out, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "heldout.npy")
     assert_user_error(rc, err, "--data is not the calibration data 'q.onnx' was compiled with (8 samples)")
+
+
+def test_validate_against_another_model_is_a_user_error(work, capsys):
+    """A file validated against a model it was not compiled from (same input shape, other layers) failed deep in
+    the code comparison with an internal error; the rebuilt simulation's graph is now checked first."""
+    np.save(work / "calib8.npy", np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "uniform",
+                       "--bits", "8", "-o", "q.onnx")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", f"{MODULE}:wide_cnn", "--data", "calib8.npy")
+    assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn'")
 
 
 def test_special_files_and_symlinks_as_output(work, capsys):
