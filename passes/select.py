@@ -390,12 +390,12 @@ class SelectLayers(Pass):
                     decision[n] = ov.apply(decision[n])
                     matched[id(ov)] += 1
         names = [_layer_name_and_type(gm, n)[0] for n in nodes]
+        names = list(dict.fromkeys(names))  # a module called twice is one name
         for ov in self.overrides:
-            if not matched[id(ov)]:
-                if ov.source == "--exclude":  # named on the command line for this model: a typo, most likely
-                    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-                    raise UserError(f"--exclude '{ov.label}' matched no layer; the layers are {shown or 'none'}")
-                self.report.append(f"{ov.where} '{ov.label}' matched no layer")
+            if not matched[id(ov)]:  # a typo, most likely: silently ignoring it would quantize as if it were not there
+                shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+                fix = "" if ov.source == "--exclude" else "; fix the pattern or remove it"
+                raise UserError(f"{ov.where} '{ov.label}' matched no layer; the layers are {shown or 'none'}{fix}")
         return decision
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:

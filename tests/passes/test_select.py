@@ -104,7 +104,6 @@ def test_overrides_in_order_glob_regex_type():
         Override("layer1.*", "glob", {"scheme": "uniform", "bits": 8}, source="cfg"),
         Override(r"layer1\.conv2", "regex", {"wbits": 3, "per_channel": False}, source="cfg"),
         Override("Linear", "type", {"scheme": "float"}, source="cfg"),
-        Override("nothing.*", "glob", {"bits": 2}, source="cfg"),
     ]
     result, p, table = select(ResidualCNN(), default=DEFAULT, overrides=overrides)
     cfg = configs(result.gm)
@@ -112,7 +111,10 @@ def test_overrides_in_order_glob_regex_type():
     assert cfg["layer1.conv2"] == LayerConfig("quant", "uniform", 3, "uniform", 8, False, r"cfg 're:layer1\.conv2'")
     assert table["fc"] == "float (cfg 'type:Linear')"
     assert table["conv1"] == "W8 uniform / A8 uniform (first layer)"
-    assert "cfg 'nothing.*' matched no layer" in p.report
+    # a rule that matches nothing is a typo, most likely: refused, as --exclude is (it used to be only reported)
+    with pytest.raises(UserError, match=r"cfg 'nothing\.\*' matched no layer; the layers are conv1, .*fix the pattern"):
+        select(ResidualCNN(), default=DEFAULT, overrides=overrides + [Override("nothing.*", "glob", {"bits": 2},
+                                                                               source="cfg")])
 
 
 def test_quantized_scheme_override_requantizes_a_float_layer():
