@@ -75,8 +75,13 @@ def _call_factory(spec: str) -> nn.Module:
     factory = resolve_factory(spec)
     try:
         model = factory()
+    except TypeError as exc:  # most likely required arguments
+        raise UserError(f"factory {spec!r} raised TypeError: {exc}; it must build the model with no arguments") from None
     except Exception as exc:
-        raise UserError(f"factory {spec!r} raised {type(exc).__name__}: {exc}; it must build the model with no arguments") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"factory {spec!r} failed building the model ({type(exc).__name__}: {first}); make it run "
+                        "without arguments and without network access (load weights from a local file, or pass "
+                        "the weights as MODEL.pt with --arch)") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; make it return "
                         "the model (an nn.Module instance)")

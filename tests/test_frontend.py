@@ -46,6 +46,14 @@ USER_MODULE = textwrap.dedent('''
         raise RuntimeError("needs a config")
 
 
+    def offline_factory():  # a factory that downloads its weights, on a machine without network
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+
+    def factory_with_arguments(classes):
+        return UserNet()
+
+
     CONSTANT = 3
 ''')
 
@@ -228,7 +236,9 @@ def test_spec_with_arch_is_refused():
     ("{mod}:missing", "has no attribute"),
     ("{mod}:CONSTANT", "is not callable"),
     ("{mod}:not_a_module", "not a torch.nn.Module"),
-    ("{mod}:broken_factory", "raised RuntimeError: needs a config"),
+    ("{mod}:broken_factory", "failed building the model (RuntimeError: needs a config)"),
+    ("{mod}:offline_factory", "without network access"),
+    ("{mod}:factory_with_arguments", "it must build the model with no arguments"),
 ])
 def test_bad_factory_specs(user_module, suffix, needle):
     with pytest.raises(UserError) as err:
