@@ -475,5 +475,18 @@ def _bn_stats_through_relu(gm, node):
 
 
 def _consumer_names(node) -> str:
-    names = [u.meta.get("layer", u.name) for u in node.users]
-    return ", ".join(sorted(set(names))) or node.name
+    """The layers that read ``node``, looking through the nodes between (the F.pad of a reflect-padded conv)."""
+    names, frontier = set(), list(node.users)
+    for _ in range(4):
+        later = []
+        for u in frontier:
+            if "layer" in u.meta:
+                names.add(u.meta["layer"])
+            else:
+                later.extend(u.users)
+        if not later:
+            break
+        frontier = later
+    else:
+        names.update(u.name for u in frontier)
+    return ", ".join(sorted(map(str, names))) or node.name
