@@ -610,3 +610,21 @@ def test_a_pruned_channel_with_a_bias_widens_its_own_weight_range_not_the_input(
         ref, out = model(x[32:]), result.model(x[32:])
     sqnr = 10 * math.log10(float((ref ** 2).sum() / ((ref - out) ** 2).sum()))
     assert sqnr > floor_db
+
+
+def test_the_data_free_error_names_the_layer_behind_a_pad():
+    """A reflect-padded conv reads its quantized input through an F.pad node: the error named "pad"."""
+    import qcompile
+    from qcompile.errors import UserError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
+
+    with pytest.raises(UserError, match=r"cannot calibrate the input of c1 without data"):
+        qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8)
