@@ -206,8 +206,6 @@ def activation_ceiling(case: Case, float_out: np.ndarray) -> dict:
     layers' inputs (``int8_outputs=False``: fewer rounding points, but float adds and pools, so not int8 speed).
     Built from the pass API; the passes that bind integer kernels (which read the quantized weights) are left
     out."""
-    import copy
-
     from qcompile.frontend import trace
     from qcompile.options import CompileOptions
     from qcompile.passes.base import Pipeline
@@ -223,7 +221,7 @@ def activation_ceiling(case: Case, float_out: np.ndarray) -> dict:
         opts = CompileOptions(scheme="uniform", bits=8, calib_method=method, bias_correction=False,
                               int8_outputs=int8_outputs)
         passes = [p for p in build_passes(opts, case.calib) if not isinstance(p, integer)]
-        gm = Pipeline(passes)(trace(copy.deepcopy(case.model).eval(), (case.calib[:1],))).gm
+        gm = Pipeline(passes)(trace(case.model, (case.calib[:1],))).gm
         for m in gm.modules():
             if isinstance(m, FakeQuantize) and m.role == "weight":
                 m.enabled = False

@@ -276,7 +276,7 @@ def compile(
 
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
-    gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules)
+    gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback)
     gm = pipeline(gm).gm

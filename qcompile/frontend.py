@@ -333,11 +333,18 @@ class _Tracer(torch.fx.Tracer):
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-          leaf_modules: Iterable[str] = ()) -> torch.fx.GraphModule:
+          leaf_modules: Iterable[str] = (), copy: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
+
+    The graph module works on a copy of ``model`` (:func:`plain_copy`): the passes rewrite weights in place
+    (BatchNorm folding, equalization), and a graph module traced from the model itself shares its parameters, so
+    they changed the user's float model. ``copy=False`` traces ``model`` as it is (for a caller that copied it
+    already). A ``GraphModule`` is taken as it is: it is the IR the passes transform.
 
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
+    if copy and not isinstance(model, torch.fx.GraphModule):
+        model = plain_copy(model)
     leaf_modules = list(leaf_modules)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)

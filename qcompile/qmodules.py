@@ -176,10 +176,13 @@ class FakeQuantize(nn.Module):
         if not self.enabled:
             return x
         if not self.calibrated:
-            raise RuntimeError(f"quantizer ({self.extra_repr()}) used before calibration")
+            raise RuntimeError(f"quantizer ({self.extra_repr()}) used before calibration: run the Calibrate pass "
+                               "after InsertQuantizers (qcompile.pipeline.build_passes gives the full order)")
         if torch.onnx.is_in_onnx_export():
             if self.qid < 0 or not hasattr(self, "frozen_params"):
-                raise RuntimeError("FakeQuantize needs prepare_export() before torch.onnx.export")
+                raise RuntimeError("FakeQuantize needs prepare_export() before torch.onnx.export: call "
+                                   "table = qcompile.emit.quantizers_by_id(gm) first, then export_onnx(gm, x) and "
+                                   "qcompile.emit.emit(onnx_model, table, options)")
             _EXPORTING[self.qid] = self
             return torch.ops.qcompile.fake_quant_marker(x, self.qid)
         return self.simulate(x)

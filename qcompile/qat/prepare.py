@@ -183,7 +183,7 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     if calib_x is None:
         calib_x = example_inputs[0]
 
-    gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules)
+    gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
     before, _ = split_pipeline(opts, calib_x)
     # Weights are re-initialised below (one MSE search per layer), so their calibration can be the cheap one.
     before[-1] = Calibrate(calib_x, method=opts.calib_method, weight_method="minmax")
