@@ -76,7 +76,8 @@ def _call_factory(spec: str) -> nn.Module:
     try:
         model = factory()
     except TypeError as exc:  # most likely required arguments
-        raise UserError(f"factory {spec!r} raised TypeError: {exc}; it must build the model with no arguments") from None
+        raise UserError(f"factory {spec!r} raised TypeError: {exc}; it must build the model with no "
+                        "arguments") from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UserError(f"factory {spec!r} failed building the model ({type(exc).__name__}: {first}); make it run "

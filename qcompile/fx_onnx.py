@@ -13,9 +13,9 @@ or anything it cannot prove about a node (a shape it cannot derive, a dtype othe
 :func:`export_fx` return ``None`` and the caller uses ``torch.onnx.export``: the fast path only narrows what runs,
 never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the same file.
 
-Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric, ``"same"``, ``"valid"``); Linear on 2-D
-inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip); MaxPool1d/2d/3d; adaptive average pooling to 1
-(GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor; ``a + b`` of two tensors of one shape; Identity,
+Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric,
+``"same"``, ``"valid"``); Linear on 2-D inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip);
+MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor; ``a + b`` of two tensors of one shape; Identity,
 eval-mode Dropout; qcompile's FakeQuantize (marker or pass-through), Int8Add, IntegerOutput, Int8GlobalAvgPool.
 """
 from __future__ import annotations
