@@ -15,8 +15,9 @@ never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the
 
 Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric,
 ``"same"``, ``"valid"``); Linear on 2-D inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip);
-MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor; ``a + b`` of two tensors of one shape; Identity,
-eval-mode Dropout; qcompile's FakeQuantize (marker or pass-through), Int8Add, IntegerOutput, Int8GlobalAvgPool.
+MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor;
+``a + b`` of two tensors of one shape; Identity, eval-mode Dropout; qcompile's FakeQuantize (marker or
+pass-through), Int8Add, IntegerOutput, Int8GlobalAvgPool.
 """
 from __future__ import annotations
 
