@@ -101,16 +101,13 @@ class Calibrate(Pass):
             if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
                 continue
             b = attr_value(gm, bnode).detach().double().reshape(-1)
-            if accumulator_scale(xfq, wfq).numel() in (1, b.numel()):
-                layers.append((node, xfq, wfq, b))
-
-        def ratios(xfq, wfq, b):  # |bias| in units of 2^29 accumulator steps, per channel
-            return (b.abs() / accumulator_scale(xfq, wfq).double()) / _BIAS_UNITS
+            scale = accumulator_scale(xfq, wfq).double()
+            if scale.numel() in (1, b.numel()):  # |bias| in units of 2^29 accumulator steps, per channel
+                layers.append((node, xfq, wfq, b, (b.abs() / scale) / _BIAS_UNITS))
 
         need: dict[str, float] = {}  # input quantizer target -> factor its unit must grow by
         readers: dict[str, list[str]] = {}
-        for node, xfq, wfq, b in layers:
-            ratio = ratios(xfq, wfq, b)
+        for node, xfq, wfq, b, ratio in layers:
             per_channel = wfq.alpha.numel() == b.numel() > 1
             factor = float(ratio.min() if per_channel else ratio.max())
             if factor > 1.0:
@@ -127,10 +124,15 @@ class Calibrate(Pass):
                     qnode.meta["qparams"] = _qparams(fq, f"{old_qp.observer if old_qp else 'calibrated'}+{BIAS_FIT}")
             self.report.append(f"{target}: range {old:.3g} -> {float(fq.alpha.max()):.3g}, so that the bias of "
                                f"layer(s) {', '.join(readers[target])} fits the int32 accumulator")
-        for node, xfq, wfq, b in layers:  # what single channels need beyond what their input now gives
-            ratio = ratios(xfq, wfq, b)
-            if wfq.alpha.numel() == b.numel() > 1 and bool((ratio > 1.0).any()):
-                self._widen_weight_channels(node, wfq, ratio)
+        widened = {id(gm.get_submodule(t)) for t in need}
+        for node, xfq, wfq, b, ratio in layers:  # what single channels need beyond what their input now gives
+            if wfq.alpha.numel() != b.numel() or b.numel() <= 1 or not bool((ratio > 1.0).any()):
+                continue
+            if id(xfq) in widened:
+                ratio = (b.abs() / accumulator_scale(xfq, wfq).double()) / _BIAS_UNITS
+                if not bool((ratio > 1.0).any()):
+                    continue
+            self._widen_weight_channels(node, wfq, ratio)
 
     def _widen_weight_channels(self, node: torch.fx.Node, wfq, ratio: torch.Tensor) -> None:
         """Grow the weight range of each output channel whose bias needs more than ``_BIAS_UNITS`` accumulator
