@@ -83,11 +83,13 @@ class Calibrate(Pass):
         units, leaving headroom for bias correction and for the products Σ q_x·q_w; the x·w term quantized more
         coarsely is then below 2^-29·K·255·127 of that bias (K the fan-in), so the layer's output barely changes.
 
-        What every channel needs is the input's doing (inputs of magnitude ~1e-7: a bias of 0.1 is then ~4e10
-        units), and the input range grows by it. What single channels need beyond that is theirs (a pruned
-        channel, a folded BatchNorm with gamma ~ 0: tiny weights and a bias), and with per-channel weights only
-        those channels' weight ranges grow; widening the shared input range for one such channel coarsened every
-        channel of every layer reading it (one pruned channel took a model from 61 to 11 dB)."""
+        A need of up to ``_INPUT_WIDENING_MAX`` (2×, one bit) widens the input range, as it always did (PoT-5
+        weights, whose unit is alpha·2^-14, need ~1.4× on the digits model). Beyond that, with per-channel weights,
+        what every channel needs is the input's doing (inputs of magnitude ~1e-7: a bias of 0.1 is then ~4e10
+        units) and the input range grows by it; what single channels need beyond that is theirs (a pruned
+        channel, a folded BatchNorm with gamma ~ 0: tiny weights and a bias), and only those channels' weight
+        ranges grow. Widening the shared input range for one such channel coarsened every channel of every layer
+        reading it (one pruned channel took a model from 61 to 11 dB)."""
         from .quantize_bias import _LAYERS, accumulator_scale
 
         layers = []
@@ -109,7 +111,8 @@ class Calibrate(Pass):
         readers: dict[str, list[str]] = {}
         for node, xfq, wfq, b, ratio in layers:
             per_channel = wfq.alpha.numel() == b.numel() > 1
-            factor = float(ratio.min() if per_channel else ratio.max())
+            most = float(ratio.max())
+            factor = float(ratio.min()) if per_channel and most > _INPUT_WIDENING_MAX else most
             if factor > 1.0:
                 target = next(t for t, m in gm.named_modules() if m is xfq)
                 need[target] = max(need.get(target, 1.0), factor)
@@ -242,6 +245,7 @@ class Calibrate(Pass):
 
 BIAS_FIT = "bias fit"  # the observer suffix of a range Calibrate widened for a layer's bias
 _BIAS_UNITS = float(2 ** 29)  # the largest |bias| on a layer's accumulator grid (int32 with headroom)
+_INPUT_WIDENING_MAX = 2.0  # up to this, an input range grows for a bias; beyond, the channels that need it do
 
 
 def _saw_only_zeros(obs) -> bool:

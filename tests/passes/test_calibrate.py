@@ -4,6 +4,7 @@ for ``--calib``; a second run changes nothing."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -599,8 +600,12 @@ def test_a_pruned_channel_with_a_bias_widens_its_own_weight_range_not_the_input(
     result = qcompile.compile(model, x[:1], calib=x[:32], scheme=scheme, bits=bits)
     assert result.report.passed and result.report.extra["code_mismatch"] == 0, result.report.summary()
     reports = [line for t in result.timings if t.name == "Calibrate" for line in t.report]
-    assert not any(": range" in line for line in reports), reports  # no input range was widened
-    assert any(line.startswith("2: weight range of channel(s) 2 widened") for line in reports), reports
+    for line in reports:  # an input range grows by 2x at most for a bias (a mild need); it grew ~1500x
+        if ": range " in line:
+            old, new = (float(v) for v in re.search(r"range (\S+) -> (\S+),", line).groups())
+            assert new <= 2.02 * old, line
+    if gamma == 0.0:  # far past 2x: only the channel's own weight range grows
+        assert any(line.startswith("2: weight range of channel(s) 2 widened") for line in reports), reports
     from qcompile.passes.quantize_bias import accumulator_scale
 
     layer = result.model.get_submodule("2")
