@@ -31,31 +31,42 @@ def _calibration_record(model: onnx.ModelProto) -> dict | None:
     return None
 
 
-def _input_shape_from_onnx(model: onnx.ModelProto) -> tuple[int, ...] | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    shape = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
-    return tuple(shape) if shape else None
+def _graph_inputs(model: onnx.ModelProto) -> list:
+    init = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in init]
 
 
-def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: torch.Tensor, path: str, given: str) -> None:
-    """The inputs must have the rank and every fixed dimension of the file's (one) graph input: a one-line error
-    naming both shapes, not onnxruntime's INVALID_ARGUMENT from deep inside validation."""
-    init = {t.name for t in onnx_model.graph.initializer}
-    graph_inputs = [i for i in onnx_model.graph.input if i.name not in init]
-    if len(graph_inputs) != 1:
-        raise UserError(f"{path!r} has {len(graph_inputs)} inputs; qcompile validate runs files with one (validate a "
-                        "model with several from Python: qcompile.runtime.validation)")
-    dims = graph_inputs[0].type.tensor_type.shape.dim
-    want = tuple(d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims)
-    got = tuple(inputs.shape)
-    fits = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
-    if not fits:
-        shown = "(" + ", ".join(str(w) for w in want) + ")"
-        fix = ("pass --samples with its batch size, or --data" if given.startswith("--samples") and len(want) == len(got)
-               and all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:])) else
-               "give inputs of that shape (for a quantized file, the calibration inputs it was compiled with)")
-        raise UserError(f"{given} gives shape {got} but {path!r} takes input {graph_inputs[0].name!r} of shape {shown}; "
-                        f"{fix}")
+def _input_shapes_from_onnx(model: onnx.ModelProto) -> list[tuple[int, ...]] | None:
+    """One shape per graph input (a symbolic dimension, the batch, as 1); None where an input has no shape."""
+    shapes = []
+    for graph_input in _graph_inputs(model):
+        dims = graph_input.type.tensor_type.shape.dim
+        if not dims:
+            return None
+        shapes.append(tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims))
+    return shapes or None
+
+
+def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, given: str) -> None:
+    """The inputs must be one per graph input, each with the rank and every fixed dimension of its graph input: a
+    one-line error naming both shapes, not onnxruntime's INVALID_ARGUMENT from deep inside validation."""
+    graph_inputs = _graph_inputs(onnx_model)
+    if len(graph_inputs) != len(inputs):
+        how = ("a .npz with x0, x1, ... for --data, or one --input-shape per input" if len(graph_inputs) > 1 else
+               "one array (or one --input-shape)")
+        raise UserError(f"{path!r} has {len(graph_inputs)} input(s) but {given} gives {len(inputs)}; give {how}")
+    for graph_input, tensor in zip(graph_inputs, inputs):
+        dims = graph_input.type.tensor_type.shape.dim
+        want = tuple(d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims)
+        got = tuple(tensor.shape)
+        fits = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
+        if not fits:
+            shown = "(" + ", ".join(str(w) for w in want) + ")"
+            fix = ("pass --samples with its batch size, or --data" if given.startswith("--samples") and
+                   len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:]))
+                   else "give inputs of that shape (for a quantized file, the calibration inputs it was compiled with)")
+            raise UserError(f"{given} gives shape {got} but {path!r} takes input {graph_input.name!r} of shape "
+                            f"{shown}; {fix}")
 
 
 def _weight_shapes(model: onnx.ModelProto):
@@ -89,19 +100,22 @@ def validate_against(args):
     except Exception:
         raise UserError(f"{args.onnx!r} is not an ONNX file; give the .onnx file qcompile wrote") from None
     model = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
-    data = load_array_file(args.data, "--data") if args.data else None
-    if data is not None:
-        inputs = torch.from_numpy(data)
+    data = load_array_file(args.data, "--data", several=True) if args.data else None
+    if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
+        arrays = data if isinstance(data, tuple) else (data,)
+        inputs = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a) for a in arrays)
     else:
-        if args.input_shape and len(args.input_shape) > 1:
-            raise UserError("qcompile validate takes one input; for a model with several, validate from Python "
-                            "(qcompile.runtime.validation.validate_quantized)")
-        shape = parse_input_shape(args.input_shape[0]) if args.input_shape else _input_shape_from_onnx(onnx_model)
-        if shape is None:
+        if args.input_shape:
+            shapes = [parse_input_shape(text) for text in args.input_shape]
+        else:
+            shapes = _input_shapes_from_onnx(onnx_model)
+        if not shapes:
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
         gen = torch.Generator().manual_seed(1)
-        inputs = torch.randn((args.samples,) + tuple(shape[1:]), generator=gen)
+        inputs = tuple(torch.randn((args.samples,) + tuple(shape[1:]), generator=gen) for shape in shapes)
     _check_inputs_fit(onnx_model, inputs, args.onnx, "--data" if data is not None else f"--samples {args.samples}")
+    example = tuple(t[:1] for t in inputs)
+    inputs = inputs[0] if len(inputs) == 1 else inputs
     opts = _file_options(onnx_model)
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
     if not opts or opts.get("scheme") == "fp32":
@@ -113,14 +127,14 @@ def validate_against(args):
     if data is not None and recorded is not None:
         from .api import calibration_fingerprint
 
-        if calibration_fingerprint(inputs.float() if inputs.is_floating_point() else inputs) != recorded.get("sha256"):
+        if calibration_fingerprint(inputs) != recorded.get("sha256"):
             raise UserError(f"--data is not the calibration data {args.onnx!r} was compiled with ({recorded.get('samples')} "
                             "samples); validate rebuilds the simulation by calibrating on --data, so pass those "
                             "inputs (the --calib file of the compile)")
 
     opts = dict(opts)
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
-    sim = qcompile_compile(model, inputs[:1], scheme=scheme, bits=bits, calib=inputs if data is not None else None,
+    sim = qcompile_compile(model, example, scheme=scheme, bits=bits, calib=inputs if data is not None else None,
                            output=None, validate=False, **opts)
     _check_same_graph(onnx_model, sim.onnx_model, args)
     return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)

@@ -83,6 +83,21 @@ MODULE_SOURCE = textwrap.dedent('''
         return WideCNN()
 
 
+    class TwoInputNet(nn.Module):  # an image and a feature vector
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.feat = nn.Linear(5, 6)
+            self.fc = nn.Linear(6, 4)
+
+        def forward(self, x, m):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3)) + torch.relu(self.feat(m)))
+
+
+    def two_input_net():
+        return TwoInputNet()
+
+
     def gated_net():
         return GatedNet()
 ''')
@@ -607,6 +622,27 @@ def test_validate_against_another_model_is_a_user_error(work, capsys):
     assert rc == 0, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", f"{MODULE}:wide_cnn", "--data", "calib8.npy")
     assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn'")
+
+
+def test_validate_runs_a_file_with_two_inputs(work, capsys):
+    """compile takes --calib inputs.npz (x0, x1) for a model with two inputs; validate refused that file ("store the
+    inputs under 'x'", or "takes one input" for two --input-shape), so its file could only be checked from Python."""
+    rng = np.random.default_rng(5)
+    np.savez(work / "two.npz", x0=rng.standard_normal((8, 3, 8, 8)).astype(np.float32),
+             x1=rng.standard_normal((8, 5)).astype(np.float32))
+    spec = f"{MODULE}:two_input_net"
+    rc, out, err = cli(capsys, spec, "--calib", "two.npz", "--scheme", "uniform", "--bits", "8", "-o", "q2.onnx")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "q2.onnx", "--against", spec, "--data", "two.npz")
+    assert rc == 0 and out.strip().splitlines()[-1].endswith("PASS"), (out, err)
+    assert "max abs err 0," in out  # the rebuilt simulation is the file's
+    rc, out, err = cli(capsys, spec, "--input-shape", "1,3,8,8", "--input-shape", "1,5", "--scheme", "fp32",
+                       "-o", "f2.onnx")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "f2.onnx", "--against", spec)  # shapes from the file
+    assert rc == 0 and out.strip().endswith("PASS"), (out, err)
+    rc, out, err = cli(capsys, "validate", "f2.onnx", "--against", spec, "--input-shape", "1,3,8,8")
+    assert_user_error(rc, err, "'f2.onnx' has 2 input(s) but --samples 16 gives 1")
 
 
 def test_special_files_and_symlinks_as_output(work, capsys):
