@@ -333,6 +333,9 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
+_GRAPH_MODULE_NAMES = {"meta", "graph", "code"}  # GraphModule attributes a top-level submodule cannot be named
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
           leaf_modules: Iterable[str] = (), copy: bool = True) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
@@ -344,6 +347,12 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
+    if not isinstance(model, torch.fx.GraphModule):
+        taken = [n for n, _ in model.named_children() if n in _GRAPH_MODULE_NAMES]
+        if taken:
+            raise UserError(f"the model has a submodule named {taken[0]!r}, a name torch.fx's GraphModule keeps for "
+                            f"itself (tracing fails on it); rename that attribute (e.g. self.{taken[0]}_net) and load "
+                            "the weights with the renamed keys")
     if copy and not isinstance(model, torch.fx.GraphModule):
         model = plain_copy(model)
     leaf_modules = list(leaf_modules)

@@ -721,3 +721,16 @@ def test_trace_works_on_a_copy_so_passes_leave_the_users_model_alone():
     assert model.training  # not switched to eval either
     shared = qcompile.trace(model, x, copy=False)  # the caller copied already: the model itself
     assert shared.get_submodule("conv1").weight is model.conv1.weight
+
+
+@pytest.mark.parametrize("name", ["meta", "graph", "code"])
+def test_a_submodule_named_like_a_graph_module_attribute_is_a_user_error(name):
+    """torch.fx cannot build a GraphModule with a top-level submodule called meta, graph or code ("cannot assign
+    'dict' as child module 'meta'"): an internal error before, a one-line error naming the fix now."""
+    import qcompile
+
+    model = torch.nn.Sequential()
+    model.add_module(name, torch.nn.Linear(5, 6))
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model.eval(), torch.randn(1, 5), scheme="fp32")
+    _assert_one_line(err, f"the model has a submodule named '{name}', a name torch.fx's GraphModule keeps")
