@@ -238,7 +238,7 @@ def _progress(done: int, total: int) -> None:
 def _print_timing(t) -> None:
     flag = "changed" if t.modified else "no change"
     extra = f"  [{'; '.join(t.report)}]" if t.report else ""
-    print(f"  {t.name:<22} {1000 * t.seconds:8.1f} ms  {flag}{extra}")
+    print(f"  {t.name:<24} {1000 * t.seconds:8.1f} ms  {flag}{extra}")  # the longest pass name: 24
 
 
 # options that change nothing in an fp32 file (nothing is quantized); --bits has a default, so it is not listed

@@ -150,14 +150,16 @@ def test_layers_inside_opaque_modules_are_listed_as_float():
         def __init__(self):
             super().__init__()
             self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.gru = nn.GRU(16, 16, num_layers=2, batch_first=True)  # two stacked layers count as two
             self.fc = nn.Linear(16, 3)
 
         def forward(self, x):
-            return self.fc(self.lstm(x)[0][:, -1])
+            return self.fc(self.gru(self.lstm(x)[0])[0][:, -1])
 
     torch.manual_seed(0)
     rows = {name: decision for name, _, decision in layer_table(trace(Recurrent().eval(), (torch.randn(2, 5, 8),)))}
     assert rows["lstm"] == "float: opaque to torch.fx (1 recurrent layer(s))"
+    assert rows["gru"] == "float: opaque to torch.fx (2 recurrent layer(s))"
     x = tokens()
     x[:, -3:] = 0
     rows = {name: decision for name, _, decision in layer_table(trace(MaskedEncoder().eval(), (x[:1],)))}
