@@ -215,7 +215,10 @@ def compile(
     progress: Optional[Callable[[int, int], None]] = None,
     **options,
 ) -> CompileResult:
-    """Compile ``model`` to ONNX.
+    """Compile ``model`` to ONNX for inference.
+
+    The model is compiled in eval mode (BatchNorm running statistics, Dropout off), whatever mode it is in; the
+    passes work on a copy, so ``model`` itself, its parameters and its mode are left as they were.
 
     Args:
         model: an ``nn.Module``, or a path / ``package.module:factory`` spec as on the command line

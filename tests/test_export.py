@@ -8,13 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch import nn
 
 import qcompile
 from qcompile.errors import UserError
 from qcompile.export import check_model, check_output_path, export_onnx, save_atomic
 from qcompile.frontend import trace
 from qcompile.runtime.session import run, session
-from tests.models import MLP, DepthwiseSeparableNet, ResidualCNN, example_input
+from tests.models import MLP, DepthwiseSeparableNet, ResidualCNN, example_input, randomize_batchnorm
 
 RTOL = 1e-4  # the issue's bound for fp32: max |onnx - torch| / max |torch| on seeded inputs
 
@@ -206,6 +207,27 @@ def test_compile_api_fp32(tmp_path, factory):
     (got,) = run(session(str(out)), [x.numpy()])
     with torch.no_grad():
         assert rel_err(got, model(x)) <= RTOL
+
+
+def test_compile_api_compiles_a_training_mode_model_for_inference():
+    """A model handed over in training mode (BatchNorm on batch statistics, Dropout on) is compiled as its eval-mode
+    self, in the quantized pipeline too, and is handed back untouched: still training, same parameters and
+    running statistics."""
+    model = nn.Sequential(ResidualCNN(seed=3), nn.Dropout(0.5))
+    randomize_batchnorm(model, seed=4).train()
+    x = example_input(model[0], seed=5, batch=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(model, x, scheme=scheme, bits=8, calib=x, output=None)
+        assert model.training and all(m.training for m in model.modules())
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        with torch.no_grad():
+            want = model.eval()(x)
+            model.train()
+            got = result.model(x)
+        assert not result.model.training
+        floor = 80.0 if scheme == "fp32" else 30.0  # in training mode Dropout alone puts it near 3 dB
+        assert 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum()) > floor, scheme
 
 
 def test_compile_api_in_memory_and_from_a_spec():
