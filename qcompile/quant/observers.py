@@ -614,13 +614,27 @@ def kl_threshold(edges: np.ndarray, counts: np.ndarray, magnitudes: np.ndarray, 
 class KLObserver(HistogramObserver):
     """TensorRT entropy (KL-divergence) calibration.
 
-    Symmetric and unsigned level sets: the threshold of |x| (or of x >= 0) against the set's own levels.
+    Symmetric and unsigned level sets: the threshold of |x| (or of x > 0) against the set's own levels.
     Asymmetric uniform levels (a signed model input, say): the threshold T of |x| against the symmetric levels of
     the same bit-width, and the range the data actually covers inside [-T, T] (a skewed tensor keeps its short
-    side, as with min/max)."""
+    side, as with min/max).
+
+    Exact zeros are left out of the histogram: every set holds 0, so they are exact whatever the threshold, and
+    a ReLU output's spike of zeros in the first bin (42 % of ReLU(N(0.2, 1))) otherwise pulls the threshold down
+    (there: 2.95 instead of 4.23, 40x the squared error at 8 bits; TensorRT's own calibrator flattens that bin
+    for the same reason)."""
 
     name = "kl"
     asymmetric_levels = False
+
+    def __init__(self, axis: Optional[int] = None, bins: int = 2048):
+        super().__init__(axis, bins)
+        self.zeros = None  # (C,) count of x == 0 (bins cannot tell 0 from small positives)
+
+    def _observe(self, rows, bmin, bmax):
+        super()._observe(rows, bmin, bmax)
+        z = (rows == 0).sum(dim=1).to(torch.float64)
+        self.zeros = z if self.zeros is None else self.zeros + z
 
     def _range(self, levelset):
         asym = levelset.scheme == "uniform_asym"
@@ -633,6 +647,8 @@ class KLObserver(HistogramObserver):
         lo, hi = [], []
         for c in range(self.channels):
             edges, counts = self.abs_hist(c) if ref.signed else self.pos_hist(c)
+            counts = counts.copy()
+            counts[0] = max(0.0, counts[0] - float(self.zeros[c]))  # 0 falls in bin 0 of either view
             alpha = kl_threshold(edges, counts, mags)
             if asym:
                 lo.append(max(float(self.min_val[c]), -alpha))
