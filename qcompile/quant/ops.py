@@ -489,7 +489,7 @@ def twn_ternarize(w: torch.Tensor, axis: Optional[int] = None):
     """Ternary Weight Networks (lecture): ``Delta = 0.7 E|w|``, ``r_t = E_{|w| > Delta} |w|``.
 
     Returns ``(codes, r_t, delta)``: int32 codes in {-1, 0, 1} (``+1`` for ``w > Delta``, ``-1`` for
-    ``w < -Delta``), and float32 ``r_t`` and ``Delta`` (scalars, or 1-D along ``axis``). ``dequantize(codes,
+    ``w < -Delta``, compared in float64, the comparison ``r_t`` averages over), and float32 ``r_t`` and ``Delta`` (scalars, or 1-D along ``axis``). ``dequantize(codes,
     r_t, level_set("ternary"), axis)`` reconstructs ``codes * r_t``. Note the TWN threshold ``Delta`` is not the
     nearest-level midpoint ``r_t / 2``, so ``quantize(w, r_t, ternary)`` can differ from these codes.
     """
@@ -505,7 +505,8 @@ def twn_ternarize(w: torch.Tensor, axis: Optional[int] = None):
     n_kept = kept.sum(dim=1)
     r_t = torch.where(n_kept > 0, (mag * kept).sum(dim=1) / n_kept.clamp(min=1), torch.zeros_like(delta))
     d32 = delta.to(torch.float32)
-    codes = (flat > d32[:, None]).to(torch.int32) - (flat < -d32[:, None]).to(torch.int32)
+    sign = (flat > 0).to(torch.int32) - (flat < 0).to(torch.int32)
+    codes = sign * kept.to(torch.int32)  # the float64 comparison r_t averaged over (float32 Delta can round up)
     if axis is None:
         return codes.reshape(w.shape), r_t.to(torch.float32).reshape(()), d32.reshape(())
     moved_shape = w.movedim(axis, 0).shape

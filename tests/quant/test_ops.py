@@ -59,6 +59,21 @@ def test_lecture_ternary_twn():
     torch.testing.assert_close(dequantize(codes, r_t, level_set("ternary")), expected.float() * 1.5, rtol=0, atol=0)
 
 
+def test_twn_codes_and_r_t_use_one_comparison():
+    """A weight equal to float32(Delta), which rounded up past the float64 Delta: r_t counted it as kept (|w| >
+    Delta in float64) while its code compared against float32(Delta) made it 0. The codes and r_t now agree."""
+    w = torch.tensor([0.4902002513408661, -1.0096181631088257, -0.20917557179927826, -0.15922501683235168,
+                      0.5408455729484558, 0.21465912461280823, 0.35537269711494446, -0.6538286209106445,
+                      -0.12961363792419434, 0.7839754819869995, 1.4934310913085938, -1.2590655088424683,
+                      1.5139237642288208, 1.3458753824234009, 0.7813113927841187, 0.2644556164741516])
+    delta64 = 0.7 * w.double().abs().mean()
+    assert float(w[0]) > float(delta64) and float(w[0]) == float(delta64.float())  # the edge case, found
+    codes, r_t, _ = twn_ternarize(w)
+    kept = w.double().abs() > delta64
+    assert torch.equal(codes != 0, kept) and int(codes[0]) == 1
+    assert r_t.item() == pytest.approx(float(w.double().abs()[kept].mean()), rel=1e-6)
+
+
 def test_lecture_binarization():
     codes, alpha = binarize(W)
     assert abs(alpha.item() - 1.05) < LECTURE_TOL
