@@ -276,17 +276,18 @@ def cell_output(gm: torch.fx.GraphModule, node):
             return (fq, rect, repeat) if ok else None
         if rect is None and is_rectifier(gm, user):
             rect = user
-        elif repeat == 1 and _channel_flatten(gm, user, node) is not None:
-            repeat = _channel_flatten(gm, user, node)
+        elif repeat == 1 and _channel_flatten(gm, user, cur, node) is not None:
+            repeat = _channel_flatten(gm, user, cur, node)
         elif not _keeps_channels(gm, user):
             return None
         cur = user
     return None
 
 
-def _channel_flatten(gm: torch.fx.GraphModule, node, layer) -> int | None:
-    """For a flatten of dims 1.. (``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``) of a convolution's
-    output with known shape: the number of elements per channel after it; else None."""
+def _channel_flatten(gm: torch.fx.GraphModule, node, source, layer) -> int | None:
+    """For a flatten of dims 1.. (``nn.Flatten()``, ``torch.flatten(x, 1)``, ``x.flatten(1)``) of ``source``, a
+    convolution's output or what max-pooling made of it, with known shape: the number of elements per channel
+    after it (``source``'s spatial size: a pool before the flatten shrinks it); else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
         ok = isinstance(mod, torch.nn.Flatten) and mod.start_dim == 1 and mod.end_dim == -1
@@ -297,7 +298,7 @@ def _channel_flatten(gm: torch.fx.GraphModule, node, layer) -> int | None:
         ok = start == 1 and end == -1
     else:
         return None
-    meta = layer.meta.get("tensor_meta")
+    meta = source.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
     if not ok or layer.target is F.linear or shape is None or len(shape) < 3:
         return None

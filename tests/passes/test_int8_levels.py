@@ -124,6 +124,32 @@ def test_per_tensor_weights_through_the_flatten(tmp_path):
     assert [(fq.cells[3], fq.requant[0].numel()) for fq in cell_quantizers(result)] == [(1, 8), (16, 1)]
 
 
+class PoolFlattenNet(PoolNet):
+    """conv2 → ReLU → max-pool → flatten → fc1: each channel is a run of 2 x 2 elements after the flatten, not of
+    conv2's 4 x 4 (the simulation took the conv's shape and raised on every input: 256 vs 1024 cells)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.fc1 = nn.Linear(16 * 2 * 2, 32)
+        _init_(self.fc1, seed + 2)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu6(self.bn1(self.conv1(x))), 2)
+        x = torch.flatten(F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2), 1)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("pot", 3)])
+def test_max_pool_before_the_flatten(scheme, bits, tmp_path):
+    calib = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(PoolFlattenNet().eval(), calib=calib, validation_inputs=x, scheme=scheme, bits=bits)
+    report = result.report
+    assert report.passed and report.max_abs == 0.0 and report.extra["codes_differ"] == 0, report.summary()
+    assert [fq.cells[3] for fq in cell_quantizers(result)] == [1, 4]
+    assert optimized_ops(result, tmp_path)["QLinearConv"] == 2
+
+
 def test_float_levels_option_keeps_those_layers_float(tmp_path):
     result = compile_w4a4(PoolNet(), (3, 8, 8), int8_levels=False)
     assert result.report.passed and not cell_quantizers(result)
