@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qcompile.quant import (OBSERVERS, HistogramObserver, asymmetric_qparams, banner_laplace_ratio, bn_qparams,
-                            bn_range, fake_quantize, level_set, make_observer)
+                            bn_range, compute_qparams_many, fake_quantize, level_set, make_observer)
 
 
 def _gen(seed):
@@ -134,6 +134,40 @@ def _data(kind, n, seed):
     return torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 2  # heavy-tailed mixture
 
 
+def brute_force_asym(x, ls, points=400):
+    """The least sample error of uniform_asym levels over every zero point and ``points`` range widths each."""
+    best = float("inf")
+    lo, hi = float(x.min().clamp(max=0)), float(x.max().clamp(min=0))
+    for z in range(ls.code_min, ls.code_max + 1):
+        above, below = (ls.code_max - z) / ls.denom, (z - ls.code_min) / ls.denom
+        top = max(hi / above if above else 0.0, -lo / below if below else 0.0, 1e-8)
+        grid = torch.arange(1, points + 1, dtype=torch.float64) / points * top
+        rows = x.expand(len(grid), -1)
+        y = fake_quantize(rows, grid.to(torch.float32), ls, axis=0, zero_point=torch.full((points,), z))
+        best = min(best, float(((rows.double() - y.double()) ** 2).mean(dim=1).min()))
+    return best
+
+
+def test_mse_asymmetric_low_bit_levels_search_the_zero_point():
+    """A SiLU output (56 % negative, down to -0.28; up to ~4): at 3 bits the zero point of the full range is 0,
+    which clips every negative value to 0. The search over zero points keeps a negative level and reaches the
+    brute-force least error (the fixed zero point had 2.8x it on the model where it was found)."""
+    g = _gen(11)
+    x = torch.nn.functional.silu(torch.randn(20_000, generator=g) * 1.2 - 0.2)
+    for bits in (2, 3, 4, 5):
+        ls = level_set("uniform_asym", bits, False)
+        params = make_observer("mse").update(x).compute_qparams(ls)
+        ours, best = sample_mse(x, params.alpha, ls, params.zero_point), brute_force_asym(x, ls)
+        assert ours <= best * 1.005, (bits, ours, best)
+        if bits == 3:
+            assert int(params.zero_point) >= 1
+    # the batched path the pipeline uses gives the same parameters
+    ls3 = level_set("uniform_asym", 3, False)
+    (many,) = compute_qparams_many([(make_observer("mse").update(x), ls3)])
+    single = make_observer("mse").update(x).compute_qparams(ls3)
+    assert int(many.zero_point) == int(single.zero_point) >= 1 and float(many.alpha) == float(single.alpha)
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.sampled_from(MSE_SETS), st.sampled_from(["normal", "laplace", "uniform", "relu", "mix"]),
        st.integers(0, 10_000), st.floats(0.01, 100.0))
@@ -146,9 +180,10 @@ def test_mse_search_is_within_half_percent_of_brute_force(spec, kind, seed, scal
     params = obs.compute_qparams(ls)
     ours = sample_mse(x, params.alpha, ls, params.zero_point)
     # brute force: exact sample error on a 400-point grid of clipping values
-    if ls.scheme == "uniform_asym":  # the range width, with the zero point of the full range
-        top, zp = (x.max().clamp(min=0) - x.min().clamp(max=0)).item(), params.zero_point
-    elif not ls.symmetric and ls.signed:  # asymmetric APoT/PoT: levels alpha * [v0, 1], v0 < 0
+    if ls.scheme == "uniform_asym":  # every zero point, each with a grid of range widths covering the data
+        assert ours <= brute_force_asym(x, ls) * 1.005 + 1e-12 * scale ** 2
+        return
+    if not ls.symmetric and ls.signed:  # asymmetric APoT/PoT: levels alpha * [v0, 1], v0 < 0
         top, zp = max(x.max().item(), x.min().item() / float(ls.values[0]), 1e-8), None
     else:
         top, zp = (x.abs().max() if ls.signed else x.max().clamp(min=1e-8)).item(), None
