@@ -191,8 +191,10 @@ def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
     return out
 
 
-def load_overrides(path: str | os.PathLike) -> list[Override]:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file mapping pattern -> changes, in file order."""
+def read_config(path: str | os.PathLike) -> dict:
+    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file mapping pattern -> changes: ``{"file": its base
+    name, "layers": the mapping}``. ``CompileOptions`` keeps this (not the path), so the compiled file records the
+    rules themselves and ``qcompile validate`` rebuilds the same model wherever the file has gone since."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"config file {path!r} is a directory; give the .toml or .yaml file inside it")
@@ -222,14 +224,21 @@ def load_overrides(path: str | os.PathLike) -> list[Override]:
             first = f"line {mark.line + 1}, column {mark.column + 1}: {getattr(exc, 'problem', None) or first}"
         raise UserError(f"cannot parse config file {path!r}: {first}; fix the syntax there") from None
     if data is None:
-        return []
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path!r} must map layer patterns to settings, e.g. 'layer4.*: {{bits: 8}}'")
     if isinstance(data.get("layers"), dict):
         data = data["layers"]
-    source = os.path.basename(path)
+    return {"file": os.path.basename(path), "layers": data}
+
+
+def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
+    """The overrides of a config file (a path) or of :func:`read_config`'s record of one, in file order."""
+    if not isinstance(config, dict):
+        config = read_config(config)
+    source = str(config.get("file") or "config")
     out = []
-    for key, changes in data.items():
+    for key, changes in (config.get("layers") or {}).items():
         pattern, kind = parse_pattern(str(key))
         if isinstance(changes, str):
             changes = {"scheme": changes}

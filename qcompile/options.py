@@ -37,7 +37,10 @@ class CompileOptions:
     keep_first_last: str = "int8"
     float_downsample: bool = False
     exclude: tuple = ()
-    config: Optional[str] = None
+    # per-layer overrides: a .toml/.yaml path (or, from Python, the mapping pattern -> settings), made into
+    # passes.select.read_config's {"file": name, "layers": rules}, which the compiled file records (so validate
+    # needs no config file)
+    config: Optional[object] = None
     emit: str = "standard"
     # 8-bit weight codes beyond ±64: "s8" (int8, onnxruntime's U8S8 kernels: fastest, but saturating on x86
     # without VNNI), "s8-safe" (int8 with no kernel pair past int16, passes/int8_pairs.py: U8S8 speed, exact on
@@ -72,6 +75,15 @@ class CompileOptions:
             raise UserError(f"unknown --int8-weights {self.int8_weights!r}; choose one of {', '.join(INT8_WEIGHTS)}")
         if self.keep_first_last not in FIRST_LAST:
             raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
+        if self.config is not None:
+            from qcompile.passes.select import read_config
+
+            config = self.config
+            if not isinstance(config, dict):
+                config = read_config(config)
+            elif not (set(config) <= {"file", "layers"} and isinstance(config.get("layers"), dict)):
+                config = {"layers": config}  # the mapping itself, from Python: pattern -> settings
+            object.__setattr__(self, "config", config)
 
     @property
     def weight_bits(self) -> int:

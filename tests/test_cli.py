@@ -624,6 +624,26 @@ def test_validate_against_another_model_is_a_user_error(work, capsys):
     assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn'")
 
 
+def test_validate_needs_no_config_file(work, capsys):
+    """The file records the --config rules themselves, not the path: validate used to re-read the path, so a config
+    edited after the compile gave a false FAIL (15 % of codes) and a deleted one, or validate run from another
+    folder, an error that advised a --config option validate does not have."""
+    np.save(work / "calib8.npy", np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    (work / "layers.toml").write_text('"conv" = {scheme = "uniform", bits = 3}\n')
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--keep-first-last", "quant",
+                       "-o", "q.onnx", "--config", "layers.toml")
+    line = next(line for line in out.splitlines() if line.split()[:1] == ["conv"])
+    assert rc == 0 and "uniform" in line and "(layers.toml 'conv')" in line, out
+    options = json.loads({p.key: p.value for p in onnx.load(work / "q.onnx").metadata_props}["qcompile.options"])
+    assert options["config"] == {"file": "layers.toml", "layers": {"conv": {"scheme": "uniform", "bits": 3}}}
+    (work / "layers.toml").write_text('"conv" = {scheme = "pot", bits = 4}\n')  # edited after the compile
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib8.npy")
+    assert rc == 0 and out.strip().endswith("PASS") and "codes differ 0 of" in out, (out, err)
+    os.remove(work / "layers.toml")
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib8.npy")
+    assert rc == 0 and out.strip().endswith("PASS"), (out, err)
+
+
 def test_validate_runs_a_file_with_two_inputs(work, capsys):
     """compile takes --calib inputs.npz (x0, x1) for a model with two inputs; validate refused that file ("store the
     inputs under 'x'", or "takes one input" for two --input-shape), so its file could only be checked from Python."""
