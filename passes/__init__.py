@@ -10,13 +10,13 @@ from .insert_quant import InsertQuantizers
 from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
-from .select import Override, SelectLayers, load_overrides, parse_exclude
+from .select import Override, SelectLayers, layer_table, load_overrides, parse_exclude
 from .window_attention import DecomposeWindowAttention
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
            "EliminateDeadCode", "RemoveIdentity", "FoldConstants", "FoldBatchNorm", "ChannelStats",
            "EqualizeWeights",
-           "SelectLayers", "Override", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
+           "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "DecomposeWindowAttention"]

@@ -480,16 +480,11 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
 
 def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
     """(name, type, decision) for every layer node carrying a LayerConfig, in graph order, then the opaque modules
-    whose layers stay float (:func:`opaque_layers`): the compile summary."""
-    rows = []
-    for node in layer_nodes(gm):
-        cfg = node.meta.get("qconfig")
-        if isinstance(cfg, LayerConfig):
-            name, type_name = _layer_name_and_type(gm, node)
-            rows.append((name, type_name, cfg.describe()))
-    for name, type_name, inside in opaque_layers(gm):
-        rows.append((name, type_name, f"float: opaque to torch.fx ({inside})"))
-    return rows
+    whose layers stay float (:func:`opaque_layers`): the rows of the compile summary's layer table, on the graph
+    of any stage (after ``SelectLayers``, or a compiled model whose layers run on int8 kernels)."""
+    from qcompile.summary import layer_rows
+
+    return layer_rows(gm)
 
 
 __all__ = ["SelectLayers", "Override", "load_overrides", "parse_exclude", "parse_pattern", "layer_table",

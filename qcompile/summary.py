@@ -17,19 +17,31 @@ def _weight_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
 
 def _layer_name(node: torch.fx.Node) -> str:
     """The module a layer node belongs to: recorded by InsertQuantizers, the call_module target, else the innermost
-    module torch.fx was tracing through (a functional conv inside a custom module), else the node's name."""
+    module torch.fx was tracing through (a functional conv inside a custom module), else the owner of the weight it
+    reads (the weight's own name at the top level), else the node's name."""
     name = node.meta.get("layer")
     if isinstance(name, str):
         return name
     if node.op == "call_module":
         return str(node.target)
     stack = node.meta.get("nn_module_stack") or {}
-    return next(reversed(stack.values()))[0] if stack else node.name
+    if stack:
+        return next(reversed(stack.values()))[0]
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":  # a functional layer on the model's own tensor
+        target = str(weight.target)
+        return target.rsplit(".", 1)[0] if "." in target else target
+    return node.name
 
 
-def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
-    """One line per Conv/Linear layer with the quantization decision recorded on its node, if any. A layer selected
-    for quantization that no pass could quantize says why it stayed float."""
+def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
+    """``(name, type, decision)`` per Conv/Linear layer with the quantization decision recorded on its node, in
+    graph order (those bound to integer kernels too), then the opaque modules whose layers stay float. Once weight
+    quantizers are in the graph, a layer selected for quantization that no pass could quantize says why it stayed
+    float."""
+    from qcompile.qmodules import FakeQuantize
+
+    inserted = any(isinstance(m, FakeQuantize) and m.role == "weight" for m in gm.modules())
     rows = []
     for node in gm.graph.nodes:
         cfg = node.meta.get("qconfig")
@@ -45,6 +57,8 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
         if traced_into and kind in ("Module", getattr(node.target, "__name__", "")):
             # the fx copy of a traced-through module is a plain Module: name its original class
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
+        if getattr(node.target, "__module__", "") == "qcompile.qmodules" and kind.startswith("int8_"):
+            kind = kind[len("int8_"):]  # a functional layer bound to an int8 kernel: the function it was
         decision = cfg.describe()
         if cfg.action == "quant" and node.args:
             from qcompile.passes.base import input_quantizer
@@ -60,7 +74,7 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
             found = cell_output(gm, node)
             cells = found is not None and found[0].cells is not None
             decision += "; int8 kernel" + (", output levels from accumulator cells" if cells else "")
-        if cfg.action == "quant" and not _weight_quantized(gm, node):
+        if inserted and cfg.action == "quant" and not _weight_quantized(gm, node):
             why = "a functional call on a weight computed in forward (or with string padding)" \
                 if node.op == "call_function" else "unsupported layer form"
             decision = f"float: {why}"
@@ -68,6 +82,12 @@ def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
     from qcompile.passes.select import opaque_layers
 
     rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]
+    return rows
+
+
+def layer_lines(gm: torch.fx.GraphModule) -> list[str]:
+    """The layer table of the compile summary: :func:`layer_rows` as aligned lines under ``layers:``."""
+    rows = layer_rows(gm)
     if not rows:
         return []
     w0 = max(len(r[0]) for r in rows)

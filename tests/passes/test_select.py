@@ -247,6 +247,22 @@ def test_functional_layers_are_annotated():
     assert table == {"w1": "float (first layer)", "head": "float (last layer)"}
 
 
+def test_layer_table_of_a_compiled_model_lists_the_int8_layers_too():
+    """layer_table took only Conv/Linear modules and functions: on a compiled model it left out every layer bound to
+    an int8 kernel (the digits CNN: 2 of 6 rows). It gives the rows of the CLI's layer table now."""
+    import qcompile
+    from qcompile.passes import layer_table as exported
+    from qcompile.summary import layer_lines
+
+    model = ResidualCNN()
+    x = example_input(model, batch=8)
+    result = qcompile.compile(model, x, calib=x, scheme="apot", bits=4, output=None, validate=False)
+    rows = exported(result.model)
+    assert [r[0] for r in rows] == ["conv1", "layer1.conv1", "layer1.conv2", "layer1.downsample.0", "fc"]
+    assert rows[0][1] == "Conv2d" and "int8 kernel" in rows[0][2] and rows[-1][1] == "Linear"
+    assert [line.split()[0] for line in layer_lines(result.model)[1:]] == [r[0] for r in rows]
+
+
 def test_in_a_checked_pipeline_with_fold():
     model = ResidualCNN()
     gm = trace(model, example_input(model))
