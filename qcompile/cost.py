@@ -95,7 +95,11 @@ def _module_of(model: onnx.ModelProto, node_name: str) -> str:
         return ""
     candidates = list(node.input)
     candidates += [i for n in model.graph.node if n.op_type == "Add" and node.output[0] in n.input for i in n.input]
-    return next((c[: -len(".bias")] for c in candidates if c.endswith(".bias")), "")
+    found = next((c[: -len(".bias")] for c in candidates if c.endswith(".bias")), "")
+    parts = node_name.split("/")
+    if not found and node_name.startswith("/") and len(parts) > 2:  # the exporter's "/layer1/conv/Conv"
+        found = ".".join(parts[1:-1])
+    return found
 
 
 def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
@@ -171,7 +175,11 @@ def format_cost_report(report: dict) -> list[str]:
             rows.append((name, "not lowered", _si(row["uniform"]["mults"]), _si(row["uniform"]["adds"]),
                          "-", "(mults kept)", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"shift-add cost per input sample ({report['form']}):"]
+    if report["layers"] and not any(row["lowered"] for row in report["layers"]):
+        lines = ["shift-add cost per input sample (standard form: no layer lowered; only layers with APoT, PoT, "
+                 "log2 or binary weights become shifts and adds, e.g. --wscheme apot):"]
+    else:
+        lines = [f"shift-add cost per input sample ({report['form']}):"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     t = report["totals"]
     lines.append(f"  total, uniform integer form: {_si(t['uniform']['mults'])} mults + {_si(t['uniform']['adds'])} adds; "

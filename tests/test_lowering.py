@@ -383,6 +383,21 @@ def test_cost_report_on_lowered_and_standard_forms(compiled):
     assert lines[0].startswith("shift-add cost") and "total" in lines[-1] and any("conv2" in s for s in lines)
 
 
+def test_cost_report_says_when_no_layer_was_lowered():
+    """--emit shift-add with uniform weights lowers nothing: the report said "(standard (lowering planned))" over
+    rows that all said "not lowered"; it now says why, and names the classifier by its module, as the others."""
+    from qcompile.models import digits
+
+    x_train, _, _, _ = digits.load_split()
+    result = qcompile.compile(digits.pretrained(), x_train[:1], calib=x_train[:16], validate=False, scheme="uniform",
+                              bits=4, emit="shift-add")
+    lines = result.summary["lines"]
+    assert "no layer lowered" in lines[0] and "--wscheme apot" in lines[0]
+    assert not lowered_layers(result.onnx_model)
+    names = [line.split()[0] for line in lines[2:-1]]
+    assert names == ["conv1", "conv2", "conv3", "down", "fc1", "fc2"], names
+
+
 class PreActivation(nn.Module):
     """A pre-activation residual block (BN -> ReLU -> conv, twice, plus the skip): activations the lowered file
     does not compute keep detached probes, whose scale/zero-point initializers may equal other constants."""
