@@ -174,6 +174,8 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
 
 def emit_custom(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     model = replace_markers(model, table, custom_weight, custom_activation, u8_weights=u8_weights)
-    model.opset_import.append(helper.make_opsetid(DOMAIN, VERSION))
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]  # the markers' import (same domain) goes: one entry
+    del model.opset_import[:]
+    model.opset_import.extend(keep + [helper.make_opsetid(DOMAIN, VERSION)])
     model.functions.extend(function_protos())
     return model

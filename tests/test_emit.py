@@ -125,7 +125,9 @@ def test_custom_form_uses_the_qcompile_domain_with_local_functions(emitted, conf
     # forms (QuantizeLinear -> lookup -> DequantizeLinear), so onnxruntime fuses the layer before them
     cells = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("q"))
     assert custom["QuantizeLevels"] + custom["QuantizeUniform"] + cells >= 5
+    domains = [o.domain for o in model.opset_import]
     assert ("qcompile", 1) in {(o.domain, o.version) for o in model.opset_import}
+    assert len(domains) == len(set(domains)), domains  # each domain imported once (qcompile was listed twice)
     assert {(f.domain, f.name) for f in model.functions} >= {("qcompile", op) for op in custom}
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx", "qcompile"}
 
