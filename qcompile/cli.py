@@ -2,7 +2,7 @@
 
     qcompile MODEL [options] -o OUT.onnx          compile a model
     qcompile validate OUT.onnx --against MODEL     validate an emitted file against its PyTorch reference
-    qcompile demo [--scheme S --bits N]            compile the bundled digits model and print accuracy
+    qcompile demo [--scheme S --bits N ...]        compile the bundled digits model and print accuracy
 """
 from __future__ import annotations
 
@@ -158,6 +158,12 @@ def _demo_parser() -> argparse.ArgumentParser:
                 "handwritten digits), run it in onnxruntime and print test accuracy before and after.")
     p.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
     p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
+    p.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
+    p.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
+    p.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme ternary --ascheme uniform")
+    p.add_argument("--ascheme", help="activation scheme (overrides --scheme)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="keep matching layers (conv1..conv3, down, fc1, fc2) in float; repeatable")
     p.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
                    help="ONNX form, as for qcompile MODEL (default standard)")
     p.add_argument("-o", "--output", default="digits_demo.onnx", metavar="OUT.onnx",
@@ -373,7 +379,8 @@ def cmd_demo(argv) -> int:
     args = _demo_parser().parse_args(argv)
     from .demo import run_demo
 
-    return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit)
+    return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit, wbits=args.wbits,
+                    abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, exclude=tuple(args.exclude))
 
 
 _NUMBER_OPTIONS = ("--min-sqnr", "--max-abs", "--min-top1")

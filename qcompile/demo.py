@@ -7,7 +7,10 @@ from qcompile.models import digits
 from qcompile.runtime.validation import run_onnx
 
 
-def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onnx", emit: str = "standard") -> int:
+def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onnx", emit: str = "standard",
+             **options) -> int:
+    """``options``: further :class:`CompileOptions` fields (``wbits``, ``abits``, ``wscheme``, ``ascheme``,
+    ``exclude``); ``None`` values are left at their defaults."""
     from .api import compile as qcompile_compile
 
     model = digits.pretrained()
@@ -15,10 +18,14 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
     calib = x_tr[:32]
     with torch.no_grad():
         acc_float = digits.accuracy(model(x_te), y_te)
+    from .options import CompileOptions
+
+    options = {k: v for k, v in options.items() if v is not None}
+    described = CompileOptions(scheme=scheme, bits=bits, **options).describe()
     print(f"qcompile demo: digits CNN ({digits.SPEC}, bundled weights), 500 held-out test images, "
-          f"32 calibration images; scheme {scheme if scheme == 'fp32' else f'{scheme} {bits}-bit'}")
+          f"32 calibration images; {described}")
     result = qcompile_compile(model, calib[:1], scheme=scheme, bits=bits, calib=calib, output=output,
-                              validation_inputs=x_te, emit=emit,
+                              validation_inputs=x_te, emit=emit, **options,
                               callback=lambda t: print(f"  pass {t.name:<20} {1000 * t.seconds:7.1f} ms"))
     logits = run_onnx(result.onnx_path, x_te)[0]
     acc_onnx = digits.accuracy(logits, y_te)

@@ -37,7 +37,15 @@ class LayerConfig:
     def describe(self) -> str:
         if self.action != "quant":
             return f"float ({self.reason})"
-        return f"W{self.wbits} {self.wscheme} / A{self.abits} {self.ascheme} ({self.reason})"
+        return f"W{_bits(self.wscheme, self.wbits)} {self.wscheme} / A{_bits(self.ascheme, self.abits)} " \
+            f"{self.ascheme} ({self.reason})"
+
+
+FIXED_BITS = {"ternary": 2, "binary": 1}  # level sets whose size --bits does not change (quant.levels)
+
+
+def _bits(scheme: str, bits: int) -> int:
+    return FIXED_BITS.get(scheme, bits)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

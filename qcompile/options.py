@@ -106,11 +106,15 @@ class CompileOptions:
         return self.scheme != "fp32"
 
     def describe(self) -> str:
+        from .ir import FIXED_BITS
+
         if not self.quantized:
             return "fp32"
+        wbits = FIXED_BITS.get(self.weight_scheme, self.weight_bits)  # ternary: 2, binary: 1, whatever --bits says
+        abits = FIXED_BITS.get(self.act_scheme, self.act_bits)
         if self.weight_scheme == self.act_scheme:
-            return f"{self.scheme} W{self.weight_bits}A{self.act_bits}"
-        return f"W{self.weight_bits} {self.weight_scheme} / A{self.act_bits} {self.act_scheme}"
+            return f"{self.scheme} W{wbits}A{abits}"
+        return f"W{wbits} {self.weight_scheme} / A{abits} {self.act_scheme}"
 
 
 def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> CompileOptions:

@@ -393,6 +393,20 @@ def test_demo_fp32_prints_accuracy(tmp_path, capsys):
     assert "PASS" in out and (tmp_path / "digits.onnx").is_file()
 
 
+def test_demo_takes_the_options_its_errors_suggest(tmp_path, capsys):
+    """`qcompile demo --scheme ternary` says to choose another --ascheme (ternary levels are signed, ReLU outputs
+    are not); the demo had no --ascheme. It has the weight/activation options now, and ternary/binary layers are
+    labelled with their own bit-widths (2 and 1; they were labelled with --bits)."""
+    rc, out, err = cli(capsys, "demo", "--scheme", "ternary", "-o", tmp_path / "t.onnx")
+    assert_user_error(rc, err, "choose another --ascheme/--abits")
+    rc, out, err = cli(capsys, "demo", "--wscheme", "ternary", "--ascheme", "uniform", "--exclude", "fc1",
+                       "-o", tmp_path / "t.onnx")
+    assert rc == 0 and "PASS" in out, err
+    assert "W2 ternary / A4 uniform" in out.splitlines()[0]
+    table = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 2}
+    assert "W2 ternary / A4 uniform (default)" in table["conv2"] and "float" in table["fc1"]
+
+
 # --- the installed console script ----------------------------------------------------------------------------
 
 
