@@ -131,6 +131,11 @@ def check_input_count(model: nn.Module, given: int, source: str) -> None:
     if names is not None and given > len(names):
         raise UserError(f"the model's forward takes {len(names)} input(s) ({', '.join(names) or 'none'}) but {given} "
                         f"were given ({source}); give one array (or --input-shape) per input")
+    need = model_input_count(model)
+    if names is not None and given < need:
+        raise UserError(f"the model's forward needs {need} input(s) ({', '.join(names[:need])}) but {given} "
+                        f"{'was' if given == 1 else 'were'} given ({source}); give one array per input (an .npz with "
+                        f"x0, x1, ...) or one --input-shape per input")
 
 
 def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibration data",

@@ -399,8 +399,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
                                else repr(t) for t in example_inputs)
+            hint = "fix --input-shape, or the shape and type of the --calib inputs"
+            if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
+                    and "type" in str(cause).lower():
+                hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "
+                        "e.g. x.astype(np.float32)")
             raise UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); "
-                            "fix --input-shape, or the shape and type of the --calib inputs") from None
+                            f"{hint}") from None
     return gm
 
 

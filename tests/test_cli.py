@@ -658,6 +658,19 @@ def test_validate_needs_no_config_file(work, capsys):
     assert rc == 0 and out.strip().endswith("PASS"), (out, err)
 
 
+def test_too_few_inputs_and_integer_image_data_are_named(work, capsys):
+    """One array for a two-input model said "Expected positional argument for parameter y" (torch.fx's words); a
+    uint8 image file (kept as integers, for token-id models) said only that long and float do not mix."""
+    rng = np.random.default_rng(5)
+    np.save(work / "one.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "one.npy", "--scheme", "uniform", "-o", "q.onnx")
+    assert_user_error(rc, err, "the model's forward needs 2 input(s) (x, m) but 1 was given")
+    np.save(work / "u8.npy", rng.integers(0, 255, (8, 3, 8, 8)).astype(np.uint8))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "u8.npy", "--scheme", "uniform", "-o", "q.onnx")
+    assert_user_error(rc, err, "save image data as float32")
+    assert onnx_files(work) == []
+
+
 def test_validate_runs_a_file_with_two_inputs(work, capsys):
     """compile takes --calib inputs.npz (x0, x1) for a model with two inputs; validate refused that file ("store the
     inputs under 'x'", or "takes one input" for two --input-shape), so its file could only be checked from Python."""
