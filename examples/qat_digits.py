@@ -156,7 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (the mean is reported)")
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--out", default=None, help=f"results JSON (default {os.path.relpath(OUT)}; with --only, none "
+                    "unless given: a partial run does not replace the full results)")
     ap.add_argument("--only", default=None, help="run the configurations whose label contains this text")
     args = ap.parse_args()
 
@@ -179,14 +180,18 @@ def main() -> None:
         print()
         print(table(float_top1, rows))
     print(f"\ntotal {total:.0f} s")
-    if args.only is None:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
+    out = args.out if args.out is not None else (OUT if args.only is None else None)
+    if out is None:
+        print("partial run (--only): no results file written; give --out FILE to write one")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
             json.dump({"command": "python examples/qat_digits.py", "epochs": args.epochs, "seeds": args.seeds,
+                       "only": args.only,
                        "float_top1": float_top1,
                        "test_images": len(y_te), "threads": torch.get_num_threads(), "seconds_total": round(total, 1),
                        "platform": platform.platform(), "torch": torch.__version__, "rows": rows}, fh, indent=1)
-        print(f"wrote {os.path.relpath(args.out)}")
+        print(f"wrote {os.path.relpath(out)}")
 
 
 if __name__ == "__main__":
