@@ -82,6 +82,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _compile_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile", description=MAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="model file or package.module:factory spec")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"qcompile {__version__}")
     _add_model_args(p)
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits + .onnx)")
     q = p.add_argument_group("quantization")

@@ -378,6 +378,11 @@ def test_help_lists_the_options(capsys):
         assert option in out, option
 
 
+def test_version(capsys):
+    rc, out, err = cli(capsys, "--version")
+    assert rc == 0 and out.strip() == f"qcompile {qcompile.__version__}"
+
+
 def test_no_arguments_prints_help_and_exits_2(capsys):
     rc, out, err = cli(capsys)
     assert rc == 2 and "usage: qcompile" in out
