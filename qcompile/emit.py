@@ -4,8 +4,10 @@
 
 - **weights** become integer initializers packed at their bit-width with ``DequantizeLinear`` (scale = the
   fine-grid unit α/denom, per output channel on axis 0):
-  uniform levels store the codes directly (INT4 for ≤ 4 bits, INT8 otherwise);
-  APoT/PoT/log2 levels store the *level index* (UINT4 up to 16 levels, UINT8 otherwise) and a small lookup table
+  uniform levels store the codes directly (INT2 for 2-bit and ternary levels, INT4 for 3-4 bits, INT8 otherwise;
+  a file with 2-bit storage has opset 25, the first where Cast/DequantizeLinear take INT2/UINT2);
+  APoT/PoT/log2 levels store the *level index* (UINT2 up to 4 levels, UINT4 up to 16, UINT8 otherwise) and a
+  small lookup table
   of grid integers, ``DequantizeLinear(Gather(lut, Cast(index)))``. onnxruntime folds the lookup at load time into
   an int8 constant, so an APoT layer whose grid fits int8 runs on its int8 kernels (QLinearConv / QGemm) when
   its output is re-quantized, and the file stays at ``bits`` per weight.
@@ -93,15 +95,17 @@ class _Builder:
         return self.shared[key]
 
     def packed(self, values: np.ndarray, dtype: int, what: str) -> str:
-        """A 4-bit (INT4/UINT4) initializer stored as raw bytes, two values per byte, low nibble first."""
+        """A 2- or 4-bit (INT2/UINT2/INT4/UINT4) initializer stored as raw bytes, 4 or 2 values per byte, the first
+        in the lowest bits (the ONNX layout)."""
         name = self.name(what)
         flat = values.astype(np.int64).ravel()
-        if dtype in (TensorProto.INT4, TensorProto.UINT4):
-            nibbles = (flat & 0xF).astype(np.uint8)
-            if nibbles.size % 2:
-                nibbles = np.append(nibbles, np.uint8(0))
-            raw = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
-            self.inits.append(helper.make_tensor(name, dtype, values.shape, raw, raw=True))
+        width = {TensorProto.INT2: 2, TensorProto.UINT2: 2, TensorProto.INT4: 4, TensorProto.UINT4: 4}.get(dtype)
+        if width is not None:
+            per = 8 // width
+            parts = (flat & ((1 << width) - 1)).astype(np.uint8)
+            parts = np.append(parts, np.zeros((-parts.size) % per, np.uint8)).reshape(-1, per)
+            raw = np.bitwise_or.reduce(parts << (np.arange(per, dtype=np.uint8) * width), axis=1)
+            self.inits.append(helper.make_tensor(name, dtype, values.shape, raw.astype(np.uint8).tobytes(), raw=True))
         else:  # 8-bit and wider: raw bytes too (an int list would be written as int32 varints)
             np_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
             self.inits.append(numpy_helper.from_array(flat.astype(np_type).reshape(values.shape), name))
@@ -195,9 +199,12 @@ def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, trans
     if ls.is_uniform:
         lo, hi = int(grid.min()), int(grid.max())
         if lo >= -8 and hi <= 7:
-            # INT4 storage, widened by a Cast that onnxruntime folds at load time: its QDQ fusion takes int8
-            # weights only, so without it a 2-4-bit uniform layer never reaches the int8 kernels
-            q = b.node("Cast", [b.packed(codes, TensorProto.INT4, "w_int4")], to=TensorProto.INT8)
+            # INT2 (2-bit levels and ternary: -1..1) or INT4 storage, widened by a Cast that onnxruntime folds at
+            # load time: its QDQ fusion takes int8 weights only, so without it a 2-4-bit uniform layer never
+            # reaches the int8 kernels
+            small = TensorProto.INT2 if lo >= -2 and hi <= 1 else TensorProto.INT4
+            what = "w_int2" if small == TensorProto.INT2 else "w_int4"
+            q = b.node("Cast", [b.packed(codes, small, what)], to=TensorProto.INT8)
         elif u8:
             q = b.const((codes + offset).astype(np.uint8), "w_u8")
         else:
@@ -206,7 +213,7 @@ def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, trans
     else:
         index = np.searchsorted(grid, codes)
         assert np.array_equal(grid[index], codes), "weight codes must lie on the level grid"
-        itype = TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
+        itype = TensorProto.UINT2 if len(grid) <= 4 else TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
         idx = b.packed(index, itype, "w_index")
         lut_t = np.uint8 if u8 else _int_type(int(grid.min()), int(grid.max()))[1]
         lut = b.const((grid + offset).astype(lut_t), "w_lut")
@@ -922,6 +929,9 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
         for t in unread:  # biases a shifted copy replaced
             graph.initializer.remove(t)
     _drop_marker_domain(model)
+    if any(t.data_type in (TensorProto.INT2, TensorProto.UINT2) for t in model.graph.initializer):
+        set_opset(model, 25)  # Cast and DequantizeLinear take 2-bit types from opset 25 (IR 11) on
+        model.ir_version = max(model.ir_version, 11)
     set_activation_map(model, activations)
     return model
 

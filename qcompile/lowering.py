@@ -679,7 +679,8 @@ def lowered_layers(model: onnx.ModelProto) -> list:
 
 # -- verifier ------------------------------------------------------------------------------------------------
 _INTEGER_TYPES = {TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32,
-                  TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.INT4, TensorProto.UINT4}
+                  TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.INT4, TensorProto.UINT4,
+                  TensorProto.INT2, TensorProto.UINT2}
 #: ops allowed inside a region; none of them multiplies (the 0/1-mask products and BitShift are checked further)
 _ALLOWED_OPS = {"Cast", "Sub", "Add", "Max", "ReduceSum", "BitShift", "BitwiseAnd", "ConvInteger", "MatMulInteger",
                 "Concat", "Reshape", "Shape", "Slice", "Gather", "Transpose", "Squeeze", "Unsqueeze", "Identity"}

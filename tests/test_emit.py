@@ -40,6 +40,7 @@ CONFIGS = {
     "pot3": dict(scheme="pot", bits=3),
     "uniform8": dict(scheme="uniform", bits=8),
     "apot4_u8": dict(scheme="apot", wscheme="apot", ascheme="uniform", wbits=4, abits=8),
+    "binary_w": dict(scheme="uniform", wscheme="binary", ascheme="uniform", bits=4),  # 2-bit storage, opset 25
 }
 FORMS = ("standard", "custom")
 CASES = [(c, f) for c in CONFIGS for f in FORMS]
@@ -57,6 +58,9 @@ EXPECTED_TYPES = {
     ("pot3", "custom"): ({TensorProto.UINT4, TensorProto.UINT8}, {TensorProto.INT4}),
     ("uniform8", "custom"): ({TensorProto.UINT8}, {TensorProto.UINT4, TensorProto.INT4}),
     ("apot4_u8", "custom"): ({TensorProto.UINT4, TensorProto.UINT8}, {TensorProto.INT4}),
+    # binary weights: UINT2 level indices (2 levels) in the standard form; the custom form's functions keep UINT4
+    ("binary_w", "standard"): ({TensorProto.UINT2, TensorProto.INT8}, {TensorProto.UINT4, TensorProto.INT4}),
+    ("binary_w", "custom"): ({TensorProto.UINT4, TensorProto.UINT8}, {TensorProto.UINT2, TensorProto.INT2}),
 }
 
 

@@ -220,11 +220,11 @@ def test_cell_decisions_differ_from_the_exact_ones_only_within_an_accumulator_un
     assert total > 10000 and differ / total < 1e-3
 
 
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 def test_uniform_low_bit_layers_run_on_int8_kernels_bit_exact(bits, tmp_path):
-    """Uniform 3-4-bit activations and weights: the codes fit uint8/int8, so a layer between two such quantizers is
-    an integer layer too: QuantizeLinear right after it, then the level range as an integer Clip; the INT4 weights
-    reach the int8 kernels through a Cast that onnxruntime folds at load time."""
+    """Uniform 2-4-bit activations and weights: the codes fit uint8/int8, so a layer between two such quantizers is
+    an integer layer too: QuantizeLinear right after it, then the level range as an integer Clip; the INT4 (INT2 at
+    2 bits, opset 25) weights reach the int8 kernels through a Cast that onnxruntime folds at load time."""
     model = MobileNetLike(seed=0, act="relu6")
     calib = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     x = torch.randn(48, 3, 16, 16, generator=torch.Generator().manual_seed(2))
@@ -236,6 +236,9 @@ def test_uniform_low_bit_layers_run_on_int8_kernels_bit_exact(bits, tmp_path):
     int_clips = [n for n in graph.node if n.op_type == "Clip" and producer[n.input[0]].op_type == "QuantizeLinear"]
     assert int_clips and all(producer[producer[n.input[0]].input[0]].op_type == "Conv" for n in int_clips)
     assert any(n.op_type == "Cast" and producer.get(n.input[0]) is None for n in graph.node)  # Cast(INT4 initializer)
+    small = {t.data_type for t in graph.initializer} & {onnx.TensorProto.INT2, onnx.TensorProto.INT4}
+    assert small == {onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4}  # stored at the bit-width
+    assert max(o.version for o in result.onnx_model.opset_import if o.domain == "") == (25 if bits == 2 else 21)
     ops = optimized_ops(result, tmp_path)
     assert ops["QLinearConv"] == 6 and ops["Conv"] + ops["FusedConv"] == 2, ops  # as the APoT file above
     float_levels = qcompile.compile(model.eval(), calib=calib, validation_inputs=x, scheme="uniform", bits=bits,
