@@ -82,6 +82,14 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
     from qcompile.passes.select import opaque_layers
 
     rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]
+    seen = set()
+    for node in gm.graph.nodes:  # embedding tables: weights qcompile does not quantize (it quantizes Conv/Linear)
+        if node.op == "call_module" and node.target not in seen:
+            seen.add(node.target)
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                rows.append((str(node.target), type(mod).__name__,
+                             "float: an embedding table (a lookup, no multiply; only Conv/Linear weights are quantized)"))
     return rows
 
 
