@@ -241,6 +241,13 @@ def compile(
     arch = options.pop("arch", None)
     trust_pickle = options.pop("trust_pickle", False)
     opts = CompileOptions(scheme=scheme, bits=bits, **options)
+    if not opts.quantized:  # as the CLI: options that would quantize something, given to a float compile
+        defaults = CompileOptions(scheme="fp32")
+        given = [k for k in options if k not in ("check", "leaf_modules", "fold_bn", "equalize")
+                 and getattr(opts, k, None) != getattr(defaults, k, None)]
+        if given:
+            raise UserError(f"{', '.join(given)} cannot apply to scheme='fp32' (nothing is quantized); drop "
+                            f"{'them' if len(given) > 1 else 'it'} or choose a quantized scheme")
     if output is not None:
         export_mod.check_output_path(output)
     if isinstance(model, str):

@@ -245,6 +245,10 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
         qcompile.compile(MLP(), example_input(MLP), scheme="fp32", bits=9, output=str(out))
     with pytest.raises(UserError, match="give example_inputs"):
         qcompile.compile(MLP(), None, scheme="fp32", output=str(out))
+    # options that quantize something, given to a float compile, were dropped silently (the CLI refused them)
+    with pytest.raises(UserError, match="config, wbits cannot apply to scheme='fp32'"):
+        qcompile.compile(MLP(), example_input(MLP), scheme="fp32", config={"fc2": {"scheme": "apot"}}, wbits=4,
+                         output=str(out))
     assert leftovers(tmp_path) == []
 
 
