@@ -266,8 +266,11 @@ def _check_levels(fq: FakeQuantize, layer: str) -> None:
     try:
         fq.levelset
     except ValueError as exc:
+        from qcompile.ir import FIXED_BITS
+
         what = "--wscheme/--wbits" if fq.role == "weight" else "--ascheme/--abits"
-        raise UserError(f"{layer}: cannot quantize its {fq.role} with {fq.scheme} {fq.bits}-bit levels ({exc}); "
+        levels = f"{fq.scheme} levels" if fq.scheme in FIXED_BITS else f"{fq.scheme} {fq.bits}-bit levels"
+        raise UserError(f"{layer}: cannot quantize its {fq.role} with {levels} ({exc}); "
                         f"choose another {what} or keep the layer in float (--exclude)") from None
 
 

@@ -111,7 +111,12 @@ class Override:
         for key in ("wscheme", "ascheme", "wbits", "abits", "per_channel", "action"):
             if key in ch:
                 upd[key] = ch[key]
-        return dataclasses.replace(cfg, **upd, reason=f"{self.where} '{self.label}'")
+        new = dataclasses.replace(cfg, **upd)
+        rule = f"{self.where} '{self.label}'"
+        if new.action == "float" and "action" not in ch and cfg.action == "float":
+            # a rule that sets only bits/schemes of a layer kept float for another reason: that reason stands
+            return dataclasses.replace(new, reason=f"{cfg.reason}; {rule} sets no scheme")
+        return dataclasses.replace(new, reason=rule)
 
 
 def _validate_changes(raw: dict, ov: "Override") -> dict:

@@ -122,7 +122,7 @@ def test_quantized_scheme_override_requantizes_a_float_layer():
                  Override("fc3", "glob", {"bits": 5}, source="cfg")]
     _, _, table = select(MLP(), default=DEFAULT, first_last="fp32", overrides=overrides)
     assert table["fc1"] == "W5 pot / A5 pot (cfg 'fc1')"
-    assert table["fc3"] == "float (cfg 'fc3')"  # bits alone do not quantize a float layer
+    assert table["fc3"] == "float (last layer; cfg 'fc3' sets no scheme)"  # bits alone do not quantize it
 
 
 def test_parse_exclude():
@@ -261,6 +261,16 @@ def test_layer_table_of_a_compiled_model_lists_the_int8_layers_too():
     assert [r[0] for r in rows] == ["conv1", "layer1.conv1", "layer1.conv2", "layer1.downsample.0", "fc"]
     assert rows[0][1] == "Conv2d" and "int8 kernel" in rows[0][2] and rows[-1][1] == "Linear"
     assert [line.split()[0] for line in layer_lines(result.model)[1:]] == [r[0] for r in rows]
+
+
+def test_a_rule_without_a_scheme_leaves_a_float_layer_float_and_says_why():
+    """A rule that only sets bits on a layer kept float by first/last fp32 was credited with making it float."""
+    _, _, table = select(MLP(), default=DEFAULT, first_last="fp32",
+                         overrides=[Override("fc3", "glob", {"wbits": 4, "abits": 8}, source="layers.toml")])
+    assert table["fc3"] == "float (last layer; layers.toml 'fc3' sets no scheme)"
+    _, _, table = select(MLP(), default=DEFAULT, first_last="fp32",
+                         overrides=[Override("fc3", "glob", {"scheme": "uniform", "bits": 8}, source="layers.toml")])
+    assert table["fc3"] == "W8 uniform / A8 uniform (layers.toml 'fc3')"
 
 
 def test_in_a_checked_pipeline_with_fold():
