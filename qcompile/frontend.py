@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib
 import io
+import operator
 import os
 import pickle
 import sys
@@ -385,12 +386,17 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, name)
     gm.eval()
+    # what the model computes, before functionalize_inplace switches its modules' inplace flags off (the graph
+    # module calls the model's own submodules)
+    want = _reference_outputs(model, example_inputs) if example_inputs is not None and model is not gm else None
+    if functionalize_inplace(gm):
+        gm.recompile()
     if example_inputs is not None:
         prop = _ShapeProp(gm)
         try:
             # ShapeProp prints the whole traceback to stderr before re-raising: keep it to the one-line error.
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                prop.propagate(*example_inputs)
+                traced_out = _seeded(lambda: prop.propagate(*[_clone(t) for t in example_inputs]))
         except Exception as exc:
             node = prop.current
             where = ""
@@ -406,7 +412,158 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                         "e.g. x.astype(np.float32)")
             raise UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); "
                             f"{hint}") from None
+        if want is not None:
+            _check_traced(want, traced_out)
     return gm
+
+
+# -- in-place operations ---------------------------------------------------------------------------------------
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv, operator.ifloordiv: operator.floordiv,
+                      operator.imod: operator.mod, operator.ipow: operator.pow, operator.imatmul: operator.matmul,
+                      operator.iand: operator.and_, operator.ior: operator.or_, operator.ixor: operator.xor,
+                      operator.ilshift: operator.lshift, operator.irshift: operator.rshift}
+_NOT_INPLACE_METHODS = {"requires_grad_", "share_memory_", "retain_grad_", "record_stream_"}
+
+
+def _inplace_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
+    """How ``node`` mutates its first argument, if it does: "method" (``x.relu_()``), "operator" (``x += y``),
+    "function" (``F.relu(x, inplace=True)``, ``torch.relu_(x)``) or "module" (``nn.ReLU(inplace=True)``)."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.endswith("__") and name not in _NOT_INPLACE_METHODS:
+            return "method"
+    elif node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return "operator"
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return "function"
+        if node.kwargs.get("inplace") is True:
+            return "function"
+        try:
+            import inspect
+
+            params = list(inspect.signature(node.target).parameters)
+        except (TypeError, ValueError):
+            return None
+        if "inplace" in params and params.index("inplace") < len(node.args) and node.args[params.index("inplace")] is True:
+            return "function"
+    elif node.op == "call_module":
+        if getattr(gm.get_submodule(node.target), "inplace", False) is True:
+            return "module"
+    return None
+
+
+def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
+    """Give in-place operations the meaning they have in eager PyTorch: after ``a.relu_()`` (result discarded),
+    ``b += a`` or ``nn.ReLU(inplace=True)(y)``, every later use of the mutated tensor reads the operation's result,
+    and the operation becomes its out-of-place form where there is one (``relu``, ``operator.add``,
+    ``inplace=False``). torch.fx records ``a.relu_()`` as a node nobody uses: dead-code elimination dropped it and
+    the file computed the model without the ReLU (validation compared it with the same graph and passed). An
+    in-place operation on a view of another tensor is not followed; :func:`_check_traced` catches what that
+    changes. Returns whether the graph changed."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        kind = _inplace_kind(gm, node)
+        if kind is None:
+            continue
+        target = node.args[0]
+        later = [u for u in target.users if u is not node and order.get(u, -1) > order[node]]
+        for user in later:
+            user.replace_input_with(target, node)
+        if kind == "method" and callable(getattr(torch.Tensor, str(node.target)[:-1], None)):
+            node.target = str(node.target)[:-1]
+        elif kind == "operator":
+            node.target = _INPLACE_OPERATORS[node.target]
+        elif kind == "function":
+            base = getattr(node.target, "__name__", "")
+            if base.endswith("_") and callable(getattr(torch, base[:-1], None)):
+                node.target = getattr(torch, base[:-1])
+            elif node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+            else:
+                import inspect
+
+                at = list(inspect.signature(node.target).parameters).index("inplace")
+                node.args = node.args[:at] + (False,) + node.args[at + 1:]
+        elif kind == "module":
+            gm.get_submodule(node.target).inplace = False
+        changed = True
+    return changed
+
+
+def _clone(t):
+    return t.clone() if isinstance(t, torch.Tensor) else t
+
+
+_SEED_0 = torch.Generator().manual_seed(0).get_state()  # the CPU generator's state after torch.manual_seed(0)
+
+
+def _seeded(fn):
+    """``fn()`` with the CPU generator seeded as by ``torch.manual_seed(0)``, restored after (random draws in a
+    forward draw the same values in the model and in its graph)."""
+    saved = torch.random.get_rng_state()
+    torch.random.set_rng_state(_SEED_0)
+    try:
+        return fn()
+    finally:
+        torch.random.set_rng_state(saved)
+
+
+def _reference_outputs(model: nn.Module, example_inputs) -> list | None:
+    """The model's output tensors on (copies of) the example inputs, in eval mode with the same random draws as
+    the graph's run; None where the model does not run (the traced graph then reports the error)."""
+    from torch.utils._pytree import tree_leaves
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            out = _seeded(lambda: model.eval()(*[_clone(t) for t in example_inputs]))
+        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+    except Exception:
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_traced(want: list, traced_out) -> None:
+    """The traced graph must compute what the model computes on the example inputs (eval mode, the same random
+    draws): an in-place operation on a view (``x[:, :4].relu_()``), or anything else torch.fx records differently
+    from what eager PyTorch runs, would otherwise give a file that matches its own graph, so validation passes,
+    yet computes another function."""
+    from torch.utils._pytree import tree_leaves
+
+    got = [t for t in tree_leaves(traced_out) if isinstance(t, torch.Tensor)]
+    problem = ""
+    if len(want) != len(got):
+        problem = f"{len(want)} outputs, the graph {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if problem:
+            break
+        if w.shape != g.shape:
+            problem = f"output {i} has shape {tuple(w.shape)}, the graph's {tuple(g.shape)}"
+        elif w.is_floating_point() or g.is_floating_point():
+            w64, g64 = w.double(), g.double()
+            finite = torch.isfinite(w64) & torch.isfinite(g64)
+            if not torch.equal(torch.isfinite(w64), torch.isfinite(g64)):
+                problem = f"output {i} has non-finite values in other places"
+            elif bool(finite.any()):
+                scale = float(w64[finite].abs().max())
+                err = float((w64 - g64)[finite].abs().max())
+                if err > 1e-3 * scale + 1e-6:
+                    problem = f"output {i} differs by {err:.3g} (its largest magnitude is {scale:.3g})"
+        elif not torch.equal(w, g):
+            problem = f"output {i} differs"
+    if problem:
+        raise UserError(f"the graph torch.fx traced does not compute the model ({problem}); an in-place operation on "
+                        "a view (x[:, :4].relu_(), y.view(-1).add_(1)) or a value computed in Python from a tensor "
+                        "is the usual cause: write it out of place (x = x.relu(), y = y + 1), or keep that module "
+                        "whole with --leaf-module NAME")
 
 
 def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch.fx.GraphModule | None:

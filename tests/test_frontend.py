@@ -734,3 +734,63 @@ def test_a_submodule_named_like_a_graph_module_attribute_is_a_user_error(name):
     with pytest.raises(UserError) as err:
         qcompile.compile(model.eval(), torch.randn(1, 5), scheme="fp32")
     _assert_one_line(err, f"the model has a submodule named '{name}', a name torch.fx's GraphModule keeps")
+
+
+class _InplaceDiscarded(torch.nn.Module):
+    """``a.relu_()`` with its result discarded, ``b += a`` and ``nn.ReLU(inplace=True)`` whose input is read after it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.c3 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        a.relu_()
+        b = self.c2(a)
+        b += a
+        z = self.relu(b)
+        return self.c3(z + b)
+
+
+class _InplaceOnAView(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y[:, :4].relu_()  # mutates y through a view
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_in_place_operations_keep_their_meaning(scheme):
+    """torch.fx records ``a.relu_()`` as a node nobody uses: dead-code elimination dropped it, and the file computed
+    the model without that ReLU (0 dB against float) while validation, comparing it with the same graph, passed."""
+    import qcompile
+
+    model = _InplaceDiscarded().eval()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x.clone())
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8, output=None, validation_inputs=x)
+    assert result.report.passed, result.report.summary()
+    with torch.no_grad():
+        got = result.model(x.clone())
+    sqnr = 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum())
+    assert sqnr > (100 if scheme == "fp32" else 30), float(sqnr)
+    assert model.relu.inplace  # the user's module is untouched (the copy's is out of place)
+
+
+def test_in_place_operation_on_a_view_is_a_user_error():
+    import qcompile
+
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UserError, match="the graph torch.fx traced does not compute the model"):
+        qcompile.compile(_InplaceOnAView().eval(), x[:1], scheme="fp32", output=None)
