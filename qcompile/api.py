@@ -125,6 +125,28 @@ def model_input_names(model: nn.Module) -> Optional[list[str]]:
     return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
+# what compile() may still choose for a QAT-trained model: the file's form, not what the layers compute
+_FORM_OPTIONS = ("emit", "check", "int8_weights", "leaf_modules")
+
+
+def _trained_options(cfg, opts: CompileOptions, scheme: str, bits: int, options: dict) -> CompileOptions:
+    """The options of a model trained with ``qcompile.qat`` (``cfg.options``, those of ``prepare``) with this
+    call's form options. The passes re-decided layers from this call's options: a layer that ``prepare`` excluded
+    (or kept float as first/last) was quantized and calibrated anew, and the file recorded a scheme and bit-width
+    it did not have. Other options that differ from the trained ones are refused."""
+    trained = cfg.options
+    given = {k: v for k, v in options.items() if k not in _FORM_OPTIONS}
+    if (scheme, bits) != ("apot", 4):  # compile()'s defaults: not asked for
+        given.update(scheme=scheme, bits=bits)
+    probe = dataclasses.replace(trained, **given) if given else trained
+    differ = [k for k in given if getattr(probe, k) != getattr(trained, k)]
+    if differ:
+        now = ", ".join(f"{k}={getattr(trained, k)!r}" for k in differ)
+        raise UserError(f"this model was trained with qcompile.qat.prepare, whose options fix what its layers compute "
+                        f"({now}); drop {', '.join(differ)} here, or pass them to prepare and train again")
+    return dataclasses.replace(trained, **{k: getattr(opts, k) for k in _FORM_OPTIONS})
+
+
 def check_input_count(model: nn.Module, given: int, source: str) -> None:
     """More inputs than ``forward`` takes: one line naming them (instead of a TypeError from tracing)."""
     names = model_input_names(model)
@@ -289,6 +311,8 @@ def compile(
             raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
                             f"{', '.join(sorted(known))}")
 
+    if trained:
+        opts = _trained_options(model.meta[CONVERTED_KEY], opts, scheme, bits, options)
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
     if trained and opts.int8_levels:
@@ -318,6 +342,8 @@ def compile(
         cost = cost_report(onnx_model)
         summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
+    if trained:  # as qat.export records it
+        onnx_model.metadata_props.add(key="qcompile.qat", value=model.meta[CONVERTED_KEY].describe())
     if opts.quantized and calib_x is not None:
         first = calib_x[0] if isinstance(calib_x, tuple) else calib_x
         onnx_model.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(

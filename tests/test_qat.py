@@ -3,6 +3,7 @@ differences), SDQ's running sigma, eq. 11 re-scaling, two-phase freezing, weight
 export of a QAT-trained model to ONNX, validated in onnxruntime."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -331,6 +332,31 @@ def test_compile_takes_the_trainable_and_the_converted_model(digits):
     for name, mod in result.model.named_modules():  # no recalibration: the learned values are exported
         if name in alphas:
             assert torch.equal(mod.alpha, alphas[name])
+
+
+def test_compile_of_a_trained_model_takes_the_options_it_was_trained_with(digits):
+    """compile() re-decided layers from its own options: a layer prepare excluded was quantized and calibrated
+    anew (the file no longer computed the trained model), and the file recorded the scheme and bit-width given to
+    compile, not the trained ones. It takes prepare's options now, refuses others, and says what was trained."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=3, method="apot", calib=x_tr[:64],
+                     exclude=("fc1",))
+    conv = qat.convert(gm)
+    with torch.no_grad():
+        want = conv(x_te[:100])
+    result = qcompile.compile(conv, x_te[:1], calib=x_tr[:64], validation_inputs=x_te[:100])  # default scheme/bits
+    assert result.report.passed, result.report.summary()
+    with torch.no_grad():
+        assert (result.model(x_te[:100]) - want).abs().max() < 1e-4
+    assert not any(n.startswith("fc1") and isinstance(m, FakeQuantize) for n, m in result.model.named_modules())
+    meta = {p.key: p.value for p in result.onnx_model.metadata_props}
+    recorded = json.loads(meta["qcompile.options"])
+    assert (recorded["scheme"], recorded["bits"], recorded["exclude"]) == ("apot", 3, ["fc1"])
+    assert meta["qcompile.qat"].startswith("apot: W3 apot / A3 apot")
+    with pytest.raises(UserError, match=r"trained with qcompile.qat.prepare.*\(scheme='apot', bits=3\)"):
+        qcompile.compile(conv, x_te[:1], scheme="pot", bits=2, calib=x_tr[:64])
+    with pytest.raises(UserError, match=r"\(exclude=\('fc1',\)\)"):
+        qcompile.compile(conv, x_te[:1], scheme="apot", bits=3, exclude=(), calib=x_tr[:64])
 
 
 def test_compile_of_a_converted_apot_model_keeps_the_trained_level_decisions(digits):
