@@ -334,6 +334,19 @@ def test_compile_takes_the_trainable_and_the_converted_model(digits):
             assert torch.equal(mod.alpha, alphas[name])
 
 
+def test_switches_that_a_method_does_not_apply_are_refused(digits):
+    """method='ste' with weight_norm=True or rcf=True was accepted, not applied (no alpha is trained), and recorded
+    in the file's QAT metadata as applied."""
+    x_tr, _, x_te, _ = digits
+    for kw in ({"weight_norm": True}, {"rcf": True}):
+        with pytest.raises(UserError, match="method 'ste' keeps the calibrated clipping values"):
+            qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, method="ste", calib=x_tr[:16], **kw)
+        with pytest.raises(UserError, match="method 'sdq' has its own clipping"):
+            qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, method="sdq", calib=x_tr[:16], **kw)
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, method="ste", calib=x_tr[:16], weight_norm=False)
+    assert "weight-norm" not in qat.config_of(gm).describe()
+
+
 def test_compile_of_a_trained_model_takes_the_options_it_was_trained_with(digits):
     """compile() re-decided layers from its own options: a layer prepare excluded was quantized and calibrated
     anew (the file no longer computed the trained model), and the file recorded the scheme and bit-width given to

@@ -163,6 +163,9 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     spec = METHODS[method]
     if spec.sdq and (weight_norm or rcf):
         raise UserError("method 'sdq' has its own clipping (alpha * sigma); weight_norm/rcf apply to apot/pact")
+    if not spec.learn_alpha and (weight_norm or rcf):  # they were accepted, not applied, and recorded as applied
+        raise UserError(f"method {spec.name!r} keeps the calibrated clipping values (no alpha is trained); "
+                        "weight_norm/rcf apply to apot/pact")
     grad = spec.grad if rcf is None else ("rcf" if rcf else "ste")
     if weight_norm not in (None, True, False, "scale"):
         raise UserError(f"weight_norm must be True, False or 'scale', got {weight_norm!r}")
