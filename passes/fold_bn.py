@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult, add_functional_bias, stock_layer
+from .base import Pass, PassResult, add_functional_bias, fake_quantizer, stock_layer
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -234,6 +234,9 @@ class FoldBatchNorm(Pass):
             if arg is None and what == "bias":
                 continue
             if not (isinstance(arg, torch.fx.Node) and arg.op == "get_attr"):
+                if what == "weight" and fake_quantizer(gm, arg) is not None:  # BN after InsertQuantizers
+                    return (f"the weight of {src.name} is already quantized (run FoldBatchNorm before "
+                            "InsertQuantizers)")
                 return f"the {what} of {src.name} is computed in forward, not a parameter"
             readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == arg.target]
             if len(readers) != 1 or len(arg.users) != 1:

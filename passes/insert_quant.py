@@ -174,6 +174,12 @@ class InsertQuantizers(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
+        if not any(n.meta.get("qconfig") is not None for n in graph.nodes):
+            from .select import layer_nodes
+
+            if layer_nodes(gm):  # it inserted nothing, and the layer table still read "W4 apot / A4 apot"
+                raise RuntimeError("InsertQuantizers found no layer decisions: run SelectLayers before it "
+                                   "(qcompile.pipeline.build_passes gives the full order)")
         layers = [n for n in graph.nodes
                   if n.meta.get("qconfig") is not None and n.meta["qconfig"].action == "quant"]
         skipped = [n for n in layers if quantizable_module(gm, n) is None and functional_weight(gm, n) is None]

@@ -63,6 +63,15 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     """Export ``gm`` to an in-memory ONNX model (nothing is written to disk). ``example_inputs``: one tensor per
     model input (a single tensor is the one input, not a sequence of its rows)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if isinstance(gm, torch.fx.GraphModule) and any(hasattr(m, "prepare_export") for m in gm.modules()):
+        from qcompile.passes.quantize_bias import off_grid_biases
+
+        off = off_grid_biases(gm)
+        if off:
+            raise RuntimeError(f"the bias of {', '.join(off[:3])}{' ...' if len(off) > 3 else ''} is not on its "
+                               "accumulator grid S_x*S_w, where onnxruntime rounds it when it loads the file: run "
+                               "the QuantizeBias pass after Calibrate (qcompile.pipeline.build_passes gives the full "
+                               "order)")
     from .fx_onnx import export_fx
 
     fast = export_fx(gm, example_inputs, opset, dynamic_batch)  # common layers only; None: use torch.onnx.export
