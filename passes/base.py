@@ -363,6 +363,21 @@ def private_bias(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return True
 
 
+def shared_with(gm: torch.nn.Module, module_name: str, attrs=("weight", "bias")) -> str:
+    """Where else a parameter of submodule ``module_name`` lives (tied weights: ``b.weight = a.weight``), as
+    "a.weight"; "" when its parameters are its own. A pass that rewrites a weight in place (folding, equalization)
+    must leave a shared one alone: the rewrite would change the other module too."""
+    mod = gm.get_submodule(module_name)
+    mine = {id(getattr(mod, a)) for a in attrs if isinstance(getattr(mod, a, None), torch.Tensor)}
+    if not mine:
+        return ""
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        owner = name.rpartition(".")[0]
+        if id(p) in mine and owner != module_name:
+            return name
+    return ""
+
+
 def fake_quantizer(gm: torch.fx.GraphModule, node):
     """The FakeQuantize a ``call_module`` node calls, or None."""
     from qcompile.qmodules import FakeQuantize

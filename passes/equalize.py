@@ -55,7 +55,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult, stock_layer
+from .base import Pass, PassResult, shared_with, stock_layer
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -293,6 +293,9 @@ class EqualizeWeights(Pass):
         for n in (chain.producer, chain.consumer):
             if calls[n.target] != 1:
                 return f"{n.target} is called from {calls[n.target]} places"
+            other = shared_with(gm, n.target)
+            if other:
+                return f"{n.target} shares a parameter with {other} (tied weights)"
         if "clip" in chain.kinds:
             if not self.allow_clipping:
                 return "clipping activation (ReLU6/Hardtanh/clamp) is not scale-equivariant; " \

@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Pass, PassResult, add_functional_bias, fake_quantizer, stock_layer
+from .base import Pass, PassResult, add_functional_bias, fake_quantizer, shared_with, stock_layer
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -211,6 +211,9 @@ class FoldBatchNorm(Pass):
             return f"the output of {src.target} also feeds {others}"
         if counts.get(src.target, 0) != 1:
             return f"{src.target} is called from {counts[src.target]} places; folding would change the others"
+        other = shared_with(gm, src.target)
+        if other:
+            return f"{src.target} shares a parameter with {other} (tied weights); folding would change it there"
         meta = src.meta.get("tensor_meta")
         if isinstance(layer, nn.Linear):
             shape = getattr(meta, "shape", None)

@@ -273,3 +273,34 @@ def test_functional_layer_whose_weight_is_shared_keeps_its_batchnorm():
     assert not result.modified and len(bn_nodes(gm)) == 1
     assert any("also used elsewhere" in line for line in p.report), p.report
     assert torch.equal(out, ref)
+
+
+def test_tied_weights_are_not_folded_or_equalized():
+    """Two layers sharing one weight (tying): folding a BatchNorm or equalizing through one rewrote the other's
+    weight too, and the compile stopped with "qcompile's graph passes changed what the model computes ... this is a
+    qcompile bug". Such layers are now left alone and say why."""
+    import qcompile
+    from qcompile.passes import EqualizeWeights
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.out = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 5)
+            self.b.weight = self.a.weight
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            x = F.relu(self.bn(self.a(x)))
+            return self.out(F.relu(self.b(x)).mean((2, 3)))
+
+    model = randomize_batchnorm(Tied(), seed=1).eval()
+    x = torch.randn(32, 8, 6, 6, generator=torch.Generator().manual_seed(2))
+    fold, eq = FoldBatchNorm(), EqualizeWeights()
+    gm = Pipeline([fold, eq])(qcompile.trace(model, x[:1])).gm
+    assert any("shares a parameter with b.weight" in line or "shares a parameter with a.weight" in line
+               for line in fold.report + eq.report), (fold.report, eq.report)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=None)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
