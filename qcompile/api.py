@@ -147,6 +147,20 @@ def _trained_options(cfg, opts: CompileOptions, scheme: str, bits: int, options:
     return dataclasses.replace(trained, **{k: getattr(opts, k) for k in _FORM_OPTIONS})
 
 
+def _check_batch_statistics(gm: torch.fx.GraphModule) -> None:
+    """A BatchNorm without running statistics (``track_running_stats=False``) normalises every batch with that
+    batch's own mean and variance, in eval mode too: an output that depends on the other samples of the batch,
+    which no per-sample inference file computes (torch.onnx stopped on it with an AssertionError)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is None:
+                raise UserError(f"{node.target} ({type(mod).__name__}) has no running statistics "
+                                "(track_running_stats=False): it normalises each batch with its own statistics, "
+                                "which an inference file cannot; train it with running statistics, or use "
+                                "InstanceNorm/GroupNorm/LayerNorm there")
+
+
 def check_input_count(model: nn.Module, given: int, source: str) -> None:
     """More inputs than ``forward`` takes: one line naming them (instead of a TypeError from tracing)."""
     names = model_input_names(model)
@@ -321,6 +335,7 @@ def compile(
         # longer computed the trained model (digits APoT-3: max |diff| 0.78, 98.75 -> 98.00 %)
         opts = dataclasses.replace(opts, int8_levels=False)
     gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
+    _check_batch_statistics(gm)
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback)
     gm = pipeline(gm).gm

@@ -230,6 +230,17 @@ def test_compile_api_compiles_a_training_mode_model_for_inference():
         assert 10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum()) > floor, scheme
 
 
+def test_batchnorm_without_running_statistics_is_a_user_error(tmp_path):
+    """track_running_stats=False normalises with each batch's statistics, in eval mode too: torch.onnx stopped on
+    it with an AssertionError (an internal error); it is one line naming the module now, and no file."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()).eval()
+    for scheme in ("fp32", "uniform"):
+        with pytest.raises(UserError, match=r"^1 \(BatchNorm2d\) has no running statistics"):
+            qcompile.compile(model, torch.randn(4, 3, 8, 8), calib=torch.randn(4, 3, 8, 8),
+                             scheme=scheme, bits=8, output=str(tmp_path / "m.onnx"))
+    assert leftovers(tmp_path) == []
+
+
 def test_compile_api_in_memory_and_from_a_spec():
     result = qcompile.compile("tests.models:MLP", torch.zeros(2, 16), scheme="fp32", output=None,
                               validation_inputs=example_input(MLP, seed=5, batch=7))
