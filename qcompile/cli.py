@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import traceback
@@ -364,7 +365,28 @@ def _print_summary(result) -> None:
         size = os.path.getsize(result.onnx_path)
         print(f"wrote {result.onnx_path} ({size / 1024:.1f} KiB) in {result.seconds:.2f} s")
     if result.report is not None:
+        line = float_line(result.report)
+        if line:
+            print(line)
         print(result.report.summary())
+
+
+def float_line(report) -> str:
+    """What quantization costs against the float model: output SQNR (and top-1 agreement) of the file, and the
+    quantizers whose outputs are furthest from their float values. Validation compares the file with the
+    simulation; this line is where a large loss shows (a per-tensor input quantizer on unnormalised features)."""
+    sq = report.extra.get("sqnr_vs_float_db")
+    if sq is None:
+        return ""
+    text = "vs the float model: output SQNR " + ("inf" if math.isinf(sq) else f"{sq:.1f} dB")
+    if report.extra.get("top1_vs_float") is not None:
+        text += f", top-1 agreement {100 * report.extra['top1_vs_float']:.2f}%"
+    layers = [(l["quantizer"], l["sqnr_vs_float_db"]) for l in report.layers or []
+              if l.get("sqnr_vs_float_db") is not None and math.isfinite(l["sqnr_vs_float_db"])]
+    if layers:
+        worst = sorted(layers, key=lambda t: t[1])[:3]
+        text += "; lowest quantizer SQNR " + ", ".join(f"{q} {v:.1f} dB" for q, v in worst)
+    return text
 
 
 def cmd_validate(argv) -> int:
@@ -372,6 +394,9 @@ def cmd_validate(argv) -> int:
     from .validate_cli import validate_against
 
     report = validate_against(args)
+    line = float_line(report)
+    if line:
+        print(line)
     print(report.summary())
     if not report.passed:
         raise ValidationFailed(report.summary())

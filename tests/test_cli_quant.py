@@ -5,8 +5,9 @@ switches reaching the pipeline, and ``qcompile validate`` rebuilding the simulat
 from __future__ import annotations
 
 import contextlib
-import json
 import io
+import json
+import re
 
 import numpy as np
 import onnx
@@ -79,6 +80,11 @@ def test_compile_apot4_end_to_end(apot4):
         assert table[name].startswith("W4 apot / A4 apot"), table
     summary = stdout.strip().splitlines()[-1]
     assert summary.startswith("validation on 32 inputs") and summary.endswith("PASS"), summary
+    # what quantization costs against the float model, on the line before (validation compares file and simulation)
+    vs_float = stdout.strip().splitlines()[-2]
+    m = re.match(r"vs the float model: output SQNR ([0-9.]+) dB, top-1 agreement ([0-9.]+)%; lowest quantizer SQNR "
+                 r"act_fq\d+ ([0-9.]+) dB", vs_float)
+    assert m and 15 < float(m.group(1)) < 40 and float(m.group(2)) > 90, vs_float
 
 
 def test_npz_with_x_key_and_custom_emission(work):
