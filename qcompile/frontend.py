@@ -389,7 +389,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     # what the model computes, before functionalize_inplace switches its modules' inplace flags off (the graph
     # module calls the model's own submodules)
     want = _reference_outputs(model, example_inputs) if example_inputs is not None and model is not gm else None
-    if functionalize_inplace(gm):
+    if example_inputs is None and functionalize_inplace(gm):
         gm.recompile()
     if example_inputs is not None:
         prop = _ShapeProp(gm)
@@ -412,6 +412,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                         "e.g. x.astype(np.float32)")
             raise UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); "
                             f"{hint}") from None
+        # on the eager-semantics graph ShapeProp marked which values are tensors: `n += 1` on a size is not an
+        # in-place update of anything another name could see
+        if functionalize_inplace(gm):
+            gm.recompile()
+            if want is not None:
+                with torch.no_grad():
+                    traced_out = _seeded(lambda: gm(*[_clone(t) for t in example_inputs]))
         if want is not None:
             _check_traced(want, traced_out)
     return gm
@@ -437,9 +444,12 @@ def _inplace_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
             return "method"
     elif node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
-            return "operator"
+            # on tensors only (known from ShapeProp): for an int or a tuple `a += b` makes a new value, and a name
+            # bound to the old one keeps it
+            return "operator" if "tensor_meta" in node.args[0].meta else None
         name = getattr(node.target, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
+        if name.endswith("_") and not name.endswith("__") and any(
+                getattr(ns, name, None) is node.target for ns in (torch, torch.nn.functional, torch.special)):
             return "function"
         if node.kwargs.get("inplace") is True:
             return "function"
@@ -560,10 +570,10 @@ def _check_traced(want: list, traced_out) -> None:
         elif not torch.equal(w, g):
             problem = f"output {i} differs"
     if problem:
-        raise UserError(f"the graph torch.fx traced does not compute the model ({problem}); an in-place operation on "
-                        "a view (x[:, :4].relu_(), y.view(-1).add_(1)) or a value computed in Python from a tensor "
-                        "is the usual cause: write it out of place (x = x.relu(), y = y + 1), or keep that module "
-                        "whole with --leaf-module NAME")
+        raise UserError(f"the graph torch.fx traced does not compute the model ({problem}); an in-place update seen "
+                        "through another name (a view such as x[:, :4].relu_(), or z = y; y += 1) or a value "
+                        "computed in Python from a tensor is the usual cause: write it out of place (x = x.relu(), "
+                        "y = y + 1), or keep that module whole with --leaf-module NAME")
 
 
 def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch.fx.GraphModule | None:

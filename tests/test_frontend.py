@@ -788,6 +788,23 @@ def test_in_place_operations_keep_their_meaning(scheme):
     assert model.relu.inplace  # the user's module is untouched (the copy's is out of place)
 
 
+class _AugmentedAliased(torch.nn.Module):
+    def forward(self, x):
+        y = x * 2
+        z = y
+        y += 1  # in place in eager PyTorch (z sees it); torch.fx records a new value, z keeps x * 2
+        return z
+
+
+def test_an_update_that_torch_fx_cannot_follow_is_a_user_error():
+    """The graph would compute x * 2 where the model computes x * 2 + 1, and validation (file vs graph) would
+    pass: the traced graph is compared with the model on the example inputs."""
+    import qcompile
+
+    with pytest.raises(UserError, match="the graph torch.fx traced does not compute the model"):
+        qcompile.compile(_AugmentedAliased(), torch.randn(2, 3), scheme="fp32", output=None)
+
+
 def test_in_place_operation_on_a_view_is_a_user_error():
     import qcompile
 
