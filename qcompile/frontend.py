@@ -453,18 +453,25 @@ def _inplace_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
             return "function"
         if node.kwargs.get("inplace") is True:
             return "function"
-        try:
-            import inspect
-
-            params = list(inspect.signature(node.target).parameters)
-        except (TypeError, ValueError):
-            return None
-        if "inplace" in params and params.index("inplace") < len(node.args) and node.args[params.index("inplace")] is True:
+        at = _inplace_position(node.target)
+        if at is not None and at < len(node.args) and node.args[at] is True:
             return "function"
     elif node.op == "call_module":
         if getattr(gm.get_submodule(node.target), "inplace", False) is True:
             return "module"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(target) -> int | None:
+    """The position of an ``inplace`` parameter of a function (``F.relu(x, True)``), or None."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(target).parameters)
+    except (TypeError, ValueError):
+        return None
+    return params.index("inplace") if "inplace" in params else None
 
 
 def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
@@ -496,9 +503,7 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             elif node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
             else:
-                import inspect
-
-                at = list(inspect.signature(node.target).parameters).index("inplace")
+                at = _inplace_position(node.target)
                 node.args = node.args[:at] + (False,) + node.args[at + 1:]
         elif kind == "module":
             gm.get_submodule(node.target).inplace = False
