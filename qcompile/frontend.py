@@ -483,11 +483,11 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     in-place operation on a view of another tensor is not followed; :func:`_check_traced` catches what that
     changes. Returns whether the graph changed."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # every kind first: a shared nn.ReLU(inplace=True) called in two places is in place at both calls, though the
+    # first rewrite switches the module's flag off
+    found = [(node, kind) for node in gm.graph.nodes if (kind := _inplace_kind(gm, node)) is not None]
     changed = False
-    for node in list(gm.graph.nodes):
-        kind = _inplace_kind(gm, node)
-        if kind is None:
-            continue
+    for node, kind in found:
         target = node.args[0]
         later = [u for u in target.users if u is not node and order.get(u, -1) > order[node]]
         for user in later:

@@ -756,6 +756,35 @@ class _InplaceDiscarded(torch.nn.Module):
         return self.c3(z + b)
 
 
+class _SharedInplaceModule(torch.nn.Module):
+    """One nn.ReLU(inplace=True) called twice, its input read after each call (torchvision shares self.relu too)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.c1(x)
+        a = self.relu(y)
+        z = self.c2(a + y)
+        b = self.relu(z)
+        return b + z
+
+
+def test_a_shared_in_place_module_is_in_place_at_every_call():
+    import qcompile
+
+    model = _SharedInplaceModule().eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x.clone())
+    gm = qcompile.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), want)
+
+
 class _InplaceOnAView(torch.nn.Module):
     def __init__(self):
         super().__init__()
