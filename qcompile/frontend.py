@@ -498,13 +498,17 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             node.target = _INPLACE_OPERATORS[node.target]
         elif kind == "function":
             base = getattr(node.target, "__name__", "")
-            if base.endswith("_") and callable(getattr(torch, base[:-1], None)):
-                node.target = getattr(torch, base[:-1])
-            elif node.kwargs.get("inplace") is True:
+            if node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
+            elif base.endswith("_") and not base.endswith("__"):  # torch.relu_ -> torch.relu (else stays in place)
+                pure = [getattr(ns, base[:-1]) for ns in (torch, torch.nn.functional, torch.special)
+                        if callable(getattr(ns, base[:-1], None))]
+                if pure:
+                    node.target = pure[0]
             else:
                 at = _inplace_position(node.target)
-                node.args = node.args[:at] + (False,) + node.args[at + 1:]
+                if at is not None:
+                    node.args = node.args[:at] + (False,) + node.args[at + 1:]
         elif kind == "module":
             gm.get_submodule(node.target).inplace = False
         changed = True

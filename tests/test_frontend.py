@@ -773,6 +773,35 @@ class _SharedInplaceModule(torch.nn.Module):
         return b + z
 
 
+class _InplaceFunctions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.c(x)
+        torch.nn.functional.leaky_relu_(y, 0.2)  # no torch.leaky_relu: the out-of-place form is in F
+        z = torch.nn.functional.relu(y, True)
+        torch.sigmoid_(z)
+        torch.nn.functional.hardtanh(z, -0.5, 0.5, True)
+        return y + z
+
+
+def test_in_place_functions_keep_their_meaning():
+    import qcompile
+
+    model = _InplaceFunctions().eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x.clone())
+    gm = qcompile.trace(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x.clone()), want)
+    assert not any(str(getattr(n.target, "__name__", n.target)).endswith("_") for n in gm.graph.nodes
+                   if n.op in ("call_function", "call_method"))
+
+
 def test_a_shared_in_place_module_is_in_place_at_every_call():
     import qcompile
 
