@@ -405,8 +405,13 @@ class SelectLayers(Pass):
                     matched[id(ov)] += 1
         names = [_layer_name_and_type(gm, n)[0] for n in nodes]
         names = list(dict.fromkeys(names))  # a module called twice is one name
+        from qcompile.qmodules import FakeQuantize
+
+        # a model quantized already (QAT-trained, converted): its rules were checked when they decided its layers,
+        # and the layers they named may be bound to integer kernels now, no longer Conv/Linear nodes
+        decided = any(isinstance(m, FakeQuantize) for m in gm.modules())
         for ov in self.overrides:
-            if not matched[id(ov)]:  # a typo, most likely: silently ignoring it would quantize as if it were not there
+            if not matched[id(ov)] and not decided:  # a typo, most likely: ignoring it would quantize as if absent
                 shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
                 fix = "" if ov.source == "--exclude" else "; fix the pattern or remove it"
                 raise UserError(f"{ov.where} '{ov.label}' matched no layer; the layers are {shown or 'none'}{fix}")

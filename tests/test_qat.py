@@ -391,6 +391,34 @@ def test_compile_of_a_trained_model_takes_the_options_it_was_trained_with(digits
         qcompile.compile(conv, x_te[:1], scheme="apot", bits=3, exclude=(), calib=x_tr[:64])
 
 
+def test_compile_of_a_trained_model_with_a_config_rule_on_a_middle_layer(digits):
+    """With prepare's options taken over, a rule naming a layer that conversion bound to integer kernels was refused
+    as matching no layer ("the layers are fc3"): a model already decided keeps its rules."""
+    x_tr, _, x_te, _ = digits
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+
+        def forward(self, x):
+            x = torch.flatten(x, 1)
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    gm = qat.prepare(MLP().eval(), x_te[:1], scheme="apot", bits=4, method="apot", calib=x_tr[:64],
+                     config={"fc2": {"scheme": "uniform", "bits": 3}})
+    conv = qat.convert(gm)
+    with torch.no_grad():
+        want = conv(x_te[:100])
+    result = qcompile.compile(conv, x_te[:1], validation_inputs=x_te[:100])
+    assert result.report.passed, result.report.summary()
+    with torch.no_grad():
+        assert (result.model(x_te[:100]) - want).abs().max() < 1e-4
+    with pytest.raises(UserError, match="matched no layer"):  # a fresh model still refuses a typo
+        qcompile.compile(MLP().eval(), x_te[:1], calib=x_tr[:64], config={"fc9": {"bits": 3}})
+
+
 def test_compile_of_a_converted_apot_model_keeps_the_trained_level_decisions(digits):
     """QAT decides APoT levels in float (as ``qat.export`` writes them); ``compile`` deciding them on int8
     accumulator cells bound layers the conversion left float, and its file no longer computed the trained model
