@@ -29,7 +29,7 @@ from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
-from .base import Pass, PassResult, attr_value, data_batches, data_length, fake_quantizer, input_quantizer
+from .base import Pass, PassResult, attr_value, data_batches, data_length
 from .bias_correction import correctable_layers, recording_input_means
 
 
@@ -90,18 +90,10 @@ class Calibrate(Pass):
         channel, a folded BatchNorm with gamma ~ 0: tiny weights and a bias), and only those channels' weight
         ranges grow. Widening the shared input range for one such channel coarsened every channel of every layer
         reading it (one pruned channel took a model from 61 to 11 dB)."""
-        from .quantize_bias import _LAYERS, accumulator_scale
+        from .quantize_bias import accumulator_scale, quantized_layer_biases
 
         layers = []
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
-                continue
-            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
-                continue
-            if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
-                continue
+        for node, xfq, wfq, bnode in quantized_layer_biases(gm):
             b = attr_value(gm, bnode).detach().double().reshape(-1)
             scale = accumulator_scale(xfq, wfq).double()
             if scale.numel() in (1, b.numel()):  # |bias| in units of 2^29 accumulator steps, per channel

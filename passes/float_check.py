@@ -61,24 +61,7 @@ class CheckFloatOutputs(Pass):
         ref = self.record.outputs
         if ref is None:
             return PassResult(gm, False)
-        got = _outputs(gm, self.record.sample)
-        problem = ""
-        if len(got) != len(ref):
-            problem = f"{len(ref)} outputs became {len(got)}"
-        for i, (a, b) in enumerate(zip(ref, got)):
-            if problem:
-                break
-            if a.shape != b.shape:
-                problem = f"output {i} changed shape {tuple(a.shape)} -> {tuple(b.shape)}"
-                break
-            finite = torch.isfinite(a) & torch.isfinite(b)
-            if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-                problem = f"output {i} has non-finite values in other places"
-                break
-            scale = float(a[finite].abs().max()) if bool(finite.any()) else 0.0
-            err = float((a - b)[finite].abs().max()) if bool(finite.any()) else 0.0
-            if err > self.rtol * scale + 1e-6:
-                problem = f"output {i} moved by {err:.3g} (its largest magnitude is {scale:.3g})"
+        problem = output_difference(ref, _outputs(gm, self.record.sample), self.rtol)
         if problem:
             raise UserError(
                 f"qcompile's graph passes changed what the model computes before quantization ({problem}); this is a "
@@ -86,3 +69,27 @@ class CheckFloatOutputs(Pass):
                 "NAME) or --no-fold-bn / --no-equalize may avoid it")
         self.report.append(f"outputs of the prepared graph equal the model's (rtol {self.rtol:g})")
         return PassResult(gm, False)
+
+
+def output_difference(ref: list, got: list, rtol: float = 1e-3) -> str:
+    """How the tensors ``got`` differ from ``ref`` beyond ``rtol`` of each output's largest finite magnitude (plus
+    1e-6), in words; "" when they do not (count, shapes, where the non-finite values are, integer outputs equal)."""
+    if len(got) != len(ref):
+        return f"{len(ref)} outputs became {len(got)}"
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            return f"output {i} changed shape {tuple(a.shape)} -> {tuple(b.shape)}"
+        if not (a.is_floating_point() or b.is_floating_point()):
+            if not torch.equal(a, b):
+                return f"output {i} differs"
+            continue
+        a, b = a.double(), b.double()
+        finite = torch.isfinite(a) & torch.isfinite(b)
+        if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
+            return f"output {i} has non-finite values in other places"
+        if bool(finite.any()):
+            scale = float(a[finite].abs().max())
+            err = float((a - b)[finite].abs().max())
+            if err > rtol * scale + 1e-6:
+                return f"output {i} moved by {err:.3g} (its largest magnitude is {scale:.3g})"
+    return ""

@@ -30,18 +30,28 @@ def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:
     return (s_x * s_w).float().reshape(-1)
 
 
+def quantized_layer_biases(gm: torch.fx.GraphModule):
+    """``(node, xfq, wfq, bias_node)`` for every layer with a calibrated input and weight quantizer and a bias read
+    by ``get_attr``: the layers whose bias lives on the accumulator grid S_x·S_w."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
+            continue
+        xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
+        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
+            continue
+        if isinstance(bnode, torch.fx.Node) and bnode.op == "get_attr":
+            yield node, xfq, wfq, bnode
+
+
+def _on_grid(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.round(b.float() / scale) * scale
+
+
 class QuantizeBias(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         changed = False
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _LAYERS:
-                continue
-            xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
-                continue
-            if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
-                continue
+        for node, xfq, wfq, bnode in list(quantized_layer_biases(gm)):
             if private_bias(gm, node):  # a shared module: each call's bias on its own grid
                 bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 changed = True
@@ -52,7 +62,7 @@ class QuantizeBias(Pass):
             if scale.numel() not in (1, b.numel()):
                 continue  # a grouped transposed conv: its weight scales repeat per group; onnxruntime leaves b too
             with torch.no_grad():
-                rounded = torch.round(b.float() / scale) * scale
+                rounded = _on_grid(b, scale)
                 if not torch.equal(rounded, b.float()):
                     b.copy_(rounded.to(b.dtype))
                     changed = True
@@ -64,21 +74,11 @@ def off_grid_biases(gm: torch.fx.GraphModule) -> list[str]:
     """The layers whose bias :class:`QuantizeBias` would still move: onnxruntime rounds them at load time, so a
     file exported now would not compute the simulation (a hand-built pipeline that left QuantizeBias out)."""
     out = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _LAYERS:
-            continue
-        xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-        bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
-            continue
-        if not isinstance(bnode, torch.fx.Node) or bnode.op != "get_attr":
-            continue
+    for node, xfq, wfq, bnode in quantized_layer_biases(gm):
         owner_name, _, attr = str(bnode.target).rpartition(".")
         b = getattr(gm.get_submodule(owner_name) if owner_name else gm, attr)
         scale = accumulator_scale(xfq, wfq)
-        if scale.numel() not in (1, b.numel()):
-            continue
         with torch.no_grad():
-            if not torch.equal(torch.round(b.float() / scale) * scale, b.float()):
+            if scale.numel() in (1, b.numel()) and not torch.equal(_on_grid(b, scale), b.float()):
                 out.append(str(node.meta.get("layer", node.name)))
     return out

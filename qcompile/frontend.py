@@ -557,27 +557,9 @@ def _check_traced(want: list, traced_out) -> None:
     yet computes another function."""
     from torch.utils._pytree import tree_leaves
 
-    got = [t for t in tree_leaves(traced_out) if isinstance(t, torch.Tensor)]
-    problem = ""
-    if len(want) != len(got):
-        problem = f"{len(want)} outputs, the graph {len(got)}"
-    for i, (w, g) in enumerate(zip(want, got)):
-        if problem:
-            break
-        if w.shape != g.shape:
-            problem = f"output {i} has shape {tuple(w.shape)}, the graph's {tuple(g.shape)}"
-        elif w.is_floating_point() or g.is_floating_point():
-            w64, g64 = w.double(), g.double()
-            finite = torch.isfinite(w64) & torch.isfinite(g64)
-            if not torch.equal(torch.isfinite(w64), torch.isfinite(g64)):
-                problem = f"output {i} has non-finite values in other places"
-            elif bool(finite.any()):
-                scale = float(w64[finite].abs().max())
-                err = float((w64 - g64)[finite].abs().max())
-                if err > 1e-3 * scale + 1e-6:
-                    problem = f"output {i} differs by {err:.3g} (its largest magnitude is {scale:.3g})"
-        elif not torch.equal(w, g):
-            problem = f"output {i} differs"
+    from qcompile.passes.float_check import output_difference
+
+    problem = output_difference(want, [t for t in tree_leaves(traced_out) if isinstance(t, torch.Tensor)])
     if problem:
         raise UserError(f"the graph torch.fx traced does not compute the model ({problem}); an in-place update seen "
                         "through another name (a view such as x[:, :4].relu_(), or z = y; y += 1) or a value "
