@@ -129,15 +129,14 @@ def model_input_names(model: nn.Module) -> Optional[list[str]]:
 _FORM_OPTIONS = ("emit", "check", "int8_weights", "leaf_modules")
 
 
-def _trained_options(cfg, opts: CompileOptions, scheme: str, bits: int, options: dict) -> CompileOptions:
+def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> CompileOptions:
     """The options of a model trained with ``qcompile.qat`` (``cfg.options``, those of ``prepare``) with this
     call's form options. The passes re-decided layers from this call's options: a layer that ``prepare`` excluded
     (or kept float as first/last) was quantized and calibrated anew, and the file recorded a scheme and bit-width
     it did not have. Other options that differ from the trained ones are refused."""
     trained = cfg.options
     given = {k: v for k, v in options.items() if k not in _FORM_OPTIONS}
-    if (scheme, bits) != ("apot", 4):  # compile()'s defaults: not asked for
-        given.update(scheme=scheme, bits=bits)
+    given.update(asked)  # scheme/bits given explicitly
     probe = dataclasses.replace(trained, **given) if given else trained
     differ = [k for k in given if getattr(probe, k) != getattr(trained, k)]
     if differ:
@@ -245,8 +244,8 @@ VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch"}
 def compile(
     model,
     example_inputs=None,
-    scheme: str = "apot",
-    bits: int = 4,
+    scheme: Optional[str] = None,
+    bits: Optional[int] = None,
     calib=None,
     output: Optional[str] = None,
     validate: bool = True,
@@ -265,7 +264,8 @@ def compile(
         model: an ``nn.Module``, or a path / ``package.module:factory`` spec as on the command line
             (then ``arch=`` and ``trust_pickle=`` may be passed).
         example_inputs: a tensor or tuple of tensors; defaults to the first calibration sample.
-        scheme, bits: the quantization scheme (``fp32``, ``apot``, ``pot``, ``uniform``, ...) and bit-width.
+        scheme, bits: the quantization scheme (``fp32``, ``apot``, ``pot``, ``uniform``, ...) and bit-width
+            (default ``apot``, 4; a model trained with ``qcompile.qat`` takes those it was trained with).
         calib: calibration data: a tensor/array (N, ...) or an iterable of batches or (x, y) pairs; for a model
             with several inputs a tuple with one tensor per input, or batches that are such tuples.
         output: where to write the ONNX file (atomically); ``None`` keeps it in memory only.
@@ -274,6 +274,9 @@ def compile(
         **options: the fields of :class:`CompileOptions` (``wbits``, ``abits``, ``emit``, ``check``, ...).
     """
     t0 = time.perf_counter()
+    asked = {k: v for k, v in (("scheme", scheme), ("bits", bits)) if v is not None}  # a QAT model's are fixed
+    scheme = "apot" if scheme is None else scheme
+    bits = 4 if bits is None else bits
     arch = options.pop("arch", None)
     trust_pickle = options.pop("trust_pickle", False)
     opts = CompileOptions(scheme=scheme, bits=bits, **options)
@@ -326,7 +329,7 @@ def compile(
                             f"{', '.join(sorted(known))}")
 
     if trained:
-        opts = _trained_options(model.meta[CONVERTED_KEY], opts, scheme, bits, options)
+        opts = _trained_options(model.meta[CONVERTED_KEY], opts, asked, options)
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
     if trained and opts.int8_levels:

@@ -378,7 +378,9 @@ def float_line(report) -> str:
     sq = report.extra.get("sqnr_vs_float_db")
     if sq is None:
         return ""
-    text = "vs the float model: output SQNR " + ("inf" if math.isinf(sq) else f"{sq:.1f} dB")
+    which = report.extra.get("sqnr_vs_float_output")
+    text = f"vs the float model: output{'' if which is None else f' {which} (the lowest)'} SQNR " + (
+        "inf" if math.isinf(sq) else f"{sq:.1f} dB")
     if report.extra.get("top1_vs_float") is not None:
         text += f", top-1 agreement {100 * report.extra['top1_vs_float']:.2f}%"
     layers = [(l["quantizer"], l["sqnr_vs_float_db"]) for l in report.layers or []

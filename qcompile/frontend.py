@@ -435,7 +435,10 @@ _NOT_INPLACE_METHODS = {"requires_grad_", "share_memory_", "retain_grad_", "reco
 
 def _inplace_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
     """How ``node`` mutates its first argument, if it does: "method" (``x.relu_()``), "operator" (``x += y``),
-    "function" (``F.relu(x, inplace=True)``, ``torch.relu_(x)``) or "module" (``nn.ReLU(inplace=True)``)."""
+    "function" (``F.relu(x, inplace=True)``, ``torch.relu_(x)``), "module" (``nn.ReLU(inplace=True)``) or "out"
+    (``torch.sigmoid(u, out=u)``: the tensor written is the ``out`` argument)."""
+    if node.op == "call_function" and isinstance(node.kwargs.get("out"), torch.fx.Node):
+        return "out"
     if not node.args or not isinstance(node.args[0], torch.fx.Node):
         return None
     if node.op == "call_method":
@@ -488,7 +491,7 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
     found = [(node, kind) for node in gm.graph.nodes if (kind := _inplace_kind(gm, node)) is not None]
     changed = False
     for node, kind in found:
-        target = node.args[0]
+        target = node.kwargs["out"] if kind == "out" else node.args[0]
         later = [u for u in target.users if u is not node and order.get(u, -1) > order[node]]
         for user in later:
             user.replace_input_with(target, node)
@@ -511,6 +514,8 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
                     node.args = node.args[:at] + (False,) + node.args[at + 1:]
         elif kind == "module":
             gm.get_submodule(node.target).inplace = False
+        elif kind == "out":
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "out"}
         changed = True
     return changed
 
@@ -562,9 +567,10 @@ def _check_traced(want: list, traced_out) -> None:
     problem = output_difference(want, [t for t in tree_leaves(traced_out) if isinstance(t, torch.Tensor)])
     if problem:
         raise UserError(f"the graph torch.fx traced does not compute the model ({problem}); an in-place update seen "
-                        "through another name (a view such as x[:, :4].relu_(), or z = y; y += 1) or a value "
-                        "computed in Python from a tensor is the usual cause: write it out of place (x = x.relu(), "
-                        "y = y + 1), or keep that module whole with --leaf-module NAME")
+                        "through another name (a view or alias updated in place: x[:, :4].relu_(), x.detach().mul_(2), "
+                        "x.contiguous().add_(1); or z = y; y += 1) or a value computed in Python from a tensor is the "
+                        "usual cause: write it out of place (x = x.relu(), y = y + 1), or keep that module whole with "
+                        "--leaf-module NAME")
 
 
 def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch.fx.GraphModule | None:

@@ -75,6 +75,10 @@ class CompileOptions:
             raise UserError(f"unknown --int8-weights {self.int8_weights!r}; choose one of {', '.join(INT8_WEIGHTS)}")
         if self.keep_first_last not in FIRST_LAST:
             raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
+        for name in ("exclude", "leaf_modules"):  # a list from Python equals the same tuple
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         if self.config is not None:
             from qcompile.passes.select import read_config
 

@@ -123,8 +123,8 @@ def output_tensors(y) -> list[torch.Tensor]:
 def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.ndarray]:
     outs: list[list[np.ndarray]] = []
     with torch.no_grad():
-        for batch in batches(inputs, batch_size):
-            ys = output_tensors(reference(*batch))
+        for batch in batches(inputs, batch_size):  # on copies: a model may write to its input in place
+            ys = output_tensors(reference(*[t.clone() if isinstance(t, torch.Tensor) else t for t in batch]))
             outs.append([t.detach().float().numpy() for t in ys])
     return [np.concatenate(parts) for parts in zip(*outs)]
 
@@ -402,7 +402,22 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                                    f"(> {100 * max_code_mismatch:.2f}%)" + _saturation_hint(model_bytes))
     if float_model is not None:
         fl = run_reference(float_model, inputs, batch_size)
-        report.extra["sqnr_vs_float_db"] = sqnr_db(fl[0], got[0])
-        if fl[0].ndim == 2 and fl[0].shape[1] > 1:
-            report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[0], 1) == np.argmax(got[0], 1)))
+        first = next(iter(batches(inputs, 1)))
+        with torch.no_grad():
+            kinds = [t.is_floating_point() for t in output_tensors(float_model(*[t.clone() for t in first]))]
+        # the worst float output (an integer output, argmax say, has no SQNR), over the entries finite in both
+        scores = []
+        for i, (r, t) in enumerate(zip(fl, got)):
+            if i < len(kinds) and kinds[i]:
+                finite = np.isfinite(r) & np.isfinite(t)
+                if finite.any():
+                    scores.append((sqnr_db(r[finite], t[finite]), i))
+        if scores:
+            worst, index = min(scores)
+            report.extra["sqnr_vs_float_db"] = worst
+            if len(fl) > 1:
+                report.extra["sqnr_vs_float_output"] = index
+        top = next((i for i, (r, k) in enumerate(zip(fl, kinds)) if k and r.ndim == 2 and r.shape[1] > 1), None)
+        if top is not None:
+            report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[top], 1) == np.argmax(got[top], 1)))
     return report

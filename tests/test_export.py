@@ -241,6 +241,31 @@ def test_batchnorm_without_running_statistics_is_a_user_error(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+class _DoublesItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x.mul_(2)  # writes to the caller's tensor
+        return self.fc(x), self.fc(x).argmax(1)
+
+
+def test_compile_leaves_the_callers_tensors_alone_and_scores_float_outputs_only():
+    """The validation ran the float model on the user's own calibration/validation tensors: a model writing to its
+    input doubled them (a second compile calibrated on doubled data). And the SQNR against float took output 0
+    whatever it was (class indices from argmax: a meaningless figure)."""
+    model = _DoublesItsInput().eval()
+    calib, valid = torch.randn(32, 8), torch.randn(16, 8)
+    calib0, valid0 = calib.clone(), valid.clone()
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="uniform", bits=8, output=None,
+                              validation_inputs=valid)
+    assert torch.equal(calib, calib0) and torch.equal(valid, valid0)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30
+    assert result.report.extra["sqnr_vs_float_output"] == 0  # the logits, not the argmax output
+
+
 def test_compile_api_in_memory_and_from_a_spec():
     result = qcompile.compile("tests.models:MLP", torch.zeros(2, 16), scheme="fp32", output=None,
                               validation_inputs=example_input(MLP, seed=5, batch=7))

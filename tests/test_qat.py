@@ -389,6 +389,10 @@ def test_compile_of_a_trained_model_takes_the_options_it_was_trained_with(digits
         qcompile.compile(conv, x_te[:1], scheme="pot", bits=2, calib=x_tr[:64])
     with pytest.raises(UserError, match=r"\(exclude=\('fc1',\)\)"):
         qcompile.compile(conv, x_te[:1], scheme="apot", bits=3, exclude=(), calib=x_tr[:64])
+    same = qcompile.compile(conv, x_te[:1], scheme="apot", bits=3, exclude=["fc1"], calib=x_tr[:64])  # a list
+    assert same.options.exclude == ("fc1",)
+    with pytest.raises(UserError, match=r"\(bits=3\); drop bits"):  # compile()'s own defaults, asked for
+        qcompile.compile(conv, x_te[:1], scheme="apot", bits=4, calib=x_tr[:64])
 
 
 def test_compile_of_a_trained_model_with_a_config_rule_on_a_middle_layer(digits):
