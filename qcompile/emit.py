@@ -398,6 +398,51 @@ def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     b.after(lambda model: _shift_cell_bias(model, x, cell, fq))
 
 
+def _private_layer_path(graph, q: onnx.NodeProto, x: str, fq: FakeQuantize) -> str:
+    """Give the cells quantizer ``q`` (reading ``x``) a layer of its own: where the exporter merged equal
+    computations (a module called twice on the same input: one ``Gemm → Relu`` read by two quantizers), copy the
+    nodes from the layer to ``x`` for ``q``, as the model computes them twice. Returns what ``q`` reads now."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, int] = {o.name: 1 for o in graph.output}
+    for n in graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    path, rect, src = [], None, x
+    while True:
+        node = producer.get(src)
+        if node is None:
+            return x
+        if node.op_type in _CELL_TRANSPARENT or (node.op_type in ("Relu", "Clip") and rect is None):
+            rect = node if node.op_type in ("Relu", "Clip") else rect
+            path.append(node)
+            src = node.input[0]
+            continue
+        if node.op_type not in ("Conv", "Gemm"):
+            return x
+        path.append(node)
+        break
+    if all(readers.get(n.output[0], 0) == 1 for n in path[1:]) and readers.get(x, 0) == 1:
+        return x
+    taken = {o for n in graph.node for o in n.output}
+    renamed: dict[str, str] = {}
+    position = min(list(graph.node).index(n) for n in path)
+    for node in reversed(path):  # the layer first
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{node.name}/{fq.qname}" if node.name else ""
+        copy.input[0] = renamed.get(copy.input[0], copy.input[0])
+        name, k = f"{node.output[0]}/{fq.qname}", 1
+        while name in taken:
+            name, k = f"{node.output[0]}/{fq.qname}_{k}", k + 1
+        taken.add(name)
+        renamed[node.output[0]] = name
+        copy.output[0] = name
+        graph.node.insert(position, copy)
+        position += 1
+    q.input[0] = renamed[x]
+    return renamed[x]
+
+
 def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize) -> None:
     """Make the integer layer before quantizer ``fq`` write its cells, as ``BindIntegerLayers._bind_cells``
     simulates it: ``Conv/Gemm → [Relu|Clip] → [MaxPool, Reshape, ...] → QuantizeLinear(cells)`` becomes
@@ -405,12 +450,13 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
     cells; the ReLU / clip is implied by the cells), and the Conv/Gemm bias gets ``fq.cells``' shift (accumulator
     units)."""
     graph = model.graph
+    q = next(n for n in graph.node if n.output and n.output[0] == cell)
+    x = _private_layer_path(graph, q, x, fq)
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {o.name: 1 for o in graph.output}
     for n in graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
-    q = next(n for n in graph.node if n.output and n.output[0] == cell)
     chain, rect, src = [], None, x
     while True:
         node = producer.get(src)
@@ -449,6 +495,9 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
     shift = fq.cells[0].detach().numpy().reshape(-1)
     n_out = max(acc_scale.size, shift.size)
     if len(layer.input) > 2 and layer.input[2]:
+        if layer.input[2] not in inits:
+            raise RuntimeError(f"internal: the bias of the integer layer before quantizer {fq.qname} is computed "
+                               "in the graph, not stored")
         bias = numpy_helper.to_array(inits[layer.input[2]]).astype(np.float32).reshape(-1)
     else:
         bias = np.zeros(n_out, np.float32)
@@ -457,10 +506,16 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
     codes = np.rint(np.broadcast_to(bias, (n_out,)).astype(np.float64) / acc) + np.broadcast_to(shift, (n_out,))
     value = (codes * acc).astype(np.float32)
     old = layer.input[2] if len(layer.input) > 2 else ""
-    if old and readers.get(old, 0) == 1:  # the layer's own bias: new values, same name (cost reports read it)
+    if old in inits and readers.get(old, 0) == 1:  # the layer's own bias: new values, same name (cost reports)
         inits[old].CopyFrom(numpy_helper.from_array(value, old))
         return
+    # a bias other layers read too (a layer called twice, equal biases the exporter stored once): a copy of its own
     name = f"{old}/cells" if old else f"{layer.output[0]}/cell_bias"
+    taken = set(inits) | {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    k = 1
+    while name in taken:
+        name = f"{old or layer.output[0]}/cells_{k}"
+        k += 1
     graph.initializer.append(numpy_helper.from_array(value, name))
     while len(layer.input) < 3:
         layer.input.append("")
@@ -488,6 +543,7 @@ _CELL_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "I
 
 def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.ModelProto:
     """Replace every FakeQuant marker of ``model`` (ids from :func:`quantizers_by_id`) according to ``opts.emit``."""
+    model = bypass_parameter_identities(model)
     if opts.emit == "custom":
         from .emit_custom import emit_custom
 
@@ -503,6 +559,28 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
     else:
         model = compact_tensor_names(shield_float_matmuls(model))
     return detach_probes(model)
+
+
+def bypass_parameter_identities(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Let the readers of ``Identity(initializer)`` read the initializer. torch.onnx writes such an ``Identity`` for
+    a parameter that a module called more than once reads again (``l.bias_1 = Identity(l.bias)``); the rewrites
+    that follow (a bias on the accumulator grid, an integer layer writing its cells) look a layer's bias up among
+    the initializers, and onnxruntime folds the copy anyway. An ``Identity`` that writes a graph output stays."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.domain in ("", "ai.onnx")
+             and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return model
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for n in kept:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
 
 
 PROBES_KEY = "qcompile.probes"

@@ -710,3 +710,46 @@ def test_asymmetric_apot_activations_validate_in_every_form(form, tmp_path):
         attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in model.graph.node
                  if n.op_type == "QuantizeLevels"]
         assert sorted(a["offset"] for a in attrs if "offset" in a) == sorted(offsets.values())
+
+
+class _RecomputedTower(nn.Module):
+    """The same two Linear layers run twice on the same input: the exporter merges the two ``Gemm → Relu`` into
+    one, read by two APoT activation quantizers, and reads the second call's bias through ``Identity``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o = nn.Linear(12, 16), nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.o(F.relu(self.l(x))) + self.o(F.relu(self.l(x)))
+
+
+def _zero_bias_cnn():
+    """Three convolutions with equal (zero) biases, which the exporter stores as one initializer."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(32, 10))
+    for conv in (m[0], m[2], m[4]):
+        nn.init.zeros_(conv.bias)
+    return m.eval()
+
+
+@pytest.mark.parametrize("form", ["standard", "custom"])
+@pytest.mark.parametrize("case", ["recomputed", "shared_bias"])
+def test_integer_layers_writing_cells_get_their_own_layer_and_bias(case, form, tmp_path):
+    """An int8 layer that writes an APoT quantizer's cells gets its bias shifted: where the exported graph shares
+    that layer or its bias with another quantizer's (a module called twice on the same input; equal biases stored
+    once), each gets a copy of its own. Both were internal errors (a KeyError, a file with a duplicate
+    initializer name that onnx.checker refused)."""
+    if case == "recomputed":
+        model, x, opts = _RecomputedTower().eval(), torch.randn(64, 12), dict(keep_first_last="quant")
+    else:
+        model, x, opts = _zero_bias_cnn(), torch.randn(64, 1, 8, 8), dict(bias_correction=False)
+    path = str(tmp_path / "m.onnx")
+    result = qcompile.compile(model, x[:1], scheme="apot", bits=4, calib=x, output=path, emit=form, **opts)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    with torch.no_grad():
+        sim = result.model(x).numpy()
+    np.testing.assert_allclose(run(session(path), [x.numpy()])[0], sim, rtol=1e-5, atol=1e-5)
