@@ -487,4 +487,4 @@ def _consumer_names(node) -> str:
         frontier = later
     else:
         names.update(u.name for u in frontier)
-    return ", ".join(sorted(map(str, names))) or node.name
+    return ", ".join(f"layer {n!r}" for n in sorted(map(str, names))) or repr(node.name)

@@ -184,6 +184,9 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                         f"one array per model input ({option})")
     for i, (c, e) in enumerate(zip(parts, example_inputs)):
         which = f"input {i} of the " if len(parts) > 1 else ""
+        if c.dim() == 0 or c.shape[0] == 0:
+            raise UserError(f"{which}{what} holds no samples (shape {tuple(c.shape)}); give a batch-first array "
+                            f"with at least one input ({option})")
         if c.is_floating_point():
             bad = int((~torch.isfinite(c)).sum())
             if bad:
@@ -241,6 +244,32 @@ def default_thresholds(opts: CompileOptions) -> dict:
 VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch"}  # compile(thresholds=...) keys
 
 
+# command-line flags whose Python option has another name or sense
+_FLAG_OPTIONS = {"float_levels": "int8_levels=False", "per_tensor": "per_channel=False",
+                 "symmetric_levels": "asym_levels=False", "no_fold_bn": "fold_bn=False",
+                 "no_equalize": "equalize=False", "no_bias_correction": "bias_correction=False",
+                 "no_int8_outputs": "int8_outputs=False", "leaf_module": "leaf_modules=(...)",
+                 "no_validate": "validate=False", "out": "output=...", "calib_data": "calib=..."}
+
+
+def _check_option_names(options: dict) -> None:
+    """An unknown keyword is one line naming the option to use (a TypeError from the dataclass otherwise)."""
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(CompileOptions)]
+    for name in options:
+        if name in known:
+            continue
+        if name in _FLAG_OPTIONS:
+            hint = f"use {_FLAG_OPTIONS[name]}"
+        else:
+            close = difflib.get_close_matches(name, known + ["output", "calib", "validate", "validation_inputs",
+                                                               "thresholds", "example_inputs"], n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"the options are {', '.join(known)}"
+        raise UserError(f"compile() got an unknown option {name!r}; {hint}")
+
+
 def compile(
     model,
     example_inputs=None,
@@ -279,6 +308,7 @@ def compile(
     bits = 4 if bits is None else bits
     arch = options.pop("arch", None)
     trust_pickle = options.pop("trust_pickle", False)
+    _check_option_names(options)
     opts = CompileOptions(scheme=scheme, bits=bits, **options)
     if not opts.quantized:  # as the CLI: options that would quantize something, given to a float compile
         defaults = CompileOptions(scheme="fp32")

@@ -547,12 +547,17 @@ def _reference_outputs(model: nn.Module, example_inputs) -> list | None:
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             out = _seeded(lambda: model.eval()(*[_clone(t) for t in example_inputs]))
-        return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
     except Exception:
         return None
     finally:
         for m, training in modes:
             m.training = training
+    leaves = tree_leaves(out)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, (bool, int, float, complex, str, bytes)):
+            raise UserError(f"output {i} of the model is a Python {type(leaf).__name__} ({leaf!r}), not a tensor; an "
+                            "ONNX file returns tensors only: return torch.tensor(...) for a constant, or leave it out")
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
 def _check_traced(want: list, traced_out) -> None:

@@ -72,8 +72,10 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray], min_sqnr: float | None = None,
-                    max_abs: float | None = None, min_top1: float | None = None) -> ValidationReport:
-    """Compare two lists of output arrays (same shapes) and apply thresholds."""
+                    max_abs: float | None = None, min_top1: float | None = None,
+                    samples: int | None = None) -> ValidationReport:
+    """Compare two lists of output arrays (same shapes, batch axis first) and apply thresholds. ``samples``: the
+    number of inputs (default: the first output's length)."""
     if len(reference) != len(test):
         raise ValueError(f"reference has {len(reference)} outputs, test has {len(test)}")
     errs, ref_all, test_all = [], [], []
@@ -88,7 +90,7 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
     if first.ndim == 2 and first.shape[1] > 1:
         top1 = float(np.mean(np.argmax(first, axis=1) == np.argmax(test[0], axis=1)))
     report = ValidationReport(
-        samples=int(first.shape[0]) if first.ndim else 1,
+        samples=samples if samples is not None else (int(first.shape[0]) if first.ndim else 1),
         max_abs=max(errs) if errs else 0.0,
         sqnr_db=sqnr_db(np.concatenate(ref_all), np.concatenate(test_all)),
         top1=top1,
@@ -120,13 +122,40 @@ def output_tensors(y) -> list[torch.Tensor]:
     return [t for t in tree_leaves(y) if isinstance(t, torch.Tensor)]
 
 
+def join_batches(outs: Sequence[Sequence[np.ndarray]], sizes: Sequence[int]) -> list[np.ndarray]:
+    """Join per-batch outputs (``outs[i][k]``: output ``k`` of batch ``i``, which held ``sizes[i]`` inputs) into one
+    array per output, batch axis first. The batch axis is axis 0 where its length is the batch's (else the first
+    axis that is: ``logits.t()``, ``x[None]``, sequence-first outputs); an output with no such axis in every batch
+    (a 0-d loss, a batch mean, a flattened batch) is joined as the concatenation of its raveled batches, which the
+    comparison treats the same on both sides."""
+    joined = []
+    for parts in zip(*outs):
+        first = parts[0]
+        axis = next((a for a in range(first.ndim) if first.shape[a] == sizes[0]), None)
+        if axis is not None and all(p.ndim == first.ndim and p.shape[axis] == n
+                                    and p.shape[:axis] + p.shape[axis + 1:] == first.shape[:axis] + first.shape[axis + 1:]
+                                    for p, n in zip(parts, sizes)):
+            joined.append(np.concatenate([np.moveaxis(p, axis, 0) for p in parts]))
+        else:
+            joined.append(np.concatenate([np.ravel(p) for p in parts]))
+    return joined
+
+
+def _batch_sizes(inputs, batch_size: int) -> list[int]:
+    return [int(b[0].shape[0]) for b in batches(inputs, batch_size)]
+
+
+def _sample_count(inputs) -> int:
+    return int((inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0])
+
+
 def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.ndarray]:
     outs: list[list[np.ndarray]] = []
     with torch.no_grad():
         for batch in batches(inputs, batch_size):  # on copies: a model may write to its input in place
             ys = output_tensors(reference(*[t.clone() if isinstance(t, torch.Tensor) else t for t in batch]))
             outs.append([t.detach().float().numpy() for t in ys])
-    return [np.concatenate(parts) for parts in zip(*outs)]
+    return join_batches(outs, _batch_sizes(inputs, batch_size))
 
 
 def run_onnx(path_or_sess, inputs, batch_size: int = 64) -> list[np.ndarray]:
@@ -134,7 +163,7 @@ def run_onnx(path_or_sess, inputs, batch_size: int = 64) -> list[np.ndarray]:
     outs: list[list[np.ndarray]] = []
     for batch in batches(inputs, batch_size):
         outs.append(run(sess, [b.numpy() for b in batch]))
-    return [np.concatenate(parts) for parts in zip(*outs)]
+    return join_batches(outs, _batch_sizes(inputs, batch_size))
 
 
 def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_sqnr: float | None = None,
@@ -142,7 +171,8 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     """Run ``onnx_path`` in onnxruntime and ``reference`` in PyTorch on ``inputs`` and compare."""
     ref = run_reference(reference, inputs, batch_size)
     got = run_onnx(onnx_path, inputs, batch_size)
-    return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
+    return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
+                           samples=_sample_count(inputs))
 
 
 INT16_MAX = 32767
@@ -312,7 +342,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     acts = [a for a in act_map if isinstance(modules.get(a["module"]), FakeQuantize)]
     if not acts:
         report = compare_outputs(run_reference(sim, inputs, batch_size), got, min_sqnr=min_sqnr, max_abs=max_abs,
-                                 min_top1=min_top1)
+                                 min_top1=min_top1, samples=_sample_count(inputs))
     else:
         # One simulation run per batch gives both the reference outputs and the codes; the float run of the
         # same graph uses float32 layers (the float64 of int8 layers only serves exact accumulators).
@@ -380,8 +410,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         finally:
             for h in hooks:
                 h.remove()
-        ref = [np.concatenate(parts) for parts in zip(*ref_parts)]
-        report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1)
+        ref = join_batches(ref_parts, _batch_sizes(inputs, batch_size))
+        report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
+                                 samples=_sample_count(inputs))
         total = sum(s["codes"] for s in stats.values())
         differ = sum(s["differ"] for s in stats.values())
         local = sum(s["local"] for s in stats.values())

@@ -285,6 +285,11 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     with pytest.raises(UserError, match="config, wbits cannot apply to scheme='fp32'"):
         qcompile.compile(MLP(), example_input(MLP), scheme="fp32", config={"fc2": {"scheme": "apot"}}, wbits=4,
                          output=str(out))
+    # an unknown keyword was a TypeError from the options dataclass; now it names the option to use
+    for kwargs, needle in [({"float_levels": True}, "unknown option 'float_levels'; use int8_levels=False"),
+                           ({"calib_methd": "kl"}, "did you mean 'calib_method'?")]:
+        with pytest.raises(UserError, match=needle):
+            qcompile.compile(MLP(), example_input(MLP), scheme="uniform", bits=8, output=str(out), **kwargs)
     assert leftovers(tmp_path) == []
 
 
@@ -299,6 +304,8 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
         (dict(calib=x, validation_inputs=torch.randn(4, x.shape[1] + 1)), "validation data has samples of shape"),
         (dict(calib=x, thresholds={"min_snr": 10}), "unknown validation threshold(s) 'min_snr'"),
         (dict(calib=x, bits="4"), "--bits must be an integer bit-width from 2 to 8, got '4'"),
+        (dict(calib=x[:0]), "calibration data holds no samples (shape (0, 16))"),  # was a bare StopIteration
+        (dict(calib=[x[:0]]), "calibration data holds no samples"),
     ]
     for kwargs, needle in cases:
         kwargs = {"scheme": "uniform", "bits": 8, **kwargs}

@@ -892,3 +892,19 @@ def test_in_place_operation_on_a_view_is_a_user_error():
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with pytest.raises(UserError, match="the graph torch.fx traced does not compute the model"):
         qcompile.compile(_InplaceOnAView().eval(), x[:1], scheme="fp32", output=None)
+
+
+def test_a_python_number_among_the_outputs_is_a_user_error():
+    """``return self.l(x), 3``: torch.onnx's "did not have observable data dependence" error before."""
+    import qcompile
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.l(x), 3
+
+    with pytest.raises(UserError, match=r"output 1 of the model is a Python int \(3\), not a tensor"):
+        qcompile.compile(M(), torch.randn(2, 4), scheme="fp32")

@@ -631,5 +631,5 @@ def test_the_data_free_error_names_the_layer_behind_a_pad():
         def forward(self, x):
             return self.fc(torch.relu(self.c1(x)).mean((2, 3)))
 
-    with pytest.raises(UserError, match=r"cannot calibrate the input of c1 without data"):
+    with pytest.raises(UserError, match=r"cannot calibrate the input of layer 'c1' without data"):
         qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8)

@@ -176,3 +176,37 @@ def test_run_onnx_accepts_a_path_bytes_or_a_session(exported, tmp_path):
     for out in outs[1:]:
         np.testing.assert_array_equal(out, outs[0])
     assert outs[0].shape == (5, 5)
+
+
+class _Transposed(nn.Module):
+    """Outputs whose batch axis is not axis 0 (``logits.t()``), or that have none (a 0-d sum)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.o, self.kind = nn.Linear(12, 16), nn.Linear(16, 6), kind
+
+    def forward(self, x):
+        y = self.o(torch.relu(self.l(x)))
+        return y.t() if self.kind == "transposed" else (y, y.sum())
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+@pytest.mark.parametrize("kind", ["transposed", "scalar"])
+def test_outputs_without_a_leading_batch_axis_are_validated(kind, scheme):
+    """Validation runs in batches of 64 and joined the outputs along axis 0: 150 inputs of a model returning
+    ``logits.t()`` (6, N) or a 0-d sum were a ValueError from numpy, and 64 or 128 inputs were reported as 6 and
+    12 with top-1 taken across the batch. The batch axis is found per output now (a 0-d one is compared batch by
+    batch), so the report counts the inputs and the top-1 of the transposed logits is over the classes."""
+    import qcompile
+
+    x = torch.randn(150, 12, generator=torch.Generator().manual_seed(1))
+    model = _Transposed(kind).eval()
+    result = qcompile.compile(model, x[:1], scheme=scheme, bits=8, calib=x)
+    report = result.report
+    assert report.passed and report.samples == 150, report.summary()
+    ref = run_onnx(result.onnx_model.SerializeToString(), x)
+    if kind == "transposed":
+        assert ref[0].shape == (150, 6) and report.top1 == 1.0
+    else:
+        assert ref[1].shape == (3,)  # one sum per batch of 64, 64, 22
