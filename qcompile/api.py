@@ -241,7 +241,8 @@ def default_thresholds(opts: CompileOptions) -> dict:
     return {"min_top1": None}
 
 
-VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch"}  # compile(thresholds=...) keys
+# compile(thresholds=...) keys
+VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch", "min_forced_sqnr"}
 
 
 # command-line flags whose Python option has another name or sense
@@ -352,7 +353,8 @@ def compile(
         valid_x = calib_data(validation_inputs, len(example_inputs))
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
     if validate and thresholds:
-        known = VALIDATION_THRESHOLDS if opts.quantized else VALIDATION_THRESHOLDS - {"max_code_mismatch"}
+        known = VALIDATION_THRESHOLDS if opts.quantized else \
+            VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr"}
         unknown = sorted(map(str, set(thresholds) - known))
         if unknown:
             raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
@@ -369,6 +371,68 @@ def compile(
         opts = dataclasses.replace(opts, int8_levels=False)
     gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
     _check_batch_statistics(gm)
+    for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
+        if data is not None:
+            _check_token_ids(gm, data, what)
+    try:
+        return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
+                               thresholds, callback, progress, t0)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception:
+        problem = _batch_problem(model, example_inputs)
+        if problem:
+            raise UserError(problem) from None
+        raise
+
+
+def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:
+    """Integer inputs read by an ``nn.Embedding`` must be row indices of it, in every sample (the traced example
+    is checked when the model runs; a bad id in a later sample was an IndexError inside a pass)."""
+    parts = data if isinstance(data, tuple) else (data,)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    modules = dict(gm.named_modules())
+    for i, (node, t) in enumerate(zip(placeholders, parts)):
+        if t.is_floating_point() or t.dtype == torch.bool or not t.numel():
+            continue
+        for user in node.users:
+            emb = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(emb, (nn.Embedding, nn.EmbeddingBag)):
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= emb.num_embeddings:
+                    bad = hi if hi >= emb.num_embeddings else lo
+                    which = f"input {i} of the " if len(parts) > 1 else ""
+                    raise UserError(f"{which}{what} holds token id {bad} but the embedding {user.target!r} has "
+                                    f"{emb.num_embeddings} rows (ids 0..{emb.num_embeddings - 1}); fix the ids or "
+                                    "give the model its vocabulary size")
+
+
+def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
+    """After a failure: the reason, where the model runs on its example batch but not on a batch twice its size
+    (``x.view(1, -1)``); qcompile runs calibration and validation data in batches. None otherwise."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in example_inputs):
+        return None
+    copy_ = plain_copy(model).eval()
+    doubled = tuple(torch.cat([t, t]) for t in example_inputs)
+    try:
+        with torch.no_grad():
+            copy_(*[t.clone() for t in example_inputs])
+    except Exception:
+        return None
+    try:
+        with torch.no_grad():
+            copy_(*doubled)
+    except Exception as exc:
+        n = int(example_inputs[0].shape[0])
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return (f"the model runs on a batch of {n} but not of {2 * n} inputs ({reason}); qcompile runs the "
+                "calibration and validation data in batches: make forward independent of the batch size "
+                "(x.flatten(1) or x.view(x.size(0), -1) rather than x.view(1, -1))")
+    return None
+
+
+def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
+                    callback, progress, t0) -> CompileResult:
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback)
     gm = pipeline(gm).gm
@@ -391,6 +455,8 @@ def compile(
         summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
     if trained:  # as qat.export records it
+        from qcompile.qat.convert import CONVERTED_KEY
+
         onnx_model.metadata_props.add(key="qcompile.qat", value=model.meta[CONVERTED_KEY].describe())
     if opts.quantized and calib_x is not None:
         first = calib_x[0] if isinstance(calib_x, tuple) else calib_x

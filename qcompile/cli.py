@@ -181,8 +181,9 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     if not os.path.exists(path):
         raise UserError(f"{what} file {path!r} does not exist; give a .npy or .npz file of inputs")
     try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as data:
+        loaded = np.load(path, allow_pickle=False)  # an .npz by its content, whatever the extension (.NPZ)
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded as data:
                 keys = list(data.keys())
                 numbered = [f"x{i}" for i in range(len(keys)) if f"x{i}" in keys]
                 if "x" in keys:
@@ -195,9 +196,16 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                     more = " (a model with several inputs: x0, x1, ...)" if several else ""
                     raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'{more}")
         else:
-            arr = np.load(path, allow_pickle=False)
+            arr = loaded
     except UserError:
         raise
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise UserError(f"{what} file {path!r} holds Python objects (an object array), which qcompile does not "
+                            "load (unpickling runs code); save a numeric array: "
+                            "numpy.save(path, numpy.asarray(x, dtype=numpy.float32))") from None
+        raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with "
+                        "numpy.save") from None
     except Exception as exc:
         raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with numpy.save") from None
     arrays = arr if isinstance(arr, tuple) else (arr,)
@@ -213,10 +221,9 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     return out if isinstance(arr, tuple) else out[0]
 
 
-def _default_output(model: str, scheme: str, bits: int) -> str:
+def _default_output(model: str, opts) -> str:
     stem = os.path.splitext(os.path.basename(model))[0] if os.path.exists(model) else model.split(":")[-1]
-    suffix = "fp32" if scheme == "fp32" else f"{scheme}{bits}"
-    return f"{stem}_{suffix}.onnx"
+    return f"{stem}_{opts.file_suffix()}.onnx"
 
 
 def _example_inputs(args, calib):
@@ -251,10 +258,22 @@ def _print_timing(t) -> None:
     print(f"  {t.name:<24} {1000 * t.seconds:8.1f} ms  {flag}{extra}")  # the longest pass name: 24
 
 
-# options that change nothing in an fp32 file (nothing is quantized); --bits has a default, so it is not listed
-_QUANT_ONLY = ("--wbits", "--abits", "--wscheme", "--ascheme", "--per-tensor", "--calib-method", "--symmetric-levels",
+# options that change nothing in an fp32 file (nothing is quantized), when given
+_QUANT_ONLY = ("--bits", "--wbits", "--abits", "--wscheme", "--ascheme", "--per-tensor", "--calib-method", "--symmetric-levels",
                "--float-levels", "--no-bias-correction", "--no-int8-outputs", "--keep-first-last",
                "--float-downsample", "--exclude", "--config", "--int8-weights")
+
+
+def _refuse_quant_only(args, argv) -> None:
+    """With --scheme fp32, the quantization options given (by their flags) are refused: they would change nothing."""
+    if args.scheme != "fp32":
+        return
+    given = [flag for flag in _QUANT_ONLY if any(a == flag or a.startswith(flag + "=") for a in argv)]
+    if args.emit != "standard":
+        given.append(f"--emit {args.emit}")
+    if given:
+        raise UserError(f"{', '.join(given)} cannot apply to --scheme fp32 (nothing is quantized); drop "
+                        f"{'them' if len(given) > 1 else 'it'} or choose a quantized --scheme")
 
 
 def cmd_compile(argv) -> int:
@@ -265,20 +284,22 @@ def cmd_compile(argv) -> int:
     bits = args.bits
     if args.output is not None and not args.output.strip():
         raise UserError("-o is empty; give a file name such as model.onnx (or leave -o out for the default name)")
-    output = args.output or _default_output(args.model, args.scheme, bits)
     from .export import check_output_path
     from .options import CompileOptions
 
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
-    if args.scheme == "fp32":
-        given = [flag for flag in _QUANT_ONLY if any(a == flag or a.startswith(flag + "=") for a in argv)]
-        if args.emit != "standard":
-            given.append(f"--emit {args.emit}")
+    output = args.output or _default_output(args.model, opts)
+    if args.no_validate:
+        given = [flag for flag in ("--min-sqnr", "--min-top1") if getattr(args, flag[2:].replace("-", "_")) is not None]
         if given:
-            raise UserError(f"{', '.join(given)} cannot apply to --scheme fp32 (nothing is quantized); drop "
-                            f"{'them' if len(given) > 1 else 'it'} or choose a quantized --scheme")
+            raise UserError(f"{' and '.join(given)} cannot apply with --no-validate (nothing is checked); drop "
+                            f"{'them' if len(given) > 1 else 'it'} or --no-validate")
+    if args.symmetric_levels and opts.act_scheme not in ("apot", "pot", "log2") and not args.config:
+        raise UserError(f"--symmetric-levels applies to APoT/PoT/log2 activations; the activations are "
+                        f"{opts.act_scheme}: drop it")
+    _refuse_quant_only(args, argv)
     check_output_path(output)
     _check_not_an_input(args, output, "-o")
     if args.json is not None:
@@ -317,15 +338,15 @@ def cmd_compile(argv) -> int:
     if args.json:
         from .export import write_text_atomic
 
-        write_text_atomic(json.dumps(summary_dict(result), indent=2), args.json)
-    if result.report is not None and not result.report.passed:
-        raise ValidationFailed(result.report.summary())
+        write_text_atomic(json.dumps(json_safe(summary_dict(result)), indent=2, allow_nan=False), args.json)
+    if result.report is not None and not result.report.passed:  # the verdict is printed above
+        raise ValidationFailed("; ".join(result.report.failures))
     return 0
 
 
 def _same_file(a: str, b: str) -> bool:
     a, b = os.path.abspath(a), os.path.abspath(b)
-    if a == b:
+    if a == b or os.path.realpath(a) == os.path.realpath(b):  # a symlink to the other, existing yet or not
         return True
     try:
         return os.path.samefile(a, b)
@@ -339,6 +360,18 @@ def _check_not_an_input(args, path: str, flag: str) -> None:
     for what, given in inputs:
         if given and os.path.exists(given) and _same_file(path, given):
             raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float as the string "inf", "-inf" or "nan" (as ``sqnr_db`` was already):
+    ``json.dumps`` writes them as ``Infinity``/``NaN``, which strict JSON parsers (JavaScript's JSON.parse) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def summary_dict(result) -> dict:
@@ -401,12 +434,13 @@ def cmd_validate(argv) -> int:
         print(line)
     print(report.summary())
     if not report.passed:
-        raise ValidationFailed(report.summary())
+        raise ValidationFailed("; ".join(report.failures))
     return 0
 
 
 def cmd_demo(argv) -> int:
     args = _demo_parser().parse_args(argv)
+    _refuse_quant_only(args, argv)
     from .demo import run_demo
 
     return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit, wbits=args.wbits,
@@ -436,7 +470,30 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+class _Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a cancelled CI job), raised where the process is so that the atomic writes
+    remove their temporary files, as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+
+    try:  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     commands = {"validate": cmd_validate, "demo": cmd_demo}
     debug = os.environ.get("QCOMPILE_DEBUG") == "1"
@@ -453,11 +510,15 @@ def main(argv=None) -> int:
         print(f"qcompile: error: {exc}", file=sys.stderr)
         return UserError.exit_code
     except ValidationFailed as exc:
-        print(f"qcompile: validation failed: {exc}", file=sys.stderr)
+        print(f"qcompile: validation failed{': ' + exc.args[0] if exc.args and exc.args[0] else ''}",
+              file=sys.stderr)
         return ValidationFailed.exit_code
     except KeyboardInterrupt:
         print("qcompile: interrupted (files are written whole or not at all)", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("qcompile: terminated (files are written whole or not at all)", file=sys.stderr)
+        return 143
     except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
         if _out_of_memory(exc):
             print("qcompile: error: out of memory; use a smaller --input-shape, fewer --calib samples or a smaller "

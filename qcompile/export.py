@@ -30,6 +30,8 @@ DEFAULT_OPSET = 20  # the TorchScript exporter's newest; emission raises quantiz
 
 def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") -> str:
     """Fail early, before any work, when ``path`` cannot be written."""
+    if path.endswith(("/", os.sep)):  # "newdir/" named a folder; the file would be written as "newdir"
+        raise UserError(f"output path {path!r} ends with a slash (a folder); give a file name such as {example}")
     path = os.path.abspath(path)
     if os.path.islink(path):  # write the file the link names (the rename would replace the link itself)
         path = os.path.realpath(path)

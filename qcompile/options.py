@@ -65,6 +65,13 @@ class CompileOptions:
                                 f"({type(value).__name__})")
             if value is not None and not 2 <= value <= 8:
                 raise UserError(f"--{name} {value} is outside 2..8; choose a bit-width from 2 to 8")
+        from .ir import FIXED_BITS
+
+        for side, scheme, given in (("w", self.weight_scheme, self.wbits), ("a", self.act_scheme, self.abits)):
+            if given is not None and scheme in FIXED_BITS and given != FIXED_BITS[scheme]:
+                flag = f"--{side}scheme" if getattr(self, f"{side}scheme") else "--scheme"
+                raise UserError(f"{flag} {scheme} has {FIXED_BITS[scheme]}-bit levels whatever the bit-width; "
+                                f"--{side}bits {given} cannot apply: drop it")
         if self.emit not in EMIT_FORMS:
             raise UserError(f"unknown --emit {self.emit!r}; choose one of {', '.join(EMIT_FORMS)}")
         from qcompile.quant import OBSERVERS
@@ -88,6 +95,17 @@ class CompileOptions:
             elif not (set(config) <= {"file", "layers"} and isinstance(config.get("layers"), dict)):
                 config = {"layers": config}  # the mapping itself, from Python: pattern -> settings
             object.__setattr__(self, "config", config)
+
+    def file_suffix(self) -> str:
+        """The default output name's suffix: ``apot4``, ``uniform8``; ``apot4_uniform8`` (weights, activations)
+        where they differ; ``fp32``."""
+        if not self.quantized:
+            return "fp32"
+        from .ir import FIXED_BITS
+
+        w = f"{self.weight_scheme}{FIXED_BITS.get(self.weight_scheme, self.weight_bits)}"
+        a = f"{self.act_scheme}{FIXED_BITS.get(self.act_scheme, self.act_bits)}"
+        return w if w == a else f"{w}_{a}"
 
     @property
     def weight_bits(self) -> int:
@@ -117,7 +135,7 @@ class CompileOptions:
         wbits = FIXED_BITS.get(self.weight_scheme, self.weight_bits)  # ternary: 2, binary: 1, whatever --bits says
         abits = FIXED_BITS.get(self.act_scheme, self.act_bits)
         if self.weight_scheme == self.act_scheme:
-            return f"{self.scheme} W{wbits}A{abits}"
+            return f"{self.weight_scheme} W{wbits}A{abits}"
         return f"W{wbits} {self.weight_scheme} / A{abits} {self.act_scheme}"
 
 

@@ -64,6 +64,7 @@ def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, giv
             shown = "(" + ", ".join(str(w) for w in want) + ")"
             fix = ("pass --samples with its batch size, or --data" if given.startswith("--samples") and
                    len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:]))
+                   else "give --input-shape of that shape" if given.startswith("--input-shape")
                    else "give inputs of that shape (for a quantized file, the calibration inputs it was compiled with)")
             raise UserError(f"{given} gives shape {got} but {path!r} takes input {graph_input.name!r} of shape "
                             f"{shown}; {fix}")
@@ -98,7 +99,10 @@ def validate_against(args):
     try:
         onnx_model = onnx.load(args.onnx)
     except Exception:
-        raise UserError(f"{args.onnx!r} is not an ONNX file; give the .onnx file qcompile wrote") from None
+        onnx_model = None
+    if onnx_model is None or not onnx_model.graph.node:  # an empty file parses as an empty model
+        raise UserError(f"{args.onnx!r} is not an ONNX file{' (it is empty)' if not os.path.getsize(args.onnx) else ''}; "
+                        "give the .onnx file qcompile wrote")
     model = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
@@ -113,13 +117,21 @@ def validate_against(args):
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
         gen = torch.Generator().manual_seed(1)
         inputs = tuple(torch.randn((args.samples,) + tuple(shape[1:]), generator=gen) for shape in shapes)
-    _check_inputs_fit(onnx_model, inputs, args.onnx, "--data" if data is not None else f"--samples {args.samples}")
+    given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape
+                                               else f"--samples {args.samples}")
+    _check_inputs_fit(onnx_model, inputs, args.onnx, given)
     example = tuple(t[:1] for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs
     opts = _file_options(onnx_model)
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
     if not opts or opts.get("scheme") == "fp32":
-        return rv.validate(args.onnx, model.eval(), inputs, **thresholds)
+        if all(v is None for v in thresholds.values()):
+            thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
+        try:
+            return rv.validate(args.onnx, model.eval(), inputs, **thresholds)
+        except ValueError as e:  # outputs of another number or shape
+            raise UserError(f"{args.onnx!r} does not give --against's outputs ({e}); give the model the file was "
+                            "compiled from") from None
     # A quantized file: rebuild its simulation with the options recorded in the file.
     from .api import compile as qcompile_compile
 

@@ -100,6 +100,24 @@ MODULE_SOURCE = textwrap.dedent('''
 
     def gated_net():
         return GatedNet()
+
+
+    def tiny_cnn_3():
+        return TinyCNN(classes=3)
+
+
+    class BatchOfOne(nn.Module):  # forward flattens the whole batch: runs on one input only
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(256, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(1, -1))
+
+
+    def batch_of_one():
+        return BatchOfOne()
 ''')
 
 
@@ -230,6 +248,21 @@ BAD_INPUTS = {
     "exclude-matches-nothing": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", "nosuch"],
                                 "--exclude 'nosuch' matched no layer; the layers are conv, fc"),
     "exclude-empty": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", ""], "--exclude needs a layer name"),
+    # "newdir/" wrote a file named newdir
+    "output-trailing-slash": ([SPEC, "-o", "no_such_dir/"], "ends with a slash (a folder)"),
+    # internal errors before: a model whose forward takes one input only, in a pass or in validation
+    "batch-of-one": ([f"{MODULE}:batch_of_one", "--scheme", "uniform", "--bits", "8", "--calib", "calib.npy",
+                      "--input-shape", None],
+                     "the model runs on a batch of 1 but not of 2 inputs"),
+    "batch-of-one-fp32": ([f"{MODULE}:batch_of_one"], "make forward independent of the batch size"),
+    # options that could not apply were accepted and ignored (exit 0)
+    "no-validate-with-threshold": ([SPEC, "--no-validate", "--min-sqnr", "30"],
+                                   "--min-sqnr cannot apply with --no-validate"),
+    "fp32-with-bits": ([SPEC, "--bits", "8"], "--bits cannot apply to --scheme fp32"),
+    "ternary-with-wbits": ([SPEC, "--scheme", "uniform", "--wscheme", "ternary", "--wbits", "4"],
+                           "--wscheme ternary has 2-bit levels whatever the bit-width; --wbits 4 cannot apply"),
+    "symmetric-levels-uniform": ([SPEC, "--scheme", "uniform", "--symmetric-levels"],
+                                 "--symmetric-levels applies to APoT/PoT/log2 activations"),
 }
 
 
@@ -296,6 +329,53 @@ def test_interrupted_write_leaves_no_file(work, capsys, monkeypatch):
     assert onnx_files(work) == [] and not any(f.startswith(".qcompile-") for f in os.listdir(work))
 
 
+def test_terminated_write_leaves_no_file(work, capsys, monkeypatch):
+    """SIGTERM (kill, timeout, a cancelled CI job) left the temporary file beside -o; it is cleaned up as on
+    Ctrl-C, and the exit code is 128 + 15."""
+    import signal
+
+    def terminated(src, dst):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes of the main thread
+            pass
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(os, "replace", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
+    assert rc == 143 and err == "qcompile: terminated (files are written whole or not at all)\n"
+    assert onnx_files(work) == [] and not any(f.startswith(".qcompile-") for f in os.listdir(work))
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
+
+
+def test_json_summary_through_a_link_to_the_output_is_refused(work, capsys):
+    """-o o.onnx, a symlink to s.json that does not exist yet, with --json s.json: the summary overwrote the
+    ONNX file (exit 0); the same-file check now resolves links."""
+    os.symlink("s.json", work / "o.onnx")
+    rc, out, err = cli(capsys, SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "o.onnx", "--json", "s.json")
+    assert_user_error(rc, err, "--json and -o name the same file")
+    assert not (work / "s.json").exists()
+
+
+def test_json_summary_is_strict_json(work, capsys):
+    """Non-finite figures are written as "inf"/"-inf"/"nan" strings: json.dumps wrote Infinity, which strict
+    parsers (JavaScript's JSON.parse) refuse."""
+    from qcompile.cli import json_safe
+
+    assert json_safe({"a": [float("inf"), -float("inf"), 1.5], "b": float("nan")}) == {"a": ["inf", "-inf", 1.5],
+                                                                                       "b": "nan"}
+    np.save(work / "calib8.npy", np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "uniform",
+                       "--bits", "8", "-o", "q.onnx", "--json", "s.json")
+    assert rc == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    summary = json.loads((work / "s.json").read_text(), parse_constant=refuse)
+    assert summary["validation"]["passed"] is True
+
+
 def test_internal_error_is_one_line_without_traceback(work, capsys, monkeypatch):
     import qcompile.export
 
@@ -347,8 +427,20 @@ def test_validate_exits_1_when_a_threshold_is_missed(work, capsys):
     assert rc == 1
     assert err.startswith("qcompile: validation failed: ") and "SQNR" in err and "< 40.0 dB" in err
     assert err.count("\n") == 1 and "Traceback" not in err
-    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC)  # no threshold: report only
+    # no threshold: a float file is held to the compile's own bound (80 dB); it said PASS at -6 dB before
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC)
+    assert rc == 1 and "FAIL: SQNR" in out and "< 80.0 dB" in out, (out, err)
+    assert err.startswith("qcompile: validation failed: SQNR") and err.count("\n") == 1  # the reason, once
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--min-sqnr", "-inf")  # report only
     assert rc == 0 and "PASS" in out
+
+
+def test_validate_of_a_float_file_against_other_outputs_is_a_user_error(work, capsys):
+    """Outputs of another shape (a model with 3 classes against a file with 4) were a ValueError from the
+    comparison: an internal error."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", f"{MODULE}:tiny_cnn_3")
+    assert_user_error(rc, err, "'out.onnx' does not give --against's outputs (output shape mismatch")
 
 
 @pytest.mark.parametrize("what, needle", [("missing", "does not exist"), ("text", "is not an ONNX file")])
@@ -697,7 +789,7 @@ def test_validate_runs_a_file_with_two_inputs(work, capsys):
     rc, out, err = cli(capsys, "validate", "f2.onnx", "--against", spec)  # shapes from the file
     assert rc == 0 and out.strip().endswith("PASS"), (out, err)
     rc, out, err = cli(capsys, "validate", "f2.onnx", "--against", spec, "--input-shape", "1,3,8,8")
-    assert_user_error(rc, err, "'f2.onnx' has 2 input(s) but --samples 16 gives 1")
+    assert_user_error(rc, err, "'f2.onnx' has 2 input(s) but --input-shape (with --samples 16) gives 1")
 
 
 def test_special_files_and_symlinks_as_output(work, capsys):
@@ -730,3 +822,27 @@ def test_help_answers_without_loading_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     lines = out.strip().splitlines()
     assert lines[-2] == "0 False" and lines[-1] == "True session True"
+
+
+def test_files_and_names_the_sweep_found_misread(work, capsys):
+    """An .npz named .NPZ was "not a non-empty numeric array"; an object array was told to save with numpy.save
+    (it had); an empty .onnx "has 0 input(s)"; the demo named Python keywords; the default name and the header
+    line said --scheme where --wscheme/--ascheme chose other levels."""
+    x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    with open(work / "UPPER.NPZ", "wb") as fh:  # np.savez would append .npz to the name
+        np.savez(fh, inputs=x)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "UPPER.NPZ", "--wscheme", "uniform",
+                       "--ascheme", "uniform", "--bits", "8")
+    assert rc == 0, err
+    assert "(uniform W8A8)" in out.splitlines()[0] and os.path.exists("weights_uniform8.onnx"), out
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "UPPER.NPZ", "--wscheme", "apot",
+                       "--ascheme", "uniform", "--abits", "8", "--no-validate")
+    assert rc == 0 and os.path.exists("weights_apot4_uniform8.onnx"), err
+    np.save(work / "obj.npy", np.array([x[0], "text"], dtype=object), allow_pickle=True)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "obj.npy", "-o", "o.onnx")
+    assert_user_error(rc, err, "holds Python objects (an object array)")
+    (work / "empty.onnx").write_bytes(b"")
+    rc, out, err = cli(capsys, "validate", "empty.onnx", "--against", "weights.pt", "--arch", SPEC)
+    assert_user_error(rc, err, "'empty.onnx' is not an ONNX file (it is empty)")
+    rc, out, err = cli(capsys, "demo", "--scheme", "fp32", "--wbits", "4")
+    assert_user_error(rc, err, "--wbits cannot apply to --scheme fp32")

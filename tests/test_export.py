@@ -427,3 +427,24 @@ def test_gemm_bias_scale_is_computed_from_the_scales_in_the_file():
         session(result.onnx_model.SerializeToString(), optimized_model_path=opt)
         ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
     assert ops["QGemm"] == len(gemms) and not ops["Gemm"], ops
+
+
+def test_a_token_id_past_the_embedding_in_a_later_sample_is_a_user_error(tmp_path):
+    """The traced example (sample 0) is checked when the model runs; an id past the table in sample 9 was an
+    IndexError inside the Calibrate pass (an internal error)."""
+    import torch.nn as nn
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(50, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.e(ids).mean(1))
+
+    ids = torch.randint(0, 50, (16, 7), generator=torch.Generator().manual_seed(0))
+    ids[9, 3] = 77
+    with pytest.raises(UserError, match=r"calibration data holds token id 77 but the embedding 'e' has 50 rows"):
+        qcompile.compile(Tokens(), ids[:1], scheme="uniform", bits=8, calib=ids, output=str(tmp_path / "t.onnx"))
+    assert leftovers(tmp_path) == []

@@ -41,7 +41,8 @@ def test_report_fields_of_a_genuine_file(compiled):
     assert report.samples == 48
     assert report.max_abs == 0.0 and math.isinf(report.sqnr_db)  # bit-exact file
     assert report.top1 == 1.0
-    assert report.thresholds == {"min_sqnr": None, "max_abs": None, "min_top1": None}
+    assert report.thresholds == {"min_sqnr": None, "max_abs": None, "min_top1": None, "min_forced_sqnr": 40.0}
+    assert math.isinf(report.extra["forced_sqnr_db"])
     assert "PASS" in report.summary() and report.to_dict()["passed"] is True
 
     # one entry per activation quantizer of the file, with as many codes as the tensor has elements
@@ -113,6 +114,29 @@ def test_a_changed_weight_code_fails_validation(compiled):
     # an explicit output threshold catches it as well
     strict = validate_quantized(data, result.model, x, max_abs=0.0, max_code_mismatch=None)
     assert not strict.passed and any("max abs err" in f for f in strict.failures)
+
+
+def test_a_changed_layer_after_the_last_quantizer_fails_validation(compiled):
+    """The classifier's bias (int32 behind a DequantizeLinear) changed in the file: no activation code differs, as
+    no quantizer follows the classifier, and validation said PASS with logits off by ~0.5 (SQNR 0.5 dB). The
+    outputs recomputed from onnxruntime's own codes catch it."""
+    result, _, x = compiled
+    graph = result.onnx_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    gemm = next(n for n in graph.node if n.op_type == "Gemm")
+    target = producer[gemm.input[2]].input[0]
+    assert next(t for t in graph.initializer if t.name == target).data_type == TensorProto.INT32
+
+    def change(codes):
+        codes[3] += 200000
+        return codes
+
+    report = validate_quantized(doctored(result.onnx_model, target, change), result.model, x)
+    assert report.extra["codes_differ"] == 0
+    assert not report.passed and report.extra["forced_sqnr_db"] < 40.0
+    assert any("computed from onnxruntime's own activation codes" in f for f in report.failures), report.failures
+    loose = validate_quantized(doctored(result.onnx_model, target, change), result.model, x, min_forced_sqnr=None)
+    assert loose.passed  # the bound is what fails it
 
 
 def test_moved_thresholds_of_an_apot_activation_fail_validation(compiled):
