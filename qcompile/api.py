@@ -65,6 +65,9 @@ def calib_tensor(calib) -> Optional[torch.Tensor]:
     for item in calib:
         if isinstance(item, (tuple, list)):
             item = item[0]
+        if not isinstance(item, (torch.Tensor, np.ndarray)):
+            raise UserError(f"a calibration batch is a {type(item).__name__}; give tensors or arrays (N, ...), or "
+                            "(inputs, labels) pairs, as a DataLoader over a TensorDataset yields them")
         parts.append(model_input(item))
     if not parts:
         raise UserError("the calibration data is empty; give at least one batch")
@@ -330,6 +333,7 @@ def compile(
                         "saved archive with arch='package.module:factory' (--arch) to load its weights into that model")
     from qcompile.qat import config_of, convert  # here: qcompile.qat imports this module
 
+    _check_not_torch_quantized(model)
     if config_of(model) is not None:  # a model from qcompile.qat.prepare: export its learned quantizers
         model = convert(model)
     from qcompile.qat.convert import CONVERTED_KEY
@@ -384,6 +388,30 @@ def compile(
         if problem:
             raise UserError(problem) from None
         raise
+
+
+_TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                    "torch.nn.intrinsic.quantized", "torch.ao.nn.quantized.dynamic")
+
+
+def _check_not_torch_quantized(model: nn.Module) -> None:
+    """A model torch.ao.quantization prepared (observers) or converted (quantized modules) is not a float model:
+    a converted one was exported as torch's own int8 graph whatever scheme was asked, and validation passed."""
+    try:
+        from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+        observers = (ObserverBase, FakeQuantizeBase)
+    except ImportError:  # a torch without the eager-mode quantization package
+        observers = ()
+    for name, m in model.named_modules():
+        if observers and isinstance(m, observers):
+            raise UserError(f"the model carries torch.ao.quantization observers ({name!r}: {type(m).__name__}, from "
+                            "prepare/prepare_qat); qcompile quantizes float models: pass the model before prepare")
+        kind = type(m).__module__
+        if kind.startswith(_TORCH_QUANTIZED) and type(m).__name__ != "FloatFunctional":
+            raise UserError(f"the model is already quantized by torch.ao.quantization ({name or 'the model'!r} is "
+                            f"{kind.split('.modules')[0]}.{type(m).__name__}); qcompile quantizes float models: pass "
+                            "the float model (before torch.ao.quantization.convert / quantize_dynamic, or "
+                            "quantize=False for torchvision's quantizable models)")
 
 
 def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:

@@ -2,7 +2,9 @@
 Python API ``qcompile.compile(..., scheme="fp32")``."""
 from __future__ import annotations
 
+import copy
 import os
+import re
 
 import numpy as np
 import onnx
@@ -448,3 +450,43 @@ def test_a_token_id_past_the_embedding_in_a_later_sample_is_a_user_error(tmp_pat
     with pytest.raises(UserError, match=r"calibration data holds token id 77 but the embedding 'e' has 50 rows"):
         qcompile.compile(Tokens(), ids[:1], scheme="uniform", bits=8, calib=ids, output=str(tmp_path / "t.onnx"))
     assert leftovers(tmp_path) == []
+
+
+def test_a_model_torch_ao_quantized_or_prepared_is_a_user_error(tmp_path):
+    """torchvision's quantize=True models (torch.ao converted) were exported as torch's own int8 graph whatever
+    scheme was asked, with validation PASS; a prepared one (observers) gave --leaf-module hints one observer at a
+    time. Calibration batches that are dicts were a RuntimeError from torch.as_tensor."""
+    import warnings
+
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = torch.ao.quantization.QuantStub(), torch.ao.quantization.DeQuantStub()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.dequant(self.fc2(torch.relu(self.fc1(self.quant(x)))))
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dynamic = torch.ao.quantization.quantize_dynamic(Net().eval(), {nn.Linear}, dtype=torch.qint8)
+        net = Net().eval()
+        net.qconfig = torch.ao.quantization.get_default_qconfig("x86")
+        prepared = torch.ao.quantization.prepare(net)
+        prepared(x)
+        converted = torch.ao.quantization.convert(copy.deepcopy(prepared))
+    out = str(tmp_path / "m.onnx")
+    for model, needle in [(dynamic, "already quantized by torch.ao.quantization ('fc1' is "
+                                    "torch.ao.nn.quantized.dynamic.Linear)"),
+                          (converted, "already quantized by torch.ao.quantization ('quant' is "),
+                          (prepared, "carries torch.ao.quantization observers ('quant.activation_post_process'")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            qcompile.compile(model, x[:1], scheme="apot", bits=4, calib=x, output=out)
+    with pytest.raises(UserError, match="a calibration batch is a dict; give tensors or arrays"):
+        qcompile.compile(Net().eval(), x[:1], scheme="uniform", bits=8, calib=[{"image": x}], output=out)
+    assert leftovers(tmp_path) == []
+    result = qcompile.compile(Net().eval(), x[:1], scheme="uniform", bits=8, calib=x)  # the stubs alone are fine
+    assert result.report.passed
