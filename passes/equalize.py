@@ -161,6 +161,7 @@ def _scale_out(layer: nn.Module, inv_s: torch.Tensor) -> None:
         layer.bias.copy_((layer.bias.double() * inv_s).to(layer.bias.dtype))
 
 
+VERIFY_RANGE_CACHE = False  # set by the tests: every cached range is compared with a fresh read of the weights
 BIAS_CAP = 2.0  # no channel's bias is scaled past this multiple of its layer's largest |bias| before the pass
 
 
@@ -346,10 +347,30 @@ class EqualizeWeights(Pass):
         mods = {c.producer.target: gm.get_submodule(c.producer.target) for c in chains}
         mods.update({c.consumer.target: gm.get_submodule(c.consumer.target) for c in chains})
 
+        # Per-channel ranges, cached between rescalings (reading every weight on every visit made VGG-11's 100 M
+        # classifier weights cost ~10 s). A rescaling updates the ranges it scales exactly: the weights are
+        # float32(float64(w)·f) per channel, and rounding is monotonic, so the new max is float32(old max·f), the
+        # same number a recomputation gives. The other side's ranges are read again.
+        out_cache: dict[str, torch.Tensor] = {}
+        in_cache: dict[str, torch.Tensor] = {}
+
         def ranges(c: _Chain):
             prod, cons = mods[c.producer.target], mods[c.consumer.target]
-            channels = prod.weight.shape[0]
-            return _out_ranges(prod), _in_ranges(cons, channels, c.features_per_channel)
+            if c.producer.target not in out_cache:
+                out_cache[c.producer.target] = _out_ranges(prod)
+            if c.consumer.target not in in_cache:
+                in_cache[c.consumer.target] = _in_ranges(cons, prod.weight.shape[0], c.features_per_channel)
+            if VERIFY_RANGE_CACHE:  # tests: the cached ranges are the ones a fresh read gives, bit for bit
+                assert torch.equal(out_cache[c.producer.target], _out_ranges(prod))
+                assert torch.equal(in_cache[c.consumer.target],
+                                   _in_ranges(cons, prod.weight.shape[0], c.features_per_channel))
+            return out_cache[c.producer.target], in_cache[c.consumer.target]
+
+        def rescaled_ranges(c: _Chain, s: torch.Tensor) -> None:
+            out_cache[c.producer.target] = (out_cache[c.producer.target] * (1.0 / s)).float().double()
+            in_cache.pop(c.producer.target, None)
+            in_cache[c.consumer.target] = (in_cache[c.consumer.target] * s).float().double()
+            out_cache.pop(c.consumer.target, None)
 
         before = {id(c): tuple(map(_spread, ranges(c))) for c in chains}
         # twice the largest |bias| of each producer before equalization: no channel's bias is scaled up past it
@@ -376,6 +397,7 @@ class EqualizeWeights(Pass):
                         continue
                     worst = max(worst, change)
                     self._apply(gm, c, s, mods)
+                    rescaled_ranges(c, s)
                     rescaled.add(id(c))
                     modified = True
                 if worst == 0.0:

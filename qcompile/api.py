@@ -45,12 +45,11 @@ def model_input(t) -> torch.Tensor:
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, np.ndarray):
+    # floating point as float32, as calibration data (a float64 example met the float32 model the passes build)
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         return (model_input(example_inputs),)
     if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
+        return tuple(model_input(t) for t in example_inputs)
     raise UserError("example_inputs must be a tensor or a tuple of tensors")
 
 

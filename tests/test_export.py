@@ -319,6 +319,10 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     pre = torch.nn.Linear(x.shape[1], x.shape[1])
     result = qcompile.compile(MLP(), x[:1], scheme="uniform", bits=8, calib=pre(x), output=str(out))
     assert result.report.passed and out.exists()
+    # a float64 example given as a torch tensor is float32 too, as float64 calibration data and numpy examples
+    # were (it met the float32 model: "mat1 and mat2 must have the same dtype")
+    result = qcompile.compile(MLP(), x[:1].double(), scheme="uniform", bits=8, calib=x.double())
+    assert result.report.passed
 
 
 def test_default_attributes_are_stripped_and_outputs_unchanged():

@@ -329,3 +329,17 @@ def test_a_near_zero_channel_with_a_bias_is_not_scaled_up_past_the_layers_biases
     assert float(bias.max()) <= 2.0 * float(before) * (1 + 1e-6), bias
     assert channel_range_spread(gm.get_submodule("0").weight) < spread  # the first pair still equalizes
     assert rel_err(out, ref) < RTOL
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cached_channel_ranges_equal_a_fresh_read(name, monkeypatch):
+    """The pass keeps each layer's channel ranges between rescalings and updates the scaled side exactly
+    (VGG-11's classifier weights were read on every visit: ~10 s); with the check on, every cached range is
+    compared bit for bit with a fresh read of the weights, on models whose chains take several sweeps."""
+    import qcompile.passes.equalize as eq
+
+    monkeypatch.setattr(eq, "VERIFY_RANGE_CACHE", True)
+    model = MODELS[name]()
+    x = example_input(model, seed=20)
+    result, p, ref, out = equalize(folded(model, x), x, tol=1e-7)
+    assert result.modified and rel_err(out, ref) <= RTOL
