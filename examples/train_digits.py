@@ -1,6 +1,10 @@
-"""Train the bundled digits CNN (qcompile/models/digits_cnn.pt) on scikit-learn's load_digits.
+"""Train the digits CNN (the architecture of the bundled qcompile/models/digits_cnn.pt) on scikit-learn's load_digits.
 
-    python examples/train_digits.py [--epochs 40] [--out qcompile/models/digits_cnn.pt]
+    python examples/train_digits.py [--epochs 40] [--out digits_cnn.pt]
+
+It writes to the current folder by default; give --out qcompile/models/digits_cnn.pt to replace the bundled weights
+(every digits figure in README and docs/ is measured with them: 99.4 % test accuracy; a retrained model's accuracy
+depends on the torch version and thread count, 98.8 % in a one-thread torch 2.13 run).
 
 CPU, seeded, ~20 s on 2 cores. Prints train/test accuracy; the test split (500 images) is never trained on.
 """
@@ -10,13 +14,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from qcompile.models.digits import WEIGHTS, accuracy, digits_cnn, load_split
+from qcompile.models.digits import accuracy, digits_cnn, load_split
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--out", default=WEIGHTS)
+    ap.add_argument("--out", default="digits_cnn.pt")
     args = ap.parse_args()
 
     torch.manual_seed(0)

@@ -2,11 +2,13 @@
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
-from .cleanup import EliminateDeadCode, RemoveIdentity
+from .cleanup import DecomposeAdaptivePool, DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity
 from .equalize import EqualizeWeights
+from .float_check import CheckFloatOutputs, RecordFloatOutputs
 from .fold_bn import ChannelStats, FoldBatchNorm
 from .fold_constants import FoldConstants
 from .insert_quant import InsertQuantizers
+from .int8_pairs import PairSafeInt8Weights
 from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
 from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
@@ -19,4 +21,5 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
-           "BindIntegerPools", "DecomposeWindowAttention"]
+           "BindIntegerPools", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
+           "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

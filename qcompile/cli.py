@@ -23,6 +23,7 @@ validated against the PyTorch simulation of the same quantized model.
 MODEL is one of:
   weights.pt --arch pkg.mod:factory   a state dict (torch.save(model.state_dict())), loaded with weights_only=True
   model.pt --trust-pickle             a full pickle (torch.save(model)); refused without the flag (it runs code)
+  scripted.pt --arch pkg.mod:factory  a TorchScript archive: its weights, loaded into the factory's model
   pkg.mod:factory                     a factory that returns the model (fresh weights)
 
 other commands:  qcompile validate FILE.onnx --against MODEL ...  |  qcompile demo"""

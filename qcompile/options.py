@@ -64,6 +64,13 @@ class CompileOptions:
                 raise UserError(f"--{name} must be an integer bit-width from 2 to 8, got {value!r} "
                                 f"({type(value).__name__})")
             if value is not None and not 2 <= value <= 8:
+                from .ir import FIXED_BITS
+
+                users = {"wbits": [self.weight_scheme], "abits": [self.act_scheme],
+                         "bits": ([self.weight_scheme] if self.wbits is None else [])
+                         + ([self.act_scheme] if self.abits is None else [])}[name]
+                if users and all(FIXED_BITS.get(u) == value for u in users):
+                    continue  # --scheme binary --bits 1: what binary levels are anyway
                 raise UserError(f"--{name} {value} is outside 2..8; choose a bit-width from 2 to 8")
         from .ir import FIXED_BITS
 

@@ -846,3 +846,27 @@ def test_files_and_names_the_sweep_found_misread(work, capsys):
     assert_user_error(rc, err, "'empty.onnx' is not an ONNX file (it is empty)")
     rc, out, err = cli(capsys, "demo", "--scheme", "fp32", "--wbits", "4")
     assert_user_error(rc, err, "--wbits cannot apply to --scheme fp32")
+
+
+def test_binary_levels_take_their_own_bit_width(work, capsys):
+    """Binary levels are 1-bit: --wbits 1 with --wscheme binary was refused as outside 2..8 (and --wbits 4, which
+    changes nothing, was ignored)."""
+    x = np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    np.save(work / "calib8.npy", x)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--wscheme", "binary",
+                       "--wbits", "1", "--ascheme", "uniform", "--abits", "8", "--keep-first-last", "quant")
+    assert rc == 0 and "(W1 binary / A8 uniform)" in out.splitlines()[0], (out, err)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "uniform",
+                       "--bits", "1")
+    assert_user_error(rc, err, "--bits 1 is outside 2..8")
+
+
+def test_every_pipeline_pass_is_importable_from_qcompile_passes():
+    """README builds pipelines from qcompile.passes; PairSafeInt8Weights and four more were only in submodules."""
+    import qcompile.passes as passes
+    from qcompile.options import CompileOptions
+    from qcompile.pipeline import build_passes
+
+    names = {type(p).__name__ for p in build_passes(CompileOptions(scheme="uniform", bits=8, int8_weights="s8-safe"),
+                                                    None)}
+    assert names and all(hasattr(passes, n) and n in passes.__all__ for n in names), names
