@@ -568,9 +568,13 @@ def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, in
 
 
 def _module_name(m: _Match) -> str:
-    """Best-effort module name: the prefix of the bias initializer (``conv2.bias`` -> ``conv2``)."""
+    """Best-effort module name: the prefix of the bias initializer (``conv2.bias`` -> ``conv2``), else the
+    exporter's node name (``/fc1/Gemm`` -> ``fc1``: a Gemm's bias is stored as int32 codes under another name)."""
     if m.bias is not None and m.bias.name.endswith(".bias"):
         return m.bias.name[: -len(".bias")]
+    parts = (getattr(m.node, "name", "") or "").split("/")
+    if parts[0] == "" and len(parts) > 2:
+        return ".".join(parts[1:-1])
     return ""
 
 

@@ -373,6 +373,9 @@ def test_cost_report_on_lowered_and_standard_forms(compiled):
     assert [r["shift_add"] for r in lo["layers"]] == [r["shift_add"] for r in st["layers"]]
     kept = [r for r in lo["layers"] if not r["lowered"]]
     assert len(kept) == 2 and kept[0]["module"] == "conv1"  # 8-bit uniform first/last layers keep their mults
+    # every row names its module: fc1 (int32 bias under another name) was labelled "/fc1/Gemm"
+    assert [r["module"] for r in lo["layers"]] == [r["module"] for r in st["layers"]] == \
+        ["conv1", "conv2", "conv3", "down", "fc1", "fc2"]
     t = lo["totals"]
     assert t["shift_add"]["mults"] == sum(r["uniform"]["mults"] for r in kept)
     assert t["uniform"]["mults"] == sum(r["uniform"]["mults"] for r in lo["layers"])
