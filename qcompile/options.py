@@ -75,7 +75,8 @@ class CompileOptions:
         from .ir import FIXED_BITS
 
         for side, scheme, given in (("w", self.weight_scheme, self.wbits), ("a", self.act_scheme, self.abits)):
-            if given is not None and scheme in FIXED_BITS and given != FIXED_BITS[scheme]:
+            # (config rules may give some layers another scheme, which takes the bit-width)
+            if given is not None and scheme in FIXED_BITS and given != FIXED_BITS[scheme] and self.config is None:
                 flag = f"--{side}scheme" if getattr(self, f"{side}scheme") else "--scheme"
                 raise UserError(f"{flag} {scheme} has {FIXED_BITS[scheme]}-bit levels whatever the bit-width; "
                                 f"--{side}bits {given} cannot apply: drop it")

@@ -318,11 +318,64 @@ def _float_layers(sim):
 MIN_FORCED_SQNR_DB = 40.0
 
 
+# operations whose output jumps where their input crosses a point (a comparison, rounding, an index): after the last
+# quantizer they turn float rounding (an exactly-zero logit computed as 1e-9) into whole steps, as an integer output
+_STEP_OPS = {"gt", "lt", "ge", "le", "eq", "ne", "greater", "less", "greater_equal", "less_equal", "equal",
+             "not_equal", "round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_", "sign", "sign_",
+             "heaviside", "argmax", "argmin", "topk", "sort", "argsort", "max", "min", "mode", "median", "bool",
+             "long", "int", "short", "char", "byte", "bucketize", "searchsorted", "floor_divide", "fmod",
+             "remainder", "mod", "__and__", "__or__", "__xor__", "logical_and", "logical_or", "logical_not"}
+
+
+def step_outputs(sim) -> set[int]:
+    """Indices (in :func:`output_tensors` order) of the outputs of ``sim`` (a GraphModule) that pass through a step
+    operation, or an integer/bool value, after the last quantizer on their way: the output comparison of the
+    teacher-forced run leaves them out (their codes-to-output part is discontinuous)."""
+    from torch.utils._pytree import tree_leaves
+
+    from qcompile.qmodules import FakeQuantize
+
+    graph = getattr(sim, "graph", None)
+    if graph is None:
+        return set()
+    modules = dict(sim.named_modules())
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    if out is None:
+        return set()
+    leaves = [leaf for leaf in tree_leaves(out.args[0]) if isinstance(leaf, torch.fx.Node)]
+
+    def is_step(node) -> bool:
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if name in _STEP_OPS:
+            return True
+        meta = node.meta.get("tensor_meta")
+        dtype = getattr(meta, "dtype", None)
+        return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+
+    steps = set()
+    for i, leaf in enumerate(leaves):
+        seen, todo = set(), [leaf]
+        while todo:
+            node = todo.pop()
+            if node in seen or node.op == "placeholder":
+                continue
+            seen.add(node)
+            if node.op == "call_module" and isinstance(modules.get(node.target), FakeQuantize):
+                continue  # the last quantizer on this path: what comes before it is compared through its codes
+            if node.op in ("call_function", "call_method") and is_step(node):
+                steps.add(i)
+                break
+            todo.extend(node.all_input_nodes)
+    return steps
+
+
 def _forced_check(report: ValidationReport, forced: Sequence[np.ndarray], got: Sequence[np.ndarray],
-                  min_forced_sqnr: float | None) -> None:
+                  min_forced_sqnr: float | None, skip: set[int] = frozenset()) -> None:
     """The file's floating outputs against the simulation's computed from the file's own activation codes: the
-    worst SQNR goes in ``extra["forced_sqnr_db"]``, and below ``min_forced_sqnr`` the validation fails."""
-    scores = [sqnr_db(f, g) for f, g in zip(forced, got) if g.dtype.kind == "f" and f.size]
+    worst SQNR goes in ``extra["forced_sqnr_db"]``, and below ``min_forced_sqnr`` the validation fails. Outputs in
+    ``skip`` (a step operation after the last quantizer, see :func:`step_outputs`) are left out."""
+    scores = [sqnr_db(f, g) for i, (f, g) in enumerate(zip(forced, got))
+              if g.dtype.kind == "f" and f.size and i not in skip]
     if not scores:
         return
     worst = min(scores)
@@ -372,7 +425,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         ref = run_reference(sim, inputs, batch_size)
         report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                                  samples=_sample_count(inputs))
-        _forced_check(report, ref, got, min_forced_sqnr)
+        _forced_check(report, ref, got, min_forced_sqnr, step_outputs(sim))
     else:
         # One simulation run per batch gives both the reference outputs and the codes; the float run of the
         # same graph uses float32 layers (the float64 of int8 layers only serves exact accumulators).
@@ -445,7 +498,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         ref = join_batches(ref_parts, _batch_sizes(inputs, batch_size))
         report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                                  samples=_sample_count(inputs))
-        _forced_check(report, join_batches(forced_parts, _batch_sizes(inputs, batch_size)), got, min_forced_sqnr)
+        _forced_check(report, join_batches(forced_parts, _batch_sizes(inputs, batch_size)), got, min_forced_sqnr,
+                      step_outputs(sim))
         total = sum(s["codes"] for s in stats.values())
         differ = sum(s["differ"] for s in stats.values())
         local = sum(s["local"] for s in stats.values())

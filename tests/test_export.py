@@ -494,3 +494,15 @@ def test_a_model_torch_ao_quantized_or_prepared_is_a_user_error(tmp_path):
     assert leftovers(tmp_path) == []
     result = qcompile.compile(Net().eval(), x[:1], scheme="uniform", bits=8, calib=x)  # the stubs alone are fine
     assert result.report.passed
+
+
+def test_a_bit_width_for_ternary_levels_applies_where_config_rules_change_the_scheme():
+    """--wbits with --wscheme ternary is refused as changing nothing, but not when config rules give layers
+    another weight scheme: there it is their bit-width (a regression of that refusal)."""
+    x = example_input(MLP, batch=8)
+    with pytest.raises(UserError, match="--wscheme ternary has 2-bit levels"):
+        qcompile.compile(MLP(), x[:1], scheme="uniform", wscheme="ternary", wbits=6, calib=x)
+    result = qcompile.compile(MLP(), x[:1], scheme="uniform", wscheme="ternary", wbits=6, calib=x,
+                              config={"fc2": {"wscheme": "uniform"}})
+    assert result.report.passed
+    assert result.model.get_submodule("fc2").weight_fq.bits == 6
