@@ -398,15 +398,21 @@ def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     b.after(lambda model: _shift_cell_bias(model, x, cell, fq))
 
 
-def _private_layer_path(graph, q: onnx.NodeProto, x: str, fq: FakeQuantize) -> str:
-    """Give the cells quantizer ``q`` (reading ``x``) a layer of its own: where the exporter merged equal
-    computations (a module called twice on the same input: one ``Gemm → Relu`` read by two quantizers), copy the
-    nodes from the layer to ``x`` for ``q``, as the model computes them twice. Returns what ``q`` reads now."""
+def _producers_and_readers(graph) -> tuple[dict, dict]:
+    """The node writing each tensor, and how many nodes (or graph outputs) read it."""
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, int] = {o.name: 1 for o in graph.output}
     for n in graph.node:
         for i in n.input:
             readers[i] = readers.get(i, 0) + 1
+    return producer, readers
+
+
+def _private_layer_path(graph, q: onnx.NodeProto, x: str, fq: FakeQuantize) -> str:
+    """Give the cells quantizer ``q`` (reading ``x``) a layer of its own: where the exporter merged equal
+    computations (a module called twice on the same input: one ``Gemm → Relu`` read by two quantizers), copy the
+    nodes from the layer to ``x`` for ``q``, as the model computes them twice. Returns what ``q`` reads now."""
+    producer, readers = _producers_and_readers(graph)
     path, rect, src = [], None, x
     while True:
         node = producer.get(src)
@@ -452,11 +458,7 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
     graph = model.graph
     q = next(n for n in graph.node if n.output and n.output[0] == cell)
     x = _private_layer_path(graph, q, x, fq)
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, int] = {o.name: 1 for o in graph.output}
-    for n in graph.node:
-        for i in n.input:
-            readers[i] = readers.get(i, 0) + 1
+    producer, readers = _producers_and_readers(graph)
     chain, rect, src = [], None, x
     while True:
         node = producer.get(src)
