@@ -419,6 +419,13 @@ class SelectLayers(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         decision = self.decide(gm)
+        from qcompile.qmodules import FakeQuantize
+
+        if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+            # quantizers are in the graph already (a QAT-trained model, converted): a layer keeps the decision that
+            # put them there. Deciding anew labelled conv2 "W8 uniform (first layer)" (conv1, bound to an int8
+            # kernel, is no longer a Conv node) while its trained APoT quantizers stayed.
+            decision = {n: n.meta.get("qconfig", cfg) for n, cfg in decision.items()}
         changed = 0
         for node, cfg in decision.items():
             if node.meta.get("qconfig") != cfg:

@@ -142,7 +142,11 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
     probe = dataclasses.replace(trained, **given) if given else trained
     differ = [k for k in given if getattr(probe, k) != getattr(trained, k)]
     if differ:
-        now = ", ".join(f"{k}={getattr(trained, k)!r}" for k in differ)
+        effective = {"wbits": trained.weight_bits, "abits": trained.act_bits, "wscheme": trained.weight_scheme,
+                     "ascheme": trained.act_scheme}  # what None means there
+        values = {k: effective[k] if getattr(trained, k) is None and k in effective else getattr(trained, k)
+                  for k in differ}
+        now = ", ".join(f"{k}={v!r}" for k, v in values.items())
         raise UserError(f"this model was trained with qcompile.qat.prepare, whose options fix what its layers compute "
                         f"({now}); drop {', '.join(differ)} here, or pass them to prepare and train again")
     return dataclasses.replace(trained, **{k: getattr(opts, k) for k in _FORM_OPTIONS})

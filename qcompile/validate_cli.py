@@ -123,6 +123,12 @@ def validate_against(args):
     example = tuple(t[:1] for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs
     opts = _file_options(onnx_model)
+    qat = next((p.value for p in onnx_model.metadata_props if p.key == "qcompile.qat"), None)
+    if qat is not None:  # its parameters were trained: calibrating --against afresh gives another simulation
+        raise UserError(f"{args.onnx!r} was exported from a QAT-trained model ({qat}); its quantizers were learned, "
+                        "not calibrated, so validate cannot rebuild them from --against: validate from Python, where "
+                        "qcompile.compile(trained_model) and qcompile.qat.export(trained_model, ...) check the file "
+                        "against the trained model")
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
     if not opts or opts.get("scheme") == "fp32":
         if all(v is None for v in thresholds.values()):
