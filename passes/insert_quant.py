@@ -52,6 +52,16 @@ _PRESERVING_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d
                          F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
                          torch.cat, operator.add, torch.add, operator.mul, torch.mul, F.dropout, F.interpolate,
                          operator.getitem, torch.reshape}
+_ARITHMETIC = {operator.add, torch.add, operator.mul, torch.mul}  # non-negative when every operand is
+# interpolation modes whose outputs are convex combinations of inputs (bicubic's weights can be negative)
+_CONVEX_MODES = {"nearest", "nearest-exact", "linear", "bilinear", "trilinear", "area"}
+
+
+def _interpolation_mode(node) -> str:
+    mode = node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")
+    return mode if isinstance(mode, str) else ""
+
+
 _PRESERVING_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze",
                        "mean", "sum", "max", "relu", "clamp"}
 
@@ -73,6 +83,8 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
             result = (not mod.signed and not mod.asymmetric) or is_nonnegative(gm, node.args[0], memo)
         elif isinstance(mod, nn.Hardtanh):
             result = mod.min_val >= 0
+        elif isinstance(mod, nn.Upsample) and mod.mode not in _CONVEX_MODES:
+            result = False  # bicubic overshoots below zero
         elif isinstance(mod, _PRESERVING_MODULES):
             result = is_nonnegative(gm, node.args[0], memo)
     elif node.op == "call_function":
@@ -83,6 +95,14 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
         elif node.target in (torch.clamp, torch.clip):
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
             result = lo is not None and not isinstance(lo, torch.fx.Node) and lo >= 0
+        elif node.target in _ARITHMETIC:
+            # every operand counts, constants too (relu(x) * -0.7, torch.add(a, b, alpha=-1) are not non-negative)
+            operands = _flat_args(node)
+            result = any(isinstance(a, torch.fx.Node) for a in operands) and \
+                all(isinstance(a, torch.fx.Node) and is_nonnegative(gm, a, memo)
+                    or isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in operands)
+        elif node.target is F.interpolate and _interpolation_mode(node) not in _CONVEX_MODES:
+            result = False  # bicubic overshoots below zero
         elif node.target in _PRESERVING_FUNCTIONS:
             tensors = [a for a in _flat_args(node) if isinstance(a, torch.fx.Node)]
             if node.target is operator.getitem:
