@@ -337,6 +337,12 @@ def compile(
     from qcompile.qat import config_of, convert  # here: qcompile.qat imports this module
 
     _check_not_torch_quantized(model)
+    scripted = next((name for name, m in model.named_modules() if name and isinstance(m, torch.jit.ScriptModule)),
+                    None)
+    if scripted is not None:  # torch.onnx failed inside the trace: "Tried to trace ... not part of the active trace"
+        raise UserError(f"submodule {scripted!r} is a TorchScript module (torch.jit.script / torch.jit.trace); "
+                        "qcompile traces Python modules with torch.fx: put the module itself there, not its "
+                        "scripted form")
     if config_of(model) is not None:  # a model from qcompile.qat.prepare: export its learned quantizers
         model = convert(model)
     from qcompile.qat.convert import CONVERTED_KEY

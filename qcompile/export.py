@@ -97,6 +97,10 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
             )
     except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
         raise UserError(_export_error_message(e)) from e
+    except AssertionError as e:  # a symbolic function's own refusal ("conversion of ... not implemented if ...")
+        if "not implemented" not in str(e):
+            raise
+        raise UserError(_export_error_message(e)) from e
     return explicit_same_pads(onnx.load_from_string(buf.getvalue()))
 
 

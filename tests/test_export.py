@@ -506,3 +506,36 @@ def test_a_bit_width_for_ternary_levels_applies_where_config_rules_change_the_sc
                               config={"fc2": {"wscheme": "uniform"}})
     assert result.report.passed
     assert result.model.get_submodule("fc2").weight_fq.bits == 6
+
+
+def test_a_scripted_submodule_and_an_operator_torch_onnx_refuses_are_user_errors():
+    """A submodule under torch.jit.script crashed the export at every scheme ("Tried to trace ... not part of the
+    active trace"); scaled_dot_product_attention with enable_gqa=True was a bare AssertionError from torch.onnx."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Scripted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sub = torch.jit.script(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.sub(x))
+
+    class GroupedQueryAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):  # 4 query heads over 2 key/value heads
+            b, n, _ = x.shape
+            q = self.q(x).view(b, n, 4, 2).transpose(1, 2)
+            kv = self.kv(x).view(b, n, 2, 2).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True).transpose(1, 2).reshape(b, n, 8)
+
+    with pytest.raises(UserError, match="submodule 'sub' is a TorchScript module"):
+        qcompile.compile(Scripted(), torch.randn(2, 4), scheme="fp32")
+    with pytest.raises(UserError, match="torch.onnx cannot export this model: conversion of "
+                                        "scaled_dot_product_attention not implemented if enable_gqa is True"):
+        qcompile.compile(GroupedQueryAttention(), torch.randn(2, 5, 8), scheme="fp32")
