@@ -88,7 +88,10 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
         elif isinstance(mod, _PRESERVING_MODULES):
             result = is_nonnegative(gm, node.args[0], memo)
     elif node.op == "call_function":
-        if node.target in _NONNEG_FUNCTIONS:
+        if node.target is F.softplus:  # x itself above the threshold: a negative threshold lets x < 0 through
+            threshold = node.args[2] if len(node.args) > 2 else node.kwargs.get("threshold", 20.0)
+            result = isinstance(threshold, (int, float)) and threshold >= 0
+        elif node.target in _NONNEG_FUNCTIONS:
             result = True
         elif node.target is F.hardtanh:
             result = (node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)) >= 0

@@ -89,7 +89,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     # the qcompile domain only where quantizers export their markers (else torch warns that it is unused)
     opsets = {"qcompile": 1} if any(hasattr(m, "prepare_export") for m in gm.modules()) else None
     try:
-        with warnings.catch_warnings(), _output_unless_failed():
+        with warnings.catch_warnings(), _output_unless_failed(), _softplus_with_threshold(opset):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
@@ -102,6 +102,35 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
             raise
         raise UserError(_export_error_message(e)) from e
     return explicit_same_pads(onnx.load_from_string(buf.getvalue()))
+
+
+def _softplus_symbolic(g, x, beta, threshold):
+    """``aten::softplus`` with its threshold: PyTorch returns ``x`` where ``x·beta > threshold``; torch.onnx's own
+    symbolic writes ``Softplus(x·beta)/beta`` everywhere (``nn.Softplus(threshold=1)``: 1.32 for 1.01 at x = 1.01;
+    the file failed validation at 55 dB in fp32). From the default threshold 20 up the difference is below float32
+    rounding (log1p(exp(-20)) ~ 2e-9), and the file is written as before."""
+    from torch.onnx import symbolic_helper
+
+    beta_c = symbolic_helper._maybe_get_const(beta, "f")
+    thr = symbolic_helper._maybe_get_const(threshold, "f")
+    scaled = x if beta_c == 1 else g.op("Mul", x, beta)
+    soft = g.op("Softplus", scaled)
+    if beta_c != 1:
+        soft = g.op("Div", soft, beta)
+    if not isinstance(thr, (int, float)) or thr >= 20:
+        return soft
+    limit = g.op("Constant", value_t=torch.tensor(float(thr), dtype=torch.float32))
+    return g.op("Where", g.op("Greater", scaled, limit), x, soft)
+
+
+@contextlib.contextmanager
+def _softplus_with_threshold(opset: int):
+    """:func:`_softplus_symbolic` for the duration of one export (not for the user's own exports)."""
+    torch.onnx.register_custom_op_symbolic("aten::softplus", _softplus_symbolic, opset)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic("aten::softplus", opset)
 
 
 def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:

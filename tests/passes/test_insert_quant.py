@@ -339,3 +339,21 @@ def test_constants_and_bicubic_resizes_are_part_of_the_sign_proof(kind):
     fq = fq_of(gm, quantized_layers(gm)["c2"].args[0])
     nonnegative = kind in ("bilinear", "positive")
     assert (fq.scheme == "uniform") == nonnegative, (kind, fq.scheme)
+
+
+def test_softplus_is_non_negative_only_with_a_non_negative_threshold():
+    """softplus returns x itself where x·beta > threshold: with a negative threshold, x in (threshold, 0) passes."""
+    class Soft(nn.Module):
+        def __init__(self, threshold):
+            super().__init__()
+            self.threshold = threshold
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(F.softplus(self.c1(x), threshold=self.threshold))
+
+    for threshold, unsigned in ((20.0, True), (1.0, True), (-5.0, False)):
+        gm = insert(selected(Soft(threshold).eval(), torch.randn(2, 3, 8, 8), config("uniform", 8),
+                             first_last="quant")).gm
+        fq = fq_of(gm, quantized_layers(gm)["c2"].args[0])
+        assert (fq.scheme == "uniform") == unsigned, threshold
