@@ -16,7 +16,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 
 from . import export as export_mod
 from .errors import UserError
-from .frontend import load_model, plain_copy, trace, unwrap
+from .frontend import load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 
@@ -382,7 +382,8 @@ def compile(
         # APoT/PoT output levels on accumulator cells here bound layers the conversion left float, and the file no
         # longer computed the trained model (digits APoT-3: max |diff| 0.78, 98.75 -> 98.00 %)
         opts = dataclasses.replace(opts, int8_levels=False)
-    gm = trace(plain_copy(model).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
+    gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs, leaf_modules=opts.leaf_modules,
+               copy=False)
     _check_batch_statistics(gm)
     for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
         if data is not None:

@@ -231,6 +231,10 @@ def _export_error_message(e: Exception) -> str:
     """One line for an operator torch.onnx cannot export: what it said (first sentence) and what to change."""
     text = " ".join(str(e).split())
     what = text.split(" Please feel free")[0].split(" [Caused by")[0].rstrip(". ")
+    if "instance_norm training" in what:
+        return ("torch.onnx cannot export an InstanceNorm with track_running_stats=True for a variable batch size "
+                "(its eval mode normalises with the running statistics, as a BatchNorm does): make it a BatchNorm with "
+                "the same weights and running statistics, or use track_running_stats=False")
     if "adaptive" in what and "factor of input size" in what:
         hint = ("choose an input size whose spatial dimensions are multiples of the adaptive pool's output size "
                 "(--input-shape, e.g. 1,3,224,224 for a 7x7 pool)")

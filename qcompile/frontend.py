@@ -290,6 +290,31 @@ def plain_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
+_INSTANCE_TO_BATCH = {nn.InstanceNorm1d: nn.BatchNorm1d, nn.InstanceNorm2d: nn.BatchNorm2d,
+                      nn.InstanceNorm3d: nn.BatchNorm3d}
+
+
+def running_stats_as_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` (an eval-mode copy) with every InstanceNorm that tracks running statistics as the BatchNorm it
+    computes in eval mode (the same running mean/var, eps and affine parameters): torch.onnx cannot export such an
+    InstanceNorm for a variable batch size, and as a BatchNorm it folds into the layer before it. Unbatched inputs
+    are not supported by the swap and are left to fail as before."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            bn_type = _INSTANCE_TO_BATCH.get(type(child))
+            if bn_type is None or not child.track_running_stats or child.running_mean is None:
+                continue
+            bn = bn_type(child.num_features, eps=child.eps, affine=child.affine, track_running_stats=True)
+            with torch.no_grad():
+                bn.running_mean.copy_(child.running_mean)
+                bn.running_var.copy_(child.running_var)
+                if child.affine:
+                    bn.weight.copy_(child.weight)
+                    bn.bias.copy_(child.bias)
+            setattr(parent, name, bn.eval())
+    return model
+
+
 _LAYER_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear,
                 nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 

@@ -555,3 +555,39 @@ def test_softplus_keeps_its_threshold_in_the_file(scheme):
     ops = [n.op_type for n in result.onnx_model.graph.node]
     assert ops.count("Where") == 2 and ops.count("Softplus") == 2
     assert result.report.sqnr_db > (80 if scheme == "fp32" else 0)
+
+
+def test_an_instance_norm_with_running_statistics_compiles_as_the_batchnorm_it_computes():
+    """InstanceNorm2d(track_running_stats=True) normalises with its running statistics in eval mode; torch.onnx
+    refused it for a variable batch size ("instance_norm training for unknown batch size"). The compile copy
+    writes it as that BatchNorm (folded into the conv before it); the user's model keeps its InstanceNorm."""
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 16, 3, padding=1)
+            self.n = nn.InstanceNorm2d(16, affine=True, track_running_stats=True)
+            self.o = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.n(self.c(x))))
+
+    torch.manual_seed(0)
+    model = Net().train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8))
+        model.n.weight.uniform_(0.5, 2.0)
+        model.n.bias.uniform_(-1.0, 1.0)
+    model.eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    fp32 = qcompile.compile(model, x[:1], scheme="fp32", calib=x)
+    assert fp32.report.passed
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run(session(fp32.onnx_model.SerializeToString()), [x.numpy()])[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    q = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x)
+    assert q.report.passed and q.report.extra["sqnr_vs_float_db"] > 30
+    assert isinstance(model.n, nn.InstanceNorm2d)
