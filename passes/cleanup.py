@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -124,17 +125,40 @@ def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
 
 
+def _area_resize(node):
+    """``F.interpolate(x, size | scale_factor, mode="area")`` of a 3-D or 4-D input as ``(("mean", dims), size)``:
+    size is a list, or for a scale factor a function of the input's spatial sizes (floor(size · factor), as
+    PyTorch computes it); None for any other call (another mode, options "area" ignores set otherwise)."""
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    args = dict(zip(names, node.args), **node.kwargs)
+    if args.get("mode") != "area" or args.get("recompute_scale_factor") or args.get("antialias"):
+        return None
+    meta = getattr(args.get("input"), "meta", {}).get("tensor_meta")
+    rank = len(getattr(meta, "shape", ()))
+    if rank not in (3, 4):
+        return None
+    dims = rank - 2
+    size, factor = args.get("size"), args.get("scale_factor")
+    if size is not None:
+        return ("mean", dims), list(size) if isinstance(size, (tuple, list)) else [size] * dims
+    if factor is None:
+        return None
+    factors = list(factor) if isinstance(factor, (tuple, list)) else [factor] * dims
+    return ("mean", dims), lambda sizes: [int(math.floor(sz * f)) for sz, f in zip(sizes, factors)]
+
+
 class DecomposeAdaptivePool(Pass):
     """Adaptive average/max pools (1-D and 2-D) whose output size does not divide the input size, as one
     ``mean``/``amax`` per bin of PyTorch's adaptive bins, joined with ``cat``: torch.onnx exports adaptive pools
-    only where every bin has the same size. Needs the input's shape (``tensor_meta``, recorded by ``trace`` with
+    only where every bin has the same size. ``F.interpolate(mode="area")``, which PyTorch computes as an adaptive
+    average pool, too (and always when given a scale factor, which torch.onnx does not export). Needs the input's shape (``tensor_meta``, recorded by ``trace`` with
     example inputs); pools that export as they are, and pools of unknown input size, are left alone. Max pools that
     also return indices are left alone."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         count = 0
         for node in list(gm.graph.nodes):
-            kind = None
+            kind, by_factor = None, False
             if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
                 kind = _ADAPTIVE_MODULES.get(type(mod))
@@ -146,6 +170,8 @@ class DecomposeAdaptivePool(Pass):
                 out_size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
                 if (node.args[2] if len(node.args) > 2 else node.kwargs.get("return_indices", False)) is not False:
                     continue
+            elif node.op == "call_function" and node.target is F.interpolate and _area_resize(node) is not None:
+                kind, out_size = _area_resize(node)  # PyTorch computes "area" as an adaptive average pool
             if kind is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
                 continue
             reduce, dims = kind
@@ -153,10 +179,13 @@ class DecomposeAdaptivePool(Pass):
             shape = getattr(meta, "shape", None)
             if shape is None or len(shape) < dims:
                 continue
+            by_factor = callable(out_size)  # a scale factor: torch.onnx exports no "area" resize by a factor
+            if by_factor:  # the output size follows from the input's
+                out_size = out_size([int(v) for v in shape[-dims:]])
             sizes = [int(v) for v in shape[-dims:]]
             outs = list(out_size) if isinstance(out_size, (tuple, list)) else [out_size] * dims
             outs = [sz if o is None else int(o) for o, sz in zip(outs, sizes)]
-            if all(sz % o == 0 for sz, o in zip(sizes, outs)):
+            if all(sz % o == 0 for sz, o in zip(sizes, outs)) and not by_factor:
                 continue  # equal bins: torch.onnx exports it as a pool
             x, g = node.args[0], gm.graph
             with g.inserting_before(node):

@@ -591,3 +591,31 @@ def test_an_instance_norm_with_running_statistics_compiles_as_the_batchnorm_it_c
     q = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x)
     assert q.report.passed and q.report.extra["sqnr_vs_float_db"] > 30
     assert isinstance(model.n, nn.InstanceNorm2d)
+
+
+@pytest.mark.parametrize("kwargs", [dict(size=(5, 7)), dict(scale_factor=0.3), dict(scale_factor=(0.5, 0.25))])
+def test_area_resizes_compile_as_the_adaptive_pools_they_are(kwargs):
+    """F.interpolate(mode="area") is an adaptive average pool: to a size that does not divide the input, or by a
+    scale factor, torch.onnx refused it (the message said to change the input shape, while the same adaptive pool
+    compiled through DecomposeAdaptivePool). It is decomposed the same way now."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.o(F.interpolate(torch.relu(self.c(x)), mode="area", **kwargs))
+
+    model = Net().eval()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    fp32 = qcompile.compile(model, x[:1], scheme="fp32", calib=x)
+    assert fp32.report.passed and fp32.report.sqnr_db > 80
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(run(session(fp32.onnx_model.SerializeToString()), [x.numpy()])[0], ref,
+                               rtol=1e-4, atol=1e-5)
+    q = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x)
+    assert q.report.passed and q.report.extra["sqnr_vs_float_db"] > 30
