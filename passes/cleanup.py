@@ -8,6 +8,8 @@
   7x7 pool on a 160x160 image), which torch.onnx cannot export, as the mean/max of each of their fixed bins.
 - ``DecomposeRMSNorm``: ``nn.RMSNorm`` / ``F.rms_norm``, which torch.onnx cannot export (``aten::rms_norm`` has no
   symbolic up to opset 20), as the ops of its definition: ``x * rsqrt(mean(x², dims) + eps) * weight``.
+- ``DecomposeCubicDownscale`` (quantized path only): a bicubic resize that shrinks an axis, which onnxruntime's
+  optimized session refuses between int8 layers, as the two constant matrix products it is: ``A_h @ x @ A_w^T``.
 """
 from __future__ import annotations
 
@@ -205,3 +207,91 @@ class DecomposeAdaptivePool(Pass):
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "adaptive pool(s) with unequal bins")
+
+
+def _cubic_call(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """The resize ``node`` computes as a function of its input alone, for a bicubic ``F.interpolate`` call or
+    ``nn.Upsample`` module of a 4-D input; None for anything else (another mode, a size computed in the graph)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Upsample) and mod.mode == "bicubic" and len(node.args) == 1 and not node.kwargs:
+            return mod
+        return None
+    if node.op != "call_function" or node.target is not F.interpolate or not node.args:
+        return None
+    names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    args = dict(zip(names, node.args), **node.kwargs)
+    if args.get("mode") != "bicubic" or set(args) - set(names):
+        return None
+    rest = {k: v for k, v in args.items() if k != "input"}
+    graph_values: list = []
+    torch.fx.node.map_arg(tuple(rest.values()), graph_values.append)
+    if graph_values:  # a size computed in the graph
+        return None
+    return lambda x: F.interpolate(x, **rest)
+
+
+def _cubic_matrices(fn, h: int, w: int):
+    """``(A_h, A_w)`` with ``fn(x) = A_h @ x @ A_w^T`` for every ``[N, C, h, w]`` input ``x``, read from ``fn``
+    itself (float64) on one-hot rows and columns: PyTorch's own coordinates, clamping and antialias weights. None
+    where ``fn`` is not that separable map (checked on a random input)."""
+    def axis(n: int, along_h: bool) -> torch.Tensor:
+        probe = torch.zeros(n, 1, h, w, dtype=torch.float64)
+        idx = torch.arange(n)
+        if along_h:
+            probe[idx, 0, idx, :] = 1.0
+        else:
+            probe[idx, 0, :, idx] = 1.0
+        out = fn(probe)[:, 0]                                 # [n, Ho, Wo]
+        return (out[:, :, 0] if along_h else out[:, 0, :]).T  # [Ho, n] / [Wo, n]
+
+    try:
+        with torch.no_grad():
+            a_h, a_w = axis(h, True), axis(w, False)
+            x = torch.randn(2, 3, h, w, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            ok = torch.allclose(a_h @ x @ a_w.T, fn(x), rtol=1e-9, atol=1e-9)
+    except (RuntimeError, ValueError, TypeError):
+        return None
+    return (a_h, a_w) if ok else None
+
+
+class DecomposeCubicDownscale(Pass):
+    """A bicubic resize (``F.interpolate(mode="bicubic")``, ``nn.Upsample``) of a 4-D input that shrinks an
+    axis, as ``matmul(matmul(A_h, x), A_w^T)`` with constant matrices: onnxruntime's optimized session runs a
+    Resize between int8 layers in the NHWC layout, where it refuses cubic scales below 1 ("'Cubic' mode only
+    supports ... other scales >= 1"). The matrices are read from PyTorch's own resize (float64, one-hot inputs), so
+    the graph computes what the model does up to float rounding; the spatial sizes are the traced ones (a file's
+    non-batch dimensions are fixed). Enlarging resizes, which onnxruntime runs, stay resizes."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+        count = 0
+        for node in list(gm.graph.nodes):
+            fn = _cubic_call(gm, node)
+            if fn is None or not isinstance(node.args[0], torch.fx.Node):
+                continue
+            src, dst = node.args[0].meta.get("tensor_meta"), node.meta.get("tensor_meta")
+            if src is None or dst is None or len(src.shape) != 4 or len(dst.shape) != 4:
+                continue
+            (h, w), (ho, wo) = [int(v) for v in src.shape[-2:]], [int(v) for v in dst.shape[-2:]]
+            if ho >= h and wo >= w:
+                continue
+            mats = _cubic_matrices(fn, h, w)
+            if mats is None:
+                continue
+            a_h, a_w = mats
+            base = f"{str(node.name)}_cubic"
+            while hasattr(gm, f"{base}_h") or hasattr(gm, f"{base}_w"):
+                base += "_"
+            gm.register_buffer(f"{base}_h", a_h.to(src.dtype))
+            gm.register_buffer(f"{base}_w", a_w.T.contiguous().to(src.dtype))
+            g = gm.graph
+            with g.inserting_before(node):
+                rows = g.call_function(torch.matmul, (g.get_attr(f"{base}_h"), node.args[0]))
+                rows.meta["tensor_meta"] = _extract_tensor_metadata(
+                    torch.empty((*src.shape[:-2], ho, w), dtype=src.dtype, device="meta"))
+                out = g.call_function(torch.matmul, (rows, g.get_attr(f"{base}_w")))
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "bicubic downscale(s)")

@@ -5,7 +5,7 @@ from qcompile.ir import LayerConfig
 from qcompile.passes.base import Pass
 from qcompile.passes.bias_correction import BiasCorrection
 from qcompile.passes.calibrate import Calibrate
-from qcompile.passes.cleanup import EliminateDeadCode
+from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.fold_constants import FoldConstants
@@ -32,7 +32,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         overrides += load_overrides(opts.config)
     record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
     # Swin's window attention with its projections as Linear layers; FoldConstants then folds what they read
-    passes: list[Pass] = [record, DecomposeWindowAttention(), FoldConstants()]  # weights computed in forward too
+    passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:

@@ -319,3 +319,79 @@ def test_adaptive_pools_with_unequal_bins_are_decomposed_exactly_and_export(tmp_
     result = qcompile.compile(model, x[:1], calib=torch.randn(16, 3, 10, 10), output=str(tmp_path / "m.onnx"),
                               scheme="uniform", bits=8)
     assert result.report.passed, result.report.summary()
+
+
+# --- DecomposeCubicDownscale --------------------------------------------------------------------------------
+class CubicResizes(nn.Module):
+    """Bicubic resizes between convolutions: ``kwargs`` for ``F.interpolate``, or an ``nn.Upsample`` module."""
+
+    def __init__(self, kwargs: dict, module: bool = False):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.kwargs = kwargs
+        self.up = nn.Upsample(mode="bicubic", **kwargs) if module else None
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.up(h) if self.up is not None else F.interpolate(h, mode="bicubic", **self.kwargs)
+        return torch.relu(self.c2(h)).mean((2, 3))
+
+
+CUBIC_CASES = {
+    "half": ({"scale_factor": 0.5}, False),
+    "module": ({"scale_factor": 0.5}, True),
+    "size, align_corners": ({"size": (5, 7), "align_corners": True}, False),
+    "antialias": ({"size": (6, 6), "antialias": True}, False),
+    "down h, up w": ({"size": (7, 20)}, False),
+    "recompute": ({"scale_factor": (0.6, 0.7), "recompute_scale_factor": True}, False),
+}
+
+
+@pytest.mark.parametrize("case", list(CUBIC_CASES))
+def test_bicubic_downscales_become_two_constant_matmuls(case):
+    from qcompile.passes.cleanup import DecomposeCubicDownscale
+
+    kwargs, module = CUBIC_CASES[case]
+    torch.manual_seed(0)
+    model = CubicResizes(kwargs, module).eval()
+    x = torch.randn(3, 3, 12, 16)
+    gm = trace(model, (x,))
+    result = Pipeline([DecomposeCubicDownscale()], check=True)(gm)
+    assert result.modified
+    out = result.gm
+    assert not any(n.target is F.interpolate or (n.op == "call_module" and isinstance(out.get_submodule(n.target),
+                   nn.Upsample)) for n in out.graph.nodes)
+    assert sum(n.target is torch.matmul for n in out.graph.nodes) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-6)
+    assert not DecomposeCubicDownscale()(out).modified
+
+
+def test_bicubic_enlargements_stay_resizes():
+    from qcompile.passes.cleanup import DecomposeCubicDownscale
+
+    gm = trace(CubicResizes({"scale_factor": 2.0}).eval(), (torch.randn(1, 3, 8, 8),))
+    assert not DecomposeCubicDownscale()(gm).modified
+
+
+def test_a_bicubic_downscale_between_int8_layers_runs_in_onnxruntime(tmp_path):
+    """onnxruntime's optimized session ran the int8 file's Resize in NHWC and refused it at load ("'Cubic' mode
+    only supports ... other scales >= 1"): validation raised onnxruntime's own error."""
+    import onnx
+    import onnxruntime as ort
+
+    import qcompile
+
+    torch.manual_seed(0)
+    model = CubicResizes({"scale_factor": 0.5}).eval()
+    calib = torch.randn(32, 3, 16, 16)
+    path = tmp_path / "m.onnx"
+    result = qcompile.compile(model, calib[:1], calib=calib, output=str(path), scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    assert result.report.extra["sqnr_vs_float_db"] > 30
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert "QLinearConv" in ops and "Resize" not in ops
