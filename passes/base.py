@@ -375,6 +375,11 @@ def shared_with(gm: torch.nn.Module, module_name: str, attrs=("weight", "bias"))
         owner = name.rpartition(".")[0]
         if id(p) in mine and owner != module_name:
             return name
+    if isinstance(gm, torch.fx.GraphModule):  # a node that reads it (``F.conv_transpose2d(h, self.enc.weight)``)
+        for node in gm.graph.nodes:
+            if node.op == "get_attr" and str(node.target).rpartition(".")[0] == module_name and \
+                    str(node.target).rpartition(".")[2] in attrs:
+                return f"the node {node.name} ({node.target})"
     return ""
 
 

@@ -304,3 +304,30 @@ def test_tied_weights_are_not_folded_or_equalized():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=None)
     assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_a_module_weight_a_functional_call_reads_is_tied_too(bn):
+    """A tied autoencoder decodes with ``F.conv_transpose2d(h, self.enc.weight)``: the graph reads the conv's
+    weight with a ``get_attr`` node. FoldBatchNorm and EqualizeWeights rescaled that weight in place, and the compile
+    stopped with "... this is a qcompile bug"."""
+    import qcompile
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.enc = nn.Conv2d(1, 8, 4, stride=2, padding=1)
+            self.bn = nn.BatchNorm2d(8) if bn else nn.Identity()
+            self.mid = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            h = F.relu(self.mid(F.relu(self.bn(self.enc(x)))))
+            return F.conv_transpose2d(h, self.enc.weight, None, stride=2, padding=1)
+
+    model = randomize_batchnorm(Tied(), seed=1).eval()
+    x = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=None)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
+    reports = [line for t in result.timings for line in t.report]
+    assert any("shares a parameter with the node" in line for line in reports), reports
