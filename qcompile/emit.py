@@ -790,7 +790,7 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     ``DequantizeLinear``); the ``DequantizeLinear`` stays for its other readers. In the custom form the
     ``DequantizeLinear`` is the end of a ``qcompile.QuantizeUniform``/``QuantizeLevels`` function body: the codes
     are recovered from its output with a ``QuantizeLinear`` at the same scale (exact: the values are on the
-    grid)."""
+    grid). An ``AveragePool`` in ceil mode that counts pads is fed the same way (:func:`_ceil_pool_counting_pads`)."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
@@ -829,11 +829,11 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     for node in graph.node:
-        if node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1:
-            src, w = node.input[0], producer.get(node.input[1])
-            found = None
-            if w is None or w.op_type != "DequantizeLinear":  # a float weight: onnxruntime would quantize it
-                found = shielded.get(src) or codes_of(producer.get(src))
+        float_weight = node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1 \
+            and (producer.get(node.input[1]) is None or producer[node.input[1]].op_type != "DequantizeLinear")
+        if float_weight or _ceil_pool_counting_pads(node):
+            src = node.input[0]
+            found = shielded.get(src) or codes_of(producer.get(src))
             if found is not None:
                 if src not in shielded:
                     codes, scale, zp, first = found
@@ -863,6 +863,18 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     for n in dead:  # its only readers were shielded layers, and the validator does not read it
         graph.node.remove(n)
     return model
+
+
+def _ceil_pool_counting_pads(node: onnx.NodeProto) -> bool:
+    """An ``AveragePool`` with ``ceil_mode=1`` and ``count_include_pad=1`` (PyTorch's ``AvgPool2d(ceil_mode=True)``
+    default): onnxruntime fuses ``DequantizeLinear → AveragePool → QuantizeLinear`` into its
+    ``QLinearAveragePool``, which divides a window that runs past the padded input by the whole kernel size, where
+    its float ``AveragePool`` and PyTorch count only the cells inside (up to 158 codes off on a 15×15 map; the
+    W8A8 file failed validation). Without the fusion the pool runs in float on the dequantized values."""
+    if node.op_type != "AveragePool" or node.domain not in ("", "ai.onnx"):
+        return False
+    attrs = {a.name: a.i for a in node.attribute if a.name in ("ceil_mode", "count_include_pad")}
+    return attrs.get("ceil_mode", 0) == 1 and attrs.get("count_include_pad", 0) == 1
 
 
 def _stored_type(name: str, inits: dict, producer: dict) -> int | None:
