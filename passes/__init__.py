@@ -2,7 +2,8 @@
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
-from .cleanup import DecomposeAdaptivePool, DecomposeCubicDownscale, DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity
+from .cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale, DecomposeRMSNorm,
+                      EliminateDeadCode, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
 from .fold_bn import ChannelStats, FoldBatchNorm
@@ -22,5 +23,5 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
-           "DecomposeCubicDownscale",
+           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

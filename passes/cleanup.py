@@ -8,6 +8,8 @@
   7x7 pool on a 160x160 image), which torch.onnx cannot export, as the mean/max of each of their fixed bins.
 - ``DecomposeRMSNorm``: ``nn.RMSNorm`` / ``F.rms_norm``, which torch.onnx cannot export (``aten::rms_norm`` has no
   symbolic up to opset 20), as the ops of its definition: ``x * rsqrt(mean(x², dims) + eps) * weight``.
+- ``DecomposeAvgPoolDivisor``: an average pool with ``divisor_override``, which torch.onnx exports as a plain
+  average pool (the divisor lost), as the pool counting pads times ``prod(kernel) / divisor``.
 - ``DecomposeCubicDownscale`` (quantized path only): a bicubic resize that shrinks an axis, which onnxruntime's
   optimized session refuses between int8 layers, as the two constant matrix products it is: ``A_h @ x @ A_w^T``.
 """
@@ -295,3 +297,77 @@ class DecomposeCubicDownscale(Pass):
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "bicubic downscale(s)")
+
+
+_AVG_POOL_MODULES = {nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d}
+_AVG_POOL_ARGS = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+
+
+def _partial_windows(args: dict, kernel: list, dims: int) -> bool:
+    """Whether a ceil-mode pool has a window past its padded input (True where the input size is not known)."""
+    meta = getattr(args.get("input"), "meta", {}).get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    if shape is None or len(shape) < dims:
+        return True
+
+    def per_dim(v, default):
+        v = default if v is None or (isinstance(v, (tuple, list)) and not v) else v
+        return list(v) if isinstance(v, (tuple, list)) else [v] * dims
+
+    stride, pad = per_dim(args.get("stride"), kernel), per_dim(args.get("padding", 0), 0)
+    for size, k, st, p in zip([int(v) for v in shape[-dims:]], kernel, stride, pad):
+        out = -(-(size + 2 * p - k) // st) + 1
+        if (out - 1) * st >= size + p:  # PyTorch: the last window must start inside the input or left padding
+            out -= 1
+        if (out - 1) * st + k > size + 2 * p:
+            return True
+    return False
+
+
+class DecomposeAvgPoolDivisor(Pass):
+    """``nn.AvgPool2d/3d(divisor_override=d)`` and ``F.avg_pool2d/3d(..., divisor_override=d)`` as the same pool
+    counting pads (divisor: the kernel size) times ``prod(kernel_size) / d``. torch.onnx writes such a pool as an
+    ``AveragePool`` without the divisor, so the file computed another function (14 dB against the model in fp32,
+    and validation failed). Exact where every window is whole; in ceil mode a window can run past the padded input,
+    where PyTorch divides it by its own size: those pools stop the compile with one line."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from qcompile.errors import UserError
+
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and type(gm.get_submodule(node.target)) in _AVG_POOL_MODULES:
+                mod = gm.get_submodule(node.target)
+                fn = _AVG_POOL_MODULES[type(mod)]
+                args = {"input": node.args[0] if node.args else node.kwargs.get("input"),
+                        "kernel_size": mod.kernel_size, "stride": mod.stride, "padding": mod.padding,
+                        "ceil_mode": mod.ceil_mode, "count_include_pad": mod.count_include_pad,
+                        "divisor_override": mod.divisor_override}
+            elif node.op == "call_function" and node.target in (F.avg_pool2d, F.avg_pool3d):
+                fn = node.target
+                args = dict(zip(_AVG_POOL_ARGS, node.args), **node.kwargs)
+            else:
+                continue
+            divisor = args.get("divisor_override")
+            if not divisor:
+                continue
+            name = node.target if node.op == "call_module" else node.name
+            dims = 2 if fn is F.avg_pool2d else 3
+            kernel = args["kernel_size"]
+            kernel = list(kernel) if isinstance(kernel, (tuple, list)) else [kernel] * dims
+            if args.get("ceil_mode") and _partial_windows(args, kernel, dims):
+                raise UserError(f"the average pool {name} has divisor_override with ceil_mode=True and a window "
+                                "that runs past its input, which no ONNX operator computes; use ceil_mode=False "
+                                "(pad the input if the last row/column matters) or drop divisor_override")
+            factor = math.prod(int(k) for k in kernel) / float(divisor)
+            pool_args = {k: v for k, v in args.items() if k not in ("input", "divisor_override")}
+            pool_args["count_include_pad"] = True  # with whole windows: divided by the kernel size
+            pool_args.setdefault("stride", None)
+            g = gm.graph
+            with g.inserting_before(node):
+                pooled = g.call_function(fn, (args["input"],), pool_args)
+                pooled.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
+                out = g.call_function(torch.mul, (pooled, factor))
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "average pool(s) with divisor_override")

@@ -1,7 +1,7 @@
 """The pass pipeline, as a list you can read.
 
-    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → EliminateDeadCode
-    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → EliminateDeadCode
+    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
+    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → FoldConstants → FoldBatchNorm → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → ShareInt8Params → PairSafeInt8Weights
@@ -14,7 +14,8 @@ Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 from __future__ import annotations
 
 from qcompile.passes.base import Pass
-from qcompile.passes.cleanup import DecomposeAdaptivePool, DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity
+from qcompile.passes.cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeRMSNorm, EliminateDeadCode,
+                                     RemoveIdentity)
 
 from .options import CompileOptions
 
@@ -22,7 +23,8 @@ from .options import CompileOptions
 def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
-    passes: list[Pass] = [RemoveIdentity(), DecomposeRMSNorm(), DecomposeAdaptivePool(), EliminateDeadCode()]
+    passes: list[Pass] = [RemoveIdentity(), DecomposeRMSNorm(), DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(),
+                          EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here

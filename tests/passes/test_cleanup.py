@@ -395,3 +395,50 @@ def test_a_bicubic_downscale_between_int8_layers_runs_in_onnxruntime(tmp_path):
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
     assert "QLinearConv" in ops and "Resize" not in ops
+
+
+# --- DecomposeAvgPoolDivisor --------------------------------------------------------------------------------
+class DivisorPools(nn.Module):
+    def __init__(self, ceil_mode: bool = False, dims: int = 2):
+        super().__init__()
+        conv, pool = (nn.Conv2d, nn.AvgPool2d) if dims == 2 else (nn.Conv3d, nn.AvgPool3d)
+        self.dims = dims
+        self.c1, self.c2 = conv(1, 8, 3, padding=1), conv(8, 4, 3, padding=1)
+        self.pool = pool(2, divisor_override=3, ceil_mode=ceil_mode)
+
+    def forward(self, x):
+        h = self.pool(F.relu(self.c1(x)))
+        fn = F.avg_pool2d if self.dims == 2 else F.avg_pool3d
+        return self.c2(fn(h, 3, stride=1, padding=1, divisor_override=5))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_average_pools_with_divisor_override_compute_their_divisor_in_the_file(dims, scheme):
+    """torch.onnx writes ``divisor_override`` pools as plain AveragePool: the fp32 file was 12 dB from the model
+    and validation failed."""
+    import qcompile
+    from qcompile.passes.cleanup import DecomposeAvgPoolDivisor
+
+    torch.manual_seed(0)
+    model = DivisorPools(dims=dims).eval()
+    x = torch.randn(32, 1, *([16, 16] if dims == 2 else [8, 8, 8]))
+    out = Pipeline([DecomposeAvgPoolDivisor()], check=True)(trace(model, (x[:1],))).gm
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), rtol=1e-5, atol=1e-6)
+    assert not DecomposeAvgPoolDivisor()(out).modified
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8, output=None)
+    assert result.report.passed, result.report.summary()
+    if scheme != "fp32":
+        assert result.report.extra["sqnr_vs_float_db"] > 30, result.report.extra
+
+
+def test_a_divisor_override_pool_in_ceil_mode_compiles_where_windows_are_whole_and_else_stops_in_one_line():
+    import qcompile
+    from qcompile.errors import UserError
+
+    model = DivisorPools(ceil_mode=True).eval()
+    result = qcompile.compile(model, torch.randn(1, 1, 16, 16), scheme="fp32", output=None)  # 16 = 8 windows of 2
+    assert result.report.passed
+    with pytest.raises(UserError, match="divisor_override with ceil_mode=True"):
+        qcompile.compile(model, torch.randn(1, 1, 15, 15), scheme="fp32", output=None)
