@@ -704,6 +704,28 @@ def test_a_second_input_with_a_default_is_traced_when_given():
         torch.testing.assert_close(gm(x, mask), model(x, mask))
 
 
+def test_calibration_arrays_for_an_input_with_a_default_feed_that_input(tmp_path):
+    """``compile(m, calib=(x, mask))`` for ``forward(x, mask=None)``: the tuple was read as two batches of ``x``,
+    the file had one input and computed ``m(x)``, and validation passed (5.8 dB from ``m(x, mask)``)."""
+    import pathlib
+
+    import numpy as np
+
+    from qcompile.runtime import run, session
+
+    torch.manual_seed(0)
+    model = WithDefaults().eval()
+    x, mask = torch.randn(32, 3, 8, 8), (torch.rand(32, 8, 8, 8) > 0.5).float()
+    path = pathlib.Path(tmp_path) / "m.onnx"  # a path-like output: an AttributeError ('endswith') before
+    result = qcompile.compile(model, calib=(x, mask), output=path, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    assert len(result.onnx_model.graph.input) == 2
+    with torch.no_grad():
+        ref = model(x, mask).numpy()
+    out = run(session(str(path)), [x.numpy(), mask.numpy()])[0]
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
+
+
 def test_trace_works_on_a_copy_so_passes_leave_the_users_model_alone():
     """The pass-pipeline API: ``qcompile.trace(model)`` then passes. BatchNorm folding rewrote the weights of the
     user's own model (the graph module shared its parameters): the float model lost 5.6 points on digits."""
