@@ -67,6 +67,15 @@ class Pass:
         raise NotImplementedError
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Run the pass alone: the module's code follows its rewritten graph (``result.gm(x)`` runs it). A
+        ``Pipeline`` runs :meth:`run_managed` and regenerates code once for several rewrites."""
+        result = self.run_managed(gm)
+        if result.modified:
+            recompile_lazily(result.gm)
+        return result
+
+    def run_managed(self, gm: torch.fx.GraphModule) -> PassResult:
+        """Run the pass and leave the module's code as it was (the caller regenerates it)."""
         self.report = []
         result = self.call(gm)
         if not isinstance(result, PassResult):
@@ -166,7 +175,8 @@ class Pipeline:
                     raise PassError(p.name, ran, f"requires {', '.join(missing)} to run first")
                 t0 = time.perf_counter()
                 try:
-                    result = p(gm)
+                    # a pass with its own __call__ runs as written; ours leave code generation to this loop
+                    result = p.run_managed(gm) if type(p).__call__ is Pass.__call__ else p(gm)
                 except (PassError, UserError):
                     raise  # already names the pass / is a one-line user message
                 except Exception as exc:

@@ -415,3 +415,34 @@ def test_a_pass_that_runs_the_module_after_rewrites_runs_the_rewritten_graph(mon
     with torch.no_grad():
         torch.testing.assert_close(out(x), 4.0 * before)
     assert len(calls) == 2  # regenerated already: no code generation per call
+
+
+def test_a_pass_run_alone_leaves_a_module_that_runs_its_new_graph():
+    """``FoldBatchNorm()(gm)`` then ``gm(x)``: the code still called the deleted BatchNorm (AttributeError); the
+    README's minimal pipeline run pass by pass failed in Calibrate ("mse observer has seen no data") because the
+    inserted quantizers were not in the code it ran."""
+    import torch.nn as nn
+
+    import qcompile
+    from qcompile.ir import LayerConfig
+    from qcompile.passes import Calibrate, FoldBatchNorm, InsertQuantizers, QuantizeBias, SelectLayers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10))
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(32, 1, 8, 8)
+    gm = qcompile.trace(model, x[:1])
+    result = FoldBatchNorm()(gm)
+    assert result.modified
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), model(x), rtol=1e-5, atol=1e-5)
+    gm = result.gm
+    cfg = LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8)
+    for p in [SelectLayers(cfg), InsertQuantizers(), Calibrate(x), QuantizeBias()]:
+        gm = p(gm).gm
+    with torch.no_grad():
+        out = gm(x)
+    assert 10 * torch.log10(model(x).pow(2).sum() / (model(x) - out).pow(2).sum()) > 30
