@@ -167,6 +167,31 @@ def test_validate_against_another_model_fails(exported):
     assert any("SQNR" in f for f in report.failures)
 
 
+def test_validate_without_thresholds_holds_the_file_to_float_rounding(exported):
+    """No threshold checked nothing: a file of another model (-4 dB) said PASS."""
+    model, blob = exported
+    with torch.random.fork_rng():
+        torch.manual_seed(99)
+        other = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    assert not validate(blob, other, inputs()).passed
+    assert validate(blob, model, inputs()).passed
+
+
+def test_validate_takes_arrays_paths_and_model_protos_as_compile_does(exported, tmp_path):
+    """numpy inputs, float64 inputs, a pathlib.Path and an onnx.ModelProto gave TypeError/AttributeError/
+    RuntimeError tracebacks."""
+    import onnx
+
+    model, blob = exported
+    path = tmp_path / "m.onnx"
+    path.write_bytes(blob)
+    x = inputs()
+    for source, data in [(path, x), (onnx.load_from_string(blob), x), (blob, x.numpy()), (blob, x.double()),
+                         (blob, x.numpy().astype("float64"))]:
+        report = validate(source, model, data)
+        assert report.passed and report.samples == 13, report.summary()
+
+
 def test_run_onnx_accepts_a_path_bytes_or_a_session(exported, tmp_path):
     _, blob = exported
     path = tmp_path / "m.onnx"
