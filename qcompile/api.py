@@ -49,7 +49,8 @@ def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     # floating point as float32, as calibration data (a float64 example met the float32 model the passes build)
     if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
         return (model_input(example_inputs),)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+    if isinstance(example_inputs, (tuple, list)) and example_inputs and \
+            all(isinstance(t, (torch.Tensor, np.ndarray)) for t in example_inputs):
         return tuple(model_input(t) for t in example_inputs)
     raise UserError("example_inputs must be a tensor or a tuple of tensors")
 
@@ -216,6 +217,8 @@ def calib_data(calib, n_inputs: int = 1):
     of ``n_inputs`` tensors (each ``(N, ...)``) for a model with several inputs. For several inputs ``calib`` is a
     tuple of ``n_inputs`` tensors/arrays, or an iterable of batches, each a tuple whose first ``n_inputs`` items
     are the inputs (more items, such as labels, are ignored)."""
+    if isinstance(calib, torch.utils.data.Dataset):  # samples without a batch axis: batched as a DataLoader would
+        calib = torch.utils.data.DataLoader(calib, batch_size=64)
     if calib is None or n_inputs <= 1:
         return calib_tensor(calib)
     if isinstance(calib, tuple) and len(calib) == n_inputs and \

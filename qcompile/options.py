@@ -58,8 +58,22 @@ class CompileOptions:
             value = getattr(self, name)
             if value is not None and (value not in SCHEMES or value == "fp32"):
                 raise UserError(f"unknown --{name} {value!r}; choose one of {', '.join(s for s in SCHEMES if s != 'fp32')}")
+        import numbers
+
+        import numpy as np
+
+        for name in ("per_channel", "asym_levels", "fold_bn", "equalize", "bias_correction", "int8_outputs",
+                     "int8_levels", "float_downsample"):  # "no" was taken as true
+            value = getattr(self, name)
+            if isinstance(value, np.bool_):
+                object.__setattr__(self, name, bool(value))
+            elif not isinstance(value, bool):
+                raise UserError(f"option {name} must be True or False, got {value!r} ({type(value).__name__})")
         for name in ("bits", "wbits", "abits"):
             value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, (int, bool)):  # numpy.int64(8)
+                value = int(value)
+                object.__setattr__(self, name, value)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
                 raise UserError(f"--{name} must be an integer bit-width from 2 to 8, got {value!r} "
                                 f"({type(value).__name__})")
