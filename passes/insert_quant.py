@@ -167,8 +167,14 @@ def functional_weight(gm: torch.fx.GraphModule, node) -> torch.fx.Node | None:
 
 def weight_axis(mod: nn.Module) -> int:
     """The output-channel axis of a layer's weight: 0 ([out, in, k...], Linear [out, in]), or 1 for a transposed
-    conv ([in, out / groups, k...]; with groups > 1 one scale serves the same position in every group)."""
-    return 1 if _layer_fn(_CONV_T_FN, mod) is not None else 0
+    conv ([in, out / groups, k...]; with groups > 1 one scale serves the same position in every group). A
+    depthwise transposed conv (groups = in = out, weight [C, 1, k...]) has its output channels on axis 0: on axis 1
+    its one scale served every channel, per-tensor whatever ``per_channel`` said (a learned upsampling whose
+    channels differ 100× kept no code in the small ones)."""
+    if _layer_fn(_CONV_T_FN, mod) is None:
+        return 0
+    w = mod.weight
+    return 0 if mod.groups > 1 and w.shape[1] == 1 and w.shape[0] == mod.groups else 1
 
 
 def conv_padding(mod: nn.Module) -> tuple[list | None, str, tuple]:

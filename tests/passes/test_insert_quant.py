@@ -357,3 +357,35 @@ def test_softplus_is_non_negative_only_with_a_non_negative_threshold():
                              first_last="quant")).gm
         fq = fq_of(gm, quantized_layers(gm)["c2"].args[0])
         assert (fq.scheme == "uniform") == unsigned, threshold
+
+
+def test_a_depthwise_transposed_conv_has_one_weight_scale_per_output_channel():
+    """A depthwise ConvTranspose2d (groups = channels, weight [C, 1, k, k]) was quantized on axis 1, of size 1:
+    one scale for all channels, per-tensor whatever per_channel said; after a BatchNorm fold spreading the channels
+    30× the smallest channels kept no nonzero code (0 dB)."""
+    import qcompile
+
+    class Up(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.c = nn.Conv2d(3, c, 3, padding=1)
+            self.up = nn.ConvTranspose2d(c, c, 4, stride=2, padding=1, groups=c, bias=False)
+            self.bn = nn.BatchNorm2d(c)
+            self.h = nn.Conv2d(c, 4, 1)
+            with torch.no_grad():
+                self.bn.weight.copy_(torch.logspace(-1.5, 1.5, c))
+
+        def forward(self, x):
+            return self.h(torch.relu(self.bn(self.up(torch.relu(self.c(x))))))
+
+    torch.manual_seed(1)
+    model = Up().eval()
+    calib = torch.randn(64, 3, 8, 8)
+    result = qcompile.compile(model, calib[:1], scheme="uniform", bits=8, calib=calib)
+    assert result.report.passed, result.report.summary()
+    fq = result.model.up.weight_fq
+    assert fq.axis == 0 and fq.alpha.shape == (8,)
+    w = result.model.up.weight.detach()
+    err = w - fq.simulate(w)
+    per_channel_db = 10 * torch.log10(w.pow(2).flatten(1).sum(1) / err.pow(2).flatten(1).sum(1))
+    assert per_channel_db.min() > 40, per_channel_db
