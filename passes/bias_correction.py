@@ -173,7 +173,7 @@ class BiasCorrection(Pass):
     def _shift(node, eps: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
         if node.target is F.linear:
             return eps @ ex
-        groups = node.args[6] if len(node.args) > 6 else 1
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
         o, cin_g = eps.shape[0], eps.shape[1]
         ex_g = ex.view(groups, cin_g)  # E[x] per input channel, grouped
         per_group_out = o // groups
@@ -190,7 +190,7 @@ class BiasCorrection(Pass):
         return {layer: layer.meta[INPUT_MEAN] for layer in layers if INPUT_MEAN in layer.meta}
 
     def _analytic_means(self, gm, layers) -> dict:
-        from .calibrate import _bn_stats_through_relu
+        from .calibrate import _bn_stats_through_relu, relu_cap
 
         out = {}
         for node in layers:
@@ -198,5 +198,9 @@ class BiasCorrection(Pass):
             src = xq.args[0] if xq.op == "call_module" else xq
             stats = _bn_stats_through_relu(gm, src) if isinstance(src, torch.fx.Node) else None
             if stats is not None:
-                out[node] = _relu_expectation(stats[0].double(), stats[1].double())
+                mean, std = stats[0].double(), stats[1].double()
+                out[node] = _relu_expectation(mean, std)
+                cap = relu_cap(gm, src)
+                if cap is not None:  # E[min(relu(x), c)] = E[relu(x)] - E[relu(x - c)]: ReLU6 taken as ReLU
+                    out[node] = out[node] - _relu_expectation(mean - cap, std)
         return out

@@ -227,8 +227,11 @@ class Calibrate(Pass):
                     f"cannot calibrate the input of {_consumer_names(node)} without data (it does not come from "
                     "ReLU(BatchNorm)); pass calibration inputs with --calib FILE.npy")
             beta, gamma = stats
-            # after the ReLU the range is [0, max_c(β_c + k·|γ_c|)]
+            # after the ReLU the range is [0, max_c(β_c + k·|γ_c|)]; a ReLU6 caps it at 6
             hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
+            cap = relu_cap(gm, node.args[0])
+            if cap is not None:
+                hi = hi.clamp(max=cap)
             params = quant.clip_params_from_range(torch.zeros((), dtype=torch.float64), hi, fq.levelset)
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn(k={self.bn_k:g})")
@@ -451,6 +454,18 @@ def _qparams(fq: FakeQuantize, observer: str) -> QParams:
 
 
 _RELU_LIKE = {"relu", "relu6"}
+
+
+def relu_cap(gm, node) -> float | None:
+    """6 for a ReLU6 (``nn.ReLU6``, ``F.relu6``, ``.relu6()``), else None: the upper clip of the activation."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    if (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU6)) or \
+            (node.op == "call_function" and node.target is F.relu6) or \
+            (node.op == "call_method" and node.target == "relu6"):
+        return 6.0
+    return None
 
 
 def _bn_stats_through_relu(gm, node):
