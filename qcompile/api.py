@@ -38,11 +38,22 @@ def model_input(t) -> torch.Tensor:
     """A tensor or array as a model input: floating point as float32; integers (token ids, indices) and booleans
     keep their type, so an ``nn.Embedding`` still gets integers."""
     t = torch.from_numpy(np.ascontiguousarray(t)) if isinstance(t, np.ndarray) else torch.as_tensor(t).detach()
+    # the same values, the same file: a slice x[:32] of (N, 1, 8, 8) images has strides (64, 1, 8, 1), where
+    # np.load gives (64, 64, 8, 1); the layout the kernels saw changed float sums and calibrated another file
+    t = t.clone(memory_format=torch.contiguous_format) if t.stride() != _plain_strides(t.shape) else t
     if t.is_floating_point():
         return t.float()
     if t.is_complex():
         raise UserError(f"complex inputs are not supported (got {t.dtype}); give real tensors")
     return t
+
+
+def _plain_strides(shape) -> tuple:
+    strides, step = [], 1
+    for size in reversed(tuple(shape)):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
 
 
 def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:

@@ -636,3 +636,19 @@ def test_area_resizes_compile_as_the_adaptive_pools_they_are(kwargs):
                                rtol=1e-4, atol=1e-5)
     q = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x)
     assert q.report.passed and q.report.extra["sqnr_vs_float_db"] > 30
+
+
+def test_the_file_depends_on_the_calibration_values_not_their_strides():
+    """``x[:32]`` of (N, 1, 8, 8) images (strides (64, 1, 8, 1)) and the same values from np.load (strides (64, 64,
+    8, 1)) gave two files: the layout changed the kernels' float sums, so `qcompile validate --data calib.npy` of the
+    demo's file found 19 codes differing."""
+    from qcompile.models import digits
+
+    model = digits.pretrained()
+    x_train = digits.load_split()[0]
+    view = x_train[:32]
+    copy_ = torch.from_numpy(view.numpy().copy())
+    assert view.stride() != copy_.stride() and torch.equal(view, copy_)
+    files = [qcompile.compile(model, c[:1], calib=c, scheme="apot", bits=4, validate=False).onnx_model
+             .SerializeToString() for c in (view, copy_)]
+    assert files[0] == files[1]
