@@ -89,6 +89,24 @@ def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, arg
                     "the file was compiled from")
 
 
+def _quantized_nodes(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.domain == "qcompile" for n in model.graph.node)
+
+
+def _check_probes_present(model: onnx.ModelProto, path: str) -> None:
+    """The activations the file's metadata names must still be in its graph: validation reads their codes. A graph
+    rewritten by an optimizer (onnxruntime's ``optimized_model_filepath`` fuses QDQ groups into QLinear ops, which
+    keeps the metadata) stopped with onnxruntime's "Graph output (...) does not exist"."""
+    from .emit import activation_map
+
+    present = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    missing = [a["tensor"] for a in activation_map(model) if a["tensor"] not in present]
+    if missing:
+        raise UserError(f"{path!r} no longer has the activations its qcompile metadata names ({len(missing)}, e.g. "
+                        f"{missing[0]!r}): its graph was rewritten (an onnxruntime-optimized file fuses them away); "
+                        "validate the file qcompile wrote")
+
+
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
@@ -130,6 +148,16 @@ def validate_against(args):
                         "qcompile.compile(trained_model) and qcompile.qat.export(trained_model, ...) check the file "
                         "against the trained model")
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
+    bodiless = sorted({n.op_type for n in onnx_model.graph.node if n.domain == "qcompile"}
+                      - {f.name for f in onnx_model.functions if f.domain == "qcompile"})
+    if bodiless:
+        raise UserError(f"{args.onnx!r} uses qcompile.{bodiless[0]} without its function body (onnx.version_converter "
+                        "drops model-local functions, and onnxruntime then refuses the file): convert the standard "
+                        "form (--emit standard), or recompile")
+    if not opts and _quantized_nodes(onnx_model):
+        raise UserError(f"{args.onnx!r} has quantization nodes but no qcompile metadata (metadata_props, which "
+                        "tools such as onnx-graphsurgeon drop): validate the file qcompile wrote, or copy its "
+                        "metadata_props into this one")
     if not opts or opts.get("scheme") == "fp32":
         if all(v is None for v in thresholds.values()):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
@@ -152,7 +180,13 @@ def validate_against(args):
 
     opts = dict(opts)
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
+    _check_probes_present(onnx_model, args.onnx)
     sim = qcompile_compile(model, example, scheme=scheme, bits=bits, calib=inputs if data is not None else None,
                            output=None, validate=False, **opts)
+    mine, theirs = len(onnx_model.graph.output), len(sim.onnx_model.graph.output)
+    if mine != theirs:
+        raise UserError(f"{args.onnx!r} has {mine} output(s) but the model it is checked against gives {theirs}; "
+                        "validate the file qcompile wrote (an output added to or removed from it cannot be "
+                        "compared), or pass the model it was compiled from")
     _check_same_graph(onnx_model, sim.onnx_model, args)
     return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)

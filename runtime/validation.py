@@ -449,7 +449,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
 
     inputs = as_inputs(inputs)
     source = model_source(onnx_file)
-    model_bytes = source if isinstance(source, bytes) else open(source, "rb").read()
+    # from a path with onnx.load: a file saved with external data has its tensors read from beside it (from the
+    # bytes alone onnxruntime looked in the working directory: "External data path ... escapes")
+    model_bytes = source if isinstance(source, bytes) else onnx.load(source).SerializeToString()
     act_map = activation_map(onnx.load_from_string(model_bytes))
     got = run_onnx(model_bytes, inputs, batch_size)
 

@@ -739,6 +739,45 @@ def test_validate_against_another_model_is_a_user_error(work, capsys):
     assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn'")
 
 
+def test_validate_of_a_file_a_tool_rewrote_says_what_happened(work, capsys):
+    """Files a user changed in ordinary ways: metadata dropped (onnx-graphsurgeon) gave a false FAIL as if the file
+    were fp32 (21 dB < 80 dB); an exposed intermediate output, an onnxruntime-optimized copy and a custom-form file
+    after onnx.version_converter gave internal errors; a file saved with external data failed unless validate ran in
+    its folder."""
+    import onnxruntime as ort
+
+    np.save(work / "calib8.npy", np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    for emit in ("standard", "custom"):
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "uniform",
+                           "--bits", "8", "--emit", emit, "-o", f"{emit}.onnx")
+        assert rc == 0, err
+    check = ("--against", "weights.pt", "--arch", SPEC, "--data", "calib8.npy")
+    model = onnx.load(work / "standard.onnx")
+    del model.metadata_props[:]
+    onnx.save(model, work / "bare.onnx")
+    assert_user_error(*cli(capsys, "validate", "bare.onnx", *check)[::2], "has quantization nodes but no qcompile "
+                      "metadata")
+    model = onnx.load(work / "standard.onnx")
+    inner = next(o for n in model.graph.node if n.op_type == "Conv" for o in n.output)
+    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(inner))
+    onnx.save(model, work / "extra.onnx")
+    assert_user_error(*cli(capsys, "validate", "extra.onnx", *check)[::2], "has 2 output(s) but the model")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(work / "opt.onnx")
+    ort.InferenceSession(str(work / "standard.onnx"), so, providers=["CPUExecutionProvider"])
+    assert_user_error(*cli(capsys, "validate", "opt.onnx", *check)[::2], "no longer has the activations")
+    model = onnx.load(work / "custom.onnx")
+    del model.functions[:]
+    onnx.save(model, work / "nobody.onnx")
+    assert_user_error(*cli(capsys, "validate", "nobody.onnx", *check)[::2], "without its function body")
+    (work / "sub").mkdir()
+    onnx.save(onnx.load(work / "standard.onnx"), work / "sub" / "ext.onnx", save_as_external_data=True,
+              location="ext.onnx.data", size_threshold=64)
+    assert (work / "sub" / "ext.onnx.data").exists()
+    rc, out, err = cli(capsys, "validate", "sub/ext.onnx", *check)
+    assert rc == 0 and "PASS" in out, err
+
+
 def test_validate_needs_no_config_file(work, capsys):
     """The file records the --config rules themselves, not the path: validate used to re-read the path, so a config
     edited after the compile gave a false FAIL (15 % of codes) and a deleted one, or validate run from another
