@@ -549,8 +549,8 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
     if opts.emit == "custom":
         from .emit_custom import emit_custom
 
-        return detach_probes(compact_tensor_names(shield_float_layers(
-            emit_custom(model, table, u8_weights=opts.int8_weights == "u8"))))
+        return detach_probes(drop_unread_constants(compact_tensor_names(shield_float_layers(
+            emit_custom(model, table, u8_weights=opts.int8_weights == "u8")))))
     u8 = opts.int8_weights == "u8"
     model = emit_standard(model, table, u8_weights=u8)
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
@@ -560,7 +560,22 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         model = shield_float_matmuls(lower_shift_add(compact_tensor_names(model), check=opts.check))
     else:
         model = compact_tensor_names(shield_float_matmuls(model))
-    return detach_probes(model)
+    return detach_probes(drop_unread_constants(model))
+
+
+def drop_unread_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove ``Constant`` nodes whose value no node or graph output reads: the bounds of a ``Clip`` that the
+    emission leaves out (a ReLU6 before APoT levels that imply it) stayed, and onnxruntime warned "Removing
+    initializer ... not used by any node" on every session."""
+    graph = model.graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read |= {i for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
+             for sub in [a.g] for m in sub.node for i in m.input}
+    dead = [n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
+            and not any(o in read for o in n.output)]
+    for n in dead:
+        graph.node.remove(n)
+    return model
 
 
 def bypass_parameter_identities(model: onnx.ModelProto) -> onnx.ModelProto:

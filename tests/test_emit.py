@@ -780,3 +780,28 @@ def test_integer_layers_writing_cells_get_their_own_layer_and_bias(case, form, t
     with torch.no_grad():
         sim = result.model(x).numpy()
     np.testing.assert_allclose(run(session(path), [x.numpy()])[0], sim, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_no_node_of_the_file_is_left_unread(form):
+    """APoT W4A4 after ReLU6: the emission leaves the Clip out (the levels imply it) but kept its bound
+    Constants, and every onnxruntime session warned "Removing initializer ... not used by any node"."""
+    import torch.nn.functional as F
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.c3, self.fc = nn.Conv2d(16, 8, 1), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.c3(F.relu6(self.c2(F.relu6(self.c1(x)))))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3, 16, 16)
+    result = qcompile.compile(M().eval(), x[:1], scheme="apot", bits=4, calib=x, emit=form)
+    assert result.report.passed, result.report.summary()
+    graph = result.onnx_model.graph
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    assert [n.op_type for n in graph.node if not any(o in read for o in n.output)] == []
