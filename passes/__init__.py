@@ -5,6 +5,7 @@ from .calibrate import Calibrate
 from .cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale, DecomposeRMSNorm,
                       EliminateDeadCode, RemoveIdentity)
 from .equalize import EqualizeWeights
+from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
 from .fold_bn import ChannelStats, FoldBatchNorm
 from .fold_constants import FoldConstants
@@ -18,7 +19,7 @@ from .window_attention import DecomposeWindowAttention
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
            "EliminateDeadCode", "RemoveIdentity", "FoldConstants", "FoldBatchNorm", "ChannelStats",
-           "EqualizeWeights",
+           "EqualizeWeights", "EqualizeInputs",
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",

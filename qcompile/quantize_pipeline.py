@@ -7,6 +7,7 @@ from qcompile.passes.bias_correction import BiasCorrection
 from qcompile.passes.calibrate import Calibrate
 from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode
 from qcompile.passes.equalize import EqualizeWeights
+from qcompile.passes.equalize_inputs import EqualizeInputs
 from qcompile.passes.fold_bn import FoldBatchNorm
 from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -36,6 +37,10 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:
+        if calib is not None:  # the first layers' input features: their ranges come from the data
+            first8 = opts.keep_first_last == "int8"
+            passes.append(EqualizeInputs(calib, weight_bits=8 if first8 else opts.weight_bits,
+                                         act_bits=8 if first8 else opts.act_bits))
         passes.append(EqualizeWeights())
     passes += [
         SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,

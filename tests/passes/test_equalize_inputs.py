@@ -1,0 +1,101 @@
+"""EqualizeInputs: per-feature scaling of a model input folded into the layers that read it."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.frontend import trace
+from qcompile.passes.base import Pipeline
+from qcompile.passes.equalize_inputs import EqualizeInputs
+
+
+def raw_features(n: int = 256, seed: int = 0):
+    """Tabular inputs on the scales of raw measurements (as wine's 0.1 .. 1680): positive, offset, 1e-1 .. 1e3."""
+    gen = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 3, 12)
+    return (1.5 + torch.rand(n, 12, generator=gen)) * scales, scales
+
+
+def raw_mlp(scales: torch.Tensor) -> nn.Module:
+    """An MLP whose first layer weighs each feature by about 1/its scale, as training on raw features makes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].weight.div_(scales)
+        model[0].bias.sub_(model[0].weight @ (2.0 * scales))  # centre the first layer's outputs
+    return model.eval()
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+
+
+def test_raw_features_are_scaled_and_centred_into_the_first_layer_exactly():
+    x, scales = raw_features()
+    model = raw_mlp(scales)
+    p = EqualizeInputs(x)
+    gm = Pipeline([p], check=True)(trace(model, (x[:1],))).gm
+    assert any("12 features scaled" in line and "centred" in line for line in p.report), p.report
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not EqualizeInputs(x)(gm).modified  # the scaled input reads a Mul now, not a layer: left alone
+
+
+def test_raw_tabular_inputs_keep_their_small_features_at_w8a8():
+    """Per-tensor 8-bit input codes over features 1e-1 .. 1e3: the small features fell into one or two codes. A
+    trained MLP on raw wine went from 94 % to 59 % at W8A8 (2 dB); with the pass 93 % (30 dB)."""
+    x, scales = raw_features()
+    model = raw_mlp(scales)
+    with torch.no_grad():
+        ref = model(x)
+    results = {}
+    for equalize in (False, True):
+        r = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, equalize=equalize)
+        assert r.report.passed, r.report.summary()
+        with torch.no_grad():
+            results[equalize] = sqnr(ref, r.model(x))
+    assert results[True] > 30 and results[True] > results[False] + 15, results
+
+
+def test_inputs_whose_features_share_a_range_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    assert not EqualizeInputs(x)(trace(model, (x[:1],))).modified
+    mlp = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    z = torch.randn(128, 12)  # standardized features
+    assert not EqualizeInputs(z)(trace(mlp, (z[:1],))).modified
+
+
+def test_conv_input_channels_are_scaled_without_a_shift():
+    """A conv's zero padding must stay zero: channels are scaled, not centred."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5))
+    ranges = torch.tensor([0.01, 1.0, 300.0])
+    with torch.no_grad():
+        model[0].weight.div_(ranges.reshape(1, 3, 1, 1))
+    model.eval()
+    x = torch.randn(64, 3, 8, 8) * ranges.reshape(1, 3, 1, 1)
+    p = EqualizeInputs(x)
+    gm = Pipeline([p], check=True)(trace(model, (x[:1],))).gm
+    assert p.report and "centred" not in p.report[0], p.report
+    assert not any(n.target is torch.sub for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-4)
+    r = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert r.report.passed and r.report.extra["sqnr_vs_float_db"] > 30, r.report.summary()
+
+
+def test_an_input_read_by_other_ops_too_or_without_data_is_left_alone():
+    class Skip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 12)
+
+        def forward(self, x):
+            return self.fc(x) + x
+
+    x, scales = raw_features()
+    assert not EqualizeInputs(x)(trace(Skip().eval(), (x[:1],))).modified
+    assert not EqualizeInputs(None)(trace(raw_mlp(scales), (x[:1],))).modified
