@@ -98,6 +98,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process, once per model
     t0 = time.perf_counter()
+    env = common.environment()  # before the run: the commit, clean until this run writes its results
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name, x, y, train_idx, test_idx in datasets():
@@ -134,7 +135,7 @@ def main() -> None:
                   flush=True)
     out_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tabular.json")
     with open(out_path, "w") as f:
-        json.dump({"benchmark": "tabular", "environment": common.environment(), "calibration_samples": CALIB,
+        json.dump({"benchmark": "tabular", "environment": env, "calibration_samples": CALIB,
                    "onnxruntime": onnxruntime.__version__, "rows": rows,
                    "seconds": round(time.perf_counter() - t0, 1)}, f, indent=1)
     print(f"wrote {out_path} in {time.perf_counter() - t0:.0f} s")
