@@ -106,7 +106,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "calibration may shift the unsigned levels instead, where that quantizes with less error)")
     g = p.add_argument_group("graph passes")
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding Conv/Linear")
-    g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization")
+    g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization and the per-feature scaling of raw inputs (EqualizeInputs)")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
     g.add_argument("--no-int8-outputs", action="store_true",
                    help="do not re-quantize the outputs of 8-bit layers, residual adds and pools (they then run on "
