@@ -3,7 +3,7 @@ from .base import Pass, PassError, PassManager, PassResult, Pipeline, Verificati
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale, DecomposeRMSNorm,
-                      EliminateDeadCode, RemoveIdentity)
+                      EliminateDeadCode, MatmulAsLinear, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -24,5 +24,5 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
-           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor",
+           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

@@ -10,6 +10,8 @@
   symbolic up to opset 20), as the ops of its definition: ``x * rsqrt(mean(x², dims) + eps) * weight``.
 - ``DecomposeAvgPoolDivisor``: an average pool with ``divisor_override``, which torch.onnx exports as a plain
   average pool (the divisor lost), as the pool counting pads times ``prod(kernel) / divisor``.
+- ``MatmulAsLinear`` (quantized path only): ``x @ W`` with a 2-D parameter ``W`` as ``F.linear(x, W.t())``, the
+  layer it is (FoldConstants then stores ``W.t()``), so that it is quantized and listed like a Linear.
 - ``DecomposeCubicDownscale`` (quantized path only): a bicubic resize that shrinks an axis, which onnxruntime's
   optimized session refuses between int8 layers, as the two constant matrix products it is: ``A_h @ x @ A_w^T``.
 """
@@ -371,3 +373,37 @@ class DecomposeAvgPoolDivisor(Pass):
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "average pool(s) with divisor_override")
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.mm}
+
+
+class MatmulAsLinear(Pass):
+    """``x @ self.W``, ``torch.matmul(x, self.W)``, ``torch.mm(x, self.W)`` and ``x.matmul(self.W)`` with ``W`` a
+    2-D floating parameter or buffer read by ``get_attr`` as ``F.linear(x, W.t())``: the same product (a layer
+    written without ``nn.Linear``). Such a layer was left float, with no row in the layer table, while the compile
+    said W8A8; now FoldConstants stores ``W.t()`` and the layer is quantized like any ``F.linear`` on a parameter."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        from .base import attr_value
+
+        count = 0
+        for node in list(gm.graph.nodes):
+            is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
+                (node.op == "call_method" and node.target == "matmul")
+            if not is_matmul or len(node.args) != 2 or node.kwargs:
+                continue
+            x, w = node.args
+            if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or w.op != "get_attr" \
+                    or x.op == "get_attr":
+                continue
+            value = attr_value(gm, w)
+            if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+                continue
+            g = gm.graph
+            with g.inserting_before(node):
+                wt = g.call_method("t", (w,))
+                out = g.call_function(F.linear, (x, wt))
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "matmul(s) with a parameter as F.linear")

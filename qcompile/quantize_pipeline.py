@@ -5,7 +5,7 @@ from qcompile.ir import LayerConfig
 from qcompile.passes.base import Pass
 from qcompile.passes.bias_correction import BiasCorrection
 from qcompile.passes.calibrate import Calibrate
-from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode
+from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode, MatmulAsLinear
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.equalize_inputs import EqualizeInputs
 from qcompile.passes.fold_bn import FoldBatchNorm
@@ -33,7 +33,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         overrides += load_overrides(opts.config)
     record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
     # Swin's window attention with its projections as Linear layers; FoldConstants then folds what they read
-    passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), FoldConstants()]  # weights computed in forward too
+    passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), MatmulAsLinear(),
+                          FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
     if opts.equalize:

@@ -442,3 +442,31 @@ def test_a_divisor_override_pool_in_ceil_mode_compiles_where_windows_are_whole_a
     assert result.report.passed
     with pytest.raises(UserError, match="divisor_override with ceil_mode=True"):
         qcompile.compile(model, torch.randn(1, 1, 15, 15), scheme="fp32", output=None)
+
+
+# --- MatmulAsLinear -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["@", "torch.matmul", "torch.mm", "method"])
+def test_a_matmul_with_a_parameter_is_quantized_as_the_linear_layer_it_is(form):
+    """``x @ self.W`` stayed float with no row in the layer table while the compile said W8A8."""
+    import qcompile
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(16, 32) * 0.2)
+            self.fc = nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = {"@": lambda: x @ self.W, "torch.matmul": lambda: torch.matmul(x, self.W),
+                 "torch.mm": lambda: torch.mm(x, self.W), "method": lambda: x.matmul(self.W)}[form]()
+            return self.fc(torch.relu(h))
+
+    torch.manual_seed(0)
+    model = M().eval()
+    x = torch.randn(64, 16)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
+    from qcompile.qmodules import FakeQuantize
+
+    weights = [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "weight"]
+    assert len(weights) == 2
