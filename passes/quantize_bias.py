@@ -20,7 +20,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer, private_bias
 
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
+_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:

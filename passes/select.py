@@ -49,7 +49,8 @@ from qcompile.ir import QUANT_SCHEMES, LayerConfig
 
 from .base import Pass, PassResult, stock_layer
 
-LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d)
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                 nn.ConvTranspose3d)
 LAYER_FUNCTIONS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear"}
 FIRST_LAST_MODES = ("int8", "fp32", "quant")
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}

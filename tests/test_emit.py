@@ -632,6 +632,29 @@ def test_transposed_convs_are_quantized_and_exact(groups, form, scheme, bits):
     assert result.report.passed and result.report.extra["code_mismatch"] <= 1e-5, result.report.extra
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_a_3d_transposed_conv_is_quantized_and_listed(form):
+    """nn.ConvTranspose3d ran float with no row in the layer table, whatever the scheme said."""
+    from qcompile.passes import layer_table
+
+    class Up3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv3d(2, 8, 3, stride=2, padding=1)
+            self.t = nn.ConvTranspose3d(8, 8, 3, stride=2, padding=1, output_padding=1)
+            self.c2 = nn.Conv3d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.t(torch.relu(self.c1(x)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 2, 8, 8, 8)
+    result = qcompile.compile(Up3d().eval(), x[:1], calib=x, scheme="uniform", bits=8, emit=form)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
+    assert ("t", "ConvTranspose3d", "W8 uniform / A8 uniform (default)") in layer_table(result.model)
+    assert result.model.t.weight_fq.axis == 1
+
+
 class Video(nn.Module):
     """Conv3d layers (grouped, strided, a residual add) and a Linear head."""
 

@@ -303,7 +303,8 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
         gm(calib_x[:1])
 
 
-_LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d)
+_LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d,
+                    F.conv_transpose3d)
 BIAS_QUANTIZER = "bias_fq"  # child name of a layer's BiasQuantize
 
 
