@@ -223,9 +223,12 @@ class Calibrate(Pass):
             fq = gm.get_submodule(node.target)
             stats = _bn_stats_through_relu(gm, node.args[0])
             if stats is None:
+                inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
+                how = "--calib FILE.npy" if inputs == 1 else \
+                    f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
                 raise UserError(
                     f"cannot calibrate the input of {_consumer_names(node)} without data (it does not come from "
-                    "ReLU(BatchNorm)); pass calibration inputs with --calib FILE.npy")
+                    f"ReLU(BatchNorm)); pass calibration inputs with {how}")
             beta, gamma = stats
             # after the ReLU the range is [0, max_c(β_c + k·|γ_c|)]; a ReLU6 caps it at 6
             hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()

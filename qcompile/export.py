@@ -238,8 +238,10 @@ def _export_error_message(e: Exception) -> str:
     if "adaptive" in what and "factor of input size" in what:
         hint = ("choose an input size whose spatial dimensions are multiples of the adaptive pool's output size "
                 "(--input-shape, e.g. 1,3,224,224 for a 7x7 pool)")
-    else:
+    elif any(word in what for word in ("size", "shape", "dimension")):
         hint = "replace that operation in the model, or give an input shape for which it is exportable (--input-shape)"
+    else:  # an operator torch.onnx has no export for at all (aten::bilinear): no input shape helps
+        hint = "replace that operation in the model with operations torch.onnx exports"
     return f"torch.onnx cannot export this model: {what}; {hint}"
 
 
