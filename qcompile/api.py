@@ -406,22 +406,39 @@ def compile(
         # APoT/PoT output levels on accumulator cells here bound layers the conversion left float, and the file no
         # longer computed the trained model (digits APoT-3: max |diff| 0.78, 98.75 -> 98.00 %)
         opts = dataclasses.replace(opts, int8_levels=False)
-    gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs, leaf_modules=opts.leaf_modules,
-               copy=False)
-    _check_batch_statistics(gm)
-    for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
-        if data is not None:
-            _check_token_ids(gm, data, what)
     try:
+        gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
+                   leaf_modules=opts.leaf_modules, copy=False)
+        _check_batch_statistics(gm)
+        for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
+            if data is not None:
+                _check_token_ids(gm, data, what)
         return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
                                thresholds, callback, progress, t0)
-    except (UserError, KeyboardInterrupt):
+    except UserError as e:
+        hooked = _hooked_modules(model)
+        if hooked and ("does not compute the model" in str(e) or "changed what the model computes" in str(e)):
+            raise UserError(f"the model's outputs differ from its traced graph's, and {', '.join(hooked[:3])}"
+                            f"{' ...' if len(hooked) > 3 else ''} {'has' if len(hooked) == 1 else 'have'} forward "
+                            "hooks, which torch.fx does not trace (nor onnxruntime run): a hook that changes a "
+                            "value must become part of forward; remove the hooks before compiling") from None
+        raise
+    except KeyboardInterrupt:
         raise
     except Exception:
         problem = _batch_problem(model, example_inputs)
         if problem:
             raise UserError(problem) from None
         raise
+
+
+def _hooked_modules(model: nn.Module) -> list[str]:
+    """The modules of ``model`` with forward or forward-pre hooks ("the model" for the root)."""
+    names = []
+    for name, m in model.named_modules():
+        if any(getattr(m, attr, None) for attr in ("_forward_hooks", "_forward_pre_hooks")):
+            names.append(repr(name) if name else "the model")
+    return names
 
 
 _TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",

@@ -930,3 +930,15 @@ def test_a_python_number_among_the_outputs_is_a_user_error():
 
     with pytest.raises(UserError, match=r"output 1 of the model is a Python int \(3\), not a tensor"):
         qcompile.compile(M(), torch.randn(2, 4), scheme="fp32")
+
+
+@pytest.mark.parametrize("where", ["root", "layer"])
+def test_a_forward_hook_that_changes_outputs_is_named(where):
+    """torch.fx does not trace hooks: a hook that changes a value made the float check fail with "this is a
+    qcompile bug" (a layer's hook) or blame in-place updates (a root hook)."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    target = model if where == "root" else model[0]
+    target.register_forward_hook(lambda mod, args, out: out * 2 + 1)
+    x = torch.randn(32, 8)
+    with pytest.raises(UserError, match="forward hooks, which torch.fx does not trace"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
