@@ -238,6 +238,9 @@ def calib_data(calib, n_inputs: int = 1):
     else:
         columns: list[list[torch.Tensor]] = [[] for _ in range(n_inputs)]
         for item in calib:
+            if isinstance(item, (tuple, list)) and item and isinstance(item[0], (tuple, list)) and \
+                    len(item[0]) == n_inputs:
+                item = item[0]  # ((x1, x2), label): the inputs, then the label
             if not isinstance(item, (tuple, list)) or len(item) < n_inputs:
                 raise UserError(f"the model takes {n_inputs} inputs: give calibration batches as tuples of "
                                 f"{n_inputs} tensors (or calib=(x1, x2, ...) with one tensor per input)")

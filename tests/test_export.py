@@ -652,3 +652,30 @@ def test_the_file_depends_on_the_calibration_values_not_their_strides():
     files = [qcompile.compile(model, c[:1], calib=c, scheme="apot", bits=4, validate=False).onnx_model
              .SerializeToString() for c in (view, copy_)]
     assert files[0] == files[1]
+
+
+def test_calibration_batches_of_input_tuples_and_labels_feed_a_two_input_model():
+    """A DataLoader yielding ((x1, x2), label), the (inputs, labels) form, stopped with a bare ValueError."""
+    from torch.utils.data import DataLoader, Dataset
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(6, 16), nn.Linear(6, 16), nn.Linear(16, 5)
+
+        def forward(self, x1, x2):
+            return self.fc(torch.relu(self.a(x1)) + torch.relu(self.b(x2)))
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(64, 6), torch.randn(64, 6)
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            return (x1[i], x2[i]), 0
+
+    result = qcompile.compile(Two().eval(), calib=DataLoader(Pairs(), batch_size=16), scheme="uniform", bits=8)
+    assert result.report.passed and result.report.samples == 64
+    assert len(result.onnx_model.graph.input) == 2
