@@ -391,7 +391,9 @@ class SelectLayers(Pass):
                 if n in first or n in last:
                     reason = "first and last layer" if n in first and n in last else (
                         "first layer" if n in first else "last layer")
-                    decision[n] = int8_config(reason) if self.first_last == "int8" else dataclasses.replace(
+                    # 8-bit, with the weights per channel or per tensor as asked (--per-tensor kept them per channel)
+                    int8 = dataclasses.replace(int8_config(reason), per_channel=self.default.per_channel)
+                    decision[n] = int8 if self.first_last == "int8" else dataclasses.replace(
                         self.default, action="float", reason=reason)
         if self.float_downsample:
             for n in nodes:

@@ -37,7 +37,8 @@ class LayerConfig:
     def describe(self) -> str:
         if self.action != "quant":
             return f"float ({self.reason})"
-        return f"W{_bits(self.wscheme, self.wbits)} {self.wscheme} / A{_bits(self.ascheme, self.abits)} " \
+        tensor = " per-tensor" if not self.per_channel else ""  # per output channel goes without saying
+        return f"W{_bits(self.wscheme, self.wbits)} {self.wscheme}{tensor} / A{_bits(self.ascheme, self.abits)} " \
             f"{self.ascheme} ({self.reason})"
 
 

@@ -120,8 +120,9 @@ def test_per_tensor_weights_through_the_flatten(tmp_path):
     result = compile_w4a4(PoolNet(), (3, 8, 8), per_channel=False)
     report = result.report
     assert report.passed and report.max_abs == 0.0 and report.extra["codes_differ"] == 0, report.summary()
-    # conv1 (8-bit first layer) keeps per-channel scales; conv2's single scale covers all 16 x 16 flattened values
-    assert [(fq.cells[3], fq.requant[0].numel()) for fq in cell_quantizers(result)] == [(1, 8), (16, 1)]
+    # conv1 (8-bit first layer) has per-tensor weights too, as asked; conv2's single scale covers all 16 x 16
+    # flattened values
+    assert [(fq.cells[3], fq.requant[0].numel()) for fq in cell_quantizers(result)] == [(1, 1), (16, 1)]
 
 
 class PoolFlattenNet(PoolNet):

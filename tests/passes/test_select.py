@@ -307,3 +307,20 @@ def test_a_layer_whose_weight_goes_to_another_function_is_listed_as_float():
     lines = {line.split()[0]: line for line in layer_lines(result.model)[1:]}
     assert "float" in lines["qkv"] and "read by _attention_with" in lines["qkv"], lines
     assert "float" not in lines["fc"], lines
+
+
+def test_per_tensor_weights_apply_to_the_8_bit_first_and_last_layers_too():
+    """per_channel=False (--per-tensor) left the first and last layers per channel, and the layer table read the
+    same either way."""
+    import qcompile
+    from qcompile.passes import layer_table
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 8 * 8, 10)).eval()
+    x = torch.randn(32, 1, 8, 8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, per_channel=False)
+    assert result.report.passed
+    assert all(m.axis is None for n, m in result.model.named_modules() if n.endswith("weight_fq"))
+    rows = layer_table(result.model)
+    assert rows and all("per-tensor" in decision for _, _, decision in rows), rows
