@@ -364,15 +364,11 @@ def _check_not_an_input(args, path: str, flag: str) -> None:
 
 
 def json_safe(value):
-    """``value`` with every non-finite float as the string "inf", "-inf" or "nan" (as ``sqnr_db`` was already):
-    ``json.dumps`` writes them as ``Infinity``/``NaN``, which strict JSON parsers (JavaScript's JSON.parse) refuse."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+    """``value`` with non-finite floats as strings (``qcompile.runtime.validation.json_safe``, imported when used:
+    ``qcompile --help`` does not load torch)."""
+    from qcompile.runtime.validation import json_safe as safe
+
+    return safe(value)
 
 
 def summary_dict(result) -> dict:

@@ -53,11 +53,22 @@ class ValidationReport:
                 f"top-1 agreement {top1}{codes} -> {status}")
 
     def to_dict(self) -> dict:
+        """The report as plain data that ``json.dumps`` writes as strict JSON (non-finite numbers as strings)."""
         d = dataclasses.asdict(self)
         d["passed"] = self.passed
-        if math.isinf(d["sqnr_db"]):
-            d["sqnr_db"] = "inf"
-        return d
+        return json_safe(d)
+
+
+def json_safe(value):
+    """``value`` with every non-finite float as the string "inf", "-inf" or "nan": ``json.dumps`` writes them as
+    ``Infinity``/``NaN``, which strict JSON parsers (JavaScript's JSON.parse) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

@@ -235,3 +235,14 @@ def test_outputs_without_a_leading_batch_axis_are_validated(kind, scheme):
         assert ref[0].shape == (150, 6) and report.top1 == 1.0
     else:
         assert ref[1].shape == (3,)  # one sum per batch of 64, 64, 22
+
+
+def test_a_report_as_a_dict_is_strict_json():
+    """``to_dict`` kept inf in the layer records and extras: json.dumps wrote Infinity."""
+    import json
+
+    report = compare_outputs([np.ones((2, 3), np.float32)], [np.ones((2, 3), np.float32)])
+    report.extra["forced_sqnr_db"] = float("inf")
+    report.layers.append({"quantizer": "q", "sqnr_vs_float_db": float("-inf")})
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    assert '"inf"' in text and '"-inf"' in text
