@@ -36,44 +36,83 @@ from .base import Pass, PassResult, data_batches, shared_with, stock_layer
 
 _ALPHAS = (0.25, 0.5, 0.75, 1.0)
 _MIN_GAIN = 2.0  # predicted noise ratio (3 dB) below which the input is left alone
-# Features within 8x of each other lose at most 3 of the input quantizer's bits: the model's other quantizers
-# dominate there, and rescaling did not help (raw iris, ranges 2.6x apart: predicted -8 dB, measured +0.9 dB)
-_MIN_SPREAD = 8.0
+# Ranges more than 100x apart: raw measurements in different units (wine 2300x, breast cancer 2e5x). Closer ranges
+# lose at most 7 of the input quantizer's bits, while scaling each feature to fill the range leaves no headroom for
+# values past the calibration data: flattened digits (pixels rarely lit at the border, 16x) lost 2.5-10 dB on
+# held-out images at W8A8, and raw iris (2.6x) 0.9 dB
+_MIN_SPREAD = 100.0
+
+
+_SAME_VALUES_METHODS = {"float", "contiguous", "view", "reshape", "flatten", "to", "type", "clone"}
+
+
+def _same_values(gm, node: torch.fx.Node, shape) -> bool:
+    """A node that hands its one input on unchanged, same shape and order (``x.float()``, ``x.view(B, -1)`` of a
+    (B, F) input, ``nn.Flatten()`` of it, ``x.contiguous()``)."""
+    meta = node.meta.get("tensor_meta")
+    if meta is None or tuple(meta.shape) != tuple(shape) or not meta.dtype.is_floating_point:
+        return False
+    if node.op == "call_method":
+        return node.target in _SAME_VALUES_METHODS
+    if node.op == "call_function":
+        return node.target in (torch.flatten, torch.reshape)
+    return node.op == "call_module" and type(gm.get_submodule(node.target)) in (nn.Flatten, nn.Identity)
 
 
 def _input_layers(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """``(kind, [(user node, module)])`` where every reader of ``node`` is a Linear (kind "linear") or every reader
-    an ungrouped, zero-padded Conv (kind "conv") taking it as its only argument; None otherwise."""
+    """``(kind, [(user node, module)])`` where every reader of ``node`` (through nodes that hand the values on
+    unchanged) is a Linear (kind "linear") or every reader an ungrouped, zero-padded Conv (kind "conv") taking it
+    as its only argument; None otherwise."""
     calls: dict[str, int] = {}
     for n in gm.graph.nodes:
         if n.op == "call_module":
             calls[n.target] = calls.get(n.target, 0) + 1
+    shape = node.meta["tensor_meta"].shape
     layers, kinds = [], set()
-    for user in node.users:
-        if user.op != "call_module" or user.args != (node,) or user.kwargs:
-            return None
-        mod = gm.get_submodule(user.target)
-        if not stock_layer(mod) or calls[user.target] != 1 or shared_with(gm, user.target):
-            return None
-        if isinstance(mod, nn.Linear):
-            kinds.add("linear")
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and mod.groups == 1 and mod.padding_mode == "zeros":
-            kinds.add("conv")
+    frontier = [(user, node) for user in node.users]
+    while frontier:
+        user, src = frontier.pop()
+        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), (nn.Linear, nn.Conv1d, nn.Conv2d,
+                                                                                   nn.Conv3d)):
+            if user.args != (src,) or user.kwargs:
+                return None
+            mod = gm.get_submodule(user.target)
+            if not stock_layer(mod) or calls[user.target] != 1 or shared_with(gm, user.target):
+                return None
+            if isinstance(mod, nn.Linear):
+                kinds.add("linear")
+            elif mod.groups == 1 and mod.padding_mode == "zeros":
+                kinds.add("conv")
+            else:
+                return None
+            layers.append((user, mod))
+        elif user.args and user.args[0] is src and _same_values(gm, user, shape) and len(layers) < 64:
+            frontier.extend((u, user) for u in user.users)
+        elif (user.op == "call_method" and user.target in ("size", "dim")) or \
+                (user.op == "call_function" and user.target is getattr and user.args[1:] in (("shape",), ("ndim",))):
+            continue  # reads the shape only (x.view(x.size(0), -1)), which the scaling keeps
         else:
             return None
-        layers.append((user, mod))
     if len(kinds) != 1:
         return None
     return kinds.pop(), layers
 
 
+def _divide_columns(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w`` ([out, features, k...]) with column ``j`` divided by ``scale[j]``; a column scaled by 0 (a feature
+    the layer ignores: its weights are 0) stays 0."""
+    view = scale.to(w.dtype).reshape((1, -1) + (1,) * (w.dim() - 2))
+    return torch.where(view == 0, torch.zeros_like(w), w / torch.where(view == 0, torch.ones_like(view), view))
+
+
 class EqualizeInputs(Pass):
-    def __init__(self, data=None, weight_bits: int = 8, act_bits: int = 8, batch_size: int = 256):
+    def __init__(self, data=None, weight_bits: int = 8, act_bits: int = 8, batch_size: int = 256, select=None):
         super().__init__()
         self.data = data
         self.weight_bits = weight_bits
         self.act_bits = act_bits
         self.batch_size = batch_size
+        self.select = select  # the SelectLayers to come: only layers it quantizes, on uniform input levels
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from qcompile.qmodules import FakeQuantize
@@ -81,13 +120,20 @@ class EqualizeInputs(Pass):
         if self.data is None or any(isinstance(m, FakeQuantize) for m in gm.modules()):
             return PassResult(gm, False)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        decision = self.select.decide(gm) if self.select is not None else None
         changed = False
         for index, node in enumerate(placeholders):
-            found = _input_layers(gm, node)
             meta = node.meta.get("tensor_meta")
-            if found is None or meta is None or not meta.dtype.is_floating_point:
+            if meta is None or not meta.dtype.is_floating_point:
+                continue
+            found = _input_layers(gm, node)
+            if found is None:
                 continue
             kind, layers = found
+            if decision is not None:  # a float first layer reads no input codes; other level sets, other noise
+                configs = [decision.get(user) for user, _ in layers]
+                if any(c is None or c.action != "quant" or c.ascheme != "uniform" for c in configs):
+                    continue
             axis = -1 if kind == "linear" else 1
             stats = self._feature_stats(index, axis)
             if stats is None:
@@ -124,7 +170,7 @@ class EqualizeInputs(Pass):
         msq_s = (msq - 2 * center * mean + center * center).clamp_min(0) * scale * scale  # E[x'^2] per feature
         total = 0.0
         for w in weights:  # [out, features, k...] with the features' columns divided by scale
-            cols = w / scale.reshape((1, -1) + (1,) * (w.dim() - 2))
+            cols = _divide_columns(w, scale)
             total += step_x ** 2 / 12 * float((cols * cols).sum())
             k = cols[0, 0].numel()
             step_w = 2 * cols.abs().flatten(1).amax(1) / (2 ** self.weight_bits - 1)
@@ -143,14 +189,19 @@ class EqualizeInputs(Pass):
         live = (r_x > 0) & (r_w > 0)
         if int(live.sum()) < 2 or float(r_x[live].max() / r_x[live].min()) < _MIN_SPREAD:
             return False
+        # a feature the layers ignore (zero weights) is multiplied by 0, and before a Linear a constant one is
+        # moved to 0 (its value goes into the bias): else it alone sets the input quantizer's range
+        dead = (r_w == 0) & (r_x > 0)
+        constant = (r_x == 0) & (lo != 0)
         base = self._noise(weights, lo, hi, mean, msq, zero, ones)
         best = None
         centres = ((lo + hi) / 2, zero) if linear else (zero,)  # a conv's zero padding must stay zero
         for a in _ALPHAS:
             s = torch.where(live, (r_w / r_x.clamp_min(1e-300)) ** a, ones)
             s = s / torch.exp(torch.log(s[live]).mean())  # geometric mean 1: only the spread matters
+            s = torch.where(dead, torch.zeros_like(s), s)
             for c in centres:
-                c = torch.where(live, c, zero)
+                c = torch.where(live | (constant if linear else torch.zeros_like(live)), c, zero)
                 noise = self._noise(weights, lo, hi, mean, msq, c, s)
                 if best is None or noise < best[0]:
                     best = (noise, s, c, a)
@@ -171,8 +222,8 @@ class EqualizeInputs(Pass):
         base = f"{node.name}_equalize"
         while hasattr(gm, f"{base}_scale") or hasattr(gm, f"{base}_center"):
             base += "_"
-        users = {u for u, _ in layers}
-        first = next(n for n in gm.graph.nodes if n in users)
+        users = list(node.users)  # the layers, or the nodes that hand the values on to them
+        first = next(n for n in gm.graph.nodes if n in set(users))
         centred = bool((center != 0).any())
         g = gm.graph
         with g.inserting_before(first):
@@ -194,4 +245,4 @@ class EqualizeInputs(Pass):
                     if mod.bias is None:
                         mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype), requires_grad=w.requires_grad)
                     mod.bias.copy_((mod.bias.double() + w64 @ center).to(mod.bias.dtype))
-                w.copy_((w64 / scale.reshape((1, -1) + (1,) * (w.dim() - 2))).to(w.dtype))
+                w.copy_(_divide_columns(w64, scale).to(w.dtype))

@@ -27,6 +27,8 @@ class CompileOptions:
     asym_levels: bool = True
     fold_bn: bool = True
     equalize: bool = True
+    # EqualizeInputs (per-feature scaling of raw inputs, folded into the first layers); None: as ``equalize``
+    equalize_inputs: Optional[bool] = None
     bias_correction: bool = True
     int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
     # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels (or uniform levels
@@ -63,8 +65,10 @@ class CompileOptions:
         import numpy as np
 
         for name in ("per_channel", "asym_levels", "fold_bn", "equalize", "bias_correction", "int8_outputs",
-                     "int8_levels", "float_downsample"):  # "no" was taken as true
+                     "int8_levels", "float_downsample", "equalize_inputs"):  # "no" was taken as true
             value = getattr(self, name)
+            if value is None and name == "equalize_inputs":
+                continue
             if isinstance(value, np.bool_):
                 object.__setattr__(self, name, bool(value))
             elif not isinstance(value, bool):

@@ -37,15 +37,17 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
                           FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
         passes.append(FoldBatchNorm())
+    select = SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
+                          float_downsample=opts.float_downsample, overrides=overrides)
+    equalize_inputs = opts.equalize if opts.equalize_inputs is None else opts.equalize_inputs
+    if equalize_inputs and calib is not None:  # the first layers' input features: their ranges come from the data
+        first8 = opts.keep_first_last == "int8"
+        passes.append(EqualizeInputs(calib, weight_bits=8 if first8 else opts.weight_bits,
+                                     act_bits=8 if first8 else opts.act_bits, select=select))
     if opts.equalize:
-        if calib is not None:  # the first layers' input features: their ranges come from the data
-            first8 = opts.keep_first_last == "int8"
-            passes.append(EqualizeInputs(calib, weight_bits=8 if first8 else opts.weight_bits,
-                                         act_bits=8 if first8 else opts.act_bits))
         passes.append(EqualizeWeights())
     passes += [
-        SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
-                     float_downsample=opts.float_downsample, overrides=overrides),
+        select,
         InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels),
     ]
     if opts.int8_outputs:

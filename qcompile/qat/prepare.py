@@ -176,6 +176,7 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     if options.pop("bias_correction", False):
         raise UserError("bias correction is a PTQ step; QAT trains the biases with the quantizers in the loop")
     options.setdefault("equalize", False)
+    options.setdefault("equalize_inputs", True)  # raw input features: scaled in the file, trained from there on
     opts = CompileOptions(scheme=scheme, bits=bits, bias_correction=False, **options)
     if not opts.quantized:
         raise UserError("QAT needs a quantized scheme, not fp32")
