@@ -224,7 +224,7 @@ class Calibrate(Pass):
             stats = _bn_stats_through_relu(gm, node.args[0])
             if stats is None:
                 inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
-                how = "--calib FILE.npy" if inputs == 1 else \
+                how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
                     f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
                 raise UserError(
                     f"cannot calibrate the input of {_consumer_names(node)} without data (it does not come from "
