@@ -187,21 +187,26 @@ class EqualizeInputs(Pass):
         zero, ones = torch.zeros_like(lo), torch.ones_like(lo)
         r_x = (hi - lo) if linear else torch.maximum(hi.abs(), lo.abs())
         live = (r_x > 0) & (r_w > 0)
-        if int(live.sum()) < 2 or float(r_x[live].max() / r_x[live].min()) < _MIN_SPREAD:
+        if int(live.sum()) < 1:
             return False
         # a feature the layers ignore (zero weights) is multiplied by 0, and before a Linear a constant one is
         # moved to 0 (its value goes into the bias): else it alone sets the input quantizer's range
         dead = (r_w == 0) & (r_x > 0)
-        constant = (r_x == 0) & (lo != 0)
+        constant = (r_x == 0) & (lo != 0) & linear
+        alphas = _ALPHAS if float(r_x[live].max() / r_x[live].min()) >= _MIN_SPREAD else ()
+        if bool(dead.any() or constant.any()):
+            alphas = (0.0,) + alphas  # those features alone
+        if not alphas:
+            return False
         base = self._noise(weights, lo, hi, mean, msq, zero, ones)
         best = None
         centres = ((lo + hi) / 2, zero) if linear else (zero,)  # a conv's zero padding must stay zero
-        for a in _ALPHAS:
+        for a in alphas:
             s = torch.where(live, (r_w / r_x.clamp_min(1e-300)) ** a, ones)
             s = s / torch.exp(torch.log(s[live]).mean())  # geometric mean 1: only the spread matters
             s = torch.where(dead, torch.zeros_like(s), s)
             for c in centres:
-                c = torch.where(live | (constant if linear else torch.zeros_like(live)), c, zero)
+                c = torch.where((live & (a > 0)) | constant, c, zero)
                 noise = self._noise(weights, lo, hi, mean, msq, c, s)
                 if best is None or noise < best[0]:
                     best = (noise, s, c, a)

@@ -158,3 +158,16 @@ def test_qat_prepare_scales_raw_input_features_too():
     gm.eval()
     with torch.no_grad():
         assert sqnr(model(x), gm(x)) > 30
+
+
+def test_a_constant_column_beside_standardized_features_is_moved_to_zero():
+    """Standardized features and a constant 'year' column (2023): the features' ranges are close, so nothing is
+    scaled, but the constant alone set the input quantizer's range."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(256, 12), torch.full((256, 1), 2023.0)], 1)
+    model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    p = EqualizeInputs(x)
+    gm = Pipeline([p], check=True)(trace(model, (x[:1],))).gm
+    assert p.report and "a=0, centred" in p.report[0], p.report
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-3)
