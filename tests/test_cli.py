@@ -783,11 +783,16 @@ def test_validate_of_a_file_a_tool_rewrote_says_what_happened(work, capsys):
 def test_validate_passes_the_apot_files_qcompile_wrote(work, capsys, emit):
     """A check that every activation the metadata names is a graph tensor refused untouched APoT custom and
     shift-add files (their probes are not plain graph tensors): 35 of 186 files in a regression sweep."""
-    np.save(work / "calib8.npy", np.random.default_rng(3).standard_normal((8, 3, 8, 8)).astype(np.float32))
-    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib8.npy", "--scheme", "apot", "--bits", "4",
+    import qcompile.models
+    from qcompile.models.digits import load_split
+
+    np.save(work / "digits.npy", load_split()[0][:32].numpy())
+    weights = os.path.join(os.path.dirname(qcompile.models.__file__), "digits_cnn.pt")
+    arch = ("--arch", "qcompile.models.digits:digits_cnn")
+    rc, out, err = cli(capsys, weights, *arch, "--calib", "digits.npy", "--scheme", "apot", "--bits", "4",
                        "--emit", emit, "-o", "a.onnx")
     assert rc == 0, err
-    rc, out, err = cli(capsys, "validate", "a.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib8.npy")
+    rc, out, err = cli(capsys, "validate", "a.onnx", "--against", weights, *arch, "--data", "digits.npy")
     assert rc == 0 and "PASS" in out, err
 
 
