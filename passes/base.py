@@ -388,9 +388,16 @@ def shared_with(gm: torch.nn.Module, module_name: str, attrs=("weight", "bias"))
     if isinstance(gm, torch.fx.GraphModule):  # a node that reads it (``F.conv_transpose2d(h, self.enc.weight)``)
         for node in gm.graph.nodes:
             if node.op == "get_attr" and str(node.target).rpartition(".")[0] == module_name and \
-                    str(node.target).rpartition(".")[2] in attrs:
+                    str(node.target).rpartition(".")[2] in attrs and any(not _reads_metadata(u) for u in node.users):
                 return f"the node {node.name} ({node.target})"
     return ""
+
+
+def _reads_metadata(node: torch.fx.Node) -> bool:
+    """``w.shape``, ``w.dtype``, ``w.device``, ``w.size()``, ``w.dim()``: what a rescaling leaves as it was."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim", "is_cuda")
+    return node.op == "call_method" and node.target in ("size", "dim")
 
 
 def fake_quantizer(gm: torch.fx.GraphModule, node):

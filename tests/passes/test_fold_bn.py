@@ -331,3 +331,20 @@ def test_a_module_weight_a_functional_call_reads_is_tied_too(bn):
     assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
     reports = [line for t in result.timings for line in t.report]
     assert any("shares a parameter with the node" in line for line in reports), reports
+
+
+def test_reading_a_weight_shape_in_forward_is_not_tying():
+    """``self.conv.weight.shape`` read in forward made the conv count as tied: its BatchNorm stayed unfolded."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = torch.relu(self.bn(self.conv(x)))
+            return y * (self.conv.weight.shape[0] / 8)
+
+    model = randomize_batchnorm(M(), seed=1).eval()
+    fold = FoldBatchNorm()
+    gm = Pipeline([fold])(trace(model, (torch.randn(1, 3, 8, 8),))).gm
+    assert not bn_nodes(gm), fold.report
