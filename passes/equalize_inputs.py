@@ -50,7 +50,7 @@ def _same_values(gm, node: torch.fx.Node, shape) -> bool:
     """A node that hands its one input on unchanged, same shape and order (``x.float()``, ``x.view(B, -1)`` of a
     (B, F) input, ``nn.Flatten()`` of it, ``x.contiguous()``)."""
     meta = node.meta.get("tensor_meta")
-    if meta is None or tuple(meta.shape) != tuple(shape) or not meta.dtype.is_floating_point:
+    if not hasattr(meta, "dtype") or tuple(meta.shape) != tuple(shape) or not meta.dtype.is_floating_point:
         return False
     if node.op == "call_method":
         return node.target in _SAME_VALUES_METHODS
@@ -124,7 +124,7 @@ class EqualizeInputs(Pass):
         changed = False
         for index, node in enumerate(placeholders):
             meta = node.meta.get("tensor_meta")
-            if meta is None or not meta.dtype.is_floating_point:
+            if not hasattr(meta, "dtype") or not meta.dtype.is_floating_point:  # None, or a list for *args
                 continue
             found = _input_layers(gm, node)
             if found is None:

@@ -171,3 +171,17 @@ def test_a_constant_column_beside_standardized_features_is_moved_to_zero():
     assert p.report and "a=0, centred" in p.report[0], p.report
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-3)
+
+
+def test_a_model_taking_star_args_compiles():
+    """``forward(self, *xs)``: the placeholder's metadata is a list, and the pass stopped on it."""
+    class VarArgs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.fc = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, *xs):
+            return self.fc(torch.relu(self.a(xs[0])))
+
+    x = torch.randn(32, 6)
+    assert qcompile.compile(VarArgs().eval(), calib=x, scheme="uniform", bits=8).report.passed
