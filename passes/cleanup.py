@@ -259,6 +259,9 @@ def _cubic_matrices(fn, h: int, w: int):
     return (a_h, a_w) if ok else None
 
 
+RESIZE_MATMUL = "qcompile_resize_matmul"
+
+
 class DecomposeCubicDownscale(Pass):
     """A bicubic resize (``F.interpolate(mode="bicubic")``, ``nn.Upsample``) of a 4-D input that shrinks an
     axis, as ``matmul(matmul(A_h, x), A_w^T)`` with constant matrices: onnxruntime's optimized session runs a
@@ -293,9 +296,11 @@ class DecomposeCubicDownscale(Pass):
             g = gm.graph
             with g.inserting_before(node):
                 rows = g.call_function(torch.matmul, (g.get_attr(f"{base}_h"), node.args[0]))
+                rows.meta[RESIZE_MATMUL] = True
                 rows.meta["tensor_meta"] = _extract_tensor_metadata(
                     torch.empty((*src.shape[:-2], ho, w), dtype=src.dtype, device="meta"))
                 out = g.call_function(torch.matmul, (rows, g.get_attr(f"{base}_w")))
+                out.meta[RESIZE_MATMUL] = True  # a resize, not a layer: MatmulAsLinear leaves it float
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "bicubic downscale(s)")
@@ -391,7 +396,7 @@ class MatmulAsLinear(Pass):
         for node in list(gm.graph.nodes):
             is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
                 (node.op == "call_method" and node.target == "matmul")
-            if not is_matmul or len(node.args) != 2 or node.kwargs:
+            if not is_matmul or len(node.args) != 2 or node.kwargs or node.meta.get(RESIZE_MATMUL):
                 continue
             x, w = node.args
             if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or w.op != "get_attr" \

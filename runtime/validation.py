@@ -204,14 +204,15 @@ def model_source(onnx_file):
 
 def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_sqnr: float | None = None,
              max_abs: float | None = None, min_top1: float | None = None) -> ValidationReport:
-    """Run ``onnx_path`` (a path, bytes or ModelProto) in onnxruntime and ``reference`` in PyTorch on ``inputs``
+    """Run ``onnx_path`` (a path, bytes, ModelProto or onnxruntime session) in onnxruntime and ``reference`` in PyTorch on ``inputs``
     and compare. The file must compute ``reference``: without any threshold, ``min_sqnr`` is 80 dB (relative error
     1e-4, float rounding; what ``qcompile validate`` holds an fp32 file to): a report that checked nothing said
     PASS for a file of another model (-4 dB). For a quantized file and its simulation use ``validate_quantized``."""
     if min_sqnr is None and max_abs is None and min_top1 is None:
         min_sqnr = 80.0
     inputs = as_inputs(inputs)
-    onnx_path = model_source(onnx_path)
+    if not hasattr(onnx_path, "get_inputs"):  # an onnxruntime session runs as it is
+        onnx_path = model_source(onnx_path)
     ref = run_reference(reference, inputs, batch_size)
     got = run_onnx(onnx_path, inputs, batch_size)
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,

@@ -470,3 +470,15 @@ def test_a_matmul_with_a_parameter_is_quantized_as_the_linear_layer_it_is(form):
 
     weights = [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "weight"]
     assert len(weights) == 2
+
+
+def test_a_decomposed_bicubic_resize_stays_a_float_resize_not_a_layer():
+    """MatmulAsLinear took the resize's second product for a layer: quantized at the model's 4 bits (2 dB lost)."""
+    import qcompile
+
+    model = CubicResizes({"size": (10, 10)}).eval()
+    calib = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="apot", bits=4)
+    assert result.report.passed
+    assert sum(n.target is torch.matmul for n in result.model.graph.nodes) == 2
+    assert not any(n.target is F.linear for n in result.model.graph.nodes)

@@ -246,3 +246,8 @@ def test_a_report_as_a_dict_is_strict_json():
     report.layers.append({"quantizer": "q", "sqnr_vs_float_db": float("-inf")})
     text = json.dumps(report.to_dict(), allow_nan=False)
     assert '"inf"' in text and '"-inf"' in text
+
+
+def test_validate_takes_an_onnxruntime_session(exported):
+    model, blob = exported
+    assert validate(session(blob), model, inputs()).passed
