@@ -330,6 +330,11 @@ def compile(
         **options: the fields of :class:`CompileOptions` (``wbits``, ``abits``, ``emit``, ``check``, ...).
     """
     t0 = time.perf_counter()
+    for name, fn in (("progress", progress), ("callback", callback)):
+        if fn is not None and fn is not False and not callable(fn):
+            raise UserError(f"{name} must be a function (or None), got {fn!r}")
+    progress = progress or None  # False: none
+    callback = callback or None
     asked = {k: v for k, v in (("scheme", scheme), ("bits", bits)) if v is not None}  # a QAT model's are fixed
     scheme = "apot" if scheme is None else scheme
     bits = 4 if bits is None else bits

@@ -291,7 +291,8 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     # an unknown keyword was a TypeError from the options dataclass; now it names the option to use
     for kwargs, needle in [({"float_levels": True}, "unknown option 'float_levels'; use int8_levels=False"),
                            ({"calib_methd": "kl"}, "did you mean 'calib_method'?"),
-                           ({"per_channel": "no"}, "option per_channel must be True or False, got 'no'")]:
+                           ({"per_channel": "no"}, "option per_channel must be True or False, got 'no'"),
+                           ({"progress": True}, "progress must be a function (or None), got True")]:
         with pytest.raises(UserError, match=needle):
             qcompile.compile(MLP(), example_input(MLP), scheme="uniform", bits=8, output=str(out), **kwargs)
     assert leftovers(tmp_path) == []
@@ -306,7 +307,7 @@ def test_compile_api_takes_numpy_numbers_arrays_and_datasets():
     x = example_input(MLP, batch=32)
     for kwargs in [dict(calib=x, bits=np.int64(8), per_channel=np.bool_(True)),
                    dict(calib=x, bits=8, example_inputs=(x[:1].numpy(),)),
-                   dict(calib=TensorDataset(x, torch.zeros(32)), bits=8)]:
+                   dict(calib=TensorDataset(x, torch.zeros(32)), bits=8, progress=False)]:
         result = qcompile.compile(model, scheme="uniform", **kwargs)
         assert result.report.passed and result.options.bits == 8 and type(result.options.bits) is int
     assert result.report.samples == 32
