@@ -292,7 +292,7 @@ def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     for kwargs, needle in [({"float_levels": True}, "unknown option 'float_levels'; use int8_levels=False"),
                            ({"calib_methd": "kl"}, "did you mean 'calib_method'?"),
                            ({"per_channel": "no"}, "option per_channel must be True or False, got 'no'"),
-                           ({"progress": True}, "progress must be a function (or None), got True")]:
+                           ({"progress": True}, r"progress must be a function \(or None\), got True")]:
         with pytest.raises(UserError, match=needle):
             qcompile.compile(MLP(), example_input(MLP), scheme="uniform", bits=8, output=str(out), **kwargs)
     assert leftovers(tmp_path) == []
