@@ -211,7 +211,8 @@ def to_metadata(opts: CompileOptions) -> str:
 
 
 # (option, the default before, the version whose default differs): compact records leave defaults out
-_NEW_DEFAULTS = (("asym_levels", False, (0, 2)), ("int8_levels", False, (0, 3)))
+# (option, the value files from before that version were compiled with, the version whose default changed it)
+_NEW_DEFAULTS = (("asym_levels", False, (0, 2)), ("int8_levels", False, (0, 3)), ("equalize_inputs", False, (0, 4)))
 
 
 def _version(text: str) -> tuple:

@@ -377,10 +377,13 @@ def test_recorded_options_round_trip():
     # a 0.1 file left out asym_levels because its default was then False (symmetric APoT activations): the
     # simulation that validates it is rebuilt with that old default
     old = from_metadata('{"qcompile":"0.1.0","scheme":"apot","bits":4}')
-    assert old == {"scheme": "apot", "bits": 4, "asym_levels": False, "int8_levels": False}
+    assert old == {"scheme": "apot", "bits": 4, "asym_levels": False, "int8_levels": False, "equalize_inputs": False}
     # a 0.2 file: asymmetric levels by default already, APoT/PoT levels decided in float (no cells yet)
     assert from_metadata('{"qcompile":"0.2.0","scheme":"apot","bits":4}') == \
-        {"scheme": "apot", "bits": 4, "int8_levels": False}
+        {"scheme": "apot", "bits": 4, "int8_levels": False, "equalize_inputs": False}
+    # a 0.3 file: no EqualizeInputs yet (raw input features were not scaled)
+    assert from_metadata('{"qcompile":"0.3.0","scheme":"apot","bits":4}') == \
+        {"scheme": "apot", "bits": 4, "equalize_inputs": False}
     assert from_metadata(to_metadata(CompileOptions())) == {"scheme": "apot", "bits": 4}
 
 

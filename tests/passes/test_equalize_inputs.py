@@ -185,3 +185,33 @@ def test_a_model_taking_star_args_compiles():
 
     x = torch.randn(32, 6)
     assert qcompile.compile(VarArgs().eval(), calib=x, scheme="uniform", bits=8).report.passed
+
+
+def test_a_file_from_before_the_pass_validates_as_it_was_compiled(tmp_path):
+    """A 0.3 file records no equalize_inputs (the pass did not exist): validate rebuilds its simulation without the
+    pass, or a raw-feature model's file would fail against a simulation that has it."""
+    import json
+
+    import numpy as np
+    import onnx
+
+    from qcompile.cli import main
+
+    x, scales = raw_features()
+    model = raw_mlp(scales)
+    torch.save(model, tmp_path / "m.pt")
+    np.save(tmp_path / "calib.npy", x.numpy())
+    path = tmp_path / "old.onnx"
+    qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, equalize_inputs=False, output=str(path))
+    onnx_model = onnx.load(str(path))
+    for version in ("0.3.0", "0.4.0"):
+        for prop in onnx_model.metadata_props:
+            if prop.key == "qcompile.options":
+                record = json.loads(prop.value)
+                record.pop("equalize_inputs", None)
+                record["qcompile"] = version
+                prop.value = json.dumps(record, separators=(",", ":"))
+        onnx.save(onnx_model, str(tmp_path / f"as_{version}.onnx"))
+        rc = main(["validate", str(tmp_path / f"as_{version}.onnx"), "--against", str(tmp_path / "m.pt"),
+                   "--trust-pickle", "--data", str(tmp_path / "calib.npy")])
+        assert rc == (0 if version == "0.3.0" else 1), version
