@@ -39,6 +39,25 @@ from qcompile import quant
 from qcompile.qmodules import MARKER_DOMAIN, MARKER_OP, FakeQuantize
 
 
+def node_reads(nodes) -> set[str]:
+    """Every tensor name the nodes read, including those read from the outer scope inside their subgraph
+    attributes (the bodies of ``Loop``/``If``/``Scan``, at any depth: torch.onnx writes ``nn.EmbeddingBag`` as a
+    ``Loop`` whose body gathers from the bag's weight). A pass that drops an initializer or node no top-level node
+    reads must use this, or a body is left naming a tensor that no longer exists."""
+    read: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        read.update(n.input)
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                stack.extend(a.g.node)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    stack.extend(g.node)
+    return read
+
+
 def quantizers_by_id(gm: torch.nn.Module) -> dict[int, FakeQuantize]:
     """Give every FakeQuantize of ``gm`` a stable id (its order in ``named_modules``) and return the map."""
     table = {}
@@ -568,9 +587,7 @@ def drop_unread_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     emission leaves out (a ReLU6 before APoT levels that imply it) stayed, and onnxruntime warned "Removing
     initializer ... not used by any node" on every session."""
     graph = model.graph
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    read |= {i for n in graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH
-             for sub in [a.g] for m in sub.node for i in m.input}
+    read = node_reads(graph.node) | {o.name for o in graph.output}
     dead = [n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx")
             and not any(o in read for o in n.output)]
     for n in dead:
@@ -613,7 +630,7 @@ def detach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
     import json
 
     graph = model.graph
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    read = node_reads(graph.node) | {o.name for o in graph.output}
     mapped = {a["tensor"] for a in activation_map(model)}
     probes = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.domain in ("", "ai.onnx")
               and n.output[0] in mapped and n.output[0] not in read]
@@ -621,7 +638,7 @@ def detach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     for n in probes:
         graph.node.remove(n)
-    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    still_read = node_reads(graph.node) | {o.name for o in graph.output}
     orphans = {t.name: t for t in graph.initializer if t.name not in still_read
                and any(t.name in n.input for n in probes)}
     records = []
@@ -871,7 +888,7 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
-    still_read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    still_read = node_reads(graph.node) | {o.name for o in graph.output}
     mapped = {a["tensor"] for a in activation_map(model)}
     dead = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.output[0] in shielded
             and n.output[0] not in still_read and n.output[0] not in mapped]
@@ -951,7 +968,7 @@ def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
                     nodes.extend(b.nodes)
                     graph.initializer.extend(b.inits)
         nodes.append(node)
-    used = {i for n in nodes for i in n.input}
+    used = node_reads(nodes)
     kept = [t for t in graph.initializer if t.name in used]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -1018,10 +1035,10 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
         new_nodes.extend(b.nodes)
         new_inits.extend(b.inits)
         post.extend(b.post)
-    read = {i for n in new_nodes for i in n.input} | {o.name for o in graph.output}
+    read = node_reads(new_nodes) | {o.name for o in graph.output}
     new_nodes = [n for n in new_nodes if not (n.op_type == "Identity" and n.output[0] in identity_of
                                               and n.output[0] not in read)]  # now dead
-    still_used = {i for n in new_nodes for i in n.input}
+    still_used = node_reads(new_nodes)
     kept = [t for t in graph.initializer if t.name in still_used or t.name not in used_weights]
     kept = [t for t in kept if t.name in still_used]
     del graph.node[:]
@@ -1031,7 +1048,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     if post:
         for fn in post:
             fn(model)
-        read = {i for n in graph.node for i in n.input}
+        read = node_reads(graph.node)
         unread = [t for t in graph.initializer if t.name not in read]
         for t in unread:  # biases a shifted copy replaced
             graph.initializer.remove(t)

@@ -474,6 +474,38 @@ def test_a_token_id_past_the_embedding_in_a_later_sample_is_a_user_error(tmp_pat
     assert leftovers(tmp_path) == []
 
 
+def test_an_embedding_bag_loop_body_keeps_the_weight_it_reads(tmp_path):
+    """torch.onnx writes nn.EmbeddingBag as a Loop whose body gathers from the bag's weight, an outer-scope
+    initializer that no top-level node reads: the emission dropped it, and every quantized compile of such a model
+    stopped with onnx.checker's "not output of any previous nodes" traceback."""
+    import onnx
+    import onnxruntime as ort
+    import torch.nn as nn
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(40, 8, mode="mean")
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.fc(self.bag(ids))
+
+    torch.manual_seed(0)
+    m = Bag().eval()
+    ids = torch.randint(0, 40, (16, 6), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "bag.onnx"
+    result = qcompile.compile(m, ids[:1], scheme="uniform", bits=8, calib=ids, output=str(path), progress=False)
+    assert result.report.passed
+    model = onnx.load(str(path))
+    assert "Loop" in {n.op_type for n in model.graph.node}
+    onnx.checker.check_model(model, full_check=True)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": ids.numpy()})[0]
+    with torch.no_grad():
+        ref = m(ids).numpy()
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
+
+
 def test_a_model_torch_ao_quantized_or_prepared_is_a_user_error(tmp_path):
     """torchvision's quantize=True models (torch.ao converted) were exported as torch's own int8 graph whatever
     scheme was asked, with validation PASS; a prepared one (observers) gave --leaf-module hints one observer at a
