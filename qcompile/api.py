@@ -266,7 +266,8 @@ def default_thresholds(opts: CompileOptions) -> dict:
 
 
 # compile(thresholds=...) keys
-VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch", "min_forced_sqnr"}
+VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch", "min_forced_sqnr",
+                         "max_layer_code_mismatch"}
 
 
 # command-line flags whose Python option has another name or sense
@@ -399,7 +400,7 @@ def compile(
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
     if validate and thresholds:
         known = VALIDATION_THRESHOLDS if opts.quantized else \
-            VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr"}
+            VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr", "max_layer_code_mismatch"}
         unknown = sorted(map(str, set(thresholds) - known))
         if unknown:
             raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
