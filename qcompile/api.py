@@ -201,6 +201,9 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
     if len(parts) != len(example_inputs):
         raise UserError(f"{what} has {len(parts)} input(s) but the model is traced with {len(example_inputs)}; give "
                         f"one array per model input ({option})")
+    # a constant input beside one that varies (a padding mask of all ones when no text was padded, a flag) is
+    # real data; only calibration with nothing that varies sets the ranges from nothing
+    varied = any(c.numel() > 1 and bool((c != c.reshape(-1)[0]).any()) for c in parts)
     for i, (c, e) in enumerate(zip(parts, example_inputs)):
         which = f"input {i} of the " if len(parts) > 1 else ""
         if c.dim() == 0 or c.shape[0] == 0:
@@ -210,7 +213,7 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             bad = int((~torch.isfinite(c)).sum())
             if bad:
                 raise UserError(f"{which}{what} holds {bad} NaN or inf value(s); give finite inputs ({option})")
-            if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib":
+            if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib" and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):

@@ -712,3 +712,27 @@ def test_calibration_batches_of_input_tuples_and_labels_feed_a_two_input_model()
     result = qcompile.compile(Two().eval(), calib=DataLoader(Pairs(), batch_size=16), scheme="uniform", bits=8)
     assert result.report.passed and result.report.samples == 64
     assert len(result.onnx_model.graph.input) == 2
+
+
+def test_a_constant_input_beside_one_that_varies_is_calibration_data(tmp_path):
+    """A padding mask that is all ones (no calibration text was padded) beside the token ids was refused as
+    "constant calibration data"; only calibration in which nothing varies is."""
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(20, 8)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, ids, mask):
+            h = self.e(ids) * mask.unsqueeze(-1)
+            return self.fc(h.sum(1) / mask.sum(1, keepdim=True))
+
+    ids = torch.randint(0, 20, (16, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(16, 6)
+    result = qcompile.compile(Pool().eval(), (ids[:1], mask[:1]), scheme="uniform", bits=8, calib=(ids, mask),
+                              output=str(tmp_path / "p.onnx"), progress=False)
+    assert result.report.passed
+    with pytest.raises(UserError, match=r"input 1 of the calibration data is constant"):
+        qcompile.compile(Pool().eval(), (ids[:1], mask[:1]), scheme="uniform", bits=8,
+                         calib=(torch.full_like(ids, 3), mask), output=str(tmp_path / "q.onnx"))
+    assert not (tmp_path / "q.onnx").exists()
