@@ -226,6 +226,16 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                             "--input-shape makes float inputs)")
 
 
+def _example_int_types(data, example_inputs: tuple):
+    """Integer inputs (token ids) in the integer type of the example inputs the file is exported with: int64
+    calibration ids (``torch.randint``) for an int32 example stopped in onnxruntime ("Unexpected input data type")."""
+    parts = data if isinstance(data, tuple) else (data,)
+    cast = tuple(c.to(e.dtype) if isinstance(e, torch.Tensor) and c.dtype != e.dtype and not c.is_floating_point()
+                 and not e.is_floating_point() and c.dtype != torch.bool and e.dtype != torch.bool else c
+                 for c, e in zip(parts, example_inputs))
+    return cast if isinstance(data, tuple) else cast[0]
+
+
 def calib_data(calib, n_inputs: int = 1):
     """Calibration data as the passes take it: one tensor for a one-input model (see :func:`calib_tensor`), a tuple
     of ``n_inputs`` tensors (each ``(N, ...)``) for a model with several inputs. For several inputs ``calib`` is a
@@ -397,10 +407,12 @@ def compile(
     example_inputs = as_input_tuple(example_inputs)
     if calib_x is not None:
         check_calibration_data(calib_x, example_inputs)
+        calib_x = _example_int_types(calib_x, example_inputs)
     valid_x = None
     if validate and validation_inputs is not None:
         valid_x = calib_data(validation_inputs, len(example_inputs))
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
+        valid_x = _example_int_types(valid_x, example_inputs)
     if validate and thresholds:
         known = VALIDATION_THRESHOLDS if opts.quantized else \
             VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr", "max_layer_code_mismatch"}

@@ -119,6 +119,14 @@ def validate_against(args):
             shapes = _input_shapes_from_onnx(onnx_model)
         if not shapes:
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
+        not_float = [(i.name, onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name)
+                     for i in _graph_inputs(onnx_model) if i.type.tensor_type.elem_type not in
+                     (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)]
+        if not_float:  # token ids or a mask: random floats are no input for it
+            name, dtype = not_float[0]
+            raise UserError(f"{args.onnx!r} takes {dtype} input {name!r} (token ids or a mask), which random "
+                            "inputs cannot stand for; pass --data FILE (.npy, or .npz with x0, x1, ...) with real "
+                            "inputs, such as the calibration data")
         gen = torch.Generator().manual_seed(1)
         inputs = tuple(torch.randn((args.samples,) + tuple(shape[1:]), generator=gen) for shape in shapes)
     given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape

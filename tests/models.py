@@ -264,3 +264,16 @@ class DepthwiseSeparableNet(nn.Module):
         x = F.relu(self.dw2(x))
         x = F.relu(self.pw2(x))
         return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class TokenMean(nn.Module):
+    """Token ids (int64, ``(N, L)``) -> embedding -> mean over the sequence -> Linear: a model whose input is not
+    a float tensor."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, classes: int = 3):
+        super().__init__()
+        self.e = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, classes)
+
+    def forward(self, ids):
+        return self.fc(self.e(ids).mean(1))

@@ -928,3 +928,19 @@ def test_every_pipeline_pass_is_importable_from_qcompile_passes():
     names = {type(p).__name__ for p in build_passes(CompileOptions(scheme="uniform", bits=8, int8_weights="s8-safe"),
                                                     None)}
     assert names and all(hasattr(passes, n) and n in passes.__all__ for n in names), names
+
+
+def test_validate_of_a_token_model_without_data_says_to_pass_data(work, capsys):
+    """Random float inputs for a file that takes int64 token ids: 'internal error' from nn.Embedding before."""
+    np.save("ids.npy", np.random.default_rng(0).integers(0, 20, (8, 5)))
+    from tests.models import TokenMean
+
+    torch.save(TokenMean().state_dict(), "tokens.pt")
+    assert cli(capsys, "tokens.pt", "--arch", "tests.models:TokenMean", "--calib", "ids.npy", "--scheme", "fp32",
+               "-o", "tok.onnx")[0] == 0
+    rc, out, err = cli(capsys, "validate", "tok.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean")
+    assert_user_error(rc, err, "takes int64 input")
+    assert "--data" in err
+    rc, out, err = cli(capsys, "validate", "tok.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean",
+                       "--data", "ids.npy")
+    assert rc == 0 and "PASS" in out, err

@@ -736,3 +736,15 @@ def test_a_constant_input_beside_one_that_varies_is_calibration_data(tmp_path):
         qcompile.compile(Pool().eval(), (ids[:1], mask[:1]), scheme="uniform", bits=8,
                          calib=(torch.full_like(ids, 3), mask), output=str(tmp_path / "q.onnx"))
     assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.parametrize("example, calib", [(torch.int32, torch.int64), (torch.int64, torch.int32)])
+def test_token_ids_take_the_integer_type_of_the_example_input(tmp_path, example, calib):
+    """int64 calibration ids (torch.randint) for an int32 example input: onnxruntime's "Unexpected input data
+    type" from the validation, and no file."""
+    from tests.models import TokenMean
+
+    ids = torch.randint(0, 20, (16, 5), generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(TokenMean().eval(), ids[:1].to(example), scheme="uniform", bits=8,
+                              calib=ids.to(calib), output=str(tmp_path / "t.onnx"), progress=False)
+    assert result.report.passed, result.report.summary()
