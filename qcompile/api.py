@@ -165,6 +165,26 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
     return dataclasses.replace(trained, **{k: getattr(opts, k) for k in _FORM_OPTIONS})
 
 
+def _check_finite_model(gm: torch.fx.GraphModule) -> None:
+    """Parameters and buffers must be finite, and every BatchNorm's ``running_var + eps`` positive: a corrupted or
+    badly converted checkpoint stopped in calibration as "a qcompile bug" (a NaN scale), and at fp32 its NaN outputs
+    compared as PASS."""
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"{name!r} holds {bad} NaN or inf value(s) of {t.numel()}; the model computes no finite "
+                            "output: fix the checkpoint (or the training that wrote it)")
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+                low = mod.running_var.double() + mod.eps
+                if bool((low <= 0).any()):
+                    raise UserError(f"{type(mod).__name__} {node.target!r} has running_var + eps <= 0 in "
+                                    f"{int((low <= 0).sum())} channel(s): it divides by the square root of it; fix "
+                                    "the checkpoint's running_var (a variance is >= 0) or give eps > 0")
+
+
 def _check_batch_statistics(gm: torch.fx.GraphModule) -> None:
     """A BatchNorm without running statistics (``track_running_stats=False``) normalises every batch with that
     batch's own mean and variance, in eval mode too: an output that depends on the other samples of the batch,
@@ -434,6 +454,7 @@ def compile(
         gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
                    leaf_modules=opts.leaf_modules, copy=False)
         _check_batch_statistics(gm)
+        _check_finite_model(gm)
         for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
             if data is not None:
                 _check_token_ids(gm, data, what)

@@ -39,7 +39,7 @@ class ValidationReport:
 
     def summary(self) -> str:
         top1 = "n/a" if self.top1 is None else f"{100 * self.top1:.2f}%"
-        sq = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f} dB"
+        sq = ("inf" if self.sqnr_db > 0 else "-inf") if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f} dB"
         status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         codes = ""
         if self.extra.get("codes_total"):
@@ -90,12 +90,19 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
     if len(reference) != len(test):
         raise ValueError(f"reference has {len(reference)} outputs, test has {len(test)}")
     errs, ref_all, test_all = [], [], []
+    unmatched = 0  # entries non-finite on one side only (or inf against -inf)
     for r, t in zip(reference, test):
         if r.shape != t.shape:
             raise ValueError(f"output shape mismatch: reference {r.shape} vs onnx {t.shape}")
-        errs.append(float(np.max(np.abs(r.astype(np.float64) - t.astype(np.float64)))) if r.size else 0.0)
-        ref_all.append(r.ravel())
-        test_all.append(t.ravel())
+        r64, t64 = r.astype(np.float64).ravel(), t.astype(np.float64).ravel()
+        finite = np.isfinite(r64) & np.isfinite(t64)
+        same = (np.isnan(r64) & np.isnan(t64)) | (np.isinf(r64) & (r64 == t64))
+        unmatched += int((~finite & ~same).sum())
+        # NaN compares false: the metrics are over the entries finite on both sides, so a NaN never passes a bound
+        r64, t64 = r64[finite], t64[finite]
+        errs.append(float(np.max(np.abs(r64 - t64))) if r64.size else 0.0)
+        ref_all.append(r64)
+        test_all.append(t64)
     first = reference[0]
     top1 = None
     if first.ndim == 2 and first.shape[1] > 1:
@@ -107,6 +114,9 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
         top1=top1,
         thresholds={"min_sqnr": min_sqnr, "max_abs": max_abs, "min_top1": min_top1},
     )
+    if unmatched:
+        report.failures.append(f"{unmatched} output value(s) are NaN or inf on one side only")
+        report.extra["nonfinite_unmatched"] = unmatched
     if min_sqnr is not None and report.sqnr_db < min_sqnr:
         report.failures.append(f"SQNR {report.sqnr_db:.1f} dB < {min_sqnr} dB")
     if max_abs is not None and report.max_abs > max_abs:

@@ -748,3 +748,19 @@ def test_token_ids_take_the_integer_type_of_the_example_input(tmp_path, example,
     result = qcompile.compile(TokenMean().eval(), ids[:1].to(example), scheme="uniform", bits=8,
                               calib=ids.to(calib), output=str(tmp_path / "t.onnx"), progress=False)
     assert result.report.passed, result.report.summary()
+
+
+@pytest.mark.parametrize("corrupt, needle", [
+    (lambda m: m[0].weight.data.__setitem__((0, 0, 0, 0), float("nan")), r"'0.weight' holds 1 NaN or inf value"),
+    (lambda m: m[1].running_var.__setitem__(0, -1.0), r"BatchNorm2d '1' has running_var \+ eps <= 0 in 1 channel"),
+])
+def test_a_corrupted_checkpoint_is_a_user_error(tmp_path, corrupt, needle):
+    """A NaN weight or a negative running_var: "a qcompile bug" from calibration (a NaN scale), and at fp32 NaN
+    outputs compared as PASS."""
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    corrupt(m)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for scheme in ("uniform", "fp32"):
+        with pytest.raises(UserError, match=needle):
+            qcompile.compile(m, x[:1], calib=x, scheme=scheme, bits=8, output=str(tmp_path / "m.onnx"))
+        assert not (tmp_path / "m.onnx").exists()

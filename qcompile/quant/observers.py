@@ -778,6 +778,7 @@ class SDQObserver(Observer):
         self.s1 = self.s2 = self.n_pos = self.s2_pos = None
 
     def _observe(self, rows, bmin, bmax):
+        rows = rows.double()  # x² of float32 activations past ~1.8e19 is inf (clip inf, a NaN bias in the file)
         square = rows * rows
         pos = rows > 0
         stats = (rows.sum(1, dtype=torch.float64), square.sum(1, dtype=torch.float64),

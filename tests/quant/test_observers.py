@@ -406,3 +406,12 @@ def test_compute_qparams_many_equals_one_at_a_time():
         alone = obs.compute_qparams(ls)
         assert torch.equal(alone.alpha, params.alpha) and torch.equal(alone.zero_point, params.zero_point)
         assert alone.alpha.shape == params.alpha.shape
+
+
+def test_sdq_sigma_of_activations_near_float32_max_is_finite():
+    """x² of float32 activations of 1e20 was inf: the sdq range was inf and the file had a NaN bias."""
+    x = torch.randn(64, 8, generator=_gen(0)) * 1e20
+    obs = make_observer("sdq")
+    obs.update(x)
+    params = obs.compute_qparams(level_set("uniform", 8, signed=True))
+    assert torch.isfinite(params.alpha).all() and float(params.alpha) > 1e20

@@ -251,3 +251,24 @@ def test_a_report_as_a_dict_is_strict_json():
 def test_validate_takes_an_onnxruntime_session(exported):
     model, blob = exported
     assert validate(session(blob), model, inputs()).passed
+
+
+def test_nan_never_passes_a_bound_and_unmatched_nan_fails():
+    """NaN compares false, so outputs with NaN gave "max abs err nan, SQNR nan -> PASS" under any threshold. The
+    metrics are over entries finite on both sides, and an entry non-finite on one side only is a failure."""
+    ref = a([1.0, 2.0, np.nan], [3.0, np.inf, 4.0])
+    same = compare_outputs([ref], [ref.copy()], min_sqnr=80.0, max_abs=0.0)
+    assert same.passed and same.max_abs == 0.0 and math.isinf(same.sqnr_db)  # the same NaN/inf on both sides
+    one_side = ref.copy()
+    one_side[0, 0] = np.nan
+    report = compare_outputs([ref], [one_side], min_sqnr=80.0)
+    assert not report.passed and any("NaN or inf on one side only" in f for f in report.failures)
+    assert math.isfinite(report.max_abs) and not math.isnan(report.sqnr_db)
+    flipped = ref.copy()
+    flipped[1, 1] = -np.inf
+    assert not compare_outputs([ref], [flipped]).passed
+
+
+def test_minus_inf_sqnr_is_printed_as_minus_inf():
+    report = compare_outputs([a([0.0, 0.0])], [a([1.0, 0.0])])
+    assert report.sqnr_db == -math.inf and "SQNR -inf" in report.summary()
