@@ -60,6 +60,13 @@ class Calibrate(Pass):
         for node in weights:
             fq = gm.get_submodule(node.target)
             w = attr_value(gm, node.args[0]).detach()
+            top = float(w.abs().max()) if w.numel() else 0.0
+            if 0.0 < top < quant.MIN_ALPHA:
+                layer = node.target[:-len(".weight_fq")] if node.target.endswith(".weight_fq") else node.target
+                raise UserError(f"the weights of layer {layer!r} are all below {quant.MIN_ALPHA:g} in magnitude "
+                                f"(largest {top:.3g}), under the smallest quantizer range: every code would be 0 "
+                                f"(the file silently computing another model); rescale the layer (and the next one by "
+                                f"the inverse), or keep it float (--exclude {layer}, exclude=[{layer!r}])")
             if self.weight_method == "mse" and not fq.asymmetric:
                 fq.set_params(weight_mse_alpha(w, fq.levelset, fq.axis))
             else:

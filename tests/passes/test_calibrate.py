@@ -633,3 +633,23 @@ def test_the_data_free_error_names_the_layer_behind_a_pad():
 
     with pytest.raises(UserError, match=r"cannot calibrate the input of layer 'c1' without data"):
         qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8)
+
+
+def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
+    """A layer scaled by 1e-12 (the next by 1e12: the same function) had every weight code 0 under the 1e-8 floor of
+    the quantizer range: a file computing another model, validation PASS (file = simulation)."""
+    import qcompile
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(1e-12)
+        m[2].bias.mul_(1e-12)
+    x = torch.randn(32, 8)
+    with pytest.raises(UserError, match=r"the weights of layer '2' are all below 1e-08 in magnitude.*exclude=\['2'\]"):
+        qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False,
+                         output=str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
+    r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, exclude=["2"],
+                         output=str(tmp_path / "m.onnx"), progress=False)
+    assert r.report.passed
