@@ -216,7 +216,14 @@ class Calibrate(Pass):
             n, done = data_length(self.data), 0
             with torch.no_grad(), recorder:
                 for batch in data_batches(self.data, self.batch_size):
-                    gm(*(layout(t) for t in batch))
+                    try:
+                        gm(*(layout(t) for t in batch))
+                    except ValueError as e:
+                        if "got NaN or inf values" not in str(e):
+                            raise
+                        raise UserError("the model computes NaN or inf values on the calibration data (an activation "
+                                        "past float32's range, ~3.4e38); give inputs in the range the model was "
+                                        "trained on (--calib)") from None
                     done += batch[0].shape[0]
                     if self.progress is not None:
                         self.progress(done, n)

@@ -653,3 +653,19 @@ def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
     r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, exclude=["2"],
                          output=str(tmp_path / "m.onnx"), progress=False)
     assert r.report.passed
+
+
+def test_calibration_data_that_overflows_the_model_is_a_user_error(tmp_path):
+    """Finite inputs of ~1e38 whose first layer's sums are inf: "a qcompile bug" (the observer's ValueError)."""
+    import qcompile
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[0].weight.abs_().mul_(100.0)
+    x = torch.rand(32, 8) * 3e38
+    with torch.no_grad():
+        assert torch.isfinite(x).all() and not torch.isfinite(m(x)).all()
+    with pytest.raises(UserError, match="the model computes NaN or inf values on the calibration data"):
+        qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
