@@ -183,8 +183,11 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, tor
 
 def _strip_wrapper_prefix(state: dict, expected: dict) -> dict:
     """The state dict with a wrapper's key prefix removed where every key carries it and the stripped keys are the
-    model's (``nn.DataParallel``/DDP save ``module.conv.weight``, a ``torch.compile``d model ``_orig_mod.``)."""
+    model's (``nn.DataParallel``/DDP save ``module.conv.weight``, a ``torch.compile``d model ``_orig_mod.``,
+    ``AveragedModel`` ``module.`` beside its ``n_averaged``)."""
     stripped = state
+    if "n_averaged" in stripped and "n_averaged" not in expected:  # AveragedModel (SWA/EMA): its counter + module.*
+        stripped = {k: v for k, v in stripped.items() if k != "n_averaged"}
     for _ in range(3):  # nested wrappers, e.g. module._orig_mod.
         if set(stripped) <= set(expected):
             break
@@ -227,33 +230,64 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _wrapped(model: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds: ``torch.compile`` (``OptimizedModule._orig_mod``), ``nn.DataParallel``/DDP and
+    ``torch.optim.swa_utils.AveragedModel`` (the SWA/EMA average, ``.module``); None for any other module."""
+    from torch.optim.swa_utils import AveragedModel
+
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return inner
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel, AveragedModel)):
+        return model.module
+    return None
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside ``torch.compile`` (``OptimizedModule._orig_mod``) and ``nn.DataParallel``/DDP
-    (``.module``) wrappers, which torch.fx cannot trace; any other module as it is."""
+    """The model inside ``torch.compile``, ``nn.DataParallel``/DDP and ``AveragedModel`` wrappers, which torch.fx
+    cannot trace (:func:`_wrapped`); any other module as it is. Wrappers inside the model are replaced in the copy
+    the passes work on (:func:`plain_copy`)."""
     for _ in range(4):  # nested, e.g. DataParallel(torch.compile(model))
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
-            model = inner
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
+        inner = _wrapped(model)
+        if inner is None:
             break
+        model = inner
     return model
+
+
+def _unwrap_children(model: nn.Module) -> None:
+    """Replace, in place, every wrapper inside ``model`` by the module it holds: ``model.features =
+    nn.DataParallel(model.features)`` (the ImageNet example's idiom) is a torch.nn module, a leaf to torch.fx, and
+    its layers stayed float without a word."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            inner = unwrap(child)
+            if inner is not child:
+                setattr(parent, name, inner)
 
 
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose weights are plain parameters: ``torch.nn.utils.parametrizations``
-    (``weight_norm``, ``spectral_norm``, ...) and the older ``weight_norm``/``spectral_norm`` hooks are baked into the
+    (``weight_norm``, ``spectral_norm``, ...), the older ``weight_norm``/``spectral_norm`` hooks and
+    ``torch.nn.utils.prune``'s masks (before ``prune.remove``) are baked into the
     weight they compute now (eval mode: spectral norm's stored vectors, no power iteration), as for inference, and
-    a half/bfloat16/float64 model becomes float32 (the precision the quantizers and the ONNX file start from). The
+    a half/bfloat16/float64 model becomes float32 (the precision the quantizers and the ONNX file start from), and
+    wrappers inside it (``nn.DataParallel``, ``torch.compile``) give way to the module they hold. The
     model itself is left as it is. (A parametrized layer has no ``weight`` parameter to quantize, and the old hooks'
     computed weight cannot even be deep-copied.)"""
-    from torch.nn.utils import parametrize
+    from torch.nn.utils import parametrize, prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    hooked = [(m, h.name) for m in model.modules() for h in m._forward_pre_hooks.values()
-              if isinstance(h, (WeightNorm, SpectralNorm)) and isinstance(getattr(m, h.name, None), torch.Tensor)]
+    def hook_name(h) -> str | None:  # the tensor a weight hook computes before each forward
+        if isinstance(h, (WeightNorm, SpectralNorm)):
+            return h.name
+        if isinstance(h, prune.BasePruningMethod):  # weight = weight_orig * weight_mask
+            return h._tensor_name
+        return None
+
+    hooked = [(m, hook_name(h)) for m in model.modules() for h in m._forward_pre_hooks.values()
+              if hook_name(h) and isinstance(getattr(m, hook_name(h), None), torch.Tensor)]
     saved = [(m, name, getattr(m, name)) for m, name in hooked]
     try:
         for m, name, value in saved:  # the computed weight is a non-leaf tensor: copy a detached stand-in
@@ -262,6 +296,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
+    _unwrap_children(copied)
     tensors = list(copied.parameters()) + list(copied.buffers())
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         copied.float()  # a half/bfloat16/float64 model: quantized from (and validated against) its float32 values
@@ -275,6 +310,8 @@ def plain_copy(model: nn.Module) -> nn.Module:
                     torch.nn.utils.remove_weight_norm(m, h.name)  # weight = g * v / |v| as a parameter
                 elif isinstance(h, SpectralNorm):
                     torch.nn.utils.remove_spectral_norm(m, h.name)  # weight / sigma from the stored u, v
+                elif isinstance(h, prune.BasePruningMethod):
+                    prune.remove(m, h._tensor_name)  # weight_orig * weight_mask as the weight parameter
             if parametrize.is_parametrized(m):
                 # the copy shares its parametrized class (and the class's properties) with the original: removing
                 # a parametrization deletes the property from the class, so give the copy a class of its own

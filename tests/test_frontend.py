@@ -531,13 +531,14 @@ def test_a_torchscript_module_is_refused_with_what_to_pass_instead():
         qcompile.compile(torch.jit.script(MLP(seed=0)), torch.randn(2, *MLP.INPUT_SHAPE[1:]), scheme="uniform", bits=8)
 
 
-@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both", "averaged"])
 def test_wrapped_models_compile_as_the_model_inside(wrap):
     """torch.compile's OptimizedModule and nn.DataParallel cannot be traced by torch.fx ("missing the required
     forward", "Proxy object cannot be iterated"): compile takes the model inside."""
     inner = ResidualCNN(seed=6)
     model = {"compile": lambda m: torch.compile(m), "data_parallel": nn.DataParallel,
-             "both": lambda m: nn.DataParallel(torch.compile(m))}[wrap](inner)
+             "both": lambda m: nn.DataParallel(torch.compile(m)),
+             "averaged": torch.optim.swa_utils.AveragedModel}[wrap](inner)  # SWA/EMA: forward(*args, **kwargs)
     x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(7))
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
@@ -942,3 +943,44 @@ def test_a_forward_hook_that_changes_outputs_is_named(where):
     x = torch.randn(32, 8)
     with pytest.raises(UserError, match="forward hooks, which torch.fx does not trace"):
         qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+
+
+def test_a_pruned_model_with_its_masks_still_on_compiles_as_the_masked_weights():
+    """torch.nn.utils.prune keeps weight_orig and weight_mask and recomputes weight in a forward pre-hook (the state
+    after pruning and fine-tuning): the compile stopped in deepcopy ("Only Tensors created explicitly by the user")."""
+    from torch.nn.utils import prune
+
+    model = ResidualCNN(seed=8)
+    prune.l1_unstructured(model.conv1, "weight", amount=0.5)
+    x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        before = model(x)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, progress=False)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
+    assert hasattr(model.conv1, "weight_mask")  # the user's model keeps its masks
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_layers_inside_a_nested_data_parallel_are_quantized():
+    """model.features = nn.DataParallel(model.features) (the ImageNet example): a torch.nn module, a leaf to
+    torch.fx, whose convs stayed float without a word while APoT 4-bit was asked."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                        nn.ReLU()), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    model[0] = nn.DataParallel(model[0])
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(11))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, progress=False)
+    assert result.report.passed
+    assert result.model.get_submodule("0.2").weight_fq.calibrated
+    assert isinstance(model[0], nn.DataParallel)  # the user's model is left as it was
+
+
+def test_state_dict_of_an_averaged_model_loads_into_arch(tmp_path):
+    """AveragedModel's state dict: n_averaged beside module.* keys ("unexpected n_averaged, module.a.weight")."""
+    source = ResidualCNN(seed=3)
+    path = tmp_path / "ema.pt"
+    torch.save(torch.optim.swa_utils.AveragedModel(source).state_dict(), path)
+    loaded = load_model(str(path), arch="tests.models:ResidualCNN")
+    for k, v in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
