@@ -953,8 +953,8 @@ def test_a_pruned_model_with_its_masks_still_on_compiles_as_the_masked_weights()
     model = ResidualCNN(seed=8)
     prune.l1_unstructured(model.conv1, "weight", amount=0.5)
     x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        before = model(x)
+    before = model(x).detach()  # with grad: the hook's weight is a non-leaf tensor, as after fine-tuning
+    assert model.conv1.weight.grad_fn is not None
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, progress=False)
     assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
     assert hasattr(model.conv1, "weight_mask")  # the user's model keeps its masks
