@@ -8,7 +8,7 @@ import onnx
 import torch
 
 from .errors import UserError
-from .frontend import load_model, parse_input_shape
+from .frontend import load_model, parse_input_shape, plain_copy, unwrap
 from .options import OPTIONS_KEY, _version, from_metadata
 
 
@@ -108,6 +108,9 @@ def validate_against(args):
         raise UserError(f"{args.onnx!r} is not an ONNX file{' (it is empty)' if not os.path.getsize(args.onnx) else ''}; "
                         "give the .onnx file qcompile wrote")
     model = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
+    # the float reference as compile has it: float32 (a half/bfloat16/float64 model's float32 values; model.eval() of
+    # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
+    reference = plain_copy(unwrap(model)).eval()
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
@@ -156,7 +159,7 @@ def validate_against(args):
         if all(v is None for v in thresholds.values()):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
         try:
-            return rv.validate(args.onnx, model.eval(), inputs, **thresholds)
+            return rv.validate(args.onnx, reference, inputs, **thresholds)
         except ValueError as e:  # outputs of another number or shape
             raise UserError(f"{args.onnx!r} does not give --against's outputs ({e}); give the model the file was "
                             "compiled from") from None
@@ -193,7 +196,7 @@ def validate_against(args):
                         "compared), or pass the model it was compiled from")
     _check_same_graph(onnx_model, sim.onnx_model, args)
     try:
-        return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=model.eval(), **thresholds)
+        return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error type
         if "does not exist in the graph" not in str(e):
             raise

@@ -966,3 +966,16 @@ def test_validate_data_on_a_data_free_file_is_validation_input_only(work, capsys
     assert rc == 0 and "PASS" in out, err
     rc, out, err = cli(capsys, "validate", "df.onnx", "--against", "bn.pt", "--arch", spec, "--data", "calib.npy")
     assert rc == 0 and "validation on 6 inputs" in out and "PASS" in out, out + err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_validate_against_a_model_in_another_float_precision(work, capsys, dtype):
+    """compile takes a half/float64 model from its float32 values; validate ran the model itself on float32 inputs
+    ("Input type (float) and bias type (c10::Half)": internal error)."""
+    model = torch.load("full.pt", weights_only=False).to(dtype)
+    torch.save(model, "other.pt")
+    for scheme in (("--scheme", "fp32"), ("--scheme", "uniform", "--bits", "8")):
+        rc, out, err = cli(capsys, "other.pt", "--trust-pickle", "--calib", "calib.npy", *scheme, "-o", "o.onnx")
+        assert rc == 0, err
+        rc, out, err = cli(capsys, "validate", "o.onnx", "--against", "other.pt", "--trust-pickle", "--data", "calib.npy")
+        assert rc == 0 and "PASS" in out, out + err
