@@ -55,6 +55,10 @@ def resolve_factory(spec: str):
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise UserError(f"invalid factory spec {spec!r}: use the form package.module:factory")
+    if mod_name.startswith(".") or "/" in mod_name or "\\" in mod_name or mod_name.endswith(".py"):
+        name = os.path.splitext(os.path.basename(mod_name.rstrip("/\\")))[0].lstrip(".") or "module"
+        raise UserError(f"{spec!r} names a file, not a module: give the module name, e.g. {name}:{attr}, run from "
+                        f"the folder that holds {name}.py (or with that folder on PYTHONPATH)")
     cwd = os.getcwd()
     if cwd not in sys.path:  # as `python` itself does, so a user's local module is importable
         sys.path.insert(0, cwd)
@@ -62,6 +66,9 @@ def resolve_factory(spec: str):
         module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise UserError(f"cannot import module {mod_name!r} from {spec!r} ({exc}); check the spelling or install it") from None
+    except Exception as exc:  # the user's module fails on import: their code, not a qcompile bug
+        raise UserError(f"importing module {mod_name!r} from {spec!r} failed: {type(exc).__name__}: "
+                        f"{_first_line(exc)}; fix that module (python -c 'import {mod_name}' shows it)") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -149,6 +156,10 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         try:
             obj = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as exc:
+            if "on <module '__main__'" in str(exc):  # the class was defined in the script that saved it
+                raise UserError(f"cannot unpickle {source!r}: its model class was defined in the script that saved it "
+                                f"(__main__), which no other program can import; save model.state_dict() and pass "
+                                f"--arch script_module:Class (or move the class into a module and save again)") from None
             raise UserError(f"cannot unpickle {source!r} ({type(exc).__name__}: {_first_line(exc)}); "
                             "make the module that defines the model importable from the current directory") from None
         if isinstance(obj, nn.Module):

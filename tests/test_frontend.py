@@ -246,6 +246,27 @@ def test_bad_factory_specs(user_module, suffix, needle):
     _assert_one_line(err, needle)
 
 
+@pytest.mark.parametrize("spec", ["./{mod}.py:UserNet", ".{mod}:UserNet", "{mod}.py:UserNet", "../x/{mod}.py:f"])
+def test_a_factory_spec_written_as_a_file_names_the_module_form(user_module, tmp_path, spec):
+    """'./common.py:cnn' was an internal error (TypeError: "the 'package' argument is required")."""
+    with pytest.raises(UserError) as err:
+        resolve_factory(spec.format(mod=user_module))
+    _assert_one_line(err, f"names a file, not a module: give the module name, e.g. {user_module}:")
+
+
+@pytest.mark.parametrize("body, needle", [("def f(:\n", "SyntaxError"), ("raise RuntimeError('needs CUDA')\n",
+                                                                           "RuntimeError: needs CUDA")])
+def test_a_factory_module_that_fails_on_import_is_the_users_error(user_module, tmp_path, body, needle):
+    """The user's module failing on import was "a qcompile bug, report it" (exit 3)."""
+    (tmp_path / "qc_broken_mod.py").write_text(body)
+    try:
+        with pytest.raises(UserError) as err:
+            resolve_factory("qc_broken_mod:f")
+        _assert_one_line(err, f"importing module 'qc_broken_mod' from 'qc_broken_mod:f' failed: {needle}")
+    finally:
+        sys.modules.pop("qc_broken_mod", None)
+
+
 def test_resolve_factory_needs_module_and_name():
     with pytest.raises(UserError) as err:
         resolve_factory("tests.models")
@@ -984,3 +1005,24 @@ def test_state_dict_of_an_averaged_model_loads_into_arch(tmp_path):
     loaded = load_model(str(path), arch="tests.models:ResidualCNN")
     for k, v in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_a_full_pickle_of_a_class_from_the_saving_script_names_the_way_out(tmp_path, monkeypatch):
+    """torch.save(model) in a training script pickles the class as __main__.Net, which nothing else can import;
+    "make the module that defines the model importable" could not help."""
+    import subprocess
+
+    script = tmp_path / "train.py"
+    script.write_text("import torch, torch.nn as nn\n"
+                      "class Net(nn.Module):\n"
+                      "    def __init__(self):\n"
+                      "        super().__init__()\n"
+                      "        self.fc = nn.Linear(4, 2)\n"
+                      "    def forward(self, x):\n"
+                      "        return self.fc(x)\n"
+                      "torch.save(Net(), 'full.pt')\n")
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "full.pt"), trust_pickle=True)
+    _assert_one_line(err, "defined in the script that saved it (__main__)")
