@@ -156,7 +156,7 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         try:
             obj = torch.load(source, map_location="cpu", weights_only=False)
         except Exception as exc:
-            if "on <module '__main__'" in str(exc):  # the class was defined in the script that saved it
+            if "Can't get attribute" in str(exc) and "__main__" in str(exc):  # a class of the saving script
                 raise UserError(f"cannot unpickle {source!r}: its model class was defined in the script that saved it "
                                 f"(__main__), which no other program can import; save model.state_dict() and pass "
                                 f"--arch script_module:Class (or move the class into a module and save again)") from None
