@@ -17,7 +17,7 @@ from qcompile.runtime.validation import ValidationReport, validate as validate_f
 
 from . import export as export_mod
 from .errors import UserError
-from .frontend import load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
+from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 
@@ -386,8 +386,16 @@ def compile(
     if output is not None:
         output = os.fspath(output)  # a pathlib.Path
         export_mod.check_output_path(output)
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if isinstance(model, str):
         model = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    elif arch is not None:
+        raise UserError("arch= names the architecture of a weights file; drop it, or pass the file's path as model")
+    if isinstance(model, dict):
+        raise UserError("model is a dict (a state dict?); load it into the model (model.load_state_dict(sd)) and "
+                        "pass the model, or pass the file's path with arch='package.module:factory'")
+    check_not_exported(model)
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
     model = unwrap(model)  # torch.compile / DataParallel wrappers: the model inside

@@ -79,6 +79,19 @@ def resolve_factory(spec: str):
     return obj
 
 
+def check_not_exported(model) -> None:
+    """A ``torch.export`` program, or the GraphModule of one (``ep.module()``): its graph calls aten operators
+    (``aten.conv2d.default``) where the passes look for Conv/Linear layers, so nothing was quantized (a float file,
+    validation PASS)."""
+    exported = type(model).__name__ == "ExportedProgram"
+    if not exported and isinstance(model, torch.fx.GraphModule):
+        exported = any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                       for n in model.graph.nodes)
+    if exported:
+        raise UserError("the model is a torch.export program (its graph calls aten operators, whose layers qcompile "
+                        "does not see); pass the nn.Module it was exported from (or its weights with --arch)")
+
+
 def _call_factory(spec: str) -> nn.Module:
     factory = resolve_factory(spec)
     try:
@@ -91,6 +104,7 @@ def _call_factory(spec: str) -> nn.Module:
         raise UserError(f"factory {spec!r} failed building the model ({type(exc).__name__}: {first}); make it run "
                         "without arguments and without network access (load weights from a local file, or pass "
                         "the weights as MODEL.pt with --arch)") from None
+    check_not_exported(model)
     if not isinstance(model, nn.Module):
         raise UserError(f"factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module; make it return "
                         "the model (an nn.Module instance)")

@@ -1026,3 +1026,35 @@ def test_a_full_pickle_of_a_class_from_the_saving_script_names_the_way_out(tmp_p
     with pytest.raises(UserError) as err:
         load_model(str(tmp_path / "full.pt"), trust_pickle=True)
     _assert_one_line(err, "defined in the script that saved it (__main__)")
+
+
+def test_a_torch_export_program_is_refused_in_one_line(tmp_path):
+    """ep.module() is a GraphModule of aten operators: no layer was quantized, a float file said PASS."""
+    model = MLP(seed=0)
+    x = torch.randn(4, *MLP.INPUT_SHAPE[1:])
+    ep = torch.export.export(model, (x,))
+    for given in (ep, ep.module()):
+        with pytest.raises(UserError) as err:
+            qcompile.compile(given, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "e.onnx"))
+        _assert_one_line(err, "torch.export program", "pass the nn.Module it was exported from")
+    assert not (tmp_path / "e.onnx").exists()
+
+
+def test_model_argument_forms(tmp_path):
+    """A path-like model is a path (it was "got PosixPath"); arch= with a module is refused (it was ignored); a
+    state dict object names what to do."""
+    import pathlib
+
+    model = MLP(seed=0)
+    x = torch.randn(8, *MLP.INPUT_SHAPE[1:])
+    path = tmp_path / "w.pt"
+    torch.save(model.state_dict(), path)
+    result = qcompile.compile(pathlib.Path(path), x[:1], calib=x, arch="tests.models:MLP", scheme="uniform", bits=8,
+                              progress=False)
+    assert result.report.passed
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, x[:1], calib=x, arch="tests.models:MLP", scheme="uniform", bits=8)
+    _assert_one_line(err, "arch= names the architecture of a weights file")
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model.state_dict(), x[:1], calib=x, scheme="uniform", bits=8)
+    _assert_one_line(err, "load it into the model")
