@@ -33,6 +33,19 @@ from .base import Pass, PassResult, attr_value, data_batches, data_length
 from .bias_correction import correctable_layers, recording_input_means
 
 
+def _dead_beside_bias(gm, layer: str, w: torch.Tensor, top: float) -> bool:
+    """Weights so small against the layer's bias that the layer computes its bias (a channel that decayed to
+    ~1e-13 in training): all-zero codes are then what it computes, to 1e-6 of the bias."""
+    try:
+        bias = getattr(gm.get_submodule(layer), "bias", None)
+    except AttributeError:
+        return False
+    if not isinstance(bias, torch.Tensor) or not bias.numel():
+        return False
+    fan_in = w[0].numel() if w.dim() > 1 else 1
+    return top * fan_in < 1e-6 * float(bias.detach().abs().max())
+
+
 class Calibrate(Pass):
     """Fix α of every uncalibrated ``FakeQuantize`` from weights, calibration data or BatchNorm statistics."""
 
@@ -61,8 +74,8 @@ class Calibrate(Pass):
             fq = gm.get_submodule(node.target)
             w = attr_value(gm, node.args[0]).detach()
             top = float(w.abs().max()) if w.numel() else 0.0
-            if 0.0 < top < quant.MIN_ALPHA:
-                layer = node.target[:-len(".weight_fq")] if node.target.endswith(".weight_fq") else node.target
+            layer = node.target[:-len(".weight_fq")] if node.target.endswith(".weight_fq") else node.target
+            if 0.0 < top < quant.MIN_ALPHA and not _dead_beside_bias(gm, layer, w, top):
                 raise UserError(f"the weights of layer {layer!r} are all below {quant.MIN_ALPHA:g} in magnitude "
                                 f"(largest {top:.3g}), under the smallest quantizer range: every code would be 0 "
                                 f"(the file silently computing another model); rescale the layer (and the next one by "

@@ -669,3 +669,18 @@ def test_calibration_data_that_overflows_the_model_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="the model computes NaN or inf values on the calibration data"):
         qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_dead_layer_beside_its_bias_is_not_refused(tmp_path):
+    """Weights decayed to ~1e-13 under a bias of ~0.1: the layer computes its bias, all-zero codes are exact, and
+    the tiny-weights refusal must not stop it."""
+    import qcompile
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(1e-12)
+    x = torch.randn(32, 8)
+    r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"),
+                         progress=False)
+    assert r.report.passed
