@@ -169,11 +169,20 @@ def _check_finite_model(gm: torch.fx.GraphModule) -> None:
     """Parameters and buffers must be finite, and every BatchNorm's ``running_var + eps`` positive: a corrupted or
     badly converted checkpoint stopped in calibration as "a qcompile bug" (a NaN scale), and at fp32 its NaN outputs
     compared as PASS."""
+    bn_stats = {f"{n.target}.{k}" for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+                for k in ("running_mean", "running_var")}
+    params = {name for name, _ in gm.named_parameters()}
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise UserError(f"{name!r} holds {bad} NaN or inf value(s) of {t.numel()}; the model computes no finite "
-                            "output: fix the checkpoint (or the training that wrote it)")
+        if not t.is_floating_point():
+            continue
+        # a buffer may hold -inf/inf on purpose (a causal mask above the diagonal); NaN, or a non-finite weight or
+        # BatchNorm statistic, is a broken checkpoint
+        param = name in bn_stats or name in params
+        bad = int((~torch.isfinite(t)).sum()) if param else int(torch.isnan(t).sum())
+        if bad:
+            raise UserError(f"{name!r} holds {bad} {'NaN or inf' if param else 'NaN'} value(s) of {t.numel()}; the "
+                            "model computes no finite output: fix the checkpoint (or the training that wrote it)")
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)

@@ -764,3 +764,22 @@ def test_a_corrupted_checkpoint_is_a_user_error(tmp_path, corrupt, needle):
         with pytest.raises(UserError, match=needle):
             qcompile.compile(m, x[:1], calib=x, scheme=scheme, bits=8, output=str(tmp_path / "m.onnx"))
         assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_causal_mask_buffer_of_minus_inf_is_not_a_corrupted_checkpoint(tmp_path):
+    """nn.Transformer.generate_square_subsequent_mask: -inf above the diagonal, registered as a buffer. The check
+    for broken checkpoints refused it ("'causal' holds 120 NaN or inf values")."""
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(6))
+
+        def forward(self, x):  # (N, 6, 4)
+            scores = x @ x.transpose(1, 2) + self.causal
+            return self.fc(torch.softmax(scores, -1) @ x)
+
+    x = torch.randn(8, 6, 4, generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(Causal().eval(), x[:1], calib=x, scheme="uniform", bits=8,
+                              output=str(tmp_path / "c.onnx"), progress=False)
+    assert result.report.passed
