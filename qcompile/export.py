@@ -101,7 +101,27 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         if "not implemented" not in str(e):
             raise
         raise UserError(_export_error_message(e)) from e
+    except (RuntimeError, AttributeError, TypeError, IndexError, KeyError) as e:
+        # torch.onnx's TorchScript exporter failing inside on what the model does (pack_padded_sequence in a module
+        # kept whole: "vector::_M_range_check"; a dataclass output: "'Graph' object has no attribute 'outputs'")
+        if not _raised_in_torch_onnx(e):
+            raise
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"torch.onnx's exporter failed on this model ({type(e).__name__}: {first}); it exports "
+                        "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
+                        "return_dict=False for HuggingFace models) and replace what it cannot export (packed "
+                        "sequences: pass padded ones)") from e
     return explicit_same_pads(onnx.load_from_string(buf.getvalue()))
+
+
+def _raised_in_torch_onnx(e: BaseException) -> bool:
+    """The innermost Python frame of the traceback is in torch.onnx or torch.jit (the exporter), not qcompile."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and any(part in last.replace("\\", "/") for part in ("/torch/onnx/", "/torch/jit/"))
 
 
 def _softplus_symbolic(g, x, beta, threshold):

@@ -783,3 +783,27 @@ def test_a_causal_mask_buffer_of_minus_inf_is_not_a_corrupted_checkpoint(tmp_pat
     result = qcompile.compile(Causal().eval(), x[:1], calib=x, scheme="uniform", bits=8,
                               output=str(tmp_path / "c.onnx"), progress=False)
     assert result.report.passed
+
+
+def test_what_torch_onnx_fails_inside_on_is_one_line(tmp_path, capfd):
+    """A dataclass output (as HuggingFace's ModelOutput): torch.onnx's own AttributeError ("'Graph' object has no
+    attribute 'outputs'") came out as a traceback / "internal error, report it"."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        logits: torch.Tensor
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return Out(self.fc(x))
+
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    for scheme in ("fp32", "uniform"):
+        with pytest.raises(UserError, match=r"torch.onnx's exporter failed on this model .*not a dataclass"):
+            qcompile.compile(Net().eval(), x[:1], calib=x, scheme=scheme, bits=8, output=str(tmp_path / "d.onnx"))
+    assert not (tmp_path / "d.onnx").exists()
