@@ -108,6 +108,8 @@ def calibration_fingerprint(calib_x) -> str:
     h = hashlib.sha256()
     for t in calib_x if isinstance(calib_x, tuple) else (calib_x,):
         t = t.detach().contiguous().cpu()
+        if not t.is_floating_point() and t.dtype != torch.bool:
+            t = t.to(torch.int64)  # ids are ids: int32 ids and the int64 ones an .npy gives back are the same data
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()[:16]

@@ -135,6 +135,12 @@ def validate_against(args):
     given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape
                                                else f"--samples {args.samples}")
     _check_inputs_fit(onnx_model, inputs, args.onnx, given)
+    # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64
+    types = [i.type.tensor_type.elem_type for i in _graph_inputs(onnx_model)]
+    inputs = tuple(t.to(getattr(torch, onnx.helper.tensor_dtype_to_np_dtype(e).name))
+                   if not t.is_floating_point() and t.dtype != torch.bool and e not in (0, onnx.TensorProto.BOOL)
+                   and onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu" else t
+                   for t, e in zip(inputs, types))
     example = tuple(t[:1] for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs
     opts = _file_options(onnx_model)

@@ -979,3 +979,20 @@ def test_validate_against_a_model_in_another_float_precision(work, capsys, dtype
         assert rc == 0, err
         rc, out, err = cli(capsys, "validate", "o.onnx", "--against", "other.pt", "--trust-pickle", "--data", "calib.npy")
         assert rc == 0 and "PASS" in out, out + err
+
+
+def test_validate_of_a_file_with_int32_ids(work, capsys):
+    """A file compiled from Python with int32 ids: --data's arrays are read as int64, the fingerprint differed
+    ("not the calibration data") and the file takes int32."""
+    from tests.models import TokenMean
+
+    model = TokenMean().eval()
+    torch.save(model.state_dict(), "tokens.pt")
+    ids = np.random.default_rng(0).integers(0, 20, (8, 5))
+    np.save("ids.npy", ids.astype(np.int32))
+    result = qcompile.compile(model, calib=torch.from_numpy(ids.astype(np.int32)), scheme="uniform", bits=8,
+                              output="tok32.onnx", progress=False)
+    assert result.report.passed
+    rc, out, err = cli(capsys, "validate", "tok32.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean",
+                       "--data", "ids.npy")
+    assert rc == 0 and "PASS" in out, out + err
