@@ -539,3 +539,32 @@ def test_compiled_trained_model_keeps_its_layer_table_and_validate_refuses_its_f
                "--data", str(tmp_path / "x.npy")])
     err = capsys.readouterr().err
     assert rc == 2 and "was exported from a QAT-trained model" in err and err.count("\n") == 1, err
+
+
+def test_prepare_and_export_a_model_with_two_inputs(tmp_path):
+    """Token ids and a mask: prepare read calib=(ids, mask) as a list of one-input batches ("calibration batch 1 has
+    samples of shape (12,) (torch.float32) but batch 0 has ... int64"), and calib=None stopped in a pass."""
+    import torch.nn as nn
+
+    import qcompile.qat as qat
+
+    class Pool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(20, 8)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, ids, mask):
+            h = (self.e(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 20, (32, 12), generator=gen)
+    mask = (torch.arange(12)[None] < torch.randint(6, 13, (32, 1), generator=gen)).float()
+    model = Pool().eval()
+    for calib in ((ids, mask), [(ids[:16], mask[:16]), (ids[16:], mask[16:])], None):
+        trainable = qat.prepare(model, (ids[:1], mask[:1]), scheme="apot", bits=4, calib=calib)
+        assert trainable(ids, mask).shape == (32, 3)
+    result = qat.export(trainable, (ids[:1], mask[:1]), output=str(tmp_path / "q.onnx"),
+                        validation_inputs=(ids, mask))
+    assert result.report.passed, result.report.summary()

@@ -107,7 +107,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     simulation (``validation_inputs``, default the example inputs). Returns a :class:`qcompile.api.CompileResult`.
     """
     from qcompile import export as export_mod
-    from qcompile.api import CompileResult, as_input_tuple, calib_tensor
+    from qcompile.api import CompileResult, as_input_tuple, calib_data
     from qcompile.emit import emit as emit_onnx, quantizers_by_id
     from qcompile.options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata
     from qcompile.runtime.validation import validate_quantized
@@ -131,7 +131,8 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     report = None
     if validate:
-        inputs = calib_tensor(validation_inputs) if validation_inputs is not None else example_inputs
+        inputs = calib_data(validation_inputs, len(example_inputs)) if validation_inputs is not None \
+            else example_inputs
         report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                     **(thresholds or {}))
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts, timings=[],

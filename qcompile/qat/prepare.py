@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qcompile import quant
-from qcompile.api import as_input_tuple, calib_tensor
+from qcompile.api import as_input_tuple, calib_data
 from qcompile.errors import UserError
 from qcompile.frontend import plain_copy, trace, unwrap
 from qcompile.options import CompileOptions
@@ -183,9 +183,10 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module, got {type(model).__name__}")
     example_inputs = as_input_tuple(example_inputs)
-    calib_x = calib_tensor(calib)
+    # as compile takes it: one tensor for a one-input model, a tuple of tensors (or batches of tuples) for several
+    calib_x = calib_data(calib, len(example_inputs))
     if calib_x is None:
-        calib_x = example_inputs[0]
+        calib_x = example_inputs[0] if len(example_inputs) == 1 else tuple(example_inputs)
 
     gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
     before, _ = split_pipeline(opts, calib_x)
@@ -245,8 +246,8 @@ def _activation_sigmas(gm: torch.fx.GraphModule, nodes, data: torch.Tensor, batc
         hooks.append(gm.get_submodule(n.target).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
-            for i in range(0, data.shape[0], batch):
-                gm(data[i:i + batch])
+            for i in range(0, _length(data), batch):
+                gm(*_rows(data, i, i + batch))
     finally:
         for h in hooks:
             h.remove()
@@ -301,7 +302,16 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
     # one forward in eval mode gives every quantizer its effective alpha (FakeQuantize.alpha)
     gm.eval()
     with torch.no_grad():
-        gm(calib_x[:1])
+        gm(*_rows(calib_x, 0, 1))
+
+
+def _length(data) -> int:
+    return (data[0] if isinstance(data, tuple) else data).shape[0]
+
+
+def _rows(data, start: int, stop: int) -> tuple:
+    """Rows ``start:stop`` of the calibration data as the model's positional inputs (one tensor, or a tuple)."""
+    return tuple(t[start:stop] for t in data) if isinstance(data, tuple) else (data[start:stop],)
 
 
 _LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d,
