@@ -241,9 +241,11 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             raise UserError(f"{which}{what} holds no samples (shape {tuple(c.shape)}); give a batch-first array "
                             f"with at least one input ({option})")
         if c.is_floating_point():
-            bad = int((~torch.isfinite(c)).sum())
+            # -inf is a float attention/padding mask's "masked out" (PyTorch's convention): allowed; the
+            # calibration reports it where it reaches a quantizer
+            bad = int((torch.isnan(c) | (c == float("inf"))).sum())
             if bad:
-                raise UserError(f"{which}{what} holds {bad} NaN or inf value(s); give finite inputs ({option})")
+                raise UserError(f"{which}{what} holds {bad} NaN or +inf value(s); give finite inputs ({option})")
             if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib" and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")

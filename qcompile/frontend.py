@@ -29,7 +29,8 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UserError
-from .traceable import TRACEABLE_FORWARDS, needs_rewrite, rewrite_attention
+from .traceable import (TRACEABLE_FORWARDS, clear_mask_notes, copy_mask_notes, needs_rewrite, record_masks,
+                        rewrite_attention)
 
 
 def _torchscript_weights(source: str, arch) -> dict:
@@ -674,7 +675,10 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
 
     tracer = _Tracer(leaf_modules, transformers=True)
     try:
+        if example_inputs is not None:  # the kind of each mask argument, which a Proxy does not show
+            record_masks(model, example_inputs)
         candidate = rewrite_attention(model)
+        copy_mask_notes(model, candidate)
         n_given = len(example_inputs) if example_inputs is not None else None
         graph = tracer.trace(candidate, concrete_args=_defaults_beyond(candidate, n_given))
         _drop_default_placeholders(graph)
@@ -696,6 +700,8 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
         return gm
     except Exception:  # NotTraceable, a TraceError, a shape the stand-in does not cover: trace as before
         return None
+    finally:
+        clear_mask_notes(model)
 
 
 def _defaults_beyond(model: nn.Module, n_given: int | None) -> dict | None:

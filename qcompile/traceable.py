@@ -10,10 +10,16 @@ nearly every weight.
 same computation written with four ``nn.Linear`` projections (``q_proj``, ``k_proj``, ``v_proj`` — slices of the
 packed ``in_proj_weight`` — and ``out_proj``), which the quantizer passes see like any other Linear.
 :data:`TRACEABLE_FORWARDS` gives the tracer the plain (slow-path) forward of the encoder/decoder containers and the
-encoder layer. Masks and causal flags are not traced (their dtype decides how they apply, which a trace cannot
-see): a call with one raises :class:`NotTraceable`, and the frontend then traces the model as before, the modules
-opaque. The frontend also checks the traced module against the original on the example inputs and falls back
-when they differ.
+encoder layer.
+
+Masks: their dtype decides how they apply (bool: ``True`` is masked out, ``-inf`` added; float: added), which a
+trace cannot see on a Proxy. :func:`record_masks` runs the model once on the example inputs, on PyTorch's slow path,
+and notes on each module the kind and rank of every mask it was given; the stand-ins read those notes when traced.
+``nn.TransformerEncoder`` called with a key-padding mask in eval mode runs PyTorch's nested-tensor fast path, which
+writes 0 at the padded positions: where that path would be taken the traced forward zeroes them too (the exported
+file computed other values there and failed validation even in fp32). A mask the notes do not cover raises
+:class:`NotTraceable`, and the frontend then traces the model as before, the modules opaque. The frontend also
+checks the traced module against the original on the example inputs and falls back when they differ.
 """
 from __future__ import annotations
 
@@ -49,15 +55,23 @@ class MultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise NotTraceable("attention with a mask")
+        if is_causal and attn_mask is None:
+            raise NotTraceable("a causal hint without its mask")
         if not self.batch_first:  # (L, N, E) -> (N, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         h, d = self.num_heads, self.head_dim
         q = self.q_proj(query).unflatten(-1, (h, d)).transpose(1, 2)  # (N, H, L, D)
         k = self.k_proj(key).unflatten(-1, (h, d)).transpose(1, 2)
         v = self.v_proj(value).unflatten(-1, (h, d)).transpose(1, 2)
-        weights = torch.softmax(torch.matmul(q * (float(d) ** -0.5), k.transpose(-2, -1)), dim=-1)
+        scores = torch.matmul(q * (float(d) ** -0.5), k.transpose(-2, -1))  # (N, H, L, S)
+        if attn_mask is not None:  # (L, S), or (N·H, L, S)
+            bias = additive_mask(self, "attn_mask", attn_mask)
+            if mask_rank(self, "attn_mask", attn_mask) == 3:
+                bias = bias.unflatten(0, (-1, h))
+            scores = scores + bias
+        if key_padding_mask is not None:  # (N, S)
+            scores = scores + additive_mask(self, "key_padding_mask", key_padding_mask).unsqueeze(1).unsqueeze(2)
+        weights = torch.softmax(scores, dim=-1)
         out = self.out_proj(torch.matmul(weights, v).transpose(1, 2).flatten(-2))  # (N, L, E)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -73,6 +87,131 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             lin.bias.copy_(bias)
     return lin.to(weight.dtype)
+
+
+# -- masks -------------------------------------------------------------------------------------------------------
+_NOTES = "_qc_masks"  # module attribute: {argument name: (kind, rank)}, kind "bool" or "float"; see record_masks
+_NESTED = "_qc_nested"  # nn.TransformerEncoder attribute: its nested-tensor fast path zeroes padded positions
+
+
+def _note(module: nn.Module, name: str, mask) -> tuple[str, int] | None:
+    if isinstance(mask, torch.Tensor):  # an eager call: the tensor itself
+        return ("bool" if mask.dtype == torch.bool else "float" if mask.is_floating_point() else "other", mask.dim())
+    return module.__dict__.get(_NOTES, {}).get(name)
+
+
+def additive_mask(module: nn.Module, name: str, mask):
+    """``mask`` as the float term added to attention scores, as ``F._canonical_mask`` makes it: a bool mask's
+    ``True`` entries -inf, a float mask as it is."""
+    note = _note(module, name, mask)
+    if note is None or note[0] not in ("bool", "float"):
+        raise NotTraceable(f"{name} of unknown type")
+    if note[0] == "float":
+        return mask
+    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, float("-inf"))
+
+
+def mask_rank(module: nn.Module, name: str, mask) -> int:
+    note = _note(module, name, mask)
+    if note is None:
+        raise NotTraceable(f"{name} of unknown rank")
+    return note[1]
+
+
+def _padded(module: nn.Module, name: str, mask):
+    """True at the padded positions of a key-padding mask (bool: True; float: non-zero, as the fast path reads it)."""
+    note = _note(module, name, mask)
+    if note is None or note[0] not in ("bool", "float"):
+        raise NotTraceable(f"{name} of unknown type")
+    return mask if note[0] == "bool" else mask != 0
+
+
+def _would_nest(m: nn.TransformerEncoder, src, mask, padding) -> bool:
+    """Whether PyTorch's TransformerEncoder.forward converts ``src`` to a nested tensor (and writes 0 at padded
+    positions) in eval mode under ``torch.no_grad`` -- its conditions, with the fast path as it is enabled now."""
+    if padding is None or mask is not None or not getattr(m, "use_nested_tensor", False):
+        return False
+    if m.layers[0].training or src.dim() != 3 or src.is_nested or torch.is_autocast_enabled():
+        return False
+    if src.device.type not in ("cpu", "cuda", "xpu"):
+        return False
+    if getattr(m, "mask_check", True):
+        valid = padding.logical_not() if padding.dtype == torch.bool else padding == 0
+        if not torch._nested_tensor_from_mask_left_aligned(src, valid):
+            return False
+    return True
+
+
+def record_masks(model: nn.Module, example_inputs) -> None:
+    """Run ``model`` once on ``example_inputs`` (eval, no grad, PyTorch's slow path so that every attention module
+    is called with its masks) and note on each transformer/attention module the kind and rank of each mask argument
+    it was given, and on each ``nn.TransformerEncoder`` whether its nested-tensor fast path applies. The notes go
+    on the modules of ``model`` by name: :func:`copy_mask_notes` carries them to a rewritten copy."""
+    import inspect
+
+    kinds = (nn.MultiheadAttention, nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoder,
+             nn.TransformerDecoderLayer)
+    fast = torch.backends.mha.get_fastpath_enabled()
+
+    def hook(module, args, kwargs):
+        try:
+            bound = inspect.signature(type(module).forward).bind(module, *args, **kwargs).arguments
+        except TypeError:
+            return
+        notes = module.__dict__.setdefault(_NOTES, {})
+        for name, value in bound.items():
+            if "mask" in name and isinstance(value, torch.Tensor):
+                note = _note(module, name, value)
+                if notes.get(name, note) != note:
+                    note = ("mixed", note[1])
+                notes[name] = note
+        if isinstance(module, nn.TransformerEncoder):
+            with _fastpath(fast):
+                nest = _would_nest(module, bound.get("src"), bound.get("mask"), bound.get("src_key_padding_mask"))
+            if module.__dict__.get(_NESTED, nest) != nest:
+                raise NotTraceable("the encoder's fast path differs between calls")
+            module.__dict__[_NESTED] = nest
+
+    modules = [m for m in model.modules() if isinstance(m, kinds)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.no_grad(), _fastpath(False):
+            model.eval()(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes:
+            m.training = training
+
+
+class _fastpath:
+    """``torch.backends.mha.set_fastpath_enabled(flag)`` for a block."""
+
+    def __init__(self, flag: bool):
+        self.flag = flag
+
+    def __enter__(self):
+        self.saved = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(self.flag)
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.saved)
+
+
+def copy_mask_notes(source: nn.Module, target: nn.Module) -> None:
+    """The notes of :func:`record_masks` from the modules of ``source`` to the same-named modules of ``target``."""
+    mods = dict(target.named_modules())
+    for name, m in source.named_modules():
+        for key in (_NOTES, _NESTED):
+            if key in m.__dict__ and name in mods:
+                mods[name].__dict__[key] = m.__dict__[key]
+
+
+def clear_mask_notes(model: nn.Module) -> None:
+    for m in model.modules():
+        m.__dict__.pop(_NOTES, None)
+        m.__dict__.pop(_NESTED, None)
 
 
 def _replaceable(mha: nn.MultiheadAttention) -> bool:
@@ -95,39 +234,56 @@ def rewrite_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-# -- plain forwards of the containers (the slow path of torch.nn.modules.transformer, without masks) -------------
+# -- plain forwards of the containers (the slow path of torch.nn.modules.transformer) ------------------------------
 def _encoder_layer_forward(m: nn.TransformerEncoderLayer, src, src_mask=None, src_key_padding_mask=None,
                            is_causal=False):
-    if src_mask is not None or src_key_padding_mask is not None or is_causal:
-        raise NotTraceable("encoder layer with a mask")
+    if is_causal and src_mask is None:
+        raise NotTraceable("a causal hint without its mask")
+    # as PyTorch's layer does (F._canonical_mask): bool masks become -inf terms before attention sees them
+    if src_mask is not None:
+        src_mask = additive_mask(m, "src_mask", src_mask)
+    if src_key_padding_mask is not None:
+        src_key_padding_mask = additive_mask(m, "src_key_padding_mask", src_key_padding_mask)
     x = src
     if m.norm_first:
-        x = x + m._sa_block(m.norm1(x), None, None)
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask)
         x = x + m._ff_block(m.norm2(x))
     else:
-        x = m.norm1(x + m._sa_block(x, None, None))
+        x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask))
         x = m.norm2(x + m._ff_block(x))
     return x
 
 
 def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None, is_causal=None):
-    if mask is not None or src_key_padding_mask is not None or is_causal:
-        raise NotTraceable("encoder with a mask")
+    if is_causal and mask is None:
+        raise NotTraceable("a causal hint without its mask")
+    if (mask is not None or src_key_padding_mask is not None) and _NESTED not in m.__dict__:
+        raise NotTraceable("encoder masks not recorded")
+    # as PyTorch's encoder does (F._canonical_mask): the layers get -inf terms, which their notes recorded
+    layer_mask = additive_mask(m, "mask", mask) if mask is not None else None
+    layer_padding = additive_mask(m, "src_key_padding_mask", src_key_padding_mask) \
+        if src_key_padding_mask is not None else None
     out = src
     for layer in m.layers:
-        out = layer(out)
+        out = layer(out, src_mask=layer_mask, src_key_padding_mask=layer_padding)
+    if src_key_padding_mask is not None and m.__dict__.get(_NESTED):
+        # the nested-tensor fast path writes 0 at the padded positions (to_padded_tensor(0.0)), before the norm
+        pad = _padded(m, "src_key_padding_mask", src_key_padding_mask)
+        if not m.layers[0].self_attn.batch_first:
+            pad = pad.transpose(0, 1)
+        out = out.masked_fill(pad.unsqueeze(-1), 0.0)
     return m.norm(out) if m.norm is not None else out
 
 
 def _decoder_forward(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memory_mask=None,
                      tgt_key_padding_mask=None, memory_key_padding_mask=None, tgt_is_causal=None,
                      memory_is_causal=False):
-    if any(a is not None for a in (tgt_mask, memory_mask, tgt_key_padding_mask, memory_key_padding_mask)) or \
-            tgt_is_causal or memory_is_causal:
-        raise NotTraceable("decoder with a mask")
+    if (tgt_is_causal and tgt_mask is None) or (memory_is_causal and memory_mask is None):
+        raise NotTraceable("a causal hint without its mask")
     out = tgt
     for layer in m.layers:
-        out = layer(out, memory)
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask)
     return m.norm(out) if m.norm is not None else out
 
 

@@ -647,7 +647,7 @@ def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("nan", "calibration data holds 2 NaN or inf value(s)"),
+    ("nan", "calibration data holds 2 NaN or +inf value(s)"),
     ("shape", "calibration data has samples of shape (3, 4, 4) but the example input is (3, 8, 8) per sample"),
     ("channels", "the model does not run on inputs of shape [(1, 5, 8, 8) float32]"),
     ("constant", "calibration data is constant (every value is 0)"),
