@@ -148,11 +148,21 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         # weights_only refuses a class it does not allow ("Unsupported global") for a full pickle; any other
         # unpickling failure (random bytes, a non-torch pickle) means the file is not a checkpoint at all.
         if "Unsupported global" not in str(exc):
+            if _is_onnx_file(source):
+                raise UserError(f"{source!r} is an ONNX file; qcompile quantizes the PyTorch model: pass its .pt "
+                                "(weights with --arch, or a factory spec)") from None
             raise UserError(not_checkpoint.format("unreadable pickle data")) from None
         obj, safe_error = None, exc
     except (RuntimeError, OSError) as exc:  # e.g. a damaged zip archive: torch's message says what is wrong
         if "TorchScript" in str(exc):
             obj, safe_error = _torchscript_weights(source, arch), None
+        elif _is_torch_export_archive(source):
+            raise UserError(f"{source!r} is a torch.export archive (.pt2), whose graph of aten operators qcompile "
+                            "does not read; save the model's weights with torch.save(model.state_dict()) and pass "
+                            "them with --arch package.module:factory") from None
+        elif _is_onnx_file(source):
+            raise UserError(f"{source!r} is an ONNX file; qcompile quantizes the PyTorch model: pass its .pt "
+                            "(weights with --arch, or a factory spec)") from None
         else:
             raise UserError(not_checkpoint.format(_first_line(exc))) from None
     except Exception:  # text files raise KeyError from the pickle memo, empty ones EOFError, ...
@@ -177,6 +187,10 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
                                 f"--arch script_module:Class (or move the class into a module and save again)") from None
             raise UserError(f"cannot unpickle {source!r} ({type(exc).__name__}: {_first_line(exc)}); "
                             "make the module that defines the model importable from the current directory") from None
+        if isinstance(obj, dict) and _extract_state_dict(obj) is None:  # {'model': <module>, 'epoch': 7}
+            inner = [obj[k] for k in ("model", "ema", "module", "net") if isinstance(obj.get(k), nn.Module)]
+            if inner:
+                obj = inner[0]
         if isinstance(obj, nn.Module):
             if arch:
                 raise UserError("--arch is for state-dict files; this file holds a whole model, drop --arch")
@@ -185,12 +199,34 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
     if isinstance(obj, nn.Module):  # possible with weights_only for some trusted types
         return obj.eval()
     state = _extract_state_dict(obj)
+    if state is None and isinstance(obj, dict):
+        nested = [k for k, v in obj.items() if isinstance(v, dict) and v and
+                  all(isinstance(t, torch.Tensor) for t in v.values())]
+        if len(nested) == 1:  # {'model_state': sd, 'epoch': ..}, {'net': sd}: the one dict of tensors in it
+            state = obj[nested[0]]
+        else:
+            keys = ", ".join(map(repr, list(obj)[:6])) or "none"
+            raise UserError(f"{source!r} holds a dict with keys {keys}, none of them a state dict (a dict of tensors "
+                            "under 'state_dict', 'model_state_dict' or 'model'); save model.state_dict() with "
+                            "torch.save" + (" (a frozen TorchScript archive keeps no weights: save the module's "
+                                            "state_dict before torch.jit.freeze)" if not obj else ""))
     if state is None:
         raise UserError(f"{source!r} holds a {type(obj).__name__}, not a state dict or model; save model.state_dict() with torch.save")
     if not arch:
         raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
     model = _call_factory(arch)
     state = _strip_wrapper_prefix(state, model.state_dict())
+    # a TorchScript archive's state_dict also holds the non-persistent buffers (an input normalisation's mean/std
+    # registered with persistent=False), which the factory's model_state_dict leaves out: load them as buffers
+    transient = {k: v for k, v in state.items() if k not in model.state_dict() and _is_buffer(model, k)}
+    if transient:
+        state = {k: v for k, v in state.items() if k not in transient}
+        with torch.no_grad():
+            for k, v in transient.items():
+                owner, _, leaf = k.rpartition(".")
+                buf = model.get_submodule(owner).get_buffer(leaf)
+                if buf.shape == v.shape:
+                    buf.copy_(v)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -202,6 +238,34 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         ) if x) or _first_line(exc)
         raise UserError(f"state dict in {source!r} does not fit --arch {arch} ({detail}); pass the factory that built it") from None
     return model.eval()
+
+
+def _is_buffer(model: nn.Module, key: str) -> bool:
+    owner, _, leaf = key.rpartition(".")
+    try:
+        return leaf in dict(model.get_submodule(owner).named_buffers(recurse=False))
+    except AttributeError:
+        return False
+
+
+def _is_torch_export_archive(path: str) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("archive_format") or "/models/" in n for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _is_onnx_file(path: str) -> bool:
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        return bool(model.graph.node)
+    except Exception:
+        return False
 
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning-style wrappers

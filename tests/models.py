@@ -277,3 +277,16 @@ class TokenMean(nn.Module):
 
     def forward(self, ids):
         return self.fc(self.e(ids).mean(1))
+
+
+class Normalized(nn.Module):
+    """An MLP whose input normalisation lives in non-persistent buffers (not in its state_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(16), persistent=False)
+        self.register_buffer("std", torch.ones(16), persistent=False)
+        self.fc1, self.fc2 = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1((x - self.mean) / self.std)))

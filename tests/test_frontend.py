@@ -1058,3 +1058,46 @@ def test_model_argument_forms(tmp_path):
     with pytest.raises(UserError) as err:
         qcompile.compile(model.state_dict(), x[:1], calib=x, scheme="uniform", bits=8)
     _assert_one_line(err, "load it into the model")
+
+
+def test_torchscript_archive_with_non_persistent_buffers_loads_into_arch(tmp_path):
+    """A TorchScript archive's state_dict holds non-persistent buffers too: --arch naming the very factory was
+    refused ("unexpected mean, std")."""
+    from tests.models import Normalized
+
+    model = Normalized().eval()
+    with torch.no_grad():
+        model.mean.fill_(0.5)
+        model.std.fill_(2.0)
+    x = torch.randn(4, 16)
+    path = tmp_path / "n.pt"
+    torch.jit.save(torch.jit.trace(model, x), str(path))
+    loaded = load_model(str(path), arch="tests.models:Normalized")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_checkpoint_layouts(tmp_path, user_module):
+    """{'model': <module>, 'epoch': 7} with --trust-pickle (was "holds a dict"); {'net': sd} (the one dict of
+    tensors in it); a dict without one names its keys; a torch.export archive and an ONNX file say what they are."""
+    import onnx
+
+    model = _build_user_net(user_module)
+    torch.save({"model": model, "epoch": 7}, tmp_path / "whole.pt")
+    assert type(load_model(str(tmp_path / "whole.pt"), trust_pickle=True)).__name__ == "UserNet"
+    torch.save({"net": model.state_dict(), "epoch": 7}, tmp_path / "net.pt")
+    loaded = load_model(str(tmp_path / "net.pt"), arch=f"{user_module}:UserNet")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    torch.save({"epoch": 7, "lr": 0.1}, tmp_path / "meta.pt")
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "meta.pt"), arch=f"{user_module}:UserNet")
+    _assert_one_line(err, "holds a dict with keys 'epoch', 'lr', none of them a state dict")
+    x = torch.randn(2, *MLP.INPUT_SHAPE[1:])
+    torch.export.save(torch.export.export(MLP(seed=0), (x,)), str(tmp_path / "m.pt2"))
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "m.pt2"), arch="tests.models:MLP")
+    _assert_one_line(err, "is a torch.export archive (.pt2)")
+    onnx.save(qcompile.compile(MLP(seed=0), x, scheme="fp32", validate=False).onnx_model, str(tmp_path / "m.onnx"))
+    with pytest.raises(UserError) as err:
+        load_model(str(tmp_path / "m.onnx"), arch="tests.models:MLP")
+    _assert_one_line(err, "is an ONNX file")
