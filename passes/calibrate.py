@@ -332,6 +332,12 @@ def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None,
     whole tensor, so a ResNet-18 takes seconds rather than the per-channel histogram search's minutes.
     """
     w = w.float()
+    # weights past ~1e15: squared errors overflow float32 (1.35e22 weights got a range of 6e-8, 0.5 dB). The search
+    # is scale-free, so it runs on the weights times a power of two (exact) and the range is scaled back.
+    big = float(w.abs().max()) if w.numel() else 0.0
+    if math.isfinite(big) and big > 2.0 ** 50:
+        unit = 2.0 ** math.floor(math.log2(big))
+        return weight_mse_alpha(w / unit, levelset, axis, points, refine) * unit
     if axis is None:
         rows = w.reshape(1, -1)
     else:

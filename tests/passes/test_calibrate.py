@@ -684,3 +684,13 @@ def test_a_dead_layer_beside_its_bias_is_not_refused(tmp_path):
     r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"),
                          progress=False)
     assert r.report.passed
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e22])
+def test_weight_mse_range_of_huge_weights_scales_with_them(scale):
+    """Squared errors of weights past ~1e19 overflow float32: 1.35e22 weights got a range of 6e-8 (0.5 dB)."""
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    ls = quant.level_set("uniform", 8, signed=True)
+    base = weight_mse_alpha(w, ls, 0)
+    big = weight_mse_alpha(w * scale, ls, 0)
+    torch.testing.assert_close(big / scale, base, rtol=1e-5, atol=0.0)
