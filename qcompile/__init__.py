@@ -25,7 +25,7 @@ if _running_the_command() and "torch" not in _sys.modules:
     # Only for the command: a program that imports qcompile keeps its own policy; a value the user set is kept.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .errors import UserError, ValidationFailed  # noqa: E402
+from .errors import QuantizationWarning, UserError, ValidationFailed  # noqa: E402
 
 __version__ = "0.4.0"
 
@@ -55,4 +55,4 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | _SUBMODULES)
 
 __all__ = ["compile", "CompileResult", "CompileOptions", "trace", "load_model", "export_onnx", "save_atomic",
-           "UserError", "ValidationFailed", "__version__"]
+           "UserError", "ValidationFailed", "QuantizationWarning", "__version__"]

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -16,7 +17,7 @@ from qcompile.passes.base import PassTiming, Pipeline
 from qcompile.runtime.validation import ValidationReport, validate as validate_file
 
 from . import export as export_mod
-from .errors import UserError
+from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
@@ -584,6 +585,14 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     gm.eval()
 
     if opts.quantized:
+        from qcompile.passes.select import opaque_layers
+
+        opaque = opaque_layers(gm)
+        if opaque:  # the CLI's layer table shows them; from Python this is the only word of it
+            shown = "; ".join(f"{name} ({what})" for name, _, what in opaque[:3])
+            warnings.warn(f"{len(opaque)} module(s) keep layers float, opaque to the quantizer: {shown}"
+                          f"{' ...' if len(opaque) > 3 else ''} (README, Tracing: why, and --leaf-module/--exclude)",
+                          QuantizationWarning, stacklevel=3)
         from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
         table = quantizers_by_id(gm)  # ids the exporter's markers carry

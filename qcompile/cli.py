@@ -494,6 +494,11 @@ def _main(argv=None) -> int:
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     commands = {"validate": cmd_validate, "demo": cmd_demo}
     debug = os.environ.get("QCOMPILE_DEBUG") == "1"
+    import warnings
+
+    from .errors import QuantizationWarning
+
+    warnings.filterwarnings("ignore", category=QuantizationWarning)  # the layer table shows what it would say
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

@@ -486,6 +486,15 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
+def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
+    """A GraphModule that calls torch.ao's fused modules (``fuse_fx``: ConvReLU2d, LinearReLU ...) whole: its
+    layers were invisible to the passes and stayed float. Traced again, they are traced through as eager
+    ``fuse_modules`` models are."""
+    from torch.ao.nn.intrinsic.modules.fused import _FusedModule
+
+    return any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), _FusedModule) for n in gm.graph.nodes)
+
+
 _GRAPH_MODULE_NAMES = {"meta", "graph", "code"}  # GraphModule attributes a top-level submodule cannot be named
 
 
@@ -512,7 +521,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     gm = None
-    if isinstance(model, torch.fx.GraphModule) and not leaf_modules:
+    if isinstance(model, torch.fx.GraphModule) and not leaf_modules and not _calls_fused_modules(model):
         gm = model
     else:
         known = {name for name, _ in model.named_modules()} | {type(m).__name__ for m in model.modules()}

@@ -1101,3 +1101,36 @@ def test_checkpoint_layouts(tmp_path, user_module):
     with pytest.raises(UserError) as err:
         load_model(str(tmp_path / "m.onnx"), arch="tests.models:MLP")
     _assert_one_line(err, "is an ONNX file")
+
+
+def test_a_fuse_fx_graph_module_is_traced_through_its_fused_modules():
+    """fuse_fx's GraphModule calls ConvReLU2d whole: taken as it was, its convs stayed float without a word."""
+    from torch.ao.quantization.quantize_fx import fuse_fx
+
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    fused = fuse_fx(model)
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(13))
+    result = qcompile.compile(fused, x[:1], calib=x, scheme="uniform", bits=8, progress=False)
+    assert result.report.passed
+    assert len([n for n, m in result.model.named_modules() if n.endswith("weight_fq")]) == 3
+
+
+def test_layers_left_float_inside_opaque_modules_warn_from_python():
+    """From Python nothing said that an LSTM's (or a --leaf-module's) layers stayed float; the CLI's layer table
+    did. A QuantizationWarning names them."""
+    from qcompile.errors import QuantizationWarning
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0][:, -1])
+
+    x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(14))
+    with pytest.warns(QuantizationWarning, match=r"1 module\(s\) keep layers float.*lstm \(1 recurrent layer"):
+        qcompile.compile(Recurrent().eval(), x[:1], calib=x, scheme="uniform", bits=8, progress=False)
