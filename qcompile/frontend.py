@@ -567,7 +567,11 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
                                else repr(t) for t in example_inputs)
             hint = "fix --input-shape, or the shape and type of the --calib inputs"
-            if any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
+            if "indices" in str(cause) and "Long, Int" in str(cause) and \
+                    all(not isinstance(t, torch.Tensor) or t.is_floating_point() for t in example_inputs):
+                hint = ("an input takes integer ids (an Embedding), which --input-shape cannot make (its inputs are "
+                        "float): give --calib (an .npy/.npz of integer arrays; calib= from Python)")
+            elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
                     and "type" in str(cause).lower():
                 hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "
                         "e.g. x.astype(np.float32)")
@@ -581,8 +585,28 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                 with torch.no_grad():
                     traced_out = _seeded(lambda: gm(*[_clone(t) for t in example_inputs]))
         if want is not None:
-            _check_traced(want, traced_out)
+            try:
+                _check_traced(want, traced_out)
+            except UserError:
+                if _forward_uses_autocast(model):
+                    raise UserError("the model's forward runs under torch.autocast, which torch.fx does not record: "
+                                    "the traced graph computes in float32 and the model in lower precision; remove "
+                                    "the autocast (or autocast(enabled=False)) for the compile: quantization starts "
+                                    "from the float32 model") from None
+                raise
     return gm
+
+
+def _forward_uses_autocast(model: nn.Module) -> bool:
+    import inspect
+
+    for m in model.modules():
+        try:
+            if "autocast" in inspect.getsource(type(m).forward):
+                return True
+        except (OSError, TypeError):
+            continue
+    return False
 
 
 # -- in-place operations ---------------------------------------------------------------------------------------

@@ -1134,3 +1134,27 @@ def test_layers_left_float_inside_opaque_modules_warn_from_python():
     x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(14))
     with pytest.warns(QuantizationWarning, match=r"1 module\(s\) keep layers float.*lstm \(1 recurrent layer"):
         qcompile.compile(Recurrent().eval(), x[:1], calib=x, scheme="uniform", bits=8, progress=False)
+
+
+def test_autocast_in_forward_and_float_inputs_for_token_ids_are_named(tmp_path):
+    """A forward under torch.autocast was blamed on an in-place update; float --input-shape inputs for an
+    Embedding were told to "fix --input-shape", which cannot make integers."""
+    from tests.models import TokenMean
+
+    class Autocast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 64), nn.Linear(64, 3)
+
+        def forward(self, x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.fc2(torch.relu(self.fc1(x))).float()
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    with pytest.raises(UserError) as err:
+        qcompile.compile(Autocast().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    _assert_one_line(err, "runs under torch.autocast")
+    with pytest.raises(UserError) as err:
+        qcompile.compile(TokenMean().eval(), torch.zeros(1, 5), scheme="fp32")
+    _assert_one_line(err, "an input takes integer ids (an Embedding), which --input-shape cannot make")
