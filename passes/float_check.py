@@ -37,16 +37,44 @@ def _outputs(gm: torch.fx.GraphModule, sample: tuple) -> list[torch.Tensor]:
         torch.random.set_rng_state(saved)
 
 
+# the float64 second opinion is recorded for models up to this many parameters (the graph is converted to float64
+# and back in place: exact, but a transient copy of every weight)
+_WIDE_PARAMS = 1 << 25
+
+
 class RecordFloatOutputs(Pass):
     def __init__(self, data, samples: int = 2):
         super().__init__()
         self.sample = next(data_batches(data, samples)) if data is not None else None
         self.outputs: list[torch.Tensor] | None = None
+        self.outputs64: list[torch.Tensor] | None = None  # the traced model computed in float64
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         if self.sample is not None:
             self.outputs = _outputs(gm, self.sample)
+            if sum(p.numel() for p in gm.parameters()) <= _WIDE_PARAMS:
+                self.outputs64 = _outputs64(gm, self.sample)
         return PassResult(gm, False)
+
+
+def _outputs64(gm: torch.fx.GraphModule, sample: tuple) -> list[torch.Tensor] | None:
+    """``gm``'s outputs computed in float64: its float32 weights converted and, after the run, converted back
+    (float32 -> float64 -> float32 is exact). None where the model does not run in float64."""
+    import contextlib
+    import io
+
+    floats = [t for t in list(gm.parameters()) + list(gm.buffers()) if t.is_floating_point()]
+    if any(t.dtype != torch.float32 for t in floats) or \
+            any(type(m).__module__.startswith("qcompile.") for m in gm.modules() if m is not gm):
+        return None  # quantizers already in (a QAT-trained model) hand float32 on
+    try:
+        gm.double()
+        with contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints a failing graph's code to stderr
+            return _outputs(gm, tuple(t.double() if t.is_floating_point() else t for t in sample))
+    except Exception:  # an op pinned to float32, a dtype check in forward: no second opinion
+        return None
+    finally:
+        gm.float()
 
 
 class CheckFloatOutputs(Pass):
@@ -80,21 +108,8 @@ class CheckFloatOutputs(Pass):
         """The traced model differs from its own float64 computation beyond ``rtol`` while the prepared graph does
         not: float32 rounding in the model (a conv bias of 1e6 cancelled by its BatchNorm's running mean), which the
         folding removed, and no rewrite error."""
-        import copy
-
-        from qcompile.qmodules import FakeQuantize
-
-        try:
-            wide = copy.deepcopy(gm)
-            for node in list(wide.graph.nodes):  # pass-through quantizers out (a disabled one hands back float32)
-                if node.op == "call_module" and isinstance(wide.get_submodule(node.target), FakeQuantize):
-                    node.replace_all_uses_with(node.args[0])
-                    wide.graph.erase_node(node)
-            wide.recompile()
-            wide = wide.double()
-            sample = tuple(t.double() if t.is_floating_point() else t for t in self.record.sample)
-            ref64 = _outputs(wide, sample)
-        except Exception:  # a model that cannot run in float64: no second opinion
+        ref64 = self.record.outputs64
+        if ref64 is None:
             return False
         return not output_difference(ref64, got, self.rtol) and bool(output_difference(ref64, ref, self.rtol))
 
