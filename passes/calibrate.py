@@ -192,6 +192,12 @@ class Calibrate(Pass):
                 node.meta["qparams"] = _qparams(fq, "zero data: unit range")
                 self.report.append(f"{node.target}: every calibration value was 0; unit range")
                 continue
+            top = max(abs(float(obs.min_val.min())), abs(float(obs.max_val.max())))
+            if 0.0 < top < quant.MIN_ALPHA / 16:
+                raise UserError(f"the input of {_consumer_names(node)} spans only ±{top:.3g} on the calibration data, "
+                                f"far under the smallest quantizer range ({quant.MIN_ALPHA:g}): every code would be 0 "
+                                "(the file silently computing another model); give inputs in ordinary units "
+                                "(standardized features), or rescale the layers that make these values")
             if fq.search_offset:
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0

@@ -715,3 +715,17 @@ def test_a_model_imprecise_in_float32_is_not_called_a_qcompile_bug(tmp_path):
     assert off > 1e-2  # the premise: float32 rounding in the model itself
     r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"), progress=False)
     assert r.report.passed
+
+
+def test_inputs_in_tiny_units_are_a_user_error(tmp_path):
+    """Features of ~1e-10 (farads): the input range was floored at 1e-8 and every code was 0 (0 dB, PASS)."""
+    import qcompile
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        m[0].weight.mul_(1e10)
+    x = torch.randn(32, 8) * 1e-10
+    with pytest.raises(UserError, match=r"the input of layer '0' spans only ±.* far under the smallest quantizer"):
+        qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
