@@ -30,7 +30,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import UserError
 from .traceable import (TRACEABLE_FORWARDS, clear_mask_notes, copy_mask_notes, needs_rewrite, record_masks,
-                        rewrite_attention)
+                        rewrite_attention, traceable_forward)
 
 
 def _torchscript_weights(source: str, arch) -> dict:
@@ -469,7 +469,7 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
             return True
-        if self.transformers and type(m) in TRACEABLE_FORWARDS:
+        if self.transformers and traceable_forward(m) is not None:
             return False
         if inherits_layer_forward(m):
             return True
@@ -478,9 +478,9 @@ class _Tracer(torch.fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         qualname = self.path_of_module(m)
         self._qc_stack.append(qualname)
-        if self.transformers and TRACEABLE_FORWARDS.get(type(m)) is not None and \
-                not self.is_leaf_module(m, qualname):
-            forward = functools.partial(TRACEABLE_FORWARDS[type(m)], m)
+        cls = traceable_forward(m) if self.transformers else None
+        if cls is not None and TRACEABLE_FORWARDS[cls] is not None and not self.is_leaf_module(m, qualname):
+            forward = functools.partial(TRACEABLE_FORWARDS[cls], m)
         out = super().call_module(m, forward, args, kwargs)
         self._qc_stack.pop()
         return out

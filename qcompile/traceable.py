@@ -34,7 +34,8 @@ class NotTraceable(Exception):
 
 
 class MultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` without masks, as four Linear projections (eval: no dropout).
+    """``nn.MultiheadAttention`` as four Linear projections (eval: no dropout), with its masks applied as PyTorch
+    applies them (:func:`additive_mask`).
 
     ``forward`` has the signature of ``nn.MultiheadAttention.forward`` and returns ``(output, weights)``, weights
     averaged over heads unless ``average_attn_weights=False`` and ``None`` when ``need_weights=False``."""
@@ -100,6 +101,13 @@ def _note(module: nn.Module, name: str, mask) -> tuple[str, int] | None:
     return module.__dict__.get(_NOTES, {}).get(name)
 
 
+# "masked out" as a finite term: exp(-1e30 - max) is 0 in float32 as exp(-inf) is, so every row with one key left
+# computes what PyTorch computes; a row with every key masked (an all-padding sequence) gets uniform weights instead
+# of NaN (PyTorch's nested path drops such a row and writes 0; the encoder's zeros below do the same), so NaN never
+# reaches a quantizer's observer
+MASKED = -1e30
+
+
 def additive_mask(module: nn.Module, name: str, mask):
     """``mask`` as the float term added to attention scores, as ``F._canonical_mask`` makes it: a bool mask's
     ``True`` entries -inf, a float mask as it is."""
@@ -107,8 +115,8 @@ def additive_mask(module: nn.Module, name: str, mask):
     if note is None or note[0] not in ("bool", "float"):
         raise NotTraceable(f"{name} of unknown type")
     if note[0] == "float":
-        return mask
-    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, float("-inf"))
+        return mask.clamp(min=MASKED)
+    return torch.zeros_like(mask, dtype=torch.float32).masked_fill(mask, MASKED)
 
 
 def mask_rank(module: nn.Module, name: str, mask) -> int:
@@ -126,20 +134,16 @@ def _padded(module: nn.Module, name: str, mask):
     return mask if note[0] == "bool" else mask != 0
 
 
-def _would_nest(m: nn.TransformerEncoder, src, mask, padding) -> bool:
-    """Whether PyTorch's TransformerEncoder.forward converts ``src`` to a nested tensor (and writes 0 at padded
-    positions) in eval mode under ``torch.no_grad`` -- its conditions, with the fast path as it is enabled now."""
-    if padding is None or mask is not None or not getattr(m, "use_nested_tensor", False):
+def _would_nest(m: nn.TransformerEncoder, src) -> bool:
+    """Whether PyTorch's TransformerEncoder.forward, given a key-padding mask and no attention mask, converts
+    ``src`` to a nested tensor (and writes 0 at padded positions) in eval mode under ``torch.no_grad``: its
+    conditions that do not depend on the masks, with the fast path as it is enabled now. (The masks' left
+    alignment, mask_check, depends on the batch: tested in the graph.)"""
+    if not torch.backends.mha.get_fastpath_enabled() or not getattr(m, "use_nested_tensor", False):
         return False
     if m.layers[0].training or src.dim() != 3 or src.is_nested or torch.is_autocast_enabled():
         return False
-    if src.device.type not in ("cpu", "cuda", "xpu"):
-        return False
-    if getattr(m, "mask_check", True):
-        valid = padding.logical_not() if padding.dtype == torch.bool else padding == 0
-        if not torch._nested_tensor_from_mask_left_aligned(src, valid):
-            return False
-    return True
+    return src.device.type in ("cpu", "cuda", "xpu")
 
 
 def record_masks(model: nn.Module, example_inputs) -> None:
@@ -167,7 +171,7 @@ def record_masks(model: nn.Module, example_inputs) -> None:
                 notes[name] = note
         if isinstance(module, nn.TransformerEncoder):
             with _fastpath(fast):
-                nest = _would_nest(module, bound.get("src"), bound.get("mask"), bound.get("src_key_padding_mask"))
+                nest = _would_nest(module, bound.get("src"))
             if module.__dict__.get(_NESTED, nest) != nest:
                 raise NotTraceable("the encoder's fast path differs between calls")
             module.__dict__[_NESTED] = nest
@@ -221,7 +225,7 @@ def _replaceable(mha: nn.MultiheadAttention) -> bool:
 
 def needs_rewrite(model: nn.Module) -> bool:
     return any(_replaceable(m) for m in model.modules() if isinstance(m, nn.MultiheadAttention)) or \
-        any(type(m) in TRACEABLE_FORWARDS for m in model.modules())
+        any(traceable_forward(m) is not None for m in model.modules())
 
 
 def rewrite_attention(model: nn.Module) -> nn.Module:
@@ -266,9 +270,14 @@ def _encoder_forward(m: nn.TransformerEncoder, src, mask=None, src_key_padding_m
     out = src
     for layer in m.layers:
         out = layer(out, src_mask=layer_mask, src_key_padding_mask=layer_padding)
-    if src_key_padding_mask is not None and m.__dict__.get(_NESTED):
-        # the nested-tensor fast path writes 0 at the padded positions (to_padded_tensor(0.0)), before the norm
-        pad = _padded(m, "src_key_padding_mask", src_key_padding_mask)
+    if src_key_padding_mask is not None and mask is None and m.__dict__.get(_NESTED):
+        # the nested-tensor fast path writes 0 at the padded positions (to_padded_tensor(0.0)), before the norm --
+        # for a batch whose masks are all left-aligned (padding at the end); with mask_check off, for any batch
+        pad = _padded(m, "src_key_padding_mask", src_key_padding_mask)  # (N, S)
+        if getattr(m, "mask_check", True):
+            # a row is left-aligned when no valid position follows a padded one
+            aligned = torch.logical_not(torch.any(pad[:, :-1] & torch.logical_not(pad[:, 1:])))
+            pad = pad & aligned
         if not m.layers[0].self_attn.batch_first:
             pad = pad.transpose(0, 1)
         out = out.masked_fill(pad.unsqueeze(-1), 0.0)
@@ -287,7 +296,26 @@ def _decoder_forward(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None, memor
     return m.norm(out) if m.norm is not None else out
 
 
+def _transformer_forward(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                         src_key_padding_mask=None, tgt_key_padding_mask=None, memory_key_padding_mask=None,
+                         src_is_causal=None, tgt_is_causal=None, memory_is_causal=False):
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
+def traceable_forward(m: nn.Module):
+    """The class of :data:`TRACEABLE_FORWARDS` that ``m`` is, also as a subclass that keeps its forward
+    (``class MyLayer(nn.TransformerEncoderLayer)`` adding only an __init__); None otherwise."""
+    for cls in TRACEABLE_FORWARDS:
+        if isinstance(m, cls) and type(m).forward is cls.forward:
+            return cls
+    return None
+
+
 TRACEABLE_FORWARDS = {
+    nn.Transformer: _transformer_forward,
     nn.TransformerEncoderLayer: _encoder_layer_forward,
     nn.TransformerEncoder: _encoder_forward,
     nn.TransformerDecoder: _decoder_forward,

@@ -210,3 +210,68 @@ def test_layers_inside_opaque_modules_are_listed_as_float():
     # masked attention called without example inputs (no record of the mask's kind) stays opaque
     rows = {name: decision for name, _, decision in layer_table(trace(MaskedEncoder().eval()))}
     assert rows["enc"] == "float: opaque to torch.fx (6 Conv/Linear layer(s) and 2 attention in_proj weight(s))"
+
+
+def test_left_padding_and_an_all_padding_row_compute_what_pytorch_computes(tmp_path):
+    """The nested path's zeros were decided on the first calibration row (no padding there): with left padding
+    PyTorch never takes that path, and the file wrote 0 where the model computes values (fp32 8.5 dB, PASS). A row
+    with every position padded made softmax NaN in the graph ("the model computes NaN ... on the calibration
+    data") where PyTorch's output is finite."""
+    torch.manual_seed(3)
+    model = TokenEncoder().eval()
+    x = tokens(16)
+    lengths = torch.randint(4, 11, (16, 1), generator=torch.Generator().manual_seed(4))
+    left = torch.arange(10)[None] < 10 - lengths  # padding first: not left-aligned
+    left[0] = False                                # the example row: no padding
+    right = torch.arange(10)[None] >= lengths
+    right[5] = True                                # an all-padding row
+    for pad in (left, right):
+        with torch.no_grad():
+            want = model(x, pad)
+        assert torch.isfinite(want).all()
+        result = qcompile.compile(model, calib=(x, pad), scheme="fp32", output=str(tmp_path / "m.onnx"),
+                                  progress=False)
+        assert result.report.passed
+        with torch.no_grad():
+            torch.testing.assert_close(result.model(x, pad), want, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_subclassed_layers_and_an_encoder_called_twice_are_traced(tmp_path):
+    """nn.Transformer (the all-in-one module), a layer subclass that only adds an __init__, and one encoder called
+    with and without a mask stayed opaque (their layers float; the last one's file lost the nested zeros)."""
+    class MyLayer(nn.TransformerEncoderLayer):
+        pass
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(40, 16)
+            self.enc = nn.TransformerEncoder(MyLayer(16, 2, 32, dropout=0.0, batch_first=True), 2)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, tok, pad):
+            e = self.emb(tok)
+            return self.head(self.enc(e, src_key_padding_mask=pad) + self.enc(e))
+
+    torch.manual_seed(5)
+    x = tokens(16)
+    pad = torch.arange(10)[None] >= torch.randint(4, 11, (16, 1), generator=torch.Generator().manual_seed(6))
+    model = Twice().eval()
+    gm = trace(model, (x[:1], pad[:1]))
+    assert "enc.layers.1.linear2" in linear_targets(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, pad), model(x, pad), rtol=1e-4, atol=1e-5)
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tf = nn.Transformer(16, 2, 1, 1, 32, dropout=0.0, batch_first=True)
+
+        def forward(self, src, tgt):
+            return self.tf(src, tgt)
+
+    tf = Seq2Seq().eval()
+    src, tgt = torch.randn(4, 7, 16), torch.randn(4, 5, 16)
+    gm = trace(tf, (src, tgt))
+    assert {"tf.encoder.layers.0.linear1", "tf.decoder.layers.0.multihead_attn.q_proj"} <= linear_targets(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(src, tgt), tf(src, tgt), rtol=1e-4, atol=1e-5)
