@@ -567,6 +567,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
                                else repr(t) for t in example_inputs)
             hint = "fix --input-shape, or the shape and type of the --calib inputs"
+            if len(example_inputs) > 1 and all(isinstance(t, torch.Tensor) and t.is_floating_point()
+                                               for t in example_inputs):
+                hint += (" (--input-shape gives random float32 inputs: a mask or token ids needs --calib with real "
+                         "arrays, an .npz with x0, x1, ...)")
             if "indices" in str(cause) and "Long, Int" in str(cause) and \
                     all(not isinstance(t, torch.Tensor) or t.is_floating_point() for t in example_inputs):
                 hint = ("an input takes integer ids (an Embedding), which --input-shape cannot make (its inputs are "
