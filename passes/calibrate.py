@@ -240,6 +240,11 @@ class Calibrate(Pass):
                     except ValueError as e:
                         if "got NaN or inf values" not in str(e):
                             raise
+                        ninf = sum(int((t == float("-inf")).sum()) for t in batch if t.is_floating_point())
+                        if ninf:
+                            raise UserError(f"the calibration data holds {ninf} -inf value(s) that reach a quantizer; "
+                                            "give finite inputs (--calib): -inf belongs only in a float attention "
+                                            "mask") from None
                         raise UserError("the model computes NaN or inf values on the calibration data (an activation "
                                         "past float32's range, ~3.4e38); give inputs in the range the model was "
                                         "trained on (--calib)") from None

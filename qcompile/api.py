@@ -175,7 +175,12 @@ def _check_finite_model(gm: torch.fx.GraphModule) -> None:
     bn_stats = {f"{n.target}.{k}" for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
                 for k in ("running_mean", "running_var")}
-    params = {name for name, _ in gm.named_parameters()}
+    # weights of the layers and normalisations: finite; any other tensor (a frozen Parameter holding a -inf mask) may
+    # hold -inf/inf on purpose, and only NaN is refused there
+    weighted = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm, nn.Embedding, nn.LayerNorm,
+                nn.GroupNorm, nn.EmbeddingBag)
+    params = {f"{m_name}.{p_name}" if m_name else p_name for m_name, m in gm.named_modules() if isinstance(m, weighted)
+              for p_name, _ in m.named_parameters(recurse=False)}
     for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
         if not t.is_floating_point():
             continue

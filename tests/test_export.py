@@ -807,3 +807,28 @@ def test_what_torch_onnx_fails_inside_on_is_one_line(tmp_path, capfd):
         with pytest.raises(UserError, match=r"torch.onnx's exporter failed on this model .*not a dataclass"):
             qcompile.compile(Net().eval(), x[:1], calib=x, scheme=scheme, bits=8, output=str(tmp_path / "d.onnx"))
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_minus_inf_mask_in_a_frozen_parameter_is_not_a_broken_checkpoint(tmp_path):
+    """A fixed additive mask kept as nn.Parameter(requires_grad=False): refused as "holds NaN or inf"."""
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 4)
+            self.mask = nn.Parameter(torch.tensor([0.0, 0.0, float("-inf"), 0.0]), requires_grad=False)
+
+        def forward(self, x):
+            return torch.softmax(self.fc(x) + self.mask, -1)
+
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(Masked().eval(), x[:1], calib=x, scheme="uniform", bits=8,
+                              output=str(tmp_path / "m.onnx"), progress=False)
+    assert result.report.passed
+
+
+def test_minus_inf_in_image_calibration_data_is_named(tmp_path):
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    x[3, 2] = float("-inf")
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with pytest.raises(UserError, match=r"the calibration data holds 1 -inf value\(s\) that reach a quantizer"):
+        qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
