@@ -104,10 +104,13 @@ class QuantizeOutputs(Pass):
 # what may follow the classifier on its way to the graph output, in float after QGemm's float output: shape ops,
 # casts, a temperature, (log-)softmax. Re-quantizing the logits to 8 bits for them cost 4-13 dB against float.
 _TAIL_METHODS = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "float", "contiguous", "clone", "to",
-                 "transpose", "permute", "t", "softmax", "log_softmax", "mul", "div", "__truediv__", "__mul__"}
+                 "transpose", "permute", "t", "softmax", "log_softmax", "mul", "div", "add", "sub", "__truediv__",
+                 "__mul__", "__getitem__"}
 _TAIL_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-                   torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.mul, torch.div,
-                   operator.mul, operator.truediv}
+                   torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.mul, torch.div, torch.add,
+                   torch.sub, operator.mul, operator.truediv, operator.add, operator.sub, operator.getitem}
+_TAIL_ARITHMETIC = {"mul", "div", "add", "sub", "__truediv__", "__mul__", torch.mul, torch.div, torch.add, torch.sub,
+                    operator.mul, operator.truediv, operator.add, operator.sub}
 
 
 def _float_tail(node, depth: int = 0) -> bool:
@@ -128,10 +131,15 @@ def _float_tail(node, depth: int = 0) -> bool:
             continue
         known = (u.op == "call_method" and u.target in _TAIL_METHODS) or \
             (u.op == "call_function" and u.target in _TAIL_FUNCTIONS)
-        if not known or u.args[0] is not node:
+        if not known:
             return False
-        if u.target in ("mul", "div", "__truediv__", "__mul__", torch.mul, torch.div, operator.mul, operator.truediv) \
-                and not all(isinstance(a, (int, float)) for a in u.args[1:]):
+        if u.target in _TAIL_ARITHMETIC:
+            # by a number or a constant of the model (a temperature Parameter, a buffer): 0.5 * lg, lg / self.T
+            others = [a for a in u.args if a is not node]
+            if node not in u.args or not all(isinstance(a, (int, float)) or
+                                             (isinstance(a, torch.fx.Node) and a.op == "get_attr") for a in others):
+                return False
+        elif u.args[0] is not node:
             return False
         if not _float_tail(u, depth + 1):
             return False

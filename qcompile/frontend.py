@@ -134,6 +134,9 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 return _call_factory(source).eval()
+        mod, sep, attr = source.partition(":")
+        if sep and attr and (mod.endswith(".py") or mod.startswith(".")):
+            resolve_factory(source)  # one line: a file path where the module name goes
         raise UserError(f"model file {source!r} does not exist; give a .pt path or a package.module:factory spec")
     if os.path.isdir(source):
         raise UserError(f"{source!r} is a directory; give the .pt file inside it")

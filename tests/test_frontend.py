@@ -249,9 +249,10 @@ def test_bad_factory_specs(user_module, suffix, needle):
 @pytest.mark.parametrize("spec", ["./{mod}.py:UserNet", ".{mod}:UserNet", "{mod}.py:UserNet", "../x/{mod}.py:f"])
 def test_a_factory_spec_written_as_a_file_names_the_module_form(user_module, tmp_path, spec):
     """'./common.py:cnn' was an internal error (TypeError: "the 'package' argument is required")."""
-    with pytest.raises(UserError) as err:
-        resolve_factory(spec.format(mod=user_module))
-    _assert_one_line(err, f"names a file, not a module: give the module name, e.g. {user_module}:")
+    for call in (resolve_factory, load_model):  # as --arch, and as the MODEL argument
+        with pytest.raises(UserError) as err:
+            call(spec.format(mod=user_module))
+        _assert_one_line(err, f"names a file, not a module: give the module name, e.g. {user_module}:")
 
 
 @pytest.mark.parametrize("body, needle", [("def f(:\n", "SyntaxError"), ("raise RuntimeError('needs CUDA')\n",

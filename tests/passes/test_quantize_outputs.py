@@ -248,6 +248,7 @@ class _Tailed(nn.Module):
         super().__init__()
         self.tail = tail
         self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 10)
+        self.T = nn.Parameter(torch.tensor(1.5), requires_grad=False)
 
     def forward(self, x):
         lg = self.b(torch.relu(self.a(x)))
@@ -257,10 +258,15 @@ class _Tailed(nn.Module):
             return lg / 2.0
         if self.tail == "log_softmax":
             return F.log_softmax(lg, -1)
+        if self.tail == "parameter_temperature":
+            return lg / self.T
+        if self.tail == "scale_shift_slice":
+            return (0.5 * lg + 1.0)[:, :5]
         return collections.namedtuple("Out", "logits hidden")(lg, x)
 
 
-@pytest.mark.parametrize("tail", ["view", "temperature", "log_softmax", "namedtuple"])
+@pytest.mark.parametrize("tail", ["view", "temperature", "log_softmax", "namedtuple", "parameter_temperature",
+                                  "scale_shift_slice"])
 def test_logits_through_a_float_tail_come_out_of_qgemm_in_float(tmp_path, tail):
     """lg.view(B, 10), lg / T, log_softmax or a namedtuple after the classifier: its output got an 8-bit quantizer
     (one code per logit), 4-13 dB below the plain `return self.head(h)` file against float, validation PASS."""
