@@ -53,6 +53,14 @@ def tokens(n=12, seed=0):
     return torch.randint(1, 40, (n, 10), generator=torch.Generator().manual_seed(seed))
 
 
+def traced_alike(model, *inputs):
+    """The model traced on ``inputs``, checked to compute what the model computes on them."""
+    gm = trace(model, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    return gm
+
+
 def linear_targets(gm) -> set[str]:
     return {str(n.target) for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                             nn.Linear)}
@@ -135,11 +143,8 @@ def test_masked_encoders_trace_to_what_pytorch_computes(case, tmp_path):
 def test_decoder_is_traced_through():
     torch.manual_seed(0)
     model = Decoder().eval()
-    tgt, mem = torch.randn(3, 5, 16), torch.randn(3, 7, 16)
-    gm = trace(model, (tgt, mem))
+    gm = traced_alike(model, torch.randn(3, 5, 16), torch.randn(3, 7, 16))
     assert {"dec.layers.1.multihead_attn.q_proj", "dec.layers.1.linear2"} <= linear_targets(gm)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(tgt, mem), model(tgt, mem), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [dict(batch_first=True), dict(batch_first=False), dict(bias=False, batch_first=True),
@@ -269,9 +274,5 @@ def test_transformer_subclassed_layers_and_an_encoder_called_twice_are_traced(tm
         def forward(self, src, tgt):
             return self.tf(src, tgt)
 
-    tf = Seq2Seq().eval()
-    src, tgt = torch.randn(4, 7, 16), torch.randn(4, 5, 16)
-    gm = trace(tf, (src, tgt))
+    gm = traced_alike(Seq2Seq().eval(), torch.randn(4, 7, 16), torch.randn(4, 5, 16))
     assert {"tf.encoder.layers.0.linear1", "tf.decoder.layers.0.multihead_attn.q_proj"} <= linear_targets(gm)
-    with torch.no_grad():
-        torch.testing.assert_close(gm(src, tgt), tf(src, tgt), rtol=1e-4, atol=1e-5)
