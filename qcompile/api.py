@@ -169,9 +169,9 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
 
 
 def _check_finite_model(gm: torch.fx.GraphModule) -> None:
-    """Parameters and buffers must be finite, and every BatchNorm's ``running_var + eps`` positive: a corrupted or
-    badly converted checkpoint stopped in calibration as "a qcompile bug" (a NaN scale), and at fp32 its NaN outputs
-    compared as PASS."""
+    """The weights of layers and normalisations and BatchNorm statistics must be finite (other tensors: no NaN), and
+    every BatchNorm's ``running_var + eps`` positive: a corrupted or badly converted checkpoint stopped in
+    calibration as "a qcompile bug" (a NaN scale), and at fp32 its NaN outputs compared as PASS."""
     bn_stats = {f"{n.target}.{k}" for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
                 for k in ("running_mean", "running_var")}

@@ -109,8 +109,9 @@ MASKED = -1e30
 
 
 def additive_mask(module: nn.Module, name: str, mask):
-    """``mask`` as the float term added to attention scores, as ``F._canonical_mask`` makes it: a bool mask's
-    ``True`` entries -inf, a float mask as it is."""
+    """``mask`` as the float term added to attention scores, as ``F._canonical_mask`` makes it, with
+    :data:`MASKED` for -inf: a bool mask's ``True`` entries, and a float mask's -inf entries (its other values as
+    they are)."""
     note = _note(module, name, mask)
     if note is None or note[0] not in ("bool", "float"):
         raise NotTraceable(f"{name} of unknown type")
