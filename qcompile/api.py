@@ -636,7 +636,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             float_model = plain_copy(model).eval()  # the passes worked on a copy: model is still the float one
             report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
         else:
-            report = validate_file(onnx_model.SerializeToString(), gm, inputs, **th)
+            # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
+            # one that differs (it is checked on the example inputs only)
+            report = validate_file(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)
