@@ -256,3 +256,38 @@ def test_a_feature_with_one_value_in_calibration_does_not_set_the_weight_rows_ra
     assert float(w[0]) <= float(w[1:].max()) * (1 + 1e-6), w
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-3)  # the same function off the data too
+
+
+def test_a_standardisation_folded_into_the_first_layer_is_undone_in_the_file():
+    """An MLP trained on standardised digits pixels, its scaler (mean, std) folded into the first Linear: the inputs
+    share one range (0..16), but rarely lit pixels have a small std and weight columns 1/std large, which set every
+    row's weight range (16 dB held-out at W8A8). The weight-column spread triggers the pass (24 dB)."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = torch.tensor(d.data, dtype=torch.float32), torch.tensor(d.target)
+    mu, sd = x[:1200].mean(0), x[:1200].std(0)
+    sd = torch.where(sd < 1e-3, torch.ones_like(sd), sd)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(10):
+        for i in range(0, 1200, 32):
+            opt.zero_grad()
+            F.cross_entropy(model((x[i:i + 32] - mu) / sd), y[i:i + 32]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        w = model[0].weight / sd
+        model[0].bias -= (w * mu).sum(1)
+        model[0].weight.copy_(w)
+        ref = model(x[1200:])
+    results = {}
+    for equalize in (False, True):
+        r = qcompile.compile(model, x[:1], calib=x[:64], scheme="uniform", bits=8, equalize_inputs=equalize,
+                             progress=False)
+        assert r.report.passed
+        with torch.no_grad():
+            results[equalize] = sqnr(ref, r.model(x[1200:]))  # held-out images
+    assert results[True] > results[False] + 4, results
