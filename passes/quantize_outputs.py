@@ -58,8 +58,6 @@ class QuantizeOutputs(Pass):
         exports as ``Gemm`` and runs as ``QGemm`` writing float logits, as a classifier's do; as ``MatMul`` it needed
         an 8-bit output (per-token logits 37.3 dB against float instead of 46). The input quantizer, per tensor,
         moves after the flatten only where this Linear is its one reader."""
-        from torch.fx.passes.shape_prop import TensorMetadata
-
         x = node.args[0]
         rank = _rank(x)
         if node.target is not F.linear or rank is None or rank < 3 or not _float_tail(node):
@@ -161,7 +159,7 @@ _TAIL_ARITHMETIC = {"mul", "div", "add", "sub", "__truediv__", "__mul__", torch.
 
 def _float_tail(node, depth: int = 0) -> bool:
     """Every use of ``node`` leads to the graph output through :data:`_TAIL_METHODS`/:data:`_TAIL_FUNCTIONS`
-    (a scale by a constant only, never by another tensor)."""
+    (arithmetic only with numbers or the model's own constants, never with another value of the graph)."""
     if not node.users or depth > 16:
         return False
     for u in node.users:
