@@ -17,8 +17,9 @@ column: ``a = 0`` leaves the input alone, ``a = 1/2`` is the cross-layer equaliz
 ranges of the feature and of its weight column become ``sqrt(r_x·r_w)``), ``a = 1`` moves all of the spread into the
 weights. The pass predicts the output noise of each ``a`` in {0, 1/4, 1/2, 3/4, 1} from the calibration data --
 the input quantizer's step over every column's weights, plus each weight row's step over the features' mean
-squares -- and applies the best one only where the features' ranges, or their weight columns' ranges (a
-standardisation folded into the first layer: columns 1/std apart), are more than 100x apart (or, before a Linear,
+squares -- and applies the best one only where the features' ranges are more than 100x apart, or the largest weight
+column is more than 100x the median one (a standardisation folded into the first layer: rarely lit pixels' columns
+1/std large), (or, before a Linear,
 their offsets make the input's span 100x the largest feature's: centring alone, ``a = 0``, is then a candidate) and
 it predicts at least 3 dB less noise than leaving the input alone: inputs whose features share a range (images,
 standardized tables) are left as they were.
@@ -195,8 +196,11 @@ class EqualizeInputs(Pass):
         # moved to 0 (its value goes into the bias): else it alone sets the input quantizer's range
         dead = (r_w == 0) & (r_x > 0)
         constant = (r_x == 0) & (lo != 0) & linear
-        weighted = r_w > 0  # also the features with one value in the calibration data (their columns count)
-        spread_w = float(r_w[weighted].max() / r_w[live].min()) if bool(live.any()) else 1.0
+        # weight columns far above the typical one (a folded scaler's 1/std of rarely lit pixels, also those with
+        # one value in the calibration data), against the median: columns far below it (L1 leftovers, inputs a
+        # feature selection all but dropped) carry little and scaling them up cost held-out headroom (-8 dB)
+        weighted = r_w > 0
+        spread_w = float(r_w[weighted].max() / r_w[live].median()) if bool(live.any()) else 1.0
         alphas = _ALPHAS if float(r_x[live].max() / r_x[live].min()) >= _MIN_SPREAD or spread_w >= _MIN_SPREAD else ()
         # before a Linear, features far from 0 against their spread (a pressure of 1013 ± 0.2 hPa beside pixels
         # in [0, 1], a year, a temperature in kelvin): the per-tensor range spans the offsets, not the values,
