@@ -291,3 +291,21 @@ def test_a_standardisation_folded_into_the_first_layer_is_undone_in_the_file():
         with torch.no_grad():
             results[equalize] = sqnr(ref, r.model(x[1200:]))  # held-out images
     assert results[True] > results[False] + 4, results
+
+
+def test_tiny_weight_columns_do_not_trigger_the_pass():
+    """Columns far below the typical one (L1 leftovers, inputs a feature selection all but dropped) carry little:
+    scaling their inputs up cost held-out headroom (-8 dB on digits MLPs). Only columns far above it count."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(128, 12, generator=gen) * 16  # one range
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[:, :3] *= 1e-3
+    p = EqualizeInputs(x)
+    assert not Pipeline([p])(trace(model, (x[:1],))).modified, p.report
+    with torch.no_grad():
+        model[0].weight[:, :3] *= 1e6  # now three columns far above the rest: a folded scaler's rarely lit inputs
+    p = EqualizeInputs(x)
+    Pipeline([p])(trace(model, (x[:1],)))
+    assert any("features scaled" in line for line in p.report), p.report
