@@ -523,6 +523,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     leaf_modules = list(leaf_modules)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    if not isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
+        _spell_out_varargs(model, len(example_inputs))
     gm = None
     if isinstance(model, torch.fx.GraphModule) and not leaf_modules and not _calls_fused_modules(model):
         gm = model
@@ -806,6 +808,38 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
         return None
     finally:
         clear_mask_notes(model)
+
+
+def _spell_out_varargs(model: nn.Module, n_given: int) -> bool:
+    """Give a ``forward(self, *args, **kwargs)`` (a user's wrapper that hands its inputs on, ``forward(self, x,
+    *extra)``) one named parameter per example input. torch.fx makes ``*args`` a single placeholder, and a forward
+    that unpacks it (``self.net(*args)``) fails with "Proxy object cannot be iterated"; with the inputs spelled out
+    it is traced as the call with those inputs runs. Only ``model``'s class is changed: ``model`` is qcompile's
+    copy (:func:`trace`), and the traced graph keeps its submodules, not its class."""
+    import inspect
+
+    cls = type(model)
+    try:
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError, AttributeError):
+        return False
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return False
+    fixed = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = fixed[:n_given]
+    taken = set(names) | {p.name for p in params}
+    for i in range(len(names), n_given):
+        name = "input" if i == 0 else f"input_{i}"
+        while name in taken:
+            name += "_"
+        names.append(name)
+        taken.add(name)
+    arglist = ", ".join(names)
+    scope = {"_forward": cls.forward}
+    exec(f"def forward(self, {arglist}):\n    return _forward(self, {arglist})\n", scope)  # noqa: S102 (our own text)
+    model.__class__ = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__,
+                                                   "__qualname__": cls.__qualname__})
+    return True
 
 
 def _defaults_beyond(model: nn.Module, n_given: int | None) -> dict | None:

@@ -566,6 +566,64 @@ def test_wrapped_models_compile_as_the_model_inside(wrap):
     assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
 
 
+class _PassOn(nn.Module):
+    """A user's own wrapper (an EMA holder, a normalizing shell) that hands its inputs on as ``*args``."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args, **kwargs):
+        return self.net(*args, **kwargs)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(12, 16)
+        self.b = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, *extra):  # the second input arrives through *extra
+        return self.head(torch.relu(self.a(x) + self.b(extra[0])))
+
+
+@pytest.mark.parametrize("case", ["wrapper", "positional_then_varargs"])
+def test_a_forward_taking_varargs_is_traced_with_one_parameter_per_input(case):
+    """torch.fx makes ``*args`` one placeholder, and ``self.net(*args)`` failed with "Proxy object cannot be
+    iterated": a user's own pass-on wrapper (not DataParallel/AveragedModel, which are unwrapped by name) could not
+    be compiled. The inputs are now spelled out, every layer inside is quantized, and the user's model keeps its
+    class."""
+    from torch.utils._pytree import tree_leaves
+
+    gen = torch.Generator().manual_seed(3)
+    if case == "wrapper":
+        model = _PassOn(ResidualCNN(seed=6)).eval()
+        inputs = (torch.randn(16, *ResidualCNN.INPUT_SHAPE[1:], generator=gen),)
+        layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    else:
+        torch.manual_seed(4)
+        model = _TwoInputs().eval()
+        inputs = (torch.randn(16, 12, generator=gen), torch.randn(16, 6, generator=gen))
+        layers = 3
+    cls = type(model)
+    result = qcompile.compile(model, tuple(t[:1] for t in inputs), calib=[tuple(t[i:i + 4] for t in inputs)
+                                                                          for i in range(0, 16, 4)],
+                              scheme="uniform", bits=8)
+    assert type(model) is cls
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0.0
+    from qcompile.summary import layer_lines
+
+    lines = layer_lines(result.model)[1:]
+    assert len(lines) == layers and all(" W8 uniform / A8 uniform " in line for line in lines), lines
+    assert [i.name for i in result.onnx_model.graph.input][:len(inputs)] == (
+        ["input"] if case == "wrapper" else ["input_0", "input_1"])
+    with torch.no_grad():
+        want = model(*inputs)
+        got = tree_leaves(result.model(*inputs))[0]
+    assert 10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum()) > 30
+
+
 class _DynamicSameConv(nn.Conv2d):
     """timm's Conv2dSame: "same" padding computed from the input size with math.ceil, which torch.fx cannot trace
     (so it must be kept whole with --leaf-module)."""
