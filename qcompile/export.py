@@ -145,12 +145,41 @@ def _softplus_symbolic(g, x, beta, threshold):
 
 @contextlib.contextmanager
 def _softplus_with_threshold(opset: int):
-    """:func:`_softplus_symbolic` for the duration of one export (not for the user's own exports)."""
+    """:func:`_softplus_symbolic` and :func:`_unflatten_symbolic` for the duration of one export (not for the
+    user's own exports)."""
     torch.onnx.register_custom_op_symbolic("aten::softplus", _softplus_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten_symbolic, opset)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::softplus", opset)
+        torch.onnx.unregister_custom_op_symbolic("aten::unflatten", opset)
+
+
+def _unflatten_symbolic(g, x, dim, sizes):
+    """``aten::unflatten`` as ``Reshape(x, Concat(Shape(x)[:d], sizes, Shape(x)[d+1:]))`` with constant indices.
+    torch.onnx's own symbolic computes the indices with ``Mod``; shape inference then lost the batch dimension and
+    took the example's sizes for everything after the unflatten: a ``h.shape`` read later (``x.view(x.size(0),
+    -1)``, qcompile's per-token head) was folded to the example's batch, and the file failed at any other batch
+    size ("cannot be reshaped to the requested shape {1,2,4}")."""
+    from torch.onnx import symbolic_helper, symbolic_opset13
+
+    d = symbolic_helper._maybe_get_const(dim, "i")
+    sz = symbolic_helper._maybe_get_const(sizes, "is")
+    rank = symbolic_helper._get_tensor_rank(x)
+    if not isinstance(d, int) or not isinstance(sz, (list, tuple)) or rank is None:
+        return symbolic_opset13.unflatten(g, x, dim, sizes)
+    d = d + rank if d < 0 else d
+    shape = g.op("Shape", x)
+
+    def part(lo, hi):
+        return g.op("Slice", shape, g.op("Constant", value_t=torch.tensor([lo])),
+                    g.op("Constant", value_t=torch.tensor([hi])))
+
+    parts = ([part(0, d)] if d > 0 else []) + [g.op("Constant", value_t=torch.tensor([int(v) for v in sz]))]
+    if d + 1 < rank:
+        parts.append(part(d + 1, rank))
+    return g.op("Reshape", x, g.op("Concat", *parts, axis_i=0))
 
 
 def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:

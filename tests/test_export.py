@@ -87,6 +87,37 @@ def test_static_batch_when_asked():
     assert onnx_model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == x.shape[0]
 
 
+class _Unflattened(nn.Module):
+    """Features unflattened into tokens (``x.unflatten(1, (T, d))``), a Linear per token, then ``view(B, -1)``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.unflatten(1, (2, 8))))
+        return self.b(h).view(h.size(0), -1)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_sizes_read_after_an_unflatten_stay_dynamic(scheme):
+    """torch.onnx's unflatten lost the batch dimension for shape inference: ``h.size(0)`` after it was folded to
+    the example's batch, and the file (fp32, or quantized with the per-token head as a 2-D Gemm) stopped at any
+    other batch size ("cannot be reshaped to the requested shape")."""
+    model = _Unflattened().eval()
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
+    assert result.report.passed
+    sess = session(result.onnx_model.SerializeToString())
+    for batch in (1, 5):
+        got = run(sess, [x[:batch].numpy()])[0]
+        with torch.no_grad():
+            want = result.model(x[:batch]).numpy()
+        assert got.shape == (batch, 6)
+        np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()))
+
+
 def test_two_inputs_and_two_outputs_are_named():
     class TwoInTwoOut(torch.nn.Module):
         def __init__(self):
