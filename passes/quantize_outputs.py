@@ -78,13 +78,16 @@ class QuantizeOutputs(Pass):
         flat.meta["tensor_meta"] = flat_meta
         x.replace_input_with(src, flat)
         x.meta["tensor_meta"] = flat_meta
+        # the shape back as a tensor (ONNX Shape → Slice → Concat): torch.onnx's tracer froze ``src.shape[:-1]``
+        # to the example's batch where ``src`` came through an unflatten (Reshape to (1, T, C) at any batch)
         with graph.inserting_before(node):
-            lead = graph.call_function(operator.getitem, (graph.call_function(getattr, (src, "shape")),
+            lead = graph.call_function(operator.getitem, (graph.call_function(torch._shape_as_tensor, (src,)),
                                                           slice(None, -1)))
+            last = graph.call_function(torch.tensor, ([int(out_meta.shape[-1])],))
         with graph.inserting_after(node):
-            shape = graph.call_function(operator.add, (lead, (int(out_meta.shape[-1]),)))
+            shape = graph.call_function(torch.cat, ([lead, last],))
         with graph.inserting_after(shape):
-            back = graph.call_method("reshape", (node, shape))
+            back = graph.call_function(torch._reshape_from_tensor, (node, shape))
         node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         back.meta["tensor_meta"] = out_meta
         node.meta["tensor_meta"] = out_meta._replace(shape=torch.Size([rows, out_meta.shape[-1]]),
@@ -133,6 +136,7 @@ class QuantizeOutputs(Pass):
             nonneg = is_nonnegative(gm, anchor)
             fq = FakeQuantize("uniform" if nonneg else "uniform_asym", self.bits, signed=False, role="activation",
                               observer="minmax")
+            fq.saturation = saturation_bounds(gm, anchor)
             name = f"out_fq{count}"
             count += 1
             gm.add_submodule(name, fq)
@@ -145,12 +149,75 @@ class QuantizeOutputs(Pass):
         return PassResult(gm, changed)
 
 
+# beyond these, tanh/sigmoid are their limits to float32's resolution (|tanh(10) - 1| < 5e-9, sigmoid(-17) < 5e-8)
+_SOFT_LIMITS = {"tanh": 10.0, "sigmoid": 17.0, "hardsigmoid": 3.0}
+
+
+def _soft_limit(gm: torch.fx.GraphModule, node) -> float | None:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        name = {torch.nn.Tanh: "tanh", torch.nn.Sigmoid: "sigmoid", torch.nn.Hardsigmoid: "hardsigmoid"}.get(type(mod))
+    elif node.op == "call_function":
+        name = {torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+                F.hardsigmoid: "hardsigmoid"}.get(node.target)
+    elif node.op == "call_method":
+        name = node.target if node.target in ("tanh", "sigmoid") else None
+    else:
+        name = None
+    return _SOFT_LIMITS.get(name)
+
+
+def saturation_bounds(gm: torch.fx.GraphModule, node) -> tuple[float, float] | None:
+    """(lo, hi) past which every reader of ``node`` gives the same output as at the bound: its readers are all
+    tanh, sigmoid, hardsigmoid or clips (through a bias add, shifted by the bias), else None.
+
+    A layer's 8-bit output that feeds tanh on raw features spanned ±400: a step of 3 rounded all of tanh's
+    sensitive [-3, 3] to 0 or ±3 (wine MLP: 81.5 % against 92.6 % float). Calibrated on values clamped to these
+    bounds, its levels cover what the function can tell apart, and what lies beyond still saturates to the bound's
+    code, whose image is the function's limit."""
+    users = list(node.users)
+    shift_lo = shift_hi = 0.0
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in (torch.add, operator.add) \
+            and len(users[0].args) == 2 and users[0].args[0] is node and isinstance(users[0].args[1], torch.fx.Node) \
+            and users[0].args[1].op == "get_attr":  # y = x W^T, then + b (QuantizeOutputs' split Linear)
+        bias = _attr(gm, users[0].args[1].target)
+        if not isinstance(bias, torch.Tensor) or bias.numel() == 0:
+            return None
+        shift_lo, shift_hi = float(bias.min()), float(bias.max())
+        node = users[0]
+        users = list(node.users)
+    if not users:
+        return None
+    lo, hi = float("inf"), float("-inf")
+    for user in users:
+        if not user.args or user.args[0] is not node:
+            return None
+        bounds = clip_bounds(gm, user)
+        if bounds is None:
+            limit = _soft_limit(gm, user)
+            if limit is None:
+                return None
+            bounds = (-limit, limit)
+        lo, hi = min(lo, bounds[0]), max(hi, bounds[1])
+    lo, hi = lo - shift_hi, hi - shift_lo  # y + b_c >= hi for every channel c once y >= hi - min(b)
+    if lo == float("-inf") and hi == float("inf"):
+        return None
+    return lo, hi
+
+
+def _attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
 # what may follow the classifier on its way to the graph output, in float after QGemm's float output: shape ops,
 # casts, a temperature, (log-)softmax. Re-quantizing the logits to 8 bits for them cost 4-13 dB against float.
 _TAIL_METHODS = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "float", "contiguous", "clone", "to",
                  "transpose", "permute", "t", "softmax", "log_softmax", "mul", "div", "add", "sub", "__truediv__",
                  "__mul__", "__getitem__", "unflatten"}
-_TAIL_FUNCTIONS = {torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
+_TAIL_FUNCTIONS = {torch.reshape, torch._reshape_from_tensor, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
                    torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.mul, torch.div, torch.add,
                    torch.sub, operator.mul, operator.truediv, operator.add, operator.sub, operator.getitem}
 _TAIL_ARITHMETIC = {"mul", "div", "add", "sub", "__truediv__", "__mul__", torch.mul, torch.div, torch.add, torch.sub,

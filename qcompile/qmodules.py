@@ -76,6 +76,9 @@ class FakeQuantize(nn.Module):
         self.calibrated = False
         self.enabled = True  # False: pass values through (float reference runs of the same graph)
         self.observer = None
+        # (lo, hi): what reads this quantizer's values maps everything past them to the bound's image (tanh, a
+        # clip); calibration observes the values clamped to them (QuantizeOutputs.saturation_bounds)
+        self.saturation = None
         self.qid = -1
         self.qname = ""
         # Set by BindIntegerLayers when this quantizer re-quantizes the int32 accumulator of an int8 layer:
@@ -171,7 +174,8 @@ class FakeQuantize(nn.Module):
         if x.dtype == torch.float64 and (self.observer is not None or not self.enabled):
             x = x.float()  # the float64 output of an int8 layer (see int8_conv2d) leaves as float32
         if self.observer is not None:
-            self.observer.update(x.detach())
+            bounds = getattr(self, "saturation", None)  # absent on quantizers saved before it existed
+            self.observer.update((x.clamp(*bounds) if bounds is not None else x).detach())
             return x
         if not self.enabled:
             return x

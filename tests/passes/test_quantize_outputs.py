@@ -317,3 +317,60 @@ def test_a_per_token_head_runs_as_qgemm_with_float_logits(tmp_path):
         ref = model(x[:3]).numpy()
     assert out.shape == (3, 5, 7)
     assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30
+
+
+class _WideTanh(nn.Module):
+    """Half the units saturated by biases of ±100 (a Linear on raw tabular features), half in tanh's sensitive
+    region: an 8-bit output over the whole span had a step of 0.8 there."""
+
+    def __init__(self, fn: str, rank3: bool = False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(11)
+        self.a = nn.Linear(8, 32)
+        self.b = nn.Linear(32, 4)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(32, 8, generator=gen) * 0.5)
+            self.a.bias.copy_(torch.cat([torch.randn(16, generator=gen), torch.tensor([100.0, -100.0]).repeat(8)]))
+            self.b.weight.copy_(torch.randn(4, 32, generator=gen))
+        self.fn, self.rank3 = fn, rank3
+
+    def forward(self, x):
+        if self.rank3:
+            x = x.unflatten(1, (2, 4)).repeat(1, 1, 2)  # (B, 2, 8): a Linear on tokens (MatMul + bias add)
+        h = self.a(x)
+        h = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "hardtanh": lambda t: F.hardtanh(t, -2.0, 2.0)}[self.fn](h)
+        out = self.b(h)
+        return out.flatten(1) if self.rank3 else out
+
+
+@pytest.mark.parametrize("fn,rank3", [("tanh", False), ("sigmoid", False), ("hardtanh", False), ("tanh", True)])
+def test_an_output_feeding_tanh_is_calibrated_on_what_tanh_can_tell_apart(fn, rank3):
+    """An 8-bit layer output that only tanh/sigmoid/a clip reads is calibrated on values clamped to where the
+    function saturates (shifted by the bias where the bias is added after the re-quantization): the file keeps the
+    function's sensitive region (a trained raw-feature wine MLP: 81.5 % -> 92.6 %, float's)."""
+    from qcompile.passes.quantize_outputs import saturation_bounds
+
+    model = _WideTanh(fn, rank3).eval()
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(12))
+    result = qcompile.compile(model, x[:1], calib=x[:64], scheme="uniform", bits=8)
+    assert result.report.passed
+    bounds = [fq.saturation for fq in output_quantizers(result.model).values()]
+    assert len(bounds) == 1 and bounds[0] is not None
+    limit = {"tanh": 10.0, "sigmoid": 17.0, "hardtanh": 2.0}[fn]
+    if rank3:  # the bias is added after the quantizer: the bounds move by the bias' extremes
+        assert bounds[0] == pytest.approx((-limit - float(model.a.bias.max()), limit - float(model.a.bias.min())))
+    else:
+        assert bounds[0] == (-limit, limit)
+    with torch.no_grad():
+        want, got = model(x[64:]), result.model(x[64:])
+    assert 10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum()) > 34  # 19 dB (tanh) without the bounds
+    # the per-quantizer report measures the output quantizer against the clamped float values (what tanh reads)
+    layer = next(l for l in result.report.layers if l["quantizer"].startswith("out_fq"))
+    assert layer["sqnr_vs_float_db"] > 30
+    # a reader that does not saturate (a second, linear use of the same output) leaves the range alone
+    gm = trace(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(1, 4))
+    layer_node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "0")
+    assert saturation_bounds(gm, layer_node) == (-10.0, 10.0)
+    with gm.graph.inserting_after(layer_node):
+        gm.graph.call_function(torch.add, (layer_node, layer_node))
+    assert saturation_bounds(gm, layer_node) is None
