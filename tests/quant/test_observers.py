@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,6 +256,27 @@ def test_kl_leaves_exact_zeros_out():
     ls = level_set("uniform", 8, True)
     assert make_observer("kl").update(signed).compute_alpha(ls).item() == pytest.approx(
         make_observer("kl").update(signed[signed != 0]).compute_alpha(ls).item(), rel=1e-6)
+
+
+def test_kl_thresholds_a_one_sided_tensor_on_its_long_side():
+    """GELU's output: half its values are small negatives (down to -0.17), the rest reach 6. Folded into |x| they
+    were a spike that pulled the signed threshold down to about |min| (0.18 for values up to 4.7 in a residual MLP:
+    logits 5 dB from float at APoT W4A4). The long side's threshold is taken on its own."""
+    x = F.gelu(1.5 * torch.randn(200_000, generator=_gen(11)))
+    top = float(x.max())
+    pos = x[x > 0]
+    for ls in (level_set("uniform_asym", 8, False), level_set("apot", 4, True), level_set("uniform", 4, True)):
+        obs = make_observer("kl").update(x)
+        params = obs.compute_qparams(ls)
+        lo, hi = obs._range(ls)
+        assert float(hi) > 0.4 * top, (ls.scheme, float(hi))
+        if ls.scheme == "uniform_asym":  # the short side whole, as with min/max
+            assert float(lo) == pytest.approx(float(x.min()))
+            # the positive side alone gives the same threshold: the negatives no longer move it
+            alone = make_observer("kl").update(pos)
+            assert float(hi) == pytest.approx(float(alone._long_side_threshold(0, level_set("uniform", 8, False)
+                                                                              .values)), rel=0.02)
+        assert float(params.alpha) > 0.4 * top
 
 
 # -- Laplace ----------------------------------------------------------------------------------------------------
