@@ -168,13 +168,16 @@ class Calibrate(Pass):
                            f"(up to {float(grow.max()):.3g}x), so that their bias fits the int32 accumulator")
 
     def _calibrate_with_data(self, gm, acts) -> None:
+        layout = _channels_last if _runs_channels_last(gm, next(data_batches(self.data, self.batch_size))) \
+            else (lambda t: t)
         try:
-            observers = self._observe(gm, acts, _channels_last)
+            observers = self._observe(gm, acts, layout)
         except RuntimeError:
-            if not any(_channels_last(t) is not t for t in next(data_batches(self.data, self.batch_size))):
+            if layout is not _channels_last or \
+                    not any(_channels_last(t) is not t for t in next(data_batches(self.data, self.batch_size))):
                 raise  # the batches were not converted: the model's own error
-            # Model code that needs NCHW-contiguous activations (``x.view(x.size(0), -1)`` after a conv or a pool)
-            # fails on channels-last batches: observe again, from scratch, in the layout the model was written for.
+            # Model code that needs NCHW-contiguous activations fails on channels-last batches: observe again, from
+            # scratch, in the layout the model was written for.
             observers = self._observe(gm, acts, lambda t: t)
         shifted = 0
         todo = []  # (node, key, observer, method): quantizers whose parameters come from their observer
@@ -323,6 +326,27 @@ def least_error_offset(obs, fq: FakeQuantize) -> int:
     err = _symmetric_bins_error(radius, counts, (alpha[:, None] * base)[:, None, :])[:, 0]
     best = int(np.argmin(err))  # first minimum: ties keep the symmetric set (or the smaller offset)
     return candidates[best]
+
+
+def _runs_channels_last(gm: torch.fx.GraphModule, batch) -> bool:
+    """Whether the graph runs on one channels-last sample of ``batch`` (quantizers passing values through). Model
+    code that needs NCHW-contiguous activations (``x.view(x.size(0), -1)`` after a conv: the tutorial LeNet) fails
+    there; found on the whole calibration run, that cost a second run, and torch.fx printed the model's traceback on
+    a compile that then succeeded. Its printout of this probe's failure is kept off stderr."""
+    import contextlib
+    import io
+
+    from qcompile.qmodules import disabled_quantizers
+
+    sample = [t[:1] for t in batch]
+    if not any(_channels_last(t) is not t for t in sample):
+        return False  # nothing to convert
+    try:
+        with torch.no_grad(), disabled_quantizers(gm), contextlib.redirect_stderr(io.StringIO()):
+            gm(*(_channels_last(t) for t in sample))
+    except RuntimeError:
+        return False
+    return True
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
