@@ -165,6 +165,18 @@ VERIFY_RANGE_CACHE = False  # set by the tests: every cached range is compared w
 BIAS_CAP = 2.0  # no channel's bias is scaled past this multiple of its layer's largest |bias| before the pass
 
 
+def _bias_capped(done: torch.Tensor, s: torch.Tensor, bias0: torch.Tensor, cap: float) -> torch.Tensor:
+    """``s`` with every channel's total scale ``done·s`` at least ``g·|b0_j|/cap``: no bias grows past ``cap``
+    (twice the layer's largest |bias| before the pass) more than the layer's typical channel does, ``1/g`` with
+    ``g = min(1, median(done·s))``. A pruned channel scaled up alone stays bounded as before; a layer whose weights
+    are all tiny next to their biases (a first layer on raw measurements: weights ~1e-3) is scaled up as a whole,
+    where the absolute bound held every channel at ~|b_j|/cap and set the channels' ratios by their biases (breast
+    cancer Conv1d: range ratio 1.4 → 4.9, W4A4 50 % against 93 % without the pass)."""
+    total = done * s
+    g = min(1.0, float(total.median()))
+    return torch.maximum(total, (g * bias0 / cap).to(total.dtype)) / done
+
+
 class EqualizeWeights(Pass):
     """Cross-layer weight equalization (see the module docstring).
 
@@ -374,8 +386,11 @@ class EqualizeWeights(Pass):
 
         before = {id(c): tuple(map(_spread, ranges(c))) for c in chains}
         # twice the largest |bias| of each producer before equalization: no channel's bias is scaled up past it
+        # by more than the layer's typical scale (cumulative over the sweeps, per producer)
         bias_cap = {t: BIAS_CAP * float(m.bias.detach().abs().max()) for t, m in mods.items()
                     if getattr(m, "bias", None) is not None and m.bias.numel()}
+        bias_before = {t: mods[t].bias.detach().abs().double().clone() for t in bias_cap}
+        total_s: dict[str, torch.Tensor] = {}
         rescaled: set[int] = set()
         modified = False
         sweeps, worst = 0, 0.0
@@ -388,10 +403,11 @@ class EqualizeWeights(Pass):
                     s = torch.ones_like(r1)
                     ok = (r1 > 0) & (r2 > 0)
                     s[ok] = torch.sqrt(r1[ok] / r2[ok])
-                    bias = mods[c.producer.target].bias
                     cap = bias_cap.get(c.producer.target, 0.0)
-                    if bias is not None and cap > 0.0:
-                        s = torch.maximum(s, (bias.detach().abs() / cap).to(s.dtype))
+                    if cap > 0.0:
+                        done = total_s.get(c.producer.target, torch.ones_like(s))
+                        s = _bias_capped(done, s, bias_before[c.producer.target], cap)
+                        total_s[c.producer.target] = done * s
                     change = float((s - 1).abs().max())
                     if change <= self.tol:
                         continue

@@ -331,6 +331,32 @@ def test_a_near_zero_channel_with_a_bias_is_not_scaled_up_past_the_layers_biases
     assert rel_err(out, ref) < RTOL
 
 
+def test_a_layer_of_tiny_weights_beside_its_biases_is_scaled_up_whole():
+    """A first layer on raw measurements (breast cancer Conv1d: weights ~1e-3, biases ~0.1) needs every channel
+    scaled up. The bias bound held each channel at |b_j|/(2 max|b|) instead, so the biases set the channels'
+    ratios: the pass made the out-channel spread it equalizes worse (1.4 -> 4.9) and W4A4 fell from 93 % to 50 %.
+    The bound is relative to the layer's typical scale now: the spread shrinks, and no bias outgrows the others'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e-3 * torch.linspace(1, 3, 8)[:, None])  # out-channel ranges 3x apart
+        model[0].bias.copy_(torch.linspace(0.02, 0.2, 8).flip(0))  # the smallest-range channel has the largest bias
+    x = 1000 * torch.rand(16, 6, generator=torch.Generator().manual_seed(2))
+    gm = folded(model, x)
+    prod_spread = channel_range_spread(gm.get_submodule("0").weight)
+    result, _, ref, out = equalize(gm, x)
+    gm = result.gm
+    assert rel_err(out, ref) < RTOL
+    # the pair reaches its fixed point, r1 = r2 on every channel: sqrt(r1 / r2) is no longer overruled by biases
+    assert channel_range_spread(gm.get_submodule("0").weight) < prod_spread
+    r1 = gm.get_submodule("0").weight.detach().abs().amax(1)
+    r2 = gm.get_submodule("2").weight.detach().abs().amax(0)
+    torch.testing.assert_close(r1, r2, rtol=5e-3, atol=0)
+    # every channel scaled up by about the same factor; no bias ends up far above the others
+    bias = gm.get_submodule("0").bias.detach().abs()
+    assert float(bias.max() / bias.median()) < 4.0
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_cached_channel_ranges_equal_a_fresh_read(name, monkeypatch):
     """The pass keeps each layer's channel ranges between rescalings and updates the scaled side exactly
