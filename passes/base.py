@@ -281,6 +281,25 @@ def data_batches(data, batch_size: int):
         yield tuple(t[i:i + batch_size] for t in parts)
 
 
+def calibration_inputs(data, gm: torch.fx.GraphModule):
+    """Calibration data in a pass's own pipeline, in the forms ``qcompile.compile(calib=...)`` takes: a tensor or
+    array ``(N, ...)``, a DataLoader or list of batches or ``(x, y)`` pairs, and for a model with several inputs a
+    tuple of one tensor per input or batches of such tuples. Given to ``Calibrate``/``BiasCorrection`` directly, an
+    array or DataLoader stopped inside the pass (``'numpy.ndarray' object has no attribute 'dim'``) and a list of
+    batches was read as several model inputs."""
+    if data is None:
+        return None
+    n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
+    if n == 1 and isinstance(data, torch.Tensor):
+        return data
+    if n > 1 and isinstance(data, (tuple, list)) and len(data) == n and all(isinstance(t, torch.Tensor) for t in data) \
+            and len({t.shape[0] if t.dim() else -1 for t in data}) == 1:
+        return tuple(data)
+    from qcompile.api import calib_data
+
+    return calib_data(data, n)
+
+
 def data_length(data) -> int:
     """Number of samples of calibration data (a tensor or a tuple of tensors)."""
     return (data[0] if isinstance(data, (tuple, list)) else data).shape[0]

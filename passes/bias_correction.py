@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, add_functional_bias, attr_value, data_batches, private_bias
+from .base import Pass, PassResult, add_functional_bias, attr_value, calibration_inputs, data_batches, private_bias
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -117,6 +117,7 @@ class BiasCorrection(Pass):
         self.batch_size = batch_size
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
         layers = correctable_layers(gm)
         if not layers:
             return PassResult(gm, False)

@@ -29,7 +29,7 @@ from qcompile.ir import QParams
 from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
-from .base import Pass, PassResult, attr_value, data_batches, data_length
+from .base import Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length
 from .bias_correction import correctable_layers, recording_input_means
 
 
@@ -63,6 +63,7 @@ class Calibrate(Pass):
         self.progress = progress
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
         todo = [n for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(n.target), FakeQuantize)
                 and not gm.get_submodule(n.target).calibrated]

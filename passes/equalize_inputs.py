@@ -35,7 +35,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .base import Pass, PassResult, data_batches, shared_with, stock_layer
+from .base import Pass, PassResult, calibration_inputs, data_batches, shared_with, stock_layer
 
 _ALPHAS = (0.25, 0.5, 0.75, 1.0)
 _MIN_GAIN = 2.0  # predicted noise ratio (3 dB) below which the input is left alone
@@ -118,6 +118,7 @@ class EqualizeInputs(Pass):
         self.select = select  # the SelectLayers to come: only layers it quantizes, on uniform input levels
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
         from qcompile.qmodules import FakeQuantize
 
         if self.data is None or any(isinstance(m, FakeQuantize) for m in gm.modules()):

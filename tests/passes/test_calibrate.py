@@ -733,3 +733,33 @@ def test_inputs_in_tiny_units_are_a_user_error(tmp_path):
     with pytest.raises(UserError, match=r"the input of layer '0' spans only ±.* far under the smallest quantizer"):
         qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_calibrate_and_bias_correction_take_the_calibration_forms_compile_takes():
+    """In a pipeline of one's own, Calibrate(array) stopped inside the pass ("'numpy.ndarray' object has no attribute
+    'dim'"), a DataLoader likewise, and a list of batches was read as several model inputs. They give what the
+    tensor gives now."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import qcompile.passes as P
+    from qcompile.frontend import trace as trace_model
+    from qcompile.ir import LayerConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    cfg = LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8, reason="default")
+
+    def run(data):
+        gm = trace_model(model, x[:1])
+        gm = P.Pipeline([P.SelectLayers(cfg), P.InsertQuantizers(), P.Calibrate(data, method="minmax"),
+                         P.BiasCorrection(data), P.QuantizeBias()])(gm).gm
+        return [m.alpha.clone() for m in gm.modules() if isinstance(m, FakeQuantize)], \
+            [p.detach().clone() for n, p in gm.named_parameters() if n.endswith("bias")]
+
+    want = run(x)
+    for data in (x.numpy(), DataLoader(TensorDataset(x), batch_size=16), [x[:32], x[32:]],
+                 [(x[:32], torch.zeros(32)), (x[32:], torch.zeros(32))]):
+        got = run(data)
+        for a, b in zip(want[0] + want[1], got[0] + got[1]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
