@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 from .errors import UserError
@@ -112,10 +113,15 @@ class CompileOptions:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if isinstance(self.leaf_modules, str):  # one name, as exclude="conv2" is one pattern (not its letters)
+            object.__setattr__(self, "leaf_modules", (self.leaf_modules,))
         if self.config is not None:
             from qcompile.passes.select import read_config
 
             config = self.config
+            if not isinstance(config, (dict, str, os.PathLike)):
+                raise UserError(f"config= takes the path of a TOML/YAML/JSON file of layer rules or a dict "
+                                f"{{pattern: settings}}, not a {type(config).__name__} (docs/passes.md)")
             if not isinstance(config, dict):
                 config = read_config(config)
             elif not (set(config) <= {"file", "layers"} and isinstance(config.get("layers"), dict)):

@@ -427,6 +427,18 @@ def test_leaf_module_makes_it_traceable(leaf, opaque):
             _close(gm(x), model(x))
 
 
+def test_compile_takes_one_leaf_module_as_a_string_and_refuses_a_config_of_another_type():
+    """leaf_modules="block" was split into its letters ("--leaf-module 'b' names no submodule"), unlike
+    exclude="conv2"; config=[...] was a TypeError from inside the config reader."""
+    model = GatedNet().eval()
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules="block", validate=False)
+    assert "block" in {n.target for n in result.model.graph.nodes if n.op == "call_module"}
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, x[:1], calib=x, leaf_modules="block", config=[("fc", "fp32")])
+    _assert_one_line(err, "config= takes", "not a list")
+
+
 def test_control_flow_in_the_top_forward_points_at_the_line():
     with pytest.raises(UserError) as err:
         trace(TopLevelBranch().eval(), torch.randn(2, 4))
