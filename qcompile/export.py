@@ -107,7 +107,9 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         if not _raised_in_torch_onnx(e):
             raise
         first = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"torch.onnx's exporter failed on this model ({type(e).__name__}: {first}); it exports "
+        module = _failing_module(e)
+        where = f" in {module}" if module else ""
+        raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); it exports "
                         "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
                         "return_dict=False for HuggingFace models) and replace what it cannot export (packed "
                         "sequences: pass padded ones)") from e
@@ -115,13 +117,32 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
 
 
 def _raised_in_torch_onnx(e: BaseException) -> bool:
-    """The innermost Python frame of the traceback is in torch.onnx or torch.jit (the exporter), not qcompile."""
+    """The innermost Python frame of the traceback is in torch.onnx or torch.jit (the exporter), not qcompile; or
+    in torch itself while the exporter traces a torch.nn module (``MaxUnpool2d``'s output-size check: "cond must be
+    a bool, but got a Tensor")."""
+    files = []
     tb = e.__traceback__
-    last = None
     while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
+        files.append(tb.tb_frame.f_code.co_filename.replace("\\", "/"))
         tb = tb.tb_next
-    return last is not None and any(part in last.replace("\\", "/") for part in ("/torch/onnx/", "/torch/jit/"))
+    if not files:
+        return False
+    if any(part in files[-1] for part in ("/torch/onnx/", "/torch/jit/")):
+        return True
+    return "/torch/" in files[-1] and "/qcompile/" not in files[-1] and any("/torch/onnx/" in f for f in files) \
+        and any("/torch/nn/" in f for f in files)
+
+
+def _failing_module(e: BaseException) -> str:
+    """The class of the innermost torch.nn module whose ``forward`` was running when ``e`` was raised, if any."""
+    found = ""
+    tb = e.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name == "forward" else None
+        if isinstance(owner, torch.nn.Module) and not isinstance(owner, torch.fx.GraphModule):
+            found = type(owner).__name__
+        tb = tb.tb_next
+    return found
 
 
 def _softplus_symbolic(g, x, beta, threshold):

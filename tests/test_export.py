@@ -840,6 +840,34 @@ def test_what_torch_onnx_fails_inside_on_is_one_line(tmp_path, capfd):
     assert not (tmp_path / "d.onnx").exists()
 
 
+def test_a_torch_nn_module_that_torch_onnx_cannot_trace_is_named_in_one_line(tmp_path):
+    """SegNet's MaxUnpool2d: torch's own output-size check fails under the exporter ("cond must be a bool, but got
+    a Tensor", raised in torch/__init__.py, not torch.onnx) and came out as "internal error, report it"."""
+    class SegNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Conv2d(3, 8, 3, padding=1)
+            self.pool, self.unpool = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+            self.head = nn.Conv2d(8, 2, 3, padding=1)
+
+        def forward(self, x):
+            p, idx = self.pool(torch.relu(self.enc(x)))
+            return self.head(self.unpool(p, idx))
+
+    x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    try:
+        torch.onnx.export(SegNet().eval(), (x[:1],), str(tmp_path / "plain.onnx"), dynamo=False)
+    except TypeError:  # torch 2.4-2.14
+        with pytest.raises(UserError, match=r"exporter failed on this model in MaxUnpool2d \(TypeError"):
+            qcompile.compile(SegNet().eval(), x[:1], calib=x, scheme="uniform", bits=8,
+                             output=str(tmp_path / "s.onnx"))
+        assert not (tmp_path / "s.onnx").exists()
+    else:  # a torch that exports it: then so does qcompile
+        result = qcompile.compile(SegNet().eval(), x[:1], calib=x, scheme="uniform", bits=8,
+                                  output=str(tmp_path / "s.onnx"))
+        assert result.report.passed
+
+
 def test_a_minus_inf_mask_in_a_frozen_parameter_is_not_a_broken_checkpoint(tmp_path):
     """A fixed additive mask kept as nn.Parameter(requires_grad=False): refused as "holds NaN or inf"."""
     class Masked(nn.Module):
