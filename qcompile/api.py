@@ -255,6 +255,10 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib" and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
+        if isinstance(e, torch.Tensor) and tuple(e.shape) == tuple(c.shape[1:]) and e.dim() < c.dim():
+            raise UserError(f"the example input{f' {i}' if len(parts) > 1 else ''} has shape {tuple(e.shape)}: one "
+                            f"sample without the batch dimension; give it batch-first, shape {(1,) + tuple(e.shape)} "
+                            "(x[:1], not x[0])")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
             raise UserError(f"{which}{what} has samples of shape {tuple(c.shape[1:])} but the example input "
                             f"is {tuple(e.shape[1:])} per sample; make {option} and --input-shape agree (or drop "

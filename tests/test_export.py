@@ -891,3 +891,12 @@ def test_minus_inf_in_image_calibration_data_is_named(tmp_path):
     m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     with pytest.raises(UserError, match=r"the calibration data holds 1 -inf value\(s\) that reach a quantizer"):
         qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
+
+
+def test_an_example_input_without_its_batch_dimension_is_named():
+    """compile(model, x[0], calib=x): the message spoke of a per-sample shape () and of CLI flags the caller never
+    used."""
+    model = nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    calib = torch.randn(64, 13, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"shape \(13,\): one sample without the batch dimension; .*\(1, 13\)"):
+        qcompile.compile(model, calib[0], calib=calib, scheme="uniform", bits=8)
