@@ -353,7 +353,12 @@ class EqualizeWeights(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         chains = self._find_chains(gm)
         if not chains:
-            self.report.append("no equalizable layer pairs")
+            from qcompile.qmodules import FakeQuantize
+
+            quantized = any(isinstance(m, FakeQuantize) for m in gm.modules())
+            self.report.append("no equalizable layer pairs" + (
+                " (the layers are already quantized: run EqualizeWeights before InsertQuantizers)" if quantized
+                else ""))
             return PassResult(gm, False)
 
         mods = {c.producer.target: gm.get_submodule(c.producer.target) for c in chains}

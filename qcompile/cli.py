@@ -176,6 +176,17 @@ def _demo_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _starts_like_a_pickle(path) -> bool:
+    """An object array saved by numpy.save starts with the .npy magic; a bare pickle with protocol 2 or later with
+    0x80. Anything else that numpy could only try to unpickle is not an array file at all (a text file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return True
+    return head.startswith(b"\x93NUMPY") or head[:1] == b"\x80"
+
+
 def load_array_file(path: str, what: str = "--calib", several: bool = False):
     """The inputs in a .npy/.npz file: one array, or (``several``) a tuple of arrays stored as x0, x1, ... in a .npz
     for a model with several inputs."""
@@ -201,6 +212,9 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     except UserError:
         raise
     except ValueError as exc:
+        if "allow_pickle" in str(exc) and not _starts_like_a_pickle(path):
+            raise UserError(f"{what} file {path!r} is not an .npy/.npz file (text, or another format); save the "
+                            "inputs with numpy.save(path, numpy.asarray(x, dtype=numpy.float32))") from None
         if "allow_pickle" in str(exc):
             raise UserError(f"{what} file {path!r} holds Python objects (an object array), which qcompile does not "
                             "load (unpickling runs code); save a numeric array: "

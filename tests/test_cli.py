@@ -906,6 +906,9 @@ def test_files_and_names_the_sweep_found_misread(work, capsys):
     np.save(work / "obj.npy", np.array([x[0], "text"], dtype=object), allow_pickle=True)
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "obj.npy", "-o", "o.onnx")
     assert_user_error(rc, err, "holds Python objects (an object array)")
+    (work / "text.npy").write_text("1,2,3\n4,5,6\n")  # was also "holds Python objects"
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "text.npy", "-o", "o.onnx")
+    assert_user_error(rc, err, "'text.npy' is not an .npy/.npz file (text, or another format)")
     (work / "empty.onnx").write_bytes(b"")
     rc, out, err = cli(capsys, "validate", "empty.onnx", "--against", "weights.pt", "--arch", SPEC)
     assert_user_error(rc, err, "'empty.onnx' is not an ONNX file (it is empty)")

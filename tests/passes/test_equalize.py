@@ -229,6 +229,23 @@ def test_graph_without_pairs_comes_back_unchanged():
     assert "skipped shared → conv_ok: shared is called from 2 places" in p.report
 
 
+def test_run_after_insert_quantizers_it_says_which_pass_goes_first():
+    """Placed after InsertQuantizers it found no pair and said only "no equalizable layer pairs" (FoldBatchNorm in
+    the same place says which pass to run first)."""
+    from qcompile.ir import LayerConfig
+    from qcompile.passes.insert_quant import InsertQuantizers
+    from qcompile.passes.select import SelectLayers
+
+    model = MLP(seed=0)
+    x = example_input(model)
+    cfg = LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8, reason="default")
+    gm = Pipeline([SelectLayers(cfg), InsertQuantizers()])(trace(model, x)).gm
+    p = EqualizeWeights()
+    assert p(gm).modified is False
+    assert p.report == ["no equalizable layer pairs (the layers are already quantized: run EqualizeWeights before "
+                        "InsertQuantizers)"]
+
+
 def test_bn_between_layers_breaks_the_chain():
     model = MLP(seed=2)  # fc1 → bn1 → relu → fc2: unfolded, fc1's pair is not found
     x = example_input(model, seed=28)
