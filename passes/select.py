@@ -167,6 +167,17 @@ def _validate_changes(raw: dict, ov: "Override") -> dict:
         out["action"] = action
     elif quantized_scheme and "action" not in out:
         out["action"] = "quant"  # naming a quantized scheme asks for the layer to be quantized
+    # what the command line refuses, refused here too (the setting was dropped without a word)
+    given_bits = [k for k in ("bits", "wbits", "abits") if k in raw]
+    if out.get("action") == "float" and given_bits:
+        raise UserError(f"{given_bits[0]} in {where} cannot apply to a layer kept in float; drop it")
+    from qcompile.ir import FIXED_BITS
+
+    fixed = {f: FIXED_BITS[out[f]] for f in ("wscheme", "ascheme") if out.get(f) in FIXED_BITS}
+    for key, fields in (("wbits", ("wscheme",)), ("abits", ("ascheme",)), ("bits", ("wscheme", "ascheme"))):
+        if key in raw and all(f in fixed and raw[key] != fixed[f] for f in fields):
+            raise UserError(f"{fields[0]} {out[fields[0]]} in {where} has {fixed[fields[0]]}-bit levels whatever "
+                            f"the bit-width; {key} = {raw[key]} cannot apply: drop it")
     return out
 
 

@@ -28,9 +28,10 @@ def default_layer_config(opts: CompileOptions) -> LayerConfig:
 
 
 def quantization_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
-    overrides = list(parse_exclude(opts.exclude))
-    if opts.config:
-        overrides += load_overrides(opts.config)
+    # later rules win: --exclude after the config file, so that a layer named there stays float (a config rule
+    # quantizing the same layer used to win without a word)
+    overrides = load_overrides(opts.config) if opts.config else []
+    overrides += parse_exclude(opts.exclude)
     record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
     # Swin's window attention with its projections as Linear layers; FoldConstants then folds what they read
     passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), MatmulAsLinear(),

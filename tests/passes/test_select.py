@@ -146,6 +146,26 @@ def test_override_validation():
         Override("(", "regex", {"bits": 4})
     with pytest.raises(UserError, match="kind"):
         Override("x", "name", {"bits": 4})
+    # what the command line refuses (--scheme fp32 --bits 4, --wscheme binary --wbits 4) was dropped without a word
+    with pytest.raises(UserError, match="bits in overrides 'x' cannot apply to a layer kept in float"):
+        Override("x", "glob", {"scheme": "fp32", "bits": 4})
+    with pytest.raises(UserError, match="wscheme binary in overrides 'x' has 1-bit levels .* wbits = 4"):
+        Override("x", "glob", {"wscheme": "binary", "wbits": 4})
+    assert Override("x", "glob", {"wscheme": "binary", "bits": 4}).config_changes["abits"] == 4  # activations
+    assert Override("x", "glob", {"scheme": "ternary", "bits": 2}).config_changes["wbits"] == 2
+
+
+def test_exclude_comes_after_the_config_rules():
+    """--exclude conv2 with a config rule quantizing conv2: the rule won without a word."""
+    import qcompile
+
+    model = ResidualCNN(seed=0)
+    x = torch.randn(8, *ResidualCNN.INPUT_SHAPE[1:], generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False,
+                              config={"layer1.conv1": {"scheme": "uniform", "bits": 8}}, exclude="layer1.conv1")
+    node = next(n for n in result.model.graph.nodes if n.meta.get("layer") == "layer1.conv1"
+                or n.target == "layer1.conv1")
+    assert node.meta["qconfig"].action == "float", node.meta["qconfig"]
 
 
 TOML = '''
