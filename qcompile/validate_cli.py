@@ -115,6 +115,11 @@ def validate_against(args):
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
         inputs = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a) for a in arrays)
+        for text, t in zip(args.input_shape or (), inputs):  # --input-shape beside --data: they must agree
+            shape = parse_input_shape(text)
+            if tuple(shape[1:]) != tuple(t.shape[1:]):
+                raise UserError(f"--input-shape {text} does not match the --data samples of shape "
+                                f"{tuple(t.shape[1:])}; drop --input-shape (--data gives the shape)")
     else:
         if args.input_shape:
             shapes = [parse_input_shape(text) for text in args.input_shape]

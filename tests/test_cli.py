@@ -704,6 +704,10 @@ def test_validate_checks_its_arguments_and_the_data_shape(work, capsys):
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "wide.npy")
     assert_user_error(rc, err, "--data gives shape (4, 3, 9, 9) but 'out.onnx' takes input 'input' of shape "
                                "(batch, 3, 8, 8)")
+    np.save(work / "fits.npy", np.zeros((4, 3, 8, 8), np.float32))  # --input-shape beside it was ignored
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "fits.npy", "--input-shape",
+                       "1,3,16,16")
+    assert_user_error(rc, err, "--input-shape 1,3,16,16 does not match the --data samples of shape (3, 8, 8)")
 
 
 @pytest.mark.parametrize("argv0,torch_first,expected", [
