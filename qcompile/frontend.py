@@ -501,30 +501,22 @@ def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
 _GRAPH_MODULE_NAMES = {"meta", "graph", "code"}  # GraphModule attributes a top-level submodule cannot be named
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-          leaf_modules: Iterable[str] = (), copy: bool = True) -> torch.fx.GraphModule:
-    """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
+def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
+    """Name each input of the graph module's forward after its placeholder node. torch.fx renames a placeholder
+    ``input`` (a builtin) to ``input_1`` and writes ``input_1 = input`` at the top of forward; a second parameter
+    that was itself named ``input_1`` then read the first input (``forward(self, input, input_1)``: both layers fed
+    the first input, 7.7 dB and validation FAIL)."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target != node.name and not str(node.target).startswith("*"):
+            node.target = node.name
+            changed = True
+    if changed:
+        gm.recompile()
 
-    The graph module works on a copy of ``model`` (:func:`plain_copy`): the passes rewrite weights in place
-    (BatchNorm folding, equalization), and a graph module traced from the model itself shares its parameters, so
-    they changed the user's float model. ``copy=False`` traces ``model`` as it is (for a caller that copied it
-    already). A ``GraphModule`` is taken as it is: it is the IR the passes transform.
 
-    Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
-    """
-    if not isinstance(model, torch.fx.GraphModule):
-        taken = [n for n, _ in model.named_children() if n in _GRAPH_MODULE_NAMES]
-        if taken:
-            raise UserError(f"the model has a submodule named {taken[0]!r}, a name torch.fx's GraphModule keeps for "
-                            f"itself (tracing fails on it); rename that attribute (e.g. self.{taken[0]}_net) and load "
-                            "the weights with the renamed keys")
-    if copy and not isinstance(model, torch.fx.GraphModule):
-        model = plain_copy(model)
-    leaf_modules = list(leaf_modules)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    if not isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
-        _spell_out_varargs(model, len(example_inputs))
+def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.fx.GraphModule:
+    """:func:`trace`'s tracing proper: a GraphModule as it is, else through the transformer stand-ins, else plainly."""
     gm = None
     if isinstance(model, torch.fx.GraphModule) and not leaf_modules and not _calls_fused_modules(model):
         gm = model
@@ -551,6 +543,40 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             raise UserError(f"cannot trace the model with torch.fx {place}{line}: {_first_line(exc)}; {hint}") from None
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, name)
+    return gm
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+          leaf_modules: Iterable[str] = (), copy: bool = True) -> torch.fx.GraphModule:
+    """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
+
+    The graph module works on a copy of ``model`` (:func:`plain_copy`): the passes rewrite weights in place
+    (BatchNorm folding, equalization), and a graph module traced from the model itself shares its parameters, so
+    they changed the user's float model. ``copy=False`` traces ``model`` as it is (for a caller that copied it
+    already). A ``GraphModule`` is taken as it is: it is the IR the passes transform.
+
+    Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
+    """
+    if not isinstance(model, torch.fx.GraphModule):
+        taken = [n for n, _ in model.named_children() if n in _GRAPH_MODULE_NAMES]
+        if taken:
+            raise UserError(f"the model has a submodule named {taken[0]!r}, a name torch.fx's GraphModule keeps for "
+                            f"itself (tracing fails on it); rename that attribute (e.g. self.{taken[0]}_net) and load "
+                            "the weights with the renamed keys")
+    if copy and not isinstance(model, torch.fx.GraphModule):
+        model = plain_copy(model)
+    leaf_modules = list(leaf_modules)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    original_class = None
+    if not isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
+        original_class = _spell_out_varargs(model, len(example_inputs))
+    try:
+        gm = _trace_graph(model, example_inputs, leaf_modules)
+    finally:
+        if original_class is not None:  # the caller's model (copy=False) keeps its class
+            model.__class__ = original_class
+    _inputs_named_as_placeholders(gm)
     gm.eval()
     # what the model computes, before functionalize_inplace switches its modules' inplace flags off (the graph
     # module calls the model's own submodules)
@@ -810,26 +836,26 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch
         clear_mask_notes(model)
 
 
-def _spell_out_varargs(model: nn.Module, n_given: int) -> bool:
+def _spell_out_varargs(model: nn.Module, n_given: int) -> type | None:
     """Give a ``forward(self, *args, **kwargs)`` (a user's wrapper that hands its inputs on, ``forward(self, x,
     *extra)``) one named parameter per example input. torch.fx makes ``*args`` a single placeholder, and a forward
     that unpacks it (``self.net(*args)``) fails with "Proxy object cannot be iterated"; with the inputs spelled out
-    it is traced as the call with those inputs runs. Only ``model``'s class is changed: ``model`` is qcompile's
-    copy (:func:`trace`), and the traced graph keeps its submodules, not its class."""
+    it is traced as the call with those inputs runs. Only ``model``'s class is changed, for the trace (the graph
+    keeps its submodules, not its class): the class it had is returned, for :func:`trace` to restore, else None."""
     import inspect
 
     cls = type(model)
     try:
         params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
     except (TypeError, ValueError, AttributeError):
-        return False
+        return None
     if not any(p.kind is p.VAR_POSITIONAL for p in params):
-        return False
+        return None
     fixed = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     names = fixed[:n_given]
     taken = set(names) | {p.name for p in params}
     for i in range(len(names), n_given):
-        name = "input" if i == 0 else f"input_{i}"
+        name = f"arg{i}"  # not "input": torch.fx renames a placeholder that shadows a builtin ("input_1")
         while name in taken:
             name += "_"
         names.append(name)
@@ -839,7 +865,7 @@ def _spell_out_varargs(model: nn.Module, n_given: int) -> bool:
     exec(f"def forward(self, {arglist}):\n    return _forward(self, {arglist})\n", scope)  # noqa: S102 (our own text)
     model.__class__ = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__,
                                                    "__qualname__": cls.__qualname__})
-    return True
+    return cls
 
 
 def _defaults_beyond(model: nn.Module, n_given: int | None) -> dict | None:

@@ -600,7 +600,12 @@ class _TwoInputs(nn.Module):
         return self.head(torch.relu(self.a(x) + self.b(extra[0])))
 
 
-@pytest.mark.parametrize("case", ["wrapper", "positional_then_varargs"])
+class _InputNamed(_TwoInputs):
+    def forward(self, input, input_1):  # torch.fx renames the first to input_1, and its codegen read it twice
+        return self.head(torch.relu(self.a(input) + self.b(input_1)))
+
+
+@pytest.mark.parametrize("case", ["wrapper", "positional_then_varargs", "wrapper_of_two", "named_input"])
 def test_a_forward_taking_varargs_is_traced_with_one_parameter_per_input(case):
     """torch.fx makes ``*args`` one placeholder, and ``self.net(*args)`` failed with "Proxy object cannot be
     iterated": a user's own pass-on wrapper (not DataParallel/AveragedModel, which are unwrapped by name) could not
@@ -615,10 +620,15 @@ def test_a_forward_taking_varargs_is_traced_with_one_parameter_per_input(case):
         layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     else:
         torch.manual_seed(4)
-        model = _TwoInputs().eval()
-        inputs = (torch.randn(16, 12, generator=gen), torch.randn(16, 6, generator=gen))
+        model = {"positional_then_varargs": _TwoInputs, "named_input": _InputNamed,
+                 "wrapper_of_two": lambda: _PassOn(_TwoInputs())}[case]().eval()
+        inputs = (torch.randn(16, 12, generator=gen), 3 * torch.randn(16, 6, generator=gen))
         layers = 3
     cls = type(model)
+    gm = trace(model, tuple(t[:1] for t in inputs), copy=False)  # the caller's own model keeps its class
+    assert type(model) is cls
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*inputs), model(*inputs))
     result = qcompile.compile(model, tuple(t[:1] for t in inputs), calib=[tuple(t[i:i + 4] for t in inputs)
                                                                           for i in range(0, 16, 4)],
                               scheme="uniform", bits=8)
