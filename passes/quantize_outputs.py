@@ -213,14 +213,14 @@ def _attr(gm: torch.fx.GraphModule, target: str):
 
 
 # what may follow the classifier on its way to the graph output, in float after QGemm's float output: shape ops,
-# casts, a temperature, (log-)softmax, argmax. Re-quantizing the logits to 8 bits for them cost 4-13 dB against float.
+# casts, a temperature, (log-)softmax, argmax/max/topk. Re-quantizing the logits to 8 bits for them cost 4-13 dB against float.
 _TAIL_METHODS = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "float", "contiguous", "clone", "to",
                  "transpose", "permute", "t", "softmax", "log_softmax", "mul", "div", "add", "sub", "__truediv__",
-                 "__mul__", "__getitem__", "unflatten", "argmax", "argmin"}
+                 "__mul__", "__getitem__", "unflatten", "argmax", "argmin", "max", "min", "topk", "sort"}
 _TAIL_FUNCTIONS = {torch.reshape, torch._reshape_from_tensor, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
                    torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.mul, torch.div, torch.add,
                    torch.sub, operator.mul, operator.truediv, operator.add, operator.sub, operator.getitem,
-                   torch.argmax, torch.argmin}
+                   torch.argmax, torch.argmin, torch.max, torch.min, torch.topk, torch.sort}
 _TAIL_ARITHMETIC = {"mul", "div", "add", "sub", "__truediv__", "__mul__", torch.mul, torch.div, torch.add, torch.sub,
                     operator.mul, operator.truediv, operator.add, operator.sub}
 
@@ -236,6 +236,10 @@ def _float_tail(node, depth: int = 0) -> bool:
         if (u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")) or \
                 (u.op == "call_method" and u.target in ("size", "dim")):
             continue  # reads the shape (lg.view(lg.shape[0], -1)), not the values
+        if u.op == "call_function" and u.target is getattr and u.args[1] in ("values", "indices"):
+            if not _float_tail(u, depth + 1):  # lg.max(1).indices, torch.topk(lg, 3).values
+                return False
+            continue
         if u.op == "call_function" and isinstance(u.target, type) and issubclass(u.target, tuple) \
                 and hasattr(u.target, "_fields"):
             if not _float_tail(u, depth + 1):  # a namedtuple of outputs
@@ -251,8 +255,9 @@ def _float_tail(node, depth: int = 0) -> bool:
             if node not in u.args or not all(isinstance(a, (int, float)) or
                                              (isinstance(a, torch.fx.Node) and a.op == "get_attr") for a in others):
                 return False
-        elif u.args[0] is not node:
-            return False
+        elif u.args[0] is not node or (u.target in ("max", "min", torch.max, torch.min) and any(
+                isinstance(a, torch.fx.Node) for a in list(u.args[1:]) + list(u.kwargs.values()))):
+            return False  # torch.max(lg, other): with another value of the graph
         if not _float_tail(u, depth + 1):
             return False
     return True

@@ -269,11 +269,14 @@ class _Tailed(nn.Module):
             return (0.5 * lg + 1.0)[:, :5]
         if self.tail == "with_argmax":  # the predicted class beside the logits
             return lg, lg.argmax(1), torch.argmax(lg, dim=-1)
+        if self.tail == "with_max":  # _, pred = lg.max(1); the top-3 as well
+            _, pred = lg.max(1)
+            return lg, pred, torch.topk(lg, 3, dim=1).indices
         return collections.namedtuple("Out", "logits hidden")(lg, x)
 
 
 @pytest.mark.parametrize("tail", ["view", "temperature", "log_softmax", "namedtuple", "parameter_temperature",
-                                  "scale_shift_slice", "with_argmax"])
+                                  "scale_shift_slice", "with_argmax", "with_max"])
 def test_logits_through_a_float_tail_come_out_of_qgemm_in_float(tmp_path, tail):
     """lg.view(B, 10), lg / T, log_softmax or a namedtuple after the classifier: its output got an 8-bit quantizer
     (one code per logit), 4-13 dB below the plain `return self.head(h)` file against float, validation PASS."""
