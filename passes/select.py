@@ -474,6 +474,7 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             continue
         layers = sum(isinstance(m, LAYER_MODULES) for m in mod.modules())
         recurrent = sum(m.num_layers for m in mod.modules() if isinstance(m, nn.RNNBase))  # stacked layers count
+        recurrent += sum(isinstance(m, nn.RNNCellBase) for m in mod.modules())  # GRUCell/LSTMCell unrolled by hand
         packed = sum(isinstance(m, nn.MultiheadAttention) for m in mod.modules())
         parts = []
         if isinstance(mod, LAYER_MODULES):  # a kept-whole subclass: quantizing it as the plain layer would be wrong

@@ -1212,9 +1212,23 @@ def test_layers_left_float_inside_opaque_modules_warn_from_python():
         def forward(self, x):
             return self.fc(self.lstm(x)[0][:, -1])
 
+    class CellLoop(nn.Module):  # a GRUCell unrolled by hand: no word of its float weights before
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.GRUCell(8, 16)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = x.new_zeros(x.size(0), 16)
+            for t in range(5):
+                h = self.cell(x[:, t], h)
+            return self.fc(h)
+
     x = torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(14))
     with pytest.warns(QuantizationWarning, match=r"1 module\(s\) keep layers float.*lstm \(1 recurrent layer"):
         qcompile.compile(Recurrent().eval(), x[:1], calib=x, scheme="uniform", bits=8, progress=False)
+    with pytest.warns(QuantizationWarning, match=r"1 module\(s\) keep layers float.*cell \(1 recurrent layer"):
+        qcompile.compile(CellLoop().eval(), x[:1], calib=x, scheme="uniform", bits=8, progress=False)
 
 
 def test_autocast_in_forward_and_float_inputs_for_token_ids_are_named(tmp_path):
