@@ -183,7 +183,7 @@ def saturation_bounds(gm: torch.fx.GraphModule, node) -> tuple[float, float] | N
         bias = _attr(gm, users[0].args[1].target)
         if not isinstance(bias, torch.Tensor) or bias.numel() == 0:
             return None
-        shift_lo, shift_hi = float(bias.min()), float(bias.max())
+        shift_lo, shift_hi = float(bias.detach().min()), float(bias.detach().max())
         node = users[0]
         users = list(node.users)
     if not users:

@@ -501,6 +501,18 @@ def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
 _GRAPH_MODULE_NAMES = {"meta", "graph", "code"}  # GraphModule attributes a top-level submodule cannot be named
 
 
+def _refuse_unexportable(gm: torch.fx.GraphModule) -> None:
+    """Operations torch.onnx writes wrongly, refused before any pass runs. ``Tensor.unfold`` (framing a signal):
+    its frames come out transposed ((B, C, size, n) for (B, C, n, size)), so the file failed in onnxruntime at
+    every batch size ("internal error") or, with validate=False, was written broken."""
+    for node in gm.graph.nodes:
+        if (node.op == "call_method" and node.target == "unfold") or \
+                (node.op == "call_function" and node.target is torch.Tensor.unfold):
+            raise UserError("Tensor.unfold (framing) is exported wrongly by torch.onnx (its frames come out "
+                            "transposed); frame with slices instead, e.g. torch.stack([x[..., i * step:i * step + "
+                            "size] for i in range(n)], dim=-2)")
+
+
 def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
     """Name each input of the graph module's forward after its placeholder node. torch.fx renames a placeholder
     ``input`` (a builtin) to ``input_1`` and writes ``input_1 = input`` at the top of forward; a second parameter
@@ -577,6 +589,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         if original_class is not None:  # the caller's model (copy=False) keeps its class
             model.__class__ = original_class
     _inputs_named_as_placeholders(gm)
+    _refuse_unexportable(gm)
     gm.eval()
     # what the model computes, before functionalize_inplace switches its modules' inplace flags off (the graph
     # module calls the model's own submodules)

@@ -900,3 +900,35 @@ def test_an_example_input_without_its_batch_dimension_is_named():
     calib = torch.randn(64, 13, generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match=r"shape \(13,\): one sample without the batch dimension; .*\(1, 13\)"):
         qcompile.compile(model, calib[0], calib=calib, scheme="uniform", bits=8)
+
+
+def test_framing_by_tensor_unfold_is_refused_and_framing_by_slices_compiles():
+    """torch.onnx writes Tensor.unfold's frames transposed: the compile stopped in onnxruntime ("internal error")
+    and a validate=False file ran at no batch size. Refused up front now; the framing the message suggests works."""
+    class Framing(nn.Module):
+        def __init__(self, slices: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.slices = slices
+            self.lin, self.fc = nn.Linear(32, 16), nn.Linear(16, 3)
+
+        def forward(self, x):  # (B, 2, 64) -> 7 frames of 16
+            if self.slices:
+                fr = torch.stack([x[..., i * 8:i * 8 + 16] for i in range(7)], dim=-2)
+            else:
+                fr = x.unfold(-1, 16, 8)
+            fr = fr.permute(0, 2, 1, 3).flatten(2)  # (B, 7, 32)
+            return self.fc(torch.relu(self.lin(fr)).mean(1))
+
+    x = torch.randn(32, 2, 64, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(UserError, match="Tensor.unfold .* exported wrongly by torch.onnx"):
+        qcompile.compile(Framing(False).eval(), x[:2], calib=x, scheme="uniform", bits=8)
+    model = Framing(True).eval()
+    result = qcompile.compile(model, x[:2], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed
+    sess = session(result.onnx_model.SerializeToString())
+    for batch in (1, 5):
+        got = run(sess, [x[:batch].numpy()])[0]
+        with torch.no_grad():
+            want = result.model(x[:batch]).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()))
