@@ -501,6 +501,23 @@ def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
 _GRAPH_MODULE_NAMES = {"meta", "graph", "code"}  # GraphModule attributes a top-level submodule cannot be named
 
 
+def _size_hint(exc: BaseException) -> str:
+    """The fix for a size read from a traced tensor and used as a Python int: torch.fx hands ``x.size(1)`` on as a
+    traced value, which ``torch.zeros(B, H)``, ``range(T)`` or a slice ``cos[:T]`` cannot take (the bare error,
+    "zeros() takes 1 positional argument but 2 were given", said nothing of it)."""
+    text = str(exc)
+    if "positional argument" in text and any(f in text for f in ("zeros(", "ones(", "empty(", "full(", "rand(",
+                                                                   "randn(", "arange(", "eye(")):
+        return ("a size read from the input (x.size(i), x.shape[i]) is a traced value here: make tensors of the "
+                "input's size with x.new_zeros(...)/x.new_ones(...), or write the fixed number (the file's non-batch "
+                "sizes are fixed)")
+    if ("Proxy" in text and "integer" in text) or "slice indices must be integers" in text:
+        return ("a size read from the input (x.size(i), x.shape[i]) is used as a Python int (range, a slice): "
+                "write the fixed number there (the file's non-batch sizes are fixed), or keep the module opaque "
+                "with --leaf-module NAME")
+    return ""
+
+
 def _refuse_unexportable(gm: torch.fx.GraphModule) -> None:
     """Operations torch.onnx writes wrongly, refused before any pass runs. ``Tensor.unfold`` (framing a signal):
     its frames come out transposed ((B, C, size, n) for (B, C, n, size)), so the file failed in onnxruntime at
@@ -552,6 +569,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
             place = f"in module {where!r}" if where else "in the model's forward"
             hint = (f"keep it opaque with --leaf-module {where}" if where
                     else "make forward traceable, or wrap the data-dependent part in a submodule and pass --leaf-module NAME")
+            hint = _size_hint(exc) or hint
             raise UserError(f"cannot trace the model with torch.fx {place}{line}: {_first_line(exc)}; {hint}") from None
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, name)

@@ -439,6 +439,34 @@ def test_compile_takes_one_leaf_module_as_a_string_and_refuses_a_config_of_anoth
     _assert_one_line(err, "config= takes", "not a list")
 
 
+def test_sizes_used_as_python_ints_get_the_traceable_spelling_in_the_message():
+    """torch.zeros(x.size(0), H) stopped with "zeros() takes 1 positional argument but 2 were given", a buffer
+    sliced to the sequence length with "slice indices must be integers": nothing said what to write instead."""
+    class Zeros(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) + torch.zeros(x.size(0), 4)
+
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.register_buffer("pos", torch.randn(8, 4))
+
+        def forward(self, x):  # (B, T, 4)
+            return self.fc(x + self.pos[:x.shape[1]])
+
+    with pytest.raises(UserError) as err:
+        trace(Zeros().eval(), torch.randn(2, 4))
+    _assert_one_line(err, "zeros() takes", "x.new_zeros(...)/x.new_ones(...)")
+    with pytest.raises(UserError) as err:
+        trace(Sliced().eval(), torch.randn(2, 8, 4))
+    _assert_one_line(err, "slice indices", "is used as a Python int (range, a slice): write the fixed number")
+
+
 def test_control_flow_in_the_top_forward_points_at_the_line():
     with pytest.raises(UserError) as err:
         trace(TopLevelBranch().eval(), torch.randn(2, 4))
