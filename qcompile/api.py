@@ -67,33 +67,39 @@ def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     raise UserError("example_inputs must be a tensor or a tuple of tensors")
 
 
-def calib_tensor(calib) -> Optional[torch.Tensor]:
+def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
     """Stack a calibration source (tensor, array, or iterable of batches / (x, y) pairs) into one tensor
-    (float32, or the integer type of integer inputs such as token ids)."""
+    (float32, or the integer type of integer inputs such as token ids). One ``(x, y)`` pair of a whole labelled set
+    (inputs, then one label per sample: another sample shape) gives ``x``."""
     if calib is None:
         return None
     if isinstance(calib, (torch.Tensor, np.ndarray)):
         return model_input(calib)
+    if isinstance(calib, (tuple, list)) and len(calib) == 2 and \
+            all(isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim >= 1 for t in calib) and \
+            calib[0].shape[0] == calib[1].shape[0] and tuple(calib[0].shape[1:]) != tuple(calib[1].shape[1:]) and \
+            calib[1].ndim == 1:
+        return model_input(calib[0])  # (x, y): the inputs and their labels
     parts = []
     for item in calib:
         if isinstance(item, (tuple, list)):
             item = item[0]
         if not isinstance(item, (torch.Tensor, np.ndarray)):
-            raise UserError(f"a calibration batch is a {type(item).__name__}; give tensors or arrays (N, ...), or "
+            raise UserError(f"a {what} batch is a {type(item).__name__}; give tensors or arrays (N, ...), or "
                             "(inputs, labels) pairs, as a DataLoader over a TensorDataset yields them")
         parts.append(model_input(item))
     if not parts:
-        raise UserError("the calibration data is empty; give at least one batch")
-    _check_batches_agree(parts)
+        raise UserError(f"the {what} data is empty; give at least one batch")
+    _check_batches_agree(parts, what=what)
     return torch.cat(parts)
 
 
-def _check_batches_agree(parts: list[torch.Tensor], which: str = "") -> None:
+def _check_batches_agree(parts: list[torch.Tensor], which: str = "", what: str = "calibration") -> None:
     """Calibration batches must share the sample shape and type, so that they stack into one (N, ...) tensor."""
     first = parts[0]
     for i, t in enumerate(parts[1:], 1):
         if t.dim() == 0 or first.dim() == 0 or tuple(t.shape[1:]) != tuple(first.shape[1:]) or t.dtype != first.dtype:
-            raise UserError(f"{which}calibration batch {i} has samples of shape {tuple(t.shape[1:])} ({t.dtype}) but "
+            raise UserError(f"{which}{what} batch {i} has samples of shape {tuple(t.shape[1:])} ({t.dtype}) but "
                             f"batch 0 has {tuple(first.shape[1:])} ({first.dtype}); give batches of one sample shape "
                             "and type")
 
@@ -261,8 +267,8 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                             "(x[:1], not x[0])")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
             raise UserError(f"{which}{what} has samples of shape {tuple(c.shape[1:])} but the example input "
-                            f"is {tuple(e.shape[1:])} per sample; make {option} and --input-shape agree (or drop "
-                            "--input-shape)")
+                            f"is {tuple(e.shape[1:])} per sample; make them agree ({option}; the example input: "
+                            "--input-shape, or example_inputs from Python)")
         if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
             raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "
                             "the model takes (floating point for images and features, integers for token ids; "
@@ -279,7 +285,7 @@ def _example_int_types(data, example_inputs: tuple):
     return cast if isinstance(data, tuple) else cast[0]
 
 
-def calib_data(calib, n_inputs: int = 1):
+def calib_data(calib, n_inputs: int = 1, what: str = "calibration"):
     """Calibration data as the passes take it: one tensor for a one-input model (see :func:`calib_tensor`), a tuple
     of ``n_inputs`` tensors (each ``(N, ...)``) for a model with several inputs. For several inputs ``calib`` is a
     tuple of ``n_inputs`` tensors/arrays, or an iterable of batches, each a tuple whose first ``n_inputs`` items
@@ -287,7 +293,7 @@ def calib_data(calib, n_inputs: int = 1):
     if isinstance(calib, torch.utils.data.Dataset):  # samples without a batch axis: batched as a DataLoader would
         calib = torch.utils.data.DataLoader(calib, batch_size=64)
     if calib is None or n_inputs <= 1:
-        return calib_tensor(calib)
+        return calib_tensor(calib, what)
     if isinstance(calib, tuple) and len(calib) == n_inputs and \
             all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):
         parts = [model_input(t) for t in calib]
@@ -298,14 +304,14 @@ def calib_data(calib, n_inputs: int = 1):
                     len(item[0]) == n_inputs:
                 item = item[0]  # ((x1, x2), label): the inputs, then the label
             if not isinstance(item, (tuple, list)) or len(item) < n_inputs:
-                raise UserError(f"the model takes {n_inputs} inputs: give calibration batches as tuples of "
+                raise UserError(f"the model takes {n_inputs} inputs: give {what} batches as tuples of "
                                 f"{n_inputs} tensors (or calib=(x1, x2, ...) with one tensor per input)")
             for column, t in zip(columns, item[:n_inputs]):
                 column.append(model_input(t))
         if not columns[0]:
-            raise UserError("the calibration data is empty; give at least one batch")
+            raise UserError(f"the {what} data is empty; give at least one batch")
         for i, column in enumerate(columns):
-            _check_batches_agree(column, f"input {i}: ")
+            _check_batches_agree(column, f"input {i}: ", what=what)
         parts = [torch.cat(column) for column in columns]
     sizes = {t.shape[0] if t.dim() else 0 for t in parts}
     if len(sizes) != 1 or 0 in sizes:
@@ -457,11 +463,11 @@ def compile(
         example_inputs = tuple(t[:1] for t in calib_x) if isinstance(calib_x, tuple) else calib_x[:1]
     example_inputs = as_input_tuple(example_inputs)
     if calib_x is not None:
-        check_calibration_data(calib_x, example_inputs)
+        check_calibration_data(calib_x, example_inputs, option="--calib, or calib= from Python")
         calib_x = _example_int_types(calib_x, example_inputs)
     valid_x = None
     if validate and validation_inputs is not None:
-        valid_x = calib_data(validation_inputs, len(example_inputs))
+        valid_x = calib_data(validation_inputs, len(example_inputs), what="validation")
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
         valid_x = _example_int_types(valid_x, example_inputs)
     if validate and thresholds:

@@ -932,3 +932,18 @@ def test_framing_by_tensor_unfold_is_refused_and_framing_by_slices_compiles():
         with torch.no_grad():
             want = result.model(x[:batch]).numpy()
         np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_a_labelled_set_given_as_one_x_y_pair_calibrates_on_x():
+    """calib=(x, y) or validation_inputs=(x, y) of a one-input model: the labels were read as a second batch
+    ("calibration batch 1 has samples of shape ()", also for the validation inputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)).eval()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    want = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validation_inputs=x)
+    got = qcompile.compile(model, x[:1], calib=(x, y), scheme="uniform", bits=8, validation_inputs=(x, y))
+    assert got.report.passed and got.report.samples == want.report.samples == 64
+    assert got.onnx_model.SerializeToString() == want.onnx_model.SerializeToString()
+    with pytest.raises(UserError, match=r"^validation batch 1 has samples of shape \(1, 4, 4\)"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8,
+                         validation_inputs=[x[:8], torch.rand(8, 1, 4, 4)])
