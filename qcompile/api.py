@@ -258,7 +258,7 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             bad = int((torch.isnan(c) | (c == float("inf"))).sum())
             if bad:
                 raise UserError(f"{which}{what} holds {bad} NaN or +inf value(s); give finite inputs ({option})")
-            if c.numel() > 1 and bool(c.min() == c.max()) and option == "--calib" and not varied:
+            if c.numel() > 1 and bool(c.min() == c.max()) and option.startswith("--calib") and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
         if isinstance(e, torch.Tensor) and tuple(e.shape) == tuple(c.shape[1:]) and e.dim() < c.dim():
