@@ -427,7 +427,8 @@ def float_line(report) -> str:
         "inf" if math.isinf(sq) else f"{sq:.1f} dB")
     if report.extra.get("top1_vs_float") is not None:
         text += f", top-1 agreement {100 * report.extra['top1_vs_float']:.2f}%"
-    layers = [(l["quantizer"], l["sqnr_vs_float_db"]) for l in report.layers or []
+    layers = [(l["quantizer"] + (f" ({l['where']})" if l.get("where") else ""), l["sqnr_vs_float_db"])
+              for l in report.layers or []
               if l.get("sqnr_vs_float_db") is not None and math.isfinite(l["sqnr_vs_float_db"])]
     if layers:
         worst = sorted(layers, key=lambda t: t[1])[:3]

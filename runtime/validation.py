@@ -574,10 +574,12 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         total = sum(s["codes"] for s in stats.values())
         differ = sum(s["differ"] for s in stats.values())
         local = sum(s["local"] for s in stats.values())
+        places = quantizer_places(sim)
         for name, s in stats.items():
             sq = math.inf if s["noise"] == 0 else 10 * math.log10(max(s["sig"], 1e-300) / s["noise"])
-            report.layers.append({"quantizer": name, "codes": s["codes"], "codes_differ": s["differ"],
-                                  "codes_differ_local": s["local"], "sqnr_vs_float_db": sq})
+            report.layers.append({"quantizer": name, "where": places.get(name, ""), "codes": s["codes"],
+                                  "codes_differ": s["differ"], "codes_differ_local": s["local"],
+                                  "sqnr_vs_float_db": sq})
         frac = differ / total if total else 0.0
         frac_local = local / total if total else 0.0
         report.extra["codes_total"] = total
@@ -620,3 +622,44 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         if top is not None:
             report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[top], 1) == np.argmax(got[top], 1)))
     return report
+
+
+def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
+    """Where each activation quantizer sits, by layer: ``"input of layer3.conv2"`` (the layers reading its codes,
+    through reshapes and pools) or ``"output of fc1"``. The report and the CLI named quantizers by internal ids
+    (``act_fq6``) that nothing tied to the model's layers."""
+    def layer_of(node):
+        name = node.meta.get("layer") if isinstance(node, torch.fx.Node) else None
+        return name if isinstance(name, str) else None
+
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith(("act_fq", "out_fq", "res_fq", "pool_fq")):
+            continue
+        readers, frontier, seen = [], list(node.users), set()
+        for _ in range(4):  # through a few non-layer nodes (flatten, pool, ReLU)
+            nxt = []
+            for u in frontier:
+                if u in seen:
+                    continue
+                seen.add(u)
+                name = layer_of(u)
+                if name is not None:
+                    readers.append(name)
+                else:
+                    nxt.extend(u.users)
+            frontier = nxt
+        if readers:
+            names = list(dict.fromkeys(readers))
+            out[str(node.target)] = "input of " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            continue
+        src = node.args[0] if node.args else None
+        for _ in range(4):
+            if not isinstance(src, torch.fx.Node):
+                break
+            if layer_of(src) is not None:
+                out[str(node.target)] = f"output of {layer_of(src)}"
+                break
+            src = src.args[0] if src.args else None
+    return out
+

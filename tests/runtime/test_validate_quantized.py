@@ -61,7 +61,12 @@ def test_report_fields_of_a_genuine_file(compiled):
     assert set(by_name) == set(sizes)
     assert all(isinstance(modules[name], FakeQuantize) and modules[name].role == "activation" for name in by_name)
     for name, layer in by_name.items():
-        assert set(layer) == {"quantizer", "codes", "codes_differ", "codes_differ_local", "sqnr_vs_float_db"}
+        assert set(layer) == {"quantizer", "where", "codes", "codes_differ", "codes_differ_local",
+                              "sqnr_vs_float_db"}
+        # the layers reading the codes (or the layer writing them): internal ids alone named no layer
+        layer_names = {n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+        kind, _, names = layer["where"].partition(" of ")
+        assert kind in ("input", "output") and set(names.split(", ")) <= layer_names, layer["where"]
         assert layer["codes"] == sizes[name] and layer["codes_differ"] == layer["codes_differ_local"] == 0, name
         assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
     assert report.extra["codes_total"] == sum(sizes.values())
