@@ -73,6 +73,11 @@ def _shapes(model: onnx.ModelProto) -> dict:
 def _dense_macs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
     """MACs per sample of a Conv/Gemm/MatMul left as it is (batch dimension excluded)."""
     out = shapes.get(node.output[0])
+    if node.op_type == "ConvTranspose":  # every input element times its (C_out / groups) x kernel weights
+        x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+        if x is None or w is None or any(d is None for d in x[1:] + w):
+            return None
+        return int(np.prod(x[1:], dtype=np.int64) * np.prod(w[1:], dtype=np.int64))
     if node.op_type == "Conv":
         w = shapes.get(node.input[1])
         if out is None or w is None or any(d is None for d in out[1:] + w):
@@ -126,7 +131,7 @@ def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
     done = {row["layer"] for row in layers}
     shapes = _shapes(model)
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name in done:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.name in done:
             continue
         macs = _dense_macs(node, shapes)
         layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,
@@ -176,8 +181,9 @@ def format_cost_report(report: dict) -> list[str]:
                          "-", "(mults kept)", "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     if report["layers"] and not any(row["lowered"] for row in report["layers"]):
-        lines = ["shift-add cost per input sample (standard form: no layer lowered; only layers with APoT, PoT, "
-                 "log2 or binary weights become shifts and adds, e.g. --wscheme apot):"]
+        lines = ["shift-add cost per input sample (standard form: no layer lowered; only convolutions and Linear "
+                 "layers with APoT, PoT or log2 weights of 3 bits or more, or binary weights, become shifts and "
+                 "adds, e.g. --wscheme apot):"]
     else:
         lines = [f"shift-add cost per input sample ({report['form']}):"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

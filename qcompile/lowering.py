@@ -160,6 +160,8 @@ _INT_RANGES = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
 def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
     dq = _producer(x)
     if dq is None or dq.op != "DequantizeLinear":
+        if dq is not None and dq.op in ("Concat", "Slice", "Pad"):  # circular padding: Slice/Concat of the codes
+            return None, f"the input arrives through {dq.op} (circular padding), not straight from its codes"
         return None, "activation is not quantized (no DequantizeLinear)"
     scale = _const_array(dq.inputs[1], inits)
     if scale is None or scale.size != 1:
@@ -222,7 +224,8 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
     if q is None or q.op != "Gather":
         if _const_array(dq.inputs[0], inits) is not None:
             return None, "uniform weights (integer multiplications kept)"
-        return None, "weight codes are not a level-table lookup"
+        return None, ("weight codes are not a level-table lookup (2-bit and ternary weights are stored as packed "
+                      "INT2/UINT2 codes: not lowered)")
     lut = _const_array(q.inputs[0], inits)
     idx_t = q.inputs[1]
     cast = _producer(idx_t)
@@ -261,6 +264,9 @@ def match_layers(graph, inits: dict) -> tuple[list[_Match], list[dict]]:
     """Find the lowerable layers of a gs graph. Returns ``(matches, skipped)``; ``skipped`` rows name a reason."""
     matches, skipped = [], []
     for node in graph.nodes:
+        if node.op == "ConvTranspose":  # its quantized weights stay multiplied in float: say so
+            skipped.append({"layer": node.name, "op": node.op, "reason": "ConvTranspose is not lowered"})
+            continue
         if node.op not in ("Conv", "Gemm", "MatMul"):
             continue
         kind = "conv" if node.op == "Conv" else "matmul"

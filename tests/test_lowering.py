@@ -289,6 +289,38 @@ def test_pass_contract(compiled):
     assert {s["reason"] for s in res.skipped} == {"uniform weights (integer multiplications kept)"}
 
 
+def test_layers_left_multiplying_are_named_with_their_reason_and_counted():
+    """ConvTranspose with APoT weights was left float without a skipped row while the cost report said "0 mults";
+    a circular-padded conv was "not quantized"; 2-bit APoT weights were "not a level-table lookup" alone."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+            self.fc = nn.Linear(8 * 16 * 16, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.up(torch.relu(self.c1(x)))))).flatten(1))
+
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    std = qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, keep_first_last="quant",
+                           validate=False).onnx_model
+    res = LowerShiftAdd()(std)
+    reasons = {s["op"]: s["reason"] for s in res.skipped}
+    assert reasons["ConvTranspose"] == "ConvTranspose is not lowered"
+    assert "circular padding" in reasons["Conv"]
+    report = cost_report(res.model)
+    kept = [row for row in report["layers"] if row["op"] == "ConvTranspose"]
+    assert len(kept) == 1 and not kept[0]["lowered"] and kept[0]["macs"] == 8 * 8 * 8 * 8 * 2 * 2
+    assert report["totals"]["shift_add"]["mults"] >= kept[0]["macs"]
+    two_bit = qcompile.compile(MLP(), example_input(MLP(), seed=1, batch=16)[:1],
+                               calib=example_input(MLP(), seed=1, batch=16), scheme="apot", bits=2,
+                               keep_first_last="quant", validate=False).onnx_model
+    assert all("packed INT2/UINT2 codes" in s["reason"] for s in LowerShiftAdd()(two_bit).skipped)
+
+
 @pytest.mark.parametrize("options", [dict(pack_masks=False), dict(decomposition="binary")])
 def test_options_keep_bit_exactness(compiled, options):
     standard, _, x = compiled("residual-apot5")
