@@ -640,7 +640,13 @@ class LowerShiftAdd:
 
 def lower_shift_add(model: onnx.ModelProto, decomposition: str = "naf", pack_masks: bool = True,
                     check: Optional[bool] = None) -> onnx.ModelProto:
-    """Lower every APoT/PoT Conv/Gemm/MatMul of a standard-form ``model`` (see the module docstring)."""
+    """Lower every APoT/PoT Conv/Gemm/MatMul of a standard-form ``model`` (see the module docstring); ``model``
+    may also be the path of the .onnx file."""
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(model)
+    if not isinstance(model, onnx.ModelProto):
+        raise TypeError(f"lower_shift_add takes an onnx.ModelProto or the path of an .onnx file, not a "
+                        f"{type(model).__name__}")
     return LowerShiftAdd(decomposition, pack_masks, check)(model).model
 
 
