@@ -334,6 +334,26 @@ def test_compile_takes_the_trainable_and_the_converted_model(digits):
             assert torch.equal(mod.alpha, alphas[name])
 
 
+def test_whole_model_checkpoints_and_user_mistakes(digits, tmp_path):
+    """torch.save of the prepared model dropped gm.meta: qat.export of the reloaded model stopped on "the bias of
+    conv2d ... is not on its accumulator grid". prepare() of a prepared model kept its quantizers and recorded the
+    new options; export() of a float module was an AttributeError, of a traced float model a float file with PASS."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=3, method="apot", calib=x_tr[:64])
+    want = qat.export(gm, x_te[:1], validation_inputs=x_te[:50])
+    torch.save(gm, tmp_path / "prepared.pt")
+    reloaded = torch.load(tmp_path / "prepared.pt", weights_only=False)
+    got = qat.export(reloaded, x_te[:1], validation_inputs=x_te[:50])
+    assert got.report.passed
+    assert got.onnx_model.SerializeToString() == want.onnx_model.SerializeToString()
+    with pytest.raises(UserError, match="already holds qcompile quantizers"):
+        qat.prepare(gm, x_te[:1], scheme="uniform", bits=2, method="pact", calib=x_tr[:64])
+    with pytest.raises(UserError, match="qcompile.qat.export takes the GraphModule"):
+        qat.export(pretrained(), x_te[:1])
+    with pytest.raises(UserError, match="no trainable quantizers"):
+        qat.export(torch.fx.symbolic_trace(pretrained()), x_te[:1])
+
+
 def test_depthwise_filters_are_normalised_by_scale_only():
     """Removing a depthwise filter's mean (mostly its mean: ~9 weights) wrecked APoT QAT of a depthwise-separable
     CNN (25 % after 8 epochs); those layers keep it, the others are centred as in the paper."""

@@ -115,7 +115,13 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     t0 = time.perf_counter()
     if output is not None:
         export_mod.check_output_path(output)
+    if not isinstance(model, torch.fx.GraphModule):
+        raise UserError("qcompile.qat.export takes the GraphModule that qcompile.qat.prepare returned (trained), or "
+                        "qcompile.qat.convert's result; a float model compiles with qcompile.compile")
     cfg = config_of(model)
+    if cfg is None and not _has_learnable(model) and CONVERTED_KEY not in model.meta:
+        raise UserError("the model has no trainable quantizers (not prepared with qcompile.qat.prepare): export the "
+                        "module that qcompile.qat.prepare returned, or compile a float model with qcompile.compile")
     gm = convert(model) if cfg is not None or _has_learnable(model) else model
     cfg = cfg or gm.meta.get(CONVERTED_KEY)
     opts = cfg.options if cfg is not None else CompileOptions()

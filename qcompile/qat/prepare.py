@@ -118,10 +118,24 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
     return passes[:cut + 1], after
 
 
+RECORD_ATTR = "_qcompile_qat"  # the same QATConfig as a plain attribute: torch.save of a GraphModule drops its meta
+
+
+def set_config(model: torch.fx.GraphModule, cfg: "QATConfig") -> None:
+    """Record ``cfg`` on ``model``: in ``gm.meta`` and as an attribute, which a whole-model ``torch.save`` keeps
+    (``qat.export`` of a reloaded model lost its scheme and bits and stopped on the biases)."""
+    model.meta[META_KEY] = cfg
+    setattr(model, RECORD_ATTR, cfg)
+
+
 def config_of(model: nn.Module) -> Optional[QATConfig]:
     """The QATConfig of a prepared model (None for any other module)."""
     meta = getattr(model, "meta", None)
     cfg = meta.get(META_KEY) if isinstance(meta, dict) else None
+    if not isinstance(cfg, QATConfig):
+        cfg = getattr(model, RECORD_ATTR, None)  # reloaded from a torch.save of the whole model
+        if isinstance(cfg, QATConfig) and isinstance(meta, dict):
+            meta[META_KEY] = cfg
     return cfg if isinstance(cfg, QATConfig) else None
 
 
@@ -182,6 +196,10 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
         raise UserError("QAT needs a quantized scheme, not fp32")
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module, got {type(model).__name__}")
+    if config_of(model) is not None or any(type(m).__module__ in ("qcompile.qmodules", "qcompile.qat.modules")
+                                           for m in model.modules()):
+        raise UserError("the model already holds qcompile quantizers (prepared for QAT, or compiled); prepare the "
+                        "float model (to change bits of a prepared one: qcompile.qat.change_bits)")
     example_inputs = as_input_tuple(example_inputs)
     # as compile takes it: one tensor for a one-input model, a tuple of tensors (or batches of tuples) for several
     calib_x = calib_data(calib, len(example_inputs))
@@ -203,7 +221,7 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     gm.recompile()
     if opts.check:
         verify(gm)
-    gm.meta[META_KEY] = cfg
+    set_config(gm, cfg)
     gm.train()
     return gm
 

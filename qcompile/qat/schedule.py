@@ -25,7 +25,7 @@ from qcompile import quant
 from qcompile.errors import UserError
 
 from .modules import LearnableFakeQuantize, SDQFakeQuantize, learnable_quantizers
-from .prepare import META_KEY, _learns, config_of
+from .prepare import _learns, config_of, set_config
 
 
 def rescale_alpha(alpha: torch.Tensor, levels_from: quant.LevelSet, levels_to: quant.LevelSet) -> torch.Tensor:
@@ -69,7 +69,7 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
     if abits is not None:
         updates["abits"] = int(abits)
     opts = dataclasses.replace(opts, **{k: v for k, v in updates.items()})
-    model.meta[META_KEY] = dataclasses.replace(cfg, wbits=opts.weight_bits, abits=opts.act_bits, options=opts)
+    set_config(model, dataclasses.replace(cfg, wbits=opts.weight_bits, abits=opts.act_bits, options=opts))
     return changed
 
 
