@@ -162,7 +162,12 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
     given = {k: v for k, v in options.items() if k not in _FORM_OPTIONS}
     given.update(asked)  # scheme/bits given explicitly
     probe = dataclasses.replace(trained, **given) if given else trained
-    differ = [k for k in given if getattr(probe, k) != getattr(trained, k)]
+    # bit-widths and schemes by what the layers get (after qat.change_bits, bits=2 of W2A2 layers is no change)
+    effective_of = {"bits": lambda o: (o.weight_bits, o.act_bits), "wbits": lambda o: o.weight_bits,
+                    "abits": lambda o: o.act_bits, "scheme": lambda o: (o.weight_scheme, o.act_scheme),
+                    "wscheme": lambda o: o.weight_scheme, "ascheme": lambda o: o.act_scheme}
+    differ = [k for k in given if (effective_of[k](probe) != effective_of[k](trained) if k in effective_of
+                                   else getattr(probe, k) != getattr(trained, k))]
     if differ:
         effective = {"wbits": trained.weight_bits, "abits": trained.act_bits, "wscheme": trained.weight_scheme,
                      "ascheme": trained.act_scheme}  # what None means there

@@ -3,6 +3,7 @@ differences), SDQ's running sigma, eq. 11 re-scaling, two-phase freezing, weight
 export of a QAT-trained model to ONNX, validated in onnxruntime."""
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -352,6 +353,21 @@ def test_whole_model_checkpoints_and_user_mistakes(digits, tmp_path):
         qat.export(pretrained(), x_te[:1])
     with pytest.raises(UserError, match="no trainable quantizers"):
         qat.export(torch.fx.symbolic_trace(pretrained()), x_te[:1])
+    # a half copy and wrappers (EMA's AveragedModel, DataParallel) export as compile() takes them
+    for other in (copy.deepcopy(gm).half(), torch.optim.swa_utils.AveragedModel(gm), torch.nn.DataParallel(gm)):
+        assert qat.export(other, x_te[:1], validation_inputs=x_te[:50]).report.passed
+    # change_bits checks both widths before changing anything; compile then takes the new widths
+    with pytest.raises(UserError, match="abits must be an integer from 2 to 8"):
+        qat.change_bits(gm, wbits=2, abits=9)
+    assert config_bits(gm) == (3, 3) and {fq.bits for fq in gm.modules() if isinstance(fq, LearnableFakeQuantize)
+                                          and fq.role == "weight" and fq.scheme == "apot"} == {3}
+    qat.change_bits(gm, wbits=2, abits=2)
+    assert qcompile.compile(gm, x_te[:1], scheme="apot", bits=2, validate=False).options.weight_bits == 2
+
+
+def config_bits(gm):
+    cfg = qat.prepare.__globals__["config_of"](gm)
+    return cfg.wbits, cfg.abits
 
 
 def test_depthwise_filters_are_normalised_by_scale_only():

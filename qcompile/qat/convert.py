@@ -51,6 +51,9 @@ def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.Grap
 
     ``inplace=False`` (default) leaves ``model`` trainable and untouched.
     """
+    from qcompile.frontend import unwrap
+
+    model = unwrap(model)
     if not isinstance(model, torch.fx.GraphModule):
         raise UserError("convert takes the GraphModule that qcompile.qat.prepare returned")
     cfg = config_of(model)
@@ -115,6 +118,12 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     t0 = time.perf_counter()
     if output is not None:
         export_mod.check_output_path(output)
+    from qcompile.frontend import unwrap
+
+    model = unwrap(model)  # DataParallel, torch.compile, AveragedModel (EMA/SWA of QAT) around the prepared model
+    if isinstance(model, nn.Module) and any(p.is_floating_point() and p.dtype != torch.float32
+                                            for p in list(model.parameters()) + list(model.buffers())):
+        model = copy.deepcopy(model).float()  # a half/bfloat16/double copy: its float32 values, as compile takes them
     if not isinstance(model, torch.fx.GraphModule):
         raise UserError("qcompile.qat.export takes the GraphModule that qcompile.qat.prepare returned (trained), or "
                         "qcompile.qat.convert's result; a float model compiles with qcompile.compile")

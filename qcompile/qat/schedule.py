@@ -43,6 +43,9 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
     cfg = config_of(model)
     if cfg is None:
         raise UserError("change_bits takes a model from qcompile.qat.prepare")
+    for name, value in (("wbits", wbits), ("abits", abits)):  # both checked before any quantizer changes
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
+            raise UserError(f"change_bits: {name} must be an integer from 2 to 8, got {value!r}")
     changed = 0
     for fq in learnable_quantizers(model):
         if not _learns(fq, cfg):
