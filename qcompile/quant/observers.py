@@ -787,9 +787,12 @@ class LaplaceObserver(HistogramObserver):
                 med = _quantile(edges, counts, 0.5)
                 lo.append(max(med - ratio * b, float(self.min_val[c])))
                 hi.append(min(med + ratio * b, float(self.max_val[c])))
-            else:
-                lo.append(-ratio * b if levelset.signed else 0.0)
-                hi.append(ratio * b)
+            else:  # never past the data: a clip beyond max|x| only coarsens the levels the data uses
+                top = max(abs(float(self.min_val[c])), abs(float(self.max_val[c]))) if levelset.signed \
+                    else max(float(self.max_val[c]), 0.0)
+                clip = min(ratio * b, top) if top > 0 else ratio * b
+                lo.append(-clip if levelset.signed else 0.0)
+                hi.append(clip)
         return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
 
@@ -833,6 +836,10 @@ class SDQObserver(Observer):
             mean = self.s1 / self.count
             centre = torch.zeros_like(mean) if mirrored else mean
             return torch.maximum(centre - clip, self.min_val), torch.minimum(centre + clip, self.max_val)
+        # never past the data (k·σ of uniform data is 1.7x its max): a clip beyond max|x| only coarsens the levels
+        top = torch.maximum(self.min_val.abs(), self.max_val.abs()) if levelset.signed \
+            else self.max_val.clamp(min=0.0)
+        clip = torch.where(top > 0, torch.minimum(clip, top.to(clip.dtype)), clip)
         return (-clip if levelset.signed else torch.zeros_like(clip)), clip
 
 

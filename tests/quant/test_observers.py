@@ -437,3 +437,19 @@ def test_sdq_sigma_of_activations_near_float32_max_is_finite():
     obs.update(x)
     params = obs.compute_qparams(level_set("uniform", 8, signed=True))
     assert torch.isfinite(params.alpha).all() and float(params.alpha) > 1e20
+
+
+@pytest.mark.parametrize("name", ["laplace", "sdq"])
+def test_laplace_and_sdq_never_clip_past_the_data(name):
+    """Banner's 2.83b..5.03b and SDQ's k·σ are set for heavy tails; on bounded data (U(-1, 1), a ReLU output capped
+    by what the calibration saw) they put the clip past max|x|: alpha 4.94 on U(-1, 1) at 8 bits, 34 dB instead of
+    48 — levels spent where no value lies. The clip is min(rule, max|x|), as the asymmetric branch already had."""
+    x = torch.rand(100_000, generator=_gen(21)) * 2 - 1
+    for ls in (level_set("uniform", 8, True), level_set("apot", 4, True)):
+        alpha = make_observer(name).update(x).compute_alpha(ls).item()
+        assert alpha <= float(x.abs().max()) * (1 + 1e-6), (ls.scheme, alpha)
+    relu = x.clamp(min=0)
+    alpha = make_observer(name).update(relu).compute_alpha(level_set("uniform", 8, False)).item()
+    assert alpha <= float(relu.max()) * (1 + 1e-6)
+    heavy = torch.distributions.Laplace(0.0, 1.0).sample((100_000,))  # heavy tails: the rule clips inside the data
+    assert make_observer(name).update(heavy).compute_alpha(level_set("uniform", 4, True)).item() < heavy.abs().max()
