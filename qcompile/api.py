@@ -345,7 +345,7 @@ _FLAG_OPTIONS = {"float_levels": "int8_levels=False", "per_tensor": "per_channel
                  "no_validate": "validate=False", "out": "output=...", "calib_data": "calib=..."}
 
 
-def _check_option_names(options: dict) -> None:
+def _check_option_names(options: dict, caller: str = "compile()") -> None:
     """An unknown keyword is one line naming the option to use (a TypeError from the dataclass otherwise)."""
     import dataclasses
     import difflib
@@ -360,7 +360,7 @@ def _check_option_names(options: dict) -> None:
             close = difflib.get_close_matches(name, known + ["output", "calib", "validate", "validation_inputs",
                                                                "thresholds", "example_inputs"], n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"the options are {', '.join(known)}"
-        raise UserError(f"compile() got an unknown option {name!r}; {hint}")
+        raise UserError(f"{caller} got an unknown option {name!r}; {hint}")
 
 
 def compile(

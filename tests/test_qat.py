@@ -349,6 +349,8 @@ def test_whole_model_checkpoints_and_user_mistakes(digits, tmp_path):
     assert got.onnx_model.SerializeToString() == want.onnx_model.SerializeToString()
     with pytest.raises(UserError, match="already holds qcompile quantizers"):
         qat.prepare(gm, x_te[:1], scheme="uniform", bits=2, method="pact", calib=x_tr[:64])
+    with pytest.raises(UserError, match=r"prepare\(\) got an unknown option 'symmetric_levels'; use asym_levels"):
+        qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=3, calib=x_tr[:64], symmetric_levels=True)
     with pytest.raises(UserError, match="qcompile.qat.export takes the GraphModule"):
         qat.export(pretrained(), x_te[:1])
     with pytest.raises(UserError, match="no trainable quantizers"):

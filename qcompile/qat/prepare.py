@@ -191,6 +191,9 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
         raise UserError("bias correction is a PTQ step; QAT trains the biases with the quantizers in the loop")
     options.setdefault("equalize", False)
     options.setdefault("equalize_inputs", True)  # raw input features: scaled in the file, trained from there on
+    from qcompile.api import _check_option_names
+
+    _check_option_names(options, "qcompile.qat.prepare()")
     opts = CompileOptions(scheme=scheme, bits=bits, bias_correction=False, **options)
     if not opts.quantized:
         raise UserError("QAT needs a quantized scheme, not fp32")
