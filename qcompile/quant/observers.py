@@ -84,6 +84,8 @@ class Observer:
         else:
             if x.dim() == 0:
                 raise ValueError("per-channel observer got a 0-d tensor")
+            if not -x.dim() <= self.axis < x.dim():
+                raise IndexError(f"axis {self.axis} is out of range for a tensor of {x.dim()} dimension(s)")
             axis = self.axis % x.dim()
             rows = x.movedim(axis, 0).reshape(x.shape[axis], -1)
         if self.channels is None:

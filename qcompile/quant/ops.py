@@ -60,6 +60,14 @@ class ClipParams(NamedTuple):
 
 
 # -- parameters ---------------------------------------------------------------------------------------------
+
+def _axis(axis: int, ndim: int) -> int:
+    """``axis`` in ``range(ndim)``; an axis outside ``[-ndim, ndim)`` is an IndexError, as torch's own ops raise
+    (it was wrapped: axis=7 of a 4-D tensor quantized along axis 3)."""
+    if not -ndim <= axis < ndim:
+        raise IndexError(f"axis {axis} is out of range for a tensor of {ndim} dimension(s)")
+    return axis % ndim
+
 def unit_from_alpha(alpha: TensorLike, levelset: LevelSet) -> torch.Tensor:
     """The fine-grid unit ``float32(alpha) / float32(denom)`` (float32 division), same shape as ``alpha``."""
     a = torch.as_tensor(alpha).detach().to(torch.float32)
@@ -96,7 +104,7 @@ def _check_alpha(alpha: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> O
     else:
         if x.dim() == 0:
             raise ValueError("per-channel quantization needs a tensor with at least one dimension")
-        axis = axis % x.dim()
+        axis = _axis(axis, x.dim())
         if alpha.dim() != 1 or alpha.numel() != x.shape[axis]:
             raise ValueError(f"per-channel alpha must be 1-D with {x.shape[axis]} entries (x.shape[{axis}]), "
                              f"got shape {tuple(alpha.shape)}")
@@ -348,7 +356,7 @@ def dequantize(codes: torch.Tensor, alpha: TensorLike, levelset: LevelSet, axis:
     codes = torch.as_tensor(codes)
     alpha_t = torch.as_tensor(alpha).detach().to(torch.float32)
     if axis is not None and codes.dim() > 0:
-        axis = axis % codes.dim()
+        axis = _axis(axis, codes.dim())
     unit = _bcast(unit_from_alpha(alpha_t, levelset), codes.dim(), axis)
     z = _zero_point(levelset, zero_point, codes, axis)
     shifted = codes.to(torch.int32)
@@ -390,7 +398,7 @@ class _FakeQuantize(torch.autograd.Function):
         xf = x.detach().to(torch.float32)
         y = _fake_values(xf, alpha, levelset, axis, zero_point)
         ctx.levelset, ctx.grad = levelset, grad
-        ctx.axis = None if axis is None else axis % xf.dim()
+        ctx.axis = None if axis is None else _axis(axis, xf.dim())
         ctx.zero_point = zero_point
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(xf, y, alpha)
@@ -497,7 +505,7 @@ def twn_ternarize(w: torch.Tensor, axis: Optional[int] = None):
     if axis is None:
         flat = w.reshape(1, -1)
     else:
-        axis = axis % w.dim()
+        axis = _axis(axis, w.dim())
         flat = w.movedim(axis, 0).reshape(w.shape[axis], -1)
     mag = flat.abs().to(torch.float64)
     delta = 0.7 * mag.mean(dim=1)
@@ -522,7 +530,7 @@ def binarize(w: torch.Tensor, axis: Optional[int] = None):
     if axis is None:
         alpha = w.abs().to(torch.float64).mean().to(torch.float32)
     else:
-        axis = axis % w.dim()
+        axis = _axis(axis, w.dim())
         dims = [d for d in range(w.dim()) if d != axis]
         alpha = w.abs().to(torch.float64).mean(dim=dims).to(torch.float32)
     codes = torch.where(w >= 0, 1, -1).to(torch.int32)

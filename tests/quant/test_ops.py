@@ -312,3 +312,16 @@ def test_tiny_unit_falls_back_to_searchsorted():
     ls = level_set("apot", 4, True)
     x = torch.tensor([-1e-30, 0.0, 3e-31, 1e-31, 1.0])
     assert quantize(x, 1e-30, ls).tolist() == [-10, 0, 3, 1, 10]
+
+
+def test_an_axis_out_of_range_is_an_index_error():
+    """axis=7 of a 4-D tensor was wrapped to axis 3 (quantize, fake_quantize, the observers); torch raises."""
+    from qcompile.quant import level_set, make_observer, quantize
+
+    x = torch.randn(2, 3, 4, 5)
+    ls = level_set("uniform", 8, True)
+    with pytest.raises(IndexError, match="axis 7 is out of range"):
+        quantize(x, torch.ones(5), ls, axis=7)
+    with pytest.raises(IndexError, match="axis -5 is out of range"):
+        make_observer("minmax", axis=-5).update(x)
+    assert torch.equal(quantize(x, torch.ones(5), ls, axis=-1), quantize(x, torch.ones(5), ls, axis=3))
