@@ -213,13 +213,14 @@ def _attr(gm: torch.fx.GraphModule, target: str):
 
 
 # what may follow the classifier on its way to the graph output, in float after QGemm's float output: shape ops,
-# casts, a temperature, (log-)softmax, argmax/max/topk. Re-quantizing the logits to 8 bits for them cost 4-13 dB against float.
+# casts, a temperature, (log-)softmax, argmax/max/topk. Re-quantizing the logits to 8 bits for them cost 4-13 dB
+# against float.
 _TAIL_METHODS = {"view", "reshape", "squeeze", "unsqueeze", "flatten", "float", "contiguous", "clone", "to",
                  "transpose", "permute", "t", "softmax", "log_softmax", "mul", "div", "add", "sub", "__truediv__",
                  "__mul__", "__getitem__", "unflatten", "argmax", "argmin", "max", "min", "topk", "sort"}
-_TAIL_FUNCTIONS = {torch.reshape, torch._reshape_from_tensor, torch.flatten, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-                   torch.softmax, torch.log_softmax, F.softmax, F.log_softmax, torch.mul, torch.div, torch.add,
-                   torch.sub, operator.mul, operator.truediv, operator.add, operator.sub, operator.getitem,
+_TAIL_FUNCTIONS = {torch.reshape, torch._reshape_from_tensor, torch.flatten, torch.squeeze, torch.unsqueeze,
+                   torch.transpose, torch.permute, torch.softmax, torch.log_softmax, F.softmax, F.log_softmax,
+                   torch.mul, torch.div, torch.add, torch.sub, operator.mul, operator.truediv, operator.add, operator.sub, operator.getitem,
                    torch.argmax, torch.argmin, torch.max, torch.min, torch.topk, torch.sort}
 _TAIL_ARITHMETIC = {"mul", "div", "add", "sub", "__truediv__", "__mul__", torch.mul, torch.div, torch.add, torch.sub,
                     operator.mul, operator.truediv, operator.add, operator.sub}
