@@ -84,7 +84,10 @@ class QATConfig:
     options: CompileOptions
 
     def describe(self) -> str:
-        parts = [f"{self.method}: W{self.wbits} {self.wscheme} / A{self.abits} {self.ascheme}", f"grad {self.grad}"]
+        from qcompile.ir import FIXED_BITS
+
+        wbits, abits = FIXED_BITS.get(self.wscheme, self.wbits), FIXED_BITS.get(self.ascheme, self.abits)
+        parts = [f"{self.method}: W{wbits} {self.wscheme} / A{abits} {self.ascheme}", f"grad {self.grad}"]
         if self.weight_norm:
             parts.append("weight-norm" if self.wn_center else "weight-norm (scale only)")
         return ", ".join(parts)
