@@ -606,3 +606,11 @@ def test_prepare_and_export_a_model_with_two_inputs(tmp_path):
     result = qat.export(trainable, (ids[:1], mask[:1]), output=str(tmp_path / "q.onnx"),
                         validation_inputs=(ids, mask))
     assert result.report.passed, result.report.summary()
+
+
+def test_the_record_gives_ternary_weights_their_two_bits(digits):
+    """prepare(bits=4, wscheme="ternary") recorded "W4 ternary" (in gm.meta and the file's qcompile.qat key)."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, wscheme="ternary", method="ste",
+                     calib=x_tr[:64])
+    assert qat.config_of(gm).describe().startswith("ste: W2 ternary / A4 apot")
