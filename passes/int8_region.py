@@ -171,8 +171,18 @@ class QuantizeResiduals(Pass):
                     if q is not arg:
                         node.replace_input_with(arg, q)  # the skip connection reads the codes
                         self._changed = True
-            elif not (_is_avgpool(gm, node) and int8_source(gm, node.args[0]) is not None):
+            elif not _is_avgpool(gm, node):
                 continue
+            elif int8_source(gm, node.args[0]) is None:
+                if not (_is_global_avgpool(gm, node) and _feeds_int8(gm, node)):
+                    continue
+                # a global pool of a float tensor (Hardswish/SiLU output: the squeeze of an SE block, a classifier
+                # head) whose mean an int8 layer reads: pool the tensor's 8-bit codes, as onnxruntime's
+                # QLinearGlobalAveragePool can in its NHWC int8 chain (a float pool there costs two transposes)
+                src = node.args[0]
+                q = self._codes_of(gm, src)
+                node.replace_input_with(src, q)
+                self._changed = True
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             q = _int8_user(gm, tail)

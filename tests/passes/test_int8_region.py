@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import qcompile
@@ -298,3 +299,43 @@ def test_int8_global_avg_pool_equals_onnxruntime_code_for_code(tmp_path):
         differ += int((got != want).sum())
         total += want.size
     assert differ == 0, f"{differ} of {total} codes differ"
+
+
+class HardswishSE(nn.Module):
+    """MobileNetV3's pattern: a Hardswish output (float, not codes) pooled by a squeeze-excite block and, at the
+    head, by the classifier's global pool."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1 = nn.Conv2d(16, 8, 1)
+        self.fc2 = nn.Conv2d(8, 16, 1)
+        self.proj = nn.Conv2d(16, 24, 1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        x = F.hardswish(self.dw(F.hardswish(self.stem(x))))
+        s = F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+        x = F.hardswish(self.proj(x * s))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(tmp_path):
+    model = HardswishSE().eval()
+    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
+                              keep_first_last="quant")
+    assert result.report.passed, result.report.summary()
+    pools = [m for m in result.model.modules() if type(m).__name__ == "Int8GlobalAvgPool"]
+    assert len(pools) == 2
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    # float pools in onnxruntime's NHWC int8 chain cost a transpose pair each (4 here before)
+    assert ops["QLinearGlobalAveragePool"] == 2 and ops["GlobalAveragePool"] == 0, ops
+    assert ops["Transpose"] <= 2, ops
+    with torch.no_grad():
+        ref = model(x)
+        sim = result.model(x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
