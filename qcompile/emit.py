@@ -562,6 +562,20 @@ def _bypass_implied_clip(model: onnx.ModelProto, x: str, q: str) -> None:
 _CELL_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
 
 
+def _auto_needs_u8(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> bool:
+    """``int8_weights="auto"`` at emission: int8 weights, unless this machine's onnxruntime saturates uint8 × int8
+    products (x86 without VNNI) and some weight pair of the graph would (no ``PairSafeInt8Weights`` in the
+    pipeline): then uint8 weights with zero point 128, exact everywhere (what QAT's export does with trained
+    weights)."""
+    from qcompile.runtime.session import u8s8_saturates
+    from qcompile.runtime.validation import saturating_pairs
+
+    if not u8s8_saturates():
+        return False
+    probe = emit_standard(onnx.ModelProto.FromString(model.SerializeToString()), table, u8_weights=False)
+    return saturating_pairs(probe) > 0
+
+
 def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.ModelProto:
     """Replace every FakeQuant marker of ``model`` (ids from :func:`quantizers_by_id`) according to ``opts.emit``."""
     model = bypass_parameter_identities(model)
@@ -569,8 +583,11 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         from .emit_custom import emit_custom
 
         return detach_probes(drop_unread_constants(compact_tensor_names(shield_float_layers(
-            emit_custom(model, table, u8_weights=opts.int8_weights == "u8")))))
+            emit_custom(model, table, u8_weights=opts.int8_weights == "u8" or (
+                opts.int8_weights == "auto" and _auto_needs_u8(model, table)))))))
     u8 = opts.int8_weights == "u8"
+    if opts.int8_weights == "auto":  # a pipeline of one's own (compile() decides before its passes)
+        u8 = _auto_needs_u8(model, table)
     model = emit_standard(model, table, u8_weights=u8)
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
         from .lowering import lower_shift_add

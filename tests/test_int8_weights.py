@@ -115,3 +115,49 @@ def test_wide_level_grids_in_uint8_run_exactly_in_every_form(data, emit):
     with torch.no_grad():
         sim = result.model(x).numpy()
     assert np.abs(got - sim).max() <= 1e-4 * np.abs(sim).max()
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_emit_with_auto_in_a_pipeline_of_ones_own_stores_u8_where_s8_would_saturate(saturates, monkeypatch, data):
+    """``emit`` with ``int8_weights="auto"`` after a pipeline without ``PairSafeInt8Weights`` (the README's minimal
+    one): on a CPU whose onnxruntime saturates uint8 × int8 products, full-range int8 weights made a file that
+    failed its validation there (81 pairs past int16); it stores uint8 weights instead. Elsewhere, int8."""
+    import sys
+
+    from qcompile import CompileOptions, emit, export_onnx
+    from qcompile.passes import Calibrate, InsertQuantizers, Pipeline, QuantizeBias, SelectLayers
+    from qcompile.ir import LayerConfig
+    from qcompile.runtime.validation import saturating_pairs
+
+    # the module (qcompile.runtime re-exports a function of the same name)
+    monkeypatch.setattr(sys.modules["qcompile.runtime.session"], "u8s8_saturates", lambda: saturates)
+    x, _ = data
+    cfg = LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8)
+    passes = [SelectLayers(cfg, first_last="quant"), InsertQuantizers(), Calibrate(x[:64]), QuantizeBias()]
+    gm = Pipeline(passes)(qcompile.trace(digits.pretrained(), x[:1])).gm
+    table = emit.quantizers_by_id(gm)
+    s8 = emit.emit(export_onnx(gm, x[:1]), table, CompileOptions(scheme="uniform", bits=8, int8_weights="s8"))
+    assert saturating_pairs(s8) > 0  # the digits CNN's full-range int8 weights have pairs past int16
+    model = emit.emit(export_onnx(gm, x[:1]), table, CompileOptions(scheme="uniform", bits=8))
+    stored = {t.data_type for t, _ in weight_dq_inputs(model)}
+    assert stored == ({TensorProto.UINT8} if saturates else {TensorProto.INT8})
+    if saturates:
+        assert saturating_pairs(model) == 0
+
+
+def test_layers_fed_by_16_bit_codes_have_no_saturating_pairs(data):
+    """PoT-4 activations are int16 codes: the layers they feed run on float kernels in onnxruntime, so no uint8 ×
+    int8 pair can saturate there. They were counted (446 pairs on a digits MLP) and the validation line advised
+    --int8-weights s8-safe, which changed nothing."""
+    from qcompile.runtime.validation import saturating_pairs
+
+    x, _ = data
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    result = qcompile.compile(model, x[:1], calib=x[:64], scheme="pot", bits=4, keep_first_last="quant")
+    assert result.report.passed, result.report.summary()
+    graph = result.onnx_model.graph
+    inits = {t.name: t for t in graph.initializer}
+    assert any(t.data_type == TensorProto.INT16 for t in inits.values())  # the activations' level tables
+    assert saturating_pairs(result.onnx_model) == 0
+    assert result.report.extra["saturating_pairs"] == 0
