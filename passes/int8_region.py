@@ -152,6 +152,24 @@ def _feeds_int8(gm, node) -> bool:
     return False
 
 
+def _only_int8_readers(gm, node) -> bool:
+    """Every reader of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer."""
+    todo, seen = list(node.users), set()
+    if not todo:
+        return False
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if is_int8_act(fake_quantizer(gm, user)):
+            continue
+        if not _is_transparent(gm, user) or not user.users:
+            return False
+        todo.extend(user.users)
+    return True
+
+
 class QuantizeResiduals(Pass):
     """Give residual adds and average pools on 8-bit codes an 8-bit output quantizer (see the module docstring)."""
 
@@ -163,6 +181,8 @@ class QuantizeResiduals(Pass):
         self._changed = False
         self._count = sum(1 for name, _ in gm.named_children() if name.startswith("res_fq"))
         for node in list(gm.graph.nodes):  # graph order: an add's inputs are settled before the add
+            if self._read_codes_through(gm, node):
+                continue
             if _is_add(node):
                 if not all(_has_codes(gm, a) for a in node.args[:2]):
                     continue  # an add with a float operand stays float, and reads what it read
@@ -198,6 +218,24 @@ class QuantizeResiduals(Pass):
             gm.graph.lint()
             recompile_lazily(gm)
         return PassResult(gm, self._changed)
+
+    def _read_codes_through(self, gm, node) -> bool:
+        """A max-pool or reshape of a float tensor that is also quantized to 8 bits for another reader (an
+        Inception concat read by a conv and by a pool branch), whose result only 8-bit quantizers read: it reads
+        the codes (max-pooling commutes with rounding), so onnxruntime keeps the concat and the pool in int8
+        (QLinearConcat, uint8 MaxPool) instead of a float branch with layout transposes."""
+        if not (_is_transparent(gm, node) and node.args and isinstance(node.args[0], torch.fx.Node)):
+            return False
+        src = node.args[0]
+        if fake_quantizer(gm, src) is not None or int8_source(gm, src) is not None:
+            return True  # already codes
+        q = _int8_user(gm, src)
+        if q is None or not _only_int8_readers(gm, node):
+            return True
+        node.replace_input_with(src, q)
+        self.report.append(f"{node.name}: reads the 8-bit codes of {src.name}")
+        self._changed = True
+        return True
 
     def _codes_of(self, gm, arg):
         """The node holding the 8-bit codes of ``arg`` (``_has_codes``): ``arg`` itself, its quantizer, or a new

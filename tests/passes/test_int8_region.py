@@ -339,3 +339,35 @@ def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(tmp_p
         ref = model(x)
         sim = result.model(x)
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
+
+
+class ConcatPoolBranch(nn.Module):
+    """Inception's pattern: a concat read by a 1x1 conv and by a max-pool branch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.a, self.b = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
+        self.c, self.d = nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
+        y = torch.cat([F.relu(self.c(x)), F.relu(self.d(F.max_pool2d(x, 3, 1, 1)))], 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_max_pool_branch_of_a_quantized_concat_reads_its_codes(tmp_path):
+    model = ConcatPoolBranch().eval()
+    calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    gm = result.model
+    pool = next(n for n in gm.graph.nodes if n.target is F.max_pool2d)
+    assert is_int8_act(fake_quantizer(gm, pool.args[0]))  # the concat's quantizer, not the float concat
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    # the first concat and the pool in int8 (a float pool of the float concat: 6 transposes and a float Concat)
+    assert ops["QLinearConcat"] >= 1 and ops["MaxPool"] == 0 and ops["Transpose"] <= 2, ops
