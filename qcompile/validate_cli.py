@@ -93,6 +93,23 @@ def _quantized_nodes(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.domain == "qcompile" for n in model.graph.node)
 
 
+def _check_reference_runs(reference, example, args, given) -> None:
+    """The float model ``--against`` runs on one sample of the inputs, or a one-line UserError (a model of another
+    architecture, a two-input model, uint8 image data)."""
+    from .frontend import _first_line
+
+    try:
+        with torch.no_grad():
+            reference(*[t.clone() for t in example])
+    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+        shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).replace('torch.', '')}" for t in example)
+        hint = "give the model the file was compiled from (--against, and --arch for a state dict)"
+        if any(not t.is_floating_point() for t in example) and "type" in str(exc).lower():
+            hint = "integer inputs stay integers (token ids): save image data as float32, e.g. x.astype(np.float32)"
+        raise UserError(f"the --against model does not run on the {given} inputs (samples of shape [{shapes}]: "
+                        f"{_first_line(exc)}); {hint}") from None
+
+
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
@@ -167,6 +184,7 @@ def validate_against(args):
                         "tools such as onnx-graphsurgeon drop): validate the file qcompile wrote, or copy its "
                         "metadata_props into this one")
     if not opts or opts.get("scheme") == "fp32":
+        _check_reference_runs(reference, example, args, given)
         if all(v is None for v in thresholds.values()):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
         try:

@@ -414,6 +414,18 @@ def test_validate_reports_and_passes(work, capsys):
     assert "validation on 6 inputs" in out
 
 
+def test_validate_of_a_float_file_against_a_model_that_does_not_take_its_inputs(work, capsys):
+    """A float file checked against another architecture, a two-input model, or uint8 image data: one line, exit
+    2 (an "internal error", exit 3, before; the quantized branch already said it in one line)."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", f"{MODULE}:two_input_net")
+    assert_user_error(rc, err, "the --against model does not run on the --samples 16 inputs")
+    assert "give the model the file was compiled from" in err
+    np.save("u8.npy", np.random.default_rng(2).integers(0, 256, (4, 3, 8, 8)).astype(np.uint8))
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "u8.npy")
+    assert_user_error(rc, err, "save image data as float32")
+
+
 def test_negative_thresholds_need_no_equals_sign(work, capsys):
     """``--min-sqnr -inf`` (argparse alone takes ``-inf`` for an option and wants ``--min-sqnr=-inf``)."""
     from qcompile.cli import _glue_negative_values
