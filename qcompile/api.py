@@ -591,6 +591,10 @@ def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
     except Exception as exc:
         n = int(example_inputs[0].shape[0])
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if all(t.dim() == 1 for t in example_inputs):  # --input-shape 8: a batch of 8 scalars, no feature axis
+            return (f"the model runs on a 1-D input of {n} values but not on {2 * n} ({reason}): the input's first "
+                    f"dimension is the batch; give it the batch dimension (--input-shape 1,{n} for {n} features; "
+                    "from Python an example of shape (1, ...))")
         return (f"the model runs on a batch of {n} but not of {2 * n} inputs ({reason}); qcompile runs the "
                 "calibration and validation data in batches: make forward independent of the batch size "
                 "(x.flatten(1) or x.view(x.size(0), -1) rather than x.view(1, -1))")

@@ -197,6 +197,9 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded as data:
                 keys = list(data.keys())
+                if any(k == "data.pkl" or k.endswith("/data.pkl") for k in keys):  # torch.save's zip archive
+                    raise UserError(f"{what} file {path!r} is a PyTorch file (torch.save), not a numpy array; save "
+                                    "the inputs with numpy.save(path, x.numpy())")
                 numbered = [f"x{i}" for i in range(len(keys)) if f"x{i}" in keys]
                 if "x" in keys:
                     arr = data["x"]

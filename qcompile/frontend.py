@@ -207,6 +207,10 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
                   all(isinstance(t, torch.Tensor) for t in v.values())]
         if len(nested) == 1:  # {'model_state': sd, 'epoch': ..}, {'net': sd}: the one dict of tensors in it
             state = obj[nested[0]]
+        elif len(nested) > 1:  # {'net': sd, 'ema': sd_ema}: which one is the user's to say
+            keys = ", ".join(map(repr, nested))
+            raise UserError(f"{source!r} holds several state dicts (under {keys}); save the one to compile on its "
+                            f"own: torch.save(torch.load({source!r})[{nested[0]!r}], 'weights.pt')")
         else:
             keys = ", ".join(map(repr, list(obj)[:6])) or "none"
             raise UserError(f"{source!r} holds a dict with keys {keys}, none of them a state dict (a dict of tensors "

@@ -120,6 +120,10 @@ MODULE_SOURCE = textwrap.dedent('''
         return BatchOfOne()
 
 
+    def tiny_mlp():  # 8 features
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
     def bn_stack():  # every quantized activation after a BatchNorm: data-free calibration reaches them
         torch.manual_seed(3)
         return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -145,6 +149,8 @@ def work(tmp_path, monkeypatch):
         torch.save(trained, "full.pt")
         torch.save(models.GatedNet().state_dict(), "wrong_keys.pt")
         torch.save(models.TinyCNN(classes=7).state_dict(), "wrong_shapes.pt")
+        torch.save({"net": trained.state_dict(), "ema": trained.state_dict(), "epoch": 3}, "two_state_dicts.pt")
+        torch.save(torch.randn(6, 3, 8, 8), "calib_torch.pt")
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
@@ -269,6 +275,12 @@ BAD_INPUTS = {
     "fp32-with-bits": ([SPEC, "--bits", "8"], "--bits cannot apply to --scheme fp32"),
     "ternary-with-wbits": ([SPEC, "--scheme", "uniform", "--wscheme", "ternary", "--wbits", "4"],
                            "--wscheme ternary has 2-bit levels whatever the bit-width; --wbits 4 cannot apply"),
+    # misleading messages before: the archive's members listed, "none of them a state dict", a batch-size problem
+    "calib-saved-with-torch": ([SPEC, "--input-shape", None, "--calib", "calib_torch.pt"],
+                               "is a PyTorch file (torch.save), not a numpy array; save the inputs with numpy.save"),
+    "two-state-dicts": (["two_state_dicts.pt", "--arch", SPEC], "holds several state dicts (under 'net', 'ema')"),
+    "shape-without-batch": ([f"{MODULE}:tiny_mlp", "--input-shape", "8"],
+                            "give it the batch dimension (--input-shape 1,8 for 8 features"),
     "symmetric-levels-uniform": ([SPEC, "--scheme", "uniform", "--symmetric-levels"],
                                  "--symmetric-levels applies to APoT/PoT/log2 activations"),
 }
