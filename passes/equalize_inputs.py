@@ -134,9 +134,10 @@ class EqualizeInputs(Pass):
             if found is None:
                 continue
             kind, layers = found
-            if decision is not None:  # a float first layer reads no input codes; other level sets, other noise
+            if decision is not None:  # a float first layer reads no input codes; a binary/ternary input quantizer
+                # decides by sign, which centring would move
                 configs = [decision.get(user) for user, _ in layers]
-                if any(c is None or c.action != "quant" or c.ascheme != "uniform" for c in configs):
+                if any(c is None or c.action != "quant" or c.ascheme in ("binary", "ternary") for c in configs):
                     continue
             axis = -1 if kind == "linear" else 1
             stats = self._feature_stats(index, axis)
