@@ -164,6 +164,10 @@ def _validate_changes(raw: dict, ov: "Override") -> dict:
         action = raw["action"]
         if action not in ("quant", "float"):
             raise UserError(f"action in {where} must be 'quant' or 'float', got {action!r}")
+        said = "float" if out.get("action") == "float" else "quant" if quantized_scheme else None
+        if said is not None and said != action:  # the later key silently won
+            scheme = next(raw[k] for k in ("scheme", "wscheme", "ascheme") if k in raw)
+            raise UserError(f"action = {action!r} in {where} contradicts its scheme {scheme!r}; keep one of the two")
         out["action"] = action
     elif quantized_scheme and "action" not in out:
         out["action"] = "quant"  # naming a quantized scheme asks for the layer to be quantized
@@ -208,6 +212,27 @@ def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
     return out
 
 
+def _unique_keys_loader(yaml):
+    """yaml's SafeLoader refusing a key given twice in one mapping (safe_load keeps the last one without a word;
+    TOML refuses it: "Cannot overwrite a value")."""
+
+    class UniqueKeys(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (give each layer one "
+                                                        "rule)", key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return UniqueKeys
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file mapping pattern -> changes: ``{"file": its base
     name, "layers": the mapping}``. ``CompileOptions`` keeps this (not the path), so the compiled file records the
@@ -229,7 +254,7 @@ def read_config(path: str | os.PathLike) -> dict:
             import yaml
 
             with open(path, "r", encoding="utf-8") as fh:
-                data = yaml.safe_load(fh)
+                data = yaml.load(fh, Loader=_unique_keys_loader(yaml))
         else:
             raise UserError(f"config file {path!r} must end in .toml, .yaml or .yml")
     except UserError:

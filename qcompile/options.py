@@ -120,7 +120,7 @@ class CompileOptions:
 
             config = self.config
             if not isinstance(config, (dict, str, os.PathLike)):
-                raise UserError(f"config= takes the path of a TOML/YAML/JSON file of layer rules or a dict "
+                raise UserError(f"config= takes the path of a TOML/YAML file of layer rules or a dict "
                                 f"{{pattern: settings}}, not a {type(config).__name__} (docs/passes.md)")
             if not isinstance(config, dict):
                 config = read_config(config)

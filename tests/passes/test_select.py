@@ -220,6 +220,21 @@ def test_load_overrides_errors(tmp_path):
     (tmp_path / "configs").mkdir()
     with pytest.raises(UserError, match="is a directory; give the .toml or .yaml file inside it"):
         load_overrides(tmp_path / "configs")
+    # a key given twice: TOML refuses it, YAML kept the last one without a word
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("fc2: {bits: 4}\nfc2: {bits: 3}\n")
+    with pytest.raises(UserError, match=r"line 2, column 1: duplicate key 'fc2' \(give each layer one rule\)"):
+        load_overrides(twice)
+
+
+@pytest.mark.parametrize("rule", ['{ scheme = "fp32", action = "quant" }', '{ scheme = "apot", action = "float" }',
+                                  '{ wscheme = "float", action = "quant" }'])
+def test_a_rule_whose_action_contradicts_its_scheme_is_refused(rule, tmp_path):
+    """The later key won silently: fp32 + quant compiled the layer at the default APoT W4A4."""
+    path = tmp_path / "rules.toml"
+    path.write_text(f'"fc2" = {rule}\n')
+    with pytest.raises(UserError, match=r"action = '(quant|float)' in rules.toml 'fc2' contradicts its scheme"):
+        load_overrides(path)
 
 
 def test_an_exclude_that_matches_no_layer_is_an_error_naming_the_layers():
