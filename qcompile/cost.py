@@ -16,6 +16,7 @@ file (what the lowering would produce). :func:`format_cost_report` gives the sum
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import numpy as np
@@ -70,6 +71,14 @@ def _shapes(model: onnx.ModelProto) -> dict:
     return shapes
 
 
+def _dense_outputs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
+    """Output values per sample of a layer (batch dimension excluded)."""
+    out = shapes.get(node.output[0])
+    if out is None or any(d is None for d in out[1:]):
+        return None
+    return int(np.prod(out[1:], dtype=np.int64))
+
+
 def _dense_macs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
     """MACs per sample of a Conv/Gemm/MatMul left as it is (batch dimension excluded)."""
     out = shapes.get(node.output[0])
@@ -107,9 +116,16 @@ def _module_of(model: onnx.ModelProto, node_name: str) -> str:
     return found
 
 
-def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
-    """Per-layer and total counts per input sample (a dict ready for JSON); see the module docstring."""
+def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dict:
+    """Per-layer and total counts per input sample (a dict ready for JSON); see the module docstring. ``model``
+    is an ONNX model or the path of a file."""
     from .lowering import _initializers, lowered_layers, match_layers, plan_layer
+
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(os.fspath(model))
+    from .lowering import refuse_custom_form
+
+    refuse_custom_form(model)
 
     records = lowered_layers(model)
     lowered_form = bool(records)
@@ -134,9 +150,12 @@ def cost_report(model: onnx.ModelProto, decomposition: str = "naf") -> dict:
         if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.name in done:
             continue
         macs = _dense_macs(node, shapes)
+        outputs = _dense_outputs(node, shapes)
+        # P * O * (K - 1) as for the lowered layers: each output sums its K products with K - 1 adds
+        adds = None if macs is None or outputs is None else macs - outputs
         layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,
-                       "macs": macs, "uniform": {"mults": macs, "adds": macs},
-                       "shift_add": {"mults": macs, "shifts": 0, "adds": macs, "shifts_per_product": 0}})
+                       "macs": macs, "uniform": {"mults": macs, "adds": adds},
+                       "shift_add": {"mults": macs, "shifts": 0, "adds": adds, "shifts_per_product": 0}})
 
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     order.update({rec["layer"]: order.get(_producer_name(model, rec["accumulator"]), 0) for rec in records})

@@ -593,6 +593,17 @@ class LoweringResult:
     skipped: list            # {"layer", "op", "reason"} for Conv/Gemm/MatMul left as they were
 
 
+def refuse_custom_form(model: onnx.ModelProto) -> None:
+    """The lowering reads the standard form's DequantizeLinear weights; the custom form's ``qcompile.*`` quantizer
+    nodes would have every layer skipped as 'not quantized'."""
+    from .errors import UserError
+
+    if any(n.domain == "qcompile" for n in model.graph.node):
+        raise UserError("this file is the custom form (--emit custom), whose qcompile.* quantizer nodes the shift-add "
+                        "lowering does not read; lower the standard form (compile with --emit shift-add, or lower "
+                        "the file --emit standard wrote)")
+
+
 class LowerShiftAdd:
     """ONNX pass: lower APoT/PoT Conv/Gemm/MatMul layers of a standard-form model to shift-add integer regions.
 
@@ -615,6 +626,7 @@ class LowerShiftAdd:
     def __call__(self, model: onnx.ModelProto) -> LoweringResult:
         import onnx_graphsurgeon as gs
 
+        refuse_custom_form(model)
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         inits = _initializers(inferred)
         graph = gs.import_onnx(inferred)

@@ -416,6 +416,29 @@ def test_cost_report_on_lowered_and_standard_forms(compiled):
     assert conv2["uniform"]["mults"] == 64 * 32 * 16 * 9 and conv2["shift_add"]["mults"] == 0
     lines = format_cost_report(lo)
     assert lines[0].startswith("shift-add cost") and "total" in lines[-1] and any("conv2" in s for s in lines)
+    # every row counts its adds the same way, P*O*(K-1): the layers not lowered counted one add per MAC (fc2 of
+    # digits: 640 for 10 outputs of 64 products, 630; conv1 9216 for 64*16 outputs of 9, 8192)
+    assert conv2["uniform"]["adds"] == 64 * 32 * (16 * 9 - 1)
+    assert [(r["module"], r["uniform"]["adds"]) for r in kept] == [("conv1", 64 * 16 * 8), ("fc2", 10 * 63)]
+    assert all(r["shift_add"]["adds"] == r["uniform"]["adds"] for r in kept)
+
+
+def test_cost_report_takes_a_path_and_refuses_the_custom_form(tmp_path):
+    """cost_report(path) raised AttributeError ('str' object has no attribute 'metadata_props'), and the custom
+    form had every layer "not quantized (no DequantizeLinear)" in the lowering and "not APoT/PoT" in the report."""
+    from qcompile.errors import UserError
+    from qcompile.lowering import lower_shift_add
+    from qcompile.models import digits
+
+    x_train, _, _, _ = digits.load_split()
+    for emit in ("standard", "custom"):
+        qcompile.compile(digits.pretrained(), x_train[:1], calib=x_train[:16], validate=False, scheme="apot", bits=4,
+                         emit=emit, output=str(tmp_path / f"{emit}.onnx"))
+    report = cost_report(str(tmp_path / "standard.onnx"))
+    assert report["layers"] and sum(r["lowered"] for r in report["layers"]) == 4
+    for call in (cost_report, lower_shift_add):
+        with pytest.raises(UserError, match=r"custom form \(--emit custom\).*lower the standard form"):
+            call(str(tmp_path / "custom.onnx"))
 
 
 def test_cost_report_says_when_no_layer_was_lowered():
