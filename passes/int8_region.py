@@ -152,6 +152,19 @@ def _feeds_int8(gm, node) -> bool:
     return False
 
 
+def _read_from(gm, node, src, q) -> None:
+    """``node`` reads ``q`` (the quantizer of ``src``) instead of ``src``. InsertQuantizers puts a quantizer just
+    before the layer it feeds, which may come after ``node`` (a pool branch written before the conv): the
+    quantizer, which reads only ``src``, moves up to just before ``node``."""
+    for n in gm.graph.nodes:
+        if n is q:
+            break
+        if n is node:
+            node.prepend(q)
+            break
+    node.replace_input_with(src, q)
+
+
 def _only_int8_readers(gm, node) -> bool:
     """Every reader of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer."""
     todo, seen = list(node.users), set()
@@ -189,7 +202,7 @@ class QuantizeResiduals(Pass):
                 for arg in node.args[:2]:
                     q = self._codes_of(gm, arg)
                     if q is not arg:
-                        node.replace_input_with(arg, q)  # the skip connection reads the codes
+                        _read_from(gm, node, arg, q)  # the skip connection reads the codes
                         self._changed = True
             elif not _is_avgpool(gm, node):
                 continue
@@ -200,8 +213,7 @@ class QuantizeResiduals(Pass):
                 # head) whose mean an int8 layer reads: pool the tensor's 8-bit codes, as onnxruntime's
                 # QLinearGlobalAveragePool can in its NHWC int8 chain (a float pool there costs two transposes)
                 src = node.args[0]
-                q = self._codes_of(gm, src)
-                node.replace_input_with(src, q)
+                _read_from(gm, node, src, self._codes_of(gm, src))
                 self._changed = True
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
@@ -232,7 +244,7 @@ class QuantizeResiduals(Pass):
         q = _int8_user(gm, src)
         if q is None or not _only_int8_readers(gm, node):
             return True
-        node.replace_input_with(src, q)
+        _read_from(gm, node, src, q)
         self.report.append(f"{node.name}: reads the 8-bit codes of {src.name}")
         self._changed = True
         return True

@@ -305,11 +305,13 @@ class HardswishSE(nn.Module):
     """MobileNetV3's pattern: a Hardswish output (float, not codes) pooled by a squeeze-excite block and, at the
     head, by the classifier's global pool."""
 
-    def __init__(self):
+    def __init__(self, gate_conv: bool = False):
         super().__init__()
         torch.manual_seed(0)
+        self.gate_conv = gate_conv
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
         self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.side = nn.Conv2d(16, 16, 1)
         self.fc1 = nn.Conv2d(16, 8, 1)
         self.fc2 = nn.Conv2d(8, 16, 1)
         self.proj = nn.Conv2d(16, 24, 1)
@@ -318,12 +320,16 @@ class HardswishSE(nn.Module):
     def forward(self, x):
         x = F.hardswish(self.dw(F.hardswish(self.stem(x))))
         s = F.hardsigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
-        x = F.hardswish(self.proj(x * s))
+        if self.gate_conv:  # x also read by a conv after the pool: its input quantizer comes later in the graph
+            x = F.hardswish(self.proj(self.side(x) * s))
+        else:
+            x = F.hardswish(self.proj(x * s))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(tmp_path):
-    model = HardswishSE().eval()
+@pytest.mark.parametrize("gate_conv", [False, True])
+def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(gate_conv, tmp_path):
+    model = HardswishSE(gate_conv).eval()
     calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
@@ -344,9 +350,10 @@ def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(tmp_p
 class ConcatPoolBranch(nn.Module):
     """Inception's pattern: a concat read by a 1x1 conv and by a max-pool branch."""
 
-    def __init__(self):
+    def __init__(self, pool_first: bool = False):
         super().__init__()
         torch.manual_seed(0)
+        self.pool_first = pool_first
         self.stem = nn.Conv2d(1, 16, 3, padding=1)
         self.a, self.b = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 3, padding=1)
         self.c, self.d = nn.Conv2d(32, 32, 1), nn.Conv2d(32, 32, 1)
@@ -355,12 +362,17 @@ class ConcatPoolBranch(nn.Module):
     def forward(self, x):
         x = F.relu(self.stem(x))
         x = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1)
-        y = torch.cat([F.relu(self.c(x)), F.relu(self.d(F.max_pool2d(x, 3, 1, 1)))], 1)
+        if self.pool_first:  # the conv's input quantizer comes after the pool in the graph
+            p = F.relu(self.d(F.max_pool2d(x, 3, 1, 1)))
+            y = torch.cat([F.relu(self.c(x)), p], 1)
+        else:
+            y = torch.cat([F.relu(self.c(x)), F.relu(self.d(F.max_pool2d(x, 3, 1, 1)))], 1)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
-def test_a_max_pool_branch_of_a_quantized_concat_reads_its_codes(tmp_path):
-    model = ConcatPoolBranch().eval()
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_a_max_pool_branch_of_a_quantized_concat_reads_its_codes(pool_first, tmp_path):
+    model = ConcatPoolBranch(pool_first).eval()
     calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8)
