@@ -89,6 +89,31 @@ def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, arg
                     "the file was compiled from")
 
 
+def _check_same_quantizers(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, args, written: str) -> None:
+    """The rebuilt simulation has the file's activation quantizers: a file from another qcompile version, whose
+    passes placed them otherwise (0.5 quantizes the float input of a pool an int8 layer reads), failed with codes
+    that 'differ' in a quantizer the two do not share."""
+    from qcompile import __version__
+
+    from .emit import activation_map
+
+    mine = {a["module"] for a in activation_map(onnx_model)}
+    theirs = {a["module"] for a in activation_map(rebuilt)}
+    if not mine or mine == theirs:
+        return
+    try:
+        version = json.loads(written).get("qcompile", "?")
+    except (ValueError, AttributeError):
+        version = "?"
+    if version != __version__:
+        raise UserError(f"{args.onnx!r} was written by qcompile {version}, whose activation quantizers this "
+                        f"qcompile {__version__} does not place the same way ({len(mine)} against {len(theirs)}); "
+                        f"compile the model again, or validate with qcompile {version}")
+    raise UserError(f"{args.onnx!r} has other activation quantizers than {args.against!r} compiled with its recorded "
+                    f"options ({len(mine)} against {len(theirs)}); pass the model (and --arch, --data) the file was "
+                    "compiled from")
+
+
 def _quantized_nodes(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.domain == "qcompile" for n in model.graph.node)
 
@@ -224,6 +249,7 @@ def validate_against(args):
                         "validate the file qcompile wrote (an output added to or removed from it cannot be "
                         "compared), or pass the model it was compiled from")
     _check_same_graph(onnx_model, sim.onnx_model, args)
+    _check_same_quantizers(onnx_model, sim.onnx_model, args, written)
     try:
         return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error type

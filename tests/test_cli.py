@@ -438,6 +438,37 @@ def test_validate_of_a_float_file_against_a_model_that_does_not_take_its_inputs(
     assert_user_error(rc, err, "save image data as float32")
 
 
+def test_validate_of_a_file_whose_quantizers_this_version_places_otherwise(work, capsys):
+    """A file from an earlier qcompile whose passes placed the activation quantizers otherwise failed with codes
+    'differing' in a quantizer the two do not share; it now says which version wrote it."""
+    import json
+
+    import onnx
+
+    from qcompile import __version__
+
+    assert cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+               "-o", "q.onnx")[0] == 0
+    model = onnx.load("q.onnx")
+    props = {p.key: p for p in model.metadata_props}
+    amap = json.loads(props["qcompile.activations"].value)
+    assert len(amap) >= 2
+    amap.pop(next(iter(amap)))  # one quantizer fewer, as an older build placed them
+    props["qcompile.activations"].value = json.dumps(amap)
+    onnx.save(model, "same_version.onnx")
+    record = json.loads(props["qcompile.options"].value)
+    record["qcompile"] = "0.4.0"
+    props["qcompile.options"].value = json.dumps(record)
+    onnx.save(model, "older.onnx")
+    rc, out, err = cli(capsys, "validate", "older.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib.npy")
+    assert_user_error(rc, err, f"was written by qcompile 0.4.0, whose activation quantizers this qcompile {__version__}")
+    rc, out, err = cli(capsys, "validate", "same_version.onnx", "--against", "weights.pt", "--arch", SPEC,
+                       "--data", "calib.npy")
+    assert_user_error(rc, err, "has other activation quantizers than 'weights.pt'")
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib.npy")
+    assert rc == 0 and "PASS" in out, err
+
+
 def test_negative_thresholds_need_no_equals_sign(work, capsys):
     """``--min-sqnr -inf`` (argparse alone takes ``-inf`` for an option and wants ``--min-sqnr=-inf``)."""
     from qcompile.cli import _glue_negative_values
