@@ -573,6 +573,16 @@ def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:
                                     "give the model its vocabulary size")
 
 
+LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compile warns
+
+
+def low_agreement_message(agree: float) -> str:
+    return (f"the quantized model predicts as the float model on only {100 * agree:.1f}% of the validation inputs "
+            "(the file computes its simulation; the loss is in the quantization): check the calibration data (one "
+            "outlier sample can set a whole range: --calib-method percentile), the bit-widths, or --exclude the "
+            "layers with the lowest SQNR")
+
+
 def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
     """After a failure: the reason, where the model runs on its example batch but not on a batch twice its size
     (``x.view(1, -1)``); qcompile runs calibration and validation data in batches. None otherwise."""
@@ -654,6 +664,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
 
             float_model = plain_copy(model).eval()  # the passes worked on a copy: model is still the float one
             report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
+            agree = report.extra.get("top1_vs_float")
+            if agree is not None and agree < LOW_AGREEMENT and inputs is not example_inputs:
+                # validation compares the file with its simulation and passes: the loss is the quantized model's
+                warnings.warn(low_agreement_message(agree), QuantizationWarning, stacklevel=3)
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)

@@ -352,7 +352,7 @@ def cmd_compile(argv) -> int:
         float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
         emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module), int8_weights=args.int8_weights,
     )
-    _print_summary(result)
+    _print_summary(result, real_inputs=calib is not None)
     if args.json:
         from .export import write_text_atomic
 
@@ -401,7 +401,8 @@ def summary_dict(result) -> dict:
     }
 
 
-def _print_summary(result) -> None:
+def _print_summary(result, real_inputs: bool = False) -> None:
+    from .api import LOW_AGREEMENT, low_agreement_message
     from .summary import layer_lines
 
     for line in layer_lines(result.model):
@@ -416,6 +417,9 @@ def _print_summary(result) -> None:
         if line:
             print(line)
         print(result.report.summary())
+        agree = result.report.extra.get("top1_vs_float")
+        if agree is not None and agree < LOW_AGREEMENT and real_inputs:  # random inputs have no classes
+            print(f"qcompile: warning: {low_agreement_message(agree)}", file=sys.stderr)
 
 
 def float_line(report) -> str:

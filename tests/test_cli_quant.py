@@ -238,3 +238,30 @@ def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_pat
     sym_tables = level_tables(files["sym"])
     assert sym_tables and all(t.min() == -10 and t.max() == 10 for t in sym_tables)
     assert any(t.max() > 10 and t.min() > -10 for t in level_tables(files["asym"]))
+
+
+def test_a_calibration_outlier_that_wrecks_the_model_is_warned_about(work, tmp_path):
+    """One calibration image x100 among 32 set the ranges: the file predicted at chance (10% of held-out digits),
+    validation passed (the file computes its simulation) and nothing said so. The compile now warns when the
+    quantized model agrees with the float one on under half of the validation inputs."""
+    import warnings as warnings_
+
+    import qcompile
+    from qcompile.errors import QuantizationWarning
+
+    folder, calib = work
+    bad = calib.copy()
+    bad[0] *= 100
+    np.save(tmp_path / "outlier.npy", bad)
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", tmp_path / "outlier.npy", "--scheme", "apot",
+                             "--bits", "4", "-o", tmp_path / "o.onnx")
+    assert rc == 0 and "PASS" in stdout
+    assert "qcompile: warning: the quantized model predicts as the float model on only" in stderr, stderr
+    assert "--calib-method percentile" in stderr
+    with pytest.warns(QuantizationWarning, match="predicts as the float model on only"):
+        qcompile.compile(digits.pretrained(), torch.from_numpy(bad[:1]), calib=torch.from_numpy(bad), scheme="apot",
+                         bits=4)
+    with warnings_.catch_warnings():  # the good calibration set: no warning
+        warnings_.simplefilter("error", QuantizationWarning)
+        qcompile.compile(digits.pretrained(), torch.from_numpy(calib[:1]), calib=torch.from_numpy(calib),
+                         scheme="apot", bits=4)
