@@ -263,30 +263,38 @@ class Calibrate(Pass):
     def _calibrate_data_free(self, gm, acts) -> None:
         for node in acts:
             fq = gm.get_submodule(node.target)
-            stats = _bn_stats_through_relu(gm, node.args[0])
-            if stats is None:
+            found = _data_free_source(gm, node.args[0])
+            if found is None:
                 inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
                 how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
                     f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
-                raise UserError(
-                    f"cannot calibrate the input of {_consumer_names(node)} without data (it does not come from "
-                    f"ReLU(BatchNorm)); pass calibration inputs with {how}")
-            beta, gamma = stats
-            # after the ReLU the range is [0, max_c(β_c + k·|γ_c|)]; a ReLU6 caps it at 6
-            hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
-            cap = relu_cap(gm, node.args[0])
-            if cap is not None:
-                hi = hi.clamp(max=cap)
-            # the clip within [0, hi]: the calibration method's own choice on what BatchNorm says the values are,
-            # ReLU(N(β_c, γ_c²)) for each channel c in equal shares. hi alone (the largest channel's β + 6|γ|)
-            # spent 4-bit levels on values that barely occur: 2.5x the real maximum, -4 to -13 dB at 3-4 bits
+                unfolded = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+                why = ("BatchNorm statistics are read from folded BatchNorms: drop --no-fold-bn / fold_bn=False"
+                       if unfolded else "it does not come from BatchNorm, through a ReLU or a max-pool")
+                raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
+                                f"inputs with {how}")
+            beta, gamma, rectified, cap, window = found
+            # the clip: the calibration method's own choice on what BatchNorm says the values are, N(β_c, γ_c²)
+            # for each channel c in equal shares (after a ReLU its positive part, after a max-pool the largest of
+            # its window). max_c(β_c + 6|γ_c|), the whole range it used to take, spent 4-bit levels on values that
+            # barely occur: 2.5x the real maximum, -4 to -13 dB at 3-4 bits
             obs = quant.make_observer(self.method)
-            per_channel = max(64, _DATA_FREE_SAMPLES // max(1, beta.numel()))
+            per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, beta.numel()) * window))
             gen = torch.Generator().manual_seed(0)
-            z = torch.randn(per_channel, beta.numel(), generator=gen, dtype=torch.float64)
-            values = (z * gamma.abs().double() + beta.double()).clamp(min=0.0)
-            values = torch.minimum(values, hi).float()
-            obs.update(values.flatten())
+            z = torch.randn(window, per_channel, beta.numel(), generator=gen, dtype=torch.float64)
+            values = z * gamma.abs().double() + beta.double()
+            if rectified:
+                values = values.clamp(min=0.0)
+            if cap is not None:
+                values = values.clamp(max=cap)
+            values = values.amax(0)  # a max-pool's window (1: none)
+            hi = values.abs().max()
+            if rectified:  # the range bound it used to be: the largest channel's β + 6|γ| (6 at most after ReLU6)
+                hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
+                if cap is not None:
+                    hi = hi.clamp(max=cap)
+                values = torch.minimum(values, hi)
+            obs.update(values.float().flatten())
             params = quant.compute_qparams_many([(obs, fq.levelset)])[0]
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn({self.method})")
@@ -550,6 +558,56 @@ def relu_cap(gm, node) -> float | None:
             (node.op == "call_method" and node.target == "relu6"):
         return 6.0
     return None
+
+
+def _data_free_source(gm, node):
+    """What BatchNorm statistics say about the values of ``node``: (β, γ, rectified, cap, window) for the output of
+    a layer with a folded BatchNorm, through a ReLU/ReLU6 (rectified, cap 6), a max-pool (the window's element
+    count) and quantizers of those values; None where the values are not that."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from .base import fake_quantizer
+
+    window = 1
+    while isinstance(node, torch.fx.Node):
+        if fake_quantizer(gm, node) is not None and node.op == "call_module":  # a quantizer of those values
+            node = node.args[0]
+            continue
+        pool = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(pool, nn.MaxPool2d) and not pool.return_indices:
+            k = pool.kernel_size
+            window *= int(k * k if isinstance(k, int) else k[0] * k[1])
+            node = node.args[0]
+            continue
+        if node.op == "call_function" and node.target is F.max_pool2d and not node.kwargs.get("return_indices"):
+            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+            if not isinstance(k, (int, tuple, list)):
+                return None
+            window *= int(k * k if isinstance(k, int) else k[0] * k[1])
+            node = node.args[0]
+            continue
+        break
+    if not isinstance(node, torch.fx.Node):
+        return None
+    stats = _bn_stats_through_relu(gm, node)
+    if stats is not None:
+        return stats[0], stats[1], True, relu_cap(gm, node), window
+    direct = node.meta.get("output_stats")  # the layer's own output: N(β, γ²), signed
+    if direct is not None and window == 1:
+        return direct.mean, direct.std, False, None, 1
+    return None
+
+
+def _quantizer_place(node) -> str:
+    """'the output of layer X' for a quantizer of a layer's output, else 'the input of layer Y'."""
+    src = node.args[0] if node.args else None
+    if isinstance(src, torch.fx.Node) and isinstance(src.meta.get("layer"), str):
+        return f"the output of layer {src.meta['layer']!r}"
+    names = _consumer_names(node)
+    if names.startswith("layer ") or not isinstance(src, torch.fx.Node) or src.op != "call_module":
+        return f"the input of {names}"
+    return f"the output of {src.target!r}"  # an activation module whose output no layer reads directly
 
 
 def _bn_stats_through_relu(gm, node):

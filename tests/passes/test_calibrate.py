@@ -801,3 +801,45 @@ def test_calibrate_and_bias_correction_take_the_calibration_forms_compile_takes(
         got = run(data)
         for a, b in zip(want[0] + want[1], got[0] + got[1]):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_data_free_reaches_signed_batchnorm_outputs_max_pools_and_names_what_it_cannot():
+    """Data-free calibration refused a residual block (the 8-bit output of the conv before the add is N(β, γ²),
+    no ReLU), a max-pool after ReLU(BN) and a quantizer re-quantizing another; and the refusals named an internal
+    quantizer ('out_fq0'), or said "not ReLU(BatchNorm)" of a ReLU(BatchNorm) that --no-fold-bn kept unfolded."""
+    import qcompile
+    from qcompile.errors import UserError
+
+    class Block(nn.Module):
+        def __init__(self, bn_last: bool = True, pool: bool = False):
+            super().__init__()
+            torch.manual_seed(0)
+            self.pool = pool
+            self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+            self.b3 = nn.BatchNorm2d(8) if bn_last else nn.Identity()
+            self.fc = nn.Linear(8, 4)
+            for bn in (self.b1, self.b2, self.b3):
+                if isinstance(bn, nn.BatchNorm2d):
+                    with torch.no_grad():
+                        bn.running_mean.uniform_(-1, 1)
+                        bn.running_var.uniform_(0.5, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.b1(self.c1(x)))
+            if self.pool:
+                h = F.max_pool2d(h, 2)
+            y = torch.relu(self.b3(self.c3(torch.relu(self.b2(self.c2(h))))) + h)
+            return self.fc(y.mean((2, 3)))
+
+    x = torch.randn(1, 3, 8, 8)
+    for pool in (False, True):  # the residual adds' inputs; a max-pool of ReLU(BN)
+        r = qcompile.compile(Block(pool=pool).eval(), x, scheme="uniform", bits=8, keep_first_last="fp32")
+        assert r.report.passed
+        assert any("data-free" in line for t in r.timings if t.name == "Calibrate" for line in t.report)
+    with pytest.raises(UserError, match=r"cannot calibrate the output of layer 'c3' without data \(it does not "
+                                        r"come from BatchNorm"):
+        qcompile.compile(Block(bn_last=False).eval(), x, scheme="uniform", bits=8, keep_first_last="fp32")
+    with pytest.raises(UserError, match=r"read from folded BatchNorms: drop --no-fold-bn"):
+        qcompile.compile(Block().eval(), x, scheme="uniform", bits=8, keep_first_last="fp32", fold_bn=False)
