@@ -26,7 +26,10 @@ name           clipping range
                reference ``P`` = histogram of ``|x|`` (``x > 0`` for unsigned sets) cut at ``i`` with the outliers
                added to the last bin, ``Q`` = the bins merged per level of the level set (any level set, not
                only 128 uniform levels) and spread back over the non-empty bins; pick the ``i`` of least
-               ``KL(P || Q)`` (empty bins smoothed with ``1e-4`` counts). Not defined for ``uniform_asym``.
+               ``KL(P || Q)`` (empty bins smoothed with ``1e-4`` counts). ``uniform_asym`` takes the signed
+               uniform set's threshold of ``|x|`` (of the long side, for a skewed tensor, keeping the short side
+               whole). At 8 bits the entropy threshold clips more than the least squared error does: on digits
+               CNNs 5-11 dB of output SQNR below ``minmax`` at W8A8, accuracy the same.
 ``laplace``    Banner et al. 2019 (lecture): fit ``b = E|x - median|`` and clip at ``t(M) b``, where ``t`` solves
                the approximate Laplace error ``2 b^2 e^(-alpha/b) + alpha^2 / (3 * 4^M)``:
                ``t e^t = 3 * 4^M`` -> 2.83, 3.90, 5.03 for M = 2, 3, 4 bits (the lecture's 2.83b, 3.89b,
@@ -40,7 +43,11 @@ name           clipping range
 =============  ============================================================================================
 
 Data-free: :func:`bn_range` gives ``beta +- k |gamma|`` (``k = 6``, the lecture's "mean +- 6 std from
-BatchNorm"), :func:`bn_qparams` the quantizer parameters from it.
+BatchNorm"), :func:`bn_qparams` the quantizer parameters from it. ``Calibrate`` without data caps at that range and
+runs the calibration method on values drawn from each channel's ``N(beta, gamma^2)`` (its positive part after a
+ReLU), so the clip suits the level set as with data. ``laplace`` and ``sdq`` fit one bell to the whole tensor: on a
+model input of raw features in different units (a mixture, not a bell) they clip hard even at 8 bits (raw
+breast-cancer MLP at W8A8: 51.5 % and 42.7 % against 91.8 % with ``mse``); use ``mse`` or ``percentile`` there.
 
 Histograms (``percentile``, ``mse``, ``kl``, ``laplace``) have ``bins`` bins on each side of 0 over
 ``[-R, R]`` with ``R`` a power of two; when data exceeds ``R`` it doubles and bins merge in pairs, which is exact,
