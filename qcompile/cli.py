@@ -413,7 +413,7 @@ def _print_summary(result, real_inputs: bool = False) -> None:
         size = os.path.getsize(result.onnx_path)
         print(f"wrote {result.onnx_path} ({size / 1024:.1f} KiB) in {result.seconds:.2f} s")
     if result.report is not None:
-        line = float_line(result.report)
+        line = float_line(result.report, random_inputs=not real_inputs)
         if line:
             print(line)
         print(result.report.summary())
@@ -422,7 +422,7 @@ def _print_summary(result, real_inputs: bool = False) -> None:
             print(f"qcompile: warning: {low_agreement_message(agree)}", file=sys.stderr)
 
 
-def float_line(report) -> str:
+def float_line(report, random_inputs: bool = False) -> str:
     """What quantization costs against the float model: output SQNR (and top-1 agreement) of the file, and the
     quantizers whose outputs are furthest from their float values. Validation compares the file with the
     simulation; this line is where a large loss shows (a per-tensor input quantizer on unnormalised features)."""
@@ -430,7 +430,8 @@ def float_line(report) -> str:
     if sq is None:
         return ""
     which = report.extra.get("sqnr_vs_float_output")
-    text = f"vs the float model: output{'' if which is None else f' {which} (the lowest)'} SQNR " + (
+    where = " on random inputs (no --calib)" if random_inputs else ""
+    text = f"vs the float model{where}: output{'' if which is None else f' {which} (the lowest)'} SQNR " + (
         "inf" if math.isinf(sq) else f"{sq:.1f} dB")
     if report.extra.get("top1_vs_float") is not None:
         text += f", top-1 agreement {100 * report.extra['top1_vs_float']:.2f}%"
@@ -448,7 +449,7 @@ def cmd_validate(argv) -> int:
     from .validate_cli import validate_against
 
     report = validate_against(args)
-    line = float_line(report)
+    line = float_line(report, random_inputs=not args.data)
     if line:
         print(line)
     print(report.summary())
