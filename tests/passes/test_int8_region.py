@@ -301,6 +301,13 @@ def test_int8_global_avg_pool_equals_onnxruntime_code_for_code(tmp_path):
     assert differ == 0, f"{differ} of {total} codes differ"
 
 
+def compile_w8a8(model, shape, draw, **options):
+    """Uniform W8A8 with 32 calibration and 64 validation inputs drawn by ``draw`` (seeded); (result, inputs)."""
+    calib = draw(32, *shape, generator=torch.Generator().manual_seed(1))
+    x = draw(64, *shape, generator=torch.Generator().manual_seed(2))
+    return qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8, **options), x
+
+
 class HardswishSE(nn.Module):
     """MobileNetV3's pattern: a Hardswish output (float, not codes) pooled by a squeeze-excite block and, at the
     head, by the classifier's global pool."""
@@ -330,10 +337,7 @@ class HardswishSE(nn.Module):
 @pytest.mark.parametrize("gate_conv", [False, True])
 def test_a_pool_of_a_float_activation_that_an_int8_layer_reads_pools_codes(gate_conv, tmp_path):
     model = HardswishSE(gate_conv).eval()
-    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
-                              keep_first_last="quant")
+    result, x = compile_w8a8(model, (3, 16, 16), torch.randn, keep_first_last="quant")
     assert result.report.passed, result.report.summary()
     pools = [m for m in result.model.modules() if type(m).__name__ == "Int8GlobalAvgPool"]
     assert len(pools) == 2
@@ -373,9 +377,7 @@ class ConcatPoolBranch(nn.Module):
 @pytest.mark.parametrize("pool_first", [False, True])
 def test_a_max_pool_branch_of_a_quantized_concat_reads_its_codes(pool_first, tmp_path):
     model = ConcatPoolBranch(pool_first).eval()
-    calib = torch.rand(32, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8)
+    result, _ = compile_w8a8(model, (1, 16, 16), torch.rand)
     assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
     gm = result.model
     pool = next(n for n in gm.graph.nodes if n.target is F.max_pool2d)
