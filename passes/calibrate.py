@@ -288,7 +288,6 @@ class Calibrate(Pass):
             if cap is not None:
                 values = values.clamp(max=cap)
             values = values.amax(0)  # a max-pool's window (1: none)
-            hi = values.abs().max()
             if rectified:  # the range bound it used to be: the largest channel's β + 6|γ| (6 at most after ReLU6)
                 hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
                 if cap is not None:
@@ -299,7 +298,7 @@ class Calibrate(Pass):
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn({self.method})")
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics "
-                           f"({self.method} on ReLU of each channel's normal)")
+                           f"({self.method} on values drawn from each channel's normal)")
 
 
 _DATA_FREE_SAMPLES = 1 << 20  # synthetic values per data-free quantizer (shared among its channels)
