@@ -188,9 +188,8 @@ class EqualizeWeights(Pass):
     """
 
     def __init__(self, max_iters: int = 20, tol: float = 1e-3, allow_clipping: bool = False,
-                 absorb_bias: bool = False, select=None) -> None:
+                 absorb_bias: bool = False) -> None:
         super().__init__()
-        self.select = select  # the SelectLayers to come: pairs with a layer it keeps float are left alone
         if max_iters < 1:
             raise ValueError("max_iters must be >= 1")
         if not tol > 0:
@@ -353,20 +352,6 @@ class EqualizeWeights(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         chains = self._find_chains(gm)
-        if chains and self.select is not None:
-            # the balance sqrt(r1 / r2) spends one layer's range for the other's; a float layer has none to give,
-            # and with a float first layer the pair moved range into the quantized layer's input instead (raw
-            # wine MLP, float first/last layers, uniform W4A4: 21.3 -> 10.1 dB with the pair equalized)
-            decision = self.select.decide(gm)
-
-            def quantized(node) -> bool:
-                config = decision.get(node)
-                return config is not None and config.action == "quant"
-
-            kept = [c for c in chains if quantized(c.producer) and quantized(c.consumer)]
-            if len(kept) < len(chains):
-                self.report.append(f"{len(chains) - len(kept)} pair(s) with a layer kept float left alone")
-            chains = kept
         if not chains:
             from qcompile.qmodules import FakeQuantize
 

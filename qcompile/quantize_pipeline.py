@@ -46,7 +46,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         passes.append(EqualizeInputs(calib, weight_bits=8 if first8 else opts.weight_bits,
                                      act_bits=8 if first8 else opts.act_bits, select=select))
     if opts.equalize:
-        passes.append(EqualizeWeights(select=select))
+        passes.append(EqualizeWeights())
     passes += [
         select,
         InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels),
