@@ -281,7 +281,14 @@ class Calibrate(Pass):
             obs = quant.make_observer(self.method)
             per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, beta.numel()) * window))
             gen = torch.Generator().manual_seed(0)
-            z = torch.randn(window, per_channel, beta.numel(), generator=gen, dtype=torch.float64)
+            shape = (window, per_channel, beta.numel())
+            if rectified:  # ReLU(N(β, γ²)): within a dB of 32 real images at 3-8 bits on trained digits CNNs
+                z = torch.randn(shape, generator=gen, dtype=torch.float64)
+            else:  # a signed BatchNorm output (before a residual add): heavier tails than a normal's (8σ seen), so a
+                # Laplace of the same spread (ACIQ's model of pre-activations); a normal clipped those at 4σ, 16 dB
+                # under real data at W8A8 on a residual digits CNN
+                u = torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
+                z = -torch.sign(u) * torch.log1p(-2 * u.abs()) / math.sqrt(2.0)
             values = z * gamma.abs().double() + beta.double()
             if rectified:
                 values = values.clamp(min=0.0)
