@@ -343,14 +343,34 @@ def cmd_compile(argv) -> int:
         validation_inputs = validation_inputs[0] if len(validation_inputs) == 1 else validation_inputs
     print(f"qcompile: {args.model} -> {output} ({opts.describe()})")
     thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
+    # (option, value, given on the command line): a model trained with qcompile.qat fixes the pass options, and
+    # compile refuses a value that differs from the trained one, so those left at their defaults are not passed
+    parser = _compile_parser()
+    chosen = [
+        ("wbits", args.wbits, args.wbits is not None), ("abits", args.abits, args.abits is not None),
+        ("wscheme", args.wscheme, args.wscheme is not None), ("ascheme", args.ascheme, args.ascheme is not None),
+        ("per_channel", not args.per_tensor, args.per_tensor),
+        ("calib_method", args.calib_method, args.calib_method != parser.get_default("calib_method")),
+        ("asym_levels", not args.symmetric_levels, args.symmetric_levels),
+        ("int8_levels", not args.float_levels, args.float_levels), ("fold_bn", not args.no_fold_bn, args.no_fold_bn),
+        ("equalize", not args.no_equalize, args.no_equalize),
+        ("bias_correction", not args.no_bias_correction, args.no_bias_correction),
+        ("int8_outputs", not args.no_int8_outputs, args.no_int8_outputs),
+        ("keep_first_last", args.keep_first_last, args.keep_first_last != parser.get_default("keep_first_last")),
+        ("float_downsample", args.float_downsample, args.float_downsample), ("exclude", tuple(args.exclude), bool(args.exclude)),
+        ("config", args.config, args.config is not None)]
+    from .qat import config_of
+
+    qat_trained = config_of(model) is not None
+    options = {name: value for name, value, given in chosen if given or not qat_trained}
+    named = {a.split("=")[0] for a in argv}
+    scheme = args.scheme if "--scheme" in named or not qat_trained else None
+    bits = bits if "--bits" in named or not qat_trained else None
     result = qcompile_compile(
-        model, example, scheme=args.scheme, bits=bits, calib=calib, output=output,
+        model, example, scheme=scheme, bits=bits, calib=calib, output=output,
         validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing, progress=_progress,
-        thresholds=thresholds, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, per_channel=not args.per_tensor,
-        calib_method=args.calib_method, asym_levels=not args.symmetric_levels, int8_levels=not args.float_levels, fold_bn=not args.no_fold_bn, equalize=not args.no_equalize,
-        bias_correction=not args.no_bias_correction, int8_outputs=not args.no_int8_outputs, keep_first_last=args.keep_first_last,
-        float_downsample=args.float_downsample, exclude=tuple(args.exclude), config=args.config,
-        emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module), int8_weights=args.int8_weights,
+        thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
+        int8_weights=args.int8_weights, **options,
     )
     _print_summary(result, real_inputs=calib is not None)
     if args.json:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -143,13 +144,22 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     if cfg is not None:
         onnx_model.metadata_props.add(key="qcompile.qat", value=cfg.describe())
     export_mod.check_model(onnx_model)
-    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
-    report = None
+    report = None  # validated before it is written, as compile does: nothing is left behind when it cannot run
     if validate:
-        inputs = calib_data(validation_inputs, len(example_inputs)) if validation_inputs is not None \
-            else example_inputs
+        from qcompile.api import LOW_AGREEMENT, check_calibration_data, low_agreement_message
+        from qcompile.errors import QuantizationWarning
+
+        if validation_inputs is not None:
+            inputs = calib_data(validation_inputs, len(example_inputs), what="validation")
+            check_calibration_data(inputs, example_inputs, "validation data", "validation_inputs")
+        else:
+            inputs = example_inputs
         report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                     **(thresholds or {}))
+        agree = report.extra.get("top1_vs_float")
+        if agree is not None and agree < LOW_AGREEMENT:
+            warnings.warn(low_agreement_message(agree), QuantizationWarning, stacklevel=2)
+    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts, timings=[],
                          seconds=time.perf_counter() - t0)
 

@@ -46,15 +46,19 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
     for name, value in (("wbits", wbits), ("abits", abits)):  # both checked before any quantizer changes
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8):
             raise UserError(f"change_bits: {name} must be an integer from 2 to 8, got {value!r}")
-    changed = 0
+    todo = []
     for fq in learnable_quantizers(model):
         if not _learns(fq, cfg):
             continue
         new_bits = wbits if fq.role == "weight" else abits
         if new_bits is None or new_bits == fq.bits:
             continue
-        if fq.scheme == "uniform_asym" and rescale:
-            raise UserError("eq. 11 re-scaling is defined for symmetric and unsigned levels, not uniform_asym")
+        if fq.scheme == "uniform_asym" and rescale:  # checked for all before any changes (the weights went first)
+            raise UserError("eq. 11 re-scaling is defined for symmetric and unsigned levels, not uniform_asym; "
+                            "change_bits(..., rescale=False) keeps the learned ranges")
+        todo.append((fq, new_bits))
+    changed = 0
+    for fq, new_bits in todo:
         old = fq.levelset
         offset = _matching_offset(old, fq.scheme, new_bits)
         new = quant.level_set(fq.scheme, new_bits, fq.signed, offset=offset)
