@@ -237,23 +237,29 @@ def test_data_free_ranges_are_as_good_as_calibration_data_at_low_bits(scheme, bi
     fine at 8 bits, 4-13 dB under 32 calibration samples at 3-4 bits. It is now the calibration method's own clip of
     ReLU(N(β_c, γ_c²)), channel by channel: on a network whose BatchNorm statistics are those of its data, within a
     dB of calibrating on that data."""
-    import torch.nn as nn
-
-    import qcompile
-
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=None), nn.ReLU(),
                           nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32, momentum=None), nn.ReLU(),
                           nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32, momentum=None), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    gen = torch.Generator().manual_seed(1)
-    data = torch.randn(512, 3, 12, 12, generator=gen)
     with torch.no_grad():
         for bn in (model[1], model[4], model[7]):
             bn.weight.uniform_(0.5, 1.5)
             bn.bias.uniform_(-0.5, 0.5)
+    sqnr = data_free_and_calibrated_sqnr(model, scheme, bits)
+    assert sqnr[True] > sqnr[False] - 1.0, sqnr
+
+
+def data_free_and_calibrated_sqnr(model, scheme: str, bits: int) -> dict:
+    """Output SQNR vs float on held-out inputs, data-free (True) and calibrated on 32 samples (False), for a model
+    whose BatchNorm running statistics are first set to those of the data (cumulative average: momentum=None)."""
+    import qcompile
+
+    gen = torch.Generator().manual_seed(1)
+    data = torch.randn(512, 3, 12, 12, generator=gen)
+    with torch.no_grad():
         model.train()
-        model(data)  # running statistics: the data's own (cumulative average)
+        model(data)
     model.eval()
     test = torch.randn(256, 3, 12, 12, generator=gen)
     with torch.no_grad():
@@ -265,7 +271,7 @@ def test_data_free_ranges_are_as_good_as_calibration_data_at_low_bits(scheme, bi
         with torch.no_grad():
             out = r.model(test)
         sqnr[calib is None] = float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
-    assert sqnr[True] > sqnr[False] - 1.0, sqnr
+    return sqnr
 
 
 def test_data_free_without_a_batchnorm_path_asks_for_calibration_data():
@@ -850,8 +856,6 @@ def test_data_free_residual_block_is_as_good_as_calibration_data(bits):
     """The 8-bit output of the conv before a residual add is a signed BatchNorm output: refused before (no ReLU);
     now drawn from a Laplace of BatchNorm's spread (a normal clipped a trained residual CNN's 8σ tails at 4σ,
     16 dB under real data at W8A8). On a block whose BatchNorm statistics are its data's: within 1.5 dB."""
-    import qcompile
-
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -866,21 +870,5 @@ def test_data_free_residual_block_is_as_good_as_calibration_data(bits):
             y = torch.relu(self.b3(self.c3(torch.relu(self.b2(self.c2(h))))) + h)
             return self.fc(y.mean((2, 3)))
 
-    model = Block()
-    gen = torch.Generator().manual_seed(1)
-    data = torch.randn(512, 3, 12, 12, generator=gen)
-    with torch.no_grad():
-        model.train()
-        model(data)  # running statistics: the data's own
-    model.eval()
-    test = torch.randn(256, 3, 12, 12, generator=gen)
-    with torch.no_grad():
-        ref = model(test)
-    sqnr = {}
-    for calib in (None, data[:32]):
-        r = qcompile.compile(model, test[:1], calib=calib, scheme="uniform", bits=bits, keep_first_last="fp32",
-                             validate=False, bias_correction=False)
-        with torch.no_grad():
-            out = r.model(test)
-        sqnr[calib is None] = float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+    sqnr = data_free_and_calibrated_sqnr(Block(), "uniform", bits)
     assert sqnr[True] > sqnr[False] - 1.5, sqnr
