@@ -272,6 +272,13 @@ def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, cl
     return out
 
 
+def _codes(x: torch.Tensor, unit: torch.Tensor, ls) -> torch.Tensor:
+    """``quant.quantize`` of a symmetric uniform grid, element by element (``unit`` per element): the same float32
+    division, round-half-even and clamp, without its per-call checks (this pass calls it on a few hundred pairs per
+    layer, where those checks were most of the time)."""
+    return torch.round(x / unit).clamp_(ls.code_min, ls.code_max).long()
+
+
 EXACT_ROW = 256  # rows shorter than this sum their rounding errors exactly (the f²/12 estimate needs long rows)
 
 
@@ -294,7 +301,8 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
     wa, wb = _gather(flat, ia), _gather(flat, ib)
 
     def codes_at(alpha):
-        return quant.quantize(wa, alpha[rows], ls, axis=0).long(), quant.quantize(wb, alpha[rows], ls, axis=0).long()
+        unit = quant.unit_from_alpha(alpha, ls)[rows]
+        return _codes(wa, unit, ls), _codes(wb, unit, ls)
 
     # a wider step never raises a magnitude code, so a pair safe at alpha0 is safe at every candidate: keep only
     # the pairs that violate at alpha0 (all of the same sign)
@@ -322,7 +330,7 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
     for idx, old, new in ((ia, ca, na), (ib, cb, nb)):
         moved = (new != old) & (idx >= 0)
         value = new[moved].float() * unit[moved]
-        if not torch.equal(quant.quantize(value, alpha[rows[moved]], ls, axis=0).long(), new[moved]):
+        if not torch.equal(_codes(value, unit[moved], ls), new[moved]):
             raise AssertionError("moved weights do not quantize to their pair-safe codes")
         w_new[idx[moved]] = value
         n_moved += int(moved.sum())
