@@ -44,3 +44,41 @@ def test_swin_window_attention_projections_are_quantized():
     assert sum(".attn.qkv" in n for n in weights) == 12 and sum(".attn.proj" in n for n in weights) == 12
     assert len(weights) == 53
     assert result.report.passed, result.report.summary()
+
+
+def test_stochastic_depth_residual_adds_run_in_int8():
+    """torchvision's EfficientNet and ConvNeXt add their residuals through ``StochasticDepth``, whose
+    ``stochastic_depth`` call torch.fx keeps as a leaf: the int8 region did not see through it, and 7 of
+    EfficientNet-B0's 9 adds ran in float between DequantizeLinear and QuantizeLinear. In eval mode it is the
+    identity, and its blocks run the int8 adds of the same blocks without it."""
+    import torch
+    import torch.nn as nn
+    from torchvision.ops import StochasticDepth
+
+    import qcompile
+    from qcompile.qmodules import Int8Add
+
+    class Block(nn.Module):
+        def __init__(self, drop: bool):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.body = nn.ModuleList(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+                                      for _ in range(3))
+            self.drop = nn.ModuleList(StochasticDepth(0.2, "row") if drop else nn.Identity() for _ in range(3))
+            self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+        def forward(self, x):
+            x = self.stem(x)
+            for body, drop in zip(self.body, self.drop):
+                x = x + drop(body(x))
+            return self.head(x)
+
+    calib = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    adds = {}
+    for drop in (True, False):
+        torch.manual_seed(0)
+        result = qcompile.compile(Block(drop).eval(), calib=calib, scheme="uniform", bits=8)
+        assert result.report.passed, result.report.summary()
+        assert not any("stochastic_depth" in str(n.target) for n in result.model.graph.nodes)
+        adds[drop] = sum(isinstance(m, Int8Add) for m in result.model.modules())
+    assert adds[True] == adds[False] == 3, adds
