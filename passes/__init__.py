@@ -11,7 +11,8 @@ from .fold_bn import ChannelStats, FoldBatchNorm
 from .fold_constants import FoldConstants
 from .insert_quant import InsertQuantizers
 from .int8_pairs import PairSafeInt8Weights
-from .int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
+from .int8_region import (BindIntegerAdds, BindIntegerMuls, BindIntegerPools, BindIntegerSigmoids, QuantizeResiduals,
+                          ShareInt8Params)
 from .quantize_bias import QuantizeBias
 from .quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from .select import Override, SelectLayers, layer_table, load_overrides, parse_exclude
@@ -23,6 +24,6 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
-           "BindIntegerPools", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
+           "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
            "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

@@ -6,7 +6,7 @@
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias
-                → BindIntegerLayers → BindIntegerAdds → BindIntegerPools
+                → BindIntegerLayers → BindIntegerAdds → BindIntegerMuls → BindIntegerSigmoids → BindIntegerPools
                 → EliminateDeadCode
 
 Each step is switched by ``CompileOptions``; nothing else runs in the driver.

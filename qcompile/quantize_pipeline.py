@@ -13,7 +13,8 @@ from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.int8_pairs import PairSafeInt8Weights
-from qcompile.passes.int8_region import BindIntegerAdds, BindIntegerPools, QuantizeResiduals, ShareInt8Params
+from qcompile.passes.int8_region import (BindIntegerAdds, BindIntegerMuls, BindIntegerPools, BindIntegerSigmoids,
+                                         QuantizeResiduals, ShareInt8Params)
 from qcompile.passes.quantize_bias import QuantizeBias
 from qcompile.passes.quantize_outputs import BindIntegerLayers, QuantizeOutputs
 from qcompile.passes.select import SelectLayers, load_overrides, parse_exclude
@@ -64,6 +65,6 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         passes.append(BiasCorrection(calib))
     passes += [QuantizeBias(), BindIntegerLayers(cells=opts.int8_levels)]
     if opts.int8_outputs:
-        passes += [BindIntegerAdds(), BindIntegerPools()]
+        passes += [BindIntegerAdds(), BindIntegerMuls(), BindIntegerSigmoids(), BindIntegerPools()]
     passes.append(EliminateDeadCode())
     return passes
