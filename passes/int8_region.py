@@ -479,9 +479,10 @@ class BindIntegerSigmoids(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from qcompile.qmodules import Int8Sigmoid, fills_storage
 
-        changed = False
-        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_sigmoid"))
-        for node in list(gm.graph.nodes):
+        from qcompile.runtime.tables import sigmoid_tables
+
+        found = []
+        for node in gm.graph.nodes:
             if not _is_sigmoid(gm, node) or not node.args:
                 continue
             fin = fake_quantizer(gm, node.args[0])
@@ -490,10 +491,14 @@ class BindIntegerSigmoids(Pass):
                     not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs) or \
                     not fills_storage(outs[0]):
                 continue
-            _replace_with_module(gm, node, f"int8_sigmoid{count}", Int8Sigmoid(fin, outs[0]), (node.args[0],))
+            found.append((node, fin, outs[0]))
+        tables = sigmoid_tables([Int8Sigmoid.table_params(fin, out) for _, fin, out in found])  # one session
+        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_sigmoid"))
+        for (node, fin, out), table in zip(found, tables):
+            _replace_with_module(gm, node, f"int8_sigmoid{count}", Int8Sigmoid(fin, out, table), (node.args[0],))
             count += 1
             self.report.append(f"{node.name}: int8 sigmoid")
-            changed = True
+        changed = bool(found)
         if changed:
             gm.graph.lint()
             recompile_lazily(gm)

@@ -377,15 +377,21 @@ class Int8Sigmoid(nn.Module):
     (``qcompile.runtime.tables.sigmoid_table``), so the codes are those of the file it runs. Export, calibration and
     float reference runs see a plain ``sigmoid``."""
 
-    def __init__(self, a: FakeQuantize, out: FakeQuantize):
+    def __init__(self, a: FakeQuantize, out: FakeQuantize, table=None):
         super().__init__()
         from qcompile.runtime.tables import sigmoid_table
 
         self._fqs = [a, out]
-        (lo, _), (olo, ohi) = storage_range(a), storage_range(out)
-        self.offset = lo
-        table = sigmoid_table(_unit(a), int(a.zero_point), lo < 0, _unit(out), int(out.zero_point), olo < 0)
+        self.offset = storage_range(a)[0]
+        if table is None:
+            table = sigmoid_table(*self.table_params(a, out))
         self.register_buffer("table", torch.from_numpy(table.astype("int32")))
+
+    @staticmethod
+    def table_params(a: FakeQuantize, out: FakeQuantize) -> tuple:
+        """The parameters of ``qcompile.runtime.tables.sigmoid_table`` for these quantizers."""
+        return (_unit(a), int(a.zero_point), storage_range(a)[0] < 0, _unit(out), int(out.zero_point),
+                storage_range(out)[0] < 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fa, fc = self._fqs
