@@ -263,49 +263,32 @@ class Calibrate(Pass):
     def _calibrate_data_free(self, gm, acts) -> None:
         for node in acts:
             fq = gm.get_submodule(node.target)
-            found = _data_free_source(gm, node.args[0])
-            if found is None:
+            plan = _synthesis_plan(gm, node.args[0])
+            if plan is None:
                 inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
                 how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
                     f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
                 unfolded = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gm.modules())
                 why = ("BatchNorm statistics are read from folded BatchNorms: drop --no-fold-bn / fold_bn=False"
-                       if unfolded else "it does not come from BatchNorm, through a ReLU or a max-pool")
+                       if unfolded else "it does not come from BatchNorm, through a ReLU, a max-pool or a residual "
+                                        "add")
                 raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
                                 f"inputs with {how}")
-            beta, gamma, rectified, cap, window = found
-            # the clip: the calibration method's own choice on what BatchNorm says the values are, N(β_c, γ_c²)
-            # for each channel c in equal shares (after a ReLU its positive part, after a max-pool the largest of
-            # its window). max_c(β_c + 6|γ_c|), the whole range it used to take, spent 4-bit levels on values that
-            # barely occur: 2.5x the real maximum, -4 to -13 dB at 3-4 bits
+            # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in
+            # equal shares), synthesised through the graph (_draw). max_c(β_c + 6|γ_c|), the whole range it used to
+            # take, spent 4-bit levels on values that barely occur: 2.5x the real maximum, -4 to -13 dB at 3-4 bits
             obs = quant.make_observer(self.method)
-            per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, beta.numel()) * window))
-            gen = torch.Generator().manual_seed(0)
-            shape = (window, per_channel, beta.numel())
-            if rectified:  # ReLU(N(β, γ²)): within a dB of 32 real images at 3-8 bits on trained digits CNNs
-                z = torch.randn(shape, generator=gen, dtype=torch.float64)
-            else:  # a signed BatchNorm output (before a residual add): heavier tails than a normal's (8σ seen), so a
-                # Laplace of the same spread (ACIQ's model of pre-activations); a normal clipped those at 4σ, 16 dB
-                # under real data at W8A8 on a residual digits CNN
-                u = torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
-                z = -torch.sign(u) * torch.log1p(-2 * u.abs()) / math.sqrt(2.0)
-            values = z * gamma.abs().double() + beta.double()
-            if rectified:
-                values = values.clamp(min=0.0)
-            if cap is not None:
-                values = values.clamp(max=cap)
-            values = values.amax(0)  # a max-pool's window (1: none)
-            if rectified:  # the range bound it used to be: the largest channel's β + 6|γ| (6 at most after ReLU6)
-                hi = torch.clamp(beta + self.bn_k * gamma.abs(), min=0).max().double()
-                if cap is not None:
-                    hi = hi.clamp(max=cap)
-                values = torch.minimum(values, hi)
+            # values per channel: _DATA_FREE_SAMPLES shared among the channels and the widest max-pool window of
+            # one draw, so that no draw holds more than that (as many as before where a single BatchNorm is read)
+            per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, _plan_channels(plan) or 1) * _plan_window(plan)))
+            values = _draw(plan, per_channel, torch.Generator().manual_seed(0), self.bn_k)
             obs.update(values.float().flatten())
             params = quant.compute_qparams_many([(obs, fq.levelset)])[0]
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn({self.method})")
         self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics "
-                           f"({self.method} on values drawn from each channel's normal)")
+                           f"({self.method} on values drawn from each channel's normal, through ReLUs, max-pools "
+                           f"and residual adds)")
 
 
 _DATA_FREE_SAMPLES = 1 << 20  # synthetic values per data-free quantizer (shared among its channels)
@@ -566,13 +549,27 @@ def relu_cap(gm, node) -> float | None:
     return None
 
 
+def _max_pool_window(gm, node) -> int | None:
+    """The element count of the window of a max-pool node (``nn.MaxPool2d``, ``F.max_pool2d``, without indices),
+    else None (also where the kernel size is not a constant)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    pool = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(pool, nn.MaxPool2d) and not pool.return_indices:
+        k = pool.kernel_size
+        return int(k * k if isinstance(k, int) else k[0] * k[1])
+    if node.op == "call_function" and node.target is F.max_pool2d and not node.kwargs.get("return_indices"):
+        k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+        if isinstance(k, (int, tuple, list)):
+            return int(k * k if isinstance(k, int) else k[0] * k[1])
+    return None
+
+
 def _data_free_source(gm, node):
     """What BatchNorm statistics say about the values of ``node``: (β, γ, rectified, cap, window) for the output of
     a layer with a folded BatchNorm, through a ReLU/ReLU6 (rectified, cap 6), a max-pool (the window's element
     count) and quantizers of those values; None where the values are not that."""
-    import torch.nn as nn
-    import torch.nn.functional as F
-
     from .base import fake_quantizer
 
     window = 1
@@ -580,17 +577,9 @@ def _data_free_source(gm, node):
         if fake_quantizer(gm, node) is not None and node.op == "call_module":  # a quantizer of those values
             node = node.args[0]
             continue
-        pool = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(pool, nn.MaxPool2d) and not pool.return_indices:
-            k = pool.kernel_size
-            window *= int(k * k if isinstance(k, int) else k[0] * k[1])
-            node = node.args[0]
-            continue
-        if node.op == "call_function" and node.target is F.max_pool2d and not node.kwargs.get("return_indices"):
-            k = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
-            if not isinstance(k, (int, tuple, list)):
-                return None
-            window *= int(k * k if isinstance(k, int) else k[0] * k[1])
+        k = _max_pool_window(gm, node)
+        if k is not None:
+            window *= k
             node = node.args[0]
             continue
         break
@@ -605,6 +594,139 @@ def _data_free_source(gm, node):
     return None
 
 
+# Ops that only rearrange values (a per-tensor quantizer after them sees the same values): the samples pass through,
+# but their columns are no longer the tensor's channels, so no residual add may pair them with others.
+_RESHAPE_FNS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"flatten", "reshape", "view", "contiguous", "squeeze", "unsqueeze"}
+
+
+def _synthesis_plan(gm, node):
+    """How to synthesise the values of ``node`` from BatchNorm statistics, as a tree for ``_draw``, or None:
+
+    - ``("bn", β, γ, rectified, cap, window)``: what ``_data_free_source`` reads (a BatchNorm'd layer's output,
+      through a ReLU/ReLU6, max-pools and quantizers), drawn as before;
+    - ``("relu", cap, child)``, ``("pool", window, child)``: a ReLU/ReLU6 or max-pool of synthesised values
+      (a residual add's output: every torchvision ResNet block ends in ``relu(add(...))``);
+    - ``("add", a, b)``: a residual add (``+``, ``torch.add`` without ``alpha``) of two synthesised tensors with
+      the same channel count (MobileNetV2's block outputs, read by the next block's 1x1 conv);
+    - ``("reshape", child)``: a flatten/reshape/view of them (the digits CNN's ``flatten(relu(add))`` before fc1).
+
+    Quantizers of such values are looked through (they pass them on, up to rounding). Anything else: None."""
+    import operator
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from .base import fake_quantizer
+
+    found = _data_free_source(gm, node)
+    if found is not None:
+        return ("bn",) + tuple(found)
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    src = node.args[0]
+    if fake_quantizer(gm, node) is not None:
+        return _synthesis_plan(gm, src)
+    if _is_relu(gm, node):
+        child = _synthesis_plan(gm, src)
+        return None if child is None else ("relu", relu_cap(gm, node), child)
+    window = _max_pool_window(gm, node)
+    if window is not None:
+        child = _synthesis_plan(gm, src)
+        return None if child is None else ("pool", window, child)
+    if (node.op == "call_function" and node.target in _RESHAPE_FNS) or \
+            (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
+            (node.op == "call_function" and node.target is F.dropout and not node.kwargs.get("training")) or \
+            (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Dropout,
+                                                                                       nn.Identity))):
+        child = _synthesis_plan(gm, src)
+        return None if child is None else ("reshape", child)
+    is_add = (node.op == "call_function" and node.target in (operator.add, torch.add)) or \
+             (node.op == "call_method" and node.target == "add")
+    if is_add and len(node.args) == 2 and not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args):
+        a, b = (_synthesis_plan(gm, arg) for arg in node.args)
+        if a is None or b is None or _plan_channels(a) is None or _plan_channels(a) != _plan_channels(b):
+            return None
+        return ("add", a, b)
+    return None
+
+
+def _plan_channels(plan) -> int | None:
+    """The channel count of synthesised values (columns of ``_draw``'s result); None after a reshape."""
+    if plan[0] == "bn":
+        return int(plan[1].numel())
+    if plan[0] == "reshape":
+        return None
+    return _plan_channels(plan[-1]) if plan[0] != "add" else _plan_channels(plan[1])
+
+
+def _plan_window(plan) -> int:
+    """The largest max-pool window drawn at once by one leaf (``("bn", ...)``): its draw holds window × n × C."""
+    if plan[0] == "bn":
+        return int(plan[5])
+    if plan[0] == "add":
+        return max(_plan_window(plan[1]), _plan_window(plan[2]))
+    return _plan_window(plan[-1])
+
+
+def _plan_depth(plan) -> int:
+    if plan[0] == "bn":
+        return 0
+    if plan[0] == "add":
+        return 1 + max(_plan_depth(plan[1]), _plan_depth(plan[2]))
+    return 1 + _plan_depth(plan[-1])
+
+
+def _draw(plan, n: int, gen: torch.Generator, bn_k: float) -> torch.Tensor:
+    """``n`` synthetic values per channel, ``(n, C)`` float64, of what ``plan`` (``_synthesis_plan``) describes.
+
+    A leaf is drawn as the data-free ranges always were: each channel N(β, γ²) after a ReLU (within a dB of 32
+    real images at 3-8 bits on trained digits CNNs), cut at the largest channel's β + 6|γ| (the range bound it used
+    to be; 6 at most after ReLU6); a signed BatchNorm output (before a residual add) from a Laplace of the same
+    spread instead: heavier tails than a normal's (8σ seen; ACIQ's model of pre-activations), where a normal clipped
+    those at 4σ, 16 dB under real data at W8A8 on a residual digits CNN. A max-pool takes the largest of its
+    window's independent draws.
+
+    The two inputs of a residual add are drawn independently and summed. That is an assumption: the shortcut and
+    the residual branch are computed from the same input and may correlate, and BatchNorm statistics say nothing
+    about it. Independence gives the sum the variance γ_a² + γ_b² per channel, and its tails (the sum of two
+    Laplaces is lighter-tailed than either) are the clip's to judge, as for any other values. The deeper input is
+    drawn first, so that a chain of adds holds two or three ``(n, C)`` tensors at a time, not one per block."""
+    kind = plan[0]
+    if kind == "bn":
+        beta, gamma, rectified, cap, window = plan[1:]
+        shape = (window, n, beta.numel())
+        if rectified:
+            z = torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:  # Laplace(0, 1/√2): unit variance
+            u = torch.rand(shape, generator=gen, dtype=torch.float64) - 0.5
+            z = -torch.sign(u) * torch.log1p(-2 * u.abs()) / math.sqrt(2.0)
+        values = z * gamma.abs().double() + beta.double()
+        if rectified:
+            values = values.clamp(min=0.0)
+        if cap is not None:
+            values = values.clamp(max=cap)
+        values = values.amax(0)  # a max-pool's window (1: none)
+        if rectified:
+            hi = torch.clamp(beta + bn_k * gamma.abs(), min=0).max().double()
+            if cap is not None:
+                hi = hi.clamp(max=cap)
+            values = torch.minimum(values, hi)
+        return values
+    if kind == "relu":
+        values = _draw(plan[2], n, gen, bn_k).clamp_(min=0.0)
+        return values if plan[1] is None else values.clamp_(max=plan[1])
+    if kind == "pool":
+        values = _draw(plan[2], n, gen, bn_k)
+        for _ in range(plan[1] - 1):
+            values = torch.maximum(values, _draw(plan[2], n, gen, bn_k), out=values)
+        return values
+    if kind == "reshape":
+        return _draw(plan[1], n, gen, bn_k)
+    first, second = sorted(plan[1:], key=_plan_depth, reverse=True)
+    return _draw(first, n, gen, bn_k).add_(_draw(second, n, gen, bn_k))
+
+
 def _quantizer_place(node) -> str:
     """'the output of layer X' for a quantizer of a layer's output, else 'the input of layer Y'."""
     src = node.args[0] if node.args else None
@@ -616,15 +738,19 @@ def _quantizer_place(node) -> str:
     return f"the output of {src.target!r}"  # an activation module whose output no layer reads directly
 
 
-def _bn_stats_through_relu(gm, node):
-    """(β, γ) of the BatchNorm folded into the layer that feeds ``node`` through a ReLU, else None."""
+def _is_relu(gm, node) -> bool:
+    """Whether ``node`` is a ReLU or ReLU6 (module, function or method)."""
     import torch.nn as nn
     import torch.nn.functional as F
 
-    is_relu = (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6))) or \
-              (node.op == "call_function" and node.target in (F.relu, torch.relu, F.relu6)) or \
-              (node.op == "call_method" and node.target in _RELU_LIKE)
-    if not is_relu:
+    return (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.ReLU, nn.ReLU6))) or \
+        (node.op == "call_function" and node.target in (F.relu, torch.relu, F.relu6)) or \
+        (node.op == "call_method" and node.target in _RELU_LIKE)
+
+
+def _bn_stats_through_relu(gm, node):
+    """(β, γ) of the BatchNorm folded into the layer that feeds ``node`` through a ReLU, else None."""
+    if not _is_relu(gm, node):
         return None
     src = node.args[0]
     if not isinstance(src, torch.fx.Node):
