@@ -280,7 +280,7 @@ class Calibrate(Pass):
             obs = quant.make_observer(self.method)
             # values per channel: _DATA_FREE_SAMPLES shared among the channels and the widest max-pool window of
             # one draw, so that no draw holds more than that (as many as before where a single BatchNorm is read)
-            per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, _plan_channels(plan) or 1) * _plan_window(plan)))
+            per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, _plan_columns(plan)) * _plan_window(plan)))
             values = _draw(plan, per_channel, torch.Generator().manual_seed(0), self.bn_k)
             obs.update(values.float().flatten())
             params = quant.compute_qparams_many([(obs, fq.levelset)])[0]
@@ -651,13 +651,16 @@ def _synthesis_plan(gm, node):
     return None
 
 
+def _plan_columns(plan) -> int:
+    """The columns of ``_draw``'s result: the channel count of the BatchNorm'd layers it is drawn from."""
+    return int(plan[1].numel()) if plan[0] == "bn" else _plan_columns(plan[1] if plan[0] == "add" else plan[-1])
+
+
 def _plan_channels(plan) -> int | None:
-    """The channel count of synthesised values (columns of ``_draw``'s result); None after a reshape."""
-    if plan[0] == "bn":
-        return int(plan[1].numel())
+    """The channel count of synthesised values; None after a reshape (its columns are no longer channels)."""
     if plan[0] == "reshape":
         return None
-    return _plan_channels(plan[-1]) if plan[0] != "add" else _plan_channels(plan[1])
+    return _plan_columns(plan) if plan[0] == "bn" else _plan_channels(plan[1] if plan[0] == "add" else plan[-1])
 
 
 def _plan_window(plan) -> int:
