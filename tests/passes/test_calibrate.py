@@ -872,3 +872,89 @@ def test_data_free_residual_block_is_as_good_as_calibration_data(bits):
 
     sqnr = data_free_and_calibrated_sqnr(Block(), "uniform", bits)
     assert sqnr[True] > sqnr[False] - 1.5, sqnr
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, ReLU6, 3x3 depthwise, ReLU6, 1x1 project (BatchNorm, no ReLU), and the
+    input added back where the shapes agree: the block's output is a bare add."""
+
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False),
+                                    nn.BatchNorm2d(hidden, momentum=None), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden, momentum=None), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False),
+                                     nn.BatchNorm2d(channels, momentum=None))
+
+    def forward(self, x):
+        return x + self.project(self.dw(self.expand(x)))
+
+
+class _BasicBlock(nn.Module):
+    """torchvision ResNet's block: relu(bn2(conv2(relu(bn1(conv1(x))))) + x)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels,
+                                                                                                     momentum=None)
+        self.c2, self.b2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels,
+                                                                                                     momentum=None)
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("uniform", 4), ("apot", 4)])
+def test_data_free_reads_mobilenet_v2_block_outputs(scheme, bits):
+    """A MobileNetV2 block's output (x + project(...), no ReLU) read by the next block's 1x1 conv: refused before
+    (not a BatchNorm output), now drawn as the sum of independent draws of its two inputs (the stem's ReLU6 output
+    and the projection's signed BatchNorm output, the second block's of the first's sum). Within 2 dB of
+    calibrating on the data its BatchNorm statistics come from (measured: 1.8 dB under at W8A8, where the
+    projection's Laplace, drawn for the heavy tails of trained networks, clips wider than this random block's
+    near-normal values need; 0.4 under to 1 dB over at 4 bits)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, momentum=None), nn.ReLU6(),
+                          _InvertedResidual(16, 64), _InvertedResidual(16, 64),
+                          nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32, momentum=None), nn.ReLU6(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    sqnr = data_free_and_calibrated_sqnr(model, scheme, bits)
+    assert sqnr[True] > sqnr[False] - 2.0, sqnr
+
+
+@pytest.mark.parametrize("scheme,bits", [("uniform", 8), ("uniform", 4), ("apot", 4)])
+def test_data_free_reads_resnet_block_outputs(scheme, bits):
+    """relu(add(...)), the output of every torchvision ResNet block, read by the next block's convs and a max-pool
+    of ReLU(BN) as the first shortcut: refused before, now the ReLU of the sum of independent draws. Within 1 dB
+    of calibrating on the data its BatchNorm statistics come from (measured: 0.3 dB over to 0.0 under)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, momentum=None), nn.ReLU(),
+                          nn.MaxPool2d(2), _BasicBlock(16), _BasicBlock(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    sqnr = data_free_and_calibrated_sqnr(model, scheme, bits)
+    assert sqnr[True] > sqnr[False] - 1.0, sqnr
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("uniform", 4), ("apot", 3)])
+def test_data_free_digits_cnn_is_near_calibrated(scheme, bits):
+    """The bundled digits CNN reads relu(add(...)) through a flatten into fc1: data-free calibration refused it.
+    Data-free now (first and last layers float: the image and fc1's output have no BatchNorm), validation passes,
+    test accuracy within 1 point and output SQNR within 2 dB of calibrating on 32 training images (measured: 0.1-1.6
+    dB under, accuracy 0.990-0.994 against 0.986-0.996)."""
+    import qcompile
+    from qcompile.models import digits
+
+    model = digits.pretrained()
+    x_tr, _, x_te, y_te = digits.load_split()
+    with torch.no_grad():
+        ref = model(x_te)
+    got = {}
+    for calib in (None, x_tr[:32]):
+        r = qcompile.compile(model, x_tr[:1], calib=calib, scheme=scheme, bits=bits, keep_first_last="fp32")
+        assert r.report.passed, r.report.summary()
+        with torch.no_grad():
+            out = r.model(x_te)
+        got[calib is None] = (float((out.argmax(1) == y_te).float().mean()),
+                              float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())))
+    assert got[True][0] >= got[False][0] - 0.01, got
+    assert got[True][1] > got[False][1] - 2.0, got
