@@ -261,6 +261,7 @@ class Calibrate(Pass):
         return observers
 
     def _calibrate_data_free(self, gm, acts) -> None:
+        sums = {}  # the last residual sums drawn (_draw): the next block's quantizer reads them
         for node in acts:
             fq = gm.get_submodule(node.target)
             plan = _synthesis_plan(gm, node.args[0])
@@ -281,7 +282,7 @@ class Calibrate(Pass):
             # values per channel: _DATA_FREE_SAMPLES shared among the channels and the widest max-pool window of
             # one draw, so that no draw holds more than that (as many as before where a single BatchNorm is read)
             per_channel = max(64, _DATA_FREE_SAMPLES // (max(1, _plan_columns(plan)) * _plan_window(plan)))
-            values = _draw(plan, per_channel, torch.Generator().manual_seed(0), self.bn_k)
+            values = _draw(plan, per_channel, torch.Generator().manual_seed(0), self.bn_k, sums)
             obs.update(values.float().flatten())
             params = quant.compute_qparams_many([(obs, fq.levelset)])[0]
             fq.set_params(params.alpha, params.zero_point)
@@ -600,18 +601,31 @@ _RESHAPE_FNS = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "reshape", "view", "contiguous", "squeeze", "unsqueeze"}
 
 
-def _synthesis_plan(gm, node):
+def _synthesis_plan(gm, node, memo: dict | None = None):
     """How to synthesise the values of ``node`` from BatchNorm statistics, as a tree for ``_draw``, or None:
 
     - ``("bn", β, γ, rectified, cap, window)``: what ``_data_free_source`` reads (a BatchNorm'd layer's output,
       through a ReLU/ReLU6, max-pools and quantizers), drawn as before;
     - ``("relu", cap, child)``, ``("pool", window, child)``: a ReLU/ReLU6 or max-pool of synthesised values
       (a residual add's output: every torchvision ResNet block ends in ``relu(add(...))``);
-    - ``("add", a, b)``: a residual add (``+``, ``torch.add`` without ``alpha``) of two synthesised tensors with
-      the same channel count (MobileNetV2's block outputs, read by the next block's 1x1 conv);
+    - ``("add", a, b, node, depth, window)``: a residual add (``+``, ``torch.add`` without ``alpha``) of two
+      synthesised tensors with the same channel count (MobileNetV2's block outputs, read by the next block's 1x1
+      conv), with the add node, the plan's depth and widest leaf window (``_plan_depth``, ``_plan_window``);
     - ``("reshape", child)``: a flatten/reshape/view of them (the digits CNN's ``flatten(relu(add))`` before fc1).
 
-    Quantizers of such values are looked through (they pass them on, up to rounding). Anything else: None."""
+    Quantizers of such values are looked through (they pass them on, up to rounding). Anything else: None.
+    ``memo`` (node -> plan) makes a graph whose adds read one node twice (``relu(x) + x``) linear, not 2^depth."""
+    memo = {} if memo is None else memo
+    if isinstance(node, torch.fx.Node) and node in memo:
+        return memo[node]
+    plan = _plan_of(gm, node, memo)
+    if isinstance(node, torch.fx.Node):
+        memo[node] = plan
+    return plan
+
+
+def _plan_of(gm, node, memo: dict):
+    """``_synthesis_plan`` of ``node`` itself, its inputs' through ``memo``."""
     import operator
 
     import torch.nn as nn
@@ -626,28 +640,29 @@ def _synthesis_plan(gm, node):
         return None
     src = node.args[0]
     if fake_quantizer(gm, node) is not None:
-        return _synthesis_plan(gm, src)
+        return _synthesis_plan(gm, src, memo)
     if _is_relu(gm, node):
-        child = _synthesis_plan(gm, src)
+        child = _synthesis_plan(gm, src, memo)
         return None if child is None else ("relu", relu_cap(gm, node), child)
     window = _max_pool_window(gm, node)
     if window is not None:
-        child = _synthesis_plan(gm, src)
+        child = _synthesis_plan(gm, src, memo)
         return None if child is None else ("pool", window, child)
     if (node.op == "call_function" and node.target in _RESHAPE_FNS) or \
             (node.op == "call_method" and node.target in _RESHAPE_METHODS) or \
-            (node.op == "call_function" and node.target is F.dropout and not node.kwargs.get("training")) or \
+            (node.op == "call_function" and node.target is F.dropout and  # F.dropout(x, p, training=False)
+             node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True) is False) or \
             (node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Flatten, nn.Dropout,
                                                                                        nn.Identity))):
-        child = _synthesis_plan(gm, src)
+        child = _synthesis_plan(gm, src, memo)
         return None if child is None else ("reshape", child)
     is_add = (node.op == "call_function" and node.target in (operator.add, torch.add)) or \
              (node.op == "call_method" and node.target == "add")
     if is_add and len(node.args) == 2 and not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args):
-        a, b = (_synthesis_plan(gm, arg) for arg in node.args)
+        a, b = (_synthesis_plan(gm, arg, memo) for arg in node.args)
         if a is None or b is None or _plan_channels(a) is None or _plan_channels(a) != _plan_channels(b):
             return None
-        return ("add", a, b)
+        return ("add", a, b, node, 1 + max(_plan_depth(a), _plan_depth(b)), max(_plan_window(a), _plan_window(b)))
     return None
 
 
@@ -668,7 +683,7 @@ def _plan_window(plan) -> int:
     if plan[0] == "bn":
         return int(plan[5])
     if plan[0] == "add":
-        return max(_plan_window(plan[1]), _plan_window(plan[2]))
+        return plan[5]
     return _plan_window(plan[-1])
 
 
@@ -676,11 +691,11 @@ def _plan_depth(plan) -> int:
     if plan[0] == "bn":
         return 0
     if plan[0] == "add":
-        return 1 + max(_plan_depth(plan[1]), _plan_depth(plan[2]))
+        return plan[4]
     return 1 + _plan_depth(plan[-1])
 
 
-def _draw(plan, n: int, gen: torch.Generator, bn_k: float) -> torch.Tensor:
+def _draw(plan, n: int, gen: torch.Generator, bn_k: float, sums: dict | None = None) -> torch.Tensor:
     """``n`` synthetic values per channel, ``(n, C)`` float64, of what ``plan`` (``_synthesis_plan``) describes.
 
     A leaf is drawn as the data-free ranges always were: each channel N(β, γ²) after a ReLU (within a dB of 32
@@ -694,7 +709,11 @@ def _draw(plan, n: int, gen: torch.Generator, bn_k: float) -> torch.Tensor:
     the residual branch are computed from the same input and may correlate, and BatchNorm statistics say nothing
     about it. Independence gives the sum the variance γ_a² + γ_b² per channel, and its tails (the sum of two
     Laplaces is lighter-tailed than either) are the clip's to judge, as for any other values. The deeper input is
-    drawn first, so that a chain of adds holds two or three ``(n, C)`` tensors at a time, not one per block."""
+    drawn first, so that a chain of adds holds two or three ``(n, C)`` tensors at a time, not one per block.
+
+    ``sums`` keeps the last ``_KEPT_SUMS`` sums drawn, by add node and ``n``: the quantizer of block k of a stage
+    reads the sum of block k-1's, drawn for the previous quantizer, so a stage of B blocks costs B draws, not B²/2
+    (a graph whose adds read one another twice, ``relu(x) + x``, not 2^depth). Not thread-safe."""
     kind = plan[0]
     if kind == "bn":
         beta, gamma, rectified, cap, window = plan[1:]
@@ -717,17 +736,28 @@ def _draw(plan, n: int, gen: torch.Generator, bn_k: float) -> torch.Tensor:
             values = torch.minimum(values, hi)
         return values
     if kind == "relu":
-        values = _draw(plan[2], n, gen, bn_k).clamp_(min=0.0)
+        values = _draw(plan[2], n, gen, bn_k, sums).clamp_(min=0.0)
         return values if plan[1] is None else values.clamp_(max=plan[1])
     if kind == "pool":
-        values = _draw(plan[2], n, gen, bn_k)
+        values = _draw(plan[2], n, gen, bn_k, sums)
         for _ in range(plan[1] - 1):
-            values = torch.maximum(values, _draw(plan[2], n, gen, bn_k), out=values)
+            values = torch.maximum(values, _draw(plan[2], n, gen, bn_k, sums), out=values)
         return values
     if kind == "reshape":
-        return _draw(plan[1], n, gen, bn_k)
-    first, second = sorted(plan[1:], key=_plan_depth, reverse=True)
-    return _draw(first, n, gen, bn_k).add_(_draw(second, n, gen, bn_k))
+        return _draw(plan[1], n, gen, bn_k, sums)
+    key = (plan[3], n)
+    if sums is not None and key in sums:
+        return sums[key].clone()  # the callers work in place
+    first, second = sorted(plan[1:3], key=_plan_depth, reverse=True)
+    values = _draw(first, n, gen, bn_k, sums).add_(_draw(second, n, gen, bn_k, sums))
+    if sums is not None:
+        sums[key] = values.clone()
+        while len(sums) > _KEPT_SUMS:
+            del sums[next(iter(sums))]  # the oldest: dicts keep insertion order
+    return values
+
+
+_KEPT_SUMS = 2  # residual-add sums _draw keeps for the next quantizers (each n x C float64, at most 8 MiB)
 
 
 def _quantizer_place(node) -> str:
