@@ -9,8 +9,10 @@
   activations that may be negative (``search_offset``) take the symmetric signed set or an asymmetric one (the
   unsigned set shifted by an offset), whichever the observed histogram says quantizes with less squared error
   (histogram observers: mse, percentile; the others keep the symmetric set).
-- Activations, data-free: where a quantizer's input is ReLU(BN(...)) (recorded by FoldBatchNorm as
-  ``meta["output_stats"]``), α = max_c(β_c + k·|γ_c|) (k = 6, the lecture's table); otherwise calibration data is needed.
+- Activations, data-free: values synthesised from the BatchNorm statistics FoldBatchNorm records
+  (``meta["output_stats"]`` = (β, |γ|)) through ReLUs, max-pools, flattens and residual adds (``_synthesis_plan``,
+  ``_draw``: ReLU(N(β_c, γ_c²)) per channel, a Laplace for a signed output, the inputs of an add drawn independently
+  and summed), and the calibration method's clip of them; otherwise calibration data is needed.
 
 Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``node.meta["qparams"]`` = QParams.
 """
