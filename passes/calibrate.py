@@ -743,10 +743,10 @@ def _draw(plan, n: int, gen: torch.Generator, bn_k: float, sums: dict | None = N
     if kind == "relu":
         values = _draw(plan[2], n, gen, bn_k, sums).clamp_(min=0.0)
         return values if plan[1] is None else values.clamp_(max=plan[1])
-    if kind == "pool":
-        values = _draw(plan[2], n, gen, bn_k, sums)
+    if kind == "pool":  # independent draws (no kept sums: a kept sum would come back the same, a max of copies)
+        values = _draw(plan[2], n, gen, bn_k)
         for _ in range(plan[1] - 1):
-            values = torch.maximum(values, _draw(plan[2], n, gen, bn_k, sums), out=values)
+            values = torch.maximum(values, _draw(plan[2], n, gen, bn_k), out=values)
         return values
     if kind == "reshape":
         return _draw(plan[1], n, gen, bn_k, sums)

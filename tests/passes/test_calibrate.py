@@ -958,3 +958,18 @@ def test_data_free_digits_cnn_is_near_calibrated(scheme, bits):
                               float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())))
     assert got[True][0] >= got[False][0] - 0.01, got
     assert got[True][1] > got[False][1] - 2.0, got
+
+
+def test_data_free_max_pool_of_a_residual_sum_draws_independent_windows():
+    """A max-pool after relu(add) takes the largest of its window's draws; the sum kept for the next quantizer must
+    not come back as every draw of the window (a max of copies: no pooling at all)."""
+    from qcompile.passes.calibrate import _draw
+
+    leaf = ("bn", torch.zeros(4), torch.ones(4), False, None, 1)
+    add = ("add", leaf, leaf, "add_node", 1, 1)
+    sums = {}
+    plain = _draw(("relu", None, add), 4096, torch.Generator().manual_seed(0), 6.0, sums)  # keeps the sum
+    pooled = _draw(("pool", 4, ("relu", None, add)), 4096, torch.Generator().manual_seed(0), 6.0, sums)
+    # E[relu(N(0, 2))] = 0.56; the max of 4 independent ones is about 1.45
+    assert float(plain.mean()) == pytest.approx(0.56, abs=0.05)
+    assert float(pooled.mean()) > 1.3
