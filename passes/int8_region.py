@@ -447,7 +447,7 @@ class BindIntegerMuls(Pass):
     becomes a ``qcompile.qmodules.Int8Mul``; it exports as the same ``Mul``. Runs after calibration."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from qcompile.qmodules import Int8Mul
+        from qcompile.qmodules import Int8Mul, fills_storage, storage_range
 
         changed = False
         count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_mul"))
@@ -460,6 +460,8 @@ class BindIntegerMuls(Pass):
             outs = [fake_quantizer(gm, u) for u in node.users]
             if not outs or not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
                 continue
+            if not fills_storage(outs[0]) or not storage_range(fa) == storage_range(fb) == storage_range(outs[0]):
+                continue  # a Clip before the QuantizeLinear, or mixed int8/uint8 codes: no QLinearMul fusion
             _replace_with_module(gm, node, f"int8_mul{count}", Int8Mul(fa, fb, outs[0]), tuple(node.args[:2]))
             count += 1
             self.report.append(f"{node.name}: int8 multiply")
