@@ -480,7 +480,6 @@ class BindIntegerSigmoids(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from qcompile.qmodules import Int8Sigmoid, fills_storage
-
         from qcompile.runtime.tables import sigmoid_tables
 
         found = []

@@ -3,18 +3,18 @@
 ``QLinearSigmoid`` (what onnxruntime fuses ``DequantizeLinear → Sigmoid → QuantizeLinear`` into) maps each of the
 256 input codes through a table it builds when the session loads: the dequantized code, MLAS's logistic (a
 rational approximation, vectorised per CPU), ``QuantizeLinear``'s rounding. The unfused graph computes the same
-values (its float ``Sigmoid`` is the same MLAS routine), which is how the tables are read here. A table written in Python from the exact logistic would
-differ wherever the approximation falls on the other side of a rounding threshold, and one entry off is every
-activation with that code; so the simulation (``qcompile.qmodules.Int8Sigmoid``) asks onnxruntime, once per set of
-parameters.
+values (its float ``Sigmoid`` is the same MLAS routine), which is how the tables are read here. A table written in
+Python from the exact logistic would differ wherever the approximation falls on the other side of a rounding
+threshold, and one entry off is every activation with that code; so the simulation
+(``qcompile.qmodules.Int8Sigmoid``) asks onnxruntime, once per set of parameters and process.
 """
 from __future__ import annotations
 
 import numpy as np
 
 
-Params = tuple  # (in_unit, in_zp, in_signed, out_unit, out_zp, out_signed)
-_TABLES: dict = {}  # params -> table, for the process (a set of parameters always gives the same table)
+_TABLES: dict = {}  # (in_unit, in_zp, in_signed, out_unit, out_zp, out_signed) -> table, for the process
+_KEPT = 4096  # tables kept (2 KiB each); the oldest go first
 
 
 def sigmoid_table(in_unit: float, in_zp: int, in_signed: bool, out_unit: float, out_zp: int,
@@ -30,9 +30,14 @@ def sigmoid_tables(params: list) -> list:
     keys = [tuple((float(p[0]), int(p[1]), bool(p[2]), float(p[3]), int(p[4]), bool(p[5]))) for p in params]
     missing = list(dict.fromkeys(k for k in keys if k not in _TABLES))
     if missing:
-        for key, table in zip(missing, _build(missing)):
+        built = dict(zip(missing, _build(missing)))
+        for table in built.values():
             table.flags.writeable = False
-            _TABLES[key] = table
+        out = [_TABLES.get(k, built.get(k)) for k in keys]
+        _TABLES.update(built)
+        while len(_TABLES) > _KEPT:
+            del _TABLES[next(iter(_TABLES))]
+        return out
     return [_TABLES[k] for k in keys]
 
 
