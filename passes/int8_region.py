@@ -201,6 +201,13 @@ def _read_from(gm, node, src, q) -> None:
     node.replace_input_with(src, q)
 
 
+def _read_by_int8_quantizers(gm, node) -> bool:
+    """Every reader of ``node`` is an 8-bit quantizer, directly: onnxruntime fuses ``QLinearMul`` and
+    ``QLinearSigmoid`` only with the ``QuantizeLinear`` right after the op (a product read through a flatten stayed
+    a float Mul, its SiLU gate quantized for nothing)."""
+    return bool(node.users) and all(is_int8_act(fake_quantizer(gm, u)) for u in node.users)
+
+
 def _only_int8_readers(gm, node) -> bool:
     """Every reader of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer."""
     todo, seen = list(node.users), set()
@@ -235,7 +242,7 @@ class QuantizeResiduals(Pass):
             if _is_mul(node):
                 # a product whose result only 8-bit quantizers read (an SE gate times its input, a GLU): both
                 # factors as 8-bit codes, which onnxruntime multiplies in QLinearMul (BindIntegerMuls)
-                if _only_int8_readers(gm, node):
+                if _read_by_int8_quantizers(gm, node):
                     for arg in node.args[:2]:
                         q = self._codes_of(gm, arg)
                         if q is not arg:
@@ -277,7 +284,7 @@ class QuantizeResiduals(Pass):
             if not (_is_silu(gm, node) or _is_sigmoid(gm, node)) or not node.args:
                 continue
             src = node.args[0]
-            if not (isinstance(src, torch.fx.Node) and _has_codes(gm, src) and _only_int8_readers(gm, node)):
+            if not (isinstance(src, torch.fx.Node) and _has_codes(gm, src) and _read_by_int8_quantizers(gm, node)):
                 continue
             if _is_silu(gm, node):
                 self._split_silu(gm, node, self._codes_of(gm, src))

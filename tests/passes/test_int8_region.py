@@ -515,3 +515,25 @@ def test_no_int8_outputs_keeps_silu_whole():
     assert result.report.passed, result.report.summary()
     assert not any(isinstance(m, (Int8Mul, Int8Sigmoid)) for m in result.model.modules())
     assert sum(n.target is F.silu for n in result.model.graph.nodes) == 2
+
+
+def test_a_silu_read_through_a_flatten_is_not_split():
+    """onnxruntime fuses QLinearMul only with the QuantizeLinear right after the Mul: a SiLU that the classifier
+    reads through a flatten stays one float op (split, its gate was quantized and the product stayed a float Mul)."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.silu(self.conv(x)), 1))
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
+    assert result.report.passed, result.report.summary()
+    mods = list(result.model.modules())
+    assert not any(isinstance(m, (Int8Mul, Int8Sigmoid)) for m in mods)
+    assert sum(n.target is F.silu for n in result.model.graph.nodes) == 1
