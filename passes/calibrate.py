@@ -272,9 +272,19 @@ class Calibrate(Pass):
                 how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
                     f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
                 unfolded = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gm.modules())
+                src = node.args[0]
+                while isinstance(src, torch.fx.Node) and src.op == "call_module" and \
+                        isinstance(gm.get_submodule(src.target), FakeQuantize):
+                    src = src.args[0]
+                if isinstance(src, torch.fx.Node) and src.op == "placeholder":
+                    # the first layer's input: no BatchNorm describes the data itself
+                    raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input "
+                                    f"{src.name!r}, which no BatchNorm describes); keep the first layer float "
+                                    f"(--keep-first-last fp32, keep_first_last='fp32') or pass calibration inputs "
+                                    f"with {how}")
                 why = ("BatchNorm statistics are read from folded BatchNorms: drop --no-fold-bn / fold_bn=False"
                        if unfolded else "it does not come from BatchNorm, through a ReLU, a max-pool or a residual "
-                                        "add")
+                                        "add of tensors with the same channels")
                 raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
                                 f"inputs with {how}")
             # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in

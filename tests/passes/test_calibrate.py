@@ -683,6 +683,30 @@ def test_the_data_free_error_names_the_layer_behind_a_pad():
         qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8)
 
 
+def test_the_data_free_error_for_the_model_input_names_keep_first_last():
+    """The default keeps the first layer int8, and no BatchNorm describes the model's input: the refusal said only
+    "pass --calib", not the usual data-free fix, a float first layer."""
+    import qcompile
+    from qcompile.errors import UserError
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.c2, self.bn2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.bn2(self.c2(torch.relu(self.bn(self.c1(x))))))
+            return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+    with pytest.raises(UserError, match=r"the model's input 'x', which no BatchNorm describes\); keep the first "
+                                        r"layer float \(--keep-first-last fp32"):
+        qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8)
+    result = qcompile.compile(Net().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8,
+                              keep_first_last="fp32")
+    assert result.report.passed, result.report.summary()
+
+
 def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
     """A layer scaled by 1e-12 (the next by 1e12: the same function) had every weight code 0 under the 1e-8 floor of
     the quantizer range: a file computing another model, validation PASS (file = simulation)."""
