@@ -637,6 +637,25 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
         name = node.meta.get("layer") if isinstance(node, torch.fx.Node) else None
         return name if isinstance(name, str) else None
 
+    from qcompile.qmodules import FakeQuantize
+
+    def op_name(node) -> str:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            return {"Int8Mul": "mul", "Int8Sigmoid": "sigmoid", "Int8Add": "add",
+                    "Int8GlobalAvgPool": "global pool"}.get(type(mod).__name__, type(mod).__name__.lower())
+        return str(getattr(node.target, "__name__", node.target)).strip("_")
+
+    def after(node) -> str:
+        """" (after sigmoid)": the op the quantizer reads where that is not a layer (a SiLU's gate or product, an
+        add, a pool), so that the quantizers of one layer's output, its gate and its product read apart."""
+        src = node.args[0] if node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op not in ("call_module", "call_function", "call_method") or \
+                layer_of(src) is not None or \
+                (src.op == "call_module" and isinstance(gm.get_submodule(src.target), FakeQuantize)):
+            return ""
+        return f" (after {op_name(src)})"
+
     out = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not str(node.target).startswith(("act_fq", "out_fq", "res_fq", "pool_fq")):
@@ -656,14 +675,15 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
             frontier = nxt
         if readers:
             names = list(dict.fromkeys(readers))
-            out[str(node.target)] = "input of " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            out[str(node.target)] = "input of " + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") + \
+                after(node)
             continue
         src = node.args[0] if node.args else None
         for _ in range(4):
             if not isinstance(src, torch.fx.Node):
                 break
             if layer_of(src) is not None:
-                out[str(node.target)] = f"output of {layer_of(src)}"
+                out[str(node.target)] = f"output of {layer_of(src)}{after(node)}"
                 break
             src = src.args[0] if src.args else None
     return out
