@@ -174,7 +174,8 @@ def _has_codes(gm, node) -> bool:
 
 
 def _feeds_int8(gm, node) -> bool:
-    """Some consumer of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer, an add or a pool."""
+    """Some consumer of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer, an add, a pool, or a
+    SiLU/sigmoid that 8-bit quantizers alone read (it becomes an int8 gate once ``node`` has codes)."""
     todo, seen = list(node.users), set()
     while todo:
         user = todo.pop()
@@ -182,6 +183,8 @@ def _feeds_int8(gm, node) -> bool:
             continue
         seen.add(user)
         if is_int8_act(fake_quantizer(gm, user)) or _is_add(user) or _is_avgpool(gm, user):
+            return True
+        if (_is_silu(gm, user) or _is_sigmoid(gm, user)) and _read_by_int8_quantizers(gm, user):
             return True
         if _is_transparent(gm, user):
             todo.extend(user.users)

@@ -541,3 +541,34 @@ def test_a_silu_read_through_a_flatten_is_not_split():
     mods = list(result.model.modules())
     assert not any(isinstance(m, (Int8Mul, Int8Sigmoid)) for m in mods)
     assert sum(n.target is F.silu for n in result.model.graph.nodes) == 1
+
+
+def test_a_silu_after_a_residual_add_runs_in_int8(tmp_path):
+    """silu(a + b) of two 8-bit code tensors: the add got no output codes (its reader, the SiLU, was no quantizer),
+    so the add and the SiLU ran in float. Now QLinearAdd, QLinearSigmoid and QLinearMul, as quantize_static has it."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+            self.c3, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 10)
+
+        def forward(self, x):
+            a = F.relu(self.b1(self.c1(x)))
+            y = F.silu(a + self.b2(self.c2(a)))
+            return self.fc(F.adaptive_avg_pool2d(self.c3(y), 1).flatten(1))
+
+    torch.manual_seed(0)
+    model = Res().eval()
+    calib = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
+                              keep_first_last="quant")
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0, result.report.summary()
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    assert ops["QLinearAdd"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1, ops
+    assert ops["Add"] == 0 and ops["Sigmoid"] == 0 and ops["Mul"] == 0 and ops["DequantizeLinear"] <= 1, ops
+    with torch.no_grad():
+        ref, sim = model(x), result.model(x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 45
