@@ -647,14 +647,14 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
         return str(getattr(node.target, "__name__", node.target)).strip("_")
 
     def after(node) -> str:
-        """" (after sigmoid)": the op the quantizer reads where that is not a layer (a SiLU's gate or product, an
+        """" after sigmoid": the op the quantizer reads where that is not a layer (a SiLU's gate or product, an
         add, a pool), so that the quantizers of one layer's output, its gate and its product read apart."""
         src = node.args[0] if node.args else None
         if not isinstance(src, torch.fx.Node) or src.op not in ("call_module", "call_function", "call_method") or \
                 layer_of(src) is not None or \
                 (src.op == "call_module" and isinstance(gm.get_submodule(src.target), FakeQuantize)):
             return ""
-        return f" (after {op_name(src)})"
+        return f" after {op_name(src)}"
 
     out = {}
     for node in gm.graph.nodes:

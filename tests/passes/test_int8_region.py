@@ -454,7 +454,7 @@ def test_silu_and_squeeze_excite_gates_run_in_int8_bit_exact(gate, tmp_path):
     # the report tells a layer's output, its SiLU gate and its product apart (all three were "output of stem")
     places = [layer["where"] for layer in result.report.layers]
     assert len(places) == len(set(places)), places
-    assert {"output of stem", "output of stem (after sigmoid)", "input of proj, se1 (after mul)"} <= set(places), places
+    assert {"output of stem", "output of stem after sigmoid", "input of proj, se1 after mul"} <= set(places), places
     with torch.no_grad():
         ref, sim = model(x), result.model(x)
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30

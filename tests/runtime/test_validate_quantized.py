@@ -65,7 +65,7 @@ def test_report_fields_of_a_genuine_file(compiled):
                               "sqnr_vs_float_db"}
         # the layers reading the codes (or the layer writing them): internal ids alone named no layer
         layer_names = {n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
-        kind, _, names = layer["where"].partition(" (after ")[0].partition(" of ")
+        kind, _, names = layer["where"].partition(" after ")[0].partition(" of ")
         assert kind in ("input", "output") and set(names.split(", ")) <= layer_names, layer["where"]
         assert layer["codes"] == sizes[name] and layer["codes_differ"] == layer["codes_differ_local"] == 0, name
         assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
