@@ -402,6 +402,35 @@ def _record(node, fq: FakeQuantize, how: str) -> None:
                                    axis=fq.axis, zero_point=int(fq.zero_point), role=fq.role, observer=observer)
 
 
+def _coded_operands(gm, node):
+    """(fa, fb): the calibrated 8-bit quantizers whose codes a binary op reads, else None."""
+    fa, fb = (fake_quantizer(gm, a) for a in node.args[:2])
+    if is_int8_act(fa) and is_int8_act(fb) and fa.calibrated and fb.calibrated:
+        return fa, fb
+    return None
+
+
+def _one_int8_output(gm, node):
+    """The parameters of the calibrated 8-bit quantizers that alone read ``node``, all alike, else None."""
+    outs = [fake_quantizer(gm, u) for u in node.users]
+    if outs and all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
+        return outs[0]
+    return None
+
+
+def _bind_all(gm, prefix: str, found: list, what: str, report: list) -> bool:
+    """Swap each ``(node, module, args)`` of ``found`` for a call of ``module`` named ``prefix<k>``; True if any."""
+    count = sum(1 for name, _ in gm.named_children() if name.startswith(prefix))
+    for node, module, args in found:
+        _replace_with_module(gm, node, f"{prefix}{count}", module, args)
+        count += 1
+        report.append(f"{node.name}: {what}")
+    if found:
+        gm.graph.lint()
+        recompile_lazily(gm)
+    return bool(found)
+
+
 def _replace_with_module(gm, node, name: str, module: nn.Module, args: tuple) -> None:
     """Swap ``node`` for a call of ``module``, registered on ``gm`` as ``name``, on ``args``."""
     gm.add_submodule(name, module)
@@ -426,29 +455,18 @@ class BindIntegerAdds(Pass):
 
         from .quantize_outputs import _implies
 
-        changed = False
-        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_add"))
-        for node in list(gm.graph.nodes):
-            if not _is_add(node):
-                continue
-            fa, fb = (fake_quantizer(gm, a) for a in node.args[:2])
-            if not (is_int8_act(fa) and is_int8_act(fb) and fa.calibrated and fb.calibrated):
+        found = []
+        for node in gm.graph.nodes:
+            operands = _coded_operands(gm, node) if _is_add(node) else None
+            if operands is None:
                 continue
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
-            outs = [fake_quantizer(gm, u) for u in tail.users]
-            if not outs or not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
+            out = _one_int8_output(gm, tail)
+            if out is None or (tail is not node and not _implies(out, clip_bounds(gm, tail))):
                 continue
-            if tail is not node and not _implies(outs[0], clip_bounds(gm, tail)):
-                continue
-            _replace_with_module(gm, node, f"int8_add{count}", Int8Add(fa, fb, outs[0]), tuple(node.args[:2]))
-            count += 1
-            self.report.append(f"{node.name}: int8 add")
-            changed = True
-        if changed:
-            gm.graph.lint()
-            recompile_lazily(gm)
-        return PassResult(gm, changed)
+            found.append((node, Int8Add(*operands, out), tuple(node.args[:2])))
+        return PassResult(gm, _bind_all(gm, "int8_add", found, "int8 add", self.report))
 
 
 class BindIntegerMuls(Pass):
@@ -459,27 +477,17 @@ class BindIntegerMuls(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from qcompile.qmodules import Int8Mul, fills_storage, storage_range
 
-        changed = False
-        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_mul"))
-        for node in list(gm.graph.nodes):
-            if not _is_mul(node):
+        found = []
+        for node in gm.graph.nodes:
+            operands = _coded_operands(gm, node) if _is_mul(node) else None
+            out = _one_int8_output(gm, node) if operands is not None else None
+            if out is None:
                 continue
-            fa, fb = (fake_quantizer(gm, a) for a in node.args[:2])
-            if not (is_int8_act(fa) and is_int8_act(fb) and fa.calibrated and fb.calibrated):
-                continue
-            outs = [fake_quantizer(gm, u) for u in node.users]
-            if not outs or not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
-                continue
-            if not fills_storage(outs[0]) or not storage_range(fa) == storage_range(fb) == storage_range(outs[0]):
+            fa, fb = operands
+            if not fills_storage(out) or not storage_range(fa) == storage_range(fb) == storage_range(out):
                 continue  # a Clip before the QuantizeLinear, or mixed int8/uint8 codes: no QLinearMul fusion
-            _replace_with_module(gm, node, f"int8_mul{count}", Int8Mul(fa, fb, outs[0]), tuple(node.args[:2]))
-            count += 1
-            self.report.append(f"{node.name}: int8 multiply")
-            changed = True
-        if changed:
-            gm.graph.lint()
-            recompile_lazily(gm)
-        return PassResult(gm, changed)
+            found.append((node, Int8Mul(fa, fb, out), tuple(node.args[:2])))
+        return PassResult(gm, _bind_all(gm, "int8_mul", found, "int8 multiply", self.report))
 
 
 class BindIntegerSigmoids(Pass):
@@ -496,24 +504,14 @@ class BindIntegerSigmoids(Pass):
         for node in gm.graph.nodes:
             if not _is_sigmoid(gm, node) or not node.args:
                 continue
-            fin = fake_quantizer(gm, node.args[0])
-            outs = [fake_quantizer(gm, u) for u in node.users]
-            if not (is_int8_act(fin) and fin.calibrated) or not outs or \
-                    not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs) or \
-                    not fills_storage(outs[0]):
+            fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
+            if not (is_int8_act(fin) and fin.calibrated) or out is None or not fills_storage(out):
                 continue
-            found.append((node, fin, outs[0]))
+            found.append((node, fin, out))
         tables = sigmoid_tables([Int8Sigmoid.table_params(fin, out) for _, fin, out in found])  # one session
-        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_sigmoid"))
-        for (node, fin, out), table in zip(found, tables):
-            _replace_with_module(gm, node, f"int8_sigmoid{count}", Int8Sigmoid(fin, out, table), (node.args[0],))
-            count += 1
-            self.report.append(f"{node.name}: int8 sigmoid")
-        changed = bool(found)
-        if changed:
-            gm.graph.lint()
-            recompile_lazily(gm)
-        return PassResult(gm, changed)
+        bound = [(node, Int8Sigmoid(fin, out, table), (node.args[0],))
+                 for (node, fin, out), table in zip(found, tables)]
+        return PassResult(gm, _bind_all(gm, "int8_sigmoid", bound, "int8 sigmoid", self.report))
 
 
 def _is_global_avgpool(gm, node) -> bool:
@@ -535,22 +533,12 @@ class BindIntegerPools(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from qcompile.qmodules import Int8GlobalAvgPool
 
-        changed = False
-        count = sum(1 for name, _ in gm.named_children() if name.startswith("int8_gap"))
-        for node in list(gm.graph.nodes):
+        found = []
+        for node in gm.graph.nodes:
             if not _is_global_avgpool(gm, node):
                 continue
-            fin = fake_quantizer(gm, node.args[0])
-            outs = [fake_quantizer(gm, u) for u in node.users]
-            if not (is_int8_act(fin) and fin.calibrated) or not outs or \
-                    not all(is_int8_act(o) and o.calibrated and _same_params(o, outs[0]) for o in outs):
+            fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
+            if not (is_int8_act(fin) and fin.calibrated) or out is None:
                 continue
-            module = Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, outs[0])
-            _replace_with_module(gm, node, f"int8_gap{count}", module, (node.args[0],))
-            count += 1
-            self.report.append(f"{node.name}: int8 global average pool")
-            changed = True
-        if changed:
-            gm.graph.lint()
-            recompile_lazily(gm)
-        return PassResult(gm, changed)
+            found.append((node, Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, out), (node.args[0],)))
+        return PassResult(gm, _bind_all(gm, "int8_gap", found, "int8 global average pool", self.report))

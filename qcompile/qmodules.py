@@ -286,35 +286,56 @@ class disabled_quantizers:
         return False
 
 
-class Int8Add(nn.Module):
-    """``a + b`` of two 8-bit code tensors, re-quantized by ``out`` exactly as onnxruntime's ``QLinearAdd`` does
-    (MLAS, x86 AVX2 kernel): with r_a = f32(S_a/S_c), r_b = f32(S_b/S_c) and
-    k = f32(Z_c − fma(r_a, Z_a, f32(r_b·Z_b))), code = sat(round_half_even(fma(r_a, q_a, fma(r_b, q_b, k)))).
-
-    The quantizers are held, not registered (they live in the graph already). The value returned is the
-    dequantized code, so ``out`` that follows leaves it unchanged. Export, calibration and float reference runs
-    see a plain ``a + b``.
-    """
+class _Int8Binary(nn.Module):
+    """An elementwise op of two 8-bit code tensors re-quantized by ``out`` as an onnxruntime kernel does
+    (``codes``); the value returned is the dequantized code, so ``out`` that follows leaves it unchanged. Export,
+    calibration and float reference runs see the plain float op. The quantizers are held, not registered (they
+    live in the graph already)."""
 
     def __init__(self, a: FakeQuantize, b: FakeQuantize, out: FakeQuantize):
         super().__init__()
         self._fqs = [a, b, out]
 
+    def float_op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def codes(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def input_codes(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int64 codes (zero points included) of the two inputs."""
+        fa, fb, _ = self._fqs
+        return tuple(quant.quantize(x.float(), fq.alpha, fq.levelset, zero_point=fq.zero_point).to(torch.int64)
+                     for x, fq in ((a, fa), (b, fb)))
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb, fc = self._fqs
         if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or not fc.enabled or fc.observer is not None:
-            return a + b
+            return self.float_op(a, b)
         return quant.dequantize(self.codes(a, b), fc.alpha, fc.levelset, zero_point=fc.zero_point)
+
+
+def _unit_f32(fq: FakeQuantize) -> torch.Tensor:
+    """The quantizer's float32 unit as a 0-d tensor."""
+    return quant.unit_from_alpha(fq.alpha, fq.levelset).to(torch.float32).reshape(())
+
+
+class Int8Add(_Int8Binary):
+    """``a + b`` of two 8-bit code tensors, re-quantized by ``out`` exactly as onnxruntime's ``QLinearAdd`` does
+    (MLAS, x86 AVX2 kernel): with r_a = f32(S_a/S_c), r_b = f32(S_b/S_c) and
+    k = f32(Z_c − fma(r_a, Z_a, f32(r_b·Z_b))), code = sat(round_half_even(fma(r_a, q_a, fma(r_b, q_b, k)))).
+
+    Export, calibration and float reference runs see a plain ``a + b`` (``_Int8Binary``).
+    """
+
+    def float_op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
 
     def codes(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb, fc = self._fqs
         f32 = torch.float32
-
-        def unit(fq):
-            return quant.unit_from_alpha(fq.alpha, fq.levelset).to(f32).reshape(())
-
-        qa = quant.quantize(a.float(), fa.alpha, fa.levelset, zero_point=fa.zero_point).to(torch.float64)
-        qb = quant.quantize(b.float(), fb.alpha, fb.levelset, zero_point=fb.zero_point).to(torch.float64)
+        unit = _unit_f32
+        qa, qb = (q.to(torch.float64) for q in self.input_codes(a, b))
         sc = unit(fc)
         ra, rb = unit(fa) / sc, unit(fb) / sc
         za, zb, zc = (fq.zero_point.to(f32).reshape(()) for fq in (fa, fb, fc))
@@ -327,32 +348,21 @@ class Int8Add(nn.Module):
         return torch.round(c).clamp_(fc.levelset.code_min, fc.levelset.code_max).to(torch.int32)
 
 
-class Int8Mul(nn.Module):
+class Int8Mul(_Int8Binary):
     """``a * b`` of two 8-bit code tensors (broadcasting: an SE block's gate), re-quantized by ``out`` exactly as
     onnxruntime's ``QLinearMul`` does (MLAS, SSE2 and NEON64 kernels): with the exact integer product
     p = (q_a − Z_a)·(q_b − Z_b) and r = f32(f32(S_a·S_b) / S_c), code = sat(round_half_even(f32(f32(p·r) + Z_c))),
     the multiply and the add rounded apart (checked against onnxruntime: 0 of 250 k tie-prone codes differ; an fma
-    there gives 13). Export, calibration and float reference runs see a plain ``a * b``."""
+    there gives 13). Export, calibration and float reference runs see a plain ``a * b`` (``_Int8Binary``)."""
 
-    def __init__(self, a: FakeQuantize, b: FakeQuantize, out: FakeQuantize):
-        super().__init__()
-        self._fqs = [a, b, out]
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb, fc = self._fqs
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or not fc.enabled or fc.observer is not None:
-            return a * b
-        return quant.dequantize(self.codes(a, b), fc.alpha, fc.levelset, zero_point=fc.zero_point)
+    def float_op(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
 
     def codes(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb, fc = self._fqs
         f32 = torch.float32
-
-        def unit(fq):
-            return quant.unit_from_alpha(fq.alpha, fq.levelset).to(f32).reshape(())
-
-        qa = quant.quantize(a.float(), fa.alpha, fa.levelset, zero_point=fa.zero_point).to(torch.int64)
-        qb = quant.quantize(b.float(), fb.alpha, fb.levelset, zero_point=fb.zero_point).to(torch.int64)
+        unit = _unit_f32
+        qa, qb = self.input_codes(a, b)
         p = (qa - int(fa.zero_point)) * (qb - int(fb.zero_point))  # |p| <= 255², exact in float32
         ratio = (unit(fa) * unit(fb)) / unit(fc)
         y = p.to(f32) * ratio + fc.zero_point.to(f32).reshape(())
@@ -406,7 +416,7 @@ class Int8Sigmoid(nn.Module):
 
 
 def _unit(fq: FakeQuantize) -> float:
-    return float(quant.unit_from_alpha(fq.alpha, fq.levelset).to(torch.float32).reshape(()))
+    return float(_unit_f32(fq))
 
 
 class IntegerOutput(nn.Module):

@@ -489,6 +489,18 @@ def test_int8_sigmoid_equals_onnxruntime_qlinearsigmoid_on_every_code(tmp_path):
         assert np.array_equal(got, want), f"set {i}: {(got != want).sum()} codes differ"
 
 
+def silu_forms(model_class, calib_shape) -> tuple[tuple[int, int], int]:
+    """((Int8Mul, Int8Sigmoid) modules, float F.silu nodes) of a W8A8 compile of a seeded ``model_class()``."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    calib = torch.randn(*calib_shape, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
+    assert result.report.passed, result.report.summary()
+    mods = list(result.model.modules())
+    gates = (sum(isinstance(m, Int8Mul) for m in mods), sum(isinstance(m, Int8Sigmoid) for m in mods))
+    return gates, sum(n.target is F.silu for n in result.model.graph.nodes)
+
+
 def test_a_silu_whose_output_a_float_op_reads_stays_float():
     """Only a SiLU that 8-bit quantizers alone read becomes a gate times its input: one whose output is the model's
     float output keeps its single float op (nothing reads its codes, no second quantization)."""
@@ -501,14 +513,8 @@ def test_a_silu_whose_output_a_float_op_reads_stays_float():
         def forward(self, x):
             return F.silu(self.conv2(F.silu(self.conv(x))))
 
-    torch.manual_seed(0)
-    model = Tail().eval()
-    calib = torch.randn(16, 3, 10, 10, generator=torch.Generator().manual_seed(1))
-    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
-    assert result.report.passed, result.report.summary()
-    mods = list(result.model.modules())
-    assert sum(isinstance(m, Int8Mul) for m in mods) == 1 and sum(isinstance(m, Int8Sigmoid) for m in mods) == 1
-    assert sum(n.target is F.silu for n in result.model.graph.nodes) == 1  # the last one, float
+    gates, float_silus = silu_forms(Tail, (16, 3, 10, 10))
+    assert gates == (1, 1) and float_silus == 1  # the last one, float
 
 
 def test_no_int8_outputs_keeps_silu_whole():
@@ -533,14 +539,8 @@ def test_a_silu_read_through_a_flatten_is_not_split():
         def forward(self, x):
             return self.fc(torch.flatten(F.silu(self.conv(x)), 1))
 
-    torch.manual_seed(0)
-    model = Head().eval()
-    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
-    assert result.report.passed, result.report.summary()
-    mods = list(result.model.modules())
-    assert not any(isinstance(m, (Int8Mul, Int8Sigmoid)) for m in mods)
-    assert sum(n.target is F.silu for n in result.model.graph.nodes) == 1
+    gates, float_silus = silu_forms(Head, (16, 3, 8, 8))
+    assert gates == (0, 0) and float_silus == 1
 
 
 def test_a_silu_after_a_residual_add_runs_in_int8(tmp_path):
