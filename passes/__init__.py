@@ -3,7 +3,7 @@ from .base import Pass, PassError, PassManager, PassResult, Pipeline, Verificati
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale, DecomposeRMSNorm,
-                      EliminateDeadCode, MatmulAsLinear, RemoveIdentity)
+                      EliminateDeadCode, MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -25,5 +25,5 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
-           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
+           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear", "MeanAsGlobalPool",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

@@ -13,6 +13,10 @@
   average pool (the divisor lost), as the pool counting pads times ``prod(kernel) / divisor``.
 - ``MatmulAsLinear`` (quantized path only): ``x @ W`` with a 2-D parameter ``W`` as ``F.linear(x, W.t())``, the
   layer it is (FoldConstants then stores ``W.t()``), so that it is quantized and listed like a Linear.
+- ``MeanAsGlobalPool`` (quantized path only): ``x.mean((2, 3))`` of a 4-D tensor (the hand-written global pool of a
+  classifier head) as ``F.adaptive_avg_pool2d(x, 1)`` (then ``flatten(1)`` without ``keepdim``), the pool that
+  the int8 region runs on codes (``QLinearGlobalAveragePool``); a ReduceMean ran in float between
+  ``DequantizeLinear`` and ``QuantizeLinear``, and kept the SiLU before it float too.
 - ``DecomposeCubicDownscale`` (quantized path only): a bicubic resize that shrinks an axis, which onnxruntime's
   optimized session refuses between int8 layers, as the two constant matrix products it is: ``A_h @ x @ A_w^T``.
 """
@@ -425,3 +429,32 @@ class MatmulAsLinear(Pass):
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "matmul(s) with a parameter as F.linear")
+
+
+class MeanAsGlobalPool(Pass):
+    """``x.mean((2, 3))``, ``x.mean(dim=(-2, -1), keepdim=...)`` and ``torch.mean(x, (2, 3))`` of a 4-D floating tensor
+    as ``F.adaptive_avg_pool2d(x, 1)``, flattened to (N, C) without ``keepdim``: the same average (up to float
+    summation order), exported as ``GlobalAveragePool``, which the int8 region pools on codes."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        for node in list(gm.graph.nodes):
+            if not ((node.op == "call_method" and node.target == "mean") or
+                    (node.op == "call_function" and node.target is torch.mean)):
+                continue
+            args = dict(zip(("input", "dim", "keepdim"), node.args), **node.kwargs)
+            x, dims, keepdim = args.get("input"), args.get("dim"), args.get("keepdim", False)
+            meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
+            if set(args) - {"input", "dim", "keepdim"} or not isinstance(keepdim, bool) or meta is None or \
+                    not hasattr(meta, "shape") or len(meta.shape) != 4 or not meta.dtype.is_floating_point or \
+                    not isinstance(dims, (tuple, list)) or sorted(int(d) % 4 for d in dims) != [2, 3]:
+                continue
+            g = gm.graph
+            with g.inserting_before(node):
+                out = g.call_function(F.adaptive_avg_pool2d, (x, 1))
+                out.meta["tensor_meta"] = meta._replace(shape=torch.Size(list(meta.shape[:2]) + [1, 1]))
+                if not keepdim:
+                    out = g.call_function(torch.flatten, (out, 1))
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "spatial mean(s) as global average pools")

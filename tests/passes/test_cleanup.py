@@ -482,3 +482,41 @@ def test_a_decomposed_bicubic_resize_stays_a_float_resize_not_a_layer():
     assert result.report.passed
     assert sum(n.target is torch.matmul for n in result.model.graph.nodes) == 2
     assert not any(n.target is F.linear for n in result.model.graph.nodes)
+
+
+# --- MeanAsGlobalPool ---------------------------------------------------------------------------------------
+
+
+class MeanHeads(nn.Module):
+    """The spatial means a classifier head is written with, and means that are no global pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        a = y.mean((2, 3))                            # (N, C)
+        b = torch.mean(y, dim=(-1, -2), keepdim=True)  # (N, C, 1, 1)
+        c = y.mean(dim=1)                              # a channel mean: kept
+        d = y.mean(3)                                  # one spatial axis: kept
+        return a + b.flatten(1), c, d
+
+
+def test_mean_as_global_pool_rewrites_spatial_means_only():
+    from qcompile.passes.cleanup import MeanAsGlobalPool
+
+    model = seeded(MeanHeads)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, x)
+    result = MeanAsGlobalPool()(gm)
+    assert result.modified is True
+    pools = [n for n in result.gm.graph.nodes if n.target is F.adaptive_avg_pool2d]
+    means = [n for n in result.gm.graph.nodes if n.target in ("mean", torch.mean)]
+    assert len(pools) == 2 and len(means) == 2
+    verify(result.gm)
+    result.gm.recompile()
+    with torch.no_grad():
+        for got, want in zip(result.gm(x), model(x)):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # another summation order
+    assert MeanAsGlobalPool()(result.gm).modified is False

@@ -572,3 +572,25 @@ def test_a_silu_after_a_residual_add_runs_in_int8(tmp_path):
     with torch.no_grad():
         ref, sim = model(x), result.model(x)
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 45
+
+
+def test_a_hand_written_mean_head_pools_codes(tmp_path):
+    """``y.mean((2, 3))`` ran a float ReduceMean between DequantizeLinear and QuantizeLinear, and kept the SiLU before
+    it float; written as a global pool (MeanAsGlobalPool), the head is the int8 chain nn.AdaptiveAvgPool2d gives."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc(F.silu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = Head().eval()
+    calib = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="quant")
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0, result.report.summary()
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    assert ops["QLinearGlobalAveragePool"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1, ops
+    assert ops["ReduceMean"] == 0 and ops["DequantizeLinear"] == 0, ops
