@@ -24,6 +24,7 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
-           "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeAdaptivePool",
-           "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear", "MeanAsGlobalPool",
+           "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm",
+           "DecomposeAdaptivePool", "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
+           "MeanAsGlobalPool",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

@@ -447,7 +447,8 @@ class MeanAsGlobalPool(Pass):
             meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
             if set(args) - {"input", "dim", "keepdim"} or not isinstance(keepdim, bool) or meta is None or \
                     not hasattr(meta, "shape") or len(meta.shape) != 4 or not meta.dtype.is_floating_point or \
-                    not isinstance(dims, (tuple, list)) or sorted(int(d) % 4 for d in dims) != [2, 3]:
+                    not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) for d in dims) or \
+                    sorted(d % 4 for d in dims) != [2, 3]:
                 continue
             g = gm.graph
             with g.inserting_before(node):

@@ -2,7 +2,8 @@
 
     fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
     quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
-                → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool → FoldConstants → FoldBatchNorm → EqualizeInputs → EqualizeWeights → SelectLayers
+                → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
+                → FoldConstants → FoldBatchNorm → EqualizeInputs → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias

@@ -56,7 +56,8 @@ def _build(keys: list) -> list:
                   numpy_helper.from_array(np.array(out_unit, np.float32), f"sy{i}"),
                   numpy_helper.from_array(np.array(out_zp, out_np), f"zy{i}")]
         # each chain is what onnxruntime fuses into one QLinearSigmoid, which builds its table when the session loads
-        nodes += [helper.make_node("DequantizeLinear", ["x_s8" if in_signed else "x_u8", f"sx{i}", f"zx{i}"], [f"f{i}"]),
+        source = "x_s8" if in_signed else "x_u8"
+        nodes += [helper.make_node("DequantizeLinear", [source, f"sx{i}", f"zx{i}"], [f"f{i}"]),
                   helper.make_node("Sigmoid", [f"f{i}"], [f"g{i}"]),
                   helper.make_node("QuantizeLinear", [f"g{i}", f"sy{i}", f"zy{i}"], [f"y{i}"])]
         outputs.append(helper.make_tensor_value_info(f"y{i}", types[out_signed][1], [256]))
