@@ -303,9 +303,9 @@ class _Int8Binary(nn.Module):
         raise NotImplementedError
 
     def input_codes(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int64 codes (zero points included) of the two inputs."""
+        """The int32 codes (zero points included) of the two inputs."""
         fa, fb, _ = self._fqs
-        return tuple(quant.quantize(x.float(), fq.alpha, fq.levelset, zero_point=fq.zero_point).to(torch.int64)
+        return tuple(quant.quantize(x.float(), fq.alpha, fq.levelset, zero_point=fq.zero_point)
                      for x, fq in ((a, fa), (b, fb)))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -363,7 +363,7 @@ class Int8Mul(_Int8Binary):
         f32 = torch.float32
         unit = _unit_f32
         qa, qb = self.input_codes(a, b)
-        p = (qa - int(fa.zero_point)) * (qb - int(fb.zero_point))  # |p| <= 255², exact in float32
+        p = (qa - int(fa.zero_point)) * (qb - int(fb.zero_point))  # int32 (broadcast), |p| <= 255²: exact in float32
         ratio = (unit(fa) * unit(fb)) / unit(fc)
         y = p.to(f32) * ratio + fc.zero_point.to(f32).reshape(())
         return torch.round(y).clamp_(fc.levelset.code_min, fc.levelset.code_max).to(torch.int32)

@@ -594,3 +594,34 @@ def test_a_hand_written_mean_head_pools_codes(tmp_path):
     ops = optimized_ops(result.onnx_model, tmp_path)
     assert ops["QLinearGlobalAveragePool"] == 1 and ops["QLinearSigmoid"] == 1 and ops["QLinearMul"] == 1, ops
     assert ops["ReduceMean"] == 0 and ops["DequantizeLinear"] == 0, ops
+
+
+def test_int8_mul_broadcasts_either_operand(tmp_path):
+    """An SE gate may come first (``g * x``): Int8Mul broadcasts a [N, C, 1, 1] code tensor against [N, C, H, W]
+    on either side, code for code with onnxruntime's QLinearMul."""
+    rng = np.random.default_rng(4)
+    fa, fb, fc = asym(0.02, 3), asym(0.05, 120), asym(0.04, 60)
+    units = [float(qcompile.quant.unit_from_alpha(f.alpha, f.levelset)) for f in (fa, fb, fc)]
+    params = [units[0], int(fa.zero_point), units[1], int(fb.zero_point), units[2], int(fc.zero_point)]
+    names = ["sa", "za", "sb", "zb", "sc", "zc"]
+    inits = [numpy_helper.from_array(np.array(v, np.float32 if nm.startswith("s") else np.uint8), nm)
+             for v, nm in zip(params, names)]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["fa"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["fb"]),
+             helper.make_node("Mul", ["fa", "fb"], ["s"]),
+             helper.make_node("QuantizeLinear", ["s", "sc", "zc"], ["c"])]
+    io = [helper.make_tensor_value_info("a", TensorProto.UINT8, [2, 3, 1, 1]),
+          helper.make_tensor_value_info("b", TensorProto.UINT8, [2, 3, 4, 4]),
+          helper.make_tensor_value_info("c", TensorProto.UINT8, [2, 3, 4, 4])]
+    model = helper.make_model(helper.make_graph(nodes, "qlmul", io[:2], io[2:], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    sess = session(model.SerializeToString(), optimized_model_path=str(tmp_path / "opt.onnx"))
+    assert [node.op_type for node in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["QLinearMul"]
+    qa = rng.integers(0, 256, (2, 3, 1, 1)).astype(np.uint8)
+    qb = rng.integers(0, 256, (2, 3, 4, 4)).astype(np.uint8)
+    want = sess.run(None, {"a": qa, "b": qb})[0]
+    a, b = (qcompile.quant.dequantize(torch.from_numpy(q.astype(np.int32)), f.alpha, f.levelset,
+                                      zero_point=f.zero_point) for q, f in ((qa, fa), (qb, fb)))
+    assert np.array_equal(Int8Mul(fa, fb, fc).codes(a, b).numpy(), want)
+    assert np.array_equal(Int8Mul(fb, fa, fc).codes(b, a).numpy(), want)  # the other order, the same codes
