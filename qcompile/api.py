@@ -21,6 +21,7 @@ from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
+from .threads import compile_threads, torch_threads
 
 
 @dataclasses.dataclass
@@ -499,15 +500,9 @@ def compile(
         # longer computed the trained model (digits APoT-3: max |diff| 0.78, 98.75 -> 98.00 %)
         opts = dataclasses.replace(opts, int8_levels=False)
     try:
-        gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
-                   leaf_modules=opts.leaf_modules, copy=False)
-        _check_batch_statistics(gm)
-        _check_finite_model(gm)
-        for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
-            if data is not None:
-                _check_token_ids(gm, data, what)
-        return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
-                               thresholds, callback, progress, t0)
+        with torch_threads(compile_threads(model, example_inputs)):
+            return _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate,
+                                      thresholds, callback, progress, t0)
     except UserError as e:
         hooked = _hooked_modules(model)
         if hooked and ("does not compute the model" in str(e) or "changed what the model computes" in str(e)):
@@ -523,6 +518,19 @@ def compile(
         if problem:
             raise UserError(problem) from None
         raise
+
+
+def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
+                       callback, progress, t0) -> CompileResult:
+    gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
+               leaf_modules=opts.leaf_modules, copy=False)
+    _check_batch_statistics(gm)
+    _check_finite_model(gm)
+    for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
+        if data is not None:
+            _check_token_ids(gm, data, what)
+    return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
+                           thresholds, callback, progress, t0)
 
 
 def _hooked_modules(model: nn.Module) -> list[str]:

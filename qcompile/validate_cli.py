@@ -10,6 +10,7 @@ import torch
 from .errors import UserError
 from .frontend import load_model, parse_input_shape, plain_copy, unwrap
 from .options import OPTIONS_KEY, _version, from_metadata
+from .threads import compile_threads, torch_threads
 
 
 def _file_options(model: onnx.ModelProto) -> dict | None:
@@ -251,7 +252,8 @@ def validate_against(args):
     _check_same_graph(onnx_model, sim.onnx_model, args)
     _check_same_quantizers(onnx_model, sim.onnx_model, args, written)
     try:
-        return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)
+        with torch_threads(compile_threads(reference, inputs if isinstance(inputs, tuple) else (inputs,))):
+            return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error type
         if "does not exist in the graph" not in str(e):
             raise
