@@ -649,6 +649,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         onnx_model = export_mod.export_onnx(gm, example_inputs)
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
+    from . import __version__
+
+    onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name
     summary = {}
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report

@@ -244,6 +244,8 @@ def test_compile_api_fp32(tmp_path, factory):
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-6)
     onnx.checker.check_model(str(out), full_check=True)
+    written = onnx.load(str(out))
+    assert (written.producer_name, written.producer_version) == ("qcompile", qcompile.__version__)
     (got,) = run(session(str(out)), [x.numpy()])
     with torch.no_grad():
         assert rel_err(got, model(x)) <= RTOL
