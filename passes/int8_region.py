@@ -45,7 +45,8 @@ _ADD_FNS = {operator.add, torch.add, operator.iadd}
 _AVGPOOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 _AVGPOOL_FNS = {F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d}
 # ops that move or select values without changing them: Q(op(codes)) is op(codes) when Q has the codes' parameters
-_TRANSPARENT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
+_TRANSPARENT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                        nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
 _TRANSPARENT_FNS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.flatten, torch.reshape, F.dropout}
 _TRANSPARENT_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
 

@@ -27,7 +27,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
-from .int8_region import _is_transparent, clip_bounds, is_int8_act, is_rectifier
+from .int8_region import _is_avgpool, _is_transparent, clip_bounds, is_int8_act, is_rectifier
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
@@ -44,7 +44,7 @@ class QuantizeOutputs(Pass):
             if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
                 continue
             xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            if not is_int8_act(xfq) or wfq is None:
+            if wfq is None or not (is_int8_act(xfq) or (uint8_codes(xfq) and _feeds_int8_only(gm, node))):
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -288,6 +288,30 @@ def _normalized_only(node) -> bool:
         elif not (u.op == "call_function" and u.target is F.layer_norm):
             return False
     return True
+
+
+def _feeds_int8_only(gm: torch.fx.GraphModule, node) -> bool:
+    """Every value of layer ``node`` reaches 8-bit uniform activation quantizers only, through at most one ReLU /
+    clip and then max-/average-pooling and reshapes (``_is_transparent``), and at least one of them is not right after the
+    layer or its ReLU. A layer on sub-8-bit input codes (uniform, APoT, PoT) runs on the same uint8 × int8 kernels
+    as one on 8-bit codes; where its output goes to the 8-bit input of a classifier through a max-pool and a
+    flatten, it needs the same 8-bit output quantizer to be fused (it ran as a float Conv at W4A4, a QLinearConv
+    at W8A8). Where sub-8-bit quantizers read it, its levels are decided elsewhere (cells) or it stays float."""
+    users = list(node.users)
+    tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
+    stack, found, deep = [(u, 0) for u in tail.users], False, False
+    while stack:
+        cur, depth = stack.pop()
+        fq = fake_quantizer(gm, cur)
+        if fq is not None:
+            if not is_int8_act(fq):
+                return False
+            found, deep = True, deep or depth > 0
+            continue
+        if not (_is_transparent(gm, cur) or _is_avgpool(gm, cur)) or not cur.users or len(stack) > 64:
+            return False
+        stack.extend((u, depth + 1) for u in cur.users)
+    return found and deep
 
 
 def _rank(node) -> int | None:

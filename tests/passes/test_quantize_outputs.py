@@ -404,3 +404,39 @@ def test_a_linear_read_only_by_a_layernorm_writes_float_from_qgemm(tmp_path):
     with torch.no_grad():
         want, got = model(x[64:]), result.model(x[64:])
     assert 10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum()) > 22  # 10.5 dB with the 8-bit output
+
+
+class PooledHead(nn.Module):
+    """conv → ReLU → pool → conv → ReLU → pool → flatten → Linear: at W4A4 (first and last layers at 8 bits) the
+    second conv reads 4-bit codes and its output reaches the classifier's 8-bit input through a pool and a
+    flatten."""
+
+    def __init__(self, pool: str):
+        super().__init__()
+        two_d = pool != "adaptive1d"
+        conv = nn.Conv2d if two_d else nn.Conv1d
+        self.c1 = conv(1 if two_d else 8, 8, 3, padding=1)
+        self.c2 = conv(8, 16, 3, padding=1)
+        self.p1 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.Identity()}[pool]
+        self.p2 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.AdaptiveMaxPool1d(1)}[pool]
+        self.fc = nn.Linear(16 * 4 if two_d else 16, 10)
+
+    def forward(self, x):
+        x = self.p1(F.relu(self.c1(x)))
+        return self.fc(torch.flatten(self.p2(F.relu(self.c2(x))), 1))
+
+
+@pytest.mark.parametrize("pool", ["max", "avg", "adaptive1d"])
+@pytest.mark.parametrize("scheme", ["uniform", "apot"])
+def test_a_layer_on_sub_8_bit_codes_feeding_an_8_bit_classifier_runs_on_int8_kernels(pool, scheme, tmp_path):
+    torch.manual_seed(0)
+    model = PooledHead(pool).eval()
+    shape = (64, 1, 8, 8) if pool != "adaptive1d" else (64, 8, 8)
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=x[:32], validation_inputs=x[32:], scheme=scheme, bits=4)
+    assert result.report.passed, result.report.summary()
+    outputs = [r for t in result.timings if t.name == "QuantizeOutputs" for r in t.report]
+    assert any(r.startswith("c2") for r in outputs), outputs  # before: only the 8-bit input layer c1 had one
+    ops = optimized_op_counts(result.onnx_model, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1, ops
+    assert ops["Conv"] == ops["FusedConv"] == 0, ops  # c2 was a float (Fused)Conv at W4A4, a QLinearConv at W8A8
