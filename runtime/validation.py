@@ -282,11 +282,34 @@ def saturating_pairs(model) -> int:
             return numpy_helper.to_array(inits[node.input[0]])
         return None
 
+    def const(name):
+        t = inits.get(name)
+        return numpy_helper.to_array(t) if t is not None else None
+
+    def clipped_code(q):
+        """The largest code of ``QuantizeLinear(Clip(x, lo, hi), s, z)`` (a sub-8-bit uniform activation: its levels
+        end at hi), else None."""
+        clip = producer.get(q.input[0])
+        if clip is None or clip.op_type != "Clip" or len(clip.input) < 3 or len(q.input) < 3:
+            return None
+        hi, scale, zp = const(clip.input[2]), const(q.input[1]), const(q.input[2])
+        if hi is None or scale is None or zp is None or hi.size != 1 or scale.size != 1 or zp.size != 1:
+            return None
+        code = np.rint(np.float32(hi.reshape(())) / np.float32(scale.reshape(()))) + int(zp.reshape(()))
+        return int(np.clip(code, 0, 255))
+
     def max_code(name):
-        """Largest uint8 code the input can hold: a level table's largest entry (APoT/PoT activations), else 255."""
+        """Largest uint8 code the input can hold: a level table's largest entry (APoT/PoT activations), the clip of a
+        sub-8-bit uniform activation (4-bit codes end at 15), else 255."""
         node = producer.get(name)
-        table = _looked_up(node.input[0]) if node is not None and node.op_type == "DequantizeLinear" else None
-        return max(1, int(table.max())) if table is not None and table.size else 255
+        if node is None or node.op_type != "DequantizeLinear":
+            return 255
+        table = _looked_up(node.input[0])
+        if table is not None and table.size:
+            return max(1, int(table.max()))
+        q = producer.get(node.input[0])
+        top = clipped_code(q) if q is not None and q.op_type == "QuantizeLinear" else None
+        return max(1, top) if top is not None else 255
 
     total = 0
     for node in model.graph.node:

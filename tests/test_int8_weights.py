@@ -161,3 +161,30 @@ def test_layers_fed_by_16_bit_codes_have_no_saturating_pairs(data):
     assert any(t.data_type == TensorProto.INT16 for t in inits.values())  # the activations' level tables
     assert saturating_pairs(result.onnx_model) == 0
     assert result.report.extra["saturating_pairs"] == 0
+
+
+def test_layers_fed_by_sub_8_bit_uniform_codes_count_pairs_at_their_largest_code(data):
+    """4-bit uniform activations are uint8 codes up to 15 (``Clip`` → ``QuantizeLinear``): a pair of full-range
+    int8 weights adds to at most 15 · 254 there, far from int16. Every pair past 128 was counted as if the codes
+    reached 255, and the report advised --int8-weights s8-safe for a file exact on this CPU (found by the CLI
+    sweep: 132 pairs at W8A4)."""
+    from qcompile.runtime.validation import saturating_pairs
+
+    x, _ = data
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).eval()
+    torch.manual_seed(0)
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.uniform_(m.weight, -1.0, 1.0)  # flat rows: many pairs of large codes
+    result = qcompile.compile(model, x[:1], calib=x[:64], scheme="uniform", wbits=8, abits=4,
+                              keep_first_last="fp32", int8_weights="s8", validation_inputs=x[64:])
+    assert result.report.passed, result.report.summary()
+    graph = result.onnx_model.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    wide = [w for w in inits.values() if w.dtype == np.int8 and w.ndim == 2 and w.shape == (64, 64)]
+    assert wide and int((np.abs(wide[0][:, 0::2].astype(int) + wide[0][:, 1::2]) > 128).sum()) > 0
+    assert any(n.op_type == "Clip" for n in graph.node)  # the 4-bit input codes end at the clip
+    assert saturating_pairs(result.onnx_model) == 0
+    assert result.report.extra["saturating_pairs"] == 0
+    assert "past int16" not in result.report.summary()
