@@ -329,6 +329,9 @@ def cmd_compile(argv) -> int:
             raise UserError(f"--json and -o name the same file {output!r}; give the summary another name")
     calib = load_array_file(args.calib, several=True) if args.calib else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
+    for path, flag in ((output, "-o"), (args.json, "--json")):
+        if path is not None:
+            _check_not_model_source(model, path, flag)
     example = _example_inputs(args, calib)
     if args.input_shape and calib is not None and \
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
@@ -398,6 +401,24 @@ def _check_not_an_input(args, path: str, flag: str) -> None:
     for what, given in inputs:
         if given and os.path.exists(given) and _same_file(path, given):
             raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")
+
+
+def _check_not_model_source(model, path: str, flag: str) -> None:
+    """Refuse an output path that names the Python source of the model's code (the ``--arch`` or spec module, or
+    the module of any of its layers): the ONNX bytes replaced the user's ``models.py`` and the next compile failed
+    with "source code string cannot contain null bytes"."""
+    import sys
+
+    seen = set()
+    for m in model.modules():
+        name = type(m).__module__
+        if name in seen:
+            continue
+        seen.add(name)
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source and os.path.exists(source) and _same_file(path, source):
+            raise UserError(f"{flag} {path!r} is the source file of the model's module {name!r}; writing there "
+                            f"would overwrite it: choose another {flag} path (such as model.onnx)")
 
 
 def json_safe(value):

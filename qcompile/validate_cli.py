@@ -231,6 +231,11 @@ def validate_against(args):
     except (ValueError, AttributeError):
         version = (0,)
     data_free = recorded is None and version >= (0, 4)
+    if data is None and recorded is not None:  # the simulation cannot be rebuilt data-free (compile's refusal
+        # named --keep-first-last and --calib, options of the compile, not of validate)
+        raise UserError(f"{args.onnx!r} was calibrated on {recorded.get('samples', 'its')} samples; validate rebuilds "
+                        "its simulation by calibrating on the same inputs: pass them with --data FILE (the --calib "
+                        "file of the compile)")
     if data is not None and recorded is not None:
         from .api import calibration_fingerprint
 

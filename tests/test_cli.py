@@ -740,6 +740,19 @@ def test_the_model_and_calibration_files_are_never_overwritten(work, capsys):
     assert onnx_files(work) == []
 
 
+def test_the_model_source_module_is_never_overwritten(work, capsys):
+    """-o or --json naming the --arch / spec module's own .py file: the ONNX bytes replaced the user's code, and the
+    next compile failed with "source code string cannot contain null bytes"."""
+    source = f"{MODULE}.py"
+    before = (work / source).read_bytes()
+    for model in (["weights.pt", "--arch", SPEC], [SPEC]):
+        for args in (["-o", source], ["-o", "q.onnx", "--json", f"./{source}"]):
+            rc, out, err = cli(capsys, *model, "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8", *args)
+            assert_user_error(rc, err, "is the source file of the model's module")
+    assert (work / source).read_bytes() == before
+    assert onnx_files(work) == [] and not (work / "q.onnx").exists()
+
+
 def test_json_summary_is_written_whole_next_to_the_file(work, capsys):
     rc, out, err = cli(capsys, SPEC, *FP32_OUT, "--json", "summary.json")
     assert rc == 0, err
@@ -793,6 +806,10 @@ def test_validate_of_a_quantized_file_needs_its_calibration_data(work, capsys):
     assert rc == 0 and "PASS" in out, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "heldout.npy")
     assert_user_error(rc, err, "--data is not the calibration data 'q.onnx' was compiled with (8 samples)")
+    # without --data: the compile's data-free refusal named --keep-first-last and --calib, which validate lacks
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC)
+    assert_user_error(rc, err, "'q.onnx' was calibrated on 8 samples")
+    assert "--data FILE" in err and "--keep-first-last" not in err
 
 
 def test_validate_against_another_model_is_a_user_error(work, capsys):
