@@ -639,8 +639,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                          "arrays, an .npz with x0, x1, ...)")
             if "indices" in str(cause) and "Long, Int" in str(cause) and \
                     all(not isinstance(t, torch.Tensor) or t.is_floating_point() for t in example_inputs):
-                hint = ("an input takes integer ids (an Embedding), which --input-shape cannot make (its inputs are "
-                        "float): give --calib (an .npy/.npz of integer arrays; calib= from Python)")
+                hint = ("an input takes integer ids (an Embedding) and was given floats: --input-shape makes random "
+                        "floats, so give --calib, whose arrays must hold the ids as integers (ids.astype(np.int64), "
+                        "not float32; the same for calib= from Python)")
             elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
                     and "type" in str(cause).lower():
                 hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "

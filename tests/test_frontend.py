@@ -1280,4 +1280,9 @@ def test_autocast_in_forward_and_float_inputs_for_token_ids_are_named(tmp_path):
     _assert_one_line(err, "runs under torch.autocast")
     with pytest.raises(UserError) as err:
         qcompile.compile(TokenMean().eval(), torch.zeros(1, 5), scheme="fp32")
-    _assert_one_line(err, "an input takes integer ids (an Embedding), which --input-shape cannot make")
+    _assert_one_line(err, "an input takes integer ids (an Embedding) and was given floats")
+    # token ids saved as float32 and given as calibration data: the line named only --input-shape
+    ids = torch.randint(0, 5, (8, 5)).float()
+    with pytest.raises(UserError) as err:
+        qcompile.compile(TokenMean().eval(), calib=ids, scheme="uniform", bits=8)
+    _assert_one_line(err, "ids.astype(np.int64), not float32")
