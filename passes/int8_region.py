@@ -174,6 +174,30 @@ def _has_codes(gm, node) -> bool:
     return isinstance(node, torch.fx.Node) and (int8_source(gm, node) is not None or _int8_user(gm, node) is not None)
 
 
+def _only_quantizer_readers(gm, node) -> bool:
+    """Every reader of ``node`` (through max-pooling and reshapes) is an activation quantizer, of any bits."""
+    todo, seen = list(node.users), set()
+    if not todo:
+        return False
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        fq = fake_quantizer(gm, user)
+        if fq is not None and fq.role == "activation":
+            continue
+        if not _is_transparent(gm, user) or not user.users:
+            return False
+        todo.extend(user.users)
+    return True
+
+
+def _sub_8_bit_act(fq) -> bool:
+    """An activation quantizer other than 8-bit uniform (4-bit uniform, APoT, PoT, ...)."""
+    return fq is not None and fq.role == "activation" and not is_int8_act(fq)
+
+
 def _feeds_int8(gm, node) -> bool:
     """Some consumer of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer, an add, a pool, or a
     SiLU/sigmoid that 8-bit quantizers alone read (it becomes an int8 gate once ``node`` has codes)."""
@@ -276,11 +300,18 @@ class QuantizeResiduals(Pass):
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             q = _int8_user(gm, tail)
             if q is None:
-                if not _feeds_int8(gm, tail):
+                if not (_feeds_int8(gm, tail) or (_is_add(node) and _only_quantizer_readers(gm, tail))):
                     continue  # e.g. the graph's output: no integer kernel reads it, keep it float
+                # (a sum that only sub-8-bit quantizers read, through reshapes: 8-bit codes for QLinearAdd, which
+                # those quantizers re-quantize)
                 q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
                 if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user)):
+                    user.replace_input_with(tail, q)
+                    self._changed = True
+                elif user is not q and _is_add(node) and _sub_8_bit_act(fake_quantizer(gm, user)):
+                    # a sub-8-bit quantizer (the next block's 4-bit input) re-quantizes the sum's codes: the float
+                    # sum then has no reader beside them, and onnxruntime fuses the add into QLinearAdd
                     user.replace_input_with(tail, q)
                     self._changed = True
         # after the products and pools above gave their operands codes: the gates of those codes

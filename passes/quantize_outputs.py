@@ -27,7 +27,7 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
-from .int8_region import _is_avgpool, _is_transparent, clip_bounds, is_int8_act, is_rectifier
+from .int8_region import _is_add, _is_avgpool, _is_transparent, clip_bounds, is_int8_act, is_rectifier
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
@@ -44,7 +44,9 @@ class QuantizeOutputs(Pass):
             if node.op != "call_function" or node.target not in _LAYER_FNS or node.meta.get("output_quantized"):
                 continue
             xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
-            if wfq is None or not (is_int8_act(xfq) or (uint8_codes(xfq) and _feeds_int8_only(gm, node))):
+            # (with --float-levels the sums stay float: their sub-8-bit levels are decided on the exact sum)
+            if wfq is None or not (is_int8_act(xfq) or (uint8_codes(xfq) and (
+                    _feeds_int8_only(gm, node) or (self.cells and _feeds_residual_add(gm, node))))):
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -312,6 +314,24 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node) -> bool:
             return False
         stack.extend((u, depth + 1) for u in cur.users)
     return found and deep
+
+
+def _feeds_residual_add(gm: torch.fx.GraphModule, node) -> bool:
+    """The output of layer ``node`` (after at most one ReLU / clip) goes to residual adds, and otherwise only to
+    activation quantizers. At sub-8-bit activations such a layer (a ResNet block's second conv, a MobileNetV2
+    projection) ran on float kernels beside a float add; with an 8-bit output quantizer it runs on the int8 kernels,
+    and ``QuantizeResiduals`` makes the add an 8-bit ``QLinearAdd`` on the residual stream's codes (8-bit noise
+    beside the 4-bit activations the next layers read)."""
+    users = list(node.users)
+    tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
+    readers = list(tail.users)
+    if not any(_is_add(u) for u in readers):
+        return False
+    for u in readers:
+        fq = fake_quantizer(gm, u)
+        if not (_is_add(u) or (fq is not None and fq.role == "activation")):
+            return False
+    return True
 
 
 def _rank(node) -> int | None:

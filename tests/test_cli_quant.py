@@ -83,7 +83,7 @@ def test_compile_apot4_end_to_end(apot4):
     # what quantization costs against the float model, on the line before (validation compares file and simulation)
     vs_float = stdout.strip().splitlines()[-2]
     m = re.match(r"vs the float model: output SQNR ([0-9.]+) dB, top-1 agreement ([0-9.]+)%; lowest quantizer SQNR "
-                 r"act_fq\d+ \((?:input|output) of [a-z0-9., ]+\) ([0-9.]+) dB", vs_float)
+                 r"(?:act|out|res)_fq\d+ \((?:input|output) of [a-z0-9., ]+\) ([0-9.]+) dB", vs_float)
     assert m and 15 < float(m.group(1)) < 40 and float(m.group(2)) > 90, vs_float
 
 

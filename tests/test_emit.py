@@ -687,7 +687,9 @@ def test_conv3d_layers_are_quantized_and_run_on_int8_kernels(scheme, bits, tmp_p
     path = str(tmp_path / "optimized.onnx")
     session(result.onnx_model.SerializeToString(), optimized_model_path=path)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
-    assert ops["QLinearConv"] == (3 if scheme == "uniform" else 1), ops  # APoT W4A4: first layer only (8-bit)
+    # APoT W4A4 too: a's 8-bit input; b's output is the residual stream (8-bit codes for the add); c's output
+    # reaches that add through its ReLU
+    assert ops["QLinearConv"] == 3 and ops["Conv"] + ops["FusedConv"] == 0, ops
 
 
 class ConstantThroughLeaf(nn.Module):

@@ -177,9 +177,11 @@ def test_signed_apot_codes_are_uint8_with_a_zero_point_and_feed_int8_layers(tmp_
     assert any(t.data_type == onnx.TensorProto.UINT8 and int(onnx.numpy_helper.to_array(t)) > 0
                for t in dq_zero_points)
     ops = optimized_ops(result, tmp_path)
-    # int8 kernels everywhere except where a float residual add reads the output (block1's projection); block2's
-    # expand and the head read signed / asymmetric APoT codes, and the head writes the 8-bit codes the pool averages
-    assert ops["QLinearConv"] == 7 and ops["Conv"] + ops["FusedConv"] == 1, ops
+    # int8 kernels everywhere: block1's projection, which the residual add reads, writes 8-bit codes that
+    # QLinearAdd sums (it was a float conv beside a float add); block2's expand and the head read signed /
+    # asymmetric APoT codes, and the head writes the 8-bit codes the pool averages
+    assert ops["QLinearConv"] == 8 and ops["Conv"] + ops["FusedConv"] == 0 and ops["QLinearAdd"] == 1, ops
+    assert ops["Add"] == 2, ops  # the APoT level sums of the asymmetric activations, no float residual add
 
 
 def test_cell_decisions_differ_from_the_exact_ones_only_within_an_accumulator_unit():
@@ -241,7 +243,8 @@ def test_uniform_low_bit_layers_run_on_int8_kernels_bit_exact(bits, tmp_path):
     assert small == {onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4}  # stored at the bit-width
     assert max(o.version for o in result.onnx_model.opset_import if o.domain == "") == (25 if bits == 2 else 21)
     ops = optimized_ops(result, tmp_path)
-    assert ops["QLinearConv"] == 7 and ops["Conv"] + ops["FusedConv"] == 1, ops  # as the APoT file above
+    # as the APoT file above
+    assert ops["QLinearConv"] == 8 and ops["Conv"] + ops["FusedConv"] == 0 and ops["QLinearAdd"] == 1, ops
     float_levels = qcompile.compile(model.eval(), calib=calib, validation_inputs=x, scheme="uniform", bits=bits,
                                     int8_levels=False)
     # the 8-bit stem, and the head, whose 8-bit output codes the pool averages for the 8-bit classifier

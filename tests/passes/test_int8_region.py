@@ -81,11 +81,35 @@ def test_the_skip_connection_reads_the_quantized_tensor():
     assert is_int8_act(fake_quantizer(gm, next(iter(pool.users))))
 
 
-def test_nothing_to_do_below_8_bits():
+def test_below_8_bits_the_residual_add_sums_8_bit_codes_that_the_sub_8_bit_quantizers_re_quantize():
+    """At APoT W4A4 the block's conv2 and downsample (4-bit inputs) get 8-bit outputs (QuantizeOutputs), so the add
+    sums codes (QLinearAdd); its sum gets 8-bit codes, which the average pool reads. Before, the two convs and the add
+    ran float."""
     gm = structured(ResidualCNN(seed=0), cfg("apot", 4))
-    code = gm.code
     result = QuantizeResiduals()(gm)
-    assert result.modified is False and result.gm.code == code
+    assert result.modified
+    verify(result.gm)
+    (add,) = adds(result.gm)
+    assert all(is_int8_act(fake_quantizer(gm, a)) for a in add.args[:2]), add.args
+    tail = next(iter(add.users))
+    assert is_rectifier(gm, tail)
+    (q,) = tail.users
+    assert is_int8_act(fake_quantizer(gm, q))
+    again = QuantizeResiduals()(result.gm)
+    assert again.modified is False
+
+
+def test_a_sum_only_sub_8_bit_quantizers_read_is_re_quantized_from_its_codes():
+    """The sum of two 8-bit codes read only by 4-bit quantizers (a MobileNetV2 block before a stride change) gets
+    8-bit codes, and the 4-bit quantizers read them: the float sum then has no other reader, and onnxruntime fuses
+    the add into QLinearAdd."""
+    gm = structured(MobileNetLike(seed=0, act="relu6"), cfg("uniform", 4))
+    gm = QuantizeResiduals()(gm).gm
+    found = adds(gm)
+    assert found
+    for add in found:
+        assert all(is_int8_act(fake_quantizer(gm, a)) for a in add.args[:2]), add.args
+        assert len(add.users) == 1 and is_int8_act(fake_quantizer(gm, next(iter(add.users)))), list(add.users)
 
 
 # --- parameters ---------------------------------------------------------------------------------------------------

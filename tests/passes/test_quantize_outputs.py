@@ -8,6 +8,7 @@ compute: for uniform W8A8 the ONNX file equals the simulation bit for bit (max a
 from __future__ import annotations
 
 import collections
+import operator
 
 import numpy as np
 import onnx
@@ -131,10 +132,13 @@ def test_sequence_linear_w8a8_runs_on_qlinearmatmul_bit_exact(tmp_path):
 def test_int8_first_and_last_layers_around_apot_layers():
     gm = with_quantizers(cfg("apot", 4, "apot", 4), first_last="int8")
     run_pass(QuantizeOutputs(), gm)
-    # the 4-bit APoT middle has no 8-bit input; fc gives the graph output (QGemm writes it in float); conv1's
-    # output goes through its ReLU to the APoT quantizer of conv2, which decides on cells of conv1's accumulator
-    # (BindIntegerLayers): no 8-bit re-quantization in between
-    assert not output_quantizers(gm)
+    # fc gives the graph output (QGemm writes it in float); conv1's output goes through its ReLU to the APoT
+    # quantizer of conv2, which decides on cells of conv1's accumulator (BindIntegerLayers): no 8-bit
+    # re-quantization in between. Only the two layers the residual add reads (on 4-bit APoT inputs) get 8-bit
+    # outputs: the add then sums codes (QLinearAdd) instead of running float beside two float convs
+    added = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add))
+    feeding = {gm.get_submodule(a.target) for a in added.args[:2] if a.op == "call_module"}
+    assert set(output_quantizers(gm).values()) == feeding and len(feeding) == 2
     conv1 = next(n for n in gm.graph.nodes if n.op == "call_function" and n.meta.get("layer") == "conv1")
     fq, rect, repeat = cell_output(gm, conv1)
     assert fq.scheme == "apot" and fq.bits == 4 and is_rectifier(gm, rect)
