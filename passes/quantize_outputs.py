@@ -46,7 +46,8 @@ class QuantizeOutputs(Pass):
             xfq, wfq = input_quantizer(gm, node.args[0]), fake_quantizer(gm, node.args[1])
             # (with --float-levels the sums stay float: their sub-8-bit levels are decided on the exact sum)
             if wfq is None or not (is_int8_act(xfq) or (uint8_codes(xfq) and (
-                    _feeds_int8_only(gm, node) or (self.cells and _feeds_residual_add(gm, node))))):
+                    _feeds_int8_only(gm, node, any_bits=self.cells) or
+                    (self.cells and _feeds_residual_add(gm, node))))):
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -292,13 +293,15 @@ def _normalized_only(node) -> bool:
     return True
 
 
-def _feeds_int8_only(gm: torch.fx.GraphModule, node) -> bool:
-    """Every value of layer ``node`` reaches 8-bit uniform activation quantizers only, through at most one ReLU /
-    clip and then max-/average-pooling and reshapes (``_is_transparent``), and at least one of them is not right after the
-    layer or its ReLU. A layer on sub-8-bit input codes (uniform, APoT, PoT) runs on the same uint8 × int8 kernels
-    as one on 8-bit codes; where its output goes to the 8-bit input of a classifier through a max-pool and a
-    flatten, it needs the same 8-bit output quantizer to be fused (it ran as a float Conv at W4A4, a QLinearConv
-    at W8A8). Where sub-8-bit quantizers read it, its levels are decided elsewhere (cells) or it stays float."""
+def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> bool:
+    """Every value of layer ``node`` reaches 8-bit uniform activation quantizers only (``any_bits``: activation
+    quantizers of any bits), through at most one ReLU / clip and then max-/average-pooling and reshapes
+    (``_is_transparent``), and at least one of them is not right after the layer or its ReLU. A layer on sub-8-bit
+    input codes (uniform, APoT, PoT) runs on the same uint8 × int8 kernels as one on 8-bit codes; where its output
+    goes to the 8-bit input of a classifier through a max-pool and a flatten, it needs the same 8-bit output
+    quantizer to be fused (it ran as a float Conv at W4A4, a QLinearConv at W8A8). With ``any_bits`` a uniform 4-bit
+    quantizer after a max-pool re-quantizes those 8-bit codes, as it does after an 8-bit-input layer (APoT/PoT
+    levels there are decided on cells instead: ``QuantizeOutputs.call`` checks that first)."""
     users = list(node.users)
     tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
     stack, found, deep = [(u, 0) for u in tail.users], False, False
@@ -306,7 +309,7 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node) -> bool:
         cur, depth = stack.pop()
         fq = fake_quantizer(gm, cur)
         if fq is not None:
-            if not is_int8_act(fq):
+            if not (is_int8_act(fq) or (any_bits and fq.role == "activation")):
                 return False
             found, deep = True, deep or depth > 0
             continue

@@ -444,3 +444,34 @@ def test_a_layer_on_sub_8_bit_codes_feeding_an_8_bit_classifier_runs_on_int8_ker
     ops = optimized_op_counts(result.onnx_model, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 1, ops
     assert ops["Conv"] == ops["FusedConv"] == 0, ops  # c2 was a float (Fused)Conv at W4A4, a QLinearConv at W8A8
+
+
+class PoolBetween(nn.Module):
+    """c1 → ReLU → c2 → ReLU → max-pool → c3 → ReLU → flatten → fc: at W4A4 c2 reads 4-bit codes and its output
+    reaches c3's 4-bit quantizer through the max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3)
+        self.fc = nn.Linear(8 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.c2(F.relu(self.c1(x)))), 2)
+        return self.fc(torch.flatten(F.relu(self.c3(x)), 1))
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "apot"])
+def test_a_layer_before_a_max_pool_and_a_sub_8_bit_quantizer_runs_on_int8_kernels(scheme, tmp_path):
+    """Uniform 4-bit levels after a max-pool: the layer writes 8-bit codes that the 4-bit quantizer re-quantizes (as
+    after an 8-bit-input layer); it ran as a float FusedConv. APoT levels there are decided on cells instead."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(PoolBetween().eval(), calib=x[:32], validation_inputs=x[32:], scheme=scheme, bits=4)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    outputs = [r for t in result.timings if t.name == "QuantizeOutputs" for r in t.report]
+    assert any(r.startswith("c2") for r in outputs) == (scheme == "uniform"), outputs
+    ops = optimized_op_counts(result.onnx_model, tmp_path)
+    assert ops["QLinearConv"] == 3 and ops["Conv"] == ops["FusedConv"] == 0, ops
+    float_levels = qcompile.compile(PoolBetween().eval(), calib=x[:32], scheme=scheme, bits=4, int8_levels=False,
+                                    validate=False)
+    assert not any(r.startswith("c2") for t in float_levels.timings if t.name == "QuantizeOutputs" for r in t.report)
