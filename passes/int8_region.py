@@ -176,21 +176,7 @@ def _has_codes(gm, node) -> bool:
 
 def _only_quantizer_readers(gm, node) -> bool:
     """Every reader of ``node`` (through max-pooling and reshapes) is an activation quantizer, of any bits."""
-    todo, seen = list(node.users), set()
-    if not todo:
-        return False
-    while todo:
-        user = todo.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        fq = fake_quantizer(gm, user)
-        if fq is not None and fq.role == "activation":
-            continue
-        if not _is_transparent(gm, user) or not user.users:
-            return False
-        todo.extend(user.users)
-    return True
+    return _only_readers(gm, node, lambda fq: fq is not None and fq.role == "activation")
 
 
 def _sub_8_bit_act(fq) -> bool:
@@ -238,6 +224,11 @@ def _read_by_int8_quantizers(gm, node) -> bool:
 
 def _only_int8_readers(gm, node) -> bool:
     """Every reader of ``node`` (through max-pooling and reshapes) is an 8-bit quantizer."""
+    return _only_readers(gm, node, is_int8_act)
+
+
+def _only_readers(gm, node, accept) -> bool:
+    """Every reader of ``node``, through max-pooling and reshapes, is a quantizer ``accept(fq)`` takes."""
     todo, seen = list(node.users), set()
     if not todo:
         return False
@@ -246,7 +237,7 @@ def _only_int8_readers(gm, node) -> bool:
         if user in seen:
             continue
         seen.add(user)
-        if is_int8_act(fake_quantizer(gm, user)):
+        if accept(fake_quantizer(gm, user)):
             continue
         if not _is_transparent(gm, user) or not user.users:
             return False
