@@ -27,7 +27,8 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer
 from .insert_quant import is_nonnegative
-from .int8_region import _is_add, _is_avgpool, _is_transparent, clip_bounds, is_int8_act, is_rectifier
+from .int8_region import (LOW_BITS, _has_codes, _is_add, _is_avgpool, _is_transparent, _sub_8_bit_act, clip_bounds,
+                          is_int8_act, is_rectifier)
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
@@ -299,9 +300,10 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> 
     (``_is_transparent``), and at least one of them is not right after the layer or its ReLU. A layer on sub-8-bit
     input codes (uniform, APoT, PoT) runs on the same uint8 × int8 kernels as one on 8-bit codes; where its output
     goes to the 8-bit input of a classifier through a max-pool and a flatten, it needs the same 8-bit output
-    quantizer to be fused (it ran as a float Conv at W4A4, a QLinearConv at W8A8). With ``any_bits`` a uniform 4-bit
-    quantizer after a max-pool re-quantizes those 8-bit codes, as it does after an 8-bit-input layer (APoT/PoT
-    levels there are decided on cells instead: ``QuantizeOutputs.call`` checks that first)."""
+    quantizer to be fused (it ran as a float Conv at W4A4, a QLinearConv at W8A8). With ``any_bits`` a uniform
+    quantizer of at most ``LOW_BITS`` bits after a max-pool re-quantizes those 8-bit codes, as it does after an
+    8-bit-input layer (APoT/PoT levels there are decided on cells instead: ``QuantizeOutputs.call`` checks that
+    first)."""
     users = list(node.users)
     tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
     stack, found, deep = [(u, 0) for u in tail.users], False, False
@@ -309,7 +311,7 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> 
         cur, depth = stack.pop()
         fq = fake_quantizer(gm, cur)
         if fq is not None:
-            if not (is_int8_act(fq) or (any_bits and fq.role == "activation")):
+            if not (is_int8_act(fq) or (any_bits and _sub_8_bit_act(fq))):
                 return False
             found, deep = True, deep or depth > 0
             continue
@@ -320,21 +322,47 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> 
 
 
 def _feeds_residual_add(gm: torch.fx.GraphModule, node) -> bool:
-    """The output of layer ``node`` (after at most one ReLU / clip) goes to residual adds, and otherwise only to
-    activation quantizers. At sub-8-bit activations such a layer (a ResNet block's second conv, a MobileNetV2
+    """Layer ``node`` reads codes of at most ``LOW_BITS`` bits, and its output (after at most one ReLU / clip) goes to
+    residual adds whose other operand is or will be 8-bit codes (``_may_have_codes``), and otherwise only to 8-bit or
+    low-bit activation quantizers. At 4-bit activations such a layer (a ResNet block's second conv, a MobileNetV2
     projection) ran on float kernels beside a float add; with an 8-bit output quantizer it runs on the int8 kernels,
     and ``QuantizeResiduals`` makes the add an 8-bit ``QLinearAdd`` on the residual stream's codes (8-bit noise
-    beside the 4-bit activations the next layers read)."""
+    beside the 4-bit activations the next layers read). Not a Linear on (B, T, d) tokens: its output quantizer
+    splits the bias off (``MatMul → Q → DQ → Add``), slower than the ``MatMulIntegerToFloat`` it ran as, where the
+    stream beside it (LayerNorm, GELU) stays float anyway."""
+    xfq = input_quantizer(gm, node.args[0])
+    if xfq is None or xfq.bits > LOW_BITS or (node.target is F.linear and _rank(node.args[0]) != 2):
+        return False
     users = list(node.users)
     tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
     readers = list(tail.users)
     if not any(_is_add(u) for u in readers):
         return False
     for u in readers:
-        fq = fake_quantizer(gm, u)
-        if not (_is_add(u) or (fq is not None and fq.role == "activation")):
+        if _is_add(u):
+            if not all(a is tail or _may_have_codes(gm, a) for a in u.args[:2]):
+                return False
+        elif not (is_int8_act(fake_quantizer(gm, u)) or _sub_8_bit_act(fake_quantizer(gm, u))):
             return False
     return True
+
+
+def _may_have_codes(gm: torch.fx.GraphModule, x, depth: int = 0) -> bool:
+    """``x`` is 8-bit codes now (``_has_codes``) or will be once the int8 region is closed: the output of a
+    convolution or 2-D Linear (an 8-bit output quantizer where it runs on int8 kernels), through a ReLU / clip,
+    max-pooling or reshapes, or a sum of such values (``QuantizeResiduals`` gives it codes)."""
+    if not isinstance(x, torch.fx.Node) or depth > 64:
+        return False
+    if _has_codes(gm, x):
+        return True
+    if (is_rectifier(gm, x) or _is_transparent(gm, x)) and x.args:
+        return _may_have_codes(gm, x.args[0], depth + 1)
+    if x.op == "call_function" and (x.target in (F.conv1d, F.conv2d, F.conv3d) or
+                                    (x.target is F.linear and _rank(x.args[0]) == 2)):
+        return True
+    if _is_add(x):
+        return all(_may_have_codes(gm, a, depth + 1) for a in x.args[:2])
+    return False
 
 
 def _rank(node) -> int | None:

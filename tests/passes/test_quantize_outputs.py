@@ -421,8 +421,10 @@ class PooledHead(nn.Module):
         conv = nn.Conv2d if two_d else nn.Conv1d
         self.c1 = conv(1 if two_d else 8, 8, 3, padding=1)
         self.c2 = conv(8, 16, 3, padding=1)
-        self.p1 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.Identity()}[pool]
-        self.p2 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.AdaptiveMaxPool1d(1)}[pool]
+        self.p1 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.Identity(),
+                   "adaptive2d_fn": nn.MaxPool2d(2)}[pool]
+        self.p2 = {"max": nn.MaxPool2d(2), "avg": nn.AvgPool2d(2), "adaptive1d": nn.AdaptiveMaxPool1d(1),
+                   "adaptive2d_fn": lambda t: F.adaptive_max_pool2d(t, 2)}[pool]
         self.fc = nn.Linear(16 * 4 if two_d else 16, 10)
 
     def forward(self, x):
@@ -430,7 +432,7 @@ class PooledHead(nn.Module):
         return self.fc(torch.flatten(self.p2(F.relu(self.c2(x))), 1))
 
 
-@pytest.mark.parametrize("pool", ["max", "avg", "adaptive1d"])
+@pytest.mark.parametrize("pool", ["max", "avg", "adaptive1d", "adaptive2d_fn"])
 @pytest.mark.parametrize("scheme", ["uniform", "apot"])
 def test_a_layer_on_sub_8_bit_codes_feeding_an_8_bit_classifier_runs_on_int8_kernels(pool, scheme, tmp_path):
     torch.manual_seed(0)
