@@ -295,8 +295,8 @@ def _normalized_only(node) -> bool:
 
 
 def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> bool:
-    """Every value of layer ``node`` reaches 8-bit uniform activation quantizers only (``any_bits``: activation
-    quantizers of any bits), through at most one ReLU / clip and then max-/average-pooling and reshapes
+    """Every value of layer ``node`` reaches 8-bit uniform activation quantizers only (``any_bits``: or activation
+    quantizers of at most ``LOW_BITS`` bits), through at most one ReLU / clip and then max-/average-pooling and reshapes
     (``_is_transparent``), and at least one of them is not right after the layer or its ReLU. A layer on sub-8-bit
     input codes (uniform, APoT, PoT) runs on the same uint8 × int8 kernels as one on 8-bit codes; where its output
     goes to the 8-bit input of a classifier through a max-pool and a flatten, it needs the same 8-bit output
