@@ -81,7 +81,8 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         return fast
     in_names = input_names_for(len(example_inputs))
     n_out = _output_count(gm, example_inputs)
-    out_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    out_names = _dict_output_names(gm, n_out, in_names) or \
+        (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
     dynamic_axes = None
     if dynamic_batch:
         dynamic_axes = {name: {0: "batch"} for name in in_names + out_names}
@@ -235,6 +236,21 @@ def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
         del node.attribute[:]
         node.attribute.extend(keep + [onnx.helper.make_attribute("pads", pads)])
     return model
+
+
+def _dict_output_names(gm: torch.nn.Module, n_out: int, taken: list[str]) -> list[str] | None:
+    """The keys of a model's flat dict output (``{"logits": ..., "box": ...}``), in their order, as the ONNX output
+    names (they were ``output_0``, ``output_1``); None for other outputs or keys that are not distinct names."""
+    graph = getattr(gm, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    out = next(n for n in reversed(graph.nodes) if n.op == "output").args[0]
+    if not isinstance(out, dict) or len(out) != n_out or not all(isinstance(v, torch.fx.Node) for v in out.values()):
+        return None
+    names = [str(k) for k in out]
+    if not all(isinstance(k, str) and k.strip() for k in out) or len(set(names)) != len(names) or set(names) & set(taken):
+        return None
+    return names
 
 
 def _output_count(gm: torch.nn.Module, example_inputs: tuple) -> int:

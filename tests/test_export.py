@@ -251,6 +251,37 @@ def test_compile_api_fp32(tmp_path, factory):
         assert rel_err(got, model(x)) <= RTOL
 
 
+class DictHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.cls, self.reg = nn.Linear(16, 3), nn.Linear(16, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": self.cls(h), "box": self.reg(h)}
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_a_dict_output_names_the_onnx_outputs_after_its_keys(scheme, tmp_path):
+    """A model returning {"logits": ..., "box": ...} gave outputs output_0 and output_1; its users look them up by
+    the model's own keys."""
+    torch.manual_seed(0)
+    model, x = DictHeads().eval(), torch.randn(32, 8)
+    out = tmp_path / "heads.onnx"
+    result = qcompile.compile(model, x[:1], calib=None if scheme == "fp32" else x, scheme=scheme,
+                              **({} if scheme == "fp32" else {"bits": 8}), output=str(out))
+    assert result.report.passed, result.report.summary()
+    sess = session(str(out))
+    assert [o.name for o in sess.get_outputs()] == ["logits", "box"]
+    got = dict(zip(["logits", "box"], run(sess, [x.numpy()])))
+    with torch.no_grad():
+        want = model(x)
+    assert got["logits"].shape == (32, 3) and got["box"].shape == (32, 1)
+    if scheme == "fp32":
+        assert rel_err(got["logits"], want["logits"]) <= RTOL and rel_err(got["box"], want["box"]) <= RTOL
+
+
 def test_compile_api_compiles_a_training_mode_model_for_inference():
     """A model handed over in training mode (BatchNorm on batch statistics, Dropout on) is compiled as its eval-mode
     self, in the quantized pipeline too, and is handed back untouched: still training, same parameters and
