@@ -347,22 +347,27 @@ def _feeds_residual_add(gm: torch.fx.GraphModule, node) -> bool:
     return True
 
 
-def _may_have_codes(gm: torch.fx.GraphModule, x, depth: int = 0) -> bool:
+def _may_have_codes(gm: torch.fx.GraphModule, x, depth: int = 0, seen: dict | None = None) -> bool:
     """``x`` is 8-bit codes now (``_has_codes``) or will be once the int8 region is closed: the output of a
     convolution or 2-D Linear (an 8-bit output quantizer where it runs on int8 kernels), through a ReLU / clip,
-    max-pooling or reshapes, or a sum of such values (``QuantizeResiduals`` gives it codes)."""
+    max-pooling or reshapes, or a sum of such values (``QuantizeResiduals`` gives it codes). Each node is decided
+    once (``seen``): sums of sums that share operands (``y = y + y`` repeated) would otherwise be walked 2^depth
+    times."""
     if not isinstance(x, torch.fx.Node) or depth > 64:
         return False
-    if _has_codes(gm, x):
-        return True
-    if (is_rectifier(gm, x) or _is_transparent(gm, x)) and x.args:
-        return _may_have_codes(gm, x.args[0], depth + 1)
-    if x.op == "call_function" and (x.target in (F.conv1d, F.conv2d, F.conv3d) or
-                                    (x.target is F.linear and _rank(x.args[0]) == 2)):
-        return True
-    if _is_add(x):
-        return all(_may_have_codes(gm, a, depth + 1) for a in x.args[:2])
-    return False
+    seen = {} if seen is None else seen
+    if x not in seen:
+        seen[x] = False  # (a cycle cannot occur in a graph; this only guards the recursion)
+        if _has_codes(gm, x):
+            seen[x] = True
+        elif (is_rectifier(gm, x) or _is_transparent(gm, x)) and x.args:
+            seen[x] = _may_have_codes(gm, x.args[0], depth + 1, seen)
+        elif x.op == "call_function" and (x.target in (F.conv1d, F.conv2d, F.conv3d) or
+                                          (x.target is F.linear and _rank(x.args[0]) == 2)):
+            seen[x] = True
+        elif _is_add(x):
+            seen[x] = all(_may_have_codes(gm, a, depth + 1, seen) for a in x.args[:2])
+    return seen[x]
 
 
 def _rank(node) -> int | None:
