@@ -477,3 +477,26 @@ def test_a_layer_before_a_max_pool_and_a_sub_8_bit_quantizer_runs_on_int8_kernel
     float_levels = qcompile.compile(PoolBetween().eval(), calib=x[:32], scheme=scheme, bits=4, int8_levels=False,
                                     validate=False)
     assert not any(r.startswith("c2") for t in float_levels.timings if t.name == "QuantizeOutputs" for r in t.report)
+
+
+def test_may_have_codes_decides_each_node_once(monkeypatch):
+    """Sums of shared sums (``z = z + z`` repeated) were walked once per path: 2^20 calls for 20 doublings."""
+    import qcompile.passes.quantize_outputs as qo
+
+    class Doubling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            z = self.c(x)
+            for _ in range(20):
+                z = z + z
+            return z
+
+    gm = trace(Doubling().eval(), torch.randn(1, 2, 4, 4))
+    calls = []
+    monkeypatch.setattr(qo, "_has_codes", lambda gm, node: calls.append(node) or False)
+    last = next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0]
+    assert qo._may_have_codes(gm, last)  # a sum of sums of a convolution's output
+    assert len(calls) <= 25, len(calls)
