@@ -631,6 +631,11 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                         callback=callback)
     gm = pipeline(gm).gm
     gm.eval()
+    hints = [h for p in pipeline.passes for h in getattr(p, "level_hints", ())]
+    if hints:  # the pass report has them too; from Python a warning is the only word of it
+        warnings.warn(f"{hints[0]}{f' (and {len(hints) - 1} more)' if len(hints) > 1 else ''}: APoT levels suit "
+                      "bell-shaped values, uniform ones values spread over their range; consider --ascheme uniform "
+                      "(ascheme='uniform') or --config for those layers", QuantizationWarning, stacklevel=3)
 
     if opts.quantized:
         from qcompile.passes.select import opaque_layers
