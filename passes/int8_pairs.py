@@ -34,6 +34,7 @@ import functools
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -125,22 +126,23 @@ def _is_uniform(grid: tuple) -> bool:
     return all(b - a == 1 for a, b in zip(grid, grid[1:]))
 
 
-def _project_uniform(ma: torch.Tensor, mb: torch.Tensor, top: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _project_uniform(ma, mb, top: int, limit: int):
     """Integer magnitudes (a, b), a + b <= limit, 0 <= a, b <= top, nearest to (ma, mb) (closed form: the
-    projection onto a + b = limit, rounded both ways)."""
+    projection onto a + b = limit, rounded both ways). Arrays of torch or numpy."""
+    xp = np if isinstance(ma, np.ndarray) else torch
     lo, hi = max(0, limit - top), min(top, limit)
-    centre = ((ma - mb + limit) / 2).clamp(lo, hi)
+    centre = xp.clip((ma - mb + limit) / 2, lo, hi)
     best_a = best_b = best_err = None
-    for a in (centre.floor(), centre.ceil()):
-        a = a.clamp(lo, hi)
+    for a in (xp.floor(centre), xp.ceil(centre)):
+        a = xp.clip(a, lo, hi)
         b = limit - a
         err = (ma - a) ** 2 + (mb - b) ** 2
         if best_err is None:
             best_a, best_b, best_err = a, b, err
         else:
             better = err < best_err
-            best_a, best_b, best_err = torch.where(better, a, best_a), torch.where(better, b, best_b), \
-                torch.minimum(err, best_err)
+            best_a, best_b, best_err = xp.where(better, a, best_a), xp.where(better, b, best_b), \
+                xp.minimum(err, best_err)
     return best_a, best_b
 
 
@@ -198,9 +200,10 @@ def _scale_factors(top: int, limit: int) -> list[float]:
     return [1.0 + (safe - 1.0) * i / SCALE_STEPS for i in range(SCALE_STEPS + 1)]
 
 
-def pair_positions(rows: torch.Tensor, cols: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_positions(rows, cols, shape: torch.Size):
     """Flat indices into the weight (``shape``) of the two elements of pairs (rows, cols) of ``split_pairs``;
-    -1 for the zero padding of an odd reduction length."""
+    -1 for the zero padding of an odd reduction length. Index arrays of torch or numpy."""
+    xp = np if isinstance(rows, np.ndarray) else torch
     o, c = shape[0], shape[1]
     per_row = 1
     for d in shape[1:]:
@@ -214,69 +217,65 @@ def pair_positions(rows: torch.Tensor, cols: torch.Tensor, shape: torch.Size) ->
     out = []
     for q in (2 * cols, 2 * cols + 1):
         idx = base + (q % c) * spatial + q // c
-        out.append(torch.where(q < per_row, idx, torch.full_like(idx, -1)))
+        out.append(xp.where(q < per_row, idx, xp.full_like(idx, -1)))
     return out[0], out[1]
 
 
-def _gather(flat: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return torch.where(index >= 0, flat[index.clamp_min(0)], torch.zeros((), dtype=flat.dtype))
+# The fast search below runs in numpy: it works on a few hundred pairs per layer, where each torch operation's
+# fixed cost (several microseconds) was most of the time (the digits model's six layers: 10.5 -> 3 ms). The
+# float32 operations are the same (IEEE division, round half to even, float64 sums), so are the codes.
+
+def _np_round_codes(x: np.ndarray, top_lo: int, top_hi: int) -> np.ndarray:
+    return np.clip(np.round(x), top_lo, top_hi)
 
 
-def _estimated_errors(pa: torch.Tensor, pb: torch.Tensor, rows: torch.Tensor, clip_rows: torch.Tensor,
-                      clip_vals: torch.Tensor, n_rows: int, k: int, top: int, limit: int, factors: list[float],
-                      values: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _estimated_errors(pa: np.ndarray, pb: np.ndarray, rows: np.ndarray, clip_rows: np.ndarray,
+                      clip_vals: np.ndarray, n_rows: int, k: int, top: int, limit: int, factors: list[float],
+                      values: Optional[np.ndarray] = None) -> np.ndarray:
     """[len(factors), n_rows]: per output channel (row), the squared error, in units of the f = 1 step, of
     uniform codes at step f after the pair projection. With ``values`` (the float codes at f = 1, [rows, K]) the
     rounding and clipping errors are summed exactly; without, rounding contributes f²/12 per element (a uniform
     grid's MSE for any smooth weight distribution, good for long rows) and the clipped elements (magnitudes
     ``clip_vals`` in ``clip_rows``) are counted exactly. The same-sign pairs that may reach the limit
-    (magnitudes pa, pb in ``rows``) are projected exactly. Every candidate is evaluated at once."""
-    f = torch.tensor(factors, dtype=torch.float64)[:, None]  # [F, 1]
+    (magnitudes pa, pb in ``rows``, float32) are projected exactly. Every candidate is evaluated at once."""
+    f = np.asarray(factors, dtype=np.float64)[:, None]  # [F, 1]
     f2 = f * f
-
-    f32, f2_32 = f.float(), f2.float()
+    f32, f2_32 = f.astype(np.float32), f2.astype(np.float32)
 
     def rounding(x):  # squared error of codes at every step, [F, n] (float32: these only rank the candidates)
-        y = x.float()[None] / f32
-        return (y - torch.round(y).clamp(-top, top)) ** 2 * f2_32
+        y = x[None] / f32
+        return (y - _np_round_codes(y, -top, top)) ** 2 * f2_32
 
     if values is not None:
-        out = torch.zeros(len(factors), n_rows, dtype=torch.float64)
+        out = np.zeros((len(factors), n_rows), dtype=np.float64)
         step = max(1, (1 << 22) // max(1, values.shape[1] * len(factors)))
         for i in range(0, n_rows, step):
             out[:, i:i + step] = rounding(values[i:i + step].reshape(-1)).reshape(
-                len(factors), -1, values.shape[1]).sum(-1, dtype=torch.float64)
+                len(factors), -1, values.shape[1]).sum(-1, dtype=np.float64)
     else:
-        out = (k * f2 / 12.0).expand(len(factors), n_rows).contiguous()
+        out = np.ascontiguousarray(np.broadcast_to(k * f2 / 12.0, (len(factors), n_rows)))
         if len(clip_vals):
             over = clip_vals[None] > top * f
-            out.index_add_(1, clip_rows, torch.where(over, (clip_vals[None] - top * f) ** 2 - f2 / 12.0, 0.0))
+            np.add.at(out, (slice(None), clip_rows), np.where(over, (clip_vals[None] - top * f) ** 2 - f2 / 12.0, 0.0))
     if len(rows):
         # Only the (candidate, pair) entries whose rounded codes still pass the limit change; project just those,
-        # in float32 (this ranks candidates; the codes themselves come from fix_pairs). Random-init layers can
-        # have a quarter of their pairs here, so the dense [F, pairs] float64 form took seconds per layer.
-        xa, xb = pa.float()[None] / f32, pb.float()[None] / f32
-        bad = torch.round(xa).clamp(max=top) + torch.round(xb).clamp(max=top) > limit
-        fi, pi = bad.nonzero(as_tuple=True)
+        # in float32 (this ranks candidates; the codes themselves come from the projection at the chosen scale).
+        # Random-init layers can have a quarter of their pairs here, so a dense [F, pairs] float64 form is slow.
+        xa, xb = pa[None] / f32, pb[None] / f32
+        bad = np.minimum(np.round(xa), top) + np.minimum(np.round(xb), top) > limit
+        fi, pi = bad.nonzero()
         if len(fi):
             sa, sb, step, step2 = xa[fi, pi], xb[fi, pi], f32[fi, 0], f2_32[fi, 0]
             qa, qb = _project_uniform(sa, sb, top, limit)
             if values is not None:
-                ya, yb = pa.float()[pi] / step, pb.float()[pi] / step
-                counted = ((ya - torch.round(ya).clamp(-top, top)) ** 2 +
-                           (yb - torch.round(yb).clamp(-top, top)) ** 2) * step2
+                ya, yb = pa[pi] / step, pb[pi] / step
+                counted = ((ya - _np_round_codes(ya, -top, top)) ** 2 +
+                           (yb - _np_round_codes(yb, -top, top)) ** 2) * step2
             else:
                 counted = 2 * step2 / 12.0
             extra = ((sa - qa) ** 2 + (sb - qb) ** 2) * step2 - counted
-            out.index_put_((fi, rows[pi]), extra.double(), accumulate=True)
+            np.add.at(out, (fi, rows[pi]), extra.astype(np.float64))
     return out
-
-
-def _codes(x: torch.Tensor, unit: torch.Tensor, ls) -> torch.Tensor:
-    """``quant.quantize`` of a symmetric uniform grid, element by element (``unit`` per element): the same float32
-    division, round-half-even and clamp, without its per-call checks (this pass calls it on a few hundred pairs per
-    layer, where those checks were most of the time)."""
-    return torch.round(x / unit).clamp_(ls.code_min, ls.code_max).long()
 
 
 EXACT_ROW = 256  # rows shorter than this sum their rounding errors exactly (the f²/12 estimate needs long rows)
@@ -288,55 +287,66 @@ def _safe_weights_fast(w: torch.Tensor, wfq: FakeQuantize, limit: int):
     one pass over the weights to find them (pairs whose float codes add to more than limit - 1, then their codes),
     everything works on those few pairs."""
     ls = wfq.levelset
-    grid = tuple(ls.grid)
     top = max(-ls.code_min, ls.code_max)
-    alpha0 = wfq.alpha.detach().float()
-    wd = w.detach().float()
+    denom = np.float32(ls.denom)
+    alpha0 = wfq.alpha.detach().float().numpy()
+    wd = w.detach().float().numpy()
     flat = wd.reshape(-1)
-    n_rows, k = wd.shape[0], wd[0].numel()
-    unit0 = quant.unit_from_alpha(alpha0, ls).float()
-    va, vb = split_pairs(wd / unit0.reshape([-1] + [1] * (w.dim() - 1)))
-    rows, cols = ((va + vb).abs() > limit - 1).nonzero(as_tuple=True)
+    n_rows, k = wd.shape[0], flat.size // max(wd.shape[0], 1)
+    bshape = (-1,) + (1,) * (wd.ndim - 1)
+    unit0 = alpha0 / denom  # quant.unit_from_alpha: float32 alpha / float32 denominator
+    scaled = wd / unit0.reshape(bshape)  # float codes at the calibrated step
+    va, vb = (t.numpy() for t in split_pairs(torch.from_numpy(scaled)))
+    rows, cols = (np.abs(va + vb) > limit - 1).nonzero()
     ia, ib = pair_positions(rows, cols, wd.shape)
-    wa, wb = _gather(flat, ia), _gather(flat, ib)
+    wa, wb = (np.where(i >= 0, flat[np.maximum(i, 0)], np.float32(0)) for i in (ia, ib))
 
     def codes_at(alpha):
-        unit = quant.unit_from_alpha(alpha, ls)[rows]
-        return _codes(wa, unit, ls), _codes(wb, unit, ls)
+        unit = (alpha / denom)[rows]
+        return _np_round_codes(wa / unit, ls.code_min, ls.code_max), _np_round_codes(wb / unit, ls.code_min,
+                                                                                     ls.code_max), unit
 
     # a wider step never raises a magnitude code, so a pair safe at alpha0 is safe at every candidate: keep only
     # the pairs that violate at alpha0 (all of the same sign)
-    keep = _violations(*codes_at(alpha0), limit)
-    if not bool(keep.any()):
+    ca, cb, _ = codes_at(alpha0)
+    keep = np.abs(ca + cb) > limit
+    if not keep.any():
         return None
     rows, cols, ia, ib, wa, wb = rows[keep], cols[keep], ia[keep], ib[keep], wa[keep], wb[keep]
     xa, xb = va[rows, cols], vb[rows, cols]
     clip_rows, clip_vals = [], []
     for v in (va, vb):
-        r, c = (v.abs() > top).nonzero(as_tuple=True)
+        r, c = (np.abs(v) > top).nonzero()
         clip_rows.append(r)
-        clip_vals.append(v[r, c].abs().double())
+        clip_vals.append(np.abs(v[r, c]).astype(np.float64))
     factors = _scale_factors(top, limit)
-    values = (wd / unit0.reshape([-1] + [1] * (w.dim() - 1))).reshape(n_rows, -1) if k < EXACT_ROW else None
-    est = _estimated_errors(xa.abs().double(), xb.abs().double(), rows, torch.cat(clip_rows), torch.cat(clip_vals),
+    values = scaled.reshape(n_rows, -1) if k < EXACT_ROW else None
+    est = _estimated_errors(np.abs(xa), np.abs(xb), rows, np.concatenate(clip_rows), np.concatenate(clip_vals),
                             n_rows, k, top, limit, factors, values)
-    best = est.argmin(dim=0)
-    alpha = alpha0 * torch.tensor(factors, dtype=torch.float32)[best]
-    ca, cb = codes_at(alpha)
-    unit = quant.unit_from_alpha(alpha, ls).float()[rows]
-    na, nb, _ = fix_pairs(ca, cb, wa / unit, wb / unit, grid, limit)
-    w_new = flat.clone()
+    best = est.argmin(axis=0)
+    alpha = alpha0 * np.asarray(factors, dtype=np.float32)[best]
+    ca, cb, unit = codes_at(alpha)
+    # the pairs still past the limit at the chosen step go to the nearest grid pair within it (fix_pairs, uniform)
+    na, nb = ca.copy(), cb.copy()
+    bad = np.abs(ca + cb) > limit
+    for s, top_s in ((1.0, ls.code_max), (-1.0, -ls.code_min)):
+        sel = bad & (np.sign(ca) == s)
+        if sel.any():
+            ma = np.maximum((wa[sel] / unit[sel]).astype(np.float64) * s, 0.0)
+            mb = np.maximum((wb[sel] / unit[sel]).astype(np.float64) * s, 0.0)
+            pa, pb = _project_uniform(ma, mb, int(top_s), limit)
+            na[sel], nb[sel] = s * pa, s * pb
+    w_new = flat.copy()
     n_moved = 0
     for idx, old, new in ((ia, ca, na), (ib, cb, nb)):
         moved = (new != old) & (idx >= 0)
-        value = new[moved].float() * unit[moved]
-        if not torch.equal(_codes(value, unit[moved], ls), new[moved]):
+        value = new[moved].astype(np.float32) * unit[moved]
+        if not np.array_equal(_np_round_codes(value / unit[moved], ls.code_min, ls.code_max), new[moved]):
             raise AssertionError("moved weights do not quantize to their pair-safe codes")
         w_new[idx[moved]] = value
         n_moved += int(moved.sum())
-    unit0_sq = (unit0.double() ** 2)
-    err = float((est.gather(0, best[None])[0] * unit0_sq).sum())
-    return w_new.reshape(wd.shape).to(w.dtype), alpha, n_moved, err
+    err = float((np.take_along_axis(est, best[None], 0)[0] * unit0.astype(np.float64) ** 2).sum())
+    return (torch.from_numpy(w_new.reshape(wd.shape)).to(w.dtype), torch.from_numpy(alpha), n_moved, err)
 
 
 def safe_weights(w: torch.Tensor, wfq: FakeQuantize,
