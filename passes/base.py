@@ -289,13 +289,17 @@ def calibration_inputs(data, gm: torch.fx.GraphModule):
     batches was read as several model inputs."""
     if data is None:
         return None
+    from qcompile.api import calib_data, model_input
+
+    # tensors as compile() takes them (model_input): float32, plain strides. A slice x[:32] of (N, 1, 8, 8) images
+    # has strides (64, 1, 8, 1), which the kernels run as channels-last: other float sums, other scales, so a pass
+    # pipeline run by hand calibrated another file than compile() on the same data
     n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
     if n == 1 and isinstance(data, torch.Tensor):
-        return data
+        return model_input(data)
     if n > 1 and isinstance(data, (tuple, list)) and len(data) == n and all(isinstance(t, torch.Tensor) for t in data) \
             and len({t.shape[0] if t.dim() else -1 for t in data}) == 1:
-        return tuple(data)
-    from qcompile.api import calib_data
+        return tuple(model_input(t) for t in data)
 
     return calib_data(data, n)
 

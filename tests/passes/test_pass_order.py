@@ -4,6 +4,7 @@ they used to do nothing silently (InsertQuantizers before SelectLayers: no quant
 from __future__ import annotations
 
 import pytest
+import torch
 
 import qcompile
 from qcompile.emit import emit, quantizers_by_id
@@ -49,3 +50,22 @@ def test_fold_batchnorm_after_insert_quantizers_says_why_nothing_folds():
     assert any("already quantized (run FoldBatchNorm before InsertQuantizers)" in line for line in fold.report), \
         fold.report
     assert layer_table(gm)  # the decisions are still there to read
+
+
+def test_build_passes_by_hand_calibrates_what_compile_does_on_a_strided_slice():
+    """``build_passes`` gives the passes ``compile`` runs, so a pipeline run by hand on the same data calibrates
+    the same scales. A slice x[:32] of (N, 1, 8, 8) images has channels-last strides (64, 1, 8, 1); compile()
+    gives the passes plain strides, and the passes took the slice as it was: another convolution path, other
+    float sums, scales apart by 1e-4 and logits by 0.13 at APoT W3A3."""
+    from qcompile.models import digits
+    from qcompile.pipeline import build_passes
+    from qcompile.threads import compile_threads, torch_threads
+
+    x_train, _, _, _ = digits.load_split()
+    model, calib = digits.pretrained(), x_train[:32]
+    assert calib.stride() == (64, 1, 8, 1)  # what makes this case
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="apot", bits=3, validate=False)
+    with torch_threads(compile_threads(model, (calib[:1],))):  # the thread count compile() runs with
+        gm = Pipeline(build_passes(result.options, calib))(qcompile.trace(model, calib[:1])).gm
+    for name, t in result.model.state_dict().items():
+        assert torch.equal(t, gm.state_dict()[name]), name
