@@ -243,14 +243,14 @@ class InsertQuantizers(Pass):
                 act_quant[key].meta["tensor_meta"] = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
             xq = act_quant[key]
             where = str(node.target) if mod is not None else str(functional_weight(gm, node).target).rpartition(".")[0]
-            _check_levels(gm.get_submodule(xq.target), where or node.name)
+            _check_levels(gm.get_submodule(xq.target), where or node.name, cfg.reason)
 
             if mod is None:  # a functional layer on a parameter: quantize its weight where it is read
                 self._quantize_functional(gm, node, xq, cfg)
                 continue
             wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=weight_axis(mod) if cfg.per_channel else None,
                                role="weight", observer="mse")
-            _check_levels(wfq, node.target)
+            _check_levels(wfq, node.target, cfg.reason)
             mod.add_module("weight_fq", wfq)
             with graph.inserting_before(node):
                 w = graph.get_attr(f"{node.target}.weight")
@@ -284,7 +284,7 @@ class InsertQuantizers(Pass):
         wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
                            role="weight", observer="mse")
         layer = owner_path or node.name
-        _check_levels(wfq, layer)
+        _check_levels(wfq, layer, cfg.reason)
         fq_name = f"{attr}_fq"
         if hasattr(owner, fq_name):  # the same parameter read by another layer: one quantizer per use
             fq_name = f"{attr}_fq_{node.name}"
@@ -296,15 +296,18 @@ class InsertQuantizers(Pass):
         self.report.append(f"{layer}: {cfg.describe()} (functional {node.target.__name__})")
 
 
-def _check_levels(fq: FakeQuantize, layer: str) -> None:
+def _check_levels(fq: FakeQuantize, layer: str, reason: str = "default") -> None:
     """A level set the quantizer library does not define (ternary/binary on a non-negative activation, PoT
-    beyond its bit limit) is a user error (one line, exit 2), not a failure inside a later pass."""
+    beyond its bit limit) is a user error (one line, exit 2), not a failure inside a later pass. ``reason`` (the
+    layer configuration's) names a config rule that chose the levels, so the fix points there, not at the flags."""
     try:
         fq.levelset
     except ValueError as exc:
         from qcompile.ir import FIXED_BITS
 
         what = "--wscheme/--wbits" if fq.role == "weight" else "--ascheme/--abits"
+        if reason.endswith("'") and " '" in reason:  # a config rule chose them (Override.apply: "k15.toml 'conv2'")
+            what = f"{'weight' if fq.role == 'weight' else 'activation'} scheme/bits in {reason}"
         levels = f"{fq.scheme} levels" if fq.scheme in FIXED_BITS else f"{fq.scheme} {fq.bits}-bit levels"
         raise UserError(f"{layer}: cannot quantize its {fq.role} with {levels} ({exc}); "
                         f"choose another {what} or keep the layer in float (--exclude)") from None

@@ -278,6 +278,8 @@ def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
     """The overrides of a config file (a path) or of :func:`read_config`'s record of one, in file order."""
     if not isinstance(config, dict):
         config = read_config(config)
+    if not isinstance(config.get("file") or "", str):  # it names the rules in the layer table
+        raise UserError(f"config 'file' must be a string (the name of the rules' source), got {config['file']!r}")
     source = str(config.get("file") or "config")
     out = []
     for key, changes in (config.get("layers") or {}).items():
@@ -286,6 +288,12 @@ def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
             changes = {"scheme": changes}
         if not isinstance(changes, dict):
             raise UserError(f"{source}: pattern {key!r} must map to a table of settings or a scheme name, got {changes!r}")
+        if changes and all(isinstance(v, dict) for v in changes.values()) and \
+                not any(k in _CHANGE_KEYS for k in changes):
+            # [layer] / [Layers] / [overrides] for [layers]: a table of rules read as one pattern's settings
+            first = next(iter(changes))
+            raise UserError(f"{source}: {key!r} holds rules for other patterns ({first!r} = {{...}}), not settings; "
+                            "put per-layer rules under a [layers] table (layers: in YAML) or at the top level")
         out.append(Override(pattern, kind, changes, source=source))
     return out
 

@@ -359,3 +359,22 @@ def test_per_tensor_weights_apply_to_the_8_bit_first_and_last_layers_too():
     assert all(m.axis is None for n, m in result.model.named_modules() if n.endswith("weight_fq"))
     rows = layer_table(result.model)
     assert rows and all("per-tensor" in decision for _, _, decision in rows), rows
+
+
+def test_misnamed_rules_table_and_a_config_rules_bad_levels_name_the_file(tmp_path):
+    """[layer] for [layers] was refused as "unknown key 'conv2' in k.toml 'layer'", which never said what was
+    wrong; levels a config rule chose that do not exist advised the --ascheme/--abits flags the user never gave."""
+    import qcompile
+
+    bad = tmp_path / "k.toml"
+    bad.write_text('[layer]\n"conv2" = {scheme = "pot", bits = 3}\n')
+    with pytest.raises(UserError, match=r"k.toml: 'layer' holds rules for other patterns .*under a \[layers\] table"):
+        load_overrides(str(bad))
+    with pytest.raises(UserError, match="config 'file' must be a string"):
+        load_overrides({"layers": {"conv2": {"bits": 4}}, "file": 5})
+    rule = tmp_path / "pot5.toml"
+    rule.write_text('"layer1.conv2" = {scheme = "pot", abits = 5}\n')
+    model = ResidualCNN()
+    x = example_input(model, batch=8)
+    with pytest.raises(UserError, match=r"choose another activation scheme/bits in pot5.toml 'layer1.conv2'"):
+        qcompile.compile(model, x[:1], calib=x, config=str(rule), validate=False)
