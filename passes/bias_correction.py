@@ -83,9 +83,17 @@ FLOAT_MEAN = "float_output_mean"  # node.meta key: per sample and output channel
 CORRECTION_SAMPLES = 8  # calibration samples the float and quantized means are taken on (two more forward passes)
 
 
-def correction_batch(data, batch_size: int) -> tuple:
-    """The first ``CORRECTION_SAMPLES`` calibration samples, as one batch."""
-    return tuple(t[:CORRECTION_SAMPLES] for t in next(data_batches(data, batch_size)))
+CHANNELS_LAST = "qcompile_channels_last"  # gm.meta: Calibrate ran the image batches in channels-last memory order
+
+
+def correction_batch(data, batch_size: int, gm=None) -> tuple:
+    """The first ``CORRECTION_SAMPLES`` calibration samples, as one batch (image batches in channels-last memory
+    order where ``Calibrate`` found that ``gm`` runs them: PyTorch's CPU convolutions are faster there)."""
+    batch = tuple(t[:CORRECTION_SAMPLES] for t in next(data_batches(data, batch_size)))
+    if gm is not None and gm.meta.get(CHANNELS_LAST):
+        batch = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and t.is_floating_point()
+                      else t for t in batch)
+    return batch
 
 
 def _output_channel(node, value: torch.Tensor) -> int:
@@ -252,7 +260,7 @@ class BiasCorrection(Pass):
             return value  # a bias added after the layer's output quantizer: the node that adds it reads the new one
 
         with torch.no_grad():
-            _LayerMeans(gm, list(biases), correct).run(*correction_batch(self.data, self.batch_size))
+            _LayerMeans(gm, list(biases), correct).run(*correction_batch(self.data, self.batch_size, gm))
         for node, shift in moved.items():
             self.report.append(f"{node.meta.get('layer', node.name)}: output mean matched to the float model's, "
                                f"|Δb| max {shift:.3g}")

@@ -32,7 +32,8 @@ from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
 from .base import Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length
-from .bias_correction import correctable_layers, correction_batch, record_float_means, recording_input_means
+from .bias_correction import (CHANNELS_LAST, correctable_layers, correction_batch, record_float_means,
+                              recording_input_means)
 
 
 def _dead_beside_bias(gm, layer: str, w: torch.Tensor, top: float) -> bool:
@@ -271,7 +272,9 @@ class Calibrate(Pass):
             for node in acts:
                 gm.get_submodule(node.target).stop_observing()
         if self.record_input_means:  # and the float model's layer output means, for BiasCorrection
-            record_float_means(gm, correctable_layers(gm), correction_batch(self.data, self.batch_size))
+            batch = tuple(layout(t) for t in correction_batch(self.data, self.batch_size))
+            record_float_means(gm, correctable_layers(gm), batch)
+            gm.meta[CHANNELS_LAST] = layout is _channels_last  # BiasCorrection's run on them: the same layout
         return observers
 
     def _calibrate_data_free(self, gm, acts) -> None:
