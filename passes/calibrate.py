@@ -4,7 +4,10 @@
   per-channel); by default the MSE-optimal α for the quantizer's own level set,
   α* = argmin_α ‖W − Q_α(W)‖², which works for APoT and PoT levels as well as uniform ones.
 - Activations, with calibration data: every activation quantizer observes the tensors that reach it while the
-  model runs on the data (weights already quantized), then the chosen observer (``--calib-method``) gives α.
+  model runs on the data, then the chosen observer (``--calib-method``) gives α. The weights are quantized during
+  that run, except with bias correction (``record_input_means``): then the run is the float model's, whose
+  per-layer output means ``BiasCorrection`` gives the quantized network back, and its first batch also records
+  those means (``meta["float_output_mean"]``, on ``CORRECTION_SAMPLES`` samples).
   Asymmetric uniform levels get S = (r_max − r_min)/(q_max − q_min), Z = round(q_min − r_min/S). APoT/PoT
   activations that may be negative (``search_offset``) take the symmetric signed set or an asymmetric one (the
   unsigned set shifted by an offset), whichever the observed histogram says quantizes with less squared error
@@ -18,6 +21,7 @@ Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``no
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -32,8 +36,8 @@ from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
 from .base import Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length
-from .bias_correction import (CHANNELS_LAST, correctable_layers, correction_batch, record_float_means,
-                              recording_input_means)
+from .bias_correction import (CHANNELS_LAST, CORRECTION_SAMPLES, FLOAT_MEAN, LayerMeans, correctable_layers,
+                              recording_input_means, weights_passing_through)
 
 
 def _dead_beside_bias(gm, layer: str, w: torch.Tensor, top: float) -> bool:
@@ -247,13 +251,22 @@ class Calibrate(Pass):
             method = self.method
             observers[node] = (quant.make_observer(method), method)
             fq.start_observing(observers[node][0])
-        recorder = recording_input_means(gm, correctable_layers(gm) if self.record_input_means else [])
+        layers = correctable_layers(gm) if self.record_input_means else []
+        recorder = recording_input_means(gm, layers)
+        # With bias correction the ranges are observed on the float model, whose per-layer means the correction
+        # restores (BiasCorrection), and the first batch also records those means (FLOAT_MEAN), in the same run
+        float_weights = weights_passing_through(gm) if layers else contextlib.nullcontext()
+        means = None
         try:
             n, done = data_length(self.data), 0
-            with torch.no_grad(), recorder:
+            with torch.no_grad(), recorder, float_weights:
                 for batch in data_batches(self.data, self.batch_size):
                     try:
-                        gm(*(layout(t) for t in batch))
+                        if layers and means is None:
+                            means = LayerMeans(gm, layers, rows=CORRECTION_SAMPLES)
+                            means.run(*(layout(t) for t in batch))
+                        else:
+                            gm(*(layout(t) for t in batch))
                     except ValueError as e:
                         if "got NaN or inf values" not in str(e):
                             raise
@@ -271,9 +284,9 @@ class Calibrate(Pass):
         finally:
             for node in acts:
                 gm.get_submodule(node.target).stop_observing()
-        if self.record_input_means:  # and the float model's layer output means, for BiasCorrection
-            batch = tuple(layout(t) for t in correction_batch(self.data, self.batch_size))
-            record_float_means(gm, correctable_layers(gm), batch)
+        if means is not None:  # the float model's layer output means, for BiasCorrection
+            for node, m in means.means.items():
+                node.meta[FLOAT_MEAN] = m
             gm.meta[CHANNELS_LAST] = layout is _channels_last  # BiasCorrection's run on them: the same layout
         return observers
 

@@ -768,12 +768,18 @@ def test_weight_mse_range_of_huge_weights_scales_with_them(scale):
     torch.testing.assert_close(big / scale, base, rtol=1e-5, atol=0.0)
 
 
-def test_a_model_imprecise_in_float32_is_not_called_a_qcompile_bug(tmp_path):
+@pytest.mark.parametrize("eager", [True, False], ids=["float64-at-once", "float64-from-a-copy-when-needed"])
+def test_a_model_imprecise_in_float32_is_not_called_a_qcompile_bug(tmp_path, monkeypatch, eager):
     """A conv bias of 1e6 cancelled by its BatchNorm's running mean: the float32 model itself is 0.4 off its float64
-    computation, the folded graph is not; the float check called that "a qcompile bug, please report it"."""
+    computation, the folded graph is not; the float check called that "a qcompile bug, please report it". Models over
+    1 M parameters keep a copy of the traced graph and compute float64 only when the check finds a difference."""
     import copy
 
     import qcompile
+    from qcompile.passes import float_check
+
+    if not eager:
+        monkeypatch.setattr(float_check, "_EAGER_PARAMS", 0)
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
