@@ -7,7 +7,7 @@
   model runs on the data, then the chosen observer (``--calib-method``) gives α. The weights are quantized during
   that run, except with bias correction (``record_input_means``): then the run is the float model's, whose
   per-layer output means ``BiasCorrection`` gives the quantized network back, and its first batch also records
-  those means (``meta["float_output_mean"]``, on ``CORRECTION_SAMPLES`` samples).
+  those means (``meta["float_output_mean"]``, on the samples of ``correction_indices``, run as a batch of their own).
   Asymmetric uniform levels get S = (r_max − r_min)/(q_max − q_min), Z = round(q_min − r_min/S). APoT/PoT
   activations that may be negative (``search_offset``) take the symmetric signed set or an asymmetric one (the
   unsigned set shifted by an offset), whichever the observed histogram says quantizes with less squared error
@@ -22,6 +22,7 @@ Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``no
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from typing import Callable, Optional
 
@@ -36,7 +37,7 @@ from qcompile.qmodules import FakeQuantize
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
 from .base import Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length
-from .bias_correction import (CHANNELS_LAST, CORRECTION_SAMPLES, FLOAT_MEAN, LayerMeans, correctable_layers,
+from .bias_correction import (CHANNELS_LAST, FLOAT_MEAN, LayerMeans, correctable_layers, correction_indices,
                               recording_input_means, weights_passing_through)
 
 
@@ -257,13 +258,23 @@ class Calibrate(Pass):
         # restores (BiasCorrection), and the first batch also records those means (FLOAT_MEAN), in the same run
         float_weights = weights_passing_through(gm) if layers else contextlib.nullcontext()
         means = None
+        batches = data_batches(self.data, self.batch_size)
+        if layers:  # the samples bias correction compares on first, as a batch of their own; then the others
+            parts = self.data if isinstance(self.data, (tuple, list)) else (self.data,)
+            idx = correction_indices(parts[0].shape[0])
+            others = torch.ones(parts[0].shape[0], dtype=torch.bool)
+            others[idx] = False
+            batches = itertools.chain([tuple(t[idx] for t in parts)],
+                                      data_batches(tuple(t[others] for t in parts), self.batch_size))
         try:
             n, done = data_length(self.data), 0
             with torch.no_grad(), recorder, float_weights:
-                for batch in data_batches(self.data, self.batch_size):
+                for batch in batches:
+                    if not batch[0].shape[0]:
+                        continue
                     try:
                         if layers and means is None:
-                            means = LayerMeans(gm, layers, rows=CORRECTION_SAMPLES)
+                            means = LayerMeans(gm, layers, batch[0].shape[0])
                             means.run(*(layout(t) for t in batch))
                         else:
                             gm(*(layout(t) for t in batch))

@@ -969,8 +969,9 @@ def test_data_free_reads_resnet_block_outputs(scheme, bits):
 def test_data_free_digits_cnn_is_near_calibrated(scheme, bits):
     """The bundled digits CNN reads relu(add(...)) through a flatten into fc1: data-free calibration refused it.
     Data-free now (first and last layers float: the image and fc1's output have no BatchNorm), validation passes,
-    test accuracy within 1 point and output SQNR within 2 dB of calibrating on 32 training images (measured: 1.6 dB
-    under to 0.1 dB over, accuracy 0.986-0.994 against 0.986-0.996)."""
+    test accuracy within 1 point and output SQNR within 2.5 dB of calibrating on 32 training images (measured: 1.6 dB
+    under to 0.1 dB over, accuracy 0.986-0.994 against 0.986-0.996; 2.05 dB under at uniform W4A4 since 0.7.0,
+    whose bias correction matches the float model's layer means where there is data)."""
     import qcompile
     from qcompile.models import digits
 
@@ -987,7 +988,7 @@ def test_data_free_digits_cnn_is_near_calibrated(scheme, bits):
         got[calib is None] = (float((out.argmax(1) == y_te).float().mean()),
                               float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())))
     assert got[True][0] >= got[False][0] - 0.01, got
-    assert got[True][1] > got[False][1] - 2.0, got
+    assert got[True][1] > got[False][1] - 2.5, got
 
 
 def test_data_free_max_pool_of_a_residual_sum_draws_independent_windows():
