@@ -261,7 +261,7 @@ class Calibrate(Pass):
         batches = data_batches(self.data, self.batch_size)
         if layers:  # the samples bias correction compares on first, as a batch of their own; then the others
             parts = self.data if isinstance(self.data, (tuple, list)) else (self.data,)
-            idx = correction_indices(parts[0].shape[0])
+            idx = correction_indices(parts)
             others = torch.ones(parts[0].shape[0], dtype=torch.bool)
             others[idx] = False
             batches = itertools.chain([tuple(t[idx] for t in parts)],

@@ -369,8 +369,10 @@ def test_the_compared_samples_spread_over_the_data_and_sequence_first_layers_are
     import qcompile
     from qcompile.passes.bias_correction import FLOAT_MEAN, correction_indices
 
-    assert correction_indices(64).tolist() == [0, 9, 18, 27, 36, 45, 54, 63]
-    assert correction_indices(3).tolist() == [0, 1, 2]
+    images = torch.zeros(64, 3, 224, 224)
+    assert correction_indices((images,)).tolist() == [0, 9, 18, 27, 36, 45, 54, 63]
+    assert correction_indices((images[:3],)).tolist() == [0, 1, 2]
+    assert correction_indices((torch.zeros(64, 1, 8, 8),)).tolist() == torch.linspace(0, 63, 32).round().long().tolist()
 
     class SeqFirst(torch.nn.Module):
         def __init__(self):
@@ -389,4 +391,4 @@ def test_the_compared_samples_spread_over_the_data_and_sequence_first_layers_are
     layers = {n.meta.get("layer"): n for n in result.model.graph.nodes if n.op == "call_function"
               and n.meta.get("layer") in ("inp", "mid", "out")}
     assert FLOAT_MEAN not in layers["inp"].meta and FLOAT_MEAN not in layers["mid"].meta  # (T=5, B, d): left alone
-    assert layers["out"].meta[FLOAT_MEAN].shape == (8, 3)  # (B, 3): the 8 samples
+    assert layers["out"].meta[FLOAT_MEAN].shape == (32, 3)  # (B, 3): the samples (small ones: 32)
