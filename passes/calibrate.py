@@ -22,7 +22,6 @@ Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``no
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from typing import Callable, Optional
 
@@ -260,12 +259,7 @@ class Calibrate(Pass):
         means = None
         batches = data_batches(self.data, self.batch_size)
         if layers:  # the samples bias correction compares on first, as a batch of their own; then the others
-            parts = self.data if isinstance(self.data, (tuple, list)) else (self.data,)
-            idx = correction_indices(parts)
-            others = torch.ones(parts[0].shape[0], dtype=torch.bool)
-            others[idx] = False
-            batches = itertools.chain([tuple(t[idx] for t in parts)],
-                                      data_batches(tuple(t[others] for t in parts), self.batch_size))
+            batches = _correction_samples_first(self.data, self.batch_size)
         try:
             n, done = data_length(self.data), 0
             with torch.no_grad(), recorder, float_weights:
@@ -447,6 +441,23 @@ def _runs_channels_last(gm: torch.fx.GraphModule, batch) -> bool:
     except Exception:  # noqa: BLE001 -- any failure of the probe (one sample: a model that needs a larger batch
         return False  # too) leaves the layout the model was written for; the calibration run reports real errors
     return True
+
+
+def _correction_samples_first(data, batch_size: int):
+    """The batches of ``data`` with the samples of ``correction_indices`` first, as a batch of their own, then the
+    others in batches of up to ``batch_size`` (views where a batch holds none of them: no copy of the data)."""
+    parts = data if isinstance(data, (tuple, list)) else (data,)
+    n = parts[0].shape[0]
+    idx = correction_indices(parts)
+    others = torch.ones(n, dtype=torch.bool)
+    others[idx] = False
+    yield tuple(t[idx] for t in parts)
+    for i in range(0, n, batch_size):
+        keep = others[i:i + batch_size]
+        if bool(keep.all()):
+            yield tuple(t[i:i + batch_size] for t in parts)
+        elif bool(keep.any()):
+            yield tuple(t[i:i + batch_size][keep] for t in parts)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
