@@ -228,9 +228,11 @@ class BiasCorrection(Pass):
             return PassResult(gm, False)
         means = self._input_means(gm, layers) if self.data is not None else self._analytic_means(gm, layers)
         changed = False
-        for node in layers:
+        labels = [node.meta.get("layer", node.name) for node in layers]
+        for node, name in zip(layers, labels):
             ex = means.get(node)
-            name = node.meta.get("layer", node.name)
+            if labels.count(name) > 1:  # a module called from several places: which call
+                name = f"{name} ({node.name})"
             if ex is None:
                 self.report.append(f"{name}: no E[x] (needs calibration data), left alone")
                 continue
