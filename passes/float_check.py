@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.fx
 
-from .base import Pass, PassResult, data_batches
+from .base import Pass, PassResult, calibration_inputs, data_batches
 
 
 _SEED_0 = torch.Generator().manual_seed(0).get_state()  # the CPU generator's state after torch.manual_seed(0)
@@ -48,12 +48,18 @@ _EAGER_PARAMS = 1 << 20  # up to here computed at once (cheaper than copying the
 class RecordFloatOutputs(Pass):
     def __init__(self, data, samples: int = 2):
         super().__init__()
-        self.sample = next(data_batches(data, samples)) if data is not None else None
+        self.data = data  # any form compile(calib=...) takes; read in call(), which knows the model's inputs
+        self.samples = samples
+        self.sample = None
         self.outputs: list[torch.Tensor] | None = None
         self.outputs64: list[torch.Tensor] | None = None  # the traced model computed in float64
         self._traced: torch.fx.GraphModule | None = None  # large models: a copy to compute outputs64 from if needed
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        if self.data is not None:
+            # calibration_inputs: a numpy array, float64 data, a DataLoader or a list of batches from build_passes
+            # crashed here, where compile() had converted them
+            self.sample = next(data_batches(calibration_inputs(self.data, gm), self.samples))
         if self.sample is not None:
             self.outputs = _outputs(gm, self.sample)
             params = sum(p.numel() for p in gm.parameters())

@@ -69,3 +69,25 @@ def test_build_passes_by_hand_calibrates_what_compile_does_on_a_strided_slice():
         gm = Pipeline(build_passes(result.options, calib))(qcompile.trace(model, calib[:1])).gm
     for name, t in result.model.state_dict().items():
         assert torch.equal(t, gm.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("form", ["numpy", "float64", "dataloader", "list of batches"])
+def test_build_passes_take_the_calibration_forms_compile_takes(form):
+    """compile() converts a numpy array, float64 data, a DataLoader of (x, y) or a list of batches; the pipeline
+    from build_passes crashed on each in RecordFloatOutputs, its first quantization pass (it read the raw data)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qcompile.models import digits
+    from qcompile.pipeline import build_passes
+
+    x_train, y_train, _, _ = digits.load_split()
+    calib = x_train[:32].clone()
+    data = {"numpy": calib.numpy(), "float64": calib.double(),
+            "dataloader": DataLoader(TensorDataset(calib, y_train[:32]), batch_size=8),
+            "list of batches": [calib[:16], calib[16:]]}[form]
+    model = digits.pretrained()
+    opts = CompileOptions(scheme="apot", bits=4)
+    want = Pipeline(build_passes(opts, calib))(qcompile.trace(model, calib[:1])).gm
+    got = Pipeline(build_passes(opts, data))(qcompile.trace(model, calib[:1])).gm
+    for name, t in want.state_dict().items():
+        assert torch.equal(t, got.state_dict()[name]), name
