@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from qcompile.passes.base import PassTiming, Pipeline
-from qcompile.runtime.validation import ValidationReport, validate as validate_file
+from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
@@ -700,7 +700,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
-            report = validate_file(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
+            report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

@@ -214,7 +214,7 @@ def validate_against(args):
         if all(v is None for v in thresholds.values()):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
         try:
-            return rv.validate(args.onnx, reference, inputs, **thresholds)
+            return rv.validate_model(args.onnx, reference, inputs, **thresholds)
         except ValueError as e:  # outputs of another number or shape
             raise UserError(f"{args.onnx!r} does not give --against's outputs ({e}); give the model the file was "
                             "compiled from") from None

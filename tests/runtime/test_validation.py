@@ -272,3 +272,37 @@ def test_nan_never_passes_a_bound_and_unmatched_nan_fails():
 def test_minus_inf_sqnr_is_printed_as_minus_inf():
     report = compare_outputs([a([0.0, 0.0])], [a([1.0, 0.0])])
     assert report.sqnr_db == -math.inf and "SQNR -inf" in report.summary()
+
+
+def test_an_fp32_file_of_a_model_imprecise_in_float32_is_checked_against_its_float64_computation(tmp_path):
+    """A conv bias of 1e6 cancelled by its BatchNorm's running mean: the model's own float32 outputs are 17 dB off its
+    exact function, the file (BatchNorm folded) 131 dB from it. The fp32 compile failed its validation against the
+    float32 model; it now passes against the float64 computation and says so. Another model's file still fails."""
+    import qcompile
+
+    torch.manual_seed(0)
+
+    class Imprecise(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16)
+            self.fc = torch.nn.Linear(16 * 8 * 8, 10)
+            with torch.no_grad():
+                self.conv.bias.fill_(1e6)
+                self.bn.running_mean.fill_(1e6)
+                self.bn.running_var.fill_(0.5)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+    model = Imprecise().eval()
+    x = torch.randn(32, 3, 8, 8)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="fp32", output=str(tmp_path / "m.onnx"))
+    assert result.report.passed, result.report.summary()
+    assert "float64" in result.report.summary()
+    from qcompile.runtime.validation import validate_model
+
+    other = Imprecise().eval()
+    with torch.no_grad():
+        other.fc.weight.mul_(-1)
+    assert not validate_model(str(tmp_path / "m.onnx"), other, x).passed
