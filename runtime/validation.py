@@ -708,6 +708,16 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
             return ""
         return f" after {op_name(src)}"
 
+    def writer(src):
+        """The layer whose output reaches ``src`` through a few quantizers and other one-input nodes, or None."""
+        for _ in range(4):
+            if not isinstance(src, torch.fx.Node):
+                return None
+            if layer_of(src) is not None:
+                return layer_of(src)
+            src = src.args[0] if src.args else None
+        return None
+
     out = {}
     for node in gm.graph.nodes:
         if node.op != "call_module" or not str(node.target).startswith(("act_fq", "out_fq", "res_fq", "pool_fq")):
@@ -722,7 +732,9 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
                 name = layer_of(u)
                 if name is not None:
                     readers.append(name)
-                else:
+                elif not (u.op == "call_module" and isinstance(gm.get_submodule(u.target), FakeQuantize)):
+                    # another quantizer's codes are what the layers after it read: a conv's 8-bit output before
+                    # a max-pool and the re-quantized input of the next layer were both "input of fc"
                     nxt.extend(u.users)
             frontier = nxt
         if readers:
@@ -736,6 +748,12 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
                 break
             if layer_of(src) is not None:
                 out[str(node.target)] = f"output of {layer_of(src)}{after(node)}"
+                break
+            operands = [a for a in src.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"]
+            if len(operands) > 1:  # a residual add (or a product): following its first operand named one layer
+                names = list(dict.fromkeys(n for n in map(writer, operands) if n is not None))
+                what = names[0] if len(names) == 1 else f"{op_name(src)}({', '.join(names)})"  # x * sigmoid(x): one
+                out[str(node.target)] = f"output of {what}{after(node)}"
                 break
             src = src.args[0] if src.args else None
     return out

@@ -66,6 +66,8 @@ def test_report_fields_of_a_genuine_file(compiled):
         # the layers reading the codes (or the layer writing them): internal ids alone named no layer
         layer_names = {n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
         kind, _, names = layer["where"].partition(" after ")[0].partition(" of ")
+        if names.startswith("add("):  # a residual sum: the layers whose outputs it adds
+            names = names[len("add("):].rstrip(")")
         assert kind in ("input", "output") and set(names.split(", ")) <= layer_names, layer["where"]
         assert layer["codes"] == sizes[name] and layer["codes_differ"] == layer["codes_differ_local"] == 0, name
         assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
@@ -358,3 +360,32 @@ def test_one_wrong_quantizer_fails_however_many_codes_the_others_hold():
     assert any(f"activation quantizer {head['quantizer']!r}" in f for f in report.failures), report.failures
     # the bound is what fails it
     assert validate_quantized(data, result.model, x, max_layer_code_mismatch=None).passed
+
+
+class _ConvPoolFC(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = torch.nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_report_places_name_the_layer_whose_codes_a_quantizer_holds(compiled):
+    """A W8A8 conv's 8-bit output before a max-pool and the re-quantized input of the next layer were both named
+    "input of fc" (the walk to the readers went through the second quantizer); a residual sum was named after the
+    first layer it adds ("output of layer1.conv2 after relu")."""
+    torch.manual_seed(0)
+    model = _ConvPoolFC().eval()
+    calib = torch.randn(16, 1, 8, 8)
+    result = qcompile.compile(model, calib=calib, scheme="uniform", bits=8, keep_first_last="int8")
+    places = [layer["where"] for layer in result.report.layers]
+    assert len(places) == len(set(places)), places
+    assert {"output of c2 after relu", "input of fc after flatten"} <= set(places), places
+    result, _, x = compiled
+    report = validate_quantized(result.onnx_model.SerializeToString(), result.model, x)
+    assert "output of add(layer1.conv2, layer1.downsample.0) after relu" in [layer["where"] for layer in report.layers]
