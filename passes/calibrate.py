@@ -15,7 +15,8 @@
 - Activations, data-free: values synthesised from the BatchNorm statistics FoldBatchNorm records
   (``meta["output_stats"]`` = (β, |γ|)) through ReLUs, max-pools, flattens and residual adds (``_synthesis_plan``,
   ``_draw``: ReLU(N(β_c, γ_c²)) per channel, a Laplace for a signed output, the inputs of an add drawn independently
-  and summed), and the calibration method's clip of them; otherwise calibration data is needed.
+  and summed; a quantizer read by a max-pool alone, the window maxima: ``_pool_after``), and the calibration
+  method's clip of them; otherwise calibration data is needed.
 
 Before: quantizers with α unset.  After: ``set_params(α, Z)`` on each and ``node.meta["qparams"]`` = QParams.
 """
@@ -300,6 +301,9 @@ class Calibrate(Pass):
         for node in acts:
             fq = gm.get_submodule(node.target)
             plan = _synthesis_plan(gm, node.args[0])
+            window = _pool_after(gm, node)
+            if plan is not None and window is not None:  # what passes the max-pool after the quantizer
+                plan = ("pool", window, plan)
             if plan is None:
                 inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
                 how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
@@ -667,6 +671,36 @@ def _max_pool_window(gm, node) -> int | None:
     return None
 
 
+def _pool_after(gm, node) -> int | None:
+    """The window of the max-pool that is the one reader of quantizer ``node``'s output, else None. A monotone
+    quantizer commutes with a max-pool, so only the window maxima of its codes go on: their squared error is what
+    counts, and data-free, the quantizer is calibrated on draws of those maxima. On draws of every value, the values
+    each window drops weighed as much as those it keeps, and the clip fell among the largest (trained digits CNNs
+    at uniform W8A8, an 8-bit conv output before a 2x2 max-pool: 39.1 -> 40.8 and 42.1 -> 43.7 dB). With data the
+    change measured within +-0.3 dB, and the observers see what the quantizer sees, as before.
+
+    Not where a coarser quantizer reads the pooled values (an 8-bit conv output before the 4-bit input of the next
+    layer, at W4A4): its own clip decides what is kept there, and the wider 8-bit grid of the pooled fit cost the
+    digits CNN 0.5 dB at uniform W4A4 (a grid change within the coarser steps: where their thresholds fall on it)."""
+    users = list(node.users)
+    window = _max_pool_window(gm, users[0]) if len(users) == 1 else None
+    if window is None:
+        return None
+    bits = gm.get_submodule(node.target).bits
+    frontier = list(users[0].users)
+    for _ in range(4):  # the quantizers that read the pooled values, through flattens and reshapes
+        later = []
+        for u in frontier:
+            fq = gm.get_submodule(u.target) if u.op == "call_module" else None
+            if isinstance(fq, FakeQuantize):
+                if fq.bits < bits:
+                    return None
+            else:
+                later.extend(u.users)
+        frontier = later
+    return window
+
+
 def _data_free_source(gm, node):
     """What BatchNorm statistics say about the values of ``node``: (β, γ, rectified, cap, window) for the output of
     a layer with a folded BatchNorm, through a ReLU/ReLU6 (rectified, cap 6), a max-pool (the window's element
@@ -869,7 +903,18 @@ def _quantizer_place(node) -> str:
     if isinstance(src, torch.fx.Node) and isinstance(src.meta.get("layer"), str):
         return f"the output of layer {src.meta['layer']!r}"
     names = _consumer_names(node)
-    if names.startswith("layer ") or not isinstance(src, torch.fx.Node) or src.op != "call_module":
+    if names.startswith("layer ") or not isinstance(src, torch.fx.Node):
+        return f"the input of {names}"
+    writer, ops = src, []
+    for _ in range(4):  # a layer's output through a ReLU (a float last layer reads it: no layer name after it)
+        if not isinstance(writer, torch.fx.Node) or writer.op not in ("call_function", "call_method", "call_module"):
+            break
+        if isinstance(writer.meta.get("layer"), str):
+            return f"the output of layer {writer.meta['layer']!r} after {', '.join(reversed(ops))}"
+        ops.append(str(writer.target) if writer.op != "call_function" else
+                   getattr(writer.target, "__name__", str(writer.target)))
+        writer = writer.args[0] if writer.args else None
+    if src.op != "call_module":
         return f"the input of {names}"
     return f"the output of {src.target!r}"  # an activation module whose output no layer reads directly
 
