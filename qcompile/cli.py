@@ -136,6 +136,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     e.add_argument("--min-top1", type=_fraction, metavar="FRACTION",
                    help="fail (exit 1) if top-1 agreement is below FRACTION (0..1)")
     e.add_argument("--json", metavar="FILE", help="also write the compile summary as JSON")
+    e.add_argument("-v", "--verbose", action="store_true",
+                   help=f"print every line of each pass's report (default: the first {REPORT_ITEMS - 1} and a count)")
     return p
 
 
@@ -270,9 +272,14 @@ def _progress(done: int, total: int) -> None:
         print(line, file=sys.stderr)
 
 
-def _print_timing(t) -> None:
+REPORT_ITEMS = 4  # report lines shown per pass without --verbose (a MobileNetV3's InsertQuantizers has 54)
+
+
+def _print_timing(t, verbose: bool = False) -> None:
     flag = "changed" if t.modified else "no change"
-    extra = f"  [{'; '.join(t.report)}]" if t.report else ""
+    shown = t.report if verbose or len(t.report) <= REPORT_ITEMS else t.report[:REPORT_ITEMS - 1]
+    more = len(t.report) - len(shown)
+    extra = f"  [{'; '.join(shown)}{f'; ... {more} more (--verbose, --json)' if more else ''}]" if t.report else ""
     print(f"  {t.name:<24} {1000 * t.seconds:8.1f} ms  {flag}{extra}")  # the longest pass name: 24
 
 
@@ -371,7 +378,7 @@ def cmd_compile(argv) -> int:
     bits = bits if "--bits" in named or not qat_trained else None
     result = qcompile_compile(
         model, example, scheme=scheme, bits=bits, calib=calib, output=output,
-        validate=not args.no_validate, validation_inputs=validation_inputs, callback=_print_timing, progress=_progress,
+        validate=not args.no_validate, validation_inputs=validation_inputs, callback=lambda t: _print_timing(t, args.verbose), progress=_progress,
         thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
         int8_weights=args.int8_weights, **options,
     )

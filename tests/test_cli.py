@@ -1079,3 +1079,21 @@ def test_validate_of_a_file_with_int32_ids(work, capsys):
     rc, out, err = cli(capsys, "validate", "tok32.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean",
                        "--data", "ids.npy")
     assert rc == 0 and "PASS" in out, out + err
+
+
+def test_pass_reports_are_capped_without_verbose(tmp_path, capsys):
+    """A MobileNetV3's InsertQuantizers listed all 54 layers on one line of the pass table; a pass now shows its
+    first lines and a count, ``--verbose`` shows them all, and ``--json`` keeps them all either way."""
+    import json
+
+    from qcompile.cli import REPORT_ITEMS, _print_timing
+    from qcompile.passes.base import PassTiming
+
+    timing = PassTiming("InsertQuantizers", 0.01, True, [f"layer{i}: W4 apot / A4 apot" for i in range(10)])
+    _print_timing(timing)
+    short = capsys.readouterr().out
+    assert short.count("layer") == REPORT_ITEMS - 1 and f"... {10 - REPORT_ITEMS + 1} more (--verbose" in short
+    _print_timing(timing, verbose=True)
+    assert capsys.readouterr().out.count("layer") == 10
+    _print_timing(PassTiming("FoldBatchNorm", 0.01, True, ["a", "b", "c", "d"][:REPORT_ITEMS]))
+    assert "more" not in capsys.readouterr().out  # up to REPORT_ITEMS lines are shown whole
