@@ -691,3 +691,26 @@ def test_the_cli_compiles_a_pickled_trained_model_without_repeating_its_options(
                "fp32", "--no-bias-correction", "-o", str(tmp_path / "q2.onnx")])
     err = capsys.readouterr().err
     assert rc == 2 and "keep_first_last" in err and "bias_correction" not in err and "equalize" not in err, err
+
+
+def test_mistakes_that_trained_or_exported_nothing_are_refused(digits, tmp_path):
+    """param_groups / freeze_quantizers of the float model (the mistake docs/qat.md warns about) returned groups
+    without one quantizer, and training then changed nothing of the prepared model; prepare with every layer
+    excluded returned a model with nothing to train, which export then said was not prepare's; export with an
+    example of the wrong shape raised torch's "mat1 and mat2 shapes cannot be multiplied". Each is one line now,
+    and nothing is written."""
+    x_tr, _, x_te, _ = digits
+    model = pretrained()
+    gm = qat.prepare(model, x_te[:1], scheme="apot", bits=3, calib=x_tr[:64])
+    for fn in (qat.param_groups, qat.freeze_quantizers):
+        for wrong in (model, qat.convert(gm)):
+            with pytest.raises(UserError, match=f"{fn.__name__} takes the model that qcompile.qat.prepare returned"):
+                fn(wrong)
+    assert len(qat.param_groups(gm)[1]["params"]) > 0 and qat.freeze_quantizers(copy.deepcopy(gm)) > 0
+    for how in ({"exclude": "*"}, {"config": {"*": "fp32"}}):
+        with pytest.raises(UserError, match="prepare quantized no layer"):
+            qat.prepare(model, x_te[:1], calib=x_tr[:64], **how)
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(UserError, match=r"does not run on the example inputs of shape \[\(1, 1, 16, 16\) float32\]"):
+        qat.export(gm, torch.zeros(1, 1, 16, 16), output=str(out))
+    assert not out.exists()

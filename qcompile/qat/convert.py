@@ -138,6 +138,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     # QAT keeps its trained level decisions: no accumulator cells (qat.prepare.split_pipeline), and the file says so
     opts = resolve_int8_weights(dataclasses.replace(opts, emit=emit, int8_levels=False), keep_weights=True)
     example_inputs = as_input_tuple(example_inputs)
+    _check_runs(gm, example_inputs)
     table = quantizers_by_id(gm)
     onnx_model = export_mod.strip_default_attributes(emit_onnx(export_mod.export_onnx(gm, example_inputs), table, opts))
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=to_metadata(opts))
@@ -162,6 +163,23 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts, timings=[],
                          seconds=time.perf_counter() - t0)
+
+
+def _check_runs(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """A one-line error where the converted model does not run on the example inputs (a wrong shape was a torch
+    RuntimeError from inside the int8 layer simulation; compile and prepare say which shapes failed)."""
+    import contextlib
+    import io
+
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # torch.fx prints the failing code
+            gm(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 -- any failure on the user's example is reported as such
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                           else repr(t) for t in example_inputs)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"the model does not run on the example inputs of shape [{shapes}] ({first}); give "
+                        "example_inputs shaped like the data the model was prepared and trained on") from None
 
 
 def _fold_bias_quantizers(gm: torch.fx.GraphModule) -> None:

@@ -223,6 +223,11 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
                     abits=opts.act_bits, grad=grad, weight_norm=wn, wn_center=wn_center, shared_alpha=shared_alpha,
                     grad_scale=float(grad_scale), momentum=float(momentum), options=opts)
     _make_trainable(gm, cfg, spec, calib_x)
+    from .modules import learnable_quantizers
+
+    if not learnable_quantizers(gm):  # export then said "give the module that qcompile.qat.prepare returned"
+        raise UserError("prepare quantized no layer (every layer excluded or fp32 by exclude/config, or none that "
+                        "qcompile quantizes): nothing to train; leave some Conv/Linear layers quantized")
     _insert_bias_quantizers(gm)
     gm.recompile()
     if opts.check:
@@ -383,6 +388,17 @@ def _per_channel(alpha: torch.Tensor, w: torch.Tensor, axis, shared: bool) -> to
     return alpha.reshape(()).expand(w.shape[axis]).clone()
 
 
+def _require_prepared(model: nn.Module, what: str) -> None:
+    """A model with no trainable quantizer (the float model, a converted one) trains nothing that export reads:
+    an optimizer built from the float model's parameters left the prepared model untouched, without a word."""
+    from .modules import learnable_quantizers
+
+    if not learnable_quantizers(model):
+        raise UserError(f"{what} takes the model that qcompile.qat.prepare returned (this one has no trainable "
+                        "quantizers: the float model, or a converted one); build the optimizer from gm = "
+                        "qat.prepare(model, ...)")
+
+
 def param_groups(model: nn.Module, lr_alpha: Optional[float] = None, wd_alpha: float = 0.0,
                  weight_decay: Optional[float] = None) -> list[dict]:
     """Two optimizer parameter groups: ``[weights and biases, learned clipping values]``.
@@ -393,6 +409,7 @@ def param_groups(model: nn.Module, lr_alpha: Optional[float] = None, wd_alpha: f
     """
     from .modules import learnable_quantizers
 
+    _require_prepared(model, "param_groups")
     alphas = [m.learned_alpha for m in learnable_quantizers(model) if m.learned_alpha.requires_grad]
     ids = {id(p) for p in alphas} | {id(m.learned_alpha) for m in learnable_quantizers(model)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]

@@ -86,6 +86,9 @@ def freeze_quantizers(model: nn.Module) -> int:
     A frozen α gets no gradient (``requires_grad=False``, its ``.grad`` cleared), so an optimizer built before
     the switch leaves it alone as well.
     """
+    from .prepare import _require_prepared
+
+    _require_prepared(model, "freeze_quantizers")
     count = 0
     for fq in learnable_quantizers(model):
         if isinstance(fq, SDQFakeQuantize):
