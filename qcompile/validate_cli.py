@@ -79,6 +79,23 @@ def _weight_shapes(model: onnx.ModelProto):
     return Counter(tuple(t.dims) for t in model.graph.initializer if len(t.dims) >= 2)
 
 
+def _check_same_weights(onnx_model: onnx.ModelProto, model, args) -> None:
+    """The file records a fingerprint of the float model it was compiled from (since 0.7.1): another checkpoint of
+    the same architecture rebuilt another simulation, and the report blamed the file."""
+    from .api import MODEL_KEY, model_fingerprint
+
+    record = next((p.value for p in onnx_model.metadata_props if p.key == MODEL_KEY), None)
+    try:
+        recorded = json.loads(record).get("sha256") if record is not None else None
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded is None:
+        return  # an older file, or a QAT export (refused below): nothing to compare
+    if model_fingerprint(model) != recorded:
+        raise UserError(f"{args.onnx!r} was not compiled from the weights in {args.against!r} (another checkpoint or "
+                        "another model); pass the model (and --arch) the file was compiled from")
+
+
 def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, args) -> None:
     """The simulation rebuilt from ``--against`` must be the one the file was compiled from: another model gives
     other layers, and comparing their quantizers failed deep inside with an internal error."""
@@ -86,7 +103,7 @@ def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, arg
     if mine == theirs:
         return
     raise UserError(f"{args.onnx!r} was not compiled from {args.against!r} (its weights have other shapes: "
-                    f"{sum(mine.values())} weight tensors against {sum(theirs.values())}); pass the model (and --arch) "
+                    f"{sum(mine.values())} tensors of rank 2 or more against {sum(theirs.values())}); pass the model (and --arch) "
                     "the file was compiled from")
 
 
@@ -154,6 +171,7 @@ def validate_against(args):
     # the float reference as compile has it: float32 (a half/bfloat16/float64 model's float32 values; model.eval() of
     # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
     reference = plain_copy(unwrap(model)).eval()
+    _check_same_weights(onnx_model, model, args)
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
@@ -199,6 +217,16 @@ def validate_against(args):
                         "qcompile.compile(trained_model) and qcompile.qat.export(trained_model, ...) check the file "
                         "against the trained model")
     thresholds = dict(min_sqnr=args.min_sqnr, max_abs=args.max_abs, min_top1=args.min_top1)
+    given_leaves = list(getattr(args, "leaf_module", None) or [])
+    if given_leaves:  # accepted and silently ignored before: the recorded options rebuild the simulation
+        recorded_leaves = list((opts or {}).get("leaf_modules") or [])
+        if not opts or opts.get("scheme") == "fp32":
+            raise UserError(f"--leaf-module does not apply to {args.onnx!r}, a float file (validate runs the model "
+                            "itself, nothing is traced); drop it")
+        if sorted(given_leaves) != sorted(recorded_leaves):
+            shown = ", ".join(recorded_leaves) if recorded_leaves else "none"
+            raise UserError(f"validate rebuilds the simulation of {args.onnx!r} with the leaf modules its compile "
+                            f"recorded ({shown}), not --leaf-module {', '.join(given_leaves)}; drop --leaf-module")
     bodiless = sorted({n.op_type for n in onnx_model.graph.node if n.domain == "qcompile"}
                       - {f.name for f in onnx_model.functions if f.domain == "qcompile"})
     if bodiless:

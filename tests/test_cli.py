@@ -172,6 +172,18 @@ def assert_user_error(rc, err, needle):
     assert needle in err, err
 
 
+def drop_weight_fingerprint(path: str) -> None:
+    """Remove the file's record of the weights it was compiled from (as files before 0.7.1 have none), for the
+    tests of what validate says when the --against model differs in other ways."""
+    import onnx
+
+    model = onnx.load(path)
+    keep = [p for p in model.metadata_props if p.key != "qcompile.model"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    onnx.save(model, path)
+
+
 def onnx_files(folder) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith((".onnx", ".tmp")))
 
@@ -430,6 +442,7 @@ def test_validate_of_a_float_file_against_a_model_that_does_not_take_its_inputs(
     """A float file checked against another architecture, a two-input model, or uint8 image data: one line, exit
     2 (an "internal error", exit 3, before; the quantized branch already said it in one line)."""
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    drop_weight_fingerprint("out.onnx")  # other weights are refused first (see below)
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", f"{MODULE}:two_input_net")
     assert_user_error(rc, err, "the --against model does not run on the --samples 16 inputs")
     assert "give the model the file was compiled from" in err
@@ -486,6 +499,7 @@ def test_negative_thresholds_need_no_equals_sign(work, capsys):
 def test_validate_exits_1_when_a_threshold_is_missed(work, capsys):
     # Compiled from trained weights, validated against the factory's fresh weights: the outputs differ.
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    drop_weight_fingerprint("out.onnx")  # other weights are refused first (see below)
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--min-sqnr", "40")
     assert rc == 1
     assert err.startswith("qcompile: validation failed: ") and "SQNR" in err and "< 40.0 dB" in err
@@ -502,6 +516,7 @@ def test_validate_of_a_float_file_against_other_outputs_is_a_user_error(work, ca
     """Outputs of another shape (a model with 3 classes against a file with 4) were a ValueError from the
     comparison: an internal error."""
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    drop_weight_fingerprint("out.onnx")  # other weights are refused first (see below)
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", f"{MODULE}:tiny_cnn_3")
     assert_user_error(rc, err, "'out.onnx' does not give --against's outputs (output shape mismatch")
 
@@ -820,7 +835,27 @@ def test_validate_against_another_model_is_a_user_error(work, capsys):
                        "--bits", "8", "-o", "q.onnx")
     assert rc == 0, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", f"{MODULE}:wide_cnn", "--data", "calib8.npy")
-    assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn'")
+    assert_user_error(rc, err, f"'q.onnx' was not compiled from the weights in '{MODULE}:wide_cnn'")
+    drop_weight_fingerprint("q.onnx")  # a file before 0.7.1: the rebuilt graph's weight shapes tell
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", f"{MODULE}:wide_cnn", "--data", "calib8.npy")
+    assert_user_error(rc, err, f"'q.onnx' was not compiled from '{MODULE}:wide_cnn' (its weights have other shapes")
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "fp32"])
+def test_validate_against_another_checkpoint_of_the_architecture_is_a_user_error(work, capsys, scheme):
+    """Another checkpoint of the same architecture (the next epoch, a fine-tuned copy) passed the shape check; the
+    simulation rebuilt from it differed from the file, and validation FAILed blaming the file ("27.3% of activation
+    codes differ"). The file records a fingerprint of the weights it was compiled from."""
+    sd = torch.load("weights.pt")
+    near = {k: v + 0.01 * v.std() * torch.randn_like(v) if k.endswith("weight") and v.dim() > 1 else v
+            for k, v in sd.items()}
+    torch.save(near, "near.pt")
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", scheme, "-o", "q.onnx")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "near.pt", "--arch", SPEC, "--data", "calib.npy")
+    assert_user_error(rc, err, "'q.onnx' was not compiled from the weights in 'near.pt' (another checkpoint")
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "full.pt", "--trust-pickle", "--data", "calib.npy")
+    assert rc == 0 and "PASS" in out, err  # the same weights, saved as the whole model
 
 
 def test_validate_of_a_file_a_tool_rewrote_says_what_happened(work, capsys):
@@ -1097,3 +1132,20 @@ def test_pass_reports_are_capped_without_verbose(tmp_path, capsys):
     assert capsys.readouterr().out.count("layer") == 10
     _print_timing(PassTiming("FoldBatchNorm", 0.01, True, ["a", "b", "c", "d"][:REPORT_ITEMS]))
     assert "more" not in capsys.readouterr().out  # up to REPORT_ITEMS lines are shown whole
+
+
+def test_validate_refuses_a_leaf_module_it_would_not_use(work, capsys):
+    """validate took --leaf-module and ignored it: the simulation is rebuilt with the leaf modules the file's
+    compile recorded (and a float file is not traced at all)."""
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--leaf-module", "pool",
+                       "-o", "q.onnx")
+    assert rc == 0, err
+    base = ("validate", "q.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "calib.npy")
+    for same in ((), ("--leaf-module", "pool")):
+        rc, out, err = cli(capsys, *base, *same)
+        assert rc == 0 and "PASS" in out, err
+    rc, out, err = cli(capsys, *base, "--leaf-module", "fc")
+    assert_user_error(rc, err, "with the leaf modules its compile recorded (pool), not --leaf-module fc")
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--leaf-module", "pool")
+    assert_user_error(rc, err, "--leaf-module does not apply to 'out.onnx', a float file")
