@@ -695,7 +695,7 @@ def _pool_after(gm, node) -> int | None:
             if isinstance(fq, FakeQuantize):
                 if fq.bits < bits:
                     return None
-            else:
+            elif "layer" not in u.meta:  # not past a layer: what it reads is its own input
                 later.extend(u.users)
         frontier = later
     return window
