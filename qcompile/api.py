@@ -139,11 +139,15 @@ def model_fingerprint(model: nn.Module) -> str:
     for t in unwrap(model).state_dict().values():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             continue  # num_batches_tracked and other counters say nothing of the function
-        flat = t.detach().reshape(-1)
-        if flat.numel() > 4096:
-            flat = flat[torch.linspace(0, flat.numel() - 1, 4096).long()]
+        try:
+            flat = t.detach().reshape(-1)
+            if flat.numel() > 4096:
+                flat = flat[torch.linspace(0, flat.numel() - 1, 4096).long()]
+            values = flat.cpu().to(torch.float32).contiguous().numpy().tobytes()
+        except (RuntimeError, TypeError, NotImplementedError):  # a sparse or otherwise unusual tensor: its shape
+            values = b""
         h.update(str(tuple(t.shape)).encode())
-        h.update(flat.cpu().to(torch.float32).contiguous().numpy().tobytes())
+        h.update(values)
     return h.hexdigest()[:16]
 
 
