@@ -76,6 +76,10 @@ def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
         return None
     if isinstance(calib, (torch.Tensor, np.ndarray)):
         return model_input(calib)
+    if isinstance(calib, dict):  # its keys were taken for batches: "a calibration batch is a str"
+        raise UserError(f"the {what} data is a dict (keys {', '.join(map(repr, list(calib)[:4]))}); give the inputs "
+                        "as a tensor or array (N, ...), or for several inputs a tuple in forward's argument order "
+                        "(calib=(x1, x2, ...))")
     if isinstance(calib, (tuple, list)) and len(calib) == 2 and \
             all(isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim >= 1 for t in calib) and \
             calib[0].shape[0] == calib[1].shape[0] and tuple(calib[0].shape[1:]) != tuple(calib[1].shape[1:]) and \
@@ -331,7 +335,7 @@ def calib_data(calib, n_inputs: int = 1, what: str = "calibration"):
     are the inputs (more items, such as labels, are ignored)."""
     if isinstance(calib, torch.utils.data.Dataset):  # samples without a batch axis: batched as a DataLoader would
         calib = torch.utils.data.DataLoader(calib, batch_size=64)
-    if calib is None or n_inputs <= 1:
+    if calib is None or n_inputs <= 1 or isinstance(calib, dict):
         return calib_tensor(calib, what)
     if isinstance(calib, tuple) and len(calib) == n_inputs and \
             all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):

@@ -572,10 +572,19 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"
-            hint = (f"keep it opaque with --leaf-module {where}" if where
-                    else "make forward traceable, or wrap the data-dependent part in a submodule and pass --leaf-module NAME")
+            hint = (f"keep it opaque with --leaf-module {where} (leaf_modules=[{where!r}] from Python)" if where
+                    else "make forward traceable, or wrap the data-dependent part in a submodule and pass --leaf-module "
+                         "NAME (leaf_modules=[NAME] from Python)")
+            if "cannot be iterated" in str(exc):  # list(x.chunk(2, 1)), zip(mods, torch.split(x, 8, 1)), for t in x
+                hint = ("torch.fx cannot iterate a traced tensor or its chunks: unpack a fixed count instead (a, b = "
+                        "x.chunk(2, 1); ys = [x[:, i:i + 8] for i in range(0, 16, 8)]), or " +
+                        (f"keep {where!r} opaque with --leaf-module {where} (leaf_modules=[{where!r}])" if where else
+                         "wrap that part in a submodule and keep it opaque with --leaf-module NAME (leaf_modules=[NAME])"))
             hint = _size_hint(exc) or hint
-            raise UserError(f"cannot trace the model with torch.fx {place}{line}: {_first_line(exc)}; {hint}") from None
+            said = _first_line(exc)
+            if "cannot be iterated" in said:  # torch.fx's paragraph on loops and *args: the hint says it here
+                said = said.split(". ")[0]
+            raise UserError(f"cannot trace the model with torch.fx {place}{line}: {said}; {hint}") from None
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, name)
     return gm
@@ -639,7 +648,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
                 hint += (" (--input-shape gives random float32 inputs: a mask or token ids needs --calib with real "
                          "arrays, an .npz with x0, x1, ...)")
             if "indices" in str(cause) and "Long, Int" in str(cause) and \
-                    all(not isinstance(t, torch.Tensor) or t.is_floating_point() for t in example_inputs):
+                    any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in example_inputs):
+                # (also beside an integer mask: that sent the image-data hint, save as float32, the opposite fix)
                 hint = ("an input takes integer ids (an Embedding) and was given floats: --input-shape makes random "
                         "floats, so give --calib, whose arrays must hold the ids as integers (ids.astype(np.int64), "
                         "not float32; the same for calib= from Python)")

@@ -147,7 +147,9 @@ def _check_reference_runs(reference, example, args, given) -> None:
     except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
         shapes = ", ".join(f"{tuple(t.shape[1:])} {str(t.dtype).replace('torch.', '')}" for t in example)
         hint = "give the model the file was compiled from (--against, and --arch for a state dict)"
-        if any(not t.is_floating_point() for t in example) and "type" in str(exc).lower():
+        if "indices" in str(exc) and "Long, Int" in str(exc) and any(t.is_floating_point() for t in example):
+            hint = "token ids are integers: save them as ids.astype(np.int64), not float32"
+        elif any(not t.is_floating_point() for t in example) and "type" in str(exc).lower():
             hint = "integer inputs stay integers (token ids): save image data as float32, e.g. x.astype(np.float32)"
         raise UserError(f"the --against model does not run on the {given} inputs (samples of shape [{shapes}]: "
                         f"{_first_line(exc)}); {hint}") from None

@@ -1286,3 +1286,46 @@ def test_autocast_in_forward_and_float_inputs_for_token_ids_are_named(tmp_path):
     with pytest.raises(UserError) as err:
         qcompile.compile(TokenMean().eval(), calib=ids, scheme="uniform", bits=8)
     _assert_one_line(err, "ids.astype(np.int64), not float32")
+
+
+class _ChunkList(nn.Module):
+    """YOLOv8's C2f: ``list(x.chunk(2, 1))`` (torch.fx cannot iterate a Proxy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cv1 = nn.Conv2d(1, 16, 1)
+        self.m = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(self.m(y[-1]))
+        return torch.cat(y, 1).mean((2, 3))
+
+
+class _TokensAndMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, ids, mask):
+        h = self.emb(ids) * mask.unsqueeze(-1)
+        return self.fc(h.mean(1))
+
+
+def test_user_mistakes_in_model_code_and_data_get_the_right_hint():
+    """Three hints that pointed the wrong way (a sweep of models written as in the wild): iterating a traced tensor
+    (``list(x.chunk(2, 1))``) was "wrap the data-dependent part", under torch.fx's paragraph on loops, and named
+    only the CLI flag; float32 token ids beside an int64 mask got "save image data as float32", the opposite fix;
+    a dict of calibration inputs was "a calibration batch is a str" (its keys)."""
+    x = torch.rand(16, 1, 8, 8)
+    with pytest.raises(UserError, match=r"Proxy object cannot be iterated; torch.fx cannot iterate a traced tensor "
+                                        r"or its chunks: unpack a fixed count instead \(a, b = x.chunk\(2, 1\)") as e:
+        qcompile.compile(_ChunkList().eval(), calib=x, scheme="uniform", bits=8, validate=False)
+    assert "leaf_modules=[NAME]" in str(e.value) and "See the torch.fx docs" not in str(e.value)
+    ids = torch.randint(0, 50, (16, 6))
+    mask = torch.ones(16, 6, dtype=torch.int64)
+    with pytest.raises(UserError, match=r"hold the ids as integers \(ids.astype\(np.int64\), not float32"):
+        qcompile.compile(_TokensAndMask().eval(), calib=(ids.float(), mask), scheme="uniform", bits=8, validate=False)
+    with pytest.raises(UserError, match=r"the calibration data is a dict \(keys 'x'\); give the inputs as a tensor"):
+        qcompile.compile(_ChunkList().eval(), x[:1], calib={"x": x}, scheme="uniform", bits=8, validate=False)
