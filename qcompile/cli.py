@@ -378,7 +378,8 @@ def cmd_compile(argv) -> int:
     bits = bits if "--bits" in named or not qat_trained else None
     result = qcompile_compile(
         model, example, scheme=scheme, bits=bits, calib=calib, output=output,
-        validate=not args.no_validate, validation_inputs=validation_inputs, callback=lambda t: _print_timing(t, args.verbose), progress=_progress,
+        validate=not args.no_validate, validation_inputs=validation_inputs,
+        callback=lambda t: _print_timing(t, args.verbose), progress=_progress,
         thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
         int8_weights=args.int8_weights, **options,
     )

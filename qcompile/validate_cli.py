@@ -103,8 +103,8 @@ def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, arg
     if mine == theirs:
         return
     raise UserError(f"{args.onnx!r} was not compiled from {args.against!r} (its weights have other shapes: "
-                    f"{sum(mine.values())} tensors of rank 2 or more against {sum(theirs.values())}); pass the model (and --arch) "
-                    "the file was compiled from")
+                    f"{sum(mine.values())} tensors of rank 2 or more against {sum(theirs.values())}); pass the model "
+                    "(and --arch) the file was compiled from")
 
 
 def _check_same_quantizers(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, args, written: str) -> None:
