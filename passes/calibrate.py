@@ -104,6 +104,9 @@ class Calibrate(Pass):
             else:
                 self._calibrate_data_free(gm, acts)
             self._fit_biases(gm)
+            # what changed a range or a layer's weights first (the CLI shows a pass's first lines), then the notes
+            first = [line for line in self.report if any(mark in line for mark in _CHANGED_RANGE)]
+            self.report = first + [line for line in self.report if line not in first]
         return PassResult(gm, True)
 
     def _fit_biases(self, gm) -> None:
@@ -379,6 +382,7 @@ def uniform_fits_better(fq: FakeQuantize, obs) -> float | None:
     return worse if worse >= UNIFORM_HINT_DB else None
 
 
+_CHANGED_RANGE = ("so that", "unit range")  # report lines of ranges widened for a bias or set for zeros: first
 _DATA_FREE_SAMPLES = 1 << 20  # synthetic values per data-free quantizer (shared among its channels)
 BIAS_FIT = "bias fit"  # the observer suffix of a range Calibrate widened for a layer's bias
 _BIAS_UNITS = float(2 ** 29)  # the largest |bias| on a layer's accumulator grid (int32 with headroom)

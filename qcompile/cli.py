@@ -338,7 +338,7 @@ def cmd_compile(argv) -> int:
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
-            _check_not_model_source(model, path, flag)
+            _check_not_model_source(model, path, flag, specs=(args.model, args.arch))
     example = _example_inputs(args, calib)
     if args.input_shape and calib is not None and \
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
@@ -411,15 +411,16 @@ def _check_not_an_input(args, path: str, flag: str) -> None:
             raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")
 
 
-def _check_not_model_source(model, path: str, flag: str) -> None:
+def _check_not_model_source(model, path: str, flag: str, specs=()) -> None:
     """Refuse an output path that names the Python source of the model's code (the ``--arch`` or spec module, or
     the module of any of its layers): the ONNX bytes replaced the user's ``models.py`` and the next compile failed
-    with "source code string cannot contain null bytes"."""
+    with "source code string cannot contain null bytes". (A factory that builds torch.nn layers only left its own
+    module unchecked: the spec's module is checked by name.)"""
     import sys
 
     seen = set()
-    for m in model.modules():
-        name = type(m).__module__
+    names = [str(spec).partition(":")[0] for spec in specs if spec and ":" in str(spec)]
+    for name in names + [type(m).__module__ for m in model.modules()]:
         if name in seen:
             continue
         seen.add(name)

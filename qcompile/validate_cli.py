@@ -63,8 +63,10 @@ def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, giv
         fits = len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want, got))
         if not fits:
             shown = "(" + ", ".join(str(w) for w in want) + ")"
-            fix = ("pass --samples with its batch size, or --data" if given.startswith("--samples") and
-                   len(want) == len(got) and all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:]))
+            batch_only = len(want) == len(got) and \
+                all(not isinstance(w, int) or w == g for w, g in zip(want[1:], got[1:]))  # a fixed batch size
+            fix = (f"pass --samples {want[0]} (its fixed batch size), or --data with that many samples"
+                   if batch_only and isinstance(want[0], int) and "--samples" in given
                    else "give --input-shape of that shape" if given.startswith("--input-shape")
                    else "give inputs of that shape (for a quantized file, the calibration inputs it was compiled with)")
             raise UserError(f"{given} gives shape {got} but {path!r} takes input {graph_input.name!r} of shape "
