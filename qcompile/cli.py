@@ -151,8 +151,8 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz); also the calibration data "
                    "used to rebuild the simulation of a quantized file")
     p.add_argument("--samples", type=_positive_int, default=16,
-                   help="random inputs when no --data is given (default 16); a quantized file needs --data, the "
-                        "calibration inputs it was compiled with, to rebuild its simulation")
+                   help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
+                        "needs --data, the calibration inputs it was compiled with, to rebuild its simulation")
     p.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
     p.add_argument("--max-abs", type=_non_negative, help="fail (exit 1) if max abs error exceeds this")
     p.add_argument("--min-top1", type=_fraction, metavar="FRACTION",

@@ -766,6 +766,13 @@ def test_the_model_source_module_is_never_overwritten(work, capsys):
             assert_user_error(rc, err, "is the source file of the model's module")
     assert (work / source).read_bytes() == before
     assert onnx_files(work) == [] and not (work / "q.onnx").exists()
+    # a factory that builds torch.nn layers only: its module was not among the layers' modules, and was overwritten
+    (work / "plain_factory.py").write_text("import torch.nn as nn\n\n\ndef mlp():\n"
+                                           "    return nn.Sequential(nn.Flatten(), nn.Linear(192, 4))\n")
+    plain = (work / "plain_factory.py").read_bytes()
+    rc, out, err = cli(capsys, "plain_factory:mlp", "--calib", "calib.npy", "-o", "plain_factory.py")
+    assert_user_error(rc, err, "is the source file of the model's module 'plain_factory'")
+    assert (work / "plain_factory.py").read_bytes() == plain
 
 
 def test_json_summary_is_written_whole_next_to_the_file(work, capsys):

@@ -583,6 +583,8 @@ def test_a_range_too_small_for_the_next_bias_is_widened_to_fit_int32():
     assert result.report.extra["code_mismatch"] == 0
     reports = [line for t in result.timings if t.name == "Calibrate" for line in t.report]
     assert any(line.startswith("act_fq0: range") and "int32 accumulator" in line for line in reports)
+    # listed before the notes (the CLI shows a pass's first lines: behind three level notes it was hidden)
+    assert "so that" in reports[0], reports
     from qcompile.passes.quantize_bias import accumulator_scale
 
     layer = result.model.get_submodule("0")

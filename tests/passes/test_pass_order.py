@@ -91,3 +91,12 @@ def test_build_passes_take_the_calibration_forms_compile_takes(form):
     got = Pipeline(build_passes(opts, data))(qcompile.trace(model, calib[:1])).gm
     for name, t in want.state_dict().items():
         assert torch.equal(t, got.state_dict()[name]), name
+
+
+def test_quantize_bias_before_calibrate_is_an_error():
+    """QuantizeBias before Calibrate did nothing and said nothing (its layers' quantizers have no ranges yet); the
+    export later asked for QuantizeBias after Calibrate."""
+    model = MLP()
+    x = example_input(model, seed=1, batch=32)
+    with pytest.raises(PassError, match="is not calibrated yet: run Calibrate before QuantizeBias"):
+        Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), QuantizeBias()])(qcompile.trace(model, x[:1]))
