@@ -76,6 +76,9 @@ class Pass:
 
     def run_managed(self, gm: torch.fx.GraphModule) -> PassResult:
         """Run the pass and leave the module's code as it was (the caller regenerates it)."""
+        if not isinstance(gm, torch.fx.GraphModule):  # the model itself: "'DigitsCNN' object has no attribute 'graph'"
+            raise TypeError(f"{self.name} takes a torch.fx.GraphModule, got {type(gm).__name__}: trace the model "
+                            "first, gm = qcompile.trace(model, example_inputs)")
         self.report = []
         result = self.call(gm)
         if not isinstance(result, PassResult):
@@ -121,6 +124,9 @@ def verify(gm: torch.fx.GraphModule) -> None:
         cfg = node.meta.get("qconfig")
         if cfg is not None and not isinstance(cfg, LayerConfig):
             raise VerificationError(f"node {node.name}: meta['qconfig'] must be LayerConfig, got {type(cfg).__name__}")
+        if cfg is not None and cfg.action not in ("quant", "float"):  # a typo left the layer float, silently
+            raise VerificationError(f"node {node.name}: meta['qconfig'].action must be 'quant' or 'float', got "
+                                    f"{cfg.action!r}")
 
 
 @dataclasses.dataclass
@@ -151,6 +157,11 @@ class Pipeline:
         callback: Callable[[PassTiming], None] | None = None,
     ) -> None:
         self.passes = list(passes)
+        for p in self.passes:
+            if isinstance(p, type) and issubclass(p, Pass):  # "pass <property object at 0x...> failed: TypeError"
+                raise TypeError(f"{p.__name__} is a pass class; give an instance: {p.__name__}()")
+            if not isinstance(p, Pass):
+                raise TypeError(f"a pipeline takes Pass instances, got {type(p).__name__} {p!r}")
         if steps < 1:
             raise ValueError("steps must be >= 1")
         self.steps = steps
@@ -159,6 +170,9 @@ class Pipeline:
         self.timings: list[PassTiming] = []
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise TypeError(f"a pipeline runs on a torch.fx.GraphModule, got {type(gm).__name__}: trace the model "
+                            "first, gm = qcompile.trace(model, example_inputs)")
         ran: list[str] = []
         any_modified = False
         if self.check:

@@ -77,6 +77,9 @@ class Calibrate(Pass):
                 and isinstance(gm.get_submodule(n.target), FakeQuantize)
                 and not gm.get_submodule(n.target).calibrated]
         if not todo:
+            if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # a second Calibrate: new data changes nothing
+                self.report.append("every quantizer is calibrated already: nothing to do (to calibrate on other data, "
+                                   "run the pipeline again from the traced model)")
             return PassResult(gm, False)
         weights = [n for n in todo if gm.get_submodule(n.target).role == "weight"]
         acts = [n for n in todo if gm.get_submodule(n.target).role != "weight"]

@@ -198,7 +198,12 @@ class InsertQuantizers(Pass):
     """Insert weight and input-activation fake-quantizers for layers whose qconfig says ``quant``."""
 
     def __init__(self, observer: str = "mse", asym_levels: bool = True):
+        """``observer`` is recorded on the activation quantizers (QAT's initial calibration reads it); the ranges of
+        a pipeline come from ``Calibrate(method=...)``."""
         super().__init__()
+        from qcompile.quant import make_observer
+
+        make_observer(observer)  # an unknown name was accepted and recorded
         self.observer = observer
         self.asym_levels = asym_levels  # False: signed APoT/PoT activations keep the symmetric set
 

@@ -437,6 +437,11 @@ class PairSafeInt8Weights(Pass):
                 widen = float((alpha / wfq.alpha.clamp_min(quant.MIN_ALPHA)).mean())
                 wfq.set_params(alpha, wfq.zero_point)
                 w.copy_(w_new)
+            from .calibrate import _qparams
+
+            old_qp = wnode.meta.get("qparams")  # the widened range, as Calibrate's bias fit records its own
+            wnode.meta["qparams"] = _qparams(wfq, f"{old_qp.observer if old_qp is not None else 'calibrated'}"
+                                                  "+pair-safe")
             changed = True
             signal = float((w.detach().double() ** 2).sum())
             layer = node.meta.get("layer", node.name)

@@ -72,8 +72,9 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         if off:
             raise RuntimeError(f"the bias of {', '.join(off[:3])}{' ...' if len(off) > 3 else ''} is not on its "
                                "accumulator grid S_x*S_w, where onnxruntime rounds it when it loads the file: run "
-                               "the QuantizeBias pass after Calibrate (qcompile.pipeline.build_passes gives the full "
-                               "order)")
+                               "the QuantizeBias pass after Calibrate and after every pass that moves biases or ranges "
+                               "(BiasCorrection, PairSafeInt8Weights): qcompile.pipeline.build_passes gives the full "
+                               "order")
     from .fx_onnx import export_fx
 
     fast = export_fx(gm, example_inputs, opset, dynamic_batch)  # common layers only; None: use torch.onnx.export

@@ -34,6 +34,10 @@ class LayerConfig:
     per_channel: bool = True
     reason: str = "default"
 
+    def __post_init__(self) -> None:
+        if self.action not in ("quant", "float"):  # LayerConfig(action="quantize") left the layer float, silently
+            raise ValueError(f"LayerConfig.action must be 'quant' or 'float', got {self.action!r}")
+
     def describe(self) -> str:
         if self.action != "quant":
             return f"float ({self.reason})"

@@ -290,3 +290,24 @@ def test_fast_search_error_is_the_error_of_the_codes_it_returns(k):
     assert int(((a + b).abs() > 128).sum()) == 0  # pair-safe
     real = float(((quant.dequantize(codes, alpha, fq.levelset, axis=0) - w) ** 2).sum(dtype=torch.float64))
     assert err == pytest.approx(real, rel=1e-4 if k < 256 else 0.05)
+
+
+def test_pair_safe_weights_update_the_recorded_qparams():
+    """PairSafeInt8Weights widens an 8-bit weight range (x1.45 on the digits model's conv1) and left the weight
+    node's meta["qparams"] at the calibrated range: the typed metadata disagreed with the quantizer and the file."""
+    import qcompile
+    from qcompile.models import digits
+    from qcompile.qmodules import FakeQuantize
+
+    x = digits.load_split()[0][:32]
+    result = qcompile.compile(digits.pretrained(), x[:1], calib=x, scheme="uniform", bits=8,
+                              int8_weights="s8-safe", validate=False)
+    gm = result.model
+    moved = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), FakeQuantize) and \
+                gm.get_submodule(node.target).role == "weight":
+            qp = node.meta["qparams"]
+            assert torch.equal(qp.alpha.float(), gm.get_submodule(node.target).alpha.float()), node.target
+            moved += qp.observer.endswith("+pair-safe")
+    assert moved > 0

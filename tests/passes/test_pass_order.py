@@ -100,3 +100,26 @@ def test_quantize_bias_before_calibrate_is_an_error():
     x = example_input(model, seed=1, batch=32)
     with pytest.raises(PassError, match="is not calibrated yet: run Calibrate before QuantizeBias"):
         Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), QuantizeBias()])(qcompile.trace(model, x[:1]))
+
+
+def test_pipeline_api_mistakes_get_one_clear_error():
+    """Mistakes of the pass-pipeline API that gave unreadable or no errors (a sweep of the API): a pass class for an
+    instance ("pass <property object at 0x...> failed"), a pass run on the model instead of its traced graph
+    ("'MLP' object has no attribute 'graph'"), a LayerConfig action typo (the layer stayed float, silently), an
+    unknown observer name (recorded, unused), a second Calibrate (nothing happened, nothing said)."""
+    from qcompile.passes import FoldBatchNorm
+
+    model = MLP()
+    x = example_input(model, seed=1, batch=32)
+    with pytest.raises(TypeError, match=r"FoldBatchNorm is a pass class; give an instance: FoldBatchNorm\(\)"):
+        Pipeline([FoldBatchNorm])
+    for run in (FoldBatchNorm(), Pipeline([FoldBatchNorm()])):
+        with pytest.raises(TypeError, match=r"trace the model first, gm = qcompile.trace\(model, example_inputs\)"):
+            run(model)
+    with pytest.raises(ValueError, match="LayerConfig.action must be 'quant' or 'float', got 'quantize'"):
+        LayerConfig(action="quantize")
+    with pytest.raises(ValueError, match="unknown calibration method 'no-such'"):
+        InsertQuantizers(observer="no-such")
+    gm = Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), Calibrate(x)])(qcompile.trace(model, x[:1])).gm
+    again = Calibrate(x * 2)
+    assert not again(gm).modified and "calibrated already: nothing to do" in again.report[0]
