@@ -461,7 +461,9 @@ def _print_summary(result, real_inputs: bool = False) -> None:
         print(line)
     if result.onnx_path:
         size = os.path.getsize(result.onnx_path)
-        print(f"wrote {result.onnx_path} ({size / 1024:.1f} KiB) in {result.seconds:.2f} s")
+        took = result.summary.get("validation_seconds")
+        print(f"wrote {result.onnx_path} ({size / 1024:.1f} KiB) in {result.seconds:.2f} s"
+              f"{f' (validation {took:.2f} s)' if took is not None else ''}")
     if result.report is not None:
         line = float_line(result.report, random_inputs=not real_inputs)
         if line:

@@ -1123,6 +1123,16 @@ def test_validate_of_a_file_with_int32_ids(work, capsys):
     assert rc == 0 and "PASS" in out, out + err
 
 
+def test_the_compile_says_how_long_validation_took(work, capsys):
+    """Validation is most of a large model's compile (ResNet-50 at 224x224: 31 of 40 s) and nothing said so."""
+    import json
+
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "-o", "q.onnx", "--json", "s.json")
+    assert rc == 0, err
+    assert re.search(r"wrote \S*q.onnx \([0-9.]+ KiB\) in [0-9.]+ s \(validation [0-9.]+ s\)", out), out
+    assert json.loads((work / "s.json").read_text())["validation_seconds"] > 0
+
+
 def test_pass_reports_are_capped_without_verbose(tmp_path, capsys):
     """A MobileNetV3's InsertQuantizers listed all 54 layers on one line of the pass table; a pass now shows its
     first lines and a count, ``--verbose`` shows them all, and ``--json`` keeps them all either way."""
