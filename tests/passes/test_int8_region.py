@@ -239,6 +239,28 @@ def test_int8_add_equals_onnxruntime_qlinearadd_code_for_code(tmp_path):
     assert differ == 0, f"{differ} of {total} codes differ"
 
 
+def test_int8_add_table_path_equals_onnxruntime_and_the_direct_arithmetic(tmp_path):
+    # a large tensor goes through the 256x256 table of output codes: code for code what QLinearAdd gives, and what
+    # the direct arithmetic gives, also where one operand broadcasts (a gate-like (N, C, 1, 1) operand)
+    rng = np.random.default_rng(1)
+    n = 300_000
+    for _ in range(6):
+        scales, zps = rng.uniform(0.001, 0.1, 3), rng.integers(0, 256, 3)
+        fa, fb, fc = (asym(float(s), int(z)) for s, z in zip(scales, zps))
+        units = [float(qcompile.quant.unit_from_alpha(f.alpha, f.levelset)) for f in (fa, fb, fc)]
+        sess = session(qdq_add_model([units[0], zps[0], units[1], zps[1], units[2], zps[2]], n))
+        qa, qb = rng.integers(0, 256, n).astype(np.uint8), rng.integers(0, 256, n).astype(np.uint8)
+        want = sess.run(None, {"a": qa, "b": qb})[0]
+        a, b = (qcompile.quant.dequantize(torch.from_numpy(q.astype(np.int32)), f.alpha, f.levelset,
+                                          zero_point=f.zero_point) for q, f in ((qa, fa), (qb, fb)))
+        add = Int8Add(fa, fb, fc)
+        got = add.codes(a, b)
+        assert int((got.numpy() != want).sum()) == 0
+        a4, b4 = a.reshape(30, 10, 25, 40), b[:300].reshape(30, 10, 1, 1)
+        direct = add.code_of(*add.input_codes(a4, b4))
+        assert torch.equal(add.codes(a4, b4), direct) and direct.shape == (30, 10, 25, 40)
+
+
 class ResidualOutput(nn.Module):
     """conv → ReLU → conv, plus the block input: the graph's output is a residual add."""
 
