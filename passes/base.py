@@ -331,6 +331,59 @@ def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return obj
 
 
+# gm.meta key: qualified name -> the float value of a parameter that a pass after ``CheckFloatOutputs`` moved for
+# the quantized model's sake (bias correction, the bias grid, pair-safe weights). The graph with its quantizers
+# passed through and these values put back computes the float model; validation's per-quantizer SQNR is measured
+# against that (see ``float_parameters``).
+FLOAT_PARAMS = "qcompile_float_params"
+
+
+def remember_float(gm: torch.fx.GraphModule, target: str | tuple) -> None:
+    """Record the current value of parameter ``target`` (a qualified name, or ``(holder module, attribute)``) as its
+    float value, unless one is recorded already: call it before a pass after calibration changes the parameter."""
+    if isinstance(target, tuple):
+        holder, attr = target
+        path = next((p for p, m in gm.named_modules() if m is holder), None)
+        if path is None:
+            return
+        target = f"{path}.{attr}" if path else attr
+    store = gm.meta.setdefault(FLOAT_PARAMS, {})
+    if target not in store:
+        obj = gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        store[target] = obj.detach().clone()
+
+
+class float_parameters:
+    """Within it, the parameters recorded by :func:`remember_float` hold their float values again (shared modules
+    see them too); on exit, their quantization-time values come back."""
+
+    def __init__(self, gm: torch.nn.Module):
+        self.store = (getattr(gm, "meta", None) or {}).get(FLOAT_PARAMS) or {}
+        self.gm = gm
+        self.swapped: list = []
+
+    def __enter__(self):
+        for name, value in self.store.items():
+            obj = self.gm
+            try:
+                for part in name.split("."):
+                    obj = getattr(obj, part)
+            except AttributeError:
+                continue
+            if isinstance(obj, torch.Tensor) and obj.shape == value.shape:
+                self.swapped.append((obj, obj.data))
+                obj.data = value
+        return self
+
+    def __exit__(self, *exc):
+        for obj, data in self.swapped:
+            obj.data = data
+        self.swapped = []
+        return False
+
+
 def stock_layer(mod) -> bool:
     """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that computes exactly what its torch.nn class does:
     neither ``forward`` nor ``_conv_forward`` overridden. A subclass with its own forward (TF "same" padding, weight
@@ -399,6 +452,9 @@ def private_bias(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     value = getattr(holder, attr)
     new_attr = _free_name(holder, attr)
     holder.register_parameter(new_attr, nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad))
+    floats = gm.meta.get(FLOAT_PARAMS) or {}
+    if str(bnode.target) in floats:  # the original was moved already: the copy's float value is the original's
+        floats[f"{path}.{new_attr}" if path else new_attr] = floats[str(bnode.target)]
     with gm.graph.inserting_before(node):
         new = gm.graph.get_attr(f"{path}.{new_attr}" if path else new_attr)
     if in_kwargs:

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, add_functional_bias, attr_value, calibration_inputs, data_batches, private_bias
+from .base import (Pass, PassResult, add_functional_bias, attr_value, calibration_inputs, data_batches, private_bias,
+                   remember_float)
 
 _CONV = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 
@@ -244,6 +245,7 @@ class BiasCorrection(Pass):
             if found is None:
                 continue
             holder, attr = found
+            remember_float(gm, found)
             with torch.no_grad():
                 getattr(holder, attr).sub_(shift.to(getattr(holder, attr).dtype))
             node.meta["bias_corrected"] = True
@@ -276,6 +278,7 @@ class BiasCorrection(Pass):
             holder, attr = biases[node]
             bias = getattr(holder, attr)
             delta = shrunk_shift(means - float_means)
+            remember_float(gm, biases[node])
             with torch.no_grad():
                 bias.sub_(delta.to(bias.dtype))
             moved[node] = float(delta.abs().max())

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value, fake_quantizer, input_quantizer
+from .base import Pass, PassResult, attr_value, fake_quantizer, input_quantizer, remember_float
 from .int8_region import _is_transparent
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
@@ -436,6 +436,7 @@ class PairSafeInt8Weights(Pass):
                 w_new, alpha, n_moved, err = result
                 widen = float((alpha / wfq.alpha.clamp_min(quant.MIN_ALPHA)).mean())
                 wfq.set_params(alpha, wfq.zero_point)
+                remember_float(gm, str(wnode.args[0].target))
                 w.copy_(w_new)
             from .calibrate import _qparams
 

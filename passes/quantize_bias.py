@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, input_quantizer, private_bias
+from .base import Pass, PassResult, fake_quantizer, input_quantizer, private_bias, remember_float
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -69,6 +69,7 @@ class QuantizeBias(Pass):
             with torch.no_grad():
                 rounded = _on_grid(b, scale)
                 if not torch.equal(rounded, b.float()):
+                    remember_float(gm, (owner, attr))
                     b.copy_(rounded.to(b.dtype))
                     changed = True
                     self.report.append(f"{node.meta.get('layer', node.name)}: bias on the S_x*S_w grid")

@@ -534,8 +534,10 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
       of them do, or when more than ``max_layer_code_mismatch`` of one quantizer's codes (and more than
       ``LAYER_CODE_MIN`` codes) do: the model-wide fraction alone let a small quantizer be wrong everywhere in a
       model whose attention tensors hold millions of codes;
-    - the SQNR of the quantized activation against the same graph run in float (quantizers passed through), the
-      per-layer view of where the error grows.
+    - the SQNR of the quantized activation against the float model's activation at that point: the same graph
+      run with its quantizers passed through and the float values back in the parameters that passes moved for
+      the quantized model (bias correction, the bias grid, pair-safe weights; ``passes.base.float_parameters``),
+      the per-layer view of where the error grows.
 
     And the outputs: recomputed from onnxruntime's own codes (the teacher-forced run; the side-by-side one where no
     code differed), the simulation's floating outputs may differ from the file's only by float rounding after the
@@ -548,6 +550,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
 
     from qcompile.emit import activation_map
     from qcompile.qmodules import FakeQuantize, disabled_quantizers
+    from qcompile.passes.base import float_parameters
 
     inputs = as_inputs(inputs)
     if batch_size is None:
@@ -601,8 +604,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         try:
             with torch.no_grad():
                 for batch in batches(inputs, batch_size):
-                    with disabled_quantizers(sim):
-                        float_graph(*batch)
+                    with disabled_quantizers(sim), float_parameters(sim):
+                        float_graph(*batch)  # the float model: no quantizer, the biases before bias correction
                     floats = dict(captured)  # float activations at each point
                     ys = output_tensors(sim(*batch))
                     ref_parts.append([t.detach().float().numpy() for t in ys])
