@@ -16,6 +16,8 @@ After:  ``y = F.conv2d(xq, wq, b, ...); yq = out_fq(y); z = relu(yq); u = yq + v
 """
 from __future__ import annotations
 
+import math
+
 import operator
 
 import numpy as np
@@ -454,6 +456,7 @@ class BindIntegerLayers(Pass):
             return False  # the shifted bias would not survive float32 in the file
         out.requant = (acc_scale.double(), (acc_scale / s_cell).float(), -1 if node.target is F.linear else 1)
         out.cells = (shift, z, torch.tensor(np.array(table), dtype=torch.int64), int(repeat))
+        out.requant_top = _finite_top(gm, rect)
         return True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -497,6 +500,7 @@ class BindIntegerLayers(Pass):
                 multiplier = (acc_scale / s_y).float()
                 axis = -1 if node.target is F.linear else 1
                 out.requant = (acc_scale.double(), multiplier, axis)
+                out.requant_top = _finite_top(gm, tail if tail is not node else None)
             self._bind(gm, node, fns, xfq, wfq)
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
@@ -623,6 +627,15 @@ def uint8_codes(fq) -> bool:
     if not ls.is_uniform:  # stored as uint8 grid - grid[0] where that fits (qcompile.emit.act_storage)
         return ls.code_max - min(ls.code_min, 0) <= 255
     return ls.code_min >= 0 and ls.code_max <= 255
+
+
+def _finite_top(gm, rect) -> float | None:
+    """H of the ReLU6 / clip to [0, H] ``rect`` between an int8 layer and its re-quantizing quantizer; None for a
+    ReLU or no rectifier (``FakeQuantize.requant_top``)."""
+    if rect is None:
+        return None
+    hi = clip_bounds(gm, rect)[1]
+    return hi if math.isfinite(hi) else None
 
 
 def _implies(fq, bounds) -> bool:

@@ -88,6 +88,11 @@ class FakeQuantize(nn.Module):
         # float64 = -round((unit/4) / (S_x·S_w)), added to the accumulator; cell zero point z; the 256-entry
         # cell -> grid integer table; repeat: elements per channel after a flatten of a conv output, else 1)
         self.cells = None
+        # Set with ``requant`` where a ReLU6 / clip to [0, H] between the int8 layer and this quantizer is left to
+        # the kernel's saturation (the levels end at or below H): H. The clip turns every accumulator past H into
+        # H itself, which is no point of the accumulator grid: re-rounded onto it, it could fall a code short of
+        # the top one that onnxruntime's saturation gives (2- and 4-bit layers, whose grid is coarse)
+        self.requant_top = None
 
     @property
     def asymmetric(self) -> bool:
@@ -159,9 +164,14 @@ class FakeQuantize(nn.Module):
         acc = torch.div(y.double(), acc_scale.reshape(shape)).round_()
         if shift is not None:
             c = acc.add_(shift.reshape(shape)).float().mul_(multiplier.reshape(shape)).round_().add_(float(z))
-            return table.to(torch.float32)[c.clamp_(0, 255).long()]
-        q = acc.float().mul_(multiplier.reshape(shape)).round_().add_(self.zero_point.float())
-        return q.clamp_(self.levelset.code_min, self.levelset.code_max)
+            q = table.to(torch.float32)[c.clamp_(0, 255).long()]
+        else:
+            q = acc.float().mul_(multiplier.reshape(shape)).round_().add_(self.zero_point.float())
+            q = q.clamp_(self.levelset.code_min, self.levelset.code_max)
+        top = getattr(self, "requant_top", None)  # absent on quantizers saved before it existed
+        if top is not None:  # clipped to H: the layer's accumulator reached H or more, the top code in the kernel
+            q = q.masked_fill_(y >= top, float(self.levelset.code_max))
+        return q
 
     def simulate(self, x: torch.Tensor) -> torch.Tensor:
         if self.requant is not None:
