@@ -378,7 +378,7 @@ class float_parameters:
         return self
 
     def __exit__(self, *exc):
-        for obj, data in self.swapped:
+        for obj, data in reversed(self.swapped):  # reversed: a tied parameter recorded under two names
             obj.data = data
         self.swapped = []
         return False
