@@ -304,12 +304,21 @@ class Calibrate(Pass):
 
     def _calibrate_data_free(self, gm, acts) -> None:
         sums = {}  # the last residual sums drawn (_draw): the next block's quantizer reads them
+        dropped = []
         for node in acts:
             fq = gm.get_submodule(node.target)
             plan = _synthesis_plan(gm, node.args[0])
             window = _pool_after(gm, node)
             if plan is not None and window is not None:  # what passes the max-pool after the quantizer
                 plan = ("pool", window, plan)
+            if plan is None and getattr(fq, "optional", False):
+                # an 8-bit output QuantizeOutputs added for int8 kernels, which nothing describes without data: the
+                # layer's output stays float, as at the bit-widths where no such quantizer is added
+                dropped.append(_quantizer_place(node))
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+                gm.delete_submodule(node.target)
+                continue
             if plan is None:
                 inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
                 how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
@@ -325,9 +334,13 @@ class Calibrate(Pass):
                                     f"{src.name!r}, which no BatchNorm describes); keep the first layer float "
                                     f"(--keep-first-last fp32, keep_first_last='fp32') or pass calibration inputs "
                                     f"with {how}")
-                why = ("BatchNorm statistics are read from folded BatchNorms: drop --no-fold-bn / fold_bn=False"
-                       if unfolded else "it does not come from BatchNorm, through a ReLU, a max-pool or a residual "
-                                        "add of tensors with the same channels")
+                why = ("it does not come from BatchNorm, through a ReLU, a max-pool or a residual add of tensors "
+                       "with the same channels")
+                if unfolded:
+                    names = [n for n, m in gm.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                    why = (f"BatchNorm statistics are read only from BatchNorms folded into the layer before them, and "
+                           f"{', '.join(repr(n) for n in names[:3])}{' ...' if len(names) > 3 else ''} stayed unfolded "
+                           "(after an activation, or --no-fold-bn / fold_bn=False)")
                 raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
                                 f"inputs with {how}")
             # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in
@@ -342,9 +355,12 @@ class Calibrate(Pass):
             params = quant.compute_qparams_many([(obs, fq.levelset)])[0]
             fq.set_params(params.alpha, params.zero_point)
             node.meta["qparams"] = _qparams(fq, f"bn({self.method})")
-        self.report.append(f"data-free: {len(acts)} activation range(s) from BatchNorm statistics "
+        self.report.append(f"data-free: {len(acts) - len(dropped)} activation range(s) from BatchNorm statistics "
                            f"({self.method} on values drawn from each channel's normal, through ReLUs, max-pools "
                            f"and residual adds)")
+        for place in dropped:
+            self.report.append(f"data-free: {place} stays float (an 8-bit output for the int8 kernels, which no "
+                               "BatchNorm describes)")
 
 
 UNIFORM_HINT_DB = 3.0  # APoT activation levels this much worse (squared error) than uniform ones: in the report

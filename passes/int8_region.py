@@ -382,6 +382,7 @@ class QuantizeResiduals(Pass):
     def _insert(self, gm, tail):
         fq = FakeQuantize("uniform" if is_nonnegative(gm, tail) else "uniform_asym", 8, signed=False,
                           role="activation", observer=self.observer)
+        fq.optional = True  # for the int8 adds only: data-free calibration may leave these values float instead
         name = f"res_fq{self._count}"
         self._count += 1
         gm.add_submodule(name, fq)

@@ -79,6 +79,9 @@ class FakeQuantize(nn.Module):
         # (lo, hi): what reads this quantizer's values maps everything past them to the bound's image (tanh, a
         # clip); calibration observes the values clamped to them (QuantizeOutputs.saturation_bounds)
         self.saturation = None
+        # True for an output quantizer added only so that a layer runs on int8 kernels (QuantizeOutputs): where
+        # data-free calibration cannot describe its values, it is removed and the output stays float
+        self.optional = False
         self.qid = -1
         self.qname = ""
         # Set by BindIntegerLayers when this quantizer re-quantizes the int32 accumulator of an int8 layer:
