@@ -150,7 +150,7 @@ def _validate_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz); also the calibration data "
                    "used to rebuild the simulation of a quantized file")
-    p.add_argument("--samples", type=_positive_int, default=16,
+    p.add_argument("--samples", type=_positive_int, default=None,
                    help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
                         "needs --data, the calibration inputs it was compiled with, to rebuild its simulation")
     p.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
@@ -486,7 +486,8 @@ def float_line(report, random_inputs: bool = False) -> str:
     text = f"vs the float model{where}: output{'' if which is None else f' {which} (the lowest)'} SQNR " + (
         "inf" if math.isinf(sq) else f"{sq:.1f} dB")
     if report.extra.get("top1_vs_float") is not None:
-        text += f", top-1 agreement {100 * report.extra['top1_vs_float']:.2f}%"
+        of = report.extra.get("top1_vs_float_output")
+        text += f", top-1 agreement{'' if of is None else f' (output {of})'} {100 * report.extra['top1_vs_float']:.2f}%"
     layers = [(l["quantizer"] + (f" ({l['where']})" if l.get("where") else ""), l["sqnr_vs_float_db"])
               for l in report.layers or []
               if l.get("sqnr_vs_float_db") is not None and math.isfinite(l["sqnr_vs_float_db"])]

@@ -80,6 +80,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     fast = export_fx(gm, example_inputs, opset, dynamic_batch)  # common layers only; None: use torch.onnx.export
     if fast is not None:
         return fast
+    _check_dict_keys(gm)
     in_names = input_names_for(len(example_inputs))
     n_out = _output_count(gm, example_inputs)
     out_names = _dict_output_names(gm, n_out, in_names) or \
@@ -237,6 +238,26 @@ def explicit_same_pads(model: onnx.ModelProto) -> onnx.ModelProto:
         del node.attribute[:]
         node.attribute.extend(keep + [onnx.helper.make_attribute("pads", pads)])
     return model
+
+
+def _check_dict_keys(gm: torch.nn.Module) -> None:
+    """Refuse, in one line, a dict output with keys that are not strings: torch.onnx's exporter took the key ``0``
+    for a constant output ("did not have observable data dependence with trace inputs")."""
+    graph = getattr(gm, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return
+    stack = [next(n for n in reversed(graph.nodes) if n.op == "output").args[0]]
+    while stack:
+        out = stack.pop()
+        if isinstance(out, dict):
+            bad = [k for k in out if not isinstance(k, str)]
+            if bad:
+                keys = ", ".join(map(repr, bad[:3])) + (" ..." if len(bad) > 3 else "")
+                raise UserError(f"the model returns a dict with keys that are not strings ({keys}), which the ONNX "
+                                "export cannot name outputs by; use string keys or return a tuple")
+            stack.extend(out.values())
+        elif isinstance(out, (tuple, list)):
+            stack.extend(out)
 
 
 def _dict_output_names(gm: torch.nn.Module, n_out: int, taken: list[str]) -> list[str] | None:

@@ -176,6 +176,11 @@ def validate_against(args):
     # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
     reference = plain_copy(unwrap(model)).eval()
     _check_same_weights(onnx_model, model, args)
+    if args.data and args.samples is not None:  # it was ignored: "validation on 64 inputs" after --samples 10
+        raise UserError("--samples sets the number of random inputs; with --data every sample of the file is used "
+                        "(drop --samples, or pass a --data file with fewer samples)")
+    if args.samples is None:
+        args.samples = 16
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)

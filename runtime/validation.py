@@ -39,6 +39,8 @@ class ValidationReport:
 
     def summary(self) -> str:
         top1 = "n/a" if self.top1 is None else f"{100 * self.top1:.2f}%"
+        if self.top1 is not None and self.extra.get("outputs", 1) > 1:
+            top1 = f"(output 0) {top1}"  # the first output's classes; the SQNR and max abs err are over all
         sq = ("inf" if self.sqnr_db > 0 else "-inf") if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f} dB"
         status = "PASS" if self.passed else "FAIL: " + "; ".join(self.failures)
         codes = ""
@@ -115,6 +117,8 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
         top1=top1,
         thresholds={"min_sqnr": min_sqnr, "max_abs": max_abs, "min_top1": min_top1},
     )
+    if len(reference) > 1:
+        report.extra["outputs"] = len(reference)
     if unmatched:
         report.failures.append(f"{unmatched} output value(s) are NaN or inf on one side only")
         report.extra["nonfinite_unmatched"] = unmatched
@@ -698,6 +702,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         top = next((i for i, (r, k) in enumerate(zip(fl, kinds)) if k and r.ndim == 2 and r.shape[1] > 1), None)
         if top is not None:
             report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[top], 1) == np.argmax(got[top], 1)))
+            if len(fl) > 1:
+                report.extra["top1_vs_float_output"] = top
     return report
 
 

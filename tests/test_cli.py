@@ -798,6 +798,8 @@ def test_validate_checks_its_arguments_and_the_data_shape(work, capsys):
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "fits.npy", "--input-shape",
                        "1,3,16,16")
     assert_user_error(rc, err, "--input-shape 1,3,16,16 does not match the --data samples of shape (3, 8, 8)")
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", SPEC, "--data", "fits.npy", "--samples", "2")
+    assert_user_error(rc, err, "--samples sets the number of random inputs; with --data every sample")  # was ignored
 
 
 @pytest.mark.parametrize("argv0,torch_first,expected", [

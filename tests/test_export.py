@@ -282,6 +282,24 @@ def test_a_dict_output_names_the_onnx_outputs_after_its_keys(scheme, tmp_path):
         assert rel_err(got["logits"], want["logits"]) <= RTOL and rel_err(got["box"], want["box"]) <= RTOL
 
 
+class IntKeyHeads(DictHeads):
+    def forward(self, x):
+        h = self.body(x)
+        return {0: self.cls(h), 1: self.reg(h)}
+
+
+def test_a_dict_output_with_int_keys_is_refused_in_one_line_naming_the_keys(tmp_path):
+    """{0: mask, 1: logits} failed inside torch.onnx ("output 1 ... did not have observable data dependence"), and the
+    message asked the user to return dicts, which the model did."""
+    from qcompile.errors import UserError
+
+    torch.manual_seed(0)
+    out = tmp_path / "heads.onnx"
+    with pytest.raises(UserError, match=r"dict with keys that are not strings \(0, 1\).*use string keys"):
+        qcompile.compile(IntKeyHeads().eval(), torch.randn(1, 8), scheme="fp32", output=str(out))
+    assert not out.exists()
+
+
 def test_compile_api_compiles_a_training_mode_model_for_inference():
     """A model handed over in training mode (BatchNorm on batch statistics, Dropout on) is compiled as its eval-mode
     self, in the quantized pipeline too, and is handed back untouched: still training, same parameters and

@@ -306,3 +306,13 @@ def test_an_fp32_file_of_a_model_imprecise_in_float32_is_checked_against_its_flo
     with torch.no_grad():
         other.fc.weight.mul_(-1)
     assert not validate_model(str(tmp_path / "m.onnx"), other, x).passed
+
+
+def test_top1_of_a_multi_output_model_says_which_output_it_is_of():
+    # top-1 is taken on the first output; beside a second output's SQNR it read as that output's
+    rng = np.random.default_rng(0)
+    logits, mask = rng.normal(size=(16, 10)), rng.normal(size=(16, 1, 4, 4))
+    two = compare_outputs([logits, mask], [logits, mask + 0.01])
+    assert two.extra["outputs"] == 2 and "top-1 agreement (output 0) 100.00%" in two.summary()
+    one = compare_outputs([logits], [logits])
+    assert "outputs" not in one.extra and "top-1 agreement 100.00%" in one.summary()
