@@ -19,7 +19,7 @@ from qcompile.runtime.validation import ValidationReport, validate_model
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
-from .options import OPTIONS_KEY, CompileOptions, resolve_int8_weights, to_metadata as options_metadata
+from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 from .threads import compile_threads, torch_threads
 
@@ -531,6 +531,9 @@ def compile(
                             "where int8 ones would saturate) or 'u8'")
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
+        note = int8_grid_note(opts)
+        if note:  # the CLI prints it; from Python a warning is the only word of it
+            warnings.warn(note, QuantizationWarning, stacklevel=2)
     if trained and opts.int8_levels:
         # QAT trained its level decisions in float (qat.prepare.split_pipeline, as qat.export writes them): deciding
         # APoT/PoT output levels on accumulator cells here bound layers the conversion left float, and the file no

@@ -384,6 +384,11 @@ def cmd_compile(argv) -> int:
         int8_weights=args.int8_weights, **options,
     )
     _print_summary(result, real_inputs=calib is not None)
+    from .options import int8_grid_note
+
+    note = int8_grid_note(result.options)
+    if note:
+        print(f"qcompile: warning: {note}", file=sys.stderr)
     if args.json:
         from .export import write_text_atomic
 

@@ -171,6 +171,35 @@ class CompileOptions:
         return f"W{wbits} {self.weight_scheme} / A{abits} {self.act_scheme}"
 
 
+def int8_grid_note(opts: CompileOptions) -> str | None:
+    """Why the standard-form file of ``opts`` runs no layer on onnxruntime's int8 kernels, where that is the levels'
+    doing: APoT/PoT/log2 levels whose integer grid is wider than int8 (weights) or uint8 (activations), as APoT at
+    7-8 bits (±904 for 8-bit weights). Such a file decides levels by lookups around float layers: an APoT W8A8
+    depthwise CNN on digits ran 6x slower than its float model (and less accurately than uniform W8A8). None where
+    the grids fit."""
+    from . import quant
+    from .ir import FIXED_BITS
+
+    if not opts.quantized or opts.emit != "standard" or not opts.int8_levels:
+        return None
+    wide = []
+    for what, scheme, bits, signed, lo, hi in (("weights", opts.weight_scheme, opts.weight_bits, True, -128, 127),
+                                               ("activations", opts.act_scheme, opts.act_bits, False, 0, 255)):
+        if scheme not in ("apot", "pot", "log2") or scheme in FIXED_BITS:
+            continue
+        try:
+            grid = quant.level_set(scheme, bits, signed).grid
+        except ValueError:
+            continue  # refused elsewhere, in its own words
+        if min(grid) < lo or max(grid) > hi:
+            wide.append(f"{scheme} {bits}-bit {what} (grid {min(grid)}..{max(grid)})")
+    if not wide:
+        return None
+    return (f"{' and '.join(wide)} do not fit onnxruntime's int8 kernels: those layers run on float kernels with "
+            "level lookups, often slower than the float model; for int8 speed use uniform levels at 8 bits (APoT: "
+            "weights up to 6 bits, activations up to 5)")
+
+
 def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> CompileOptions:
     """``opts`` with ``int8_weights="auto"`` decided for this machine: ``s8-safe`` where its onnxruntime's uint8 ×
     int8 kernels saturate (x86 without VNNI), else ``s8``. Done before the passes (``s8-safe`` adds one), so the

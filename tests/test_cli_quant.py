@@ -87,6 +87,19 @@ def test_compile_apot4_end_to_end(apot4):
     assert m and 15 < float(m.group(1)) < 40 and float(m.group(2)) > 90, vs_float
 
 
+def test_apot8_warns_that_its_levels_do_not_fit_the_int8_kernels(work, apot4):
+    # APoT W8A8 (grid ±904 for weights, 0..3840 for activations) runs float layers with level lookups: slower than
+    # the float model, which nothing said; APoT W4A4's grids fit and it says nothing
+    folder, _ = work
+    out = folder / "apot8.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--scheme", "apot", "--bits", "8",
+                             "--calib", folder / "calib.npy", "-o", out)
+    assert rc == 0 and out.exists(), stderr
+    assert "qcompile: warning: apot 8-bit weights (grid -904..904) and apot 8-bit activations (grid 0..3840) do not " \
+           "fit onnxruntime's int8 kernels" in stderr
+    assert "int8 kernels" not in apot4[2]
+
+
 def test_npz_with_x_key_and_custom_emission(work):
     folder, calib = work
     npz = folder / "calib_x.npz"
