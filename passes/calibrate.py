@@ -54,6 +54,22 @@ def _dead_beside_bias(gm, layer: str, w: torch.Tensor, top: float) -> bool:
     return top * fan_in < 1e-6 * float(bias.detach().abs().max())
 
 
+_MOVING_METHODS = {"transpose", "permute", "view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous",
+                   "float", "t"}
+_MOVING_FNS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+               torch.t}
+
+
+def _moves_values(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """``node`` passes its first input's values on, rearranged at most: a quantizer (not calibrated yet, it passes
+    them through), a transpose, permute or reshape."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (FakeQuantize, torch.nn.Flatten, torch.nn.Identity))
+    if node.op == "call_method":
+        return node.target in _MOVING_METHODS
+    return node.op == "call_function" and node.target in _MOVING_FNS
+
+
 class Calibrate(Pass):
     """Fix α of every uncalibrated ``FakeQuantize`` from weights, calibration data or BatchNorm statistics."""
 
@@ -287,9 +303,14 @@ class Calibrate(Pass):
                             raise UserError(f"the calibration data holds {ninf} -inf value(s) that reach a quantizer; "
                                             "give finite inputs (--calib): -inf belongs only in a float attention "
                                             "mask") from None
-                        raise UserError("the model computes NaN or inf values on the calibration data (an activation "
-                                        "past float32's range, ~3.4e38); give inputs in the range the model was "
-                                        "trained on (--calib)") from None
+                        if "(NaN)" in str(e):  # 0/0, not an overflow
+                            raise UserError("the model computes NaN on the calibration data (0/0 or the like: a softmax "
+                                            "over a row whose every entry is masked with -inf, as for an all-padding "
+                                            "sample; a log or sqrt of a negative); keep such samples out of --calib or "
+                                            "make the model handle them") from None
+                        raise UserError("the model computes inf values on the calibration data (an activation past "
+                                        "float32's range, ~3.4e38); give inputs in the range the model was trained on "
+                                        "(--calib)") from None
                     done += batch[0].shape[0]
                     if self.progress is not None:
                         self.progress(done, n)
@@ -325,9 +346,8 @@ class Calibrate(Pass):
                     f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
                 unfolded = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in gm.modules())
                 src = node.args[0]
-                while isinstance(src, torch.fx.Node) and src.op == "call_module" and \
-                        isinstance(gm.get_submodule(src.target), FakeQuantize):
-                    src = src.args[0]
+                while isinstance(src, torch.fx.Node) and src.args and _moves_values(gm, src):
+                    src = src.args[0]  # a quantizer, or the input rearranged: (B, T, F).transpose(1, 2), a view
                 if isinstance(src, torch.fx.Node) and src.op == "placeholder":
                     # the first layer's input: no BatchNorm describes the data itself
                     raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input "

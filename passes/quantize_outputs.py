@@ -50,7 +50,7 @@ class QuantizeOutputs(Pass):
             # (with --float-levels the sums stay float: their sub-8-bit levels are decided on the exact sum)
             if wfq is None or not (is_int8_act(xfq) or (uint8_codes(xfq) and (
                     _feeds_int8_only(gm, node, any_bits=self.cells) or
-                    (self.cells and _feeds_residual_add(gm, node))))):
+                    (self.cells and (_feeds_residual_add(gm, node) or _feeds_float_op(gm, node)))))):
                 continue
             grid = wfq.levelset.grid
             if min(grid) < -128 or max(grid) > 127:
@@ -338,6 +338,29 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> 
             return False
         stack.extend((u, depth + 1) for u in cur.users)
     return found and deep
+
+
+def _feeds_float_op(gm: torch.fx.GraphModule, node) -> bool:
+    """Layer ``node`` (on sub-8-bit input codes) writes, after at most one ReLU / clip, into something other than
+    activation quantizers and residual adds: a resize, a concatenation, a pixel shuffle, an average pool, a
+    graph output (through max-pooling and reshapes). Its sum is float there anyway, so an 8-bit output quantizer
+    costs 8-bit noise only and lets the layer run on the int8 kernels, as at W8A8 (a U-Net at W4A4 ran 3 of 7
+    convolutions on onnxruntime's float Conv). Not a Linear on (B, T, d) tokens (see ``_feeds_residual_add``); a
+    layer whose output a per-sample norm reads keeps it float (``QuantizeOutputs.call``: ``_normalized_only``)."""
+    if node.target is F.linear and _rank(node.args[0]) != 2:
+        return False
+    users = list(node.users)
+    tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
+    stack, seen = list(tail.users), set()
+    while stack:  # through max-pooling and reshapes; what ends in quantizers or adds the other rules decide
+        cur = stack.pop()
+        if cur in seen or fake_quantizer(gm, cur) is not None or _is_add(cur):
+            continue
+        seen.add(cur)
+        if cur.op == "output" or not (_is_transparent(gm, cur) and cur.users) or len(seen) > 64:
+            return True
+        stack.extend(cur.users)
+    return False
 
 
 def _feeds_residual_add(gm: torch.fx.GraphModule, node) -> bool:

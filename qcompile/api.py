@@ -313,6 +313,10 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                             f"is {tuple(e.shape[1:])} per sample; make them agree ({option}; the example input: "
                             "--input-shape, or example_inputs from Python)")
         if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
+            if e.is_floating_point():  # uint8 images, say (the CLI reads every integer array as int64)
+                raise UserError(f"{which}{what} holds integers ({c.dtype}) but the model takes {e.dtype}: convert "
+                                "them as the model was trained on them (uint8 images 0..255: for instance "
+                                "x.astype(np.float32) / 255, and the training normalisation)")
             raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "
                             "the model takes (floating point for images and features, integers for token ids; "
                             "--input-shape makes float inputs)")
@@ -531,9 +535,6 @@ def compile(
                             "where int8 ones would saturate) or 'u8'")
     if opts.quantized:
         opts = resolve_int8_weights(opts, keep_weights=trained)  # before the passes: s8-safe adds one
-        note = int8_grid_note(opts)
-        if note:  # the CLI prints it; from Python a warning is the only word of it
-            warnings.warn(note, QuantizationWarning, stacklevel=2)
     if trained and opts.int8_levels:
         # QAT trained its level decisions in float (qat.prepare.split_pipeline, as qat.export writes them): deciding
         # APoT/PoT output levels on accumulator cells here bound layers the conversion left float, and the file no
@@ -678,6 +679,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                       "(ascheme='uniform') or --config for those layers", QuantizationWarning, stacklevel=3)
 
     if opts.quantized:
+        note = int8_grid_note(opts, gm)
+        if note:  # the CLI prints it; from Python a warning is the only word of it
+            warnings.warn(note, QuantizationWarning, stacklevel=3)
         from qcompile.passes.select import opaque_layers
 
         opaque = opaque_layers(gm)

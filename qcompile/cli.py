@@ -386,7 +386,7 @@ def cmd_compile(argv) -> int:
     _print_summary(result, real_inputs=calib is not None)
     from .options import int8_grid_note
 
-    note = int8_grid_note(result.options)
+    note = int8_grid_note(result.options, result.model)
     if note:
         print(f"qcompile: warning: {note}", file=sys.stderr)
     if args.json:

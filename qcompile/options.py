@@ -171,33 +171,31 @@ class CompileOptions:
         return f"W{wbits} {self.weight_scheme} / A{abits} {self.act_scheme}"
 
 
-def int8_grid_note(opts: CompileOptions) -> str | None:
-    """Why the standard-form file of ``opts`` runs no layer on onnxruntime's int8 kernels, where that is the levels'
-    doing: APoT/PoT/log2 levels whose integer grid is wider than int8 (weights) or uint8 (activations), as APoT at
-    7-8 bits (±904 for 8-bit weights). Such a file decides levels by lookups around float layers: an APoT W8A8
-    depthwise CNN on digits ran 6x slower than its float model (and less accurately than uniform W8A8). None where
-    the grids fit."""
-    from . import quant
-    from .ir import FIXED_BITS
+def int8_grid_note(opts: CompileOptions, gm=None) -> str | None:
+    """Why layers of the standard-form file run on float kernels, where that is their levels' doing: APoT/PoT/log2
+    levels whose integer grid is wider than int8 (weights) or uint8 (activations), as APoT at 7-8 bits (±904 for
+    8-bit weights). Such a file decides levels by lookups around float layers: an APoT W8A8 depthwise CNN on digits
+    ran 6x slower than its float model (and less accurately than uniform W8A8). Reads the quantizers of the
+    compiled ``gm`` (a scheme only the excluded layers would have used says nothing); None where every grid fits."""
+    from .qmodules import FakeQuantize
 
-    if not opts.quantized or opts.emit != "standard" or not opts.int8_levels:
+    if gm is None or not opts.quantized or opts.emit != "standard" or not opts.int8_levels:
         return None
-    wide = []
-    for what, scheme, bits, signed, lo, hi in (("weights", opts.weight_scheme, opts.weight_bits, True, -128, 127),
-                                               ("activations", opts.act_scheme, opts.act_bits, False, 0, 255)):
-        if scheme not in ("apot", "pot", "log2") or scheme in FIXED_BITS:
+    wide = {}
+    for m in gm.modules():
+        if not isinstance(m, FakeQuantize) or m.scheme not in ("apot", "pot", "log2"):
             continue
-        try:
-            grid = quant.level_set(scheme, bits, signed).grid
-        except ValueError:
-            continue  # refused elsewhere, in its own words
-        if min(grid) < lo or max(grid) > hi:
-            wide.append(f"{scheme} {bits}-bit {what} (grid {min(grid)}..{max(grid)})")
+        grid = m.levelset.grid
+        weight = m.role == "weight"
+        if (min(grid) < -128 or max(grid) > 127) if weight else (max(grid) - min(min(grid), 0) > 255):
+            what = "weights" if weight else "activations"
+            wide.setdefault((m.scheme, m.bits, what), f"{m.scheme} {m.bits}-bit {what} (grid {min(grid)}..{max(grid)})")
     if not wide:
         return None
-    return (f"{' and '.join(wide)} do not fit onnxruntime's int8 kernels: those layers run on float kernels with "
-            "level lookups, often slower than the float model; for int8 speed use uniform levels at 8 bits (APoT: "
-            "weights up to 6 bits, activations up to 5)")
+    return (f"{' and '.join(wide[k] for k in sorted(wide, key=lambda k: (k[2] != 'weights', k)))} do not fit "
+            "onnxruntime's int8 kernels: the layers with them run on float kernels with level lookups, often slower "
+            "than the float model; for int8 speed use uniform levels at 8 bits (APoT: weights up to 6 bits, "
+            "activations up to 5)")
 
 
 def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> CompileOptions:

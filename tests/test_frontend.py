@@ -1329,3 +1329,25 @@ def test_user_mistakes_in_model_code_and_data_get_the_right_hint():
         qcompile.compile(_TokensAndMask().eval(), calib=(ids.float(), mask), scheme="uniform", bits=8, validate=False)
     with pytest.raises(UserError, match=r"the calibration data is a dict \(keys 'x'\); give the inputs as a tensor"):
         qcompile.compile(_ChunkList().eval(), x[:1], calib={"x": x}, scheme="uniform", bits=8, validate=False)
+
+
+def test_a_state_dict_saved_with_pruning_masks_on_loads_baked(tmp_path):
+    # torch.nn.utils.prune leaves conv1.weight_orig and conv1.weight_mask where the model has conv1.weight: the
+    # checkpoint was refused as not fitting --arch ("pass the factory that built it"), the factory that built it
+    import torch.nn.utils.prune as prune
+
+    from qcompile.frontend import load_model
+    from qcompile.models import digits
+
+    model = digits.pretrained()
+    for mod in (model.conv1, model.fc1):
+        prune.l1_unstructured(mod, "weight", amount=0.5)
+    path = tmp_path / "pruned.pt"
+    torch.save(model.state_dict(), path)
+    assert "conv1.weight_orig" in model.state_dict() and "conv1.weight" not in model.state_dict()
+    loaded = load_model(str(path), arch=digits.SPEC)
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight) and torch.equal(loaded.fc1.weight, model.fc1.weight)
+    assert float((loaded.conv1.weight == 0).float().mean()) >= 0.5
+    x = digits.calibration_inputs(8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

@@ -112,7 +112,8 @@ class Observer:
             bmin, bmax = rows.amin(dim=1), rows.amax(dim=1)
         # amin/amax propagate NaN, and an inf is an extreme: finite extremes mean finite data (one pass fewer)
         if not bool(torch.isfinite(bmin).all() and torch.isfinite(bmax).all()):
-            raise ValueError(f"{self.name} observer got NaN or inf values")
+            kind = "NaN" if bool(torch.isnan(bmin).any() or torch.isnan(bmax).any()) else "inf"
+            raise ValueError(f"{self.name} observer got NaN or inf values ({kind})")
         bmin, bmax = bmin.to(torch.float64), bmax.to(torch.float64)
         n = torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64)
         if self.count is None:

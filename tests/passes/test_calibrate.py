@@ -708,6 +708,19 @@ def test_the_data_free_error_for_the_model_input_names_keep_first_last():
                               keep_first_last="fp32")
     assert result.report.passed, result.report.summary()
 
+    class Sequence(nn.Module):  # (B, T, F) transposed for a Conv1d: the refusal gave only the generic reason
+        def __init__(self):
+            super().__init__()
+            self.c1, self.bn = nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16)
+            self.c2, self.bn2, self.fc = nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.bn2(self.c2(torch.relu(self.bn(self.c1(x.transpose(1, 2)))))))
+            return self.fc(h.mean(-1))
+
+    with pytest.raises(UserError, match=r"the model's input 'x', which no BatchNorm describes\); keep the first "):
+        qcompile.compile(Sequence().eval(), torch.randn(1, 12, 8), scheme="uniform", bits=8)
+
 
 def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
     """A layer scaled by 1e-12 (the next by 1e12: the same function) had every weight code 0 under the 1e-8 floor of
@@ -740,8 +753,33 @@ def test_calibration_data_that_overflows_the_model_is_a_user_error(tmp_path):
     x = torch.rand(32, 8) * 3e38
     with torch.no_grad():
         assert torch.isfinite(x).all() and not torch.isfinite(m(x)).all()
-    with pytest.raises(UserError, match="the model computes NaN or inf values on the calibration data"):
+    with pytest.raises(UserError, match=r"the model computes inf values on the calibration data \(an activation past "
+                                        r"float32's range"):
         qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_nan_from_a_fully_masked_softmax_row_is_not_called_an_overflow(tmp_path):
+    """An all-padding sample masks every key with -inf: softmax gives 0/0 = NaN, which the refusal blamed on an
+    activation past float32's range."""
+    import qcompile
+
+    class Attend(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            pad = x.abs().sum(-1) == 0  # (B, T): padding positions
+            scores = (self.q(x) @ self.k(x).transpose(1, 2)).masked_fill(pad[:, None, :], float("-inf"))
+            return self.out((scores.softmax(-1) @ x).mean(1))
+
+    x = torch.randn(16, 6, 8)
+    x[3] = 0.0  # one all-padding sample
+    with pytest.raises(UserError, match=r"the model computes NaN on the calibration data \(0/0 or the like: a softmax "
+                                        r"over a row whose every entry is masked with -inf"):
+        qcompile.compile(Attend().eval(), x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "m.onnx"))
     assert not (tmp_path / "m.onnx").exists()
 
 
