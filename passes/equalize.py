@@ -39,6 +39,13 @@ largest |bias| the producer had before the pass (``s_j >= |b1[j]| / (2 max|b1|)`
 bias of the digits CNN, ResNet-18 and MobileNetV2 inside the bound: their files are byte-identical with and without
 it; at 1, MobileNetV2 W8A8 lost 0.6 dB.
 
+Likewise no input channel of a consumer is scaled past ``CONSUMER_CAP`` (4) times the consumer's largest
+input-channel range before the pass (depthwise consumers aside: their channels are their rows). A producer row whose
+range is one outlier weight on an input that is always 0 (harmless in float, and in its own per-channel scale) moved
+its range into the consumer's column, which then set every per-row scale of the consumer: a 4-bit layer after the
+8-bit first layer of a digits MLP fell from 96.4 % to 34.0 % (94.6 % with the cap). The benchmark models equalize to
+the same weights with and without it.
+
 High-bias absorption (``absorb_bias=True``, same paper): for producer → ReLU → consumer where the producer's output
 statistics are known from a folded BatchNorm (``node.meta["output_stats"]``, mean ``beta``, std ``gamma``), move
 ``c = max(0, beta - 3*gamma)`` out of the producer bias into the consumer bias:
@@ -163,6 +170,13 @@ def _scale_out(layer: nn.Module, inv_s: torch.Tensor) -> None:
 
 VERIFY_RANGE_CACHE = False  # set by the tests: every cached range is compared with a fresh read of the weights
 BIAS_CAP = 2.0  # no channel's bias is scaled past this multiple of its layer's largest |bias| before the pass
+# no input channel of a consumer (but a depthwise one, whose channels are its rows) is scaled past this multiple of
+# the consumer's largest input-channel range before the pass: a producer channel whose range is one outlier weight
+# (1000x its row, on an input that is always 0) moved its range into the consumer, whose every per-row scale it then
+# set (a 4-bit layer after an 8-bit first layer: 96.4 % without equalization, 34.0 % with it, 94.6 % capped at 4x).
+# At 4 the digits CNN, ResNet-18, MobileNetV2/V3-small, EfficientNet-B0, MnasNet and RegNet equalize to the same
+# weights as without the cap; at 2 the digits CNN lost up to 0.3 dB at 3-4 bits
+CONSUMER_CAP = 4.0
 
 
 def _bias_capped(done: torch.Tensor, s: torch.Tensor, bias0: torch.Tensor, cap: float) -> torch.Tensor:
@@ -395,6 +409,13 @@ class EqualizeWeights(Pass):
         bias_cap = {t: BIAS_CAP * float(m.bias.detach().abs().max()) for t, m in mods.items()
                     if getattr(m, "bias", None) is not None and m.bias.numel()}
         bias_before = {t: mods[t].bias.detach().abs().double().clone() for t in bias_cap}
+        column_cap = {}
+        for c in chains:
+            cons = mods[c.consumer.target]
+            if getattr(cons, "groups", 1) > 1 and cons.groups == cons.in_channels:
+                continue  # depthwise: each input channel is its own output channel, its range its own scale's
+            top = CONSUMER_CAP * float(ranges(c)[1].max())
+            column_cap[c.consumer.target] = max(column_cap.get(c.consumer.target, 0.0), top)
         total_s: dict[str, torch.Tensor] = {}
         rescaled: set[int] = set()
         modified = False
@@ -408,6 +429,8 @@ class EqualizeWeights(Pass):
                     s = torch.ones_like(r1)
                     ok = (r1 > 0) & (r2 > 0)
                     s[ok] = torch.sqrt(r1[ok] / r2[ok])
+                    if column_cap.get(c.consumer.target, 0.0) > 0.0:
+                        s[ok] = torch.minimum(s[ok], column_cap[c.consumer.target] / r2[ok])
                     cap = bias_cap.get(c.producer.target, 0.0)
                     if cap > 0.0:
                         done = total_s.get(c.producer.target, torch.ones_like(s))
