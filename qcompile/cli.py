@@ -444,6 +444,8 @@ def json_safe(value):
 
 
 def summary_dict(result) -> dict:
+    from .options import int8_grid_note
+
     return {
         "onnx_path": result.onnx_path,
         "options": {k: v for k, v in vars(result.options).items()},
@@ -452,6 +454,7 @@ def summary_dict(result) -> dict:
         "passes": [{"name": t.name, "ms": 1000 * t.seconds, "modified": t.modified, "report": t.report}
                    for t in result.timings],
         "validation": result.report.to_dict() if result.report else None,
+        "warnings": [note for note in (int8_grid_note(result.options, result.model),) if note],
         **result.summary,
     }
 

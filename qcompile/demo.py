@@ -1,6 +1,8 @@
 """``qcompile demo``: compile the bundled digits CNN and show test accuracy before and after, in onnxruntime."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from qcompile.models import digits
@@ -38,6 +40,11 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
     print(f"wrote {result.onnx_path}")
     print(f"accuracy  float (PyTorch): {100 * acc_float:.2f}%   simulation (PyTorch): {100 * acc_sim:.2f}%   "
           f"ONNX (onnxruntime): {100 * acc_onnx:.2f}%")
+    from .options import int8_grid_note
+
+    note = int8_grid_note(result.options, result.model)
+    if note:
+        print(f"qcompile: warning: {note}", file=sys.stderr)
     if result.report is not None:
         print(result.report.summary())
         return 0 if result.report.passed else 1

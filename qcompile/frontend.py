@@ -223,7 +223,7 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
     model = _call_factory(arch)
     expected = model.state_dict()  # once: each call walks every module (it was called per key, 7 ms on digits)
-    state = _strip_wrapper_prefix(_bake_pruning(state), expected)
+    state = _strip_wrapper_prefix(_bake_pruning(state, expected, source), expected)
     # a TorchScript archive's state_dict also holds the non-persistent buffers (an input normalisation's mean/std
     # registered with persistent=False), which the factory's model_state_dict leaves out: load them as buffers
     transient = {k: v for k, v in state.items() if k not in expected and _is_buffer(model, k)}
@@ -279,17 +279,30 @@ def _is_onnx_file(path: str) -> bool:
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DataParallel/DDP, torch.compile, Lightning-style wrappers
 
 
-def _bake_pruning(state: dict) -> dict:
+def _bake_pruning(state: dict, expected: dict, source: str) -> dict:
     """The state dict of a model saved with ``torch.nn.utils.prune``'s masks still on (``conv.weight_orig`` and
     ``conv.weight_mask`` where the model has ``conv.weight``) with each pruned tensor baked, ``orig * mask``, as
-    ``prune.remove`` would (the whole model, pruned in memory, is accepted the same way)."""
+    ``prune.remove`` would (the whole model, pruned in memory, is accepted the same way). Keys the model itself
+    has (a parameter named ``pos_orig``) are left alone; a wrapper's prefix (``module.``) is looked through."""
+    names = set(expected)
+    prefixes = [""] + list(_WRAPPER_PREFIXES)
+
+    def model_key(key: str) -> str | None:
+        return next((key[len(p):] for p in prefixes if key.startswith(p) and key[len(p):] in names), None)
+
     pruned = [k[:-len("_orig")] for k in state if k.endswith("_orig") and k[:-len("_orig")] + "_mask" in state
-              and k[:-len("_orig")] not in state]
+              and k[:-len("_orig")] not in state and model_key(k) is None
+              and model_key(k[:-len("_orig")]) is not None]
     if not pruned:
         return state
     baked = {k: v for k, v in state.items() if not any(k in (p + "_orig", p + "_mask") for p in pruned)}
     for p in pruned:
-        baked[p] = state[p + "_orig"] * state[p + "_mask"]
+        orig, mask = state[p + "_orig"], state[p + "_mask"]
+        if not isinstance(orig, torch.Tensor) or not isinstance(mask, torch.Tensor) or orig.shape != mask.shape:
+            shapes = tuple(getattr(orig, "shape", ())), tuple(getattr(mask, "shape", ()))
+            raise UserError(f"{source!r} holds a pruned {p!r} whose mask {p}_mask has shape {shapes[1]} but its "
+                            f"weights {p}_orig have shape {shapes[0]}; save the model after prune.remove")
+        baked[p] = orig * mask
     return baked
 
 

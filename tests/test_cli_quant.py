@@ -98,6 +98,12 @@ def test_apot8_warns_that_its_levels_do_not_fit_the_int8_kernels(work, apot4):
     assert "qcompile: warning: apot 8-bit weights (grid -904..904) and apot 8-bit activations (grid 0..3840) do not " \
            "fit onnxruntime's int8 kernels" in stderr
     assert "int8 kernels" not in apot4[2]
+    rc, stdout, stderr = cli("demo", "--scheme", "apot", "--bits", "8", "-o", folder / "demo8.onnx")
+    assert rc == 0 and "qcompile: warning: apot 8-bit weights" in stderr  # the demo said nothing
+    summary = folder / "apot8.json"
+    rc, _, stderr = cli(folder / "digits.pt", *ARCH, "--scheme", "apot", "--bits", "8", "--calib",
+                        folder / "calib.npy", "-o", out, "--json", summary)
+    assert rc == 0 and "int8 kernels" in json.loads(summary.read_text())["warnings"][0]
 
 
 def test_npz_with_x_key_and_custom_emission(work):

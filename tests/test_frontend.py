@@ -1351,3 +1351,40 @@ def test_a_state_dict_saved_with_pruning_masks_on_loads_baked(tmp_path):
     x = digits.calibration_inputs(8)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+class OwnOrigMask(nn.Module):
+    """A model whose own state dict has ``pos_orig`` and ``pos_mask``: nothing to bake."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pos_orig = nn.Parameter(torch.randn(4))
+        self.register_buffer("pos_mask", torch.ones(4))
+
+    def forward(self, x):
+        return self.fc(x) + self.pos_orig * self.pos_mask
+
+
+def own_orig_mask():
+    return OwnOrigMask()
+
+
+def test_pruning_names_the_model_has_itself_are_not_baked_and_a_bad_mask_is_one_line(tmp_path):
+    import torch.nn.utils.prune as prune
+
+    from qcompile.frontend import load_model
+    from qcompile.models import digits
+
+    model = OwnOrigMask()
+    torch.save(model.state_dict(), tmp_path / "own.pt")
+    loaded = load_model(str(tmp_path / "own.pt"), arch=f"{__name__}:own_orig_mask")
+    assert torch.equal(loaded.pos_orig, model.pos_orig)  # was "missing pos_orig, pos_mask; unexpected pos"
+
+    pruned = digits.pretrained()
+    prune.l1_unstructured(pruned.fc1, "weight", amount=0.5)
+    state = pruned.state_dict()
+    state["fc1.weight_mask"] = torch.ones(3, 3)  # an "internal error" (RuntimeError from the product)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(qcompile.UserError, match=r"pruned 'fc1.weight' whose mask fc1.weight_mask has shape \(3, 3\)"):
+        load_model(str(tmp_path / "bad.pt"), arch=digits.SPEC)
