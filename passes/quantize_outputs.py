@@ -17,7 +17,6 @@ After:  ``y = F.conv2d(xq, wq, b, ...); yq = out_fq(y); z = relu(yq); u = yq + v
 from __future__ import annotations
 
 import math
-
 import operator
 
 import numpy as np
