@@ -153,7 +153,9 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
                         "needs --data, the calibration inputs it was compiled with, to rebuild its simulation")
-    p.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR is below DB")
+    p.add_argument("--min-sqnr", type=_finite, metavar="DB",
+                   help="fail (exit 1) if the file's output SQNR vs the simulation is below DB (not vs the float "
+                        "model: that figure is reported, never a threshold)")
     p.add_argument("--max-abs", type=_non_negative, help="fail (exit 1) if max abs error exceeds this")
     p.add_argument("--min-top1", type=_fraction, metavar="FRACTION",
                    help="fail (exit 1) if top-1 agreement is below FRACTION (0..1)")

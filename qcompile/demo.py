@@ -28,7 +28,7 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
           f"32 calibration images; {described}")
     result = qcompile_compile(model, calib[:1], scheme=scheme, bits=bits, calib=calib, output=output,
                               validation_inputs=x_te, emit=emit, **options,
-                              callback=lambda t: print(f"  pass {t.name:<20} {1000 * t.seconds:7.1f} ms"))
+                              callback=lambda t: print(f"  pass {t.name:<26} {1000 * t.seconds:7.1f} ms"))
     logits = run_onnx(result.onnx_path, x_te)[0]
     acc_onnx = digits.accuracy(logits, y_te)
     with torch.no_grad():
