@@ -188,6 +188,11 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
                 raise UserError(f"cannot unpickle {source!r}: its model class was defined in the script that saved it "
                                 f"(__main__), which no other program can import; save model.state_dict() and pass "
                                 f"--arch script_module:Class (or move the class into a module and save again)") from None
+            if type(exc).__name__ == "TraceError":  # torch.fx re-traces a pickled GraphModule's code on load
+                raise UserError(f"cannot unpickle {source!r}: a GraphModule that qcompile compiled or "
+                                "qcompile.qat.convert converted does not survive torch.save/torch.load (torch.fx "
+                                "cannot re-trace its integer layers); save the qat.prepare'd model, or the float "
+                                "model's state dict with --arch") from None
             raise UserError(f"cannot unpickle {source!r} ({type(exc).__name__}: {_first_line(exc)}); "
                             "make the module that defines the model importable from the current directory") from None
         if isinstance(obj, dict) and _extract_state_dict(obj) is None:  # {'model': <module>, 'epoch': 7}

@@ -25,7 +25,7 @@ from qcompile import quant
 from qcompile.errors import UserError
 
 from .modules import LearnableFakeQuantize, SDQFakeQuantize, learnable_quantizers
-from .prepare import _learns, config_of, set_config
+from .prepare import _family, _learns, config_of, set_config
 
 
 def rescale_alpha(alpha: torch.Tensor, levels_from: quant.LevelSet, levels_to: quant.LevelSet) -> torch.Tensor:
@@ -69,6 +69,18 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
         fq.bits = int(new_bits)
         fq.level_offset = offset
         changed += 1
+    # the layers' recorded configs (the layer table, and the file's description of each layer) follow the levels
+    from qcompile.ir import LayerConfig
+
+    for node in getattr(getattr(model, "graph", None), "nodes", ()):
+        lc = node.meta.get("qconfig")
+        if not isinstance(lc, LayerConfig) or lc.action != "quant":
+            continue
+        w = wbits if wbits is not None and (lc.wscheme, lc.wbits) == (cfg.wscheme, cfg.wbits) else lc.wbits
+        a = abits if abits is not None and (_family(lc.ascheme), lc.abits) == (_family(cfg.ascheme), cfg.abits) \
+            else lc.abits
+        if (w, a) != (lc.wbits, lc.abits):
+            node.meta["qconfig"] = dataclasses.replace(lc, wbits=int(w), abits=int(a))
     opts = cfg.options
     updates = {}
     if wbits is not None:
