@@ -363,6 +363,11 @@ def test_whole_model_checkpoints_and_user_mistakes(digits, tmp_path):
     got = qat.export(reloaded, x_te[:1], validation_inputs=x_te[:50])
     assert got.report.passed
     assert got.onnx_model.SerializeToString() == want.onnx_model.SerializeToString()
+    # and its layer table: the node meta it lost named the layers conv2d_1 ... with the default widths
+    from qcompile.passes import layer_table
+
+    assert layer_table(got.model) == layer_table(want.model)
+    assert [name for name, _, _ in layer_table(got.model)] == ["conv1", "conv2", "conv3", "down", "fc1", "fc2"]
     with pytest.raises(UserError, match="already holds qcompile quantizers"):
         qat.prepare(gm, x_te[:1], scheme="uniform", bits=2, method="pact", calib=x_tr[:64])
     with pytest.raises(UserError, match=r"prepare\(\) got an unknown option 'symmetric_levels'; use asym_levels"):

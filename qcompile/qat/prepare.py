@@ -124,11 +124,18 @@ def split_pipeline(opts: CompileOptions, calib=None) -> tuple[list[Pass], list[P
 RECORD_ATTR = "_qcompile_qat"  # the same QATConfig as a plain attribute: torch.save of a GraphModule drops its meta
 
 
+NODES_ATTR = "_qcompile_qat_nodes"  # node name -> (layer name, LayerConfig): what torch.save drops of node.meta
+
+
 def set_config(model: torch.fx.GraphModule, cfg: "QATConfig") -> None:
     """Record ``cfg`` on ``model``: in ``gm.meta`` and as an attribute, which a whole-model ``torch.save`` keeps
-    (``qat.export`` of a reloaded model lost its scheme and bits and stopped on the biases)."""
+    (``qat.export`` of a reloaded model lost its scheme and bits and stopped on the biases); and each layer node's
+    name and config, which the reloaded graph (same node names) lost with its node meta: the layer table read
+    ``conv2d_1 … W4 (default)`` for ``r2a`` at W2."""
     model.meta[META_KEY] = cfg
     setattr(model, RECORD_ATTR, cfg)
+    setattr(model, NODES_ATTR, {n.name: (n.meta.get("layer"), n.meta.get("qconfig")) for n in model.graph.nodes
+                                if n.meta.get("qconfig") is not None})
 
 
 def config_of(model: nn.Module) -> Optional[QATConfig]:
@@ -139,6 +146,13 @@ def config_of(model: nn.Module) -> Optional[QATConfig]:
         cfg = getattr(model, RECORD_ATTR, None)  # reloaded from a torch.save of the whole model
         if isinstance(cfg, QATConfig) and isinstance(meta, dict):
             meta[META_KEY] = cfg
+            nodes = getattr(model, NODES_ATTR, None) or {}
+            for node in getattr(getattr(model, "graph", None), "nodes", ()):
+                if node.name in nodes and node.meta.get("qconfig") is None:
+                    layer, qconfig = nodes[node.name]
+                    if layer is not None:
+                        node.meta["layer"] = layer
+                    node.meta["qconfig"] = qconfig
     return cfg if isinstance(cfg, QATConfig) else None
 
 
