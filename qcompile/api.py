@@ -405,6 +405,26 @@ def _check_option_names(options: dict, caller: str = "compile()") -> None:
         raise UserError(f"{caller} got an unknown option {name!r}; {hint}")
 
 
+def _float32_default(fn):
+    """Run ``fn`` with float32 as torch's default dtype (restored after): the quantizers' buffers and tables are
+    float32, and a user's ``torch.set_default_dtype(torch.float64)`` stopped APoT compiles of a float32 model in
+    Calibrate ("index_select(): self and result must have the same scalar type"), float16 even uniform ones."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        previous = torch.get_default_dtype()
+        if previous == torch.float32:
+            return fn(*args, **kwargs)
+        torch.set_default_dtype(torch.float32)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+    return wrapper
+
+
+@_float32_default
 def compile(
     model,
     example_inputs=None,
@@ -464,10 +484,16 @@ def compile(
         export_mod.check_output_path(output)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
-    if isinstance(model, str):
-        model = load_model(model, arch=arch, trust_pickle=trust_pickle)
+    source = model if isinstance(model, str) else None
+    if source is not None:
+        if output is not None and os.path.exists(source) and export_mod.same_file(output, source):
+            raise UserError(f"output {output!r} is the model file; writing there would overwrite it: choose another "
+                            "output path (such as model.onnx)")
+        model = load_model(source, arch=arch, trust_pickle=trust_pickle)
     elif arch is not None:
         raise UserError("arch= names the architecture of a weights file; drop it, or pass the file's path as model")
+    if output is not None and isinstance(model, nn.Module):  # the ONNX bytes replaced the user's models.py
+        export_mod.check_not_model_source(model, output, "output", specs=(source, arch))
     if isinstance(model, dict):
         raise UserError("model is a dict (a state dict?); load it into the model (model.load_state_dict(sd)) and "
                         "pass the model, or pass the file's path with arch='package.module:factory'")
@@ -580,6 +606,11 @@ def _hooked_modules(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if any(getattr(m, attr, None) for attr in ("_forward_hooks", "_forward_pre_hooks")):
             names.append(repr(name) if name else "the model")
+    from torch.nn.modules import module as torch_module
+
+    # process-wide hooks (torch.nn.modules.module.register_module_forward_hook): every module runs them
+    if any(getattr(torch_module, attr, None) for attr in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        names.insert(0, "every module (torch.nn.modules.module.register_module_forward_hook)")
     return names
 
 

@@ -311,7 +311,7 @@ def cmd_compile(argv) -> int:
     bits = args.bits
     if args.output is not None and not args.output.strip():
         raise UserError("-o is empty; give a file name such as model.onnx (or leave -o out for the default name)")
-    from .export import check_output_path
+    from .export import check_not_model_source, check_output_path, same_file
     from .options import CompileOptions
 
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
@@ -334,13 +334,13 @@ def cmd_compile(argv) -> int:
             raise UserError("--json is empty; give a file name such as summary.json")
         check_output_path(args.json, what="--json", example="summary.json")
         _check_not_an_input(args, args.json, "--json")
-        if _same_file(args.json, output):
+        if same_file(args.json, output):
             raise UserError(f"--json and -o name the same file {output!r}; give the summary another name")
     calib = load_array_file(args.calib, several=True) if args.calib else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
-            _check_not_model_source(model, path, flag, specs=(args.model, args.arch))
+            check_not_model_source(model, path, flag, specs=(args.model, args.arch))
     example = _example_inputs(args, calib)
     if args.input_shape and calib is not None and \
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
@@ -400,41 +400,14 @@ def cmd_compile(argv) -> int:
     return 0
 
 
-def _same_file(a: str, b: str) -> bool:
-    a, b = os.path.abspath(a), os.path.abspath(b)
-    if a == b or os.path.realpath(a) == os.path.realpath(b):  # a symlink to the other, existing yet or not
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
-        return False
-
-
 def _check_not_an_input(args, path: str, flag: str) -> None:
     """Refuse an output path that names one of the run's input files (it would be overwritten)."""
+    from .export import same_file
+
     inputs = [("the model file", args.model), ("the --calib file", args.calib), ("the --config file", args.config)]
     for what, given in inputs:
-        if given and os.path.exists(given) and _same_file(path, given):
+        if given and os.path.exists(given) and same_file(path, given):
             raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")
-
-
-def _check_not_model_source(model, path: str, flag: str, specs=()) -> None:
-    """Refuse an output path that names the Python source of the model's code (the ``--arch`` or spec module, or
-    the module of any of its layers): the ONNX bytes replaced the user's ``models.py`` and the next compile failed
-    with "source code string cannot contain null bytes". (A factory that builds torch.nn layers only left its own
-    module unchecked: the spec's module is checked by name.)"""
-    import sys
-
-    seen = set()
-    names = [str(spec).partition(":")[0] for spec in specs if spec and ":" in str(spec)]
-    for name in names + [type(m).__module__ for m in model.modules()]:
-        if name in seen:
-            continue
-        seen.add(name)
-        source = getattr(sys.modules.get(name), "__file__", None)
-        if source and os.path.exists(source) and _same_file(path, source):
-            raise UserError(f"{flag} {path!r} is the source file of the model's module {name!r}; writing there "
-                            f"would overwrite it: choose another {flag} path (such as model.onnx)")
 
 
 def json_safe(value):
@@ -585,6 +558,12 @@ def _main(argv=None) -> int:
     from .errors import QuantizationWarning
 
     warnings.filterwarnings("ignore", category=QuantizationWarning)  # the layer table shows what it would say
+    for stream in (sys.stdout, sys.stderr):  # an ASCII-only terminal and a path like "é.onnx": not an internal error
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     try:
         if argv and argv[0] in commands:
             return commands[argv[0]](argv[1:])

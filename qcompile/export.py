@@ -28,6 +28,35 @@ from .errors import UserError
 DEFAULT_OPSET = 20  # the TorchScript exporter's newest; emission raises quantized files to 21 (INT4/UINT4)
 
 
+def same_file(a: str, b: str) -> bool:
+    a, b = os.path.abspath(a), os.path.abspath(b)
+    if a == b or os.path.realpath(a) == os.path.realpath(b):  # a symlink to the other, existing yet or not
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def check_not_model_source(model, path: str, flag: str, specs=()) -> None:
+    """Refuse an output path that names the Python source of the model's code (the ``--arch`` or spec module, or
+    the module of any of its layers): the ONNX bytes replaced the user's ``models.py`` and the next compile failed
+    with "source code string cannot contain null bytes". (A factory that builds torch.nn layers only left its own
+    module unchecked: the spec's module is checked by name.)"""
+    import sys
+
+    seen = set()
+    names = [str(spec).partition(":")[0] for spec in specs if spec and ":" in str(spec)]
+    for name in names + [type(m).__module__ for m in model.modules()]:
+        if name in seen:
+            continue
+        seen.add(name)
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source and os.path.exists(source) and same_file(path, source):
+            raise UserError(f"{flag} {path!r} is the source file of the model's module {name!r}; writing there "
+                            f"would overwrite it: choose another {flag} path (such as model.onnx)")
+
+
 def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") -> str:
     """Fail early, before any work, when ``path`` cannot be written."""
     if path.endswith(("/", os.sep)):  # "newdir/" named a folder; the file would be written as "newdir"

@@ -590,6 +590,16 @@ def run_console(work, *args):
     return subprocess.run(["qcompile", *args], cwd=work, env=env, capture_output=True, text=True, timeout=120)
 
 
+def test_a_non_ascii_output_name_on_an_ascii_terminal_is_no_internal_error(work):
+    # print(f"... -> é.onnx") raised UnicodeEncodeError: "qcompile: internal error", exit 3, no file
+    env = {k: v for k, v in os.environ.items() if k != "QCOMPILE_DEBUG"}
+    env["PYTHONIOENCODING"] = "ascii"
+    proc = subprocess.run(["qcompile", SPEC, "--input-shape", SHAPE, "--scheme", "fp32", "-o", "\u00e9.onnx"],
+                          cwd=work, env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "\u00e9.onnx").exists() and b"internal error" not in proc.stderr
+
+
 def test_console_script_refuses_a_pickle_with_exit_2(work):
     proc = run_console(work, "full.pt", "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
     assert proc.returncode == 2

@@ -1000,3 +1000,64 @@ def test_a_labelled_set_given_as_one_x_y_pair_calibrates_on_x():
     with pytest.raises(UserError, match=r"^validation batch 1 has samples of shape \(1, 4, 4\)"):
         qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8,
                          validation_inputs=[x[:8], torch.rand(8, 1, 4, 4)])
+
+
+def test_the_python_api_refuses_to_overwrite_the_model_file_or_its_source(tmp_path):
+    # the CLI refused these; qcompile.compile wrote the ONNX bytes over the checkpoint and over the model's .py
+    import importlib
+    import sys
+
+    from qcompile.errors import UserError
+    from qcompile.models import digits
+
+    (tmp_path / "usermodel.py").write_text("import torch.nn as nn\n\n\nclass Net(nn.Sequential):\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("usermodel")
+        model = module.Net(nn.Flatten(), nn.Linear(64, 10)).eval()
+        before = (tmp_path / "usermodel.py").read_bytes()
+        x = digits.calibration_inputs(8)
+        with pytest.raises(UserError, match="is the source file of the model's module 'usermodel'"):
+            qcompile.compile(model, x[:1], calib=x, output=str(tmp_path / "usermodel.py"))
+        assert (tmp_path / "usermodel.py").read_bytes() == before
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("usermodel", None)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(digits.pretrained().state_dict(), ckpt)
+    size = ckpt.stat().st_size
+    with pytest.raises(UserError, match="is the model file; writing there would overwrite it"):
+        qcompile.compile(str(ckpt), x[:1], calib=x, arch=digits.SPEC, output=str(ckpt))
+    assert ckpt.stat().st_size == size
+
+
+def test_a_float64_default_dtype_does_not_break_the_compile_and_is_restored():
+    # torch.set_default_dtype(torch.float64) stopped APoT compiles of a float32 model in Calibrate/BiasCorrection
+    # ("index_select(): self and result must have the same scalar type"); float16 broke even uniform ones
+    from qcompile.models import digits
+
+    x = digits.calibration_inputs(16)
+    for dtype in (torch.float64, torch.float16):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            result = qcompile.compile(digits.pretrained(), x[:1], calib=x, scheme="apot", bits=4)
+            assert torch.get_default_dtype() == dtype
+        finally:
+            torch.set_default_dtype(previous)
+        assert result.report.passed, result.report.summary()
+
+
+def test_a_process_wide_forward_hook_that_changes_values_is_named():
+    # it was called "a qcompile bug, please report it"
+    from qcompile.errors import UserError
+
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, inp, out: out * 1.5 if isinstance(mod, nn.Linear) else None)
+    try:
+        with pytest.raises(UserError, match=r"register_module_forward_hook\) has forward hooks, which torch.fx does "
+                                            r"not trace"):
+            qcompile.compile(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval(), torch.randn(1, 8),
+                             calib=torch.randn(16, 8), scheme="uniform", bits=8)
+    finally:
+        handle.remove()
