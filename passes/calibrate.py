@@ -33,7 +33,7 @@ import torch.fx
 from qcompile import quant
 from qcompile.errors import UserError
 from qcompile.ir import QParams
-from qcompile.qmodules import FakeQuantize
+from qcompile.qmodules import FakeQuantize, QuantizedRecurrent
 from qcompile.quant.observers import _batched_mse_search, _symmetric_bins_error
 
 from .base import Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length
@@ -92,7 +92,16 @@ class Calibrate(Pass):
         todo = [n for n in gm.graph.nodes if n.op == "call_module"
                 and isinstance(gm.get_submodule(n.target), FakeQuantize)
                 and not gm.get_submodule(n.target).calibrated]
+        recurrent = [(n, name, fq) for n in gm.graph.nodes if n.op == "call_module"
+                     and isinstance(gm.get_submodule(n.target), QuantizedRecurrent)
+                     for name, fq in gm.get_submodule(n.target).weight_fq.items() if not fq.calibrated]
+        for node, name, fq in recurrent:  # weight-only recurrent layers: their weight matrices, per row
+            w = getattr(gm.get_submodule(node.target).layer, name).detach()
+            self._calibrate_weight(gm, fq, w, str(node.target))
+            node.meta.setdefault("weight_qparams", {})[name] = _qparams(fq, self.weight_method)
         if not todo:
+            if recurrent:
+                return PassResult(gm, True)
             if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # a second Calibrate: new data changes nothing
                 self.report.append("every quantizer is calibrated already: nothing to do (to calibrate on other data, "
                                    "run the pipeline again from the traced model)")
@@ -102,20 +111,8 @@ class Calibrate(Pass):
         for node in weights:
             fq = gm.get_submodule(node.target)
             w = attr_value(gm, node.args[0]).detach()
-            top = float(w.abs().max()) if w.numel() else 0.0
             layer = node.target[:-len(".weight_fq")] if node.target.endswith(".weight_fq") else node.target
-            if 0.0 < top < quant.MIN_ALPHA and not _dead_beside_bias(gm, layer, w, top):
-                raise UserError(f"the weights of layer {layer!r} are all below {quant.MIN_ALPHA:g} in magnitude "
-                                f"(largest {top:.3g}), under the smallest quantizer range: every code would be 0 "
-                                f"(the file silently computing another model); rescale the layer (and the next one by "
-                                f"the inverse), or keep it float (--exclude {layer}, exclude=[{layer!r}])")
-            if self.weight_method == "mse" and not fq.asymmetric:
-                fq.set_params(weight_mse_alpha(w, fq.levelset, fq.axis))
-            else:
-                obs = quant.make_observer(self.weight_method, axis=fq.axis)
-                obs.update(w)
-                params = obs.compute_qparams(fq.levelset)
-                fq.set_params(params.alpha, params.zero_point)
+            self._calibrate_weight(gm, fq, w, layer)
             node.meta["qparams"] = _qparams(fq, self.weight_method)
         if acts:
             if self.data is not None:
@@ -127,6 +124,21 @@ class Calibrate(Pass):
             first = [line for line in self.report if any(mark in line for mark in _CHANGED_RANGE)]
             self.report = first + [line for line in self.report if line not in first]
         return PassResult(gm, True)
+
+    def _calibrate_weight(self, gm, fq: FakeQuantize, w: torch.Tensor, layer: str) -> None:
+        top = float(w.abs().max()) if w.numel() else 0.0
+        if 0.0 < top < quant.MIN_ALPHA and not _dead_beside_bias(gm, layer, w, top):
+            raise UserError(f"the weights of layer {layer!r} are all below {quant.MIN_ALPHA:g} in magnitude "
+                            f"(largest {top:.3g}), under the smallest quantizer range: every code would be 0 "
+                            f"(the file silently computing another model); rescale the layer (and the next one by "
+                            f"the inverse), or keep it float (--exclude {layer}, exclude=[{layer!r}])")
+        if self.weight_method == "mse" and not fq.asymmetric:
+            fq.set_params(weight_mse_alpha(w, fq.levelset, fq.axis))
+        else:
+            obs = quant.make_observer(self.weight_method, axis=fq.axis)
+            obs.update(w)
+            params = obs.compute_qparams(fq.levelset)
+            fq.set_params(params.alpha, params.zero_point)
 
     def _fit_biases(self, gm) -> None:
         """Widen ranges whose units are so small that a layer would need a bias of more than 30 bits on its

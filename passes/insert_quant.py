@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from qcompile import quant
 from qcompile.errors import UserError
-from qcompile.qmodules import FakeQuantize
+from qcompile.qmodules import FakeQuantize, QuantizedRecurrent
 
 from .base import Pass, PassResult
 
@@ -217,13 +217,18 @@ class InsertQuantizers(Pass):
                                    "(qcompile.pipeline.build_passes gives the full order)")
         layers = [n for n in graph.nodes
                   if n.meta.get("qconfig") is not None and n.meta["qconfig"].action == "quant"]
+        from .select import recurrent_module
+
+        recurrent = [n for n in layers if recurrent_module(gm, n) is not None]
+        layers = [n for n in layers if n not in recurrent]
+        recurrent = [n for n in recurrent if self._quantize_recurrent(gm, n)]
         skipped = [n for n in layers if quantizable_module(gm, n) is None and functional_weight(gm, n) is None]
         layers = [n for n in layers if n not in skipped]
         for n in skipped:
             if n.op == "call_module":
                 self.report.append(f"left {n.target} in float: unsupported layer form")
         if not layers:
-            return PassResult(gm, False)
+            return PassResult(gm, bool(recurrent))
 
         act_quant: dict[tuple, torch.fx.Node] = {}
         counter = sum(1 for name, _ in gm.named_children() if name.startswith("act_fq"))
@@ -279,6 +284,31 @@ class InsertQuantizers(Pass):
         # act quantizers were inserted before their first consumer; keep topological order valid
         graph.lint()
         return PassResult(gm, True)
+
+    def _quantize_recurrent(self, gm: torch.fx.GraphModule, node) -> bool:
+        """``lstm(x)`` -> ``QuantizedRecurrent(lstm)(x)``: a per-row weight quantizer on every weight matrix of the
+        layer (each layer and direction, input and hidden), the layer's weight scheme and bits; its input and the
+        recurrence stay float (weight-only quantization, as onnxruntime's ``LSTM``/``GRU``/``RNN`` operators compute
+        in float)."""
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, QuantizedRecurrent):  # quantized already (a second run, a converted QAT model)
+            return False
+        cfg = node.meta["qconfig"]
+        quantizers = {}
+        for name in mod._flat_weights_names:
+            if name.startswith("weight_"):
+                fq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
+                                  role="weight", observer="mse")
+                _check_levels(fq, str(node.target), cfg.reason)
+                quantizers[name] = fq
+        owner_path, _, attr = str(node.target).rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        setattr(owner, attr, QuantizedRecurrent(mod, quantizers))
+        node.meta["layer"] = str(node.target)
+        kind = type(mod).__name__
+        self.report.append(f"{node.target}: {cfg.describe(weights_only=True)} ({kind}: its input, states and "
+                           f"recurrence stay float)")
+        return True
 
     def _quantize_functional(self, gm: torch.fx.GraphModule, node, xq, cfg) -> None:
         """``F.conv2d(x, self.weight, ...)`` -> ``F.conv2d(act_fq(x), self.weight_fq(self.weight), ...)``: the

@@ -1,7 +1,8 @@
 """SelectLayers: decide which layers are quantized and how, and record it on the nodes.
 
 Every Conv1d/2d/3d, ConvTranspose1d/2d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear``
-``call_function``) node gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata.
+``call_function``) node, and every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (whose weights alone are quantized: see
+``InsertQuantizers``), gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata.
 The rules, in order, later ones winning:
 
 1. ``default``: the requested scheme, for every layer;
@@ -300,7 +301,8 @@ def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
 
 def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str]:
     if node.op == "call_module":
-        return str(node.target), type(gm.get_submodule(node.target)).__name__
+        rnn = recurrent_module(gm, node)
+        return str(node.target), type(rnn if rnn is not None else gm.get_submodule(node.target)).__name__
     # a functional layer: the module it came from (meta["layer"], set when a pass rewrites a module call), else the
     # owner of its weight attribute, else the node name
     name = node.meta.get("layer")
@@ -315,12 +317,28 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         return name, LAYER_FUNCTIONS[node.target]
 
 
+def recurrent_module(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """The ``nn.LSTM``/``nn.GRU``/``nn.RNN`` that the call_module ``node`` runs (itself, or inside the
+    ``QuantizedRecurrent`` that InsertQuantizers put in its place), or None."""
+    if node.op != "call_module":
+        return None
+    from qcompile.qmodules import QuantizedRecurrent, stock_recurrent
+
+    mod = gm.get_submodule(node.target)
+    if isinstance(mod, QuantizedRecurrent):
+        return mod.layer
+    return mod if stock_recurrent(mod) else None
+
+
 def layer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The Conv/Linear nodes that get a LayerConfig, in graph order."""
+    """The Conv/Linear nodes that get a LayerConfig, and the recurrent layers (``nn.LSTM``/``nn.GRU``/``nn.RNN``,
+    quantized weight-only), in graph order."""
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_MODULES) \
                 and stock_layer(gm.get_submodule(node.target)):
+            out.append(node)
+        elif recurrent_module(gm, node) is not None:
             out.append(node)
         elif node.op == "call_function" and node.target in LAYER_FUNCTIONS:
             out.append(node)
@@ -480,7 +498,7 @@ class SelectLayers(Pass):
                 changed += 1
         counts: dict[str, int] = {}
         for node, cfg in decision.items():
-            key = cfg.describe()
+            key = cfg.describe(weights_only=recurrent_module(gm, node) is not None)
             counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.report.append(f"{count} layer(s): {key}")
@@ -503,7 +521,8 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             continue
         seen.add(node.target)
         mod = gm.get_submodule(node.target)
-        if (isinstance(mod, LAYER_MODULES) and stock_layer(mod)) or type(mod).__module__.startswith("qcompile."):
+        if (isinstance(mod, LAYER_MODULES) and stock_layer(mod)) or type(mod).__module__.startswith("qcompile.") \
+                or recurrent_module(gm, node) is not None:  # a layer of the table (recurrent: weight-only)
             continue
         layers = sum(isinstance(m, LAYER_MODULES) for m in mod.modules())
         recurrent = sum(m.num_layers for m in mod.modules() if isinstance(m, nn.RNNBase))  # stacked layers count
@@ -553,4 +572,4 @@ def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
 
 
 __all__ = ["SelectLayers", "Override", "load_overrides", "parse_exclude", "parse_pattern", "layer_table",
-           "opaque_layers", "layer_nodes", "int8_config", "FIRST_LAST_MODES"]
+           "opaque_layers", "layer_nodes", "recurrent_module", "int8_config", "FIRST_LAST_MODES"]

@@ -38,10 +38,13 @@ class LayerConfig:
         if self.action not in ("quant", "float"):  # LayerConfig(action="quantize") left the layer float, silently
             raise ValueError(f"LayerConfig.action must be 'quant' or 'float', got {self.action!r}")
 
-    def describe(self) -> str:
+    def describe(self, weights_only: bool = False) -> str:
+        """``weights_only``: a layer whose input stays float (a recurrent layer): no activation part."""
         if self.action != "quant":
             return f"float ({self.reason})"
         tensor = " per-tensor" if not self.per_channel else ""  # per output channel goes without saying
+        if weights_only:
+            return f"W{_bits(self.wscheme, self.wbits)} {self.wscheme}{tensor}, weights only ({self.reason})"
         return f"W{_bits(self.wscheme, self.wbits)} {self.wscheme}{tensor} / A{_bits(self.ascheme, self.abits)} " \
             f"{self.ascheme} ({self.reason})"
 

@@ -491,3 +491,41 @@ class Int8GlobalAvgPool(nn.Module):
         codes = torch.round(total.to(f32) * scale).clamp_(lo - zp, hi - zp) + zp
         codes = codes.to(torch.int32).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
         return quant.dequantize(codes, fo.alpha, fo.levelset, zero_point=fo.zero_point)
+
+
+RECURRENT_MODULES = (nn.LSTM, nn.GRU, nn.RNN)
+
+
+def stock_recurrent(mod) -> bool:
+    """An ``nn.LSTM``/``nn.GRU``/``nn.RNN`` that computes what its class does (no ``forward`` of its own) and
+    reads its weights from ``_flat_weights`` (``QuantizedRecurrent`` relies on that); no LSTM projection
+    (``proj_size``, which torch.onnx does not export)."""
+    return type(mod) in RECURRENT_MODULES and getattr(mod, "proj_size", 0) == 0 \
+        and hasattr(mod, "_flat_weights") and hasattr(mod, "_flat_weights_names")
+
+
+class QuantizedRecurrent(nn.Module):
+    """A recurrent layer (``nn.LSTM``/``nn.GRU``/``nn.RNN``) with quantized weights: the weight matrices
+    ``weight_ih_l*``/``weight_hh_l*`` (every layer and direction) read through per-row (per gate unit) weight
+    quantizers, ``weight_fq[name]``; biases, states and the recurrence stay float, as in onnxruntime's ``LSTM``
+    operator that the file runs it on (weight-only quantization: the weights are stored packed at their bit-width
+    and dequantized in the graph).
+
+    The layer runs as itself with its ``_flat_weights`` (the list the torch.nn recurrent forward hands to its
+    kernel) replaced by the quantized weights for the call: its forward, hidden-state handling and export stay
+    torch.nn's own."""
+
+    def __init__(self, layer: nn.Module, quantizers: dict):
+        super().__init__()
+        self.layer = layer
+        self.weight_fq = nn.ModuleDict(quantizers)
+
+    def forward(self, *args, **kwargs):
+        rnn = self.layer
+        saved = rnn._flat_weights
+        rnn._flat_weights = [self.weight_fq[name](w) if name in self.weight_fq else w
+                             for name, w in zip(rnn._flat_weights_names, saved)]
+        try:
+            return rnn(*args, **kwargs)
+        finally:
+            rnn._flat_weights = saved

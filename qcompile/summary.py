@@ -15,6 +15,12 @@ def _weight_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return fq is not None and fq.role == "weight"
 
 
+def _recurrent_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    from qcompile.qmodules import QuantizedRecurrent
+
+    return isinstance(gm.get_submodule(node.target), QuantizedRecurrent)
+
+
 def _layer_name(node: torch.fx.Node) -> str:
     """The module a layer node belongs to: recorded by InsertQuantizers, the call_module target, else the innermost
     module torch.fx was tracing through (a functional conv inside a custom module), else the owner of the weight it
@@ -59,6 +65,14 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
         if getattr(node.target, "__module__", "") == "qcompile.qmodules" and kind.startswith("int8_"):
             kind = kind[len("int8_"):]  # a functional layer bound to an int8 kernel: the function it was
+        from qcompile.passes.select import recurrent_module
+
+        rnn = recurrent_module(gm, node)
+        if rnn is not None:
+            kind = type(rnn).__name__
+            rows.append((name, kind, cfg.describe(weights_only=True) if cfg.action != "quant" or not inserted
+                         or _recurrent_quantized(gm, node) else "float: unsupported layer form"))
+            continue
         decision = cfg.describe()
         if cfg.action == "quant" and node.args:
             from qcompile.passes.base import input_quantizer

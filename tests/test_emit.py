@@ -839,3 +839,51 @@ def test_no_node_of_the_file_is_left_unread(form):
     graph = result.onnx_model.graph
     read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     assert [n.op_type for n in graph.node if not any(o in read for o in n.output)] == []
+
+
+@pytest.mark.parametrize("emit_form", ["standard", "custom"])
+def test_recurrent_weights_are_stored_packed_and_the_file_computes_the_simulation(tmp_path, emit_form):
+    """A 4-bit compile of an LSTM/GRU model wrote every recurrent weight as float32 (the file barely smaller than
+    the float model's). Their codes are now stored at 4 bits (APoT: indices into the level table) and dequantized
+    in the graph; onnxruntime's LSTM/GRU compute with exactly the simulation's weights."""
+    import onnxruntime as ort
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
+            self.gru = nn.GRU(64, 32, batch_first=True)
+            self.fc = nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.lstm(torch.relu(self.inp(x)))[0]
+            return self.fc(self.gru(h)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Model().eval()
+    x = torch.randn(32, 9, 6, generator=torch.Generator().manual_seed(2))
+    path = str(tmp_path / "rnn.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme="apot", bits=4, emit=emit_form,
+                              progress=False)
+    assert result.report.passed and result.report.max_abs < 1e-5
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    weights = [p for name, p in model.named_parameters() if name.split(".")[1].startswith("weight_")
+               and name.split(".")[0] in ("lstm", "gru")]
+    recurrent = sum(p.numel() for p in weights)
+    packed = sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == TensorProto.UINT4)
+    assert packed >= recurrent  # every recurrent weight (and the 4-bit Linear, if any) at 4 bits
+    floats = sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT)
+    biases = sum(p.numel() for name, p in model.named_parameters() if ".bias" in name)
+    scales = sum(p.shape[0] for p in weights)  # one per row
+    assert floats < biases + scales + 200  # biases, scales and the Linear layers' few; no float weight matrix left
+    assert {n.op_type for n in m.graph.node} >= {"LSTM", "GRU"}
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = result.model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    rows = {name: decision for name, _, decision in qcompile.summary.layer_rows(result.model)}
+    assert rows["lstm"] == "W8 uniform, weights only (first layer)" or rows["lstm"].startswith("W4 apot, weights only")
+    assert rows["gru"] == "W4 apot, weights only (default)"

@@ -195,23 +195,40 @@ def test_first_and_last_layers_of_a_transformer():
 
 
 def test_layers_inside_opaque_modules_are_listed_as_float():
-    """An LSTM (and masked attention) stays one opaque module: the layer table says its layers stay float."""
+    """A module the quantizer cannot reach into (an LSTM with a projection, a module holding a GRU, masked
+    attention) stays opaque: the layer table says its layers stay float. A plain nn.LSTM/GRU is a layer of its own
+    (weight-only quantization), not an opaque module."""
     from qcompile.passes.select import layer_table
+
+    class Holder(nn.Module):  # kept whole (--leaf-module): its GRU is out of reach
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(16, 16, num_layers=2, batch_first=True)  # two stacked layers count as two
+
+        def forward(self, x):
+            return self.gru(x)[0]
 
     class Recurrent(nn.Module):
         def __init__(self):
             super().__init__()
-            self.lstm = nn.LSTM(8, 16, batch_first=True)
-            self.gru = nn.GRU(16, 16, num_layers=2, batch_first=True)  # two stacked layers count as two
+            self.proj = nn.LSTM(8, 16, batch_first=True, proj_size=4)  # torch.onnx cannot export the projection
+            self.lstm = nn.LSTM(4, 16, batch_first=True)
+            self.hold = Holder()
             self.fc = nn.Linear(16, 3)
 
         def forward(self, x):
-            return self.fc(self.gru(self.lstm(x)[0])[0][:, -1])
+            return self.fc(self.hold(self.lstm(self.proj(x)[0])[0])[:, -1])
 
     torch.manual_seed(0)
-    rows = {name: decision for name, _, decision in layer_table(trace(Recurrent().eval(), (torch.randn(2, 5, 8),)))}
-    assert rows["lstm"] == "float: opaque to torch.fx (1 recurrent layer(s))"
-    assert rows["gru"] == "float: opaque to torch.fx (2 recurrent layer(s))"
+    gm = trace(Recurrent().eval(), (torch.randn(2, 5, 8),), leaf_modules=("hold",))
+    rows = {name: decision for name, _, decision in layer_table(gm)}
+    assert rows["proj"] == "float: opaque to torch.fx (1 recurrent layer(s))"
+    assert rows["hold"] == "float: opaque to torch.fx (2 recurrent layer(s))"
+    assert "lstm" not in rows  # a layer: listed with its decision once SelectLayers has made it
+    from qcompile.passes.select import SelectLayers
+
+    rows = {name: decision for name, _, decision in layer_table(SelectLayers()(gm).gm)}
+    assert rows["lstm"] == "W8 uniform, weights only (first layer)"
     # masked attention called without example inputs (no record of the mask's kind) stays opaque
     rows = {name: decision for name, _, decision in layer_table(trace(MaskedEncoder().eval()))}
     assert rows["enc"] == "float: opaque to torch.fx (6 Conv/Linear layer(s) and 2 attention in_proj weight(s))"

@@ -389,3 +389,81 @@ def test_a_depthwise_transposed_conv_has_one_weight_scale_per_output_channel():
     err = w - fq.simulate(w)
     per_channel_db = 10 * torch.log10(w.pow(2).flatten(1).sum(1) / err.pow(2).flatten(1).sum(1))
     assert per_channel_db.min() > 40, per_channel_db
+
+
+# -- recurrent layers: weight-only ---------------------------------------------------------------------------------
+class _Recurrent(nn.Module):
+    """Linear -> a stacked recurrent layer -> Linear head on the last step."""
+
+    def __init__(self, kind: str, bidirectional: bool = True, **kw):
+        super().__init__()
+        hidden = 24
+        self.inp = nn.Linear(6, 16)
+        self.rnn = getattr(nn, kind)(16, hidden, num_layers=2, batch_first=True, bidirectional=bidirectional, **kw)
+        self.fc = nn.Linear(hidden * (2 if bidirectional else 1), 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(torch.relu(self.inp(x)))[0][:, -1])
+
+
+@pytest.mark.parametrize("kind, kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"})])
+def test_recurrent_weights_are_quantized_per_row_and_the_rest_stays_float(kind, kw):
+    """An nn.LSTM/GRU/RNN was an opaque module whose weights all stayed float (a 4-bit compile of an LSTM model
+    wrote the float file). Its weight matrices now read through per-row quantizers of the layer's weight scheme; its
+    input, states and biases stay float. The float reference (quantizers disabled) is the model itself, and the
+    quantized layer computes the torch.nn layer with quantized weights."""
+    from qcompile.qmodules import QuantizedRecurrent, disabled_quantizers
+
+    torch.manual_seed(0)
+    model = _Recurrent(kind, **kw).eval()
+    x = torch.randn(16, 7, 6, generator=torch.Generator().manual_seed(1))
+    gm = InsertQuantizers()(selected(model, x[:1], config("apot", 4))).gm
+    wrapped = gm.get_submodule("rnn")
+    assert isinstance(wrapped, QuantizedRecurrent)
+    names = [n for n in wrapped.layer._flat_weights_names if n.startswith("weight_")]
+    assert sorted(wrapped.weight_fq.keys()) == sorted(names) and len(names) == 8  # 2 layers x 2 directions x ih/hh
+    assert all(fq.axis == 0 and fq.role == "weight" and (fq.scheme, fq.bits) == ("apot", 4)
+               for fq in wrapped.weight_fq.values())
+    gm = Calibrate(x).call(gm).gm
+    assert all(fq.calibrated and fq.alpha.shape == (getattr(wrapped.layer, n).shape[0],)
+               for n, fq in wrapped.weight_fq.items())
+    with torch.no_grad():
+        with disabled_quantizers(gm):
+            assert torch.equal(gm(x), model(x))
+        # the quantized layer: the torch.nn layer run on the quantized weights
+        layer = getattr(nn, kind)(16, 24, num_layers=2, batch_first=True, bidirectional=True, **kw).eval()
+        layer.load_state_dict(wrapped.layer.state_dict())
+        for n, fq in wrapped.weight_fq.items():
+            codes = fq(getattr(layer, n))
+            # APoT-4: 15 levels, {0, ±1, ±2, ±3, ±4, ±6, ±8, ±10} x alpha / 10
+            assert len(torch.unique(torch.round(codes / fq.alpha[:, None] * 1e4))) <= 15
+            getattr(layer, n).copy_(codes)
+        h = torch.relu(gm.get_submodule("inp")(x))  # inp and fc stay float in this graph (no quantizer calibrated
+        want = layer(h)[0]                          # on them matters: compare the recurrent layer alone)
+        assert torch.equal(wrapped(h)[0], want)
+        assert not torch.equal(want, model.rnn(h)[0])  # and that is not the float layer
+
+
+def test_recurrent_layers_follow_the_layer_rules():
+    """First/last-layer rules, --exclude patterns and type: rules reach recurrent layers as any other layer; the
+    report says weights only."""
+    from qcompile.qmodules import QuantizedRecurrent
+
+    torch.manual_seed(0)
+    model = _Recurrent("GRU").eval()
+    x = torch.randn(4, 7, 6)
+    gm = selected(model, x[:1], config("pot", 3), first_last="int8")
+    assert gm.graph.find_nodes(op="call_module", target="rnn")[0].meta["qconfig"].wbits == 3  # neither first nor last
+    ins = InsertQuantizers()
+    gm = ins(gm).gm
+    assert any(line.startswith("rnn: W3 pot, weights only") for line in ins.report)
+    assert InsertQuantizers()(gm).modified is False  # a second run changes nothing
+    for rule in (Override("rnn", config_changes={"action": "float"}),
+                 Override("GRU", kind="type", config_changes={"action": "float"})):
+        gm = InsertQuantizers()(selected(model, x[:1], config("pot", 3), overrides=[rule])).gm
+        assert not isinstance(gm.get_submodule("rnn"), QuantizedRecurrent)
+    # an LSTM right after the input is the first layer: 8-bit uniform weights
+    lstm = nn.Sequential(nn.LSTM(6, 8, batch_first=True))
+    gm = selected(lstm, x[:1], config("apot", 4), first_last="int8")
+    assert gm.graph.find_nodes(op="call_module", target="0")[0].meta["qconfig"].describe(weights_only=True) == \
+        "W8 uniform, weights only (first and last layer)"
