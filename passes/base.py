@@ -384,6 +384,19 @@ class float_parameters:
         return False
 
 
+def require_calibrated(gm: torch.fx.GraphModule, pass_name: str) -> None:
+    """Raise, naming the order to run, when a quantizer of ``gm`` is not calibrated yet: the passes after
+    ``Calibrate`` skipped such quantizers without a word (an int8 binding, a bias grid silently not made)."""
+    from qcompile.qmodules import FakeQuantize
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, FakeQuantize) and not mod.calibrated:
+                raise ValueError(f"quantizer {node.target} is not calibrated yet: run Calibrate before {pass_name} "
+                                 "(qcompile.pipeline.build_passes gives the full order)")
+
+
 def stock_layer(mod) -> bool:
     """A Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear module that computes exactly what its torch.nn class does:
     neither ``forward`` nor ``_conv_forward`` overridden. A subclass with its own forward (TF "same" padding, weight

@@ -225,6 +225,13 @@ class BiasCorrection(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
         layers = correctable_layers(gm)
+        bound = [n for n in gm.graph.nodes if n.op == "call_function" and not n.meta.get("bias_corrected")
+                 and getattr(n.target, "__module__", "") == "qcompile.qmodules"
+                 and getattr(n.target, "__name__", "").startswith("int8_")]
+        if bound:  # skipped without a word: the file then differed from what a corrected model computes
+            names = ", ".join(dict.fromkeys(str(n.meta.get("layer", n.name)) for n in bound[:8]))
+            self.report.append(f"{len(bound)} layer(s) ({names}) are bound to int8 kernels already and were not "
+                               f"corrected: run BiasCorrection before BindIntegerLayers")
         if not layers:
             return PassResult(gm, False)
         means = self._input_means(gm, layers) if self.data is not None else self._analytic_means(gm, layers)

@@ -105,6 +105,9 @@ class Calibrate(Pass):
             if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # a second Calibrate: new data changes nothing
                 self.report.append("every quantizer is calibrated already: nothing to do (to calibrate on other data, "
                                    "run the pipeline again from the traced model)")
+            else:
+                self.report.append("no quantizers in the graph: nothing to calibrate (SelectLayers and "
+                                   "InsertQuantizers place them)")
             return PassResult(gm, False)
         weights = [n for n in todo if gm.get_submodule(n.target).role == "weight"]
         acts = [n for n in todo if gm.get_submodule(n.target).role != "weight"]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value, fake_quantizer, input_quantizer, remember_float
+from .base import Pass, PassResult, attr_value, fake_quantizer, input_quantizer, remember_float, require_calibrated
 from .int8_region import _is_transparent
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
@@ -403,6 +403,7 @@ class PairSafeInt8Weights(Pass):
     """Keep every 8-bit weight pair of a uint8 × int8 layer within int16 (see module doc)."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "PairSafeInt8Weights")  # it skipped uncalibrated quantizers without a word
         changed = False
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, recompile_lazily
+from .base import Pass, PassResult, fake_quantizer, recompile_lazily, require_calibrated
 from .calibrate import BIAS_FIT
 from .insert_quant import is_nonnegative
 
@@ -398,6 +398,7 @@ class ShareInt8Params(Pass):
     """After calibration: re-quantizations of 8-bit codes become identities, and clips become implied."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "ShareInt8Params")  # it skipped uncalibrated quantizers without a word
         changed = False
         for node in gm.graph.nodes:
             fq = fake_quantizer(gm, node)
@@ -487,6 +488,7 @@ class BindIntegerAdds(Pass):
     """
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "BindIntegerAdds")  # it skipped uncalibrated quantizers without a word
         from qcompile.qmodules import Int8Add
 
         from .quantize_outputs import _implies
@@ -511,6 +513,7 @@ class BindIntegerMuls(Pass):
     becomes a ``qcompile.qmodules.Int8Mul``; it exports as the same ``Mul``. Runs after calibration."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "BindIntegerMuls")  # it skipped uncalibrated quantizers without a word
         from qcompile.qmodules import Int8Mul, fills_storage, storage_range
 
         found = []
@@ -533,6 +536,7 @@ class BindIntegerSigmoids(Pass):
     codes that onnxruntime computes itself; it exports as the same ``Sigmoid``."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "BindIntegerSigmoids")  # it skipped uncalibrated quantizers without a word
         from qcompile.qmodules import Int8Sigmoid, fills_storage
         from qcompile.runtime.tables import sigmoid_tables
 
@@ -567,6 +571,7 @@ class BindIntegerPools(Pass):
     only into 8-bit quantizers with one set of parameters becomes a ``qcompile.qmodules.Int8GlobalAvgPool``."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "BindIntegerPools")  # it skipped uncalibrated quantizers without a word
         from qcompile.qmodules import Int8GlobalAvgPool
 
         found = []

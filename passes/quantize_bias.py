@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, input_quantizer, private_bias, remember_float
+from .base import (Pass, PassResult, fake_quantizer, input_quantizer, private_bias, remember_float,
+                   require_calibrated)
 
 _LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
@@ -50,11 +51,8 @@ def _on_grid(b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 class QuantizeBias(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        waiting = [n.target for n in gm.graph.nodes if n.op == "call_module"
-                   and isinstance(gm.get_submodule(n.target), FakeQuantize) and not gm.get_submodule(n.target).calibrated]
-        if waiting:  # it did nothing and said nothing; the export then asked for QuantizeBias after Calibrate
-            raise ValueError(f"quantizer {waiting[0]} is not calibrated yet: run Calibrate before QuantizeBias "
-                             "(qcompile.pipeline.build_passes gives the full order)")
+        # it did nothing and said nothing; the export then asked for QuantizeBias after Calibrate
+        require_calibrated(gm, "QuantizeBias")
         changed = False
         for node, xfq, wfq, bnode in list(quantized_layer_biases(gm)):
             if private_bias(gm, node):  # a shared module: each call's bias on its own grid

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, input_quantizer
+from .base import Pass, PassResult, fake_quantizer, input_quantizer, require_calibrated
 from .insert_quant import is_nonnegative
 from .int8_region import (LOW_BITS, _has_codes, _is_add, _is_avgpool, _is_transparent, _sub_8_bit_act, clip_bounds,
                           is_int8_act, is_rectifier)
@@ -483,6 +483,7 @@ class BindIntegerLayers(Pass):
         return True
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "BindIntegerLayers")  # it skipped uncalibrated quantizers without a word
         fns = _int8_fns()
         changed = False
         for node in list(gm.graph.nodes):

@@ -490,7 +490,14 @@ class SelectLayers(Pass):
             # quantizers are in the graph already (a QAT-trained model, converted): a layer keeps the decision that
             # put them there. Deciding anew labelled conv2 "W8 uniform (first layer)" (conv1, bound to an int8
             # kernel, is no longer a Conv node) while its trained APoT quantizers stayed.
-            decision = {n: n.meta.get("qconfig", cfg) for n, cfg in decision.items()}
+            kept = {n: n.meta.get("qconfig", cfg) for n, cfg in decision.items()}
+            differ = [n for n in decision if kept[n] != decision[n]]
+            if differ:  # a new configuration given to a quantized graph was ignored without a word
+                names = ", ".join(dict.fromkeys(_layer_name_and_type(gm, n)[0] for n in differ[:8]))
+                self.report.append(f"quantizers are in the graph already: {len(differ)} layer(s) ({names}) keep the "
+                                   f"decision that placed them, not this configuration (run the pipeline again from "
+                                   f"the traced model to change it)")
+            decision = kept
         changed = 0
         for node, cfg in decision.items():
             if node.meta.get("qconfig") != cfg:

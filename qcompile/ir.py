@@ -37,6 +37,17 @@ class LayerConfig:
     def __post_init__(self) -> None:
         if self.action not in ("quant", "float"):  # LayerConfig(action="quantize") left the layer float, silently
             raise ValueError(f"LayerConfig.action must be 'quant' or 'float', got {self.action!r}")
+        # per_channel="no" quantized per channel and wbits="4" went into the metadata as a string, without a word
+        if not isinstance(self.per_channel, bool):
+            raise TypeError(f"LayerConfig.per_channel must be True or False, got {self.per_channel!r}")
+        for field in ("wbits", "abits"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"LayerConfig.{field} must be an int, got {value!r}")
+        for field in ("wscheme", "ascheme"):
+            if getattr(self, field) not in SCHEMES:
+                raise ValueError(f"LayerConfig.{field} must be one of {', '.join(SCHEMES)}, got "
+                                 f"{getattr(self, field)!r}")
 
     def describe(self, weights_only: bool = False) -> str:
         """``weights_only``: a layer whose input stays float (a recurrent layer): no activation part."""

@@ -123,3 +123,47 @@ def test_pipeline_api_mistakes_get_one_clear_error():
     gm = Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), Calibrate(x)])(qcompile.trace(model, x[:1])).gm
     again = Calibrate(x * 2)
     assert not again(gm).modified and "calibrated already: nothing to do" in again.report[0]
+
+
+@pytest.mark.parametrize("name", ["BindIntegerLayers", "PairSafeInt8Weights", "ShareInt8Params", "BindIntegerAdds",
+                                  "BindIntegerMuls", "BindIntegerSigmoids", "BindIntegerPools"])
+def test_passes_after_calibrate_run_before_it_are_an_error(name):
+    """Run before Calibrate they skipped every uncalibrated quantizer without a word: a pipeline with
+    BindIntegerLayers before Calibrate exported a file with no layer on the int8 kernels it simulates."""
+    from qcompile import passes
+
+    model = ResidualCNN()
+    x = example_input(model, seed=2, batch=4)
+    with pytest.raises(PassError, match=f"not calibrated yet: run Calibrate before {name}"):
+        Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), getattr(passes, name)()])(qcompile.trace(model, x[:1]))
+
+
+def test_late_or_repeated_decisions_are_reported():
+    """BiasCorrection after BindIntegerLayers corrected only the unbound layers, SelectLayers given a new
+    configuration after InsertQuantizers kept the old one, Calibrate on a graph without quantizers did nothing:
+    all without a word."""
+    from qcompile.passes import BiasCorrection, BindIntegerLayers
+
+    model = MLP()
+    x = example_input(model, seed=1, batch=32)
+    gm = qcompile.trace(model, x[:1])
+    calibrate = Calibrate(x)
+    assert not calibrate(gm).modified and "no quantizers in the graph" in calibrate.report[0]
+    gm = Pipeline([SelectLayers(DEFAULT, first_last="quant"), InsertQuantizers(), Calibrate(x), QuantizeBias(),
+                   BindIntegerLayers()])(gm).gm
+    late = BiasCorrection(x)
+    late(gm)
+    assert any("bound to int8 kernels already and were not corrected: run BiasCorrection before BindIntegerLayers"
+               in line for line in late.report), late.report
+    gm = Pipeline([SelectLayers(DEFAULT, first_last="quant"), InsertQuantizers()])(qcompile.trace(model, x[:1])).gm
+    again = SelectLayers(LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8))
+    assert not again(gm).modified
+    assert any("keep the decision that placed them, not this configuration" in line for line in again.report)
+
+
+@pytest.mark.parametrize("field, value", [("per_channel", "no"), ("wbits", "4"), ("abits", 4.0), ("wbits", True),
+                                          ("wscheme", "apot4")])
+def test_layer_config_refuses_values_of_the_wrong_type(field, value):
+    """per_channel="no" quantized per channel, wbits="4" went into the metadata as a string."""
+    with pytest.raises((TypeError, ValueError), match=f"LayerConfig.{field} must be"):
+        LayerConfig(**{field: value})
