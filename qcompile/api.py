@@ -127,14 +127,17 @@ def calibration_fingerprint(calib_x) -> str:
     return h.hexdigest()[:16]
 
 
-MODEL_KEY = "qcompile.model"  # metadata: {"sha256": model_fingerprint(model)} of the float model compiled
+MODEL_KEY = "qcompile.model"  # metadata: {"sha256_all": model_fingerprint(model)} of the float model compiled
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of the float model's state: each floating tensor's shape and up to 4096 of its
-    values, evenly spaced, as float32 (another checkpoint of the same architecture differs in nearly every weight).
+def model_fingerprint(model: nn.Module, sampled: bool = False) -> str:
+    """SHA-256 (first 16 hex digits) of the float model's state: each floating tensor's shape and values, as float32.
     ``qcompile validate`` compares it: against another checkpoint, the rebuilt simulation differs from the file,
-    and the failure read as a broken file ("27.3% of activation codes differ")."""
+    and the failure read as a broken file ("27.3% of activation codes differ").
+
+    ``sampled``: up to 4096 evenly spaced values per tensor, what files of 0.7.1-0.7.2 record (key ``sha256``); a
+    checkpoint with a few weights edited (pruned, patched) between the samples had the same fingerprint, and its
+    validation failed as if the file were broken. All values cost ~30 ms on ResNet-18's 46 MB."""
     import hashlib
 
     from .frontend import unwrap
@@ -145,9 +148,9 @@ def model_fingerprint(model: nn.Module) -> str:
             continue  # num_batches_tracked and other counters say nothing of the function
         try:
             flat = t.detach().reshape(-1)
-            if flat.numel() > 4096:
+            if sampled and flat.numel() > 4096:
                 flat = flat[torch.linspace(0, flat.numel() - 1, 4096).long()]
-            values = flat.cpu().to(torch.float32).contiguous().numpy().tobytes()
+            values = memoryview(flat.cpu().to(torch.float32).contiguous().numpy()).cast("B")
         except (RuntimeError, TypeError, NotImplementedError):  # a sparse or otherwise unusual tensor: its shape
             values = b""
         h.update(str(tuple(t.shape)).encode())
@@ -727,6 +730,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
     else:
         onnx_model = export_mod.export_onnx(gm, example_inputs)
+    export_mod.pin_output_dims(onnx_model, gm, example_inputs)
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
     from . import __version__
@@ -734,17 +738,21 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name
     summary = {}
     if opts.quantized and opts.emit == "shift-add":
-        from .cost import cost_report, format_cost_report
+        from .cost import cost_report, format_cost_report, nothing_lowered_note
 
         cost = cost_report(onnx_model)
         summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
+        nothing = nothing_lowered_note(cost)
+        if nothing:  # the CLI prints it; from Python a warning is the only word of it
+            summary["shift_add_note"] = nothing
+            warnings.warn(nothing, QuantizationWarning, stacklevel=3)
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
     if trained:  # as qat.export records it
         from qcompile.qat.convert import CONVERTED_KEY
 
         onnx_model.metadata_props.add(key="qcompile.qat", value=model.meta[CONVERTED_KEY].describe())
     if not trained:  # qcompile validate --against: the same weights, not only the same architecture
-        onnx_model.metadata_props.add(key=MODEL_KEY, value=json.dumps({"sha256": model_fingerprint(model)},
+        onnx_model.metadata_props.add(key=MODEL_KEY, value=json.dumps({"sha256_all": model_fingerprint(model)},
                                                                       separators=(",", ":")))
     if opts.quantized and calib_x is not None:
         first = calib_x[0] if isinstance(calib_x, tuple) else calib_x

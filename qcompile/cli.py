@@ -91,7 +91,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits + .onnx)")
     q = p.add_argument_group("quantization")
     q.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
-    q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
+    q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; ternary and binary levels have 2 and 1 bits whatever it says)")
     q.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
     q.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
     q.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme apot --ascheme uniform")
@@ -166,7 +166,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile demo", description="Compile the bundled digits CNN (trained on scikit-learn's real "
                 "handwritten digits), run it in onnxruntime and print test accuracy before and after.")
     p.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
-    p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4)")
+    p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; ternary and binary levels have 2 and 1 bits whatever it says)")
     p.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
     p.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
     p.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme ternary --ascheme uniform")
@@ -388,9 +388,9 @@ def cmd_compile(argv) -> int:
     _print_summary(result, real_inputs=calib is not None)
     from .options import int8_grid_note
 
-    note = int8_grid_note(result.options, result.model)
-    if note:
-        print(f"qcompile: warning: {note}", file=sys.stderr)
+    for note in (int8_grid_note(result.options, result.model), result.summary.get("shift_add_note")):
+        if note:
+            print(f"qcompile: warning: {note}", file=sys.stderr)
     if args.json:
         from .export import write_text_atomic
 
@@ -429,7 +429,8 @@ def summary_dict(result) -> dict:
         "passes": [{"name": t.name, "ms": 1000 * t.seconds, "modified": t.modified, "report": t.report}
                    for t in result.timings],
         "validation": result.report.to_dict() if result.report else None,
-        "warnings": [note for note in (int8_grid_note(result.options, result.model),) if note],
+        "warnings": [note for note in (int8_grid_note(result.options, result.model),
+                                       result.summary.get("shift_add_note")) if note],
         **result.summary,
     }
 

@@ -186,6 +186,16 @@ def _si(n: Optional[int]) -> str:
     return str(n)
 
 
+def nothing_lowered_note(report: dict) -> str | None:
+    """The warning for a shift-add file in which no layer was lowered (uniform weights, 2-bit or ternary levels):
+    the cost table's "not lowered" rows were the only word that the file multiplies like the standard form."""
+    if any(row.get("lowered") for row in report.get("layers", [])):
+        return None
+    return ("--emit shift-add lowered no layer (uniform weights, and 2-bit APoT/PoT or ternary levels, keep their "
+            "integer multiplications): the file computes as the standard form does; shift-add needs APoT/PoT/log2 "
+            "weights of 3 bits or more")
+
+
 def format_cost_report(report: dict) -> list[str]:
     """Summary lines of :func:`cost_report`: one row per layer, then the model totals."""
     rows = [("layer", "weights", "uniform mult", "uniform add", "shifts", "adds", "terms/w")]

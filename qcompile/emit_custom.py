@@ -29,6 +29,7 @@ from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
 from .emit import _Builder, _int_type, _unit, act_code_type, emit_cell_requant, replace_markers, u8_storage
+from .ir import FIXED_BITS
 
 DOMAIN = "qcompile"
 VERSION = 1
@@ -36,7 +37,8 @@ _OPSET = [helper.make_opsetid("", 21)]
 
 
 def _attrs(fq: FakeQuantize) -> dict:
-    attrs = {"scheme": fq.scheme, "bits": int(fq.bits), "signed": int(fq.signed)}
+    # the level set's bits: ternary/binary have 2/1 whatever --bits said (the layer table's W2/W1)
+    attrs = {"scheme": fq.scheme, "bits": int(FIXED_BITS.get(fq.scheme, fq.bits)), "signed": int(fq.signed)}
     if fq.level_offset:
         attrs["offset"] = int(fq.level_offset)  # asymmetric APoT/PoT: the unsigned levels minus this grid integer
     return attrs

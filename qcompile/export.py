@@ -382,6 +382,36 @@ def _export_error_message(e: Exception) -> str:
     return f"torch.onnx cannot export this model: {what}; {hint}"
 
 
+def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    """Give the graph outputs their static dimensions where the exporter left names (a Linear on (batch, tokens,
+    features) exported as Reshape → Gemm → Reshape declared its output ``[batch, Reshapeoutput_dim_1, ...]``):
+    every dimension but the batch is the example's (the file is compiled for those shapes)."""
+    outputs = model.graph.output
+    if not any(d.HasField("dim_param") for o in outputs for d in list(o.type.tensor_type.shape.dim)[1:]):
+        return
+    with torch.no_grad():
+        values = gm(*example_inputs)
+    flat: list = []
+    stack = [values]
+    while stack:  # outputs in the exporter's order: tuples and lists in order, dicts by insertion
+        v = stack.pop(0)
+        if isinstance(v, torch.Tensor):
+            flat.append(v)
+        elif isinstance(v, (tuple, list)):
+            stack[:0] = list(v)
+        elif isinstance(v, dict):
+            stack[:0] = list(v.values())
+    if len(flat) != len(outputs):
+        return  # an output the exporter dropped or merged: leave the declared shapes alone
+    for out, value in zip(outputs, flat):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != value.dim():
+            continue
+        for j in range(1, len(dims)):
+            if dims[j].HasField("dim_param"):
+                dims[j].dim_value = int(value.shape[j])
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """``onnx.checker`` with the full check (shape inference included)."""
     onnx.checker.check_model(model, full_check=True)

@@ -88,12 +88,14 @@ def _check_same_weights(onnx_model: onnx.ModelProto, model, args) -> None:
 
     record = next((p.value for p in onnx_model.metadata_props if p.key == MODEL_KEY), None)
     try:
-        recorded = json.loads(record).get("sha256") if record is not None else None
-    except (ValueError, AttributeError):
+        fields = json.loads(record) if record is not None else {}
+        # every value (0.7.3 on), or 4096 samples per tensor (0.7.1-0.7.2 files)
+        recorded, sampled = (fields["sha256_all"], False) if "sha256_all" in fields else (fields.get("sha256"), True)
+    except (ValueError, AttributeError, TypeError):
         recorded = None
     if recorded is None:
         return  # an older file, or a QAT export (refused below): nothing to compare
-    if model_fingerprint(model) != recorded:
+    if model_fingerprint(model, sampled=sampled) != recorded:
         raise UserError(f"{args.onnx!r} was not compiled from the weights in {args.against!r} (another checkpoint or "
                         "another model); pass the model (and --arch) the file was compiled from")
 

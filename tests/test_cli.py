@@ -877,6 +877,33 @@ def test_validate_against_another_checkpoint_of_the_architecture_is_a_user_error
     assert rc == 0 and "PASS" in out, err  # the same weights, saved as the whole model
 
 
+def test_validate_refuses_a_checkpoint_with_one_weight_edited(work, capsys):
+    """The fingerprint hashed 4096 evenly spaced values per tensor: one weight changed between them (a patched or
+    pruned checkpoint) had the same fingerprint, and validation FAILed as if the file were broken. Files of
+    0.7.1-0.7.2 (the sampled fingerprint, key ``sha256``) are still checked their way."""
+    import qcompile.models
+    from qcompile.api import MODEL_KEY, model_fingerprint
+    from qcompile.models.digits import load_split
+
+    np.save(work / "digits.npy", load_split()[0][:32].numpy())
+    weights = os.path.join(os.path.dirname(qcompile.models.__file__), "digits_cnn.pt")
+    arch = ("--arch", "qcompile.models.digits:digits_cnn")
+    sd = torch.load(weights)
+    edited = {k: v.clone() for k, v in sd.items()}
+    edited["fc1.weight"].reshape(-1)[1] += 2.0  # 49,152 values: between the samples at 0 and 12
+    torch.save(edited, "edited.pt")
+    rc, out, err = cli(capsys, weights, *arch, "--calib", "digits.npy", "-o", "q.onnx")
+    assert rc == 0, err
+    rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "edited.pt", *arch, "--data", "digits.npy")
+    assert_user_error(rc, err, "'q.onnx' was not compiled from the weights in 'edited.pt'")
+    # a file with the sampled fingerprint of 0.7.2: still accepted for its own weights
+    model = onnx.load("q.onnx")
+    prop = next(p for p in model.metadata_props if p.key == MODEL_KEY)
+    prop.value = json.dumps({"sha256": model_fingerprint(qcompile.load_model(weights, arch=arch[1]), sampled=True)})
+    onnx.save(model, "old.onnx")
+    rc, out, err = cli(capsys, "validate", "old.onnx", "--against", weights, *arch, "--data", "digits.npy")
+    assert rc == 0 and "PASS" in out, err
+
 def test_validate_of_a_file_a_tool_rewrote_says_what_happened(work, capsys):
     """Files a user changed in ordinary ways: metadata dropped (onnx-graphsurgeon) gave a false FAIL as if the file
     were fp32 (21 dB < 80 dB); an exposed intermediate output, an onnxruntime-optimized copy and a custom-form file

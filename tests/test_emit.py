@@ -887,3 +887,17 @@ def test_recurrent_weights_are_stored_packed_and_the_file_computes_the_simulatio
     rows = {name: decision for name, _, decision in qcompile.summary.layer_rows(result.model)}
     assert rows["lstm"] == "W8 uniform, weights only (first layer)" or rows["lstm"].startswith("W4 apot, weights only")
     assert rows["gru"] == "W4 apot, weights only (default)"
+
+
+@pytest.mark.parametrize("scheme, bits", [("ternary", 2), ("binary", 1)])
+def test_custom_nodes_carry_the_level_sets_bits(tmp_path, scheme, bits):
+    """Ternary/binary weights compiled with --bits 4 wrote DequantizeLevels nodes with bits=4: the layer table
+    says W2/W1, and the lookup table has 3/2 entries."""
+    from tests.models import MLP, example_input
+
+    x = example_input(MLP(), seed=1, batch=16)
+    result = qcompile.compile(MLP(), x[:1], calib=x, wscheme=scheme, ascheme="uniform", bits=4, emit="custom",
+                              keep_first_last="quant", output=str(tmp_path / "m.onnx"), progress=False)
+    weights = [n for n in result.onnx_model.graph.node if n.domain == "qcompile" and n.op_type == "DequantizeLevels"
+               and any(a.name == "scheme" and a.s.decode() == scheme for a in n.attribute)]
+    assert weights and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in weights)

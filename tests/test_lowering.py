@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -287,6 +288,10 @@ def test_pass_contract(compiled):
     res = LowerShiftAdd()(uniform)
     assert not res.modified and res.model is uniform
     assert {s["reason"] for s in res.skipped} == {"uniform weights (integer multiplications kept)"}
+    # 3-4-bit uniform codes are stored as INT4 behind a Cast: the same reason, not the 2-bit one
+    four = qcompile.compile(MLP(), calib[:1], calib=calib, scheme="uniform", bits=4, validate=False,
+                            keep_first_last="quant").onnx_model
+    assert {s["reason"] for s in LowerShiftAdd()(four).skipped} == {"uniform weights (integer multiplications kept)"}
 
 
 def test_layers_left_multiplying_are_named_with_their_reason_and_counted():
@@ -511,3 +516,16 @@ def test_lowered_file_has_no_initializer_that_no_node_reads(tmp_path):
     records = json.loads(next(p.value for p in model.metadata_props if p.key == "qcompile.probes"))
     assert any("constants" in r for r in records)
     assert len(result.report.layers) == len(activation_map(model))
+
+
+def test_a_shift_add_compile_that_lowers_nothing_warns():
+    """A uniform (or 2-bit) shift-add compile wrote the standard form, and only the cost table's "not lowered"
+    rows said so."""
+    from qcompile.errors import QuantizationWarning
+
+    calib = example_input(MLP(), seed=1, batch=16)
+    with pytest.warns(QuantizationWarning, match="--emit shift-add lowered no layer"):
+        qcompile.compile(MLP(), calib[:1], calib=calib, scheme="uniform", bits=4, emit="shift-add", validate=False)
+    with warnings.catch_warnings():  # APoT-4 layers are lowered: no such warning
+        warnings.filterwarnings("error", message="--emit shift-add lowered no layer")
+        qcompile.compile(MLP(), calib[:1], calib=calib, scheme="apot", bits=4, emit="shift-add", validate=False)
