@@ -16,6 +16,10 @@ signed otherwise; uniform activations that may be negative use asymmetric levels
 APoT/PoT ones are marked ``search_offset``: ``Calibrate`` chooses between the symmetric signed set and the unsigned
 set shifted by an offset (``quant.level_set(..., offset=o)``), whichever quantizes the observed tensor with the
 least squared error. The quantizers are uncalibrated: ``Calibrate`` fixes their clipping values.
+
+Weight-only layers: an embedding table becomes ``F.embedding(ids, emb.weight_fq(emb.weight))`` (a quantizer per
+row); an ``nn.LSTM``/``nn.GRU``/``nn.RNN`` becomes a ``QuantizedRecurrent`` holding a per-row quantizer for each
+weight matrix. Their inputs get no quantizer (ids; a recurrent layer computes in float).
 """
 from __future__ import annotations
 
@@ -217,18 +221,20 @@ class InsertQuantizers(Pass):
                                    "(qcompile.pipeline.build_passes gives the full order)")
         layers = [n for n in graph.nodes
                   if n.meta.get("qconfig") is not None and n.meta["qconfig"].action == "quant"]
-        from .select import recurrent_module
+        from .select import embedding_node, recurrent_module
 
         recurrent = [n for n in layers if recurrent_module(gm, n) is not None]
-        layers = [n for n in layers if n not in recurrent]
-        recurrent = [n for n in recurrent if self._quantize_recurrent(gm, n)]
+        tables = [n for n in layers if embedding_node(gm, n)]
+        layers = [n for n in layers if n not in recurrent and n not in tables]
+        weight_only = [n for n in recurrent if self._quantize_recurrent(gm, n)]
+        weight_only += [n for n in tables if self._quantize_embedding(gm, n)]
         skipped = [n for n in layers if quantizable_module(gm, n) is None and functional_weight(gm, n) is None]
         layers = [n for n in layers if n not in skipped]
         for n in skipped:
             if n.op == "call_module":
                 self.report.append(f"left {n.target} in float: unsupported layer form")
         if not layers:
-            return PassResult(gm, bool(recurrent))
+            return PassResult(gm, bool(weight_only))
 
         act_quant: dict[tuple, torch.fx.Node] = {}
         counter = sum(1 for name, _ in gm.named_children() if name.startswith("act_fq"))
@@ -308,6 +314,44 @@ class InsertQuantizers(Pass):
         kind = type(mod).__name__
         self.report.append(f"{node.target}: {cfg.describe(weights_only=True)} ({kind}: its input, states and "
                            f"recurrence stay float)")
+        return True
+
+    def _quantize_embedding(self, gm: torch.fx.GraphModule, node) -> bool:
+        """``emb(ids)`` -> ``F.embedding(ids, emb.weight_fq(emb.weight), padding_idx)``: one quantizer per row of the
+        table (per token), the layer's weight scheme and bits; the ids are the input (nothing to quantize) and the
+        rows come out float (the next layer quantizes its input). ``F.embedding(ids, self.table)`` alike."""
+        cfg = node.meta["qconfig"]
+        if node.op == "call_function":
+            weight = node.args[1]
+            if weight.op == "call_module":  # read through its quantizer already
+                return False
+            owner_path, _, attr = str(weight.target).rpartition(".")
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            layer = owner_path or str(weight.target)
+        else:
+            owner, layer, attr = gm.get_submodule(node.target), str(node.target), "weight"
+            owner_path = layer
+        wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
+                           role="weight", observer="mse")
+        _check_levels(wfq, layer, cfg.reason)
+        fq_name = f"{attr}_fq"
+        if hasattr(owner, fq_name):  # the same table read by another layer (a tied output layer): one per use
+            fq_name = f"{attr}_fq_{node.name}"
+        owner.add_module(fq_name, wfq)
+        fq_target = f"{owner_path}.{fq_name}" if owner_path else fq_name
+        with gm.graph.inserting_before(node):
+            if node.op == "call_function":
+                node.args = (node.args[0], gm.graph.call_module(fq_target, (node.args[1],))) + tuple(node.args[2:])
+                new = node
+            else:
+                w = gm.graph.get_attr(f"{node.target}.weight")
+                wq = gm.graph.call_module(fq_target, (w,))
+                new = gm.graph.call_function(F.embedding, (node.args[0], wq, owner.padding_idx))
+                new.meta.update(node.meta)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+        new.meta["layer"] = layer
+        self.report.append(f"{layer}: {cfg.describe(weights_only=True)} (embedding table, per row)")
         return True
 
     def _quantize_functional(self, gm: torch.fx.GraphModule, node, xq, cfg) -> None:

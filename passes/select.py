@@ -1,8 +1,10 @@
 """SelectLayers: decide which layers are quantized and how, and record it on the nodes.
 
 Every Conv1d/2d/3d, ConvTranspose1d/2d and Linear (``call_module``, and ``F.conv1d/2d/3d``/``F.linear``
-``call_function``) node, and every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` (whose weights alone are quantized: see
-``InsertQuantizers``), gets ``node.meta["qconfig"] = LayerConfig(...)``. Later passes read only this metadata.
+``call_function``) node, and every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` and embedding table (whose weights alone are
+quantized: see ``InsertQuantizers``), gets ``node.meta["qconfig"] = LayerConfig(...)``. An embedding table counts
+as a first layer of its own and is left out when the first layers are found (the projections that read it stay
+first). Later passes read only this metadata.
 The rules, in order, later ones winning:
 
 1. ``default``: the requested scheme, for every layer;
@@ -317,6 +319,12 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         return name, LAYER_FUNCTIONS[node.target]
 
 
+def weight_only_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A layer whose weights alone are quantized (its input stays float or is made of ids): recurrent layers and
+    embedding tables."""
+    return recurrent_module(gm, node) is not None or embedding_node(gm, node)
+
+
 def recurrent_module(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """The ``nn.LSTM``/``nn.GRU``/``nn.RNN`` that the call_module ``node`` runs (itself, or inside the
     ``QuantizedRecurrent`` that InsertQuantizers put in its place), or None."""
@@ -330,15 +338,32 @@ def recurrent_module(gm: torch.fx.GraphModule, node: torch.fx.Node):
     return mod if stock_recurrent(mod) else None
 
 
+def embedding_node(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """An ``nn.Embedding`` table lookup whose table can be quantized (weight-only, per row): the module itself (no
+    ``max_norm``, which renormalizes rows in forward) or ``F.embedding`` on a parameter (as InsertQuantizers leaves
+    it, the table read through its quantizer)."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return type(mod) is nn.Embedding and mod.max_norm is None
+    if node.op != "call_function" or node.target is not F.embedding or len(node.args) < 2:
+        return False
+    if (node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")) is not None:
+        return False
+    weight = node.args[1]
+    if isinstance(weight, torch.fx.Node) and weight.op == "call_module" and weight.args:
+        weight = weight.args[0]  # read through its quantizer
+    return isinstance(weight, torch.fx.Node) and weight.op == "get_attr"
+
+
 def layer_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    """The Conv/Linear nodes that get a LayerConfig, and the recurrent layers (``nn.LSTM``/``nn.GRU``/``nn.RNN``,
-    quantized weight-only), in graph order."""
+    """The Conv/Linear nodes that get a LayerConfig, and the recurrent layers (``nn.LSTM``/``nn.GRU``/``nn.RNN``)
+    and embedding tables, quantized weight-only, in graph order."""
     out = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), LAYER_MODULES) \
                 and stock_layer(gm.get_submodule(node.target)):
             out.append(node)
-        elif recurrent_module(gm, node) is not None:
+        elif recurrent_module(gm, node) is not None or embedding_node(gm, node):
             out.append(node)
         elif node.op == "call_function" and node.target in LAYER_FUNCTIONS:
             out.append(node)
@@ -444,10 +469,13 @@ class SelectLayers(Pass):
     def decide(self, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, LayerConfig]:
         """The LayerConfig of every layer node, without touching the graph."""
         nodes = layer_nodes(gm)
-        layers = set(nodes)
+        # an embedding table is the model's first layer wherever it is (it reads token ids); it does not take that
+        # role from the layers after it (a transformer's first projections, kept 8-bit before tables were quantized)
+        tables = {n for n in nodes if embedding_node(gm, n)}
+        layers = set(nodes) - tables
         decision = {n: self.default for n in nodes}
         if self.first_last != "quant":
-            first = set(_first_layers(gm, layers))
+            first = set(_first_layers(gm, layers)) | tables
             last = set(_last_layers(gm, layers))
             for n in nodes:
                 if n in first or n in last:
@@ -505,7 +533,7 @@ class SelectLayers(Pass):
                 changed += 1
         counts: dict[str, int] = {}
         for node, cfg in decision.items():
-            key = cfg.describe(weights_only=recurrent_module(gm, node) is not None)
+            key = cfg.describe(weights_only=weight_only_layer(gm, node))
             counts[key] = counts.get(key, 0) + 1
         for key, count in counts.items():
             self.report.append(f"{count} layer(s): {key}")
@@ -579,4 +607,4 @@ def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
 
 
 __all__ = ["SelectLayers", "Override", "load_overrides", "parse_exclude", "parse_pattern", "layer_table",
-           "opaque_layers", "layer_nodes", "recurrent_module", "int8_config", "FIRST_LAST_MODES"]
+           "opaque_layers", "layer_nodes", "recurrent_module", "embedding_node", "weight_only_layer", "int8_config", "FIRST_LAST_MODES"]

@@ -700,7 +700,77 @@ def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
     model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
+    model = gather_rows_before_dequantizing(model)
     return shield_float_layers(pad_codes(model))  # emit() then applies shield_float_matmuls
+
+
+def gather_rows_before_dequantizing(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An embedding lookup ``Gather(DequantizeLinear(codes, scale, axis=0), ids)`` dequantized the whole table on
+    every run (a 30k × 768 table: 23M values for a few tokens). Gather the code rows and their scales instead:
+    ``Mul(Cast(Gather(codes, ids), FLOAT) [− Gather(zp, ids)], Unsqueeze(Gather(scale, ids), −1))``: the same float32
+    value per element as the ``DequantizeLinear`` (one product of the exact integer by the scale). ``codes`` is what
+    the weight emission feeds the ``DequantizeLinear`` (an INT8 table, or a ``Cast`` of packed INT4/INT2 codes or a
+    level-table ``Gather``, which onnxruntime folds into an int8 table when it loads the file)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    out_names = {o.name for o in graph.output}
+
+    def constant(name: str) -> bool:  # an initializer, or Cast/Gather nodes of initializers (the weight emission's)
+        if name in inits:
+            return True
+        src = producer.get(name)
+        return src is not None and src.op_type in ("Cast", "Gather") and all(constant(i) for i in src.input)
+
+    replaced: dict[int, list] = {}  # id(Gather node) -> the nodes that replace it
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        dq = producer.get(node.input[0])
+        if axis != 0 or dq is None or dq.op_type != "DequantizeLinear" or node.input[0] in out_names:
+            continue
+        if not constant(dq.input[0]):  # a quantized activation read by a Gather: its codes stay where they are
+            continue
+        dq_axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        scale = inits.get(dq.input[1])
+        zp = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if scale is None or (len(scale.dims) == 1 and dq_axis != 0) or len(scale.dims) > 1 \
+                or any(a.name == "block_size" and a.i for a in dq.attribute):
+            continue
+        per_row = len(scale.dims) == 1
+        b = _Builder(f"g{len(replaced)}")
+        ids = node.input[1]
+        codes = b.node("Cast", [b.node("Gather", [dq.input[0], ids], axis=0)], to=TensorProto.FLOAT)
+        def rows(param):  # per row: gathered and broadcast over the row's elements; per tensor: as it is
+            if not per_row:
+                return b.node("Cast", [param.name], to=TensorProto.FLOAT) if param is zp else param.name
+            got = b.node("Gather", [param.name, ids], axis=0)
+            if param is zp:
+                got = b.node("Cast", [got], to=TensorProto.FLOAT)
+            return b.node("Unsqueeze", [got, b.const(np.array([-1], np.int64), "axes")])
+        if zp is not None:
+            codes = b.node("Sub", [codes, rows(zp)])
+        b.node("Mul", [codes, rows(scale)], node.output[0])
+        replaced[id(node)] = b
+    if not replaced:
+        return model
+    nodes = []
+    for n in graph.node:
+        if id(n) in replaced:
+            nodes.extend(replaced[id(n)].nodes)
+            graph.initializer.extend(replaced[id(n)].inits)
+        else:
+            nodes.append(n)
+    read = node_reads(nodes) | out_names
+    nodes = [n for n in nodes if n.op_type != "DequantizeLinear" or any(o in read for o in n.output)]  # now dead
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
 
 
 _EIGHT_BIT = (TensorProto.UINT8, TensorProto.INT8)

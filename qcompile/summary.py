@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _weight_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -65,13 +66,20 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             kind = getattr(next(reversed(stack.values()))[1], "__name__", kind)
         if getattr(node.target, "__module__", "") == "qcompile.qmodules" and kind.startswith("int8_"):
             kind = kind[len("int8_"):]  # a functional layer bound to an int8 kernel: the function it was
-        from qcompile.passes.select import recurrent_module
+        from qcompile.passes.select import recurrent_module, weight_only_layer
 
-        rnn = recurrent_module(gm, node)
-        if rnn is not None:
-            kind = type(rnn).__name__
+        if kind in ("Embedding", "EmbeddingBag") and node.op == "call_function" and node.target is not F.embedding:
+            fn = getattr(node.target, "__name__", "linear")  # a table used as a layer's weight (a tied output layer)
+            kind = fn[len("int8_"):] if fn.startswith("int8_") else fn
+        if weight_only_layer(gm, node):  # a recurrent layer or an embedding table: its weights alone
+            rnn = recurrent_module(gm, node)
+            if rnn is not None:
+                kind, done = type(rnn).__name__, _recurrent_quantized(gm, node)
+            else:
+                kind = "Embedding" if node.op == "call_module" or kind == "Module" else kind
+                done = node.op == "call_function" and _weight_quantized(gm, node)
             rows.append((name, kind, cfg.describe(weights_only=True) if cfg.action != "quant" or not inserted
-                         or _recurrent_quantized(gm, node) else "float: unsupported layer form"))
+                         or done else "float: unsupported layer form"))
             continue
         decision = cfg.describe()
         if cfg.action == "quant" and node.args:
@@ -98,12 +106,14 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
     rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]
     seen = set()
     for node in gm.graph.nodes:  # embedding tables: weights qcompile does not quantize (it quantizes Conv/Linear)
-        if node.op == "call_module" and node.target not in seen:
+        if node.op == "call_module" and node.target not in seen and node.meta.get("qconfig") is None:
             seen.add(node.target)
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+            if isinstance(mod, torch.nn.Embedding) and mod.max_norm is not None:
                 rows.append((str(node.target), type(mod).__name__,
-                             "float: an embedding table (a lookup, no multiply; only Conv/Linear weights are quantized)"))
+                             "float: an embedding table with max_norm (renormalized in forward)"))
+            elif isinstance(mod, torch.nn.EmbeddingBag):
+                rows.append((str(node.target), type(mod).__name__, "float: an EmbeddingBag table (not quantized)"))
     return rows
 
 

@@ -684,9 +684,9 @@ def test_integer_inputs_stay_integers_from_python_and_from_a_calibration_file(wo
     assert rc == 0, err
     assert "PASS" in out
     onnx.checker.check_model(str(work / "text.onnx"), full_check=True)
-    # the embedding table stays float, and the layer table says so (it had no row for it)
+    # the embedding table is a layer of the table (8-bit rows, the first-layer rule): it had no row, then stayed float
     emb = next(line for line in out.splitlines() if line.split()[:2] == ["emb", "Embedding"])
-    assert "float: an embedding table" in emb
+    assert "W8 uniform, weights only (first layer)" in emb
 
 
 TWO_INPUT_MODEL = (

@@ -901,3 +901,43 @@ def test_custom_nodes_carry_the_level_sets_bits(tmp_path, scheme, bits):
     weights = [n for n in result.onnx_model.graph.node if n.domain == "qcompile" and n.op_type == "DequantizeLevels"
                and any(a.name == "scheme" and a.s.decode() == scheme for a in n.attribute)]
     assert weights and all(next(a.i for a in n.attribute if a.name == "bits") == bits for n in weights)
+
+
+@pytest.mark.parametrize("options", [dict(scheme="uniform", bits=8), dict(scheme="apot", bits=4,
+                                                                          keep_first_last="quant")])
+def test_embedding_tables_are_stored_packed_and_looked_up_before_dequantizing(tmp_path, options):
+    """The table is stored at its bit-width and its rows are gathered as codes, then scaled: a
+    Gather(DequantizeLinear(table)) dequantized the whole table on every run. The file computes the simulation
+    exactly; a table tied to the output layer (the LM-head pattern) is quantized for each use."""
+    import onnxruntime as ort
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(300, 32, padding_idx=0)
+            self.mix = nn.Linear(32, 32)
+
+        def forward(self, ids):
+            h = torch.relu(self.mix(self.emb(ids).mean(1)))
+            return F.linear(h, self.emb.weight)  # scores over the vocabulary with the embedding table
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 300, (32, 10), generator=torch.Generator().manual_seed(5))
+    path = str(tmp_path / "tok.onnx")
+    result = qcompile.compile(model, ids[:1], calib=ids, output=path, progress=False, **options)
+    assert result.report.passed and result.report.max_abs == 0.0
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    lookups = [n for n in m.graph.node if n.op_type == "Gather" and n.input[1] == m.graph.input[0].name]
+    assert lookups and all(producer.get(n.input[0]) is None or producer[n.input[0]].op_type != "DequantizeLinear"
+                           for n in lookups)  # codes gathered, not a dequantized table
+    floats = sum(int(np.prod(t.dims)) for t in m.graph.initializer if t.data_type == TensorProto.FLOAT)
+    assert floats < 300 * 32 // 4  # no float copy of the table: scales, biases
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, result.model(ids).numpy())
+    rows = {(name, kind): decision for name, kind, decision in qcompile.summary.layer_rows(result.model)}
+    assert "weights only" in rows["emb", "Embedding"] and "int8 kernel" in rows["emb", "linear"]

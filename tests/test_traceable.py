@@ -189,9 +189,11 @@ def test_first_and_last_layers_of_a_transformer():
     gm = trace(Encoder().eval(), (tokens()[:1],))
     rows = {name: decision for name, _, decision in layer_table(SelectLayers()(gm).gm)}
     kept = {name for name, decision in rows.items() if "first" in decision or "last" in decision}
-    assert kept == {"enc.layers.0.self_attn.q_proj", "enc.layers.0.self_attn.k_proj",
+    assert kept == {"emb", "enc.layers.0.self_attn.q_proj", "enc.layers.0.self_attn.k_proj",
                     "enc.layers.0.self_attn.v_proj", "head"}
     assert rows["head"].endswith("(last layer)")
+    # the embedding table is a first layer of its own (8-bit rows): it does not take that role from the projections
+    assert rows["emb"] == "W8 uniform, weights only (first layer)"
 
 
 def test_layers_inside_opaque_modules_are_listed_as_float():

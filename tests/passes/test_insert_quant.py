@@ -467,3 +467,63 @@ def test_recurrent_layers_follow_the_layer_rules():
     gm = selected(lstm, x[:1], config("apot", 4), first_last="int8")
     assert gm.graph.find_nodes(op="call_module", target="0")[0].meta["qconfig"].describe(weights_only=True) == \
         "W8 uniform, weights only (first and last layer)"
+
+
+class _Tokens(nn.Module):
+    """Token ids -> embedding (padding row 0) -> mean -> Linear -> ReLU -> Linear; the table tied to nothing."""
+
+    def __init__(self, vocab: int = 200, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.l1 = nn.Linear(dim, 32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        return self.fc(torch.relu(self.l1(self.emb(ids).mean(1))))
+
+
+def test_embedding_tables_are_quantized_per_row_and_read_as_the_model_reads_them():
+    """Embedding tables stayed float (a text model's largest weights). The table now reads through a per-row
+    quantizer (weight-only: the ids are the input, the rows come out float); the lookup is F.embedding on the
+    quantized table, so the float reference is the model itself."""
+    from qcompile.qmodules import disabled_quantizers
+
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.randint(0, 200, (16, 9), generator=torch.Generator().manual_seed(3))
+    ins = InsertQuantizers()
+    gm = ins(selected(model, ids[:1], config("apot", 4))).gm
+    lookups = gm.graph.find_nodes(op="call_function", target=F.embedding)
+    assert len(lookups) == 1 and lookups[0].meta["layer"] == "emb"
+    fq = gm.get_submodule("emb.weight_fq")
+    assert (fq.scheme, fq.bits, fq.axis, fq.role) == ("apot", 4, 0, "weight")
+    assert any(line.startswith("emb: W4 apot, weights only") for line in ins.report)
+    assert not any(isinstance(gm.get_submodule(n.target), FakeQuantize) and n.args[0].op == "placeholder"
+                   for n in gm.graph.nodes if n.op == "call_module")  # no quantizer on the ids
+    gm = Calibrate(ids).call(gm).gm
+    with torch.no_grad():
+        with disabled_quantizers(gm):
+            assert torch.equal(gm(ids), model(ids))
+        table = fq(model.emb.weight)
+        assert torch.equal(table[0], torch.zeros(16))  # the padding row stays exactly 0
+        assert torch.equal(table[ids], F.embedding(ids, fq(gm.get_submodule("emb").weight)))
+    assert InsertQuantizers()(gm).modified is False
+
+
+def test_embedding_tables_follow_the_layer_rules():
+    """An embedding table is a first layer of its own (8-bit under the default rule) without taking that role from
+    the layers after it; --exclude and type: rules reach it; max_norm tables stay float."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 200, (4, 9))
+    gm = selected(_Tokens().eval(), ids[:1], config("apot", 4), first_last="int8")
+    cfg = {str(n.target): n.meta["qconfig"] for n in gm.graph.nodes if "qconfig" in n.meta}
+    assert cfg["emb"].describe(weights_only=True) == "W8 uniform, weights only (first layer)"
+    assert "first layer" in cfg["l1"].reason and "last layer" in cfg["fc"].reason
+    for rule in (Override("emb", config_changes={"action": "float"}),
+                 Override("Embedding", kind="type", config_changes={"action": "float"})):
+        gm = InsertQuantizers()(selected(_Tokens().eval(), ids[:1], config("apot", 4), overrides=[rule])).gm
+        assert not gm.graph.find_nodes(op="call_function", target=F.embedding)
+    model = _Tokens().eval()
+    model.emb.max_norm = 1.0  # renormalizes the rows it reads in forward: not a constant table
+    gm = selected(model, ids[:1], config("apot", 4))
+    assert all("qconfig" not in n.meta for n in gm.graph.nodes if n.target == "emb")
