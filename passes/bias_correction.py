@@ -231,7 +231,7 @@ class BiasCorrection(Pass):
         if bound:  # skipped without a word: the file then differed from what a corrected model computes
             names = ", ".join(dict.fromkeys(str(n.meta.get("layer", n.name)) for n in bound[:8]))
             self.report.append(f"{len(bound)} layer(s) ({names}) are bound to int8 kernels already and were not "
-                               f"corrected: run BiasCorrection before BindIntegerLayers")
+                               f"corrected (in a pipeline of your own: run BiasCorrection before BindIntegerLayers)")
         if not layers:
             return PassResult(gm, False)
         means = self._input_means(gm, layers) if self.data is not None else self._analytic_means(gm, layers)

@@ -105,6 +105,8 @@ class Calibrate(Pass):
             if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # a second Calibrate: new data changes nothing
                 self.report.append("every quantizer is calibrated already: nothing to do (to calibrate on other data, "
                                    "run the pipeline again from the traced model)")
+            elif any(n.meta.get("qconfig") is not None for n in gm.graph.nodes):
+                self.report.append("no quantizers in the graph: every layer is kept float")
             else:
                 self.report.append("no quantizers in the graph: nothing to calibrate (SelectLayers and "
                                    "InsertQuantizers place them)")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 import operator
 import os
 import re
@@ -155,10 +156,10 @@ def _validate_changes(raw: dict, ov: "Override") -> dict:
     for key, fields in (("bits", ("wbits", "abits")), ("wbits", ("wbits",)), ("abits", ("abits",))):
         if key in raw:
             value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 2 <= value <= 8:
                 raise UserError(f"{key} in {where} must be an integer from 2 to 8, got {value!r}")
             for f in fields:
-                out[f] = value
+                out[f] = int(value)  # numpy integers too, as the top-level bits= takes them
     if "per_channel" in raw:
         if not isinstance(raw["per_channel"], bool):
             raise UserError(f"per_channel in {where} must be true or false, got {raw['per_channel']!r}")

@@ -143,7 +143,21 @@ def model_fingerprint(model: nn.Module, sampled: bool = False) -> str:
     from .frontend import unwrap
 
     h = hashlib.sha256()
-    for t in unwrap(model).state_dict().values():
+    state = unwrap(model).state_dict()
+    if not sampled:
+        # torch.nn.utils.prune's weight_orig/weight_mask as the weight they make (the CLI's loader bakes them, and
+        # the same model compiled from Python was refused by validate), and the tensors by name, not in the order
+        # modules registered them (a baked weight comes back where the pruned one was)
+        masks = {k[:-len("_mask")] for k in state if k.endswith("_mask") and k[:-len("_mask")] + "_orig" in state}
+        baked = {}
+        for k, v in state.items():
+            if k.endswith("_mask") and k[:-len("_mask")] in masks:
+                continue
+            if k.endswith("_orig") and k[:-len("_orig")] in masks:
+                k, v = k[:-len("_orig")], v * state[k[:-len("_orig")] + "_mask"]
+            baked[k] = v
+        state = dict(sorted(baked.items()))
+    for t in state.values():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             continue  # num_batches_tracked and other counters say nothing of the function
         try:

@@ -191,9 +191,10 @@ def nothing_lowered_note(report: dict) -> str | None:
     the cost table's "not lowered" rows were the only word that the file multiplies like the standard form."""
     if any(row.get("lowered") for row in report.get("layers", [])):
         return None
-    return ("--emit shift-add lowered no layer (uniform weights, and 2-bit APoT/PoT or ternary levels, keep their "
-            "integer multiplications): the file computes as the standard form does; shift-add needs APoT/PoT/log2 "
-            "weights of 3 bits or more")
+    return ("--emit shift-add lowered no layer: uniform weights, 2-bit APoT/PoT and ternary levels keep their "
+            "integer multiplications, and recurrent layers and embedding tables are not lowered (they compute in "
+            "float); the file computes as the standard form does. Shift-add needs Conv/Linear layers with "
+            "APoT/PoT/log2 weights of 3 bits or more")
 
 
 def format_cost_report(report: dict) -> list[str]:

@@ -384,16 +384,41 @@ def _export_error_message(e: Exception) -> str:
 
 def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
     """Give the graph outputs their static dimensions where the exporter left names (a Linear on (batch, tokens,
-    features) exported as Reshape → Gemm → Reshape declared its output ``[batch, Reshapeoutput_dim_1, ...]``):
-    every dimension but the batch is the example's (the file is compiled for those shapes)."""
+    features) exported as Reshape → Gemm → Reshape declared its output ``[batch, Reshapeoutput_dim_1, ...]``). A
+    dimension is pinned only where the model gives it the same size at two batch sizes (a time-first output's batch
+    axis, or a reshape that folds the batch in, keeps its name); the batch name itself is never replaced."""
     outputs = model.graph.output
-    if not any(d.HasField("dim_param") for o in outputs for d in list(o.type.tensor_type.shape.dim)[1:]):
+    batch = {d.dim_param for i in model.graph.input for d in list(i.type.tensor_type.shape.dim)[:1] if d.dim_param}
+    if not any(d.HasField("dim_param") and d.dim_param not in batch
+               for o in outputs for d in list(o.type.tensor_type.shape.dim)[1:]):
         return
-    with torch.no_grad():
-        values = gm(*example_inputs)
+    if not example_inputs or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in example_inputs):
+        return
+    shapes = []
+    for reps in (1, 2):  # the example, and the example twice over along the batch
+        inputs = [t.repeat(reps, *([1] * (t.dim() - 1))) for t in example_inputs]
+        try:
+            with torch.no_grad():
+                values = gm(*inputs)
+        except Exception:  # a model that takes only this batch: leave the declared shapes alone
+            return
+        shapes.append([tuple(v.shape) for v in _flat_tensors(values)])
+    if len(shapes[0]) != len(outputs) or len(shapes[1]) != len(outputs):
+        return  # an output the exporter dropped or merged: leave the declared shapes alone
+    for out, one, two in zip(outputs, *shapes):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != len(one) or len(one) != len(two):
+            continue
+        for j in range(1, len(dims)):
+            if dims[j].HasField("dim_param") and dims[j].dim_param not in batch and one[j] == two[j]:
+                dims[j].dim_value = int(one[j])
+
+
+def _flat_tensors(values) -> list:
+    """The tensors of a model's output in the exporter's order: tuples and lists in order, dicts by insertion."""
     flat: list = []
     stack = [values]
-    while stack:  # outputs in the exporter's order: tuples and lists in order, dicts by insertion
+    while stack:
         v = stack.pop(0)
         if isinstance(v, torch.Tensor):
             flat.append(v)
@@ -401,15 +426,7 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
             stack[:0] = list(v)
         elif isinstance(v, dict):
             stack[:0] = list(v.values())
-    if len(flat) != len(outputs):
-        return  # an output the exporter dropped or merged: leave the declared shapes alone
-    for out, value in zip(outputs, flat):
-        dims = out.type.tensor_type.shape.dim
-        if len(dims) != value.dim():
-            continue
-        for j in range(1, len(dims)):
-            if dims[j].HasField("dim_param"):
-                dims[j].dim_value = int(value.shape[j])
+    return flat
 
 
 def check_model(model: onnx.ModelProto) -> None:

@@ -227,8 +227,8 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
         packed = q.inputs[0] if q is not None and q.op == "Cast" and q.inputs else None
         if packed is not None and packed.name in inits and inits[packed.name].data_type == onnx.TensorProto.INT4:
             return None, "uniform weights (integer multiplications kept)"  # 3-4-bit uniform codes behind a Cast
-        return None, ("weight codes are not a level-table lookup (2-bit and ternary weights are stored as packed "
-                      "INT2/UINT2 codes: not lowered)")
+        return None, ("weight codes are not a level-table lookup (2-bit and ternary weights, {-1, 0, 1}: uniform "
+                      "levels, are stored as packed INT2/UINT2 codes: integer multiplications kept)")
     lut = _const_array(q.inputs[0], inits)
     idx_t = q.inputs[1]
     cast = _producer(idx_t)

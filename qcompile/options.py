@@ -181,9 +181,20 @@ def int8_grid_note(opts: CompileOptions, gm=None) -> str | None:
 
     if gm is None or not opts.quantized or opts.emit != "standard" or not opts.int8_levels:
         return None
+    import torch.nn.functional as F
+
+    from .qmodules import QuantizedRecurrent
+
+    # weight-only layers compute in float whatever their levels (onnxruntime's LSTM, a table lookup): not their word
+    float_anyway = {id(fq) for m in gm.modules() if isinstance(m, QuantizedRecurrent) for fq in m.weight_fq.values()}
+    for node in getattr(getattr(gm, "graph", None), "nodes", ()):
+        if node.op == "call_function" and node.target is F.embedding and len(node.args) > 1:
+            src = node.args[1]
+            if getattr(src, "op", None) == "call_module":
+                float_anyway.add(id(gm.get_submodule(src.target)))
     wide = {}
     for m in gm.modules():
-        if not isinstance(m, FakeQuantize) or m.scheme not in ("apot", "pot", "log2"):
+        if not isinstance(m, FakeQuantize) or m.scheme not in ("apot", "pot", "log2") or id(m) in float_anyway:
             continue
         grid = m.levelset.grid
         weight = m.role == "weight"

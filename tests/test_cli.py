@@ -877,6 +877,22 @@ def test_validate_against_another_checkpoint_of_the_architecture_is_a_user_error
     assert rc == 0 and "PASS" in out, err  # the same weights, saved as the whole model
 
 
+def test_validate_accepts_the_state_dict_of_a_pruned_model_compiled_from_python(work, capsys):
+    """A model with torch.nn.utils.prune masks compiled from Python fingerprinted weight_orig and weight_mask; the
+    CLI bakes them into weight when it loads the saved state dict, and validate refused the model's own weights."""
+    import torch.nn.utils.prune as prune
+
+    model = qcompile.load_model("weights.pt", arch=SPEC)
+    prune.l1_unstructured(model.conv, "weight", amount=0.5)
+    torch.save(model.state_dict(), "pruned.pt")
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    np.save("calib16.npy", x.numpy())
+    qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output="pruned.onnx", progress=False)
+    rc, out, err = cli(capsys, "validate", "pruned.onnx", "--against", "pruned.pt", "--arch", SPEC, "--data",
+                       "calib16.npy")
+    assert rc == 0 and "PASS" in out, err
+
+
 def test_validate_refuses_a_checkpoint_with_one_weight_edited(work, capsys):
     """The fingerprint hashed 4096 evenly spaced values per tensor: one weight changed between them (a patched or
     pruned checkpoint) had the same fingerprint, and validation FAILed as if the file were broken. Files of

@@ -941,3 +941,32 @@ def test_embedding_tables_are_stored_packed_and_looked_up_before_dequantizing(tm
         np.testing.assert_array_equal(got, result.model(ids).numpy())
     rows = {(name, kind): decision for name, kind, decision in qcompile.summary.layer_rows(result.model)}
     assert "weights only" in rows["emb", "Embedding"] and "int8 kernel" in rows["emb", "linear"]
+
+
+def test_weight_only_layers_do_not_raise_the_int8_kernel_warning():
+    """APoT-8 weights of an LSTM or an embedding table set off "do not fit onnxruntime's int8 kernels: the layers
+    with them run on float kernels, often slower...": those layers compute in float whatever their levels."""
+    import warnings
+
+    from qcompile.errors import QuantizationWarning
+
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.inp = nn.Embedding(50, 16), nn.Linear(16, 16)
+            self.rnn, self.fc = nn.LSTM(16, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, ids):
+            return self.fc(self.rnn(torch.relu(self.inp(self.emb(ids))))[0][:, -1])
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (16, 6))
+    rules = {"rnn": {"wscheme": "apot", "wbits": 8}, "emb": {"wscheme": "apot", "wbits": 8}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QuantizationWarning)
+        result = qcompile.compile(Text().eval(), ids[:1], calib=ids, scheme="uniform", bits=8, config=rules,
+                                  progress=False)
+    assert result.report.passed
+    with pytest.warns(QuantizationWarning, match="do not fit onnxruntime's int8 kernels"):  # a Linear still says it
+        qcompile.compile(Text().eval(), ids[:1], calib=ids, scheme="uniform", bits=8,
+                         config={**rules, "inp": {"wscheme": "apot", "wbits": 8}}, progress=False)

@@ -1084,3 +1084,41 @@ def test_outputs_keep_their_static_dimensions_after_quantization(tmp_path):
         qcompile.compile(Tokens().eval(), x[:1], calib=x, output=path, progress=False, **options)
         dims = onnx.load(path).graph.output[0].type.tensor_type.shape.dim
         assert [d.dim_param or d.dim_value for d in dims] == ["batch", 5, 8], options
+
+
+def test_output_dimensions_that_follow_the_batch_are_not_pinned(tmp_path):
+    """Pinning every named dimension to the example's size broke outputs whose other axes follow the batch: a
+    time-first output declared [batch, 1, 6] and onnxruntime refused batch 5; a reshape folding the batch in made
+    onnxruntime's optimizer build a Reshape to the example's size (the compile's own validation crashed)."""
+    import onnx
+    import onnxruntime as ort
+
+    class TimeFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 6)
+
+        def forward(self, x):  # (B, T, F) -> (T, B, 6)
+            return self.fc(x.transpose(0, 1))
+
+    class Folded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 8)
+
+        def forward(self, x):  # (B, 7, 12) -> (4, 14·B)
+            return self.fc(x).reshape(4, -1)
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 7, 12)
+    for model, batch in ((TimeFirst(), 5), (Folded(), 4)):
+        for options in (dict(scheme="fp32"), dict(scheme="apot", bits=4)):
+            path = str(tmp_path / "m.onnx")
+            result = qcompile.compile(model.eval(), x[:1], calib=x, output=path, progress=False, **options)
+            assert result.report.passed
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            got = sess.run(None, {sess.get_inputs()[0].name: x[:batch].numpy()})[0]
+            with torch.no_grad():
+                assert got.shape == tuple(model(x[:batch]).shape)
+            dims = onnx.load(path).graph.output[0].type.tensor_type.shape.dim
+            assert all(d.dim_param for d in dims[1:2]), (type(model).__name__, options)  # the batch-bound axis

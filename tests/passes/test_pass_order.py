@@ -153,8 +153,8 @@ def test_late_or_repeated_decisions_are_reported():
                    BindIntegerLayers()])(gm).gm
     late = BiasCorrection(x)
     late(gm)
-    assert any("bound to int8 kernels already and were not corrected: run BiasCorrection before BindIntegerLayers"
-               in line for line in late.report), late.report
+    assert any("bound to int8 kernels already and were not corrected (in a pipeline of your own: run "
+               "BiasCorrection before BindIntegerLayers)" in line for line in late.report), late.report
     gm = Pipeline([SelectLayers(DEFAULT, first_last="quant"), InsertQuantizers()])(qcompile.trace(model, x[:1])).gm
     again = SelectLayers(LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8))
     assert not again(gm).modified

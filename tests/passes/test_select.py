@@ -378,3 +378,12 @@ def test_misnamed_rules_table_and_a_config_rules_bad_levels_name_the_file(tmp_pa
     x = example_input(model, batch=8)
     with pytest.raises(UserError, match=r"choose another activation scheme/bits in pot5.toml 'layer1.conv2'"):
         qcompile.compile(model, x[:1], calib=x, config=str(rule), validate=False)
+
+
+def test_config_bits_take_numpy_integers_as_the_top_level_options_do():
+    """bits=np.int64(4) was accepted by compile() but refused in a config dict ("must be an integer")."""
+    import numpy as np
+
+    rule = Override("fc", config_changes={"wbits": np.int64(8), "bits": np.int32(6)})
+    assert rule.config_changes["wbits"] == 8 and type(rule.config_changes["wbits"]) is int
+    assert LayerConfig().wbits == 4 and rule.apply(LayerConfig()).abits == 6
