@@ -28,6 +28,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -699,9 +700,109 @@ def attach_probes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def emit_standard(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
     """Standard ONNX operators only."""
+    model = fold_recurrent_weight_reorders(model, table, u8_weights)
     model = quantize_gemm_bias(replace_markers(model, table, emit_weight, emit_activation, u8_weights=u8_weights))
     model = gather_rows_before_dequantizing(model)
     return shield_float_layers(pad_codes(model))  # emit() then applies shield_float_matmuls
+
+
+_REORDER_OPS = ("Slice", "Concat", "Unsqueeze", "Constant")
+_RECURRENT_OPS = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}  # the W and R inputs
+
+
+def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, FakeQuantize],
+                                   u8_weights: bool = False) -> onnx.ModelProto:
+    """torch.onnx writes an LSTM/GRU's weights as ``Slice``/``Concat``/``Unsqueeze`` of the torch.nn matrices
+    (the ONNX gate order, the direction axis); on quantized weights these ran on every inference, after the
+    dequantization (LSTM W8 on digits rows: 1.5x the float file's latency at batch 1). Where the W or R input of a
+    recurrent node is made only of such reorders of weight quantizers' markers, the reordered weight is stored
+    directly: the rows keep their own scales (per-row quantization is unchanged by a row permutation), so the codes
+    and values are those of the markers' emission, and the graph reads ``Reshape(DequantizeLinear(codes, scale,
+    axis=0), [D, rows, cols])``."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    drop: set[int] = set()
+    added: list = []
+    for rnn in [n for n in graph.node if n.op_type in _RECURRENT_OPS]:
+        for k in _RECURRENT_OPS[rnn.op_type]:
+            if k >= len(rnn.input) or not rnn.input[k]:
+                continue
+            chain, markers, ok = [], [], True
+            stack, seen = [rnn.input[k]], set()
+            while stack and ok:  # the nodes between the markers and the recurrent node
+                name = stack.pop()
+                if name in seen or name in inits:
+                    continue
+                seen.add(name)
+                src = producer.get(name)
+                if src is None:
+                    ok = False
+                elif src.domain == MARKER_DOMAIN and src.op_type == MARKER_OP:
+                    fq = table.get(next(a.i for a in src.attribute if a.name == "qid"))
+                    ok = fq is not None and fq.role == "weight" and fq.axis in (0, None) and src.input[0] in inits \
+                        and numpy_helper.to_array(inits[src.input[0]]).ndim == 2
+                    markers.append((src, fq))
+                elif src.op_type in _REORDER_OPS:
+                    chain.append(src)
+                    stack.extend(i for i in src.input if i)
+                else:
+                    ok = False
+            inside = {id(n) for n in chain} | {id(m) for m, _ in markers} | {id(rnn)}
+            ok = ok and markers and all(id(r) in inside for n in chain + [m for m, _ in markers] for o in n.output
+                                        for r in readers.get(o, []))
+            if not ok or len({(fq.scheme, fq.bits, fq.signed, fq.level_offset) for _, fq in markers}) != 1:
+                continue
+            # the chain evaluated on the weights, and on each row's global index (the permutation of the rows)
+            weights = {m.output[0]: numpy_helper.to_array(inits[m.input[0]]).astype(np.float32) for m, _ in markers}
+            ids, start = {}, 0
+            for m, _ in markers:
+                rows, cols = weights[m.output[0]].shape
+                ids[m.output[0]] = np.repeat((start + np.arange(rows, dtype=np.float64))[:, None], cols, axis=1)
+                start += rows
+            order = [n for n in graph.node if id(n) in {id(c) for c in chain}]
+            sub = helper.make_graph(order, "reorder", [helper.make_tensor_value_info(m.output[0], TensorProto.FLOAT,
+                                                                                      None) for m, _ in markers],
+                                    [helper.make_tensor_value_info(rnn.input[k], TensorProto.FLOAT, None)],
+                                    [inits[i] for n in order for i in n.input if i in inits])
+            evaluator = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import))
+            final = evaluator.run(None, weights)[0]
+            rows_of = evaluator.run(None, {n: v.astype(np.float32) if start < 2 ** 24 else v
+                                           for n, v in ids.items()})[0]
+            if final.ndim != 3 or start >= 2 ** 24:
+                continue
+            perm = rows_of[..., 0].reshape(-1).astype(np.int64)
+            alphas = np.concatenate([np.broadcast_to(fq.alpha.detach().double().numpy().reshape(-1),
+                                                     (weights[m.output[0]].shape[0],)) for m, fq in markers])
+            fq = copy.deepcopy(markers[0][1])
+            fq.axis = 0
+            fq.alpha = torch.from_numpy(alphas[perm].copy()).to(fq.alpha.dtype)
+            b = _Builder(f"r{len(added)}", u8_weights=u8_weights)
+            flat = final.reshape(-1, final.shape[-1])
+            emit_weight(b, fq, flat, b.name("w"))
+            b.node("Reshape", [b.nodes[-1].output[0], b.const(np.array(final.shape, np.int64), "shape")],
+                   rnn.input[k])
+            added.append(b)
+            drop |= {id(n) for n in chain} | {id(m) for m, _ in markers}
+    if not added:
+        return model
+    nodes = [n for n in graph.node if id(n) not in drop]
+    first = next(i for i, n in enumerate(nodes) if n.op_type in _RECURRENT_OPS)
+    new = [n for b in added for n in b.nodes]
+    nodes = nodes[:first] + new + nodes[first:]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(t for b in added for t in b.inits)
+    read = node_reads(graph.node)
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)
+    return model
 
 
 def gather_rows_before_dequantizing(model: onnx.ModelProto) -> onnx.ModelProto:

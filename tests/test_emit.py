@@ -879,6 +879,12 @@ def test_recurrent_weights_are_stored_packed_and_the_file_computes_the_simulatio
     scales = sum(p.shape[0] for p in weights)  # one per row
     assert floats < biases + scales + 200  # biases, scales and the Linear layers' few; no float weight matrix left
     assert {n.op_type for n in m.graph.node} >= {"LSTM", "GRU"}
+    if emit_form == "standard":  # torch.onnx's gate reordering folded into the stored rows: no Slice/Concat per run
+        producer = {o: n for n in m.graph.node for o in n.output}
+        for node in (n for n in m.graph.node if n.op_type in ("LSTM", "GRU")):
+            for k in (1, 2):
+                reshape = producer[node.input[k]]
+                assert reshape.op_type == "Reshape" and producer[reshape.input[0]].op_type == "DequantizeLinear"
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
