@@ -98,6 +98,17 @@ def _dense_macs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
     return int(np.prod(out[1:], dtype=np.int64) * x[-1])
 
 
+def _recurrent_macs(node: onnx.NodeProto, shapes: dict) -> tuple[Optional[int], Optional[int]]:
+    """(MACs, gate outputs) per sample of an LSTM/GRU/RNN: every time step multiplies the input by W
+    ([directions, gates·hidden, input]) and the state by R ([directions, gates·hidden, hidden])."""
+    x, w, r = (shapes.get(node.input[i]) if len(node.input) > i else None for i in range(3))
+    layout = next((a.i for a in node.attribute if a.name == "layout"), 0)
+    steps = None if x is None or len(x) != 3 else x[1 if layout else 0]
+    if steps is None or w is None or r is None or any(d is None for d in w + r):
+        return None, None
+    return int(steps * (np.prod(w, dtype=np.int64) + np.prod(r, dtype=np.int64))), int(steps * w[0] * w[1])
+
+
 def _producer_name(model: onnx.ModelProto, tensor: str) -> str:
     return next((n.name for n in model.graph.node if tensor in n.output), "")
 
@@ -147,10 +158,13 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
     done = {row["layer"] for row in layers}
     shapes = _shapes(model)
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or node.name in done:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN") or node.name in done:
             continue
-        macs = _dense_macs(node, shapes)
-        outputs = _dense_outputs(node, shapes)
+        if node.op_type in ("LSTM", "GRU", "RNN"):  # weight-only, float: its matrix products, every time step
+            macs, outputs = _recurrent_macs(node, shapes)
+        else:
+            macs = _dense_macs(node, shapes)
+            outputs = _dense_outputs(node, shapes)
         # P * O * (K - 1) as for the lowered layers: each output sums its K products with K - 1 adds
         adds = None if macs is None or outputs is None else macs - outputs
         layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,

@@ -529,3 +529,24 @@ def test_a_shift_add_compile_that_lowers_nothing_warns():
     with warnings.catch_warnings():  # APoT-4 layers are lowered: no such warning
         warnings.filterwarnings("error", message="--emit shift-add lowered no layer")
         qcompile.compile(MLP(), calib[:1], calib=calib, scheme="apot", bits=4, emit="shift-add", validate=False)
+
+
+def test_the_cost_report_counts_recurrent_layers_as_kept_multiplications():
+    """A Linear -> GRU -> Linear shift-add compile reported 2.69K mults per sample: the GRU, 221K, was missing."""
+    from qcompile.cost import cost_report
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rnn, self.fc = nn.Linear(8, 32), nn.GRU(32, 64, batch_first=True), nn.Linear(64, 5)
+
+        def forward(self, x):
+            return self.fc(self.rnn(torch.relu(self.inp(x)))[0][:, -1])
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 12, 8)
+    model = qcompile.compile(Seq().eval(), x[:1], calib=x, scheme="pot", bits=4, validate=False).onnx_model
+    rows = [row for row in cost_report(model)["layers"] if row["op"] == "GRU"]
+    assert len(rows) == 1 and not rows[0]["lowered"]
+    assert rows[0]["macs"] == 12 * (3 * 64 * 32 + 3 * 64 * 64)  # 12 steps of W·x and R·h
+    assert cost_report(model)["totals"]["uniform"]["mults"] > rows[0]["macs"]
