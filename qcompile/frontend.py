@@ -343,6 +343,16 @@ def _key_mismatch(expected: dict, got: dict, limit: int = 3):
     return m, u, ""
 
 
+def _packs_sequences(exc: BaseException) -> bool:
+    """The traceback passed through ``torch.nn.utils.rnn``'s packing (``pack_padded_sequence``, ``pack_sequence``)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in ("pack_padded_sequence", "pack_sequence", "pad_packed_sequence"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -614,6 +624,10 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
                          "wrap that part in a submodule and keep it opaque with --leaf-module NAME (leaf_modules=[NAME])"))
             hint = _size_hint(exc) or hint
             said = _first_line(exc)
+            if _packs_sequences(exc):  # torch.fx's words ("__cuda_array_interface__ must be a dict") say nothing of it
+                said = "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced, nor exported to ONNX"
+                hint = ("give the recurrent layer the padded batch and pick each sample's last valid step with its "
+                        "lengths (h[torch.arange(B), lengths - 1])")
             if "cannot be iterated" in said:  # torch.fx's paragraph on loops and *args: the hint says it here
                 said = said.split(". ")[0]
             raise UserError(f"cannot trace the model with torch.fx {place}{line}: {said}; {hint}") from None

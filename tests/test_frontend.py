@@ -1402,3 +1402,22 @@ def test_pruning_names_the_model_has_itself_are_not_baked_and_a_bad_mask_is_one_
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(qcompile.UserError, match=r"pruned 'fc1.weight' whose mask fc1.weight_mask has shape \(3, 3\)"):
         load_model(str(tmp_path / "bad.pt"), arch=digits.SPEC)
+
+
+def test_a_packed_sequence_in_forward_is_named():
+    """pack_padded_sequence in forward failed to trace with torch.fx's '__cuda_array_interface__ must be a dict',
+    which says nothing of the cause."""
+    class Packed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.fc = nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+        def forward(self, x):
+            lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            return self.fc(self.rnn(packed)[1][0][-1])
+
+    x = torch.randn(4, 6, 8)
+    with pytest.raises(UserError) as err:
+        qcompile.compile(Packed().eval(), x[:1], calib=x, scheme="fp32", progress=False)
+    _assert_one_line(err, "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced")
