@@ -250,10 +250,15 @@ class EqualizeWeights(Pass):
             if node.target in (F.relu6, F.hardtanh):
                 return "clip"
             if node.target is torch.clamp:
+                if _arg(node, 1, "min") == 0 and _arg(node, 2, "max") is None:
+                    return "act"  # clamp(x, min=0) is ReLU: scale-equivariant, no bound to rescale
                 return "clip" if self._clamp_bounds_ok(node) else ""
             return ""
         if node.op == "call_method":
             if node.target in _ACT_METHODS:
+                return "act"
+            if node.target in ("clamp", "clamp_min") and _arg(node, 1, "min") == 0 \
+                    and (node.target == "clamp_min" or _arg(node, 2, "max") is None):
                 return "act"
             if node.target == "flatten":
                 return "flatten" if _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1 else ""

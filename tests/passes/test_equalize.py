@@ -433,3 +433,30 @@ def test_an_outlier_weight_is_not_moved_into_the_consumer_past_the_cap(monkeypat
     off, capped = sqnr(False), sqnr(True)  # here 28.4 and 21.6 dB
     monkeypatch.setattr(eq, "CONSUMER_CAP", 0.0)  # the uncapped scales: 17.5 dB
     assert capped > sqnr(True) + 3.0 and capped > off - 8.0
+
+
+@pytest.mark.parametrize("form", ["function", "method", "clamp_min"])
+def test_a_clamp_at_zero_is_a_relu_for_equalization(form):
+    """torch.clamp(x, min=0) ended the chain as a "clipping activation", where it is ReLU: scale-equivariant."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+            with torch.no_grad():
+                self.fc1.weight[:8] *= 100.0  # channel ranges 100x apart: worth equalizing
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = {"function": lambda: torch.clamp(h, min=0), "method": lambda: h.clamp(min=0),
+                 "clamp_min": lambda: h.clamp_min(0)}[form]()
+            return self.fc2(h)
+
+    model = Net().eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(2))
+    gm = trace(model, (x,))
+    p = EqualizeWeights()
+    result = p(gm)
+    assert result.modified and any(line.startswith("equalized fc1 → ") and "→ fc2" in line for line in p.report), p.report
+    with torch.no_grad():
+        torch.testing.assert_close(result.gm(x), model(x), rtol=1e-4, atol=1e-4)
