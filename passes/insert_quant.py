@@ -335,10 +335,19 @@ class InsertQuantizers(Pass):
                            role="weight", observer="mse")
         _check_levels(wfq, layer, cfg.reason)
         fq_name = f"{attr}_fq"
-        if hasattr(owner, fq_name):  # the same table read by another layer (a tied output layer): one per use
-            fq_name = f"{attr}_fq_{node.name}"
-        owner.add_module(fq_name, wfq)
-        fq_target = f"{owner_path}.{fq_name}" if owner_path else fq_name
+        prefix = f"{owner_path}." if owner_path else ""
+        lookups = {str(n.args[1].target) for n in gm.graph.nodes if n.op == "call_function" and n.target is F.embedding
+                   and len(n.args) > 1 and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "call_module"}
+        same = next((name for name, m in owner.named_children() if name.startswith(fq_name)
+                     and f"{prefix}{name}" in lookups and isinstance(m, FakeQuantize)
+                     and m.extra_repr() == wfq.extra_repr()), None)
+        if same is not None:  # the same table looked up again (query and document): one quantizer, one stored table
+            fq_name = same
+        else:
+            if hasattr(owner, fq_name):  # the same table read by another layer (a tied output layer): one per use
+                fq_name = f"{attr}_fq_{node.name}"
+            owner.add_module(fq_name, wfq)
+        fq_target = f"{prefix}{fq_name}"
         with gm.graph.inserting_before(node):
             if node.op == "call_function":
                 node.args = (node.args[0], gm.graph.call_module(fq_target, (node.args[1],))) + tuple(node.args[2:])

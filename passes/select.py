@@ -314,10 +314,14 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         name = node.name
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
             name = str(weight.target).rsplit(".", 1)[0] if "." in str(weight.target) else str(weight.target)
+    fn = LAYER_FUNCTIONS.get(node.target, getattr(node.target, "__name__", str(node.target)))
     try:
-        return name, type(gm.get_submodule(name)).__name__
+        owner = gm.get_submodule(name)
     except AttributeError:
-        return name, LAYER_FUNCTIONS[node.target]
+        return name, fn  # a parameter of the root module (F.embedding(x, self.table)): the function names it
+    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and node.target is not F.embedding:
+        return name, fn  # a table used as a layer's weight (a tied output head): 'type:linear', not the table's type
+    return name, type(owner).__name__
 
 
 def weight_only_layer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:

@@ -114,6 +114,11 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
                              "float: an embedding table with max_norm (renormalized in forward)"))
             elif isinstance(mod, torch.nn.EmbeddingBag):
                 rows.append((str(node.target), type(mod).__name__, "float: an EmbeddingBag table (not quantized)"))
+        elif node.op == "call_function" and node.target is F.embedding and node.meta.get("qconfig") is None \
+                and (node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")) is not None:
+            table = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+            name = str(table.target) if isinstance(table, torch.fx.Node) else node.name
+            rows.append((name, "embedding", "float: an embedding table with max_norm (renormalized in forward)"))
     return rows
 
 

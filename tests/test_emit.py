@@ -976,3 +976,56 @@ def test_weight_only_layers_do_not_raise_the_int8_kernel_warning():
     with pytest.warns(QuantizationWarning, match="do not fit onnxruntime's int8 kernels"):  # a Linear still says it
         qcompile.compile(Text().eval(), ids[:1], calib=ids, scheme="uniform", bits=8,
                          config={**rules, "inp": {"wscheme": "apot", "wbits": 8}}, progress=False)
+
+
+@pytest.mark.parametrize("emit_form", ["standard", "custom"])
+def test_a_table_looked_up_twice_is_stored_once_and_gathered_as_codes(tmp_path, emit_form):
+    """A table looked up twice (query and document) was stored twice; the custom form dequantized the whole table on
+    every run (23x the float file's latency on a 50000-row table); F.embedding on a table of the root module
+    stopped with an internal error."""
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(500, 16)
+            self.table = nn.Parameter(torch.randn(40, 16))  # a root-module table read by F.embedding
+            self.fc = nn.Linear(32, 2)
+
+        def forward(self, a, b):
+            both = torch.cat([self.emb(a).mean(1) + F.embedding(a % 40, self.table).mean(1), self.emb(b).mean(1)], 1)
+            return self.fc(both)
+
+    torch.manual_seed(0)
+    a, b = torch.randint(0, 500, (32, 8)), torch.randint(0, 500, (32, 8))
+    path = str(tmp_path / "s.onnx")
+    result = qcompile.compile(Siamese().eval(), (a[:1], b[:1]), calib=(a, b), output=path, scheme="uniform", bits=8,
+                              emit=emit_form, progress=False)
+    assert result.report.passed
+    m = onnx.load(path)
+    tables = [t for t in m.graph.initializer if list(t.dims) == [500, 16]]
+    assert len(tables) == 1 and tables[0].data_type in (TensorProto.INT8, TensorProto.UINT8)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    lookups = [n for n in m.graph.node if n.op_type == "Gather" and n.input[1] in {i.name for i in m.graph.input}]
+    assert len(lookups) >= 2 and all(n.input[0] in {t.name for t in m.graph.initializer} or
+                                     producer[n.input[0]].op_type in ("Cast", "Gather") for n in lookups)
+    rows = {(name, kind) for name, kind, _ in qcompile.summary.layer_rows(result.model)}
+    assert ("table", "embedding") in rows and ("emb", "Embedding") in rows
+
+
+def test_rules_tell_a_tied_output_head_from_its_table():
+    """F.linear(h, self.emb.weight) took the table's type: 'type:Embedding' reached the head too, and 'type:linear',
+    the kind the layer table shows, matched no layer."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mix = nn.Embedding(100, 16), nn.Linear(16, 16)
+
+        def forward(self, ids):
+            return F.linear(torch.relu(self.mix(self.emb(ids).mean(1))), self.emb.weight)
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (16, 6))
+    for rule, table, head in (("type:Embedding", "float", "W8"), ("type:linear", "W8", "float")):
+        result = qcompile.compile(Tied().eval(), ids[:1], calib=ids, scheme="apot", bits=4, exclude=[rule],
+                                  progress=False)
+        rows = {(name, kind): decision for name, kind, decision in qcompile.summary.layer_rows(result.model)}
+        assert rows["emb", "Embedding"].startswith(table) and rows["emb", "linear"].startswith(head), rows
