@@ -100,7 +100,7 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
             result = True
         elif node.target is F.hardtanh:
             result = (node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)) >= 0
-        elif node.target in (torch.clamp, torch.clip):
+        elif node.target in (torch.clamp, torch.clip, torch.clamp_min):
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
             result = lo is not None and not isinstance(lo, torch.fx.Node) and lo >= 0
         elif node.target in _ARITHMETIC:
@@ -119,7 +119,7 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
     elif node.op == "call_method":
         if node.target == "relu":
             result = True
-        elif node.target == "clamp":
+        elif node.target in ("clamp", "clip", "clamp_min"):
             lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
             result = lo is not None and not isinstance(lo, torch.fx.Node) and lo >= 0
         elif node.target in _PRESERVING_METHODS:

@@ -87,6 +87,10 @@ def clip_bounds(gm: torch.fx.GraphModule, node) -> tuple[float, float] | None:
         if isinstance(lo, torch.fx.Node) or isinstance(hi, torch.fx.Node):
             return None
         return (float("-inf") if lo is None else float(lo)), (float("inf") if hi is None else float(hi))
+    if (node.op == "call_function" and node.target is torch.clamp_min) or \
+            (node.op == "call_method" and node.target == "clamp_min"):  # x.clamp_min(0): a ReLU
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return None if isinstance(lo, torch.fx.Node) or lo is None else (float(lo), float("inf"))
     return None
 
 

@@ -127,7 +127,7 @@ def calibration_fingerprint(calib_x) -> str:
     return h.hexdigest()[:16]
 
 
-MODEL_KEY = "qcompile.model"  # metadata: {"sha256_all": model_fingerprint(model)} of the float model compiled
+MODEL_KEY = "qcompile.model"  # metadata: {"sha256": sampled, "sha256_all": every value} of the float model
 
 
 def model_fingerprint(model: nn.Module, sampled: bool = False) -> str:
@@ -766,8 +766,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
 
         onnx_model.metadata_props.add(key="qcompile.qat", value=model.meta[CONVERTED_KEY].describe())
     if not trained:  # qcompile validate --against: the same weights, not only the same architecture
-        onnx_model.metadata_props.add(key=MODEL_KEY, value=json.dumps({"sha256_all": model_fingerprint(model)},
-                                                                      separators=(",", ":")))
+        # every value (0.7.3 on); the sampled form too, which is what 0.7.1-0.7.2 validators compare
+        onnx_model.metadata_props.add(key=MODEL_KEY, value=json.dumps(
+            {"sha256": model_fingerprint(model, sampled=True), "sha256_all": model_fingerprint(model)},
+            separators=(",", ":")))
     if opts.quantized and calib_x is not None:
         first = calib_x[0] if isinstance(calib_x, tuple) else calib_x
         onnx_model.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(

@@ -912,6 +912,9 @@ def test_validate_refuses_a_checkpoint_with_one_weight_edited(work, capsys):
     assert rc == 0, err
     rc, out, err = cli(capsys, "validate", "q.onnx", "--against", "edited.pt", *arch, "--data", "digits.npy")
     assert_user_error(rc, err, "'q.onnx' was not compiled from the weights in 'edited.pt'")
+    recorded = json.loads({p.key: p.value for p in onnx.load("q.onnx").metadata_props}[MODEL_KEY])
+    model = qcompile.load_model(weights, arch=arch[1])  # the sampled form too, for validators of 0.7.1-0.7.2
+    assert recorded == {"sha256": model_fingerprint(model, sampled=True), "sha256_all": model_fingerprint(model)}
     # a file with the sampled fingerprint of 0.7.2: still accepted for its own weights
     model = onnx.load("q.onnx")
     prop = next(p for p in model.metadata_props if p.key == MODEL_KEY)

@@ -527,3 +527,22 @@ def test_embedding_tables_follow_the_layer_rules():
     model.emb.max_norm = 1.0  # renormalizes the rows it reads in forward: not a constant table
     gm = selected(model, ids[:1], config("apot", 4))
     assert all("qconfig" not in n.meta for n in gm.graph.nodes if n.target == "emb")
+
+
+def test_clamp_min_at_zero_is_a_rectifier():
+    """x.clamp_min(0) was not known to be non-negative nor a rectifier: its quantizers were signed and an extra
+    8-bit output quantizer sat before it (W8A8 digits: 36.4 dB where the same model with ReLU gives 40.5)."""
+    from qcompile.passes.int8_region import is_rectifier
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x).clamp_min(0)) + self.b(torch.clamp_min(self.a(x), 0.0))
+
+    gm = trace(Net(), (torch.randn(2, 8),))
+    for node in gm.graph.nodes:
+        if "clamp_min" in str(node.target):
+            assert is_nonnegative(gm, node) and is_rectifier(gm, node), node.format_node()
