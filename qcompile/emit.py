@@ -720,9 +720,11 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
     directly: the rows keep their own scales (per-row quantization is unchanged by a row permutation), so the codes
     and values are those of the markers' emission, and the graph reads ``Reshape(DequantizeLinear(codes, scale,
     axis=0), [D, rows, cols])``."""
+    graph = model.graph
+    if not any(n.op_type in _RECURRENT_OPS for n in graph.node):
+        return model
     from onnx.reference import ReferenceEvaluator
 
-    graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
@@ -864,6 +866,8 @@ def gather_rows_before_dequantizing(model: onnx.ModelProto) -> onnx.ModelProto:
     the weight emission feeds the ``DequantizeLinear`` (an INT8 table, or a ``Cast`` of packed INT4/INT2 codes or a
     level-table ``Gather``, which onnxruntime folds into an int8 table when it loads the file)."""
     graph = model.graph
+    if not any(n.op_type == "Gather" for n in graph.node):
+        return model
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
