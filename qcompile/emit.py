@@ -428,6 +428,16 @@ def _producers_and_readers(graph) -> tuple[dict, dict]:
     return producer, readers
 
 
+def _graph_maps(graph) -> tuple[dict, dict, dict]:
+    """The initializers by name, the node writing each tensor, and the nodes reading each tensor."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    return {t.name: t for t in graph.initializer}, producer, readers
+
+
 def _private_layer_path(graph, q: onnx.NodeProto, x: str, fq: FakeQuantize) -> str:
     """Give the cells quantizer ``q`` (reading ``x``) a layer of its own: where the exporter merged equal
     computations (a module called twice on the same input: one ``Gemm → Relu`` read by two quantizers), copy the
@@ -725,12 +735,7 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
         return model
     from onnx.reference import ReferenceEvaluator
 
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
+    inits, producer, readers = _graph_maps(graph)
     drop: set[int] = set()
     added: list = []
     for rnn in [n for n in graph.node if n.op_type in _RECURRENT_OPS]:
@@ -815,11 +820,7 @@ def emit_lookup_tables(model: onnx.ModelProto, table: dict[int, FakeQuantize], u
     then gathers as codes. A ``qcompile`` dequantization node would dequantize the whole table on every run
     (a 50000 x 64 table: 23x the float file's latency at batch 1)."""
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
+    inits, _producer, readers = _graph_maps(graph)
     emitted: dict = {}
     replaced: dict[int, list] = {}
     for node in graph.node:
@@ -868,12 +869,7 @@ def gather_rows_before_dequantizing(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     if not any(n.op_type == "Gather" for n in graph.node):
         return model
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
+    inits, producer, _readers = _graph_maps(graph)
     out_names = {o.name for o in graph.output}
 
     def constant(name: str) -> bool:  # an initializer, or Cast/Gather nodes of initializers (the weight emission's)
