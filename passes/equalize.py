@@ -249,15 +249,16 @@ class EqualizeWeights(Pass):
                 return "mean" if self._mean_ok(_arg(node, 1, "dim"), _arg(node, 2, "keepdim", False)) else ""
             if node.target in (F.relu6, F.hardtanh):
                 return "clip"
+            if node.target in (torch.clamp, torch.clip, torch.clamp_min) and _arg(node, 1, "min") == 0 \
+                    and (node.target is torch.clamp_min or _arg(node, 2, "max") is None):
+                return "act"  # clamp(x, min=0) is ReLU: scale-equivariant, no bound to rescale
             if node.target is torch.clamp:
-                if _arg(node, 1, "min") == 0 and _arg(node, 2, "max") is None:
-                    return "act"  # clamp(x, min=0) is ReLU: scale-equivariant, no bound to rescale
                 return "clip" if self._clamp_bounds_ok(node) else ""
             return ""
         if node.op == "call_method":
             if node.target in _ACT_METHODS:
                 return "act"
-            if node.target in ("clamp", "clamp_min") and _arg(node, 1, "min") == 0 \
+            if node.target in ("clamp", "clip", "clamp_min") and _arg(node, 1, "min") == 0 \
                     and (node.target == "clamp_min" or _arg(node, 2, "max") is None):
                 return "act"
             if node.target == "flatten":

@@ -314,7 +314,9 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         name = node.name
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
             name = str(weight.target).rsplit(".", 1)[0] if "." in str(weight.target) else str(weight.target)
-    fn = LAYER_FUNCTIONS.get(node.target, getattr(node.target, "__name__", str(node.target)))
+    # an F.embedding table is of type Embedding, as an nn.Embedding is ('type:Embedding' reaches both)
+    fn = "Embedding" if node.target is F.embedding else \
+        LAYER_FUNCTIONS.get(node.target, getattr(node.target, "__name__", str(node.target)))
     try:
         owner = gm.get_submodule(name)
     except AttributeError:

@@ -738,6 +738,8 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
     inits, producer, readers = _graph_maps(graph)
     drop: set[int] = set()
     added: list = []
+    stored: dict = {}  # (markers, shape, row order) -> the tensor holding that reordered weight
+    seen_markers: list = []
     for rnn in [n for n in graph.node if n.op_type in _RECURRENT_OPS]:
         for k in _RECURRENT_OPS[rnn.op_type]:
             if k >= len(rnn.input) or not rnn.input[k]:
@@ -762,8 +764,10 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
                     stack.extend(i for i in src.input if i)
                 else:
                     ok = False
-            inside = {id(n) for n in chain} | {id(m) for m, _ in markers} | {id(rnn)}
-            ok = ok and markers and all(id(r) in inside for n in chain + [m for m, _ in markers] for o in n.output
+            # the reorder nodes feed this input alone; a marker may also feed another recurrent node's reorders
+            # (one LSTM called twice), which fold the same way and then read the same stored weight
+            inside = {id(n) for n in chain} | {id(rnn)}
+            ok = ok and markers and all(id(r) in inside for n in chain for o in n.output
                                         for r in readers.get(o, []))
             if not ok or len({(fq.scheme, fq.bits, fq.signed, fq.level_offset) for _, fq in markers}) != 1:
                 continue
@@ -786,6 +790,14 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
             if final.ndim != 3 or start >= 2 ** 24:
                 continue
             perm = rows_of[..., 0].reshape(-1).astype(np.int64)
+            key = (tuple((m.input[0], next(a.i for a in m.attribute if a.name == "qid")) for m, _ in markers),
+                   final.shape, perm.tobytes())
+            drop |= {id(n) for n in chain}
+            seen_markers.extend(m for m, _ in markers)
+            if key in stored:  # the same weights reordered the same way for another call of the layer
+                rnn.input[k] = stored[key]
+                continue
+            stored[key] = rnn.input[k]
             alphas = np.concatenate([np.broadcast_to(fq.alpha.detach().double().numpy().reshape(-1),
                                                      (weights[m.output[0]].shape[0],)) for m, fq in markers])
             fq = copy.deepcopy(markers[0][1])
@@ -797,9 +809,11 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
             b.node("Reshape", [b.nodes[-1].output[0], b.const(np.array(final.shape, np.int64), "shape")],
                    rnn.input[k])
             added.append(b)
-            drop |= {id(n) for n in chain} | {id(m) for m, _ in markers}
     if not added:
         return model
+    for m in seen_markers:  # a marker goes with its reorders once nothing else reads it
+        if all(id(r) in drop for r in readers.get(m.output[0], [])):
+            drop.add(id(m))
     nodes = [n for n in graph.node if id(n) not in drop]
     first = next(i for i, n in enumerate(nodes) if n.op_type in _RECURRENT_OPS)
     new = [n for b in added for n in b.nodes]

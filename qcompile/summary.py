@@ -76,7 +76,7 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
             if rnn is not None:
                 kind, done = type(rnn).__name__, _recurrent_quantized(gm, node)
             else:
-                kind = "Embedding" if node.op == "call_module" or kind == "Module" else kind
+                kind = "Embedding"  # F.embedding tables too: the type rules match ('type:Embedding')
                 done = node.op == "call_function" and _weight_quantized(gm, node)
             rows.append((name, kind, cfg.describe(weights_only=True) if cfg.action != "quant" or not inserted
                          or done else "float: unsupported layer form"))
@@ -118,7 +118,7 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
                 and (node.args[3] if len(node.args) > 3 else node.kwargs.get("max_norm")) is not None:
             table = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
             name = str(table.target) if isinstance(table, torch.fx.Node) else node.name
-            rows.append((name, "embedding", "float: an embedding table with max_norm (renormalized in forward)"))
+            rows.append((name, "Embedding", "float: an embedding table with max_norm (renormalized in forward)"))
     return rows
 
 

@@ -1008,7 +1008,10 @@ def test_a_table_looked_up_twice_is_stored_once_and_gathered_as_codes(tmp_path, 
     assert len(lookups) >= 2 and all(n.input[0] in {t.name for t in m.graph.initializer} or
                                      producer[n.input[0]].op_type in ("Cast", "Gather") for n in lookups)
     rows = {(name, kind) for name, kind, _ in qcompile.summary.layer_rows(result.model)}
-    assert ("table", "embedding") in rows and ("emb", "Embedding") in rows
+    assert ("table", "Embedding") in rows and ("emb", "Embedding") in rows
+    again = qcompile.compile(Siamese().eval(), (a[:1], b[:1]), calib=(a, b), scheme="uniform", bits=8,
+                             exclude=["type:Embedding"], progress=False)  # the functional table is one too
+    assert {(n, k): d for n, k, d in qcompile.summary.layer_rows(again.model)}["table", "Embedding"].startswith("float")
 
 
 def test_rules_tell_a_tied_output_head_from_its_table():
@@ -1029,3 +1032,31 @@ def test_rules_tell_a_tied_output_head_from_its_table():
                                   progress=False)
         rows = {(name, kind): decision for name, kind, decision in qcompile.summary.layer_rows(result.model)}
         assert rows["emb", "Embedding"].startswith(table) and rows["emb", "linear"].startswith(head), rows
+
+
+def test_an_lstm_called_twice_reads_one_stored_weight_in_gate_order(tmp_path):
+    """An LSTM called twice (a siamese encoder) kept torch.onnx's Slice/Concat after the dequantization on every
+    inference (about 2x the float file's latency): its markers fed both calls' reorders, which the folding refused."""
+    class Siamese(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.rnn, self.fc = nn.Linear(6, 16), nn.LSTM(16, 24, batch_first=True), nn.Linear(48, 2)
+
+        def forward(self, a, b):
+            ha = self.rnn(torch.relu(self.inp(a)))[0][:, -1]
+            hb = self.rnn(torch.relu(self.inp(b)))[0][:, -1]
+            return self.fc(torch.cat([ha, hb], 1))
+
+    torch.manual_seed(0)
+    a, b = torch.randn(16, 5, 6), torch.randn(16, 5, 6)
+    path = str(tmp_path / "s.onnx")
+    result = qcompile.compile(Siamese().eval(), (a[:1], b[:1]), calib=(a, b), output=path, scheme="uniform", bits=8,
+                              progress=False)
+    assert result.report.passed and result.report.max_abs == 0.0
+    m = onnx.load(path)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    lstms = [n for n in m.graph.node if n.op_type == "LSTM"]
+    assert len(lstms) == 2 and [n.input[1:3] for n in lstms][0] == [n.input[1:3] for n in lstms][1]
+    for k in (1, 2):
+        assert producer[lstms[0].input[k]].op_type == "Reshape"
+    assert sum(len(t.dims) == 2 and t.dims[0] == 4 * 24 for t in m.graph.initializer) == 2  # W and R, stored once

@@ -435,7 +435,7 @@ def test_an_outlier_weight_is_not_moved_into_the_consumer_past_the_cap(monkeypat
     assert capped > sqnr(True) + 3.0 and capped > off - 8.0
 
 
-@pytest.mark.parametrize("form", ["function", "method", "clamp_min"])
+@pytest.mark.parametrize("form", ["function", "method", "clamp_min", "clamp_min_fn", "clip", "clip_method"])
 def test_a_clamp_at_zero_is_a_relu_for_equalization(form):
     """torch.clamp(x, min=0) ended the chain as a "clipping activation", where it is ReLU: scale-equivariant."""
     class Net(nn.Module):
@@ -449,7 +449,8 @@ def test_a_clamp_at_zero_is_a_relu_for_equalization(form):
         def forward(self, x):
             h = self.fc1(x)
             h = {"function": lambda: torch.clamp(h, min=0), "method": lambda: h.clamp(min=0),
-                 "clamp_min": lambda: h.clamp_min(0)}[form]()
+                 "clamp_min": lambda: h.clamp_min(0), "clamp_min_fn": lambda: torch.clamp_min(h, 0),
+                 "clip": lambda: torch.clip(h, min=0), "clip_method": lambda: h.clip(min=0)}[form]()
             return self.fc2(h)
 
     model = Net().eval()
