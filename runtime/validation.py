@@ -377,7 +377,8 @@ def _saturation_hint(model_bytes: bytes) -> str:
     if not n:
         return ""
     return (f"; this CPU's onnxruntime saturates uint8 x int8 products (no VNNI) and the file has {n} int8 weight "
-            "pairs past int16: compile it with --int8-weights s8-safe (int8 speed) or u8 for a file exact here")
+            "pairs past int16: compile the float model with --int8-weights s8-safe (int8 speed) or u8 for a file "
+            "exact here (a model compiled already keeps the weights it was compiled with)")
 
 
 def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:

@@ -449,3 +449,22 @@ def test_quantizer_sqnr_is_measured_against_the_float_model_not_the_bias_correct
         ref64, q64 = ref.double(), captured[w].double()
         want = 10 * math.log10(float((ref64 ** 2).sum()) / float(((q64 - ref64) ** 2).sum()))
         assert abs(where[w]["sqnr_vs_float_db"] - want) < 0.01, (w, where[w]["sqnr_vs_float_db"], want)
+
+
+def test_the_saturation_hint_says_to_compile_the_float_model(monkeypatch):
+    """Recompiling a compiled model (its int8 weights bound) with --int8-weights s8-safe changes no weight, and the
+    FAIL said 'compile it with --int8-weights s8-safe' again: the hint now names the float model."""
+    import sys
+
+    import qcompile.runtime.session  # noqa: F401  (the package exports a function of the same name)
+    from qcompile.models import digits
+    from qcompile.runtime.validation import _saturation_hint, saturating_pairs
+
+    x = digits.load_split()[0][:32]
+    result = qcompile.compile(digits.pretrained(), x[:1], calib=x, scheme="uniform", bits=8, int8_weights="s8",
+                              validate=False)
+    model_bytes = result.onnx_model.SerializeToString()
+    assert saturating_pairs(model_bytes) > 0
+    monkeypatch.setattr(sys.modules["qcompile.runtime.session"], "u8s8_saturates", lambda: True)  # x86, no VNNI
+    hint = _saturation_hint(model_bytes)
+    assert "compile the float model with --int8-weights s8-safe" in hint and "compiled already keeps" in hint
