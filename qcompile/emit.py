@@ -782,7 +782,7 @@ def fold_recurrent_weight_reorders(model: onnx.ModelProto, table: dict[int, Fake
             sub = helper.make_graph(order, "reorder", [helper.make_tensor_value_info(m.output[0], TensorProto.FLOAT,
                                                                                       None) for m, _ in markers],
                                     [helper.make_tensor_value_info(rnn.input[k], TensorProto.FLOAT, None)],
-                                    [inits[i] for n in order for i in n.input if i in inits])
+                                    [inits[i] for i in dict.fromkeys(i for n in order for i in n.input) if i in inits])
             evaluator = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import))
             final = evaluator.run(None, weights)[0]
             rows_of = evaluator.run(None, {n: v.astype(np.float32) if start < 2 ** 24 else v
