@@ -383,17 +383,22 @@ def _export_error_message(e: Exception) -> str:
 
 
 def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
-    """Give the graph outputs their static dimensions where the exporter left names (a Linear on (batch, tokens,
-    features) exported as Reshape → Gemm → Reshape declared its output ``[batch, Reshapeoutput_dim_1, ...]``). A
-    dimension is pinned only where the model gives it the same size at two batch sizes (a time-first output's batch
-    axis, or a reshape that folds the batch in, keeps its name); the batch name itself is never replaced."""
+    """Give the graph outputs the dimensions the model gives them. The exporter leaves names where it cannot tell: a
+    Linear on (batch, tokens, features) exported as Reshape → Gemm → Reshape declared ``[batch,
+    Reshapeoutput_dim_1, ...]``, a time-first output ``[batch, batch, 6]``, ``y.flatten()`` of the whole batch
+    ``[batch]``. The model runs at the example's batch size and twice it: a dimension of the same size both times
+    is pinned to it, one that doubles with the batch is the batch, any other gets a name of its own (it follows
+    the batch some other way). Only outputs with a named dimension past the first, or of rank 1, are checked: the
+    common ``[batch, ...static]`` needs no run."""
     outputs = model.graph.output
     batch = {d.dim_param for i in model.graph.input for d in list(i.type.tensor_type.shape.dim)[:1] if d.dim_param}
-    if not any(d.HasField("dim_param") and d.dim_param not in batch
-               for o in outputs for d in list(o.type.tensor_type.shape.dim)[1:]):
+    dims_of = [list(o.type.tensor_type.shape.dim) for o in outputs]
+    if not any(any(d.HasField("dim_param") for d in dims[1:]) or (len(dims) == 1 and dims[0].HasField("dim_param"))
+               for dims in dims_of):
         return
     if not example_inputs or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in example_inputs):
         return
+    sizes = (int(example_inputs[0].shape[0]), 2 * int(example_inputs[0].shape[0]))
     shapes = []
     for reps in (1, 2):  # the example, and the example twice over along the batch
         inputs = [t.repeat(reps, *([1] * (t.dim() - 1))) for t in example_inputs]
@@ -405,13 +410,20 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
         shapes.append([tuple(v.shape) for v in _flat_tensors(values)])
     if len(shapes[0]) != len(outputs) or len(shapes[1]) != len(outputs):
         return  # an output the exporter dropped or merged: leave the declared shapes alone
+    name = next(iter(sorted(batch)), "batch")
     for out, one, two in zip(outputs, *shapes):
         dims = out.type.tensor_type.shape.dim
         if len(dims) != len(one) or len(one) != len(two):
             continue
-        for j in range(1, len(dims)):
-            if dims[j].HasField("dim_param") and dims[j].dim_param not in batch and one[j] == two[j]:
-                dims[j].dim_value = int(one[j])
+        for j, d in enumerate(dims):
+            if not d.HasField("dim_param"):
+                continue
+            if one[j] == two[j]:
+                d.dim_value = int(one[j])
+            elif (one[j], two[j]) == sizes:
+                d.dim_param = name
+            else:
+                d.dim_param = f"{out.name}_dim{j}"
 
 
 def _flat_tensors(values) -> list:

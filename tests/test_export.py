@@ -1122,3 +1122,30 @@ def test_output_dimensions_that_follow_the_batch_are_not_pinned(tmp_path):
                 assert got.shape == tuple(model(x[:batch]).shape)
             dims = onnx.load(path).graph.output[0].type.tensor_type.shape.dim
             assert all(d.dim_param for d in dims[1:2]), (type(model).__name__, options)  # the batch-bound axis
+
+
+def test_output_dimensions_that_are_not_the_batch_are_not_called_batch(tmp_path):
+    """y.flatten() of the whole batch was declared [batch] (5 samples give 50 values), y.t() [batch, batch], a
+    time-first output [batch, batch, 10]: each dimension now says what it is."""
+    import onnx
+    import onnxruntime as ort
+
+    class Out(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.fc, self.kind = torch.nn.Linear(12, 10), kind
+
+        def forward(self, x):
+            y = self.fc(x)
+            return y.flatten() if self.kind == "flatten" else y.t() if self.kind == "t" else y.transpose(0, 1)
+
+    torch.manual_seed(0)
+    for kind, x, want in (("flatten", torch.randn(16, 12), ["output_dim0"]), ("t", torch.randn(16, 12), [10, "batch"]),
+                          ("time-first", torch.randn(16, 7, 12), [7, "batch", 10])):
+        path = str(tmp_path / "o.onnx")
+        qcompile.compile(Out(kind).eval(), x[:1], calib=x, output=path, scheme="uniform", bits=8, progress=False)
+        dims = onnx.load(path).graph.output[0].type.tensor_type.shape.dim
+        assert [d.dim_param or d.dim_value for d in dims] == want, kind
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            assert sess.run(None, {sess.get_inputs()[0].name: x[:5].numpy()})[0].shape == tuple(Out(kind)(x[:5]).shape)
