@@ -313,7 +313,9 @@ class QuantizeResiduals(Pass):
                 q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
                 if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user)):
-                    user.replace_input_with(tail, q)
+                    # (q moves up before the user where it came later: HRNet's fuse sums read a branch output
+                    # whose quantizer sits before a layer further down the graph)
+                    _read_from(gm, user, tail, q)
                     self._changed = True
                 elif user is not q and _is_add(node) and _sub_8_bit_act(fake_quantizer(gm, user)):
                     # a sub-8-bit quantizer (the next block's 4-bit input) re-quantizes the sum's codes: the float

@@ -727,3 +727,35 @@ def test_residual_sums_stay_as_they_were_above_4_bits_and_on_token_linears():
     assert result.report.passed
     reports = [r for t in result.timings if t.name == "QuantizeOutputs" for r in t.report]
     assert not any(r.startswith("fc2") for r in reports), reports
+
+
+class _FuseSum(nn.Module):
+    """HRNet's fuse pattern: a residual block's output ``r`` is read by a sum written before the conv that also
+    reads it (whose input quantizer InsertQuantizers puts just before that conv, after the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        r = F.relu(self.b(h) + h)
+        fused = r + self.d(h)
+        later = self.c(r)
+        return self.head((fused + later).mean((2, 3)))
+
+
+def test_a_sum_read_before_the_layer_whose_quantizer_it_shares_compiles():
+    """It crashed in QuantizeResiduals ("Argument 'act_fq2' of Node 'add_1' was used before it has been defined",
+    timm's hrnet_w18_small): the earlier sum was given the later layer's input quantizer without moving it up."""
+    torch.manual_seed(0)
+    model = _FuseSum().eval()
+    x = torch.randn(16, 3, 12, 12)
+    result = qcompile.compile(model, x[:1], calib=x, output=None, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["code_mismatch_local"] == 0.0
+    verify(result.model)
