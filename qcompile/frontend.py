@@ -591,6 +591,21 @@ def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
         gm.recompile()
 
 
+def _leaf_name(model: nn.Module, where: str) -> str:
+    """What ``--leaf-module`` should name for the untraceable submodule ``where``: its class name where the model
+    has other instances of that class, which would fail one by one (timm's Conv2dSame in every depthwise conv of
+    tf_efficientnet_b0: five reruns, one flag each), else ``where`` itself."""
+    try:
+        mod = model.get_submodule(where)
+    except AttributeError:
+        return where
+    cls = type(mod)
+    if cls.__module__.startswith("torch.nn.") or sum(1 for m in model.modules() if type(m) is cls) < 2:
+        return where
+    names = {type(m).__name__ for m in model.modules() if type(m).__name__ == cls.__name__ and type(m) is not cls}
+    return where if names else cls.__name__  # two classes of one name: the qualified name is unambiguous
+
+
 def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.fx.GraphModule:
     """:func:`trace`'s tracing proper: a GraphModule as it is, else through the transformer stand-ins, else plainly."""
     gm = None
@@ -614,13 +629,15 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"
-            hint = (f"keep it opaque with --leaf-module {where} (leaf_modules=[{where!r}] from Python)" if where
+            leaf = _leaf_name(model, where)  # the class, where other instances of it would fail next
+            every = f"every {leaf} of the model: " if leaf != where else ""
+            hint = (f"keep it opaque with --leaf-module {leaf} ({every}leaf_modules=[{leaf!r}] from Python)" if where
                     else "make forward traceable, or wrap the data-dependent part in a submodule and pass --leaf-module "
                          "NAME (leaf_modules=[NAME] from Python)")
             if "cannot be iterated" in str(exc):  # list(x.chunk(2, 1)), zip(mods, torch.split(x, 8, 1)), for t in x
                 hint = ("torch.fx cannot iterate a traced tensor or its chunks: unpack a fixed count instead (a, b = "
                         "x.chunk(2, 1); ys = [x[:, i:i + 8] for i in range(0, 16, 8)]), or " +
-                        (f"keep {where!r} opaque with --leaf-module {where} (leaf_modules=[{where!r}])" if where else
+                        (f"keep {leaf!r} opaque with --leaf-module {leaf} (leaf_modules=[{leaf!r}])" if where else
                          "wrap that part in a submodule and keep it opaque with --leaf-module NAME (leaf_modules=[NAME])"))
             hint = _size_hint(exc) or hint
             said = _first_line(exc)

@@ -690,6 +690,29 @@ class _DynamicSameConv(nn.Conv2d):
         return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+def test_an_untraceable_class_used_twice_is_named_by_its_class_in_the_hint():
+    """timm's tf_efficientnet_b0 has a Conv2dSame in its stem and in four depthwise convs: the hint named the stem
+    module, then the next one, five reruns for one flag. A class used more than once is named by the class, which
+    --leaf-module takes; one used once keeps its module name (above)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = _DynamicSameConv(3, 8, 3, stride=2)
+            self.dw = _DynamicSameConv(8, 8, 3, stride=2, groups=8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
+
+    model = Net().eval()
+    x = torch.randn(4, 3, 17, 17)
+    with pytest.raises(qcompile.UserError, match=r"--leaf-module _DynamicSameConv \(every _DynamicSameConv of the "
+                                                 r"model: leaf_modules=\['_DynamicSameConv'\]"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False)
+    with pytest.warns(qcompile.QuantizationWarning, match="opaque"):  # both kept whole by the one flag, as it says
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["_DynamicSameConv"])
+
+
 def test_a_kept_whole_layer_with_its_own_forward_stays_float_and_its_batchnorm_stays():
     """Kept whole, such a layer used to be rewritten as a plain conv with its module's padding (0): the file and the
     simulation agreed with each other, and both computed another function (17x17 maps became 16x16; 28 dB from
