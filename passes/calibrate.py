@@ -265,11 +265,18 @@ class Calibrate(Pass):
             job_index.append(len(jobs))
             jobs.append((obs, gm.get_submodule(node.target).levelset))
         solved = quant.compute_qparams_many(jobs)
-        for (node, _key, _obs, method), j in zip(todo, job_index):
+        widened = []
+        for (node, _key, obs, method), j in zip(todo, job_index):
             fq = gm.get_submodule(node.target)
             params = solved[j]
             fq.set_params(params.alpha, params.zero_point)
+            if tail_headroom(fq, obs):
+                widened.append(node.target)
             node.meta["qparams"] = _qparams(fq, method)
+        if widened:
+            self.report.append(f"{len(widened)} activation range(s) widened past the calibration extremes for values "
+                               f"the data has too few samples to show (tail headroom): {', '.join(widened[:4])}"
+                               f"{' ...' if len(widened) > 4 else ''}")
         if shifted:
             self.report.append(f"{shifted} activation quantizer(s) on asymmetric (offset) levels")
         self.level_hints = []
@@ -404,6 +411,85 @@ UNIFORM_HINT_DB = 3.0  # APoT activation levels this much worse (squared error) 
 # and this much worse: a QuantizationWarning too (random-weight ResNet-18 / MobileNetV2 at 64x64 have 3 of 16 and 4 of
 # 51 APoT activations at 3.2-4.9 dB, the flat wine activation 6.2 dB)
 UNIFORM_WARN_DB = 6.0
+
+
+TAIL_CAP = 0.25  # δ at most this fraction of the range
+TAIL_SAMPLES = 16  # fewer samples than this: no fit
+TAIL_K = 16  # sample extremes the exponential tail is fitted on (at most a quarter of the samples)
+
+
+def _tail_excess(obs, side: int) -> float:
+    """The scale β of an exponential tail fitted to the per-sample extremes of one side (``side`` +1: the
+    samples' maxima, -1: their minima, as distances outward): the mean excess of the k most extreme over the
+    (k+1)-th, k = min(``TAIL_K``, samples / 4). 0 where the samples agree about their extreme (a bound: images at 0
+    or 1, a clamp; a squeeze-excite's pooled values, alike on every image) or there are fewer than ``TAIL_SAMPLES``
+    samples."""
+    values = obs.sample_max if side > 0 else obs.sample_min
+    if values is None or values.numel() < TAIL_SAMPLES:
+        return 0.0
+    far = torch.sort(values * side, descending=True).values
+    k = max(2, min(TAIL_K, far.numel() // 4))
+    return float(max(0.0, float(far[:k].mean() - far[k])))
+
+
+def tail_headroom(fq: FakeQuantize, obs) -> bool:
+    """Widen a uniform activation range past the calibration extremes where the data is too small to show the
+    tails (the default MSE observer, per-tensor ranges). The MSE objective counts the calibration values; a new
+    sample passes the observed extreme x* with probability 1/(n+1) (n samples), by an excess whose scale β comes from
+    the samples' own extremes (``_tail_excess``): per value, p = n/((n+1)·V) for V values. Moving the edge to x* + δ
+    costs (R + δ)²/(12 L²) of rounding noise per value (range R over L steps) and saves p·2β²·e^(−δ/β): least at
+    δ = β·ln(12 L² p β / (R + δ)) (solved by iteration; 0 where that is negative), and at most ``TAIL_CAP`` of the
+    range (a few outliers give a large β: breast cancer's standardized features lost 3.4 dB uncapped). MLPs on wine,
+    breast cancer and iris calibrated on 32 rows (9 models): +4.7 dB of output SQNR against float on held-out rows
+    on average over W8A8 and APoT W4A4 (at worst −4.5 dB, iris at W8A8); on 128 rows W8A8 +3.8 dB (−1.6 to +10.4).
+    A convolution's samples agree about their extremes (random-weight MnasNet, EfficientNet-B0 on 32 images:
+    within ±0.1 dB held out), values piled at a bound get β = 0, and fewer than ``TAIL_SAMPLES`` samples or
+    batches of more than ``SAMPLE_EXTREMES_MAX`` values nothing. Returns whether the range moved."""
+    from qcompile.quant.observers import MSEObserver
+
+    if type(obs) is not MSEObserver or obs.hist is None or obs.axis is not None or fq.alpha.numel() != 1 or \
+            fq.scheme not in ("uniform", "uniform_asym") or fq.saturation is not None or obs.sample_max is None:
+        return False
+    ls = fq.levelset
+    unit = float(fq.alpha) / ls.denom
+    zp = int(fq.zero_point)
+    if fq.scheme == "uniform_asym":  # r = S(q - Z) over the code range
+        lo, hi = unit * (ls.code_min - zp), unit * (ls.code_max - zp)
+    else:  # symmetric signed or unsigned grid, zero point 0
+        lo, hi = unit * ls.grid[0], unit * ls.grid[-1]
+    steps = (hi - lo) / unit
+    samples = int(obs.sample_max.numel())
+    # a new sample passes the calibration extreme with probability 1/(n+1): per value, over its V/n values
+    p = samples / ((samples + 1.0) * float(obs.count[0]))
+    grow = 2.0 if (ls.signed and fq.scheme == "uniform") else 1.0  # a symmetric range grows on both sides
+    new = {}
+    for side, edge, extreme in ((1, hi, float(obs.max_val[0])), (-1, lo, float(obs.min_val[0]))):
+        if side < 0 and not (ls.signed or fq.scheme == "uniform_asym"):
+            continue  # unsigned levels: the range starts at 0
+        if extreme * side <= 0.0 or abs(edge) < 0.9 * abs(extreme):
+            continue  # nothing on this side, or a range the observer clipped on purpose (fewer bits)
+        beta = _tail_excess(obs, side)
+        if beta <= 0.0:
+            continue
+        delta = 0.0
+        for _ in range(30):
+            ratio = 12.0 * steps * steps * p * beta / (grow * ((hi - lo) + grow * delta))
+            nxt = beta * math.log(ratio) if ratio > 1.0 else 0.0
+            if abs(nxt - delta) <= 1e-6 * beta:
+                delta = nxt
+                break
+            delta = nxt
+        delta = min(delta, TAIL_CAP * (hi - lo))
+        target = side * (abs(extreme) + delta)
+        if delta > 0.0 and abs(target) > abs(edge):
+            new[side] = target
+    if not new:
+        return False
+    nlo, nhi = new.get(-1, lo), new.get(1, hi)
+    params = quant.clip_params_from_range(torch.tensor(nlo, dtype=torch.float64), torch.tensor(nhi, dtype=torch.float64),
+                                          ls)
+    fq.set_params(params.alpha, params.zero_point)
+    return True
 
 
 def uniform_fits_better(fq: FakeQuantize, obs) -> float | None:
@@ -685,6 +771,8 @@ def _state_key(obs, levelset):
     for name, value in sorted(vars(obs).items()):
         if name == "ndim" and obs.axis is None:
             continue  # the rank of what it saw: only checked against a per-channel axis
+        if name in ("sample_min", "sample_max", "sample_extremes"):
+            continue  # read per quantizer after the search (tail_headroom), not by it
         if isinstance(value, torch.Tensor):
             parts.append((name, str(value.dtype), tuple(value.shape), value.detach().cpu().numpy().tobytes()))
         elif value is None or isinstance(value, (bool, int, float, str)):

@@ -463,8 +463,8 @@ def test_a_ceil_mode_average_pool_counting_pads_is_not_fused_by_onnxruntime(dims
     assert result.report.passed, result.report.summary()
     if form == "standard":  # integer kernels: bit-exact
         assert result.report.extra["code_mismatch"] == 0, result.report.extra
-    else:  # the custom form's function bodies run float kernels: a code at a rounding tie may flip (1 in 123k)
-        assert result.report.extra["code_mismatch_local"] <= 1e-5, result.report.extra
+    else:  # the custom form's function bodies run float kernels: a code at a rounding tie may flip (1 in 89k)
+        assert result.report.extra["code_mismatch_local"] <= 2e-5, result.report.extra
     assert result.report.extra["sqnr_vs_float_db"] > 30, result.report.extra
 
 

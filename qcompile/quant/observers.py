@@ -64,6 +64,9 @@ import torch
 from .levels import LevelSet
 from .ops import MIN_ALPHA, ClipParams, clip_params_from_range
 
+SAMPLE_EXTREMES_MAX = 1 << 20  # values per batch up to which an observer keeps each sample's extremes
+
+
 class Observer:
     """Base class: tracks count, min and max per tensor or per channel; subclasses add their statistics."""
 
@@ -77,6 +80,11 @@ class Observer:
         self.count = None  # float64 per channel
         self.min_val = None
         self.max_val = None
+        # per tensor: each sample's (leading index's) extremes, float64, where every batch had at most
+        # SAMPLE_EXTREMES_MAX values (the tail headroom of passes.calibrate fits new samples' excess on them)
+        self.sample_min = None
+        self.sample_max = None
+        self.sample_extremes = axis is None
 
     # -- streaming ---------------------------------------------------------------------------------------
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +130,20 @@ class Observer:
             self.count = self.count + n
             self.min_val = torch.minimum(self.min_val, bmin)
             self.max_val = torch.maximum(self.max_val, bmax)
+        if self.sample_extremes:
+            self._sample_extremes(x)
         self._observe(rows, bmin, bmax)
         return self
+
+    def _sample_extremes(self, x) -> None:
+        x = torch.as_tensor(x).detach()
+        if x.dim() < 2 or x.numel() > SAMPLE_EXTREMES_MAX:
+            self.sample_extremes, self.sample_min, self.sample_max = False, None, None
+            return
+        lo, hi = torch.aminmax(x.reshape(x.shape[0], -1).to(torch.float32), dim=1)
+        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        self.sample_min = lo if self.sample_min is None else torch.cat([self.sample_min, lo])
+        self.sample_max = hi if self.sample_max is None else torch.cat([self.sample_max, hi])
 
     def _observe(self, rows: torch.Tensor, bmin: torch.Tensor, bmax: torch.Tensor) -> None:
         pass

@@ -1149,3 +1149,96 @@ def test_apot_activations_that_uniform_levels_fit_far_better_are_named():
     x_tr, _, _, _ = digits.load_split()  # bell-shaped activations: APoT fits within 3 dB, nothing said
     quiet = qcompile.compile(digits.pretrained(), x_tr[:1], calib=x_tr[:32], scheme="apot", bits=4, validate=False)
     assert not [r for t in quiet.timings for r in t.report if "levels fit" in r]
+
+
+# -- tail headroom: ranges past the calibration extremes where the data is too small to show the tails --------------
+class _TableMLP(nn.Module):
+    def __init__(self, d_in=12, hidden=48, classes=3):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(d_in, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def _table_case(seed=0, rows=32, held_out=2000, d_in=12):
+    torch.manual_seed(seed)
+    model = _TableMLP(d_in).eval()
+    calib, test = torch.randn(rows, d_in), torch.randn(held_out, d_in)  # standardized features: Gaussian tails
+    return model, calib, test
+
+
+def _held_out_sqnr(model, calib, test, monkeypatch, headroom: bool, **options) -> float:
+    import onnxruntime as ort
+
+    import qcompile
+    from qcompile.passes import calibrate as calibrate_mod
+
+    with monkeypatch.context() as mp:
+        if not headroom:
+            mp.setattr(calibrate_mod, "tail_headroom", lambda fq, obs: False)
+        result = qcompile.compile(model, calib[:1], calib=calib, output=None, validate=False, **options)
+    sess = ort.InferenceSession(result.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: test.numpy()})[0]
+    with torch.no_grad():
+        ref = model(test).numpy()
+    return 10 * math.log10(float((ref ** 2).sum()) / float(((ref - got) ** 2).sum()))
+
+
+def test_tail_headroom_widens_small_tables_past_their_calibration_extremes(monkeypatch):
+    """32 rows of 12 Gaussian features: the 8-bit input range reaches past the calibration extremes (held-out rows
+    go further), and the held-out output SQNR against float is higher than with the ranges fitted to the 32 rows."""
+    import qcompile
+
+    model, calib, test = _table_case()
+    result = qcompile.compile(model, calib[:1], calib=calib, output=None, validate=False, scheme="uniform", bits=8)
+    fq = result.model.get_submodule("act_fq0")  # the raw input's quantizer
+    ls = fq.levelset
+    unit = float(fq.alpha) / ls.denom
+    lo, hi = unit * (ls.code_min - int(fq.zero_point)), unit * (ls.code_max - int(fq.zero_point))
+    assert hi > 1.1 * float(calib.max()) and lo < 1.1 * float(calib.min())
+    assert any("tail headroom" in line for t in result.timings for line in t.report)
+    gains = [_held_out_sqnr(*_table_case(seed), monkeypatch, True, scheme="uniform", bits=8)
+             - _held_out_sqnr(*_table_case(seed), monkeypatch, False, scheme="uniform", bits=8) for seed in range(3)]
+    assert sum(gains) / len(gains) > 2.0, gains
+
+
+def test_tail_headroom_leaves_bounded_values_and_large_tensors_alone():
+    """Values piled at a bound (images in [0, 1] with saturated pixels) and a convolution's many values keep the
+    MSE range of the calibration data."""
+    from qcompile.passes.calibrate import tail_headroom
+    from qcompile.quant.observers import MSEObserver
+
+    def fitted(x, signed):
+        fq = FakeQuantize("uniform_asym" if signed else "uniform", 8, False)  # as InsertQuantizers makes them
+        obs = MSEObserver()
+        obs.update(x)
+        params = obs.compute_qparams(fq.levelset)
+        fq.set_params(params.alpha, params.zero_point)
+        before = (fq.alpha.clone(), int(fq.zero_point))
+        moved = tail_headroom(fq, obs)
+        return moved, before, (fq.alpha, int(fq.zero_point))
+
+    torch.manual_seed(0)
+    bounded = torch.rand(32, 1, 8, 8).mul(1.5).clamp(max=1.0)  # a third of the pixels at 1.0
+    moved, before, after = fitted(bounded, signed=False)
+    assert not moved and torch.equal(before[0], after[0])
+    many = torch.randn(32, 16, 32, 32)  # images alike in their extremes (and too many values per batch to track)
+    moved, before, after = fitted(many, signed=True)
+    assert not moved and torch.equal(before[0], after[0]) and before[1] == after[1]
+    few = torch.randn(32, 12)
+    assert fitted(few, signed=True)[0]
+
+
+def test_tail_headroom_only_for_the_default_mse_observer():
+    """--calib-method minmax asks for the observed range: it stays exactly that."""
+    import qcompile
+
+    model, calib, _ = _table_case()
+    result = qcompile.compile(model, calib[:1], calib=calib, output=None, validate=False, scheme="uniform", bits=8,
+                              calib_method="minmax")
+    fq = result.model.get_submodule("act_fq0")
+    ls = fq.levelset
+    unit = float(fq.alpha) / ls.denom
+    hi = unit * (ls.code_max - int(fq.zero_point))
+    assert hi == pytest.approx(float(calib.max()), rel=0.02)

