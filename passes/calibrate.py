@@ -443,8 +443,8 @@ def tail_headroom(fq: FakeQuantize, obs) -> bool:
     range (a few outliers give a large β: breast cancer's standardized features lost 3.4 dB uncapped). MLPs on wine,
     breast cancer and iris calibrated on 32 rows (9 models): +4.7 dB of output SQNR against float on held-out rows
     on average over W8A8 and APoT W4A4 (at worst −4.5 dB, iris at W8A8). Past ``TAIL_REF`` samples the cap falls as
-    TAIL_REF/n (a breast cancer MLP on 256 rows lost 2.1 dB under the fixed cap, 0.6 now); 128 rows: W8A8 +3.3 dB (−0.5
-    to +8.6).
+    TAIL_REF/n (a breast cancer MLP on 256 rows lost 2.1 dB under the fixed cap, 0.6 now); 128 rows: W8A8 +3.1 dB (−0.7
+    to +7.4).
     A convolution's samples agree about their extremes (random-weight MnasNet, EfficientNet-B0 on 32 images:
     within ±0.1 dB held out), values piled at a bound get β = 0, and fewer than ``TAIL_SAMPLES`` samples or
     batches of more than ``SAMPLE_EXTREMES_MAX`` values nothing. Returns whether the range moved."""
