@@ -163,7 +163,9 @@ def model_fingerprint(model: nn.Module, sampled: bool = False) -> str:
         try:
             flat = t.detach().reshape(-1)
             if sampled and flat.numel() > 4096:
-                flat = flat[torch.linspace(0, flat.numel() - 1, 4096).long()]
+                # float32 positions (what 0.7.1-0.7.2 recorded), clamped: past 2**24 values the last one rounds up
+                # to numel (VGG-11's 102,760,448-value classifier weight: IndexError, no file)
+                flat = flat[torch.linspace(0, flat.numel() - 1, 4096).long().clamp_(max=flat.numel() - 1)]
             values = memoryview(flat.cpu().to(torch.float32).contiguous().numpy()).cast("B")
         except (RuntimeError, TypeError, NotImplementedError):  # a sparse or otherwise unusual tensor: its shape
             values = b""

@@ -923,6 +923,22 @@ def test_validate_refuses_a_checkpoint_with_one_weight_edited(work, capsys):
     rc, out, err = cli(capsys, "validate", "old.onnx", "--against", weights, *arch, "--data", "digits.npy")
     assert rc == 0 and "PASS" in out, err
 
+def test_the_fingerprint_of_a_tensor_past_2_24_values():
+    """The sampled fingerprint took 4096 float32 positions up to numel - 1; past 2**24 values the last one rounded up
+    to numel, and every compile with an output file of a model with such a tensor (VGG-11's 102,760,448-value
+    classifier weight) ended in an IndexError. 16,777,220 values: numel - 1 rounds up to numel in float32."""
+    from qcompile.api import model_fingerprint
+
+    big = torch.nn.Module()
+    big.register_buffer("w", torch.zeros(16_777_220))
+    big.w[-1] = 1.0
+    assert float(torch.tensor(16_777_219.0)) == 16_777_220.0  # the rounding this test needs
+    sampled = model_fingerprint(big, sampled=True)
+    big.w[-1] = 2.0  # the last value is among the samples
+    assert model_fingerprint(big, sampled=True) != sampled
+    assert len(model_fingerprint(big)) == 16
+
+
 def test_validate_of_a_file_a_tool_rewrote_says_what_happened(work, capsys):
     """Files a user changed in ordinary ways: metadata dropped (onnx-graphsurgeon) gave a false FAIL as if the file
     were fp32 (21 dB < 80 dB); an exposed intermediate output, an onnxruntime-optimized copy and a custom-form file
