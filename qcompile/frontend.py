@@ -526,7 +526,14 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        qualname = self.path_of_module(m)
+        try:
+            qualname = self.path_of_module(m)
+        except NameError:
+            # a module made in forward, not a submodule (DistilBERT's classifier: nn.ReLU()(x)): without parameters
+            # or buffers it is the function it computes, traced through; else torch.fx's error stands
+            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                raise
+            return forward(*args, **kwargs)
         self._qc_stack.append(qualname)
         cls = traceable_forward(m) if self.transformers else None
         if cls is not None and TRACEABLE_FORWARDS[cls] is not None and not self.is_leaf_module(m, qualname):
@@ -639,7 +646,8 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
                         "x.chunk(2, 1); ys = [x[:, i:i + 8] for i in range(0, 16, 8)]), or " +
                         (f"keep {leaf!r} opaque with --leaf-module {leaf} (leaf_modules=[{leaf!r}])" if where else
                          "wrap that part in a submodule and keep it opaque with --leaf-module NAME (leaf_modules=[NAME])"))
-            hint = _size_hint(exc) or hint
+            hint = _size_hint(exc).replace("--leaf-module NAME", f"--leaf-module {leaf} (leaf_modules=[{leaf!r}])"
+                                           if where else "--leaf-module NAME") or hint
             said = _first_line(exc)
             if _packs_sequences(exc):  # torch.fx's words ("__cuda_array_interface__ must be a dict") say nothing of it
                 said = "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced, nor exported to ONNX"
@@ -950,7 +958,10 @@ def _spell_out_varargs(model: nn.Module, n_given: int) -> type | None:
     """Give a ``forward(self, *args, **kwargs)`` (a user's wrapper that hands its inputs on, ``forward(self, x,
     *extra)``) one named parameter per example input. torch.fx makes ``*args`` a single placeholder, and a forward
     that unpacks it (``self.net(*args)``) fails with "Proxy object cannot be iterated"; with the inputs spelled out
-    it is traced as the call with those inputs runs. Only ``model``'s class is changed, for the trace (the graph
+    it is traced as the call with those inputs runs. The same for ``forward(self, x, **kwargs)``, whose ``**kwargs``
+    torch.fx made a second input (calibration then asked for 2 inputs, the model's signature took 1), and for a
+    forward under a decorator whose wrapper takes ``(*args, **kwargs)`` (HuggingFace transformers 5 models: "co_varnames
+    is too small"). Only ``model``'s class is changed, for the trace (the graph
     keeps its submodules, not its class): the class it had is returned, for :func:`trace` to restore, else None."""
     import inspect
 
@@ -959,9 +970,15 @@ def _spell_out_varargs(model: nn.Module, n_given: int) -> type | None:
         params = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
     except (TypeError, ValueError, AttributeError):
         return None
-    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    outer = getattr(cls.forward, "__code__", None)  # a decorator's wrapper(*args, **kwargs) (transformers 5)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    if not (varargs or any(p.kind is p.VAR_KEYWORD for p in params)
+            or (outer is not None and outer is not code and outer.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS))):
         return None
     fixed = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if n_given > len(fixed) and not varargs:
+        return None  # more inputs than the forward takes: the trace says so
     names = fixed[:n_given]
     taken = set(names) | {p.name for p in params}
     for i in range(len(names), n_given):

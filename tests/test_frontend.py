@@ -675,6 +675,92 @@ def test_a_forward_taking_varargs_is_traced_with_one_parameter_per_input(case):
     assert 10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum()) > 30
 
 
+def _hf_style(forward):
+    """A decorator as HuggingFace transformers 5 puts on every model's forward: functools.wraps over a
+    ``wrapper(self, *args, **kwargs)``."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return forward(self, *args, **kwargs)
+    return wrapper
+
+
+class _KwargsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x, mask=None, **kwargs):
+        return self.fc2(nn.ReLU()(self.fc1(x)))  # a stateless module made in forward (DistilBERT's classifier)
+
+
+class _DecoratedKwargsNet(_KwargsNet):
+    @_hf_style
+    def forward(self, x, mask=None, **kwargs):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("cls", [_KwargsNet, _DecoratedKwargsNet])
+def test_a_forward_taking_kwargs_or_under_an_hf_decorator_compiles_as_its_inputs(cls):
+    """``forward(self, x, **kwargs)``: torch.fx made ``**kwargs`` a second placeholder, and calibration asked for 2
+    inputs while the signature took 1; under transformers 5's decorator the trace failed with "co_varnames is too
+    small" (every HuggingFace model). And ``nn.ReLU()(x)`` in forward ("module is not installed as a submodule")
+    sent users to --leaf-module the whole model: every layer float. Now: one input, both layers quantized, and the
+    ReLU makes the second layer's input unsigned."""
+    from qcompile.summary import layer_lines
+
+    torch.manual_seed(0)
+    model = cls().eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    gm = trace(model, (x[:1],))
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    result = qcompile.compile(model, (x[:1],), calib=x, scheme="uniform", bits=8)
+    assert result.report.passed
+    lines = layer_lines(result.model)[1:]
+    assert len(lines) == 2 and all(" W8 uniform / A8 uniform " in line for line in lines), lines
+    assert [i.name for i in result.onnx_model.graph.input] == ["input"]
+    assert result.model.get_submodule("act_fq1").levelset.scheme == "uniform"  # after the ReLU: unsigned, no offset
+    assert not result.model.get_submodule("act_fq1").levelset.signed
+    with torch.no_grad():
+        want, got = model(x), result.model(x)
+    assert 10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum()) > 30
+
+
+def test_a_layer_made_in_forward_is_refused_in_one_line():
+    """A module with parameters made in forward (new random weights at every call) is not traced through."""
+    class Net(nn.Module):
+        def forward(self, x):
+            return nn.Linear(8, 4)(x)
+
+    with pytest.raises(UserError, match="not installed as a submodule"):
+        trace(Net(), (torch.randn(1, 8),))
+
+
+def test_a_size_used_as_a_python_int_names_the_module_to_keep_opaque():
+    """BERT's embeddings slice a buffer with the input's length: the hint ended in the literal --leaf-module NAME."""
+    class Embed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("pos", torch.arange(64).float()[None, :, None])
+            self.fc = nn.Linear(1, 4)
+
+        def forward(self, x):
+            return self.fc(x + self.pos[:, :x.size(1)])
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = Embed()
+
+        def forward(self, x):
+            return self.embed(x)
+
+    with pytest.raises(UserError, match=r"--leaf-module embed \(leaf_modules=\['embed'\]\)"):
+        trace(Net(), (torch.randn(1, 16, 1),))
+
+
 class _DynamicSameConv(nn.Conv2d):
     """timm's Conv2dSame: "same" padding computed from the input size with math.ceil, which torch.fx cannot trace
     (so it must be kept whole with --leaf-module)."""
