@@ -402,7 +402,8 @@ _MATMULS = {operator.matmul, torch.matmul, torch.mm}
 
 class MatmulAsLinear(Pass):
     """``x @ self.W``, ``torch.matmul(x, self.W)``, ``torch.mm(x, self.W)`` and ``x.matmul(self.W)`` with ``W`` a
-    2-D floating parameter or buffer read by ``get_attr`` as ``F.linear(x, W.t())``: the same product (a layer
+    2-D floating parameter or buffer read by ``get_attr`` as ``F.linear(x, W.t())``, and ``torch.addmm(self.b, x,
+    self.W)`` (HuggingFace's ``Conv1D``, GPT-2's layers) as ``F.linear(x, W.t(), b)``: the same product (a layer
     written without ``nn.Linear``). Such a layer was left float, with no row in the layer table, while the compile
     said W8A8; now FoldConstants stores ``W.t()`` and the layer is quantized like any ``F.linear`` on a parameter."""
 
@@ -411,21 +412,34 @@ class MatmulAsLinear(Pass):
 
         count = 0
         for node in list(gm.graph.nodes):
-            is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
-                (node.op == "call_method" and node.target == "matmul")
-            if not is_matmul or len(node.args) != 2 or node.kwargs or node.meta.get(RESIZE_MATMUL):
-                continue
-            x, w = node.args
+            bias = None
+            if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and \
+                    all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")) and set(node.kwargs) <= {"beta", "alpha"}:
+                # HuggingFace's Conv1D (GPT-2's c_attn, c_fc, c_proj): addmm(b, x, W) = x @ W + b
+                bias, x, w = node.args
+                if not isinstance(bias, torch.fx.Node) or bias.op != "get_attr":
+                    continue
+                b = attr_value(gm, bias)
+                if not isinstance(b, torch.Tensor) or b.dim() != 1 or not b.is_floating_point():
+                    continue
+            else:
+                is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
+                    (node.op == "call_method" and node.target == "matmul")
+                if not is_matmul or len(node.args) != 2 or node.kwargs or node.meta.get(RESIZE_MATMUL):
+                    continue
+                x, w = node.args
             if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or w.op != "get_attr" \
                     or x.op == "get_attr":
                 continue
             value = attr_value(gm, w)
             if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
                 continue
+            if bias is not None and attr_value(gm, bias).shape[0] != value.shape[1]:
+                continue  # a bias broadcast another way: not a layer's
             g = gm.graph
             with g.inserting_before(node):
                 wt = g.call_method("t", (w,))
-                out = g.call_function(F.linear, (x, wt))
+                out = g.call_function(F.linear, (x, wt) if bias is None else (x, wt, bias))
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "matmul(s) with a parameter as F.linear")

@@ -472,6 +472,53 @@ def test_a_matmul_with_a_parameter_is_quantized_as_the_linear_layer_it_is(form):
     assert len(weights) == 2
 
 
+class _HFConv1D(nn.Module):
+    """HuggingFace's ``Conv1D`` (transformers.pytorch_utils; GPT-2's c_attn, c_fc, c_proj): a linear layer with its
+    weight stored (in, out), computed as ``addmm``."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return x.view(size_out)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "apot"])
+def test_hf_conv1d_layers_are_quantized_as_linear_layers(scheme):
+    """GPT-2's layers (HF Conv1D, ``torch.addmm``) stayed float with a warning; ``addmm(b, x, W)`` is now the
+    ``F.linear(x, W.t(), b)`` it computes. An addmm whose alpha/beta are not 1 or whose bias broadcasts another way
+    is no layer."""
+    import qcompile
+    from qcompile.qmodules import FakeQuantize
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.c_mid, self.c_proj = _HFConv1D(32, 16), _HFConv1D(32, 32), _HFConv1D(5, 32)
+            self.bias2d = nn.Parameter(torch.randn(1, 5) * 0.1)
+
+        def forward(self, x):
+            h = self.c_proj(torch.relu(self.c_mid(torch.relu(self.c_fc(x)))))
+            scaled = torch.addmm(self.c_proj.bias, h.reshape(-1, 5), self.c_mid.weight[:5, :5], alpha=0.5)
+            return h + scaled.view(h.shape) + torch.addmm(self.bias2d, x[:, 0, :5], self.c_mid.weight[:5, :5])[:, None]
+
+    torch.manual_seed(0)
+    model = M().eval()
+    x = torch.randn(64, 7, 16)
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8 if scheme == "uniform" else 4)
+    assert result.report.passed, result.report.summary()
+    weights = [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "weight"]
+    assert len(weights) == 3
+    assert sum(n.target is torch.addmm for n in result.model.graph.nodes) == 2
+    if scheme == "uniform":
+        assert result.report.extra["sqnr_vs_float_db"] > 30, result.report.extra
+
+
 def test_a_decomposed_bicubic_resize_stays_a_float_resize_not_a_layer():
     """MatmulAsLinear took the resize's second product for a layer: quantized at the model's 4 bits (2 dB lost)."""
     import qcompile
