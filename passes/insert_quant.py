@@ -52,6 +52,8 @@ _NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.so
 _PRESERVING_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                        nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                        nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Flatten, nn.Identity, nn.Dropout, nn.Upsample)
+_PADDING_MODULES = (nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+                    nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd)
 _PRESERVING_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d,
                          F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                          F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
@@ -92,6 +94,9 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
             result = False  # bicubic overshoots below zero
         elif isinstance(mod, _PRESERVING_MODULES):
             result = is_nonnegative(gm, node.args[0], memo)
+        elif isinstance(mod, _PADDING_MODULES):  # a causal TCN's zero pad of a ReLU output
+            value = getattr(mod, "value", 0.0)
+            result = isinstance(value, (int, float)) and value >= 0 and is_nonnegative(gm, node.args[0], memo)
     elif node.op == "call_function":
         if node.target is F.softplus:  # x itself above the threshold: a negative threshold lets x < 0 through
             threshold = node.args[2] if len(node.args) > 2 else node.kwargs.get("threshold", 20.0)
@@ -109,6 +114,13 @@ def is_nonnegative(gm: torch.fx.GraphModule, node, _memo=None) -> bool:
             result = any(isinstance(a, torch.fx.Node) for a in operands) and \
                 all(isinstance(a, torch.fx.Node) and is_nonnegative(gm, a, memo)
                     or isinstance(a, (int, float)) and not isinstance(a, bool) and a >= 0 for a in operands)
+        elif node.target is F.pad:  # constant padding with a value >= 0 (default 0), or copies of the input
+            args = dict(zip(("input", "pad", "mode", "value"), node.args), **node.kwargs)
+            value = args.get("value")
+            value = 0.0 if value is None else value
+            result = (args.get("mode", "constant") != "constant" or
+                      isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0) and \
+                is_nonnegative(gm, args.get("input"), memo)
         elif node.target is F.interpolate and _interpolation_mode(node) not in _CONVEX_MODES:
             result = False  # bicubic overshoots below zero
         elif node.target in _PRESERVING_FUNCTIONS:

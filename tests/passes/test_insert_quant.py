@@ -136,6 +136,45 @@ def test_leaky_relu_output_is_not_treated_as_non_negative():
     assert not is_nonnegative(gm, layers["fc3"].args[0].args[0])
 
 
+class _PaddedTCN(nn.Module):
+    """A causal TCN block: a ReLU output padded on the left (F.pad or a padding module) before the next conv."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1 = nn.Conv1d(1, 8, 3, padding=1)
+        self.c2 = nn.Conv1d(8, 8, 3)
+        self.fc = nn.Linear(8, 4)
+        self.pad = {"ZeroPad1d": nn.ZeroPad1d((2, 0)), "ConstantPad1d": nn.ConstantPad1d((2, 0), 0.5),
+                    "ConstantPad1d_negative": nn.ConstantPad1d((2, 0), -0.5),
+                    "ReplicationPad1d": nn.ReplicationPad1d((2, 0))}.get(how, nn.Identity())
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        if self.how == "F.pad":
+            h = F.pad(h, (2, 0))
+        elif self.how == "F.pad_value_negative":
+            h = F.pad(h, (2, 0), value=-1.0)
+        elif self.how == "F.pad_reflect":
+            h = F.pad(h, (2, 0), mode="reflect")
+        else:
+            h = self.pad(h)
+        return self.fc(F.relu(self.c2(h)).mean(-1))
+
+
+@pytest.mark.parametrize("how", ["F.pad", "F.pad_reflect", "ZeroPad1d", "ConstantPad1d", "ReplicationPad1d",
+                                 "F.pad_value_negative", "ConstantPad1d_negative"])
+def test_a_padded_relu_output_stays_unsigned(how):
+    """A causal TCN's F.pad(relu(h), (k, 0)) lost the proof that the next conv's input is never negative: APoT
+    W3A3 spent levels below zero (9.9 dB against 13.3 dB with the same model written with the pad inside the conv).
+    Padding with a negative constant is not non-negative."""
+    torch.manual_seed(0)
+    model = _PaddedTCN(how).eval()
+    gm = trace(model, (torch.randn(1, 1, 32),))
+    conv2 = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "c2")
+    assert is_nonnegative(gm, conv2.args[0]) == ("negative" not in how)
+
+
 class _Pools1d3d(nn.Module):
     def __init__(self):
         super().__init__()
