@@ -543,6 +543,170 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
+class _SizedProxy(torch.fx.Proxy):
+    """A traced value that answers questions about its metadata as the model's eager run does: ``x.shape``,
+    ``x.size(i)``, ``x.dim()``, ``x.dtype``, ``x.device``, ``len(x)`` give Python values, except for the sizes that
+    follow the batch (those that differ between the runs on batches of 2 and 3), which stay traced. Used where the
+    plain trace fails on Python code over sizes: ``(*x.shape[:-1], -1, d)``, ``buffer[:, :x.size(1)]``,
+    ``if x.shape[1] != self.channels: raise``, ``if x.dtype != w.dtype`` (HuggingFace models, almost all of them)."""
+
+    def _values(self):
+        vals = self.tracer._qc_values.get(self.node)
+        return vals if vals is not None and all(isinstance(v, torch.Tensor) for v in vals) else None
+
+    def _size(self, dim: int, vals):
+        a, b = vals
+        if a.shape[dim] == b.shape[dim]:
+            return int(a.shape[dim])
+        return torch.fx.Proxy.__getattr__(self, "size")(dim)
+
+    def __getattr__(self, k):
+        vals = self._values() if k in _SIZED_ATTRIBUTES else None
+        if vals is None:
+            return super().__getattr__(k)
+        a = vals[0]
+        if k in ("dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized"):
+            return getattr(a, k)
+        if k == "shape":
+            return tuple(self._size(i, vals) for i in range(a.dim()))
+
+        def method(*args, **kwargs):
+            if k == "size":
+                dim = args[0] if args else kwargs.get("dim")
+                if dim is None:
+                    return tuple(self._size(i, vals) for i in range(a.dim()))
+                return self._size(dim % max(a.dim(), 1), vals)
+            return getattr(a, k)(*args, **kwargs)  # dim(), is_floating_point(), is_complex(), is_contiguous()
+        return method
+
+    def __len__(self):
+        vals = self._values()
+        if vals is None or vals[0].dim() == 0 or vals[0].shape[0] != vals[1].shape[0]:
+            return super().__len__()
+        return int(vals[0].shape[0])
+
+
+_SIZED_ATTRIBUTES = {"shape", "size", "dim", "ndim", "dtype", "device", "layout", "is_cuda", "is_sparse",
+                     "is_quantized", "is_floating_point", "is_complex", "is_contiguous"}
+
+
+class _NotEager(Exception):
+    pass
+
+
+class _SizedTracer(_Tracer):
+    """The tracer, with every traced value also computed on the example inputs repeated to batches of 2 and 3
+    (``_qc_values``), so that :class:`_SizedProxy` can answer metadata questions. Its graph is specialised to the
+    example's non-batch sizes, as the emitted file is."""
+
+    def __init__(self, example_inputs, leaf_modules: Sequence[str] = ()):
+        super().__init__(leaf_modules)
+        # buffers traced too (BERT's position_ids[:, :L].expand(B, L): a real tensor given a traced size failed)
+        self.proxy_buffer_attributes = True
+        self._qc_inputs = [tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+                                 for t in example_inputs) for n in (2, 3)]
+        self._qc_values: dict = {}
+        self._qc_placeholders = 0
+
+    _qc_evaluating = False  # computing a value: module calls and attribute reads run eagerly, nothing is recorded
+
+    def proxy(self, node):
+        return _SizedProxy(node, self)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._qc_evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._qc_evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if self._qc_evaluating:
+            raise _NotEager(f"{kind} {target}")  # a value computed with a traced one: unknown
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        self._qc_evaluating = True
+        try:
+            self._qc_values[proxy.node] = tuple(self._evaluate(kind, target, args, kwargs, run) for run in (0, 1))
+        except Exception:  # noqa: BLE001 -- unknown: its metadata stays traced, as in the plain trace
+            pass
+        finally:
+            self._qc_evaluating = False
+        return proxy
+
+    def _evaluate(self, kind, target, args, kwargs, run: int):
+        if kind == "placeholder":
+            index = self._qc_placeholders if run == 0 else self._qc_placeholders - 1
+            if run == 0:
+                self._qc_placeholders += 1
+            if index < len(self._qc_inputs[run]):
+                return self._qc_inputs[run][index]
+            if args:
+                return args[0]
+            raise LookupError(target)
+
+        def value(a):
+            if isinstance(a, torch.fx.Proxy):
+                vals = self._qc_values.get(a.node)
+                if vals is None:
+                    raise LookupError(a.node.name)
+                return vals[run]
+            return a
+
+        args = torch.fx.node.map_aggregate(args, value)
+        kwargs = torch.fx.node.map_aggregate(kwargs, value)
+        with torch.no_grad():
+            if kind == "call_function":
+                return target(*args, **kwargs)
+            if kind == "call_method":
+                return getattr(args[0], target)(*args[1:], **kwargs)
+            if kind == "call_module":
+                return self.root.get_submodule(target)(*args, **kwargs)
+            if kind == "get_attr":
+                obj = self.root
+                for part in str(target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+        raise LookupError(kind)
+
+
+def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, concrete_args) -> torch.fx.Graph | None:
+    """The graph :class:`_SizedTracer` makes, where it computes the model on batches of 1 and 3 as the model does
+    (else None: the plain trace's error stands)."""
+    from torch.utils._pytree import tree_leaves
+
+    tracer = _SizedTracer(example_inputs, leaf_modules)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with contextlib.redirect_stderr(io.StringIO()):
+            graph = tracer.trace(model, concrete_args=concrete_args)
+            _drop_default_placeholders(graph)
+            gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+            for n in (1, 3):
+                batch = tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+                              for t in example_inputs)
+                with torch.no_grad():
+                    want = [t for t in tree_leaves(_seeded(lambda: model(*[_clone(t) for t in batch])))
+                            if isinstance(t, torch.Tensor)]
+                    got = [t for t in tree_leaves(_seeded(lambda: gm(*[_clone(t) for t in batch])))
+                           if isinstance(t, torch.Tensor)]
+                if len(want) != len(got) or any(
+                        w.shape != g.shape or w.dtype != g.dtype or not torch.allclose(
+                            g.double(), w.double(), rtol=1e-4, atol=1e-5 * float(w.abs().max().clamp_min(1e-6))
+                            if w.numel() else 0.0)
+                        for w, g in zip(want, got)):
+                    return None
+    except Exception:  # noqa: BLE001 -- the plain trace's error says what to do
+        return None
+    finally:
+        for m, training in modes:
+            m.training = training
+    return graph
+
+
 def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
     """A GraphModule that calls torch.ao's fused modules (``fuse_fx``: ConvReLU2d, LinearReLU ...) whole: its
     layers were invisible to the passes and stayed float. Traced again, they are traced through as eager
@@ -633,6 +797,12 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
             graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
             _drop_default_placeholders(graph)
         except Exception as exc:
+            # Python code over the input's sizes or dtype (a shape check, a slice to the sequence length): traced
+            # again with those answered from the example, where that computes the model on other batch sizes
+            sized = _trace_sized(model, example_inputs, leaf_modules, _defaults_beyond(model, n_given)) \
+                if example_inputs is not None else None
+            if sized is not None:
+                return torch.fx.GraphModule(model, sized, type(model).__name__)
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"

@@ -457,8 +457,8 @@ def test_sizes_used_as_python_ints_get_the_traceable_spelling_in_the_message():
             self.fc = nn.Linear(4, 4)
             self.register_buffer("pos", torch.randn(8, 4))
 
-        def forward(self, x):  # (B, T, 4)
-            return self.fc(x + self.pos[:x.shape[1]])
+        def forward(self, x):  # (B, T, 4): a tensor made in forward sliced to the batch size
+            return self.fc(x[:, 0] + torch.arange(8.0)[:x.shape[0], None])
 
     with pytest.raises(UserError) as err:
         trace(Zeros().eval(), torch.randn(2, 4))
@@ -738,16 +738,87 @@ def test_a_layer_made_in_forward_is_refused_in_one_line():
         trace(Net(), (torch.randn(1, 8),))
 
 
+class _HFStyleEncoder(nn.Module):
+    """The Python over sizes and dtypes that HuggingFace models are written with (BERT, ViT, HF ResNet): a buffer
+    sliced to the sequence length and expanded to the batch, ``(*x.shape[:-1], -1, d)`` head shapes, a rank
+    check that raises, a dtype check; torch.fx stopped at the first of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.pos = nn.Embedding(32, 16)
+        self.register_buffer("position_ids", torch.arange(32)[None])
+        self.register_buffer("token_type_ids", torch.zeros(1, 32, dtype=torch.long))
+        self.types = nn.Embedding(2, 16)
+        self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+        self.cls = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if input_ids.dim() != 2:
+            raise ValueError("ids must be (batch, length)")
+        batch, length = input_ids.size()
+        types = self.token_type_ids[:, :length].expand(batch, length)
+        h = self.emb(input_ids) + self.pos(self.position_ids[:, :length]) + self.types(types)
+        if h.dtype != self.q.weight.dtype:
+            h = h.to(self.q.weight.dtype)
+        shape = h.shape[:-1]
+        heads = (*shape, -1, 8)
+        q, k, v = (f(h).view(*heads).transpose(1, 2) for f in (self.q, self.k, self.v))
+        att = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1) @ v
+        out = self.o(att.transpose(1, 2).reshape(*shape, -1))
+        return self.cls(torch.relu(out[:, 0]))
+
+
+def test_python_over_sizes_and_dtypes_is_traced_for_the_examples_sizes_and_any_batch():
+    """HuggingFace models did not trace (every BERT, ViT, ConvNeXt needed its embeddings and attention kept
+    opaque: half their Linear layers float). Sizes that follow the batch stay traced, the others are the example's
+    (as the file's are): the graph computes the model at every batch size, and every layer is quantized."""
+    from qcompile.summary import layer_lines
+
+    torch.manual_seed(0)
+    model = _HFStyleEncoder().eval()
+    ids = torch.randint(0, 50, (40, 12), generator=torch.Generator().manual_seed(1))
+    gm = trace(model, (ids[:1],))
+    for batch in (1, 5, 32):
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids[:batch]), model(ids[:batch]))
+    result = qcompile.compile(model, (ids[:1],), calib=ids[:32], scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    lines = layer_lines(result.model)[1:]
+    assert sum(" W8 uniform / A8 uniform " in line for line in lines) == 5, lines  # q, k, v, o, cls
+    from qcompile.runtime import session
+
+    sess = session(result.onnx_model.SerializeToString())
+    y = sess.run(None, {sess.get_inputs()[0].name: ids[32:39].numpy()})[0]  # batch 7, not calibrated on
+    with torch.no_grad():
+        want = result.model(ids[32:39])
+    torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
+def test_python_over_the_batch_size_still_stops_in_one_line():
+    """A branch on the batch size cannot be fixed to the example's: the trace's own error stands."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x) if x.size(0) > 1 else -self.fc(x)
+
+    with pytest.raises(UserError) as err:
+        trace(Net().eval(), torch.randn(1, 4))
+    _assert_one_line(err, "control flow")
+
+
 def test_a_size_used_as_a_python_int_names_the_module_to_keep_opaque():
-    """BERT's embeddings slice a buffer with the input's length: the hint ended in the literal --leaf-module NAME."""
+    """A loop over the batch (a size no trace can fix): the hint ended in the literal --leaf-module NAME."""
     class Embed(nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("pos", torch.arange(64).float()[None, :, None])
             self.fc = nn.Linear(1, 4)
 
         def forward(self, x):
-            return self.fc(x + self.pos[:, :x.size(1)])
+            return torch.stack([self.fc(x[i]) for i in range(x.size(0))])
 
     class Net(nn.Module):
         def __init__(self):
@@ -776,10 +847,43 @@ class _DynamicSameConv(nn.Conv2d):
         return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
+class _GatedConv(nn.Conv2d):
+    """A conv whose forward branches on its data: no trace can keep it (--leaf-module)."""
+
+    def forward(self, x):
+        y = super().forward(x)
+        return y if y.mean() > 0 else -y
+
+
 def test_an_untraceable_class_used_twice_is_named_by_its_class_in_the_hint():
     """timm's tf_efficientnet_b0 has a Conv2dSame in its stem and in four depthwise convs: the hint named the stem
     module, then the next one, five reruns for one flag. A class used more than once is named by the class, which
     --leaf-module takes; one used once keeps its module name (above)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = _GatedConv(3, 8, 3, stride=2)
+            self.dw = _GatedConv(8, 8, 3, stride=2, groups=8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
+
+    model = Net().eval()
+    x = torch.randn(4, 3, 17, 17)
+    with pytest.raises(qcompile.UserError, match=r"--leaf-module _GatedConv \(every _GatedConv of the "
+                                                 r"model: leaf_modules=\['_GatedConv'\]"):
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False)
+    with pytest.warns(qcompile.QuantizationWarning, match="opaque"):  # both kept whole by the one flag, as it says
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["_GatedConv"])
+
+
+def test_same_padding_computed_from_the_input_size_traces_and_is_quantized():
+    """timm's Conv2dSame (tf_efficientnet_b0: stem and four depthwise convs) computes its padding from the input's
+    height and width with math.ceil: torch.fx stopped there, and --leaf-module kept the five convs float. The sizes
+    are the example's, as the file's are: the pads and convs are traced and quantized."""
+    from qcompile.summary import layer_lines
+
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -790,13 +894,14 @@ def test_an_untraceable_class_used_twice_is_named_by_its_class_in_the_hint():
         def forward(self, x):
             return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
 
+    torch.manual_seed(0)
     model = Net().eval()
-    x = torch.randn(4, 3, 17, 17)
-    with pytest.raises(qcompile.UserError, match=r"--leaf-module _DynamicSameConv \(every _DynamicSameConv of the "
-                                                 r"model: leaf_modules=\['_DynamicSameConv'\]"):
-        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False)
-    with pytest.warns(qcompile.QuantizationWarning, match="opaque"):  # both kept whole by the one flag, as it says
-        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["_DynamicSameConv"])
+    x = torch.randn(16, 3, 17, 17, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed
+    lines = layer_lines(result.model)[1:]
+    assert len(lines) == 3 and all(" W8 uniform / A8 uniform " in line for line in lines), lines
+    assert result.report.extra["sqnr_vs_float_db"] > 30, result.report.extra
 
 
 def test_a_kept_whole_layer_with_its_own_forward_stays_float_and_its_batchnorm_stays():
@@ -818,8 +923,8 @@ def test_a_kept_whole_layer_with_its_own_forward_stays_float_and_its_batchnorm_s
     torch.manual_seed(0)
     model = Net().eval()
     x = torch.randn(16, 3, 33, 33)
-    with pytest.raises(qcompile.UserError, match="--leaf-module c1"):
-        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    # traced (its padding from the example's size, see above), it is quantized; kept whole, it stays float
+    assert qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8).report.passed
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, leaf_modules=["c1"])
     lines = "\n".join(layer_lines(result.model))
     assert any(line.split()[0] == "c1" and "float" in line and "own forward" in line
