@@ -723,10 +723,12 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     gm = pipeline(gm).gm
     gm.eval()
     hints = [h for p in pipeline.passes for h in getattr(p, "level_hints", ())]
-    if hints:  # the pass report has them too; from Python a warning is the only word of it
-        warnings.warn(f"{hints[0]}{f' (and {len(hints) - 1} more)' if len(hints) > 1 else ''}: APoT levels suit "
+    level_note = None
+    if hints:  # the pass report has them too; the CLI prints it, from Python a warning is the only word of it
+        level_note = (f"{hints[0]}{f' (and {len(hints) - 1} more)' if len(hints) > 1 else ''}: APoT levels suit "
                       "bell-shaped values, uniform ones values spread over their range; consider --ascheme uniform "
-                      "(ascheme='uniform') or --config for those layers", QuantizationWarning, stacklevel=3)
+                      "(ascheme='uniform') or --config for those layers")
+        warnings.warn(level_note, QuantizationWarning, stacklevel=3)
 
     if opts.quantized:
         note = int8_grid_note(opts, gm)
@@ -752,12 +754,12 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     from . import __version__
 
     onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name
-    summary = {}
+    summary = {"level_note": level_note} if level_note else {}
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report, nothing_lowered_note
 
         cost = cost_report(onnx_model)
-        summary = {"shift_add_cost": cost, "lines": format_cost_report(cost)}
+        summary.update({"shift_add_cost": cost, "lines": format_cost_report(cost)})
         nothing = nothing_lowered_note(cost)
         if nothing:  # the CLI prints it; from Python a warning is the only word of it
             summary["shift_add_note"] = nothing

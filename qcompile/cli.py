@@ -386,9 +386,7 @@ def cmd_compile(argv) -> int:
         int8_weights=args.int8_weights, **options,
     )
     _print_summary(result, real_inputs=calib is not None)
-    from .options import int8_grid_note
-
-    for note in (int8_grid_note(result.options, result.model), result.summary.get("shift_add_note")):
+    for note in _notes(result):
         if note:
             print(f"qcompile: warning: {note}", file=sys.stderr)
     if args.json:
@@ -418,9 +416,16 @@ def json_safe(value):
     return safe(value)
 
 
-def summary_dict(result) -> dict:
+def _notes(result) -> list[str]:
+    """The compile's warnings, which the CLI prints to stderr and lists under ``warnings`` in ``--json`` (from
+    Python they are QuantizationWarnings, which the CLI silences: the layer table shows the rest)."""
     from .options import int8_grid_note
 
+    return [note for note in (int8_grid_note(result.options, result.model), result.summary.get("level_note"),
+                              result.summary.get("shift_add_note")) if note]
+
+
+def summary_dict(result) -> dict:
     return {
         "onnx_path": result.onnx_path,
         "options": {k: v for k, v in vars(result.options).items()},
@@ -429,8 +434,7 @@ def summary_dict(result) -> dict:
         "passes": [{"name": t.name, "ms": 1000 * t.seconds, "modified": t.modified, "report": t.report}
                    for t in result.timings],
         "validation": result.report.to_dict() if result.report else None,
-        "warnings": [note for note in (int8_grid_note(result.options, result.model),
-                                       result.summary.get("shift_add_note")) if note],
+        "warnings": _notes(result),
         **result.summary,
     }
 

@@ -214,6 +214,12 @@ def validate_against(args):
     _check_inputs_fit(onnx_model, inputs, args.onnx, given)
     # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64
     types = [i.type.tensor_type.elem_type for i in _graph_inputs(onnx_model)]
+    for graph_input, t, e in zip(_graph_inputs(onnx_model), inputs, types):
+        if data is not None and t.is_floating_point() and e not in (0, onnx.TensorProto.BOOL) and \
+                onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu":  # the compile refuses float ids the same way
+            raise UserError(f"--data holds floats for input {graph_input.name!r} of {args.onnx!r}, which takes "
+                            "integer ids (an Embedding): save them as integers (ids.astype(np.int64)), as the compile "
+                            "took them")
     inputs = tuple(t.to(getattr(torch, onnx.helper.tensor_dtype_to_np_dtype(e).name))
                    if not t.is_floating_point() and t.dtype != torch.bool and e not in (0, onnx.TensorProto.BOOL)
                    and onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu" else t

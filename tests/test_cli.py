@@ -1195,6 +1195,12 @@ def test_validate_of_a_file_with_int32_ids(work, capsys):
     rc, out, err = cli(capsys, "validate", "tok32.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean",
                        "--data", "ids.npy")
     assert rc == 0 and "PASS" in out, out + err
+    # the same ids saved as float32: "not the calibration data" sent the user looking for other data
+    np.save("ids_float.npy", ids.astype(np.float32))
+    rc, out, err = cli(capsys, "validate", "tok32.onnx", "--against", "tokens.pt", "--arch", "tests.models:TokenMean",
+                       "--data", "ids_float.npy")
+    assert_user_error(rc, err, "--data holds floats for input 'input' of 'tok32.onnx', which takes integer ids")
+    assert "ids.astype(np.int64)" in err
 
 
 def test_the_compile_says_how_long_validation_took(work, capsys):

@@ -106,6 +106,19 @@ def test_apot8_warns_that_its_levels_do_not_fit_the_int8_kernels(work, apot4):
     assert rc == 0 and "int8 kernels" in json.loads(summary.read_text())["warnings"][0]
 
 
+def test_the_cli_says_where_uniform_activation_levels_would_fit_far_better(work):
+    """compile() warned that conv2's APoT-6 input levels fit 6.4 dB worse than uniform ones ("consider --ascheme
+    uniform"), but the CLI silences QuantizationWarnings and printed only the int8-grid note: the hint was lost."""
+    folder, _ = work
+    summary = folder / "apot6.json"
+    rc, _, stderr = cli(folder / "digits.pt", *ARCH, "--scheme", "apot", "--bits", "6", "--calib",
+                        folder / "calib.npy", "-o", folder / "apot6.onnx", "--json", summary)
+    assert rc == 0, stderr
+    line = next((line for line in stderr.splitlines() if "consider --ascheme uniform" in line), "")
+    assert line.startswith("qcompile: warning: the input of layer 'conv2'") and "dB worse than uniform" in line
+    assert any("consider --ascheme uniform" in w for w in json.loads(summary.read_text())["warnings"])
+
+
 def test_npz_with_x_key_and_custom_emission(work):
     folder, calib = work
     npz = folder / "calib_x.npz"
