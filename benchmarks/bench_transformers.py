@@ -1,0 +1,152 @@
+"""HuggingFace transformers models, compiled as they are: does every layer get quantized, and how close is the file
+to the float model, beside onnxruntime's own flow?
+
+Each model is built from a small config (random weights: nothing is downloaded) and compiled at W8A8 with no flags
+(no ``--leaf-module``): ``qcompile.compile(model, example, calib=...)``. On inputs held out from the 32 calibration
+inputs, the output SQNR against the float model of
+
+- ``qcompile``: the emitted file, run in onnxruntime;
+- ``quantize_static``: onnxruntime's flow (``torch.onnx.export`` of the same model returning its logits, then QDQ,
+  per-channel int8 weights, uint8 activations, MinMax, on the same calibration inputs).
+
+transformers is not a dependency of qcompile: install it beside (``pip install transformers``); without it the script
+says so and exits with status 2. Run: ``python benchmarks/bench_transformers.py`` from the repository root (about
+a minute). Writes ``benchmarks/results/transformers.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import qcompile  # noqa: E402
+
+CALIB, HELD_OUT = 32, 48
+
+
+def models():
+    """(name, model, input kind) for each architecture, from small configs."""
+    import transformers as T
+
+    small = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    yield "bert", T.BertForSequenceClassification(T.BertConfig(hidden_size=64, vocab_size=500, num_labels=3, **small)), "ids"
+    yield "roberta", T.RobertaForSequenceClassification(T.RobertaConfig(
+        hidden_size=64, vocab_size=500, num_labels=3, max_position_embeddings=40, **small)), "ids"
+    yield "distilbert", T.DistilBertForSequenceClassification(T.DistilBertConfig(
+        dim=64, n_layers=2, n_heads=2, hidden_dim=128, vocab_size=500, num_labels=3)), "ids"
+    yield "vit", T.ViTForImageClassification(T.ViTConfig(hidden_size=64, image_size=32, patch_size=8, num_labels=10,
+                                                         **small)), "image"
+    yield "resnet", T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"
+    yield "convnext", T.ConvNextForImageClassification(T.ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"
+
+
+def inputs(kind: str, n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ids":
+        return torch.randint(0, 500, (n, 16), generator=gen)
+    return torch.randn(n, 3, 32, 32, generator=gen)
+
+
+class Logits(nn.Module):
+    """The model returning its logits tensor, for torch.onnx.export (a ModelOutput is not an ONNX output)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x, return_dict=False)[0]
+
+
+class _Reader:
+    def __init__(self, name, calib):
+        self.items = iter([{name: calib[i:i + 8].numpy()} for i in range(0, len(calib), 8)])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def theirs(model, calib, test, folder) -> np.ndarray:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    float_path, pre_path, q_path = (os.path.join(folder, f) for f in ("float.onnx", "pre.onnx", "ort.onnx"))
+    torch.onnx.export(Logits(model), (calib[:1],), float_path, input_names=["input"], output_names=["output"],
+                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    quant_pre_process(float_path, pre_path)
+    quantize_static(pre_path, q_path, _Reader("input", calib), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return common.run_batched(common.session(q_path), test.numpy())
+
+
+def main() -> int:
+    try:
+        import transformers
+    except ImportError:
+        print("bench_transformers: transformers is not installed (pip install transformers); nothing measured",
+              file=sys.stderr)
+        return 2
+    from qcompile.summary import layer_lines
+
+    warnings.simplefilter("ignore")
+    rows, t_start = [], time.perf_counter()
+    for name, model, kind in models():
+        torch.manual_seed(0)
+        model.eval()
+        calib, test = inputs(kind, CALIB, 1), inputs(kind, HELD_OUT, 2)
+        with torch.no_grad():
+            ref = model(test, return_dict=False)[0].numpy()
+        row = {"model": name}
+        with tempfile.TemporaryDirectory() as folder:
+            t0 = time.perf_counter()
+            try:
+                result = qcompile.compile(model, (calib[:1],), calib=calib, scheme="uniform", bits=8,
+                                          output=os.path.join(folder, "ours.onnx"))
+            except qcompile.UserError as exc:
+                row["error"] = str(exc)
+                rows.append(row)
+                print(f"{name}: {exc}", flush=True)
+                continue
+            row["compile_seconds"] = round(time.perf_counter() - t0, 2)
+            lines = layer_lines(result.model)[1:]
+            row["layers"] = len(lines)
+            row["quantized_layers"] = sum(" W8 uniform" in line for line in lines)
+            row["validation_passed"] = bool(result.report.passed)
+            ours = common.run_batched(common.session(result.onnx_path), test.numpy())
+            row["ours_sqnr_db"] = round(common.sqnr_db(ref, ours), 2)
+            row["ours_top1_agreement"] = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+            try:
+                th = theirs(model, calib, test, folder)
+                row["quantize_static_sqnr_db"] = round(common.sqnr_db(ref, th), 2)
+                row["quantize_static_top1_agreement"] = float((th.argmax(-1) == ref.argmax(-1)).mean())
+            except Exception as exc:  # noqa: BLE001 -- their flow's failure is a result too
+                row["quantize_static_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    out = {"benchmark": "transformers", "environment": common.environment(),
+           "transformers_version": transformers.__version__, "calibration_inputs": CALIB,
+           "held_out_inputs": HELD_OUT, "models": rows, "seconds": round(time.perf_counter() - t_start, 1)}
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "transformers.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    print(common.markdown_table(["model", "layers quantized", "qcompile dB", "quantize_static dB"],
+                                [[r["model"], f"{r.get('quantized_layers')}/{r.get('layers')}",
+                                  r.get("ours_sqnr_db"), r.get("quantize_static_sqnr_db")] for r in rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
