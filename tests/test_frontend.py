@@ -855,21 +855,24 @@ class _GatedConv(nn.Conv2d):
         return y if y.mean() > 0 else -y
 
 
+class _StemAndDepthwise(nn.Module):
+    """tf_efficientnet_b0's pattern: a strided stem and a depthwise conv of one conv class, then a head."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.stem = conv(3, 8, 3, stride=2)
+        self.dw = conv(8, 8, 3, stride=2, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
+
+
 def test_an_untraceable_class_used_twice_is_named_by_its_class_in_the_hint():
     """timm's tf_efficientnet_b0 has a Conv2dSame in its stem and in four depthwise convs: the hint named the stem
     module, then the next one, five reruns for one flag. A class used more than once is named by the class, which
     --leaf-module takes; one used once keeps its module name (above)."""
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = _GatedConv(3, 8, 3, stride=2)
-            self.dw = _GatedConv(8, 8, 3, stride=2, groups=8)
-            self.fc = nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
-
-    model = Net().eval()
+    model = _StemAndDepthwise(_GatedConv).eval()
     x = torch.randn(4, 3, 17, 17)
     with pytest.raises(qcompile.UserError, match=r"--leaf-module _GatedConv \(every _GatedConv of the "
                                                  r"model: leaf_modules=\['_GatedConv'\]"):
@@ -884,18 +887,8 @@ def test_same_padding_computed_from_the_input_size_traces_and_is_quantized():
     are the example's, as the file's are: the pads and convs are traced and quantized."""
     from qcompile.summary import layer_lines
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.stem = _DynamicSameConv(3, 8, 3, stride=2)
-            self.dw = _DynamicSameConv(8, 8, 3, stride=2, groups=8)
-            self.fc = nn.Linear(8, 4)
-
-        def forward(self, x):
-            return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
-
     torch.manual_seed(0)
-    model = Net().eval()
+    model = _StemAndDepthwise(_DynamicSameConv).eval()
     x = torch.randn(16, 3, 17, 17, generator=torch.Generator().manual_seed(1))
     result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert result.report.passed
