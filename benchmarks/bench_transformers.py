@@ -35,21 +35,27 @@ CALIB, HELD_OUT = 32, 48
 
 
 def models():
-    """(name, model, input kind) for each architecture, from small configs."""
+    """(name, model, input kind) for each architecture, from small configs, each initialised from seed 0."""
     import transformers as T
 
     small = dict(num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-    yield "bert", T.BertForSequenceClassification(T.BertConfig(hidden_size=64, vocab_size=500, num_labels=3, **small)), "ids"
-    yield "roberta", T.RobertaForSequenceClassification(T.RobertaConfig(
-        hidden_size=64, vocab_size=500, num_labels=3, max_position_embeddings=40, **small)), "ids"
-    yield "distilbert", T.DistilBertForSequenceClassification(T.DistilBertConfig(
-        dim=64, n_layers=2, n_heads=2, hidden_dim=128, vocab_size=500, num_labels=3)), "ids"
-    yield "vit", T.ViTForImageClassification(T.ViTConfig(hidden_size=64, image_size=32, patch_size=8, num_labels=10,
-                                                         **small)), "image"
-    yield "resnet", T.ResNetForImageClassification(T.ResNetConfig(
-        embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"
-    yield "convnext", T.ConvNextForImageClassification(T.ConvNextConfig(
-        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"
+    builders = {
+        "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(
+            hidden_size=64, vocab_size=500, num_labels=3, **small)), "ids"),
+        "roberta": (lambda: T.RobertaForSequenceClassification(T.RobertaConfig(
+            hidden_size=64, vocab_size=500, num_labels=3, max_position_embeddings=40, **small)), "ids"),
+        "distilbert": (lambda: T.DistilBertForSequenceClassification(T.DistilBertConfig(
+            dim=64, n_layers=2, n_heads=2, hidden_dim=128, vocab_size=500, num_labels=3)), "ids"),
+        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(
+            hidden_size=64, image_size=32, patch_size=8, num_labels=10, **small)), "image"),
+        "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"),
+        "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"),
+    }
+    for name, (build, kind) in builders.items():
+        torch.manual_seed(0)
+        yield name, build(), kind
 
 
 def inputs(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -104,7 +110,6 @@ def main() -> int:
     warnings.simplefilter("ignore")
     rows, t_start = [], time.perf_counter()
     for name, model, kind in models():
-        torch.manual_seed(0)
         model.eval()
         calib, test = inputs(kind, CALIB, 1), inputs(kind, HELD_OUT, 2)
         with torch.no_grad():

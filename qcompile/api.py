@@ -608,8 +608,11 @@ def compile(
 
 def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                        callback, progress, t0) -> CompileResult:
+    check = None  # distinct samples, for a trace fixed to the example's sizes (frontend._trace_sized)
+    if calib_x is not None:
+        check = tuple(t[:16] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:16],)
     gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
-               leaf_modules=opts.leaf_modules, copy=False)
+               leaf_modules=opts.leaf_modules, copy=False, check_inputs=check)
     _check_batch_statistics(gm)
     _check_finite_model(gm)
     for what, data in (("calibration data", calib_x), ("validation data", valid_x)):

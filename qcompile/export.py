@@ -402,8 +402,8 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
     shapes = []
     for reps in (1, 2):  # the example, and the example twice over along the batch
         inputs = [t.repeat(reps, *([1] * (t.dim() - 1))) for t in example_inputs]
-        try:
-            with torch.no_grad():
+        try:  # (torch.fx prints a failing graph's code to stderr before raising: kept out of the user's terminal)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
                 values = gm(*inputs)
         except Exception:  # a model that takes only this batch: leave the declared shapes alone
             return

@@ -556,7 +556,7 @@ class _SizedProxy(torch.fx.Proxy):
 
     def _size(self, dim: int, vals):
         a, b = vals
-        if a.shape[dim] == b.shape[dim]:
+        if a.shape[dim] == b.shape[dim] and self.node not in self.tracer._qc_data_sized:
             return int(a.shape[dim])
         return torch.fx.Proxy.__getattr__(self, "size")(dim)
 
@@ -568,22 +568,50 @@ class _SizedProxy(torch.fx.Proxy):
         if k in ("dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized"):
             return getattr(a, k)
         if k == "shape":
-            return tuple(self._size(i, vals) for i in range(a.dim()))
+            return _SizedShape(self._size(i, vals) for i in range(a.dim()))
 
         def method(*args, **kwargs):
             if k == "size":
                 dim = args[0] if args else kwargs.get("dim")
                 if dim is None:
-                    return tuple(self._size(i, vals) for i in range(a.dim()))
+                    return _SizedShape(self._size(i, vals) for i in range(a.dim()))
                 return self._size(dim % max(a.dim(), 1), vals)
             return getattr(a, k)(*args, **kwargs)  # dim(), is_floating_point(), is_complex(), is_contiguous()
         return method
 
     def __len__(self):
         vals = self._values()
-        if vals is None or vals[0].dim() == 0 or vals[0].shape[0] != vals[1].shape[0]:
+        if vals is None or vals[0].dim() == 0 or vals[0].shape[0] != vals[1].shape[0] or \
+                self.node in self.tracer._qc_data_sized:
             return super().__len__()
         return int(vals[0].shape[0])
+
+
+class _SizedShape(tuple):
+    """``x.shape`` of a :class:`_SizedProxy`: the sizes, Python ints or traced, with ``torch.Size``'s ``numel()``."""
+
+    def __getitem__(self, index):
+        item = tuple.__getitem__(self, index)
+        return _SizedShape(item) if isinstance(index, slice) else item
+
+    def numel(self):
+        return functools.reduce(operator.mul, self, 1)
+
+
+# operations whose output size depends on the values of their input, not only on its size: sizes that follow from
+# them stay traced (the example repeated to a batch cannot show how they vary)
+_DATA_SIZED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "bincount",
+               "repeat_interleave", "nonzero_static", "tolist", "item"}
+
+
+def _data_sized_op(kind, target, args, values) -> bool:
+    name = target if kind == "call_method" else getattr(target, "__name__", "")
+    if name in _DATA_SIZED or (name == "where" and len(args) == 1):
+        return True
+    if kind == "call_function" and target is operator.getitem and len(values) > 1:  # x[mask]: a boolean index
+        index = values[1] if isinstance(values[1], tuple) else (values[1],)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    return False
 
 
 _SIZED_ATTRIBUTES = {"shape", "size", "dim", "ndim", "dtype", "device", "layout", "is_cuda", "is_sparse",
@@ -599,13 +627,14 @@ class _SizedTracer(_Tracer):
     (``_qc_values``), so that :class:`_SizedProxy` can answer metadata questions. Its graph is specialised to the
     example's non-batch sizes, as the emitted file is."""
 
-    def __init__(self, example_inputs, leaf_modules: Sequence[str] = ()):
-        super().__init__(leaf_modules)
+    def __init__(self, example_inputs, leaf_modules: Sequence[str] = (), transformers: bool = False):
+        super().__init__(leaf_modules, transformers=transformers)
         # buffers traced too (BERT's position_ids[:, :L].expand(B, L): a real tensor given a traced size failed)
         self.proxy_buffer_attributes = True
         self._qc_inputs = [tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
                                  for t in example_inputs) for n in (2, 3)]
         self._qc_values: dict = {}
+        self._qc_data_sized: set = set()  # nodes whose sizes depend on data (_DATA_SIZED, and what follows them)
         self._qc_placeholders = 0
 
     _qc_evaluating = False  # computing a value: module calls and attribute reads run eagerly, nothing is recorded
@@ -627,6 +656,10 @@ class _SizedTracer(_Tracer):
         if self._qc_evaluating:
             raise _NotEager(f"{kind} {target}")  # a value computed with a traced one: unknown
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        inputs = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a) if isinstance(a, torch.fx.Proxy) else a)
+        if any(a.node in self._qc_data_sized for a in inputs):
+            self._qc_data_sized.add(proxy.node)
         self._qc_evaluating = True
         try:
             self._qc_values[proxy.node] = tuple(self._evaluate(kind, target, args, kwargs, run) for run in (0, 1))
@@ -634,6 +667,13 @@ class _SizedTracer(_Tracer):
             pass
         finally:
             self._qc_evaluating = False
+        try:
+            index_values = list(torch.fx.node.map_aggregate(
+                args, lambda a: self._qc_values.get(a.node, (None,))[0] if isinstance(a, torch.fx.Proxy) else a))
+            if _data_sized_op(kind, target, args, index_values):
+                self._qc_data_sized.add(proxy.node)
+        except Exception:  # noqa: BLE001
+            self._qc_data_sized.add(proxy.node)
         return proxy
 
     def _evaluate(self, kind, target, args, kwargs, run: int):
@@ -672,23 +712,40 @@ class _SizedTracer(_Tracer):
         raise LookupError(kind)
 
 
-def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, concrete_args) -> torch.fx.Graph | None:
-    """The graph :class:`_SizedTracer` makes, where it computes the model on batches of 1 and 3 as the model does
-    (else None: the plain trace's error stands)."""
+def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule | None:
+    """The graph module :class:`_SizedTracer` makes (through the transformer stand-ins where the model has them),
+    where it computes the model as the model does on the example at batches 1 and 3 and on ``check_inputs`` (a
+    batch of distinct samples, from the calibration data: a size the repeated example cannot show, such as
+    ``x[::4]``'s or one that depends on which samples differ); else None, and the plain trace's error stands.
+    The model's buffers are as before afterwards; a forward that updates them (a running average) computes other
+    outputs on its second run and is refused, as the plain trace refuses it."""
     from torch.utils._pytree import tree_leaves
 
-    tracer = _SizedTracer(example_inputs, leaf_modules)
     modes = [(m, m.training) for m in model.modules()]
+    state = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore():
+        with torch.no_grad():
+            for b, saved in state:
+                b.copy_(saved)
+
     try:
         model.eval()
         with contextlib.redirect_stderr(io.StringIO()):
-            graph = tracer.trace(model, concrete_args=concrete_args)
-            _drop_default_placeholders(graph)
-            gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
-            for n in (1, 3):
-                batch = tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-                              for t in example_inputs)
-                with torch.no_grad():
+            gm = _trace_transformers(model, example_inputs, leaf_modules, sized=True) if needs_rewrite(model) else None
+            restore()
+            if gm is None:
+                tracer = _SizedTracer(example_inputs, leaf_modules)
+                graph = tracer.trace(model, concrete_args=_defaults_beyond(model, len(example_inputs)))
+                _drop_default_placeholders(graph)
+                gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+                restore()
+            batches = [tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
+                             for t in example_inputs) for n in (1, 3)]
+            if check_inputs is not None:
+                batches.append(tuple(check_inputs))
+            for batch in batches:
+                with torch.no_grad():  # the model, then the graph, on the same state (not restored between)
                     want = [t for t in tree_leaves(_seeded(lambda: model(*[_clone(t) for t in batch])))
                             if isinstance(t, torch.Tensor)]
                     got = [t for t in tree_leaves(_seeded(lambda: gm(*[_clone(t) for t in batch])))
@@ -702,9 +759,10 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, concrete_
     except Exception:  # noqa: BLE001 -- the plain trace's error says what to do
         return None
     finally:
+        restore()
         for m, training in modes:
             m.training = training
-    return graph
+    return gm
 
 
 def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
@@ -777,7 +835,7 @@ def _leaf_name(model: nn.Module, where: str) -> str:
     return where if names else cls.__name__  # two classes of one name: the qualified name is unambiguous
 
 
-def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.fx.GraphModule:
+def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule:
     """:func:`trace`'s tracing proper: a GraphModule as it is, else through the transformer stand-ins, else plainly."""
     gm = None
     if isinstance(model, torch.fx.GraphModule) and not leaf_modules and not _calls_fused_modules(model):
@@ -799,10 +857,10 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
         except Exception as exc:
             # Python code over the input's sizes or dtype (a shape check, a slice to the sequence length): traced
             # again with those answered from the example, where that computes the model on other batch sizes
-            sized = _trace_sized(model, example_inputs, leaf_modules, _defaults_beyond(model, n_given)) \
+            sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs) \
                 if example_inputs is not None else None
             if sized is not None:
-                return torch.fx.GraphModule(model, sized, type(model).__name__)
+                return sized
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"
@@ -832,13 +890,17 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list) -> torch.
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-          leaf_modules: Iterable[str] = (), copy: bool = True) -> torch.fx.GraphModule:
+          leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
 
     The graph module works on a copy of ``model`` (:func:`plain_copy`): the passes rewrite weights in place
     (BatchNorm folding, equalization), and a graph module traced from the model itself shares its parameters, so
     they changed the user's float model. ``copy=False`` traces ``model`` as it is (for a caller that copied it
     already). A ``GraphModule`` is taken as it is: it is the IR the passes transform.
+
+    A model whose forward has Python code over its input's sizes or dtype is traced with those of the example
+    (:func:`_trace_sized`); ``check_inputs`` (a batch of distinct samples, one tensor per input: the compile passes
+    its first calibration samples) is a further check that the graph computes the model on other data.
 
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
@@ -857,7 +919,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     if not isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
         original_class = _spell_out_varargs(model, len(example_inputs))
     try:
-        gm = _trace_graph(model, example_inputs, leaf_modules)
+        if isinstance(check_inputs, torch.Tensor):
+            check_inputs = (check_inputs,)
+        gm = _trace_graph(model, example_inputs, leaf_modules, check_inputs)
     finally:
         if original_class is not None:  # the caller's model (copy=False) keeps its class
             model.__class__ = original_class
@@ -1086,14 +1150,16 @@ def _check_traced(want: list, traced_out) -> None:
                         "--leaf-module NAME")
 
 
-def _trace_transformers(model: nn.Module, example_inputs, leaf_modules) -> torch.fx.GraphModule | None:
+def _trace_transformers(model: nn.Module, example_inputs, leaf_modules,
+                        sized: bool = False) -> torch.fx.GraphModule | None:
     """Trace ``model`` with its ``nn.MultiheadAttention`` as four Linear projections and through the transformer
     containers (``qcompile.traceable``), so their projections are quantized too. ``None`` where that does not trace
     (a mask, an unusual module) or, on the example inputs, computes something else than ``model``: the caller then
     traces the model as it is, those modules opaque."""
     from torch.utils._pytree import tree_leaves
 
-    tracer = _Tracer(leaf_modules, transformers=True)
+    tracer = _SizedTracer(example_inputs, leaf_modules, transformers=True) if sized else \
+        _Tracer(leaf_modules, transformers=True)
     try:
         if example_inputs is not None:  # the kind of each mask argument, which a Proxy does not show
             record_masks(model, example_inputs)

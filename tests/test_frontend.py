@@ -761,6 +761,8 @@ class _HFStyleEncoder(nn.Module):
         h = self.emb(input_ids) + self.pos(self.position_ids[:, :length]) + self.types(types)
         if h.dtype != self.q.weight.dtype:
             h = h.to(self.q.weight.dtype)
+        if h.shape[1:].numel() != length * 16:  # torch.Size's numel() on the traced shape
+            raise ValueError("16 features per token")
         shape = h.shape[:-1]
         heads = (*shape, -1, 8)
         q, k, v = (f(h).view(*heads).transpose(1, 2) for f in (self.q, self.k, self.v))
@@ -808,6 +810,73 @@ def test_python_over_the_batch_size_still_stops_in_one_line():
     with pytest.raises(UserError) as err:
         trace(Net().eval(), torch.randn(1, 4))
     _assert_one_line(err, "control flow")
+
+
+class _SizeFromData(nn.Module):
+    """Python over sizes that depend on the data or on the batch in ways the repeated example cannot show."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        if x.shape[1] != 8:
+            raise ValueError("8 features")
+        if self.case == "masked":  # zeros are padding, replaced only where there are any
+            return self.fc(x) if x[x == 0].shape[0] == 0 else self.fc(x.masked_fill(x == 0, -1.0))
+        if self.case == "unique":
+            u, inv = torch.unique(x, dim=0, return_inverse=True)
+            return self.fc(x[:1]).expand(x.shape[0], -1) if u.shape[0] == 1 else self.fc(u)[inv]
+        if self.case == "stride":  # one row up to a batch of 4
+            sub = x[::4]
+            return self.fc(x) + sub if sub.shape[0] == 1 else self.fc(x) + sub.mean(0)
+        self.ema.mul_(0.5).add_(0.5 * x.mean(0))  # "state": a running average updated by forward
+        return self.fc(x) - self.ema
+
+
+@pytest.mark.parametrize("case", ["masked", "unique", "stride", "state"])
+def test_sizes_the_example_cannot_fix_keep_the_one_line_error(case, tmp_path):
+    """The sized retrace wrote data-dependent sizes (x[x == 0], torch.unique of a batch of one sample repeated)
+    and x[::4]'s as the example's: the file matched its simulation (PASS) and both computed another function, or
+    onnxruntime failed at batch 32. A forward that updates a buffer converged over the retrace's runs and passed
+    its check. Each now stops with the trace's one-line error, no file."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    for i in range(1, 32):
+        x[i, 8 - (i % 4):] = 0  # sample 0 (the example) has no zeros, the others some
+    model = _SizeFromData(case).eval()
+    with pytest.raises(UserError, match="cannot trace the model|does not compute the model") as err:
+        qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "never.onnx"))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "never.onnx").exists()
+
+
+def test_a_shape_check_keeps_attention_traced_as_its_projections():
+    """An input-width check sent the model to the sized retrace, which kept nn.MultiheadAttention whole (float)."""
+    from qcompile.summary import layer_lines
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(16, 32)
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.out = nn.Linear(32, 4)
+
+        def forward(self, x):
+            if x.shape[-1] != 16:
+                raise ValueError("16 features")
+            h = self.inp(x)
+            return self.out(self.mha(h, h, h, need_weights=False)[0].flatten(1).reshape(x.shape[0], -1, 32).mean(1))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(32, 6, 16, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed
+    lines = layer_lines(result.model)[1:]
+    assert sum(" W8 uniform / A8 uniform " in line for line in lines) == 6, lines  # inp, q, k, v, out_proj, out
 
 
 def test_a_size_used_as_a_python_int_names_the_module_to_keep_opaque():
