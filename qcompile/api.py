@@ -610,7 +610,7 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
                        callback, progress, t0) -> CompileResult:
     check = None  # distinct samples, for a trace fixed to the example's sizes (frontend._trace_sized)
     if calib_x is not None:
-        check = tuple(t[:16] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:16],)
+        check = tuple(t[:32] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:32],)
     gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
                leaf_modules=opts.leaf_modules, copy=False, check_inputs=check)
     _check_batch_statistics(gm)

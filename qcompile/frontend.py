@@ -604,13 +604,54 @@ _DATA_SIZED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecu
                "repeat_interleave", "nonzero_static", "tolist", "item"}
 
 
-def _data_sized_op(kind, target, args, values) -> bool:
+# operations that take sizes, bounds or counts (a 0-dim tensor given as one makes the output's size data's)
+_SIZE_TAKING = {"getitem", "narrow", "narrow_copy", "select", "arange", "linspace", "eye", "expand", "repeat", "tile",
+                "view", "reshape", "unflatten", "zeros", "ones", "empty", "full", "rand", "randn", "randint",
+                "new_zeros", "new_ones", "new_empty", "new_full", "split", "tensor_split", "chunk", "pad",
+                "interpolate", "topk", "roll"}
+
+
+def _data_sized_op(tracer, kind, target, args, kwargs) -> bool:
+    """Whether the output sizes of this operation may vary in ways that the example repeated to batches of 2 and 3
+    does not show: they then stay traced. Conservatively:
+
+    - an operation whose output size follows its input's values (``_DATA_SIZED``, ``torch.where(c)``, ``x[mask]``);
+    - one given a traced scalar computed from data (a 0-dim tensor or ``.item()``: ``x[:, :mask.sum(1).max()]``,
+      ``torch.narrow(h, 1, 0, L)``, ``torch.arange(L)``);
+    - a slice with bounds or a step over a dimension that follows the batch (``x[::4]``: one row up to batch 4);
+    - a module kept whole that is not one of torch.nn's own (its output sizes are its code's business)."""
     name = target if kind == "call_method" else getattr(target, "__name__", "")
     if name in _DATA_SIZED or (name == "where" and len(args) == 1):
         return True
-    if kind == "call_function" and target is operator.getitem and len(values) > 1:  # x[mask]: a boolean index
-        index = values[1] if isinstance(values[1], tuple) else (values[1],)
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+    if kind == "call_module":
+        return not type(tracer.root.get_submodule(target)).__module__.startswith("torch.nn.")
+    if name in _SIZE_TAKING:
+        traced = []
+        torch.fx.node.map_aggregate((args, kwargs), lambda a: traced.append(a) if isinstance(a, torch.fx.Proxy) else a)
+        for a in traced:
+            vals = tracer._qc_values.get(a.node)
+            if vals is not None and isinstance(vals[0], torch.Tensor) and vals[0].dim() == 0:
+                return True  # a size or bound computed from data: x[:, :mask.sum(1).max()], torch.arange(L)
+    if kind == "call_function" and target is operator.getitem and len(args) > 1 and isinstance(args[0], torch.fx.Proxy):
+        base = tracer._qc_values.get(args[0].node)
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        values = torch.fx.node.map_aggregate(
+            index, lambda a: tracer._qc_values.get(a.node, (None,))[0] if isinstance(a, torch.fx.Proxy) else a)
+        if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in values):
+            return True  # x[mask]
+        if base is not None and isinstance(base[0], torch.Tensor):
+            a, b = base
+            dim = 0
+            for i, item in enumerate(index):
+                if item is Ellipsis:
+                    dim = a.dim() - sum(1 for j in index[i + 1:] if j is not None)
+                    continue
+                if item is None:
+                    continue
+                if isinstance(item, slice) and dim < a.dim() and a.shape[dim] != b.shape[dim] and \
+                        (item.start is not None or item.stop is not None or item.step not in (None, 1)):
+                    return True  # x[::4], x[:2] along the batch
+                dim += 1
     return False
 
 
@@ -668,11 +709,9 @@ class _SizedTracer(_Tracer):
         finally:
             self._qc_evaluating = False
         try:
-            index_values = list(torch.fx.node.map_aggregate(
-                args, lambda a: self._qc_values.get(a.node, (None,))[0] if isinstance(a, torch.fx.Proxy) else a))
-            if _data_sized_op(kind, target, args, index_values):
+            if kind not in ("placeholder", "get_attr") and _data_sized_op(self, kind, target, args, kwargs):
                 self._qc_data_sized.add(proxy.node)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 -- unknown: its sizes stay traced
             self._qc_data_sized.add(proxy.node)
         return proxy
 

@@ -853,6 +853,120 @@ def test_sizes_the_example_cannot_fix_keep_the_one_line_error(case, tmp_path):
     assert not (tmp_path / "never.onnx").exists()
 
 
+class _CropToLongest(nn.Module):
+    """A padded batch cropped to its longest sequence (a size from the mask's values), behind a shape check."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.e = nn.Linear(8, 16)
+        self.h = nn.Linear(16, 3)
+
+    def forward(self, x, mask):
+        if x.shape[-1] != 8:
+            raise ValueError("8 features")
+        longest = mask.sum(1).max()
+        if self.how == "slice":
+            h, m = self.e(x[:, :longest]), mask[:, :longest]
+        elif self.how == "narrow":
+            h, m = self.e(torch.narrow(x, 1, 0, longest)), torch.narrow(mask, 1, 0, longest)
+        else:  # positions up to the longest
+            keep = torch.arange(longest)
+            h, m = self.e(x[:, keep]), mask[:, keep]
+        return self.h((h * m.unsqueeze(-1)).sum(1) / h.shape[1])
+
+
+def _padded(batch, lo, hi, full_first, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(lo, hi + 1, (batch,), generator=gen)
+    if full_first:
+        lengths[0] = 12
+    return torch.randn(batch, 12, 8, generator=gen), (torch.arange(12)[None] < lengths[:, None]).long()
+
+
+@pytest.mark.parametrize("how", ["slice", "narrow", "arange"])
+def test_a_size_from_data_values_stays_traced(how):
+    """The crop length came out of the example (its longest sequence, 12) as a constant, and the check on
+    calibration samples led by full-length ones passed: the file divided by 12 where a batch's longest was 10."""
+    from qcompile.runtime import session
+
+    torch.manual_seed(0)
+    model = _CropToLongest(how).eval()
+    calib = _padded(32, 6, 12, True, 1)
+    result = qcompile.compile(model, calib=calib, scheme="fp32")
+    assert result.report.passed
+    sess = session(result.onnx_model.SerializeToString())
+    names = [i.name for i in sess.get_inputs()]
+    for batch in (7, 32):
+        x, mask = _padded(batch, 6, 10, False, batch)
+        with torch.no_grad():
+            want = model(x, mask)
+        got = torch.from_numpy(sess.run(None, dict(zip(names, (x.numpy(), mask.numpy()))))[0])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stride_over_the_batch_stays_traced_with_few_calibration_samples():
+    """x[::4] has one row up to a batch of 4: with 3 calibration samples nothing showed that its size follows the
+    batch, and the file took its first row at batch 32 too."""
+    from qcompile.runtime import session
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[1] != 8:
+                raise ValueError("8 features")
+            ref = x[::4]
+            return self.fc(x) + ref.sum(0) / ref.shape[0]
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x[:3], scheme="fp32")
+    assert result.report.passed
+    sess = session(result.onnx_model.SerializeToString())
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_module_kept_whole_may_size_its_outputs_from_data():
+    """A leaf module (the hint's advice for data-dependent code) that drops the all-padding positions: its output
+    size was written as the example's."""
+    from qcompile.runtime import session
+
+    class Trim(nn.Module):
+        def forward(self, x, mask):
+            keep = mask.any(0)
+            return x[:, keep], mask[:, keep]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trim = Trim()
+            self.e = nn.Linear(8, 16)
+            self.h = nn.Linear(16, 3)
+
+        def forward(self, x, mask):
+            if x.shape[-1] != 8:
+                raise ValueError("8 features")
+            x, mask = self.trim(x, mask)
+            h = self.e(x) * mask.unsqueeze(-1)
+            return self.h(h.sum(1) / h.shape[1])
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    result = qcompile.compile(model, calib=_padded(32, 6, 12, True, 1), scheme="fp32", leaf_modules=["trim"])
+    sess = session(result.onnx_model.SerializeToString())
+    names = [i.name for i in sess.get_inputs()]
+    x, mask = _padded(7, 6, 10, False, 7)
+    got = torch.from_numpy(sess.run(None, dict(zip(names, (x.numpy(), mask.numpy()))))[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x, mask), rtol=1e-4, atol=1e-5)
+
+
 def test_a_shape_check_keeps_attention_traced_as_its_projections():
     """An input-width check sent the model to the sized retrace, which kept nn.MultiheadAttention whole (float)."""
     from qcompile.summary import layer_lines
