@@ -608,6 +608,11 @@ def compile(
 
 def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                        callback, progress, t0) -> CompileResult:
+    for i, t in enumerate(example_inputs):
+        if isinstance(t, torch.Tensor) and t.dim() == 0:  # torch.onnx: "Dynamic shape axis should be no more than ..."
+            raise UserError(f"input {i} of the example is a 0-dim tensor, but every input of the file has a batch "
+                            "dimension first: give it shape (batch,) (one value per sample), or make it a constant "
+                            "of the model (a buffer or attribute) instead of an input")
     check = None  # distinct samples, for a trace fixed to the example's sizes (frontend._trace_sized)
     if calib_x is not None:
         check = tuple(t[:32] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:32],)

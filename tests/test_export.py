@@ -1149,3 +1149,24 @@ def test_output_dimensions_that_are_not_the_batch_are_not_called_batch(tmp_path)
         sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         with torch.no_grad():
             assert sess.run(None, {sess.get_inputs()[0].name: x[:5].numpy()})[0].shape == tuple(Out(kind)(x[:5]).shape)
+
+
+def test_a_0_dim_input_is_refused_in_one_line():
+    """forward(x, scale) with a 0-dim scale ended in torch.onnx's "Dynamic shape axis should be no more than the
+    shape dimension for batch"; (batch,) works."""
+    import qcompile
+    from qcompile.errors import UserError
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, scale):
+            return self.fc(x) * scale[:, None]
+
+    x = torch.randn(4, 8)
+    with pytest.raises(UserError, match="input 1 of the example is a 0-dim tensor") as err:
+        qcompile.compile(Scaled().eval(), (x[:1], torch.tensor(2.0)), scheme="fp32")
+    assert "\n" not in str(err.value)
+    assert qcompile.compile(Scaled().eval(), (x[:1], torch.tensor([2.0])), scheme="fp32").report.passed
