@@ -579,12 +579,29 @@ class _SizedProxy(torch.fx.Proxy):
             return getattr(a, k)(*args, **kwargs)  # dim(), is_floating_point(), is_complex(), is_contiguous()
         return method
 
+    @classmethod
+    def __torch_function__(cls, orig_method, types, args=(), kwargs=None):
+        # a shape of ints and traced sizes handed to a torch function (torch.zeros(x.size()), DeBERTa's token types):
+        # torch.fx looks for traced values in plain tuples only
+        return super().__torch_function__(orig_method, types, _plain_shapes(args or ()), _plain_shapes(kwargs or {}))
+
     def __len__(self):
         vals = self._values()
         if vals is None or vals[0].dim() == 0 or vals[0].shape[0] != vals[1].shape[0] or \
                 self.node in self.tracer._qc_data_sized:
             return super().__len__()
         return int(vals[0].shape[0])
+
+
+def _plain_shapes(a):
+    """``a`` with every :class:`_SizedShape` in it (in tuples, lists and dicts) as a plain tuple."""
+    if isinstance(a, _SizedShape):
+        return tuple(_plain_shapes(x) for x in a)
+    if type(a) in (tuple, list):
+        return type(a)(_plain_shapes(x) for x in a)
+    if type(a) is dict:
+        return {k: _plain_shapes(v) for k, v in a.items()}
+    return a
 
 
 class _SizedShape(tuple):
@@ -696,6 +713,7 @@ class _SizedTracer(_Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         if self._qc_evaluating:
             raise _NotEager(f"{kind} {target}")  # a value computed with a traced one: unknown
+        args, kwargs = _plain_shapes(args), _plain_shapes(kwargs)  # x.new_zeros(x.shape): a plain tuple in the graph
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         inputs = []
         torch.fx.node.map_aggregate((args, kwargs), lambda a: inputs.append(a) if isinstance(a, torch.fx.Proxy) else a)
@@ -804,6 +822,45 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
     return gm
 
 
+def _inputs_error(cause: BaseException, example_inputs, where: str = "") -> UserError:
+    """The one-line error for a model that does not run on its example inputs (a wrong shape, float token ids)."""
+    shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
+                       else repr(t) for t in example_inputs)
+    hint = "fix --input-shape, or the shape and type of the --calib inputs"
+    if len(example_inputs) > 1 and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in example_inputs):
+        hint += (" (--input-shape gives random float32 inputs: a mask or token ids needs --calib with real "
+                 "arrays, an .npz with x0, x1, ...)")
+    if "indices" in str(cause) and "Long, Int" in str(cause) and \
+            any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in example_inputs):
+        # (also beside an integer mask: that sent the image-data hint, save as float32, the opposite fix)
+        hint = ("an input takes integer ids (an Embedding) and was given floats: --input-shape makes random "
+                "floats, so give --calib, whose arrays must hold the ids as integers (ids.astype(np.int64), "
+                "not float32; the same for calib= from Python)")
+    elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
+            and "type" in str(cause).lower():
+        hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "
+                "e.g. x.astype(np.float32)")
+    return UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); {hint}")
+
+
+def _eager_failure(model: nn.Module, inputs) -> BaseException | None:
+    """The exception ``model`` raises on ``inputs`` (eval mode, buffers as before), or None where it runs."""
+    modes = [(m, m.training) for m in model.modules()]
+    state = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            _seeded(lambda: model.eval()(*[_clone(t) for t in inputs]))
+        return None
+    except Exception as exc:  # noqa: BLE001 -- reported by the caller
+        return exc
+    finally:
+        with torch.no_grad():
+            for b, saved in state:
+                b.copy_(saved)
+        for m, training in modes:
+            m.training = training
+
+
 def _calls_fused_modules(gm: torch.fx.GraphModule) -> bool:
     """A GraphModule that calls torch.ao's fused modules (``fuse_fx``: ConvReLU2d, LinearReLU ...) whole: its
     layers were invisible to the passes and stayed float. Traced again, they are traced through as eager
@@ -896,10 +953,16 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         except Exception as exc:
             # Python code over the input's sizes or dtype (a shape check, a slice to the sequence length): traced
             # again with those answered from the example, where that computes the model on other batch sizes
-            sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs) \
-                if example_inputs is not None else None
-            if sized is not None:
-                return sized
+            if example_inputs is not None:
+                # a model that does not run on its inputs (float token ids, a wrong shape) is told so, not sent to
+                # --leaf-module by the trace's error
+                for inputs in (example_inputs, check_inputs):
+                    failed = _eager_failure(model, inputs) if inputs is not None else None
+                    if failed is not None:
+                        raise _inputs_error(failed, inputs) from None
+                sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs)
+                if sized is not None:
+                    return sized
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"
@@ -983,26 +1046,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             where = ""
             if node is not None:
                 where = f"at {node.target if node.op == 'call_module' else node.name}: "
-            cause = exc.__cause__ if exc.__cause__ is not None else exc
-            shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
-                               else repr(t) for t in example_inputs)
-            hint = "fix --input-shape, or the shape and type of the --calib inputs"
-            if len(example_inputs) > 1 and all(isinstance(t, torch.Tensor) and t.is_floating_point()
-                                               for t in example_inputs):
-                hint += (" (--input-shape gives random float32 inputs: a mask or token ids needs --calib with real "
-                         "arrays, an .npz with x0, x1, ...)")
-            if "indices" in str(cause) and "Long, Int" in str(cause) and \
-                    any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in example_inputs):
-                # (also beside an integer mask: that sent the image-data hint, save as float32, the opposite fix)
-                hint = ("an input takes integer ids (an Embedding) and was given floats: --input-shape makes random "
-                        "floats, so give --calib, whose arrays must hold the ids as integers (ids.astype(np.int64), "
-                        "not float32; the same for calib= from Python)")
-            elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
-                    and "type" in str(cause).lower():
-                hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "
-                        "e.g. x.astype(np.float32)")
-            raise UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); "
-                            f"{hint}") from None
+            raise _inputs_error(exc.__cause__ if exc.__cause__ is not None else exc, example_inputs, where) from None
         # on the eager-semantics graph ShapeProp marked which values are tensors: `n += 1` on a size is not an
         # in-place update of anything another name could see
         if functionalize_inplace(gm):

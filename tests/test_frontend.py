@@ -797,6 +797,50 @@ def test_python_over_sizes_and_dtypes_is_traced_for_the_examples_sizes_and_any_b
     torch.testing.assert_close(torch.from_numpy(y), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
+class _TokenTypes(nn.Module):
+    """DeBERTa-v2's embeddings: a buffer sliced to the sequence length and token types made with
+    ``torch.zeros(input_ids.size())``, a shape of a traced batch size and an int."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.types = nn.Embedding(2, 16)
+        self.register_buffer("pos", torch.randn(1, 32, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, ids):
+        shape = ids.size()
+        h = self.emb(ids) + self.pos[:, :shape[1]]
+        h = h + self.types(torch.zeros(shape, dtype=torch.long, device=ids.device))
+        return self.fc(h.mean(1))
+
+
+def test_a_shape_with_a_traced_batch_size_goes_to_torch_functions():
+    """torch.zeros(ids.size()) inside the sized retrace: torch.fx did not find the traced size in the shape (a tuple
+    of its own class) and the retrace gave up, so DeBERTa-v2 did not compile."""
+    from qcompile.runtime import session
+
+    torch.manual_seed(0)
+    model = _TokenTypes().eval()
+    ids = torch.randint(0, 50, (32, 12), generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=ids, scheme="uniform", bits=8)
+    assert result.report.passed
+    sess = session(result.onnx_model.SerializeToString())
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: ids[:7].numpy()})[0])
+    with torch.no_grad():
+        torch.testing.assert_close(got, result.model(ids[:7]), rtol=1e-4, atol=1e-4)
+
+
+def test_inputs_the_model_cannot_take_are_named_as_such_not_as_a_trace_failure():
+    """Float token ids for a model that needs the sized retrace: the plain trace's error ("slice indices must be
+    integers ... --leaf-module") was shown, and following it led to the next module's."""
+    model = _TokenTypes().eval()
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, calib=torch.randint(0, 50, (32, 12)).float(), scheme="uniform", bits=8)
+    _assert_one_line(err, "the model does not run on inputs of shape [(1, 12) float32]", "ids.astype(np.int64)")
+    assert "--leaf-module" not in str(err.value)
+
+
 def test_python_over_the_batch_size_still_stops_in_one_line():
     """A branch on the batch size cannot be fixed to the example's: the trace's own error stands."""
     class Net(nn.Module):
