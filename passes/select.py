@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from qcompile.errors import UserError
 from qcompile.ir import QUANT_SCHEMES, LayerConfig
 
-from .base import Pass, PassResult, stock_layer
+from .base import Pass, PassResult, _reads_metadata, stock_layer
 
 LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -597,7 +597,8 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
         except AttributeError:
             continue
         readers = sorted({getattr(u.target, "__name__", str(u.target)) for u in node.users
-                          if u.op == "call_function" and u.target not in layer_fns and u.target is not F.embedding})
+                          if u.op == "call_function" and u.target not in layer_fns and u.target is not F.embedding
+                          and not _reads_metadata(u)})  # w.device, w.shape: nothing computed with the values
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and readers:
             seen.add(path)
             rows.append((path, "weight", f"read by {', '.join(readers)}"))

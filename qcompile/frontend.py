@@ -697,6 +697,23 @@ class _SizedTracer(_Tracer):
 
     _qc_evaluating = False  # computing a value: module calls and attribute reads run eagerly, nothing is recorded
 
+    def trace(self, root, concrete_args=None):
+        # torch.arange of Python numbers, traced: positions made in forward and then expanded to the traced batch
+        # (BART's positional embedding: torch.arange(L, device=w.device).expand(B, -1)) were a real tensor, whose
+        # expand() cannot take a traced size
+        arange, tracer = torch.arange, self
+
+        def traced_arange(*args, **kwargs):
+            if tracer._qc_evaluating:
+                return arange(*args, **kwargs)
+            return tracer.create_proxy("call_function", arange, args, kwargs)
+
+        torch.arange = traced_arange
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            torch.arange = arange
+
     def proxy(self, node):
         return _SizedProxy(node, self)
 

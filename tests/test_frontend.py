@@ -831,6 +831,46 @@ def test_a_shape_with_a_traced_batch_size_goes_to_torch_functions():
         torch.testing.assert_close(got, result.model(ids[:7]), rtol=1e-4, atol=1e-4)
 
 
+class _LearnedPositions(nn.Embedding):
+    """BART's positional embedding: positions made with torch.arange in forward, expanded to the batch."""
+
+    def forward(self, ids):
+        if ids.dim() != 2:  # (the plain trace stops here: the sized retrace traces this model)
+            raise ValueError("ids must be (batch, length)")
+        positions = torch.arange(0, ids.shape[1], dtype=torch.long, device=self.weight.device)
+        return super().forward(positions.expand(ids.shape[0], -1) + 2)
+
+
+def test_positions_made_in_forward_expand_to_the_traced_batch_and_the_table_is_quantized():
+    """The BART and mBART encoders: torch.arange(L).expand(B, -1) was a real tensor given a traced size (the
+    retrace gave up, and the hint sent users to keep the attention float); and a table whose forward reads
+    self.weight.device was listed as float ("read by getattr") beside its W8 row, with a warning."""
+    import warnings
+
+    from qcompile.summary import layer_lines
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(50, 8)
+            self.pos = _LearnedPositions(20, 8)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc(self.tok(ids) + self.pos(ids))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    ids = torch.randint(0, 50, (32, 16), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", qcompile.QuantizationWarning)
+        result = qcompile.compile(model, calib=ids, scheme="uniform", bits=8)
+    assert result.report.passed
+    lines = layer_lines(result.model)[1:]
+    assert [line.split()[0] for line in lines] == ["tok", "pos", "fc"], lines
+    assert all("W8 uniform" in line for line in lines), lines
+
+
 def test_inputs_the_model_cannot_take_are_named_as_such_not_as_a_trace_failure():
     """Float token ids for a model that needs the sized retrace: the plain trace's error ("slice indices must be
     integers ... --leaf-module") was shown, and following it led to the next module's."""
