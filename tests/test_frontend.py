@@ -458,7 +458,7 @@ def test_sizes_used_as_python_ints_get_the_traceable_spelling_in_the_message():
             self.register_buffer("pos", torch.randn(8, 4))
 
         def forward(self, x):  # (B, T, 4): a tensor made in forward sliced to the batch size
-            return self.fc(x[:, 0] + torch.arange(8.0)[:x.shape[0], None])
+            return self.fc(x[:, 0] + torch.linspace(0.0, 1.0, 8)[:x.shape[0], None])
 
     with pytest.raises(UserError) as err:
         trace(Zeros().eval(), torch.randn(2, 4))
