@@ -919,6 +919,73 @@ def _refuse_unexportable(gm: torch.fx.GraphModule) -> None:
                             "size] for i in range(n)], dim=-2)")
 
 
+# operations that compute the same with a 0-dim tensor in place of a Python number (type promotion treats both as
+# scalars; the result's dtype is checked anyway)
+_SCALAR_ARITHMETIC_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+                                operator.neg, torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.pow,
+                                torch.subtract, torch.multiply, torch.divide, torch.clamp, torch.clip,
+                                torch.clamp_min, torch.clamp_max, torch.minimum, torch.maximum}
+_SCALAR_ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "true_divide", "pow", "subtract", "multiply", "divide",
+                              "clamp", "clip", "clamp_min", "clamp_max"}
+
+
+def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    """``.item()`` of a value computed from the inputs, read only by tensor arithmetic (``fc(x) / x.abs().max()
+    .item()``, also through arithmetic on the number: ``x - 3 * x.mean().item()``): those users read the 0-dim
+    tensor itself. torch.onnx writes an ``.item()`` as the constant it had on the example, so the file divided
+    every input by the example's maximum (0.5 dB from the model; the validation, which skipped outputs after a
+    ``max``, passed it). Where a tensor result would change dtype the ``.item()`` stays. True where the graph
+    changed (``gm`` recompiled, ShapeProp's metadata new)."""
+    def arithmetic(u, item) -> bool:
+        if u.op == "call_function":
+            return u.target in _SCALAR_ARITHMETIC_FUNCTIONS
+        return u.op == "call_method" and u.target in _SCALAR_ARITHMETIC_METHODS and u.args[0] is not item
+
+    def qualifies(u, item, tensors: list) -> bool:
+        if not arithmetic(u, item):
+            return False
+        meta = u.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "dtype"):  # a tensor result: its dtype is checked after
+            tensors.append(u)
+            return True
+        # a Python number (``3 * x.mean().item()``): a 0-dim tensor from now on, as far as its readers allow
+        return u.meta.get("type") in (int, float) and bool(u.users) and \
+            all(qualifies(w, u, tensors) for w in u.users)
+
+    items = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "item" and len(n.args) == 1
+             and isinstance(n.args[0], torch.fx.Node) and n.users]
+    changed = []
+    for item in items:
+        tensors: list = []
+        if all(qualifies(u, item, tensors) for u in item.users):
+            before = {u: u.meta["tensor_meta"].dtype for u in tensors}
+            users = list(item.users)
+            for u in users:
+                u.replace_input_with(item, item.args[0])
+            changed.append((item, users, before))
+    if not changed:
+        return False
+
+    def propagate():
+        gm.recompile()
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # a new interpreter: last uses moved
+            _seeded(lambda: _ShapeProp(gm).propagate(*[_clone(t) for t in example_inputs]))
+    propagate()
+    kept = False
+    for item, users, before in changed:
+        if any(u.meta["tensor_meta"].dtype != dtype for u, dtype in before.items()):
+            for u in users:  # as the model computes it (the file keeps the example's value: validation says so)
+                u.replace_input_with(item.args[0], item)
+            kept = True
+    if kept:
+        propagate()
+    for item, _users, _before in changed:
+        if not item.users:
+            gm.graph.erase_node(item)
+    gm.recompile()
+    return True
+
+
 def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
     """Name each input of the graph module's forward after its placeholder node. torch.fx renames a placeholder
     ``input`` (a builtin) to ``input_1`` and writes ``input_1 = input`` at the top of forward; a second parameter
@@ -1064,6 +1131,9 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             if node is not None:
                 where = f"at {node.target if node.op == 'call_module' else node.name}: "
             raise _inputs_error(exc.__cause__ if exc.__cause__ is not None else exc, example_inputs, where) from None
+        if _items_as_tensors(gm, example_inputs):
+            with torch.no_grad():
+                traced_out = _seeded(lambda: gm(*[_clone(t) for t in example_inputs]))
         # on the eager-semantics graph ShapeProp marked which values are tensors: `n += 1` on a size is not an
         # in-place update of anything another name could see
         if functionalize_inplace(gm):

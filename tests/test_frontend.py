@@ -1895,3 +1895,46 @@ def test_a_packed_sequence_in_forward_is_named():
     with pytest.raises(UserError) as err:
         qcompile.compile(Packed().eval(), x[:1], calib=x, scheme="fp32", progress=False)
     _assert_one_line(err, "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced")
+
+
+def test_item_of_data_read_by_arithmetic_stays_a_tensor_in_the_file():
+    """``fc(x) / x.abs().max().item()``: torch.onnx wrote the ``.item()`` as the example's value, a constant, so
+    the file divided every batch by the example's maximum (0.5 dB from the model). Read only by arithmetic (also
+    through arithmetic on the number, ``0.1 * ...item()``, and as a clamp bound), the 0-dim tensor is kept."""
+    import numpy as np
+    import onnxruntime as ort
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(x - x.mean().item()) / x.abs().max().item()
+            return torch.clamp(y, max=0.1 * x.std().item())
+
+    x = torch.randn(64, 8) * torch.linspace(0.2, 3, 64)[:, None]
+    gm = trace(M().eval(), (x[:1],))
+    assert not [n for n in gm.graph.nodes if n.target == "item"], gm.graph
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(M().eval(), x[:1], calib=x, scheme=scheme, bits=8)
+        assert result.report.passed, result.report.failures
+        sess = ort.InferenceSession(result.onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"input": x.numpy()})[0]
+        with torch.no_grad():
+            want = (M().eval() if scheme == "fp32" else result.model)(x).numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), scheme
+
+
+def test_item_whose_tensor_would_change_a_dtype_stays_an_item():
+    """An integer tensor times a float64 0-dim tensor is float64, times a Python float float32: such an
+    ``.item()`` is left as it is (the model's dtypes are kept)."""
+    class M(nn.Module):
+        def forward(self, x, n):
+            return x * (n * x.double().mean().item()).float()
+
+    x, n = torch.randn(4, 3), torch.arange(12).reshape(4, 3)
+    gm = trace(M().eval(), (x, n))
+    assert [node for node in gm.graph.nodes if node.target == "item"]
+    assert torch.equal(gm(x, n), M()(x, n))

@@ -468,3 +468,42 @@ def test_the_saturation_hint_says_to_compile_the_float_model(monkeypatch):
     monkeypatch.setattr(sys.modules["qcompile.runtime.session"], "u8s8_saturates", lambda: True)  # x86, no VNNI
     hint = _saturation_hint(model_bytes)
     assert "compile the float model with --int8-weights s8-safe" in hint and "compiled already keeps" in hint
+
+
+def test_a_wrong_file_fails_validation_through_an_argmax_output():
+    """A model whose only output is ``argmax`` (after a step, so left out of the forced SQNR bound): the classifier's
+    bias changed in the file moved the predicted class of most samples and validation said PASS, as nothing
+    compared the output. The values of such outputs, computed from onnxruntime's own codes, may differ only where
+    float rounding crosses the step."""
+    import torch.nn as nn
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc = nn.Linear(16, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc1(x))).argmax(1)
+
+    g = torch.Generator().manual_seed(3)
+    calib, valid = torch.randn(64, 16, generator=g), torch.randn(300, 16, generator=g)
+    result = qcompile.compile(M().eval(), calib[:1], calib=calib, validate=False, scheme="uniform", bits=8)
+    genuine = validate_quantized(result.onnx_model.SerializeToString(), result.model, valid)
+    assert genuine.passed, genuine.failures
+    assert genuine.extra["step_output_mismatch"] == {0: 0.0}
+
+    graph = result.onnx_model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][-1]
+    target = producer[gemm.input[2]].input[0]
+    assert next(t for t in graph.initializer if t.name == target).data_type == TensorProto.INT32
+
+    def change(codes):
+        codes[:5] += np.abs(codes).max() * 40
+        return codes
+
+    report = validate_quantized(doctored(result.onnx_model, target, change), result.model, valid)
+    assert report.extra["codes_differ"] == 0
+    assert not report.passed and report.extra["step_output_mismatch"][0] > 0.2
+    assert any("after a step operation" in f for f in report.failures), report.failures
