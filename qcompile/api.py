@@ -627,6 +627,17 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
                            thresholds, callback, progress, t0)
 
 
+def _python_numbers_hint(gm: torch.fx.GraphModule) -> Optional[str]:
+    """Why a file may not compute the model: values of data taken out as Python numbers (``.item()`` that the
+    frontend could not keep a tensor, ``.tolist()``), which torch.onnx writes as the constants of the example."""
+    taken = [n.name for n in gm.graph.nodes if n.op == "call_method" and n.target in ("item", "tolist")]
+    if not taken:
+        return None
+    return (f"forward takes {len(taken)} value(s) of the data out as Python numbers ({', '.join(taken[:3])}"
+            f"{' ...' if len(taken) > 3 else ''}: .item() or .tolist()), which the ONNX file holds as the constants "
+            "they were on the example: compute with the tensor itself (drop the .item())")
+
+
 def _hooked_modules(model: nn.Module) -> list[str]:
     """The modules of ``model`` with forward or forward-pre hooks ("the model" for the root)."""
     names = []
@@ -811,6 +822,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
             report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
+        if not report.passed:
+            hint = _python_numbers_hint(gm)
+            if hint:
+                report.failures.append(hint)
         # most of a large model's compile (ResNet-50, 32 images at 224x224: 31 of 40 s), and nothing said so
         summary["validation_seconds"] = round(time.perf_counter() - t_validate, 3)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None

@@ -1938,3 +1938,19 @@ def test_item_whose_tensor_would_change_a_dtype_stays_an_item():
     gm = trace(M().eval(), (x, n))
     assert [node for node in gm.graph.nodes if node.target == "item"]
     assert torch.equal(gm(x, n), M()(x, n))
+
+
+def test_a_failed_validation_names_an_item_the_file_holds_as_a_constant():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):  # full_like takes a number: the .item() stays, and torch.onnx bakes it
+            return self.fc(x) * torch.full_like(self.fc.weight[0], x.abs().max().item())
+
+    x = torch.randn(64, 8) * torch.linspace(0.2, 3, 64)[:, None]
+    result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="fp32")
+    assert not result.report.passed
+    assert any("as Python numbers" in f and ".item()" in f for f in result.report.failures), result.report.failures
