@@ -1015,6 +1015,35 @@ def _leaf_name(model: nn.Module, where: str) -> str:
     return where if names else cls.__name__  # two classes of one name: the qualified name is unambiguous
 
 
+def _holds_proxy(value) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.fx.Proxy) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.fx.Proxy) for v in value.values())
+    return False
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module):
+    """A forward that stores a value on a module (``if self.cache is None: self.cache = ...``, filled on the first
+    call) stored a traced Proxy there while torch.fx traced it: the graph module's own run, and the model's eager
+    run that checks it, then returned that Proxy, and the compile stopped with a wrong "in-place update" error.
+    Attributes that hold a Proxy after the trace get back what they held before it (or go, if new)."""
+    before = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, old in before:
+            for key, value in list(m.__dict__.items()):
+                if _holds_proxy(value):
+                    if key in old and not _holds_proxy(old[key]):
+                        m.__dict__[key] = old[key]
+                    else:
+                        del m.__dict__[key]
+
+
 def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule:
     """:func:`trace`'s tracing proper: a GraphModule as it is, else through the transformer stand-ins, else plainly."""
     gm = None
@@ -1032,7 +1061,8 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         tracer = _Tracer(leaf_modules)
         n_given = len(example_inputs) if example_inputs is not None else None
         try:
-            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
+            with _attributes_kept(model):
+                graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
             _drop_default_placeholders(graph)
         except Exception as exc:
             # Python code over the input's sizes or dtype (a shape check, a slice to the sequence length): traced

@@ -1954,3 +1954,25 @@ def test_a_failed_validation_names_an_item_the_file_holds_as_a_constant():
     result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="fp32")
     assert not result.report.passed
     assert any("as Python numbers" in f and ".item()" in f for f in result.report.failures), result.report.failures
+
+
+def test_a_forward_that_fills_a_cache_on_its_first_call_compiles():
+    """``if self.cache is None: self.cache = ...``: the trace stored a Proxy in the attribute, and the compile stopped
+    with a wrong "in-place update" error. The attribute gets back what it held; the caller's model is untouched."""
+    class Cache(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.cache = nn.Linear(8, 8), None
+
+        def forward(self, x):
+            if self.cache is None:
+                self.cache = torch.ones(1, x.shape[1]) * 2
+            return self.fc(x) * self.cache
+
+    model = Cache().eval()
+    x = torch.randn(32, 8)
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
+        assert result.report.passed, result.report.failures
+    assert model.cache is None
