@@ -1093,6 +1093,12 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
             hint = _size_hint(exc).replace("--leaf-module NAME", f"--leaf-module {leaf} (leaf_modules=[{leaf!r}])"
                                            if where else "--leaf-module NAME") or hint
             said = _first_line(exc)
+            if "masking_utils.py" in line:
+                # transformers builds a causal mask from the batch size when it is given none (GPT-2: a branch on
+                # the batch, and torch.diff for packed sequences): --leaf-module then failed in torch.onnx
+                hint = ("transformers builds the attention mask from the batch size when it is given none: give it "
+                        "the attention mask as an input (forward(self, input_ids, attention_mask) passing "
+                        "attention_mask=attention_mask; calibrate with masks of ones where there is no padding)")
             if _packs_sequences(exc):  # torch.fx's words ("__cuda_array_interface__ must be a dict") say nothing of it
                 said = "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced, nor exported to ONNX"
                 hint = ("give the recurrent layer the padded batch and pick each sample's last valid step with its "

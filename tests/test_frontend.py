@@ -1976,3 +1976,34 @@ def test_a_forward_that_fills_a_cache_on_its_first_call_compiles():
         result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
         assert result.report.passed, result.report.failures
     assert model.cache is None
+
+
+def test_a_mask_built_from_the_batch_size_in_transformers_code_asks_for_the_mask(tmp_path, monkeypatch):
+    """transformers (GPT-2) builds the attention mask from the batch size when it is given none, in
+    ``masking_utils.py``: a branch on the batch that no trace keeps. --leaf-module, the generic hint, then failed in
+    torch.onnx (``aten::diff``); with the mask as an input GPT-2 compiles. A stand-in module of that name here."""
+    (tmp_path / "masking_utils.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make_mask(x, mask=None):
+            if mask is None:
+                positions = torch.arange(x.shape[1])[None]
+                if x.shape[0] != positions.shape[0]:
+                    positions = positions.expand(x.shape[0], -1)
+                mask = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) == 1
+            return mask
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import masking_utils
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) * masking_utils.make_mask(x)[..., None]
+
+    with pytest.raises(UserError, match="masking_utils.py.*give it the attention mask as an input"):
+        qcompile.compile(M().eval(), torch.randn(1, 5, 8), calib=torch.randn(8, 5, 8), scheme="uniform", bits=8)
+    sys.modules.pop("masking_utils", None)
