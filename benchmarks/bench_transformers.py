@@ -2,7 +2,8 @@
 to the float model, beside onnxruntime's own flow?
 
 Each model is built from a small config (random weights: nothing is downloaded) and compiled at W8A8 with no flags
-(no ``--leaf-module``): ``qcompile.compile(model, example, calib=...)``. On inputs held out from the 32 calibration
+(no ``--leaf-module``): ``qcompile.compile(model, example, calib=...)``; GPT-2 (a causal LM) as a module that gives it
+its attention mask (``forward(ids, mask)``, every third sample padded), scored on the positions the mask keeps. On inputs held out from the 32 calibration
 inputs, the output SQNR against the float model of
 
 - ``qcompile``: the emitted file, run in onnxruntime;
@@ -52,17 +53,30 @@ def models():
             embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"),
         "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
             hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=10)), "image"),
+        # a causal LM: next-token logits at every position, with its attention mask as an input (padded samples);
+        # without one transformers builds the mask from the batch size, which no trace keeps
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
+            n_embd=64, n_layer=2, n_head=2, vocab_size=500, n_positions=32, bos_token_id=0, eos_token_id=0,
+            use_cache=False)), "ids+mask"),
     }
     for name, (build, kind) in builders.items():
         torch.manual_seed(0)
         yield name, build(), kind
 
 
-def inputs(kind: str, n: int, seed: int) -> torch.Tensor:
+def inputs(kind: str, n: int, seed: int) -> tuple:
+    """The model's inputs, one tensor each: token ids (and an attention mask, every third sample padded at the end
+    by 1 to 7 positions), or images."""
     gen = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        return (torch.randn(n, 3, 32, 32, generator=gen),)
+    ids = torch.randint(0, 500, (n, 16), generator=gen)
     if kind == "ids":
-        return torch.randint(0, 500, (n, 16), generator=gen)
-    return torch.randn(n, 3, 32, 32, generator=gen)
+        return (ids,)
+    mask = torch.ones_like(ids)
+    for i in range(0, n, 3):
+        mask[i, 16 - 1 - i % 7:] = 0
+    return ids, mask
 
 
 class Logits(nn.Module):
@@ -76,26 +90,47 @@ class Logits(nn.Module):
         return self.model(x, return_dict=False)[0]
 
 
+class MaskedLogits(nn.Module):
+    """A causal LM given its attention mask: the logits at every position."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask):
+        return self.model(input_ids=ids, attention_mask=mask, return_dict=False)[0]
+
+
+def run(sess, xs: tuple, batch: int = 32) -> np.ndarray:
+    names = [i.name for i in sess.get_inputs()]
+    n = len(xs[0])
+    return np.concatenate([sess.run(None, {name: np.ascontiguousarray(x[i:i + batch].numpy())
+                                           for name, x in zip(names, xs)})[0] for i in range(0, n, batch)])
+
+
 class _Reader:
-    def __init__(self, name, calib):
-        self.items = iter([{name: calib[i:i + 8].numpy()} for i in range(0, len(calib), 8)])
+    def __init__(self, names, calib):
+        self.items = iter([{name: x[i:i + 8].numpy() for name, x in zip(names, calib)}
+                           for i in range(0, len(calib[0]), 8)])
 
     def get_next(self):
         return next(self.items, None)
 
 
-def theirs(model, calib, test, folder) -> np.ndarray:
+def theirs(wrapped, calib, test, folder) -> np.ndarray:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     float_path, pre_path, q_path = (os.path.join(folder, f) for f in ("float.onnx", "pre.onnx", "ort.onnx"))
-    torch.onnx.export(Logits(model), (calib[:1],), float_path, input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False)
+    names = [f"input_{i}" for i in range(len(calib))]
+    torch.onnx.export(wrapped, tuple(x[:1] for x in calib), float_path, input_names=names, output_names=["output"],
+                      dynamic_axes={name: {0: "batch"} for name in names + ["output"]}, opset_version=17,
+                      dynamo=False)
     quant_pre_process(float_path, pre_path)
-    quantize_static(pre_path, q_path, _Reader("input", calib), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(pre_path, q_path, _Reader(names, calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax)
-    return common.run_batched(common.session(q_path), test.numpy())
+    return run(common.session(q_path), test)
 
 
 def main() -> int:
@@ -112,13 +147,18 @@ def main() -> int:
     for name, model, kind in models():
         model.eval()
         calib, test = inputs(kind, CALIB, 1), inputs(kind, HELD_OUT, 2)
+        wrapped = (MaskedLogits if kind == "ids+mask" else Logits)(model).eval()
         with torch.no_grad():
-            ref = model(test, return_dict=False)[0].numpy()
-        row = {"model": name}
+            ref = wrapped(*test).numpy()
+        # agreement of the predicted class (the next token at the positions the mask keeps)
+        keep = test[1].numpy().astype(bool) if kind == "ids+mask" else np.ones(ref.shape[:-1], dtype=bool)
+        row = {"model": name, "inputs": "token ids, attention mask" if kind == "ids+mask" else kind}
         with tempfile.TemporaryDirectory() as folder:
             t0 = time.perf_counter()
             try:
-                result = qcompile.compile(model, (calib[:1],), calib=calib, scheme="uniform", bits=8,
+                # the model itself, or (given a mask) the module that passes it
+                result = qcompile.compile(wrapped if kind == "ids+mask" else model, tuple(x[:1] for x in calib),
+                                          calib=calib if len(calib) > 1 else calib[0], scheme="uniform", bits=8,
                                           output=os.path.join(folder, "ours.onnx"))
             except qcompile.UserError as exc:
                 row["error"] = str(exc)
@@ -130,13 +170,13 @@ def main() -> int:
             row["layers"] = len(lines)
             row["quantized_layers"] = sum(" W8 uniform" in line for line in lines)
             row["validation_passed"] = bool(result.report.passed)
-            ours = common.run_batched(common.session(result.onnx_path), test.numpy())
-            row["ours_sqnr_db"] = round(common.sqnr_db(ref, ours), 2)
-            row["ours_top1_agreement"] = float((ours.argmax(-1) == ref.argmax(-1)).mean())
+            ours = run(common.session(result.onnx_path), test)
+            row["ours_sqnr_db"] = round(common.sqnr_db(ref[keep], ours[keep]), 2)
+            row["ours_top1_agreement"] = float((ours.argmax(-1) == ref.argmax(-1))[keep].mean())
             try:
-                th = theirs(model, calib, test, folder)
-                row["quantize_static_sqnr_db"] = round(common.sqnr_db(ref, th), 2)
-                row["quantize_static_top1_agreement"] = float((th.argmax(-1) == ref.argmax(-1)).mean())
+                th = theirs(wrapped, calib, test, folder)
+                row["quantize_static_sqnr_db"] = round(common.sqnr_db(ref[keep], th[keep]), 2)
+                row["quantize_static_top1_agreement"] = float((th.argmax(-1) == ref.argmax(-1))[keep].mean())
             except Exception as exc:  # noqa: BLE001 -- their flow's failure is a result too
                 row["quantize_static_error"] = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(row)
