@@ -507,8 +507,33 @@ def inherits_layer_forward(m: nn.Module) -> bool:
     return False
 
 
+def setitem_(x, index, value):
+    """``x[index] = value`` on a traced tensor, in place (returns ``x``), as torch.fx records it here (torch.fx itself
+    cannot: "'Proxy' object does not support item assignment", Longformer's ``global_attention_mask[:, 0] = 1``).
+    :func:`functionalize_inplace` makes it :func:`setitem`, read by every later use of ``x``."""
+    x[index] = value
+    return x
+
+
+def setitem(x, index, value):
+    """``x`` with ``x[index] = value``, a new tensor (the out-of-place form of :func:`setitem_`)."""
+    out = x.clone()
+    out[index] = value
+    return out
+
+
+class _Proxy(torch.fx.Proxy):
+    """A traced value that records item assignment (``x[:, 0] = 1``) as :func:`setitem_`."""
+
+    def __setitem__(self, index, value):
+        self.tracer.create_proxy("call_function", setitem_, (self, index, value), {})
+
+
 class _Tracer(torch.fx.Tracer):
     """A tracer that keeps chosen modules opaque and remembers which module it was in when tracing failed."""
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
     def __init__(self, leaf_modules: Sequence[str] = (), transformers: bool = False):
         super().__init__()
@@ -543,7 +568,7 @@ class _Tracer(torch.fx.Tracer):
         return out
 
 
-class _SizedProxy(torch.fx.Proxy):
+class _SizedProxy(_Proxy):
     """A traced value that answers questions about its metadata as the model's eager run does: ``x.shape``,
     ``x.size(i)``, ``x.dim()``, ``x.dtype``, ``x.device``, ``len(x)`` give Python values, except for the sizes that
     follow the batch (those that differ between the runs on batches of 2 and 3), which stay traced. Used where the
@@ -568,13 +593,13 @@ class _SizedProxy(torch.fx.Proxy):
         if k in ("dtype", "device", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized"):
             return getattr(a, k)
         if k == "shape":
-            return _SizedShape(self._size(i, vals) for i in range(a.dim()))
+            return _SizedShape._of(self, vals)
 
         def method(*args, **kwargs):
             if k == "size":
                 dim = args[0] if args else kwargs.get("dim")
                 if dim is None:
-                    return _SizedShape(self._size(i, vals) for i in range(a.dim()))
+                    return _SizedShape._of(self, vals)
                 return self._size(dim % max(a.dim(), 1), vals)
             return getattr(a, k)(*args, **kwargs)  # dim(), is_floating_point(), is_complex(), is_contiguous()
         return method
@@ -605,11 +630,38 @@ def _plain_shapes(a):
 
 
 class _SizedShape(tuple):
-    """``x.shape`` of a :class:`_SizedProxy`: the sizes, Python ints or traced, with ``torch.Size``'s ``numel()``."""
+    """``x.shape`` of a :class:`_SizedProxy`: the sizes, Python ints or traced, with ``torch.Size``'s ``numel()``.
+    Two such shapes compare as the shapes of their values at batches 2 and 3 do, where those agree (``assert
+    q.size() == k.size()``, Longformer): equal sizes are equal at any batch."""
+
+    eager: tuple = ()  # the value's shapes at batches 2 and 3
+
+    @classmethod
+    def _of(cls, proxy, vals):
+        shape = cls(proxy._size(i, vals) for i in range(vals[0].dim()))
+        shape.eager = tuple(tuple(v.shape) for v in vals)
+        return shape
+
+    def __eq__(self, other):
+        if isinstance(other, _SizedShape) and self.eager and other.eager:
+            same = [a == b for a, b in zip(self.eager, other.eager)]
+            if all(same) or not any(same):
+                return all(same)
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return not eq if isinstance(eq, bool) else NotImplemented
+
+    __hash__ = tuple.__hash__
 
     def __getitem__(self, index):
         item = tuple.__getitem__(self, index)
-        return _SizedShape(item) if isinstance(index, slice) else item
+        if isinstance(index, slice):
+            part = _SizedShape(item)
+            part.eager = tuple(e[index] for e in self.eager)
+            return part
+        return item
 
     def numel(self):
         return functools.reduce(operator.mul, self, 1)
@@ -1219,6 +1271,8 @@ def _inplace_kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str | None:
         return "out"
     if not node.args or not isinstance(node.args[0], torch.fx.Node):
         return None
+    if node.op == "call_function" and node.target is setitem_:
+        return "function"
     if node.op == "call_method":
         name = str(node.target)
         if name.endswith("_") and not name.endswith("__") and name not in _NOT_INPLACE_METHODS:
@@ -1279,7 +1333,9 @@ def functionalize_inplace(gm: torch.fx.GraphModule) -> bool:
             node.target = _INPLACE_OPERATORS[node.target]
         elif kind == "function":
             base = getattr(node.target, "__name__", "")
-            if node.kwargs.get("inplace") is True:
+            if node.target is setitem_:
+                node.target = setitem
+            elif node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
             elif base.endswith("_") and not base.endswith("__"):  # torch.relu_ -> torch.relu (else stays in place)
                 pure = [getattr(ns, base[:-1]) for ns in (torch, torch.nn.functional, torch.special)

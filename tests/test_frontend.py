@@ -2007,3 +2007,48 @@ def test_a_mask_built_from_the_batch_size_in_transformers_code_asks_for_the_mask
     with pytest.raises(UserError, match="masking_utils.py.*give it the attention mask as an input"):
         qcompile.compile(M().eval(), torch.randn(1, 5, 8), calib=torch.randn(8, 5, 8), scheme="uniform", bits=8)
     sys.modules.pop("masking_utils", None)
+
+
+def test_item_assignment_on_a_traced_tensor_is_traced():
+    """``g[:, 0] = 1`` (Longformer's global attention mask) and ``y[:, 2:4] = ...`` on a layer's output: torch.fx
+    stopped ("'Proxy' object does not support item assignment"). Recorded in place, then made a new tensor that
+    every later use reads, as eager PyTorch computes it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            g = torch.zeros_like(x)
+            g[:, 0] = 1
+            y = self.fc(x)
+            y[:, 2:4] = y[:, 2:4] * 3
+            return self.fc2(torch.relu(y)) + g
+
+    x = torch.randn(64, 8)
+    gm = trace(M().eval(), (x[:1],))
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(M().eval(), x[:1], calib=x, scheme=scheme, bits=8)
+        assert result.report.passed, result.report.failures
+
+
+def test_equal_sizes_compare_equal_in_the_sized_retrace():
+    """``assert q.size() == k.size()`` (Longformer's attention) on sizes that follow the batch: the comparison of
+    traced sizes was a control-flow error; the shapes of the two values at batches 2 and 3 answer it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            q, k = self.q(x), self.k(x)
+            assert q.size() == k.size()
+            assert q.shape[1:] != x[:, :4].shape[1:]
+            return q * k
+
+    x = torch.randn(16, 8)
+    gm = trace(M().eval(), (x[:1],))
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
