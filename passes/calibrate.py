@@ -293,9 +293,15 @@ class Calibrate(Pass):
         """Run the data through ``gm`` (batches converted by ``layout``) with a fresh observer on every activation
         quantizer and the input-mean recorder of bias correction; the observers, by node."""
         observers = {}
+        kept_mse = 0
         for node in acts:
             fq = gm.get_submodule(node.target)
             method = self.method
+            if method == "sdq" and fq.bits >= 6 and str(node.target).startswith(_INT8_REQUANTIZERS):
+                # SDQ's 3-sigma clip is for low-bit activations: the 8-bit requantizers of the integer region (the
+                # layers' outputs, residual adds) are qcompile's, not the activations asked for, and take mse
+                method = "mse"
+                kept_mse += 1
             observers[node] = (quant.make_observer(method), method)
             fq.start_observing(observers[node][0])
         layers = correctable_layers(gm) if self.record_input_means else []
@@ -345,6 +351,9 @@ class Calibrate(Pass):
             for node, m in means.means.items():
                 node.meta[FLOAT_MEAN] = m
             gm.meta[CHANNELS_LAST] = layout is _channels_last  # BiasCorrection's run on them: the same layout
+        if kept_mse:
+            self.report.append(f"{kept_mse} 8-bit requantizer(s) of the integer region (layer outputs, residual adds) "
+                               "calibrated with mse: sdq's 3-sigma clip is for the low-bit activations")
         return observers
 
     def _calibrate_data_free(self, gm, acts) -> None:
@@ -620,6 +629,9 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
     if t.dim() == 4 and t.is_floating_point():
         return t.contiguous(memory_format=torch.channels_last)
     return t
+
+
+_INT8_REQUANTIZERS = ("out_fq", "res_fq")  # quantizers the integer region adds (QuantizeOutputs, QuantizeResiduals)
 
 
 def weight_mse_alpha(w: torch.Tensor, levelset, axis, points: int | None = None, refine: int = 16) -> torch.Tensor:

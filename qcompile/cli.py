@@ -422,7 +422,7 @@ def _notes(result) -> list[str]:
     from .options import int8_grid_note
 
     return [note for note in (int8_grid_note(result.options, result.model), result.summary.get("level_note"),
-                              result.summary.get("shift_add_note")) if note]
+                              result.summary.get("calib_note"), result.summary.get("shift_add_note")) if note]
 
 
 def summary_dict(result) -> dict:

@@ -200,11 +200,15 @@ def _si(n: Optional[int]) -> str:
     return str(n)
 
 
-def nothing_lowered_note(report: dict) -> str | None:
+def nothing_lowered_note(report: dict, quantized_layers: int | None = None) -> str | None:
     """The warning for a shift-add file in which no layer was lowered (uniform weights, 2-bit or ternary levels):
-    the cost table's "not lowered" rows were the only word that the file multiplies like the standard form."""
+    the cost table's "not lowered" rows were the only word that the file multiplies like the standard form.
+    ``quantized_layers``: how many layers have quantized weights, where known (none: every layer is float)."""
     if any(row.get("lowered") for row in report.get("layers", [])):
         return None
+    if quantized_layers == 0:
+        return ("--emit shift-add lowered no layer: every layer is float (excluded, or kept float), and only layers "
+                "with APoT/PoT/log2 weights of 3 bits or more are lowered; the file computes as the standard form does")
     return ("--emit shift-add lowered no layer: uniform weights, 2-bit APoT/PoT and ternary levels keep their "
             "integer multiplications, and recurrent layers and embedding tables are not lowered (they compute in "
             "float); the file computes as the standard form does. Shift-add needs Conv/Linear layers with "

@@ -1230,6 +1230,28 @@ def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _name_layers_by_module(nodes: list, weight_owner: dict[str, str]) -> None:
+    """A layer node without its module's scope in its name (torch.onnx names the layers that qcompile's integer
+    layers compute ``/Gemm``, ``/Gemm_1``) is named as the exporter names a module's: ``/fc/Gemm``, from the module
+    whose quantized weight it reads. The cost report and the lowering records read the module from there."""
+    taken = {n.name for n in nodes}
+    for n in nodes:
+        if n.op_type not in _LAYER_OPS or len(n.input) < 2 or n.input[1] not in weight_owner:
+            continue
+        if n.name and n.name.count("/") >= 2:  # "/layer1/conv/Conv": scoped already
+            continue
+        base = f"/{weight_owner[n.input[1]].replace('.', '/')}/{n.op_type}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.discard(n.name)
+        taken.add(name)
+        n.name = name
+
+
 def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weight_fn, activation_fn,
                     u8_weights: bool = False) -> onnx.ModelProto:
     """Replace each marker with the nodes ``weight_fn(builder, fq, w, out, transpose)`` or
@@ -1254,6 +1276,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     emitted: dict = {}  # (quantizer id, weight, transposed) -> the tensor its emission wrote
     alias: dict[str, str] = {}  # the output of a repeated weight marker -> the first one's
     shared: dict = {}  # constants stored once per model (see _Builder.shared_const)
+    weight_owner: dict[str, str] = {}  # a quantized weight tensor -> the module whose weight it is
     post: list = []
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                        for d in v.type.tensor_type.shape.dim]
@@ -1282,6 +1305,8 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
             if transpose:  # Linear exported as MatMul(x, Transpose(W)): store W^T, per-channel axis 1
                 absorbed.add(id(users[0]))
                 out = users[0].output[0]
+            if fq.qname.endswith(".weight_fq"):
+                weight_owner[out] = fq.qname[: -len(".weight_fq")]
             if (qid, src, transpose) in emitted:  # one quantizer read twice (a table looked up twice): stored once
                 alias[out] = emitted[qid, src, transpose]
                 continue
@@ -1305,6 +1330,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
                 for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
                           list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
                     _rename_inputs(g, alias)
+    _name_layers_by_module(new_nodes, weight_owner)
     read = node_reads(new_nodes) | {o.name for o in graph.output}
     new_nodes = [n for n in new_nodes if not (n.op_type == "Identity" and n.output[0] in identity_of
                                               and n.output[0] not in read)]  # now dead

@@ -118,10 +118,13 @@ class _Weight:
 
     @property
     def label(self) -> str:
-        """``apot<b>``/``pot<b>``: PoT when every nonzero level is a power of two; b from the level count."""
+        """``apot<b>``/``pot<b>``: PoT when every nonzero level is a power of two; b the bits that index the levels
+        (2^b - 1 signed levels, or 2^b); ``binary`` for two levels ±m (1 bit; it read ``pot2``)."""
+        if len(self.lut) == 2 and not (self.lut == 0).any() and self.lut[0] == -self.lut[1]:
+            return "binary"
         mags = np.unique(np.abs(self.lut[self.lut != 0]))
         kind = "pot" if all(int(m) & (int(m) - 1) == 0 for m in mags) else "apot"
-        return f"{kind}{int(len(self.lut)).bit_length()}"
+        return f"{kind}{max(1, int(len(self.lut) - 1).bit_length())}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -550,3 +550,32 @@ def test_the_cost_report_counts_recurrent_layers_as_kept_multiplications():
     assert len(rows) == 1 and not rows[0]["lowered"]
     assert rows[0]["macs"] == 12 * (3 * 64 * 32 + 3 * 64 * 64)  # 12 steps of W·x and R·h
     assert cost_report(model)["totals"]["uniform"]["mults"] > rows[0]["macs"]
+
+
+def test_the_cost_report_names_layers_by_module_and_binary_weights_as_binary():
+    """Through torch.onnx (a hardswish model), the integer Linear was the node ``/Gemm`` and the cost table named it
+    so (the conv beside it ``c1``); binary weights ({-1, +1}, 1 bit) were labelled ``pot2``. And with every layer
+    excluded, the warning said uniform or 2-bit weights were the reason."""
+    from qcompile.errors import QuantizationWarning
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1, self.b1, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = F.hardswish(self.b1(self.c1(x)))
+            return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    calib = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for wscheme, label in (("apot", "apot4"), ("binary", "binary")):
+        result = qcompile.compile(M().eval(), calib[:1], calib=calib, wscheme=wscheme, ascheme="apot", bits=4,
+                                  emit="shift-add", keep_first_last="quant", validate=False)
+        rows = result.summary["shift_add_cost"]["layers"]
+        assert [(r["module"], r["weight_levels"]) for r in rows] == [("c1", label), ("fc", label)], rows
+        names = [line.split()[0] for line in result.summary["lines"] if line.strip()]
+        assert "c1" in names and "fc" in names and not any(n.startswith("/") for n in names), result.summary["lines"]
+    with pytest.warns(QuantizationWarning, match="every layer is float"):
+        qcompile.compile(M().eval(), calib[:1], calib=calib, scheme="apot", bits=4, emit="shift-add",
+                         exclude=["*"], validate=False)
