@@ -986,7 +986,7 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     .item()``, also through arithmetic on the number: ``x - 3 * x.mean().item()``): those users read the 0-dim
     tensor itself. torch.onnx writes an ``.item()`` as the constant it had on the example, so the file divided
     every input by the example's maximum (0.5 dB from the model; the validation, which skipped outputs after a
-    ``max``, passed it). Where a tensor result would change dtype the ``.item()`` stays. True where the graph
+    ``max``, passed it). Where a tensor result would change dtype or shape the ``.item()`` stays. True where the graph
     changed (``gm`` recompiled, ShapeProp's metadata new)."""
     def arithmetic(u, item) -> bool:
         if u.op == "call_function":
@@ -1010,7 +1010,7 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     for item in items:
         tensors: list = []
         if all(qualifies(u, item, tensors) for u in item.users):
-            before = {u: u.meta["tensor_meta"].dtype for u in tensors}
+            before = {u: (u.meta["tensor_meta"].dtype, tuple(u.meta["tensor_meta"].shape)) for u in tensors}
             users = list(item.users)
             for u in users:
                 u.replace_input_with(item, item.args[0])
@@ -1025,7 +1025,8 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     propagate()
     kept = False
     for item, users, before in changed:
-        if any(u.meta["tensor_meta"].dtype != dtype for u, dtype in before.items()):
+        # a 1-element tensor of some dims (x.sum(1, keepdim=True).item()) would broadcast where the number did not
+        if any((u.meta["tensor_meta"].dtype, tuple(u.meta["tensor_meta"].shape)) != was for u, was in before.items()):
             for u in users:  # as the model computes it (the file keeps the example's value: validation says so)
                 u.replace_input_with(item.args[0], item)
             kept = True

@@ -1939,6 +1939,14 @@ def test_item_whose_tensor_would_change_a_dtype_stays_an_item():
     assert [node for node in gm.graph.nodes if node.target == "item"]
     assert torch.equal(gm(x, n), M()(x, n))
 
+    class Shaped(nn.Module):  # a (1, 1) tensor would broadcast a (3,) row to (1, 3): the item stays
+        def forward(self, x):
+            return x[0] / x.sum(dim=(0, 1), keepdim=True).item()
+
+    gm = trace(Shaped().eval(), (x[:1],))
+    assert [node for node in gm.graph.nodes if node.target == "item"]
+    assert gm(x[:1]).shape == (3,)
+
 
 def test_a_failed_validation_names_an_item_the_file_holds_as_a_constant():
     class M(nn.Module):
