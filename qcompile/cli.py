@@ -421,8 +421,9 @@ def _notes(result) -> list[str]:
     Python they are QuantizationWarnings, which the CLI silences: the layer table shows the rest)."""
     from .options import int8_grid_note
 
-    return [note for note in (int8_grid_note(result.options, result.model), result.summary.get("level_note"),
-                              result.summary.get("calib_note"), result.summary.get("shift_add_note")) if note]
+    notes = (int8_grid_note(result.options, result.model),) + tuple(
+        result.summary.get(key) for key in ("level_note", "calib_note", "numbers_note", "shift_add_note"))
+    return [note for note in notes if note]
 
 
 def summary_dict(result) -> dict:

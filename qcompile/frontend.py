@@ -639,7 +639,8 @@ class _SizedShape(tuple):
     @classmethod
     def _of(cls, proxy, vals):
         shape = cls(proxy._size(i, vals) for i in range(vals[0].dim()))
-        shape.eager = tuple(tuple(v.shape) for v in vals)
+        if proxy.node not in proxy.tracer._qc_data_sized:  # h[:4]: equal at batches 2 and 3, not at 32
+            shape.eager = tuple(tuple(v.shape) for v in vals)
         return shape
 
     def __eq__(self, other):
@@ -986,8 +987,9 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     .item()``, also through arithmetic on the number: ``x - 3 * x.mean().item()``): those users read the 0-dim
     tensor itself. torch.onnx writes an ``.item()`` as the constant it had on the example, so the file divided
     every input by the example's maximum (0.5 dB from the model; the validation, which skipped outputs after a
-    ``max``, passed it). Where a tensor result would change dtype or shape the ``.item()`` stays. True where the graph
-    changed (``gm`` recompiled, ShapeProp's metadata new)."""
+    ``max``, passed it). They read it as a 0-dim tensor (``reshape(())``), which broadcasts as the number does.
+    Where a tensor result would change dtype, or the graph then fails on the example, the ``.item()`` stays. True
+    where the graph changed (``gm`` recompiled, ShapeProp's metadata new)."""
     def arithmetic(u, item) -> bool:
         if u.op == "call_function":
             return u.target in _SCALAR_ARITHMETIC_FUNCTIONS
@@ -1010,11 +1012,13 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     for item in items:
         tensors: list = []
         if all(qualifies(u, item, tensors) for u in item.users):
-            before = {u: (u.meta["tensor_meta"].dtype, tuple(u.meta["tensor_meta"].shape)) for u in tensors}
+            before = {u: u.meta["tensor_meta"].dtype for u in tensors}
             users = list(item.users)
+            with gm.graph.inserting_after(item):  # 0-dim, as the number is (x[:1, :1].item(): a (1, 1) tensor)
+                scalar = gm.graph.call_method("reshape", (item.args[0], ()))
             for u in users:
-                u.replace_input_with(item, item.args[0])
-            changed.append((item, users, before))
+                u.replace_input_with(item, scalar)
+            changed.append((item, scalar, users, before))
     if not changed:
         return False
 
@@ -1022,21 +1026,29 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
         gm.recompile()
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # a new interpreter: last uses moved
             _seeded(lambda: _ShapeProp(gm).propagate(*[_clone(t) for t in example_inputs]))
-    propagate()
-    kept = False
-    for item, users, before in changed:
-        # a 1-element tensor of some dims (x.sum(1, keepdim=True).item()) would broadcast where the number did not
-        if any((u.meta["tensor_meta"].dtype, tuple(u.meta["tensor_meta"].shape)) != was for u, was in before.items()):
-            for u in users:  # as the model computes it (the file keeps the example's value: validation says so)
-                u.replace_input_with(item.args[0], item)
-            kept = True
-    if kept:
+
+    def undo(entry):  # as the model computes it (the file then keeps the example's value; compile warns)
+        item, scalar, users, _before = entry
+        for u in users:
+            u.replace_input_with(scalar, item)
+        gm.graph.erase_node(scalar)
+
+    try:
         propagate()
-    for item, _users, _before in changed:
-        if not item.users:
+        failed = False
+    except Exception:  # noqa: BLE001 -- a tensor where the number was fails somewhere (int ** -1): all undone
+        failed = True
+    for entry in changed:
+        # a tensor result of another dtype (an int tensor times a float64 0-dim tensor is float64)
+        if failed or any(u.meta["tensor_meta"].dtype != dtype for u, dtype in entry[3].items()):
+            undo(entry)
+            entry[2].clear()
+    propagate()
+    for item, _scalar, users, _before in changed:
+        if users and not item.users:
             gm.graph.erase_node(item)
     gm.recompile()
-    return True
+    return any(users for _item, _scalar, users, _before in changed)
 
 
 def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
@@ -1083,18 +1095,33 @@ def _attributes_kept(model: nn.Module):
     """A forward that stores a value on a module (``if self.cache is None: self.cache = ...``, filled on the first
     call) stored a traced Proxy there while torch.fx traced it: the graph module's own run, and the model's eager
     run that checks it, then returned that Proxy, and the compile stopped with a wrong "in-place update" error.
-    Attributes that hold a Proxy after the trace get back what they held before it (or go, if new)."""
-    before = [(m, dict(m.__dict__)) for m in model.modules()]
+    Attributes that hold a Proxy after the trace get back what they held before it (or go, if new); a list or dict
+    appended to in forward gets back its items."""
+    def contents(v):  # a list or dict is changed in place (self.log.append(y)): its items are kept too
+        return list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else None
+
+    before = [(m, {k: (v, contents(v)) for k, v in m.__dict__.items()}) for m in model.modules()]
     try:
         yield
     finally:
         for m, old in before:
             for key, value in list(m.__dict__.items()):
-                if _holds_proxy(value):
-                    if key in old and not _holds_proxy(old[key]):
-                        m.__dict__[key] = old[key]
+                if not _holds_proxy(value):
+                    continue
+                if key not in old:
+                    del m.__dict__[key]
+                    continue
+                was, items = old[key]
+                if items is not None and was is value:  # the same container, appended to: its old items back
+                    if isinstance(value, list):
+                        value[:] = items
                     else:
-                        del m.__dict__[key]
+                        value.clear()
+                        value.update(items)
+                elif not _holds_proxy(was):
+                    m.__dict__[key] = was
+                else:
+                    del m.__dict__[key]
 
 
 def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule:
@@ -1233,6 +1260,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
         if want is not None:
             try:
                 _check_traced(want, traced_out)
+                if check_inputs is not None and any(n.target is setitem for n in gm.graph.nodes):
+                    # an assignment whose effect depends on the data (y[y > 2] = 2 after a view of y was taken,
+                    # which the graph does not follow): the example alone may not show it
+                    again = _reference_outputs(model, check_inputs)
+                    if again is not None:
+                        with torch.no_grad():
+                            _check_traced(again, _seeded(lambda: gm(*[_clone(t) for t in check_inputs])))
             except UserError:
                 if _forward_uses_autocast(model):
                     raise UserError("the model's forward runs under torch.autocast, which torch.fx does not record: "

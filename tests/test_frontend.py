@@ -1939,13 +1939,42 @@ def test_item_whose_tensor_would_change_a_dtype_stays_an_item():
     assert [node for node in gm.graph.nodes if node.target == "item"]
     assert torch.equal(gm(x, n), M()(x, n))
 
-    class Shaped(nn.Module):  # a (1, 1) tensor would broadcast a (3,) row to (1, 3): the item stays
+    class Shaped(nn.Module):  # read as a 0-dim tensor: a (1, 1) one would broadcast a (3,) row to (1, 3)
         def forward(self, x):
             return x[0] / x.sum(dim=(0, 1), keepdim=True).item()
 
     gm = trace(Shaped().eval(), (x[:1],))
+    assert not [node for node in gm.graph.nodes if node.target == "item"]
+    assert gm(x[:1]).shape == (3,) and torch.allclose(gm(x), Shaped()(x))
+
+    class IntPower(nn.Module):  # an int tensor ** -1 fails where the Python int does not: the item stays
+        def forward(self, x):
+            n = (x > 0).sum().item() + 1
+            return x * n ** -1
+
+    gm = trace(IntPower().eval(), (x[:1],))
     assert [node for node in gm.graph.nodes if node.target == "item"]
-    assert gm(x[:1]).shape == (3,)
+    assert torch.equal(gm(x[:1]), IntPower()(x[:1]))
+
+
+def test_an_item_the_file_holds_as_a_constant_is_named_even_where_validation_passes():
+    """``x[:1, :1].item()`` through ``full_like``: the file holds the example's value; validation, whose first batch
+    starts with the example, passed, and nothing said so."""
+    from qcompile.errors import QuantizationWarning
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x) + torch.full_like(self.fc.bias, x[:1, :1].abs().item())
+
+    x = torch.randn(1, 8).repeat(16, 1)  # every sample the example: validation cannot tell
+    with pytest.warns(QuantizationWarning, match="as Python numbers"):
+        result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="fp32")
+    assert result.report.passed and "as Python numbers" in result.summary["numbers_note"]
 
 
 def test_a_failed_validation_names_an_item_the_file_holds_as_a_constant():
@@ -1984,6 +2013,54 @@ def test_a_forward_that_fills_a_cache_on_its_first_call_compiles():
         result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
         assert result.report.passed, result.report.failures
     assert model.cache is None
+
+
+def test_a_list_appended_to_in_forward_keeps_its_items_and_the_traced_graph_is_still_checked():
+    """``self.log.append(y.mean())``: the trace appended a Proxy to the list; the attribute was deleted, the check of
+    the traced graph against the model then failed to run the model and was skipped, and a graph that wrote into a
+    view (``v = y[:, :4]; v[:, 0] = 5; return y``) was compiled to a file 5 dB from the model with validation PASS."""
+    class M(nn.Module):
+        def __init__(self, view: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.log, self.view = nn.Linear(8, 8), [], view
+
+        def forward(self, x):
+            y = self.fc(x)
+            self.log.append(y.mean())
+            if self.view:
+                v = y[:, :4]
+                v[:, 0] = 5
+            return y
+
+    model = M(view=False).eval()
+    gm = trace(model, (torch.randn(1, 8),), copy=False)
+    # no Proxy left in it (the model's own run, which checks the graph, appended a real value)
+    assert all(type(v) is torch.Tensor for v in model.log) and gm(torch.randn(3, 8)).shape == (3, 8)
+    with pytest.raises(UserError, match="does not compute the model"):
+        qcompile.compile(M(view=True).eval(), torch.randn(1, 8), calib=torch.randn(16, 8), scheme="uniform", bits=8)
+
+
+def test_an_assignment_through_a_view_that_the_example_does_not_show_is_refused():
+    """``z = y.view(...); y[y > 2] = 2``: the graph does not follow the view, and on the example no value is above 2,
+    so the check on the example passed and the file (PASS) was 11 dB worse than the model's own. With an item
+    assignment in the graph the check runs on the calibration samples too."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            y = self.fc(x)
+            z = y.view(-1, 4, 4)
+            y[y > 2.0] = 2.0
+            return z.sum(-1)
+
+    x = torch.randn(32, 16) * 2
+    example = torch.zeros(1, 16)  # fc(0) = bias: nothing above 2
+    with pytest.raises(UserError, match="does not compute the model"):
+        qcompile.compile(M().eval(), example, calib=x, scheme="uniform", bits=8)
 
 
 def test_a_mask_built_from_the_batch_size_in_transformers_code_asks_for_the_mask(tmp_path, monkeypatch):
@@ -2060,3 +2137,14 @@ def test_equal_sizes_compare_equal_in_the_sized_retrace():
     x = torch.randn(16, 8)
     gm = trace(M().eval(), (x[:1],))
     assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+
+    class Sliced(nn.Module):  # h[:4] has h's shape at batches 2 and 3 only: the comparison stays traced (refused)
+        def forward(self, x):
+            if x.shape[1] != 8:
+                raise ValueError("8 features")
+            if x[:4].shape == x.shape:
+                x = x - x.mean(0, keepdim=True)
+            return x * 2
+
+    with pytest.raises(UserError, match="cannot trace the model"):
+        trace(Sliced().eval(), (x[:1],))
