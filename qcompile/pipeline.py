@@ -15,8 +15,8 @@ Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 from __future__ import annotations
 
 from qcompile.passes.base import Pass
-from qcompile.passes.cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeRMSNorm, EliminateDeadCode,
-                                     RemoveIdentity)
+from qcompile.passes.cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor,
+                                     DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity)
 
 from .options import CompileOptions
 
@@ -24,7 +24,7 @@ from .options import CompileOptions
 def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
-    passes: list[Pass] = [RemoveIdentity(), DecomposeRMSNorm(), DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(),
+    passes: list[Pass] = [RemoveIdentity(), ConstantMetadataReads(), DecomposeRMSNorm(), DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(),
                           EliminateDeadCode()]
     if not opts.quantized:
         return passes

@@ -567,3 +567,33 @@ def test_mean_as_global_pool_rewrites_spatial_means_only():
         for got, want in zip(result.gm(x), model(x)):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # another summation order
     assert MeanAsGlobalPool()(result.gm).modified is False
+
+
+def test_reads_of_rank_and_dtype_are_constants_so_batchnorm_folds():
+    """timm's BatchNormAct2d starts with ``_assert(x.ndim == 4)``: the read of the conv output's rank was a second
+    user of it, and FoldBatchNorm left the BatchNorm (float, between int8 layers) in most timm CNNs."""
+    import torch.nn.functional as F
+
+    import qcompile
+    from qcompile.passes.cleanup import ConstantMetadataReads
+
+    class BNAct(nn.BatchNorm2d):
+        def forward(self, x):
+            torch._assert(x.ndim == 4, "expected 4D input")
+            torch._assert(x.dim() == 4, "4D")
+            torch._assert(x.is_floating_point(), "float")
+            torch._assert(x.dtype == torch.float32, "float32")
+            return F.relu(F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
+                                       self.eps))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BNAct(8), nn.Conv2d(8, 4, 1)).eval()
+    model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 6, 6)
+    gm = trace(model, (x[:1],))
+    result = ConstantMetadataReads()(gm)
+    assert result.modified and not [n for n in gm.graph.nodes if n.target is getattr]
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    compiled = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert compiled.report.passed
+    assert not [n for n in compiled.onnx_model.graph.node if n.op_type == "BatchNormalization"]
