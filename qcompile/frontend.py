@@ -532,14 +532,14 @@ class _Proxy(torch.fx.Proxy):
 class _Tracer(torch.fx.Tracer):
     """A tracer that keeps chosen modules opaque and remembers which module it was in when tracing failed."""
 
-    def proxy(self, node):
-        return _Proxy(node, self)
-
     def __init__(self, leaf_modules: Sequence[str] = (), transformers: bool = False):
         super().__init__()
         self.leaf_names = set(leaf_modules)
         self.transformers = transformers  # trace into torch.nn's transformer containers (qcompile.traceable)
         self._qc_stack: list[str] = []  # modules being traced, innermost last
+
+    def proxy(self, node):
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or type(m).__name__ in self.leaf_names:
@@ -1154,7 +1154,8 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                     failed = _eager_failure(model, inputs) if inputs is not None else None
                     if failed is not None:
                         raise _inputs_error(failed, inputs) from None
-                sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs)
+                with _attributes_kept(model):
+                    sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs)
                 if sized is not None:
                     return sized
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
