@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -80,7 +81,11 @@ class Pass:
             raise TypeError(f"{self.name} takes a torch.fx.GraphModule, got {type(gm).__name__}: trace the model "
                             "first, gm = qcompile.trace(model, example_inputs)")
         self.report = []
-        result = self.call(gm)
+        _OWNERS[gm] = None  # shared_with's map of parameter owners, built on first use within this pass
+        try:
+            result = self.call(gm)
+        finally:
+            _OWNERS.pop(gm, None)
         if not isinstance(result, PassResult):
             raise TypeError(f"{self.name}.call must return PassResult, got {type(result).__name__}")
         return result
@@ -481,6 +486,9 @@ def private_bias(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return True
 
 
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # graph module -> shared_with's map, per pass
+
+
 def shared_with(gm: torch.nn.Module, module_name: str, attrs=("weight", "bias")) -> str:
     """Where else a parameter of submodule ``module_name`` lives (tied weights: ``b.weight = a.weight``), as
     "a.weight"; "" when its parameters are its own. A pass that rewrites a weight in place (folding, equalization)
@@ -489,10 +497,19 @@ def shared_with(gm: torch.nn.Module, module_name: str, attrs=("weight", "bias"))
     mine = {id(getattr(mod, a)) for a in attrs if isinstance(getattr(mod, a, None), torch.Tensor)}
     if not mine:
         return ""
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        owner = name.rpartition(".")[0]
-        if id(p) in mine and owner != module_name:
-            return name
+    owners = _OWNERS.get(gm) if gm in _OWNERS else None
+    if owners is None:
+        # id -> (names, the parameter): the parameter kept alive, so that its id is not reused while the map lives.
+        # Within one pass the map may be missing parameters the pass made; those are a module's own.
+        owners = {}
+        for i, (name, p) in enumerate(gm.named_parameters(remove_duplicate=False)):
+            owners.setdefault(id(p), ([], p))[0].append((i, name))
+        if gm in _OWNERS:  # in a pass: built once for every layer it asks about (was a walk per layer)
+            _OWNERS[gm] = owners
+    elsewhere = [(i, name) for pid in mine for i, name in owners.get(pid, ((), None))[0]
+                 if name.rpartition(".")[0] != module_name]
+    if elsewhere:
+        return min(elsewhere)[1]  # the first in named_parameters' order, as before
     if isinstance(gm, torch.fx.GraphModule):  # a node that reads it (``F.conv_transpose2d(h, self.enc.weight)``)
         for node in gm.graph.nodes:
             if node.op == "get_attr" and str(node.target).rpartition(".")[0] == module_name and \
