@@ -1897,6 +1897,15 @@ def test_a_packed_sequence_in_forward_is_named():
     _assert_one_line(err, "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced")
 
 
+class _SeededLinear8(nn.Module):
+    """A seeded ``fc = nn.Linear(8, 8)``, for the small models of the tracing tests below to write a forward over."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+
+
 def test_item_of_data_read_by_arithmetic_stays_a_tensor_in_the_file():
     """``fc(x) / x.abs().max().item()``: torch.onnx wrote the ``.item()`` as the example's value, a constant, so
     the file divided every batch by the example's maximum (0.5 dB from the model). Read only by arithmetic (also
@@ -1904,12 +1913,7 @@ def test_item_of_data_read_by_arithmetic_stays_a_tensor_in_the_file():
     import numpy as np
     import onnxruntime as ort
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc = nn.Linear(8, 8)
-
+    class M(_SeededLinear8):
         def forward(self, x):
             y = self.fc(x - x.mean().item()) / x.abs().max().item()
             return torch.clamp(y, max=0.1 * x.std().item())
@@ -1962,12 +1966,7 @@ def test_an_item_the_file_holds_as_a_constant_is_named_even_where_validation_pas
     starts with the example, passed, and nothing said so."""
     from qcompile.errors import QuantizationWarning
 
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc = nn.Linear(8, 8)
-
+    class M(_SeededLinear8):
         def forward(self, x):
             return self.fc(x) + torch.full_like(self.fc.bias, x[:1, :1].abs().item())
 
@@ -1978,12 +1977,7 @@ def test_an_item_the_file_holds_as_a_constant_is_named_even_where_validation_pas
 
 
 def test_a_failed_validation_names_an_item_the_file_holds_as_a_constant():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.fc = nn.Linear(8, 8)
-
+    class M(_SeededLinear8):
         def forward(self, x):  # full_like takes a number: the .item() stays, and torch.onnx bakes it
             return self.fc(x) * torch.full_like(self.fc.weight[0], x.abs().max().item())
 
