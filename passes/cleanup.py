@@ -469,21 +469,74 @@ class MatmulAsLinear(Pass):
                 if not is_matmul or len(node.args) != 2 or node.kwargs or node.meta.get(RESIZE_MATMUL):
                     continue
                 x, w = node.args
-            if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or w.op != "get_attr" \
-                    or x.op == "get_attr":
+            if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or x.op == "get_attr":
                 continue
-            value = attr_value(gm, w)
+            transposed = None if bias is not None else _transposed_parameter(gm, w)  # x @ W.T: F.linear(x, W)
+            if w.op != "get_attr" and transposed is None:
+                continue
+            value = attr_value(gm, transposed if transposed is not None else w)
             if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
                 continue
-            if bias is not None and attr_value(gm, bias).shape[0] != value.shape[1]:
+            out_features = value.shape[0] if transposed is not None else value.shape[1]
+            if bias is not None and attr_value(gm, bias).shape[0] != out_features:
                 continue  # a bias broadcast another way: not a layer's
+            added = None
+            if bias is None:  # x @ W.T + self.bias (Falcon's FalconLinear): the layer's bias
+                added, bias = _bias_add(gm, node, out_features)
             g = gm.graph
-            with g.inserting_before(node):
-                wt = g.call_method("t", (w,))
+            with g.inserting_before(added if added is not None else node):  # after the bias's get_attr too
+                wt = transposed if transposed is not None else g.call_method("t", (w,))
                 out = g.call_function(F.linear, (x, wt) if bias is None else (x, wt, bias))
+            if added is not None:
+                added.replace_all_uses_with(out)
+                g.erase_node(added)
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "matmul(s) with a parameter as F.linear")
+
+
+def _transposed_parameter(gm: torch.fx.GraphModule, w: torch.fx.Node):
+    """The ``get_attr`` node of a 2-D parameter ``W`` that ``w`` reads transposed (``W.T``, ``W.mT``, ``W.t()``,
+    ``W.transpose(0, 1)``, ``W.permute(1, 0)``), else None."""
+    base = None
+    if w.op == "call_function" and w.target is getattr and len(w.args) == 2 and w.args[1] in ("T", "mT"):
+        base = w.args[0]
+    elif w.op == "call_method" and not w.kwargs:
+        if w.target == "t" and len(w.args) == 1:
+            base = w.args[0]
+        elif w.target in ("transpose", "swapaxes") and len(w.args) == 3 and \
+                all(isinstance(a, int) for a in w.args[1:]) and sorted(a % 2 for a in w.args[1:]) == [0, 1]:
+            base = w.args[0]
+        elif w.target == "permute" and tuple(w.args[1:]) in (((1, 0),), (1, 0)):
+            base = w.args[0]
+    if isinstance(base, torch.fx.Node) and base.op == "get_attr":
+        from .base import attr_value
+
+        value = attr_value(gm, base)
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            return base
+    return None
+
+
+def _bias_add(gm: torch.fx.GraphModule, node: torch.fx.Node, out_features: int):
+    """``(add, b)`` where the product ``node``'s one reader adds a 1-D floating parameter ``b`` of its out features
+    (``x @ W.T + self.bias``), else ``(None, None)``."""
+    from .base import attr_value
+
+    users = list(node.users)
+    if len(users) != 1:
+        return None, None
+    add = users[0]
+    if not (add.op == "call_function" and add.target in (operator.add, torch.add) and len(add.args) == 2
+            and not add.kwargs):
+        return None, None
+    other = add.args[1] if add.args[0] is node else add.args[0] if add.args[1] is node else None
+    if not isinstance(other, torch.fx.Node) or other.op != "get_attr":
+        return None, None
+    b = attr_value(gm, other)
+    if not isinstance(b, torch.Tensor) or b.dim() != 1 or not b.is_floating_point() or b.shape[0] != out_features:
+        return None, None
+    return add, other
 
 
 class MeanAsGlobalPool(Pass):

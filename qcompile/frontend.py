@@ -691,6 +691,9 @@ def _data_sized_op(tracer, kind, target, args, kwargs) -> bool:
     - a slice with bounds or a step over a dimension that follows the batch (``x[::4]``: one row up to batch 4);
     - a module kept whole that is not one of torch.nn's own (its output sizes are its code's business)."""
     name = target if kind == "call_method" else getattr(target, "__name__", "")
+    if name == "repeat_interleave":  # by a number of repeats (rotary embeddings: GPT-J, CodeGen): sized by its input
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return not isinstance(repeats, int) or isinstance(repeats, bool)
     if name in _DATA_SIZED or (name == "where" and len(args) == 1):
         return True
     if kind == "call_module":
@@ -733,6 +736,9 @@ class _NotEager(Exception):
     pass
 
 
+_VARARG_FACTORIES = ("ones", "zeros", "empty", "rand", "randn")  # torch.ones(*size): sizes as separate arguments
+
+
 class _SizedTracer(_Tracer):
     """The tracer, with every traced value also computed on the example inputs repeated to batches of 2 and 3
     (``_qc_values``), so that :class:`_SizedProxy` can answer metadata questions. Its graph is specialised to the
@@ -761,11 +767,27 @@ class _SizedTracer(_Tracer):
                 return arange(*args, **kwargs)
             return tracer.create_proxy("call_function", arange, args, kwargs)
 
+        def sized_factory(fn):
+            # torch.ones(B, L) with B a traced size: torch's argument parser refuses a traced value among the
+            # varargs sizes ("ones() takes 1 positional argument but 2 were given"; BART's decoder mask); as one
+            # tuple it is traced
+            def factory(*size, **kwargs):
+                if not tracer._qc_evaluating and len(size) > 1 and \
+                        any(isinstance(v, torch.fx.Proxy) for v in size):
+                    return tracer.create_proxy("call_function", fn, (tuple(size),), kwargs)
+                return fn(*size, **kwargs)
+            return factory
+
+        factories = {name: getattr(torch, name) for name in _VARARG_FACTORIES}
         torch.arange = traced_arange
+        for name, fn in factories.items():
+            setattr(torch, name, sized_factory(fn))
         try:
             return super().trace(root, concrete_args)
         finally:
             torch.arange = arange
+            for name, fn in factories.items():
+                setattr(torch, name, fn)
 
     def proxy(self, node):
         return _SizedProxy(node, self)
@@ -1177,9 +1199,10 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
             if "masking_utils.py" in line:
                 # transformers builds a causal mask from the batch size when it is given none (GPT-2: a branch on
                 # the batch, and torch.diff for packed sequences): --leaf-module then failed in torch.onnx
-                hint = ("transformers builds the attention mask from the batch size when it is given none: give it "
-                        "the attention mask as an input (forward(self, input_ids, attention_mask) passing "
-                        "attention_mask=attention_mask; calibrate with masks of ones where there is no padding)")
+                hint = ("transformers builds an attention mask from the batch size where it is given none: give "
+                        "every mask the model takes as an input of the module compiled (forward(self, input_ids, "
+                        "attention_mask) passing attention_mask=attention_mask, and decoder_attention_mask for an "
+                        "encoder-decoder; calibrate with masks of ones where there is no padding)")
             if _packs_sequences(exc):  # torch.fx's words ("__cuda_array_interface__ must be a dict") say nothing of it
                 said = "a packed sequence (nn.utils.rnn.pack_padded_sequence) cannot be traced, nor exported to ONNX"
                 hint = ("give the recurrent layer the padded batch and pick each sample's last valid step with its "

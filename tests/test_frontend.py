@@ -2083,7 +2083,7 @@ def test_a_mask_built_from_the_batch_size_in_transformers_code_asks_for_the_mask
         def forward(self, x):
             return self.fc(x) * masking_utils.make_mask(x)[..., None]
 
-    with pytest.raises(UserError, match="masking_utils.py.*give it the attention mask as an input"):
+    with pytest.raises(UserError, match="masking_utils.py.*give every mask the model takes as an input"):
         qcompile.compile(M().eval(), torch.randn(1, 5, 8), calib=torch.randn(8, 5, 8), scheme="uniform", bits=8)
     sys.modules.pop("masking_utils", None)
 
@@ -2142,3 +2142,24 @@ def test_equal_sizes_compare_equal_in_the_sized_retrace():
 
     with pytest.raises(UserError, match="cannot trace the model"):
         trace(Sliced().eval(), (x[:1],))
+
+
+def test_the_sized_retrace_keeps_sizes_after_repeat_interleave_by_a_number_and_traces_ones_of_sizes():
+    """Two things that stopped GPT-J, CodeGen and BART's decoder: ``repeat_interleave(y, 2, 1)`` (rotary embeddings)
+    was taken for a data-sized operation, so every later size stayed traced and a branch on one failed; and
+    ``torch.ones(B, L)`` with a traced batch size raised "ones() takes 1 positional argument but 2 were given"."""
+    class M(_SeededLinear8):
+        def forward(self, x):
+            B, L = x.shape[:2]
+            if L != 4:
+                raise ValueError("4 positions")
+            y = torch.repeat_interleave(self.fc(x), 2, 1)
+            if y.shape[1] > 1:
+                y = y * 2
+            return y * torch.ones(B, 2 * L, device=x.device)[..., None]
+
+    x = torch.randn(16, 4, 8)
+    gm = trace(M().eval(), (x[:1],))
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+    result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.failures

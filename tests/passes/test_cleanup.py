@@ -597,3 +597,34 @@ def test_reads_of_rank_and_dtype_are_constants_so_batchnorm_folds():
     compiled = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert compiled.report.passed
     assert not [n for n in compiled.onnx_model.graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_a_linear_written_as_a_product_with_the_transposed_weight_is_a_layer():
+    """Falcon's ``FalconLinear`` (an ``nn.Linear`` whose forward is ``input @ self.weight.T + self.bias``) was traced
+    into, and its product stayed float with no row in the layer table: 8 of Falcon's 9 layers float, validation
+    PASS. ``x @ W.T`` (and ``W.t()``, ``W.transpose(0, 1)``) is ``F.linear(x, W)``, the add of a bias of its out
+    features the layer's bias."""
+    import qcompile
+    from qcompile.passes.cleanup import MatmulAsLinear
+    from qcompile.summary import layer_rows
+
+    class ProductLinear(nn.Linear):
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class TLinear(nn.Linear):
+        def forward(self, x):
+            return self.bias + torch.matmul(x, self.weight.transpose(0, 1))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ProductLinear(8, 16), nn.ReLU(), TLinear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 5, 8)
+    gm = trace(model, (x[:1],))
+    result = MatmulAsLinear()(gm)
+    assert result.modified
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert len(linears) == 2 and all(len(n.args) == 3 for n in linears)  # the biases taken in
+    assert torch.allclose(gm(x), model(x), atol=1e-6)
+    compiled = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert compiled.report.passed
+    assert len(layer_rows(compiled.model)) == 3
