@@ -100,6 +100,12 @@ def is_rectifier(gm: torch.fx.GraphModule, node) -> bool:
     return bounds is not None and bounds[0] == 0.0
 
 
+def _is_leaky_relu(gm: torch.fx.GraphModule, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.LeakyReLU)
+    return node.op == "call_function" and node.target is F.leaky_relu
+
+
 def _is_add(node) -> bool:
     if node.op == "call_function" and node.target in _ADD_FNS:
         pass
@@ -305,6 +311,13 @@ class QuantizeResiduals(Pass):
             users = list(node.users)
             tail = users[0] if len(users) == 1 and is_rectifier(gm, users[0]) else node
             q = _int8_user(gm, tail)
+            if q is None and _is_add(node) and tail is node and len(users) == 1 and _is_leaky_relu(gm, users[0]) \
+                    and (_int8_user(gm, users[0]) is not None or _feeds_int8(gm, users[0])):
+                # the sum read by a LeakyReLU whose output is 8-bit codes (CSPResNet's blocks): the sum as codes too,
+                # so that onnxruntime runs QLinearAdd and then QLinearLeakyRelu (a table) between its int8 layers,
+                # as in quantize_static's file, instead of a float Add and LeakyRelu (cspresnet50: 13 of each)
+                q = self._insert(gm, node)
+                _read_from(gm, users[0], node, q)
             if q is None:
                 if not (_feeds_int8(gm, tail) or (_is_add(node) and _only_quantizer_readers(gm, tail))):
                     continue  # e.g. the graph's output: no integer kernel reads it, keep it float
