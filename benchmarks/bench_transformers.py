@@ -3,7 +3,8 @@ to the float model, beside onnxruntime's own flow?
 
 Each model is built from a small config (random weights: nothing is downloaded) and compiled at W8A8 with no flags
 (no ``--leaf-module``): ``qcompile.compile(model, example, calib=...)``; GPT-2 (a causal LM) as a module that gives it
-its attention mask (``forward(ids, mask)``, every third sample padded), scored on the positions the mask keeps. On inputs held out from the 32 calibration
+its attention mask (``forward(ids, mask)``, every third sample padded), scored on the positions the mask keeps; so are
+OPT, Llama and BLOOM. On inputs held out from the 32 calibration
 inputs, the output SQNR against the float model of
 
 - ``qcompile``: the emitted file, run in onnxruntime;
@@ -58,6 +59,14 @@ def models():
         "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(
             n_embd=64, n_layer=2, n_head=2, vocab_size=500, n_positions=32, bos_token_id=0, eos_token_id=0,
             use_cache=False)), "ids+mask"),
+        "opt": (lambda: T.OPTForCausalLM(T.OPTConfig(
+            vocab_size=500, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=64, use_cache=False)), "ids+mask"),
+        "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(  # grouped-query attention, rotary positions
+            vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, max_position_embeddings=64, use_cache=False)), "ids+mask"),
+        "bloom": (lambda: T.BloomForCausalLM(T.BloomConfig(  # ALiBi
+            vocab_size=500, hidden_size=64, n_layer=2, n_head=4, use_cache=False)), "ids+mask"),
     }
     for name, (build, kind) in builders.items():
         torch.manual_seed(0)
