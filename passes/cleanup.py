@@ -5,10 +5,10 @@
 - ``RemoveIdentity``: ``nn.Identity``, eval-mode ``nn.Dropout*`` and torchvision's eval-mode ``stochastic_depth``
   calls are the identity: x -> x.
   Before: ``y = dropout(x); z = f(y)``  After: ``z = f(x)``.
-- ``ConstantMetadataReads``: reads of a tensor's rank or dtype (``x.ndim``, ``x.dim()``, ``x.dtype``,
-  ``x.is_floating_point()``), fixed by the trace, as the constants they are. timm's ``BatchNormAct2d`` starts with
-  ``_assert(x.ndim == 4)``: that read was a second user of the conv's output, and FoldBatchNorm left 55 of 55
-  BatchNorms of cspresnet50 unfolded (float between the int8 layers).
+- ``ConstantMetadataReads``: reads of a tensor's dtype (``x.dtype``, ``x.is_floating_point()``), and of its rank
+  (``x.ndim``, ``x.dim()``) where only ``torch._assert`` checks it, as the constants the trace fixed. timm's
+  ``BatchNormAct2d`` starts with ``_assert(x.ndim == 4)``: that read was a second user of the conv's output, and
+  FoldBatchNorm left 55 of 55 BatchNorms of cspresnet50 unfolded (float between the int8 layers).
   Before: ``n = getattr(y, "ndim"); ok = n == 4``  After: ``ok = 4 == 4``.
 - ``DecomposeAdaptivePool``: adaptive average/max pools whose output size does not divide the input size (VGG's
   7x7 pool on a 160x160 image), which torch.onnx cannot export, as the mean/max of each of their fixed bins.
@@ -69,10 +69,37 @@ _RANK_AND_DTYPE_METHODS = {"dim": lambda m: len(m.shape), "ndimension": lambda m
                            "is_complex": lambda m: m.dtype.is_complex}
 
 
+_RANKS = ("ndim", "dim", "ndimension")
+_CHECKS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+           operator.or_, operator.not_, operator.truth}
+
+
+def _only_asserted(node: torch.fx.Node) -> bool:
+    """Whether every use of ``node`` ends in the condition of a ``torch._assert``, through comparisons."""
+    todo, seen = list(node.users), set()
+    while todo:
+        user = todo.pop()
+        if user in seen:
+            continue
+        seen.add(user)
+        if user.op != "call_function":
+            return False
+        if user.target is torch._assert:
+            if user.args and user.args[0] is not node and not isinstance(user.args[0], torch.fx.Node):
+                return False
+            continue
+        if user.target not in _CHECKS or not user.users:
+            return False
+        todo.extend(user.users)
+    return bool(seen)
+
+
 class ConstantMetadataReads(Pass):
-    """``x.ndim``, ``x.dim()``, ``x.dtype``, ``x.is_floating_point()`` of a traced tensor as constants (from the
-    trace's ShapeProp metadata): they do not change with the batch, and as nodes they were users of ``x`` that
-    kept FoldBatchNorm (and the integer region) from seeing a layer's output read once."""
+    """``x.dtype``, ``x.is_floating_point()`` of a traced tensor, and ``x.ndim``/``x.dim()`` where only a
+    ``torch._assert`` checks them, as constants (from the trace's ShapeProp metadata). As nodes they were users of
+    ``x`` that kept FoldBatchNorm (and the integer region) from seeing a layer's output read once. A rank that the
+    model computes with stays a read: it can follow the batch (``h.squeeze()`` of a (1, C) example is 1-D; as a
+    constant the file took a softmax over the batch, and validation, comparing it with the same graph, passed)."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         count = 0
@@ -83,10 +110,14 @@ class ConstantMetadataReads(Pass):
                 continue
             if node.op == "call_function" and node.target is getattr and len(node.args) == 2 and \
                     node.args[1] in _RANK_AND_DTYPE:
-                value = _RANK_AND_DTYPE[node.args[1]](meta)
+                what, value = node.args[1], _RANK_AND_DTYPE[node.args[1]](meta)
             elif node.op == "call_method" and node.target in _RANK_AND_DTYPE_METHODS and len(node.args) == 1:
-                value = _RANK_AND_DTYPE_METHODS[node.target](meta)
+                what, value = node.target, _RANK_AND_DTYPE_METHODS[node.target](meta)
             else:
+                continue
+            if what in _RANKS and not _only_asserted(node):
+                # a rank can follow the batch (h.squeeze() of a (1, C) example is 1-D): only a check that
+                # torch._assert makes of it is folded (it computes nothing); dtypes do not change with the batch
                 continue
             for user in list(node.users):
                 user.args = torch.fx.node.map_aggregate(user.args, lambda a: value if a is node else a)

@@ -628,3 +628,28 @@ def test_a_linear_written_as_a_product_with_the_transposed_weight_is_a_layer():
     compiled = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert compiled.report.passed
     assert len(layer_rows(compiled.model)) == 3
+
+
+def test_a_rank_the_model_computes_with_stays_a_read():
+    """``softmax(h, dim=h.ndim - 1)`` after ``h.squeeze()``: at the example's batch of 1 the rank is 1, and as a
+    constant the file took the softmax over the batch while validation (the same graph) passed. Only ranks that
+    ``torch._assert`` checks are folded."""
+    from qcompile.passes.cleanup import ConstantMetadataReads
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.fc(x).unsqueeze(-1).squeeze()
+            torch._assert(h.ndim >= 1, "a tensor")
+            return F.softmax(h, dim=h.ndim - 1)
+
+    x = torch.randn(6, 8)
+    gm = trace(M().eval(), (x[:1],))
+    ConstantMetadataReads()(gm)
+    gm.recompile()
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+    assert [n for n in gm.graph.nodes if n.target is getattr]  # the read the softmax uses stays
