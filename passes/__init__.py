@@ -2,8 +2,8 @@
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
-from .cleanup import (DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale, DecomposeRMSNorm,
-                      EliminateDeadCode, MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
+from .cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale,
+                      DecomposeRMSNorm, EliminateDeadCode, MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -19,7 +19,7 @@ from .select import Override, SelectLayers, layer_table, load_overrides, parse_e
 from .window_attention import DecomposeWindowAttention
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
-           "EliminateDeadCode", "RemoveIdentity", "FoldConstants", "FoldBatchNorm", "ChannelStats",
+           "EliminateDeadCode", "RemoveIdentity", "ConstantMetadataReads", "FoldConstants", "FoldBatchNorm", "ChannelStats",
            "EqualizeWeights", "EqualizeInputs",
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",

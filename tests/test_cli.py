@@ -220,7 +220,8 @@ def test_calib_file_gives_the_example_input_and_json_summary(work, capsys):
     assert rc == 0, err
     summary = json.loads((work / "summary.json").read_text())
     assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 6
-    assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "DecomposeRMSNorm", "DecomposeAdaptivePool",
+    assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "ConstantMetadataReads", "DecomposeRMSNorm",
+                                                           "DecomposeAdaptivePool",
                                                            "DecomposeAvgPoolDivisor", "EliminateDeadCode"]
 
 
