@@ -643,6 +643,19 @@ def _clip_note(opts: CompileOptions, gm: torch.fx.GraphModule) -> Optional[str]:
             "--calib-method mse (calib_method='mse') for these bits")
 
 
+_RANDOM_FUNCTIONS = {"rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "bernoulli", "normal",
+                     "multinomial", "randperm", "poisson"}
+_RANDOM_METHODS = {"uniform_", "normal_", "bernoulli_", "random_", "exponential_", "geometric_", "cauchy_",
+                   "log_normal_", "bernoulli", "multinomial"}
+
+
+def _random_draws(gm: torch.fx.GraphModule) -> list[str]:
+    """The nodes of ``gm`` that draw random numbers (``torch.randn``, ``x.uniform_()``, ...)."""
+    return [n.name for n in gm.graph.nodes
+            if (n.op == "call_function" and getattr(n.target, "__name__", "") in _RANDOM_FUNCTIONS)
+            or (n.op == "call_method" and n.target in _RANDOM_METHODS)]
+
+
 def _python_numbers_hint(gm: torch.fx.GraphModule) -> Optional[str]:
     """Why a file may not compute the model: values of data taken out as Python numbers (``.item()`` that the
     frontend could not keep a tensor, ``.tolist()``), which torch.onnx writes as the constants of the example."""
@@ -868,6 +881,12 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
         if not report.passed and numbers_note:
             report.failures.append(numbers_note)
+        if not report.passed:
+            drawn = _random_draws(gm)
+            if drawn:
+                report.failures.append(f"forward draws random numbers ({', '.join(drawn[:3])}): the file draws other "
+                                       "ones than the simulation, so they cannot agree; make the model deterministic "
+                                       "for the compile (no sampling in eval mode)")
         # most of a large model's compile (ResNet-50, 32 images at 224x224: 31 of 40 s), and nothing said so
         summary["validation_seconds"] = round(time.perf_counter() - t_validate, 3)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None

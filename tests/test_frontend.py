@@ -2166,3 +2166,17 @@ def test_the_sized_retrace_keeps_sizes_after_repeat_interleave_by_a_number_and_t
     assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
     result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="uniform", bits=8)
     assert result.report.passed, result.report.failures
+
+
+def test_a_failed_validation_of_a_model_that_draws_random_numbers_says_so():
+    """``+ 0.1 * torch.randn(B, 4)`` in forward: the file and the simulation draw different numbers, and the failure
+    said the layers after the last quantizer did not compute what the simulation does."""
+    class M(_SeededLinear8):
+        def forward(self, x):
+            return self.fc(x) + 0.1 * torch.randn(x.shape[0], 8)
+
+    x = torch.randn(32, 8)
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(M().eval(), x[:1], calib=x, scheme=scheme, bits=8)
+        assert not result.report.passed
+        assert any("draws random numbers (randn" in f for f in result.report.failures), result.report.failures
