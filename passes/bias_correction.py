@@ -119,9 +119,14 @@ def _output_channel(node, value: torch.Tensor) -> int:
 
 
 def _sample_channel_means(value: torch.Tensor, channel: int) -> torch.Tensor:
-    """(batch, channels) float64: each sample's mean of each channel (batch first)."""
-    x = value.detach().float().movedim(channel, -1)
-    return x.reshape(x.shape[0], -1, x.shape[-1]).mean(dim=1, dtype=torch.float64)
+    """(batch, channels) float64: each sample's mean of each channel (batch first). Float32 sums over the positions,
+    in the activation's own memory order (relative error ~1e-7, absolute ~1e-8 on these values: rounding noise for a
+    bias), then float64: a float64 reduction took ~8x as long (8 MobileNetV2 images, 96x112x112: 240 -> 28 ms)."""
+    x = value.detach().float()
+    dims = [d for d in range(1, x.dim()) if d != channel]
+    if not dims:  # (batch, features): nothing to sum
+        return x.double()
+    return x.sum(dim=dims).double() / math.prod(x.shape[d] for d in dims)
 
 
 class LayerMeans(torch.fx.Interpreter):
