@@ -343,12 +343,32 @@ def attr_value(gm: torch.fx.GraphModule, node: torch.fx.Node):
 FLOAT_PARAMS = "qcompile_float_params"
 
 
+_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # gm -> {id(module): qualified name}
+
+
+def module_path(gm: torch.fx.GraphModule, module: torch.nn.Module) -> str | None:
+    """The qualified name of ``module`` in ``gm`` ("" for ``gm`` itself), None if it is not one of its modules. The
+    names are looked up once and kept while they stay right (bias correction asked for every layer, and each
+    question walked every module: 0.2 s of a MobileNetV2 compile)."""
+    paths = _PATHS.get(gm)
+    path = paths.get(id(module)) if paths is not None else None
+    if path is not None:
+        try:
+            if gm.get_submodule(path) is module:
+                return path
+        except AttributeError:
+            pass
+    paths = {id(m): p for p, m in gm.named_modules()}
+    _PATHS[gm] = paths
+    return paths.get(id(module))
+
+
 def remember_float(gm: torch.fx.GraphModule, target: str | tuple) -> None:
     """Record the current value of parameter ``target`` (a qualified name, or ``(holder module, attribute)``) as its
     float value, unless one is recorded already: call it before a pass after calibration changes the parameter."""
     if isinstance(target, tuple):
         holder, attr = target
-        path = next((p for p, m in gm.named_modules() if m is holder), None)
+        path = module_path(gm, holder)
         if path is None:
             return
         target = f"{path}.{attr}" if path else attr
