@@ -253,7 +253,7 @@ def _estimated_errors(pa: np.ndarray, pb: np.ndarray, rows: np.ndarray, clip_row
             out[:, i:i + step] = rounding(values[i:i + step].reshape(-1)).reshape(
                 len(factors), -1, values.shape[1]).sum(-1, dtype=np.float64)
     else:
-        out = np.ascontiguousarray(np.broadcast_to(k * f2 / 12.0, (len(factors), n_rows)))
+        out = np.array(np.broadcast_to(k * f2 / 12.0, (len(factors), n_rows)))  # a writable copy (one row: a view)
         if len(clip_vals):
             over = clip_vals[None] > top * f
             np.add.at(out, (slice(None), clip_rows), np.where(over, (clip_vals[None] - top * f) ** 2 - f2 / 12.0, 0.0))

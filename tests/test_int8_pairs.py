@@ -270,19 +270,24 @@ def test_cli_takes_s8_safe(tmp_path):
     assert json.loads(meta["qcompile.options"])["int8_weights"] == "s8-safe"
 
 
-@pytest.mark.parametrize("k", [64, 1024], ids=["short-rows-exact", "long-rows-estimated"])
-def test_fast_search_error_is_the_error_of_the_codes_it_returns(k):
+@pytest.mark.parametrize("rows,k", [(48, 64), (48, 1024), (1, 1024)],
+                         ids=["short-rows-exact", "long-rows-estimated", "one-long-row"])
+def test_fast_search_error_is_the_error_of_the_codes_it_returns(rows, k):
     """Flat (xavier-uniform) weights put many same-sign pairs past the limit. The fast search's error for the scales
     it picks is the squared error of the pair-safe codes it returns: exactly for short rows, and within a few
-    percent where it estimates rounding as step²/12 (long rows)."""
+    percent where it estimates rounding as step²/12 (long rows). One row (a Linear(k, 1) score head): its error
+    table was a read-only broadcast view, and the pass crashed."""
     from qcompile import quant
     from qcompile.passes.int8_pairs import safe_weights
     from qcompile.qmodules import FakeQuantize
 
-    w = torch.empty(48, k)
+    w = torch.empty(rows, k)
     nn.init.xavier_uniform_(w, generator=torch.Generator().manual_seed(0))
+    if rows == 1:
+        w = w * 0.4 + w.abs().amax() * 0.6 * torch.sign(w)  # flat: many same-sign pairs near the top code
+        w[0, :4] *= 3.0  # and a few far above the rest, clipped at the calibrated range below
     fq = FakeQuantize("uniform", 8, signed=True, axis=0, role="weight")
-    fq.set_params(w.abs().amax(dim=1))
+    fq.set_params(w.abs().amax(dim=1) / (2.0 if rows == 1 else 1.0))
     w_new, alpha, moved, err = safe_weights(w, fq, 128)
     assert moved > 0
     codes = quant.quantize(w_new, alpha, fq.levelset, axis=0)
