@@ -140,6 +140,16 @@ def _quantized_nodes(model: onnx.ModelProto) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.domain == "qcompile" for n in model.graph.node)
 
 
+def _onnxruntime_refused(exc: BaseException, args) -> None:
+    """A UserError for onnxruntime failing to run the file (an index past a level table, a shape its graph cannot
+    take: an edited file), not an internal error; returns where ``exc`` is not onnxruntime's."""
+    if not type(exc).__module__.startswith("onnxruntime"):
+        return
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise UserError(f"onnxruntime cannot run {args.onnx!r} on these inputs ({first}); the file is not one qcompile "
+                    "wrote or was edited since: validate the file qcompile wrote") from None
+
+
 def _check_reference_runs(reference, example, args, given) -> None:
     """The float model ``--against`` runs on one sample of the inputs, or a one-line UserError (a model of another
     architecture, a two-input model, uint8 image data)."""
@@ -260,7 +270,10 @@ def validate_against(args):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
         try:
             return rv.validate_model(args.onnx, reference, inputs, **thresholds)
-        except ValueError as e:  # outputs of another number or shape
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error type
+            _onnxruntime_refused(e, args)
+            if not isinstance(e, ValueError):
+                raise
             raise UserError(f"{args.onnx!r} does not give --against's outputs ({e}); give the model the file was "
                             "compiled from") from None
     # A quantized file: rebuild its simulation with the options recorded in the file.
@@ -306,6 +319,7 @@ def validate_against(args):
             return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)
     except Exception as e:  # noqa: BLE001 - onnxruntime's own error type
         if "does not exist in the graph" not in str(e):
+            _onnxruntime_refused(e, args)
             raise
         raise UserError(f"{args.onnx!r} no longer has the activations its qcompile metadata names: its graph was "
                         "rewritten (an onnxruntime-optimized file fuses them away); validate the file qcompile "

@@ -994,6 +994,15 @@ def test_validate_passes_the_apot_files_qcompile_wrote(work, capsys, emit):
     assert rc == 0, err
     rc, out, err = cli(capsys, "validate", "a.onnx", "--against", weights, *arch, "--data", "digits.npy")
     assert rc == 0 and "PASS" in out, err
+    # a level index edited past the file's level table: onnxruntime's Gather refuses it, which was an internal error
+    model = onnx.load(work / "a.onnx")
+    init = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.UINT4 and len(t.dims) == 4)
+    codes = onnx.numpy_helper.to_array(init).copy()
+    codes.reshape(-1)[0] = 15  # past the 15 levels of APoT-4 (conv2's level indices)
+    init.CopyFrom(onnx.numpy_helper.from_array(codes, init.name))
+    onnx.save(model, work / "edited.onnx")
+    rc, out, err = cli(capsys, "validate", "edited.onnx", "--against", weights, *arch, "--data", "digits.npy")
+    assert_user_error(rc, err, "onnxruntime cannot run 'edited.onnx' on these inputs")
 
 
 def test_validate_needs_no_config_file(work, capsys):

@@ -507,3 +507,58 @@ def test_a_wrong_file_fails_validation_through_an_argmax_output():
     assert report.extra["codes_differ"] == 0
     assert not report.passed and report.extra["step_output_mismatch"][0] > 0.2
     assert any("after a step operation" in f for f in report.failures), report.failures
+
+
+@pytest.fixture(scope="module")
+def digits_apot4():
+    from qcompile.models import digits
+
+    x_train, *_ = digits.load_split()
+    calib = x_train[:32].clone()
+    return qcompile.compile(digits.pretrained(), calib[:1], calib=calib, scheme="apot", bits=4, validate=False), calib
+
+
+def test_one_changed_4_bit_weight_fails_through_its_output_channel(digits_apot4):
+    """One APoT-4 weight of conv2 moved from level -4 to +1 (its level index in the packed table): 24% of that
+    output channel's codes differ, but under 1% of the quantizer's and 0.1% of the model's, and the file passed.
+    The codes of one channel are compared on their own."""
+    result, calib = digits_apot4
+    model = result.onnx_model
+    producer = {o: n for n in model.graph.node for o in n.output}
+    conv2 = next(n for n in model.graph.node if n.op_type == "Conv" and "conv2" in n.name)
+    gather = producer[producer[conv2.input[1]].input[0]]  # DequantizeLinear <- Gather(levels, Cast(index))
+    assert gather.op_type == "Gather"
+    index_name = producer[gather.input[1]].input[0]
+    levels = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == gather.input[0]))
+
+    def change(codes):
+        wide = codes.astype(np.int64)
+        old = int(wide[0, 0, 1, 1])
+        new = int(np.argmin(np.abs(levels - (levels[old] + 5))))  # five grid steps up
+        assert new != old
+        wide[0, 0, 1, 1] = new
+        return wide.astype(codes.dtype)
+
+    data = doctored(model, index_name, change)
+    report = validate_quantized(data, result.model, calib)
+    assert not report.passed, report.summary()
+    assert any("of channel 0 (dimension 1)" in f for f in report.failures), report.failures
+    assert report.extra["code_mismatch_local"] < MAX_CODE_MISMATCH  # the model-wide share alone passed it
+    # the genuine file: no channel anywhere near the bound
+    assert validate_quantized(model.SerializeToString(), result.model, calib).passed
+
+
+def test_a_file_of_another_graph_fails_validation_without_an_error(digits_apot4):
+    """The max-pool removed from the file (its reader rewired to its input): every later tensor has other shapes.
+    Validation stopped with a RuntimeError from comparing them (an internal error from `qcompile validate`)."""
+    result, x = digits_apot4
+    model = onnx.ModelProto.FromString(result.onnx_model.SerializeToString())
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    for node in model.graph.node:
+        for j, name in enumerate(node.input):
+            if name == pool.output[0]:
+                node.input[j] = pool.input[0]
+    model.graph.node.remove(pool)
+    report = validate_quantized(model.SerializeToString(), result.model, x)
+    assert not report.passed
+    assert any("the file computes another graph" in f for f in report.failures), report.failures
