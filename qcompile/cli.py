@@ -353,7 +353,11 @@ def cmd_compile(argv) -> int:
         examples = example if isinstance(example, tuple) else (example,)
         validation_inputs = tuple(torch.randn((16,) + tuple(t.shape[1:]), generator=gen) for t in examples)
         validation_inputs = validation_inputs[0] if len(validation_inputs) == 1 else validation_inputs
-    print(f"qcompile: {args.model} -> {output} ({opts.describe()})")
+    from .qat import config_of
+
+    trained = config_of(model)  # a QAT-trained model compiles with the options it was trained with, not the defaults
+    described = f"{trained.options.describe()}, QAT-trained" if trained is not None else opts.describe()
+    print(f"qcompile: {args.model} -> {output} ({described})")
     thresholds = {k: v for k, v in (("min_sqnr", args.min_sqnr), ("min_top1", args.min_top1)) if v is not None}
     # (option, value, given on the command line): a model trained with qcompile.qat fixes the pass options, and
     # compile refuses a value that differs from the trained one, so those left at their defaults are not passed
@@ -371,9 +375,7 @@ def cmd_compile(argv) -> int:
         ("keep_first_last", args.keep_first_last, args.keep_first_last != parser.get_default("keep_first_last")),
         ("float_downsample", args.float_downsample, args.float_downsample), ("exclude", tuple(args.exclude), bool(args.exclude)),
         ("config", args.config, args.config is not None)]
-    from .qat import config_of
-
-    qat_trained = config_of(model) is not None
+    qat_trained = trained is not None
     options = {name: value for name, value, given in chosen if given or not qat_trained}
     named = {a.split("=")[0] for a in argv}
     scheme = args.scheme if "--scheme" in named or not qat_trained else None

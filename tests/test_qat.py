@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -709,6 +710,8 @@ def test_the_cli_compiles_a_pickled_trained_model_without_repeating_its_options(
                "-o", str(tmp_path / "q.onnx")])
     out, err = capsys.readouterr()
     assert rc == 0 and out.strip().endswith("PASS"), out + err
+    # the first line says what the model was trained at (it said the defaults, "apot W4A4")
+    assert out.splitlines()[0].endswith("(uniform W4A4, QAT-trained)"), out
     # an option given that differs from the trained one is still refused, naming it
     rc = main([str(tmp_path / "qat.pt"), "--trust-pickle", "--calib", str(tmp_path / "x.npy"), "--keep-first-last",
                "fp32", "--no-bias-correction", "-o", str(tmp_path / "q2.onnx")])
@@ -737,3 +740,39 @@ def test_mistakes_that_trained_or_exported_nothing_are_refused(digits, tmp_path)
     with pytest.raises(UserError, match=r"does not run on the example inputs of shape \[\(1, 1, 16, 16\) float32\]"):
         qat.export(gm, torch.zeros(1, 1, 16, 16), output=str(out))
     assert not out.exists()
+
+
+def test_prepare_checks_its_calibration_data_as_compile_does(digits):
+    """Calibration data of another shape, without samples or of integers reached the passes: a PassError around
+    torch's "mat1 and mat2 shapes cannot be multiplied" or a StopIteration, where compile says what is wrong."""
+    x_tr, _, x_te, _ = digits
+    for calib, needle in ((torch.rand(16, 1, 16, 16), "samples of shape (1, 16, 16)"),
+                          (x_tr[:16, 0], "samples of shape (8, 8)"),
+                          (x_tr[:0], "holds no samples"),
+                          (x_tr[:16].long(), "holds integers")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            qat.prepare(pretrained(), x_te[:1], scheme="uniform", bits=4, calib=calib)
+
+
+def test_export_runs_the_float_model_as_compile_does_in_eval_mode(digits):
+    """``export(..., float_model=model)`` right after a training loop, the model in train mode: the float run took
+    batch statistics (and moved the model's running ones), and a BatchNorm1d on one sample raised "Expected more
+    than 1 value per channel when training"."""
+    x_tr, y_tr, x_te, _ = digits
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Linear(32, 10))
+    with torch.no_grad():
+        model.train()(x_tr[:256])  # running statistics of real data
+    gm = qat.prepare(model, x_te[:1], scheme="uniform", bits=4, calib=x_tr[:64])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    result = qat.export(gm, x_te[:1], float_model=model, validation_inputs=x_te[:1])
+    assert result.report.passed, result.report.summary()
+    assert model.training  # left as the user had it, and its statistics too
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    result = qat.export(gm, x_te[:1], float_model=model, validation_inputs=x_te[:64])
+    with torch.no_grad():
+        expected = float((model.eval()(x_te[:64]).argmax(1) == torch.from_numpy(
+            run(session(result.onnx_model.SerializeToString()), [x_te[:64].numpy()])[0]).argmax(1)).float().mean())
+    assert result.report.extra["top1_vs_float"] == pytest.approx(expected)

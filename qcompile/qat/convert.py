@@ -155,6 +155,12 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
             check_calibration_data(inputs, example_inputs, "validation data", "validation_inputs")
         else:
             inputs = example_inputs
+        if isinstance(float_model, nn.Module):
+            from qcompile.frontend import plain_copy
+
+            # an eval-mode copy, as compile runs it: after a training loop the model is in train mode, where its
+            # BatchNorms took batch statistics (and moved their running ones) and its Dropouts dropped values
+            float_model = plain_copy(float_model).eval()
         report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                     **(thresholds or {}))
         agree = report.extra.get("top1_vs_float")

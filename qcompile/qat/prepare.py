@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qcompile import quant
-from qcompile.api import as_input_tuple, calib_data
+from qcompile.api import _example_int_types, as_input_tuple, calib_data, check_calibration_data
 from qcompile.errors import UserError
 from qcompile.frontend import plain_copy, trace, unwrap
 from qcompile.options import CompileOptions
@@ -225,6 +225,9 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     calib_x = calib_data(calib, len(example_inputs))
     if calib_x is None:
         calib_x = example_inputs[0] if len(example_inputs) == 1 else tuple(example_inputs)
+    else:  # as compile checks it: one-line errors, not a pass failing on another shape, no samples or integers
+        check_calibration_data(calib_x, example_inputs, option="calib=")
+        calib_x = _example_int_types(calib_x, example_inputs)
 
     gm = trace(plain_copy(unwrap(model)).eval(), example_inputs, leaf_modules=opts.leaf_modules, copy=False)
     before, _ = split_pipeline(opts, calib_x)
