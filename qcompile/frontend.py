@@ -176,7 +176,8 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         if not trust_pickle:
             raise UserError(
                 f"{source!r} is a full pickle (torch.save(model)); loading it runs code from the file, so it is refused. "
-                "Re-save with torch.save(model.state_dict()) and pass --arch, or pass --trust-pickle if you trust the file"
+                "Re-save with torch.save(model.state_dict()) and pass --arch (arch=... from Python), or pass "
+                "--trust-pickle (trust_pickle=True) if you trust the file"
             )
         cwd = os.getcwd()
         if cwd not in sys.path:

@@ -14,6 +14,8 @@ Each step is switched by ``CompileOptions``; nothing else runs in the driver.
 """
 from __future__ import annotations
 
+import collections.abc
+
 from qcompile.passes.base import Pass
 from qcompile.passes.cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor,
                                      DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity)
@@ -30,4 +32,8 @@ def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) 
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here
 
+    if isinstance(calib, collections.abc.Iterator):
+        # a generator of batches feeds several passes: read once here (the first pass used it up, and the next
+        # one said "the calibration data is empty")
+        calib = list(calib)
     return passes + quantization_passes(opts, calib, progress, example=example)

@@ -519,7 +519,8 @@ def test_validate_of_a_float_file_against_other_outputs_is_a_user_error(work, ca
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
     drop_weight_fingerprint("out.onnx")  # other weights are refused first (see below)
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", f"{MODULE}:tiny_cnn_3")
-    assert_user_error(rc, err, "'out.onnx' does not give --against's outputs (output shape mismatch")
+    assert_user_error(rc, err, "'out.onnx' does not give --against's outputs (output 0: the file's shape [16, 4], "
+                      "the reference's [16, 3]")
 
 
 @pytest.mark.parametrize("what, needle", [("missing", "does not exist"), ("text", "is not an ONNX file")])

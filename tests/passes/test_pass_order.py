@@ -71,10 +71,11 @@ def test_build_passes_by_hand_calibrates_what_compile_does_on_a_strided_slice():
         assert torch.equal(t, gm.state_dict()[name]), name
 
 
-@pytest.mark.parametrize("form", ["numpy", "float64", "dataloader", "list of batches"])
+@pytest.mark.parametrize("form", ["numpy", "float64", "dataloader", "list of batches", "generator"])
 def test_build_passes_take_the_calibration_forms_compile_takes(form):
     """compile() converts a numpy array, float64 data, a DataLoader of (x, y) or a list of batches; the pipeline
-    from build_passes crashed on each in RecordFloatOutputs, its first quantization pass (it read the raw data)."""
+    from build_passes crashed on each in RecordFloatOutputs, its first quantization pass (it read the raw data). A
+    generator of batches was used up by that pass, and the next said "the calibration data is empty"."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from qcompile.models import digits
@@ -84,7 +85,8 @@ def test_build_passes_take_the_calibration_forms_compile_takes(form):
     calib = x_train[:32].clone()
     data = {"numpy": calib.numpy(), "float64": calib.double(),
             "dataloader": DataLoader(TensorDataset(calib, y_train[:32]), batch_size=8),
-            "list of batches": [calib[:16], calib[16:]]}[form]
+            "list of batches": [calib[:16], calib[16:]],
+            "generator": (calib[i:i + 8] for i in range(0, 32, 8))}[form]
     model = digits.pretrained()
     opts = CompileOptions(scheme="apot", bits=4)
     want = Pipeline(build_passes(opts, calib))(qcompile.trace(model, calib[:1])).gm
