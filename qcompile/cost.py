@@ -98,6 +98,59 @@ def _dense_macs(node: onnx.NodeProto, shapes: dict) -> Optional[int]:
     return int(np.prod(out[1:], dtype=np.int64) * x[-1])
 
 
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "Cast", "QuantizeLinear", "DequantizeLinear", "Identity"}
+
+
+def _rows_per_sample(model: onnx.ModelProto, node: onnx.NodeProto, shapes: dict) -> Optional[int]:
+    """Rows of a 2-D Gemm/MatMul per input sample where the layer runs on (batch · tokens, features) rows: a Linear
+    on (B, T, d) written as Reshape -> Gemm -> Reshape, whose row count is not the batch (the cost table counted
+    one row per sample, T times too few products). From the (batch, ...) shape of the Reshape before it or after
+    it (through elementwise nodes); None where nothing says (a plain (B, d) layer)."""
+    x, out = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if node.op_type not in ("Gemm", "MatMul") or x is None or out is None or len(x) != 2 or x[0] is not None \
+            or x[-1] is None or out[-1] is None:
+        return None
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def per_sample(shape) -> Optional[int]:
+        if shape is None or len(shape) < 2 or any(d is None for d in shape[1:]):
+            return None
+        return int(np.prod(shape[1:], dtype=np.int64))
+
+    tensor = node.input[0]
+    for _ in range(6):  # back to the Reshape/Flatten that made the rows
+        src = producer.get(tensor)
+        if src is None:
+            break
+        if src.op_type in ("Reshape", "Flatten"):
+            e = per_sample(shapes.get(src.input[0]))
+            if e is not None and e % x[-1] == 0 and e // x[-1] > 1:
+                return e // x[-1]
+            break
+        if src.op_type not in _ELEMENTWISE:
+            break
+        tensor = src.input[0]
+    tensor = node.output[0]
+    for _ in range(6):  # on to the Reshape that gives the rows back their samples
+        readers = consumers.get(tensor, [])
+        if len(readers) != 1:
+            break
+        dst = readers[0]
+        if dst.op_type == "Reshape":
+            e = per_sample(shapes.get(dst.output[0]))
+            if e is not None and e % out[-1] == 0 and e // out[-1] > 1:
+                return e // out[-1]
+            break
+        if dst.op_type not in _ELEMENTWISE:
+            break
+        tensor = dst.output[0]
+    return None
+
+
 def _recurrent_macs(node: onnx.NodeProto, shapes: dict) -> tuple[Optional[int], Optional[int]]:
     """(MACs, gate outputs) per sample of an LSTM/GRU/RNN: every time step multiplies the input by W
     ([directions, gates·hidden, input]) and the state by R ([directions, gates·hidden, hidden])."""
@@ -165,6 +218,9 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
         else:
             macs = _dense_macs(node, shapes)
             outputs = _dense_outputs(node, shapes)
+            rows = _rows_per_sample(model, node, shapes)
+            if rows is not None and macs is not None and outputs is not None:
+                macs, outputs = macs * rows, outputs * rows
         # P * O * (K - 1) as for the lowered layers: each output sums its K products with K - 1 adds
         adds = None if macs is None or outputs is None else macs - outputs
         layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,

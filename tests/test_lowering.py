@@ -579,3 +579,25 @@ def test_the_cost_report_names_layers_by_module_and_binary_weights_as_binary():
     with pytest.warns(QuantizationWarning, match="every layer is float"):
         qcompile.compile(M().eval(), calib[:1], calib=calib, scheme="apot", bits=4, emit="shift-add",
                          exclude=["*"], validate=False)
+
+
+def test_cost_of_a_kept_linear_on_tokens_counts_every_token():
+    """The kept (8-bit, last) Linear of a (B, T, d) model runs as Reshape -> Gemm -> Reshape on B·T rows; the table
+    counted one row per sample: 256 multiplies for l2 where each sample has 12 x 8 x 32."""
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.l2 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(torch.relu(self.l0(x)))))
+
+    torch.manual_seed(0)
+    calib = torch.randn(64, 12, 16)
+    res = qcompile.compile(Tokens().eval(), calib[:1], calib=calib, scheme="apot", bits=4, emit="shift-add")
+    assert res.report.passed, res.report.summary()
+    rows = {row["module"] or row["layer"]: row for row in cost_report(res.onnx_model)["layers"]}
+    kept = {name: row["uniform"]["mults"] for name, row in rows.items() if not row["lowered"]}
+    assert sorted(kept.values()) == [12 * 8 * 32, 12 * 32 * 16], rows  # l2 and l0, per sample
+    lowered = [row for row in rows.values() if row["lowered"]]
+    assert [row["uniform"]["mults"] for row in lowered] == [12 * 32 * 32]
