@@ -64,6 +64,9 @@ _CHANGE_KEYS = ("scheme", "wscheme", "ascheme", "bits", "wbits", "abits", "per_c
 _KINDS = ("glob", "regex", "type")
 
 
+_FIRST_LAST_REASONS = ("first layer", "last layer", "first and last layer")
+
+
 def int8_config(reason: str) -> LayerConfig:
     """8-bit uniform weights and activations: the default for the first and last layers."""
     return LayerConfig(action="quant", wscheme="uniform", wbits=8, ascheme="uniform", abits=8, reason=reason)
@@ -470,6 +473,7 @@ class SelectLayers(Pass):
             raise UserError(f"--keep-first-last {first_last!r} must be one of {', '.join(FIRST_LAST_MODES)}")
         self.default = default
         self.first_last = first_last
+        self.only_first_last = False  # set by call(): see there
         self.float_downsample = float_downsample
         self.overrides = tuple(overrides)
 
@@ -519,6 +523,14 @@ class SelectLayers(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         decision = self.decide(gm)
+        # every layer is a first or last one, kept at 8 bits: none gets the bits or scheme asked (a 2-layer MLP at
+        # --wbits 4 gave an all-8-bit file, and said "(uniform W4A8)"); compile says so
+        def int8(cfg) -> bool:
+            return (cfg.action, cfg.wscheme, cfg.wbits, cfg.ascheme, cfg.abits) == ("quant", "uniform", 8, "uniform", 8)
+
+        self.only_first_last = self.first_last == "int8" and self.default.action == "quant" and \
+            not int8(self.default) and bool(decision) and \
+            all(int8(cfg) and cfg.reason in _FIRST_LAST_REASONS for cfg in decision.values())
         from qcompile.qmodules import FakeQuantize
 
         if any(isinstance(m, FakeQuantize) for m in gm.modules()):

@@ -792,6 +792,12 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                       "(ascheme='uniform') or --config for those layers")
         warnings.warn(level_note, QuantizationWarning, stacklevel=3)
 
+    first_last_note = None
+    if any(getattr(p, "only_first_last", False) for p in pipeline.passes):
+        first_last_note = (f"every layer of this model is its first or last layer, kept at 8-bit uniform "
+                           f"(--keep-first-last int8): no layer is {opts.describe()}; --keep-first-last quant "
+                           "(keep_first_last='quant') quantizes them as asked")
+        warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
     numbers_note = _python_numbers_hint(gm)
     if numbers_note:  # validation sees it only where its data differs from the example's
         warnings.warn(numbers_note, QuantizationWarning, stacklevel=3)
@@ -828,6 +834,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["calib_note"] = calib_note
     if numbers_note:
         summary["numbers_note"] = numbers_note
+    if first_last_note:
+        summary["first_last_note"] = first_last_note
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report, nothing_lowered_note
 

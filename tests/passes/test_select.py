@@ -387,3 +387,36 @@ def test_config_bits_take_numpy_integers_as_the_top_level_options_do():
     rule = Override("fc", config_changes={"wbits": np.int64(8), "bits": np.int32(6)})
     assert rule.config_changes["wbits"] == 8 and type(rule.config_changes["wbits"]) is int
     assert LayerConfig().wbits == 4 and rule.apply(LayerConfig()).abits == 6
+
+
+def test_a_model_whose_every_layer_is_first_or_last_says_none_got_the_bits_asked():
+    """A 2-layer MLP at W4A8: both layers are first/last, kept at 8 bits, and the file was all 8-bit while the CLI's
+    first line said "(uniform W4A8)", without a word."""
+    import warnings
+
+    import qcompile
+    from qcompile.errors import QuantizationWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 8)
+
+    def notes(**options):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = qcompile.compile(model, x[:1], calib=x, validate=False, **options)
+        said = [str(w.message) for w in caught if issubclass(w.category, QuantizationWarning)
+                and "first or last layer" in str(w.message)]
+        assert bool(said) == ("first_last_note" in result.summary)
+        return said
+
+    said = notes(scheme="uniform", bits=8, wbits=4)
+    assert len(said) == 1 and "no layer is uniform W4A8" in said[0] and "--keep-first-last quant" in said[0]
+    assert notes(scheme="apot", bits=4)
+    assert not notes(scheme="uniform", bits=8)  # 8-bit asked: what it got
+    assert not notes(scheme="apot", bits=4, keep_first_last="quant")
+    deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompile.compile(deeper, x[:1], calib=x, validate=False, scheme="apot", bits=4)
+    assert not any("first or last layer" in str(w.message) for w in caught)  # the middle layer is APoT-4
