@@ -360,8 +360,10 @@ def calib_data(calib, n_inputs: int = 1, what: str = "calibration"):
         calib = torch.utils.data.DataLoader(calib, batch_size=64)
     if calib is None or n_inputs <= 1 or isinstance(calib, dict):
         return calib_tensor(calib, what)
-    if isinstance(calib, tuple) and len(calib) == n_inputs and \
+    if isinstance(calib, (tuple, list)) and len(calib) == n_inputs and \
             all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):
+        # a list too: batches of a model with several inputs are tuples, so plain arrays are one per input (the
+        # passes of a hand-built pipeline read [x1, x2] so, and compile refused it)
         parts = [model_input(t) for t in calib]
     else:
         columns: list[list[torch.Tensor]] = [[] for _ in range(n_inputs)]

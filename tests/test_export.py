@@ -1171,3 +1171,24 @@ def test_a_0_dim_input_is_refused_in_one_line():
         qcompile.compile(Scaled().eval(), (x[:1], torch.tensor(2.0)), scheme="fp32")
     assert "\n" not in str(err.value)
     assert qcompile.compile(Scaled().eval(), (x[:1], torch.tensor([2.0])), scheme="fp32").report.passed
+
+
+def test_a_list_of_one_array_per_input_calibrates_a_two_input_model_as_a_tuple_does():
+    """calib=[x1, x2] for forward(a, b): the passes of a hand-built pipeline read it as one tensor per input, and
+    compile refused it ("give calibration batches as tuples")."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(5, 8)
+            self.mid, self.head = torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, a, b):
+            return self.head(torch.relu(self.mid(torch.cat([torch.relu(self.a(a)), torch.relu(self.b(b))], 1))))
+
+    torch.manual_seed(0)
+    model = Two().eval()
+    x1, x2 = torch.randn(32, 6), torch.randn(32, 5)
+    want = qcompile.compile(model, (x1[:1], x2[:1]), calib=(x1, x2), scheme="apot", bits=4, validate=False)
+    got = qcompile.compile(model, (x1[:1], x2[:1]), calib=[x1, x2.numpy()], scheme="apot", bits=4)
+    assert got.report.passed, got.report.summary()
+    assert want.onnx_model.SerializeToString() == got.onnx_model.SerializeToString()
