@@ -35,6 +35,7 @@ from qcompile.errors import UserError
 from qcompile.qmodules import FakeQuantize, QuantizedRecurrent
 
 from .base import Pass, PassResult
+from .select import weight_layer_name
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
@@ -339,7 +340,7 @@ class InsertQuantizers(Pass):
                 return False
             owner_path, _, attr = str(weight.target).rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
-            layer = owner_path or str(weight.target)
+            layer = weight_layer_name(gm, str(weight.target))
         else:
             owner, layer, attr = gm.get_submodule(node.target), str(node.target), "weight"
             owner_path = layer
@@ -383,7 +384,7 @@ class InsertQuantizers(Pass):
         owner = gm.get_submodule(owner_path) if owner_path else gm
         wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
                            role="weight", observer="mse")
-        layer = owner_path or node.name
+        layer = weight_layer_name(gm, str(weight.target))  # as SelectLayers and --exclude name it
         _check_levels(wfq, layer, cfg.reason)
         fq_name = f"{attr}_fq"
         if hasattr(owner, fq_name):  # the same parameter read by another layer: one quantizer per use

@@ -305,6 +305,21 @@ def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
     return out
 
 
+def weight_layer_name(gm: torch.fx.GraphModule, target: str) -> str:
+    """The layer name of a functional layer reading the parameter ``target`` (``F.linear(x, self.fc.weight)``): the
+    module that owns it (``fc``), or the parameter itself where no layer module owns it: a parameter of the root
+    module (``w``), one of an ``nn.ParameterList``/``ParameterDict`` (``W.0``, ``W.1``: they were all named
+    ``W``, and ``--exclude W.1`` matched nothing)."""
+    owner_path, _, attr = target.rpartition(".")
+    if not owner_path or attr.isdigit():  # a ParameterList's items are numbered (torch.fx copies it as a Module)
+        return target
+    try:
+        owner = gm.get_submodule(owner_path)
+    except AttributeError:
+        return owner_path
+    return target if isinstance(owner, (nn.ParameterList, nn.ParameterDict)) else owner_path
+
+
 def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str]:
     if node.op == "call_module":
         rnn = recurrent_module(gm, node)
@@ -316,7 +331,7 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         name = node.name
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-            name = str(weight.target).rsplit(".", 1)[0] if "." in str(weight.target) else str(weight.target)
+            name = weight_layer_name(gm, str(weight.target))
     # an F.embedding table is of type Embedding, as an nn.Embedding is ('type:Embedding' reaches both)
     fn = "Embedding" if node.target is F.embedding else \
         LAYER_FUNCTIONS.get(node.target, getattr(node.target, "__name__", str(node.target)))

@@ -22,22 +22,27 @@ def _recurrent_quantized(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     return isinstance(gm.get_submodule(node.target), QuantizedRecurrent)
 
 
-def _layer_name(node: torch.fx.Node) -> str:
-    """The module a layer node belongs to: recorded by InsertQuantizers, the call_module target, else the innermost
-    module torch.fx was tracing through (a functional conv inside a custom module), else the owner of the weight it
-    reads (the weight's own name at the top level), else the node's name."""
+def _layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str:
+    """The module a layer node belongs to: recorded by InsertQuantizers, the call_module target, else the layer
+    name of the parameter it reads as SelectLayers and ``--exclude`` name it (its owner; the parameter itself at the
+    top level or in a ParameterList), else the innermost module torch.fx was tracing through (a functional conv on a
+    weight computed in forward), else the node's name."""
     name = node.meta.get("layer")
     if isinstance(name, str):
         return name
     if node.op == "call_module":
         return str(node.target)
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":  # a functional layer on the model's own tensor
+        if gm is not None:
+            from qcompile.passes.select import weight_layer_name
+
+            return weight_layer_name(gm, str(weight.target))
+        target = str(weight.target)
+        return target.rsplit(".", 1)[0] if "." in target else target
     stack = node.meta.get("nn_module_stack") or {}
     if stack:
         return next(reversed(stack.values()))[0]
-    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":  # a functional layer on the model's own tensor
-        target = str(weight.target)
-        return target.rsplit(".", 1)[0] if "." in target else target
     return node.name
 
 
@@ -54,7 +59,7 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
         cfg = node.meta.get("qconfig")
         if cfg is None:
             continue
-        name = _layer_name(node)
+        name = _layer_name(node, gm)
         stack = node.meta.get("nn_module_stack") or {}
         traced_into = node.op == "call_function" and stack
         try:

@@ -420,3 +420,43 @@ def test_a_model_whose_every_layer_is_first_or_last_says_none_got_the_bits_asked
         warnings.simplefilter("always")
         qcompile.compile(deeper, x[:1], calib=x, validate=False, scheme="apot", bits=4)
     assert not any("first or last layer" in str(w.message) for w in caught)  # the middle layer is APoT-4
+
+
+def test_layers_on_a_parameter_list_are_named_by_item_in_the_table_and_in_rules():
+    """F.linear(x, self.W[i]) over an nn.ParameterList: every layer was named "W" (the table showed three rows
+    "W", and --exclude W.1 matched nothing, so one of them could not be kept float). A root parameter and a
+    module's own parameter keep their names."""
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 16) * 0.2)
+
+        def forward(self, x):
+            return F.relu(F.linear(x, self.w))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.ParameterList([nn.Parameter(torch.randn(16, 8) * 0.3), nn.Parameter(torch.randn(16, 16) * 0.2),
+                                       nn.Parameter(torch.randn(4, 16) * 0.2)])
+            self.blk = Blk()
+            self.v = nn.Parameter(torch.randn(16, 16) * 0.2)
+
+        def forward(self, x):
+            h = F.relu(F.linear(x, self.W[0]))
+            h = F.relu(F.linear(h, self.v))
+            h = F.relu(F.linear(h, self.W[1]))
+            return F.linear(self.blk(h), self.W[2])
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    result = qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False,
+                              exclude=["W.1"])
+    rows = {name: decision for name, _, decision in layer_rows(result.model)}
+    assert list(rows) == ["W.0", "v", "W.1", "blk", "W.2"], rows
+    assert rows["W.1"] == "float (--exclude 'W.1')" and rows["v"].startswith("W4 apot")
+    with pytest.raises(UserError, match="the layers are W.0, v, W.1, blk, W.2"):
+        qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False, exclude=["W"])
