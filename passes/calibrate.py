@@ -382,7 +382,13 @@ class Calibrate(Pass):
                 while isinstance(src, torch.fx.Node) and src.args and _moves_values(gm, src):
                     src = src.args[0]  # a quantizer, or the input rearranged: (B, T, F).transpose(1, 2), a view
                 if isinstance(src, torch.fx.Node) and src.op == "placeholder":
-                    # the first layer's input: no BatchNorm describes the data itself
+                    # the first layer's input: no BatchNorm describes the data itself. Keeping the first and last
+                    # layers float helps only where BatchNorms describe the others: a ViT (LayerNorms, none) was
+                    # sent to --keep-first-last fp32, and then refused on its attention projections
+                    if not any(_synthesis_plan(gm, n.args[0]) is not None for n in acts if n is not node):
+                        raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's "
+                                        f"input {src.name!r}), nor any other activation (no BatchNorm describes "
+                                        f"them); pass calibration inputs with {how}")
                     raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input "
                                     f"{src.name!r}, which no BatchNorm describes); keep the first layer float "
                                     f"(--keep-first-last fp32, keep_first_last='fp32') or pass calibration inputs "

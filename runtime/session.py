@@ -21,7 +21,7 @@ def session_options(threads: int | None = None, spinning: bool = False,
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if optimized_model_path:
         so.optimized_model_filepath = optimized_model_path
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: an error is raised to the caller, which says it in one line
     return so
 
 

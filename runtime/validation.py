@@ -433,9 +433,10 @@ def _float_layers(sim):
 
 
 # Outputs recomputed from onnxruntime's own codes differ from its outputs only by the float rounding of the layers
-# after the last quantizer (10^-6 relative: 100-140 dB): 40 dB leaves that margin a hundredfold and still fails a
-# file whose tail computes something else (a changed bias, a wrong op: 0-20 dB).
-MIN_FORCED_SQNR_DB = 40.0
+# after the last quantizer (10^-6 relative: 100-140 dB, most often exactly 0): 60 dB leaves that margin a
+# hundredfold and fails a file whose tail computes something else (a changed bias, a wrong op: 0-20 dB; 40 dB
+# passed a classifier's weight scale x1.02 on one class at 42.5 dB and its int32 bias +300 at 47.3 dB).
+MIN_FORCED_SQNR_DB = 60.0
 
 
 # operations whose output jumps where their input crosses a point (a comparison, rounding, an index): after the last
@@ -464,13 +465,18 @@ def step_outputs(sim) -> set[int]:
         return set()
     leaves = [leaf for leaf in tree_leaves(out.args[0]) if isinstance(leaf, torch.fx.Node)]
 
+    def floating(node) -> bool | None:
+        dtype = getattr(node.meta.get("tensor_meta"), "dtype", None)
+        return None if dtype is None else (dtype.is_floating_point or dtype.is_complex)
+
     def is_step(node) -> bool:
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if name in _STEP_OPS:
             return True
-        meta = node.meta.get("tensor_meta")
-        dtype = getattr(meta, "dtype", None)
-        return dtype is not None and not (dtype.is_floating_point or dtype.is_complex)
+        # floats made integers (x.long(), a comparison): integers from integers (token ids, a position buffer
+        # expanded, the residual stream of a transformer reaching back to its embedding lookups) are exact on both
+        # sides, and counting them made a token classifier's logits a step output, which skipped the forced check
+        return floating(node) is False and any(floating(a) for a in node.all_input_nodes)
 
     steps = set()
     for i, leaf in enumerate(leaves):
@@ -532,10 +538,13 @@ STEP_OUTPUT_MISMATCH = 0.02
 # 10^5-10^6 codes (at most 8 of 26.9 M codes in the architecture benchmark), a wrong file moves most of them.
 LAYER_CODE_MISMATCH = 0.01
 LAYER_CODE_MIN = 10
-# One channel (index along dimension 1, or the last) of one quantizer beyond this share, and beyond LAYER_CODE_MIN
-# codes: one changed weight of a 4-bit conv moved a quarter of its output channel's codes, under 1% of the layer's
-# and 0.1% of the model's, and passed.
-CHANNEL_CODE_MISMATCH = 0.05
+# One channel (index along dimension 1, or the last) of one quantizer beyond this share, and beyond
+# CHANNEL_CODE_MIN codes: one changed weight of a 4-bit conv moved a quarter of its output channel's codes, under 1%
+# of the layer's and 0.1% of the model's, and passed; one level up moved 4.3-4.7% of its channel, and three weights
+# of a Linear row 10 of its 32 codes. A genuine file has a handful of such codes in the whole model, scattered
+# (at most 33 of 35 M in a 38-compile torchvision sweep, none near these bounds in one channel).
+CHANNEL_CODE_MISMATCH = 0.02
+CHANNEL_CODE_MIN = 3
 
 
 VALIDATION_BATCH_VALUES = 1 << 20  # input values per batch of validate_quantized (default batch size)
@@ -670,6 +679,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                         if onnx_codes[a["module"]].shape != q_out.shape:  # another graph: nothing to compare
                             shapes.setdefault(a["module"], (tuple(onnx_codes[a["module"]].shape), tuple(q_out.shape)))
                             onnx_codes[a["module"]] = codes(a["module"], q_out)
+                            s["codes"] += q_out.numel()  # in the total, as codes of this quantizer
                             continue
                         differ = int((onnx_codes[a["module"]] != codes(a["module"], q_out)).sum())
                         s["codes"] += q_out.numel()
@@ -740,17 +750,23 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                                        + (_saturation_hint(model_bytes) if hint is None else ""))
         if max_layer_code_mismatch is not None and CHANNEL_CODE_MISMATCH is not None:
             bad = []  # (share, quantizer, dimension, index, differ, codes)
+            worst = None
             for name, s in stats.items():
                 for (dim, index, size), wrong in s["channels"].items():
                     count = s["codes"] // size  # codes of one index, over every batch
-                    if wrong > LAYER_CODE_MIN and wrong > CHANNEL_CODE_MISMATCH * count:
-                        bad.append((wrong / count, name, dim, index, wrong, count))
+                    entry = (wrong / count, name, dim, index, wrong, count)
+                    worst = entry if worst is None or entry > worst else worst
+                    if wrong > CHANNEL_CODE_MIN and wrong > CHANNEL_CODE_MISMATCH * count:
+                        bad.append(entry)
+            if worst is not None:  # the channel with the largest share of codes differing on identical inputs
+                report.extra["worst_channel"] = dict(zip(("share", "quantizer", "dim", "index", "differ", "codes"),
+                                                         worst))
             if bad:
                 share, name, dim, index, wrong, count = max(bad)
                 more = len({b[1] for b in bad}) - 1
                 report.failures.append(f"{wrong} of the {count} codes of channel {index} (dimension {dim}) of activation "
                                        f"quantizer {name!r} ({100 * share:.1f}%) differ on identical inputs "
-                                       f"(> {100 * CHANNEL_CODE_MISMATCH:g}% of one channel)"
+                                       f"(> {100 * CHANNEL_CODE_MISMATCH:g}% of one channel and > {CHANNEL_CODE_MIN})"
                                        + (f" (and {more} more quantizer(s))" if more else "")
                                        + (_saturation_hint(model_bytes) if hint is None else ""))
     if float_model is not None and not report.extra.get("shape_mismatch"):

@@ -1192,3 +1192,44 @@ def test_a_list_of_one_array_per_input_calibrates_a_two_input_model_as_a_tuple_d
     got = qcompile.compile(model, (x1[:1], x2[:1]), calib=[x1, x2.numpy()], scheme="apot", bits=4)
     assert got.report.passed, got.report.summary()
     assert want.onnx_model.SerializeToString() == got.onnx_model.SerializeToString()
+
+
+def test_batches_whose_second_item_could_be_an_input_say_it_was_taken_as_a_label():
+    """(input_ids, attention_mask) batches for forward(input_ids=None, attention_mask=None) (every HuggingFace
+    argument has a default): the mask was taken as a label without a word, and the file computed the model without
+    it (13.5 dB from the model with it; validation passed, comparing the same maskless graph)."""
+    import warnings
+
+    from qcompile.errors import QuantizationWarning
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 3)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            h = torch.relu(self.mid(self.emb(input_ids)))
+            if attention_mask is not None:
+                h = h * attention_mask[..., None]
+            return self.head(h.mean(1))
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (32, 6))
+    mask = torch.ones_like(ids)
+    mask[::2, 4:] = 0
+    labels = torch.randint(0, 3, (32,))
+
+    def said(calib, **kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            qcompile.compile(Masked().eval(), calib=calib, scheme="uniform", bits=8, validate=False, **kw)
+        return [str(w.message) for w in caught if issubclass(w.category, QuantizationWarning)
+                and "taken as a label" in str(w.message)]
+
+    notes = said([(ids[i:i + 8], mask[i:i + 8]) for i in range(0, 32, 8)])
+    assert len(notes) == 1 and "item 2 (torch.int64 of shape [8, 6]" in notes[0] and "'attention_mask'" in notes[0]
+    assert said(((ids[i:i + 8], mask[i:i + 8]) for i in range(0, 32, 8)))  # a generator too, read once
+    assert not said([(ids[i:i + 8], labels[i:i + 8]) for i in range(0, 32, 8)])  # labels of another shape
+    assert not said((ids, mask))  # one array per input: both are inputs

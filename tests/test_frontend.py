@@ -1820,6 +1820,18 @@ def test_user_mistakes_in_model_code_and_data_get_the_right_hint():
         qcompile.compile(_TokensAndMask().eval(), calib=(ids.float(), mask), scheme="uniform", bits=8, validate=False)
     with pytest.raises(UserError, match=r"the calibration data is a dict \(keys 'x'\); give the inputs as a tensor"):
         qcompile.compile(_ChunkList().eval(), x[:1], calib={"x": x}, scheme="uniform", bits=8, validate=False)
+    # a tokenizer's BatchEncoding is a UserDict: its keys were read as batches ("a calibration batch is a str")
+    import collections
+
+    class BatchEncoding(collections.UserDict):
+        pass
+
+    encoded = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    with pytest.raises(UserError, match=r"the calibration data is a BatchEncoding mapping \(keys 'input_ids', "
+                                        r"'attention_mask'\); .* \(enc\['input_ids'\], enc\['attention_mask'\]\)"):
+        qcompile.compile(_TokensAndMask().eval(), calib=encoded, scheme="uniform", bits=8, validate=False)
+    with pytest.raises(UserError, match=r"the calibration batches are BatchEncoding mappings"):
+        qcompile.compile(_TokensAndMask().eval(), calib=[encoded, encoded], scheme="uniform", bits=8, validate=False)
 
 
 def test_a_state_dict_saved_with_pruning_masks_on_loads_baked(tmp_path):

@@ -374,8 +374,10 @@ def test_models_with_several_inputs_calibrate_from_a_tuple_or_from_batches_of_tu
               for r in (direct, batched)]
     assert alphas[0].keys() == alphas[1].keys() and all(torch.equal(alphas[0][k], alphas[1][k]) for k in alphas[0])
     assert all(torch.equal(a, b) for a, b in zip(calib_data([(x, side)], 2), (x, side)))
+    # a list of plain tensors for two inputs can only be one per input (batches of two inputs are tuples)
+    assert all(torch.equal(a, b) for a, b in zip(calib_data([x, side], 2), (x, side)))
     with pytest.raises(UserError, match="2 inputs"):
-        calib_data([x, x], 2)
+        calib_data([x, x, x], 2)
     with pytest.raises(UserError, match="same number of samples"):
         calib_data((x, side[:5]), 2)
 
@@ -720,6 +722,20 @@ def test_the_data_free_error_for_the_model_input_names_keep_first_last():
 
     with pytest.raises(UserError, match=r"the model's input 'x', which no BatchNorm describes\); keep the first "):
         qcompile.compile(Sequence().eval(), torch.randn(1, 12, 8), scheme="uniform", bits=8)
+
+    class Tokens(nn.Module):  # LayerNorm, no BatchNorm (a ViT): a float first layer alone would not do
+        def __init__(self):
+            super().__init__()
+            self.a, self.norm, self.b, self.c = nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(self.norm(self.a(x)))))
+
+    with pytest.raises(UserError) as refused:
+        qcompile.compile(Tokens().eval(), torch.randn(1, 5, 8), scheme="uniform", bits=8)
+    said = str(refused.value)
+    assert "nor any other activation" in said and "pass calibration inputs" in said, said
+    assert "--keep-first-last" not in said  # it led to a second refusal, on layer b
 
 
 def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
