@@ -101,12 +101,17 @@ def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
 
 
 def _mapping_message(data, what: str, batches: bool) -> str:
-    """A dict (or a tokenizer's BatchEncoding, a UserDict) given as calibration data or as its batches."""
+    """A dict (or a tokenizer's BatchEncoding, a UserDict) given as calibration data or as its batches: what to give
+    instead, with its own keys."""
     kind = "dict" if type(data) is dict else f"{type(data).__name__} mapping"
-    name = f"batches are {kind}s" if batches else f"data is a {kind}"
-    return (f"the {what} {name} (keys {', '.join(map(repr, list(data)[:4]))}); give the inputs as a tensor or "
-            "array (N, ...), or for several inputs a tuple in forward's argument order (calib=(x1, x2, ...), e.g. "
-            "(enc['input_ids'], enc['attention_mask']))")
+    keys = list(data)[:4]
+    d = "batch" if batches else "d"
+    example = f"{d}[{keys[0]!r}]" if len(keys) == 1 else f"({', '.join(f'{d}[{k!r}]' for k in keys[:2])})"
+    if batches:
+        return (f"the {what} batches are {kind}s (keys {', '.join(map(repr, keys))}); give each batch as a tensor, "
+                f"or for several inputs a tuple in forward's argument order: {example}")
+    return (f"the {what} data is a {kind} (keys {', '.join(map(repr, keys))}); give the inputs as a tensor or array "
+            f"(N, ...), or for several inputs a tuple in forward's argument order: calib={example}")
 
 
 def extra_items_note(model: nn.Module, calib) -> Optional[str]:

@@ -629,7 +629,9 @@ def test_a_model_torch_ao_quantized_or_prepared_is_a_user_error(tmp_path):
                           (prepared, "carries torch.ao.quantization observers ('quant.activation_post_process'")]:
         with pytest.raises(UserError, match=re.escape(needle)):
             qcompile.compile(model, x[:1], scheme="apot", bits=4, calib=x, output=out)
-    with pytest.raises(UserError, match="a calibration batch is a dict; give tensors or arrays"):
+    with pytest.raises(UserError, match=re.escape("the calibration batches are dicts (keys 'image'); give each "
+                                                  "batch as a tensor, or for several inputs a tuple in forward's "
+                                                  "argument order: batch['image']")):
         qcompile.compile(Net().eval(), x[:1], scheme="uniform", bits=8, calib=[{"image": x}], output=out)
     assert leftovers(tmp_path) == []
     result = qcompile.compile(Net().eval(), x[:1], scheme="uniform", bits=8, calib=x)  # the stubs alone are fine

@@ -1828,7 +1828,7 @@ def test_user_mistakes_in_model_code_and_data_get_the_right_hint():
 
     encoded = BatchEncoding({"input_ids": ids, "attention_mask": mask})
     with pytest.raises(UserError, match=r"the calibration data is a BatchEncoding mapping \(keys 'input_ids', "
-                                        r"'attention_mask'\); .* \(enc\['input_ids'\], enc\['attention_mask'\]\)"):
+                                        r"'attention_mask'\); .* calib=\(d\['input_ids'\], d\['attention_mask'\]\)"):
         qcompile.compile(_TokensAndMask().eval(), calib=encoded, scheme="uniform", bits=8, validate=False)
     with pytest.raises(UserError, match=r"the calibration batches are BatchEncoding mappings"):
         qcompile.compile(_TokensAndMask().eval(), calib=[encoded, encoded], scheme="uniform", bits=8, validate=False)
