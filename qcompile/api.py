@@ -1,11 +1,11 @@
 """The Python API: ``qcompile.compile`` mirrors the ``qcompile`` command line."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
 import time
-import collections.abc
 import warnings
 from typing import Callable, Optional
 

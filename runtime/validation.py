@@ -694,7 +694,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                         # Teacher-forced: every quantizer reads what onnxruntime's upstream quantizers produced, so a
                         # code differs only where the two computations of its own input (float accumulation order)
                         # fall on either side of a decision threshold, not because an upstream code already did.
-                        forced.update({a["module"]: torch.from_numpy(onnx_out[a["tensor"]]) for a in acts})
+                        forced.update({a["module"]: torch.from_numpy(onnx_out[a["tensor"]]) for a in acts
+                                       if a["module"] not in shapes})  # (of other shapes: the simulation's own)
                         try:
                             forced_parts[-1] = [t.detach().float().numpy() for t in output_tensors(sim(*batch))]
                         finally:
