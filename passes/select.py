@@ -538,17 +538,19 @@ class SelectLayers(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         decision = self.decide(gm)
-        # every layer is a first or last one, kept at 8 bits: none gets the bits or scheme asked (a 2-layer MLP at
-        # --wbits 4 gave an all-8-bit file, and said "(uniform W4A8)"); compile says so
-        def int8(cfg) -> bool:
-            return (cfg.action, cfg.wscheme, cfg.wbits, cfg.ascheme, cfg.abits) == ("quant", "uniform", 8, "uniform", 8)
-
-        self.only_first_last = self.first_last == "int8" and self.default.action == "quant" and \
-            not int8(self.default) and bool(decision) and \
-            all(int8(cfg) and cfg.reason in _FIRST_LAST_REASONS for cfg in decision.values())
         from qcompile.qmodules import FakeQuantize
 
-        if any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        quantized = any(isinstance(m, FakeQuantize) for m in gm.modules())
+        # no layer gets the bits and scheme asked, the first and last ones among them (a 2-layer MLP at --wbits 4
+        # gave an all-8-bit file, and said "(uniform W4A8)"; with --keep-first-last fp32 an all-float one): compile
+        # says so. Not for a quantized (QAT-trained) graph, whose bound layers are no layer nodes any more.
+        def levels(cfg) -> tuple:
+            return (cfg.action, cfg.wscheme, cfg.wbits, cfg.ascheme, cfg.abits)
+
+        self.only_first_last = not quantized and self.first_last != "quant" and self.default.action == "quant" \
+            and bool(decision) and all(levels(cfg) != levels(self.default) for cfg in decision.values()) \
+            and any(cfg.reason in _FIRST_LAST_REASONS for cfg in decision.values())
+        if quantized:
             # quantizers are in the graph already (a QAT-trained model, converted): a layer keeps the decision that
             # put them there. Deciding anew labelled conv2 "W8 uniform (first layer)" (conv1, bound to an int8
             # kernel, is no longer a Conv node) while its trained APoT quantizers stayed.

@@ -90,6 +90,10 @@ def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
             raise UserError(_mapping_message(item, what, batches=True))
         if isinstance(item, (tuple, list)):
             item = item[0]
+        if isinstance(item, (tuple, list)) and item and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in item):
+            raise UserError(f"the {what} batches are ((x1, x2, ...), label) with {len(item)} inputs, but the model is "
+                            f"traced with 1 (forward's other inputs have defaults): give example_inputs with one "
+                            f"tensor per input (example_inputs=(x1[:1], x2[:1]))")
         if not isinstance(item, (torch.Tensor, np.ndarray)):
             raise UserError(f"a {what} batch is a {type(item).__name__}; give tensors or arrays (N, ...), or "
                             "(inputs, labels) pairs, as a DataLoader over a TensorDataset yields them")
@@ -122,6 +126,8 @@ def extra_items_note(model: nn.Module, calib) -> Optional[str]:
     token labels too, so it is said, not guessed. ``calib``: a list or other re-iterable of batches."""
     if isinstance(calib, (torch.Tensor, np.ndarray, collections.abc.Mapping)) or calib is None:
         return None
+    if isinstance(calib, torch.utils.data.Dataset):  # samples without a batch axis: batched, as calib_data does
+        calib = torch.utils.data.DataLoader(calib, batch_size=2)
     try:
         first = next(iter(calib), None)
     except TypeError:
@@ -132,14 +138,19 @@ def extra_items_note(model: nn.Module, calib) -> Optional[str]:
     names = model_input_names(model)
     if names is None or len(names) < 2:
         return None
-    like = [i for i, t in enumerate(first[1:len(names)], 1) if tuple(t.shape[1:]) == tuple(first[0].shape[1:])]
+    sample = tuple(first[0].shape[1:])
+    # a mask of the first input's samples (input_ids' (T,), a key padding mask's (T,) of (T, d) features); labels of
+    # a sample each, or of another shape (a segmentation map of (C, H, W) images), are no such item
+    like = [i for i, t in enumerate(first[1:len(names)], 1)
+            if 0 < len(t.shape[1:]) <= len(sample) and tuple(t.shape[1:]) == sample[:len(t.shape[1:])]
+            and not any(word in names[i].lower() for word in ("label", "target"))]  # forward(x, labels=None)
     if not like:
         return None
     i = like[0]
     return (f"the calibration batches hold {len(first)} items and only the first was given to the model "
-            f"({names[0]!r}); item {i + 1} ({first[i].dtype} of shape {list(first[i].shape)}, the first's sample "
-            f"shape) was taken as a label, not as forward's {names[i]!r}: if it is an input (an attention mask), give "
-            "one tensor per input (calib=(x1, x2), or example_inputs=(x1[:1], x2[:1]) with the batches)")
+            f"({names[0]!r}); item {i + 1} ({first[i].dtype} of shape {list(first[i].shape)}, shaped as the first's "
+            f"samples) was taken as a label, not as forward's {names[i]!r}: if it is an input (a mask), give one "
+            "tensor per input (calib=(x1, x2), or example_inputs=(x1[:1], x2[:1]) with the batches)")
 
 
 def _check_batches_agree(parts: list[torch.Tensor], which: str = "", what: str = "calibration") -> None:
@@ -847,9 +858,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
 
     first_last_note = None
     if any(getattr(p, "only_first_last", False) for p in pipeline.passes):
-        first_last_note = (f"every layer of this model is its first or last layer, kept at 8-bit uniform "
-                           f"(--keep-first-last int8): no layer is {opts.describe()}; --keep-first-last quant "
-                           "(keep_first_last='quant') quantizes them as asked")
+        kept = "at 8-bit uniform" if opts.keep_first_last == "int8" else "float"
+        first_last_note = (f"no layer of this model is {opts.describe()}: its first and last layers are kept {kept} "
+                           f"(--keep-first-last {opts.keep_first_last}) and it has no other layer the rules leave "
+                           "as asked; --keep-first-last quant (keep_first_last='quant') quantizes them as asked")
         warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
     numbers_note = _python_numbers_hint(gm)
     if numbers_note:  # validation sees it only where its data differs from the example's

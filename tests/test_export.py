@@ -1235,3 +1235,34 @@ def test_batches_whose_second_item_could_be_an_input_say_it_was_taken_as_a_label
     assert said(((ids[i:i + 8], mask[i:i + 8]) for i in range(0, 32, 8)))  # a generator too, read once
     assert not said([(ids[i:i + 8], labels[i:i + 8]) for i in range(0, 32, 8)])  # labels of another shape
     assert not said((ids, mask))  # one array per input: both are inputs
+    assert not said(torch.utils.data.TensorDataset(ids, labels))  # samples of a Dataset: labels are no mask
+    assert said(torch.utils.data.TensorDataset(ids, mask))
+    with pytest.raises(qcompile.UserError, match=re.escape("batches are ((x1, x2, ...), label) with 2 inputs, but the "
+                                                           "model is traced with 1 (forward's other inputs have "
+                                                           "defaults): give example_inputs")):
+        said([((ids[i:i + 8], mask[i:i + 8]), labels[i:i + 8]) for i in range(0, 32, 8)])
+    from qcompile import qat
+
+    with warnings.catch_warnings(record=True) as caught:  # qat.prepare says it as compile does
+        warnings.simplefilter("always")
+        qat.prepare(Masked().eval(), ids[:1], scheme="uniform", bits=4,
+                    calib=[(ids[i:i + 8], mask[i:i + 8]) for i in range(0, 32, 8)])
+    assert any("taken as a label" in str(w.message) for w in caught)
+
+    class Sequence(torch.nn.Module):  # (B, T, d) features and a (B, T) key padding mask
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, x, key_padding_mask=None):
+            h = torch.relu(self.a(x))
+            if key_padding_mask is not None:
+                h = h * key_padding_mask[..., None]
+            return self.b(h.mean(1))
+
+    x = torch.randn(32, 6, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompile.compile(Sequence().eval(), calib=[(x[i:i + 8], mask[i:i + 8].float()) for i in range(0, 32, 8)],
+                         scheme="uniform", bits=8, validate=False)
+    assert any("not as forward's 'key_padding_mask'" in str(w.message) for w in caught)

@@ -712,6 +712,7 @@ def test_the_cli_compiles_a_pickled_trained_model_without_repeating_its_options(
     assert rc == 0 and out.strip().endswith("PASS"), out + err
     # the first line says what the model was trained at (it said the defaults, "apot W4A4")
     assert out.splitlines()[0].endswith("(uniform W4A4, QAT-trained)"), out
+    assert "no layer of this model" not in err  # its bound layers are no layer nodes: no note about them
     # an option given that differs from the trained one is still refused, naming it
     rc = main([str(tmp_path / "qat.pt"), "--trust-pickle", "--calib", str(tmp_path / "x.npy"), "--keep-first-last",
                "fp32", "--no-bias-correction", "-o", str(tmp_path / "q2.onnx")])

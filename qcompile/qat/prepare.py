@@ -21,7 +21,9 @@ Then every calibrated ``FakeQuantize`` becomes a trainable one (:mod:`qcompile.q
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import warnings
 from typing import Optional
 
 import torch
@@ -30,8 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qcompile import quant
-from qcompile.api import _example_int_types, as_input_tuple, calib_data, check_calibration_data
-from qcompile.errors import UserError
+from qcompile.api import (_example_int_types, as_input_tuple, calib_data, check_calibration_data,
+                          extra_items_note)
+from qcompile.errors import QuantizationWarning, UserError
 from qcompile.frontend import plain_copy, trace, unwrap
 from qcompile.options import CompileOptions
 from qcompile.passes.base import Pipeline
@@ -222,6 +225,12 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
                         "float model (to change bits of a prepared one: qcompile.qat.change_bits)")
     example_inputs = as_input_tuple(example_inputs)
     # as compile takes it: one tensor for a one-input model, a tuple of tensors (or batches of tuples) for several
+    if len(example_inputs) == 1 and calib is not None:  # as compile says it: a mask taken as a label
+        if isinstance(calib, collections.abc.Iterator):
+            calib = list(calib)
+        note = extra_items_note(model, calib)
+        if note:
+            warnings.warn(note, QuantizationWarning, stacklevel=2)
     calib_x = calib_data(calib, len(example_inputs))
     if calib_x is None:
         calib_x = example_inputs[0] if len(example_inputs) == 1 else tuple(example_inputs)

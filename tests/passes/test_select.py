@@ -406,20 +406,23 @@ def test_a_model_whose_every_layer_is_first_or_last_says_none_got_the_bits_asked
             warnings.simplefilter("always")
             result = qcompile.compile(model, x[:1], calib=x, validate=False, **options)
         said = [str(w.message) for w in caught if issubclass(w.category, QuantizationWarning)
-                and "first or last layer" in str(w.message)]
+                and "its first and last layers are kept" in str(w.message)]
         assert bool(said) == ("first_last_note" in result.summary)
         return said
 
     said = notes(scheme="uniform", bits=8, wbits=4)
-    assert len(said) == 1 and "no layer is uniform W4A8" in said[0] and "--keep-first-last quant" in said[0]
+    assert len(said) == 1 and said[0].startswith("no layer of this model is uniform W4A8: its first and last layers "
+                                                 "are kept at 8-bit uniform (--keep-first-last int8)"), said
     assert notes(scheme="apot", bits=4)
+    assert "kept float (--keep-first-last fp32)" in notes(scheme="apot", bits=4, keep_first_last="fp32")[0]
+    assert notes(scheme="apot", bits=4, exclude=["0"])  # one excluded, the other 8-bit: none as asked either
     assert not notes(scheme="uniform", bits=8)  # 8-bit asked: what it got
     assert not notes(scheme="apot", bits=4, keep_first_last="quant")
     deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         qcompile.compile(deeper, x[:1], calib=x, validate=False, scheme="apot", bits=4)
-    assert not any("first or last layer" in str(w.message) for w in caught)  # the middle layer is APoT-4
+    assert not any("first and last layers are kept" in str(w.message) for w in caught)  # the middle one is APoT-4
 
 
 def test_layers_on_a_parameter_list_are_named_by_item_in_the_table_and_in_rules():
