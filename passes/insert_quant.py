@@ -340,7 +340,7 @@ class InsertQuantizers(Pass):
                 return False
             owner_path, _, attr = str(weight.target).rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
-            layer = weight_layer_name(gm, str(weight.target))
+            layer = weight_layer_name(gm, str(weight.target), node)
         else:
             owner, layer, attr = gm.get_submodule(node.target), str(node.target), "weight"
             owner_path = layer
@@ -384,7 +384,7 @@ class InsertQuantizers(Pass):
         owner = gm.get_submodule(owner_path) if owner_path else gm
         wfq = FakeQuantize(cfg.wscheme, cfg.wbits, signed=True, axis=0 if cfg.per_channel else None,
                            role="weight", observer="mse")
-        layer = weight_layer_name(gm, str(weight.target))  # as SelectLayers and --exclude name it
+        layer = weight_layer_name(gm, str(weight.target), node)  # as SelectLayers and --exclude name it
         _check_levels(wfq, layer, cfg.reason)
         fq_name = f"{attr}_fq"
         if hasattr(owner, fq_name):  # the same parameter read by another layer: one quantizer per use

@@ -305,19 +305,43 @@ def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
     return out
 
 
-def weight_layer_name(gm: torch.fx.GraphModule, target: str) -> str:
-    """The layer name of a functional layer reading the parameter ``target`` (``F.linear(x, self.fc.weight)``): the
-    module that owns it (``fc``), or the parameter itself where no layer module owns it: a parameter of the root
-    module (``w``), one of an ``nn.ParameterList``/``ParameterDict`` (``W.0``, ``W.1``: they were all named
-    ``W``, and ``--exclude W.1`` matched nothing)."""
+def _stack_paths(node: torch.fx.Node | None) -> set[str]:
+    """The modules torch.fx traced through to reach ``node`` (its ``nn_module_stack``)."""
+    stack = (node.meta.get("nn_module_stack") or {}) if node is not None else {}
+    return {path for path, _ in stack.values()}
+
+
+def weight_layer_name(gm: torch.fx.GraphModule, target: str, node: torch.fx.Node | None = None) -> str:
+    """The layer name of a functional layer ``node`` reading the parameter ``target`` (``F.linear(x,
+    self.fc.weight)``): the module that owns it (``fc``), or the parameter itself where no layer module owns it: a
+    parameter of the root module (``w``), one of an ``nn.ParameterList``/``ParameterDict`` (``W.0``, ``D.q``: they
+    were all named ``W`` and ``D``, and ``--exclude W.1`` matched nothing). torch.fx copies such a container as a
+    plain Module, as it does a module whose forward it traced through: a plain-Module owner that the layer was not
+    reached through (its module stack) holds parameters, not a layer."""
     owner_path, _, attr = target.rpartition(".")
-    if not owner_path or attr.isdigit():  # a ParameterList's items are numbered (torch.fx copies it as a Module)
+    if not owner_path or attr.isdigit():  # a ParameterList's items are numbered
         return target
     try:
         owner = gm.get_submodule(owner_path)
     except AttributeError:
         return owner_path
-    return target if isinstance(owner, (nn.ParameterList, nn.ParameterDict)) else owner_path
+    if isinstance(owner, (nn.ParameterList, nn.ParameterDict)):
+        return target
+    if type(owner) is nn.Module and node is not None and owner_path not in _stack_paths(node):
+        from qcompile.qmodules import FakeQuantize
+
+        if not any(not isinstance(child, FakeQuantize) for child in owner.children()):  # (the quantizers of its
+            return target  # other parameters, InsertQuantizers' children, are no modules of the model)
+    return owner_path
+
+
+def _stack_type(node: torch.fx.Node) -> str | None:
+    """The class name of the innermost module torch.fx traced through to reach ``node``, as the layer table shows."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    cls = next(reversed(stack.values()))[1]
+    return getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1]
 
 
 def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[str, str]:
@@ -331,16 +355,20 @@ def _layer_name_and_type(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         name = node.name
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-            name = weight_layer_name(gm, str(weight.target))
+            name = weight_layer_name(gm, str(weight.target), node)
     # an F.embedding table is of type Embedding, as an nn.Embedding is ('type:Embedding' reaches both)
     fn = "Embedding" if node.target is F.embedding else \
         LAYER_FUNCTIONS.get(node.target, getattr(node.target, "__name__", str(node.target)))
+    if node.target is F.embedding:
+        return name, fn
     try:
         owner = gm.get_submodule(name)
-    except AttributeError:
-        return name, fn  # a parameter of the root module (F.embedding(x, self.table)): the function names it
-    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and node.target is not F.embedding:
+    except AttributeError:  # a parameter of the root module or of a container: the function names it, or the
+        return name, _stack_type(node) or fn  # module whose forward called it, as the layer table does
+    if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)):
         return name, fn  # a table used as a layer's weight (a tied output head): 'type:linear', not the table's type
+    if type(owner) is nn.Module:  # torch.fx's copy of a module it traced through (MyLinear's F.linear): its class
+        return name, _stack_type(node) or fn
     return name, type(owner).__name__
 
 

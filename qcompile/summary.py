@@ -37,7 +37,7 @@ def _layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> 
         if gm is not None:
             from qcompile.passes.select import weight_layer_name
 
-            return weight_layer_name(gm, str(weight.target))
+            return weight_layer_name(gm, str(weight.target), node)
         target = str(weight.target)
         return target.rsplit(".", 1)[0] if "." in target else target
     stack = node.meta.get("nn_module_stack") or {}

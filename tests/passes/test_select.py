@@ -463,3 +463,45 @@ def test_layers_on_a_parameter_list_are_named_by_item_in_the_table_and_in_rules(
     assert rows["W.1"] == "float (--exclude 'W.1')" and rows["v"].startswith("W4 apot")
     with pytest.raises(UserError, match="the layers are W.0, v, W.1, blk, W.2"):
         qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False, exclude=["W"])
+
+
+def test_the_type_column_of_the_layer_table_is_what_type_rules_match():
+    """A custom MyLinear calling F.linear on its own weight showed type MyLinear in the layer table, but type:MyLinear
+    matched nothing (SelectLayers saw torch.fx's plain Module copy); the layers on a ParameterDict were all named
+    "D". Every row's name and type now select that row."""
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class MyLinear(nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(o, i) * 0.3)
+            self.bias = nn.Parameter(torch.zeros(o))
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.my, self.b = nn.Linear(8, 16), MyLinear(16, 16), nn.Linear(16, 3)
+            self.D = nn.ParameterDict({"p": nn.Parameter(torch.randn(16, 16) * 0.2),
+                                       "q": nn.Parameter(torch.randn(16, 16) * 0.2)})
+
+        def forward(self, x):
+            h = torch.relu(self.my(torch.relu(self.a(x))))
+            h = torch.relu(F.linear(h, self.D["p"]))
+            h = torch.relu(F.linear(h, self.D["q"]))
+            return self.b(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 8)
+    result = qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False)
+    rows = [(name, kind) for name, kind, _ in layer_rows(result.model)]
+    assert rows == [("a", "Linear"), ("my", "MyLinear"), ("D.p", "linear"), ("D.q", "linear"), ("b", "Linear")], rows
+    for name, kind in rows[1:-1]:
+        for rule in (name, f"type:{kind}"):
+            picked = qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False,
+                                      config={"layers": {rule: "fp32"}})
+            floats = {n for n, _, d in layer_rows(picked.model) if d.startswith("float")}
+            assert name in floats, (rule, floats)
