@@ -470,13 +470,17 @@ def step_outputs(sim) -> set[int]:
         return None if dtype is None else (dtype.is_floating_point or dtype.is_complex)
 
     def is_step(node) -> bool:
+        # floats made integers (x.long(), a comparison, argmax of floats): integers from integers (token ids, a
+        # position buffer expanded, the residual stream of a transformer reaching back to its embedding lookups, a
+        # padding mask ids != 0) are exact on both sides, and counting them made a token classifier's logits a step
+        # output, which skipped the forced check (a classifier bias edited in such a file passed at -7.9 dB)
+        inputs = [floating(a) for a in node.all_input_nodes]
+        # (no input of a known type: a step, as before; sizes, Python numbers, have none)
+        from_floats = any(inputs) or all(v is None for v in inputs)
         name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if name in _STEP_OPS:
-            return True
-        # floats made integers (x.long(), a comparison): integers from integers (token ids, a position buffer
-        # expanded, the residual stream of a transformer reaching back to its embedding lookups) are exact on both
-        # sides, and counting them made a token classifier's logits a step output, which skipped the forced check
-        return floating(node) is False and any(floating(a) for a in node.all_input_nodes)
+            return from_floats
+        return floating(node) is False and from_floats
 
     steps = set()
     for i, leaf in enumerate(leaves):
@@ -495,13 +499,37 @@ def step_outputs(sim) -> set[int]:
     return steps
 
 
+def _finite_sqnr(reference: np.ndarray, test: np.ndarray) -> tuple[float, int]:
+    """SQNR over the entries finite on both sides, and the count of entries non-finite on one side only (or inf
+    against -inf): a NaN made the SQNR NaN, which no bound failed."""
+    r, t = np.asarray(reference, np.float64).ravel(), np.asarray(test, np.float64).ravel()
+    finite = np.isfinite(r) & np.isfinite(t)
+    same = (np.isnan(r) & np.isnan(t)) | (np.isinf(r) & (r == t))
+    return sqnr_db(r[finite], t[finite]) if finite.any() else math.inf, int((~finite & ~same).sum())
+
+
+# The outputs from onnxruntime's codes may sit below MIN_FORCED_SQNR_DB where the float layers after the last
+# quantizer amplify rounding (a - b of nearly equal values, a LayerNorm of features 10^4 from their mean: 51-57 dB on
+# genuine files). There, the simulation's own float32 outputs against the same computed in float64 set the scale:
+# the file may be this much further from the simulation than float32 rounding puts the simulation from float64.
+FORCED_ROUNDING_MARGIN_DB = 20.0
+
+
 def _forced_check(report: ValidationReport, forced: Sequence[np.ndarray], got: Sequence[np.ndarray],
-                  min_forced_sqnr: float | None, skip: set[int] = frozenset()) -> None:
+                  min_forced_sqnr: float | None, skip: set[int] = frozenset(), forced64=None) -> None:
     """The file's floating outputs against the simulation's computed from the file's own activation codes: the
-    worst SQNR goes in ``extra["forced_sqnr_db"]``, and below ``min_forced_sqnr`` the validation fails. Outputs in
-    ``skip`` (a step operation after the last quantizer, see :func:`step_outputs`) are left out."""
-    scores = [sqnr_db(f, g) for i, (f, g) in enumerate(zip(forced, got))
-              if g.dtype.kind == "f" and f.size and i not in skip and f.shape == g.shape]
+    worst SQNR goes in ``extra["forced_sqnr_db"]``, and below ``min_forced_sqnr`` the validation fails, unless
+    ``forced64()`` (the same outputs computed in float64, asked for only then) shows that float32 rounding alone
+    puts the simulation within ``FORCED_ROUNDING_MARGIN_DB`` of that. Outputs in ``skip`` (a step operation after the
+    last quantizer, see :func:`step_outputs`) are left out."""
+    pairs = [(i, _finite_sqnr(f, g)) for i, (f, g) in enumerate(zip(forced, got))
+             if g.dtype.kind == "f" and f.size and i not in skip and f.shape == g.shape]
+    unmatched = sum(n for _, (_, n) in pairs)
+    if unmatched:
+        report.failures.append(f"{unmatched} output value(s) computed from onnxruntime's own activation codes are "
+                               "NaN or inf on one side only: the layers after the last quantizer do not compute what "
+                               "the simulation does")
+    scores = [score for _, (score, _) in pairs]
     for i in sorted(skip):  # after a step: only a value within float rounding of a threshold may land elsewhere
         if i < min(len(forced), len(got)) and forced[i].size and forced[i].shape == got[i].shape:
             f, g = np.asarray(forced[i]), np.asarray(got[i])
@@ -522,10 +550,20 @@ def _forced_check(report: ValidationReport, forced: Sequence[np.ndarray], got: S
     worst = min(scores)
     report.extra["forced_sqnr_db"] = worst
     report.thresholds["min_forced_sqnr"] = min_forced_sqnr
-    if min_forced_sqnr is not None and worst < min_forced_sqnr:
+    if min_forced_sqnr is None or worst >= min_forced_sqnr:
+        return
+    bound = min_forced_sqnr
+    wide = forced64() if forced64 is not None else None
+    if wide is not None:  # how far float32 rounding alone takes the simulation's outputs (from the same codes)
+        rounding = [_finite_sqnr(wide[i], forced[i])[0] for i, _ in pairs if i < len(wide)
+                    and np.shape(wide[i]) == np.shape(forced[i])]
+        if rounding:
+            report.extra["forced_rounding_sqnr_db"] = min(rounding)
+            bound = min(bound, min(rounding) - FORCED_ROUNDING_MARGIN_DB)
+    if worst < bound:
         report.failures.append(f"the outputs computed from onnxruntime's own activation codes differ from the "
-                               f"simulation's (SQNR {worst:.1f} dB < {min_forced_sqnr} dB): the layers after the "
-                               "last quantizer do not compute what the simulation does")
+                               f"simulation's (SQNR {worst:.1f} dB < {bound:.4g} dB): the layers after the last "
+                               "quantizer do not compute what the simulation does")
 
 
 # An output after a step operation (argmax, round, comparisons) may differ where float rounding moves a value across
@@ -544,7 +582,8 @@ LAYER_CODE_MIN = 10
 # of a Linear row 10 of its 32 codes. A genuine file has a handful of such codes in the whole model, scattered
 # (at most 33 of 35 M in a 38-compile torchvision sweep, none near these bounds in one channel).
 CHANNEL_CODE_MISMATCH = 0.02
-CHANNEL_CODE_MIN = 3
+CHANNEL_CODE_MIN = LAYER_CODE_MIN  # a code whose accumulator sits on a rounding tie flips wherever it recurs: 4 of a
+# channel's 192 codes on 3 real digits images, a flipped sample given 4 times: genuine files
 
 
 VALIDATION_BATCH_VALUES = 1 << 20  # input values per batch of validate_quantized (default batch size)
@@ -712,8 +751,38 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         ref = join_batches(ref_parts, _batch_sizes(inputs, batch_size))
         report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                                  samples=_sample_count(inputs))
+        def forced64():
+            """The outputs of the simulation computed in float64 from onnxruntime's codes (None where it does not
+            run in float64)."""
+            import copy
+
+            try:
+                sim64 = copy.deepcopy(sim).double()
+            except Exception:  # noqa: BLE001 -- a module that cannot be copied: no float64 scale
+                return None
+            mods64 = dict(sim64.named_modules())
+            sub: dict[str, torch.Tensor] = {}
+            hooks64 = [mods64[a["module"]].register_forward_hook(lambda m, i, o, name=a["module"]: sub.get(name))
+                       for a in acts if a["module"] in mods64 and a["module"] not in shapes]
+            parts = []
+            try:
+                with torch.no_grad():
+                    for batch in batches(inputs, batch_size):
+                        onnx_out = dict(zip(out_names, run(probe, [b.numpy() for b in batch])))
+                        sub.clear()
+                        sub.update({a["module"]: torch.from_numpy(onnx_out[a["tensor"]]).double() for a in acts
+                                    if a["module"] not in shapes})
+                        ys = output_tensors(sim64(*(t.double() if t.is_floating_point() else t for t in batch)))
+                        parts.append([t.detach().double().numpy() for t in ys])
+            except Exception:  # noqa: BLE001 -- an op pinned to float32: no float64 scale
+                return None
+            finally:
+                for h in hooks64:
+                    h.remove()
+            return join_batches(parts, _batch_sizes(inputs, batch_size))
+
         _forced_check(report, join_batches(forced_parts, _batch_sizes(inputs, batch_size)), got, min_forced_sqnr,
-                      step_outputs(sim))
+                      step_outputs(sim), forced64=forced64)
         total = sum(s["codes"] for s in stats.values())
         differ = sum(s["differ"] for s in stats.values())
         local = sum(s["local"] for s in stats.values())
