@@ -259,6 +259,19 @@ def validate_model(onnx_path, model, inputs, **thresholds) -> ValidationReport:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exact = validate(onnx_path, lambda *xs: model64(*(as64(x) for x in xs)), inputs, **thresholds)
+            if not exact.passed and thresholds.get("min_sqnr") is not None and \
+                    report.failures == [f"SQNR {report.sqnr_db:.1f} dB < {thresholds['min_sqnr']} dB"]:
+                # outputs that amplify float32 rounding (a - b of near-equal values, a LayerNorm far off its mean):
+                # the model's own float32 outputs against float64 set the scale, as for a quantized file's tail
+                batch = thresholds.get("batch_size", 64)
+                own = compare_outputs(run_reference(lambda *xs: model64(*(as64(x) for x in xs)), inputs, batch),
+                                      run_reference(model, inputs, batch)).sqnr_db
+                report.extra["rounding_sqnr_db"] = own
+                if report.sqnr_db >= own - FORCED_ROUNDING_MARGIN_DB:
+                    report.failures = []
+                    report.extra["reference"] = (f"the model, whose own float32 outputs are {own:.1f} dB from its "
+                                                 f"float64 ones (rounding that these outputs amplify)")
+                    return report
     except Exception:  # noqa: BLE001 -- a model that does not run in float64: the float32 verdict stands
         return report
     if not exact.passed:

@@ -319,3 +319,29 @@ def test_top1_of_a_multi_output_model_says_which_output_it_is_of():
     assert two.extra["outputs"] == 2 and "top-1 agreement (output 0) 100.00%" in two.summary()
     one = compare_outputs([logits], [logits])
     assert "outputs" not in one.extra and "top-1 agreement 100.00%" in one.summary()
+
+
+def test_an_fp32_file_whose_outputs_amplify_rounding_is_held_to_the_models_own_float32_error():
+    """out = fa(h) - fb(h) with fb within 1e-3 of fa: float32 rounding alone puts the model 81 dB from its float64
+    outputs, and the file (77 dB from the model) failed the 80 dB bound of an fp32 compile."""
+    import qcompile
+
+    class Diff(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.fa, self.fb = torch.nn.Linear(16, 64), torch.nn.Linear(64, 8), torch.nn.Linear(64, 8)
+            with torch.no_grad():
+                self.fb.weight.copy_(self.fa.weight * (1 + 1e-3 * torch.randn_like(self.fa.weight)))
+                self.fb.bias.copy_(self.fa.bias)
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            return self.fa(h) - self.fb(h)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    result = qcompile.compile(Diff().eval(), x[:1], calib=x, scheme="fp32")
+    assert result.report.passed, result.report.summary()
+    assert result.report.sqnr_db < 80.0  # (73-77 dB on x86 AVX2 for seeds 0-2)
+    assert result.report.sqnr_db >= result.report.extra["rounding_sqnr_db"] - 20.0
+    assert "own float32 outputs" in result.report.extra["reference"]
