@@ -713,11 +713,24 @@ _RANDOM_METHODS = {"uniform_", "normal_", "bernoulli_", "random_", "exponential_
                    "log_normal_", "bernoulli", "multinomial"}
 
 
+_TRAINING_DRAWS = {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rrelu"}
+
+
 def _random_draws(gm: torch.fx.GraphModule) -> list[str]:
-    """The nodes of ``gm`` that draw random numbers (``torch.randn``, ``x.uniform_()``, ...)."""
+    """The nodes of ``gm`` that draw random numbers (``torch.randn``, ``x.uniform_()``, ``F.dropout(...,
+    training=True)``, ...)."""
+    def training(n) -> bool:  # F.dropout(x, p, training) / F.rrelu(x, lower, upper, training)
+        name = getattr(n.target, "__name__", "")
+        flag = n.kwargs.get("training", None)
+        if flag is None:
+            position = 3 if name == "rrelu" else 2
+            flag = n.args[position] if len(n.args) > position else name not in ("rrelu",)  # dropout's default
+        return flag is True
+
     return [n.name for n in gm.graph.nodes
             if (n.op == "call_function" and getattr(n.target, "__name__", "") in _RANDOM_FUNCTIONS)
-            or (n.op == "call_method" and n.target in _RANDOM_METHODS)]
+            or (n.op == "call_method" and n.target in _RANDOM_METHODS)
+            or (n.op == "call_function" and getattr(n.target, "__name__", "") in _TRAINING_DRAWS and training(n))]
 
 
 def _python_numbers_hint(gm: torch.fx.GraphModule) -> Optional[str]:
@@ -951,7 +964,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
-            report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs, **th)
+            report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs,
+                                    float64_scale=not _random_draws(gm), **th)
         if not report.passed and numbers_note:
             report.failures.append(numbers_note)
         if not report.passed:

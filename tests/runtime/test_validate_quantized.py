@@ -669,3 +669,46 @@ def test_float_tails_that_amplify_rounding_pass_and_non_finite_outputs_are_compa
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
     report = validate_quantized(model.SerializeToString(), result.model, x)
     assert not report.passed and any("after the last quantizer" in f for f in report.failures), report.summary()
+
+
+def test_each_output_is_held_to_its_own_bound_and_integer_outputs_exactly():
+    """A model with a rounding-amplifying output beside its logits: the float64 scale of the first loosened the
+    bound of every output, and the logits' scale x1.05 edited in the file passed (39.5 dB). An output of integers
+    computed from integers (ids != 7) is compared exactly: the constant edited in the file passed."""
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 16)
+            self.fc1, self.fc2, self.fc3 = torch.nn.Linear(16, 32), torch.nn.Linear(32, 10), torch.nn.Linear(32, 4)
+            self.gain = torch.nn.Parameter(torch.ones(10) * 1.5)
+
+        def forward(self, x, ids):
+            h = torch.relu(self.fc1(self.emb(ids).mean(1) + x))
+            far = (self.fc3(h) + 3e4) - 3e4  # amplifies float32 rounding
+            return self.fc2(h) * self.gain, far, ids != 7
+
+    torch.manual_seed(0)
+    x, ids = torch.randn(64, 16), torch.randint(0, 50, (64, 8))
+    result = qcompile.compile(Two().eval(), (x[:1], ids[:1]), calib=(x, ids), scheme="apot", bits=4,
+                              exclude=["fc3"])
+    assert result.report.passed, result.report.summary()
+
+    def edited(match, change):
+        model = onnx.ModelProto.FromString(result.onnx_model.SerializeToString())
+        tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                                   for a in n.attribute if a.name == "value"]
+        tensor = next(t for t in tensors if match(numpy_helper.to_array(t)))
+        tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor).copy()), tensor.name))
+        return model.SerializeToString()
+
+    def gain(values):
+        values[3] *= 1.05
+        return values
+
+    report = validate_quantized(edited(lambda a: a.shape == (10,) and np.allclose(a, 1.5), gain), result.model,
+                                (x, ids))
+    assert not report.passed and any("(output 0: SQNR" in f for f in report.failures), report.summary()
+    report = validate_quantized(edited(lambda a: a.size == 1 and a.dtype.kind in "iu" and int(a.ravel()[0]) == 7,
+                                       lambda a: a * 0 + 9), result.model, (x, ids))
+    assert not report.passed and any("of output 2 (integers computed from integers" in f
+                                     for f in report.failures), report.summary()
