@@ -570,7 +570,8 @@ def _forced_check(report: ValidationReport, forced: Sequence[np.ndarray], got: S
             if g.dtype.kind == "f":
                 finite = np.isfinite(f) & np.isfinite(g)
                 scale = float(np.abs(f[finite]).max()) if finite.any() else 0.0
-                differ = ~((np.abs(f.astype(np.float64) - g) <= 1e-4 * max(scale, 1e-30)) | (f == g))
+                differ = ~((np.abs(f.astype(np.float64) - g) <= 1e-4 * max(scale, 1e-30)) | (f == g)
+                           | (np.isnan(f) & np.isnan(g)))  # NaN on both sides (where(z > 0, z, nan)) agrees
             else:
                 differ = f != g
             share = float(differ.mean())
