@@ -315,12 +315,17 @@ def calibration_inputs(data, gm: torch.fx.GraphModule):
     # pipeline run by hand calibrated another file than compile() on the same data
     n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
     if n == 1 and isinstance(data, torch.Tensor):
-        return model_input(data)
-    if n > 1 and isinstance(data, (tuple, list)) and len(data) == n and all(isinstance(t, torch.Tensor) for t in data) \
+        data = model_input(data)
+    elif n > 1 and isinstance(data, (tuple, list)) and len(data) == n and all(isinstance(t, torch.Tensor) for t in data) \
             and len({t.shape[0] if t.dim() else -1 for t in data}) == 1:
-        return tuple(model_input(t) for t in data)
-
-    return calib_data(data, n)
+        data = tuple(model_input(t) for t in data)
+    else:
+        data = calib_data(data, n)
+    first = data[0] if isinstance(data, tuple) else data
+    if first.dim() == 0 or first.shape[0] == 0:  # a pass's next(data_batches(...)) stopped: "StopIteration: "
+        raise UserError(f"the calibration data holds no samples (shape {tuple(first.shape)}); give a batch-first "
+                        "tensor with at least one input")
+    return data
 
 
 def data_length(data) -> int:

@@ -412,6 +412,13 @@ def calib_data(calib, n_inputs: int = 1, what: str = "calibration"):
     are the inputs (more items, such as labels, are ignored)."""
     if isinstance(calib, torch.utils.data.Dataset):  # samples without a batch axis: batched as a DataLoader would
         calib = torch.utils.data.DataLoader(calib, batch_size=64)
+    arg = "calib" if what == "calibration" else "validation_inputs"
+    if isinstance(calib, (str, bytes, os.PathLike)):  # the command line's --calib FILE, given from Python
+        raise UserError(f"{arg}= is a path ({os.fsdecode(calib)!r}); from Python give the inputs themselves, e.g. "
+                        f"{arg}=numpy.load(path) (a .npz: numpy.load(path)['x'])")
+    if calib is not None and not isinstance(calib, (torch.Tensor, np.ndarray, collections.abc.Iterable)):
+        raise UserError(f"{arg}= is of type {type(calib).__name__}; give a tensor or array (N, ...), an iterable of "
+                        "batches or (x, y) pairs, or for several inputs a tuple with one tensor per input")
     if calib is None or n_inputs <= 1 or isinstance(calib, collections.abc.Mapping):
         return calib_tensor(calib, what)
     if isinstance(calib, (tuple, list)) and len(calib) == n_inputs and \
@@ -557,7 +564,10 @@ def compile(
             raise UserError(f"{', '.join(given)} cannot apply to scheme='fp32' (nothing is quantized); drop "
                             f"{'them' if len(given) > 1 else 'it'} or choose a quantized scheme")
     if output is not None:
-        output = os.fspath(output)  # a pathlib.Path
+        if not isinstance(output, (str, bytes, os.PathLike)):
+            raise UserError(f"output= is of type {type(output).__name__}; give the file's path as a str or "
+                            "pathlib.Path, such as output='model.onnx' (or None to keep the file in memory)")
+        output = os.fsdecode(output)  # a pathlib.Path; bytes ("a bytes-like object is required, not 'str'")
         export_mod.check_output_path(output)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)

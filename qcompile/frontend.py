@@ -361,7 +361,9 @@ def _first_line(exc: BaseException) -> str:
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """Parse ``1,3,224,224`` (also ``1x3x224x224``) into a shape tuple of positive ints."""
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    # every field a number: an empty one ("1,,8,8", a dimension left out) was dropped, and the model then failed on
+    # a 3-D input of the wrong sizes
+    parts = [p.strip() for p in text.replace("x", ",").split(",")]
     try:
         shape = tuple(int(p) for p in parts)
     except ValueError:
@@ -1242,6 +1244,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     leaf_modules = list(leaf_modules)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    elif example_inputs is not None and not (isinstance(example_inputs, (tuple, list)) and
+                                             all(isinstance(t, torch.Tensor) for t in example_inputs)):
+        # NumPy arrays as compile() takes them (an array was iterated: its repr, every value, in the error), and a
+        # one-line error for anything else (a dict: "inputs of shape ['x']")
+        from .api import as_input_tuple
+
+        example_inputs = as_input_tuple(example_inputs)
     original_class = None
     if not isinstance(model, torch.fx.GraphModule) and example_inputs is not None:
         original_class = _spell_out_varargs(model, len(example_inputs))

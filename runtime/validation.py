@@ -181,6 +181,20 @@ def _sample_count(inputs) -> int:
     return int((inputs if isinstance(inputs, torch.Tensor) else inputs[0]).shape[0])
 
 
+def _check_runnable(inputs, batch_size: int) -> None:
+    """One-line errors for inputs no run can compare on (an empty batch left the outputs empty: ``IndexError``) and
+    a batch size no batch holds (``range() arg 3 must not be zero``)."""
+    from qcompile.errors import UserError
+
+    first = inputs if isinstance(inputs, torch.Tensor) else (inputs[0] if inputs else None)
+    if not isinstance(first, torch.Tensor) or first.dim() == 0 or first.shape[0] == 0:
+        shape = tuple(first.shape) if isinstance(first, torch.Tensor) else None
+        raise UserError(f"the validation inputs hold no samples (shape {shape}); give a batch-first tensor or array "
+                        "with at least one input (one per model input for several)")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.ndarray]:
     outs: list[list[np.ndarray]] = []
     with torch.no_grad():
@@ -232,6 +246,7 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     if min_sqnr is None and max_abs is None and min_top1 is None:
         min_sqnr = 80.0
     inputs = as_inputs(inputs)
+    _check_runnable(inputs, batch_size)
     if not hasattr(onnx_path, "get_inputs"):  # an onnxruntime session runs as it is
         onnx_path = model_source(onnx_path)
     ref = run_reference(reference, inputs, batch_size)
@@ -697,6 +712,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     inputs = as_inputs(inputs)
     if batch_size is None:
         batch_size = validation_batch_size(inputs)
+    _check_runnable(inputs, batch_size)
     source = model_source(onnx_file)
     # from a path with onnx.load: a file saved with external data has its tensors read from beside it (from the
     # bytes alone onnxruntime looked in the working directory: "External data path ... escapes")

@@ -8,6 +8,7 @@ import sys
 import textwrap
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.fx
@@ -314,7 +315,7 @@ def test_parse_input_shape(text, shape):
     assert parse_input_shape(text) == shape
 
 
-@pytest.mark.parametrize("text", ["1,a,3", "0,3", "", ",", "-1,3", "1.5,3"])
+@pytest.mark.parametrize("text", ["1,a,3", "0,3", "", ",", "-1,3", "1.5,3", "1,,8,8", "1,3,"])
 def test_invalid_input_shape(text):
     with pytest.raises(UserError) as err:
         parse_input_shape(text)
@@ -322,6 +323,41 @@ def test_invalid_input_shape(text):
 
 
 # --- tracing ------------------------------------------------------------------------------------------------
+
+
+def test_trace_takes_numpy_example_inputs_as_compile_does():
+    """An array was iterated as the tuple of inputs: "the model does not run on inputs of shape [array([[[0. , ...",
+    every value of it in the one-line error; a dict of inputs said "inputs of shape ['x']"."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()).eval()
+    x = torch.rand(1, 1, 8, 8)
+    for given in (x.numpy(), x.double().numpy(), [x.numpy()]):
+        gm = trace(model, given)
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(UserError) as err:
+        trace(model, {"x": x})
+    _assert_one_line(err, "example_inputs must be a tensor or a tuple of tensors")
+
+
+def test_compile_refuses_a_path_or_a_number_as_calibration_data_in_one_line(tmp_path):
+    """calib=Path("calib.npy") (the command line's --calib, from Python) raised "TypeError: 'PosixPath' object is not
+    iterable", calib="calib.npy" said "a calibration batch is a str", and output=5 raised os.fspath's TypeError."""
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    x = torch.rand(8, 4)
+    np.save(tmp_path / "c.npy", x.numpy())
+    for calib in (tmp_path / "c.npy", str(tmp_path / "c.npy")):
+        with pytest.raises(UserError) as err:
+            qcompile.compile(model, x[:1], calib=calib, validate=False)
+        _assert_one_line(err, "calib= is a path", "calib=numpy.load(path)")
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, x[:1], calib=x, validation_inputs=tmp_path / "c.npy")
+    _assert_one_line(err, "validation_inputs= is a path")
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, x[:1], calib=5, validate=False)
+    _assert_one_line(err, "calib= is of type int")
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, x[:1], calib=x, output=5, validate=False)
+    _assert_one_line(err, "output= is of type int")
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 @pytest.mark.parametrize("factory", [ResidualCNN, DepthwiseSeparableNet, MLP])

@@ -127,6 +127,19 @@ def test_pipeline_api_mistakes_get_one_clear_error():
     assert not again(gm).modified and "calibrated already: nothing to do" in again.report[0]
 
 
+def test_calibration_data_without_samples_is_one_clear_error():
+    """Calibrate or BiasCorrection given an empty tensor stopped with ``pass Calibrate failed: StopIteration: `` (an
+    empty message): the first batch of no data."""
+    from qcompile.errors import UserError
+    from qcompile.passes import BiasCorrection
+
+    model = MLP()
+    x = example_input(model, seed=1, batch=8)
+    for late in ([Calibrate(x[:0])], [Calibrate(x), BiasCorrection(x[:0])]):
+        with pytest.raises(UserError, match=r"the calibration data holds no samples \(shape \(0, "):
+            Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), *late])(qcompile.trace(model, x[:1]))
+
+
 @pytest.mark.parametrize("name", ["BindIntegerLayers", "PairSafeInt8Weights", "ShareInt8Params", "BindIntegerAdds",
                                   "BindIntegerMuls", "BindIntegerSigmoids", "BindIntegerPools"])
 def test_passes_after_calibrate_run_before_it_are_an_error(name):

@@ -256,6 +256,18 @@ def test_validate_takes_an_onnxruntime_session(exported):
     assert validate(session(blob), model, inputs()).passed
 
 
+def test_validate_without_samples_or_batches_is_one_clear_error(exported):
+    """Empty inputs gave ``IndexError: list index out of range`` (no batch ran, no output to compare) and
+    ``batch_size=0`` ``range() arg 3 must not be zero``."""
+    from qcompile.errors import UserError
+
+    model, blob = exported
+    with pytest.raises(UserError, match=r"the validation inputs hold no samples \(shape \(0, 8\)\)"):
+        validate(blob, model, inputs()[:0])
+    with pytest.raises(UserError, match="batch_size must be at least 1, got 0"):
+        validate(blob, model, inputs(), batch_size=0)
+
+
 def test_nan_never_passes_a_bound_and_unmatched_nan_fails():
     """NaN compares false, so outputs with NaN gave "max abs err nan, SQNR nan -> PASS" under any threshold. The
     metrics are over entries finite on both sides, and an entry non-finite on one side only is a failure."""
