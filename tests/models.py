@@ -15,6 +15,7 @@ a real test. Each model has an ``INPUT_SHAPE`` class attribute; :func:`example_i
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -290,3 +291,23 @@ class Normalized(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.relu(self.fc1((x - self.mean) / self.std)))
+
+
+def ulps_off(model_bytes: bytes, prefixes: tuple[str, ...], ulps: int = 1, seed: int = 0) -> bytes:
+    """The ONNX file ``model_bytes`` with each float initializer whose name starts with one of ``prefixes`` moved
+    ``ulps`` float32 steps up or down (random signs): the rounding difference another machine's kernels (another
+    summation order) give, made on purpose. Whether onnxruntime and PyTorch round alike depends on the CPU (a Xeon
+    with AVX-512 matched some small Linear models exactly, an EPYC with AVX2 did not)."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.ModelProto.FromString(model_bytes)
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and init.name.startswith(prefixes):
+            values = numpy_helper.to_array(init)
+            for _ in range(ulps):
+                values = np.nextafter(values, np.where(rng.random(values.shape) < 0.5, -np.inf, np.inf)
+                                      .astype(np.float32))
+            init.CopyFrom(numpy_helper.from_array(values.astype(np.float32), init.name))
+    return model.SerializeToString()

@@ -350,10 +350,19 @@ def test_an_fp32_file_whose_outputs_amplify_rounding_is_held_to_the_models_own_f
             h = torch.relu(self.l1(x))
             return self.fa(h) - self.fb(h)
 
+    from qcompile.runtime.validation import validate_model
+    from tests.models import ulps_off
+
     torch.manual_seed(0)
     x = torch.randn(64, 16)
-    result = qcompile.compile(Diff().eval(), x[:1], calib=x, scheme="fp32")
-    assert result.report.passed, result.report.summary()
-    assert result.report.sqnr_db < 80.0  # (73-77 dB on x86 AVX2 for seeds 0-2)
-    assert result.report.sqnr_db >= result.report.extra["rounding_sqnr_db"] - 20.0
-    assert "own float32 outputs" in result.report.extra["reference"]
+    model = Diff().eval()
+    result = qcompile.compile(model, x[:1], calib=x, scheme="fp32")
+    assert result.report.passed, result.report.summary()  # 73-77 dB on an EPYC (AVX2), inf on a Xeon (AVX-512)
+    # the same file rounded as another machine would (weights one float32 step off): 75 dB, passed on the scale of
+    # the model's own float32 error (79 dB from float64); eight steps off is still within it
+    for ulps in (1, 8):
+        report = validate_model(ulps_off(result.onnx_model.SerializeToString(), ("l1.", "fa.", "fb."), ulps), model,
+                                x, min_sqnr=80.0)
+        assert report.passed and report.sqnr_db < 80.0, report.summary()
+        assert report.sqnr_db >= report.extra["rounding_sqnr_db"] - 20.0
+        assert "own float32 outputs" in report.extra["reference"]
