@@ -740,3 +740,40 @@ def test_a_step_output_with_nan_on_both_sides_agrees():
     result = qcompile.compile(Masked().eval(), x[:1], calib=x, scheme="apot", bits=4)
     assert result.report.passed, result.report.summary()
     assert result.report.extra["step_output_mismatch"][0] < 0.02
+
+
+class _SaturatedGRU(torch.nn.Module):
+    """A GRU whose outputs sit at +-1 (tanh saturated, update gate closed) before an 8-bit Linear: the uniform grid
+    of its calibrated range [-1, 1] puts 1.0 on a rounding tie (zero point 127 of 2/255 steps), and onnxruntime's
+    GRU writes 1.0000005 where PyTorch's writes 1.0."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gru = torch.nn.GRU(4, 8, batch_first=True)
+        self.fc = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            for p in self.gru.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 4.0)
+            self.gru.bias_ih_l0[8:16] = -30.0
+
+    def forward(self, x):
+        o, _ = self.gru(x)
+        return self.fc(o)
+
+
+def test_codes_on_a_tie_of_a_float_layers_output_are_drift_not_a_wrong_file():
+    model = _SaturatedGRU().eval()
+    calib = torch.randn(64, 6, 4, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, calib=calib, validate=False, scheme="uniform", bits=8)
+    report = validate_quantized(result.onnx_model.SerializeToString(), result.model, calib, float_model=model)
+    assert report.extra["codes_differ"] > 0  # the flips are there, side by side
+    assert report.extra["codes_differ_local"] == 0 and report.passed, report.summary()
+    # a wrong classifier bias still fails (after the last quantizer: the forced bound)
+    inits = {t.name for t in result.onnx_model.graph.initializer}
+    producer = {o: n for n in result.onnx_model.graph.node for o in n.output}
+    bias = next(n.input[2] for n in result.onnx_model.graph.node if n.op_type == "Gemm")
+    while bias not in inits:  # through the DequantizeLinear of its int32 codes
+        bias = producer[bias].input[0]
+    data = doctored(result.onnx_model, bias, lambda b: b + (np.abs(b).max() // 10 + 1).astype(b.dtype))
+    assert not validate_quantized(data, result.model, calib).passed
