@@ -301,6 +301,8 @@ def _dict_output_names(gm: torch.nn.Module, n_out: int, taken: list[str]) -> lis
     names = [str(k) for k in out]
     if not all(isinstance(k, str) and k.strip() for k in out) or len(set(names)) != len(names) or set(names) & set(taken):
         return None
+    if any(k.isdigit() for k in names):  # torch.onnx refuses a number as a value's name ("Invalid name: '0'"):
+        return None  # torchvision's FPN backbones and IntermediateLayerGetter return keys '0', '1', ...
     return names
 
 

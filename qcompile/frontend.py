@@ -828,6 +828,18 @@ class _SizedTracer(_Tracer):
             self._qc_data_sized.add(proxy.node)
         return proxy
 
+    def to_bool(self, obj):
+        # two traced sizes compared for (in)equality (``if y.shape != (b, c, h, w)`` with ``b`` the traced batch
+        # size: RAFT's correlation block) give a Python bool in both runs; where the two agree it is that bool (the
+        # graph is checked at batches 1 and 3 and on calibration samples afterwards, as for sizes). A size against
+        # a number (``if b > 1``, ``b == 16``) stays a control-flow error.
+        node, vals = obj.node, self._qc_values.get(obj.node)
+        if node.op == "call_function" and node.target in (operator.eq, operator.ne) and \
+                all(isinstance(a, torch.fx.Node) for a in node.args) and vals is not None and \
+                node not in self._qc_data_sized and all(type(v) is bool for v in vals) and vals[0] == vals[1]:
+            return vals[0]
+        return super().to_bool(obj)
+
     def _evaluate(self, kind, target, args, kwargs, run: int):
         if kind == "placeholder":
             index = self._qc_placeholders if run == 0 else self._qc_placeholders - 1
@@ -888,7 +900,10 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
             restore()
             if gm is None:
                 tracer = _SizedTracer(example_inputs, leaf_modules)
-                graph = tracer.trace(model, concrete_args=_defaults_beyond(model, len(example_inputs)))
+                # a cache that forward fills (timm's attention-bias cache) holds a Proxy after the trace: the
+                # model's eager runs below that check the graph returned it, and the retrace was given up
+                with _attributes_kept(model):
+                    graph = tracer.trace(model, concrete_args=_defaults_beyond(model, len(example_inputs)))
                 _drop_default_placeholders(graph)
                 gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
                 restore()

@@ -2,6 +2,7 @@
 Python API ``qcompile.compile(..., scheme="fp32")``."""
 from __future__ import annotations
 
+import collections
 import copy
 import os
 import re
@@ -281,6 +282,25 @@ def test_a_dict_output_names_the_onnx_outputs_after_its_keys(scheme, tmp_path):
     assert got["logits"].shape == (32, 3) and got["box"].shape == (32, 1)
     if scheme == "fp32":
         assert rel_err(got["logits"], want["logits"]) <= RTOL and rel_err(got["box"], want["box"]) <= RTOL
+
+
+class DigitKeyHeads(DictHeads):
+    def forward(self, x):
+        h = self.body(x)
+        return collections.OrderedDict([("0", self.cls(h)), ("1", self.reg(h))])
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_a_dict_output_with_digit_string_keys_compiles_with_numbered_outputs(scheme, tmp_path):
+    """torchvision's FPN backbones (BackboneWithFPN, IntermediateLayerGetter) return an OrderedDict keyed '0', '1',
+    ...: named after their keys, the outputs failed in torch.onnx ("Invalid name: '0'"); they are output_0, ..."""
+    torch.manual_seed(0)
+    model, x = DigitKeyHeads().eval(), torch.randn(32, 8)
+    out = tmp_path / "heads.onnx"
+    result = qcompile.compile(model, x[:1], calib=None if scheme == "fp32" else x, scheme=scheme,
+                              **({} if scheme == "fp32" else {"bits": 8}), output=str(out))
+    assert result.report.passed, result.report.summary()
+    assert [o.name for o in session(str(out)).get_outputs()] == ["output_0", "output_1"]
 
 
 class IntKeyHeads(DictHeads):

@@ -2195,6 +2195,66 @@ def test_equal_sizes_compare_equal_in_the_sized_retrace():
         trace(Sliced().eval(), (x[:1],))
 
 
+def test_a_shape_compared_with_a_tuple_holding_the_traced_batch_size_traces():
+    """``if y.shape != (b, c, h, w)`` with ``b`` from ``x.shape`` (torchvision RAFT's correlation block): the
+    elements compared are two traced sizes that follow the batch, equal at batches 2 and 3; the comparison was a
+    control-flow error. A size against a number keeps it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            b, _, h, w = x.shape
+            y = self.c(x)
+            if y.shape != (b, 4, h, w):
+                raise ValueError("unexpected shape")
+            return y
+
+    x = torch.randn(5, 3, 8, 8)
+    gm = trace(M().eval(), (x[:1],))
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+
+    class Big(nn.Module):  # b == 16 is False at batches 2 and 3 alike, but not a comparison of two sizes
+        def forward(self, x):
+            return x * 2 if x.shape[0] == 16 else x
+
+    with pytest.raises(UserError, match="cannot trace the model"):
+        trace(Big().eval(), (x[:1],))
+
+
+def test_the_sized_retrace_of_a_forward_that_fills_a_cache():
+    """A shape check (sized retrace) in a forward that caches a value on its first call (timm's attention-bias
+    cache: TinyViT, whose train()/eval() empties it): the retrace left a Proxy in the cache, the model's eager run that checks
+    the graph returned it, and the plain trace's control-flow error stood."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc = nn.Linear(8, 8)
+            self.b = nn.Parameter(torch.randn(8))
+            self.cache = {}
+
+        def forward(self, x):
+            if x.shape[1] != 8:
+                raise ValueError("8 features")
+            if "b" not in self.cache:
+                self.cache["b"] = self.b * 2
+            return self.fc(x) + self.cache["b"]
+
+        def train(self, mode=True):  # as timm's attention blocks: a mode switch (the retrace's eval()) clears it
+            super().train(mode)
+            self.cache = {}
+            return self
+
+    x = torch.randn(5, 8)
+    model = M().eval()
+    gm = trace(model, (x[:1],))
+    assert torch.allclose(gm(x), M().eval()(x), atol=1e-6)
+    assert all(isinstance(v, torch.Tensor) for v in model.cache.values())
+
+
 def test_the_sized_retrace_keeps_sizes_after_repeat_interleave_by_a_number_and_traces_ones_of_sizes():
     """Two things that stopped GPT-J, CodeGen and BART's decoder: ``repeat_interleave(y, 2, 1)`` (rotary embeddings)
     was taken for a data-sized operation, so every later size stayed traced and a branch on one failed; and
