@@ -316,7 +316,8 @@ def calibration_inputs(data, gm: torch.fx.GraphModule):
     n = sum(1 for node in gm.graph.nodes if node.op == "placeholder")
     if n == 1 and isinstance(data, torch.Tensor):
         data = model_input(data)
-    elif n > 1 and isinstance(data, (tuple, list)) and len(data) == n and all(isinstance(t, torch.Tensor) for t in data) \
+    elif n > 1 and isinstance(data, (tuple, list)) and len(data) == n \
+            and all(isinstance(t, torch.Tensor) for t in data) \
             and len({t.shape[0] if t.dim() else -1 for t in data}) == 1:
         data = tuple(model_input(t) for t in data)
     else:

@@ -824,9 +824,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                                 x = x.float()
                                 ort_values = torch.from_numpy(onnx_out[a["tensor"]]).float()
                                 mid = (captured[a["module"]].float() + ort_values) / 2
-                                unit = 1.0 / inverse_units[a["module"]]
+                                unit = float((1.0 / inverse_units[a["module"]]).min())  # per channel: the finest
                                 tie = ((onnx_codes[a["module"]] - sim_codes).abs() == 1) \
-                                    & ((x - mid).abs() <= TIE_TOLERANCE * x.abs().clamp(min=float(unit)))
+                                    & ((x - mid).abs() <= TIE_TOLERANCE * x.abs().clamp(min=unit))
                                 wrong &= ~tie
                             stats[a["module"]]["local"] += int(wrong.sum())
                             _count_channels(stats[a["module"]]["channels"], wrong)

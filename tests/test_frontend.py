@@ -2226,8 +2226,8 @@ def test_a_shape_compared_with_a_tuple_holding_the_traced_batch_size_traces():
 
 def test_the_sized_retrace_of_a_forward_that_fills_a_cache():
     """A shape check (sized retrace) in a forward that caches a value on its first call (timm's attention-bias
-    cache: TinyViT, whose train()/eval() empties it): the retrace left a Proxy in the cache, the model's eager run that checks
-    the graph returned it, and the plain trace's control-flow error stood."""
+    cache: TinyViT, whose train()/eval() empties it): the retrace left a Proxy in the cache, the model's eager run
+    that checks the graph returned it, and the plain trace's control-flow error stood."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
