@@ -399,7 +399,7 @@ class Calibrate(Pass):
                     names = [n for n, m in gm.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
                     why = (f"BatchNorm statistics are read only from BatchNorms folded into the layer before them, and "
                            f"{', '.join(repr(n) for n in names[:3])}{' ...' if len(names) > 3 else ''} stayed unfolded "
-                           "(after an activation, or --no-fold-bn / fold_bn=False)")
+                           "(on the model's input or after an activation, or with --no-fold-bn / fold_bn=False)")
                 raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
                                 f"inputs with {how}")
             # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in

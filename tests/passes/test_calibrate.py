@@ -942,7 +942,8 @@ def test_data_free_reaches_signed_batchnorm_outputs_max_pools_and_names_what_it_
         qcompile.compile(Block(bn_last=False).eval(), x, scheme="uniform", bits=8, keep_first_last="quant",
                          exclude=["c1"])
     with pytest.raises(UserError, match=r"read only from BatchNorms folded into the layer before them, and 'b1', "
-                                        r"'b2', 'b3' stayed unfolded \(after an activation, or --no-fold-bn"):
+                                        r"'b2', 'b3' stayed unfolded \(on the model's input or after an "
+                                        r"activation, or with --no-fold-bn"):
         qcompile.compile(Block().eval(), x, scheme="uniform", bits=8, keep_first_last="fp32", fold_bn=False)
 
 
@@ -955,7 +956,7 @@ def test_data_free_names_a_batchnorm_after_the_activation_that_could_not_fold():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8),
                           nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(8),
                           nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
-    with pytest.raises(UserError, match=r"'2', '5' stayed unfolded \(after an activation"):
+    with pytest.raises(UserError, match=r"'2', '5' stayed unfolded \(on the model's input or after an activation"):
         qcompile.compile(model, torch.randn(1, 1, 8, 8), scheme="uniform", bits=4, keep_first_last="fp32")
 
 
