@@ -1,7 +1,7 @@
 """Generate docs/levels.md: the 4-bit level sets of APoT, PoT and uniform quantization (as in the APoT paper's
 figure), the integer grids and storage types of every scheme, and the Laplace-vs-MSE clipping comparison.
 
-    python examples/plot_levels.py            # rewrites docs/levels.md and prints it
+    python examples/plot_levels.py            # rewrites docs/levels.md and prints it (--out FILE: elsewhere)
 
 Everything shown is computed by qcompile.quant; text only (no plotting dependency).
 """
@@ -222,11 +222,16 @@ def render() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    text = render()
+def main(argv=None) -> None:
+    import argparse
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "docs", "levels.md")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    default = os.path.join(root, "docs", "levels.md")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=default, help=f"file to (re)write (default {os.path.relpath(default)})")
+    path = ap.parse_args(argv).out
+    text = render()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         fh.write(text)
     print(text)

@@ -60,11 +60,24 @@ def weights(model: nn.Module):
             yield f"{name}.in_proj", "MultiheadAttention", mod.in_proj_weight
 
 
+def schemes_at(bits: int) -> tuple[str, ...]:
+    """The level sets that exist at ``bits`` (signed PoT is refused past 5 bits: its grid would pass 16 bits)."""
+    out = []
+    for s in SCHEMES:
+        try:
+            quant.level_set(s, bits, signed=True)
+        except ValueError:
+            continue
+        out.append(s)
+    return tuple(out)
+
+
 def table(model: nn.Module, bits: int) -> list[tuple]:
     rows = []
+    schemes = schemes_at(bits)
     for name, kind, w in weights(model):
         if w.shape[0] > 1 and w[0].numel() > 1:  # a per-channel kurtosis needs more than one weight per channel
-            rows.append((name, kind, kurtosis(w), {s: weight_sqnr_db(w, s, bits) for s in SCHEMES}))
+            rows.append((name, kind, kurtosis(w), {s: weight_sqnr_db(w, s, bits) for s in schemes}))
     return rows
 
 
@@ -81,14 +94,18 @@ def main(argv=None) -> int:
         print(f"weight_levels: error: {e}", file=sys.stderr)
         return 2
     rows = table(model, args.bits)
-    print(f"| layer | type | kurtosis | {' | '.join(f'{s} W{args.bits} SQNR' for s in SCHEMES)} | best |")
-    print("|---|---|---|" + "---|" * len(SCHEMES) + "---|")
-    wins = {s: 0 for s in SCHEMES}
+    schemes = schemes_at(args.bits)
+    print(f"| layer | type | kurtosis | {' | '.join(f'{s} W{args.bits} SQNR' for s in schemes)} | best |")
+    print("|---|---|---|" + "---|" * len(schemes) + "---|")
+    wins = {s: 0 for s in schemes}
     for name, kind, k, sq in rows:
         best = max(sq, key=sq.get)
         wins[best] += 1
-        print(f"| {name} | {kind} | {k:.2f} | " + " | ".join(f"{sq[s]:.2f} dB" for s in SCHEMES) + f" | {best} |")
+        print(f"| {name} | {kind} | {k:.2f} | " + " | ".join(f"{sq[s]:.2f} dB" for s in schemes) + f" | {best} |")
     print(f"\n{len(rows)} layers; least weight error: " + ", ".join(f"{s} {n}" for s, n in wins.items()))
+    left_out = [s for s in SCHEMES if s not in schemes]
+    if left_out:
+        print(f"({', '.join(left_out)} has no signed {args.bits}-bit level set: its integer grid would pass 16 bits)")
     return 0
 
 

@@ -12,3 +12,17 @@ def test_the_levels_page_is_what_its_generator_writes():
     """A paragraph added to the page by hand (the log2 one) would be lost on the next run of the script."""
     with open(os.path.join(ROOT, "docs", "levels.md"), encoding="utf-8") as fh:
         assert fh.read() == plot_levels.render()
+
+
+def test_help_writes_nothing_and_out_writes_elsewhere(tmp_path, capsys):
+    import pytest
+
+    page = os.path.join(ROOT, "docs", "levels.md")
+    mtime = os.stat(page).st_mtime_ns
+    with pytest.raises(SystemExit):
+        plot_levels.main(["--help"])
+    assert os.stat(page).st_mtime_ns == mtime
+    out = tmp_path / "levels.md"
+    plot_levels.main(["--out", str(out)])
+    assert out.read_text(encoding="utf-8") == plot_levels.render()
+    assert os.stat(page).st_mtime_ns == mtime
