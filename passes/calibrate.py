@@ -250,6 +250,14 @@ class Calibrate(Pass):
                                 f"far under the smallest quantizer range ({quant.MIN_ALPHA:g}): every code would be 0 "
                                 "(the file silently computing another model); give inputs in ordinary units "
                                 "(standardized features), or rescale the layers that make these values")
+            if fq.scheme == "binary" and (float(obs.min_val.min()) >= 0.0 or float(obs.max_val.max()) <= 0.0):
+                # binary levels are ±α decided at 0: values of one sign all get the same code (0 included), so the
+                # layer reading them sees a constant (a digits MLP fell to chance, with no word of why)
+                raise UserError(f"the input of {_consumer_names(node)} is never "
+                                f"{'negative' if float(obs.min_val.min()) >= 0.0 else 'positive'} on the calibration "
+                                "data, and binary levels (±alpha, decided at 0) give every such value the same code; "
+                                "quantize it with --ascheme uniform/apot/ternary (a config rule for that layer), or "
+                                "center the input")
             if fq.search_offset:
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0

@@ -1288,3 +1288,19 @@ def test_sdq_clipping_at_wide_activations_is_noted():
     observers = {n.target: n.meta["qparams"].observer for n in low.model.graph.nodes
                  if n.op == "call_module" and "qparams" in n.meta and "_fq" in str(n.target)}
     assert observers["out_fq0"].startswith("mse") and observers["act_fq0"].startswith("sdq"), observers
+
+
+def test_binary_activations_on_one_sided_data_are_refused_in_one_line():
+    """Binary levels are ±alpha decided at 0: an input that is never negative on the calibration data (raw pixels in
+    [0, 1] with every layer binary, --keep-first-last quant) got +alpha everywhere, 0 included, and the compiled MLP
+    predicted one class (10% on digits) with no word of why; InsertQuantizers refuses the same levels after a ReLU."""
+    import qcompile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Hardtanh(), nn.Linear(32, 4)).eval()
+    x = torch.rand(64, 16)
+    with pytest.raises(UserError, match="never negative on the calibration data, and binary levels"):
+        qcompile.compile(model, x[:1], scheme="binary", calib=x, keep_first_last="quant", validate=False)
+    # signed data (the Hardtanh output, a centred input) still compiles with binary activations
+    result = qcompile.compile(model, x[:1], scheme="binary", calib=x - 0.5, keep_first_last="quant")
+    assert result.report.passed
