@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import json
 import os
@@ -701,6 +702,24 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
                            thresholds, callback, progress, t0)
 
 
+@contextlib.contextmanager
+def _onnxruntime_refusals():
+    """onnxruntime refusing to load or run the file compile just wrote (its own exception types, not RuntimeError)
+    as one line: torch.onnx exported a graph that does not compute the model (HuggingFace Canine: a FusedMatMul
+    that cannot broadcast; Cohere: a rank-6 rotary tensor that shape inference refuses), which a plain
+    torch.onnx.export of the model shows too."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- only onnxruntime's own errors are turned into a message
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"onnxruntime cannot run the exported file ({first[:300]}): torch.onnx wrote a graph that "
+                        "does not compute the model there (torch.onnx.export of the float model does the same); "
+                        "rewrite the operation that makes that node, or compile with --no-validate "
+                        "(validate=False) to keep the file as written") from None
+
+
 def _clip_note(opts: CompileOptions, gm: torch.fx.GraphModule) -> Optional[str]:
     """SDQ's fixed 3-sigma clip asked for activations of 6 bits or more, where it clips far too much (a depthwise
     digits CNN at W8A8: 17 dB against float, 39 with mse): said once, as a note."""
@@ -966,7 +985,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # the passes worked on a copy: model is still the float one (a QAT-trained model has none: its converted
             # quantizers compared with themselves, "vs the float model: 79 dB, top-1 100 %" at 10 % accuracy)
             float_model = None if trained else plain_copy(model).eval()
-            report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model, **th)
+            with _onnxruntime_refusals():
+                report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
+                                            **th)
             agree = report.extra.get("top1_vs_float")
             if agree is not None and agree < LOW_AGREEMENT and inputs is not example_inputs:
                 # validation compares the file with its simulation and passes: the loss is the quantized model's
@@ -974,8 +995,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
-            report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs,
-                                    float64_scale=not _random_draws(gm), **th)
+            with _onnxruntime_refusals():
+                report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs,
+                                        float64_scale=not _random_draws(gm), **th)
         if not report.passed and numbers_note:
             report.failures.append(numbers_note)
         if not report.passed:

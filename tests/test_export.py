@@ -1286,3 +1286,38 @@ def test_batches_whose_second_item_could_be_an_input_say_it_was_taken_as_a_label
         qcompile.compile(Sequence().eval(), calib=[(x[i:i + 8], mask[i:i + 8].float()) for i in range(0, 32, 8)],
                          scheme="uniform", bits=8, validate=False)
     assert any("not as forward's 'key_padding_mask'" in str(w.message) for w in caught)
+
+
+def _refused_file() -> bytes:
+    """x (batch, 4) @ W (5, 3): onnxruntime refuses it at load (shape inference: "Incompatible dimensions")."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((5, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_a_file_onnxruntime_refuses_is_one_line_and_not_written(scheme, monkeypatch, tmp_path):
+    """torch.onnx exports some models into graphs onnxruntime refuses (HuggingFace Cohere: a rank-6 rotary tensor,
+    "[ShapeInferenceError] Incompatible dimensions") or cannot run (Canine: a FusedMatMul that cannot broadcast);
+    compile's validation raised onnxruntime's own exception with its traceback. Here onnxruntime gets such a
+    file in place of the exported one."""
+    import onnxruntime as ort
+
+    import qcompile.runtime.validation as validation
+
+    def refusing(*args, **kwargs):
+        return ort.InferenceSession(_refused_file(), providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(validation, "session", refusing)
+    model, x = MLP(seed=0).eval(), example_input(MLP(seed=0), batch=16)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match=r"onnxruntime cannot run the exported file \(.*\): torch.onnx wrote a graph") \
+            as err:
+        qcompile.compile(model, x[:1], calib=None if scheme == "fp32" else x, scheme=scheme,
+                         **({} if scheme == "fp32" else {"bits": 8}), output=str(out))
+    assert "\n" not in str(err.value) and "--no-validate" in str(err.value)
+    assert not out.exists()
