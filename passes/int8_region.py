@@ -154,12 +154,44 @@ def _is_avgpool(gm, node) -> bool:
 def _is_transparent(gm, node) -> bool:
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Upsample):
+            return mod.mode == "nearest"
         return isinstance(mod, _TRANSPARENT_MODULES) and not getattr(mod, "return_indices", False)
     if node.op == "call_function":
         if node.target in _ADAPTIVE_MAX_FNS and len(node.args) > 2 and node.args[2]:
             return False  # return_indices given by position
-        return node.target in _TRANSPARENT_FNS and not node.kwargs.get("return_indices", False)
-    return node.op == "call_method" and node.target in _TRANSPARENT_METHODS
+        if node.target is F.interpolate:
+            return (node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")) == "nearest"
+        if node.target is operator.getitem:
+            return _is_split(node.args[0]) and isinstance(node.args[1], int)  # one part of a chunk / split
+        return (node.target in _TRANSPARENT_FNS and not node.kwargs.get("return_indices", False)) or \
+            node.target in _SPLIT_FNS
+    return node.op == "call_method" and (node.target in _TRANSPARENT_METHODS or node.target in _SPLIT_METHODS)
+
+
+# ops that cut a tensor into parts without changing a value (YOLOv8's C2f: ``list(cv1(x).chunk(2, 1))``); the parts
+# are ``getitem`` nodes, which ``_is_transparent`` takes too. onnxruntime slices codes (Split / Slice between a
+# DequantizeLinear and a QuantizeLinear of one scale are dropped to a uint8 Split / Slice)
+_SPLIT_FNS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind}
+_SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
+
+
+def _is_split(node) -> bool:
+    return isinstance(node, torch.fx.Node) and ((node.op == "call_function" and node.target in _SPLIT_FNS) or
+                                                (node.op == "call_method" and node.target in _SPLIT_METHODS))
+
+
+_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def _cat_inputs(node) -> list | None:
+    """The tensors a ``torch.cat`` node joins, where they are a list of traced values, else None."""
+    if node.op != "call_function" or node.target not in _CAT_FNS:
+        return None
+    xs = node.args[0] if node.args else node.kwargs.get("tensors")
+    if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(a, torch.fx.Node) for a in xs):
+        return None
+    return list(xs)
 
 
 def int8_source(gm: torch.fx.GraphModule, node) -> FakeQuantize | None:
@@ -216,11 +248,50 @@ def _feeds_int8(gm, node) -> bool:
         seen.add(user)
         if is_int8_act(fake_quantizer(gm, user)) or _is_add(user) or _is_avgpool(gm, user):
             return True
+        if _cat_inputs(user) is not None and _read_by_int8_quantizers(gm, user):
+            return True
         if (_is_silu(gm, user) or _is_sigmoid(gm, user)) and _read_by_int8_quantizers(gm, user):
             return True
         if _is_transparent(gm, user):
             todo.extend(user.users)
     return False
+
+
+def _int8_readers_only(gm, node, depth: int = 0) -> bool:
+    """Every reader of ``node`` is int8 once ``node`` is 8-bit codes: an 8-bit quantizer, an add whose other operand
+    is codes, a concatenation of codes that only 8-bit quantizers read, or a max-pool, reshape, split or nearest
+    upsampling whose readers are all such (the graph's output is not)."""
+    if not node.users or depth > 16:
+        return False
+    for user in node.users:
+        if is_int8_act(fake_quantizer(gm, user)):
+            continue
+        if _is_add(user):
+            if not all(a is node or _will_have_codes(gm, a) for a in user.args[:2]):
+                return False
+            continue
+        xs = _cat_inputs(user)
+        if xs is not None:
+            if not _read_by_int8_quantizers(gm, user) or not all(a is node or _will_have_codes(gm, a) for a in xs):
+                return False
+            continue
+        if not (_is_transparent(gm, user) and _int8_readers_only(gm, user, depth + 1)):
+            return False
+    return True
+
+
+def _will_have_codes(gm, node, depth: int = 0) -> bool:
+    """``node`` is codes (``_has_codes``), or becomes codes in ``QuantizeResiduals`` where int8 ops alone read it: a
+    SiLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's bottleneck sums)."""
+    if not isinstance(node, torch.fx.Node) or depth > 16:
+        return False
+    if _has_codes(gm, node):
+        return True
+    if _is_silu(gm, node):
+        return bool(node.args) and _has_codes(gm, node.args[0])
+    if _is_add(node):
+        return all(_will_have_codes(gm, a, depth + 1) for a in node.args[:2])
+    return _is_transparent(gm, node) and bool(node.args) and _will_have_codes(gm, node.args[0], depth + 1)
 
 
 def _read_from(gm, node, src, q) -> None:
@@ -279,6 +350,34 @@ class QuantizeResiduals(Pass):
         for node in list(gm.graph.nodes):  # graph order: an add's inputs are settled before the add
             if self._read_codes_through(gm, node):
                 continue
+            if _is_silu(gm, node) and node.args and _has_codes(gm, node.args[0]) and \
+                    not _read_by_int8_quantizers(gm, node) and _int8_readers_only(gm, node):
+                # a SiLU on codes whose output goes into adds, concatenations and splits that are int8 once it is
+                # codes (YOLOv8's C2f and SPPF): an int8 gate, and its output as 8-bit codes
+                prod = self._split_silu(gm, node, self._codes_of(gm, node.args[0]))
+                q = self._insert(gm, prod)
+                for user in list(prod.users):
+                    if user is not q:
+                        user.replace_input_with(prod, q)
+                continue
+            xs = _cat_inputs(node)
+            if xs is not None:
+                # a concatenation that only 8-bit quantizers read, of tensors that are codes: it joins the codes
+                # (onnxruntime's QLinearConcat re-quantizes each part onto the output's scale)
+                if _read_by_int8_quantizers(gm, node) and all(_has_codes(gm, a) for a in xs):
+                    for arg in dict.fromkeys(xs):
+                        q = self._codes_of(gm, arg)
+                        if q is arg:
+                            continue
+                        carried = fake_quantizer(gm, arg) is None and int8_source(gm, arg) is not None
+                        for user in list(arg.users) if carried else [node]:
+                            # codes carried through a max-pool or split (SPPF's chain of pools): q re-quantizes
+                            # them with their own parameters (ShareInt8Params), so every reader may read q, and
+                            # onnxruntime then runs each pool on uint8 between a DequantizeLinear and q
+                            if user is not q:
+                                _read_from(gm, user, arg, q)
+                        self._changed = True
+                continue
             if _is_mul(node):
                 # a product whose result only 8-bit quantizers read (an SE gate times its input, a GLU): both
                 # factors as 8-bit codes, which onnxruntime multiplies in QLinearMul (BindIntegerMuls)
@@ -325,7 +424,8 @@ class QuantizeResiduals(Pass):
                 # those quantizers re-quantize)
                 q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
-                if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user)):
+                if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user) or
+                                      (_cat_inputs(user) is not None and _read_by_int8_quantizers(gm, user))):
                     # (q moves up before the user where it came later: HRNet's fuse sums read a branch output
                     # whose quantizer sits before a layer further down the graph)
                     _read_from(gm, user, tail, q)
@@ -371,6 +471,7 @@ class QuantizeResiduals(Pass):
         gm.graph.erase_node(node)
         self.report.append(f"{node.name}: silu as an 8-bit sigmoid gate times its input")
         self._changed = True
+        return prod
 
     def _read_codes_through(self, gm, node) -> bool:
         """A max-pool or reshape of a float tensor that is also quantized to 8 bits for another reader (an

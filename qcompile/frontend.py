@@ -614,6 +614,10 @@ class _SizedProxy(_Proxy):
         return super().__torch_function__(orig_method, types, _plain_shapes(args or ()), _plain_shapes(kwargs or {}))
 
     def __len__(self):
+        raw = self.tracer._qc_values.get(self.node)
+        if raw is not None and self.node not in self.tracer._qc_data_sized and \
+                all(isinstance(v, (tuple, list)) for v in raw) and len(raw[0]) == len(raw[1]):
+            return len(raw[0])  # the chunks of x.chunk(2, 1), the parts of torch.split(x, 8, 1): a fixed count
         vals = self._values()
         if vals is None or vals[0].dim() == 0 or vals[0].shape[0] != vals[1].shape[0] or \
                 self.node in self.tracer._qc_data_sized:
@@ -839,6 +843,21 @@ class _SizedTracer(_Tracer):
                 node not in self._qc_data_sized and all(type(v) is bool for v in vals) and vals[0] == vals[1]:
             return vals[0]
         return super().to_bool(obj)
+
+    def iter(self, obj):
+        # a traced value iterated other than by unpacking a fixed count: ``list(x.chunk(2, 1))`` (YOLOv8's C2f),
+        # ``for t in torch.split(x, 8, 1)``, ``zip(mods, x.unbind(1))``. Where the runs on batches of 2 and 3 give
+        # sequences of one length (a tuple of chunks, or a tensor whose dimension 0 is not the batch), that many
+        # items, each traced as ``obj[i]``; a count that follows the batch or the data stays a trace error
+        vals = self._qc_values.get(obj.node)
+        if vals is not None and obj.node not in self._qc_data_sized:
+            a, b = vals
+            if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+                return iter([obj[i] for i in range(len(a))])
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() > 0 and b.dim() > 0 and \
+                    a.shape[0] == b.shape[0]:
+                return iter([obj[i] for i in range(int(a.shape[0]))])
+        return super().iter(obj)
 
     def _evaluate(self, kind, target, args, kwargs, run: int):
         if kind == "placeholder":

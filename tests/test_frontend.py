@@ -3,6 +3,7 @@ and tracing with torch.fx (shape propagation, data-dependent control flow and ``
 from __future__ import annotations
 
 import importlib
+import operator
 import os
 import sys
 import textwrap
@@ -1829,6 +1830,17 @@ class _ChunkList(nn.Module):
         return torch.cat(y, 1).mean((2, 3))
 
 
+class _PerSample(nn.Module):
+    """A loop over the batch's samples (``for t in x``): their count follows the batch, no fixed count to trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 1)
+
+    def forward(self, x):
+        return torch.stack([self.conv(t[None])[0] for t in x]).mean((2, 3))
+
+
 class _TokensAndMask(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1840,15 +1852,40 @@ class _TokensAndMask(nn.Module):
         return self.fc(h.mean(1))
 
 
+def test_a_list_of_chunks_traces_to_its_fixed_count():
+    """``list(cv1(x).chunk(2, 1))`` (YOLOv8's C2f) and ``for part in torch.split(x, 4, 1)`` were refused ("Proxy
+    object cannot be iterated"): torch.fx knows no count other than a fixed unpacking. The sized trace knows it from
+    the example (2 chunks, 4 parts, the same at every batch) and traces each as ``getitem``."""
+
+    class Splits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x):
+            parts = [p * (i + 1) for i, p in enumerate(torch.split(x, 4, 1))]
+            return self.conv(torch.cat(parts, 1))
+
+    torch.manual_seed(0)
+    for model, x in ((_ChunkList().eval(), torch.rand(16, 1, 8, 8)), (Splits().eval(), torch.randn(16, 16, 6, 6))):
+        gm = trace(model, x[:1])
+        assert sum(n.target is operator.getitem for n in gm.graph.nodes) >= 2
+        for batch in (x[:1], x[:5]):
+            torch.testing.assert_close(gm(batch), model(batch))
+        result = qcompile.compile(model, calib=x, scheme="uniform", bits=8)
+        assert result.report.passed, result.report.summary()
+
+
 def test_user_mistakes_in_model_code_and_data_get_the_right_hint():
     """Three hints that pointed the wrong way (a sweep of models written as in the wild): iterating a traced tensor
-    (``list(x.chunk(2, 1))``) was "wrap the data-dependent part", under torch.fx's paragraph on loops, and named
+    (``list(x.chunk(2, 1))``, now traced; a loop over the batch's samples still is refused) was "wrap the
+    data-dependent part", under torch.fx's paragraph on loops, and named
     only the CLI flag; float32 token ids beside an int64 mask got "save image data as float32", the opposite fix;
     a dict of calibration inputs was "a calibration batch is a str" (its keys)."""
     x = torch.rand(16, 1, 8, 8)
     with pytest.raises(UserError, match=r"Proxy object cannot be iterated; torch.fx cannot iterate a traced tensor "
                                         r"or its chunks: unpack a fixed count instead \(a, b = x.chunk\(2, 1\)") as e:
-        qcompile.compile(_ChunkList().eval(), calib=x, scheme="uniform", bits=8, validate=False)
+        qcompile.compile(_PerSample().eval(), calib=x, scheme="uniform", bits=8, validate=False)
     assert "leaf_modules=[NAME]" in str(e.value) and "See the torch.fx docs" not in str(e.value)
     ids = torch.randint(0, 50, (16, 6))
     mask = torch.ones(16, 6, dtype=torch.int64)

@@ -575,9 +575,11 @@ def test_no_int8_outputs_keeps_silu_whole():
     assert sum(n.target is F.silu for n in result.model.graph.nodes) == 2
 
 
-def test_a_silu_read_through_a_flatten_is_not_split():
+def test_a_silu_read_through_a_flatten_is_a_gate_with_its_own_codes(tmp_path):
     """onnxruntime fuses QLinearMul only with the QuantizeLinear right after the Mul: a SiLU that the classifier
-    reads through a flatten stays one float op (split, its gate was quantized and the product stayed a float Mul)."""
+    reads through a flatten is split into a gate whose product gets 8-bit codes right after it (split without them,
+    its gate was quantized and the product stayed a float Mul; unsplit, a float Sigmoid and Mul). The flatten then
+    moves uint8 codes, and the whole head runs on integer kernels."""
 
     class Head(nn.Module):
         def __init__(self):
@@ -588,7 +590,15 @@ def test_a_silu_read_through_a_flatten_is_not_split():
             return self.fc(torch.flatten(F.silu(self.conv(x)), 1))
 
     gates, float_silus = silu_forms(Head, (16, 3, 8, 8))
-    assert gates == (0, 0) and float_silus == 1
+    assert gates == (1, 1) and float_silus == 0
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    path = str(tmp_path / "head.onnx")
+    result = qcompile.compile(Head().eval(), calib=calib, output=path, scheme="uniform", bits=8,
+                              keep_first_last="quant")
+    assert result.report.passed, result.report.summary()
+    ops = optimized_ops(onnx.load(path), tmp_path)
+    assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1 and "Mul" not in ops and "Sigmoid" not in ops
 
 
 def test_a_silu_after_a_residual_add_runs_in_int8(tmp_path):
@@ -791,3 +801,73 @@ def test_a_residual_add_read_by_a_leaky_relu_runs_on_integer_kernels(tmp_path):
     ops = optimized_ops(result.onnx_model, tmp_path)
     assert ops["QLinearAdd"] == 1 and ops["QLinearLeakyRelu"] == 1, ops
     assert not ops["Add"] and not ops["LeakyRelu"], ops
+
+
+class _CBS(nn.Module):  # YOLOv8's Conv: conv, BatchNorm, SiLU
+    def __init__(self, ci, co, k=1, s=1):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co)
+
+    def forward(self, x):
+        return F.silu(self.bn(self.conv(x)))
+
+
+class _C2f(nn.Module):  # as ultralytics writes it: a list of chunks, bottleneck sums, one concatenation
+    def __init__(self, c, n=2):
+        super().__init__()
+        self.c = c // 2
+        self.cv1, self.cv2 = _CBS(c, c), _CBS((2 + n) * self.c, c)
+        self.m = nn.ModuleList(nn.Sequential(_CBS(self.c, self.c, 3), _CBS(self.c, self.c, 3)) for _ in range(n))
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(y[-1] + m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class _YoloLike(nn.Module):
+    """A YOLOv8-style backbone and neck: C2f blocks, SPPF's chain of max-pools, nearest upsampling and a concat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.c2f1 = _CBS(3, 16, 3, 2), _C2f(16)
+        self.down, self.c2f2 = _CBS(16, 32, 3, 2), _C2f(32)
+        self.sppf1, self.sppf2 = _CBS(32, 16), _CBS(64, 32)
+        self.pool, self.up = nn.MaxPool2d(5, 1, 2), nn.Upsample(scale_factor=2, mode="nearest")
+        self.neck, self.head = _C2f(48, 1), nn.Conv2d(48, 8, 1)
+
+    def forward(self, x):
+        p1 = self.c2f1(self.stem(x))
+        x = self.sppf1(self.c2f2(self.down(p1)))
+        y1 = self.pool(x)
+        y2 = self.pool(y1)
+        x = self.sppf2(torch.cat((x, y1, y2, self.pool(y2)), 1))
+        return self.head(self.neck(torch.cat([self.up(x), p1], 1)))
+
+
+def test_a_yolov8_style_network_runs_in_int8_between_its_convolutions(tmp_path):
+    """C2f's chunks, bottleneck sums and concatenation, SPPF's max-pools and the neck's upsampling ran in float
+    between DequantizeLinear and QuantizeLinear (13 float SiLU, 6 float adds, 3 float concats in a small YOLOv8-style
+    network; quantize_static's file has none). The SiLUs whose outputs only int8 ops read are now gates with 8-bit
+    codes, and the splits, sums, pools and concatenations read codes: onnxruntime's QLinearConcat, QLinearAdd and
+    uint8 max-pools, and the file agrees with the simulation."""
+    torch.manual_seed(0)
+    model = _YoloLike()
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of real activations
+        for _ in range(4):
+            model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    ops = optimized_ops(result.onnx_model, tmp_path)
+    # every SiLU (20; the head conv has none), every sum and every concatenation in int8
+    assert ops["QLinearConcat"] == 5 and ops["QLinearAdd"] == 5 and ops["QLinearMul"] == 20, ops
+    assert ops["Concat"] == ops["Sigmoid"] == ops["MaxPool"] == 0 and ops["NhwcMaxPool"] == 3, ops
+    # what float arithmetic is left computes the chunks' bounds from the shape (Shape, Gather, Add, Div, Mul)
+    assert ops["Add"] == ops["Mul"] == ops["Div"] == ops["Shape"] == 3 and ops["DequantizeLinear"] <= 5, ops
+    with torch.no_grad():
+        ref, sim = model(x), result.model(x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
