@@ -228,11 +228,19 @@ def _pow2_ceil(v: torch.Tensor) -> torch.Tensor:
     return torch.where(mant == 0.5, v, torch.ldexp(torch.ones_like(v), exp))
 
 
+def _prime_at_least(n: int) -> int:
+    n = max(2, n)
+    while any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+        n += 1
+    return n
+
+
 class HistogramObserver(Observer):
     """Streaming histogram over ``[-R, R]``, ``bins`` bins per side, ``R`` a power of two per channel."""
 
     name = "histogram"
     _CHUNK = 1 << 18  # elements per step of the binning loop
+    _SAMPLE = 1 << 19  # values per update beyond which a strided sample is binned
 
     def __init__(self, axis: Optional[int] = None, bins: int = 2048):
         super().__init__(axis)
@@ -252,6 +260,17 @@ class HistogramObserver(Observer):
             self._grow(torch.maximum(need, self.radius))
         width = (self.radius / nb).to(torch.float32)[:, None]  # a power of two: x / width is exact
         n_rows, n_cols = rows.shape
+        weight = 1.0
+        if n_rows * n_cols > self._SAMPLE:
+            # a large tensor: a strided sample of about _SAMPLE values is binned, each counting for the values it
+            # stands for (the range is the whole tensor's, from update()). A prime stride does not fall in step with
+            # the layout's sizes. On 32 images, YOLOv8n at 320 x 320 (13 M values at its first activation):
+            # calibration 2.4 -> 1.6 s, output SQNR vs float 46.52 -> 46.51 dB; ResNet-18: 1.33 -> 1.19 s, 32.15 ->
+            # 32.27 dB (clips moved up to 3-6%, where the MSE curve is flat)
+            k = _prime_at_least(-(-n_rows * n_cols // self._SAMPLE))
+            rows = rows[:, ::k]
+            weight = n_cols / rows.shape[1]
+            n_cols = rows.shape[1]
         offsets = (torch.arange(n_rows, dtype=torch.int32) * (2 * nb))[:, None]
         # Bin index floor(x / width) + B, clamped, in column chunks through two reused buffers: a few cache-sized
         # passes instead of full-size float and int64 temporaries (several times faster on large activations).
@@ -267,7 +286,7 @@ class HistogramObserver(Observer):
             if n_rows > 1:
                 ib += offsets
             counts += torch.bincount(ib.reshape(-1), minlength=n_rows * 2 * nb)
-        self.hist += counts.reshape(n_rows, 2 * nb).to(torch.float64)
+        self.hist += counts.reshape(n_rows, 2 * nb).to(torch.float64) * weight
 
     def _grow(self, new_radius: torch.Tensor) -> None:
         """Double the range until it covers ``new_radius``: old bin ``i`` -> ``(i + (f - 1) B) // f``."""
