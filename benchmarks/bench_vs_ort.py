@@ -22,7 +22,10 @@ re-executes itself with ``$QCOMPILE_VISION_PYTHON`` (default ``/tmp/venv-vision/
 else it measures the digits model only and says so in the JSON.
 Run: ``python benchmarks/bench_vs_ort.py [--models digits,resnet18,mobilenet_v2]`` from the repository root;
 ``--models efficientnet_b0 --output benchmarks/results/vs_ort_efficientnet.json`` measures EfficientNet-B0 (SiLU and
-squeeze-excite gates) the same way (also ``mobilenet_v3_small``).
+squeeze-excite gates) the same way (also ``mobilenet_v3_small``); ``--models yolov8n_like --output
+benchmarks/results/vs_ort_yolov8n.json`` a YOLOv8n-shaped detector at 320 x 320 (``benchmarks/yolo_like.py``: C2f's
+chunks, SPPF, the PAN neck's concatenations; no torchvision needed), for which onnxruntime's ``quant_pre_process``
+needs ``skip_symbolic_shape=True`` (its symbolic shape inference gives up on the chunks).
 """
 from __future__ import annotations
 
