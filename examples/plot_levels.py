@@ -216,10 +216,7 @@ def render() -> str:
         "`2 b^2 e^(-alpha/b) + alpha^2 / (3 * 4^M)` (which assumes 2^M evenly spaced levels and a uniform rounding",
         "error inside the range); the `laplace` observer reproduces them. The `mse` observer minimises the actual",
         "error of the actual level set (2^M - 1 levels for our symmetric uniform sets, APoT's uneven spacing) on the",
-        "samples, so it lands elsewhere -- that difference is expected, not a bug. (Of a batch of more than 2^19",
-        "values, as here, it bins a strided sample of about 2^19, each counting for the values it stands for; at",
-        "8 bits, where the error is flat around its minimum, that moves the clip by a few percent: 9.77 with every",
-        "value binned.)",
+        "samples, so it lands elsewhere -- that difference is expected, not a bug.",
         "",
     ]
     return "\n".join(lines)
