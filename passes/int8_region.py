@@ -282,12 +282,12 @@ def _int8_readers_only(gm, node, depth: int = 0) -> bool:
 
 def _will_have_codes(gm, node, depth: int = 0) -> bool:
     """``node`` is codes (``_has_codes``), or becomes codes in ``QuantizeResiduals`` where int8 ops alone read it: a
-    SiLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's bottleneck sums)."""
+    SiLU or LeakyReLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's bottleneck sums)."""
     if not isinstance(node, torch.fx.Node) or depth > 16:
         return False
     if _has_codes(gm, node):
         return True
-    if _is_silu(gm, node):
+    if _is_silu(gm, node) or _is_leaky_relu(gm, node):
         return bool(node.args) and _has_codes(gm, node.args[0])
     if _is_add(node):
         return all(_will_have_codes(gm, a, depth + 1) for a in node.args[:2])
@@ -360,6 +360,19 @@ class QuantizeResiduals(Pass):
                     if user is not q:
                         user.replace_input_with(prod, q)
                 continue
+            if _is_leaky_relu(gm, node) and node.args and _has_codes(gm, node.args[0]) and \
+                    not _read_by_int8_quantizers(gm, node) and _int8_readers_only(gm, node):
+                # the same for a LeakyReLU (CSPDarknet's blocks: its output goes into a split, a shortcut add and a
+                # concatenation): it reads codes and its output is 8-bit codes, onnxruntime's QLinearLeakyRelu
+                src = node.args[0]
+                q = self._codes_of(gm, src)
+                if q is not src:
+                    _read_from(gm, node, src, q)
+                q = self._insert(gm, node)
+                for user in list(node.users):
+                    if user is not q:
+                        user.replace_input_with(node, q)
+                continue
             xs = _cat_inputs(node)
             if xs is not None:
                 # a concatenation that only 8-bit quantizers read, of tensors that are codes: it joins the codes
@@ -398,6 +411,13 @@ class QuantizeResiduals(Pass):
                         self._changed = True
             elif not _is_avgpool(gm, node):
                 continue
+            elif _is_split(getattr(node.args[0], "args", (None,))[0]) and fake_quantizer(gm, node.args[0]) is None \
+                    and int8_source(gm, node.args[0]) is not None:
+                # a pool of one part of a split of codes (Res2Net's last part in a strided block): the part as
+                # codes of its own, which onnxruntime needs after the Split to run it on uint8 and the pool as
+                # QLinearAveragePool (re-quantized with the split's parameters by ShareInt8Params: the identity)
+                _read_from(gm, node, node.args[0], self._codes_of(gm, node.args[0]))
+                self._changed = True
             elif int8_source(gm, node.args[0]) is None:
                 if not (_is_global_avgpool(gm, node) and _feeds_int8(gm, node)):
                     continue

@@ -28,8 +28,8 @@ from qcompile.qmodules import FakeQuantize
 
 from .base import Pass, PassResult, fake_quantizer, input_quantizer, require_calibrated
 from .insert_quant import is_nonnegative
-from .int8_region import (LOW_BITS, _has_codes, _is_add, _is_avgpool, _is_transparent, _sub_8_bit_act, clip_bounds,
-                          is_int8_act, is_rectifier)
+from .int8_region import (LOW_BITS, _cat_inputs, _has_codes, _is_add, _is_avgpool, _is_transparent,
+                          _read_by_int8_quantizers, _sub_8_bit_act, clip_bounds, is_int8_act, is_rectifier)
 
 _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
@@ -332,6 +332,11 @@ def _feeds_int8_only(gm: torch.fx.GraphModule, node, any_bits: bool = False) -> 
             if not (is_int8_act(fq) or (any_bits and _sub_8_bit_act(fq))):
                 return False
             found, deep = True, deep or depth > 0
+            continue
+        if _cat_inputs(cur) is not None and _read_by_int8_quantizers(gm, cur):
+            # a concatenation that 8-bit quantizers read (Res2Net's pooled part beside its convolved ones):
+            # QuantizeResiduals joins codes there
+            found, deep = True, True
             continue
         if not (_is_transparent(gm, cur) or _is_avgpool(gm, cur)) or not cur.users or len(stack) > 64:
             return False
