@@ -163,7 +163,9 @@ def _is_transparent(gm, node) -> bool:
         if node.target is F.interpolate:
             return (node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")) == "nearest"
         if node.target is operator.getitem:
-            return _is_split(node.args[0]) and isinstance(node.args[1], int)  # one part of a chunk / split
+            if _is_split(node.args[0]):
+                return isinstance(node.args[1], int)  # one part of a chunk / split
+            return _is_basic_slice(node)
         return (node.target in _TRANSPARENT_FNS and not node.kwargs.get("return_indices", False)) or \
             node.target in _SPLIT_FNS
     return node.op == "call_method" and (node.target in _TRANSPARENT_METHODS or node.target in _SPLIT_METHODS)
@@ -179,6 +181,22 @@ _SPLIT_METHODS = {"chunk", "split", "tensor_split", "unbind"}
 def _is_split(node) -> bool:
     return isinstance(node, torch.fx.Node) and ((node.op == "call_function" and node.target in _SPLIT_FNS) or
                                                 (node.op == "call_method" and node.target in _SPLIT_METHODS))
+
+
+def _is_basic_slice(node) -> bool:
+    """``x[:, :c]``, ``x[..., 0]``: basic indexing of a tensor (slices, integers, None, Ellipsis), which selects
+    values without changing one (onnxruntime drops the DequantizeLinear/QuantizeLinear pair around its Slice)."""
+    meta = node.args[0].meta.get("tensor_meta") if isinstance(node.args[0], torch.fx.Node) else None
+    if not hasattr(meta, "shape"):
+        return False  # an item of a tuple, not a tensor
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    for part in index:
+        if isinstance(part, slice):
+            if any(isinstance(v, torch.fx.Node) for v in (part.start, part.stop, part.step)):
+                return False
+        elif not (part is None or part is Ellipsis or (isinstance(part, int) and not isinstance(part, bool))):
+            return False
+    return True
 
 
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
@@ -280,6 +298,24 @@ def _int8_readers_only(gm, node, depth: int = 0) -> bool:
     return True
 
 
+def _batchnorm_of_codes(gm, node, reader) -> bool:
+    """``node`` is an inference BatchNorm (not folded: no layer before it) of codes, read by ``reader`` alone."""
+    return isinstance(node, torch.fx.Node) and list(node.users) == [reader] and _is_inference_bn(gm, node) and \
+        _has_codes(gm, node.args[0])
+
+
+def _is_inference_bn(gm, node) -> bool:
+    """A BatchNorm on running statistics (module or ``F.batch_norm``), which no layer before it absorbed."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return False
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.training and mod.track_running_stats
+    if node.op == "call_function" and node.target is F.batch_norm:
+        return not node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+    return False
+
+
 def _will_have_codes(gm, node, depth: int = 0) -> bool:
     """``node`` is codes (``_has_codes``), or becomes codes in ``QuantizeResiduals`` where int8 ops alone read it: a
     SiLU or LeakyReLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's bottleneck sums)."""
@@ -377,7 +413,15 @@ class QuantizeResiduals(Pass):
             if xs is not None:
                 # a concatenation that only 8-bit quantizers read, of tensors that are codes: it joins the codes
                 # (onnxruntime's QLinearConcat re-quantizes each part onto the output's scale)
-                if _read_by_int8_quantizers(gm, node) and all(_has_codes(gm, a) for a in xs):
+                direct = _read_by_int8_quantizers(gm, node)
+                if (direct or _int8_readers_only(gm, node)) and all(_has_codes(gm, a) for a in xs):
+                    if not direct:
+                        # read through a slice by a residual add (GhostNet's ghost module, ReXNet's partial
+                        # shortcut): the concatenation's output as 8-bit codes for them
+                        q = self._insert(gm, node)
+                        for user in list(node.users):
+                            if user is not q:
+                                user.replace_input_with(node, q)
                     for arg in dict.fromkeys(xs):
                         q = self._codes_of(gm, arg)
                         if q is arg:
@@ -402,6 +446,13 @@ class QuantizeResiduals(Pass):
                             self._changed = True
                 continue
             if _is_add(node):
+                if all(_has_codes(gm, a) or _batchnorm_of_codes(gm, a, node) for a in node.args[:2]):
+                    for arg in node.args[:2]:
+                        if not _has_codes(gm, arg):
+                            # RepVGG's / MobileOne's identity branch, a BatchNorm of the block input that only the
+                            # sum reads: its output as codes, so that the sum is int8 (the BatchNorm itself stays
+                            # float between DequantizeLinear and QuantizeLinear, as in quantize_static's file)
+                            self._insert(gm, arg)
                 if not all(_has_codes(gm, a) for a in node.args[:2]):
                     continue  # an add with a float operand stays float, and reads what it read
                 for arg in node.args[:2]:
@@ -445,7 +496,11 @@ class QuantizeResiduals(Pass):
                 q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
                 if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user) or
-                                      (_cat_inputs(user) is not None and _read_by_int8_quantizers(gm, user))):
+                                      (_cat_inputs(user) is not None and _read_by_int8_quantizers(gm, user)) or
+                                      (_is_inference_bn(gm, user) and len(user.users) == 1 and
+                                       _is_add(next(iter(user.users))))):
+                    # (a BatchNorm read by an add: RepVGG's identity branch, which then reads the block input's
+                    # codes, so that the sum before it is a QLinearAdd and not an Add and Relu read twice)
                     # (q moves up before the user where it came later: HRNet's fuse sums read a branch output
                     # whose quantizer sits before a layer further down the graph)
                     _read_from(gm, user, tail, q)
