@@ -179,17 +179,17 @@ def compile_theirs(case: Case, weights: str, folder: str) -> dict:
                       output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                       dynamo=False)
     t_export = time.perf_counter() - t0
+    cwd = os.getcwd()
+    os.chdir(folder)  # where its symbolic shape inference fails, it leaves a copy of the weights (<uuid>.data) here
     try:
-        quant_pre_process(float_path, pre_path)
-        symbolic = True
-    except Exception:  # noqa: BLE001 -- its symbolic shape inference gives up on the chunks of YOLOv8's C2f
-        cwd = os.getcwd()
-        os.chdir(folder)  # without it, it leaves a copy of the weights (<uuid>.data) in the working directory
         try:
+            quant_pre_process(float_path, pre_path)
+            symbolic = True
+        except Exception:  # noqa: BLE001 -- its symbolic shape inference gives up on the chunks of YOLOv8's C2f
             quant_pre_process(float_path, pre_path, skip_symbolic_shape=True)
-        finally:
-            os.chdir(cwd)
-        symbolic = False
+            symbolic = False
+    finally:
+        os.chdir(cwd)
     t_pre = time.perf_counter() - t0 - t_export
     quantize_static(pre_path, q_path, _Reader("input", case.calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
