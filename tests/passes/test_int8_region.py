@@ -50,6 +50,25 @@ def optimized_ops(onnx_model: onnx.ModelProto, tmp_path) -> collections.Counter:
     return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
+def int8_ops(model: nn.Module, size: int, tmp_path, calib_images: int = 32, **options) -> collections.Counter:
+    """``model`` given the BatchNorm statistics of random inputs, compiled at uniform W8A8 on seeded calibration
+    images of ``size`` x ``size`` and validated on as many others (asserted: validation passes, and the simulation's
+    output SQNR against the float model is over 30 dB): the op counts of onnxruntime's optimized session."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(8, 3, size, size))
+    model.eval()
+    calib = torch.randn(calib_images, 3, size, size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(calib_images, 3, size, size, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8, **options)
+    assert result.report.passed, result.report.summary()
+    with torch.no_grad():
+        ref, sim = model(x), result.model(x)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
+    return optimized_ops(result.onnx_model, tmp_path)
+
+
 # --- structure ----------------------------------------------------------------------------------------------------
 
 
@@ -852,25 +871,12 @@ def test_a_yolov8_style_network_runs_in_int8_between_its_convolutions(tmp_path):
     codes, and the splits, sums, pools and concatenations read codes: onnxruntime's QLinearConcat, QLinearAdd and
     uint8 max-pools, and the file agrees with the simulation."""
     torch.manual_seed(0)
-    model = _YoloLike()
-    model.train()
-    with torch.no_grad():  # BatchNorm statistics of real activations
-        for _ in range(4):
-            model(torch.randn(8, 3, 32, 32))
-    model.eval()
-    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8)
-    assert result.report.passed, result.report.summary()
-    ops = optimized_ops(result.onnx_model, tmp_path)
+    ops = int8_ops(_YoloLike(), 32, tmp_path, calib_images=16)
     # every SiLU (20; the head conv has none), every sum and every concatenation in int8
     assert ops["QLinearConcat"] == 5 and ops["QLinearAdd"] == 5 and ops["QLinearMul"] == 20, ops
     assert ops["Concat"] == ops["Sigmoid"] == ops["MaxPool"] == 0 and ops["NhwcMaxPool"] == 3, ops
     # what float arithmetic is left computes the chunks' bounds from the shape (Shape, Gather, Add, Div, Mul)
     assert ops["Add"] == ops["Mul"] == ops["Div"] == ops["Shape"] == 3 and ops["DequantizeLinear"] <= 5, ops
-    with torch.no_grad():
-        ref, sim = model(x), result.model(x)
-    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
 
 
 def _cbl(ci, co, k=1, s=1):  # conv, BatchNorm, LeakyReLU: CSPDarknet's ConvNormAct
@@ -926,26 +932,12 @@ def test_split_stages_run_in_int8(factory, counts, tmp_path):
     LeakyRelu, 23 Add, 5 Concat; 1.15x / 1.30x quantize_static's latency at batch 1 / 8), and Res2Net's pooled
     part too (4 float AveragePool, 1.08x / 1.12x). Now every one of them is an integer op, as in their files."""
     torch.manual_seed(0)
-    model = factory()
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(8, 3, 16, 16))
-    model.eval()
-    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
-                              keep_first_last="quant")
-    assert result.report.passed, result.report.summary()
-    ops = optimized_ops(result.onnx_model, tmp_path)
+    ops = int8_ops(factory(), 16, tmp_path, keep_first_last="quant")
     for op, n in counts.items():
         assert ops[op] == n, ops
     for op in ("LeakyRelu", "Add", "Concat", "AveragePool", "Relu"):
         assert ops[op] == 0, ops
     assert ops["DequantizeLinear"] == 0 and ops["QuantizeLinear"] == 1, ops
-    with torch.no_grad():
-        ref, sim = model(x), result.model(x)
-    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
 
 
 class _RepBlock(nn.Module):
@@ -995,23 +987,10 @@ def test_training_form_rep_blocks_sum_in_int8(branches, tmp_path):
     torch.manual_seed(0)
     model = _RepNet(branches)
     model.blocks.append(_LoopSum(16, branches))
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(8, 3, 16, 16))
-    model.eval()
-    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
-                              keep_first_last="quant")
-    assert result.report.passed, result.report.summary()
-    ops = optimized_ops(result.onnx_model, tmp_path)
+    ops = int8_ops(model, 16, tmp_path, keep_first_last="quant")
     # the sums: branches (strided block), branches + 1 (each identity block), branches - 1 (the loop from 0)
     assert ops["QLinearAdd"] == 4 * branches + 1, ops
     assert ops["Add"] == ops["Relu"] == 0 and ops["BatchNormalization"] == 2, ops
-    with torch.no_grad():
-        ref, sim = model(x), result.model(x)
-    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
 
 
 class _GhostNet(nn.Module):
@@ -1046,20 +1025,6 @@ def test_ghost_modules_and_partial_shortcuts_run_in_int8(tmp_path):
     96 x 96: 16 Concat and 16 Add, 1.06x / 1.15x quantize_static's latency). Slices of codes are codes now, and the
     concatenation's output gets codes for the add: QLinearConcat and QLinearAdd."""
     torch.manual_seed(0)
-    model = _GhostNet()
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn(8, 3, 16, 16))
-    model.eval()
-    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    result = qcompile.compile(model, calib=calib, validation_inputs=x, scheme="uniform", bits=8,
-                              keep_first_last="quant")
-    assert result.report.passed, result.report.summary()
-    ops = optimized_ops(result.onnx_model, tmp_path)
+    ops = int8_ops(_GhostNet(), 16, tmp_path, keep_first_last="quant")
     assert ops["QLinearConcat"] == 3 and ops["QLinearAdd"] == 2, ops
     assert ops["Concat"] == ops["Add"] == 0, ops
-    with torch.no_grad():
-        ref, sim = model(x), result.model(x)
-    assert 10 * torch.log10(ref.pow(2).mean() / (ref - sim).pow(2).mean()) > 30
