@@ -138,8 +138,8 @@ def _adds_zero(node):
     a, b = node.args
     for zero, x in ((a, b), (b, a)):
         meta = x.meta.get("tensor_meta") if isinstance(x, torch.fx.Node) else None
-        if type(zero) is int and zero == 0 and hasattr(meta, "shape"):
-            return x
+        if type(zero) is int and zero == 0 and hasattr(meta, "shape") and meta.dtype is not torch.bool:
+            return x  # (a bool tensor plus 0 is int64)
     return None
 
 
