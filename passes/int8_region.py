@@ -318,7 +318,8 @@ def _is_inference_bn(gm, node) -> bool:
 
 def _will_have_codes(gm, node, depth: int = 0) -> bool:
     """``node`` is codes (``_has_codes``), or becomes codes in ``QuantizeResiduals`` where int8 ops alone read it: a
-    SiLU or LeakyReLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's bottleneck sums)."""
+    SiLU or LeakyReLU of codes, a sum of such values, or a max-pool, split or reshape of one (a C2f block's
+    bottleneck sums)."""
     if not isinstance(node, torch.fx.Node) or depth > 16:
         return False
     if _has_codes(gm, node):

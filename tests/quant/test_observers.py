@@ -101,8 +101,8 @@ def test_chunked_binning_equals_floor_and_bincount(shape, axis, monkeypatch):
 def test_a_large_tensor_is_binned_from_a_weighted_sample():
     """Beyond ``_SAMPLE`` values per update a strided sample is binned, each value counting for those it stands
     for: the histogram holds as many values as the tensor, the range is the whole tensor's (its extreme lies
-    outside the sample), and the MSE clip's error on the whole tensor is within 1% of the clip from every value (heavy-tailed data,
-    where the two clips differ by a few percent: the error is flat there)."""
+    outside the sample), and the MSE clip's error on the whole tensor is within 1% of the clip from every value's
+    (heavy-tailed data, where the two clips differ by a few percent: the error is flat there)."""
     torch.manual_seed(0)
     x = torch.distributions.Laplace(0.0, 1.0).sample((4, 64, 96, 96))  # 2.4 M values
     x.view(-1)[1] = 40.0  # the extreme, off the sample's stride
