@@ -439,12 +439,20 @@ class QuantizeResiduals(Pass):
             if _is_mul(node):
                 # a product whose result only 8-bit quantizers read (an SE gate times its input, a GLU): both
                 # factors as 8-bit codes, which onnxruntime multiplies in QLinearMul (BindIntegerMuls)
-                if _read_by_int8_quantizers(gm, node):
+                users = list(node.users)
+                clipped = len(users) == 1 and is_rectifier(gm, users[0]) and \
+                    _read_by_int8_quantizers(gm, users[0])
+                if _read_by_int8_quantizers(gm, node) or clipped:
                     for arg in node.args[:2]:
                         q = self._codes_of(gm, arg)
                         if q is not arg:
                             _read_from(gm, node, arg, q)
                             self._changed = True
+                    if clipped:
+                        # the product read by a ReLU6 before the next layer's quantizer (ReXNet's SE gate): codes
+                        # of its own right after it, for QLinearMul; the clip and the re-quantization after them
+                        # stay (onnxruntime drops the clip, which the unsigned quantizer after it implies)
+                        self._insert(gm, node)
                 continue
             if _is_add(node):
                 if all(_has_codes(gm, a) or _batchnorm_of_codes(gm, a, node) for a in node.args[:2]):

@@ -1028,3 +1028,31 @@ def test_ghost_modules_and_partial_shortcuts_run_in_int8(tmp_path):
     ops = int8_ops(_GhostNet(), 16, tmp_path, keep_first_last="quant")
     assert ops["QLinearConcat"] == 3 and ops["QLinearAdd"] == 2, ops
     assert ops["Concat"] == ops["Add"] == 0, ops
+
+
+class _SEThenReLU6(nn.Module):
+    """ReXNet's block middle: a depthwise conv without activation, a squeeze-excite gate, then ReLU6 before the
+    projection: the gate's product is read by the ReLU6, not by a quantizer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16))
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.pwl, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.dw(self.stem(x))
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        x = self.pwl(F.relu6(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_a_gate_product_read_by_relu6_runs_in_int8(tmp_path):
+    """The product ran as a float Sigmoid and Mul between DequantizeLinear and QuantizeLinear (timm rexnet_100: 13
+    of each). It now gets codes right after it: QLinearSigmoid and QLinearMul; the ReLU6 after it is implied by the
+    next quantizer and onnxruntime drops it."""
+    torch.manual_seed(0)
+    ops = int8_ops(_SEThenReLU6(), 16, tmp_path, keep_first_last="quant")
+    assert ops["QLinearMul"] == 1 and ops["QLinearSigmoid"] == 1, ops
+    assert ops["Mul"] == ops["Sigmoid"] == ops["Clip"] == 0, ops
