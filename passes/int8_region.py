@@ -136,7 +136,13 @@ def _is_sigmoid(gm, node) -> bool:
         return isinstance(gm.get_submodule(node.target), nn.Sigmoid)
     if node.op == "call_function":
         return node.target in (torch.sigmoid, F.sigmoid)
-    return node.op == "call_method" and node.target == "sigmoid"
+    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+
+
+def _is_gate_of_codes(gm, node) -> bool:
+    """``node`` is a sigmoid of 8-bit codes (an SE block's gate), which onnxruntime runs as ``QLinearSigmoid``."""
+    return isinstance(node, torch.fx.Node) and _is_sigmoid(gm, node) and bool(node.args) and \
+        _has_codes(gm, node.args[0])
 
 
 def _is_silu(gm, node) -> bool:
@@ -442,7 +448,11 @@ class QuantizeResiduals(Pass):
                 users = list(node.users)
                 clipped = len(users) == 1 and is_rectifier(gm, users[0]) and \
                     _read_by_int8_quantizers(gm, users[0])
-                if _read_by_int8_quantizers(gm, node) or clipped:
+                # the product summed with a shortcut of codes (SE-ResNet/ResNeXt blocks: the gated branch plus
+                # the block input), of factors that are codes or a sigmoid gate of codes
+                summed = len(users) == 1 and _is_add(users[0]) and _int8_readers_only(gm, node) and \
+                    all(_has_codes(gm, a) or _is_gate_of_codes(gm, a) for a in node.args[:2])
+                if _read_by_int8_quantizers(gm, node) or clipped or summed:
                     for arg in node.args[:2]:
                         q = self._codes_of(gm, arg)
                         if q is not arg:
@@ -453,6 +463,10 @@ class QuantizeResiduals(Pass):
                         # of its own right after it, for QLinearMul; the clip and the re-quantization after them
                         # stay (onnxruntime drops the clip, which the unsigned quantizer after it implies)
                         self._insert(gm, node)
+                    elif summed:
+                        # codes of its own, which the sum reads: QLinearMul, then QLinearAdd, as in quantize_static's
+                        # file (seresnext26d: 8 float Sigmoid, Mul, Add and Relu in every block)
+                        _read_from(gm, users[0], node, self._insert(gm, node))
                 continue
             if _is_add(node):
                 if all(_has_codes(gm, a) or _batchnorm_of_codes(gm, a, node) for a in node.args[:2]):
@@ -512,6 +526,14 @@ class QuantizeResiduals(Pass):
                     # codes, so that the sum before it is a QLinearAdd and not an Add and Relu read twice)
                     # (q moves up before the user where it came later: HRNet's fuse sums read a branch output
                     # whose quantizer sits before a layer further down the graph)
+                    _read_from(gm, user, tail, q)
+                    self._changed = True
+                elif user is not q and tail is node and _is_add(node) and is_rectifier(gm, user) and \
+                        _only_int8_readers(gm, user):
+                    # a sum read by a rectifier beside its codes (Xception's pre-activation blocks: the next
+                    # block's ReLU, and its shortcut or the next sum): the rectifier reads the codes, so that
+                    # onnxruntime runs QLinearAdd and re-quantizes the codes for the rectified reader, as in
+                    # quantize_static's file, instead of a float Add read by two quantizers
                     _read_from(gm, user, tail, q)
                     self._changed = True
                 elif user is not q and _is_add(node) and _sub_8_bit_act(fake_quantizer(gm, user)):
