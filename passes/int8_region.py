@@ -283,8 +283,9 @@ def _feeds_int8(gm, node) -> bool:
 
 def _int8_readers_only(gm, node, depth: int = 0) -> bool:
     """Every reader of ``node`` is int8 once ``node`` is 8-bit codes: an 8-bit quantizer, an add whose other operand
-    is codes, a concatenation of codes that only 8-bit quantizers read, or a max-pool, reshape, split or nearest
-    upsampling whose readers are all such (the graph's output is not)."""
+    is codes, a concatenation of codes that only 8-bit quantizers read, an average pool that only 8-bit quantizers
+    read, or a max-pool, reshape, split or nearest upsampling whose readers are all such (the graph's output is
+    not)."""
     if not node.users or depth > 16:
         return False
     for user in node.users:
@@ -296,9 +297,12 @@ def _int8_readers_only(gm, node, depth: int = 0) -> bool:
             continue
         xs = _cat_inputs(user)
         if xs is not None:
-            if not _read_by_int8_quantizers(gm, user) or not all(a is node or _will_have_codes(gm, a) for a in xs):
-                return False
+            if not (_read_by_int8_quantizers(gm, user) or _int8_readers_only(gm, user, depth + 1)) or \
+                    not all(a is node or _will_have_codes(gm, a) for a in xs):
+                return False  # (the second: Inception's reduction, a max-pool of a block output concatenated)
             continue
+        if _is_avgpool(gm, user) and _only_int8_readers(gm, user):
+            continue  # QLinearAveragePool (an Inception block's pool branch)
         if not (_is_transparent(gm, user) and _int8_readers_only(gm, user, depth + 1)):
             return False
     return True
@@ -485,15 +489,20 @@ class QuantizeResiduals(Pass):
                         self._changed = True
             elif not _is_avgpool(gm, node):
                 continue
-            elif _is_split(getattr(node.args[0], "args", (None,))[0]) and fake_quantizer(gm, node.args[0]) is None \
-                    and int8_source(gm, node.args[0]) is not None:
+            elif fake_quantizer(gm, node.args[0]) is None and int8_source(gm, node.args[0]) is not None and \
+                    (_is_split(getattr(node.args[0], "args", (None,))[0]) or _only_int8_readers(gm, node)):
                 # a pool of one part of a split of codes (Res2Net's last part in a strided block): the part as
                 # codes of its own, which onnxruntime needs after the Split to run it on uint8 and the pool as
-                # QLinearAveragePool (re-quantized with the split's parameters by ShareInt8Params: the identity)
+                # QLinearAveragePool (re-quantized with the split's parameters by ShareInt8Params: the identity);
+                # so for a pool of a max-pool of codes that the next convolutions read too (Inception's stem): the
+                # max-pool then has quantizers alone as readers and runs on uint8
                 _read_from(gm, node, node.args[0], self._codes_of(gm, node.args[0]))
                 self._changed = True
             elif int8_source(gm, node.args[0]) is None:
-                if not (_is_global_avgpool(gm, node) and _feeds_int8(gm, node)):
+                if not (_is_global_avgpool(gm, node) and _feeds_int8(gm, node)) and \
+                        not (_has_codes(gm, node.args[0]) and _only_int8_readers(gm, node)):
+                    # (the second: a pool of a tensor that 8-bit quantizers also read, for 8-bit quantizers alone,
+                    # an Inception block's pool branch beside its convolutions: QLinearAveragePool on those codes)
                     continue
                 # a global pool of a float tensor (Hardswish/SiLU output: the squeeze of an SE block, a classifier
                 # head) whose mean an int8 layer reads: pool the tensor's 8-bit codes, as onnxruntime's

@@ -936,6 +936,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     export_mod.pin_output_dims(onnx_model, gm, example_inputs)
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
+    export_mod.drop_identity_requantizations(onnx_model)
     from . import __version__
 
     onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name

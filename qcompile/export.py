@@ -586,6 +586,81 @@ def share_identical_initializers(model: onnx.ModelProto, max_bytes: int = SHARE_
     return len(rename)
 
 
+def drop_identity_requantizations(model: onnx.ModelProto) -> int:
+    """Remove ``QuantizeLinear(DequantizeLinear(c))`` where both use the same scale and zero point (values, type
+    and axis): the codes ``c`` themselves, exactly (``round((c - z)·s / s) = c - z`` in float32 for 8-bit and
+    smaller codes). The fx graph has such pairs where a quantizer reads codes whose parameters it shares already
+    (a concatenation's codes read by the next convolutions: ``ShareInt8Params`` leaves both quantizers), and
+    onnxruntime keeps them as a float DequantizeLinear and QuantizeLinear between its int8 kernels (inception_v3:
+    9 of each). The readers of the quantizer read ``c``; the DequantizeLinear stays where something else reads
+    it or its output is in the activation map (the validator reads it there). Main graph only; returns how many
+    were removed."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    consts = {t.name: t for t in graph.initializer}
+    produced = {o: n for n in graph.node for o in n.output}
+    outputs = {v.name for v in graph.output}
+
+    def same_const(a: str, b: str) -> bool:
+        if a == b:
+            return a in consts
+        if a not in consts or b not in consts:
+            return False
+        x, y = numpy_helper.to_array(consts[a]), numpy_helper.to_array(consts[b])
+        return x.dtype == y.dtype and x.shape == y.shape and bool((x == y).all())
+
+    def axis(node) -> int:
+        return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+    rename: dict[str, str] = {}
+    dropped = set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
+            continue
+        dq = produced.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or len(dq.input) != 3:
+            continue
+        if {a.name for a in node.attribute} - {"axis"} or {a.name for a in dq.attribute} - {"axis"}:
+            continue  # block quantization, saturate, output_dtype: not the plain pair
+        if node.output[0] in outputs or not (same_const(node.input[1], dq.input[1]) and
+                                             same_const(node.input[2], dq.input[2])):
+            continue
+        if numpy_helper.to_array(consts[node.input[1]]).size > 1 and axis(node) != axis(dq):
+            continue
+        if numpy_helper.to_array(consts[node.input[2]]).dtype.itemsize > 1:
+            continue  # 16-bit codes: (c - z)·s / s in float32 is no longer c - z for every c
+        rename[node.output[0]] = dq.input[0]
+        dropped.add(id(node))
+    if not rename:
+        return 0
+    kept = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _rename_inputs(graph, rename)
+    # DequantizeLinear nodes that nothing reads now, unless the activation map names their output
+    from .emit import activation_map
+
+    keep = {a["tensor"] for a in activation_map(model)} | outputs
+    read = {i for n in graph.node for i in n.input} | _subgraph_inputs(graph)
+    kept = [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] not in read
+                                          and n.output[0] not in keep)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(rename)
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set:
+    """Names read inside the subgraphs of ``graph``'s nodes (If/Loop/Scan bodies), which may name outer values."""
+    names = set()
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                names |= {i for n in g.node for i in n.input} | _subgraph_inputs(g)
+    return names
+
+
 def _rename_probe_inputs(model: onnx.ModelProto, rename: dict) -> None:
     """The detached ``DequantizeLinear`` probes (``qcompile.emit.detach_probes``) name their scale and zero point
     initializers in the model's metadata: rename them there too."""

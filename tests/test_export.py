@@ -537,6 +537,46 @@ def test_identical_small_initializers_are_stored_once_and_the_file_computes_the_
     np.testing.assert_array_equal(run(session(model.SerializeToString()), [x])[0], before)
 
 
+def test_a_requantization_with_the_codes_own_parameters_is_dropped_and_the_file_computes_the_same():
+    """``QuantizeLinear(DequantizeLinear(c))`` with the same scale and zero point is ``c``: the readers of the second
+    quantizer read ``c``, the DequantizeLinear goes where nothing else reads it and the activation map does not name
+    it; a pair with another scale, or one whose output is the graph's, stays."""
+    import json
+
+    from onnx import helper, numpy_helper
+
+    from qcompile.emit import ACTIVATIONS_KEY
+    from qcompile.export import drop_identity_requantizations
+
+    def model(second_scale: float, mapped: bool):
+        inits = [numpy_helper.from_array(np.array(v, t), n) for n, v, t in
+                 (("s", 0.05, np.float32), ("s2", second_scale, np.float32), ("z", 3, np.uint8),
+                  ("z2", 3, np.uint8))]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["c"]),
+                 helper.make_node("DequantizeLinear", ["c", "s", "z"], ["d"]),
+                 helper.make_node("QuantizeLinear", ["d", "s2", "z2"], ["c2"]),
+                 helper.make_node("DequantizeLinear", ["c2", "s2", "z2"], ["d2"]),
+                 helper.make_node("Relu", ["d2"], ["y"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+        if mapped:
+            m.metadata_props.add(key=ACTIVATIONS_KEY, value=json.dumps({"act_fq0": "d", "act_fq1": "d2"}))
+        return m
+
+    x = np.linspace(-0.3, 13.0, 64, dtype=np.float32)  # past both ends of the codes, and every code between
+    for mapped in (False, True):
+        m = model(0.05, mapped)
+        before = run(session(m.SerializeToString()), [x])[0]
+        assert drop_identity_requantizations(m) == 1
+        ops = [n.op_type for n in m.graph.node]
+        assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == (2 if mapped else 1), ops
+        onnx.checker.check_model(m, full_check=True)
+        np.testing.assert_array_equal(run(session(m.SerializeToString()), [x])[0], before)
+    m = model(0.0500001, False)
+    assert drop_identity_requantizations(m) == 0 and len(m.graph.node) == 5
+
+
 def test_gemm_bias_scale_is_computed_from_the_scales_in_the_file():
     """The int32 bias of an int8 Gemm is dequantized with Mul(S_x, S_w) of the scales the file holds, not a stored
     copy of their product; onnxruntime still fuses QGemm."""

@@ -1118,3 +1118,47 @@ def test_a_sum_read_by_the_next_blocks_relu_and_its_shortcut_runs_in_int8(tmp_pa
     ops = int8_ops(_PreActBlocks(), 16, tmp_path, keep_first_last="quant")
     assert ops["QLinearAdd"] == 3, ops
     assert ops["Add"] == ops["Relu"] == 0, ops
+
+
+def _cbr(ci, co, k=1, s=1):
+    return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.ReLU())
+
+
+class _Mixed(nn.Module):
+    """An Inception block: 1x1, 1x1-3x3 and average-pool-1x1 branches of one input, concatenated."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.b1, self.b3, self.bp = _cbr(c, 8), nn.Sequential(_cbr(c, 8), _cbr(8, 8, 3)), _cbr(c, 8)
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b3(x), self.bp(F.avg_pool2d(x, 3, 1, 1))], 1)
+
+
+class _Inception(nn.Module):
+    """Inception-v3's pattern: a stem whose max-pool the first block's branches read, two blocks, and a reduction
+    (a strided conv and a max-pool of the block output, concatenated) before the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.m1, self.m2, self.red = _cbr(3, 16, 3), _Mixed(16), _Mixed(24), _cbr(24, 8, 3, 2)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.m2(self.m1(F.max_pool2d(self.stem(x), 3, 1, 1)))
+        x = torch.cat([self.red(x), F.max_pool2d(x, 3, 2, 1)], 1)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_inception_blocks_run_in_int8(tmp_path):
+    """The pool branch of an Inception block (an average pool beside the convolutions that read the same tensor) and
+    the reduction's max-pool of a block output left the concatenations and pools float (timm inception_v3 at
+    96 x 96: 10 Concat, 9 AveragePool, 3 MaxPool), and the concatenations' codes were re-quantized with their own
+    parameters before the next convolutions (9 float DequantizeLinear and QuantizeLinear). Now the op counts are
+    those of quantize_static's file: QLinearConcat, QLinearAveragePool, uint8 max-pools, one QuantizeLinear."""
+    torch.manual_seed(0)
+    ops = int8_ops(_Inception(), 16, tmp_path, keep_first_last="quant")
+    assert ops["QLinearConcat"] == 3 and ops["QLinearAveragePool"] == 2 and ops["NhwcMaxPool"] == 2, ops
+    for op in ("Concat", "AveragePool", "MaxPool", "Relu"):
+        assert ops[op] == 0, ops
+    assert ops["QuantizeLinear"] == 1 and ops["DequantizeLinear"] == 0, ops
