@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, recompile_lazily, require_calibrated
+from .base import Pass, PassResult, attr_value, fake_quantizer, recompile_lazily, require_calibrated
 from .calibrate import BIAS_FIT
 from .insert_quant import is_nonnegative
 
@@ -139,6 +139,47 @@ def _is_sigmoid(gm, node) -> bool:
     return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
 
 
+_AFFINE_FNS = {operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul, operator.truediv, torch.div}
+_AFFINE_METHODS = {"add", "sub", "mul", "div"}
+
+
+def _scalar_constant(gm, a) -> bool:
+    """A number, or a parameter / buffer with one element (a learnable scale or bias)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return True
+    if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+        try:
+            value = attr_value(gm, a)
+        except AttributeError:
+            return False
+        return isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point()
+    return False
+
+
+def _affine_source(gm, node, depth: int = 0):
+    """The tensor that ``node`` scales and shifts by constants (``x * s + b``, HGNetV2's learnable affine after
+    each ReLU; a chain of scalar mul / add / sub / div, each read by the next alone), else None."""
+    if not isinstance(node, torch.fx.Node) or depth > 4 or not (
+            (node.op == "call_function" and node.target in _AFFINE_FNS) or
+            (node.op == "call_method" and node.target in _AFFINE_METHODS)) or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    div = node.target in (operator.truediv, torch.div, "div")
+    if _scalar_constant(gm, b) and isinstance(a, torch.fx.Node) and not _scalar_constant(gm, a):
+        src = a
+    elif not div and _scalar_constant(gm, a) and isinstance(b, torch.fx.Node) and not _scalar_constant(gm, b):
+        src = b
+    else:
+        return None
+    inner = _affine_source(gm, src, depth + 1) if len(src.users) == 1 else None
+    return inner if inner is not None else src
+
+
+def _is_affine_of_codes(gm, node) -> bool:
+    src = _affine_source(gm, node)
+    return src is not None and _has_codes(gm, src)
+
+
 def _is_gate_of_codes(gm, node) -> bool:
     """``node`` is a sigmoid of 8-bit codes (an SE block's gate), which onnxruntime runs as ``QLinearSigmoid``."""
     return isinstance(node, torch.fx.Node) and _is_sigmoid(gm, node) and bool(node.args) and \
@@ -162,12 +203,16 @@ def _is_transparent(gm, node) -> bool:
         mod = gm.get_submodule(node.target)
         if isinstance(mod, nn.Upsample):
             return mod.mode == "nearest"
+        if isinstance(mod, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
+            return float(mod.value) == 0.0  # (nn.ZeroPad2d is a ConstantPad2d)
         return isinstance(mod, _TRANSPARENT_MODULES) and not getattr(mod, "return_indices", False)
     if node.op == "call_function":
         if node.target in _ADAPTIVE_MAX_FNS and len(node.args) > 2 and node.args[2]:
             return False  # return_indices given by position
         if node.target is F.interpolate:
             return (node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")) == "nearest"
+        if node.target is F.pad:
+            return _is_zero_pad(node)
         if node.target is operator.getitem:
             if _is_split(node.args[0]):
                 return isinstance(node.args[1], int)  # one part of a chunk / split
@@ -175,6 +220,15 @@ def _is_transparent(gm, node) -> bool:
         return (node.target in _TRANSPARENT_FNS and not node.kwargs.get("return_indices", False)) or \
             node.target in _SPLIT_FNS
     return node.op == "call_method" and (node.target in _TRANSPARENT_METHODS or node.target in _SPLIT_METHODS)
+
+
+def _is_zero_pad(node) -> bool:
+    """``F.pad(x, pads)`` with zeros (constant mode, value 0 or None): 0 is a level of every 8-bit uniform
+    quantizer (its integer zero point), so the padded codes are codes of the same parameters, and onnxruntime pads
+    the uint8 tensor (HGNetV2's stem pads before a max-pool and a convolution)."""
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    return mode == "constant" and (value is None or (isinstance(value, (int, float)) and float(value) == 0.0))
 
 
 # ops that cut a tensor into parts without changing a value (YOLOv8's C2f: ``list(cv1(x).chunk(2, 1))``); the parts
@@ -336,6 +390,8 @@ def _will_have_codes(gm, node, depth: int = 0) -> bool:
         return True
     if _is_silu(gm, node) or _is_leaky_relu(gm, node):
         return bool(node.args) and _has_codes(gm, node.args[0])
+    if _is_affine_of_codes(gm, node):
+        return True
     if _is_add(node):
         return all(_will_have_codes(gm, a, depth + 1) for a in node.args[:2])
     return _is_transparent(gm, node) and bool(node.args) and _will_have_codes(gm, node.args[0], depth + 1)
@@ -415,6 +471,16 @@ class QuantizeResiduals(Pass):
                 q = self._codes_of(gm, src)
                 if q is not src:
                     _read_from(gm, node, src, q)
+                q = self._insert(gm, node)
+                for user in list(node.users):
+                    if user is not q:
+                        user.replace_input_with(node, q)
+                continue
+            if _is_affine_of_codes(gm, node) and not _read_by_int8_quantizers(gm, node) and \
+                    _int8_readers_only(gm, node):
+                # codes scaled and shifted by constants (HGNetV2's learnable affine after each ReLU), read by pads,
+                # pools, concatenations: the result as codes of its own, so that those run on uint8 (the affine
+                # itself is a float Mul and Add between DequantizeLinear and QuantizeLinear)
                 q = self._insert(gm, node)
                 for user in list(node.users):
                     if user is not q:
