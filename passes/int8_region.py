@@ -587,10 +587,12 @@ class QuantizeResiduals(Pass):
                 q = self._insert(gm, node)
                 _read_from(gm, users[0], node, q)
             if q is None:
-                if not (_feeds_int8(gm, tail) or (_is_add(node) and _only_quantizer_readers(gm, tail))):
+                if not (_feeds_int8(gm, tail) or (_is_add(node) and _only_quantizer_readers(gm, tail)) or
+                        (_is_add(node) and tail is node and all(_is_inference_bn(gm, u) for u in tail.users))):
                     continue  # e.g. the graph's output: no integer kernel reads it, keep it float
                 # (a sum that only sub-8-bit quantizers read, through reshapes: 8-bit codes for QLinearAdd, which
-                # those quantizers re-quantize)
+                # those quantizers re-quantize; a sum that only BatchNorms read, the last block of a stage of a
+                # pre-activation ResNet: QLinearAdd, whose codes the BatchNorm reads as quantize_static's file does)
                 q = self._insert(gm, tail)
             for user in list(tail.users):  # int8-capable consumers read the codes, not the float sum
                 if user is not q and (_is_add(user) or _is_avgpool(gm, user) or _is_transparent(gm, user) or
@@ -603,12 +605,13 @@ class QuantizeResiduals(Pass):
                     # whose quantizer sits before a layer further down the graph)
                     _read_from(gm, user, tail, q)
                     self._changed = True
-                elif user is not q and tail is node and _is_add(node) and is_rectifier(gm, user) and \
-                        _only_int8_readers(gm, user):
+                elif user is not q and tail is node and _is_add(node) and (
+                        (is_rectifier(gm, user) and _only_int8_readers(gm, user)) or _is_inference_bn(gm, user)):
                     # a sum read by a rectifier beside its codes (Xception's pre-activation blocks: the next
                     # block's ReLU, and its shortcut or the next sum): the rectifier reads the codes, so that
                     # onnxruntime runs QLinearAdd and re-quantizes the codes for the rectified reader, as in
-                    # quantize_static's file, instead of a float Add read by two quantizers
+                    # quantize_static's file, instead of a float Add read by two quantizers; so does a BatchNorm
+                    # that no layer absorbs (pre-activation ResNets: the next block's norm1 reads the sum)
                     _read_from(gm, user, tail, q)
                     self._changed = True
                 elif user is not q and _is_add(node) and _sub_8_bit_act(fake_quantizer(gm, user)):
