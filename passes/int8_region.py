@@ -50,7 +50,7 @@ _TRANSPARENT_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMax
 _TRANSPARENT_FNS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                     F.adaptive_max_pool3d, torch.flatten, torch.reshape, F.dropout}
 _ADAPTIVE_MAX_FNS = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}  # (x, size, indices)
-_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous"}
+_TRANSPARENT_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "contiguous", "expand", "expand_as"}
 
 
 def is_int8_act(fq: FakeQuantize | None) -> bool:
@@ -180,10 +180,21 @@ def _is_affine_of_codes(gm, node) -> bool:
     return src is not None and _has_codes(gm, src)
 
 
+def _gate_of_codes(gm, node, depth: int = 0):
+    """The sigmoid of 8-bit codes (an SE block's gate, which onnxruntime runs as ``QLinearSigmoid``) that ``node``
+    is, or reshapes and broadcasts (ECA's ``gate(y).view(b, -1, 1, 1).expand_as(x)``); else None."""
+    if not isinstance(node, torch.fx.Node) or depth > 8 or not node.args:
+        return None
+    if _is_sigmoid(gm, node):
+        return node if _has_codes(gm, node.args[0]) else None
+    if len(node.users) == 1 and (_is_transparent(gm, node) or
+                                 (node.op == "call_method" and node.target in ("expand", "expand_as"))):
+        return _gate_of_codes(gm, node.args[0], depth + 1)
+    return None
+
+
 def _is_gate_of_codes(gm, node) -> bool:
-    """``node`` is a sigmoid of 8-bit codes (an SE block's gate), which onnxruntime runs as ``QLinearSigmoid``."""
-    return isinstance(node, torch.fx.Node) and _is_sigmoid(gm, node) and bool(node.args) and \
-        _has_codes(gm, node.args[0])
+    return _gate_of_codes(gm, node) is not None
 
 
 def _is_silu(gm, node) -> bool:
@@ -524,6 +535,15 @@ class QuantizeResiduals(Pass):
                     all(_has_codes(gm, a) or _is_gate_of_codes(gm, a) for a in node.args[:2])
                 if _read_by_int8_quantizers(gm, node) or clipped or summed:
                     for arg in node.args[:2]:
+                        gate = _gate_of_codes(gm, arg) if summed else None
+                        if gate is not None and gate is not arg and fake_quantizer(gm, gate) is None and \
+                                _int8_user(gm, gate) is None:
+                            # a gate reshaped and broadcast before the product (ECA): codes right after the
+                            # sigmoid (QLinearSigmoid), which the reshapes carry to the product
+                            qg = self._insert(gm, gate)
+                            for user in list(gate.users):
+                                if user is not qg:
+                                    user.replace_input_with(gate, qg)
                         q = self._codes_of(gm, arg)
                         if q is not arg:
                             _read_from(gm, node, arg, q)
