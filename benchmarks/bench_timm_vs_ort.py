@@ -38,7 +38,7 @@ from benchmarks.bench_vs_ort import _Reader  # noqa: E402
 
 MODELS = ("cspdarknet53", "res2net50_26w_4s", "ghostnet_100", "repvgg_a0", "mobileone_s0", "resnest14d",
           "hgnetv2_b0", "rexnet_100", "dpn68", "mixnet_s", "ese_vovnet19b_dw", "dla34", "selecsls42b",
-          "xception41", "seresnext26d_32x4d", "inception_v3", "densenet121", "resnetv2_50", "ecaresnet26t")
+          "xception41", "seresnext26d_32x4d", "inception_v3", "densenet121", "resnetv2_50", "ecaresnet26t", "nf_resnet26")
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "timm_vs_ort.json")
 FLOAT_OPS = {"Conv", "Add", "Mul", "Sigmoid", "HardSigmoid", "Concat", "MaxPool", "AveragePool", "LeakyRelu", "Relu",
              "Clip", "Gemm", "MatMul", "Softmax", "Div", "Sub", "Tanh", "Erf", "BatchNormalization"}

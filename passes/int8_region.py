@@ -433,6 +433,31 @@ def _only_int8_readers(gm, node) -> bool:
     return _only_readers(gm, node, is_int8_act)
 
 
+def _reads_sum_codes(gm, user) -> bool:
+    """``user`` of a residual sum may read the sum's 8-bit codes instead of the float sum: a BatchNorm that no layer
+    absorbs (pre-activation ResNets), or a rectifier that 8-bit quantizers alone read, directly or through a
+    scaling by constants (Xception, NF-ResNet). quantize_static's file reads the codes there too."""
+    return _is_inference_bn(gm, user) or (is_rectifier(gm, user) and _only_int8_readers_or_scaled(gm, user))
+
+
+def _only_int8_readers_or_scaled(gm, node) -> bool:
+    """Every reader of ``node`` is an 8-bit quantizer (through max-pooling and reshapes), or a scaling of it by
+    constants that only such quantizers read (NF-ResNet's ``relu(x) * beta`` before the next block's conv)."""
+    if _only_int8_readers(gm, node):
+        return True
+    return bool(node.users) and all(_scaled_for_int8(gm, u, node) for u in node.users)
+
+
+def _scaled_for_int8(gm, user, node) -> bool:
+    """``user`` scales ``node`` by constants, and 8-bit quantizers alone read the result (directly, through
+    max-pooling and reshapes, or through average pools that only they read)."""
+    def int8_reader(w) -> bool:
+        return is_int8_act(fake_quantizer(gm, w)) or (_is_avgpool(gm, w) and _only_int8_readers(gm, w))
+
+    return _affine_source(gm, user) is node and bool(user.users) and \
+        (_only_int8_readers(gm, user) or all(int8_reader(w) for w in user.users))
+
+
 def _only_readers(gm, node, accept) -> bool:
     """Every reader of ``node``, through max-pooling and reshapes, is a quantizer ``accept(fq)`` takes."""
     todo, seen = list(node.users), set()
@@ -608,7 +633,8 @@ class QuantizeResiduals(Pass):
                 _read_from(gm, users[0], node, q)
             if q is None:
                 if not (_feeds_int8(gm, tail) or (_is_add(node) and _only_quantizer_readers(gm, tail)) or
-                        (_is_add(node) and tail is node and all(_is_inference_bn(gm, u) for u in tail.users))):
+                        (_is_add(node) and tail is node and all(_reads_sum_codes(gm, u) for u in tail.users)) or
+                        (_is_add(node) and _only_int8_readers_or_scaled(gm, tail))):
                     continue  # e.g. the graph's output: no integer kernel reads it, keep it float
                 # (a sum that only sub-8-bit quantizers read, through reshapes: 8-bit codes for QLinearAdd, which
                 # those quantizers re-quantize; a sum that only BatchNorms read, the last block of a stage of a
@@ -625,8 +651,12 @@ class QuantizeResiduals(Pass):
                     # whose quantizer sits before a layer further down the graph)
                     _read_from(gm, user, tail, q)
                     self._changed = True
-                elif user is not q and tail is node and _is_add(node) and (
-                        (is_rectifier(gm, user) and _only_int8_readers(gm, user)) or _is_inference_bn(gm, user)):
+                elif user is not q and _is_add(node) and _scaled_for_int8(gm, user, tail):
+                    # the sum (or its ReLU) scaled by constants before the next quantizers (NF-ResNet's
+                    # ``relu(x) * beta``): the scaling reads the codes, so that the sum is a QLinearAdd
+                    _read_from(gm, user, tail, q)
+                    self._changed = True
+                elif user is not q and tail is node and _is_add(node) and _reads_sum_codes(gm, user):
                     # a sum read by a rectifier beside its codes (Xception's pre-activation blocks: the next
                     # block's ReLU, and its shortcut or the next sum): the rectifier reads the codes, so that
                     # onnxruntime runs QLinearAdd and re-quantizes the codes for the rectified reader, as in

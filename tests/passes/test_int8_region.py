@@ -1288,3 +1288,39 @@ def test_eca_gates_reshaped_before_the_product_run_in_int8(tmp_path):
     ops = int8_ops(_ECANet(), 16, tmp_path, keep_first_last="quant")
     assert ops["QLinearSigmoid"] == ops["QLinearMul"] == ops["QLinearAdd"] == 2, ops
     assert ops["Sigmoid"] == ops["Mul"] == ops["Add"] == ops["Relu"] == 0, ops
+
+
+class _NFBlock(nn.Module):
+    """NF-ResNet's block: ``relu(x) * beta`` into the convs (and, strided, into an average pool and 1x1 conv for the
+    shortcut), the branch scaled by ``alpha`` and summed with the shortcut; no normalization layers."""
+
+    def __init__(self, c, beta, stride=1):
+        super().__init__()
+        self.beta = beta
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, stride, 1), nn.Conv2d(c, c, 1)
+        self.down = nn.Sequential(nn.AvgPool2d(2), nn.Conv2d(c, c, 1)) if stride > 1 else None
+
+    def forward(self, x):
+        pre = F.relu(x) * self.beta
+        shortcut = self.down(pre) if self.down is not None else x
+        return self.conv2(F.relu(self.conv1(pre))) * 0.2 + shortcut
+
+
+class _NFNet(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.blocks = nn.Sequential(_NFBlock(c, 1.0), _NFBlock(c, 0.98), _NFBlock(c, 0.96, 2), _NFBlock(c, 0.98))
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(F.relu(self.blocks(self.stem(x))), 1).flatten(1))
+
+
+def test_normalizer_free_sums_read_through_a_scaled_relu_run_in_int8(tmp_path):
+    """NF-ResNet's sums are read by ``relu(x) * beta`` before the next convolutions (and an average pool): they
+    ran as float Adds and ReLUs (timm nf_resnet26 at 96 x 96: 7 of each). The scaling reads the sum's codes now:
+    every sum is a QLinearAdd (the scalings stay float Muls)."""
+    torch.manual_seed(0)
+    ops = int8_ops(_NFNet(), 16, tmp_path, keep_first_last="quant")
+    assert ops["QLinearAdd"] == 4 and ops["Add"] == 0, ops
