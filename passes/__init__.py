@@ -9,6 +9,7 @@ from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
 from .fold_bn import ChannelStats, FoldBatchNorm
 from .fold_constants import FoldConstants
+from .fold_scale import FoldConstantScale
 from .insert_quant import InsertQuantizers
 from .int8_pairs import PairSafeInt8Weights
 from .int8_region import (BindIntegerAdds, BindIntegerMuls, BindIntegerPools, BindIntegerSigmoids, QuantizeResiduals,
@@ -19,7 +20,7 @@ from .select import Override, SelectLayers, layer_table, load_overrides, parse_e
 from .window_attention import DecomposeWindowAttention
 
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
-           "EliminateDeadCode", "RemoveIdentity", "ConstantMetadataReads", "FoldConstants", "FoldBatchNorm", "ChannelStats",
+           "EliminateDeadCode", "RemoveIdentity", "ConstantMetadataReads", "FoldConstants", "FoldBatchNorm", "FoldConstantScale", "ChannelStats",
            "EqualizeWeights", "EqualizeInputs",
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",

@@ -105,7 +105,7 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="APoT/PoT activations that can be negative keep the symmetric signed levels (default: "
                         "calibration may shift the unsigned levels instead, where that quantizes with less error)")
     g = p.add_argument_group("graph passes")
-    g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm into the preceding Conv/Linear")
+    g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm, nor products by constants, into the Conv/Linear layers around them")
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization and the per-feature scaling of raw inputs (EqualizeInputs)")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
     g.add_argument("--no-int8-outputs", action="store_true",

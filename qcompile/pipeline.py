@@ -3,7 +3,7 @@
     fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
     quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
-                → FoldConstants → FoldBatchNorm → EqualizeInputs → EqualizeWeights → SelectLayers
+                → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias

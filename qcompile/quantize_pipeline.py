@@ -9,6 +9,7 @@ from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode, 
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.equalize_inputs import EqualizeInputs
 from qcompile.passes.fold_bn import FoldBatchNorm
+from qcompile.passes.fold_scale import FoldConstantScale
 from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
 from qcompile.passes.insert_quant import InsertQuantizers
@@ -38,7 +39,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), MatmulAsLinear(),
                           MeanAsGlobalPool(), FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
-        passes.append(FoldBatchNorm())
+        passes += [FoldBatchNorm(), FoldConstantScale()]
     select = SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
                           float_downsample=opts.float_downsample, overrides=overrides)
     equalize_inputs = opts.equalize if opts.equalize_inputs is None else opts.equalize_inputs
