@@ -136,7 +136,10 @@ def _is_sigmoid(gm, node) -> bool:
         return isinstance(gm.get_submodule(node.target), nn.Sigmoid)
     if node.op == "call_function":
         return node.target in (torch.sigmoid, F.sigmoid)
-    return node.op == "call_method" and node.target in ("sigmoid", "sigmoid_")
+    if node.op == "call_method" and node.target == "sigmoid_":
+        # in place (timm's gate): a sigmoid where nothing else reads the tensor it overwrites
+        return bool(node.args) and isinstance(node.args[0], torch.fx.Node) and len(node.args[0].users) == 1
+    return node.op == "call_method" and node.target == "sigmoid"
 
 
 _AFFINE_FNS = {operator.add, torch.add, operator.sub, torch.sub, operator.mul, torch.mul, operator.truediv, torch.div}

@@ -592,9 +592,9 @@ def drop_identity_requantizations(model: onnx.ModelProto) -> int:
     smaller codes). The fx graph has such pairs where a quantizer reads codes whose parameters it shares already
     (a concatenation's codes read by the next convolutions: ``ShareInt8Params`` leaves both quantizers), and
     onnxruntime keeps them as a float DequantizeLinear and QuantizeLinear between its int8 kernels (inception_v3:
-    9 of each). The readers of the quantizer read ``c``; the DequantizeLinear stays where something else reads
-    it or its output is in the activation map (the validator reads it there). Main graph only; returns how many
-    were removed."""
+    9 of each). The readers of the quantizer read ``c``, and those of a DequantizeLinear of it with the same
+    parameters read the first one, whose values it repeats (the activation map names that one instead). Main graph
+    only; returns how many re-quantizations were removed."""
     from onnx import numpy_helper
 
     graph = model.graph
@@ -615,6 +615,11 @@ def drop_identity_requantizations(model: onnx.ModelProto) -> int:
 
     rename: dict[str, str] = {}
     dropped = set()
+    removed = 0
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) != 3:
             continue
@@ -630,24 +635,39 @@ def drop_identity_requantizations(model: onnx.ModelProto) -> int:
             continue
         if numpy_helper.to_array(consts[node.input[2]]).dtype.itemsize > 1:
             continue  # 16-bit codes: (c - z)·s / s in float32 is no longer c - z for every c
-        rename[node.output[0]] = dq.input[0]
+        rename[node.output[0]] = dq.input[0]  # the codes themselves
         dropped.add(id(node))
+        removed += 1
+        # a DequantizeLinear of the re-quantized codes with the same parameters gives the values of ``dq``: its
+        # readers read ``dq`` (which then keeps readers: a DequantizeLinear left without any kept onnxruntime from
+        # fusing the layer before it, and cost cspdarknet53 five Transposes and float DequantizeLinears)
+        for reader in readers.get(node.output[0], []):
+            if reader.op_type == "DequantizeLinear" and reader.domain in ("", "ai.onnx") and \
+                    len(reader.input) == 3 and reader.output[0] not in outputs and \
+                    same_const(reader.input[1], dq.input[1]) and same_const(reader.input[2], dq.input[2]) and \
+                    {a.name for a in reader.attribute} <= {"axis"} and \
+                    (numpy_helper.to_array(consts[reader.input[1]]).size == 1 or axis(reader) == axis(dq)):
+                rename[reader.output[0]] = dq.output[0]
+                dropped.add(id(reader))
     if not rename:
         return 0
+    for name in rename:  # chains of such pairs: each name to the first tensor, not to another dropped one
+        target = rename[name]
+        while target in rename:
+            target = rename[target]
+        rename[name] = target
     kept = [n for n in graph.node if id(n) not in dropped]
     del graph.node[:]
     graph.node.extend(kept)
     _rename_inputs(graph, rename)
-    # DequantizeLinear nodes that nothing reads now, unless the activation map names their output
-    from .emit import activation_map
+    _rename_probe_inputs(model, rename)
+    from .emit import activation_map, set_activation_map
 
-    keep = {a["tensor"] for a in activation_map(model)} | outputs
-    read = {i for n in graph.node for i in n.input} | _subgraph_inputs(graph)
-    kept = [n for n in graph.node if not (n.op_type == "DequantizeLinear" and n.output[0] not in read
-                                          and n.output[0] not in keep)]
-    del graph.node[:]
-    graph.node.extend(kept)
-    return len(rename)
+    acts = activation_map(model)
+    if acts:  # the validator reads a dropped DequantizeLinear's values from the one they equal
+        set_activation_map(model, [{"module": a["module"], "tensor": rename.get(a["tensor"], a["tensor"])}
+                                   for a in acts])
+    return removed
 
 
 def _subgraph_inputs(graph: onnx.GraphProto) -> set:

@@ -538,9 +538,9 @@ def test_identical_small_initializers_are_stored_once_and_the_file_computes_the_
 
 
 def test_a_requantization_with_the_codes_own_parameters_is_dropped_and_the_file_computes_the_same():
-    """``QuantizeLinear(DequantizeLinear(c))`` with the same scale and zero point is ``c``: the readers of the second
-    quantizer read ``c``, the DequantizeLinear goes where nothing else reads it and the activation map does not name
-    it; a pair with another scale, or one whose output is the graph's, stays."""
+    """``QuantizeLinear(DequantizeLinear(c))`` with the same scale and zero point is ``c``: the quantizer goes, and
+    so does the DequantizeLinear of its codes, whose readers read the first one (the activation map follows); a
+    pair with another scale stays."""
     import json
 
     from onnx import helper, numpy_helper
@@ -570,7 +570,9 @@ def test_a_requantization_with_the_codes_own_parameters_is_dropped_and_the_file_
         before = run(session(m.SerializeToString()), [x])[0]
         assert drop_identity_requantizations(m) == 1
         ops = [n.op_type for n in m.graph.node]
-        assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == (2 if mapped else 1), ops
+        assert ops == ["QuantizeLinear", "DequantizeLinear", "Relu"] and m.graph.node[2].input[0] == "d", ops
+        if mapped:
+            assert json.loads(m.metadata_props[0].value) == {"act_fq0": "d", "act_fq1": "d"}
         onnx.checker.check_model(m, full_check=True)
         np.testing.assert_array_equal(run(session(m.SerializeToString()), [x])[0], before)
     m = model(0.0500001, False)

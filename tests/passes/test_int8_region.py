@@ -1324,3 +1324,23 @@ def test_normalizer_free_sums_read_through_a_scaled_relu_run_in_int8(tmp_path):
     torch.manual_seed(0)
     ops = int8_ops(_NFNet(), 16, tmp_path, keep_first_last="quant")
     assert ops["QLinearAdd"] == 4 and ops["Add"] == 0, ops
+
+
+def test_an_in_place_sigmoid_is_a_gate_only_where_nothing_else_reads_its_input():
+    """timm writes its SE gate as ``x.sigmoid_()``: a sigmoid for the int8 region when the tensor it overwrites has
+    no other reader; where another node reads that tensor, rewriting the call out of place would change what that
+    reader sees, so it is not taken for one."""
+    from qcompile.passes.int8_region import _is_sigmoid
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y, z = self.a(x), self.b(x)
+            return z.sigmoid_() * x + y * y.sigmoid_()
+
+    gm = torch.fx.symbolic_trace(Gate())
+    found = {n.args[0].target: _is_sigmoid(gm, n) for n in gm.graph.nodes if n.target == "sigmoid_"}
+    assert found == {"b": True, "a": False}
