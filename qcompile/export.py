@@ -670,17 +670,6 @@ def drop_identity_requantizations(model: onnx.ModelProto) -> int:
     return removed
 
 
-def _subgraph_inputs(graph: onnx.GraphProto) -> set:
-    """Names read inside the subgraphs of ``graph``'s nodes (If/Loop/Scan bodies), which may name outer values."""
-    names = set()
-    for node in graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                names |= {i for n in g.node for i in n.input} | _subgraph_inputs(g)
-    return names
-
-
 def _rename_probe_inputs(model: onnx.ModelProto, rename: dict) -> None:
     """The detached ``DequantizeLinear`` probes (``qcompile.emit.detach_probes``) name their scale and zero point
     initializers in the model's metadata: rename them there too."""
