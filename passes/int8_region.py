@@ -219,6 +219,8 @@ def _is_transparent(gm, node) -> bool:
             return mod.mode == "nearest"
         if isinstance(mod, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d)):
             return float(mod.value) == 0.0  # (nn.ZeroPad2d is a ConstantPad2d)
+        if isinstance(mod, _COPY_PAD_MODULES):
+            return True  # reflection / replication: the border repeats values of the tensor
         return isinstance(mod, _TRANSPARENT_MODULES) and not getattr(mod, "return_indices", False)
     if node.op == "call_function":
         if node.target in _ADAPTIVE_MAX_FNS and len(node.args) > 2 and node.args[2]:
@@ -226,7 +228,7 @@ def _is_transparent(gm, node) -> bool:
         if node.target is F.interpolate:
             return (node.args[3] if len(node.args) > 3 else node.kwargs.get("mode", "nearest")) == "nearest"
         if node.target is F.pad:
-            return _is_zero_pad(node)
+            return _is_level_pad(node)
         if node.target is operator.getitem:
             if _is_split(node.args[0]):
                 return isinstance(node.args[1], int)  # one part of a chunk / split
@@ -236,12 +238,19 @@ def _is_transparent(gm, node) -> bool:
     return node.op == "call_method" and (node.target in _TRANSPARENT_METHODS or node.target in _SPLIT_METHODS)
 
 
-def _is_zero_pad(node) -> bool:
-    """``F.pad(x, pads)`` with zeros (constant mode, value 0 or None): 0 is a level of every 8-bit uniform
-    quantizer (its integer zero point), so the padded codes are codes of the same parameters, and onnxruntime pads
-    the uint8 tensor (HGNetV2's stem pads before a max-pool and a convolution)."""
+_COPY_PAD_MODULES = (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d, nn.ReplicationPad1d,
+                     nn.ReplicationPad2d, nn.ReplicationPad3d, nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)
+
+
+def _is_level_pad(node) -> bool:
+    """``F.pad(x, pads)`` with zeros (constant mode, value 0 or None) or with values of the tensor (reflect,
+    replicate, circular): 0 is a level of every 8-bit uniform quantizer (its integer zero point), so the padded
+    codes are codes of the same parameters, and onnxruntime pads the uint8 tensor (HGNetV2's stem pads before a
+    max-pool and a convolution; image-to-image networks reflect-pad before each convolution)."""
     mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    if mode in ("reflect", "replicate", "circular"):
+        return True  # the border repeats values of the tensor: codes of the same parameters
     return mode == "constant" and (value is None or (isinstance(value, (int, float)) and float(value) == 0.0))
 
 

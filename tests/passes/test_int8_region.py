@@ -1344,3 +1344,31 @@ def test_an_in_place_sigmoid_is_a_gate_only_where_nothing_else_reads_its_input()
     gm = torch.fx.symbolic_trace(Gate())
     found = {n.args[0].target: _is_sigmoid(gm, n) for n in gm.graph.nodes if n.target == "sigmoid_"}
     assert found == {"b": True, "a": False}
+
+
+class _ReflectGen(nn.Module):
+    """An image-to-image generator (style transfer, pix2pix): a reflection pad before each conv, residual blocks."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.head = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, c, 3), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.ModuleList(nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.BatchNorm2d(c),
+                                                  nn.ReLU(), nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3),
+                                                  nn.BatchNorm2d(c)) for _ in range(2))
+        self.tail = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, 3, 3))
+
+    def forward(self, x):
+        x = self.head(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.tail(x)
+
+
+def test_reflection_pads_carry_codes(tmp_path):
+    """A reflection pad repeats values of the tensor, so padded codes are codes: the pads ran in float between
+    DequantizeLinear and QuantizeLinear (8 and 7 of them on this toy) and the residual sums were float Adds; now
+    onnxruntime pads the uint8 tensors and sums in QLinearAdd."""
+    torch.manual_seed(0)
+    ops = int8_ops(_ReflectGen(), 16, tmp_path, keep_first_last="quant")
+    assert ops["QLinearAdd"] == 2 and ops["Add"] == 0 and ops["Pad"] == 6, ops
+    assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == 1, ops
