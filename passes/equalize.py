@@ -189,7 +189,10 @@ def _apply_factors(layer: nn.Module, row, col, k: int) -> None:
         f = f * row.reshape((-1,) + (1,) * (w.dim() - 1))
     if col is not None:
         f = f * _in_factor(layer, col, k)
-    w.copy_((w.double() * f).to(w.dtype))
+    rows = max(1, (1 << 18) // max(1, w[0].numel()))  # a block of rows at a time: float64 temporaries in cache
+    for r0 in range(0, w.shape[0], rows):
+        part = f[r0:r0 + rows] if f.dim() and f.shape[0] == w.shape[0] else f
+        w[r0:r0 + rows].copy_((w[r0:r0 + rows].double() * part).to(w.dtype))
     if row is not None and layer.bias is not None:
         layer.bias.copy_((layer.bias.double() * row).to(layer.bias.dtype))
 

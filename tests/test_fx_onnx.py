@@ -46,6 +46,29 @@ class PoolsAndClips(nn.Module):
         return self.fc(self.drop(torch.add(a, b)))
 
 
+class GatedNet(nn.Module):
+    """Squeeze-excite gates and smooth activations: SiLU (written as Sigmoid and Mul), Hardswish, Hardsigmoid,
+    sigmoid by module, function and method, and products that broadcast (a gate times its features) by operator,
+    function and method. At W8A8 the gates' products and sigmoids become qcompile's Int8Mul / Int8Sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1, self.act1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.SiLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2, self.gate = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1), nn.Hardsigmoid()
+        self.c2, self.bn2, self.act2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.Hardswish()
+        self.c3, self.g1, self.g2, self.sig = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Sigmoid()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.act1(self.bn1(self.c1(x)))
+        y = y * self.gate(self.fc2(F.relu(self.fc1(self.pool(y)))))
+        y = F.silu(self.c3(self.act2(self.bn2(self.c2(y)))))
+        y = torch.mul(y, torch.sigmoid(self.g1(y)))
+        y = F.hardswish(y.mul(self.sig(self.g2(y)).sigmoid()))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
 class Conv1dNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -141,12 +164,13 @@ MODELS = {
     "mlp": _model(MLP),
     "pools-and-clips": _model(PoolsAndClips, (8, 3, 16, 16)),
     "conv1d": _model(Conv1dNet, (8, 4, 32)),
+    "gated": _model(GatedNet, (8, 3, 16, 16)),
 }
 
 
 # every configuration on two models, the two main ones on the others
 CASES = [(name, config) for name in MODELS for config in CONFIGS
-         if name in ("digits", "pools-and-clips") or config in ("uniform8", "apot4")]
+         if name in ("digits", "pools-and-clips", "gated") or config in ("uniform8", "apot4")]
 
 
 @pytest.mark.parametrize("name,config", CASES)
