@@ -28,7 +28,8 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import _Builder, _int_type, _unit, act_code_type, emit_cell_requant, replace_markers, u8_storage
+from .emit import (_Builder, _int_type, _unit, act_code_type, emit_cell_requant, grid_index, replace_markers,
+                   u8_storage)
 from .ir import FIXED_BITS
 
 DOMAIN = "qcompile"
@@ -137,7 +138,7 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
         codes = np.ascontiguousarray(codes.T)
         axis = None if axis is None else 1 - axis
     grid = np.asarray(ls.grid, dtype=np.int64)
-    index = np.searchsorted(grid, codes)
+    index = grid_index(grid, codes)
     itype = TensorProto.UINT4 if len(grid) <= 16 else TensorProto.UINT8
     u8 = u8_storage(b, grid)  # lut = grid + 128 as uint8 with zero point 128: exact U8U8 kernels (see emit.py)
     offset = 128 if u8 else 0

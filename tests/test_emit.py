@@ -1060,3 +1060,18 @@ def test_an_lstm_called_twice_reads_one_stored_weight_in_gate_order(tmp_path):
     for k in (1, 2):
         assert producer[lstms[0].input[k]].op_type == "Reshape"
     assert sum(len(t.dims) == 2 and t.dims[0] == 4 * 24 for t in m.graph.initializer) == 2  # W and R, stored once
+
+
+def test_grid_index_is_the_position_of_each_code_on_the_grid():
+    # a table over the grid's span replaced np.searchsorted (VGG-11's 102 M APoT codes: 4 s); off-grid codes refused
+    from qcompile import quant
+    from qcompile.emit import grid_index
+
+    grid = np.asarray(quant.level_set("apot", 4, True).grid, dtype=np.int64)
+    codes = np.random.default_rng(0).choice(grid, size=(32, 9))
+    index = grid_index(grid, codes)
+    assert np.array_equal(index, np.searchsorted(grid, codes)) and np.array_equal(grid[index], codes)
+    missing = int(next(v for v in range(int(grid.min()), int(grid.max())) if v not in set(grid.tolist())))
+    for bad in (missing, int(grid.max()) + 1):
+        with pytest.raises(AssertionError, match="level grid"):
+            grid_index(grid, np.array([grid[0], bad]))
