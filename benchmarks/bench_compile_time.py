@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,14 +72,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-reexec", action="store_true")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
-    try:
-        import torchvision
-    except ImportError:
-        if not args.no_reexec and os.path.exists(VISION_PYTHON):
-            print(f"torchvision is not importable here; re-running under {VISION_PYTHON}", flush=True)
-            return subprocess.call([VISION_PYTHON, os.path.abspath(__file__), "--no-reexec"] + (argv or sys.argv[1:]))
-        print(f"torchvision is needed (install it, or create {VISION_PYTHON})", file=sys.stderr)
-        return 2
+    code = common.torchvision_or_reexec(__file__, argv, args.no_reexec, VISION_PYTHON)
+    if code is not None:
+        return code
+    import torchvision
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's per-BatchNorm axis warnings (DenseNet)
     started = time.perf_counter()
     doc = {"benchmark": "compile_time", "environment": common.environment(), "config": CONFIG, "rows": []}

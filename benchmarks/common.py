@@ -12,6 +12,8 @@ import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -166,6 +168,22 @@ def _cpu_model() -> str | None:
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni") if f in flags]
     return f"{name} ({', '.join(isa) or 'no avx2'})"
+
+
+def torchvision_or_reexec(script: str, argv, no_reexec: bool, vision_python: str) -> int | None:
+    """``None`` where torchvision imports here; else the exit code of ``script`` run again under ``vision_python``
+    with ``--no-reexec`` (so at most once), or 2 with a message where that interpreter does not exist."""
+    try:
+        import torchvision  # noqa: F401
+        return None
+    except ImportError:
+        pass
+    if not no_reexec and os.path.exists(vision_python):
+        print(f"torchvision is not importable here; re-running under {vision_python}", flush=True)
+        return subprocess.call([vision_python, os.path.abspath(script), "--no-reexec"] +
+                               list(argv if argv is not None else sys.argv[1:]))
+    print(f"torchvision is needed (install it, or create {vision_python})", file=sys.stderr)
+    return 2
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
