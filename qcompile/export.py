@@ -400,12 +400,16 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
         return
     if not example_inputs or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in example_inputs):
         return
+    from .qmodules import disabled_quantizers
+
     sizes = (int(example_inputs[0].shape[0]), 2 * int(example_inputs[0].shape[0]))
     shapes = []
     for reps in (1, 2):  # the example, and the example twice over along the batch
         inputs = [t.repeat(reps, *([1] * (t.dim() - 1))) for t in example_inputs]
         try:  # (torch.fx prints a failing graph's code to stderr before raising: kept out of the user's terminal)
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            # with the quantizers passing values through: the same shapes, without simulating every code (YOLOv8n
+            # at 320 x 320: 0.49 s of a 6 s compile)
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), disabled_quantizers(gm):
                 values = gm(*inputs)
         except Exception:  # a model that takes only this batch: leave the declared shapes alone
             return
