@@ -1128,25 +1128,28 @@ def test_a_process_wide_forward_hook_that_changes_values_is_named():
         handle.remove()
 
 
+class TokenMLP(torch.nn.Module):
+    """A Linear on (batch, tokens, features): exported as Reshape -> Gemm -> Reshape once it leaves the int8 region."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
 def test_outputs_keep_their_static_dimensions_after_quantization(tmp_path):
     """A Linear on (batch, tokens, features) that leaves the int8 region as float is exported as Reshape → Gemm →
     Reshape: the file declared its output [batch, Reshapeoutput_dim_1, Reshapeoutput_dim_2] where the float file
     says [batch, 5, 8]."""
     import onnx
 
-    class Tokens(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     torch.manual_seed(0)
     x = torch.randn(32, 5, 16)
     for options in (dict(scheme="fp32"), dict(scheme="uniform", bits=8), dict(scheme="apot", bits=4)):
         path = str(tmp_path / "t.onnx")
-        qcompile.compile(Tokens().eval(), x[:1], calib=x, output=path, progress=False, **options)
+        qcompile.compile(TokenMLP().eval(), x[:1], calib=x, output=path, progress=False, **options)
         dims = onnx.load(path).graph.output[0].type.tensor_type.shape.dim
         assert [d.dim_param or d.dim_value for d in dims] == ["batch", 5, 8], options
 
@@ -1160,17 +1163,9 @@ def test_output_dimensions_are_read_from_float_runs_of_the_quantized_graph(monke
     from qcompile import export
     from qcompile.qmodules import FakeQuantize
 
-    class Tokens(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
     torch.manual_seed(0)
     x = torch.randn(32, 5, 16)
-    result = qcompile.compile(Tokens().eval(), x[:1], calib=x, validate=False, progress=False, scheme="uniform", bits=8)
+    result = qcompile.compile(TokenMLP().eval(), x[:1], calib=x, validate=False, progress=False, scheme="uniform", bits=8)
     model = onnx.ModelProto()
     model.CopyFrom(result.onnx_model)
     for d in model.graph.output[0].type.tensor_type.shape.dim[1:]:
