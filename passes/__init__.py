@@ -1,4 +1,5 @@
 """Graph passes on ``torch.fx.GraphModule`` (installed as ``qcompile.passes``)."""
+from .adaptive_rounding import AdaptiveRounding
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
@@ -23,7 +24,7 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "EliminateDeadCode", "RemoveIdentity", "ConstantMetadataReads", "FoldConstants", "FoldBatchNorm", "FoldConstantScale", "ChannelStats",
            "EqualizeWeights", "EqualizeInputs",
            "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
-           "Calibrate", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
+           "Calibrate", "AdaptiveRounding", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm",
            "DecomposeAdaptivePool", "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",

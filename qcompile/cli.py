@@ -108,6 +108,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm, nor products by constants, into the Conv/Linear layers around them")
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization and the per-feature scaling of raw inputs (EqualizeInputs)")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
+    g.add_argument("--weight-rounding", default="nearest", metavar="nearest|adaptive",
+                   help="adaptive: round each layer's weights to the levels that best reconstruct its output on the "
+                        "calibration data (adaptive rounding, solved as GPTQ does; needs --calib; slower) instead of "
+                        "to their nearest levels")
     g.add_argument("--no-int8-outputs", action="store_true",
                    help="do not re-quantize the outputs of 8-bit layers, residual adds and pools (they then run on "
                         "float kernels, and skip connections stay float)")
@@ -287,7 +291,7 @@ def _print_timing(t, verbose: bool = False) -> None:
 
 # options that change nothing in an fp32 file (nothing is quantized), when given
 _QUANT_ONLY = ("--bits", "--wbits", "--abits", "--wscheme", "--ascheme", "--per-tensor", "--calib-method", "--symmetric-levels",
-               "--float-levels", "--no-bias-correction", "--no-int8-outputs", "--keep-first-last",
+               "--float-levels", "--no-bias-correction", "--weight-rounding", "--no-int8-outputs", "--keep-first-last",
                "--float-downsample", "--exclude", "--config", "--int8-weights")
 
 
@@ -371,6 +375,7 @@ def cmd_compile(argv) -> int:
         ("int8_levels", not args.float_levels, args.float_levels), ("fold_bn", not args.no_fold_bn, args.no_fold_bn),
         ("equalize", not args.no_equalize, args.no_equalize),
         ("bias_correction", not args.no_bias_correction, args.no_bias_correction),
+        ("weight_rounding", args.weight_rounding, args.weight_rounding != parser.get_default("weight_rounding")),
         ("int8_outputs", not args.no_int8_outputs, args.no_int8_outputs),
         ("keep_first_last", args.keep_first_last, args.keep_first_last != parser.get_default("keep_first_last")),
         ("float_downsample", args.float_downsample, args.float_downsample), ("exclude", tuple(args.exclude), bool(args.exclude)),

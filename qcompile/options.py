@@ -11,6 +11,7 @@ from .ir import SCHEMES
 EMIT_FORMS = ("standard", "custom", "shift-add")
 FIRST_LAST = ("int8", "fp32", "quant")
 INT8_WEIGHTS = ("auto", "s8", "u8", "s8-safe")
+WEIGHT_ROUNDING = ("nearest", "adaptive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,9 @@ class CompileOptions:
     # EqualizeInputs (per-feature scaling of raw inputs, folded into the first layers); None: as ``equalize``
     equalize_inputs: Optional[bool] = None
     bias_correction: bool = True
+    # weights rounded to their nearest levels ("nearest"), or to the levels that reconstruct each layer's output on
+    # the calibration data ("adaptive": the lecture's adaptive rounding, solved as GPTQ does; passes/adaptive_rounding.py)
+    weight_rounding: str = "nearest"
     int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
     # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels (or uniform levels
     # of fewer than 8 bits) decides the level on its integer accumulator (uint8 cells / a clamped requantization,
@@ -105,6 +109,9 @@ class CompileOptions:
 
         if self.calib_method not in OBSERVERS:
             raise UserError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.weight_rounding not in WEIGHT_ROUNDING:
+            raise UserError(f"unknown --weight-rounding {self.weight_rounding!r}; choose one of "
+                            f"{', '.join(WEIGHT_ROUNDING)}")
         if self.int8_weights not in INT8_WEIGHTS:
             raise UserError(f"unknown --int8-weights {self.int8_weights!r}; choose one of {', '.join(INT8_WEIGHTS)}")
         if self.keep_first_last not in FIRST_LAST:

@@ -5,7 +5,7 @@
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
                 → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
                 → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
-                → ShareInt8Params → PairSafeInt8Weights
+                → [AdaptiveRounding] → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias
                 → BindIntegerLayers → BindIntegerAdds → BindIntegerMuls → BindIntegerSigmoids → BindIntegerPools
                 → EliminateDeadCode

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from qcompile.ir import LayerConfig
+from qcompile.passes.adaptive_rounding import AdaptiveRounding
 from qcompile.passes.base import Pass
 from qcompile.passes.bias_correction import BiasCorrection
 from qcompile.passes.calibrate import Calibrate
@@ -58,6 +59,8 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     passes.append(CheckFloatOutputs(record))  # the passes so far kept the model's function
     passes.append(Calibrate(calib, method=opts.calib_method, progress=progress,
                             record_input_means=opts.bias_correction))  # BiasCorrection's E[x], same pass
+    if opts.weight_rounding == "adaptive":  # on the calibrated ranges, before the corrections that follow it
+        passes.append(AdaptiveRounding(calib))
     if opts.int8_outputs:
         passes.append(ShareInt8Params())
     if opts.quantized and resolve_int8_weights(opts).int8_weights == "s8-safe":

@@ -209,6 +209,9 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
         options["ascheme"] = "uniform"
     if options.pop("bias_correction", False):
         raise UserError("bias correction is a PTQ step; QAT trains the biases with the quantizers in the loop")
+    if options.get("weight_rounding", "nearest") != "nearest":
+        raise UserError("adaptive weight rounding is a PTQ step; QAT trains the weights with their quantizers in the "
+                        "loop (leave weight_rounding out)")
     options.setdefault("equalize", False)
     options.setdefault("equalize_inputs", True)  # raw input features: scaled in the file, trained from there on
     from qcompile.api import _check_option_names

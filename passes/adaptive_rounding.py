@@ -1,0 +1,276 @@
+"""AdaptiveRounding: choose each weight's level for the layer's output, not for the weight alone.
+
+Rounding every weight to its nearest level minimises ``‖W − Q(W)‖²``, but what the network sees is the layer's
+output: the lecture's adaptive rounding (Nagel et al., "Up or Down?", 2020) picks the quantized weights ``W̃`` that
+minimise ``‖W·x − W̃·x‖²`` over the calibration inputs ``x``. Over the data that objective is the quadratic form
+``Σ_o (w_o − w̃_o)ᵀ H (w_o − w̃_o)`` with ``H = Σ x·xᵀ``, one per layer, so it is solved here the way GPTQ (Frantar
+et al., 2023) solves it: one input column at a time, each column's weights set to a level of the layer's own level
+set (the quantizer's nearest level, so any scheme: APoT, PoT, uniform, ternary ...), and the error that leaves
+spread onto the columns not yet quantized through the inverse of ``H`` (its Cholesky factor). Columns go in order
+of decreasing ``H_ii`` (the inputs with the most energy first). ``H`` gets ``DAMP`` of its mean diagonal added, so
+that a few calibration samples (fewer than the layer's fan-in: the ill-posed case) still give a well-posed
+problem.
+
+The inputs ``x`` are what each layer reads in the quantized simulation (quantized activations, the layers before it
+with nearest rounding), over the calibration data, one pass: for a convolution, its input patches (``F.unfold``),
+at most ``MAX_ROWS`` of them per layer (a fixed-seed sample). The per-channel ranges ``alpha`` stay those Calibrate
+chose; the new weights are on their levels exactly, so the weight quantizer gives them back unchanged, and the
+file's codes are those of the simulation as before. Run after Calibrate and before BiasCorrection (which then
+matches the output means).
+
+Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph with ``W`` replaced by ``W̃`` (on its levels).
+
+Left alone (reported): layers whose weight several calls share, 3-D convolutions, fan-ins over ``MAX_FAN_IN``
+(an ``H`` of that size costs more than the layer gains), and layers no calibration sample reached.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+from qcompile.qmodules import FakeQuantize
+
+from .base import (Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length, fake_quantizer,
+                   remember_float, require_calibrated)
+
+DAMP = 0.01  # of the mean of diag(H), added to its diagonal (GPTQ's default)
+MAX_ROWS = 1 << 16  # input rows (samples x positions) per layer that H is summed over
+MAX_FAN_IN = 8192  # columns of W (in_channels / groups x kernel): H is fan-in^2 float32
+CHUNK = 1 << 23  # input elements x kernel size unfolded at a time
+BLOCK = 128  # columns updated lazily together (GPTQ's blocks): the same result, fewer large updates
+
+_LAYERS = {F.conv1d: 1, F.conv2d: 2, F.linear: 0}
+
+
+def _pair(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _layer_args(node):
+    """``(input, weight, bias, stride, padding, dilation, groups)`` of a layer node, defaults filled in."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    values = dict(zip(names, node.args))
+    for k, v in node.kwargs.items():
+        values[k] = v
+    return tuple(values.get(k, defaults.get(k)) for k in names)
+
+
+class _Rows:
+    """Accumulates ``H = Σ x·xᵀ`` (float32) over up to ``MAX_ROWS`` rows of a layer's input matrix."""
+
+    def __init__(self, fan_in: int, groups: int):
+        self.h = torch.zeros(groups, fan_in, fan_in)
+        self.rows = 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def add(self, x: torch.Tensor, limit: int) -> None:
+        """``x``: (groups, rows, fan_in); at most ``limit`` of its rows (a fixed-seed sample), ``MAX_ROWS`` in all."""
+        limit = min(limit, MAX_ROWS - self.rows)
+        if limit <= 0 or x.shape[1] == 0:
+            return
+        if x.shape[1] > limit:
+            x = x[:, torch.randperm(x.shape[1], generator=self.gen)[:limit]]
+        self.h.baddbmm_(x.transpose(1, 2), x)
+        self.rows += x.shape[1]
+
+
+def _input_rows(node, x: torch.Tensor, groups: int, weight_shape) -> Optional[torch.Tensor]:
+    """A layer's input as (groups, rows, fan_in): linear inputs flattened to rows, conv inputs unfolded into patches
+    (the columns in the order of ``weight.reshape(out, -1)``)."""
+    x = x.detach().float()
+    if node.target is F.linear:
+        return x.reshape(1, -1, x.shape[-1])
+    _, _w, _b, stride, padding, dilation, _g = _layer_args(node)
+    dims = _LAYERS[node.target]
+    kernel = tuple(weight_shape[2:])
+    if dims == 1:  # as a 2-D convolution of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1,) + kernel, (1,) + _pair(stride, 1), (1,) + _pair(dilation, 1)
+        padding = padding if isinstance(padding, str) else (0,) + _pair(padding, 1)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        else:  # "same": F.conv2d pads (d·(k−1)) // 2 before and the rest after; unfold pads evenly
+            total = [d * (k - 1) for d, k in zip(_pair(dilation, 2), kernel)]
+            if any(t % 2 for t in total):
+                return None
+            padding = tuple(t // 2 for t in total)
+    cols = F.unfold(x, kernel, dilation=_pair(dilation, 2), padding=_pair(padding, 2), stride=_pair(stride, 2))
+    n, d, positions = cols.shape  # d = in_channels x kernel
+    cols = cols.transpose(1, 2).reshape(n * positions, groups, d // groups)
+    return cols.transpose(0, 1)
+
+
+def _level_table(fq: FakeQuantize, rows: int) -> Optional[torch.Tensor]:
+    """(rows, levels) float32: every level of each output channel's quantizer, ascending; None where they are not
+    the quantizer's own fixed points (then each column goes through ``fq.simulate``)."""
+    from qcompile import quant
+
+    ls = fq.levelset
+    grid = torch.tensor(ls.grid, dtype=torch.int32)
+    per_channel = fq.alpha.numel() > 1
+    zp = fq.zero_point.to(torch.int32).reshape(-1)
+    codes = grid[None, :] + (zp[:, None] if zp.numel() > 1 else zp.reshape(1, 1))
+    codes = codes.expand(rows, -1) if codes.shape[0] == 1 else codes
+    if per_channel and fq.alpha.numel() != rows:
+        return None
+    levels = quant.dequantize(codes, fq.alpha.reshape(-1) if per_channel else fq.alpha, ls,
+                              axis=0 if per_channel else None, zero_point=fq.zero_point)
+    levels = levels.float().contiguous()
+    if not bool((levels[:, 1:] > levels[:, :-1]).all()) or not torch.equal(fq.simulate(levels), levels):
+        return None
+    return levels
+
+
+def adaptive_round(w: torch.Tensor, h: torch.Tensor, fq: FakeQuantize) -> torch.Tensor:
+    """``W̃`` (float32, on ``fq``'s levels) minimising ``Σ_o (w_o − w̃_o)ᵀ h_g (w_o − w̃_o)`` in GPTQ's column order
+    with its updates, for all groups at once: ``w`` (groups, out / groups, fan_in), ``h`` (groups, fan_in,
+    fan_in) float32; rows in output-channel order (group-major), as ``fq``'s per-channel ranges."""
+    groups, rows, fan_in = w.shape
+    h = h.clone()
+    w = w.float().clone()
+    diag = torch.diagonal(h, dim1=1, dim2=2)  # a view: the edits below go into h
+    dead = diag == 0
+    diag += dead.float()  # an input no sample reached: its column is rounded, nothing moves onto it
+    diag += DAMP * diag.mean(dim=1, keepdim=True)
+    order = torch.argsort(diag, dim=1, descending=True)  # per group
+    h = h.gather(1, order[:, :, None].expand(groups, fan_in, fan_in))
+    h = h.gather(2, order[:, None, :].expand(groups, fan_in, fan_in))
+    w = w.gather(2, order[:, None, :].expand(groups, rows, fan_in))
+    # GPTQ's U = chol(H⁻¹) (upper), from one factorisation: with J the reversal, J·H·J = L·Lᵀ gives
+    # H⁻¹ = (J·L⁻¹·J)ᵀ(J·L⁻¹·J), and J·L⁻¹·J is upper triangular with a positive diagonal
+    chol, info = torch.linalg.cholesky_ex(h.flip(1, 2))
+    ok = info == 0  # positive definite, damped (it is, in exact arithmetic): a group that is not keeps nearest
+    eye = torch.eye(fan_in, dtype=h.dtype).expand_as(h)
+    if not bool(ok.all()):
+        chol = torch.where(ok[:, None, None], chol, eye)
+    u = torch.linalg.solve_triangular(chol, eye, upper=False).flip(1, 2)
+    if not bool(ok.all()):
+        u = torch.where(ok[:, None, None], u, eye)  # identity: plain nearest rounding, no error moved
+    q = torch.empty_like(w)
+    levels = _level_table(fq, groups * rows)
+    if levels is not None:  # each row's levels and the midpoints between them: a column is two small ops
+        mids = (levels[:, 1:] + levels[:, :-1]) / 2
+
+        def nearest(col: torch.Tensor) -> torch.Tensor:  # (groups, rows) -> their levels
+            idx = (col.reshape(-1, 1) > mids).sum(dim=1, keepdim=True)
+            return levels.gather(1, idx).reshape(groups, rows)
+    else:
+        def nearest(col: torch.Tensor) -> torch.Tensor:
+            return fq.simulate(col.reshape(groups * rows, 1).float()).reshape(groups, rows)
+
+    for b0 in range(0, fan_in, BLOCK):
+        b1 = min(b0 + BLOCK, fan_in)
+        block = w[:, :, b0:b1].clone()
+        errs = torch.empty_like(block)
+        ub = u[:, b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = block[:, :, j]
+            qc = nearest(col)
+            q[:, :, b0 + j] = qc
+            err = (col - qc) / ub[:, j, j][:, None]
+            block[:, :, j:] -= err[:, :, None] * ub[:, j, j:][:, None, :]
+            errs[:, :, j] = err
+        w[:, :, b1:] -= errs @ u[:, b0:b1, b1:]
+    inverse = torch.argsort(order, dim=1)
+    return q.gather(2, inverse[:, None, :].expand(groups, rows, fan_in)).float()
+
+
+class AdaptiveRounding(Pass):
+    def __init__(self, data=None, batch_size: int = 32):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+
+    def _layers(self, gm):
+        uses: dict = {}
+        found = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or len(node.args) < 2:
+                continue
+            if node.target is F.conv3d and fake_quantizer(gm, node.args[1]) is not None:
+                self.report.append(f"{node.meta.get('layer', node.name)}: 3-D convolution, nearest rounding kept")
+            if node.target not in _LAYERS:
+                continue
+            wq = node.args[1]
+            if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"):
+                continue
+            fq = gm.get_submodule(wq.target)
+            if not (isinstance(fq, FakeQuantize) and fq.role == "weight" and fq.enabled and fq.calibrated):
+                continue
+            wnode = wq.args[0] if wq.args else None
+            if not (isinstance(wnode, torch.fx.Node) and wnode.op == "get_attr"):
+                continue
+            uses[wnode.target] = uses.get(wnode.target, 0) + 1
+            found.append((node, fq, wnode))
+        layers, shared = [], []
+        for node, fq, wnode in found:
+            (shared if uses[wnode.target] > 1 else layers).append((node, fq, wnode))
+        return layers, shared
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        require_calibrated(gm, "AdaptiveRounding")  # the levels it chooses among are the calibrated ones
+        self.data = calibration_inputs(self.data, gm)
+        if self.data is None:
+            self.report.append("no calibration data: nearest rounding kept (adaptive rounding needs the layers' inputs)")
+            return PassResult(gm, False)
+        layers, shared = self._layers(gm)
+        if shared:
+            self.report.append(f"{len(shared)} layer call(s) share their weights with another call: nearest rounding "
+                               "kept there")
+        todo = {}
+        for node, fq, wnode in layers:
+            w = attr_value(gm, wnode).detach()
+            groups = 1 if node.target is F.linear else _layer_args(node)[6]
+            fan_in = w[0].numel()
+            name = node.meta.get("layer", node.name)
+            if fan_in > MAX_FAN_IN:
+                self.report.append(f"{name}: fan-in {fan_in} over {MAX_FAN_IN}, nearest rounding kept")
+                continue
+            todo[node] = (fq, wnode, w, groups, _Rows(fan_in, groups))
+        if not todo:
+            return PassResult(gm, False)
+        skipped = set()
+
+        per_sample = max(1, MAX_ROWS // max(1, data_length(self.data)))  # rows from every sample alike
+
+        class Collect(torch.fx.Interpreter):
+            def run_node(self, n):
+                if n in todo and n not in skipped:
+                    x = self.env.get(n.args[0]) if isinstance(n.args[0], torch.fx.Node) else None
+                    fq, wnode, w, groups, rows = todo[n]
+                    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                        skipped.add(n)
+                    else:  # a few samples at a time: a conv's patches are kernel-size times its input
+                        step = max(1, CHUNK // max(1, x[:1].numel() * max(1, w[0, 0].numel())))
+                        for i in range(0, x.shape[0], step):
+                            cols = _input_rows(n, x[i:i + step], groups, w.shape)
+                            if cols is None:
+                                skipped.add(n)
+                                break
+                            rows.add(cols, per_sample * (min(i + step, x.shape[0]) - i))
+                return super().run_node(n)
+
+        with torch.no_grad():
+            for batch in data_batches(self.data, self.batch_size):
+                Collect(gm).run(*batch)
+        changed = False
+        for node, (fq, wnode, w, groups, rows) in todo.items():
+            name = node.meta.get("layer", node.name)
+            if node in skipped or rows.rows == 0:
+                self.report.append(f"{name}: no input rows (padding this pass cannot unfold), nearest rounding kept")
+                continue
+            new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, fq).reshape(w.shape)
+            before = fq.simulate(w.float())
+            diff = float((new != before).float().mean())
+            remember_float(gm, str(wnode.target))
+            with torch.no_grad():
+                attr_value(gm, wnode).copy_(new.to(w.dtype))
+            self.report.append(f"{name}: {100 * diff:.1f}% of weights on another level than the nearest "
+                               f"({rows.rows} input rows)")
+            changed = True
+        return PassResult(gm, changed)
