@@ -13,6 +13,7 @@ from .fold_constants import FoldConstants
 from .fold_scale import FoldConstantScale
 from .insert_quant import InsertQuantizers
 from .int8_pairs import PairSafeInt8Weights
+from .mixed_precision import AllocateWeightBits
 from .int8_region import (BindIntegerAdds, BindIntegerMuls, BindIntegerPools, BindIntegerSigmoids, QuantizeResiduals,
                           ShareInt8Params)
 from .quantize_bias import QuantizeBias
@@ -23,7 +24,7 @@ from .window_attention import DecomposeWindowAttention
 __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "VerificationError", "verify",
            "EliminateDeadCode", "RemoveIdentity", "ConstantMetadataReads", "FoldConstants", "FoldBatchNorm", "FoldConstantScale", "ChannelStats",
            "EqualizeWeights", "EqualizeInputs",
-           "SelectLayers", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
+           "SelectLayers", "AllocateWeightBits", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "AdaptiveRounding", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm",

@@ -638,6 +638,9 @@ def compile(
             raise UserError("give example_inputs (or --input-shape) or calibration data, so the model can be traced")
         example_inputs = tuple(t[:1] for t in calib_x) if isinstance(calib_x, tuple) else calib_x[:1]
     example_inputs = as_input_tuple(example_inputs)
+    if opts.quantized and opts.avg_wbits is not None and calib_x is None and not trained:
+        raise UserError("--avg-wbits (avg_wbits=) chooses the layers' bit-widths by their effect on the model's "
+                        "outputs: pass calibration inputs (--calib FILE, calib= from Python)")
     if opts.quantized and opts.weight_rounding == "adaptive" and calib_x is None and not trained:
         raise UserError("--weight-rounding adaptive (weight_rounding='adaptive') chooses the weights' levels on the "
                         "layers' inputs: pass calibration inputs (--calib FILE, calib= from Python), or leave it "

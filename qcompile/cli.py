@@ -108,6 +108,10 @@ def _compile_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fold-bn", action="store_true", help="do not fold BatchNorm, nor products by constants, into the Conv/Linear layers around them")
     g.add_argument("--no-equalize", action="store_true", help="skip cross-layer weight equalization and the per-feature scaling of raw inputs (EqualizeInputs)")
     g.add_argument("--no-bias-correction", action="store_true", help="skip bias correction after weight quantization")
+    g.add_argument("--avg-wbits", type=float, metavar="AVG",
+                   help="automatic mixed precision: each layer's weight bit-width (2-8 uniform, 2-6 APoT, 2-4 PoT) "
+                        "chosen by its measured effect on the outputs, averaging at most AVG bits per weight over "
+                        "the layers the default rule quantizes (needs --calib)")
     g.add_argument("--weight-rounding", default="nearest", metavar="nearest|adaptive",
                    help="adaptive: round each layer's weights to the levels that best reconstruct its output on the "
                         "calibration data (adaptive rounding, solved as GPTQ does; needs --calib; slower) instead of "
@@ -291,7 +295,7 @@ def _print_timing(t, verbose: bool = False) -> None:
 
 # options that change nothing in an fp32 file (nothing is quantized), when given
 _QUANT_ONLY = ("--bits", "--wbits", "--abits", "--wscheme", "--ascheme", "--per-tensor", "--calib-method", "--symmetric-levels",
-               "--float-levels", "--no-bias-correction", "--weight-rounding", "--no-int8-outputs", "--keep-first-last",
+               "--float-levels", "--no-bias-correction", "--weight-rounding", "--avg-wbits", "--no-int8-outputs", "--keep-first-last",
                "--float-downsample", "--exclude", "--config", "--int8-weights")
 
 
@@ -320,7 +324,8 @@ def cmd_compile(argv) -> int:
 
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
-                          calib_method=args.calib_method, int8_weights=args.int8_weights)  # fail on bad options before loading anything
+                          calib_method=args.calib_method, int8_weights=args.int8_weights,
+                          weight_rounding=args.weight_rounding, avg_wbits=args.avg_wbits)  # fail on bad options before loading anything
     output = args.output or _default_output(args.model, opts)
     if args.no_validate:
         given = [flag for flag in ("--min-sqnr", "--min-top1") if getattr(args, flag[2:].replace("-", "_")) is not None]
@@ -376,6 +381,7 @@ def cmd_compile(argv) -> int:
         ("equalize", not args.no_equalize, args.no_equalize),
         ("bias_correction", not args.no_bias_correction, args.no_bias_correction),
         ("weight_rounding", args.weight_rounding, args.weight_rounding != parser.get_default("weight_rounding")),
+        ("avg_wbits", args.avg_wbits, args.avg_wbits is not None),
         ("int8_outputs", not args.no_int8_outputs, args.no_int8_outputs),
         ("keep_first_last", args.keep_first_last, args.keep_first_last != parser.get_default("keep_first_last")),
         ("float_downsample", args.float_downsample, args.float_downsample), ("exclude", tuple(args.exclude), bool(args.exclude)),

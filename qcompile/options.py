@@ -35,6 +35,9 @@ class CompileOptions:
     # weights rounded to their nearest levels ("nearest"), or to the levels that reconstruct each layer's output on
     # the calibration data ("adaptive": the lecture's adaptive rounding, solved as GPTQ does; passes/adaptive_rounding.py)
     weight_rounding: str = "nearest"
+    # automatic mixed precision: per-layer weight bit-widths chosen by measured sensitivity so that the layers the
+    # default rule quantizes average at most this many bits per weight (passes/mixed_precision.py); None: wbits
+    avg_wbits: Optional[float] = None
     int8_outputs: bool = True  # re-quantize outputs of 8-bit layers, residual adds and pools: int8 kernels
     # a layer with uint8 input codes and int8 weights whose output goes to APoT/PoT/log2 levels (or uniform levels
     # of fewer than 8 bits) decides the level on its integer accumulator (uint8 cells / a clamped requantization,
@@ -109,6 +112,15 @@ class CompileOptions:
 
         if self.calib_method not in OBSERVERS:
             raise UserError(f"unknown --calib-method {self.calib_method!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.avg_wbits is not None:
+            if isinstance(self.avg_wbits, bool) or not isinstance(self.avg_wbits, numbers.Real) \
+                    or not 2 <= float(self.avg_wbits) <= 8:
+                raise UserError(f"--avg-wbits must be an average bit-width from 2 to 8, got {self.avg_wbits!r}")
+            object.__setattr__(self, "avg_wbits", float(self.avg_wbits))
+            if self.quantized and self.weight_scheme in FIXED_BITS:
+                raise UserError(f"--avg-wbits chooses bit-widths, and {self.weight_scheme} weights have "
+                                f"{FIXED_BITS[self.weight_scheme]}-bit levels whatever it says: drop it, or choose "
+                                "--wscheme apot, pot or uniform")
         if self.weight_rounding not in WEIGHT_ROUNDING:
             raise UserError(f"unknown --weight-rounding {self.weight_rounding!r}; choose one of "
                             f"{', '.join(WEIGHT_ROUNDING)}")
@@ -143,6 +155,8 @@ class CompileOptions:
         from .ir import FIXED_BITS
 
         w = f"{self.weight_scheme}{FIXED_BITS.get(self.weight_scheme, self.weight_bits)}"
+        if self.avg_wbits is not None:
+            w = f"{self.weight_scheme}{self.avg_wbits:g}avg"
         a = f"{self.act_scheme}{FIXED_BITS.get(self.act_scheme, self.act_bits)}"
         return w if w == a else f"{w}_{a}"
 
@@ -172,9 +186,11 @@ class CompileOptions:
         if not self.quantized:
             return "fp32"
         wbits = FIXED_BITS.get(self.weight_scheme, self.weight_bits)  # ternary: 2, binary: 1, whatever --bits says
+        if self.avg_wbits is not None:  # mixed precision: the average the layers' bits keep to
+            wbits = f"{self.avg_wbits:g} (average)"
         abits = FIXED_BITS.get(self.act_scheme, self.act_bits)
         if self.weight_scheme == self.act_scheme:
-            return f"{self.weight_scheme} W{wbits}A{abits}"
+            return f"{self.weight_scheme} W{wbits}{' ' if self.avg_wbits is not None else ''}A{abits}"
         return f"W{wbits} {self.weight_scheme} / A{abits} {self.act_scheme}"
 
 

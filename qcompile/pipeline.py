@@ -4,7 +4,7 @@
     quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
                 → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
-                → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
+                → [AllocateWeightBits] → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → [AdaptiveRounding] → ShareInt8Params → PairSafeInt8Weights
                 → BiasCorrection → QuantizeBias
                 → BindIntegerLayers → BindIntegerAdds → BindIntegerMuls → BindIntegerSigmoids → BindIntegerPools

@@ -15,6 +15,7 @@ from qcompile.passes.fold_constants import FoldConstants
 from qcompile.passes.float_check import CheckFloatOutputs, RecordFloatOutputs
 from qcompile.passes.insert_quant import InsertQuantizers
 from qcompile.passes.int8_pairs import PairSafeInt8Weights
+from qcompile.passes.mixed_precision import AllocateWeightBits
 from qcompile.passes.int8_region import (BindIntegerAdds, BindIntegerMuls, BindIntegerPools, BindIntegerSigmoids,
                                          QuantizeResiduals, ShareInt8Params)
 from qcompile.passes.quantize_bias import QuantizeBias
@@ -50,10 +51,10 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
                                      act_bits=8 if first8 else opts.act_bits, select=select))
     if opts.equalize:
         passes.append(EqualizeWeights())
-    passes += [
-        select,
-        InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels),
-    ]
+    passes.append(select)
+    if opts.avg_wbits is not None:  # per-layer weight bits within the budget, before quantizers are made of them
+        passes.append(AllocateWeightBits(opts.avg_wbits, calib))
+    passes.append(InsertQuantizers(observer=opts.calib_method, asym_levels=opts.asym_levels))
     if opts.int8_outputs:
         passes += [QuantizeOutputs(cells=opts.int8_levels), QuantizeResiduals(observer=opts.calib_method)]
     passes.append(CheckFloatOutputs(record))  # the passes so far kept the model's function

@@ -209,6 +209,9 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
         options["ascheme"] = "uniform"
     if options.pop("bias_correction", False):
         raise UserError("bias correction is a PTQ step; QAT trains the biases with the quantizers in the loop")
+    if options.get("avg_wbits") is not None:
+        raise UserError("avg_wbits chooses bit-widths for post-training quantization; for QAT give the bits per "
+                        "layer (config=, e.g. the layer table of a compile with avg_wbits)")
     if options.get("weight_rounding", "nearest") != "nearest":
         raise UserError("adaptive weight rounding is a PTQ step; QAT trains the weights with their quantizers in the "
                         "loop (leave weight_rounding out)")

@@ -1,0 +1,88 @@
+"""AllocateWeightBits (``avg_wbits``): the exact allocation under the budget, per-layer bits in the file within that
+budget, a sensitive layer kept wider than an insensitive one, and the option's refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.passes.mixed_precision import allocate, candidate_bits
+from qcompile.qmodules import FakeQuantize
+
+
+def test_candidate_bits_are_those_whose_grid_fits_int8():
+    assert candidate_bits("uniform") == [2, 3, 4, 5, 6, 7, 8]
+    assert candidate_bits("apot") == [2, 3, 4, 5, 6]
+    assert candidate_bits("pot") == [2, 3, 4]
+
+
+def test_allocate_finds_the_least_error_within_the_budget():
+    """A small multiple-choice knapsack checked against every assignment; a budget met exactly stays possible."""
+    import itertools
+
+    sens = {"a": {2: 50.0, 4: 10.0, 6: 1.0}, "b": {2: 8.0, 4: 3.0, 6: 2.5}, "c": {2: 30.0, 4: 4.0, 6: 0.5}}
+    params = {"a": 100, "b": 1000, "c": 300}
+    for avg in (2.0, 3.0, 3.4, 4.0, 5.0, 6.0):
+        budget = avg * sum(params.values())
+        got = allocate(sens, params, budget)
+        assert sum(params[k] * b for k, b in got.items()) <= budget + 1e-9
+        best = min((sum(sens[k][b] for k, b in zip(sens, combo)), combo)
+                   for combo in itertools.product(*(sorted(s) for s in sens.values()))
+                   if sum(params[k] * b for k, b in zip(sens, combo)) <= budget + 1e-9)
+        assert sum(sens[k][b] for k, b in got.items()) == pytest.approx(best[0]), (avg, got, best)
+    assert allocate(sens, params, 1.0) == {"a": 2, "b": 2, "c": 2}  # nothing fits: the fewest bits everywhere
+
+
+class TwoPaths(nn.Module):
+    """Two Linear layers of equal size side by side; the output reads ``big`` 30x more than ``small``."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.big = nn.Linear(32, 32)
+        self.small = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        return self.out(30.0 * torch.relu(self.big(h)) + torch.relu(self.small(h)))
+
+
+def test_the_layer_the_output_depends_on_gets_more_bits_and_the_file_keeps_the_budget(tmp_path):
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    x = torch.randn(64, 8)
+    result = qcompile.compile(model, calib=x, output=str(tmp_path / "m.onnx"), scheme="uniform", bits=4,
+                              avg_wbits=4)
+    assert result.report.passed, result.report.summary()
+    bits = {name.rpartition(".")[0]: m.bits for name, m in result.model.named_modules()
+            if isinstance(m, FakeQuantize) and m.role == "weight"}
+    assert bits["inp"] == 8 and bits["out"] == 8  # first and last layer: kept 8-bit by their rule
+    assert bits["big"] > bits["small"], bits
+    assert (bits["big"] + bits["small"]) / 2 <= 4  # same size: their average is the budget's
+    from qcompile.passes.select import layer_table
+
+    rows = {row[0]: row[2] for row in layer_table(result.model)}
+    assert rows["big"].startswith(f"W{bits['big']} uniform / A4 uniform (mixed precision)"), rows
+    report = next(t.report for t in result.timings if t.name == "AllocateWeightBits")
+    assert report[0].startswith("2 layer(s), 2048 weights: average"), report
+    meta = json.loads(next(p.value for p in result.onnx_model.metadata_props if p.key == "qcompile.options"))
+    assert meta["avg_wbits"] == 4.0  # qcompile validate decides the same bits from the same data
+
+
+def test_refusals():
+    model = TwoPaths().eval()
+    x = torch.randn(16, 8)
+    with pytest.raises(qcompile.UserError, match="pass calibration inputs"):
+        qcompile.compile(model, x[:1], avg_wbits=4, validate=False)
+    with pytest.raises(qcompile.UserError, match="average bit-width from 2 to 8"):
+        qcompile.compile(model, calib=x, avg_wbits=9, validate=False)
+    with pytest.raises(qcompile.UserError, match="ternary weights have 2-bit levels"):
+        qcompile.compile(model, calib=x, wscheme="ternary", ascheme="uniform", abits=8, avg_wbits=3, validate=False)
+    from qcompile import qat
+
+    with pytest.raises(qcompile.UserError, match="avg_wbits chooses bit-widths for post-training"):
+        qat.prepare(model, x, scheme="apot", bits=4, avg_wbits=3)
