@@ -47,14 +47,29 @@ CONFIGS = {
 ROUNDINGS = ("nearest", "adaptive")
 
 
-def measure(model, options: dict, rounding: str, x_cal, x_test, y_test, ref, path: str) -> dict:
+def trained_models(x_tr, y_tr) -> dict:
+    """The bundled digits CNN and the two models ``bench_negative_activations`` trains (seeded), in eval mode."""
+    models = {"digits CNN": digits.pretrained()}
+    for name, (cls, epochs, lr) in MODELS.items():
+        torch.manual_seed(0)
+        models[name] = train(cls(), x_tr, y_tr, epochs, lr)
+    return {name: model.eval() for name, model in models.items()}
+
+
+def measure(model, options: dict, x_cal, x_test, y_test, ref, path: str) -> dict:
+    """Compile ``model`` with ``options`` (validated on the test images) and score the onnxruntime file: output
+    SQNR against the float outputs ``ref``, accuracy, the weights' bits and packed ideal size, compile seconds."""
+    from qcompile.qmodules import FakeQuantize
+
     t0 = time.perf_counter()
-    result = qcompile.compile(model, x_cal[:1], calib=x_cal, output=path, validation_inputs=x_test,
-                              weight_rounding=rounding, **options)
+    result = qcompile.compile(model, x_cal[:1], calib=x_cal, output=path, validation_inputs=x_test, **options)
     seconds = time.perf_counter() - t0
     out = common.session(path).run(None, {"input": x_test.numpy()})[0]
+    bits = {name.rpartition(".")[0]: m.bits for name, m in result.model.named_modules()
+            if isinstance(m, FakeQuantize) and m.role == "weight"}
     return {"sqnr_vs_float_db": round(common.sqnr_db(ref, out), 2),
             "accuracy": float(np.mean(out.argmax(1) == y_test.numpy())),
+            "ideal_bytes": common.ideal_size(result.model)["bytes"], "weight_bits": bits,
             "validation_passed": bool(result.report.passed), "compile_seconds": round(seconds, 2)}
 
 
@@ -65,24 +80,20 @@ def main(argv=None) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     x_tr, y_tr, x_te, y_te = digits.load_split()
     x_cal = x_tr[:CALIB].clone()
-    models = {"digits CNN": digits.pretrained()}
-    for name, (cls, epochs, lr) in MODELS.items():
-        torch.manual_seed(0)
-        models[name] = train(cls(), x_tr, y_tr, epochs, lr)
+    models = trained_models(x_tr, y_tr)
     results = {"environment": common.environment(), "calibration_images": CALIB, "test_images": len(x_te),
                "models": []}
     rows = []
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as folder:
         for name, model in models.items():
-            model.eval()
             with torch.no_grad():
                 ref = model(x_te).numpy()
             entry = {"model": name, "float_accuracy": float(np.mean(ref.argmax(1) == y_te.numpy())), "rows": []}
             for config, options in CONFIGS.items():
                 row = {"config": config, "options": options}
                 for rounding in ROUNDINGS:
-                    row[rounding] = measure(model, options, rounding, x_cal, x_te, y_te, ref,
+                    row[rounding] = measure(model, dict(options, weight_rounding=rounding), x_cal, x_te, y_te, ref,
                                             os.path.join(folder, "m.onnx"))
                 row["sqnr_gain_db"] = round(row["adaptive"]["sqnr_vs_float_db"] - row["nearest"]["sqnr_vs_float_db"], 2)
                 entry["rows"].append(row)

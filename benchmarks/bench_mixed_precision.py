@@ -27,27 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import qcompile  # noqa: E402
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_negative_activations import MODELS, train  # noqa: E402
+from benchmarks.bench_adaptive_rounding import measure, trained_models  # noqa: E402
 from qcompile.models import digits  # noqa: E402
-from qcompile.qmodules import FakeQuantize  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "mixed_precision.json")
 CALIB = 32
-
-
-def measure(model, options: dict, x_cal, x_test, y_test, ref, path: str) -> dict:
-    t0 = time.perf_counter()
-    result = qcompile.compile(model, x_cal[:1], calib=x_cal, output=path, validation_inputs=x_test, **options)
-    seconds = time.perf_counter() - t0
-    out = common.session(path).run(None, {"input": x_test.numpy()})[0]
-    bits = {name.rpartition(".")[0]: m.bits for name, m in result.model.named_modules()
-            if isinstance(m, FakeQuantize) and m.role == "weight"}
-    return {"sqnr_vs_float_db": round(common.sqnr_db(ref, out), 2),
-            "accuracy": float(np.mean(out.argmax(1) == y_test.numpy())),
-            "ideal_bytes": common.ideal_size(result.model)["bytes"], "weight_bits": bits,
-            "validation_passed": bool(result.report.passed), "compile_seconds": round(seconds, 2)}
 
 
 def main(argv=None) -> None:
@@ -57,10 +42,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     x_tr, y_tr, x_te, y_te = digits.load_split()
     x_cal = x_tr[:CALIB].clone()
-    models = {"digits CNN": digits.pretrained()}
-    for name, (cls, epochs, lr) in MODELS.items():
-        torch.manual_seed(0)
-        models[name] = train(cls(), x_tr, y_tr, epochs, lr)
+    models = trained_models(x_tr, y_tr)
     results = {"environment": common.environment(), "calibration_images": CALIB, "test_images": len(x_te),
                "models": []}
     rows = []
@@ -68,7 +50,6 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "m.onnx")
         for name, model in models.items():
-            model.eval()
             with torch.no_grad():
                 ref = model(x_te).numpy()
             entry = {"model": name, "float_accuracy": float(np.mean(ref.argmax(1) == y_te.numpy())), "rows": []}
