@@ -141,6 +141,12 @@ class AllocateWeightBits(Pass):
         from .calibrate import weight_mse_alpha
         from .select import weight_only_layer
 
+        from qcompile.qmodules import FakeQuantize
+
+        if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # its bits would be decided and never used
+            self.report.append("quantizers are in the graph already: nothing allocated (run AllocateWeightBits "
+                               "after SelectLayers and before InsertQuantizers)")
+            return PassResult(gm, False)
         self.data = calibration_inputs(self.data, gm)
         if self.data is None:
             raise UserError("--avg-wbits (avg_wbits=) chooses the layers' bit-widths by their effect on the model's "

@@ -86,3 +86,16 @@ def test_refusals():
 
     with pytest.raises(qcompile.UserError, match="avg_wbits chooses bit-widths for post-training"):
         qat.prepare(model, x, scheme="apot", bits=4, avg_wbits=3)
+
+
+def test_after_insert_quantizers_it_says_so_and_changes_nothing():
+    from qcompile.ir import LayerConfig
+    from qcompile.passes import AllocateWeightBits, InsertQuantizers, Pipeline, SelectLayers
+
+    model = TwoPaths().eval()
+    x = torch.randn(32, 8)
+    gm = Pipeline([SelectLayers(LayerConfig(wscheme="uniform", wbits=4, ascheme="uniform", abits=8)),
+                   InsertQuantizers()])(qcompile.trace(model, x[:1])).gm
+    late = AllocateWeightBits(3, x)
+    assert not late(gm).modified
+    assert "run AllocateWeightBits after SelectLayers and before InsertQuantizers" in late.report[0]
