@@ -25,6 +25,7 @@ Runs after SelectLayers and before InsertQuantizers, on the float graph.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.fx
@@ -137,11 +138,13 @@ class AllocateWeightBits(Pass):
         self.data = data
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from .base import data_batches
-        from .calibrate import weight_mse_alpha
-        from .select import weight_only_layer
-
         from qcompile.qmodules import FakeQuantize
+
+        from .base import data_batches
+        from .bias_correction import _sample_channel_means, correction_indices, shrunk_shift
+        from .calibrate import weight_mse_alpha
+        from .insert_quant import quantizable_module
+        from .select import weight_only_layer
 
         if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # its bits would be decided and never used
             self.report.append("quantizers are in the graph already: nothing allocated (run AllocateWeightBits "
@@ -151,7 +154,7 @@ class AllocateWeightBits(Pass):
         if self.data is None:
             raise UserError("--avg-wbits (avg_wbits=) chooses the layers' bit-widths by their effect on the model's "
                             "outputs: pass calibration inputs (--calib FILE, calib= from Python)")
-        layers = {}
+        layers, sharing = {}, {}  # sharing: the first call of a weight -> the later calls reading the same one
         for node in gm.graph.nodes:
             cfg = node.meta.get("qconfig")
             if cfg is None or cfg.action != "quant" or cfg.reason not in ("default", REASON) \
@@ -161,8 +164,10 @@ class AllocateWeightBits(Pass):
             if found is None:
                 continue
             holder, attr, axis = found
-            if id(getattr(holder, attr)) in {id(getattr(h, a)) for h, a, _ in layers.values()}:
-                continue  # a weight two calls share: decided once, by its first call
+            first = next((n for n, (h, a, _) in layers.items() if getattr(h, a) is getattr(holder, attr)), None)
+            if first is not None:  # a weight two calls share: decided once, by its first call, for both
+                sharing.setdefault(first, []).append(node)
+                continue
             layers[node] = found
         if not layers:
             self.report.append("no layer is quantized by the default rule: nothing to allocate")
@@ -174,8 +179,6 @@ class AllocateWeightBits(Pass):
             raise UserError(f"--avg-wbits {self.avg_wbits:g} is below the fewest bits the weight levels take "
                             f"({lowest}); give at least {lowest}")
 
-        from .bias_correction import correction_indices
-
         parts = self.data if isinstance(self.data, (tuple, list)) else (self.data,)
         # BiasCorrection's samples (32 small ones, 8 ImageNet-sized), on which it will match the means too
         sample = tuple(t[correction_indices(parts)] for t in parts)
@@ -185,10 +188,6 @@ class AllocateWeightBits(Pass):
             for batch in data_batches(sample, 32):
                 outs.append(_outputs(gm(*batch)))
             return [torch.cat(ts) for ts in zip(*outs)]
-
-        from .insert_quant import quantizable_module
-
-        from .bias_correction import _sample_channel_means, shrunk_shift
 
         def channel_of(node, y) -> int:  # Linear: features last
             return y.dim() - 1 if isinstance(quantizable_module(gm, node), torch.nn.Linear) else 1
@@ -200,7 +199,7 @@ class AllocateWeightBits(Pass):
             float_means, hooks = {}, []
             for node in layers:
                 mod = quantizable_module(gm, node)
-                if mod is not None:
+                if mod is not None and node not in sharing:  # a module called twice: its calls' means differ
                     hooks.append(mod.register_forward_hook(lambda m, i, y, node=node: float_means.__setitem__(
                         node, _sample_channel_means(y, channel_of(node, y)))))
             try:
@@ -226,7 +225,7 @@ class AllocateWeightBits(Pass):
                     shape[channel] = -1
                     return y - shrunk_shift(means - ref).to(y.dtype).reshape(shape)
 
-                hook = mod.register_forward_hook(matched) if mod is not None else None
+                hook = mod.register_forward_hook(matched) if mod is not None and node in float_means else None
                 for bits in choices[cfg.wscheme]:
                     ls = quant.level_set(cfg.wscheme, bits, signed=True)
                     rows_axis = axis if cfg.per_channel else None
@@ -248,11 +247,12 @@ class AllocateWeightBits(Pass):
         bits = allocate(sensitivity, params, self.avg_wbits * total)
         changed = False
         for node, b in bits.items():
-            cfg = node.meta["qconfig"]
-            new = dataclasses.replace(cfg, wbits=b, reason=REASON)
-            if new != cfg:
-                node.meta["qconfig"] = new
-                changed = True
+            for call in [node] + sharing.get(node, []):
+                cfg = call.meta["qconfig"]
+                new = dataclasses.replace(cfg, wbits=b, reason=REASON)
+                if new != cfg:
+                    call.meta["qconfig"] = new
+                    changed = True
         avg = sum(params[node] * b for node, b in bits.items()) / total
         self.report.append(f"{len(bits)} layer(s), {total} weights: average {avg:.2f} bits (budget "
                            f"{self.avg_wbits:g})")
@@ -260,7 +260,7 @@ class AllocateWeightBits(Pass):
         for node, b in bits.items():
             name = node.meta.get("layer", str(node.target))
             curve = sensitivity[node]
-            shown = ", ".join(f"{k}b {10 * torch.log10(torch.tensor(ref_power / max(v, 1e-30))).item():.1f} dB"
+            shown = ", ".join(f"{k}b {10 * math.log10(ref_power / max(v, 1e-30)):.1f} dB"
                               for k, v in sorted(curve.items()))
             self.report.append(f"{name}: W{b} ({params[node]} weights; alone, output SQNR {shown})")
         return PassResult(gm, changed)

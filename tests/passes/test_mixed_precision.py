@@ -99,3 +99,27 @@ def test_after_insert_quantizers_it_says_so_and_changes_nothing():
     late = AllocateWeightBits(3, x)
     assert not late(gm).modified
     assert "run AllocateWeightBits after SelectLayers and before InsertQuantizers" in late.report[0]
+
+
+class Twice(nn.Module):
+    """``mid`` called twice: one weight, one width for both calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.mid, self.b, self.o = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.mid(torch.relu(self.a(x))))))
+        return self.o(torch.relu(self.b(h)))
+
+
+def test_a_weight_two_calls_share_gets_one_width_for_both():
+    from qcompile.passes.select import layer_table
+
+    torch.manual_seed(0)
+    result = qcompile.compile(Twice().eval(), calib=torch.randn(64, 8), scheme="uniform", bits=4, avg_wbits=3)
+    assert result.report.passed, result.report.summary()
+    mids = [row[2] for row in layer_table(result.model) if row[0] == "mid"]
+    assert len(mids) == 2 and mids[0] == mids[1] and "(mixed precision)" in mids[0], mids
+    report = next(t.report for t in result.timings if t.name == "AllocateWeightBits")
+    assert report[0].startswith("2 layer(s), 512 weights"), report  # mid's weights counted once
