@@ -20,11 +20,12 @@ matches the output means).
 
 Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph with ``W`` replaced by ``W̃`` (on its levels).
 
-Left alone (reported): layers whose weight several calls share, 3-D convolutions, fan-ins over ``MAX_FAN_IN``
-(an ``H`` of that size costs more than the layer gains), and layers no calibration sample reached.
+Left alone (reported): layers whose weight several calls share, fan-ins over ``MAX_FAN_IN`` (an ``H`` of that size
+costs more than the layer gains), 3-D convolutions with dilation, and layers no calibration sample reached.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import (Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length, fake_quantizer,
-                   remember_float, require_calibrated)
+from .base import (Pass, PassResult, attr_value, calibration_inputs, data_batches, data_length, remember_float,
+                   require_calibrated)
 
 DAMP = 0.01  # of the mean of diag(H), added to its diagonal (GPTQ's default)
 MAX_ROWS = 1 << 16  # input rows (samples x positions) per layer that H is summed over
@@ -42,7 +43,7 @@ MAX_FAN_IN = 8192  # columns of W (in_channels / groups x kernel): H is fan-in^2
 CHUNK = 1 << 23  # input elements x kernel size unfolded at a time
 BLOCK = 128  # columns updated lazily together (GPTQ's blocks): the same result, fewer large updates
 
-_LAYERS = {F.conv1d: 1, F.conv2d: 2, F.linear: 0}
+_LAYERS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, F.linear: 0}
 
 
 def _pair(v, n: int) -> tuple:
@@ -91,14 +92,24 @@ def _input_rows(node, x: torch.Tensor, groups: int, weight_shape) -> Optional[to
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1,) + kernel, (1,) + _pair(stride, 1), (1,) + _pair(dilation, 1)
         padding = padding if isinstance(padding, str) else (0,) + _pair(padding, 1)
+    n_dims = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
-            padding = (0, 0)
+            padding = (0,) * n_dims
         else:  # "same": F.conv2d pads (d·(k−1)) // 2 before and the rest after; unfold pads evenly
-            total = [d * (k - 1) for d, k in zip(_pair(dilation, 2), kernel)]
+            total = [d * (k - 1) for d, k in zip(_pair(dilation, n_dims), kernel)]
             if any(t % 2 for t in total):
                 return None
             padding = tuple(t // 2 for t in total)
+    if dims == 3:  # patches by Tensor.unfold along depth, height and width (no dilation there)
+        if any(d != 1 for d in _pair(dilation, 3)):
+            return None
+        (pd, ph, pw), (sd, sh, sw) = _pair(padding, 3), _pair(stride, 3)
+        x = F.pad(x, (pw, pw, ph, ph, pd, pd))
+        patches = x.unfold(2, kernel[0], sd).unfold(3, kernel[1], sh).unfold(4, kernel[2], sw)
+        c = patches.shape[1]
+        cols = patches.permute(0, 2, 3, 4, 1, 5, 6, 7).reshape(-1, groups, c * math.prod(kernel) // groups)
+        return cols.transpose(0, 1)
     cols = F.unfold(x, kernel, dilation=_pair(dilation, 2), padding=_pair(padding, 2), stride=_pair(stride, 2))
     n, d, positions = cols.shape  # d = in_channels x kernel
     cols = cols.transpose(1, 2).reshape(n * positions, groups, d // groups)
@@ -202,8 +213,6 @@ class AdaptiveRounding(Pass):
         for node in gm.graph.nodes:
             if node.op != "call_function" or len(node.args) < 2:
                 continue
-            if node.target is F.conv3d and fake_quantizer(gm, node.args[1]) is not None:
-                self.report.append(f"{node.meta.get('layer', node.name)}: 3-D convolution, nearest rounding kept")
             if node.target not in _LAYERS:
                 continue
             wq = node.args[1]

@@ -134,3 +134,26 @@ def test_the_choice_is_recorded_in_the_file_and_refused_without_data():
 
     with pytest.raises(qcompile.UserError, match="adaptive weight rounding is a PTQ step"):
         qat.prepare(model, x_train[:16], scheme="apot", bits=4, weight_rounding="adaptive")
+
+
+@pytest.mark.parametrize("fn,shape,kernel,args", [
+    (torch.nn.functional.conv1d, (2, 6, 11), (5,), ((1,), "same", (1,), 2)),
+    (torch.nn.functional.conv2d, (2, 6, 9, 8), (3, 3), ((2, 1), (1, 0), (1, 2), 3)),
+    (torch.nn.functional.conv3d, (2, 4, 5, 6, 7), (3, 3, 3), ((1, 2, 2), (0, 1, 1), 1, 2)),
+])
+def test_the_input_rows_times_the_weights_are_the_convolution(fn, shape, kernel, args):
+    """The patches H is summed over are the convolution's own: ``W · rows`` gives its output, every group."""
+    import types
+
+    from qcompile.passes.adaptive_rounding import _input_rows
+
+    stride, padding, dilation, groups = args
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    w = torch.randn(6, shape[1] // groups, *kernel, generator=gen)
+    node = types.SimpleNamespace(target=fn, args=(None, None, None, stride, padding, dilation, groups), kwargs={})
+    rows = _input_rows(node, x, groups, w.shape)
+    y = fn(x, w, None, stride, padding, dilation, groups)
+    out = torch.einsum("grd,god->gro", rows, w.reshape(groups, 6 // groups, -1))
+    ref = y.movedim(1, -1).reshape(-1, groups, 6 // groups).transpose(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
