@@ -12,7 +12,8 @@ that a few calibration samples (fewer than the layer's fan-in: the ill-posed cas
 problem.
 
 The inputs ``x`` are what each layer reads in the quantized simulation (quantized activations, the layers before it
-with nearest rounding), over the calibration data, one pass: for a convolution, its input patches (``F.unfold``),
+with nearest rounding), over the calibration data, one pass: for a convolution, its input patches (``F.unfold``;
+``Tensor.unfold`` in 3-D),
 at most ``MAX_ROWS`` of them per layer (a fixed-seed sample). The per-channel ranges ``alpha`` stay those Calibrate
 chose; the new weights are on their levels exactly, so the weight quantizer gives them back unchanged, and the
 file's codes are those of the simulation as before. Run after Calibrate and before BiasCorrection (which then
@@ -211,9 +212,7 @@ class AdaptiveRounding(Pass):
         uses: dict = {}
         found = []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or len(node.args) < 2:
-                continue
-            if node.target not in _LAYERS:
+            if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
                 continue
             wq = node.args[1]
             if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"):
@@ -281,7 +280,7 @@ class AdaptiveRounding(Pass):
         for node, (fq, wnode, w, groups, rows) in todo.items():
             name = node.meta.get("layer", node.name)
             if node in skipped or rows.rows == 0:
-                self.report.append(f"{name}: no input rows (padding this pass cannot unfold), nearest rounding kept")
+                self.report.append(f"{name}: no input rows (a padding or dilation this pass does not unfold), nearest rounding kept")
                 continue
             new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, fq).reshape(w.shape)
             before = fq.simulate(w.float())
