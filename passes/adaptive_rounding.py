@@ -13,9 +13,9 @@ problem.
 
 The inputs ``x`` are what each layer reads in the quantized simulation (quantized activations, the layers before it
 with nearest rounding), over the calibration data, one pass: for a convolution, its input patches (``F.unfold``;
-``Tensor.unfold`` in 3-D), at most ``MAX_ROWS`` of them per layer (a fixed-seed sample). The per-channel ranges ``alpha`` stay those Calibrate
-chose; the new weights are on their levels exactly, so the weight quantizer gives them back unchanged, and the
-file's codes are those of the simulation as before. Run after Calibrate and before BiasCorrection (which then
+``Tensor.unfold`` in 3-D), at most ``MAX_ROWS`` of them per layer (a fixed-seed sample). The per-channel ranges
+``alpha`` stay those Calibrate chose; the new weights are on their levels exactly, so the weight quantizer gives them
+back unchanged, and the file's codes are those of the simulation as before. Run after Calibrate and before BiasCorrection (which then
 matches the output means).
 
 Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph with ``W`` replaced by ``W̃`` (on its levels).
