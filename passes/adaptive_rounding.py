@@ -15,8 +15,8 @@ The inputs ``x`` are what each layer reads in the quantized simulation (quantize
 with nearest rounding), over the calibration data, one pass: for a convolution, its input patches (``F.unfold``;
 ``Tensor.unfold`` in 3-D), at most ``MAX_ROWS`` of them per layer (a fixed-seed sample). The per-channel ranges
 ``alpha`` stay those Calibrate chose; the new weights are on their levels exactly, so the weight quantizer gives them
-back unchanged, and the file's codes are those of the simulation as before. Run after Calibrate and before BiasCorrection (which then
-matches the output means).
+back unchanged, and the file's codes are those of the simulation as before. Run after Calibrate and before
+BiasCorrection (which then matches the output means).
 
 Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph with ``W`` replaced by ``W̃`` (on its levels).
 
@@ -233,7 +233,8 @@ class AdaptiveRounding(Pass):
         require_calibrated(gm, "AdaptiveRounding")  # the levels it chooses among are the calibrated ones
         self.data = calibration_inputs(self.data, gm)
         if self.data is None:
-            self.report.append("no calibration data: nearest rounding kept (adaptive rounding needs the layers' inputs)")
+            self.report.append("no calibration data: nearest rounding kept (adaptive rounding needs the layers' "
+                               "inputs)")
             return PassResult(gm, False)
         layers, shared = self._layers(gm)
         if shared:
@@ -279,7 +280,8 @@ class AdaptiveRounding(Pass):
         for node, (fq, wnode, w, groups, rows) in todo.items():
             name = node.meta.get("layer", node.name)
             if node in skipped or rows.rows == 0:
-                self.report.append(f"{name}: no input rows (a padding or dilation this pass does not unfold), nearest rounding kept")
+                self.report.append(f"{name}: no input rows (a padding or dilation this pass does not unfold), nearest "
+                                   "rounding kept")
                 continue
             new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, fq).reshape(w.shape)
             before = fq.simulate(w.float())

@@ -33,7 +33,8 @@ class CompileOptions:
     equalize_inputs: Optional[bool] = None
     bias_correction: bool = True
     # weights rounded to their nearest levels ("nearest"), or to the levels that reconstruct each layer's output on
-    # the calibration data ("adaptive": the lecture's adaptive rounding, solved as GPTQ does; passes/adaptive_rounding.py)
+    # the calibration data ("adaptive": the lecture's adaptive rounding, solved as GPTQ does;
+    # passes/adaptive_rounding.py)
     weight_rounding: str = "nearest"
     # automatic mixed precision: per-layer weight bit-widths chosen by measured sensitivity so that the layers the
     # default rule quantizes average at most this many bits per weight (passes/mixed_precision.py); None: wbits
