@@ -827,6 +827,26 @@ def test_the_command_makes_waiting_openmp_threads_sleep(argv0, torch_first, expe
     assert out.strip() == str(expected)
 
 
+def test_mixed_precision_and_adaptive_rounding_from_the_command_line_validate_again(work, capsys):
+    """--avg-wbits and --weight-rounding adaptive are recorded in the file, so validate decides the same bits and
+    levels from the same --data; without --calib they are refused before anything is written."""
+    rng = np.random.default_rng(4)
+    np.save(work / "calib16.npy", rng.standard_normal((16, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib16.npy", "--avg-wbits", "3.5",
+                       "--weight-rounding", "adaptive", "--keep-first-last", "quant", "-o", "mp.onnx")
+    assert rc == 0 and "(mixed precision)" in out and "apot W3.5 (average) A4" in out, out + err
+    options = json.loads({p.key: p.value for p in onnx.load(work / "mp.onnx").metadata_props}["qcompile.options"])
+    assert options["avg_wbits"] == 3.5 and options["weight_rounding"] == "adaptive"
+    assert "AdaptiveRounding" in out and "AllocateWeightBits" in out
+    rc, out, err = cli(capsys, "validate", "mp.onnx", "--against", "weights.pt", "--arch", SPEC, "--data",
+                       "calib16.npy")
+    assert rc == 0 and "PASS" in out, err
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--input-shape", "1,3,8,8", "--avg-wbits", "3",
+                       "-o", "none.onnx")
+    assert_user_error(rc, err, "--avg-wbits (avg_wbits=) chooses the layers' bit-widths")
+    assert not (work / "none.onnx").exists()
+
+
 def test_validate_of_a_quantized_file_needs_its_calibration_data(work, capsys):
     """validate rebuilds the simulation by calibrating on --data: other inputs (held-out images) made a wrong
     reference and a FAIL on thousands of codes. The file records a fingerprint of its calibration data."""
