@@ -385,7 +385,8 @@ class Calibrate(Pass):
         # not, lost 2.1 dB at W8A8. The 8-bit outputs added only for the int8 kernels that no plan describes stay
         # float, as before: fitted on distilled inputs, the digits CNN's fc1 output cost it 16 dB at W8A8.
         computed = synthetic.observe(gm, [n for n in acts if plans[n] is None
-                                          and not getattr(gm.get_submodule(n.target), "optional", False)], self.method)
+                                          and not getattr(gm.get_submodule(n.target), "optional", False)],
+                                     self.method, self.progress)
         reached = synthetic.after_points(gm, synthetic.describing_points(gm))
         for node in acts:
             fq = gm.get_submodule(node.target)

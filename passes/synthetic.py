@@ -127,9 +127,9 @@ def _start(gm) -> list | None:
         [torch.randn(s, generator=gen, dtype=dtype) for s, dtype in shapes]
 
 
-def distill(gm: torch.fx.GraphModule, points: dict) -> list | None:
+def distill(gm: torch.fx.GraphModule, points: dict, progress=None) -> list | None:
     """Inputs whose BatchNorm'd tensors have the statistics ``points`` gives; None where the graph does not run on
-    such inputs (or no BatchNorm'd tensor depends on them)."""
+    such inputs (or no BatchNorm'd tensor depends on them). ``progress(step, STEPS)`` after each step."""
     starts = _start(gm)
     if starts is None:
         return None
@@ -147,13 +147,15 @@ def distill(gm: torch.fx.GraphModule, points: dict) -> list | None:
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
+                    if progress is not None:
+                        progress(step + 1, STEPS)
         except Exception:  # noqa: BLE001 - the model's code does not take this batch (or no autograd through it)
             continue
         return [t.detach() for t in x]
     return None
 
 
-def observe(gm: torch.fx.GraphModule, nodes: list, method: str) -> dict:
+def observe(gm: torch.fx.GraphModule, nodes: list, method: str, progress=None) -> dict:
     """For each activation quantizer node in ``nodes`` that reads a BatchNorm'd tensor (directly or not): an
     observer of ``method`` that has seen its values on distilled inputs (the float graph). Nodes missing from the
     result have no BatchNorm before them, or the graph could not be run that way."""
@@ -174,7 +176,7 @@ def observe(gm: torch.fx.GraphModule, nodes: list, method: str) -> dict:
     try:
         for m in fqs:
             m.enabled = False  # the float model: quantizers (weights included) pass values through
-        inputs = distill(gm, points)
+        inputs = distill(gm, points, progress)
         if inputs is None:
             return {}
         with torch.no_grad():

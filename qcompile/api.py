@@ -550,7 +550,8 @@ def compile(
             defaults too, give ``example_inputs`` with one tensor per input, or the tuple form.
         output: where to write the ONNX file (atomically; a str or path-like); ``None`` keeps it in memory only.
         validate: run the ONNX file in onnxruntime and compare it with the simulation.
-        progress: called as ``progress(done, total)`` while calibration runs over the data.
+        progress: called as ``progress(done, total)`` while calibration runs over the data (without data: over
+            the steps that distill inputs from the BatchNorm statistics, where those run).
         **options: the fields of :class:`CompileOptions` (``wbits``, ``abits``, ``emit``, ``check``, ...).
     """
     t0 = time.perf_counter()

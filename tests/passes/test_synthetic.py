@@ -77,7 +77,9 @@ def test_observe_describes_the_quantizers_after_a_batchnorm_only():
     gm = _prepared(model, torch.randn(1, 3, 8, 8))
     acts = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuantize)
             and gm.get_submodule(n.target).role != "weight"]
-    observers = synthetic.observe(gm, acts, "mse")
+    steps = []
+    observers = synthetic.observe(gm, acts, "mse", progress=lambda done, total: steps.append((done, total)))
+    assert steps[-1] == (synthetic.STEPS, synthetic.STEPS) and len(steps) == synthetic.STEPS  # the CLI's bar
     # the inputs of conv5 (after BN-ReLU) and of the linear (after the mean) are described, not the model's input
     assert len(acts) == 3 and set(observers) == set(acts[1:])
     for node, obs in observers.items():
