@@ -33,6 +33,7 @@ import torch.nn as nn
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
+DISTILLED = "qcompile.distilled_inputs"  # gm.meta key: the distilled inputs, for BiasCorrection
 STEPS = 50  # Adam steps on the inputs (two trained digits CNNs: 25 to 200 steps within the run-to-run spread)
 LR = 0.1
 PIXELS = 1 << 16  # the batch: enough samples for this many input values, 4 to 16 samples
@@ -127,9 +128,10 @@ def _start(gm) -> list | None:
         [torch.randn(s, generator=gen, dtype=dtype) for s, dtype in shapes]
 
 
-def distill(gm: torch.fx.GraphModule, points: dict, progress=None) -> list | None:
+def distill(gm: torch.fx.GraphModule, points: dict, progress=None, record: dict | None = None) -> list | None:
     """Inputs whose BatchNorm'd tensors have the statistics ``points`` gives; None where the graph does not run on
-    such inputs (or no BatchNorm'd tensor depends on them). ``progress(step, STEPS)`` after each step."""
+    such inputs (or no BatchNorm'd tensor depends on them). ``progress(step, STEPS)`` after each step; ``record``
+    gets ``"loss"``: the statistics loss at the start and at the last step, and ``"batch"``."""
     starts = _start(gm)
     if starts is None:
         return None
@@ -140,6 +142,7 @@ def distill(gm: torch.fx.GraphModule, points: dict, progress=None) -> list | Non
                 loss = _statistics_loss(gm, points, x)
                 if loss is None:
                     return None
+                first = float(loss.detach())
                 opt = torch.optim.Adam(x, lr=LR)
                 for step in range(STEPS):
                     if step:
@@ -151,14 +154,17 @@ def distill(gm: torch.fx.GraphModule, points: dict, progress=None) -> list | Non
                         progress(step + 1, STEPS)
         except Exception:  # noqa: BLE001 - the model's code does not take this batch (or no autograd through it)
             continue
+        if record is not None:
+            record["loss"] = (first, float(loss.detach()))
+            record["batch"] = int(x[0].shape[0])
         return [t.detach() for t in x]
     return None
 
 
-def observe(gm: torch.fx.GraphModule, nodes: list, method: str, progress=None) -> dict:
+def observe(gm: torch.fx.GraphModule, nodes: list, method: str, progress=None, record: dict | None = None) -> dict:
     """For each activation quantizer node in ``nodes`` that reads a BatchNorm'd tensor (directly or not): an
     observer of ``method`` that has seen its values on distilled inputs (the float graph). Nodes missing from the
-    result have no BatchNorm before them, or the graph could not be run that way."""
+    result have no BatchNorm before them, or the graph could not be run that way. ``record``: as for ``distill``."""
     points = describing_points(gm)
     reached = after_points(gm, points)
     nodes = [n for n in nodes if isinstance(n.args[0], torch.fx.Node) and n.args[0] in reached]
@@ -176,9 +182,10 @@ def observe(gm: torch.fx.GraphModule, nodes: list, method: str, progress=None) -
     try:
         for m in fqs:
             m.enabled = False  # the float model: quantizers (weights included) pass values through
-        inputs = distill(gm, points, progress)
+        inputs = distill(gm, points, progress, record)
         if inputs is None:
             return {}
+        gm.meta[DISTILLED] = inputs  # BiasCorrection's E[x] where no BatchNorm gives it (it removes them)
         with torch.no_grad():
             _Record(gm, points, watched=set(nodes), seen=seen).run(*inputs)
     finally:

@@ -23,6 +23,7 @@ from . import export as export_mod
 from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
+from qcompile.passes.synthetic import DISTILLED
 from .pipeline import build_passes
 from .threads import compile_threads, torch_threads
 
@@ -910,6 +911,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                         callback=callback)
     gm = pipeline(gm).gm
     gm.eval()
+    gm.meta.pop(DISTILLED, None)  # data-free calibration's inputs, where BiasCorrection did not take them
     hints = [h for p in pipeline.passes for h in getattr(p, "level_hints", ())]
     level_note = None
     if hints:  # the pass report has them too; the CLI prints it, from Python a warning is the only word of it
