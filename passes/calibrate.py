@@ -384,9 +384,10 @@ class Calibrate(Pass):
         # four trained digits CNNs that need them moved by -0.3 to +1.1 dB (W8A8 to W4A4), the digits CNN, which does
         # not, lost 2.1 dB at W8A8. The 8-bit outputs added only for the int8 kernels that no plan describes stay
         # float, as before: fitted on distilled inputs, the digits CNN's fc1 output cost it 16 dB at W8A8.
+        distilled = {}
         computed = synthetic.observe(gm, [n for n in acts if plans[n] is None
                                           and not getattr(gm.get_submodule(n.target), "optional", False)],
-                                     self.method, self.progress)
+                                     self.method, self.progress, distilled)
         reached = synthetic.after_points(gm, synthetic.describing_points(gm))
         for node in acts:
             fq = gm.get_submodule(node.target)
@@ -446,9 +447,11 @@ class Calibrate(Pass):
                            f"BatchNorm statistics ({self.method} on values drawn from each channel's normal, through "
                            f"ReLUs, max-pools and residual adds)")
         if computed:
+            start, end = distilled["loss"]
             self.report.append(f"data-free: {len(computed)} activation range(s) on inputs distilled from the "
-                               f"BatchNorm statistics ({self.method}; ZeroQ's statistics loss, {synthetic.STEPS} "
-                               "steps): an approximation, pass --calib for real ranges")
+                               f"BatchNorm statistics ({self.method} on {distilled['batch']} samples; ZeroQ's "
+                               f"statistics loss {start:.3g} -> {end:.3g} in {synthetic.STEPS} steps): an "
+                               "approximation, pass --calib for real ranges")
         for place in dropped:
             self.report.append(f"data-free: {place} stays float (an 8-bit output for the int8 kernels, which no "
                                "BatchNorm describes)")
