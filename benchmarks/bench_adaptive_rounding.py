@@ -14,7 +14,6 @@ Run: ``python benchmarks/bench_adaptive_rounding.py`` from the repository root (
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -110,15 +109,9 @@ def main(argv=None) -> None:
                           "rows_with_gain": int(sum(g > 0 for g in gains)),
                           "all_validations_passed": all(r[k]["validation_passed"] for m in results["models"]
                                                         for r in m["rows"] for k in ROUNDINGS)}
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    print()
-    print(common.markdown_table(["model", "config", "SQNR vs float dB (nearest / adaptive)", "gain",
-                                 "accuracy % (nearest / adaptive)", "validation", "compile s"], rows))
-    print(json.dumps(results["summary"]))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.output}")
+    common.finish(results, args.output,
+                  ["model", "config", "SQNR vs float dB (nearest / adaptive)", "gain",
+                   "accuracy % (nearest / adaptive)", "validation", "compile s"], rows, t_start)
 
 
 if __name__ == "__main__":

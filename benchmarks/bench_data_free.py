@@ -23,7 +23,6 @@ Run: ``python benchmarks/bench_data_free.py`` from the repository root (about 2 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -236,15 +235,9 @@ def main(argv=None) -> None:
                           "sqnr_gap_db_median": float(np.median(gaps)) if gaps else None,
                           "sqnr_gap_db_min": float(min(gaps)) if gaps else None,
                           "sqnr_gap_db_max": float(max(gaps)) if gaps else None}
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    print()
-    print(common.markdown_table(["model", "config", "SQNR vs float dB (data-free / 32 images)", "gap",
-                                 "accuracy % (data-free / 32 images)", "validation", "compile s"], rows))
-    print(json.dumps(results["summary"]))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.output}")
+    common.finish(results, args.output,
+                  ["model", "config", "SQNR vs float dB (data-free / 32 images)", "gap",
+                   "accuracy % (data-free / 32 images)", "validation", "compile s"], rows, t_start)
 
 
 if __name__ == "__main__":

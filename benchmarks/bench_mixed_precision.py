@@ -14,7 +14,6 @@ Run: ``python benchmarks/bench_mixed_precision.py`` from the repository root (ab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -80,15 +79,9 @@ def main(argv=None) -> None:
                                   for m in results["models"] for r in m["rows"]),
         "all_validations_passed": all(r[k]["validation_passed"] for m in results["models"] for r in m["rows"]
                                       for k in ("fixed", "mixed"))}
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    print()
-    print(common.markdown_table(["model", "weights / activations", "SQNR vs float dB (fixed / mixed)", "gain",
-                                 "accuracy % (fixed / mixed)", "ideal bytes (fixed / mixed)", "validation"], rows))
-    print(json.dumps(results["summary"]))
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {args.output}")
+    common.finish(results, args.output,
+                  ["model", "weights / activations", "SQNR vs float dB (fixed / mixed)", "gain",
+                   "accuracy % (fixed / mixed)", "ideal bytes (fixed / mixed)", "validation"], rows, t_start)
 
 
 if __name__ == "__main__":

@@ -190,3 +190,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def finish(results: dict, path: str, headers: Sequence[str], rows: Sequence[Sequence], t_start: float) -> None:
+    """The end of a benchmark: ``results["seconds"]`` since ``t_start``, the markdown table and the summary printed,
+    the JSON written to ``path``."""
+    import json
+
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    print()
+    print(markdown_table(headers, rows))
+    print(json.dumps(results.get("summary")))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
