@@ -449,7 +449,8 @@ class Calibrate(Pass):
         if computed:
             start, end = distilled["loss"]
             self.report.append(f"data-free: {len(computed)} activation range(s) on inputs distilled from the "
-                               f"BatchNorm statistics ({self.method} on {distilled['batch']} samples; ZeroQ's "
+                               f"BatchNorm statistics ({self.method} on {distilled['batch']} sample"
+                               f"{'s' if distilled['batch'] != 1 else ''}; ZeroQ's "
                                f"statistics loss {start:.3g} -> {end:.3g} in {synthetic.STEPS} steps): an "
                                "approximation, pass --calib for real ranges")
         for place in dropped:

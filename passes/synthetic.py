@@ -36,7 +36,9 @@ from qcompile.qmodules import FakeQuantize
 DISTILLED = "qcompile.distilled_inputs"  # gm.meta key: the distilled inputs, for BiasCorrection
 STEPS = 50  # Adam steps on the inputs (two trained digits CNNs: 25 to 200 steps within the run-to-run spread)
 LR = 0.1
-PIXELS = 1 << 16  # the batch: enough samples for this many input values, 4 to 16 samples
+PIXELS = 1 << 16  # the batch: enough samples for this many input values, 4 to 16 samples; one sample where a
+# sample alone holds over 4 x PIXELS values (512 x 512 images: the backward pass of a segmentation network on 4 of
+# them would hold gigabytes of activations)
 
 
 def describing_points(gm: torch.fx.GraphModule) -> dict:
@@ -122,7 +124,7 @@ def _start(gm) -> list | None:
     if not shapes:
         return None
     per_sample = max(1, max(math.prod(s[1:]) for s, _ in shapes))
-    batch = min(16, max(4, math.ceil(PIXELS / per_sample)))
+    batch = min(16, max(4 if per_sample <= 4 * PIXELS else 1, math.ceil(PIXELS / per_sample)))
     gen = torch.Generator().manual_seed(0)
     return [torch.randn((batch,) + s[1:], generator=gen, dtype=dtype) for s, dtype in shapes], \
         [torch.randn(s, generator=gen, dtype=dtype) for s, dtype in shapes]
