@@ -427,8 +427,8 @@ class Calibrate(Pass):
                 if node.args[0] not in reached:
                     why = "no BatchNorm comes before it, so no statistics describe its values"
                 else:
-                    why = ("the model did not run on inputs distilled from its BatchNorm statistics: an input that is "
-                           "not a float tensor, or code that takes no other batch size than the traced one")
+                    why = ("inputs could not be distilled from its BatchNorm statistics: a model input that is not a "
+                           "float tensor, or model code that fails on such inputs or under autograd")
                 raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
                                 f"inputs with {how}")
             # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in

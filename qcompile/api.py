@@ -17,13 +17,13 @@ import torch
 import torch.nn as nn
 
 from qcompile.passes.base import PassTiming, Pipeline
+from qcompile.passes.synthetic import DISTILLED
 from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
-from qcompile.passes.synthetic import DISTILLED
 from .pipeline import build_passes
 from .threads import compile_threads, torch_threads
 

@@ -108,3 +108,28 @@ def test_nothing_is_distilled_without_a_batchnorm_or_for_integer_inputs():
     gm = _prepared(Tokens().eval(), torch.zeros(2, 5, dtype=torch.long))
     assert synthetic.describing_points(gm)
     assert synthetic.distill(gm, synthetic.describing_points(gm)) is None  # token ids cannot be optimised
+
+
+def test_compile_names_why_nothing_was_distilled_for_token_inputs():
+    """A quantizer after a BatchNorm and a SiLU in a model that reads token ids: no plan reaches it, and ids cannot
+    be optimised; the refusal says so (not "no BatchNorm comes before it")."""
+    import pytest
+
+    import qcompile
+    from qcompile.errors import UserError
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(10, 8)
+            self.fc1, self.bn, self.fc2, self.fc3 = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, ids):
+            return self.fc3(self.fc2(torch.nn.functional.silu(self.bn(self.fc1(self.embed(ids).mean(1))))))
+
+    with pytest.raises(UserError, match=r"cannot calibrate the input of layer 'fc2' without data \(inputs could not "
+                                        r"be distilled from its BatchNorm statistics: a model input that is not a "
+                                        r"float tensor"):
+        qcompile.compile(Tokens().eval(), torch.zeros(2, 5, dtype=torch.long), scheme="uniform", bits=8,
+                         keep_first_last="fp32")
