@@ -46,10 +46,11 @@ CONFIGS = {
 ROUNDINGS = ("nearest", "adaptive")
 
 
-def trained_models(x_tr, y_tr) -> dict:
-    """The bundled digits CNN and the two models ``bench_negative_activations`` trains (seeded), in eval mode."""
+def trained_models(x_tr, y_tr, specs: dict = MODELS) -> dict:
+    """The bundled digits CNN and the models of ``specs`` (name -> (class, epochs, lr); default: the two that
+    ``bench_negative_activations`` trains), trained seeded, in eval mode."""
     models = {"digits CNN": digits.pretrained()}
-    for name, (cls, epochs, lr) in MODELS.items():
+    for name, (cls, epochs, lr) in specs.items():
         torch.manual_seed(0)
         models[name] = train(cls(), x_tr, y_tr, epochs, lr)
     return {name: model.eval() for name, model in models.items()}

@@ -39,7 +39,8 @@ if ROOT not in sys.path:
 
 import qcompile  # noqa: E402
 from benchmarks import common  # noqa: E402
-from benchmarks.bench_negative_activations import MobileNetV3Like, train  # noqa: E402
+from benchmarks.bench_adaptive_rounding import trained_models  # noqa: E402
+from benchmarks.bench_negative_activations import MobileNetV3Like  # noqa: E402
 from qcompile.models import digits  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "data_free.json")
@@ -169,14 +170,6 @@ MODELS = {"MobileNetV3-like": (MobileNetV3Like, 60, 3e-3), "DenseNet-like": (Den
           "Inception-like": (InceptionLike, 40, 3e-3)}
 
 
-def trained_models(x_tr, y_tr) -> dict:
-    models = {"digits CNN": digits.pretrained()}
-    for name, (cls, epochs, lr) in MODELS.items():
-        torch.manual_seed(0)
-        models[name] = train(cls(), x_tr, y_tr, epochs, lr)
-    return {name: model.eval() for name, model in models.items()}
-
-
 def measure(model, options: dict, calib, x_test, y_test, ref, path: str) -> dict:
     t0 = time.perf_counter()
     try:
@@ -202,7 +195,7 @@ def main(argv=None) -> None:
     x_tr, y_tr, x_te, y_te = digits.load_split()
     x_cal = x_tr[:CALIB].clone()
     t_start = time.perf_counter()
-    models = trained_models(x_tr, y_tr)
+    models = trained_models(x_tr, y_tr, MODELS)
     results = {"environment": common.environment(), "calibration_images": CALIB, "test_images": len(x_te),
                "models": []}
     rows = []
