@@ -389,11 +389,15 @@ class Calibrate(Pass):
         # distillation it does not run (the digits CNN, plans only, lost 2.1 dB at W8A8 on distilled ranges).
         distilled = {}
         needed = [n for n in acts if plans[n] is None and not getattr(gm.get_submodule(n.target), "optional", False)]
+        reached = synthetic.after_points(gm, synthetic.describing_points(gm))
+        for node in needed:  # what no distillation can give, refused before it runs (26 s at 224x224 for nothing)
+            refusal = _data_free_refusal(gm, node, acts, reached, distilled=False)
+            if refusal:
+                raise UserError(refusal)
         planned = [n for n in acts if plans[n] is not None] if needed else []
         computed = synthetic.observe(gm, needed + planned, self.method, self.progress, distilled)
         hints = {n: computed.pop(n) for n in planned if n in computed}
         widened = 0
-        reached = synthetic.after_points(gm, synthetic.describing_points(gm))
         for node in acts:
             fq = gm.get_submodule(node.target)
             plan = plans[node]
@@ -410,32 +414,8 @@ class Calibrate(Pass):
                 gm.graph.erase_node(node)
                 gm.delete_submodule(node.target)
                 continue
-            if plan is None:
-                inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
-                how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
-                    f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
-                src = node.args[0]
-                while isinstance(src, torch.fx.Node) and src.args and _moves_values(gm, src):
-                    src = src.args[0]  # a quantizer, or the input rearranged: (B, T, F).transpose(1, 2), a view
-                if isinstance(src, torch.fx.Node) and src.op == "placeholder":
-                    # the first layer's input: no BatchNorm describes the data itself. Keeping the first and last
-                    # layers float helps only where BatchNorms describe the others: a ViT (LayerNorms, none) was
-                    # sent to --keep-first-last fp32, and then refused on its attention projections
-                    if not any(_synthesis_plan(gm, n.args[0]) is not None for n in acts if n is not node):
-                        raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's "
-                                        f"input {src.name!r}), nor any other activation (no BatchNorm describes "
-                                        f"them); pass calibration inputs with {how}")
-                    raise UserError(f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input "
-                                    f"{src.name!r}, which no BatchNorm describes); keep the first layer float "
-                                    f"(--keep-first-last fp32, keep_first_last='fp32') or pass calibration inputs "
-                                    f"with {how}")
-                if node.args[0] not in reached:
-                    why = "no BatchNorm comes before it, so no statistics describe its values"
-                else:
-                    why = ("inputs could not be distilled from its BatchNorm statistics: a model input that is not a "
-                           "float tensor, or model code that fails on such inputs or under autograd")
-                raise UserError(f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration "
-                                f"inputs with {how}")
+            if plan is None:  # and the distillation gave it nothing
+                raise UserError(_data_free_refusal(gm, node, acts, reached, distilled=True))
             # the clip: the calibration method's own choice on what BatchNorm says the values are (each channel in
             # equal shares), synthesised through the graph (_draw). max_c(β_c + 6|γ_c|), the whole range it used to
             # take, spent 4-bit levels on values that barely occur: 2.5x the real maximum, -4 to -13 dB at 3-4 bits
@@ -469,6 +449,36 @@ class Calibrate(Pass):
         for place in dropped:
             self.report.append(f"data-free: {place} stays float (an 8-bit output for the int8 kernels, which no "
                                "BatchNorm describes)")
+
+
+def _data_free_refusal(gm, node: torch.fx.Node, acts, reached: set, distilled: bool) -> str | None:
+    """Why activation quantizer ``node``, which no plan describes, cannot be calibrated without data: it reads the
+    model's input, or no BatchNorm comes before it (known before any distillation runs), or (``distilled``: the
+    distillation ran and gave it nothing) inputs could not be distilled. None where the distillation may give it."""
+    inputs = sum(n.op == "placeholder" for n in gm.graph.nodes)
+    how = "--calib FILE.npy (calib= from Python)" if inputs == 1 else \
+        f"--calib FILE.npz (arrays x0 .. x{inputs - 1}, one per input), or calib= from Python"
+    src = node.args[0]
+    while isinstance(src, torch.fx.Node) and src.args and _moves_values(gm, src):
+        src = src.args[0]  # a quantizer, or the input rearranged: (B, T, F).transpose(1, 2), a view
+    if isinstance(src, torch.fx.Node) and src.op == "placeholder":
+        # the first layer's input: no BatchNorm describes the data itself. Keeping the first and last layers float
+        # helps only where BatchNorms describe the others: a ViT (LayerNorms, none) was sent to --keep-first-last
+        # fp32, and then refused on its attention projections
+        if not any(_synthesis_plan(gm, n.args[0]) is not None for n in acts if n is not node):
+            return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {src.name!r}), "
+                    f"nor any other activation (no BatchNorm describes them); pass calibration inputs with {how}")
+        return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {src.name!r}, "
+                f"which no BatchNorm describes); keep the first layer float (--keep-first-last fp32, "
+                f"keep_first_last='fp32') or pass calibration inputs with {how}")
+    if node.args[0] not in reached:
+        why = "no BatchNorm comes before it, so no statistics describe its values"
+    elif distilled:
+        why = ("inputs could not be distilled from its BatchNorm statistics: a model input that is not a float "
+               "tensor, or model code that fails on such inputs or under autograd")
+    else:
+        return None
+    return f"cannot calibrate {_quantizer_place(node)} without data ({why}); pass calibration inputs with {how}"
 
 
 UNIFORM_HINT_DB = 3.0  # APoT activation levels this much worse (squared error) than uniform ones: in the report

@@ -770,6 +770,43 @@ def test_the_data_free_error_for_the_model_input_names_keep_first_last():
     assert "--keep-first-last" not in said  # it led to a second refusal, on layer b
 
 
+def test_a_data_free_refusal_comes_before_the_distillation(monkeypatch):
+    """The model's input (no BatchNorm describes it) and a quantizer with no BatchNorm before it are refused before
+    any input is distilled for the rest (a SiLU output here): EfficientNet-B0 at 224x224 distilled for 24 s and then
+    said "keep the first layer float" (26.2 -> 2.0 s to that line)."""
+    import qcompile
+    from qcompile.errors import UserError
+    from qcompile.passes import synthetic
+
+    def no_distillation(*args, **kwargs):
+        raise AssertionError("the distillation ran before the refusal")
+
+    monkeypatch.setattr(synthetic, "distill", no_distillation)
+
+    class Net(nn.Module):
+        def __init__(self, side: bool):
+            super().__init__()
+            self.side = side
+            self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.s1, self.s2, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = F.silu(self.bn2(self.c2(F.silu(self.bn(self.c1(x))))))  # SiLU: only distilled inputs describe it
+            if self.side:  # s2 reads relu(s1(x)): no BatchNorm before it
+                h = h + self.s2(torch.relu(self.s1(x)))
+            return self.fc(h.mean((2, 3)))
+
+    steps = []
+    with pytest.raises(UserError, match=r"the model's input 'x', which no BatchNorm describes"):
+        qcompile.compile(Net(side=False).eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8,
+                         progress=lambda done, total: steps.append(done))
+    with pytest.raises(UserError, match=r"layer 's2' without data \(no BatchNorm comes before it"):
+        qcompile.compile(Net(side=True).eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8,
+                         exclude=["c1", "s1"], progress=lambda done, total: steps.append(done))
+    assert steps == []
+
+
 def test_weights_all_below_the_smallest_range_are_a_user_error(tmp_path):
     """A layer scaled by 1e-12 (the next by 1e12: the same function) had every weight code 0 under the 1e-8 floor of
     the quantizer range: a file computing another model, validation PASS (file = simulation)."""
