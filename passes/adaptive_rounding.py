@@ -20,11 +20,17 @@ BiasCorrection (which then matches the output means).
 
 Before: ``F.conv2d(xq, weight_fq(W), b)``;  After: the same graph with ``W`` replaced by ``W̃`` (on its levels).
 
+A transposed convolution is solved as the convolution it equals (``_as_convolution``, ``_transposed_input``): its
+input with ``stride − 1`` zeros between samples and padded by ``dilation·(k − 1) − padding``, the weight's channels
+swapped within each group and its kernel flipped; the solved weight is mapped back.
+
 Left alone (reported): layers whose weight several calls share, fan-ins over ``MAX_FAN_IN`` (an ``H`` of that size
-costs more than the layer gains), 3-D convolutions with dilation, and layers no calibration sample reached.
+costs more than the layer gains), 3-D convolutions with dilation, grouped (not depthwise) transposed convolutions
+(one scale serves the same position of every group, not one row), and layers no calibration sample reached.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -44,6 +50,8 @@ CHUNK = 1 << 23  # input elements x kernel size unfolded at a time
 BLOCK = 128  # columns updated lazily together (GPTQ's blocks): the same result, fewer large updates
 
 _LAYERS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, F.linear: 0}
+# transposed convolutions: solved as the convolution they equal (see _as_convolution)
+_TRANSPOSED = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
 
 
 def _pair(v, n: int) -> tuple:
@@ -51,13 +59,61 @@ def _pair(v, n: int) -> tuple:
 
 
 def _layer_args(node):
-    """``(input, weight, bias, stride, padding, dilation, groups)`` of a layer node, defaults filled in."""
+    """``(input, weight, bias, stride, padding, dilation, groups)`` of a layer node, defaults filled in (a
+    transposed convolution's ``output_padding`` is read by ``_transposed_args``)."""
+    if node.target in _TRANSPOSED:
+        x, w, b, stride, padding, _out_pad, groups, dilation = _transposed_args(node)
+        return x, w, b, stride, padding, dilation, groups
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
     values = dict(zip(names, node.args))
     for k, v in node.kwargs.items():
         values[k] = v
     return tuple(values.get(k, defaults.get(k)) for k in names)
+
+
+def _transposed_args(node):
+    """``(input, weight, bias, stride, padding, output_padding, groups, dilation)`` of a transposed convolution."""
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    defaults = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return tuple(values.get(k, defaults.get(k)) for k in names)
+
+
+def _as_convolution(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed convolution's weight ``(in, out / groups, k...)`` as the weight ``(out, in / groups, k...)`` of
+    the convolution it equals on its stride-dilated input (``_transposed_input``): channels swapped within each
+    group, kernel flipped. ``_from_convolution`` is the inverse."""
+    cin, per, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    flip = tuple(range(2, w.dim()))
+    return (w.reshape(groups, cin // groups, per, *kernel).transpose(1, 2)
+            .reshape(groups * per, cin // groups, *kernel).flip(flip))
+
+
+def _from_convolution(w_eq: torch.Tensor, groups: int) -> torch.Tensor:
+    out, per_in, kernel = w_eq.shape[0], w_eq.shape[1], w_eq.shape[2:]
+    flip = tuple(range(2, w_eq.dim()))
+    return (w_eq.flip(flip).reshape(groups, out // groups, per_in, *kernel).transpose(1, 2)
+            .reshape(groups * per_in, out // groups, *kernel))
+
+
+def _transposed_input(node, x: torch.Tensor, kernel: tuple) -> torch.Tensor:
+    """What the equal convolution (stride 1, the layer's dilation, no padding) reads: ``x`` with ``stride − 1``
+    zeros between its samples, padded by ``dilation·(k − 1) − padding`` before and that plus ``output_padding``
+    after (negative: cropped)."""
+    _x, _w, _b, stride, padding, out_pad, _g, dilation = _transposed_args(node)
+    n = len(kernel)
+    stride, padding, out_pad, dilation = (_pair(v, n) for v in (stride, padding, out_pad, dilation))
+    if any(s > 1 for s in stride):
+        spread = x.new_zeros(*x.shape[:2], *((d - 1) * s + 1 for d, s in zip(x.shape[2:], stride)))
+        spread[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = x
+        x = spread
+    pad = []
+    for i in reversed(range(n)):  # F.pad: the last dimension first
+        before = dilation[i] * (kernel[i] - 1) - padding[i]
+        pad += [before, before + out_pad[i]]
+    return F.pad(x, pad) if any(pad) else x
 
 
 class _Rows:
@@ -86,8 +142,12 @@ def _input_rows(node, x: torch.Tensor, groups: int, weight_shape) -> Optional[to
     if node.target is F.linear:
         return x.reshape(1, -1, x.shape[-1])
     _, _w, _b, stride, padding, dilation, _g = _layer_args(node)
-    dims = _LAYERS[node.target]
     kernel = tuple(weight_shape[2:])
+    if node.target in _TRANSPOSED:  # the equal convolution's input: stride 1, no padding
+        dims = _TRANSPOSED[node.target]
+        x, stride, padding = _transposed_input(node, x, kernel), 1, 0
+    else:
+        dims = _LAYERS[node.target]
     if dims == 1:  # as a 2-D convolution of height 1
         x = x.unsqueeze(2)
         kernel, stride, dilation = (1,) + kernel, (1,) + _pair(stride, 1), (1,) + _pair(dilation, 1)
@@ -211,7 +271,8 @@ class AdaptiveRounding(Pass):
         uses: dict = {}
         found = []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
+            if node.op != "call_function" or not (node.target in _LAYERS or node.target in _TRANSPOSED) \
+                    or len(node.args) < 2:
                 continue
             wq = node.args[1]
             if not (isinstance(wq, torch.fx.Node) and wq.op == "call_module"):
@@ -244,8 +305,14 @@ class AdaptiveRounding(Pass):
         for node, fq, wnode in layers:
             w = attr_value(gm, wnode).detach()
             groups = 1 if node.target is F.linear else _layer_args(node)[6]
-            fan_in = w[0].numel()
             name = node.meta.get("layer", node.name)
+            if node.target in _TRANSPOSED:
+                if groups > 1 and fq.axis == 1:
+                    # one scale for the same output position of every group: the rows' levels are not per row
+                    self.report.append(f"{name}: a grouped transposed convolution, nearest rounding kept")
+                    continue
+                w = _as_convolution(w, groups)  # solved on the convolution it equals, rows = output channels
+            fan_in = w[0].numel()
             if fan_in > MAX_FAN_IN:
                 self.report.append(f"{name}: fan-in {fan_in} over {MAX_FAN_IN}, nearest rounding kept")
                 continue
@@ -264,7 +331,9 @@ class AdaptiveRounding(Pass):
                     if not isinstance(x, torch.Tensor) or x.dim() < 2:
                         skipped.add(n)
                     else:  # a few samples at a time: a conv's patches are kernel-size times its input
-                        step = max(1, CHUNK // max(1, x[:1].numel() * max(1, w[0, 0].numel())))
+                        spread = math.prod(_pair(_transposed_args(n)[3], x.dim() - 2)) if n.target in _TRANSPOSED \
+                            else 1  # the stride's zeros between a transposed convolution's inputs
+                        step = max(1, CHUNK // max(1, x[:1].numel() * spread * max(1, w[0, 0].numel())))
                         for i in range(0, x.shape[0], step):
                             cols = _input_rows(n, x[i:i + step], groups, w.shape)
                             if cols is None:
@@ -283,7 +352,14 @@ class AdaptiveRounding(Pass):
                 self.report.append(f"{name}: no input rows (a padding or dilation this pass does not unfold), nearest "
                                    "rounding kept")
                 continue
-            new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, fq).reshape(w.shape)
+            rows_fq = fq
+            if node.target in _TRANSPOSED and fq.axis == 1:  # its scales by row (output channel) of the convolution
+                rows_fq = copy.copy(fq)
+                rows_fq.axis = 0
+            new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, rows_fq)
+            new = new.reshape(w.shape)
+            if node.target in _TRANSPOSED:
+                w, new = attr_value(gm, wnode).detach(), _from_convolution(new, groups)
             before = fq.simulate(w.float())
             diff = float((new != before).float().mean())
             remember_float(gm, str(wnode.target))

@@ -157,3 +157,86 @@ def test_the_input_rows_times_the_weights_are_the_convolution(fn, shape, kernel,
     out = torch.einsum("grd,god->gro", rows, w.reshape(groups, 6 // groups, -1))
     ref = y.movedim(1, -1).reshape(-1, groups, 6 // groups).transpose(0, 1)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fn,shape,kernel,args", [
+    (torch.nn.functional.conv_transpose1d, (2, 4, 7), (4,), (2, 1, 1, 1, 1)),
+    (torch.nn.functional.conv_transpose2d, (2, 4, 5, 6), (3, 3), ((2, 3), (1, 0), (1, 2), 2, (1, 2))),
+    (torch.nn.functional.conv_transpose2d, (2, 4, 5, 5), (3, 3), (1, 3, 0, 4, 1)),  # depthwise; padding past k-1
+    (torch.nn.functional.conv_transpose3d, (2, 4, 3, 4, 3), (2, 3, 3), ((2, 1, 2), (0, 1, 1), (1, 0, 1), 1, 1)),
+])
+def test_a_transposed_convolution_is_solved_as_the_convolution_it_equals(fn, shape, kernel, args):
+    """Rows of the stride-dilated, padded input times the swapped, flipped weight give the layer's output; the weight
+    maps back exactly."""
+    import types
+
+    from qcompile.passes.adaptive_rounding import _as_convolution, _from_convolution, _input_rows
+
+    stride, padding, out_pad, groups, dilation = args
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen)
+    per = 1 if groups == shape[1] else 3
+    w = torch.randn(shape[1], per, *kernel, generator=gen)
+    node = types.SimpleNamespace(target=fn, args=(None, None, None, stride, padding, out_pad, groups, dilation),
+                                 kwargs={})
+    w_eq = _as_convolution(w, groups)
+    assert torch.equal(_from_convolution(w_eq, groups), w)
+    rows = _input_rows(node, x, groups, w_eq.shape)
+    y = fn(x, w, None, stride, padding, out_pad, groups, dilation)
+    out = torch.einsum("grd,god->gro", rows, w_eq.reshape(groups, w_eq.shape[0] // groups, -1))
+    ref = y.movedim(1, -1).reshape(-1, groups, w_eq.shape[0] // groups).transpose(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+class Decoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)       # per output channel: axis 1
+        self.dw = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)       # depthwise: axis 0
+        self.grouped = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2)  # one scale per position of a group
+        self.out = nn.Conv2d(8, 1, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.enc(x))
+        return self.out(torch.relu(self.grouped(torch.relu(self.dw(torch.relu(self.up(h)))))))
+
+
+def test_transposed_convolutions_are_rounded_for_their_outputs(tmp_path):
+    """ConvTranspose layers were left at nearest rounding without a word; now each is solved on the convolution it
+    equals (a grouped one whose scales serve every group keeps nearest, and says so): the layer's output error on
+    its quantized input falls, and the file validates."""
+    torch.manual_seed(0)
+    model = Decoder().eval()
+    x = torch.nn.functional.interpolate(torch.randn(48, 1, 4, 4), size=8, mode="bilinear")  # smooth images
+    # equalize=False: the compiled layers keep the model's float weights, the reference below
+    options = dict(calib=x, scheme="uniform", bits=3, keep_first_last="quant", equalize=False)
+    adaptive = qcompile.compile(model, output=str(tmp_path / "a.onnx"), weight_rounding="adaptive", **options)
+    assert adaptive.report.passed, adaptive.report.summary()
+    report = next(t.report for t in adaptive.timings if t.name == "AdaptiveRounding")
+    moved = {line.split(":")[0] for line in report if "% of weights on another level" in line
+             and not line.split(": ")[1].startswith("0.0%")}
+    assert {"up", "dw"} <= moved, report
+    assert "grouped: a grouped transposed convolution, nearest rounding kept" in report
+    for name in ("up", "dw"):  # the layer's own objective, on what it reads in the simulation
+        seen = {}
+        layer = next(n for n in adaptive.model.graph.nodes if n.meta.get("layer") == name and n.op == "call_function")
+        handle = torch.fx.Interpreter(adaptive.model)
+        orig = handle.run_node
+
+        def run_node(n, orig=orig):
+            out = orig(n)
+            if n is layer:
+                seen["x"] = handle.env[n.args[0]]
+            return out
+        handle.run_node = run_node
+        with torch.no_grad():
+            handle.run(x)
+        xq, module = seen["x"], model.get_submodule(name)
+        args = (module.stride, module.padding, module.output_padding, module.groups, module.dilation)
+        wfq = adaptive.model.get_submodule(f"{name}.weight_fq")
+        with torch.no_grad():
+            ref = torch.nn.functional.conv_transpose2d(xq, module.weight, None, *args)
+            errs = [float((torch.nn.functional.conv_transpose2d(xq, w, None, *args) - ref).pow(2).sum())
+                    for w in (wfq.simulate(module.weight), adaptive.model.get_submodule(name).weight)]
+        assert errs[1] < 0.8 * errs[0], (name, errs)
