@@ -1188,10 +1188,13 @@ def _bn_stats_through_relu(gm, node):
 
 def _consumer_names(node) -> str:
     """The layers that read ``node``, looking through the nodes between (the F.pad of a reflect-padded conv)."""
-    names, frontier = set(), list(node.users)
-    for _ in range(4):
+    names, frontier, seen = set(), list(node.users), set()
+    for _ in range(8):  # through pads, concatenations, max-pools and the 8-bit requantizers between (GoogLeNet)
         later = []
         for u in frontier:
+            if u in seen:
+                continue
+            seen.add(u)
             if "layer" in u.meta:
                 names.add(u.meta["layer"])
             else:
@@ -1200,5 +1203,6 @@ def _consumer_names(node) -> str:
             break
         frontier = later
     else:
-        names.update(u.name for u in frontier)
+        if not names:
+            names.update(u.meta.get("layer", u.name) for u in frontier)
     return ", ".join(f"layer {n!r}" for n in sorted(map(str, names))) or repr(node.name)

@@ -934,6 +934,29 @@ def test_inputs_in_tiny_units_are_a_user_error(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_the_tiny_range_error_names_the_layers_behind_a_concatenation_and_a_pool():
+    """An untrained GoogLeNet's activations vanish (±3e-10) before an inception block, whose convolutions read them
+    five nodes on (a concatenation, its 8-bit requantizer, a max-pool, the branch's quantizer): the error named the
+    fx nodes found after four ("layer 'act_fq34', layer 'conv2d_45'") instead of the block's convolutions."""
+    from qcompile.passes.calibrate import _consumer_names
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.d = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = torch.relu(torch.cat([x, x], 1))                      # the concatenation and its requantizer
+            p = torch.nn.functional.max_pool2d(h, 3, 1, 1)             # a max-pool branch
+            return self.c(torch.sigmoid(p)) + self.d(torch.tanh(torch.relu(p)))  # behind its quantizer(s)
+
+    gm = torch.fx.symbolic_trace(Chain())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            node.meta["layer"] = node.target
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert _consumer_names(x) == "layer 'c', layer 'd'"
+
 def test_calibrate_and_bias_correction_take_the_calibration_forms_compile_takes():
     """In a pipeline of one's own, Calibrate(array) stopped inside the pass ("'numpy.ndarray' object has no attribute
     'dim'"), a DataLoader likewise, and a list of batches was read as several model inputs. They give what the
