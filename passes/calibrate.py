@@ -233,6 +233,7 @@ class Calibrate(Pass):
             # scratch, in the layout the model was written for.
             observers = self._observe(gm, acts, lambda t: t)
         shifted = 0
+        tiny = []  # (node, largest magnitude, method): values under the smallest range the observers give
         todo = []  # (node, key, observer, method): quantizers whose parameters come from their observer
         for node in acts:
             fq = gm.get_submodule(node.target)
@@ -249,11 +250,9 @@ class Calibrate(Pass):
                 self.report.append(f"{node.target}: every calibration value was 0; unit range")
                 continue
             top = max(abs(float(obs.min_val.min())), abs(float(obs.max_val.max())))
-            if 0.0 < top < quant.MIN_ALPHA / 16:
-                raise UserError(f"the input of {_consumer_names(node)} spans only ±{top:.3g} on the calibration data, "
-                                f"far under the smallest quantizer range ({quant.MIN_ALPHA:g}): every code would be 0 "
-                                "(the file silently computing another model); give inputs in ordinary units "
-                                "(standardized features), or rescale the layers that make these values")
+            if 0.0 < top < quant.MIN_ALPHA:  # under the observers' floor: every code would be 0
+                tiny.append((node, top, method))
+                continue
             if fq.scheme == "binary" and (float(obs.min_val.min()) >= 0.0 or float(obs.max_val.max()) <= 0.0):
                 # binary levels are ±α decided at 0: values of one sign all get the same code (0 included), so the
                 # layer reading them sees a constant (a digits MLP fell to chance, with no word of why)
@@ -266,6 +265,8 @@ class Calibrate(Pass):
                 fq.level_offset = least_error_offset(obs, fq)
                 shifted += fq.level_offset > 0
             todo.append((node, None if fq.search_offset else _state_key(obs, fq.levelset), obs, method))
+        if tiny:
+            self._tiny_ranges(gm, tiny)
         # one search per distinct observer state (a flatten's quantizer sees its input's values), all at once
         jobs, job_index, by_key = [], [], {}
         for node, key, obs, _method in todo:
@@ -300,6 +301,47 @@ class Calibrate(Pass):
                 self.report.append(hint)
                 if worse >= UNIFORM_WARN_DB:
                     self.level_hints.append(hint)
+
+    def _tiny_ranges(self, gm, tiny) -> None:
+        """Quantizers whose values span far less than the smallest range the observers give (``MIN_ALPHA``, every
+        code would be 0): activations that vanish in an untrained network (torchvision's MobileNetV3-Large,
+        EfficientNet-B0 and GoogLeNet with their initial weights and BatchNorm statistics: ±3e-10 from a
+        squeeze-excite input on, down to the logits) or inputs in tiny units (features in farads). Their observers
+        see the float model's values again, times a power of two that brings them to ~1 (exact), and the range
+        they choose is scaled back: the scheme's own calibration at their own scale. The layers reading them keep
+        their accumulator scale ``S_x·S_w`` in float32's normal range down to ``TINY_FLOOR``; below it the compile
+        stops."""
+        from qcompile.qmodules import disabled_quantizers
+
+        node, least, _ = min(tiny, key=lambda t: t[1])
+        if least < TINY_FLOOR:
+            raise UserError(f"the input of {_consumer_names(node)} spans only ±{least:.3g} on the calibration data, "
+                            f"under the smallest range a file can hold ({TINY_FLOOR:g}): give inputs in ordinary "
+                            "units (standardized features), or rescale the layers that make these values")
+        observers = {}
+        for node, top, method in tiny:
+            fq = gm.get_submodule(node.target)
+            scale = 2.0 ** round(-math.log2(top))
+            obs = quant.make_observer(method)
+            observers[node] = (obs, scale)
+            fq.start_observing(_Scaled(obs, scale))
+        try:
+            with torch.no_grad(), disabled_quantizers(gm):
+                for batch in data_batches(self.data, self.batch_size):
+                    if batch[0].shape[0]:
+                        gm(*batch)
+        finally:
+            for node, _, _ in tiny:
+                gm.get_submodule(node.target).stop_observing()
+        solved = quant.compute_qparams_many([(obs, gm.get_submodule(n.target).levelset)
+                                             for n, (obs, _) in observers.items()])
+        for (node, _, method), params in zip(tiny, solved):
+            fq, scale = gm.get_submodule(node.target), observers[node][1]
+            fq.set_params(params.alpha.double() / scale, params.zero_point)
+            node.meta["qparams"] = _qparams(fq, f"{method} (tiny values, scaled by 2^{round(math.log2(scale))})")
+        places = "; ".join(_quantizer_place(n) for n, _, _ in tiny[:2]) + (" ..." if len(tiny) > 2 else "")
+        self.report.append(f"{len(tiny)} activation range(s) under {quant.MIN_ALPHA:g} (down to ±{least:.2g}: an "
+                           f"untrained network, or inputs in tiny units?), calibrated at their own scale: {places}")
 
     def _observe(self, gm, acts, layout) -> dict:
         """Run the data through ``gm`` (batches converted by ``layout``) with a fresh observer on every activation
@@ -1184,6 +1226,19 @@ def _bn_stats_through_relu(gm, node):
     if stats is None:
         return None
     return stats.mean, stats.std
+
+
+TINY_FLOOR = 1e-20  # the smallest activation range calibrated (at its own scale); below it the compile stops
+
+
+class _Scaled:
+    """An observer fed its values times ``scale`` (a power of two: exact)."""
+
+    def __init__(self, observer, scale: float):
+        self.observer, self.scale = observer, scale
+
+    def update(self, x: torch.Tensor) -> None:
+        self.observer.update(x * self.scale)
 
 
 def _consumer_names(node) -> str:

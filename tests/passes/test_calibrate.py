@@ -920,8 +920,10 @@ def test_a_model_imprecise_in_float32_is_not_called_a_qcompile_bug(tmp_path, mon
     assert r.report.passed
 
 
-def test_inputs_in_tiny_units_are_a_user_error(tmp_path):
-    """Features of ~1e-10 (farads): the input range was floored at 1e-8 and every code was 0 (0 dB, PASS)."""
+def test_inputs_in_tiny_units_are_calibrated_at_their_own_scale(tmp_path):
+    """Features of ~1e-10 (farads): the input range was floored at 1e-8 and every code was 0 (0 dB, PASS); then the
+    compile refused them. They are calibrated at their own scale now (the observer sees them times 2^33), and the
+    file computes the model; only values under 1e-20 are refused."""
     import qcompile
 
     torch.manual_seed(0)
@@ -929,9 +931,20 @@ def test_inputs_in_tiny_units_are_a_user_error(tmp_path):
     with torch.no_grad():
         m[0].weight.mul_(1e10)
     x = torch.randn(32, 8) * 1e-10
-    with pytest.raises(UserError, match=r"the input of layer '0' spans only ±.* far under the smallest quantizer"):
-        qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"))
-    assert not (tmp_path / "m.onnx").exists()
+    r = qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, equalize=False, output=str(tmp_path / "m.onnx"))
+    assert r.report.passed, r.report.summary()
+    assert r.report.extra["sqnr_vs_float_db"] > 35.0, r.report.extra["sqnr_vs_float_db"]
+    xfq = r.model.get_submodule(next(n.target for n in r.model.graph.nodes if n.op == "call_module"
+                                     and str(n.target).startswith("act_fq")))
+    assert 1e-10 < float(xfq.alpha) < 1e-9  # the data's own range, under the observers' 1e-8 floor
+    report = next(t.report for t in r.timings if t.name == "Calibrate")
+    assert any("1 activation range(s) under 1e-08" in line and "calibrated at their own scale" in line
+               for line in report), report
+    with pytest.raises(UserError, match=r"the input of layer '0' spans only ±.* under the smallest range a file can "
+                                        r"hold \(1e-20\)"):
+        qcompile.compile(m, x[:1] * 1e-12, calib=x * 1e-12, scheme="uniform", bits=8, equalize=False,
+                         output=str(tmp_path / "n.onnx"))
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_the_tiny_range_error_names_the_layers_behind_a_concatenation_and_a_pool():
