@@ -411,6 +411,12 @@ class Calibrate(Pass):
         return observers
 
     def _calibrate_data_free(self, gm, acts) -> None:
+        initial = gm.meta.get(INITIAL_BATCHNORM_STATS)
+        if initial:  # noted by compile before the passes folded them (api._note_initial_batch_statistics)
+            raise UserError(f"the model's {initial} BatchNorm layer(s) hold their initial running statistics (mean 0, "
+                            "variance 1: never run on data in training mode), which say nothing about its "
+                            "activations, so it cannot be calibrated without data; pass calibration inputs with "
+                            "--calib FILE.npy (calib= from Python), or compile the trained model")
         sums = {}  # the last residual sums drawn (_draw): the next block's quantizer reads them
         dropped = []
         plans = {}
@@ -1228,6 +1234,8 @@ def _bn_stats_through_relu(gm, node):
     return stats.mean, stats.std
 
 
+# gm.meta key: the number of BatchNorm layers, where every one held its initial statistics (set by compile)
+INITIAL_BATCHNORM_STATS = "qcompile.initial_batchnorm_stats"
 TINY_FLOOR = 1e-20  # the smallest activation range calibrated (at its own scale); below it the compile stops
 
 

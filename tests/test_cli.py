@@ -126,9 +126,12 @@ MODULE_SOURCE = textwrap.dedent('''
 
     def bn_stack():  # every quantized activation after a BatchNorm: data-free calibration reaches them
         torch.manual_seed(3)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                             nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(512, 4))
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Flatten(), nn.Linear(512, 4))
+        with torch.no_grad():  # running statistics of data (the initial ones describe nothing: refused)
+            model.train()(torch.randn(16, 3, 8, 8))
+        return model
 ''')
 
 

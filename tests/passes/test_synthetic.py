@@ -128,8 +128,12 @@ def test_compile_names_why_nothing_was_distilled_for_token_inputs():
         def forward(self, ids):
             return self.fc3(self.fc2(torch.nn.functional.silu(self.bn(self.fc1(self.embed(ids).mean(1))))))
 
+    model = Tokens()
+    with torch.no_grad():  # running statistics of data, not the initial ones (those are refused first)
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
     with pytest.raises(UserError, match=r"cannot calibrate the input of layer 'fc2' without data \(inputs could not "
                                         r"be distilled from its BatchNorm statistics: a model input that is not a "
                                         r"float tensor"):
-        qcompile.compile(Tokens().eval(), torch.zeros(2, 5, dtype=torch.long), scheme="uniform", bits=8,
+        qcompile.compile(model.eval(), torch.zeros(2, 5, dtype=torch.long), scheme="uniform", bits=8,
                          keep_first_last="fp32")
