@@ -98,7 +98,8 @@ def _compile_parser() -> argparse.ArgumentParser:
     q.add_argument("--ascheme", help="activation scheme (overrides --scheme)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array; "
-                   "a model with several inputs: .npz with x0, x1, ...)")
+                   "a model with several inputs: .npz with x0, x1, ...), or a tensor saved with torch.save (.pt; "
+                   "several inputs: a tuple of tensors)")
     q.add_argument("--calib-method", default="mse",
                    help="activation clipping observer: mse (default), minmax, ema, percentile, kl, laplace, sdq")
     q.add_argument("--symmetric-levels", action="store_true",
@@ -156,7 +157,7 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx", metavar="FILE.onnx")
     p.add_argument("--against", required=True, metavar="MODEL", help="the model the file was compiled from")
     _add_model_args(p)
-    p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz); also the calibration data "
+    p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz, or .pt tensors); also the calibration data "
                    "used to rebuild the simulation of a quantized file")
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
@@ -200,7 +201,8 @@ def _starts_like_a_pickle(path) -> bool:
 
 
 def load_array_file(path: str, what: str = "--calib", several: bool = False):
-    """The inputs in a .npy/.npz file: one array, or (``several``) a tuple of arrays stored as x0, x1, ... in a .npz
+    """The inputs in a .npy/.npz file (or a tensor file of ``torch.save``, ``_torch_tensor_file``): one array, or
+    (``several``) a tuple of arrays stored as x0, x1, ... in a .npz
     for a model with several inputs."""
     if not os.path.exists(path):
         raise UserError(f"{what} file {path!r} does not exist; give a .npy or .npz file of inputs")
@@ -209,11 +211,11 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded as data:
                 keys = list(data.keys())
-                if any(k == "data.pkl" or k.endswith("/data.pkl") for k in keys):  # torch.save's zip archive
-                    raise UserError(f"{what} file {path!r} is a PyTorch file (torch.save), not a numpy array; save "
-                                    "the inputs with numpy.save(path, x.numpy())")
+                torch_file = any(k == "data.pkl" or k.endswith("/data.pkl") for k in keys)  # torch.save's zip
                 numbered = [f"x{i}" for i in range(len(keys)) if f"x{i}" in keys]
-                if "x" in keys:
+                if torch_file:
+                    arr = _torch_tensor_file(path, what, several)
+                elif "x" in keys:
                     arr = data["x"]
                 elif len(keys) == 1:
                     arr = data[keys[0]]
@@ -249,6 +251,32 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     out = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iu" else a
                 for a in arrays)
     return out if isinstance(arr, tuple) else out[0]
+
+
+def _torch_tensor_file(path: str, what: str, several: bool):
+    """The inputs in a file written by ``torch.save``: a tensor, or (a model with several inputs) a tuple/list of
+    tensors, or a dict holding them under ``x`` (``x0, x1, ...``). Read with ``weights_only=True``: tensors and
+    containers only, no code runs."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 -- anything but tensors (a pickled module or object) is refused
+        raise UserError(f"{what} file {path!r} is a PyTorch file (torch.save) that holds more than tensors "
+                        f"({type(exc).__name__}); save the inputs as a tensor, torch.save(x, path), or with "
+                        "numpy.save(path, x.numpy())") from None
+    if isinstance(obj, dict):
+        numbered = [obj.get(f"x{i}") for i in range(len(obj))]
+        obj = obj["x"] if "x" in obj else tuple(numbered) if numbered and all(
+            isinstance(t, torch.Tensor) for t in numbered) else next(iter(obj.values())) if len(obj) == 1 else obj
+    if isinstance(obj, (tuple, list)) and several and len(obj) >= 2 and all(isinstance(t, torch.Tensor) for t in obj):
+        return tuple(t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy() for t in obj)
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return (t.float() if t.is_floating_point() else t).numpy()
+    more = " (a model with several inputs: a tuple of tensors)" if several else ""
+    raise UserError(f"{what} file {path!r} holds a {type(obj).__name__}, not a tensor of inputs{more}; save the "
+                    "inputs with torch.save(x, path) (x of shape (N, ...)) or numpy.save(path, x.numpy())")
 
 
 def _default_output(model: str, opts) -> str:

@@ -154,6 +154,7 @@ def work(tmp_path, monkeypatch):
         torch.save(models.TinyCNN(classes=7).state_dict(), "wrong_shapes.pt")
         torch.save({"net": trained.state_dict(), "ema": trained.state_dict(), "epoch": 3}, "two_state_dicts.pt")
         torch.save(torch.randn(6, 3, 8, 8), "calib_torch.pt")
+        torch.save([1, 2, 3], "calib_list.pt")
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
@@ -292,8 +293,10 @@ BAD_INPUTS = {
     "ternary-with-wbits": ([SPEC, "--scheme", "uniform", "--wscheme", "ternary", "--wbits", "4"],
                            "--wscheme ternary has 2-bit levels whatever the bit-width; --wbits 4 cannot apply"),
     # misleading messages before: the archive's members listed, "none of them a state dict", a batch-size problem
-    "calib-saved-with-torch": ([SPEC, "--input-shape", None, "--calib", "calib_torch.pt"],
-                               "is a PyTorch file (torch.save), not a numpy array; save the inputs with numpy.save"),
+    "calib-module-saved-with-torch": ([SPEC, "--input-shape", None, "--calib", "full.pt"],
+                                      "is a PyTorch file (torch.save) that holds more than tensors"),
+    "calib-list-saved-with-torch": ([SPEC, "--input-shape", None, "--calib", "calib_list.pt"],
+                                    "holds a list, not a tensor of inputs"),
     "two-state-dicts": (["two_state_dicts.pt", "--arch", SPEC], "holds several state dicts (under 'net', 'ema')"),
     "shape-without-batch": ([f"{MODULE}:tiny_mlp", "--input-shape", "8"],
                             "give it the batch dimension (--input-shape 1,8 for 8 features"),
@@ -325,6 +328,24 @@ def test_bad_input_is_one_line_exit_2_and_no_file(work, capsys, case):
     assert_user_error(rc, err, needle)
     assert onnx_files(work) == []
     assert not (work / "no_such_dir").exists()
+
+
+def test_calib_saved_with_torch_is_read_as_the_same_inputs(work, capsys):
+    """A tensor saved with torch.save (read with weights_only=True) was refused ("save the inputs with
+    numpy.save"); it is the same calibration data as the .npy of its values: the same file, byte for byte."""
+    x = torch.load("calib_torch.pt")
+    np.save("calib_same.npy", x.numpy())
+    torch.save({"x": x}, "calib_dict.pt")
+    files = {}
+    for name in ("calib_torch.pt", "calib_dict.pt", "calib_same.npy"):
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", name, "--scheme", "uniform", "--bits", "8",
+                           "-o", f"{name}.onnx")
+        assert rc == 0 and "PASS" in out, err
+        files[name] = open(f"{name}.onnx", "rb").read()
+    assert files["calib_torch.pt"] == files["calib_same.npy"] == files["calib_dict.pt"]
+    rc, out, err = cli(capsys, "validate", "calib_torch.pt.onnx", "--against", "weights.pt", "--arch", SPEC,
+                       "--data", "calib_torch.pt")
+    assert rc == 0 and "PASS" in out, out + err
 
 
 def test_read_only_output_folder(work, capsys, monkeypatch):
