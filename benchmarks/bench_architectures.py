@@ -11,6 +11,11 @@ accumulation order in a float layer such as LayerNorm or Softmax) propagates thr
 ("on identical inputs") count is the one the validation bounds. Linear layers that torchvision initialises to zero
 (ViT's head) get seeded N(0, 0.02²) weights, else the output is all zeros and its SQNR and top-1 say nothing.
 
+``--untrained``: the models exactly as torchvision builds them with ``weights=None`` (initial BatchNorm statistics,
+zero heads), what a user without downloads compiles first; their activations can vanish (MobileNetV3-Large,
+EfficientNet-B0 and GoogLeNet reach ±1e-10 and below), which qcompile 0.9.0 refused
+(``--untrained --size 128 --archs ... --output benchmarks/results/architectures_untrained.json``).
+
 Run: ``python benchmarks/bench_architectures.py [--archs a,b,...] [--size 64]`` from the repository root. Needs
 torchvision; re-executes itself with ``$QCOMPILE_VISION_PYTHON`` (default ``/tmp/venv-vision/bin/python``) when
 torchvision is not importable here. Writes ``benchmarks/results/architectures.json``.
@@ -45,7 +50,7 @@ CALIB = 8
 SEED = 0
 
 
-def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+def build(arch: str, size: int, untrained: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
     import torchvision
 
     torch.manual_seed(SEED)
@@ -56,6 +61,8 @@ def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     model = getattr(family, arch)(weights=None, **kwargs)
     shape = (3, FRAMES, size, size) if arch in VIDEO else (3, size, size)
     gen = torch.Generator().manual_seed(SEED + 1)
+    if untrained:  # as torchvision builds it
+        return model.eval(), torch.randn(CALIB, *shape, generator=torch.Generator().manual_seed(SEED + 2))
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear) and not mod.weight.any():  # zero-initialised head
@@ -68,8 +75,8 @@ def build(arch: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.randn(CALIB, *shape, generator=torch.Generator().manual_seed(SEED + 2))
 
 
-def run_one(arch: str, config: dict, size: int) -> dict:
-    model, calib = build(arch, size)
+def run_one(arch: str, config: dict, size: int, untrained: bool = False) -> dict:
+    model, calib = build(arch, size, untrained)
     t0 = time.perf_counter()
     try:
         result = qcompile.compile(model, calib[:1], calib=calib, **config)
@@ -90,6 +97,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    parser.add_argument("--untrained", action="store_true",
+                        help="the models as torchvision builds them (initial BatchNorm statistics, zero heads)")
     parser.add_argument("--no-reexec", action="store_true")
     parser.add_argument("--output", default=RESULTS)
     args = parser.parse_args(argv)
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
     rows = []
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
         for name, config in CONFIGS.items():
-            row = {"arch": arch, "config": name, **run_one(arch, config, args.size)}
+            row = {"arch": arch, "config": name, **run_one(arch, config, args.size, args.untrained)}
             rows.append(row)
             status = ("PASS" if row.get("passed") else "FAIL") if row["ok"] else "ERROR " + row["error"]
             sqnr = row.get("sim_vs_onnx_sqnr_db")
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
                 f"{row['codes_total']}" if row["ok"] else ""), flush=True)
     env = {**common.environment(), "torchvision": torchvision.__version__}
     doc = {"benchmark": "architectures", "environment": env,
-           "size": args.size, "calibration_images": CALIB, "rows": rows,
+           "size": args.size, "untrained": args.untrained, "calibration_images": CALIB, "rows": rows,
            "passed": sum(1 for r in rows if r.get("passed")), "total": len(rows),
            "seconds": round(time.perf_counter() - started, 1)}
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
