@@ -265,10 +265,14 @@ def _torch_tensor_file(path: str, what: str, several: bool):
         raise UserError(f"{what} file {path!r} is a PyTorch file (torch.save) that holds more than tensors "
                         f"({type(exc).__name__}); save the inputs as a tensor, torch.save(x, path), or with "
                         "numpy.save(path, x.numpy())") from None
-    if isinstance(obj, dict):
+    if isinstance(obj, dict):  # the .npz conventions: under "x", as "x0, x1, ...", or its only entry
         numbered = [obj.get(f"x{i}") for i in range(len(obj))]
-        obj = obj["x"] if "x" in obj else tuple(numbered) if numbered and all(
-            isinstance(t, torch.Tensor) for t in numbered) else next(iter(obj.values())) if len(obj) == 1 else obj
+        if "x" in obj:
+            obj = obj["x"]
+        elif numbered and all(isinstance(t, torch.Tensor) for t in numbered):
+            obj = tuple(numbered) if len(numbered) > 1 else numbered[0]
+        elif len(obj) == 1:
+            obj = next(iter(obj.values()))
     if isinstance(obj, (tuple, list)) and several and len(obj) >= 2 and all(isinstance(t, torch.Tensor) for t in obj):
         return tuple(t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy() for t in obj)
     if isinstance(obj, torch.Tensor):
