@@ -25,8 +25,7 @@ input with ``stride − 1`` zeros between samples and padded by ``dilation·(k �
 swapped within each group and its kernel flipped; the solved weight is mapped back.
 
 Left alone (reported): layers whose weight several calls share, fan-ins over ``MAX_FAN_IN`` (an ``H`` of that size
-costs more than the layer gains), 3-D convolutions with dilation, grouped (not depthwise) transposed convolutions
-(one scale serves the same position of every group, not one row), and layers no calibration sample reached.
+costs more than the layer gains), 3-D convolutions with dilation, and layers no calibration sample reached.
 """
 from __future__ import annotations
 
@@ -114,6 +113,22 @@ def _transposed_input(node, x: torch.Tensor, kernel: tuple) -> torch.Tensor:
         before = dilation[i] * (kernel[i] - 1) - padding[i]
         pad += [before, before + out_pad[i]]
     return F.pad(x, pad) if any(pad) else x
+
+
+def _by_row(fq: FakeQuantize, groups: int) -> FakeQuantize:
+    """A transposed convolution's weight quantizer (scales on axis 1 of ``(in, out / groups, k...)``: with groups,
+    one scale serves the same output position of every group) as a quantizer of the rows of the convolution it
+    equals (axis 0, one scale per output channel, group-major): a copy, the layer's own quantizer unchanged."""
+    rows = copy.copy(fq)
+    rows._buffers = dict(fq._buffers)  # set_params below writes the copy's buffers, not the layer's
+    rows.axis = 0
+    alpha, zero_point = fq.alpha.detach(), fq.zero_point.detach()
+    if alpha.numel() > 1:
+        alpha = alpha.reshape(-1).repeat(groups)
+    if zero_point.numel() > 1:
+        zero_point = zero_point.reshape(-1).repeat(groups)
+    rows.set_params(alpha, zero_point)
+    return rows
 
 
 class _Rows:
@@ -307,10 +322,6 @@ class AdaptiveRounding(Pass):
             groups = 1 if node.target is F.linear else _layer_args(node)[6]
             name = node.meta.get("layer", node.name)
             if node.target in _TRANSPOSED:
-                if groups > 1 and fq.axis == 1:
-                    # one scale for the same output position of every group: the rows' levels are not per row
-                    self.report.append(f"{name}: a grouped transposed convolution, nearest rounding kept")
-                    continue
                 w = _as_convolution(w, groups)  # solved on the convolution it equals, rows = output channels
             fan_in = w[0].numel()
             if fan_in > MAX_FAN_IN:
@@ -352,10 +363,7 @@ class AdaptiveRounding(Pass):
                 self.report.append(f"{name}: no input rows (a padding or dilation this pass does not unfold), nearest "
                                    "rounding kept")
                 continue
-            rows_fq = fq
-            if node.target in _TRANSPOSED and fq.axis == 1:  # its scales by row (output channel) of the convolution
-                rows_fq = copy.copy(fq)
-                rows_fq.axis = 0
+            rows_fq = _by_row(fq, groups) if node.target in _TRANSPOSED and fq.axis == 1 else fq
             new = adaptive_round(w.reshape(groups, w.shape[0] // groups, -1).float(), rows.h, rows_fq)
             new = new.reshape(w.shape)
             if node.target in _TRANSPOSED:
