@@ -958,7 +958,7 @@ def test_a_model_imprecise_in_float32_is_not_called_a_qcompile_bug(tmp_path, mon
 
 def test_inputs_in_tiny_units_are_calibrated_at_their_own_scale(tmp_path):
     """Features of ~1e-10 (farads): the input range was floored at 1e-8 and every code was 0 (0 dB, PASS); then the
-    compile refused them. They are calibrated at their own scale now (the observer sees them times 2^33), and the
+    compile refused them. They are calibrated at their own scale now (the observer sees them times 2^31), and the
     file computes the model; only values under 1e-20 are refused."""
     import qcompile
 
@@ -973,6 +973,8 @@ def test_inputs_in_tiny_units_are_calibrated_at_their_own_scale(tmp_path):
     xfq = r.model.get_submodule(next(n.target for n in r.model.graph.nodes if n.op == "call_module"
                                      and str(n.target).startswith("act_fq")))
     assert 1e-10 < float(xfq.alpha) < 1e-9  # the data's own range, under the observers' 1e-8 floor
+    assert next(n for n in r.model.graph.nodes if n.target == "act_fq0").meta["qparams"].observer == \
+        "mse (tiny values, scaled by 2^31)"
     report = next(t.report for t in r.timings if t.name == "Calibrate")
     assert any("1 activation range(s) under 1e-08" in line and "calibrated at their own scale" in line
                for line in report), report
