@@ -26,7 +26,7 @@ from .errors import QuantizationWarning, UserError
 from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
-from .threads import compile_threads, torch_threads
+from .threads import DeferredThreads
 
 
 @dataclasses.dataclass
@@ -691,9 +691,9 @@ def compile(
         # longer computed the trained model (digits APoT-3: max |diff| 0.78, 98.75 -> 98.00 %)
         opts = dataclasses.replace(opts, int8_levels=False)
     try:
-        with torch_threads(compile_threads(model, example_inputs)):
+        with DeferredThreads(model, example_inputs) as threads:
             return _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate,
-                                      thresholds, callback, progress, t0)
+                                      thresholds, callback, progress, t0, settle_threads=threads.settle)
     except UserError as e:
         hooked = _hooked_modules(model)
         if hooked and ("does not compute the model" in str(e) or "changed what the model computes" in str(e)):
@@ -712,7 +712,7 @@ def compile(
 
 
 def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
-                       callback, progress, t0) -> CompileResult:
+                       callback, progress, t0, settle_threads=lambda: None) -> CompileResult:
     for i, t in enumerate(example_inputs):
         if isinstance(t, torch.Tensor) and t.dim() == 0:  # torch.onnx: "Dynamic shape axis should be no more than ..."
             raise UserError(f"input {i} of the example is a 0-dim tensor, but every input of the file has a batch "
@@ -726,6 +726,7 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
         check = tuple(t[:8] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:8],)
     gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
                leaf_modules=opts.leaf_modules, copy=False, check_inputs=check)
+    settle_threads()  # the load probe ran during the trace: the passes run on the cores it found free
     _check_batch_statistics(gm)
     if opts.quantized and calib_x is None and not trained:
         _note_initial_batch_statistics(gm)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 
 import torch
@@ -59,10 +60,61 @@ def compile_threads(model: torch.nn.Module, example_inputs: tuple) -> int | None
     if threads <= 1:
         return None
     cpus = _affinity()
-    busy = busy_elsewhere(cpus)
+    return _free_threads(len(cpus), busy_elsewhere(cpus), threads)
+
+
+class DeferredThreads:
+    """:func:`compile_threads` for a compile, measured while the compile starts: the 50 ms probe of the other
+    processes' load runs in a background thread (it counts this process's own CPU time out, so tracing the model
+    meanwhile does not read as load) and :meth:`settle` applies its answer, after the trace; a small workload takes
+    one thread at once. Leaving the block joins the probe and restores the caller's setting. A ResNet-18 compile
+    waited the probe's 50 ms before its first step."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs: tuple):
+        self.threads = 1 if small_workload(model, example_inputs) else None
+        self._probe = None
+        self._busy = None
+        self._old = None
+        if self.threads is None and torch.get_num_threads() > 1:
+            self._probe = threading.Thread(target=self._measure, name="qcompile-load-probe", daemon=True)
+            self._probe.start()
+
+    def _measure(self) -> None:
+        self._busy = busy_elsewhere(_affinity())
+
+    def __enter__(self) -> "DeferredThreads":
+        self._apply(self.threads)
+        return self
+
+    def settle(self) -> None:
+        """Wait for the probe and run the rest of the compile on the cores it found free."""
+        if self._probe is None:
+            return
+        self._probe.join()
+        self._probe = None
+        self._apply(_free_threads(len(_affinity()), self._busy, torch.get_num_threads()))
+
+    def _apply(self, n) -> None:
+        old = torch.get_num_threads()
+        if n is None or old <= n:
+            return
+        if self._old is None:
+            self._old = old
+        torch.set_num_threads(n)
+
+    def __exit__(self, *exc) -> None:
+        if self._probe is not None:
+            self._probe.join()
+            self._probe = None
+        if self._old is not None:
+            torch.set_num_threads(self._old)
+            self._old = None
+
+
+def _free_threads(cpus: int, busy: float | None, threads: int) -> int | None:
     if busy is None:
         return None
-    free = max(1, int(len(cpus) - busy + 0.5))
+    free = max(1, int(cpus - busy + 0.5))
     return free if free < threads else None
 
 

@@ -107,3 +107,50 @@ def test_busy_elsewhere_sees_another_process_and_not_this_one():
         worker.join()
     assert other >= 0.6, other
     assert mine <= other - 0.4, (mine, other)
+
+
+class _Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.relu(self.c1(x)))
+
+
+def test_a_large_compile_probes_while_it_traces(monkeypatch, two_threads):
+    """The probe of the other processes' load runs beside the trace (it took 50 ms before every large compile's
+    first step); the passes run on the cores it found free, and the caller's setting comes back, also after a
+    failing compile."""
+    import threading
+
+    x = torch.randn(4, 3, 80, 80)  # 19 200 values a sample: not a small workload
+    model = _Convs().eval()
+    assert not small_workload(model, (x[:1],))
+    monkeypatch.setattr(qcompile.threads, "_affinity", lambda: [0, 1])
+    traced = threading.Event()
+    probe_saw_trace = []
+    real_trace = qcompile.api.trace
+
+    def trace(*args, **kwargs):
+        out = real_trace(*args, **kwargs)
+        traced.set()
+        return out
+
+    def busy(*args, **kwargs):  # answers only once the trace is done: it would wait forever if it ran first
+        probe_saw_trace.append(traced.wait(timeout=30))
+        return 2.0  # the other processes hold both cores
+
+    monkeypatch.setattr(qcompile.api, "trace", trace)
+    monkeypatch.setattr(qcompile.threads, "busy_elsewhere", busy)
+    seen = []
+    result = qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x, validate=False,
+                              callback=lambda t: seen.append(torch.get_num_threads()))
+    assert probe_saw_trace == [True]
+    assert seen and set(seen) == {1}
+    assert result.onnx_model is not None
+    assert torch.get_num_threads() == 2
+    with pytest.raises(UserError):
+        qcompile.compile(model, x[:1], scheme="uniform", bits=8, calib=x * float("nan"))
+    assert torch.get_num_threads() == 2
