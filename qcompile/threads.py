@@ -8,7 +8,8 @@ busy (onnxruntime's quantizer, measured in the same loop: 0.27 s). ``small_workl
 one torch thread; the caller's setting is restored afterwards. Larger models keep their threads, except those that
 other processes keep busy (``busy_elsewhere``, read from ``/proc/stat`` over 50 ms while the model is traced:
 ``DeferredThreads``): a 3.2 M parameter LRASPP compile from Python took 33 s on 2 threads while other processes
-held the 2 cores, 4.4 s on one (the CLI's ``OMP_WAIT_POLICY=PASSIVE``, which Python cannot set once torch is loaded: 4.7 s).
+held the 2 cores, 4.4 s on one (the CLI's ``OMP_WAIT_POLICY=PASSIVE``, which Python cannot set once torch is
+loaded: 4.7 s).
 """
 from __future__ import annotations
 
