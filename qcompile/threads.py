@@ -81,7 +81,10 @@ class DeferredThreads:
             self._probe.start()
 
     def _measure(self) -> None:
-        self._busy = busy_elsewhere(_affinity())
+        try:
+            self._busy = busy_elsewhere(_affinity())
+        except Exception:  # noqa: BLE001 -- a probe that cannot read the load leaves the threads as they are
+            self._busy = None
 
     def __enter__(self) -> "DeferredThreads":
         self._apply(self.threads)
