@@ -1036,7 +1036,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # one that differs (it is checked on the example inputs only)
             with _onnxruntime_refusals():
                 report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs,
-                                        float64_scale=not _random_draws(gm), **th)
+                                        float64_scale=not _random_draws(gm),
+                                        rounding_scale="min_sqnr" not in (thresholds or {}), **th)
         if not report.passed and numbers_note:
             report.failures.append(numbers_note)
         if not report.passed:

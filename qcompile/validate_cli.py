@@ -269,7 +269,8 @@ def validate_against(args):
         if all(v is None for v in thresholds.values()):
             thresholds["min_sqnr"] = 80.0  # as a compile's own check: relative error <= 1e-4
         try:
-            report = rv.validate_model(args.onnx, reference, inputs, **thresholds)
+            report = rv.validate_model(args.onnx, reference, inputs, rounding_scale=args.min_sqnr is None,
+                                       **thresholds)
             if report.extra.get("shape_mismatch"):  # another model than the file's: a mistake in the command
                 raise ValueError(report.failures[0])
             return report

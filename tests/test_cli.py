@@ -537,6 +537,18 @@ def test_validate_exits_1_when_a_threshold_is_missed(work, capsys):
     assert rc == 0 and "PASS" in out
 
 
+def test_a_given_min_sqnr_holds_for_a_float_file(work, capsys):
+    """``--min-sqnr`` above what the file reaches fails, also where the model's own float32 rounding would excuse
+    the default bound: a float digits file at 133.6 dB passed ``--min-sqnr 1000`` on that scale (exit 0)."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--min-sqnr", "1000")
+    assert rc == 1 and "FAIL: SQNR" in out and "< 1000.0 dB" in out, (out, err)
+    assert "own float32 outputs" not in out
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--input-shape", SHAPE, "--scheme", "fp32",
+                       "--min-sqnr", "1000", "-o", "again.onnx")
+    assert rc == 1 and "< 1000.0 dB" in err, (out, err)
+
+
 def test_validate_of_a_float_file_against_other_outputs_is_a_user_error(work, capsys):
     """Outputs of another shape (a model with 3 classes against a file with 4) were a ValueError from the
     comparison: an internal error."""

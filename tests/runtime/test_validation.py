@@ -366,3 +366,7 @@ def test_an_fp32_file_whose_outputs_amplify_rounding_is_held_to_the_models_own_f
         assert report.passed and report.sqnr_db < 80.0, report.summary()
         assert report.sqnr_db >= report.extra["rounding_sqnr_db"] - 20.0
         assert "own float32 outputs" in report.extra["reference"]
+        # a bound the user gave (--min-sqnr 80) is not the default's to relax: it holds as given
+        strict = validate_model(ulps_off(result.onnx_model.SerializeToString(), ("l1.", "fa.", "fb."), ulps), model,
+                                x, min_sqnr=80.0, rounding_scale=False)
+        assert not strict.passed and strict.failures == [f"SQNR {strict.sqnr_db:.1f} dB < 80.0 dB"]
