@@ -426,7 +426,8 @@ def require_calibrated(gm: torch.fx.GraphModule, pass_name: str) -> None:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, FakeQuantize) and not mod.calibrated:
-                raise ValueError(f"quantizer {node.target} is not calibrated yet: run Calibrate before {pass_name} "
+                raise ValueError(f"quantizer {node.target} is not calibrated yet: run Calibrate after "
+                                 f"InsertQuantizers (which places the quantizers) and before {pass_name} "
                                  "(qcompile.pipeline.build_passes gives the full order)")
 
 

@@ -109,6 +109,10 @@ class Calibrate(Pass):
             if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # a second Calibrate: new data changes nothing
                 self.report.append("every quantizer is calibrated already: nothing to do (to calibrate on other data, "
                                    "run the pipeline again from the traced model)")
+            elif any(getattr(n.meta.get("qconfig"), "action", None) == "quant" for n in gm.graph.nodes):
+                # SelectLayers chose layers to quantize, and nothing placed their quantizers yet
+                self.report.append("no quantizers in the graph yet: InsertQuantizers places them for the layers "
+                                   "SelectLayers chose; run it before Calibrate")
             elif any(n.meta.get("qconfig") is not None for n in gm.graph.nodes):
                 self.report.append("no quantizers in the graph: every layer is kept float")
             else:

@@ -2325,3 +2325,16 @@ def test_a_failed_validation_of_a_model_that_draws_random_numbers_says_so():
         result = qcompile.compile(M().eval(), x[:1], calib=x, scheme=scheme, bits=8)
         assert not result.report.passed
         assert any("draws random numbers (randn" in f for f in result.report.failures), result.report.failures
+
+
+def test_digits_accuracy_takes_logits_straight_from_the_model():
+    """``digits.accuracy(model(x), y)`` outside ``torch.no_grad()`` raised "Can't call numpy() on Tensor that
+    requires grad"; arrays and tensors give the same figure."""
+    from qcompile.models import digits
+
+    model = digits.pretrained()
+    _, _, x, y = digits.load_split()
+    logits = model(x[:100])
+    assert logits.requires_grad
+    acc = digits.accuracy(logits, y[:100])
+    assert acc == digits.accuracy(logits.detach().numpy(), y[:100]) > 0.9

@@ -76,5 +76,6 @@ def calibration_inputs(n: int = 32) -> torch.Tensor:
 
 
 def accuracy(logits: np.ndarray | torch.Tensor, labels: torch.Tensor) -> float:
-    logits = torch.as_tensor(np.asarray(logits))
+    # a model's output straight from model(x), outside torch.no_grad(), too
+    logits = logits.detach() if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
     return float((logits.argmax(dim=1) == labels).float().mean())

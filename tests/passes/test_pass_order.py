@@ -100,8 +100,22 @@ def test_quantize_bias_before_calibrate_is_an_error():
     export later asked for QuantizeBias after Calibrate."""
     model = MLP()
     x = example_input(model, seed=1, batch=32)
-    with pytest.raises(PassError, match="is not calibrated yet: run Calibrate before QuantizeBias"):
+    with pytest.raises(PassError, match="is not calibrated yet: run Calibrate after InsertQuantizers .* and before "
+                                        "QuantizeBias"):
         Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), QuantizeBias()])(qcompile.trace(model, x[:1]))
+
+
+def test_calibrate_before_insert_quantizers_says_to_insert_them_first():
+    """Calibrate run between SelectLayers and InsertQuantizers reported "every layer is kept float" (the layers
+    were chosen for quantization, their quantizers not placed yet), and QuantizeBias then asked for Calibrate, which
+    had run: both name InsertQuantizers."""
+    model = MLP()
+    x = example_input(model, seed=1, batch=32)
+    calibrate = Calibrate(x)
+    with pytest.raises(PassError, match="run Calibrate after InsertQuantizers"):
+        Pipeline([SelectLayers(DEFAULT), calibrate, InsertQuantizers(), QuantizeBias()])(qcompile.trace(model, x[:1]))
+    assert calibrate.report == ["no quantizers in the graph yet: InsertQuantizers places them for the layers "
+                                "SelectLayers chose; run it before Calibrate"]
 
 
 def test_pipeline_api_mistakes_get_one_clear_error():
@@ -149,7 +163,7 @@ def test_passes_after_calibrate_run_before_it_are_an_error(name):
 
     model = ResidualCNN()
     x = example_input(model, seed=2, batch=4)
-    with pytest.raises(PassError, match=f"not calibrated yet: run Calibrate before {name}"):
+    with pytest.raises(PassError, match=f"not calibrated yet: run Calibrate after InsertQuantizers .* before {name}"):
         Pipeline([SelectLayers(DEFAULT), InsertQuantizers(), getattr(passes, name)()])(qcompile.trace(model, x[:1]))
 
 
