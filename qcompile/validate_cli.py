@@ -273,6 +273,10 @@ def validate_against(args):
                                        **thresholds)
             if report.extra.get("shape_mismatch"):  # another model than the file's: a mistake in the command
                 raise ValueError(report.failures[0])
+            if not opts:  # a file from another tool (torch.onnx.export): say how it was taken
+                said = report.extra.get("reference")
+                report.extra["reference"] = (f"{said or 'the model'}; the file has no qcompile metadata, so it is "
+                                             "compared as a float file")
             return report
         except Exception as e:  # noqa: BLE001 - onnxruntime's own error type
             _onnxruntime_refused(e, args)

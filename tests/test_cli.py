@@ -549,6 +549,21 @@ def test_a_given_min_sqnr_holds_for_a_float_file(work, capsys):
     assert rc == 1 and "< 1000.0 dB" in err, (out, err)
 
 
+def test_validate_says_a_file_from_another_tool_is_compared_as_a_float_file(work, capsys):
+    """A torch.onnx.export file has no qcompile metadata: validate compares it with --against as a float file, and
+    now says so (it read as any qcompile file's verdict)."""
+    model = importlib.import_module(MODULE).TinyCNN()
+    model.load_state_dict(torch.load("weights.pt"))
+    torch.onnx.export(model.eval(), (torch.randn(1, 3, 8, 8),), "plain.onnx", input_names=["input"],
+                      dynamic_axes={"input": {0: "batch"}}, dynamo=False)
+    rc, out, err = cli(capsys, "validate", "plain.onnx", "--against", "weights.pt", "--arch", SPEC)
+    assert rc == 0 and "PASS" in out, (out, err)
+    assert "the file has no qcompile metadata, so it is compared as a float file" in out
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC)
+    assert rc == 0 and "no qcompile metadata" not in out, (out, err)
+
+
 def test_validate_of_a_float_file_against_other_outputs_is_a_user_error(work, capsys):
     """Outputs of another shape (a model with 3 classes against a file with 4) were a ValueError from the
     comparison: an internal error."""
