@@ -16,6 +16,7 @@ never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the
 Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric,
 ``"same"``, ``"valid"``); Linear on 2-D inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip);
 MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor;
+``torch.cat`` along a non-batch axis (Concat); AvgPool1d/2d/3d; eval-mode BatchNorm1d/2d/3d left unfolded;
 ``a + b`` of two tensors of one shape; ``a * b`` broadcasting (operator, ``torch.mul``, ``.mul``); Sigmoid (module,
 function, method), SiLU (as the TorchScript exporter writes it: ``Mul(x, Sigmoid(x))``), Hardswish, Hardsigmoid;
 Identity, eval-mode Dropout and torchvision's StochasticDepth; qcompile's FakeQuantize (marker or pass-through),
@@ -61,9 +62,12 @@ _ADD_FUNCS = (operator.add, torch.add)
 _MUL_FUNCS = (operator.mul, torch.mul)
 _SIGMOID_FUNCS = (torch.sigmoid, F.sigmoid)
 _FLATTEN_FUNCS = (torch.flatten,)
+_CAT_FUNCS = (torch.cat, torch.concat, torch.concatenate)
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _MAXPOOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
 _GAP_MODULES = {nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3}
+_AVGPOOL_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_BN_MODULES = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}  # -> the input ranks
 
 
 def _tuple(v, n: int, what: str) -> list[int]:
@@ -217,6 +221,16 @@ class _Exporter:
             raise Unsupported("outputs")
         out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
         producers = {o: n for n in self.nodes for o in n.output}
+        uses: dict[str, int] = {}
+        for n in self.nodes:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        for n in self.nodes:
+            # a BatchNormalization that alone reads a Conv: the TorchScript exporter folds it into the Conv (an fp32
+            # compile, where no pass folded it); that is its file to write
+            conv = producers.get(n.input[0]) if n.op_type == "BatchNormalization" else None
+            if conv is not None and conv.op_type == "Conv" and uses.get(conv.output[0], 0) == 1:
+                raise Unsupported("batch norm after conv")
         graph_outputs, seen = [], set()
         for node, name in zip(outs, out_names):
             v = self.values.get(node)
@@ -313,6 +327,13 @@ class _Exporter:
                                   mod.ceil_mode, _MAXPOOL_MODULES[kind], scope)
         if kind in _GAP_MODULES:
             return self._global_pool(mod, node.args[0], scope)
+        if kind in _AVGPOOL_MODULES:
+            if getattr(mod, "divisor_override", None) is not None:
+                raise Unsupported("avg pool divisor")
+            return self._avg_pool(node.args[0], mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode,
+                                  mod.count_include_pad, _AVGPOOL_MODULES[kind], scope)
+        if kind in _BN_MODULES:
+            return self._batch_norm(mod, node.target, node.args[0], _BN_MODULES[kind], scope)
         if kind is nn.Flatten:
             return self._flatten(node.args[0], mod.start_dim, mod.end_dim, scope)
         raise Unsupported(f"module {kind.__name__}")
@@ -384,6 +405,12 @@ class _Exporter:
             if kwargs or len(args) != 2:
                 raise Unsupported("adaptive pool arguments")
             return self._gap(args[0], args[1], 2, "")
+        if fn in _CAT_FUNCS:
+            tensors = args[0] if args else kwargs.pop("tensors", None)
+            dim = args[1] if len(args) > 1 else kwargs.pop("dim", kwargs.pop("axis", 0))
+            if kwargs or len(args) > 2:
+                raise Unsupported("cat arguments")
+            return self._cat(tensors, dim, "")
         raise Unsupported(f"function {getattr(fn, '__name__', fn)}")
 
     def _call_method(self, node: torch.fx.Node) -> _Value:
@@ -502,6 +529,40 @@ class _Exporter:
         return self._emit("MaxPool", [x.name], x.shape[:2] + spatial, scope,
                           ceil_mode=int(bool(ceil_mode)), dilations=d, kernel_shape=k, pads=p + p, strides=s)
 
+    def _avg_pool(self, x_arg, kernel, stride, padding, ceil_mode, count_include_pad, n: int, scope: str) -> _Value:
+        """``AveragePool`` as the TorchScript exporter writes an eval-mode ``nn.AvgPool1d/2d/3d`` (a DenseNet
+        transition); the output size by PyTorch's rule, as for max pooling."""
+        x = self._tensor(x_arg)
+        if len(x.shape) != n + 2 or any(v is None for v in x.shape[1:]):
+            raise Unsupported("pool rank")
+        k = _tuple(kernel, n, "kernel")
+        s = _tuple(stride if stride not in (None, ()) else kernel, n, "stride")
+        p = _tuple(padding, n, "padding")
+        spatial = []
+        for i, kk, ss, pp in zip(x.shape[2:], k, s, p):
+            span = i + 2 * pp - kk
+            o = (math.ceil(span / ss) if ceil_mode else span // ss) + 1
+            if ceil_mode and (o - 1) * ss >= i + pp:  # PyTorch: the last window must start inside the input
+                o -= 1
+            spatial.append(o)
+        if any(v <= 0 for v in spatial):
+            raise Unsupported("pool output size")
+        return self._emit("AveragePool", [x.name], x.shape[:2] + spatial, scope, ceil_mode=int(bool(ceil_mode)),
+                          count_include_pad=int(bool(count_include_pad)), kernel_shape=k, pads=p + p, strides=s)
+
+    def _batch_norm(self, mod: nn.Module, target: str, x_arg, ranks: tuple, scope: str) -> _Value:
+        """An eval-mode BatchNorm the passes kept (one after a concatenation or a residual sum: DenseNet,
+        pre-activation ResNets) as the TorchScript exporter writes it: ``BatchNormalization`` of the running
+        statistics, ``momentum`` 1 - the module's, ``training_mode`` 0."""
+        x = self._tensor(x_arg)
+        if mod.training or not mod.affine or not mod.track_running_stats or mod.momentum is None or \
+                len(x.shape) not in ranks or x.shape[1] is None:
+            raise Unsupported("batch norm")
+        names = ("weight", "bias", "running_mean", "running_var")
+        params = [self._initializer(f"{target}.{name}", getattr(mod, name)) for name in names]
+        return self._emit("BatchNormalization", [x.name] + [v.name for v in params], x.shape, scope,
+                          epsilon=float(mod.eps), momentum=1.0 - float(mod.momentum), training_mode=0)
+
     def _global_pool(self, mod: nn.Module, x_arg, scope: str) -> _Value:
         n = _GAP_MODULES.get(type(mod))
         if n is None or mod._forward_hooks or mod._forward_pre_hooks:
@@ -513,6 +574,27 @@ class _Exporter:
         if _tuple(output_size, n, "output size") != [1] * n or len(x.shape) != n + 2:
             raise Unsupported("adaptive pool")
         return self._emit("GlobalAveragePool", [x.name], x.shape[:2] + [1] * n, scope)
+
+    def _cat(self, tensors, dim, scope: str) -> _Value:
+        """``torch.cat`` along a channel or spatial axis of tensors of one rank (an Inception or DenseNet block):
+        ``Concat(axis=dim)``, the axis as written, as the TorchScript exporter writes it."""
+        if not isinstance(tensors, (list, tuple)) or not tensors or not isinstance(dim, int):
+            raise Unsupported("cat operands")
+        xs = [self._tensor(t) for t in tensors]
+        rank = len(xs[0].shape)
+        axis = dim + rank if dim < 0 else dim
+        if not 0 < axis < rank or any(len(x.shape) != rank for x in xs):
+            raise Unsupported("cat axis or ranks")  # along the batch: its size is dynamic
+        for i in range(rank):
+            if i != axis and len({x.shape[i] for x in xs}) != 1:
+                raise Unsupported("cat shapes")
+        if any(x.shape[axis] is None for x in xs):
+            raise Unsupported("cat shapes")
+        if any(x.shape[axis] == 0 for x in xs):
+            raise Unsupported("cat of an empty tensor")  # the TorchScript exporter leaves it out
+        shape = list(xs[0].shape)
+        shape[axis] = sum(x.shape[axis] for x in xs)
+        return self._emit("Concat", [x.name for x in xs], shape, scope, axis=dim)
 
     def _flatten(self, x_arg, start, end, scope: str) -> _Value:
         x = self._tensor(x_arg)

@@ -83,6 +83,49 @@ class Conv1dNet(nn.Module):
         return self.fc(torch.flatten(y, 1))
 
 
+class Branches(nn.Module):
+    """Inception- and DenseNet-style concatenations along the channels: ``torch.cat`` of three branches (one behind
+    a max-pool), then ``torch.concat`` of a tuple with a negative dim, reading the first cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2, self.b3 = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 2, 1)
+        self.pool = nn.MaxPool2d(3, 1, 1)
+        self.grow = nn.Conv2d(12, 4, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.b1(y)), F.relu(self.b2(y)), F.relu(self.b3(self.pool(y)))], 1)
+        y = torch.concat((y, F.relu(self.grow(y))), dim=-3)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+class DenseLike(nn.Module):
+    """A DenseNet block and transition: BatchNorms that read a concatenation (left unfolded by the passes) and
+    average pools (the transition's, a padded one without the padding in its count, a ceil-mode one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.n1, self.c1 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.n2, self.c2 = nn.BatchNorm2d(12), nn.Conv2d(12, 4, 3, padding=1, bias=False)
+        self.nt, self.ct = nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1, bias=False)
+        self.pool = nn.AvgPool2d(2, 2)
+        self.pad_pool = nn.AvgPool2d(3, 1, 1, count_include_pad=False)
+        self.ceil_pool = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = torch.cat([y, self.c1(F.relu(self.n1(y)))], 1)
+        y = torch.cat([y, self.c2(F.relu(self.n2(y)))], 1)
+        y = self.pool(self.ct(F.relu(self.nt(y))))
+        y = self.ceil_pool(self.pad_pool(y))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
 class ViewHead(nn.Module):
     """``x.view(x.size(0), -1)``: not a fast-path node (it exports as Shape/Gather/Reshape)."""
 
@@ -165,12 +208,14 @@ MODELS = {
     "pools-and-clips": _model(PoolsAndClips, (8, 3, 16, 16)),
     "conv1d": _model(Conv1dNet, (8, 4, 32)),
     "gated": _model(GatedNet, (8, 3, 16, 16)),
+    "branches": _model(Branches, (8, 3, 16, 16)),
+    "dense": _model(DenseLike, (8, 3, 16, 16)),
 }
 
 
 # every configuration on two models, the two main ones on the others
 CASES = [(name, config) for name in MODELS for config in CONFIGS
-         if name in ("digits", "pools-and-clips", "gated") or config in ("uniform8", "apot4")]
+         if name in ("digits", "pools-and-clips", "gated", "branches") or config in ("uniform8", "apot4")]
 
 
 @pytest.mark.parametrize("name,config", CASES)
@@ -385,3 +430,14 @@ def test_torchscript_same_pads_are_made_explicit():
     assert "auto_pad" not in attrs[1] and attrs[1]["pads"] == [2, 1, 1, 1]  # SAME_LOWER: at the beginning
     assert attrs[2]["auto_pad"] == b"SAME_UPPER"  # strided: depends on the input size, left alone
     assert attrs[3] == {"kernel_shape": [3, 3]}
+
+
+def test_fp32_batchnorms_the_torchscript_exporter_keeps_take_the_fast_path(monkeypatch):
+    """An fp32 compile folds no BatchNorm: the TorchScript exporter folds those that alone read a Conv (the digits
+    model's: the fast path falls back, above) and keeps the others (after a concatenation, or a Conv whose output
+    is read twice), which the fast path writes as it does."""
+    model, x = MODELS["dense"]()
+    fast, slow, taken = _compile_both(monkeypatch, model, x, scheme="fp32")
+    assert taken, "the fast path fell back"
+    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
+    assert sum(n.op_type == "BatchNormalization" for n in fast.onnx_model.graph.node) == 3
