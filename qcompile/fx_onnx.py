@@ -511,6 +511,13 @@ class _Exporter:
         return self._emit("Mul", [x.name, gate.name], x.shape, scope)
 
     def _max_pool(self, x_arg, kernel, stride, padding, dilation, ceil_mode, n: int, scope: str) -> _Value:
+        x, k, s, p, spatial = self._pool_geometry(x_arg, kernel, stride, padding, dilation, ceil_mode, n)
+        d = _tuple(dilation, n, "dilation")
+        return self._emit("MaxPool", [x.name], x.shape[:2] + spatial, scope,
+                          ceil_mode=int(bool(ceil_mode)), dilations=d, kernel_shape=k, pads=p + p, strides=s)
+
+    def _pool_geometry(self, x_arg, kernel, stride, padding, dilation, ceil_mode, n: int):
+        """A pooling window's input, kernel, strides, padding and output size by PyTorch's rule."""
         x = self._tensor(x_arg)
         if len(x.shape) != n + 2 or any(v is None for v in x.shape[1:]):
             raise Unsupported("pool rank")
@@ -526,27 +533,12 @@ class _Exporter:
             spatial.append(o)
         if any(v <= 0 for v in spatial):
             raise Unsupported("pool output size")
-        return self._emit("MaxPool", [x.name], x.shape[:2] + spatial, scope,
-                          ceil_mode=int(bool(ceil_mode)), dilations=d, kernel_shape=k, pads=p + p, strides=s)
+        return x, k, s, p, spatial
 
     def _avg_pool(self, x_arg, kernel, stride, padding, ceil_mode, count_include_pad, n: int, scope: str) -> _Value:
         """``AveragePool`` as the TorchScript exporter writes an eval-mode ``nn.AvgPool1d/2d/3d`` (a DenseNet
         transition); the output size by PyTorch's rule, as for max pooling."""
-        x = self._tensor(x_arg)
-        if len(x.shape) != n + 2 or any(v is None for v in x.shape[1:]):
-            raise Unsupported("pool rank")
-        k = _tuple(kernel, n, "kernel")
-        s = _tuple(stride if stride not in (None, ()) else kernel, n, "stride")
-        p = _tuple(padding, n, "padding")
-        spatial = []
-        for i, kk, ss, pp in zip(x.shape[2:], k, s, p):
-            span = i + 2 * pp - kk
-            o = (math.ceil(span / ss) if ceil_mode else span // ss) + 1
-            if ceil_mode and (o - 1) * ss >= i + pp:  # PyTorch: the last window must start inside the input
-                o -= 1
-            spatial.append(o)
-        if any(v <= 0 for v in spatial):
-            raise Unsupported("pool output size")
+        x, k, s, p, spatial = self._pool_geometry(x_arg, kernel, stride, padding, 1, ceil_mode, n)
         return self._emit("AveragePool", [x.name], x.shape[:2] + spatial, scope, ceil_mode=int(bool(ceil_mode)),
                           count_include_pad=int(bool(count_include_pad)), kernel_shape=k, pads=p + p, strides=s)
 
