@@ -126,6 +126,17 @@ class DenseLike(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
+class NormedMLP(nn.Module):
+    """BatchNorm1d on a (batch, features) tensor after a ReLU (no layer to fold it into before it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(self.bn(F.relu(self.a(x))))
+
+
 class ViewHead(nn.Module):
     """``x.view(x.size(0), -1)``: not a fast-path node (it exports as Shape/Gather/Reshape)."""
 
@@ -210,6 +221,7 @@ MODELS = {
     "gated": _model(GatedNet, (8, 3, 16, 16)),
     "branches": _model(Branches, (8, 3, 16, 16)),
     "dense": _model(DenseLike, (8, 3, 16, 16)),
+    "normed-mlp": _model(NormedMLP, (8, 6)),
 }
 
 
@@ -436,8 +448,9 @@ def test_fp32_batchnorms_the_torchscript_exporter_keeps_take_the_fast_path(monke
     """An fp32 compile folds no BatchNorm: the TorchScript exporter folds those that alone read a Conv (the digits
     model's: the fast path falls back, above) and keeps the others (after a concatenation, or a Conv whose output
     is read twice), which the fast path writes as it does."""
-    model, x = MODELS["dense"]()
-    fast, slow, taken = _compile_both(monkeypatch, model, x, scheme="fp32")
-    assert taken, "the fast path fell back"
-    assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
-    assert sum(n.op_type == "BatchNormalization" for n in fast.onnx_model.graph.node) == 3
+    for name, norms in (("dense", 3), ("normed-mlp", 1)):
+        model, x = MODELS[name]()
+        fast, slow, taken = _compile_both(monkeypatch, model, x, scheme="fp32")
+        assert taken, f"{name}: the fast path fell back"
+        assert _canonical(fast.onnx_model) == _canonical(slow.onnx_model)
+        assert sum(n.op_type == "BatchNormalization" for n in fast.onnx_model.graph.node) == norms
