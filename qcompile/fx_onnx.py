@@ -14,10 +14,13 @@ or anything it cannot prove about a node (a shape it cannot derive, a dtype othe
 never what is supported. ``tests/test_fx_onnx.py`` checks the two paths give the same file.
 
 Handled: Conv1d/2d/3d (modules, ``F.conv*`` and qcompile's ``int8_conv*``) with zero padding (numeric,
-``"same"``, ``"valid"``); Linear on 2-D inputs with a bias (Gemm); ReLU, LeakyReLU, ReLU6/Hardtanh (Clip);
+``"same"``, ``"valid"``); Linear on 2-D inputs with a bias (Gemm), and on other inputs or without a bias where its
+weight is a quantizer's (MatMul of the transposed weight, then the bias added); LayerNorm (module and
+``F.layer_norm``), GELU (module and function), ``permute`` keeping the batch first (Transpose); ReLU, LeakyReLU,
+ReLU6/Hardtanh (Clip);
 MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x, 1)`` of a rank >= 3 tensor;
 ``torch.cat`` along a non-batch axis (Concat); AvgPool1d/2d/3d; eval-mode BatchNorm1d/2d/3d left unfolded;
-``a + b`` of two tensors of one shape; ``a * b`` broadcasting (operator, ``torch.mul``, ``.mul``); Sigmoid (module,
+``a + b`` broadcasting; ``a * b`` broadcasting (operator, ``torch.mul``, ``.mul``); Sigmoid (module,
 function, method), SiLU (as the TorchScript exporter writes it: ``Mul(x, Sigmoid(x))``), Hardswish, Hardsigmoid;
 Identity, eval-mode Dropout and torchvision's StochasticDepth; qcompile's FakeQuantize (marker or pass-through),
 Int8Add, Int8Mul, Int8Sigmoid, IntegerOutput, Int8GlobalAvgPool. The squeeze-excite models (EfficientNet-B0,
@@ -316,10 +319,16 @@ class _Exporter:
             return self._conv(node.args[0], w, b, mod.stride, mod.padding, mod.dilation, mod.groups,
                               _CONV_MODULES[kind], scope)
         if kind is nn.Linear:
-            if mod.bias is None:
-                raise Unsupported("linear without bias")
-            return self._linear(node.args[0], self._initializer(f"{node.target}.weight", mod.weight),
-                                self._initializer(f"{node.target}.bias", mod.bias), scope)
+            b = self._initializer(f"{node.target}.bias", mod.bias) if mod.bias is not None else None
+            return self._linear(node.args[0], self._initializer(f"{node.target}.weight", mod.weight), b, scope)
+        if kind is nn.LayerNorm:
+            if not mod.elementwise_affine or mod.bias is None:
+                raise Unsupported("layer norm without affine parameters")
+            return self._layer_norm(node.args[0], mod.normalized_shape,
+                                    self._initializer(f"{node.target}.weight", mod.weight),
+                                    self._initializer(f"{node.target}.bias", mod.bias), mod.eps, scope)
+        if kind is nn.GELU:
+            return self._unary("Gelu", node.args[0], scope, approximate=mod.approximate)
         if kind in _MAXPOOL_MODULES:
             if mod.return_indices:
                 raise Unsupported("max pool indices")
@@ -356,9 +365,10 @@ class _Exporter:
                               a.get("groups", 1), n, "")
         if fn in _LINEAR_FUNCS:
             kwargs.pop("units", None)
-            if kwargs or len(args) != 3 or args[2] is None:
+            bias = args[2] if len(args) > 2 else kwargs.pop("bias", None)
+            if kwargs or len(args) > 3 or len(args) < 2:
                 raise Unsupported("linear arguments")
-            return self._linear(args[0], self._tensor(args[1]), self._tensor(args[2]), "")
+            return self._linear(args[0], self._tensor(args[1]), self._tensor(bias) if bias is not None else None, "")
         if fn in _RELU_FUNCS:
             kwargs.pop("inplace", None)
             if kwargs or len(args) != 1:
@@ -405,6 +415,27 @@ class _Exporter:
             if kwargs or len(args) != 2:
                 raise Unsupported("adaptive pool arguments")
             return self._gap(args[0], args[1], 2, "")
+        if fn is F.layer_norm:
+            names = ("input", "normalized_shape", "weight", "bias", "eps")
+            a = dict(zip(names, args))
+            for k, v in kwargs.items():
+                if k not in names or k in a:
+                    raise Unsupported(f"layer_norm argument {k}")
+                a[k] = v
+            if a.get("weight") is None or a.get("bias") is None:
+                raise Unsupported("layer norm without affine parameters")
+            return self._layer_norm(a["input"], a["normalized_shape"], self._tensor(a["weight"]),
+                                    self._tensor(a["bias"]), a.get("eps", 1e-5), "")
+        if fn is F.gelu:
+            approximate = args[1] if len(args) > 1 else kwargs.pop("approximate", "none")
+            if kwargs or len(args) > 2:
+                raise Unsupported("gelu arguments")
+            return self._unary("Gelu", args[0], "", approximate=approximate)
+        if fn is torch.permute:
+            dims = args[1] if len(args) > 1 else kwargs.pop("dims", None)
+            if kwargs or len(args) > 2 or not isinstance(dims, (list, tuple)):
+                raise Unsupported("permute arguments")
+            return self._permute(args[0], dims, "")
         if fn in _CAT_FUNCS:
             tensors = args[0] if args else kwargs.pop("tensors", None)
             dim = args[1] if len(args) > 1 else kwargs.pop("dim", kwargs.pop("axis", 0))
@@ -428,6 +459,11 @@ class _Exporter:
             return self._unary("Sigmoid", node.args[0], "")
         if node.target == "mul" and len(node.args) == 2 and not node.kwargs:
             return self._mul(node.args[0], node.args[1], "")
+        if node.target == "permute" and len(node.args) >= 2 and not node.kwargs:
+            dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            if not all(isinstance(d, int) for d in dims):
+                raise Unsupported("permute arguments")
+            return self._permute(node.args[0], dims, "")
         raise Unsupported(f"method {node.target}")
 
     # -- the operators -----------------------------------------------------------------------------------------
@@ -463,14 +499,42 @@ class _Exporter:
         return self._emit("Conv", inputs, [x.shape[0], w.shape[0]] + spatial, scope,
                           dilations=d, group=groups, kernel_shape=list(k), pads=begin + end, strides=s)
 
-    def _linear(self, x_arg, w: _Value, b: _Value, scope: str) -> _Value:
+    def _linear(self, x_arg, w: _Value, b: Optional[_Value], scope: str) -> _Value:
         x = self._tensor(x_arg)
-        if len(x.shape) != 2 or len(w.shape) != 2 or x.shape[1] != w.shape[1] or b.shape != [w.shape[0]]:
-            raise Unsupported("linear shapes")  # 3-D inputs export as MatMul + Add
+        if len(x.shape) < 2 or len(w.shape) != 2 or x.shape[-1] != w.shape[1] or \
+                (b is not None and b.shape != [w.shape[0]]):
+            raise Unsupported("linear shapes")
         if not scope:
             scope = _owner(w.param)
-        return self._emit("Gemm", [x.name, w.name, b.name], [x.shape[0], w.shape[0]], scope,
-                          alpha=1.0, beta=1.0, transB=1)
+        shape = x.shape[:-1] + [w.shape[0]]
+        if len(x.shape) == 2 and b is not None:
+            return self._emit("Gemm", [x.name, w.name, b.name], shape, scope, alpha=1.0, beta=1.0, transB=1)
+        # other inputs (a Linear on channels-last tokens: ConvNeXt), or no bias, as the TorchScript exporter writes
+        # them: MatMul(x, Transpose(W)), then Add(b, ·), bias first. A constant W it transposes at export time, into
+        # an initializer of its own naming: that file is its to write
+        if w.name in self.initializers or w.name in self.same_as.values():
+            raise Unsupported("linear of a constant weight on a rank != 2 input")
+        wt = self._emit("Transpose", [w.name], [w.shape[1], w.shape[0]], scope, perm=[1, 0])
+        out = self._emit("MatMul", [x.name, wt.name], shape, scope)
+        return self._emit("Add", [b.name, out.name], shape, scope) if b is not None else out
+
+    def _layer_norm(self, x_arg, normalized_shape, w: _Value, b: _Value, eps, scope: str) -> _Value:
+        """``LayerNormalization`` over the last ``len(normalized_shape)`` axes, as the TorchScript exporter writes
+        ``nn.LayerNorm`` and ``F.layer_norm`` (ConvNeXt's, on channels-last tensors)."""
+        x = self._tensor(x_arg)
+        dims = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+        if not dims or not all(isinstance(d, int) for d in dims) or len(dims) >= len(x.shape) or \
+                x.shape[-len(dims):] != dims or w.shape != dims or b.shape != dims or not isinstance(eps, float):
+            raise Unsupported("layer norm shapes")
+        return self._emit("LayerNormalization", [x.name, w.name, b.name], x.shape, scope, axis=-len(dims),
+                          epsilon=eps)
+
+    def _permute(self, x_arg, dims, scope: str) -> _Value:
+        x = self._tensor(x_arg)
+        perm = list(dims)
+        if sorted(perm) != list(range(len(x.shape))) or perm[0] != 0:
+            raise Unsupported("permute")  # negative axes, or the batch moved
+        return self._emit("Transpose", [x.name], [x.shape[p] for p in perm], scope, perm=perm)
 
     def _leaky_relu(self, x_arg, slope: float, scope: str) -> _Value:
         x = self._tensor(x_arg)
@@ -491,9 +555,7 @@ class _Exporter:
 
     def _add(self, a_arg, b_arg, scope: str) -> _Value:
         a, b = self._tensor(a_arg), self._tensor(b_arg)
-        if a.shape != b.shape:
-            raise Unsupported("add shapes")
-        return self._emit("Add", [a.name, b.name], a.shape, scope)
+        return self._emit("Add", [a.name, b.name], _broadcast(a.shape, b.shape), scope)  # a bias: broadcasting
 
     def _mul(self, a_arg, b_arg, scope: str) -> _Value:
         """``a * b`` of two tensors, broadcasting (a squeeze-excite gate times its features)."""

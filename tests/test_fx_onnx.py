@@ -137,6 +137,41 @@ class NormedMLP(nn.Module):
         return self.b(self.bn(F.relu(self.a(x))))
 
 
+class _LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: channels-last layer norm between two permutes."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """A ConvNeXt block as torchvision writes it: depthwise conv, ``torch.permute`` to channels-last, LayerNorm,
+    Linear-GELU-Linear on the 4-D tokens, back to channels-first, a per-channel layer scale, the residual add; the
+    stem's and the head's LayerNorm2d (``x.permute`` and ``F.layer_norm``), GELU by function too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_norm = nn.Conv2d(3, 8, 2, stride=2), _LayerNorm2d(8, eps=1e-6)
+        self.dw, self.norm = nn.Conv2d(8, 8, 7, padding=3, groups=8), nn.LayerNorm(8, eps=1e-6)
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8).reshape(8, 1, 1))
+        self.head_norm, self.head = _LayerNorm2d(8, eps=1e-6), nn.Linear(8, 5)
+        with torch.no_grad():
+            for norm in (self.stem_norm, self.norm, self.head_norm):  # not the ones and zeros of every other one
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        x = self.stem_norm(self.stem(x))
+        y = torch.permute(self.dw(x), [0, 2, 3, 1])
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        x = x + self.scale * torch.permute(y, [0, 3, 1, 2])
+        x = self.head_norm(F.adaptive_avg_pool2d(self.act(x), 1))
+        return self.head(torch.flatten(x, 1))
+
+
 class ViewHead(nn.Module):
     """``x.view(x.size(0), -1)``: not a fast-path node (it exports as Shape/Gather/Reshape)."""
 
@@ -222,12 +257,13 @@ MODELS = {
     "branches": _model(Branches, (8, 3, 16, 16)),
     "dense": _model(DenseLike, (8, 3, 16, 16)),
     "normed-mlp": _model(NormedMLP, (8, 6)),
+    "convnext": _model(ConvNeXtLike, (8, 3, 16, 16)),
 }
 
 
 # every configuration on two models, the two main ones on the others
 CASES = [(name, config) for name in MODELS for config in CONFIGS
-         if name in ("digits", "pools-and-clips", "gated", "branches") or config in ("uniform8", "apot4")]
+         if name in ("digits", "pools-and-clips", "gated", "branches", "convnext") or config in ("uniform8", "apot4")]
 
 
 @pytest.mark.parametrize("name,config", CASES)
