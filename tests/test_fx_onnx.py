@@ -172,6 +172,17 @@ class ConvNeXtLike(nn.Module):
         return self.head(torch.flatten(x, 1))
 
 
+class BiasFreeMLP(nn.Module):
+    """Linear layers without a bias: ``MatMul`` of the transposed (quantized) weight, as on 4-D tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 8, bias=False), nn.Linear(8, 8, bias=False), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+
 class ViewHead(nn.Module):
     """``x.view(x.size(0), -1)``: not a fast-path node (it exports as Shape/Gather/Reshape)."""
 
@@ -258,6 +269,7 @@ MODELS = {
     "dense": _model(DenseLike, (8, 3, 16, 16)),
     "normed-mlp": _model(NormedMLP, (8, 6)),
     "convnext": _model(ConvNeXtLike, (8, 3, 16, 16)),
+    "bias-free-mlp": _model(BiasFreeMLP, (8, 6)),
 }
 
 
