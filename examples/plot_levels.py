@@ -79,7 +79,7 @@ def storage_table() -> list:
             if scheme in ("ternary", "binary"):
                 out.append(f"| {scheme} | - | {kind} | refused (signed only) | | | |")
             else:
-                out.append(f"| {scheme} | {bits} | {kind} | refused (grid > 16 bits) | | | |")
+                out.append(f"| {scheme} | {bits} | {kind} | refused (grid > 32 bits) | | | |")
             continue
         out.append(f"| {scheme} | {bits} | {kind} | {n} | {cmin}..{cmax} | alpha/{denom} | {dtype} |")
     return out
@@ -170,7 +170,9 @@ def render() -> str:
         "Codes are grid integers; for `uniform_asym` the stored code is `grid + zero_point` with",
         "`zero_point = q_min` of the storage type, and the quantizer's own zero point `Z` (real 0 sits at code `Z`)",
         "is a separate parameter. `storage` is the smallest ONNX integer type holding the codes. PoT/log2 grids",
-        "double with every level, so they are refused where the grid would exceed 16 bits.",
+        "double with every level, so they are refused where the grid would exceed 32 bits (signed PoT/log2 from 7 bits,",
+        "unsigned from 6); the widest ones kept, signed 6 and unsigned 5 bits (the APoT paper's PoT 5/5 ablation), halve",
+        "down to 2^-30 alpha, exact in float32, and their int32 codes are dequantized with Cast and Mul.",
         "",
         "`log2` (SDQ's base-2 log quantizer, eq. 9-10) has the same levels as signed `pot` and, in qcompile, the same",
         "decisions: every scheme projects to the *nearest level* (linear midpoints, the least squared error on that level",

@@ -61,7 +61,7 @@ def weights(model: nn.Module):
 
 
 def schemes_at(bits: int) -> tuple[str, ...]:
-    """The level sets that exist at ``bits`` (signed PoT is refused past 5 bits: its grid would pass 16 bits)."""
+    """The level sets that exist at ``bits`` (signed PoT is refused past 6 bits: its grid would pass 32 bits)."""
     out = []
     for s in SCHEMES:
         try:
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} layers; least weight error: " + ", ".join(f"{s} {n}" for s, n in wins.items()))
     left_out = [s for s in SCHEMES if s not in schemes]
     if left_out:
-        print(f"({', '.join(left_out)} has no signed {args.bits}-bit level set: its integer grid would pass 16 bits)")
+        print(f"({', '.join(left_out)} has no signed {args.bits}-bit level set: its integer grid would pass 32 bits)")
     return 0
 
 

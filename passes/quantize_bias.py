@@ -7,6 +7,12 @@ the layer then runs on float kernels). The simulation must therefore see the rou
     b  ->  round(b / (S_x · S_w)) · (S_x · S_w)        (float32 arithmetic, per output channel)
 
 Before: ``F.conv2d(xq, wq, b)`` with any float ``b``.  After: the same graph, ``b`` on the S_x·S_w grid.
+
+A layer with 32-bit input or weight codes (PoT/log2 activations at 5 bits, weights at 6) is the exception: the
+file dequantizes those codes with ``Cast`` and ``Mul`` (onnxruntime has no int32 ``QuantizeLinear``, which its
+QDQ propagation would insert), so onnxruntime sees a float layer and keeps its bias float; so does the
+simulation, and the bias is left alone.
+
 Runs after calibration and bias correction (it needs the final scales and biases). Idempotent.
 """
 from __future__ import annotations
@@ -31,9 +37,16 @@ def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:
     return (s_x * s_w).float().reshape(-1)
 
 
+def float_bias(xfq: FakeQuantize, wfq: FakeQuantize) -> bool:
+    """Whether onnxruntime keeps the layer's bias float: its input or weight codes are 32-bit integers, which the
+    file dequantizes with ``Cast`` and ``Mul`` rather than ``DequantizeLinear`` (see the module docstring)."""
+    return "int32" in (xfq.levelset.storage_dtype, wfq.levelset.storage_dtype)
+
+
 def quantized_layer_biases(gm: torch.fx.GraphModule):
     """``(node, xfq, wfq, bias_node)`` for every layer with a calibrated input and weight quantizer and a bias read
-    by ``get_attr``: the layers whose bias lives on the accumulator grid S_x·S_w."""
+    by ``get_attr``: the layers whose bias lives on the accumulator grid S_x·S_w (not those whose bias onnxruntime
+    keeps float, :func:`float_bias`)."""
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
             continue
@@ -41,7 +54,7 @@ def quantized_layer_biases(gm: torch.fx.GraphModule):
         bnode = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if xfq is None or wfq is None or not xfq.calibrated or not wfq.calibrated:
             continue
-        if isinstance(bnode, torch.fx.Node) and bnode.op == "get_attr":
+        if isinstance(bnode, torch.fx.Node) and bnode.op == "get_attr" and not float_bias(xfq, wfq):
             yield node, xfq, wfq, bnode
 
 

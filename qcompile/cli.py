@@ -91,7 +91,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits + .onnx)")
     q = p.add_argument_group("quantization")
     q.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
-    q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; pot and log2 levels take at most 5 bits for weights and signed activations and 4 for non-negative ones (after a ReLU), their integer grid doubling with every level: apot is the scheme for more; ternary and binary levels have 2 and 1 bits whatever it says)")
+    q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; pot and log2 levels take at most 6 bits for weights and signed activations and 5 for non-negative ones (after a ReLU), their integer grid doubling with every level: apot is the scheme for more; ternary and binary levels have 2 and 1 bits whatever it says)")
     q.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
     q.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
     q.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme apot --ascheme uniform")
@@ -175,7 +175,7 @@ def _demo_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile demo", description="Compile the bundled digits CNN (trained on scikit-learn's real "
                 "handwritten digits), run it in onnxruntime and print test accuracy before and after.")
     p.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
-    p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; pot and log2 levels take at most 5 bits for weights and signed activations and 4 for non-negative ones (after a ReLU), their integer grid doubling with every level: apot is the scheme for more; ternary and binary levels have 2 and 1 bits whatever it says)")
+    p.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; pot and log2 levels take at most 6 bits for weights and signed activations and 5 for non-negative ones (after a ReLU), their integer grid doubling with every level: apot is the scheme for more; ternary and binary levels have 2 and 1 bits whatever it says)")
     p.add_argument("--wbits", type=int, help="weight bit-width (overrides --bits)")
     p.add_argument("--abits", type=int, help="activation bit-width (overrides --bits)")
     p.add_argument("--wscheme", help="weight scheme (overrides --scheme), e.g. --wscheme ternary --ascheme uniform")

@@ -266,9 +266,10 @@ def nothing_lowered_note(report: dict, quantized_layers: int | None = None) -> s
         return ("--emit shift-add lowered no layer: every layer is float (excluded, or kept float), and only layers "
                 "with APoT/PoT/log2 weights of 3 bits or more are lowered; the file computes as the standard form does")
     return ("--emit shift-add lowered no layer: uniform weights, 2-bit APoT/PoT and ternary levels keep their "
-            "integer multiplications, and recurrent layers and embedding tables are not lowered (they compute in "
-            "float); the file computes as the standard form does. Shift-add needs Conv/Linear layers with "
-            "APoT/PoT/log2 weights of 3 bits or more")
+            "integer multiplications, and recurrent layers, embedding tables and 32-bit codes (PoT/log2 weights at 6 "
+            "bits, activations at 5) are not lowered (they compute in float); the file computes as the standard "
+            "form does. Shift-add needs Conv/Linear layers with APoT/PoT/log2 weights of 3 bits or more, on 8- or 16-bit "
+            "codes")
 
 
 def format_cost_report(report: dict) -> list[str]:

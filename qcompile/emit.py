@@ -179,11 +179,25 @@ def act_storage(grid: np.ndarray) -> tuple[np.dtype, int]:
 
 def _dequantize_codes(b: "_Builder", codes: str, unit: np.ndarray, zp: int, g_np, output: str) -> None:
     """``DequantizeLinear(codes, unit, zp)``; the zero point is explicit for 8-bit codes even where it is 0:
-    onnxruntime fuses ``DequantizeLinear → Gemm → QuantizeLinear`` into ``QGemm`` only with explicit zero points."""
+    onnxruntime fuses ``DequantizeLinear → Gemm → QuantizeLinear`` into ``QGemm`` only with explicit zero points.
+    32-bit codes: ``Mul(Cast(codes), unit)`` (see :func:`_float_dequantize`)."""
+    if np.dtype(g_np) == np.int32:
+        _float_dequantize(b, codes, b.const(unit, "a_scale"), output)
+        return
     inputs = [codes, b.const(unit, "a_scale")]
     if zp or np.dtype(g_np).itemsize == 1:
         inputs.append(b.shared_const(np.array(zp, g_np), "a_zp"))
     b.node("DequantizeLinear", inputs, output)
+
+
+def _float_dequantize(b: "_Builder", codes: str, scale: str, output: str) -> None:
+    """``Mul(Cast(codes, float), scale)`` for 32-bit codes (PoT/log2 activations at 5 bits, weights at 6): the
+    values of ``DequantizeLinear`` (an exact integer, one rounding of the product), but no QDQ node for
+    onnxruntime. Its QDQ propagation moves a ``DequantizeLinear`` past a Reshape or Unsqueeze by inserting a
+    ``QuantizeLinear`` of the same type, which it has no int32 kernel for; and its bias quantization puts the
+    bias of a layer between ``DequantizeLinear``s on the int32 grid S_x·S_w, which overflows at these units
+    (``passes.quantize_bias.float_bias``)."""
+    b.node("Mul", [b.node("Cast", [codes], to=TensorProto.FLOAT), scale], output)
 
 
 def _int_type(lo: int, hi: int) -> tuple[int, np.dtype]:
@@ -211,8 +225,14 @@ def _unit(fq: FakeQuantize) -> np.ndarray:
 
 def grid_index(grid: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """The index of each code on the sorted integer ``grid`` (int16), by a table over the grid's span: a searchsorted
-    of VGG-11's 102 M classifier codes took 4 s. Every code must be a grid value."""
+    of VGG-11's 102 M classifier codes took 4 s (a searchsorted where the span is too wide for a table: PoT-6
+    weights span 2^31 integers). Every code must be a grid value."""
     lo, hi = int(grid.min()), int(grid.max())
+    if hi - lo >= 1 << 20:
+        index = np.searchsorted(grid, codes)
+        assert codes.size == 0 or np.array_equal(grid[np.minimum(index, len(grid) - 1)], codes), \
+            "weight codes must lie on the level grid"
+        return index.astype(np.int16)
     where = np.full(hi - lo + 1, -1, np.int16)  # -1: integers between levels, which no code may be
     where[grid - lo] = np.arange(len(grid))
     if codes.size == 0:
@@ -258,6 +278,12 @@ def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, trans
         lut = b.const((grid + offset).astype(lut_t), "w_lut")
         idx32 = b.node("Cast", [idx], to=TensorProto.INT32)
         q = b.node("Gather", [lut, idx32], axis=0)
+    if ls.storage_dtype == "int32":  # PoT/log2 6-bit weights: float dequantization, per channel on its axis
+        shape = [1] * codes.ndim
+        if axis_value is not None:
+            shape[axis_value] = -1
+        _float_dequantize(b, q, b.const(unit.reshape(shape) if axis_value is not None else unit, "w_scale"), output)
+        return
     inputs = [q, b.const(unit, "w_scale")]
     if u8:
         inputs.append(b.const(np.full(unit.shape, offset, np.uint8), "w_zp"))

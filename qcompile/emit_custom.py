@@ -28,8 +28,8 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import (_Builder, _int_type, _unit, act_code_type, emit_cell_requant, grid_index, replace_markers,
-                   u8_storage)
+from .emit import (_Builder, _int_type, _unit, act_code_type, emit_activation, emit_cell_requant, emit_weight,
+                   grid_index, replace_markers, u8_storage)
 from .ir import FIXED_BITS
 
 DOMAIN = "qcompile"
@@ -132,6 +132,9 @@ def _custom_node(b: _Builder, op: str, inputs: list[str], output: str, **attrs) 
 
 def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, transpose: bool = False) -> None:
     ls = fq.levelset
+    if ls.storage_dtype == "int32":  # PoT/log2 6-bit weights: the standard form's float dequantization (emit.py)
+        emit_weight(b, fq, w, output, transpose)
+        return
     codes = fq.quantize(torch.from_numpy(w)).numpy().astype(np.int64)
     axis = fq.axis
     if transpose:
@@ -165,6 +168,9 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
         return
     if fq.cells is not None:  # an int8 layer's output: standard nodes, so onnxruntime fuses the layer (see emit)
         emit_cell_requant(b, fq, x, output)
+        return
+    if ls.storage_dtype == "int32":  # PoT/log2 5-bit activations: standard nodes, no int32 DequantizeLinear
+        emit_activation(b, fq, x, output)
         return
     thr, tie_up = quant.decision_thresholds(ls, torch.as_tensor(unit))
     thr = thr.numpy().astype(np.float32).ravel()

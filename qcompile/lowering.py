@@ -34,7 +34,8 @@ Bias: kept in float and added after the rescale (so the lowered and the standard
 rounding); the lecture's integer ``q_bias = round(b / (s_w s_x))`` would move outputs by up to half a unit.
 
 Not lowered (left as in the standard form, reason recorded): layers with uniform weights (the 8-bit first/last
-layers: integer multiplications are the point there), float activations or weights, a weight zero point, a
+layers: integer multiplications are the point there), float activations or weights (also 32-bit codes, which the
+file dequantizes in float: PoT/log2 weights at 6 bits, activations at 5), a weight zero point, a
 per-channel scale on an axis other than the output, Gemm with ``transA``/``alpha``/``beta`` != defaults.
 
 :func:`verify_shift_add` states the claim as a check (see its docstring).
@@ -160,9 +161,22 @@ _INT_RANGES = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
                for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
 
 
+_WIDE_CODES = ("32-bit codes (PoT/log2 weights at 6 bits, activations at 5) are dequantized in float "
+               "(Cast and Mul): not lowered")
+
+
+def _float_dequantized(t) -> bool:
+    """``Mul(Cast(codes), scale)``: how the file dequantizes 32-bit codes (``qcompile.emit._float_dequantize``)."""
+    mul = _producer(t)
+    cast = _producer(mul.inputs[0]) if mul is not None and mul.op == "Mul" and mul.inputs else None
+    return cast is not None and cast.op == "Cast"
+
+
 def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
     dq = _producer(x)
     if dq is None or dq.op != "DequantizeLinear":
+        if _float_dequantized(x):
+            return None, _WIDE_CODES
         if dq is not None and dq.op in ("Concat", "Slice", "Pad"):  # circular padding: Slice/Concat of the codes
             return None, f"the input arrives through {dq.op} (circular padding), not straight from its codes"
         return None, "activation is not quantized (no DequantizeLinear)"
@@ -215,7 +229,7 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
         out_axis = 1 - out_axis
         src = _producer(src.inputs[0])
     if src is None or src.op != "DequantizeLinear":
-        return None, "weight is not quantized (no DequantizeLinear)"
+        return None, _WIDE_CODES if _float_dequantized(w) else "weight is not quantized (no DequantizeLinear)"
     dq = src
     zero = 0
     if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:

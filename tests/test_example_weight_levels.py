@@ -41,11 +41,11 @@ def test_table_covers_convs_linears_and_attention_projections(capsys, tmp_path):
 
 
 def test_every_advertised_bit_width_runs(capsys):
-    # --bits takes 2..8; signed PoT stops at 5 bits, so 6-8 compare APoT and uniform instead of raising
+    # --bits takes 2..8; signed PoT stops at 6 bits, so 7-8 compare APoT and uniform instead of raising
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 4))
-    assert weight_levels.schemes_at(5) == ("apot", "pot", "uniform")
-    assert weight_levels.schemes_at(6) == ("apot", "uniform")
-    for bits in (6, 8):
+    assert weight_levels.schemes_at(6) == ("apot", "pot", "uniform")
+    assert weight_levels.schemes_at(7) == ("apot", "uniform")
+    for bits in (7, 8):
         rows = weight_levels.table(model, bits)
         assert rows and set(rows[0][3]) == {"apot", "uniform"}

@@ -43,8 +43,10 @@ Schemes
     construction continued (n = 4 terms); bits 2..8 are all defined, signed and unsigned.
 ``pot`` -- powers of two, the authors' ``additive=False`` sets: ``B`` magnitude bits give
     ``{0} U {2**-i : i = 0 .. 2**B - 2}`` (same ``B`` rule for signed/unsigned). The smallest level halves with
-    every level added, so the integer grid needs ``2**B - 1`` bits: we support the widths whose grid fits 16 bits
-    (signed 2..5 bits, unsigned 2..4 bits) and refuse wider ones (``apot`` is the scheme for more bits).
+    every level added, so the integer grid needs ``2**B - 1`` bits: we support the widths whose grid fits 32 bits
+    (signed 2..6 bits, unsigned 2..5 bits: the APoT paper's PoT 5/5 ablation; levels down to ``2**-30``, every one
+    and every decision threshold exact in float32) and refuse wider ones (``apot`` is the scheme for more bits; an
+    8-bit PoT set's smallest levels, ``2**-254``, are not even float32 numbers).
 ``uniform`` -- signed: the restricted symmetric range ``{-(2**(b-1) - 1) .. 2**(b-1) - 1} / (2**(b-1) - 1)``
     of the APoT code's ``uniform_quantization`` and of SDQ eq. 4 (``L_P = L_N = 2**(b-1) - 1``); unsigned:
     ``{0 .. 2**b - 1} / (2**b - 1)`` (SDQ eq. 4 with ``L_N = 0``).
@@ -60,7 +62,7 @@ Schemes
     ``{0, +-2**k : k = 0 .. 2**(b-1) - 2} / L_p2`` with ``L_p2 = 2**(2**(b-1) - 2)``, e.g. 3 bits
     ``{0, +-1, +-2, +-4} / 4``. This is the same set as signed ``pot``. SDQ defines it for weights only; for
     unsigned tensors we use the analogous ``{0, 2**k : k = 0 .. 2**b - 2}`` (= unsigned ``pot``). Like ``pot``
-    it is limited to grids that fit 16 bits (signed 2..5, unsigned 2..4 bits). Note: SDQ's eq. 9 rounds in the
+    it is limited to grids that fit 32 bits (signed 2..6, unsigned 2..5 bits). Note: SDQ's eq. 9 rounds in the
     log domain (decision between ``2**k`` and ``2**(k+1)`` at ``2**(k + 1/2)``); we project every scheme to the
     *nearest level* (linear midpoints), which minimises the squared error of the same level set and lets all
     schemes share one decision rule. :func:`sdq_log2_reference` implements eq. 9-10 literally for comparison.
@@ -102,7 +104,8 @@ apot    2: +-1 int2; 3: +-4 int4; 4: +-10,      2: 0..4 uint4; 3: 0..10 uint4;
         5: +-48, 6: +-100 int8;                 4: 0..48, 5: 0..100 uint8;
         7: +-448, 8: +-904 int16                6: 0..448, 7: 0..904, 8: 0..3840 uint16
 pot /   2: +-1 int2; 3: +-4 int4; 4: +-64       2: 0..4 uint4; 3: 0..64 uint8;
-log2    int8; 5: +-16384 int16; >5 refused      4: 0..16384 uint16; >4 refused
+log2    int8; 5: +-16384 int16; 6: +-2**30      4: 0..16384 uint16; 5: 0..2**30
+        int32; >6 refused                       int32; >5 refused
 uniform +-(2**(b-1) - 1): int2/int4/int8        0..2**b - 1: uint2/uint4/uint8
 u_asym  codes -2**(b-1)..2**(b-1)-1: int*       codes 0..2**b - 1: uint*
 ternary +-1 int2                                refused
@@ -110,7 +113,8 @@ binary  +-1 int2                                refused
 ======  ======================================  ======================================
 
 Everything with at most 8 bits of grid fits int8/uint8; APoT at 7-8 bits (and unsigned 6), PoT/log2 at
-signed 5 / unsigned 4 bits need 16-bit integers. ``docs/levels.md`` prints the full table from this module.
+signed 5 / unsigned 4 bits need 16-bit integers, PoT/log2 at signed 6 / unsigned 5 bits 32-bit ones (the file
+dequantizes those with ``Cast`` and ``Mul``: onnxruntime has no int32 ``QuantizeLinear``, see ``qcompile.emit``). ``docs/levels.md`` prints the full table from this module.
 """
 from __future__ import annotations
 
@@ -127,7 +131,8 @@ MIN_BITS, MAX_BITS = 2, 8
 
 # Storage types from small to large; ONNX (>= 1.20) has tensor types for each of them.
 _STORAGE = (("int2", -2, 1), ("uint2", 0, 3), ("int4", -8, 7), ("uint4", 0, 15),
-            ("int8", -128, 127), ("uint8", 0, 255), ("int16", -32768, 32767), ("uint16", 0, 65535))
+            ("int8", -128, 127), ("uint8", 0, 255), ("int16", -32768, 32767), ("uint16", 0, 65535),
+            ("int32", -2 ** 31, 2 ** 31 - 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,14 +203,14 @@ class LevelSet:
     def storage_dtype(self) -> str:
         """Smallest of int2/uint2/int4/uint4/int8/uint8/int16/uint16 that holds every stored code."""
         lo, hi = self.code_min, self.code_max
-        for width in (2, 4, 8, 16):
-            order = ("int", "uint") if self.signed else ("uint", "int")
+        for width in (2, 4, 8, 16, 32):
+            order = ("int",) if width == 32 else ("int", "uint") if self.signed else ("uint", "int")
             for kind in order:
                 name = f"{kind}{width}"
                 _, tmin, tmax = next(s for s in _STORAGE if s[0] == name)
                 if tmin <= lo and hi <= tmax:
                     return name
-        raise ValueError(f"{self.scheme} {self.bits}-bit codes {lo}..{hi} do not fit 16 bits")
+        raise ValueError(f"{self.scheme} {self.bits}-bit codes {lo}..{hi} do not fit 32 bits")
 
     # -- decisions ------------------------------------------------------------------------------------------
     @functools.cached_property
@@ -330,7 +335,7 @@ def _build(scheme: str, bits: int, signed: bool) -> LevelSet:
         return LevelSet("apot", bits, signed, _mirror(mags) if signed else mags, denom)
     if scheme in ("pot", "log2"):
         magnitude_bits = bits - 1 if signed else bits
-        limit = 5 if signed else 4
+        limit = 6 if signed else 5
         if bits > limit:
             smallest = 2 ** magnitude_bits - 2
             kind = "signed" if signed else "unsigned"

@@ -278,7 +278,7 @@ def _nonuniform_lookup(x: torch.Tensor, levelset: LevelSet, unit: torch.Tensor, 
         moved = x.movedim(axis, 0)
         rows = moved.reshape(moved.shape[0], -1).contiguous()
     values = values.reshape(-1, values.shape[-1]).expand(rows.shape[0], -1).contiguous()
-    _, cells, _, _, _ = _cell_tables(levelset)
+    cells = 2 * (levelset.grid[-1] - levelset.grid[0]) + 1  # no table built yet: PoT-5 spans 2^31 cells
     if rows.shape[0] * cells <= _MAX_CELLS and bool((2.0 / unit.to(torch.float64) < 1e30).all()):
         out = _cell_lookup(rows, levelset, unit, bounds, values)
     else:

@@ -372,11 +372,11 @@ def test_misnamed_rules_table_and_a_config_rules_bad_levels_name_the_file(tmp_pa
         load_overrides(str(bad))
     with pytest.raises(UserError, match="config 'file' must be a string"):
         load_overrides({"layers": {"conv2": {"bits": 4}}, "file": 5})
-    rule = tmp_path / "pot5.toml"
-    rule.write_text('"layer1.conv2" = {scheme = "pot", abits = 5}\n')
+    rule = tmp_path / "pot6.toml"
+    rule.write_text('"layer1.conv2" = {scheme = "pot", abits = 6}\n')
     model = ResidualCNN()
     x = example_input(model, batch=8)
-    with pytest.raises(UserError, match=r"choose another activation scheme/bits in pot5.toml 'layer1.conv2'"):
+    with pytest.raises(UserError, match=r"choose another activation scheme/bits in pot6.toml 'layer1.conv2'"):
         qcompile.compile(model, x[:1], calib=x, config=str(rule), validate=False)
 
 

@@ -103,18 +103,30 @@ def test_pot_signed_matches_authors_additive_false(bits):
     np.testing.assert_allclose(ours, theirs, rtol=FLOAT32_RTOL, atol=0)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
 def test_pot_unsigned_matches_authors_additive_false(bits):
     np.testing.assert_allclose(levels("pot", bits, False), authors_build_power_value(bits, additive=False),
                                rtol=FLOAT32_RTOL, atol=0)
 
 
-def test_pot_refused_where_grid_exceeds_16_bits():
-    for bits, signed in [(6, True), (8, True), (5, False), (8, False)]:
+def test_pot_refused_where_grid_exceeds_32_bits():
+    for bits, signed in [(7, True), (8, True), (6, False), (8, False)]:
         with pytest.raises(ValueError, match="apot"):
             level_set("pot", bits, signed)
         with pytest.raises(ValueError):
             level_set("log2", bits, signed)
+
+
+@pytest.mark.parametrize("scheme", ["pot", "log2"])
+def test_pot_widest_sets_use_int32_grids(scheme):
+    """Signed 6-bit and unsigned 5-bit PoT (the APoT paper's PoT 5/5 ablation) halve down to 2^-30: int32 codes,
+    every level and decision threshold exact in float32."""
+    for bits, signed in [(6, True), (5, False)]:
+        ls = level_set(scheme, bits, signed)
+        assert ls.storage_dtype == "int32" and ls.denom == 2 ** 30
+        assert ls.num_levels == (63 if signed else 32)
+        np.testing.assert_array_equal(ls.values.astype(np.float32).astype(np.float64), ls.values)
+        np.testing.assert_array_equal(ls.thresholds.astype(np.float32).astype(np.float64), ls.thresholds)
 
 
 def test_sdq_log2_three_bit_levels():
@@ -165,9 +177,10 @@ def test_every_supported_set_is_normalised_sorted_and_stored(scheme, signed):
         if signed and scheme != "uniform_asym":
             np.testing.assert_array_equal(v, -v[::-1])  # symmetric
             assert 0.0 in v
-        assert ls.storage_dtype in ("int2", "uint2", "int4", "uint4", "int8", "uint8", "int16", "uint16")
+        assert ls.storage_dtype in ("int2", "uint2", "int4", "uint4", "int8", "uint8", "int16", "uint16", "int32")
         lo, hi = {"int2": (-2, 1), "uint2": (0, 3), "int4": (-8, 7), "uint4": (0, 15), "int8": (-128, 127),
-                  "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535)}[ls.storage_dtype]
+                  "uint8": (0, 255), "int16": (-32768, 32767), "uint16": (0, 65535),
+                  "int32": (-2 ** 31, 2 ** 31 - 1)}[ls.storage_dtype]
         assert lo <= ls.code_min and ls.code_max <= hi
         assert ls.is_uniform == bool(np.all(np.diff(ls.grid) == 1))  # 2-bit signed APoT/PoT are {-1, 0, 1}
         if scheme in ("uniform", "uniform_asym"):
@@ -180,6 +193,8 @@ def test_storage_table_sixteen_bit_cases():
     assert need16 == {("apot", 7, True), ("apot", 8, True), ("apot", 6, False), ("apot", 7, False),
                       ("apot", 8, False), ("pot", 5, True), ("pot", 4, False), ("log2", 5, True),
                       ("log2", 4, False)}
+    need32 = {(r[0], r[1], r[2]) for r in integer_table() if r[7] == "int32"}
+    assert need32 == {("pot", 6, True), ("pot", 5, False), ("log2", 6, True), ("log2", 5, False)}
 
 
 def test_tie_rule_flags_apot4():
@@ -219,7 +234,8 @@ def test_asymmetric_sets_are_the_unsigned_grid_shifted_by_an_offset():
     # the tie rule applies to the shifted integers (both neighbours of threshold -2.5 are ... -3 | -2: even wins)
     assert list(ls.tie_up[:3]) == [True, False, True]
     assert asymmetric_offsets("pot", 3) == (1, 2, 4, 8, 16, 32)
-    assert asymmetric_offsets("uniform", 4) == () and asymmetric_offsets("pot", 5) == ()  # no unsigned 5-bit PoT
+    assert asymmetric_offsets("pot", 5) == tuple(2 ** k for k in range(30))
+    assert asymmetric_offsets("uniform", 4) == () and asymmetric_offsets("pot", 6) == ()  # no unsigned 6-bit PoT
 
 
 @pytest.mark.parametrize("args,match", [
