@@ -356,7 +356,19 @@ def _note_initial_batch_statistics(gm: torch.fx.GraphModule) -> None:
 
 
 def check_input_count(model: nn.Module, given: int, source: str) -> None:
-    """More inputs than ``forward`` takes: one line naming them (instead of a TypeError from tracing)."""
+    """More inputs than ``forward`` takes, or a keyword-only one without a default: one line naming them (instead
+    of a TypeError from tracing, which blamed --input-shape and --calib)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    required = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if required:
+        raise UserError(f"the model's forward takes keyword-only input(s) without a default ({', '.join(required)}), "
+                        "and qcompile passes a model's inputs by position: give them defaults, or wrap the model in a "
+                        "module whose forward takes them positionally")
     names = model_input_names(model)
     if names is not None and given > len(names):
         raise UserError(f"the model's forward takes {len(names)} input(s) ({', '.join(names) or 'none'}) but {given} "

@@ -98,6 +98,15 @@ MODULE_SOURCE = textwrap.dedent('''
         return TwoInputNet()
 
 
+    class KeywordGain(TinyCNN):
+        def forward(self, x, *, gain):  # a required keyword-only input: nothing qcompile passes can fill it
+            return super().forward(x) * gain
+
+
+    def keyword_gain_net():
+        return KeywordGain()
+
+
     def gated_net():
         return GatedNet()
 
@@ -1104,6 +1113,10 @@ def test_too_few_inputs_and_integer_image_data_are_named(work, capsys):
     np.save(work / "one.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
     rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "one.npy", "--scheme", "uniform", "-o", "q.onnx")
     assert_user_error(rc, err, "the model's forward needs 2 input(s) (x, m) but 1 was given")
+    # a required keyword-only input blamed --input-shape and --calib, which cannot supply it
+    rc, out, err = cli(capsys, f"{MODULE}:keyword_gain_net", "--input-shape", SHAPE, "--scheme", "uniform",
+                       "-o", "q.onnx")
+    assert_user_error(rc, err, "keyword-only input(s) without a default (gain)")
     np.save(work / "u8.npy", rng.integers(0, 255, (8, 3, 8, 8)).astype(np.uint8))
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "u8.npy", "--scheme", "uniform", "-o", "q.onnx")
     assert_user_error(rc, err, "save image data as float32")

@@ -333,6 +333,22 @@ def test_top1_of_a_multi_output_model_says_which_output_it_is_of():
     assert "outputs" not in one.extra and "top-1 agreement 100.00%" in one.summary()
 
 
+def test_top1_is_taken_on_the_first_output_with_class_scores_and_a_bound_never_goes_unchecked():
+    """A model returning (feature map, logits) was checked on output 0, which holds no class scores: top-1 "n/a",
+    and --min-top1 0.999 passed unapplied while the float line reported the logits' top-1."""
+    rng = np.random.default_rng(0)
+    features, logits = rng.normal(size=(16, 8, 4, 4)), rng.normal(size=(16, 10))
+    flipped = logits.copy()
+    flipped[:4] = -flipped[:4]  # four of sixteen predictions change
+    report = compare_outputs([features, logits], [features, flipped], min_top1=0.999)
+    assert report.top1 == pytest.approx(np.mean(logits.argmax(1) == flipped.argmax(1)))
+    assert report.top1 < 0.999 and not report.passed and "top-1 agreement (output 1)" in report.summary()
+    regression = compare_outputs([features], [features], min_top1=0.5)
+    assert regression.top1 is None and not regression.passed
+    assert "no output holds class scores" in regression.failures[0]
+    assert compare_outputs([features], [features]).passed  # no bound asked: nothing to say
+
+
 def test_an_fp32_file_whose_outputs_amplify_rounding_is_held_to_the_models_own_float32_error():
     """out = fa(h) - fb(h) with fb within 1e-3 of fa: float32 rounding alone puts the model 81 dB from its float64
     outputs, and the file (77 dB from the model) failed the 80 dB bound of an fp32 compile."""
