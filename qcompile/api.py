@@ -994,6 +994,15 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["numbers_note"] = numbers_note
     if first_last_note:
         summary["first_last_note"] = first_last_note
+    unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
+    file_inputs = [i.name for i in onnx_model.graph.input]
+    if unused and len(file_inputs) < len(example_inputs):
+        # a user feeding every input to onnxruntime got "invalid input name" and nothing had said why
+        unused_note = (f"the model never reads its input(s) {', '.join(map(str, unused))}: the file has no input for "
+                       f"them (as torch.onnx.export writes it); run it in onnxruntime with "
+                       f"{', '.join(file_inputs) or 'no inputs'} only")
+        summary["unused_inputs_note"] = unused_note
+        warnings.warn(unused_note, QuantizationWarning, stacklevel=3)
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report, nothing_lowered_note
 

@@ -468,7 +468,7 @@ def _notes(result) -> list[str]:
 
     notes = (int8_grid_note(result.options, result.model),) + tuple(
         result.summary.get(key) for key in ("first_last_note", "level_note", "calib_note", "numbers_note",
-                                          "shift_add_note"))
+                                          "shift_add_note", "unused_inputs_note"))
     return [note for note in notes if note]
 
 

@@ -107,6 +107,15 @@ MODULE_SOURCE = textwrap.dedent('''
         return KeywordGain()
 
 
+    class UnusedInput(TinyCNN):
+        def forward(self, x, extra):  # extra is never read: torch.onnx and qcompile's export drop it
+            return super().forward(x)
+
+
+    def unused_input_net():
+        return UnusedInput()
+
+
     def gated_net():
         return GatedNet()
 
@@ -1117,6 +1126,12 @@ def test_too_few_inputs_and_integer_image_data_are_named(work, capsys):
     rc, out, err = cli(capsys, f"{MODULE}:keyword_gain_net", "--input-shape", SHAPE, "--scheme", "uniform",
                        "-o", "q.onnx")
     assert_user_error(rc, err, "keyword-only input(s) without a default (gain)")
+    # an input forward never reads is not in the file: said, naming the inputs onnxruntime takes
+    rc, out, err = cli(capsys, f"{MODULE}:unused_input_net", "--input-shape", SHAPE, "--input-shape", "1,2",
+                       "--scheme", "fp32", "-o", "u.onnx")
+    assert rc == 0 and "never reads its input(s) extra" in err and "with input_0 only" in err, err
+    assert [i.name for i in onnx.load(work / "u.onnx").graph.input] == ["input_0"]
+    os.remove(work / "u.onnx")
     np.save(work / "u8.npy", rng.integers(0, 255, (8, 3, 8, 8)).astype(np.uint8))
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "u8.npy", "--scheme", "uniform", "-o", "q.onnx")
     assert_user_error(rc, err, "save image data as float32")
