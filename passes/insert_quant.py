@@ -406,12 +406,13 @@ def _check_levels(fq: FakeQuantize, layer: str, reason: str = "default") -> None
     except ValueError as exc:
         from qcompile.ir import FIXED_BITS
 
-        what = "--wscheme/--wbits" if fq.role == "weight" else "--ascheme/--abits"
+        what = ("--wscheme/--wbits (wscheme=, wbits=)" if fq.role == "weight"
+                else "--ascheme/--abits (ascheme=, abits=)")
         if reason.endswith("'") and " '" in reason:  # a config rule chose them (Override.apply: "k15.toml 'conv2'")
             what = f"{'weight' if fq.role == 'weight' else 'activation'} scheme/bits in {reason}"
         levels = f"{fq.scheme} levels" if fq.scheme in FIXED_BITS else f"{fq.scheme} {fq.bits}-bit levels"
         raise UserError(f"{layer}: cannot quantize its {fq.role} with {levels} ({exc}); "
-                        f"choose another {what} or keep the layer in float (--exclude)") from None
+                        f"choose another {what} or keep the layer in float (--exclude, exclude=)") from None
 
 
 def layer_of(gm: torch.fx.GraphModule, node) -> str | None:
