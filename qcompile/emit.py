@@ -1122,8 +1122,9 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
     are recovered from its output with a ``QuantizeLinear`` at the same scale (exact: the values are on the
     grid). An ``AveragePool`` in ceil mode that counts pads is fed the same way (:func:`_ceil_pool_counting_pads`).
     Where the layer reads the dequantized values through ops that onnxruntime's QDQ propagation moves a
-    ``DequantizeLinear`` across (a max-pool, a reshape, each read once: ``_QDQ_PROPAGATING``), the first of them is
-    fed instead: propagated, the ``DequantizeLinear`` reached the layer all the same."""
+    ``DequantizeLinear`` across (a max-pool, a reshape: ``_QDQ_PROPAGATING``), the first of them is fed instead, or
+    the layer gets a copy of them of its own where one is read by others too: propagated, the
+    ``DequantizeLinear`` reached the layer all the same."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
@@ -1164,53 +1165,89 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
             readers[i] = readers.get(i, 0) + 1
     outputs = {o.name for o in graph.output}
 
-    def reader_of_dequantized(name: str) -> onnx.NodeProto | None:
-        """The first of the ops between a float layer and a dequantizer through which onnxruntime's QDQ
-        propagation moves that ``DequantizeLinear`` forward (each read once), or None: a max-pool before an
-        excluded layer gave it a DequantizeLinear input all the same, and ``WeightBiasQuantization`` quantized
-        it (2.7% of the next codes differed). The shield then feeds that op."""
+    def dequantizer(node) -> bool:  # what codes_of takes apart, without its side effects
+        if node is None:
+            return False
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx"):
+            return scalar(node.input[1]) and (len(node.input) < 3 or not node.input[2] or node.input[2] in inits)
+        return node.domain == "qcompile" and node.op_type in ("QuantizeUniform", "QuantizeLevels")
+
+    def dequantized_chain(name: str) -> list | None:
+        """The ops between a dequantizer and ``name`` (dequantizer side first) through which onnxruntime's QDQ
+        propagation moves a ``DequantizeLinear`` forward (``_QDQ_PROPAGATING``; it copies the Q/DQ pair onto every
+        reader of each, and stops at graph outputs), or None where ``name`` is not reached so."""
+        chain = []
         node = producer.get(name)
-        first = None
-        while node is not None and node.op_type in _QDQ_PROPAGATING and node.domain in ("", "ai.onnx") \
-                and readers.get(node.output[0], 0) == 1 and node.output[0] not in outputs:
-            first = node
+        while node is not None and node.op_type in _QDQ_PROPAGATING and node.domain in ("", "ai.onnx"):
+            if node.output[0] in outputs:
+                return None
+            chain.append(node)
             node = producer.get(node.input[0])
-        return first
+        return chain[::-1] if chain and dequantizer(node) else None
 
     def float_layer(node: onnx.NodeProto) -> bool:
         return node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1 \
             and (producer.get(node.input[1]) is None or producer[node.input[1]].op_type != "DequantizeLinear")
 
-    chain_heads = set()  # id() of the first op of such a chain
+    # A float layer that reads dequantized values through a max-pool, a reshape, ... got a DequantizeLinear input
+    # all the same once onnxruntime propagated it, and WeightBiasQuantization quantized the layer (2.7% of the next
+    # codes differed). Where each op of that chain is read once, the shield feeds its first op; where one is read
+    # by others too (a pooled map that a residual add or another layer reads as well), the layer gets a copy of
+    # the chain of its own, fed from the shield, and the others keep theirs.
+    chain_heads = set()  # id() of the first op of a chain read by the float layer alone
+    private: dict[int, list] = {}  # id(float layer) -> the chain it gets a copy of
     for node in graph.node:
         if float_layer(node) or _ceil_pool_counting_pads(node):
-            head = reader_of_dequantized(node.input[0])
-            if head is not None:
-                chain_heads.add(id(head))
+            chain = dequantized_chain(node.input[0])
+            if chain is None:
+                continue
+            if all(readers.get(op.output[0], 0) == 1 for op in chain):
+                chain_heads.add(id(chain[0]))
+            else:
+                private[id(node)] = chain
 
     shielded: dict[str, str] = {}
     nodes: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
+
+    def shield(src: str) -> str | None:
+        """``Mul(Cast(codes) [- zp], scale)`` for the dequantized ``src`` (made once, appended to ``nodes``)."""
+        found = shielded.get(src) or codes_of(producer.get(src))
+        if found is None:
+            return None
+        if src not in shielded:
+            codes, scale, zp, first = found
+            stem = f"{src}/float"
+            nodes.extend(first)
+            value = helper.make_node("Cast", [codes], [f"{stem}/cast"], name=f"{stem}/0", to=TensorProto.FLOAT)
+            nodes.append(value)
+            zero = float(numpy_helper.to_array(inits[zp]).reshape(-1)[0]) if zp else 0.0
+            if zero != 0.0:
+                new_inits.append(numpy_helper.from_array(np.array(zero, np.float32), f"{stem}/zp"))
+                nodes.append(helper.make_node("Sub", [value.output[0], f"{stem}/zp"], [f"{stem}/sub"],
+                                              name=f"{stem}/1"))
+            nodes.append(helper.make_node("Mul", [nodes[-1].output[0], scale], [f"{stem}/value"], name=f"{stem}/2"))
+            shielded[src] = nodes[-1].output[0]
+        return shielded[src]
+
     for node in graph.node:
-        if id(node) in chain_heads or float_layer(node) or _ceil_pool_counting_pads(node):
-            src = node.input[0]
-            found = shielded.get(src) or codes_of(producer.get(src))
-            if found is not None:
-                if src not in shielded:
-                    codes, scale, zp, first = found
-                    stem = f"{src}/float"
-                    nodes.extend(first)
-                    value = helper.make_node("Cast", [codes], [f"{stem}/cast"], name=f"{stem}/0", to=TensorProto.FLOAT)
-                    nodes.append(value)
-                    zero = float(numpy_helper.to_array(inits[zp]).reshape(-1)[0]) if zp else 0.0
-                    if zero != 0.0:
-                        new_inits.append(numpy_helper.from_array(np.array(zero, np.float32), f"{stem}/zp"))
-                        nodes.append(helper.make_node("Sub", [value.output[0], f"{stem}/zp"], [f"{stem}/sub"],
-                                                      name=f"{stem}/1"))
-                    nodes.append(helper.make_node("Mul", [nodes[-1].output[0], scale], [f"{stem}/value"],
-                                                  name=f"{stem}/2"))
-                    shielded[src] = nodes[-1].output[0]
-                node.input[0] = shielded[src]
+        if id(node) in private:
+            value = shield(private[id(node)][0].input[0])
+            if value is not None:
+                for op in private[id(node)]:
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(op)
+                    copy.name = f"{op.name or op.output[0]}/float"
+                    copy.input[0] = value
+                    del copy.output[:]
+                    copy.output.append(f"{op.output[0]}/float")  # MaxPool's indices output not needed
+                    nodes.append(copy)
+                    value = copy.output[0]
+                node.input[0] = value
+        elif id(node) in chain_heads or float_layer(node) or _ceil_pool_counting_pads(node):
+            value = shield(node.input[0])
+            if value is not None:
+                node.input[0] = value
         nodes.append(node)
     if not shielded:
         return model

@@ -471,6 +471,55 @@ def test_a_float_layer_behind_a_max_pool_keeps_float_weights_in_onnxruntime(form
     assert not [name for name in names if "c2" in name and ("_weight_q" in name or "_bias_int32" in name)], names
 
 
+class SharedPoolBeforeFloat(nn.Module):
+    """A max-pooled (or sliced) map read by an excluded conv ``c2`` and by something else: onnxruntime's QDQ
+    propagation puts its Q/DQ pair on every reader of the pool, so a shield at the pool's input alone would starve
+    the other reader and one at ``c2`` came too late."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        wide = 16 if kind == "slice" else 8
+        self.c1 = nn.Conv2d(3, wide, 3, padding=1)
+        self.c2, self.c3, self.c4 = (nn.Conv2d(8, 8, 3, padding=1) for _ in range(3))
+        self.fc = nn.Linear(8 * 4 * 4, 8 * 4 * 4)
+        seeded(self, 7, 0.3)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        p = y[:, :8] if self.kind == "slice" else F.max_pool2d(y, 2)
+        if self.kind == "flatten":  # the other reader: flatten -> Linear
+            return self.c4(torch.relu(self.c2(p))).flatten(1) + self.fc(p.flatten(1))
+        if self.kind == "pool-pool":  # a second pool between the shared one and c2
+            return self.c4(torch.relu(self.c2(F.max_pool2d(p, 2)))) + F.max_pool2d(self.c3(p), 2)
+        if self.kind == "add":  # the other reader: a residual add
+            return self.c4(torch.relu(self.c3(torch.relu(self.c2(p))) + p))
+        return self.c4(torch.relu(self.c2(p))) + self.c3(p)  # "pool", "slice": a quantized conv
+
+
+@pytest.mark.parametrize("kind", ["pool", "slice", "flatten", "pool-pool", "add"])
+@pytest.mark.parametrize("form", FORMS)
+def test_a_float_layer_behind_a_shared_max_pool_gets_a_chain_of_its_own(kind, form, tmp_path):
+    """A helper's sweep: with a second reader of the max-pool (or slice) the shield stopped short, onnxruntime
+    quantized the excluded conv all the same and up to 1.9% of the codes differed (validation FAIL; one case,
+    at 4 bits, passed with 11% of the outputs off). The float layer now reads a copy of the pool fed from the
+    shield; the other readers keep the original."""
+    size = 16 if kind in ("pool", "pool-pool") else 8
+    x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(8))
+    result = qcompile.compile(SharedPoolBeforeFloat(kind).eval(), x[:1], scheme="uniform", bits=8, calib=x,
+                              exclude=["c2"], emit=form)
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["code_mismatch_local"] <= 1e-4, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    names = [t.name for t in onnx.load(path).graph.initializer]
+    assert not [name for name in names if "c2" in name and ("_weight_q" in name or "_bias_int32" in name)], names
+    (got,) = run(session(result.onnx_model.SerializeToString()), [x.numpy()])
+    with torch.no_grad():
+        sim = result.model(x).numpy()
+    assert np.abs(got - sim).max() <= 1e-3 * np.abs(sim).max()
+
+
 class CeilAvgPool(nn.Module):
     """``AvgPool2d(2, ceil_mode=True)`` on a 15×15 map: the last window in each direction holds one row/column."""
 
