@@ -205,7 +205,10 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
         matches, _ = match_layers(gs.import_onnx(inferred), _initializers(inferred))
         for m in matches:
-            plan = plan_layer(m, decomposition)
+            try:
+                plan = plan_layer(m, decomposition)
+            except ValueError:  # the lowering leaves such a layer as it is (its sums could pass int64)
+                continue
             layers.append({"layer": m.node.name, "module": _module_of(model, m.node.name), "op": m.node.op, "weight_levels": m.weight.label,
                            "lowered": True, "accumulator_dtype": f"int{plan.width}", **plan.cost})
     done = {row["layer"] for row in layers}
@@ -266,10 +269,10 @@ def nothing_lowered_note(report: dict, quantized_layers: int | None = None) -> s
         return ("--emit shift-add lowered no layer: every layer is float (excluded, or kept float), and only layers "
                 "with APoT/PoT/log2 weights of 3 bits or more are lowered; the file computes as the standard form does")
     return ("--emit shift-add lowered no layer: uniform weights, 2-bit APoT/PoT and ternary levels keep their "
-            "integer multiplications, and recurrent layers, embedding tables and 32-bit codes (PoT/log2 weights at 6 "
-            "bits, activations at 5) are not lowered (they compute in float); the file computes as the standard "
-            "form does. Shift-add needs Conv/Linear layers with APoT/PoT/log2 weights of 3 bits or more, on 8- or 16-bit "
-            "codes")
+            "integer multiplications, recurrent layers and embedding tables are not lowered (they compute in float), "
+            "nor layers whose sums could pass int64 (PoT/log2 6-bit weights on 5-bit PoT codes); the file computes "
+            "as the standard form does. Shift-add needs Conv/Linear layers with APoT/PoT/log2 weights of 3 bits or "
+            "more")
 
 
 def format_cost_report(report: dict) -> list[str]:

@@ -33,9 +33,11 @@ bounded by ``B = (sum over planes of max plane * 2**(8 byte)) * max_o sum_{c,k} 
 Bias: kept in float and added after the rescale (so the lowered and the standard outputs agree to float
 rounding); the lecture's integer ``q_bias = round(b / (s_w s_x))`` would move outputs by up to half a unit.
 
+Codes dequantized as ``Mul(Cast(codes), scale)`` (32-bit codes: PoT/log2 weights at 6 bits, activations at 5) are
+read as a ``DequantizeLinear`` of them would be.
+
 Not lowered (left as in the standard form, reason recorded): layers with uniform weights (the 8-bit first/last
-layers: integer multiplications are the point there), float activations or weights (also 32-bit codes, which the
-file dequantizes in float: PoT/log2 weights at 6 bits, activations at 5), a weight zero point, a
+layers: integer multiplications are the point there), float activations or weights, a weight zero point, a
 per-channel scale on an axis other than the output, Gemm with ``transA``/``alpha``/``beta`` != defaults.
 
 :func:`verify_shift_add` states the claim as a check (see its docstring).
@@ -161,35 +163,45 @@ _INT_RANGES = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
                for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)}
 
 
-_WIDE_CODES = ("32-bit codes (PoT/log2 weights at 6 bits, activations at 5) are dequantized in float "
-               "(Cast and Mul): not lowered")
-
-
-def _float_dequantized(t) -> bool:
-    """``Mul(Cast(codes), scale)``: how the file dequantizes 32-bit codes (``qcompile.emit._float_dequantize``)."""
-    mul = _producer(t)
-    cast = _producer(mul.inputs[0]) if mul is not None and mul.op == "Mul" and mul.inputs else None
-    return cast is not None and cast.op == "Cast"
+def _dequantizer(t, inits) -> Optional[tuple]:
+    """``(codes, scale, zero point, axis)`` of the node that dequantizes ``t``: a ``DequantizeLinear``, or the
+    ``Mul(Cast(codes, FLOAT), scale)`` the file writes for 32-bit codes (PoT/log2 weights at 6 bits, activations at 5;
+    ``qcompile.emit._float_dequantize``), whose scale broadcasts along the channel axis. ``scale`` and the zero point
+    are arrays (None where not constant; the zero point 0 where absent); ``axis`` is None for a per-tensor scale."""
+    node = _producer(t)
+    if node is not None and node.op == "DequantizeLinear":
+        zp = np.zeros((), np.int64)
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+            zp = _const_array(node.inputs[2], inits)
+        scale = _const_array(node.inputs[1], inits)
+        axis = int(node.attrs.get("axis", 1)) if scale is not None and scale.size > 1 else None
+        return node.inputs[0], scale, zp, axis
+    cast = _producer(node.inputs[0]) if node is not None and node.op == "Mul" and len(node.inputs) == 2 else None
+    if cast is None or cast.op != "Cast" or int(cast.attrs.get("to", 0)) != TensorProto.FLOAT:
+        return None
+    scale = _const_array(node.inputs[1], inits)
+    axis = None
+    if scale is not None and scale.size > 1:
+        big = [d for d, n in enumerate(scale.shape) if n > 1]
+        if len(big) != 1:
+            return None
+        axis, scale = big[0], scale.reshape(-1)
+    return cast.inputs[0], scale, np.zeros((), np.int64), axis
 
 
 def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
-    dq = _producer(x)
-    if dq is None or dq.op != "DequantizeLinear":
-        if _float_dequantized(x):
-            return None, _WIDE_CODES
+    found = _dequantizer(x, inits)
+    if found is None:
+        dq = _producer(x)
         if dq is not None and dq.op in ("Concat", "Slice", "Pad"):  # circular padding: Slice/Concat of the codes
             return None, f"the input arrives through {dq.op} (circular padding), not straight from its codes"
         return None, "activation is not quantized (no DequantizeLinear)"
-    scale = _const_array(dq.inputs[1], inits)
+    codes, scale, z, _ = found
     if scale is None or scale.size != 1:
         return None, "activation scale is not a per-tensor constant"
-    zp = 0
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
-        z = _const_array(dq.inputs[2], inits)
-        if z is None or z.size != 1:
-            return None, "activation zero point is not a scalar constant"
-        zp = int(z.reshape(()))
-    codes = dq.inputs[0]
+    if z is None or z.size != 1:
+        return None, "activation zero point is not a scalar constant"
+    zp = int(z.reshape(()))
     src = _producer(codes)
     if src is not None and src.op == "Reshape":  # emit's lookup: Reshape(GatherElements(table, flat index))
         inner = _producer(src.inputs[0])
@@ -228,18 +240,16 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
             return None, f"weight Transpose perm {perm} is not [1, 0]"
         out_axis = 1 - out_axis
         src = _producer(src.inputs[0])
-    if src is None or src.op != "DequantizeLinear":
-        return None, _WIDE_CODES if _float_dequantized(w) else "weight is not quantized (no DequantizeLinear)"
-    dq = src
-    zero = 0
-    if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
-        z = _const_array(dq.inputs[2], inits)
-        if z is None or z.size == 0 or np.any(z != z.reshape(-1)[0]):
-            return None, "weight zero points differ between channels"
-        zero = int(z.reshape(-1)[0])  # uint8 storage (--int8-weights u8): lut - 128 are the grid integers
-    q = _producer(dq.inputs[0])
+    found = _dequantizer(src.outputs[0], inits) if src is not None else None
+    if found is None:
+        return None, "weight is not quantized (no DequantizeLinear)"
+    stored, scale, z, scale_axis = found
+    if z is None or z.size == 0 or np.any(z != z.reshape(-1)[0]):
+        return None, "weight zero points differ between channels"
+    zero = int(z.reshape(-1)[0])  # uint8 storage (--int8-weights u8): lut - 128 are the grid integers
+    q = _producer(stored)
     if q is None or q.op != "Gather":
-        if _const_array(dq.inputs[0], inits) is not None:
+        if _const_array(stored, inits) is not None:
             return None, "uniform weights (integer multiplications kept)"
         packed = q.inputs[0] if q is not None and q.op == "Cast" and q.inputs else None
         if packed is not None and packed.name in inits and inits[packed.name].data_type == onnx.TensorProto.INT4:
@@ -255,14 +265,13 @@ def _match_weight(w, kind: str, out_axis: int, inits) -> tuple[Optional[_Weight]
     if lut is None or idx is None or lut.ndim != 1 or int(q.attrs.get("axis", 0)) != 0:
         return None, "weight level table or indices are not constants"
     idx = idx.astype(np.int64)
-    scale = _const_array(dq.inputs[1], inits)
     if scale is None:
         return None, "weight scale is not a constant"
     n_out = idx.shape[out_axis]
     if scale.size == 1:
         scale = np.full(n_out, scale.reshape(()), dtype=np.float32)
     else:
-        axis = int(dq.attrs.get("axis", 1)) % idx.ndim
+        axis = scale_axis % idx.ndim
         if axis != out_axis or scale.ndim != 1:
             return None, f"per-channel weight scale on axis {axis}, not the output axis {out_axis}"
     if idx.ndim != 2 and out_axis != 0:
@@ -652,9 +661,16 @@ class LowerShiftAdd:
         graph = gs.import_onnx(inferred)
         matches, skipped = match_layers(graph, inits)  # collect first, then rewrite
         previous = _read_records(model)
+        plans, kept = [], []
+        for m in matches:  # a layer whose sums could pass int64 (PoT-6 weights on PoT-5 codes) stays as it is
+            try:
+                plans.append(plan_layer(m, self.decomposition))
+                kept.append(m)
+            except ValueError as exc:
+                skipped.append({"layer": m.node.name, "op": m.node.op, "reason": str(exc).split(": ", 1)[-1]})
+        matches = kept
         if not matches:
             return LoweringResult(model, False, previous, skipped)
-        plans = [plan_layer(m, self.decomposition) for m in matches]
         planes_cache: dict = {}
         shared: dict = {"tag": str(len(previous)) if previous else ""}  # unique names when lowering twice
         records = [_lower_one(graph, m, p, planes_cache, self.pack_masks, len(previous) + i, inits, shared)

@@ -601,3 +601,21 @@ def test_cost_of_a_kept_linear_on_tokens_counts_every_token():
     assert sorted(kept.values()) == [12 * 8 * 32, 12 * 32 * 16], rows  # l2 and l0, per sample
     lowered = [row for row in rows.values() if row["lowered"]]
     assert [row["uniform"]["mults"] for row in lowered] == [12 * 32 * 32]
+
+
+def test_pot_codes_dequantized_in_float_are_lowered_and_wider_sums_are_skipped_with_a_reason():
+    """PoT 5-bit activations (int32 codes, dequantized by Cast and Mul) were never lowered; once read, PoT 6-bit
+    weights on them made the accumulator bound pass int64 and the compile stopped with an internal error."""
+    x_train, _, _, _ = digits.load_split()
+    model = digits.pretrained()
+    result = qcompile.compile(model, x_train[:1], calib=x_train[:32], scheme="pot", bits=5, emit="shift-add",
+                              check=True)
+    assert result.report.passed and result.report.extra["code_mismatch"] == 0, result.report.failures
+    records = lowered_layers(result.onnx_model)
+    assert {r["layer"] for r in records} >= {"/conv2/Conv", "/conv3/Conv", "/down/Conv", "/fc1/Gemm"}
+    assert all(r["accumulator_dtype"] == "int64" for r in records)  # codes to 2^30 times shifts to 2^14
+    wide = qcompile.compile(model, x_train[:1], calib=x_train[:32], scheme="pot", wbits=6, abits=5,
+                            validate=False).onnx_model
+    res = LowerShiftAdd()(wide)
+    assert not res.modified and res.skipped
+    assert any("exceeds int64" in s["reason"] for s in res.skipped), res.skipped
