@@ -422,7 +422,8 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                             "--input-shape, or example_inputs from Python)")
         if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
             if e.is_floating_point():  # uint8 images, say (the CLI reads every integer array as int64)
-                raise UserError(f"{which}{what} holds integers ({c.dtype}) but the model takes {e.dtype}: convert "
+                # no dtype named: the CLI reads every integer array as int64, and an int32 file read "torch.int64"
+                raise UserError(f"{which}{what} holds integers but the model takes {e.dtype}: convert "
                                 "them as the model was trained on them (uint8 images 0..255: for instance "
                                 "x.astype(np.float32) / 255, and the training normalisation)")
             raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "

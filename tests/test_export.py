@@ -429,7 +429,7 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     x = example_input(MLP, batch=8)
     cases = [
         (dict(calib=x.long()),
-         "calibration data holds integers (torch.int64) but the model takes torch.float32: convert"),
+         "calibration data holds integers but the model takes torch.float32: convert"),
         (dict(calib=[x[:4], torch.randn(4, x.shape[1] + 1)]), "calibration batch 1 has samples of shape"),
         (dict(calib=x, validation_inputs=torch.randn(4, x.shape[1] + 1)), "validation data has samples of shape"),
         (dict(calib=x, thresholds={"min_snr": 10}), "unknown validation threshold(s) 'min_snr'"),
