@@ -454,6 +454,16 @@ class PoolThenFloat(nn.Module):
         return self.fc(x.view(x.size(0), -1))
 
 
+def assert_c2_stays_float(result, tmp_path) -> None:
+    """The compile validated, and onnxruntime's optimized session holds no int8 weight or int32 bias of ``c2``."""
+    assert result.report.passed, result.report.failures
+    assert result.report.extra["code_mismatch_local"] <= 1e-4, result.report.extra
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    names = [t.name for t in onnx.load(path).graph.initializer]
+    assert not [name for name in names if "c2" in name and ("_weight_q" in name or "_bias_int32" in name)], names
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_a_float_layer_behind_a_max_pool_keeps_float_weights_in_onnxruntime(form, tmp_path):
     """The DequantizeLinear before the max-pool reached the excluded conv through onnxruntime's QDQ propagation,
@@ -463,12 +473,7 @@ def test_a_float_layer_behind_a_max_pool_keeps_float_weights_in_onnxruntime(form
     x = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(6))
     result = qcompile.compile(PoolThenFloat().eval(), x[:1], scheme="uniform", bits=8, calib=x, exclude=["c2"],
                               emit=form)
-    assert result.report.passed, result.report.failures
-    assert result.report.extra["code_mismatch_local"] <= 1e-4, result.report.extra
-    path = str(tmp_path / "optimized.onnx")
-    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
-    names = [t.name for t in onnx.load(path).graph.initializer]
-    assert not [name for name in names if "c2" in name and ("_weight_q" in name or "_bias_int32" in name)], names
+    assert_c2_stays_float(result, tmp_path)
 
 
 class SharedPoolBeforeFloat(nn.Module):
@@ -508,12 +513,7 @@ def test_a_float_layer_behind_a_shared_max_pool_gets_a_chain_of_its_own(kind, fo
     x = torch.randn(64, 3, size, size, generator=torch.Generator().manual_seed(8))
     result = qcompile.compile(SharedPoolBeforeFloat(kind).eval(), x[:1], scheme="uniform", bits=8, calib=x,
                               exclude=["c2"], emit=form)
-    assert result.report.passed, result.report.failures
-    assert result.report.extra["code_mismatch_local"] <= 1e-4, result.report.extra
-    path = str(tmp_path / "optimized.onnx")
-    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
-    names = [t.name for t in onnx.load(path).graph.initializer]
-    assert not [name for name in names if "c2" in name and ("_weight_q" in name or "_bias_int32" in name)], names
+    assert_c2_stays_float(result, tmp_path)
     (got,) = run(session(result.onnx_model.SerializeToString()), [x.numpy()])
     with torch.no_grad():
         sim = result.model(x).numpy()
