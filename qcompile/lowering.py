@@ -166,7 +166,8 @@ _INT_RANGES = {np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
 def _dequantizer(t, inits) -> Optional[tuple]:
     """``(codes, scale, zero point, axis)`` of the node that dequantizes ``t``: a ``DequantizeLinear``, or the
     ``Mul(Cast(codes, FLOAT), scale)`` the file writes for 32-bit codes (PoT/log2 weights at 6 bits, activations at 5;
-    ``qcompile.emit._float_dequantize``), whose scale broadcasts along the channel axis. ``scale`` and the zero point
+    ``qcompile.emit._float_dequantize``), whose scale broadcasts along the channel axis, or the
+    ``Mul(Cast(codes) - zp, scale)`` by which it feeds a layer on float kernels (``emit.shield_float_layers``). ``scale`` and the zero point
     are arrays (None where not constant; the zero point 0 where absent); ``axis`` is None for a per-tensor scale."""
     node = _producer(t)
     if node is not None and node.op == "DequantizeLinear":
@@ -177,6 +178,13 @@ def _dequantizer(t, inits) -> Optional[tuple]:
         axis = int(node.attrs.get("axis", 1)) if scale is not None and scale.size > 1 else None
         return node.inputs[0], scale, zp, axis
     cast = _producer(node.inputs[0]) if node is not None and node.op == "Mul" and len(node.inputs) == 2 else None
+    zp = np.zeros((), np.int64)
+    if cast is not None and cast.op == "Sub" and len(cast.inputs) == 2:  # the float-layer shield's zero point
+        zp = _const_array(cast.inputs[1], inits)
+        if zp is None or zp.size != 1 or float(zp.reshape(())) != round(float(zp.reshape(()))):
+            return None
+        zp = np.asarray(int(round(float(zp.reshape(())))), np.int64)
+        cast = _producer(cast.inputs[0])
     if cast is None or cast.op != "Cast" or int(cast.attrs.get("to", 0)) != TensorProto.FLOAT:
         return None
     scale = _const_array(node.inputs[1], inits)
@@ -186,7 +194,7 @@ def _dequantizer(t, inits) -> Optional[tuple]:
         if len(big) != 1:
             return None
         axis, scale = big[0], scale.reshape(-1)
-    return cast.inputs[0], scale, np.zeros((), np.int64), axis
+    return cast.inputs[0], scale, zp, axis
 
 
 def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:

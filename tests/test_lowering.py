@@ -619,3 +619,17 @@ def test_pot_codes_dequantized_in_float_are_lowered_and_wider_sums_are_skipped_w
     res = LowerShiftAdd()(wide)
     assert not res.modified and res.skipped
     assert any("exceeds int64" in s["reason"] for s in res.skipped), res.skipped
+
+
+def test_pot6_weights_on_signed_uniform_codes_are_lowered():
+    """PoT 6-bit weights run on float kernels, so the file feeds those layers Mul(Cast(codes) - zp, scale) (the
+    float-layer shield); with a zero point (signed inputs after Tanh) the lowering took that for an unquantized
+    activation and lowered nothing (a helper's sweep)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    result = qcompile.compile(model, x[:1], calib=x, wscheme="pot", wbits=6, ascheme="uniform", abits=8,
+                              keep_first_last="quant", emit="shift-add", check=True)
+    assert result.report.passed, result.report.failures
+    assert len(lowered_layers(result.onnx_model)) == 3
