@@ -1230,19 +1230,22 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
             shielded[src] = nodes[-1].output[0]
         return shielded[src]
 
+    copied: dict[str, str] = {}  # output of a chain op -> that of its float copy (float layers reading one share it)
     for node in graph.node:
         if id(node) in private:
             value = shield(private[id(node)][0].input[0])
             if value is not None:
                 for op in private[id(node)]:
-                    copy = onnx.NodeProto()
-                    copy.CopyFrom(op)
-                    copy.name = f"{op.name or op.output[0]}/float"
-                    copy.input[0] = value
-                    del copy.output[:]
-                    copy.output.append(f"{op.output[0]}/float")  # MaxPool's indices output not needed
-                    nodes.append(copy)
-                    value = copy.output[0]
+                    if op.output[0] not in copied:
+                        copy = onnx.NodeProto()
+                        copy.CopyFrom(op)
+                        copy.name = f"{op.name or op.output[0]}/float"
+                        copy.input[0] = value
+                        del copy.output[:]
+                        copy.output.append(f"{op.output[0]}/float")  # MaxPool's indices output not needed
+                        nodes.append(copy)
+                        copied[op.output[0]] = copy.output[0]
+                    value = copied[op.output[0]]
                 node.input[0] = value
         elif id(node) in chain_heads or float_layer(node) or _ceil_pool_counting_pads(node):
             value = shield(node.input[0])
