@@ -41,6 +41,7 @@ CONFIGS = {
     "uniform8": dict(scheme="uniform", bits=8),
     "apot4_u8": dict(scheme="apot", wscheme="apot", ascheme="uniform", wbits=4, abits=8),
     "binary_w": dict(scheme="uniform", wscheme="binary", ascheme="uniform", bits=4),  # 2-bit storage, opset 25
+    "pot5": dict(scheme="pot", bits=5),  # int32 activation codes (levels to 2^-30), dequantized by Cast and Mul
 }
 FORMS = ("standard", "custom")
 CASES = [(c, f) for c in CONFIGS for f in FORMS]
@@ -61,6 +62,9 @@ EXPECTED_TYPES = {
     # binary weights: UINT2 level indices (2 levels) in the standard form; the custom form's functions keep UINT4
     ("binary_w", "standard"): ({TensorProto.UINT2, TensorProto.INT8}, {TensorProto.UINT4, TensorProto.INT4}),
     ("binary_w", "custom"): ({TensorProto.UINT4, TensorProto.UINT8}, {TensorProto.UINT2, TensorProto.INT2}),
+    # PoT 5-bit weights: 31 levels, UINT8 indices into an INT16 grid; the activations' INT32 grid of 32 levels
+    ("pot5", "standard"): ({TensorProto.UINT8, TensorProto.INT16, TensorProto.INT32}, {TensorProto.UINT4}),
+    ("pot5", "custom"): ({TensorProto.UINT8, TensorProto.INT16, TensorProto.INT32}, {TensorProto.UINT4}),
 }
 
 
@@ -128,7 +132,10 @@ def test_custom_form_uses_the_qcompile_domain_with_local_functions(emitted, conf
     # the activation quantizers; those deciding on cells of an int8 layer's accumulator are standard nodes in both
     # forms (QuantizeLinear -> lookup -> DequantizeLinear), so onnxruntime fuses the layer before them
     cells = sum(1 for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.startswith("q"))
-    assert custom["QuantizeLevels"] + custom["QuantizeUniform"] + cells >= 5
+    # and those with 32-bit codes (PoT at 5 bits) the standard form's search, dequantized by Cast and Mul
+    wide = sum(1 for n in model.graph.node if n.op_type == "Cast" and n.name.startswith("q")
+               and next(a.i for a in n.attribute if a.name == "to") == TensorProto.FLOAT)
+    assert custom["QuantizeLevels"] + custom["QuantizeUniform"] + cells + wide >= 5
     domains = [o.domain for o in model.opset_import]
     assert ("qcompile", 1) in {(o.domain, o.version) for o in model.opset_import}
     assert len(domains) == len(set(domains)), domains  # each domain imported once (qcompile was listed twice)
