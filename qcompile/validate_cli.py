@@ -51,7 +51,10 @@ def _input_shapes_from_onnx(model: onnx.ModelProto) -> list[tuple[int, ...]] | N
 def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, given: str) -> None:
     """The inputs must be one per graph input, each with the rank and every fixed dimension of its graph input: a
     one-line error naming both shapes, not onnxruntime's INVALID_ARGUMENT from deep inside validation."""
+    from qcompile.runtime.session import file_inputs
+
     graph_inputs = _graph_inputs(onnx_model)
+    inputs = file_inputs([g.name for g in graph_inputs], inputs)  # inputs the model never reads are not in it
     if len(graph_inputs) != len(inputs):
         how = ("a .npz with x0, x1, ... for --data, or one --input-shape per input" if len(graph_inputs) > 1 else
                "one array (or one --input-shape)")
@@ -222,9 +225,15 @@ def validate_against(args):
     given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape
                                                else f"--samples {args.samples}")
     _check_inputs_fit(onnx_model, inputs, args.onnx, given)
-    # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64
-    types = [i.type.tensor_type.elem_type for i in _graph_inputs(onnx_model)]
-    for graph_input, t, e in zip(_graph_inputs(onnx_model), inputs, types):
+    # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64. One graph input
+    # per model input, None for one the model never reads (not in the file; its array stays for the simulation)
+    from qcompile.runtime.session import file_inputs
+
+    graph_inputs = _graph_inputs(onnx_model)
+    picked = {id(t): g for t, g in zip(file_inputs([g.name for g in graph_inputs], inputs), graph_inputs)}
+    graph_of = [picked.get(id(t)) for t in inputs]
+    types = [g.type.tensor_type.elem_type if g is not None else 0 for g in graph_of]
+    for graph_input, t, e in zip(graph_of, inputs, types):
         if data is not None and t.is_floating_point() and e not in (0, onnx.TensorProto.BOOL) and \
                 onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu":  # the compile refuses float ids the same way
             raise UserError(f"--data holds floats for input {graph_input.name!r} of {args.onnx!r}, which takes "

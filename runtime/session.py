@@ -32,9 +32,25 @@ def session(path_or_bytes, threads: int | None = None, spinning: bool = False,
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
+def file_inputs(names: Sequence[str], inputs: Sequence) -> list:
+    """The model inputs the file takes, in its order: all of them, or, where the export dropped inputs ``forward``
+    never reads (as torch.onnx does), those its ``input_<k>`` names point at. The arrays of a model ``m(a, x)``
+    that ignores ``a`` went to the file's one input by position (``a`` for ``x``), and the compile failed."""
+    import re
+
+    inputs = list(inputs)
+    if len(inputs) > len(names):
+        index = [re.fullmatch(r"input_(\d+)", n) for n in names]
+        if all(index) and all(int(m.group(1)) < len(inputs) for m in index):
+            return [inputs[int(m.group(1))] for m in index]
+    return inputs
+
+
 def run(sess: ort.InferenceSession, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Run ``sess`` on positional inputs (numpy arrays) and return all outputs."""
-    feeds = {meta.name: np.ascontiguousarray(x) for meta, x in zip(sess.get_inputs(), inputs)}
+    """Run ``sess`` on positional inputs (numpy arrays, one per model input) and return all outputs."""
+    metas = sess.get_inputs()
+    picked = file_inputs([m.name for m in metas], inputs)
+    feeds = {meta.name: np.ascontiguousarray(x) for meta, x in zip(metas, picked)}
     return sess.run(None, feeds)
 
 

@@ -116,6 +116,15 @@ MODULE_SOURCE = textwrap.dedent('''
         return UnusedInput()
 
 
+    class UnusedFirstInput(TinyCNN):
+        def forward(self, extra, x):  # the file keeps input_1 only
+            return super().forward(x)
+
+
+    def unused_first_input_net():
+        return UnusedFirstInput()
+
+
     def gated_net():
         return GatedNet()
 
@@ -1131,6 +1140,17 @@ def test_too_few_inputs_and_integer_image_data_are_named(work, capsys):
                        "--scheme", "fp32", "-o", "u.onnx")
     assert rc == 0 and "never reads its input(s) extra" in err and "with input_0 only" in err, err
     assert [i.name for i in onnx.load(work / "u.onnx").graph.input] == ["input_0"]
+    os.remove(work / "u.onnx")
+    # the file's one input took the first array by position: the compile failed, blaming torch.onnx ("Invalid rank
+    # for input: input_1"), and validate refused the compile's own --calib file ("has 1 input(s) but --data gives 2")
+    np.savez(work / "two.npz", x0=rng.standard_normal((8, 2)).astype(np.float32),
+             x1=rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, f"{MODULE}:unused_first_input_net", "--calib", "two.npz", "--scheme", "uniform",
+                       "--bits", "8", "-o", "u.onnx")
+    assert rc == 0 and out.strip().endswith("PASS") and "with input_1 only" in err, (out, err)
+    rc, out, err = cli(capsys, "validate", "u.onnx", "--against", f"{MODULE}:unused_first_input_net",
+                       "--data", "two.npz")
+    assert rc == 0 and out.strip().endswith("PASS"), (out, err)
     os.remove(work / "u.onnx")
     np.save(work / "u8.npy", rng.integers(0, 255, (8, 3, 8, 8)).astype(np.uint8))
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "u8.npy", "--scheme", "uniform", "-o", "q.onnx")
