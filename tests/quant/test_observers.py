@@ -231,6 +231,23 @@ def test_batched_error_equals_the_single_histogram_error():
         np.testing.assert_allclose(batched[c], histogram_quant_error(edges, counts[c], levels_[c]), rtol=1e-9)
 
 
+def test_batched_error_of_levels_far_beyond_the_data():
+    """Levels far outside the histogram add nothing: the 5-bit PoT set shifted by one grid integer has a negative
+    reach of 2^-30, so its search covers alpha ~1e9, where the error summed by parts came out negative (rounding
+    of terms near 1e18) and calibration picked that set."""
+    from qcompile.quant.observers import _symmetric_bins_error, histogram_quant_error
+
+    ls = level_set("pot", 5, offset=1)
+    counts = np.exp(-np.linspace(-3, 3, 2048) ** 2 / 2)[None, :] * 100.0
+    alphas = np.array([1.0, 1e3, 1e6, 1.3e9, 1e12])
+    levels_ = (alphas[:, None] * ls.values[None, :])[None]
+    batched = _symmetric_bins_error(np.array([3.0]), counts, levels_)[0]
+    edges = np.linspace(-3.0, 3.0, 2049)
+    reference = histogram_quant_error(edges, counts[0], levels_[0])
+    assert (batched >= 0).all(), batched
+    np.testing.assert_allclose(batched, reference, rtol=1e-9)
+
+
 def test_mse_per_channel_weights():
     w = torch.randn(8, 16, 3, 3, generator=_gen(4)) * torch.logspace(-2, 1, 8)[:, None, None, None]
     ls = level_set("apot", 4, True)
