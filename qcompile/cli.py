@@ -467,8 +467,8 @@ def _notes(result) -> list[str]:
     from .options import int8_grid_note
 
     notes = (int8_grid_note(result.options, result.model),) + tuple(
-        result.summary.get(key) for key in ("first_last_note", "level_note", "calib_note", "numbers_note",
-                                          "shift_add_note", "unused_inputs_note"))
+        result.summary.get(key) for key in ("few_samples_note", "first_last_note", "level_note", "calib_note",
+                                          "numbers_note", "shift_add_note", "unused_inputs_note"))
     return [note for note in notes if note]
 
 

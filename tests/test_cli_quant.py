@@ -272,6 +272,30 @@ def test_symmetric_levels_switch_keeps_signed_apot_activations_symmetric(tmp_pat
     assert any(t.max() > 10 and t.min() > -10 for t in level_tables(files["asym"]))
 
 
+def test_a_handful_of_calibration_samples_is_warned_about(work, tmp_path):
+    """One calibration image was taken without a word (a trained depthwise CNN: 98.5 % where 128 images give
+    99.1 %): ranges fitted on a few samples clip what other inputs reach. The CLI and the API say so under 8."""
+    import warnings as warnings_
+
+    import qcompile
+    from qcompile.errors import QuantizationWarning
+
+    folder, calib = work
+    np.save(tmp_path / "one.npy", calib[:1])
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", tmp_path / "one.npy", "--scheme", "apot",
+                             "--bits", "4", "-o", tmp_path / "o.onnx")
+    assert rc == 0 and "PASS" in stdout
+    assert "qcompile: warning: the calibration data holds 1 sample:" in stderr, stderr
+    with pytest.warns(QuantizationWarning, match="the calibration data holds 7 samples"):
+        qcompile.compile(digits.pretrained(), calib=torch.from_numpy(calib[:7]), scheme="uniform", bits=8,
+                         validate=False)
+    with warnings_.catch_warnings():  # 8 samples, or no quantization: nothing to say
+        warnings_.simplefilter("error", QuantizationWarning)
+        qcompile.compile(digits.pretrained(), calib=torch.from_numpy(calib[:8]), scheme="uniform", bits=8,
+                         validate=False)
+        qcompile.compile(digits.pretrained(), calib=torch.from_numpy(calib[:1]), scheme="fp32", validate=False)
+
+
 def test_a_calibration_outlier_that_wrecks_the_model_is_warned_about(work, tmp_path):
     """One calibration image x100 among 32 set the ranges: the file predicted at chance (10% of held-out digits),
     validation passed (the file computes its simulation) and nothing said so. The compile now warns when the
