@@ -529,6 +529,13 @@ def float_line(report, random_inputs: bool = False) -> str:
     if layers:
         worst = sorted(layers, key=lambda t: t[1])[:3]
         text += "; lowest quantizer SQNR " + ", ".join(f"{q} {v:.1f} dB" for q, v in worst)
+    # where the error enters: each quantizer's output against its own input (the SQNR above accumulates downstream)
+    own = [(l["quantizer"] + (f" ({l['where']})" if l.get("where") else ""), l["own_sqnr_db"])
+           for l in report.layers or []
+           if l.get("own_sqnr_db") is not None and math.isfinite(l["own_sqnr_db"])]
+    if own:
+        q, v = min(own, key=lambda t: t[1])
+        text += f"; lowest own SQNR (its rounding and clipping alone) {q} {v:.1f} dB"
     return text
 
 

@@ -286,6 +286,8 @@ def test_a_handful_of_calibration_samples_is_warned_about(work, tmp_path):
                              "--bits", "4", "-o", tmp_path / "o.onnx")
     assert rc == 0 and "PASS" in stdout
     assert "qcompile: warning: the calibration data holds 1 sample:" in stderr, stderr
+    # the loss against float names where it enters too: the quantizer whose own output is furthest from its input
+    assert re.search(r"lowest own SQNR \(its rounding and clipping alone\) \S+ \(.*\) [\d.]+ dB", stdout), stdout
     with pytest.warns(QuantizationWarning, match="the calibration data holds 7 samples"):
         qcompile.compile(digits.pretrained(), calib=torch.from_numpy(calib[:7]), scheme="uniform", bits=8,
                          validate=False)

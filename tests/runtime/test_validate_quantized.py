@@ -62,7 +62,7 @@ def test_report_fields_of_a_genuine_file(compiled):
     assert all(isinstance(modules[name], FakeQuantize) and modules[name].role == "activation" for name in by_name)
     for name, layer in by_name.items():
         assert set(layer) == {"quantizer", "where", "codes", "codes_differ", "codes_differ_local",
-                              "sqnr_vs_float_db"}
+                              "sqnr_vs_float_db", "own_sqnr_db"}
         # the layers reading the codes (or the layer writing them): internal ids alone named no layer
         layer_names = {n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
         kind, _, names = layer["where"].partition(" after ")[0].partition(" of ")
@@ -71,6 +71,13 @@ def test_report_fields_of_a_genuine_file(compiled):
         assert kind in ("input", "output") and set(names.split(", ")) <= layer_names, layer["where"]
         assert layer["codes"] == sizes[name] and layer["codes_differ"] == layer["codes_differ_local"] == 0, name
         assert 0.0 < layer["sqnr_vs_float_db"] < math.inf, name  # quantized activations vs the same graph in float
+        # vs the quantizer's own input, its error alone (inf: a residual sum of codes already on its grid)
+        assert 0.0 < layer["own_sqnr_db"] <= math.inf, name
+    # the model's input quantizer reads the float input itself: both SQNRs are the same number; further on, the
+    # error against float also holds what the quantizers before added
+    first = next(layer for layer in report.layers if " after " not in layer["where"])
+    assert first["own_sqnr_db"] == pytest.approx(first["sqnr_vs_float_db"], abs=1e-6)
+    assert any(layer["sqnr_vs_float_db"] < layer["own_sqnr_db"] - 1.0 for layer in report.layers)
     assert report.extra["codes_total"] == sum(sizes.values())
     assert report.extra["codes_differ"] == 0 and report.extra["code_mismatch"] == 0.0
     assert report.extra["codes_differ_local"] == 0 and report.extra["code_mismatch_local"] == 0.0
