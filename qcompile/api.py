@@ -915,11 +915,20 @@ def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:
 LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compile warns
 
 
-def low_agreement_message(agree: float) -> str:
+def low_agreement_message(agree: float, report=None) -> str:
+    """The warning for a quantized model that predicts unlike the float one; with the validation ``report``, it
+    names the quantizer whose own error is largest (its output against its own input), where the loss enters."""
+    own = [(layer["own_sqnr_db"], layer["quantizer"], layer.get("where", ""))
+           for layer in (getattr(report, "layers", None) or [])
+           if layer.get("own_sqnr_db") is not None and math.isfinite(layer["own_sqnr_db"])]
+    at = ""
+    if own:
+        sq, name, where = min(own)
+        at = f"; the largest error enters at {name}{f' ({where})' if where else ''}, {sq:.1f} dB on its own"
     return (f"the quantized model predicts as the float model on only {100 * agree:.1f}% of the validation inputs "
             "(the file computes its simulation; the loss is in the quantization): check the calibration data (one "
             "outlier sample can set a whole range: --calib-method percentile), the bit-widths, or --exclude the "
-            "layers with the lowest SQNR")
+            f"layers with the lowest SQNR{at}")
 
 
 def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
@@ -1074,7 +1083,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             agree = report.extra.get("top1_vs_float")
             if agree is not None and agree < LOW_AGREEMENT and inputs is not example_inputs:
                 # validation compares the file with its simulation and passes: the loss is the quantized model's
-                warnings.warn(low_agreement_message(agree), QuantizationWarning, stacklevel=3)
+                warnings.warn(low_agreement_message(agree, report), QuantizationWarning, stacklevel=3)
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)

@@ -506,7 +506,7 @@ def _print_summary(result, real_inputs: bool = False) -> None:
         print(result.report.summary())
         agree = result.report.extra.get("top1_vs_float")
         if agree is not None and agree < LOW_AGREEMENT and real_inputs:  # random inputs have no classes
-            print(f"qcompile: warning: {low_agreement_message(agree)}", file=sys.stderr)
+            print(f"qcompile: warning: {low_agreement_message(agree, result.report)}", file=sys.stderr)
 
 
 def float_line(report, random_inputs: bool = False) -> str:

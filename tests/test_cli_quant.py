@@ -316,6 +316,7 @@ def test_a_calibration_outlier_that_wrecks_the_model_is_warned_about(work, tmp_p
     assert rc == 0 and "PASS" in stdout
     assert "qcompile: warning: the quantized model predicts as the float model on only" in stderr, stderr
     assert "--calib-method percentile" in stderr
+    assert re.search(r"the largest error enters at act_fq\d+ \(input of .*\), -?[\d.]+ dB on its own", stderr), stderr
     with pytest.warns(QuantizationWarning, match="predicts as the float model on only"):
         qcompile.compile(digits.pretrained(), torch.from_numpy(bad[:1]), calib=torch.from_numpy(bad), scheme="apot",
                          bits=4)
