@@ -143,8 +143,46 @@ def _adds_zero(node):
     return None
 
 
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _drop_empty_cat_inputs(gm: torch.fx.GraphModule, node) -> bool:
+    """Take out of ``torch.cat`` the constant 1-D empty tensors that torch skips beside tensors of higher rank (a
+    key/value cache started empty: transformers 5's GPT-2 without an attention mask concatenated each layer's keys
+    to a ``tensor([])``): torch.onnx refused the rank mismatch with an AssertionError. True where it changed."""
+    if node.op != "call_function" or node.target not in _CATS or not node.args:
+        return False
+    tensors = node.args[0] if "tensors" not in node.kwargs else node.kwargs["tensors"]
+    if not isinstance(tensors, (list, tuple)) or len(tensors) < 2:
+        return False
+    from .base import attr_value
+
+    def empty(t) -> bool:
+        if not isinstance(t, torch.fx.Node) or t.op != "get_attr":
+            return False
+        value = attr_value(gm, t)
+        return isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() == 0
+
+    kept = [t for t in tensors if not empty(t)]
+    ranked = [getattr(t.meta.get("tensor_meta"), "shape", None) for t in kept if isinstance(t, torch.fx.Node)]
+    if len(kept) == len(tensors) or not kept or not any(r is not None and len(r) > 1 for r in ranked):
+        return False
+    if len(kept) == 1:  # cat([empty, x]) is x
+        node.replace_all_uses_with(kept[0])
+        node.graph.erase_node(node)
+        return True
+    if "tensors" in node.kwargs:
+        node.kwargs = {**node.kwargs, "tensors": type(tensors)(kept)}
+    else:
+        node.args = (type(tensors)(kept),) + tuple(node.args[1:])
+    return True
+
+
 class RemoveIdentity(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        caches = sum(_drop_empty_cat_inputs(gm, node) for node in list(gm.graph.nodes))
+        if caches:
+            self.report.append(f"dropped empty tensors from {caches} concatenation(s) (an empty cache)")
         matches = []
         for node in gm.graph.nodes:
             if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _IDENTITY_MODULES):
@@ -169,7 +207,9 @@ class RemoveIdentity(Pass):
         if matches:
             self.report.append(f"removed {len(matches)} identity/dropout node(s)")
             gm.delete_all_unused_submodules()
-        return PassResult(gm, bool(matches))
+        if caches:
+            gm.graph.eliminate_dead_code()
+        return PassResult(gm, bool(matches) or bool(caches))
 
 
 _RMS_NORM_FUNCTIONS = {F.rms_norm, torch.rms_norm}
@@ -533,6 +573,8 @@ class MatmulAsLinear(Pass):
             with g.inserting_before(added if added is not None else node):  # after the bias's get_attr too
                 wt = transposed if transposed is not None else g.call_method("t", (w,))
                 out = g.call_function(F.linear, (x, wt) if bias is None else (x, wt, bias))
+            if "nn_module_stack" in node.meta:  # the layer of the module that ran the product (GPT-2's Conv1D
+                out.meta["nn_module_stack"] = node.meta["nn_module_stack"]  # c_attn): named after it
             if added is not None:
                 added.replace_all_uses_with(out)
                 g.erase_node(added)

@@ -311,6 +311,9 @@ def _stack_paths(node: torch.fx.Node | None) -> set[str]:
     return {path for path, _ in stack.values()}
 
 
+_FOLDED = re.compile(r"(.+?)_folded\d*")  # passes.fold_constants names a folded weight <owner>.<largest source>_folded[i]
+
+
 def weight_layer_name(gm: torch.fx.GraphModule, target: str, node: torch.fx.Node | None = None) -> str:
     """The layer name of a functional layer ``node`` reading the parameter ``target`` (``F.linear(x,
     self.fc.weight)``): the module that owns it (``fc``), or the parameter itself where no layer module owns it: a
@@ -319,6 +322,10 @@ def weight_layer_name(gm: torch.fx.GraphModule, target: str, node: torch.fx.Node
     plain Module, as it does a module whose forward it traced through: a plain-Module owner that the layer was not
     reached through (its module stack) holds parameters, not a layer."""
     owner_path, _, attr = target.rpartition(".")
+    source = _FOLDED.fullmatch(attr)
+    if source:  # FoldConstants' result (``x @ self.W``: W.T as ``W_folded``): named as the parameter it comes from
+        attr = source.group(1)
+        target = f"{owner_path}.{attr}" if owner_path else attr
     if not owner_path or attr.isdigit():  # a ParameterList's items are numbered
         return target
     try:

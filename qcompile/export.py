@@ -130,22 +130,29 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     except torch.onnx.errors.OnnxExporterError as e:  # SymbolicValueError, UnsupportedOperatorError
         raise UserError(_export_error_message(e)) from e
     except AssertionError as e:  # a symbolic function's own refusal ("conversion of ... not implemented if ...")
-        if "not implemented" not in str(e):
+        if "not implemented" in str(e):
+            raise UserError(_export_error_message(e)) from e
+        if not _raised_in_torch_onnx(e):
             raise
-        raise UserError(_export_error_message(e)) from e
+        _exporter_failed(e)  # a symbolic function's check ("All tensors must have the same rank")
     except (RuntimeError, AttributeError, TypeError, IndexError, KeyError) as e:
         # torch.onnx's TorchScript exporter failing inside on what the model does (pack_padded_sequence in a module
         # kept whole: "vector::_M_range_check"; a dataclass output: "'Graph' object has no attribute 'outputs'")
         if not _raised_in_torch_onnx(e):
             raise
-        first = " ".join(str(e).split())[:200] or type(e).__name__
-        module = _failing_module(e)
-        where = f" in {module}" if module else ""
-        raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); it exports "
-                        "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
-                        "return_dict=False for HuggingFace models) and replace what it cannot export (packed "
-                        "sequences: pass padded ones)") from e
+        _exporter_failed(e)
     return explicit_same_pads(onnx.load_from_string(buf.getvalue()))
+
+
+def _exporter_failed(e: BaseException) -> None:
+    """torch.onnx's TorchScript exporter failing inside on what the model does, as one line."""
+    first = " ".join(str(e).split())[:200] or type(e).__name__
+    module = _failing_module(e)
+    where = f" in {module}" if module else ""
+    raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); it exports "
+                    "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
+                    "return_dict=False for HuggingFace models) and replace what it cannot export (packed "
+                    "sequences: pass padded ones)") from e
 
 
 def _raised_in_torch_onnx(e: BaseException) -> bool:

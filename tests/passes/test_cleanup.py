@@ -444,6 +444,34 @@ def test_a_divisor_override_pool_in_ceil_mode_compiles_where_windows_are_whole_a
         qcompile.compile(model, torch.randn(1, 1, 15, 15), scheme="fp32", output=None)
 
 
+class _CachedKeys(nn.Module):
+    """Keys appended to a cache that starts as ``torch.tensor([])`` (transformers 5's ``DynamicCache``: GPT-2
+    without an attention mask)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.q, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.cache = torch.tensor([])
+
+    def forward(self, x):
+        keys = torch.cat([self.cache, self.k(x)], dim=-2)
+        att = torch.softmax(self.q(x) @ keys.transpose(-1, -2), dim=-1)
+        return self.out(att @ keys)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_an_empty_cache_concatenated_to_keys_is_dropped(scheme):
+    """torch skips a 1-D empty tensor in ``cat`` beside tensors of higher rank; torch.onnx refused it with an
+    AssertionError ("All tensors must have the same rank"), raised as a traceback through compile."""
+    import qcompile
+
+    x = torch.randn(32, 5, 8, generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(_CachedKeys().eval(), x[:1], calib=x, scheme=scheme, bits=8, output=None)
+    assert result.report.passed, result.report.summary()
+    removal = next(t for t in result.timings if t.name == "RemoveIdentity")
+    assert "dropped empty tensors from 1 concatenation(s)" in " ".join(removal.report)  # cat([empty, k]) is k
+
+
 # --- MatmulAsLinear -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", ["@", "torch.matmul", "torch.mm", "method"])
 def test_a_matmul_with_a_parameter_is_quantized_as_the_linear_layer_it_is(form):
@@ -517,6 +545,37 @@ def test_hf_conv1d_layers_are_quantized_as_linear_layers(scheme):
     assert sum(n.target is torch.addmm for n in result.model.graph.nodes) == 2
     if scheme == "uniform":
         assert result.report.extra["sqnr_vs_float_db"] > 30, result.report.extra
+
+
+def test_matmul_layers_are_named_as_their_parameter_or_module():
+    """``x @ self.W`` and a GPT-2 ``Conv1D`` ``c_attn`` were named ``W_folded`` and ``c_attn.weight_folded`` (the
+    folded transpose's attribute), so ``--exclude W`` / ``--exclude c_attn`` matched no layer, while the README says a
+    functional layer is named as its parameter, or its module."""
+    import qcompile
+    from qcompile.summary import layer_lines
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 16)
+            self.W = nn.Parameter(torch.randn(16, 16) * 0.2)
+            self.V, self.bv = nn.Parameter(torch.randn(16, 16) * 0.2), nn.Parameter(torch.zeros(16))
+            self.c_attn = _HFConv1D(16, 16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = torch.relu(h @ self.W)
+            h = torch.relu(torch.addmm(self.bv, h, self.V))
+            return self.fc(torch.relu(self.c_attn(h)))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="apot", bits=4, exclude=["W", "c_attn"])
+    assert result.report.passed
+    rows = {line.split()[0]: line for line in layer_lines(result.model)[1:]}
+    assert list(rows) == ["a", "W", "V", "c_attn", "fc"], rows
+    assert "--exclude 'W'" in rows["W"] and "--exclude 'c_attn'" in rows["c_attn"] and "W4 apot" in rows["V"]
 
 
 def test_a_decomposed_bicubic_resize_stays_a_float_resize_not_a_layer():
