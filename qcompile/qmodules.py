@@ -71,7 +71,7 @@ class FakeQuantize(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         # > 0: asymmetric APoT/PoT levels, the unsigned set shifted down by this grid integer (quant.level_set);
         # chosen by Calibrate where ``search_offset`` (signed non-uniform activations) and the observer allows it
-        self.level_offset = 0
+        self.register_buffer("level_offset_buffer", torch.zeros((), dtype=torch.int64))  # level_offset (below)
         self.search_offset = False
         self.calibrated = False
         self.enabled = True  # False: pass values through (float reference runs of the same graph)
@@ -96,6 +96,29 @@ class FakeQuantize(nn.Module):
         # H itself, which is no point of the accumulator grid: re-rounded onto it, it could fall a code short of
         # the top one that onnxruntime's saturation gives (2- and 4-bit layers, whose grid is coarse)
         self.requant_top = None
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    # The level offset is part of what the quantizer computes, so it is a buffer and travels in the state dict: a
+    # QAT model saved with its state dict and loaded into a new prepare whose calibration chose another offset
+    # (other calibration rows) reported every key matched and computed another function (logits 0.96 apart), and
+    # validation, which compares the file with the loaded model, could not tell. (Not get_extra_state: torch.onnx's
+    # exporter reads every state dict value as a tensor.)
+    @property
+    def level_offset(self) -> int:
+        return int(self.level_offset_buffer)
+
+    @level_offset.setter
+    def level_offset(self, value) -> None:
+        self.level_offset_buffer = torch.tensor(int(value), dtype=torch.int64)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "level_offset_buffer"
+        absent = key not in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if absent and key in missing_keys:  # a state dict saved before qcompile 0.9.2: the offset stays as it is
+            missing_keys.remove(key)
 
     @property
     def asymmetric(self) -> bool:

@@ -777,3 +777,47 @@ def test_export_runs_the_float_model_as_compile_does_in_eval_mode(digits):
         expected = float((model.eval()(x_te[:64]).argmax(1) == torch.from_numpy(
             run(session(result.onnx_model.SerializeToString()), [x_te[:64].numpy()])[0]).argmax(1)).float().mean())
     assert result.report.extra["top1_vs_float"] == pytest.approx(expected)
+
+
+def test_an_optimizer_of_the_float_model_trains_nothing_and_export_says_so(digits, tmp_path):
+    """``AdamW(model.parameters())`` built before ``prepare`` steps the float model's tensors; the prepared one
+    stayed at its PTQ start, and export wrote it under a PASS with no word (digits W2A2: 71.8 % where training
+    gives 98 %)."""
+    import warnings
+
+    x_tr, y_tr, x_te, _ = digits
+    model = pretrained()
+    wrong = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gm = qat.prepare(model, x_te[:1], scheme="apot", bits=3, calib=x_tr[:64])
+    _train(gm, x_tr, y_tr, wrong, 2)
+    with pytest.warns(QuantizationWarning, match="changed since qcompile.qat.prepare: it was not trained"):
+        qat.export(gm, x_te[:1], output=str(tmp_path / "untrained.onnx"), validation_inputs=x_te[:64])
+    _train(gm, x_tr, y_tr, torch.optim.AdamW(qat.param_groups(gm), lr=1e-3), 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*it was not trained")
+        qat.export(gm, x_te[:1], output=str(tmp_path / "trained.onnx"), validation_inputs=x_te[:64])
+
+
+def test_a_state_dict_carries_the_asymmetric_level_offsets():
+    """The offset calibration chose for asymmetric APoT levels was a plain attribute: a trained state dict loaded
+    into a model prepared on other calibration rows matched every key and computed another function."""
+    from tests.test_emit import _SiLUNet
+
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(128, 1, 8, 8, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    gm = qat.prepare(_SiLUNet().eval(), x[:1], scheme="apot", bits=4, calib=x[:64])
+    offsets = {n: m.level_offset for n, m in gm.named_modules() if isinstance(m, FakeQuantize) and m.level_offset}
+    assert offsets
+    _train(gm, x, y, torch.optim.AdamW(qat.param_groups(gm, lr_alpha=0.01), lr=1e-3), 2)
+    fresh = qat.prepare(_SiLUNet().eval(), x[:1], scheme="apot", bits=4, calib=x[:64])
+    for n in offsets:  # as another calibration set might choose
+        fresh.get_submodule(n).level_offset = 0
+    fresh.load_state_dict(gm.state_dict())
+    assert {n: fresh.get_submodule(n).level_offset for n in offsets} == offsets
+    gm.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(gm(x), fresh(x))
+    # a state dict saved before the offsets were in it still loads (strict), keeping the offsets as they are
+    old = {k: v for k, v in gm.state_dict().items() if not k.endswith("level_offset_buffer")}
+    fresh.load_state_dict(old)
+    assert {n: fresh.get_submodule(n).level_offset for n in offsets} == offsets

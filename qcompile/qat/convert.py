@@ -47,6 +47,22 @@ CONVERTED_KEY = "qat_converted"  # gm.meta[CONVERTED_KEY]: the QATConfig the con
 _LAYER_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
+def _warn_if_untrained(model: torch.fx.GraphModule) -> None:
+    """No parameter of the prepared module moved since ``prepare``: an optimizer built from the float model
+    (``torch.optim.AdamW(model.parameters())`` before ``prepare``) stepped that model's tensors while the loss
+    flowed through these, and the file exported the PTQ starting point under a PASS."""
+    from qcompile.errors import QuantizationWarning
+
+    from .prepare import UNTRAINED_KEY, parameter_sums
+
+    start = model.meta.get(UNTRAINED_KEY) if isinstance(getattr(model, "meta", None), dict) else None
+    if start is not None and start == parameter_sums(model):
+        warnings.warn("no weight, bias or clipping value of this model changed since qcompile.qat.prepare: it was "
+                      "not trained (an optimizer built before prepare, from the float model's parameters, updates "
+                      "those instead: build it from the module prepare returns, qcompile.qat.param_groups(gm))",
+                      QuantizationWarning, stacklevel=3)
+
+
 def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.GraphModule:
     """The trained model with plain ``FakeQuantize`` modules holding the learned clipping values (eval mode).
 
@@ -58,6 +74,7 @@ def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.Grap
     if not isinstance(model, torch.fx.GraphModule):
         raise UserError("convert takes the GraphModule that qcompile.qat.prepare returned")
     cfg = config_of(model)
+    _warn_if_untrained(model)
     gm = model if inplace else copy.deepcopy(model)
     gm.eval()
     nodes = [n for n in gm.graph.nodes

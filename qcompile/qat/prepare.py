@@ -265,8 +265,20 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     if opts.check:
         verify(gm)
     set_config(gm, cfg)
+    gm.meta[UNTRAINED_KEY] = parameter_sums(gm)  # convert warns when nothing moved from here
     gm.train()
     return gm
+
+
+UNTRAINED_KEY = "qat_prepared_sums"
+
+
+def parameter_sums(gm: nn.Module) -> tuple:
+    """A cheap fingerprint of the trainable parameters (weights, biases, learned α): each one's sum and sum of
+    magnitudes, float64. Any optimizer step on the prepared module moves it."""
+    with torch.no_grad():
+        return tuple((float(p.double().sum()), float(p.double().abs().sum())) for p in gm.parameters()
+                     if p.requires_grad)
 
 
 def _attr(gm: nn.Module, target: str):
