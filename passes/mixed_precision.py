@@ -181,8 +181,8 @@ class AllocateWeightBits(Pass):
         most = max(max(c) for c in choices.values())
         if self.avg_wbits > most:  # PoT at 5-6 bits, APoT at 7-8: no int8 grid, not a choice here
             self.report.append(f"the budget {self.avg_wbits:g} is above the most bits the "
-                               f"{'/'.join(sorted(schemes))} weight levels take on int8 kernels ({most}): every "
-                               f"layer gets {most}")
+                               f"{'/'.join(sorted(schemes))} weight levels take on int8 kernels ({most}): each "
+                               f"layer gets {most}, or fewer where more bits measure no better")
 
         parts = self.data if isinstance(self.data, (tuple, list)) else (self.data,)
         # BiasCorrection's samples (32 small ones, 8 ImageNet-sized), on which it will match the means too

@@ -261,6 +261,8 @@ def model_input_names(model: nn.Module) -> Optional[list[str]]:
 
 # what compile() may still choose for a QAT-trained model: the file's form, not what the layers compute
 _FORM_OPTIONS = ("emit", "check", "int8_weights", "leaf_modules")
+# post-training steps that qat.prepare refuses: "pass them to prepare" is no advice for them
+_PTQ_ONLY = ("avg_wbits", "weight_rounding", "bias_correction")
 
 
 def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> CompileOptions:
@@ -284,8 +286,18 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
         values = {k: effective[k] if getattr(trained, k) is None and k in effective else getattr(trained, k)
                   for k in differ}
         now = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        ptq = [k for k in differ if k in _PTQ_ONLY]
+        retrain = [k for k in differ if k not in _PTQ_ONLY]
+        advice = []
+        if retrain:
+            advice.append(f"drop {', '.join(retrain)} here, or pass {'it' if len(retrain) == 1 else 'them'} to "
+                          "prepare and train again")
+        if ptq:  # prepare refuses them: its own advice would send the user in a circle
+            advice.append(f"drop {', '.join(ptq)} ({'a post-training step' if len(ptq) == 1 else 'post-training steps'}"
+                          f": a trained model's weights and bit-widths are already chosen; for bit-widths per layer in "
+                          "QAT, give prepare config=)")
         raise UserError(f"this model was trained with qcompile.qat.prepare, whose options fix what its layers compute "
-                        f"({now}); drop {', '.join(differ)} here, or pass them to prepare and train again")
+                        f"({now}); {'; '.join(advice)}")
     return dataclasses.replace(trained, **{k: getattr(opts, k) for k in _FORM_OPTIONS})
 
 
