@@ -429,8 +429,15 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                             f"sample without the batch dimension; give it batch-first, shape {(1,) + tuple(e.shape)} "
                             "(x[:1], not x[0])")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
-            raise UserError(f"{which}{what} has samples of shape {tuple(c.shape[1:])} but the example input "
-                            f"is {tuple(e.shape[1:])} per sample; make them agree ({option}; the example input: "
+            got, want = tuple(c.shape[1:]), tuple(e.shape[1:])
+            hint = ""
+            if not got and want:  # one number per sample: class labels, a target column
+                hint = " (one number per sample: labels? give the model's inputs)"
+            elif len(got) == len(want) >= 2 and got == want[1:] + want[:1]:
+                perm = ", ".join(["0", str(len(got))] + [str(k) for k in range(1, len(got))])
+                hint = f" (channels last? x.permute({perm}) in torch, x.transpose({perm}) in numpy, puts them first)"
+            raise UserError(f"{which}{what} has samples of shape {got} but the example input "
+                            f"is {want} per sample{hint}; make them agree ({option}; the example input: "
                             "--input-shape, or example_inputs from Python)")
         if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
             if e.is_floating_point():  # uint8 images, say (the CLI reads every integer array as int64)

@@ -811,12 +811,16 @@ def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
     ("shape", "calibration data has samples of shape (3, 4, 4) but the example input is (3, 8, 8) per sample"),
     ("channels", "the model does not run on inputs of shape [(1, 5, 8, 8) float32]"),
     ("constant", "calibration data is constant (every value is 0)"),
+    ("nhwc", "samples of shape (8, 8, 3) but the example input is (3, 8, 8) per sample (channels last? "
+             "x.permute(0, 3, 1, 2) in torch, x.transpose(0, 3, 1, 2) in numpy, puts them first)"),
+    ("labels", "samples of shape () but the example input is (3, 8, 8) per sample (one number per sample: labels?"),
 ])
 def test_bad_calibration_data_is_a_one_line_error_and_writes_nothing(work, capsys, case, needle):
     """NaN in the data, samples of another shape than --input-shape, data the model cannot take: one line, exit 2,
     no file (these were an internal error from a pass, or told to fix --input-shape when --calib was at fault)."""
     data = np.random.default_rng(2).standard_normal({"nan": (6, 3, 8, 8), "shape": (6, 3, 4, 4),
-                                                     "channels": (6, 5, 8, 8), "constant": (6, 3, 8, 8)}[case]
+                                                     "channels": (6, 5, 8, 8), "constant": (6, 3, 8, 8),
+                                                     "nhwc": (6, 8, 8, 3), "labels": (6,)}[case]
                                                     ).astype(np.float32)
     if case == "nan":
         data[0, 0, 0, :2] = np.nan
@@ -824,7 +828,7 @@ def test_bad_calibration_data_is_a_one_line_error_and_writes_nothing(work, capsy
         data[:] = 0.0
     np.save(work / "bad.npy", data)
     args = ["weights.pt", "--arch", SPEC, "--calib", "bad.npy", "--scheme", "uniform", "--bits", "8", "-o", "q.onnx"]
-    if case == "shape":
+    if case in ("shape", "nhwc", "labels"):
         args += ["--input-shape", SHAPE]
     rc, out, err = cli(capsys, *args)
     assert_user_error(rc, err, needle)
