@@ -215,6 +215,41 @@ class RemoveIdentity(Pass):
 _RMS_NORM_FUNCTIONS = {F.rms_norm, torch.rms_norm}
 
 
+_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+
+
+class DecomposeGroupedQueryAttention(Pass):
+    """``scaled_dot_product_attention(q, k, v, enable_gqa=True)`` as the same call on keys and values repeated to
+    the query heads (``k.repeat_interleave(Hq // Hkv, dim=-3)``: PyTorch's definition of ``enable_gqa``).
+    torch.onnx has no conversion for ``enable_gqa`` ("not implemented if enable_gqa is True"): Llama, Mistral and
+    Qwen2 with fewer key/value heads than query heads, compiled without an attention mask (transformers 5.25 then
+    passes no mask and lets the kernel group the heads), stopped there with advice to rewrite transformers."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in _SDPA or node.kwargs.get("enable_gqa") is not True \
+                    or len(node.args) < 3:
+                continue
+            q, k, v = node.args[:3]
+            shapes = [getattr(t.meta.get("tensor_meta"), "shape", None) if isinstance(t, torch.fx.Node) else None
+                      for t in (q, k, v)]
+            if any(sh is None or len(sh) < 3 for sh in shapes):
+                continue
+            hq, hk, hv = (int(sh[-3]) for sh in shapes)
+            if hk != hv or hk == 0 or hq % hk:
+                continue
+            with gm.graph.inserting_before(node):
+                if hq != hk:
+                    k = gm.graph.call_method("repeat_interleave", (k, hq // hk), {"dim": -3})
+                    v = gm.graph.call_method("repeat_interleave", (v, hq // hk), {"dim": -3})
+                kwargs = {key: val for key, val in node.kwargs.items() if key != "enable_gqa"}
+                out = gm.graph.call_function(node.target, (q, k, v) + tuple(node.args[3:]), kwargs)
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "grouped-query attention(s) as attention on repeated key/value heads")
+
+
 class DecomposeRMSNorm(Pass):
     """``nn.RMSNorm`` modules and ``F.rms_norm`` calls as ``pow``, ``mean``, ``add``, ``rsqrt`` and ``mul`` nodes
     (PyTorch's own formula; ``eps=None`` is the float32 machine epsilon, as PyTorch takes it for float32 inputs).

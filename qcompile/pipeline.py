@@ -1,7 +1,9 @@
 """The pass pipeline, as a list you can read.
 
-    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
-    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeAdaptivePool → DecomposeAvgPoolDivisor → EliminateDeadCode
+    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
+                → DecomposeAvgPoolDivisor → EliminateDeadCode
+    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
+                → DecomposeAvgPoolDivisor → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
                 → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
                 → [AllocateWeightBits] → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
@@ -18,7 +20,8 @@ import collections.abc
 
 from qcompile.passes.base import Pass
 from qcompile.passes.cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor,
-                                     DecomposeRMSNorm, EliminateDeadCode, RemoveIdentity)
+                                     DecomposeGroupedQueryAttention, DecomposeRMSNorm, EliminateDeadCode,
+                                     RemoveIdentity)
 
 from .options import CompileOptions
 
@@ -26,8 +29,8 @@ from .options import CompileOptions
 def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
-    passes: list[Pass] = [RemoveIdentity(), ConstantMetadataReads(), DecomposeRMSNorm(), DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(),
-                          EliminateDeadCode()]
+    passes: list[Pass] = [RemoveIdentity(), ConstantMetadataReads(), DecomposeRMSNorm(), DecomposeGroupedQueryAttention(),
+                          DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(), EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here

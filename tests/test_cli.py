@@ -252,7 +252,7 @@ def test_calib_file_gives_the_example_input_and_json_summary(work, capsys):
     summary = json.loads((work / "summary.json").read_text())
     assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 6
     assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "ConstantMetadataReads", "DecomposeRMSNorm",
-                                                           "DecomposeAdaptivePool",
+                                                           "DecomposeGroupedQueryAttention", "DecomposeAdaptivePool",
                                                            "DecomposeAvgPoolDivisor", "EliminateDeadCode"]
 
 

@@ -472,6 +472,45 @@ def test_an_empty_cache_concatenated_to_keys_is_dropped(scheme):
     assert "dropped empty tensors from 1 concatenation(s)" in " ".join(removal.report)  # cat([empty, k]) is k
 
 
+class _GroupedQueryAttention(nn.Module):
+    """Four query heads over one or two key/value heads through ``enable_gqa`` (transformers 5's Llama/Mistral/Qwen2
+    without a mask)."""
+
+    def __init__(self, kv_heads: int):
+        super().__init__()
+        self.kv = kv_heads
+        self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 4 * kv_heads), nn.Linear(16, 4 * kv_heads)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 4).transpose(1, 2)
+        k = self.k(x).view(b, t, self.kv, 4).transpose(1, 2)
+        v = self.v(x).view(b, t, self.kv, 4).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(y.transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_grouped_query_attention_exports_as_repeated_heads(kv_heads, scheme):
+    """torch.onnx has no conversion of ``enable_gqa=True`` ("not implemented if enable_gqa is True"), and the
+    message sent users to rewrite transformers' attention."""
+    import qcompile
+    from qcompile.passes.cleanup import DecomposeGroupedQueryAttention
+    from qcompile.frontend import trace
+
+    model = _GroupedQueryAttention(kv_heads).eval()
+    x = torch.randn(32, 6, 16, generator=torch.Generator().manual_seed(0))
+    gm = trace(model, (x[:1],))
+    assert DecomposeGroupedQueryAttention()(gm).modified
+    assert not any(n.kwargs.get("enable_gqa") for n in gm.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8, output=None)
+    assert result.report.passed, result.report.summary()
+
+
 # --- MatmulAsLinear -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", ["@", "torch.matmul", "torch.mm", "method"])
 def test_a_matmul_with_a_parameter_is_quantized_as_the_linear_layer_it_is(form):
