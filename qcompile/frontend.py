@@ -1199,6 +1199,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
     if gm is None:
         tracer = _Tracer(leaf_modules)
         n_given = len(example_inputs) if example_inputs is not None else None
+        modules = [(name, id(m)) for name, m in model.named_modules()]  # (a forward that rebuilds them: below)
         try:
             with _attributes_kept(model):
                 graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
@@ -1219,6 +1220,15 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                     failed = _eager_failure(model, inputs) if inputs is not None else None
                     if failed is not None:
                         raise _inputs_error(failed, inputs) from None
+                if [(name, id(m)) for name, m in model.named_modules()] != modules:
+                    # forward rebuilt submodules on its first calls, here or in the sized trace's runs
+                    # (transformers' BigBird switches block-sparse attention to full attention on short inputs,
+                    # building new modules, which no trace can): traced again as it now is. (The copy is the one
+                    # changed, not the caller's model.)
+                    try:
+                        return _trace_graph(model, example_inputs, leaf_modules, check_inputs)
+                    except UserError:
+                        pass  # the first trace's words
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
             line = _user_frame(exc)
             place = f"in module {where!r}" if where else "in the model's forward"

@@ -2338,3 +2338,46 @@ def test_digits_accuracy_takes_logits_straight_from_the_model():
     assert logits.requires_grad
     acc = digits.accuracy(logits, y[:100])
     assert acc == digits.accuracy(logits.detach().numpy(), y[:100]) > 0.9
+
+
+def test_a_model_that_rebuilds_submodules_on_its_first_call_is_traced_as_it_becomes():
+    """transformers' BigBird (default block-sparse attention) switches to full attention on short inputs inside its
+    first forward, building new attention modules: no trace could follow, and the error pointed at a slice. The
+    copy being traced has run eagerly by then; traced again as it now is, it compiles."""
+    import copy
+
+    import torch.nn as nn
+
+    class Full(nn.Module):
+        def __init__(self, proj):
+            super().__init__()
+            self.proj = proj
+
+        def forward(self, x):
+            return torch.relu(self.proj(x))
+
+    class Sparse(Full):
+        def forward(self, x):
+            return torch.relu(self.proj(x[:, : x.shape[1] // 2].repeat(1, 2, 1)))
+
+    class Switching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mode = "sparse"
+            self.attn = Sparse(nn.Linear(8, 8))
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            if self.mode == "sparse" and x.shape[1] < 64:  # too short for blocks: full attention from now on
+                self.mode = "full"
+                self.attn = Full(self.attn.proj)
+            return self.fc(self.attn(x)).mean(1)
+
+    x = torch.randn(32, 6, 8, generator=torch.Generator().manual_seed(0))
+    model = Switching().eval()
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=None)
+    assert result.report.passed, result.report.summary()
+    assert model.mode == "sparse" and isinstance(model.attn, Sparse)  # the caller's model is left as it was
+    with torch.no_grad():
+        reference = copy.deepcopy(model)(x)  # (switches the copy)
+        assert torch.allclose(result.model(x), reference, atol=0.1)
