@@ -895,11 +895,13 @@ class _SizedTracer(_Tracer):
         raise LookupError(kind)
 
 
-def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule | None:
+def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None,
+                 failure: list | None = None) -> torch.fx.GraphModule | None:
     """The graph module :class:`_SizedTracer` makes (through the transformer stand-ins where the model has them),
     where it computes the model as the model does on the example at batches 1 and 3 and on ``check_inputs`` (a
     batch of distinct samples, from the calibration data: a size the repeated example cannot show, such as
-    ``x[::4]``'s or one that depends on which samples differ); else None, and the plain trace's error stands.
+    ``x[::4]``'s or one that depends on which samples differ); else None, and the plain trace's error stands
+    (``failure`` gets the sized trace's own exception, where it raised one).
     The model's buffers are as before afterwards; a forward that updates them (a running average) computes other
     outputs on its second run and is refused, as the plain trace refuses it."""
     from torch.utils._pytree import tree_leaves
@@ -942,7 +944,9 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                             if w.numel() else 0.0)
                         for w, g in zip(want, got)):
                     return None
-    except Exception:  # noqa: BLE001 -- the plain trace's error says what to do
+    except Exception as exc:  # noqa: BLE001 -- the plain trace's error says what to do
+        if failure is not None:
+            failure.append(exc)
         return None
     finally:
         restore()
@@ -1200,6 +1204,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         tracer = _Tracer(leaf_modules)
         n_given = len(example_inputs) if example_inputs is not None else None
         modules = [(name, id(m)) for name, m in model.named_modules()]  # (a forward that rebuilds them: below)
+        sized_failure: list = []  # the sized trace's own exception, where it raises one
         try:
             with _attributes_kept(model):
                 graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
@@ -1213,7 +1218,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                 # (asked only where the sized trace fails too: each asks for a run of the model, and the sized
                 # trace runs it on the same inputs; YOLOv8n at 320 x 320 spent 0.7 s here)
                 with _attributes_kept(model):
-                    sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs)
+                    sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs, sized_failure)
                 if sized is not None:
                     return sized
                 for inputs in (example_inputs, check_inputs):
@@ -1258,7 +1263,14 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                         "lengths (h[torch.arange(B), lengths - 1])")
             if "cannot be iterated" in said:  # torch.fx's paragraph on loops and *args: the hint says it here
                 said = said.split(". ")[0]
-            raise UserError(f"cannot trace the model with torch.fx {place}{line}: {said}; {hint}") from None
+            then = ""
+            later = sized_failure[0] if sized_failure else None
+            if later is not None and _user_frame(later) and _user_frame(later) != line:
+                # the plain trace stopped at a size; with the sizes answered the trace went on and stopped at what
+                # really blocks it (Longformer: a branch on whether the mask marks global tokens)
+                then = (f" (with the input sizes answered from the example, the trace then stopped at "
+                        f"{_user_frame(later).strip(' ()')}: {_first_line(later).split('. ')[0]})")
+            raise UserError(f"cannot trace the model with torch.fx {place}{line}: {said}{then}; {hint}") from None
         name = type(model).__name__
         gm = torch.fx.GraphModule(tracer.root, graph, name)
     return gm

@@ -2381,3 +2381,27 @@ def test_a_model_that_rebuilds_submodules_on_its_first_call_is_traced_as_it_beco
     with torch.no_grad():
         reference = copy.deepcopy(model)(x)  # (switches the copy)
         assert torch.allclose(result.model(x), reference, atol=0.1)
+
+
+def test_a_trace_error_also_names_where_the_sized_trace_stopped():
+    """The plain trace stops at the first size it needs; the sized one answers sizes from the example and stops at
+    what really blocks the trace (Longformer: a branch on whether the mask marks global tokens). The error named
+    only the first place, and advised writing a fixed size there."""
+    import torch.nn as nn
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            if x.shape[1] > 4:  # a size: the sized trace answers it
+                x = x * 2
+            if x.sum() > 0:  # the data: no trace can answer it
+                x = x + 1
+            return self.fc(x)
+
+    with pytest.raises(qcompile.UserError, match=r"\(with the input sizes answered from the example, the trace then "
+                                                 r"stopped at test_frontend\.py:\d+: symbolically traced variables "
+                                                 r"cannot be used as inputs to control flow\)"):
+        qcompile.compile(Branchy().eval(), torch.randn(1, 8), scheme="fp32", output=None)
