@@ -622,13 +622,19 @@ def _channel_flatten(gm: torch.fx.GraphModule, node, source, layer) -> int | Non
     return repeat
 
 
+_ZERO_OR_WRAPPING_PADS = (torch.nn.ConstantPad1d, torch.nn.ConstantPad2d, torch.nn.ConstantPad3d,
+                          torch.nn.CircularPad1d, torch.nn.CircularPad2d, torch.nn.CircularPad3d)
+
+
 def _keeps_channels(gm: torch.fx.GraphModule, node) -> bool:
     """Max-pooling, identity or dropout: the cell of each output element is a cell of the same channel (the
     per-channel re-quantization still applies; a reshape would move the channels)."""
     if not _is_transparent(gm, node):
         return False
     if node.op == "call_module":
-        return not isinstance(gm.get_submodule(node.target), torch.nn.Flatten)
+        # (a zero pad is no cell of the layer, and a circular one exports as slices and a concatenation that the
+        # emitted file cannot move onto cells: those layers decide their levels in float)
+        return not isinstance(gm.get_submodule(node.target), (torch.nn.Flatten,) + _ZERO_OR_WRAPPING_PADS)
     if node.op == "call_function":
         return node.target in (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.dropout)
     return node.target == "contiguous"

@@ -493,7 +493,7 @@ def _private_layer_path(graph, q: onnx.NodeProto, x: str, fq: FakeQuantize) -> s
         node = producer.get(src)
         if node is None:
             return x
-        if node.op_type in _CELL_TRANSPARENT or (node.op_type in ("Relu", "Clip") and rect is None):
+        if _passes_cells(node) or (node.op_type in ("Relu", "Clip") and rect is None):
             rect = node if node.op_type in ("Relu", "Clip") else rect
             path.append(node)
             src = node.input[0]
@@ -539,7 +539,7 @@ def _shift_cell_bias(model: onnx.ModelProto, x: str, cell: str, fq: FakeQuantize
         node = producer.get(src)
         if node is None or readers.get(src, 0) != 1:
             break
-        if node.op_type in _CELL_TRANSPARENT:
+        if _passes_cells(node):
             chain.append(node)
         elif node.op_type in ("Relu", "Clip") and rect is None:
             rect = node
@@ -616,6 +616,18 @@ def _bypass_implied_clip(model: onnx.ModelProto, x: str, q: str) -> None:
 
 
 _CELL_TRANSPARENT = ("MaxPool", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Dropout")
+
+
+def _passes_cells(node: onnx.NodeProto) -> bool:
+    """An op that only moves or repeats values, so it works on cells as on the values they decide: the ops above,
+    a nearest-neighbour ``Resize`` (``nn.Upsample(mode="nearest")``) and a reflecting / edge-replicating ``Pad``
+    (a zero pad is no cell: ``BindIntegerLayers`` binds no layer across one)."""
+    if node.op_type in _CELL_TRANSPARENT:
+        return True
+    mode = next((a.s for a in node.attribute if a.name == "mode"), None)
+    if node.op_type == "Resize":
+        return mode in (None, b"nearest")
+    return node.op_type == "Pad" and mode in (b"reflect", b"edge")
 
 
 def _auto_needs_u8(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> bool:

@@ -249,3 +249,21 @@ def test_uniform_low_bit_layers_run_on_int8_kernels_bit_exact(bits, tmp_path):
                                     int8_levels=False)
     # the 8-bit stem, and the head, whose 8-bit output codes the pool averages for the 8-bit classifier
     assert optimized_ops(float_levels, tmp_path)["QLinearConv"] == 2
+
+
+@pytest.mark.parametrize("between", ["zeropad", "reflect", "replicate", "circular", "upsample"])
+@pytest.mark.parametrize("emit", ["standard", "custom"])
+def test_pads_and_nearest_upsampling_between_a_layer_and_its_apot_levels(between, emit):
+    """A UNet's nn.Upsample(mode="nearest") (and a pad module) between a conv + ReLU and the next APoT-4 quantizer:
+    the simulation decided the levels on the conv's cells through it, and the emitter, which found a Resize (Pad,
+    Slice/Concat) there, stopped with "internal: the integer layer before quantizer ... is not a lone Conv/Gemm".
+    A nearest Resize and a reflecting / edge Pad move values only and work on cells; a zero pad is no cell and a
+    circular one is slices and a concatenation: those layers decide their levels in float."""
+    mid = {"zeropad": nn.ZeroPad2d(1), "reflect": nn.ReflectionPad2d(1), "replicate": nn.ReplicationPad2d(1),
+           "circular": nn.CircularPad2d(1), "upsample": nn.Upsample(scale_factor=2, mode="nearest")}[between]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          mid, nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme="apot", bits=4, emit=emit, output=None)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
