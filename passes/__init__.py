@@ -3,9 +3,9 @@ from .adaptive_rounding import AdaptiveRounding
 from .base import Pass, PassError, PassManager, PassResult, Pipeline, VerificationError, verify
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
-from .cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCubicDownscale,
-                      DecomposeGroupedQueryAttention, DecomposeRMSNorm, EliminateDeadCode, MatmulAsLinear,
-                      MeanAsGlobalPool, RemoveIdentity)
+from .cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCircularPadding,
+                      DecomposeCubicDownscale, DecomposeGroupedQueryAttention, DecomposeRMSNorm, EliminateDeadCode,
+                      MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -28,7 +28,7 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "SelectLayers", "AllocateWeightBits", "Override", "layer_table", "load_overrides", "parse_exclude", "InsertQuantizers", "QuantizeOutputs",
            "Calibrate", "AdaptiveRounding", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
-           "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeGroupedQueryAttention",
+           "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeGroupedQueryAttention", "DecomposeCircularPadding",
            "DecomposeAdaptivePool", "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
            "MeanAsGlobalPool",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

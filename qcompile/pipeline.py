@@ -4,7 +4,8 @@
                 → DecomposeAvgPoolDivisor → EliminateDeadCode
     quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
                 → DecomposeAvgPoolDivisor → EliminateDeadCode
-                → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → MeanAsGlobalPool
+                → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → DecomposeCircularPadding
+                → MeanAsGlobalPool
                 → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
                 → [AllocateWeightBits] → InsertQuantizers → QuantizeOutputs → QuantizeResiduals → CheckFloatOutputs → Calibrate
                 → [AdaptiveRounding] → ShareInt8Params → PairSafeInt8Weights

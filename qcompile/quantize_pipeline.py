@@ -6,7 +6,8 @@ from qcompile.passes.adaptive_rounding import AdaptiveRounding
 from qcompile.passes.base import Pass
 from qcompile.passes.bias_correction import BiasCorrection
 from qcompile.passes.calibrate import Calibrate
-from qcompile.passes.cleanup import DecomposeCubicDownscale, EliminateDeadCode, MatmulAsLinear, MeanAsGlobalPool
+from qcompile.passes.cleanup import (DecomposeCircularPadding, DecomposeCubicDownscale, EliminateDeadCode,
+                                     MatmulAsLinear, MeanAsGlobalPool)
 from qcompile.passes.equalize import EqualizeWeights
 from qcompile.passes.equalize_inputs import EqualizeInputs
 from qcompile.passes.fold_bn import FoldBatchNorm
@@ -39,7 +40,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
     record = RecordFloatOutputs(calib if calib is not None else example)  # outputs on two samples
     # Swin's window attention with its projections as Linear layers; FoldConstants then folds what they read
     passes: list[Pass] = [record, DecomposeWindowAttention(), DecomposeCubicDownscale(), MatmulAsLinear(),
-                          MeanAsGlobalPool(), FoldConstants()]  # weights computed in forward too
+                          DecomposeCircularPadding(), MeanAsGlobalPool(), FoldConstants()]  # weights computed in forward too
     if opts.fold_bn:
         passes += [FoldBatchNorm(), FoldConstantScale()]
     select = SelectLayers(default_layer_config(opts), first_last=opts.keep_first_last,
