@@ -630,21 +630,25 @@ class DecomposeCircularPadding(Pass):
     one. (Reflect / replicate padding exports as one Pad, which onnxruntime already looks through.)"""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        calls: dict[str, list] = {}  # each module with all its calls (a module called twice is padded twice)
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and type(gm.get_submodule(node.target)) in _CONVS and \
+                    gm.get_submodule(node.target).padding_mode == "circular":
+                calls.setdefault(str(node.target), []).append(node)
+        if any(len(node.args) != 1 or node.kwargs for nodes in calls.values() for node in nodes):
+            calls = {t: nodes for t, nodes in calls.items() if all(len(n.args) == 1 and not n.kwargs for n in nodes)}
         count = 0
-        for node in list(gm.graph.nodes):
-            if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-                continue
-            mod = gm.get_submodule(node.target)
-            if type(mod) not in _CONVS or mod.padding_mode != "circular":
-                continue
+        for target, nodes in calls.items():
+            mod = gm.get_submodule(target)
             pad = [int(p) for p in mod._reversed_padding_repeated_twice]
-            with gm.graph.inserting_before(node):
-                padded = gm.graph.call_function(F.pad, (node.args[0], pad), {"mode": "circular"})
-            node.args = (padded,)
+            for node in nodes:
+                with gm.graph.inserting_before(node):
+                    padded = gm.graph.call_function(F.pad, (node.args[0], pad), {"mode": "circular"})
+                node.args = (padded,)
+                count += 1
             mod.padding_mode = "zeros"
             mod.padding = (0,) * len(mod.kernel_size)
             mod._reversed_padding_repeated_twice = [0] * len(pad)
-            count += 1
         return _finish(self, gm, count, "circular padding(s) of convolutions as pads before the layer")
 
 

@@ -779,3 +779,25 @@ def test_circular_padding_moves_out_of_the_layer_so_it_runs_on_int8_kernels(dims
 
     ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
     assert ops.count("QLinearConv") == 3, ops
+
+
+def test_a_circular_padded_conv_called_twice_is_padded_at_both_calls():
+    """The module is changed once, after every call of it got its pad (the first call's rewrite had switched the
+    module to zero padding, and the second call lost its padding: CheckFloatOutputs stopped the compile)."""
+    import qcompile
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 8, 3, padding=1)
+            self.c = nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular")
+            self.o = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            h = torch.relu(self.c(torch.relu(self.a(x))))
+            return self.o(torch.relu(self.c(h)))
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 2, 6, 6, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(Twice().eval(), x[:1], calib=x, scheme="uniform", bits=8, output=None)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 35, result.report.summary()
