@@ -371,8 +371,12 @@ class AdaptiveRounding(Pass):
             before = fq.simulate(w.float())
             diff = float((new != before).float().mean())
             remember_float(gm, str(wnode.target))
+            current = attr_value(gm, wnode)
+            if torch.equal(current.detach(), new.to(current.dtype)):  # a second run: the weights are where they were
+                self.report.append(f"{name}: weights unchanged ({100 * diff:.1f}% on another level than the nearest)")
+                continue
             with torch.no_grad():
-                attr_value(gm, wnode).copy_(new.to(w.dtype))
+                current.copy_(new.to(w.dtype))
             self.report.append(f"{name}: {100 * diff:.1f}% of weights on another level than the nearest "
                                f"({rows.rows} input rows)")
             changed = True

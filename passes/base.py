@@ -70,9 +70,13 @@ class Pass:
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         """Run the pass alone: the module's code follows its rewritten graph (``result.gm(x)`` runs it). A
         ``Pipeline`` runs :meth:`run_managed` and regenerates code once for several rewrites."""
+        missing = _missing(self, passes_run(gm))  # a pass run alone was not checked at all
+        if missing:
+            raise PassError(self.name, passes_run(gm), f"requires {', '.join(missing)} to run first")
         result = self.run_managed(gm)
-        if result.modified:
+        if result.modified:  # now, not lazily: torch.jit.script / fx.symbolic_trace read the code, not the graph
             recompile_lazily(result.gm)
+            ensure_compiled(result.gm)
         return result
 
     def run_managed(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -88,6 +92,7 @@ class Pass:
             _OWNERS.pop(gm, None)
         if not isinstance(result, PassResult):
             raise TypeError(f"{self.name}.call must return PassResult, got {type(result).__name__}")
+        _note_ran(gm, result.gm, self.name)
         return result
 
     def __repr__(self) -> str:
@@ -142,6 +147,34 @@ class PassTiming:
     report: list[str]
 
 
+def _check_passes(passes) -> None:
+    for p in passes:
+        if isinstance(p, type) and issubclass(p, Pass):  # "pass <property object at 0x...> failed: TypeError"
+            raise TypeError(f"{p.__name__} is a pass class; give an instance: {p.__name__}()")
+        if not isinstance(p, Pass):
+            raise TypeError(f"a pipeline takes Pass instances, got {type(p).__name__} {p!r}")
+
+
+_RAN = "qcompile_passes_run"  # GraphModule.meta key: the names of the passes that ran on it, in order
+
+
+def passes_run(gm: torch.fx.GraphModule) -> list[str]:
+    """The passes that ran on ``gm`` so far (alone or in any pipeline), in order: what ``requires`` is checked
+    against, so a pipeline split in two, or a pass run alone, sees what ran before it."""
+    meta = getattr(gm, "meta", None)
+    return list(meta.get(_RAN, ())) if isinstance(meta, dict) else []
+
+
+def _missing(p: Pass, ran) -> list[str]:
+    return [r.__name__ for r in p.requires if r.__name__ not in ran]
+
+
+def _note_ran(before: torch.fx.GraphModule, after: torch.fx.GraphModule, name: str) -> None:
+    meta = getattr(after, "meta", None)
+    if isinstance(meta, dict):
+        meta[_RAN] = passes_run(before) + [name]
+
+
 class Pipeline:
     """Run a readable list of passes.
 
@@ -162,11 +195,7 @@ class Pipeline:
         callback: Callable[[PassTiming], None] | None = None,
     ) -> None:
         self.passes = list(passes)
-        for p in self.passes:
-            if isinstance(p, type) and issubclass(p, Pass):  # "pass <property object at 0x...> failed: TypeError"
-                raise TypeError(f"{p.__name__} is a pass class; give an instance: {p.__name__}()")
-            if not isinstance(p, Pass):
-                raise TypeError(f"a pipeline takes Pass instances, got {type(p).__name__} {p!r}")
+        _check_passes(self.passes)
         if steps < 1:
             raise ValueError("steps must be >= 1")
         self.steps = steps
@@ -178,7 +207,9 @@ class Pipeline:
         if not isinstance(gm, torch.fx.GraphModule):
             raise TypeError(f"a pipeline runs on a torch.fx.GraphModule, got {type(gm).__name__}: trace the model "
                             "first, gm = qcompile.trace(model, example_inputs)")
+        _check_passes(self.passes)  # the list may have been edited since (pl.passes.insert(0, FoldBatchNorm))
         ran: list[str] = []
+        earlier = passes_run(gm)  # passes run on it before this pipeline (another pipeline, or alone)
         any_modified = False
         if self.check:
             try:
@@ -189,7 +220,7 @@ class Pipeline:
         for _round in range(self.steps):
             round_modified = False
             for p in self.passes:
-                missing = [r.__name__ for r in p.requires if r.__name__ not in ran]
+                missing = _missing(p, ran + earlier)
                 if missing:
                     raise PassError(p.name, ran, f"requires {', '.join(missing)} to run first")
                 t0 = time.perf_counter()

@@ -121,7 +121,12 @@ class EqualizeInputs(Pass):
         self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
         from qcompile.qmodules import FakeQuantize
 
-        if self.data is None or any(isinstance(m, FakeQuantize) for m in gm.modules()):
+        if self.data is None:
+            self.report.append("no data given: input ranges unknown, nothing equalized (EqualizeInputs(data))")
+            return PassResult(gm, False)
+        if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # it returned without a word
+            self.report.append("nothing equalized: the layers are already quantized (run EqualizeInputs before "
+                               "InsertQuantizers)")
             return PassResult(gm, False)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         decision = self.select.decide(gm) if self.select is not None else None

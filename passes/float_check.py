@@ -60,6 +60,11 @@ class RecordFloatOutputs(Pass):
             # calibration_inputs: a numpy array, float64 data, a DataLoader or a list of batches from build_passes
             # crashed here, where compile() had converted them
             self.sample = next(data_batches(calibration_inputs(self.data, gm), self.samples))
+        if self.sample is None:  # no data (a hand-built data-free pipeline): inputs of the traced shapes
+            self.sample = _traced_sample(gm)
+            if self.sample is None:
+                self.report.append("no data and no float inputs of known shape: nothing recorded, so "
+                                   "CheckFloatOutputs checks nothing (RecordFloatOutputs(data))")
         if self.sample is not None:
             self.outputs = _outputs(gm, self.sample)
             params = sum(p.numel() for p in gm.parameters())
@@ -80,6 +85,22 @@ class RecordFloatOutputs(Pass):
             self.outputs64 = _outputs64(self._traced, self.sample)
             self._traced = None
         return self.outputs64
+
+
+def _traced_sample(gm: torch.fx.GraphModule):
+    """Normal random inputs of the shapes the trace recorded (its batch: a model may fix it), or None where an input
+    is not a float tensor of known shape (token ids, ``*args``): the check then has nothing to run on."""
+    sample = []
+    gen = torch.Generator().manual_seed(0)
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        meta = node.meta.get("tensor_meta")
+        if not hasattr(meta, "shape") or not getattr(meta, "dtype", torch.int64).is_floating_point \
+                or len(meta.shape) == 0:
+            return None
+        sample.append(torch.randn(tuple(meta.shape), generator=gen).to(meta.dtype))
+    return tuple(sample) or None
 
 
 def _outputs64(gm: torch.fx.GraphModule, sample: tuple) -> list[torch.Tensor] | None:
@@ -112,7 +133,9 @@ class CheckFloatOutputs(Pass):
         from qcompile.errors import UserError
 
         ref = self.record.outputs
-        if ref is None:
+        if ref is None:  # it returned without a word: a reader took the graph for checked
+            self.report.append("not checked: RecordFloatOutputs recorded no outputs (it has not run, or had no "
+                               "inputs to run on)")
             return PassResult(gm, False)
         got = _outputs(gm, self.record.sample)
         problem = output_difference(ref, got, self.rtol)

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, attr_value, fake_quantizer, recompile_lazily, require_calibrated
+from .base import (Pass, PassResult, attr_value, fake_quantizer, passes_run, recompile_lazily,
+                   require_calibrated)
 from .calibrate import BIAS_FIT
 from .insert_quant import is_nonnegative
 
@@ -697,6 +698,9 @@ class QuantizeResiduals(Pass):
         if self._changed:
             gm.graph.lint()
             recompile_lazily(gm)
+        elif "QuantizeOutputs" not in passes_run(gm):
+            # it found nothing and said nothing: the sums it quantizes read QuantizeOutputs' 8-bit layer outputs
+            self.report.append("no int8 layer outputs to carry through sums (run QuantizeOutputs first)")
         return PassResult(gm, self._changed)
 
     def _split_silu(self, gm, node, xq) -> None:

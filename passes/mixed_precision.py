@@ -170,7 +170,9 @@ class AllocateWeightBits(Pass):
                 continue
             layers[node] = found
         if not layers:
-            self.report.append("no layer is quantized by the default rule: nothing to allocate")
+            decided = any(n.meta.get("qconfig") is not None for n in gm.graph.nodes)
+            self.report.append("no layer is quantized by the default rule: nothing to allocate" if decided else
+                               "no layer decisions on the graph: nothing to allocate (run SelectLayers first)")
             return PassResult(gm, False)
         schemes = {node.meta["qconfig"].wscheme for node in layers}
         choices = {s: candidate_bits(s) for s in schemes}

@@ -22,12 +22,15 @@ import torch.fx
 import torch.nn.functional as F
 
 from qcompile import quant
-from qcompile.qmodules import FakeQuantize
+from qcompile.qmodules import FakeQuantize, int8_conv1d, int8_conv2d, int8_conv3d, int8_linear
 
 from .base import (Pass, PassResult, fake_quantizer, input_quantizer, private_bias, remember_float,
                    require_calibrated)
 
-_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+_LAYERS = (F.conv1d, F.conv2d, F.conv3d, F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+           # the same layers once BindIntegerLayers made them integer kernels: a pipeline that binds first still
+           # gets their biases rounded (and the export's check sees them), instead of a file 1e-4 off the simulation
+           int8_conv1d, int8_conv2d, int8_conv3d, int8_linear)
 
 
 def accumulator_scale(xfq: FakeQuantize, wfq: FakeQuantize) -> torch.Tensor:

@@ -282,9 +282,13 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_overrides(config: str | os.PathLike | dict) -> list[Override]:
-    """The overrides of a config file (a path) or of :func:`read_config`'s record of one, in file order."""
+    """The overrides of a config file (a path), of :func:`read_config`'s record of one, or of a mapping
+    ``{pattern: settings}`` as ``compile(config=...)`` takes it, in their order."""
     if not isinstance(config, dict):
         config = read_config(config)
+    elif not (set(config) <= {"file", "layers"} and isinstance(config.get("layers"), dict)):
+        # the rules themselves, from Python (they were read as an empty record: no rule, no word)
+        config = {"layers": config["layers"] if isinstance(config.get("layers"), dict) else config}
     if not isinstance(config.get("file") or "", str):  # it names the rules in the layer table
         raise UserError(f"config 'file' must be a string (the name of the rules' source), got {config['file']!r}")
     source = str(config.get("file") or "config")
@@ -525,7 +529,14 @@ class SelectLayers(Pass):
         self.first_last = first_last
         self.only_first_last = False  # set by call(): see there
         self.float_downsample = float_downsample
-        self.overrides = tuple(overrides)
+        if isinstance(overrides, (dict, str, os.PathLike)):  # the rules as compile(config=...) takes them
+            overrides = load_overrides(overrides)
+        overrides = tuple(overrides)
+        wrong = [o for o in overrides if not isinstance(o, Override)]
+        if wrong:  # AttributeError: 'str' object has no attribute 'matches', from the first layer decided
+            raise TypeError(f"overrides must be Override rules (load_overrides(config)) or a config given as "
+                            f"compile(config=...) takes it, got {type(wrong[0]).__name__} {wrong[0]!r}")
+        self.overrides = overrides
 
     def decide(self, gm: torch.fx.GraphModule) -> dict[torch.fx.Node, LayerConfig]:
         """The LayerConfig of every layer node, without touching the graph."""
@@ -572,6 +583,12 @@ class SelectLayers(Pass):
         return decision
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        if not any("tensor_meta" in n.meta for n in gm.graph.nodes):
+            # torch.fx.symbolic_trace records no shapes; the quantization passes read them (which Linear runs as a
+            # 2-D Gemm, which outputs are logits) and built another, less accurate model without a word
+            raise UserError("the graph carries no tensor shapes (torch.fx.symbolic_trace records none), which the "
+                            "quantization passes need: trace with qcompile.trace(model, example_inputs), or run "
+                            "torch.fx.passes.shape_prop.ShapeProp(gm).propagate(*example_inputs) first")
         decision = self.decide(gm)
         from qcompile.qmodules import FakeQuantize
 
@@ -666,7 +683,21 @@ def opaque_layers(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2 and readers:
             seen.add(path)
             rows.append((path, "weight", f"read by {', '.join(readers)}"))
+    # a transposed convolution written as F.conv_transpose*d on a parameter (a tied decoder): qcompile quantizes
+    # nn.ConvTranspose layers, not this call, which stayed float with no row and no word
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _CONV_TRANSPOSE_FUNCTIONS and len(node.args) > 1 and \
+                isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
+            target = str(node.args[1].target)
+            path = target.rpartition(".")[0]
+            if target not in seen and path not in seen:
+                seen.add(target)
+                rows.append((target, node.target.__name__, "the weight of a functional transposed convolution, "
+                             "which is not quantized (an nn.ConvTranspose layer is)"))
     return rows
+
+
+_CONV_TRANSPOSE_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
 
 
 def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:

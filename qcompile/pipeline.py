@@ -1,8 +1,8 @@
 """The pass pipeline, as a list you can read.
 
-    fp32:       RemoveIdentity → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
+    fp32:       RemoveIdentity → ConstantMetadataReads → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
                 → DecomposeAvgPoolDivisor → EliminateDeadCode
-    quantized:  RemoveIdentity → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
+    quantized:  RemoveIdentity → ConstantMetadataReads → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
                 → DecomposeAvgPoolDivisor → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → DecomposeCircularPadding
                 → MeanAsGlobalPool

@@ -62,7 +62,9 @@ class FakeQuantize(nn.Module):
                  observer: str = "mse"):
         super().__init__()
         self.scheme = scheme
-        self.bits = int(bits)
+        from .ir import FIXED_BITS
+
+        self.bits = int(FIXED_BITS.get(scheme, bits))  # ternary/binary: their own width, whatever --bits said
         self.signed = bool(signed)
         self.axis = axis
         self.role = role

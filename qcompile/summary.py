@@ -108,7 +108,10 @@ def layer_rows(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
         rows.append((name, kind, decision))
     from qcompile.passes.select import opaque_layers
 
-    rows += [(name, kind, f"float: opaque to torch.fx ({inside})") for name, kind, inside in opaque_layers(gm)]
+    # modules called whole; weights handed to functions that compute with them in float ("read by ...", or a
+    # functional transposed convolution): not "opaque to torch.fx", which traced them
+    rows += [(name, kind, f"float: opaque to torch.fx ({inside})" if kind != "weight" and not kind.startswith(
+        "conv_transpose") else f"float: {inside}") for name, kind, inside in opaque_layers(gm)]
     seen = set()
     for node in gm.graph.nodes:  # embedding tables: weights qcompile does not quantize (it quantizes Conv/Linear)
         if node.op == "call_module" and node.target not in seen and node.meta.get("qconfig") is None:

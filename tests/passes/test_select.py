@@ -505,3 +505,28 @@ def test_the_type_column_of_the_layer_table_is_what_type_rules_match():
                                       config={"layers": {rule: "fp32"}})
             floats = {n for n, _, d in layer_rows(picked.model) if d.startswith("float")}
             assert name in floats, (rule, floats)
+
+
+def test_a_functional_transposed_convolution_on_a_parameter_has_a_float_row():
+    """F.conv_transpose2d(x, self.wt) (a tied decoder) stayed float with no row in the layer table and no warning; a
+    module's weight read so was said to be "opaque to torch.fx", which traced it."""
+    import torch.nn.functional as F
+
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.wt = nn.Parameter(torch.randn(8, 4, 2, 2) * 0.2)
+            self.o = nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.o(torch.relu(F.conv_transpose2d(torch.relu(self.a(x)), self.wt, stride=2)))
+
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    rows = {name: decision for name, _, decision in layer_rows(result.model)}
+    assert rows["wt"].startswith("float: the weight of a functional transposed convolution"), rows
+    assert not any("opaque" in d for d in rows.values()), rows
