@@ -73,6 +73,46 @@ def as_input_tuple(example_inputs) -> tuple[torch.Tensor, ...]:
     raise UserError("example_inputs must be a tensor or a tuple of tensors")
 
 
+# what is read of an iterable of batches (a DataLoader, a generator): an endless one (itertools.cycle) grew memory
+# at 0.5 GB/s until the kernel killed the process, and a training set's loader would be read whole. Arrays and
+# tensors are in memory already and are taken whole.
+MAX_ITERABLE_SAMPLES = 4096
+MAX_ITERABLE_BYTES = 1 << 30
+
+
+def _item_samples(item) -> tuple[int, int]:
+    """(samples, bytes) of one batch: a tensor/array, or a tuple whose first item (or first item's first) is one."""
+    first = item
+    while isinstance(first, (tuple, list)) and first:
+        first = first[0]
+    n = int(first.shape[0]) if isinstance(first, (torch.Tensor, np.ndarray)) and first.ndim >= 1 else 1
+    tensors = item if isinstance(item, (tuple, list)) else (item,)
+    size = sum(int(t.nbytes) for t in tensors if isinstance(t, (torch.Tensor, np.ndarray)))
+    return n, size
+
+
+def bounded_batches(calib, what: str = "calibration"):
+    """The batches of an iterable, up to :data:`MAX_ITERABLE_SAMPLES` samples or :data:`MAX_ITERABLE_BYTES`; a
+    warning says so where more were left unread."""
+    samples = size = 0
+    it = iter(calib)
+    for item in it:
+        yield item
+        n, b = _item_samples(item)
+        samples, size = samples + n, size + b
+        if samples >= MAX_ITERABLE_SAMPLES or size >= MAX_ITERABLE_BYTES:
+            if next(it, _END) is not _END:
+                warnings.warn(f"the {what} iterable was read up to {samples} samples ({size / 2 ** 20:.0f} MiB) and "
+                              f"no further (at most {MAX_ITERABLE_SAMPLES} samples or 1 GiB are read from an "
+                              "iterable: an endless or training-set loader would fill the memory); to choose the "
+                              "samples, pass an array or itertools.islice(loader, n_batches)",
+                              QuantizationWarning, stacklevel=4)
+            return
+
+
+_END = object()
+
+
 def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
     """Stack a calibration source (tensor, array, or iterable of batches / (x, y) pairs) into one tensor
     (float32, or the integer type of integer inputs such as token ids). One ``(x, y)`` pair of a whole labelled set
@@ -89,7 +129,7 @@ def calib_tensor(calib, what: str = "calibration") -> Optional[torch.Tensor]:
             calib[1].ndim == 1:
         return model_input(calib[0])  # (x, y): the inputs and their labels
     parts = []
-    for item in calib:
+    for item in bounded_batches(calib, what):
         if isinstance(item, collections.abc.Mapping):  # batches of a tokenizer's BatchEncoding, of dicts
             raise UserError(_mapping_message(item, what, batches=True))
         if isinstance(item, (tuple, list)):
@@ -425,9 +465,13 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
         if isinstance(e, torch.Tensor) and tuple(e.shape) == tuple(c.shape[1:]) and e.dim() < c.dim():
-            raise UserError(f"the example input{f' {i}' if len(parts) > 1 else ''} has shape {tuple(e.shape)}: one "
-                            f"sample without the batch dimension; give it batch-first, shape {(1,) + tuple(e.shape)} "
-                            "(x[:1], not x[0])")
+            # (1, 1, 8, 8) samples of (1, 1, 8, 8) examples: an example without its batch axis, or data with an
+            # axis too many (--input-shape is batch-first: following the first fix alone failed again)
+            extra = (f", or, if the model takes samples of shape {tuple(e.shape[1:])}, drop the extra axis of the "
+                     f"{what} (x[:, 0], x.squeeze(1))") if c.dim() > 1 and c.shape[1] == 1 else ""
+            raise UserError(f"the example input{f' {i}' if len(parts) > 1 else ''} has shape {tuple(e.shape)}, the "
+                            f"shape of one {what} sample: give it batch-first, shape {(1,) + tuple(e.shape)} "
+                            f"(x[:1], not x[0]){extra}")
         if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
             got, want = tuple(c.shape[1:]), tuple(e.shape[1:])
             hint = ""
@@ -483,7 +527,7 @@ def calib_data(calib, n_inputs: int = 1, what: str = "calibration"):
         parts = [model_input(t) for t in calib]
     else:
         columns: list[list[torch.Tensor]] = [[] for _ in range(n_inputs)]
-        for item in calib:
+        for item in bounded_batches(calib, what):
             if isinstance(item, collections.abc.Mapping):
                 raise UserError(_mapping_message(item, what, batches=True))
             if isinstance(item, (tuple, list)) and item and isinstance(item[0], (tuple, list)) and \
@@ -674,7 +718,7 @@ def compile(
         n_inputs = len(calib)
     if n_inputs == 1 and calib is not None:
         if isinstance(calib, collections.abc.Iterator):  # read once: its first batch is looked at here
-            calib = list(calib)
+            calib = list(bounded_batches(calib))
         dropped_note = extra_items_note(model, calib)
         if dropped_note:
             warnings.warn(dropped_note, QuantizationWarning, stacklevel=2)

@@ -247,6 +247,16 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     if len({a.shape[0] for a in arrays}) != 1:
         raise UserError(f"{what} file {path!r}: the inputs x0, x1, ... must have the same number of samples, got "
                         f"{[a.shape[0] for a in arrays]}")
+    for a in arrays:
+        if a.dtype.kind != "f" or a.size == 0:
+            continue
+        bad = int(np.count_nonzero(np.isnan(a) | (a == np.inf)))  # -inf: a float mask's "masked out"
+        if bad:  # --data's NaN were compared as equal on both sides: PASS on outputs that were all NaN
+            raise UserError(f"{what} file {path!r} holds {bad} NaN or +inf value(s); give finite inputs")
+        big = float(np.max(np.abs(a[np.isfinite(a)]), initial=0.0))
+        if big > float(np.finfo(np.float32).max):  # numpy's overflow warning, then "holds NaN or +inf"
+            raise UserError(f"{what} file {path!r} holds values beyond float32's range (largest magnitude {big:.3g}); "
+                            "the model computes in float32: give inputs it can hold")
     # floating point as float32; integer inputs (token ids) stay integers for the model's Embedding
     out = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iu" else a
                 for a in arrays)
@@ -383,6 +393,11 @@ def cmd_compile(argv) -> int:
         if path is not None:
             check_not_model_source(model, path, flag, specs=(args.model, args.arch))
     example = _example_inputs(args, calib)
+    if isinstance(calib, tuple):  # x0, x1 for a model with one input: the model's count first (the message below
+        # asked for a second --input-shape, which the model then refused)
+        from .api import check_input_count
+
+        check_input_count(model, len(calib), "calibration arrays (x0, x1, ... in --calib)")
     if args.input_shape and calib is not None and \
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
         raise UserError(f"{len(args.input_shape)} --input-shape for "

@@ -103,8 +103,11 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
         return report
     errs, ref_all, test_all = [], [], []
     unmatched = 0  # entries non-finite on one side only (or inf against -inf)
+    nan_ref = total = 0  # NaN in the reference: NaN against NaN was a match, all-NaN outputs passed
     for r, t in zip(reference, test):
         r64, t64 = r.astype(np.float64).ravel(), t.astype(np.float64).ravel()
+        nan_ref += int(np.isnan(r64).sum())
+        total += r64.size
         finite = np.isfinite(r64) & np.isfinite(t64)
         same = (np.isnan(r64) & np.isnan(t64)) | (np.isinf(r64) & (r64 == t64))
         unmatched += int((~finite & ~same).sum())
@@ -133,6 +136,12 @@ def compare_outputs(reference: Sequence[np.ndarray], test: Sequence[np.ndarray],
             report.extra["top1_output"] = scores
     if unmatched:
         report.failures.append(f"{unmatched} output value(s) are NaN or inf on one side only")
+    if nan_ref:
+        report.extra["nan_outputs"] = nan_ref  # NaN on both sides agree (a step output masked with NaN) ...
+    if total and nan_ref == total:  # ... but outputs that are all NaN compare nothing: they passed with SQNR inf
+        report.failures.append(f"the model computes NaN in {nan_ref} of its {total} output values on these inputs, "
+                               "so nothing can be compared: check the model and the inputs (a square root or log "
+                               "of negative values, 0/0)")
         report.extra["nonfinite_unmatched"] = unmatched
     if min_sqnr is not None and report.sqnr_db < min_sqnr:
         report.failures.append(f"SQNR {report.sqnr_db:.1f} dB < {min_sqnr} dB")

@@ -807,7 +807,7 @@ def test_a_model_with_two_inputs_from_the_command_line(work, capsys):
 
 
 @pytest.mark.parametrize("case,needle", [
-    ("nan", "calibration data holds 2 NaN or +inf value(s)"),
+    ("nan", "'bad.npy' holds 2 NaN or +inf value(s)"),
     ("shape", "calibration data has samples of shape (3, 4, 4) but the example input is (3, 8, 8) per sample"),
     ("channels", "the model does not run on inputs of shape [(1, 5, 8, 8) float32]"),
     ("constant", "calibration data is constant (every value is 0)"),
@@ -1380,3 +1380,61 @@ def test_validate_refuses_a_leaf_module_it_would_not_use(work, capsys):
     assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--leaf-module", "pool")
     assert_user_error(rc, err, "--leaf-module does not apply to 'out.onnx', a float file")
+
+
+# --- found by a sweep of degenerate data ---------------------------------------------------------------------
+def test_non_finite_or_float32_overflowing_data_files_are_refused_in_one_line(work, capsys):
+    """validate --data of NaN compared NaN with NaN as equal: max abs err 0, SQNR inf, PASS; a float64 value past
+    float32's range printed numpy's overflow warning, then claimed the file held NaN or inf."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    x = np.random.default_rng(2).standard_normal((6, 3, 8, 8))
+    np.save("nan.npy", np.where(x > 1, np.nan, x).astype(np.float32))
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "nan.npy")
+    assert_user_error(rc, err, "holds")
+    assert "NaN or +inf" in err
+    huge = x.copy()
+    huge[0, 0, 0, 0] = 1e300
+    np.save("huge.npy", huge)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "huge.npy", "-o", "q.onnx")
+    assert_user_error(rc, err, "beyond float32's range")
+    assert not os.path.exists("q.onnx")
+
+
+def test_a_model_computing_nan_fails_validation(work, capsys):
+    """A float compile of a model that computes NaN on its data (a square root of negative values) validated with
+    NaN against NaN as a match: PASS, SQNR inf."""
+    (work / "sqrt_model.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Sqrt(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(8, 4)
+
+            def forward(self, x):
+                return torch.sqrt(self.fc(x) - 100.0)
+
+        def sqrt_net():
+            return Sqrt()
+    '''))
+    np.save("rows.npy", np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "sqrt_model:sqrt_net", "--calib", "rows.npy", "--scheme", "fp32", "-o", "s.onnx")
+    assert rc == 1, (out, err)
+    assert "computes NaN in 64 of its 64 output values" in err
+
+
+def test_calibration_arrays_for_more_inputs_than_the_model_takes_name_the_model(work, capsys):
+    """An .npz with x0 and x1 for a one-input model asked for a second --input-shape, which the model then refused."""
+    x = np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32)
+    np.savez("two.npz", x0=x, x1=x)
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "two.npz", "--input-shape", SHAPE)
+    assert_user_error(rc, err, "forward takes 1 input(s)")
+
+
+def test_calibration_data_with_an_axis_too_many_is_named_as_such(work, capsys):
+    """Samples of shape (1, 3, 8, 8) against --input-shape 1,3,8,8: the message only offered an example of shape
+    (1, 1, 3, 8, 8), which the model then refused."""
+    np.save("extra_axis.npy", np.random.default_rng(1).standard_normal((6, 1, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "extra_axis.npy", "--input-shape", SHAPE)
+    assert_user_error(rc, err, "drop the extra axis of the calibration data")

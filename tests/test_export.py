@@ -1022,7 +1022,7 @@ def test_an_example_input_without_its_batch_dimension_is_named():
     used."""
     model = nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     calib = torch.randn(64, 13, generator=torch.Generator().manual_seed(0))
-    with pytest.raises(UserError, match=r"shape \(13,\): one sample without the batch dimension; .*\(1, 13\)"):
+    with pytest.raises(UserError, match=r"shape \(13,\), the shape of one calibration data sample: .*\(1, 13\)"):
         qcompile.compile(model, calib[0], calib=calib, scheme="uniform", bits=8)
 
 
@@ -1391,3 +1391,27 @@ def test_a_file_onnxruntime_refuses_is_one_line_and_not_written(scheme, monkeypa
                          **({} if scheme == "fp32" else {"bits": 8}), output=str(out))
     assert "\n" not in str(err.value) and "--no-validate" in str(err.value)
     assert not out.exists()
+
+
+def test_an_endless_calibration_iterable_is_read_up_to_a_bound(monkeypatch):
+    """compile(calib=itertools.cycle(loader)) grew memory at 0.5 GB/s until the kernel killed the process; a
+    training set's loader was read whole. An iterable is read up to MAX_ITERABLE_SAMPLES, with a warning."""
+    import itertools
+
+    import qcompile.api as api
+    from qcompile.errors import QuantizationWarning
+
+    monkeypatch.setattr(api, "MAX_ITERABLE_SAMPLES", 96)
+    model = nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(64, 13, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64)), batch_size=32)
+    with pytest.warns(QuantizationWarning, match="read up to 96 samples"):
+        result = qcompile.compile(model, x[:1], calib=itertools.cycle(loader), scheme="uniform", bits=8)
+    assert result.report.passed
+    with pytest.warns(QuantizationWarning):
+        assert api.calib_tensor(itertools.cycle(loader)).shape[0] == 96
+    import warnings
+
+    with warnings.catch_warnings():  # a finite loader under the bound: read whole, no word
+        warnings.simplefilter("error", QuantizationWarning)
+        qcompile.compile(model, x[:1], calib=loader, scheme="uniform", bits=8, validate=False)

@@ -282,6 +282,9 @@ def test_nan_never_passes_a_bound_and_unmatched_nan_fails():
     flipped = ref.copy()
     flipped[1, 1] = -np.inf
     assert not compare_outputs([ref], [flipped]).passed
+    nothing = np.full((4, 3), np.nan, dtype=np.float32)  # all NaN on both sides: nothing compared, it passed
+    report = compare_outputs([nothing], [nothing.copy()])
+    assert not report.passed and "computes NaN in 12 of its 12 output values" in report.failures[0]
 
 
 def test_minus_inf_sqnr_is_printed_as_minus_inf():
