@@ -370,9 +370,21 @@ class DecomposeAdaptivePool(Pass):
             sizes = [int(v) for v in shape[-dims:]]
             outs = list(out_size) if isinstance(out_size, (tuple, list)) else [out_size] * dims
             outs = [sz if o is None else int(o) for o, sz in zip(outs, sizes)]
-            if all(sz % o == 0 for sz, o in zip(sizes, outs)) and not by_factor:
-                continue  # equal bins: torch.onnx exports it as a pool
             x, g = node.args[0], gm.graph
+            if all(sz % o == 0 for sz, o in zip(sizes, outs)) and not by_factor:
+                if all(o == 1 for o in outs):
+                    continue  # a global pool: torch.onnx exports it as one (GlobalAveragePool / GlobalMaxPool)
+                # equal bins: the pool torch.onnx would write, written here, where the sizes are known (behind a
+                # reflect/replicate pad torch.onnx could not read them: "input size not accessible")
+                kernel = [sz // o for sz, o in zip(sizes, outs)]
+                pool = {("mean", 1): F.avg_pool1d, ("mean", 2): F.avg_pool2d,
+                        ("amax", 1): F.max_pool1d, ("amax", 2): F.max_pool2d}[kind]
+                with g.inserting_before(node):
+                    out = g.call_function(pool, (x, kernel, kernel))
+                out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
+                _replace(node, out)
+                count += 1
+                continue
             with g.inserting_before(node):
                 if dims == 1:
                     cells = [g.call_method(reduce, (g.call_function(operator.getitem, (x, (Ellipsis, slice(a, b)))),
@@ -389,7 +401,7 @@ class DecomposeAdaptivePool(Pass):
                     out = g.call_function(torch.cat, (rows, -2))
             _replace(node, out)
             count += 1
-        return _finish(self, gm, count, "adaptive pool(s) with unequal bins")
+        return _finish(self, gm, count, "adaptive pool(s) as pools or per-bin reductions")
 
 
 def _cubic_call(gm: torch.fx.GraphModule, node: torch.fx.Node):
@@ -584,6 +596,11 @@ class MatmulAsLinear(Pass):
                 b = attr_value(gm, bias)
                 if not isinstance(b, torch.Tensor) or b.dim() != 1 or not b.is_floating_point():
                     continue
+            elif node.op == "call_function" and node.target is torch.einsum:
+                found = _einsum_linear(gm, node)  # einsum("bi,oi->bo", x, W): a Linear written as einsum
+                if found is None:
+                    continue
+                x, w, out_first = found
             else:
                 is_matmul = (node.op == "call_function" and node.target in _MATMULS) or \
                     (node.op == "call_method" and node.target == "matmul")
@@ -592,7 +609,9 @@ class MatmulAsLinear(Pass):
                 x, w = node.args
             if not isinstance(x, torch.fx.Node) or not isinstance(w, torch.fx.Node) or x.op == "get_attr":
                 continue
-            transposed = None if bias is not None else _transposed_parameter(gm, w)  # x @ W.T: F.linear(x, W)
+            # x @ W.T: F.linear(x, W); also addmm(b, x, W.t()) (it was left float when a bias came with it), and an
+            # einsum whose weight is (out, in)
+            transposed = w if node.target is torch.einsum and out_first else _transposed_parameter(gm, w)
             if w.op != "get_attr" and transposed is None:
                 continue
             value = attr_value(gm, transposed if transposed is not None else w)
@@ -650,6 +669,41 @@ class DecomposeCircularPadding(Pass):
             mod.padding = (0,) * len(mod.kernel_size)
             mod._reversed_padding_repeated_twice = [0] * len(pad)
         return _finish(self, gm, count, "circular padding(s) of convolutions as pads before the layer")
+
+
+def _einsum_linear(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """``(x, W, out_first)`` where ``node`` is ``torch.einsum(eq, x, W)`` computing ``x`` times the 2-D floating
+    parameter ``W`` over ``x``'s last axis, as a Linear does: ``"...k,ok->...o"`` (``W`` is (out, in),
+    ``out_first``) or ``"...k,ko->...o"``, the leading axes of ``x`` kept in order; else None."""
+    from .base import attr_value
+
+    args = node.args[1:]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    if not node.args or not isinstance(node.args[0], str) or len(args) != 2 or node.kwargs:
+        return None
+    x, w = args
+    if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
+        return None
+    value = attr_value(gm, w)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
+        return None
+    eq = node.args[0].replace(" ", "")
+    if eq.count("->") != 1 or "." in eq:
+        return None
+    ins, out = eq.split("->")
+    if ins.count(",") != 1:
+        return None
+    a, b = ins.split(",")
+    if len(b) != 2 or not a or len(set(a)) != len(a) or b[0] == b[1]:
+        return None
+    k = a[-1]
+    if k not in b:
+        return None
+    o = b[0] if b[1] == k else b[1]
+    if o in a or out != a[:-1] + o:
+        return None
+    return x, w, b[0] == o
 
 
 def _transposed_parameter(gm: torch.fx.GraphModule, w: torch.fx.Node):

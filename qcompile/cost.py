@@ -269,10 +269,11 @@ def nothing_lowered_note(report: dict, quantized_layers: int | None = None) -> s
         return ("--emit shift-add lowered no layer: every layer is float (excluded, or kept float), and only layers "
                 "with APoT/PoT/log2 weights of 3 bits or more are lowered; the file computes as the standard form does")
     return ("--emit shift-add lowered no layer: uniform weights, 2-bit APoT/PoT and ternary levels keep their "
-            "integer multiplications, recurrent layers and embedding tables are not lowered (they compute in float), "
+            "integer multiplications, transposed convolutions, recurrent layers and embedding tables are not "
+            "lowered (the last two compute in float), "
             "nor layers whose sums could pass int64 (PoT/log2 6-bit weights on 5-bit PoT codes); the file computes "
-            "as the standard form does. Shift-add needs Conv/Linear layers with APoT/PoT/log2 weights of 3 bits or "
-            "more")
+            "as the standard form does. Shift-add needs Conv/Linear layers (not ConvTranspose) with APoT/PoT/log2 "
+            "weights of 3 bits or more")
 
 
 def format_cost_report(report: dict) -> list[str]:

@@ -801,3 +801,91 @@ def test_a_circular_padded_conv_called_twice_is_padded_at_both_calls():
     x = torch.randn(32, 2, 6, 6, generator=torch.Generator().manual_seed(1))
     result = qcompile.compile(Twice().eval(), x[:1], calib=x, scheme="uniform", bits=8, output=None)
     assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 35, result.report.summary()
+
+
+@pytest.mark.parametrize("equation", ["bi,oi->bo", "bi,io->bo", "btd,od->bto", "b t d , d o -> b t o"])
+def test_a_linear_written_as_einsum_is_quantized(equation):
+    """``torch.einsum("bi,oi->bo", x, self.W)`` stayed float with no row in the layer table, and the compile warned
+    that the model had no other layer to quantize."""
+    import qcompile
+    from qcompile.qmodules import FakeQuantize
+    from qcompile.summary import layer_rows
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 32)
+            out_first = equation.replace(" ", "").split(",")[1].startswith("o")
+            self.W = nn.Parameter(torch.randn(24, 32) * 0.2 if out_first else torch.randn(32, 24) * 0.2)
+            self.o = nn.Linear(24, 5)
+
+        def forward(self, x):
+            return self.o(torch.relu(torch.einsum(equation, torch.relu(self.a(x)), self.W)))
+
+    torch.manual_seed(0)
+    model = M().eval()
+    x = torch.randn(64, 5, 16) if "t" in equation else torch.randn(64, 16)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["sqnr_vs_float_db"] > 30, result.report.summary()
+    assert [m for m in result.model.modules() if isinstance(m, FakeQuantize) and m.role == "weight"].__len__() == 3
+    assert "W" in [row[0] for row in layer_rows(result.model)]
+
+
+def test_an_einsum_that_is_no_linear_layer_is_left_alone():
+    from qcompile.frontend import trace
+    from qcompile.passes.cleanup import MatmulAsLinear
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(8, 8))
+
+        def forward(self, x):  # a contraction over the first axis, and a trace: no Linear
+            return torch.einsum("bi,bo->io", x, x @ self.W) + torch.einsum("ii->i", self.W)
+
+    gm = trace(M().eval(), (torch.randn(4, 8),))
+    MatmulAsLinear()(gm)
+    assert sum(n.target is torch.einsum for n in gm.graph.nodes) == 2
+
+
+def test_addmm_with_a_transposed_weight_and_a_bias_is_a_linear_layer():
+    """``torch.addmm(self.bias, x, self.W.t())`` (W stored (out, in)) stayed float, and the layer before it was
+    called the last layer."""
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(16, 32)
+            self.W = nn.Parameter(torch.randn(10, 32) * 0.2)
+            self.bias = nn.Parameter(torch.randn(10) * 0.1)
+
+        def forward(self, x):
+            return torch.addmm(self.bias, torch.relu(self.a(x)), self.W.t())
+
+    torch.manual_seed(0)
+    model = M().eval()
+    x = torch.randn(64, 16)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="apot", bits=4)
+    assert result.report.passed, result.report.summary()
+    rows = {row[0]: row[2] for row in layer_rows(result.model)}
+    assert "last layer" in rows["W"] and "last layer" not in rows["a"], rows
+
+
+@pytest.mark.parametrize("pad", ["reflect", "replicate"])
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(2), nn.AdaptiveMaxPool2d(2), nn.AdaptiveAvgPool1d(4),
+                                  nn.AdaptiveMaxPool1d(4)])
+def test_adaptive_pools_with_equal_bins_behind_a_copying_pad_export(pad, pool):
+    """A reflect/replicate-padded conv before an adaptive pool with equal bins stopped the compile: torch.onnx could
+    not read the pool's input size behind the pad ("input size not accessible"), and the hint asked for
+    --input-shape, which the trace had. The pool is written as the plain pool it is."""
+    import qcompile
+
+    dims = 2 if isinstance(pool, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) else 1
+    conv = (nn.Conv2d if dims == 2 else nn.Conv1d)(3, 8, 3, padding=1, padding_mode=pad)
+    model = nn.Sequential(conv, nn.ReLU(), pool, nn.Flatten(), nn.Linear(8 * 4, 5)).eval()
+    x = torch.randn(32, 3, 8, 8) if dims == 2 else torch.randn(32, 3, 16)
+    for scheme in ("fp32", "uniform"):
+        result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
+        assert result.report.passed, result.report.summary()
