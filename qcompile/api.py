@@ -1048,6 +1048,13 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                            f"(--keep-first-last {opts.keep_first_last}) and it has no other layer the rules leave "
                            "as asked; --keep-first-last quant (keep_first_last='quant') quantizes them as asked")
         warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
+    decided = [n.meta["qconfig"] for n in gm.graph.nodes if n.meta.get("qconfig") is not None]
+    if opts.quantized and decided and all(cfg.action == "float" for cfg in decided) and first_last_note is None:
+        # --exclude '*': the header said "(apot W4A4)" and the file was the float model, without a word
+        reasons = ", ".join(dict.fromkeys(cfg.reason for cfg in decided))
+        first_last_note = (f"no layer is quantized: every layer is kept float ({reasons}), so the file computes "
+                           "the float model")  # the summary's note of the same kind: no layer as asked
+        warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
     numbers_note = _python_numbers_hint(gm)
     if numbers_note:  # validation sees it only where its data differs from the example's
         warnings.warn(numbers_note, QuantizationWarning, stacklevel=3)

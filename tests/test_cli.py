@@ -1438,3 +1438,10 @@ def test_calibration_data_with_an_axis_too_many_is_named_as_such(work, capsys):
     np.save("extra_axis.npy", np.random.default_rng(1).standard_normal((6, 1, 3, 8, 8)).astype(np.float32))
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "extra_axis.npy", "--input-shape", SHAPE)
     assert_user_error(rc, err, "drop the extra axis of the calibration data")
+
+
+def test_excluding_every_layer_warns_that_the_file_is_the_float_model(work, capsys):
+    """--exclude '*': the header said the scheme asked for and the file was the float model, without a word."""
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--exclude", "*", "-o", "f.onnx")
+    assert rc == 0, err
+    assert "no layer is quantized: every layer is kept float (--exclude '*')" in err
