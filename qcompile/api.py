@@ -1022,6 +1022,24 @@ def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
     return None
 
 
+_PROTOBUF_LIMIT = 2 ** 31 - 1  # bytes of one serialized protobuf message (an ONNX file without external data)
+_GRAPH_MARGIN = 1 << 24  # what the graph itself may take beside the weights
+
+
+def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> None:
+    """A file past protobuf's 2 GB limit: one line, before anything serializes it (an fp32 compile of a 600M-parameter
+    MLP ended in "internal error: EncodeError: Failed to serialize proto"). qcompile writes no external data."""
+    weights = sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * (len(t.int64_data) + len(t.double_data)) +
+                  4 * len(t.int32_data) for t in onnx_model.graph.initializer)
+    if weights + _GRAPH_MARGIN < _PROTOBUF_LIMIT:
+        return
+    hint = ("8-bit weights (--scheme uniform --bits 8) store a quarter of that" if not opts.quantized else
+            "fewer weight bits (--wbits 4) store less")
+    raise UserError(f"the ONNX file would hold {weights / 2 ** 30:.2f} GiB of weights, past protobuf's 2 GiB limit for "
+                    f"one file, and qcompile does not write ONNX external data: {hint}, or export the float model "
+                    "with torch.onnx.export(..., external_data=True)")
+
+
 def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                     callback, progress, t0) -> CompileResult:
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
@@ -1084,6 +1102,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
     export_mod.drop_identity_requantizations(onnx_model)
+    _check_protobuf_size(onnx_model, opts)
     from . import __version__
 
     onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name

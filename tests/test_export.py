@@ -1415,3 +1415,20 @@ def test_an_endless_calibration_iterable_is_read_up_to_a_bound(monkeypatch):
     with warnings.catch_warnings():  # a finite loader under the bound: read whole, no word
         warnings.simplefilter("error", QuantizationWarning)
         qcompile.compile(model, x[:1], calib=loader, scheme="uniform", bits=8, validate=False)
+
+
+def test_a_file_past_protobufs_2gb_limit_is_a_one_line_error(monkeypatch, tmp_path):
+    """An fp32 compile of a 600M-parameter MLP (2.4 GB of weights) ended in "internal error: EncodeError: Failed to
+    serialize proto" after minutes of work. The limit is scaled down here: the float file is refused in one line
+    naming the 8-bit alternative, which fits, and nothing is written."""
+    import qcompile.api as api
+
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(api, "_GRAPH_MARGIN", 0)
+    monkeypatch.setattr(api, "_PROTOBUF_LIMIT", 50_000)  # fp32 weights: 78 kB, 8-bit: 20 kB
+    out = tmp_path / "m.onnx"
+    with pytest.raises(UserError, match=r"past protobuf's 2 GiB limit.*--scheme uniform --bits 8"):
+        qcompile.compile(model, x[:1], calib=x, scheme="fp32", output=str(out))
+    assert not out.exists()
+    assert qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=str(out)).report.passed
