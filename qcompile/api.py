@@ -1169,6 +1169,13 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             with _onnxruntime_refusals():
                 report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                             **th)
+            constant = report.extra.get("float_output_constant")
+            if constant is not None:
+                summary["constant_output_note"] = (
+                    f"the float model's outputs are all {constant:g} on these inputs, so the comparisons with it say "
+                    "nothing about the quantization (an untrained model whose last layer starts at zero?); compile "
+                    "the trained model")
+                warnings.warn(summary["constant_output_note"], QuantizationWarning, stacklevel=3)
             agree = report.extra.get("top1_vs_float")
             if agree is not None and agree < LOW_AGREEMENT and inputs is not example_inputs:
                 # validation compares the file with its simulation and passes: the loss is the quantized model's

@@ -785,3 +785,32 @@ def test_codes_on_a_tie_of_a_float_layers_output_are_drift_not_a_wrong_file():
         bias = producer[bias].input[0]
     data = doctored(result.onnx_model, bias, lambda b: b + (np.abs(b).max() // 10 + 1).astype(b.dtype))
     assert not validate_quantized(data, result.model, calib).passed
+
+
+def test_validation_batches_are_bounded_by_the_activations_too(monkeypatch):
+    """BERT-base on 128 token ids a sample: a small input, so the 32 samples went through validation in one batch
+    and peaked at 20 GB. The traced graph's activations per sample bound the batch as well (scaled down here)."""
+    import qcompile.runtime.validation as validation
+
+    wide = torch.nn.Sequential(torch.nn.Linear(16, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 4)).eval()
+    tokens = torch.zeros(32, 16)
+    gm = qcompile.trace(wide, tokens[:1])
+    assert validation.validation_batch_size(tokens, gm) == 64  # the default budget: small activations
+    monkeypatch.setattr(validation, "VALIDATION_BATCH_ACTIVATIONS", 10 * (4096 + 4096 + 4))
+    assert validation.validation_batch_size(tokens) == 64  # by the inputs alone
+    assert validation.validation_batch_size(tokens, gm) == 10  # two Linear outputs and a ReLU's, as traced
+
+
+def test_a_float_model_with_a_constant_output_is_named():
+    """torchvision's vit_b_16(weights=None) starts its head at zero: every compile reported "vs the float model:
+    SQNR inf, top-1 100 %" and PASS, which said nothing about the quantization."""
+    from qcompile.errors import QuantizationWarning
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.zero_()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(QuantizationWarning, match="outputs are all 0 on these inputs"):
+        result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
+    assert "constant_output_note" in result.summary
