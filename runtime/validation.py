@@ -732,6 +732,21 @@ def _count_channels(channels: dict, wrong: torch.Tensor) -> None:
             channels[key] = channels.get(key, 0) + int(counts[index])
 
 
+def _with_weight_memo(fn):
+    """Run ``fn`` with the simulation's weight quantizers and int8 weight codes computed once
+    (``qcompile.qmodules.weight_memo``): it runs the simulation several times per batch."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from qcompile.qmodules import weight_memo
+
+        with weight_memo():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_with_weight_memo
 def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = None, batch_size: int | None = None,
                        min_sqnr: float | None = None, max_abs: float | None = None, min_top1: float | None = None,
                        max_code_mismatch: float | None = 1e-3,

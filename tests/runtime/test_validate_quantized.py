@@ -2,6 +2,7 @@
 decision thresholds of one APoT activation quantizer moved) that the validation must reject."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -814,3 +815,25 @@ def test_a_float_model_with_a_constant_output_is_named():
     with pytest.warns(QuantizationWarning, match="outputs are all 0 on these inputs"):
         result = qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8)
     assert "constant_output_note" in result.summary
+
+
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("uniform", 8)])
+def test_the_weight_memo_changes_no_figure_of_the_report(monkeypatch, scheme, bits):
+    """validate_quantized computes each weight quantizer's output and each int8 layer's weight codes once
+    (qmodules.weight_memo) instead of on every simulation run: the report is the same as without it, batch for
+    batch, and a weight changed between two validations is seen by the second."""
+    import qcompile.qmodules as qmodules
+
+    model = ResidualCNN(seed=0)
+    x = example_input(model, seed=2, batch=24)
+    result = qcompile.compile(model, x[:1], calib=x, validate=False, scheme=scheme, bits=bits)
+    blob = result.onnx_model.SerializeToString()
+    memo = validate_quantized(blob, result.model, x, batch_size=4)
+    monkeypatch.setattr(qmodules, "weight_memo", contextlib.nullcontext)
+    plain = validate_quantized(blob, result.model, x, batch_size=4)
+    assert memo.summary() == plain.summary()
+    assert memo.extra.get("code_mismatch") == plain.extra.get("code_mismatch")
+    monkeypatch.undo()
+    with torch.no_grad():  # the simulation's weight moved: the file no longer computes it
+        next(p for name, p in result.model.named_parameters() if name.endswith("weight")).mul_(-1)
+    assert validate_quantized(blob, result.model, x, batch_size=4).summary() != memo.summary()
