@@ -584,7 +584,7 @@ class MatmulAsLinear(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         from .base import attr_value
 
-        count = 0
+        count = _positional_layer_arguments(gm)
         for node in list(gm.graph.nodes):
             bias = None
             if node.op == "call_function" and node.target is torch.addmm and len(node.args) == 3 and \
@@ -669,6 +669,32 @@ class DecomposeCircularPadding(Pass):
             mod.padding = (0,) * len(mod.kernel_size)
             mod._reversed_padding_repeated_twice = [0] * len(pad)
         return _finish(self, gm, count, "circular padding(s) of convolutions as pads before the layer")
+
+
+_LAYER_PARAMETERS = {F.linear: ("input", "weight", "bias")} | {
+    fn: ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    for fn in (F.conv1d, F.conv2d, F.conv3d)}
+_LAYER_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def _positional_layer_arguments(gm: torch.fx.GraphModule) -> int:
+    """``F.linear(x, weight=W, bias=b)`` (timm's EVA attention) and ``F.conv2d(x, weight=W, ...)`` as positional
+    calls, the form the passes read a functional layer in (QuantizeOutputs stopped with an internal IndexError on
+    the keyword form). Returns how many calls were rewritten."""
+    count = 0
+    for node in gm.graph.nodes:
+        names = _LAYER_PARAMETERS.get(node.target) if node.op == "call_function" else None
+        if not names or not node.kwargs or not set(node.kwargs) <= set(names):
+            continue
+        values = dict(zip(names, node.args))
+        values.update(node.kwargs)
+        if "input" not in values or "weight" not in values:
+            continue
+        last = max(i for i, name in enumerate(names) if name in values)
+        node.args = tuple(values[name] if name in values else _LAYER_DEFAULTS[name] for name in names[:last + 1])
+        node.kwargs = {}
+        count += 1
+    return count
 
 
 def _einsum_linear(gm: torch.fx.GraphModule, node: torch.fx.Node):

@@ -889,3 +889,33 @@ def test_adaptive_pools_with_equal_bins_behind_a_copying_pad_export(pad, pool):
     for scheme in ("fp32", "uniform"):
         result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
         assert result.report.passed, result.report.summary()
+
+
+@pytest.mark.parametrize("form", ["linear", "conv"])
+def test_functional_layers_called_with_keyword_weights_are_quantized(form):
+    """timm's EVA attention calls F.linear(x, weight=self.qkv.weight, bias=qkv_bias): QuantizeOutputs stopped with an
+    internal IndexError. Such calls are written positionally first."""
+    import torch.nn.functional as F
+
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48, bias=False) if form == "linear" else nn.Conv2d(3, 8, 3, bias=False)
+            self.q_bias = nn.Parameter(torch.randn(16 if form == "linear" else 8) * 0.1)
+            self.proj = nn.Linear(48, 10) if form == "linear" else nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            if form == "linear":
+                b = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.q_bias))
+                return self.proj(torch.relu(F.linear(x, weight=self.qkv.weight, bias=b)))
+            return self.proj(torch.relu(F.conv2d(x, weight=self.qkv.weight, bias=self.q_bias, padding=1)))
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 16) if form == "linear" else torch.randn(16, 3, 8, 8)
+    result = qcompile.compile(M().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    rows = {name: decision for name, _, decision in layer_rows(result.model)}
+    assert [d for name, d in rows.items() if name.startswith("qkv")][0].startswith("W8"), rows
