@@ -714,7 +714,7 @@ def validation_batch_size(inputs, sim=None) -> int:
     per_sample = sum(int(t[:1].numel()) for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0)
     batch = VALIDATION_BATCH_VALUES // max(per_sample, 1)
     if sim is not None:  # and by the activations of ``sim``: 128 token ids are a small input, BERT-base's 37 M
-        # activation values per sample are not (32 samples in one batch peaked at 20 GB; in batches of 14, ~12 GB)
+        # activation values per sample are not (32 samples in one batch peaked at 20 GB, in batches of 8 9.7 GB)
         batch = min(batch, VALIDATION_BATCH_ACTIVATIONS // max(_activation_values(sim), 1))
     return int(max(1, min(64, batch)))
 
