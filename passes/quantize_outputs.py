@@ -127,6 +127,9 @@ class QuantizeOutputs(Pass):
                 continue  # QGemm writes the graph output in float straight from its accumulator: no 8-bit logits
             if _normalized_only(node):
                 continue  # a per-sample norm rescales each part by its own spread: one 8-bit step would not do
+            if _reaches_requantized_softmax(gm, tail):
+                self.report.append(f"{node.meta.get('layer', node.name)}: float output (a Softmax reads it)")
+                continue
             if split:
                 # y = x W^T + b  ->  y = Q(x W^T) + b
                 bias = node.args[2]
@@ -278,6 +281,37 @@ def is_float_output_gemm(node) -> bool:
     LayerNorms (:func:`_normalized_only`)."""
     return node.target in (F.linear, _int8_fns()[F.linear]) and _rank(node.args[0]) == 2 and \
         (_float_tail(node) or _normalized_only(node))
+
+
+def _is_softmax(gm: torch.fx.GraphModule, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), torch.nn.Softmax)
+    if node.op == "call_function":
+        return node.target in (F.softmax, torch.softmax, torch.Tensor.softmax)
+    return node.op == "call_method" and node.target == "softmax"
+
+
+def _reaches_requantized_softmax(gm: torch.fx.GraphModule, node) -> bool:
+    """A Softmax reads ``node`` (through reshapes, transposes, max-pooling: ``_is_transparent``) and its output is
+    not only the graph's output. With 8-bit codes there, the file holds ``DequantizeLinear → Softmax →
+    QuantizeLinear``, which onnxruntime's extended optimizations fuse into ``com.microsoft.QLinearSoftmax``: a
+    table of exp on the input codes, a float sum, and the output scale rounded down to 1 / floor(1 / S_y); not
+    the float softmax the simulation computes (EfficientFormerV2's attention heads: 14-19 % of the codes after
+    the softmax differed). The layer keeps its output float there: the softmax then runs in float on it, as in
+    the simulation."""
+    stack, seen = list(node.users), set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen or cur.op == "output":
+            continue
+        seen.add(cur)
+        if _is_softmax(gm, cur):
+            if any(u.op != "output" for u in cur.users):
+                return True
+            continue
+        if _is_transparent(gm, cur) and len(seen) <= 64:
+            stack.extend(cur.users)
+    return False
 
 
 def _normalized_only(node) -> bool:
