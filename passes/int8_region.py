@@ -942,13 +942,15 @@ def _is_global_avgpool(gm, node) -> bool:
 
 
 class BindIntegerPools(Pass):
-    """Make the simulation of each int8 global average pool compute what onnxruntime's ``QLinearGlobalAveragePool``
-    computes, bit for bit: a pool to 1×1 (exported as ``GlobalAveragePool``) on 8-bit codes whose output goes
-    only into 8-bit quantizers with one set of parameters becomes a ``qcompile.qmodules.Int8GlobalAvgPool``."""
+    """Make the simulation of each int8 average pool compute what onnxruntime's ``QLinearGlobalAveragePool`` /
+    ``QLinearAveragePool`` computes, bit for bit: a pool to 1×1 (exported as ``GlobalAveragePool``) on 8-bit codes
+    whose output goes only into 8-bit quantizers with one set of parameters becomes a
+    ``qcompile.qmodules.Int8GlobalAvgPool``; a 1-D / 2-D ``AvgPool`` (floor mode) of 8-bit codes read by one 8-bit
+    quantizer becomes a ``qcompile.qmodules.Int8AvgPool``."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "BindIntegerPools")  # it skipped uncalibrated quantizers without a word
-        from qcompile.qmodules import Int8GlobalAvgPool
+        from qcompile.qmodules import Int8AvgPool, Int8GlobalAvgPool
 
         found = []
         for node in gm.graph.nodes:
@@ -958,4 +960,58 @@ class BindIntegerPools(Pass):
             if not (is_int8_act(fin) and fin.calibrated) or out is None:
                 continue
             found.append((node, Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, out), (node.args[0],)))
-        return PassResult(gm, _bind_all(gm, "int8_gap", found, "int8 global average pool", self.report))
+        changed = _bind_all(gm, "int8_gap", found, "int8 global average pool", self.report)
+        found = []
+        for node in gm.graph.nodes:
+            pool = _plain_avgpool(gm, node)
+            if pool is None or len(node.users) != 1:
+                continue  # (onnxruntime fuses DequantizeLinear → AveragePool → QuantizeLinear with one reader)
+            fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
+            if not (is_int8_act(fin) and fin.calibrated) or out is None:
+                continue
+            module, kernel, stride, padding, count_include_pad = pool
+            found.append((node, Int8AvgPool(module, fin, out, kernel, stride, padding, count_include_pad),
+                          (node.args[0],)))
+        changed = _bind_all(gm, "int8_avgpool", found, "int8 average pool", self.report) or changed
+        return PassResult(gm, changed)
+
+
+def _plain_avgpool(gm, node):
+    """``(module, kernel, stride, padding, count_include_pad)`` of a 1-D / 2-D average pool of a batched tensor in
+    floor mode without a divisor override (module or function), else None: what onnxruntime runs as
+    ``QLinearAveragePool`` between ``DequantizeLinear`` and ``QuantizeLinear``."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.AvgPool1d, nn.AvgPool2d)):
+        mod = gm.get_submodule(node.target)
+        dims = 1 if isinstance(mod, nn.AvgPool1d) else 2
+        kernel, stride, padding = mod.kernel_size, mod.stride, mod.padding
+        ceil, count_pad, divisor = mod.ceil_mode, mod.count_include_pad, getattr(mod, "divisor_override", None)
+    elif node.op == "call_function" and node.target in (F.avg_pool1d, F.avg_pool2d):
+        dims = 1 if node.target is F.avg_pool1d else 2
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+        given = dict(zip(names, node.args))
+        given.update(node.kwargs)
+        kernel, stride, padding = given.get("kernel_size"), given.get("stride"), given.get("padding", 0)
+        ceil, count_pad = given.get("ceil_mode", False), given.get("count_include_pad", True)
+        divisor = given.get("divisor_override")
+        mod = None
+    else:
+        return None
+
+    def tup(v):
+        if isinstance(v, int):
+            return (v,) * dims
+        if isinstance(v, (tuple, list)) and all(isinstance(i, int) for i in v):
+            return tuple(v) * dims if len(v) == 1 else tuple(v)
+        return None
+
+    kernel, padding = tup(kernel), tup(padding)
+    stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else tup(stride)
+    meta = node.meta.get("tensor_meta")
+    if None in (kernel, stride, padding) or len(kernel) != dims or len(stride) != dims or len(padding) != dims \
+            or ceil is not False or divisor is not None or not isinstance(count_pad, bool) \
+            or getattr(meta, "shape", None) is None or len(meta.shape) != dims + 2:
+        return None
+    if mod is None:
+        cls = nn.AvgPool1d if dims == 1 else nn.AvgPool2d
+        mod = cls(kernel, stride, padding, ceil_mode=False, count_include_pad=count_pad)
+    return mod, kernel, stride, padding, count_pad

@@ -12,6 +12,8 @@ clipping value ``alpha``, zero point, tie rule). It has three modes:
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 
 import torch
 import torch.nn as nn
@@ -571,6 +573,63 @@ class Int8GlobalAvgPool(nn.Module):
         lo, hi = fo.levelset.code_min, fo.levelset.code_max
         codes = torch.round(total.to(f32) * scale).clamp_(lo - zp, hi - zp) + zp
         codes = codes.to(torch.int32).reshape(*x.shape[:2], *([1] * (x.dim() - 2)))
+        return quant.dequantize(codes, fo.alpha, fo.levelset, zero_point=fo.zero_point)
+
+
+class Int8AvgPool(nn.Module):
+    """Average pooling (1-D or 2-D, explicit pads, floor mode) of 8-bit codes, re-quantized by ``out`` exactly as
+    onnxruntime's ``QLinearAveragePool`` does: each code dequantized to f32(S_x · (q − Z_x)), the cells of a window
+    inside the input summed in float32 row by row from 0, divided by the window's count (the cells inside, or the
+    whole kernel with ``count_include_pad``), then code = sat(round_half_even(f32(f32(y / S_y) + Z_y))). The zero
+    point is added before the rounding, unlike ``QuantizeLinear``: an average a few float32 ulps from a half step
+    (an Inception/NASNet branch whose pool output scale nearly equals its input's) came out one code apart from the
+    simulation's ``round(y / S_y) + Z_y``. A window covering the whole input without pads is onnxruntime's global
+    average pool (``Int8GlobalAvgPool``'s formula). Export, calibration and float reference runs see the plain
+    pool."""
+
+    def __init__(self, pool: nn.Module, inp: FakeQuantize, out: FakeQuantize, kernel: tuple, stride: tuple,
+                 padding: tuple, count_include_pad: bool):
+        super().__init__()
+        self.pool = pool
+        self._fqs = [inp, out]
+        self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
+        self.count_include_pad = bool(count_include_pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fi, fo = self._fqs
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or not fo.enabled or fo.observer is not None:
+            return self.pool(x)
+        dims = len(self.kernel)
+        spatial = tuple(x.shape[2:])
+        if spatial == self.kernel and not any(self.padding):
+            return Int8GlobalAvgPool(self.pool, fi, fo)(x)
+        f32 = torch.float32
+        q = quant.quantize(x.float(), fi.alpha, fi.levelset, zero_point=fi.zero_point).to(torch.int32)
+        s_x = quant.unit_from_alpha(fi.alpha, fi.levelset).to(f32).reshape(())
+        s_y = quant.unit_from_alpha(fo.alpha, fo.levelset).to(f32).reshape(())
+        v = (q - int(fi.zero_point)).to(f32) * s_x
+        pads = []
+        for p in reversed(self.padding):
+            pads += [p, p]
+        v = F.pad(v, pads)  # zeros: adding 0.0 leaves a float sum as it was
+        outs = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip(spatial, self.padding, self.kernel, self.stride)]
+        acc = torch.zeros(*x.shape[:2], *outs, dtype=f32)
+        for offset in itertools.product(*(range(k) for k in self.kernel)):  # row-major: onnxruntime's order
+            index = tuple(slice(o, o + st * (n - 1) + 1, st) for o, st, n in zip(offset, self.stride, outs))
+            acc = acc + v[(..., *index)]
+        counts = []
+        for n_out, n, p, k, st in zip(outs, spatial, self.padding, self.kernel, self.stride):
+            start = torch.arange(n_out) * st - p
+            end = torch.clamp(start + k, max=n)
+            counts.append(end - torch.clamp(start, min=0))
+        if self.count_include_pad:
+            count = torch.full(outs, float(math.prod(self.kernel)), dtype=f32)
+        else:
+            count = counts[0].to(f32) if dims == 1 else (counts[0][:, None] * counts[1][None, :]).to(f32)
+        y = acc / count
+        zp = fo.zero_point.to(f32).reshape(())
+        lo, hi = fo.levelset.code_min, fo.levelset.code_max
+        codes = torch.round(y / s_y + zp).clamp_(lo, hi).to(torch.int32)
         return quant.dequantize(codes, fo.alpha, fo.levelset, zero_point=fo.zero_point)
 
 
