@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -149,6 +150,13 @@ def _exporter_failed(e: BaseException) -> None:
     first = " ".join(str(e).split())[:200] or type(e).__name__
     module = _failing_module(e)
     where = f" in {module}" if module else ""
+    op = re.search(r"Occurred when translating (\w+)", str(e))
+    if op:  # the symbolic function of one operator failed (VOLO's F.fold, aten::col2im, on sizes computed from shapes)
+        cause = first.split(" (Occurred when translating")[0]
+        raise UserError(f"torch.onnx cannot export this model: its conversion of aten::{op.group(1)}{where} failed "
+                        f"({type(e).__name__}: {cause}); replace that operation in the model with operations "
+                        "torch.onnx exports, or give its size arguments as Python ints rather than values computed "
+                        "from tensor shapes") from e
     raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); it exports "
                     "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
                     "return_dict=False for HuggingFace models) and replace what it cannot export (packed "
@@ -209,11 +217,45 @@ def _softplus_with_threshold(opset: int):
     user's own exports)."""
     torch.onnx.register_custom_op_symbolic("aten::softplus", _softplus_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten_symbolic, opset)
+    if opset >= 18:
+        torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im_symbolic, opset)
     try:
         yield
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::softplus", opset)
         torch.onnx.unregister_custom_op_symbolic("aten::unflatten", opset)
+        if opset >= 18:
+            torch.onnx.unregister_custom_op_symbolic("aten::col2im", opset)
+
+
+def _col2im_symbolic(g, x, output_size, kernel_size, dilation, padding, stride):
+    """``aten::col2im`` (``F.fold``) as ONNX ``Col2Im`` with an image shape that may be computed in the graph.
+    torch.onnx's own symbolic reads the number of spatial axes from the static size of ``output_size``, which a
+    list of values computed from a tensor's shape does not have (VOLO's outlook attention folds to ``(H, W)`` read
+    from its input: "'NoneType' object is not subscriptable", and the model could not be exported at all). Here
+    such a list is concatenated into the 1-D INT64 tensor ``Col2Im`` takes."""
+    from torch.onnx import symbolic_helper
+
+    def ints(v):
+        got = symbolic_helper._maybe_get_const(v, "is")
+        return [int(i) for i in got] if isinstance(got, (list, tuple)) else None
+
+    size = ints(output_size)
+    if size is not None:
+        shape = g.op("Constant", value_t=torch.tensor(size, dtype=torch.int64))
+    elif symbolic_helper._is_packed_list(output_size):
+        parts = [g.op("Cast", v, to_i=7) for v in symbolic_helper._unpack_list(output_size)]  # 7: INT64
+        size = parts
+        shape = g.op("Concat", *[symbolic_helper._unsqueeze_helper(g, v, [0]) for v in parts], axis_i=0)
+    else:
+        shape = g.op("Cast", output_size, to_i=7)
+        size = [None, None]  # F.fold: two spatial axes
+    axes = len(size)
+    kernel = ints(kernel_size)
+    block = g.op("Constant", value_t=torch.tensor(kernel, dtype=torch.int64)) if kernel is not None else kernel_size
+    dilation, padding, stride = ints(dilation) or [1] * axes, ints(padding) or [0] * axes, ints(stride) or [1] * axes
+    return g.op("Col2Im", x, shape, block, dilations_i=dilation, pads_i=padding * 2,
+                strides_i=stride)
 
 
 def _unflatten_symbolic(g, x, dim, sizes):

@@ -1432,3 +1432,47 @@ def test_a_file_past_protobufs_2gb_limit_is_a_one_line_error(monkeypatch, tmp_pa
         qcompile.compile(model, x[:1], calib=x, scheme="fp32", output=str(out))
     assert not out.exists()
     assert qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, output=str(out)).report.passed
+
+
+class OutlookFold(nn.Module):
+    """VOLO's outlook attention in small: unfold, then fold back to the (H, W) read from the input's shape, with
+    a non-square kernel and pads."""
+
+    def __init__(self, shape_sizes: bool):
+        super().__init__()
+        self.shape_sizes = shape_sizes
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 8 * 10, 10)
+
+    def forward(self, x):
+        x = self.conv(x)
+        size = x.shape[2:] if self.shape_sizes else (8, 10)
+        cols = nn.functional.unfold(x, (3, 5), padding=(1, 2))
+        return self.fc(nn.functional.fold(cols, size, (3, 5), padding=(1, 2)).flatten(1))
+
+
+@pytest.mark.parametrize("shape_sizes", [False, True])
+@pytest.mark.parametrize("scheme", ["fp32", "uniform"])
+def test_fold_exports_with_sizes_from_shapes_and_uneven_pads(shape_sizes, scheme):
+    # torch.onnx's col2im symbolic stopped on an output size read from a shape ("'NoneType' object is not
+    # subscriptable": timm's volo_d1_224 could not be compiled) and wrote pads (1, 2) as [1, 1, 2, 2] where ONNX
+    # wants begins then ends, [1, 2, 1, 2] (onnxruntime refused the file)
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 10)
+    result = qcompile.compile(OutlookFold(shape_sizes).eval(), x[:1], calib=x, scheme=scheme, bits=8)
+    assert result.report.passed, result.report.summary()
+    assert [n.op_type for n in result.onnx_model.graph.node].count("Col2Im") == 1
+
+
+def test_a_failing_operator_conversion_is_named_in_one_line(monkeypatch):
+    # torch.onnx's own col2im symbolic, which fails inside on an output size read from a shape
+    from torch.onnx import symbolic_opset18
+
+    import qcompile.export as export
+
+    monkeypatch.setattr(export, "_col2im_symbolic", symbolic_opset18.col2im)
+    x = torch.randn(4, 3, 8, 10)
+    with pytest.raises(UserError) as err:
+        qcompile.compile(OutlookFold(True).eval(), x[:1], calib=x, scheme="fp32")
+    message = str(err.value)
+    assert "conversion of aten::col2im" in message and "dataclass" not in message and "\n" not in message
