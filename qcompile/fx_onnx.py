@@ -23,7 +23,7 @@ MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x,
 ``a + b`` broadcasting; ``a * b`` broadcasting (operator, ``torch.mul``, ``.mul``); Sigmoid (module,
 function, method), SiLU (as the TorchScript exporter writes it: ``Mul(x, Sigmoid(x))``), Hardswish, Hardsigmoid;
 Identity, eval-mode Dropout and torchvision's StochasticDepth; qcompile's FakeQuantize (marker or pass-through),
-Int8Add, Int8Mul, Int8Sigmoid, IntegerOutput, Int8GlobalAvgPool. The squeeze-excite models (EfficientNet-B0,
+Int8Add, Int8Mul, Int8Sigmoid, IntegerOutput, Int8GlobalAvgPool, Int8AvgPool. The squeeze-excite models (EfficientNet-B0,
 MobileNetV3, RegNetY) took the TorchScript path for their gates: ~0.5-0.9 s of a 4-7 s compile.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from .qmodules import (MARKER_DOMAIN, MARKER_OP, FakeQuantize, Int8Add, Int8GlobalAvgPool, Int8Mul, Int8Sigmoid,
-                       IntegerOutput)
+from .qmodules import (MARKER_DOMAIN, MARKER_OP, FakeQuantize, Int8Add, Int8AvgPool, Int8GlobalAvgPool, Int8Mul,
+                       Int8Sigmoid, IntegerOutput)
 from . import qmodules
 
 ENV_SWITCH = "QCOMPILE_EXPORTER"  # "torchscript": always use torch.onnx.export (debugging, equivalence tests)
@@ -292,6 +292,10 @@ class _Exporter:
             return self._add(node.args[0], node.args[1], scope)
         if kind is Int8GlobalAvgPool:
             return self._global_pool(mod.pool, node.args[0], f"{scope}/pool")
+        if kind is Int8AvgPool:
+            pool = mod.pool
+            return self._avg_pool(node.args[0], pool.kernel_size, pool.stride, pool.padding, pool.ceil_mode,
+                                  pool.count_include_pad, _AVGPOOL_MODULES[type(pool)], f"{scope}/pool")
         if kind is Int8Mul:
             return self._mul(node.args[0], node.args[1], scope)
         if kind in (Int8Sigmoid, nn.Sigmoid):
