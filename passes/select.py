@@ -338,6 +338,8 @@ def weight_layer_name(gm: torch.fx.GraphModule, target: str, node: torch.fx.Node
         return owner_path
     if isinstance(owner, (nn.ParameterList, nn.ParameterDict)):
         return target
+    if owner_path in gm.meta.get("layer_owners", {}):
+        return owner_path  # a layer module of the model whose parameter only is read (torch.fx copied it plainly)
     if type(owner) is nn.Module and node is not None and owner_path not in _stack_paths(node):
         from qcompile.qmodules import FakeQuantize
 

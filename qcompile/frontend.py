@@ -1276,6 +1276,30 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
     return gm
 
 
+_LAYER_OWNER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                      nn.ConvTranspose3d, nn.Bilinear, nn.Embedding)
+
+
+def _record_layer_owners(gm: torch.fx.GraphModule, model: nn.Module) -> None:
+    """``gm.meta["layer_owners"]``: the paths of layer modules (``nn.Linear``, ``nn.Conv*``, ...) of ``model`` that the
+    graph reads only parameters of (``F.linear(x, self.fc.weight)``): torch.fx copies such a path as a plain Module,
+    and the layer table then named the functional layer ``fc.weight`` instead of ``fc``
+    (:func:`qcompile.passes.select.weight_layer_name`)."""
+    owners = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or "." not in node.target:
+            continue
+        path = node.target.rpartition(".")[0]
+        try:
+            original, copied = model.get_submodule(path), gm.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(original, _LAYER_OWNER_TYPES) and type(copied) is nn.Module:
+            owners[path] = type(original).__name__
+    if owners:
+        gm.meta["layer_owners"] = owners
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
           leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
@@ -1321,6 +1345,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             model.__class__ = original_class
     _inputs_named_as_placeholders(gm)
     _refuse_unexportable(gm)
+    _record_layer_owners(gm, model)
     gm.eval()
     # what the model computes, before functionalize_inplace switches its modules' inplace flags off (the graph
     # module calls the model's own submodules)

@@ -465,6 +465,30 @@ def test_layers_on_a_parameter_list_are_named_by_item_in_the_table_and_in_rules(
         qcompile.compile(Net().eval(), x[:1], calib=x, scheme="apot", bits=4, validate=False, exclude=["W"])
 
 
+def test_a_functional_layer_on_a_layer_modules_weight_is_named_after_that_module():
+    """F.conv2d(x, self.c.weight, ...) and F.linear(h, self.fc.weight, ...) on nn.Conv2d / nn.Linear modules the
+    forward never calls: torch.fx copies ``c`` and ``fc`` as plain Modules, and the layers were named "c.weight" and
+    "fc.weight" (--exclude fc was refused) where weight_layer_name's rule says "c" and "fc"."""
+    import qcompile
+    from qcompile.summary import layer_rows
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 64, 10), nn.Linear(10, 4)
+
+        def forward(self, x):
+            y = F.relu(F.conv2d(x, self.c.weight, self.c.bias, padding=1))
+            return self.head(F.relu(F.linear(y.flatten(1), self.fc.weight, self.fc.bias)))
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    result = qcompile.compile(Net().eval(), x[:1], calib=x, scheme="uniform", bits=8, exclude=["fc"])
+    rows = {name: decision for name, _, decision in layer_rows(result.model)}
+    assert list(rows) == ["c", "fc", "head"], rows
+    assert rows["fc"] == "float (--exclude 'fc')" and result.report.passed
+
+
 def test_the_type_column_of_the_layer_table_is_what_type_rules_match():
     """A custom MyLinear calling F.linear on its own weight showed type MyLinear in the layer table, but type:MyLinear
     matched nothing (SelectLayers saw torch.fx's plain Module copy); the layers on a ParameterDict were all named
