@@ -23,8 +23,8 @@ MaxPool1d/2d/3d; adaptive average pooling to 1 (GlobalAveragePool); ``flatten(x,
 ``a + b`` broadcasting; ``a * b`` broadcasting (operator, ``torch.mul``, ``.mul``); Sigmoid (module,
 function, method), SiLU (as the TorchScript exporter writes it: ``Mul(x, Sigmoid(x))``), Hardswish, Hardsigmoid;
 Identity, eval-mode Dropout and torchvision's StochasticDepth; qcompile's FakeQuantize (marker or pass-through),
-Int8Add, Int8Mul, Int8Sigmoid, IntegerOutput, Int8GlobalAvgPool, Int8AvgPool. The squeeze-excite models (EfficientNet-B0,
-MobileNetV3, RegNetY) took the TorchScript path for their gates: ~0.5-0.9 s of a 4-7 s compile.
+Int8Add, Int8Mul, Int8Sigmoid, IntegerOutput, Int8GlobalAvgPool, Int8AvgPool. The squeeze-excite models
+(EfficientNet-B0, MobileNetV3, RegNetY) took the TorchScript path for their gates: ~0.5-0.9 s of a 4-7 s compile.
 """
 from __future__ import annotations
 

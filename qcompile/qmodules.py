@@ -613,17 +613,17 @@ class Int8AvgPool(nn.Module):
             pads += [p, p]
         v = F.pad(v, pads)  # zeros: adding 0.0 leaves a float sum as it was
         outs = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip(spatial, self.padding, self.kernel, self.stride)]
-        acc = torch.zeros(*x.shape[:2], *outs, dtype=f32)
+        acc = torch.zeros(*x.shape[:2], *outs, dtype=f32, device=x.device)
         for offset in itertools.product(*(range(k) for k in self.kernel)):  # row-major: onnxruntime's order
             index = tuple(slice(o, o + st * (n - 1) + 1, st) for o, st, n in zip(offset, self.stride, outs))
             acc = acc + v[(..., *index)]
         counts = []
         for n_out, n, p, k, st in zip(outs, spatial, self.padding, self.kernel, self.stride):
-            start = torch.arange(n_out) * st - p
+            start = torch.arange(n_out, device=x.device) * st - p
             end = torch.clamp(start + k, max=n)
             counts.append(end - torch.clamp(start, min=0))
         if self.count_include_pad:
-            count = torch.full(outs, float(math.prod(self.kernel)), dtype=f32)
+            count = torch.full(outs, float(math.prod(self.kernel)), dtype=f32, device=x.device)
         else:
             count = counts[0].to(f32) if dims == 1 else (counts[0][:, None] * counts[1][None, :]).to(f32)
         y = acc / count
