@@ -969,17 +969,19 @@ class BindIntegerPools(Pass):
             fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
             if not (is_int8_act(fin) and fin.calibrated) or out is None:
                 continue
-            module, kernel, stride, padding, count_include_pad = pool
-            found.append((node, Int8AvgPool(module, fin, out, kernel, stride, padding, count_include_pad),
+            module, kernel, stride, padding, count_include_pad, ceil = pool
+            found.append((node, Int8AvgPool(module, fin, out, kernel, stride, padding, count_include_pad, ceil),
                           (node.args[0],)))
         changed = _bind_all(gm, "int8_avgpool", found, "int8 average pool", self.report) or changed
         return PassResult(gm, changed)
 
 
 def _plain_avgpool(gm, node):
-    """``(module, kernel, stride, padding, count_include_pad)`` of a 1-D / 2-D average pool of a batched tensor in
-    floor mode without a divisor override (module or function), else None: what onnxruntime runs as
-    ``QLinearAveragePool`` between ``DequantizeLinear`` and ``QuantizeLinear``."""
+    """``(module, kernel, stride, padding, count_include_pad, ceil_mode)`` of a 1-D / 2-D average pool of a batched
+    tensor without a divisor override (module or function), else None: what onnxruntime runs as
+    ``QLinearAveragePool`` between ``DequantizeLinear`` and ``QuantizeLinear``. Not in ceil mode where pads count:
+    onnxruntime divides a window past the padded input by the whole kernel there, so the file feeds that pool
+    float values instead of fusing it (``qcompile.emit._ceil_pool_counting_pads``)."""
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.AvgPool1d, nn.AvgPool2d)):
         mod = gm.get_submodule(node.target)
         dims = 1 if isinstance(mod, nn.AvgPool1d) else 2
@@ -1008,10 +1010,11 @@ def _plain_avgpool(gm, node):
     stride = kernel if stride is None or (isinstance(stride, (tuple, list)) and not stride) else tup(stride)
     meta = node.meta.get("tensor_meta")
     if None in (kernel, stride, padding) or len(kernel) != dims or len(stride) != dims or len(padding) != dims \
-            or ceil is not False or divisor is not None or not isinstance(count_pad, bool) \
+            or not isinstance(ceil, bool) or (ceil and count_pad) or divisor is not None \
+            or not isinstance(count_pad, bool) \
             or getattr(meta, "shape", None) is None or len(meta.shape) != dims + 2:
         return None
     if mod is None:
         cls = nn.AvgPool1d if dims == 1 else nn.AvgPool2d
-        mod = cls(kernel, stride, padding, ceil_mode=False, count_include_pad=count_pad)
-    return mod, kernel, stride, padding, count_pad
+        mod = cls(kernel, stride, padding, ceil_mode=ceil, count_include_pad=count_pad)
+    return mod, kernel, stride, padding, count_pad, ceil

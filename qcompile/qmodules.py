@@ -577,10 +577,11 @@ class Int8GlobalAvgPool(nn.Module):
 
 
 class Int8AvgPool(nn.Module):
-    """Average pooling (1-D or 2-D, explicit pads, floor mode) of 8-bit codes, re-quantized by ``out`` exactly as
-    onnxruntime's ``QLinearAveragePool`` does: each code dequantized to f32(S_x · (q − Z_x)), the cells of a window
-    inside the input summed in float32 row by row from 0, divided by the window's count (the cells inside, or the
-    whole kernel with ``count_include_pad``), then code = sat(round_half_even(f32(f32(y / S_y) + Z_y))). The zero
+    """Average pooling (1-D or 2-D, explicit pads; ceil mode where pads are not counted) of 8-bit codes,
+    re-quantized by ``out`` exactly as onnxruntime's ``QLinearAveragePool`` does: each code dequantized to
+    f32(S_x · (q − Z_x)), the cells of a window inside the input summed in float32 row by row from 0, divided by the
+    window's count (the cells inside, or the whole kernel with ``count_include_pad``), then code =
+    sat(round_half_even(f32(f32(y / S_y) + Z_y))). The zero
     point is added before the rounding, unlike ``QuantizeLinear``: an average a few float32 ulps from a half step
     (an Inception/NASNet branch whose pool output scale nearly equals its input's) came out one code apart from the
     simulation's ``round(y / S_y) + Z_y``. A window covering the whole input without pads is onnxruntime's global
@@ -588,12 +589,19 @@ class Int8AvgPool(nn.Module):
     pool."""
 
     def __init__(self, pool: nn.Module, inp: FakeQuantize, out: FakeQuantize, kernel: tuple, stride: tuple,
-                 padding: tuple, count_include_pad: bool):
+                 padding: tuple, count_include_pad: bool, ceil_mode: bool = False):
         super().__init__()
         self.pool = pool
         self._fqs = [inp, out]
         self.kernel, self.stride, self.padding = tuple(kernel), tuple(stride), tuple(padding)
         self.count_include_pad = bool(count_include_pad)
+        self.ceil_mode = bool(ceil_mode)  # (with count_include_pad only in floor mode: see BindIntegerPools)
+
+    def _out_size(self, n: int, p: int, k: int, st: int) -> int:
+        if not self.ceil_mode:
+            return (n + 2 * p - k) // st + 1
+        out = -(-(n + 2 * p - k) // st) + 1
+        return out - 1 if (out - 1) * st >= n + p else out  # the last window starts inside the input or left pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fi, fo = self._fqs
@@ -608,11 +616,11 @@ class Int8AvgPool(nn.Module):
         s_x = quant.unit_from_alpha(fi.alpha, fi.levelset).to(f32).reshape(())
         s_y = quant.unit_from_alpha(fo.alpha, fo.levelset).to(f32).reshape(())
         v = (q - int(fi.zero_point)).to(f32) * s_x
+        outs = [self._out_size(n, p, k, st) for n, p, k, st in zip(spatial, self.padding, self.kernel, self.stride)]
         pads = []
-        for p in reversed(self.padding):
-            pads += [p, p]
+        for n, p, k, st, o in reversed(list(zip(spatial, self.padding, self.kernel, self.stride, outs))):
+            pads += [p, max(p, (o - 1) * st + k - n - p)]  # ceil mode: windows past the right pad read zeros too
         v = F.pad(v, pads)  # zeros: adding 0.0 leaves a float sum as it was
-        outs = [(n + 2 * p - k) // st + 1 for n, p, k, st in zip(spatial, self.padding, self.kernel, self.stride)]
         acc = torch.zeros(*x.shape[:2], *outs, dtype=f32, device=x.device)
         for offset in itertools.product(*(range(k) for k in self.kernel)):  # row-major: onnxruntime's order
             index = tuple(slice(o, o + st * (n - 1) + 1, st) for o, st, n in zip(offset, self.stride, outs))

@@ -380,15 +380,17 @@ def qdq_avgpool_model(params, shape, out_shape, **attrs) -> bytes:
     return model.SerializeToString()
 
 
-# (kernel, stride, padding, count_include_pad, spatial): NASNet's 3x3 stride-1 pool that excludes pads, Inception's
-# that counts them, a strided one, a 1-D one, and a window over the whole input (onnxruntime's global kernel)
-AVG_POOLS = [((3, 3), (1, 1), (1, 1), False, (9, 7)), ((3, 3), (1, 1), (1, 1), True, (9, 7)),
-             ((3, 3), (2, 2), (1, 1), False, (11, 8)), ((2, 2), (2, 2), (0, 0), True, (8, 6)),
-             ((3,), (1,), (1,), False, (13,)), ((5, 4), (1, 1), (0, 0), True, (5, 4))]
+# (kernel, stride, padding, count_include_pad, ceil_mode, spatial): NASNet's 3x3 stride-1 pool that excludes pads,
+# Inception's that counts them, a strided one, a 1-D one, a window over the whole input (onnxruntime's global
+# kernel), and ceil-mode ones that do not count pads (windows past the input's end)
+AVG_POOLS = [((3, 3), (1, 1), (1, 1), False, False, (9, 7)), ((3, 3), (1, 1), (1, 1), True, False, (9, 7)),
+             ((3, 3), (2, 2), (1, 1), False, False, (11, 8)), ((2, 2), (2, 2), (0, 0), True, False, (8, 6)),
+             ((3,), (1,), (1,), False, False, (13,)), ((5, 4), (1, 1), (0, 0), True, False, (5, 4)),
+             ((3, 3), (2, 2), (0, 0), False, True, (10, 9)), ((2, 3), (2, 2), (1, 1), False, True, (7, 8))]
 
 
-@pytest.mark.parametrize("kernel,stride,padding,count_pad,spatial", AVG_POOLS)
-def test_int8_avg_pool_equals_onnxruntime_qlinearaveragepool_code_for_code(kernel, stride, padding, count_pad,
+@pytest.mark.parametrize("kernel,stride,padding,count_pad,ceil,spatial", AVG_POOLS)
+def test_int8_avg_pool_equals_onnxruntime_qlinearaveragepool_code_for_code(kernel, stride, padding, count_pad, ceil,
                                                                             spatial, tmp_path):
     # onnxruntime adds the output zero point before it rounds (round(y / S_y + Z_y)); QuantizeLinear's
     # round(y / S_y) + Z_y put an average a few ulps from a half step one code apart (timm's nasnetalarge FAILed
@@ -397,7 +399,7 @@ def test_int8_avg_pool_equals_onnxruntime_qlinearaveragepool_code_for_code(kerne
 
     rng = np.random.default_rng(3)
     pool_cls = nn.AvgPool1d if len(kernel) == 1 else nn.AvgPool2d
-    pool = pool_cls(kernel, stride, padding, count_include_pad=count_pad)
+    pool = pool_cls(kernel, stride, padding, ceil_mode=ceil, count_include_pad=count_pad)
     differ, total = 0, 0
     for trial in range(12):
         shape = (2, 32, *spatial)
@@ -410,13 +412,13 @@ def test_int8_avg_pool_equals_onnxruntime_qlinearaveragepool_code_for_code(kerne
                                       zero_point=fx.zero_point)
         out_shape = pool(x).shape
         attrs = dict(kernel_shape=list(kernel), strides=list(stride), pads=list(padding) * 2,
-                     count_include_pad=int(count_pad))
+                     count_include_pad=int(count_pad), ceil_mode=int(ceil))
         sess = session(qdq_avgpool_model([ux, int(fx.zero_point), uy, int(fy.zero_point)], shape, out_shape,
                                          **attrs), optimized_model_path=str(tmp_path / "opt.onnx"))
         ops = [node.op_type for node in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
         assert ops == ["QLinearAveragePool"], ops
         want = sess.run(None, {"x": qx})[0]
-        y = Int8AvgPool(pool, fx, fy, kernel, stride, padding, count_pad)(x)
+        y = Int8AvgPool(pool, fx, fy, kernel, stride, padding, count_pad, ceil)(x)
         got = fy.quantize(y).numpy()
         differ += int((got != want).sum())
         total += want.size
