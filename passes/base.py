@@ -185,6 +185,9 @@ class Pipeline:
         check: run :func:`verify` before the first pass and after every pass. ``None`` (default) follows the
             environment variable ``QCOMPILE_CHECK=1``, which the test suite sets for every test.
         callback: called after each pass with its ``PassTiming`` (the CLI prints progress with it).
+        name_errors: a ``UserError`` a pass raises is raised again with the pass's name in front
+            (``"Calibrate: ..."``; a hand-built pipeline's user could not tell which pass refused); ``compile()``
+            and the QAT flows, whose messages speak of options rather than passes, leave their messages as raised.
     """
 
     def __init__(
@@ -193,8 +196,10 @@ class Pipeline:
         steps: int = 1,
         check: bool | None = None,
         callback: Callable[[PassTiming], None] | None = None,
+        name_errors: bool = True,
     ) -> None:
         self.passes = list(passes)
+        self.name_errors = name_errors
         _check_passes(self.passes)
         if steps < 1:
             raise ValueError("steps must be >= 1")
@@ -227,8 +232,14 @@ class Pipeline:
                 try:
                     # a pass with its own __call__ runs as written; ours leave code generation to this loop
                     result = p.run_managed(gm) if type(p).__call__ is Pass.__call__ else p(gm)
-                except (PassError, UserError):
-                    raise  # already names the pass / is a one-line user message
+                except PassError:
+                    raise  # already names the pass
+                except UserError as exc:  # a one-line user message
+                    if not self.name_errors or getattr(exc, "pass_name", None):
+                        raise
+                    named = UserError(f"{p.name}: {exc}")
+                    named.pass_name = p.name
+                    raise named from exc
                 except Exception as exc:
                     raise PassError(p.name, ran, f"{type(exc).__name__}: {exc}") from exc
                 if result.modified:

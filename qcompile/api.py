@@ -1043,7 +1043,7 @@ def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> N
 def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                     callback, progress, t0) -> CompileResult:
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
-                        callback=callback)
+                        callback=callback, name_errors=False)  # its messages speak of options
     gm = pipeline(gm).gm
     gm.eval()
     gm.meta.pop(DISTILLED, None)  # data-free calibration's inputs, where BiasCorrection did not take them

@@ -116,7 +116,7 @@ def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.Grap
     if cfg is not None:
         gm.meta[CONVERTED_KEY] = cfg
     if cfg is not None:
-        gm = Pipeline(split_pipeline(cfg.options)[1], check=cfg.options.check)(gm).gm
+        gm = Pipeline(split_pipeline(cfg.options)[1], check=cfg.options.check, name_errors=False)(gm).gm
     return gm
 
 

@@ -249,7 +249,7 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     # Weights are re-initialised below (one MSE search per layer), so their calibration can be the cheap one.
     before[-1] = Calibrate(calib_x, method=opts.calib_method, weight_method="minmax")
     passes = before
-    gm = Pipeline(passes, check=opts.check)(gm).gm
+    gm = Pipeline(passes, check=opts.check, name_errors=False)(gm).gm
 
     cfg = QATConfig(method=method, wscheme=opts.weight_scheme, ascheme=opts.act_scheme, wbits=opts.weight_bits,
                     abits=opts.act_bits, grad=grad, weight_norm=wn, wn_center=wn_center, shared_alpha=shared_alpha,

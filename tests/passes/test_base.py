@@ -446,3 +446,19 @@ def test_a_pass_run_alone_leaves_a_module_that_runs_its_new_graph():
     with torch.no_grad():
         out = gm(x)
     assert 10 * torch.log10(model(x).pow(2).sum() / (model(x) - out).pow(2).sum()) > 30
+
+
+def test_a_user_error_inside_a_hand_built_pipeline_names_its_pass():
+    # SelectLayers refuses a graph without shapes; from a pipeline of several passes the user could not tell which
+    # pass had refused (compile() keeps its own messages, which speak of options, as raised)
+    from qcompile.passes.fold_bn import FoldBatchNorm
+    from qcompile.passes.select import SelectLayers
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    gm = torch.fx.symbolic_trace(model)
+    with pytest.raises(UserError, match=r"^SelectLayers: .*ShapeProp") as err:
+        Pipeline([FoldBatchNorm(), SelectLayers(LayerConfig())])(gm)
+    assert err.value.pass_name == "SelectLayers"
+    with pytest.raises(UserError) as err:
+        Pipeline([SelectLayers(LayerConfig())], name_errors=False)(torch.fx.symbolic_trace(model))
+    assert not str(err.value).startswith("SelectLayers:")
