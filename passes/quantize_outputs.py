@@ -292,8 +292,8 @@ def _is_softmax(gm: torch.fx.GraphModule, node) -> bool:
 
 
 def _reaches_requantized_softmax(gm: torch.fx.GraphModule, node) -> bool:
-    """A Softmax reads ``node`` (through reshapes, transposes, max-pooling: ``_is_transparent``) and its output is
-    not only the graph's output. With 8-bit codes there, the file holds ``DequantizeLinear → Softmax →
+    """A Softmax reads ``node`` (through reshapes, transposes, max-pooling: ``_is_transparent``) and a quantizer
+    reads the softmax (``_requantized``). With 8-bit codes there, the file holds ``DequantizeLinear → Softmax →
     QuantizeLinear``, which onnxruntime's extended optimizations fuse into ``com.microsoft.QLinearSoftmax``: a
     table of exp on the input codes, a float sum, and the output scale rounded down to 1 / floor(1 / S_y); not
     the float softmax the simulation computes (EfficientFormerV2's attention heads: 14-19 % of the codes after
@@ -306,9 +306,25 @@ def _reaches_requantized_softmax(gm: torch.fx.GraphModule, node) -> bool:
             continue
         seen.add(cur)
         if _is_softmax(gm, cur):
-            if any(u.op != "output" for u in cur.users):
+            if _requantized(gm, cur):
                 return True
             continue
+        if _is_transparent(gm, cur) and len(seen) <= 64:
+            stack.extend(cur.users)
+    return False
+
+
+def _requantized(gm: torch.fx.GraphModule, node) -> bool:
+    """A quantizer reads ``node`` directly or through reshapes and transposes (onnxruntime moves a
+    ``QuantizeLinear`` back across those to the op it fuses)."""
+    stack, seen = list(node.users), set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if fake_quantizer(gm, cur) is not None:
+            return True
         if _is_transparent(gm, cur) and len(seen) <= 64:
             stack.extend(cur.users)
     return False

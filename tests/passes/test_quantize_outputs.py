@@ -608,3 +608,31 @@ def test_a_layer_before_a_requantized_softmax_keeps_its_output_float(monkeypatch
     monkeypatch.setattr(quantize_outputs, "_reaches_requantized_softmax", lambda gm, node: False)  # as before
     before = qcompile.compile(model, x[:1], **kw)
     assert not before.report.passed
+
+
+class RadixSoftmax(nn.Module):
+    """ResNeSt's split attention: the softmax over the radix weighs float features (a product), nothing
+    re-quantizes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.fc1 = nn.Conv2d(4, 16, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.fc2, self.out = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x))
+        a, b = x.chunk(2, 1)
+        w = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(a + b, 1)))).view(x.shape[0], 2, 8, 1, 1).softmax(dim=1)
+        return self.out(a * w[:, 0] + b * w[:, 1])
+
+
+def test_a_layer_before_a_softmax_nothing_requantizes_keeps_its_8_bit_output():
+    # DequantizeLinear → Softmax with a float reader is not fused: fc2 still runs as QLinearConv
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, 8, 8)
+    result = qcompile.compile(RadixSoftmax().eval(), x[:1], calib=x[:32], validation_inputs=x[32:],
+                              scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    quantized = [n.args[0].meta.get("layer") for n in result.model.graph.nodes
+                 if n.op == "call_module" and n.target.startswith("out_fq")]
+    assert "fc2" in quantized, quantized
