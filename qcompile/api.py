@@ -480,6 +480,11 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             elif len(got) == len(want) >= 2 and got == want[1:] + want[:1]:
                 perm = ", ".join(["0", str(len(got))] + [str(k) for k in range(1, len(got))])
                 hint = f" (channels last? x.permute({perm}) in torch, x.transpose({perm}) in numpy, puts them first)"
+            elif len(want) == len(got) + 1 and got == want[1:]:
+                # a list of single samples: each item of an iterable is read as a batch, so (3, 64, 64) images
+                # were taken as batches of three (64, 64) samples
+                hint = (" (a list of single samples? each item of a list is read as a batch: stack them, "
+                        "np.stack(samples) / torch.stack(samples), or give each with a batch axis)")
             raise UserError(f"{which}{what} has samples of shape {got} but the example input "
                             f"is {want} per sample{hint}; make them agree ({option}; the example input: "
                             "--input-shape, or example_inputs from Python)")

@@ -1490,3 +1490,12 @@ def test_a_failing_operator_conversion_is_named_in_one_line(monkeypatch):
         qcompile.compile(OutlookFold(True).eval(), x[:1], calib=x, scheme="fp32")
     message = str(err.value)
     assert "conversion of aten::col2im" in message and "dataclass" not in message and "\n" not in message
+
+
+def test_a_list_of_single_samples_is_told_to_be_stacked():
+    # each item of a list is a batch: sixteen (3, 8, 8) images read as batches of three (8, 8) samples
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2)).eval()
+    x = torch.randn(16, 3, 8, 8)
+    with pytest.raises(UserError, match=r"samples of shape \(8, 8\) .*a list of single samples\? .*stack them"):
+        qcompile.compile(model, x[:1], calib=[s.numpy() for s in x], scheme="uniform", bits=8)
+    assert qcompile.compile(model, x[:1], calib=np.stack([s.numpy() for s in x]), scheme="uniform", bits=8).report.passed
