@@ -1198,8 +1198,13 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
         return chain[::-1] if chain and dequantizer(node) else None
 
     def float_layer(node: onnx.NodeProto) -> bool:
-        return node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1 \
-            and (producer.get(node.input[1]) is None or producer[node.input[1]].op_type != "DequantizeLinear")
+        if not (node.op_type in _WEIGHT_BIAS_OPS and node.domain in ("", "ai.onnx") and len(node.input) > 1):
+            return False
+        weight = producer.get(node.input[1])
+        # (a custom-form weight, qcompile.DequantizeLevels, ends in a DequantizeLinear once onnxruntime inlines its
+        # function body: the layer is quantized, and fuses into QLinearConv / QGemm as in the standard form)
+        return weight is None or not (weight.op_type == "DequantizeLinear" or
+                                      (weight.domain == "qcompile" and weight.op_type == "DequantizeLevels"))
 
     # A float layer that reads dequantized values through a max-pool, a reshape, ... got a DequantizeLinear input
     # all the same once onnxruntime propagated it, and WeightBiasQuantization quantized the layer (2.7% of the next
