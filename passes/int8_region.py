@@ -945,8 +945,8 @@ class BindIntegerPools(Pass):
     """Make the simulation of each int8 average pool compute what onnxruntime's ``QLinearGlobalAveragePool`` /
     ``QLinearAveragePool`` computes, bit for bit: a pool to 1×1 (exported as ``GlobalAveragePool``) on 8-bit codes
     whose output goes only into 8-bit quantizers with one set of parameters becomes a
-    ``qcompile.qmodules.Int8GlobalAvgPool``; a 1-D / 2-D ``AvgPool`` (floor mode) of 8-bit codes read by one 8-bit
-    quantizer becomes a ``qcompile.qmodules.Int8AvgPool``."""
+    ``qcompile.qmodules.Int8GlobalAvgPool``; a 1-D / 2-D ``AvgPool`` of 8-bit codes read by one 8-bit quantizer
+    (floor mode, or ceil mode where pads are not counted) becomes a ``qcompile.qmodules.Int8AvgPool``."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "BindIntegerPools")  # it skipped uncalibrated quantizers without a word
