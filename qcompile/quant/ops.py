@@ -37,6 +37,7 @@ Inputs of other float types are cast to float32; outputs are float32.
 from __future__ import annotations
 
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple, Optional, Union
 
@@ -71,7 +72,14 @@ def _axis(axis: int, ndim: int) -> int:
 def unit_from_alpha(alpha: TensorLike, levelset: LevelSet) -> torch.Tensor:
     """The fine-grid unit ``float32(alpha) / float32(denom)`` (float32 division), same shape as ``alpha``."""
     a = torch.as_tensor(alpha).detach().to(torch.float32)
-    return a / torch.tensor(float(levelset.denom), dtype=torch.float32)
+    return a / _denom_tensor(levelset)
+
+
+@functools.lru_cache(maxsize=None)
+def _denom_tensor(levelset: LevelSet) -> torch.Tensor:
+    """``float32(levelset.denom)`` as a 0-d tensor (a tensor divisor: CPU division by a Python float may multiply
+    by its reciprocal instead), made once per level set. Never modified in place."""
+    return torch.tensor(float(levelset.denom), dtype=torch.float32)
 
 
 def decision_thresholds(levelset: LevelSet, unit: TensorLike):
@@ -108,7 +116,12 @@ def _check_alpha(alpha: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> O
         if alpha.dim() != 1 or alpha.numel() != x.shape[axis]:
             raise ValueError(f"per-channel alpha must be 1-D with {x.shape[axis]} entries (x.shape[{axis}]), "
                              f"got shape {tuple(alpha.shape)}")
-    if not bool(torch.all(torch.isfinite(alpha) & (alpha > 0))):
+    if alpha.numel() == 1:  # a Python test: the tensor reductions below cost ~15 us per call
+        a = float(alpha)
+        ok = math.isfinite(a) and a > 0
+    else:
+        ok = bool(torch.all(torch.isfinite(alpha) & (alpha > 0)))
+    if not ok:
         raise ValueError("alpha must be finite and > 0; calibrate first or clamp it (e.g. to MIN_ALPHA)")
     return axis
 
@@ -127,6 +140,13 @@ def _zero_point(levelset: LevelSet, zero_point, x: torch.Tensor, axis: Optional[
     if zero_point is None:
         return torch.tensor(levelset.zero_point, dtype=torch.int32)
     z = torch.as_tensor(zero_point).detach().to(torch.int32)
+    if z.numel() == 1:  # the same checks in Python (tensor reductions: ~20 us per call)
+        zi = int(z)
+        if levelset.scheme != "uniform_asym" and zi != 0:
+            raise ValueError(f"a non-zero zero point needs scheme 'uniform_asym', not {levelset.scheme!r}")
+        if not levelset.code_min <= zi <= levelset.code_max:
+            raise ValueError(f"zero_point must lie in the code range {levelset.code_min}..{levelset.code_max}")
+        return z
     if levelset.scheme != "uniform_asym" and bool(torch.any(z != 0)):
         raise ValueError(f"a non-zero zero point needs scheme 'uniform_asym', not {levelset.scheme!r}")
     if axis is not None and z.numel() != 1 and (z.dim() != 1 or z.numel() != x.shape[axis]):
@@ -293,7 +313,7 @@ def _uniform_codes(x: torch.Tensor, levelset: LevelSet, unit: torch.Tensor, z: t
     """``clamp(round_half_even(x / unit) + Z, code_min, code_max)`` in float32 (QuantizeLinear); NaN gives
     ``code_min`` (as onnxruntime does). ``real``: return ``float32(code - Z) * unit`` instead (dequantized).
     Per tensor it runs chunk by chunk into one output buffer."""
-    shift = bool(torch.any(z != 0))
+    shift = int(z) != 0 if z.numel() == 1 else bool(torch.any(z != 0))
     if axis is not None:
         u = _bcast(unit, x.dim(), axis)
         zb = _bcast(z, x.dim(), axis if z.numel() > 1 else None).to(torch.float32)
@@ -308,6 +328,16 @@ def _uniform_codes(x: torch.Tensor, levelset: LevelSet, unit: torch.Tensor, z: t
         return q.mul_(u)
     u, zf = unit.reshape(()), float(z)
     flat = x.reshape(-1)
+    if flat.numel() <= _CHUNK:  # one chunk: the same operations on a fresh tensor, without the buffer and copy
+        q = torch.div(flat, u).round_()
+        if shift:
+            q.add_(zf)
+        q.nan_to_num_(nan=float(levelset.code_min)).clamp_(levelset.code_min, levelset.code_max)
+        if not real:
+            return q.to(torch.int32).reshape(x.shape)
+        if shift:
+            q.sub_(zf)
+        return q.mul_(u).reshape(x.shape)
     out = torch.empty(flat.shape, dtype=torch.float32 if real else torch.int32)
     buf = torch.empty(min(flat.numel(), _CHUNK))
     for start in range(0, flat.numel(), _CHUNK):
@@ -446,6 +476,9 @@ def fake_quantize(x: torch.Tensor, alpha: TensorLike, levelset: LevelSet, axis: 
     alpha_t = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha, dtype=torch.float32)
     if not torch.is_floating_point(alpha_t):
         alpha_t = alpha_t.to(torch.float32)
+    if not torch.is_grad_enabled() or not (x.requires_grad or alpha_t.requires_grad):
+        # no gradient to record: the forward alone (the autograd.Function's bookkeeping was ~40 us per call)
+        return _fake_values(x.detach().to(torch.float32), alpha_t, levelset, axis, zero_point)
     return _FakeQuantize.apply(x, alpha_t, levelset, axis, zero_point, grad)
 
 
