@@ -115,14 +115,19 @@ class Observer:
         """Observe one tensor (one batch); returns ``self``."""
         rows = self._rows(x)
         if rows.shape[0] == 1:  # a whole-tensor aminmax is one fast pass; along dim=1 it is several times slower
-            bmin, bmax = (t.reshape(1) for t in torch.aminmax(rows))
+            lo, hi = (float(t) for t in torch.aminmax(rows))  # float32 -> Python float: exact
+            # amin/amax propagate NaN, and an inf is an extreme: finite extremes mean finite data (one pass fewer)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                kind = "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
+                raise ValueError(f"{self.name} observer got NaN or inf values ({kind})")
+            bmin = torch.tensor([lo], dtype=torch.float64)
+            bmax = torch.tensor([hi], dtype=torch.float64)
         else:
             bmin, bmax = rows.amin(dim=1), rows.amax(dim=1)
-        # amin/amax propagate NaN, and an inf is an extreme: finite extremes mean finite data (one pass fewer)
-        if not bool(torch.isfinite(bmin).all() and torch.isfinite(bmax).all()):
-            kind = "NaN" if bool(torch.isnan(bmin).any() or torch.isnan(bmax).any()) else "inf"
-            raise ValueError(f"{self.name} observer got NaN or inf values ({kind})")
-        bmin, bmax = bmin.to(torch.float64), bmax.to(torch.float64)
+            if not bool(torch.isfinite(bmin).all() and torch.isfinite(bmax).all()):
+                kind = "NaN" if bool(torch.isnan(bmin).any() or torch.isnan(bmax).any()) else "inf"
+                raise ValueError(f"{self.name} observer got NaN or inf values ({kind})")
+            bmin, bmax = bmin.to(torch.float64), bmax.to(torch.float64)
         n = torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64)
         if self.count is None:
             self.count, self.min_val, self.max_val = n, bmin, bmax
@@ -272,22 +277,24 @@ class HistogramObserver(Observer):
             rows = rows[:, ::k]
             weight = n_cols / rows.shape[1]
             n_cols = rows.shape[1]
-        offsets = (torch.arange(n_rows, dtype=torch.int32) * (2 * nb))[:, None]
+        offsets = (torch.arange(n_rows, dtype=torch.int32) * (2 * nb))[:, None] if n_rows > 1 else None
         # Bin index floor(x / width) + B, clamped, in column chunks through two reused buffers: a few cache-sized
         # passes instead of full-size float and int64 temporaries (several times faster on large activations).
         step = max(1, self._CHUNK // n_rows)
         buf = torch.empty(n_rows, min(step, n_cols))
         ibuf = torch.empty(buf.shape, dtype=torch.int32)
-        counts = torch.zeros(n_rows * 2 * nb, dtype=torch.int64)
+        counts = None
         for start in range(0, n_cols, step):
             xc = rows[:, start:start + step]
             b, ib = buf[:, :xc.shape[1]], ibuf[:, :xc.shape[1]]
             torch.div(xc, width, out=b).floor_().add_(nb).clamp_(0, 2 * nb - 1)
             ib.copy_(b)  # integral values: exact
-            if n_rows > 1:
+            if offsets is not None:
                 ib += offsets
-            counts += torch.bincount(ib.reshape(-1), minlength=n_rows * 2 * nb)
-        self.hist += counts.reshape(n_rows, 2 * nb).to(torch.float64) * weight
+            part = torch.bincount(ib.reshape(-1), minlength=n_rows * 2 * nb)
+            counts = part if counts is None else counts.add_(part)
+        counts = counts.reshape(n_rows, 2 * nb).to(torch.float64)  # integer counts: exact in float64
+        self.hist += counts if weight == 1.0 else counts.mul_(weight)
 
     def _grow(self, new_radius: torch.Tensor) -> None:
         """Double the range until it covers ``new_radius``: old bin ``i`` -> ``(i + (f - 1) B) // f``."""
