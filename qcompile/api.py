@@ -23,7 +23,7 @@ from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
-from .frontend import check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
+from .frontend import check_materialized, check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 from .threads import DeferredThreads
@@ -699,6 +699,7 @@ def compile(
     from qcompile.qat import config_of, convert  # here: qcompile.qat imports this module
 
     _check_not_torch_quantized(model)
+    check_materialized(model)
     scripted = next((name for name, m in model.named_modules() if name and isinstance(m, torch.jit.ScriptModule)),
                     None)
     if scripted is not None:  # torch.onnx failed inside the trace: "Tried to trace ... not part of the active trace"

@@ -80,6 +80,21 @@ def resolve_factory(spec: str):
     return obj
 
 
+def check_materialized(model: nn.Module) -> None:
+    """Lazy modules (``nn.LazyConv2d``, ``nn.LazyLinear``) that never ran hold no weights yet: the first use of
+    one stopped the compile with torch's own ValueError and a traceback. Their weights would be a random draw, so
+    this is no trained model: say so."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    lazy = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer))]
+    if lazy:
+        owner = lazy[0].rsplit(".", 1)[0] if "." in lazy[0] else lazy[0]
+        raise UserError(f"the model has lazy modules that have not run yet ({owner!r} holds no weights: "
+                        f"{len(lazy)} uninitialized tensor(s)); load its trained weights (load_state_dict) or run "
+                        "it once on an input (model(x)) before quantizing it")
+
+
 def check_not_exported(model) -> None:
     """A ``torch.export`` program, or the GraphModule of one (``ep.module()``): its graph calls aten operators
     (``aten.conv2d.default``) where the passes look for Conv/Linear layers, so nothing was quantized (a float file,
@@ -1356,6 +1371,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             raise UserError(f"the model has a submodule named {taken[0]!r}, a name torch.fx's GraphModule keeps for "
                             f"itself (tracing fails on it); rename that attribute (e.g. self.{taken[0]}_net) and load "
                             "the weights with the renamed keys")
+    if not isinstance(model, torch.fx.GraphModule):
+        check_materialized(model)
     if copy and not isinstance(model, torch.fx.GraphModule):
         model = plain_copy(model)
     leaf_modules = list(leaf_modules)

@@ -1664,6 +1664,22 @@ def test_a_torch_export_program_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "e.onnx").exists()
 
 
+def test_a_lazy_module_that_never_ran_is_refused_in_one_line(tmp_path):
+    """nn.LazyConv2d before its first forward holds no weights: torch's ValueError and a traceback came out of the
+    compile's first look at the parameters. Once it ran (or its weights are loaded), it compiles."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LazyConv2d(4, 1), nn.Flatten(), nn.LazyLinear(3)).eval()
+    x = torch.randn(8, 3, 8, 8)
+    for run in (lambda: qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8,
+                                         output=str(tmp_path / "l.onnx")),
+                lambda: trace(model, x[:1])):
+        with pytest.raises(UserError) as err:
+            run()
+        _assert_one_line(err, "lazy modules that have not run yet", "'2'", "run it once on an input")
+    assert not (tmp_path / "l.onnx").exists()
+    model(x[:1])
+    assert qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, progress=False).report.passed
+
+
 def test_model_argument_forms(tmp_path):
     """A path-like model is a path (it was "got PosixPath"); arch= with a module is refused (it was ignored); a
     state dict object names what to do."""
