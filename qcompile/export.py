@@ -213,10 +213,11 @@ def _softplus_symbolic(g, x, beta, threshold):
 
 @contextlib.contextmanager
 def _softplus_with_threshold(opset: int):
-    """:func:`_softplus_symbolic` and :func:`_unflatten_symbolic` for the duration of one export (not for the
-    user's own exports)."""
+    """:func:`_softplus_symbolic`, :func:`_unflatten_symbolic`, :func:`_unfold_symbolic` and
+    :func:`_col2im_symbolic` for the duration of one export (not for the user's own exports)."""
     torch.onnx.register_custom_op_symbolic("aten::softplus", _softplus_symbolic, opset)
     torch.onnx.register_custom_op_symbolic("aten::unflatten", _unflatten_symbolic, opset)
+    torch.onnx.register_custom_op_symbolic("aten::unfold", _unfold_symbolic, opset)
     if opset >= 18:
         torch.onnx.register_custom_op_symbolic("aten::col2im", _col2im_symbolic, opset)
     try:
@@ -224,8 +225,50 @@ def _softplus_with_threshold(opset: int):
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::softplus", opset)
         torch.onnx.unregister_custom_op_symbolic("aten::unflatten", opset)
+        torch.onnx.unregister_custom_op_symbolic("aten::unfold", opset)
         if opset >= 18:
             torch.onnx.unregister_custom_op_symbolic("aten::col2im", opset)
+
+
+def _unfold_symbolic(g, x, dimension, size, step):
+    """``Tensor.unfold(dim, size, step)`` as one ``Gather`` along ``dim`` with the (n, size) index
+    ``[[i·step + j]]``, then a ``Transpose`` that moves the frame axis last: torch's output shape
+    ``shape[:dim] + (n,) + shape[dim+1:] + (size,)`` with ``n = (L - size) // step + 1``. torch.onnx's own
+    symbolic needs ``L`` as a static size, which it loses after a ``Pad`` whose pads it computes in the graph:
+    timm's halonet26t (``F.pad(kv, ...).unfold(2, ...)``) stopped with "input size not accessible". Where ``L``,
+    ``size`` and ``step`` are numbers the index is a constant; otherwise it is computed from ``Shape(x)`` in the
+    graph (``L`` along the dynamic batch axis, a size read from a shape), exact at every input size. A negative
+    ``dim`` counts from the rank (torch.onnx wrote its frames transposed)."""
+    from torch.onnx import symbolic_helper, symbolic_opset12
+
+    rank = symbolic_helper._get_tensor_rank(x)
+    d = symbolic_helper._maybe_get_const(dimension, "i")
+    if not rank or not isinstance(d, int):  # no rank to place the frame axis by: torch.onnx's own (or its refusal)
+        return symbolic_opset12.unfold(g, x, dimension, size, step)
+    d = d + rank if d < 0 else d
+    k = symbolic_helper._maybe_get_const(size, "i")
+    s = symbolic_helper._maybe_get_const(step, "i")
+    length = symbolic_helper._get_tensor_dim_size(x, d)
+    if isinstance(k, int) and isinstance(s, int) and isinstance(length, int):
+        n = (length - k) // s + 1
+        index = g.op("Constant", value_t=torch.arange(n).unsqueeze(1) * s + torch.arange(k))
+    else:
+        def scalar(v):  # a 0-d INT64 tensor of a number or of an int value traced in the graph
+            if isinstance(v, int):
+                return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+            return g.op("Reshape", g.op("Cast", v, to_i=7), g.op("Constant", value_t=torch.ones(0, dtype=torch.int64)))
+
+        k, s = scalar(k), scalar(s)
+        length = g.op("Gather", g.op("Shape", x), scalar(d), axis_i=0)
+        zero, one = scalar(0), scalar(1)
+        n = g.op("Add", g.op("Div", g.op("Sub", length, k), s), one)  # integer Div: L >= size, so floor
+        starts = g.op("Mul", g.op("Range", zero, n, one), s)
+        index = g.op("Add", symbolic_helper._unsqueeze_helper(g, starts, [1]),
+                     symbolic_helper._unsqueeze_helper(g, g.op("Range", zero, k, one), [0]))
+    frames = g.op("Gather", x, index, axis_i=d)  # shape[:d] + (n, size) + shape[d+1:]
+    if d == rank - 1:
+        return frames
+    return g.op("Transpose", frames, perm_i=list(range(d + 1)) + list(range(d + 2, rank + 1)) + [d + 1])
 
 
 def _col2im_symbolic(g, x, output_size, kernel_size, dilation, padding, stride):

@@ -1067,6 +1067,64 @@ def test_unfold_along_a_negative_dimension_without_shapes_is_refused():
     assert [n.args[1] for n in gm.graph.nodes if n.op == "call_method"] == [2]
 
 
+class _Unfold(nn.Module):
+    """``x.unfold(dim, size, step)``, after an ``F.pad`` (torch.onnx computes the pads in the graph and loses the
+    padded sizes) or not, with the size a number or read from the padded tensor's shape."""
+
+    def __init__(self, dim: int, size: int, step: int, pad: bool, size_from_shape: bool = False):
+        super().__init__()
+        self.dim, self.size, self.step, self.pad, self.size_from_shape = dim, size, step, pad, size_from_shape
+
+    def forward(self, x):
+        if self.pad:
+            x = nn.functional.pad(x, [2, 1, 1, 3])
+        size = x.size(2) // 3 if self.size_from_shape else self.size
+        return x.unfold(self.dim, size, self.step) * 2.0
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["static", "after F.pad"])
+def test_tensor_unfold_exports_exactly_along_every_dimension(pad):
+    """torch.onnx exported ``Tensor.unfold`` only where it knew the dimension's length: after an ``F.pad`` (timm's
+    halonet26t, ``F.pad(kv, ...).unfold(2, w, b).unfold(3, w, b)``) it stopped with "input size not accessible".
+    qcompile's own symbolic gathers the frames (a constant index where the length is known, one computed from the
+    input's shape otherwise): torch's values and shape exactly, for frames that overlap (step < size), touch, skip
+    elements (step > size) or leave a remainder, along the batch axis too, at other batch sizes."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 9, 8, generator=gen)
+    other = torch.randn(11, 5, 9, 8, generator=gen)
+    cases = [(dim, size, step, False) for dim in (0, 1, 2, 3, -1, -2)
+             for size, step in ((3, 1), (2, 3), (4, 2), (5, 5), (1, 1))] + [(1, 0, 1, True), (3, 0, 2, True)]
+    for dim, size, step, size_from_shape in cases:
+        model = _Unfold(dim, size, step, pad, size_from_shape).eval()
+        onnx_model = export_onnx(trace(model, (x,)), (x,))
+        assert "Loop" not in {n.op_type for n in onnx_model.graph.node}
+        sess = session(onnx_model.SerializeToString())
+        for inp in (x, other):
+            want = model(inp).numpy()
+            got = run(sess, [inp.numpy()])[0]
+            assert got.shape == want.shape and np.array_equal(got, want), (dim, size, step, size_from_shape)
+
+
+def test_halo_attention_windows_after_padding_compile():
+    """HaloNet's key/value windows in small: a padded map cut into overlapping blocks with two unfolds, each
+    block's window flattened for the attention. The compile stopped in torch.onnx ("input size not accessible")."""
+    class Halo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.kv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8 * 36, 4)
+
+        def forward(self, x):  # (B, 3, 8, 8): 4 blocks of 4 x 4, each with a halo of 1 -> 6 x 6 windows
+            kv = nn.functional.pad(torch.relu(self.kv(x)), [1, 1, 1, 1])
+            kv = kv.unfold(2, 6, 4).unfold(3, 6, 4).reshape(-1, 8, 4, 36).permute(0, 2, 1, 3)  # (B, 4, 8, 36)
+            return self.fc(kv.flatten(2)).mean(1)
+
+    x = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(Halo().eval(), x[:2], calib=x, scheme="uniform", bits=8)
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+    assert_file_runs_at_other_batches(result, x)
+
+
 def test_a_labelled_set_given_as_one_x_y_pair_calibrates_on_x():
     """calib=(x, y) or validation_inputs=(x, y) of a one-input model: the labels were read as a second batch
     ("calibration batch 1 has samples of shape ()", also for the validation inputs)."""
