@@ -956,7 +956,7 @@ class BindIntegerPools(Pass):
         for node in gm.graph.nodes:
             if not _is_global_avgpool(gm, node):
                 continue
-            fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
+            fin, out = _pooled_codes(gm, node.args[0]), _one_int8_output(gm, node)
             if not (is_int8_act(fin) and fin.calibrated) or out is None:
                 continue
             found.append((node, Int8GlobalAvgPool(nn.AdaptiveAvgPool2d(1), fin, out), (node.args[0],)))
@@ -966,7 +966,7 @@ class BindIntegerPools(Pass):
             pool = _plain_avgpool(gm, node)
             if pool is None or len(node.users) != 1:
                 continue  # (onnxruntime fuses DequantizeLinear → AveragePool → QuantizeLinear with one reader)
-            fin, out = fake_quantizer(gm, node.args[0]), _one_int8_output(gm, node)
+            fin, out = _pooled_codes(gm, node.args[0]), _one_int8_output(gm, node)
             if not (is_int8_act(fin) and fin.calibrated) or out is None:
                 continue
             module, kernel, stride, padding, count_include_pad, ceil = pool
@@ -974,6 +974,29 @@ class BindIntegerPools(Pass):
                           (node.args[0],)))
         changed = _bind_all(gm, "int8_avgpool", found, "int8 average pool", self.report) or changed
         return PassResult(gm, changed)
+
+
+def _pooled_codes(gm, node) -> FakeQuantize | None:
+    """The quantizer whose codes a pool reads: its input's own, or the codes it carries through ops that move or
+    select values (max-pooling, reshapes, slices, zero / border pads). onnxruntime moves a ``DequantizeLinear``
+    forward through those (or the file runs them on the codes) and fuses the pool into ``QLinearAveragePool`` /
+    ``QLinearGlobalAveragePool`` all the same (checked on each: a pool after them was left to the float pool's
+    rounding, one code apart near half steps). Not through a nearest ``Resize`` (upsampling) or an ``Expand``:
+    there the pool stays float in onnxruntime."""
+    fq = fake_quantizer(gm, node)
+    while fq is None and isinstance(node, torch.fx.Node) and node.args and _is_transparent(gm, node) \
+            and not _is_resize_or_expand(gm, node):
+        node = node.args[0]
+        fq = fake_quantizer(gm, node) if isinstance(node, torch.fx.Node) else None
+    return fq
+
+
+def _is_resize_or_expand(gm, node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.Upsample)
+    if node.op == "call_function":
+        return node.target is F.interpolate
+    return node.op == "call_method" and node.target in ("expand", "expand_as")
 
 
 def _plain_avgpool(gm, node):
