@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn as nn
 from onnx import TensorProto, numpy_helper
 
 import qcompile
@@ -786,6 +787,47 @@ def test_codes_on_a_tie_of_a_float_layers_output_are_drift_not_a_wrong_file():
         bias = producer[bias].input[0]
     data = doctored(result.onnx_model, bias, lambda b: b + (np.abs(b).max() // 10 + 1).astype(b.dtype))
     assert not validate_quantized(data, result.model, calib).passed
+
+
+class _CancellingConv(nn.Module):
+    """A float conv (kept float) whose output is 0 on the black half of every image, read by a signed PoT 6-bit
+    quantizer: levels down to 2^-30 of the range resolve the ~1e-9 by which any other summation order misses 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.a.bias.zero_()
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x))).mean((2, 3))
+
+
+def test_drift_at_the_scale_of_the_range_passes_where_pot_levels_resolve_it():
+    # A random net's signed PoT-6 input after a Mish held values of +-1e-8 (range 1.35) where onnxruntime's float
+    # sums and PyTorch's cancel differently: 0.7 % of that quantizer's codes differed on identical inputs (FAIL),
+    # the tie rule asking for adjacent grid integers (PoT levels near 0 are 2^-30, 2^-29, ... apart) within 2^-18 of
+    # a tiny |x|. A value within one float32 ulp of the range (2^-24 alpha) of another code's values is drift; 16
+    # ulps is not.
+    model = _CancellingConv().eval()
+    x = torch.randn(48, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    x[:, :, :, 6:] = 0
+    result = qcompile.compile(model, calib=x[:32], validate=False, wscheme="uniform", wbits=6, ascheme="pot", abits=6,
+                              keep_first_last="quant", exclude=["a"], bias_correction=False, equalize=False,
+                              int8_levels=False)
+    from qcompile.runtime.validation import quantizer_places
+
+    name = next(q for q, where in quantizer_places(result.model).items() if where.startswith("input of b"))
+    alpha = float(result.model.get_submodule(name).alpha)
+    assert result.model.get_submodule(name).scheme == "pot"
+    assert validate_quantized(result.onnx_model.SerializeToString(), result.model, x[32:]).passed
+    for shift, passes in ((2.0 ** -26, True), (2.0 ** -16, False)):
+        data = doctored(result.onnx_model, "a.bias", lambda b: (b + np.float32(shift * alpha)).astype(np.float32))
+        report = validate_quantized(data, result.model, x[32:])
+        by_name = {layer["quantizer"]: layer for layer in report.layers}
+        assert by_name[name]["codes_differ"] > 0.1 * by_name[name]["codes"]  # the black half's codes moved
+        assert report.passed is passes, (shift, report.summary())
 
 
 def test_validation_batches_are_bounded_by_the_activations_too(monkeypatch):
