@@ -567,6 +567,51 @@ VALIDATION_THRESHOLDS = {"min_sqnr", "max_abs", "min_top1", "max_code_mismatch",
                          "max_layer_code_mismatch"}
 
 
+# thresholds that are fractions (the CLI's --min-top1 takes 0..1 too) and those that must not be negative
+_FRACTION_THRESHOLDS = {"min_top1", "max_code_mismatch", "max_layer_code_mismatch"}
+
+
+def checked_thresholds(thresholds, quantized: bool = True, validate: bool = True):
+    """``thresholds=`` (of ``compile`` and ``qat.export``) checked as the CLI checks its flags: a dict of known
+    names; values numbers (or None: no threshold), not NaN; fractions in [0, 1] (``min_top1=99``, a percentage,
+    failed every compile with "100.00% < 9900.00%"), ``max_abs`` >= 0. A string stopped validation with a
+    TypeError from its comparison, ``thresholds=30`` with "'int' object is not iterable"."""
+    import numbers
+
+    if thresholds is not None and not isinstance(thresholds, collections.abc.Mapping):
+        raise UserError(f"thresholds= is of type {type(thresholds).__name__}; give a dict of validation thresholds, "
+                        "e.g. thresholds={'min_sqnr': 30.0, 'min_top1': 0.99}")
+    if not validate or not thresholds:
+        return thresholds
+    known = VALIDATION_THRESHOLDS if quantized else \
+        VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr", "max_layer_code_mismatch"}
+    unknown = sorted(map(str, set(thresholds) - known))
+    if unknown:
+        raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
+                        f"{', '.join(sorted(known))}")
+    out = {}
+    for name, value in thresholds.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1 or \
+                isinstance(value, (np.ndarray, np.generic)) and value.size == 1:  # np.float32(30), tensor(30.)
+            value = value.item()
+        if value is None:
+            out[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise UserError(f"threshold {name}={value!r} is a {type(value).__name__}; give a number (or None for "
+                            "no threshold)")
+        value = float(value)
+        if value != value:
+            raise UserError(f"threshold {name}=nan compares with nothing; give a number (or None for no threshold)")
+        if name in _FRACTION_THRESHOLDS and not 0.0 <= value <= 1.0:
+            raise UserError(f"threshold {name}={value:g} is not a fraction; give a value in [0, 1], e.g. "
+                            f"{name}=0.99" + (" (99 %)" if name == "min_top1" else ""))
+        if name == "max_abs" and value < 0:
+            raise UserError(f"threshold max_abs={value:g} is negative; give a value >= 0")
+        out[name] = value
+    return out
+
+
 # command-line flags whose Python option has another name or sense
 _FLAG_OPTIONS = {"float_levels": "int8_levels=False", "per_tensor": "per_channel=False",
                  "symmetric_levels": "asym_levels=False", "no_fold_bn": "fold_bn=False",
@@ -653,6 +698,9 @@ def compile(
         if fn is not None and fn is not False and not callable(fn):
             raise UserError(f"{name} must be a function (or None), got {fn!r}")
     progress = progress or None  # False: none
+    if not isinstance(validate, (bool, np.bool_)):  # validate="no" validated, as any non-empty string is true
+        raise UserError(f"validate must be True or False, got {validate!r} ({type(validate).__name__})")
+    validate = bool(validate)
     callback = callback or None
     asked = {k: v for k, v in (("scheme", scheme), ("bits", bits)) if v is not None}  # a QAT model's are fixed
     scheme = "apot" if scheme is None else scheme
@@ -673,6 +721,9 @@ def compile(
             raise UserError(f"output= is of type {type(output).__name__}; give the file's path as a str or "
                             "pathlib.Path, such as output='model.onnx' (or None to keep the file in memory)")
         output = os.fsdecode(output)  # a pathlib.Path; bytes ("a bytes-like object is required, not 'str'")
+        if not output.strip():  # "" named the current folder: "output path '/home/me' is a directory"
+            raise UserError("output= is empty; give a file name such as output='model.onnx' (or None to keep the "
+                            "file in memory)")
         export_mod.check_output_path(output)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
@@ -749,13 +800,7 @@ def compile(
         valid_x = calib_data(validation_inputs, len(example_inputs), what="validation")
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
         valid_x = _example_int_types(valid_x, example_inputs)
-    if validate and thresholds:
-        known = VALIDATION_THRESHOLDS if opts.quantized else \
-            VALIDATION_THRESHOLDS - {"max_code_mismatch", "min_forced_sqnr", "max_layer_code_mismatch"}
-        unknown = sorted(map(str, set(thresholds) - known))
-        if unknown:
-            raise UserError(f"unknown validation threshold(s) {', '.join(map(repr, unknown))}; use "
-                            f"{', '.join(sorted(known))}")
+    thresholds = checked_thresholds(thresholds, opts.quantized, validate)
 
     if trained:
         opts = _trained_options(model.meta[CONVERTED_KEY], opts, asked, options)

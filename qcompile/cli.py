@@ -596,6 +596,11 @@ def _glue_negative_values(argv: list[str]) -> list[str]:
                 out.append(f"{argv[i]}={argv[i + 1]}")
                 i += 2
                 continue
+        if argv[i] == "--input-shape" and i + 1 < len(argv) and argv[i + 1][:2].rstrip("0123456789") == "-":
+            # -1,3,224,224 (ONNX's dynamic batch): "expected one argument"; glued, parse_input_shape says what to give
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
         out.append(argv[i])
         i += 1
     return out

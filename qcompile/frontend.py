@@ -51,6 +51,31 @@ def _is_spec(text: str) -> bool:
     return bool(sep) and bool(mod) and bool(attr) and not os.path.exists(text) and "/" not in mod
 
 
+@contextlib.contextmanager
+def _refuse_exit(what: str, when: str):
+    """Run the user's module code (an import, a factory call) so that a ``sys.exit`` in it is one line: a training
+    script that parses ``sys.argv`` at import read qcompile's own arguments, printed "usage: qcompile [-h]
+    [--epochs EPOCHS] ... error: unrecognized arguments" and exited 2, as if qcompile's options were wrong. What
+    it writes to stderr is held back, and shown where it does not exit."""
+    held = io.StringIO()
+    exited = None
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except SystemExit as exc:
+        exited = exc
+    finally:
+        if exited is None and held.getvalue():
+            sys.stderr.write(held.getvalue())
+    if exited is not None:
+        said = [line.strip() for line in held.getvalue().splitlines() if line.strip()]
+        code = exited.code if exited.code is None or isinstance(exited.code, int) else repr(str(exited.code))
+        detail = f"; it said {said[-1]!r}" if said else ""
+        raise UserError(f"{what} exited (sys.exit({code}){detail}): it runs a script {when} (argparse, sys.exit); "
+                        "put that code under `if __name__ == \"__main__\":`, or give a factory that only builds "
+                        "the model") from None
+
+
 def resolve_factory(spec: str):
     """Import ``package.module:factory`` and return the callable."""
     mod_name, sep, attr = spec.partition(":")
@@ -64,7 +89,10 @@ def resolve_factory(spec: str):
     if cwd not in sys.path:  # as `python` itself does, so a user's local module is importable
         sys.path.insert(0, cwd)
     try:
-        module = importlib.import_module(mod_name)
+        with _refuse_exit(f"importing module {mod_name!r} from {spec!r}", "when imported"):
+            module = importlib.import_module(mod_name)
+    except UserError:
+        raise
     except ImportError as exc:
         raise UserError(f"cannot import module {mod_name!r} from {spec!r} ({exc}); check the spelling or install it") from None
     except Exception as exc:  # the user's module fails on import: their code, not a qcompile bug
@@ -93,6 +121,13 @@ def check_materialized(model: nn.Module) -> None:
         raise UserError(f"the model has lazy modules that have not run yet ({owner!r} holds no weights: "
                         f"{len(lazy)} uninitialized tensor(s)); load its trained weights (load_state_dict) or run "
                         "it once on an input (model(x)) before quantizing it")
+    on_meta = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if on_meta:  # built under torch.device("meta") / init_empty_weights: "the model does not run on inputs of
+        # shape ... (Tensor on device meta is not on the expected device cpu!); fix --input-shape"
+        raise UserError(f"the model's weights are on the 'meta' device, which holds shapes but no values "
+                        f"({on_meta[0]!r} and {len(on_meta) - 1} more); load its trained weights first: "
+                        "model.load_state_dict(state_dict, assign=True), or model.to_empty(device='cpu') and then "
+                        "load_state_dict")
 
 
 def check_not_exported(model) -> None:
@@ -111,7 +146,10 @@ def check_not_exported(model) -> None:
 def _call_factory(spec: str) -> nn.Module:
     factory = resolve_factory(spec)
     try:
-        model = factory()
+        with _refuse_exit(f"factory {spec!r}", "when called"):
+            model = factory()
+    except UserError:
+        raise
     except TypeError as exc:  # most likely required arguments
         raise UserError(f"factory {spec!r} raised TypeError: {exc}; it must build the model with no "
                         "arguments") from None
@@ -242,6 +280,11 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         raise UserError(f"{source!r} holds a {type(obj).__name__}, not a state dict or model; save model.state_dict() with torch.save")
     if not arch:
         raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
+    meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
+    if meta:  # saved from a model on the meta device: "does not fit --arch (Error(s) in loading state_dict for X:)"
+        raise UserError(f"the state dict in {source!r} holds tensors on the 'meta' device, shapes without values "
+                        f"({meta[0]!r} and {len(meta) - 1} more: saved from a model built on the meta device); save "
+                        "the state dict of the model with its trained weights")
     model = _call_factory(arch)
     expected = model.state_dict()  # once: each call walks every module (it was called per key, 7 ms on digits)
     state = _strip_wrapper_prefix(_bake_pruning(state, expected, source), expected)
@@ -264,7 +307,7 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
             f"missing {missing}" if missing else "",
             f"unexpected {unexpected}" if unexpected else "",
             f"other shapes: {shapes} (file vs --arch)" if shapes else "",
-        ) if x) or _first_line(exc)
+        ) if x) or _informative_line(exc)
         raise UserError(f"state dict in {source!r} does not fit --arch {arch} ({detail}); pass the factory that built it") from None
     return model.eval()
 
@@ -374,6 +417,16 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _informative_line(exc: BaseException) -> str:
+    """The first line of the message that says more than a heading ("Error(s) in loading state_dict for X:" is
+    followed by the reasons, one per line)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    for line in lines:
+        if not line.endswith(":"):
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """Parse ``1,3,224,224`` (also ``1x3x224x224``) into a shape tuple of positive ints."""
     # every field a number: an empty one ("1,,8,8", a dimension left out) was dropped, and the model then failed on
@@ -384,7 +437,10 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d <= 0 for d in shape):
-        raise UserError(f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. 1,3,224,224")
+        dynamic = " (the file takes any batch size whatever the first number: give 1 there, not -1)" \
+            if any(d < 0 for d in shape) else ""
+        raise UserError(f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. "
+                        f"1,3,224,224{dynamic}")
     return shape
 
 
@@ -1365,6 +1421,13 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
+    if not isinstance(model, nn.Module):  # a path, a function: "'str' object has no attribute 'named_children'"
+        raise UserError(f"trace() takes an nn.Module, got {type(model).__name__}"
+                        + (" (a path: load it first with qcompile.load_model(path, arch=...))"
+                           if isinstance(model, (str, os.PathLike)) else ""))
+    if isinstance(model, torch.jit.ScriptModule):  # "get_submodule is not supported on ScriptModules"
+        raise UserError("a TorchScript module cannot be traced with torch.fx; pass the nn.Module itself (or load the "
+                        "archive's weights into it: qcompile.load_model(path, arch='package.module:factory'))")
     if not isinstance(model, torch.fx.GraphModule):
         taken = [n for n, _ in model.named_children() if n in _GRAPH_MODULE_NAMES]
         if taken:
@@ -1597,7 +1660,13 @@ def _reference_outputs(model: nn.Module, example_inputs) -> list | None:
         if isinstance(leaf, (bool, int, float, complex, str, bytes)):
             raise UserError(f"output {i} of the model is a Python {type(leaf).__name__} ({leaf!r}), not a tensor; an "
                             "ONNX file returns tensors only: return torch.tensor(...) for a constant, or leave it out")
-    return [t for t in leaves if isinstance(t, torch.Tensor)]
+    tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+    if all(leaf is None for leaf in leaves):  # torch.onnx then failed: "'Graph' object has no attribute 'outputs'"
+        # (a dataclass is one leaf that holds tensors: torch.onnx's own error says what to return there)
+        what = "None" if out is None else f"a {type(out).__name__} without tensors"
+        raise UserError(f"the model's forward returns {what}; an ONNX file computes tensors: return the model's "
+                        "output tensor(s) from forward")
+    return tensors
 
 
 def _check_traced(want: list, traced_out) -> None:

@@ -131,8 +131,14 @@ class CompileOptions:
             raise UserError(f"unknown --keep-first-last {self.keep_first_last!r}; choose one of {', '.join(FIRST_LAST)}")
         for name in ("exclude", "leaf_modules"):  # a list from Python equals the same tuple
             value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
+            if isinstance(value, list) or value is None:  # None: none, as before
+                object.__setattr__(self, name, tuple(value or ()))
+            items = () if value is None else (value,) if isinstance(value, str) else value
+            if not isinstance(items, (tuple, list, set, frozenset)) or not all(isinstance(v, str) for v in items):
+                # exclude=3 stopped the compile in SelectLayers with "'int' object is not iterable"
+                flag = {"exclude": "--exclude", "leaf_modules": "--leaf-module"}[name]
+                raise UserError(f"option {name} takes layer names ({flag}): a str or a list of str, such as "
+                                f"{name}=['fc2'], got {value!r} ({type(value).__name__})")
         if isinstance(self.leaf_modules, str):  # one name, as exclude="conv2" is one pattern (not its letters)
             object.__setattr__(self, "leaf_modules", (self.leaf_modules,))
         if self.config is not None:

@@ -329,6 +329,8 @@ BAD_INPUTS = {
                             "give it the batch dimension (--input-shape 1,8 for 8 features"),
     "symmetric-levels-uniform": ([SPEC, "--scheme", "uniform", "--symmetric-levels"],
                                  "--symmetric-levels applies to APoT/PoT/log2 activations"),
+    # ONNX's dynamic batch: argparse took "-1,3,8,8" for an option ("expected one argument")
+    "shape-negative-batch": ([SPEC, "--input-shape", "-1,3,8,8"], "give 1 there, not -1"),
 }
 
 
@@ -355,6 +357,22 @@ def test_bad_input_is_one_line_exit_2_and_no_file(work, capsys, case):
     assert_user_error(rc, err, needle)
     assert onnx_files(work) == []
     assert not (work / "no_such_dir").exists()
+
+
+def test_arch_module_that_parses_argv_when_imported(work, capsys):
+    """A training script named by --arch that parses sys.argv at import read qcompile's arguments: argparse printed
+    "usage: qcompile [-h] [--epochs EPOCHS]" and "qcompile: error: unrecognized arguments: weights.pt --arch ...",
+    which looked like qcompile's own usage."""
+    (work / "qc_train_script.py").write_text(
+        f"import argparse\nfrom {MODULE} import TinyCNN\np = argparse.ArgumentParser()\n"
+        "p.add_argument('--epochs', type=int, default=3)\nargs = p.parse_args()\n\ndef net():\n    return TinyCNN()\n")
+    try:
+        rc, out, err = cli(capsys, *_with_defaults(["weights.pt", "--arch", "qc_train_script:net"]))
+        assert_user_error(rc, err, "importing module 'qc_train_script' from 'qc_train_script:net' exited (sys.exit(2)")
+        assert "usage:" not in err and "if __name__ ==" in err
+        assert onnx_files(work) == []
+    finally:
+        sys.modules.pop("qc_train_script", None)
 
 
 def test_calib_saved_with_torch_is_read_as_the_same_inputs(work, capsys):

@@ -454,6 +454,42 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     assert result.report.passed
 
 
+@pytest.mark.parametrize("kwargs, needle", [
+    # TypeError from validation's comparison ("'<' not supported between instances of 'float' and 'str'")
+    (dict(thresholds={"min_sqnr": "30"}), "threshold min_sqnr='30' is a str; give a number"),
+    (dict(thresholds={"max_code_mismatch": "x"}), "threshold max_code_mismatch='x' is a str"),
+    # TypeError "'int' object is not iterable", ValueError "dictionary update sequence element #0 has length 8"
+    (dict(thresholds=30), "thresholds= is of type int; give a dict of validation thresholds"),
+    (dict(thresholds=["min_sqnr"]), "thresholds= is of type list"),
+    # accepted: a percentage failed every compile ("100.00% < 9900.00%"), nan passed, a negative max_abs failed
+    (dict(thresholds={"min_top1": 99}), "threshold min_top1=99 is not a fraction; give a value in [0, 1]"),
+    (dict(thresholds={"min_sqnr": float("nan")}), "threshold min_sqnr=nan compares with nothing"),
+    (dict(thresholds={"max_abs": -1}), "threshold max_abs=-1 is negative"),
+    # "output path '/current/folder' is a directory"
+    (dict(output=""), "output= is empty; give a file name"),
+    # validate="no" validated (a non-empty string is true)
+    (dict(validate="no"), "validate must be True or False, got 'no'"),
+    # TypeError "'int' object is not iterable" in SelectLayers / trace
+    (dict(exclude=3), "option exclude takes layer names (--exclude): a str or a list of str"),
+    (dict(leaf_modules=3), "option leaf_modules takes layer names (--leaf-module)"),
+])
+def test_compile_api_refuses_bad_options_in_one_line(tmp_path, kwargs, needle):
+    x = example_input(MLP, batch=8)
+    kwargs = {"scheme": "uniform", "bits": 8, "calib": x, "output": str(tmp_path / "model.onnx"), **kwargs}
+    with pytest.raises(UserError) as info:
+        qcompile.compile(MLP(), x[:1], **kwargs)
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+    assert leftovers(tmp_path) == []
+
+
+def test_compile_api_takes_thresholds_as_numbers_of_any_kind():
+    """numpy and 0-d torch numbers, and None for no threshold, are thresholds as before."""
+    x = example_input(MLP, batch=8)
+    result = qcompile.compile(MLP(), x[:1], scheme="uniform", bits=8, calib=x, progress=False, thresholds={
+        "min_sqnr": np.float32(20), "min_top1": torch.tensor(0.5), "max_abs": None})
+    assert result.report.passed, result.report.summary()
+
+
 def test_default_attributes_are_stripped_and_outputs_unchanged():
     """Attributes equal to their default (schema defaults; unit strides/dilations and zero pads of convolutions and
     pools) go; the rest stay; onnxruntime computes the same before and after."""

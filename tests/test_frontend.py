@@ -2421,3 +2421,98 @@ def test_a_trace_error_also_names_where_the_sized_trace_stopped():
                                                  r"stopped at test_frontend\.py:\d+: symbolically traced variables "
                                                  r"cannot be used as inputs to control flow\)"):
         qcompile.compile(Branchy().eval(), torch.randn(1, 8), scheme="fp32", output=None)
+
+
+# --- user mistakes that were tracebacks or misleading messages ----------------------------------------------
+
+
+@pytest.mark.parametrize("body, exits", [
+    ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--epochs', type=int)\nargs = p.parse_args()\n",
+     "importing module 'qc_train_script' from 'qc_train_script:net' exited (sys.exit(2); it said "),
+    ("def net():\n    raise SystemExit('no GPU')\n", "factory 'qc_train_script:net' exited (sys.exit('no GPU')"),
+])
+def test_a_factory_module_that_exits_is_one_line(user_module, tmp_path, monkeypatch, capsys, body, exits):
+    """A training script used as --arch that parses sys.argv when imported read qcompile's own arguments: argparse
+    printed "usage: qcompile [-h] [--epochs EPOCHS]" and "qcompile: error: unrecognized arguments" and the command
+    exited 2 on SystemExit, as if qcompile's options were wrong (a factory's sys.exit(1): exit 1, no message)."""
+    source = f"from {user_module} import UserNet\n" + body + "\ndef net():\n    return UserNet()\n" \
+        if "argparse" in body else body
+    (tmp_path / "qc_train_script.py").write_text(source)
+    monkeypatch.setattr(sys, "argv", ["qcompile", "w.pt", "--arch", "qc_train_script:net"])
+    try:
+        with pytest.raises(UserError) as err:
+            load_model("qc_train_script:net")
+        _assert_one_line(err, exits, "if __name__ == \"__main__\":")
+        assert "usage:" not in capsys.readouterr().err  # argparse's usage lines were held back
+    finally:
+        sys.modules.pop("qc_train_script", None)
+
+
+def test_a_factory_module_that_warns_still_shows_its_warning(user_module, tmp_path, capsys):
+    """What the user's module writes to stderr is held back while it runs, and shown when it does not exit."""
+    (tmp_path / "qc_noisy.py").write_text(f"import sys\nfrom {user_module} import UserNet\n"
+                                          "sys.stderr.write('loading config\\n')\ndef net():\n    return UserNet()\n")
+    try:
+        assert isinstance(load_model("qc_noisy:net"), nn.Module)
+        assert "loading config" in capsys.readouterr().err
+    finally:
+        sys.modules.pop("qc_noisy", None)
+
+
+def test_a_state_dict_of_meta_tensors_is_refused_in_one_line(tmp_path):
+    """A state dict saved from a model built on the meta device: "does not fit --arch (Error(s) in loading
+    state_dict for MLP:)", the heading of torch's message, which named no reason."""
+    path = tmp_path / "meta.pt"
+    torch.save({k: v.to("meta") for k, v in MLP(seed=0).state_dict().items()}, path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP")
+    _assert_one_line(err, "holds tensors on the 'meta' device, shapes without values", "save the state dict")
+
+
+def test_a_model_on_the_meta_device_is_refused_in_one_line():
+    """A model on the meta device was "the model does not run on inputs of shape [(1, 16) float32] (... Tensor on
+    device meta ...); fix --input-shape": its inputs were fine, its weights hold no values."""
+    x = torch.randn(8, *MLP.INPUT_SHAPE[1:])
+    for run in (lambda m: qcompile.compile(m, x[:1], calib=x, scheme="uniform", bits=8, validate=False),
+                lambda m: trace(m, x[:1])):
+        with pytest.raises(UserError) as err:
+            run(MLP(seed=0).to("meta"))
+        _assert_one_line(err, "weights are on the 'meta' device", "load_state_dict(state_dict, assign=True)")
+
+
+@pytest.mark.parametrize("model, needle", [
+    ("weights.pt", "trace() takes an nn.Module, got str (a path: load it first with qcompile.load_model"),
+    (lambda x: x * 2, "trace() takes an nn.Module, got function"),
+    ("script", "a TorchScript module cannot be traced with torch.fx"),
+])
+def test_trace_of_something_else_than_a_module_is_one_line(model, needle):
+    """qcompile.trace('w.pt', x): AttributeError "'str' object has no attribute 'named_children'"; a scripted
+    module: RuntimeError "get_submodule is not supported on ScriptModules"."""
+    if model == "script":
+        model = torch.jit.script(MLP(seed=0))
+    with pytest.raises(UserError) as err:
+        trace(model, example_input(MLP))
+    _assert_one_line(err, needle)
+
+
+def test_a_forward_that_returns_none_is_one_line():
+    """A forward that forgot its return: torch.onnx's exporter failed "('Graph' object has no attribute 'outputs')"
+    and the error blamed what torch.onnx exports."""
+    class NoReturn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            self.fc(x)
+
+    x = torch.randn(8, 8)
+    with pytest.raises(UserError) as err:
+        qcompile.compile(NoReturn().eval(), x[:1], calib=x, scheme="uniform", bits=8, validate=False)
+    _assert_one_line(err, "the model's forward returns None", "return the model's output tensor(s)")
+
+
+def test_a_negative_input_shape_says_the_batch_is_dynamic_anyway():
+    with pytest.raises(UserError) as err:
+        parse_input_shape("-1,3,8,8")
+    _assert_one_line(err, "invalid --input-shape '-1,3,8,8'", "give 1 there, not -1")

@@ -821,3 +821,18 @@ def test_a_state_dict_carries_the_asymmetric_level_offsets():
     old = {k: v for k, v in gm.state_dict().items() if not k.endswith("level_offset_buffer")}
     fresh.load_state_dict(old)
     assert {n: fresh.get_submodule(n).level_offset for n in offsets} == offsets
+
+
+def test_export_checks_its_thresholds_as_compile_does(tmp_path):
+    """qat.export(thresholds={"min_sqnr": "30"}) stopped validation with a TypeError ("'<' not supported between
+    instances of 'float' and 'str'"), an unknown name with one from validate_quantized's signature."""
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = qat.prepare(pretrained(), x[:1], scheme="uniform", bits=8, method="ste", calib=x)
+    for thresholds, needle in [({"min_sqnr": "30"}, "threshold min_sqnr='30' is a str; give a number"),
+                               ({"min_snr": 30}, "unknown validation threshold(s) 'min_snr'"),
+                               ({"min_top1": 99}, "threshold min_top1=99 is not a fraction")]:
+        with pytest.raises(UserError) as err:
+            qat.export(gm, x[:1], output=str(tmp_path / "q.onnx"), thresholds=thresholds)
+        assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "q.onnx").exists()
+    assert qat.export(gm, x[:1], thresholds={"min_sqnr": 10}).report.passed

@@ -134,6 +134,9 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     from qcompile.runtime.validation import validate_quantized
 
     t0 = time.perf_counter()
+    from qcompile.api import checked_thresholds
+
+    thresholds = checked_thresholds(thresholds, validate=validate)  # {"min_sqnr": "30"}: a TypeError in validation
     if output is not None:
         export_mod.check_output_path(output)
     from qcompile.frontend import unwrap
