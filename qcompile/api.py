@@ -23,7 +23,7 @@ from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
-from .frontend import check_materialized, check_not_exported, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
+from .frontend import check_materialized, check_not_exported, float_reference, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 from .threads import DeferredThreads
@@ -1216,7 +1216,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
 
             # the passes worked on a copy: model is still the float one (a QAT-trained model has none: its converted
             # quantizers compared with themselves, "vs the float model: 79 dB, top-1 100 %" at 10 % accuracy)
-            float_model = None if trained else plain_copy(model).eval()
+            float_model = None if trained else float_reference(model, example_inputs, opts.leaf_modules)
             with _onnxruntime_refusals():
                 report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                             **th)
@@ -1235,7 +1235,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
             with _onnxruntime_refusals():
-                report = validate_model(onnx_model.SerializeToString(), plain_copy(model).eval(), inputs,
+                report = validate_model(onnx_model.SerializeToString(),
+                                        float_reference(model, example_inputs, opts.leaf_modules), inputs,
                                         float64_scale=not _random_draws(gm),
                                         rounding_scale="min_sqnr" not in (thresholds or {}), **th)
         if not report.passed and numbers_note:

@@ -130,6 +130,44 @@ def check_materialized(model: nn.Module) -> None:
                         "load_state_dict")
 
 
+_CONVERTED_TO_FLOAT32 = "_qcompile_converted_to_float32"  # set by plain_copy on a copy it made float32
+_FLOAT_CAST_METHODS = {"double", "half", "bfloat16"}
+
+
+def _float32_casts(gm: torch.fx.GraphModule) -> None:
+    """In a model that ``plain_copy`` made float32, the casts its forward makes to other float types
+    (``x.double()``, ``x.half()``, ``x.to(torch.float64)``, ``x.type(torch.float16)``) cast to float32: its layers
+    hold float32 weights now, and a float64 layer inside a float32 model stopped the compile with "mat1 and mat2
+    must have the same dtype", blamed on the input shape."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op != "call_method":
+            continue
+        if node.target in _FLOAT_CAST_METHODS:
+            node.target = "float"
+            changed = True
+        elif node.target in ("to", "type"):
+            def f32(v):
+                return torch.float32 if isinstance(v, torch.dtype) and v.is_floating_point and v != torch.float32 \
+                    else v
+            args, kwargs = tuple(f32(a) for a in node.args), {k: f32(v) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed = True
+    if changed:
+        gm.recompile()
+
+
+def float_reference(model: nn.Module, example_inputs, leaf_modules=()) -> nn.Module:
+    """The float32 model that validation compares with: its :func:`plain_copy`, or, where that copy no longer
+    runs eagerly because its forward casts to the float type it was made from (a float64 layer inside a float32
+    model), the traced copy, whose casts are float32 (:func:`_float32_casts`)."""
+    copied = plain_copy(model).eval()
+    if copied.__dict__.get(_CONVERTED_TO_FLOAT32) and _eager_failure(copied, example_inputs) is not None:
+        return trace(copied, example_inputs, leaf_modules=leaf_modules, copy=False)
+    return copied
+
+
 def check_not_exported(model) -> None:
     """A ``torch.export`` program, or the GraphModule of one (``ep.module()``): its graph calls aten operators
     (``aten.conv2d.default``) where the passes look for Conv/Linear layers, so nothing was quantized (a float file,
@@ -514,6 +552,9 @@ def plain_copy(model: nn.Module) -> nn.Module:
     tensors = list(copied.parameters()) + list(copied.buffers())
     if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors):
         copied.float()  # a half/bfloat16/float64 model: quantized from (and validated against) its float32 values
+        # its forward's own casts to those types (a float64 layer inside a float32 model: x.double() before it,
+        # .float() after) now meet float32 weights: trace() makes them float32 casts (_float32_casts)
+        copied.__dict__[_CONVERTED_TO_FLOAT32] = True
     was_training = copied.training
     copied.eval()
     with torch.no_grad(), warnings.catch_warnings():
@@ -1458,6 +1499,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     finally:
         if original_class is not None:  # the caller's model (copy=False) keeps its class
             model.__class__ = original_class
+    if model.__dict__.get(_CONVERTED_TO_FLOAT32):
+        _float32_casts(gm)
     _inputs_named_as_placeholders(gm)
     _refuse_unexportable(gm)
     _record_layer_owners(gm, model)

@@ -629,6 +629,41 @@ def test_a_model_in_another_float_precision_compiles_from_its_float32_values(dty
     assert next(model.parameters()).dtype == dtype  # the user's model is left as it was
 
 
+class _Float64Island(nn.Module):
+    """A float32 model with one float64 layer that its forward casts to and back (or a half model casting its
+    input to half)."""
+
+    def __init__(self, half: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.half_model = half
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        if half:
+            self.half()
+        else:
+            self.b.double()
+
+    def forward(self, x):
+        if self.half_model:
+            return self.c(torch.relu(self.b(torch.relu(self.a(x.to(torch.float16))))))
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)).double())).float())
+
+
+@pytest.mark.parametrize("half", [False, True], ids=["float64 layer", "half model casting its input"])
+@pytest.mark.parametrize("scheme", ["uniform", "fp32"])
+def test_casts_to_the_type_a_model_was_made_from_become_float32(half, scheme):
+    """The model is quantized from its float32 copy; its forward's casts to float64/half met float32 weights
+    there: "does not run on inputs of shape [(1, 8) float32] (mat1 and mat2 must have the same dtype); fix
+    --input-shape"."""
+    model = _Float64Island(half).eval()
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8)
+    assert result.report.passed, result.report.summary()
+    if scheme != "fp32":
+        assert result.report.extra["code_mismatch"] == 0.0 and result.report.extra["sqnr_vs_float_db"] > 30
+    assert {p.dtype for p in model.parameters()} == ({torch.float16} if half else {torch.float32, torch.float64})
+
+
 def test_a_torchscript_module_is_refused_with_what_to_pass_instead():
     with pytest.raises(UserError, match="TorchScript module cannot be traced"):
         qcompile.compile(torch.jit.script(MLP(seed=0)), torch.randn(2, *MLP.INPUT_SHAPE[1:]), scheme="uniform", bits=8)
