@@ -779,6 +779,10 @@ def compile(
         dropped_note = extra_items_note(model, calib)
         if dropped_note:
             warnings.warn(dropped_note, QuantizationWarning, stacklevel=2)
+    # a list of equally shaped arrays and no example: each item is read as a batch, so a list of single samples
+    # traced the model on one sample without its batch axis ("expected 4D input (got 3D input)")
+    listed = example_inputs is None and isinstance(calib, list) and len(calib) > 1 and n_inputs == 1 and \
+        all(isinstance(t, (torch.Tensor, np.ndarray)) and tuple(t.shape) == tuple(calib[0].shape) for t in calib)
     calib_x = calib_data(calib, n_inputs)
     if example_inputs is None:
         if calib_x is None:
@@ -822,6 +826,10 @@ def compile(
             return _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, output, validate,
                                       thresholds, callback, progress, t0, settle_threads=threads.settle)
     except UserError as e:
+        if listed and str(e).startswith("the model does not run on inputs of shape"):
+            raise UserError(f"{e} (calib= is a list of {len(calib)} arrays of shape {tuple(calib[0].shape)}, each read "
+                            "as a batch: a list of single samples? stack them, np.stack(samples) / "
+                            "torch.stack(samples))") from None
         hooked = _hooked_modules(model)
         if hooked and ("does not compute the model" in str(e) or "changed what the model computes" in str(e)):
             raise UserError(f"the model's outputs differ from its traced graph's, and {', '.join(hooked[:3])}"

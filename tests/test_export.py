@@ -1593,3 +1593,9 @@ def test_a_list_of_single_samples_is_told_to_be_stacked():
     with pytest.raises(UserError, match=r"samples of shape \(8, 8\) .*a list of single samples\? .*stack them"):
         qcompile.compile(model, x[:1], calib=[s.numpy() for s in x], scheme="uniform", bits=8)
     assert qcompile.compile(model, x[:1], calib=np.stack([s.numpy() for s in x]), scheme="uniform", bits=8).report.passed
+    # without an example the first item is the example: the model ran on one sample without its batch axis
+    with pytest.raises(UserError) as err:
+        qcompile.compile(model, None, calib=[s for s in x], scheme="uniform", bits=8)
+    assert "\n" not in str(err.value) and "list of 16 arrays of shape (3, 8, 8)" in str(err.value)
+    assert "stack them" in str(err.value)
+    assert qcompile.compile(model, None, calib=[x[:8], x[8:]], scheme="uniform", bits=8).report.passed  # batches
