@@ -212,6 +212,9 @@ def _softplus_symbolic(g, x, beta, threshold):
     return g.op("Where", g.op("Greater", scaled, limit), x, soft)
 
 
+_NEAREST_MODES = ("nearest", "nearest-exact")
+
+
 def _nearest_resize_args(gm, node):
     """``(input node, spatial sizes, interpolate keyword arguments)`` of a nearest ``F.interpolate`` /
     ``nn.Upsample`` whose input has static recorded spatial sizes, else None."""
@@ -219,17 +222,19 @@ def _nearest_resize_args(gm, node):
 
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, torch.nn.Upsample) or mod.mode != "nearest" or len(node.args) != 1 or node.kwargs:
+        if not isinstance(mod, torch.nn.Upsample) or mod.mode not in _NEAREST_MODES or len(node.args) != 1 \
+                or node.kwargs:
             return None
-        kwargs = {"size": mod.size, "scale_factor": mod.scale_factor,
+        kwargs = {"size": mod.size, "scale_factor": mod.scale_factor, "mode": mod.mode,
                   "recompute_scale_factor": getattr(mod, "recompute_scale_factor", None)}
     elif node.op == "call_function" and node.target is F.interpolate and node.args:
         names = ("input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
         given = dict(zip(names, node.args))
         given.update(node.kwargs)
-        if given.get("mode", "nearest") != "nearest" or given.get("antialias"):
+        if given.get("mode", "nearest") not in _NEAREST_MODES or given.get("antialias"):
             return None
         kwargs = {k: given.get(k) for k in ("size", "scale_factor", "recompute_scale_factor")}
+        kwargs["mode"] = given.get("mode", "nearest")
     else:
         return None
     x = node.args[0]
@@ -254,7 +259,8 @@ def exact_nearest_resizes(gm: torch.nn.Module) -> torch.nn.Module:
     padding 1) put output column 8 on input column 6 in onnxruntime (8 / (16/14) = 6.9999995) and on 7 in PyTorch
     (8 * 0.875); an fp32 file was 18.8 dB from its model. The indices are those PyTorch computes: its own nearest
     resize of the positions 0..n-1 along that axis, with the same size or scale. Integer upsampling factors keep
-    ``Resize`` (exact there, and faster)."""
+    ``Resize`` (exact there, and faster). ``nearest-exact`` (half-pixel centres), which torch.onnx does not export
+    at all, is written the same way."""
     import torch.nn.functional as F
 
     if not isinstance(gm, torch.fx.GraphModule):
@@ -267,7 +273,7 @@ def exact_nearest_resizes(gm: torch.nn.Module) -> torch.nn.Module:
         _x, spatial, kwargs, dims = found
         per_axis = []
         for axis, n in enumerate(spatial):
-            pick = {"recompute_scale_factor": kwargs["recompute_scale_factor"]}
+            pick = {"recompute_scale_factor": kwargs["recompute_scale_factor"], "mode": kwargs["mode"]}
             if kwargs["size"] is not None:
                 size = kwargs["size"]
                 pick["size"] = int(size[axis] if isinstance(size, (tuple, list)) else size)
@@ -275,15 +281,16 @@ def exact_nearest_resizes(gm: torch.nn.Module) -> torch.nn.Module:
                 scale = kwargs["scale_factor"]
                 pick["scale_factor"] = float(scale[axis] if isinstance(scale, (tuple, list)) else scale)
             try:
-                pos = F.interpolate(torch.arange(n, dtype=torch.float32).reshape(1, 1, n), mode="nearest", **pick)
+                pos = F.interpolate(torch.arange(n, dtype=torch.float32).reshape(1, 1, n), **pick)
             except Exception:  # noqa: BLE001 -- arguments this rewrite does not understand: leave the resize
                 per_axis = None
                 break
             per_axis.append(pos.reshape(-1).to(torch.int64))
         if per_axis is None:
             continue
-        if all(len(idx) % n == 0 and torch.equal(idx, torch.arange(n).repeat_interleave(len(idx) // n))
-               for idx, n in zip(per_axis, spatial)):
+        if kwargs["mode"] == "nearest" and all(
+                len(idx) % n == 0 and torch.equal(idx, torch.arange(n).repeat_interleave(len(idx) // n))
+                for idx, n in zip(per_axis, spatial)):
             continue  # an integer upsampling factor (or none): Resize computes the same
         plans[node.name] = per_axis
     if not plans:
