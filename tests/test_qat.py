@@ -836,3 +836,45 @@ def test_export_checks_its_thresholds_as_compile_does(tmp_path):
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert not (tmp_path / "q.onnx").exists()
     assert qat.export(gm, x[:1], thresholds={"min_sqnr": 10}).report.passed
+
+
+class _ScalarFeature(torch.nn.Module):
+    """A series of scalars projected to features in the middle of the model (``nn.Linear(1, d)``: one weight per
+    output channel) and a depthwise 1x1 conv (one weight per channel too)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.emb = torch.nn.Linear(4, 8), torch.nn.Linear(1, 16)
+        self.dw, self.fc = torch.nn.Conv1d(16, 16, 1, groups=16), torch.nn.Linear(16, 3)
+
+    def forward(self, x):  # (N, T, 1)
+        h = F.relu(self.emb(self.a(x.expand(-1, -1, 4)).mean(-1, keepdim=True))).transpose(1, 2)
+        return self.fc(F.relu(self.dw(h)).mean(-1))
+
+
+@pytest.mark.parametrize("method,scheme", [("apot", "apot"), ("pact", "uniform"), ("sdq", "log2")])
+def test_layers_with_one_weight_per_channel_prepare_train_and_export(method, scheme):
+    # the unbiased std of one value is NaN (0 / 0): prepare stopped with "mse observer got NaN or inf values"; and
+    # weight normalisation centred each single weight to 0 (the layer computed its bias only)
+    model = _ScalarFeature().eval()
+    x = torch.randn(64, 10, 1, generator=torch.Generator().manual_seed(1))
+    gm = qat.prepare(model, x[:1], scheme=scheme, bits=4, method=method, calib=x[:32])
+    with torch.no_grad():
+        want, got = model(x), gm.eval()(x)
+    assert float(10 * torch.log10(want.pow(2).sum() / (want - got).pow(2).sum())) > 25
+    gm.train()
+    opt = torch.optim.Adam(qat.param_groups(gm, lr_alpha=1e-2), lr=1e-3)
+    for _ in range(3):
+        loss = F.cross_entropy(gm(x[:32]), torch.arange(32) % 3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert qat.export(gm, x[:1], validation_inputs=x[32:]).report.passed
+
+
+def test_channel_stats_of_one_value_per_channel_is_the_tensors_spread():
+    w = torch.tensor([[0.5], [-2.0], [1.0]])
+    mu, sigma = channel_stats(w, 0)
+    assert torch.equal(mu, w) and torch.isfinite(sigma).all()
+    assert torch.allclose(sigma, w.std().expand(3, 1))

@@ -82,7 +82,12 @@ def channel_stats(x: torch.Tensor, axis: Optional[int]):
     """
     dims = _reduce_dims(x, axis)
     mu = x.mean(dim=dims, keepdim=True)
-    sigma = x.std(dim=dims, keepdim=True).clamp_min(quant.MIN_ALPHA)
+    if x.numel() // max(mu.numel(), 1) < 2 and x.numel() > 1:
+        # one value per channel (nn.Linear(1, d), a depthwise 1x1 conv): its unbiased std is NaN (0 / 0), which
+        # stopped qat.prepare in its MSE observer; the spread of the whole tensor is the channels' common scale
+        sigma = x.std().clamp_min(quant.MIN_ALPHA).expand_as(mu)
+    else:
+        sigma = x.std(dim=dims, keepdim=True).clamp_min(quant.MIN_ALPHA)
     return mu, sigma
 
 

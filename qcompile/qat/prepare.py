@@ -356,7 +356,9 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
                 # a depthwise filter (one input channel per group, ~9 weights) is mostly its mean (median |mu|/sigma
                 # 2 in a depthwise-separable digits CNN): removing it turned blurs into edge detectors, and APoT QAT
                 # started at 11 % and ended at 25 % there (99.4 % float); such layers are normalised by scale only
-                center = cfg.wn_center and not (w.dim() >= 3 and w.shape[1] == 1)
+                # (one weight per channel, nn.Linear(1, d): centred it is 0, and the layer computed its bias only)
+                center = cfg.wn_center and not (w.dim() >= 3 and w.shape[1] == 1) and \
+                    (fq.axis is None or w.numel() > w.shape[fq.axis])
                 centred = w - w.mean(dim=_dims(w, fq.axis), keepdim=True) if center else w
                 init = _pooled_mse_alpha(centred / sigma, fq.levelset)
                 new = LearnableFakeQuantize(**common, init_alpha=_per_channel(init, w, fq.axis, cfg.shared_alpha),
