@@ -359,15 +359,19 @@ def test_bad_input_is_one_line_exit_2_and_no_file(work, capsys, case):
     assert not (work / "no_such_dir").exists()
 
 
-def test_arch_module_that_parses_argv_when_imported(work, capsys):
+def test_arch_module_that_parses_argv_when_imported(work, capsys, monkeypatch):
     """A training script named by --arch that parses sys.argv at import read qcompile's arguments: argparse printed
     "usage: qcompile [-h] [--epochs EPOCHS]" and "qcompile: error: unrecognized arguments: weights.pt --arch ...",
     which looked like qcompile's own usage."""
     (work / "qc_train_script.py").write_text(
         f"import argparse\nfrom {MODULE} import TinyCNN\np = argparse.ArgumentParser()\n"
         "p.add_argument('--epochs', type=int, default=3)\nargs = p.parse_args()\n\ndef net():\n    return TinyCNN()\n")
+    args = _with_defaults(["weights.pt", "--arch", "qc_train_script:net"])
+    # the command line as the qcompile executable has it (pytest's own argv, which the script parses too, depends
+    # on how the suite was started: a bare `python -m pytest` parsed, and nothing exited)
+    monkeypatch.setattr(sys, "argv", ["qcompile"] + [str(a) for a in args])
     try:
-        rc, out, err = cli(capsys, *_with_defaults(["weights.pt", "--arch", "qc_train_script:net"]))
+        rc, out, err = cli(capsys, *args)
         assert_user_error(rc, err, "importing module 'qc_train_script' from 'qc_train_script:net' exited (sys.exit(2)")
         assert "usage:" not in err and "if __name__ ==" in err
         assert onnx_files(work) == []
