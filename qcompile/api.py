@@ -707,6 +707,8 @@ def compile(
     bits = 4 if bits is None else bits
     arch = options.pop("arch", None)
     trust_pickle = options.pop("trust_pickle", False)
+    if not isinstance(trust_pickle, (bool, np.bool_)):  # trust_pickle="no" unpickled (any non-empty string is true)
+        raise UserError(f"trust_pickle must be True or False, got {trust_pickle!r} ({type(trust_pickle).__name__})")
     _check_option_names(options)
     opts = CompileOptions(scheme=scheme, bits=bits, **options)
     if not opts.quantized:  # as the CLI: options that would quantize something, given to a float compile

@@ -74,9 +74,9 @@ class CompileOptions:
         import numpy as np
 
         for name in ("per_channel", "asym_levels", "fold_bn", "equalize", "bias_correction", "int8_outputs",
-                     "int8_levels", "float_downsample", "equalize_inputs"):  # "no" was taken as true
+                     "int8_levels", "float_downsample", "equalize_inputs", "check"):  # "no" was taken as true
             value = getattr(self, name)
-            if value is None and name == "equalize_inputs":
+            if value is None and name in ("equalize_inputs", "check"):
                 continue
             if isinstance(value, np.bool_):
                 object.__setattr__(self, name, bool(value))

@@ -469,6 +469,9 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     (dict(output=""), "output= is empty; give a file name"),
     # validate="no" validated (a non-empty string is true)
     (dict(validate="no"), "validate must be True or False, got 'no'"),
+    # check="yes" / trust_pickle="yes" were taken as true, as validate="no" was
+    (dict(check="no"), "option check must be True or False, got 'no'"),
+    (dict(trust_pickle="no"), "trust_pickle must be True or False, got 'no'"),
     # TypeError "'int' object is not iterable" in SelectLayers / trace
     (dict(exclude=3), "option exclude takes layer names (--exclude): a str or a list of str"),
     (dict(leaf_modules=3), "option leaf_modules takes layer names (--leaf-module)"),
