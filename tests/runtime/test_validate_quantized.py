@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 
 import qcompile
@@ -828,6 +829,34 @@ def test_drift_at_the_scale_of_the_range_passes_where_pot_levels_resolve_it():
         by_name = {layer["quantizer"]: layer for layer in report.layers}
         assert by_name[name]["codes_differ"] > 0.1 * by_name[name]["codes"]  # the black half's codes moved
         assert report.passed is passes, (shift, report.summary())
+
+
+class _BinaryAfterSiLU(nn.Module):
+    """Binary weights and activations behind float SiLU layers: a layer's sum of +-alpha codes times +-1 weights is
+    often exactly 0, and float32 sums in another order land on either side of the threshold at 0."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2, self.c3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c4, self.fc = nn.Conv2d(16, 16, 1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.silu(self.c3(F.silu(self.c2(F.silu(self.c1(x))))))
+        return self.fc(self.c4(h).mean((2, 3)))
+
+
+def test_binary_activations_on_sums_that_are_zero_pass_as_drift():
+    # README listed this as a known exception: 3.5 % of one channel's codes differed on identical inputs and
+    # validation FAILed, though both sides decide the sign of the same sum, 0, computed in other float orders
+    x = torch.randn(64, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(_BinaryAfterSiLU().eval(), x[:1], calib=x[:32], validation_inputs=x[32:],
+                              scheme="binary", int8_levels=False, progress=False)
+    report = result.report
+    assert report.passed, report.summary()
+    assert report.extra["codes_differ"] > 1000  # the flips are there, side by side
+    assert report.extra["code_mismatch_local"] <= MAX_CODE_MISMATCH
 
 
 def test_validation_batches_are_bounded_by_the_activations_too(monkeypatch):
