@@ -1211,7 +1211,13 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         first = calib_x[0] if isinstance(calib_x, tuple) else calib_x
         onnx_model.metadata_props.add(key=CALIBRATION_KEY, value=json.dumps(
             {"samples": int(first.shape[0]), "sha256": calibration_fingerprint(calib_x)}, separators=(",", ":")))
-    export_mod.check_model(onnx_model)
+    # serialized once, for the checker, the validation and the file; and the in-memory model parsed again from it:
+    # upb keeps a tensor replaced in a message (emission's float weights -> int8) in the message's arena until
+    # the whole message goes, so the exported model held its float weights beside the quantized ones through the
+    # validation (a 54M-weight MLP at W8A8: 315 MB for a 52 MB file)
+    data = onnx_model.SerializeToString()
+    onnx_model = onnx.ModelProto.FromString(data)
+    export_mod.check_model(data)
 
     report = None  # validated before it is written: nothing is left behind when validation cannot run
     if validate:
@@ -1228,7 +1234,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # quantizers compared with themselves, "vs the float model: 79 dB, top-1 100 %" at 10 % accuracy)
             float_model = None if trained else float_reference(model, example_inputs, opts.leaf_modules)
             with _onnxruntime_refusals():
-                report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
+                report = validate_quantized(data, gm, inputs, float_model=float_model,
                                             **th)
             constant = report.extra.get("float_output_constant")
             if constant is not None:
@@ -1245,7 +1251,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
             with _onnxruntime_refusals():
-                report = validate_model(onnx_model.SerializeToString(),
+                report = validate_model(data,
                                         float_reference(model, example_inputs, opts.leaf_modules), inputs,
                                         float64_scale=not _random_draws(gm),
                                         rounding_scale="min_sqnr" not in (thresholds or {}), **th)
@@ -1259,6 +1265,6 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                                        "for the compile (no sampling in eval mode)")
         # most of a large model's compile (ResNet-50, 32 images at 224x224: 31 of 40 s), and nothing said so
         summary["validation_seconds"] = round(time.perf_counter() - t_validate, 3)
-    path = export_mod.save_atomic(onnx_model, output) if output is not None else None
+    path = export_mod.save_bytes_atomic(data, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

@@ -643,7 +643,7 @@ def _flat_tensors(values) -> list:
     return flat
 
 
-def check_model(model: onnx.ModelProto) -> None:
+def check_model(model: onnx.ModelProto | bytes) -> None:
     """``onnx.checker`` with the full check (shape inference included)."""
     onnx.checker.check_model(model, full_check=True)
 
@@ -651,6 +651,11 @@ def check_model(model: onnx.ModelProto) -> None:
 def save_atomic(model: onnx.ModelProto, path: str) -> str:
     """Serialize ``model`` to ``path`` through a temporary file in the same folder and a rename."""
     return _write_atomic(model.SerializeToString(), path, ".onnx.tmp", "-o")
+
+
+def save_bytes_atomic(data: bytes, path: str) -> str:
+    """Write a serialized ONNX model to ``path`` the same way (whole or not at all)."""
+    return _write_atomic(data, path, ".onnx.tmp", "-o")
 
 
 def write_text_atomic(text: str, path: str, what: str = "--json") -> str:

@@ -99,7 +99,7 @@ class _Exporter:
         for name, mod in self.modules.items():
             self.first_name.setdefault(id(mod), name)
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.initializers: dict[str, np.ndarray] = {}  # name -> the parameter's values (a view, not a copy)
         self.by_content: dict[tuple, list] = {}  # (shape, sum) -> [(initializer, values)] with those
         self.same_as: dict[str, str] = {}  # parameter name -> the initializer with the same values
         self.values: dict[torch.fx.Node, object] = {}  # _Value, or a torch.Tensor for get_attr
@@ -170,7 +170,7 @@ class _Exporter:
                 self.same_as[name] = first
             else:
                 twins.append((name, array))
-                self.initializers[name] = numpy_helper.from_array(array, name)
+                self.initializers[name] = array
         return _Value(self.same_as.get(name, name), shape, param=name)
 
     # -- the graph ---------------------------------------------------------------------------------------------
@@ -244,14 +244,18 @@ class _Exporter:
             graph_outputs.append(_value_info(name, v.shape))
         read = {i for n in self.nodes for i in n.input}
         graph_inputs = [v for v in graph_inputs if v.name in read]  # an unused input is dropped, as TorchScript does
-        graph = helper.make_graph(self.nodes, "main_graph", graph_inputs, graph_outputs,
-                                  initializer=list(self.initializers.values()), value_info=self.value_info)
+        graph = helper.make_graph(self.nodes, "main_graph", graph_inputs, graph_outputs, value_info=self.value_info)
         opsets = [helper.make_opsetid("", self.opset)]
         if any(hasattr(m, "prepare_export") for m in self.gm.modules()):
             opsets.append(helper.make_opsetid(MARKER_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="pytorch",
                                   producer_version=torch.__version__.split("+")[0])
         model.ir_version = IR_VERSION
+        # the weights go straight into the model's own graph, one tensor at a time: through make_graph's list and
+        # make_model's copy of the graph they were held three times over at once (a 54M-weight MLP's export
+        # peaked at 3x its float weights)
+        for name, array in self.initializers.items():
+            model.graph.initializer.append(numpy_helper.from_array(array, name))
         return model
 
     def _rename(self, old: str, new: str) -> None:

@@ -298,9 +298,15 @@ def _int8_layer(fn, x, w, *args, units=None):
     if w_codes is None:
         w_codes = torch.round(w.float() / w_unit.reshape([-1] + [1] * (w.dim() - 1)))
         if memo is not None:
-            _memo_put(memo, key, (w, w_unit), w_codes)
+            # kept as 8- or 16-bit integers (exact: |codes| <= 128) and made float per call: a float copy of
+            # every weight beside the quantized weights themselves was a whole model's weights more at
+            # validation's peak
+            small = torch.int8 if w_codes.numel() == 0 or float(w_codes.abs().max()) < 128 else torch.int16
+            _memo_put(memo, key, (w, w_unit), w_codes.to(small))
+    elif not w_codes.is_floating_point():
+        w_codes = w_codes.float()
     bias, rest = (args[0], args[1:]) if args else (None, ())
-    acc = int8_accumulator(fn, x_codes, w_codes, *rest)
+    acc = int8_accumulator(fn, x_codes, w_codes, *rest, bound_key=key)
     shape = [1] * acc.dim()
     shape[1 if fn is not F.linear else -1] = -1
     y = acc.mul_(acc_scale.double().reshape(shape))
@@ -317,11 +323,12 @@ _SPLIT = 16
 _MAX_EXACT_TERMS = 8192
 
 
-def int8_accumulator(fn, x_codes: torch.Tensor, w_codes: torch.Tensor, *args) -> torch.Tensor:
+def int8_accumulator(fn, x_codes: torch.Tensor, w_codes: torch.Tensor, *args, bound_key=None) -> torch.Tensor:
     """``fn(x_codes, w_codes, None, *args)`` exactly (float64): Σ (q_x − Z_x)·q_w of a conv/linear ``fn`` on integer
     codes (``|x_codes| ≤ 255``, ``|w_codes| ≤ 128``, integer-valued float tensors), from one float32 run of ``fn``
     where no partial sum can reach 2**24, else two (the halves of the split codes), instead of one float64 run
-    (several times faster on a CPU). ``args`` follow the bias (stride, ...).
+    (several times faster on a CPU). ``args`` follow the bias (stride, ...). ``bound_key``: the weight memo's key of
+    ``w_codes`` where they come from it (made float for this call, so not a key of their own).
     Layers with more than 8192 terms per output fall back to float64, exact there too (|Σ| < 2**53)."""
     if w_codes[0].numel() > _MAX_EXACT_TERMS:
         return fn(x_codes.double(), w_codes.double(), None, *args)
@@ -329,12 +336,14 @@ def int8_accumulator(fn, x_codes: torch.Tensor, w_codes: torch.Tensor, *args) ->
     # Where no output can reach 2**24 (Σ_k |q_w| · max |q_x| per output channel bounds every partial sum), one
     # float32 run is exact already: most layers, whose weights are far from ±128 everywhere.
     memo = _WEIGHT_MEMO[0] if not torch.is_grad_enabled() else None
-    key = ("bound",) + _memo_key(w32) if memo is not None else None
+    key = None
+    if memo is not None:
+        key = ("bound",) + (bound_key if bound_key is not None else _memo_key(w32))
     bound = _memo_get(memo, key) if memo is not None else None
     if bound is None:
         bound = float(w32.detach().abs().flatten(1).sum(1).max())
         if memo is not None:
-            _memo_put(memo, key, (w32,), bound)
+            _memo_put(memo, key, () if bound_key is not None else (w32,), bound)
     if bound * float(x32.detach().abs().max()) < 2.0 ** 24:
         return fn(x32, w32, None, *args).double()
     hi = torch.floor(x32 / _SPLIT)  # exact: division by a power of two of an integer below 2**24

@@ -353,12 +353,15 @@ def saturating_pairs(model) -> int:
     producer = {out: n for n in model.graph.node for out in n.output}
 
     def int8_weight(name):
+        """``(codes, lut)``: the layer's int8 weight codes, or the indices into an int8 level table ``lut`` (None
+        for plain codes); None where the weight is not int8. Kept in 8 bits: wider copies of a large model's
+        weights were the peak of its compile's memory (a 54M-weight MLP: 3.5x its float weights here alone)."""
         node = producer.get(name)
         if node is None or node.op_type != "DequantizeLinear":
             return None
         src = inits.get(node.input[0])
         if src is not None:
-            return numpy_helper.to_array(src).astype(np.int64) if src.data_type == TensorProto.INT8 else None
+            return (numpy_helper.to_array(src), None) if src.data_type == TensorProto.INT8 else None
         gather = producer.get(node.input[0])  # non-uniform grid: Gather(int8 lut, Cast(packed indices))
         if gather is None or gather.op_type != "Gather" or gather.input[0] not in inits:
             return None
@@ -367,7 +370,7 @@ def saturating_pairs(model) -> int:
         idx = inits.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
         if lut.data_type != TensorProto.INT8 or idx is None:
             return None
-        return numpy_helper.to_array(lut).astype(np.int64)[numpy_helper.to_array(idx).astype(np.int64)]
+        return numpy_helper.to_array(idx), numpy_helper.to_array(lut).astype(np.int16)
 
     def uint8_input(name):
         """The layer's input is uint8 codes (or unknown): int8 codes run on int8 x int8 kernels, and codes wider
@@ -422,9 +425,10 @@ def saturating_pairs(model) -> int:
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
             continue
-        w = int8_weight(node.input[1])
-        if w is None or not uint8_input(node.input[0]):
+        found = int8_weight(node.input[1])
+        if found is None or not uint8_input(node.input[0]):
             continue
+        w, lut = found
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "Conv":
             if w.shape[1] == 1 and attrs.get("group", 1) == w.shape[0] > 1:
@@ -434,9 +438,14 @@ def saturating_pairs(model) -> int:
             rows = w.reshape(w.shape[0], -1)
         else:
             rows = w.reshape(w.shape[0], -1).T  # MatMul / Gemm B is [K, N]
-        if rows.shape[1] % 2:
-            rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), rows.dtype)], 1)
-        total += int((np.abs(rows[:, 0::2] + rows[:, 1::2]) > INT16_MAX // max_code(node.input[0])).sum())
+        limit = INT16_MAX // max_code(node.input[0])
+        step = max(1, (1 << 20) // max(rows.shape[1], 1))  # rows at a time: int16 copies of about 1M codes
+        for r0 in range(0, rows.shape[0], step):
+            block = rows[r0:r0 + step]
+            block = lut[block.astype(np.intp)] if lut is not None else block.astype(np.int16)  # |a + b| <= 256
+            if block.shape[1] % 2:
+                block = np.concatenate([block, np.zeros((block.shape[0], 1), block.dtype)], 1)
+            total += int((np.abs(block[:, 0::2] + block[:, 1::2]) > limit).sum())
     return total
 
 
@@ -455,12 +464,15 @@ def _saturation_hint(model_bytes: bytes) -> str:
             "exact here (a model compiled already keeps the weights it was compiled with)")
 
 
-def _onnx_with_outputs(model_bytes: bytes, names: list[str]) -> bytes:
+def _onnx_with_outputs(model, names: list[str]) -> bytes:
+    """``model`` (bytes, or a ModelProto, which this changes) with ``names`` as further graph outputs, serialized."""
     import onnx
 
     from qcompile.emit import attach_probes
 
-    model = attach_probes(onnx.load_from_string(model_bytes))  # activations the deployed graph does not compute
+    if isinstance(model, (bytes, bytearray)):
+        model = onnx.load_from_string(bytes(model))
+    model = attach_probes(model)  # activations the deployed graph does not compute
     have = {o.name for o in model.graph.output}
     for name in names:
         if name not in have:
@@ -807,12 +819,14 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     # from a path with onnx.load: a file saved with external data has its tensors read from beside it (from the
     # bytes alone onnxruntime looked in the working directory: "External data path ... escapes")
     model_bytes = source if isinstance(source, bytes) else onnx.load(source).SerializeToString()
-    act_map = activation_map(onnx.load_from_string(model_bytes))
     got = run_onnx(model_bytes, inputs, batch_size)
+    parsed = onnx.load_from_string(model_bytes)  # parsed once (each parse is a copy of the weights), then dropped
+    act_map = activation_map(parsed)
 
     modules = dict(sim.named_modules())
     acts = [a for a in act_map if isinstance(modules.get(a["module"]), FakeQuantize)]
     if not acts:
+        del parsed
         ref = run_reference(sim, inputs, batch_size)
         report = compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                                  samples=_sample_count(inputs))
@@ -823,7 +837,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         float_graph = _float_layers(sim)
         ref_parts: list[list[np.ndarray]] = []
         forced_parts: list[list[np.ndarray]] = []  # outputs from onnxruntime's codes
-        probe = session(_onnx_with_outputs(model_bytes, [a["tensor"] for a in acts]))
+        pairs = saturating_pairs(parsed)  # 0: exact on every onnxruntime CPU
+        probe = session(_onnx_with_outputs(parsed, [a["tensor"] for a in acts]))
+        del parsed
         out_names = [o.name for o in probe.get_outputs()]
         stats = {a["module"]: {"codes": 0, "differ": 0, "local": 0, "sig": 0.0, "noise": 0.0, "channels": {},
                                "own_sig": 0.0, "own_noise": 0.0}
@@ -984,7 +1000,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         report.extra["code_mismatch"] = frac
         report.extra["codes_differ_local"] = local
         report.extra["code_mismatch_local"] = frac_local
-        report.extra["saturating_pairs"] = saturating_pairs(model_bytes)  # 0: exact on every onnxruntime CPU
+        report.extra["saturating_pairs"] = pairs
         for name, (theirs, ours) in shapes.items():
             report.failures.append(f"activation quantizer {name!r}: the file's tensor has shape {list(theirs)}, the "
                                    f"simulation's {list(ours)} (the file computes another graph)")

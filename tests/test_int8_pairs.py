@@ -316,3 +316,43 @@ def test_pair_safe_weights_update_the_recorded_qparams():
             assert torch.equal(qp.alpha.float(), gm.get_submodule(node.target).alpha.float()), node.target
             moved += qp.observer.endswith("+pair-safe")
     assert moved > 0
+
+
+def _pairs_reference(w: np.ndarray, limit: int) -> int:
+    """Same-sign neighbours along a Gemm(transB=1) row past ``limit``: the count, in int64, all at once."""
+    rows = w.astype(np.int64)
+    if rows.shape[1] % 2:
+        rows = np.concatenate([rows, np.zeros((rows.shape[0], 1), np.int64)], 1)
+    return int((np.abs(rows[:, 0::2] + rows[:, 1::2]) > limit).sum())
+
+
+def test_saturating_pairs_counts_large_and_table_weights_in_8_bits():
+    """saturating_pairs reads int8 weights in blocks of rows as 16-bit integers (int64 copies of a 54M-weight
+    model's codes were the peak of its compile's memory): the count is that of a direct int64 count, for plain int8
+    codes over several blocks of rows with an odd row length, and for indices into an int8 level table."""
+    gen = np.random.default_rng(0)
+    k, n = 4097, 600  # 2**20 // 4097 = 255 rows per block: three blocks; odd rows are padded with a zero
+    w = gen.integers(-128, 128, size=(n, k), dtype=np.int8)
+    lut = np.array([0, 100, -100, 90, -90, 127, -128, 5], dtype=np.int8)  # a non-uniform grid's table
+    idx = gen.integers(-8, 8, size=(64, k), dtype=np.int8)  # Gather wraps negative indices, as numpy does
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.01] * n, np.float32), "ws"),
+             numpy_helper.from_array(np.float32(0.1), "xs"), numpy_helper.from_array(np.uint8(0), "xz"),
+             numpy_helper.from_array(lut, "lut"), numpy_helper.from_array(idx, "idx"),
+             numpy_helper.from_array(np.array([0.01] * 64, np.float32), "vs")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws"], ["wd"], axis=0),
+             helper.make_node("Gemm", ["xd", "wd"], ["y"], transB=1),
+             helper.make_node("Cast", ["idx"], ["idx32"], to=TensorProto.INT32),
+             helper.make_node("Gather", ["lut", "idx32"], ["v"]),
+             helper.make_node("DequantizeLinear", ["v", "vs"], ["vd"], axis=0),
+             helper.make_node("Gemm", ["xd", "vd"], ["z"], transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 64])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    limit = 32767 // 255
+    expected = _pairs_reference(w, limit) + _pairs_reference(lut[idx.astype(np.int64)], limit)
+    assert expected > 1000  # the case exists: both layers have such pairs
+    assert saturating_pairs(model) == expected
+    assert saturating_pairs(model.SerializeToString()) == expected

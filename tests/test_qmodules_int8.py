@@ -108,3 +108,29 @@ def test_int8_layer_with_units_gives_the_exact_accumulator_of_the_dequantized_in
     assert torch.equal(acc, exact)
     # the float64 path agrees on these (typical) magnitudes; it is exact only up to round-off of float32(d·S_x)
     assert torch.equal(torch.round(y64 / acc_scale.double().reshape(shape)), exact)
+
+
+@pytest.mark.parametrize("top", [127, 128], ids=["int8-codes", "int16-codes"])
+def test_weight_memo_keeps_codes_in_8_or_16_bits_and_gives_the_same_outputs(top):
+    """Under ``weight_memo`` (validation's runs) an int8 layer keeps its weight codes as 8-bit integers (16-bit where a
+    code is ±128), not as a float copy of the weights, and computes the same outputs on every call, bound memo
+    included, as without the memo."""
+    from qcompile import qmodules
+    from qcompile.qmodules import int8_linear, weight_memo
+
+    g = torch.Generator().manual_seed(3)
+    s_x = torch.tensor(0.05, dtype=torch.float32)
+    q_w = torch.randint(-127, 128, (16, 400), generator=g).float()
+    q_w[0, 0] = -float(top)
+    s_w = torch.rand(16, generator=g) * 0.01 + 1e-4
+    units = (s_x, s_w, (s_x * s_w).float())
+    w = q_w * s_w[:, None]
+    xs = [torch.randint(-255, 256, (3, 400), generator=g).float() * s_x for _ in range(3)]
+    plain = [int8_linear(x, w, None, units=units) for x in xs]
+    with torch.no_grad(), weight_memo():
+        memo = [int8_linear(x, w, None, units=units) for x in xs]
+        kept = [v[1] for k, v in qmodules._WEIGHT_MEMO[0].items() if k[0] == "codes"]
+    assert len(kept) == 1 and kept[0].dtype == (torch.int8 if top == 127 else torch.int16)
+    assert torch.equal(kept[0].float(), q_w)
+    for a, b in zip(plain, memo):
+        assert torch.equal(a, b)
