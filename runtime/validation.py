@@ -713,7 +713,10 @@ def _drift(fq, x: torch.Tensor, ort_codes: torch.Tensor, to_codes) -> torch.Tens
     return (ort_codes >= torch.minimum(lo, hi)) & (ort_codes <= torch.maximum(lo, hi))
 
 
-VALIDATION_BATCH_VALUES = 1 << 20  # input values per batch of validate_quantized (default batch size)
+# input values per batch of validate_quantized (default batch size): one 224x224 image. With 2**20 (six such images)
+# ResNet-50's compile of 32 images peaked at 2.5-2.7 GB above the model, all of it in validation, with 2**18 at
+# 0.95 GB in the same time (17-20 s); MobileNetV2 1.1-1.2 GB -> 0.36 GB (5.6-7.1 s either way, noise)
+VALIDATION_BATCH_VALUES = 1 << 18
 
 
 VALIDATION_BATCH_ACTIVATIONS = 1 << 29  # float activation values per batch (the traced graph's, per sample)
@@ -735,9 +738,9 @@ def _activation_values(sim) -> int:
 
 def validation_batch_size(inputs, sim=None) -> int:
     """Samples per batch of :func:`validate_quantized`: about ``VALIDATION_BATCH_VALUES`` input values, from 1 to
-    64. It holds every quantizer's output several times over per batch (the simulation's, its float run's,
-    onnxruntime's, their codes): 32 ResNet-50 images at 224x224 in one batch of 64 peaked at 11.0 GB and took 85 s
-    to validate, in batches of 8 5.3 GB and 31 s, with the same report."""
+    64. It holds every quantizer's output twice over per batch (the simulation's, and its float run's or
+    onnxruntime's): 32 ResNet-50 images at 224x224 in one batch of 64 peaked at 11.0 GB and took 85 s to validate,
+    in batches of 8 5.3 GB and 31 s, with the same report; one image per batch holds least."""
     parts = inputs if isinstance(inputs, tuple) else (inputs,)
     per_sample = sum(int(t[:1].numel()) for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0)
     batch = VALIDATION_BATCH_VALUES // max(per_sample, 1)
@@ -803,7 +806,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     last quantizer; below ``min_forced_sqnr`` dB the validation fails (codes alone say nothing of what follows
     the last quantizer). A file without activation quantizers is held to the same bound, side by side.
 
-    ``batch_size``: samples per run; by default :func:`validation_batch_size` (about a million input values).
+    ``batch_size``: samples per run; by default :func:`validation_batch_size` (about a quarter million input values).
     """
     import onnx
 
@@ -887,27 +890,41 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                         own_run[0] = False
                     ref_parts.append([t.detach().float().numpy() for t in ys])
                     forced_parts.append(ref_parts[-1])
+                    # The batch's activations are held at most twice at once (the float run's and the simulation's,
+                    # then the simulation's and onnxruntime's), each quantizer's codes made when compared: with
+                    # onnxruntime's outputs and all their codes beside both runs' ResNet-50's validation held four
+                    # copies of every quantized activation of 6 images (its peak: 2.2 GB of the compile's 2.3)
+                    against_float = {}
+                    for a in acts:
+                        q_out = captured[a["module"]]
+                        f = floats[a["module"]].float()
+                        if saturation.get(a["module"]) is not None:  # tanh/clip readers see no difference beyond
+                            f = f.clamp(*saturation[a["module"]])
+                        against_float[a["module"]] = (_sum_squares(f), _sum_squares(q_out.float() - f))
+                        del f
+                    del floats
                     onnx_out = dict(zip(out_names, run(probe, [b.numpy() for b in batch])))
-                    onnx_codes = {a["module"]: codes(a["module"], torch.from_numpy(onnx_out[a["tensor"]]))
-                                  for a in acts}
+
+                    def onnx_codes(a, out=onnx_out):
+                        return codes(a["module"], torch.from_numpy(out[a["tensor"]]))
+
                     drifted = False
                     for a in acts:
                         s = stats[a["module"]]
                         q_out = captured[a["module"]]
-                        if onnx_codes[a["module"]].shape != q_out.shape:  # another graph: nothing to compare
-                            shapes.setdefault(a["module"], (tuple(onnx_codes[a["module"]].shape), tuple(q_out.shape)))
-                            onnx_codes[a["module"]] = codes(a["module"], q_out)
+                        ort_codes = onnx_codes(a)
+                        if ort_codes.shape != q_out.shape:  # another graph: nothing to compare
+                            shapes.setdefault(a["module"], (tuple(ort_codes.shape), tuple(q_out.shape)))
                             s["codes"] += q_out.numel()  # in the total, as codes of this quantizer
                             continue
-                        differ = int((onnx_codes[a["module"]] != codes(a["module"], q_out)).sum())
+                        differ = int((ort_codes != codes(a["module"], q_out)).sum())
+                        del ort_codes
                         s["codes"] += q_out.numel()
                         s["differ"] += differ
                         drifted |= differ > 0
-                        f = floats[a["module"]].float()
-                        if saturation.get(a["module"]) is not None:  # tanh/clip readers see no difference beyond
-                            f = f.clamp(*saturation[a["module"]])
-                        s["sig"] += _sum_squares(f)
-                        s["noise"] += _sum_squares(q_out.float() - f)
+                        sig, noise = against_float[a["module"]]
+                        s["sig"] += sig
+                        s["noise"] += noise
                     if drifted:
                         # Teacher-forced: every quantizer reads what onnxruntime's upstream quantizers produced, so a
                         # code differs only where the two computations of its own input (float accumulation order)
@@ -922,7 +939,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                             if a["module"] in shapes:
                                 continue
                             sim_codes = codes(a["module"], captured[a["module"]])
-                            wrong = onnx_codes[a["module"]] != sim_codes
+                            ort_codes = onnx_codes(a)
+                            wrong = ort_codes != sim_codes
                             x = captured_in.get(a["module"])
                             if bool(wrong.any()) and x is not None and x.shape == wrong.shape \
                                     and x.is_floating_point():
@@ -931,7 +949,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                                 # quantizer is monotone): values piled on a tie (a saturated GRU/LSTM/tanh output at
                                 # exactly 1.0 on a grid whose 1.0 is a half step), or a sum that cancels to ~1e-9
                                 # where PoT levels reach 2^-30 of the range (any two float orders differ there)
-                                wrong &= ~_drift(modules[a["module"]], x, onnx_codes[a["module"]],
+                                wrong &= ~_drift(modules[a["module"]], x, ort_codes,
                                                  lambda v, name=a["module"]: codes(name, v))
                             stats[a["module"]]["local"] += int(wrong.sum())
                             _count_channels(stats[a["module"]]["channels"], wrong)
