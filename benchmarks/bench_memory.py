@@ -8,11 +8,14 @@ and that of what follows them (export, emission, the checker, validation, the wr
 
 Models, built here (nothing downloaded, no torchvision): ``mlp`` (1024 -> 4 x 4096 -> 10, 54M weights: the weights
 dominate), ``cnn`` (a VGG-like CNN on 32 x 32 images, 9.8M weights: weights and activations), ``digits`` (the
-bundled digits CNN, 0.07M weights: the fixed cost of torch, onnx and onnxruntime dominates). Configurations: uniform
-W8A8 and APoT W4A4.
+bundled digits CNN, 0.07M weights: the fixed cost of torch, onnx and onnxruntime dominates); on request
+``resnet50`` and ``mobilenet_v2`` (torchvision's, random weights with BatchNorm statistics from random batches, 32
+images at 224 x 224: the activations dominate; run it with an interpreter that has torchvision). Configurations:
+uniform W8A8 and APoT W4A4.
 
 Writes ``benchmarks/results/memory.json`` and prints a markdown table.
-Run: ``python benchmarks/bench_memory.py [--models mlp,cnn,digits]`` from the repository root (about 2 minutes).
+Run: ``python benchmarks/bench_memory.py [--models mlp,cnn,digits]`` from the repository root (about a minute;
+``--models resnet50,mobilenet_v2 --output benchmarks/results/memory_vision.json`` about 2 minutes more).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "memory.json")
 MODELS = ("mlp", "cnn", "digits")
+VISION = ("resnet50", "mobilenet_v2")  # on request (--models): torchvision's, random weights, 32 images at 224x224
 CONFIGS = {"uniform W8A8": {"scheme": "uniform", "bits": 8}, "apot W4A4": {"scheme": "apot", "bits": 4}}
 
 
@@ -62,6 +66,16 @@ def _build(name: str):
         with torch.no_grad():  # BatchNorm statistics of its own activations
             model(x)
         return model.eval(), x
+    if name in VISION:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
+        gen = torch.Generator().manual_seed(1)
+        model.train()
+        with torch.no_grad():  # BatchNorm statistics of real activations, not the (0, 1) defaults
+            for _ in range(3):
+                model(torch.randn(8, 3, 224, 224, generator=gen))
+        return model.eval(), torch.randn(32, 3, 224, 224, generator=gen)
     from qcompile.models import digits
 
     x_train, _, _, _ = digits.load_split()
@@ -116,8 +130,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            if name not in MODELS:
-                raise SystemExit(f"unknown model {name!r}; one of {', '.join(MODELS)}")
+            if name not in MODELS + VISION:
+                raise SystemExit(f"unknown model {name!r}; one of {', '.join(MODELS + VISION)}")
             for config in CONFIGS:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name, config,
                                       os.path.join(folder, "m.onnx")], capture_output=True, text=True, cwd=ROOT)
