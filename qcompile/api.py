@@ -1232,7 +1232,14 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
 
             # the passes worked on a copy: model is still the float one (a QAT-trained model has none: its converted
             # quantizers compared with themselves, "vs the float model: 79 dB, top-1 100 %" at 10 % accuracy)
-            float_model = None if trained else float_reference(model, example_inputs, opts.leaf_modules)
+            float_model = None
+            if not trained:
+                # its outputs, computed first: the float copy is let go before the validation's own runs (one copy
+                # of the weights less at their peak)
+                from qcompile.runtime.validation import as_inputs, float_outputs, validation_batch_size
+
+                float_model = float_outputs(float_reference(model, example_inputs, opts.leaf_modules), inputs,
+                                            validation_batch_size(as_inputs(inputs), gm))
             with _onnxruntime_refusals():
                 report = validate_quantized(data, gm, inputs, float_model=float_model,
                                             **th)

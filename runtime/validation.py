@@ -222,6 +222,27 @@ def run_reference(reference: Callable, inputs, batch_size: int = 64) -> list[np.
     return join_batches(outs, _batch_sizes(inputs, batch_size))
 
 
+@dataclasses.dataclass
+class FloatOutputs:
+    """A float model's outputs on the validation inputs (joined over batches) and which of them are floating point:
+    what :func:`validate_quantized` compares the file with, computed before it runs (:func:`float_outputs`)."""
+
+    outputs: list
+    floating: list
+
+
+def float_outputs(float_model: Callable, inputs, batch_size: int) -> FloatOutputs:
+    """``float_model``'s outputs on ``inputs``, for ``validate_quantized(..., float_model=...)``: the caller can let
+    the model go before the validation's own runs (compile passes its float copy of the model: one copy of the
+    weights less at the validation's peak). ``batch_size``: as the validation's (the same numbers)."""
+    inputs = as_inputs(inputs)
+    outputs = run_reference(float_model, inputs, batch_size)
+    first = next(iter(batches(inputs, 1)))
+    with torch.no_grad():
+        floating = [t.is_floating_point() for t in output_tensors(float_model(*[t.clone() for t in first]))]
+    return FloatOutputs(outputs, floating)
+
+
 def run_onnx(path_or_sess, inputs, batch_size: int = 64) -> list[np.ndarray]:
     sess = session(path_or_sess) if isinstance(path_or_sess, (str, bytes)) else path_or_sess
     outs: list[list[np.ndarray]] = []
@@ -808,7 +829,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     last quantizer; below ``min_forced_sqnr`` dB the validation fails (codes alone say nothing of what follows
     the last quantizer). A file without activation quantizers is held to the same bound, side by side.
 
-    ``batch_size``: samples per run; by default :func:`validation_batch_size` (about a quarter million input values).
+    ``float_model``: the float model the file's outputs are compared with (SQNR, top-1 agreement), or its outputs
+    from :func:`float_outputs`. ``batch_size``: samples per run; by default :func:`validation_batch_size` (about a
+    quarter million input values).
     """
     import onnx
 
@@ -1061,10 +1084,9 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
                                        + (f" (and {more} more quantizer(s))" if more else "")
                                        + (_saturation_hint(model_bytes) if hint is None else ""))
     if float_model is not None and not report.extra.get("shape_mismatch"):
-        fl = run_reference(float_model, inputs, batch_size)
-        first = next(iter(batches(inputs, 1)))
-        with torch.no_grad():
-            kinds = [t.is_floating_point() for t in output_tensors(float_model(*[t.clone() for t in first]))]
+        if not isinstance(float_model, FloatOutputs):
+            float_model = float_outputs(float_model, inputs, batch_size)
+        fl, kinds = float_model.outputs, float_model.floating
         # the worst float output (an integer output, argmax say, has no SQNR), over the entries finite in both
         scores = []
         for i, (r, t) in enumerate(zip(fl, got)):
