@@ -1410,6 +1410,13 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                         "lengths (h[torch.arange(B), lengths - 1])")
             if "cannot be iterated" in said:  # torch.fx's paragraph on loops and *args: the hint says it here
                 said = said.split(". ")[0]
+            if type(unwrap(model)).__module__.startswith("torchvision.models.detection."):
+                # SSD, RetinaNet, FCOS, Faster R-CNN: their forward takes a list of images and ends in NMS, and the
+                # generic hints (unpack a fixed count, --leaf-module) lead nowhere there
+                hint = ("a torchvision detection model resizes its list of images, makes anchors and runs non-maximum "
+                        "suppression in forward (data-dependent boxes), which no trace keeps: compile its tensor part, "
+                        "its backbone (model.backbone) or a module returning model.head(list(model.backbone(x)"
+                        ".values())) for SSD / RetinaNet / FCOS, and decode the boxes from the file's outputs")
             then = ""
             later = sized_failure[0] if sized_failure else None
             if later is not None and _user_frame(later) and _user_frame(later) != line:
