@@ -589,22 +589,22 @@ def _export_error_message(e: Exception) -> str:
     return f"torch.onnx cannot export this model: {what}; {hint}"
 
 
-def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> list[str]:
     """Give the graph outputs the dimensions the model gives them. The exporter leaves names where it cannot tell: a
     Linear on (batch, tokens, features) exported as Reshape → Gemm → Reshape declared ``[batch,
     Reshapeoutput_dim_1, ...]``, a time-first output ``[batch, batch, 6]``, ``y.flatten()`` of the whole batch
     ``[batch]``. The model runs at the example's batch size and twice it: a dimension of the same size both times
     is pinned to it, one that doubles with the batch is the batch, any other gets a name of its own (it follows
     the batch some other way). Only outputs with a named dimension past the first, or of rank 1, are checked: the
-    common ``[batch, ...static]`` needs no run."""
+    common ``[batch, ...static]`` needs no run. Returns a note for each output whose rank follows the batch size."""
     outputs = model.graph.output
     batch = {d.dim_param for i in model.graph.input for d in list(i.type.tensor_type.shape.dim)[:1] if d.dim_param}
     dims_of = [list(o.type.tensor_type.shape.dim) for o in outputs]
     if not any(any(d.HasField("dim_param") for d in dims[1:]) or (len(dims) == 1 and dims[0].HasField("dim_param"))
                for dims in dims_of):
-        return
+        return []
     if not example_inputs or any(not isinstance(t, torch.Tensor) or t.dim() == 0 for t in example_inputs):
-        return
+        return []
     from .qmodules import disabled_quantizers
 
     sizes = (int(example_inputs[0].shape[0]), 2 * int(example_inputs[0].shape[0]))
@@ -617,14 +617,29 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
             with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()), disabled_quantizers(gm):
                 values = gm(*inputs)
         except Exception:  # a model that takes only this batch: leave the declared shapes alone
-            return
+            return []
         shapes.append([tuple(v.shape) for v in _flat_tensors(values)])
     if len(shapes[0]) != len(outputs) or len(shapes[1]) != len(outputs):
-        return  # an output the exporter dropped or merged: leave the declared shapes alone
+        return []  # an output the exporter dropped or merged: leave the declared shapes alone
     name = next(iter(sorted(batch)), "batch")
+    ranked: list = []
     for out, one, two in zip(outputs, *shapes):
         dims = out.type.tensor_type.shape.dim
-        if len(dims) != len(one) or len(one) != len(two):
+        if len(one) != len(two):
+            # a rank that follows the batch size (``x.squeeze()`` after a global pool: (10,) at batch 1, (N, 10)
+            # from 2 on): the file computes it as the model does (Squeeze without axes), and a graph output must
+            # declare a rank, so it declares the one of batches past 1; the exporter's ``[batch]`` of the batch-1
+            # trace made onnxruntime warn on every run of a larger batch
+            del dims[:]
+            for j, size in enumerate(two):
+                d = dims.add()
+                if j == 0 and size == sizes[1]:
+                    d.dim_param = name
+                else:
+                    d.dim_value = int(size)
+            ranked.append((out.name, one, two))
+            continue
+        if len(dims) != len(one):
             continue
         for j, d in enumerate(dims):
             if not d.HasField("dim_param"):
@@ -635,6 +650,10 @@ def pin_output_dims(model: onnx.ModelProto, gm: torch.nn.Module, example_inputs:
                 d.dim_param = name
             else:
                 d.dim_param = f"{out.name}_dim{j}"
+    return [f"output {out_name!r} has {len(one)} dimension(s) at batch {sizes[0]} {tuple(one)} and {len(two)} at batch "
+            f"{sizes[1]} {tuple(two)} (a .squeeze() that also takes away a batch of 1?): the file computes it as the model "
+            "does and declares the shape of batches past 1; .flatten(1) or .squeeze(-1) keeps the batch dimension"
+            for out_name, one, two in ranked]
 
 
 def _flat_tensors(values) -> list:

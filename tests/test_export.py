@@ -1656,3 +1656,61 @@ def test_a_list_of_single_samples_is_told_to_be_stacked():
     assert "\n" not in str(err.value) and "list of 16 arrays of shape (3, 8, 8)" in str(err.value)
     assert "stack them" in str(err.value)
     assert qcompile.compile(model, None, calib=[x[:8], x[8:]], scheme="uniform", bits=8).report.passed  # batches
+
+
+class _SqueezedHead(torch.nn.Module):
+    """``.squeeze()`` after a global pool: (10,) at batch 1, (N, 10) from batch 2 on."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.conv(x))).squeeze())
+
+
+def test_an_output_whose_rank_follows_the_batch_declares_the_rank_of_larger_batches(tmp_path):
+    """A batch-1 example traced ``x.squeeze()`` to (10,), and the file declared its output ``[batch]`` while it gave
+    (N, 10) for N > 1 (onnxruntime warned "Expected shape ... does not match" on every run, the validation
+    passed): it now declares ``[batch, 10]`` and the compile says why its rank follows the batch."""
+    import onnxruntime as ort
+
+    from qcompile import QuantizationWarning
+
+    torch.manual_seed(0)
+    model, x = _SqueezedHead().eval(), torch.rand(32, 1, 8, 8)
+    path = tmp_path / "sq.onnx"
+    with pytest.warns(QuantizationWarning, match=r"\.squeeze\(\)"):
+        result = qcompile.compile(model, calib=x, scheme="uniform", bits=8, output=str(path), progress=False)
+    assert result.report.passed
+    assert "squeeze" in result.summary["output_rank_note"]
+    dims = result.onnx_model.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 10]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert sess.get_outputs()[0].shape == ["batch", 10]
+    for n in (1, 4):  # the file computes the model's own shapes, at batch 1 too
+        got = sess.run(None, {sess.get_inputs()[0].name: x[:n].numpy()})[0]
+        assert got.shape == tuple(model(x[:n]).shape)
+
+
+def test_compile_gives_the_global_generator_back_as_it_was():
+    """The decomposed nn.MultiheadAttention's new Linear layers drew from torch's global generator, so a seeded
+    script computed other numbers after a compile than without it."""
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(16, 5, 16)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False, progress=False)
+    assert torch.equal(torch.rand(3), expected)
