@@ -1,5 +1,5 @@
 """qcompile.runtime: run emitted ONNX files in onnxruntime and validate them against their PyTorch reference."""
 from .session import session, run
-from .validation import ValidationReport, compare_outputs, validate
+from .validation import ValidationReport, compare_outputs, validate, validate_quantized
 
-__all__ = ["session", "run", "ValidationReport", "compare_outputs", "validate"]
+__all__ = ["session", "run", "ValidationReport", "compare_outputs", "validate", "validate_quantized"]

@@ -276,12 +276,22 @@ def model_source(onnx_file):
     return os.fspath(onnx_file)
 
 
-def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_sqnr: float | None = None,
+def validate(onnx_path, reference: Callable, inputs, batch_size: int | None = None, min_sqnr: float | None = None,
              max_abs: float | None = None, min_top1: float | None = None) -> ValidationReport:
     """Run ``onnx_path`` (a path, bytes, ModelProto or onnxruntime session) in onnxruntime and ``reference`` in PyTorch on ``inputs``
     and compare. The file must compute ``reference``: without any threshold, ``min_sqnr`` is 80 dB (relative error
     1e-4, float rounding; what ``qcompile validate`` holds an fp32 file to): a report that checked nothing said
-    PASS for a file of another model (-4 dB). For a quantized file and its simulation use ``validate_quantized``."""
+    PASS for a file of another model (-4 dB). ``batch_size``: samples per run (default 64).
+
+    A quantized simulation (a GraphModule with ``FakeQuantize`` modules) as ``reference`` is validated as a compile
+    validates it, by :func:`validate_quantized` (integer codes side by side, code flips at decision thresholds
+    allowed up to its bounds; the thresholds given apply there): compared as a float file it failed a correct
+    file at 78.8 dB, three codes flipped by float summation order."""
+    if _is_simulation(reference) and not hasattr(onnx_path, "get_inputs"):
+        return validate_quantized(onnx_path, reference, inputs, batch_size=batch_size, min_sqnr=min_sqnr,
+                                  max_abs=max_abs, min_top1=min_top1)
+    if batch_size is None:
+        batch_size = 64
     if min_sqnr is None and max_abs is None and min_top1 is None:
         min_sqnr = 80.0
     inputs = as_inputs(inputs)
@@ -292,6 +302,15 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int = 64, min_s
     got = run_onnx(onnx_path, inputs, batch_size)
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                            samples=_sample_count(inputs))
+
+
+def _is_simulation(reference) -> bool:
+    """Whether ``reference`` is a quantized simulation: a GraphModule holding ``FakeQuantize`` modules."""
+    if not isinstance(reference, torch.fx.GraphModule):
+        return False
+    from qcompile.qmodules import FakeQuantize
+
+    return any(isinstance(m, FakeQuantize) for m in reference.modules())
 
 
 def validate_model(onnx_path, model, inputs, float64_scale: bool = True, rounding_scale: bool = True,

@@ -434,3 +434,27 @@ def test_data_free_correction_takes_e_x_from_distilled_inputs_where_no_batchnorm
     assert not any("no E[x]" in line for line in notes[True]), notes[True]
     assert sum("|Δb|" in line for line in notes[True]) >= 5, notes[True]
     assert sqnr[True] > sqnr[False] + 0.5, sqnr  # measured: 16.2 -> 22.9 dB at 4 bits, 12.0 -> 13.7 at 3
+
+
+def test_a_pipeline_without_recorded_float_means_says_the_mean_matching_did_not_run():
+    """``Calibrate(data) → BiasCorrection(data)`` in a pipeline of one's own ran only the ε·E[x] step: the matching
+    of output means needs the float layer means ``Calibrate(record_input_means=True)`` records (compile() asks for
+    them), and the report said nothing of it. With the flag the matching runs and no such line is written."""
+    model = ResidualCNN(seed=0)
+    calib = example_input(model, seed=1, batch=64)
+    gm = prepared(model, calib)
+    p = BiasCorrection(calib)
+    p(gm)
+    assert any("record_input_means=True" in line for line in p.report)
+    assert not any("output mean matched" in line for line in p.report)
+
+    gm = trace(model, calib[:2])
+    passes = [FoldBatchNorm(), SelectLayers(W3, first_last="quant"), InsertQuantizers(),
+              Calibrate(calib, method="minmax", record_input_means=True)]
+    gm = Pipeline(passes, check=True)(gm).gm
+    p = BiasCorrection(calib)
+    p(gm)
+    assert not any("record_input_means" in line for line in p.report)
+    assert any("output mean matched" in line for line in p.report)
+    again = BiasCorrection(calib)
+    assert again(gm).modified is False and again.report == ["every quantized layer is corrected already: nothing to do"]

@@ -390,3 +390,22 @@ def test_an_fp32_file_whose_outputs_amplify_rounding_is_held_to_the_models_own_f
         strict = validate_model(ulps_off(result.onnx_model.SerializeToString(), ("l1.", "fa.", "fb."), ulps), model,
                                 x, min_sqnr=80.0, rounding_scale=False)
         assert not strict.passed and strict.failures == [f"SQNR {strict.sqnr_db:.1f} dB < 80.0 dB"]
+
+
+def test_validate_of_a_quantized_simulation_checks_it_as_a_compile_does(tmp_path):
+    """``qcompile.runtime.validate(file, gm, x)`` with a quantized simulation compared outputs at 80 dB, as for a
+    float file, and failed a correct file (78.8 dB from three codes flipped by float summation order; the compile's
+    own validation passed it). It now runs ``validate_quantized``, which ``qcompile.runtime`` exports too."""
+    import qcompile
+    from qcompile import runtime
+    from qcompile.models import digits
+
+    x_train, _, x_test, _ = digits.load_split()
+    path = tmp_path / "d.onnx"
+    result = qcompile.compile(digits.pretrained(), x_train[:1], calib=x_train[:32], scheme="uniform", bits=4,
+                              output=str(path), validate=False, progress=False)
+    report = runtime.validate(str(path), result.model, x_test[:64])
+    assert report.passed
+    same = runtime.validate_quantized(str(path), result.model, x_test[:64])
+    assert report.summary() == same.summary() and "codes differ" in report.summary()
+    assert "validate_quantized" in runtime.__all__
