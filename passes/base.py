@@ -240,8 +240,8 @@ class Pipeline:
                     named = UserError(f"{p.name}: {exc}")
                     named.pass_name = p.name
                     raise named from exc
-                except Exception as exc:
-                    raise PassError(p.name, ran, f"{type(exc).__name__}: {exc}") from exc
+                except Exception as exc:  # the passes run on it before this pipeline too ("run before it: none")
+                    raise PassError(p.name, earlier + ran, f"{type(exc).__name__}: {exc}") from exc
                 if result.modified:
                     # regenerate the module's code only when the graph changed, not for passes that only set
                     # values (calibration, weights, metadata): codegen is ~5 ms per pass on a ResNet; and only
@@ -368,7 +368,28 @@ def calibration_inputs(data, gm: torch.fx.GraphModule):
     if first.dim() == 0 or first.shape[0] == 0:  # a pass's next(data_batches(...)) stopped: "StopIteration: "
         raise UserError(f"the calibration data holds no samples (shape {tuple(first.shape)}); give a batch-first "
                         "tensor with at least one input")
+    _check_traced_shapes(data, gm)
     return data
+
+
+def _check_traced_shapes(data, gm: torch.fx.GraphModule) -> None:
+    """Samples of the shape and kind of type the graph was traced with (``tensor_meta`` of its inputs, which
+    ``qcompile.trace`` records), as ``compile()`` checks them: data of another shape stopped a pass with torch's
+    own error ("mat1 and mat2 shapes cannot be multiplied") and torch.fx's dump of the graph's code."""
+    from qcompile.api import check_sample_shape
+
+    parts = data if isinstance(data, tuple) else (data,)
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(parts):
+        return
+    for i, (c, node) in enumerate(zip(parts, placeholders)):
+        meta = node.meta.get("tensor_meta")
+        shape, dtype = getattr(meta, "shape", None), getattr(meta, "dtype", None)
+        if not isinstance(c, torch.Tensor) or shape is None or dtype is None or len(shape) == 0:
+            continue
+        example = torch.empty(tuple(shape), dtype=dtype, device="meta")
+        check_sample_shape(c, example, i, len(parts), "calibration data", "the data given to the pass",
+                           "the inputs the graph was traced with, qcompile.trace(model, example)")
 
 
 def data_length(data) -> int:

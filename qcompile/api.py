@@ -464,39 +464,49 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             if c.numel() > 1 and lo == hi and option.startswith("--calib") and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
-        if isinstance(e, torch.Tensor) and tuple(e.shape) == tuple(c.shape[1:]) and e.dim() < c.dim():
-            # (1, 1, 8, 8) samples of (1, 1, 8, 8) examples: an example without its batch axis, or data with an
-            # axis too many (--input-shape is batch-first: following the first fix alone failed again)
-            extra = (f", or, if the model takes samples of shape {tuple(e.shape[1:])}, drop the extra axis of the "
-                     f"{what} (x[:, 0], x.squeeze(1))") if c.dim() > 1 and c.shape[1] == 1 else ""
-            raise UserError(f"the example input{f' {i}' if len(parts) > 1 else ''} has shape {tuple(e.shape)}, the "
-                            f"shape of one {what} sample: give it batch-first, shape {(1,) + tuple(e.shape)} "
-                            f"(x[:1], not x[0]){extra}")
-        if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
-            got, want = tuple(c.shape[1:]), tuple(e.shape[1:])
-            hint = ""
-            if not got and want:  # one number per sample: class labels, a target column
-                hint = " (one number per sample: labels? give the model's inputs)"
-            elif len(got) == len(want) >= 2 and got == want[1:] + want[:1]:
-                perm = ", ".join(["0", str(len(got))] + [str(k) for k in range(1, len(got))])
-                hint = f" (channels last? x.permute({perm}) in torch, x.transpose({perm}) in numpy, puts them first)"
-            elif len(want) == len(got) + 1 and got == want[1:]:
-                # a list of single samples: each item of an iterable is read as a batch, so (3, 64, 64) images
-                # were taken as batches of three (64, 64) samples
-                hint = (" (a list of single samples? each item of a list is read as a batch: stack them, "
-                        "np.stack(samples) / torch.stack(samples), or give each with a batch axis)")
-            raise UserError(f"{which}{what} has samples of shape {got} but the example input "
-                            f"is {want} per sample{hint}; make them agree ({option}; the example input: "
-                            "--input-shape, or example_inputs from Python)")
-        if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
-            if e.is_floating_point():  # uint8 images, say (the CLI reads every integer array as int64)
-                # no dtype named: the CLI reads every integer array as int64, and an int32 file read "torch.int64"
-                raise UserError(f"{which}{what} holds integers but the model takes {e.dtype}: convert "
-                                "them as the model was trained on them (uint8 images 0..255: for instance "
-                                "x.astype(np.float32) / 255, and the training normalisation)")
-            raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "
-                            "the model takes (floating point for images and features, integers for token ids; "
-                            "--input-shape makes float inputs)")
+        check_sample_shape(c, e, i, len(parts), what, option)
+
+
+def check_sample_shape(c: torch.Tensor, e, i: int, n_parts: int, what: str = "calibration data",
+                       option: str = "--calib",
+                       example: str = "--input-shape, or example_inputs from Python") -> None:
+    """Part ``i`` (of ``n_parts``) of calibration or validation data, ``c`` (batch first), against the example input
+    ``e`` the model is traced with: the same shape per sample and the same kind of type, or one line saying how
+    they differ (labels, channels last, single samples, an example without its batch axis, integers for floats)."""
+    which = f"input {i} of the " if n_parts > 1 else ""
+    if isinstance(e, torch.Tensor) and tuple(e.shape) == tuple(c.shape[1:]) and e.dim() < c.dim():
+        # (1, 1, 8, 8) samples of (1, 1, 8, 8) examples: an example without its batch axis, or data with an
+        # axis too many (--input-shape is batch-first: following the first fix alone failed again)
+        extra = (f", or, if the model takes samples of shape {tuple(e.shape[1:])}, drop the extra axis of the "
+                 f"{what} (x[:, 0], x.squeeze(1))") if c.dim() > 1 and c.shape[1] == 1 else ""
+        raise UserError(f"the example input{f' {i}' if n_parts > 1 else ''} has shape {tuple(e.shape)}, the "
+                        f"shape of one {what} sample: give it batch-first, shape {(1,) + tuple(e.shape)} "
+                        f"(x[:1], not x[0]){extra}")
+    if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
+        got, want = tuple(c.shape[1:]), tuple(e.shape[1:])
+        hint = ""
+        if not got and want:  # one number per sample: class labels, a target column
+            hint = " (one number per sample: labels? give the model's inputs)"
+        elif len(got) == len(want) >= 2 and got == want[1:] + want[:1]:
+            perm = ", ".join(["0", str(len(got))] + [str(k) for k in range(1, len(got))])
+            hint = f" (channels last? x.permute({perm}) in torch, x.transpose({perm}) in numpy, puts them first)"
+        elif len(want) == len(got) + 1 and got == want[1:]:
+            # a list of single samples: each item of an iterable is read as a batch, so (3, 64, 64) images
+            # were taken as batches of three (64, 64) samples
+            hint = (" (a list of single samples? each item of a list is read as a batch: stack them, "
+                    "np.stack(samples) / torch.stack(samples), or give each with a batch axis)")
+        raise UserError(f"{which}{what} has samples of shape {got} but the example input "
+                        f"is {want} per sample{hint}; make them agree ({option}; the example input: "
+                        f"{example})")
+    if isinstance(e, torch.Tensor) and c.is_floating_point() != e.is_floating_point():
+        if e.is_floating_point():  # uint8 images, say (the CLI reads every integer array as int64)
+            # no dtype named: the CLI reads every integer array as int64, and an int32 file read "torch.int64"
+            raise UserError(f"{which}{what} holds integers but the model takes {e.dtype}: convert "
+                            "them as the model was trained on them (uint8 images 0..255: for instance "
+                            "x.astype(np.float32) / 255, and the training normalisation)")
+        raise UserError(f"{which}{what} is {c.dtype} but the example input is {e.dtype}; give both in the type "
+                        "the model takes (floating point for images and features, integers for token ids; "
+                        "--input-shape makes float inputs)")
 
 
 def _example_int_types(data, example_inputs: tuple):

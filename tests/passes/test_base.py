@@ -3,6 +3,7 @@ and the passes before it, verification after every pass, per-pass timings and ``
 from __future__ import annotations
 
 import operator
+import re
 import time
 
 import pytest
@@ -462,3 +463,31 @@ def test_a_user_error_inside_a_hand_built_pipeline_names_its_pass():
     with pytest.raises(UserError) as err:
         Pipeline([SelectLayers(LayerConfig())], name_errors=False)(torch.fx.symbolic_trace(model))
     assert not str(err.value).startswith("SelectLayers:")
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (32, 1, 28, 28), (32, 3, 8, 8)], ids=["flat", "larger", "channels"])
+def test_a_pass_given_data_of_another_shape_than_the_trace_says_so_in_one_line(shape):
+    """Calibration data of another shape than the traced inputs stopped Calibrate with torch's "mat1 and mat2
+    shapes cannot be multiplied" (and torch.fx's dump of the code); EqualizeInputs took it without a word. Now the
+    passes read data as compile() checks it."""
+    from qcompile import trace
+    from qcompile.models import digits
+    from qcompile.passes import BiasCorrection, Calibrate, EqualizeInputs, InsertQuantizers, SelectLayers
+
+    gm = trace(digits.pretrained(), torch.rand(1, 1, 8, 8))
+    data = torch.rand(*shape)
+    for p in (EqualizeInputs(data), Calibrate(data), BiasCorrection(data)):
+        with pytest.raises(UserError, match=rf"samples of shape {re.escape(str(shape[1:]))} but the example input is "
+                                            r"\(1, 8, 8\) per sample"):
+            p(gm)
+    gm = Pipeline([SelectLayers(), InsertQuantizers()])(gm).gm
+    with pytest.raises(UserError, match="^Calibrate: calibration data has samples"):
+        Pipeline([Calibrate(data)])(gm)
+
+
+def test_a_failing_pass_names_the_passes_run_before_its_pipeline():
+    """A pass failing in a second pipeline said "(passes run before it: none)" though others had run on the graph."""
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(2, 2)))
+    gm = Pipeline([NoOp()])(gm).gm
+    with pytest.raises(PassError, match=r"passes run before it: NoOp\)"):
+        Pipeline([Boom()])(gm)
