@@ -770,6 +770,9 @@ def compile(
         raise UserError("model is a dict (a state dict?); load it into the model (model.load_state_dict(sd)) and "
                         "pass the model, or pass the file's path with arch='package.module:factory'")
     check_not_exported(model)
+    if isinstance(model, type) and issubclass(model, nn.Module):  # "got type" said nothing of the fix
+        raise UserError(f"model is the class {model.__name__}, not a model: pass an instance with its trained weights "
+                        f"({model.__name__}(...) and load_state_dict), or its weights file with arch=")
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be an nn.Module or a path/spec, got {type(model).__name__}")
     model = unwrap(model)  # torch.compile / DataParallel wrappers: the model inside

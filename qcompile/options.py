@@ -14,6 +14,12 @@ INT8_WEIGHTS = ("auto", "s8", "u8", "s8-safe")
 WEIGHT_ROUNDING = ("nearest", "adaptive")
 
 
+def _observers() -> tuple:
+    from qcompile.quant import OBSERVERS
+
+    return tuple(OBSERVERS)
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     scheme: str = "apot"
@@ -63,6 +69,11 @@ class CompileOptions:
     leaf_modules: tuple = ()
 
     def __post_init__(self):
+        for name in ("scheme", "wscheme", "ascheme", "emit", "calib_method"):  # 'APoT', as the paper spells it
+            value = getattr(self, name)
+            if isinstance(value, str) and value != value.lower() and value.lower() in SCHEMES + EMIT_FORMS + \
+                    tuple(_observers()):
+                object.__setattr__(self, name, value.lower())
         if self.scheme not in SCHEMES:
             raise UserError(f"unknown --scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
         for name in ("wscheme", "ascheme"):

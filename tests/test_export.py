@@ -386,6 +386,18 @@ def test_compile_api_in_memory_and_from_a_spec():
     assert result.report.samples == 7 and result.report.passed
 
 
+def test_scheme_names_in_any_case_and_a_model_class_for_a_model(tmp_path):
+    """scheme='APoT' (the paper's spelling) was an unknown scheme; a model class for a model said "got type"."""
+    from qcompile.options import CompileOptions
+
+    opts = CompileOptions(scheme="APoT", wscheme="PoT", ascheme="Uniform", calib_method="MSE", emit="Custom")
+    assert (opts.scheme, opts.wscheme, opts.ascheme, opts.calib_method, opts.emit) == \
+        ("apot", "pot", "uniform", "mse", "custom")
+    with pytest.raises(UserError, match=r"model is the class MLP, not a model: pass an instance"):
+        qcompile.compile(MLP, example_input(MLP), scheme="fp32", output=str(tmp_path / "m.onnx"))
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_compile_api_rejects_bad_options_before_writing(tmp_path):
     out = tmp_path / "model.onnx"
     with pytest.raises(UserError, match="unknown --scheme"):
