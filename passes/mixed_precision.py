@@ -144,7 +144,7 @@ class AllocateWeightBits(Pass):
         from .bias_correction import _sample_channel_means, correction_indices, shrunk_shift
         from .calibrate import weight_mse_alpha
         from .insert_quant import quantizable_module
-        from .select import weight_only_layer
+        from .select import recurrent_module, weight_only_layer
 
         if any(isinstance(m, FakeQuantize) for m in gm.modules()):  # its bits would be decided and never used
             self.report.append("quantizers are in the graph already: nothing allocated (run AllocateWeightBits "
@@ -155,10 +155,21 @@ class AllocateWeightBits(Pass):
             raise UserError("--avg-wbits (avg_wbits=) chooses the layers' bit-widths by their effect on the model's "
                             "outputs: pass calibration inputs (--calib FILE, calib= from Python)")
         layers, sharing = {}, {}  # sharing: the first call of a weight -> the later calls reading the same one
+        weight_only = []  # (name, weights, bits): default-rule layers left out of the average
+        self.weight_only_note = None
         for node in gm.graph.nodes:
             cfg = node.meta.get("qconfig")
             if cfg is None or cfg.action != "quant" or cfg.reason not in ("default", REASON) \
-                    or cfg.wscheme in FIXED_BITS or weight_only_layer(gm, node):
+                    or cfg.wscheme in FIXED_BITS:
+                continue
+            if weight_only_layer(gm, node):
+                rec = recurrent_module(gm, node)
+                if rec is not None:
+                    count = sum(p.numel() for name, p in rec.named_parameters() if "weight" in name)
+                else:
+                    found = _weight(gm, node)
+                    count = getattr(found[0], found[1]).numel() if found is not None else 0
+                weight_only.append((str(node.meta.get("layer", node.target)), count, cfg.wbits))
                 continue
             found = _weight(gm, node)
             if found is None:
@@ -169,6 +180,13 @@ class AllocateWeightBits(Pass):
                 sharing.setdefault(first, []).append(node)
                 continue
             layers[node] = found
+        if weight_only:  # the header said "W3 (average)" and a GRU's 35k weights stayed at 4 bits, without a word
+            shown = ", ".join(f"{name} ({count} weights, W{b})" for name, count, b in weight_only[:3])
+            self.weight_only_note = (
+                f"--avg-wbits leaves out {len(weight_only)} weight-only layer(s), which keep --wbits: {shown}"
+                f"{' ...' if len(weight_only) > 3 else ''} (recurrent layers and embedding tables run on float "
+                "kernels; set their bits with --config)")
+            self.report.append(self.weight_only_note)
         if not layers:
             decided = any(n.meta.get("qconfig") is not None for n in gm.graph.nodes)
             self.report.append("no layer is quantized by the default rule: nothing to allocate" if decided else

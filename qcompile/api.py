@@ -1147,6 +1147,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                       "(ascheme='uniform') or --config for those layers")
         warnings.warn(level_note, QuantizationWarning, stacklevel=3)
 
+    mixed_note = next((p.weight_only_note for p in pipeline.passes if getattr(p, "weight_only_note", None)), None)
+    if mixed_note:  # the CLI prints it; from Python a warning is the only word of it
+        warnings.warn(mixed_note, QuantizationWarning, stacklevel=3)
     few_note = few_samples_note(calib_x) if opts.quantized and not trained else None
     if few_note:
         warnings.warn(few_note, QuantizationWarning, stacklevel=3)
@@ -1210,6 +1213,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["few_samples_note"] = few_note
     if rank_notes:
         summary["output_rank_note"] = rank_notes[0]
+    if mixed_note:
+        summary["mixed_precision_note"] = mixed_note
     unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
     file_inputs = [i.name for i in onnx_model.graph.input]
     if unused and len(file_inputs) < len(example_inputs):

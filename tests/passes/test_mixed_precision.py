@@ -123,3 +123,33 @@ def test_a_weight_two_calls_share_gets_one_width_for_both():
     assert len(mids) == 2 and mids[0] == mids[1] and "(mixed precision)" in mids[0], mids
     report = next(t.report for t in result.timings if t.name == "AllocateWeightBits")
     assert report[0].startswith("2 layer(s), 512 weights"), report  # mid's weights counted once
+
+
+def test_weight_only_layers_left_out_of_the_average_are_named():
+    """--avg-wbits 3 on Linear -> GRU -> Linear x3: the header said "W3 (average)" while the GRU's 4608 weights stayed
+    at 4 bits, and nothing said so. The pass report and a compile warning name them now."""
+    import warnings
+
+    import qcompile
+
+    class RecurrentMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.gru = torch.nn.GRU(16, 32, batch_first=True)
+            self.fc1, self.fc2, self.fc = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 10)
+
+        def forward(self, t):
+            y, _ = self.gru(self.inp(t))
+            return self.fc(torch.relu(self.fc2(torch.relu(self.fc1(y[:, -1])))))
+
+    torch.manual_seed(0)
+    model, x = RecurrentMLP().eval(), torch.randn(64, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = qcompile.compile(model, x[:1], calib=x, avg_wbits=3, validate=False, progress=False)
+    note = "--avg-wbits leaves out 1 weight-only layer(s), which keep --wbits: gru (4608 weights, W4)"
+    assert any(str(w.message).startswith(note) for w in caught)
+    assert result.summary["mixed_precision_note"].startswith(note)
+    report = next(t.report for t in result.timings if t.name == "AllocateWeightBits")
+    assert report[0].startswith(note) and report[1].startswith("2 layer(s), 2048 weights: average 3.00 bits")
