@@ -397,14 +397,9 @@ def _check_batch_statistics(gm: torch.fx.GraphModule) -> None:
 
 
 def _note_initial_batch_statistics(gm: torch.fx.GraphModule) -> None:
-    """Data-free calibration reads the activations' ranges from the BatchNorm running statistics. Where every
-    BatchNorm still holds its initial ones (mean 0, variance 1: never run on data in training mode, as in a
-    torchvision or timm model built with ``weights=None``), they say nothing about the activations: the file
-    compiled from them scored 0 dB against the float model (MobileNetV3-Large, EfficientNet-B0 at 128x128).
-    Noted on the graph before the passes fold them; ``Calibrate`` refuses to calibrate from them."""
-    norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
-    if norms and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in norms):
-        gm.meta[INITIAL_BATCHNORM_STATS] = len(norms)
+    from qcompile.passes.fold_bn import note_initial_batch_statistics
+
+    note_initial_batch_statistics(gm)
 
 
 def check_input_count(model: nn.Module, given: int, source: str) -> None:
