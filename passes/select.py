@@ -266,6 +266,9 @@ def read_config(path: str | os.PathLike) -> dict:
             raise UserError(f"config file {path!r} must end in .toml, .yaml or .yml")
     except UserError:
         raise
+    except PermissionError:  # not a syntax error: "fix the syntax there" was the wrong fix
+        raise UserError(f"config file {path!r} cannot be read (permission denied); check its permissions (chmod +r) "
+                        "or run as a user who can read it") from None
     except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         mark = getattr(exc, "problem_mark", None)  # yaml: where the parser stopped (tomllib says it in its message)

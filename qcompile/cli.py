@@ -68,6 +68,8 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive count; give 1 or more")
+    if value > 2**63 - 1:  # torch.randn's "Overflow when unpacking long long", an internal error
+        raise argparse.ArgumentTypeError(f"{text} is too large (past 2**63 - 1); give a count such as 16")
     return value
 
 
@@ -79,6 +81,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="shape of the example input (float32), e.g. 1,3,224,224; once per input of a model with several")
     p.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="keep a submodule (qualified name or class name) opaque when tracing; repeatable")
+
+
+def _check_leaf_modules(args) -> None:
+    """An empty --leaf-module named the model itself (its root module's name is ''): accepted, and nothing kept
+    opaque, where an empty --exclude is refused."""
+    if any(not name.strip() for name in args.leaf_module):
+        raise UserError("--leaf-module needs a submodule name or module class, e.g. --leaf-module layer1.0 or "
+                        "--leaf-module Bottleneck (got an empty value)")
 
 
 def _compile_parser() -> argparse.ArgumentParser:
@@ -206,9 +216,13 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     for a model with several inputs."""
     if not os.path.exists(path):
         raise UserError(f"{what} file {path!r} does not exist; give a .npy or .npz file of inputs")
+    if os.path.isdir(path):  # numpy's IsADirectoryError read as "not a readable array; save it with numpy.save"
+        raise UserError(f"{what} file {path!r} is a directory; give the .npy or .npz file inside it")
+    npz = False  # an object array in an .npz: its zip header is no pickle's, yet it holds Python objects
     try:
         loaded = np.load(path, allow_pickle=False)  # an .npz by its content, whatever the extension (.NPZ)
         if isinstance(loaded, np.lib.npyio.NpzFile):
+            npz = True
             with loaded as data:
                 keys = list(data.keys())
                 torch_file = any(k == "data.pkl" or k.endswith("/data.pkl") for k in keys)  # torch.save's zip
@@ -228,8 +242,11 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
             arr = loaded
     except UserError:
         raise
+    except PermissionError:  # not a damaged file: "save it with numpy.save" was the wrong fix
+        raise UserError(f"{what} file {path!r} cannot be read (permission denied); check its permissions (chmod +r) "
+                        "or run as a user who can read it") from None
     except ValueError as exc:
-        if "allow_pickle" in str(exc) and not _starts_like_a_pickle(path):
+        if "allow_pickle" in str(exc) and not npz and not _starts_like_a_pickle(path):
             raise UserError(f"{what} file {path!r} is not an .npy/.npz file (text, or another format); save the "
                             "inputs with numpy.save(path, numpy.asarray(x, dtype=numpy.float32))") from None
         if "allow_pickle" in str(exc):
@@ -355,6 +372,7 @@ def _refuse_quant_only(args, argv) -> None:
 
 def cmd_compile(argv) -> int:
     args = _compile_parser().parse_args(argv)
+    _check_leaf_modules(args)
     from .api import compile as qcompile_compile
     from .frontend import load_model
 
@@ -557,6 +575,7 @@ def float_line(report, random_inputs: bool = False) -> str:
 
 def cmd_validate(argv) -> int:
     args = _validate_parser().parse_args(argv)
+    _check_leaf_modules(args)
     from .validate_cli import validate_against
 
     report = validate_against(args)
@@ -668,8 +687,10 @@ def _main(argv=None) -> int:
         return 143
     except Exception as exc:  # a bug in qcompile, not a user mistake: still one line unless debugging
         if _out_of_memory(exc):
-            print("qcompile: error: out of memory; use a smaller --input-shape, fewer --calib samples or a smaller "
-                  "model", file=sys.stderr)
+            # validate's inputs are --samples random ones or --data: --calib is compile's option
+            fix = ("fewer --samples (or a --data file with fewer samples) or a smaller model" if argv and
+                   argv[0] == "validate" else "a smaller --input-shape, fewer --calib samples or a smaller model")
+            print(f"qcompile: error: out of memory; use {fix}", file=sys.stderr)
             return UserError.exit_code
         return _internal_error(exc, debug)
 

@@ -15,6 +15,7 @@ import copy
 import functools
 import importlib
 import io
+import math
 import operator
 import os
 import pickle
@@ -247,6 +248,9 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
                                 "(weights with --arch, or a factory spec)") from None
             raise UserError(not_checkpoint.format("unreadable pickle data")) from None
         obj, safe_error = None, exc
+    except PermissionError:  # not a damaged checkpoint: "save one with torch.save" was the wrong fix
+        raise UserError(f"model file {source!r} cannot be read (permission denied); check its permissions "
+                        "(chmod +r) or run as a user who can read it") from None
     except (RuntimeError, OSError) as exc:  # e.g. a damaged zip archive: torch's message says what is wrong
         if "TorchScript" in str(exc):
             obj, safe_error = _torchscript_weights(source, arch), None
@@ -465,6 +469,10 @@ def _informative_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+INT64_MAX = 2**63 - 1
+MAX_TENSOR_VALUES = INT64_MAX // 4  # float32 values whose byte count fits int64 (torch's storage size)
+
+
 def parse_input_shape(text: str) -> tuple[int, ...]:
     """Parse ``1,3,224,224`` (also ``1x3x224x224``) into a shape tuple of positive ints."""
     # every field a number: an empty one ("1,,8,8", a dimension left out) was dropped, and the model then failed on
@@ -479,6 +487,15 @@ def parse_input_shape(text: str) -> tuple[int, ...]:
             if any(d < 0 for d in shape) else ""
         raise UserError(f"invalid --input-shape {text!r}: give positive integers separated by commas, e.g. "
                         f"1,3,224,224{dynamic}")
+    # a dimension past int64 failed in torch.randn as an internal error ("Overflow when unpacking long long"), and
+    # one whose float32 tensor has more bytes than int64 counts with "Storage size calculation overflowed"
+    big = next((d for d in shape if d > INT64_MAX), None)
+    if big is not None:
+        raise UserError(f"invalid --input-shape {text!r}: dimension {big} is too large (past 2**63 - 1, the largest "
+                        "tensor dimension); give the model's input size, e.g. 1,3,224,224")
+    if math.prod(shape) > MAX_TENSOR_VALUES:
+        raise UserError(f"invalid --input-shape {text!r}: its {math.prod(shape)} values are more than a tensor can "
+                        "hold; give the model's input size, e.g. 1,3,224,224")
     return shape
 
 

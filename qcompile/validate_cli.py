@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import onnx
 import torch
 
 from .errors import UserError
-from .frontend import load_model, parse_input_shape, plain_copy, unwrap
+from .frontend import MAX_TENSOR_VALUES, _first_line, load_model, parse_input_shape, plain_copy, unwrap
 from .options import OPTIONS_KEY, _version, from_metadata
 from .threads import compile_threads, torch_threads
 
@@ -30,6 +31,39 @@ def _calibration_record(model: onnx.ModelProto) -> dict | None:
             except ValueError:
                 return None
     return None
+
+
+# the metadata qcompile writes as JSON and validate reads, with the type of its top level
+_JSON_METADATA = {OPTIONS_KEY: dict, "qcompile.calibration": dict, "qcompile.model": dict,
+                  "qcompile.activations": (dict, list), "qcompile.probes": list, "qcompile.shift_add": dict}
+
+
+def _check_metadata(model: onnx.ModelProto, path: str) -> None:
+    """Each qcompile metadata record parses: an edited or damaged one failed as an internal error (JSONDecodeError),
+    or (the calibration and model records) was taken as absent, and the file validated as something it is not."""
+    from .emit import activation_map
+
+    for prop in model.metadata_props:
+        kind = _JSON_METADATA.get(prop.key)
+        if kind is None:
+            continue
+        try:
+            value = json.loads(prop.value)
+            problem = None if isinstance(value, kind) else \
+                f"a JSON {type(value).__name__}, not the record qcompile writes"
+        except ValueError as exc:
+            problem = f"not JSON: {str(exc).splitlines()[0]}"
+        if problem is None:
+            try:  # the records the validation takes apart field by field
+                if prop.key == OPTIONS_KEY:
+                    from_metadata(prop.value)
+                elif prop.key == "qcompile.activations":
+                    activation_map(model)
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                problem = f"a record of another form ({type(exc).__name__}: {_first_line(exc)})"
+        if problem is not None:
+            raise UserError(f"{path!r} has corrupt qcompile metadata: {prop.key!r} is {problem}; the file was edited "
+                            "or damaged since qcompile wrote it: compile the model again")
 
 
 def _graph_inputs(model: onnx.ModelProto) -> list:
@@ -181,11 +215,15 @@ def validate_against(args):
         raise UserError(f"ONNX file {args.onnx!r} does not exist; give the file qcompile wrote")
     try:
         onnx_model = onnx.load(args.onnx)
+    except PermissionError:  # not "is not an ONNX file"
+        raise UserError(f"ONNX file {args.onnx!r} cannot be read (permission denied); check its permissions "
+                        "(chmod +r) or run as a user who can read it") from None
     except Exception:
         onnx_model = None
     if onnx_model is None or not onnx_model.graph.node:  # an empty file parses as an empty model
         raise UserError(f"{args.onnx!r} is not an ONNX file{' (it is empty)' if not os.path.getsize(args.onnx) else ''}; "
                         "give the .onnx file qcompile wrote")
+    _check_metadata(onnx_model, args.onnx)
     model = load_model(args.against, arch=args.arch, trust_pickle=args.trust_pickle)
     # the float reference as compile has it: float32 (a half/bfloat16/float64 model's float32 values; model.eval() of
     # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
@@ -220,6 +258,11 @@ def validate_against(args):
             raise UserError(f"{args.onnx!r} takes {dtype} input {name!r} (token ids or a mask), which random "
                             "inputs cannot stand for; pass --data FILE (.npy, or .npz with x0, x1, ...) with real "
                             "inputs, such as the calibration data")
+        for shape in shapes:  # past int64: torch.randn's "Overflow when unpacking long long", an internal error
+            values = args.samples * math.prod(shape[1:])
+            if values > MAX_TENSOR_VALUES:
+                raise UserError(f"--samples {args.samples} random inputs of shape {tuple(shape[1:])} are {values} "
+                                "values, more than a tensor can hold; use fewer --samples (the default is 16)")
         gen = torch.Generator().manual_seed(1)
         inputs = tuple(torch.randn((args.samples,) + tuple(shape[1:]), generator=gen) for shape in shapes)
     given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape

@@ -306,6 +306,14 @@ BAD_INPUTS = {
     "exclude-matches-nothing": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", "nosuch"],
                                 "--exclude 'nosuch' matched no layer; the layers are conv, fc"),
     "exclude-empty": ([SPEC, "--scheme", "uniform", "--bits", "8", "--exclude", ""], "--exclude needs a layer name"),
+    # accepted silently, nothing kept opaque ('' is the name of the model itself), where --exclude '' is refused
+    "leaf-empty": ([SPEC, "--leaf-module", ""], "--leaf-module needs a submodule name or module class"),
+    # internal errors: torch.randn's "Overflow when unpacking long long"
+    "shape-past-int64": ([SPEC, "--input-shape", "1,3,99999999999999999999,8"],
+                         "dimension 99999999999999999999 is too large (past 2**63 - 1"),
+    # "not a readable .npy/.npz array (IsADirectoryError); save it with numpy.save"
+    "calib-directory": ([SPEC, "--input-shape", None, "--calib", "."],
+                        "--calib file '.' is a directory; give the .npy or .npz file inside it"),
     # "newdir/" wrote a file named newdir
     "output-trailing-slash": ([SPEC, "-o", "no_such_dir/"], "ends with a slash (a folder)"),
     # internal errors before: a model whose forward takes one input only, in a pass or in validation
@@ -1467,3 +1475,95 @@ def test_excluding_every_layer_warns_that_the_file_is_the_float_model(work, caps
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--exclude", "*", "-o", "f.onnx")
     assert rc == 0, err
     assert "no layer is quantized: every layer is kept float (--exclude '*')" in err
+
+
+# --- found by a tester's sweep of the command line ------------------------------------------------------------
+def test_validate_refuses_input_sizes_no_tensor_can_hold(work, capsys):
+    """A dimension or --samples past int64 was an internal error (torch.randn: "Overflow when unpacking long long");
+    a count that fits int64 but whose inputs have more values than a tensor can hold failed the same way."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    base = ("validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC)
+    rc, out, err = cli(capsys, *base, "--input-shape", "1,3,99999999999999999999,8")
+    assert_user_error(rc, err, "invalid --input-shape '1,3,99999999999999999999,8': dimension 99999999999999999999 "
+                               "is too large")
+    rc, out, err = cli(capsys, *base, "--samples", "99999999999999999999")
+    assert_user_error(rc, err, "99999999999999999999 is too large (past 2**63 - 1); give a count such as 16")
+    rc, out, err = cli(capsys, *base, "--samples", str(2**62))
+    assert_user_error(rc, err, f"--samples {2**62} random inputs of shape (3, 8, 8) are {2**62 * 192} values, more "
+                               "than a tensor can hold; use fewer --samples")
+
+
+def test_validate_out_of_memory_names_the_samples(work, capsys, monkeypatch):
+    """validate --samples 100000000000 said "use a smaller --input-shape, fewer --calib samples": --calib is the
+    compile's option, and validate's inputs are --samples random ones (or --data)."""
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    randn = torch.randn
+
+    def no_memory(size, *args, **kwargs):  # as torch's allocator fails (allocating it for real is no test)
+        if tuple(size)[:1] == (10**11,):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 76800000000000 bytes.")
+        return randn(size, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randn", no_memory)
+    rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC,
+                       "--samples", str(10**11))
+    assert_user_error(rc, err, "out of memory; use fewer --samples (or a --data file with fewer samples)")
+    assert "--calib" not in err
+
+
+def test_validate_refuses_corrupt_qcompile_metadata_in_one_line(work, capsys):
+    """qcompile.options edited to "{garbage" was an internal error (JSONDecodeError); a damaged calibration or model
+    record was taken as absent, and the file validated as data-free or without its weights' check."""
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits",
+                       "8", "--no-validate", "-o", "q.onnx")
+    assert rc == 0, err
+    for key, value, said in [("qcompile.options", "{garbage", "is not JSON"),
+                             ("qcompile.options", "[1, 2]", "is a JSON list, not the record qcompile writes"),
+                             ("qcompile.calibration", "nope", "is not JSON"),
+                             ("qcompile.model", "{\"sha256\": ", "is not JSON"),
+                             ("qcompile.activations", "[{\"x\": 1}]", "is a record of another form")]:
+        model = onnx.load(work / "q.onnx")
+        assert key in {p.key for p in model.metadata_props}
+        for prop in model.metadata_props:
+            if prop.key == key:
+                prop.value = value
+        onnx.save(model, work / "bad.onnx")
+        rc, out, err = cli(capsys, "validate", "bad.onnx", "--against", "weights.pt", "--arch", SPEC, "--data",
+                           "calib.npy")
+        assert_user_error(rc, err, f"'bad.onnx' has corrupt qcompile metadata: {key!r} {said}")
+        assert "compile the model again" in err
+
+
+def test_unreadable_input_files_say_permission_denied(work, capsys, monkeypatch):
+    """A file the user cannot read was "not a PyTorch checkpoint ...; save one with torch.save", "not a readable
+    .npy/.npz array (PermissionError); save it with numpy.save", "cannot parse config file ...; fix the syntax there".
+    (Tests run as root, whom chmod 000 does not stop: open refuses the files here.)"""
+    import builtins
+    import shutil
+
+    for name in ("noread.pt", "noread.npy", "noread.onnx"):
+        shutil.copy({"pt": "weights.pt", "npy": "calib.npy", "onnx": "calib.npy"}[name.split(".")[1]], name)
+    (work / "noread.toml").write_text("'fc' = {scheme = 'uniform', bits = 8}\n")
+    assert cli(capsys, "weights.pt", "--arch", SPEC, *FP32_OUT)[0] == 0
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.basename(os.fspath(file)).startswith("noread."):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    cases = [(["noread.pt", "--arch", SPEC, "--calib", "calib.npy"], "model file 'noread.pt'"),
+             (["weights.pt", "--arch", SPEC, "--calib", "noread.npy"], "--calib file 'noread.npy'"),
+             (["weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--config", "noread.toml"],
+              "config file 'noread.toml'"),
+             (["validate", "noread.onnx", "--against", "weights.pt", "--arch", SPEC], "ONNX file 'noread.onnx'"),
+             (["validate", "out.onnx", "--against", "noread.pt", "--arch", SPEC], "model file 'noread.pt'"),
+             (["validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "noread.npy"],
+              "--data file 'noread.npy'")]
+    for args, who in cases:
+        output = [] if args[0] == "validate" else ["--scheme", "uniform", "--bits", "8", "-o", "q.onnx"]
+        rc, out, err = cli(capsys, *args, *output)
+        assert_user_error(rc, err, f"{who} cannot be read (permission denied); check its permissions")
+        assert not os.path.exists("q.onnx")

@@ -142,6 +142,18 @@ def test_npz_with_two_arrays_and_no_x_is_a_one_line_error(work):
     assert not out.exists()
 
 
+def test_npz_holding_an_object_array_is_named_as_one(work):
+    """Its zip header is no pickle's, and it was "not an .npy/.npz file (text, or another format)"; the .npy of the
+    same array says it holds Python objects."""
+    folder, _ = work
+    npz = folder / "objects.npz"
+    np.savez(npz, x=np.array([object(), 1], dtype=object))
+    out = folder / "never.onnx"
+    rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", npz, "-o", out)
+    assert_one_line_error(rc, stdout, stderr, "objects.npz", "holds Python objects (an object array)")
+    assert not out.exists()
+
+
 def test_unknown_calib_method_is_a_one_line_error(work):
     folder, _ = work
     out = folder / "never.onnx"

@@ -159,6 +159,27 @@ def test_state_dict_with_wrong_shapes_is_refused(tmp_path):
     _assert_one_line(err, "does not fit --arch", "other shapes: fc.weight (5, 16) vs (10, 16)")
 
 
+def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):
+    """It was "not a PyTorch checkpoint ([Errno 13] Permission denied ...); save one with torch.save". (Tests run as
+    root, whom chmod 000 does not stop: open refuses the file here.)"""
+    import builtins
+
+    path = tmp_path / "weights.pt"
+    torch.save(MLP().state_dict(), path)
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP")
+    _assert_one_line(err, "cannot be read (permission denied); check its permissions")
+    assert "torch.save" not in str(err.value)
+
+
 def test_tensor_file_is_not_a_state_dict(tmp_path):
     path = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), path)
@@ -321,6 +342,17 @@ def test_invalid_input_shape(text):
     with pytest.raises(UserError) as err:
         parse_input_shape(text)
     _assert_one_line(err, "invalid --input-shape")
+
+
+@pytest.mark.parametrize("text, said", [
+    ("1,1,99999999999999999999,8", "dimension 99999999999999999999 is too large (past 2**63 - 1"),
+    ("1,1,4611686018427387904,2", "its 9223372036854775808 values are more than a tensor can hold")])
+def test_an_input_shape_no_tensor_can_hold_is_refused(text, said):
+    """It parsed, and torch.randn failed as an internal error ("Overflow when unpacking long long", "Storage size
+    calculation overflowed")."""
+    with pytest.raises(UserError) as err:
+        parse_input_shape(text)
+    _assert_one_line(err, f"invalid --input-shape {text!r}", said, "give the model's input size")
 
 
 # --- tracing ------------------------------------------------------------------------------------------------
