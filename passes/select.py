@@ -711,6 +711,9 @@ def layer_table(gm: torch.fx.GraphModule) -> list[tuple[str, str, str]]:
     of any stage (after ``SelectLayers``, or a compiled model whose layers run on int8 kernels)."""
     from qcompile.summary import layer_rows
 
+    if not isinstance(gm, torch.fx.GraphModule):  # "'DigitsCNN' object has no attribute 'graph'"
+        raise TypeError(f"layer_table takes a torch.fx.GraphModule, got {type(gm).__name__}: trace the model first, "
+                        "gm = qcompile.trace(model, example_inputs), or give a compiled model (result.model)")
     return layer_rows(gm)
 
 

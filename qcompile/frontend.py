@@ -1471,6 +1471,21 @@ def _record_layer_owners(gm: torch.fx.GraphModule, model: nn.Module) -> None:
         gm.meta["layer_owners"] = owners
 
 
+def _keeps_global_rng(fn):
+    """Give torch's global CPU generator back as it was after ``fn``: the decomposed ``nn.MultiheadAttention``'s new
+    Linear layers draw from it as they initialise (before they take the trained weights), and a seeded script
+    computed other numbers after a trace than without one."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        state = torch.random.get_rng_state()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.random.set_rng_state(state)
+    return wrapper
+
+
+@_keeps_global_rng
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
           leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).

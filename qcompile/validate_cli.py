@@ -315,7 +315,8 @@ def validate_against(args):
     if not opts and _quantized_nodes(onnx_model):
         raise UserError(f"{args.onnx!r} has quantization nodes but no qcompile metadata (metadata_props, which "
                         "tools such as onnx-graphsurgeon drop): validate the file qcompile wrote, or copy its "
-                        "metadata_props into this one")
+                        "metadata_props into this one (a file of a pass pipeline of your own: validate it from "
+                        "Python, qcompile.runtime.validate(file, gm, inputs))")
     if not opts or opts.get("scheme") == "fp32":
         _check_reference_runs(reference, example, args, given)
         if all(v is None for v in thresholds.values()):

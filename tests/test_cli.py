@@ -1325,7 +1325,8 @@ def test_validate_data_on_a_data_free_file_is_validation_input_only(work, capsys
     assert rc == 0 and "PASS" in out, err
     # its validation ran on random inputs: their top-1 agreement with the float model says little, and the line
     # says where it comes from (a user read 68.75% as the file's accuracy against float)
-    assert "vs the float model on random inputs (no --calib): output SQNR" in out, out
+    assert "vs the float model on random N(0, 1) inputs (no --calib: not the model's data, so this says little of " \
+           "its accuracy; --calib/--data gives a real figure): output SQNR" in out, out
     rc, out, err = cli(capsys, "validate", "df.onnx", "--against", "bn.pt", "--arch", spec, "--data", "calib.npy")
     assert rc == 0 and "validation on 6 inputs" in out and "PASS" in out, out + err
     assert "vs the float model: output SQNR" in out, out
@@ -1567,3 +1568,34 @@ def test_unreadable_input_files_say_permission_denied(work, capsys, monkeypatch)
         rc, out, err = cli(capsys, *args, *output)
         assert_user_error(rc, err, f"{who} cannot be read (permission denied); check its permissions")
         assert not os.path.exists("q.onnx")
+
+
+SQUEEZED_MODEL = textwrap.dedent('''
+    import torch
+
+    class Squeezed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((2, 3), keepdim=True).squeeze())
+
+    def make():
+        torch.manual_seed(0)
+        return Squeezed().eval()
+''')
+
+
+def test_an_output_whose_rank_follows_the_batch_is_a_warning_of_the_command(work, capsys):
+    """The compile's note on an output whose rank follows the batch (.squeeze() of a batch-1 example) reaches the
+    command's stderr and --json warnings, as the other notes do."""
+    import json
+
+    (work / "qc_squeezed.py").write_text(SQUEEZED_MODEL)
+    rc, out, err = cli(capsys, "qc_squeezed:make", "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+                       "-o", "sq.onnx", "--json", "sq.json")
+    assert rc == 0 and "PASS" in out, err
+    assert "a .squeeze() that also takes away a batch of 1?" in err
+    assert any(".squeeze()" in w for w in json.loads((work / "sq.json").read_text())["warnings"])

@@ -1726,3 +1726,6 @@ def test_compile_gives_the_global_generator_back_as_it_was():
     torch.manual_seed(123)
     qcompile.compile(model, x[:1], calib=x, scheme="uniform", bits=8, validate=False, progress=False)
     assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(123)
+    qcompile.trace(model, x[:1])
+    assert torch.equal(torch.rand(3), expected)

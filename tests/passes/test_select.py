@@ -554,3 +554,12 @@ def test_a_functional_transposed_convolution_on_a_parameter_has_a_float_row():
     rows = {name: decision for name, _, decision in layer_rows(result.model)}
     assert rows["wt"].startswith("float: the weight of a functional transposed convolution"), rows
     assert not any("opaque" in d for d in rows.values()), rows
+
+
+def test_layer_table_of_a_model_instead_of_a_graph_module_says_how_to_get_one():
+    """layer_table(model) raised "'DigitsCNN' object has no attribute 'graph'"."""
+    from qcompile.models import digits
+    from qcompile.passes.select import layer_table
+
+    with pytest.raises(TypeError, match=r"layer_table takes a torch.fx.GraphModule, got DigitsCNN: trace the model"):
+        layer_table(digits.pretrained())
