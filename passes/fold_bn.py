@@ -209,6 +209,8 @@ class FoldBatchNorm(Pass):
                 for arg in inputs:
                     if arg.op == "get_attr" and not arg.users:
                         gm.graph.erase_node(arg)
+        if not matches and not self.report:  # a second run said nothing
+            self.report.append("no BatchNorm after a Conv/Linear left to fold: nothing to do")
         return PassResult(gm, bool(matches))
 
     @staticmethod

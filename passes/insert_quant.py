@@ -247,6 +247,11 @@ class InsertQuantizers(Pass):
             if n.op == "call_module":
                 self.report.append(f"left {n.target} in float: unsupported layer form")
         if not layers:
+            if not weight_only and not self.report:  # a second run said nothing
+                placed = any(isinstance(m, FakeQuantize) for m in gm.modules())
+                self.report.append("the layers' quantizers are in place already: nothing inserted" if placed else
+                                   "no layer is to be quantized (the decisions keep every layer float): nothing "
+                                   "inserted")
             return PassResult(gm, bool(weight_only))
 
         act_quant: dict[tuple, torch.fx.Node] = {}

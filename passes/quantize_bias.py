@@ -87,6 +87,9 @@ class QuantizeBias(Pass):
                     b.copy_(rounded.to(b.dtype))
                     changed = True
                     self.report.append(f"{node.meta.get('layer', node.name)}: bias on the S_x*S_w grid")
+        if not changed and not self.report:  # a second run said nothing
+            self.report.append("every quantized layer's bias is on its S_x*S_w grid already (or it has none): "
+                               "nothing to do")
         return PassResult(gm, changed)
 
 
