@@ -977,6 +977,33 @@ def _random_draws(gm: torch.fx.GraphModule) -> list[str]:
             or (n.op == "call_function" and getattr(n.target, "__name__", "") in _TRAINING_DRAWS and training(n))]
 
 
+_TIME_AXIS_KEEPING = (nn.Embedding, nn.Linear, nn.Dropout, nn.LayerNorm, nn.Identity)
+
+
+def _time_first_note(gm: torch.fx.GraphModule) -> Optional[str]:
+    """A recurrent layer with ``batch_first=False`` that reads a model input (directly, or through layers that keep
+    its dimension 0: an Embedding, a Linear): the input is (T, B, ...), and the file takes T as its batch, with B
+    fixed to the example's and calibration counting time steps as samples. README says so; the compile said nothing
+    (nn.GRU(8, 32) on (8, 256, 8) data: a file for batch 256, 8 calibration "samples")."""
+    from qcompile.passes.select import recurrent_module
+
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        mod = recurrent_module(gm, node)  # the nn.GRU/LSTM/RNN, or the one inside its QuantizedRecurrent
+        if not isinstance(mod, nn.RNNBase) or mod.batch_first or not node.args:
+            continue
+        src = node.args[0]
+        while isinstance(src, torch.fx.Node) and src.op == "call_module" and \
+                isinstance(modules.get(src.target), _TIME_AXIS_KEEPING) and src.args:
+            src = src.args[0]
+        if isinstance(src, torch.fx.Node) and src.op == "placeholder":
+            return (f"{node.target} ({type(mod).__name__}, batch_first=False) reads input {src.target!r} time-first, "
+                    "but qcompile takes dimension 0 of every input as the batch: the file's batch is the time axis, "
+                    "its batch is fixed to the example's, and calibration counts time steps as samples; build it "
+                    "with batch_first=True, or wrap the model to take (B, T, ...) and transpose")
+    return None
+
+
 def _python_numbers_hint(gm: torch.fx.GraphModule) -> Optional[str]:
     """Why a file may not compute the model: values of data taken out as Python numbers (``.item()`` that the
     frontend could not keep a tensor, ``.tolist()``), which torch.onnx writes as the constants of the example."""
@@ -1130,6 +1157,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     callback, progress, t0) -> CompileResult:
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback, name_errors=False)  # its messages speak of options
+    time_note = _time_first_note(gm)  # on the traced modules, before the passes make layers functional
     gm = pipeline(gm).gm
     gm.eval()
     gm.meta.pop(DISTILLED, None)  # data-free calibration's inputs, where BiasCorrection did not take them
@@ -1163,6 +1191,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                            "the float model")  # the summary's note of the same kind: no layer as asked
         warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
     numbers_note = _python_numbers_hint(gm)
+    if time_note:  # the CLI prints it; from Python a warning is the only word of it
+        warnings.warn(time_note, QuantizationWarning, stacklevel=3)
     if numbers_note:  # validation sees it only where its data differs from the example's
         warnings.warn(numbers_note, QuantizationWarning, stacklevel=3)
     calib_note = None
@@ -1210,6 +1240,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["output_rank_note"] = rank_notes[0]
     if mixed_note:
         summary["mixed_precision_note"] = mixed_note
+    if time_note:
+        summary["time_first_note"] = time_note
     unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
     file_inputs = [i.name for i in onnx_model.graph.input]
     if unused and len(file_inputs) < len(example_inputs):

@@ -1729,3 +1729,34 @@ def test_compile_gives_the_global_generator_back_as_it_was():
     torch.manual_seed(123)
     qcompile.trace(model, x[:1])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_time_first_recurrent_layer_on_a_model_input_is_a_warning():
+    """nn.GRU(8, 32) (batch_first=False) reading (T, B, F) inputs compiled without a word into a file whose batch is
+    the time axis and whose batch is fixed (README says so); a model that transposes batch-first inputs first is
+    left alone."""
+    from qcompile import QuantizationWarning
+
+    class TimeFirst(torch.nn.Module):
+        def __init__(self, transpose):
+            super().__init__()
+            self.transpose = transpose
+            self.gru, self.fc = torch.nn.GRU(8, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            y, _ = self.gru(x.transpose(0, 1) if self.transpose else x)
+            return self.fc(y[-1])
+
+    torch.manual_seed(0)
+    with pytest.warns(QuantizationWarning, match=r"gru \(GRU, batch_first=False\) reads input 'x' time-first"):
+        result = qcompile.compile(TimeFirst(False).eval(), calib=torch.randn(6, 32, 8), scheme="uniform", bits=8,
+                                  validate=False, progress=False)
+    assert "batch_first=True" in result.summary["time_first_note"]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = qcompile.compile(TimeFirst(True).eval(), calib=torch.randn(32, 6, 8), scheme="uniform", bits=8,
+                                  validate=False, progress=False)
+    assert not any("time-first" in str(w.message) for w in caught)
+    assert "time_first_note" not in result.summary
