@@ -23,7 +23,7 @@ from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
-from .frontend import check_materialized, check_not_exported, float_reference, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
+from .frontend import check_materialized, check_not_exported, float_reference, keeps_global_rng, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
 from .threads import DeferredThreads
@@ -662,23 +662,7 @@ def _float32_default(fn):
     return wrapper
 
 
-def _keeps_global_rng(fn):
-    """Run ``fn`` and give torch's global CPU generator back in the state it was in: the compile draws from it (the
-    decomposed ``nn.MultiheadAttention``'s new Linear layers initialise their weights before they take the trained
-    ones), and a seeded script gave other results after a compile than without one."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        state = torch.random.get_rng_state()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.random.set_rng_state(state)
-    return wrapper
-
-
-@_keeps_global_rng
+@keeps_global_rng  # a seeded script computes the same numbers after a compile as without one
 @_float32_default
 def compile(
     model,

@@ -1471,7 +1471,7 @@ def _record_layer_owners(gm: torch.fx.GraphModule, model: nn.Module) -> None:
         gm.meta["layer_owners"] = owners
 
 
-def _keeps_global_rng(fn):
+def keeps_global_rng(fn):
     """Give torch's global CPU generator back as it was after ``fn``: the decomposed ``nn.MultiheadAttention``'s new
     Linear layers draw from it as they initialise (before they take the trained weights), and a seeded script
     computed other numbers after a trace than without one."""
@@ -1485,7 +1485,7 @@ def _keeps_global_rng(fn):
     return wrapper
 
 
-@_keeps_global_rng
+@keeps_global_rng
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
           leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
