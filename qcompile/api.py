@@ -320,12 +320,21 @@ def _trained_options(cfg, opts: CompileOptions, asked: dict, options: dict) -> C
                     "wscheme": lambda o: o.weight_scheme, "ascheme": lambda o: o.act_scheme}
     differ = [k for k in given if (effective_of[k](probe) != effective_of[k](trained) if k in effective_of
                                    else getattr(probe, k) != getattr(trained, k))]
+    if "bits" in given and "bits" not in differ and "wbits" not in given and "abits" not in given \
+            and given["bits"] != trained.bits \
+            and (given["bits"], given["bits"]) != (trained.weight_bits, trained.act_bits):
+        # after qat.change_bits(wbits=3, abits=3) the trained wbits/abits hide bits in the probe: bits=5 was taken
+        # without a word for a W3A3 file (bits= as prepare had it, or as the layers have it, is no change)
+        differ.append("bits")
     if differ:
         effective = {"wbits": trained.weight_bits, "abits": trained.act_bits, "wscheme": trained.weight_scheme,
                      "ascheme": trained.act_scheme}  # what None means there
         values = {k: effective[k] if getattr(trained, k) is None and k in effective else getattr(trained, k)
                   for k in differ}
-        now = ", ".join(f"{k}={v!r}" for k, v in values.items())
+        if "bits" in values and (trained.weight_bits, trained.act_bits) != (trained.bits, trained.bits):
+            values["bits"] = f"W{trained.weight_bits}A{trained.act_bits}"  # qat.change_bits moved them from bits
+        now = ", ".join(f"{k}={v!r}" if k != "bits" or isinstance(v, int) else f"layers at {v}"
+                        for k, v in values.items())
         ptq = [k for k in differ if k in _PTQ_ONLY]
         retrain = [k for k in differ if k not in _PTQ_ONLY]
         advice = []

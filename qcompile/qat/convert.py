@@ -116,8 +116,28 @@ def convert(model: torch.fx.GraphModule, inplace: bool = False) -> torch.fx.Grap
     if cfg is not None:
         gm.meta[CONVERTED_KEY] = cfg
     if cfg is not None:
-        gm = Pipeline(split_pipeline(cfg.options)[1], check=cfg.options.check, name_errors=False)(gm).gm
+        after = split_pipeline(cfg.options)[1]
+        gm = Pipeline(after, check=cfg.options.check, name_errors=False)(gm).gm
+        _warn_if_pair_safe_moved(after)
     return gm
+
+
+def _warn_if_pair_safe_moved(passes) -> None:
+    """``int8_weights="s8-safe"`` given to ``prepare``: the pair-safe pass runs at conversion, after training, and
+    changes trained 8-bit layers (a wider weight step, moved weights: digits APoT W4A4 after training, 133 of conv1's
+    weights, 1 of 500 predictions changed); the export's validation compares the file with the converted model and
+    passes, so this is the only word of it."""
+    from qcompile.errors import QuantizationWarning
+    from qcompile.passes.int8_pairs import PairSafeInt8Weights
+
+    layers = [line.split(":")[0] for p in passes if isinstance(p, PairSafeInt8Weights) for line in p.report
+              if "weight pairs within int16" in line]
+    if layers:
+        warnings.warn(f"int8_weights='s8-safe' made the trained 8-bit layer(s) {', '.join(layers[:4])}"
+                      f"{' ...' if len(layers) > 4 else ''} pair-safe at conversion (the pass runs after training: a "
+                      "wider weight step, moved weights), so the file computes the converted model, which may differ "
+                      "from the trained one on some inputs; int8_weights='auto' keeps the trained weights (uint8 "
+                      "where int8 would saturate on x86 without VNNI)", QuantizationWarning, stacklevel=3)
 
 
 def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = None, *, validate: bool = True,
