@@ -150,6 +150,11 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
     inputs = [b.packed(index, itype, "w_index"), b.const((grid + offset).astype(lut_t), "w_lut"), b.const(unit, "w_scale")]
     if u8:
         inputs.append(b.const(np.full(unit.shape, offset, np.uint8), "w_zp"))
+    elif np.dtype(lut_t).itemsize == 1:
+        # explicit even at 0, as the standard form's (emit._dequantize_codes): onnxruntime fuses DequantizeLinear ->
+        # Gemm -> QuantizeLinear into QGemm only with explicit zero points, and the custom form's Linear layers
+        # stayed float Gemm after it inlined the function body (its convolutions fused)
+        inputs.append(b.shared_const(np.zeros(unit.shape, lut_t), "w_zp"))
     _custom_node(b, "DequantizeLevels", inputs, output, axis=int(axis if axis is not None else 0), **_attrs(fq))
 
 
