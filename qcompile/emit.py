@@ -1323,11 +1323,25 @@ def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     inits = {t.name: t for t in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
 
-    def dq_scale(name):
+    def scale_input(name):
+        """The scale input of the node making ``name``: a ``DequantizeLinear``'s, or in the custom form that of a
+        qcompile weight/activation function whose body ends in one (``runtime/OPS.md``); None for other nodes."""
         node = producer.get(name)
-        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in inits:
+        if node is None:
             return None
-        return numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        if node.domain in ("", "ai.onnx") and node.op_type == "DequantizeLinear":
+            index = 1
+        elif node.domain == "qcompile":
+            index = {"DequantizeLevels": 2, "QuantizeUniform": 1, "QuantizeLevels": 3}.get(node.op_type)
+        else:
+            index = None
+        return node.input[index] if index is not None and len(node.input) > index else None
+
+    def dq_scale(name):
+        scale = scale_input(name)
+        if scale is None or scale not in inits:
+            return None
+        return numpy_helper.to_array(inits[scale]).astype(np.float32)
 
     nodes: list[onnx.NodeProto] = []
     for node in graph.node:
@@ -1348,10 +1362,10 @@ def quantize_gemm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
                     # the scale S_x·S_w as a Mul of the two scales the file holds already (float32, as computed
                     # above): onnxruntime folds it to a constant before its QDQ fusion, and a 64-channel layer's
                     # scale is not stored twice
-                    x_scale, w_scale = producer[node.input[0]].input[1], producer[node.input[1]].input[1]
+                    x_scale, w_scale = scale_input(node.input[0]), scale_input(node.input[1])
                     node.input[2] = b.node("DequantizeLinear", [q, b.node("Mul", [x_scale, w_scale])], axis=0)
                     w_dq = producer[node.input[1]]
-                    w_type = _stored_type(w_dq.input[0], inits, producer)
+                    w_type = _stored_type(w_dq.input[0], inits, producer) if w_dq.domain != "qcompile" else None
                     if len(w_dq.input) == 2 and w_type is not None:  # QGemm is fused only with explicit zero points
                         zp_shape = numpy_helper.to_array(inits[w_dq.input[1]]).shape
                         w_dq.input.append(b.const(np.zeros(zp_shape, helper.tensor_dtype_to_np_dtype(w_type)), "w_zp"))

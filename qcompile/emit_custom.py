@@ -29,7 +29,7 @@ from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
 from .emit import (_Builder, _int_type, _unit, act_code_type, emit_activation, emit_cell_requant, emit_weight,
-                   grid_index, replace_markers, u8_storage)
+                   grid_index, quantize_gemm_bias, replace_markers, u8_storage)
 from .ir import FIXED_BITS
 
 DOMAIN = "qcompile"
@@ -187,7 +187,9 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
 
 
 def emit_custom(model: onnx.ModelProto, table: dict[int, FakeQuantize], u8_weights: bool = False) -> onnx.ModelProto:
-    model = replace_markers(model, table, custom_weight, custom_activation, u8_weights=u8_weights)
+    # a Linear's bias as int32 codes on the accumulator grid, as in the standard form: the QGemm that onnxruntime
+    # fuses after inlining the functions then also takes a last layer with float outputs (same values)
+    model = quantize_gemm_bias(replace_markers(model, table, custom_weight, custom_activation, u8_weights=u8_weights))
     keep = [o for o in model.opset_import if o.domain != DOMAIN]  # the markers' import (same domain) goes: one entry
     del model.opset_import[:]
     model.opset_import.extend(keep + [helper.make_opsetid(DOMAIN, VERSION)])
