@@ -21,6 +21,7 @@ from qcompile.passes.calibrate import INITIAL_BATCHNORM_STATS
 from qcompile.passes.synthetic import DISTILLED
 from qcompile.runtime.validation import ValidationReport, validate_model
 
+from . import dynamic
 from . import export as export_mod
 from .errors import QuantizationWarning, UserError
 from .frontend import check_materialized, check_not_exported, float_reference, keeps_global_rng, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
@@ -728,7 +729,7 @@ def compile(
     opts = CompileOptions(scheme=scheme, bits=bits, **options)
     if not opts.quantized:  # as the CLI: options that would quantize something, given to a float compile
         defaults = CompileOptions(scheme="fp32")
-        given = [k for k in options if k not in ("check", "leaf_modules", "fold_bn", "equalize")
+        given = [k for k in options if k not in ("check", "leaf_modules", "fold_bn", "equalize", "dynamic_axes")
                  and getattr(opts, k, None) != getattr(defaults, k, None)]
         if given:
             raise UserError(f"{', '.join(given)} cannot apply to scheme='fp32' (nothing is quantized); drop "
@@ -908,6 +909,43 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
             _check_token_ids(gm, data, what)
     return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
                            thresholds, callback, progress, t0)
+
+
+DYNAMIC_SQNR_DROP_DB = 6.0  # a drop against float this large at twice the size: said as a warning
+
+
+def _check_dynamic(data: bytes, gm, probe, reference, probe_outputs, opts: CompileOptions, thresholds,
+                   declared: dict) -> dict:
+    """The file at twice the example's size on ``opts.dynamic_axes`` (``probe``) validated as the compile validates
+    it at the example's size: against its simulation (codes and outputs) for a quantized file, against the model
+    for a float one; a failure stops the compile (dynamic.py). Returns the summary's ``dynamic_axes`` entry."""
+    from qcompile.runtime.validation import FloatOutputs, validate_quantized
+
+    th = default_thresholds(opts)
+    th.update(thresholds or {})
+    axes = opts.dynamic_axes
+    try:
+        if opts.quantized:
+            floats = FloatOutputs([t.detach().float().numpy() for t in probe_outputs],
+                                  [t.is_floating_point() for t in probe_outputs])
+            report = validate_quantized(data, gm, probe, float_model=floats, **th)
+        else:
+            report = validate_model(data, reference, probe, rounding_scale="min_sqnr" not in (thresholds or {}), **th)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- onnxruntime refusing the new size: a node holds the example's
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise dynamic.onnxruntime_failure(axes, probe, exc) from None
+    if not report.passed:
+        raise dynamic.failure(axes, probe, report.failures[0] if report.failures else "validation failed")
+    parts = probe if isinstance(probe, tuple) else (probe,)
+    entry = {"axes": list(axes), "checked_inputs": [list(t.shape) for t in parts if isinstance(t, torch.Tensor)],
+             "outputs": declared, "sqnr_db": report.sqnr_db}
+    for key in ("code_mismatch", "sqnr_vs_float_db", "top1_vs_float"):
+        if report.extra.get(key) is not None:
+            entry[key] = report.extra[key]
+    return entry
 
 
 @contextlib.contextmanager
@@ -1148,6 +1186,8 @@ def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> N
 
 def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                     callback, progress, t0) -> CompileResult:
+    if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
+        dynamic.check_axes(opts.dynamic_axes, example_inputs)
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback, name_errors=False)  # its messages speak of options
     time_note = _time_first_note(gm)  # on the traced modules, before the passes make layers functional
@@ -1207,7 +1247,11 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
         table = quantizers_by_id(gm)  # ids the exporter's markers carry
-        onnx_model = emit(export_mod.export_onnx(gm, example_inputs), table, opts)
+        exported = export_mod.export_onnx(gm, example_inputs)
+        if opts.dynamic_axes:
+            dynamic.mark_inputs(exported, example_inputs, opts.dynamic_axes)
+        onnx_model = emit(exported, table, opts)
+        del exported
     else:
         onnx_model = export_mod.export_onnx(gm, example_inputs)
     rank_notes = export_mod.pin_output_dims(onnx_model, gm, example_inputs)
@@ -1217,6 +1261,18 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     export_mod.share_identical_initializers(onnx_model)
     export_mod.drop_identity_requantizations(onnx_model)
     _check_protobuf_size(onnx_model, opts)
+    probe = None
+    if opts.dynamic_axes:
+        # the model and its simulation at twice the example's size on those axes: the file's output shapes there,
+        # and (below, once the file is serialized) the check that it computes its simulation there too
+        probe = dynamic.probe_inputs(valid_x if valid_x is not None else calib_x if calib_x is not None
+                                     else example_inputs, opts.dynamic_axes)
+        probe_reference = gm if trained else float_reference(model, example_inputs, opts.leaf_modules)
+        probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, opts.dynamic_axes,
+                                                   "graph" if trained else "model")
+        sim_outputs = dynamic.run_model_at_probe(gm, probe, opts.dynamic_axes, "graph")
+        declared = dynamic.mark(onnx_model, example_inputs, opts.dynamic_axes, probe, probe_outputs, sim_outputs)
+        del sim_outputs
     from . import __version__
 
     onnx_model.producer_name, onnx_model.producer_version = "qcompile", __version__  # not torch.onnx's name
@@ -1331,6 +1387,20 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                                        "for the compile (no sampling in eval mode)")
         # most of a large model's compile (ResNet-50, 32 images at 224x224: 31 of 40 s), and nothing said so
         summary["validation_seconds"] = round(time.perf_counter() - t_validate, 3)
+    if probe is not None:
+        entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probe, probe_reference, probe_outputs, opts,
+                                                         thresholds, declared)
+        del probe_reference, probe_outputs
+        at_example = report.extra.get("sqnr_vs_float_db") if report is not None else None
+        at_probe = entry.get("sqnr_vs_float_db")
+        if at_example is not None and at_probe is not None and at_probe < at_example - DYNAMIC_SQNR_DROP_DB:
+            # the file computes its simulation at the new size, but the ranges were calibrated at the example's
+            summary["dynamic_axes_note"] = (
+                f"--dynamic-axes: on the validation inputs at twice their size (each value repeated) the quantized "
+                f"model is {at_probe:.1f} dB from the float model, {at_example:.1f} dB at the example's size: "
+                "activation ranges calibrated at one size can clip or waste levels at another; calibrate (--calib) "
+                "on inputs of the size the file mostly runs at")
+            warnings.warn(summary["dynamic_axes_note"], QuantizationWarning, stacklevel=3)
     path = export_mod.save_bytes_atomic(data, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

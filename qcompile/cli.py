@@ -149,6 +149,10 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "with no pair past int16: U8S8 speed, exact on every CPU, ~0.5 bit less weight precision), u8 "
                         "(uint8 with zero point 128: exact everywhere, slower U8U8 kernels on x86), auto (s8 where this "
                         "machine runs U8S8 exactly, else s8-safe)")
+    e.add_argument("--dynamic-axes", metavar="AXES", default="",
+                   help="input axes besides the batch whose size may change when the file runs, e.g. 2,3 for an "
+                        "image's height and width: declared symbolic, and checked at twice the example's size "
+                        "(the compile stops where the graph fixed a size there)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
     e.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
@@ -461,7 +465,7 @@ def cmd_compile(argv) -> int:
         validate=not args.no_validate, validation_inputs=validation_inputs,
         callback=lambda t: _print_timing(t, args.verbose), progress=_progress,
         thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
-        int8_weights=args.int8_weights, **options,
+        int8_weights=args.int8_weights, dynamic_axes=args.dynamic_axes, **options,
     )
     _print_summary(result, real_inputs=calib is not None)
     for note in _notes(result):
@@ -503,7 +507,7 @@ def _notes(result) -> list[str]:
         result.summary.get(key) for key in ("few_samples_note", "first_last_note", "level_note", "calib_note",
                                           "numbers_note", "shift_add_note", "unused_inputs_note",
                                           "constant_output_note", "output_rank_note", "mixed_precision_note",
-                                          "time_first_note"))
+                                          "time_first_note", "dynamic_axes_note"))
     return [note for note in notes if note]
 
 
@@ -539,9 +543,28 @@ def _print_summary(result, real_inputs: bool = False) -> None:
         if line:
             print(line)
         print(result.report.summary())
+    line = dynamic_line(result.summary.get("dynamic_axes"))
+    if line:
+        print(line)
+    if result.report is not None:
         agree = result.report.extra.get("top1_vs_float")
         if agree is not None and agree < LOW_AGREEMENT and real_inputs:  # random inputs have no classes
             print(f"qcompile: warning: {low_agreement_message(agree, result.report)}", file=sys.stderr)
+
+
+def dynamic_line(entry) -> str:
+    """The check of --dynamic-axes in one line: the shapes it ran, the file against its simulation there."""
+    if not entry:
+        return ""
+    shapes = ", ".join("x".join(map(str, s)) for s in entry["checked_inputs"])
+    sq = entry.get("sqnr_db")
+    text = (f"dynamic axes {','.join(map(str, entry['axes']))}: checked at inputs {shapes} (twice the example's "
+            f"size): file vs simulation SQNR {'inf' if sq is None or math.isinf(sq) else f'{sq:.1f} dB'}")
+    if entry.get("code_mismatch") is not None:
+        text += f", codes differing {100 * entry['code_mismatch']:.4f}%"
+    if entry.get("sqnr_vs_float_db") is not None:
+        text += f"; vs the float model {entry['sqnr_vs_float_db']:.1f} dB"
+    return text
 
 
 def float_line(report, random_inputs: bool = False) -> str:

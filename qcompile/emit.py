@@ -81,6 +81,9 @@ class _Builder:
         self.inits: list[onnx.TensorProto] = []
         self.shared = shared if shared is not None else {}
         self.shape: list | None = None  # the quantized tensor's dims (int, or str when symbolic), where known
+        # the file's inputs have sizes that may change beyond the batch (dynamic_axes): the dims above are the
+        # example's, which no constant may hold (lookups reshape back to the index's own shape at run time)
+        self.dynamic = False
         self._n = 0
         self.post: list = []  # fn(model) to run once every marker is replaced (see after)
 
@@ -448,7 +451,7 @@ def emit_cell_requant(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
                                      b.shared_const(np.array(z, np.uint8), "cell_zp")])
     lut = b.shared_const((np.asarray(table, dtype=np.int64) + zp).astype(g_np), "cell_levels")
     dims = b.shape
-    if dims is not None and len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+    if dims is not None and len(dims) == 4 and (b.dynamic or all(isinstance(d, int) and d > 0 for d in dims[1:])):
         # the lookup is elementwise: do it channels-last, between two Transposes that cancel against the ones
         # onnxruntime puts around its NHWC QLinearConv (measured: 0.89 -> 0.72 ms for a 96x56x56 lookup between two
         # 1x1 QLinearConvs; without them onnxruntime transposes to NCHW and back around every lookup)
@@ -1432,6 +1435,10 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                        for d in v.type.tensor_type.shape.dim]
               for v in list(graph.value_info) + list(graph.input) if v.type.tensor_type.HasField("shape")}
+    # inputs with symbolic sizes beyond the batch (compile's dynamic_axes, qcompile.dynamic): the value_info shapes
+    # are the example's
+    dynamic = any(d.dim_param for v in graph.input if v.type.tensor_type.HasField("shape")
+                  for d in v.type.tensor_type.shape.dim[1:])
     for node in graph.node:
         if id(node) in absorbed:
             continue
@@ -1443,6 +1450,8 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
         src, out = node.input[0], node.output[0]
         b = _Builder(f"q{qid}", shared, u8_weights)
         b.shape = shapes.get(out, shapes.get(src))
+        if dynamic and b.shape is not None:
+            b.shape, b.dynamic = [b.shape[0]] + [None] * (len(b.shape) - 1), True
         if src not in inits and src in identity_of:
             src = identity_of[src]
         # a weight quantizer reads a stored weight; an activation quantizer whose input is a constant (a buffer such

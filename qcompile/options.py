@@ -67,6 +67,9 @@ class CompileOptions:
     int8_weights: str = "auto"
     check: Optional[bool] = None  # None: follow QCOMPILE_CHECK=1 (set by the test suite)
     leaf_modules: tuple = ()
+    # axes besides the batch (0) whose size may change when the file runs (2, 3: an image's height and width):
+    # the file declares them symbolic, and the compile checks it at twice the example's size there (dynamic.py)
+    dynamic_axes: tuple = ()
 
     def __post_init__(self):
         for name in ("scheme", "wscheme", "ascheme", "emit", "calib_method"):  # 'APoT', as the paper spells it
@@ -150,6 +153,7 @@ class CompileOptions:
                 flag = {"exclude": "--exclude", "leaf_modules": "--leaf-module"}[name]
                 raise UserError(f"option {name} takes layer names ({flag}): a str or a list of str, such as "
                                 f"{name}=['fc2'], got {value!r} ({type(value).__name__})")
+        object.__setattr__(self, "dynamic_axes", parse_dynamic_axes(self.dynamic_axes))
         if isinstance(self.leaf_modules, str):  # one name, as exclude="conv2" is one pattern (not its letters)
             object.__setattr__(self, "leaf_modules", (self.leaf_modules,))
         if self.config is not None:
@@ -268,7 +272,41 @@ def resolve_int8_weights(opts: CompileOptions, keep_weights: bool = False) -> Co
 
 
 OPTIONS_KEY = "qcompile.options"
-_NOT_RECORDED = ("check",)  # the test suite's self-check switch: not a property of the file
+# check: the test suite's self-check switch, not a property of the file; dynamic_axes: the file's own input shapes
+# say it, and the simulation that validate rebuilds is the same without it
+_NOT_RECORDED = ("check", "dynamic_axes")
+
+
+def parse_dynamic_axes(value) -> tuple:
+    """``dynamic_axes`` as a sorted tuple of distinct axes >= 1: from ``"2,3"`` (the command line), an int or a
+    sequence of ints; ``None`` or empty: none."""
+    import numbers
+
+    if value is None:
+        return ()
+    items = value
+    if isinstance(value, str):
+        items = [v for v in value.replace(" ", "").split(",") if v != ""] if value.strip() else []
+    elif isinstance(value, numbers.Number) and not isinstance(value, bool):
+        items = [value]
+    example = "such as dynamic_axes=(2, 3) (--dynamic-axes 2,3) for an image's height and width"
+    if not isinstance(items, (list, tuple, set, frozenset)):
+        raise UserError(f"dynamic_axes takes input axes, {example}; got {value!r} ({type(value).__name__})")
+    axes = []
+    for item in items:
+        try:
+            if isinstance(item, bool) or (not isinstance(item, (numbers.Integral, str))):
+                raise ValueError
+            axis = int(item)
+        except ValueError:
+            raise UserError(f"dynamic_axes takes whole-number input axes, {example}; got {item!r}") from None
+        if axis == 0:
+            raise UserError("dynamic axis 0 is the batch, which every file takes at any size already; name the other "
+                            f"axes whose size may change, {example}")
+        if axis < 0:
+            raise UserError(f"dynamic axis {axis} is negative; count axes from 0 (the batch), {example}")
+        axes.append(axis)
+    return tuple(sorted(set(axes)))
 
 
 def to_metadata(opts: CompileOptions) -> str:

@@ -1,0 +1,187 @@
+"""Dynamic axes: a file that runs at other sizes than the example's on chosen axes, and the check that it does.
+
+Every file takes any batch size. With ``dynamic_axes=(2, 3)`` (``--dynamic-axes 2,3``) the inputs' height and
+width are declared symbolic too (``d2``, ``d3``), and so is every output dimension that follows them. Nothing in the
+graph is rewritten for it: a fully convolutional model (convolutions, pools of fixed kernels, resizes by a scale,
+element-wise operations) computes the same at any size, and a graph that fixed a size somewhere (a reshape to the
+example's number of features, a pool whose kernel was the example's feature map, a positional embedding of the
+example's length) does not. So the compile proves it rather than assuming it: the model, its simulation and the
+file run on the validation inputs at **twice** the example's size on those axes (each value repeated, so the
+values are those of real inputs), and
+
+- the file's output shapes must be the model's there, and
+- the file must equal its simulation there as it does at the example's size (the same validation, the same
+  bounds: output SQNR, integer codes of every quantized activation).
+
+Where either fails, the compile stops with one line naming the axes and what differed, and writes nothing. The
+activation ranges stay those calibrated at the example's size. Twice the size keeps every divisibility the
+example's size had (a stride-32 network, a patch size); other sizes the model accepts run the same graph.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import onnx
+import torch
+
+from .errors import UserError
+
+PROBE_SAMPLES = 4  # inputs at twice the size per axis: 4 of them hold 16 samples' worth of values on two axes
+PROBE_FACTOR = 2
+
+
+def flag(axes: Sequence[int]) -> str:
+    return f"--dynamic-axes {','.join(map(str, axes))}"
+
+
+def check_axes(axes: Sequence[int], example_inputs: Sequence) -> None:
+    """Every axis exists in some input (an axis past every input's last one named nothing)."""
+    ranks = [t.dim() for t in example_inputs if isinstance(t, torch.Tensor)]
+    past = [a for a in axes if all(a >= r for r in ranks)]
+    if past:
+        shapes = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+        raise UserError(f"dynamic axis {past[0]} is past the last axis of the input{'s' if len(ranks) > 1 else ''} "
+                        f"(shape {shapes}); name axes from 1 to {max(ranks) - 1}, such as 2,3 for an image's height "
+                        "and width")
+
+
+def probe_inputs(inputs, axes: Sequence[int], samples: int = PROBE_SAMPLES):
+    """The first ``samples`` inputs at ``PROBE_FACTOR`` times their size on ``axes`` (each value repeated: an image
+    upsampled by nearest neighbour, a sequence with every step twice), in the form given (a tensor or a tuple)."""
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        t = t[:samples]
+        for a in axes:
+            if a < t.dim():
+                t = t.repeat_interleave(PROBE_FACTOR, dim=a)
+        return t
+
+    if isinstance(inputs, tuple):
+        return tuple(grow(t) for t in inputs)
+    return grow(inputs)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+def run_model_at_probe(reference, probe, axes: Sequence[int], what: str) -> list:
+    """``reference``'s output tensors on the probe inputs, or one line saying that it does not run there."""
+    from qcompile.runtime.validation import output_tensors
+
+    args = probe if isinstance(probe, tuple) else (probe,)
+    try:
+        with torch.no_grad():
+            return output_tensors(reference(*[t.clone() if isinstance(t, torch.Tensor) else t for t in args]))
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the model's own refusal of the size, in one line
+        shape = _shapes(probe)
+        if what == "model":
+            raise UserError(f"{flag(axes)}: the model itself does not run at twice the example's size on those axes "
+                            f"(inputs {shape}: {_first_line(exc)}); name only axes whose size the model takes at any "
+                            "value, or compile once per size without --dynamic-axes") from None
+        raise UserError(f"{flag(axes)}: the traced graph fixes the size of those axes (at inputs {shape} it fails: "
+                        f"{_first_line(exc)}), where the model itself runs: a size read in forward (x.shape) became "
+                        "the example's, or an adaptive pool to more than 1x1 became a pool of the example's size; "
+                        "compile once per size without --dynamic-axes") from None
+
+
+def _shapes(inputs) -> str:
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    return ", ".join(str(tuple(t.shape)) for t in parts if isinstance(t, torch.Tensor))
+
+
+def mark_inputs(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[int]) -> None:
+    """Declare ``axes`` of the exported (not yet emitted) file's inputs symbolic: emission then holds no size of
+    the example in a constant (``emit._Builder.dynamic``)."""
+    from .export import input_names_for
+
+    names = input_names_for(len(example_inputs))
+    for value in onnx_model.graph.input:
+        if value.name not in names or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for a in axes:
+            if a < len(dims):
+                dims[a].Clear()
+                dims[a].dim_param = f"d{a}" if len(names) == 1 else f"{value.name}_d{a}"
+
+
+def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[int], probe,
+         probe_outputs: Sequence[torch.Tensor], sim_outputs: Optional[Sequence[torch.Tensor]] = None) -> dict:
+    """Declare ``axes`` of the file's inputs symbolic, and each output dimension whose size at the probe differs
+    from the example's; drop the intermediate shapes (``value_info``), which were the example's. ``probe_outputs``:
+    the model's outputs on the probe inputs (the shapes the file must give there); ``sim_outputs``: the
+    simulation's, which must have the same shapes. Returns ``{output name: [dims]}`` as declared."""
+    from .export import input_names_for
+
+    graph = onnx_model.graph
+    names = input_names_for(len(example_inputs))
+    index = {name: i for i, name in enumerate(names)}
+    sizes: dict[tuple, list] = {}  # (example size, probe size) -> [(axis, symbol)] of the input axes with them
+    probe_parts = probe if isinstance(probe, tuple) else (probe,)
+    for value in graph.input:
+        i = index.get(value.name)
+        if i is None or not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        for a in axes:
+            if a >= len(dims):
+                continue
+            sym = f"d{a}" if len(names) == 1 else f"{value.name}_d{a}"
+            example_size = int(example_inputs[i].shape[a])
+            dims[a].Clear()
+            dims[a].dim_param = sym
+            sizes.setdefault((example_size, int(probe_parts[i].shape[a])), []).append((a, sym))
+
+    outputs = list(graph.output)
+    if sim_outputs is not None:
+        for k, (want, got) in enumerate(zip(probe_outputs, sim_outputs)):
+            if tuple(want.shape) != tuple(got.shape):
+                raise UserError(f"{flag(axes)}: the traced graph fixes the size of those axes: at inputs "
+                                f"{_shapes(probe)} the model's output {k} has shape {tuple(want.shape)} and its "
+                                f"simulation's {tuple(got.shape)} (a size read in forward, or an adaptive pool, "
+                                "became the example's); compile once per size without --dynamic-axes")
+    if len(outputs) != len(probe_outputs):
+        raise UserError(f"{flag(axes)}: the file has {len(outputs)} outputs where the model gives "
+                        f"{len(probe_outputs)} tensors; compile without --dynamic-axes")
+    declared = {}
+    for k, (value, y) in enumerate(zip(outputs, probe_outputs)):
+        if not value.type.tensor_type.HasField("shape"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != y.dim():
+            raise UserError(f"{flag(axes)}: the file's output {value.name} has {len(dims)} axes, the model's "
+                            f"{y.dim()} at inputs {_shapes(probe)}; compile without --dynamic-axes")
+        for j in range(1, len(dims)):
+            if not dims[j].HasField("dim_value"):
+                continue
+            example_size, probe_size = int(dims[j].dim_value), int(y.shape[j])
+            if example_size == probe_size:
+                continue
+            # the input axis it follows: the one of the same sizes (at the same position where several have them,
+            # an image's height and width), else a name of its own (a size the model computes from them)
+            match = sizes.get((example_size, probe_size), [])
+            same = [sym for a, sym in match if a == j]
+            sym = same[0] if same else match[0][1] if len(match) == 1 else \
+                f"out_d{j}" if len(outputs) == 1 else f"{value.name}_d{j}"
+            dims[j].Clear()
+            dims[j].dim_param = sym
+        declared[value.name] = [d.dim_param or int(d.dim_value) for d in dims]
+    del graph.value_info[:]
+    return declared
+
+
+def failure(axes: Sequence[int], probe, reason: str) -> UserError:
+    return UserError(f"{flag(axes)}: at twice the example's size (inputs {_shapes(probe)}) the file does not compute "
+                     f"what its simulation does ({reason}); some operation fixed a size of the example: compile once "
+                     "per size without --dynamic-axes")
+
+
+def onnxruntime_failure(axes: Sequence[int], probe, exc: BaseException) -> UserError:
+    return UserError(f"{flag(axes)}: onnxruntime cannot run the file at twice the example's size (inputs "
+                     f"{_shapes(probe)}: {_first_line(exc)}); a node holds a size of the example (a reshape to its "
+                     "number of features): compile once per size without --dynamic-axes")

@@ -1,0 +1,252 @@
+"""dynamic_axes / --dynamic-axes (qcompile/dynamic.py): a file whose inputs may change size on chosen axes, checked
+at twice the example's size, and refused with one line where the graph fixed a size.
+
+Every file here also runs in onnxruntime at sizes the compile never saw (not twice the example's, odd ones too)
+and is compared with the simulation and the float model there."""
+from __future__ import annotations
+
+import importlib
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+import qcompile
+from qcompile.cli import main
+from qcompile.errors import UserError
+from qcompile.options import parse_dynamic_axes
+
+
+class FullyConv(nn.Module):
+    """A segmentation-like net: conv, BatchNorm, a stride-2 conv, an upsample by a factor, a skip add."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1, stride=2)
+        self.up = nn.Upsample(scale_factor=2)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.head(torch.relu(self.up(self.c2(y)) + y[:, :8]))
+
+
+class Classifier(nn.Module):
+    def __init__(self, pool: int = 1):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(pool)
+        self.fc = nn.Linear(16 * pool * pool, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.c1(x))), 1))
+
+
+class FixedReshape(nn.Module):
+    """Reads its feature count from the example's size: the model itself takes no other size."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c1(x)).reshape(x.shape[0], -1))
+
+
+class SizeArithmetic(nn.Module):
+    """A mean written with the feature map's size: the graph must compute it from the input, not the example."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        h, w = y.shape[-2:]
+        return self.fc(y[:, :, : h // 2, : w // 2].sum((2, 3)) / ((h // 2) * (w // 2)))
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _dims(values):
+    return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values]
+
+
+def _run_at(path, result, model, x):
+    """The file, its simulation and the float model on ``x``: (file, simulation, float) outputs."""
+    sess = _session(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        sim = result.model(x).numpy()
+        ref = model(x).numpy()
+    return got, sim, ref
+
+
+def _sqnr(ref, got):
+    return 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / max(np.sum((ref - got).astype(np.float64) ** 2), 1e-30))
+
+
+@pytest.mark.parametrize("scheme,bits,emit", [("uniform", 8, "standard"), ("apot", 4, "standard"),
+                                              ("pot", 4, "custom"), ("apot", 4, "shift-add")])
+def test_fully_convolutional_file_runs_at_other_sizes(tmp_path, scheme, bits, emit):
+    model = FullyConv().eval()
+    x = torch.randn(16, 3, 16, 16)
+    path = str(tmp_path / "fc.onnx")
+    # keep_first_last quant: the 4-bit levels (and their lookups, which held the example's shape) in every layer
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme=scheme, bits=bits, emit=emit,
+                              keep_first_last="quant", dynamic_axes=(2, 3))
+    saved = onnx.load(path)
+    assert _dims(saved.graph.input) == [["batch", 3, "d2", "d3"]]
+    assert _dims(saved.graph.output) == [["batch", 4, "d2", "d3"]]  # the output follows the input's sizes
+    entry = result.summary["dynamic_axes"]
+    assert entry["axes"] == [2, 3] and entry["checked_inputs"] == [[4, 3, 32, 32]]
+    assert entry["code_mismatch"] <= 1e-3
+    for hw in ((24, 40), (34, 18), (64, 64)):  # sizes the compile did not check, the stride-2 conv's too
+        got, sim, ref = _run_at(path, result, model, torch.randn(2, 3, *hw))
+        assert got.shape == ref.shape == (2, 4) + hw
+        assert _sqnr(sim, got) > 40.0, hw  # code flips at thresholds only
+        assert _sqnr(ref, got) > (25.0 if bits == 8 else 5.0), hw
+
+
+def test_default_file_keeps_the_example_sizes(tmp_path):
+    model = FullyConv().eval()
+    x = torch.randn(8, 3, 16, 16)
+    result = qcompile.compile(model, x[:1], calib=x, output=str(tmp_path / "f.onnx"), scheme="uniform", bits=8)
+    assert _dims(onnx.load(tmp_path / "f.onnx").graph.input) == [["batch", 3, 16, 16]]
+    assert "dynamic_axes" not in result.summary
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "fp32"])
+def test_classifier_output_stays_fixed(tmp_path, scheme):
+    model = Classifier().eval()
+    x = torch.randn(16, 3, 16, 16)
+    path = str(tmp_path / "c.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme=scheme, bits=8, dynamic_axes="2,3")
+    saved = onnx.load(path)
+    assert _dims(saved.graph.input) == [["batch", 3, "d2", "d3"]]
+    assert _dims(saved.graph.output) == [["batch", 10]]
+    got, sim, ref = _run_at(path, result, model, torch.randn(3, 3, 40, 24))
+    assert got.shape == (3, 10)
+    assert _sqnr(sim, got) > (100.0 if scheme == "fp32" else 40.0)
+
+
+def test_size_arithmetic_in_forward_follows_the_input(tmp_path):
+    model = SizeArithmetic().eval()
+    x = torch.randn(16, 3, 16, 16)
+    path = str(tmp_path / "s.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme="uniform", bits=8, dynamic_axes=(2, 3))
+    got, sim, ref = _run_at(path, result, model, torch.randn(2, 3, 40, 24))
+    assert _sqnr(ref, got) > 30.0  # divided by the new size, not the example's
+
+
+def test_sequence_axis_of_conv1d_and_token_ids(tmp_path):
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.conv = nn.Conv1d(16, 16, 3, padding=1)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc(torch.relu(self.conv(self.emb(ids).transpose(1, 2))).amax(2))
+
+    model = Tokens().eval()
+    ids = torch.randint(0, 50, (16, 12))
+    path = str(tmp_path / "t.onnx")
+    result = qcompile.compile(model, ids[:1], calib=ids, output=path, scheme="apot", bits=4, dynamic_axes=1,
+                              keep_first_last="quant")
+    assert _dims(onnx.load(path).graph.input) == [["batch", "d1"]]
+    for length in (5, 31):
+        got, sim, _ = _run_at(path, result, model, torch.randint(0, 50, (3, length)))
+        assert got.shape == (3, 4)
+        assert _sqnr(sim, got) > 40.0
+
+
+@pytest.mark.parametrize("model,needle", [
+    (FixedReshape(), "the model itself does not run at twice the example's size"),
+    # AdaptiveAvgPool2d(4) becomes a pool of the example's feature map: the traced graph fixes the size
+    (Classifier(pool=4), "the traced graph fixes the size of those axes"),
+])
+def test_graph_that_fixes_a_size_is_refused_without_a_file(tmp_path, model, needle):
+    x = torch.randn(8, 3, 16, 16)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(UserError) as info:
+        qcompile.compile(model.eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
+                         dynamic_axes=(2, 3))
+    assert needle in str(info.value) and "--dynamic-axes 2,3" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not path.exists()
+
+
+def test_option_values():
+    assert parse_dynamic_axes("3, 2") == (2, 3)
+    assert parse_dynamic_axes([2, 2]) == (2,)
+    assert parse_dynamic_axes(np.int64(1)) == (1,)
+    assert parse_dynamic_axes(None) == parse_dynamic_axes("") == ()
+    for bad, needle in ((0, "axis 0 is the batch"), ("-1", "negative"), ("h", "whole-number"), (2.5, "whole-number"),
+                        ({"input": 2}, "takes input axes")):
+        with pytest.raises(UserError, match=needle):
+            parse_dynamic_axes(bad)
+    with pytest.raises(UserError, match="past the last axis"):
+        qcompile.compile(Classifier().eval(), torch.randn(1, 3, 8, 8), scheme="uniform", bits=8, dynamic_axes=4)
+
+
+CLI_MODULE = "qc_dynamic_models"
+
+
+@pytest.fixture
+def cli_module(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / f"{CLI_MODULE}.py").write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        def fully_conv():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+
+        def flat_head():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)).eval()
+    """))
+    monkeypatch.chdir(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    importlib.invalidate_caches()
+    sys.modules.pop(CLI_MODULE, None)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    yield tmp_path
+    sys.modules.pop(CLI_MODULE, None)
+
+
+def test_cli(cli_module, capsys):
+    rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+               "--dynamic-axes", "2,3", "-o", "fc.onnx"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "dynamic axes 2,3: checked at inputs 4x3x16x16 (twice the example's size)" in out
+    assert _dims(onnx.load(cli_module / "fc.onnx").graph.output) == [["batch", 2, "d2", "d3"]]
+
+    rc = main([f"{CLI_MODULE}:flat_head", "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+               "--dynamic-axes", "2,3", "-o", "bad.onnx"])
+    out, err = capsys.readouterr()
+    last = err.strip().splitlines()[-1]  # after the calibration's progress line
+    assert rc == 2 and last.startswith("qcompile: error: --dynamic-axes 2,3: the model itself") and \
+        "Traceback" not in err, err
+    assert not (cli_module / "bad.onnx").exists()
+
+    rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--dynamic-axes", "0", "-o", "z.onnx"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "axis 0 is the batch" in err and not (cli_module / "z.onnx").exists()
