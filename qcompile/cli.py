@@ -155,6 +155,9 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "(the compile stops where the graph fixed a size there)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
+    e.add_argument("--data", metavar="FILE",
+                   help="held-out inputs to validate on, in --calib's formats: the file, its simulation and the float "
+                        "model are compared there (default: the --calib inputs; without them, random ones)")
     e.add_argument("--min-sqnr", type=_finite, metavar="DB", help="fail (exit 1) if output SQNR vs the simulation is below DB")
     e.add_argument("--min-top1", type=_fraction, metavar="FRACTION",
                    help="fail (exit 1) if top-1 agreement is below FRACTION (0..1)")
@@ -171,8 +174,10 @@ def _validate_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx", metavar="FILE.onnx")
     p.add_argument("--against", required=True, metavar="MODEL", help="the model the file was compiled from")
     _add_model_args(p)
-    p.add_argument("--data", "--calib", dest="data", metavar="FILE", help="inputs (.npy/.npz, or .pt tensors); also the calibration data "
-                   "used to rebuild the simulation of a quantized file")
+    p.add_argument("--data", metavar="FILE", help="inputs to compare on (.npy/.npz, or .pt tensors); without --calib also "
+                   "the calibration data that rebuilds the simulation of a quantized file")
+    p.add_argument("--calib", metavar="FILE", help="the compile's calibration data (its --calib file), which rebuilds the "
+                   "simulation of a quantized file; then --data may hold other (held-out) inputs to compare on")
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
                         "needs --data, the calibration inputs it was compiled with, to rebuild its simulation")
@@ -409,12 +414,15 @@ def cmd_compile(argv) -> int:
         _check_not_an_input(args, args.json, "--json")
         if same_file(args.json, output):
             raise UserError(f"--json and -o name the same file {output!r}; give the summary another name")
+    if args.data and args.no_validate:
+        raise UserError("--data holds the inputs validation runs on, and --no-validate skips it; drop one of them")
     calib = load_array_file(args.calib, several=True) if args.calib else None
+    held_out = load_array_file(args.data, "--data", several=True) if args.data else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
             check_not_model_source(model, path, flag, specs=(args.model, args.arch))
-    example = _example_inputs(args, calib)
+    example = _example_inputs(args, calib if calib is not None else held_out)
     if isinstance(calib, tuple):  # x0, x1 for a model with one input: the model's count first (the message below
         # asked for a second --input-shape, which the model then refused)
         from .api import check_input_count
@@ -424,8 +432,12 @@ def cmd_compile(argv) -> int:
             len(args.input_shape) != (len(calib) if isinstance(calib, tuple) else 1):
         raise UserError(f"{len(args.input_shape)} --input-shape for "
                         f"{len(calib) if isinstance(calib, tuple) else 1} input(s) in --calib; give one per input")
-    validation_inputs = None
-    if calib is None:
+    validation_inputs = held_out
+    if isinstance(held_out, tuple) != isinstance(calib, tuple) and calib is not None:
+        raise UserError(f"--data holds {len(held_out) if isinstance(held_out, tuple) else 1} input array(s) and --calib "
+                        f"{len(calib) if isinstance(calib, tuple) else 1}; give both in the same form (x0, x1, ... "
+                        "of a .npz for a model with several inputs)")
+    if calib is None and held_out is None:
         import torch
         gen = torch.Generator().manual_seed(1)
         examples = example if isinstance(example, tuple) else (example,)
@@ -467,7 +479,7 @@ def cmd_compile(argv) -> int:
         thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
         int8_weights=args.int8_weights, dynamic_axes=args.dynamic_axes, **options,
     )
-    _print_summary(result, real_inputs=calib is not None)
+    _print_summary(result, real_inputs=calib is not None or held_out is not None)
     for note in _notes(result):
         if note:
             print(f"qcompile: warning: {note}", file=sys.stderr)
@@ -484,7 +496,8 @@ def _check_not_an_input(args, path: str, flag: str) -> None:
     """Refuse an output path that names one of the run's input files (it would be overwritten)."""
     from .export import same_file
 
-    inputs = [("the model file", args.model), ("the --calib file", args.calib), ("the --config file", args.config)]
+    inputs = [("the model file", args.model), ("the --calib file", args.calib), ("the --config file", args.config),
+              ("the --data file", getattr(args, "data", None))]
     for what, given in inputs:
         if given and os.path.exists(given) and same_file(path, given):
             raise UserError(f"{flag} {path!r} is {what}; writing there would overwrite it: choose another {flag} path")

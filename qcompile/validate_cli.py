@@ -234,6 +234,8 @@ def validate_against(args):
                         "(drop --samples, or pass a --data file with fewer samples)")
     if args.samples is None:
         args.samples = 16
+    if args.calib and not args.data:  # one file for both (--calib was another name of --data before 0.9.7)
+        args.data, args.calib = args.calib, None
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
@@ -282,12 +284,30 @@ def validate_against(args):
             raise UserError(f"--data holds floats for input {graph_input.name!r} of {args.onnx!r}, which takes "
                             "integer ids (an Embedding): save them as integers (ids.astype(np.int64)), as the compile "
                             "took them")
-    inputs = tuple(t.to(getattr(torch, onnx.helper.tensor_dtype_to_np_dtype(e).name))
-                   if not t.is_floating_point() and t.dtype != torch.bool and e not in (0, onnx.TensorProto.BOOL)
-                   and onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu" else t
-                   for t, e in zip(inputs, types))
+    def file_types(tensors):
+        return tuple(t.to(getattr(torch, onnx.helper.tensor_dtype_to_np_dtype(e).name))
+                     if not t.is_floating_point() and t.dtype != torch.bool and e not in (0, onnx.TensorProto.BOOL)
+                     and onnx.helper.tensor_dtype_to_np_dtype(e).kind in "iu" else t
+                     for t, e in zip(tensors, types))
+
+    inputs = file_types(inputs)
     example = tuple(t[:1] for t in inputs)
     inputs = inputs[0] if len(inputs) == 1 else inputs
+    calib = None  # --calib beside --data: the compile's calibration inputs, which rebuild the simulation
+    if args.calib:
+        loaded = load_array_file(args.calib, "--calib", several=True)
+        calib = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a)
+                      for a in (loaded if isinstance(loaded, tuple) else (loaded,)))
+        n_data = len(inputs) if isinstance(inputs, tuple) else 1
+        if len(calib) != n_data or any(tuple(c.shape[1:]) != tuple(d.shape[1:]) for c, d in
+                                       zip(calib, inputs if isinstance(inputs, tuple) else (inputs,))):
+            raise UserError(f"--calib holds samples of shape {', '.join(str(tuple(c.shape[1:])) for c in calib)}, "
+                            "--data of shape "
+                            f"{', '.join(str(tuple(d.shape[1:])) for d in (inputs if isinstance(inputs, tuple) else (inputs,)))}"
+                            "; give the compile's calibration file as --calib and held-out inputs of the same "
+                            "shape as --data")
+        calib = file_types(calib)
+        calib = calib[0] if len(calib) == 1 else calib
     opts = _file_options(onnx_model)
     qat = next((p.value for p in onnx_model.metadata_props if p.key == "qcompile.qat"), None)
     if qat is not None:  # its parameters were trained: calibrating --against afresh gives another simulation
@@ -317,6 +337,9 @@ def validate_against(args):
                         "tools such as onnx-graphsurgeon drop): validate the file qcompile wrote, or copy its "
                         "metadata_props into this one (a file of a pass pipeline of your own: validate it from "
                         "Python, qcompile.runtime.validate(file, gm, inputs))")
+    if (not opts or opts.get("scheme") == "fp32") and calib is not None:
+        raise UserError(f"--calib rebuilds the simulation of a quantized file; {args.onnx!r} is a float file, "
+                        "compared with the model on --data: drop --calib")
     if not opts or opts.get("scheme") == "fp32":
         _check_reference_runs(reference, example, args, given)
         if all(v is None for v in thresholds.values()):
@@ -350,23 +373,29 @@ def validate_against(args):
     except (ValueError, AttributeError):
         version = (0,)
     data_free = recorded is None and version >= (0, 4)
-    if data is None and recorded is not None:  # the simulation cannot be rebuilt data-free (compile's refusal
+    if calib is not None and recorded is None:
+        raise UserError(f"{args.onnx!r} was calibrated without data (from BatchNorm statistics), so there is no "
+                        "calibration data to rebuild it from: drop --calib (validate on --data alone)")
+    rebuild = calib if calib is not None else inputs if data is not None else None
+    if rebuild is None and recorded is not None:  # the simulation cannot be rebuilt data-free (compile's refusal
         # named --keep-first-last and --calib, options of the compile, not of validate)
         raise UserError(f"{args.onnx!r} was calibrated on {recorded.get('samples', 'its')} samples; validate rebuilds "
-                        "its simulation by calibrating on the same inputs: pass them with --data FILE (the --calib "
-                        "file of the compile)")
-    if data is not None and recorded is not None:
+                        "its simulation by calibrating on the same inputs: pass them with --calib FILE (the --calib "
+                        "file of the compile; --data FILE then gives other inputs to compare on)")
+    if rebuild is not None and recorded is not None:
         from .api import calibration_fingerprint
 
-        if calibration_fingerprint(inputs) != recorded.get("sha256"):
-            raise UserError(f"--data is not the calibration data {args.onnx!r} was compiled with ({recorded.get('samples')} "
-                            "samples); validate rebuilds the simulation by calibrating on --data, so pass those "
-                            "inputs (the --calib file of the compile)")
+        flag = "--calib" if calib is not None else "--data"
+        if calibration_fingerprint(rebuild) != recorded.get("sha256"):
+            raise UserError(f"{flag} is not the calibration data {args.onnx!r} was compiled with "
+                            f"({recorded.get('samples')} samples); validate rebuilds the simulation by calibrating on "
+                            "it, so pass those inputs as --calib (the --calib file of the compile), and held-out "
+                            "inputs to compare on as --data")
 
     opts = dict(opts)
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
     sim = qcompile_compile(model, example, scheme=scheme, bits=bits,
-                           calib=inputs if data is not None and not data_free else None,
+                           calib=rebuild if rebuild is not None and not data_free else None,
                            output=None, validate=False, **opts)
     mine, theirs = len(onnx_model.graph.output), len(sim.onnx_model.graph.output)
     if mine != theirs:

@@ -1493,6 +1493,11 @@ def test_sdq_clipping_at_wide_activations_is_noted():
     observers = {n.target: n.meta["qparams"].observer for n in low.model.graph.nodes
                  if n.op == "call_module" and "qparams" in n.meta and "_fq" in str(n.target)}
     assert observers["out_fq0"].startswith("mse") and observers["act_fq0"].startswith("sdq"), observers
+    # 3 bits asked, the first and last layers kept at 8: the note said "at 8 bits", which the user never asked for
+    with pytest.warns(QuantizationWarning, match="the layers kept at 8 bits \\(the first and last"):
+        kept = qcompile.compile(MLP(), calib[:1], calib=calib, scheme="uniform", bits=3, calib_method="sdq",
+                                validate=False)
+    assert "--keep-first-last quant" in kept.summary["calib_note"]
 
 
 def test_binary_activations_on_one_sided_data_are_refused_in_one_line():
