@@ -301,7 +301,7 @@ def model_input_names(model: nn.Module) -> Optional[list[str]]:
 
 
 # what compile() may still choose for a QAT-trained model: the file's form, not what the layers compute
-_FORM_OPTIONS = ("emit", "check", "int8_weights", "leaf_modules")
+_FORM_OPTIONS = ("emit", "check", "int8_weights", "leaf_modules", "dynamic_axes")  # the file's form, not its numbers
 # post-training steps that qat.prepare refuses: "pass them to prepare" is no advice for them
 _PTQ_ONLY = ("avg_wbits", "weight_rounding", "bias_correction")
 

@@ -250,3 +250,38 @@ def test_cli(cli_module, capsys):
     rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--dynamic-axes", "0", "-o", "z.onnx"])
     out, err = capsys.readouterr()
     assert rc == 2 and "axis 0 is the batch" in err and not (cli_module / "z.onnx").exists()
+
+
+def test_two_inputs_and_a_qat_trained_model(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x, mask):
+            return self.h(torch.relu(self.a(x) + self.b(mask)))
+
+    model = Two().eval()
+    x, mask = torch.randn(16, 3, 16, 16), torch.randn(16, 1, 16, 16)
+    path = str(tmp_path / "two.onnx")
+    result = qcompile.compile(model, (x[:1], mask[:1]), calib=(x, mask), output=path, scheme="uniform", bits=8,
+                              dynamic_axes=(2, 3))
+    saved = onnx.load(path)
+    assert _dims(saved.graph.input) == [["batch", 3, "input_0_d2", "input_0_d3"], ["batch", 1, "input_1_d2", "input_1_d3"]]
+    sess = _session(path)
+    xp, mp = torch.randn(2, 3, 20, 30), torch.randn(2, 1, 20, 30)
+    got = sess.run(None, {"input_0": xp.numpy(), "input_1": mp.numpy()})[0]
+    with torch.no_grad():
+        assert _sqnr(result.model(xp, mp).numpy(), got) > 40.0
+
+    # a model trained with qcompile.qat: dynamic_axes is a form of the file, not an option its training fixed
+    from qcompile import qat
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    trained = qat.prepare(net, x[:1], scheme="apot", bits=4, calib=x)
+    trained.eval()
+    path = str(tmp_path / "qat.onnx")
+    result = qcompile.compile(trained, x[:1], calib=x, output=path, dynamic_axes=(2, 3))
+    assert result.summary["dynamic_axes"]["outputs"] == {"output": ["batch", 2, "d2", "d3"]}
+    got, sim, _ = _run_at(path, result, result.model, torch.randn(2, 3, 24, 40))
+    assert got.shape == (2, 2, 24, 40) and _sqnr(sim, got) > 40.0
