@@ -433,7 +433,7 @@ def cmd_compile(argv) -> int:
         raise UserError(f"{len(args.input_shape)} --input-shape for "
                         f"{len(calib) if isinstance(calib, tuple) else 1} input(s) in --calib; give one per input")
     validation_inputs = held_out
-    if isinstance(held_out, tuple) != isinstance(calib, tuple) and calib is not None:
+    if held_out is not None and calib is not None and isinstance(held_out, tuple) != isinstance(calib, tuple):
         raise UserError(f"--data holds {len(held_out) if isinstance(held_out, tuple) else 1} input array(s) and --calib "
                         f"{len(calib) if isinstance(calib, tuple) else 1}; give both in the same form (x0, x1, ... "
                         "of a .npz for a model with several inputs)")

@@ -229,13 +229,13 @@ def validate_against(args):
     # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
     reference = plain_copy(unwrap(model)).eval()
     _check_same_weights(onnx_model, model, args)
+    if args.calib and not args.data:  # one file for both (--calib was another name of --data before 0.9.7)
+        args.data, args.calib = args.calib, None
     if args.data and args.samples is not None:  # it was ignored: "validation on 64 inputs" after --samples 10
         raise UserError("--samples sets the number of random inputs; with --data every sample of the file is used "
                         "(drop --samples, or pass a --data file with fewer samples)")
     if args.samples is None:
         args.samples = 16
-    if args.calib and not args.data:  # one file for both (--calib was another name of --data before 0.9.7)
-        args.data, args.calib = args.calib, None
     data = load_array_file(args.data, "--data", several=True) if args.data else None
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
@@ -373,7 +373,7 @@ def validate_against(args):
     except (ValueError, AttributeError):
         version = (0,)
     data_free = recorded is None and version >= (0, 4)
-    if calib is not None and recorded is None:
+    if calib is not None and data_free:
         raise UserError(f"{args.onnx!r} was calibrated without data (from BatchNorm statistics), so there is no "
                         "calibration data to rebuild it from: drop --calib (validate on --data alone)")
     rebuild = calib if calib is not None else inputs if data is not None else None
