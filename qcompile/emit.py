@@ -1163,6 +1163,8 @@ def shield_float_layers(model: onnx.ModelProto) -> onnx.ModelProto:
                 return None
             if node.op_type == "QuantizeUniform":
                 zp = node.input[2]
+            elif len(node.input) > 4 and node.input[4]:  # stored codes with their zero point (0.9.7 on)
+                zp = node.input[4]
             else:  # grid integers: a zero point of their type puts the codes back in it
                 grid_type = numpy_helper.to_array(inits[node.input[2]]).dtype
                 zp = f"{node.output[0]}/float/codes_zp"

@@ -7,9 +7,10 @@ that knows the domain can execute the nodes with kernels of its own. The ops are
   ``y = DequantizeLinear(Gather(lut, Cast(index, int32)), scale, zero_point, axis)``: level indices (packed
   UINT4/UINT8), the grid integers of the level set (int8, or uint8 = grid + 128 with ``zero_point`` 128 where the
   grid exceeds ±64 and ``--int8-weights u8``), the fine-grid unit per channel.
-- ``qcompile.QuantizeLevels(x, thresholds, grid, scale) -> y``  (non-uniform activations)
-  ``idx = Σ_j [x > thresholds_j]``; ``y = DequantizeLinear(grid[idx], scale)``, found by a binary search in the
-  function body (:func:`_quantize_levels_body`). ``thresholds`` are the simulation's float32 decision thresholds
+- ``qcompile.QuantizeLevels(x, thresholds, grid, scale[, zero_point]) -> y``  (non-uniform activations)
+  ``idx = Σ_j [x > thresholds_j]``; ``y = DequantizeLinear(grid[idx], scale, zero_point)``, found by a binary
+  search in the function body (:func:`_quantize_levels_body`); ``grid`` holds the codes as the standard form
+  stores them (uint8 shifted by ``zero_point`` where the levels reach below 0). ``thresholds`` are the simulation's float32 decision thresholds
   with the "tie goes up" ones nudged one ulp down, so every decision is a strict ``Greater``.
 - ``qcompile.QuantizeUniform(x, scale, zero_point, lo, hi) -> y``  (uniform activations)
   ``y = DequantizeLinear(QuantizeLinear(Clip(x, lo, hi), scale, zero_point), scale, zero_point)``.
@@ -28,7 +29,7 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import (_Builder, _int_type, _unit, act_code_type, emit_activation, emit_cell_requant, emit_weight,
+from .emit import (_Builder, _int_type, _unit, act_storage, emit_activation, emit_cell_requant, emit_weight,
                    grid_index, quantize_gemm_bias, replace_markers, u8_storage)
 from .ir import FIXED_BITS
 
@@ -100,9 +101,11 @@ def _quantize_levels_body() -> list[onnx.NodeProto]:
             helper.make_node("LessOrEqual", ["n_thr", "small_len"], ["few1"]),
             helper.make_node("Squeeze", ["few1"], ["few"]),
             helper.make_node("If", ["few"], ["pos"], then_branch=branch(small, "a"), else_branch=branch(large, "b")),
-            helper.make_node("GatherElements", ["grid", "pos"], ["q"], axis=0),
-            helper.make_node("DequantizeLinear", ["q", "scale"], ["yf"]),
-            helper.make_node("Reshape", ["yf", "x_shape"], ["y"])]
+            helper.make_node("GatherElements", ["grid", "pos"], ["qf"], axis=0),
+            # the codes reshaped, then dequantized: the DequantizeLinear (with its zero point) feeds the next layer
+            # itself, the pattern onnxruntime fuses into QLinearConv / QGemm after inlining the body
+            helper.make_node("Reshape", ["qf", "x_shape"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "scale", "zero_point"], ["y"])]  # zero_point: optional
 
 def function_protos() -> list[onnx.FunctionProto]:
     axis_ref = helper.make_attribute_ref("axis", onnx.AttributeProto.INT)
@@ -115,7 +118,7 @@ def function_protos() -> list[onnx.FunctionProto]:
          dq],
         _OPSET, attributes=["scheme", "bits", "signed", "axis"])
     quantize_levels = helper.make_function(
-        DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale"], ["y"], _quantize_levels_body(),
+        DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale", "zero_point"], ["y"], _quantize_levels_body(),
         _OPSET, attributes=["scheme", "bits", "signed", "offset"])
     quantize_uniform = helper.make_function(
         DOMAIN, "QuantizeUniform", ["x", "scale", "zero_point", "lo", "hi"], ["y"],
@@ -161,6 +164,13 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
 def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
     ls = fq.levelset
     unit = _unit(fq).reshape(())
+    if ls.is_uniform and fq.requant is not None:
+        # the re-quantized output of an int8 layer (BindIntegerLayers): standard nodes, QuantizeLinear right after
+        # the layer, so onnxruntime fuses it into QLinearConv/QGemm as in the standard form; the Clip that opens
+        # QuantizeUniform's body kept the layer on float kernels (42 of LR-ASPP's 66 convolutions at APoT W4A4),
+        # where float summation order flipped codes of channels whose sums cancel
+        emit_activation(b, fq, x, output)
+        return
     if ls.is_uniform:
         zp = int(fq.zero_point)
         unsigned = ls.code_min >= 0
@@ -181,8 +191,14 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     thr = thr.numpy().astype(np.float32).ravel()
     strict = np.where(tie_up.numpy(), np.nextafter(thr, np.float32(-np.inf)), thr).astype(np.float32)
     grid = np.asarray(ls.grid, dtype=np.int64)
-    _, g_np = act_code_type(int(grid.min()), int(grid.max()))
-    inputs = [x, b.const(strict, "thresholds"), b.const(grid.astype(g_np), "grid"), b.const(unit, "a_scale")]
+    # the codes as the standard form stores them (act_storage): uint8, shifted up by a zero point where the levels
+    # reach below 0, the zero point explicit even at 0. A DequantizeLinear of uint8 codes with its zero point is
+    # what onnxruntime fuses with the next layer into QLinearConv / QGemm on x86 (int8 activations it leaves to
+    # float kernels there)
+    g_np, zp = act_storage(grid)
+    inputs = [x, b.const(strict, "thresholds"), b.const((grid + zp).astype(g_np), "grid"), b.const(unit, "a_scale")]
+    if np.dtype(g_np).itemsize == 1:
+        inputs.append(b.shared_const(np.array(zp, g_np), "a_zp"))
     _custom_node(b, "QuantizeLevels", inputs, output, **_attrs(fq))
 
 

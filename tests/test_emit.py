@@ -1254,3 +1254,39 @@ def test_custom_form_linear_layers_fuse_into_qgemm_and_count_their_saturating_pa
     assert counts["standard"]["QGemm"] == 4, counts
     assert counts["custom"]["QGemm"] == 4 and counts["custom"]["Gemm"] == 0, counts  # the float-output last one too
     assert pairs["custom"] == pairs["standard"] > 0, pairs
+
+
+@pytest.mark.parametrize("net", ["hardswish", "mlp"])
+@pytest.mark.parametrize("scheme", ["apot", "uniform"])
+def test_custom_form_fuses_every_layer_the_standard_form_fuses(net, scheme, tmp_path):
+    """Layers whose input is signed APoT codes (after a Hardswish: int8 codes in QuantizeLevels) or whose output is a
+    sub-8-bit uniform requantization (QuantizeUniform opened with a Clip) stayed float Conv/Gemm in the custom form
+    after onnxruntime inlined the bodies: 42 of LR-ASPP MobileNetV3's 66 convolutions at APoT W4A4, where float
+    summation order then flipped 13 of 288 codes of one cancelling channel with one thread (validation FAIL), and
+    3 of a 4-layer MLP's 4 Linears at uniform W4A4. QuantizeLevels now stores its codes as the standard form does
+    (uint8 with a zero point, reshaped before DequantizeLinear) and an int8 layer's uniform requantization is the
+    standard QuantizeLinear: the same kernels as the standard form, layer for layer."""
+    from qcompile.runtime.session import session
+
+    torch.manual_seed(0)
+    if net == "hardswish":
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Hardswish(), nn.Conv2d(16, 16, 3, padding=1),
+                              nn.Hardswish(), nn.Conv2d(16, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 10)).eval()
+        x = torch.randn(64, 3, 12, 12)
+    else:
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32),
+                              nn.ReLU(), nn.Linear(32, 10)).eval()
+        x = torch.randn(64, 12) * 3
+    counts = {}
+    for form in ("standard", "custom"):
+        result = qcompile.compile(model, x[:1], calib=x[:32], validation_inputs=x[32:], scheme=scheme, bits=4,
+                                  emit=form, keep_first_last="quant")
+        assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.summary()
+        path = str(tmp_path / f"{form}.opt.onnx")
+        session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+        counts[form] = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    layers = {"hardswish": (3, 2), "mlp": (0, 4)}[net]
+    for form in ("standard", "custom"):
+        assert (counts[form]["QLinearConv"], counts[form]["QGemm"]) == layers, (form, counts[form])
+        assert counts[form]["Conv"] + counts[form]["Gemm"] + counts[form]["MatMul"] == 0, (form, counts[form])
