@@ -137,6 +137,12 @@ def _check_same_weights(onnx_model: onnx.ModelProto, model, args) -> None:
                         "another model); pass the model (and --arch) the file was compiled from")
 
 
+def _file_dynamic_axes(onnx_model: onnx.ModelProto) -> set:
+    """The input axes beyond the batch that the file declares symbolic (a compile with --dynamic-axes)."""
+    return {a for value in _graph_inputs(onnx_model) if value.type.tensor_type.HasField("shape")
+            for a, d in enumerate(value.type.tensor_type.shape.dim) if a > 0 and d.dim_param}
+
+
 def _check_same_graph(onnx_model: onnx.ModelProto, rebuilt: onnx.ModelProto, args) -> None:
     """The simulation rebuilt from ``--against`` must be the one the file was compiled from: another model gives
     other layers, and comparing their quantizers failed deep inside with an internal error."""
@@ -299,7 +305,12 @@ def validate_against(args):
         calib = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a)
                       for a in (loaded if isinstance(loaded, tuple) else (loaded,)))
         n_data = len(inputs) if isinstance(inputs, tuple) else 1
-        if len(calib) != n_data or any(tuple(c.shape[1:]) != tuple(d.shape[1:]) for c, d in
+        free = _file_dynamic_axes(onnx_model)  # a file compiled with --dynamic-axes takes other sizes there
+
+        def fixed(t):
+            return tuple(d for a, d in enumerate(t.shape) if a > 0 and a not in free)
+
+        if len(calib) != n_data or any(c.dim() != d.dim() or fixed(c) != fixed(d) for c, d in
                                        zip(calib, inputs if isinstance(inputs, tuple) else (inputs,))):
             raise UserError(f"--calib holds samples of shape {', '.join(str(tuple(c.shape[1:])) for c in calib)}, "
                             "--data of shape "
@@ -307,6 +318,7 @@ def validate_against(args):
                             "; give the compile's calibration file as --calib and held-out inputs of the same "
                             "shape as --data")
         calib = file_types(calib)
+        example = tuple(t[:1] for t in calib)  # the rebuilt simulation is traced at the compile's size
         calib = calib[0] if len(calib) == 1 else calib
     opts = _file_options(onnx_model)
     qat = next((p.value for p in onnx_model.metadata_props if p.key == "qcompile.qat"), None)

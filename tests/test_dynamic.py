@@ -285,3 +285,27 @@ def test_two_inputs_and_a_qat_trained_model(tmp_path):
     assert result.summary["dynamic_axes"]["outputs"] == {"output": ["batch", 2, "d2", "d3"]}
     got, sim, _ = _run_at(path, result, result.model, torch.randn(2, 3, 24, 40))
     assert got.shape == (2, 2, 24, 40) and _sqnr(sim, got) > 40.0
+
+
+def test_validate_a_dynamic_file_on_inputs_of_another_size(cli_module, capsys):
+    """qcompile validate rebuilt the simulation at the --data size and refused --calib of the compile's size: a
+    dynamic file could only be validated where it was compiled. The rebuild is now traced at --calib's size, and
+    --data may differ from it on the file's dynamic axes (only there)."""
+    rng = np.random.default_rng(2)
+    np.save(cli_module / "big.npy", rng.standard_normal((3, 3, 20, 12)).astype(np.float32))
+    rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--scheme", "apot", "--bits", "4",
+               "--keep-first-last", "quant", "--dynamic-axes", "2,3", "-o", "d.onnx"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rc = main(["validate", "d.onnx", "--against", f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy",
+               "--data", "big.npy"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "validation on 3 inputs" in out and "PASS" in out, (out, err)
+    rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+               "-o", "f.onnx"])
+    assert rc == 0
+    capsys.readouterr()
+    rc = main(["validate", "f.onnx", "--against", f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy",
+               "--data", "big.npy"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "takes input 'input' of shape (batch, 3, 8, 8)" in err, err
