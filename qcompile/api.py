@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -907,41 +908,52 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
     for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
         if data is not None:
             _check_token_ids(gm, data, what)
+    # --dynamic-axes: the traced float graph as traced, to check against the model at other sizes (the passes
+    # rewrite gm in place; a trace fixed to the example's sizes computes the model there only)
+    traced = copy.deepcopy(gm) if opts.dynamic_axes and not trained else None
     return _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate,
-                           thresholds, callback, progress, t0)
+                           thresholds, callback, progress, t0, traced=traced)
 
 
 DYNAMIC_SQNR_DROP_DB = 6.0  # a drop against float this large at twice the size: said as a warning
 
 
-def _check_dynamic(data: bytes, gm, probe, reference, probe_outputs, opts: CompileOptions, thresholds,
+def _check_dynamic(data: bytes, gm, probes: list, reference, opts: CompileOptions, thresholds,
                    declared: dict) -> dict:
-    """The file at twice the example's size on ``opts.dynamic_axes`` (``probe``) validated as the compile validates
-    it at the example's size: against its simulation (codes and outputs) for a quantized file, against the model
-    for a float one; a failure stops the compile (dynamic.py). Returns the summary's ``dynamic_axes`` entry."""
+    """The file at the sizes of ``probes`` (``[(inputs, the model's outputs)]``: twice the example's size on
+    ``opts.dynamic_axes``, and one more where the model takes it) validated as the compile validates it at the
+    example's size: against its simulation (codes and outputs) for a quantized file, against the model for a float
+    one; a failure stops the compile (dynamic.py). Returns the summary's ``dynamic_axes`` entry: the figures of
+    the first probe, the shapes of all."""
     from qcompile.runtime.validation import FloatOutputs, validate_quantized
 
     th = default_thresholds(opts)
     th.update(thresholds or {})
     axes = opts.dynamic_axes
-    try:
-        if opts.quantized:
-            floats = FloatOutputs([t.detach().float().numpy() for t in probe_outputs],
-                                  [t.is_floating_point() for t in probe_outputs])
-            report = validate_quantized(data, gm, probe, float_model=floats, **th)
-        else:
-            report = validate_model(data, reference, probe, rounding_scale="min_sqnr" not in (thresholds or {}), **th)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- onnxruntime refusing the new size: a node holds the example's
-        if not type(exc).__module__.startswith("onnxruntime"):
+    reports = []
+    for probe, outputs in probes:
+        try:
+            if opts.quantized:
+                floats = FloatOutputs([t.detach().float().numpy() for t in outputs],
+                                      [t.is_floating_point() for t in outputs])
+                report = validate_quantized(data, gm, probe, float_model=floats, **th)
+            else:
+                report = validate_model(data, reference, probe, rounding_scale="min_sqnr" not in (thresholds or {}),
+                                        **th)
+        except UserError:
             raise
-        raise dynamic.onnxruntime_failure(axes, probe, exc) from None
-    if not report.passed:
-        raise dynamic.failure(axes, probe, report.failures[0] if report.failures else "validation failed")
-    parts = probe if isinstance(probe, tuple) else (probe,)
-    entry = {"axes": list(axes), "checked_inputs": [list(t.shape) for t in parts if isinstance(t, torch.Tensor)],
-             "outputs": declared, "sqnr_db": report.sqnr_db}
+        except Exception as exc:  # noqa: BLE001 -- onnxruntime refusing the new size: a node holds the example's
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise dynamic.onnxruntime_failure(axes, probe, exc) from None
+        if not report.passed:
+            raise dynamic.failure(axes, probe, report.failures[0] if report.failures else "validation failed")
+        reports.append(report)
+    report = reports[0]
+    shapes = [[list(t.shape) for t in (p if isinstance(p, tuple) else (p,)) if isinstance(t, torch.Tensor)]
+              for p, _ in probes]
+    entry = {"axes": list(axes), "checked_inputs": shapes[0], "also_checked": shapes[1:], "outputs": declared,
+             "sqnr_db": report.sqnr_db}
     for key in ("code_mismatch", "sqnr_vs_float_db", "top1_vs_float"):
         if report.extra.get(key) is not None:
             entry[key] = report.extra[key]
@@ -1190,7 +1202,7 @@ def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> N
 
 
 def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
-                    callback, progress, t0) -> CompileResult:
+                    callback, progress, t0, traced=None) -> CompileResult:
     if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
         dynamic.check_axes(opts.dynamic_axes, example_inputs)
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
@@ -1270,14 +1282,26 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     if opts.dynamic_axes:
         # the model and its simulation at twice the example's size on those axes: the file's output shapes there,
         # and (below, once the file is serialized) the check that it computes its simulation there too
-        probe = dynamic.probe_inputs(valid_x if valid_x is not None else calib_x if calib_x is not None
-                                     else example_inputs, opts.dynamic_axes)
+        # and at an odd size one more (two samples), where padding computed from the size differs; a size the model
+        # itself refuses there (a UNet's skips) is not checked, nor taken
+        axes = opts.dynamic_axes
+        source = valid_x if valid_x is not None else calib_x if calib_x is not None else example_inputs
+        probe = dynamic.probe_inputs(source, axes)
+        odd = dynamic.probe_inputs(source, axes, samples=2, extra=1)
         probe_reference = gm if trained else float_reference(model, example_inputs, opts.leaf_modules)
-        probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, opts.dynamic_axes,
-                                                   "graph" if trained else "model")
-        sim_outputs = dynamic.run_model_at_probe(gm, probe, opts.dynamic_axes, "graph")
-        declared = dynamic.mark(onnx_model, example_inputs, opts.dynamic_axes, probe, probe_outputs, sim_outputs)
+        probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, axes, "graph" if trained else "model")
+        odd_outputs = None if trained else dynamic.run_model_at_probe(probe_reference, odd, axes, "model",
+                                                                      optional=True)
+        if traced is not None:
+            for inputs, outputs in ((probe, probe_outputs), (odd, odd_outputs)):
+                if outputs is not None:
+                    dynamic.check_traced(traced, inputs, outputs, axes)
+            traced = None
+        sim_outputs = dynamic.run_model_at_probe(gm, probe, axes, "graph")
+        declared = dynamic.mark(onnx_model, example_inputs, axes, probe, probe_outputs, sim_outputs,
+                                more=[odd_outputs] if odd_outputs is not None else [])
         del sim_outputs
+        probes = [(probe, probe_outputs)] + ([(odd, odd_outputs)] if odd_outputs is not None else [])
         if opts.quantized:  # its outputs are all the check needs: no second copy of the weights during validation
             probe_reference = None
     from . import __version__
@@ -1395,9 +1419,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         # most of a large model's compile (ResNet-50, 32 images at 224x224: 31 of 40 s), and nothing said so
         summary["validation_seconds"] = round(time.perf_counter() - t_validate, 3)
     if probe is not None and (report is None or report.passed):  # (a failed validation is the verdict already)
-        entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probe, probe_reference, probe_outputs, opts,
-                                                         thresholds, declared)
-        del probe_reference, probe_outputs
+        entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probes, probe_reference, opts, thresholds,
+                                                         declared)
+        del probe_reference, probe_outputs, probes
         at_example = report.extra.get("sqnr_vs_float_db") if report is not None else None
         at_probe = entry.get("sqnr_vs_float_db")
         if at_example is not None and at_probe is not None and at_probe < at_example - DYNAMIC_SQNR_DROP_DB:

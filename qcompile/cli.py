@@ -571,8 +571,10 @@ def dynamic_line(entry) -> str:
         return ""
     shapes = ", ".join("x".join(map(str, s)) for s in entry["checked_inputs"])
     sq = entry.get("sqnr_db")
+    also = "; ".join(", ".join("x".join(map(str, s)) for s in probe) for probe in entry.get("also_checked", []))
     text = (f"dynamic axes {','.join(map(str, entry['axes']))}: checked at inputs {shapes} (twice the example's "
-            f"size): file vs simulation SQNR {'inf' if sq is None or math.isinf(sq) else f'{sq:.1f} dB'}")
+            f"size){f' and {also}' if also else ''}: file vs simulation SQNR "
+            f"{'inf' if sq is None or math.isinf(sq) else f'{sq:.1f} dB'}")
     if entry.get("code_mismatch") is not None:
         text += f", codes differing {100 * entry['code_mismatch']:.4f}%"
     if entry.get("sqnr_vs_float_db") is not None:

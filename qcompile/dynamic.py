@@ -45,9 +45,10 @@ def check_axes(axes: Sequence[int], example_inputs: Sequence) -> None:
                         "and width")
 
 
-def probe_inputs(inputs, axes: Sequence[int], samples: int = PROBE_SAMPLES):
+def probe_inputs(inputs, axes: Sequence[int], samples: int = PROBE_SAMPLES, extra: int = 0):
     """The first ``samples`` inputs at ``PROBE_FACTOR`` times their size on ``axes`` (each value repeated: an image
-    upsampled by nearest neighbour, a sequence with every step twice), in the form given (a tensor or a tuple)."""
+    upsampled by nearest neighbour, a sequence with every step twice), ``extra`` more there (the last slice
+    repeated: an odd size, where padding computed from the size differs), in the form given."""
     def grow(t):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
@@ -55,6 +56,8 @@ def probe_inputs(inputs, axes: Sequence[int], samples: int = PROBE_SAMPLES):
         for a in axes:
             if a < t.dim():
                 t = t.repeat_interleave(PROBE_FACTOR, dim=a)
+                if extra:
+                    t = torch.cat([t] + [t.narrow(a, t.shape[a] - 1, 1)] * extra, dim=a)
         return t
 
     if isinstance(inputs, tuple):
@@ -67,17 +70,23 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
-def run_model_at_probe(reference, probe, axes: Sequence[int], what: str) -> list:
-    """``reference``'s output tensors on the probe inputs, or one line saying that it does not run there."""
+def run_model_at_probe(reference, probe, axes: Sequence[int], what: str, optional: bool = False) -> list | None:
+    """``reference``'s output tensors on the probe inputs, or one line saying that it does not run there
+    (``optional``: None where the model itself does not take that size, an odd one a UNet refuses)."""
     from qcompile.runtime.validation import output_tensors
+
+    from .frontend import _seeded
 
     args = probe if isinstance(probe, tuple) else (probe,)
     try:
-        with torch.no_grad():
-            return output_tensors(reference(*[t.clone() if isinstance(t, torch.Tensor) else t for t in args]))
+        with torch.no_grad():  # seeded as the trace's checks are: a model that draws noise draws the same
+            return output_tensors(_seeded(lambda: reference(*[t.clone() if isinstance(t, torch.Tensor) else t
+                                                               for t in args])))
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 -- the model's own refusal of the size, in one line
+        if optional and what == "model":
+            return None
         shape = _shapes(probe)
         if what == "model":
             raise UserError(f"{flag(axes)}: the model itself does not run at twice the example's size on those axes "
@@ -110,12 +119,30 @@ def mark_inputs(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Seq
                 dims[a].dim_param = f"d{a}" if len(names) == 1 else f"{value.name}_d{a}"
 
 
+def check_traced(traced, probe, model_outputs: Sequence[torch.Tensor], axes: Sequence[int]) -> None:
+    """The traced float graph (before any pass) must compute the model at the probe's size as it does at the
+    example's: a size the model reads in Python became the example's in a trace fixed to its sizes (timm's 'same'
+    padding, computed with math.ceil from the input's size, pads as for the example at odd sizes)."""
+    from qcompile.passes.float_check import output_difference
+
+    got = run_model_at_probe(traced, probe, axes, "graph")
+    problem = output_difference([t.detach().double() for t in model_outputs], [t.detach().double() for t in got])
+    if problem:
+        raise UserError(f"{flag(axes)}: the traced graph computes another function than the model at inputs "
+                        f"{_shapes(probe)} ({problem}): the model reads its input's size in Python (padding "
+                        "computed from it, as timm's 'same' padding), which the trace fixed to the example's; "
+                        "compile once per size without --dynamic-axes")
+
+
 def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[int], probe,
-         probe_outputs: Sequence[torch.Tensor], sim_outputs: Optional[Sequence[torch.Tensor]] = None) -> dict:
-    """Declare ``axes`` of the file's inputs symbolic, and each output dimension whose size at the probe differs
-    from the example's; drop the intermediate shapes (``value_info``), which were the example's. ``probe_outputs``:
-    the model's outputs on the probe inputs (the shapes the file must give there); ``sim_outputs``: the
-    simulation's, which must have the same shapes. Returns ``{output name: [dims]}`` as declared."""
+         probe_outputs: Sequence[torch.Tensor], sim_outputs: Optional[Sequence[torch.Tensor]] = None,
+         more: Sequence[Sequence[torch.Tensor]] = ()) -> dict:
+    """Declare ``axes`` of the file's inputs symbolic, and each output dimension whose size at the probe (or in any
+    of ``more``, the model's outputs at other sizes) differs from the example's; drop the intermediate shapes
+    (``value_info``), which were the example's. ``probe_outputs``: the model's outputs on the probe inputs (the
+    shapes the file must give there); ``sim_outputs``: the simulation's, which must have the same shapes. An output
+    dimension takes an input axis's symbol only at that axis's position with the same sizes (a fully convolutional
+    net's height), else a name of its own. Returns ``{output name: [dims]}`` as declared."""
     from .export import input_names_for
 
     graph = onnx_model.graph
@@ -160,14 +187,15 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
             if not dims[j].HasField("dim_value"):
                 continue
             example_size, probe_size = int(dims[j].dim_value), int(y.shape[j])
-            if example_size == probe_size:
+            varies = example_size != probe_size or any(
+                k < len(outs) and outs[k].dim() == y.dim() and int(outs[k].shape[j]) != example_size for outs in more)
+            if not varies:
                 continue
-            # the input axis it follows: the one of the same sizes (at the same position where several have them,
-            # an image's height and width), else a name of its own (a size the model computes from them)
-            match = sizes.get((example_size, probe_size), [])
-            same = [sym for a, sym in match if a == j]
-            sym = same[0] if same else match[0][1] if len(match) == 1 else \
-                f"out_d{j}" if len(outputs) == 1 else f"{value.name}_d{j}"
+            # the input axis it follows: the one of the same sizes at the same position (an image's height and
+            # width through a fully convolutional net), else a name of its own (a size the model computes from
+            # them: a stride-2 output's width is not the input's height, whatever their sizes)
+            same = [sym for a, sym in sizes.get((example_size, probe_size), []) if a == j]
+            sym = same[0] if same else f"out_d{j}" if len(outputs) == 1 else f"{value.name}_d{j}"
             dims[j].Clear()
             dims[j].dim_param = sym
         declared[value.name] = [d.dim_param or int(d.dim_value) for d in dims]

@@ -309,3 +309,54 @@ def test_validate_a_dynamic_file_on_inputs_of_another_size(cli_module, capsys):
                "--data", "big.npy"])
     out, err = capsys.readouterr()
     assert rc == 2 and "takes input 'input' of shape (batch, 3, 8, 8)" in err, err
+
+
+class SamePadding(nn.Module):
+    """TensorFlow's 'same' padding as timm's Conv2dSame computes it: from the input's size, with math.ceil, which
+    torch.fx cannot trace on a size, so the trace takes the example's sizes (the pads of an even size)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        import math
+
+        ih, iw = x.shape[-2:]
+        ph = max((math.ceil(ih / 2) - 1) * 2 + 3 - ih, 0)
+        pw = max((math.ceil(iw / 2) - 1) * 2 + 3 - iw, 0)
+        x = nn.functional.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_output_sizes_and_padding_at_an_odd_size(tmp_path):
+    """Three cases a fresh-eyes test found: a stride-2 output's width (32 -> 64 at the probe, the input height's
+    sizes) was named d2, the input's height; an output of size 1 at the example and at twice its size (a stride-64
+    level) was declared a fixed 1 though it grows at 65; and 'same' padding computed from the input's size passed
+    the check at twice the size (even, the same pads) and computed other values at odd sizes. The compile now also
+    runs the model and the traced float graph at an odd size (twice plus one)."""
+    x = torch.randn(8, 3, 32, 64)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    path = str(tmp_path / "s2.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme="uniform", bits=8, dynamic_axes=(2, 3))
+    assert _dims(onnx.load(path).graph.output) == [["batch", 4, "out_d2", "out_d3"]]
+    assert result.summary["dynamic_axes"]["also_checked"] == [[[2, 3, 65, 129]]]  # one probe, one input
+
+    x = torch.randn(8, 3, 32, 32)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d(1, stride=32)).eval()
+    path = str(tmp_path / "p.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme="uniform", bits=8, dynamic_axes=(2, 3))
+    assert _dims(onnx.load(path).graph.output) == [["batch", 8, "out_d2", "out_d3"]]
+    got, sim, ref = _run_at(path, result, model, torch.randn(1, 3, 128, 96))
+    assert got.shape == ref.shape == (1, 8, 2, 2)
+
+    path = tmp_path / "same.onnx"
+    with pytest.raises(UserError, match="the traced graph computes another function than the model at inputs "
+                                        r"\(2, 3, 65, 65\)"):
+        qcompile.compile(SamePadding().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
+                         dynamic_axes=(2, 3))
+    assert not path.exists()
+    # without dynamic axes the same model compiles, fixed to the example's size
+    qcompile.compile(SamePadding().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8)
+    assert path.exists()
