@@ -1,21 +1,24 @@
 """Dynamic axes: a file that runs at other sizes than the example's on chosen axes, and the check that it does.
 
 Every file takes any batch size. With ``dynamic_axes=(2, 3)`` (``--dynamic-axes 2,3``) the inputs' height and
-width are declared symbolic too (``d2``, ``d3``), and so is every output dimension that follows them. Nothing in the
-graph is rewritten for it: a fully convolutional model (convolutions, pools of fixed kernels, resizes by a scale,
-element-wise operations) computes the same at any size, and a graph that fixed a size somewhere (a reshape to the
-example's number of features, a pool whose kernel was the example's feature map, a positional embedding of the
-example's length) does not. So the compile proves it rather than assuming it: the model, its simulation and the
-file run on the validation inputs at **twice** the example's size on those axes (each value repeated, so the
-values are those of real inputs), and
+width are declared symbolic too (``d2``, ``d3``), and so is every output dimension that varies with them. Nothing
+in the graph is rewritten for it (but for emission's lookups, which reshape to their index's own shape): a fully
+convolutional model (convolutions, pools of fixed kernels, resizes by a scale, element-wise operations) computes
+the same at any size, and a graph that fixed a size somewhere (a reshape to the example's number of features, a
+pool whose kernel was the example's feature map, a positional embedding of the example's length, 'same' padding
+computed in Python from the example's size) does not. So the compile proves it rather than assuming it: the model,
+its traced float graph, its simulation and the file run on the validation inputs at **twice** the example's size
+on those axes (each value repeated, so the values are those of real inputs) and at an odd size (twice plus one,
+two samples, where the model itself takes it), and
 
+- the traced float graph must compute the model there (as the trace checks it at the example's size),
 - the file's output shapes must be the model's there, and
 - the file must equal its simulation there as it does at the example's size (the same validation, the same
   bounds: output SQNR, integer codes of every quantized activation).
 
-Where either fails, the compile stops with one line naming the axes and what differed, and writes nothing. The
+Where one fails, the compile stops with one line naming the axes and what differed, and writes nothing. The
 activation ranges stay those calibrated at the example's size. Twice the size keeps every divisibility the
-example's size had (a stride-32 network, a patch size); other sizes the model accepts run the same graph.
+example's size had (a stride-32 network, a patch size); the odd size shows what depends on parity (padding).
 """
 from __future__ import annotations
 
