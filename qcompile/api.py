@@ -439,7 +439,7 @@ def check_input_count(model: nn.Module, given: int, source: str) -> None:
 
 
 def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibration data",
-                           option: str = "--calib") -> None:
+                           option: str = "--calib", free_axes: tuple = ()) -> None:
     """Calibration (or validation) inputs must be finite and have, sample for sample, the shape and kind of type
     of the example inputs the model is traced (and the file exported) with: one-line errors here instead of a
     failing pass, or a failing onnxruntime run after the file is written."""
@@ -470,12 +470,12 @@ def check_calibration_data(calib_x, example_inputs: tuple, what: str = "calibrat
             if c.numel() > 1 and lo == hi and option.startswith("--calib") and not varied:
                 raise UserError(f"{which}{what} is constant (every value is {float(c.min()):g}); activation "
                                 "ranges are set from it: give real model inputs (--calib)")
-        check_sample_shape(c, e, i, len(parts), what, option)
+        check_sample_shape(c, e, i, len(parts), what, option, free_axes=free_axes)
 
 
 def check_sample_shape(c: torch.Tensor, e, i: int, n_parts: int, what: str = "calibration data",
                        option: str = "--calib",
-                       example: str = "--input-shape, or example_inputs from Python") -> None:
+                       example: str = "--input-shape, or example_inputs from Python", free_axes: tuple = ()) -> None:
     """Part ``i`` (of ``n_parts``) of calibration or validation data, ``c`` (batch first), against the example input
     ``e`` the model is traced with: the same shape per sample and the same kind of type, or one line saying how
     they differ (labels, channels last, single samples, an example without its batch axis, integers for floats)."""
@@ -488,7 +488,10 @@ def check_sample_shape(c: torch.Tensor, e, i: int, n_parts: int, what: str = "ca
         raise UserError(f"the example input{f' {i}' if n_parts > 1 else ''} has shape {tuple(e.shape)}, the "
                         f"shape of one {what} sample: give it batch-first, shape {(1,) + tuple(e.shape)} "
                         f"(x[:1], not x[0]){extra}")
-    if isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
+    if isinstance(e, torch.Tensor) and free_axes and c.dim() == e.dim() and all(
+            a in free_axes or c.shape[a] == e.shape[a] for a in range(1, c.dim())):
+        pass  # another size on the file's dynamic axes only (validation data of a --dynamic-axes compile)
+    elif isinstance(e, torch.Tensor) and tuple(c.shape[1:]) != tuple(e.shape[1:]):
         got, want = tuple(c.shape[1:]), tuple(e.shape[1:])
         hint = ""
         if not got and want:  # one number per sample: class labels, a target column
@@ -824,7 +827,8 @@ def compile(
     valid_x = None
     if validate and validation_inputs is not None:
         valid_x = calib_data(validation_inputs, len(example_inputs), what="validation")
-        check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)")
+        check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)",
+                               free_axes=opts.dynamic_axes)
         valid_x = _example_int_types(valid_x, example_inputs)
     thresholds = checked_thresholds(thresholds, opts.quantized, validate)
 
@@ -1205,6 +1209,13 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     callback, progress, t0, traced=None) -> CompileResult:
     if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
         dynamic.check_axes(opts.dynamic_axes, example_inputs)
+        from .frontend import SIZED_TRACE
+
+        if gm.meta.get(SIZED_TRACE):  # a branch on a size, math on it: the example's, whatever the checks sample
+            raise UserError(f"{dynamic.flag(opts.dynamic_axes)}: the model computes with its input's sizes in Python "
+                            "(a branch on x.shape, math.ceil of it), which torch.fx cannot trace, so its graph holds "
+                            "the example's sizes and computes the model at those only; compile once per size without "
+                            "--dynamic-axes, or compute the sizes with tensor operations")
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,
                         callback=callback, name_errors=False)  # its messages speak of options
     time_note = _time_first_note(gm)  # on the traced modules, before the passes make layers functional
@@ -1422,6 +1433,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probes, probe_reference, opts, thresholds,
                                                          declared)
         del probe_reference, probe_outputs, probes
+        if trained:  # its probe reference was the simulation itself: no float model was compared
+            entry.pop("sqnr_vs_float_db", None)
+            entry.pop("top1_vs_float", None)
         at_example = report.extra.get("sqnr_vs_float_db") if report is not None else None
         at_probe = entry.get("sqnr_vs_float_db")
         if at_example is not None and at_probe is not None and at_probe < at_example - DYNAMIC_SQNR_DROP_DB:

@@ -76,13 +76,16 @@ def _first_line(exc: BaseException) -> str:
 def run_model_at_probe(reference, probe, axes: Sequence[int], what: str, optional: bool = False) -> list | None:
     """``reference``'s output tensors on the probe inputs, or one line saying that it does not run there
     (``optional``: None where the model itself does not take that size, an odd one a UNet refuses)."""
+    import contextlib
+    import io
+
     from qcompile.runtime.validation import output_tensors
 
     from .frontend import _seeded
 
     args = probe if isinstance(probe, tuple) else (probe,)
-    try:
-        with torch.no_grad():  # seeded as the trace's checks are: a model that draws noise draws the same
+    try:  # (torch.fx prints a failing graph's code and traceback to stderr: the one line below says it)
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # seeded as the trace's checks are
             return output_tensors(_seeded(lambda: reference(*[t.clone() if isinstance(t, torch.Tensor) else t
                                                                for t in args])))
     except UserError:

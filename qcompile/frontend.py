@@ -1024,6 +1024,9 @@ class _SizedTracer(_Tracer):
         raise LookupError(kind)
 
 
+SIZED_TRACE = "qcompile.sized_trace"  # gm.meta: traced with the example's sizes answering Python's size reads
+
+
 def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None,
                  failure: list | None = None) -> torch.fx.GraphModule | None:
     """The graph module :class:`_SizedTracer` makes (through the transformer stand-ins where the model has them),
@@ -1081,6 +1084,7 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         restore()
         for m, training in modes:
             m.training = training
+    gm.meta[SIZED_TRACE] = True  # sizes read in Python are the example's: no file of it takes other sizes
     return gm
 
 

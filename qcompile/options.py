@@ -286,7 +286,7 @@ def parse_dynamic_axes(value) -> tuple:
         return ()
     items = value
     if isinstance(value, str):
-        items = [v for v in value.replace(" ", "").split(",") if v != ""] if value.strip() else []
+        items = value.replace(",", " ").split()  # "2,3", "2, 3" or "2 3"
     elif isinstance(value, numbers.Number) and not isinstance(value, bool):
         items = [value]
     example = "such as dynamic_axes=(2, 3) (--dynamic-axes 2,3) for an image's height and width"

@@ -235,8 +235,9 @@ def validate_against(args):
     # a half model met float32 inputs: "Input type (float) and bias type (c10::Half)"), baked weights, no wrappers
     reference = plain_copy(unwrap(model)).eval()
     _check_same_weights(onnx_model, model, args)
+    data_flag = "--data"
     if args.calib and not args.data:  # one file for both (--calib was another name of --data before 0.9.7)
-        args.data, args.calib = args.calib, None
+        args.data, args.calib, data_flag = args.calib, None, "--calib"
     if args.data and args.samples is not None:  # it was ignored: "validation on 64 inputs" after --samples 10
         raise UserError("--samples sets the number of random inputs; with --data every sample of the file is used "
                         "(drop --samples, or pass a --data file with fewer samples)")
@@ -255,6 +256,11 @@ def validate_against(args):
         if args.input_shape:
             shapes = [parse_input_shape(text) for text in args.input_shape]
         else:
+            free = sorted(_file_dynamic_axes(onnx_model))
+            if free:  # random inputs of size 1 there: a size no example had (the file does not record one)
+                raise UserError(f"{args.onnx!r} takes inputs of any size on axes {','.join(map(str, free))} "
+                                "(--dynamic-axes); give the inputs to validate on: --data FILE, or --input-shape "
+                                "N,C,H,W for random ones")
             shapes = _input_shapes_from_onnx(onnx_model)
         if not shapes:
             raise UserError("cannot tell the input shape; pass --input-shape N,C,H,W or --data FILE")
@@ -397,7 +403,7 @@ def validate_against(args):
     if rebuild is not None and recorded is not None:
         from .api import calibration_fingerprint
 
-        flag = "--calib" if calib is not None else "--data"
+        flag = "--calib" if calib is not None else data_flag
         if calibration_fingerprint(rebuild) != recorded.get("sha256"):
             raise UserError(f"{flag} is not the calibration data {args.onnx!r} was compiled with "
                             f"({recorded.get('samples')} samples); validate rebuilds the simulation by calibrating on "

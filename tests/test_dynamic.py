@@ -192,7 +192,7 @@ def test_graph_that_fixes_a_size_is_refused_without_a_file(tmp_path, model, need
 
 
 def test_option_values():
-    assert parse_dynamic_axes("3, 2") == (2, 3)
+    assert parse_dynamic_axes("3, 2") == parse_dynamic_axes("2 3") == (2, 3)
     assert parse_dynamic_axes([2, 2]) == (2,)
     assert parse_dynamic_axes(np.int64(1)) == (1,)
     assert parse_dynamic_axes(None) == parse_dynamic_axes("") == ()
@@ -352,11 +352,40 @@ def test_output_sizes_and_padding_at_an_odd_size(tmp_path):
     assert got.shape == ref.shape == (1, 8, 2, 2)
 
     path = tmp_path / "same.onnx"
-    with pytest.raises(UserError, match="the traced graph computes another function than the model at inputs "
-                                        r"\(2, 3, 65, 65\)"):
+    with pytest.raises(UserError, match="the model computes with its input's sizes in Python"):
         qcompile.compile(SamePadding().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
                          dynamic_axes=(2, 3))
     assert not path.exists()
     # without dynamic axes the same model compiles, fixed to the example's size
     qcompile.compile(SamePadding().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8)
     assert path.exists()
+
+
+def test_validate_cli_messages_for_dynamic_files(cli_module, capsys):
+    """Found by a fresh-eyes test: validate without --data drew random inputs of size 1 on a dynamic file's free
+    axes (the float model refused them, or a PASS on 1x1 images), and --calib given alone was called --data in the
+    mismatch message."""
+    rc = main([f"{CLI_MODULE}:fully_conv", "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+               "--dynamic-axes", "2 3", "-o", "d.onnx"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    rc = main(["validate", "d.onnx", "--against", f"{CLI_MODULE}:fully_conv"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "takes inputs of any size on axes 2,3" in err and "--input-shape" in err, err
+    np.save(cli_module / "other.npy", np.random.default_rng(5).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc = main(["validate", "d.onnx", "--against", f"{CLI_MODULE}:fully_conv", "--calib", "other.npy"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "--calib is not the calibration data" in err, err
+
+
+def test_validation_inputs_of_another_size(tmp_path):
+    """compile(validation_inputs=...) of a dynamic compile refused held-out inputs of another size on its dynamic
+    axes, which qcompile validate took; other axes must still agree."""
+    model = FullyConv().eval()
+    x = torch.randn(16, 3, 16, 16)
+    result = qcompile.compile(model, x[:1], calib=x, validation_inputs=torch.randn(3, 3, 24, 20), scheme="uniform",
+                              bits=8, dynamic_axes=(2, 3))
+    assert result.report.passed and "validation on 3 inputs" in result.report.summary()
+    with pytest.raises(UserError, match="samples of shape"):
+        qcompile.compile(model, x[:1], calib=x, validation_inputs=torch.randn(3, 3, 24, 20), scheme="uniform",
+                         bits=8)
