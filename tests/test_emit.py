@@ -1290,3 +1290,35 @@ def test_custom_form_fuses_every_layer_the_standard_form_fuses(net, scheme, tmp_
     for form in ("standard", "custom"):
         assert (counts[form]["QLinearConv"], counts[form]["QGemm"]) == layers, (form, counts[form])
         assert counts[form]["Conv"] + counts[form]["Gemm"] + counts[form]["MatMul"] == 0, (form, counts[form])
+
+
+def test_custom_form_float_matmuls_stay_float_in_onnxruntime(tmp_path):
+    """A fresh-eyes test: a ViT-like model at PoT W4A4, emit=custom, failed its validation (0.36% of codes differed
+    on identical inputs) where the standard form passed. A Linear on 3-D float inputs exports as MatMul on the
+    DequantizeLevels weight; onnxruntime inlined it into DequantizeLinear -> MatMul and fused that into
+    MatMulNBits, which quantizes the float input on the fly. The custom form is shielded as the standard one."""
+    from qcompile.runtime.session import session
+
+    class ViTish(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 32, 4, 4)
+            self.norm = nn.LayerNorm(32)
+            self.blk = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0, norm_first=True)
+            self.head = nn.Conv2d(32, 3, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            b, c, h, w = y.shape
+            t = self.blk(self.norm(y.flatten(2).transpose(1, 2)))
+            return self.head(t.transpose(1, 2).reshape(b, c, h, w))
+
+    torch.manual_seed(0)
+    model = ViTish().eval()
+    x = torch.randn(16, 3, 32, 32)
+    result = qcompile.compile(model, x[:1], calib=x, scheme="pot", bits=4, emit="custom")
+    assert result.report.passed and result.report.extra["codes_differ_local"] == 0, result.report.summary()
+    path = str(tmp_path / "opt.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    assert ops["MatMulNBits"] == 0, ops
