@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from qcompile.passes.base import PassTiming, Pipeline
 from qcompile.passes.calibrate import INITIAL_BATCHNORM_STATS
@@ -1130,14 +1131,31 @@ def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:
             continue
         for user in node.users:
             emb = modules.get(user.target) if user.op == "call_module" else None
+            rows, name = None, user.target
             if isinstance(emb, (nn.Embedding, nn.EmbeddingBag)):
+                rows = emb.num_embeddings
+            elif user.op == "call_function" and user.target is F.embedding and len(user.args) > 1:
+                # the functional form the passes leave (a quantized simulation): the weight's rows
+                weight = user.args[1]
+                while isinstance(weight, torch.fx.Node) and weight.op == "call_module" and weight.args:
+                    weight = weight.args[0]  # through its weight quantizer
+                meta = getattr(weight, "meta", {}).get("tensor_meta")
+                if hasattr(meta, "shape") and len(meta.shape):
+                    rows = int(meta.shape[0])
+                elif isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+                    value = gm
+                    for part in str(weight.target).split("."):
+                        value = getattr(value, part, None)
+                    rows = int(value.shape[0]) if isinstance(value, torch.Tensor) and value.dim() else None
+                name = str(getattr(weight, "target", user.name)).removesuffix(".weight")
+            if rows is not None:
                 lo, hi = int(t.min()), int(t.max())
-                if lo < 0 or hi >= emb.num_embeddings:
-                    bad = hi if hi >= emb.num_embeddings else lo
+                if lo < 0 or hi >= rows:
+                    bad = hi if hi >= rows else lo
                     which = f"input {i} of the " if len(parts) > 1 else ""
-                    raise UserError(f"{which}{what} holds token id {bad} but the embedding {user.target!r} has "
-                                    f"{emb.num_embeddings} rows (ids 0..{emb.num_embeddings - 1}); fix the ids or "
-                                    "give the model its vocabulary size")
+                    raise UserError(f"{which}{what} holds token id {bad} but the embedding {name!r} has "
+                                    f"{rows} rows (ids 0..{rows - 1}); fix the ids or give the model its "
+                                    "vocabulary size")
 
 
 LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compile warns

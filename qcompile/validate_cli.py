@@ -422,6 +422,11 @@ def validate_against(args):
                         "compared), or pass the model it was compiled from")
     _check_same_graph(onnx_model, sim.onnx_model, args)
     _check_same_quantizers(onnx_model, sim.onnx_model, args, written)
+    from .api import _check_token_ids
+
+    # token ids beyond an embedding's rows: the compile's one line, not an IndexError in the simulation (negative
+    # ids) nor onnxruntime's Gather error blamed on the file
+    _check_token_ids(sim.model, inputs, data_flag if data is not None else "--data")
     try:
         with torch_threads(compile_threads(reference, inputs if isinstance(inputs, tuple) else (inputs,))):
             return rv.validate_quantized(args.onnx, sim.model, inputs, float_model=reference, **thresholds)

@@ -1638,3 +1638,22 @@ def test_an_output_whose_rank_follows_the_batch_is_a_warning_of_the_command(work
     assert rc == 0 and "PASS" in out, err
     assert "a .squeeze() that also takes away a batch of 1?" in err
     assert any(".squeeze()" in w for w in json.loads((work / "sq.json").read_text())["warnings"])
+
+
+def test_validate_names_token_ids_beyond_the_embedding(work, capsys):
+    """qcompile validate --data with a negative token id stopped with 'internal error: IndexError' (the simulation's
+    embedding), and one past the table was onnxruntime's Gather error blamed on the file; the compile's own
+    one line names the id and the table now (found by a fresh-eyes test)."""
+    (work / "qc_text_model.py").write_text(TEXT_MODEL)
+    ids = np.random.default_rng(3).integers(0, 50, (12, 7))
+    np.save(work / "ids.npy", ids)
+    rc, out, err = cli(capsys, "qc_text_model:make", "--calib", "ids.npy", "--scheme", "uniform", "--bits", "8",
+                       "-o", "text.onnx")
+    assert rc == 0, err
+    for bad, value in (("neg.npy", -1), ("big.npy", 77)):
+        held = ids[:4].copy()
+        held[0, 0] = value
+        np.save(work / bad, held)
+        rc, out, err = cli(capsys, "validate", "text.onnx", "--against", "qc_text_model:make", "--calib", "ids.npy",
+                           "--data", bad)
+        assert_user_error(rc, err, f"--data holds token id {value} but the embedding 'emb' has 50 rows")
