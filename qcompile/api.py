@@ -1309,10 +1309,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     _check_protobuf_size(onnx_model, opts)
     probe = None
     if opts.dynamic_axes:
-        # the model and its simulation at twice the example's size on those axes: the file's output shapes there,
-        # and (below, once the file is serialized) the check that it computes its simulation there too
-        # and at an odd size one more (two samples), where padding computed from the size differs; a size the model
-        # itself refuses there (a UNet's skips) is not checked, nor taken
+        # the model, its traced float graph and its simulation at twice the example's size on those axes, and at
+        # an odd size (two samples: padding computed from the size differs there; a size the model itself refuses,
+        # as a UNet's skips do, is not checked): the output shapes the file declares, and (below, once the file is
+        # serialized) the check that it computes its simulation at those sizes too
         axes = opts.dynamic_axes
         source = valid_x if valid_x is not None else calib_x if calib_x is not None else example_inputs
         probe = dynamic.probe_inputs(source, axes)
