@@ -151,8 +151,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                         "machine runs U8S8 exactly, else s8-safe)")
     e.add_argument("--dynamic-axes", metavar="AXES", default="",
                    help="input axes besides the batch whose size may change when the file runs, e.g. 2,3 for an "
-                        "image's height and width: declared symbolic, and checked at twice the example's size "
-                        "(the compile stops where the graph fixed a size there)")
+                        "image's height and width: declared symbolic, and checked at twice the example's size and "
+                        "at an odd one (the compile stops where the graph fixed a size there)")
     e.add_argument("--check", action="store_true", help="verify the graph after every pass")
     e.add_argument("--no-validate", action="store_true", help="skip validating the ONNX file in onnxruntime")
     e.add_argument("--data", metavar="FILE",
@@ -180,7 +180,7 @@ def _validate_parser() -> argparse.ArgumentParser:
                    "simulation of a quantized file; then --data may hold other (held-out) inputs to compare on")
     p.add_argument("--samples", type=_positive_int, default=None,
                    help="random inputs when no --data is given (default 16); a quantized file calibrated on data "
-                        "needs --data, the calibration inputs it was compiled with, to rebuild its simulation")
+                        "needs --calib, the calibration inputs it was compiled with, to rebuild its simulation")
     p.add_argument("--min-sqnr", type=_finite, metavar="DB",
                    help="fail (exit 1) if the file's output SQNR vs the simulation is below DB (not vs the float "
                         "model: that figure is reported, never a threshold)")
