@@ -1451,6 +1451,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probes, probe_reference, opts, thresholds,
                                                          declared)
         del probe_reference, probe_outputs, probes
+        if odd_outputs is None and not trained:  # the model refused the odd size: said, not hidden
+            entry["odd_size_refused_by_model"] = [list(t.shape) for t in (odd if isinstance(odd, tuple) else (odd,))
+                                                  if isinstance(t, torch.Tensor)]
         if trained:  # its probe reference was the simulation itself: no float model was compared
             entry.pop("sqnr_vs_float_db", None)
             entry.pop("top1_vs_float", None)

@@ -579,6 +579,10 @@ def dynamic_line(entry) -> str:
         text += f", codes differing {100 * entry['code_mismatch']:.4f}%"
     if entry.get("sqnr_vs_float_db") is not None:
         text += f"; vs the float model {entry['sqnr_vs_float_db']:.1f} dB"
+    refused = entry.get("odd_size_refused_by_model")
+    if refused:
+        text += (f"; not at the odd size {', '.join('x'.join(map(str, s)) for s in refused)}, which the model itself "
+                 "refuses")
     return text
 
 

@@ -113,6 +113,8 @@ def test_fully_convolutional_file_runs_at_other_sizes(tmp_path, scheme, bits, em
     assert _dims(saved.graph.output) == [["batch", 4, "d2", "d3"]]  # the output follows the input's sizes
     entry = result.summary["dynamic_axes"]
     assert entry["axes"] == [2, 3] and entry["checked_inputs"] == [[4, 3, 32, 32]]
+    # its upsampled half meets the skip at even sizes only: the odd size is the model's own refusal, and said so
+    assert entry["also_checked"] == [] and entry["odd_size_refused_by_model"] == [[2, 3, 33, 33]]
     assert entry["code_mismatch"] <= 1e-3
     for hw in ((24, 40), (34, 18), (64, 64)):  # sizes the compile did not check, the stride-2 conv's too
         got, sim, ref = _run_at(path, result, model, torch.randn(2, 3, *hw))
