@@ -305,6 +305,11 @@ _ADAPTIVE_FUNCTIONS = {F.adaptive_avg_pool1d: ("mean", 1), F.adaptive_avg_pool2d
                        F.adaptive_max_pool1d: ("amax", 1), F.adaptive_max_pool2d: ("amax", 2)}
 
 
+# gm.meta: the adaptive pools DecomposeAdaptivePool wrote for the example's input size (a pool of its kernel, or
+# reductions over its bins): a file of them computes the model at that size only (compile's --dynamic-axes refuses)
+FIXED_SIZE_POOLS = "qcompile.fixed_size_pools"
+
+
 def _adaptive_bins(size: int, out: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive pooling bins: ``[floor(i·size/out), ceil((i+1)·size/out))`` for each output index."""
     return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
@@ -382,6 +387,7 @@ class DecomposeAdaptivePool(Pass):
                 with g.inserting_before(node):
                     out = g.call_function(pool, (x, kernel, kernel))
                 out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})
+                gm.meta.setdefault(FIXED_SIZE_POOLS, []).append(_pool_name(node))
                 _replace(node, out)
                 count += 1
                 continue
@@ -399,9 +405,18 @@ class DecomposeAdaptivePool(Pass):
                             for w0, w1 in _adaptive_bins(sizes[1], outs[1])]
                         rows.append(g.call_function(torch.cat, (cells, -1)))
                     out = g.call_function(torch.cat, (rows, -2))
+            gm.meta.setdefault(FIXED_SIZE_POOLS, []).append(_pool_name(node))
             _replace(node, out)
             count += 1
         return _finish(self, gm, count, "adaptive pool(s) as pools or per-bin reductions")
+
+
+def _pool_name(node: torch.fx.Node) -> str:
+    """The module name of an adaptive pool (or the function and its output size), for messages."""
+    if node.op == "call_module":
+        return f"{node.target} (adaptive pool)"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}({', '.join(str(a) for a in node.args[1:2])})" if len(node.args) > 1 else name
 
 
 def _cubic_call(gm: torch.fx.GraphModule, node: torch.fx.Node):

@@ -1239,6 +1239,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     time_note = _time_first_note(gm)  # on the traced modules, before the passes make layers functional
     gm = pipeline(gm).gm
     gm.eval()
+    if opts.dynamic_axes:  # pools the passes or the export write for the example's size alone
+        dynamic.check_fixed_size_ops(gm, opts.dynamic_axes)
     gm.meta.pop(DISTILLED, None)  # data-free calibration's inputs, where BiasCorrection did not take them
     gm.meta.pop(INITIAL_BATCHNORM_STATS, None)
     hints = [h for p in pipeline.passes for h in getattr(p, "level_hints", ())]
@@ -1319,8 +1321,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         odd = dynamic.probe_inputs(source, axes, samples=2, extra=1)
         probe_reference = gm if trained else float_reference(model, example_inputs, opts.leaf_modules)
         probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, axes, "graph" if trained else "model")
-        odd_outputs = None if trained else dynamic.run_model_at_probe(probe_reference, odd, axes, "model",
-                                                                      optional=True)
+        odd_outputs = dynamic.run_model_at_probe(probe_reference, odd, axes, "model", optional=True)
         if traced is not None:
             for inputs, outputs in ((probe, probe_outputs), (odd, odd_outputs)):
                 if outputs is not None:
@@ -1328,7 +1329,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             traced = None
         sim_outputs = dynamic.run_model_at_probe(gm, probe, axes, "graph")
         declared = dynamic.mark(onnx_model, example_inputs, axes, probe, probe_outputs, sim_outputs,
-                                more=[odd_outputs] if odd_outputs is not None else [])
+                                more=[(odd, odd_outputs)] if odd_outputs is not None else [])
         del sim_outputs
         probes = [(probe, probe_outputs)] + ([(odd, odd_outputs)] if odd_outputs is not None else [])
         if opts.quantized:  # its outputs are all the check needs: no second copy of the weights during validation
@@ -1451,7 +1452,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         entry = summary["dynamic_axes"] = _check_dynamic(data, gm, probes, probe_reference, opts, thresholds,
                                                          declared)
         del probe_reference, probe_outputs, probes
-        if odd_outputs is None and not trained:  # the model refused the odd size: said, not hidden
+        if odd_outputs is None:  # the model refused the odd size: said, not hidden
             entry["odd_size_refused_by_model"] = [list(t.shape) for t in (odd if isinstance(odd, tuple) else (odd,))
                                                   if isinstance(t, torch.Tensor)]
         if trained:  # its probe reference was the simulation itself: no float model was compared

@@ -56,11 +56,12 @@ def probe_inputs(inputs, axes: Sequence[int], samples: int = PROBE_SAMPLES, extr
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             return t
         t = t[:samples]
-        for a in axes:
+        for k, a in enumerate(axes):
             if a < t.dim():
                 t = t.repeat_interleave(PROBE_FACTOR, dim=a)
-                if extra:
-                    t = torch.cat([t] + [t.narrow(a, t.shape[a] - 1, 1)] * extra, dim=a)
+                if extra:  # 1, 3, 5, ... more on the successive axes: odd, and unequal (a square example's
+                    # height and width told apart, a transpose seen)
+                    t = torch.cat([t] + [t.narrow(a, t.shape[a] - 1, 1)] * (extra + 2 * k), dim=a)
         return t
 
     if isinstance(inputs, tuple):
@@ -125,6 +126,31 @@ def mark_inputs(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Seq
                 dims[a].dim_param = f"d{a}" if len(names) == 1 else f"{value.name}_d{a}"
 
 
+def check_fixed_size_ops(gm, axes: Sequence[int]) -> None:
+    """Refuse the operations the passes or the export write for the example's size alone: adaptive pools to more
+    than 1x1 (ONNX has no adaptive pool: DecomposeAdaptivePool writes a pool of the example's kernel or reductions
+    over its bins) and adaptive max pools to 1 (torch.onnx writes a MaxPool of the example's kernel)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from qcompile.passes.cleanup import FIXED_SIZE_POOLS
+
+    names = list(gm.meta.get(FIXED_SIZE_POOLS, []))
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            names.append(f"{node.target} ({type(gm.get_submodule(node.target)).__name__})")
+        elif node.op == "call_function" and node.target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                                                            F.adaptive_max_pool3d):
+            names.append(f"{node.target.__name__}({node.args[1] if len(node.args) > 1 else ''})")
+    if names:
+        raise UserError(f"{flag(axes)}: the file computes the adaptive pool(s) {', '.join(names[:3])}"
+                        f"{' ...' if len(names) > 3 else ''} as pools over the example's feature map (ONNX has no "
+                        "adaptive pool but the global average one): use nn.AdaptiveAvgPool2d(1) or "
+                        "x.amax((2, 3), keepdim=True) for a global pool, or compile once per size without "
+                        "--dynamic-axes")
+
+
 def check_traced(traced, probe, model_outputs: Sequence[torch.Tensor], axes: Sequence[int]) -> None:
     """The traced float graph (before any pass) must compute the model at the probe's size as it does at the
     example's: a size the model reads in Python became the example's in a trace fixed to its sizes (timm's 'same'
@@ -142,20 +168,22 @@ def check_traced(traced, probe, model_outputs: Sequence[torch.Tensor], axes: Seq
 
 def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[int], probe,
          probe_outputs: Sequence[torch.Tensor], sim_outputs: Optional[Sequence[torch.Tensor]] = None,
-         more: Sequence[Sequence[torch.Tensor]] = ()) -> dict:
+         more: Sequence[tuple] = ()) -> dict:
     """Declare ``axes`` of the file's inputs symbolic, and each output dimension whose size at the probe (or in any
-    of ``more``, the model's outputs at other sizes) differs from the example's; drop the intermediate shapes
-    (``value_info``), which were the example's. ``probe_outputs``: the model's outputs on the probe inputs (the
-    shapes the file must give there); ``sim_outputs``: the simulation's, which must have the same shapes. An output
-    dimension takes an input axis's symbol only at that axis's position with the same sizes (a fully convolutional
-    net's height), else a name of its own. Returns ``{output name: [dims]}`` as declared."""
+    of ``more``, ``(inputs, the model's outputs)`` at other sizes) differs from the example's; drop the intermediate
+    shapes (``value_info``), which were the example's. ``probe_outputs``: the model's outputs on the probe inputs
+    (the shapes the file must give there); ``sim_outputs``: the simulation's, which must have the same shapes. An
+    output dimension takes an input axis's symbol only at that axis's position, with that axis's size at every
+    checked size, where no other input axis has those sizes (a fully convolutional net's height; not a square
+    image's transposed width), else a name of its own. Returns ``{output name: [dims]}`` as declared."""
     from .export import input_names_for
 
     graph = onnx_model.graph
     names = input_names_for(len(example_inputs))
     index = {name: i for i, name in enumerate(names)}
-    sizes: dict[tuple, list] = {}  # (example size, probe size) -> [(axis, symbol)] of the input axes with them
+    sizes: dict[tuple, list] = {}  # sizes at every checked size -> [(axis, symbol)] of the input axes with them
     probe_parts = probe if isinstance(probe, tuple) else (probe,)
+    more_parts = [(p if isinstance(p, tuple) else (p,), outs) for p, outs in more]
     for value in graph.input:
         i = index.get(value.name)
         if i is None or not value.type.tensor_type.HasField("shape"):
@@ -168,7 +196,8 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
             example_size = int(example_inputs[i].shape[a])
             dims[a].Clear()
             dims[a].dim_param = sym
-            sizes.setdefault((example_size, int(probe_parts[i].shape[a])), []).append((a, sym))
+            seen = (example_size, int(probe_parts[i].shape[a])) + tuple(int(p[i].shape[a]) for p, _ in more_parts)
+            sizes.setdefault(seen, []).append((a, sym))
 
     outputs = list(graph.output)
     if sim_outputs is not None:
@@ -193,15 +222,16 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
             if not dims[j].HasField("dim_value"):
                 continue
             example_size, probe_size = int(dims[j].dim_value), int(y.shape[j])
-            varies = example_size != probe_size or any(
-                k < len(outs) and outs[k].dim() == y.dim() and int(outs[k].shape[j]) != example_size for outs in more)
-            if not varies:
+            seen = (example_size, probe_size) + tuple(
+                int(outs[k].shape[j]) if k < len(outs) and outs[k].dim() == y.dim() else -1 for _, outs in more_parts)
+            if all(v in (example_size, -1) for v in seen):
                 continue
-            # the input axis it follows: the one of the same sizes at the same position (an image's height and
-            # width through a fully convolutional net), else a name of its own (a size the model computes from
-            # them: a stride-2 output's width is not the input's height, whatever their sizes)
-            same = [sym for a, sym in sizes.get((example_size, probe_size), []) if a == j]
-            sym = same[0] if same else f"out_d{j}" if len(outputs) == 1 else f"{value.name}_d{j}"
+            # the input axis it follows: the only one with these sizes, at the same position (an image's height
+            # and width through a fully convolutional net), else a name of its own (a size the model computes
+            # from them: a stride-2 output's width, a transposed one)
+            match = sizes.get(seen, [])
+            sym = match[0][1] if len(match) == 1 and match[0][0] == j else \
+                f"out_d{j}" if len(outputs) == 1 else f"{value.name}_d{j}"
             dims[j].Clear()
             dims[j].dim_param = sym
         declared[value.name] = [d.dim_param or int(d.dim_value) for d in dims]
@@ -210,12 +240,12 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
 
 
 def failure(axes: Sequence[int], probe, reason: str) -> UserError:
-    return UserError(f"{flag(axes)}: at twice the example's size (inputs {_shapes(probe)}) the file does not compute "
+    return UserError(f"{flag(axes)}: at another size than the example's (inputs {_shapes(probe)}) the file does not compute "
                      f"what its simulation does ({reason}); some operation fixed a size of the example: compile once "
                      "per size without --dynamic-axes")
 
 
 def onnxruntime_failure(axes: Sequence[int], probe, exc: BaseException) -> UserError:
-    return UserError(f"{flag(axes)}: onnxruntime cannot run the file at twice the example's size (inputs "
+    return UserError(f"{flag(axes)}: onnxruntime cannot run the file at another size than the example's (inputs "
                      f"{_shapes(probe)}: {_first_line(exc)}); a node holds a size of the example (a reshape to its "
                      "number of features): compile once per size without --dynamic-axes")
