@@ -5,13 +5,13 @@ Every APoT/PoT weight is a grid integer ``g`` (``qcompile.quant``), a sum of sig
 ``"binary"``, the APoT paper's own additive terms), a layer on integer activation codes ``x`` is::
 
     acc[o] = sum_{c,k} g[o,c,k] x[c,k] = sum_{(e,s)} s * ( sum_{c,k} mask_{e,s}[o,c,k] x[c,k] ) << e
-    y[o]   = float(acc[o]) * (s_w[o] s_x)  (+ bias[o])          (the lecture's integer layer, one rescale)
+    y[o]   = float(acc[o] + b[o]) * (s_w[o] s_x)                (the lecture's integer layer, one rescale)
 
 with ``mask_{e,s} = [d_e(g) == s]`` in {0, 1}: a 0/1-mask convolution or matmul only selects and sums
 activations, and ``<< e`` multiplies by a power of two. Before → After, for each matched layer::
 
     Conv(DQ(codes_x, s_x), DQ(Gather(lut, idx), s_w), b)
-    →  Mul(Cast<float>(acc), s_w s_x) + b,   acc = region(codes_x) in integers only
+    →  Mul(Cast<float>(acc + b / (s_w s_x)), s_w s_x),   acc = region(codes_x) in integers only
 
 The region (node names recorded in ``model.metadata_props["qcompile.shift_add"]``) is, in standard ONNX:
 
@@ -30,8 +30,14 @@ Widths: the mask products are int32 (each is at most ``255 * fan_in``; checked).
 bounded by ``B = (sum over planes of max plane * 2**(8 byte)) * max_o sum_{c,k} sum_terms 2**e`` (>= max|acc|);
 ``W = 32`` (uint32 shifts, int32 sums) when ``B < 2**31``, else ``W = 64``; refused beyond ``2**63``.
 
-Bias: kept in float and added after the rescale (so the lowered and the standard outputs agree to float
-rounding); the lecture's integer ``q_bias = round(b / (s_w s_x))`` would move outputs by up to half a unit.
+Bias and rescale: a bias on the accumulator grid ``float32(s_w s_x)`` (the int8 layers' biases, ``QuantizeBias``)
+is added to the accumulator in integers (``Add``, the last node of the region, the record's ``output``); the rescale
+is then ``Cast<float>(acc + b) * float32(s_w s_x)``, as an integer kernel writes a float output. Where the layer's
+output (or its ``Relu``) is read only by ``QuantizeLinear`` with one per-tensor scale ``s_y``, the rescale is the
+kernel's requantization instead, ``QuantizeLinear(Cast<float>(acc + b) * float32(s_w s_x / s_y), 1, z_y)``: the
+codes the simulation computes (``FakeQuantize._requantize``), not a float rescale and a second rounding, which put
+values on a decision threshold on its other side. A bias off the grid (a layer the simulation runs in float) stays a
+float ``Add`` after the rescale.
 
 Codes dequantized as ``Mul(Cast(codes), scale)`` (32-bit codes: PoT/log2 weights at 6 bits, activations at 5) are
 read as a ``DequantizeLinear`` of them would be.
@@ -569,18 +575,39 @@ def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, in
         lead = em.op("Shape", [m.act.codes], np.int64, end=-1)
         target = em.op("Concat", [lead, em.i64([n_out])], np.int64, axis=0)
         em.op("Reshape", [s, target], np_i, output=acc)
-    region = act_nodes + em.names
-
-    # the one rescale (outside the region): float(acc) * (s_w[o] * s_x) (+ float bias)
     out = layer.outputs[0]
     layer.outputs.clear()
-    rescale = _Emitter(graph, f"{PREFIX}_rescale/{index}", shared)
-    scale = (m.weight.scale.astype(np.float64) * np.float64(m.act.scale)).astype(np.float32)
+    scale = (m.weight.scale.astype(np.float64) * np.float64(m.act.scale)).astype(np.float32)  # float32(S_x·S_w)
     bshape = [1, n_out] + [1] * (m.weight.index_values.ndim - 2) if m.kind == "conv" else [n_out]
-    f = rescale.op("Cast", [acc], np.float32, to=TensorProto.FLOAT)
-    if m.bias is None:
+    q_bias = _integer_bias(m, inits, scale, n_out)
+    if q_bias is not None and np.any(q_bias) and \
+            plan.bound + int(np.abs(q_bias).max()) >= (2 ** 31 if plan.width == 32 else 2 ** 63):
+        q_bias = None  # the biased sum could pass the accumulator's width: the bias is added in float
+    leaving = acc  # the integer tensor that leaves the region
+    if q_bias is not None and np.any(q_bias):  # the bias on the accumulator grid, added to it in integers
+        leaving = em.op("Add", [acc, em.const(q_bias.astype(np_i).reshape(bshape), "bias")], np_i)
+    region = act_nodes + em.names
+
+    # the one rescale (outside the region)
+    rescale = _Emitter(graph, f"{PREFIX}_rescale/{index}", shared)
+    f = rescale.op("Cast", [leaving], np.float32, to=TensorProto.FLOAT)
+    requant = _requantizers(out, graph) if q_bias is not None else None
+    if requant is not None:
+        # re-quantized at once: code = QuantizeLinear(float32(acc + b) · float32(S_x·S_w / S_y), 1, Z_y), the
+        # integer kernel's requantization, which the simulation computes (FakeQuantize._requantize): the same codes
+        relu, quantizers, s_y = requant
+        multiplier = (scale / np.float32(s_y)).astype(np.float32)
+        v = rescale.op("Mul", [f, rescale.const(multiplier.reshape(bshape), "multiplier")], np.float32)
+        one = rescale.const(np.array(1.0, np.float32), "unit_scale")
+        if relu is not None:
+            relu.inputs[0] = v
+        for q in quantizers:
+            if relu is None:
+                q.inputs[0] = v
+            q.inputs[1] = one
+    elif q_bias is not None or m.bias is None:  # float32(acc + b) · float32(S_x·S_w): an integer kernel's float output
         rescale.op("Mul", [f, rescale.const(scale.reshape(bshape), "scale")], np.float32, output=out)
-    else:
+    else:  # a bias off the accumulator grid: float(acc) · (S_x·S_w) + b
         f = rescale.op("Mul", [f, rescale.const(scale.reshape(bshape), "scale")], np.float32)
         bias = m.bias
         if m.kind == "conv":
@@ -601,6 +628,8 @@ def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, in
         "entries": [m.act.codes.name],
         "accumulator": acc.name,
         "accumulator_dtype": f"int{plan.width}",
+        "output": leaving.name,
+        "requantized": requant is not None,
         "bound": plan.bound,
         "planes": [list(p) for p in plan.planes],
         "groups": [list(gr) for gr in plan.groups],
@@ -608,6 +637,78 @@ def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, in
         "rescale_nodes": rescale.names,
         "cost": plan.cost,
     }
+
+
+def _integer_bias(m: _Match, inits: dict, acc_scale: np.ndarray, n_out: int) -> Optional[np.ndarray]:
+    """The layer's bias in accumulator units (int64 ``[n_out]``; zeros without a bias), or None where it is not on
+    the accumulator grid ``float32(S_x·S_w)``. The int8 layers' biases are on it (``QuantizeBias``), stored as a
+    float32 bias (within float32 rounding of ``q·S_x·S_w``) or as ``DequantizeLinear(int32 codes, S_x·S_w)``."""
+    import onnx_graphsurgeon as gs
+
+    if m.bias is None:
+        return np.zeros(n_out, np.int64)
+    b = _const_array(m.bias, inits)
+    if b is None:
+        dq = _producer(m.bias)
+        if dq is None or dq.op != "DequantizeLinear" or len(dq.inputs) < 2:
+            return None
+        codes = _const_array(dq.inputs[0], inits)
+        if len(dq.inputs) > 2 and dq.inputs[2] is not None and dq.inputs[2].name:
+            zp = _const_array(dq.inputs[2], inits)
+            if zp is None or np.any(zp != 0):
+                return None
+        s = _const_array(dq.inputs[1], inits)
+        mul = _producer(dq.inputs[1]) if s is None else None
+        if mul is not None and mul.op == "Mul" and len(mul.inputs) == 2:  # S_x · S_w, computed in the file
+            a, c = (_const_array(t, inits) for t in mul.inputs)
+            if a is not None and c is not None:
+                s = (a.astype(np.float32) * c.astype(np.float32)).astype(np.float32)
+        if codes is None or s is None or codes.dtype != np.int32 or codes.size != n_out:
+            return None
+        s = np.broadcast_to(s.astype(np.float32).reshape(-1), (n_out,))
+        if not np.array_equal(s, acc_scale.reshape(-1)):
+            return None
+        return codes.astype(np.int64).reshape(-1)
+    if not isinstance(m.bias, gs.Constant) or b.size != n_out or not np.issubdtype(b.dtype, np.floating):
+        return None
+    units = b.astype(np.float64).reshape(-1) / acc_scale.astype(np.float64).reshape(-1)
+    q = np.round(units)
+    if not np.all(np.isfinite(units)) or np.any(np.abs(units - q) > 1e-3) or np.any(np.abs(q) >= 2 ** 22):
+        return None
+    return q.astype(np.int64)
+
+
+def _requantizers(out, graph) -> Optional[tuple]:
+    """``(relu or None, [QuantizeLinear nodes], S_y)`` where the layer's output ``out`` is read only by
+    ``QuantizeLinear`` nodes with one constant per-tensor scale ``S_y`` (directly, or all through one ``Relu``):
+    what onnxruntime fuses into the integer layer, re-quantizing its accumulator. Else None."""
+    import onnx_graphsurgeon as gs
+
+    outputs = {t.name for t in graph.outputs}
+    if out.name in outputs:
+        return None
+    users = list(out.outputs)
+    relu = None
+    if len(users) == 1 and users[0].op == "Relu":
+        relu = users[0]
+        if relu.outputs[0].name in outputs:
+            return None
+        users = list(relu.outputs[0].outputs)
+    if not users or any(u.op != "QuantizeLinear" for u in users):
+        return None
+    scales = set()
+    for q in users:
+        s = q.inputs[1] if len(q.inputs) > 1 else None
+        if not isinstance(s, gs.Constant) or np.asarray(s.values).size != 1:
+            return None
+        scales.add(float(np.asarray(s.values, dtype=np.float32).reshape(())))
+        if int(q.attrs.get("saturate", 1)) != 1 or len(q.inputs) < 3 or not isinstance(q.inputs[2], gs.Constant):
+            return None
+        if np.asarray(q.inputs[2].values).dtype not in (np.uint8, np.int8):
+            return None
+    if len(scales) != 1 or not next(iter(scales)) > 0.0:
+        return None
+    return relu, users, next(iter(scales))
 
 
 def _module_name(m: _Match) -> str:
@@ -779,8 +880,9 @@ def verify_shift_add(model: onnx.ModelProto) -> list[str]:
        multiplication by anything but a power of two;
     4. it is closed: each input of a region node comes from a region node, an initializer, or a declared entry
        tensor (the integer activation codes);
-    5. the accumulator is produced inside the region, and outside it is only read by one ``Cast`` to float
-       followed by one ``Mul`` by a constant (the single rescale), or by graph outputs.
+    5. the accumulator is produced inside the region (and its integer bias added there, ``output`` of the record),
+       and outside it is only read by one ``Cast`` to float followed by one ``Mul`` by a constant (the single
+       rescale), or by graph outputs.
     """
     records = _read_records(model)
     problems: list[str] = []
@@ -855,9 +957,14 @@ def verify_shift_add(model: onnx.ModelProto) -> list[str]:
                     problems.append(f"{where}: {node.op_type} {name} multiplies by {sorted(vals - {0, 1})[:5]}, "
                                     f"not a 0/1 mask")
         acc = rec["accumulator"]
-        if acc not in produced:
-            problems.append(f"{where}: accumulator {acc} is not produced in the region")
+        leaving = rec.get("output", acc)  # the accumulator, or the accumulator plus the integer bias
+        if acc not in produced or leaving not in produced:
+            problems.append(f"{where}: accumulator {acc if acc not in produced else leaving} is not produced in the "
+                            "region")
             continue
+        if leaving != acc and any(n.name not in region for n in consumers.get(acc, [])):
+            problems.append(f"{where}: the accumulator {acc} is read outside the region before its bias is added")
+        acc = leaving
         outside = [n for n in consumers.get(acc, []) if n.name not in region]
         ok = len(outside) == 1 and outside[0].op_type == "Cast" and \
             next(a.i for a in outside[0].attribute if a.name == "to") == TensorProto.FLOAT

@@ -258,6 +258,30 @@ def test_digits_accuracy_identical_and_emit_hook(compiled):
     assert verify_shift_add(result.onnx_model) == []
 
 
+@pytest.mark.parametrize("options", [
+    {"scheme": "apot", "bits": 4, "wbits": 4, "abits": 8, "ascheme": "uniform"},
+    {"scheme": "pot", "wscheme": "pot", "wbits": 4, "abits": 8, "ascheme": "uniform"},
+    {"scheme": "apot", "bits": 4, "keep_first_last": "quant"},
+], ids=["apot4-a8", "pot4-a8", "apot4-all-layers"])
+def test_lowered_codes_equal_the_simulation_on_identical_inputs(options):
+    """The rescale of a lowered int8 layer is the integer kernel's: the bias added to the accumulator in integers,
+    then ``QuantizeLinear(float32(acc + b) · float32(S_x·S_w / S_y), 1, Z_y)`` where quantizers read the output, or
+    ``float32(acc + b) · float32(S_x·S_w)`` for a float output (fc2 here): the file computes the simulation bit
+    for bit. With the float rescale ``float(acc) · S_x·S_w + b`` and a second rounding, 33 of the PoT compile's
+    1.36 M codes differed (2 on identical inputs), and the logits of the third were 1.9e-6 off."""
+    calib, x_te, _ = _digits_data()
+    result = qcompile.compile(digits.pretrained(), calib[:1], calib=calib, emit="shift-add",
+                              validation_inputs=x_te[:200], **options)
+    assert result.report.passed, result.report.summary()
+    assert result.report.extra["code_mismatch"] == 0, result.report.summary()
+    assert result.report.max_abs == 0.0, result.report.summary()
+    records = lowered_layers(result.onnx_model)
+    assert records and all(r["output"] != r["accumulator"] for r in records)  # every bias in the integer region
+    assert all(r["requantized"] for r in records if r["module"] != "fc2")
+    assert not any(r["requantized"] for r in records if r["module"] == "fc2")  # the logits: a float output
+    assert verify_shift_add(result.onnx_model) == []
+
+
 # -- structure, checker, pass contract -----------------------------------------------------------------------
 def test_lowered_files_pass_the_checker_and_have_no_float_layers(compiled):
     standard, lowered, x = compiled("depthwise-pot3")
@@ -356,6 +380,10 @@ def _doctor(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
         shift.CopyFrom(numpy_helper.from_array((np.ones_like(arr) * 3).astype(arr.dtype), shift.name))
         node.op_type = "Mul"
         del node.attribute[:]
+    elif how == "accumulator read before its bias":
+        assert rec["output"] != rec["accumulator"]
+        model.graph.node.append(helper.make_node("Identity", [rec["accumulator"]], ["leak"], name="leak"))
+        model.graph.output.append(helper.make_tensor_value_info("leak", TensorProto.INT32, None))
     elif how == "float inside":
         node = next(n for n in region if n.op_type == "ReduceSum")
         cast = helper.make_node("Cast", [node.input[0]], [node.input[0] + "_f"], name=node.name + "_f",
@@ -376,7 +404,8 @@ def _doctor(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("how,expected", [("mask value 3", "not a 0/1 mask"),
                                           ("Mul instead of BitShift", "is not an addition/shift"),
-                                          ("float inside", "is not an integer tensor")])
+                                          ("float inside", "is not an integer tensor"),
+                                          ("accumulator read before its bias", "before its bias is added")])
 def test_verifier_rejects_doctored_files(compiled, how, expected):
     _, lowered, _ = compiled("digits-apot4")
     assert verify_shift_add(lowered) == []
