@@ -98,7 +98,8 @@ def _compile_parser() -> argparse.ArgumentParser:
 
     p.add_argument("--version", action="version", version=f"qcompile {__version__}")
     _add_model_args(p)
-    p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits + .onnx)")
+    p.add_argument("-o", "--output", metavar="OUT.onnx", help="output file (default: MODEL name + scheme + bits [+ _pertensor, _adaptive, _custom, "
+                   "_shiftadd] + .onnx)")
     q = p.add_argument_group("quantization")
     q.add_argument("--scheme", default="apot", help="fp32, apot, pot, uniform, log2, ternary or binary (default apot)")
     q.add_argument("--bits", type=int, default=4, help="bit-width of weights and activations, 2..8 (default 4; pot and log2 levels take at most 6 bits for weights and signed activations and 5 for non-negative ones (after a ReLU), their integer grid doubling with every level: apot is the scheme for more; ternary and binary levels have 2 and 1 bits whatever it says)")
@@ -394,7 +395,8 @@ def cmd_compile(argv) -> int:
     opts = CompileOptions(scheme=args.scheme, bits=bits, wbits=args.wbits, abits=args.abits, wscheme=args.wscheme,
                           ascheme=args.ascheme, emit=args.emit, keep_first_last=args.keep_first_last,
                           calib_method=args.calib_method, int8_weights=args.int8_weights,
-                          weight_rounding=args.weight_rounding, avg_wbits=args.avg_wbits)  # fail on bad options before loading anything
+                          weight_rounding=args.weight_rounding, avg_wbits=args.avg_wbits,
+                          per_channel=not args.per_tensor)  # fail on bad options before loading anything
     output = args.output or _default_output(args.model, opts)
     if args.no_validate:
         given = [flag for flag in ("--min-sqnr", "--min-top1") if getattr(args, flag[2:].replace("-", "_")) is not None]

@@ -171,16 +171,24 @@ class CompileOptions:
 
     def file_suffix(self) -> str:
         """The default output name's suffix: ``apot4``, ``uniform8``; ``apot4_uniform8`` (weights, activations)
-        where they differ; ``fp32``."""
+        where they differ; ``fp32``; then ``_pertensor`` (per-tensor weights), ``_adaptive`` (adaptive rounding),
+        ``_custom`` / ``_shiftadd`` (the file's form), so that compiles which differ in these do not overwrite each
+        other's file."""
+        form = {"custom": "_custom", "shift-add": "_shiftadd"}.get(self.emit, "")
         if not self.quantized:
-            return "fp32"
+            return "fp32" + form
         from .ir import FIXED_BITS
 
         w = f"{self.weight_scheme}{FIXED_BITS.get(self.weight_scheme, self.weight_bits)}"
         if self.avg_wbits is not None:
             w = f"{self.weight_scheme}{self.avg_wbits:g}avg"
         a = f"{self.act_scheme}{FIXED_BITS.get(self.act_scheme, self.act_bits)}"
-        return w if w == a else f"{w}_{a}"
+        suffix = w if w == a else f"{w}_{a}"
+        if not self.per_channel:
+            suffix += "_pertensor"
+        if self.weight_rounding == "adaptive":
+            suffix += "_adaptive"
+        return suffix + form
 
     @property
     def weight_bits(self) -> int:

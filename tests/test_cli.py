@@ -1284,6 +1284,20 @@ def test_help_answers_without_loading_torch():
     assert lines[-2] == "0 False" and lines[-1] == "True session True"
 
 
+def test_default_output_names_tell_the_file_forms_apart(work, capsys):
+    """The default name held scheme and bits only: a --emit custom, --per-tensor or adaptive-rounding compile after
+    the default one overwrote its file without a word."""
+    x = np.random.default_rng(4).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    np.save(work / "c.npy", x)
+    runs = [([], "weights_apot4.onnx"), (["--emit", "custom"], "weights_apot4_custom.onnx"),
+            (["--per-tensor"], "weights_apot4_pertensor.onnx"),
+            (["--weight-rounding", "adaptive", "--emit", "shift-add"], "weights_apot4_adaptive_shiftadd.onnx")]
+    for extra, name in runs:
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "c.npy", "--no-validate", *extra)
+        assert rc == 0 and os.path.exists(name), (extra, out, err)
+    assert len({open(name, "rb").read() for _, name in runs}) == len(runs)
+
+
 def test_files_and_names_the_sweep_found_misread(work, capsys):
     """An .npz named .NPZ was "not a non-empty numeric array"; an object array was told to save with numpy.save
     (it had); an empty .onnx "has 0 input(s)"; the demo named Python keywords; the default name and the header
