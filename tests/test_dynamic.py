@@ -289,6 +289,11 @@ def test_two_inputs_and_a_qat_trained_model(tmp_path):
     assert result.summary["dynamic_axes"]["outputs"] == {"output": ["batch", 2, "d2", "d3"]}
     got, sim, _ = _run_at(path, result, result.model, torch.randn(2, 3, 24, 40))
     assert got.shape == (2, 2, 24, 40) and _sqnr(sim, got) > 40.0
+    # and through qat.export, which took no dynamic_axes (a TypeError)
+    exported = qat.export(trained, x[:1], output=str(tmp_path / "qat2.onnx"), validation_inputs=x,
+                          dynamic_axes=(2, 3))
+    assert exported.report.passed and exported.summary["dynamic_axes"]["outputs"] == {"output": ["batch", 2, "d2", "d3"]}
+    assert onnx.load(str(tmp_path / "qat2.onnx")).graph == onnx.load(path).graph  # the metadata names the data
 
 
 def test_validate_a_dynamic_file_on_inputs_of_another_size(cli_module, capsys):

@@ -142,11 +142,21 @@ def _warn_if_pair_safe_moved(passes) -> None:
 
 def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = None, *, validate: bool = True,
            validation_inputs=None, emit: str = "standard", thresholds: Optional[dict] = None,
-           float_model: Optional[nn.Module] = None):
+           float_model: Optional[nn.Module] = None, dynamic_axes=()):
     """Convert a trained QAT model and export it like ``qcompile.compile`` does: ONNX export, emission,
     ``onnx.checker``, atomic write to ``output`` (if given), and validation in onnxruntime against the converted
     simulation (``validation_inputs``, default the example inputs). Returns a :class:`qcompile.api.CompileResult`.
+
+    ``dynamic_axes`` (input axes besides the batch whose size may change, ``(2, 3)``): the export is
+    ``qcompile.compile`` of the trained model with them, which converts it the same way and checks the file at other
+    sizes (README "Dynamic axes"); ``float_model`` is then not used.
     """
+    if dynamic_axes:
+        from qcompile.api import compile as compile_model
+
+        return compile_model(model, example_inputs, output=output, validate=validate,
+                             validation_inputs=validation_inputs, thresholds=thresholds, emit=emit,
+                             dynamic_axes=dynamic_axes)
     from qcompile import export as export_mod
     from qcompile.api import CompileResult, as_input_tuple, calib_data
     from qcompile.emit import emit as emit_onnx, quantizers_by_id
