@@ -113,9 +113,9 @@ def _shapes(inputs) -> str:
 def mark_inputs(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[int]) -> None:
     """Declare ``axes`` of the exported (not yet emitted) file's inputs symbolic: emission then holds no size of
     the example in a constant (``emit._Builder.dynamic``)."""
-    from .export import input_names_for
+    from .export import recorded_input_names
 
-    names = input_names_for(len(example_inputs))
+    names = recorded_input_names(onnx_model, len(example_inputs))
     for value in onnx_model.graph.input:
         if value.name not in names or not value.type.tensor_type.HasField("shape"):
             continue
@@ -176,10 +176,10 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
     output dimension takes an input axis's symbol only at that axis's position, with that axis's size at every
     checked size, where no other input axis has those sizes (a fully convolutional net's height; not a square
     image's transposed width), else a name of its own. Returns ``{output name: [dims]}`` as declared."""
-    from .export import input_names_for
+    from .export import recorded_input_names
 
     graph = onnx_model.graph
-    names = input_names_for(len(example_inputs))
+    names = recorded_input_names(onnx_model, len(example_inputs))
     index = {name: i for i, name in enumerate(names)}
     sizes: dict[tuple, list] = {}  # sizes at every checked size -> [(axis, symbol)] of the input axes with them
     probe_parts = probe if isinstance(probe, tuple) else (probe,)

@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 import warnings
-from typing import Sequence
+from typing import Optional, Sequence
 
 import onnx
 import torch
@@ -86,8 +86,50 @@ def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") 
     return path
 
 
-def input_names_for(n: int) -> list[str]:
-    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+def input_names_for(n: int, gm: Optional[torch.nn.Module] = None) -> list[str]:
+    """The file's input names: ``input`` for one input; for several, ``forward``'s parameter names (the
+    placeholders of the traced ``gm``: ``input_ids``, ``attention_mask``, as torch.onnx.export names them) where
+    they are distinct identifiers that no output or attribute of the module is called, else ``input_0``,
+    ``input_1``, ... (also for the ``arg<k>`` the tracer gives the inputs of a ``forward(self, *args)``)."""
+    import re
+
+    fallback = ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+    if n == 1 or not isinstance(gm, torch.fx.GraphModule):
+        return fallback
+    from .frontend import INPUT_NAMES
+
+    names = [str(node.target) for node in gm.graph.nodes if node.op == "placeholder"]
+    spelled = gm.meta.get(INPUT_NAMES)  # as forward spells them: torch.fx renames an input called input to input_1
+    if isinstance(spelled, list) and len(spelled) == len(names):
+        names = spelled
+    if len(names) != n or len(set(names)) != n:
+        return fallback
+    for name in names:
+        if not name.isidentifier() or re.fullmatch(r"arg\d+|output(_\d+)?", name) or hasattr(gm, name):
+            return fallback
+    return names
+
+
+def record_input_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Record all of ``forward``'s input names in a file with several inputs (``runtime.session.INPUTS_KEY``): an
+    input ``forward`` never reads is not in the file, and the validator finds which arrays the others take."""
+    import json
+
+    from qcompile.runtime.session import INPUTS_KEY
+
+    for prop in list(model.metadata_props):
+        if prop.key == INPUTS_KEY:
+            model.metadata_props.remove(prop)
+    if len(names) > 1:
+        model.metadata_props.add(key=INPUTS_KEY, value=json.dumps(list(names), separators=(",", ":")))
+
+
+def recorded_input_names(model: onnx.ModelProto, n: int) -> list[str]:
+    """The names :func:`record_input_names` recorded in ``model`` (``n`` inputs), else :func:`input_names_for`'s."""
+    from qcompile.runtime.session import recorded_inputs
+
+    names = recorded_inputs(model)
+    return names if names is not None and len(names) == n else input_names_for(n)
 
 
 def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], opset: int = DEFAULT_OPSET,
@@ -107,12 +149,13 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
                                "order")
     from .fx_onnx import export_fx
 
+    in_names = input_names_for(len(example_inputs), gm)
     fast = export_fx(gm, example_inputs, opset, dynamic_batch)  # common layers only; None: use torch.onnx.export
     if fast is not None:
+        record_input_names(fast, in_names)
         return fast
     _check_dict_keys(gm)
     gm = exact_nearest_resizes(gm)
-    in_names = input_names_for(len(example_inputs))
     n_out = _output_count(gm, example_inputs)
     out_names = _dict_output_names(gm, n_out, in_names) or \
         (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
@@ -152,6 +195,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     finally:
         view.release()
     buf.close()
+    record_input_names(model, in_names)
     return explicit_same_pads(model)
 
 

@@ -1282,11 +1282,16 @@ def _items_as_tensors(gm: torch.fx.GraphModule, example_inputs) -> bool:
     return any(users for _item, _scalar, users, _before in changed)
 
 
+INPUT_NAMES = "input_names"
+
+
 def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
     """Name each input of the graph module's forward after its placeholder node. torch.fx renames a placeholder
     ``input`` (a builtin) to ``input_1`` and writes ``input_1 = input`` at the top of forward; a second parameter
     that was itself named ``input_1`` then read the first input (``forward(self, input, input_1)``: both layers fed
-    the first input, 7.7 dB and validation FAIL)."""
+    the first input, 7.7 dB and validation FAIL). ``gm.meta["input_names"]``: the names as ``forward`` spells them
+    (the file's input names, ``qcompile.export.input_names_for``)."""
+    gm.meta[INPUT_NAMES] = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
     changed = False
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.target != node.name and not str(node.target).startswith("*"):

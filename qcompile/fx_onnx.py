@@ -180,7 +180,7 @@ class _Exporter:
             raise Unsupported("inputs")
         from .export import input_names_for
 
-        in_names = input_names_for(len(placeholders))
+        in_names = input_names_for(len(placeholders), self.gm)
         graph_inputs = []
         for node, name, x in zip(placeholders, in_names, self.example_inputs):
             if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.dim() < 1:

@@ -85,10 +85,11 @@ def _input_shapes_from_onnx(model: onnx.ModelProto) -> list[tuple[int, ...]] | N
 def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, given: str) -> None:
     """The inputs must be one per graph input, each with the rank and every fixed dimension of its graph input: a
     one-line error naming both shapes, not onnxruntime's INVALID_ARGUMENT from deep inside validation."""
-    from qcompile.runtime.session import file_inputs
+    from qcompile.runtime.session import file_inputs, recorded_inputs
 
     graph_inputs = _graph_inputs(onnx_model)
-    inputs = file_inputs([g.name for g in graph_inputs], inputs)  # inputs the model never reads are not in it
+    # inputs the model never reads are not in it
+    inputs = file_inputs([g.name for g in graph_inputs], inputs, recorded_inputs(onnx_model))
     if len(graph_inputs) != len(inputs):
         how = ("a .npz with x0, x1, ... for --data, or one --input-shape per input" if len(graph_inputs) > 1 else
                "one array (or one --input-shape)")
@@ -284,10 +285,11 @@ def validate_against(args):
     _check_inputs_fit(onnx_model, inputs, args.onnx, given)
     # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64. One graph input
     # per model input, None for one the model never reads (not in the file; its array stays for the simulation)
-    from qcompile.runtime.session import file_inputs
+    from qcompile.runtime.session import file_inputs, recorded_inputs
 
     graph_inputs = _graph_inputs(onnx_model)
-    picked = {id(t): g for t, g in zip(file_inputs([g.name for g in graph_inputs], inputs), graph_inputs)}
+    picked = {id(t): g for t, g in zip(file_inputs([g.name for g in graph_inputs], inputs,
+                                                   recorded_inputs(onnx_model)), graph_inputs)}
     graph_of = [picked.get(id(t)) for t in inputs]
     types = [g.type.tensor_type.elem_type if g is not None else 0 for g in graph_of]
     for graph_input, t, e in zip(graph_of, inputs, types):

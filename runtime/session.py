@@ -32,14 +32,39 @@ def session(path_or_bytes, threads: int | None = None, spinning: bool = False,
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def file_inputs(names: Sequence[str], inputs: Sequence) -> list:
+#: metadata key of a file with several inputs: the names of all of ``forward``'s inputs, in order (JSON list), the
+#: ones the export dropped (never read) included
+INPUTS_KEY = "qcompile.inputs"
+
+
+def recorded_inputs(metadata) -> list[str] | None:
+    """The input names a file records under ``INPUTS_KEY`` (``metadata``: an ``onnx.ModelProto``, an
+    ``InferenceSession`` or a ``{key: value}`` map), or None."""
+    import json
+
+    if isinstance(metadata, ort.InferenceSession):
+        metadata = metadata.get_modelmeta().custom_metadata_map
+    elif hasattr(metadata, "metadata_props"):
+        metadata = {p.key: p.value for p in metadata.metadata_props}
+    value = metadata.get(INPUTS_KEY) if isinstance(metadata, dict) else None
+    try:
+        names = json.loads(value) if value else None
+    except ValueError:
+        return None
+    return names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
+
+
+def file_inputs(names: Sequence[str], inputs: Sequence, all_names: Sequence[str] | None = None) -> list:
     """The model inputs the file takes, in its order: all of them, or, where the export dropped inputs ``forward``
-    never reads (as torch.onnx does), those its ``input_<k>`` names point at. The arrays of a model ``m(a, x)``
-    that ignores ``a`` went to the file's one input by position (``a`` for ``x``), and the compile failed."""
+    never reads (as torch.onnx does), those its names point at among ``all_names`` (the file's ``INPUTS_KEY``
+    record), or by their ``input_<k>`` names. The arrays of a model ``m(a, x)`` that ignores ``a`` went to the
+    file's one input by position (``a`` for ``x``), and the compile failed."""
     import re
 
     inputs = list(inputs)
     if len(inputs) > len(names):
+        if all_names is not None and len(all_names) == len(inputs) and all(n in all_names for n in names):
+            return [inputs[list(all_names).index(n)] for n in names]
         index = [re.fullmatch(r"input_(\d+)", n) for n in names]
         if all(index) and all(int(m.group(1)) < len(inputs) for m in index):
             return [inputs[int(m.group(1))] for m in index]
@@ -49,7 +74,7 @@ def file_inputs(names: Sequence[str], inputs: Sequence) -> list:
 def run(sess: ort.InferenceSession, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Run ``sess`` on positional inputs (numpy arrays, one per model input) and return all outputs."""
     metas = sess.get_inputs()
-    picked = file_inputs([m.name for m in metas], inputs)
+    picked = file_inputs([m.name for m in metas], inputs, recorded_inputs(sess) if len(metas) < len(inputs) else None)
     feeds = {meta.name: np.ascontiguousarray(x) for meta, x in zip(metas, picked)}
     return sess.run(None, feeds)
 

@@ -271,10 +271,10 @@ def test_two_inputs_and_a_qat_trained_model(tmp_path):
     result = qcompile.compile(model, (x[:1], mask[:1]), calib=(x, mask), output=path, scheme="uniform", bits=8,
                               dynamic_axes=(2, 3))
     saved = onnx.load(path)
-    assert _dims(saved.graph.input) == [["batch", 3, "input_0_d2", "input_0_d3"], ["batch", 1, "input_1_d2", "input_1_d3"]]
+    assert _dims(saved.graph.input) == [["batch", 3, "x_d2", "x_d3"], ["batch", 1, "mask_d2", "mask_d3"]]
     sess = _session(path)
     xp, mp = torch.randn(2, 3, 20, 30), torch.randn(2, 1, 20, 30)
-    got = sess.run(None, {"input_0": xp.numpy(), "input_1": mp.numpy()})[0]
+    got = sess.run(None, {"x": xp.numpy(), "mask": mp.numpy()})[0]
     with torch.no_grad():
         assert _sqnr(result.model(xp, mp).numpy(), got) > 40.0
 

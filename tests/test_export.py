@@ -125,6 +125,40 @@ def assert_file_runs_at_other_batches(result, x, out_shape=None, batches=(1, 5))
         np.testing.assert_allclose(got, want, atol=1e-4 * float(np.abs(want).max()))
 
 
+def test_inputs_are_named_after_forward_as_torch_onnx_names_them(tmp_path):
+    """A file of a model with several inputs named them input_0, input_1, ...: a user feeding it with the names of
+    torch.onnx.export's file (forward's parameter names) got "invalid input name". Now forward's names, recorded
+    with those the file leaves out (never read), so that positional inputs still find theirs; input_0, ... where a
+    name would clash with an output (or for *args)."""
+    import json
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 4), torch.nn.Linear(3, 4)
+
+        def forward(self, features, mask, unused):
+            return self.a(features) * torch.sigmoid(self.b(mask))
+
+    class Clash(Gate):
+        def forward(self, features, output, unused):
+            return super().forward(features, output, unused)
+
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(16, 8, generator=gen), torch.randn(16, 3, generator=gen), torch.randn(16, 2, generator=gen))
+    for cls, names, kept in ((Gate, ["features", "mask", "unused"], ["features", "mask"]),
+                             (Clash, ["input_0", "input_1", "input_2"], ["input_0", "input_1"])):
+        result = qcompile.compile(cls().eval(), tuple(t[:1] for t in x), calib=x, scheme="uniform", bits=8,
+                                  output=str(tmp_path / "m.onnx"))
+        assert result.report.passed, result.report.summary()
+        saved = onnx.load(str(tmp_path / "m.onnx"))
+        assert [i.name for i in saved.graph.input] == kept
+        assert json.loads({p.key: p.value for p in saved.metadata_props}["qcompile.inputs"]) == names
+        sess = session(str(tmp_path / "m.onnx"))
+        by_name = sess.run(None, {kept[0]: x[0].numpy(), kept[1]: x[1].numpy()})[0]
+        np.testing.assert_array_equal(run(sess, [t.numpy() for t in x])[0], by_name)  # positional: the record
+
+
 def test_two_inputs_and_two_outputs_are_named():
     class TwoInTwoOut(torch.nn.Module):
         def __init__(self):
@@ -138,7 +172,7 @@ def test_two_inputs_and_two_outputs_are_named():
     model = TwoInTwoOut().eval()
     a, b = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)), torch.ones(2, 3)
     onnx_model = export_onnx(trace(model, (a, b)), (a, b))
-    assert [i.name for i in onnx_model.graph.input] == ["input_0", "input_1"]
+    assert [i.name for i in onnx_model.graph.input] == ["a", "b"]  # forward's names, as torch.onnx.export
     assert [o.name for o in onnx_model.graph.output] == ["output_0", "output_1"]
     got = run(session(onnx_model.SerializeToString()), [a.numpy(), b.numpy()])
     with torch.no_grad():

@@ -423,7 +423,7 @@ def test_an_unused_input_is_dropped_as_torchscript_does(monkeypatch):
     fast = fx_onnx.export_fx(gm, tuple(t[:1] for t in x), 20)
     monkeypatch.setenv(fx_onnx.ENV_SWITCH, "torchscript")
     slow = qcompile.export.export_onnx(gm, tuple(t[:1] for t in x))
-    assert [i.name for i in fast.graph.input] == [i.name for i in slow.graph.input] == ["input_0"]
+    assert [i.name for i in fast.graph.input] == [i.name for i in slow.graph.input] == ["x"]
 
 
 class SamePadding(nn.Module):
