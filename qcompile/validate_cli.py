@@ -95,6 +95,14 @@ def _check_inputs_fit(onnx_model: onnx.ModelProto, inputs: tuple, path: str, giv
                "one array (or one --input-shape)")
         raise UserError(f"{path!r} has {len(graph_inputs)} input(s) but {given} gives {len(inputs)}; give {how}")
     for graph_input, tensor in zip(graph_inputs, inputs):
+        elem = graph_input.type.tensor_type.elem_type
+        if elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) and \
+                not tensor.is_floating_point():  # uint8 images, bool masks: onnxruntime's error blamed the file
+            which = f"input {graph_input.name!r} of " if len(graph_inputs) > 1 else ""
+            kind = "booleans" if tensor.dtype == torch.bool else "integers"
+            raise UserError(f"{given} holds {kind} but {which}{path!r} takes floating point: convert them as the "
+                            "model was trained on them (uint8 images 0..255: for instance x.astype(np.float32) / 255, "
+                            "and the training normalisation)")
         dims = graph_input.type.tensor_type.shape.dim
         want = tuple(d.dim_value if d.dim_value > 0 else (d.dim_param or "?") for d in dims)
         got = tuple(tensor.shape)
@@ -213,10 +221,20 @@ def _check_reference_runs(reference, example, args, given) -> None:
                         f"{_first_line(exc)}); {hint}") from None
 
 
+def _input_names(onnx_model: onnx.ModelProto, model) -> list[str] | None:
+    """``forward``'s input names: as the file records them (files of several inputs since 0.9.8), else from the
+    model's signature."""
+    from qcompile.runtime.session import recorded_inputs
+
+    from .api import model_input_names
+
+    return recorded_inputs(onnx_model) or model_input_names(unwrap(model))
+
+
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
-    from .cli import load_array_file
+    from .cli import load_array_file, resolve_named
 
     if not os.path.exists(args.onnx):
         raise UserError(f"ONNX file {args.onnx!r} does not exist; give the file qcompile wrote")
@@ -245,6 +263,7 @@ def validate_against(args):
     if args.samples is None:
         args.samples = 16
     data = load_array_file(args.data, "--data", several=True) if args.data else None
+    data = resolve_named(data, _input_names(onnx_model, model))
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
         inputs = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a) for a in arrays)
@@ -309,7 +328,7 @@ def validate_against(args):
     inputs = inputs[0] if len(inputs) == 1 else inputs
     calib = None  # --calib beside --data: the compile's calibration inputs, which rebuild the simulation
     if args.calib:
-        loaded = load_array_file(args.calib, "--calib", several=True)
+        loaded = resolve_named(load_array_file(args.calib, "--calib", several=True), _input_names(onnx_model, model))
         calib = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a)
                       for a in (loaded if isinstance(loaded, tuple) else (loaded,)))
         n_data = len(inputs) if isinstance(inputs, tuple) else 1

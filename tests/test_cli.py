@@ -530,7 +530,7 @@ def test_validate_of_a_float_file_against_a_model_that_does_not_take_its_inputs(
     assert "give the model the file was compiled from" in err
     np.save("u8.npy", np.random.default_rng(2).integers(0, 256, (4, 3, 8, 8)).astype(np.uint8))
     rc, out, err = cli(capsys, "validate", "out.onnx", "--against", "weights.pt", "--arch", SPEC, "--data", "u8.npy")
-    assert_user_error(rc, err, "save image data as float32")
+    assert_user_error(rc, err, "--data holds integers but 'out.onnx' takes floating point: convert them")
 
 
 def test_validate_of_a_file_whose_quantizers_this_version_places_otherwise(work, capsys):
@@ -1284,6 +1284,56 @@ def test_help_answers_without_loading_torch():
     assert lines[-2] == "0 False" and lines[-1] == "True session True"
 
 
+def test_validate_names_integer_data_for_a_float_file(work, capsys):
+    """uint8 images (or bool masks) as --data of validate: onnxruntime's "Unexpected input data type" was reported
+    as a file 'not one qcompile wrote or edited since'; the compile itself said what to do."""
+    rng = np.random.default_rng(6)
+    np.save(work / "c.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "c.npy", "--scheme", "uniform", "--bits", "8",
+                       "-o", "f.onnx")
+    assert rc == 0, err
+    for arr in ((rng.random((8, 3, 8, 8)) * 255).astype(np.uint8), rng.random((8, 3, 8, 8)) > 0.5):
+        np.save(work / "d.npy", arr)
+        rc, out, err = cli(capsys, "validate", "f.onnx", "--against", "weights.pt", "--arch", SPEC, "--calib", "c.npy",
+                           "--data", "d.npy")
+        assert_user_error(rc, err, "--data holds")
+        assert "takes floating point: convert them" in err and "not one qcompile wrote" not in err, err
+
+
+def test_several_inputs_from_an_npz_under_forward_names(work, capsys, monkeypatch):
+    """A .npz of a two-input model's arrays under forward's names (the file's input names since 0.9.8) was refused
+    ("store the inputs under 'x'"); x0, x1 with a gap said nothing of the missing one."""
+    rng = np.random.default_rng(7)
+    x, m = rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
+    np.savez(work / "named.npz", m=m, x=x)  # not forward's order: the names decide
+    np.savez(work / "numbered.npz", x0=x, x1=m)
+    for name in ("named", "numbered"):
+        rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", f"{name}.npz", "--scheme", "uniform",
+                           "--bits", "8", "-o", f"{name}.onnx")
+        assert rc == 0 and out.strip().endswith("PASS"), (out, err)
+    assert open(work / "named.onnx", "rb").read() == open(work / "numbered.onnx", "rb").read()
+    rc, out, err = cli(capsys, "validate", "named.onnx", "--against", f"{MODULE}:two_input_net", "--data", "named.npz")
+    assert rc == 0 and out.strip().endswith("PASS"), (out, err)
+    np.savez(work / "wrong.npz", image=x, m=m)
+    rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "wrong.npz", "--scheme", "uniform", "-o", "w.onnx")
+    assert_user_error(rc, err, "has arrays ['image', 'm']; store the inputs as x0, x1, ... in the order forward takes "
+                               "them, or under the model's input names (x, m)")
+    np.savez(work / "gap.npz", x0=x, x2=m)
+    rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "gap.npz", "--scheme", "uniform", "-o", "w.onnx")
+    assert_user_error(rc, err, "has arrays x0, x2 but no x1")
+    assert not (work / "w.onnx").exists()
+
+
+def test_options_that_fit_to_data_ask_for_calib_not_an_input_shape(work, capsys):
+    """Without --calib or --input-shape, --avg-wbits and adaptive rounding asked for --input-shape; given it, they
+    then said they need --calib."""
+    for extra in (["--avg-wbits", "3"], ["--weight-rounding", "adaptive"]):
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, *extra, "-o", "a.onnx")
+        assert_user_error(rc, err, f"{' '.join(extra[:1]) if extra[0] == '--avg-wbits' else ' '.join(extra)} needs "
+                                   "calibration data: pass --calib FILE")
+    assert not os.path.exists("a.onnx")
+
+
 def test_default_output_names_tell_the_file_forms_apart(work, capsys):
     """The default name held scheme and bits only: a --emit custom, --per-tensor or adaptive-rounding compile after
     the default one overwrote its file without a word."""
@@ -1317,7 +1367,7 @@ def test_files_and_names_the_sweep_found_misread(work, capsys):
     assert_user_error(rc, err, "holds Python objects (an object array)")
     (work / "text.npy").write_text("1,2,3\n4,5,6\n")  # was also "holds Python objects"
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "text.npy", "-o", "o.onnx")
-    assert_user_error(rc, err, "'text.npy' is not an .npy/.npz file (text, or another format)")
+    assert_user_error(rc, err, "'text.npy' is not an .npy/.npz file or a tensor saved with torch.save (text, or another format)")
     (work / "empty.onnx").write_bytes(b"")
     rc, out, err = cli(capsys, "validate", "empty.onnx", "--against", "weights.pt", "--arch", SPEC)
     assert_user_error(rc, err, "'empty.onnx' is not an ONNX file (it is empty)")
