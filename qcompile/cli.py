@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import traceback
 
@@ -109,7 +110,7 @@ def _compile_parser() -> argparse.ArgumentParser:
     q.add_argument("--ascheme", help="activation scheme (overrides --scheme)")
     q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     q.add_argument("--calib", metavar="FILE", help="calibration inputs: .npy, or .npz with the array under 'x' (or its only array; "
-                   "a model with several inputs: .npz with x0, x1, ...), or a tensor saved with torch.save (.pt; "
+                   "a model with several inputs: .npz with x0, x1, ... or forward's input names), or a tensor saved with torch.save (.pt; "
                    "several inputs: a tuple of tensors)")
     q.add_argument("--calib-method", default="mse",
                    help="activation clipping observer: mse (default), minmax, ema, percentile, kl, laplace, sdq")
@@ -220,6 +221,42 @@ def _starts_like_a_pickle(path) -> bool:
     return head.startswith(b"\x93NUMPY") or head[:1] == b"\x80"
 
 
+class NamedArrays(dict):
+    """The arrays of a .npz stored under other names than ``x, x0, x1, ...`` (``forward``'s input names,
+    ``np.savez(path, input_ids=..., attention_mask=...)``), until the model's input names put them in order
+    (:func:`resolve_named`)."""
+
+    path = ""
+    what = ""
+
+
+def resolve_named(data, names):
+    """``data`` as :func:`load_array_file` gives it, with :class:`NamedArrays` put in the order of ``names``
+    (``forward``'s input names): the arrays stored under its first two or more names (others, labels, are left
+    out); else the one under ``x`` (the one-input convention, beside labels ``y``)."""
+    if not isinstance(data, NamedArrays):
+        return data
+    keys = list(data)
+    taken = []
+    for name in names or ():
+        if name not in data:
+            break
+        taken.append(name)
+    if len(taken) >= 2:
+        counts = [data[n].shape[0] for n in taken]
+        if len(set(counts)) != 1:
+            raise UserError(f"{data.what} file {data.path!r}: the inputs {', '.join(taken)} must have the same number "
+                            f"of samples, got {counts}")
+        return tuple(data[n] for n in taken)
+    if "x" in data:
+        return data["x"]
+    if not names or len(names) < 2:
+        raise UserError(f"{data.what} file {data.path!r} has arrays {keys}; store the inputs under 'x' (a model with "
+                        "several inputs: x0, x1, ... or its input names)")
+    raise UserError(f"{data.what} file {data.path!r} has arrays {keys}; store the inputs as x0, x1, ... in the order "
+                    f"forward takes them, or under the model's input names ({', '.join(names)})")
+
+
 def load_array_file(path: str, what: str = "--calib", several: bool = False):
     """The inputs in a .npy/.npz file (or a tensor file of ``torch.save``, ``_torch_tensor_file``): one array, or
     (``several``) a tuple of arrays stored as x0, x1, ... in a .npz
@@ -239,12 +276,24 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                 numbered = [f"x{i}" for i in range(len(keys)) if f"x{i}" in keys]
                 if torch_file:
                     arr = _torch_tensor_file(path, what, several)
-                elif "x" in keys:
+                elif "x" in keys and not (several and len(keys) >= 2):
                     arr = data["x"]
                 elif len(keys) == 1:
                     arr = data[keys[0]]
                 elif several and len(numbered) >= 2 and numbered == [f"x{i}" for i in range(len(numbered))]:
                     arr = tuple(data[k] for k in numbered)
+                elif several and len(keys) >= 2 and all(re.fullmatch(r"x\d+", k) for k in keys):
+                    gap = next(i for i in range(len(keys) + 1) if f"x{i}" not in keys)
+                    raise UserError(f"{what} file {path!r} has arrays {', '.join(sorted(keys, key=lambda k: int(k[1:])))} "
+                                    f"but no x{gap}; number the inputs x0, x1, ... from 0, one array per input")
+                elif several and len(keys) >= 2:
+                    arr = NamedArrays()
+                    for k in keys:
+                        try:
+                            arr[k] = data[k]
+                        except ValueError:  # an object array beside the inputs: not one of them
+                            if "x" not in keys:
+                                raise
                 else:
                     more = " (a model with several inputs: x0, x1, ...)" if several else ""
                     raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'{more}")
@@ -257,8 +306,9 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                         "or run as a user who can read it") from None
     except ValueError as exc:
         if "allow_pickle" in str(exc) and not npz and not _starts_like_a_pickle(path):
-            raise UserError(f"{what} file {path!r} is not an .npy/.npz file (text, or another format); save the "
-                            "inputs with numpy.save(path, numpy.asarray(x, dtype=numpy.float32))") from None
+            raise UserError(f"{what} file {path!r} is not an .npy/.npz file or a tensor saved with torch.save (text, or "
+                            "another format); save the inputs with numpy.save(path, numpy.asarray(x, "
+                            "dtype=numpy.float32)) or torch.save(x, path)") from None
         if "allow_pickle" in str(exc):
             raise UserError(f"{what} file {path!r} holds Python objects (an object array), which qcompile does not "
                             "load (unpickling runs code); save a numeric array: "
@@ -267,11 +317,14 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                         "numpy.save") from None
     except Exception as exc:
         raise UserError(f"{what} file {path!r} is not a readable .npy/.npz array ({type(exc).__name__}); save it with numpy.save") from None
-    arrays = arr if isinstance(arr, tuple) else (arr,)
+    if isinstance(arr, NamedArrays):  # arrays of numbers only (labels beside them are numbers too)
+        arr = NamedArrays((k, a) for k, a in arr.items() if isinstance(a, np.ndarray) and a.dtype.kind in "fiub"
+                          and a.ndim >= 1 and a.shape[0] > 0)
+    arrays = tuple(arr.values()) if isinstance(arr, NamedArrays) else arr if isinstance(arr, tuple) else (arr,)
     for a in arrays:
         if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiub" or a.ndim < 1 or a.shape[0] == 0:
             raise UserError(f"{what} file {path!r} must hold a non-empty numeric array (N, ...) of inputs")
-    if len({a.shape[0] for a in arrays}) != 1:
+    if len({a.shape[0] for a in arrays}) != 1 and not isinstance(arr, NamedArrays):  # which are inputs: later
         raise UserError(f"{what} file {path!r}: the inputs x0, x1, ... must have the same number of samples, got "
                         f"{[a.shape[0] for a in arrays]}")
     for a in arrays:
@@ -287,6 +340,10 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     # floating point as float32; integer inputs (token ids) stay integers for the model's Embedding
     out = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iu" else a
                 for a in arrays)
+    if isinstance(arr, NamedArrays):
+        named = NamedArrays(zip(arr, out))
+        named.path, named.what = path, what
+        return named
     return out if isinstance(arr, tuple) else out[0]
 
 
@@ -337,6 +394,12 @@ def _example_inputs(args, calib):
         if isinstance(calib, tuple):
             return tuple(torch.from_numpy(a[:1]) for a in calib)
         return torch.from_numpy(calib[:1])
+    needs = [flag for flag, on in (("--avg-wbits", getattr(args, "avg_wbits", None) is not None),
+                                   ("--weight-rounding adaptive", getattr(args, "weight_rounding", "") == "adaptive"))
+             if on]
+    if needs:  # --input-shape alone would only lead to "needs calibration data" next
+        raise UserError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} calibration data: pass --calib "
+                        "FILE (real inputs of the model, .npy/.npz)")
     raise UserError("no example input: pass --input-shape N,C,H,W (or --calib FILE)")
 
 
@@ -421,6 +484,12 @@ def cmd_compile(argv) -> int:
     calib = load_array_file(args.calib, several=True) if args.calib else None
     held_out = load_array_file(args.data, "--data", several=True) if args.data else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
+    if isinstance(calib, NamedArrays) or isinstance(held_out, NamedArrays):  # arrays under forward's input names
+        from .api import model_input_names
+        from .frontend import unwrap
+
+        names = model_input_names(unwrap(model))
+        calib, held_out = resolve_named(calib, names), resolve_named(held_out, names)
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
             check_not_model_source(model, path, flag, specs=(args.model, args.arch))
