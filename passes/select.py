@@ -533,6 +533,7 @@ class SelectLayers(Pass):
         self.default = default
         self.first_last = first_last
         self.only_first_last = False  # set by call(): see there
+        self._configured: set = set()  # set by decide()
         self.float_downsample = float_downsample
         if isinstance(overrides, (dict, str, os.PathLike)):  # the rules as compile(config=...) takes them
             overrides = load_overrides(overrides)
@@ -567,12 +568,17 @@ class SelectLayers(Pass):
                 if _is_downsample_shortcut(gm, n, layers):
                     decision[n] = dataclasses.replace(decision[n], action="float", reason="1x1 downsample shortcut")
         matched = {id(ov): 0 for ov in self.overrides}
+        self._configured = set()  # layers a config rule quantizes as it says (not --exclude): the user's own levels
         for ov in self.overrides:
             for n in nodes:
                 name, type_name = _layer_name_and_type(gm, n)
                 if ov.matches(name, type_name):
                     decision[n] = ov.apply(decision[n])
                     matched[id(ov)] += 1
+                    if ov.source != "--exclude" and decision[n].action == "quant":
+                        self._configured.add(n)
+                    else:
+                        self._configured.discard(n)
         names = [_layer_name_and_type(gm, n)[0] for n in nodes]
         names = list(dict.fromkeys(names))  # a module called twice is one name
         from qcompile.qmodules import FakeQuantize
@@ -604,9 +610,10 @@ class SelectLayers(Pass):
         def levels(cfg) -> tuple:
             return (cfg.action, cfg.wscheme, cfg.wbits, cfg.ascheme, cfg.abits)
 
+        # (not where a config rule gives layers levels of their own: those are the levels asked for them)
         self.only_first_last = not quantized and self.first_last != "quant" and self.default.action == "quant" \
             and bool(decision) and all(levels(cfg) != levels(self.default) for cfg in decision.values()) \
-            and any(cfg.reason in _FIRST_LAST_REASONS for cfg in decision.values())
+            and any(cfg.reason in _FIRST_LAST_REASONS for cfg in decision.values()) and not self._configured
         if quantized:
             # quantizers are in the graph already (a QAT-trained model, converted): a layer keeps the decision that
             # put them there. Deciding anew labelled conv2 "W8 uniform (first layer)" (conv1, bound to an int8

@@ -418,6 +418,10 @@ def test_a_model_whose_every_layer_is_first_or_last_says_none_got_the_bits_asked
     assert notes(scheme="apot", bits=4, exclude=["0"])  # one excluded, the other 8-bit: none as asked either
     assert not notes(scheme="uniform", bits=8)  # 8-bit asked: what it got
     assert not notes(scheme="apot", bits=4, keep_first_last="quant")
+    # a config rule gives the layers levels of their own: those were asked for (the note said "no other layer the
+    # rules leave as asked" and suggested --keep-first-last quant to a user whose rules chose every layer)
+    assert not notes(scheme="apot", bits=4, config={"2": {"scheme": "apot", "wbits": 3, "abits": 5}})
+    assert notes(scheme="apot", bits=4, config={"2": {"action": "float"}})  # kept float by rule: none as asked
     deeper = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
