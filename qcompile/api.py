@@ -1308,6 +1308,11 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
     export_mod.drop_identity_requantizations(onnx_model)
+    if opts.emit == "shift-add" and opts.quantized and (opts.check if opts.check is not None
+                                                         else os.environ.get("QCOMPILE_CHECK") == "1"):
+        from .lowering import check_shift_add
+
+        check_shift_add(onnx_model)  # the regions as written, after the renames above
     _check_protobuf_size(onnx_model, opts)
     probe = None
     if opts.dynamic_axes:

@@ -860,6 +860,7 @@ def share_identical_initializers(model: onnx.ModelProto, max_bytes: int = SHARE_
     graph.initializer.extend(kept)
     _rename_inputs(graph, rename)
     _rename_probe_inputs(model, rename)
+    _rename_region_records(model, rename)
     return len(rename)
 
 
@@ -938,6 +939,7 @@ def drop_identity_requantizations(model: onnx.ModelProto) -> int:
     graph.node.extend(kept)
     _rename_inputs(graph, rename)
     _rename_probe_inputs(model, rename)
+    _rename_region_records(model, rename)
     from .emit import activation_map, set_activation_map
 
     acts = activation_map(model)
@@ -960,6 +962,27 @@ def _rename_probe_inputs(model: onnx.ModelProto, rename: dict) -> None:
             for r in probes:
                 r["inputs"] = [rename.get(name, name) for name in r["inputs"]]
             prop.value = json.dumps(probes, separators=(",", ":"))
+
+
+def _rename_region_records(model: onnx.ModelProto, rename: dict) -> None:
+    """The shift-add regions' records (``qcompile.lowering.REGION_KEY``) name the integer codes they read: rename
+    them there too (the verifier found a region reading a tensor it did not declare)."""
+    import json
+
+    from .lowering import REGION_KEY
+
+    for prop in model.metadata_props:
+        if prop.key == REGION_KEY:
+            value = json.loads(prop.value)
+            for rec in value.get("layers", []):
+                rec["entries"] = [rename.get(name, name) for name in rec.get("entries", [])]
+                for key in ("accumulator", "output"):
+                    if key in rec:
+                        rec[key] = rename.get(rec[key], rec[key])
+                act = rec.get("activation")
+                if isinstance(act, dict) and "codes" in act:
+                    act["codes"] = rename.get(act["codes"], act["codes"])
+            prop.value = json.dumps(value)
 
 
 def _rename_inputs(graph: onnx.GraphProto, rename: dict) -> None:

@@ -601,6 +601,11 @@ def _lower_one(graph, m: _Match, plan: _Plan, planes_cache: dict, pack: bool, in
         one = rescale.const(np.array(1.0, np.float32), "unit_scale")
         if relu is not None:
             relu.inputs[0] = v
+            if relu.op == "Clip":  # ReLU6's bounds in the units of v (codes before the zero point): y / S_y
+                for k in (1, 2):
+                    if len(relu.inputs) > k and relu.inputs[k] is not None and relu.inputs[k].name:
+                        bound = np.float32(np.float32(_scalar_constant(relu.inputs[k])) / np.float32(s_y))
+                        relu.inputs[k] = rescale.const(np.array(bound, np.float32), "clip_bound")
         for q in quantizers:
             if relu is None:
                 q.inputs[0] = v
@@ -673,15 +678,34 @@ def _integer_bias(m: _Match, inits: dict, acc_scale: np.ndarray, n_out: int) -> 
         return None
     units = b.astype(np.float64).reshape(-1) / acc_scale.astype(np.float64).reshape(-1)
     q = np.round(units)
-    if not np.all(np.isfinite(units)) or np.any(np.abs(units - q) > 1e-3) or np.any(np.abs(q) >= 2 ** 22):
+    # float32 holds q·S_x·S_w to 2^-24 of itself: a bias of 26 656 units was 0.0016 units off its integer, and
+    # taken as off the grid (a second rounding in the layers of MobileNetV2's linear bottlenecks)
+    if not np.all(np.isfinite(units)) or np.any(np.abs(units - q) > 1e-3 + np.abs(q) * 2.0 ** -22) \
+            or np.any(np.abs(q) >= 2 ** 22):
         return None
     return q.astype(np.int64)
 
 
+def _scalar_constant(t) -> Optional[float]:
+    """The value of a one-element constant: an initializer, or a ``Constant`` node's output (the ReLU6 bounds
+    torch.onnx writes); else None."""
+    import onnx_graphsurgeon as gs
+
+    if not isinstance(t, gs.Constant):
+        node = _producer(t)
+        value = node.attrs.get("value") if node is not None and node.op == "Constant" else None
+        if value is None:
+            return None
+        t = value
+    values = np.asarray(t.values if isinstance(t, gs.Constant) else t)
+    return float(values.reshape(())) if values.size == 1 and values.dtype.kind == "f" else None
+
+
 def _requantizers(out, graph) -> Optional[tuple]:
-    """``(relu or None, [QuantizeLinear nodes], S_y)`` where the layer's output ``out`` is read only by
-    ``QuantizeLinear`` nodes with one constant per-tensor scale ``S_y`` (directly, or all through one ``Relu``):
-    what onnxruntime fuses into the integer layer, re-quantizing its accumulator. Else None."""
+    """``(rectifier or None, [QuantizeLinear nodes], S_y)`` where the layer's output ``out`` is read only by
+    ``QuantizeLinear`` nodes with one constant per-tensor scale ``S_y`` (directly, or all through one ``Relu`` or
+    ``Clip`` with constant bounds, ReLU6): what onnxruntime fuses into the integer layer, re-quantizing its
+    accumulator. Else None."""
     import onnx_graphsurgeon as gs
 
     outputs = {t.name for t in graph.outputs}
@@ -689,10 +713,13 @@ def _requantizers(out, graph) -> Optional[tuple]:
         return None
     users = list(out.outputs)
     relu = None
-    if len(users) == 1 and users[0].op == "Relu":
+    if len(users) == 1 and users[0].op in ("Relu", "Clip"):
         relu = users[0]
         if relu.outputs[0].name in outputs:
             return None
+        if relu.op == "Clip" and (relu.attrs or any(t is not None and t.name and _scalar_constant(t) is None
+                                                     for t in relu.inputs[1:])):
+            return None  # bounds computed in the graph (or opset-6 attributes): not rescaled here
         users = list(relu.outputs[0].outputs)
     if not users or any(u.op != "QuantizeLinear" for u in users):
         return None
