@@ -222,7 +222,7 @@ def _starts_like_a_pickle(path) -> bool:
 
 
 class NamedArrays(dict):
-    """The arrays of a .npz stored under other names than ``x, x0, x1, ...`` (``forward``'s input names,
+    """The arrays of a .npz stored under other names than ``x0, x1, ...`` (``forward``'s input names,
     ``np.savez(path, input_ids=..., attention_mask=...)``), until the model's input names put them in order
     (:func:`resolve_named`)."""
 
@@ -230,31 +230,81 @@ class NamedArrays(dict):
     what = ""
 
 
-def resolve_named(data, names):
-    """``data`` as :func:`load_array_file` gives it, with :class:`NamedArrays` put in the order of ``names``
-    (``forward``'s input names): the arrays stored under its first two or more names (others, labels, are left
-    out); else the one under ``x`` (the one-input convention, beside labels ``y``)."""
+class NumberedArrays(tuple):
+    """The arrays of a .npz stored as ``x0, x1, ...``: by position, unless ``forward`` names its inputs so too."""
+
+    path = ""
+    what = ""
+
+
+_LABEL_KEYS = ("y", "label", "labels", "target", "targets")  # arrays beside the inputs that are no input
+
+
+def forward_inputs(model) -> list[tuple[str, bool]] | None:
+    """``forward``'s positional inputs as ``(name, required)``; None where it takes ``*args`` or has no signature."""
+    import inspect
+
+    from .frontend import unwrap
+
+    try:
+        params = list(inspect.signature(unwrap(model).forward).parameters.values())
+    except (TypeError, ValueError, AttributeError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return [(p.name, p.default is p.empty) for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def resolve_named(data, inputs, file_names=None, what: str | None = None):
+    """``data`` as :func:`load_array_file` gives it, with the arrays of a named .npz put in ``forward``'s order.
+
+    ``inputs``: ``forward_inputs(model)``; ``file_names``: the names a compiled file gives its inputs (the ones it
+    records, ``input_0, ...`` where forward's names could not be used). Named arrays feed forward's inputs from the
+    first on (the required ones, and optional ones the file names, but labels ``y``/``labels``/``target(s)`` beside
+    them are no input unless forward requires them); with one required input, an array ``x`` is that input (the
+    one-input convention) and the rest are left out. Numbered arrays ``x0, x1, ...`` are positional, and refused
+    where forward itself names its inputs ``x0, x1, ...`` in another order (which one is meant?)."""
+    import re as _re
+
+    what = what or getattr(data, "what", "--calib")
+    if isinstance(data, NumberedArrays):
+        names = [n for n, _ in inputs or ()][:len(data)]
+        if any(_re.fullmatch(r"x\d+", n) for n in names) and names != [f"x{i}" for i in range(len(names))]:
+            raise UserError(f"{what} file {data.path!r} stores the inputs as x0, x1, ..., read by position, but forward "
+                            f"names its inputs {', '.join(names)}: which is which is ambiguous; save them as a tuple, "
+                            "torch.save((a, b, ...), path), in forward's order")
+        return tuple(data)
     if not isinstance(data, NamedArrays):
         return data
     keys = list(data)
-    taken = []
-    for name in names or ():
-        if name not in data:
-            break
-        taken.append(name)
-    if len(taken) >= 2:
-        counts = [data[n].shape[0] for n in taken]
-        if len(set(counts)) != 1:
-            raise UserError(f"{data.what} file {data.path!r}: the inputs {', '.join(taken)} must have the same number "
-                            f"of samples, got {counts}")
-        return tuple(data[n] for n in taken)
-    if "x" in data:
-        return data["x"]
-    if not names or len(names) < 2:
-        raise UserError(f"{data.what} file {data.path!r} has arrays {keys}; store the inputs under 'x' (a model with "
+    candidates = [[(n, req) for n, req in inputs]] if inputs else []
+    candidates.append(None)  # the one-input convention: the array under x
+    for names in (file_names, [f"input_{i}" for i in range(len(keys))]):
+        if names:
+            candidates.append([(n, True) for n in names])
+    for cand in candidates:
+        if cand is None:
+            if "x" in data:
+                return data["x"]
+            continue
+        taken = []
+        for name, req in cand:
+            if name not in data or (not req and name in _LABEL_KEYS):
+                break
+            taken.append(name)
+        if len(taken) >= max(2, sum(req for _, req in cand)):
+            counts = [data[n].shape[0] for n in taken]
+            if len(set(counts)) != 1:
+                raise UserError(f"{what} file {data.path!r}: the inputs {', '.join(taken)} must have the same number "
+                                f"of samples, got {counts}")
+            return tuple(data[n] for n in taken)
+    if not inputs or len(inputs) < 2:
+        raise UserError(f"{what} file {data.path!r} has arrays {keys}; store the inputs under 'x' (a model with "
                         "several inputs: x0, x1, ... or its input names)")
-    raise UserError(f"{data.what} file {data.path!r} has arrays {keys}; store the inputs as x0, x1, ... in the order "
-                    f"forward takes them, or under the model's input names ({', '.join(names)})")
+    names = [n for n, _ in inputs]
+    missing = next(n for n in names if n not in data)
+    raise UserError(f"{what} file {data.path!r} has arrays {keys}; forward takes {', '.join(names)}: store the inputs "
+                    f"under those names from the first on ({missing} is missing), or as x0, x1, ... in that order")
 
 
 def load_array_file(path: str, what: str = "--calib", several: bool = False):
@@ -281,7 +331,7 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                 elif len(keys) == 1:
                     arr = data[keys[0]]
                 elif several and len(numbered) >= 2 and numbered == [f"x{i}" for i in range(len(numbered))]:
-                    arr = tuple(data[k] for k in numbered)
+                    arr = NumberedArrays(data[k] for k in numbered)
                 elif several and len(keys) >= 2 and all(re.fullmatch(r"x\d+", k) for k in keys):
                     gap = next(i for i in range(len(keys) + 1) if f"x{i}" not in keys)
                     raise UserError(f"{what} file {path!r} has arrays {', '.join(sorted(keys, key=lambda k: int(k[1:])))} "
@@ -340,8 +390,8 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
     # floating point as float32; integer inputs (token ids) stay integers for the model's Embedding
     out = tuple(a.astype(np.float32) if a.dtype.kind == "f" else a.astype(np.int64) if a.dtype.kind in "iu" else a
                 for a in arrays)
-    if isinstance(arr, NamedArrays):
-        named = NamedArrays(zip(arr, out))
+    if isinstance(arr, (NamedArrays, NumberedArrays)):
+        named = NamedArrays(zip(arr, out)) if isinstance(arr, NamedArrays) else NumberedArrays(out)
         named.path, named.what = path, what
         return named
     return out if isinstance(arr, tuple) else out[0]
@@ -484,12 +534,9 @@ def cmd_compile(argv) -> int:
     calib = load_array_file(args.calib, several=True) if args.calib else None
     held_out = load_array_file(args.data, "--data", several=True) if args.data else None
     model = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle)  # a missing file: say so first
-    if isinstance(calib, NamedArrays) or isinstance(held_out, NamedArrays):  # arrays under forward's input names
-        from .api import model_input_names
-        from .frontend import unwrap
-
-        names = model_input_names(unwrap(model))
-        calib, held_out = resolve_named(calib, names), resolve_named(held_out, names)
+    # arrays under forward's input names, or numbered x0, x1, ...: in forward's order
+    inputs = forward_inputs(model)
+    calib, held_out = resolve_named(calib, inputs), resolve_named(held_out, inputs)
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
             check_not_model_source(model, path, flag, specs=(args.model, args.arch))

@@ -1291,7 +1291,10 @@ def _inputs_named_as_placeholders(gm: torch.fx.GraphModule) -> None:
     that was itself named ``input_1`` then read the first input (``forward(self, input, input_1)``: both layers fed
     the first input, 7.7 dB and validation FAIL). ``gm.meta["input_names"]``: the names as ``forward`` spells them
     (the file's input names, ``qcompile.export.input_names_for``)."""
-    gm.meta[INPUT_NAMES] = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    known = gm.meta.get(INPUT_NAMES)
+    if not (isinstance(known, list) and len(known) == len(names)):  # a graph module traced again keeps forward's
+        gm.meta[INPUT_NAMES] = names
     changed = False
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.target != node.name and not str(node.target).startswith("*"):

@@ -221,20 +221,12 @@ def _check_reference_runs(reference, example, args, given) -> None:
                         f"{_first_line(exc)}); {hint}") from None
 
 
-def _input_names(onnx_model: onnx.ModelProto, model) -> list[str] | None:
-    """``forward``'s input names: as the file records them (files of several inputs since 0.9.8), else from the
-    model's signature."""
-    from qcompile.runtime.session import recorded_inputs
-
-    from .api import model_input_names
-
-    return recorded_inputs(onnx_model) or model_input_names(unwrap(model))
-
-
 def validate_against(args):
     from qcompile.runtime import validation as rv
 
-    from .cli import load_array_file, resolve_named
+    from qcompile.runtime.session import recorded_inputs
+
+    from .cli import forward_inputs, load_array_file, resolve_named
 
     if not os.path.exists(args.onnx):
         raise UserError(f"ONNX file {args.onnx!r} does not exist; give the file qcompile wrote")
@@ -262,8 +254,8 @@ def validate_against(args):
                         "(drop --samples, or pass a --data file with fewer samples)")
     if args.samples is None:
         args.samples = 16
-    data = load_array_file(args.data, "--data", several=True) if args.data else None
-    data = resolve_named(data, _input_names(onnx_model, model))
+    data = load_array_file(args.data, data_flag, several=True) if args.data else None
+    data = resolve_named(data, forward_inputs(model), recorded_inputs(onnx_model))
     if data is not None:  # one array, or x0, x1, ... of a .npz for a model with several inputs
         arrays = data if isinstance(data, tuple) else (data,)
         inputs = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a) for a in arrays)
@@ -328,7 +320,8 @@ def validate_against(args):
     inputs = inputs[0] if len(inputs) == 1 else inputs
     calib = None  # --calib beside --data: the compile's calibration inputs, which rebuild the simulation
     if args.calib:
-        loaded = resolve_named(load_array_file(args.calib, "--calib", several=True), _input_names(onnx_model, model))
+        loaded = resolve_named(load_array_file(args.calib, "--calib", several=True), forward_inputs(model),
+                               recorded_inputs(onnx_model))
         calib = tuple(torch.from_numpy(a.astype("float32") if a.dtype.kind == "f" else a)
                       for a in (loaded if isinstance(loaded, tuple) else (loaded,)))
         n_data = len(inputs) if isinstance(inputs, tuple) else 1

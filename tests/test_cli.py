@@ -83,6 +83,46 @@ MODULE_SOURCE = textwrap.dedent('''
         return WideCNN()
 
 
+    class SwappedNamesNet(nn.Module):  # inputs named as the numbered .npz convention, in another order
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, x1, x0):
+            return self.a(x1) + 0.1 * self.b(x0)
+
+
+    def swapped_names_net():
+        return SwappedNamesNet()
+
+
+    class LossWhenLabelledNet(nn.Module):  # returns the loss when labels are given
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x, y=None):
+            out = self.fc(x)
+            return out if y is None else nn.functional.cross_entropy(out, y)
+
+
+    def loss_when_labelled_net():
+        return LossWhenLabelledNet()
+
+
+    class AttributeNamedInputsNet(nn.Module):  # an input named as a submodule: the file names it input_0
+        def __init__(self):
+            super().__init__()
+            self.fc, self.g = nn.Linear(4, 3), nn.Linear(4, 3)
+
+        def forward(self, fc, weight):
+            return self.fc(fc) + self.g(weight)
+
+
+    def attribute_named_inputs_net():
+        return AttributeNamedInputsNet()
+
+
     class TwoInputNet(nn.Module):  # an image and a feature vector
         def __init__(self):
             super().__init__()
@@ -1316,12 +1356,36 @@ def test_several_inputs_from_an_npz_under_forward_names(work, capsys, monkeypatc
     assert rc == 0 and out.strip().endswith("PASS"), (out, err)
     np.savez(work / "wrong.npz", image=x, m=m)
     rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "wrong.npz", "--scheme", "uniform", "-o", "w.onnx")
-    assert_user_error(rc, err, "has arrays ['image', 'm']; store the inputs as x0, x1, ... in the order forward takes "
-                               "them, or under the model's input names (x, m)")
+    assert_user_error(rc, err, "has arrays ['image', 'm']; forward takes x, m: store the inputs under those names "
+                               "from the first on (x is missing)")
     np.savez(work / "gap.npz", x0=x, x2=m)
     rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "gap.npz", "--scheme", "uniform", "-o", "w.onnx")
     assert_user_error(rc, err, "has arrays x0, x2 but no x1")
     assert not (work / "w.onnx").exists()
+
+
+def test_npz_names_against_forward_names_from_a_fresh_eyes_round(work, capsys):
+    """forward(self, x1, x0) with np.savez(x1=..., x0=...): the numbered convention fed x0 to the first input, and
+    compile and validate said PASS (the file fed by name was 104 off); forward(self, x, y=None) with labels under y
+    compiled the loss; a fallback-named file's validate refused the .npz its compile took."""
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+    np.savez(work / "xs.npz", x1=a, x0=b)
+    rc, out, err = cli(capsys, f"{MODULE}:swapped_names_net", "--calib", "xs.npz", "--scheme", "uniform", "-o", "s.onnx")
+    assert_user_error(rc, err, "stores the inputs as x0, x1, ..., read by position, but forward names its inputs x1, "
+                               "x0: which is which is ambiguous")
+    np.savez(work / "xy.npz", x=a, y=rng.integers(0, 3, 8))
+    rc, out, err = cli(capsys, f"{MODULE}:loss_when_labelled_net", "--calib", "xy.npz", "--scheme", "uniform",
+                       "--bits", "8", "-o", "l.onnx")
+    assert rc == 0, err
+    assert [i.name for i in onnx.load(work / "l.onnx").graph.input] == ["input"]  # y is the labels, not an input
+    np.savez(work / "fw.npz", fc=a, weight=b)
+    rc, out, err = cli(capsys, f"{MODULE}:attribute_named_inputs_net", "--calib", "fw.npz", "--scheme", "uniform",
+                       "--bits", "8", "-o", "f.onnx")
+    assert rc == 0 and [i.name for i in onnx.load(work / "f.onnx").graph.input] == ["input_0", "input_1"], err
+    for flags in (["--calib", "fw.npz"], ["--data", "fw.npz"]):
+        rc, out, err = cli(capsys, "validate", "f.onnx", "--against", f"{MODULE}:attribute_named_inputs_net", *flags)
+        assert rc == 0 and out.strip().endswith("PASS"), (out, err)
 
 
 def test_options_that_fit_to_data_ask_for_calib_not_an_input_shape(work, capsys):

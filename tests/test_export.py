@@ -159,6 +159,33 @@ def test_inputs_are_named_after_forward_as_torch_onnx_names_them(tmp_path):
         np.testing.assert_array_equal(run(sess, [t.numpy() for t in x])[0], by_name)  # positional: the record
 
 
+def test_a_qat_model_compiled_keeps_forward_names_torch_fx_renamed():
+    """forward(self, input, x): torch.fx renames the placeholder 'input' to 'input_1'; a QAT-prepared model compiled
+    (traced a second time) named the file's inputs input_1, x, and forward(self, input, input_1) gave input_1,
+    input_2: a user feeding forward's names swapped the two inputs."""
+    from qcompile import qat
+
+    class InputNamed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, input, input_1):
+            return self.out(torch.relu(self.a(input) + 3 * self.b(input_1)))
+
+    gen = torch.Generator().manual_seed(0)
+    calib = (torch.randn(64, 4, generator=gen), torch.randn(64, 4, generator=gen) * 5)
+    example = tuple(c[:1] for c in calib)
+    gm = qat.prepare(InputNamed().eval(), example, scheme="apot", bits=4, calib=calib)
+    for result in (qcompile.compile(gm, example), qcompile.compile(qat.convert(gm), example),
+                   qat.export(gm, example)):
+        assert [i.name for i in result.onnx_model.graph.input] == ["input", "input_1"]
+        sess = session(result.onnx_model.SerializeToString())
+        by_name = sess.run(None, {"input": calib[0].numpy(), "input_1": calib[1].numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(by_name, result.model(*calib).numpy(), atol=1e-5)
+
+
 def test_two_inputs_and_two_outputs_are_named():
     class TwoInTwoOut(torch.nn.Module):
         def __init__(self):
