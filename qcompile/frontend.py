@@ -1057,7 +1057,7 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                 # model's eager runs below that check the graph returned it, and the retrace was given up
                 with _attributes_kept(model):
                     graph = tracer.trace(model, concrete_args=_defaults_beyond(model, len(example_inputs)))
-                _drop_default_placeholders(graph)
+                _drop_default_placeholders(graph, len(example_inputs))
                 gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
                 restore()
             batches = [tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
@@ -1384,7 +1384,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         try:
             with _attributes_kept(model):
                 graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_given))
-            _drop_default_placeholders(graph)
+            _drop_default_placeholders(graph, n_given)
         except Exception as exc:
             # Python code over the input's sizes or dtype (a shape check, a slice to the sequence length): traced
             # again with those answered from the example, where that computes the model on other batch sizes
@@ -1798,7 +1798,7 @@ def _trace_transformers(model: nn.Module, example_inputs, leaf_modules,
         copy_mask_notes(model, candidate)
         n_given = len(example_inputs) if example_inputs is not None else None
         graph = tracer.trace(candidate, concrete_args=_defaults_beyond(candidate, n_given))
-        _drop_default_placeholders(graph)
+        _drop_default_placeholders(graph, n_given)
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         if example_inputs is not None:  # compared in eval mode (no dropout), each module's mode restored after
             modes = [(m, m.training) for m in list(model.modules()) + list(gm.modules())]
@@ -1889,15 +1889,18 @@ def _defaults_beyond(model: nn.Module, n_given: int | None) -> dict | None:
     return out or None
 
 
-def _drop_default_placeholders(graph: torch.fx.Graph) -> None:
+def _drop_default_placeholders(graph: torch.fx.Graph, given: int | None = None) -> None:
     """Remove what tracing with defaults leaves behind: the checks that a parameter has its default
     (``_assert_is_none(p)``, ``torch._assert(p == value)``) and the placeholders of those parameters, now unused, so
-    the module takes the model's inputs alone."""
+    the module takes the model's inputs alone. The first ``given`` placeholders are inputs the caller gives: kept
+    (an optional input forward never reads, given an array, was dropped, and the compile refused its data)."""
     import operator
 
     from torch.fx._symbolic_trace import _assert_is_none
 
-    for ph in [n for n in graph.nodes if n.op == "placeholder" and n.args]:  # n.args: (default,)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    kept = set(placeholders[:given]) if given is not None else set()
+    for ph in [n for n in placeholders if n.args and n not in kept]:  # n.args: (default,)
         for user in list(ph.users):
             if user.op != "call_function":
                 continue

@@ -186,6 +186,33 @@ def test_a_qat_model_compiled_keeps_forward_names_torch_fx_renamed():
             np.testing.assert_allclose(by_name, result.model(*calib).numpy(), atol=1e-5)
 
 
+def test_an_optional_input_forward_never_reads_may_be_given():
+    """forward(self, features, mask=None, scale=None) given three arrays: the trace dropped the unread optional
+    input's placeholder as if it had taken its default, and the compile refused the data ("the model takes 2
+    inputs"), while the same input without a default compiled. Now it is an input the file leaves out, as that."""
+    import json
+
+    class Optional3(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)
+
+        def forward(self, features, mask=None, scale=None):
+            h = self.a(features)
+            if mask is not None:
+                h = h + self.b(mask)
+            return self.out(torch.relu(h))
+
+    gen = torch.Generator().manual_seed(2)
+    x = tuple(torch.randn(32, 4, generator=gen) for _ in range(3))
+    with pytest.warns(qcompile.QuantizationWarning, match="never reads its input"):
+        result = qcompile.compile(Optional3().eval(), calib=x, scheme="uniform", bits=8)
+    assert result.report.passed, result.report.summary()
+    assert [i.name for i in result.onnx_model.graph.input] == ["features", "mask"]
+    props = {p.key: p.value for p in result.onnx_model.metadata_props}
+    assert json.loads(props["qcompile.inputs"]) == ["features", "mask", "scale"]
+
+
 def test_two_inputs_and_two_outputs_are_named():
     class TwoInTwoOut(torch.nn.Module):
         def __init__(self):
