@@ -421,6 +421,19 @@ class Calibrate(Pass):
                             "variance 1: never run on data in training mode), which say nothing about its "
                             "activations, so it cannot be calibrated without data; pass calibration inputs with "
                             "--calib FILE.npy (calib= from Python), or compile the trained model")
+        partial = gm.meta.get(PARTIAL_BATCHNORM_STATS)
+        if partial:  # noted with the initial ones (fold_bn.note_initial_batch_statistics)
+            count, total, fewest, kept = partial
+            note = (f"{count} of the model's {total} BatchNorm layers tracked their running statistics over only "
+                    f"{fewest} batch(es) ({kept:.0%} of their initial mean 0 / variance 1 remains): data-free "
+                    "calibration reads the activations' ranges from them; give calibration data (--calib FILE, calib= "
+                    "from Python) or the fully trained model")
+            self.report.append(note)
+            import warnings
+
+            from qcompile.errors import QuantizationWarning
+
+            warnings.warn(note, QuantizationWarning, stacklevel=2)
         sums = {}  # the last residual sums drawn (_draw): the next block's quantizer reads them
         dropped = []
         plans = {}
@@ -514,13 +527,17 @@ def _data_free_refusal(gm, node: torch.fx.Node, acts, reached: set, distilled: b
     while isinstance(src, torch.fx.Node) and src.args and _moves_values(gm, src):
         src = src.args[0]  # a quantizer, or the input rearranged: (B, T, F).transpose(1, 2), a view
     if isinstance(src, torch.fx.Node) and src.op == "placeholder":
+        # forward's name of that input (torch.fx renames an input called 'input' to 'input_1')
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        spelled = gm.meta.get("input_names")
+        name = spelled[phs.index(src)] if isinstance(spelled, list) and len(spelled) == len(phs) else src.name
         # the first layer's input: no BatchNorm describes the data itself. Keeping the first and last layers float
         # helps only where BatchNorms describe the others: a ViT (LayerNorms, none) was sent to --keep-first-last
         # fp32, and then refused on its attention projections
         if not any(_synthesis_plan(gm, n.args[0]) is not None for n in acts if n is not node):
-            return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {src.name!r}), "
+            return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {name!r}), "
                     f"nor any other activation (no BatchNorm describes them); pass calibration inputs with {how}")
-        return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {src.name!r}, "
+        return (f"cannot calibrate {_quantizer_place(node)} without data (it is the model's input {name!r}, "
                 f"which no BatchNorm describes); keep the first layer float (--keep-first-last fp32, "
                 f"keep_first_last='fp32') or pass calibration inputs with {how}")
     if node.args[0] not in reached:
@@ -1240,6 +1257,9 @@ def _bn_stats_through_relu(gm, node):
 
 # gm.meta key: the number of BatchNorm layers, where every one held its initial statistics (set by compile)
 INITIAL_BATCHNORM_STATS = "qcompile.initial_batchnorm_stats"
+# gm.meta key: (layers, of layers, fewest batches, largest remaining weight of the initial statistics) where some
+# BatchNorm tracked its running statistics over few batches (fold_bn.note_initial_batch_statistics)
+PARTIAL_BATCHNORM_STATS = "qcompile.partial_batchnorm_stats"
 TINY_FLOOR = 1e-20  # the smallest activation range calibrated (at its own scale); below it the compile stops
 
 

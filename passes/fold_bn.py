@@ -155,13 +155,26 @@ def note_initial_batch_statistics(gm: torch.fx.GraphModule) -> None:
     Noted on the graph (``gm.meta[INITIAL_BATCHNORM_STATS]``) before they are folded, by ``compile`` (so that errors
     in the options come first) and by FoldBatchNorm (a pipeline of one's own calibrated from them without a word);
     ``Calibrate`` refuses to calibrate from them."""
-    from .calibrate import INITIAL_BATCHNORM_STATS
+    from .calibrate import INITIAL_BATCHNORM_STATS, PARTIAL_BATCHNORM_STATS
 
-    if INITIAL_BATCHNORM_STATS in gm.meta:
+    if INITIAL_BATCHNORM_STATS in gm.meta or PARTIAL_BATCHNORM_STATS in gm.meta:
         return
     norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
     if norms and all(bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all()) for m in norms):
         gm.meta[INITIAL_BATCHNORM_STATS] = len(norms)
+        return
+    # Running statistics tracked over a few batches only hold (1 - momentum)^n of their initial mean 0 / variance 1
+    # (3 batches at momentum 0.1: 73 %): data-free ranges read from them are far off (a model saved right after a
+    # short fine-tuning, or BatchNorms re-estimated on a few batches). num_batches_tracked 0 is no count (older
+    # checkpoints lack it).
+    partial = []
+    for m in norms:
+        n = int(m.num_batches_tracked) if getattr(m, "num_batches_tracked", None) is not None else 0
+        if 0 < n and m.momentum is not None and (1.0 - float(m.momentum)) ** n > 0.05:
+            partial.append((n, (1.0 - float(m.momentum)) ** n))
+    if partial:
+        gm.meta[PARTIAL_BATCHNORM_STATS] = (len(partial), len(norms), min(n for n, _ in partial),
+                                            max(w for _, w in partial))
 
 
 class FoldBatchNorm(Pass):

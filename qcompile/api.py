@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qcompile.passes.base import PassTiming, Pipeline
-from qcompile.passes.calibrate import INITIAL_BATCHNORM_STATS
+from qcompile.passes.calibrate import INITIAL_BATCHNORM_STATS, PARTIAL_BATCHNORM_STATS
 from qcompile.passes.synthetic import DISTILLED
 from qcompile.runtime.validation import ValidationReport, validate_model
 
@@ -1243,6 +1243,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         dynamic.check_fixed_size_ops(gm, opts.dynamic_axes)
     gm.meta.pop(DISTILLED, None)  # data-free calibration's inputs, where BiasCorrection did not take them
     gm.meta.pop(INITIAL_BATCHNORM_STATS, None)
+    gm.meta.pop(PARTIAL_BATCHNORM_STATS, None)
     hints = [h for p in pipeline.passes for h in getattr(p, "level_hints", ())]
     level_note = None
     if hints:  # the pass report has them too; the CLI prints it, from Python a warning is the only word of it
