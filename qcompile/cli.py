@@ -260,16 +260,15 @@ def resolve_named(data, inputs, file_names=None, what: str | None = None):
 
     ``inputs``: ``forward_inputs(model)``; ``file_names``: the names a compiled file gives its inputs (the ones it
     records, ``input_0, ...`` where forward's names could not be used). Named arrays feed forward's inputs from the
-    first on (the required ones, and optional ones the file names, but labels ``y``/``labels``/``target(s)`` beside
-    them are no input unless forward requires them); with one required input, an array ``x`` is that input (the
-    one-input convention) and the rest are left out. Numbered arrays ``x0, x1, ...`` are positional, and refused
-    where forward itself names its inputs ``x0, x1, ...`` in another order (which one is meant?)."""
-    import re as _re
-
+    first on, as far as the .npz holds them (at least the required ones, two or more; labels ``y``/``labels``/
+    ``target(s)`` beside them are no input unless forward requires them); else an array ``x`` is the one input (the
+    one-input convention) and the rest are left out; else the file's names. Numbered arrays ``x0, x1, ...`` are
+    positional, and refused where forward itself names its inputs ``x0, x1, ...`` in another order (which one is
+    meant?)."""
     what = what or getattr(data, "what", "--calib")
     if isinstance(data, NumberedArrays):
         names = [n for n, _ in inputs or ()][:len(data)]
-        if any(_re.fullmatch(r"x\d+", n) for n in names) and names != [f"x{i}" for i in range(len(names))]:
+        if any(re.fullmatch(r"x\d+", n) for n in names) and names != [f"x{i}" for i in range(len(names))]:
             raise UserError(f"{what} file {data.path!r} stores the inputs as x0, x1, ..., read by position, but forward "
                             f"names its inputs {', '.join(names)}: which is which is ambiguous; save them as a tuple, "
                             "torch.save((a, b, ...), path), in forward's order")

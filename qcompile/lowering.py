@@ -33,7 +33,8 @@ bounded by ``B = (sum over planes of max plane * 2**(8 byte)) * max_o sum_{c,k} 
 Bias and rescale: a bias on the accumulator grid ``float32(s_w s_x)`` (the int8 layers' biases, ``QuantizeBias``)
 is added to the accumulator in integers (``Add``, the last node of the region, the record's ``output``); the rescale
 is then ``Cast<float>(acc + b) * float32(s_w s_x)``, as an integer kernel writes a float output. Where the layer's
-output (or its ``Relu``) is read only by ``QuantizeLinear`` with one per-tensor scale ``s_y``, the rescale is the
+output (or its ``Relu``, or ReLU6's ``Clip`` with its bounds divided by ``s_y``) is read only by ``QuantizeLinear``
+with one per-tensor scale ``s_y``, the rescale is the
 kernel's requantization instead, ``QuantizeLinear(Cast<float>(acc + b) * float32(s_w s_x / s_y), 1, z_y)``: the
 codes the simulation computes (``FakeQuantize._requantize``), not a float rescale and a second rounding, which put
 values on a decision threshold on its other side. A bias off the grid (a layer the simulation runs in float) stays a

@@ -32,8 +32,8 @@ def session(path_or_bytes, threads: int | None = None, spinning: bool = False,
     return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
 
 
-#: metadata key of a file with several inputs: the names of all of ``forward``'s inputs, in order (JSON list), the
-#: ones the export dropped (never read) included
+#: metadata key of a file with several inputs: the file's names for all of ``forward``'s inputs, in order (JSON
+#: list), the ones the export dropped (never read) included
 INPUTS_KEY = "qcompile.inputs"
 
 
