@@ -423,9 +423,9 @@ class Calibrate(Pass):
                             "--calib FILE.npy (calib= from Python), or compile the trained model")
         partial = gm.meta.get(PARTIAL_BATCHNORM_STATS)
         if partial:  # noted with the initial ones (fold_bn.note_initial_batch_statistics)
-            count, total, fewest, kept = partial
-            note = (f"{count} of the model's {total} BatchNorm layers tracked their running statistics over only "
-                    f"{fewest} batch(es) ({kept:.0%} of their initial mean 0 / variance 1 remains): data-free "
+            count, total, batches, kept = partial
+            note = (f"{count} of the model's {total} BatchNorm layers tracked their running statistics over few "
+                    f"batches (one over {batches}: {kept:.0%} of its initial mean 0 / variance 1 remains): data-free "
                     "calibration reads the activations' ranges from them; give calibration data (--calib FILE, calib= "
                     "from Python) or the fully trained model")
             self.report.append(note)
@@ -1257,7 +1257,8 @@ def _bn_stats_through_relu(gm, node):
 
 # gm.meta key: the number of BatchNorm layers, where every one held its initial statistics (set by compile)
 INITIAL_BATCHNORM_STATS = "qcompile.initial_batchnorm_stats"
-# gm.meta key: (layers, of layers, fewest batches, largest remaining weight of the initial statistics) where some
+# gm.meta key: (layers, of layers, batches and remaining share of the initial statistics of the layer with the most
+# left) where some
 # BatchNorm tracked its running statistics over few batches (fold_bn.note_initial_batch_statistics)
 PARTIAL_BATCHNORM_STATS = "qcompile.partial_batchnorm_stats"
 TINY_FLOOR = 1e-20  # the smallest activation range calibrated (at its own scale); below it the compile stops

@@ -172,9 +172,9 @@ def note_initial_batch_statistics(gm: torch.fx.GraphModule) -> None:
         n = int(m.num_batches_tracked) if getattr(m, "num_batches_tracked", None) is not None else 0
         if 0 < n and m.momentum is not None and (1.0 - float(m.momentum)) ** n > 0.05:
             partial.append((n, (1.0 - float(m.momentum)) ** n))
-    if partial:
-        gm.meta[PARTIAL_BATCHNORM_STATS] = (len(partial), len(norms), min(n for n, _ in partial),
-                                            max(w for _, w in partial))
+    if partial:  # the layer with most of its initial statistics left: its batches and that share
+        n, share = max(partial, key=lambda p: p[1])
+        gm.meta[PARTIAL_BATCHNORM_STATS] = (len(partial), len(norms), n, share)
 
 
 class FoldBatchNorm(Pass):

@@ -337,12 +337,14 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                                     f"but no x{gap}; number the inputs x0, x1, ... from 0, one array per input")
                 elif several and len(keys) >= 2:
                     arr = NamedArrays()
+                    refused = None
                     for k in keys:
                         try:
                             arr[k] = data[k]
-                        except ValueError:  # an object array beside the inputs: not one of them
-                            if "x" not in keys:
-                                raise
+                        except ValueError as exc:  # an object array beside the inputs: not one of them
+                            refused = exc
+                    if not arr and refused is not None:
+                        raise refused
                 else:
                     more = " (a model with several inputs: x0, x1, ...)" if several else ""
                     raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'{more}")

@@ -1347,7 +1347,8 @@ def test_several_inputs_from_an_npz_under_forward_names(work, capsys, monkeypatc
     x, m = rng.standard_normal((8, 3, 8, 8)).astype(np.float32), rng.standard_normal((8, 5)).astype(np.float32)
     np.savez(work / "named.npz", m=m, x=x)  # not forward's order: the names decide
     np.savez(work / "numbered.npz", x0=x, x1=m)
-    for name in ("named", "numbered"):
+    np.savez(work / "with_object.npz", m=m, x=x, meta=np.array([{"source": "camera"}], dtype=object))
+    for name in ("named", "numbered", "with_object"):  # an object array beside the inputs is none of them
         rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", f"{name}.npz", "--scheme", "uniform",
                            "--bits", "8", "-o", f"{name}.onnx")
         assert rc == 0 and out.strip().endswith("PASS"), (out, err)
