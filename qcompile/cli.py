@@ -252,7 +252,14 @@ def forward_inputs(model) -> list[tuple[str, bool]] | None:
         return None
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return None
-    return [(p.name, p.default is p.empty) for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    inputs = []
+    for p in params:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            continue
+        if p.default is not p.empty and isinstance(p.default, (bool, int, float, str)):
+            break  # a flag (return_features=False): no array of a file, nor anything after it
+        inputs.append((p.name, p.default is p.empty))
+    return inputs
 
 
 def resolve_named(data, inputs, file_names=None, what: str | None = None):

@@ -83,6 +83,15 @@ MODULE_SOURCE = textwrap.dedent('''
         return WideCNN()
 
 
+    class FlaggedNet(TinyCNN):  # a Python flag after the input
+        def forward(self, x, return_features=False):
+            return super().forward(x)
+
+
+    def flagged_net():
+        return FlaggedNet()
+
+
     class SwappedNamesNet(nn.Module):  # inputs named as the numbered .npz convention, in another order
         def __init__(self):
             super().__init__()
@@ -1359,6 +1368,8 @@ def test_several_inputs_from_an_npz_under_forward_names(work, capsys, monkeypatc
     rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "wrong.npz", "--scheme", "uniform", "-o", "w.onnx")
     assert_user_error(rc, err, "has arrays ['image', 'm']; forward takes x, m: store the inputs under those names "
                                "from the first on (x is missing)")
+    rc, out, err = cli(capsys, f"{MODULE}:flagged_net", "--calib", "wrong.npz", "--scheme", "uniform", "-o", "w.onnx")
+    assert_user_error(rc, err, "store the inputs under 'x'")  # a flag (return_features=False) is no array's name
     np.savez(work / "gap.npz", x0=x, x2=m)
     rc, out, err = cli(capsys, f"{MODULE}:two_input_net", "--calib", "gap.npz", "--scheme", "uniform", "-o", "w.onnx")
     assert_user_error(rc, err, "has arrays x0, x2 but no x1")
