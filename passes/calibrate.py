@@ -90,6 +90,7 @@ class Calibrate(Pass):
         self.bn_k = bn_k
         self.progress = progress
         self.level_hints: list[str] = []  # activations whose APoT levels uniform ones would fit far better
+        self.batchnorm_note: str | None = None  # data-free ranges read from statistics of few batches (compile's summary)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         self.data = calibration_inputs(self.data, gm)  # any form compile(calib=...) takes
@@ -429,6 +430,7 @@ class Calibrate(Pass):
                     "calibration reads the activations' ranges from them; give calibration data (--calib FILE, calib= "
                     "from Python) or the fully trained model")
             self.report.append(note)
+            self.batchnorm_note = note
             import warnings
 
             from qcompile.errors import QuantizationWarning

@@ -1252,6 +1252,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                       "(ascheme='uniform') or --config for those layers")
         warnings.warn(level_note, QuantizationWarning, stacklevel=3)
 
+    # the pass warned already (a pipeline run by hand says it too); the summary carries it for the command line
+    batchnorm_note = next((p.batchnorm_note for p in pipeline.passes if getattr(p, "batchnorm_note", None)), None)
     mixed_note = next((p.weight_only_note for p in pipeline.passes if getattr(p, "weight_only_note", None)), None)
     if mixed_note:  # the CLI prints it; from Python a warning is the only word of it
         warnings.warn(mixed_note, QuantizationWarning, stacklevel=3)
@@ -1356,6 +1358,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["output_rank_note"] = rank_notes[0]
     if mixed_note:
         summary["mixed_precision_note"] = mixed_note
+    if batchnorm_note:
+        summary["batchnorm_note"] = batchnorm_note
     if time_note:
         summary["time_first_note"] = time_note
     unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]

@@ -781,6 +781,7 @@ def test_data_free_warns_of_batchnorm_statistics_tracked_over_few_batches():
         said = [str(w.message) for w in caught if issubclass(w.category, QuantizationWarning)
                 and "tracked their running statistics over few batches" in str(w.message)]
         assert bool(said) == warned and result.report.passed, said
+        assert ("batchnorm_note" in result.summary) == warned  # the command line prints it from there
     with pytest.warns(QuantizationWarning, match=r"2 of the model's 2 BatchNorm layers tracked their running "
                                                  r"statistics over few batches \(one over 3: 73% of its initial"):
         qcompile.compile(model(3), x[:1], scheme="uniform", bits=8, keep_first_last="fp32")
