@@ -76,23 +76,82 @@ def _outputs(value) -> list[torch.Tensor]:
     return []
 
 
-RESOLUTION = 4096  # steps the budget is divided into for the exact allocation
+RESOLUTION = 4096  # steps the budget is divided into for the first allocation
+FRONTIER_MAX = 1 << 16  # (cost, error) pairs the branch and bound keeps per layer before it gives up
 
 
 def allocate(sensitivity: dict, params: dict, budget: float) -> dict:
     """Bits per layer minimising the summed output error ``Σ sensitivity[l][bits]`` with ``Σ params[l] × bits`` at
-    most ``budget``: the multiple-choice knapsack, by dynamic programming over the budget in ``RESOLUTION`` steps
-    (costs rounded down there; of the solutions the steps keep, the least error whose exact cost fits is taken: a
-    budget met exactly, as 3 bits everywhere at an average of 3, stays possible). A greedy descent (the cheapest
-    step down per bit saved, repeatedly) took the digits CNN's large fc1 to 3 bits for 6-bit convolutions, a worse
-    choice by its own measurements than 4 bits everywhere. Where even the fewest bits exceed the budget, every
-    layer gets its fewest."""
-    import numpy as np
-
+    most ``budget``: the multiple-choice knapsack, solved exactly. First by dynamic programming over the budget in
+    ``RESOLUTION`` steps (costs rounded down there; of the solutions the steps keep, the least error whose exact
+    cost fits is taken), which can miss an optimum that fills the budget to within one step (0.02 %: 7 of 3000
+    random instances, at worst 2.9x its error); then, branch and bound on the Pareto frontier of (cost, error)
+    pairs, layer by layer, which proves that answer optimal or finds a better one: each layer's options added to
+    every pair of the layers before it, and a pair dropped where another beats it on both cost and error, where the
+    fewest bits of the layers after it would break the budget, or where their least errors would take it past the
+    first answer. Where that frontier would still pass ``FRONTIER_MAX`` pairs, the first answer stands. A greedy
+    descent (the cheapest step down per bit saved, repeatedly) took the digits CNN's large fc1 to 3 bits for 6-bit
+    convolutions, a worse choice by its own measurements than 4 bits everywhere. Where even the fewest bits exceed
+    the budget, every layer gets its fewest."""
     layers = list(sensitivity)
     fewest = {layer: min(sensitivity[layer]) for layer in layers}
     if not layers or sum(params[layer] * b for layer, b in fewest.items()) >= budget:
         return fewest
+    first = _allocate_steps(sensitivity, params, budget)
+    bound = sum(sensitivity[layer][b] for layer, b in first.items())
+    exact = _allocate_frontier(sensitivity, params, budget, bound)
+    return exact if exact is not None else first
+
+
+def _allocate_frontier(sensitivity: dict, params: dict, budget: float, bound: float) -> dict | None:
+    """The least-error allocation of error below ``bound`` (see :func:`allocate`), or None where there is none or
+    the frontier grows past ``FRONTIER_MAX``."""
+    import numpy as np
+
+    layers = list(sensitivity)
+    limit = budget + 1e-6
+    # what the layers after each one need at least: their fewest bits' cost, their least errors
+    least_cost = [float(params[layer]) * min(sensitivity[layer]) for layer in layers]
+    least_err = [min(sensitivity[layer].values()) for layer in layers]
+    cost_after = np.concatenate([np.cumsum(least_cost[::-1])[::-1][1:], [0.0]])
+    err_after = np.concatenate([np.cumsum(least_err[::-1])[::-1][1:], [0.0]])
+    cost = np.zeros(1)  # the frontier: ascending cost, strictly descending error
+    err = np.zeros(1)
+    steps = []  # per layer: (options, the option of each frontier pair, the pair of the layers before it)
+    for i, layer in enumerate(layers):
+        options = sorted(sensitivity[layer])
+        n = len(cost)
+        c = np.concatenate([cost + float(params[layer]) * b for b in options])
+        e = np.concatenate([err + float(sensitivity[layer][b]) for b in options])
+        option = np.repeat(np.arange(len(options)), n)
+        parent = np.tile(np.arange(n), len(options))
+        keep = (c + cost_after[i] <= limit) & (e + err_after[i] < bound)
+        c, e, option, parent = c[keep], e[keep], option[keep], parent[keep]
+        if not len(c):  # nothing beats the first answer
+            return None
+        order = np.lexsort((e, c))  # by cost, then error
+        c, e, option, parent = c[order], e[order], option[order], parent[order]
+        # a pair is kept where its error is below every cheaper (or equally cheap, earlier) pair's
+        before = np.concatenate([[np.inf], np.minimum.accumulate(e)[:-1]])
+        keep = e < before
+        cost, err = c[keep], e[keep]
+        steps.append((options, option[keep], parent[keep]))
+        if len(cost) > FRONTIER_MAX:
+            return None
+    i = int(np.argmin(err))  # the last pair: the least error within the budget
+    out = {}
+    for layer, (options, option, parent) in zip(reversed(layers), reversed(steps)):
+        out[layer] = options[int(option[i])]
+        i = int(parent[i])
+    return {layer: out[layer] for layer in layers}
+
+
+def _allocate_steps(sensitivity: dict, params: dict, budget: float) -> dict:
+    """The knapsack by dynamic programming over the budget in ``RESOLUTION`` steps (see :func:`allocate`)."""
+    import numpy as np
+
+    layers = list(sensitivity)
+    fewest = {layer: min(sensitivity[layer]) for layer in layers}
     unit = budget / RESOLUTION
     size = RESOLUTION + 1
     best = np.full(size, np.inf)
