@@ -1158,23 +1158,64 @@ def _check_token_ids(gm: torch.fx.GraphModule, data, what: str) -> None:
                                     "vocabulary size")
 
 
-LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compile warns
+LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compile warns (halfway to chance, if more)
+WIDE_BITS = 6  # every quantizer this wide or wider: a file expected near the float model
+WIDE_MIN_SQNR_DB = 15.0  # ... whose outputs this far from the float model's are said (8-bit files: 22-53 dB)
 
 
-def low_agreement_message(agree: float, report=None) -> str:
-    """The warning for a quantized model that predicts unlike the float one; with the validation ``report``, it
-    names the quantizer whose own error is largest (its output against its own input), where the loss enters."""
+def quality_warning(report, gm=None, calib_method: Optional[str] = None) -> Optional[str]:
+    """The warning for a file that computes its simulation (validation passed) but whose quantized model is far from
+    the float one, or None: top-1 agreement under ``LOW_AGREEMENT`` or under halfway between chance and full
+    agreement (a binary classifier agreeing on 62 %: 50 % is chance there); or, where every quantizer of ``gm`` has
+    ``WIDE_BITS`` bits or more, outputs under ``WIDE_MIN_SQNR_DB`` from the float model's (raw breast-cancer
+    features at W8A8 with --calib-method laplace: 8.0 dB and 62 % agreement, said nothing)."""
+    if report is None:
+        return None
+    agree = report.extra.get("top1_vs_float")
+    classes = report.extra.get("top1_classes")
+    floor = max(LOW_AGREEMENT, (1.0 + 1.0 / classes) / 2.0) if classes else LOW_AGREEMENT
+    if agree is not None and agree < floor:
+        return low_agreement_message(agree, report, calib_method)
+    sq = report.extra.get("sqnr_vs_float_db")
+    if sq is None or not math.isfinite(sq) or sq >= WIDE_MIN_SQNR_DB or gm is None or \
+            report.extra.get("float_output_constant") is not None:
+        return None
+    from .qmodules import FakeQuantize
+
+    bits = [m.bits for m in gm.modules() if isinstance(m, FakeQuantize) and isinstance(m.bits, int)]
+    if not bits or min(bits) < WIDE_BITS:
+        return None
+    return (f"the quantized model's outputs are only {sq:.1f} dB from the float model's although every quantizer has "
+            f"{min(bits)} bits or more (8-bit files keep 22-53 dB on the benchmark models; the file computes its "
+            f"simulation, the loss is in the quantization): {_calibration_advice(calib_method)}{_entry_point(report)}")
+
+
+def _entry_point(report) -> str:
+    """Where the largest error enters: the quantizer whose own error (its output against its own input) is largest."""
     own = [(layer["own_sqnr_db"], layer["quantizer"], layer.get("where", ""))
            for layer in (getattr(report, "layers", None) or [])
            if layer.get("own_sqnr_db") is not None and math.isfinite(layer["own_sqnr_db"])]
-    at = ""
-    if own:
-        sq, name, where = min(own)
-        at = f"; the largest error enters at {name}{f' ({where})' if where else ''}, {sq:.1f} dB on its own"
+    if not own:
+        return ""
+    sq, name, where = min(own)
+    return f"; the largest error enters at {name}{f' ({where})' if where else ''}, {sq:.1f} dB on its own"
+
+
+def _calibration_advice(calib_method: Optional[str]) -> str:
+    if calib_method not in (None, "mse"):
+        return (f"--calib-method {calib_method} fits its clipping to a distribution these values may not have: "
+                "compare --calib-method mse (the default, fitted to the values themselves); check the calibration "
+                "data too")
+    return ("check the calibration data (one outlier sample can set a whole range: --calib-method percentile), the "
+            "bit-widths, or --exclude the layers with the lowest SQNR")
+
+
+def low_agreement_message(agree: float, report=None, calib_method: Optional[str] = None) -> str:
+    """The warning for a quantized model that predicts unlike the float one; with the validation ``report``, it
+    names the quantizer whose own error is largest (its output against its own input), where the loss enters."""
     return (f"the quantized model predicts as the float model on only {100 * agree:.1f}% of the validation inputs "
-            "(the file computes its simulation; the loss is in the quantization): check the calibration data (one "
-            "outlier sample can set a whole range: --calib-method percentile), the bit-widths, or --exclude the "
-            f"layers with the lowest SQNR{at}")
+            f"(the file computes its simulation; the loss is in the quantization): {_calibration_advice(calib_method)}"
+            f"{_entry_point(report)}")
 
 
 def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
@@ -1436,10 +1477,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     "nothing about the quantization (an untrained model whose last layer starts at zero?); compile "
                     "the trained model")
                 warnings.warn(summary["constant_output_note"], QuantizationWarning, stacklevel=3)
-            agree = report.extra.get("top1_vs_float")
-            if agree is not None and agree < LOW_AGREEMENT and inputs is not example_inputs:
-                # validation compares the file with its simulation and passes: the loss is the quantized model's
-                warnings.warn(low_agreement_message(agree, report), QuantizationWarning, stacklevel=3)
+            quality = quality_warning(report, gm, opts.calib_method) if inputs is not example_inputs else None
+            if quality:  # validation compares the file with its simulation and passes: the loss is the quantized model's
+                warnings.warn(quality, QuantizationWarning, stacklevel=3)
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)

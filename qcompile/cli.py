@@ -665,7 +665,7 @@ def summary_dict(result) -> dict:
 
 
 def _print_summary(result, real_inputs: bool = False) -> None:
-    from .api import LOW_AGREEMENT, low_agreement_message
+    from .api import quality_warning
     from .summary import layer_lines
 
     for line in layer_lines(result.model):
@@ -685,10 +685,10 @@ def _print_summary(result, real_inputs: bool = False) -> None:
     line = dynamic_line(result.summary.get("dynamic_axes"))
     if line:
         print(line)
-    if result.report is not None:
-        agree = result.report.extra.get("top1_vs_float")
-        if agree is not None and agree < LOW_AGREEMENT and real_inputs:  # random inputs have no classes
-            print(f"qcompile: warning: {low_agreement_message(agree, result.report)}", file=sys.stderr)
+    quality = quality_warning(result.report, result.model, getattr(result.options, "calib_method", None)) \
+        if real_inputs else None  # random inputs have no classes, nor the calibrated ranges
+    if quality:
+        print(f"qcompile: warning: {quality}", file=sys.stderr)
 
 
 def dynamic_line(entry) -> str:

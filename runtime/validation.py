@@ -1132,6 +1132,7 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         top = next((i for i, (r, k) in enumerate(zip(fl, kinds)) if k and r.ndim == 2 and r.shape[1] > 1), None)
         if top is not None:
             report.extra["top1_vs_float"] = float(np.mean(np.argmax(fl[top], 1) == np.argmax(got[top], 1)))
+            report.extra["top1_classes"] = int(fl[top].shape[1])
             if len(fl) > 1:
                 report.extra["top1_vs_float_output"] = top
     return report

@@ -197,7 +197,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     export_mod.check_model(onnx_model)
     report = None  # validated before it is written, as compile does: nothing is left behind when it cannot run
     if validate:
-        from qcompile.api import LOW_AGREEMENT, check_calibration_data, low_agreement_message
+        from qcompile.api import check_calibration_data, quality_warning
         from qcompile.errors import QuantizationWarning
 
         if validation_inputs is not None:
@@ -213,9 +213,9 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
             float_model = plain_copy(float_model).eval()
         report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                     **(thresholds or {}))
-        agree = report.extra.get("top1_vs_float")
-        if agree is not None and agree < LOW_AGREEMENT:
-            warnings.warn(low_agreement_message(agree), QuantizationWarning, stacklevel=2)
+        quality = quality_warning(report, gm)
+        if quality:
+            warnings.warn(quality, QuantizationWarning, stacklevel=2)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts, timings=[],
                          seconds=time.perf_counter() - t0)
