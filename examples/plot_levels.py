@@ -85,6 +85,41 @@ def storage_table() -> list:
     return out
 
 
+def ternary_vs_twn() -> list:
+    """Per-channel ternary and binary weights as the compile calibrates them (``weight_mse_alpha``, nearest level) against
+    the lecture's closed forms (TWN: threshold 0.7 E|w|, scale the mean magnitude above it; BWN: scale E|w|), on
+    64 x 576 weights of three shapes."""
+    from qcompile.passes.calibrate import weight_mse_alpha
+    from qcompile.quant.ops import binarize, dequantize, quantize, twn_ternarize
+
+    gen = torch.Generator().manual_seed(0)
+    u = torch.rand(64, 576, generator=gen) - 0.5
+    weights = [("Gaussian", torch.randn(64, 576, generator=gen)),
+               ("Laplace", -torch.sign(u) * torch.log1p(-2 * u.abs())),
+               ("uniform", torch.rand(64, 576, generator=gen) * 2 - 1)]
+    out = ["| weights (64 x 576, per channel) | ternary threshold / E\\|w\\| (TWN: 0.7) | codes unlike TWN's | "
+           "relative squared error, qcompile / TWN | binary alpha / E\\|w\\| (BWN: 1) |",
+           "|---|---|---|---|---|"]
+    for name, w in weights:
+        ternary, binary = level_set("ternary", 2, True), level_set("binary", 1, True)
+        alpha = weight_mse_alpha(w, ternary, 0)
+        codes = quantize(w, alpha, ternary, axis=0)
+        twn_codes, r_t, _ = twn_ternarize(w, axis=0)
+        mean_mag = w.abs().mean(dim=1)
+
+        def rel(v):
+            return float(((w - v) ** 2).sum() / (w ** 2).sum())
+
+        ours = rel(dequantize(codes, alpha, ternary, axis=0))
+        twn = rel(dequantize(twn_codes, r_t, ternary, axis=0))
+        _, bwn = binarize(w, axis=0)
+        b_alpha = weight_mse_alpha(w, binary, 0)
+        out.append(f"| {name} | {float((alpha / 2 / mean_mag).mean()):.3f} | "
+                   f"{100 * float((codes != twn_codes).float().mean()):.1f} % | {ours:.4f} / {twn:.4f} | "
+                   f"{float((b_alpha / bwn).mean()):.4f} |")
+    return out
+
+
 def laplace_vs_mse(samples: int = 1_000_000) -> list:
     gen = torch.Generator().manual_seed(0)
     u = torch.rand(samples, generator=gen) - 0.5
@@ -182,6 +217,15 @@ def render() -> str:
         "`--scheme pot` quantize alike.",
         "",
         *storage_table(),
+        "",
+        "Binary and ternary weights take their per-channel `alpha` from the least-squared-error search every weight",
+        "set gets (`weight_mse_alpha`, then the nearest level), not from the lecture's closed forms. For binary levels",
+        "the search lands on BWN's `alpha = E|w|`; for ternary levels it is not TWN's rule (threshold `0.7 E|w|`,",
+        "`alpha` the mean magnitude above it) but the `alpha` whose nearest-level codes (threshold `alpha/2`) leave the",
+        "least squared error, lower than TWN's. `qcompile.quant.ops.twn_ternarize` and `binarize` compute the",
+        "closed forms:",
+        "",
+        *ternary_vs_twn(),
         "",
         "## Asymmetric APoT / PoT (activations that can be negative)",
         "",
