@@ -374,8 +374,9 @@ def test_a_binary_classifier_wrecked_by_its_calibration_method_is_warned_about()
 
 
 def test_an_eight_bit_file_far_from_the_float_model_is_warned_about():
-    """Where every quantizer has 6 bits or more, outputs under 15 dB from the float model's are said (a regression
-    output has no top-1); at 4 bits, or at 20 dB, they are not."""
+    """Where every quantizer has 6 bits or more, outputs under 15 dB from the float model's are said where a
+    quantizer's own error is large (a range that clips; a regression output has no top-1); at 4 bits, at 20 dB, or
+    with every quantizer fine on its own (the model amplifying small errors), they are not."""
     from qcompile.api import quality_warning
     from qcompile.qmodules import FakeQuantize
     from qcompile.runtime.validation import ValidationReport
@@ -383,10 +384,17 @@ def test_an_eight_bit_file_far_from_the_float_model_is_warned_about():
     gm = torch.nn.Module()
     gm.wq, gm.aq = FakeQuantize("uniform", 8, signed=True, role="weight"), FakeQuantize("uniform", 8, signed=False)
     report = ValidationReport(samples=8, max_abs=0.0, sqnr_db=float("inf"), top1=None,
-                              extra={"sqnr_vs_float_db": 8.0})
+                              extra={"sqnr_vs_float_db": 8.0},
+                              layers=[{"quantizer": "act_fq0", "own_sqnr_db": 13.6, "where": "input of fc1"},
+                                      {"quantizer": "act_fq1", "own_sqnr_db": 40.0}])
     message = quality_warning(report, gm, "laplace")
     assert message.startswith("the quantized model's outputs are only 8.0 dB from the float model's although every "
                               "quantizer has 8 bits or more") and "--calib-method laplace" in message
-    assert quality_warning(ValidationReport(8, 0.0, 1.0, None, extra={"sqnr_vs_float_db": 20.0}), gm) is None
+    assert message.endswith("the largest error enters at act_fq0 (input of fc1), 13.6 dB on its own")
+    assert quality_warning(ValidationReport(8, 0.0, 1.0, None, extra={"sqnr_vs_float_db": 20.0},
+                                            layers=report.layers), gm) is None
+    fine = [{"quantizer": "act_fq0", "own_sqnr_db": 47.6}]
+    assert quality_warning(ValidationReport(8, 0.0, 1.0, None, extra={"sqnr_vs_float_db": 9.3}, layers=fine), gm) \
+        is None
     gm.aq = FakeQuantize("uniform", 4, signed=False)
     assert quality_warning(report, gm) is None
