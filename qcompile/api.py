@@ -904,7 +904,7 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
     if calib_x is not None:
         check = tuple(t[:8] for t in calib_x) if isinstance(calib_x, tuple) else (calib_x[:8],)
     gm = trace(running_stats_as_batchnorm(plain_copy(model).eval()), example_inputs,
-               leaf_modules=opts.leaf_modules, copy=False, check_inputs=check)
+               leaf_modules=opts.leaf_modules, copy=False, check_inputs=check, dynamic_axes=opts.dynamic_axes or ())
     settle_threads()  # the load probe ran during the trace: the passes run on the cores it found free
     _check_batch_statistics(gm)
     if opts.quantized and calib_x is None and not trained:
@@ -1274,9 +1274,11 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     callback, progress, t0, traced=None) -> CompileResult:
     if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
         dynamic.check_axes(opts.dynamic_axes, example_inputs)
-        from .frontend import SIZED_TRACE
+        from .frontend import SIZED_AXES, SIZED_TRACE
 
-        if gm.meta.get(SIZED_TRACE):  # a branch on a size, math on it: the example's, whatever the checks sample
+        free = set(gm.meta.get(SIZED_AXES, ())) | {0}  # the axes whose sizes the sized trace kept traced
+        if gm.meta.get(SIZED_TRACE) and not set(opts.dynamic_axes) <= free:
+            # a branch on a size, math on it: the example's, whatever the checks sample
             raise UserError(f"{dynamic.flag(opts.dynamic_axes)}: the model computes with its input's sizes in Python "
                             "(a branch on x.shape, math.ceil of it), which torch.fx cannot trace, so its graph holds "
                             "the example's sizes and computes the model at those only; compile once per size without "

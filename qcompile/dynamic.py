@@ -136,19 +136,42 @@ def check_fixed_size_ops(gm, axes: Sequence[int]) -> None:
     from qcompile.passes.cleanup import FIXED_SIZE_POOLS
 
     names = list(gm.meta.get(FIXED_SIZE_POOLS, []))
+    unshuffles = []
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target),
-                                                   (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            names.append(f"{node.target} ({type(gm.get_submodule(node.target)).__name__})")
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            names.append(f"{node.target} ({type(mod).__name__})")
+        elif isinstance(mod, nn.AdaptiveAvgPool3d) and not _all_ones(mod.output_size):
+            # DecomposeAdaptivePool writes the 1-D and 2-D ones (and says so above); torch.onnx the 3-D one, for
+            # the example's size (onnxruntime then failed at the next Gemm, "Dimension mismatch")
+            names.append(f"{node.target} ({type(mod).__name__})")
         elif node.op == "call_function" and node.target in (F.adaptive_max_pool1d, F.adaptive_max_pool2d,
                                                             F.adaptive_max_pool3d):
             names.append(f"{node.target.__name__}({node.args[1] if len(node.args) > 1 else ''})")
+        elif node.op == "call_function" and node.target is F.adaptive_avg_pool3d and \
+                not _all_ones(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")):
+            names.append(f"adaptive_avg_pool3d({node.args[1] if len(node.args) > 1 else ''})")
+        elif isinstance(mod, nn.PixelUnshuffle) or (node.op == "call_function" and node.target is F.pixel_unshuffle):
+            unshuffles.append(str(node.target) if mod is not None else node.name)
+    if unshuffles:
+        raise UserError(f"{flag(axes)}: torch.onnx writes the pixel unshuffle {', '.join(unshuffles[:3])} as reshapes "
+                        "to the example's sizes, so the file computes it at that size only; write it as "
+                        "x.reshape(b, c, h // r, r, w // r, r).permute(0, 1, 3, 5, 2, 4).reshape(b, c * r * r, h // r, "
+                        "w // r) with b, c, h, w = x.shape (sizes that follow the input), or compile once per size "
+                        "without --dynamic-axes")
     if names:
         raise UserError(f"{flag(axes)}: the file computes the adaptive pool(s) {', '.join(names[:3])}"
                         f"{' ...' if len(names) > 3 else ''} as pools over the example's feature map (ONNX has no "
-                        "adaptive pool but the global average one): use nn.AdaptiveAvgPool2d(1) or "
-                        "x.amax((2, 3), keepdim=True) for a global pool, or compile once per size without "
+                        "adaptive pool but the global average one): use output size 1 (nn.AdaptiveAvgPool2d(1), "
+                        "nn.AdaptiveAvgPool3d(1)) or x.amax((2, 3), keepdim=True) for a global pool, or compile once "
+                        "per size without "
                         "--dynamic-axes")
+
+
+def _all_ones(size) -> bool:
+    """Whether an adaptive pool's output size is 1 on every axis (a global pool, which ONNX has at any size)."""
+    sizes = size if isinstance(size, (tuple, list)) else (size,)
+    return all(v == 1 for v in sizes)  # None (the input's size) is not 1
 
 
 def check_traced(traced, probe, model_outputs: Sequence[torch.Tensor], axes: Sequence[int]) -> None:

@@ -880,12 +880,16 @@ class _SizedTracer(_Tracer):
     (``_qc_values``), so that :class:`_SizedProxy` can answer metadata questions. Its graph is specialised to the
     example's non-batch sizes, as the emitted file is."""
 
-    def __init__(self, example_inputs, leaf_modules: Sequence[str] = (), transformers: bool = False):
+    def __init__(self, example_inputs, leaf_modules: Sequence[str] = (), transformers: bool = False,
+                 dynamic_axes: Sequence[int] = ()):
         super().__init__(leaf_modules, transformers=transformers)
         # buffers traced too (BERT's position_ids[:, :L].expand(B, L): a real tensor given a traced size failed)
         self.proxy_buffer_attributes = True
         self._qc_inputs = [tuple(torch.cat([t] * n) if isinstance(t, torch.Tensor) and t.dim() > 0 else t
                                  for t in example_inputs) for n in (2, 3)]
+        # --dynamic-axes: the second run has those axes twice as long too, so that sizes along them stay traced as the
+        # batch's do, and only the sizes that hold at every size (channels, a chunk count) are answered
+        self._qc_inputs[1] = tuple(_doubled(t, dynamic_axes) for t in self._qc_inputs[1])
         self._qc_values: dict = {}
         self._qc_data_sized: set = set()  # nodes whose sizes depend on data (_DATA_SIZED, and what follows them)
         self._qc_placeholders = 0
@@ -1025,18 +1029,37 @@ class _SizedTracer(_Tracer):
 
 
 SIZED_TRACE = "qcompile.sized_trace"  # gm.meta: traced with the example's sizes answering Python's size reads
+SIZED_AXES = "qcompile.sized_axes"  # gm.meta: ... but for the sizes of these input axes, traced as the batch's
+
+
+def _doubled(t, axes: Sequence[int]):
+    """``t`` twice as long on each of ``axes`` that it has (the batch's, 0, aside): itself repeated along them."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    for a in axes:
+        if 0 < a < t.dim():
+            t = torch.cat([t, t], dim=a)
+    return t
 
 
 def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None,
-                 failure: list | None = None) -> torch.fx.GraphModule | None:
+                 failure: list | None = None, dynamic_axes: Sequence[int] = ()) -> torch.fx.GraphModule | None:
     """The graph module :class:`_SizedTracer` makes (through the transformer stand-ins where the model has them),
     where it computes the model as the model does on the example at batches 1 and 3 and on ``check_inputs`` (a
     batch of distinct samples, from the calibration data: a size the repeated example cannot show, such as
     ``x[::4]``'s or one that depends on which samples differ); else None, and the plain trace's error stands
     (``failure`` gets the sized trace's own exception, where it raised one).
     The model's buffers are as before afterwards; a forward that updates them (a running average) computes other
-    outputs on its second run and is refused, as the plain trace refuses it."""
+    outputs on its second run and is refused, as the plain trace refuses it.
+
+    ``dynamic_axes`` (--dynamic-axes): the sizes along those input axes stay traced too (:class:`_SizedTracer`), the
+    graph is checked at twice the example's size there as well, and ``gm.meta[SIZED_AXES]`` records them (YOLOv8's
+    C2f, ``list(x.chunk(2, 1))``, traces with its spatial sizes free). Not through the transformer stand-ins."""
     from torch.utils._pytree import tree_leaves
+
+    axes = tuple(a for a in dynamic_axes if a > 0)
+    if axes and needs_rewrite(model):
+        return None
 
     modes = [(m, m.training) for m in model.modules()]
     state = [(b, b.detach().clone()) for b in model.buffers()]
@@ -1052,7 +1075,7 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
             gm = _trace_transformers(model, example_inputs, leaf_modules, sized=True) if needs_rewrite(model) else None
             restore()
             if gm is None:
-                tracer = _SizedTracer(example_inputs, leaf_modules)
+                tracer = _SizedTracer(example_inputs, leaf_modules, dynamic_axes=axes)
                 # a cache that forward fills (timm's attention-bias cache) holds a Proxy after the trace: the
                 # model's eager runs below that check the graph returned it, and the retrace was given up
                 with _attributes_kept(model):
@@ -1064,6 +1087,8 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                              for t in example_inputs) for n in (1, 3)]
             if check_inputs is not None:
                 batches.append(tuple(check_inputs))
+            if axes:
+                batches.append(tuple(_doubled(t, axes) for t in example_inputs))
             for batch in batches:
                 with torch.no_grad():  # the model, then the graph, on the same state (not restored between)
                     want = [t for t in tree_leaves(_seeded(lambda: model(*[_clone(t) for t in batch])))
@@ -1085,6 +1110,8 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
         for m, training in modes:
             m.training = training
     gm.meta[SIZED_TRACE] = True  # sizes read in Python are the example's: no file of it takes other sizes
+    if axes:
+        gm.meta[SIZED_AXES] = axes  # ... but on these axes, where they were traced
     return gm
 
 
@@ -1363,7 +1390,8 @@ def _attributes_kept(model: nn.Module):
                     del m.__dict__[key]
 
 
-def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None) -> torch.fx.GraphModule:
+def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None,
+                 dynamic_axes: Sequence[int] = ()) -> torch.fx.GraphModule:
     """:func:`trace`'s tracing proper: a GraphModule as it is, else through the transformer stand-ins, else plainly."""
     gm = None
     if isinstance(model, torch.fx.GraphModule) and not leaf_modules and not _calls_fused_modules(model):
@@ -1393,8 +1421,14 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                 # --leaf-module by the trace's error
                 # (asked only where the sized trace fails too: each asks for a run of the model, and the sized
                 # trace runs it on the same inputs; YOLOv8n at 320 x 320 spent 0.7 s here)
-                with _attributes_kept(model):
-                    sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs, sized_failure)
+                sized = None
+                if any(a > 0 for a in dynamic_axes):  # sizes free on those axes; else as below (compile refuses it)
+                    with _attributes_kept(model):
+                        sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs,
+                                             dynamic_axes=dynamic_axes)
+                if sized is None:
+                    with _attributes_kept(model):
+                        sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs, sized_failure)
                 if sized is not None:
                     return sized
                 for inputs in (example_inputs, check_inputs):
@@ -1407,7 +1441,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                     # building new modules, which no trace can): traced again as it now is. (The copy is the one
                     # changed, not the caller's model.)
                     try:
-                        return _trace_graph(model, example_inputs, leaf_modules, check_inputs)
+                        return _trace_graph(model, example_inputs, leaf_modules, check_inputs, dynamic_axes)
                     except UserError:
                         pass  # the first trace's words
             where = tracer._qc_stack[-1] if tracer._qc_stack else ""
@@ -1499,7 +1533,8 @@ def keeps_global_rng(fn):
 
 @keeps_global_rng
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
-          leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None) -> torch.fx.GraphModule:
+          leaf_modules: Iterable[str] = (), copy: bool = True, check_inputs=None,
+          dynamic_axes: Sequence[int] = ()) -> torch.fx.GraphModule:
     """Trace ``model`` with ``torch.fx`` and propagate shapes from ``example_inputs`` (if given).
 
     The graph module works on a copy of ``model`` (:func:`plain_copy`): the passes rewrite weights in place
@@ -1509,7 +1544,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
 
     A model whose forward has Python code over its input's sizes or dtype is traced with those of the example
     (:func:`_trace_sized`); ``check_inputs`` (a batch of distinct samples, one tensor per input: the compile passes
-    its first calibration samples) is a further check that the graph computes the model on other data.
+    its first calibration samples) is a further check that the graph computes the model on other data;
+    ``dynamic_axes``, input axes whose sizes must stay traced there too (compile's --dynamic-axes).
 
     Raises ``UserError`` naming the module and source line that could not be traced and how to keep it opaque.
     """
@@ -1546,7 +1582,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
     try:
         if isinstance(check_inputs, torch.Tensor):
             check_inputs = (check_inputs,)
-        gm = _trace_graph(model, example_inputs, leaf_modules, check_inputs)
+        gm = _trace_graph(model, example_inputs, leaf_modules, check_inputs, tuple(dynamic_axes or ()))
     finally:
         if original_class is not None:  # the caller's model (copy=False) keeps its class
             model.__class__ = original_class

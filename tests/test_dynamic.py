@@ -444,3 +444,55 @@ def test_adaptive_pools_and_transposed_outputs(tmp_path):
     assert _dims(onnx.load(path).graph.output) == [["batch", 4, "out_d2", "out_d3"]]
     got, sim, ref = _run_at(path, result, model, torch.randn(1, 3, 33, 47))
     assert got.shape == ref.shape == (1, 4, 47, 33) and _sqnr(sim, got) > 40.0
+
+
+def test_chunks_iterated_trace_with_their_sizes_free_and_size_only_ops_are_named(tmp_path):
+    """A third fresh-eyes round: YOLOv8's C2f (``list(x.chunk(2, 1))``, appended to) needs the sized trace, which
+    answered every size from the example, and --dynamic-axes refused it as "computes with its input's sizes in
+    Python" though it reads none; the sized trace now keeps the sizes of the dynamic axes traced, so only the chunk
+    count is answered (a Python branch on the width is still refused). A pixel unshuffle (torch.onnx: reshapes to the
+    example's sizes) and a 3-D adaptive pool to more than 1 failed in onnxruntime with misleading words; both are
+    named before anything runs now."""
+    class C2f(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cv1, self.m, self.cv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 4, 1)
+
+        def forward(self, x):
+            y = list(self.cv1(x).chunk(2, 1))
+            y.append(self.m(y[-1]))
+            return self.cv2(torch.cat(y, 1))
+
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.c(x)
+            return y * 2 if x.shape[-1] > 40 else y
+
+    x = torch.randn(8, 3, 16, 16)
+    model = C2f().eval()
+    path = str(tmp_path / "c2f.onnx")
+    result = qcompile.compile(model, x[:1], calib=x, output=path, scheme="uniform", bits=8, dynamic_axes=(2, 3))
+    assert result.report.passed
+    got, sim, ref = _run_at(path, result, model, torch.randn(2, 3, 40, 24))
+    assert got.shape == ref.shape == (2, 4, 40, 24) and _sqnr(sim, got) > 40.0 and _sqnr(ref, got) > 25.0
+    with pytest.raises(UserError, match="the model computes with its input's sizes in Python"):
+        qcompile.compile(Branch().eval(), x[:1], calib=x, scheme="uniform", bits=8, dynamic_axes=(2, 3))
+
+    unshuffle = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 4, 3, padding=1)).eval()
+    pool3d = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.AdaptiveAvgPool3d((1, 2, 2)), nn.Flatten(),
+                           nn.Linear(16, 3)).eval()
+    x3 = torch.randn(8, 2, 8, 8, 8)
+    for model, data, axes, needle in ((unshuffle, x, (2, 3), "torch.onnx writes the pixel unshuffle 0 as reshapes"),
+                                      (pool3d, x3, (2, 3, 4), "the file computes the adaptive pool(s) 1 "
+                                                              "(AdaptiveAvgPool3d)")):
+        for scheme in ("fp32", "uniform"):
+            path = tmp_path / "no.onnx"
+            with pytest.raises(UserError) as info:
+                qcompile.compile(model, data[:1], calib=data, output=str(path), scheme=scheme, bits=8,
+                                 dynamic_axes=axes)
+            assert needle in str(info.value) and "\n" not in str(info.value)
+            assert not path.exists()
