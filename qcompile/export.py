@@ -211,6 +211,12 @@ def _exporter_failed(e: BaseException) -> None:
                         f"({type(e).__name__}: {cause}); replace that operation in the model with operations "
                         "torch.onnx exports, or give its size arguments as Python ints rather than values computed "
                         "from tensor shapes") from e
+    if module and "has no attribute 'outputs'" not in first and "_M_range_check" not in first:
+        # a torch.nn module the exporter cannot trace (MaxUnpool2d's size check): the words on dataclass outputs and
+        # packed sequences led elsewhere
+        raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); replace "
+                        "that module with tensor operations torch.onnx exports, or keep it out of the compiled "
+                        "model (compile the parts before and after it)") from e
     raise UserError(f"torch.onnx's exporter failed on this model{where} ({type(e).__name__}: {first}); it exports "
                     "tensor operations returning tensors, tuples, lists or dicts: return those (not a dataclass; "
                     "return_dict=False for HuggingFace models) and replace what it cannot export (packed "

@@ -1103,6 +1103,27 @@ def test_what_torch_onnx_fails_inside_on_is_one_line(tmp_path, capfd):
     assert not (tmp_path / "d.onnx").exists()
 
 
+def test_a_torch_nn_module_the_exporter_cannot_trace_is_named_without_the_dataclass_hint(tmp_path):
+    """nn.MaxUnpool2d fails inside torch.onnx's tracer ("cond must be a bool"); the message sent the user to dataclass
+    outputs and packed sequences, which the model has neither of."""
+    class Unpool(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.o = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.p, self.u = nn.MaxPool2d(2, return_indices=True), nn.MaxUnpool2d(2)
+
+        def forward(self, x):
+            y, i = self.p(torch.relu(self.c(x)))
+            return self.o(self.u(y, i))
+
+    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError) as info:
+        qcompile.compile(Unpool().eval(), x[:1], calib=x, scheme="uniform", bits=8, output=str(tmp_path / "u.onnx"))
+    assert "failed on this model in MaxUnpool2d" in str(info.value) and "replace that module" in str(info.value)
+    assert "dataclass" not in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "u.onnx").exists()
+
+
 def test_a_torch_nn_module_that_torch_onnx_cannot_trace_is_named_in_one_line(tmp_path):
     """SegNet's MaxUnpool2d: torch's own output-size check fails under the exporter ("cond must be a bool, but got
     a Tensor", raised in torch/__init__.py, not torch.onnx) and came out as "internal error, report it"."""
