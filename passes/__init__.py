@@ -4,8 +4,8 @@ from .base import Pass, PassError, PassManager, PassResult, Pipeline, Verificati
 from .bias_correction import BiasCorrection
 from .calibrate import Calibrate
 from .cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor, DecomposeCircularPadding,
-                      DecomposeCubicDownscale, DecomposeGroupedQueryAttention, DecomposeRMSNorm, EliminateDeadCode,
-                      MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
+                      DecomposeCubicDownscale, DecomposeGroupedQueryAttention, DecomposeRMSNorm, DecomposeUnexportable,
+                      EliminateDeadCode, MatmulAsLinear, MeanAsGlobalPool, RemoveIdentity)
 from .equalize import EqualizeWeights
 from .equalize_inputs import EqualizeInputs
 from .float_check import CheckFloatOutputs, RecordFloatOutputs
@@ -29,6 +29,7 @@ __all__ = ["Pass", "PassResult", "Pipeline", "PassManager", "PassError", "Verifi
            "Calibrate", "AdaptiveRounding", "BiasCorrection", "QuantizeBias", "BindIntegerLayers",
            "QuantizeResiduals", "ShareInt8Params", "BindIntegerAdds",
            "BindIntegerPools", "BindIntegerMuls", "BindIntegerSigmoids", "DecomposeWindowAttention", "DecomposeRMSNorm", "DecomposeGroupedQueryAttention", "DecomposeCircularPadding",
-           "DecomposeAdaptivePool", "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "MatmulAsLinear",
+           "DecomposeAdaptivePool", "DecomposeCubicDownscale", "DecomposeAvgPoolDivisor", "DecomposeUnexportable",
+           "MatmulAsLinear",
            "MeanAsGlobalPool",
            "RecordFloatOutputs", "CheckFloatOutputs", "PairSafeInt8Weights"]

@@ -285,6 +285,65 @@ class DecomposeRMSNorm(Pass):
         return _finish(self, gm, count, "RMSNorm(s)")
 
 
+class DecomposeUnexportable(Pass):
+    """torch.nn layers torch.onnx's exporter refuses, as operations it exports (each exact):
+
+    - ``nn.ChannelShuffle`` / ``F.channel_shuffle(x, g)`` ("aten::channel_shuffle not supported"): ``x.unflatten(1,
+      (g, -1)).transpose(1, 2).flatten(1, 2)`` (ShuffleNet's own view/transpose form, with no size of the example);
+    - ``nn.Threshold(t, v)`` / ``F.threshold`` other than ReLU's (t = v = 0; "non-zero threshold"):
+      ``torch.where(x > t, x, v)``;
+    - ``nn.Bilinear`` / ``F.bilinear`` ("aten::bilinear not supported"): ``einsum('...i,oij,...j->...o', x1, W, x2)``
+      plus the bias. It stays float (no quantizer reads an einsum's parameter)."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        g = gm.graph
+        for node in list(g.nodes):
+            mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+            fn = node.target if node.op == "call_function" else None
+            if isinstance(mod, nn.ChannelShuffle) or fn in _CHANNEL_SHUFFLES:
+                x = node.args[0]
+                groups = mod.groups if mod is not None else (node.args[1] if len(node.args) > 1
+                                                             else node.kwargs.get("groups"))
+                if not isinstance(groups, int):
+                    continue
+                with g.inserting_before(node):
+                    out = g.call_method("flatten", (g.call_method("transpose", (
+                        g.call_method("unflatten", (x, 1, (groups, -1))), 1, 2)), 1, 2))
+            elif isinstance(mod, nn.Threshold) or fn is F.threshold:
+                if mod is not None:
+                    x, t, v = node.args[0], mod.threshold, mod.value
+                else:
+                    args = dict(zip(("input", "threshold", "value"), node.args), **node.kwargs)
+                    x, t, v = args["input"], args.get("threshold"), args.get("value")
+                if not isinstance(t, (int, float)) or not isinstance(v, (int, float)) or (t == 0 and v == 0):
+                    continue  # ReLU's: torch.onnx writes Relu
+                with g.inserting_before(node):
+                    out = g.call_function(torch.where, (g.call_function(operator.gt, (x, float(t))), x, float(v)))
+            elif isinstance(mod, nn.Bilinear) or fn is F.bilinear:
+                if mod is not None:
+                    x1, x2 = node.args[0], node.args[1]
+                    with g.inserting_before(node):
+                        weight = g.get_attr(f"{node.target}.weight")
+                        bias = g.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+                else:
+                    args = dict(zip(("input1", "input2", "weight", "bias"), node.args), **node.kwargs)
+                    x1, x2, weight, bias = args["input1"], args["input2"], args["weight"], args.get("bias")
+                with g.inserting_before(node):
+                    out = g.call_function(torch.einsum, ("...i,oij,...j->...o", x1, weight, x2))
+                    if bias is not None:
+                        out = g.call_function(torch.add, (out, bias))
+            else:
+                continue
+            _replace(node, out)
+            count += 1
+        return _finish(self, gm, count, "layer(s) torch.onnx cannot export (channel shuffle, threshold, bilinear)")
+
+
+_CHANNEL_SHUFFLES = {F.channel_shuffle, torch.channel_shuffle} if hasattr(F, "channel_shuffle") else \
+    {torch.channel_shuffle}
+
+
 def _replace(node: torch.fx.Node, out: torch.fx.Node) -> None:
     """``out`` (the last node of a decomposition) takes ``node``'s place, shape metadata included."""
     out.meta.update({k: v for k, v in node.meta.items() if k in ("tensor_meta", "val")})

@@ -1,9 +1,9 @@
 """The pass pipeline, as a list you can read.
 
     fp32:       RemoveIdentity → ConstantMetadataReads → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
-                → DecomposeAvgPoolDivisor → EliminateDeadCode
+                → DecomposeAvgPoolDivisor → DecomposeUnexportable → EliminateDeadCode
     quantized:  RemoveIdentity → ConstantMetadataReads → DecomposeRMSNorm → DecomposeGroupedQueryAttention → DecomposeAdaptivePool
-                → DecomposeAvgPoolDivisor → EliminateDeadCode
+                → DecomposeAvgPoolDivisor → DecomposeUnexportable → EliminateDeadCode
                 → RecordFloatOutputs → DecomposeWindowAttention → DecomposeCubicDownscale → MatmulAsLinear → DecomposeCircularPadding
                 → MeanAsGlobalPool
                 → FoldConstants → FoldBatchNorm → FoldConstantScale → EqualizeInputs → EqualizeWeights → SelectLayers
@@ -21,8 +21,8 @@ import collections.abc
 
 from qcompile.passes.base import Pass
 from qcompile.passes.cleanup import (ConstantMetadataReads, DecomposeAdaptivePool, DecomposeAvgPoolDivisor,
-                                     DecomposeGroupedQueryAttention, DecomposeRMSNorm, EliminateDeadCode,
-                                     RemoveIdentity)
+                                     DecomposeGroupedQueryAttention, DecomposeRMSNorm, DecomposeUnexportable,
+                                     EliminateDeadCode, RemoveIdentity)
 
 from .options import CompileOptions
 
@@ -31,7 +31,8 @@ def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) 
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
     passes: list[Pass] = [RemoveIdentity(), ConstantMetadataReads(), DecomposeRMSNorm(), DecomposeGroupedQueryAttention(),
-                          DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(), EliminateDeadCode()]
+                          DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(), DecomposeUnexportable(),
+                          EliminateDeadCode()]
     if not opts.quantized:
         return passes
     from .quantize_pipeline import quantization_passes  # the quantization passes hang from here

@@ -302,7 +302,8 @@ def test_calib_file_gives_the_example_input_and_json_summary(work, capsys):
     assert summary["validation"]["passed"] is True and summary["validation"]["samples"] == 6
     assert [p["name"] for p in summary["passes"]] == ["RemoveIdentity", "ConstantMetadataReads", "DecomposeRMSNorm",
                                                            "DecomposeGroupedQueryAttention", "DecomposeAdaptivePool",
-                                                           "DecomposeAvgPoolDivisor", "EliminateDeadCode"]
+                                                           "DecomposeAvgPoolDivisor", "DecomposeUnexportable",
+                                                           "EliminateDeadCode"]
 
 
 def test_leaf_module_way_out(work, capsys):

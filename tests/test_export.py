@@ -330,7 +330,7 @@ def test_compile_api_fp32(tmp_path, factory):
     assert result.report.sqnr_db >= 80.0  # relative error <= 1e-4
     assert [t.name for t in result.timings] == ["RemoveIdentity", "ConstantMetadataReads", "DecomposeRMSNorm",
                                                 "DecomposeGroupedQueryAttention", "DecomposeAdaptivePool",
-                                                "DecomposeAvgPoolDivisor",
+                                                "DecomposeAvgPoolDivisor", "DecomposeUnexportable",
                                                 "EliminateDeadCode"] == [t.name for t in seen]
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), model(x), rtol=0, atol=1e-6)

@@ -919,3 +919,41 @@ def test_functional_layers_called_with_keyword_weights_are_quantized(form):
     assert result.report.passed, result.report.summary()
     rows = {name: decision for name, _, decision in layer_rows(result.model)}
     assert [d for name, d in rows.items() if name.startswith("qkv")][0].startswith("W8"), rows
+
+
+def test_layers_torch_onnx_refuses_are_written_as_operations_it_exports(tmp_path):
+    """nn.ChannelShuffle, nn.Threshold(0.1, 0) and nn.Bilinear stopped the compile in torch.onnx ("not supported",
+    "non-zero threshold"); DecomposeUnexportable writes them exactly, and the files validate in fp32 and at W8A8."""
+    import qcompile
+    from qcompile.passes import DecomposeUnexportable
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 12, 3, padding=1)
+            self.shuffle = nn.ChannelShuffle(3)
+            self.t = nn.Threshold(0.1, -0.5)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.a = nn.Linear(12, 8)
+            self.b = nn.Bilinear(8, 12, 4)
+
+        def forward(self, x):
+            y = self.t(self.shuffle(torch.relu(self.c(x))))
+            f = torch.flatten(self.pool(y), 1)
+            return self.b(torch.relu(self.a(f)), torch.nn.functional.threshold(f, 0.2, 1.0))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(16, 3, 8, 8)
+    gm = qcompile.trace(model, x[:1])
+    decompose = DecomposeUnexportable()
+    result = decompose(gm)
+    assert result.modified and decompose.report[0].startswith("decomposed 4 layer(s) torch.onnx cannot export")
+    called = {type(result.gm.get_submodule(n.target)).__name__ for n in result.gm.graph.nodes if n.op == "call_module"}
+    assert not called & {"ChannelShuffle", "Threshold", "Bilinear"}
+    assert not any(n.target is torch.nn.functional.threshold for n in result.gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(result.gm(x), model(x))
+    for scheme in ("fp32", "uniform"):
+        out = qcompile.compile(model, x[:1], calib=x, scheme=scheme, bits=8, output=str(tmp_path / f"{scheme}.onnx"))
+        assert out.report.passed, out.report.summary()
