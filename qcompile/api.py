@@ -952,7 +952,7 @@ def _check_dynamic(data: bytes, gm, probes: list, reference, opts: CompileOption
                 raise
             raise dynamic.onnxruntime_failure(axes, probe, exc) from None
         if not report.passed:
-            raise dynamic.failure(axes, probe, report.failures[0] if report.failures else "validation failed")
+            raise dynamic.failure(axes, probe, report.failures[0] if report.failures else "validation failed", gm)
         reports.append(report)
     report = reports[0]
     shapes = [[list(t.shape) for t in (p if isinstance(p, tuple) else (p,)) if isinstance(t, torch.Tensor)]

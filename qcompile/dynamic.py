@@ -262,7 +262,17 @@ def mark(onnx_model: onnx.ModelProto, example_inputs: Sequence, axes: Sequence[i
     return declared
 
 
-def failure(axes: Sequence[int], probe, reason: str) -> UserError:
+def failure(axes: Sequence[int], probe, reason: str, gm=None) -> UserError:
+    """The file does not compute its simulation at the probe's size; where ``gm`` calls Python's ``math`` on a value
+    (``math.sqrt(x.shape[1])``: torch.fx keeps it traced, torch.onnx writes the example's result as a constant), that
+    is named."""
+    math_calls = sorted({f"math.{n.target.__name__}" for n in (gm.graph.nodes if gm is not None else ())
+                         if n.op == "call_function" and getattr(n.target, "__module__", None) == "math"})
+    if math_calls:
+        return UserError(f"{flag(axes)}: at another size than the example's (inputs {_shapes(probe)}) the file does not "
+                         f"compute what its simulation does ({reason}): torch.onnx writes {', '.join(math_calls)} of "
+                         "a size as the example's constant; compute it with tensor operators (x.shape[1] ** 0.5 for "
+                         "math.sqrt(x.shape[1])), or compile once per size without --dynamic-axes")
     return UserError(f"{flag(axes)}: at another size than the example's (inputs {_shapes(probe)}) the file does not compute "
                      f"what its simulation does ({reason}); some operation fixed a size of the example: compile once "
                      "per size without --dynamic-axes")

@@ -496,3 +496,33 @@ def test_chunks_iterated_trace_with_their_sizes_free_and_size_only_ops_are_named
                                  dynamic_axes=axes)
             assert needle in str(info.value) and "\n" not in str(info.value)
             assert not path.exists()
+
+
+def test_python_math_on_a_size_is_named_when_the_file_fixes_it(tmp_path):
+    """math.sqrt(x.shape[1]) stays traced in the graph, but torch.onnx writes the example's result as a constant: the
+    failure said only "some operation fixed a size"; it names math.sqrt and the operator form that follows the
+    size, which compiles."""
+    import math
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.fc(x).sum(1) / math.sqrt(x.shape[1])
+
+    class Operator(Scaled):
+        def forward(self, x):
+            return self.fc(x).sum(1) / x.shape[1] ** 0.5
+
+    x = torch.randn(8, 12, 16)
+    path = tmp_path / "s.onnx"
+    with pytest.raises(UserError, match=r"torch.onnx writes math.sqrt of a size as the example's constant; compute it "
+                                        r"with tensor operators \(x.shape\[1\] \*\* 0.5"):
+        qcompile.compile(Scaled().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
+                         dynamic_axes=(1,))
+    assert not path.exists()
+    result = qcompile.compile(Operator().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
+                              dynamic_axes=(1,))
+    assert result.report.passed and path.exists()
