@@ -51,7 +51,7 @@ def quantization_passes(opts: CompileOptions, calib=None, progress=None, example
         passes.append(EqualizeInputs(calib, weight_bits=8 if first8 else opts.weight_bits,
                                      act_bits=8 if first8 else opts.act_bits, select=select))
     if opts.equalize:
-        passes.append(EqualizeWeights())
+        passes.append(EqualizeWeights(select=select))
     passes.append(select)
     if opts.avg_wbits is not None:  # per-layer weight bits within the budget, before quantizers are made of them
         passes.append(AllocateWeightBits(opts.avg_wbits, calib))
