@@ -659,7 +659,7 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         # fused DequantizeLinear -> MatMul into MatMulNBits, which quantizes a float input on the fly (a ViT-like
         # model at PoT W4A4: 0.36% of the codes differed, FAIL)
         return detach_probes(drop_unread_constants(compact_tensor_names(shield_float_matmuls(shield_float_layers(
-            emit_custom(model, table, u8_weights=u8))))))
+            pad_codes(emit_custom(model, table, u8_weights=u8)))))))
     u8 = opts.int8_weights == "u8"
     if opts.int8_weights == "auto":  # a pipeline of one's own (compile() decides before its passes)
         u8 = _auto_needs_u8(model, table)
@@ -1090,7 +1090,10 @@ def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
     convolution after it then reads a ``DequantizeLinear`` again and onnxruntime fuses it into its int8 kernels
     (a ``reflect``/``replicate`` or asymmetric ``"same"`` conv; circular padding exports as Slice/Concat and is left
     alone). The first ``DequantizeLinear`` stays for its other readers (and the validator's activation map). Only
-    8-bit codes move: onnxruntime has no int16 Pad, and only 8-bit codes feed its int8 kernels."""
+    8-bit codes move: onnxruntime has no int16 Pad, and only 8-bit codes feed its int8 kernels. In the custom form
+    the ``DequantizeLinear`` is the end of a ``qcompile.QuantizeUniform``/``QuantizeLevels`` function body: a
+    ``QuantizeLinear`` at its scale takes the codes back (exact: the values are on the grid), and the conv after
+    the pad reached the int8 kernels in the custom form too (it stayed a float ``Conv`` before)."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     inits = {t.name: t for t in graph.initializer}
@@ -1106,10 +1109,50 @@ def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
         q = producer.get(dq.input[0])  # QuantizeLinear without a zero point gives uint8
         return q is not None and q.op_type == "QuantizeLinear" and (len(q.input) < 3 or not q.input[2])
 
+    new_inits: list[onnx.TensorProto] = []
+
+    def custom_codes(quantizer: onnx.NodeProto):
+        """``(scale, zero point)`` of the 8-bit codes behind a custom-form quantizer's per-tensor output (its
+        function body ends in ``DequantizeLinear``, which a ``QuantizeLinear`` at the same scale undoes exactly:
+        the values are on the grid), else None."""
+        scale = quantizer.input[1] if quantizer.op_type == "QuantizeUniform" else quantizer.input[3]
+        if scale not in inits or int(np.prod(inits[scale].dims)) != 1:
+            return None
+        if quantizer.op_type == "QuantizeUniform" or (len(quantizer.input) > 4 and quantizer.input[4]):
+            zp = quantizer.input[2] if quantizer.op_type == "QuantizeUniform" else quantizer.input[4]
+            if zp not in inits or inits[zp].data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+                return None
+            return scale, zp
+        grid = inits.get(quantizer.input[2])  # files before 0.9.7: the grid integers, zero point 0
+        if grid is None or grid.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            return None
+        zp = f"{quantizer.output[0]}/pad/codes_zp"
+        if zp not in inits:
+            inits[zp] = numpy_helper.from_array(np.array(0, helper.tensor_dtype_to_np_dtype(grid.data_type)), zp)
+            new_inits.append(inits[zp])
+        return scale, zp
+
     for node in graph.node:
-        dq = producer.get(node.input[0]) if node.op_type == "Pad" and node.domain in ("", "ai.onnx") else None
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
         fill = node.input[2] if len(node.input) > 2 else ""
+        src = producer.get(node.input[0]) if node.op_type == "Pad" and node.domain in ("", "ai.onnx") else None
+        filled = mode != "constant" or not fill or (fill in inits and not numpy_helper.to_array(inits[fill]).any())
+        found = custom_codes(src) if src is not None and src.domain == "qcompile" and filled and \
+            src.op_type in ("QuantizeUniform", "QuantizeLevels") else None
+        if found is not None:  # the custom form: codes taken back from the quantizer's output, padded, dequantized
+            scale, zp = found
+            codes, padded = f"{node.output[0]}/codes_in", f"{node.output[0]}/codes"
+            nodes.append(helper.make_node("QuantizeLinear", [node.input[0], scale, zp], [codes],
+                                          name=f"{node.name or padded}/q"))
+            inputs = [codes, node.input[1], zp if mode == "constant" else ""] + list(node.input[3:])
+            while inputs and not inputs[-1]:
+                inputs.pop()
+            nodes.append(helper.make_node("Pad", inputs, [padded], name=f"{node.name or padded}/codes", mode=mode))
+            nodes.append(helper.make_node("DequantizeLinear", [padded, scale, zp], list(node.output),
+                                          name=f"{node.name or padded}/dq"))
+            changed = True
+            continue
+        dq = src
         if dq is not None and dq.op_type == "DequantizeLinear" and dq.domain in ("", "ai.onnx") \
                 and dq.input[1] in inits and int(np.prod(inits[dq.input[1]].dims)) == 1 \
                 and (len(dq.input) < 3 or not dq.input[2] or dq.input[2] in inits) and eight_bit_codes(dq) \
@@ -1129,6 +1172,7 @@ def pad_codes(model: onnx.ModelProto) -> onnx.ModelProto:
     if changed:
         del graph.node[:]
         graph.node.extend(nodes)
+        graph.initializer.extend(new_inits)
     return model
 
 

@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import onnx
 import torch
 import torch.fx
@@ -196,7 +197,68 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         view.release()
     buf.close()
     record_input_names(model, in_names)
-    return explicit_same_pads(model)
+    return fold_constant_shapes(explicit_same_pads(model))
+
+
+# ops on small constants that torch.onnx leaves unfolded: F.pad with reflect/replicate padding writes its pads as
+# Constant -> ConstantOfShape/Concat -> Reshape -> Slice -> Transpose -> Reshape -> Cast
+_SHAPE_OPS = {"Concat", "ConstantOfShape", "Reshape", "Slice", "Transpose", "Cast", "Unsqueeze", "Squeeze", "Gather"}
+_FOLD_MAX = 1024  # elements: only shapes and pads, never a weight-sized tensor
+
+
+def fold_constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Compute the ``_SHAPE_OPS`` nodes whose inputs are all constants (initializers or ``Constant`` nodes) and
+    store their small results as initializers. torch.onnx writes a reflect/replicate ``F.pad``'s pads as such a
+    chain of ten nodes: ONNX shape inference then knew no shape past the ``Pad``, so the shift-add lowering left the
+    convolution after it unlowered (a PoT-4 conv kept its multiplications) and the cost table printed "?"; the
+    file also carried the chain. onnxruntime folds the same constants when it loads the file, so it computes the
+    same values."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    known = {t.name: t for t in graph.initializer}
+    constants = {}  # Constant node outputs -> their value
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None and int(np.prod(value.dims)) <= _FOLD_MAX:
+                constants[node.output[0]] = value
+    if not constants:
+        return model
+
+    def value(name):
+        t = known.get(name) if name in known else constants.get(name)
+        return None if t is None else numpy_helper.to_array(t)
+
+    keep, added = [], []
+    for node in graph.node:
+        if node.op_type in _SHAPE_OPS and node.domain in ("", "ai.onnx") and len(node.output) == 1 and \
+                all(i in known or i in constants for i in node.input if i):
+            feeds = {i: value(i) for i in node.input if i}
+            if all(v is not None and v.size <= _FOLD_MAX for v in feeds.values()):
+                try:
+                    out = ReferenceEvaluator(node).run(None, feeds)[0]
+                except Exception:  # noqa: BLE001 -- an op the reference evaluator does not run: left in the graph
+                    out = None
+                if out is not None and np.asarray(out).size <= _FOLD_MAX:
+                    t = numpy_helper.from_array(np.asarray(out), node.output[0])
+                    known[node.output[0]] = t
+                    added.append(t)
+                    continue
+        keep.append(node)
+    if not added:
+        return model
+    read = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+    for n in keep:  # inputs of subgraphs (If/Loop bodies) read from the outer scope
+        for a in n.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                read |= {i for sub in g.node for i in sub.input}
+    nodes = [n for n in keep if not (n.op_type == "Constant" and n.output[0] in constants and n.output[0] not in read)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(t for t in added if t.name in read)
+    return model
 
 
 def _exporter_failed(e: BaseException) -> None:

@@ -701,6 +701,49 @@ def test_convs_with_other_paddings_are_quantized_and_exact(middle, int8, scheme,
         assert ops["QLinearConv"] == (3 if int8 else 2), ops
 
 
+@pytest.mark.parametrize("mode", ["reflect", "replicate"])
+@pytest.mark.parametrize("scheme,bits,int8", [("uniform", 8, 3), ("apot", 4, None)])
+def test_custom_form_pads_codes_too(mode, scheme, bits, int8, tmp_path):
+    """In the custom form the input quantizer is a qcompile node whose DequantizeLinear sits inside its function
+    body, which ``pad_codes`` did not see: a reflect/replicate-padded conv stayed a float Conv in onnxruntime
+    (the standard form's QLinearConv; 114 of 2.9M codes differed on a helper's model). The codes are now taken
+    back with a QuantizeLinear, padded, and dequantized before the layer, as in the standard form."""
+    model = PaddedConvs(kernel_size=3, padding=1, padding_mode=mode).eval()
+    x = torch.randn(32, 3, 11, 12, generator=torch.Generator().manual_seed(6))
+    result = qcompile.compile(model, x[:1], scheme=scheme, bits=bits, calib=x, emit="custom")
+    assert result.report.passed and result.report.extra["codes_differ"] == 0, result.report.extra
+    graph = result.onnx_model.graph
+    readers = {i: n for n in graph.node for i in n.input}
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert pads and all(readers[n.output[0]].op_type == "DequantizeLinear" for n in pads)  # padding codes
+    path = str(tmp_path / "optimized.onnx")
+    session(result.onnx_model.SerializeToString(), optimized_model_path=path)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    if int8 is not None:
+        assert ops["QLinearConv"] == int8 and ops["Conv"] == 0, ops
+
+
+def test_constant_pads_are_folded_so_shapes_are_known():
+    """torch.onnx writes a reflect F.pad's pads as ten Constant/Concat/Reshape/Slice/Transpose/Cast nodes; ONNX
+    shape inference knew no shape past them, so the shift-add cost table counted the layers after the pad at one
+    output position (a 1.94M-MAC conv listed as 945) and printed "?" for the padded conv. The chain is folded into
+    one initializer at export."""
+    from qcompile.cost import cost_report
+
+    model = PaddedConvs(kernel_size=3, padding=1, padding_mode="reflect").eval()
+    x = torch.randn(8, 3, 11, 12, generator=torch.Generator().manual_seed(6))
+    result = qcompile.compile(model, x[:1], scheme="pot", bits=4, wbits=4, abits=8, ascheme="uniform", calib=x,
+                              emit="shift-add", validate=False)
+    graph = result.onnx_model.graph
+    inits = {t.name for t in graph.initializer}
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert pads and all(n.input[1] in inits for n in pads)
+    assert "ConstantOfShape" not in [n.op_type for n in graph.node]
+    rows = {row["module"]: row for row in cost_report(result.onnx_model)["layers"]}
+    assert rows["b"]["lowered"] and rows["b"]["uniform"]["mults"] == 11 * 12 * 8 * 8 * 9, rows["b"]
+    assert rows["c"]["uniform"]["mults"] == 11 * 12 * 4 * 8 * 9, rows["c"]
+
+
 class Decoder(nn.Module):
     """conv -> transposed conv (upsampling) -> conv, and a transposed conv on a skip path to the output."""
 
