@@ -153,7 +153,7 @@ def _onnx(rows, scheme, bits) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (the mean is reported)")
     ap.add_argument("--out", default=None, help=f"results JSON (default {os.path.relpath(OUT)}; with --only, none "

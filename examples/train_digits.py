@@ -18,7 +18,7 @@ from qcompile.models.digits import accuracy, digits_cnn, load_split
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--out", default="digits_cnn.pt")
     args = ap.parse_args()

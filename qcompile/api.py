@@ -997,10 +997,10 @@ def _clip_note(opts: CompileOptions, gm: torch.fx.GraphModule) -> Optional[str]:
     if opts.act_bits < 6:  # the user asked for few bits: the wide quantizers are those of layers kept at 8 bits
         return (f"--calib-method sdq clips activations at 3 sigma, which suits 2-4 bits; the layers kept at "
                 f"{wide[-1]} bits (the first and last, --keep-first-last {opts.keep_first_last}, or --config rules) "
-                "lose values their levels could hold (a digits CNN at W8A8: 17 dB against float, 39 dB with mse): "
+                "lose values their levels could hold (a depthwise digits CNN at W8A8: 17 dB against float, 39 dB with mse): "
                 "--keep-first-last quant quantizes them as asked; --calib-method mse suits every width")
     return (f"--calib-method sdq clips activations at 3 sigma, which suits 2-4 bits; at {wide[-1]} bits it cuts off "
-            "values the levels could hold (a digits CNN at W8A8: 17 dB against float, 39 dB with mse): consider "
+            "values the levels could hold (a depthwise digits CNN at W8A8: 17 dB against float, 39 dB with mse): consider "
             "--calib-method mse (calib_method='mse') for these bits")
 
 

@@ -205,6 +205,8 @@ def _demo_parser() -> argparse.ArgumentParser:
                    help="keep matching layers (conv1..conv3, down, fc1, fc2) in float; repeatable")
     p.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",
                    help="ONNX form, as for qcompile MODEL (default standard)")
+    p.add_argument("--int8-weights", default="auto", metavar="auto|s8|s8-safe|u8",
+                   help="8-bit weights, as for qcompile MODEL (default auto)")
     p.add_argument("-o", "--output", default="digits_demo.onnx", metavar="OUT.onnx",
                    help="output file (default digits_demo.onnx)")
     return p
@@ -480,7 +482,7 @@ def _print_timing(t, verbose: bool = False) -> None:
     shown = t.report if verbose or len(t.report) <= REPORT_ITEMS else t.report[:REPORT_ITEMS - 1]
     more = len(t.report) - len(shown)
     extra = f"  [{'; '.join(shown)}{f'; ... {more} more (--verbose, --json)' if more else ''}]" if t.report else ""
-    print(f"  {t.name:<24} {1000 * t.seconds:8.1f} ms  {flag}{extra}")  # the longest pass name: 24
+    print(f"  {t.name:<30} {1000 * t.seconds:8.1f} ms  {flag}{extra}")  # the longest: DecomposeGroupedQueryAttention
 
 
 # options that change nothing in an fp32 file (nothing is quantized), when given
@@ -765,7 +767,8 @@ def cmd_demo(argv) -> int:
     from .demo import run_demo
 
     return run_demo(scheme=args.scheme, bits=args.bits, output=args.output, emit=args.emit, wbits=args.wbits,
-                    abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, exclude=tuple(args.exclude))
+                    abits=args.abits, wscheme=args.wscheme, ascheme=args.ascheme, exclude=tuple(args.exclude),
+                    int8_weights=args.int8_weights)
 
 
 _NUMBER_OPTIONS = ("--min-sqnr", "--max-abs", "--min-top1")

@@ -12,7 +12,7 @@ from qcompile.runtime.validation import run_onnx
 def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onnx", emit: str = "standard",
              **options) -> int:
     """``options``: further :class:`CompileOptions` fields (``wbits``, ``abits``, ``wscheme``, ``ascheme``,
-    ``exclude``); ``None`` values are left at their defaults."""
+    ``exclude``, ``int8_weights``); ``None`` values are left at their defaults."""
     from .api import compile as qcompile_compile
 
     model = digits.pretrained()
@@ -28,7 +28,7 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
           f"32 calibration images; {described}")
     result = qcompile_compile(model, calib[:1], scheme=scheme, bits=bits, calib=calib, output=output,
                               validation_inputs=x_te, emit=emit, **options,
-                              callback=lambda t: print(f"  pass {t.name:<26} {1000 * t.seconds:7.1f} ms"))
+                              callback=lambda t: print(f"  pass {t.name:<30} {1000 * t.seconds:7.1f} ms"))
     logits = run_onnx(result.onnx_path, x_te)[0]
     acc_onnx = digits.accuracy(logits, y_te)
     with torch.no_grad():
