@@ -700,7 +700,8 @@ def compile(
 
     Args:
         model: an ``nn.Module``, or a path / ``package.module:factory`` spec as on the command line
-            (then ``arch=`` and ``trust_pickle=`` may be passed).
+            (then ``arch=`` -- a ``package.module:factory`` spec or the factory itself -- and ``trust_pickle=``
+            may be passed).
         example_inputs: a tensor or tuple of tensors; defaults to the first calibration sample.
         scheme, bits: the quantization scheme (``fp32``, ``apot``, ``pot``, ``uniform``, ...) and bit-width
             (default ``apot``, 4; a model trained with ``qcompile.qat`` takes those it was trained with).
@@ -1162,12 +1163,14 @@ LOW_AGREEMENT = 0.5  # top-1 agreement with the float model under which a compil
 WIDE_BITS = 6  # every quantizer this wide or wider: a file expected near the float model
 WIDE_MIN_SQNR_DB = 15.0  # ... whose outputs this far from the float model's are said (8-bit files: 22-53 dB)
 WIDE_MIN_OWN_SQNR_DB = 25.0  # ... where a quantizer's own error is this large (8-bit ones alone: 30 dB and more)
+NOISE_SQNR_DB = 0.0  # at any bit-width: outputs whose error against the float model's outweighs those outputs
 
 
 def quality_warning(report, gm=None, calib_method: Optional[str] = None) -> Optional[str]:
     """The warning for a file that computes its simulation (validation passed) but whose quantized model is far from
     the float one, or None: top-1 agreement under ``LOW_AGREEMENT`` or under halfway between chance and full
-    agreement (a binary classifier agreeing on 62 %: 50 % is chance there); or, where every quantizer of ``gm`` has
+    agreement (a binary classifier agreeing on 62 %: 50 % is chance there); outputs under ``NOISE_SQNR_DB`` from
+    the float model's, at any bit-width (their error outweighs them); or, where every quantizer of ``gm`` has
     ``WIDE_BITS`` bits or more, outputs under ``WIDE_MIN_SQNR_DB`` from the float model's where a quantizer's own
     error (its output against its own input) is under ``WIDE_MIN_OWN_SQNR_DB``: a range that clips (raw breast-cancer
     features at W8A8 with --calib-method laplace: 8.0 dB, its input quantizer 13.6 dB on its own, 62 % agreement,
@@ -1181,8 +1184,14 @@ def quality_warning(report, gm=None, calib_method: Optional[str] = None) -> Opti
     if agree is not None and agree < floor:
         return low_agreement_message(agree, report, calib_method)
     sq = report.extra.get("sqnr_vs_float_db")
-    if sq is None or not math.isfinite(sq) or sq >= WIDE_MIN_SQNR_DB or gm is None or \
+    if sq is None or not math.isfinite(sq) or sq >= WIDE_MIN_SQNR_DB or \
             report.extra.get("float_output_constant") is not None:
+        return None
+    if sq < NOISE_SQNR_DB:  # all-layer PoT W3A3 on raw breast-cancer features: -2.0 dB, 79 % agreement, no word
+        return (f"the quantized model's outputs are {sq:.1f} dB from the float model's: their error outweighs the "
+                f"outputs themselves (the file computes its simulation, the loss is in the quantization): more bits, "
+                f"other levels (--scheme uniform or apot), or {_calibration_advice(calib_method)}{_entry_point(report)}")
+    if gm is None:
         return None
     from .qmodules import FakeQuantize
 
@@ -1270,8 +1279,27 @@ def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> N
                     "with torch.onnx.export(..., external_data=True)")
 
 
+def _has_class_scores(gm) -> Optional[bool]:
+    """Whether an output of the traced ``gm`` is (batch x classes) float scores with more than one class, what a
+    top-1 bound reads; None where the trace recorded no output shapes."""
+    from torch.utils._pytree import tree_leaves
+
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    if out is None:
+        return None
+    metas = [a.meta.get("tensor_meta") for a in tree_leaves(out.args) if isinstance(a, torch.fx.Node)]
+    if not metas or any(not hasattr(m, "shape") for m in metas):
+        return None
+    return any(m.dtype.is_floating_point and len(m.shape) == 2 and m.shape[1] > 1 for m in metas)
+
+
 def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, output, validate, thresholds,
                     callback, progress, t0, traced=None) -> CompileResult:
+    if validate and (thresholds or {}).get("min_top1") is not None and _has_class_scores(gm) is False:
+        # a validation failure kept the file and exited 1, as for a file that computes another model
+        raise UserError("a top-1 bound was given (--min-top1, min_top1), but no output of the model holds class "
+                        "scores (batch x classes, more than one class): drop it for this model, or bound the SQNR "
+                        "(--min-sqnr)")
     if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
         dynamic.check_axes(opts.dynamic_axes, example_inputs)
         from .frontend import SIZED_AXES, SIZED_TRACE

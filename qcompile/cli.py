@@ -808,6 +808,16 @@ def _raise_terminated(signum, frame):
     raise _Terminated()
 
 
+def _raised_by_argparse(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside argparse (``--help``, a usage error it printed)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if os.path.basename(tb.tb_frame.f_code.co_filename) == "argparse.py":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(argv=None) -> int:
     import signal
 
@@ -844,7 +854,13 @@ def _main(argv=None) -> int:
             _compile_parser().print_help()
             return 2
         return cmd_compile(argv)
-    except SystemExit as exc:  # --help
+    except SystemExit as exc:  # --help, argparse's errors (it printed them) ...
+        if not _raised_by_argparse(exc):  # ... or the model's own code: a forward that calls sys.exit ended with
+            # exit status 0 and no file, or 2 and no word
+            code = exc.code if exc.code is None or isinstance(exc.code, int) else repr(str(exc.code))
+            print(f"qcompile: error: the model's code exited (sys.exit({code})) while qcompile ran it; remove that "
+                  "sys.exit from its forward (or the code forward calls)", file=sys.stderr)
+            return UserError.exit_code
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except UserError as exc:
         print(f"qcompile: error: {exc}", file=sys.stderr)

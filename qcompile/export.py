@@ -48,7 +48,8 @@ def check_not_model_source(model, path: str, flag: str, specs=()) -> None:
     import sys
 
     seen = set()
-    names = [str(spec).partition(":")[0] for spec in specs if spec and ":" in str(spec)]
+    names = [str(spec).partition(":")[0] for spec in specs if isinstance(spec, str) and ":" in spec]
+    names += [spec.__module__ for spec in specs if callable(spec) and isinstance(getattr(spec, "__module__", None), str)]
     for name in names + [type(m).__module__ for m in model.modules()]:
         if name in seen:
             continue
@@ -74,6 +75,8 @@ def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") 
         # replaced /dev/null)
         raise UserError(f"output path {path!r} is a device, fifo or socket, not a regular file; give a file name such "
                         f"as {example}")
+    if os.path.exists(folder) and not os.path.isdir(folder):  # -o calib.npy/model.onnx: "create it" could not be done
+        raise UserError(f"output folder {folder!r} is a file, not a folder; choose another {what} path")
     if not os.path.isdir(folder):
         raise UserError(f"output folder {folder!r} does not exist; create it or choose another {what} path")
     if not os.access(folder, os.W_OK):

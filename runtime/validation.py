@@ -1115,6 +1115,12 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
         fl, kinds = float_model.outputs, float_model.floating
         # the worst float output (an integer output, argmax say, has no SQNR), over the entries finite in both
         scores = []
+        wrong = [f"output {i}: the file's shape {list(t.shape)}, the float model's {list(r.shape)}"
+                 for i, (r, t) in enumerate(zip(fl, got)) if r.shape != t.shape]
+        if wrong:  # at another size than the example's (--dynamic-axes), a graph that fixed a size: "could not be
+            # broadcast" from the comparison below, an internal error
+            report.failures.append("; ".join(wrong))
+            fl = got = ()
         for i, (r, t) in enumerate(zip(fl, got)):
             if i < len(kinds) and kinds[i]:
                 finite = np.isfinite(r) & np.isfinite(t)

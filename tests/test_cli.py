@@ -200,6 +200,25 @@ MODULE_SOURCE = textwrap.dedent('''
         return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
 
 
+    def tiny_regressor():  # 8 features, one output value per sample: no class scores
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+    class ExitsOnBatches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            if x.shape[0] > 1:
+                raise SystemExit("batch too large")
+            return self.fc(x)
+
+
+    def exits_on_batches():
+        return ExitsOnBatches()
+
+
     def bn_stack():  # every quantized activation after a BatchNorm: data-free calibration reaches them
         torch.manual_seed(3)
         model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -266,6 +285,23 @@ def drop_weight_fingerprint(path: str) -> None:
 
 def onnx_files(folder) -> list[str]:
     return sorted(f for f in os.listdir(folder) if f.endswith((".onnx", ".tmp")))
+
+
+def test_a_forward_that_calls_sys_exit_is_named(work, capsys):
+    # qcompile's handler for argparse's exits took it: exit status 2 and no word (sys.exit(0): status 0, no file)
+    np.save(work / "rows.npy", np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, f"{MODULE}:exits_on_batches", "--calib", "rows.npy", "--scheme", "uniform", "--bits",
+                       "8", "-o", "e.onnx")
+    assert_user_error(rc, err, "the model's code exited (sys.exit('batch too large')) while qcompile ran it")
+
+
+def test_a_top1_bound_on_a_model_without_class_scores_is_a_usage_error(work, capsys):
+    # it was a validation failure (exit 1, the file kept) whose message said to drop the flag
+    np.save(work / "rows.npy", np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32))
+    rc, out, err = cli(capsys, f"{MODULE}:tiny_regressor", "--calib", "rows.npy", "--scheme", "uniform", "--bits", "8",
+                       "--min-top1", "0.5", "-o", "r.onnx")
+    assert_user_error(rc, err, "no output of the model holds class scores")
+    assert onnx_files(work) == []
 
 
 # --- the three ways to name a model -------------------------------------------------------------------------

@@ -398,3 +398,11 @@ def test_an_eight_bit_file_far_from_the_float_model_is_warned_about():
         is None
     gm.aq = FakeQuantize("uniform", 4, signed=False)
     assert quality_warning(report, gm) is None
+    # at any bit-width, outputs whose error outweighs them (all-layer PoT W3A3 on raw breast-cancer features: -2.0 dB
+    # with 79 % agreement on two classes, above the 75 % agreement floor, compiled without a word)
+    noise = ValidationReport(8, 0.0, 1.0, None, extra={"sqnr_vs_float_db": -2.0}, layers=report.layers)
+    message = quality_warning(noise, gm)
+    assert message.startswith("the quantized model's outputs are -2.0 dB from the float model's: their error "
+                              "outweighs the outputs themselves") and "act_fq0" in message
+    assert quality_warning(ValidationReport(8, 0.0, 1.0, None, extra={"sqnr_vs_float_db": 2.0},
+                                            layers=report.layers), gm) is None

@@ -147,6 +147,29 @@ def test_classifier_output_stays_fixed(tmp_path, scheme):
     assert _sqnr(sim, got) > (100.0 if scheme == "fp32" else 40.0)
 
 
+class FoldsTheBatch(nn.Module):
+    """``view(-1, 256)``: at twice the height and width the batch axis takes four times the rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(256, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(-1, 256))
+
+
+def test_an_output_of_another_shape_at_the_new_size_is_a_one_line_refusal(tmp_path):
+    # the file's output had shape [160] where the model's was [16, 10]: the comparison with the float model raised
+    # "operands could not be broadcast together" (an internal error, rc 3)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "v.onnx"
+    with pytest.raises(qcompile.UserError, match=r"--dynamic-axes .*output 0: the file's shape \[160\], the float "
+                                                  r"model's \[16, 10\]"):
+        qcompile.compile(FoldsTheBatch().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
+                         dynamic_axes=(2, 3))
+    assert not path.exists()
+
+
 def test_size_arithmetic_in_forward_follows_the_input(tmp_path):
     model = SizeArithmetic().eval()
     x = torch.randn(16, 3, 16, 16)

@@ -159,6 +159,43 @@ def test_state_dict_with_wrong_shapes_is_refused(tmp_path):
     _assert_one_line(err, "does not fit --arch", "other shapes: fc.weight (5, 16) vs (10, 16)")
 
 
+def test_arch_may_be_the_factory_itself_and_wrong_types_get_one_line(tmp_path):
+    # from Python, arch=ResidualCNN (the class) or a function raised "'type' object has no attribute 'partition'",
+    # and load_model(None) a TypeError from os.stat
+    path = tmp_path / "weights.pt"
+    torch.save(MLP().state_dict(), path)
+    assert isinstance(load_model(str(path), arch=MLP), MLP)
+    assert isinstance(load_model(path, arch=lambda: MLP()), MLP)  # a pathlib.Path too
+    for source, arch, needle in ((None, None, "got NoneType"), (3, None, "got int"),
+                                 (MLP(), None, "this is a model already"), (str(path), 3, "arch takes"),
+                                 (str(path), MLP(), "load the weights into it")):
+        with pytest.raises(UserError) as err:
+            load_model(source, arch=arch)
+        _assert_one_line(err, needle)
+
+
+def test_a_checkpoint_with_damaged_weights_is_refused(tmp_path):
+    """torch.load does not check the zip archive's CRCs: 100 bytes flipped inside a weight loaded as garbage values
+    (one of 1258 where the largest had been 0.19), and the compile passed."""
+    import zipfile
+
+    path = tmp_path / "weights.pt"
+    torch.save(MLP().state_dict(), path)
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    data = bytearray(path.read_bytes())
+    local = info.header_offset  # the local header: its name and extra field lengths at bytes 26 and 28
+    start = local + 30 + int.from_bytes(data[local + 26:local + 28], "little") + \
+        int.from_bytes(data[local + 28:local + 30], "little")
+    for i in range(start + 8, start + 40):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)  # it loads, with other values
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP")
+    _assert_one_line(err, "is damaged", "fails the archive's CRC check")
+
+
 def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):
     """It was "not a PyTorch checkpoint ([Errno 13] Permission denied ...); save one with torch.save". (Tests run as
     root, whom chmod 000 does not stop: open refuses the file here.)"""
