@@ -206,6 +206,11 @@ BIAS_CAP = 2.0  # no channel's bias is scaled past this multiple of its layer's 
 # At 4 the digits CNN, ResNet-18, MobileNetV2/V3-small, EfficientNet-B0, MnasNet and RegNet equalize to the same
 # weights as without the cap; at 2 the digits CNN lost up to 0.3 dB at 3-4 bits
 CONSUMER_CAP = 4.0
+# a float producer is balanced against its quantized consumer only while its channel ranges are spread at most this
+# many times as much as the consumer's (balancing moves about the square root of the ratio into the consumer: at
+# most 2x); the digits CNN's float conv1 (2.5x against 1.5x) keeps its balance, a float first layer on raw wine
+# features (280x against 2.9x) does not
+FLOAT_PRODUCER_SPREAD = 4.0
 
 
 def _bias_capped(done: torch.Tensor, s: torch.Tensor, bias0: torch.Tensor, cap: float) -> torch.Tensor:
@@ -541,17 +546,18 @@ class EqualizeWeights(Pass):
         return modified
 
     def _split_float(self, gm: torch.fx.GraphModule, chains: list[_Chain]):
-        """``(balanced, float_side)``: the chains whose both layers are quantized, or whose producer is quantized
-        per tensor and consumer float (balancing helps the producer and costs a float consumer nothing), and the
-        others. Balancing a float layer's ranges against a quantized one's only moves the float layer's spread
-        into the quantized one: an MLP on raw wine features with float first and last layers (the float first
-        layer's rows 217x apart) had its 4-bit middle layer's columns spread 4.1x -> 18.5x, 27.5 -> 11.0 dB at
-        W4A4 and 47.9 -> 31.1 dB at W8A8 against no equalization; a quantized producer per channel is not
+        """``(balanced, float_side)``: the chains whose both layers are quantized, whose producer is quantized per
+        tensor and consumer float (balancing helps the producer and costs a float consumer nothing), or whose
+        float producer's channel ranges are spread at most ``FLOAT_PRODUCER_SPREAD`` times as much as the quantized
+        consumer's; and the others. Balancing a float layer far more spread than its quantized consumer only moves
+        that spread into the consumer: an MLP on raw wine features with float first and last layers (the float
+        first layer's rows 280x apart) had its 4-bit middle layer's columns spread 2.9x -> 17.8x, 27.5 -> 11.0 dB
+        at W4A4 and 47.9 -> 31.1 dB at W8A8 against no equalization; a quantized producer per channel is not
         changed by the balance at all, and a float consumer reads no codes. Over 36 compiles of 9 small trained
-        models with float first and last layers, leaving these pairs alone gained 1.7 dB on average (-3.9 to
-        +16.8 dB; docs/passes.md). Choosing their scales from the calibration data instead (the consumer's
-        quantization error under a few scalings) was tried and lost up to 22 dB on held-out rows: scales fitted
-        to 64 rows leave no headroom past them."""
+        models with float first and last layers: +1.8 dB on average (-3.9 to +16.8 dB; docs/passes.md). Choosing
+        such pairs' scales from the calibration data instead (the consumer's quantization error under a few
+        scalings) was tried and lost up to 22 dB on held-out rows: scales fitted to 64 rows leave no headroom
+        past them."""
         decision = self.select.decide(gm)
 
         def config(node):
@@ -565,12 +571,27 @@ class EqualizeWeights(Pass):
                 balanced.append(c)
             elif p is None and q is None:
                 float_side.append((c, "both layers stay float"))
+            elif p is None and self._spread_ratio(gm, c) <= FLOAT_PRODUCER_SPREAD:
+                balanced.append(c)
             elif p is None:
-                float_side.append((c, f"{c.producer.target} stays float"))
+                float_side.append((c, f"{c.producer.target} stays float, its channel ranges spread more than "
+                                      f"{FLOAT_PRODUCER_SPREAD:g}x {c.consumer.target}'s"))
             else:
                 float_side.append((c, f"{c.consumer.target} stays float and {c.producer.target}'s weights are "
                                       f"quantized per channel"))
         return balanced, float_side
+
+    @staticmethod
+    def _spread_ratio(gm, c: _Chain) -> float:
+        """The producer's output-channel range spread over the consumer's input-channel range spread (max/min of
+        the live channels): balancing the two moves about the square root of it into the consumer."""
+        prod, cons = gm.get_submodule(c.producer.target), gm.get_submodule(c.consumer.target)
+        r1 = _out_ranges(prod, _block_max(prod, 1))
+        r2 = _in_ranges(cons, _block_max(cons, c.features_per_channel), prod.weight.shape[0])
+        live = (r1 > 0) & (r2 > 0)
+        if int(live.sum()) < 2:
+            return 1.0
+        return _spread(r1[live]) / max(_spread(r2[live]), 1.0)
 
     def _apply(self, gm, c: _Chain, s: torch.Tensor) -> None:
         """The rescaling's effects beside the weights (``rescaled_ranges`` records those, ``_apply_factors`` makes
