@@ -1251,6 +1251,16 @@ def _batch_problem(model: nn.Module, example_inputs: tuple) -> Optional[str]:
     except Exception as exc:
         n = int(example_inputs[0].shape[0])
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        import re
+
+        unbatched = re.search(r"expected input\[1, (\d+), [^\]]*\] to have (\d+) channels, but got (\d+) channels",
+                              reason)
+        if unbatched and int(unbatched.group(1)) == 2 * n and int(unbatched.group(3)) == 2 * n:
+            # a conv takes a 3-D (C, H, W) batch of one as unbatched, and the doubled batch as channels
+            shape = tuple(example_inputs[0].shape[1:])
+            return (f"the input samples have shape {shape}, without the channel axis the first layer reads "
+                    f"({unbatched.group(2)} channel(s)): give the data shape (N, {unbatched.group(2)}, "
+                    f"{', '.join(map(str, shape))}) (x[:, None] for one channel)")
         if all(t.dim() == 1 for t in example_inputs):  # --input-shape 8: a batch of 8 scalars, no feature axis
             return (f"the model runs on a 1-D input of {n} values but not on {2 * n} ({reason}): the input's first "
                     f"dimension is the batch; give it the batch dimension (--input-shape 1,{n} for {n} features; "

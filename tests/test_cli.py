@@ -192,6 +192,19 @@ MODULE_SOURCE = textwrap.dedent('''
             return self.fc(torch.relu(self.conv(x)).view(1, -1))
 
 
+    class OneChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean((-1, -2)))
+
+
+    def one_channel():
+        return OneChannel()
+
+
     def batch_of_one():
         return BatchOfOne()
 
@@ -253,6 +266,7 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("these are not weights\n")
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "nochan.npy", np.random.default_rng(1).standard_normal((6, 8, 8)).astype(np.float32))
     yield tmp_path
     sys.modules.pop(MODULE, None)
 
@@ -407,6 +421,10 @@ BAD_INPUTS = {
                       "--input-shape", None],
                      "the model runs on a batch of 1 but not of 2 inputs"),
     "batch-of-one-fp32": ([f"{MODULE}:batch_of_one"], "make forward independent of the batch size"),
+    # (6, 8, 8) images for a one-channel conv: "make forward independent of the batch size", the wrong fix
+    "calib-without-channel-axis": ([f"{MODULE}:one_channel", "--calib", "nochan.npy", "--input-shape", None],
+                                   "have shape (8, 8), without the channel axis the first layer reads (1 channel(s)): "
+                                   "give the data shape (N, 1, 8, 8)"),
     # options that could not apply were accepted and ignored (exit 0)
     "no-validate-with-threshold": ([SPEC, "--no-validate", "--min-sqnr", "30"],
                                    "--min-sqnr cannot apply with --no-validate"),
