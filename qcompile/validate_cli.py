@@ -262,8 +262,8 @@ def validate_against(args):
         for text, t in zip(args.input_shape or (), inputs):  # --input-shape beside --data: they must agree
             shape = parse_input_shape(text)
             if tuple(shape[1:]) != tuple(t.shape[1:]):
-                raise UserError(f"--input-shape {text} does not match the --data samples of shape "
-                                f"{tuple(t.shape[1:])}; drop --input-shape (--data gives the shape)")
+                raise UserError(f"--input-shape {text} does not match the {data_flag} samples of shape "
+                                f"{tuple(t.shape[1:])}; drop --input-shape ({data_flag} gives the shape)")
     else:
         if args.input_shape:
             shapes = [parse_input_shape(text) for text in args.input_shape]
@@ -291,7 +291,7 @@ def validate_against(args):
                                 "values, more than a tensor can hold; use fewer --samples (the default is 16)")
         gen = torch.Generator().manual_seed(1)
         inputs = tuple(torch.randn((args.samples,) + tuple(shape[1:]), generator=gen) for shape in shapes)
-    given = "--data" if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape
+    given = data_flag if data is not None else (f"--input-shape (with --samples {args.samples})" if args.input_shape
                                                else f"--samples {args.samples}")
     _check_inputs_fit(onnx_model, inputs, args.onnx, given)
     # integer inputs (token ids) in the file's own integer type: --data's arrays are read as int64. One graph input
