@@ -1,6 +1,7 @@
 """``qcompile demo``: compile the bundled digits CNN and show test accuracy before and after, in onnxruntime."""
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -14,7 +15,13 @@ def run_demo(scheme: str = "apot", bits: int = 4, output: str = "digits_demo.onn
     """``options``: further :class:`CompileOptions` fields (``wbits``, ``abits``, ``wscheme``, ``ascheme``,
     ``exclude``, ``int8_weights``); ``None`` values are left at their defaults."""
     from .api import compile as qcompile_compile
+    from .errors import UserError
+    from .export import same_file
 
+    if os.path.exists(digits.WEIGHTS) and same_file(os.path.abspath(output), digits.WEIGHTS):
+        # compile's checks know the model's module sources, not where the demo's weights come from
+        raise UserError(f"-o {output!r} is the demo's bundled weights file; writing there would overwrite them: "
+                        "choose another -o path (such as digits_demo.onnx)")
     model = digits.pretrained()
     x_tr, _, x_te, y_te = digits.load_split()
     calib = x_tr[:32]

@@ -359,6 +359,11 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         raise UserError(f"{source!r} holds a {type(obj).__name__}, not a state dict or model; save model.state_dict() with torch.save")
     if not arch:
         raise UserError(f"{source!r} holds a state dict; name the architecture with --arch package.module:factory")
+    complex_ = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_complex()]
+    if complex_:  # load_state_dict kept the real parts (a UserWarning), and the compile passed on other weights
+        raise UserError(f"the state dict in {source!r} holds complex tensors ({complex_[0]!r}"
+                        f"{f' and {len(complex_) - 1} more' if len(complex_) > 1 else ''}), which qcompile does not "
+                        "quantize: save the real-valued weights of the model the factory builds")
     meta = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_meta]
     if meta:  # saved from a model on the meta device: "does not fit --arch (Error(s) in loading state_dict for X:)"
         raise UserError(f"the state dict in {source!r} holds tensors on the 'meta' device, shapes without values "

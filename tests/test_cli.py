@@ -796,6 +796,15 @@ def test_demo_takes_the_options_its_errors_suggest(tmp_path, capsys):
     assert "W2 ternary / A4 uniform (default)" in table["conv2"] and "float" in table["fc1"]
 
 
+def test_demo_refuses_to_write_over_its_bundled_weights(capsys):
+    from qcompile.models import digits
+
+    before = open(digits.WEIGHTS, "rb").read()
+    rc, out, err = cli(capsys, "demo", "-o", digits.WEIGHTS)
+    assert_user_error(rc, err, "is the demo's bundled weights file")
+    assert open(digits.WEIGHTS, "rb").read() == before
+
+
 # --- the installed console script ----------------------------------------------------------------------------
 
 

@@ -174,6 +174,18 @@ def test_arch_may_be_the_factory_itself_and_wrong_types_get_one_line(tmp_path):
         _assert_one_line(err, needle)
 
 
+def test_complex_weights_are_refused(tmp_path):
+    # load_state_dict kept their real parts with a multi-line UserWarning, and the compile passed
+    path = tmp_path / "weights.pt"
+    state = MLP().state_dict()
+    key = next(iter(state))
+    state[key] = state[key].to(torch.complex64)
+    torch.save(state, path)
+    with pytest.raises(UserError) as err:
+        load_model(str(path), arch="tests.models:MLP")
+    _assert_one_line(err, "holds complex tensors", key)
+
+
 def test_a_checkpoint_with_damaged_weights_is_refused(tmp_path):
     """torch.load does not check the zip archive's CRCs: 100 bytes flipped inside a weight loaded as garbage values
     (one of 1258 where the largest had been 0.19), and the compile passed."""
