@@ -427,11 +427,28 @@ def _torch_tensor_file(path: str, what: str, several: bool):
             obj = tuple(numbered) if len(numbered) > 1 else numbered[0]
         elif len(obj) == 1:
             obj = next(iter(obj.values()))
-    if isinstance(obj, (tuple, list)) and several and len(obj) >= 2 and all(isinstance(t, torch.Tensor) for t in obj):
-        return tuple(t.detach().float().numpy() if t.is_floating_point() else t.detach().numpy() for t in obj)
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
+    if isinstance(obj, (tuple, list)) and len(obj) == 1 and isinstance(obj[0], torch.Tensor):
+        obj = obj[0]  # torch.save((x,), path) for a model with one input
+
+    def plain(t):  # sparse and quantized tensors as the dense float values they hold
+        t = t.detach()
+        if t.is_sparse or t.layout != torch.strided:
+            t = t.to_dense()
+        if t.is_quantized:
+            t = t.dequantize()
         return (t.float() if t.is_floating_point() else t).numpy()
+
+    try:
+        if isinstance(obj, (tuple, list)) and several and len(obj) >= 2 and \
+                all(isinstance(t, torch.Tensor) for t in obj):
+            return tuple(plain(t) for t in obj)
+        if isinstance(obj, torch.Tensor):
+            return plain(obj)
+    except (RuntimeError, TypeError) as exc:  # a nested tensor, a dtype numpy has no type for
+        from .frontend import _first_line
+
+        raise UserError(f"{what} file {path!r} holds a tensor numpy cannot read ({_first_line(exc)}); save the "
+                        "inputs as a plain float tensor: torch.save(x.float(), path)") from None
     more = " (a model with several inputs: a tuple of tensors)" if several else ""
     raise UserError(f"{what} file {path!r} holds a {type(obj).__name__}, not a tensor of inputs{more}; save the "
                     "inputs with torch.save(x, path) (x of shape (N, ...)) or numpy.save(path, x.numpy())")

@@ -497,13 +497,17 @@ def test_calib_saved_with_torch_is_read_as_the_same_inputs(work, capsys):
     x = torch.load("calib_torch.pt")
     np.save("calib_same.npy", x.numpy())
     torch.save({"x": x}, "calib_dict.pt")
+    # a 1-tuple, a sparse tensor: "holds a tuple, not a tensor", "not a readable .npy/.npz array (TypeError)"
+    torch.save((x,), "calib_tuple.pt")
+    torch.save(x.to_sparse(), "calib_sparse.pt")
     files = {}
-    for name in ("calib_torch.pt", "calib_dict.pt", "calib_same.npy"):
+    for name in ("calib_torch.pt", "calib_dict.pt", "calib_same.npy", "calib_tuple.pt", "calib_sparse.pt"):
         rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", name, "--scheme", "uniform", "--bits", "8",
                            "-o", f"{name}.onnx")
         assert rc == 0 and "PASS" in out, err
         files[name] = open(f"{name}.onnx", "rb").read()
-    assert files["calib_torch.pt"] == files["calib_same.npy"] == files["calib_dict.pt"]
+    assert files["calib_torch.pt"] == files["calib_same.npy"] == files["calib_dict.pt"] == files["calib_tuple.pt"] \
+        == files["calib_sparse.pt"]
     rc, out, err = cli(capsys, "validate", "calib_torch.pt.onnx", "--against", "weights.pt", "--arch", SPEC,
                        "--data", "calib_torch.pt")
     assert rc == 0 and "PASS" in out, out + err
