@@ -191,6 +191,8 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
 
     refuse_custom_form(model)
 
+    import onnx_graphsurgeon as gs
+
     records = lowered_layers(model)
     lowered_form = bool(records)
     layers = []
@@ -199,18 +201,20 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
             layers.append({"layer": rec["layer"], "module": rec.get("module", ""), "op": rec["op"],
                            "weight_levels": rec["weight_levels"], "lowered": True,
                            "accumulator_dtype": rec["accumulator_dtype"], **rec["cost"]})
-    else:
-        import onnx_graphsurgeon as gs
-
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        matches, _ = match_layers(gs.import_onnx(inferred), _initializers(inferred))
-        for m in matches:
-            try:
-                plan = plan_layer(m, decomposition)
-            except ValueError:  # the lowering leaves such a layer as it is (its sums could pass int64)
-                continue
-            layers.append({"layer": m.node.name, "module": _module_of(model, m.node.name), "op": m.node.op, "weight_levels": m.weight.label,
-                           "lowered": True, "accumulator_dtype": f"int{plan.width}", **plan.cost})
+    # why each layer left as it is was not lowered (the lowering's own reasons: they reached no output before)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    matches, skipped = match_layers(gs.import_onnx(inferred), _initializers(inferred))
+    reasons = {row["layer"]: row["reason"] for row in skipped}
+    for m in matches:
+        try:
+            plan = plan_layer(m, decomposition)
+        except ValueError as exc:  # the lowering leaves such a layer as it is (its sums could pass int64)
+            reasons[m.node.name] = str(exc)
+            continue
+        if not lowered_form:
+            layers.append({"layer": m.node.name, "module": _module_of(model, m.node.name), "op": m.node.op,
+                           "weight_levels": m.weight.label, "lowered": True, "accumulator_dtype": f"int{plan.width}",
+                           **plan.cost})
     done = {row["layer"] for row in layers}
     shapes = _shapes(model)
     for node in model.graph.node:
@@ -228,7 +232,9 @@ def cost_report(model: onnx.ModelProto | str, decomposition: str = "naf") -> dic
         adds = None if macs is None or outputs is None else macs - outputs
         layers.append({"layer": node.name, "module": _module_of(model, node.name), "op": node.op_type, "weight_levels": "kept", "lowered": False,
                        "macs": macs, "uniform": {"mults": macs, "adds": adds},
-                       "shift_add": {"mults": macs, "shifts": 0, "adds": adds, "shifts_per_product": 0}})
+                       "shift_add": {"mults": macs, "shifts": 0, "adds": adds, "shifts_per_product": 0},
+                       "reason": reasons.get(node.name, "float layer" if node.op_type in ("LSTM", "GRU", "RNN")
+                                             else None)})
 
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     order.update({rec["layer"]: order.get(_producer_name(model, rec["accumulator"]), 0) for rec in records})
@@ -296,6 +302,18 @@ def format_cost_report(report: dict) -> list[str]:
     else:
         lines = [f"shift-add cost per input sample ({report['form']}):"]
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    why: dict[str, list[str]] = {}  # reason -> the layers it keeps
+    for row in report["layers"]:
+        if not row["lowered"] and row.get("reason"):
+            why.setdefault(row["reason"], []).append(row["module"] or row["layer"])
+    for reason, names in why.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"  not lowered: {shown}: {reason}")
+    unknown = [row["module"] or row["layer"] for row in report["layers"] if row["lowered"] and
+               row.get("positions", 1) is None]
+    if unknown:  # a dynamic spatial size (--dynamic-axes): the counts are those of one output position
+        lines.append(f"  per output position, not per sample: {', '.join(unknown[:3])}"
+                     f"{f' and {len(unknown) - 3} more' if len(unknown) > 3 else ''} (output size not fixed)")
     t = report["totals"]
     lines.append(f"  total, uniform integer form: {_si(t['uniform']['mults'])} mults + {_si(t['uniform']['adds'])} adds; "
                  f"shift-add form: {_si(t['shift_add']['mults'])} mults (layers not lowered) + "

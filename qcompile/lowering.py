@@ -208,7 +208,12 @@ def _match_activation(x, inits) -> tuple[Optional[_Activation], str]:
     found = _dequantizer(x, inits)
     if found is None:
         dq = _producer(x)
-        if dq is not None and dq.op in ("Concat", "Slice", "Pad"):  # circular padding: Slice/Concat of the codes
+        if dq is not None and dq.op == "Pad":  # padding on codes wider than 8 bits: onnxruntime has no int16 Pad
+            mode = dq.attrs.get("mode", "constant")
+            mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+            return None, (f"the input arrives through a Pad ({mode}) of dequantized values (activation codes wider "
+                          "than 8 bits, which onnxruntime cannot pad), not straight from its codes")
+        if dq is not None and dq.op in ("Concat", "Slice"):  # circular padding written as Slice/Concat
             return None, f"the input arrives through {dq.op} (circular padding), not straight from its codes"
         return None, "activation is not quantized (no DequantizeLinear)"
     codes, scale, z, _ = found
@@ -301,7 +306,55 @@ def _positions(node, kind: str) -> Optional[int]:
     rest = shape[2:] if kind == "conv" else shape[1:-1]
     if not all(isinstance(d, int) for d in rest):
         return None
+    if kind == "matmul" and not rest:  # (rows, features): a Linear on (B, T, F) runs on B·T rows
+        return _rows_per_sample(node) or 1
     return int(np.prod(rest, dtype=np.int64)) if rest else 1
+
+
+_PASSING = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "Cast", "QuantizeLinear", "DequantizeLinear", "Identity"}
+
+
+def _rows_per_sample(node) -> Optional[int]:
+    """Rows of a 2-D Gemm/MatMul per input sample, where the layer runs on (batch · tokens, features): from the
+    (batch, ...) shape of the Reshape/Flatten that made its rows, or of the Reshape that gives them back (through
+    elementwise nodes and the quantizers'); None where nothing says. The cost table counted a lowered Linear on
+    (B, 10, 6) at one row per sample (18 multiplications for 180), as cost.py once did for layers kept."""
+    x, out = node.inputs[0].shape, node.outputs[0].shape
+    if x is None or out is None or len(x) != 2 or not isinstance(x[-1], int) or not isinstance(out[-1], int):
+        return None
+
+    def per_sample(shape) -> Optional[int]:
+        if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
+            return None
+        return int(np.prod(shape[1:], dtype=np.int64))
+
+    tensor = node.inputs[0]
+    for _ in range(8):  # back to the Reshape/Flatten that made the rows
+        src = tensor.inputs[0] if tensor.inputs else None
+        if src is None:
+            break
+        if src.op in ("Reshape", "Flatten"):
+            e = per_sample(src.inputs[0].shape)
+            if e is not None and e % x[-1] == 0 and e // x[-1] > 1:
+                return e // x[-1]
+            break
+        if src.op not in _PASSING or not src.inputs:
+            break
+        tensor = src.inputs[0]
+    tensor = node.outputs[0]
+    for _ in range(8):  # on to the Reshape that gives the rows back their samples
+        if len(tensor.outputs) != 1:
+            break
+        dst = tensor.outputs[0]
+        if dst.op == "Reshape":
+            e = per_sample(dst.outputs[0].shape)
+            if e is not None and e % out[-1] == 0 and e // out[-1] > 1:
+                return e // out[-1]
+            break
+        if dst.op not in _PASSING:
+            break
+        tensor = dst.outputs[0]
+    return None
 
 
 def match_layers(graph, inits: dict) -> tuple[list[_Match], list[dict]]:
