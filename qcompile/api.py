@@ -740,14 +740,8 @@ def compile(
         if given:
             raise UserError(f"{', '.join(given)} cannot apply to scheme='fp32' (nothing is quantized); drop "
                             f"{'them' if len(given) > 1 else 'it'} or choose a quantized scheme")
+    output = checked_output_arg(output)
     if output is not None:
-        if not isinstance(output, (str, bytes, os.PathLike)):
-            raise UserError(f"output= is of type {type(output).__name__}; give the file's path as a str or "
-                            "pathlib.Path, such as output='model.onnx' (or None to keep the file in memory)")
-        output = os.fsdecode(output)  # a pathlib.Path; bytes ("a bytes-like object is required, not 'str'")
-        if not output.strip():  # "" named the current folder: "output path '/home/me' is a directory"
-            raise UserError("output= is empty; give a file name such as output='model.onnx' (or None to keep the "
-                            "file in memory)")
         export_mod.check_output_path(output)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
@@ -1287,6 +1281,20 @@ def _check_protobuf_size(onnx_model: onnx.ModelProto, opts: CompileOptions) -> N
     raise UserError(f"the ONNX file would hold {weights / 2 ** 30:.2f} GiB of weights, past protobuf's 2 GiB limit for "
                     f"one file, and qcompile does not write ONNX external data: {hint}, or export the float model "
                     "with torch.onnx.export(..., external_data=True)")
+
+
+def checked_output_arg(output):
+    """``output=`` of ``compile`` and ``qat.export`` as a str path, or None; one line for other types and "" ."""
+    if output is None:
+        return None
+    if not isinstance(output, (str, bytes, os.PathLike)):
+        raise UserError(f"output= is of type {type(output).__name__}; give the file's path as a str or "
+                        "pathlib.Path, such as output='model.onnx' (or None to keep the file in memory)")
+    output = os.fsdecode(output)  # a pathlib.Path; bytes ("a bytes-like object is required, not 'str'")
+    if not output.strip():  # "" named the current folder: "output path '/home/me' is a directory"
+        raise UserError("output= is empty; give a file name such as output='model.onnx' (or None to keep the "
+                        "file in memory)")
+    return output
 
 
 def _has_class_scores(gm) -> Optional[bool]:

@@ -434,6 +434,26 @@ def test_switches_that_a_method_does_not_apply_are_refused(digits):
     assert "weight-norm" not in qat.config_of(gm).describe()
 
 
+def test_prepare_and_export_arguments_of_the_wrong_type_are_one_line(digits, tmp_path):
+    """rcf="no" was taken as true (RCF stayed on), grad_scale="x" raised a bare ValueError from float(),
+    grad_scale=-1 reversed SDQ's alpha gradient, and export(output=pathlib.Path(...)) an AttributeError."""
+    import pathlib
+
+    x_tr, _, x_te, _ = digits
+    for kw, needle in (({"rcf": "no"}, "rcf must be True or False"),
+                       ({"shared_alpha": "no"}, "shared_alpha must be True or False"),
+                       ({"grad_scale": "x"}, "grad_scale must be a number"),
+                       ({"momentum": float("nan")}, "momentum must be a number"),
+                       ({"method": "sdq", "grad_scale": -1}, "grad_scale must be positive")):
+        with pytest.raises(UserError, match=needle):
+            qat.prepare(pretrained(), x_te[:1], calib=x_tr[:16], **kw)
+    gm = qat.prepare(pretrained(), x_te[:1], calib=x_tr[:16])
+    path = tmp_path / "m.onnx"
+    assert qat.export(gm, x_te[:1], output=path, validate=False).onnx_path == str(path) and path.is_file()
+    with pytest.raises(UserError, match="output= is of type int"):
+        qat.export(gm, x_te[:1], output=123)
+
+
 def test_compile_of_a_trained_model_takes_the_options_it_was_trained_with(digits):
     """compile() re-decided layers from its own options: a layer prepare excluded was quantized and calibrated
     anew (the file no longer computed the trained model), and the file recorded the scheme and bit-width given to

@@ -167,6 +167,9 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     from qcompile.api import checked_thresholds
 
     thresholds = checked_thresholds(thresholds, validate=validate)  # {"min_sqnr": "30"}: a TypeError in validation
+    from qcompile.api import checked_output_arg
+
+    output = checked_output_arg(output)  # a pathlib.Path: "'PosixPath' object has no attribute 'endswith'"
     if output is not None:
         export_mod.check_output_path(output)
     from qcompile.frontend import unwrap

@@ -21,6 +21,9 @@ Then every calibrated ``FakeQuantize`` becomes a trainable one (:mod:`qcompile.q
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import collections.abc
 import dataclasses
 import warnings
@@ -194,6 +197,16 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
     """
     if method not in METHODS:
         raise UserError(f"unknown QAT method {method!r}; choose one of {', '.join(METHODS)}")
+    # rcf="no" was taken as true (RCF stayed on), grad_scale="x" raised from float(), grad_scale=-1 reversed SDQ's
+    # alpha gradient
+    for name, value in (("rcf", rcf), ("shared_alpha", shared_alpha)):
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"{name} must be True or False, got {value!r}")
+    for name, value in (("grad_scale", grad_scale), ("momentum", momentum)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise UserError(f"{name} must be a number, got {value!r}")
+    if not grad_scale > 0:
+        raise UserError(f"grad_scale must be positive (it scales the clipping values' gradients), got {grad_scale!r}")
     spec = METHODS[method]
     if spec.sdq and (weight_norm or rcf):
         raise UserError("method 'sdq' has its own clipping (alpha * sigma); weight_norm/rcf apply to apot/pact")
