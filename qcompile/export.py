@@ -253,10 +253,16 @@ def fold_constant_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     if not added:
         return model
     read = {i for n in keep for i in n.input} | {o.name for o in graph.output}
-    for n in keep:  # inputs of subgraphs (If/Loop bodies) read from the outer scope
-        for a in n.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                read |= {i for sub in g.node for i in sub.input}
+
+    def subgraph_reads(nodes) -> set:  # inputs of subgraphs (If/Loop bodies, nested) read from the outer scopes
+        found = set()
+        for n in nodes:
+            for a in n.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    found |= {i for sub in g.node for i in sub.input} | subgraph_reads(g.node)
+        return found
+
+    read |= subgraph_reads(keep)
     nodes = [n for n in keep if not (n.op_type == "Constant" and n.output[0] in constants and n.output[0] not in read)]
     del graph.node[:]
     graph.node.extend(nodes)

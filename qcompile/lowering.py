@@ -307,17 +307,20 @@ def _positions(node, kind: str) -> Optional[int]:
     if not all(isinstance(d, int) for d in rest):
         return None
     if kind == "matmul" and not rest:  # (rows, features): a Linear on (B, T, F) runs on B·T rows
-        return _rows_per_sample(node) or 1
+        rows = _rows_per_sample(node)
+        return None if rows == _DYNAMIC_ROWS else (rows or 1)
     return int(np.prod(rest, dtype=np.int64)) if rest else 1
 
 
 _PASSING = {"Add", "Sub", "Mul", "Div", "Relu", "Clip", "Cast", "QuantizeLinear", "DequantizeLinear", "Identity"}
+_DYNAMIC_ROWS = -1  # _rows_per_sample: the rows come from a reshape of an axis whose size is not fixed
 
 
 def _rows_per_sample(node) -> Optional[int]:
     """Rows of a 2-D Gemm/MatMul per input sample, where the layer runs on (batch · tokens, features): from the
     (batch, ...) shape of the Reshape/Flatten that made its rows, or of the Reshape that gives them back (through
-    elementwise nodes and the quantizers'); None where nothing says. The cost table counted a lowered Linear on
+    elementwise nodes and the quantizers'); ``_DYNAMIC_ROWS`` where that shape has a size that is not fixed
+    (``--dynamic-axes`` on the token axis); None where nothing says. The cost table counted a lowered Linear on
     (B, 10, 6) at one row per sample (18 multiplications for 180), as cost.py once did for layers kept."""
     x, out = node.inputs[0].shape, node.outputs[0].shape
     if x is None or out is None or len(x) != 2 or not isinstance(x[-1], int) or not isinstance(out[-1], int):
@@ -334,9 +337,12 @@ def _rows_per_sample(node) -> Optional[int]:
         if src is None:
             break
         if src.op in ("Reshape", "Flatten"):
-            e = per_sample(src.inputs[0].shape)
+            shape = src.inputs[0].shape
+            e = per_sample(shape)
             if e is not None and e % x[-1] == 0 and e // x[-1] > 1:
                 return e // x[-1]
+            if e is None and shape is not None and len(shape) > 2:  # (batch, T?, F): T not fixed
+                return _DYNAMIC_ROWS
             break
         if src.op not in _PASSING or not src.inputs:
             break
@@ -347,9 +353,12 @@ def _rows_per_sample(node) -> Optional[int]:
             break
         dst = tensor.outputs[0]
         if dst.op == "Reshape":
-            e = per_sample(dst.outputs[0].shape)
+            shape = dst.outputs[0].shape
+            e = per_sample(shape)
             if e is not None and e % out[-1] == 0 and e // out[-1] > 1:
                 return e // out[-1]
+            if e is None and shape is not None and len(shape) > 2:
+                return _DYNAMIC_ROWS
             break
         if dst.op not in _PASSING:
             break

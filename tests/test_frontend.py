@@ -206,6 +206,15 @@ def test_a_checkpoint_with_damaged_weights_is_refused(tmp_path):
     with pytest.raises(UserError) as err:
         load_model(str(path), arch="tests.models:MLP")
     _assert_one_line(err, "is damaged", "fails the archive's CRC check")
+    # a checkpoint saved without CRCs (torch.serialization.set_crc32_options(False): every stored CRC is 0) loads
+    if hasattr(torch.serialization, "set_crc32_options"):
+        plain = tmp_path / "no_crc.pt"
+        torch.serialization.set_crc32_options(False)
+        try:
+            torch.save(MLP().state_dict(), plain)
+        finally:
+            torch.serialization.set_crc32_options(True)
+        assert isinstance(load_model(str(plain), arch="tests.models:MLP"), MLP)
 
 
 def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch):

@@ -447,6 +447,10 @@ def test_prepare_and_export_arguments_of_the_wrong_type_are_one_line(digits, tmp
                        ({"method": "sdq", "grad_scale": -1}, "grad_scale must be positive")):
         with pytest.raises(UserError, match=needle):
             qat.prepare(pretrained(), x_te[:1], calib=x_tr[:16], **kw)
+    import numpy as np
+
+    qat.prepare(pretrained(), x_te[:1], calib=x_tr[:16], rcf=np.bool_(True), shared_alpha=np.True_,
+                grad_scale=torch.tensor(0.5), momentum=np.float32(0.9))  # numpy booleans, scalars, 0-d tensors
     gm = qat.prepare(pretrained(), x_te[:1], calib=x_tr[:16])
     path = tmp_path / "m.onnx"
     assert qat.export(gm, x_te[:1], output=path, validate=False).onnx_path == str(path) and path.is_file()

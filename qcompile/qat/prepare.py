@@ -22,7 +22,6 @@ Then every calibrated ``FakeQuantize`` becomes a trainable one (:mod:`qcompile.q
 from __future__ import annotations
 
 import math
-import numbers
 
 import collections.abc
 import dataclasses
@@ -199,12 +198,23 @@ def prepare(model: nn.Module, example_inputs, scheme: str = "apot", bits: int = 
         raise UserError(f"unknown QAT method {method!r}; choose one of {', '.join(METHODS)}")
     # rcf="no" was taken as true (RCF stayed on), grad_scale="x" raised from float(), grad_scale=-1 reversed SDQ's
     # alpha gradient
+    import numpy as np
+
     for name, value in (("rcf", rcf), ("shared_alpha", shared_alpha)):
-        if value is not None and not isinstance(value, bool):
+        if value is not None and not isinstance(value, (bool, np.bool_)):
             raise UserError(f"{name} must be True or False, got {value!r}")
+    rcf = None if rcf is None else bool(rcf)
+    shared_alpha = bool(shared_alpha)
+    numbers_ = {}
     for name, value in (("grad_scale", grad_scale), ("momentum", momentum)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        try:  # a number, a numpy scalar, a 0-d tensor; not a string or a boolean
+            number = None if isinstance(value, (str, bytes, bool, np.bool_)) else float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+        if number is None or not math.isfinite(number):
             raise UserError(f"{name} must be a number, got {value!r}")
+        numbers_[name] = number
+    grad_scale, momentum = numbers_["grad_scale"], numbers_["momentum"]
     if not grad_scale > 0:
         raise UserError(f"grad_scale must be positive (it scales the clipping values' gradients), got {grad_scale!r}")
     spec = METHODS[method]
