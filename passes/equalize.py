@@ -233,8 +233,9 @@ class EqualizeWeights(Pass):
         tol: a pair is rescaled only while some ``|s_j - 1| > tol``; the sweep loop stops when none is.
         allow_clipping: rescale through ReLU6/Hardtanh/clamp by turning them into per-channel clamps.
         absorb_bias: after equalizing, absorb high biases through ReLU using folded-BN statistics.
-        select: the ``SelectLayers`` to come. Pairs with a layer it keeps float are then left alone (see
-            ``_split_float``); without it every pair is equalized, as the paper does.
+        select: the ``SelectLayers`` to come. Pairs with a layer it keeps float are then balanced only where that
+            cannot move much spread into a quantized layer (see ``_split_float``); without it every pair is
+            equalized, as the paper does.
     """
 
     def __init__(self, max_iters: int = 20, tol: float = 1e-3, allow_clipping: bool = False,
