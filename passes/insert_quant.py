@@ -254,6 +254,7 @@ class InsertQuantizers(Pass):
                                    "inserted")
             return PassResult(gm, bool(weight_only))
 
+        self._unify_shared_weights(gm, layers)
         act_quant: dict[tuple, torch.fx.Node] = {}
         counter = sum(1 for name, _ in gm.named_children() if name.startswith("act_fq"))
         for node in layers:
@@ -308,6 +309,31 @@ class InsertQuantizers(Pass):
         # act quantizers were inserted before their first consumer; keep topological order valid
         graph.lint()
         return PassResult(gm, True)
+
+    def _unify_shared_weights(self, gm: torch.fx.GraphModule, layers: list) -> None:
+        """A module called from several places holds one weight, and one weight quantizer (``weight_fq``): where its
+        calls were given different weight levels (an ``nn.Linear`` called first as the model's first layer, 8-bit,
+        and again later, 4-bit), the last call's quantizer replaced the first's, and the table said W8 for a call
+        that ran on 4-bit (or, with --avg-wbits 2, 2-bit) weights. Every call now takes the widest weight levels
+        of its calls (the first layer's 8 bits stay 8), and its layer table row says so."""
+        import dataclasses
+
+        calls: dict[str, list] = {}
+        for node in layers:
+            if node.op == "call_module" and quantizable_module(gm, node) is not None:
+                calls.setdefault(str(node.target), []).append(node)
+        for target, nodes in calls.items():
+            cfgs = [n.meta["qconfig"] for n in nodes]
+            if len(nodes) < 2 or len({(c.wscheme, c.wbits, c.per_channel) for c in cfgs}) == 1:
+                continue
+            widest = max(cfgs, key=lambda c: (c.wbits, c.per_channel))
+            for n, c in zip(nodes, cfgs):
+                if (c.wscheme, c.wbits, c.per_channel) != (widest.wscheme, widest.wbits, widest.per_channel):
+                    n.meta["qconfig"] = dataclasses.replace(
+                        c, wscheme=widest.wscheme, wbits=widest.wbits, per_channel=widest.per_channel,
+                        reason=f"{c.reason}; weights shared with its {widest.reason} call")
+            self.report.append(f"{target}: called {len(nodes)} times with one weight, quantized for all calls as "
+                               f"W{widest.wbits} {widest.wscheme} ({widest.reason})")
 
     def _quantize_recurrent(self, gm: torch.fx.GraphModule, node) -> bool:
         """``lstm(x)`` -> ``QuantizedRecurrent(lstm)(x)``: a per-row weight quantizer on every weight matrix of the

@@ -218,7 +218,8 @@ class AllocateWeightBits(Pass):
         self.weight_only_note = None
         for node in gm.graph.nodes:
             cfg = node.meta.get("qconfig")
-            if cfg is None or cfg.action != "quant" or cfg.reason not in ("default", REASON) \
+            if cfg is None or cfg.action != "quant" or not (cfg.reason in ("default", REASON) or
+                                                           cfg.reason.startswith("default; ")) \
                     or cfg.wscheme in FIXED_BITS:
                 continue
             if weight_only_layer(gm, node):

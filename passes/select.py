@@ -124,6 +124,10 @@ class Override:
         if new.action == "float" and "action" not in ch and cfg.action == "float":
             # a rule that sets only bits/schemes of a layer kept float for another reason: that reason stands
             return dataclasses.replace(new, reason=f"{cfg.reason}; {rule} sets no scheme")
+        if cfg.reason == "default" and not any(k in ch for k in ("wscheme", "wbits", "action")):
+            # a rule on the activations or the weights' granularity only: the weight bits are still the default's,
+            # which --avg-wbits chooses (a rule {abits = 8} took the layer out of the average, 3.33 bits for 2)
+            return dataclasses.replace(new, reason=f"default; {rule}")
         return dataclasses.replace(new, reason=rule)
 
 
@@ -201,6 +205,22 @@ def parse_pattern(key: str) -> tuple[str, str]:
     return key, "glob"
 
 
+def _split_commas(text: str) -> list[str]:
+    """``a,b`` -> ``[a, b]``, but not at a comma inside brackets or braces: ``re:fc[23]{1,2}`` is one pattern (it
+    was cut into ``re:fc[23]{1``, which matched no layer)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
     """``--exclude`` values (repeatable, or comma-separated) -> overrides that keep matching layers in float."""
     if globs is None:
@@ -209,7 +229,7 @@ def parse_exclude(globs: Iterable[str] | str | None) -> list[Override]:
         globs = [globs]
     out = []
     for item in globs:
-        parts = [p.strip() for p in str(item).split(",")]
+        parts = [p.strip() for p in _split_commas(str(item))]
         if not any(parts):
             raise UserError("--exclude needs a layer name or glob, e.g. --exclude 'layer4.*' (got an empty value)")
         for part in parts:

@@ -828,13 +828,14 @@ class LaplaceObserver(HistogramObserver):
         self.n_pos += pos.sum(dim=1).to(torch.float64)
         self.sum_pos += torch.where(pos, rows, 0.0).sum(dim=1, dtype=torch.float64)
 
-    def laplace_b(self, c: int, signed: bool = True) -> float:
-        """The Laplace scale: ``E|x - median|`` (two-sided) or ``E[x | x > 0]`` (one-sided)."""
+    def laplace_b(self, c: int, signed: bool = True, about_zero: bool = False) -> float:
+        """The Laplace scale: ``E|x - median|`` (two-sided), ``E|x|`` (two-sided about 0: the clip of a symmetric
+        set is centred there) or ``E[x | x > 0]`` (one-sided)."""
         if not signed:
             n = float(self.n_pos[c])
             return float(self.sum_pos[c]) / n if n > 0 else 0.0
         edges, counts = self.signed_hist(c)
-        med = _quantile(edges, counts, 0.5)
+        med = 0.0 if about_zero else _quantile(edges, counts, 0.5)
         a, b = edges[:-1], edges[1:]
         centre = (a + b) / 2.0
         dev = np.abs(centre - med)
@@ -848,7 +849,10 @@ class LaplaceObserver(HistogramObserver):
         ratio = banner_laplace_ratio(levelset.bits, signed=two_sided)
         lo, hi = [], []
         for c in range(self.channels):
-            b = self.laplace_b(c, two_sided)
+            # a symmetric set clips about 0, so the scale is measured about 0 too: about the median, data off
+            # centre (N(5, 1): b ~ 0.8 for a clip at ±4, 11 dB against minmax's 23) or constant (b = 0: every value
+            # became the smallest range) was clipped far inside itself
+            b = self.laplace_b(c, two_sided, about_zero=levelset.signed and levelset.scheme != "uniform_asym")
             if levelset.scheme == "uniform_asym":
                 edges, counts = self.signed_hist(c)
                 med = _quantile(edges, counts, 0.5)
@@ -889,16 +893,22 @@ class SDQObserver(Observer):
             self.s1, self.s2, self.n_pos, self.s2_pos = (a + b for a, b in
                                                          zip((self.s1, self.s2, self.n_pos, self.s2_pos), stats))
 
-    def sigma(self, mirrored: bool) -> torch.Tensor:
+    def sigma(self, mirrored: bool, about_zero: bool = False) -> torch.Tensor:
+        """σ of the mirrored positive part, about 0 (``about_zero``: the centre of a symmetric set's clip, SDQ's
+        zero mean), or about the mean."""
         if mirrored:
             return torch.sqrt(self.s2_pos / self.n_pos.clamp(min=1.0))
+        if about_zero:
+            return torch.sqrt(self.s2 / self.count)
         mean = self.s1 / self.count
         return torch.sqrt(torch.clamp(self.s2 / self.count - mean * mean, min=0.0))
 
     def _range(self, levelset):
         non_negative = bool((self.min_val >= 0).all())
         mirrored = non_negative or (not levelset.signed and levelset.scheme != "uniform_asym")
-        clip = self.k * self.sigma(mirrored)
+        # a symmetric signed set clips about 0: σ about the mean clipped data off centre inside itself (N(-5, 1):
+        # ±3, 7 dB, where its mirror image N(5, 1) got ±9 and 23 dB; a negative constant: every code 0)
+        clip = self.k * self.sigma(mirrored, about_zero=levelset.signed and levelset.scheme != "uniform_asym")
         if levelset.scheme == "uniform_asym":
             mean = self.s1 / self.count
             centre = torch.zeros_like(mean) if mirrored else mean

@@ -83,6 +83,43 @@ class TwoPaths(nn.Module):
         return self.out(30.0 * torch.relu(self.big(h)) + torch.relu(self.small(h)))
 
 
+def test_a_rule_that_sets_no_weight_bits_leaves_the_layer_in_the_average():
+    # {abits = 8} or {per_channel = false} on a layer took it out of --avg-wbits: it kept --wbits 4, and an
+    # average announced as 2 bits was 3.33
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    x = torch.randn(64, 8)
+    for rule in ({"abits": 8}, {"per_channel": False}):
+        result = qcompile.compile(model, calib=x, scheme="uniform", bits=4, avg_wbits=2, config={"big": rule},
+                                  validate=False)
+        bits = {name.rpartition(".")[0]: m.bits for name, m in result.model.named_modules()
+                if isinstance(m, FakeQuantize) and m.role == "weight"}
+        assert bits["big"] == bits["small"] == 2, (rule, bits)
+
+
+def test_a_module_called_twice_gets_the_widest_weights_of_its_calls():
+    """One weight, one quantizer: an nn.Linear called first as the first layer (8-bit) and again later (4-bit)
+    ran both calls on the later call's 4-bit weights (2-bit with --avg-wbits 2) while the table said W8."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.fc(torch.relu(self.mid(torch.relu(self.fc(x)))))))
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    for extra in ({}, {"avg_wbits": 2}):
+        result = qcompile.compile(Twice().eval(), calib=x, scheme="uniform", bits=4, **extra)
+        assert result.report.passed
+        assert result.model.get_submodule("fc.weight_fq").bits == 8
+        from qcompile.passes.select import layer_table
+
+        rows = [row for row in layer_table(result.model) if row[0] == "fc"]
+        assert len(rows) == 2 and all(row[2].startswith("W8 uniform") for row in rows), rows
+
+
 def test_the_layer_the_output_depends_on_gets_more_bits_and_the_file_keeps_the_budget(tmp_path):
     torch.manual_seed(0)
     model = TwoPaths().eval()

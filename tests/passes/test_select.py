@@ -133,6 +133,9 @@ def test_parse_exclude():
     _, _, table = select(ResidualCNN(), default=DEFAULT, overrides=parse_exclude(["fc"]))
     assert table["fc"] == "float (--exclude 'fc')"
     assert parse_exclude(None) == []
+    # a comma inside a regex's braces or brackets is the regex's ('re:fc[23]{1' matched no layer)
+    assert [o.pattern for o in parse_exclude(["re:fc[23]{1,2},conv1", "re:(a|b),c"])] == ["fc[23]{1,2}", "conv1",
+                                                                                          "(a|b)", "c"]
 
 
 def test_override_validation():

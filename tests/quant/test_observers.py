@@ -331,15 +331,33 @@ def test_banner_constants():
 @pytest.mark.parametrize("bits,lecture", [(2, 2.83), (3, 3.89), (4, 5.03)])
 def test_laplace_observer_reproduces_the_lecture_within_one_percent(bits, lecture):
     b = 0.7
-    x = _data("laplace", 400_000, 6) * b + 0.3  # location shift: b is fitted around the median
+    x = _data("laplace", 400_000, 6) * b  # Laplace(0, b): a symmetric set clips about 0, where b is measured
     obs = make_observer("laplace")
     for chunk in x.split(100_000):
         obs.update(chunk)
     alpha = obs.compute_alpha(level_set("uniform", bits, True)).item()
     assert abs(alpha / b - lecture) / lecture < 0.01
     # the MSE search on the same samples lands elsewhere: Banner's constants solve an approximate formula
-    mse_alpha = make_observer("mse").update(x - 0.3).compute_alpha(level_set("uniform", bits, True)).item()
+    mse_alpha = make_observer("mse").update(x).compute_alpha(level_set("uniform", bits, True)).item()
     assert abs(mse_alpha / b - lecture) / lecture > 0.03
+
+
+@pytest.mark.parametrize("name", ["laplace", "sdq"])
+def test_laplace_and_sdq_measure_their_scale_about_the_centre_of_a_symmetric_clip(name):
+    """Both measured their scale about the median (laplace) or mean (sdq) and clipped about 0: N(5, 1) on signed
+    4-bit levels was clipped at ±4 (laplace, 11 dB against minmax's 23), N(-5, 1) at ±3 (sdq, 7 dB, where its mirror
+    image N(5, 1) got ±9), and a constant -2.5 put every value at the smallest range (code 0)."""
+    def sqnr(x, ls):
+        alpha = make_observer(name).update(x).compute_alpha(ls)
+        q = fake_quantize(x, alpha, ls)
+        return float(10 * torch.log10(x.pow(2).sum() / (x - q).pow(2).sum().clamp_min(1e-30)))
+
+    ls4, ls8 = level_set("uniform", 4, True), level_set("uniform", 8, True)
+    g = torch.randn(100_000, generator=_gen(31))
+    for x in (g + 5, g - 5):
+        assert sqnr(x, ls4) > 20.0
+    assert sqnr(torch.full((1000,), -2.5), ls8) > 100.0
+    assert sqnr(torch.full((1000,), 3.0), ls8) > 100.0
 
 
 def test_laplace_one_sided_for_unsigned_sets():
