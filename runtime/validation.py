@@ -244,11 +244,84 @@ def float_outputs(float_model: Callable, inputs, batch_size: int) -> FloatOutput
 
 
 def run_onnx(path_or_sess, inputs, batch_size: int = 64) -> list[np.ndarray]:
-    sess = session(path_or_sess) if isinstance(path_or_sess, (str, bytes)) else path_or_sess
+    from qcompile.errors import UserError
+
+    if isinstance(path_or_sess, (str, bytes)):
+        try:
+            sess = session(path_or_sess)
+        except Exception as e:  # noqa: BLE001 -- onnxruntime's own classes (InvalidProtobuf, Fail, ...)
+            what = repr(path_or_sess) if isinstance(path_or_sess, str) else "the model bytes"
+            raise UserError(f"onnxruntime cannot load {what} ({_first_line(e)}); give an ONNX file qcompile "
+                            "wrote") from None
+    else:
+        sess = path_or_sess
     outs: list[list[np.ndarray]] = []
     for batch in batches(inputs, batch_size):
-        outs.append(run(sess, [b.numpy() for b in batch]))
+        try:
+            outs.append(run(sess, [b.numpy() for b in batch]))
+        except Exception as e:  # noqa: BLE001
+            if "INVALID_ARGUMENT" not in str(e):
+                raise
+            _explain_inputs(path_or_sess, sess, batch, e)
     return join_batches(outs, _batch_sizes(inputs, batch_size))
+
+
+def _first_line(e: BaseException) -> str:
+    import re
+
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", str(e).strip())
+    return " ".join(text.split("\n")[:2]).strip() or type(e).__name__
+
+
+def _explain_inputs(source, sess, batch, error) -> None:
+    """onnxruntime refused the inputs: one line naming the input, the shape or type it takes and what was given."""
+    from qcompile.errors import UserError
+
+    given = [tuple(b.shape) for b in batch]
+    want = [(i.name, tuple(d if isinstance(d, int) else "?" for d in i.shape), i.type) for i in sess.get_inputs()]
+    if len(given) != len(want):
+        raise UserError(f"the file takes {len(want)} input(s) but the validation inputs give {len(given)}: give "
+                        "one tensor per model input (a tuple for several)") from None
+    for (name, shape, kind), got, t in zip(want, given, batch):
+        fits = len(shape) == len(got) and all(w == "?" or w == g for w, g in zip(shape, got))
+        dtype = str(t.dtype).replace("torch.", "")
+        if not fits or dtype not in kind:
+            kind = kind.replace("tensor(", "").rstrip(")")
+            kind = {"float": "float32", "double": "float64"}.get(kind, kind)
+            shown = "(" + ", ".join(str(d) for d in shape) + ")"
+            raise UserError(f"the validation inputs give {dtype} of shape {got} for input {name!r}, which takes "
+                            f"{kind} of shape {shown}; give inputs of that shape and type (for a quantized file, "
+                            "the calibration inputs it was compiled with)") from None
+    raise UserError(f"onnxruntime refused the validation inputs: {_first_line(error)}") from None
+
+
+def _check_arguments(onnx_file, reference, inputs, thresholds: dict) -> None:
+    """One-line errors for arguments of the wrong kind (a missing file, a reference that is no callable, inputs in a
+    dict or a generator, a bound given as a string), before anything runs: these stopped in a TypeError or
+    KeyError from deep inside the comparison."""
+    import os
+
+    from qcompile.errors import UserError
+
+    if isinstance(onnx_file, (str, os.PathLike)) and not os.path.isfile(onnx_file):
+        raise UserError(f"no ONNX file at {os.fspath(onnx_file)!r}; give the path of the file qcompile wrote")
+    if not (isinstance(onnx_file, (str, os.PathLike, bytes, bytearray)) or hasattr(onnx_file, "SerializeToString")
+            or hasattr(onnx_file, "get_inputs")):
+        raise UserError(f"the ONNX file is a {type(onnx_file).__name__}; give a path, the model's bytes, an "
+                        "onnx.ModelProto or an onnxruntime InferenceSession")
+    if not callable(reference):
+        raise UserError(f"the reference is a {type(reference).__name__}, not a model; give the simulation "
+                        "(CompileResult.model) or a callable taking the inputs")
+    parts = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    bad = [p for p in parts if not isinstance(p, (torch.Tensor, np.ndarray))]
+    if bad or not parts:
+        kind = f"a {type(bad[0]).__name__}" if bad else "an empty sequence"
+        kind = "None" if bad and bad[0] is None else kind
+        raise UserError(f"the validation inputs hold {kind}; give a batch-first tensor or numpy array, or a tuple "
+                        "of them (one per model input)")
+    for name, value in thresholds.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
+            raise UserError(f"{name} is {value!r}; give a number or None")
 
 
 def as_inputs(inputs):
@@ -287,6 +360,8 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int | None = No
     validates it, by :func:`validate_quantized` (integer codes side by side, code flips at decision thresholds
     allowed up to its bounds; the thresholds given apply there): compared as a float file it failed a correct
     file at 78.8 dB, three codes flipped by float summation order."""
+    _check_arguments(onnx_path, reference, inputs, {"min_sqnr": min_sqnr, "max_abs": max_abs, "min_top1": min_top1,
+                                                    "batch_size": batch_size})
     if _is_simulation(reference) and not hasattr(onnx_path, "get_inputs"):
         return validate_quantized(onnx_path, reference, inputs, batch_size=batch_size, min_sqnr=min_sqnr,
                                   max_abs=max_abs, min_top1=min_top1)
@@ -298,8 +373,8 @@ def validate(onnx_path, reference: Callable, inputs, batch_size: int | None = No
     _check_runnable(inputs, batch_size)
     if not hasattr(onnx_path, "get_inputs"):  # an onnxruntime session runs as it is
         onnx_path = model_source(onnx_path)
+    got = run_onnx(onnx_path, inputs, batch_size)  # first: inputs the file refuses are named in one line
     ref = run_reference(reference, inputs, batch_size)
-    got = run_onnx(onnx_path, inputs, batch_size)
     return compare_outputs(ref, got, min_sqnr=min_sqnr, max_abs=max_abs, min_top1=min_top1,
                            samples=_sample_count(inputs))
 
@@ -865,6 +940,8 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
     from qcompile.qmodules import FakeQuantize, disabled_quantizers
     from qcompile.passes.base import float_parameters
 
+    _check_arguments(onnx_file, sim, inputs, {"min_sqnr": min_sqnr, "max_abs": max_abs, "min_top1": min_top1,
+                                              "batch_size": batch_size, "max_code_mismatch": max_code_mismatch})
     inputs = as_inputs(inputs)
     if batch_size is None:
         batch_size = validation_batch_size(inputs, sim)
