@@ -293,6 +293,24 @@ def emit_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, trans
     b.node("DequantizeLinear", inputs, output, **axis)
 
 
+# onnxruntime's ClipQuantFusion (EXTENDED and ALL) drops a Clip in front of a QuantizeLinear whose bounds it finds
+# within an absolute ~1.2e-7 of the quantizer's own saturation range: for a level range narrower than the storage type
+# at a unit of 5e-10 and below (a MobileNetV3 channel at 2.4e-11), every value then reached the type's range, not the
+# levels'. Below this gap the level range is clipped on the codes instead (the same codes: the rounding is monotone).
+CLIP_FUSION_GAP = 1e-5
+
+
+def clip_on_codes(fq: FakeQuantize) -> bool:
+    """Whether the uniform activation ``fq`` clips its level range on the integer codes (``QuantizeLinear → Clip →
+    DequantizeLinear``) rather than on the float values: where onnxruntime would take the float Clip for the
+    quantizer's own saturation (``CLIP_FUSION_GAP``)."""
+    ls = fq.levelset
+    unit = float(_unit(fq).reshape(()))
+    tmin, tmax = (0, 255) if ls.code_min >= 0 else (-128, 127)
+    gaps = [g for g in ((ls.code_min - tmin) * unit, (tmax - ls.code_max) * unit) if g > 0]
+    return bool(gaps) and min(gaps) < CLIP_FUSION_GAP
+
+
 def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
     ls = fq.levelset
     unit = _unit(fq).reshape(())
@@ -309,9 +327,10 @@ def emit_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
         src = x
         scale = b.const(unit, "a_scale")
         zpt = b.const(np.array(zp, np_t), "a_zp")
-        if (lo > tmin or hi < tmax) and fq.requant is not None:
+        if (lo > tmin or hi < tmax) and (fq.requant is not None or clip_on_codes(fq)):
             # the re-quantized output of an int8 layer (BindIntegerLayers): QuantizeLinear right after the layer, so
-            # onnxruntime fuses them into QLinearConv/QGemm, then the level range as an integer Clip (the same codes)
+            # onnxruntime fuses them into QLinearConv/QGemm, then the level range as an integer Clip (the same codes);
+            # and a unit so small that onnxruntime would drop a float Clip (CLIP_FUSION_GAP)
             q = b.node("QuantizeLinear", [x, scale, zpt])
             clipped = b.node("Clip", [q, b.shared_const(np.array(lo, np_t), "code_lo"),
                                       b.shared_const(np.array(hi, np_t), "code_hi")])

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import (_Builder, _int_type, _unit, act_storage, emit_activation, emit_cell_requant, emit_weight,
+from .emit import (_Builder, _int_type, _unit, act_storage, clip_on_codes, emit_activation, emit_cell_requant, emit_weight,
                    grid_index, quantize_gemm_bias, replace_markers, u8_storage)
 from .ir import FIXED_BITS
 
@@ -164,11 +164,12 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
 def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> None:
     ls = fq.levelset
     unit = _unit(fq).reshape(())
-    if ls.is_uniform and fq.requant is not None:
+    if ls.is_uniform and (fq.requant is not None or clip_on_codes(fq)):
         # the re-quantized output of an int8 layer (BindIntegerLayers): standard nodes, QuantizeLinear right after
         # the layer, so onnxruntime fuses it into QLinearConv/QGemm as in the standard form; the Clip that opens
         # QuantizeUniform's body kept the layer on float kernels (42 of LR-ASPP's 66 convolutions at APoT W4A4),
         # where float summation order flipped codes of channels whose sums cancel
+        # (and a unit so small that onnxruntime drops the body's float Clip, emit.CLIP_FUSION_GAP)
         emit_activation(b, fq, x, output)
         return
     if ls.is_uniform:

@@ -1365,3 +1365,38 @@ def test_custom_form_float_matmuls_stay_float_in_onnxruntime(tmp_path):
     session(result.onnx_model.SerializeToString(), optimized_model_path=path)
     ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
     assert ops["MatMulNBits"] == 0, ops
+
+
+@pytest.mark.parametrize("form", ["standard", "custom"])
+def test_a_tiny_activation_unit_keeps_its_level_range_in_onnxruntime(tmp_path, form):
+    """A 4-bit uniform activation stored in uint8 at a unit of ~1e-12: onnxruntime's ClipQuantFusion (EXTENDED/ALL)
+    took the float Clip of its level range for the QuantizeLinear's own saturation and dropped it, so values past
+    the calibrated range reached code 255 instead of 15 (a random MobileNetV3-Small at uniform W4A4 failed its
+    validation). The range is now clipped on the codes there."""
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(F.hardswish(self.conv(x)).mean(dim=(2, 3)))  # an asymmetric uint8 4-bit input of fc
+
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    with torch.no_grad():
+        model.fc.weight.mul_(1e12)
+    calib = torch.randn(16, 3, 8, 8) * 1e-12  # inputs (and so every activation) of ~1e-12, channel means ~0
+    path = tmp_path / "m.onnx"
+    result = qcompile.compile(model, calib[:1], calib=calib, scheme="uniform", bits=4, keep_first_last="quant",
+                              equalize=False, emit=form, output=str(path), validate=False)
+    units = [float(quant.unit_from_alpha(m.alpha, m.levelset).max()) for m in result.model.modules()
+             if isinstance(m, FakeQuantize) and m.role != "weight"]
+    assert min(units) < 1e-12  # the case: a unit far below onnxruntime's absolute tolerance
+    # constant images: channel means far past the calibrated range of fc's input, where the level range's clip decides
+    x = calib.abs().mean() * torch.ones(4, 3, 8, 8) * torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1) * 2
+    with torch.no_grad():
+        want = result.model(x).numpy()
+    got = run(session(str(path)), [x.numpy()])[0]  # ORT_ENABLE_ALL
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
+    assert validate_quantized(str(path), result.model, x).passed
