@@ -56,6 +56,7 @@ class Pass:
 
     #: Passes listed here must have run before this one (checked by the pipeline).
     requires: tuple[type["Pass"], ...] = ()
+    needs_quantizers: bool = False  # True: a pass on quantizers, which says so when the graph has none
 
     def __init__(self) -> None:
         self.report: list[str] = []
@@ -92,11 +93,21 @@ class Pass:
             _OWNERS.pop(gm, None)
         if not isinstance(result, PassResult):
             raise TypeError(f"{self.name}.call must return PassResult, got {type(result).__name__}")
+        if not result.modified and not self.report and self.needs_quantizers and not _has_quantizers(result.gm):
+            # placed before InsertQuantizers in a pipeline of one's own: it did nothing, without a word
+            self.report.append(f"the graph has no quantizers: nothing to do; run {self.name} after InsertQuantizers "
+                               "and Calibrate (the order of qcompile.pipeline.build_passes)")
         _note_ran(gm, result.gm, self.name)
         return result
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _has_quantizers(gm: torch.fx.GraphModule) -> bool:
+    from qcompile.qmodules import FakeQuantize
+
+    return any(isinstance(m, FakeQuantize) for m in gm.modules())
 
 
 def verify(gm: torch.fx.GraphModule) -> None:

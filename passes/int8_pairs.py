@@ -401,6 +401,7 @@ def safe_weights(w: torch.Tensor, wfq: FakeQuantize,
 
 class PairSafeInt8Weights(Pass):
     """Keep every 8-bit weight pair of a uint8 × int8 layer within int16 (see module doc)."""
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "PairSafeInt8Weights")  # it skipped uncalibrated quantizers without a word

@@ -766,6 +766,7 @@ class QuantizeResiduals(Pass):
 
 class ShareInt8Params(Pass):
     """After calibration: re-quantizations of 8-bit codes become identities, and clips become implied."""
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "ShareInt8Params")  # it skipped uncalibrated quantizers without a word
@@ -862,6 +863,7 @@ class BindIntegerAdds(Pass):
     ``qcompile.qmodules.Int8Add`` holding the three quantizers; it exports as the same ``Add``. Runs last, after
     calibration (it reads final parameters).
     """
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "BindIntegerAdds")  # it skipped uncalibrated quantizers without a word
@@ -947,6 +949,7 @@ class BindIntegerPools(Pass):
     whose output goes only into 8-bit quantizers with one set of parameters becomes a
     ``qcompile.qmodules.Int8GlobalAvgPool``; a 1-D / 2-D ``AvgPool`` of 8-bit codes read by one 8-bit quantizer
     (floor mode, or ceil mode where pads are not counted) becomes a ``qcompile.qmodules.Int8AvgPool``."""
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "BindIntegerPools")  # it skipped uncalibrated quantizers without a word

@@ -35,6 +35,7 @@ _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 
 class QuantizeOutputs(Pass):
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
     def __init__(self, bits: int = 8, cells: bool = True):
         super().__init__()
         self.bits = bits
@@ -494,6 +495,7 @@ class BindIntegerLayers(Pass):
 
     Runs last, after calibration and bias correction (it reads final α and biases). Export is unchanged.
     """
+    needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
 
     def __init__(self, float_outputs: bool = True, cells: bool = True):
         super().__init__()

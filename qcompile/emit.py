@@ -666,6 +666,20 @@ def _auto_needs_u8(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> bo
     return saturating_pairs(probe) > 0
 
 
+def _check_pair_safe(model: onnx.ModelProto) -> None:
+    """``int8_weights="s8-safe"`` promises no kernel pair past int16: a pipeline of one's own without
+    ``PairSafeInt8Weights`` wrote plain int8 weights under it, and validation then advised the option given."""
+    from qcompile.runtime.validation import saturating_pairs
+
+    from .errors import UserError
+
+    n = saturating_pairs(model)
+    if n:
+        raise UserError(f"int8_weights='s8-safe' but {n} int8 weight pairs of the graph reach past int16: run "
+                        "qcompile.passes.PairSafeInt8Weights after Calibrate (and AdaptiveRounding), as build_passes "
+                        "does, or emit with int8_weights='s8' or 'u8'")
+
+
 def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.ModelProto:
     """Replace every FakeQuant marker of ``model`` (ids from :func:`quantizers_by_id`) according to ``opts.emit``."""
     model = bypass_parameter_identities(model)
@@ -677,12 +691,17 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         # float MatMuls on its weights shielded as in the standard form: onnxruntime inlines DequantizeLevels and
         # fused DequantizeLinear -> MatMul into MatMulNBits, which quantizes a float input on the fly (a ViT-like
         # model at PoT W4A4: 0.36% of the codes differed, FAIL)
+        model = emit_custom(model, table, u8_weights=u8)
+        if opts.int8_weights == "s8-safe":
+            _check_pair_safe(model)
         return detach_probes(drop_unread_constants(compact_tensor_names(shield_float_matmuls(shield_float_layers(
-            pad_codes(emit_custom(model, table, u8_weights=u8)))))))
+            pad_codes(model))))))
     u8 = opts.int8_weights == "u8"
     if opts.int8_weights == "auto":  # a pipeline of one's own (compile() decides before its passes)
         u8 = _auto_needs_u8(model, table)
     model = emit_standard(model, table, u8_weights=u8)
+    if opts.int8_weights == "s8-safe":
+        _check_pair_safe(model)
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
         from .lowering import lower_shift_add
 

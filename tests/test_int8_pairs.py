@@ -356,3 +356,27 @@ def test_saturating_pairs_counts_large_and_table_weights_in_8_bits():
     assert expected > 1000  # the case exists: both layers have such pairs
     assert saturating_pairs(model) == expected
     assert saturating_pairs(model.SerializeToString()) == expected
+
+
+def test_emitting_s8_safe_without_the_pair_pass_is_one_clear_error():
+    """A pipeline of one's own without PairSafeInt8Weights, emitted with int8_weights="s8-safe", wrote plain int8
+    weights (3066 pairs past int16 on the digits model) without a word, and validation then advised the option given."""
+    from qcompile import CompileOptions, emit, export_onnx
+    from qcompile.errors import UserError
+    from qcompile.ir import LayerConfig
+    from qcompile.passes import Calibrate, FoldBatchNorm, InsertQuantizers, Pipeline, QuantizeBias, SelectLayers
+
+    x = digits.calibration_inputs(32)
+    cfg = LayerConfig(wscheme="uniform", wbits=8, ascheme="uniform", abits=8)
+    opts = CompileOptions(scheme="uniform", bits=8, int8_weights="s8-safe")
+    for extra in ([], [PairSafeInt8Weights()]):
+        gm = Pipeline([FoldBatchNorm(), SelectLayers(cfg), InsertQuantizers(), Calibrate(x), *extra, QuantizeBias()])(
+            qcompile.trace(digits.pretrained(), x[:1])).gm
+        table = emit.quantizers_by_id(gm)
+        exported = export_onnx(gm, x[:1])
+        if not extra:
+            with pytest.raises(UserError, match=r"int8_weights='s8-safe' but \d+ int8 weight pairs .* run "
+                                                r"qcompile.passes.PairSafeInt8Weights"):
+                emit.emit(exported, table, opts)
+        else:
+            assert saturating_pairs(emit.emit(exported, table, opts)) == 0
