@@ -694,8 +694,8 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         model = emit_custom(model, table, u8_weights=u8)
         if opts.int8_weights == "s8-safe":
             _check_pair_safe(model)
-        return detach_probes(drop_unread_constants(compact_tensor_names(shield_float_matmuls(shield_float_layers(
-            pad_codes(model))))))
+        return declared_ir_version(detach_probes(drop_unread_constants(compact_tensor_names(shield_float_matmuls(
+            shield_float_layers(pad_codes(model)))))))
     u8 = opts.int8_weights == "u8"
     if opts.int8_weights == "auto":  # a pipeline of one's own (compile() decides before its passes)
         u8 = _auto_needs_u8(model, table)
@@ -709,7 +709,21 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         model = shield_float_matmuls(lower_shift_add(compact_tensor_names(model), check=opts.check))
     else:
         model = compact_tensor_names(shield_float_matmuls(model))
-    return detach_probes(drop_unread_constants(model))
+    return declared_ir_version(detach_probes(drop_unread_constants(model)))
+
+
+def declared_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The IR version the file's opset and types need, at least: opset 21 and INT4/UINT4 need IR 10, opset 25 and
+    INT2/UINT2 IR 13 (onnx's ``find_min_ir_version_for``); the files said 9 and 11, which onnx.checker and
+    onnxruntime accept but stricter readers refuse."""
+    from onnx import helper
+
+    standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    need = helper.find_min_ir_version_for(standard, ignore_unknown=True) if standard else model.ir_version
+    if any(t.data_type in (TensorProto.INT4, TensorProto.UINT4) for t in model.graph.initializer):
+        need = max(need, 10)
+    model.ir_version = max(model.ir_version, need)
+    return model
 
 
 def drop_unread_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -1607,7 +1621,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
             graph.initializer.remove(t)
     _drop_marker_domain(model)
     if any(t.data_type in (TensorProto.INT2, TensorProto.UINT2) for t in model.graph.initializer):
-        set_opset(model, 25)  # Cast and DequantizeLinear take 2-bit types from opset 25 (IR 11) on
+        set_opset(model, 25)  # Cast and DequantizeLinear take 2-bit types from opset 25 on (IR 13: declared_ir_version)
         model.ir_version = max(model.ir_version, 11)
     set_activation_map(model, activations)
     return model

@@ -1400,3 +1400,20 @@ def test_a_tiny_activation_unit_keeps_its_level_range_in_onnxruntime(tmp_path, f
     got = run(session(str(path)), [x.numpy()])[0]  # ORT_ENABLE_ALL
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
     assert validate_quantized(str(path), result.model, x).passed
+
+
+@pytest.mark.parametrize("kwargs, ir", [(dict(scheme="uniform", bits=8), 10), (dict(scheme="apot", bits=4), 10),
+                                        (dict(scheme="apot", bits=4, emit="custom"), 10),
+                                        (dict(scheme="uniform", bits=2), 13)])
+def test_files_declare_the_ir_version_their_opset_and_types_need(tmp_path, kwargs, ir):
+    """Opset 21 with INT4 initializers declared IR 9, opset 25 with INT2 IR 11: onnx.checker and onnxruntime took
+    them, stricter readers need IR 10 and 13 (onnx's find_min_ir_version_for)."""
+    from onnx import helper
+
+    path = tmp_path / "m.onnx"
+    qcompile.compile(digits.pretrained(), calib=digits.calibration_inputs(16), output=str(path), validate=False,
+                     **kwargs)
+    model = onnx.load(str(path))
+    standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    assert model.ir_version == ir == helper.find_min_ir_version_for(standard)
+    session(str(path))  # onnxruntime opens it
