@@ -270,28 +270,22 @@ def test_validate_without_samples_or_batches_is_one_clear_error(exported):
 
 @pytest.mark.parametrize("case, message", [
     ("missing file", r"no ONNX file at '.*nope\.onnx'; give the path"),
-    ("text file", r"onnxruntime cannot load '.*t\.txt' \(.*\); give an ONNX file qcompile wrote"),
     ("reference", r"the reference is a str, not a model"),
     ("dict", r"the validation inputs hold a dict; give a batch-first tensor"),
     ("generator", r"the validation inputs hold a generator"),
     ("bound", r"min_sqnr is '30'; give a number or None"),
-    ("shape", r"give float32 of shape \(3, 5\) for input '.*', which takes float32 of shape \(\?, 8\)"),
-    ("dtype", r"give int64 of shape \(3, 8\) for input '.*', which takes float32"),
 ])
 def test_arguments_of_the_wrong_kind_are_one_clear_error(exported, tmp_path, case, message):
-    """Each stopped in a raw FileNotFoundError, TypeError, KeyError or onnxruntime INVALID_ARGUMENT."""
+    """Each stopped in a raw FileNotFoundError, TypeError or KeyError from inside the comparison."""
     from qcompile.errors import UserError
 
     model, blob = exported
     path = tmp_path / "m.onnx"
     path.write_bytes(blob)
-    text = tmp_path / "t.txt"
-    text.write_text("hi")
     x = inputs(3)
-    args = {"missing file": (str(tmp_path / "nope.onnx"), model, x), "text file": (str(text), model, x),
-            "reference": (str(path), "model", x), "dict": (str(path), model, {"x": x}),
-            "generator": (str(path), model, (t for t in [x])), "bound": (str(path), model, x),
-            "shape": (str(path), model, x[:, :5]), "dtype": (str(path), model, x.long())}[case]
+    args = {"missing file": (str(tmp_path / "nope.onnx"), model, x), "reference": (str(path), "model", x),
+            "dict": (str(path), model, {"x": x}), "generator": (str(path), model, (t for t in [x])),
+            "bound": (str(path), model, x)}[case]
     with pytest.raises(UserError, match=message):
         validate(*args, min_sqnr="30" if case == "bound" else None)
 
