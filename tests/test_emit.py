@@ -1417,3 +1417,21 @@ def test_files_declare_the_ir_version_their_opset_and_types_need(tmp_path, kwarg
     standard = [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
     assert model.ir_version == ir == helper.find_min_ir_version_for(standard)
     session(str(path))  # onnxruntime opens it
+
+
+@pytest.mark.parametrize("form, warns", [("standard", True), ("custom", True), ("shift-add", False)])
+def test_the_float_kernel_warning_holds_for_the_custom_form_too(form, warns):
+    """PoT W4A4 (activations on a grid wider than uint8) warned in the standard form only; the custom form's bodies
+    inline to the same nodes, and onnxruntime ran the same layers on float kernels. Shift-add lowers them."""
+    import warnings
+
+    from qcompile.errors import QuantizationWarning
+
+    x = digits.calibration_inputs(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompile.compile(digits.pretrained(), calib=x, scheme="pot", bits=4, emit=form, validate=False,
+                         progress=False)
+    said = any(issubclass(w.category, QuantizationWarning) and "do not fit onnxruntime's int8 kernels" in str(w.message)
+               for w in caught)
+    assert said == warns
