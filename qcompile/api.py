@@ -25,7 +25,7 @@ from qcompile.runtime.validation import ValidationReport, validate_model
 
 from . import dynamic
 from . import export as export_mod
-from .errors import QuantizationWarning, UserError
+from .errors import QuantizationWarning, UserError, user_stacklevel
 from .frontend import check_materialized, check_not_exported, float_reference, keeps_global_rng, load_model, plain_copy, running_stats_as_batchnorm, trace, unwrap
 from .options import OPTIONS_KEY, CompileOptions, int8_grid_note, resolve_int8_weights, to_metadata as options_metadata
 from .pipeline import build_passes
@@ -109,7 +109,7 @@ def bounded_batches(calib, what: str = "calibration"):
                               f"no further (at most {MAX_ITERABLE_SAMPLES} samples or 1 GiB are read from an "
                               "iterable: an endless or training-set loader would fill the memory); to choose the "
                               "samples, pass an array or itertools.islice(loader, n_batches)",
-                              QuantizationWarning, stacklevel=4)
+                              QuantizationWarning, stacklevel=user_stacklevel())
             return
 
 
@@ -799,7 +799,7 @@ def compile(
             calib = list(bounded_batches(calib))
         dropped_note = extra_items_note(model, calib)
         if dropped_note:
-            warnings.warn(dropped_note, QuantizationWarning, stacklevel=2)
+            warnings.warn(dropped_note, QuantizationWarning, stacklevel=user_stacklevel())
     # a list of equally shaped arrays and no example: each item is read as a batch, so a list of single samples
     # traced the model on one sample without its batch axis ("expected 4D input (got 3D input)")
     listed = example_inputs is None and isinstance(calib, list) and len(calib) > 1 and n_inputs == 1 and \
@@ -1348,43 +1348,43 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         level_note = (f"{hints[0]}{f' (and {len(hints) - 1} more)' if len(hints) > 1 else ''}: APoT levels suit "
                       "bell-shaped values, uniform ones values spread over their range; consider --ascheme uniform "
                       "(ascheme='uniform') or --config for those layers")
-        warnings.warn(level_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(level_note, QuantizationWarning, stacklevel=user_stacklevel())
 
     # the pass warned already (a pipeline run by hand says it too); the summary carries it for the command line
     batchnorm_note = next((p.batchnorm_note for p in pipeline.passes if getattr(p, "batchnorm_note", None)), None)
     mixed_note = next((p.weight_only_note for p in pipeline.passes if getattr(p, "weight_only_note", None)), None)
     if mixed_note:  # the CLI prints it; from Python a warning is the only word of it
-        warnings.warn(mixed_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(mixed_note, QuantizationWarning, stacklevel=user_stacklevel())
     few_note = few_samples_note(calib_x) if opts.quantized and not trained else None
     if few_note:
-        warnings.warn(few_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(few_note, QuantizationWarning, stacklevel=user_stacklevel())
     first_last_note = None
     if any(getattr(p, "only_first_last", False) for p in pipeline.passes):
         kept = "at 8-bit uniform" if opts.keep_first_last == "int8" else "float"
         first_last_note = (f"no layer of this model is {opts.describe()}: its first and last layers are kept {kept} "
                            f"(--keep-first-last {opts.keep_first_last}) and it has no other layer the rules leave "
                            "as asked; --keep-first-last quant (keep_first_last='quant') quantizes them as asked")
-        warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(first_last_note, QuantizationWarning, stacklevel=user_stacklevel())
     decided = [n.meta["qconfig"] for n in gm.graph.nodes if n.meta.get("qconfig") is not None]
     if opts.quantized and decided and all(cfg.action == "float" for cfg in decided) and first_last_note is None:
         # --exclude '*': the header said "(apot W4A4)" and the file was the float model, without a word
         reasons = ", ".join(dict.fromkeys(cfg.reason for cfg in decided))
         first_last_note = (f"no layer is quantized: every layer is kept float ({reasons}), so the file computes "
                            "the float model")  # the summary's note of the same kind: no layer as asked
-        warnings.warn(first_last_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(first_last_note, QuantizationWarning, stacklevel=user_stacklevel())
     numbers_note = _python_numbers_hint(gm)
     if time_note:  # the CLI prints it; from Python a warning is the only word of it
-        warnings.warn(time_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(time_note, QuantizationWarning, stacklevel=user_stacklevel())
     if numbers_note:  # validation sees it only where its data differs from the example's
-        warnings.warn(numbers_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(numbers_note, QuantizationWarning, stacklevel=user_stacklevel())
     calib_note = None
     if opts.quantized:
         note = int8_grid_note(opts, gm)
         if note:  # the CLI prints it; from Python a warning is the only word of it
-            warnings.warn(note, QuantizationWarning, stacklevel=3)
+            warnings.warn(note, QuantizationWarning, stacklevel=user_stacklevel())
         calib_note = _clip_note(opts, gm)
         if calib_note:
-            warnings.warn(calib_note, QuantizationWarning, stacklevel=3)
+            warnings.warn(calib_note, QuantizationWarning, stacklevel=user_stacklevel())
         from qcompile.passes.select import opaque_layers
 
         opaque = opaque_layers(gm)
@@ -1392,7 +1392,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
             shown = "; ".join(f"{name} ({what})" for name, _, what in opaque[:3])
             warnings.warn(f"{len(opaque)} module(s) keep layers float, opaque to the quantizer: {shown}"
                           f"{' ...' if len(opaque) > 3 else ''} (README, Tracing: why, and --leaf-module/--exclude)",
-                          QuantizationWarning, stacklevel=3)
+                          QuantizationWarning, stacklevel=user_stacklevel())
         from .emit import emit, quantizers_by_id  # ONNX-level emission (standard / custom / shift-add)
 
         table = quantizers_by_id(gm)  # ids the exporter's markers carry
@@ -1405,7 +1405,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         onnx_model = export_mod.export_onnx(gm, example_inputs)
     rank_notes = export_mod.pin_output_dims(onnx_model, gm, example_inputs)
     for note in rank_notes:  # the CLI prints warnings; onnxruntime said only "Expected shape ... does not match"
-        warnings.warn(note, QuantizationWarning, stacklevel=3)
+        warnings.warn(note, QuantizationWarning, stacklevel=user_stacklevel())
     export_mod.strip_default_attributes(onnx_model)
     export_mod.share_identical_initializers(onnx_model)
     export_mod.drop_identity_requantizations(onnx_model)
@@ -1468,7 +1468,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                        f"them (as torch.onnx.export writes it); run it in onnxruntime with "
                        f"{', '.join(file_inputs) or 'no inputs'} only")
         summary["unused_inputs_note"] = unused_note
-        warnings.warn(unused_note, QuantizationWarning, stacklevel=3)
+        warnings.warn(unused_note, QuantizationWarning, stacklevel=user_stacklevel())
     if opts.quantized and opts.emit == "shift-add":
         from .cost import cost_report, format_cost_report, nothing_lowered_note
 
@@ -1480,7 +1480,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         nothing = nothing_lowered_note(cost, weight_quantizers)
         if nothing:  # the CLI prints it; from Python a warning is the only word of it
             summary["shift_add_note"] = nothing
-            warnings.warn(nothing, QuantizationWarning, stacklevel=3)
+            warnings.warn(nothing, QuantizationWarning, stacklevel=user_stacklevel())
     onnx_model.metadata_props.add(key=OPTIONS_KEY, value=options_metadata(opts))
     if trained:  # as qat.export records it
         from qcompile.qat.convert import CONVERTED_KEY
@@ -1533,10 +1533,10 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     f"the float model's outputs are all {constant:g} on these inputs, so the comparisons with it say "
                     "nothing about the quantization (an untrained model whose last layer starts at zero?); compile "
                     "the trained model")
-                warnings.warn(summary["constant_output_note"], QuantizationWarning, stacklevel=3)
+                warnings.warn(summary["constant_output_note"], QuantizationWarning, stacklevel=user_stacklevel())
             quality = quality_warning(report, gm, opts.calib_method) if inputs is not example_inputs else None
             if quality:  # validation compares the file with its simulation and passes: the loss is the quantized model's
-                warnings.warn(quality, QuantizationWarning, stacklevel=3)
+                warnings.warn(quality, QuantizationWarning, stacklevel=user_stacklevel())
         else:
             # against the model itself (its float32 copy), as qcompile validate does: the traced graph could be the
             # one that differs (it is checked on the example inputs only)
@@ -1574,7 +1574,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                 f"model is {at_probe:.1f} dB from the float model, {at_example:.1f} dB at the example's size: "
                 "activation ranges calibrated at one size can clip or waste levels at another; calibrate (--calib) "
                 "on inputs of the size the file mostly runs at")
-            warnings.warn(summary["dynamic_axes_note"], QuantizationWarning, stacklevel=3)
+            warnings.warn(summary["dynamic_axes_note"], QuantizationWarning, stacklevel=user_stacklevel())
     path = export_mod.save_bytes_atomic(data, output) if output is not None else None
     return CompileResult(model=gm, onnx_path=path, onnx_model=onnx_model, report=report, options=opts,
                          timings=pipeline.timings, seconds=time.perf_counter() - t0, summary=summary)

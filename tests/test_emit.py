@@ -1435,3 +1435,18 @@ def test_the_float_kernel_warning_holds_for_the_custom_form_too(form, warns):
     said = any(issubclass(w.category, QuantizationWarning) and "do not fit onnxruntime's int8 kernels" in str(w.message)
                for w in caught)
     assert said == warns
+
+
+def test_compile_warnings_point_at_the_callers_line():
+    """QuantizationWarnings from qcompile.compile pointed into qcompile/api.py (a fixed stacklevel, past decorators
+    and helpers): the location shown, and filterwarnings(module=...), were qcompile's, not the caller's."""
+    import warnings
+
+    from qcompile.errors import QuantizationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompile.compile(digits.pretrained(), calib=digits.calibration_inputs(16), scheme="pot", bits=4,
+                         validate=False, progress=False)
+    ours = [w for w in caught if issubclass(w.category, QuantizationWarning)]
+    assert ours and all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
