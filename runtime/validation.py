@@ -602,10 +602,13 @@ def _float_layers(sim):
 
 
 # Outputs recomputed from onnxruntime's own codes differ from its outputs only by the float rounding of the layers
-# after the last quantizer (10^-6 relative: 100-140 dB, most often exactly 0): 60 dB leaves that margin a
-# hundredfold and fails a file whose tail computes something else (a changed bias, a wrong op: 0-20 dB; 40 dB
-# passed a classifier's weight scale x1.02 on one class at 42.5 dB and its int32 bias +300 at 47.3 dB).
-MIN_FORCED_SQNR_DB = 60.0
+# after the last quantizer (10^-6 relative: 100-140 dB, most often exactly 0; exactly 0 or 142-143 dB in 45 compiles
+# of nine trained models, a ViT and an autoencoder among them): 80 dB leaves that margin tenfold and fails a file
+# whose tail computes something else (a changed bias, a wrong op: 0-20 dB; 40 dB passed a classifier's weight scale
+# x1.02 on one class at 42.5 dB and its int32 bias +300 at 47.3 dB; 60 dB one classifier weight code off by one at
+# 66-68 dB and one weight scale x1.001 at 72-75 dB). Tails whose float32 rounding is larger than that are judged on
+# their own float32-vs-float64 distance (FORCED_ROUNDING_MARGIN_DB).
+MIN_FORCED_SQNR_DB = 80.0
 
 
 # operations whose output jumps where their input crosses a point (a comparison, rounding, an index): after the last
