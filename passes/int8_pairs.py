@@ -405,6 +405,11 @@ class PairSafeInt8Weights(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         require_calibrated(gm, "PairSafeInt8Weights")  # it skipped uncalibrated quantizers without a word
+        from qcompile.qmodules import FakeQuantize
+
+        for m in gm.modules():  # emit's s8-safe check: this pass decided (it also knows the activations' ranges)
+            if isinstance(m, FakeQuantize) and m.role == "weight":
+                m.pair_safe_checked = True
         changed = False
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:

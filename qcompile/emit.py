@@ -666,13 +666,16 @@ def _auto_needs_u8(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> bo
     return saturating_pairs(probe) > 0
 
 
-def _check_pair_safe(model: onnx.ModelProto) -> None:
+def _check_pair_safe(model: onnx.ModelProto, table: dict[int, FakeQuantize]) -> None:
     """``int8_weights="s8-safe"`` promises no kernel pair past int16: a pipeline of one's own without
-    ``PairSafeInt8Weights`` wrote plain int8 weights under it, and validation then advised the option given."""
+    ``PairSafeInt8Weights`` wrote plain int8 weights under it, and validation then advised the option given. Where
+    the pass ran it decided (it knows the activations' code ranges, which the file's count leaves out)."""
     from qcompile.runtime.validation import saturating_pairs
 
     from .errors import UserError
 
+    if any(getattr(fq, "pair_safe_checked", False) for fq in table.values()):
+        return
     n = saturating_pairs(model)
     if n:
         raise UserError(f"int8_weights='s8-safe' but {n} int8 weight pairs of the graph reach past int16: run "
@@ -693,7 +696,7 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         # model at PoT W4A4: 0.36% of the codes differed, FAIL)
         model = emit_custom(model, table, u8_weights=u8)
         if opts.int8_weights == "s8-safe":
-            _check_pair_safe(model)
+            _check_pair_safe(model, table)
         return declared_ir_version(detach_probes(drop_unread_constants(compact_tensor_names(shield_float_matmuls(
             shield_float_layers(pad_codes(model)))))))
     u8 = opts.int8_weights == "u8"
@@ -701,7 +704,7 @@ def emit(model: onnx.ModelProto, table: dict[int, FakeQuantize], opts) -> onnx.M
         u8 = _auto_needs_u8(model, table)
     model = emit_standard(model, table, u8_weights=u8)
     if opts.int8_weights == "s8-safe":
-        _check_pair_safe(model)
+        _check_pair_safe(model, table)
     if opts.emit == "shift-add":  # after compaction: the lowering's records name the tensors it reads
         from .lowering import lower_shift_add
 
