@@ -1460,6 +1460,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["batchnorm_note"] = batchnorm_note
     if time_note:
         summary["time_first_note"] = time_note
+    if gm.meta.get(export_mod.FROZEN_BRANCH_NOTE):
+        summary["frozen_branch_note"] = gm.meta[export_mod.FROZEN_BRANCH_NOTE]
     unused = [n.target for n in gm.graph.nodes if n.op == "placeholder" and not n.users]
     file_inputs = [i.name for i in onnx_model.graph.input]
     if unused and len(file_inputs) < len(example_inputs):

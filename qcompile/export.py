@@ -170,8 +170,8 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     # the qcompile domain only where quantizers export their markers (else torch warns that it is unused)
     opsets = {"qcompile": 1} if any(hasattr(m, "prepare_export") for m in gm.modules()) else None
     try:
-        with warnings.catch_warnings(), _output_unless_failed(), _softplus_with_threshold(opset):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught, _output_unless_failed(), _softplus_with_threshold(opset):
+            warnings.simplefilter("always")
             torch.onnx.export(
                 gm, example_inputs, buf, opset_version=opset, input_names=in_names, output_names=out_names,
                 dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False, custom_opsets=opsets,
@@ -190,6 +190,7 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
         if not _raised_in_torch_onnx(e):
             raise
         _exporter_failed(e)
+    _warn_frozen_branches(caught, gm)
     # parsed from the buffer itself: getvalue() copied the file once more while the buffer held it (BERT-base's
     # export peaked at three times its weights)
     model = onnx.ModelProto()
@@ -690,6 +691,30 @@ def _output_unless_failed():
                 if text:
                     os.write(fd, text)
             tmp.close()
+
+
+FROZEN_BRANCH_NOTE = "frozen_branch_note"  # gm.meta key: the warning below, for the CLI's notes
+
+
+def _warn_frozen_branches(caught, gm) -> None:
+    """torch.onnx's tracer turned a tensor into a Python bool: a data-dependent ``if`` inside a module the fx trace
+    kept whole (``--leaf-module``), whose branch the file then fixes to the example input's for every input (a file
+    that passed its validation computed another function on inputs taking the other branch)."""
+    from .errors import QuantizationWarning, user_stacklevel
+
+    places = []
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message):
+            place = f"{w.filename}:{w.lineno}"
+            if place not in places:
+                places.append(place)
+    if places:
+        note = (f"a Python condition on tensor values ({', '.join(places[:3])}) was traced inside a module kept "
+                "whole (--leaf-module): the file takes the branch the example input took, for every input; "
+                "validate on inputs that take the other branch too (qcompile validate --data), or write the "
+                "condition with torch.where")
+        gm.meta[FROZEN_BRANCH_NOTE] = note
+        warnings.warn(note, QuantizationWarning, stacklevel=user_stacklevel())
 
 
 def _export_error_message(e: Exception) -> str:
