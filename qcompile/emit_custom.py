@@ -119,7 +119,8 @@ def function_protos() -> list[onnx.FunctionProto]:
         _OPSET, attributes=["scheme", "bits", "signed", "axis"])
     quantize_levels = helper.make_function(
         DOMAIN, "QuantizeLevels", ["x", "thresholds", "grid", "scale", "zero_point"], ["y"], _quantize_levels_body(),
-        _OPSET, attributes=["scheme", "bits", "signed", "offset"])
+        _OPSET, attributes=["scheme", "bits", "signed"],
+        attribute_protos=[helper.make_attribute("offset", 0)])  # a default: symmetric sets leave it out
     quantize_uniform = helper.make_function(
         DOMAIN, "QuantizeUniform", ["x", "scale", "zero_point", "lo", "hi"], ["y"],
         [helper.make_node("Clip", ["x", "lo", "hi"], ["xc"]),

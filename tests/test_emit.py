@@ -1450,3 +1450,18 @@ def test_compile_warnings_point_at_the_callers_line():
                          validate=False, progress=False)
     ours = [w for w in caught if issubclass(w.category, QuantizationWarning)]
     assert ours and all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
+
+
+def test_the_custom_form_runs_in_onnx_reference_evaluator():
+    """QuantizeLevels declared its `offset` attribute without a default, which symmetric sets leave out:
+    onnx.reference stopped with "'OpFunction' object has no attribute 'offset'"."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = digits.calibration_inputs(16)
+    result = qcompile.compile(digits.pretrained(), calib=x, scheme="apot", bits=4, int8_levels=False, emit="custom",
+                              validate=False, progress=False)
+    assert any(n.op_type == "QuantizeLevels" and not any(a.name == "offset" for a in n.attribute)
+               for n in result.onnx_model.graph.node)
+    got = ReferenceEvaluator(result.onnx_model).run(None, {"input": x.numpy()})[0]
+    want = run(session(result.onnx_model.SerializeToString()), [x.numpy()])[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
