@@ -426,9 +426,17 @@ def validate_against(args):
 
     opts = dict(opts)
     scheme, bits = opts.pop("scheme"), opts.pop("bits", 4)
-    sim = qcompile_compile(model, example, scheme=scheme, bits=bits,
-                           calib=rebuild if rebuild is not None and not data_free else None,
-                           output=None, validate=False, **opts)
+    try:
+        sim = qcompile_compile(model, example, scheme=scheme, bits=bits,
+                               calib=rebuild if rebuild is not None and not data_free else None,
+                               output=None, validate=False, **opts)
+    except UserError as e:
+        if data_free and "without data" in str(e):  # the record a data-free compile leaves out is missing here
+            raise UserError(f"{args.onnx!r} has no calibration record (qcompile.calibration), which only a data-free "
+                            "compile leaves out, but its model cannot be calibrated without data: the file's metadata "
+                            "was edited or lost; compile the model again with --calib (the file then records its "
+                            "calibration inputs)") from None
+        raise
     mine, theirs = len(onnx_model.graph.output), len(sim.onnx_model.graph.output)
     if mine != theirs:
         raise UserError(f"{args.onnx!r} has {mine} output(s) but the model it is checked against gives {theirs}; "

@@ -1783,6 +1783,24 @@ def test_validate_refuses_corrupt_qcompile_metadata_in_one_line(work, capsys):
         assert "compile the model again" in err
 
 
+def test_validate_of_a_file_whose_calibration_record_was_removed_says_so(work, capsys):
+    """Without its qcompile.calibration record a file reads as data-free; its model needs data, and the message
+    was the compile's "cannot calibrate ... pass calibration inputs with --calib FILE.npy", though --calib was given."""
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits",
+                       "8", "--no-validate", "-o", "q.onnx")
+    assert rc == 0, err
+    model = onnx.load(work / "q.onnx")
+    kept = [p for p in model.metadata_props if p.key != "qcompile.calibration"]
+    assert len(kept) < len(model.metadata_props)
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, work / "nocal.onnx")
+    rc, out, err = cli(capsys, "validate", "nocal.onnx", "--against", "weights.pt", "--arch", SPEC, "--calib",
+                       "calib.npy")
+    assert_user_error(rc, err, "'nocal.onnx' has no calibration record (qcompile.calibration)")
+    assert "metadata was edited or lost; compile the model again" in err
+
+
 def test_unreadable_input_files_say_permission_denied(work, capsys, monkeypatch):
     """A file the user cannot read was "not a PyTorch checkpoint ...; save one with torch.save", "not a readable
     .npy/.npz array (PermissionError); save it with numpy.save", "cannot parse config file ...; fix the syntax there".
