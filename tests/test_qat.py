@@ -142,7 +142,7 @@ def test_sdq_log2_weight_gradient_and_levels():
     gen = torch.Generator().manual_seed(4)
     w = torch.randn(8, 16, generator=gen) * torch.linspace(0.1, 1.0, 8)[:, None]
     g = torch.randn(w.shape, generator=gen)
-    _, sigma = channel_stats(w, 0)
+    _, sigma = channel_stats(w, 0, centred=False)  # about 0, as the module measures weights
     sigma = sigma.reshape(-1)
     fq = SDQFakeQuantize("log2", 3, True, axis=0, role="weight", init_alpha=torch.tensor(2.5),
                          sigma=sigma, grad_scale=0.01)
@@ -156,6 +156,25 @@ def test_sdq_log2_weight_gradient_and_levels():
     # eq. 9-10 levels: {0, +-2^k} * alpha * sigma / L_p2 with L_p2 = 4 at 3 bits
     levels = torch.unique(torch.round(y.detach() / (clip / 4) * 1e4) / 1e4)
     assert set(levels.tolist()) <= {-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0}
+
+
+def test_weight_clips_centred_at_0_scale_by_the_spread_about_0():
+    """SDQ's weights and scale-only weight normalisation clip at alpha * sigma about 0, but sigma was the spread
+    about the mean: a depthwise blur filter (mostly its mean) was clipped at a fraction of its weights (4-bit SDQ
+    weights of such a layer: 9.5 dB, 21.0 dB with the spread about 0)."""
+    gen = torch.Generator().manual_seed(0)
+    w = 0.3 + 0.02 * torch.randn(6, 1, 3, 3, generator=gen)  # blur-like depthwise filters: mean >> spread
+    rms = w.pow(2).mean(dim=(1, 2, 3)).sqrt()
+    torch.testing.assert_close(SDQFakeQuantize.batch_sigma(w, "weight", 0), rms)
+    fq = LearnableFakeQuantize("uniform", 4, True, axis=0, role="weight", init_alpha=torch.tensor(2.5),
+                               weight_norm=True, center=False)
+    x_in, alpha = fq.effective(w)
+    assert torch.equal(x_in, w)
+    torch.testing.assert_close(alpha, 2.5 * rms)
+    # centred normalisation keeps the spread about the mean (the APoT authors' weight normalisation)
+    fq_c = LearnableFakeQuantize("uniform", 4, True, axis=0, role="weight", init_alpha=torch.tensor(2.5),
+                                 weight_norm=True, center=True)
+    torch.testing.assert_close(fq_c.effective(w)[1], 2.5 * w.std(dim=(1, 2, 3)))
 
 
 def test_sdq_running_sigma_of_mirrored_positive_part():

@@ -74,14 +74,19 @@ def _reduce_dims(x: torch.Tensor, axis: Optional[int]) -> list[int]:
     return [d for d in range(x.dim()) if d != axis]
 
 
-def channel_stats(x: torch.Tensor, axis: Optional[int]):
+def channel_stats(x: torch.Tensor, axis: Optional[int], centred: bool = True):
     """``(mu, sigma)`` of ``x`` per channel along ``axis`` (per tensor when None), kept broadcastable to ``x``.
 
     ``sigma`` is the unbiased standard deviation (``torch.std``, as the APoT authors' code) and at least
-    ``MIN_ALPHA``; gradients flow through both.
+    ``MIN_ALPHA``; gradients flow through both. ``centred=False``: the spread about 0 instead, ``sqrt(E[x²])``, for a
+    clip centred at 0 (SDQ's weights, whose mean it takes as 0; weight normalisation by scale only): the spread about
+    the mean of a depthwise blur filter, mostly its mean, set its clip at a fraction of its weights (4-bit SDQ
+    weights: 9.5 dB where sqrt(E[w²]) gives 21.0 dB).
     """
     dims = _reduce_dims(x, axis)
     mu = x.mean(dim=dims, keepdim=True)
+    if not centred:
+        return mu, x.pow(2).mean(dim=dims, keepdim=True).sqrt().clamp_min(quant.MIN_ALPHA)
     if x.numel() // max(mu.numel(), 1) < 2 and x.numel() > 1:
         # one value per channel (nn.Linear(1, d), a depthwise 1x1 conv): its unbiased std is NaN (0 / 0), which
         # stopped qat.prepare in its MSE observer; the spread of the whole tensor is the channels' common scale
@@ -147,7 +152,7 @@ class LearnableFakeQuantize(FakeQuantize):
         """``(x_in, alpha_e)``: the tensor the levels quantize and the effective clipping value (module doc)."""
         alpha = self.clip_alpha()
         if self.weight_norm:
-            mu, sigma = channel_stats(x, self.axis)
+            mu, sigma = channel_stats(x, self.axis, centred=self.center)
             x_in = x - mu if self.center else x
             return x_in, _as_alpha_shape(sigma, self.axis) * alpha
         if self.axis is not None and alpha.dim() == 0:
@@ -213,11 +218,11 @@ class SDQFakeQuantize(LearnableFakeQuantize):
 
     @staticmethod
     def batch_sigma(x: torch.Tensor, role: str, axis: Optional[int]) -> torch.Tensor:
-        """``sigma`` of one tensor: std of weights (per ``axis`` channel), or of the mirrored positive part of
+        """``sigma`` of one tensor: RMS of weights about 0 (per ``axis`` channel), or of the mirrored positive part of
         activations, ``sqrt(E[x^2 | x > 0])`` (sec. 2)."""
         x = x.detach().to(torch.float32)
-        if role == "weight":
-            _, sigma = channel_stats(x, axis)
+        if role == "weight":  # about 0: SDQ takes the weights' mean as 0 (its clip is centred there)
+            _, sigma = channel_stats(x, axis, centred=False)
             return _as_alpha_shape(sigma, axis)
         pos = x > 0
         n = pos.sum().clamp_min(1)

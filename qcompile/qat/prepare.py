@@ -371,6 +371,7 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
             w = _attr(gm, node.args[0].target).detach()
             _, sigma = channel_stats(w, fq.axis)
             if spec.sdq:
+                _, sigma = channel_stats(w, fq.axis, centred=False)  # as SDQFakeQuantize.batch_sigma
                 init = _pooled_mse_alpha(w / sigma, fq.levelset)
                 new = SDQFakeQuantize(**common, init_alpha=_per_channel(init, w, fq.axis, cfg.shared_alpha),
                                       sigma=SDQFakeQuantize.batch_sigma(w, "weight", fq.axis),
@@ -383,6 +384,8 @@ def _make_trainable(gm: torch.fx.GraphModule, cfg: QATConfig, spec: MethodSpec, 
                 center = cfg.wn_center and not (w.dim() >= 3 and w.shape[1] == 1) and \
                     (fq.axis is None or w.numel() > w.shape[fq.axis])
                 centred = w - w.mean(dim=_dims(w, fq.axis), keepdim=True) if center else w
+                if not center:  # scale only: the spread about 0, as LearnableFakeQuantize.effective takes it
+                    _, sigma = channel_stats(w, fq.axis, centred=False)
                 init = _pooled_mse_alpha(centred / sigma, fq.levelset)
                 new = LearnableFakeQuantize(**common, init_alpha=_per_channel(init, w, fq.axis, cfg.shared_alpha),
                                             grad=cfg.grad, weight_norm=True, center=center)

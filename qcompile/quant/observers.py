@@ -869,7 +869,8 @@ class LaplaceObserver(HistogramObserver):
 
 # -- SDQ ----------------------------------------------------------------------------------------------------
 class SDQObserver(Observer):
-    """SDQ's ``k * sigma`` clipping (eq. 1-2), ``sigma`` of the mirrored positive part for non-negative data."""
+    """SDQ's ``k * sigma`` clipping (eq. 1-2): ``sigma`` the spread about 0, ``sqrt(E[x²])``, of signed data (the clip
+    is centred at 0) and of the mirrored positive part, ``sqrt(E[x² | x > 0])``, of non-negative data."""
 
     name = "sdq"
     asymmetric_levels = False
