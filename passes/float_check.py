@@ -16,7 +16,7 @@ import copy
 import torch
 import torch.fx
 
-from .base import Pass, PassResult, calibration_inputs, data_batches
+from .base import Pass, PassResult, calibration_inputs, data_batches, passes_run
 
 
 _SEED_0 = torch.Generator().manual_seed(0).get_state()  # the CPU generator's state after torch.manual_seed(0)
@@ -123,6 +123,19 @@ def _outputs64(gm: torch.fx.GraphModule, sample: tuple) -> list[torch.Tensor] | 
         gm.float()
 
 
+def _known_passes() -> tuple[set[str], set[str]]:
+    """The names of qcompile's own passes, and of those among them that quantize (or move parameters for it)."""
+    import qcompile.passes as ours
+
+    names = {n for n in ours.__all__ if isinstance(getattr(ours, n, None), type) and issubclass(getattr(ours, n), Pass)}
+    # what changes the numbers (quantizers placed but not calibrated pass values through: build_passes checks after
+    # InsertQuantizers, QuantizeOutputs and QuantizeResiduals)
+    quantizing = {"Calibrate", "AdaptiveRounding", "BiasCorrection", "QuantizeBias", "PairSafeInt8Weights",
+                  "ShareInt8Params", "BindIntegerLayers", "BindIntegerAdds", "BindIntegerPools", "BindIntegerMuls",
+                  "BindIntegerSigmoids", "AllocateWeightBits"} & names
+    return names, quantizing
+
+
 class CheckFloatOutputs(Pass):
     def __init__(self, record: RecordFloatOutputs, rtol: float = 1e-3):
         super().__init__()
@@ -146,6 +159,19 @@ class CheckFloatOutputs(Pass):
                                "graph's are not (a large constant that a BatchNorm removes, folded away)")
             return PassResult(gm, False)
         if problem:
+            ours, quantizing = _known_passes()
+            ran = passes_run(gm)
+            since = ran[len(ran) - ran[::-1].index("RecordFloatOutputs"):] if "RecordFloatOutputs" in ran else ran
+            foreign = [n for n in dict.fromkeys(since) if n not in ours and n != "CheckFloatOutputs"]
+            late = [n for n in dict.fromkeys(since) if n in quantizing]
+            if foreign:  # a pass of one's own in the pipeline: not qcompile's to answer for
+                raise UserError(f"the graph no longer computes what the model does before quantization ({problem}) "
+                                f"after the passes run since RecordFloatOutputs, {', '.join(foreign)} not qcompile's: "
+                                "check what those change (CheckFloatOutputs compares with the float model)")
+            if late:
+                raise UserError(f"CheckFloatOutputs ran after {', '.join(late)}, which quantize or move parameters "
+                                f"for quantization ({problem}): place it before InsertQuantizers, after the float "
+                                "passes, as qcompile.pipeline.build_passes does")
             raise UserError(
                 f"qcompile's graph passes changed what the model computes before quantization ({problem}); this is a "
                 "qcompile bug, please report it; keeping the layer involved float (--exclude NAME or --leaf-module "

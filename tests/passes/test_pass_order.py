@@ -135,6 +135,38 @@ def test_passes_on_quantizers_before_insert_quantizers_say_they_did_nothing():
                             "Calibrate (the order of qcompile.pipeline.build_passes)"], p.name
 
 
+def test_check_float_outputs_names_a_pass_of_ones_own_or_its_late_place_not_a_qcompile_bug():
+    """A pass of one's own that changes the model (ReLU -> ReLU6), or CheckFloatOutputs placed after the passes that
+    quantize, was reported as "qcompile's graph passes changed what the model computes ...; this is a qcompile bug"."""
+    import torch.nn.functional as F
+
+    from qcompile.errors import UserError
+    from qcompile.models import digits
+    from qcompile.passes import BiasCorrection, CheckFloatOutputs, Pass, PassResult, RecordFloatOutputs
+    from qcompile.pipeline import build_passes
+
+    class ReluToRelu6(Pass):
+        def call(self, gm):
+            hit = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is F.relu]
+            for n in hit:
+                n.target = F.relu6
+            return PassResult(gm, bool(hit))
+
+    x = digits.calibration_inputs(32)
+    passes = build_passes(CompileOptions(), x, example=(x[:1],))
+    passes.insert([p.name for p in passes].index("SelectLayers"), ReluToRelu6())
+    with pytest.raises(UserError) as err:
+        Pipeline(passes)(qcompile.trace(digits.pretrained(), x[:1]))
+    assert "ReluToRelu6 not qcompile's" in str(err.value) and "qcompile bug" not in str(err.value)
+    record = RecordFloatOutputs(x)
+    late = Pipeline([record, FoldBatchNorm(), SelectLayers(DEFAULT), InsertQuantizers(),
+                     Calibrate(x, record_input_means=True), BiasCorrection(x), QuantizeBias(), CheckFloatOutputs(record)])
+    with pytest.raises(UserError, match="CheckFloatOutputs ran after Calibrate, BiasCorrection, QuantizeBias, .*place "
+                                        "it before InsertQuantizers") as err:
+        late(qcompile.trace(digits.pretrained(), x[:1]))
+    assert "qcompile bug" not in str(err.value)
+
+
 def test_pipeline_api_mistakes_get_one_clear_error():
     """Mistakes of the pass-pipeline API that gave unreadable or no errors (a sweep of the API): a pass class for an
     instance ("pass <property object at 0x...> failed"), a pass run on the model instead of its traced graph
