@@ -372,7 +372,7 @@ def test_check_float_outputs_checks_a_data_free_pipeline_on_inputs_of_the_traced
 
     model = MLP()
     record = RecordFloatOutputs(None)
-    with pytest.raises(qcompile.UserError, match="changed what the model computes"):
+    with pytest.raises(qcompile.UserError, match="Doubles not qcompile.s: check what those change"):
         Pipeline([record, Doubles(), CheckFloatOutputs(record)])(qcompile.trace(model, example_input(model)))
 
 
