@@ -141,6 +141,8 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
     """Export ``gm`` to an in-memory ONNX model (nothing is written to disk). ``example_inputs``: one tensor per
     model input (a single tensor is the one input, not a sequence of its rows)."""
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if isinstance(gm, torch.fx.GraphModule):
+        _check_input_count(gm, example_inputs)
     if isinstance(gm, torch.fx.GraphModule) and any(hasattr(m, "prepare_export") for m in gm.modules()):
         from qcompile.passes.quantize_bias import off_grid_biases
 
@@ -694,6 +696,17 @@ def _output_unless_failed():
 
 
 FROZEN_BRANCH_NOTE = "frozen_branch_note"  # gm.meta key: the warning below, for the CLI's notes
+
+
+def _check_input_count(gm: torch.fx.GraphModule, example_inputs: tuple) -> None:
+    """One example per input ``forward`` needs (those without a default): a two-input model given one tensor stopped
+    in torch.onnx with "forward() missing 1 required positional argument", which blamed the exporter."""
+    from .errors import UserError
+
+    needed = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.args and not n.target.startswith("*")]
+    if len(example_inputs) < len(needed):
+        raise UserError(f"the model takes {len(needed)} inputs ({', '.join(str(n.target) for n in needed)}) but "
+                        f"{len(example_inputs)} example(s) were given: pass a tuple with one tensor per input")
 
 
 def _warn_frozen_branches(caught, gm) -> None:

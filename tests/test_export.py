@@ -1909,3 +1909,25 @@ def test_a_data_dependent_branch_in_a_leaf_module_is_said_to_be_frozen():
         plain = qcompile.compile(Net(Plain).eval(), x[:1], calib=x, scheme="fp32", leaf_modules=("g",),
                                  validate=False)
     assert not any("Python condition" in str(w.message) for w in caught) and "frozen_branch_note" not in plain.summary
+
+
+def test_export_with_fewer_examples_than_inputs_is_one_clear_error():
+    """export_onnx(gm, x) of a two-input model said torch.onnx's exporter failed ("forward() missing 1 required
+    positional argument: 'feats'") and to rewrite the module."""
+    from qcompile.errors import UserError
+    from qcompile.export import export_onnx
+    from qcompile.frontend import trace
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, img, feats, scale: float = 1.0):
+            return self.fc(img + feats) * scale
+
+    x = torch.randn(2, 8)
+    gm = trace(Two().eval(), (x, x))
+    with pytest.raises(UserError, match=r"the model takes 2 inputs \(img, feats\) but 1 example\(s\) were given"):
+        export_onnx(gm, x)
+    assert len(export_onnx(gm, (x, x)).graph.input) == 2
