@@ -306,6 +306,9 @@ def resolve_named(data, inputs, file_names=None, what: str | None = None):
                 raise UserError(f"{what} file {data.path!r}: the inputs {', '.join(taken)} must have the same number "
                                 f"of samples, got {counts}")
             return tuple(data[n] for n in taken)
+    inputs_of_file = [k for k in keys if k not in _LABEL_KEYS]
+    if (not inputs or len(inputs) < 2) and len(inputs_of_file) == 1:  # images + y (labels beside are no input)
+        return data[inputs_of_file[0]]
     if not inputs or len(inputs) < 2:
         raise UserError(f"{what} file {data.path!r} has arrays {keys}; store the inputs under 'x' (a model with "
                         "several inputs: x0, x1, ... or its input names)")
@@ -354,6 +357,8 @@ def load_array_file(path: str, what: str = "--calib", several: bool = False):
                             refused = exc
                     if not arr and refused is not None:
                         raise refused
+                elif len([k for k in keys if k not in _LABEL_KEYS]) == 1:  # one array beside labels: the inputs
+                    arr = data[next(k for k in keys if k not in _LABEL_KEYS)]
                 else:
                     more = " (a model with several inputs: x0, x1, ...)" if several else ""
                     raise UserError(f"{what} file {path!r} has arrays {keys}; store the inputs under 'x'{more}")

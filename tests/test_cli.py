@@ -1468,6 +1468,23 @@ def test_npz_names_against_forward_names_from_a_fresh_eyes_round(work, capsys):
         assert rc == 0 and out.strip().endswith("PASS"), (out, err)
 
 
+def test_npz_of_inputs_beside_labels_under_another_name_is_taken(work, capsys):
+    """np.savez(images=..., y=...) for a one-input model was refused ("store the inputs under 'x'"), though labels
+    beside the inputs are no input (README) and x + labels was taken."""
+    calib = np.load(work / "calib.npy")
+    for labels in ("y", "labels", "targets"):
+        np.savez(work / "il.npz", images=calib, **{labels: np.arange(len(calib)) % 3})
+        rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "il.npz", "--scheme", "uniform", "--bits",
+                           "8", "-o", "il.onnx")
+        assert rc == 0, err
+        rc, out, err = cli(capsys, "validate", "il.onnx", "--against", "weights.pt", "--arch", SPEC, "--calib",
+                           "il.npz", "--data", "il.npz")
+        assert rc == 0 and out.strip().endswith("PASS"), (out, err)
+    np.savez(work / "two.npz", images=calib, masks=calib)  # two arrays, neither labels: still ambiguous
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "two.npz", "-o", "two.onnx")
+    assert_user_error(rc, err, "has arrays ['images', 'masks']; store the inputs under 'x'")
+
+
 def test_options_that_fit_to_data_ask_for_calib_not_an_input_shape(work, capsys):
     """Without --calib or --input-shape, --avg-wbits and adaptive rounding asked for --input-shape; given it, they
     then said they need --calib."""
