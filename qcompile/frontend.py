@@ -1182,8 +1182,9 @@ def _inputs_error(cause: BaseException, example_inputs, where: str = "") -> User
                 "not float32; the same for calib= from Python)")
     elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
             and "type" in str(cause).lower():
-        hint = ("integer inputs stay integers (token ids for an Embedding): save image data as float32, "
-                "e.g. x.astype(np.float32)")
+        hint = ("integer inputs stay integers (token ids for an Embedding; a file's uint8 and int32 arrays are read as "
+                "int64): save image data as float32, as the model was trained on it (uint8 images 0..255: "
+                "x.astype(np.float32) / 255 and the training normalisation)")
     return UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); {hint}")
 
 

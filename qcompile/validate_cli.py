@@ -216,7 +216,8 @@ def _check_reference_runs(reference, example, args, given) -> None:
         if "indices" in str(exc) and "Long, Int" in str(exc) and any(t.is_floating_point() for t in example):
             hint = "token ids are integers: save them as ids.astype(np.int64), not float32"
         elif any(not t.is_floating_point() for t in example) and "type" in str(exc).lower():
-            hint = "integer inputs stay integers (token ids): save image data as float32, e.g. x.astype(np.float32)"
+            hint = ("integer inputs stay integers (token ids): save image data as float32, as the model was trained "
+                    "on it (uint8 images 0..255: x.astype(np.float32) / 255 and the training normalisation)")
         raise UserError(f"the --against model does not run on the {given} inputs (samples of shape [{shapes}]: "
                         f"{_first_line(exc)}); {hint}") from None
 

@@ -1345,6 +1345,7 @@ def test_too_few_inputs_and_integer_image_data_are_named(work, capsys):
     np.save(work / "u8.npy", rng.integers(0, 255, (8, 3, 8, 8)).astype(np.uint8))
     rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "u8.npy", "--scheme", "uniform", "-o", "q.onnx")
     assert_user_error(rc, err, "save image data as float32")
+    assert "uint8 images 0..255: x.astype(np.float32) / 255" in err
     assert onnx_files(work) == []
 
 
