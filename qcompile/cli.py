@@ -569,6 +569,12 @@ def cmd_compile(argv) -> int:
     # arrays under forward's input names, or numbered x0, x1, ...: in forward's order
     inputs = forward_inputs(model)
     calib, held_out = resolve_named(calib, inputs), resolve_named(held_out, inputs)
+    if calib is not None and args.scheme != "fp32":
+        from .api import many_samples_note
+
+        many = many_samples_note(calib[0] if isinstance(calib, tuple) else calib)
+        if many:  # as the file is read: the compile it announces takes minutes
+            print(f"qcompile: warning: {many}", file=sys.stderr)
     for path, flag in ((output, "-o"), (args.json, "--json")):
         if path is not None:
             check_not_model_source(model, path, flag, specs=(args.model, args.arch))

@@ -1901,3 +1901,23 @@ def test_validate_names_token_ids_beyond_the_embedding(work, capsys):
         rc, out, err = cli(capsys, "validate", "text.onnx", "--against", "qc_text_model:make", "--calib", "ids.npy",
                            "--data", bad)
         assert_user_error(rc, err, f"--data holds token id {value} but the embedding 'emb' has 50 rows")
+
+
+def test_a_very_large_calibration_set_is_warned_about_before_the_compile(work, capsys, monkeypatch):
+    """A million-sample --calib ran for minutes with no word (arrays are taken whole; 128 k digits took 80 s)."""
+    import warnings
+
+    import qcompile.api as api
+    from qcompile.errors import QuantizationWarning
+
+    monkeypatch.setattr(api, "MANY_CALIBRATION_SAMPLES", 4)  # the calibration file here holds 6
+    rc, out, err = cli(capsys, "weights.pt", "--arch", SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits",
+                       "8", "--no-validate", "-o", "q.onnx")
+    assert rc == 0, err
+    assert "qcompile: warning: the calibration data holds 6 samples, all of which calibration runs" in err
+    model = importlib.import_module(MODULE).TinyCNN().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qcompile.compile(model, calib=torch.from_numpy(np.load("calib.npy")), scheme="uniform", bits=8,
+                         validate=False, progress=False)
+    assert any(issubclass(w.category, QuantizationWarning) and "pass a subset" in str(w.message) for w in caught)
