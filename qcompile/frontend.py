@@ -1166,7 +1166,28 @@ def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inp
     return gm
 
 
-def _inputs_error(cause: BaseException, example_inputs, where: str = "") -> UserError:
+def _container_inputs(model) -> list[str]:
+    """The inputs of ``model.forward`` annotated as a dict, tuple or list (which tensors cannot stand for)."""
+    import collections.abc
+    import inspect
+    import typing
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+        hints = typing.get_type_hints(model.forward)
+    except Exception:  # noqa: BLE001 -- unresolvable annotations: nothing to say
+        return []
+    kinds = (dict, tuple, list, collections.abc.Mapping, collections.abc.Sequence)
+    found = []
+    for p in params:
+        hint = hints.get(p.name)
+        origin = typing.get_origin(hint) or hint
+        if isinstance(origin, type) and issubclass(origin, kinds) and not issubclass(origin, (str, bytes)):
+            found.append(p.name)
+    return found
+
+
+def _inputs_error(cause: BaseException, example_inputs, where: str = "", model=None) -> UserError:
     """The one-line error for a model that does not run on its example inputs (a wrong shape, float token ids)."""
     shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" if isinstance(t, torch.Tensor)
                        else repr(t) for t in example_inputs)
@@ -1185,6 +1206,11 @@ def _inputs_error(cause: BaseException, example_inputs, where: str = "") -> User
         hint = ("integer inputs stay integers (token ids for an Embedding; a file's uint8 and int32 arrays are read as "
                 "int64): save image data as float32, as the model was trained on it (uint8 images 0..255: "
                 "x.astype(np.float32) / 255 and the training normalisation)")
+    containers = _container_inputs(model) if model is not None else []
+    if containers or "invalid data type 'str'" in str(cause):  # x["key"] on a tensor: forward reads a dict
+        which = f" ({', '.join(containers)})" if containers else ""
+        hint = (f"forward takes a dict, tuple or list{which} where qcompile passes tensors, one per input: wrap the "
+                "model in a module whose forward takes the tensors and builds the container, and compile that")
     return UserError(f"the model does not run on inputs of shape [{shapes}] ({where}{_first_line(cause)}); {hint}")
 
 
@@ -1486,7 +1512,7 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                 for inputs in (example_inputs, check_inputs):
                     failed = _eager_failure(model, inputs) if inputs is not None else None
                     if failed is not None:
-                        raise _inputs_error(failed, inputs) from None
+                        raise _inputs_error(failed, inputs, model=model) from None
                 if [(name, id(m)) for name, m in model.named_modules()] != modules:
                     # forward rebuilt submodules on its first calls, here or in the sized trace's runs
                     # (transformers' BigBird switches block-sparse attention to full attention on short inputs,
@@ -1660,7 +1686,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tenso
             where = ""
             if node is not None:
                 where = f"at {node.target if node.op == 'call_module' else node.name}: "
-            raise _inputs_error(exc.__cause__ if exc.__cause__ is not None else exc, example_inputs, where) from None
+            raise _inputs_error(exc.__cause__ if exc.__cause__ is not None else exc, example_inputs, where,
+                                 model=model) from None
         if _items_as_tensors(gm, example_inputs):
             with torch.no_grad():
                 traced_out = _seeded(lambda: gm(*[_clone(t) for t in example_inputs]))

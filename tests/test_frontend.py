@@ -2662,3 +2662,30 @@ def test_a_torchvision_detection_model_is_told_to_compile_its_tensor_part():
     message = str(info.value)
     assert "torchvision detection model" in message and "model.backbone" in message
     assert "\n" not in message
+
+
+def test_a_forward_taking_a_dict_or_annotated_tuple_is_named():
+    """forward(d) reading d["x"]: "the model does not run on inputs of shape [(1, 64) float32] (... invalid data type
+    'str'); fix --input-shape, or the shape and type of the --calib inputs", a fix that cannot work."""
+    class DictIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, d):
+            return self.fc(d["x"])
+
+    class TupleIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, t: tuple[torch.Tensor, torch.Tensor]):
+            x, y = t
+            return self.fc(x + y)
+
+    x = torch.randn(4, 8)
+    with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list where qcompile passes tensors"):
+        qcompile.compile(DictIn().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list \(t\) where qcompile passes"):
+        qcompile.compile(TupleIn().eval(), x[:1], calib=x, scheme="uniform", bits=8)
