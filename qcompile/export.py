@@ -715,9 +715,17 @@ def _warn_frozen_branches(caught, gm) -> None:
     that passed its validation computed another function on inputs taking the other branch)."""
     from .errors import QuantizationWarning, user_stacklevel
 
+    import os
+
+    from .errors import _package_roots
+
+    # torch's own modules check their inputs this way (nn.LSTM's batch-size checks) and qcompile's quantizers their
+    # ranges: the user's code alone
+    library = (os.path.dirname(os.path.abspath(torch.__file__)),) + _package_roots()
     places = []
     for w in caught:
-        if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message):
+        if issubclass(w.category, torch.jit.TracerWarning) and "Python boolean" in str(w.message) and \
+                not os.path.abspath(w.filename).startswith(library):
             place = f"{w.filename}:{w.lineno}"
             if place not in places:
                 places.append(place)
