@@ -100,6 +100,10 @@ def resolve_factory(spec: str):
         raise UserError(f"importing module {mod_name!r} from {spec!r} failed: {type(exc).__name__}: "
                         f"{_first_line(exc)}; fix that module (python -c 'import {mod_name}' shows it)") from None
     obj = module
+    if "(" in attr:  # mymodels:cnn(16, 10): "module has no attribute 'cnn(16, 10)'"
+        raise UserError(f"{spec!r} passes arguments to the factory, which a spec cannot: define a function without "
+                        f"arguments that returns the model (def my_model(): return {attr.strip()}) and give "
+                        f"{mod_name}:my_model")
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UserError(f"module {mod_name!r} has no attribute {attr!r}; check the factory name in {spec!r}")
@@ -301,9 +305,11 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
         if "TorchScript" in str(exc):
             obj, safe_error = _torchscript_weights(source, arch), None
         elif _is_torch_export_archive(source):
+            how = (f"give the weights instead: torch.save(model.state_dict(), 'weights.pt'), then weights.pt with "
+                   f"--arch {arch}" if arch else "save the model's weights with torch.save(model.state_dict()) and pass "
+                   "them with --arch package.module:factory")
             raise UserError(f"{source!r} is a torch.export archive (.pt2), whose graph of aten operators qcompile "
-                            "does not read; save the model's weights with torch.save(model.state_dict()) and pass "
-                            "them with --arch package.module:factory") from None
+                            f"does not read; {how}") from None
         elif _is_onnx_file(source):
             raise UserError(f"{source!r} is an ONNX file; qcompile quantizes the PyTorch model: pass its .pt "
                             "(weights with --arch, or a factory spec)") from None

@@ -1862,6 +1862,10 @@ def test_checkpoint_layouts(tmp_path, user_module):
     with pytest.raises(UserError) as err:
         load_model(str(tmp_path / "m.pt2"), arch="tests.models:MLP")
     _assert_one_line(err, "is a torch.export archive (.pt2)")
+    assert "then weights.pt with --arch tests.models:MLP" in str(err.value)  # --arch was given: not "pass them with"
+    with pytest.raises(UserError) as err:
+        load_model("tests.models:MLP(3)")
+    _assert_one_line(err, "'tests.models:MLP(3)' passes arguments to the factory, which a spec cannot")
     onnx.save(qcompile.compile(MLP(seed=0), x, scheme="fp32", validate=False).onnx_model, str(tmp_path / "m.onnx"))
     with pytest.raises(UserError) as err:
         load_model(str(tmp_path / "m.onnx"), arch="tests.models:MLP")
