@@ -135,7 +135,7 @@ def test_npz_with_x_key_and_custom_emission(work):
 def test_npz_with_two_arrays_and_no_x_is_a_one_line_error(work):
     folder, calib = work
     npz = folder / "ambiguous.npz"
-    np.savez(npz, inputs=calib, labels=np.zeros(len(calib)))
+    np.savez(npz, inputs=calib, masks=calib)  # two arrays, neither of them labels (beside labels: the inputs)
     out = folder / "never.onnx"
     rc, stdout, stderr = cli(folder / "digits.pt", *ARCH, "--calib", npz, "-o", out)
     assert_one_line_error(rc, stdout, stderr, "'x'", "ambiguous.npz")
