@@ -26,6 +26,9 @@ def user_stacklevel() -> int:
     import sys
 
     roots = _package_roots()
+    torch = sys.modules.get("torch")
+    if torch is not None:  # hooks and module calls between: the user's frame is past torch's too
+        roots += (os.path.dirname(os.path.abspath(torch.__file__)),)
     frame, level = sys._getframe(1), 1
     while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)).startswith(roots):
         frame, level = frame.f_back, level + 1
