@@ -794,6 +794,19 @@ FAR_CODE_MISMATCH = 1e-4
 DRIFT_FLOOR = 2.0 ** -6
 
 
+def _worst_quantizer(stats: dict, key: str, bound: float | None):
+    """``(share, name, stats, more)`` of the quantizer with the largest share of ``key`` codes (those differing on
+    identical inputs, or beyond float rounding) past ``bound`` and ``LAYER_CODE_MIN``; None where none is."""
+    if bound is None:
+        return None
+    worst = [(s[key] / s["codes"], name, s) for name, s in stats.items()
+             if s["codes"] and s[key] > LAYER_CODE_MIN and s[key] > bound * s["codes"]]
+    if not worst:
+        return None
+    share, name, s = max(worst, key=lambda w: w[0])
+    return share, name, s, (f" (and {len(worst) - 1} more quantizer(s))" if len(worst) > 1 else "")
+
+
 @contextlib.contextmanager
 def _quiet_fx_errors():
     """torch.fx prints the generated code's traceback to stderr before it raises from a GraphModule: a float64
@@ -1146,28 +1159,18 @@ def validate_quantized(onnx_file, sim, inputs, float_model: Callable | None = No
             hint = _saturation_hint(model_bytes)
             report.failures.append(f"{100 * frac_local:.3f}% of activation codes differ on identical inputs "
                                    f"(> {100 * max_code_mismatch:.2f}%)" + hint)
-        if max_layer_code_mismatch is not None:
-            worst = [(s["local"] / s["codes"], name, s) for name, s in stats.items()
-                     if s["codes"] and s["local"] > LAYER_CODE_MIN and s["local"] > max_layer_code_mismatch * s["codes"]]
-            if worst:
-                share, name, s = max(worst, key=lambda w: w[0])
-                more = f" (and {len(worst) - 1} more quantizer(s))" if len(worst) > 1 else ""
-                report.failures.append(f"{s['local']} of the {s['codes']} codes of activation quantizer {name!r} "
-                                       f"({100 * share:.2f}%) differ on identical inputs "
-                                       f"(> {100 * max_layer_code_mismatch:g}% of one quantizer){more}"
-                                       + (_saturation_hint(model_bytes) if hint is None else ""))
-        if max_far_code_mismatch is not None:
-            worst = [(s["far"] / s["codes"], name, s) for name, s in stats.items()
-                     if s["codes"] and s["far"] > LAYER_CODE_MIN and s["far"] > max_far_code_mismatch * s["codes"]]
-            if worst:
-                share, name, s = max(worst, key=lambda w: w[0])
-                more = f" (and {len(worst) - 1} more quantizer(s))" if len(worst) > 1 else ""
-                report.failures.append(f"{s['far']} of the {s['codes']} codes of activation quantizer {name!r} "
-                                       f"({100 * share:.3f}%) differ on identical inputs by more than float rounding "
-                                       f"moves a value (> {100 * max_far_code_mismatch:g}% of one quantizer){more}: "
-                                       "the file computes another layer or quantizer there than the simulation"
-                                       + (_saturation_hint(model_bytes) if hint is None else ""))
-                hint = hint if hint is not None else ""
+        for key, bound, what in (("local", max_layer_code_mismatch, ""),
+                                 ("far", max_far_code_mismatch, " by more than float rounding moves a value")):
+            worst = _worst_quantizer(stats, key, bound)
+            if worst is None:
+                continue
+            share, name, s, more = worst
+            tail = ": the file computes another layer or quantizer there than the simulation" if key == "far" else ""
+            report.failures.append(f"{s[key]} of the {s['codes']} codes of activation quantizer {name!r} "
+                                   f"({100 * share:.3g}%) differ on identical inputs{what} "
+                                   f"(> {100 * bound:g}% of one quantizer){more}{tail}"
+                                   + (_saturation_hint(model_bytes) if hint is None else ""))
+            hint = hint if hint is not None else ""  # said once
         if max_layer_code_mismatch is not None and CHANNEL_CODE_MISMATCH is not None:
             bad = []  # (share, quantizer, dimension, index, differ, codes)
             worst = None
