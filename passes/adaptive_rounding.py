@@ -278,6 +278,7 @@ def adaptive_round(w: torch.Tensor, h: torch.Tensor, fq: FakeQuantize) -> torch.
 
 class AdaptiveRounding(Pass):
     needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
+
     def __init__(self, data=None, batch_size: int = 32):
         super().__init__()
         self.data = data

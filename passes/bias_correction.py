@@ -226,6 +226,7 @@ class recording_input_means:
 
 class BiasCorrection(Pass):
     needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
+
     def __init__(self, data: Optional[torch.Tensor] = None, batch_size: int = 32):
         super().__init__()
         self.data = data

@@ -36,6 +36,7 @@ _LAYER_FNS = (F.conv1d, F.conv2d, F.conv3d, F.linear)
 
 class QuantizeOutputs(Pass):
     needs_quantizers = True  # before InsertQuantizers: nothing to do, and the report says so
+
     def __init__(self, bits: int = 8, cells: bool = True):
         super().__init__()
         self.bits = bits

@@ -1624,7 +1624,7 @@ def replace_markers(model: onnx.ModelProto, table: dict[int, FakeQuantize], weig
             graph.initializer.remove(t)
     _drop_marker_domain(model)
     if any(t.data_type in (TensorProto.INT2, TensorProto.UINT2) for t in model.graph.initializer):
-        set_opset(model, 25)  # Cast and DequantizeLinear take 2-bit types from opset 25 on (IR 13: declared_ir_version)
+        set_opset(model, 25)  # Cast and DequantizeLinear take 2-bit types from opset 25 on (IR: declared_ir_version)
         model.ir_version = max(model.ir_version, 11)
     set_activation_map(model, activations)
     return model

@@ -29,8 +29,8 @@ from onnx import TensorProto, helper
 from qcompile import quant
 from qcompile.qmodules import FakeQuantize
 
-from .emit import (_Builder, _int_type, _unit, act_storage, clip_on_codes, emit_activation, emit_cell_requant, emit_weight,
-                   grid_index, quantize_gemm_bias, replace_markers, u8_storage)
+from .emit import (_Builder, _int_type, _unit, act_storage, clip_on_codes, emit_activation, emit_cell_requant,
+                   emit_weight, grid_index, quantize_gemm_bias, replace_markers, u8_storage)
 from .ir import FIXED_BITS
 
 DOMAIN = "qcompile"

@@ -713,11 +713,9 @@ def _warn_frozen_branches(caught, gm) -> None:
     """torch.onnx's tracer turned a tensor into a Python bool: a data-dependent ``if`` inside a module the fx trace
     kept whole (``--leaf-module``), whose branch the file then fixes to the example input's for every input (a file
     that passed its validation computed another function on inputs taking the other branch)."""
-    from .errors import QuantizationWarning, user_stacklevel
-
     import os
 
-    from .errors import _package_roots
+    from .errors import QuantizationWarning, _package_roots, user_stacklevel
 
     # torch's own modules check their inputs this way (nn.LSTM's batch-size checks) and qcompile's quantizers their
     # ranges: the user's code alone

@@ -306,8 +306,9 @@ def load_model(source: str, arch: str | None = None, trust_pickle: bool = False)
             obj, safe_error = _torchscript_weights(source, arch), None
         elif _is_torch_export_archive(source):
             how = (f"give the weights instead: torch.save(model.state_dict(), 'weights.pt'), then weights.pt with "
-                   f"--arch {arch}" if arch else "save the model's weights with torch.save(model.state_dict()) and pass "
-                   "them with --arch package.module:factory")
+                   f"--arch {arch}" if arch else
+                   "save the model's weights with torch.save(model.state_dict()) and pass them with --arch "
+                   "package.module:factory")
             raise UserError(f"{source!r} is a torch.export archive (.pt2), whose graph of aten operators qcompile "
                             f"does not read; {how}") from None
         elif _is_onnx_file(source):

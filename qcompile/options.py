@@ -225,11 +225,12 @@ class CompileOptions:
 
 
 def int8_grid_note(opts: CompileOptions, gm=None) -> str | None:
-    """Why layers of the standard- or custom-form file run on float kernels, where that is their levels' doing: APoT/PoT/log2
-    levels whose integer grid is wider than int8 (weights) or uint8 (activations), as APoT at 7-8 bits (±904 for
-    8-bit weights). Such a file decides levels by lookups around float layers: an APoT W8A8 depthwise CNN on digits
-    ran 6x slower than its float model (and less accurately than uniform W8A8). Reads the quantizers of the
-    compiled ``gm`` (a scheme only the excluded layers would have used says nothing); None where every grid fits."""
+    """Why layers of the standard- or custom-form file run on float kernels, where that is their levels' doing:
+    APoT/PoT/log2 levels whose integer grid is wider than int8 (weights) or uint8 (activations), as APoT at 7-8 bits
+    (±904 for 8-bit weights). Such a file decides levels by lookups around float layers: an APoT W8A8 depthwise CNN
+    on digits ran 6x slower than its float model (and less accurately than uniform W8A8). Reads the quantizers of
+    the compiled ``gm`` (a scheme only the excluded layers would have used says nothing); None where every grid
+    fits."""
     from .qmodules import FakeQuantize
 
     # the custom form's function bodies inline to the same nodes (the same float kernels); shift-add lowers them

@@ -824,7 +824,8 @@ def _drift(fq, x: torch.Tensor, ort_codes: torch.Tensor, to_codes, tolerance: fl
     quantizer being monotone. Any level set: adjacent APoT/PoT levels are several grid integers apart, and near 0 a
     value whose sign float rounding decides may land several levels away."""
     floor = DRIFT_FLOOR * float(fq.alpha.detach().abs().max())
-    d = (TIE_TOLERANCE if tolerance is None else tolerance) * x.abs().clamp(min=floor)  # in x's own type (an int8 layer's exact float64 output)
+    # in x's own type (an int8 layer's exact float64 output)
+    d = (TIE_TOLERANCE if tolerance is None else tolerance) * x.abs().clamp(min=floor)
     lo, hi = (to_codes(fq.simulate(x + sign * d)) for sign in (-1.0, 1.0))
     return (ort_codes >= torch.minimum(lo, hi)) & (ort_codes <= torch.maximum(lo, hi))
 
