@@ -160,7 +160,8 @@ def test_check_float_outputs_names_a_pass_of_ones_own_or_its_late_place_not_a_qc
     assert "ReluToRelu6 not qcompile's" in str(err.value) and "qcompile bug" not in str(err.value)
     record = RecordFloatOutputs(x)
     late = Pipeline([record, FoldBatchNorm(), SelectLayers(DEFAULT), InsertQuantizers(),
-                     Calibrate(x, record_input_means=True), BiasCorrection(x), QuantizeBias(), CheckFloatOutputs(record)])
+                     Calibrate(x, record_input_means=True), BiasCorrection(x), QuantizeBias(),
+                     CheckFloatOutputs(record)])
     with pytest.raises(UserError, match="CheckFloatOutputs ran after Calibrate, BiasCorrection, QuantizeBias, .*place "
                                         "it before InsertQuantizers") as err:
         late(qcompile.trace(digits.pretrained(), x[:1]))
