@@ -861,8 +861,7 @@ def weight_mismatches(model: onnx.ModelProto, sim) -> tuple[int, int, list]:
             fq = mods.get(n.target) if n.op == "call_module" else None
             if not isinstance(fq, FakeQuantize) or fq.role != "weight" or getattr(n.args[0], "op", None) != "get_attr":
                 continue
-            w = sim.get_parameter(n.args[0].target) if n.args[0].target in dict(sim.named_parameters()) else \
-                _attr(sim, n.args[0].target)
+            w = _attr(sim, n.args[0].target)
             if isinstance(w, torch.Tensor) and w.is_floating_point():
                 sims.setdefault(n.target, fq(w.detach().float()).double().numpy())
     if not sims:
@@ -875,7 +874,15 @@ def weight_mismatches(model: onnx.ModelProto, sim) -> tuple[int, int, list]:
     for name, w in sims.items():
         tol = 1e-5 * max(float(np.abs(w).max()), 1e-30)
         candidates = by_size.get(w.size, [])
-        if any(np.allclose(c.reshape(w.shape), w, rtol=0, atol=tol) for c in candidates):  # the same layout
+        layouts = [lambda c: c.reshape(w.shape)]  # the same layout, or a Linear's weight as MatMul's (transposed)
+        if w.ndim == 2:
+            layouts.append(lambda c: c.reshape(w.shape[::-1]).T)
+        def same(a, b=w, tol=tol):  # a few values first: most candidates of the same size are other layers
+            a = np.asarray(a)
+            head = tuple(slice(0, 2) for _ in range(a.ndim))
+            return float(np.abs(a[head] - b[head]).max()) <= tol and float(np.abs(a - b).max()) <= tol
+
+        if any(same(f(c)) for c in candidates for f in layouts):
             checked += 1
             continue
         ws = np.sort(w.ravel())
