@@ -601,6 +601,9 @@ def checked_thresholds(thresholds, quantized: bool = True, validate: bool = True
     if thresholds is not None and not isinstance(thresholds, collections.abc.Mapping):
         raise UserError(f"thresholds= is of type {type(thresholds).__name__}; give a dict of validation thresholds, "
                         "e.g. thresholds={'min_sqnr': 30.0, 'min_top1': 0.99}")
+    if not validate and thresholds:
+        raise UserError("thresholds= cannot apply with validate=False (nothing is checked); drop thresholds= or "
+                        "validate=False")
     if not validate or not thresholds:
         return thresholds
     known = VALIDATION_THRESHOLDS if quantized else \
@@ -823,8 +826,11 @@ def compile(
         many = many_samples_note(calib_x) if opts.quantized else None
         if many:  # now, before the minutes it announces (the CLI prints it as it reads the file)
             warnings.warn(many, QuantizationWarning, stacklevel=user_stacklevel())
+    if not validate and validation_inputs is not None:
+        raise UserError("validation_inputs= holds the inputs validation runs on, and validate=False skips it; drop "
+                        "one of them")
     valid_x = None
-    if validate and validation_inputs is not None:
+    if validation_inputs is not None:
         valid_x = calib_data(validation_inputs, len(example_inputs), what="validation")
         check_calibration_data(valid_x, example_inputs, "validation data", "validation_inputs (--data)",
                                free_axes=opts.dynamic_axes)

@@ -593,7 +593,7 @@ def cmd_compile(argv) -> int:
         raise UserError(f"--data holds {len(held_out) if isinstance(held_out, tuple) else 1} input array(s) and --calib "
                         f"{len(calib) if isinstance(calib, tuple) else 1}; give both in the same form (x0, x1, ... "
                         "of a .npz for a model with several inputs)")
-    if calib is None and held_out is None:
+    if calib is None and held_out is None and not args.no_validate:
         import torch
         gen = torch.Generator().manual_seed(1)
         examples = example if isinstance(example, tuple) else (example,)

@@ -575,6 +575,11 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     # TypeError "'int' object is not iterable" in SelectLayers / trace
     (dict(exclude=3), "option exclude takes layer names (--exclude): a str or a list of str"),
     (dict(leaf_modules=3), "option leaf_modules takes layer names (--leaf-module)"),
+    # ignored: validation inputs or thresholds given and nothing validated (the CLI refuses --data/--min-sqnr with
+    # --no-validate)
+    (dict(validate=False, validation_inputs=torch.zeros(4, 64)),
+     "validation_inputs= holds the inputs validation runs on, and validate=False skips it"),
+    (dict(validate=False, thresholds={"min_sqnr": 30}), "thresholds= cannot apply with validate=False"),
 ])
 def test_compile_api_refuses_bad_options_in_one_line(tmp_path, kwargs, needle):
     x = example_input(MLP, batch=8)

@@ -886,6 +886,9 @@ def test_export_checks_its_thresholds_as_compile_does(tmp_path):
         with pytest.raises(UserError) as err:
             qat.export(gm, x[:1], output=str(tmp_path / "q.onnx"), thresholds=thresholds)
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(UserError, match="validation_inputs= holds the inputs validation runs on, and "
+                       "validate=False skips it"):
+        qat.export(gm, x[:1], output=str(tmp_path / "q.onnx"), validate=False, validation_inputs=x)
     assert not (tmp_path / "q.onnx").exists()
     assert qat.export(gm, x[:1], thresholds={"min_sqnr": 10}).report.passed
 

@@ -167,6 +167,9 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     from qcompile.api import checked_thresholds
 
     thresholds = checked_thresholds(thresholds, validate=validate)  # {"min_sqnr": "30"}: a TypeError in validation
+    if not validate and validation_inputs is not None:
+        raise UserError("validation_inputs= holds the inputs validation runs on, and validate=False skips it; drop "
+                        "one of them")
     from qcompile.api import checked_output_arg
 
     output = checked_output_arg(output)  # a pathlib.Path: "'PosixPath' object has no attribute 'endswith'"
