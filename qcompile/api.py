@@ -430,8 +430,14 @@ def check_input_count(model: nn.Module, given: int, source: str) -> None:
                         "module whose forward takes them positionally")
     names = model_input_names(model)
     if names is not None and given > len(names):
+        from .frontend import _container_inputs
+
+        containers = _container_inputs(model)
+        hint = (f"; forward reads {', '.join(containers)} as a tuple, list or dict, and qcompile passes one tensor "
+                "per input: wrap the model in a module whose forward takes the tensors and builds the container, "
+                "and compile that") if containers else ""
         raise UserError(f"the model's forward takes {len(names)} input(s) ({', '.join(names) or 'none'}) but {given} "
-                        f"were given ({source}); give one array (or --input-shape) per input")
+                        f"were given ({source}); give one array (or --input-shape) per input{hint}")
     need = model_input_count(model)
     if names is not None and given < need:
         raise UserError(f"the model's forward needs {need} input(s) ({', '.join(names[:need])}) but {given} "

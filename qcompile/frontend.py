@@ -1186,11 +1186,40 @@ def _container_inputs(model) -> list[str]:
         return []
     kinds = (dict, tuple, list, collections.abc.Mapping, collections.abc.Sequence)
     found = []
+    unpacked = _unpacked_params(model)
     for p in params:
         hint = hints.get(p.name)
         origin = typing.get_origin(hint) or hint
-        if isinstance(origin, type) and issubclass(origin, kinds) and not issubclass(origin, (str, bytes)):
+        if isinstance(origin, type) and issubclass(origin, kinds) and not issubclass(origin, (str, bytes)) or \
+                p.name in unpacked:
             found.append(p.name)
+    return found
+
+
+def _unpacked_params(model) -> set:
+    """Parameters of ``model.forward`` that its code reads as a container without saying so: unpacked
+    (``x, y = inputs``, ``for t in inputs``) or indexed by a constant (``inputs[0]``, ``batch["image"]``)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(model.forward)))
+    except Exception:  # noqa: BLE001 -- no source (a compiled or generated forward): nothing to say
+        return set()
+    fn = next((n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    if fn is None:
+        return set()
+    names = {a.arg for a in fn.args.args[1:] + fn.args.posonlyargs}
+    found = set()
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in names and \
+                any(isinstance(t, (ast.Tuple, ast.List)) for t in node.targets):
+            found.add(node.value.id)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in names and \
+                isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, (int, str)) and \
+                not isinstance(node.slice.value, bool):
+            found.add(node.value.id)
     return found
 
 

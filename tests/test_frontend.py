@@ -2688,8 +2688,36 @@ def test_a_forward_taking_a_dict_or_annotated_tuple_is_named():
             x, y = t
             return self.fc(x + y)
 
+    class PlainTupleIn(nn.Module):  # unannotated: read from the code (it had the generic shape hint)
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, inputs):
+            x, y = inputs
+            return self.fc(x * y)
+
     x = torch.randn(4, 8)
-    with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list where qcompile passes tensors"):
+    with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list \(d\) where qcompile passes"):
         qcompile.compile(DictIn().eval(), x[:1], calib=x, scheme="uniform", bits=8)
     with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list \(t\) where qcompile passes"):
         qcompile.compile(TupleIn().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    with pytest.raises(qcompile.UserError, match=r"forward takes a dict, tuple or list \(inputs\) where qcompile"):
+        qcompile.compile(PlainTupleIn().eval(), x[:1], calib=x, scheme="uniform", bits=8)
+    # its two inputs given as two arrays: "takes 1 input(s) but 2 were given" said nothing of the tuple
+    with pytest.raises(qcompile.UserError, match=r"but 2 were given .*; forward reads inputs as a tuple, list or "
+                       r"dict, .*wrap the model") as err:
+        qcompile.compile(PlainTupleIn().eval(), calib=(x, x), scheme="uniform", bits=8)
+    assert "\n" not in str(err.value)
+
+    class IndexedTensor(nn.Module):  # x[:, 0] and x[..., -1] index a tensor: not read as a container
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc(x[:, 0] + x[..., -1:])
+
+    from qcompile.frontend import _container_inputs
+
+    assert _container_inputs(IndexedTensor()) == [] and _container_inputs(PlainTupleIn()) == ["inputs"]
