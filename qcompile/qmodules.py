@@ -113,6 +113,8 @@ class FakeQuantize(nn.Module):
         # > 0: asymmetric APoT/PoT levels, the unsigned set shifted down by this grid integer (quant.level_set);
         # chosen by Calibrate where ``search_offset`` (signed non-uniform activations) and the observer allows it
         self.register_buffer("level_offset_buffer", torch.zeros((), dtype=torch.int64))  # level_offset (below)
+        # (scheme, bits, signed) as written into the state dict (_save_to_state_dict): checked on loading
+        self.register_buffer("level_config_buffer", self._config_tensor())
         self.search_offset = False
         self.calibrated = False
         self.enabled = True  # False: pass values through (float reference runs of the same graph)
@@ -152,14 +154,52 @@ class FakeQuantize(nn.Module):
     def level_offset(self, value) -> None:
         self.level_offset_buffer = torch.tensor(int(value), dtype=torch.int64)
 
+    # The level set's scheme, bits and sign travel in the state dict too: a QAT state dict of APoT 4-bit weights
+    # loaded into a model prepared at uniform 4 or APoT 3 bits reported every key matched and took the learned
+    # clipping values of other levels. Loading now stops with the two configurations named.
+    def _config_tensor(self) -> torch.Tensor:
+        from .quant.levels import SCHEMES
+
+        code = SCHEMES.index(self.scheme) if self.scheme in SCHEMES else -1
+        return torch.tensor([code, int(self.bits), int(bool(self.signed))], dtype=torch.int64)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        config = self._config_tensor()  # scheme/bits/signed are plain attributes (change_bits sets bits)
+        if not hasattr(self, "level_config_buffer"):  # a module pickled before 0.9.12
+            self.register_buffer("level_config_buffer", config)
+        else:
+            self.level_config_buffer = config
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    @staticmethod
+    def _describe_config(config) -> str:
+        from .quant.levels import SCHEMES
+
+        code, bits, signed = (int(v) for v in config)
+        scheme = SCHEMES[code] if 0 <= code < len(SCHEMES) else "unknown"
+        return f"{scheme} {bits}-bit {'signed' if signed else 'unsigned'}"
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + "level_offset_buffer"
         absent = key not in state_dict
+        config_key = prefix + "level_config_buffer"
+        saved = state_dict.get(config_key)
+        if not hasattr(self, "level_config_buffer"):  # a module pickled before 0.9.12
+            self.register_buffer("level_config_buffer", self._config_tensor())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if absent and key in missing_keys:  # a state dict saved before qcompile 0.9.2: the offset stays as it is
             missing_keys.remove(key)
+        if config_key in missing_keys:  # saved before qcompile 0.9.12: nothing to check
+            missing_keys.remove(config_key)
+        own = self._config_tensor()
+        if isinstance(saved, torch.Tensor) and saved.shape == own.shape and not torch.equal(saved.to(own), own):
+            error_msgs.append(
+                f"quantizer {prefix.rstrip('.') or 'root'} was saved with {self._describe_config(saved)} levels and "
+                f"this one has {self._describe_config(own)}: prepare the model with the scheme and bits it was "
+                "trained with (after qcompile.qat.change_bits, change them the same way before loading)")
+        self.level_config_buffer = own
 
     @property
     def asymmetric(self) -> bool:

@@ -875,6 +875,33 @@ def test_a_state_dict_carries_the_asymmetric_level_offsets():
     assert {n: fresh.get_submodule(n).level_offset for n in offsets} == offsets
 
 
+def test_a_state_dict_loads_only_into_the_levels_it_was_trained_with():
+    """An APoT 4-bit QAT state dict loaded into a model prepared at uniform 4 or APoT 3 bits matched every key
+    and took clipping values learned for other levels; now loading stops naming both. After change_bits the
+    saved bits are the new ones; a state dict from before the levels were saved still loads."""
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    gm = qat.prepare(pretrained(), x[:1], scheme="apot", bits=4, method="apot", calib=x)
+    state = gm.state_dict()
+    for scheme, bits, needle in [("uniform", 4, "saved with apot 4-bit signed levels and this one has uniform 4-bit "
+                                  "signed: prepare the model with the scheme and bits it was trained with"),
+                                 ("apot", 3, "saved with apot 4-bit signed levels and this one has apot 3-bit")]:
+        other = qat.prepare(pretrained(), x[:1], scheme=scheme, bits=bits, method="apot", calib=x)
+        with pytest.raises(RuntimeError, match=needle):
+            other.load_state_dict(state)
+    same = qat.prepare(pretrained(), x[:1], scheme="apot", bits=4, method="apot", calib=x)
+    same.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(same.eval()(x), gm.eval()(x))
+    qat.change_bits(gm, wbits=3, abits=3)
+    three = qat.prepare(pretrained(), x[:1], scheme="apot", bits=4, method="apot", calib=x)
+    with pytest.raises(RuntimeError, match="saved with apot 3-bit signed levels and this one has apot 4-bit"):
+        three.load_state_dict(gm.state_dict())
+    qat.change_bits(three, wbits=3, abits=3)
+    three.load_state_dict(gm.state_dict())
+    old = {k: v for k, v in state.items() if not k.endswith("level_config_buffer")}
+    same.load_state_dict(old)  # strict: the missing entries are not missing keys
+
+
 def test_export_checks_its_thresholds_as_compile_does(tmp_path):
     """qat.export(thresholds={"min_sqnr": "30"}) stopped validation with a TypeError ("'<' not supported between
     instances of 'float' and 'str'"), an unknown name with one from validate_quantized's signature."""
