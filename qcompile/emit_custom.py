@@ -154,10 +154,11 @@ def custom_weight(b: _Builder, fq: FakeQuantize, w: np.ndarray, output: str, tra
     inputs = [b.packed(index, itype, "w_index"), b.const((grid + offset).astype(lut_t), "w_lut"), b.const(unit, "w_scale")]
     if u8:
         inputs.append(b.const(np.full(unit.shape, offset, np.uint8), "w_zp"))
-    elif np.dtype(lut_t).itemsize == 1:
+    else:
         # explicit even at 0, as the standard form's (emit._dequantize_codes): onnxruntime fuses DequantizeLinear ->
         # Gemm -> QuantizeLinear into QGemm only with explicit zero points, and the custom form's Linear layers
-        # stayed float Gemm after it inlined the function body (its convolutions fused)
+        # stayed float Gemm after it inlined the function body (its convolutions fused); 16- and 32-bit grids too,
+        # since onnx.reference's function calls take every declared input
         inputs.append(b.shared_const(np.zeros(unit.shape, lut_t), "w_zp"))
     _custom_node(b, "DequantizeLevels", inputs, output, axis=int(axis if axis is not None else 0), **_attrs(fq))
 
@@ -199,8 +200,9 @@ def custom_activation(b: _Builder, fq: FakeQuantize, x: str, output: str) -> Non
     # float kernels there)
     g_np, zp = act_storage(grid)
     inputs = [x, b.const(strict, "thresholds"), b.const((grid + zp).astype(g_np), "grid"), b.const(unit, "a_scale")]
-    if np.dtype(g_np).itemsize == 1:
-        inputs.append(b.shared_const(np.array(zp, g_np), "a_zp"))
+    # the zero point also where it is 0 (16-bit codes: APoT 6-bit, PoT 4-bit): onnx.reference's function calls
+    # take every declared input (it refused "4 inputs, expected 5"); onnxruntime computes the same either way
+    inputs.append(b.shared_const(np.array(zp, g_np), "a_zp"))
     _custom_node(b, "QuantizeLevels", inputs, output, **_attrs(fq))
 
 

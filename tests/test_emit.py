@@ -1452,14 +1452,17 @@ def test_compile_warnings_point_at_the_callers_line():
     assert ours and all(w.filename == __file__ for w in ours), [(w.filename, w.lineno) for w in ours]
 
 
-def test_the_custom_form_runs_in_onnx_reference_evaluator():
+@pytest.mark.parametrize("scheme,bits", [("apot", 4), ("pot", 4)])
+def test_the_custom_form_runs_in_onnx_reference_evaluator(scheme, bits):
     """QuantizeLevels declared its `offset` attribute without a default, which symmetric sets leave out:
-    onnx.reference stopped with "'OpFunction' object has no attribute 'offset'"."""
+    onnx.reference stopped with "'OpFunction' object has no attribute 'offset'". PoT-4 activations (16-bit codes)
+    left out the optional zero point, and onnx.reference refused the call ("4 inputs, expected 5")."""
     from onnx.reference import ReferenceEvaluator
 
     x = digits.calibration_inputs(16)
-    result = qcompile.compile(digits.pretrained(), calib=x, scheme="apot", bits=4, int8_levels=False, emit="custom",
-                              validate=False, progress=False)
+    result = qcompile.compile(digits.pretrained(), calib=x, scheme=scheme, bits=bits, int8_levels=False,
+                              emit="custom", validate=False, progress=False)
+    assert all(len(n.input) == 5 for n in result.onnx_model.graph.node if n.op_type == "QuantizeLevels")
     assert any(n.op_type == "QuantizeLevels" and not any(a.name == "offset" for a in n.attribute)
                for n in result.onnx_model.graph.node)
     got = ReferenceEvaluator(result.onnx_model).run(None, {"input": x.numpy()})[0]
