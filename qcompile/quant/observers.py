@@ -718,9 +718,11 @@ class KLObserver(HistogramObserver):
     """TensorRT entropy (KL-divergence) calibration.
 
     Symmetric and unsigned level sets: the threshold of |x| (or of x > 0) against the set's own levels.
-    Asymmetric uniform levels (a signed model input, say): the threshold T of |x| against the symmetric levels of
-    the same bit-width, and the range the data actually covers inside [-T, T] (a skewed tensor keeps its short
-    side, as with min/max).
+    Asymmetric uniform levels (a signed model input, say): each side's own threshold, of ``x >= 0`` and of
+    ``-x`` for ``x < 0``, against the non-negative half of the symmetric levels of the same bit-width (a skewed
+    tensor keeps its short side whole, as with min/max). One threshold of |x| for both sides clipped the long side
+    at the short one's mass: a standardized digit image (29 % background at -0.75, ink up to 1.75) got [-0.75,
+    0.75], a quarter of its values clipped, and a residual CNN fell from 37.3 to 8.1 dB at W8A8.
 
     Exact zeros are left out of the histogram: every set holds 0, so they are exact whatever the threshold, and
     a ReLU output's spike of zeros in the first bin (42 % of ReLU(N(0.2, 1))) otherwise pulls the threshold down
@@ -760,16 +762,16 @@ class KLObserver(HistogramObserver):
                     lo.append(mn if mx >= -mn else max(mn, -alpha))
                     hi.append(min(mx, alpha) if mx >= -mn else mx)
                 continue
+            if asym:  # each side its own threshold (see the class doc), against the symmetric set's half
+                lo.append(max(float(self.min_val[c]), -self._side_threshold(c, False, mags)))
+                hi.append(min(float(self.max_val[c]), self._side_threshold(c, True, mags)))
+                continue
             edges, counts = self.abs_hist(c) if ref.signed else self.pos_hist(c)
             counts = counts.copy()
             counts[0] = max(0.0, counts[0] - float(self.zeros[c]))  # 0 falls in bin 0 of either view
             alpha = kl_threshold(edges, counts, mags)
-            if asym:
-                lo.append(max(float(self.min_val[c]), -alpha))
-                hi.append(min(float(self.max_val[c]), alpha))
-            else:
-                lo.append(-alpha if levelset.signed else 0.0)
-                hi.append(alpha)
+            lo.append(-alpha if levelset.signed else 0.0)
+            hi.append(alpha)
         return torch.tensor(lo, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
 
     SKEW = 0.25  # a side at most this fraction of the other's extent is the short side of a one-sided tensor
@@ -777,6 +779,15 @@ class KLObserver(HistogramObserver):
     def _skewed(self, c: int) -> bool:
         mn, mx = float(self.min_val[c]), float(self.max_val[c])
         return min(max(-mn, 0.0), max(mx, 0.0)) <= self.SKEW * max(-mn, mx)
+
+    def _side_threshold(self, c: int, positive: bool, levels) -> float:
+        """The threshold of one side of channel ``c`` (``x >= 0`` or ``x < 0``, as magnitudes) alone."""
+        nb = self.bins
+        h = self.hist[c].numpy()
+        counts = (h[nb:] if positive else h[:nb][::-1]).copy()
+        if positive:  # exact zeros fall in the first non-negative bin
+            counts[0] = max(0.0, counts[0] - float(self.zeros[c]))
+        return kl_threshold(np.linspace(0.0, float(self.radius[c]), nb + 1), counts, levels)
 
     def _long_side_threshold(self, c: int, levels) -> float:
         """A one-sided tensor on signed levels (GELU/SiLU outputs: values down to -0.17 beside values up to 4.7):
