@@ -51,8 +51,9 @@ class ValidationReport:
             if self.extra["codes_differ"]:
                 codes += f" ({self.extra['codes_differ_local']} on identical inputs)"
         if self.extra.get("saturating_pairs"):
-            codes += (f", {self.extra['saturating_pairs']} int8 weight pairs past int16 on x86 without VNNI "
-                      "(--int8-weights s8-safe avoids them)")
+            # a note on other CPUs, not on this run: the pairs saturate only where x86 lacks VNNI
+            codes += (f"; elsewhere: on x86 without VNNI {self.extra['saturating_pairs']} int8 weight pairs would "
+                      "saturate int16 (--int8-weights s8-safe avoids them)")
         against = f" (against {self.extra['reference']})" if self.extra.get("reference") else ""
         return (f"validation on {self.samples} inputs{against}: max abs err {self.max_abs:.3g}, SQNR {sq}, "
                 f"top-1 agreement {top1}{codes} -> {status}")
