@@ -1354,13 +1354,16 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                         "(--min-sqnr)")
     if opts.dynamic_axes:  # before the passes: an axis the inputs do not have is a mistake of the command
         dynamic.check_axes(opts.dynamic_axes, example_inputs)
-        from .frontend import SIZED_AXES, SIZED_TRACE
+        from .frontend import SIZED_AXES, SIZED_SITE, SIZED_TRACE
 
         free = set(gm.meta.get(SIZED_AXES, ())) | {0}  # the axes whose sizes the sized trace kept traced
         if gm.meta.get(SIZED_TRACE) and not set(opts.dynamic_axes) <= free:
-            # a branch on a size, math on it: the example's, whatever the checks sample
+            # a branch on a size, math on it: the example's, whatever the checks sample. Where: the module the plain
+            # trace stopped in (nn.MultiheadAttention's own check of an attn_mask's shape, not the user's code)
+            site = gm.meta.get(SIZED_SITE)
+            where = f", in {site}" if site else ""
             raise UserError(f"{dynamic.flag(opts.dynamic_axes)}: the model computes with its input's sizes in Python "
-                            "(a branch on x.shape, math.ceil of it), which torch.fx cannot trace, so its graph holds "
+                            f"(a branch on x.shape, math.ceil of it{where}), which torch.fx cannot trace, so its graph holds "
                             "the example's sizes and computes the model at those only; compile once per size without "
                             "--dynamic-axes, or compute the sizes with tensor operations")
     pipeline = Pipeline(build_passes(opts, calib_x, progress, example=example_inputs), check=opts.check,

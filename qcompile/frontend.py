@@ -1100,6 +1100,23 @@ def _doubled(t, axes: Sequence[int]):
     return t
 
 
+SIZED_SITE = "qcompile.sized_site"  # gm.meta: the module whose code the plain trace stopped in ("mha (MultiheadAttention)")
+
+
+def _failure_site(exc: BaseException, model: nn.Module) -> str:
+    """The innermost module of ``model`` whose code ``exc`` passed through: ``"name (Type)"``, or "" where none."""
+    names = {id(m): name for name, m in model.named_modules()}
+    site = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        obj = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None  # self, or s
+        if isinstance(obj, nn.Module) and id(obj) in names:
+            site = f"{names[id(obj)] or 'the model'} ({type(obj).__name__})"
+        tb = tb.tb_next
+    return site
+
+
 def _trace_sized(model: nn.Module, example_inputs, leaf_modules: list, check_inputs=None,
                  failure: list | None = None, dynamic_axes: Sequence[int] = ()) -> torch.fx.GraphModule | None:
     """The graph module :class:`_SizedTracer` makes (through the transformer stand-ins where the model has them),
@@ -1536,14 +1553,18 @@ def _trace_graph(model: nn.Module, example_inputs, leaf_modules: list, check_inp
                 # (asked only where the sized trace fails too: each asks for a run of the model, and the sized
                 # trace runs it on the same inputs; YOLOv8n at 320 x 320 spent 0.7 s here)
                 sized = None
+                axes_failure: list = []  # why the sizes could not stay free on those axes
                 if any(a > 0 for a in dynamic_axes):  # sizes free on those axes; else as below (compile refuses it)
                     with _attributes_kept(model):
-                        sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs,
+                        sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs, axes_failure,
                                              dynamic_axes=dynamic_axes)
                 if sized is None:
                     with _attributes_kept(model):
                         sized = _trace_sized(model, example_inputs, leaf_modules, check_inputs, sized_failure)
                 if sized is not None:
+                    site = _failure_site(axes_failure[0] if axes_failure else exc, model)
+                    if site:
+                        sized.meta[SIZED_SITE] = site
                     return sized
                 for inputs in (example_inputs, check_inputs):
                     failed = _eager_failure(model, inputs) if inputs is not None else None

@@ -689,6 +689,20 @@ def test_the_record_gives_ternary_weights_their_two_bits(digits):
     assert qat.config_of(gm).describe().startswith("ste: W2 ternary / A4 apot")
 
 
+@pytest.mark.parametrize("wscheme", ["ternary", "binary"])
+def test_ternary_and_binary_weights_learn_as_recorded_whatever_bits_says(digits, wscheme):
+    """prepare(wscheme="ternary", bits=4, method="apot") compared the quantizers' 2 bits with 4: the run's own
+    weight quantizers learned no alpha and had no weight normalisation, while the record said "weight-norm"."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], wscheme=wscheme, ascheme="uniform", bits=4, method="apot",
+                     calib=x_tr[:64])
+    own = [m for m in qat.learnable_quantizers(gm) if m.role == "weight" and m.scheme == wscheme]
+    assert own and all(m.learned_alpha.requires_grad and m.weight_norm for m in own)
+    assert "weight-norm" in qat.config_of(gm).describe()
+    with pytest.raises(UserError, match=f"change_bits: {wscheme} weights have a fixed width"):
+        qat.change_bits(gm, wbits=3)
+
+
 def test_trained_models_compile_only_with_weights_they_were_trained_with_and_no_float_comparison(digits, tmp_path):
     """compile(QAT model, int8_weights="s8-safe") wrote full-range int8 weights under the s8-safe name (the pass
     that moves them is not run on trained weights): FAIL on x86 without VNNI, 96 -> 68 % in onnxruntime. And the

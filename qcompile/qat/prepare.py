@@ -324,9 +324,14 @@ def _pooled_mse_alpha(z: torch.Tensor, levelset) -> torch.Tensor:
 
 
 def _learns(fq: FakeQuantize, cfg: QATConfig) -> bool:
+    # ternary/binary quantizers have their own width whatever --bits said (FIXED_BITS): wscheme="ternary" with
+    # bits=4 compared 2 with 4, and the run's own weight quantizers learned no alpha and had no weight
+    # normalisation, while the recorded method said they had
+    from qcompile.ir import FIXED_BITS
+
     if fq.role == "weight":
-        return (fq.scheme, fq.bits) == (cfg.wscheme, cfg.wbits)
-    return (_family(fq.scheme), fq.bits) == (_family(cfg.ascheme), cfg.abits)
+        return (fq.scheme, fq.bits) == (cfg.wscheme, FIXED_BITS.get(cfg.wscheme, cfg.wbits))
+    return (_family(fq.scheme), fq.bits) == (_family(cfg.ascheme), FIXED_BITS.get(cfg.ascheme, cfg.abits))
 
 
 def _activation_sigmas(gm: torch.fx.GraphModule, nodes, data: torch.Tensor, batch: int = 64) -> dict:

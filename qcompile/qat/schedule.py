@@ -53,6 +53,12 @@ def change_bits(model: nn.Module, wbits: Optional[int] = None, abits: Optional[i
         new_bits = wbits if fq.role == "weight" else abits
         if new_bits is None or new_bits == fq.bits:
             continue
+        from qcompile.ir import FIXED_BITS
+
+        if fq.scheme in FIXED_BITS:  # checked for all before any changes
+            raise UserError(f"change_bits: {fq.scheme} {fq.role}s have a fixed width ({FIXED_BITS[fq.scheme]} "
+                            f"bit{'s' if FIXED_BITS[fq.scheme] > 1 else ''}); leave "
+                            f"{'wbits' if fq.role == 'weight' else 'abits'} out")
         if fq.scheme == "uniform_asym" and rescale:  # checked for all before any changes (the weights went first)
             raise UserError("eq. 11 re-scaling is defined for symmetric and unsigned levels, not uniform_asym; "
                             "change_bits(..., rescale=False) keeps the learned ranges")
