@@ -1460,7 +1460,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         probe = dynamic.probe_inputs(source, axes)
         odd = dynamic.probe_inputs(source, axes, samples=2, extra=1)
         probe_reference = gm if trained else float_reference(model, example_inputs, opts.leaf_modules)
-        probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, axes, "graph" if trained else "model")
+        probe_outputs = dynamic.run_model_at_probe(probe_reference, probe, axes, "trained" if trained else "model")
         odd_outputs = dynamic.run_model_at_probe(probe_reference, odd, axes, "model", optional=True)
         if traced is not None:
             for inputs, outputs in ((probe, probe_outputs), (odd, odd_outputs)):

@@ -95,6 +95,12 @@ def run_model_at_probe(reference, probe, axes: Sequence[int], what: str, optiona
         if optional and what == "model":
             return None
         shape = _shapes(probe)
+        if what == "trained":  # a QAT-prepared graph: the model and its trace are one, so either may fix the size
+            raise UserError(f"{flag(axes)}: the trained graph does not run at twice the example's size on those axes "
+                            f"(inputs {shape}: {_first_line(exc)}): the model itself takes only that size (a Linear "
+                            "after a flatten of the feature map), or its trace fixed a size read in forward "
+                            "(x.shape); name only axes whose size the model takes at any value, or export once per "
+                            "size without dynamic_axes") from None
         if what == "model":
             raise UserError(f"{flag(axes)}: the model itself does not run at twice the example's size on those axes "
                             f"(inputs {shape}: {_first_line(exc)}); name only axes whose size the model takes at any "

@@ -317,6 +317,14 @@ def test_two_inputs_and_a_qat_trained_model(tmp_path):
                           dynamic_axes=(2, 3))
     assert exported.report.passed and exported.summary["dynamic_axes"]["outputs"] == {"output": ["batch", 2, "d2", "d3"]}
     assert onnx.load(str(tmp_path / "qat2.onnx")).graph == onnx.load(path).graph  # the metadata names the data
+    # a trained model that takes one size only (a Linear after the flatten): the model's limit, not "where the
+    # model itself runs, a size read in forward" (the float model fails there the same way)
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 2)).eval()
+    trained = qat.prepare(fixed, x[:1], scheme="apot", bits=4, calib=x)
+    with pytest.raises(UserError, match=r"the trained graph does not run at twice the example's size on those axes "
+                       r".*the model itself takes only that size") as err:
+        qat.export(trained, x[:1], output=str(tmp_path / "fixed.onnx"), dynamic_axes=(2, 3))
+    assert "\n" not in str(err.value) and not (tmp_path / "fixed.onnx").exists()
 
 
 def test_validate_a_dynamic_file_on_inputs_of_another_size(cli_module, capsys):
@@ -549,3 +557,29 @@ def test_python_math_on_a_size_is_named_when_the_file_fixes_it(tmp_path):
     result = qcompile.compile(Operator().eval(), x[:1], calib=x, output=str(path), scheme="uniform", bits=8,
                               dynamic_axes=(1,))
     assert result.report.passed and path.exists()
+
+
+def test_the_refusal_of_sizes_read_in_python_names_the_module():
+    """The refusal said the model branches on x.shape; where a library module does it (nn.MultiheadAttention's
+    check of an attn_mask's shape) the user's own code has no such branch. It now names the module."""
+    class Sub(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if x.shape[1] > 5:
+                x = x * 2
+            return self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = Sub(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.block(x)).mean(1))
+
+    x = torch.randn(16, 10, 8)
+    with pytest.raises(UserError, match=r"computes with its input's sizes in Python \(.*, in block \(Sub\)\)"):
+        qcompile.compile(Net().eval(), x[:1], calib=x, scheme="uniform", bits=8, dynamic_axes=(1,))
