@@ -83,6 +83,7 @@ class QuantizeOutputs(Pass):
         with graph.inserting_before(x):
             flat = graph.call_method("flatten", (src, 0, -2))
         flat.meta["tensor_meta"] = flat_meta
+        flat.meta["qcompile_inserted"] = True  # not the model's op: reports name the one before it
         x.replace_input_with(src, flat)
         x.meta["tensor_meta"] = flat_meta
         # the shape back as a tensor (ONNX Shape → Slice → Concat): torch.onnx's tracer froze ``src.shape[:-1]``

@@ -1380,6 +1380,8 @@ def quantizer_places(gm: torch.fx.GraphModule) -> dict[str, str]:
         """" after sigmoid": the op the quantizer reads where that is not a layer (a SiLU's gate or product, an
         add, a pool), so that the quantizers of one layer's output, its gate and its product read apart."""
         src = node.args[0] if node.args else None
+        while isinstance(src, torch.fx.Node) and src.meta.get("qcompile_inserted") and src.args:
+            src = src.args[0]  # a reshape qcompile added (a 3-D Linear's rows flattened): the model's op before it
         if not isinstance(src, torch.fx.Node) or src.op not in ("call_module", "call_function", "call_method") or \
                 layer_of(src) is not None or \
                 (src.op == "call_module" and isinstance(gm.get_submodule(src.target), FakeQuantize)):

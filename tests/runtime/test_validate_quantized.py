@@ -982,3 +982,21 @@ def test_float_outputs_computed_first_give_the_same_report(compiled):
     again = validate_quantized(r.onnx_model.SerializeToString(), r.model, x, float_model=float_model)
     assert r.report.extra["sqnr_vs_float_db"] == again.extra["sqnr_vs_float_db"]
     assert r.report.extra["top1_vs_float"] == again.extra["top1_vs_float"]
+
+
+def test_report_places_skip_the_reshape_qcompile_adds_before_a_3d_linear():
+    """A Linear on (B, T, d) tokens reads its rows flattened by a reshape qcompile adds; its input quantizer was
+    named "input of head after flatten", an op the model does not have."""
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.ln, self.head = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.ln(torch.nn.functional.gelu(self.l1(x))))
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 6, 8)
+    result = qcompile.compile(Tokens().eval(), calib=calib, scheme="apot", bits=4, keep_first_last="int8")
+    places = [layer["where"] for layer in result.report.layers]
+    assert "input of head after layernorm" in places and not any("flatten" in p for p in places), places
