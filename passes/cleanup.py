@@ -293,7 +293,10 @@ class DecomposeUnexportable(Pass):
     - ``nn.Threshold(t, v)`` / ``F.threshold`` other than ReLU's (t = v = 0; "non-zero threshold"):
       ``torch.where(x > t, x, v)``;
     - ``nn.Bilinear`` / ``F.bilinear`` ("aten::bilinear not supported"): ``einsum('...i,oij,...j->...o', x1, W, x2)``
-      plus the bias. It stays float (no quantizer reads an einsum's parameter)."""
+      plus the bias. It stays float (no quantizer reads an einsum's parameter);
+    - ``nn.EmbeddingBag`` on 2-D ids (one bag per row; no offsets, per-sample weights, padding index or max_norm),
+      which torch.onnx writes as a ``Loop``: an ``nn.Embedding`` of the same name and weight, then ``sum``/``mean``/
+      ``amax`` over dim 1."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         count = 0
@@ -333,11 +336,42 @@ class DecomposeUnexportable(Pass):
                     out = g.call_function(torch.einsum, ("...i,oij,...j->...o", x1, weight, x2))
                     if bias is not None:
                         out = g.call_function(torch.add, (out, bias))
+            elif isinstance(mod, nn.EmbeddingBag) and _plain_bag(node, mod):
+                # one bag per row of 2-D ids: an Embedding (same name, same weight Parameter) and the bag's
+                # reduction over the row. torch.onnx wrote the bag as a Loop (onnxruntime warned on every load,
+                # and the table stayed float, not a layer); the Embedding is a table like any other
+                emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim)
+                emb.weight = mod.weight
+                gm.add_submodule(str(node.target), emb)
+                meta = node.meta.get("tensor_meta")
+                ids = node.args[0].meta["tensor_meta"].shape
+                with g.inserting_after(node):
+                    out = g.call_method({"sum": "sum", "mean": "mean", "max": "amax"}[mod.mode], (node, 1))
+                node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+                if meta is not None:
+                    out.meta["tensor_meta"] = meta
+                    shape = torch.Size([ids[0], ids[1], mod.embedding_dim])
+                    node.meta["tensor_meta"] = meta._replace(shape=shape, stride=(ids[1] * shape[2], shape[2], 1))
+                node.meta.pop("val", None)
+                count += 1
+                continue
             else:
                 continue
             _replace(node, out)
             count += 1
-        return _finish(self, gm, count, "layer(s) torch.onnx cannot export (channel shuffle, threshold, bilinear)")
+        return _finish(self, gm, count, "layer(s) torch.onnx cannot export well (channel shuffle, threshold, "
+                                        "bilinear, bag of embeddings)")
+
+
+def _plain_bag(node: torch.fx.Node, mod: nn.EmbeddingBag) -> bool:
+    """``bag(ids)`` on 2-D integer ids (one bag per row), no offsets or per-sample weights, no padding index or
+    max_norm (which change what a bag sums): what an Embedding and a reduction over dim 1 compute."""
+    ids = node.args[0] if node.args else None
+    meta = ids.meta.get("tensor_meta") if isinstance(ids, torch.fx.Node) else None
+    extra = list(node.args[1:]) + list(node.kwargs.values())
+    return hasattr(meta, "shape") and len(meta.shape) == 2 and not meta.dtype.is_floating_point and \
+        all(v is None for v in extra) and mod.padding_idx is None and mod.max_norm is None and \
+        mod.mode in ("sum", "mean", "max")
 
 
 _CHANNEL_SHUFFLES = {F.channel_shuffle, torch.channel_shuffle} if hasattr(F, "channel_shuffle") else \
