@@ -94,9 +94,13 @@ class Pass:
         if not isinstance(result, PassResult):
             raise TypeError(f"{self.name}.call must return PassResult, got {type(result).__name__}")
         if not result.modified and not self.report and self.needs_quantizers and not _has_quantizers(result.gm):
-            # placed before InsertQuantizers in a pipeline of one's own: it did nothing, without a word
-            self.report.append(f"the graph has no quantizers: nothing to do; run {self.name} after InsertQuantizers "
-                               "and Calibrate (the order of qcompile.pipeline.build_passes)")
+            # placed before InsertQuantizers in a pipeline of one's own: it did nothing, without a word. After
+            # InsertQuantizers (a model with no layer to quantize), the order is right and there is nothing to say
+            if "InsertQuantizers" in passes_run(gm):
+                self.report.append("the graph has no quantizers: nothing to do")
+            else:
+                self.report.append(f"the graph has no quantizers: nothing to do; run {self.name} after "
+                                   "InsertQuantizers and Calibrate (the order of qcompile.pipeline.build_passes)")
         _note_ran(gm, result.gm, self.name)
         return result
 

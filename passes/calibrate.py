@@ -83,6 +83,11 @@ class Calibrate(Pass):
         super().__init__()
         # also record E[x] of every quantized layer's input during the pass (BiasCorrection reads it)
         self.record_input_means = record_input_means
+        from qcompile.quant.observers import OBSERVERS
+
+        for what, value in (("method", method), ("weight_method", weight_method)):
+            if value not in OBSERVERS:  # it failed only when the pipeline ran, as a PassError of a ValueError
+                raise UserError(f"Calibrate: unknown {what} {value!r}; use one of {', '.join(OBSERVERS)}")
         self.data = data
         self.method = method
         self.weight_method = weight_method

@@ -660,6 +660,8 @@ def _check_option_names(options: dict, caller: str = "compile()") -> None:
             continue
         if name in _FLAG_OPTIONS:
             hint = f"use {_FLAG_OPTIONS[name]}"
+        elif name in VALIDATION_THRESHOLDS:  # compile(min_sqnr=30): the CLI's --min-sqnr
+            hint = f"validation thresholds go in thresholds=, e.g. thresholds={{{name!r}: ...}}"
         else:
             close = difflib.get_close_matches(name, known + ["output", "calib", "validate", "validation_inputs",
                                                                "thresholds", "example_inputs"], n=1)
@@ -1405,6 +1407,12 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         reasons = ", ".join(dict.fromkeys(cfg.reason for cfg in decided))
         first_last_note = (f"no layer is quantized: every layer is kept float ({reasons}), so the file computes "
                            "the float model")  # the summary's note of the same kind: no layer as asked
+        warnings.warn(first_last_note, QuantizationWarning, stacklevel=user_stacklevel())
+    elif opts.quantized and not decided and not trained and first_last_note is None:
+        # a model of activations and pooling only: the header said "(apot W4A4)", exit 0, not a word
+        first_last_note = ("no layer is quantized: the model has no layer qcompile quantizes (Conv, Linear, "
+                           "ConvTranspose, Embedding, recurrent layers, matmuls with a parameter), so the file "
+                           "computes the float model")
         warnings.warn(first_last_note, QuantizationWarning, stacklevel=user_stacklevel())
     numbers_note = _python_numbers_hint(gm)
     if time_note:  # the CLI prints it; from Python a warning is the only word of it

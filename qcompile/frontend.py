@@ -1254,6 +1254,11 @@ def _inputs_error(cause: BaseException, example_inputs, where: str = "", model=N
         hint = ("an input takes integer ids (an Embedding) and was given floats: --input-shape makes random "
                 "floats, so give --calib, whose arrays must hold the ids as integers (ids.astype(np.int64), "
                 "not float32; the same for calib= from Python)")
+    elif "index out of range" in str(cause) and \
+            any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs):
+        # an Embedding's ids past its table (or negative): the shape and type are right, the values are not
+        hint = ("an integer input holds ids outside an Embedding's table: give ids in [0, num_embeddings) (the "
+                "ids of the --calib inputs, and of calib= from Python)")
     elif any(isinstance(t, torch.Tensor) and not t.is_floating_point() for t in example_inputs) \
             and "type" in str(cause).lower():
         hint = ("integer inputs stay integers (token ids for an Embedding; a file's uint8 and int32 arrays are read as "

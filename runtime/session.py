@@ -29,7 +29,37 @@ def session(path_or_bytes, threads: int | None = None, spinning: bool = False,
             optimized_model_path: str | None = None, **kwargs) -> ort.InferenceSession:
     """Open an onnxruntime CPU session for an emitted file (path or serialized bytes)."""
     so = session_options(threads, spinning, optimized_model_path, **kwargs)
-    return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(path_or_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        if isinstance(path_or_bytes, (bytes, bytearray)):
+            raise
+        _user_file_error(path_or_bytes, exc)
+        raise
+
+
+def _user_file_error(path, exc: BaseException) -> None:
+    """A path that names no file, or a file that is no ONNX model: a one-line UserError (onnxruntime said
+    ``NoSuchFile`` or ``InvalidProtobuf ... No graph was found``); a model onnxruntime refuses otherwise is left
+    to its own error."""
+    import os
+
+    import onnx
+
+    from qcompile.errors import UserError
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"no ONNX file at {path!r}; give the path of a file qcompile wrote") from None
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a folder; give the path of an .onnx file") from None
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception:  # noqa: BLE001 -- not a protobuf at all
+        model = None
+    if model is None or not model.HasField("graph") or not model.graph.node and not model.graph.output:
+        raise UserError(f"{path!r} is not an ONNX file (onnxruntime: {str(exc).strip().splitlines()[0][:160]}); "
+                        "give a file qcompile wrote") from None
 
 
 #: metadata key of a file with several inputs: the file's names for all of ``forward``'s inputs, in order (JSON

@@ -580,6 +580,8 @@ def test_compile_api_refuses_bad_data_before_writing(tmp_path):
     (dict(validate=False, validation_inputs=torch.zeros(4, 64)),
      "validation_inputs= holds the inputs validation runs on, and validate=False skips it"),
     (dict(validate=False, thresholds={"min_sqnr": 30}), "thresholds= cannot apply with validate=False"),
+    # "unknown option 'min_sqnr'; the options are ..." (the CLI's --min-sqnr is a threshold)
+    (dict(min_sqnr=30), "validation thresholds go in thresholds=, e.g. thresholds={'min_sqnr': ...}"),
 ])
 def test_compile_api_refuses_bad_options_in_one_line(tmp_path, kwargs, needle):
     x = example_input(MLP, batch=8)
@@ -1944,3 +1946,56 @@ def test_export_with_fewer_examples_than_inputs_is_one_clear_error():
     with pytest.raises(UserError, match=r"the model takes 2 inputs \(img, feats\) but 1 example\(s\) were given"):
         export_onnx(gm, x)
     assert len(export_onnx(gm, (x, x)).graph.input) == 2
+
+
+def test_a_model_without_layers_to_quantize_says_the_file_is_the_float_model():
+    """forward = relu(x) * 2: compiled as "(apot W4A4)", PASS, exit 0 and not a word, while seven pass lines told
+    the user to run the passes after InsertQuantizers, which the pipeline had done."""
+    import warnings
+
+    from qcompile.errors import QuantizationWarning
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2
+
+    x = torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = qcompile.compile(Act(), x[:1], calib=x, scheme="apot", bits=4, progress=False)
+    notes = [str(w.message) for w in caught if issubclass(w.category, QuantizationWarning)]
+    assert any(n.startswith("no layer is quantized: the model has no layer qcompile quantizes") for n in notes), notes
+    assert result.report.passed
+    lines = [line for t in result.timings for line in t.report]
+    assert "the graph has no quantizers: nothing to do" in lines and not any("after InsertQuantizers" in line
+                                                                           for line in lines), lines
+
+
+def test_runtime_file_mistakes_and_bad_pass_options_are_user_errors(tmp_path):
+    """runtime.session('nope.onnx') raised onnxruntime's NoSuchFile and runtime.validate of a text file its
+    InvalidArgument; Calibrate(method='median') failed only when the pipeline ran (a PassError of a ValueError);
+    ids past an Embedding's table were sent to fix --input-shape."""
+    from qcompile.errors import UserError
+    from qcompile.passes.calibrate import Calibrate
+    from qcompile.runtime import session, validate
+
+    text = tmp_path / "t.onnx"
+    text.write_text("hi")
+    with pytest.raises(UserError, match="no ONNX file at"):
+        session(str(tmp_path / "nope.onnx"))
+    with pytest.raises(UserError, match="is not an ONNX file"):
+        validate(str(text), MLP(), example_input(MLP, batch=4))
+    with pytest.raises(UserError, match="Calibrate: unknown method 'median'; use one of minmax"):
+        Calibrate(method="median")
+
+    class Ids(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e, self.f = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.f(self.e(ids).mean(1))
+
+    ids = torch.randint(10, 30, (8, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(UserError, match=r"ids outside an Embedding's table: give ids in \[0, num_embeddings\)"):
+        qcompile.compile(Ids().eval(), ids[:1], calib=ids)

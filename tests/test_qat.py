@@ -974,3 +974,13 @@ def test_channel_stats_of_one_value_per_channel_is_the_tensors_spread():
     mu, sigma = channel_stats(w, 0)
     assert torch.equal(mu, w) and torch.isfinite(sigma).all()
     assert torch.allclose(sigma, w.std().expand(3, 1))
+
+
+def test_param_groups_checks_its_rates(digits):
+    """lr_alpha='fast' or -5 was handed to the optimizer, which failed at its first step inside torch.optim."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, calib=x_tr[:64])
+    for kwargs in (dict(lr_alpha="fast"), dict(lr_alpha=-5), dict(wd_alpha="x"), dict(weight_decay=float("nan"))):
+        with pytest.raises(UserError, match="param_groups: .* must be a number >= 0"):
+            qat.param_groups(gm, **kwargs)
+    assert len(qat.param_groups(gm, lr_alpha=0.01, wd_alpha=1e-4)) == 2

@@ -487,6 +487,15 @@ def param_groups(model: nn.Module, lr_alpha: Optional[float] = None, wd_alpha: f
     from .modules import learnable_quantizers
 
     _require_prepared(model, "param_groups")
+    import numbers
+
+    for name, value in (("lr_alpha", lr_alpha), ("wd_alpha", wd_alpha), ("weight_decay", weight_decay)):
+        # a string or a negative rate was handed to the optimizer, which failed at its first step (a TypeError
+        # from torch.optim, "can't multiply sequence by non-int of type 'str'") or trained the wrong way
+        if value is None and name != "wd_alpha":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise UserError(f"param_groups: {name} must be a number >= 0, got {value!r}")
     alphas = [m.learned_alpha for m in learnable_quantizers(model) if m.learned_alpha.requires_grad]
     ids = {id(p) for p in alphas} | {id(m.learned_alpha) for m in learnable_quantizers(model)}
     weights = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
