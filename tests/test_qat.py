@@ -984,3 +984,7 @@ def test_param_groups_checks_its_rates(digits):
         with pytest.raises(UserError, match="param_groups: .* must be a number >= 0"):
             qat.param_groups(gm, **kwargs)
     assert len(qat.param_groups(gm, lr_alpha=0.01, wd_alpha=1e-4)) == 2
+    # export's other options: a TypeError from Python before
+    with pytest.raises(UserError, match=r"qat.export takes .* not 'int8_weights'; .* qcompile.compile\(model, "
+                       r"example_inputs, int8_weights=...\)"):
+        qat.export(gm, x_te[:1], int8_weights="u8")

@@ -142,7 +142,7 @@ def _warn_if_pair_safe_moved(passes) -> None:
 
 def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = None, *, validate: bool = True,
            validation_inputs=None, emit: str = "standard", thresholds: Optional[dict] = None,
-           float_model: Optional[nn.Module] = None, dynamic_axes=()):
+           float_model: Optional[nn.Module] = None, dynamic_axes=(), **options):
     """Convert a trained QAT model and export it like ``qcompile.compile`` does: ONNX export, emission,
     ``onnx.checker``, atomic write to ``output`` (if given), and validation in onnxruntime against the converted
     simulation (``validation_inputs``, default the example inputs). Returns a :class:`qcompile.api.CompileResult`.
@@ -151,6 +151,12 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     ``qcompile.compile`` of the trained model with them, which converts it the same way and checks the file at other
     sizes (README "Dynamic axes"); ``float_model`` is then not used.
     """
+    if options:  # int8_weights="u8": Python's own TypeError ("unexpected keyword argument") before
+        name = next(iter(options))
+        raise UserError(f"qat.export takes output, validate, validation_inputs, emit, thresholds, float_model and "
+                        f"dynamic_axes, not {name!r}; the other options of the file's form (int8_weights) go "
+                        f"through qcompile.compile(model, example_inputs, {name}=...), which exports a trained model "
+                        "the same way")
     if dynamic_axes:
         from qcompile.api import compile as compile_model
 
