@@ -12,7 +12,7 @@ activation-code mismatch fraction and output SQNR of the file against the float 
 images); file size against the packed ideal (``benchmarks.common.ideal_size``); compile time with validation.
 
 Writes ``benchmarks/results/digits_accuracy.json`` and prints a markdown table and the targets.
-Run: ``python benchmarks/bench_digits_accuracy.py`` from the repository root (about 5-10 minutes on 2 cores).
+Run: ``python benchmarks/bench_digits_accuracy.py`` from the repository root (about 10-20 s on 2 cores).
 """
 from __future__ import annotations
 

@@ -547,7 +547,10 @@ class SelectLayers(Pass):
                  overrides: Sequence[Override] = ()) -> None:
         super().__init__()
         if not isinstance(default, LayerConfig):
-            raise TypeError(f"default must be a LayerConfig, got {type(default).__name__}")
+            hint = " (qcompile.quantize_pipeline.default_layer_config(options) gives the one compile uses)" \
+                if type(default).__name__ == "CompileOptions" else ""
+            raise UserError(f"SelectLayers: default must be a LayerConfig (qcompile.ir.LayerConfig(wscheme='apot', "
+                            f"wbits=4, ...)), got {type(default).__name__}{hint}")
         if first_last not in FIRST_LAST_MODES:
             raise UserError(f"--keep-first-last {first_last!r} must be one of {', '.join(FIRST_LAST_MODES)}")
         self.default = default

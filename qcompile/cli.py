@@ -140,7 +140,8 @@ def _compile_parser() -> argparse.ArgumentParser:
                    help="first and last layer: 8-bit uniform (default, as the papers do), float, or quantized like the rest")
     g.add_argument("--float-downsample", action="store_true", help="keep 1x1 downsample shortcuts in float (N2UQ appendix)")
     g.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="keep layers whose module name matches GLOB in float; repeatable")
+                   help="keep layers whose name (as the layer table names them: the module, or a functional "
+                        "layer's parameter such as w or W.0) matches GLOB in float; repeatable")
     g.add_argument("--config", metavar="FILE", help="per-layer overrides, TOML or YAML: 'layer4.*': {scheme: uniform, bits: 8}")
     e = p.add_argument_group("emission and checks")
     e.add_argument("--emit", default="standard", metavar="standard|custom|shift-add",

@@ -59,8 +59,20 @@ def node_reads(nodes) -> set[str]:
     return read
 
 
+def _require_module(gm, what: str) -> None:
+    """A pipeline's PassResult given where its graph module belongs: "'PassResult' object has no attribute
+    'named_modules'" from deep inside before."""
+    if not isinstance(gm, torch.nn.Module):
+        from qcompile.errors import UserError
+
+        hint = ": a pipeline (or a pass) returns a PassResult, its graph module is .gm" \
+            if type(gm).__name__ == "PassResult" else ""
+        raise UserError(f"{what} takes a graph module, got {type(gm).__name__}{hint}")
+
+
 def quantizers_by_id(gm: torch.nn.Module) -> dict[int, FakeQuantize]:
     """Give every FakeQuantize of ``gm`` a stable id (its order in ``named_modules``) and return the map."""
+    _require_module(gm, "quantizers_by_id")
     table = {}
     for i, (name, mod) in enumerate((n, m) for n, m in gm.named_modules() if isinstance(m, FakeQuantize)):
         mod.prepare_export(i, name)

@@ -140,6 +140,9 @@ def export_onnx(gm: torch.nn.Module, example_inputs: Sequence[torch.Tensor], ops
                 dynamic_batch: bool = True) -> onnx.ModelProto:
     """Export ``gm`` to an in-memory ONNX model (nothing is written to disk). ``example_inputs``: one tensor per
     model input (a single tensor is the one input, not a sequence of its rows)."""
+    from qcompile.emit import _require_module
+
+    _require_module(gm, "export_onnx")
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if isinstance(gm, torch.fx.GraphModule):
         _check_input_count(gm, example_inputs)

@@ -1999,3 +1999,20 @@ def test_runtime_file_mistakes_and_bad_pass_options_are_user_errors(tmp_path):
     ids = torch.randint(10, 30, (8, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(UserError, match=r"ids outside an Embedding's table: give ids in \[0, num_embeddings\)"):
         qcompile.compile(Ids().eval(), ids[:1], calib=ids)
+
+
+def test_a_pipeline_result_given_for_its_graph_module_is_named():
+    """gm = Pipeline([...])(gm) (a PassResult) handed to emit/export_onnx: "'PassResult' object has no attribute
+    'named_modules'" from inside; SelectLayers(CompileOptions(...)) a TypeError."""
+    from qcompile import CompileOptions, emit, export_onnx
+    from qcompile.errors import UserError
+    from qcompile.passes import Pipeline, SelectLayers
+
+    x = example_input(MLP, batch=4)
+    result = Pipeline([SelectLayers()])(qcompile.trace(MLP(), x[:1]))
+    for call in (lambda: emit.quantizers_by_id(result), lambda: export_onnx(result, x[:1])):
+        with pytest.raises(UserError, match="got PassResult: a pipeline .* returns a PassResult, its graph module "
+                                            "is .gm"):
+            call()
+    with pytest.raises(UserError, match="SelectLayers: default must be a LayerConfig .* got CompileOptions"):
+        SelectLayers(CompileOptions(scheme="apot", bits=4))
