@@ -592,6 +592,8 @@ class SelectLayers(Pass):
                     decision[n] = dataclasses.replace(decision[n], action="float", reason="1x1 downsample shortcut")
         matched = {id(ov): 0 for ov in self.overrides}
         self._configured = set()  # layers a config rule quantizes as it says (not --exclude): the user's own levels
+        ruled: dict = {}  # layer -> the config rule that set it (an --exclude after it overrides it: said below)
+        overridden: list[str] = []
         for ov in self.overrides:
             for n in nodes:
                 name, type_name = _layer_name_and_type(gm, n)
@@ -600,8 +602,15 @@ class SelectLayers(Pass):
                     matched[id(ov)] += 1
                     if ov.source != "--exclude" and decision[n].action == "quant":
                         self._configured.add(n)
+                        ruled[n] = ov
                     else:
                         self._configured.discard(n)
+                        if ov.source == "--exclude" and n in ruled:
+                            ruled.pop(n)
+                            overridden.append(name)
+        if overridden:  # --config said how to quantize them, and --exclude kept them float, without a word
+            self.report.append(f"--exclude keeps {', '.join(dict.fromkeys(overridden))} float over the --config "
+                               "rule that quantizes it (--exclude wins)")
         names = [_layer_name_and_type(gm, n)[0] for n in nodes]
         names = list(dict.fromkeys(names))  # a module called twice is one name
         from qcompile.qmodules import FakeQuantize

@@ -570,3 +570,18 @@ def test_layer_table_of_a_model_instead_of_a_graph_module_says_how_to_get_one():
 
     with pytest.raises(TypeError, match=r"layer_table takes a torch.fx.GraphModule, got DigitsCNN: trace the model"):
         layer_table(digits.pretrained())
+
+
+def test_an_exclude_over_a_config_rule_is_reported():
+    """--config giving conv2 uniform 8-bit and --exclude conv2: the exclude won and the rule was dropped without a
+    word."""
+    import qcompile
+    from qcompile.models import digits
+
+    x = digits.calibration_inputs(8)
+    result = qcompile.compile(digits.pretrained(), calib=x, config={"conv2": {"wscheme": "uniform", "wbits": 8}},
+                              exclude=["conv2"], validate=False, progress=False)
+    lines = [line for t in result.timings if t.name == "SelectLayers" for line in t.report]
+    assert "--exclude keeps conv2 float over the --config rule that quantizes it (--exclude wins)" in lines, lines
+    alone = qcompile.compile(digits.pretrained(), calib=x, exclude=["conv2"], validate=False, progress=False)
+    assert not any("over the --config" in line for t in alone.timings for line in t.report)
