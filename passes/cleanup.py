@@ -301,6 +301,13 @@ class DecomposeUnexportable(Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         count = 0
         g = gm.graph
+        calls: dict = {}
+        for node in g.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.EmbeddingBag):
+                calls.setdefault(node.target, []).append(node)
+        # the bags every call of which is one bag per row (a bag also called with offsets stays as it is)
+        bags = {t: gm.get_submodule(t) for t, nodes in calls.items()
+                if all(_plain_bag(n, gm.get_submodule(t)) for n in nodes)}
         for node in list(g.nodes):
             mod = gm.get_submodule(node.target) if node.op == "call_module" else None
             fn = node.target if node.op == "call_function" else None
@@ -336,13 +343,16 @@ class DecomposeUnexportable(Pass):
                     out = g.call_function(torch.einsum, ("...i,oij,...j->...o", x1, weight, x2))
                     if bias is not None:
                         out = g.call_function(torch.add, (out, bias))
-            elif isinstance(mod, nn.EmbeddingBag) and _plain_bag(node, mod):
+            elif node.op == "call_module" and node.target in bags:
                 # one bag per row of 2-D ids: an Embedding (same name, same weight Parameter) and the bag's
                 # reduction over the row. torch.onnx wrote the bag as a Loop (onnxruntime warned on every load,
-                # and the table stayed float, not a layer); the Embedding is a table like any other
-                emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim)
-                emb.weight = mod.weight
-                gm.add_submodule(str(node.target), emb)
+                # and the table stayed float, not a layer); the Embedding is a table like any other. A bag called
+                # at several places is replaced once and reduced at each
+                mod = bags[node.target]
+                if isinstance(gm.get_submodule(node.target), nn.EmbeddingBag):
+                    emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim)
+                    emb.weight = mod.weight
+                    gm.add_submodule(str(node.target), emb)
                 meta = node.meta.get("tensor_meta")
                 ids = node.args[0].meta["tensor_meta"].shape
                 with g.inserting_after(node):

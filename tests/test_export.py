@@ -812,6 +812,23 @@ def test_an_embedding_bag_loop_body_keeps_the_weight_it_reads(tmp_path):
             ref = m(ids).numpy()
         assert 10 * np.log10((ref ** 2).sum() / ((ref - out) ** 2).sum()) > 30, mode
 
+    class TwoCalls(nn.Module):  # one bag called twice: replaced once, reduced at both calls
+        def __init__(self):
+            super().__init__()
+            self.bag, self.fc = nn.EmbeddingBag(40, 8, mode="sum"), nn.Linear(16, 3)
+
+        def forward(self, a, b):
+            return self.fc(torch.cat([self.bag(a), self.bag(b)], 1))
+
+    torch.manual_seed(0)
+    m = TwoCalls().eval()
+    b = torch.randint(0, 40, (16, 7), generator=torch.Generator().manual_seed(1))
+    result = qcompile.compile(m, (ids[:1], b[:1]), scheme="uniform", bits=8, calib=(ids, b), progress=False)
+    assert result.report.passed and type(result.model.get_submodule("bag")) is nn.Embedding
+    with torch.no_grad():
+        ref, sim = m(ids, b).numpy(), result.model(ids, b).numpy()
+    assert 10 * np.log10((ref ** 2).sum() / ((ref - sim) ** 2).sum()) > 30
+
 
 def test_a_model_torch_ao_quantized_or_prepared_is_a_user_error(tmp_path):
     """torchvision's quantize=True models (torch.ao converted) were exported as torch's own int8 graph whatever
