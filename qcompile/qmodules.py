@@ -161,7 +161,8 @@ class FakeQuantize(nn.Module):
         from .quant.levels import SCHEMES
 
         code = SCHEMES.index(self.scheme) if self.scheme in SCHEMES else -1
-        return torch.tensor([code, int(self.bits), int(bool(self.signed))], dtype=torch.int64)
+        device = self.alpha.device if isinstance(getattr(self, "alpha", None), torch.Tensor) else None
+        return torch.tensor([code, int(self.bits), int(bool(self.signed))], dtype=torch.int64, device=device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         config = self._config_tensor()  # scheme/bits/signed are plain attributes (change_bits sets bits)
