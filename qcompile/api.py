@@ -752,15 +752,15 @@ def compile(
             raise UserError(f"{', '.join(given)} cannot apply to scheme='fp32' (nothing is quantized); drop "
                             f"{'them' if len(given) > 1 else 'it'} or choose a quantized scheme")
     output = checked_output_arg(output)
-    if output is not None:
-        export_mod.check_output_path(output)
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     source = model if isinstance(model, str) else None
+    if source is not None and output is not None and os.path.exists(source) and export_mod.same_file(output, source):
+        raise UserError(f"output {output!r} is the model file; writing there would overwrite it: choose another "
+                        "output path (such as model.onnx)")
+    if output is not None:
+        export_mod.check_output_path(output)
     if source is not None:
-        if output is not None and os.path.exists(source) and export_mod.same_file(output, source):
-            raise UserError(f"output {output!r} is the model file; writing there would overwrite it: choose another "
-                            "output path (such as model.onnx)")
         model = load_model(source, arch=arch, trust_pickle=trust_pickle)
     elif arch is not None:
         raise UserError("arch= names the architecture of a weights file; drop it, or pass the file's path as model")

@@ -553,13 +553,13 @@ def cmd_compile(argv) -> int:
         raise UserError(f"--symmetric-levels applies to APoT/PoT/log2 activations; the activations are "
                         f"{opts.act_scheme}: drop it")
     _refuse_quant_only(args, argv)
+    _check_not_an_input(args, output, "-o")  # first: "-o weights.pt is the model file" says more than its extension
     check_output_path(output)
-    _check_not_an_input(args, output, "-o")
     if args.json is not None:
         if not args.json.strip():
             raise UserError("--json is empty; give a file name such as summary.json")
-        check_output_path(args.json, what="--json", example="summary.json")
         _check_not_an_input(args, args.json, "--json")
+        check_output_path(args.json, what="--json", example="summary.json")
         if same_file(args.json, output):
             raise UserError(f"--json and -o name the same file {output!r}; give the summary another name")
     if args.data and args.no_validate:

@@ -60,10 +60,22 @@ def check_not_model_source(model, path: str, flag: str, specs=()) -> None:
                             f"would overwrite it: choose another {flag} path (such as model.onnx)")
 
 
+# extensions of other formats, refused for an ONNX output (other names, .onnx or none, are the user's choice)
+_OTHER_FORMATS = {".pt": "a PyTorch checkpoint", ".pth": "a PyTorch checkpoint", ".pt2": "a torch.export archive",
+                  ".ckpt": "a checkpoint", ".safetensors": "a safetensors file", ".npy": "a numpy array",
+                  ".npz": "a numpy archive", ".py": "Python source", ".json": "a JSON file", ".toml": "a TOML file",
+                  ".yaml": "a YAML file", ".yml": "a YAML file"}
+
+
 def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") -> str:
     """Fail early, before any work, when ``path`` cannot be written."""
     if path.endswith(("/", os.sep)):  # "newdir/" named a folder; the file would be written as "newdir"
         raise UserError(f"output path {path!r} ends with a slash (a folder); give a file name such as {example}")
+    ext = os.path.splitext(path)[1].lower()
+    if example.endswith(".onnx") and ext in _OTHER_FORMATS:
+        # -o model.pt wrote ONNX bytes under a checkpoint's name: torch.load of it then failed far from the cause
+        raise UserError(f"{what} {path!r} ends in {ext}, the extension of {_OTHER_FORMATS[ext]}, but qcompile "
+                        f"writes an ONNX file there; give a name ending in .onnx, such as {example}")
     path = os.path.abspath(path)
     if os.path.islink(path):  # write the file the link names (the rename would replace the link itself)
         path = os.path.realpath(path)
@@ -860,7 +872,7 @@ def write_text_atomic(text: str, path: str, what: str = "--json") -> str:
 
 
 def _write_atomic(data: bytes, path: str, suffix: str, what: str) -> str:
-    path = check_output_path(path, what)
+    path = check_output_path(path, what, "model.onnx" if suffix == ".onnx.tmp" else "summary.json")
     folder = os.path.dirname(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=".qcompile-", suffix=suffix, dir=folder)

@@ -396,6 +396,9 @@ BAD_INPUTS = {
     # paths that would overwrite an input or cannot be written; options that cannot apply; thresholds out of range
     "output-is-the-model": (["weights.pt", "--arch", SPEC, "-o", "weights.pt"], "is the model file"),
     "output-empty": ([SPEC, "-o", ""], "-o is empty"),
+    # ONNX bytes were written under a checkpoint's name, exit 0
+    "output-checkpoint-extension": ([SPEC, "-o", "out.pt"], "-o 'out.pt' ends in .pt, the extension of a PyTorch "
+                                    "checkpoint, but qcompile writes an ONNX file there; give a name ending in .onnx"),
     "json-is-the-output": ([SPEC, "--json", "out.onnx"], "--json and -o name the same file"),
     "json-missing-folder": ([SPEC, "--json", "no_such_dir/s.json"], "choose another --json path"),
     "fp32-with-wbits": ([SPEC, "--wbits", "4"], "--wbits cannot apply to --scheme fp32"),
@@ -468,7 +471,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(work, capsys, case):
     rc, out, err = cli(capsys, *_with_defaults(args))
     assert_user_error(rc, err, needle)
     assert onnx_files(work) == []
-    assert not (work / "no_such_dir").exists()
+    assert not (work / "no_such_dir").exists() and not (work / "out.pt").exists()
 
 
 def test_arch_module_that_parses_argv_when_imported(work, capsys, monkeypatch):
@@ -1002,16 +1005,17 @@ def test_the_model_source_module_is_never_overwritten(work, capsys):
     source = f"{MODULE}.py"
     before = (work / source).read_bytes()
     for model in (["weights.pt", "--arch", SPEC], [SPEC]):
-        for args in (["-o", source], ["-o", "q.onnx", "--json", f"./{source}"]):
+        for args, needle in ((["-o", source], "ends in .py, the extension of Python source"),
+                             (["-o", "q.onnx", "--json", f"./{source}"], "is the source file of the model's module")):
             rc, out, err = cli(capsys, *model, "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8", *args)
-            assert_user_error(rc, err, "is the source file of the model's module")
+            assert_user_error(rc, err, needle)
     assert (work / source).read_bytes() == before
     assert onnx_files(work) == [] and not (work / "q.onnx").exists()
     # a factory that builds torch.nn layers only: its module was not among the layers' modules, and was overwritten
     (work / "plain_factory.py").write_text("import torch.nn as nn\n\n\ndef mlp():\n"
                                            "    return nn.Sequential(nn.Flatten(), nn.Linear(192, 4))\n")
     plain = (work / "plain_factory.py").read_bytes()
-    rc, out, err = cli(capsys, "plain_factory:mlp", "--calib", "calib.npy", "-o", "plain_factory.py")
+    rc, out, err = cli(capsys, "plain_factory:mlp", "--calib", "calib.npy", "--json", "plain_factory.py")
     assert_user_error(rc, err, "is the source file of the model's module 'plain_factory'")
     assert (work / "plain_factory.py").read_bytes() == plain
 

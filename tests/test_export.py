@@ -1401,7 +1401,9 @@ def test_the_python_api_refuses_to_overwrite_the_model_file_or_its_source(tmp_pa
         model = module.Net(nn.Flatten(), nn.Linear(64, 10)).eval()
         before = (tmp_path / "usermodel.py").read_bytes()
         x = digits.calibration_inputs(8)
-        with pytest.raises(UserError, match="is the source file of the model's module 'usermodel'"):
+        # refused by its extension before the model is read (check_not_model_source still guards --json)
+        with pytest.raises(UserError, match="ends in .py, the extension of Python source, but qcompile writes an "
+                                            "ONNX file there"):
             qcompile.compile(model, x[:1], calib=x, output=str(tmp_path / "usermodel.py"))
         assert (tmp_path / "usermodel.py").read_bytes() == before
     finally:
