@@ -794,6 +794,8 @@ def compile(
     from qcompile.qat.convert import CONVERTED_KEY
 
     trained = isinstance(getattr(model, "meta", None), dict) and CONVERTED_KEY in model.meta
+    if not trained and isinstance(model, nn.Module):
+        _check_not_compiled(unwrap(model))
     if example_inputs is not None:
         check_input_count(model, len(as_input_tuple(example_inputs)), "example inputs: --input-shape or --calib arrays")
     elif isinstance(calib, tuple) and calib and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in calib):
@@ -1126,6 +1128,22 @@ def _hooked_modules(model: nn.Module) -> list[str]:
 
 _TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
                     "torch.nn.intrinsic.quantized", "torch.ao.nn.quantized.dynamic")
+
+
+def _check_not_compiled(model: nn.Module) -> None:
+    """A compile's ``result.model`` (or a pipeline's graph with quantizers) compiled again: the passes kept its
+    quantizers, so ``scheme="uniform", bits=8`` on an APoT W4A4 result wrote the APoT file bit for bit, recorded the
+    new options in its metadata, and validated it against itself (SQNR vs "float" inf)."""
+    from qcompile.qmodules import FakeQuantize
+
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantize)]
+    if not found:
+        return
+    levels = sorted({f"{m.scheme} {m.bits}-bit" for _, m in found})
+    raise UserError(f"the model is already quantized by qcompile ({len(found)} quantizer(s), {', '.join(levels)}; "
+                    f"{found[0][0]!r} is one): compiling it again keeps those levels whatever the options say; "
+                    "compile the float model with the new options, or export this one as README's pipeline section "
+                    "shows (emit.emit(export_onnx(gm, x), ...))")
 
 
 def _check_not_torch_quantized(model: nn.Module) -> None:

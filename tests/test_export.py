@@ -2035,3 +2035,18 @@ def test_a_pipeline_result_given_for_its_graph_module_is_named():
             call()
     with pytest.raises(UserError, match="SelectLayers: default must be a LayerConfig .* got CompileOptions"):
         SelectLayers(CompileOptions(scheme="apot", bits=4))
+
+
+def test_compiling_a_compiled_model_again_is_refused(tmp_path):
+    # compile(result.model, scheme="uniform", bits=8) on an APoT W4A4 result wrote the APoT file bit for bit with
+    # "uniform 8" in its metadata, and validated it against itself (SQNR vs "float" inf)
+    from qcompile.errors import UserError
+    from qcompile.models import digits
+
+    x = digits.calibration_inputs(8)
+    result = qcompile.compile(digits.pretrained(), x[:1], calib=x, validate=False)
+    out = tmp_path / "again.onnx"
+    with pytest.raises(UserError, match=r"already quantized by qcompile \(\d+ quantizer\(s\), apot 4-bit.*compile "
+                                        "the float model with the new options"):
+        qcompile.compile(result.model, x[:1], calib=x, scheme="uniform", bits=8, output=str(out))
+    assert not out.exists()
