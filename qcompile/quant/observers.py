@@ -30,7 +30,8 @@ name           clipping range
                uniform set's threshold of ``|x|`` (of the long side, for a skewed tensor, keeping the short side
                whole). At 8 bits the entropy threshold clips more than the least squared error does: on digits
                CNNs 5-11 dB of output SQNR below ``minmax`` at W8A8, accuracy the same.
-``laplace``    Banner et al. 2019 (lecture): fit ``b = E|x - median|`` and clip at ``t(M) b``, where ``t`` solves
+``laplace``    Banner et al. 2019 (lecture): fit ``b`` (``E|x|`` for a symmetric set, whose clip is centred at 0;
+               ``E|x - median|`` otherwise) and clip at ``t(M) b``, where ``t`` solves
                the approximate Laplace error ``2 b^2 e^(-alpha/b) + alpha^2 / (3 * 4^M)``:
                ``t e^t = 3 * 4^M`` -> 2.83, 3.90, 5.03 for M = 2, 3, 4 bits (the lecture's 2.83b, 3.89b,
                5.03b). Unsigned sets use the one-sided variant: ``b = E[x | x > 0]`` and ``t e^t = 12 * 4^M``
