@@ -407,10 +407,8 @@ class PairSafeInt8Weights(Pass):
         require_calibrated(gm, "PairSafeInt8Weights")  # it skipped uncalibrated quantizers without a word
         from qcompile.qmodules import FakeQuantize
 
-        for m in gm.modules():  # emit's s8-safe check: this pass decided (it also knows the activations' ranges)
-            if isinstance(m, FakeQuantize) and m.role == "weight":
-                m.pair_safe_checked = True
         changed = False
+        examined = 0
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in _LAYERS or len(node.args) < 2:
                 continue
@@ -418,6 +416,11 @@ class PairSafeInt8Weights(Pass):
             wfq = fake_quantizer(gm, wnode)
             if wfq is None or not wfq.calibrated or wfq.asymmetric or wfq.requant is not None:
                 continue
+            # emit's s8-safe check: this pass decided for these weights (it also knows the activations' ranges).
+            # Only those it reached: after BindIntegerLayers it found no layer, marked every weight, and emit wrote
+            # int8 pairs that saturate int16 under int8_weights="s8-safe"
+            wfq.pair_safe_checked = True
+            examined += 1
             if not (isinstance(wnode.args[0], torch.fx.Node) and wnode.args[0].op == "get_attr"):
                 continue
             xfq = _input_quantizer(gm, node.args[0])
@@ -456,4 +459,8 @@ class PairSafeInt8Weights(Pass):
             self.report.append(f"{layer}: weight pairs within int16 (|a|+|b| <= {limit}): step x{widen:.3f} on "
                                f"average, {n_moved} weights moved, weight SQNR "
                                f"{10 * math.log10(signal / max(err, 1e-30)):.1f} dB")
+        if not examined and any(isinstance(m, FakeQuantize) and m.role == "weight" for m in gm.modules()):
+            self.report.append("no layer with fake-quantized weights to check (after BindIntegerLayers, or on a "
+                               "compiled model): nothing done, and int8_weights='s8-safe' is not promised; run "
+                               "PairSafeInt8Weights after Calibrate, before BindIntegerLayers, as build_passes does")
         return PassResult(gm, changed)

@@ -380,3 +380,25 @@ def test_emitting_s8_safe_without_the_pair_pass_is_one_clear_error():
                 emit.emit(exported, table, opts)
         else:
             assert saturating_pairs(emit.emit(exported, table, opts)) == 0
+
+
+def test_pair_pass_that_finds_no_layer_promises_nothing():
+    """PairSafeInt8Weights on a compiled model (its layers bound to integer kernels) found no layer, yet marked every
+    weight checked: emit with int8_weights="s8-safe" then wrote int8 pairs past int16, and validation passed."""
+    import copy
+
+    from qcompile import CompileOptions, emit, export_onnx
+    from qcompile.errors import UserError
+
+    x = digits.calibration_inputs(32)
+    result = qcompile.compile(digits.pretrained(), x[:1], calib=x, scheme="uniform", bits=8, int8_weights="s8",
+                              validate=False)
+    gm = copy.deepcopy(result.model)
+    p = PairSafeInt8Weights()
+    assert not p(gm).modified
+    assert any("nothing done, and int8_weights='s8-safe' is not promised" in line for line in p.report)
+    exported = export_onnx(gm, x[:1])
+    plain = emit.emit(exported, emit.quantizers_by_id(gm), CompileOptions(scheme="uniform", bits=8, int8_weights="s8"))
+    assert saturating_pairs(plain) > 0  # full-range int8 weights: pairs past int16 to refuse
+    with pytest.raises(UserError, match=r"int8_weights='s8-safe' but \d+ int8 weight pairs"):
+        emit.emit(exported, emit.quantizers_by_id(gm), CompileOptions(scheme="uniform", bits=8, int8_weights="s8-safe"))
