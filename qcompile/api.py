@@ -906,6 +906,9 @@ def many_samples_note(calib_x) -> str | None:
             f"a subset (--calib, calib=...)")
 
 
+DATA_SHIFT_NOTE = "qcompile_data_shift_note"  # gm.meta: calibration data unlike the training data (fold_bn)
+
+
 def few_samples_note(calib_x) -> str | None:
     """A warning where the calibration data holds fewer than ``FEW_CALIBRATION_SAMPLES`` samples: ranges fitted on
     so few clip what other inputs reach (a trained CNN on one digit image: 98.5 % where 128 images give 99.1 %),
@@ -943,6 +946,12 @@ def _trace_and_compile(model, example_inputs, calib_x, valid_x, opts, trained, o
     for what, data in (("calibration data", calib_x), ("validation data", valid_x)):
         if data is not None:
             _check_token_ids(gm, data, what)
+    if opts.quantized and calib_x is not None and not trained:
+        from qcompile.passes.fold_bn import calibration_shift_note
+
+        note = calibration_shift_note(gm, calib_x)  # before FoldBatchNorm: the statistics are still there
+        if note:
+            gm.meta[DATA_SHIFT_NOTE] = note
     # --dynamic-axes: the traced float graph as traced, to check against the model at other sizes (the passes
     # rewrite gm in place; a trace fixed to the example's sizes computes the model there only)
     traced = copy.deepcopy(gm) if opts.dynamic_axes and not trained else None
@@ -1412,6 +1421,9 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
     few_note = few_samples_note(calib_x) if opts.quantized and not trained else None
     if few_note:
         warnings.warn(few_note, QuantizationWarning, stacklevel=user_stacklevel())
+    shift_note = gm.meta.get(DATA_SHIFT_NOTE)
+    if shift_note:
+        warnings.warn(shift_note, QuantizationWarning, stacklevel=user_stacklevel())
     first_last_note = None
     if any(getattr(p, "only_first_last", False) for p in pipeline.passes):
         kept = "at 8-bit uniform" if opts.keep_first_last == "int8" else "float"
@@ -1512,6 +1524,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         summary["first_last_note"] = first_last_note
     if few_note:
         summary["few_samples_note"] = few_note
+    if shift_note:
+        summary["data_shift_note"] = shift_note
     if rank_notes:
         summary["output_rank_note"] = rank_notes[0]
     if mixed_note:

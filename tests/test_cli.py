@@ -1925,3 +1925,27 @@ def test_a_very_large_calibration_set_is_warned_about_before_the_compile(work, c
         qcompile.compile(model, calib=torch.from_numpy(np.load("calib.npy")), scheme="uniform", bits=8,
                          validate=False, progress=False)
     assert any(issubclass(w.category, QuantizationWarning) and "pass a subset" in str(w.message) for w in caught)
+
+
+def test_validate_on_data_far_from_the_float_model_warns_as_the_compile_does(work, capsys):
+    """`qcompile validate --data` with pixels in 0..16 for a model trained on [-1, 1]: "top-1 agreement 39 %" with
+    the float model, PASS and no word, where the compile warns below half agreement."""
+    import qcompile.models
+    from qcompile.models.digits import load_split
+
+    x = load_split()[0][:32].numpy()
+    np.save(work / "digits.npy", x)
+    weights = os.path.join(os.path.dirname(qcompile.models.__file__), "digits_cnn.pt")
+    arch = ("--arch", "qcompile.models.digits:digits_cnn")
+    rc, out, err = cli(capsys, weights, *arch, "--calib", "digits.npy", "--scheme", "uniform", "--bits", "8",
+                       "-o", "u8.onnx")
+    assert rc == 0, err
+    np.save(work / "held.npy", load_split()[2][:64].numpy())
+    np.save(work / "held16.npy", (load_split()[2][:64].numpy() + 1) * 8)
+    rc, out, err = cli(capsys, "validate", "u8.onnx", "--against", weights, *arch, "--calib", "digits.npy",
+                       "--data", "held.npy")
+    assert rc == 0 and "PASS" in out and "warning" not in err, err
+    rc, out, err = cli(capsys, "validate", "u8.onnx", "--against", weights, *arch, "--calib", "digits.npy",
+                       "--data", "held16.npy")
+    assert rc == 0 and "PASS" in out, err  # the file computes its simulation
+    assert "qcompile: warning: the quantized model predicts as the float model on only" in err, (out, err)

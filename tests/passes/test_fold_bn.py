@@ -365,3 +365,44 @@ def test_initial_batchnorm_statistics_are_noted_for_a_pipeline_of_ones_own():
     trained = trace(digits.pretrained(), torch.rand(1, 1, 8, 8))
     FoldBatchNorm()(trained)
     assert "qcompile.initial_batchnorm_stats" not in trained.meta
+
+
+def _bn_net_on(data: torch.Tensor) -> nn.Module:
+    """A conv + BatchNorm net whose running statistics are those of ``data`` (as training leaves them)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 8 * 8, 10))
+    net.train()
+    with torch.no_grad():
+        for i in range(0, len(data), 32):
+            net(data[i:i + 32])
+    return net.eval()
+
+
+@pytest.mark.parametrize("scale, shift, warned", [(1.0, 0.0, False), (8.0, 8.0, True), (0.5, 0.5, True),
+                                                  (8 / 255, 8 / 255, True)])
+def test_calibration_data_unlike_the_training_data_are_noted(scale, shift, warned):
+    """Pixels in 0..16, 0..1 or 0..255 handed to a model trained on [-1, 1] compiled without a word and validated
+    (on those same data), while the file scored 11-21 % on real inputs: the first BatchNorm's running statistics
+    say what the data should look like."""
+    import warnings
+
+    import qcompile
+    from qcompile.passes.fold_bn import calibration_shift_note
+
+    from qcompile.models import digits
+
+    x_train, _, _, _ = digits.load_split()  # in [-1, 1]
+    net = _bn_net_on(x_train[:512])
+    calib = x_train[512:576] * scale + shift
+    gm = trace(net, calib[:1])
+    note = calibration_shift_note(gm, calib)
+    assert (note is not None) == warned, note
+    if warned:
+        assert note.startswith("the calibration data do not look like the model's training data: at its first "
+                               "BatchNorm (1)")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = qcompile.compile(net, calib[:1], calib=calib, scheme="uniform", bits=8, validate=False)
+        assert any("do not look like the model's training data" in str(w.message) for w in caught)
+        assert result.summary["data_shift_note"] == note
