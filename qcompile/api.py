@@ -906,6 +906,25 @@ def many_samples_note(calib_x) -> str | None:
             f"a subset (--calib, calib=...)")
 
 
+RANDOM_VALIDATION_SAMPLES = 16  # as the CLI: the example, then normal noise of its shapes
+
+
+def random_validation_inputs(example_inputs):
+    """What a compile without calibration or validation data is validated on: the example and 15 N(0, 1) samples
+    of its shapes (seeded), as the command line does; the example alone where an input is not floating point (token
+    ids: noise is no valid id). A data-free compile from Python validated on its one example input (often zeros):
+    "validation on 1 inputs ... PASS" checked almost nothing."""
+    inputs = as_input_tuple(example_inputs)
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 for t in inputs):
+        return example_inputs
+    gen = torch.Generator().manual_seed(1)
+    more = RANDOM_VALIDATION_SAMPLES - inputs[0].shape[0]
+    if more <= 0:
+        return example_inputs
+    grown = tuple(torch.cat([t, torch.randn((more,) + tuple(t.shape[1:]), generator=gen).to(t.dtype)]) for t in inputs)
+    return grown if isinstance(example_inputs, tuple) else grown[0]
+
+
 DATA_SHIFT_NOTE = "qcompile_data_shift_note"  # gm.meta: calibration data unlike the training data (fold_bn)
 
 
@@ -1584,7 +1603,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         t_validate = time.perf_counter()
         inputs = valid_x
         if inputs is None:
-            inputs = calib_x if calib_x is not None else example_inputs
+            inputs = calib_x if calib_x is not None else random_validation_inputs(example_inputs)
         th = default_thresholds(opts)
         th.update(thresholds or {})
         if opts.quantized:
@@ -1610,7 +1629,8 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
                     "nothing about the quantization (an untrained model whose last layer starts at zero?); compile "
                     "the trained model")
                 warnings.warn(summary["constant_output_note"], QuantizationWarning, stacklevel=user_stacklevel())
-            quality = quality_warning(report, gm, opts.calib_method) if inputs is not example_inputs else None
+            quality = quality_warning(report, gm, opts.calib_method) if inputs is valid_x or inputs is calib_x \
+                else None  # random inputs have no classes, nor the calibrated ranges
             if quality:  # validation compares the file with its simulation and passes: the loss is the quantized model's
                 warnings.warn(quality, QuantizationWarning, stacklevel=user_stacklevel())
         else:

@@ -120,8 +120,14 @@ def input_names_for(n: int, gm: Optional[torch.nn.Module] = None) -> list[str]:
         names = spelled
     if len(names) != n or len(set(names)) != n:
         return fallback
+    # what the file's tensors may be named after: the module's own parameters, buffers, submodules and attributes
+    # read by the graph (hasattr(gm, name) also took GraphModule's own attributes: forward(image, meta) and inputs
+    # called training or type had input_0, input_1 where README promised forward's names)
+    own = {str(node.target).split(".")[0] for node in gm.graph.nodes if node.op in ("get_attr", "call_module")}
+    own |= {k for k, _ in gm.named_children()} | {k for k, _ in gm.named_parameters(recurse=False)} | \
+        {k for k, _ in gm.named_buffers(recurse=False)}
     for name in names:
-        if not name.isidentifier() or re.fullmatch(r"arg\d+|output(_\d+)?", name) or hasattr(gm, name):
+        if not name.isidentifier() or re.fullmatch(r"arg\d+|output(_\d+)?", name) or name in own:
             return fallback
     return names
 

@@ -144,9 +144,19 @@ def test_inputs_are_named_after_forward_as_torch_onnx_names_them(tmp_path):
         def forward(self, features, output, unused):
             return super().forward(features, output, unused)
 
+    class Attribute(Gate):  # GraphModule's own attributes (meta, training): forward's names all the same
+        def forward(self, meta, training, unused):
+            return super().forward(meta, training, unused)
+
+    class Submodule(Gate):  # a name of the module's own (its layer a): the fallback names
+        def forward(self, a, mask, unused):
+            return super().forward(a, mask, unused)
+
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(16, 8, generator=gen), torch.randn(16, 3, generator=gen), torch.randn(16, 2, generator=gen))
     for cls, names, kept in ((Gate, ["features", "mask", "unused"], ["features", "mask"]),
+                             (Attribute, ["meta", "training", "unused"], ["meta", "training"]),
+                             (Submodule, ["input_0", "input_1", "input_2"], ["input_0", "input_1"]),
                              (Clash, ["input_0", "input_1", "input_2"], ["input_0", "input_1"])):
         result = qcompile.compile(cls().eval(), tuple(t[:1] for t in x), calib=x, scheme="uniform", bits=8,
                                   output=str(tmp_path / "m.onnx"))

@@ -2721,3 +2721,21 @@ def test_a_forward_taking_a_dict_or_annotated_tuple_is_named():
     from qcompile.frontend import _container_inputs
 
     assert _container_inputs(IndexedTensor()) == [] and _container_inputs(PlainTupleIn()) == ["inputs"]
+
+
+def test_a_data_free_compile_from_python_validates_on_more_than_its_example():
+    """compile(model, example) without calib= validated on the example alone ("validation on 1 inputs ... PASS",
+    often an all-zero input): now the example and 15 seeded N(0, 1) samples of its shape, as the CLI does; the
+    example alone for integer inputs (noise is no token id)."""
+    from qcompile.api import random_validation_inputs
+    from tests.models import ResidualCNN, example_input
+
+    model = ResidualCNN(seed=0).eval()
+    example = torch.zeros((1,) + tuple(ResidualCNN.INPUT_SHAPE[1:]))
+    result = qcompile.compile(model, example, scheme="uniform", bits=8, keep_first_last="fp32")
+    assert result.report.passed and "validation on 16 inputs" in result.report.summary(), result.report.summary()
+    grown = random_validation_inputs((example,))
+    assert len(grown[0]) == 16 and torch.equal(grown[0][:1], example) and grown[0][1:].std() > 0.5
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    assert random_validation_inputs((example, ids))[0] is example
+    assert random_validation_inputs((example_input(model, batch=20),))[0].shape[0] == 20  # enough already
