@@ -32,6 +32,29 @@ class PassResult:
     modified: bool
 
 
+def _bound_graph_reduce(self):
+    from qcompile.errors import UserError
+
+    raise UserError("this graph module has layers bound to qcompile's integer kernels (BindIntegerLayers), which "
+                    "torch.fx cannot rebuild when it unpickles a graph module (torch.load / pickle.loads failed with "
+                    "\"symbolically traced variables cannot be used as inputs to control flow\"): keep it in this "
+                    "process (copy.deepcopy works), or save the float model and compile again, or keep the ONNX file")
+
+
+def _bound_graph_deepcopy(self, memo):
+    copied = torch.fx.GraphModule.__deepcopy__(self, memo)  # a class of its own again: refused there too
+    refuse_pickling(copied)
+    return copied
+
+
+def refuse_pickling(gm: torch.fx.GraphModule) -> None:
+    """Pickling ``gm`` (torch.save, multiprocessing) stops with one line saying why and what to do instead, rather
+    than writing bytes that torch.fx's unpickling cannot rebuild. Each GraphModule has a class of its own (torch.fx
+    makes one per instance), so this changes ``gm`` (and its deep copies) only."""
+    type(gm).__reduce__ = _bound_graph_reduce
+    type(gm).__deepcopy__ = _bound_graph_deepcopy
+
+
 class PassError(RuntimeError):
     """A pass failed, or the graph failed verification after it."""
 

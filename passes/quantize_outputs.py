@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from qcompile.qmodules import FakeQuantize
 
-from .base import Pass, PassResult, fake_quantizer, input_quantizer, require_calibrated
+from .base import Pass, PassResult, fake_quantizer, input_quantizer, refuse_pickling, require_calibrated
 from .insert_quant import is_nonnegative
 from .int8_region import (LOW_BITS, _cat_inputs, _has_codes, _is_add, _is_avgpool, _is_transparent,
                           _read_by_int8_quantizers, _sub_8_bit_act, clip_bounds, is_int8_act, is_rectifier)
@@ -587,6 +587,8 @@ class BindIntegerLayers(Pass):
             self._bind(gm, node, fns, xfq, wfq)
             self.report.append(f"{node.meta.get('layer', node.name)}: int8 layer")
             changed = True
+        if changed:  # the bound layers call qcompile's kernels, which torch.fx's unpickling re-traces and fails on
+            refuse_pickling(gm)
         return PassResult(gm, changed)
 
     def _bind(self, gm, node, fns, xfq, wfq) -> None:

@@ -2060,3 +2060,26 @@ def test_compiling_a_compiled_model_again_is_refused(tmp_path):
                                         "the float model with the new options"):
         qcompile.compile(result.model, x[:1], calib=x, scheme="uniform", bits=8, output=str(out))
     assert not out.exists()
+
+
+def test_a_compiled_model_refuses_pickling_with_the_way_out(tmp_path):
+    """torch.save / pickle.dumps of result.model wrote bytes that torch.load could not rebuild ("symbolically traced
+    variables cannot be used as inputs to control flow", far from the cause): refused when pickled, deep copies
+    too; copies in the process keep working."""
+    import copy
+    import pickle
+
+    from qcompile.errors import UserError
+    from qcompile.models import digits
+
+    x = digits.calibration_inputs(8)
+    result = qcompile.compile(digits.pretrained(), x[:1], calib=x, scheme="uniform", bits=8, validate=False)
+    for gm in (result.model, copy.deepcopy(result.model)):
+        with pytest.raises(UserError, match="bound to qcompile's integer kernels.*copy.deepcopy works.*save the float "
+                                            "model and compile again"):
+            pickle.dumps(gm)
+        with pytest.raises(UserError, match="bound to qcompile's integer kernels"):
+            torch.save(gm, tmp_path / "gm.pt")
+        assert torch.equal(gm(x), result.model(x))
+    float_gm = qcompile.compile(digits.pretrained(), x[:1], scheme="fp32", validate=False).model
+    assert torch.equal(pickle.loads(pickle.dumps(float_gm))(x), float_gm(x))  # nothing bound: pickles as before
