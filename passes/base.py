@@ -273,8 +273,8 @@ class Pipeline:
                 except PassError:
                     raise  # already names the pass
                 except UserError as exc:  # a one-line user message
-                    if not self.name_errors or getattr(exc, "pass_name", None):
-                        raise
+                    if not self.name_errors or getattr(exc, "pass_name", None) or str(exc).startswith(p.name):
+                        raise  # (a message that starts with the pass's name says it already)
                     named = UserError(f"{p.name}: {exc}")
                     named.pass_name = p.name
                     raise named from exc

@@ -560,7 +560,12 @@ class SelectLayers(Pass):
         self.float_downsample = float_downsample
         if isinstance(overrides, (dict, str, os.PathLike)):  # the rules as compile(config=...) takes them
             overrides = load_overrides(overrides)
-        overrides = tuple(overrides)
+        if isinstance(overrides, Override):
+            overrides = (overrides,)
+        try:
+            overrides = tuple(overrides)
+        except TypeError:  # overrides=42: "'int' object is not iterable"
+            overrides = (overrides,)
         wrong = [o for o in overrides if not isinstance(o, Override)]
         if wrong:  # AttributeError: 'str' object has no attribute 'matches', from the first layer decided
             raise TypeError(f"overrides must be Override rules (load_overrides(config)) or a config given as "

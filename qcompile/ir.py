@@ -44,6 +44,8 @@ class LayerConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"LayerConfig.{field} must be an int, got {value!r}")
+            if not 1 <= value <= 8:  # wbits=9 showed as "W9 apot" in the layer table until InsertQuantizers refused it
+                raise ValueError(f"LayerConfig.{field} must be from 2 to 8 (1 for binary levels), got {value}")
         for field in ("wscheme", "ascheme"):
             if getattr(self, field) not in SCHEMES:
                 raise ValueError(f"LayerConfig.{field} must be one of {', '.join(SCHEMES)}, got "

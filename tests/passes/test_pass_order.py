@@ -403,6 +403,14 @@ def test_per_layer_rules_as_a_mapping_work_at_the_pass_level():
         assert "W8" in row[2], row
     with pytest.raises(TypeError, match="overrides must be Override rules"):
         SelectLayers(DEFAULT, overrides=["fc1"])
+    with pytest.raises(TypeError, match="overrides must be Override rules.*got int 42"):  # "'int' object is not iterable"
+        SelectLayers(DEFAULT, overrides=42)
+    one = load_overrides(rules)[0]
+    assert SelectLayers(DEFAULT, overrides=one).overrides == (one,)
+    from qcompile.ir import LayerConfig
+
+    with pytest.raises(ValueError, match="LayerConfig.wbits must be from 2 to 8"):  # showed as "W9 apot" in the table
+        LayerConfig(wbits=9)
 
 
 def test_ternary_and_binary_quantizers_record_their_own_width():
