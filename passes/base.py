@@ -38,7 +38,8 @@ def _bound_graph_reduce(self):
     raise UserError("this graph module has layers bound to qcompile's integer kernels (BindIntegerLayers), which "
                     "torch.fx cannot rebuild when it unpickles a graph module (torch.load / pickle.loads failed with "
                     "\"symbolically traced variables cannot be used as inputs to control flow\"): keep it in this "
-                    "process (copy.deepcopy works), or save the float model and compile again, or keep the ONNX file")
+                    "process (copy.deepcopy works), or save what it was built from (the float model; for QAT the "
+                    "qat.prepare'd model, which pickles) and build it again, or keep the ONNX file")
 
 
 def _bound_graph_deepcopy(self, memo):

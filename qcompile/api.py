@@ -511,6 +511,9 @@ def check_sample_shape(c: torch.Tensor, e, i: int, n_parts: int, what: str = "ca
             # were taken as batches of three (64, 64) samples
             hint = (" (a list of single samples? each item of a list is read as a batch: stack them, "
                     "np.stack(samples) / torch.stack(samples), or give each with a batch axis)")
+            if want[0] == 1:  # (N, 8, 8) images for a one-channel conv: the channel axis is the likelier miss
+                hint = (" (without the channel axis? x[:, None] adds it; or a list of single samples? each item "
+                        "of a list is read as a batch: stack them, np.stack(samples) / torch.stack(samples))")
         raise UserError(f"{which}{what} has samples of shape {got} but the example input "
                         f"is {want} per sample{hint}; make them agree ({option}; the example input: "
                         f"{example})")

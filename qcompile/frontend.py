@@ -1264,6 +1264,16 @@ def _inputs_error(cause: BaseException, example_inputs, where: str = "", model=N
         hint = ("integer inputs stay integers (token ids for an Embedding; a file's uint8 and int32 arrays are read as "
                 "int64): save image data as float32, as the model was trained on it (uint8 images 0..255: "
                 "x.astype(np.float32) / 255 and the training normalisation)")
+    import re
+
+    channels = re.search(r"to have (\d+) channels, but got (\d+) channels", str(cause))
+    if channels and any(isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[-1] == int(channels.group(1))
+                        for t in example_inputs):
+        # (N, H, W, C) images: torch's "expected input[1, 8, 8, 1] to have 1 channels, but got 8 channels"
+        rank = next(t.dim() for t in example_inputs if isinstance(t, torch.Tensor) and t.dim() >= 3)
+        perm = ", ".join(["0", str(rank - 1)] + [str(k) for k in range(1, rank - 1)])
+        hint = (f"channels last? the layers take channels first: x.transpose({perm}) in numpy, x.permute({perm}) "
+                "in torch, for the --calib inputs and --input-shape (calib= from Python)")
     containers = _container_inputs(model) if model is not None else []
     if containers or "invalid data type 'str'" in str(cause):  # x["key"] on a tensor: forward reads a dict
         which = f" ({', '.join(containers)})" if containers else ""

@@ -267,6 +267,7 @@ def work(tmp_path, monkeypatch):
     (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes())
     np.save(tmp_path / "calib.npy", np.random.default_rng(1).standard_normal((6, 3, 8, 8)).astype(np.float32))
     np.save(tmp_path / "nochan.npy", np.random.default_rng(1).standard_normal((6, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "nhwc1.npy", np.random.default_rng(1).standard_normal((6, 8, 8, 1)).astype(np.float32))
     yield tmp_path
     sys.modules.pop(MODULE, None)
 
@@ -425,6 +426,12 @@ BAD_INPUTS = {
                      "the model runs on a batch of 1 but not of 2 inputs"),
     "batch-of-one-fp32": ([f"{MODULE}:batch_of_one"], "make forward independent of the batch size"),
     # (6, 8, 8) images for a one-channel conv: "make forward independent of the batch size", the wrong fix
+    # the same with --input-shape: "a list of single samples? stack them", not the channel axis
+    "calib-without-channel-axis-shape-given": ([f"{MODULE}:one_channel", "--calib", "nochan.npy", "--input-shape",
+                                                "1,1,8,8"], "(without the channel axis? x[:, None] adds it;"),
+    # torch's own text only: "expected input[1, 8, 8, 1] to have 1 channels, but got 8 channels instead"
+    "calib-channels-last": ([f"{MODULE}:one_channel", "--calib", "nhwc1.npy", "--input-shape", None],
+                            "channels last? the layers take channels first: x.transpose(0, 3, 1, 2) in numpy"),
     "calib-without-channel-axis": ([f"{MODULE}:one_channel", "--calib", "nochan.npy", "--input-shape", None],
                                    "have shape (8, 8), without the channel axis the first layer reads (1 channel(s)): "
                                    "give the data shape (N, 1, 8, 8)"),
