@@ -491,3 +491,10 @@ def test_a_failing_pass_names_the_passes_run_before_its_pipeline():
     gm = Pipeline([NoOp()])(gm).gm
     with pytest.raises(PassError, match=r"passes run before it: NoOp\)"):
         Pipeline([Boom()])(gm)
+
+
+def test_a_pipeline_prints_its_passes_in_order():
+    from qcompile.passes import FoldBatchNorm, Pipeline, SelectLayers
+
+    assert repr(Pipeline([FoldBatchNorm(), SelectLayers()])) == "Pipeline([FoldBatchNorm, SelectLayers])"
+    assert repr(Pipeline([FoldBatchNorm()], steps=3)) == "Pipeline([FoldBatchNorm], steps=3)"
