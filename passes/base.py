@@ -245,11 +245,11 @@ class Pipeline:
         self.steps = steps
         self.check = check if check is not None else os.environ.get("QCOMPILE_CHECK") == "1"
         self.callback = callback
+        self.timings: list[PassTiming] = []
 
     def __repr__(self) -> str:  # the passes in order (it was "<qcompile.passes.base.Pipeline object at 0x...>")
         steps = f", steps={self.steps}" if self.steps != 1 else ""
         return f"Pipeline([{', '.join(map(repr, self.passes))}]{steps})"
-        self.timings: list[PassTiming] = []
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         if not isinstance(gm, torch.fx.GraphModule):
