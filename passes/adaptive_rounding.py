@@ -315,6 +315,11 @@ class AdaptiveRounding(Pass):
                                "inputs)")
             return PassResult(gm, False)
         layers, shared = self._layers(gm)
+        if not layers and not shared and any(getattr(m, "role", None) == "weight" for m in gm.modules()):
+            # a compiled model: its layers are bound to integer kernels, no fake-quantized layer call is left
+            self.report.append("no layer with fake-quantized weights to round (after BindIntegerLayers, or on a "
+                               "compiled model): nothing done; run AdaptiveRounding right after Calibrate")
+            return PassResult(gm, False)
         if shared:
             self.report.append(f"{len(shared)} layer call(s) share their weights with another call: nearest rounding "
                                "kept there")

@@ -242,3 +242,19 @@ def test_transposed_convolutions_are_rounded_for_their_outputs(tmp_path):
         rounded = adaptive.model.get_submodule(name).weight  # on the layer's own levels, its quantizer unchanged
         torch.testing.assert_close(wfq.simulate(rounded), rounded, rtol=0, atol=0)
     assert adaptive.model.get_submodule("grouped.weight_fq").alpha.numel() == 4  # out / groups scales, as before
+
+
+def test_on_a_compiled_model_it_says_it_did_nothing():
+    """On a compiled model (layers bound to integer kernels) it found no layer and reported nothing at all."""
+    import copy
+
+    import qcompile
+    from qcompile.models import digits
+    from qcompile.passes import AdaptiveRounding
+
+    x = digits.calibration_inputs(16)
+    gm = copy.deepcopy(qcompile.compile(digits.pretrained(), x[:1], calib=x, validate=False).model)
+    p = AdaptiveRounding(x)
+    assert not p(gm).modified
+    assert p.report == ["no layer with fake-quantized weights to round (after BindIntegerLayers, or on a compiled "
+                        "model): nothing done; run AdaptiveRounding right after Calibrate"]
