@@ -1168,6 +1168,13 @@ def _check_not_compiled(model: nn.Module) -> None:
     from qcompile.qmodules import FakeQuantize
 
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantize)]
+    decided = [n for n in model.graph.nodes if n.meta.get("qconfig") is not None] \
+        if isinstance(model, torch.fx.GraphModule) else []
+    if not found and decided:  # a pipeline's graph after SelectLayers: compile re-traced it and decided anew
+        raise UserError(f"the graph module carries layer decisions (node.meta['qconfig'] on {len(decided)} node(s), "
+                        f"{decided[0].name!r} one), which compile does not read: it decides from its options; give "
+                        "them as config={layer: {...}} rules, or run the passes from SelectLayers on yourself "
+                        "(README, the pipeline section)")
     if not found:
         return
     levels = sorted({f"{m.scheme} {m.bits}-bit" for _, m in found})

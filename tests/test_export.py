@@ -2060,6 +2060,15 @@ def test_compiling_a_compiled_model_again_is_refused(tmp_path):
                                         "the float model with the new options"):
         qcompile.compile(result.model, x[:1], calib=x, scheme="uniform", bits=8, output=str(out))
     assert not out.exists()
+    # decisions set on a traced graph (SelectLayers, or by hand) were replaced by compile's own without a word
+    from qcompile.passes import SelectLayers
+
+    decided = SelectLayers()(qcompile.trace(digits.pretrained(), x[:1])).gm
+    with pytest.raises(UserError, match=r"carries layer decisions \(node.meta\['qconfig'\] on 6 node\(s\).*"
+                                        r"config=\{layer: \{...\}\} rules"):
+        qcompile.compile(decided, x[:1], calib=x, output=str(out))
+    assert not out.exists()
+    assert qcompile.compile(qcompile.trace(digits.pretrained(), x[:1]), x[:1], calib=x, validate=False).model is not None
 
 
 def test_a_compiled_model_refuses_pickling_with_the_way_out(tmp_path):
