@@ -532,6 +532,14 @@ def require_calibrated(gm: torch.fx.GraphModule, pass_name: str) -> None:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, FakeQuantize) and not mod.calibrated:
+                ran = passes_run(gm)
+                placing = ("InsertQuantizers", "QuantizeOutputs", "QuantizeResiduals")
+                late = [n for n in dict.fromkeys(ran[len(ran) - ran[::-1].index("Calibrate"):]) if n in placing] \
+                    if "Calibrate" in ran else []
+                if late:  # QuantizeOutputs after Calibrate: "run Calibrate after InsertQuantizers" named neither
+                    raise ValueError(f"quantizer {node.target} is not calibrated: {', '.join(late)} ran after "
+                                     f"Calibrate and placed it; run {' and '.join(late)} before Calibrate "
+                                     "(qcompile.pipeline.build_passes gives the full order)")
                 raise ValueError(f"quantizer {node.target} is not calibrated yet: run Calibrate after "
                                  f"InsertQuantizers (which places the quantizers) and before {pass_name} "
                                  "(qcompile.pipeline.build_passes gives the full order)")

@@ -30,6 +30,11 @@ from .options import CompileOptions
 def build_passes(opts: CompileOptions, calib=None, progress=None, example=None) -> list[Pass]:
     """The passes for ``opts``; ``calib`` feeds calibration, ``example`` (model inputs) the float-function check
     where there is no calibration data."""
+    if not isinstance(opts, CompileOptions):  # build_passes(calib): "'Tensor' object has no attribute 'quantized'"
+        from .errors import UserError
+
+        raise UserError(f"build_passes takes the options first, got {type(opts).__name__}: "
+                        "build_passes(CompileOptions(scheme='apot', bits=4), calib)")
     passes: list[Pass] = [RemoveIdentity(), ConstantMetadataReads(), DecomposeRMSNorm(), DecomposeGroupedQueryAttention(),
                           DecomposeAdaptivePool(), DecomposeAvgPoolDivisor(), DecomposeUnexportable(),
                           EliminateDeadCode()]

@@ -112,7 +112,8 @@ def test_calibrate_before_insert_quantizers_says_to_insert_them_first():
     model = MLP()
     x = example_input(model, seed=1, batch=32)
     calibrate = Calibrate(x)
-    with pytest.raises(PassError, match="run Calibrate after InsertQuantizers"):
+    with pytest.raises(PassError, match="InsertQuantizers ran after Calibrate and placed it; run InsertQuantizers "
+                                        "before Calibrate"):
         Pipeline([SelectLayers(DEFAULT), calibrate, InsertQuantizers(), QuantizeBias()])(qcompile.trace(model, x[:1]))
     assert calibrate.report == ["no quantizers in the graph yet: InsertQuantizers places them for the layers "
                                 "SelectLayers chose; run it before Calibrate"]
@@ -421,3 +422,25 @@ def test_ternary_and_binary_quantizers_record_their_own_width():
     widths = {n.meta["qparams"].bits for n in result.model.graph.nodes
               if n.meta.get("qparams") is not None and n.meta["qparams"].scheme == "ternary"}
     assert widths == {2}  # (the LayerConfig keeps the bits asked: a config rule may change the scheme)
+
+
+def test_a_quantizer_placed_after_calibrate_names_the_pass_that_placed_it():
+    """QuantizeOutputs moved after Calibrate failed in ShareInt8Params with "run Calibrate after InsertQuantizers",
+    which had run in order; and build_passes(calib) (options left out) was an AttributeError on a tensor."""
+    from qcompile import CompileOptions
+    from qcompile.errors import UserError
+    from qcompile.models import digits
+    from qcompile.passes import Pipeline
+    from qcompile.passes.base import PassError
+    from qcompile.pipeline import build_passes
+
+    x = digits.calibration_inputs(16)
+    with pytest.raises(UserError, match=r"build_passes takes the options first, got Tensor"):
+        build_passes(x)
+    passes = build_passes(CompileOptions(), x)
+    moved = next(p for p in passes if p.name == "QuantizeOutputs")
+    passes.remove(moved)
+    passes.insert(passes.index(next(p for p in passes if p.name == "Calibrate")) + 1, moved)
+    with pytest.raises(PassError, match=r"is not calibrated: QuantizeOutputs ran after Calibrate and placed it; run "
+                                        "QuantizeOutputs before Calibrate"):
+        Pipeline(passes)(qcompile.trace(digits.pretrained(), x[:1]))
