@@ -64,6 +64,8 @@ class PassError(RuntimeError):
         self.before = list(before)
         self.cause = cause
         ran = ", ".join(self.before) if self.before else "none"
+        if len(self.before) > 8:  # a full pipeline listed ~25 names after the cause; the last few say the order
+            ran = f"{len(self.before)}, the last: {', '.join(self.before[-6:])}"
         super().__init__(f"pass {pass_name} failed: {cause} (passes run before it: {ran})")
 
 

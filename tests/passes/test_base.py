@@ -219,6 +219,8 @@ def test_pass_error_of_the_first_pass_says_none_ran_before():
     with pytest.raises(PassError) as err:
         Pipeline([Boom()], check=True)(traced())
     assert err.value.before == [] and "passes run before it: none" in str(err.value)
+    many = PassError("Late", [f"P{i}" for i in range(25)], "boom")
+    assert str(many) == "pass Late failed: boom (passes run before it: 25, the last: P19, P20, P21, P22, P23, P24)"
 
 
 def test_pass_error_in_a_later_round_lists_every_pass_run():
