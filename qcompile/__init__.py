@@ -27,7 +27,7 @@ if _running_the_command() and "torch" not in _sys.modules:
 
 from .errors import QuantizationWarning, UserError, ValidationFailed  # noqa: E402
 
-__version__ = "0.9.12"
+__version__ = "0.9.13"
 
 # The rest loads torch, so it is imported on first use (PEP 562): `qcompile --help` answers without torch, and a
 # Ctrl-C while torch loads reaches the command's handler (one line) instead of printing an import traceback.
