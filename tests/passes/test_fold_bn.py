@@ -406,3 +406,32 @@ def test_calibration_data_unlike_the_training_data_are_noted(scale, shift, warne
             result = qcompile.compile(net, calib[:1], calib=calib, scheme="uniform", bits=8, validate=False)
         assert any("do not look like the model's training data" in str(w.message) for w in caught)
         assert result.summary["data_shift_note"] == note
+
+
+def test_few_samples_and_few_batches_of_statistics_are_no_shift():
+    """False alarms: two correct rows through an input BatchNorm1d (their own statistics are far from any
+    population's), and running statistics of 3 batches at momentum 0.1 (73 % still the initial variance 1)."""
+    from qcompile.passes.fold_bn import calibration_shift_note
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(512, 12, generator=gen) * 3 + 5
+    net = nn.Sequential(nn.BatchNorm1d(12, momentum=None), nn.Linear(12, 4))
+    net.train()
+    with torch.no_grad():
+        net(rows)
+    net.eval()
+    fired = sum(calibration_shift_note(trace(net, rows[:1]), rows[i:i + 2]) is not None for i in range(0, 200, 2))
+    assert fired <= 5, fired
+    assert calibration_shift_note(trace(net, rows[:1]), rows[:64] / 3) is not None  # mis-scaled: still said
+
+    conv = nn.Sequential(nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU())  # momentum 0.1
+    images = torch.randn(96, 1, 8, 8, generator=gen) * 20
+    conv.train()
+    with torch.no_grad():
+        for i in range(0, 96, 32):
+            conv(images[i:i + 32])
+    conv.eval()
+    assert int(conv[1].num_batches_tracked) == 3
+    assert calibration_shift_note(trace(conv, images[:1]), images[:32]) is None
+    conv[1].num_batches_tracked.fill_(1000)  # the same statistics taken for converged ones: far off
+    assert calibration_shift_note(trace(conv, images[:1]), images[:32]) is not None
