@@ -188,39 +188,65 @@ class _Reached(Exception):
     pass
 
 
-def calibration_shift_note(gm: torch.fx.GraphModule, data) -> str | None:
-    """A note where the calibration data do not look like the data the model was trained on: the input of its
-    first BatchNorm (trained running statistics) has another mean or variance than those statistics record
-    (median over channels of the Gaussian KL divergence past ``DATA_SHIFT_KL``). Pixels in 0..255 or 0..1 handed to
-    a model trained on normalised ones compiled without a word, and validation (on those same data) passed while
-    the file scored 11-21 % on real inputs. None where no trained BatchNorm is reached or the run fails."""
-    first = None
+def _first_batchnorm(gm: torch.fx.GraphModule):
+    """The first eval-mode BatchNorm of ``gm`` with running statistics: ``(node, module or None, eps, name)`` for a
+    BatchNorm module, or for ``F.batch_norm`` on buffers (timm's BatchNormAct2d traces to one); None if none."""
     for node in gm.graph.nodes:
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None \
                     and mod.running_var is not None:
-                first = (node, mod)
-                break
-    if first is None:
+                return node, mod, float(mod.eps), str(node.target)
+        elif node.op == "call_function" and node.target is F.batch_norm:
+            names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+            bound = dict(zip(names, node.args))
+            bound.update(node.kwargs)
+            stats = (bound.get("running_mean"), bound.get("running_var"))
+            if bound.get("training", False) is not False or \
+                    not all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in stats):
+                continue
+            owner = str(stats[0].target).rpartition(".")[0]
+            try:
+                mod = gm.get_submodule(owner) if owner else None
+            except AttributeError:
+                mod = None
+            return node, mod, float(bound.get("eps", 1e-5)), owner or node.name
+    return None
+
+
+def calibration_shift_note(gm: torch.fx.GraphModule, data) -> str | None:
+    """A note where the calibration data do not look like the data the model was trained on: the input of its
+    first BatchNorm (trained running statistics) has another mean or variance than those statistics record
+    (median over channels of the Gaussian KL divergence past ``DATA_SHIFT_KL`` plus 2 / samples). Pixels in 0..255
+    or 0..1 handed to a model trained on normalised ones compiled without a word, and validation (on those same
+    data) passed while the file scored 11-21 % on real inputs. Read on up to 32 samples spread over the data (a
+    data set sorted by class starts with one class). None where no trained BatchNorm is reached or the run fails."""
+    found = _first_batchnorm(gm)
+    if found is None:
         return None
-    node, bn = first
-    if bool((bn.running_mean == 0).all()) and bool((bn.running_var == 1).all()):
-        return None  # initial statistics (never trained): they say nothing of the data
+    node, bn, eps, where = found
     tracked = int(bn.num_batches_tracked) if getattr(bn, "num_batches_tracked", None) is not None else 0
-    if tracked > 0 and bn.momentum is not None and (1.0 - float(bn.momentum)) ** tracked > 0.05:
+    momentum = getattr(bn, "momentum", None)
+    if tracked > 0 and momentum is not None and (1.0 - float(momentum)) ** tracked > 0.05:
         # statistics of a few batches still hold much of their initial variance 1 (3 batches at momentum 0.1:
         # 73 %): correct data read as 1/8 of the variance (ResNet-18, KL 0.6)
         return None
-    sample = tuple(t[:_SHIFT_SAMPLES] if isinstance(t, torch.Tensor) and t.dim() > 0 else t
-                   for t in (data if isinstance(data, tuple) else (data,)))
+    parts = data if isinstance(data, tuple) else (data,)
+    n = next((len(t) for t in parts if isinstance(t, torch.Tensor) and t.dim() > 0), 0)
+    if n == 0:
+        return None
+    rows = torch.linspace(0, n - 1, min(n, _SHIFT_SAMPLES)).round().long().unique()
+    sample = tuple(t[rows] if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == n else t for t in parts)
 
     class Run(torch.fx.Interpreter):  # runs the graph up to the BatchNorm only
         got = None
 
         def run_node(self, n):
             if n is node:
-                self.got = self.fetch_args_kwargs_from_env(n)[0][0]
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                self.got = (args[0], args[1:3] if n.op == "call_function" else None)
+                if n.op == "call_function" and len(args) < 3:
+                    self.got = (args[0], (kwargs.get("running_mean"), kwargs.get("running_var")))
                 raise _Reached()
             return super().run_node(n)
 
@@ -232,15 +258,21 @@ def calibration_shift_note(gm: torch.fx.GraphModule, data) -> str | None:
         pass
     except Exception:  # noqa: BLE001 -- a diagnostic only: the compile reports its own errors
         return None
-    x = run.got
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[1] != bn.num_features \
-            or x.numel() <= x.shape[1]:
+    if run.got is None:
         return None
+    x, stats = run.got
+    running_mean, running_var = stats if stats is not None else (bn.running_mean, bn.running_var)
+    if not all(isinstance(t, torch.Tensor) for t in (x, running_mean, running_var)) or not x.is_floating_point() \
+            or x.dim() < 2 or x.shape[1] != running_mean.numel() or x.numel() <= x.shape[1]:
+        return None
+    if bool((running_mean == 0).all()) and bool((running_var == 1).all()):
+        return None  # initial statistics (never trained): they say nothing of the data
+    samples = x.shape[0]
     x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
     mean, var = x.mean(1), x.var(1, unbiased=False)
-    ref_var = bn.running_var.detach().double() + bn.eps
-    ratio = (var + bn.eps) / ref_var
-    shift = (mean - bn.running_mean.detach().double()) / ref_var.sqrt()
+    ref_var = running_var.detach().double() + eps
+    ratio = (var + eps) / ref_var
+    shift = (mean - running_mean.detach().double()) / ref_var.sqrt()
     finite = torch.isfinite(ratio) & torch.isfinite(shift)
     if not bool(finite.any()):
         return None
@@ -248,15 +280,15 @@ def calibration_shift_note(gm: torch.fx.GraphModule, data) -> str | None:
     kl = 0.5 * (ratio - 1 - torch.log(ratio) + shift * shift)
     # a few samples' own statistics are off by ~1/n in KL (tabular features through an input BatchNorm: 91 of 100
     # random pairs of correct rows went past 0.25, 1 of 100 sets of 16): the bound grows for few samples
-    if float(kl.median()) <= DATA_SHIFT_KL + 2.0 / max(1, run.got.shape[0]):
+    if float(kl.median()) <= DATA_SHIFT_KL + 2.0 / max(1, samples):
         return None
     r, z = float(ratio.median()), float(shift.abs().median())
     spread = f"{r:.3g}x the variance" if r >= 1 else f"1/{1 / r:.3g} of the variance"
     return (f"the calibration data do not look like the model's training data: at its first BatchNorm "
-            f"({node.target}) they have {spread} its running statistics record, means {z:.2g} standard deviations "
+            f"({where}) they have {spread} its running statistics record, means {z:.2g} standard deviations "
             f"off (medians over channels); scales calibrated on them fit other inputs than the model's (pixels in "
             f"0..255 or 0..1 for a model trained on normalised ones: 11-21 % on real digits). Give calibration data "
-            f"preprocessed as in training (the same scaling, mean and std)")
+            f"preprocessed as in training (the same scaling, mean and std) and drawn from all of it (not one class)")
 
 
 class FoldBatchNorm(Pass):

@@ -435,3 +435,43 @@ def test_few_samples_and_few_batches_of_statistics_are_no_shift():
     assert calibration_shift_note(trace(conv, images[:1]), images[:32]) is None
     conv[1].num_batches_tracked.fill_(1000)  # the same statistics taken for converged ones: far off
     assert calibration_shift_note(trace(conv, images[:1]), images[:32]) is not None
+
+
+def test_the_shift_check_reads_rows_from_all_the_data_and_functional_batchnorms():
+    """load_wine is sorted by class: the first 32 rows, all class 0, read as "do not look like the training data".
+    timm's BatchNormAct2d traces to F.batch_norm on buffers, which the check did not look at."""
+    from qcompile.passes.fold_bn import calibration_shift_note
+
+    gen = torch.Generator().manual_seed(0)
+    classes = [torch.randn(60, 6, generator=gen) + 3 * c for c in range(3)]  # sorted by class
+    rows = torch.cat(classes)
+    net = nn.Sequential(nn.BatchNorm1d(6, momentum=None), nn.Linear(6, 3))
+    net.train()
+    with torch.no_grad():
+        net(rows)
+    net.eval()
+    gm = trace(net, rows[:1])
+    assert calibration_shift_note(gm, classes[0][:32]) is not None  # one class alone is unlike the whole
+    assert calibration_shift_note(gm, rows) is None  # rows drawn over all of it
+
+    class Functional(nn.Module):  # BatchNorm written as F.batch_norm on the module's own buffers
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.register_buffer("mean", torch.zeros(4) + 0.5)
+            self.register_buffer("var", torch.ones(4) * 0.25)
+
+        def forward(self, x):
+            return F.batch_norm(self.conv(x), self.mean, self.var, training=False)
+
+    torch.manual_seed(0)
+    model = Functional().eval()
+    x = torch.randn(32, 1, 8, 8, generator=gen)
+    with torch.no_grad():
+        y = model.conv(x).transpose(0, 1).reshape(4, -1)
+        model.mean.copy_(y.mean(1))
+        model.var.copy_(y.var(1))
+    gm = trace(model, x[:1])
+    assert calibration_shift_note(gm, x) is None
+    note = calibration_shift_note(gm, x * 255)
+    assert note is not None and "x the variance" in note
