@@ -762,7 +762,7 @@ def compile(
         raise UserError(f"output {output!r} is the model file; writing there would overwrite it: choose another "
                         "output path (such as model.onnx)")
     if output is not None:
-        export_mod.check_output_path(output)
+        export_mod.check_output_path(output, what="output")
     if source is not None:
         model = load_model(source, arch=arch, trust_pickle=trust_pickle)
     elif arch is not None:
@@ -912,11 +912,13 @@ def many_samples_note(calib_x) -> str | None:
 RANDOM_VALIDATION_SAMPLES = 16  # as the CLI: the example, then normal noise of its shapes
 
 
-def random_validation_inputs(example_inputs):
+def random_validation_inputs(example_inputs, model=None):
     """What a compile without calibration or validation data is validated on: the example and 15 N(0, 1) samples
     of its shapes (seeded), as the command line does; the example alone where an input is not floating point (token
-    ids: noise is no valid id). A data-free compile from Python validated on its one example input (often zeros):
-    "validation on 1 inputs ... PASS" checked almost nothing."""
+    ids: noise is no valid id) or where ``model`` (the compiled graph) does not run on the noise (a float column
+    cast to ids in forward).
+    A data-free compile from Python validated on its one example input (often zeros): "validation on 1 inputs ...
+    PASS" checked almost nothing."""
     inputs = as_input_tuple(example_inputs)
     if not all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0 for t in inputs):
         return example_inputs
@@ -925,6 +927,15 @@ def random_validation_inputs(example_inputs):
     if more <= 0:
         return example_inputs
     grown = tuple(torch.cat([t, torch.randn((more,) + tuple(t.shape[1:]), generator=gen).to(t.dtype)]) for t in inputs)
+    if model is not None:
+        import contextlib
+        import io
+
+        try:  # an IndexError from noise read as ids stopped a compile that passed on the example
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                model(*grown)
+        except Exception:  # noqa: BLE001 -- the example alone, as before
+            return example_inputs
     return grown if isinstance(example_inputs, tuple) else grown[0]
 
 
@@ -1178,6 +1189,11 @@ def _check_not_compiled(model: nn.Module) -> None:
     if not found:
         return
     levels = sorted({f"{m.scheme} {m.bits}-bit" for _, m in found})
+    if any(type(m).__module__.startswith("qcompile.qat") for _, m in found):
+        # a qat.prepare'd model inside another module (a head added after prepare): compile reads QAT models whole
+        raise UserError(f"the model holds quantizers of a qcompile.qat.prepare'd model ({found[0][0]!r} one) inside "
+                        "other modules; compile or qat.export the prepared model itself, and put any head or "
+                        "wrapper around the float model before qat.prepare")
     raise UserError(f"the model is already quantized by qcompile ({len(found)} quantizer(s), {', '.join(levels)}; "
                     f"{found[0][0]!r} is one): compiling it again keeps those levels whatever the options say; "
                     "compile the float model with the new options, or export this one as README's pipeline section "
@@ -1613,7 +1629,7 @@ def _compile_traced(model, gm, example_inputs, calib_x, valid_x, opts, trained, 
         t_validate = time.perf_counter()
         inputs = valid_x
         if inputs is None:
-            inputs = calib_x if calib_x is not None else random_validation_inputs(example_inputs)
+            inputs = calib_x if calib_x is not None else random_validation_inputs(example_inputs, gm)
         th = default_thresholds(opts)
         th.update(thresholds or {})
         if opts.quantized:

@@ -2739,3 +2739,15 @@ def test_a_data_free_compile_from_python_validates_on_more_than_its_example():
     ids = torch.zeros(1, 5, dtype=torch.long)
     assert random_validation_inputs((example, ids))[0] is example
     assert random_validation_inputs((example_input(model, batch=20),))[0].shape[0] == 20  # enough already
+
+    class FloatIds(torch.nn.Module):  # column 0 a category stored as float, cast in forward: noise is no id
+        def __init__(self):
+            super().__init__()
+            self.e, self.fc = torch.nn.Embedding(5, 8), torch.nn.Linear(11, 2)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.e(x[:, 0].long()), x[:, 1:]], 1))
+
+    ids = FloatIds().eval()
+    result = qcompile.compile(ids, torch.tensor([[3.0, 0.1, 0.2, 0.3]]), scheme="fp32")  # an IndexError before
+    assert result.report.passed and "validation on 1 inputs" in result.report.summary()

@@ -991,3 +991,13 @@ def test_param_groups_checks_its_rates(digits):
     with pytest.raises(UserError, match=r"qat.export takes .* not 'int8_weights'; .* qcompile.compile\(model, "
                        r"example_inputs, int8_weights=...\)"):
         qat.export(gm, x_te[:1], int8_weights="u8")
+
+
+def test_a_prepared_model_inside_another_module_is_refused_with_the_qat_way(digits):
+    """nn.Sequential(prepared, Softmax) was refused as "already quantized" with PTQ advice (compile the float
+    model); the QAT way is to export the prepared model itself, or wrap the float model before prepare."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="apot", bits=4, calib=x_tr[:32])
+    with pytest.raises(UserError, match=r"holds quantizers of a qcompile.qat.prepare'd model .* put any head or "
+                                        "wrapper around the float model before qat.prepare"):
+        qcompile.compile(torch.nn.Sequential(gm, torch.nn.Softmax(1)), x_te[:1], calib=x_tr[:32], validate=False)

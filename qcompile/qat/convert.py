@@ -180,7 +180,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
 
     output = checked_output_arg(output)  # a pathlib.Path: "'PosixPath' object has no attribute 'endswith'"
     if output is not None:
-        export_mod.check_output_path(output)
+        export_mod.check_output_path(output, what="output")
     from qcompile.frontend import unwrap
 
     model = unwrap(model)  # DataParallel, torch.compile, AveragedModel (EMA/SWA of QAT) around the prepared model
