@@ -18,13 +18,17 @@ import os
 import platform
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+# idle OpenMP threads sleep instead of spinning: on a machine whose cores other processes hold, two spinning
+# threads made an epoch 2-4x slower (the same numbers either way; read when torch is imported, so set before it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from qcompile import qat
-from qcompile.models.digits import accuracy, load_split, pretrained
-from qcompile.runtime.session import run, session
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from qcompile import qat  # noqa: E402
+from qcompile.models.digits import accuracy, load_split, pretrained  # noqa: E402
+from qcompile.runtime.session import run, session  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "qat_digits.json")
 LR, LR_ALPHA, BATCH = 1e-3, 1e-2, 64
