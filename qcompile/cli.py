@@ -674,8 +674,8 @@ def _notes(result) -> list[str]:
     from .options import int8_grid_note
 
     notes = (int8_grid_note(result.options, result.model),) + tuple(
-        result.summary.get(key) for key in ("data_shift_note", "few_samples_note", "first_last_note", "level_note", "calib_note",
-                                          "numbers_note", "shift_add_note", "unused_inputs_note",
+        result.summary.get(key) for key in ("data_shift_note", "few_samples_note", "first_last_note", "level_note",
+                                          "calib_note", "numbers_note", "shift_add_note", "unused_inputs_note",
                                           "constant_output_note", "output_rank_note", "mixed_precision_note",
                                           "time_first_note", "dynamic_axes_note", "batchnorm_note",
                                           "frozen_branch_note"))
