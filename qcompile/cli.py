@@ -790,8 +790,9 @@ def cmd_validate(argv) -> int:
         from .api import quality_warning
 
         quality = quality_warning(report)
-        if quality:
-            print(f"qcompile: warning: {quality}", file=sys.stderr)
+        if quality:  # here the --data may be what is off (x10 data read as a calibration problem)
+            print(f"qcompile: warning: {quality}; and check that --data is preprocessed as the --calib data were",
+                  file=sys.stderr)
     if not report.passed:
         raise ValidationFailed("; ".join(report.failures))
     return 0

@@ -1956,3 +1956,4 @@ def test_validate_on_data_far_from_the_float_model_warns_as_the_compile_does(wor
                        "--data", "held16.npy")
     assert rc == 0 and "PASS" in out, err  # the file computes its simulation
     assert "qcompile: warning: the quantized model predicts as the float model on only" in err, (out, err)
+    assert err.rstrip().endswith("and check that --data is preprocessed as the --calib data were"), err
