@@ -39,7 +39,8 @@ def _bound_graph_reduce(self):
                     "torch.fx cannot rebuild when it unpickles a graph module (torch.load / pickle.loads failed with "
                     "\"symbolically traced variables cannot be used as inputs to control flow\"): keep it in this "
                     "process (copy.deepcopy works), or save what it was built from (the float model; for QAT the "
-                    "qat.prepare'd model, which pickles) and build it again, or keep the ONNX file")
+                    "qat.prepare'd model, which pickles) and build it again, or keep the ONNX file (torch.save "
+                    "opened its file before this stop: remove what it left there)")
 
 
 def _bound_graph_deepcopy(self, memo):
