@@ -1001,3 +1001,12 @@ def test_a_prepared_model_inside_another_module_is_refused_with_the_qat_way(digi
     with pytest.raises(UserError, match=r"holds quantizers of a qcompile.qat.prepare'd model .* put any head or "
                                         "wrapper around the float model before qat.prepare"):
         qcompile.compile(torch.nn.Sequential(gm, torch.nn.Softmax(1)), x_te[:1], calib=x_tr[:32], validate=False)
+
+
+def test_export_without_validation_inputs_checks_more_than_the_example(digits):
+    """qat.export without validation_inputs validated on its one example input; now also 15 N(0, 1) samples of
+    its shape, as compile does without data (no loss warning on them: noise has no classes)."""
+    x_tr, _, x_te, _ = digits
+    gm = qat.prepare(pretrained(), x_te[:1], scheme="uniform", bits=4, method="pact", calib=x_tr[:32])
+    result = qat.export(gm, x_te[:1])
+    assert result.report.passed and "validation on 16 inputs" in result.report.summary(), result.report.summary()

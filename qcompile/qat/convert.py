@@ -145,7 +145,8 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
            float_model: Optional[nn.Module] = None, dynamic_axes=(), **options):
     """Convert a trained QAT model and export it like ``qcompile.compile`` does: ONNX export, emission,
     ``onnx.checker``, atomic write to ``output`` (if given), and validation in onnxruntime against the converted
-    simulation (``validation_inputs``, default the example inputs). Returns a :class:`qcompile.api.CompileResult`.
+    simulation (``validation_inputs``, default the example inputs and 15 N(0, 1) samples of their shape).
+    Returns a :class:`qcompile.api.CompileResult`.
 
     ``dynamic_axes`` (input axes besides the batch whose size may change, ``(2, 3)``): the export is
     ``qcompile.compile`` of the trained model with them, which converts it the same way and checks the file at other
@@ -209,14 +210,14 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
     export_mod.check_model(onnx_model)
     report = None  # validated before it is written, as compile does: nothing is left behind when it cannot run
     if validate:
-        from qcompile.api import check_calibration_data, quality_warning
+        from qcompile.api import check_calibration_data, quality_warning, random_validation_inputs
         from qcompile.errors import QuantizationWarning
 
         if validation_inputs is not None:
             inputs = calib_data(validation_inputs, len(example_inputs), what="validation")
             check_calibration_data(inputs, example_inputs, "validation data", "validation_inputs")
-        else:
-            inputs = example_inputs
+        else:  # the example and noise of its shape, as compile without data (the example alone checked little)
+            inputs = random_validation_inputs(example_inputs, gm)
         if isinstance(float_model, nn.Module):
             from qcompile.frontend import plain_copy
 
@@ -225,7 +226,7 @@ def export(model: torch.fx.GraphModule, example_inputs, output: Optional[str] = 
             float_model = plain_copy(float_model).eval()
         report = validate_quantized(onnx_model.SerializeToString(), gm, inputs, float_model=float_model,
                                     **(thresholds or {}))
-        quality = quality_warning(report, gm)
+        quality = quality_warning(report, gm) if validation_inputs is not None else None  # noise has no classes
         if quality:
             warnings.warn(quality, QuantizationWarning, stacklevel=2)
     path = export_mod.save_atomic(onnx_model, output) if output is not None else None
