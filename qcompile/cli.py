@@ -869,7 +869,56 @@ def main(argv=None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+class _ClosedPipeSafe:
+    """stdout that keeps the run going when its reader has gone (``qcompile ... | head -1``): the first
+    BrokenPipeError points the descriptor at /dev/null and later writes go nowhere. The compile aborted there with
+    "internal error: BrokenPipeError" and wrote no file."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._closed_pipe = False
+
+    def _gone(self) -> None:
+        self._closed_pipe = True
+        try:  # the interpreter flushes stdout at exit too: quietly, into /dev/null
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text):
+        if not self._closed_pipe:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self):
+        if not self._closed_pipe:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, reconfigure, ...
+        return getattr(self._stream, name)
+
+
 def _main(argv=None) -> int:
+    saved = sys.stdout
+    if not isinstance(sys.stdout, _ClosedPipeSafe):
+        sys.stdout = _ClosedPipeSafe(sys.stdout)
+    try:
+        return _run(argv)
+    finally:
+        if sys.stdout is not saved and isinstance(sys.stdout, _ClosedPipeSafe):
+            sys.stdout.flush()
+            sys.stdout = saved
+
+
+def _run(argv=None) -> int:
     argv = _glue_negative_values(list(sys.argv[1:] if argv is None else argv))
     commands = {"validate": cmd_validate, "demo": cmd_demo}
     debug = os.environ.get("QCOMPILE_DEBUG") == "1"

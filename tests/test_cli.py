@@ -837,6 +837,20 @@ def test_a_non_ascii_output_name_on_an_ascii_terminal_is_no_internal_error(work)
     assert (work / "\u00e9.onnx").exists() and b"internal error" not in proc.stderr
 
 
+def test_a_reader_that_stops_early_does_not_stop_the_compile(work):
+    """`qcompile ... | head -1`: the first print after head exited raised BrokenPipeError, "qcompile: internal
+    error", exit 3 and no file. The compile now goes on with its output discarded and writes the file."""
+    env = {k: v for k, v in os.environ.items() if k != "QCOMPILE_DEBUG"}
+    proc = subprocess.Popen(["qcompile", SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8",
+                             "-o", "piped.onnx"], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as head -1 does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, err
+    assert first.startswith(b"qcompile: ") and b"internal error" not in err, err
+    assert (work / "piped.onnx").exists()
+
+
 def test_console_script_refuses_a_pickle_with_exit_2(work):
     proc = run_console(work, "full.pt", "--input-shape", SHAPE, "--scheme", "fp32", "-o", "out.onnx")
     assert proc.returncode == 2
