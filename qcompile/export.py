@@ -71,6 +71,12 @@ def check_output_path(path: str, what: str = "-o", example: str = "model.onnx") 
     """Fail early, before any work, when ``path`` cannot be written."""
     if path.endswith(("/", os.sep)):  # "newdir/" named a folder; the file would be written as "newdir"
         raise UserError(f"output path {path!r} ends with a slash (a folder); give a file name such as {example}")
+    if path == "-" or path in ("/dev/stdout", "/dev/stderr") or path.startswith(("/dev/fd/", "/proc/self/fd/")) or \
+            re.match(r"/proc/\d+/fd/", path):
+        # "-" wrote a file named "-"; /dev/stdout redirected to a file had the atomic rename replace that file (the
+        # lines printed before lost), and into a pipe it said "cannot write in '/proc/<pid>/fd'"
+        raise UserError(f"{what} {path!r} names a standard stream, not a file: qcompile writes its outputs whole "
+                        f"(atomically) by name; give a file name such as {example}")
     ext = os.path.splitext(path)[1].lower()
     if example.endswith(".onnx") and ext in _OTHER_FORMATS:
         # -o model.pt wrote ONNX bytes under a checkpoint's name: torch.load of it then failed far from the cause

@@ -397,6 +397,9 @@ BAD_INPUTS = {
     # paths that would overwrite an input or cannot be written; options that cannot apply; thresholds out of range
     "output-is-the-model": (["weights.pt", "--arch", SPEC, "-o", "weights.pt"], "is the model file"),
     "output-empty": ([SPEC, "-o", ""], "-o is empty"),
+    # a file named "-"; /dev/stdout replaced a redirect's file by the atomic rename, or "cannot write in /proc/.../fd"
+    "output-dash": ([SPEC, "-o", "-"], "-o '-' names a standard stream, not a file"),
+    "json-stdout": ([SPEC, "--json", "/dev/stdout"], "--json '/dev/stdout' names a standard stream, not a file"),
     # ONNX bytes were written under a checkpoint's name, exit 0
     "output-checkpoint-extension": ([SPEC, "-o", "out.pt"], "-o 'out.pt' ends in .pt, the extension of a PyTorch "
                                     "checkpoint, but qcompile writes an ONNX file there; give a name ending in .onnx"),
