@@ -167,6 +167,9 @@ def _compile_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="FILE", help="also write the compile summary as JSON")
     e.add_argument("-v", "--verbose", action="store_true",
                    help=f"print every line of each pass's report (default: the first {REPORT_ITEMS - 1} and a count)")
+    e.add_argument("-q", "--quiet", action="store_true",
+                   help="print the results only: the file written, the comparison with the float model and the "
+                        "validation verdict (no pass lines, layer table or progress bar; warnings still go to stderr)")
     return p
 
 
@@ -553,6 +556,8 @@ def cmd_compile(argv) -> int:
         raise UserError(f"--symmetric-levels applies to APoT/PoT/log2 activations; the activations are "
                         f"{opts.act_scheme}: drop it")
     _refuse_quant_only(args, argv)
+    if args.quiet and args.verbose:
+        raise UserError("-q (--quiet) and -v (--verbose) ask for fewer and for more lines: give one of them")
     _check_not_an_input(args, output, "-o")  # first: "-o weights.pt is the model file" says more than its extension
     check_output_path(output)
     if args.json is not None:
@@ -632,11 +637,12 @@ def cmd_compile(argv) -> int:
     result = qcompile_compile(
         model, example, scheme=scheme, bits=bits, calib=calib, output=output,
         validate=not args.no_validate, validation_inputs=validation_inputs,
-        callback=lambda t: _print_timing(t, args.verbose), progress=_progress,
+        callback=None if args.quiet else (lambda t: _print_timing(t, args.verbose)),
+        progress=None if args.quiet else _progress,
         thresholds=thresholds, emit=args.emit, check=args.check, leaf_modules=tuple(args.leaf_module),
         int8_weights=args.int8_weights, dynamic_axes=args.dynamic_axes, **options,
     )
-    _print_summary(result, real_inputs=calib is not None or held_out is not None)
+    _print_summary(result, real_inputs=calib is not None or held_out is not None, quiet=args.quiet)
     for note in _notes(result):
         if note:
             print(f"qcompile: warning: {note}", file=sys.stderr)
@@ -696,11 +702,11 @@ def summary_dict(result) -> dict:
     }
 
 
-def _print_summary(result, real_inputs: bool = False) -> None:
+def _print_summary(result, real_inputs: bool = False, quiet: bool = False) -> None:
     from .api import quality_warning
     from .summary import layer_lines
 
-    for line in layer_lines(result.model):
+    for line in ([] if quiet else layer_lines(result.model)):
         print(line)
     for line in result.summary.get("lines", []):
         print(line)

@@ -1044,6 +1044,21 @@ def test_the_model_source_module_is_never_overwritten(work, capsys):
     assert (work / "plain_factory.py").read_bytes() == plain
 
 
+def test_quiet_prints_the_results_only(work, capsys):
+    """A redirected run printed ~45 lines, 3-4 of them results, with no way to leave out the rest."""
+    args = (SPEC, "--calib", "calib.npy", "--scheme", "uniform", "--bits", "8", "-o", "q.onnx")
+    rc, out, err = cli(capsys, *args)
+    assert rc == 0, err
+    full = out.splitlines()
+    rc, out, err = cli(capsys, *args, "-q")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("qcompile: ") and lines[1].startswith("wrote ") and lines[-1].endswith("PASS"), out
+    assert len(lines) <= 4 < len(full) and "calibrating" not in err, (out, err)
+    rc, out, err = cli(capsys, *args, "-q", "-v")
+    assert_user_error(rc, err, "-q (--quiet) and -v (--verbose) ask for fewer and for more lines")
+
+
 def test_json_summary_is_written_whole_next_to_the_file(work, capsys):
     rc, out, err = cli(capsys, SPEC, *FP32_OUT, "--json", "summary.json")
     assert rc == 0, err
