@@ -251,8 +251,8 @@ def validate_against(args):
     if args.calib and not args.data:  # one file for both (--calib was another name of --data before 0.9.7)
         args.data, args.calib, data_flag = args.calib, None, "--calib"
     if args.data and args.samples is not None:  # it was ignored: "validation on 64 inputs" after --samples 10
-        raise UserError(f"--samples sets the number of random inputs; with {data_flag} (the inputs compared on"
-                        f"{'' if data_flag == '--data' else ' when --data is not given'}) every sample of the file is "
+        which = "--data" if data_flag == "--data" else "--calib (the inputs compared on when --data is not given)"
+        raise UserError(f"--samples sets the number of random inputs; with {which} every sample of the file is "
                         f"used (drop --samples, or pass a {data_flag} file with fewer samples)")
     if args.samples is None:
         args.samples = 16
